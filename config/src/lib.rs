@@ -1,0 +1,109 @@
+//! Kiln's configuration: one TOML file, every option with a default, unknown keys rejected.
+//!
+//! `Config::default()` is the embedded default that `kiln serve` runs with no file.
+//! The reference for every option is `docs/configuration.md`.
+
+mod defaults;
+mod error;
+mod types;
+
+pub use error::ConfigError;
+pub use types::{
+    ActionCacheConfig, Config, ControlPlaneConfig, RuntimeKind, ServerConfig, StorageConfig,
+};
+
+use std::path::Path;
+
+impl Config {
+    /// Parses a configuration from TOML text; `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Checks relations between options that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, why: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_string(),
+                why: why.to_string(),
+            })
+        };
+        let s = &self.server;
+        if s.max_batch_total_size_bytes.as_u64() + 64 * 1024 > s.max_message_bytes.as_u64() {
+            return invalid(
+                "server.max_batch_total_size_bytes",
+                "must be at least 64 KiB below server.max_message_bytes",
+            );
+        }
+        if s.max_message_bytes.as_u64() > (u32::MAX as u64) {
+            return invalid(
+                "server.max_message_bytes",
+                "must fit in 4 GiB (gRPC frame length)",
+            );
+        }
+        if s.read_chunk_bytes.as_u64() == 0 || s.read_chunk_bytes.as_u64() > 16 * 1024 * 1024 {
+            return invalid(
+                "server.read_chunk_bytes",
+                "must be between 1 byte and 16 MiB",
+            );
+        }
+        if s.read_chunk_bytes.as_u64() + 64 > s.max_message_bytes.as_u64() {
+            return invalid(
+                "server.read_chunk_bytes",
+                "must be below server.max_message_bytes",
+            );
+        }
+        if s.stream_window_bytes.as_u64() < 65_535
+            || s.stream_window_bytes.as_u64() > (i32::MAX as u64)
+        {
+            return invalid(
+                "server.stream_window_bytes",
+                "must be between 64 KiB and 2 GiB",
+            );
+        }
+        if s.connection_window_bytes.as_u64() < 65_535
+            || s.connection_window_bytes.as_u64() > (i32::MAX as u64)
+        {
+            return invalid(
+                "server.connection_window_bytes",
+                "must be between 64 KiB and 2 GiB",
+            );
+        }
+        if s.shard_queue_depth == 0 {
+            return invalid("server.shard_queue_depth", "must be at least 1");
+        }
+        let st = &self.storage;
+        if st.disk_bytes.as_u64() == 0 {
+            return invalid("storage.disk_bytes", "must be above zero");
+        }
+        if st.memory_max_blob_bytes.as_u64() > st.memory_bytes.as_u64() {
+            return invalid(
+                "storage.memory_max_blob_bytes",
+                "must not exceed storage.memory_bytes",
+            );
+        }
+        if self.control_plane.threads == 0 {
+            return invalid("control_plane.threads", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+pub use defaults::data_dir as default_data_dir;

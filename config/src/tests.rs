@@ -1,0 +1,71 @@
+use super::*;
+
+#[test]
+fn empty_file_is_the_embedded_default() {
+    let parsed = Config::from_toml("", "test").expect("empty config parses");
+    assert_eq!(parsed, Config::default());
+    assert_eq!(parsed.server.listen.to_string(), "127.0.0.1:50051");
+}
+
+#[test]
+fn sizes_accept_numbers_and_units() {
+    let parsed = Config::from_toml(
+        "[storage]\ndisk_bytes = \"2 GiB\"\nmemory_bytes = 1048576\nmemory_max_blob_bytes = \"64 KiB\"\n",
+        "test",
+    )
+    .expect("parses");
+    assert_eq!(parsed.storage.disk_bytes.as_u64(), 2 << 30);
+    assert_eq!(parsed.storage.memory_bytes.as_u64(), 1 << 20);
+    assert_eq!(parsed.storage.memory_max_blob_bytes.as_u64(), 64 << 10);
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let err = Config::from_toml(
+        "[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n",
+        "kiln.toml",
+    )
+    .expect_err("unknown key rejected")
+    .to_string();
+    assert!(err.contains("lisen"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("kiln.toml"), "{err}");
+}
+
+#[test]
+fn unknown_section_is_rejected() {
+    let err = Config::from_toml("[sever]\n", "t")
+        .expect_err("rejected")
+        .to_string();
+    assert!(err.contains("sever"), "{err}");
+}
+
+#[test]
+fn inconsistent_limits_are_rejected() {
+    let err = Config::from_toml(
+        "[server]\nmax_message_bytes = \"1 MiB\"\nmax_batch_total_size_bytes = \"4 MiB\"\n",
+        "t",
+    )
+    .expect_err("rejected")
+    .to_string();
+    assert!(err.contains("max_batch_total_size_bytes"), "{err}");
+}
+
+#[test]
+fn unknown_runtime_is_rejected() {
+    let err = Config::from_toml("[server]\nruntime = \"tokio\"\n", "t")
+        .expect_err("rejected")
+        .to_string();
+    assert!(err.contains("tokio"), "{err}");
+}
+
+#[test]
+fn default_data_dir_follows_xdg() {
+    // Only reads the environment; the variable may or may not be set here.
+    let dir = defaults::data_dir();
+    assert!(
+        dir.ends_with("kiln") || dir.ends_with("kiln-data"),
+        "{}",
+        dir.display()
+    );
+}

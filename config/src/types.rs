@@ -1,0 +1,154 @@
+//! The configuration types. Every struct rejects unknown keys and fills defaults.
+
+use crate::defaults as d;
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The listener and the gRPC limits.
+    pub server: ServerConfig,
+    /// The content-addressable store: memory over filesystem.
+    pub storage: StorageConfig,
+    /// The action cache.
+    pub action_cache: ActionCacheConfig,
+    /// The control plane's tokio runtime.
+    pub control_plane: ControlPlaneConfig,
+}
+
+/// Which executor runs the data plane's shards.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeKind {
+    /// glommio on io_uring (Linux).
+    #[default]
+    Glommio,
+}
+
+/// The one port that serves every method, and its limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on (every shard accepts on it with SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// Number of data-plane shards; 0 means one per core.
+    pub shards: usize,
+    /// The data-plane runtime backend.
+    pub runtime: RuntimeKind,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: ByteSize,
+    /// Largest total of blob bytes in one BatchUpdateBlobs/BatchReadBlobs (advertised to clients).
+    pub max_batch_total_size_bytes: ByteSize,
+    /// Size of each ByteStream Read response message.
+    pub read_chunk_bytes: ByteSize,
+    /// HTTP/2 flow-control window per stream.
+    pub stream_window_bytes: ByteSize,
+    /// HTTP/2 flow-control window per connection.
+    pub connection_window_bytes: ByteSize,
+    /// HTTP/2 concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Bound on each shard's cross-core request queue.
+    pub shard_queue_depth: usize,
+    /// Seconds to wait for in-flight requests after SIGTERM/SIGINT before exiting.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: d::listen(),
+            shards: 0,
+            runtime: RuntimeKind::default(),
+            max_message_bytes: d::max_message_bytes(),
+            max_batch_total_size_bytes: d::max_batch_total_size_bytes(),
+            read_chunk_bytes: d::read_chunk_bytes(),
+            stream_window_bytes: d::stream_window_bytes(),
+            connection_window_bytes: d::connection_window_bytes(),
+            max_concurrent_streams: d::max_concurrent_streams(),
+            shard_queue_depth: d::shard_queue_depth(),
+            shutdown_grace_secs: d::shutdown_grace_secs(),
+        }
+    }
+}
+
+/// The CAS: a memory tier over a filesystem tier, both capped.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory holding the CAS, the action cache and upload temp files.
+    pub data_dir: PathBuf,
+    /// Memory tier budget (split evenly across shards).
+    pub memory_bytes: ByteSize,
+    /// Largest blob kept in the memory tier.
+    pub memory_max_blob_bytes: ByteSize,
+    /// Filesystem tier cap; the least recently used blobs are evicted above it.
+    pub disk_bytes: ByteSize,
+    /// fsync each blob (and its directory) before acknowledging it.
+    pub fsync: bool,
+    /// Access times are written to disk at most this often per blob (seconds).
+    pub access_time_resolution_secs: u64,
+    /// An interrupted upload can be resumed for this long (seconds).
+    pub upload_expiry_secs: u64,
+    /// Interrupted uploads kept for resumption, per shard.
+    pub max_parked_uploads: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: d::data_dir(),
+            memory_bytes: d::memory_bytes(),
+            memory_max_blob_bytes: d::memory_max_blob_bytes(),
+            disk_bytes: d::disk_bytes(),
+            fsync: d::yes(),
+            access_time_resolution_secs: d::access_time_resolution_secs(),
+            upload_expiry_secs: d::upload_expiry_secs(),
+            max_parked_uploads: d::max_parked_uploads(),
+        }
+    }
+}
+
+/// The action cache (stored on disk under `data_dir/ac`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActionCacheConfig {
+    /// Cap on the action cache's bytes on disk; least recently used entries are evicted above it.
+    pub max_bytes: ByteSize,
+    /// Largest ActionResult accepted.
+    pub max_entry_bytes: ByteSize,
+    /// Serve an entry only when every blob it references is in the CAS.
+    pub completeness_check: bool,
+}
+
+impl Default for ActionCacheConfig {
+    fn default() -> Self {
+        ActionCacheConfig {
+            max_bytes: d::action_cache_bytes(),
+            max_entry_bytes: d::max_action_result_bytes(),
+            completeness_check: d::yes(),
+        }
+    }
+}
+
+/// The control plane's runtime.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// tokio worker threads.
+    pub threads: usize,
+    /// Bound on requests handed over from the data plane and not yet taken.
+    pub handoff_queue_depth: usize,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        ControlPlaneConfig {
+            threads: d::control_plane_threads(),
+            handoff_queue_depth: d::handoff_queue_depth(),
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The ActionCache service: results stored durably on disk ([`store`]), served only when
+//! complete ([`completeness`]).
+
+pub mod completeness;
+mod service;
+pub mod store;
+
+pub use service::ActionCacheService;
+pub use store::{AcSettings, AcStore};

@@ -1,0 +1,89 @@
+//! Errors of the control-plane services and their gRPC statuses (mapped here, once).
+
+use kiln_dataplane::digest::{DigestError, InstanceNameError};
+use kiln_dataplane::store::StoreError;
+use tonic::{Code, Status};
+
+/// A failed control-plane request.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// A malformed digest or unsupported digest function.
+    #[error("{0}")]
+    Digest(#[from] DigestError),
+    /// An unacceptable instance name.
+    #[error("invalid instance name: {0}")]
+    Instance(#[from] InstanceNameError),
+    /// A required field is missing.
+    #[error("missing field {0}")]
+    MissingField(&'static str),
+    /// A digest inside a message is malformed.
+    #[error("{field}: {source}")]
+    FieldDigest {
+        field: String,
+        #[source]
+        source: DigestError,
+    },
+    /// The entry is not there (or not complete).
+    #[error("{0}")]
+    NotFound(String),
+    /// A value over a configured limit.
+    #[error("{what} of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        what: &'static str,
+        size: u64,
+        limit: u64,
+    },
+    /// The CAS failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Local file I/O failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ControlError {
+    /// Wraps an I/O error.
+    pub fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> ControlError {
+        ControlError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// The gRPC code.
+    pub fn code(&self) -> Code {
+        match self {
+            ControlError::Digest(_)
+            | ControlError::Instance(_)
+            | ControlError::MissingField(_)
+            | ControlError::FieldDigest { .. }
+            | ControlError::TooLarge { .. } => Code::InvalidArgument,
+            ControlError::NotFound(_) => Code::NotFound,
+            ControlError::Store(StoreError::Unavailable) => Code::Unavailable,
+            ControlError::Store(e) if e.is_disk_full() => Code::ResourceExhausted,
+            ControlError::Store(_) => Code::Internal,
+            ControlError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                Code::ResourceExhausted
+            }
+            ControlError::Io { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<ControlError> for Status {
+    fn from(e: ControlError) -> Status {
+        let code = e.code();
+        if code == Code::Internal {
+            tracing::error!(error = %e, "control-plane request failed");
+        } else {
+            tracing::debug!(error = %e, "control-plane request refused");
+        }
+        Status::new(code, e.to_string())
+    }
+}

@@ -1,0 +1,98 @@
+//! Serving calls the data plane handed over: each forwarded h2 stream is turned into an
+//! `http::Request` for tonic's router, and the router's response is written straight back onto
+//! the stream, honouring HTTP/2 flow control.
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use kiln_dataplane::grpc::{send_with_capacity, ForwardedCall};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tonic::service::Routes;
+use tower::Service;
+
+/// Takes forwarded calls off the queue and serves each in its own task.
+pub async fn serve(routes: Routes, queue: async_channel::Receiver<ForwardedCall>) {
+    while let Ok(call) = queue.recv().await {
+        let routes = routes.clone();
+        tokio::spawn(serve_one(routes, call));
+    }
+}
+
+async fn serve_one(mut routes: Routes, call: ForwardedCall) {
+    let ForwardedCall {
+        request,
+        mut respond,
+    } = call;
+    let (parts, body) = request.into_parts();
+    let request = http::Request::from_parts(parts, H2Body(body));
+    let response = match routes.call(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, mut body) = response.into_parts();
+    let end = body.is_end_stream();
+    let Ok(mut stream) = respond.send_response(http::Response::from_parts(parts, ()), end) else {
+        return;
+    };
+    if end {
+        return;
+    }
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(status) => {
+                let mut trailers = http::HeaderMap::new();
+                let _ = status.add_header(&mut trailers);
+                let _ = stream.send_trailers(trailers);
+                return;
+            }
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                if send_with_capacity(&mut stream, data).await.is_err() {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                    return;
+                }
+            }
+        }
+    }
+    let _ = stream.send_data(Bytes::new(), true);
+}
+
+/// An h2 request body as an `http_body::Body`, releasing flow-control capacity as it is read.
+struct H2Body(h2::RecvStream);
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        match self.0.poll_data(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                let _ = self.0.flow_control().release_capacity(data.len());
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => match self.0.poll_trailers(cx) {
+                Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                Poll::Ready(Ok(None)) => Poll::Ready(None),
+                Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+                Poll::Pending => Poll::Pending,
+            },
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+}

@@ -1,0 +1,107 @@
+//! Kiln's control plane: a tokio runtime with tonic services for every method that is not a
+//! blob method (Capabilities and ActionCache now; execution later). The data plane hands these
+//! calls over in-process ([`handoff`]), so clients see one endpoint.
+
+pub mod action_cache;
+pub mod capabilities;
+pub mod error;
+pub mod handoff;
+
+use action_cache::completeness::CheckLimits;
+use action_cache::{AcSettings, AcStore, ActionCacheService};
+use capabilities::{Advertised, CapabilitiesService};
+use kiln_config::Config;
+use kiln_dataplane::grpc::{ForwardedCall, HandoffSender};
+use kiln_dataplane::store::scan::ScanReport;
+use kiln_dataplane::store::CasClient;
+use kiln_proto::reapi::action_cache_server::ActionCacheServer;
+use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
+use std::time::Duration;
+
+/// A running control plane.
+pub struct ControlPlane {
+    runtime: tokio::runtime::Runtime,
+    handoff: async_channel::Sender<ForwardedCall>,
+    ac_report: ScanReport,
+    action_cache: AcStore,
+}
+
+impl ControlPlane {
+    /// Opens the action cache and starts the services on a new tokio runtime.
+    pub fn start(config: &Config, cas: CasClient) -> std::io::Result<ControlPlane> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.control_plane.threads)
+            .thread_name("kiln-control")
+            .enable_all()
+            .build()?;
+        let (action_cache, ac_report) = AcStore::open(
+            &config.storage.data_dir,
+            AcSettings {
+                max_bytes: config.action_cache.max_bytes.as_u64(),
+                max_entry_bytes: config.action_cache.max_entry_bytes.as_u64(),
+                fsync: config.storage.fsync,
+                atime_resolution_secs: config.storage.access_time_resolution_secs,
+            },
+        )?;
+        let max_message = config.server.max_message_bytes.as_u64() as usize;
+        let capabilities = CapabilitiesService::new(Advertised {
+            max_batch_total_size_bytes: config.server.max_batch_total_size_bytes.as_u64(),
+            max_cas_blob_size_bytes: config.storage.disk_bytes.as_u64(),
+            exec_enabled: false,
+        });
+        let ac_service = ActionCacheService::new(
+            action_cache.clone(),
+            cas,
+            config.action_cache.completeness_check,
+            CheckLimits {
+                max_tree_bytes: config.server.max_message_bytes.as_u64().max(64 << 20),
+                max_directories: 100_000,
+            },
+        );
+        let routes = tonic::service::Routes::new(
+            CapabilitiesServer::new(capabilities)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .add_service(
+            ActionCacheServer::new(ac_service)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
+        let (handoff, queue) =
+            async_channel::bounded(config.control_plane.handoff_queue_depth.max(1));
+        runtime.spawn(handoff::serve(routes, queue));
+        Ok(ControlPlane {
+            runtime,
+            handoff,
+            ac_report,
+            action_cache,
+        })
+    }
+
+    /// Where the data plane sends the calls it does not serve.
+    pub fn handoff(&self) -> HandoffSender {
+        self.handoff.clone()
+    }
+
+    /// The runtime, for the process to wait on signals and shutdown with.
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.runtime
+    }
+
+    /// What the action cache's start-up scan found.
+    pub fn action_cache_report(&self) -> &ScanReport {
+        &self.ac_report
+    }
+
+    /// Entries and bytes in the action cache.
+    pub fn action_cache_usage(&self) -> (usize, u64) {
+        self.action_cache.usage()
+    }
+
+    /// Stops taking calls and waits (bounded) for running tasks.
+    pub fn shutdown(self, grace: Duration) {
+        self.handoff.close();
+        self.runtime.shutdown_timeout(grace);
+    }
+}

@@ -1,0 +1,149 @@
+//! Serving one HTTP/2 connection: the handshake with Kiln's window and frame settings, the
+//! accept loop that drives the connection, a task per stream, and graceful shutdown (GOAWAY,
+//! then wait for in-flight streams).
+
+use super::call::Responder;
+use super::{Call, CallHandler};
+use crate::runtime::{BoxConnection, Runtime};
+use crate::shutdown::ShutdownWatch;
+use futures::future::{select, Either};
+use kiln_config::ServerConfig;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use tracing::{debug, Instrument};
+
+/// HTTP/2 settings derived from the server configuration.
+#[derive(Debug, Clone)]
+pub struct Http2Settings {
+    /// Flow-control window per stream.
+    pub stream_window: u32,
+    /// Flow-control window per connection.
+    pub connection_window: u32,
+    /// Concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Largest DATA frame we accept.
+    pub max_frame_size: u32,
+    /// Largest gRPC message in either direction.
+    pub max_message: usize,
+}
+
+impl Http2Settings {
+    /// Reads the settings from the `[server]` section.
+    pub fn from_config(c: &ServerConfig) -> Http2Settings {
+        Http2Settings {
+            stream_window: c.stream_window_bytes.as_u64().min(i32::MAX as u64) as u32,
+            connection_window: c.connection_window_bytes.as_u64().min(i32::MAX as u64) as u32,
+            max_concurrent_streams: c.max_concurrent_streams,
+            max_frame_size: 1 << 20,
+            max_message: c.max_message_bytes.as_u64() as usize,
+        }
+    }
+}
+
+/// Serves `io` until the peer closes it or shutdown completes the graceful close.
+pub async fn serve_connection(
+    runtime: Rc<dyn Runtime>,
+    io: BoxConnection,
+    peer: SocketAddr,
+    settings: Rc<Http2Settings>,
+    handler: Rc<dyn CallHandler>,
+    shutdown: ShutdownWatch,
+) {
+    let span = tracing::debug_span!("connection", %peer);
+    async move {
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(settings.stream_window)
+            .initial_connection_window_size(settings.connection_window)
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            .max_frame_size(settings.max_frame_size)
+            .max_send_buffer_size(4 << 20)
+            .max_header_list_size(64 << 10)
+            .handshake::<_, bytes::Bytes>(io);
+        let mut conn = match select(Box::pin(handshake), Box::pin(shutdown.wait())).await {
+            Either::Left((Ok(conn), _)) => conn,
+            Either::Left((Err(e), _)) => {
+                debug!(error = %e, "HTTP/2 handshake failed");
+                return;
+            }
+            Either::Right(_) => return,
+        };
+        let mut stopping = Box::pin(shutdown.wait());
+        let mut draining = false;
+        loop {
+            let next = if draining {
+                conn.accept().await
+            } else {
+                let raced = match select(Box::pin(conn.accept()), stopping.as_mut()).await {
+                    Either::Left((next, _)) => Some(next),
+                    Either::Right(_) => None,
+                };
+                match raced {
+                    Some(next) => next,
+                    None => {
+                        debug!("shutdown: sending GOAWAY, finishing in-flight streams");
+                        conn.graceful_shutdown();
+                        draining = true;
+                        continue;
+                    }
+                }
+            };
+            match next {
+                Some(Ok((request, respond))) => {
+                    let handler = handler.clone();
+                    let settings = settings.clone();
+                    let call_span = tracing::debug_span!("call", path = %request.uri().path());
+                    runtime.spawn(Box::pin(
+                        async move {
+                            if let Some(call) = Call::new(request, respond, settings.max_message) {
+                                handler.handle(call).await;
+                            }
+                        }
+                        .instrument(call_span),
+                    ));
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "connection error");
+                    break;
+                }
+                None => break,
+            }
+        }
+        // Flush the final frames (GOAWAY, trailers) before dropping the socket.
+        let _ = futures::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Checks that a request is a gRPC call at all; answers it when it is not.
+pub(super) fn validate(
+    request: &http::Request<h2::RecvStream>,
+    responder: Responder,
+) -> Option<Responder> {
+    if request.method() != http::Method::POST {
+        responder.reject_http(http::StatusCode::METHOD_NOT_ALLOWED);
+        return None;
+    }
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !grpc {
+        responder.reject_http(http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        return None;
+    }
+    let encoding = request
+        .headers()
+        .get("grpc-encoding")
+        .and_then(|v| v.to_str().ok());
+    if let Some(encoding) = encoding {
+        if encoding != "identity" {
+            responder.finish(Err(tonic::Status::unimplemented(format!(
+                "grpc-encoding {encoding:?} is not supported; this server accepts identity only"
+            ))));
+            return None;
+        }
+    }
+    Some(responder)
+}

@@ -1,0 +1,68 @@
+//! Kiln's own small HTTP/2 gRPC server for the data plane: h2 on the core's executor, gRPC
+//! message framing, and hand-over of calls that are not blob methods to the control plane.
+//!
+//! tonic's server needs tokio, and the data plane runs on glommio or monoio, so the framing is
+//! Kiln's: [`codec`] (sans-IO), [`call`] (flow-controlled reading and writing of one call),
+//! [`connection`] (the accept loop).
+
+pub mod call;
+pub mod codec;
+pub mod connection;
+mod handoff;
+
+pub use call::{send_with_capacity, RecvError, RequestBody, Responder};
+pub use connection::{serve_connection, Http2Settings};
+pub use handoff::{ForwardedCall, HandoffSender};
+
+use crate::runtime::LocalBoxFuture;
+use std::rc::Rc;
+
+/// A call accepted on a connection, not yet split into its gRPC parts.
+pub struct Call {
+    /// The HTTP/2 request (headers and body).
+    pub request: http::Request<h2::RecvStream>,
+    /// Where the response goes.
+    pub responder: Responder,
+    max_message: usize,
+}
+
+impl Call {
+    /// Accepts a request if it is a gRPC call; otherwise answers it with an HTTP error.
+    fn new(
+        request: http::Request<h2::RecvStream>,
+        respond: h2::server::SendResponse<bytes::Bytes>,
+        max_message: usize,
+    ) -> Option<Call> {
+        let responder = connection::validate(&request, Responder::new(respond))?;
+        Some(Call {
+            request,
+            responder,
+            max_message,
+        })
+    }
+
+    /// The gRPC method path, `/package.Service/Method`.
+    pub fn path(&self) -> &str {
+        self.request.uri().path()
+    }
+
+    /// Hands the untouched call over, for the control plane to serve.
+    pub fn into_forwarded(self) -> ForwardedCall {
+        ForwardedCall {
+            request: self.request,
+            respond: self.responder.into_raw(),
+        }
+    }
+
+    /// Splits the call into its message reader and responder.
+    pub fn into_parts(self) -> (RequestBody, Responder) {
+        let body = RequestBody::new(self.request.into_body(), self.max_message);
+        (body, self.responder)
+    }
+}
+
+/// Serves calls; the data plane's router implements it.
+pub trait CallHandler {
+    /// Serves one call to completion.
+    fn handle(self: Rc<Self>, call: Call) -> LocalBoxFuture<'static, ()>;
+}

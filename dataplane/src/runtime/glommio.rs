@@ -1,0 +1,214 @@
+//! The glommio backend (Linux): io_uring for sockets and files, one executor per shard thread.
+//!
+//! Files use glommio's buffered (page-cache) I/O through io_uring rather than O_DIRECT: it works
+//! on every filesystem a build server uses (ZFS, ext4, XFS, tmpfs), keeps hot blobs in the page
+//! cache, and avoids glommio's polled-I/O probe that misfires on some virtual disks.
+
+use super::{Backend, BoxConnection, File, Listener, LocalBoxFuture, Runtime, ShardMain};
+use bytes::Bytes;
+use glommio::io::{BufferedFile, OpenOptions};
+use glommio::net::{TcpListener, TcpStream};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+/// Registered-buffer memory per executor. glommio only uses it for O_DIRECT files, which Kiln
+/// does not; kept small so many executors fit under an unprivileged 8 MiB memlock limit.
+const IO_MEMORY: usize = 256 * 1024;
+
+/// Starts glommio executors.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GlommioBackend;
+
+impl Backend for GlommioBackend {
+    fn name(&self) -> &'static str {
+        "glommio"
+    }
+
+    fn start_shard(
+        &self,
+        name: String,
+        core: Option<core_affinity::CoreId>,
+        main: ShardMain,
+    ) -> io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name(name).spawn(move || {
+            if let Some(core) = core {
+                if !core_affinity::set_for_current(core) {
+                    tracing::warn!(core = core.id, "could not pin shard thread to its core");
+                }
+            }
+            let executor = match glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .io_memory(IO_MEMORY)
+                .ring_depth(256)
+                .make()
+            {
+                Ok(executor) => executor,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a glommio executor (io_uring unavailable?)");
+                    return;
+                }
+            };
+            executor.run(async move {
+                let runtime: Rc<dyn Runtime> = Rc::new(GlommioRuntime);
+                main(runtime).await;
+            });
+        })
+    }
+}
+
+/// The per-shard handle to the current glommio executor.
+struct GlommioRuntime;
+
+fn io_err<T>(e: glommio::GlommioError<T>) -> io::Error {
+    io::Error::from(e)
+}
+
+impl Runtime for GlommioRuntime {
+    fn name(&self) -> &'static str {
+        "glommio"
+    }
+
+    fn spawn(&self, future: LocalBoxFuture<'static, ()>) {
+        glommio::spawn_local(future).detach();
+    }
+
+    fn sleep(&self, duration: Duration) -> LocalBoxFuture<'static, ()> {
+        Box::pin(glommio::timer::sleep(duration))
+    }
+
+    fn listener(&self, socket: std::net::TcpListener) -> io::Result<Box<dyn Listener>> {
+        socket.set_nonblocking(true)?;
+        // SAFETY: the fd is a bound, listening TCP socket whose ownership moves into glommio.
+        let listener = unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) };
+        Ok(Box::new(GlommioListener(listener)))
+    }
+
+    fn connect(&self, addr: SocketAddr) -> LocalBoxFuture<'static, io::Result<BoxConnection>> {
+        Box::pin(async move {
+            let stream = TcpStream::connect(addr).await.map_err(io_err)?;
+            tune(&stream)?;
+            Ok(Box::pin(stream.compat()) as BoxConnection)
+        })
+    }
+
+    fn open_read(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<Box<dyn File>>> {
+        let path = path.to_path_buf();
+        Box::pin(async move {
+            let file = BufferedFile::open(&path).await.map_err(io_err)?;
+            Ok(Box::new(GlommioFile(file)) as Box<dyn File>)
+        })
+    }
+
+    fn open_read_write(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<Box<dyn File>>> {
+        let path = path.to_path_buf();
+        Box::pin(async move {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .buffered_open(&path)
+                .await
+                .map_err(io_err)?;
+            Ok(Box::new(GlommioFile(file)) as Box<dyn File>)
+        })
+    }
+
+    fn create_new(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<Box<dyn File>>> {
+        let path = path.to_path_buf();
+        Box::pin(async move {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .buffered_open(&path)
+                .await
+                .map_err(io_err)?;
+            Ok(Box::new(GlommioFile(file)) as Box<dyn File>)
+        })
+    }
+
+    fn sync_dir(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<()>> {
+        let path = path.to_path_buf();
+        Box::pin(async move {
+            let dir = glommio::io::Directory::open(&path).await.map_err(io_err)?;
+            let synced = dir.sync().await.map_err(io_err);
+            let closed = dir.close().await.map_err(io_err);
+            synced.and(closed)
+        })
+    }
+}
+
+fn tune(stream: &TcpStream) -> io::Result<()> {
+    // SAFETY: the fd stays open for the duration of this borrow (the stream owns it).
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    super::tune_stream(&socket2::SockRef::from(&fd))
+}
+
+struct GlommioListener(TcpListener);
+
+impl Listener for GlommioListener {
+    fn accept(&self) -> LocalBoxFuture<'_, io::Result<(BoxConnection, SocketAddr)>> {
+        Box::pin(async move {
+            let stream = self.0.accept().await.map_err(io_err)?;
+            let peer = stream.peer_addr()?;
+            tune(&stream)?;
+            Ok((Box::pin(stream.compat()) as BoxConnection, peer))
+        })
+    }
+}
+
+struct GlommioFile(BufferedFile);
+
+impl File for GlommioFile {
+    fn read_at(&self, pos: u64, len: usize) -> LocalBoxFuture<'_, io::Result<Bytes>> {
+        Box::pin(async move {
+            let mut out: Option<bytes::BytesMut> = None;
+            let mut done = 0usize;
+            // A buffered read may return less than asked before end of file; keep going.
+            while done < len {
+                let got = self
+                    .0
+                    .read_at(pos + done as u64, len - done)
+                    .await
+                    .map_err(io_err)?;
+                if got.is_empty() {
+                    break;
+                }
+                if done == 0 && got.len() == len {
+                    return Ok(Bytes::copy_from_slice(&got));
+                }
+                out.get_or_insert_with(|| bytes::BytesMut::with_capacity(len))
+                    .extend_from_slice(&got);
+                done += got.len();
+            }
+            Ok(out.map(|b| b.freeze()).unwrap_or_default())
+        })
+    }
+
+    fn write_all_at(&self, buf: Vec<u8>, pos: u64) -> LocalBoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            let total = buf.len();
+            let written = self.0.write_at(buf, pos).await.map_err(io_err)?;
+            // A regular file only takes less than asked when the device is full (io_uring writes
+            // are not cut short by signals); the buffer is gone, so report it.
+            if written < total {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!("short write ({written} of {total} bytes): no space left on device?"),
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    fn sync_data(&self) -> LocalBoxFuture<'_, io::Result<()>> {
+        Box::pin(async move { self.0.fdatasync().await.map_err(io_err) })
+    }
+
+    fn close(self: Box<Self>) -> LocalBoxFuture<'static, io::Result<()>> {
+        Box::pin(async move { self.0.close().await.map_err(io_err) })
+    }
+}

@@ -1,0 +1,107 @@
+//! The boundary between the data plane and the executor that runs it.
+//!
+//! Everything above this module (gRPC framing, blob services, stores) is written against
+//! [`Runtime`] and never names glommio or monoio. A backend provides: spawning on the current
+//! core, timers, wrapping a listening socket and accepting from it, outgoing connections, and
+//! files read and written with owned buffers. [`Backend`] starts one pinned executor per shard.
+//! The shape follows quinn's `runtime.rs`: a few documented methods, one file per backend.
+
+#[cfg(target_os = "linux")]
+mod glommio;
+mod listener;
+
+#[cfg(target_os = "linux")]
+pub use self::glommio::GlommioBackend;
+pub use listener::bind_reuseport_group;
+
+use bytes::Bytes;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A future that stays on the core that created it.
+pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// A connected byte stream, exposed through tokio's I/O traits so h2 can drive it.
+pub trait Connection: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Connection for T {}
+
+/// A boxed connection.
+pub type BoxConnection = Pin<Box<dyn Connection>>;
+
+/// A listening socket bound to this core's executor.
+pub trait Listener {
+    /// Waits for the next connection; the stream already has TCP_NODELAY and keep-alive set.
+    fn accept(&self) -> LocalBoxFuture<'_, io::Result<(BoxConnection, SocketAddr)>>;
+}
+
+/// An open file, read and written at explicit offsets with owned buffers.
+pub trait File {
+    /// Reads up to `len` bytes at `pos`; a short result means end of file.
+    fn read_at(&self, pos: u64, len: usize) -> LocalBoxFuture<'_, io::Result<Bytes>>;
+    /// Writes all of `buf` at `pos`.
+    fn write_all_at(&self, buf: Vec<u8>, pos: u64) -> LocalBoxFuture<'_, io::Result<()>>;
+    /// Flushes the file's data to stable storage.
+    fn sync_data(&self) -> LocalBoxFuture<'_, io::Result<()>>;
+    /// Closes the file, reporting any deferred error.
+    fn close(self: Box<Self>) -> LocalBoxFuture<'static, io::Result<()>>;
+}
+
+/// What a data-plane shard needs from its executor.
+pub trait Runtime {
+    /// The backend's name for logs (`glommio`, `monoio-uring`, ...).
+    fn name(&self) -> &'static str;
+    /// Runs a future on this core, detached.
+    fn spawn(&self, future: LocalBoxFuture<'static, ()>);
+    /// Completes after `duration`.
+    fn sleep(&self, duration: Duration) -> LocalBoxFuture<'static, ()>;
+    /// The current time; a backend may override it to let tests control time.
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    /// Adopts a bound, listening, non-blocking socket (one of a SO_REUSEPORT group).
+    fn listener(&self, socket: std::net::TcpListener) -> io::Result<Box<dyn Listener>>;
+    /// Opens a TCP connection (TCP_NODELAY set).
+    fn connect(&self, addr: SocketAddr) -> LocalBoxFuture<'static, io::Result<BoxConnection>>;
+    /// Opens an existing file for reading.
+    fn open_read(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<Box<dyn File>>>;
+    /// Opens an existing file for reading and writing (resuming an upload).
+    fn open_read_write(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<Box<dyn File>>>;
+    /// Creates a new file (failing if it exists) for reading and writing.
+    fn create_new(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<Box<dyn File>>>;
+    /// Makes a directory's entries (renames into it) durable.
+    fn sync_dir(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<()>>;
+}
+
+/// The work a shard thread runs once its executor is up.
+pub type ShardMain = Box<dyn FnOnce(Rc<dyn Runtime>) -> LocalBoxFuture<'static, ()> + Send>;
+
+/// Starts executors: one thread per shard, pinned to a core when one is given.
+pub trait Backend: Send + Sync {
+    /// The backend's name.
+    fn name(&self) -> &'static str;
+    /// Starts a thread named `name` running `main` on a fresh executor.
+    fn start_shard(
+        &self,
+        name: String,
+        core: Option<core_affinity::CoreId>,
+        main: ShardMain,
+    ) -> io::Result<std::thread::JoinHandle<()>>;
+}
+
+/// Sets TCP_NODELAY and keep-alive on a stream: window updates must not wait on delayed ACKs,
+/// and a peer that vanished is noticed within a couple of minutes.
+pub fn tune_stream(socket: &socket2::SockRef<'_>) -> io::Result<()> {
+    socket.set_tcp_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10));
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    let keepalive = keepalive.with_retries(6);
+    socket.set_tcp_keepalive(&keepalive)
+}

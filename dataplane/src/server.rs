@@ -1,0 +1,338 @@
+//! Starting and stopping the data plane: open the store (scan the disk), bind one socket per
+//! shard on the shared port, start a pinned executor per shard running its owner and its
+//! accept loop, and on shutdown stop accepting, let in-flight calls finish, then stop the
+//! owners.
+
+use crate::grpc::{serve_connection, CallHandler, HandoffSender, Http2Settings};
+use crate::runtime::{bind_reuseport_group, Backend, Runtime};
+use crate::service::{BlobLimits, BlobServices};
+use crate::shutdown::{Drain, Shutdown, ShutdownWatch};
+use crate::store::accounting::Accounting;
+use crate::store::layout::Layout;
+use crate::store::owner::{Owner, StoreSettings};
+use crate::store::scan::{scan, ScanReport, ShardEntries, TreeKind};
+use crate::store::{CasClient, ShardQueues};
+use futures::future::{select, Either};
+use kiln_config::Config;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Number of shards for a configuration: `server.shards`, or one per core.
+pub fn shard_count(config: &Config) -> usize {
+    match config.server.shards {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// The CAS, opened and scanned but not yet served.
+pub struct OpenedStore {
+    cas: CasClient,
+    queues: ShardQueues,
+    entries: ShardEntries,
+    accounting: Arc<Accounting>,
+    layout: Layout,
+    report: ScanReport,
+}
+
+impl OpenedStore {
+    /// Creates the data directory if needed and indexes what is on disk.
+    pub fn open(config: &Config, shards: usize) -> io::Result<OpenedStore> {
+        let layout = Layout::cas(&config.storage.data_dir);
+        let (cas, queues) = CasClient::new(shards, config.server.shard_queue_depth);
+        let threads = shards.clamp(1, 16);
+        let (entries, report) = scan(&layout, TreeKind::Blobs, shards, threads, |key| {
+            cas.owner_of(&key.digest)
+        })?;
+        let accounting = Arc::new(Accounting::new(config.storage.disk_bytes.as_u64(), shards));
+        Ok(OpenedStore {
+            cas,
+            queues,
+            entries,
+            accounting,
+            layout,
+            report,
+        })
+    }
+
+    /// The handle the control plane uses to reach the CAS.
+    pub fn cas(&self) -> CasClient {
+        self.cas.clone()
+    }
+
+    /// What the start-up scan found.
+    pub fn report(&self) -> &ScanReport {
+        &self.report
+    }
+}
+
+/// A running data plane.
+pub struct DataPlane {
+    addr: SocketAddr,
+    shards: usize,
+    backend: &'static str,
+    shutdown: Shutdown,
+    stop_owners: Shutdown,
+    drained: Option<Drain>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    cas: CasClient,
+}
+
+impl DataPlane {
+    /// Starts one shard per queue of `store` on `backend`, listening on `server.listen`.
+    pub fn start(
+        config: &Config,
+        store: OpenedStore,
+        backend: Arc<dyn Backend>,
+        handoff: Option<HandoffSender>,
+    ) -> io::Result<DataPlane> {
+        let shards = store.queues.0.len();
+        let sockets = bind_reuseport_group(config.server.listen, shards, 4096)?;
+        let addr = sockets[0].local_addr()?;
+        let shutdown = Shutdown::new();
+        let stop_owners = Shutdown::new();
+        let drained = Drain::new();
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let h2 = Http2Settings::from_config(&config.server);
+        let store_settings = StoreSettings {
+            fsync: config.storage.fsync,
+            atime_resolution_secs: config.storage.access_time_resolution_secs,
+            upload_expiry: Duration::from_secs(config.storage.upload_expiry_secs),
+            max_parked: config.storage.max_parked_uploads,
+            memory_budget: config.storage.memory_bytes.as_u64() / shards as u64,
+            memory_max_blob: config.storage.memory_max_blob_bytes.as_u64(),
+        };
+        let limits = BlobLimits {
+            max_batch_total: config.server.max_batch_total_size_bytes.as_u64(),
+            read_chunk: config.server.read_chunk_bytes.as_u64() as usize,
+            inline_read: config.storage.memory_max_blob_bytes.as_u64(),
+            cas_capacity: config.storage.disk_bytes.as_u64(),
+            fsync: config.storage.fsync,
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let mut threads = Vec::with_capacity(shards);
+        let OpenedStore {
+            cas,
+            queues,
+            entries,
+            accounting,
+            layout,
+            ..
+        } = store;
+        for (index, ((queue, entries), socket)) in
+            queues.0.into_iter().zip(entries).zip(sockets).enumerate()
+        {
+            let shard = ShardSpec {
+                index,
+                queue,
+                entries,
+                socket,
+                accounting: accounting.clone(),
+                layout: layout.clone(),
+                cas: cas.clone(),
+                store_settings: store_settings.clone(),
+                limits: limits.clone(),
+                h2: h2.clone(),
+                handoff: handoff.clone(),
+                shutdown: shutdown.watch(),
+                stop_owners: stop_owners.watch(),
+                drained: drained.guard(),
+                ready: ready_tx.clone(),
+            };
+            let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
+            threads.push(backend.start_shard(
+                format!("kiln-shard-{index}"),
+                core,
+                Box::new(move |runtime| Box::pin(shard.run(runtime))),
+            )?);
+        }
+        drop(ready_tx);
+        let mut plane = DataPlane {
+            addr,
+            shards,
+            backend: backend.name(),
+            shutdown,
+            stop_owners,
+            drained: Some(drained),
+            threads,
+            cas,
+        };
+        for _ in 0..shards {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    plane.abort();
+                    return Err(io::Error::other(e));
+                }
+                Err(_) => {
+                    plane.abort();
+                    return Err(io::Error::other(
+                        "a data-plane shard failed to start (see the log)",
+                    ));
+                }
+            }
+        }
+        Ok(plane)
+    }
+
+    /// The address every shard listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// The backend's name.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// The CAS handle.
+    pub fn cas(&self) -> CasClient {
+        self.cas.clone()
+    }
+
+    /// Stops accepting and sends GOAWAY on every connection; returns a future that completes
+    /// when every in-flight call has finished.
+    pub fn begin_shutdown(&mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.shutdown.trigger();
+        let drained = self.drained.take();
+        async move {
+            if let Some(d) = drained {
+                d.wait().await;
+            }
+        }
+    }
+
+    /// Stops the owners (after [`DataPlane::begin_shutdown`] drained, or its grace expired)
+    /// and joins the shard threads.
+    pub fn finish_shutdown(mut self) {
+        self.abort();
+    }
+
+    fn abort(&mut self) {
+        self.shutdown.trigger();
+        self.stop_owners.trigger();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// Everything one shard thread needs.
+struct ShardSpec {
+    index: usize,
+    queue: async_channel::Receiver<crate::store::commands::Command>,
+    entries: Vec<(crate::digest::BlobKey, crate::store::index::Entry)>,
+    socket: std::net::TcpListener,
+    accounting: Arc<Accounting>,
+    layout: Layout,
+    cas: CasClient,
+    store_settings: StoreSettings,
+    limits: BlobLimits,
+    h2: Http2Settings,
+    handoff: Option<HandoffSender>,
+    shutdown: ShutdownWatch,
+    stop_owners: ShutdownWatch,
+    drained: Option<crate::shutdown::DrainGuard>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+}
+
+impl ShardSpec {
+    async fn run(self, runtime: Rc<dyn Runtime>) {
+        let ShardSpec {
+            index,
+            queue,
+            entries,
+            socket,
+            accounting,
+            layout,
+            cas,
+            store_settings,
+            limits,
+            h2,
+            handoff,
+            shutdown,
+            stop_owners,
+            drained,
+            ready,
+        } = self;
+        let owner = Owner::new(
+            index,
+            runtime.clone(),
+            layout.clone(),
+            store_settings,
+            entries,
+            accounting,
+            cas.clone(),
+        );
+        let (owner_done_tx, owner_done) = futures::channel::oneshot::channel::<()>();
+        {
+            let stop = stop_owners.clone();
+            runtime.spawn(Box::pin(async move {
+                owner.run(queue, stop).await;
+                let _ = owner_done_tx.send(());
+            }));
+        }
+        let listener = match runtime.listener(socket) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(format!("shard {index}: cannot listen: {e}")));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+        let services: Rc<dyn CallHandler> =
+            BlobServices::new(runtime.clone(), cas, layout, limits, handoff);
+        let h2 = Rc::new(h2);
+        let connections = Drain::new();
+        let mut stopping = Box::pin(shutdown.wait());
+        loop {
+            match select(listener.accept(), stopping.as_mut()).await {
+                Either::Left((Ok((io, peer)), _)) => {
+                    let guard = connections.guard();
+                    let serve = serve_connection(
+                        runtime.clone(),
+                        io,
+                        peer,
+                        h2.clone(),
+                        services.clone(),
+                        shutdown.clone(),
+                    );
+                    runtime.spawn(Box::pin(async move {
+                        serve.await;
+                        drop(guard);
+                    }));
+                }
+                Either::Left((Err(e), _)) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(shard = index, error = %e, "accept failed");
+                    runtime.sleep(Duration::from_millis(50)).await;
+                }
+                Either::Right(_) => break,
+            }
+        }
+        drop(listener);
+        info!(
+            shard = index,
+            "stopped accepting; finishing in-flight calls"
+        );
+        let _ = select(Box::pin(connections.wait()), Box::pin(stop_owners.wait())).await;
+        drop(drained);
+        stop_owners.wait().await;
+        let _ = owner_done.await;
+    }
+}

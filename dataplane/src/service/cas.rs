@@ -1,0 +1,191 @@
+//! CAS `FindMissingBlobs`, `BatchUpdateBlobs` and `BatchReadBlobs`.
+
+use super::{unary, BlobError, BlobServices};
+use crate::digest::{BlobKey, Digest, Hasher, InstanceName};
+use crate::grpc::Call;
+use crate::store::blob_io;
+use crate::store::Found;
+use futures::stream::{self, StreamExt};
+use kiln_proto::google::rpc::Status as RpcStatus;
+use kiln_proto::reapi::{
+    batch_read_blobs_response, batch_update_blobs_request, batch_update_blobs_response,
+    BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
+    BatchUpdateBlobsResponse, FindMissingBlobsRequest, FindMissingBlobsResponse,
+};
+
+/// Blobs of one batch written or read at the same time.
+const BATCH_PARALLELISM: usize = 32;
+
+fn ok_status() -> Option<RpcStatus> {
+    Some(RpcStatus::default())
+}
+
+fn error_status(e: &BlobError) -> Option<RpcStatus> {
+    Some(RpcStatus::from(e))
+}
+
+pub(super) async fn serve_find_missing(svc: &BlobServices, call: Call) {
+    unary(call, |request: FindMissingBlobsRequest| async move {
+        let instance = InstanceName::new(&request.instance_name)?;
+        let keys = request
+            .blob_digests
+            .iter()
+            .map(|d| {
+                Digest::from_proto(d, request.digest_function)
+                    .map(|d| BlobKey::new(instance.clone(), d))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::debug!(digests = keys.len(), "find missing");
+        let missing = svc.cas.find_missing(&keys).await?;
+        Ok(FindMissingBlobsResponse {
+            missing_blob_digests: missing.iter().map(|k| k.digest.to_proto()).collect(),
+        })
+    })
+    .await
+}
+
+pub(super) async fn serve_batch_update(svc: &BlobServices, call: Call) {
+    unary(call, |request: BatchUpdateBlobsRequest| async move {
+        let instance = InstanceName::new(&request.instance_name)?;
+        let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
+        if total > svc.limits.max_batch_total {
+            return Err(BlobError::BatchTooLarge {
+                total,
+                limit: svc.limits.max_batch_total,
+            });
+        }
+        tracing::debug!(
+            blobs = request.requests.len(),
+            bytes = total,
+            "batch update"
+        );
+        let function = request.digest_function;
+        let responses = stream::iter(request.requests)
+            .map(|r| {
+                let instance = instance.clone();
+                async move {
+                    let status = match update_one(svc, &instance, function, &r).await {
+                        Ok(()) => ok_status(),
+                        Err(e) => error_status(&e),
+                    };
+                    batch_update_blobs_response::Response {
+                        digest: r.digest,
+                        status,
+                    }
+                }
+            })
+            .buffered(BATCH_PARALLELISM)
+            .collect::<Vec<_>>()
+            .await;
+        Ok(BatchUpdateBlobsResponse { responses })
+    })
+    .await
+}
+
+async fn update_one(
+    svc: &BlobServices,
+    instance: &InstanceName,
+    function: i32,
+    request: &batch_update_blobs_request::Request,
+) -> Result<(), BlobError> {
+    let digest = Digest::from_proto_field(request.digest.as_ref(), function)?;
+    if request.compressor != 0 {
+        return Err(BlobError::Compressor(request.compressor));
+    }
+    if request.data.len() as u64 != digest.size {
+        return Err(BlobError::DataSize {
+            size: digest.size,
+            got: request.data.len() as u64,
+        });
+    }
+    let actual = Hasher::hash(digest.function, &request.data);
+    if actual != digest.hash {
+        return Err(BlobError::DataHash {
+            expected: digest,
+            actual: hex::encode(actual),
+        });
+    }
+    if digest.is_empty_blob() {
+        return Ok(());
+    }
+    if digest.size > svc.limits.cas_capacity {
+        return Err(BlobError::TooLarge {
+            size: digest.size,
+            cap: svc.limits.cas_capacity,
+        });
+    }
+    let key = BlobKey::new(instance.clone(), digest);
+    if svc.cas.contains(std::slice::from_ref(&key)).await?[0] {
+        return Ok(());
+    }
+    let temp = svc.layout.temp_path();
+    if let Err(e) = blob_io::write_new(&*svc.runtime, &temp, &request.data, svc.limits.fsync).await
+    {
+        let _ = std::fs::remove_file(&temp);
+        return Err(BlobError::io("write", &temp, e));
+    }
+    svc.cas
+        .commit(&key, temp, Some(request.data.clone()))
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
+    unary(call, |request: BatchReadBlobsRequest| async move {
+        let instance = InstanceName::new(&request.instance_name)?;
+        let parsed: Vec<Result<Digest, BlobError>> = request
+            .digests
+            .iter()
+            .map(|d| Digest::from_proto(d, request.digest_function).map_err(BlobError::from))
+            .collect();
+        let total: u64 = parsed
+            .iter()
+            .filter_map(|d| d.as_ref().ok())
+            .map(|d| d.size)
+            .sum();
+        if total > svc.limits.max_batch_total {
+            return Err(BlobError::BatchTooLarge {
+                total,
+                limit: svc.limits.max_batch_total,
+            });
+        }
+        tracing::debug!(blobs = parsed.len(), bytes = total, "batch read");
+        let responses = stream::iter(request.digests.into_iter().zip(parsed))
+            .map(|(proto, digest)| {
+                let instance = instance.clone();
+                async move {
+                    let result = match digest {
+                        Ok(d) => read_one(svc, BlobKey::new(instance, d)).await,
+                        Err(e) => Err(e),
+                    };
+                    match result {
+                        Ok(data) => batch_read_blobs_response::Response {
+                            digest: Some(proto),
+                            data,
+                            compressor: 0,
+                            status: ok_status(),
+                        },
+                        Err(e) => batch_read_blobs_response::Response {
+                            digest: Some(proto),
+                            data: Default::default(),
+                            compressor: 0,
+                            status: error_status(&e),
+                        },
+                    }
+                }
+            })
+            .buffered(BATCH_PARALLELISM)
+            .collect::<Vec<_>>()
+            .await;
+        Ok(BatchReadBlobsResponse { responses })
+    })
+    .await
+}
+
+async fn read_one(svc: &BlobServices, key: BlobKey) -> Result<bytes::Bytes, BlobError> {
+    // The batch limit bounds the size, so the owner returns every blob's bytes.
+    match svc.cas.lookup(&key, u64::MAX).await? {
+        Found::Bytes(data) => Ok(data),
+        Found::Missing | Found::File { .. } => Err(BlobError::NotFound(key)),
+    }
+}

@@ -1,0 +1,149 @@
+//! Everything that can go wrong serving a blob method, and its gRPC status (mapped here, once).
+
+use crate::digest::{BlobKey, DigestError, InstanceNameError};
+use crate::resource::ResourceError;
+use crate::store::upload::UploadError;
+use crate::store::StoreError;
+use tonic::Status;
+
+/// A failed blob request.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// Malformed ByteStream resource name.
+    #[error(transparent)]
+    Resource(#[from] ResourceError),
+    /// Malformed digest or unsupported digest function.
+    #[error("{0}")]
+    Digest(#[from] DigestError),
+    /// Unacceptable instance name.
+    #[error("invalid instance name: {0}")]
+    Instance(#[from] InstanceNameError),
+    /// An upload message broke the ByteStream rules or the data did not match its digest.
+    #[error(transparent)]
+    Upload(#[from] UploadError),
+    /// The first `WriteRequest` named no resource, or a later one named a different one.
+    #[error("{0}")]
+    WriteResource(&'static str),
+    /// A `Write` stream carried no message.
+    #[error("Write stream carried no WriteRequest")]
+    EmptyWrite,
+    /// The stream ended before `finish_write`; the upload can be resumed.
+    #[error("stream ended at offset {committed} of {size} without finish_write; resume after QueryWriteStatus")]
+    Unfinished { committed: u64, size: u64 },
+    /// Another stream is writing the same upload.
+    #[error("upload {0} is being written by another stream")]
+    UploadBusy(String),
+    /// The blob is not in the CAS.
+    #[error("blob {0:?} not found")]
+    NotFound(BlobKey),
+    /// No such upload for `QueryWriteStatus`.
+    #[error("no upload named {0}")]
+    UnknownUpload(String),
+    /// `read_offset` outside the blob.
+    #[error("read_offset {offset} is outside the blob of {size} bytes")]
+    ReadOffset { offset: i64, size: u64 },
+    /// Negative `read_limit`.
+    #[error("read_limit {0} is negative")]
+    ReadLimit(i64),
+    /// A batch over `max_batch_total_size_bytes`.
+    #[error("batch of {total} bytes exceeds max_batch_total_size_bytes ({limit}); use ByteStream for large blobs")]
+    BatchTooLarge { total: u64, limit: u64 },
+    /// A blob larger than the whole CAS.
+    #[error("blob of {size} bytes exceeds the CAS capacity of {cap} bytes")]
+    TooLarge { size: u64, cap: u64 },
+    /// Batch data whose length differs from the digest's size.
+    #[error("data is {got} bytes but the digest says {size}")]
+    DataSize { size: u64, got: u64 },
+    /// Batch data that does not hash to the digest.
+    #[error("data hashes to {actual}, not to {expected:?}")]
+    DataHash {
+        expected: crate::digest::Digest,
+        actual: String,
+    },
+    /// A compressor Kiln does not advertise.
+    #[error("compressor {0} is not supported; send uncompressed data (IDENTITY)")]
+    Compressor(i32),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Local file I/O failed while serving.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BlobError {
+    /// Wraps a local I/O error.
+    pub fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> BlobError {
+        BlobError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// The gRPC code for this error.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            BlobError::Resource(_)
+            | BlobError::Digest(_)
+            | BlobError::Instance(_)
+            | BlobError::Upload(_)
+            | BlobError::WriteResource(_)
+            | BlobError::EmptyWrite
+            | BlobError::Unfinished { .. }
+            | BlobError::ReadLimit(_)
+            | BlobError::BatchTooLarge { .. }
+            | BlobError::TooLarge { .. }
+            | BlobError::DataSize { .. }
+            | BlobError::DataHash { .. }
+            | BlobError::Compressor(_) => Code::InvalidArgument,
+            BlobError::UploadBusy(_) => Code::Aborted,
+            BlobError::NotFound(_) | BlobError::UnknownUpload(_) => Code::NotFound,
+            BlobError::ReadOffset { .. } => Code::OutOfRange,
+            BlobError::Store(e) => match e {
+                StoreError::Unavailable => Code::Unavailable,
+                StoreError::TooLarge { .. } => Code::InvalidArgument,
+                StoreError::Corrupt(_) => Code::NotFound,
+                StoreError::Io { .. } if e.is_disk_full() => Code::ResourceExhausted,
+                StoreError::Io { .. } => Code::Internal,
+            },
+            BlobError::Io { source, .. } => {
+                if source.kind() == std::io::ErrorKind::StorageFull
+                    || source.raw_os_error() == Some(libc::ENOSPC)
+                {
+                    Code::ResourceExhausted
+                } else {
+                    Code::Internal
+                }
+            }
+        }
+    }
+}
+
+impl From<BlobError> for Status {
+    fn from(e: BlobError) -> Status {
+        let code = e.code();
+        if matches!(code, tonic::Code::Internal | tonic::Code::ResourceExhausted) {
+            tracing::error!(error = %e, "blob request failed");
+        } else {
+            tracing::debug!(error = %e, "blob request refused");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+impl From<&BlobError> for kiln_proto::google::rpc::Status {
+    fn from(e: &BlobError) -> Self {
+        kiln_proto::google::rpc::Status {
+            code: e.code() as i32,
+            message: e.to_string(),
+            details: Vec::new(),
+        }
+    }
+}

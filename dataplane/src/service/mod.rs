@@ -1,0 +1,138 @@
+//! The blob methods served on the data plane's cores, and the router that sends every other
+//! method to the control plane.
+
+mod cas;
+mod error;
+mod read;
+mod write;
+
+pub use error::BlobError;
+
+use crate::grpc::{Call, CallHandler, HandoffSender, Responder};
+use crate::runtime::{LocalBoxFuture, Runtime};
+use crate::store::layout::Layout;
+use crate::store::CasClient;
+use std::rc::Rc;
+
+/// gRPC paths of the methods served on the data plane.
+pub mod paths {
+    /// ByteStream.Read
+    pub const READ: &str = "/google.bytestream.ByteStream/Read";
+    /// ByteStream.Write
+    pub const WRITE: &str = "/google.bytestream.ByteStream/Write";
+    /// ByteStream.QueryWriteStatus
+    pub const QUERY_WRITE_STATUS: &str = "/google.bytestream.ByteStream/QueryWriteStatus";
+    /// CAS.FindMissingBlobs
+    pub const FIND_MISSING: &str =
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
+    /// CAS.BatchUpdateBlobs
+    pub const BATCH_UPDATE: &str =
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs";
+    /// CAS.BatchReadBlobs
+    pub const BATCH_READ: &str =
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs";
+}
+
+/// Limits the blob methods enforce.
+#[derive(Debug, Clone)]
+pub struct BlobLimits {
+    /// Largest total of blob bytes in one batch call.
+    pub max_batch_total: u64,
+    /// Size of each ByteStream `ReadResponse`.
+    pub read_chunk: usize,
+    /// Blobs up to this size are read by their owner shard and cached in memory.
+    pub inline_read: u64,
+    /// The CAS capacity: larger blobs are refused up front.
+    pub cas_capacity: u64,
+    /// fsync uploads before acknowledging them.
+    pub fsync: bool,
+}
+
+/// The blob services of one shard.
+pub struct BlobServices {
+    runtime: Rc<dyn Runtime>,
+    cas: CasClient,
+    layout: Layout,
+    limits: BlobLimits,
+    handoff: Option<HandoffSender>,
+}
+
+impl BlobServices {
+    /// Services running on `runtime`; calls they do not serve go to `handoff` (or are answered
+    /// `UNIMPLEMENTED` when there is no control plane).
+    pub fn new(
+        runtime: Rc<dyn Runtime>,
+        cas: CasClient,
+        layout: Layout,
+        limits: BlobLimits,
+        handoff: Option<HandoffSender>,
+    ) -> Rc<BlobServices> {
+        Rc::new(BlobServices {
+            runtime,
+            cas,
+            layout,
+            limits,
+            handoff,
+        })
+    }
+
+    async fn forward(&self, call: Call) {
+        let Some(handoff) = &self.handoff else {
+            let path = call.path().to_string();
+            call.responder
+                .finish(Err(tonic::Status::unimplemented(format!(
+                    "method {path} is not served here"
+                ))));
+            return;
+        };
+        if let Err(async_channel::SendError(call)) = handoff.send(call.into_forwarded()).await {
+            Responder::new(call.respond).finish(Err(tonic::Status::unavailable(
+                "the control plane is shutting down",
+            )));
+        }
+    }
+}
+
+impl CallHandler for BlobServices {
+    fn handle(self: Rc<Self>, call: Call) -> LocalBoxFuture<'static, ()> {
+        Box::pin(async move {
+            match call.path() {
+                paths::READ => read::serve(&self, call).await,
+                paths::WRITE => write::serve(&self, call).await,
+                paths::QUERY_WRITE_STATUS => write::serve_query(&self, call).await,
+                paths::FIND_MISSING => cas::serve_find_missing(&self, call).await,
+                paths::BATCH_UPDATE => cas::serve_batch_update(&self, call).await,
+                paths::BATCH_READ => cas::serve_batch_read(&self, call).await,
+                _ => self.forward(call).await,
+            }
+        })
+    }
+}
+
+/// Runs a unary method: decode the request, run `f`, send its response or status.
+async fn unary<Req, Resp, F, Fut>(call: Call, f: F)
+where
+    Req: prost::Message + Default,
+    Resp: prost::Message,
+    F: FnOnce(Req) -> Fut,
+    Fut: std::future::Future<Output = Result<Resp, BlobError>>,
+{
+    let (mut body, mut responder) = call.into_parts();
+    let request = match body.unary::<Req>().await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(status) = e.into_status() {
+                responder.finish(Err(status));
+            }
+            return;
+        }
+    };
+    match f(request).await {
+        Ok(response) => {
+            if responder.send_message(&response).await.is_ok() {
+                responder.finish(Ok(()));
+            }
+        }
+        Err(e) => responder.finish(Err(e.into())),
+    }
+}

@@ -1,0 +1,297 @@
+//! ByteStream `Write` and `QueryWriteStatus`.
+//!
+//! A `Write` streams into a temp file while hashing with the digest's function; on a valid
+//! `finish_write` the owner shard renames it into place. A stream that drops (or ends without
+//! `finish_write`) parks its temp file and hash state with the owner, so the client can ask
+//! `QueryWriteStatus` and resume from the committed offset. A blob already stored is answered
+//! at once with its full size, without reading the rest of the stream.
+
+use super::{BlobError, BlobServices};
+use crate::grpc::{Call, RecvError, RequestBody};
+use crate::resource::{parse_write, WriteResource};
+use crate::store::blob_io::TempWriter;
+use crate::store::parked::ParkedUpload;
+use crate::store::upload::UploadState;
+use crate::store::{UploadClaim, UploadStatus};
+use bytes::{Bytes, BytesMut};
+use kiln_proto::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, WriteRequest, WriteResponse,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How a write ended without a result.
+enum WriteEnd {
+    Failed(BlobError),
+    /// The request stream itself was malformed (framing, decoding).
+    Malformed(tonic::Status),
+    PeerGone,
+}
+
+impl From<BlobError> for WriteEnd {
+    fn from(e: BlobError) -> WriteEnd {
+        WriteEnd::Failed(e)
+    }
+}
+
+impl From<RecvError> for WriteEnd {
+    fn from(e: RecvError) -> WriteEnd {
+        match e {
+            RecvError::Status(s) => WriteEnd::Malformed(s),
+            RecvError::Gone(_) => WriteEnd::PeerGone,
+        }
+    }
+}
+
+pub(super) async fn serve(svc: &BlobServices, call: Call) {
+    let (mut body, mut responder) = call.into_parts();
+    match write(svc, &mut body).await {
+        Ok(committed_size) => {
+            if responder
+                .send_message(&WriteResponse { committed_size })
+                .await
+                .is_ok()
+            {
+                responder.finish(Ok(()));
+            }
+        }
+        Err(WriteEnd::Failed(e)) => responder.finish(Err(e.into())),
+        Err(WriteEnd::Malformed(status)) => responder.finish(Err(status)),
+        Err(WriteEnd::PeerGone) => {}
+    }
+}
+
+async fn write(svc: &BlobServices, body: &mut RequestBody) -> Result<i64, WriteEnd> {
+    let first: WriteRequest = body.decode().await?.ok_or(BlobError::EmptyWrite)?;
+    if first.resource_name.is_empty() {
+        return Err(
+            BlobError::WriteResource("the first WriteRequest must carry resource_name").into(),
+        );
+    }
+    let resource = parse_write(&first.resource_name).map_err(BlobError::from)?;
+    let digest = resource.key.digest;
+    tracing::debug!(resource = %first.resource_name, "write");
+    if digest.size > svc.limits.cas_capacity {
+        return Err(BlobError::TooLarge {
+            size: digest.size,
+            cap: svc.limits.cas_capacity,
+        }
+        .into());
+    }
+    if digest.is_empty_blob() {
+        // Always present; still hold the client to the rules for this one message.
+        UploadState::new(digest)
+            .accept(first.write_offset, &first.data, true)
+            .map_err(BlobError::from)?;
+        return Ok(0);
+    }
+    let upload_key = resource.upload_key();
+    let progress = Arc::new(AtomicU64::new(0));
+    let claim = svc
+        .cas
+        .claim_upload(upload_key.clone(), &resource.key, progress.clone())
+        .await
+        .map_err(BlobError::from)?;
+    let (state, writer) = match claim {
+        UploadClaim::Present => return Ok(digest.size as i64),
+        UploadClaim::Busy => return Err(BlobError::UploadBusy(resource.upload_id.clone()).into()),
+        UploadClaim::Fresh => {
+            let path = svc.layout.temp_path();
+            match TempWriter::create(&*svc.runtime, path.clone(), digest.size).await {
+                Ok(w) => (UploadState::new(digest), w),
+                Err(e) => {
+                    svc.cas
+                        .release_upload(upload_key, &resource.key, None)
+                        .await;
+                    return Err(BlobError::io("create", &path, e).into());
+                }
+            }
+        }
+        UploadClaim::Resume(parked) => {
+            progress.store(parked.committed, Ordering::Relaxed);
+            match TempWriter::reopen(&*svc.runtime, parked.temp.clone(), parked.committed).await {
+                Ok(w) => (
+                    UploadState::resume(digest, parked.committed, parked.hasher),
+                    w,
+                ),
+                Err(_) => {
+                    // The parked file is gone; start over (the client learns from the offset).
+                    let _ = std::fs::remove_file(&parked.temp);
+                    let path = svc.layout.temp_path();
+                    match TempWriter::create(&*svc.runtime, path.clone(), digest.size).await {
+                        Ok(w) => {
+                            progress.store(0, Ordering::Relaxed);
+                            (UploadState::new(digest), w)
+                        }
+                        Err(e) => {
+                            svc.cas
+                                .release_upload(upload_key, &resource.key, None)
+                                .await;
+                            return Err(BlobError::io("create", &path, e).into());
+                        }
+                    }
+                }
+            }
+        }
+    };
+    // A small blob sent whole on this stream also seeds the memory tier.
+    let keep = (state.committed() == 0 && digest.size <= svc.limits.inline_read).then(Vec::new);
+    let mut upload = Upload {
+        svc,
+        resource: &resource,
+        name: first.resource_name.clone(),
+        state,
+        writer: Some(writer),
+        progress,
+        keep,
+    };
+    let result = upload.run(first, body).await;
+    upload.end(upload_key, &result).await;
+    result
+}
+
+/// One upload in progress on this stream.
+struct Upload<'a> {
+    svc: &'a BlobServices,
+    resource: &'a WriteResource,
+    /// The resource name as the first message gave it.
+    name: String,
+    state: UploadState,
+    writer: Option<TempWriter>,
+    progress: Arc<AtomicU64>,
+    /// For small blobs uploaded in one go: the data, to seed the memory tier.
+    keep: Option<Vec<Bytes>>,
+}
+
+impl Upload<'_> {
+    async fn run(&mut self, first: WriteRequest, body: &mut RequestBody) -> Result<i64, WriteEnd> {
+        let mut message = first;
+        loop {
+            if !message.resource_name.is_empty() && message.resource_name != self.name {
+                return Err(BlobError::WriteResource(
+                    "resource_name changed within one Write stream",
+                )
+                .into());
+            }
+            self.state
+                .accept(message.write_offset, &message.data, message.finish_write)
+                .map_err(BlobError::from)?;
+            if let Some(writer) = self.writer.as_mut() {
+                writer
+                    .append(&message.data)
+                    .await
+                    .map_err(|e| BlobError::io("write", writer.path(), e))?;
+            }
+            if let Some(keep) = self.keep.as_mut() {
+                keep.push(message.data.clone());
+            }
+            self.progress
+                .store(self.state.committed(), Ordering::Relaxed);
+            if self.state.is_finished() {
+                return self.commit().await;
+            }
+            message = match body.decode::<WriteRequest>().await? {
+                Some(m) => m,
+                None => {
+                    return Err(BlobError::Unfinished {
+                        committed: self.state.committed(),
+                        size: self.state.digest().size,
+                    }
+                    .into())
+                }
+            };
+        }
+    }
+
+    async fn commit(&mut self) -> Result<i64, WriteEnd> {
+        let Some(writer) = self.writer.take() else {
+            return Err(BlobError::WriteResource("upload already committed").into());
+        };
+        let path = writer.path().to_path_buf();
+        if let Err(e) = writer.finish(self.svc.limits.fsync).await {
+            let _ = std::fs::remove_file(&path);
+            return Err(BlobError::io("write", &path, e).into());
+        }
+        let data = self.keep.take().map(concat);
+        self.svc
+            .cas
+            .commit(&self.resource.key, path, data)
+            .await
+            .map_err(BlobError::from)?;
+        Ok(self.state.digest().size as i64)
+    }
+
+    /// Releases the upload: parks it when the stream was interrupted, else drops its file.
+    async fn end(mut self, upload_key: String, result: &Result<i64, WriteEnd>) {
+        let park = match (result, self.writer.take()) {
+            (Err(WriteEnd::PeerGone), Some(w))
+            | (Err(WriteEnd::Failed(BlobError::Unfinished { .. })), Some(w)) => {
+                match w.suspend().await {
+                    Ok((temp, written)) if written == self.state.committed() => {
+                        let (committed, hasher) = self.state.clone().into_parts();
+                        Some(ParkedUpload {
+                            temp,
+                            committed,
+                            hasher,
+                            parked_at: self.svc.runtime.now(),
+                        })
+                    }
+                    Ok((temp, _)) => {
+                        let _ = std::fs::remove_file(temp);
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            (_, Some(w)) => {
+                w.discard().await;
+                None
+            }
+            (_, None) => None,
+        };
+        self.svc
+            .cas
+            .release_upload(upload_key, &self.resource.key, park)
+            .await;
+    }
+}
+
+fn concat(parts: Vec<Bytes>) -> Bytes {
+    if parts.len() == 1 {
+        return parts.into_iter().next().unwrap_or_default();
+    }
+    let mut out = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+    for p in parts {
+        out.extend_from_slice(&p);
+    }
+    out.freeze()
+}
+
+pub(super) async fn serve_query(svc: &BlobServices, call: Call) {
+    super::unary(call, |request: QueryWriteStatusRequest| async move {
+        let resource = parse_write(&request.resource_name)?;
+        let size = resource.key.digest.size as i64;
+        if resource.key.digest.is_empty_blob() {
+            return Ok(QueryWriteStatusResponse {
+                committed_size: 0,
+                complete: true,
+            });
+        }
+        match svc
+            .cas
+            .query_upload(resource.upload_key(), &resource.key)
+            .await?
+        {
+            UploadStatus::Complete => Ok(QueryWriteStatusResponse {
+                committed_size: size,
+                complete: true,
+            }),
+            UploadStatus::Partial(n) => Ok(QueryWriteStatusResponse {
+                committed_size: n as i64,
+                complete: false,
+            }),
+            UploadStatus::Unknown => Err(BlobError::UnknownUpload(request.resource_name.clone())),
+        }
+    })
+    .await
+}

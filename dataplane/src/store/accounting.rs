@@ -1,0 +1,133 @@
+//! Disk usage across shards. Each shard indexes its own part of the digest space, but the cap
+//! is one number for the whole CAS, so one large blob on one shard can push out old blobs on
+//! another. Shards publish their total and the age of their least recently used blob; when the
+//! total goes over the cap, the shard holding the globally oldest blob is asked to evict, which
+//! approximates one LRU over the whole store without a shared lock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Shared usage counters; one per data plane.
+#[derive(Debug)]
+pub struct Accounting {
+    cap: u64,
+    used: AtomicU64,
+    /// Bytes some shard has been asked to evict and has not finished evicting.
+    requested: AtomicU64,
+    /// Per shard: access time of its least recently used blob (`u64::MAX` when empty).
+    oldest: Vec<AtomicU64>,
+    /// Per shard: bytes it holds.
+    per_shard: Vec<AtomicU64>,
+}
+
+impl Accounting {
+    /// Counters for `shards` shards sharing a cap of `cap` bytes.
+    pub fn new(cap: u64, shards: usize) -> Accounting {
+        Accounting {
+            cap,
+            used: AtomicU64::new(0),
+            requested: AtomicU64::new(0),
+            oldest: (0..shards).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            per_shard: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The cap in bytes.
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+
+    /// Bytes currently stored.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes stored by one shard.
+    pub fn shard_used(&self, shard: usize) -> u64 {
+        self.per_shard[shard].load(Ordering::Relaxed)
+    }
+
+    /// Records bytes added by `shard`.
+    pub fn add(&self, shard: usize, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+        self.per_shard[shard].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Records bytes removed by `shard`.
+    pub fn remove(&self, shard: usize, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+        self.per_shard[shard].fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Publishes a shard's oldest access time.
+    pub fn set_oldest(&self, shard: usize, atime: Option<u64>) {
+        self.oldest[shard].store(atime.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// If the store is over its cap beyond what is already being evicted, claims the excess and
+    /// returns `(shard to evict from, bytes)`. The caller must send that request and, once the
+    /// shard has evicted, call [`Accounting::eviction_done`] with the same byte count.
+    pub fn claim_eviction(&self) -> Option<(usize, u64)> {
+        loop {
+            let used = self.used.load(Ordering::Relaxed);
+            let requested = self.requested.load(Ordering::Relaxed);
+            let excess = used.checked_sub(self.cap)?.checked_sub(requested)?;
+            if excess == 0 {
+                return None;
+            }
+            if self
+                .requested
+                .compare_exchange(
+                    requested,
+                    requested + excess,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                return Some((self.oldest_shard(), excess));
+            }
+        }
+    }
+
+    /// Releases a claim made by [`Accounting::claim_eviction`].
+    pub fn eviction_done(&self, claimed: u64) {
+        self.requested.fetch_sub(claimed, Ordering::AcqRel);
+    }
+
+    /// The shard whose least recently used blob is the oldest (ties: lowest index).
+    pub fn oldest_shard(&self) -> usize {
+        self.oldest
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, a)| (a.load(Ordering::Relaxed), *i))
+            .map(|(i, _)| i)
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excess_is_claimed_once_from_the_oldest_shard() {
+        let a = Accounting::new(100, 3);
+        a.add(0, 60);
+        a.add(2, 30);
+        assert_eq!(a.claim_eviction(), None, "under the cap");
+        a.set_oldest(0, Some(50));
+        a.set_oldest(1, None);
+        a.set_oldest(2, Some(10));
+        a.add(2, 30);
+        assert_eq!(a.claim_eviction(), Some((2, 20)));
+        assert_eq!(a.claim_eviction(), None, "already requested");
+        a.remove(2, 20);
+        a.eviction_done(20);
+        assert_eq!(a.used(), 100);
+        assert_eq!(a.claim_eviction(), None);
+        assert_eq!(
+            (a.shard_used(0), a.shard_used(1), a.shard_used(2)),
+            (60, 0, 40)
+        );
+    }
+}

@@ -1,0 +1,127 @@
+//! Messages to an owner shard and their answers. Any core (and the control plane) sends them
+//! through [`super::CasClient`]; replies come back on oneshot channels, blob bytes as `Bytes`.
+
+use super::parked::ParkedUpload;
+use super::StoreError;
+use crate::digest::BlobKey;
+use bytes::Bytes;
+use futures::channel::oneshot;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+/// Where a reply goes.
+pub(crate) type Reply<T> = oneshot::Sender<T>;
+
+/// Where a looked-up blob's bytes are.
+#[derive(Debug, Clone)]
+pub enum Found {
+    /// Not in the CAS.
+    Missing,
+    /// The whole blob, from memory or read by the owner.
+    Bytes(Bytes),
+    /// A file to read; `verified` is false for blobs found on disk at start-up and not yet
+    /// checked, which the reader must hash and report back.
+    File {
+        /// The committed blob file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Whether its content was already checked.
+        verified: bool,
+    },
+}
+
+/// Outcome of committing an upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// The blob is now stored.
+    Stored,
+    /// It was already stored; the upload's temp file was discarded.
+    AlreadyPresent,
+}
+
+/// What a new `Write` stream should do.
+#[derive(Debug)]
+pub enum UploadClaim {
+    /// The blob is already stored: answer at once with its full size.
+    Present,
+    /// Start from zero.
+    Fresh,
+    /// Continue a parked upload.
+    Resume(ParkedUpload),
+    /// Another stream is writing this upload now.
+    Busy,
+}
+
+/// Status of an upload for `QueryWriteStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadStatus {
+    /// The blob is stored.
+    Complete,
+    /// This many bytes were received.
+    Partial(u64),
+    /// No such upload.
+    Unknown,
+}
+
+/// Counters of one shard.
+#[derive(Debug, Clone, Default)]
+pub struct ShardStats {
+    /// Blobs indexed.
+    pub blobs: u64,
+    /// Bytes of indexed blobs.
+    pub bytes: u64,
+    /// Bytes in the memory tier.
+    pub memory_bytes: u64,
+    /// Uploads being written now.
+    pub active_uploads: u64,
+    /// Interrupted uploads kept for resumption.
+    pub parked_uploads: u64,
+}
+
+/// A request to an owner shard.
+pub(crate) enum Command {
+    FindMissing {
+        keys: Vec<BlobKey>,
+        reply: Reply<Vec<bool>>,
+    },
+    Lookup {
+        key: BlobKey,
+        inline_up_to: u64,
+        reply: Reply<Result<Found, StoreError>>,
+    },
+    Commit {
+        key: BlobKey,
+        temp: PathBuf,
+        data: Option<Bytes>,
+        reply: Reply<Result<Committed, StoreError>>,
+    },
+    Verified {
+        key: BlobKey,
+    },
+    Corrupt {
+        key: BlobKey,
+    },
+    ClaimUpload {
+        upload_key: String,
+        key: BlobKey,
+        progress: Arc<AtomicU64>,
+        reply: Reply<UploadClaim>,
+    },
+    ReleaseUpload {
+        upload_key: String,
+        park: Option<ParkedUpload>,
+    },
+    QueryUpload {
+        upload_key: String,
+        key: BlobKey,
+        reply: Reply<UploadStatus>,
+    },
+    Evict {
+        bytes: u64,
+    },
+    Stats {
+        reply: Reply<ShardStats>,
+    },
+}

@@ -1,0 +1,43 @@
+//! Failures of the store itself (not of the request).
+
+use crate::digest::BlobKey;
+use std::path::PathBuf;
+
+/// A store operation that could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The owning shard has stopped (shutdown) or its queue is gone.
+    #[error("the CAS is shutting down")]
+    Unavailable,
+    /// A filesystem operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blob is larger than the whole CAS may hold.
+    #[error("blob of {size} bytes is larger than the CAS capacity of {cap} bytes")]
+    TooLarge { size: u64, cap: u64 },
+    /// A stored blob failed verification and was removed.
+    #[error("stored copy of {0:?} was corrupt and has been removed; upload it again")]
+    Corrupt(BlobKey),
+}
+
+impl StoreError {
+    /// Wraps an I/O error with what was being done to which path.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// True when the disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::StorageFull || source.raw_os_error() == Some(libc::ENOSPC))
+    }
+}

@@ -1,0 +1,96 @@
+//! The memory tier: recently used small blobs as refcounted `Bytes`, with a byte budget and
+//! TinyLFU admission (moka), so a scan of cold blobs does not flush the hot set. It is a cache
+//! over the filesystem tier, never the only copy: anything evicted here is still on disk.
+
+use crate::digest::BlobKey;
+use bytes::Bytes;
+
+/// One shard's memory tier.
+pub struct MemoryTier {
+    cache: Option<moka::sync::Cache<BlobKey, Bytes>>,
+    max_blob: u64,
+}
+
+impl MemoryTier {
+    /// A tier holding at most `budget` bytes of blobs no larger than `max_blob`; a zero budget
+    /// disables it.
+    pub fn new(budget: u64, max_blob: u64) -> MemoryTier {
+        let cache = (budget > 0 && max_blob > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(budget)
+                .weigher(|_: &BlobKey, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX).max(1))
+                .build()
+        });
+        MemoryTier { cache, max_blob }
+    }
+
+    /// Whether a blob of `size` bytes may be kept here.
+    pub fn admits(&self, size: u64) -> bool {
+        self.cache.is_some() && size <= self.max_blob
+    }
+
+    /// The cached bytes of a blob.
+    pub fn get(&self, key: &BlobKey) -> Option<Bytes> {
+        self.cache.as_ref()?.get(key)
+    }
+
+    /// Offers a blob to the cache (TinyLFU may decline it).
+    pub fn insert(&self, key: BlobKey, data: Bytes) {
+        if let Some(cache) = &self.cache {
+            if data.len() as u64 <= self.max_blob {
+                cache.insert(key, data);
+            }
+        }
+    }
+
+    /// Drops a blob (it left the filesystem tier).
+    pub fn remove(&self, key: &BlobKey) {
+        if let Some(cache) = &self.cache {
+            cache.invalidate(key);
+        }
+    }
+
+    /// Approximate bytes held.
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| {
+            c.run_pending_tasks();
+            c.weighted_size()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::{Digest, DigestFunction, InstanceName};
+
+    fn key(n: u32) -> BlobKey {
+        BlobKey::new(
+            InstanceName::default_instance(),
+            Digest::of(DigestFunction::Blake3, &n.to_le_bytes()),
+        )
+    }
+
+    #[test]
+    fn respects_budget_and_blob_limit() {
+        let tier = MemoryTier::new(10_000, 1_000);
+        assert!(!tier.admits(1_001));
+        tier.insert(key(0), Bytes::from(vec![0u8; 2_000]));
+        assert!(tier.get(&key(0)).is_none(), "over the per-blob limit");
+        for n in 1..100 {
+            tier.insert(key(n), Bytes::from(vec![0u8; 500]));
+        }
+        assert!(tier.weighted_size() <= 10_000, "{}", tier.weighted_size());
+        tier.insert(key(500), Bytes::from_static(b"x"));
+        tier.remove(&key(500));
+        assert!(tier.get(&key(500)).is_none());
+    }
+
+    #[test]
+    fn zero_budget_disables() {
+        let tier = MemoryTier::new(0, 1_000);
+        assert!(!tier.admits(1));
+        tier.insert(key(1), Bytes::from_static(b"x"));
+        assert!(tier.get(&key(1)).is_none());
+    }
+}

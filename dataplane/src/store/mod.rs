@@ -1,0 +1,26 @@
+//! The content-addressable store of the data plane: a memory tier over a filesystem tier,
+//! partitioned by digest across shards.
+//!
+//! - [`CasClient`] routes each request to the owner shard of the digest.
+//! - [`owner::Owner`] holds a shard's [`index`], [`memory`] tier and upload table, and is the
+//!   only code that renames blobs into or deletes them from its part of the tree.
+//! - Writers hash while they stream into a temp file ([`blob_io::TempWriter`]) and commit by
+//!   rename only after the digest matched ([`upload`]): a blob is never visible unverified.
+//! - [`scan`] rebuilds the indexes at start-up in access-time order.
+
+pub mod accounting;
+pub mod blob_io;
+mod client;
+pub(crate) mod commands;
+mod error;
+pub mod index;
+pub mod layout;
+pub mod memory;
+pub mod owner;
+pub mod parked;
+pub mod scan;
+pub mod upload;
+
+pub use client::{CasClient, ShardQueues};
+pub use commands::{Committed, Found, ShardStats, UploadClaim, UploadStatus};
+pub use error::StoreError;

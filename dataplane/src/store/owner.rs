@@ -1,0 +1,487 @@
+//! The owner shard: the index, memory tier, eviction and upload table for its part of the
+//! digest space. It runs as one task on its core and handles commands one at a time, so every
+//! rename into and unlink out of its part of the CAS is ordered without locks. Work that waits
+//! on I/O (reading a small blob, syncing a directory) runs in spawned tasks.
+
+use super::accounting::Accounting;
+use super::blob_io;
+use super::client::CasClient;
+use super::commands::{Command, Committed, Found, ShardStats, UploadClaim, UploadStatus};
+use super::index::{BlobIndex, Entry};
+use super::layout::Layout;
+use super::memory::MemoryTier;
+use super::parked::{Claim, ParkedUpload, UploadTable};
+use super::StoreError;
+use crate::digest::{BlobKey, Hasher};
+use crate::runtime::Runtime;
+use crate::shutdown::ShutdownWatch;
+use futures::future::{select, Either};
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::{debug, error, info, warn};
+
+/// How an owner shard behaves; from the `[storage]` configuration.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// fsync blobs and directories before acknowledging.
+    pub fsync: bool,
+    /// Write access times to disk at most this often per blob.
+    pub atime_resolution_secs: u64,
+    /// Parked uploads are dropped after this long.
+    pub upload_expiry: Duration,
+    /// Parked uploads kept per shard.
+    pub max_parked: usize,
+    /// Memory-tier budget of this shard.
+    pub memory_budget: u64,
+    /// Largest blob in the memory tier.
+    pub memory_max_blob: u64,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One owner shard's state.
+pub struct Owner {
+    shard: usize,
+    runtime: Rc<dyn Runtime>,
+    layout: Layout,
+    settings: StoreSettings,
+    index: RefCell<BlobIndex>,
+    memory: MemoryTier,
+    uploads: RefCell<UploadTable>,
+    accounting: Arc<Accounting>,
+    cas: CasClient,
+    known_dirs: RefCell<HashSet<PathBuf>>,
+    pending_atimes: RefCell<Vec<BlobKey>>,
+}
+
+impl Owner {
+    /// Builds shard `shard` from the blobs the start-up scan found for it (oldest first).
+    pub fn new(
+        shard: usize,
+        runtime: Rc<dyn Runtime>,
+        layout: Layout,
+        settings: StoreSettings,
+        scanned: Vec<(BlobKey, Entry)>,
+        accounting: Arc<Accounting>,
+        cas: CasClient,
+    ) -> Rc<Owner> {
+        let mut index = BlobIndex::new();
+        for (key, entry) in scanned {
+            index.insert(key, entry);
+        }
+        accounting.add(shard, index.bytes());
+        accounting.set_oldest(shard, index.oldest_atime());
+        Rc::new(Owner {
+            shard,
+            runtime,
+            layout,
+            memory: MemoryTier::new(settings.memory_budget, settings.memory_max_blob),
+            uploads: RefCell::new(UploadTable::new(
+                settings.max_parked,
+                settings.upload_expiry,
+            )),
+            settings,
+            index: RefCell::new(index),
+            accounting,
+            cas,
+            known_dirs: RefCell::new(HashSet::new()),
+            pending_atimes: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Serves commands until `stop` fires, then drops parked uploads and flushes access times.
+    pub(crate) async fn run(
+        self: Rc<Self>,
+        queue: async_channel::Receiver<Command>,
+        stop: ShutdownWatch,
+    ) {
+        let maintenance = {
+            let owner = self.clone();
+            let stop = stop.clone();
+            async move { owner.maintain(stop).await }
+        };
+        self.runtime.spawn(Box::pin(maintenance));
+        // Evict right away if the store came up over its (possibly lowered) cap.
+        self.maybe_evict();
+        let mut stopping = Box::pin(stop.wait());
+        while let Either::Left((Ok(command), _)) =
+            select(Box::pin(queue.recv()), stopping.as_mut()).await
+        {
+            self.handle(command);
+        }
+        queue.close();
+        for parked in self.uploads.borrow_mut().drain_parked() {
+            let _ = std::fs::remove_file(&parked.temp);
+        }
+        self.flush_atimes(usize::MAX);
+        debug!(shard = self.shard, "owner stopped");
+    }
+
+    fn handle(self: &Rc<Self>, command: Command) {
+        match command {
+            Command::FindMissing { keys, reply } => {
+                let now = now_secs();
+                let present = keys.iter().map(|k| self.touch(k, now).is_some()).collect();
+                let _ = reply.send(present);
+            }
+            Command::Lookup {
+                key,
+                inline_up_to,
+                reply,
+            } => self.lookup(key, inline_up_to, reply),
+            Command::Commit {
+                key,
+                temp,
+                data,
+                reply,
+            } => self.commit(key, temp, data, reply),
+            Command::Verified { key } => {
+                if let Some(e) = self.index.borrow_mut().peek_mut(&key) {
+                    e.verified = true;
+                }
+            }
+            Command::Corrupt { key } => self.remove_corrupt(&key),
+            Command::ClaimUpload {
+                upload_key,
+                key,
+                progress,
+                reply,
+            } => {
+                let claim = if self.touch(&key, now_secs()).is_some() {
+                    UploadClaim::Present
+                } else {
+                    match self.uploads.borrow_mut().claim(&upload_key, progress) {
+                        Claim::Fresh => UploadClaim::Fresh,
+                        Claim::Resume(p) => UploadClaim::Resume(p),
+                        Claim::Busy => UploadClaim::Busy,
+                    }
+                };
+                let _ = reply.send(claim);
+            }
+            Command::ReleaseUpload { upload_key, park } => {
+                let dropped = self.uploads.borrow_mut().release(&upload_key, park);
+                remove_temps(dropped);
+            }
+            Command::QueryUpload {
+                upload_key,
+                key,
+                reply,
+            } => {
+                let status = if self.index.borrow().peek(&key).is_some() {
+                    UploadStatus::Complete
+                } else {
+                    match self.uploads.borrow().committed(&upload_key) {
+                        Some(n) => UploadStatus::Partial(n),
+                        None => UploadStatus::Unknown,
+                    }
+                };
+                let _ = reply.send(status);
+            }
+            Command::Evict { bytes } => {
+                // If this shard ran dry before the request was met, the next oldest shard goes on.
+                if self.evict(bytes) > 0 {
+                    self.maybe_evict();
+                }
+            }
+            Command::Stats { reply } => {
+                let index = self.index.borrow();
+                let (active, parked) = self.uploads.borrow().counts();
+                let _ = reply.send(ShardStats {
+                    blobs: index.len() as u64,
+                    bytes: index.bytes(),
+                    memory_bytes: self.memory.weighted_size(),
+                    active_uploads: active as u64,
+                    parked_uploads: parked as u64,
+                });
+            }
+        }
+    }
+
+    /// Marks a blob used; schedules its access time for disk when it is stale there.
+    fn touch(&self, key: &BlobKey, now: u64) -> Option<Entry> {
+        let mut index = self.index.borrow_mut();
+        let entry = index.touch(key, now)?;
+        if entry.atime >= entry.persisted_atime + self.settings.atime_resolution_secs {
+            entry.persisted_atime = entry.atime;
+            self.pending_atimes.borrow_mut().push(key.clone());
+        }
+        let copy = *entry;
+        drop(index);
+        self.publish_oldest();
+        Some(copy)
+    }
+
+    fn publish_oldest(&self) {
+        self.accounting
+            .set_oldest(self.shard, self.index.borrow().oldest_atime());
+    }
+
+    fn lookup(
+        self: &Rc<Self>,
+        key: BlobKey,
+        inline_up_to: u64,
+        reply: super::commands::Reply<Result<Found, StoreError>>,
+    ) {
+        let Some(entry) = self.touch(&key, now_secs()) else {
+            let _ = reply.send(Ok(Found::Missing));
+            return;
+        };
+        if let Some(data) = self.memory.get(&key) {
+            let _ = reply.send(Ok(Found::Bytes(data)));
+            return;
+        }
+        let path = self.layout.blob_path(&key);
+        if entry.size > inline_up_to {
+            let _ = reply.send(Ok(Found::File {
+                path,
+                size: entry.size,
+                verified: entry.verified,
+            }));
+            return;
+        }
+        // Small blob: read it here, check it if it came from an earlier run, keep it in memory.
+        let owner = self.clone();
+        self.runtime.spawn(Box::pin(async move {
+            let result = match blob_io::read_all(&*owner.runtime, &path, entry.size).await {
+                Ok(data) => {
+                    let good = entry.verified || Hasher::hash(key.digest.function, &data) == key.digest.hash;
+                    if good {
+                        if !entry.verified {
+                            if let Some(e) = owner.index.borrow_mut().peek_mut(&key) {
+                                e.verified = true;
+                            }
+                        }
+                        if owner.memory.admits(entry.size) {
+                            owner.memory.insert(key.clone(), data.clone());
+                        }
+                        Ok(Found::Bytes(data))
+                    } else {
+                        owner.remove_corrupt(&key);
+                        Ok(Found::Missing)
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    // Deleted or truncated behind our back: the index must not claim it.
+                    warn!(blob = ?key, error = %e, "blob file missing or short; dropping it from the index");
+                    owner.remove_corrupt(&key);
+                    Ok(Found::Missing)
+                }
+                Err(e) => Err(StoreError::io("read", path, e)),
+            };
+            let _ = reply.send(result);
+        }));
+    }
+
+    fn commit(
+        self: &Rc<Self>,
+        key: BlobKey,
+        temp: PathBuf,
+        data: Option<bytes::Bytes>,
+        reply: super::commands::Reply<Result<Committed, StoreError>>,
+    ) {
+        if self.touch(&key, now_secs()).is_some() {
+            let _ = std::fs::remove_file(&temp);
+            let _ = reply.send(Ok(Committed::AlreadyPresent));
+            return;
+        }
+        let size = key.digest.size;
+        if size > self.accounting.cap() {
+            let _ = std::fs::remove_file(&temp);
+            let _ = reply.send(Err(StoreError::TooLarge {
+                size,
+                cap: self.accounting.cap(),
+            }));
+            return;
+        }
+        let dir = self.layout.blob_dir(&key);
+        let path = self.layout.blob_path(&key);
+        let created = match self.ensure_dir(&key, &dir) {
+            Ok(created) => created,
+            Err(e) => {
+                let _ = std::fs::remove_file(&temp);
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if let Err(e) = std::fs::rename(&temp, &path) {
+            let _ = std::fs::remove_file(&temp);
+            let _ = reply.send(Err(StoreError::io("rename into", path, e)));
+            return;
+        }
+        self.index
+            .borrow_mut()
+            .insert(key.clone(), Entry::fresh(size, now_secs()));
+        self.accounting.add(self.shard, size);
+        self.publish_oldest();
+        if let Some(data) = data {
+            if self.memory.admits(size) {
+                self.memory.insert(key, data);
+            }
+        }
+        self.maybe_evict();
+        if !self.settings.fsync {
+            let _ = reply.send(Ok(Committed::Stored));
+            return;
+        }
+        let runtime = self.runtime.clone();
+        let cas_root = self.layout.tree_dir().to_path_buf();
+        self.runtime.spawn(Box::pin(async move {
+            // The rename is durable once its directory is synced; a directory created for it
+            // must itself be durable in its parent.
+            let mut result = runtime
+                .sync_dir(&dir)
+                .await
+                .map_err(|e| StoreError::io("sync", &dir, e));
+            for created_dir in created {
+                if result.is_err() {
+                    break;
+                }
+                if let Some(parent) = created_dir.parent().filter(|p| p.starts_with(&cas_root)) {
+                    result = runtime
+                        .sync_dir(parent)
+                        .await
+                        .map_err(|e| StoreError::io("sync", parent, e));
+                }
+            }
+            let _ = reply.send(result.map(|()| Committed::Stored));
+        }));
+    }
+
+    /// Creates a blob's directory if this shard has not seen it yet.
+    fn ensure_dir(&self, key: &BlobKey, dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        if self.known_dirs.borrow().contains(dir) {
+            return Ok(Vec::new());
+        }
+        let created = self
+            .layout
+            .ensure_blob_dir(key)
+            .map_err(|e| StoreError::io("create directory for", dir, e))?;
+        self.known_dirs.borrow_mut().insert(dir.to_path_buf());
+        Ok(created)
+    }
+
+    fn remove_corrupt(&self, key: &BlobKey) {
+        let removed = self.index.borrow_mut().remove(key);
+        if let Some(entry) = removed {
+            error!(blob = ?key, "stored blob does not hash to its digest; removed it");
+            self.accounting.remove(self.shard, entry.size);
+            self.memory.remove(key);
+            let _ = std::fs::remove_file(self.layout.blob_path(key));
+            self.publish_oldest();
+        }
+    }
+
+    /// If the store is over its cap, asks the shard with the oldest blob to evict.
+    fn maybe_evict(self: &Rc<Self>) {
+        while let Some((shard, bytes)) = self.accounting.claim_eviction() {
+            if shard == self.shard {
+                if self.evict(bytes) == 0 {
+                    warn!(
+                        shard = self.shard,
+                        "CAS over capacity, and every blob left on this shard is pinned"
+                    );
+                    break;
+                }
+                continue;
+            }
+            if let Err(sender) = self.cas.request_eviction(shard, bytes) {
+                // That shard's queue is full: deliver the request without blocking this loop.
+                let accounting = self.accounting.clone();
+                self.runtime.spawn(Box::pin(async move {
+                    if sender.send(Command::Evict { bytes }).await.is_err() {
+                        accounting.eviction_done(bytes);
+                    }
+                }));
+            }
+        }
+    }
+
+    /// Evicts least recently used, unpinned blobs until `bytes` are freed or none are left;
+    /// releases the claim and returns the bytes freed.
+    fn evict(&self, bytes: u64) -> u64 {
+        let mut freed = 0u64;
+        let mut count = 0u64;
+        while freed < bytes {
+            let Some((key, entry)) = self.index.borrow_mut().pop_oldest_unpinned() else {
+                break;
+            };
+            let path = self.layout.blob_path(&key);
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(path = %path.display(), error = %e, "cannot delete evicted blob");
+                }
+            }
+            self.memory.remove(&key);
+            self.accounting.remove(self.shard, entry.size);
+            freed += entry.size;
+            count += 1;
+        }
+        self.publish_oldest();
+        self.accounting.eviction_done(bytes);
+        if count > 0 {
+            debug!(shard = self.shard, blobs = count, bytes = freed, "evicted");
+        }
+        freed
+    }
+
+    /// Periodic work: expire parked uploads, write access times.
+    async fn maintain(self: Rc<Self>, stop: ShutdownWatch) {
+        let mut stopping = Box::pin(stop.wait());
+        loop {
+            match select(
+                self.runtime.sleep(Duration::from_secs(1)),
+                stopping.as_mut(),
+            )
+            .await
+            {
+                Either::Left(_) => {}
+                Either::Right(_) => return,
+            }
+            let expired = self.uploads.borrow_mut().expire(self.runtime.now());
+            if !expired.is_empty() {
+                info!(
+                    shard = self.shard,
+                    count = expired.len(),
+                    "dropping expired interrupted uploads"
+                );
+            }
+            remove_temps(expired);
+            self.flush_atimes(4096);
+        }
+    }
+
+    /// Writes up to `limit` pending access times to the blobs' files.
+    fn flush_atimes(&self, limit: usize) {
+        let keys: Vec<BlobKey> = {
+            let mut pending = self.pending_atimes.borrow_mut();
+            let n = pending.len().min(limit);
+            pending.drain(..n).collect()
+        };
+        for key in keys {
+            let atime = match self.index.borrow().peek(&key) {
+                Some(e) => e.atime,
+                None => continue,
+            };
+            let path = self.layout.blob_path(&key);
+            let t = filetime::FileTime::from_unix_time(atime as i64, 0);
+            if let Err(e) = filetime::set_file_atime(&path, t) {
+                debug!(path = %path.display(), error = %e, "cannot record access time");
+            }
+        }
+    }
+}
+
+fn remove_temps(uploads: Vec<ParkedUpload>) {
+    for p in uploads {
+        let _ = std::fs::remove_file(&p.temp);
+    }
+}

@@ -1,0 +1,91 @@
+//! `kiln serve`: open the store, start the control plane and the data plane, wait for SIGTERM
+//! or SIGINT, then stop accepting, let in-flight calls finish (up to the grace period) and exit.
+
+use crate::cli::ServeArgs;
+use anyhow::Context;
+use kiln_config::Config;
+use kiln_controlplane::ControlPlane;
+use kiln_dataplane::runtime::{Backend, GlommioBackend};
+use kiln_dataplane::server::{shard_count, DataPlane, OpenedStore};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Runs the server until a signal stops it.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    let data_dir = &config.storage.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let shards = shard_count(&config);
+    let store = OpenedStore::open(&config, shards)
+        .with_context(|| format!("cannot open the CAS in {}", data_dir.display()))?;
+    let scan = store.report().clone();
+    let control =
+        ControlPlane::start(&config, store.cas()).context("cannot start the control plane")?;
+    let backend: Arc<dyn Backend> = Arc::new(GlommioBackend);
+    let mut data = DataPlane::start(&config, store, backend, Some(control.handoff()))
+        .with_context(|| format!("cannot serve on {}", config.server.listen))?;
+    let (ac_entries, _) = control.action_cache_usage();
+    info!(
+        "kiln listening on {} ({} shards, {}); data in {} (CAS {} blobs, {} bytes, scanned in {:.2?}; action cache {} entries)",
+        data.local_addr(),
+        data.shards(),
+        data.backend(),
+        data_dir.display(),
+        scan.blobs,
+        scan.bytes,
+        scan.elapsed,
+        ac_entries,
+    );
+    if scan.removed > 0 {
+        warn!(
+            removed = scan.removed,
+            "deleted damaged blob files found at start-up"
+        );
+    }
+
+    control.runtime().block_on(wait_for_signal())?;
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    info!("shutting down: no new connections; waiting up to {grace:?} for in-flight calls");
+    let drained = data.begin_shutdown();
+    let clean = control
+        .runtime()
+        .block_on(async { tokio::time::timeout(grace, drained).await.is_ok() });
+    if !clean {
+        warn!("grace period over; closing the remaining connections");
+    }
+    data.finish_shutdown();
+    control.shutdown(Duration::from_secs(5));
+    info!("stopped");
+    Ok(())
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(dir) = &args.data_dir {
+        config.storage.data_dir = dir.clone();
+    }
+    if let Some(shards) = args.shards {
+        config.server.shards = shards;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}
