@@ -40,7 +40,7 @@ impl ControlPlane {
                 max_bytes: config.action_cache.max_bytes.as_u64(),
                 max_entry_bytes: config.action_cache.max_entry_bytes.as_u64(),
                 fsync: config.storage.fsync,
-                atime_resolution_secs: config.storage.access_time_resolution_secs,
+                atime_resolution: Duration::from_secs(config.storage.access_time_resolution_secs),
             },
         )?;
         let max_message = config.server.max_message_bytes.as_u64() as usize;

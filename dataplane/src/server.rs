@@ -100,7 +100,7 @@ impl DataPlane {
         let h2 = Http2Settings::from_config(&config.server);
         let store_settings = StoreSettings {
             fsync: config.storage.fsync,
-            atime_resolution_secs: config.storage.access_time_resolution_secs,
+            atime_resolution: Duration::from_secs(config.storage.access_time_resolution_secs),
             upload_expiry: Duration::from_secs(config.storage.upload_expiry_secs),
             max_parked: config.storage.max_parked_uploads,
             memory_budget: config.storage.memory_bytes.as_u64() / shards as u64,

@@ -48,3 +48,4 @@ pub mod google {
 /// REAPI v2, the package most code uses.
 pub use build::bazel::remote::execution::v2 as reapi;
 pub use google::bytestream;
+pub use google::longrunning;

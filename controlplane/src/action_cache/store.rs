@@ -5,9 +5,9 @@
 use crate::error::ControlError;
 use bytes::Bytes;
 use kiln_dataplane::digest::BlobKey;
+use kiln_dataplane::store::atime;
 use kiln_dataplane::store::index::{BlobIndex, Entry};
 use kiln_dataplane::store::layout::Layout;
-use kiln_dataplane::store::owner::now_secs;
 use kiln_dataplane::store::scan::{scan, ScanReport, TreeKind};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,8 +21,8 @@ pub struct AcSettings {
     pub max_entry_bytes: u64,
     /// Sync results (and their directory) before acknowledging.
     pub fsync: bool,
-    /// Access times are written to files at most this often (seconds).
-    pub atime_resolution_secs: u64,
+    /// Access times are written to files at most this often.
+    pub atime_resolution: std::time::Duration,
 }
 
 /// The durable action cache.
@@ -116,13 +116,17 @@ impl Inner {
     }
 
     fn get(&self, key: &BlobKey) -> Result<Option<Bytes>, ControlError> {
-        let now = now_secs();
+        let now = atime::now();
         let persist = {
             let mut index = self.lock();
             let Some(entry) = index.touch(key, now) else {
                 return Ok(None);
             };
-            let due = entry.atime >= entry.persisted_atime + self.settings.atime_resolution_secs;
+            let due = atime::due(
+                entry.atime,
+                entry.persisted_atime,
+                self.settings.atime_resolution,
+            );
             if due {
                 entry.persisted_atime = entry.atime;
             }
@@ -131,11 +135,8 @@ impl Inner {
         let path = self.layout.blob_path(key);
         match std::fs::read(&path) {
             Ok(data) => {
-                if let Some(atime) = persist {
-                    let _ = filetime::set_file_atime(
-                        &path,
-                        filetime::FileTime::from_unix_time(atime as i64, 0),
-                    );
+                if let Some(t) = persist {
+                    atime::persist(&path, t);
                 }
                 Ok(Some(Bytes::from(data)))
             }
@@ -165,7 +166,7 @@ impl Inner {
             let _ = std::fs::remove_file(&temp);
             return Err(ControlError::io("rename into", &path, e));
         }
-        index.insert(key, Entry::fresh(data.len() as u64, now_secs()));
+        index.insert(key, Entry::fresh(data.len() as u64, atime::now()));
         self.evict_over_cap(&mut index);
         drop(index);
         if self.settings.fsync {
@@ -217,7 +218,7 @@ mod tests {
             max_bytes,
             max_entry_bytes: 1 << 20,
             fsync: true,
-            atime_resolution_secs: 60,
+            atime_resolution: std::time::Duration::from_secs(60),
         }
     }
 

@@ -9,9 +9,9 @@ use lru::LruCache;
 pub struct Entry {
     /// Size in bytes (also in the key; kept here for accounting).
     pub size: u64,
-    /// Last access, seconds since the Unix epoch.
+    /// Last access, nanoseconds since the Unix epoch (see [`super::atime`]).
     pub atime: u64,
-    /// The access time last written to the file's metadata.
+    /// The access time last written to the file's metadata (nanoseconds).
     pub persisted_atime: u64,
     /// The file's content was hashed by this process (written here, or read and checked).
     /// Blobs found on disk at start-up are checked on first read.

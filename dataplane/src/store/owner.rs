@@ -4,6 +4,7 @@
 //! on I/O (reading a small blob, syncing a directory) runs in spawned tasks.
 
 use super::accounting::Accounting;
+use super::atime;
 use super::blob_io;
 use super::client::CasClient;
 use super::commands::{Command, Committed, Found, ShardStats, UploadClaim, UploadStatus};
@@ -21,7 +22,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tracing::{debug, error, info, warn};
 
 /// How an owner shard behaves; from the `[storage]` configuration.
@@ -30,7 +31,7 @@ pub struct StoreSettings {
     /// fsync blobs and directories before acknowledging.
     pub fsync: bool,
     /// Write access times to disk at most this often per blob.
-    pub atime_resolution_secs: u64,
+    pub atime_resolution: Duration,
     /// Parked uploads are dropped after this long.
     pub upload_expiry: Duration,
     /// Parked uploads kept per shard.
@@ -39,13 +40,6 @@ pub struct StoreSettings {
     pub memory_budget: u64,
     /// Largest blob in the memory tier.
     pub memory_max_blob: u64,
-}
-
-/// Seconds since the Unix epoch.
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// One owner shard's state.
@@ -129,7 +123,7 @@ impl Owner {
     fn handle(self: &Rc<Self>, command: Command) {
         match command {
             Command::FindMissing { keys, reply } => {
-                let now = now_secs();
+                let now = atime::now();
                 let present = keys.iter().map(|k| self.touch(k, now).is_some()).collect();
                 let _ = reply.send(present);
             }
@@ -156,7 +150,7 @@ impl Owner {
                 progress,
                 reply,
             } => {
-                let claim = if self.touch(&key, now_secs()).is_some() {
+                let claim = if self.touch(&key, atime::now()).is_some() {
                     UploadClaim::Present
                 } else {
                     match self.uploads.borrow_mut().claim(&upload_key, progress) {
@@ -210,7 +204,11 @@ impl Owner {
     fn touch(&self, key: &BlobKey, now: u64) -> Option<Entry> {
         let mut index = self.index.borrow_mut();
         let entry = index.touch(key, now)?;
-        if entry.atime >= entry.persisted_atime + self.settings.atime_resolution_secs {
+        if atime::due(
+            entry.atime,
+            entry.persisted_atime,
+            self.settings.atime_resolution,
+        ) {
             entry.persisted_atime = entry.atime;
             self.pending_atimes.borrow_mut().push(key.clone());
         }
@@ -231,7 +229,7 @@ impl Owner {
         inline_up_to: u64,
         reply: super::commands::Reply<Result<Found, StoreError>>,
     ) {
-        let Some(entry) = self.touch(&key, now_secs()) else {
+        let Some(entry) = self.touch(&key, atime::now()) else {
             let _ = reply.send(Ok(Found::Missing));
             return;
         };
@@ -288,7 +286,7 @@ impl Owner {
         data: Option<bytes::Bytes>,
         reply: super::commands::Reply<Result<Committed, StoreError>>,
     ) {
-        if self.touch(&key, now_secs()).is_some() {
+        if self.touch(&key, atime::now()).is_some() {
             let _ = std::fs::remove_file(&temp);
             let _ = reply.send(Ok(Committed::AlreadyPresent));
             return;
@@ -319,7 +317,7 @@ impl Owner {
         }
         self.index
             .borrow_mut()
-            .insert(key.clone(), Entry::fresh(size, now_secs()));
+            .insert(key.clone(), Entry::fresh(size, atime::now()));
         self.accounting.add(self.shard, size);
         self.publish_oldest();
         if let Some(data) = data {
@@ -471,11 +469,7 @@ impl Owner {
                 Some(e) => e.atime,
                 None => continue,
             };
-            let path = self.layout.blob_path(&key);
-            let t = filetime::FileTime::from_unix_time(atime as i64, 0);
-            if let Err(e) = filetime::set_file_atime(&path, t) {
-                debug!(path = %path.display(), error = %e, "cannot record access time");
-            }
+            atime::persist(&self.layout.blob_path(&key), atime);
         }
     }
 }

@@ -3,6 +3,7 @@
 //! scanned on several threads (a large CAS is mostly `stat` calls). Files whose size does not
 //! match their name (cut short by a crash) are deleted; the temp directory is emptied.
 
+use super::atime;
 use super::index::Entry;
 use super::layout::{parse_blob_file_name, Layout, INSTANCE_FILE};
 use crate::digest::{BlobKey, DigestFunction, InstanceName};
@@ -10,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tracing::warn;
 
 /// What the scan found.
@@ -187,9 +188,7 @@ fn scan_dir(
         let atime = meta
             .accessed()
             .or_else(|_| meta.modified())
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
+            .map_or(0, atime::from_system_time);
         let key = BlobKey::new(instance.clone(), digest);
         counts.blobs += 1;
         counts.bytes += meta.len();

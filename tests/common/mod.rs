@@ -1,0 +1,205 @@
+//! Shared harness for the integration tests: starts `kiln serve` as a real process on an
+//! ephemeral port with its own data directory, and offers small REAPI client helpers.
+//! Every process a test starts is killed (if still running) when its handle drops.
+
+#![allow(dead_code)]
+
+pub mod blobs;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long to wait for the server to come up or go down before failing the test.
+pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Polls `check` until it yields a value, failing the test after [`PROCESS_TIMEOUT`]. For
+/// state another process reaches on its own schedule (an upload noticed as interrupted).
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A running `kiln serve`.
+pub struct Kiln {
+    child: Option<Child>,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+    lines: mpsc::Receiver<String>,
+}
+
+/// Options for starting a server.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Extra TOML appended to a generated config file.
+    pub config: Option<String>,
+    /// Number of shards (default 2, so cross-shard paths are always exercised).
+    pub shards: Option<usize>,
+}
+
+impl Kiln {
+    /// Starts a server on `data_dir` with default options.
+    pub fn start(data_dir: &Path) -> Kiln {
+        Kiln::start_with(data_dir, Options::default())
+    }
+
+    /// Starts a server on `data_dir`.
+    pub fn start_with(data_dir: &Path, options: Options) -> Kiln {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--shards")
+            .arg(options.shards.unwrap_or(2).to_string());
+        if let Some(extra) = &options.config {
+            let path = data_dir.with_extension("toml");
+            std::fs::write(&path, extra).expect("write config");
+            cmd.arg("--config").arg(&path);
+        }
+        cmd.env("RUST_LOG", "info,kiln_dataplane=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn kiln");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    log.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let mut kiln = Kiln {
+            child: Some(child),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            data_dir: data_dir.to_path_buf(),
+            log,
+            lines,
+        };
+        let line = kiln.wait_for_log("kiln listening on ");
+        let addr = line
+            .split("kiln listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("address in the listening line");
+        kiln.addr = addr.parse().expect("socket address");
+        kiln
+    }
+
+    /// Waits until the server logs a line containing `needle` (fails the test after a timeout
+    /// or if the process exits first). Returns the line.
+    pub fn wait_for_log(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + PROCESS_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("kiln never logged {needle:?}; log:\n{}", self.log_text()),
+            }
+        }
+    }
+
+    /// Everything the server logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A gRPC channel to the server.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to kiln")
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        // SAFETY: kill(2) with a pid we own.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+
+    /// Waits for the process to exit (killing it and failing the test after a timeout).
+    pub fn wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id() as i32;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(PROCESS_TIMEOUT) {
+            Ok(status) => status.expect("wait for kiln"),
+            Err(_) => {
+                // SAFETY: kill(2) with a pid we own; the waiting thread reaps it.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+                panic!("kiln did not exit; log:\n{}", self.log_text());
+            }
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit, off the async runtime so that the test's own
+    /// client connections keep running (they must answer the server's GOAWAY and PING).
+    pub async fn stop(self) {
+        tokio::task::spawn_blocking(move || self.stop_blocking())
+            .await
+            .expect("stop kiln");
+    }
+
+    /// SIGTERM, then wait; asserts a clean exit.
+    pub fn stop_blocking(mut self) {
+        self.sigterm();
+        let status = self.wait();
+        assert!(
+            status.success(),
+            "kiln exited with {status}; log:\n{}",
+            self.log_text()
+        );
+        if std::env::var_os("KILN_TEST_LOG").is_some() {
+            eprintln!("{}", self.log_text());
+        }
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Restarts, crashes and signals: acknowledged data survives, eviction order survives, damaged
+//! files are never served, and SIGTERM lets in-flight uploads finish before a clean exit.
+
+mod common;
+
+use common::blobs::{self, digest, pseudo_random, read_name, write_name};
+use common::{eventually, Kiln, Options};
+use kiln_proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
+use kiln_proto::reapi::action_cache_client::ActionCacheClient;
+use kiln_proto::reapi::{self, digest_function::Value as Function};
+use std::path::{Path, PathBuf};
+use tonic::Code;
+
+fn blob_file(data_dir: &Path, d: &reapi::Digest) -> PathBuf {
+    data_dir
+        .join("cas/i_/sha256")
+        .join(&d.hash[..2])
+        .join(format!("{}-{}", d.hash, d.size_bytes))
+}
+
+async fn start(dir: &Path, options: Options) -> Kiln {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || Kiln::start_with(&dir, options))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn restart_keeps_blobs_and_action_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let f = Function::Sha256;
+    let small = pseudo_random(1, 1000);
+    let large = pseudo_random(2, 3 << 20);
+    let action = digest(f, b"action");
+    let result = reapi::ActionResult {
+        stdout_digest: Some(digest(f, &small)),
+        exit_code: 3,
+        ..Default::default()
+    };
+    {
+        let kiln = start(&data_dir, Options::default()).await;
+        let ch = kiln.channel().await;
+        for data in [&small, &large] {
+            blobs::write(&ch, &write_name("", f, &digest(f, data)), data, 1 << 16)
+                .await
+                .unwrap();
+        }
+        ActionCacheClient::new(ch.clone())
+            .update_action_result(reapi::UpdateActionResultRequest {
+                action_digest: Some(action.clone()),
+                action_result: Some(result.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        kiln.stop().await;
+    }
+    let kiln = start(&data_dir, Options::default()).await;
+    let ch = kiln.channel().await;
+    for data in [&small, &large] {
+        assert_eq!(
+            &blobs::read(&ch, &read_name("", f, &digest(f, data)), 0, 0)
+                .await
+                .unwrap(),
+            data
+        );
+    }
+    let got = ActionCacheClient::new(ch.clone())
+        .get_action_result(reapi::GetActionResultRequest {
+            action_digest: Some(action),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, result);
+    kiln.stop().await;
+}
+
+/// Eight 100 KiB blobs under a 1 MiB cap, the first one used again, a restart, then three more
+/// blobs: exactly the least recently used one (the second) must go.
+#[tokio::test]
+async fn eviction_order_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let options = Options {
+        config: Some("[storage]\ndisk_bytes = \"1 MiB\"\naccess_time_resolution_secs = 0\n".into()),
+        ..Options::default()
+    };
+    let f = Function::Sha256;
+    let blob = |n: u64| pseudo_random(100 + n, 100 << 10);
+    let digests: Vec<reapi::Digest> = (0..11).map(|n| digest(f, &blob(n))).collect();
+    {
+        let kiln = start(&data_dir, options.clone()).await;
+        let ch = kiln.channel().await;
+        for n in 0..8 {
+            blobs::write(
+                &ch,
+                &write_name("", f, &digests[n as usize]),
+                &blob(n),
+                1 << 16,
+            )
+            .await
+            .unwrap();
+        }
+        // Use blob 0 again: blob 1 becomes the least recently used.
+        assert!(blobs::find_missing(&ch, "", f, vec![digests[0].clone()])
+            .await
+            .is_empty());
+        kiln.stop().await;
+    }
+    let kiln = start(&data_dir, options).await;
+    let ch = kiln.channel().await;
+    for n in 8..11 {
+        blobs::write(
+            &ch,
+            &write_name("", f, &digests[n as usize]),
+            &blob(n),
+            1 << 16,
+        )
+        .await
+        .unwrap();
+    }
+    let missing = blobs::find_missing(&ch, "", f, digests.clone()).await;
+    assert_eq!(
+        missing,
+        vec![digests[1].clone()],
+        "only the least recently used blob is evicted"
+    );
+    assert!(!blob_file(&data_dir, &digests[1]).exists());
+    kiln.stop().await;
+}
+
+/// Bytes changed on disk behind the server's back are never served: a file of the wrong size
+/// is dropped at start-up, a file of the right size with wrong content on its first read.
+#[tokio::test]
+async fn damaged_files_are_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let f = Function::Sha256;
+    let blobs_data: Vec<Vec<u8>> = vec![
+        pseudo_random(5, 1000),
+        pseudo_random(6, 2 << 20),
+        pseudo_random(7, 5000),
+    ];
+    let digests: Vec<reapi::Digest> = blobs_data.iter().map(|b| digest(f, b)).collect();
+    {
+        let kiln = start(&data_dir, Options::default()).await;
+        let ch = kiln.channel().await;
+        for (d, data) in digests.iter().zip(&blobs_data) {
+            blobs::write(&ch, &write_name("", f, d), data, 1 << 16)
+                .await
+                .unwrap();
+        }
+        kiln.stop().await;
+    }
+    // Flip a byte in the first two; cut the third short.
+    for d in &digests[..2] {
+        let path = blob_file(&data_dir, d);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 0x55;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let path = blob_file(&data_dir, &digests[2]);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..10]).unwrap();
+
+    let kiln = start(&data_dir, Options::default()).await;
+    let ch = kiln.channel().await;
+    let missing = blobs::find_missing(&ch, "", f, digests.clone()).await;
+    assert_eq!(
+        missing,
+        vec![digests[2].clone()],
+        "the short file was dropped at start-up"
+    );
+    for d in &digests[..2] {
+        let err = blobs::read(&ch, &read_name("", f, d), 0, 0)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    }
+    let missing = blobs::find_missing(&ch, "", f, digests.clone()).await;
+    assert_eq!(
+        missing.len(),
+        3,
+        "damaged blobs are gone, so clients upload them again"
+    );
+    kiln.stop().await;
+}
+
+/// SIGTERM while an upload is half done: no new connections, the upload finishes and is
+/// acknowledged, the server exits 0, and the blob is there after a restart.
+#[tokio::test]
+async fn sigterm_lets_in_flight_uploads_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let f = Function::Blake3;
+    let data = pseudo_random(11, 8 << 20);
+    let d = digest(f, &data);
+    let name = write_name("", f, &d);
+    let mut kiln = start(&data_dir, Options::default()).await;
+    let ch = kiln.channel().await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(16);
+    let call = {
+        let mut client = blobs::bytestream(&ch);
+        tokio::spawn(async move {
+            client
+                .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        })
+    };
+    let requests = blobs::write_requests(&name, &data, 1 << 20, 0);
+    let (first, rest) = requests.split_at(4);
+    for r in first {
+        tx.send(r.clone()).await.unwrap();
+    }
+    eventually("the first half to arrive", || async {
+        let status = blobs::bytestream(&ch)
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name.clone(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        (status.committed_size == 4 << 20).then_some(())
+    })
+    .await;
+
+    kiln.sigterm();
+    let mut kiln = tokio::task::spawn_blocking(move || {
+        kiln.wait_for_log("shutting down");
+        kiln
+    })
+    .await
+    .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(kiln.addr).await.is_err(),
+        "no new connections once shutdown began"
+    );
+    for r in rest {
+        tx.send(r.clone()).await.unwrap();
+    }
+    let response = call.await.unwrap().unwrap().into_inner();
+    assert_eq!(response.committed_size, data.len() as i64);
+    drop(ch);
+    let status = tokio::task::spawn_blocking(move || kiln.wait())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    let kiln = start(&data_dir, Options::default()).await;
+    let ch = kiln.channel().await;
+    assert_eq!(
+        blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(),
+        data
+    );
+    kiln.stop().await;
+}
+
+/// kill -9 mid-upload: after a restart there is no trace of the partial blob.
+#[tokio::test]
+async fn crash_mid_upload_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let f = Function::Sha256;
+    let data = pseudo_random(12, 4 << 20);
+    let d = digest(f, &data);
+    let name = write_name("", f, &d);
+    {
+        let kiln = start(&data_dir, Options::default()).await;
+        let ch = kiln.channel().await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(16);
+        let mut client = blobs::bytestream(&ch);
+        let call = tokio::spawn(async move {
+            client
+                .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        for r in blobs::write_requests(&name, &data, 1 << 20, 0)
+            .into_iter()
+            .take(2)
+        {
+            tx.send(r).await.unwrap();
+        }
+        eventually("part of the upload to arrive", || async {
+            let status = blobs::bytestream(&ch)
+                .query_write_status(QueryWriteStatusRequest {
+                    resource_name: name.clone(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (status.committed_size == 2 << 20).then_some(())
+        })
+        .await;
+        drop(kiln); // SIGKILL
+        drop(tx);
+        let _ = call.await;
+    }
+    let kiln = start(&data_dir, Options::default()).await;
+    let ch = kiln.channel().await;
+    assert_eq!(
+        blobs::find_missing(&ch, "", f, vec![d.clone()]).await,
+        vec![d.clone()]
+    );
+    assert_eq!(
+        std::fs::read_dir(data_dir.join("tmp")).unwrap().count(),
+        0,
+        "temp files wiped"
+    );
+    assert_eq!(
+        blobs::read(&ch, &read_name("", f, &d), 0, 0)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    kiln.stop().await;
+}
