@@ -5,7 +5,7 @@ mod common;
 use common::blobs::{self, digest, pseudo_random, read_name, write_name};
 use common::{eventually, Kiln};
 use futures::StreamExt;
-use kiln_proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
+use kiln_proto::bytestream::WriteRequest;
 use kiln_proto::reapi::digest_function::Value as Function;
 use sha2::Digest as _;
 use tonic::Code;
@@ -134,48 +134,27 @@ async fn interrupted_upload_resumes_from_committed_size() {
     let half = 2 << 20;
 
     // Send the first half, then abandon the call (the client resets the stream).
-    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(64);
-    let client = blobs::bytestream(&ch);
-    let call = tokio::spawn(async move {
-        let mut client = client;
-        client
-            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let upload = blobs::open_upload(&ch);
     for r in blobs::write_requests(&name, &data[..half], 256 << 10, 0) {
-        tx.send(WriteRequest {
-            finish_write: false,
-            ..r
-        })
-        .await
-        .unwrap();
+        upload
+            .tx
+            .send(WriteRequest {
+                finish_write: false,
+                ..r
+            })
+            .await
+            .unwrap();
     }
-    let query = || {
-        let mut client = blobs::bytestream(&ch);
-        let name = name.clone();
-        async move {
-            client
-                .query_write_status(QueryWriteStatusRequest {
-                    resource_name: name,
-                })
-                .await
-        }
-    };
-    // The server reports bytes as it writes them; wait until the first half is in.
-    eventually("the first half to be committed", || async {
-        let committed = query().await.ok()?.into_inner().committed_size;
-        (committed == half as i64).then_some(())
-    })
-    .await;
-    call.abort();
-    drop(tx);
-    let _ = call.await;
+    blobs::wait_committed(&ch, &name, half).await;
+    upload.call.abort();
+    drop(upload.tx);
+    let _ = upload.call.await;
 
     // Resume; the server may not have noticed the reset yet (ABORTED: retry), as a client would.
     let resumed = eventually("the upload to be resumable", || async {
-        let status = query().await.unwrap().into_inner();
-        assert!(!status.complete);
-        let offset = status.committed_size as usize;
+        let (committed, complete) = blobs::query(&ch, &name).await.unwrap();
+        assert!(!complete);
+        let offset = committed as usize;
         let mut requests = blobs::write_requests("", &data, 1 << 20, offset);
         requests[0].resource_name = name.clone();
         match blobs::bytestream(&ch)
@@ -197,9 +176,10 @@ async fn interrupted_upload_resumes_from_committed_size() {
             .unwrap(),
         data
     );
-    let done = query().await.unwrap().into_inner();
-    assert!(done.complete);
-    assert_eq!(done.committed_size, data.len() as i64);
+    assert_eq!(
+        blobs::query(&ch, &name).await.unwrap(),
+        (data.len() as i64, true)
+    );
     kiln.stop().await;
 }
 
@@ -260,13 +240,6 @@ async fn disconnect_mid_upload_leaves_no_blob() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     // It was kept for resumption, at the offset where it stopped.
-    let status = blobs::bytestream(&ch)
-        .query_write_status(QueryWriteStatusRequest {
-            resource_name: name,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((status.committed_size, status.complete), (1000, false));
+    assert_eq!(blobs::query(&ch, &name).await.unwrap(), (1000, false));
     kiln.stop().await;
 }

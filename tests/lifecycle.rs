@@ -4,8 +4,7 @@
 mod common;
 
 use common::blobs::{self, digest, pseudo_random, read_name, write_name};
-use common::{eventually, Kiln, Options};
-use kiln_proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
+use common::{Kiln, Options};
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
 use kiln_proto::reapi::{self, digest_function::Value as Function};
 use std::path::{Path, PathBuf};
@@ -201,31 +200,13 @@ async fn sigterm_lets_in_flight_uploads_finish() {
     let name = write_name("", f, &d);
     let mut kiln = start(&data_dir, Options::default()).await;
     let ch = kiln.channel().await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(16);
-    let call = {
-        let mut client = blobs::bytestream(&ch);
-        tokio::spawn(async move {
-            client
-                .write(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        })
-    };
+    let upload = blobs::open_upload(&ch);
     let requests = blobs::write_requests(&name, &data, 1 << 20, 0);
     let (first, rest) = requests.split_at(4);
     for r in first {
-        tx.send(r.clone()).await.unwrap();
+        upload.tx.send(r.clone()).await.unwrap();
     }
-    eventually("the first half to arrive", || async {
-        let status = blobs::bytestream(&ch)
-            .query_write_status(QueryWriteStatusRequest {
-                resource_name: name.clone(),
-            })
-            .await
-            .ok()?
-            .into_inner();
-        (status.committed_size == 4 << 20).then_some(())
-    })
-    .await;
+    blobs::wait_committed(&ch, &name, 4 << 20).await;
 
     kiln.sigterm();
     let mut kiln = tokio::task::spawn_blocking(move || {
@@ -239,9 +220,9 @@ async fn sigterm_lets_in_flight_uploads_finish() {
         "no new connections once shutdown began"
     );
     for r in rest {
-        tx.send(r.clone()).await.unwrap();
+        upload.tx.send(r.clone()).await.unwrap();
     }
-    let response = call.await.unwrap().unwrap().into_inner();
+    let response = upload.call.await.unwrap().unwrap().into_inner();
     assert_eq!(response.committed_size, data.len() as i64);
     drop(ch);
     let status = tokio::task::spawn_blocking(move || kiln.wait())
@@ -270,33 +251,17 @@ async fn crash_mid_upload_leaves_nothing() {
     {
         let kiln = start(&data_dir, Options::default()).await;
         let ch = kiln.channel().await;
-        let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(16);
-        let mut client = blobs::bytestream(&ch);
-        let call = tokio::spawn(async move {
-            client
-                .write(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        });
+        let upload = blobs::open_upload(&ch);
         for r in blobs::write_requests(&name, &data, 1 << 20, 0)
             .into_iter()
             .take(2)
         {
-            tx.send(r).await.unwrap();
+            upload.tx.send(r).await.unwrap();
         }
-        eventually("part of the upload to arrive", || async {
-            let status = blobs::bytestream(&ch)
-                .query_write_status(QueryWriteStatusRequest {
-                    resource_name: name.clone(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (status.committed_size == 2 << 20).then_some(())
-        })
-        .await;
+        blobs::wait_committed(&ch, &name, 2 << 20).await;
         drop(kiln); // SIGKILL
-        drop(tx);
-        let _ = call.await;
+        drop(upload.tx);
+        let _ = upload.call.await;
     }
     let kiln = start(&data_dir, Options::default()).await;
     let ch = kiln.channel().await;

@@ -170,3 +170,43 @@ pub async fn find_missing(
         .into_inner()
         .missing_blob_digests
 }
+
+/// A `Write` call whose messages the test sends one at a time.
+pub struct OpenUpload {
+    /// Where the test sends messages; dropping it ends the request stream.
+    pub tx: tokio::sync::mpsc::Sender<WriteRequest>,
+    /// The call; abort it to reset the stream.
+    pub call: tokio::task::JoinHandle<Result<tonic::Response<WriteResponse>, tonic::Status>>,
+}
+
+/// Starts a `Write` call fed by the test.
+pub fn open_upload(channel: &Channel) -> OpenUpload {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut client = bytestream(channel);
+    let call = tokio::spawn(async move {
+        client
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    OpenUpload { tx, call }
+}
+
+/// `QueryWriteStatus`: (committed size, complete), or the error.
+pub async fn query(channel: &Channel, name: &str) -> Result<(i64, bool), tonic::Status> {
+    let r = bytestream(channel)
+        .query_write_status(kiln_proto::bytestream::QueryWriteStatusRequest {
+            resource_name: name.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok((r.committed_size, r.complete))
+}
+
+/// Waits until the server reports `size` bytes received for upload `name`.
+pub async fn wait_committed(channel: &Channel, name: &str, size: usize) {
+    super::eventually(&format!("{size} bytes of {name} to arrive"), || async {
+        let (committed, _) = query(channel, name).await.ok()?;
+        (committed == size as i64).then_some(())
+    })
+    .await
+}
