@@ -5,9 +5,8 @@ use crate::cli::ServeArgs;
 use anyhow::Context;
 use kiln_config::Config;
 use kiln_controlplane::ControlPlane;
-use kiln_dataplane::runtime::{Backend, GlommioBackend};
+use kiln_dataplane::runtime::backend_for;
 use kiln_dataplane::server::{shard_count, DataPlane, OpenedStore};
-use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -23,7 +22,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let scan = store.report().clone();
     let control =
         ControlPlane::start(&config, store.cas()).context("cannot start the control plane")?;
-    let backend: Arc<dyn Backend> = Arc::new(GlommioBackend);
+    let backend = backend_for(config.server.runtime);
     let mut data = DataPlane::start(&config, store, backend, Some(control.handoff()))
         .with_context(|| format!("cannot serve on {}", config.server.listen))?;
     let (ac_entries, _) = control.action_cache_usage();

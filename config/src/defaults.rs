@@ -10,10 +10,15 @@ pub(crate) fn listen() -> SocketAddr {
 
 /// The data directory: `$XDG_CACHE_HOME/kiln`, else `$HOME/.cache/kiln`, else `./kiln-data`.
 pub fn data_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+    data_dir_from(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))
+}
+
+/// [`data_dir`] for given values of `XDG_CACHE_HOME` and `HOME`.
+pub(crate) fn data_dir_from(xdg_cache_home: Option<std::ffi::OsString>, home: Option<std::ffi::OsString>) -> PathBuf {
+    if let Some(dir) = xdg_cache_home.filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("kiln");
     }
-    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+    if let Some(home) = home.filter(|d| !d.is_empty()) {
         return PathBuf::from(home).join(".cache").join("kiln");
     }
     PathBuf::from("kiln-data")

@@ -60,12 +60,37 @@ fn unknown_runtime_is_rejected() {
 }
 
 #[test]
-fn default_data_dir_follows_xdg() {
-    // Only reads the environment; the variable may or may not be set here.
-    let dir = defaults::data_dir();
-    assert!(
-        dir.ends_with("kiln") || dir.ends_with("kiln-data"),
-        "{}",
-        dir.display()
-    );
+fn default_data_dir_follows_xdg_then_home() {
+    use defaults::data_dir_from;
+    let some = |s: &str| Some(std::ffi::OsString::from(s));
+    assert_eq!(data_dir_from(some("/x/cache"), some("/home/u")), std::path::PathBuf::from("/x/cache/kiln"));
+    assert_eq!(data_dir_from(some(""), some("/home/u")), std::path::PathBuf::from("/home/u/.cache/kiln"));
+    assert_eq!(data_dir_from(None, None), std::path::PathBuf::from("kiln-data"));
+}
+
+#[test]
+fn every_toml_example_in_the_docs_parses() {
+    let doc = include_str!("../../docs/configuration.md");
+    let mut blocks = 0;
+    for block in doc.split("```toml").skip(1) {
+        let toml = block.split("```").next().unwrap_or("");
+        Config::from_toml(toml, "docs/configuration.md").unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        blocks += 1;
+    }
+    assert!(blocks > 0, "the configuration reference has an example");
+}
+
+#[test]
+fn every_option_is_documented() {
+    let doc = include_str!("../../docs/configuration.md");
+    let text = toml::to_string(&Config::default()).unwrap();
+    let mut section = String::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            assert!(doc.contains(&format!("`[{section}]`")), "section [{section}] undocumented");
+        } else if let Some((key, _)) = line.split_once(" = ") {
+            assert!(doc.contains(&format!("| `{key}` |")), "[{section}] {key} undocumented");
+        }
+    }
 }

@@ -94,6 +94,14 @@ pub trait Backend: Send + Sync {
     ) -> io::Result<std::thread::JoinHandle<()>>;
 }
 
+/// The backend a configuration asks for.
+pub fn backend_for(kind: kiln_config::RuntimeKind) -> std::sync::Arc<dyn Backend> {
+    match kind {
+        #[cfg(target_os = "linux")]
+        kiln_config::RuntimeKind::Glommio => std::sync::Arc::new(GlommioBackend),
+    }
+}
+
 /// Sets TCP_NODELAY and keep-alive on a stream: window updates must not wait on delayed ACKs,
 /// and a peer that vanished is noticed within a couple of minutes.
 pub fn tune_stream(socket: &socket2::SockRef<'_>) -> io::Result<()> {
