@@ -14,7 +14,10 @@ pub fn data_dir() -> PathBuf {
 }
 
 /// [`data_dir`] for given values of `XDG_CACHE_HOME` and `HOME`.
-pub(crate) fn data_dir_from(xdg_cache_home: Option<std::ffi::OsString>, home: Option<std::ffi::OsString>) -> PathBuf {
+pub(crate) fn data_dir_from(
+    xdg_cache_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> PathBuf {
     if let Some(dir) = xdg_cache_home.filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("kiln");
     }

@@ -63,9 +63,18 @@ fn unknown_runtime_is_rejected() {
 fn default_data_dir_follows_xdg_then_home() {
     use defaults::data_dir_from;
     let some = |s: &str| Some(std::ffi::OsString::from(s));
-    assert_eq!(data_dir_from(some("/x/cache"), some("/home/u")), std::path::PathBuf::from("/x/cache/kiln"));
-    assert_eq!(data_dir_from(some(""), some("/home/u")), std::path::PathBuf::from("/home/u/.cache/kiln"));
-    assert_eq!(data_dir_from(None, None), std::path::PathBuf::from("kiln-data"));
+    assert_eq!(
+        data_dir_from(some("/x/cache"), some("/home/u")),
+        std::path::PathBuf::from("/x/cache/kiln")
+    );
+    assert_eq!(
+        data_dir_from(some(""), some("/home/u")),
+        std::path::PathBuf::from("/home/u/.cache/kiln")
+    );
+    assert_eq!(
+        data_dir_from(None, None),
+        std::path::PathBuf::from("kiln-data")
+    );
 }
 
 #[test]
@@ -88,9 +97,15 @@ fn every_option_is_documented() {
     for line in text.lines() {
         if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             section = name.to_string();
-            assert!(doc.contains(&format!("`[{section}]`")), "section [{section}] undocumented");
+            assert!(
+                doc.contains(&format!("`[{section}]`")),
+                "section [{section}] undocumented"
+            );
         } else if let Some((key, _)) = line.split_once(" = ") {
-            assert!(doc.contains(&format!("| `{key}` |")), "[{section}] {key} undocumented");
+            assert!(
+                doc.contains(&format!("| `{key}` |")),
+                "[{section}] {key} undocumented"
+            );
         }
     }
 }

@@ -1,0 +1,144 @@
+//! The command line.
+
+use crate::size::SizeSpec;
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+
+/// A REAPI load generator: throughput and latency percentiles against any REAPI endpoint.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kiln-bench", version, about)]
+pub struct Args {
+    /// Scenario to run (omit with --compare).
+    #[arg(value_enum)]
+    pub scenario: Option<Scenario>,
+    /// The server, `grpc://HOST:PORT`.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// REAPI instance name.
+    #[arg(long, default_value = "")]
+    pub instance: String,
+    /// Digest function of the blobs and actions.
+    #[arg(long, value_enum, default_value = "sha256")]
+    pub digest_function: DigestFunction,
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Operations in flight at once (spread over the connections).
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Measure for this many seconds (default 10 unless --ops).
+    #[arg(long, conflicts_with = "ops")]
+    pub duration: Option<f64>,
+    /// Measure this many operations.
+    #[arg(long)]
+    pub ops: Option<u64>,
+    /// Seconds of load before measuring (default 1 with --duration, 0 with --ops).
+    #[arg(long)]
+    pub warmup: Option<f64>,
+    /// Open loop: start this many operations per second whatever the latency (default:
+    /// closed loop, each slot starts its next operation when the last one finishes).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Blob sizes: `4KiB`, `1GiB`, a range `4KiB-4MiB` (log-uniform), or `mix` (many under
+    /// 16 KiB, some MiB, a few of 100 MiB and more).
+    #[arg(long, default_value = "4KiB")]
+    pub size: SizeSpec,
+    /// Distinct blobs (or actions) to prepare (default: enough for the run).
+    #[arg(long)]
+    pub blobs: Option<usize>,
+    /// ByteStream write chunk size in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub chunk: usize,
+    /// Blobs per BatchUpdateBlobs/BatchReadBlobs call (`batch`), or input files per build
+    /// step (`mixed`).
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Digests per FindMissingBlobs call.
+    #[arg(long, default_value_t = 1000)]
+    pub digests_per_call: usize,
+    /// Fraction of FindMissingBlobs digests that are present.
+    #[arg(long, default_value_t = 0.5)]
+    pub present_fraction: f64,
+    /// Fraction of GetActionResult calls that should hit (`action-cache`, `mixed`).
+    #[arg(long, default_value_t = 0.8)]
+    pub hit_fraction: f64,
+    /// Synthetic tree depth (`get-tree`).
+    #[arg(long, default_value_t = 4)]
+    pub depth: u32,
+    /// Subdirectories per directory (`get-tree`).
+    #[arg(long, default_value_t = 4)]
+    pub fanout: u32,
+    /// Files per directory (`get-tree`).
+    #[arg(long, default_value_t = 8)]
+    pub files: u32,
+    /// GetTree page size (0: the server's choice).
+    #[arg(long, default_value_t = 0)]
+    pub page_size: i32,
+    /// Milliseconds each `execute` action sleeps (0: a no-op).
+    #[arg(long, default_value_t = 0)]
+    pub sleep_ms: u64,
+    /// Name of this run in reports (default: the endpoint).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Write the results as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Compare result files side by side (ratios against the first).
+    #[arg(long, num_args = 2.., value_name = "FILE.json")]
+    pub compare: Vec<PathBuf>,
+    /// Draw the latency distributions of this run (or of the compared runs) as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// ByteStream uploads of new blobs.
+    Write,
+    /// ByteStream downloads (of blobs uploaded first), verified against their digests.
+    Read,
+    /// BatchUpdateBlobs then BatchReadBlobs of small blobs.
+    Batch,
+    /// FindMissingBlobs with a chosen fraction present.
+    FindMissing,
+    /// GetActionResult hits and misses, and UpdateActionResult.
+    ActionCache,
+    /// GetTree over a synthetic tree.
+    GetTree,
+    /// Execute of no-op or sleeping actions.
+    Execute,
+    /// A Bazel-like build step: FindMissing, upload, GetActionResult, Execute or update, read.
+    Mixed,
+    /// Raw loopback TCP (no server needed): the machine's ceiling, for scale.
+    Tcp,
+}
+
+impl Scenario {
+    /// The scenario's name as typed.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Write => "write",
+            Scenario::Read => "read",
+            Scenario::Batch => "batch",
+            Scenario::FindMissing => "find-missing",
+            Scenario::ActionCache => "action-cache",
+            Scenario::GetTree => "get-tree",
+            Scenario::Execute => "execute",
+            Scenario::Mixed => "mixed",
+            Scenario::Tcp => "tcp",
+        }
+    }
+}
+
+/// The digest function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DigestFunction {
+    /// SHA-256.
+    Sha256,
+    /// BLAKE3.
+    Blake3,
+}

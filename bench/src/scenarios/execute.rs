@@ -1,0 +1,144 @@
+//! `execute`: Execute of no-op (or sleeping) actions, each unique so none is cached; skipped
+//! when the server does not execute.
+
+use super::{timed, Ctx, Prepared};
+use crate::blobs;
+use crate::load::Workload;
+use crate::stats::{code_name, Sample};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use kiln_proto::longrunning::operation;
+use kiln_proto::reapi::{self, Action, Command, ExecuteResponse};
+use prost::Message;
+use std::sync::Arc;
+
+struct ExecuteLoad {
+    ctx: Arc<Ctx>,
+    command: reapi::Digest,
+    nonce: String,
+}
+
+pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
+    if !ctx.exec_enabled() {
+        return Ok(Prepared::Skip(
+            "the server does not execute actions (exec_enabled is false)".into(),
+        ));
+    }
+    let script = if ctx.args.sleep_ms == 0 {
+        "exit 0".to_string()
+    } else {
+        format!("sleep {:.3}", ctx.args.sleep_ms as f64 / 1000.0)
+    };
+    let command = Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), script],
+        ..Default::default()
+    };
+    let command = upload_message(&ctx, &command).await?;
+    Ok(Prepared::Run(Arc::new(ExecuteLoad {
+        ctx,
+        command,
+        nonce: uuid::Uuid::new_v4().to_string(),
+    })))
+}
+
+/// Uploads a message as a blob and returns its digest.
+pub(super) async fn upload_message(
+    ctx: &Ctx,
+    message: &impl Message,
+) -> anyhow::Result<reapi::Digest> {
+    let bytes = message.encode_to_vec();
+    let digest = blobs::digest_of(ctx.function, &[&bytes]);
+    let response = ctx
+        .cas()
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            instance_name: ctx.args.instance.clone(),
+            requests: vec![reapi::batch_update_blobs_request::Request {
+                digest: Some(digest.clone()),
+                data: bytes.into(),
+                compressor: 0,
+            }],
+            digest_function: ctx.proto_function(),
+        })
+        .await?
+        .into_inner();
+    if let Some(s) = response
+        .responses
+        .iter()
+        .find_map(|r| r.status.as_ref().filter(|s| s.code != 0))
+    {
+        anyhow::bail!("server refused a blob: {}", s.message);
+    }
+    Ok(digest)
+}
+
+/// Runs an action with Execute to completion; the error is a code name.
+pub(super) async fn execute(
+    ctx: &Ctx,
+    action: &reapi::Digest,
+    skip_cache_lookup: bool,
+) -> Result<ExecuteResponse, String> {
+    let mut stream = ctx
+        .execution()
+        .execute(reapi::ExecuteRequest {
+            instance_name: ctx.args.instance.clone(),
+            skip_cache_lookup,
+            action_digest: Some(action.clone()),
+            digest_function: ctx.proto_function(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| code_name(s.code()))?
+        .into_inner();
+    while let Some(op) = stream.next().await {
+        let op = op.map_err(|s| code_name(s.code()))?;
+        if !op.done {
+            continue;
+        }
+        return match op.result {
+            Some(operation::Result::Response(any)) => {
+                let response = ExecuteResponse::decode(any.value.as_slice())
+                    .map_err(|_| "BAD_RESPONSE".to_string())?;
+                match response.status.as_ref().filter(|s| s.code != 0) {
+                    Some(s) => Err(code_name(tonic::Code::from_i32(s.code))),
+                    None => Ok(response),
+                }
+            }
+            Some(operation::Result::Error(s)) => Err(code_name(tonic::Code::from_i32(s.code))),
+            None => Err("BAD_RESPONSE".into()),
+        };
+    }
+    Err("STREAM_ENDED".into())
+}
+
+impl Workload for ExecuteLoad {
+    fn run(self: Arc<Self>, index: u64) -> BoxFuture<'static, Vec<Sample>> {
+        Box::pin(async move {
+            let action = Action {
+                command_digest: Some(self.command.clone()),
+                input_root_digest: Some(blobs::digest_of(self.ctx.function, &[])),
+                salt: format!("{} {index}", self.nonce).into_bytes().into(),
+                do_not_cache: true,
+                ..Default::default()
+            };
+            let digest = match upload_message(&self.ctx, &action).await {
+                Ok(d) => d,
+                Err(_) => {
+                    return vec![Sample::failed(
+                        "execute",
+                        Default::default(),
+                        "UPLOAD_FAILED",
+                    )]
+                }
+            };
+            let (result, latency) = timed(execute(&self.ctx, &digest, true)).await;
+            let sample = match result {
+                Ok(r) if r.result.as_ref().is_some_and(|a| a.exit_code == 0) => {
+                    Sample::ok("execute", latency, 0)
+                }
+                Ok(_) => Sample::failed("execute", latency, "NONZERO_EXIT"),
+                Err(code) => Sample::failed("execute", latency, code),
+            };
+            vec![sample]
+        })
+    }
+}

@@ -1,0 +1,47 @@
+//! `read`: ByteStream downloads of blobs uploaded before the measured phase, each verified
+//! against its digest.
+
+use super::{read_sample, read_verified, timed, Ctx, Prepared};
+use crate::blobs::BlobPool;
+use crate::load::Workload;
+use crate::stats::Sample;
+use futures::future::BoxFuture;
+use kiln_proto::reapi;
+use std::sync::Arc;
+
+struct ReadLoad {
+    ctx: Arc<Ctx>,
+    blobs: Vec<reapi::Digest>,
+}
+
+pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
+    let n = ctx.args.blobs.unwrap_or_else(|| {
+        let mean = (0..1000).map(|i| ctx.args.size.sample(i)).sum::<u64>() / 1000;
+        ((2u64 << 30) / mean.max(1)).clamp(1, 1000) as usize
+    });
+    let pool = BlobPool::new(ctx.args.size.max());
+    let sizes: Vec<(u64, u64)> = (0..n as u64)
+        .map(|i| (i, ctx.args.size.sample(i)))
+        .collect();
+    let digests = pool.digests(ctx.function, &sizes);
+    let items: Vec<_> = sizes
+        .iter()
+        .zip(&digests)
+        .map(|((id, size), d)| (*id, *size, d.clone()))
+        .collect();
+    ctx.upload(&pool, &items).await?;
+    Ok(Prepared::Run(Arc::new(ReadLoad {
+        ctx,
+        blobs: digests,
+    })))
+}
+
+impl Workload for ReadLoad {
+    fn run(self: Arc<Self>, index: u64) -> BoxFuture<'static, Vec<Sample>> {
+        Box::pin(async move {
+            let d = &self.blobs[index as usize % self.blobs.len()];
+            let (result, latency) = timed(read_verified(&self.ctx, d)).await;
+            vec![read_sample("read", latency, d, result)]
+        })
+    }
+}
