@@ -240,7 +240,11 @@ mod tests {
         let b = pool.digest(DigestFunction::Blake3, 2, 3 << 20);
         assert_ne!(a, b);
         let requests = pool.write_requests("n", 1, 3 << 20, 1 << 20);
-        assert_eq!(requests.len(), 3, "1 MiB messages, the header inside the first");
+        assert_eq!(
+            requests.len(),
+            3,
+            "1 MiB messages, the header inside the first"
+        );
         assert!(requests.last().unwrap().finish_write);
         let mut joined = Vec::new();
         for r in &requests {

@@ -9,6 +9,7 @@
 #[cfg(target_os = "linux")]
 mod glommio;
 mod listener;
+pub(crate) mod sys;
 
 #[cfg(target_os = "linux")]
 pub use self::glommio::GlommioBackend;

@@ -4,8 +4,11 @@
 //! on every filesystem a build server uses (ZFS, ext4, XFS, tmpfs), keeps hot blobs in the page
 //! cache, and avoids glommio's polled-I/O probe that misfires on some virtual disks.
 
+mod conn;
+
 use super::{Backend, BoxConnection, File, Listener, LocalBoxFuture, Runtime, ShardMain};
 use bytes::Bytes;
+use conn::Conn;
 use glommio::io::{BufferedFile, OpenOptions};
 use glommio::net::{TcpListener, TcpStream};
 use std::io;
@@ -14,7 +17,6 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 /// Registered-buffer memory per executor. glommio only uses it for O_DIRECT files, which Kiln
 /// does not; kept small so many executors fit under an unprivileged 8 MiB memlock limit.
@@ -91,7 +93,7 @@ impl Runtime for GlommioRuntime {
         Box::pin(async move {
             let stream = TcpStream::connect(addr).await.map_err(io_err)?;
             tune(&stream)?;
-            Ok(Box::pin(stream.compat()) as BoxConnection)
+            Ok(Box::pin(Conn(stream)) as BoxConnection)
         })
     }
 
@@ -155,7 +157,7 @@ impl Listener for GlommioListener {
             let stream = self.0.accept().await.map_err(io_err)?;
             let peer = stream.peer_addr()?;
             tune(&stream)?;
-            Ok((Box::pin(stream.compat()) as BoxConnection, peer))
+            Ok((Box::pin(Conn(stream)) as BoxConnection, peer))
         })
     }
 }
