@@ -35,4 +35,7 @@ pub struct ServeArgs {
     /// Number of data-plane shards; default one per core (overrides server.shards).
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
+    /// Address of the admin listener: metrics, health, status page (overrides admin.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
 }

@@ -4,11 +4,13 @@
 use crate::cli::ServeArgs;
 use anyhow::Context;
 use kiln_config::Config;
+use kiln_controlplane::admin::ServerInfo;
 use kiln_controlplane::ControlPlane;
+use kiln_dataplane::metrics::Metrics;
 use kiln_dataplane::runtime::backend_for;
 use kiln_dataplane::server::{shard_count, DataPlane, OpenedStore};
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Runs the server until a signal stops it.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -17,7 +19,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let shards = shard_count(&config);
-    let store = OpenedStore::open(&config, shards)
+    let metrics = Metrics::new();
+    let store = OpenedStore::open(&config, shards, metrics)
         .with_context(|| format!("cannot open the CAS in {}", data_dir.display()))?;
     let scan = store.report().clone();
     let control =
@@ -25,12 +28,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let backend = backend_for(config.server.runtime);
     let mut data = DataPlane::start(&config, store, backend, Some(control.handoff()))
         .with_context(|| format!("cannot serve on {}", config.server.listen))?;
+    let admin = start_admin(&config, &control, &data);
+    control.set_ready(true);
     let (ac_entries, _) = control.action_cache_usage();
     info!(
-        "kiln listening on {} ({} shards, {}); data in {} (CAS {} blobs, {} bytes, scanned in {:.2?}; action cache {} entries)",
+        "kiln listening on {} ({} shards, {}); admin on {}; data in {} (CAS {} blobs, {} bytes, scanned in {:.2?}; action cache {} entries)",
         data.local_addr(),
         data.shards(),
         data.backend(),
+        admin,
         data_dir.display(),
         scan.blobs,
         scan.bytes,
@@ -47,6 +53,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     control.runtime().block_on(wait_for_signal())?;
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     info!("shutting down: no new connections; waiting up to {grace:?} for in-flight calls");
+    control.set_ready(false);
     let drained = data.begin_shutdown();
     let clean = control
         .runtime()
@@ -58,6 +65,29 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     control.shutdown(Duration::from_secs(5));
     info!("stopped");
     Ok(())
+}
+
+/// Starts the admin listener; a failure is logged, not fatal: builds must keep working even
+/// when something else (a Prometheus server, say) already holds the admin port.
+fn start_admin(config: &Config, control: &ControlPlane, data: &DataPlane) -> String {
+    if !config.admin.enabled {
+        return "(disabled)".into();
+    }
+    let info = ServerInfo {
+        grpc_addr: data.local_addr(),
+        shards: data.shards(),
+        backend: data.backend().to_string(),
+        data_dir: config.storage.data_dir.display().to_string(),
+        cas_capacity: config.storage.disk_bytes.as_u64(),
+        memory_capacity: config.storage.memory_bytes.as_u64(),
+    };
+    match control.start_admin(config.admin.listen, info) {
+        Ok(addr) => format!("http://{addr}"),
+        Err(e) => {
+            error!(listen = %config.admin.listen, error = %e, "cannot start the admin listener (metrics, status page); serving without it");
+            "(unavailable)".into()
+        }
+    }
 }
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -73,6 +103,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(shards) = args.shards {
         config.server.shards = shards;
+    }
+    if let Some(admin) = args.admin_listen {
+        config.admin.listen = admin;
     }
     config.validate()?;
     Ok(config)

@@ -10,30 +10,9 @@ use std::process::Command;
 
 const BAZEL: &str = "/usr/bin/bazel-4";
 
-/// Installs bazel-bootstrap when it is missing (CI runs as root); fails with a clear message
-/// when that is impossible rather than skipping.
-fn ensure_bazel() {
-    if Path::new(BAZEL).exists() {
-        return;
-    }
-    let status = Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "bazel-bootstrap",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status();
-    assert!(
-        Path::new(BAZEL).exists(),
-        "{BAZEL} is missing and `apt-get install bazel-bootstrap` failed ({status:?}); install it to run this test"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bazel_second_clean_build_is_all_remote_cache_hits() {
-    ensure_bazel();
+    common::ensure_debian_package(BAZEL, "bazel-bootstrap");
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let kiln = tokio::task::spawn_blocking(move || Kiln::start(&data_dir))

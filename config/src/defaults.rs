@@ -27,6 +27,10 @@ pub(crate) fn data_dir_from(
     PathBuf::from("kiln-data")
 }
 
+pub(crate) fn admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+
 pub(crate) fn max_message_bytes() -> ByteSize {
     ByteSize::mib(16)
 }

@@ -9,7 +9,8 @@ mod types;
 
 pub use error::ConfigError;
 pub use types::{
-    ActionCacheConfig, Config, ControlPlaneConfig, RuntimeKind, ServerConfig, StorageConfig,
+    ActionCacheConfig, AdminConfig, Config, ControlPlaneConfig, RuntimeKind, ServerConfig,
+    StorageConfig,
 };
 
 use std::path::Path;

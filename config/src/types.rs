@@ -18,6 +18,8 @@ pub struct Config {
     pub action_cache: ActionCacheConfig,
     /// The control plane's tokio runtime.
     pub control_plane: ControlPlaneConfig,
+    /// The admin HTTP listener: metrics, health, status page.
+    pub admin: AdminConfig,
 }
 
 /// Which executor runs the data plane's shards.
@@ -149,6 +151,25 @@ impl Default for ControlPlaneConfig {
         ControlPlaneConfig {
             threads: d::control_plane_threads(),
             handoff_queue_depth: d::handoff_queue_depth(),
+        }
+    }
+}
+
+/// The admin listener: Prometheus `/metrics`, `/healthz`, `/readyz` and the `/status` page.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin endpoints at all.
+    pub enabled: bool,
+    /// Where (plain HTTP; keep it on a trusted network).
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: d::yes(),
+            listen: d::admin_listen(),
         }
     }
 }

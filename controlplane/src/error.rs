@@ -23,9 +23,12 @@ pub enum ControlError {
         #[source]
         source: DigestError,
     },
-    /// The entry is not there (or not complete).
+    /// The entry is not there.
     #[error("{0}")]
     NotFound(String),
+    /// The entry is there but references blobs the CAS no longer holds: served as a miss.
+    #[error("{0}")]
+    Incomplete(String),
     /// A value over a configured limit.
     #[error("{what} of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -64,7 +67,7 @@ impl ControlError {
             | ControlError::MissingField(_)
             | ControlError::FieldDigest { .. }
             | ControlError::TooLarge { .. } => Code::InvalidArgument,
-            ControlError::NotFound(_) => Code::NotFound,
+            ControlError::NotFound(_) | ControlError::Incomplete(_) => Code::NotFound,
             ControlError::Store(StoreError::Unavailable) => Code::Unavailable,
             ControlError::Store(e) if e.is_disk_full() => Code::ResourceExhausted,
             ControlError::Store(_) => Code::Internal,

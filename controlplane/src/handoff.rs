@@ -6,7 +6,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use kiln_dataplane::grpc::{send_with_capacity, ForwardedCall};
+use kiln_dataplane::metrics::CallRecorder;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::service::Routes;
 use tower::Service;
@@ -23,15 +25,18 @@ async fn serve_one(mut routes: Routes, call: ForwardedCall) {
     let ForwardedCall {
         request,
         mut respond,
+        recorder,
     } = call;
+    let recorder = recorder.map(Arc::new);
     let (parts, body) = request.into_parts();
-    let request = http::Request::from_parts(parts, H2Body(body));
+    let request = http::Request::from_parts(parts, H2Body(body, recorder.clone()));
     let response = match routes.call(request).await {
         Ok(response) => response,
         Err(never) => match never {},
     };
     let (parts, mut body) = response.into_parts();
     let end = body.is_end_stream();
+    record_status(&recorder, &parts.headers);
     let Ok(mut stream) = respond.send_response(http::Response::from_parts(parts, ()), end) else {
         return;
     };
@@ -44,18 +49,24 @@ async fn serve_one(mut routes: Routes, call: ForwardedCall) {
             Err(status) => {
                 let mut trailers = http::HeaderMap::new();
                 let _ = status.add_header(&mut trailers);
+                record_status(&recorder, &trailers);
                 let _ = stream.send_trailers(trailers);
                 return;
             }
         };
         match frame.into_data() {
             Ok(data) => {
+                let len = data.len();
                 if send_with_capacity(&mut stream, data).await.is_err() {
                     return;
+                }
+                if let Some(r) = &recorder {
+                    r.sent(len);
                 }
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
+                    record_status(&recorder, &trailers);
                     let _ = stream.send_trailers(trailers);
                     return;
                 }
@@ -65,8 +76,20 @@ async fn serve_one(mut routes: Routes, call: ForwardedCall) {
     let _ = stream.send_data(Bytes::new(), true);
 }
 
+/// Notes the call's gRPC status from response headers or trailers.
+fn record_status(recorder: &Option<Arc<CallRecorder>>, headers: &http::HeaderMap) {
+    if let (Some(r), Some(code)) = (recorder, headers.get("grpc-status")) {
+        let code = code
+            .to_str()
+            .ok()
+            .and_then(|c| c.parse::<i32>().ok())
+            .unwrap_or(2);
+        r.finish(tonic::Code::from_i32(code));
+    }
+}
+
 /// An h2 request body as an `http_body::Body`, releasing flow-control capacity as it is read.
-struct H2Body(h2::RecvStream);
+struct H2Body(h2::RecvStream, Option<Arc<CallRecorder>>);
 
 impl Body for H2Body {
     type Data = Bytes;
@@ -79,6 +102,9 @@ impl Body for H2Body {
         match self.0.poll_data(cx) {
             Poll::Ready(Some(Ok(data))) => {
                 let _ = self.0.flow_control().release_capacity(data.len());
+                if let Some(r) = &self.1 {
+                    r.received(data.len());
+                }
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),

@@ -3,12 +3,15 @@
 //! calls over in-process ([`handoff`]), so clients see one endpoint.
 
 pub mod action_cache;
+pub mod admin;
 pub mod capabilities;
 pub mod error;
 pub mod handoff;
+pub mod metrics;
 
 use action_cache::completeness::CheckLimits;
 use action_cache::{AcSettings, AcStore, ActionCacheService};
+use admin::ServerInfo;
 use capabilities::{Advertised, CapabilitiesService};
 use kiln_config::Config;
 use kiln_dataplane::grpc::{ForwardedCall, HandoffSender};
@@ -16,11 +19,18 @@ use kiln_dataplane::store::scan::ScanReport;
 use kiln_dataplane::store::CasClient;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
+use metrics::ControlMetrics;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A running control plane.
 pub struct ControlPlane {
     runtime: tokio::runtime::Runtime,
+    cas: CasClient,
+    control_metrics: Arc<ControlMetrics>,
+    ready: Arc<AtomicBool>,
     handoff: async_channel::Sender<ForwardedCall>,
     ac_report: ScanReport,
     action_cache: AcStore,
@@ -29,6 +39,7 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Opens the action cache and starts the services on a new tokio runtime.
     pub fn start(config: &Config, cas: CasClient) -> std::io::Result<ControlPlane> {
+        let control_metrics = ControlMetrics::new();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.control_plane.threads)
             .thread_name("kiln-control")
@@ -51,12 +62,13 @@ impl ControlPlane {
         });
         let ac_service = ActionCacheService::new(
             action_cache.clone(),
-            cas,
+            cas.clone(),
             config.action_cache.completeness_check,
             CheckLimits {
                 max_tree_bytes: config.server.max_message_bytes.as_u64().max(64 << 20),
                 max_directories: 100_000,
             },
+            control_metrics.clone(),
         );
         let routes = tonic::service::Routes::new(
             CapabilitiesServer::new(capabilities)
@@ -73,6 +85,9 @@ impl ControlPlane {
         runtime.spawn(handoff::serve(routes, queue));
         Ok(ControlPlane {
             runtime,
+            cas,
+            control_metrics,
+            ready: Arc::new(AtomicBool::new(false)),
             handoff,
             ac_report,
             action_cache,
@@ -97,6 +112,24 @@ impl ControlPlane {
     /// Entries and bytes in the action cache.
     pub fn action_cache_usage(&self) -> (usize, u64) {
         self.action_cache.usage()
+    }
+
+    /// Starts the admin listener; returns where it listens.
+    pub fn start_admin(&self, listen: SocketAddr, info: ServerInfo) -> std::io::Result<SocketAddr> {
+        self.runtime.block_on(admin::start(
+            listen,
+            info,
+            self.ready.clone(),
+            self.cas.metrics().clone(),
+            self.control_metrics.clone(),
+            self.cas.clone(),
+            self.action_cache.clone(),
+        ))
+    }
+
+    /// What `/readyz` reports.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
     }
 
     /// Stops taking calls and waits (bounded) for running tasks.

@@ -8,6 +8,7 @@
 
 pub mod digest;
 pub mod grpc;
+pub mod metrics;
 pub mod resource;
 pub mod runtime;
 pub mod server;

@@ -4,6 +4,7 @@
 //! owners.
 
 use crate::grpc::{serve_connection, CallHandler, HandoffSender, Http2Settings};
+use crate::metrics::Metrics;
 use crate::runtime::{bind_reuseport_group, Backend, Runtime};
 use crate::service::{BlobLimits, BlobServices};
 use crate::shutdown::{Drain, Shutdown, ShutdownWatch};
@@ -41,9 +42,9 @@ pub struct OpenedStore {
 
 impl OpenedStore {
     /// Creates the data directory if needed and indexes what is on disk.
-    pub fn open(config: &Config, shards: usize) -> io::Result<OpenedStore> {
+    pub fn open(config: &Config, shards: usize, metrics: Arc<Metrics>) -> io::Result<OpenedStore> {
         let layout = Layout::cas(&config.storage.data_dir);
-        let (cas, queues) = CasClient::new(shards, config.server.shard_queue_depth);
+        let (cas, queues) = CasClient::new(shards, config.server.shard_queue_depth, metrics);
         let threads = shards.clamp(1, 16);
         let (entries, report) = scan(&layout, TreeKind::Blobs, shards, threads, |key| {
             cas.owner_of(&key.digest)
@@ -133,7 +134,7 @@ impl DataPlane {
                 socket,
                 accounting: accounting.clone(),
                 layout: layout.clone(),
-                cas: cas.clone(),
+                cas: cas.for_shard(index),
                 store_settings: store_settings.clone(),
                 limits: limits.clone(),
                 h2: h2.clone(),
@@ -295,6 +296,7 @@ impl ShardSpec {
             }
         };
         let _ = ready.send(Ok(()));
+        let metrics = cas.metrics().clone();
         let services: Rc<dyn CallHandler> =
             BlobServices::new(runtime.clone(), cas, layout, limits, handoff);
         let h2 = Rc::new(h2);
@@ -311,6 +313,7 @@ impl ShardSpec {
                         h2.clone(),
                         services.clone(),
                         shutdown.clone(),
+                        metrics.clone(),
                     );
                     runtime.spawn(Box::pin(async move {
                         serve.await;

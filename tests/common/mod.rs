@@ -34,11 +34,30 @@ where
     }
 }
 
+/// Makes sure a program from a Debian package is installed, installing the package when it is
+/// missing (CI runs as root). Fails the test with a clear message when that is impossible:
+/// a test that needs a real tool never silently skips.
+pub fn ensure_debian_package(program: &str, package: &str) {
+    if Path::new(program).exists() {
+        return;
+    }
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    assert!(
+        Path::new(program).exists(),
+        "{program} is missing and `apt-get install {package}` failed ({status:?}); install it to run this test"
+    );
+}
+
 /// A running `kiln serve`.
 pub struct Kiln {
     child: Option<Child>,
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// The admin listener, `http://HOST:PORT`.
+    pub admin: String,
     /// Its data directory.
     pub data_dir: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
@@ -69,7 +88,9 @@ impl Kiln {
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--shards")
-            .arg(options.shards.unwrap_or(2).to_string());
+            .arg(options.shards.unwrap_or(2).to_string())
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0");
         if let Some(extra) = &options.config {
             let path = data_dir.with_extension("toml");
             std::fs::write(&path, extra).expect("write config");
@@ -96,6 +117,7 @@ impl Kiln {
         let mut kiln = Kiln {
             child: Some(child),
             addr: "127.0.0.1:0".parse().unwrap(),
+            admin: String::new(),
             data_dir: data_dir.to_path_buf(),
             log,
             lines,
@@ -107,6 +129,12 @@ impl Kiln {
             .and_then(|rest| rest.split_whitespace().next())
             .expect("address in the listening line");
         kiln.addr = addr.parse().expect("socket address");
+        kiln.admin = line
+            .split("admin on ")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .unwrap_or_default()
+            .to_string();
         kiln
     }
 

@@ -3,16 +3,19 @@
 use super::completeness::{self, CheckLimits, Incomplete};
 use super::AcStore;
 use crate::error::ControlError;
+use crate::metrics::ControlMetrics;
 use kiln_dataplane::digest::{BlobKey, Digest, InstanceName};
 use kiln_dataplane::store::CasClient;
 use kiln_proto::reapi::action_cache_server::ActionCache;
 use kiln_proto::reapi::{self, ActionResult, GetActionResultRequest, UpdateActionResultRequest};
 use prost::Message;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::{debug, debug_span, Instrument};
 
 /// The ActionCache service.
 pub struct ActionCacheService {
+    metrics: Arc<ControlMetrics>,
     store: AcStore,
     cas: CasClient,
     completeness: bool,
@@ -26,8 +29,10 @@ impl ActionCacheService {
         cas: CasClient,
         completeness: bool,
         limits: CheckLimits,
+        metrics: Arc<ControlMetrics>,
     ) -> ActionCacheService {
         ActionCacheService {
+            metrics,
             store,
             cas,
             completeness,
@@ -62,7 +67,7 @@ impl ActionCacheService {
                 None => {}
                 Some(Incomplete::Missing(blobs)) => {
                     debug!(action = ?digest, missing = blobs.len(), "action result incomplete; reporting a miss");
-                    return Err(ControlError::NotFound(format!(
+                    return Err(ControlError::Incomplete(format!(
                         "action result for {digest:?} references {} blob(s) no longer in the CAS, e.g. {:?}",
                         blobs.len(),
                         blobs[0]
@@ -130,7 +135,17 @@ impl ActionCache for ActionCacheService {
     ) -> Result<Response<ActionResult>, Status> {
         let request = request.into_inner();
         let span = debug_span!("GetActionResult", instance = %request.instance_name);
-        Ok(Response::new(self.get(request).instrument(span).await?))
+        let result = self.get(request).instrument(span).await;
+        self.metrics.ac(
+            "get",
+            match &result {
+                Ok(_) => "hit",
+                Err(ControlError::Incomplete(_)) => "incomplete",
+                Err(ControlError::NotFound(_)) => "miss",
+                Err(_) => "error",
+            },
+        );
+        Ok(Response::new(result?))
     }
 
     async fn update_action_result(
@@ -139,6 +154,9 @@ impl ActionCache for ActionCacheService {
     ) -> Result<Response<ActionResult>, Status> {
         let request = request.into_inner();
         let span = debug_span!("UpdateActionResult", instance = %request.instance_name);
-        Ok(Response::new(self.update(request).instrument(span).await?))
+        let result = self.update(request).instrument(span).await;
+        self.metrics
+            .ac("update", if result.is_ok() { "ok" } else { "error" });
+        Ok(Response::new(result?))
     }
 }

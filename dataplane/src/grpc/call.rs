@@ -2,11 +2,13 @@
 //! with HTTP/2 flow control honoured in both directions.
 
 use super::codec::{FrameError, MessageDecoder};
+use crate::metrics::CallRecorder;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{HeaderMap, HeaderValue, Response};
 use std::future::poll_fn;
+use std::rc::Rc;
 use tonic::Status;
 
 /// Why reading the request stopped.
@@ -46,15 +48,17 @@ pub struct RequestBody {
     body: RecvStream,
     decoder: MessageDecoder,
     ended: bool,
+    recorder: Option<Rc<CallRecorder>>,
 }
 
 impl RequestBody {
     /// Wraps an h2 body; messages over `limit` bytes are refused.
-    pub fn new(body: RecvStream, limit: usize) -> RequestBody {
+    pub fn new(body: RecvStream, limit: usize, recorder: Option<Rc<CallRecorder>>) -> RequestBody {
         RequestBody {
             body,
             decoder: MessageDecoder::new(limit),
             ended: false,
+            recorder,
         }
     }
 
@@ -73,6 +77,9 @@ impl RequestBody {
                     // Received bytes are now ours: let the peer send more. Memory stays bounded
                     // by one message plus the stream window, since we pull only when we need.
                     let _ = self.body.flow_control().release_capacity(chunk.len());
+                    if let Some(r) = &self.recorder {
+                        r.received(chunk.len());
+                    }
                     self.decoder.push(chunk);
                 }
                 Some(Err(e)) => return Err(RecvError::Gone(e)),
@@ -111,6 +118,7 @@ impl RequestBody {
 pub struct Responder {
     respond: SendResponse<Bytes>,
     stream: Option<SendStream<Bytes>>,
+    recorder: Option<Rc<CallRecorder>>,
 }
 
 fn grpc_headers() -> Response<()> {
@@ -124,10 +132,11 @@ fn grpc_headers() -> Response<()> {
 
 impl Responder {
     /// Wraps an h2 response handle.
-    pub fn new(respond: SendResponse<Bytes>) -> Responder {
+    pub fn new(respond: SendResponse<Bytes>, recorder: Option<Rc<CallRecorder>>) -> Responder {
         Responder {
             respond,
             stream: None,
+            recorder,
         }
     }
 
@@ -142,6 +151,9 @@ impl Responder {
         };
         for part in parts {
             send_with_capacity(stream, part.clone()).await?;
+            if let Some(r) = &self.recorder {
+                r.sent(part.len());
+            }
         }
         Ok(())
     }
@@ -157,6 +169,9 @@ impl Responder {
             Ok(()) => Status::ok(""),
             Err(status) => status,
         };
+        if let Some(r) = &self.recorder {
+            r.finish(status.code());
+        }
         let mut trailers = HeaderMap::new();
         if status.add_header(&mut trailers).is_err() {
             trailers.insert("grpc-status", HeaderValue::from_static("13"));
@@ -174,12 +189,15 @@ impl Responder {
     }
 
     /// The raw h2 handle, for a call handed over before any response was sent.
-    pub fn into_raw(self) -> SendResponse<Bytes> {
-        self.respond
+    pub fn into_raw(self) -> (SendResponse<Bytes>, Option<Rc<CallRecorder>>) {
+        (self.respond, self.recorder)
     }
 
     /// Answers with a plain HTTP status (for requests that are not gRPC at all).
     pub fn reject_http(mut self, status: http::StatusCode) {
+        if let Some(r) = &self.recorder {
+            r.finish(tonic::Code::Unknown);
+        }
         let mut response = Response::new(());
         *response.status_mut() = status;
         let _ = self.respond.send_response(response, true);

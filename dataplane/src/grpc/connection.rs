@@ -4,12 +4,14 @@
 
 use super::call::Responder;
 use super::{Call, CallHandler};
+use crate::metrics::Metrics;
 use crate::runtime::{BoxConnection, Runtime};
 use crate::shutdown::ShutdownWatch;
 use futures::future::{select, Either};
 use kiln_config::ServerConfig;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use tracing::{debug, Instrument};
 
 /// HTTP/2 settings derived from the server configuration.
@@ -48,7 +50,11 @@ pub async fn serve_connection(
     settings: Rc<Http2Settings>,
     handler: Rc<dyn CallHandler>,
     shutdown: ShutdownWatch,
+    metrics: Arc<Metrics>,
 ) {
+    metrics.connections_total.inc();
+    metrics.connections_open.inc();
+    let _open = OpenConnection(metrics.clone());
     let span = tracing::debug_span!("connection", %peer);
     async move {
         let handshake = h2::server::Builder::new()
@@ -89,12 +95,15 @@ pub async fn serve_connection(
             };
             match next {
                 Some(Ok((request, respond))) => {
+                    let recorder = metrics.call(request.uri().path());
                     let handler = handler.clone();
                     let settings = settings.clone();
                     let call_span = tracing::debug_span!("call", path = %request.uri().path());
                     runtime.spawn(Box::pin(
                         async move {
-                            if let Some(call) = Call::new(request, respond, settings.max_message) {
+                            if let Some(call) =
+                                Call::new(request, respond, settings.max_message, Some(recorder))
+                            {
                                 handler.handle(call).await;
                             }
                         }
@@ -113,6 +122,15 @@ pub async fn serve_connection(
     }
     .instrument(span)
     .await
+}
+
+/// Keeps the open-connections gauge right however the connection ends.
+struct OpenConnection(Arc<Metrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.dec();
+    }
 }
 
 /// Checks that a request is a gRPC call at all; answers it when it is not.

@@ -11,6 +11,8 @@ pub struct ForwardedCall {
     pub request: http::Request<h2::RecvStream>,
     /// Where the control plane writes the response.
     pub respond: h2::server::SendResponse<Bytes>,
+    /// Counts the call (status, bytes, latency) when dropped.
+    pub recorder: Option<crate::metrics::CallRecorder>,
 }
 
 /// The data plane's end of the hand-over channel (bounded by `control_plane.handoff_queue_depth`).

@@ -14,6 +14,7 @@ pub use call::{send_with_capacity, RecvError, RequestBody, Responder};
 pub use connection::{serve_connection, Http2Settings};
 pub use handoff::{ForwardedCall, HandoffSender};
 
+use crate::metrics::CallRecorder;
 use crate::runtime::LocalBoxFuture;
 use std::rc::Rc;
 
@@ -24,6 +25,7 @@ pub struct Call {
     /// Where the response goes.
     pub responder: Responder,
     max_message: usize,
+    recorder: Option<Rc<CallRecorder>>,
 }
 
 impl Call {
@@ -32,12 +34,15 @@ impl Call {
         request: http::Request<h2::RecvStream>,
         respond: h2::server::SendResponse<bytes::Bytes>,
         max_message: usize,
+        recorder: Option<CallRecorder>,
     ) -> Option<Call> {
-        let responder = connection::validate(&request, Responder::new(respond))?;
+        let recorder = recorder.map(Rc::new);
+        let responder = connection::validate(&request, Responder::new(respond, recorder.clone()))?;
         Some(Call {
             request,
             responder,
             max_message,
+            recorder,
         })
     }
 
@@ -48,15 +53,19 @@ impl Call {
 
     /// Hands the untouched call over, for the control plane to serve.
     pub fn into_forwarded(self) -> ForwardedCall {
+        let (respond, responder_recorder) = self.responder.into_raw();
+        drop(responder_recorder);
         ForwardedCall {
             request: self.request,
-            respond: self.responder.into_raw(),
+            respond,
+            // The control plane finishes the count (status, bytes) when it is done.
+            recorder: self.recorder.and_then(|r| Rc::try_unwrap(r).ok()),
         }
     }
 
     /// Splits the call into its message reader and responder.
     pub fn into_parts(self) -> (RequestBody, Responder) {
-        let body = RequestBody::new(self.request.into_body(), self.max_message);
+        let body = RequestBody::new(self.request.into_body(), self.max_message, self.recorder);
         (body, self.responder)
     }
 }

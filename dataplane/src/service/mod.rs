@@ -86,9 +86,9 @@ impl BlobServices {
             return;
         };
         if let Err(async_channel::SendError(call)) = handoff.send(call.into_forwarded()).await {
-            Responder::new(call.respond).finish(Err(tonic::Status::unavailable(
-                "the control plane is shutting down",
-            )));
+            Responder::new(call.respond, call.recorder.map(std::rc::Rc::new)).finish(Err(
+                tonic::Status::unavailable("the control plane is shutting down"),
+            ));
         }
     }
 }

@@ -5,6 +5,7 @@ use super::commands::{Command, Committed, Found, ShardStats, UploadClaim, Upload
 use super::parked::ParkedUpload;
 use super::StoreError;
 use crate::digest::{BlobKey, Digest};
+use crate::metrics::Metrics;
 use bytes::Bytes;
 use futures::channel::oneshot;
 use std::path::PathBuf;
@@ -15,6 +16,9 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct CasClient {
     shards: Arc<[async_channel::Sender<Command>]>,
+    metrics: Arc<Metrics>,
+    /// The shard this handle is used on (`None`: the control plane), for counting.
+    home: Option<usize>,
 }
 
 /// The receiving ends of the shard queues, one per shard, handed to the shards at start.
@@ -22,16 +26,39 @@ pub struct ShardQueues(pub(crate) Vec<async_channel::Receiver<Command>>);
 
 impl CasClient {
     /// Creates queues of `depth` for `shards` shards.
-    pub fn new(shards: usize, depth: usize) -> (CasClient, ShardQueues) {
+    pub fn new(shards: usize, depth: usize, metrics: Arc<Metrics>) -> (CasClient, ShardQueues) {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards.max(1))
             .map(|_| async_channel::bounded(depth.max(1)))
             .unzip();
         (
             CasClient {
                 shards: senders.into(),
+                metrics,
+                home: None,
             },
             ShardQueues(receivers),
         )
+    }
+
+    /// The same handle, used on shard `home`.
+    pub fn for_shard(&self, home: usize) -> CasClient {
+        CasClient {
+            home: Some(home),
+            ..self.clone()
+        }
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn count(&self, shard: usize) {
+        self.metrics.command(match self.home {
+            None => "control",
+            Some(h) if h == shard => "local",
+            Some(_) => "remote",
+        });
     }
 
     /// Number of shards.
@@ -55,6 +82,7 @@ impl CasClient {
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
+        self.count(shard);
         self.shards[shard]
             .send(make(tx))
             .await
@@ -65,6 +93,7 @@ impl CasClient {
     fn tell(&self, shard: usize, command: Command) {
         // Best effort: these notices only save work later (a lost "verified" means the blob is
         // hashed again on its next read; a lost "corrupt" is found again the same way).
+        self.count(shard);
         let _ = self.shards[shard].try_send(command);
     }
 

@@ -124,7 +124,11 @@ impl Owner {
         match command {
             Command::FindMissing { keys, reply } => {
                 let now = atime::now();
-                let present = keys.iter().map(|k| self.touch(k, now).is_some()).collect();
+                let present: Vec<bool> =
+                    keys.iter().map(|k| self.touch(k, now).is_some()).collect();
+                let found = present.iter().filter(|p| **p).count() as u64;
+                self.metrics().present.inc_by(found);
+                self.metrics().missing.inc_by(present.len() as u64 - found);
                 let _ = reply.send(present);
             }
             Command::Lookup {
@@ -218,6 +222,10 @@ impl Owner {
         Some(copy)
     }
 
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        self.cas.metrics()
+    }
+
     fn publish_oldest(&self) {
         self.accounting
             .set_oldest(self.shard, self.index.borrow().oldest_atime());
@@ -230,13 +238,16 @@ impl Owner {
         reply: super::commands::Reply<Result<Found, StoreError>>,
     ) {
         let Some(entry) = self.touch(&key, atime::now()) else {
+            self.metrics().lookups_inc("miss");
             let _ = reply.send(Ok(Found::Missing));
             return;
         };
         if let Some(data) = self.memory.get(&key) {
+            self.metrics().lookups_inc("memory");
             let _ = reply.send(Ok(Found::Bytes(data)));
             return;
         }
+        self.metrics().lookups_inc("disk");
         let path = self.layout.blob_path(&key);
         if entry.size > inline_up_to {
             let _ = reply.send(Ok(Found::File {
@@ -319,6 +330,7 @@ impl Owner {
             .borrow_mut()
             .insert(key.clone(), Entry::fresh(size, atime::now()));
         self.accounting.add(self.shard, size);
+        self.metrics().commits.inc();
         self.publish_oldest();
         if let Some(data) = data {
             if self.memory.admits(size) {
@@ -371,6 +383,7 @@ impl Owner {
         let removed = self.index.borrow_mut().remove(key);
         if let Some(entry) = removed {
             error!(blob = ?key, "stored blob does not hash to its digest; removed it");
+            self.metrics().corrupt.inc();
             self.accounting.remove(self.shard, entry.size);
             self.memory.remove(key);
             let _ = std::fs::remove_file(self.layout.blob_path(key));
@@ -421,6 +434,8 @@ impl Owner {
             self.memory.remove(&key);
             self.accounting.remove(self.shard, entry.size);
             freed += entry.size;
+            self.metrics().evictions.inc();
+            self.metrics().evicted_bytes.inc_by(entry.size);
             count += 1;
         }
         self.publish_oldest();

@@ -1,0 +1,151 @@
+//! Values gathered at scrape time: they live in the shards (blob counts, queue depths) or in
+//! the action cache, and are asked for when someone looks.
+
+use crate::action_cache::AcStore;
+use kiln_dataplane::store::CasClient;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::time::{Duration, Instant};
+
+/// Label of a shard.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabel {
+    /// Shard index.
+    pub shard: u32,
+}
+
+/// Totals gathered by one refresh.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gathered {
+    /// CAS blobs.
+    pub blobs: u64,
+    /// CAS bytes on disk.
+    pub bytes: u64,
+    /// Memory-tier bytes.
+    pub memory_bytes: u64,
+    /// Uploads being written.
+    pub active_uploads: u64,
+    /// Uploads parked for resumption.
+    pub parked_uploads: u64,
+    /// Action-cache entries.
+    pub ac_entries: u64,
+    /// Action-cache bytes.
+    pub ac_bytes: u64,
+}
+
+/// The scrape-time gauges.
+pub struct Gauges {
+    cas_blobs: Gauge,
+    cas_bytes: Gauge,
+    memory_bytes: Gauge,
+    uploads_active: Gauge,
+    uploads_parked: Gauge,
+    queue_depth: Family<ShardLabel, Gauge>,
+    ac_entries: Gauge,
+    ac_bytes: Gauge,
+    uptime: Gauge,
+}
+
+impl Gauges {
+    /// Gauges for `shards` shards.
+    pub fn new(shards: usize) -> Gauges {
+        let g = Gauges {
+            cas_blobs: Gauge::default(),
+            cas_bytes: Gauge::default(),
+            memory_bytes: Gauge::default(),
+            uploads_active: Gauge::default(),
+            uploads_parked: Gauge::default(),
+            queue_depth: Family::default(),
+            ac_entries: Gauge::default(),
+            ac_bytes: Gauge::default(),
+            uptime: Gauge::default(),
+        };
+        for shard in 0..shards {
+            let _ = g.queue_depth.get_or_create(&ShardLabel {
+                shard: shard as u32,
+            });
+        }
+        g
+    }
+
+    /// Adds the gauges to `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("kiln_cas_blobs", "Blobs in the CAS", self.cas_blobs.clone());
+        registry.register(
+            "kiln_cas_bytes",
+            "Bytes of blobs in the CAS",
+            self.cas_bytes.clone(),
+        );
+        registry.register(
+            "kiln_cas_memory_bytes",
+            "Bytes in the memory tier",
+            self.memory_bytes.clone(),
+        );
+        registry.register(
+            "kiln_uploads_active",
+            "ByteStream uploads being written",
+            self.uploads_active.clone(),
+        );
+        registry.register(
+            "kiln_uploads_parked",
+            "Interrupted uploads kept for resumption",
+            self.uploads_parked.clone(),
+        );
+        registry.register(
+            "kiln_shard_queue_depth",
+            "Commands waiting in each shard's queue",
+            self.queue_depth.clone(),
+        );
+        registry.register(
+            "kiln_action_cache_entries",
+            "Entries in the action cache",
+            self.ac_entries.clone(),
+        );
+        registry.register(
+            "kiln_action_cache_bytes",
+            "Bytes in the action cache",
+            self.ac_bytes.clone(),
+        );
+        registry.register(
+            "kiln_uptime_seconds",
+            "Seconds since start",
+            self.uptime.clone(),
+        );
+    }
+
+    /// Asks the shards and the action cache; a shard that does not answer within a second
+    /// leaves the previous values.
+    pub async fn refresh(&self, cas: &CasClient, ac: &AcStore, started: Instant) -> Gathered {
+        let mut out = Gathered::default();
+        if let Ok(Ok(stats)) = tokio::time::timeout(Duration::from_secs(1), cas.stats()).await {
+            for s in stats {
+                out.blobs += s.blobs;
+                out.bytes += s.bytes;
+                out.memory_bytes += s.memory_bytes;
+                out.active_uploads += s.active_uploads;
+                out.parked_uploads += s.parked_uploads;
+            }
+            self.cas_blobs.set(out.blobs as i64);
+            self.cas_bytes.set(out.bytes as i64);
+            self.memory_bytes.set(out.memory_bytes as i64);
+            self.uploads_active.set(out.active_uploads as i64);
+            self.uploads_parked.set(out.parked_uploads as i64);
+        }
+        for (shard, depth) in cas.queue_depths().into_iter().enumerate() {
+            self.queue_depth
+                .get_or_create(&ShardLabel {
+                    shard: shard as u32,
+                })
+                .set(depth as i64);
+        }
+        let (entries, bytes) = ac.usage();
+        out.ac_entries = entries as u64;
+        out.ac_bytes = bytes;
+        self.ac_entries.set(entries as i64);
+        self.ac_bytes.set(bytes as i64);
+        self.uptime.set(started.elapsed().as_secs() as i64);
+        out
+    }
+}

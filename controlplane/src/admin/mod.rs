@@ -1,0 +1,184 @@
+//! The admin listener (plain HTTP/1.1 on the control plane's runtime): Prometheus `/metrics`,
+//! `/healthz` (the process is up), `/readyz` (serving, not shutting down) and `/status`, a
+//! small HTML page for people.
+
+mod gauges;
+pub mod sampler;
+pub mod status;
+
+use crate::action_cache::AcStore;
+use crate::metrics::ControlMetrics;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use gauges::Gauges;
+use kiln_dataplane::metrics::Metrics;
+use kiln_dataplane::store::CasClient;
+use prometheus_client::registry::Registry;
+use sampler::Sampler;
+use status::Snapshot;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Facts about the running server shown on the status page.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    /// The gRPC listener.
+    pub grpc_addr: SocketAddr,
+    /// Data-plane shards.
+    pub shards: usize,
+    /// Runtime backend.
+    pub backend: String,
+    /// Data directory.
+    pub data_dir: String,
+    /// CAS disk cap.
+    pub cas_capacity: u64,
+    /// Memory-tier budget.
+    pub memory_capacity: u64,
+}
+
+/// Everything the admin endpoints read.
+pub struct AdminState {
+    info: ServerInfo,
+    admin_addr: SocketAddr,
+    started: Instant,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    control: Arc<ControlMetrics>,
+    cas: CasClient,
+    action_cache: AcStore,
+    registry: Registry,
+    gauges: Gauges,
+    sampler: Sampler,
+}
+
+/// Binds the admin listener and serves it on the current tokio runtime. `ready` is what
+/// `/readyz` reports.
+pub async fn start(
+    listen: SocketAddr,
+    info: ServerInfo,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    control: Arc<ControlMetrics>,
+    cas: CasClient,
+    action_cache: AcStore,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let admin_addr = listener.local_addr()?;
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    control.register(&mut registry);
+    let gauges = Gauges::new(cas.shard_count());
+    gauges.register(&mut registry);
+    let state = Arc::new(AdminState {
+        info,
+        admin_addr,
+        started: Instant::now(),
+        ready,
+        metrics,
+        control,
+        cas,
+        action_cache,
+        registry,
+        gauges,
+        sampler: Sampler::default(),
+    });
+    tokio::spawn(sample(Arc::downgrade(&state)));
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status_page))
+        .route("/", get(status_page))
+        .with_state(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+    Ok(admin_addr)
+}
+
+/// Samples throughput once a second while the admin state lives.
+async fn sample(state: std::sync::Weak<AdminState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        state.sampler.record(Instant::now(), state.metrics.totals());
+    }
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics_page(State(state): State<Arc<AdminState>>) -> Response {
+    state
+        .gauges
+        .refresh(&state.cas, &state.action_cache, state.started)
+        .await;
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {e}\n"),
+        )
+            .into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn status_page(State(state): State<Arc<AdminState>>) -> Html<String> {
+    let stats = state
+        .gauges
+        .refresh(&state.cas, &state.action_cache, state.started)
+        .await;
+    let m = &state.metrics;
+    let snapshot = Snapshot {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime: state.started.elapsed(),
+        grpc_addr: state.info.grpc_addr.to_string(),
+        admin_addr: state.admin_addr.to_string(),
+        shards: state.info.shards,
+        backend: state.info.backend.clone(),
+        data_dir: state.info.data_dir.clone(),
+        cas_blobs: stats.blobs,
+        cas_bytes: stats.bytes,
+        cas_capacity: state.info.cas_capacity,
+        memory_bytes: stats.memory_bytes,
+        memory_capacity: state.info.memory_capacity,
+        lookups: (
+            m.lookups_of("memory"),
+            m.lookups_of("disk"),
+            m.lookups_of("miss"),
+        ),
+        ac_entries: stats.ac_entries,
+        ac_bytes: stats.ac_bytes,
+        ac_gets: (
+            state.control.ac_count("get", "hit"),
+            state.control.ac_count("get", "miss"),
+            state.control.ac_count("get", "incomplete"),
+        ),
+        uploads: (stats.active_uploads, stats.parked_uploads),
+        connections: m.connections_open.get(),
+        rates: state.sampler.rates(),
+        series: state.sampler.series(),
+    };
+    Html(status::render(&snapshot))
+}

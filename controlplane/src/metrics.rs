@@ -1,0 +1,53 @@
+//! What the control plane counts: action-cache lookups and updates by outcome.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+/// Outcome of an action-cache request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcLabels {
+    /// `get` or `update`.
+    pub op: &'static str,
+    /// `hit`, `miss`, `incomplete` (a miss because referenced blobs are gone), `ok`, `error`.
+    pub result: &'static str,
+}
+
+/// Control-plane counters.
+#[derive(Default)]
+pub struct ControlMetrics {
+    /// Action-cache requests by outcome.
+    pub action_cache: Family<AcLabels, Counter>,
+}
+
+impl ControlMetrics {
+    /// Fresh counters.
+    pub fn new() -> Arc<ControlMetrics> {
+        Arc::new(ControlMetrics::default())
+    }
+
+    /// Adds the counters to `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "kiln_action_cache_requests",
+            "Action-cache requests by operation and outcome",
+            self.action_cache.clone(),
+        );
+    }
+
+    /// Counts one action-cache request.
+    pub fn ac(&self, op: &'static str, result: &'static str) {
+        self.action_cache
+            .get_or_create(&AcLabels { op, result })
+            .inc();
+    }
+
+    /// Count of one outcome.
+    pub fn ac_count(&self, op: &'static str, result: &'static str) -> u64 {
+        self.action_cache
+            .get_or_create(&AcLabels { op, result })
+            .get()
+    }
+}

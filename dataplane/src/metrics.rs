@@ -1,0 +1,445 @@
+//! What the data plane counts, in Prometheus form: calls per method and status, latency,
+//! bytes in and out, CAS lookups by tier, evictions, messages between shards, connections.
+//! Hot paths touch only atomics (and one uncontended lock per call for the latency histogram);
+//! totals that need asking the shards (blobs, bytes, queue depths) are gathered at scrape time
+//! by the admin server.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Label of a method.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    /// `Service.Method`, or `other`.
+    pub method: &'static str,
+}
+
+/// Labels of a finished call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// `Service.Method`, or `other`.
+    pub method: &'static str,
+    /// gRPC status code name.
+    pub code: &'static str,
+}
+
+/// Where a CAS lookup found its blob.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabel {
+    /// `memory`, `disk` or `miss`.
+    pub result: &'static str,
+}
+
+/// Who sent a command to an owner shard.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabel {
+    /// `local` (same core), `remote` (another core) or `control` (the control plane).
+    pub origin: &'static str,
+}
+
+type HistogramFamily = Family<MethodLabel, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~200 s.
+    Histogram::new(exponential_buckets(0.000_05, 3.0, 15))
+}
+
+/// Every data-plane counter; one per process, shared by all shards and the control plane.
+pub struct Metrics {
+    /// Finished calls by method and code.
+    pub calls: Family<CallLabels, Counter>,
+    /// Call latency by method.
+    pub latency: HistogramFamily,
+    /// Calls running now.
+    pub in_flight: Family<MethodLabel, Gauge>,
+    /// Request payload bytes received.
+    pub bytes_in: Family<MethodLabel, Counter>,
+    /// Response payload bytes sent.
+    pub bytes_out: Family<MethodLabel, Counter>,
+    /// CAS lookups by where the blob was found.
+    pub lookups: Family<LookupLabel, Counter>,
+    /// Digests asked about in FindMissingBlobs (and completeness checks) that were present.
+    pub present: Counter,
+    /// ...and missing.
+    pub missing: Counter,
+    /// Blobs evicted.
+    pub evictions: Counter,
+    /// Bytes evicted.
+    pub evicted_bytes: Counter,
+    /// Blobs committed.
+    pub commits: Counter,
+    /// Stored blobs found corrupt and removed.
+    pub corrupt: Counter,
+    /// Commands to owner shards, by origin.
+    pub commands: Family<OriginLabel, Counter>,
+    /// HTTP/2 connections accepted.
+    pub connections_total: Counter,
+    /// HTTP/2 connections open.
+    pub connections_open: Gauge,
+    total_calls: Counter,
+    total_bytes_in: Counter,
+    total_bytes_out: Counter,
+}
+
+impl Metrics {
+    /// Fresh counters.
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics {
+            calls: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            in_flight: Family::default(),
+            bytes_in: Family::default(),
+            bytes_out: Family::default(),
+            lookups: Family::default(),
+            present: Counter::default(),
+            missing: Counter::default(),
+            evictions: Counter::default(),
+            evicted_bytes: Counter::default(),
+            commits: Counter::default(),
+            corrupt: Counter::default(),
+            commands: Family::default(),
+            connections_total: Counter::default(),
+            connections_open: Gauge::default(),
+            total_calls: Counter::default(),
+            total_bytes_in: Counter::default(),
+            total_bytes_out: Counter::default(),
+        })
+    }
+
+    /// Adds every counter to `registry` (prefix `kiln_`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "kiln_calls",
+            "Finished gRPC calls by method and status code",
+            self.calls.clone(),
+        );
+        registry.register(
+            "kiln_call_duration_seconds",
+            "gRPC call latency by method",
+            self.latency.clone(),
+        );
+        registry.register(
+            "kiln_calls_in_flight",
+            "gRPC calls running now",
+            self.in_flight.clone(),
+        );
+        registry.register(
+            "kiln_received_bytes",
+            "Request bytes received by method",
+            self.bytes_in.clone(),
+        );
+        registry.register(
+            "kiln_sent_bytes",
+            "Response bytes sent by method",
+            self.bytes_out.clone(),
+        );
+        registry.register(
+            "kiln_cas_lookups",
+            "CAS lookups by where the blob was found",
+            self.lookups.clone(),
+        );
+        registry.register(
+            "kiln_cas_present_digests",
+            "Digests asked about that were present",
+            self.present.clone(),
+        );
+        registry.register(
+            "kiln_cas_missing_digests",
+            "Digests asked about that were missing",
+            self.missing.clone(),
+        );
+        registry.register(
+            "kiln_cas_evictions",
+            "Blobs evicted from the CAS",
+            self.evictions.clone(),
+        );
+        registry.register(
+            "kiln_cas_evicted_bytes",
+            "Bytes evicted from the CAS",
+            self.evicted_bytes.clone(),
+        );
+        registry.register("kiln_cas_commits", "Blobs stored", self.commits.clone());
+        registry.register(
+            "kiln_cas_corrupt_blobs",
+            "Stored blobs that failed verification and were removed",
+            self.corrupt.clone(),
+        );
+        registry.register(
+            "kiln_shard_commands",
+            "Commands sent to owner shards, by origin",
+            self.commands.clone(),
+        );
+        registry.register(
+            "kiln_connections",
+            "HTTP/2 connections accepted",
+            self.connections_total.clone(),
+        );
+        registry.register(
+            "kiln_connections_open",
+            "HTTP/2 connections open",
+            self.connections_open.clone(),
+        );
+    }
+
+    /// Starts recording a call to `path`.
+    pub fn call(self: &Arc<Self>, path: &str) -> CallRecorder {
+        let method = method_label(path);
+        self.in_flight.get_or_create(&MethodLabel { method }).inc();
+        CallRecorder {
+            metrics: self.clone(),
+            method,
+            start: Instant::now(),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            code: AtomicI32::new(NO_CODE),
+        }
+    }
+
+    /// Totals over every method: (calls finished, bytes received, bytes sent).
+    pub fn totals(&self) -> (u64, u64, u64) {
+        (
+            self.total_calls.get(),
+            self.total_bytes_in.get(),
+            self.total_bytes_out.get(),
+        )
+    }
+
+    /// Lookups that found their blob in `result` (`memory`, `disk`, `miss`).
+    pub fn lookups_of(&self, result: &'static str) -> u64 {
+        self.lookups.get_or_create(&LookupLabel { result }).get()
+    }
+
+    /// Counts a lookup by where it found its blob.
+    pub fn lookups_inc(&self, result: &'static str) {
+        self.lookups.get_or_create(&LookupLabel { result }).inc();
+    }
+
+    /// Counts a command to an owner shard.
+    pub fn command(&self, origin: &'static str) {
+        self.commands.get_or_create(&OriginLabel { origin }).inc();
+    }
+}
+
+/// Records one call when dropped: latency, status (CANCELLED if none was set), bytes.
+pub struct CallRecorder {
+    metrics: Arc<Metrics>,
+    method: &'static str,
+    start: Instant,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    code: AtomicI32,
+}
+
+const NO_CODE: i32 = -1;
+
+impl CallRecorder {
+    /// Request bytes received.
+    pub fn received(&self, n: usize) {
+        self.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Response bytes sent.
+    pub fn sent(&self, n: usize) {
+        self.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// The call's status.
+    pub fn finish(&self, code: tonic::Code) {
+        self.code.store(code as i32, Ordering::Relaxed);
+    }
+}
+
+impl Drop for CallRecorder {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        let method = self.method;
+        let code = match self.code.load(Ordering::Relaxed) {
+            NO_CODE => tonic::Code::Cancelled,
+            c => tonic::Code::from_i32(c),
+        };
+        let code = code_name(code);
+        let (bytes_in, bytes_out) = (
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
+        );
+        m.in_flight.get_or_create(&MethodLabel { method }).dec();
+        m.calls.get_or_create(&CallLabels { method, code }).inc();
+        m.latency
+            .get_or_create(&MethodLabel { method })
+            .observe(self.start.elapsed().as_secs_f64());
+        m.bytes_in
+            .get_or_create(&MethodLabel { method })
+            .inc_by(bytes_in);
+        m.bytes_out
+            .get_or_create(&MethodLabel { method })
+            .inc_by(bytes_out);
+        m.total_calls.inc();
+        m.total_bytes_in.inc_by(bytes_in);
+        m.total_bytes_out.inc_by(bytes_out);
+    }
+}
+
+/// gRPC paths Kiln knows, and their labels.
+const METHODS: [(&str, &str); 21] = [
+    ("/google.bytestream.ByteStream/Read", "ByteStream.Read"),
+    ("/google.bytestream.ByteStream/Write", "ByteStream.Write"),
+    (
+        "/google.bytestream.ByteStream/QueryWriteStatus",
+        "ByteStream.QueryWriteStatus",
+    ),
+    (
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
+        "CAS.FindMissingBlobs",
+    ),
+    (
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs",
+        "CAS.BatchUpdateBlobs",
+    ),
+    (
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs",
+        "CAS.BatchReadBlobs",
+    ),
+    (
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree",
+        "CAS.GetTree",
+    ),
+    (
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob",
+        "CAS.SplitBlob",
+    ),
+    (
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob",
+        "CAS.SpliceBlob",
+    ),
+    (
+        "/build.bazel.remote.execution.v2.ActionCache/GetActionResult",
+        "ActionCache.GetActionResult",
+    ),
+    (
+        "/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult",
+        "ActionCache.UpdateActionResult",
+    ),
+    (
+        "/build.bazel.remote.execution.v2.Capabilities/GetCapabilities",
+        "Capabilities.GetCapabilities",
+    ),
+    (
+        "/build.bazel.remote.execution.v2.Execution/Execute",
+        "Execution.Execute",
+    ),
+    (
+        "/build.bazel.remote.execution.v2.Execution/WaitExecution",
+        "Execution.WaitExecution",
+    ),
+    (
+        "/google.longrunning.Operations/GetOperation",
+        "Operations.GetOperation",
+    ),
+    (
+        "/google.longrunning.Operations/ListOperations",
+        "Operations.ListOperations",
+    ),
+    (
+        "/google.longrunning.Operations/DeleteOperation",
+        "Operations.DeleteOperation",
+    ),
+    (
+        "/google.longrunning.Operations/CancelOperation",
+        "Operations.CancelOperation",
+    ),
+    (
+        "/google.longrunning.Operations/WaitOperation",
+        "Operations.WaitOperation",
+    ),
+    ("/kiln.worker.v1.WorkerApi/Session", "WorkerApi.Session"),
+    ("/grpc.health.v1.Health/Check", "Health.Check"),
+];
+
+/// The label for a gRPC path: known methods by name, anything else `other` (so clients
+/// cannot grow the number of series).
+pub fn method_label(path: &str) -> &'static str {
+    METHODS
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map_or("other", |(_, label)| label)
+}
+
+/// A gRPC code's canonical name (`NOT_FOUND`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_is_counted_once_with_its_code_and_bytes() {
+        let m = Metrics::new();
+        {
+            let call = m.call("/google.bytestream.ByteStream/Read");
+            call.received(10);
+            call.sent(100);
+            call.sent(5);
+            call.finish(tonic::Code::NotFound);
+        }
+        drop(m.call("/nonsense/Path"));
+        let read = CallLabels {
+            method: "ByteStream.Read",
+            code: "NOT_FOUND",
+        };
+        assert_eq!(m.calls.get_or_create(&read).get(), 1);
+        let other = CallLabels {
+            method: "other",
+            code: "CANCELLED",
+        };
+        assert_eq!(
+            m.calls.get_or_create(&other).get(),
+            1,
+            "no status means the peer went away"
+        );
+        assert_eq!(m.totals(), (2, 10, 105));
+        assert_eq!(
+            m.in_flight
+                .get_or_create(&MethodLabel {
+                    method: "ByteStream.Read"
+                })
+                .get(),
+            0
+        );
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("kiln_calls_total{method=\"ByteStream.Read\",code=\"NOT_FOUND\"} 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! kiln-bench against a real Kiln: every scenario produces results (or says why it skipped),
+//! results round-trip through JSON, compare and plot work, and a read whose bytes do not match
+//! the digest is reported as an error (against a tiny fake server: Kiln cannot be made to
+//! serve bad bytes).
+
+mod common;
+
+use clap::Parser;
+use common::Kiln;
+use kiln_bench::{Args, Report};
+use kiln_proto::bytestream::byte_stream_server::{ByteStream, ByteStreamServer};
+use kiln_proto::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse,
+};
+use kiln_proto::reapi::capabilities_server::{Capabilities, CapabilitiesServer};
+use kiln_proto::reapi::{self, GetCapabilitiesRequest, ServerCapabilities};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tonic::{Request, Response, Status, Streaming};
+
+fn args(line: &str) -> Args {
+    Args::parse_from(std::iter::once("kiln-bench").chain(line.split_whitespace()))
+}
+
+async fn run(line: &str) -> Report {
+    kiln_bench::run(args(line))
+        .await
+        .expect("bench run")
+        .remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_against_kiln() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiln = tokio::task::spawn_blocking({
+        let d = dir.path().join("data");
+        move || Kiln::start(&d)
+    })
+    .await
+    .unwrap();
+    let endpoint = format!(
+        "--endpoint grpc://{} --quiet --connections 2 --concurrency 4",
+        kiln.addr
+    );
+    for (line, kinds) in [
+        ("write --size 4KiB-256KiB --ops 20", vec!["write"]),
+        (
+            "write --size 2MiB --ops 3 --digest-function blake3",
+            vec!["write"],
+        ),
+        ("read --size 1MiB --ops 10 --blobs 3", vec!["read"]),
+        (
+            "batch --size 1KiB --batch 16 --ops 5",
+            vec!["batch-read", "batch-update"],
+        ),
+        (
+            "find-missing --digests-per-call 100 --ops 5",
+            vec!["find-missing"],
+        ),
+        (
+            "action-cache --blobs 20 --ops 40",
+            vec!["get-hit", "get-miss", "update"],
+        ),
+        (
+            "mixed --size 1KiB --batch 4 --ops 10",
+            vec![
+                "build-step",
+                "find-missing",
+                "get-result",
+                "read-output",
+                "upload",
+            ],
+        ),
+        (
+            "write --size 8KiB --duration 0.5 --warmup 0.2 --rate 200",
+            vec!["write"],
+        ),
+    ] {
+        let report = run(&format!("{line} {endpoint}")).await;
+        for kind in kinds {
+            let r = report
+                .results
+                .iter()
+                .find(|r| r.kind == kind)
+                .unwrap_or_else(|| panic!("{line}: no {kind} results in {report:?}"));
+            assert!(r.ops > 0, "{line}: {kind} ran nothing");
+            assert_eq!(r.errors, 0, "{line}: {kind} errors {:?}", r.errors_by_code);
+            assert!(
+                r.latency_ms.p50 > 0.0 && r.latency_ms.p99 >= r.latency_ms.p50,
+                "{line}: {r:?}"
+            );
+        }
+    }
+    // Kiln has no GetTree or execution yet: both are skipped, with the reason in the report.
+    for (line, why) in [
+        ("get-tree --ops 2", "GetTree"),
+        ("execute --ops 2", "execute"),
+    ] {
+        let report = run(&format!("{line} {endpoint}")).await;
+        assert!(report.results.is_empty(), "{line}");
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("skipped") && n.contains(why)),
+            "{line}: {:?}",
+            report.notes
+        );
+    }
+    kiln.stop().await;
+}
+
+#[tokio::test]
+async fn reports_round_trip_compare_and_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.json");
+    let b = dir.path().join("b.json");
+    let svg = dir.path().join("p.svg");
+    let first = kiln_bench::run(args(&format!(
+        "tcp --size 1MiB --ops 20 --quiet --label one --json {}",
+        a.display()
+    )))
+    .await
+    .unwrap();
+    kiln_bench::run(args(&format!(
+        "tcp --size 1MiB --ops 20 --quiet --label two --json {}",
+        b.display()
+    )))
+    .await
+    .unwrap();
+    let read_back = Report::read(&a).unwrap();
+    assert_eq!(read_back, first[0], "JSON round trip");
+    assert_eq!(read_back.results[0].kind, "tcp");
+    assert_eq!(read_back.results[0].bytes, 20 << 20);
+    let compared = kiln_bench::run(args(&format!(
+        "--compare {} {} --plot {}",
+        a.display(),
+        b.display(),
+        svg.display()
+    )))
+    .await
+    .unwrap();
+    assert_eq!(compared.len(), 2);
+    let text = kiln_bench::report::compare(&compared);
+    assert!(text.contains("two vs one"), "{text}");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        plot.starts_with("<svg") && plot.matches("<polyline").count() == 2,
+        "{plot}"
+    );
+    assert!(plot.contains("one tcp") && plot.contains("two tcp"));
+}
+
+/// A server that stores uploads and serves them back with one byte flipped.
+#[derive(Default, Clone)]
+struct Corrupting {
+    blobs: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+}
+
+fn blob_key(resource: &str) -> String {
+    let parts: Vec<&str> = resource.rsplitn(3, '/').collect();
+    format!(
+        "{}/{}",
+        parts.get(1).unwrap_or(&""),
+        parts.first().unwrap_or(&"")
+    )
+}
+
+#[tonic::async_trait]
+impl Capabilities for Corrupting {
+    async fn get_capabilities(
+        &self,
+        _: Request<GetCapabilitiesRequest>,
+    ) -> Result<Response<ServerCapabilities>, Status> {
+        Ok(Response::new(ServerCapabilities {
+            cache_capabilities: Some(reapi::CacheCapabilities {
+                digest_functions: vec![reapi::digest_function::Value::Sha256 as i32],
+                max_batch_total_size_bytes: 4 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl ByteStream for Corrupting {
+    type ReadStream = futures::stream::Iter<std::vec::IntoIter<Result<ReadResponse, Status>>>;
+
+    async fn read(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let key = blob_key(&request.into_inner().resource_name);
+        let mut data = self
+            .blobs
+            .lock()
+            .unwrap()
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Status::not_found(key))?;
+        data[0] ^= 0xff;
+        Ok(Response::new(futures::stream::iter(vec![Ok(
+            ReadResponse { data: data.into() },
+        )])))
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut name = String::new();
+        let mut data = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            if name.is_empty() {
+                name = msg.resource_name.clone();
+            }
+            data.extend_from_slice(&msg.data);
+        }
+        let size = data.len() as i64;
+        self.blobs.lock().unwrap().insert(blob_key(&name), data);
+        Ok(Response::new(WriteResponse {
+            committed_size: size,
+        }))
+    }
+
+    async fn query_write_status(
+        &self,
+        _: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        Err(Status::unimplemented("not needed"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_reads_are_counted_as_errors() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = Corrupting::default();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(CapabilitiesServer::new(fake.clone()))
+            .add_service(ByteStreamServer::new(fake))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let report = run(&format!(
+        "read --endpoint grpc://{addr} --size 1MiB --ops 6 --blobs 2 --quiet"
+    ))
+    .await;
+    let read = &report.results[0];
+    assert_eq!(read.ops, 6);
+    assert_eq!(read.errors, 6);
+    assert_eq!(read.errors_by_code.get("DIGEST_MISMATCH"), Some(&6));
+    assert_eq!(read.bytes, 0, "bad bytes are not counted as throughput");
+    server.abort();
+}
