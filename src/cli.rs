@@ -35,6 +35,9 @@ pub struct ServeArgs {
     /// Number of data-plane shards; default one per core (overrides server.shards).
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
+    /// Data-plane backend: glommio, monoio-uring or monoio-legacy (overrides server.runtime).
+    #[arg(long, value_name = "NAME")]
+    pub runtime: Option<kiln_config::RuntimeKind>,
     /// Address of the admin listener: metrics, health, status page (overrides admin.listen).
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,

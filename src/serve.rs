@@ -104,6 +104,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(shards) = args.shards {
         config.server.shards = shards;
     }
+    if let Some(runtime) = args.runtime {
+        config.server.runtime = runtime;
+    }
     if let Some(admin) = args.admin_listen {
         config.admin.listen = admin;
     }

@@ -1,6 +1,7 @@
 //! ActionCache against a real server: round trips, completeness checking (including files
 //! inside output directory trees), bad input, and instances kept apart.
 
+#[macro_use]
 mod common;
 
 use bytes::Bytes;
@@ -75,199 +76,202 @@ fn output_file(path: &str, d: &reapi::Digest) -> OutputFile {
     }
 }
 
-#[tokio::test]
-async fn round_trip_and_miss_for_both_functions() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    for function in [Function::Sha256, Function::Blake3] {
-        let action = digest(function, b"an action");
-        assert_eq!(
-            get(&ch, "", function, &action).await.unwrap_err().code(),
-            Code::NotFound
+on_every_runtime! {
+    async fn round_trip_and_miss_for_both_functions(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        for function in [Function::Sha256, Function::Blake3] {
+            let action = digest(function, b"an action");
+            assert_eq!(
+                get(&ch, "", function, &action).await.unwrap_err().code(),
+                Code::NotFound
+            );
+            let out = upload(&ch, "", function, b"output bytes").await;
+            let stdout = upload(&ch, "", function, b"hello from stdout").await;
+            let result = ActionResult {
+                output_files: vec![output_file("out/a.txt", &out)],
+                stdout_digest: Some(stdout),
+                exit_code: 0,
+                ..Default::default()
+            };
+            update(&ch, "", function, &action, result.clone())
+                .await
+                .unwrap();
+            assert_eq!(get(&ch, "", function, &action).await.unwrap(), result);
+            // Another instance does not see it.
+            assert_eq!(
+                get(&ch, "other", function, &action)
+                    .await
+                    .unwrap_err()
+                    .code(),
+                Code::NotFound
+            );
+        }
+        kiln.stop().await;
+    }
+}
+
+on_every_runtime! {
+    async fn entries_with_missing_blobs_are_misses(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        let f = Function::Sha256;
+
+        // An output file that was never uploaded.
+        let action = digest(f, b"action 1");
+        let absent = digest(f, b"never uploaded");
+        update(
+            &ch,
+            "",
+            f,
+            &action,
+            ActionResult {
+                output_files: vec![output_file("x", &absent)],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let err = get(&ch, "", f, &action).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        assert!(
+            err.message().contains("no longer in the CAS"),
+            "{}",
+            err.message()
         );
-        let out = upload(&ch, "", function, b"output bytes").await;
-        let stdout = upload(&ch, "", function, b"hello from stdout").await;
-        let result = ActionResult {
-            output_files: vec![output_file("out/a.txt", &out)],
-            stdout_digest: Some(stdout),
-            exit_code: 0,
+        upload(&ch, "", f, b"never uploaded").await;
+        get(&ch, "", f, &action).await.unwrap();
+
+        // An output directory whose Tree is present but a file inside it is not.
+        let inner = b"file inside the tree".to_vec();
+        let inner_digest = digest(f, &inner);
+        let child = Directory {
+            files: vec![FileNode {
+                name: "inner.txt".into(),
+                digest: Some(inner_digest),
+                is_executable: true,
+                node_properties: None,
+            }],
             ..Default::default()
         };
-        update(&ch, "", function, &action, result.clone())
-            .await
-            .unwrap();
-        assert_eq!(get(&ch, "", function, &action).await.unwrap(), result);
-        // Another instance does not see it.
+        let tree = Tree {
+            root: Some(Directory::default()),
+            children: vec![child],
+        };
+        let tree_digest = upload(&ch, "", f, &tree.encode_to_vec()).await;
+        let action = digest(f, b"action 2");
+        update(
+            &ch,
+            "",
+            f,
+            &action,
+            ActionResult {
+                output_directories: vec![OutputDirectory {
+                    path: "outdir".into(),
+                    tree_digest: Some(tree_digest),
+                    is_topologically_sorted: false,
+                    root_directory_digest: None,
+                }],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         assert_eq!(
-            get(&ch, "other", function, &action)
+            get(&ch, "", f, &action).await.unwrap_err().code(),
+            Code::NotFound
+        );
+        upload(&ch, "", f, &inner).await;
+        get(&ch, "", f, &action).await.unwrap();
+
+        // The same entry under a different instance: its blobs are not there.
+        update(
+            &ch,
+            "ci",
+            f,
+            &action,
+            get(&ch, "", f, &action).await.unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            get(&ch, "ci", f, &action).await.unwrap_err().code(),
+            Code::NotFound
+        );
+        kiln.stop().await;
+    }
+}
+
+on_every_runtime! {
+    async fn bad_input_is_refused(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        let f = Function::Sha256;
+        let action = digest(f, b"x");
+        // No result.
+        let err = ac(&ch)
+            .update_action_result(UpdateActionResultRequest {
+                instance_name: String::new(),
+                action_digest: Some(action.clone()),
+                action_result: None,
+                results_cache_policy: None,
+                digest_function: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("action_result"), "{}", err.message());
+        // A malformed digest inside the result.
+        let bad = reapi::Digest {
+            hash: "abc".into(),
+            size_bytes: 1,
+        };
+        let err = update(
+            &ch,
+            "",
+            f,
+            &action,
+            ActionResult {
+                output_files: vec![output_file("o", &bad)],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().contains("output_files[0]"),
+            "{}",
+            err.message()
+        );
+        // A malformed action digest, a missing one, an unsupported function.
+        assert_eq!(
+            get(&ch, "", f, &bad).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let err = ac(&ch)
+            .get_action_result(GetActionResultRequest {
+                action_digest: None,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(
+            get(&ch, "", Function::Sha1, &action)
                 .await
                 .unwrap_err()
                 .code(),
-            Code::NotFound
+            Code::InvalidArgument
         );
+        // A reserved word in the instance name.
+        assert_eq!(
+            get(&ch, "a/blobs", f, &action).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        kiln.stop().await;
     }
-    kiln.stop().await;
-}
-
-#[tokio::test]
-async fn entries_with_missing_blobs_are_misses() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    let f = Function::Sha256;
-
-    // An output file that was never uploaded.
-    let action = digest(f, b"action 1");
-    let absent = digest(f, b"never uploaded");
-    update(
-        &ch,
-        "",
-        f,
-        &action,
-        ActionResult {
-            output_files: vec![output_file("x", &absent)],
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let err = get(&ch, "", f, &action).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-    assert!(
-        err.message().contains("no longer in the CAS"),
-        "{}",
-        err.message()
-    );
-    upload(&ch, "", f, b"never uploaded").await;
-    get(&ch, "", f, &action).await.unwrap();
-
-    // An output directory whose Tree is present but a file inside it is not.
-    let inner = b"file inside the tree".to_vec();
-    let inner_digest = digest(f, &inner);
-    let child = Directory {
-        files: vec![FileNode {
-            name: "inner.txt".into(),
-            digest: Some(inner_digest),
-            is_executable: true,
-            node_properties: None,
-        }],
-        ..Default::default()
-    };
-    let tree = Tree {
-        root: Some(Directory::default()),
-        children: vec![child],
-    };
-    let tree_digest = upload(&ch, "", f, &tree.encode_to_vec()).await;
-    let action = digest(f, b"action 2");
-    update(
-        &ch,
-        "",
-        f,
-        &action,
-        ActionResult {
-            output_directories: vec![OutputDirectory {
-                path: "outdir".into(),
-                tree_digest: Some(tree_digest),
-                is_topologically_sorted: false,
-                root_directory_digest: None,
-            }],
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        get(&ch, "", f, &action).await.unwrap_err().code(),
-        Code::NotFound
-    );
-    upload(&ch, "", f, &inner).await;
-    get(&ch, "", f, &action).await.unwrap();
-
-    // The same entry under a different instance: its blobs are not there.
-    update(
-        &ch,
-        "ci",
-        f,
-        &action,
-        get(&ch, "", f, &action).await.unwrap(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        get(&ch, "ci", f, &action).await.unwrap_err().code(),
-        Code::NotFound
-    );
-    kiln.stop().await;
-}
-
-#[tokio::test]
-async fn bad_input_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    let f = Function::Sha256;
-    let action = digest(f, b"x");
-    // No result.
-    let err = ac(&ch)
-        .update_action_result(UpdateActionResultRequest {
-            instance_name: String::new(),
-            action_digest: Some(action.clone()),
-            action_result: None,
-            results_cache_policy: None,
-            digest_function: 0,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("action_result"), "{}", err.message());
-    // A malformed digest inside the result.
-    let bad = reapi::Digest {
-        hash: "abc".into(),
-        size_bytes: 1,
-    };
-    let err = update(
-        &ch,
-        "",
-        f,
-        &action,
-        ActionResult {
-            output_files: vec![output_file("o", &bad)],
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("output_files[0]"),
-        "{}",
-        err.message()
-    );
-    // A malformed action digest, a missing one, an unsupported function.
-    assert_eq!(
-        get(&ch, "", f, &bad).await.unwrap_err().code(),
-        Code::InvalidArgument
-    );
-    let err = ac(&ch)
-        .get_action_result(GetActionResultRequest {
-            action_digest: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(
-        get(&ch, "", Function::Sha1, &action)
-            .await
-            .unwrap_err()
-            .code(),
-        Code::InvalidArgument
-    );
-    // A reserved word in the instance name.
-    assert_eq!(
-        get(&ch, "a/blobs", f, &action).await.unwrap_err().code(),
-        Code::InvalidArgument
-    );
-    kiln.stop().await;
 }

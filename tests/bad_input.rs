@@ -1,5 +1,6 @@
 //! Every bad input gets the right gRPC status and a clear message, and stores nothing.
 
+#[macro_use]
 mod common;
 
 use bytes::Bytes;
@@ -19,347 +20,351 @@ fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code,
     );
 }
 
-#[tokio::test]
-async fn uploads_that_do_not_match_their_digest() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    let data = pseudo_random(1, 300_000);
-    let d = digest(Function::Sha256, &data);
+on_every_runtime! {
+    async fn uploads_that_do_not_match_their_digest(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        let data = pseudo_random(1, 300_000);
+        let d = digest(Function::Sha256, &data);
 
-    let mut wrong = data.clone();
-    wrong[5] ^= 1;
-    assert_code(
-        blobs::write(&ch, &write_name("", Function::Sha256, &d), &wrong, 65536).await,
-        Code::InvalidArgument,
-        "hash",
-    );
-    // Too much data, too little data.
-    let longer = [data.clone(), vec![0]].concat();
-    assert_code(
-        blobs::write(&ch, &write_name("", Function::Sha256, &d), &longer, 65536).await,
-        Code::InvalidArgument,
-        "more than",
-    );
-    assert_code(
-        blobs::write(
-            &ch,
-            &write_name("", Function::Sha256, &d),
-            &data[..1000],
-            100,
-        )
-        .await,
-        Code::InvalidArgument,
-        "finish_write",
-    );
-    // A BLAKE3 digest is verified with BLAKE3: bytes hashed with SHA-256 do not pass as BLAKE3.
-    let as_blake3 = write_name("", Function::Blake3, &d);
-    assert_code(
-        blobs::write(&ch, &as_blake3, &data, 65536).await,
-        Code::InvalidArgument,
-        "hash",
-    );
-    // Wrong write_offset.
-    let mut requests =
-        blobs::write_requests(&write_name("", Function::Sha256, &d), &data, 65536, 0);
-    requests[1].write_offset += 1;
-    assert_code(
-        blobs::bytestream(&ch)
-            .write(futures::stream::iter(requests))
+        let mut wrong = data.clone();
+        wrong[5] ^= 1;
+        assert_code(
+            blobs::write(&ch, &write_name("", Function::Sha256, &d), &wrong, 65536).await,
+            Code::InvalidArgument,
+            "hash",
+        );
+        // Too much data, too little data.
+        let longer = [data.clone(), vec![0]].concat();
+        assert_code(
+            blobs::write(&ch, &write_name("", Function::Sha256, &d), &longer, 65536).await,
+            Code::InvalidArgument,
+            "more than",
+        );
+        assert_code(
+            blobs::write(
+                &ch,
+                &write_name("", Function::Sha256, &d),
+                &data[..1000],
+                100,
+            )
             .await,
-        Code::InvalidArgument,
-        "write_offset",
-    );
-    // A first message without a resource name.
-    let requests = vec![WriteRequest {
-        resource_name: String::new(),
-        write_offset: 0,
-        finish_write: true,
-        data: Bytes::from_static(b"x"),
-    }];
-    assert_code(
-        blobs::bytestream(&ch)
-            .write(futures::stream::iter(requests))
-            .await,
-        Code::InvalidArgument,
-        "resource_name",
-    );
-    // None of it was stored.
-    assert_eq!(
-        blobs::find_missing(&ch, "", Function::Sha256, vec![d.clone()])
-            .await
-            .len(),
-        1
-    );
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
-    kiln.stop().await;
+            Code::InvalidArgument,
+            "finish_write",
+        );
+        // A BLAKE3 digest is verified with BLAKE3: bytes hashed with SHA-256 do not pass as BLAKE3.
+        let as_blake3 = write_name("", Function::Blake3, &d);
+        assert_code(
+            blobs::write(&ch, &as_blake3, &data, 65536).await,
+            Code::InvalidArgument,
+            "hash",
+        );
+        // Wrong write_offset.
+        let mut requests =
+            blobs::write_requests(&write_name("", Function::Sha256, &d), &data, 65536, 0);
+        requests[1].write_offset += 1;
+        assert_code(
+            blobs::bytestream(&ch)
+                .write(futures::stream::iter(requests))
+                .await,
+            Code::InvalidArgument,
+            "write_offset",
+        );
+        // A first message without a resource name.
+        let requests = vec![WriteRequest {
+            resource_name: String::new(),
+            write_offset: 0,
+            finish_write: true,
+            data: Bytes::from_static(b"x"),
+        }];
+        assert_code(
+            blobs::bytestream(&ch)
+                .write(futures::stream::iter(requests))
+                .await,
+            Code::InvalidArgument,
+            "resource_name",
+        );
+        // None of it was stored.
+        assert_eq!(
+            blobs::find_missing(&ch, "", Function::Sha256, vec![d.clone()])
+                .await
+                .len(),
+            1
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        kiln.stop().await;
+    }
 }
 
-#[tokio::test]
-async fn malformed_resource_names_sizes_and_offsets() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    let data = pseudo_random(2, 1000);
-    let d = digest(Function::Sha256, &data);
-    blobs::write(&ch, &write_name("", Function::Sha256, &d), &data, 1000)
-        .await
-        .unwrap();
-    let h = &d.hash;
-    for (name, needle) in [
-        ("nonsense".to_string(), "not of the form"),
-        (format!("blobs/{h}"), "not of the form"),
-        (format!("blobs/{h}/-5"), "negative"),
-        (format!("blobs/{h}/ten"), "not a number"),
-        (format!("blobs/{}/1000", &h[..20]), "hex"),
-        (format!("blobs/sha1/{h}/1000"), "not supported"),
-        (format!("blobs/md5/{h}/1000"), "not supported"),
-        (format!("compressed-blobs/zstd/{h}/1000"), "compression"),
-    ] {
+on_every_runtime! {
+    async fn malformed_resource_names_sizes_and_offsets(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        let data = pseudo_random(2, 1000);
+        let d = digest(Function::Sha256, &data);
+        blobs::write(&ch, &write_name("", Function::Sha256, &d), &data, 1000)
+            .await
+            .unwrap();
+        let h = &d.hash;
+        for (name, needle) in [
+            ("nonsense".to_string(), "not of the form"),
+            (format!("blobs/{h}"), "not of the form"),
+            (format!("blobs/{h}/-5"), "negative"),
+            (format!("blobs/{h}/ten"), "not a number"),
+            (format!("blobs/{}/1000", &h[..20]), "hex"),
+            (format!("blobs/sha1/{h}/1000"), "not supported"),
+            (format!("blobs/md5/{h}/1000"), "not supported"),
+            (format!("compressed-blobs/zstd/{h}/1000"), "compression"),
+        ] {
+            assert_code(
+                blobs::read(&ch, &name, 0, 0).await,
+                Code::InvalidArgument,
+                needle,
+            );
+        }
+        for (name, needle) in [
+            (format!("blobs/{h}/1000"), "not of the form"),
+            (format!("uploads/u/blobs/{h}/-1"), "negative"),
+            (format!("uploads/u/blobs/vso/{h}/1000"), "not supported"),
+            (format!("x/blobs/y/uploads/u/blobs/{h}/1000"), "reserved"),
+        ] {
+            assert_code(
+                blobs::write(&ch, &name, &data, 1000).await,
+                Code::InvalidArgument,
+                needle,
+            );
+        }
+        let name = read_name("", Function::Sha256, &d);
         assert_code(
-            blobs::read(&ch, &name, 0, 0).await,
-            Code::InvalidArgument,
-            needle,
+            blobs::read(&ch, &name, 1001, 0).await,
+            Code::OutOfRange,
+            "read_offset",
         );
-    }
-    for (name, needle) in [
-        (format!("blobs/{h}/1000"), "not of the form"),
-        (format!("uploads/u/blobs/{h}/-1"), "negative"),
-        (format!("uploads/u/blobs/vso/{h}/1000"), "not supported"),
-        (format!("x/blobs/y/uploads/u/blobs/{h}/1000"), "reserved"),
-    ] {
         assert_code(
-            blobs::write(&ch, &name, &data, 1000).await,
-            Code::InvalidArgument,
-            needle,
+            blobs::read(&ch, &name, -1, 0).await,
+            Code::OutOfRange,
+            "read_offset",
         );
+        assert_code(
+            blobs::read(&ch, &name, 0, -1).await,
+            Code::InvalidArgument,
+            "read_limit",
+        );
+        // Missing blob, unknown upload.
+        let other = digest(Function::Sha256, b"never uploaded");
+        assert_code(
+            blobs::read(&ch, &read_name("", Function::Sha256, &other), 0, 0).await,
+            Code::NotFound,
+            "not found",
+        );
+        assert_code(
+            blobs::bytestream(&ch)
+                .query_write_status(QueryWriteStatusRequest {
+                    resource_name: write_name("", Function::Sha256, &other),
+                })
+                .await,
+            Code::NotFound,
+            "no upload",
+        );
+        kiln.stop().await;
     }
-    let name = read_name("", Function::Sha256, &d);
-    assert_code(
-        blobs::read(&ch, &name, 1001, 0).await,
-        Code::OutOfRange,
-        "read_offset",
-    );
-    assert_code(
-        blobs::read(&ch, &name, -1, 0).await,
-        Code::OutOfRange,
-        "read_offset",
-    );
-    assert_code(
-        blobs::read(&ch, &name, 0, -1).await,
-        Code::InvalidArgument,
-        "read_limit",
-    );
-    // Missing blob, unknown upload.
-    let other = digest(Function::Sha256, b"never uploaded");
-    assert_code(
-        blobs::read(&ch, &read_name("", Function::Sha256, &other), 0, 0).await,
-        Code::NotFound,
-        "not found",
-    );
-    assert_code(
-        blobs::bytestream(&ch)
-            .query_write_status(QueryWriteStatusRequest {
-                resource_name: write_name("", Function::Sha256, &other),
+}
+
+on_every_runtime! {
+    async fn batch_and_find_missing_bad_input(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        let mut cas = blobs::cas(&ch);
+
+        // Malformed digest or unknown function in FindMissing: the whole call is refused.
+        let bad = reapi::Digest {
+            hash: "xyz".into(),
+            size_bytes: 3,
+        };
+        assert_code(
+            cas.find_missing_blobs(reapi::FindMissingBlobsRequest {
+                instance_name: String::new(),
+                blob_digests: vec![bad.clone()],
+                digest_function: 0,
             })
             .await,
-        Code::NotFound,
-        "no upload",
-    );
-    kiln.stop().await;
-}
-
-#[tokio::test]
-async fn batch_and_find_missing_bad_input() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    let mut cas = blobs::cas(&ch);
-
-    // Malformed digest or unknown function in FindMissing: the whole call is refused.
-    let bad = reapi::Digest {
-        hash: "xyz".into(),
-        size_bytes: 3,
-    };
-    assert_code(
-        cas.find_missing_blobs(reapi::FindMissingBlobsRequest {
-            instance_name: String::new(),
-            blob_digests: vec![bad.clone()],
-            digest_function: 0,
-        })
-        .await,
-        Code::InvalidArgument,
-        "hash",
-    );
-    assert_code(
-        cas.find_missing_blobs(reapi::FindMissingBlobsRequest {
-            instance_name: String::new(),
-            blob_digests: vec![digest(Function::Sha256, b"a")],
-            digest_function: 99,
-        })
-        .await,
-        Code::InvalidArgument,
-        "unknown digest function",
-    );
-    let negative = reapi::Digest {
-        hash: digest(Function::Sha256, b"a").hash,
-        size_bytes: -1,
-    };
-    assert_code(
-        cas.find_missing_blobs(reapi::FindMissingBlobsRequest {
-            instance_name: String::new(),
-            blob_digests: vec![negative.clone()],
-            digest_function: Function::Sha256 as i32,
-        })
-        .await,
-        Code::InvalidArgument,
-        "negative",
-    );
-
-    // Per-blob statuses in BatchUpdate: good, wrong hash, wrong size, compressed, bad digest.
-    let good = b"good".to_vec();
-    let req =
-        |d: reapi::Digest, data: &[u8], compressor: i32| batch_update_blobs_request::Request {
-            digest: Some(d),
-            data: Bytes::copy_from_slice(data),
-            compressor,
+            Code::InvalidArgument,
+            "hash",
+        );
+        assert_code(
+            cas.find_missing_blobs(reapi::FindMissingBlobsRequest {
+                instance_name: String::new(),
+                blob_digests: vec![digest(Function::Sha256, b"a")],
+                digest_function: 99,
+            })
+            .await,
+            Code::InvalidArgument,
+            "unknown digest function",
+        );
+        let negative = reapi::Digest {
+            hash: digest(Function::Sha256, b"a").hash,
+            size_bytes: -1,
         };
-    let response = cas
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            instance_name: String::new(),
-            requests: vec![
-                req(digest(Function::Sha256, &good), &good, 0),
-                req(digest(Function::Sha256, b"other"), b"0ther", 0),
-                req(digest(Function::Sha256, b"abc"), b"abcd", 0),
-                req(digest(Function::Sha256, b"zz"), b"zz", 1),
-                req(bad, b"xyz", 0),
-                req(negative, b"a", 0),
-            ],
-            digest_function: Function::Sha256 as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let codes: Vec<i32> = response
-        .responses
-        .iter()
-        .map(|r| r.status.as_ref().unwrap().code)
-        .collect();
-    let ia = Code::InvalidArgument as i32;
-    assert_eq!(codes, vec![0, ia, ia, ia, ia, ia]);
-    let messages: Vec<&str> = response
-        .responses
-        .iter()
-        .map(|r| r.status.as_ref().unwrap().message.as_str())
-        .collect();
-    assert!(messages[1].contains("hashes to"), "{messages:?}");
-    assert!(messages[2].contains("bytes"), "{messages:?}");
-    assert!(messages[3].contains("compressor"), "{messages:?}");
-    let missing = blobs::find_missing(
-        &ch,
-        "",
-        Function::Sha256,
-        vec![
-            digest(Function::Sha256, &good),
-            digest(Function::Sha256, b"other"),
-        ],
-    )
-    .await;
-    assert_eq!(missing, vec![digest(Function::Sha256, b"other")]);
+        assert_code(
+            cas.find_missing_blobs(reapi::FindMissingBlobsRequest {
+                instance_name: String::new(),
+                blob_digests: vec![negative.clone()],
+                digest_function: Function::Sha256 as i32,
+            })
+            .await,
+            Code::InvalidArgument,
+            "negative",
+        );
 
-    // BatchRead: missing blob is a per-blob NOT_FOUND.
-    let response = cas
-        .batch_read_blobs(reapi::BatchReadBlobsRequest {
-            instance_name: String::new(),
-            digests: vec![
+        // Per-blob statuses in BatchUpdate: good, wrong hash, wrong size, compressed, bad digest.
+        let good = b"good".to_vec();
+        let req =
+            |d: reapi::Digest, data: &[u8], compressor: i32| batch_update_blobs_request::Request {
+                digest: Some(d),
+                data: Bytes::copy_from_slice(data),
+                compressor,
+            };
+        let response = cas
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                instance_name: String::new(),
+                requests: vec![
+                    req(digest(Function::Sha256, &good), &good, 0),
+                    req(digest(Function::Sha256, b"other"), b"0ther", 0),
+                    req(digest(Function::Sha256, b"abc"), b"abcd", 0),
+                    req(digest(Function::Sha256, b"zz"), b"zz", 1),
+                    req(bad, b"xyz", 0),
+                    req(negative, b"a", 0),
+                ],
+                digest_function: Function::Sha256 as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let codes: Vec<i32> = response
+            .responses
+            .iter()
+            .map(|r| r.status.as_ref().unwrap().code)
+            .collect();
+        let ia = Code::InvalidArgument as i32;
+        assert_eq!(codes, vec![0, ia, ia, ia, ia, ia]);
+        let messages: Vec<&str> = response
+            .responses
+            .iter()
+            .map(|r| r.status.as_ref().unwrap().message.as_str())
+            .collect();
+        assert!(messages[1].contains("hashes to"), "{messages:?}");
+        assert!(messages[2].contains("bytes"), "{messages:?}");
+        assert!(messages[3].contains("compressor"), "{messages:?}");
+        let missing = blobs::find_missing(
+            &ch,
+            "",
+            Function::Sha256,
+            vec![
                 digest(Function::Sha256, &good),
-                digest(Function::Sha256, b"nope"),
+                digest(Function::Sha256, b"other"),
             ],
-            acceptable_compressors: vec![],
-            digest_function: Function::Sha256 as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(response.responses[0].data.as_ref(), good.as_slice());
-    assert_eq!(
-        response.responses[1].status.as_ref().unwrap().code,
-        Code::NotFound as i32
-    );
-    kiln.stop().await;
+        )
+        .await;
+        assert_eq!(missing, vec![digest(Function::Sha256, b"other")]);
+
+        // BatchRead: missing blob is a per-blob NOT_FOUND.
+        let response = cas
+            .batch_read_blobs(reapi::BatchReadBlobsRequest {
+                instance_name: String::new(),
+                digests: vec![
+                    digest(Function::Sha256, &good),
+                    digest(Function::Sha256, b"nope"),
+                ],
+                acceptable_compressors: vec![],
+                digest_function: Function::Sha256 as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.responses[0].data.as_ref(), good.as_slice());
+        assert_eq!(
+            response.responses[1].status.as_ref().unwrap().code,
+            Code::NotFound as i32
+        );
+        kiln.stop().await;
+    }
 }
 
-#[tokio::test]
-async fn oversized_batches_and_messages() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = Options {
-        config: Some(
-            "[server]\nmax_message_bytes = \"2 MiB\"\nmax_batch_total_size_bytes = \"1 MiB\"\n[storage]\ndisk_bytes = \"8 MiB\"\n"
-                .into(),
-        ),
-        ..Options::default()
-    };
-    let kiln = Kiln::start_with(dir.path(), options);
-    let ch = kiln.channel().await;
-    let mut cas = blobs::cas(&ch);
-    let blob = |seed| {
-        let data = pseudo_random(seed, 600 << 10);
-        batch_update_blobs_request::Request {
-            digest: Some(digest(Function::Sha256, &data)),
-            data: data.into(),
-            compressor: 0,
-        }
-    };
-    // Two 600 KiB blobs: over the 1 MiB batch limit.
-    assert_code(
-        cas.batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            instance_name: String::new(),
-            requests: vec![blob(1), blob(2)],
-            digest_function: Function::Sha256 as i32,
-        })
-        .await,
-        Code::InvalidArgument,
-        "max_batch_total_size_bytes",
-    );
-    assert_code(
-        cas.batch_read_blobs(reapi::BatchReadBlobsRequest {
-            instance_name: String::new(),
-            digests: vec![blob(1).digest.unwrap(), blob(2).digest.unwrap()],
-            acceptable_compressors: vec![],
-            digest_function: Function::Sha256 as i32,
-        })
-        .await,
-        Code::InvalidArgument,
-        "max_batch_total_size_bytes",
-    );
-    // A single message above max_message_bytes.
-    let big = pseudo_random(9, 3 << 20);
-    let name = write_name("", Function::Sha256, &digest(Function::Sha256, &big));
-    assert_code(
-        blobs::write(&ch, &name, &big, 3 << 20).await,
-        Code::ResourceExhausted,
-        "exceeds the limit",
-    );
-    // A blob larger than the whole CAS.
-    let huge = reapi::Digest {
-        hash: digest(Function::Sha256, b"x").hash,
-        size_bytes: 9 << 20,
-    };
-    assert_code(
-        blobs::write(&ch, &write_name("", Function::Sha256, &huge), b"x", 1).await,
-        Code::InvalidArgument,
-        "capacity",
-    );
-    // The server is still fine.
-    let small = b"still alive".to_vec();
-    blobs::write(
-        &ch,
-        &write_name("", Function::Sha256, &digest(Function::Sha256, &small)),
-        &small,
-        4,
-    )
-    .await
-    .unwrap();
-    kiln.stop().await;
+on_every_runtime! {
+    async fn oversized_batches_and_messages(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some(
+                "[server]\nmax_message_bytes = \"2 MiB\"\nmax_batch_total_size_bytes = \"1 MiB\"\n[storage]\ndisk_bytes = \"8 MiB\"\n"
+                    .into(),
+            ),
+            ..Options::on(rt)
+        };
+        let kiln = Kiln::start_with(dir.path(), options);
+        let ch = kiln.channel().await;
+        let mut cas = blobs::cas(&ch);
+        let blob = |seed| {
+            let data = pseudo_random(seed, 600 << 10);
+            batch_update_blobs_request::Request {
+                digest: Some(digest(Function::Sha256, &data)),
+                data: data.into(),
+                compressor: 0,
+            }
+        };
+        // Two 600 KiB blobs: over the 1 MiB batch limit.
+        assert_code(
+            cas.batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                instance_name: String::new(),
+                requests: vec![blob(1), blob(2)],
+                digest_function: Function::Sha256 as i32,
+            })
+            .await,
+            Code::InvalidArgument,
+            "max_batch_total_size_bytes",
+        );
+        assert_code(
+            cas.batch_read_blobs(reapi::BatchReadBlobsRequest {
+                instance_name: String::new(),
+                digests: vec![blob(1).digest.unwrap(), blob(2).digest.unwrap()],
+                acceptable_compressors: vec![],
+                digest_function: Function::Sha256 as i32,
+            })
+            .await,
+            Code::InvalidArgument,
+            "max_batch_total_size_bytes",
+        );
+        // A single message above max_message_bytes.
+        let big = pseudo_random(9, 3 << 20);
+        let name = write_name("", Function::Sha256, &digest(Function::Sha256, &big));
+        assert_code(
+            blobs::write(&ch, &name, &big, 3 << 20).await,
+            Code::ResourceExhausted,
+            "exceeds the limit",
+        );
+        // A blob larger than the whole CAS.
+        let huge = reapi::Digest {
+            hash: digest(Function::Sha256, b"x").hash,
+            size_bytes: 9 << 20,
+        };
+        assert_code(
+            blobs::write(&ch, &write_name("", Function::Sha256, &huge), b"x", 1).await,
+            Code::InvalidArgument,
+            "capacity",
+        );
+        // The server is still fine.
+        let small = b"still alive".to_vec();
+        blobs::write(
+            &ch,
+            &write_name("", Function::Sha256, &digest(Function::Sha256, &small)),
+            &small,
+            4,
+        )
+        .await
+        .unwrap();
+        kiln.stop().await;
+    }
 }

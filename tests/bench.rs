@@ -3,6 +3,7 @@
 //! the digest is reported as an error (against a tiny fake server: Kiln cannot be made to
 //! serve bad bytes).
 
+#[macro_use]
 mod common;
 
 use clap::Parser;
@@ -30,85 +31,86 @@ async fn run(line: &str) -> Report {
         .remove(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_scenario_runs_against_kiln() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = tokio::task::spawn_blocking({
-        let d = dir.path().join("data");
-        move || Kiln::start(&d)
-    })
-    .await
-    .unwrap();
-    let endpoint = format!(
-        "--endpoint grpc://{} --quiet --connections 2 --concurrency 4",
-        kiln.addr
-    );
-    for (line, kinds) in [
-        ("write --size 4KiB-256KiB --ops 20", vec!["write"]),
-        (
-            "write --size 2MiB --ops 3 --digest-function blake3",
-            vec!["write"],
-        ),
-        ("read --size 1MiB --ops 10 --blobs 3", vec!["read"]),
-        (
-            "batch --size 1KiB --batch 16 --ops 5",
-            vec!["batch-read", "batch-update"],
-        ),
-        (
-            "find-missing --digests-per-call 100 --ops 5",
-            vec!["find-missing"],
-        ),
-        (
-            "action-cache --blobs 20 --ops 40",
-            vec!["get-hit", "get-miss", "update"],
-        ),
-        (
-            "mixed --size 1KiB --batch 4 --ops 10",
-            vec![
-                "build-step",
-                "find-missing",
-                "get-result",
-                "read-output",
-                "upload",
-            ],
-        ),
-        (
-            "write --size 8KiB --duration 0.5 --warmup 0.2 --rate 200",
-            vec!["write"],
-        ),
-    ] {
-        let report = run(&format!("{line} {endpoint}")).await;
-        for kind in kinds {
-            let r = report
-                .results
-                .iter()
-                .find(|r| r.kind == kind)
-                .unwrap_or_else(|| panic!("{line}: no {kind} results in {report:?}"));
-            assert!(r.ops > 0, "{line}: {kind} ran nothing");
-            assert_eq!(r.errors, 0, "{line}: {kind} errors {:?}", r.errors_by_code);
+on_every_runtime! {
+    async fn every_scenario_runs_against_kiln(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = tokio::task::spawn_blocking({
+            let d = dir.path().join("data");
+            move || Kiln::start(rt, &d)
+        })
+        .await
+        .unwrap();
+        let endpoint = format!(
+            "--endpoint grpc://{} --quiet --connections 2 --concurrency 4",
+            kiln.addr
+        );
+        for (line, kinds) in [
+            ("write --size 4KiB-256KiB --ops 20", vec!["write"]),
+            (
+                "write --size 2MiB --ops 3 --digest-function blake3",
+                vec!["write"],
+            ),
+            ("read --size 1MiB --ops 10 --blobs 3", vec!["read"]),
+            (
+                "batch --size 1KiB --batch 16 --ops 5",
+                vec!["batch-read", "batch-update"],
+            ),
+            (
+                "find-missing --digests-per-call 100 --ops 5",
+                vec!["find-missing"],
+            ),
+            (
+                "action-cache --blobs 20 --ops 40",
+                vec!["get-hit", "get-miss", "update"],
+            ),
+            (
+                "mixed --size 1KiB --batch 4 --ops 10",
+                vec![
+                    "build-step",
+                    "find-missing",
+                    "get-result",
+                    "read-output",
+                    "upload",
+                ],
+            ),
+            (
+                "write --size 8KiB --duration 0.5 --warmup 0.2 --rate 200",
+                vec!["write"],
+            ),
+        ] {
+            let report = run(&format!("{line} {endpoint}")).await;
+            for kind in kinds {
+                let r = report
+                    .results
+                    .iter()
+                    .find(|r| r.kind == kind)
+                    .unwrap_or_else(|| panic!("{line}: no {kind} results in {report:?}"));
+                assert!(r.ops > 0, "{line}: {kind} ran nothing");
+                assert_eq!(r.errors, 0, "{line}: {kind} errors {:?}", r.errors_by_code);
+                assert!(
+                    r.latency_ms.p50 > 0.0 && r.latency_ms.p99 >= r.latency_ms.p50,
+                    "{line}: {r:?}"
+                );
+            }
+        }
+        // Kiln has no GetTree or execution yet: both are skipped, with the reason in the report.
+        for (line, why) in [
+            ("get-tree --ops 2", "GetTree"),
+            ("execute --ops 2", "execute"),
+        ] {
+            let report = run(&format!("{line} {endpoint}")).await;
+            assert!(report.results.is_empty(), "{line}");
             assert!(
-                r.latency_ms.p50 > 0.0 && r.latency_ms.p99 >= r.latency_ms.p50,
-                "{line}: {r:?}"
+                report
+                    .notes
+                    .iter()
+                    .any(|n| n.contains("skipped") && n.contains(why)),
+                "{line}: {:?}",
+                report.notes
             );
         }
+        kiln.stop().await;
     }
-    // Kiln has no GetTree or execution yet: both are skipped, with the reason in the report.
-    for (line, why) in [
-        ("get-tree --ops 2", "GetTree"),
-        ("execute --ops 2", "execute"),
-    ] {
-        let report = run(&format!("{line} {endpoint}")).await;
-        assert!(report.results.is_empty(), "{line}");
-        assert!(
-            report
-                .notes
-                .iter()
-                .any(|n| n.contains("skipped") && n.contains(why)),
-            "{line}: {:?}",
-            report.notes
-        );
-    }
-    kiln.stop().await;
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! ByteStream Read/Write/QueryWriteStatus against a real `kiln serve`.
 
+#[macro_use]
 mod common;
 
 use common::blobs::{self, digest, pseudo_random, read_name, write_name};
@@ -12,234 +13,240 @@ use tonic::Code;
 
 const FUNCTIONS: [Function; 2] = [Function::Sha256, Function::Blake3];
 
-#[tokio::test]
-async fn round_trip_with_both_digest_functions_and_ranges() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    for (i, function) in FUNCTIONS.into_iter().enumerate() {
-        // One blob served from memory, one large enough to stream from its file.
-        for size in [1000usize, 3 << 20] {
-            let data = pseudo_random(i as u64 * 10 + size as u64, size);
-            let d = digest(function, &data);
-            let resp = blobs::write(&ch, &write_name("", function, &d), &data, 64 << 10)
-                .await
-                .unwrap();
-            assert_eq!(resp.committed_size, size as i64);
-            let name = read_name("", function, &d);
-            assert_eq!(blobs::read(&ch, &name, 0, 0).await.unwrap(), data);
-            assert_eq!(
-                blobs::read(&ch, &name, 10, 100).await.unwrap(),
-                &data[10..110]
-            );
-            assert_eq!(
-                blobs::read(&ch, &name, size as i64 - 5, 0).await.unwrap(),
-                &data[size - 5..]
-            );
-            assert!(blobs::read(&ch, &name, size as i64, 0)
+on_every_runtime! {
+    async fn round_trip_with_both_digest_functions_and_ranges(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        for (i, function) in FUNCTIONS.into_iter().enumerate() {
+            // One blob served from memory, one large enough to stream from its file.
+            for size in [1000usize, 3 << 20] {
+                let data = pseudo_random(i as u64 * 10 + size as u64, size);
+                let d = digest(function, &data);
+                let resp = blobs::write(&ch, &write_name("", function, &d), &data, 64 << 10)
+                    .await
+                    .unwrap();
+                assert_eq!(resp.committed_size, size as i64);
+                let name = read_name("", function, &d);
+                assert_eq!(blobs::read(&ch, &name, 0, 0).await.unwrap(), data);
+                assert_eq!(
+                    blobs::read(&ch, &name, 10, 100).await.unwrap(),
+                    &data[10..110]
+                );
+                assert_eq!(
+                    blobs::read(&ch, &name, size as i64 - 5, 0).await.unwrap(),
+                    &data[size - 5..]
+                );
+                assert!(blobs::read(&ch, &name, size as i64, 0)
+                    .await
+                    .unwrap()
+                    .is_empty());
+                assert!(blobs::find_missing(&ch, "", function, vec![d])
+                    .await
+                    .is_empty());
+            }
+        }
+        kiln.stop().await;
+    }
+}
+
+on_every_runtime! {
+    async fn empty_blob_is_always_present(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        for function in FUNCTIONS {
+            let d = digest(function, b"");
+            assert!(blobs::read(&ch, &read_name("", function, &d), 0, 0)
                 .await
                 .unwrap()
                 .is_empty());
-            assert!(blobs::find_missing(&ch, "", function, vec![d])
+            assert!(blobs::find_missing(&ch, "", function, vec![d.clone()])
                 .await
                 .is_empty());
+            let resp = blobs::write(&ch, &write_name("", function, &d), b"", 1)
+                .await
+                .unwrap();
+            assert_eq!(resp.committed_size, 0);
         }
+        kiln.stop().await;
     }
-    kiln.stop().await;
 }
 
-#[tokio::test]
-async fn empty_blob_is_always_present() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    for function in FUNCTIONS {
-        let d = digest(function, b"");
-        assert!(blobs::read(&ch, &read_name("", function, &d), 0, 0)
+// 256 MiB through ByteStream, generated and hashed as it streams (no 256 MiB buffers here).
+on_every_runtime! {
+    async fn large_blob_streams_both_ways(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        const SIZE: usize = 256 << 20;
+        const CHUNK: usize = 1 << 20;
+        let chunk = |i: usize| pseudo_random(i as u64 + 7, CHUNK);
+        let mut hasher = blake3::Hasher::new();
+        for i in 0..SIZE / CHUNK {
+            hasher.update(&chunk(i));
+        }
+        let d = kiln_proto::reapi::Digest {
+            hash: hasher.finalize().to_hex().to_string(),
+            size_bytes: SIZE as i64,
+        };
+        let name = write_name("", Function::Blake3, &d);
+        let requests = futures::stream::iter(0..SIZE / CHUNK).map(move |i| WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: (i * CHUNK) as i64,
+            finish_write: i == SIZE / CHUNK - 1,
+            data: chunk(i).into(),
+        });
+        let resp = blobs::bytestream(&ch)
+            .write(requests)
             .await
             .unwrap()
-            .is_empty());
-        assert!(blobs::find_missing(&ch, "", function, vec![d.clone()])
-            .await
-            .is_empty());
-        let resp = blobs::write(&ch, &write_name("", function, &d), b"", 1)
-            .await
-            .unwrap();
-        assert_eq!(resp.committed_size, 0);
-    }
-    kiln.stop().await;
-}
+            .into_inner();
+        assert_eq!(resp.committed_size, SIZE as i64);
 
-/// 256 MiB through ByteStream, generated and hashed as it streams (no 256 MiB buffers here).
-#[tokio::test]
-async fn large_blob_streams_both_ways() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    const SIZE: usize = 256 << 20;
-    const CHUNK: usize = 1 << 20;
-    let chunk = |i: usize| pseudo_random(i as u64 + 7, CHUNK);
-    let mut hasher = blake3::Hasher::new();
-    for i in 0..SIZE / CHUNK {
-        hasher.update(&chunk(i));
-    }
-    let d = kiln_proto::reapi::Digest {
-        hash: hasher.finalize().to_hex().to_string(),
-        size_bytes: SIZE as i64,
-    };
-    let name = write_name("", Function::Blake3, &d);
-    let requests = futures::stream::iter(0..SIZE / CHUNK).map(move |i| WriteRequest {
-        resource_name: if i == 0 { name.clone() } else { String::new() },
-        write_offset: (i * CHUNK) as i64,
-        finish_write: i == SIZE / CHUNK - 1,
-        data: chunk(i).into(),
-    });
-    let resp = blobs::bytestream(&ch)
-        .write(requests)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(resp.committed_size, SIZE as i64);
-
-    let mut stream = blobs::bytestream(&ch)
-        .read(kiln_proto::bytestream::ReadRequest {
-            resource_name: read_name("", Function::Blake3, &d),
-            read_offset: 0,
-            read_limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut check = blake3::Hasher::new();
-    let mut total = 0usize;
-    while let Some(msg) = stream.next().await {
-        let msg = msg.unwrap();
-        total += msg.data.len();
-        check.update(&msg.data);
-    }
-    assert_eq!(total, SIZE);
-    assert_eq!(check.finalize().to_hex().to_string(), d.hash);
-    kiln.stop().await;
-}
-
-/// Interrupt an upload, ask QueryWriteStatus where it got to, and resume from there.
-#[tokio::test]
-async fn interrupted_upload_resumes_from_committed_size() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    let data = pseudo_random(42, 5 << 20);
-    let d = digest(Function::Sha256, &data);
-    let name = write_name("main", Function::Sha256, &d);
-    let half = 2 << 20;
-
-    // Send the first half, then abandon the call (the client resets the stream).
-    let upload = blobs::open_upload(&ch);
-    for r in blobs::write_requests(&name, &data[..half], 256 << 10, 0) {
-        upload
-            .tx
-            .send(WriteRequest {
-                finish_write: false,
-                ..r
+        let mut stream = blobs::bytestream(&ch)
+            .read(kiln_proto::bytestream::ReadRequest {
+                resource_name: read_name("", Function::Blake3, &d),
+                read_offset: 0,
+                read_limit: 0,
             })
             .await
-            .unwrap();
+            .unwrap()
+            .into_inner();
+        let mut check = blake3::Hasher::new();
+        let mut total = 0usize;
+        while let Some(msg) = stream.next().await {
+            let msg = msg.unwrap();
+            total += msg.data.len();
+            check.update(&msg.data);
+        }
+        assert_eq!(total, SIZE);
+        assert_eq!(check.finalize().to_hex().to_string(), d.hash);
+        kiln.stop().await;
     }
-    blobs::wait_committed(&ch, &name, half).await;
-    upload.call.abort();
-    drop(upload.tx);
-    let _ = upload.call.await;
+}
 
-    // Resume; the server may not have noticed the reset yet (ABORTED: retry), as a client would.
-    let resumed = eventually("the upload to be resumable", || async {
-        let (committed, complete) = blobs::query(&ch, &name).await.unwrap();
-        assert!(!complete);
-        let offset = committed as usize;
-        let mut requests = blobs::write_requests("", &data, 1 << 20, offset);
-        requests[0].resource_name = name.clone();
-        match blobs::bytestream(&ch)
+// Interrupt an upload, ask QueryWriteStatus where it got to, and resume from there.
+on_every_runtime! {
+    async fn interrupted_upload_resumes_from_committed_size(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        let data = pseudo_random(42, 5 << 20);
+        let d = digest(Function::Sha256, &data);
+        let name = write_name("main", Function::Sha256, &d);
+        let half = 2 << 20;
+
+        // Send the first half, then abandon the call (the client resets the stream).
+        let upload = blobs::open_upload(&ch);
+        for r in blobs::write_requests(&name, &data[..half], 256 << 10, 0) {
+            upload
+                .tx
+                .send(WriteRequest {
+                    finish_write: false,
+                    ..r
+                })
+                .await
+                .unwrap();
+        }
+        blobs::wait_committed(&ch, &name, half).await;
+        upload.call.abort();
+        drop(upload.tx);
+        let _ = upload.call.await;
+
+        // Resume; the server may not have noticed the reset yet (ABORTED: retry), as a client would.
+        let resumed = eventually("the upload to be resumable", || async {
+            let (committed, complete) = blobs::query(&ch, &name).await.unwrap();
+            assert!(!complete);
+            let offset = committed as usize;
+            let mut requests = blobs::write_requests("", &data, 1 << 20, offset);
+            requests[0].resource_name = name.clone();
+            match blobs::bytestream(&ch)
+                .write(futures::stream::iter(requests))
+                .await
+            {
+                Ok(r) => Some((offset, r.into_inner())),
+                Err(s) if s.code() == Code::Aborted => None,
+                Err(s) => panic!("resume failed: {s:?}"),
+            }
+        })
+        .await;
+        let (offset, resp) = resumed;
+        assert_eq!(offset, half, "resumed from where the first stream stopped");
+        assert_eq!(resp.committed_size, data.len() as i64);
+        assert_eq!(
+            blobs::read(&ch, &read_name("main", Function::Sha256, &d), 0, 0)
+                .await
+                .unwrap(),
+            data
+        );
+        assert_eq!(
+            blobs::query(&ch, &name).await.unwrap(),
+            (data.len() as i64, true)
+        );
+        kiln.stop().await;
+    }
+}
+
+on_every_runtime! {
+    async fn concurrent_identical_uploads_all_succeed(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let data = pseudo_random(7, 8 << 20);
+        let d = digest(Function::Blake3, &data);
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            // Separate connections, so the uploads land on different shards.
+            let ch = kiln.channel().await;
+            let data = data.clone();
+            let name = write_name("", Function::Blake3, &d);
+            tasks.push(tokio::spawn(async move {
+                blobs::write(&ch, &name, &data, 128 << 10).await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().committed_size, data.len() as i64);
+        }
+        let ch = kiln.channel().await;
+        let got = blobs::read(&ch, &read_name("", Function::Blake3, &d), 0, 0)
+            .await
+            .unwrap();
+        assert_eq!(sha2::Sha256::digest(&got), sha2::Sha256::digest(&data));
+        // Exactly one copy on disk, and no temp files left behind.
+        let tmp: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+        assert!(tmp.is_empty(), "{tmp:?}");
+        kiln.stop().await;
+    }
+}
+
+on_every_runtime! {
+    async fn disconnect_mid_upload_leaves_no_blob(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        let data = pseudo_random(3, 1 << 20);
+        let d = digest(Function::Sha256, &data);
+        let name = write_name("", Function::Sha256, &d);
+        // The stream ends cleanly but without finish_write: an error, and nothing is stored.
+        let mut requests = blobs::write_requests(&name, &data[..1000], 100, 0);
+        for r in &mut requests {
+            r.finish_write = false;
+        }
+        let err = blobs::bytestream(&ch)
             .write(futures::stream::iter(requests))
             .await
-        {
-            Ok(r) => Some((offset, r.into_inner())),
-            Err(s) if s.code() == Code::Aborted => None,
-            Err(s) => panic!("resume failed: {s:?}"),
-        }
-    })
-    .await;
-    let (offset, resp) = resumed;
-    assert_eq!(offset, half, "resumed from where the first stream stopped");
-    assert_eq!(resp.committed_size, data.len() as i64);
-    assert_eq!(
-        blobs::read(&ch, &read_name("main", Function::Sha256, &d), 0, 0)
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(
+            blobs::find_missing(&ch, "", Function::Sha256, vec![d.clone()]).await,
+            vec![d.clone()]
+        );
+        let err = blobs::read(&ch, &read_name("", Function::Sha256, &d), 0, 0)
             .await
-            .unwrap(),
-        data
-    );
-    assert_eq!(
-        blobs::query(&ch, &name).await.unwrap(),
-        (data.len() as i64, true)
-    );
-    kiln.stop().await;
-}
-
-#[tokio::test]
-async fn concurrent_identical_uploads_all_succeed() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let data = pseudo_random(7, 8 << 20);
-    let d = digest(Function::Blake3, &data);
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        // Separate connections, so the uploads land on different shards.
-        let ch = kiln.channel().await;
-        let data = data.clone();
-        let name = write_name("", Function::Blake3, &d);
-        tasks.push(tokio::spawn(async move {
-            blobs::write(&ch, &name, &data, 128 << 10).await
-        }));
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        // It was kept for resumption, at the offset where it stopped.
+        assert_eq!(blobs::query(&ch, &name).await.unwrap(), (1000, false));
+        kiln.stop().await;
     }
-    for t in tasks {
-        assert_eq!(t.await.unwrap().unwrap().committed_size, data.len() as i64);
-    }
-    let ch = kiln.channel().await;
-    let got = blobs::read(&ch, &read_name("", Function::Blake3, &d), 0, 0)
-        .await
-        .unwrap();
-    assert_eq!(sha2::Sha256::digest(&got), sha2::Sha256::digest(&data));
-    // Exactly one copy on disk, and no temp files left behind.
-    let tmp: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
-    assert!(tmp.is_empty(), "{tmp:?}");
-    kiln.stop().await;
-}
-
-#[tokio::test]
-async fn disconnect_mid_upload_leaves_no_blob() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    let data = pseudo_random(3, 1 << 20);
-    let d = digest(Function::Sha256, &data);
-    let name = write_name("", Function::Sha256, &d);
-    // The stream ends cleanly but without finish_write: an error, and nothing is stored.
-    let mut requests = blobs::write_requests(&name, &data[..1000], 100, 0);
-    for r in &mut requests {
-        r.finish_write = false;
-    }
-    let err = blobs::bytestream(&ch)
-        .write(futures::stream::iter(requests))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(
-        blobs::find_missing(&ch, "", Function::Sha256, vec![d.clone()]).await,
-        vec![d.clone()]
-    );
-    let err = blobs::read(&ch, &read_name("", Function::Sha256, &d), 0, 0)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-    // It was kept for resumption, at the offset where it stopped.
-    assert_eq!(blobs::query(&ch, &name).await.unwrap(), (1000, false));
-    kiln.stop().await;
 }

@@ -1,6 +1,7 @@
 //! Restarts, crashes and signals: acknowledged data survives, eviction order survives, damaged
 //! files are never served, and SIGTERM lets in-flight uploads finish before a clean exit.
 
+#[macro_use]
 mod common;
 
 use common::blobs::{self, digest, pseudo_random, read_name, write_name};
@@ -24,76 +25,95 @@ async fn start(dir: &Path, options: Options) -> Kiln {
         .unwrap()
 }
 
-#[tokio::test]
-async fn restart_keeps_blobs_and_action_results() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let f = Function::Sha256;
-    let small = pseudo_random(1, 1000);
-    let large = pseudo_random(2, 3 << 20);
-    let action = digest(f, b"action");
-    let result = reapi::ActionResult {
-        stdout_digest: Some(digest(f, &small)),
-        exit_code: 3,
-        ..Default::default()
-    };
-    {
-        let kiln = start(&data_dir, Options::default()).await;
-        let ch = kiln.channel().await;
-        for data in [&small, &large] {
-            blobs::write(&ch, &write_name("", f, &digest(f, data)), data, 1 << 16)
+on_every_runtime! {
+    async fn restart_keeps_blobs_and_action_results(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let f = Function::Sha256;
+        let small = pseudo_random(1, 1000);
+        let large = pseudo_random(2, 3 << 20);
+        let action = digest(f, b"action");
+        let result = reapi::ActionResult {
+            stdout_digest: Some(digest(f, &small)),
+            exit_code: 3,
+            ..Default::default()
+        };
+        {
+            let kiln = start(&data_dir, Options::on(rt)).await;
+            let ch = kiln.channel().await;
+            for data in [&small, &large] {
+                blobs::write(&ch, &write_name("", f, &digest(f, data)), data, 1 << 16)
+                    .await
+                    .unwrap();
+            }
+            ActionCacheClient::new(ch.clone())
+                .update_action_result(reapi::UpdateActionResultRequest {
+                    action_digest: Some(action.clone()),
+                    action_result: Some(result.clone()),
+                    ..Default::default()
+                })
                 .await
                 .unwrap();
+            kiln.stop().await;
         }
-        ActionCacheClient::new(ch.clone())
-            .update_action_result(reapi::UpdateActionResultRequest {
-                action_digest: Some(action.clone()),
-                action_result: Some(result.clone()),
+        let kiln = start(&data_dir, Options::on(rt)).await;
+        let ch = kiln.channel().await;
+        for data in [&small, &large] {
+            assert_eq!(
+                &blobs::read(&ch, &read_name("", f, &digest(f, data)), 0, 0)
+                    .await
+                    .unwrap(),
+                data
+            );
+        }
+        let got = ActionCacheClient::new(ch.clone())
+            .get_action_result(reapi::GetActionResultRequest {
+                action_digest: Some(action),
                 ..Default::default()
             })
             .await
-            .unwrap();
+            .unwrap()
+            .into_inner();
+        assert_eq!(got, result);
         kiln.stop().await;
     }
-    let kiln = start(&data_dir, Options::default()).await;
-    let ch = kiln.channel().await;
-    for data in [&small, &large] {
-        assert_eq!(
-            &blobs::read(&ch, &read_name("", f, &digest(f, data)), 0, 0)
-                .await
-                .unwrap(),
-            data
-        );
-    }
-    let got = ActionCacheClient::new(ch.clone())
-        .get_action_result(reapi::GetActionResultRequest {
-            action_digest: Some(action),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got, result);
-    kiln.stop().await;
 }
 
-/// Eight 100 KiB blobs under a 1 MiB cap, the first one used again, a restart, then three more
-/// blobs: exactly the least recently used one (the second) must go.
-#[tokio::test]
-async fn eviction_order_survives_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let options = Options {
-        config: Some("[storage]\ndisk_bytes = \"1 MiB\"\naccess_time_resolution_secs = 0\n".into()),
-        ..Options::default()
-    };
-    let f = Function::Sha256;
-    let blob = |n: u64| pseudo_random(100 + n, 100 << 10);
-    let digests: Vec<reapi::Digest> = (0..11).map(|n| digest(f, &blob(n))).collect();
-    {
-        let kiln = start(&data_dir, options.clone()).await;
+// Eight 100 KiB blobs under a 1 MiB cap, the first one used again, a restart, then three more
+// blobs: exactly the least recently used one (the second) must go.
+on_every_runtime! {
+    async fn eviction_order_survives_restart(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let options = Options {
+            config: Some("[storage]\ndisk_bytes = \"1 MiB\"\naccess_time_resolution_secs = 0\n".into()),
+            ..Options::on(rt)
+        };
+        let f = Function::Sha256;
+        let blob = |n: u64| pseudo_random(100 + n, 100 << 10);
+        let digests: Vec<reapi::Digest> = (0..11).map(|n| digest(f, &blob(n))).collect();
+        {
+            let kiln = start(&data_dir, options.clone()).await;
+            let ch = kiln.channel().await;
+            for n in 0..8 {
+                blobs::write(
+                    &ch,
+                    &write_name("", f, &digests[n as usize]),
+                    &blob(n),
+                    1 << 16,
+                )
+                .await
+                .unwrap();
+            }
+            // Use blob 0 again: blob 1 becomes the least recently used.
+            assert!(blobs::find_missing(&ch, "", f, vec![digests[0].clone()])
+                .await
+                .is_empty());
+            kiln.stop().await;
+        }
+        let kiln = start(&data_dir, options).await;
         let ch = kiln.channel().await;
-        for n in 0..8 {
+        for n in 8..11 {
             blobs::write(
                 &ch,
                 &write_name("", f, &digests[n as usize]),
@@ -103,183 +123,172 @@ async fn eviction_order_survives_restart() {
             .await
             .unwrap();
         }
-        // Use blob 0 again: blob 1 becomes the least recently used.
-        assert!(blobs::find_missing(&ch, "", f, vec![digests[0].clone()])
-            .await
-            .is_empty());
+        let missing = blobs::find_missing(&ch, "", f, digests.clone()).await;
+        assert_eq!(
+            missing,
+            vec![digests[1].clone()],
+            "only the least recently used blob is evicted"
+        );
+        assert!(!blob_file(&data_dir, &digests[1]).exists());
         kiln.stop().await;
     }
-    let kiln = start(&data_dir, options).await;
-    let ch = kiln.channel().await;
-    for n in 8..11 {
-        blobs::write(
-            &ch,
-            &write_name("", f, &digests[n as usize]),
-            &blob(n),
-            1 << 16,
-        )
-        .await
-        .unwrap();
-    }
-    let missing = blobs::find_missing(&ch, "", f, digests.clone()).await;
-    assert_eq!(
-        missing,
-        vec![digests[1].clone()],
-        "only the least recently used blob is evicted"
-    );
-    assert!(!blob_file(&data_dir, &digests[1]).exists());
-    kiln.stop().await;
 }
 
-/// Bytes changed on disk behind the server's back are never served: a file of the wrong size
-/// is dropped at start-up, a file of the right size with wrong content on its first read.
-#[tokio::test]
-async fn damaged_files_are_never_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let f = Function::Sha256;
-    let blobs_data: Vec<Vec<u8>> = vec![
-        pseudo_random(5, 1000),
-        pseudo_random(6, 2 << 20),
-        pseudo_random(7, 5000),
-    ];
-    let digests: Vec<reapi::Digest> = blobs_data.iter().map(|b| digest(f, b)).collect();
-    {
-        let kiln = start(&data_dir, Options::default()).await;
-        let ch = kiln.channel().await;
-        for (d, data) in digests.iter().zip(&blobs_data) {
-            blobs::write(&ch, &write_name("", f, d), data, 1 << 16)
-                .await
-                .unwrap();
+// Bytes changed on disk behind the server's back are never served: a file of the wrong size
+// is dropped at start-up, a file of the right size with wrong content on its first read.
+on_every_runtime! {
+    async fn damaged_files_are_never_served(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let f = Function::Sha256;
+        let blobs_data: Vec<Vec<u8>> = vec![
+            pseudo_random(5, 1000),
+            pseudo_random(6, 2 << 20),
+            pseudo_random(7, 5000),
+        ];
+        let digests: Vec<reapi::Digest> = blobs_data.iter().map(|b| digest(f, b)).collect();
+        {
+            let kiln = start(&data_dir, Options::on(rt)).await;
+            let ch = kiln.channel().await;
+            for (d, data) in digests.iter().zip(&blobs_data) {
+                blobs::write(&ch, &write_name("", f, d), data, 1 << 16)
+                    .await
+                    .unwrap();
+            }
+            kiln.stop().await;
         }
+        // Flip a byte in the first two; cut the third short.
+        for d in &digests[..2] {
+            let path = blob_file(&data_dir, d);
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[100] ^= 0x55;
+            std::fs::write(&path, bytes).unwrap();
+        }
+        let path = blob_file(&data_dir, &digests[2]);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..10]).unwrap();
+
+        let kiln = start(&data_dir, Options::on(rt)).await;
+        let ch = kiln.channel().await;
+        let missing = blobs::find_missing(&ch, "", f, digests.clone()).await;
+        assert_eq!(
+            missing,
+            vec![digests[2].clone()],
+            "the short file was dropped at start-up"
+        );
+        for d in &digests[..2] {
+            let err = blobs::read(&ch, &read_name("", f, d), 0, 0)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        }
+        let missing = blobs::find_missing(&ch, "", f, digests.clone()).await;
+        assert_eq!(
+            missing.len(),
+            3,
+            "damaged blobs are gone, so clients upload them again"
+        );
         kiln.stop().await;
     }
-    // Flip a byte in the first two; cut the third short.
-    for d in &digests[..2] {
-        let path = blob_file(&data_dir, d);
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[100] ^= 0x55;
-        std::fs::write(&path, bytes).unwrap();
-    }
-    let path = blob_file(&data_dir, &digests[2]);
-    let bytes = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &bytes[..10]).unwrap();
-
-    let kiln = start(&data_dir, Options::default()).await;
-    let ch = kiln.channel().await;
-    let missing = blobs::find_missing(&ch, "", f, digests.clone()).await;
-    assert_eq!(
-        missing,
-        vec![digests[2].clone()],
-        "the short file was dropped at start-up"
-    );
-    for d in &digests[..2] {
-        let err = blobs::read(&ch, &read_name("", f, d), 0, 0)
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    }
-    let missing = blobs::find_missing(&ch, "", f, digests.clone()).await;
-    assert_eq!(
-        missing.len(),
-        3,
-        "damaged blobs are gone, so clients upload them again"
-    );
-    kiln.stop().await;
 }
 
-/// SIGTERM while an upload is half done: no new connections, the upload finishes and is
-/// acknowledged, the server exits 0, and the blob is there after a restart.
-#[tokio::test]
-async fn sigterm_lets_in_flight_uploads_finish() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let f = Function::Blake3;
-    let data = pseudo_random(11, 8 << 20);
-    let d = digest(f, &data);
-    let name = write_name("", f, &d);
-    let mut kiln = start(&data_dir, Options::default()).await;
-    let ch = kiln.channel().await;
-    let upload = blobs::open_upload(&ch);
-    let requests = blobs::write_requests(&name, &data, 1 << 20, 0);
-    let (first, rest) = requests.split_at(4);
-    for r in first {
-        upload.tx.send(r.clone()).await.unwrap();
-    }
-    blobs::wait_committed(&ch, &name, 4 << 20).await;
-
-    kiln.sigterm();
-    let mut kiln = tokio::task::spawn_blocking(move || {
-        kiln.wait_for_log("shutting down");
-        kiln
-    })
-    .await
-    .unwrap();
-    assert!(
-        tokio::net::TcpStream::connect(kiln.addr).await.is_err(),
-        "no new connections once shutdown began"
-    );
-    for r in rest {
-        upload.tx.send(r.clone()).await.unwrap();
-    }
-    let response = upload.call.await.unwrap().unwrap().into_inner();
-    assert_eq!(response.committed_size, data.len() as i64);
-    drop(ch);
-    let status = tokio::task::spawn_blocking(move || kiln.wait())
-        .await
-        .unwrap();
-    assert!(status.success(), "{status}");
-
-    let kiln = start(&data_dir, Options::default()).await;
-    let ch = kiln.channel().await;
-    assert_eq!(
-        blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(),
-        data
-    );
-    kiln.stop().await;
-}
-
-/// kill -9 mid-upload: after a restart there is no trace of the partial blob.
-#[tokio::test]
-async fn crash_mid_upload_leaves_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let f = Function::Sha256;
-    let data = pseudo_random(12, 4 << 20);
-    let d = digest(f, &data);
-    let name = write_name("", f, &d);
-    {
-        let kiln = start(&data_dir, Options::default()).await;
+// SIGTERM while an upload is half done: no new connections, the upload finishes and is
+// acknowledged, the server exits 0, and the blob is there after a restart.
+on_every_runtime! {
+    async fn sigterm_lets_in_flight_uploads_finish(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let f = Function::Blake3;
+        let data = pseudo_random(11, 8 << 20);
+        let d = digest(f, &data);
+        let name = write_name("", f, &d);
+        let mut kiln = start(&data_dir, Options::on(rt)).await;
         let ch = kiln.channel().await;
         let upload = blobs::open_upload(&ch);
-        for r in blobs::write_requests(&name, &data, 1 << 20, 0)
-            .into_iter()
-            .take(2)
-        {
-            upload.tx.send(r).await.unwrap();
+        let requests = blobs::write_requests(&name, &data, 1 << 20, 0);
+        let (first, rest) = requests.split_at(4);
+        for r in first {
+            upload.tx.send(r.clone()).await.unwrap();
         }
-        blobs::wait_committed(&ch, &name, 2 << 20).await;
-        drop(kiln); // SIGKILL
-        drop(upload.tx);
-        let _ = upload.call.await;
-    }
-    let kiln = start(&data_dir, Options::default()).await;
-    let ch = kiln.channel().await;
-    assert_eq!(
-        blobs::find_missing(&ch, "", f, vec![d.clone()]).await,
-        vec![d.clone()]
-    );
-    assert_eq!(
-        std::fs::read_dir(data_dir.join("tmp")).unwrap().count(),
-        0,
-        "temp files wiped"
-    );
-    assert_eq!(
-        blobs::read(&ch, &read_name("", f, &d), 0, 0)
+        blobs::wait_committed(&ch, &name, 4 << 20).await;
+
+        kiln.sigterm();
+        let mut kiln = tokio::task::spawn_blocking(move || {
+            kiln.wait_for_log("shutting down");
+            // Each of the two shards closes its listener on its own core.
+            kiln.wait_for_log("stopped accepting");
+            kiln.wait_for_log("stopped accepting");
+            kiln
+        })
+        .await
+        .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(kiln.addr).await.is_err(),
+            "no new connections once shutdown began"
+        );
+        for r in rest {
+            upload.tx.send(r.clone()).await.unwrap();
+        }
+        let response = upload.call.await.unwrap().unwrap().into_inner();
+        assert_eq!(response.committed_size, data.len() as i64);
+        drop(ch);
+        let status = tokio::task::spawn_blocking(move || kiln.wait())
             .await
-            .unwrap_err()
-            .code(),
-        Code::NotFound
-    );
-    kiln.stop().await;
+            .unwrap();
+        assert!(status.success(), "{status}");
+
+        let kiln = start(&data_dir, Options::on(rt)).await;
+        let ch = kiln.channel().await;
+        assert_eq!(
+            blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(),
+            data
+        );
+        kiln.stop().await;
+    }
+}
+
+// kill -9 mid-upload: after a restart there is no trace of the partial blob.
+on_every_runtime! {
+    async fn crash_mid_upload_leaves_nothing(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let f = Function::Sha256;
+        let data = pseudo_random(12, 4 << 20);
+        let d = digest(f, &data);
+        let name = write_name("", f, &d);
+        {
+            let kiln = start(&data_dir, Options::on(rt)).await;
+            let ch = kiln.channel().await;
+            let upload = blobs::open_upload(&ch);
+            for r in blobs::write_requests(&name, &data, 1 << 20, 0)
+                .into_iter()
+                .take(2)
+            {
+                upload.tx.send(r).await.unwrap();
+            }
+            blobs::wait_committed(&ch, &name, 2 << 20).await;
+            drop(kiln); // SIGKILL
+            drop(upload.tx);
+            let _ = upload.call.await;
+        }
+        let kiln = start(&data_dir, Options::on(rt)).await;
+        let ch = kiln.channel().await;
+        assert_eq!(
+            blobs::find_missing(&ch, "", f, vec![d.clone()]).await,
+            vec![d.clone()]
+        );
+        assert_eq!(
+            std::fs::read_dir(data_dir.join("tmp")).unwrap().count(),
+            0,
+            "temp files wiped"
+        );
+        assert_eq!(
+            blobs::read(&ch, &read_name("", f, &d), 0, 0)
+                .await
+                .unwrap_err()
+                .code(),
+            Code::NotFound
+        );
+        kiln.stop().await;
+    }
 }

@@ -1,6 +1,7 @@
 //! The one-port routing: Capabilities answered truthfully, methods that do not exist (yet)
 //! answered UNIMPLEMENTED, and requests that are not gRPC refused without harming the server.
 
+#[macro_use]
 mod common;
 
 use common::blobs::{self, digest};
@@ -11,95 +12,98 @@ use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{self, digest_function::Value as Function};
 use tonic::Code;
 
-#[tokio::test]
-async fn capabilities_are_truthful() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    let caps = CapabilitiesClient::new(ch.clone())
-        .get_capabilities(reapi::GetCapabilitiesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let cache = caps.cache_capabilities.unwrap();
-    assert_eq!(
-        cache.digest_functions,
-        vec![Function::Sha256 as i32, Function::Blake3 as i32]
-    );
-    assert_eq!(cache.max_batch_total_size_bytes, 4 << 20);
-    assert!(
-        cache
-            .action_cache_update_capabilities
+on_every_runtime! {
+    async fn capabilities_are_truthful(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        let caps = CapabilitiesClient::new(ch.clone())
+            .get_capabilities(reapi::GetCapabilitiesRequest::default())
+            .await
             .unwrap()
-            .update_enabled
-    );
-    assert!(cache.supported_compressors.is_empty());
-    assert!(!caps.execution_capabilities.unwrap().exec_enabled);
-    let high = caps.high_api_version.unwrap();
-    assert_eq!((high.major, high.minor), (2, 3));
-    kiln.stop().await;
-}
-
-#[tokio::test]
-async fn unknown_and_unimplemented_methods() {
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    let ch = kiln.channel().await;
-    let mut cas = blobs::cas(&ch);
-    let root = digest(Function::Sha256, b"");
-    let err = cas
-        .split_blob(reapi::SplitBlobRequest {
-            blob_digest: Some(root.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    let err = cas
-        .splice_blob(reapi::SpliceBlobRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    let err = ExecutionClient::new(ch.clone())
-        .execute(reapi::ExecuteRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    let err = OperationsClient::new(ch.clone())
-        .get_operation(kiln_proto::longrunning::GetOperationRequest { name: "x".into() })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    // The connection is still good afterwards.
-    assert!(blobs::find_missing(&ch, "", Function::Sha256, vec![root])
-        .await
-        .is_empty());
-    kiln.stop().await;
-}
-
-/// HTTP/1.1, garbage bytes and a half-finished HTTP/2 preface: each connection is dropped,
-/// the server keeps serving.
-#[tokio::test]
-async fn non_grpc_traffic_does_not_hurt() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let kiln = Kiln::start(dir.path());
-    for junk in [
-        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
-        &[0xffu8; 4096][..],
-        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"[..],
-    ] {
-        let mut s = tokio::net::TcpStream::connect(kiln.addr).await.unwrap();
-        s.write_all(junk).await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut buf = Vec::new();
-        // The server answers or closes; either way the read ends.
-        let _ = s.read_to_end(&mut buf).await;
+            .into_inner();
+        let cache = caps.cache_capabilities.unwrap();
+        assert_eq!(
+            cache.digest_functions,
+            vec![Function::Sha256 as i32, Function::Blake3 as i32]
+        );
+        assert_eq!(cache.max_batch_total_size_bytes, 4 << 20);
+        assert!(
+            cache
+                .action_cache_update_capabilities
+                .unwrap()
+                .update_enabled
+        );
+        assert!(cache.supported_compressors.is_empty());
+        assert!(!caps.execution_capabilities.unwrap().exec_enabled);
+        let high = caps.high_api_version.unwrap();
+        assert_eq!((high.major, high.minor), (2, 3));
+        kiln.stop().await;
     }
-    let ch = kiln.channel().await;
-    let d = digest(Function::Sha256, b"");
-    assert!(blobs::find_missing(&ch, "", Function::Sha256, vec![d])
-        .await
-        .is_empty());
-    kiln.stop().await;
+}
+
+on_every_runtime! {
+    async fn unknown_and_unimplemented_methods(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        let mut cas = blobs::cas(&ch);
+        let root = digest(Function::Sha256, b"");
+        let err = cas
+            .split_blob(reapi::SplitBlobRequest {
+                blob_digest: Some(root.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented);
+        let err = cas
+            .splice_blob(reapi::SpliceBlobRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented);
+        let err = ExecutionClient::new(ch.clone())
+            .execute(reapi::ExecuteRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented);
+        let err = OperationsClient::new(ch.clone())
+            .get_operation(kiln_proto::longrunning::GetOperationRequest { name: "x".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented);
+        // The connection is still good afterwards.
+        assert!(blobs::find_missing(&ch, "", Function::Sha256, vec![root])
+            .await
+            .is_empty());
+        kiln.stop().await;
+    }
+}
+
+// HTTP/1.1, garbage bytes and a half-finished HTTP/2 preface: each connection is dropped,
+// the server keeps serving.
+on_every_runtime! {
+    async fn non_grpc_traffic_does_not_hurt(rt: Runtime) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        for junk in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            &[0xffu8; 4096][..],
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"[..],
+        ] {
+            let mut s = tokio::net::TcpStream::connect(kiln.addr).await.unwrap();
+            s.write_all(junk).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut buf = Vec::new();
+            // The server answers or closes; either way the read ends.
+            let _ = s.read_to_end(&mut buf).await;
+        }
+        let ch = kiln.channel().await;
+        let d = digest(Function::Sha256, b"");
+        assert!(blobs::find_missing(&ch, "", Function::Sha256, vec![d])
+            .await
+            .is_empty());
+        kiln.stop().await;
+    }
 }

@@ -97,6 +97,12 @@ impl Config {
                 "must not exceed storage.memory_bytes",
             );
         }
+        if !RuntimeKind::available().contains(&s.runtime) {
+            return invalid(
+                "server.runtime",
+                "this backend is not available on this platform",
+            );
+        }
         if self.control_plane.threads == 0 {
             return invalid("control_plane.threads", "must be at least 1");
         }

@@ -52,6 +52,17 @@ fn inconsistent_limits_are_rejected() {
 }
 
 #[test]
+fn runtimes_by_name() {
+    let parsed = Config::from_toml("[server]\nruntime = \"monoio-legacy\"\n", "t").expect("parses");
+    assert_eq!(parsed.server.runtime, RuntimeKind::MonoioLegacy);
+    assert_eq!(
+        "monoio-uring".parse::<RuntimeKind>(),
+        Ok(RuntimeKind::MonoioUring)
+    );
+    assert!("tokio".parse::<RuntimeKind>().is_err());
+}
+
+#[test]
 fn unknown_runtime_is_rejected() {
     let err = Config::from_toml("[server]\nruntime = \"tokio\"\n", "t")
         .expect_err("rejected")

@@ -23,12 +23,63 @@ pub struct Config {
 }
 
 /// Which executor runs the data plane's shards.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum RuntimeKind {
-    /// glommio on io_uring (Linux).
-    #[default]
+    /// glommio on io_uring (Linux only; the Linux default).
     Glommio,
+    /// monoio with its io_uring driver (Linux).
+    MonoioUring,
+    /// monoio with its readiness driver: epoll on Linux, kqueue on macOS (the macOS default).
+    MonoioLegacy,
+}
+
+impl Default for RuntimeKind {
+    fn default() -> Self {
+        if cfg!(target_os = "linux") {
+            RuntimeKind::Glommio
+        } else {
+            RuntimeKind::MonoioLegacy
+        }
+    }
+}
+
+impl RuntimeKind {
+    /// Every backend this platform can run.
+    pub fn available() -> &'static [RuntimeKind] {
+        if cfg!(target_os = "linux") {
+            &[
+                RuntimeKind::Glommio,
+                RuntimeKind::MonoioUring,
+                RuntimeKind::MonoioLegacy,
+            ]
+        } else {
+            &[RuntimeKind::MonoioLegacy]
+        }
+    }
+
+    /// The name used in configuration and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeKind::Glommio => "glommio",
+            RuntimeKind::MonoioUring => "monoio-uring",
+            RuntimeKind::MonoioLegacy => "monoio-legacy",
+        }
+    }
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RuntimeKind, String> {
+        [
+            RuntimeKind::Glommio,
+            RuntimeKind::MonoioUring,
+            RuntimeKind::MonoioLegacy,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+        .ok_or_else(|| format!("unknown runtime {s:?}: glommio, monoio-uring or monoio-legacy"))
+    }
 }
 
 /// The one port that serves every method, and its limits.

@@ -328,6 +328,7 @@ impl ShardSpec {
                 Either::Right(_) => break,
             }
         }
+        listener.stop();
         drop(listener);
         info!(
             shard = index,

@@ -64,19 +64,84 @@ pub struct Kiln {
     lines: mpsc::Receiver<String>,
 }
 
+/// A data-plane backend to run the server on; every integration test runs on each (see
+/// [`on_every_runtime!`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// glommio (io_uring).
+    Glommio,
+    /// monoio on io_uring.
+    MonoioUring,
+    /// monoio on epoll, the readiness model of macOS's kqueue.
+    MonoioLegacy,
+}
+
+impl Runtime {
+    /// The `--runtime` value.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Runtime::Glommio => "glommio",
+            Runtime::MonoioUring => "monoio-uring",
+            Runtime::MonoioLegacy => "monoio-legacy",
+        }
+    }
+}
+
+/// Runs a test once per data-plane backend: `async fn name(rt: Runtime) { ... }` becomes the
+/// tests `name::glommio`, `name::monoio_uring` and `name::monoio_legacy`.
+#[macro_export]
+macro_rules! on_every_runtime {
+    ($(async fn $name:ident($rt:ident: Runtime) $body:block)*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn on_runtime($rt: $crate::common::Runtime) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn glommio() {
+                on_runtime($crate::common::Runtime::Glommio).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn monoio_uring() {
+                on_runtime($crate::common::Runtime::MonoioUring).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn monoio_legacy() {
+                on_runtime($crate::common::Runtime::MonoioLegacy).await
+            }
+        }
+    )*};
+}
+
 /// Options for starting a server.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct Options {
+    /// The data-plane backend.
+    pub runtime: Runtime,
     /// Extra TOML appended to a generated config file.
     pub config: Option<String>,
     /// Number of shards (default 2, so cross-shard paths are always exercised).
     pub shards: Option<usize>,
 }
 
+impl Options {
+    /// Default options on `runtime`.
+    pub fn on(runtime: Runtime) -> Options {
+        Options {
+            runtime,
+            config: None,
+            shards: None,
+        }
+    }
+}
+
 impl Kiln {
-    /// Starts a server on `data_dir` with default options.
-    pub fn start(data_dir: &Path) -> Kiln {
-        Kiln::start_with(data_dir, Options::default())
+    /// Starts a server on `data_dir` on `runtime` with default options.
+    pub fn start(runtime: Runtime, data_dir: &Path) -> Kiln {
+        Kiln::start_with(data_dir, Options::on(runtime))
     }
 
     /// Starts a server on `data_dir`.
@@ -90,7 +155,9 @@ impl Kiln {
             .arg("--shards")
             .arg(options.shards.unwrap_or(2).to_string())
             .arg("--admin-listen")
-            .arg("127.0.0.1:0");
+            .arg("127.0.0.1:0")
+            .arg("--runtime")
+            .arg(options.runtime.flag());
         if let Some(extra) = &options.config {
             let path = data_dir.with_extension("toml");
             std::fs::write(&path, extra).expect("write config");

@@ -9,10 +9,12 @@
 #[cfg(target_os = "linux")]
 mod glommio;
 mod listener;
+mod monoio;
 pub(crate) mod sys;
 
 #[cfg(target_os = "linux")]
 pub use self::glommio::GlommioBackend;
+pub use self::monoio::{MonoioBackend, MonoioDriver};
 pub use listener::bind_reuseport_group;
 
 use bytes::Bytes;
@@ -39,6 +41,9 @@ pub type BoxConnection = Pin<Box<dyn Connection>>;
 pub trait Listener {
     /// Waits for the next connection; the stream already has TCP_NODELAY and keep-alive set.
     fn accept(&self) -> LocalBoxFuture<'_, io::Result<(BoxConnection, SocketAddr)>>;
+    /// Stops listening now: new connections are refused from the moment this returns, even
+    /// while an io_uring accept still holds the socket open.
+    fn stop(&self);
 }
 
 /// An open file, read and written at explicit offsets with owned buffers.
@@ -100,6 +105,17 @@ pub fn backend_for(kind: kiln_config::RuntimeKind) -> std::sync::Arc<dyn Backend
     match kind {
         #[cfg(target_os = "linux")]
         kiln_config::RuntimeKind::Glommio => std::sync::Arc::new(GlommioBackend),
+        // Configuration validation refuses glommio off Linux; fall back to the macOS default.
+        #[cfg(not(target_os = "linux"))]
+        kiln_config::RuntimeKind::Glommio => {
+            std::sync::Arc::new(MonoioBackend::new(MonoioDriver::Legacy))
+        }
+        kiln_config::RuntimeKind::MonoioUring => {
+            std::sync::Arc::new(MonoioBackend::new(MonoioDriver::Uring))
+        }
+        kiln_config::RuntimeKind::MonoioLegacy => {
+            std::sync::Arc::new(MonoioBackend::new(MonoioDriver::Legacy))
+        }
     }
 }
 
@@ -114,3 +130,6 @@ pub fn tune_stream(socket: &socket2::SockRef<'_>) -> io::Result<()> {
     let keepalive = keepalive.with_retries(6);
     socket.set_tcp_keepalive(&keepalive)
 }
+
+#[cfg(test)]
+mod tests;

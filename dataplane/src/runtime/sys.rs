@@ -29,6 +29,15 @@ pub fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
+/// Takes a listening socket out of the LISTEN state at once. Closing the descriptor is not
+/// enough: an io_uring accept in flight keeps the socket alive until its cancellation is
+/// processed, and the kernel keeps accepting into the backlog meanwhile.
+pub fn stop_listening(fd: RawFd) {
+    // SAFETY: the caller owns `fd` for the duration of the call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Read);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,8 +85,9 @@ impl Runtime for GlommioRuntime {
     fn listener(&self, socket: std::net::TcpListener) -> io::Result<Box<dyn Listener>> {
         socket.set_nonblocking(true)?;
         // SAFETY: the fd is a bound, listening TCP socket whose ownership moves into glommio.
-        let listener = unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) };
-        Ok(Box::new(GlommioListener(listener)))
+        let fd = socket.into_raw_fd();
+        let listener = unsafe { TcpListener::from_raw_fd(fd) };
+        Ok(Box::new(GlommioListener(listener, fd)))
     }
 
     fn connect(&self, addr: SocketAddr) -> LocalBoxFuture<'static, io::Result<BoxConnection>> {
@@ -149,7 +150,8 @@ fn tune(stream: &TcpStream) -> io::Result<()> {
     super::tune_stream(&socket2::SockRef::from(&fd))
 }
 
-struct GlommioListener(TcpListener);
+/// glommio's listener does not expose its descriptor; the second field keeps it for `stop`.
+struct GlommioListener(TcpListener, std::os::fd::RawFd);
 
 impl Listener for GlommioListener {
     fn accept(&self) -> LocalBoxFuture<'_, io::Result<(BoxConnection, SocketAddr)>> {
@@ -159,6 +161,10 @@ impl Listener for GlommioListener {
             tune(&stream)?;
             Ok((Box::pin(Conn(stream)) as BoxConnection, peer))
         })
+    }
+
+    fn stop(&self) {
+        super::sys::stop_listening(self.1);
     }
 }
 
