@@ -1,14 +1,18 @@
 //! Small socket helpers the backends share.
 
-use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 
 /// Most buffers passed to one `sendmsg` (the kernel's IOV_MAX is 1024; h2 passes at most 64).
+#[cfg(target_os = "linux")]
 const MAX_IOVS: usize = 64;
+
+#[cfg(target_os = "linux")]
+use std::io::{self, IoSlice};
 
 /// One non-blocking gather write: sends as much of `bufs` as the socket takes now.
 /// `Err(WouldBlock)` when it takes nothing. HTTP/2 writes every frame as a small header plus
 /// its payload; sending them together instead of one `send` each cuts syscalls by ~30x.
+#[cfg(target_os = "linux")]
 pub fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     let count = bufs.len().min(MAX_IOVS);
     // SAFETY: IoSlice is ABI-compatible with iovec on unix; the msghdr points at `bufs`, which
@@ -38,7 +42,7 @@ pub fn stop_listening(fd: RawFd) {
     let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Read);
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
     use std::io::Read;

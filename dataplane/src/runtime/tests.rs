@@ -8,13 +8,10 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn backends() -> Vec<Arc<dyn Backend>> {
-    let mut v: Vec<Arc<dyn Backend>> = vec![
-        Arc::new(MonoioBackend::new(MonoioDriver::Uring)),
-        Arc::new(MonoioBackend::new(MonoioDriver::Legacy)),
-    ];
-    #[cfg(target_os = "linux")]
-    v.insert(0, Arc::new(GlommioBackend));
-    v
+    kiln_config::RuntimeKind::available()
+        .iter()
+        .map(|k| backend_for(*k))
+        .collect()
 }
 
 /// Runs `check` on a shard of every backend; panics with the backend's name on failure.

@@ -11,6 +11,7 @@
 pub mod accounting;
 pub mod atime;
 pub mod blob_io;
+pub mod clone;
 mod client;
 pub(crate) mod commands;
 mod error;

@@ -154,7 +154,8 @@ impl File for PooledFile {
 
     fn sync_data(&self) -> LocalBoxFuture<'_, io::Result<()>> {
         let file = self.0.clone();
-        Box::pin(blocking(move || full_sync(&file)))
+        // On macOS, std's sync_data is F_FULLFSYNC: fsync alone only reaches the drive's cache.
+        Box::pin(blocking(move || file.sync_data()))
     }
 
     fn close(self: Box<Self>) -> LocalBoxFuture<'static, io::Result<()>> {
@@ -169,19 +170,4 @@ fn read_at(file: &std::fs::File, buf: &mut [u8], pos: u64) -> io::Result<usize> 
 
 fn write_all_at(file: &std::fs::File, buf: &[u8], pos: u64) -> io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, buf, pos)
-}
-
-/// Flushes a file's data to stable storage. On macOS `fsync` only reaches the drive's cache;
-/// `F_FULLFSYNC` is what makes an acknowledged upload survive a power cut there.
-fn full_sync(file: &std::fs::File) -> io::Result<()> {
-    #[cfg(target_os = "macos")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: fcntl on a file descriptor we own, with no pointer arguments.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_FULLFSYNC) } == 0 {
-            return Ok(());
-        }
-        // Some filesystems (network, FAT) refuse F_FULLFSYNC; fall back to fsync.
-    }
-    file.sync_data()
 }
