@@ -12,6 +12,7 @@ const FILES: &[&str] = &[
     "google/rpc/code.proto",
     "google/rpc/status.proto",
     "google/rpc/error_details.proto",
+    "kiln/worker/v1/worker.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

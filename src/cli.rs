@@ -18,6 +18,43 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (with no config file: the embedded default on 127.0.0.1:50051).
     Serve(ServeArgs),
+    /// Run a worker that executes actions for a scheduler.
+    Worker(WorkerArgs),
+}
+
+/// Options of `kiln worker`; flags override the config file.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Configuration file (TOML): `[worker]`, plus `[storage]` for the local CAS.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The scheduler, `grpc://HOST:PORT` (overrides worker.scheduler).
+    #[arg(long, value_name = "URL")]
+    pub scheduler: Option<String>,
+    /// Where actions run (overrides worker.work_dir).
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// The local CAS's directory (overrides storage.data_dir).
+    #[arg(long, value_name = "DIR")]
+    pub cas_dir: Option<PathBuf>,
+    /// A platform property offered, NAME=VALUE (repeat for more; replaces worker.properties).
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub property: Vec<String>,
+    /// Actions run at once (overrides worker.max_inflight).
+    #[arg(long, value_name = "N")]
+    pub max_inflight: Option<usize>,
+    /// Where the local CAS is served to peers (overrides server.listen; default a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Data-plane shards of the local CAS.
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+    /// Data-plane backend: glommio, monoio-uring or monoio-legacy.
+    #[arg(long, value_name = "NAME")]
+    pub runtime: Option<kiln_config::RuntimeKind>,
+    /// This worker's name (default: host name and process id).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
 }
 
 /// Options of `kiln serve`; flags override the config file.

@@ -3,6 +3,8 @@
 
 mod cli;
 mod serve;
+mod signals;
+mod worker;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -12,6 +14,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),
+        cli::Command::Worker(args) => worker::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,8 @@
 //! or SIGINT, then stop accepting, let in-flight calls finish (up to the grace period) and exit.
 
 use crate::cli::ServeArgs;
+use crate::signals::wait_for_signal;
+use crate::worker::{default_name, max_inflight, RunningWorker};
 use anyhow::Context;
 use kiln_config::Config;
 use kiln_controlplane::admin::ServerInfo;
@@ -9,6 +11,10 @@ use kiln_controlplane::ControlPlane;
 use kiln_dataplane::metrics::Metrics;
 use kiln_dataplane::runtime::backend_for;
 use kiln_dataplane::server::{shard_count, DataPlane, OpenedStore};
+use kiln_dataplane::store::layout::Layout;
+use kiln_dataplane::store::CasClient;
+use kiln_worker::{prepare_work_dir, Identity, LocalCas, WorkerContext};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{error, info, warn};
 
@@ -23,12 +29,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store = OpenedStore::open(&config, shards, metrics)
         .with_context(|| format!("cannot open the CAS in {}", data_dir.display()))?;
     let scan = store.report().clone();
+    let cas = store.cas();
     let control =
         ControlPlane::start(&config, store.cas()).context("cannot start the control plane")?;
     let backend = backend_for(config.server.runtime);
     let mut data = DataPlane::start(&config, store, backend, Some(control.handoff()))
         .with_context(|| format!("cannot serve on {}", config.server.listen))?;
     let admin = start_admin(&config, &control, &data);
+    let worker = start_embedded_worker(&config, &control, &data, cas)?;
     control.set_ready(true);
     let (ac_entries, _) = control.action_cache_usage();
     info!(
@@ -55,6 +63,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     info!("shutting down: no new connections; waiting up to {grace:?} for in-flight calls");
     control.set_ready(false);
     let drained = data.begin_shutdown();
+    if let Some(execution) = control.execution() {
+        execution.shutdown();
+    }
+    if let Some(worker) = worker {
+        worker.stop(control.runtime(), grace);
+    }
     let clean = control
         .runtime()
         .block_on(async { tokio::time::timeout(grace, drained).await.is_ok() });
@@ -65,6 +79,53 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     control.shutdown(Duration::from_secs(5));
     info!("stopped");
     Ok(())
+}
+
+/// Starts the worker that runs in the server's process, on the server's own CAS (no
+/// downloads, outputs stored in place), when execution and `worker.embedded` are on.
+fn start_embedded_worker(
+    config: &Config,
+    control: &ControlPlane,
+    data: &DataPlane,
+    cas: CasClient,
+) -> anyhow::Result<Option<RunningWorker>> {
+    if !config.execution.enabled || !config.worker.embedded {
+        return Ok(None);
+    }
+    let data_dir = &config.storage.data_dir;
+    let work_dir = config
+        .worker
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("work"));
+    let exec_cache = prepare_work_dir(&work_dir)
+        .with_context(|| format!("cannot prepare {}", work_dir.display()))?;
+    let mut addr = data.local_addr();
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let name = format!("{}-embedded", default_name());
+    let identity = Identity {
+        name: name.clone(),
+        properties: kiln_worker::parse_properties(&config.worker.properties),
+        max_inflight: max_inflight(config),
+    };
+    let ctx = Arc::new(WorkerContext {
+        name,
+        local: LocalCas::new(cas, Layout::cas(data_dir)),
+        remote: None,
+        work_dir,
+        exec_cache,
+        fetch_parallelism: config.worker.fetch_parallelism,
+    });
+    let worker = RunningWorker::start(
+        control.runtime(),
+        &format!("grpc://{addr}"),
+        identity,
+        ctx,
+        Duration::from_secs(config.worker.max_reconnect_delay_secs),
+    )?;
+    Ok(Some(worker))
 }
 
 /// Starts the admin listener; a failure is logged, not fatal: builds must keep working even
@@ -112,15 +173,4 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     config.validate()?;
     Ok(config)
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
-    Ok(())
 }

@@ -18,6 +18,13 @@ fn blob_file(data_dir: &Path, d: &reapi::Digest) -> PathBuf {
         .join(format!("{}-{}", d.hash, d.size_bytes))
 }
 
+/// Replaces a stored blob's bytes (stored blobs are read-only).
+fn overwrite(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
 async fn start(dir: &Path, options: Options) -> Kiln {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || Kiln::start_with(&dir, options))
@@ -162,11 +169,11 @@ on_every_runtime! {
             let path = blob_file(&data_dir, d);
             let mut bytes = std::fs::read(&path).unwrap();
             bytes[100] ^= 0x55;
-            std::fs::write(&path, bytes).unwrap();
+            overwrite(&path, &bytes);
         }
         let path = blob_file(&data_dir, &digests[2]);
         let bytes = std::fs::read(&path).unwrap();
-        std::fs::write(&path, &bytes[..10]).unwrap();
+        overwrite(&path, &bytes[..10]);
 
         let kiln = start(&data_dir, Options::on(rt)).await;
         let ch = kiln.channel().await;

@@ -9,8 +9,8 @@ mod types;
 
 pub use error::ConfigError;
 pub use types::{
-    ActionCacheConfig, AdminConfig, Config, ControlPlaneConfig, RuntimeKind, ServerConfig,
-    StorageConfig,
+    ActionCacheConfig, AdminConfig, Config, ControlPlaneConfig, ExecutionConfig, PropertyKind,
+    RuntimeKind, ServerConfig, StorageConfig, WorkerConfig,
 };
 
 use std::path::Path;
@@ -102,6 +102,30 @@ impl Config {
                 "server.runtime",
                 "this backend is not available on this platform",
             );
+        }
+        let e = &self.execution;
+        if e.max_timeout_secs == 0 || e.default_timeout_secs == 0 {
+            return invalid("execution.max_timeout_secs", "timeouts must be above zero");
+        }
+        if e.keepalive_secs == 0 || e.worker_timeout_secs <= e.keepalive_secs {
+            return invalid(
+                "execution.worker_timeout_secs",
+                "must be above zero and longer than execution.keepalive_secs",
+            );
+        }
+        if e.pin_budget_percent > 90 {
+            return invalid(
+                "execution.pin_budget_percent",
+                "must be at most 90 (eviction needs room)",
+            );
+        }
+        for p in &self.worker.properties {
+            if !p.contains('=') || p.starts_with('=') {
+                return invalid("worker.properties", &format!("{p:?} is not NAME=VALUE"));
+            }
+        }
+        if self.worker.fetch_parallelism == 0 {
+            return invalid("worker.fetch_parallelism", "must be at least 1");
         }
         if self.control_plane.threads == 0 {
             return invalid("control_plane.threads", "must be at least 1");

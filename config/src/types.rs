@@ -3,6 +3,7 @@
 use crate::defaults as d;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -20,6 +21,10 @@ pub struct Config {
     pub control_plane: ControlPlaneConfig,
     /// The admin HTTP listener: metrics, health, status page.
     pub admin: AdminConfig,
+    /// Remote execution: the scheduler.
+    pub execution: ExecutionConfig,
+    /// A worker: `kiln worker`, or the one `kiln serve` runs in-process.
+    pub worker: WorkerConfig,
 }
 
 /// Which executor runs the data plane's shards.
@@ -221,6 +226,100 @@ impl Default for AdminConfig {
         AdminConfig {
             enabled: d::yes(),
             listen: d::admin_listen(),
+        }
+    }
+}
+
+/// How a platform property of an action is matched against workers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PropertyKind {
+    /// The worker must offer exactly this value (the default for undeclared properties).
+    Exact,
+    /// A number: the worker's value is a capacity, and each running action consumes what it
+    /// asks for (`cores = "4"` on a worker offering 16 runs at most four such at once).
+    Minimum,
+    /// Not used for matching.
+    Ignore,
+}
+
+/// The scheduler.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutionConfig {
+    /// Accept Execute calls and run the scheduler and worker API.
+    pub enabled: bool,
+    /// Timeout for actions that set none (seconds).
+    pub default_timeout_secs: u64,
+    /// Cap on any action's timeout (seconds).
+    pub max_timeout_secs: u64,
+    /// Times an action is re-run after its worker disappears (never after its own failure).
+    pub max_retries: u32,
+    /// Also store results with a non-zero exit code in the action cache.
+    pub cache_failed_results: bool,
+    /// How often workers send keep-alives (seconds).
+    pub keepalive_secs: u64,
+    /// A worker silent for this long is declared lost and its actions re-queued (seconds).
+    pub worker_timeout_secs: u64,
+    /// Bound on queued actions; more get RESOURCE_EXHAUSTED.
+    pub max_queued: usize,
+    /// Finished operations stay visible to WaitExecution/GetOperation this long (seconds).
+    pub completed_retention_secs: u64,
+    /// Share of the CAS that inputs of running actions may pin against eviction (percent).
+    pub pin_budget_percent: u8,
+    /// How each platform property is matched; undeclared properties match exactly.
+    pub properties: BTreeMap<String, PropertyKind>,
+}
+
+impl Default for ExecutionConfig {
+    fn default() -> Self {
+        ExecutionConfig {
+            enabled: d::yes(),
+            default_timeout_secs: 3600,
+            max_timeout_secs: 4 * 3600,
+            max_retries: 3,
+            cache_failed_results: false,
+            keepalive_secs: 5,
+            worker_timeout_secs: 20,
+            max_queued: 100_000,
+            completed_retention_secs: 600,
+            pin_budget_percent: 50,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// A worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// `kiln serve` runs one worker in-process (using the server's own CAS).
+    pub embedded: bool,
+    /// The scheduler `kiln worker` connects to, `grpc://HOST:PORT`.
+    pub scheduler: Option<String>,
+    /// Where actions run (default: `work/` under the data directory); on the same filesystem
+    /// as the CAS so inputs can be hardlinked.
+    pub work_dir: Option<PathBuf>,
+    /// Actions run at once; 0 means one per core.
+    pub max_inflight: usize,
+    /// Platform properties offered, `NAME=VALUE` (a name may repeat).
+    pub properties: Vec<String>,
+    /// Input blobs downloaded at once per action.
+    pub fetch_parallelism: usize,
+    /// Longest wait between reconnection attempts (seconds).
+    pub max_reconnect_delay_secs: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            embedded: d::yes(),
+            scheduler: None,
+            work_dir: None,
+            max_inflight: 0,
+            properties: Vec::new(),
+            fetch_parallelism: 32,
+            max_reconnect_delay_secs: 10,
         }
     }
 }

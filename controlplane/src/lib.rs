@@ -6,19 +6,25 @@ pub mod action_cache;
 pub mod admin;
 pub mod capabilities;
 pub mod error;
+pub mod execution;
 pub mod handoff;
 pub mod metrics;
+pub mod scheduler;
 
 use action_cache::completeness::CheckLimits;
-use action_cache::{AcSettings, AcStore, ActionCacheService};
+use action_cache::{AcSettings, AcStore, ActionCache, ActionCacheService};
 use admin::ServerInfo;
 use capabilities::{Advertised, CapabilitiesService};
+use execution::{ExecutionService, OperationsService, WorkerApiService};
 use kiln_config::Config;
 use kiln_dataplane::grpc::{ForwardedCall, HandoffSender};
 use kiln_dataplane::store::scan::ScanReport;
 use kiln_dataplane::store::CasClient;
+use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
+use kiln_proto::reapi::execution_server::ExecutionServer;
+use kiln_proto::worker::worker_api_server::WorkerApiServer;
 use metrics::ControlMetrics;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +33,7 @@ use std::time::Duration;
 
 /// A running control plane.
 pub struct ControlPlane {
+    execution: Option<Arc<execution::ExecutionCore>>,
     runtime: tokio::runtime::Runtime,
     cas: CasClient,
     control_metrics: Arc<ControlMetrics>,
@@ -58,9 +65,9 @@ impl ControlPlane {
         let capabilities = CapabilitiesService::new(Advertised {
             max_batch_total_size_bytes: config.server.max_batch_total_size_bytes.as_u64(),
             max_cas_blob_size_bytes: config.storage.disk_bytes.as_u64(),
-            exec_enabled: false,
+            exec_enabled: config.execution.enabled,
         });
-        let ac_service = ActionCacheService::new(
+        let action_cache_core = Arc::new(ActionCache::new(
             action_cache.clone(),
             cas.clone(),
             config.action_cache.completeness_check,
@@ -68,9 +75,18 @@ impl ControlPlane {
                 max_tree_bytes: config.server.max_message_bytes.as_u64().max(64 << 20),
                 max_directories: 100_000,
             },
-            control_metrics.clone(),
-        );
-        let routes = tonic::service::Routes::new(
+        ));
+        let ac_service =
+            ActionCacheService::new(action_cache_core.clone(), control_metrics.clone());
+        let execution = config.execution.enabled.then(|| {
+            let _guard = runtime.enter();
+            execution::ExecutionCore::start(
+                config.execution.clone(),
+                cas.clone(),
+                action_cache_core.clone(),
+            )
+        });
+        let mut routes = tonic::service::Routes::new(
             CapabilitiesServer::new(capabilities)
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
@@ -80,10 +96,25 @@ impl ControlPlane {
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
         );
+        if let Some(core) = &execution {
+            routes = routes
+                .add_service(
+                    ExecutionServer::new(ExecutionService::new(core.clone()))
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message),
+                )
+                .add_service(OperationsServer::new(OperationsService::new(core.clone())))
+                .add_service(
+                    WorkerApiServer::new(WorkerApiService::new(core.clone()))
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message),
+                );
+        }
         let (handoff, queue) =
             async_channel::bounded(config.control_plane.handoff_queue_depth.max(1));
         runtime.spawn(handoff::serve(routes, queue));
         Ok(ControlPlane {
+            execution,
             runtime,
             cas,
             control_metrics,
@@ -92,6 +123,11 @@ impl ControlPlane {
             ac_report,
             action_cache,
         })
+    }
+
+    /// The execution core, when execution is enabled.
+    pub fn execution(&self) -> Option<Arc<execution::ExecutionCore>> {
+        self.execution.clone()
     }
 
     /// Where the data plane sends the calls it does not serve.

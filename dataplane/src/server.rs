@@ -44,12 +44,17 @@ impl OpenedStore {
     /// Creates the data directory if needed and indexes what is on disk.
     pub fn open(config: &Config, shards: usize, metrics: Arc<Metrics>) -> io::Result<OpenedStore> {
         let layout = Layout::cas(&config.storage.data_dir);
-        let (cas, queues) = CasClient::new(shards, config.server.shard_queue_depth, metrics);
+        let accounting = Arc::new(Accounting::new(config.storage.disk_bytes.as_u64(), shards));
+        let (cas, queues) = CasClient::new(
+            shards,
+            config.server.shard_queue_depth,
+            metrics,
+            accounting.clone(),
+        );
         let threads = shards.clamp(1, 16);
         let (entries, report) = scan(&layout, TreeKind::Blobs, shards, threads, |key| {
             cas.owner_of(&key.digest)
         })?;
-        let accounting = Arc::new(Accounting::new(config.storage.disk_bytes.as_u64(), shards));
         Ok(OpenedStore {
             cas,
             queues,

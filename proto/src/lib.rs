@@ -45,7 +45,19 @@ pub mod google {
     }
 }
 
+/// Kiln's own protocols.
+pub mod kiln {
+    /// The worker API.
+    pub mod worker {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("kiln.worker.v1");
+        }
+    }
+}
+
 /// REAPI v2, the package most code uses.
 pub use build::bazel::remote::execution::v2 as reapi;
 pub use google::bytestream;
 pub use google::longrunning;
+pub use kiln::worker::v1 as worker;

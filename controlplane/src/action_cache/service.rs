@@ -1,86 +1,32 @@
 //! `GetActionResult` and `UpdateActionResult`.
 
-use super::completeness::{self, CheckLimits, Incomplete};
-use super::AcStore;
+use super::ActionCache;
 use crate::error::ControlError;
 use crate::metrics::ControlMetrics;
 use kiln_dataplane::digest::{BlobKey, Digest, InstanceName};
-use kiln_dataplane::store::CasClient;
-use kiln_proto::reapi::action_cache_server::ActionCache;
+use kiln_proto::reapi::action_cache_server::ActionCache as ActionCacheApi;
 use kiln_proto::reapi::{self, ActionResult, GetActionResultRequest, UpdateActionResultRequest};
-use prost::Message;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-use tracing::{debug, debug_span, Instrument};
+use tracing::{debug_span, Instrument};
 
 /// The ActionCache service.
 pub struct ActionCacheService {
     metrics: Arc<ControlMetrics>,
-    store: AcStore,
-    cas: CasClient,
-    completeness: bool,
-    limits: CheckLimits,
+    cache: Arc<ActionCache>,
 }
 
 impl ActionCacheService {
-    /// Serves `store`, checking completeness against `cas` when `completeness` is set.
-    pub fn new(
-        store: AcStore,
-        cas: CasClient,
-        completeness: bool,
-        limits: CheckLimits,
-        metrics: Arc<ControlMetrics>,
-    ) -> ActionCacheService {
-        ActionCacheService {
-            metrics,
-            store,
-            cas,
-            completeness,
-            limits,
-        }
+    /// Serves `cache`, counting outcomes in `metrics`.
+    pub fn new(cache: Arc<ActionCache>, metrics: Arc<ControlMetrics>) -> ActionCacheService {
+        ActionCacheService { metrics, cache }
     }
 
     async fn get(&self, request: GetActionResultRequest) -> Result<ActionResult, ControlError> {
         let instance = InstanceName::new(&request.instance_name)?;
         let digest =
             Digest::from_proto_field(request.action_digest.as_ref(), request.digest_function)?;
-        let key = BlobKey::new(instance, digest);
-        let miss = || ControlError::NotFound(format!("no action result for {digest:?}"));
-        let Some(data) = self.store.get(&key).await? else {
-            return Err(miss());
-        };
-        let Ok(result) = ActionResult::decode(data) else {
-            tracing::warn!(action = ?digest, "stored action result does not decode; dropping it");
-            self.store.remove(&key);
-            return Err(miss());
-        };
-        if self.completeness {
-            match completeness::check(
-                &self.cas,
-                &key.instance,
-                digest.function,
-                &result,
-                self.limits,
-            )
-            .await?
-            {
-                None => {}
-                Some(Incomplete::Missing(blobs)) => {
-                    debug!(action = ?digest, missing = blobs.len(), "action result incomplete; reporting a miss");
-                    return Err(ControlError::Incomplete(format!(
-                        "action result for {digest:?} references {} blob(s) no longer in the CAS, e.g. {:?}",
-                        blobs.len(),
-                        blobs[0]
-                    )));
-                }
-                Some(Incomplete::Malformed(why)) => {
-                    tracing::warn!(action = ?digest, why, "action result references malformed data; dropping it");
-                    self.store.remove(&key);
-                    return Err(miss());
-                }
-            }
-        }
-        Ok(result)
+        self.cache.get(&BlobKey::new(instance, digest)).await
     }
 
     async fn update(
@@ -94,9 +40,8 @@ impl ActionCacheService {
             .action_result
             .ok_or(ControlError::MissingField("action_result"))?;
         validate_digests(&result, request.digest_function)?;
-        let data = result.encode_to_vec();
-        self.store
-            .put(BlobKey::new(instance, digest), data.into())
+        self.cache
+            .put(BlobKey::new(instance, digest), &result)
             .await?;
         Ok(result)
     }
@@ -128,7 +73,7 @@ fn validate_digests(result: &ActionResult, function: i32) -> Result<(), ControlE
 }
 
 #[tonic::async_trait]
-impl ActionCache for ActionCacheService {
+impl ActionCacheApi for ActionCacheService {
     async fn get_action_result(
         &self,
         request: Request<GetActionResultRequest>,

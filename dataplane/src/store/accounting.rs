@@ -17,6 +17,8 @@ pub struct Accounting {
     oldest: Vec<AtomicU64>,
     /// Per shard: bytes it holds.
     per_shard: Vec<AtomicU64>,
+    /// Bytes of blobs pinned by running actions.
+    pinned: AtomicU64,
 }
 
 impl Accounting {
@@ -28,6 +30,7 @@ impl Accounting {
             requested: AtomicU64::new(0),
             oldest: (0..shards).map(|_| AtomicU64::new(u64::MAX)).collect(),
             per_shard: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            pinned: AtomicU64::new(0),
         }
     }
 
@@ -44,6 +47,20 @@ impl Accounting {
     /// Bytes stored by one shard.
     pub fn shard_used(&self, shard: usize) -> u64 {
         self.per_shard[shard].load(Ordering::Relaxed)
+    }
+
+    /// Bytes pinned by running actions.
+    pub fn pinned(&self) -> u64 {
+        self.pinned.load(Ordering::Relaxed)
+    }
+
+    /// Records a blob of `bytes` becoming pinned (`true`) or unpinned.
+    pub fn set_pinned(&self, bytes: u64, pinned: bool) {
+        if pinned {
+            self.pinned.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            self.pinned.fetch_sub(bytes, Ordering::Relaxed);
+        }
     }
 
     /// Records bytes added by `shard`.

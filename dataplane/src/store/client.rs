@@ -1,6 +1,7 @@
 //! The handle every core and the control plane use to reach the CAS: it routes each blob to
 //! the shard that owns its part of the digest space, over that shard's bounded queue.
 
+use super::accounting::Accounting;
 use super::commands::{Command, Committed, Found, ShardStats, UploadClaim, UploadStatus};
 use super::parked::ParkedUpload;
 use super::StoreError;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 pub struct CasClient {
     shards: Arc<[async_channel::Sender<Command>]>,
     metrics: Arc<Metrics>,
+    accounting: Arc<Accounting>,
     /// The shard this handle is used on (`None`: the control plane), for counting.
     home: Option<usize>,
 }
@@ -26,7 +28,12 @@ pub struct ShardQueues(pub(crate) Vec<async_channel::Receiver<Command>>);
 
 impl CasClient {
     /// Creates queues of `depth` for `shards` shards.
-    pub fn new(shards: usize, depth: usize, metrics: Arc<Metrics>) -> (CasClient, ShardQueues) {
+    pub fn new(
+        shards: usize,
+        depth: usize,
+        metrics: Arc<Metrics>,
+        accounting: Arc<Accounting>,
+    ) -> (CasClient, ShardQueues) {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards.max(1))
             .map(|_| async_channel::bounded(depth.max(1)))
             .unzip();
@@ -34,6 +41,7 @@ impl CasClient {
             CasClient {
                 shards: senders.into(),
                 metrics,
+                accounting,
                 home: None,
             },
             ShardQueues(receivers),
@@ -51,6 +59,11 @@ impl CasClient {
     /// The counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Disk usage, cap and pinned bytes.
+    pub fn accounting(&self) -> &Arc<Accounting> {
+        &self.accounting
     }
 
     fn count(&self, shard: usize) {
@@ -241,6 +254,58 @@ impl CasClient {
             reply,
         })
         .await
+    }
+
+    /// Pins the blobs that are present against eviction (each pin counts; unpin as often).
+    /// Returns, for each key, whether it was present (and is now pinned). The empty blob is
+    /// always present and never pinned.
+    pub async fn pin(&self, keys: &[BlobKey]) -> Result<Vec<bool>, StoreError> {
+        let n = self.shards.len();
+        let mut groups: Vec<(Vec<usize>, Vec<BlobKey>)> = vec![(Vec::new(), Vec::new()); n];
+        let mut out = vec![false; keys.len()];
+        for (i, key) in keys.iter().enumerate() {
+            if key.digest.is_empty_blob() {
+                out[i] = true;
+                continue;
+            }
+            let g = &mut groups[self.owner_of(&key.digest)];
+            g.0.push(i);
+            g.1.push(key.clone());
+        }
+        let calls = groups
+            .into_iter()
+            .enumerate()
+            .filter(|(_, g)| !g.1.is_empty())
+            .map(|(shard, (positions, keys))| async move {
+                let present = self
+                    .call(shard, |reply| Command::Pin { keys, reply })
+                    .await?;
+                Ok::<_, StoreError>((positions, present))
+            });
+        for result in futures::future::join_all(calls).await {
+            let (positions, present) = result?;
+            for (p, is) in positions.into_iter().zip(present) {
+                out[p] = is;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Releases pins taken with [`CasClient::pin`] (pass only the keys that were pinned).
+    pub async fn unpin(&self, keys: &[BlobKey]) {
+        let mut groups: Vec<Vec<BlobKey>> = vec![Vec::new(); self.shards.len()];
+        for key in keys.iter().filter(|k| !k.digest.is_empty_blob()) {
+            groups[self.owner_of(&key.digest)].push(key.clone());
+        }
+        for (shard, keys) in groups
+            .into_iter()
+            .enumerate()
+            .filter(|(_, k)| !k.is_empty())
+        {
+            self.count(shard);
+            // A stopped shard has no pins left to release.
+            let _ = self.shards[shard].send(Command::Unpin { keys }).await;
+        }
     }
 
     /// Asks `shard` to evict `bytes` (sent by a shard that found the store over its cap).

@@ -52,7 +52,10 @@ fn try_clone(src: &Path, dst: &Path) -> io::Result<bool> {
     /// `_IOW(0x94, 9, int)`.
     const FICLONE: libc::c_ulong = 0x4004_9409;
     let from = std::fs::File::open(src)?;
-    let to = std::fs::OpenOptions::new().write(true).create_new(true).open(dst)?;
+    let to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)?;
     // SAFETY: both descriptors are open for the duration of the call.
     if unsafe { libc::ioctl(to.as_raw_fd(), FICLONE as _, from.as_raw_fd()) } == 0 {
         return Ok(true);
@@ -61,7 +64,9 @@ fn try_clone(src: &Path, dst: &Path) -> io::Result<bool> {
     drop(to);
     let _ = std::fs::remove_file(dst);
     match e.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOTTY) => Ok(false),
+        Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOTTY) => {
+            Ok(false)
+        }
         _ => Err(e),
     }
 }
@@ -88,6 +93,9 @@ mod tests {
         // Writing the copy leaves the source alone.
         std::fs::write(&dst, b"changed").unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), data);
-        assert!(clone_or_copy(&src, &dst).is_err(), "the destination must not exist");
+        assert!(
+            clone_or_copy(&src, &dst).is_err(),
+            "the destination must not exist"
+        );
     }
 }

@@ -121,6 +121,13 @@ pub(crate) enum Command {
     Evict {
         bytes: u64,
     },
+    Pin {
+        keys: Vec<BlobKey>,
+        reply: Reply<Vec<bool>>,
+    },
+    Unpin {
+        keys: Vec<BlobKey>,
+    },
     Stats {
         reply: Reply<ShardStats>,
     },

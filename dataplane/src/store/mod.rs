@@ -11,8 +11,8 @@
 pub mod accounting;
 pub mod atime;
 pub mod blob_io;
-pub mod clone;
 mod client;
+pub mod clone;
 pub(crate) mod commands;
 mod error;
 pub mod index;

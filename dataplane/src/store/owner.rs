@@ -184,6 +184,39 @@ impl Owner {
                 };
                 let _ = reply.send(status);
             }
+            Command::Pin { keys, reply } => {
+                let now = atime::now();
+                let mut index = self.index.borrow_mut();
+                let pinned = keys
+                    .iter()
+                    .map(|k| match index.touch(k, now) {
+                        Some(e) => {
+                            e.pins += 1;
+                            if e.pins == 1 {
+                                self.accounting.set_pinned(e.size, true);
+                            }
+                            true
+                        }
+                        None => false,
+                    })
+                    .collect();
+                drop(index);
+                self.publish_oldest();
+                let _ = reply.send(pinned);
+            }
+            Command::Unpin { keys } => {
+                let mut index = self.index.borrow_mut();
+                for k in &keys {
+                    if let Some(e) = index.peek_mut(k) {
+                        if e.pins > 0 {
+                            e.pins -= 1;
+                            if e.pins == 0 {
+                                self.accounting.set_pinned(e.size, false);
+                            }
+                        }
+                    }
+                }
+            }
             Command::Evict { bytes } => {
                 // If this shard ran dry before the request was met, the next oldest shard goes on.
                 if self.evict(bytes) > 0 {
@@ -321,6 +354,9 @@ impl Owner {
                 return;
             }
         };
+        // Stored blobs are read-only: workers hardlink them into action directories.
+        let _ =
+            std::fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(0o444));
         if let Err(e) = std::fs::rename(&temp, &path) {
             let _ = std::fs::remove_file(&temp);
             let _ = reply.send(Err(StoreError::io("rename into", path, e)));

@@ -1,0 +1,363 @@
+//! Remote execution: the Execution and Operations services, the worker API, and the core that
+//! feeds the [`crate::scheduler`] state machine with events and carries out its commands —
+//! dispatching to worker sessions, publishing operation stages, and on completion writing the
+//! action cache and releasing the inputs' pins.
+
+mod operations;
+mod ops;
+mod prepare;
+mod service;
+mod workers;
+
+pub use operations::OperationsService;
+pub use ops::OpView;
+pub use service::ExecutionService;
+pub use workers::WorkerApiService;
+
+use crate::action_cache::ActionCache;
+use crate::scheduler::{
+    self, Command, Job, OpId, Outcome, Scheduler, SchedulerConfig, Stage, SubmitError, WorkerId,
+};
+use kiln_config::ExecutionConfig;
+use kiln_dataplane::digest::BlobKey;
+use kiln_dataplane::store::CasClient;
+use kiln_proto::google::rpc::Status as RpcStatus;
+use kiln_proto::reapi::{execution_stage::Value as StageValue, ExecuteResponse};
+use kiln_proto::worker::{
+    server_message, ExecutionResult, KillOperation, ServerMessage, StartExecute,
+};
+use ops::Registry;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+
+/// What a queued action carries to its worker.
+#[derive(Debug)]
+pub struct Payload {
+    /// The message to the worker, without the per-dispatch fields.
+    pub start: StartExecute,
+    /// The action, for the action cache.
+    pub key: BlobKey,
+    /// Store the result in the action cache when it succeeds.
+    pub cacheable: bool,
+    /// Blobs pinned in the CAS for this action.
+    pub pins: Vec<BlobKey>,
+}
+
+/// A worker's open session.
+struct Session {
+    tx: mpsc::Sender<ServerMessage>,
+    name: String,
+}
+
+/// Counts for the status page and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SchedulerStats {
+    /// Actions waiting for a worker.
+    pub queued: usize,
+    /// Actions on workers.
+    pub running: usize,
+    /// Connected workers.
+    pub workers: usize,
+}
+
+/// The shared state of the execution services.
+pub struct ExecutionCore {
+    scheduler: Mutex<Scheduler<Arc<Payload>, ExecutionResult>>,
+    registry: Mutex<Registry>,
+    sessions: Mutex<HashMap<WorkerId, Session>>,
+    next_worker: AtomicU64,
+    cas: CasClient,
+    cache: Arc<ActionCache>,
+    config: ExecutionConfig,
+    kinds: scheduler::platform::Kinds,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ExecutionCore {
+    /// A core on `cas` and `cache`, configured by `[execution]`. Spawns its timer on the
+    /// current tokio runtime.
+    pub fn start(
+        config: ExecutionConfig,
+        cas: CasClient,
+        cache: Arc<ActionCache>,
+    ) -> Arc<ExecutionCore> {
+        let kinds = scheduler::platform::Kinds(config.properties.clone());
+        let scheduler = Scheduler::new(SchedulerConfig {
+            kinds: kinds.clone(),
+            max_retries: config.max_retries,
+            worker_timeout: Duration::from_secs(config.worker_timeout_secs),
+            timeout_grace: Duration::from_secs(30),
+            max_queued: config.max_queued,
+        });
+        let core = Arc::new(ExecutionCore {
+            scheduler: Mutex::new(scheduler),
+            registry: Mutex::new(Registry::default()),
+            sessions: Mutex::new(HashMap::new()),
+            next_worker: AtomicU64::new(1),
+            cas,
+            cache,
+            config,
+            kinds,
+        });
+        let weak = Arc::downgrade(&core);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(core) = weak.upgrade() else { return };
+                core.apply(|s, now| s.tick(now));
+                let retention = Duration::from_secs(core.config.completed_retention_secs);
+                lock(&core.registry).prune(Instant::now(), retention);
+            }
+        });
+        core
+    }
+
+    /// Queue, run and worker counts.
+    pub fn stats(&self) -> SchedulerStats {
+        let s = lock(&self.scheduler);
+        SchedulerStats {
+            queued: s.queued(),
+            running: s.running(),
+            workers: s.workers(),
+        }
+    }
+
+    /// Runs one event on the scheduler and carries out what it decides.
+    fn apply<T>(
+        &self,
+        event: impl FnOnce(&mut Scheduler<Arc<Payload>, ExecutionResult>, Instant) -> T,
+    ) -> T {
+        let (out, commands) = {
+            let mut s = lock(&self.scheduler);
+            let out = event(&mut s, Instant::now());
+            (out, s.commands())
+        };
+        self.carry_out(commands);
+        out
+    }
+
+    fn carry_out(&self, commands: Vec<Command<Arc<Payload>, ExecutionResult>>) {
+        let mut broken = Vec::new();
+        for command in commands {
+            match command {
+                Command::Dispatch {
+                    worker,
+                    op,
+                    attempt,
+                    payload,
+                    timeout,
+                    queued_at,
+                } => {
+                    let Some(name) = lock(&self.registry).name(op).map(str::to_string) else {
+                        continue;
+                    };
+                    let mut start = payload.start.clone();
+                    start.operation = name;
+                    start.attempt = attempt;
+                    start.timeout = Some(duration(timeout));
+                    start.queued_timestamp = Some(timestamp(queued_at));
+                    if !self.send(worker, server_message::Message::StartExecute(start)) {
+                        broken.push(worker);
+                    }
+                }
+                Command::Kill { worker, op } => {
+                    if let Some(name) = lock(&self.registry).name(op).map(str::to_string) {
+                        let _ = self.send(
+                            worker,
+                            server_message::Message::Kill(KillOperation { operation: name }),
+                        );
+                    }
+                }
+                Command::Stage { op, stage } => {
+                    let stage = match stage {
+                        Stage::Queued => StageValue::Queued,
+                        Stage::Executing => StageValue::Executing,
+                    };
+                    lock(&self.registry).set_stage(op, stage);
+                }
+                Command::Finished { op, outcome } => self.finished(op, outcome),
+            }
+        }
+        for worker in broken {
+            tracing::warn!(worker, "worker session is gone; re-queueing its actions");
+            self.worker_left(worker);
+        }
+    }
+
+    fn send(&self, worker: WorkerId, message: server_message::Message) -> bool {
+        let sessions = lock(&self.sessions);
+        let Some(session) = sessions.get(&worker) else {
+            return false;
+        };
+        session
+            .tx
+            .try_send(ServerMessage {
+                message: Some(message),
+            })
+            .is_ok()
+    }
+
+    fn finished(&self, op: OpId, outcome: Outcome<ExecutionResult>) {
+        let response = match outcome {
+            Outcome::Reported(r) => ExecuteResponse {
+                result: r.result,
+                cached_result: false,
+                status: r.status.or(Some(RpcStatus::default())),
+                message: r.message,
+                ..Default::default()
+            },
+            Outcome::Failed { code, message } => ExecuteResponse {
+                status: Some(RpcStatus {
+                    code,
+                    message: message.clone(),
+                    details: Vec::new(),
+                }),
+                message,
+                ..Default::default()
+            },
+        };
+        let succeeded = response.status.as_ref().is_none_or(|s| s.code == 0);
+        let exit_ok = response.result.as_ref().is_some_and(|r| r.exit_code == 0);
+        let store = response
+            .result
+            .clone()
+            .filter(|_| succeeded && (exit_ok || self.config.cache_failed_results));
+        let Some(payload) = lock(&self.registry).finish(Instant::now(), op, response) else {
+            return;
+        };
+        let (cas, cache) = (self.cas.clone(), self.cache.clone());
+        tokio::spawn(async move {
+            if let (Some(result), true) = (store, payload.cacheable) {
+                if let Err(e) = cache.put(payload.key.clone(), &result).await {
+                    tracing::warn!(error = %e, "cannot store an action result");
+                }
+            }
+            cas.unpin(&payload.pins).await;
+        });
+    }
+
+    /// Queues a prepared job; merged jobs release their own pins at once.
+    fn submit(
+        &self,
+        job: Job<Arc<Payload>>,
+    ) -> Result<(OpId, tokio::sync::watch::Receiver<OpView>), SubmitError> {
+        let payload = job.payload.clone();
+        let view = OpView {
+            name: format!("operations/{}", uuid::Uuid::new_v4()),
+            stage: StageValue::Queued,
+            action_digest: job.key.digest.to_proto(),
+            digest_function: job.key.digest.function.proto() as i32,
+            response: None,
+        };
+        // Register before the scheduler can dispatch (it needs the name), and watch while the
+        // operation certainly is live: under the scheduler lock, taken before the registry's
+        // (the same order as in `carry_out`).
+        let (result, commands) = {
+            let mut s = lock(&self.scheduler);
+            let result = s.submit(Instant::now(), job).map(|sub| {
+                let mut registry = lock(&self.registry);
+                if !sub.merged {
+                    registry.insert(sub.op, payload.clone(), view);
+                }
+                (sub, registry.watch_op(sub.op))
+            });
+            (result, s.commands())
+        };
+        self.carry_out(commands);
+        let (sub, rx) = result?;
+        if sub.merged {
+            let cas = self.cas.clone();
+            let pins = payload.pins.clone();
+            tokio::spawn(async move { cas.unpin(&pins).await });
+        }
+        let rx = rx.expect("a submitted operation is live while the scheduler lock is held");
+        Ok((sub.op, rx))
+    }
+
+    /// The server is shutting down: queued actions fail with UNAVAILABLE (clients retry
+    /// elsewhere or after the restart); running ones may still finish.
+    pub fn shutdown(&self) {
+        self.apply(|s, _| {
+            s.fail_queued(
+                scheduler::code::UNAVAILABLE,
+                "the server is shutting down; retry",
+            )
+        });
+    }
+
+    /// Watches an operation by name.
+    pub fn watch(&self, name: &str) -> Option<tokio::sync::watch::Receiver<OpView>> {
+        lock(&self.registry).watch(name)
+    }
+
+    /// Cancels an operation by name; false if it is not running or queued.
+    pub fn cancel(&self, name: &str) -> bool {
+        let Some(op) = lock(&self.registry).op(name) else {
+            return false;
+        };
+        self.apply(|s, now| s.cancel(now, op));
+        true
+    }
+
+    /// Registers a worker session; returns its id.
+    fn worker_joined(
+        &self,
+        name: String,
+        properties: Vec<(String, String)>,
+        capacity: usize,
+        tx: mpsc::Sender<ServerMessage>,
+    ) -> WorkerId {
+        let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
+        lock(&self.sessions).insert(
+            id,
+            Session {
+                tx,
+                name: name.clone(),
+            },
+        );
+        tracing::info!(worker = %name, id, capacity, "worker connected");
+        self.apply(|s, now| s.worker_joined(now, id, properties, capacity));
+        id
+    }
+
+    fn worker_seen(&self, worker: WorkerId) {
+        self.apply(|s, now| s.worker_seen(now, worker));
+    }
+
+    fn worker_draining(&self, worker: WorkerId) {
+        self.apply(|s, _| s.worker_draining(worker));
+    }
+
+    fn worker_left(&self, worker: WorkerId) {
+        if let Some(session) = lock(&self.sessions).remove(&worker) {
+            tracing::info!(worker = %session.name, id = worker, "worker disconnected");
+        }
+        self.apply(|s, now| s.worker_left(now, worker));
+    }
+
+    fn reported(&self, worker: WorkerId, result: ExecutionResult) {
+        let Some(op) = lock(&self.registry).op(&result.operation) else {
+            tracing::debug!(operation = %result.operation, "result for an operation no longer running");
+            return;
+        };
+        self.apply(|s, now| s.reported(now, worker, op, result));
+    }
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}

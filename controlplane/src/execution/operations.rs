@@ -1,0 +1,87 @@
+//! `google.longrunning.Operations` for execution operations: get, wait, cancel.
+
+use super::ExecutionCore;
+use kiln_proto::longrunning::operations_server::Operations;
+use kiln_proto::longrunning::{
+    CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
+    ListOperationsResponse, Operation, WaitOperationRequest,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+/// The Operations service.
+pub struct OperationsService {
+    core: Arc<ExecutionCore>,
+}
+
+impl OperationsService {
+    /// Serves `core`'s operations.
+    pub fn new(core: Arc<ExecutionCore>) -> OperationsService {
+        OperationsService { core }
+    }
+
+    fn rx(&self, name: &str) -> Result<tokio::sync::watch::Receiver<super::OpView>, Status> {
+        self.core
+            .watch(name)
+            .ok_or_else(|| Status::not_found(format!("no operation named {name:?}")))
+    }
+}
+
+#[tonic::async_trait]
+impl Operations for OperationsService {
+    async fn list_operations(
+        &self,
+        _: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        Err(Status::unimplemented("listing operations is not supported"))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let rx = self.rx(&request.into_inner().name)?;
+        let op = rx.borrow().to_operation();
+        Ok(Response::new(op))
+    }
+
+    async fn delete_operation(
+        &self,
+        _: Request<DeleteOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented(
+            "operations are forgotten on their own after completion",
+        ))
+    }
+
+    async fn cancel_operation(
+        &self,
+        request: Request<CancelOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        let name = request.into_inner().name;
+        if self.core.cancel(&name) {
+            Ok(Response::new(()))
+        } else {
+            Err(Status::not_found(format!(
+                "no running or queued operation named {name:?}"
+            )))
+        }
+    }
+
+    async fn wait_operation(
+        &self,
+        request: Request<WaitOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let request = request.into_inner();
+        let mut rx = self.rx(&request.name)?;
+        let limit = request
+            .timeout
+            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .unwrap_or(Duration::from_secs(60))
+            .min(Duration::from_secs(600));
+        let _ = tokio::time::timeout(limit, rx.wait_for(|v| v.done())).await;
+        let op = rx.borrow().to_operation();
+        Ok(Response::new(op))
+    }
+}

@@ -1,0 +1,255 @@
+//! From an Execute request to a job: fetch the Action and Command, walk the input tree, make
+//! sure every blob is in the CAS (pinning them for the action's lifetime while the pin budget
+//! allows), and read the platform and timeout. Missing blobs are answered the way REAPI says,
+//! FAILED_PRECONDITION with a PreconditionFailure naming each one, so clients upload them.
+
+use super::{ExecutionCore, Payload};
+use crate::scheduler::platform::Requirements;
+use crate::scheduler::Job;
+use futures::stream::{self, StreamExt};
+use kiln_dataplane::digest::{BlobKey, Digest, InstanceName};
+use kiln_dataplane::store::Found;
+use kiln_proto::google::rpc::{
+    precondition_failure::Violation, PreconditionFailure, Status as RpcStatus,
+};
+use kiln_proto::reapi::{Action, Command, Directory, ExecuteRequest};
+use kiln_proto::worker::StartExecute;
+use prost::Message;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tonic::{Code, Status};
+
+/// Most directories walked in one input tree.
+const MAX_DIRECTORIES: usize = 1_000_000;
+/// Directory blobs fetched at once while walking.
+const WALK_PARALLELISM: usize = 64;
+
+/// Builds the job for an Execute request (the cache lookup has already missed).
+pub(super) async fn prepare(
+    core: &ExecutionCore,
+    key: &BlobKey,
+    request: &ExecuteRequest,
+) -> Result<Job<Arc<Payload>>, Status> {
+    let instance = &key.instance;
+    let function = key.digest.function.proto() as i32;
+    let mut missing: Vec<Digest> = Vec::new();
+    let action: Action = match fetch(core, instance, key.digest).await? {
+        Some(bytes) => decode(&bytes, "Action")?,
+        None => return Err(precondition(vec![key.digest])),
+    };
+    let command_digest = field(
+        action.command_digest.as_ref(),
+        function,
+        "Action.command_digest",
+    )?;
+    let root_digest = field(
+        action.input_root_digest.as_ref(),
+        function,
+        "Action.input_root_digest",
+    )?;
+    let command: Option<Command> = match fetch(core, instance, command_digest).await? {
+        Some(bytes) => Some(decode(&bytes, "Command")?),
+        None => {
+            missing.push(command_digest);
+            None
+        }
+    };
+    let (blobs, missing_dirs) = walk(core, instance, root_digest, function).await?;
+    missing.extend(missing_dirs);
+    let mut all: Vec<BlobKey> = blobs
+        .into_iter()
+        .map(|d| BlobKey::new(instance.clone(), d))
+        .collect();
+    all.push(key.clone());
+    all.push(BlobKey::new(instance.clone(), command_digest));
+    let total: u64 = all.iter().map(|k| k.digest.size).sum();
+    let accounting = core.cas.accounting();
+    let budget = accounting.cap() / 100 * core.config.pin_budget_percent as u64;
+    let pin = accounting.pinned().saturating_add(total) <= budget;
+    let present = if pin {
+        core.cas.pin(&all).await
+    } else {
+        tracing::warn!(action = ?key.digest, bytes = total, "pin budget exhausted; running this action's inputs unpinned");
+        core.cas.contains(&all).await
+    }
+    .map_err(|e| Status::unavailable(e.to_string()))?;
+    let pins: Vec<BlobKey> = if pin {
+        all.iter()
+            .zip(&present)
+            .filter(|(_, p)| **p)
+            .map(|(k, _)| k.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    missing.extend(
+        all.iter()
+            .zip(&present)
+            .filter(|(_, p)| !**p)
+            .map(|(k, _)| k.digest),
+    );
+    let command = match (command, missing.is_empty()) {
+        (Some(c), true) => c,
+        _ => {
+            core.cas.unpin(&pins).await;
+            return Err(precondition(missing));
+        }
+    };
+    // Older clients put the platform on the Command (deprecated there since v2.2).
+    #[allow(deprecated)]
+    let command_platform = command.platform.as_ref();
+    let properties = action
+        .platform
+        .as_ref()
+        .or(command_platform)
+        .map(|p| {
+            p.properties
+                .iter()
+                .map(|p| (p.name.clone(), p.value.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let requirements = match Requirements::new(&core.kinds, properties) {
+        Ok(r) => r,
+        Err(why) => {
+            core.cas.unpin(&pins).await;
+            return Err(Status::invalid_argument(why));
+        }
+    };
+    let requested = action
+        .timeout
+        .as_ref()
+        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+        .filter(|d| !d.is_zero())
+        .unwrap_or(Duration::from_secs(core.config.default_timeout_secs));
+    let timeout = requested.min(Duration::from_secs(core.config.max_timeout_secs));
+    let cacheable = !action.do_not_cache;
+    Ok(Job {
+        key: key.clone(),
+        priority: request.execution_policy.as_ref().map_or(0, |p| p.priority),
+        requirements,
+        timeout,
+        mergeable: cacheable,
+        queued_at: SystemTime::now(),
+        payload: Arc::new(Payload {
+            start: StartExecute {
+                instance_name: instance.as_str().to_string(),
+                digest_function: function,
+                action_digest: Some(key.digest.to_proto()),
+                action: Some(action),
+                command: Some(command),
+                ..Default::default()
+            },
+            key: key.clone(),
+            cacheable,
+            pins,
+        }),
+    })
+}
+
+fn field(
+    d: Option<&kiln_proto::reapi::Digest>,
+    function: i32,
+    name: &str,
+) -> Result<Digest, Status> {
+    Digest::from_proto_field(d, function)
+        .map_err(|e| Status::invalid_argument(format!("{name}: {e}")))
+}
+
+fn decode<M: Message + Default>(bytes: &[u8], what: &str) -> Result<M, Status> {
+    M::decode(bytes).map_err(|e| {
+        Status::invalid_argument(format!("the {what} blob is not a valid {what}: {e}"))
+    })
+}
+
+async fn fetch(
+    core: &ExecutionCore,
+    instance: &InstanceName,
+    digest: Digest,
+) -> Result<Option<bytes::Bytes>, Status> {
+    match core
+        .cas
+        .lookup(&BlobKey::new(instance.clone(), digest), u64::MAX)
+        .await
+    {
+        Ok(Found::Bytes(b)) => Ok(Some(b)),
+        Ok(_) => Ok(None),
+        Err(e) => Err(Status::unavailable(e.to_string())),
+    }
+}
+
+/// Every blob digest of the input tree (directories and files), and the directories missing.
+async fn walk(
+    core: &ExecutionCore,
+    instance: &InstanceName,
+    root: Digest,
+    function: i32,
+) -> Result<(Vec<Digest>, Vec<Digest>), Status> {
+    let mut seen: HashSet<Digest> = HashSet::from([root]);
+    let mut blobs = vec![root];
+    let mut missing = Vec::new();
+    let mut level: VecDeque<Digest> = VecDeque::from([root]);
+    while !level.is_empty() {
+        let fetched: Vec<(Digest, Result<Option<bytes::Bytes>, Status>)> =
+            stream::iter(level.drain(..))
+                .map(|d| async move { (d, fetch(core, instance, d).await) })
+                .buffer_unordered(WALK_PARALLELISM)
+                .collect()
+                .await;
+        for (digest, bytes) in fetched {
+            let Some(bytes) = bytes? else {
+                missing.push(digest);
+                continue;
+            };
+            let dir: Directory = decode(&bytes, "Directory")?;
+            for f in &dir.files {
+                let d = field(f.digest.as_ref(), function, "FileNode.digest")?;
+                if seen.insert(d) {
+                    blobs.push(d);
+                }
+            }
+            for sub in &dir.directories {
+                let d = field(sub.digest.as_ref(), function, "DirectoryNode.digest")?;
+                if seen.insert(d) {
+                    blobs.push(d);
+                    level.push_back(d);
+                }
+            }
+            if seen.len() > MAX_DIRECTORIES * 16 {
+                return Err(Status::invalid_argument("the input tree is too large"));
+            }
+        }
+    }
+    Ok((blobs, missing))
+}
+
+/// FAILED_PRECONDITION naming every missing blob, as REAPI prescribes.
+fn precondition(mut missing: Vec<Digest>) -> Status {
+    missing.sort();
+    missing.dedup();
+    let violations = missing
+        .iter()
+        .map(|d| Violation {
+            r#type: "MISSING".into(),
+            subject: format!("blobs/{}/{}", d.hex(), d.size),
+            description: format!("{d:?} is not in the CAS"),
+        })
+        .collect();
+    let failure = PreconditionFailure { violations };
+    let message = format!(
+        "{} blob(s) the action needs are missing, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    let status = RpcStatus {
+        code: Code::FailedPrecondition as i32,
+        message: message.clone(),
+        details: vec![super::ops::any("google.rpc.PreconditionFailure", &failure)],
+    };
+    Status::with_details(
+        Code::FailedPrecondition,
+        message,
+        status.encode_to_vec().into(),
+    )
+}

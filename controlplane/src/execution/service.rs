@@ -1,0 +1,129 @@
+//! The Execution service: `Execute` (cache lookup first, then queue) and `WaitExecution`, both
+//! streaming the operation until it is done. A client that goes away stops receiving; the
+//! action keeps running for anyone else waiting on it and for the action cache.
+
+use super::ops::OpView;
+use super::{prepare, ExecutionCore};
+use crate::error::ControlError;
+use crate::scheduler::SubmitError;
+use kiln_dataplane::digest::{BlobKey, Digest, InstanceName};
+use kiln_proto::longrunning::Operation;
+use kiln_proto::reapi::execution_server::Execution;
+use kiln_proto::reapi::{
+    execution_stage::Value as StageValue, ExecuteRequest, ExecuteResponse, WaitExecutionRequest,
+};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug_span, Instrument};
+
+/// How often a waiting client is sent the operation again even if nothing changed, so idle
+/// streams survive proxies and the client knows the server is alive.
+const REFRESH: Duration = Duration::from_secs(30);
+
+/// The Execution service.
+pub struct ExecutionService {
+    core: Arc<ExecutionCore>,
+}
+
+impl ExecutionService {
+    /// Serves `core`.
+    pub fn new(core: Arc<ExecutionCore>) -> ExecutionService {
+        ExecutionService { core }
+    }
+}
+
+type OpStream = Pin<Box<dyn futures::Stream<Item = Result<Operation, Status>> + Send>>;
+
+/// Streams an operation's views until it is done.
+pub(super) fn stream(mut rx: watch::Receiver<OpView>) -> OpStream {
+    let (tx, out) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let view = rx.borrow_and_update().clone();
+            if tx.send(Ok(view.to_operation())).await.is_err() {
+                return; // the client went away; the action runs on
+            }
+            if view.done() {
+                return;
+            }
+            // A change, or nothing for a while (send the same view again); a closed channel ends it.
+            if let Ok(Err(_)) = tokio::time::timeout(REFRESH, rx.changed()).await {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(out))
+}
+
+impl ExecutionService {
+    async fn execute_inner(&self, request: ExecuteRequest) -> Result<OpStream, Status> {
+        let instance = InstanceName::new(&request.instance_name).map_err(ControlError::from)?;
+        let digest =
+            Digest::from_proto_field(request.action_digest.as_ref(), request.digest_function)
+                .map_err(ControlError::from)?;
+        let key = BlobKey::new(instance, digest);
+        if !request.skip_cache_lookup {
+            match self.core.cache.get(&key).await {
+                Ok(result) => return Ok(cached(&key, result)),
+                Err(ControlError::NotFound(_) | ControlError::Incomplete(_)) => {}
+                Err(e) => tracing::warn!(error = %e, "action cache lookup failed; executing"),
+            }
+        }
+        let job = prepare::prepare(&self.core, &key, &request).await?;
+        match self.core.submit(job) {
+            Ok((_, rx)) => Ok(stream(rx)),
+            Err(e @ SubmitError::QueueFull(_)) => Err(Status::resource_exhausted(e.to_string())),
+        }
+    }
+}
+
+/// A finished operation for a cache hit.
+fn cached(key: &BlobKey, result: kiln_proto::reapi::ActionResult) -> OpStream {
+    let view = OpView {
+        name: format!("operations/{}", uuid::Uuid::new_v4()),
+        stage: StageValue::Completed,
+        action_digest: key.digest.to_proto(),
+        digest_function: key.digest.function.proto() as i32,
+        response: Some(Arc::new(ExecuteResponse {
+            result: Some(result),
+            cached_result: true,
+            status: Some(Default::default()),
+            ..Default::default()
+        })),
+    };
+    Box::pin(futures::stream::iter([Ok(view.to_operation())]))
+}
+
+#[tonic::async_trait]
+impl Execution for ExecutionService {
+    type ExecuteStream = OpStream;
+    type WaitExecutionStream = OpStream;
+
+    async fn execute(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<Response<OpStream>, Status> {
+        let request = request.into_inner();
+        let span = debug_span!("Execute", instance = %request.instance_name);
+        Ok(Response::new(
+            self.execute_inner(request).instrument(span).await?,
+        ))
+    }
+
+    async fn wait_execution(
+        &self,
+        request: Request<WaitExecutionRequest>,
+    ) -> Result<Response<OpStream>, Status> {
+        let name = request.into_inner().name;
+        let rx = self.core.watch(&name).ok_or_else(|| {
+            Status::not_found(format!(
+                "no operation named {name:?} (finished long ago, or from before a restart)"
+            ))
+        })?;
+        Ok(Response::new(stream(rx)))
+    }
+}

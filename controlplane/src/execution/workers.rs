@@ -1,0 +1,111 @@
+//! The worker API: one bidirectional stream per worker. The first message is Hello; after
+//! that the worker reports progress and results and keeps the stream alive, and the scheduler
+//! sends work and kills. When the stream ends (or goes silent) the worker is lost and its
+//! actions are re-queued.
+
+use super::ExecutionCore;
+use kiln_proto::worker::worker_api_server::WorkerApi;
+use kiln_proto::worker::{
+    server_message, worker_message, KeepAlive, ServerMessage, Welcome, WorkerMessage,
+};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Messages queued to one worker before it is considered stuck.
+const SESSION_QUEUE: usize = 1024;
+
+/// The worker API service.
+pub struct WorkerApiService {
+    core: Arc<ExecutionCore>,
+}
+
+impl WorkerApiService {
+    /// Serves worker sessions for `core`.
+    pub fn new(core: Arc<ExecutionCore>) -> WorkerApiService {
+        WorkerApiService { core }
+    }
+}
+
+type ServerStream = Pin<Box<dyn futures::Stream<Item = Result<ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerApi for WorkerApiService {
+    type SessionStream = ServerStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<ServerStream>, Status> {
+        let mut incoming = request.into_inner();
+        let hello = match incoming.message().await? {
+            Some(WorkerMessage {
+                message: Some(worker_message::Message::Hello(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a worker session must be Hello",
+                ))
+            }
+        };
+        let properties: Vec<(String, String)> = hello
+            .properties
+            .iter()
+            .map(|p| (p.name.clone(), p.value.clone()))
+            .collect();
+        let keepalive = Duration::from_secs(self.core.config.keepalive_secs);
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let welcome = ServerMessage {
+            message: Some(server_message::Message::Welcome(Welcome {
+                keep_alive_interval: Some(prost_types::Duration {
+                    seconds: keepalive.as_secs() as i64,
+                    nanos: 0,
+                }),
+            })),
+        };
+        tx.try_send(welcome)
+            .map_err(|_| Status::internal("cannot queue the welcome"))?;
+        let name = if hello.worker_id.is_empty() {
+            "unnamed".to_string()
+        } else {
+            hello.worker_id.clone()
+        };
+        let id = self.core.worker_joined(
+            name,
+            properties,
+            hello.max_inflight.max(1) as usize,
+            tx.clone(),
+        );
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            let mut ping = tokio::time::interval(keepalive);
+            loop {
+                tokio::select! {
+                    message = incoming.message() => match message {
+                        Ok(Some(m)) => {
+                            core.worker_seen(id);
+                            match m.message {
+                                Some(worker_message::Message::Result(r)) => core.reported(id, r),
+                                Some(worker_message::Message::GoingAway(_)) => core.worker_draining(id),
+                                _ => {}
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = ping.tick() => {
+                        let keep = ServerMessage { message: Some(server_message::Message::KeepAlive(KeepAlive {})) };
+                        if tx.try_send(keep).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            core.worker_left(id);
+        });
+        let out = ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(futures::StreamExt::map(out, Ok))))
+    }
+}

@@ -1,0 +1,500 @@
+//! The scheduler as a state machine (sans-IO): events in — actions submitted, workers joining,
+//! reporting, leaving, time passing — and commands out — dispatch, kill, stage changes,
+//! outcomes. The execution service and the worker sessions apply events under a lock and carry
+//! the commands out; every rule here is tested without sockets or clocks.
+//!
+//! Rules: the queue is ordered by priority (lower first) then arrival; an action goes to the
+//! least-loaded worker whose platform fits; identical cacheable actions in flight share one
+//! operation; an action whose worker disappears is re-queued (at most `max_retries` times) but
+//! an action's own failure is final; an action running past its timeout (plus a grace period
+//! for the worker to report it) is killed and fails with DEADLINE_EXCEEDED; a worker silent for
+//! `worker_timeout` is lost.
+
+pub mod platform;
+
+#[cfg(test)]
+mod tests;
+
+use kiln_dataplane::digest::BlobKey;
+use platform::{consume, could_fit, fits, Consumed, Kinds, Offer, Requirements};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime};
+
+/// An operation inside the scheduler.
+pub type OpId = u64;
+/// A connected worker session.
+pub type WorkerId = u64;
+
+/// gRPC codes the scheduler fails operations with (numeric, to stay free of tonic).
+pub mod code {
+    /// CANCELLED.
+    pub const CANCELLED: i32 = 1;
+    /// DEADLINE_EXCEEDED.
+    pub const DEADLINE_EXCEEDED: i32 = 4;
+    /// UNAVAILABLE.
+    pub const UNAVAILABLE: i32 = 14;
+}
+
+/// Scheduler settings.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// How platform properties are matched.
+    pub kinds: Kinds,
+    /// Re-runs after worker loss.
+    pub max_retries: u32,
+    /// A worker silent this long is lost.
+    pub worker_timeout: Duration,
+    /// Time past an action's timeout the worker gets to report before the scheduler gives up.
+    pub timeout_grace: Duration,
+    /// Bound on queued operations.
+    pub max_queued: usize,
+}
+
+/// Something to run.
+#[derive(Debug, Clone)]
+pub struct Job<P> {
+    /// The action (instance, digest function, digest): identical cacheable jobs merge.
+    pub key: BlobKey,
+    /// Lower runs first.
+    pub priority: i32,
+    /// Platform requirements.
+    pub requirements: Requirements,
+    /// The action's timeout.
+    pub timeout: Duration,
+    /// May share an operation with an identical job.
+    pub mergeable: bool,
+    /// When the client asked.
+    pub queued_at: SystemTime,
+    /// What the worker needs (opaque here).
+    pub payload: P,
+}
+
+/// Where an operation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Waiting for a worker.
+    Queued,
+    /// On a worker.
+    Executing,
+}
+
+/// How an operation ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome<R> {
+    /// The worker's report.
+    Reported(R),
+    /// The scheduler gave up: a gRPC code and a message.
+    Failed {
+        /// gRPC code (see [`code`]).
+        code: i32,
+        /// Why.
+        message: String,
+    },
+}
+
+/// What the scheduler wants done.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command<P, R> {
+    /// Send the job to a worker.
+    Dispatch {
+        /// The worker.
+        worker: WorkerId,
+        /// The operation.
+        op: OpId,
+        /// 1 for the first try.
+        attempt: u32,
+        /// The job's payload.
+        payload: P,
+        /// Its timeout.
+        timeout: Duration,
+        /// When it was queued.
+        queued_at: SystemTime,
+    },
+    /// Stop an operation on a worker.
+    Kill {
+        /// The worker.
+        worker: WorkerId,
+        /// The operation.
+        op: OpId,
+    },
+    /// The operation moved to a new stage.
+    Stage {
+        /// The operation.
+        op: OpId,
+        /// Its stage.
+        stage: Stage,
+    },
+    /// The operation ended; it is forgotten by the scheduler.
+    Finished {
+        /// The operation.
+        op: OpId,
+        /// How.
+        outcome: Outcome<R>,
+    },
+}
+
+/// Why a job was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is at its bound.
+    #[error("the execution queue is full ({0} actions); retry later")]
+    QueueFull(usize),
+}
+
+/// Result of a submit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    /// The operation the job runs as.
+    pub op: OpId,
+    /// It joined an identical operation already in flight.
+    pub merged: bool,
+}
+
+#[derive(Debug)]
+enum OpStage {
+    Queued { seq: u64 },
+    Running { worker: WorkerId, deadline: Instant },
+}
+
+#[derive(Debug)]
+struct OpState<P> {
+    job: Job<P>,
+    stage: OpStage,
+    attempts: u32,
+}
+
+#[derive(Debug)]
+struct WorkerState {
+    offer: Offer,
+    capacity: usize,
+    running: HashSet<OpId>,
+    consumed: Consumed,
+    last_seen: Instant,
+    draining: bool,
+}
+
+/// The scheduler.
+pub struct Scheduler<P, R> {
+    config: SchedulerConfig,
+    ops: HashMap<OpId, OpState<P>>,
+    queue: BTreeMap<(i32, u64), OpId>,
+    in_flight: HashMap<BlobKey, OpId>,
+    workers: HashMap<WorkerId, WorkerState>,
+    next_op: OpId,
+    next_seq: u64,
+    out: Vec<Command<P, R>>,
+}
+
+impl<P: Clone, R> Scheduler<P, R> {
+    /// An empty scheduler.
+    pub fn new(config: SchedulerConfig) -> Scheduler<P, R> {
+        Scheduler {
+            config,
+            ops: HashMap::new(),
+            queue: BTreeMap::new(),
+            in_flight: HashMap::new(),
+            workers: HashMap::new(),
+            next_op: 1,
+            next_seq: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// Takes the commands produced so far.
+    pub fn commands(&mut self) -> Vec<Command<P, R>> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Queued operations.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Running operations.
+    pub fn running(&self) -> usize {
+        self.ops.len() - self.queue.len()
+    }
+
+    /// Connected workers.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Whether any connected worker could ever run `requirements`.
+    pub fn can_be_served(&self, requirements: &Requirements) -> bool {
+        self.workers
+            .values()
+            .any(|w| !w.draining && could_fit(&self.config.kinds, requirements, &w.offer))
+    }
+
+    /// Queues a job, or joins an identical one in flight.
+    pub fn submit(&mut self, now: Instant, job: Job<P>) -> Result<Submitted, SubmitError> {
+        if job.mergeable {
+            if let Some(&op) = self.in_flight.get(&job.key) {
+                return Ok(Submitted { op, merged: true });
+            }
+        }
+        if self.queue.len() >= self.config.max_queued {
+            return Err(SubmitError::QueueFull(self.queue.len()));
+        }
+        let op = self.next_op;
+        self.next_op += 1;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if job.mergeable {
+            self.in_flight.insert(job.key.clone(), op);
+        }
+        self.queue.insert((job.priority, seq), op);
+        self.ops.insert(
+            op,
+            OpState {
+                job,
+                stage: OpStage::Queued { seq },
+                attempts: 0,
+            },
+        );
+        self.out.push(Command::Stage {
+            op,
+            stage: Stage::Queued,
+        });
+        self.schedule(now);
+        Ok(Submitted { op, merged: false })
+    }
+
+    /// A worker connected.
+    pub fn worker_joined(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        properties: Vec<(String, String)>,
+        capacity: usize,
+    ) {
+        self.workers.insert(
+            worker,
+            WorkerState {
+                offer: Offer::new(properties),
+                capacity: capacity.max(1),
+                running: HashSet::new(),
+                consumed: Consumed::new(),
+                last_seen: now,
+                draining: false,
+            },
+        );
+        self.schedule(now);
+    }
+
+    /// A worker said something (keep-alive or any message).
+    pub fn worker_seen(&mut self, now: Instant, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.last_seen = now;
+        }
+    }
+
+    /// A worker is shutting down: it finishes what it runs but gets nothing new.
+    pub fn worker_draining(&mut self, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.draining = true;
+        }
+    }
+
+    /// A worker is gone (its stream ended, or it went silent): its operations are re-queued,
+    /// or fail once they have been retried enough.
+    pub fn worker_left(&mut self, now: Instant, worker: WorkerId) {
+        let Some(w) = self.workers.remove(&worker) else {
+            return;
+        };
+        let mut lost: Vec<OpId> = w.running.into_iter().collect();
+        lost.sort_unstable();
+        for op in lost {
+            let Some(state) = self.ops.get_mut(&op) else {
+                continue;
+            };
+            if state.attempts > self.config.max_retries {
+                let attempts = state.attempts;
+                self.finish(
+                    op,
+                    Outcome::Failed {
+                        code: code::UNAVAILABLE,
+                        message: format!(
+                            "the worker running this action was lost {attempts} times"
+                        ),
+                    },
+                );
+                continue;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            state.stage = OpStage::Queued { seq };
+            self.queue.insert((state.job.priority, seq), op);
+            self.out.push(Command::Stage {
+                op,
+                stage: Stage::Queued,
+            });
+        }
+        self.schedule(now);
+    }
+
+    /// The worker reports the operation's outcome.
+    pub fn reported(&mut self, now: Instant, worker: WorkerId, op: OpId, result: R) {
+        let running_here = matches!(self.ops.get(&op), Some(OpState { stage: OpStage::Running { worker: w, .. }, .. }) if *w == worker);
+        if !running_here {
+            // A late report from a worker the operation was taken from: ignore it.
+            return;
+        }
+        self.finish(op, Outcome::Reported(result));
+        self.schedule(now);
+    }
+
+    /// A client cancelled the operation.
+    pub fn cancel(&mut self, now: Instant, op: OpId) {
+        let Some(state) = self.ops.get(&op) else {
+            return;
+        };
+        if let OpStage::Running { worker, .. } = state.stage {
+            self.out.push(Command::Kill { worker, op });
+        }
+        self.finish(
+            op,
+            Outcome::Failed {
+                code: code::CANCELLED,
+                message: "cancelled by a client".into(),
+            },
+        );
+        self.schedule(now);
+    }
+
+    /// Fails every queued operation (the server is going down; running ones may still report).
+    pub fn fail_queued(&mut self, code: i32, message: &str) {
+        let queued: Vec<OpId> = self.queue.values().copied().collect();
+        for op in queued {
+            self.finish(
+                op,
+                Outcome::Failed {
+                    code,
+                    message: message.to_string(),
+                },
+            );
+        }
+    }
+
+    /// Time passed: lose silent workers, fail operations far past their timeout.
+    pub fn tick(&mut self, now: Instant) {
+        let silent: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                now.saturating_duration_since(w.last_seen) > self.config.worker_timeout
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for worker in silent {
+            self.worker_left(now, worker);
+        }
+        let overdue: Vec<(OpId, WorkerId)> = self
+            .ops
+            .iter()
+            .filter_map(|(op, s)| match s.stage {
+                OpStage::Running { worker, deadline } if now > deadline => Some((*op, worker)),
+                _ => None,
+            })
+            .collect();
+        for (op, worker) in overdue {
+            self.out.push(Command::Kill { worker, op });
+            self.finish(
+                op,
+                Outcome::Failed {
+                    code: code::DEADLINE_EXCEEDED,
+                    message: "the action ran past its timeout and its worker did not report".into(),
+                },
+            );
+        }
+        self.schedule(now);
+    }
+
+    fn finish(&mut self, op: OpId, outcome: Outcome<R>) {
+        let Some(state) = self.ops.remove(&op) else {
+            return;
+        };
+        match state.stage {
+            OpStage::Queued { seq } => {
+                self.queue.remove(&(state.job.priority, seq));
+            }
+            OpStage::Running { worker, .. } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.running.remove(&op);
+                    consume(
+                        &self.config.kinds,
+                        &state.job.requirements,
+                        &mut w.consumed,
+                        false,
+                    );
+                }
+            }
+        }
+        if self.in_flight.get(&state.job.key) == Some(&op) {
+            self.in_flight.remove(&state.job.key);
+        }
+        self.out.push(Command::Finished { op, outcome });
+    }
+
+    /// Gives queued operations to workers, in queue order, while any worker has room.
+    fn schedule(&mut self, now: Instant) {
+        let mut free: usize = self
+            .workers
+            .values()
+            .filter(|w| !w.draining)
+            .map(|w| w.capacity.saturating_sub(w.running.len()))
+            .sum();
+        if free == 0 || self.queue.is_empty() {
+            return;
+        }
+        let queued: Vec<((i32, u64), OpId)> = self.queue.iter().map(|(k, v)| (*k, *v)).collect();
+        for (slot, op) in queued {
+            if free == 0 {
+                break;
+            }
+            let Some(state) = self.ops.get(&op) else {
+                continue;
+            };
+            let kinds = &self.config.kinds;
+            let chosen = self
+                .workers
+                .iter()
+                .filter(|(_, w)| {
+                    !w.draining
+                        && w.running.len() < w.capacity
+                        && fits(kinds, &state.job.requirements, &w.offer, &w.consumed)
+                })
+                // Least loaded first; ties by id, so the choice is deterministic.
+                .min_by(|(a_id, a), (b_id, b)| {
+                    let load = |w: &WorkerState| w.running.len() as f64 / w.capacity as f64;
+                    load(a).total_cmp(&load(b)).then(a_id.cmp(b_id))
+                })
+                .map(|(id, _)| *id);
+            let Some(worker) = chosen else { continue };
+            self.queue.remove(&slot);
+            let state = self.ops.get_mut(&op).expect("queued op exists");
+            state.attempts += 1;
+            state.stage = OpStage::Running {
+                worker,
+                deadline: now + state.job.timeout + self.config.timeout_grace,
+            };
+            let w = self.workers.get_mut(&worker).expect("chosen worker exists");
+            w.running.insert(op);
+            consume(kinds, &state.job.requirements, &mut w.consumed, true);
+            free -= 1;
+            self.out.push(Command::Stage {
+                op,
+                stage: Stage::Executing,
+            });
+            self.out.push(Command::Dispatch {
+                worker,
+                op,
+                attempt: state.attempts,
+                payload: state.job.payload.clone(),
+                timeout: state.job.timeout,
+                queued_at: state.job.queued_at,
+            });
+        }
+    }
+}

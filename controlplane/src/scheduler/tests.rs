@@ -1,0 +1,271 @@
+use super::*;
+use kiln_config::PropertyKind;
+use kiln_dataplane::digest::{Digest, DigestFunction, InstanceName};
+
+type S = Scheduler<&'static str, &'static str>;
+
+fn config() -> SchedulerConfig {
+    SchedulerConfig {
+        kinds: Kinds(BTreeMap::from([(
+            "cores".to_string(),
+            PropertyKind::Minimum,
+        )])),
+        max_retries: 1,
+        worker_timeout: Duration::from_secs(10),
+        timeout_grace: Duration::from_secs(5),
+        max_queued: 100,
+    }
+}
+
+fn job(name: &'static str, priority: i32, reqs: &[(&str, &str)]) -> Job<&'static str> {
+    let kinds = config().kinds;
+    Job {
+        key: BlobKey::new(
+            InstanceName::default_instance(),
+            Digest::of(DigestFunction::Sha256, name.as_bytes()),
+        ),
+        priority,
+        requirements: Requirements::new(
+            &kinds,
+            reqs.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+        )
+        .unwrap(),
+        timeout: Duration::from_secs(60),
+        mergeable: true,
+        queued_at: SystemTime::UNIX_EPOCH,
+        payload: name,
+    }
+}
+
+fn props(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    p.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+/// The dispatches among the commands, as (worker, payload, attempt).
+fn dispatched(s: &mut S) -> Vec<(WorkerId, &'static str, u32)> {
+    s.commands()
+        .into_iter()
+        .filter_map(|c| match c {
+            Command::Dispatch {
+                worker,
+                payload,
+                attempt,
+                ..
+            } => Some((worker, payload, attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn finished(s: &mut S) -> Vec<(OpId, Outcome<&'static str>)> {
+    s.commands()
+        .into_iter()
+        .filter_map(|c| match c {
+            Command::Finished { op, outcome } => Some((op, outcome)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn priority_then_arrival() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.submit(t, job("late-low", 5, &[])).unwrap();
+    s.submit(t, job("urgent", -1, &[])).unwrap();
+    s.submit(t, job("normal-1", 0, &[])).unwrap();
+    s.submit(t, job("normal-2", 0, &[])).unwrap();
+    assert!(dispatched(&mut s).is_empty(), "no worker yet");
+    s.worker_joined(t, 1, vec![], 1);
+    assert_eq!(dispatched(&mut s), vec![(1, "urgent", 1)]);
+    let urgent = 2;
+    s.reported(t, 1, urgent, "done");
+    assert_eq!(dispatched(&mut s), vec![(1, "normal-1", 1)]);
+    s.reported(t, 1, 3, "done");
+    assert_eq!(dispatched(&mut s), vec![(1, "normal-2", 1)]);
+    s.reported(t, 1, 4, "done");
+    assert_eq!(dispatched(&mut s), vec![(1, "late-low", 1)]);
+}
+
+#[test]
+fn platform_matching_and_least_loaded_choice() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, props(&[("OSFamily", "linux"), ("cores", "8")]), 4);
+    s.worker_joined(t, 2, props(&[("OSFamily", "macos"), ("cores", "8")]), 4);
+    s.submit(t, job("mac", 0, &[("OSFamily", "macos")]))
+        .unwrap();
+    s.submit(t, job("any-1", 0, &[])).unwrap();
+    s.submit(t, job("any-2", 0, &[])).unwrap();
+    s.submit(t, job("windows", 0, &[("OSFamily", "windows")]))
+        .unwrap();
+    let d = dispatched(&mut s);
+    assert!(d.contains(&(2, "mac", 1)), "{d:?}");
+    // Worker 2 already runs one, so the next goes to worker 1; then both run one and the
+    // tie goes to the lower id.
+    assert!(
+        d.contains(&(1, "any-1", 1)) && d.contains(&(1, "any-2", 1)),
+        "{d:?}"
+    );
+    assert_eq!(s.queued(), 1, "nothing runs windows");
+    assert!(!s.can_be_served(&job("windows", 0, &[("OSFamily", "windows")]).requirements));
+    // Minimum: 8 cores hold one 6-core action, not two.
+    s.submit(t, job("big-1", 0, &[("cores", "6"), ("OSFamily", "linux")]))
+        .unwrap();
+    s.submit(t, job("big-2", 0, &[("cores", "6"), ("OSFamily", "linux")]))
+        .unwrap();
+    assert_eq!(dispatched(&mut s), vec![(1, "big-1", 1)]);
+    let big1 = 5;
+    s.reported(t, 1, big1, "done");
+    assert_eq!(
+        dispatched(&mut s),
+        vec![(1, "big-2", 1)],
+        "cores returned on completion"
+    );
+}
+
+#[test]
+fn identical_actions_share_one_operation() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    let a = s.submit(t, job("same", 0, &[])).unwrap();
+    let b = s.submit(t, job("same", 0, &[])).unwrap();
+    assert_eq!((a.op, a.merged, b.op, b.merged), (1, false, 1, true));
+    let mut uncached = job("same", 0, &[]);
+    uncached.mergeable = false;
+    let c = s.submit(t, uncached).unwrap();
+    assert_ne!(c.op, a.op, "do_not_cache actions never merge");
+    s.worker_joined(t, 1, vec![], 1);
+    dispatched(&mut s);
+    s.reported(t, 1, a.op, "done");
+    assert_eq!(finished(&mut s), vec![(a.op, Outcome::Reported("done"))]);
+    // Once finished, a new identical submission is a new operation.
+    let d = s.submit(t, job("same", 0, &[])).unwrap();
+    assert!(!d.merged && d.op != a.op);
+}
+
+#[test]
+fn worker_loss_requeues_a_bounded_number_of_times() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    let op = s.submit(t, job("flaky", 0, &[])).unwrap().op;
+    s.worker_joined(t, 1, vec![], 1);
+    assert_eq!(dispatched(&mut s), vec![(1, "flaky", 1)]);
+    s.worker_left(t, 1);
+    assert_eq!(s.queued(), 1, "re-queued, not failed");
+    s.worker_joined(t, 2, vec![], 1);
+    assert_eq!(dispatched(&mut s), vec![(2, "flaky", 2)]);
+    s.worker_left(t, 2);
+    let f = finished(&mut s);
+    assert_eq!(f.len(), 1);
+    assert!(
+        matches!(&f[0], (o, Outcome::Failed { code: code::UNAVAILABLE, .. }) if *o == op),
+        "{f:?}"
+    );
+    // A late report from a worker the operation was taken from is ignored.
+    s.reported(t, 1, op, "late");
+    assert!(finished(&mut s).is_empty());
+}
+
+#[test]
+fn an_action_failing_on_its_own_is_not_retried() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    let op = s.submit(t, job("fails", 0, &[])).unwrap().op;
+    s.worker_joined(t, 1, vec![], 1);
+    dispatched(&mut s);
+    s.reported(t, 1, op, "exit 1");
+    assert_eq!(finished(&mut s), vec![(op, Outcome::Reported("exit 1"))]);
+    assert_eq!((s.queued(), s.running()), (0, 0));
+}
+
+#[test]
+fn silent_workers_are_lost_and_overdue_actions_killed() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 2);
+    s.worker_joined(t, 2, vec![], 1);
+    let a = s.submit(t, job("a", 0, &[])).unwrap().op;
+    dispatched(&mut s);
+    // Worker 2 keeps talking, worker 1 goes silent.
+    s.worker_seen(t + Duration::from_secs(8), 2);
+    s.tick(t + Duration::from_secs(11));
+    assert_eq!(s.workers(), 1);
+    // The action moved to worker 2 (attempt 2).
+    assert_eq!(dispatched(&mut s), vec![(2, "a", 2)]);
+    // It runs past timeout (60 s) plus grace (5 s): killed and failed.
+    s.worker_seen(t + Duration::from_secs(70), 2);
+    s.tick(t + Duration::from_secs(70));
+    assert!(
+        finished(&mut s).is_empty(),
+        "deadline counts from the dispatch at 11 s"
+    );
+    s.worker_seen(t + Duration::from_secs(77), 2);
+    s.tick(t + Duration::from_secs(77));
+    let commands = s.commands();
+    assert!(
+        commands.contains(&Command::Kill { worker: 2, op: a }),
+        "{commands:?}"
+    );
+    assert!(commands.iter().any(|c| matches!(c, Command::Finished { op, outcome: Outcome::Failed { code: code::DEADLINE_EXCEEDED, .. } } if *op == a)));
+}
+
+#[test]
+fn draining_workers_get_no_new_work_and_queue_is_bounded() {
+    let t = Instant::now();
+    let mut s = S::new(SchedulerConfig {
+        max_queued: 2,
+        ..config()
+    });
+    s.worker_joined(t, 1, vec![], 4);
+    s.worker_draining(1);
+    s.submit(t, job("x", 0, &[])).unwrap();
+    s.submit(t, job("y", 0, &[])).unwrap();
+    assert!(dispatched(&mut s).is_empty());
+    assert_eq!(
+        s.submit(t, job("z", 0, &[])),
+        Err(SubmitError::QueueFull(2))
+    );
+    // Merging into an existing op still works at the bound.
+    assert!(s.submit(t, job("x", 0, &[])).unwrap().merged);
+}
+
+#[test]
+fn cancel_kills_a_running_operation() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 1);
+    let op = s.submit(t, job("long", 0, &[])).unwrap().op;
+    let queued = s.submit(t, job("next", 0, &[])).unwrap().op;
+    dispatched(&mut s);
+    s.cancel(t, op);
+    let commands = s.commands();
+    assert!(commands.contains(&Command::Kill { worker: 1, op }));
+    assert!(commands.iter().any(|c| matches!(c, Command::Finished { op: o, outcome: Outcome::Failed { code: code::CANCELLED, .. } } if *o == op)));
+    assert!(
+        commands
+            .iter()
+            .any(|c| matches!(c, Command::Dispatch { op: o, .. } if *o == queued)),
+        "freed slot reused"
+    );
+}
+
+#[test]
+fn shutting_down_fails_what_is_queued_only() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 1);
+    let running = s.submit(t, job("running", 0, &[])).unwrap().op;
+    let queued = s.submit(t, job("queued", 0, &[])).unwrap().op;
+    s.commands();
+    s.fail_queued(code::UNAVAILABLE, "going down");
+    let f = finished(&mut s);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].0, queued);
+    s.reported(t, 1, running, "done");
+    assert_eq!(finished(&mut s), vec![(running, Outcome::Reported("done"))]);
+}

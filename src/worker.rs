@@ -1,0 +1,203 @@
+//! `kiln worker`: a worker machine. It keeps its own CAS (served on its data plane, where peers
+//! will fetch from), connects to the scheduler, and runs actions until SIGTERM/SIGINT; then it
+//! finishes what it runs and exits.
+
+use crate::cli::WorkerArgs;
+use crate::signals::wait_for_signal;
+use anyhow::{bail, Context};
+use kiln_config::Config;
+use kiln_dataplane::metrics::Metrics;
+use kiln_dataplane::runtime::backend_for;
+use kiln_dataplane::server::{shard_count, DataPlane, OpenedStore};
+use kiln_dataplane::store::layout::Layout;
+use kiln_worker::{prepare_work_dir, Identity, LocalCas, WorkerContext};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::info;
+
+/// A worker running on a tokio runtime.
+pub struct RunningWorker {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningWorker {
+    /// Starts a worker session loop on `runtime`.
+    pub fn start(
+        runtime: &tokio::runtime::Runtime,
+        scheduler: &str,
+        identity: Identity,
+        ctx: Arc<WorkerContext>,
+        max_delay: Duration,
+    ) -> anyhow::Result<RunningWorker> {
+        let url = scheduler
+            .strip_prefix("grpc://")
+            .map(|r| format!("http://{r}"))
+            .unwrap_or_else(|| scheduler.to_string());
+        let endpoint = tonic::transport::Endpoint::from_shared(url)
+            .with_context(|| format!("bad scheduler address {scheduler:?}"))?
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .connect_timeout(Duration::from_secs(10));
+        let (stop, stopped) = watch::channel(false);
+        let task = runtime.spawn(kiln_worker::session::run(
+            endpoint, identity, ctx, max_delay, stopped,
+        ));
+        Ok(RunningWorker { stop, task })
+    }
+
+    /// Says GoingAway, lets running actions finish (at most `grace`), and stops.
+    pub fn stop(self, runtime: &tokio::runtime::Runtime, grace: Duration) {
+        let _ = self.stop.send(true);
+        let task = self.task;
+        runtime.block_on(async move {
+            if tokio::time::timeout(grace, task).await.is_err() {
+                tracing::warn!("worker did not finish its actions within the grace period");
+            }
+        });
+    }
+}
+
+/// The worker's name: host name and process id (several workers may share a host).
+pub fn default_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let host = if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "worker".into()
+    };
+    format!("{host}-{}", std::process::id())
+}
+
+/// Actions at once: the configured number, or one per core.
+pub fn max_inflight(config: &Config) -> usize {
+    match config.worker.max_inflight {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Runs `kiln worker`.
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    let Some(scheduler) = config.worker.scheduler.clone() else {
+        bail!("no scheduler: pass --scheduler grpc://HOST:PORT or set worker.scheduler");
+    };
+    let data_dir = config.storage.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let work_dir = config
+        .worker
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("work"));
+    let exec_cache = prepare_work_dir(&work_dir)
+        .with_context(|| format!("cannot prepare {}", work_dir.display()))?;
+    let store = OpenedStore::open(&config, shard_count(&config), Metrics::new())
+        .with_context(|| format!("cannot open the local CAS in {}", data_dir.display()))?;
+    let local = LocalCas::new(store.cas(), Layout::cas(&data_dir));
+    let mut data = DataPlane::start(&config, store, backend_for(config.server.runtime), None)
+        .with_context(|| format!("cannot serve the local CAS on {}", config.server.listen))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.control_plane.threads)
+        .thread_name("kiln-worker")
+        .enable_all()
+        .build()?;
+    let name = args.name.clone().unwrap_or_else(default_name);
+    let identity = Identity {
+        name: name.clone(),
+        properties: kiln_worker::parse_properties(&config.worker.properties),
+        max_inflight: max_inflight(&config),
+    };
+    let channel_for_cas = {
+        let url = scheduler
+            .strip_prefix("grpc://")
+            .map(|r| format!("http://{r}"))
+            .unwrap_or_else(|| scheduler.clone());
+        tonic::transport::Endpoint::from_shared(url)?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(16 << 20)
+            .initial_connection_window_size(64 << 20)
+            .connect_lazy()
+    };
+    let ctx = {
+        let _guard = runtime.enter();
+        Arc::new(WorkerContext {
+            name: name.clone(),
+            local,
+            remote: Some(channel_for_cas),
+            work_dir: work_dir.clone(),
+            exec_cache,
+            fetch_parallelism: config.worker.fetch_parallelism,
+        })
+    };
+    let worker = RunningWorker::start(
+        &runtime,
+        &scheduler,
+        identity.clone(),
+        ctx,
+        Duration::from_secs(config.worker.max_reconnect_delay_secs),
+    )?;
+    info!(
+        "kiln worker {name} for {scheduler}: {} actions at once, properties {:?}; local CAS on {} ({} shards, {}); work in {}",
+        identity.max_inflight,
+        identity.properties,
+        data.local_addr(),
+        data.shards(),
+        data.backend(),
+        work_dir.display()
+    );
+    runtime.block_on(wait_for_signal())?;
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    info!("shutting down: finishing running actions (up to {grace:?})");
+    worker.stop(&runtime, grace);
+    let drained = data.begin_shutdown();
+    let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), drained).await });
+    data.finish_shutdown();
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    info!("stopped");
+    Ok(())
+}
+
+fn load_config(args: &WorkerArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => {
+            let mut c = Config::default();
+            // A worker's own data plane is for its peers; by default it serves on a free port.
+            c.server.listen = "0.0.0.0:0".parse()?;
+            c.storage.data_dir = kiln_config::default_data_dir().join("worker");
+            c
+        }
+    };
+    if let Some(s) = &args.scheduler {
+        config.worker.scheduler = Some(s.clone());
+    }
+    if let Some(d) = &args.work_dir {
+        config.worker.work_dir = Some(d.clone());
+    }
+    if let Some(d) = &args.cas_dir {
+        config.storage.data_dir = d.clone();
+    }
+    if !args.property.is_empty() {
+        config.worker.properties = args.property.clone();
+    }
+    if let Some(n) = args.max_inflight {
+        config.worker.max_inflight = n;
+    }
+    if let Some(l) = args.listen {
+        config.server.listen = l;
+    }
+    if let Some(s) = args.shards {
+        config.server.shards = s;
+    }
+    if let Some(r) = args.runtime {
+        config.server.runtime = r;
+    }
+    config.validate()?;
+    Ok(config)
+}

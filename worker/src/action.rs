@@ -1,0 +1,292 @@
+//! One action from start to report: fetch inputs, materialise them, run, collect and store
+//! outputs, report the result with timestamps, and clean up. Pins on inputs are held from fetch
+//! to the end.
+
+use crate::error::ActionError;
+use crate::fetch::{fetch, Source};
+use crate::local::{hash_file, LocalCas};
+use crate::materialise::{remove_tree, Materialiser};
+use crate::outputs::{collect, Blob};
+use crate::remote::{RemoteCas, SMALL};
+use crate::run::{run, RunEnd, RunSpec};
+use kiln_dataplane::digest::{BlobKey, Digest, DigestFunction, InstanceName};
+use kiln_proto::google::rpc::Status as RpcStatus;
+use kiln_proto::reapi::{ActionResult, Command, ExecutedActionMetadata};
+use kiln_proto::worker::{ExecutionResult, StartExecute};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::oneshot;
+
+/// What every action on this worker shares.
+pub struct WorkerContext {
+    /// The worker's name, reported in ExecutedActionMetadata.
+    pub name: String,
+    /// The local CAS.
+    pub local: LocalCas,
+    /// The server; `None` when the local CAS is the server's own (the worker in `kiln serve`).
+    pub remote: Option<tonic::transport::Channel>,
+    /// Where action directories are made.
+    pub work_dir: PathBuf,
+    /// Read-only executable copies.
+    pub exec_cache: PathBuf,
+    /// Blobs downloaded at once per action.
+    pub fetch_parallelism: usize,
+}
+
+/// Progress reported while an action runs.
+pub enum Progress {
+    /// The process exited; outputs are being stored.
+    Executed,
+}
+
+fn now() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::now())
+}
+
+/// Runs an action; never fails: failures are in the result's status.
+pub async fn execute(
+    ctx: Arc<WorkerContext>,
+    start: StartExecute,
+    kill: oneshot::Receiver<()>,
+    progress: impl Fn(Progress) + Send,
+) -> ExecutionResult {
+    let mut metadata = ExecutedActionMetadata {
+        worker: ctx.name.clone(),
+        queued_timestamp: start.queued_timestamp,
+        worker_start_timestamp: Some(now()),
+        ..Default::default()
+    };
+    let dir = ctx.work_dir.join(uuid::Uuid::new_v4().simple().to_string());
+    let mut pins: Vec<BlobKey> = Vec::new();
+    let outcome = attempt(
+        &ctx,
+        &start,
+        &dir,
+        kill,
+        &progress,
+        &mut metadata,
+        &mut pins,
+    )
+    .await;
+    ctx.local.unpin(&pins).await;
+    let cleanup = dir.clone();
+    let _ = tokio::task::spawn_blocking(move || remove_tree(&cleanup)).await;
+    metadata.worker_completed_timestamp = Some(now());
+    let (status, result, message) = match outcome {
+        Ok((end, mut result)) => {
+            let status = match end {
+                RunEnd::Exited(_) => RpcStatus::default(),
+                RunEnd::TimedOut => RpcStatus {
+                    code: tonic::Code::DeadlineExceeded as i32,
+                    message: "the action ran past its timeout and was killed".into(),
+                    details: Vec::new(),
+                },
+                RunEnd::Killed => ActionError::Killed.to_status(),
+            };
+            result.execution_metadata = Some(metadata);
+            (status, Some(result), String::new())
+        }
+        Err(e) => {
+            tracing::info!(operation = %start.operation, error = %e, "action failed on the worker");
+            let message = e.to_string();
+            (
+                e.to_status(),
+                Some(ActionResult {
+                    execution_metadata: Some(metadata),
+                    ..Default::default()
+                }),
+                message,
+            )
+        }
+    };
+    ExecutionResult {
+        operation: start.operation,
+        status: Some(status),
+        result,
+        message,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    ctx: &WorkerContext,
+    start: &StartExecute,
+    dir: &Path,
+    kill: oneshot::Receiver<()>,
+    progress: &(impl Fn(Progress) + Send),
+    metadata: &mut ExecutedActionMetadata,
+    pins: &mut Vec<BlobKey>,
+) -> Result<(RunEnd, ActionResult), ActionError> {
+    let bad = |what: &str| ActionError::BadInput(format!("StartExecute without {what}"));
+    let instance = InstanceName::new(&start.instance_name)
+        .map_err(|e| ActionError::BadInput(e.to_string()))?;
+    let function = start.digest_function;
+    let digest_function = DigestFunction::from_request(function, 64)
+        .map_err(|e| ActionError::BadInput(e.to_string()))?;
+    let action = start.action.as_ref().ok_or_else(|| bad("action"))?;
+    let command = start.command.as_ref().ok_or_else(|| bad("command"))?;
+    let root_digest = Digest::from_proto_field(action.input_root_digest.as_ref(), function)
+        .map_err(|e| ActionError::BadInput(e.to_string()))?;
+    let timeout = start
+        .timeout
+        .as_ref()
+        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+        .unwrap_or(Duration::from_secs(3600));
+
+    metadata.input_fetch_start_timestamp = Some(now());
+    let remote = ctx
+        .remote
+        .as_ref()
+        .map(|c| RemoteCas::new(c.clone(), instance.clone(), function));
+    let source = match &remote {
+        Some(r) => Source::Remote(r),
+        None => Source::Shared,
+    };
+    let (tree, taken) = fetch(
+        &ctx.local,
+        &source,
+        &instance,
+        root_digest,
+        function,
+        ctx.fetch_parallelism,
+    )
+    .await?;
+    *pins = taken;
+    let root = dir.join("root");
+    {
+        let (root, action_dir) = (root.clone(), dir.to_path_buf());
+        let local = ctx.local.clone();
+        let exec_cache = ctx.exec_cache.clone();
+        let inst = instance.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&root)
+                .map_err(|e| ActionError::io("create", &action_dir, e))?;
+            let blob_path = |d: Digest| local.path(&inst, d);
+            Materialiser {
+                blob_path: &blob_path,
+                exec_cache: &exec_cache,
+                function,
+            }
+            .materialise(&tree, &root)
+        })
+        .await
+        .map_err(|e| ActionError::io("materialise", dir, std::io::Error::other(e)))??;
+    }
+    metadata.input_fetch_completed_timestamp = Some(now());
+
+    let cwd = root.join(&command.working_directory);
+    create_output_parents(command, &cwd)?;
+    let spec = RunSpec {
+        argv: command.arguments.clone(),
+        env: command
+            .environment_variables
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect(),
+        cwd: cwd.clone(),
+        stdout: dir.join("stdout"),
+        stderr: dir.join("stderr"),
+        timeout,
+    };
+    metadata.execution_start_timestamp = Some(now());
+    let end = run(&spec, kill).await?;
+    metadata.execution_completed_timestamp = Some(now());
+    progress(Progress::Executed);
+    if end == RunEnd::Killed {
+        return Err(ActionError::Killed);
+    }
+
+    metadata.output_upload_start_timestamp = Some(now());
+    let mut outputs = collect(command, &cwd, digest_function).await?;
+    let stdout = hash_file(digest_function, &spec.stdout).await?;
+    let stderr = hash_file(digest_function, &spec.stderr).await?;
+    outputs
+        .blobs
+        .insert(stdout, Blob::File(spec.stdout.clone()));
+    outputs
+        .blobs
+        .insert(stderr, Blob::File(spec.stderr.clone()));
+    store(ctx, &instance, remote.as_ref(), &outputs.blobs).await?;
+    metadata.output_upload_completed_timestamp = Some(now());
+    let mut result = outputs.result;
+    result.exit_code = match end {
+        RunEnd::Exited(code) => code,
+        _ => -1,
+    };
+    result.stdout_digest = Some(stdout.to_proto());
+    result.stderr_digest = Some(stderr.to_proto());
+    Ok((end, result))
+}
+
+/// Creates the parent directories of every declared output (not the outputs themselves).
+fn create_output_parents(command: &Command, cwd: &Path) -> Result<(), ActionError> {
+    #[allow(deprecated)]
+    let declared = command
+        .output_paths
+        .iter()
+        .chain(&command.output_files)
+        .chain(&command.output_directories);
+    for rel in declared {
+        if rel.starts_with('/') || rel.split('/').any(|c| c == "..") {
+            return Err(ActionError::BadInput(format!(
+                "output path {rel:?} leaves the working directory"
+            )));
+        }
+        if let Some(parent) = cwd.join(rel).parent() {
+            std::fs::create_dir_all(parent).map_err(|e| ActionError::io("create", parent, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Stores output blobs: in the local CAS, and on the server when it is another machine.
+async fn store(
+    ctx: &WorkerContext,
+    instance: &InstanceName,
+    remote: Option<&RemoteCas>,
+    blobs: &HashMap<Digest, Blob>,
+) -> Result<(), ActionError> {
+    for (digest, blob) in blobs {
+        let stored = match blob {
+            Blob::File(path) => ctx.local.put_file(instance, *digest, path).await,
+            Blob::Bytes(bytes) => ctx.local.put_bytes(instance, *digest, bytes.clone()).await,
+        };
+        match (stored, remote) {
+            // The local CAS is the server's: it must hold the outputs.
+            (Err(e), None) => return Err(e),
+            // A worker's own copy only saves a later download.
+            (Err(e), Some(_)) => {
+                tracing::debug!(blob = ?digest, error = %e, "cannot keep an output in the local CAS")
+            }
+            (Ok(()), _) => {}
+        }
+    }
+    let Some(remote) = remote else { return Ok(()) };
+    let digests: Vec<Digest> = blobs.keys().copied().collect();
+    let missing = remote.find_missing(&digests).await?;
+    let mut small = Vec::new();
+    for d in missing {
+        match &blobs[&d] {
+            Blob::Bytes(b) if d.size <= SMALL => small.push((d, b.clone())),
+            Blob::File(p) if d.size <= SMALL => {
+                let bytes = tokio::fs::read(p)
+                    .await
+                    .map_err(|e| ActionError::io("read", p, e))?;
+                small.push((d, bytes.into()));
+            }
+            Blob::File(p) => remote.upload_file(d, p).await?,
+            Blob::Bytes(b) => {
+                let temp = ctx.local.temp_path();
+                tokio::fs::write(&temp, b)
+                    .await
+                    .map_err(|e| ActionError::io("write", &temp, e))?;
+                let uploaded = remote.upload_file(d, &temp).await;
+                let _ = tokio::fs::remove_file(&temp).await;
+                uploaded?;
+            }
+        }
+    }
+    remote.upload_small(small).await
+}

@@ -1,0 +1,46 @@
+//! Kiln's worker: connects to the scheduler, runs actions in fresh directories with inputs
+//! materialised from a local CAS, stores outputs and reports results.
+//!
+//! [`session`] keeps the connection, [`action`] runs one action: [`fetch`] inputs (from
+//! [`remote`] into [`local`]), [`materialise`] them, [`run`] the command, collect [`outputs`].
+
+pub mod action;
+pub mod error;
+pub mod fetch;
+pub mod local;
+pub mod materialise;
+pub mod outputs;
+pub mod remote;
+pub mod run;
+pub mod session;
+
+pub use action::WorkerContext;
+pub use local::LocalCas;
+pub use session::Identity;
+
+/// Parses `NAME=VALUE` properties.
+pub fn parse_properties(list: &[String]) -> Vec<(String, String)> {
+    list.iter()
+        .filter_map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+/// Prepares the work directory: creates it, empties what an earlier run left, and makes the
+/// executable cache. Returns the cache's path.
+pub fn prepare_work_dir(work_dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(work_dir)?;
+    for entry in std::fs::read_dir(work_dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            materialise::remove_tree(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    let exec_cache = work_dir.join(".exec");
+    std::fs::create_dir_all(&exec_cache)?;
+    Ok(exec_cache)
+}

@@ -1,0 +1,166 @@
+//! The worker's own CAS (its data plane's store; for the worker inside `kiln serve`, the
+//! server's store itself): blobs are committed into it by rename after verification, pinned
+//! while an action uses them, and hardlinked into action directories.
+
+use crate::error::ActionError;
+use bytes::Bytes;
+use kiln_dataplane::digest::{BlobKey, Digest, Hasher, InstanceName};
+use kiln_dataplane::store::layout::Layout;
+use kiln_dataplane::store::{CasClient, Found};
+use std::path::{Path, PathBuf};
+
+/// A local CAS: the owner shards' handle plus where files live.
+#[derive(Clone)]
+pub struct LocalCas {
+    cas: CasClient,
+    layout: Layout,
+}
+
+impl LocalCas {
+    /// The CAS whose shards `cas` reaches and whose files are laid out by `layout`.
+    pub fn new(cas: CasClient, layout: Layout) -> LocalCas {
+        LocalCas { cas, layout }
+    }
+
+    fn key(instance: &InstanceName, d: Digest) -> BlobKey {
+        BlobKey::new(instance.clone(), d)
+    }
+
+    /// The file of a committed blob.
+    pub fn path(&self, instance: &InstanceName, d: Digest) -> PathBuf {
+        self.layout.blob_path(&Self::key(instance, d))
+    }
+
+    /// A fresh temp path on the CAS's filesystem.
+    pub fn temp_path(&self) -> PathBuf {
+        self.layout.temp_path()
+    }
+
+    /// Pins what is present; returns the digests that are not.
+    pub async fn pin(
+        &self,
+        instance: &InstanceName,
+        digests: &[Digest],
+    ) -> Result<(Vec<Digest>, Vec<BlobKey>), ActionError> {
+        let keys: Vec<BlobKey> = digests.iter().map(|d| Self::key(instance, *d)).collect();
+        let present = self.cas.pin(&keys).await?;
+        let mut missing = Vec::new();
+        let mut pinned = Vec::new();
+        for (key, is) in keys.into_iter().zip(present) {
+            if is {
+                pinned.push(key);
+            } else {
+                missing.push(key.digest);
+            }
+        }
+        Ok((missing, pinned))
+    }
+
+    /// Releases pins.
+    pub async fn unpin(&self, keys: &[BlobKey]) {
+        self.cas.unpin(keys).await;
+    }
+
+    /// A small blob's bytes, if present.
+    pub async fn read(
+        &self,
+        instance: &InstanceName,
+        d: Digest,
+    ) -> Result<Option<Bytes>, ActionError> {
+        match self.cas.lookup(&Self::key(instance, d), u64::MAX).await? {
+            Found::Bytes(b) => Ok(Some(b)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores bytes already known to hash to `d`.
+    pub async fn put_bytes(
+        &self,
+        instance: &InstanceName,
+        d: Digest,
+        data: Bytes,
+    ) -> Result<(), ActionError> {
+        if d.is_empty_blob() {
+            return Ok(());
+        }
+        let temp = self.temp_path();
+        let write = {
+            let (temp, data) = (temp.clone(), data.clone());
+            tokio::task::spawn_blocking(move || std::fs::write(&temp, &data))
+        };
+        write
+            .await
+            .map_err(|e| ActionError::io("write", &temp, std::io::Error::other(e)))?
+            .map_err(|e| ActionError::io("write", &temp, e))?;
+        self.cas
+            .commit(&Self::key(instance, d), temp, Some(data))
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a file whose content hashes to `d`: hardlinked into the CAS (copied across
+    /// filesystems). The file must not change afterwards.
+    pub async fn put_file(
+        &self,
+        instance: &InstanceName,
+        d: Digest,
+        file: &Path,
+    ) -> Result<(), ActionError> {
+        if d.is_empty_blob() {
+            return Ok(());
+        }
+        let temp = self.temp_path();
+        let (from, to) = (file.to_path_buf(), temp.clone());
+        tokio::task::spawn_blocking(move || match std::fs::hard_link(&from, &to) {
+            Ok(()) => Ok(()),
+            Err(_) => std::fs::copy(&from, &to).map(|_| ()),
+        })
+        .await
+        .map_err(|e| ActionError::io("link", file, std::io::Error::other(e)))?
+        .map_err(|e| ActionError::io("link", file, e))?;
+        self.cas.commit(&Self::key(instance, d), temp, None).await?;
+        Ok(())
+    }
+
+    /// Commits a downloaded file (already verified against `d`).
+    pub async fn commit_download(
+        &self,
+        instance: &InstanceName,
+        d: Digest,
+        temp: PathBuf,
+    ) -> Result<(), ActionError> {
+        self.cas.commit(&Self::key(instance, d), temp, None).await?;
+        Ok(())
+    }
+}
+
+/// The digest of a file, hashed off the async threads.
+pub async fn hash_file(
+    function: kiln_dataplane::digest::DigestFunction,
+    path: &Path,
+) -> Result<Digest, ActionError> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = std::fs::File::open(&p)?;
+        let mut hasher = Hasher::new(function);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        Ok::<_, std::io::Error>(Digest {
+            function,
+            hash: hasher.finalize(),
+            size,
+        })
+    })
+    .await
+    .map_err(|e| ActionError::io("hash", path, std::io::Error::other(e)))?
+    .map_err(|e| ActionError::io("hash", path, e))
+}

@@ -1,0 +1,183 @@
+//! Laying out an input tree in a fresh directory: files hardlinked from the local CAS (whose
+//! files are read-only), executables from a cache of read-only executable copies (a hardlink
+//! shares its mode, so one inode cannot be both), files with mode or mtime node properties as
+//! their own copies (a clone where the filesystem can), symlinks verbatim.
+
+use crate::error::{io, ActionError};
+use crate::fetch::InputTree;
+use kiln_dataplane::digest::Digest;
+use kiln_dataplane::store::clone::clone_or_copy;
+use kiln_proto::reapi::{Directory, NodeProperties};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+const READ_ONLY: u32 = 0o444;
+const EXECUTABLE: u32 = 0o555;
+const DIRECTORY: u32 = 0o755;
+
+/// Where materialisation gets its files.
+pub struct Materialiser<'a> {
+    /// The path of a blob in the local CAS.
+    pub blob_path: &'a (dyn Fn(Digest) -> PathBuf + Sync),
+    /// Read-only executable copies, shared by actions (on the work directory's filesystem).
+    pub exec_cache: &'a Path,
+    /// The digest function of the tree.
+    pub function: i32,
+}
+
+/// Checks a node name: one path component, not `.` or `..`.
+fn check_name(name: &str) -> Result<(), ActionError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(ActionError::BadInput(format!(
+            "invalid file name {name:?} in the input tree"
+        )));
+    }
+    Ok(())
+}
+
+impl Materialiser<'_> {
+    /// Lays out `tree` under `root` (which exists and is empty).
+    pub fn materialise(&self, tree: &InputTree, root: &Path) -> Result<(), ActionError> {
+        let mut stack: Vec<(Digest, PathBuf)> = vec![(tree.root, root.to_path_buf())];
+        let mut with_properties: Vec<(PathBuf, NodeProperties)> = Vec::new();
+        while let Some((digest, path)) = stack.pop() {
+            let dir: &Directory = tree.directories.get(&digest).ok_or_else(|| {
+                ActionError::BadInput(format!("directory {digest:?} is missing from the tree"))
+            })?;
+            for f in &dir.files {
+                check_name(&f.name)?;
+                let d = Digest::from_proto_field(f.digest.as_ref(), self.function)
+                    .map_err(|e| ActionError::BadInput(e.to_string()))?;
+                self.file(
+                    d,
+                    f.is_executable,
+                    f.node_properties.as_ref(),
+                    &path.join(&f.name),
+                )?;
+            }
+            for s in &dir.symlinks {
+                check_name(&s.name)?;
+                let link = path.join(&s.name);
+                std::os::unix::fs::symlink(&s.target, &link).map_err(io("symlink", &link))?;
+            }
+            for sub in &dir.directories {
+                check_name(&sub.name)?;
+                let d = Digest::from_proto_field(sub.digest.as_ref(), self.function)
+                    .map_err(|e| ActionError::BadInput(e.to_string()))?;
+                let child = path.join(&sub.name);
+                std::fs::create_dir(&child).map_err(io("create directory", &child))?;
+                stack.push((d, child));
+            }
+            if let Some(p) = &dir.node_properties {
+                with_properties.push((path, p.clone()));
+            }
+        }
+        // Directory modes and times last: creating entries inside would change them.
+        for (path, p) in with_properties.into_iter().rev() {
+            apply(&path, &p, DIRECTORY)?;
+        }
+        Ok(())
+    }
+
+    fn file(
+        &self,
+        d: Digest,
+        executable: bool,
+        props: Option<&NodeProperties>,
+        dst: &Path,
+    ) -> Result<(), ActionError> {
+        let mode = if executable { EXECUTABLE } else { READ_ONLY };
+        let has_props = props.is_some_and(|p| p.unix_mode.is_some() || p.mtime.is_some());
+        if d.is_empty_blob() {
+            std::fs::write(dst, b"").map_err(io("create", dst))?;
+            std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
+                .map_err(io("chmod", dst))?;
+        } else if has_props {
+            clone_or_copy(&(self.blob_path)(d), dst).map_err(io("copy", dst))?;
+        } else {
+            let source = if executable {
+                self.exec_copy(d)?
+            } else {
+                (self.blob_path)(d)
+            };
+            link_or_copy(&source, dst, mode)?;
+            return Ok(());
+        }
+        match props {
+            Some(p) if has_props => apply(dst, p, mode),
+            _ => std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
+                .map_err(io("chmod", dst)),
+        }
+    }
+
+    /// The shared read-only executable copy of a blob, created on first use.
+    fn exec_copy(&self, d: Digest) -> Result<PathBuf, ActionError> {
+        let path = self.exec_cache.join(format!("{}-{}", d.hex(), d.size));
+        if path.exists() {
+            return Ok(path);
+        }
+        let temp = self
+            .exec_cache
+            .join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
+        clone_or_copy(&(self.blob_path)(d), &temp).map_err(io("copy", &temp))?;
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(EXECUTABLE))
+            .map_err(io("chmod", &temp))?;
+        std::fs::rename(&temp, &path).map_err(io("rename", &path))?;
+        Ok(path)
+    }
+}
+
+/// Hardlinks `source` to `dst`; copies when a link is impossible (another filesystem, or the
+/// inode's link count is at its limit), giving the copy `mode`.
+fn link_or_copy(source: &Path, dst: &Path, mode: u32) -> Result<(), ActionError> {
+    match std::fs::hard_link(source, dst) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ActionError::io("link", source, e))
+        }
+        Err(_) => {
+            clone_or_copy(source, dst).map_err(io("copy", dst))?;
+            std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
+                .map_err(io("chmod", dst))
+        }
+    }
+}
+
+/// Sets a node's mode (or `default_mode`) and mtime.
+fn apply(path: &Path, p: &NodeProperties, default_mode: u32) -> Result<(), ActionError> {
+    let mode = p.unix_mode.map_or(default_mode, |m| m & 0o7777);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io("chmod", path))?;
+    if let Some(t) = &p.mtime {
+        let ft = filetime::FileTime::from_unix_time(t.seconds, t.nanos.max(0) as u32);
+        filetime::set_symlink_file_times(path, ft, ft).map_err(io("set times", path))?;
+    }
+    Ok(())
+}
+
+/// Deletes a directory tree, first making read-only directories writable.
+pub fn remove_tree(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            make_writable(path);
+            std::fs::remove_dir_all(path)
+        }
+    }
+}
+
+fn make_writable(path: &Path) {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755));
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            make_writable(&e.path());
+        }
+    }
+}

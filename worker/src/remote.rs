@@ -1,0 +1,284 @@
+//! The server's CAS as the worker uses it: downloads streamed to files while hashing, small
+//! blobs in batches, uploads of output files.
+
+use crate::error::ActionError;
+use bytes::Bytes;
+use futures::StreamExt;
+use kiln_dataplane::digest::{Digest, Hasher, InstanceName};
+use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::bytestream::{ReadRequest, WriteRequest};
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::{
+    batch_update_blobs_request, BatchReadBlobsRequest, BatchUpdateBlobsRequest,
+    FindMissingBlobsRequest,
+};
+use std::path::Path;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+/// Largest message exchanged with the server.
+const MAX_MESSAGE: usize = 64 << 20;
+/// Blobs up to this size travel in batches.
+pub const SMALL: u64 = 256 << 10;
+/// Bytes per batch call.
+const BATCH: u64 = 2 << 20;
+/// ByteStream write message size.
+const CHUNK: usize = 1 << 20;
+
+/// A handle to the server's CAS for one instance and digest function.
+#[derive(Clone)]
+pub struct RemoteCas {
+    channel: Channel,
+    instance: InstanceName,
+    function: i32,
+}
+
+impl RemoteCas {
+    /// The server at `channel`, for `instance` and the digest function `function`.
+    pub fn new(channel: Channel, instance: InstanceName, function: i32) -> RemoteCas {
+        RemoteCas {
+            channel,
+            instance,
+            function,
+        }
+    }
+
+    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    fn bytestream(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    fn name(&self, d: &Digest) -> String {
+        let prefix = if self.instance.as_str().is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.instance)
+        };
+        let function = if d.function == kiln_dataplane::digest::DigestFunction::Blake3 {
+            "blake3/"
+        } else {
+            ""
+        };
+        format!("{prefix}blobs/{function}{}/{}", d.hex(), d.size)
+    }
+
+    fn upload_name(&self, d: &Digest) -> String {
+        let prefix = if self.instance.as_str().is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.instance)
+        };
+        let function = if d.function == kiln_dataplane::digest::DigestFunction::Blake3 {
+            "blake3/"
+        } else {
+            ""
+        };
+        format!(
+            "{prefix}uploads/{}/blobs/{function}{}/{}",
+            uuid::Uuid::new_v4(),
+            d.hex(),
+            d.size
+        )
+    }
+
+    /// The digests the server does not hold.
+    pub async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, ActionError> {
+        let mut missing = Vec::new();
+        for chunk in digests.chunks(10_000) {
+            let response = self
+                .cas()
+                .find_missing_blobs(FindMissingBlobsRequest {
+                    instance_name: self.instance.as_str().to_string(),
+                    blob_digests: chunk.iter().map(Digest::to_proto).collect(),
+                    digest_function: self.function,
+                })
+                .await?
+                .into_inner();
+            for d in response.missing_blob_digests {
+                let d = Digest::from_proto(&d, self.function)
+                    .map_err(|e| ActionError::BadInput(e.to_string()))?;
+                missing.push(d);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Small blobs, in batches; blobs the server lacks are left out of the answer.
+    pub async fn read_small(
+        &self,
+        digests: &[Digest],
+    ) -> Result<Vec<(Digest, Bytes)>, ActionError> {
+        let mut out = Vec::with_capacity(digests.len());
+        let mut batch: Vec<Digest> = Vec::new();
+        let mut bytes = 0;
+        let flush = |batch: Vec<Digest>| async move {
+            let response = self
+                .cas()
+                .batch_read_blobs(BatchReadBlobsRequest {
+                    instance_name: self.instance.as_str().to_string(),
+                    digests: batch.iter().map(Digest::to_proto).collect(),
+                    acceptable_compressors: Vec::new(),
+                    digest_function: self.function,
+                })
+                .await?
+                .into_inner();
+            let mut got = Vec::new();
+            for (d, r) in batch.into_iter().zip(response.responses) {
+                if r.status.as_ref().is_none_or(|s| s.code == 0)
+                    && Hasher::hash(d.function, &r.data) == d.hash
+                {
+                    got.push((d, r.data));
+                }
+            }
+            Ok::<_, ActionError>(got)
+        };
+        for d in digests {
+            if bytes + d.size > BATCH && !batch.is_empty() {
+                out.extend(flush(std::mem::take(&mut batch)).await?);
+                bytes = 0;
+            }
+            bytes += d.size;
+            batch.push(*d);
+        }
+        if !batch.is_empty() {
+            out.extend(flush(batch).await?);
+        }
+        Ok(out)
+    }
+
+    /// Streams a blob into a new file at `path`, verifying it; NOT_FOUND when the server
+    /// lacks it.
+    pub async fn download(&self, digest: Digest, path: &Path) -> Result<(), ActionError> {
+        let mut stream = self
+            .bytestream()
+            .read(ReadRequest {
+                resource_name: self.name(&digest),
+                read_offset: 0,
+                read_limit: 0,
+            })
+            .await?
+            .into_inner();
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .await
+            .map_err(|e| ActionError::io("create", path, e))?;
+        let mut hasher = Hasher::new(digest.function);
+        let mut size = 0u64;
+        while let Some(message) = stream.next().await {
+            let data = message?.data;
+            hasher.update(&data);
+            size += data.len() as u64;
+            file.write_all(&data)
+                .await
+                .map_err(|e| ActionError::io("write", path, e))?;
+        }
+        file.flush()
+            .await
+            .map_err(|e| ActionError::io("write", path, e))?;
+        if size != digest.size || hasher.finalize() != digest.hash {
+            return Err(ActionError::Remote(tonic::Status::data_loss(format!(
+                "downloaded bytes do not match {digest:?}"
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Uploads small blobs held in memory.
+    pub async fn upload_small(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), ActionError> {
+        let mut start = 0;
+        while start < blobs.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < blobs.len() && (end == start || bytes + blobs[end].0.size <= BATCH) {
+                bytes += blobs[end].0.size;
+                end += 1;
+            }
+            let response = self
+                .cas()
+                .batch_update_blobs(BatchUpdateBlobsRequest {
+                    instance_name: self.instance.as_str().to_string(),
+                    requests: blobs[start..end]
+                        .iter()
+                        .map(|(d, data)| batch_update_blobs_request::Request {
+                            digest: Some(d.to_proto()),
+                            data: data.clone(),
+                            compressor: 0,
+                        })
+                        .collect(),
+                    digest_function: self.function,
+                })
+                .await?
+                .into_inner();
+            if let Some(s) = response
+                .responses
+                .iter()
+                .find_map(|r| r.status.as_ref().filter(|s| s.code != 0))
+            {
+                return Err(ActionError::Remote(tonic::Status::new(
+                    tonic::Code::from_i32(s.code),
+                    s.message.clone(),
+                )));
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Uploads a file with ByteStream.
+    pub async fn upload_file(&self, digest: Digest, path: &Path) -> Result<(), ActionError> {
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| ActionError::io("open", path, e))?;
+        let name = self.upload_name(&digest);
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+        let reader = async move {
+            let mut offset = 0u64;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = file
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| ActionError::io("read", path, e))?;
+                buf.truncate(n);
+                let finish = offset + n as u64 >= digest.size;
+                let request = WriteRequest {
+                    resource_name: if offset == 0 {
+                        name.clone()
+                    } else {
+                        String::new()
+                    },
+                    write_offset: offset as i64,
+                    finish_write: finish,
+                    data: buf.into(),
+                };
+                offset += n as u64;
+                if tx.send(request).await.is_err() || finish || n == 0 {
+                    return Ok::<_, ActionError>(());
+                }
+            }
+        };
+        let mut client = self.bytestream();
+        let (read, write) = tokio::join!(
+            reader,
+            client.write(tokio_stream::wrappers::ReceiverStream::new(rx))
+        );
+        read?;
+        let committed = write?.into_inner().committed_size;
+        if committed != digest.size as i64 {
+            return Err(ActionError::Remote(tonic::Status::data_loss(format!(
+                "server committed {committed} of {} bytes for {digest:?}",
+                digest.size
+            ))));
+        }
+        Ok(())
+    }
+}
