@@ -63,11 +63,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     info!("shutting down: no new connections; waiting up to {grace:?} for in-flight calls");
     control.set_ready(false);
     let drained = data.begin_shutdown();
-    if let Some(execution) = control.execution() {
-        execution.shutdown();
-    }
     if let Some(worker) = worker {
         worker.stop(control.runtime(), grace);
+    }
+    if let Some(execution) = control.execution() {
+        control.runtime().block_on(execution.shutdown(grace));
     }
     let clean = control
         .runtime()

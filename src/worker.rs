@@ -114,6 +114,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         max_inflight: max_inflight(&config),
     };
     let channel_for_cas = {
+        let _guard = runtime.enter();
         let url = scheduler
             .strip_prefix("grpc://")
             .map(|r| format!("http://{r}"))

@@ -35,7 +35,9 @@ on_every_runtime! {
                 .update_enabled
         );
         assert!(cache.supported_compressors.is_empty());
-        assert!(!caps.execution_capabilities.unwrap().exec_enabled);
+        let exec = caps.execution_capabilities.unwrap();
+        assert!(exec.exec_enabled, "the embedded default executes");
+        assert_eq!(exec.digest_functions, vec![Function::Sha256 as i32, Function::Blake3 as i32]);
         let high = caps.high_api_version.unwrap();
         assert_eq!((high.major, high.minor), (2, 3));
         kiln.stop().await;
@@ -66,9 +68,14 @@ on_every_runtime! {
             .execute(reapi::ExecuteRequest::default())
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::Unimplemented);
+        assert_eq!(err.code(), Code::InvalidArgument, "no action digest");
         let err = OperationsClient::new(ch.clone())
             .get_operation(kiln_proto::longrunning::GetOperationRequest { name: "x".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        let err = OperationsClient::new(ch.clone())
+            .list_operations(kiln_proto::longrunning::ListOperationsRequest::default())
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unimplemented);

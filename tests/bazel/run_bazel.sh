@@ -14,6 +14,9 @@
 # Env:
 #   BAZEL=/usr/bin/bazel-4     bazel binary
 #   REQUIRE_FIRST_MISS=1       also fail unless build 1 had 0 cache hits
+#   REQUIRE_REMOTE=1           also fail unless every spawn of build 1 ran remotely
+#                              (pass --remote_executor=... among the extra flags)
+#   BAZEL_COMMAND=test         run `bazel test` instead of `bazel build`
 #   KEEP_OUTPUT_ROOT=1         don't delete SCRATCH_DIR/root at exit
 #
 # Output (stdout), machine-readable lines:
@@ -123,7 +126,7 @@ declare -A RES_EXIT RES_STATS RES_WARN
 run_build() {
     local n=$1 log=$LOGS/build$1.log start end rc
     start=$(date +%s.%N)
-    bz build "${BUILD_FLAGS[@]}" \
+    bz "${BAZEL_COMMAND:-build}" "${BUILD_FLAGS[@]}" \
         --execution_log_json_file="$LOGS/exec$n.json" \
         "${EXTRA_FLAGS[@]}" //... >"$log" 2>&1
     rc=$?
@@ -156,6 +159,13 @@ reason=""
 [ "$(get 2 hits)" -gt 0 ] || reason+=" build2_no_hits"
 [ "$(get 2 executed)" -eq 0 ] || reason+=" build2_executed_$(get 2 executed)"
 [ "$(get 2 hits)" -eq $(( $(get 1 hits) + $(get 1 executed) )) ] || reason+=" build2_hits_ne_build1_spawns"
+if [ -n "${REQUIRE_REMOTE:-}" ]; then
+    # Every non-internal spawn of build 1 must say "remote" (not linux-sandbox, local...).
+    kinds=$(grep -E '^INFO: [0-9]+ process(es)?[:.]' "$LOGS/build1.log" | tail -n 1 | sed 's/^[^:]*: [0-9]* processes*[:.]//; s/\.$//' |
+        tr ',' '\n' | sed 's/^ *[0-9]* //' | grep -v -x -e internal -e remote -e '' || true)
+    [ -z "$kinds" ] || reason+=" build1_not_all_remote($(echo $kinds | tr ' ' '_'))"
+    [ "$(get 1 executed)" -gt 0 ] || reason+=" build1_executed_nothing"
+fi
 if [ -n "${REQUIRE_FIRST_MISS:-}" ] && [ "$(get 1 hits)" -ne 0 ]; then
     reason+=" build1_had_$(get 1 hits)_hits"
 fi

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod blobs;
+pub mod exec;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -125,6 +126,8 @@ pub struct Options {
     pub config: Option<String>,
     /// Number of shards (default 2, so cross-shard paths are always exercised).
     pub shards: Option<usize>,
+    /// Listen address (default an ephemeral port on 127.0.0.1).
+    pub listen: Option<String>,
 }
 
 impl Options {
@@ -134,6 +137,7 @@ impl Options {
             runtime,
             config: None,
             shards: None,
+            listen: None,
         }
     }
 }
@@ -149,7 +153,7 @@ impl Kiln {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
         cmd.arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(options.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--shards")

@@ -181,3 +181,152 @@ fn make_writable(path: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_dataplane::digest::DigestFunction;
+    use kiln_proto::reapi::{DirectoryNode, FileNode, SymlinkNode};
+    use prost::Message;
+    use std::collections::HashMap;
+    use std::os::unix::fs::MetadataExt;
+
+    fn node(name: &str, d: Digest, exec: bool, props: Option<NodeProperties>) -> FileNode {
+        FileNode {
+            name: name.into(),
+            digest: Some(d.to_proto()),
+            is_executable: exec,
+            node_properties: props,
+        }
+    }
+
+    #[test]
+    fn links_copies_modes_times_and_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas = dir.path().join("cas");
+        let exec_cache = dir.path().join("exec");
+        let root = dir.path().join("root");
+        for d in [&cas, &exec_cache, &root] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let f = DigestFunction::Sha256;
+        let put = |data: &[u8]| {
+            let d = Digest::of(f, data);
+            let p = cas.join(d.hex());
+            std::fs::write(&p, data).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(READ_ONLY)).unwrap();
+            d
+        };
+        let (text, tool, stamped) = (put(b"text"), put(b"#!/bin/sh\n"), put(b"stamped"));
+        let empty = Digest::of(f, b"");
+        let sub = Directory {
+            files: vec![
+                node("tool", tool, true, None),
+                node("text-again", text, false, None),
+            ],
+            ..Default::default()
+        };
+        let sub_digest = Digest::of(f, &sub.encode_to_vec());
+        let props = NodeProperties {
+            properties: vec![],
+            mtime: Some(prost_types::Timestamp {
+                seconds: 1_000_000_000,
+                nanos: 0,
+            }),
+            unix_mode: Some(0o640),
+        };
+        let top = Directory {
+            files: vec![
+                node("text", text, false, None),
+                node("empty", empty, false, None),
+                node("stamped", stamped, false, Some(props)),
+            ],
+            directories: vec![DirectoryNode {
+                name: "sub".into(),
+                digest: Some(sub_digest.to_proto()),
+            }],
+            symlinks: vec![SymlinkNode {
+                name: "link".into(),
+                target: "sub/tool".into(),
+                node_properties: None,
+            }],
+            ..Default::default()
+        };
+        let top_digest = Digest::of(f, &top.encode_to_vec());
+        let tree = InputTree {
+            root: top_digest,
+            directories: HashMap::from([(top_digest, top), (sub_digest, sub)]),
+        };
+        let blob_path = |d: Digest| cas.join(d.hex());
+        Materialiser {
+            blob_path: &blob_path,
+            exec_cache: &exec_cache,
+            function: 1,
+        }
+        .materialise(&tree, &root)
+        .unwrap();
+        let meta = |p: &str| std::fs::symlink_metadata(root.join(p)).unwrap();
+        // Plain files share the CAS inode, read-only.
+        assert_eq!(
+            meta("text").ino(),
+            std::fs::metadata(cas.join(text.hex())).unwrap().ino()
+        );
+        assert_eq!(meta("sub/text-again").ino(), meta("text").ino());
+        assert_eq!(meta("text").mode() & 0o777, READ_ONLY);
+        // Executables come from the executable cache, not the CAS inode.
+        assert_eq!(meta("sub/tool").mode() & 0o777, EXECUTABLE);
+        assert_ne!(
+            meta("sub/tool").ino(),
+            std::fs::metadata(cas.join(tool.hex())).unwrap().ino()
+        );
+        assert_eq!(
+            std::fs::metadata(cas.join(tool.hex())).unwrap().mode() & 0o777,
+            READ_ONLY,
+            "CAS copy untouched"
+        );
+        // Node properties: own copy with the given mode and mtime.
+        assert_eq!(meta("stamped").mode() & 0o777, 0o640);
+        assert_eq!(meta("stamped").mtime(), 1_000_000_000);
+        assert_ne!(
+            meta("stamped").ino(),
+            std::fs::metadata(cas.join(stamped.hex())).unwrap().ino()
+        );
+        assert_eq!(std::fs::read(root.join("empty")).unwrap(), b"");
+        assert_eq!(
+            std::fs::read_link(root.join("link")).unwrap(),
+            Path::new("sub/tool")
+        );
+        // Clean-up copes with read-only entries.
+        remove_tree(&root).unwrap();
+        assert!(!root.exists());
+    }
+
+    #[test]
+    fn hostile_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = DigestFunction::Sha256;
+        for bad in ["..", "a/b", "", "."] {
+            let top = Directory {
+                symlinks: vec![SymlinkNode {
+                    name: bad.into(),
+                    target: "x".into(),
+                    node_properties: None,
+                }],
+                ..Default::default()
+            };
+            let d = Digest::of(f, &top.encode_to_vec());
+            let tree = InputTree {
+                root: d,
+                directories: HashMap::from([(d, top)]),
+            };
+            let blob_path = |d: Digest| dir.path().join(d.hex());
+            let r = Materialiser {
+                blob_path: &blob_path,
+                exec_cache: dir.path(),
+                function: 1,
+            }
+            .materialise(&tree, dir.path());
+            assert!(matches!(r, Err(ActionError::BadInput(_))), "{bad:?}");
+        }
+    }
+}

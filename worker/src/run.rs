@@ -194,7 +194,10 @@ mod tests {
         );
         // A script sees the path it was run by (resolved against the working directory).
         let out = std::fs::read_to_string(dir.path().join("out")).unwrap();
-        assert!(out.starts_with("tool ") && out.trim_end().ends_with("/bin/tool"), "{out}");
+        assert!(
+            out.starts_with("tool ") && out.trim_end().ends_with("/bin/tool"),
+            "{out}"
+        );
         let (_tx, rx) = oneshot::channel();
         let missing = run(
             &spec(dir.path(), &["no-such-program"], Duration::from_secs(30)),

@@ -110,6 +110,13 @@ pub(super) async fn execute(
     Err("STREAM_ENDED".into())
 }
 
+/// The time from `a` to `b` (zero if `b` is earlier: clocks of two machines).
+fn between(a: prost_types::Timestamp, b: prost_types::Timestamp) -> Option<std::time::Duration> {
+    let nanos = |t: prost_types::Timestamp| t.seconds as i128 * 1_000_000_000 + t.nanos as i128;
+    let d = (nanos(b) - nanos(a)).max(0);
+    Some(std::time::Duration::from_nanos(d as u64))
+}
+
 impl Workload for ExecuteLoad {
     fn run(self: Arc<Self>, index: u64) -> BoxFuture<'static, Vec<Sample>> {
         Box::pin(async move {
@@ -131,14 +138,21 @@ impl Workload for ExecuteLoad {
                 }
             };
             let (result, latency) = timed(execute(&self.ctx, &digest, true)).await;
-            let sample = match result {
+            match result {
                 Ok(r) if r.result.as_ref().is_some_and(|a| a.exit_code == 0) => {
-                    Sample::ok("execute", latency, 0)
+                    let mut samples = vec![Sample::ok("execute", latency, 0)];
+                    // The scheduler's share: from queued to a worker starting on it.
+                    let meta = r.result.and_then(|a| a.execution_metadata);
+                    if let Some(wait) =
+                        meta.and_then(|m| between(m.queued_timestamp?, m.worker_start_timestamp?))
+                    {
+                        samples.push(Sample::ok("queue-to-start", wait, 0));
+                    }
+                    samples
                 }
-                Ok(_) => Sample::failed("execute", latency, "NONZERO_EXIT"),
-                Err(code) => Sample::failed("execute", latency, code),
-            };
-            vec![sample]
+                Ok(_) => vec![Sample::failed("execute", latency, "NONZERO_EXIT")],
+                Err(code) => vec![Sample::failed("execute", latency, code)],
+            }
         })
     }
 }

@@ -73,6 +73,8 @@ pub struct ExecutionCore {
     cache: Arc<ActionCache>,
     config: ExecutionConfig,
     kinds: scheduler::platform::Kinds,
+    /// Signalled whenever an operation finishes (shutdown waits on it).
+    finished: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -104,6 +106,7 @@ impl ExecutionCore {
             cache,
             config,
             kinds,
+            finished: tokio::sync::Notify::new(),
         });
         let weak = Arc::downgrade(&core);
         tokio::spawn(async move {
@@ -232,6 +235,7 @@ impl ExecutionCore {
         let Some(payload) = lock(&self.registry).finish(Instant::now(), op, response) else {
             return;
         };
+        self.finished.notify_waiters();
         let (cas, cache) = (self.cas.clone(), self.cache.clone());
         tokio::spawn(async move {
             if let (Some(result), true) = (store, payload.cacheable) {
@@ -282,14 +286,28 @@ impl ExecutionCore {
     }
 
     /// The server is shutting down: queued actions fail with UNAVAILABLE (clients retry
-    /// elsewhere or after the restart); running ones may still finish.
-    pub fn shutdown(&self) {
+    /// elsewhere or after the restart), running ones get until `grace` to finish, then every
+    /// worker session is closed so workers reconnect to the next server.
+    pub async fn shutdown(&self, grace: Duration) {
         self.apply(|s, _| {
             s.fail_queued(
                 scheduler::code::UNAVAILABLE,
                 "the server is shutting down; retry",
             )
         });
+        let drained = async {
+            loop {
+                let notified = self.finished.notified();
+                if self.stats().running == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!("actions still running at the end of the grace period");
+        }
+        lock(&self.sessions).clear();
     }
 
     /// Watches an operation by name.

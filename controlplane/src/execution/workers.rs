@@ -79,6 +79,9 @@ impl WorkerApi for WorkerApiService {
             hello.max_inflight.max(1) as usize,
             tx.clone(),
         );
+        // Only the session registry holds the sender for good: when the core closes the session
+        // (shutdown), the response stream ends even though this task still pings.
+        let tx = tx.downgrade();
         let core = self.core.clone();
         tokio::spawn(async move {
             let mut ping = tokio::time::interval(keepalive);
@@ -97,8 +100,9 @@ impl WorkerApi for WorkerApiService {
                     },
                     _ = ping.tick() => {
                         let keep = ServerMessage { message: Some(server_message::Message::KeepAlive(KeepAlive {})) };
-                        if tx.try_send(keep).is_err() {
-                            break;
+                        match tx.upgrade() {
+                            Some(tx) if tx.try_send(keep).is_ok() => {}
+                            _ => break,
                         }
                     }
                 }

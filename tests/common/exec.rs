@@ -1,0 +1,330 @@
+//! Remote-execution helpers: input trees, actions, Execute to completion, and worker
+//! processes.
+
+use super::blobs::{self, digest};
+use super::{Runtime, PROCESS_TIMEOUT};
+use bytes::Bytes;
+use futures::StreamExt;
+use kiln_proto::google::rpc::Status as RpcStatus;
+use kiln_proto::longrunning::{operation, Operation};
+use kiln_proto::reapi::execution_client::ExecutionClient;
+use kiln_proto::reapi::{
+    self, batch_update_blobs_request, command::EnvironmentVariable,
+    digest_function::Value as Function, Action, Command, Directory, DirectoryNode, ExecuteRequest,
+    ExecuteResponse, FileNode, SymlinkNode,
+};
+use prost::Message;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::mpsc;
+use std::time::Instant;
+use tonic::transport::Channel;
+
+/// An input tree under construction: path → content (files), or symlink targets.
+#[derive(Default, Clone)]
+pub struct Tree {
+    files: BTreeMap<String, (Vec<u8>, bool)>,
+    symlinks: BTreeMap<String, String>,
+}
+
+impl Tree {
+    /// Adds a file (`dir/sub/name`).
+    pub fn file(mut self, path: &str, content: &[u8], executable: bool) -> Tree {
+        self.files
+            .insert(path.to_string(), (content.to_vec(), executable));
+        self
+    }
+
+    /// Adds a symlink.
+    pub fn symlink(mut self, path: &str, target: &str) -> Tree {
+        self.symlinks.insert(path.to_string(), target.to_string());
+        self
+    }
+
+    /// Every blob (files and Directory messages) and the root digest.
+    pub fn blobs(&self, f: Function) -> (reapi::Digest, Vec<(reapi::Digest, Vec<u8>)>) {
+        let mut blobs = Vec::new();
+        let root = self.dir("", f, &mut blobs);
+        (root, blobs)
+    }
+
+    fn dir(
+        &self,
+        prefix: &str,
+        f: Function,
+        blobs: &mut Vec<(reapi::Digest, Vec<u8>)>,
+    ) -> reapi::Digest {
+        let mut d = Directory::default();
+        let mut subdirs = std::collections::BTreeSet::new();
+        let children = |path: &str| path.strip_prefix(prefix).map(|rest| rest.to_string());
+        for (path, (content, exec)) in &self.files {
+            let Some(rest) = children(path) else { continue };
+            match rest.split_once('/') {
+                Some((sub, _)) => {
+                    subdirs.insert(sub.to_string());
+                }
+                None => {
+                    let dg = digest(f, content);
+                    blobs.push((dg.clone(), content.clone()));
+                    d.files.push(FileNode {
+                        name: rest,
+                        digest: Some(dg),
+                        is_executable: *exec,
+                        node_properties: None,
+                    });
+                }
+            }
+        }
+        for (path, target) in &self.symlinks {
+            let Some(rest) = children(path) else { continue };
+            match rest.split_once('/') {
+                Some((sub, _)) => {
+                    subdirs.insert(sub.to_string());
+                }
+                None => d.symlinks.push(SymlinkNode {
+                    name: rest,
+                    target: target.clone(),
+                    node_properties: None,
+                }),
+            }
+        }
+        for sub in subdirs {
+            let dg = self.dir(&format!("{prefix}{sub}/"), f, blobs);
+            d.directories.push(DirectoryNode {
+                name: sub,
+                digest: Some(dg),
+            });
+        }
+        let bytes = d.encode_to_vec();
+        let dg = digest(f, &bytes);
+        blobs.push((dg.clone(), bytes));
+        dg
+    }
+}
+
+/// Uploads blobs with BatchUpdateBlobs.
+pub async fn upload(ch: &Channel, f: Function, blobs: Vec<(reapi::Digest, Vec<u8>)>) {
+    let response = blobs::cas(ch)
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            instance_name: String::new(),
+            requests: blobs
+                .into_iter()
+                .map(|(d, data)| batch_update_blobs_request::Request {
+                    digest: Some(d),
+                    data: Bytes::from(data),
+                    compressor: 0,
+                })
+                .collect(),
+            digest_function: f as i32,
+        })
+        .await
+        .expect("upload")
+        .into_inner();
+    assert!(response
+        .responses
+        .iter()
+        .all(|r| r.status.as_ref().is_none_or(|s| s.code == 0)));
+}
+
+/// An action running `script` with /bin/sh in `tree`, declaring `outputs`.
+pub struct Spec {
+    /// The shell script.
+    pub script: String,
+    /// Inputs.
+    pub tree: Tree,
+    /// `output_paths`.
+    pub outputs: Vec<String>,
+    /// Platform properties required.
+    pub platform: Vec<(String, String)>,
+    /// Timeout in seconds (0: the server's default).
+    pub timeout_secs: i64,
+    /// `do_not_cache`.
+    pub do_not_cache: bool,
+    /// Distinguishes otherwise identical actions.
+    pub salt: String,
+}
+
+impl Spec {
+    /// A script with no inputs or outputs.
+    pub fn script(script: &str) -> Spec {
+        Spec {
+            script: script.to_string(),
+            tree: Tree::default(),
+            outputs: Vec::new(),
+            platform: Vec::new(),
+            timeout_secs: 0,
+            do_not_cache: false,
+            salt: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    /// Uploads the action's blobs; returns the action digest.
+    pub async fn upload(&self, ch: &Channel, f: Function) -> reapi::Digest {
+        self.upload_except(ch, f, None).await
+    }
+
+    /// Uploads the action's blobs except a file with content `skip`.
+    pub async fn upload_except(
+        &self,
+        ch: &Channel,
+        f: Function,
+        skip: Option<&[u8]>,
+    ) -> reapi::Digest {
+        let platform = reapi::Platform {
+            properties: self
+                .platform
+                .iter()
+                .map(|(n, v)| reapi::platform::Property {
+                    name: n.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+        };
+        let command = Command {
+            arguments: vec!["/bin/sh".into(), "-c".into(), self.script.clone()],
+            environment_variables: vec![EnvironmentVariable {
+                name: "PATH".into(),
+                value: "/bin:/usr/bin".into(),
+            }],
+            output_paths: self.outputs.clone(),
+            ..Default::default()
+        };
+        let (root, mut blobs) = self.tree.blobs(f);
+        let command_bytes = command.encode_to_vec();
+        let command_digest = digest(f, &command_bytes);
+        let action = Action {
+            command_digest: Some(command_digest.clone()),
+            input_root_digest: Some(root),
+            timeout: (self.timeout_secs > 0).then_some(prost_types::Duration {
+                seconds: self.timeout_secs,
+                nanos: 0,
+            }),
+            do_not_cache: self.do_not_cache,
+            salt: Bytes::from(self.salt.clone()),
+            platform: Some(platform),
+        };
+        let action_bytes = action.encode_to_vec();
+        let action_digest = digest(f, &action_bytes);
+        blobs.push((command_digest, command_bytes));
+        blobs.push((action_digest.clone(), action_bytes));
+        blobs.retain(|(_, data)| Some(data.as_slice()) != skip);
+        upload(ch, f, blobs).await;
+        action_digest
+    }
+}
+
+/// Runs Execute to completion: the operations seen and the final response.
+pub async fn execute(
+    ch: &Channel,
+    f: Function,
+    action: &reapi::Digest,
+    skip_cache: bool,
+) -> Result<(Vec<Operation>, ExecuteResponse), tonic::Status> {
+    let mut stream = ExecutionClient::new(ch.clone())
+        .execute(ExecuteRequest {
+            instance_name: String::new(),
+            skip_cache_lookup: skip_cache,
+            action_digest: Some(action.clone()),
+            digest_function: f as i32,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(op) = stream.next().await {
+        let op = op?;
+        seen.push(op.clone());
+        if op.done {
+            let Some(operation::Result::Response(any)) = op.result else {
+                panic!("done operation without a response: {op:?}");
+            };
+            return Ok((
+                seen,
+                ExecuteResponse::decode(any.value.as_slice()).expect("ExecuteResponse"),
+            ));
+        }
+    }
+    panic!("Execute stream ended before the operation was done: {seen:?}");
+}
+
+/// The response's status code (0 when unset).
+pub fn code(r: &ExecuteResponse) -> i32 {
+    r.status.as_ref().map_or(0, |s: &RpcStatus| s.code)
+}
+
+/// A running `kiln worker`.
+pub struct Worker {
+    child: Option<Child>,
+    /// Its name.
+    pub name: String,
+}
+
+impl Worker {
+    /// Starts a worker for the server at `addr`, keeping its CAS and work directory under `dir`.
+    pub fn start_at(
+        addr: std::net::SocketAddr,
+        runtime: Runtime,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Worker {
+        let mut cmd = Process::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.arg("worker")
+            .arg("--scheduler")
+            .arg(format!("grpc://{addr}"))
+            .arg("--cas-dir")
+            .arg(dir.join("cas"))
+            .arg("--work-dir")
+            .arg(dir.join("work"))
+            .arg("--name")
+            .arg(name)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--shards")
+            .arg("1")
+            .arg("--runtime")
+            .arg(runtime.flag())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn kiln worker");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + PROCESS_TIMEOUT;
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.contains("worker session open") => break,
+                Ok(_) => {}
+                Err(_) => panic!("worker {name} never connected"),
+            }
+        }
+        Worker {
+            child: Some(child),
+            name: name.to_string(),
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,257 @@
+//! Remote execution end to end: `kiln serve` (its embedded worker off) plus `kiln worker`
+//! processes, on every data-plane backend.
+
+#[macro_use]
+mod common;
+
+use common::blobs::{self, read_name};
+use common::exec::{code, execute, Spec, Tree, Worker};
+use common::{Kiln, Options};
+use kiln_proto::google::rpc::PreconditionFailure;
+use kiln_proto::reapi::action_cache_client::ActionCacheClient;
+use kiln_proto::reapi::{
+    digest_function::Value as Function, GetActionResultRequest, Tree as TreeMsg,
+};
+use prost::Message;
+use tonic::Code;
+
+const F: Function = Function::Sha256;
+const NO_EMBEDDED: &str =
+    "[worker]\nembedded = false\n[execution]\nkeepalive_secs = 1\nworker_timeout_secs = 3\n";
+
+fn server(rt: common::Runtime, dir: &std::path::Path) -> Kiln {
+    Kiln::start_with(
+        &dir.join("server"),
+        Options {
+            config: Some(NO_EMBEDDED.into()),
+            ..Options::on(rt)
+        },
+    )
+}
+
+async fn start_server(rt: common::Runtime, dir: &std::path::Path) -> Kiln {
+    let d = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || server(rt, &d))
+        .await
+        .unwrap()
+}
+
+async fn start_worker(
+    rt: common::Runtime,
+    kiln: &Kiln,
+    dir: &std::path::Path,
+    name: &str,
+    extra: &[&str],
+) -> Worker {
+    let (addr, dir, name) = (kiln.addr, dir.to_path_buf(), name.to_string());
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        Worker::start_at(addr, rt, &dir, &name, &extra)
+    })
+    .await
+    .unwrap()
+}
+
+async fn read(ch: &tonic::transport::Channel, d: &kiln_proto::reapi::Digest) -> Vec<u8> {
+    blobs::read(ch, &read_name("", F, d), 0, 0)
+        .await
+        .expect("read output")
+}
+
+on_every_runtime! {
+    async fn inputs_outputs_symlinks_and_executables(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let _w = start_worker(rt, &kiln, &dir.path().join("w1"), "w1", &[]).await;
+        let ch = kiln.channel().await;
+        let spec = Spec {
+            tree: Tree::default()
+                .file("src/data.txt", b"hello inputs", false)
+                .file("tools/run.sh", b"#!/bin/sh\necho tool ran\n", true)
+                .file("src/deep/er/leaf", b"leaf", false)
+                .symlink("src/link", "data.txt"),
+            outputs: vec!["out/copy.txt".into(), "out/dir".into(), "out/sym".into(), "out/exe".into()],
+            ..Spec::script(
+                "set -e; test -x tools/run.sh; test ! -x src/data.txt; ./tools/run.sh; \
+                 cat src/link > out/copy.txt; mkdir -p out/dir/nested; cp src/deep/er/leaf out/dir/nested/; \
+                 echo x > out/dir/top; ln -s copy.txt out/sym; printf '#!/bin/sh\\n' > out/exe; chmod +x out/exe; \
+                 echo to-stderr >&2",
+            )
+        };
+        let action = spec.upload(&ch, F).await;
+        let (ops, response) = execute(&ch, F, &action, false).await.unwrap();
+        assert_eq!(code(&response), 0, "{response:?}");
+        assert!(!response.cached_result);
+        assert!(ops.iter().all(|o| o.name.starts_with("operations/")));
+        let result = response.result.unwrap();
+        assert_eq!(result.exit_code, 0);
+        assert_eq!(read(&ch, result.stdout_digest.as_ref().unwrap()).await, b"tool ran\n");
+        assert_eq!(read(&ch, result.stderr_digest.as_ref().unwrap()).await, b"to-stderr\n");
+        let copy = result.output_files.iter().find(|f| f.path == "out/copy.txt").unwrap();
+        assert_eq!(read(&ch, copy.digest.as_ref().unwrap()).await, b"hello inputs");
+        assert!(!copy.is_executable);
+        let exe = result.output_files.iter().find(|f| f.path == "out/exe").unwrap();
+        assert!(exe.is_executable, "executable bit kept");
+        assert_eq!(result.output_symlinks.len(), 1);
+        assert_eq!(result.output_symlinks[0].target, "copy.txt");
+        let tree = TreeMsg::decode(read(&ch, result.output_directories[0].tree_digest.as_ref().unwrap()).await.as_slice()).unwrap();
+        let root = tree.root.unwrap();
+        assert_eq!(root.files[0].name, "top");
+        assert_eq!(root.directories[0].name, "nested");
+        assert_eq!(read(&ch, tree.children[0].files[0].digest.as_ref().unwrap()).await, b"leaf");
+        let meta = result.execution_metadata.as_ref().unwrap();
+        assert_eq!(meta.worker, "w1");
+        assert!(meta.queued_timestamp.is_some() && meta.execution_completed_timestamp.is_some());
+        // The result is cached, and a second Execute is a cache hit.
+        let cached = ActionCacheClient::new(ch.clone())
+            .get_action_result(GetActionResultRequest { action_digest: Some(action.clone()), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(cached.output_files.len(), 2);
+        let (_, again) = execute(&ch, F, &action, false).await.unwrap();
+        assert!(again.cached_result);
+        kiln.stop().await;
+    }
+
+    async fn failures_timeouts_and_missing_inputs(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let _w = start_worker(rt, &kiln, &dir.path().join("w1"), "w1", &[]).await;
+        let ch = kiln.channel().await;
+
+        // A non-zero exit is a result, not an error, and is not cached.
+        let action = Spec::script("echo failing; exit 7").upload(&ch, F).await;
+        let (_, response) = execute(&ch, F, &action, false).await.unwrap();
+        assert_eq!(code(&response), 0);
+        assert_eq!(response.result.as_ref().unwrap().exit_code, 7);
+        let miss = ActionCacheClient::new(ch.clone())
+            .get_action_result(GetActionResultRequest { action_digest: Some(action), ..Default::default() })
+            .await
+            .unwrap_err();
+        assert_eq!(miss.code(), Code::NotFound);
+
+        // A timeout kills the process group: DEADLINE_EXCEEDED, with what it printed.
+        let action = Spec { timeout_secs: 1, ..Spec::script("echo before; sleep 60") }.upload(&ch, F).await;
+        let (_, response) = execute(&ch, F, &action, false).await.unwrap();
+        assert_eq!(code(&response), Code::DeadlineExceeded as i32, "{response:?}");
+        let stdout = response.result.as_ref().unwrap().stdout_digest.clone().unwrap();
+        assert_eq!(read(&ch, &stdout).await, b"before\n");
+
+        // A missing input: FAILED_PRECONDITION naming it, nothing queued.
+        let spec = Spec { tree: Tree::default().file("in", b"present", false), ..Spec::script("cat in") };
+        let action = spec.upload(&ch, F).await;
+        let absent = Spec { tree: Tree::default().file("in", b"never uploaded", false), ..Spec::script("cat in") };
+        let missing_action = absent.upload_except(&ch, F, Some(b"never uploaded")).await;
+        let err = execute(&ch, F, &missing_action, false).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        let status = kiln_proto::google::rpc::Status::decode(err.details()).unwrap();
+        let failure = PreconditionFailure::decode(status.details[0].value.as_slice()).unwrap();
+        let wanted = common::blobs::digest(F, b"never uploaded");
+        assert_eq!(failure.violations[0].r#type, "MISSING");
+        assert_eq!(failure.violations[0].subject, format!("blobs/{}/{}", wanted.hash, wanted.size_bytes));
+        // The one with its inputs works.
+        let (_, ok) = execute(&ch, F, &action, false).await.unwrap();
+        assert_eq!(read(&ch, ok.result.unwrap().stdout_digest.as_ref().unwrap()).await, b"present");
+        kiln.stop().await;
+    }
+
+    async fn platform_properties_choose_the_worker(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let (k, d) = (kiln.addr, dir.path().to_path_buf());
+        let (_a, _b) = tokio::task::spawn_blocking(move || {
+            (
+                Worker::start_at(k, rt, &d.join("a"), "linux-box", &["--property", "OSFamily=linux"]),
+                Worker::start_at(k, rt, &d.join("b"), "mac-box", &["--property", "OSFamily=macos"]),
+            )
+        }).await.unwrap();
+        let ch = kiln.channel().await;
+        for (os, worker) in [("macos", "mac-box"), ("linux", "linux-box"), ("macos", "mac-box")] {
+            let spec = Spec { platform: vec![("OSFamily".into(), os.into())], ..Spec::script("true") };
+            let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
+            assert_eq!(r.result.unwrap().execution_metadata.unwrap().worker, worker);
+        }
+        kiln.stop().await;
+    }
+
+    async fn identical_concurrent_actions_run_once(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let _w = start_worker(rt, &kiln, &dir.path().join("w1"), "w1", &["--max-inflight", "4"]).await;
+        let ch = kiln.channel().await;
+        let marker = dir.path().join("runs");
+        let script = format!("echo run >> {}; sleep 1; date +%s%N", marker.display());
+        let action = Spec::script(&script).upload(&ch, F).await;
+        let runs: Vec<_> = (0..4).map(|_| {
+            let ch = ch.clone();
+            let action = action.clone();
+            tokio::spawn(async move { execute(&ch, F, &action, false).await.unwrap() })
+        }).collect();
+        let mut names = std::collections::HashSet::new();
+        let mut stdouts = std::collections::HashSet::new();
+        for r in runs {
+            let (ops, response) = r.await.unwrap();
+            names.insert(ops.last().unwrap().name.clone());
+            stdouts.insert(response.result.unwrap().stdout_digest.unwrap().hash);
+        }
+        assert_eq!(std::fs::read_to_string(&marker).unwrap().lines().count(), 1, "ran once");
+        assert_eq!(stdouts.len(), 1, "everyone got the same result");
+        assert!(names.len() <= 2, "one operation (plus cache hits for late callers): {names:?}");
+        kiln.stop().await;
+    }
+
+    async fn a_killed_worker_is_replaced(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let mut first = tokio::task::spawn_blocking({
+            let (d, k) = (dir.path().join("w1"), kiln.addr);
+            move || Worker::start_at(k, rt, &d, "doomed", &[])
+        }).await.unwrap();
+        let ch = kiln.channel().await;
+        let started = dir.path().join("started");
+        let spec = Spec::script(&format!("echo $$ >> {}; sleep 3; echo finished", started.display()));
+        let action = spec.upload(&ch, F).await;
+        let run = { let ch = ch.clone(); tokio::spawn(async move { execute(&ch, F, &action, false).await }) };
+        common::eventually("the action to start on the first worker", || async { started.exists().then_some(()) }).await;
+        first.kill();
+        let _second = start_worker(rt, &kiln, &dir.path().join("w2"), "survivor", &[]).await;
+        let (_, response) = run.await.unwrap().unwrap();
+        assert_eq!(code(&response), 0, "{response:?}");
+        let result = response.result.unwrap();
+        assert_eq!(result.execution_metadata.unwrap().worker, "survivor");
+        assert_eq!(read(&ch, result.stdout_digest.as_ref().unwrap()).await, b"finished\n");
+        kiln.stop().await;
+    }
+}
+
+on_every_runtime! {
+    async fn workers_reconnect_to_a_restarted_server(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let addr = kiln.addr;
+        let _w = tokio::task::spawn_blocking({
+            let d = dir.path().join("w1");
+            move || Worker::start_at(addr, rt, &d, "w1", &["--property", "pool=a"])
+        }).await.unwrap();
+        {
+            let ch = kiln.channel().await;
+            let (_, r) = execute(&ch, F, &Spec::script("echo one").upload(&ch, F).await, false).await.unwrap();
+            assert_eq!(code(&r), 0);
+        }
+        kiln.stop().await;
+        // The same port again, as after an upgrade.
+        let mut kiln = tokio::task::spawn_blocking({
+            let d = dir.path().join("server");
+            move || Kiln::start_with(&d, Options { config: Some(NO_EMBEDDED.into()), listen: Some(addr.to_string()), ..Options::on(rt) })
+        }).await.unwrap();
+        let mut kiln = tokio::task::spawn_blocking(move || { kiln.wait_for_log("worker connected"); kiln }).await.unwrap();
+        let ch = kiln.channel().await;
+        let spec = Spec { platform: vec![("pool".into(), "a".into())], ..Spec::script("echo two") };
+        let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await, b"two\n");
+        let _ = &mut kiln;
+        kiln.stop().await;
+    }
+}
