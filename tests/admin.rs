@@ -123,6 +123,19 @@ on_every_runtime! {
             "{text}"
         );
         assert!(sample(&text, "kiln_connections_total") >= 1.0);
+        // The embedded worker registers with the scheduler; the gauge shows it.
+        common::eventually("the embedded worker in kiln_scheduler_workers", || {
+            let admin = admin.clone();
+            async move {
+                let (_, text) = tokio::task::spawn_blocking(move || get(&format!("{admin}/metrics")))
+                    .await
+                    .unwrap();
+                (sample(&text, "kiln_scheduler_workers") == 1.0
+                    && text.contains("kiln_scheduler_queued 0"))
+                .then_some(())
+            }
+        })
+        .await;
 
         let (status, body) = tokio::task::spawn_blocking({
             let admin = admin.clone();
@@ -193,6 +206,7 @@ on_every_runtime! {
             "listener is shown: {dom}"
         );
         assert!(dom.contains("Uptime"), "{dom}");
+        assert!(dom.contains("actions running"), "the scheduler row is shown: {dom}");
         assert!(
             dom.contains("<polyline"),
             "throughput chart is inline SVG: {dom}"

@@ -156,10 +156,13 @@ impl ControlPlane {
             listen,
             info,
             self.ready.clone(),
-            self.cas.metrics().clone(),
-            self.control_metrics.clone(),
-            self.cas.clone(),
-            self.action_cache.clone(),
+            admin::Sources {
+                metrics: self.cas.metrics().clone(),
+                control: self.control_metrics.clone(),
+                cas: self.cas.clone(),
+                action_cache: self.action_cache.clone(),
+                execution: self.execution.clone(),
+            },
         ))
     }
 

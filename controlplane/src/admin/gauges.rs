@@ -2,6 +2,7 @@
 //! the action cache, and are asked for when someone looks.
 
 use crate::action_cache::AcStore;
+use crate::execution::ExecutionCore;
 use kiln_dataplane::store::CasClient;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -46,6 +47,9 @@ pub struct Gauges {
     ac_entries: Gauge,
     ac_bytes: Gauge,
     uptime: Gauge,
+    queued: Gauge,
+    running: Gauge,
+    workers: Gauge,
 }
 
 impl Gauges {
@@ -61,6 +65,9 @@ impl Gauges {
             ac_entries: Gauge::default(),
             ac_bytes: Gauge::default(),
             uptime: Gauge::default(),
+            queued: Gauge::default(),
+            running: Gauge::default(),
+            workers: Gauge::default(),
         };
         for shard in 0..shards {
             let _ = g.queue_depth.get_or_create(&ShardLabel {
@@ -113,11 +120,38 @@ impl Gauges {
             "Seconds since start",
             self.uptime.clone(),
         );
+        registry.register(
+            "kiln_scheduler_queued",
+            "Actions waiting for a worker",
+            self.queued.clone(),
+        );
+        registry.register(
+            "kiln_scheduler_running",
+            "Actions running on workers",
+            self.running.clone(),
+        );
+        registry.register(
+            "kiln_scheduler_workers",
+            "Connected workers",
+            self.workers.clone(),
+        );
     }
 
     /// Asks the shards and the action cache; a shard that does not answer within a second
     /// leaves the previous values.
-    pub async fn refresh(&self, cas: &CasClient, ac: &AcStore, started: Instant) -> Gathered {
+    pub async fn refresh(
+        &self,
+        cas: &CasClient,
+        ac: &AcStore,
+        execution: Option<&ExecutionCore>,
+        started: Instant,
+    ) -> Gathered {
+        if let Some(e) = execution {
+            let s = e.stats();
+            self.queued.set(s.queued as i64);
+            self.running.set(s.running as i64);
+            self.workers.set(s.workers as i64);
+        }
         let mut out = Gathered::default();
         if let Ok(Ok(stats)) = tokio::time::timeout(Duration::from_secs(1), cas.stats()).await {
             for s in stats {

@@ -7,6 +7,7 @@ pub mod sampler;
 pub mod status;
 
 use crate::action_cache::AcStore;
+use crate::execution::ExecutionCore;
 use crate::metrics::ControlMetrics;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -51,9 +52,24 @@ pub struct AdminState {
     control: Arc<ControlMetrics>,
     cas: CasClient,
     action_cache: AcStore,
+    execution: Option<Arc<ExecutionCore>>,
     registry: Registry,
     gauges: Gauges,
     sampler: Sampler,
+}
+
+/// Where the admin endpoints read their figures.
+pub struct Sources {
+    /// Data-plane counters.
+    pub metrics: Arc<Metrics>,
+    /// Control-plane counters.
+    pub control: Arc<ControlMetrics>,
+    /// The CAS (fill, queue depths).
+    pub cas: CasClient,
+    /// The action cache (fill).
+    pub action_cache: AcStore,
+    /// The scheduler, when execution is enabled.
+    pub execution: Option<Arc<ExecutionCore>>,
 }
 
 /// Binds the admin listener and serves it on the current tokio runtime. `ready` is what
@@ -62,11 +78,15 @@ pub async fn start(
     listen: SocketAddr,
     info: ServerInfo,
     ready: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
-    control: Arc<ControlMetrics>,
-    cas: CasClient,
-    action_cache: AcStore,
+    sources: Sources,
 ) -> std::io::Result<SocketAddr> {
+    let Sources {
+        metrics,
+        control,
+        cas,
+        action_cache,
+        execution,
+    } = sources;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let admin_addr = listener.local_addr()?;
     let mut registry = Registry::default();
@@ -83,6 +103,7 @@ pub async fn start(
         control,
         cas,
         action_cache,
+        execution,
         registry,
         gauges,
         sampler: Sampler::default(),
@@ -124,7 +145,12 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
 async fn metrics_page(State(state): State<Arc<AdminState>>) -> Response {
     state
         .gauges
-        .refresh(&state.cas, &state.action_cache, state.started)
+        .refresh(
+            &state.cas,
+            &state.action_cache,
+            state.execution.as_deref(),
+            state.started,
+        )
         .await;
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.registry) {
@@ -147,7 +173,12 @@ async fn metrics_page(State(state): State<Arc<AdminState>>) -> Response {
 async fn status_page(State(state): State<Arc<AdminState>>) -> Html<String> {
     let stats = state
         .gauges
-        .refresh(&state.cas, &state.action_cache, state.started)
+        .refresh(
+            &state.cas,
+            &state.action_cache,
+            state.execution.as_deref(),
+            state.started,
+        )
         .await;
     let m = &state.metrics;
     let snapshot = Snapshot {
@@ -177,6 +208,7 @@ async fn status_page(State(state): State<Arc<AdminState>>) -> Html<String> {
         ),
         uploads: (stats.active_uploads, stats.parked_uploads),
         connections: m.connections_open.get(),
+        execution: state.execution.as_ref().map(|e| e.stats()),
         rates: state.sampler.rates(),
         series: state.sampler.series(),
     };

@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub uploads: (u64, u64),
     /// Open connections.
     pub connections: i64,
+    /// The scheduler, when execution is enabled.
+    pub execution: Option<crate::execution::SchedulerStats>,
     /// Rates over the last minute.
     pub rates: Option<Rates>,
     /// Bytes per second, per second of the last minute.
@@ -181,6 +183,15 @@ pub fn render(s: &Snapshot) -> String {
             incomplete
         ),
     );
+    if let Some(e) = s.execution {
+        srow(
+            "Execution",
+            format!(
+                "{} workers; {} actions running, {} queued",
+                e.workers, e.running, e.queued
+            ),
+        );
+    }
     srow(
         "Uploads",
         format!(
