@@ -8,9 +8,15 @@ use common::blobs::{self, read_name};
 use common::exec::{code, execute, Spec, Tree, Worker};
 use common::{Kiln, Options};
 use kiln_proto::google::rpc::PreconditionFailure;
+use kiln_proto::longrunning::operation::Result;
+use kiln_proto::longrunning::operations_client::OperationsClient;
+use kiln_proto::longrunning::{CancelOperationRequest, GetOperationRequest, WaitOperationRequest};
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
+use kiln_proto::reapi::execution_client::ExecutionClient;
+use kiln_proto::reapi::execution_stage::Value as Stage;
 use kiln_proto::reapi::{
-    digest_function::Value as Function, GetActionResultRequest, Tree as TreeMsg,
+    digest_function::Value as Function, ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse,
+    GetActionResultRequest, Tree as TreeMsg, WaitExecutionRequest,
 };
 use prost::Message;
 use tonic::Code;
@@ -252,6 +258,132 @@ on_every_runtime! {
         let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
         assert_eq!(read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await, b"two\n");
         let _ = &mut kiln;
+        kiln.stop().await;
+    }
+}
+
+/// The first operation an Execute stream sends, and the stream (drop it to disconnect).
+async fn first_operation(
+    ch: &tonic::transport::Channel,
+    action: &kiln_proto::reapi::Digest,
+) -> (
+    kiln_proto::longrunning::Operation,
+    tonic::Streaming<kiln_proto::longrunning::Operation>,
+) {
+    let mut stream = ExecutionClient::new(ch.clone())
+        .execute(ExecuteRequest {
+            action_digest: Some(action.clone()),
+            digest_function: F as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let op = stream.message().await.unwrap().expect("a first operation");
+    (op, stream)
+}
+
+fn stage(op: &kiln_proto::longrunning::Operation) -> Stage {
+    let any = op.metadata.as_ref().expect("metadata");
+    ExecuteOperationMetadata::decode(any.value.as_slice())
+        .unwrap()
+        .stage()
+}
+
+fn response(op: &kiln_proto::longrunning::Operation) -> ExecuteResponse {
+    let Some(Result::Response(any)) = &op.result else {
+        panic!("no response in {op:?}");
+    };
+    ExecuteResponse::decode(any.value.as_slice()).unwrap()
+}
+
+// An operation outlives the client that started it; others find it by name with
+// WaitExecution, GetOperation and WaitOperation, and CancelOperation kills it.
+// skip_cache_lookup runs an action again; do_not_cache keeps it out of the cache and the
+// merging.
+on_every_runtime! {
+    async fn operations_are_found_by_name_waited_on_and_cancelled(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let _w = start_worker(rt, &kiln, &dir.path().join("w1"), "w1", &["--max-inflight", "2"]).await;
+        let ch = kiln.channel().await;
+        let ops = OperationsClient::new(ch.clone());
+
+        let runs = dir.path().join("runs");
+        let gate = dir.path().join("gate");
+        let script = format!(
+            "echo run >> {runs}; while [ ! -e {gate} ]; do sleep 0.01; done; echo finished",
+            runs = runs.display(),
+            gate = gate.display()
+        );
+        let action = Spec::script(&script).upload(&ch, F).await;
+        let (first, stream) = first_operation(&ch, &action).await;
+        drop(stream); // the client that started it goes away
+        common::eventually("the action to start", || async { runs.exists().then_some(()) }).await;
+        let got = ops.clone().get_operation(GetOperationRequest { name: first.name.clone() }).await.unwrap().into_inner();
+        assert!(!got.done);
+        assert_eq!(stage(&got), Stage::Executing);
+        let mut waiting = ExecutionClient::new(ch.clone())
+            .wait_execution(WaitExecutionRequest { name: first.name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let now = waiting.message().await.unwrap().unwrap();
+        assert_eq!((now.name.as_str(), now.done), (first.name.as_str(), false));
+        std::fs::write(&gate, b"").unwrap();
+        let mut last = now;
+        while let Some(op) = waiting.message().await.unwrap() {
+            last = op;
+        }
+        assert!(last.done);
+        assert_eq!(stage(&last), Stage::Completed);
+        let done = response(&last);
+        assert_eq!(read(&ch, done.result.as_ref().unwrap().stdout_digest.as_ref().unwrap()).await, b"finished\n");
+        let waited = ops.clone().wait_operation(WaitOperationRequest { name: first.name.clone(), timeout: None }).await.unwrap().into_inner();
+        assert!(waited.done);
+        assert_eq!(response(&waited).result, done.result);
+
+        // Cached now; skip_cache_lookup runs it again.
+        let (_, hit) = execute(&ch, F, &action, false).await.unwrap();
+        assert!(hit.cached_result);
+        let (_, rerun) = execute(&ch, F, &action, true).await.unwrap();
+        assert!(!rerun.cached_result);
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 2);
+
+        // do_not_cache: run every time, never stored.
+        let uncached = Spec { do_not_cache: true, ..Spec::script(&script) }.upload(&ch, F).await;
+        for _ in 0..2 {
+            let (_, r) = execute(&ch, F, &uncached, false).await.unwrap();
+            assert!(!r.cached_result);
+        }
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 4);
+        let miss = ActionCacheClient::new(ch.clone())
+            .get_action_result(GetActionResultRequest { action_digest: Some(uncached), ..Default::default() })
+            .await
+            .unwrap_err();
+        assert_eq!(miss.code(), Code::NotFound);
+
+        // Cancel a running action: its watchers see CANCELLED and its process group dies.
+        let pid_file = dir.path().join("pid");
+        let stuck = Spec::script(&format!("echo $$ > {}.tmp; mv {0}.tmp {0}; sleep 600", pid_file.display()))
+            .upload(&ch, F)
+            .await;
+        let (op, mut stream) = first_operation(&ch, &stuck).await;
+        common::eventually("the stuck action to start", || async { pid_file.exists().then_some(()) }).await;
+        let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
+        ops.clone().cancel_operation(CancelOperationRequest { name: op.name.clone() }).await.unwrap();
+        let mut last = op;
+        while let Some(o) = stream.message().await.unwrap() {
+            last = o;
+        }
+        assert_eq!(response(&last).status.unwrap().code, Code::Cancelled as i32);
+        common::eventually("the cancelled process to die", || {
+            let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+            async move { (!proc_dir.exists()).then_some(()) }
+        })
+        .await;
+        let err = ops.clone().cancel_operation(CancelOperationRequest { name: "operations/none".into() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
         kiln.stop().await;
     }
 }
