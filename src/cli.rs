@@ -43,7 +43,7 @@ pub struct WorkerArgs {
     /// Actions run at once (overrides worker.max_inflight).
     #[arg(long, value_name = "N")]
     pub max_inflight: Option<usize>,
-    /// Where the local CAS is served to peers (overrides server.listen; default a free port).
+    /// Where the local CAS is served (overrides server.listen; default a free loopback port).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// Data-plane shards of the local CAS.

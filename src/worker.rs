@@ -169,8 +169,9 @@ fn load_config(args: &WorkerArgs) -> anyhow::Result<Config> {
         Some(path) => Config::from_file(path)?,
         None => {
             let mut c = Config::default();
-            // A worker's own data plane is for its peers; by default it serves on a free port.
-            c.server.listen = "0.0.0.0:0".parse()?;
+            // A worker's own data plane is for its peers, which do not fetch from it yet: by
+            // default it serves on a free loopback port, not on the network.
+            c.server.listen = "127.0.0.1:0".parse()?;
             c.storage.data_dir = kiln_config::default_data_dir().join("worker");
             c
         }

@@ -265,6 +265,13 @@ impl ExecutionCore {
         // (the same order as in `carry_out`).
         let (result, commands) = {
             let mut s = lock(&self.scheduler);
+            if !s.can_be_served(&job.requirements) {
+                tracing::warn!(
+                    action = %job.key.digest,
+                    requirements = ?job.requirements,
+                    "no connected worker offers this platform; the action waits until one does"
+                );
+            }
             let result = s.submit(Instant::now(), job).map(|sub| {
                 let mut registry = lock(&self.registry);
                 if !sub.merged {
@@ -358,6 +365,14 @@ impl ExecutionCore {
             tracing::info!(worker = %session.name, id = worker, "worker disconnected");
         }
         self.apply(|s, now| s.worker_left(now, worker));
+    }
+
+    /// The worker says an operation's process exited and its outputs are uploading.
+    fn executed(&self, worker: WorkerId, operation: &str) {
+        let Some(op) = lock(&self.registry).op(operation) else {
+            return;
+        };
+        self.apply(|s, now| s.executed(now, worker, op));
     }
 
     fn reported(&self, worker: WorkerId, result: ExecutionResult) {

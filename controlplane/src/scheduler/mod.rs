@@ -8,7 +8,8 @@
 //! operation; an action whose worker disappears is re-queued (at most `max_retries` times) but
 //! an action's own failure is final; an action running past its timeout (plus a grace period
 //! for the worker to report it) is killed and fails with DEADLINE_EXCEEDED; a worker silent for
-//! `worker_timeout` is lost.
+//! `worker_timeout` is lost; an action whose process has exited gives its slot to the next
+//! action while its outputs upload, but stays with its worker until the result arrives.
 
 pub mod platform;
 
@@ -152,8 +153,16 @@ pub struct Submitted {
 
 #[derive(Debug)]
 enum OpStage {
-    Queued { seq: u64 },
-    Running { worker: WorkerId, deadline: Instant },
+    Queued {
+        seq: u64,
+    },
+    /// `executed`: the process exited and the worker is uploading outputs; the slot and any
+    /// consumed capacity are already given back.
+    Running {
+        worker: WorkerId,
+        deadline: Instant,
+        executed: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -168,6 +177,8 @@ struct WorkerState {
     offer: Offer,
     capacity: usize,
     running: HashSet<OpId>,
+    /// Slots in use: running operations whose process has not exited yet.
+    busy: usize,
     consumed: Consumed,
     last_seen: Instant,
     draining: bool,
@@ -275,6 +286,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 offer: Offer::new(properties),
                 capacity: capacity.max(1),
                 running: HashSet::new(),
+                busy: 0,
                 consumed: Consumed::new(),
                 last_seen: now,
                 draining: false,
@@ -345,6 +357,39 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.schedule(now);
     }
 
+    /// The operation's process exited on `worker`, which now uploads its outputs: the slot
+    /// (and consumed capacity) goes to the next action, while the operation stays with the
+    /// worker — lost with it, re-queued, until its result arrives.
+    pub fn executed(&mut self, now: Instant, worker: WorkerId, op: OpId) {
+        let Some(state) = self.ops.get_mut(&op) else {
+            return;
+        };
+        let OpStage::Running {
+            worker: w,
+            executed,
+            deadline,
+        } = &mut state.stage
+        else {
+            return;
+        };
+        if *w != worker || *executed {
+            return;
+        }
+        *executed = true;
+        // The process finished in time; uploading its outputs gets as long again.
+        *deadline = now + state.job.timeout + self.config.timeout_grace;
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.busy = w.busy.saturating_sub(1);
+            consume(
+                &self.config.kinds,
+                &state.job.requirements,
+                &mut w.consumed,
+                false,
+            );
+        }
+        self.schedule(now);
+    }
+
     /// A client cancelled the operation.
     pub fn cancel(&mut self, now: Instant, op: OpId) {
         let Some(state) = self.ops.get(&op) else {
@@ -394,7 +439,9 @@ impl<P: Clone, R> Scheduler<P, R> {
             .ops
             .iter()
             .filter_map(|(op, s)| match s.stage {
-                OpStage::Running { worker, deadline } if now > deadline => Some((*op, worker)),
+                OpStage::Running {
+                    worker, deadline, ..
+                } if now > deadline => Some((*op, worker)),
                 _ => None,
             })
             .collect();
@@ -419,15 +466,20 @@ impl<P: Clone, R> Scheduler<P, R> {
             OpStage::Queued { seq } => {
                 self.queue.remove(&(state.job.priority, seq));
             }
-            OpStage::Running { worker, .. } => {
+            OpStage::Running {
+                worker, executed, ..
+            } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.running.remove(&op);
-                    consume(
-                        &self.config.kinds,
-                        &state.job.requirements,
-                        &mut w.consumed,
-                        false,
-                    );
+                    if !executed {
+                        w.busy = w.busy.saturating_sub(1);
+                        consume(
+                            &self.config.kinds,
+                            &state.job.requirements,
+                            &mut w.consumed,
+                            false,
+                        );
+                    }
                 }
             }
         }
@@ -443,7 +495,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             .workers
             .values()
             .filter(|w| !w.draining)
-            .map(|w| w.capacity.saturating_sub(w.running.len()))
+            .map(|w| w.capacity.saturating_sub(w.busy))
             .sum();
         if free == 0 || self.queue.is_empty() {
             return;
@@ -462,12 +514,12 @@ impl<P: Clone, R> Scheduler<P, R> {
                 .iter()
                 .filter(|(_, w)| {
                     !w.draining
-                        && w.running.len() < w.capacity
+                        && w.busy < w.capacity
                         && fits(kinds, &state.job.requirements, &w.offer, &w.consumed)
                 })
                 // Least loaded first; ties by id, so the choice is deterministic.
                 .min_by(|(a_id, a), (b_id, b)| {
-                    let load = |w: &WorkerState| w.running.len() as f64 / w.capacity as f64;
+                    let load = |w: &WorkerState| w.busy as f64 / w.capacity as f64;
                     load(a).total_cmp(&load(b)).then(a_id.cmp(b_id))
                 })
                 .map(|(id, _)| *id);
@@ -478,9 +530,11 @@ impl<P: Clone, R> Scheduler<P, R> {
             state.stage = OpStage::Running {
                 worker,
                 deadline: now + state.job.timeout + self.config.timeout_grace,
+                executed: false,
             };
             let w = self.workers.get_mut(&worker).expect("chosen worker exists");
             w.running.insert(op);
+            w.busy += 1;
             consume(kinds, &state.job.requirements, &mut w.consumed, true);
             free -= 1;
             self.out.push(Command::Stage {

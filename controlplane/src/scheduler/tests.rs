@@ -269,3 +269,36 @@ fn shutting_down_fails_what_is_queued_only() {
     s.reported(t, 1, running, "done");
     assert_eq!(finished(&mut s), vec![(running, Outcome::Reported("done"))]);
 }
+
+#[test]
+fn a_finished_process_frees_its_slot_while_outputs_upload() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, props(&[("cores", "4")]), 1);
+    let first = s.submit(t, job("first", 0, &[("cores", "4")])).unwrap().op;
+    s.submit(t, job("second", 0, &[("cores", "4")])).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(1, "first", 1)]);
+    // Another worker's word, or a repeat, changes nothing.
+    s.executed(t, 2, first);
+    assert!(dispatched(&mut s).is_empty());
+    s.executed(t, 1, first);
+    assert_eq!(
+        dispatched(&mut s),
+        vec![(1, "second", 1)],
+        "slot and cores given back when the process exits"
+    );
+    s.executed(t, 1, first);
+    assert!(dispatched(&mut s).is_empty(), "given back once");
+    // The uploading action still belongs to the worker: lost with it, then re-run.
+    s.worker_left(t, 1);
+    assert_eq!(s.queued(), 2);
+    s.worker_joined(t, 3, props(&[("cores", "4")]), 1);
+    assert_eq!(dispatched(&mut s), vec![(3, "first", 2)]);
+    // Its result frees nothing twice: the worker's one slot holds exactly one action.
+    s.executed(t, 3, first);
+    assert_eq!(dispatched(&mut s), vec![(3, "second", 2)]);
+    s.reported(t, 3, first, "done");
+    assert_eq!(finished(&mut s), vec![(first, Outcome::Reported("done"))]);
+    assert!(dispatched(&mut s).is_empty());
+    assert_eq!((s.queued(), s.running()), (0, 1));
+}
