@@ -184,6 +184,14 @@ struct WorkerState {
     draining: bool,
 }
 
+impl WorkerState {
+    /// An action's process ended: its slot and consumed capacity are free again.
+    fn free_slot(&mut self, kinds: &Kinds, requirements: &Requirements) {
+        self.busy = self.busy.saturating_sub(1);
+        consume(kinds, requirements, &mut self.consumed, false);
+    }
+}
+
 /// The scheduler.
 pub struct Scheduler<P, R> {
     config: SchedulerConfig,
@@ -379,13 +387,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         // The process finished in time; uploading its outputs gets as long again.
         *deadline = now + state.job.timeout + self.config.timeout_grace;
         if let Some(w) = self.workers.get_mut(&worker) {
-            w.busy = w.busy.saturating_sub(1);
-            consume(
-                &self.config.kinds,
-                &state.job.requirements,
-                &mut w.consumed,
-                false,
-            );
+            w.free_slot(&self.config.kinds, &state.job.requirements);
         }
         self.schedule(now);
     }
@@ -472,13 +474,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.running.remove(&op);
                     if !executed {
-                        w.busy = w.busy.saturating_sub(1);
-                        consume(
-                            &self.config.kinds,
-                            &state.job.requirements,
-                            &mut w.consumed,
-                            false,
-                        );
+                        w.free_slot(&self.config.kinds, &state.job.requirements);
                     }
                 }
             }
