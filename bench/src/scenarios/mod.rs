@@ -52,6 +52,10 @@ pub enum Prepared {
     Skip(String),
 }
 
+/// The write rate a duration-bound run plans distinct blobs for (more than this machine's
+/// loopback uploads reach; a faster server recycles blobs and the run says so).
+const PLANNED_BYTES_PER_SEC: f64 = 1.5e9;
+
 impl Ctx {
     /// Connects and asks for capabilities.
     pub async fn new(args: Args) -> anyhow::Result<Ctx> {
@@ -151,7 +155,8 @@ impl Ctx {
     }
 
     /// How many distinct items to prepare: `--blobs`, else `--ops`, else enough for
-    /// `budget` bytes of blobs of the configured sizes (at least `min`).
+    /// `budget` bytes of blobs of the configured sizes, or for the run's seconds at
+    /// [`PLANNED_BYTES_PER_SEC`], whichever is more (at least `min`).
     pub fn planned_items(&self, budget: u64, min: usize) -> usize {
         if let Some(n) = self.args.blobs {
             return n.max(1);
@@ -159,8 +164,10 @@ impl Ctx {
         if let Some(n) = self.args.ops {
             return (n as usize).max(1);
         }
+        let seconds = self.args.duration.unwrap_or(0.0) + self.args.warmup.unwrap_or(1.0);
+        let budget = budget.max((seconds * PLANNED_BYTES_PER_SEC) as u64);
         let mean = (0..1000).map(|i| self.args.size.sample(i)).sum::<u64>() / 1000;
-        ((budget / mean.max(1)) as usize).clamp(min, 100_000)
+        ((budget / mean.max(1)) as usize).clamp(min, 500_000)
     }
 
     /// Uploads blobs with ByteStream (large) or BatchUpdateBlobs (small), several at once.
