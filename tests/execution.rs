@@ -248,18 +248,27 @@ on_every_runtime! {
         }
         kiln.stop().await;
         // The same port again, as after an upgrade.
-        let mut kiln = tokio::task::spawn_blocking({
+        let kiln = tokio::task::spawn_blocking({
             let d = dir.path().join("server");
             move || Kiln::start_with(&d, Options { config: Some(NO_EMBEDDED.into()), listen: Some(addr.to_string()), ..Options::on(rt) })
         }).await.unwrap();
-        let mut kiln = tokio::task::spawn_blocking(move || { kiln.wait_for_log("worker connected"); kiln }).await.unwrap();
+        let kiln = logged(kiln, "worker connected").await;
         let ch = kiln.channel().await;
         let spec = Spec { platform: vec![("pool".into(), "a".into())], ..Spec::script("echo two") };
         let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
         assert_eq!(read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await, b"two\n");
-        let _ = &mut kiln;
         kiln.stop().await;
     }
+}
+
+/// Waits (off the async threads) until the server logs `needle`.
+async fn logged(mut kiln: Kiln, needle: &'static str) -> Kiln {
+    tokio::task::spawn_blocking(move || {
+        kiln.wait_for_log(needle);
+        kiln
+    })
+    .await
+    .unwrap()
 }
 
 /// The first operation an Execute stream sends, and the stream (drop it to disconnect).
@@ -384,6 +393,117 @@ on_every_runtime! {
         .await;
         let err = ops.clone().cancel_operation(CancelOperationRequest { name: "operations/none".into() }).await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
+        kiln.stop().await;
+    }
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+async fn pinned_bytes(admin: &str) -> f64 {
+    let url = format!("{admin}/metrics");
+    let text = tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .call()
+            .expect("metrics")
+            .body_mut()
+            .read_to_string()
+            .expect("body")
+    })
+    .await
+    .unwrap();
+    metric(&text, "kiln_cas_pinned_bytes").expect("kiln_cas_pinned_bytes is exported")
+}
+
+// With the queue full, Execute answers RESOURCE_EXHAUSTED and gives back the pins it took on
+// the refused action's inputs; an Action naming a huge blob as a Directory is refused with
+// INVALID_ARGUMENT instead of being read into memory.
+on_every_runtime! {
+    async fn a_full_queue_and_oversized_directories_are_refused_cleanly(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start_with(
+            &dir.path().join("server"),
+            Options {
+                config: Some("[worker]\nembedded = false\n[execution]\nmax_queued = 1\n".into()),
+                ..Options::on(rt)
+            },
+        );
+        let ch = kiln.channel().await;
+        assert_eq!(pinned_bytes(&kiln.admin).await, 0.0);
+        let queued = Spec { tree: Tree::default().file("a", &[1u8; 5000], false), ..Spec::script("cat a") }
+            .upload(&ch, F)
+            .await;
+        let (op, _keep) = first_operation(&ch, &queued).await;
+        assert_eq!(stage(&op), Stage::Queued, "no worker: it waits");
+        let held = pinned_bytes(&kiln.admin).await;
+        assert!(held >= 5000.0, "the queued action's inputs are pinned: {held}");
+        let refused = Spec { tree: Tree::default().file("b", &[2u8; 7000], false), ..Spec::script("cat b") }
+            .upload(&ch, F)
+            .await;
+        let err = execute(&ch, F, &refused, false).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        common::eventually("the refused action's pins to be released", || {
+            let admin = kiln.admin.clone();
+            async move { (pinned_bytes(&admin).await == held).then_some(()) }
+        })
+        .await;
+
+        let huge = common::blobs::pseudo_random(9, 17 << 20);
+        let huge_digest = common::blobs::digest(F, &huge);
+        blobs::write(&ch, &common::blobs::write_name("", F, &huge_digest), &huge, 1 << 20)
+            .await
+            .unwrap();
+        let command = kiln_proto::reapi::Command { arguments: vec!["true".into()], ..Default::default() };
+        let command_bytes = command.encode_to_vec();
+        let command_digest = common::blobs::digest(F, &command_bytes);
+        let action = kiln_proto::reapi::Action {
+            command_digest: Some(command_digest.clone()),
+            input_root_digest: Some(huge_digest),
+            ..Default::default()
+        };
+        let action_bytes = action.encode_to_vec();
+        let action_digest = common::blobs::digest(F, &action_bytes);
+        common::exec::upload(&ch, F, vec![(command_digest, command_bytes), (action_digest.clone(), action_bytes)]).await;
+        let err = execute(&ch, F, &action_digest, false).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("Directory"), "{err:?}");
+        kiln.stop().await;
+    }
+}
+
+// A worker that stops answering (SIGSTOP) is declared lost after worker_timeout_secs: its
+// action finishes on another worker, and when it wakes up its old session is closed, so it
+// reconnects as a fresh worker instead of lingering half-registered.
+on_every_runtime! {
+    async fn a_stalled_worker_is_dropped_and_comes_back(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let stalled = start_worker(rt, &kiln, &dir.path().join("w1"), "sleepy", &["--max-inflight", "1"]).await;
+        let ch = kiln.channel().await;
+        let (started, gate) = (dir.path().join("started"), dir.path().join("gate"));
+        let script = format!(
+            "echo $$ >> {s}; while [ ! -e {g} ]; do sleep 0.01; done; echo done",
+            s = started.display(),
+            g = gate.display()
+        );
+        let action = Spec::script(&script).upload(&ch, F).await;
+        let run = { let ch = ch.clone(); tokio::spawn(async move { execute(&ch, F, &action, false).await }) };
+        common::eventually("the action to start on the first worker", || async { started.exists().then_some(()) }).await;
+        stalled.signal("STOP");
+        let kiln = logged(kiln, "worker lost").await;
+        let _awake = start_worker(rt, &kiln, &dir.path().join("w2"), "awake", &[]).await;
+        std::fs::write(&gate, b"").unwrap();
+        let (_, response) = run.await.unwrap().unwrap();
+        assert_eq!(code(&response), 0, "{response:?}");
+        assert_eq!(response.result.unwrap().execution_metadata.unwrap().worker, "awake");
+        stalled.signal("CONT");
+        let kiln = logged(kiln, "worker connected worker=sleepy").await;
+        let (_, r) = execute(&ch, F, &Spec::script("echo again").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0);
+        drop(stalled);
         kiln.stop().await;
     }
 }

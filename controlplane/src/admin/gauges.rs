@@ -41,6 +41,7 @@ pub struct Gauges {
     cas_blobs: Gauge,
     cas_bytes: Gauge,
     memory_bytes: Gauge,
+    pinned_bytes: Gauge,
     uploads_active: Gauge,
     uploads_parked: Gauge,
     queue_depth: Family<ShardLabel, Gauge>,
@@ -59,6 +60,7 @@ impl Gauges {
             cas_blobs: Gauge::default(),
             cas_bytes: Gauge::default(),
             memory_bytes: Gauge::default(),
+            pinned_bytes: Gauge::default(),
             uploads_active: Gauge::default(),
             uploads_parked: Gauge::default(),
             queue_depth: Family::default(),
@@ -121,6 +123,11 @@ impl Gauges {
             self.uptime.clone(),
         );
         registry.register(
+            "kiln_cas_pinned_bytes",
+            "Bytes of CAS blobs pinned by running or queued actions",
+            self.pinned_bytes.clone(),
+        );
+        registry.register(
             "kiln_scheduler_queued",
             "Actions waiting for a worker",
             self.queued.clone(),
@@ -152,6 +159,7 @@ impl Gauges {
             self.running.set(s.running as i64);
             self.workers.set(s.workers as i64);
         }
+        self.pinned_bytes.set(cas.accounting().pinned() as i64);
         let mut out = Gathered::default();
         if let Ok(Ok(stats)) = tokio::time::timeout(Duration::from_secs(1), cas.stats()).await {
             for s in stats {

@@ -137,16 +137,20 @@ impl ExecutionCore {
         &self,
         event: impl FnOnce(&mut Scheduler<Arc<Payload>, ExecutionResult>, Instant) -> T,
     ) -> T {
-        let (out, commands) = {
+        let (out, broken) = {
             let mut s = lock(&self.scheduler);
             let out = event(&mut s, Instant::now());
-            (out, s.commands())
+            (out, self.carry_out(s.commands()))
         };
-        self.carry_out(commands);
+        self.drop_broken(broken);
         out
     }
 
-    fn carry_out(&self, commands: Vec<Command<Arc<Payload>, ExecutionResult>>) {
+    /// Carries out the scheduler's commands. Called with the scheduler locked, so that
+    /// commands reach workers and watchers in the order the scheduler issued them (a dispatch
+    /// can never overtake the kill or re-queue that followed it). Returns the workers whose
+    /// session is gone; the caller hands them to [`Self::drop_broken`] once it has unlocked.
+    fn carry_out(&self, commands: Vec<Command<Arc<Payload>, ExecutionResult>>) -> Vec<WorkerId> {
         let mut broken = Vec::new();
         for command in commands {
             match command {
@@ -186,8 +190,20 @@ impl ExecutionCore {
                     lock(&self.registry).set_stage(op, stage);
                 }
                 Command::Finished { op, outcome } => self.finished(op, outcome),
+                Command::Disconnect { worker } => {
+                    // Dropping the session's only strong sender ends its response stream; a
+                    // worker that was merely stalled reconnects as a new session.
+                    if let Some(session) = lock(&self.sessions).remove(&worker) {
+                        tracing::warn!(worker = %session.name, id = worker, "worker lost; its actions are re-queued");
+                    }
+                }
             }
         }
+        broken
+    }
+
+    /// Workers whose session could not take a message: lost.
+    fn drop_broken(&self, broken: Vec<WorkerId>) {
         for worker in broken {
             tracing::warn!(worker, "worker session is gone; re-queueing its actions");
             self.worker_left(worker);
@@ -263,7 +279,7 @@ impl ExecutionCore {
         // Register before the scheduler can dispatch (it needs the name), and watch while the
         // operation certainly is live: under the scheduler lock, taken before the registry's
         // (the same order as in `carry_out`).
-        let (result, commands) = {
+        let (result, broken) = {
             let mut s = lock(&self.scheduler);
             if !s.can_be_served(&job.requirements) {
                 tracing::warn!(
@@ -279,15 +295,17 @@ impl ExecutionCore {
                 }
                 (sub, registry.watch_op(sub.op))
             });
-            (result, s.commands())
+            let broken = self.carry_out(s.commands());
+            (result, broken)
         };
-        self.carry_out(commands);
-        let (sub, rx) = result?;
-        if sub.merged {
+        self.drop_broken(broken);
+        // A refused job and one merged into another operation release their own pins.
+        if result.as_ref().map_or(true, |(sub, _)| sub.merged) {
             let cas = self.cas.clone();
             let pins = payload.pins.clone();
             tokio::spawn(async move { cas.unpin(&pins).await });
         }
+        let (sub, rx) = result?;
         let rx = rx.expect("a submitted operation is live while the scheduler lock is held");
         Ok((sub.op, rx))
     }

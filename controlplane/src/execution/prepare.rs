@@ -24,6 +24,10 @@ use tonic::{Code, Status};
 const MAX_DIRECTORIES: usize = 1_000_000;
 /// Directory blobs fetched at once while walking.
 const WALK_PARALLELISM: usize = 64;
+/// Largest Action, Command or Directory blob read: they are read whole into memory.
+const MAX_METADATA_BYTES: u64 = 16 << 20;
+/// Bytes of Directory blobs held at once while walking one tree.
+const WALK_BYTES: u64 = 64 << 20;
 
 /// Builds the job for an Execute request (the cache lookup has already missed).
 pub(super) async fn prepare(
@@ -34,7 +38,7 @@ pub(super) async fn prepare(
     let instance = &key.instance;
     let function = key.digest.function.proto() as i32;
     let mut missing: Vec<Digest> = Vec::new();
-    let action: Action = match fetch(core, instance, key.digest).await? {
+    let action: Action = match fetch(core, instance, key.digest, "Action").await? {
         Some(bytes) => decode(&bytes, "Action")?,
         None => return Err(precondition(vec![key.digest])),
     };
@@ -48,7 +52,7 @@ pub(super) async fn prepare(
         function,
         "Action.input_root_digest",
     )?;
-    let command: Option<Command> = match fetch(core, instance, command_digest).await? {
+    let command: Option<Command> = match fetch(core, instance, command_digest, "Command").await? {
         Some(bytes) => Some(decode(&bytes, "Command")?),
         None => {
             missing.push(command_digest);
@@ -163,17 +167,29 @@ fn decode<M: Message + Default>(bytes: &[u8], what: &str) -> Result<M, Status> {
     })
 }
 
+/// Reads a small message blob (`what`: Action, Command, Directory); `None` if it is missing.
 async fn fetch(
     core: &ExecutionCore,
     instance: &InstanceName,
     digest: Digest,
+    what: &str,
 ) -> Result<Option<bytes::Bytes>, Status> {
+    let too_large = || {
+        Status::invalid_argument(format!(
+            "the {what} blob {digest:?} is {} bytes; at most {MAX_METADATA_BYTES} are accepted",
+            digest.size
+        ))
+    };
+    if digest.size > MAX_METADATA_BYTES {
+        return Err(too_large());
+    }
     match core
         .cas
-        .lookup(&BlobKey::new(instance.clone(), digest), u64::MAX)
+        .lookup(&BlobKey::new(instance.clone(), digest), MAX_METADATA_BYTES)
         .await
     {
         Ok(Found::Bytes(b)) => Ok(Some(b)),
+        Ok(Found::File { .. }) => Err(too_large()),
         Ok(_) => Ok(None),
         Err(e) => Err(Status::unavailable(e.to_string())),
     }
@@ -191,12 +207,23 @@ async fn walk(
     let mut missing = Vec::new();
     let mut level: VecDeque<Digest> = VecDeque::from([root]);
     while !level.is_empty() {
-        let fetched: Vec<(Digest, Result<Option<bytes::Bytes>, Status>)> =
-            stream::iter(level.drain(..))
-                .map(|d| async move { (d, fetch(core, instance, d).await) })
-                .buffer_unordered(WALK_PARALLELISM)
-                .collect()
-                .await;
+        // Breadth first, a bounded batch at a time: at most WALK_BYTES of directories in
+        // memory however wide the tree.
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(d) = level.front().copied() {
+            if !batch.is_empty() && bytes + d.size > WALK_BYTES {
+                break;
+            }
+            level.pop_front();
+            bytes += d.size;
+            batch.push(d);
+        }
+        let fetched: Vec<(Digest, Result<Option<bytes::Bytes>, Status>)> = stream::iter(batch)
+            .map(|d| async move { (d, fetch(core, instance, d, "Directory").await) })
+            .buffer_unordered(WALK_PARALLELISM)
+            .collect()
+            .await;
         for (digest, bytes) in fetched {
             let Some(bytes) = bytes? else {
                 missing.push(digest);

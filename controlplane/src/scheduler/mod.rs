@@ -125,6 +125,12 @@ pub enum Command<P, R> {
         /// Its stage.
         stage: Stage,
     },
+    /// The worker is lost (silent, or its session broke): close its session, so that a
+    /// worker that was only stalled stops its actions (they were re-queued) and reconnects.
+    Disconnect {
+        /// The worker.
+        worker: WorkerId,
+    },
     /// The operation ended; it is forgotten by the scheduler.
     Finished {
         /// The operation.
@@ -323,6 +329,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
+        self.out.push(Command::Disconnect { worker });
         let mut lost: Vec<OpId> = w.running.into_iter().collect();
         lost.sort_unstable();
         for op in lost {

@@ -135,11 +135,27 @@ impl CasClient {
                     .await?;
                 Ok::<_, StoreError>((positions, present))
             });
+        let mut failure = None;
         for result in futures::future::join_all(calls).await {
-            let (positions, present) = result?;
-            for (p, is) in positions.into_iter().zip(present) {
-                out[p] = is;
+            match result {
+                Ok((positions, present)) => {
+                    for (p, is) in positions.into_iter().zip(present) {
+                        out[p] = is;
+                    }
+                }
+                Err(e) => failure = Some(e),
             }
+        }
+        if let Some(e) = failure {
+            // All or nothing: release what the shards that answered did pin.
+            let pinned: Vec<BlobKey> = keys
+                .iter()
+                .zip(&out)
+                .filter(|(_, is)| **is)
+                .map(|(k, _)| k.clone())
+                .collect();
+            self.unpin(&pinned).await;
+            return Err(e);
         }
         Ok(out)
     }
