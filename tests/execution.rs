@@ -165,7 +165,13 @@ on_every_runtime! {
 
     async fn platform_properties_choose_the_worker(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = start_server(rt, dir.path()).await;
+        let d = dir.path().join("server");
+        let kiln = tokio::task::spawn_blocking(move || {
+            let config = format!("{NO_EMBEDDED}unserved_timeout_secs = 1\n");
+            Kiln::start_with(&d, Options { config: Some(config), ..Options::on(rt) })
+        })
+        .await
+        .unwrap();
         let (k, d) = (kiln.addr, dir.path().to_path_buf());
         let (_a, _b) = tokio::task::spawn_blocking(move || {
             (
@@ -179,6 +185,12 @@ on_every_runtime! {
             let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
             assert_eq!(r.result.unwrap().execution_metadata.unwrap().worker, worker);
         }
+        // Nobody offers windows: after unserved_timeout_secs the build gets a clear error.
+        let spec = Spec { platform: vec![("OSFamily".into(), "windows".into())], ..Spec::script("true") };
+        let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
+        let status = r.status.unwrap();
+        assert_eq!(status.code, Code::FailedPrecondition as i32);
+        assert!(status.message.contains("OSFamily=windows"), "{status:?}");
         kiln.stop().await;
     }
 

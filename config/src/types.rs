@@ -263,6 +263,9 @@ pub struct ExecutionConfig {
     pub worker_timeout_secs: u64,
     /// Bound on queued actions; more get RESOURCE_EXHAUSTED.
     pub max_queued: usize,
+    /// A queued action that no connected worker could run fails with FAILED_PRECONDITION
+    /// after this long (seconds; 0 waits for a matching worker forever).
+    pub unserved_timeout_secs: u64,
     /// Finished operations stay visible to WaitExecution/GetOperation this long (seconds).
     pub completed_retention_secs: u64,
     /// Share of the CAS that inputs of running actions may pin against eviction (percent).
@@ -282,6 +285,7 @@ impl Default for ExecutionConfig {
             keepalive_secs: 5,
             worker_timeout_secs: 20,
             max_queued: 100_000,
+            unserved_timeout_secs: 300,
             completed_retention_secs: 600,
             pin_budget_percent: 50,
             properties: BTreeMap::new(),

@@ -96,6 +96,8 @@ impl ExecutionCore {
             worker_timeout: Duration::from_secs(config.worker_timeout_secs),
             timeout_grace: Duration::from_secs(30),
             max_queued: config.max_queued,
+            unserved_timeout: (config.unserved_timeout_secs > 0)
+                .then(|| Duration::from_secs(config.unserved_timeout_secs)),
         });
         let core = Arc::new(ExecutionCore {
             scheduler: Mutex::new(scheduler),
@@ -285,7 +287,7 @@ impl ExecutionCore {
                 tracing::warn!(
                     action = %job.key.digest,
                     requirements = ?job.requirements,
-                    "no connected worker offers this platform; the action waits until one does"
+                    "no connected worker offers this platform; the action waits for one (execution.unserved_timeout_secs)"
                 );
             }
             let result = s.submit(Instant::now(), job).map(|sub| {

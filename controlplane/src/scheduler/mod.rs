@@ -32,6 +32,8 @@ pub mod code {
     pub const CANCELLED: i32 = 1;
     /// DEADLINE_EXCEEDED.
     pub const DEADLINE_EXCEEDED: i32 = 4;
+    /// FAILED_PRECONDITION.
+    pub const FAILED_PRECONDITION: i32 = 9;
     /// UNAVAILABLE.
     pub const UNAVAILABLE: i32 = 14;
 }
@@ -49,6 +51,9 @@ pub struct SchedulerConfig {
     pub timeout_grace: Duration,
     /// Bound on queued operations.
     pub max_queued: usize,
+    /// A queued operation no connected worker could ever run fails after this long
+    /// (`None`: it waits for a matching worker forever).
+    pub unserved_timeout: Option<Duration>,
 }
 
 /// Something to run.
@@ -176,6 +181,8 @@ struct OpState<P> {
     job: Job<P>,
     stage: OpStage,
     attempts: u32,
+    /// When it last entered the queue.
+    queued_since: Instant,
 }
 
 #[derive(Debug)]
@@ -276,6 +283,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 job,
                 stage: OpStage::Queued { seq },
                 attempts: 0,
+                queued_since: now,
             },
         );
         self.out.push(Command::Stage {
@@ -352,6 +360,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             let seq = self.next_seq;
             self.next_seq += 1;
             state.stage = OpStage::Queued { seq };
+            state.queued_since = now;
             self.queue.insert((state.job.priority, seq), op);
             self.out.push(Command::Stage {
                 op,
@@ -464,7 +473,44 @@ impl<P: Clone, R> Scheduler<P, R> {
                 },
             );
         }
+        self.fail_unserved(now);
         self.schedule(now);
+    }
+
+    /// Fails queued operations that no connected worker could run and that have waited
+    /// longer than `unserved_timeout` (REAPI: FAILED_PRECONDITION, "no worker available").
+    fn fail_unserved(&mut self, now: Instant) {
+        let Some(limit) = self.config.unserved_timeout else {
+            return;
+        };
+        let unserved: Vec<OpId> = self
+            .queue
+            .values()
+            .filter(|op| {
+                self.ops.get(op).is_some_and(|s| {
+                    now.saturating_duration_since(s.queued_since) > limit
+                        && !self.can_be_served(&s.job.requirements)
+                })
+            })
+            .copied()
+            .collect();
+        for op in unserved {
+            let Some(requirements) = self.ops.get(&op).map(|s| s.job.requirements.to_string())
+            else {
+                continue;
+            };
+            self.finish(
+                op,
+                Outcome::Failed {
+                    code: code::FAILED_PRECONDITION,
+                    message: format!(
+                        "no connected worker offers the platform this action needs ({requirements}); \
+                         it waited {} s for one",
+                        limit.as_secs()
+                    ),
+                },
+            );
+        }
     }
 
     fn finish(&mut self, op: OpId, outcome: Outcome<R>) {

@@ -25,6 +25,22 @@ pub struct Offer(HashMap<String, Vec<String>>);
 /// Amounts of `minimum` properties held by running actions on one worker.
 pub type Consumed = HashMap<String, u64>;
 
+impl std::fmt::Display for Requirements {
+    /// `name=value, name=value`, or `no properties`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("no properties");
+        }
+        for (i, (name, value)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{name}={value}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Requirements {
     /// Requirements from name/value pairs; a `minimum` property must be a whole number.
     pub fn new(kinds: &Kinds, mut pairs: Vec<(String, String)>) -> Result<Requirements, String> {

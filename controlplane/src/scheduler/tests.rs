@@ -14,6 +14,7 @@ fn config() -> SchedulerConfig {
         worker_timeout: Duration::from_secs(10),
         timeout_grace: Duration::from_secs(5),
         max_queued: 100,
+        unserved_timeout: Some(Duration::from_secs(30)),
     }
 }
 
@@ -317,4 +318,57 @@ fn a_finished_process_frees_its_slot_while_outputs_upload() {
     assert_eq!(finished(&mut s), vec![(first, Outcome::Reported("done"))]);
     assert!(dispatched(&mut s).is_empty());
     assert_eq!((s.queued(), s.running()), (0, 1));
+}
+
+#[test]
+fn actions_no_worker_could_run_fail_after_the_unserved_timeout() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, props(&[("OSFamily", "linux")]), 1);
+    let windows = s
+        .submit(t, job("windows", 0, &[("OSFamily", "windows")]))
+        .unwrap()
+        .op;
+    let busy = s
+        .submit(t, job("busy", 0, &[("OSFamily", "linux")]))
+        .unwrap()
+        .op;
+    let waiting = s
+        .submit(t, job("waiting", 0, &[("OSFamily", "linux")]))
+        .unwrap()
+        .op;
+    s.commands();
+    // Before the limit nothing fails; a matching worker that is only busy keeps actions queued.
+    s.worker_seen(t + Duration::from_secs(19), 1);
+    s.tick(t + Duration::from_secs(20));
+    assert!(finished(&mut s).is_empty());
+    s.worker_seen(t + Duration::from_secs(29), 1);
+    s.tick(t + Duration::from_secs(31));
+    let f = finished(&mut s);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert!(
+        matches!(&f[0], (o, Outcome::Failed { code: code::FAILED_PRECONDITION, message }) if *o == windows && message.contains("OSFamily=windows")),
+        "{f:?}"
+    );
+    assert_eq!((s.queued(), s.running()), (1, 1));
+    // Once the only linux worker is gone, the one waiting since 0 s fails at the next tick;
+    // the one its worker was running went back to the queue at 31 s, with a fresh clock.
+    s.worker_left(t + Duration::from_secs(31), 1);
+    s.tick(t + Duration::from_secs(40));
+    let failed: Vec<OpId> = finished(&mut s).into_iter().map(|(op, _)| op).collect();
+    assert_eq!(failed, vec![waiting]);
+    s.tick(t + Duration::from_secs(60));
+    assert!(finished(&mut s).is_empty(), "re-queued at 31 s");
+    s.tick(t + Duration::from_secs(62));
+    let failed: Vec<OpId> = finished(&mut s).into_iter().map(|(op, _)| op).collect();
+    assert_eq!(failed, vec![busy]);
+    // 0 in the configuration: wait forever.
+    let mut s = S::new(SchedulerConfig {
+        unserved_timeout: None,
+        ..config()
+    });
+    s.submit(t, job("patient", 0, &[("OSFamily", "windows")]))
+        .unwrap();
+    s.tick(t + Duration::from_secs(100_000));
+    assert!(finished(&mut s).is_empty());
 }
