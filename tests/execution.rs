@@ -504,14 +504,14 @@ on_every_runtime! {
         let action = Spec::script(&script).upload(&ch, F).await;
         let run = { let ch = ch.clone(); tokio::spawn(async move { execute(&ch, F, &action, false).await }) };
         common::eventually("the action to start on the first worker", || async { started.exists().then_some(()) }).await;
-        stalled.signal("STOP");
+        stalled.signal(libc::SIGSTOP);
         let kiln = logged(kiln, "worker lost").await;
         let _awake = start_worker(rt, &kiln, &dir.path().join("w2"), "awake", &[]).await;
         std::fs::write(&gate, b"").unwrap();
         let (_, response) = run.await.unwrap().unwrap();
         assert_eq!(code(&response), 0, "{response:?}");
         assert_eq!(response.result.unwrap().execution_metadata.unwrap().worker, "awake");
-        stalled.signal("CONT");
+        stalled.signal(libc::SIGCONT);
         let kiln = logged(kiln, "worker connected worker=sleepy").await;
         let (_, r) = execute(&ch, F, &Spec::script("echo again").upload(&ch, F).await, false).await.unwrap();
         assert_eq!(code(&r), 0);
