@@ -519,3 +519,42 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+// Inputs are hardlinks into the CAS — with the embedded worker, the server's own CAS. An
+// action that makes one writable and writes to it must not leave the CAS serving the new
+// bytes: the blob is dropped (clients upload it again) and later actions get the original.
+on_every_runtime! {
+    async fn an_action_writing_to_an_input_does_not_corrupt_the_cas(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        let original = b"pristine input".to_vec();
+        let tree = Tree::default().file("in", &original, false);
+        let spec = Spec {
+            tree: tree.clone(),
+            ..Spec::script("chmod u+w in && printf 'tampered input' > in; cat in")
+        };
+        let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        assert_eq!(read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await, b"tampered input");
+        let d = common::blobs::digest(F, &original);
+        common::eventually("the written input to leave the CAS", || {
+            let (ch, d) = (ch.clone(), d.clone());
+            async move { (blobs::find_missing(&ch, "", F, vec![d]).await.len() == 1).then_some(()) }
+        })
+        .await;
+        let err = blobs::read(&ch, &read_name("", F, &d), 0, 0).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        // Uploaded again (as Bazel would after FAILED_PRECONDITION), it is intact.
+        let again = Spec { tree, ..Spec::script("cat in") };
+        let (_, r) = execute(&ch, F, &again.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await, original);
+        // Dropping a pinned blob gave its pinned bytes back too.
+        common::eventually("every pin to be released", || {
+            let admin = kiln.admin.clone();
+            async move { (pinned_bytes(&admin).await == 0.0).then_some(()) }
+        })
+        .await;
+        kiln.stop().await;
+    }
+}

@@ -134,7 +134,8 @@ on_every_runtime! {
         assert_eq!(
             missing,
             vec![digests[1].clone()],
-            "only the least recently used blob is evicted"
+            "only the least recently used blob is evicted; evicted index {:?}",
+            missing.iter().map(|m| digests.iter().position(|d| d == m)).collect::<Vec<_>>()
         );
         assert!(!blob_file(&data_dir, &digests[1]).exists());
         kiln.stop().await;

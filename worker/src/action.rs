@@ -9,6 +9,7 @@ use crate::materialise::{remove_tree, Materialiser};
 use crate::outputs::{collect, Blob};
 use crate::remote::{RemoteCas, SMALL};
 use crate::run::{run, RunEnd, RunSpec};
+use crate::tamper::{Origin, SharedFiles};
 use kiln_dataplane::digest::{BlobKey, Digest, DigestFunction, InstanceName};
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{ActionResult, Command, ExecutedActionMetadata};
@@ -155,7 +156,7 @@ async fn attempt(
     .await?;
     *pins = taken;
     let root = dir.join("root");
-    {
+    let shared = {
         let (root, action_dir) = (root.clone(), dir.to_path_buf());
         let local = ctx.local.clone();
         let exec_cache = ctx.exec_cache.clone();
@@ -172,8 +173,8 @@ async fn attempt(
             .materialise(&tree, &root)
         })
         .await
-        .map_err(|e| ActionError::io("materialise", dir, std::io::Error::other(e)))??;
-    }
+        .map_err(|e| ActionError::io("materialise", dir, std::io::Error::other(e)))??
+    };
     metadata.input_fetch_completed_timestamp = Some(now());
 
     let cwd = root.join(&command.working_directory);
@@ -194,6 +195,7 @@ async fn attempt(
     let end = run(&spec, kill).await?;
     metadata.execution_completed_timestamp = Some(now());
     progress(Progress::Executed);
+    drop_tampered(ctx, &instance, shared).await;
     if end == RunEnd::Killed {
         return Err(ActionError::Killed);
     }
@@ -218,6 +220,25 @@ async fn attempt(
     result.stdout_digest = Some(stdout.to_proto());
     result.stderr_digest = Some(stderr.to_proto());
     Ok((end, result))
+}
+
+/// Drops from the stores any shared input the action wrote to (see [`crate::tamper`]).
+async fn drop_tampered(ctx: &WorkerContext, instance: &InstanceName, shared: SharedFiles) {
+    if shared.is_empty() {
+        return;
+    }
+    let changed = tokio::task::spawn_blocking(move || shared.changed())
+        .await
+        .unwrap_or_default();
+    for s in changed {
+        tracing::warn!(path = %s.path.display(), blob = ?s.digest, "an action wrote to one of its inputs; dropping the stored copy");
+        match s.origin {
+            Origin::Cas => ctx.local.report_corrupt(instance, s.digest),
+            Origin::ExecCache => {
+                let _ = std::fs::remove_file(&s.path);
+            }
+        }
+    }
 }
 
 /// Creates the parent directories of every declared output (not the outputs themselves).

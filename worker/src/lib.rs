@@ -13,6 +13,7 @@ pub mod outputs;
 pub mod remote;
 pub mod run;
 pub mod session;
+pub mod tamper;
 
 pub use action::WorkerContext;
 pub use local::LocalCas;

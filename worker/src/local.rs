@@ -31,6 +31,11 @@ impl LocalCas {
         self.layout.blob_path(&Self::key(instance, d))
     }
 
+    /// Drops a stored blob whose file no longer holds its content (the owner deletes it).
+    pub fn report_corrupt(&self, instance: &InstanceName, d: Digest) {
+        self.cas.report_corrupt(&Self::key(instance, d));
+    }
+
     /// A fresh temp path on the CAS's filesystem.
     pub fn temp_path(&self) -> PathBuf {
         self.layout.temp_path()

@@ -5,6 +5,7 @@
 
 use crate::error::{io, ActionError};
 use crate::fetch::InputTree;
+use crate::tamper::{Origin, SharedFiles};
 use kiln_dataplane::digest::Digest;
 use kiln_dataplane::store::clone::clone_or_copy;
 use kiln_proto::reapi::{Directory, NodeProperties};
@@ -36,8 +37,10 @@ fn check_name(name: &str) -> Result<(), ActionError> {
 }
 
 impl Materialiser<'_> {
-    /// Lays out `tree` under `root` (which exists and is empty).
-    pub fn materialise(&self, tree: &InputTree, root: &Path) -> Result<(), ActionError> {
+    /// Lays out `tree` under `root` (which exists and is empty); returns the files it shares
+    /// with the stores by hardlink, to be checked once the action has run.
+    pub fn materialise(&self, tree: &InputTree, root: &Path) -> Result<SharedFiles, ActionError> {
+        let mut shared = SharedFiles::default();
         let mut stack: Vec<(Digest, PathBuf)> = vec![(tree.root, root.to_path_buf())];
         let mut with_properties: Vec<(PathBuf, NodeProperties)> = Vec::new();
         while let Some((digest, path)) = stack.pop() {
@@ -53,6 +56,7 @@ impl Materialiser<'_> {
                     f.is_executable,
                     f.node_properties.as_ref(),
                     &path.join(&f.name),
+                    &mut shared,
                 )?;
             }
             for s in &dir.symlinks {
@@ -76,7 +80,7 @@ impl Materialiser<'_> {
         for (path, p) in with_properties.into_iter().rev() {
             apply(&path, &p, DIRECTORY)?;
         }
-        Ok(())
+        Ok(shared)
     }
 
     fn file(
@@ -85,6 +89,7 @@ impl Materialiser<'_> {
         executable: bool,
         props: Option<&NodeProperties>,
         dst: &Path,
+        shared: &mut SharedFiles,
     ) -> Result<(), ActionError> {
         let mode = if executable { EXECUTABLE } else { READ_ONLY };
         let has_props = props.is_some_and(|p| p.unix_mode.is_some() || p.mtime.is_some());
@@ -95,12 +100,14 @@ impl Materialiser<'_> {
         } else if has_props {
             clone_or_copy(&(self.blob_path)(d), dst).map_err(io("copy", dst))?;
         } else {
-            let source = if executable {
-                self.exec_copy(d)?
+            let (source, origin) = if executable {
+                (self.exec_copy(d)?, Origin::ExecCache)
             } else {
-                (self.blob_path)(d)
+                ((self.blob_path)(d), Origin::Cas)
             };
-            link_or_copy(&source, dst, mode)?;
+            if link_or_copy(&source, dst, mode)? {
+                shared.record(&source, d, origin);
+            }
             return Ok(());
         }
         match props {
@@ -128,17 +135,18 @@ impl Materialiser<'_> {
 }
 
 /// Hardlinks `source` to `dst`; copies when a link is impossible (another filesystem, or the
-/// inode's link count is at its limit), giving the copy `mode`.
-fn link_or_copy(source: &Path, dst: &Path, mode: u32) -> Result<(), ActionError> {
+/// inode's link count is at its limit), giving the copy `mode`. True when it linked.
+fn link_or_copy(source: &Path, dst: &Path, mode: u32) -> Result<bool, ActionError> {
     match std::fs::hard_link(source, dst) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Err(ActionError::io("link", source, e))
         }
         Err(_) => {
             clone_or_copy(source, dst).map_err(io("copy", dst))?;
             std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
-                .map_err(io("chmod", dst))
+                .map_err(io("chmod", dst))?;
+            Ok(false)
         }
     }
 }

@@ -25,6 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, error, info, warn};
 
+/// Access times waiting to be written to their files, at most (per shard).
+const MAX_PENDING_ATIMES: usize = 1 << 20;
+/// Access times written per second of maintenance (per shard).
+const ATIME_FLUSH_PER_TICK: usize = 65_536;
 /// How an owner shard behaves; from the `[storage]` configuration.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
@@ -247,7 +251,7 @@ impl Owner {
             self.settings.atime_resolution,
         ) {
             entry.persisted_atime = entry.atime;
-            self.pending_atimes.borrow_mut().push(key.clone());
+            self.schedule_atime(key);
         }
         let copy = *entry;
         drop(index);
@@ -365,6 +369,9 @@ impl Owner {
         self.index
             .borrow_mut()
             .insert(key.clone(), Entry::fresh(size, atime::now()));
+        // The file's own access time is the kernel's (coarse) time of creation, so blobs
+        // committed within one clock tick would tie after a restart: record the index's.
+        self.schedule_atime(&key);
         self.accounting.add(self.shard, size);
         self.metrics().commits.inc();
         self.publish_oldest();
@@ -421,6 +428,9 @@ impl Owner {
             error!(blob = ?key, "stored blob does not hash to its digest; removed it");
             self.metrics().corrupt.inc();
             self.accounting.remove(self.shard, entry.size);
+            if entry.pins > 0 {
+                self.accounting.set_pinned(entry.size, false);
+            }
             self.memory.remove(key);
             let _ = std::fs::remove_file(self.layout.blob_path(key));
             self.publish_oldest();
@@ -504,7 +514,16 @@ impl Owner {
                 );
             }
             remove_temps(expired);
-            self.flush_atimes(4096);
+            self.flush_atimes(ATIME_FLUSH_PER_TICK);
+        }
+    }
+
+    /// Queues a blob's access time for its file (best effort: past the bound it is skipped,
+    /// and only the order after a restart can suffer).
+    fn schedule_atime(&self, key: &BlobKey) {
+        let mut pending = self.pending_atimes.borrow_mut();
+        if pending.len() < MAX_PENDING_ATIMES {
+            pending.push(key.clone());
         }
     }
 

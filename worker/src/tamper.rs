@@ -1,0 +1,125 @@
+//! Noticing an action that wrote to one of its inputs. Inputs are hardlinks to read-only
+//! files of the local CAS (or of the executable cache), so an action running as the worker's
+//! user could `chmod` one and write through it, changing the shared file. Kiln never changes
+//! a stored file's mtime (it sets access times only), so a changed mtime or length after the
+//! action means the file was written: the blob is dropped from the CAS (the client uploads it
+//! again) and an executable copy is deleted, rather than either being used again.
+
+use kiln_dataplane::digest::Digest;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Where a shared input file lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A blob file of the local CAS.
+    Cas,
+    /// A copy in the executable cache.
+    ExecCache,
+}
+
+/// A file an action's directory shares (by hardlink) with the worker's stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shared {
+    /// The shared file.
+    pub path: PathBuf,
+    /// The blob it holds.
+    pub digest: Digest,
+    /// Which store it belongs to.
+    pub origin: Origin,
+    modified: SystemTime,
+    len: u64,
+}
+
+/// The shared files of one action, each recorded once.
+#[derive(Debug, Default)]
+pub struct SharedFiles(HashMap<PathBuf, Shared>);
+
+impl SharedFiles {
+    /// Records `path` as linked into the action (its state now is the reference).
+    pub fn record(&mut self, path: &Path, digest: Digest, origin: Origin) {
+        if self.0.contains_key(path) {
+            return;
+        }
+        if let Ok(meta) = std::fs::metadata(path) {
+            if let Ok(modified) = meta.modified() {
+                self.0.insert(
+                    path.to_path_buf(),
+                    Shared {
+                        path: path.to_path_buf(),
+                        digest,
+                        origin,
+                        modified,
+                        len: meta.len(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The files whose content may have changed since they were recorded. A file that is gone
+    /// (evicted, or dropped already) is not reported.
+    pub fn changed(&self) -> Vec<Shared> {
+        self.0
+            .values()
+            .filter(|s| {
+                std::fs::metadata(&s.path).is_ok_and(|m| {
+                    m.len() != s.len || m.modified().map_or(true, |t| t != s.modified)
+                })
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// How many files are recorded.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_dataplane::digest::DigestFunction;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn writes_are_noticed_and_access_times_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        for p in [&a, &b] {
+            std::fs::write(p, b"original").unwrap();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o444)).unwrap();
+        }
+        let d = Digest::of(DigestFunction::Sha256, b"original");
+        let mut shared = SharedFiles::default();
+        shared.record(&a, d, Origin::Cas);
+        shared.record(&b, d, Origin::ExecCache);
+        shared.record(&a, d, Origin::Cas);
+        assert_eq!(shared.len(), 2, "each file once");
+        // Kiln's own access-time updates, a chmod and a new link are not writes.
+        filetime::set_file_atime(&a, filetime::FileTime::from_unix_time(1, 0)).unwrap();
+        std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::hard_link(&a, dir.path().join("link")).unwrap();
+        assert!(shared.changed().is_empty());
+        // Writing through a hardlink after a chmod is: same length, new mtime.
+        let link = dir.path().join("link");
+        std::fs::set_permissions(&link, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&link, b"tampered").unwrap();
+        let changed = shared.changed();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(
+            (changed[0].path.as_path(), changed[0].origin),
+            (a.as_path(), Origin::Cas)
+        );
+        // A file that disappeared is not reported.
+        std::fs::remove_file(&b).unwrap();
+        assert_eq!(shared.changed().len(), 1);
+    }
+}
