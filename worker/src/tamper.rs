@@ -7,6 +7,7 @@
 
 use kiln_dataplane::digest::Digest;
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -30,6 +31,7 @@ pub struct Shared {
     pub origin: Origin,
     modified: SystemTime,
     len: u64,
+    inode: (u64, u64),
 }
 
 /// The shared files of one action, each recorded once.
@@ -52,6 +54,7 @@ impl SharedFiles {
                         origin,
                         modified,
                         len: meta.len(),
+                        inode: (meta.dev(), meta.ino()),
                     },
                 );
             }
@@ -59,13 +62,15 @@ impl SharedFiles {
     }
 
     /// The files whose content may have changed since they were recorded. A file that is gone
-    /// (evicted, or dropped already) is not reported.
+    /// (evicted, or dropped already) or replaced by another (stored again, or a concurrent
+    /// action's executable copy) is not the one the action could write: not reported.
     pub fn changed(&self) -> Vec<Shared> {
         self.0
             .values()
             .filter(|s| {
                 std::fs::metadata(&s.path).is_ok_and(|m| {
-                    m.len() != s.len || m.modified().map_or(true, |t| t != s.modified)
+                    (m.dev(), m.ino()) == s.inode
+                        && (m.len() != s.len || m.modified().map_or(true, |t| t != s.modified))
                 })
             })
             .cloned()
@@ -118,8 +123,12 @@ mod tests {
             (changed[0].path.as_path(), changed[0].origin),
             (a.as_path(), Origin::Cas)
         );
-        // A file that disappeared is not reported.
+        // A file that disappeared, or was replaced by a new one, is not reported.
         std::fs::remove_file(&b).unwrap();
         assert_eq!(shared.changed().len(), 1);
+        let replacement = dir.path().join("new");
+        std::fs::write(&replacement, b"another copy").unwrap();
+        std::fs::rename(&replacement, &a).unwrap();
+        assert!(shared.changed().is_empty());
     }
 }
