@@ -549,6 +549,11 @@ on_every_runtime! {
         let again = Spec { tree, ..Spec::script("cat in") };
         let (_, r) = execute(&ch, F, &again.upload(&ch, F).await, false).await.unwrap();
         assert_eq!(read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await, original);
+        // Touching an input changes its time, not its content: the blob stays.
+        let touch = Spec { tree: Tree::default().file("in", &original, false), ..Spec::script("touch in") };
+        let (_, r) = execute(&ch, F, &touch.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        assert!(blobs::find_missing(&ch, "", F, vec![d.clone()]).await.is_empty(), "a touched input is kept");
         // Dropping a pinned blob gave its pinned bytes back too.
         common::eventually("every pin to be released", || {
             let admin = kiln.admin.clone();

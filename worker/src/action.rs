@@ -231,11 +231,19 @@ async fn drop_tampered(ctx: &WorkerContext, instance: &InstanceName, shared: Sha
         .await
         .unwrap_or_default();
     for s in changed {
+        // Only the content matters: an action that merely touched an input keeps it.
+        if hash_file(s.digest.function, &s.path)
+            .await
+            .is_ok_and(|d| d == s.digest)
+        {
+            continue;
+        }
         tracing::warn!(path = %s.path.display(), blob = ?s.digest, "an action wrote to one of its inputs; dropping the stored copy");
         match s.origin {
-            Origin::Cas => ctx.local.report_corrupt(instance, s.digest),
+            Origin::Cas => ctx.local.drop_changed(instance, s.digest).await,
             Origin::ExecCache => {
-                let _ = std::fs::remove_file(&s.path);
+                let path = s.path.clone();
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
             }
         }
     }

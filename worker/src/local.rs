@@ -32,8 +32,8 @@ impl LocalCas {
     }
 
     /// Drops a stored blob whose file no longer holds its content (the owner deletes it).
-    pub fn report_corrupt(&self, instance: &InstanceName, d: Digest) {
-        self.cas.report_corrupt(&Self::key(instance, d));
+    pub async fn drop_changed(&self, instance: &InstanceName, d: Digest) {
+        self.cas.drop_changed(&Self::key(instance, d)).await;
     }
 
     /// A fresh temp path on the CAS's filesystem.

@@ -100,12 +100,24 @@ impl Materialiser<'_> {
         } else if has_props {
             clone_or_copy(&(self.blob_path)(d), dst).map_err(io("copy", dst))?;
         } else {
-            let (source, origin) = if executable {
+            let (mut source, origin) = if executable {
                 (self.exec_copy(d)?, Origin::ExecCache)
             } else {
                 ((self.blob_path)(d), Origin::Cas)
             };
-            if link_or_copy(&source, dst, mode)? {
+            let mut linked = link_or_copy(&source, dst, mode);
+            if matches!(linked, Err(ActionError::Io { .. })) && !source.exists() {
+                // Dropped under us (another action wrote to it): an executable copy is made
+                // again; a CAS blob is missing, which the client answers by uploading it.
+                match origin {
+                    Origin::ExecCache => {
+                        source = self.exec_copy(d)?;
+                        linked = link_or_copy(&source, dst, mode);
+                    }
+                    Origin::Cas => return Err(ActionError::MissingInputs(vec![d])),
+                }
+            }
+            if linked? {
                 shared.record(&source, d, origin);
             }
             return Ok(());

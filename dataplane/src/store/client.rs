@@ -221,6 +221,17 @@ impl CasClient {
         );
     }
 
+    /// Drops a stored blob whose file was found changed, waiting for room in the owner's
+    /// queue (unlike [`Self::report_corrupt`], this notice must not be lost: a blob committed
+    /// in this run is never hashed again on read).
+    pub async fn drop_changed(&self, key: &BlobKey) {
+        let shard = self.owner_of(&key.digest);
+        self.count(shard);
+        let _ = self.shards[shard]
+            .send(Command::Corrupt { key: key.clone() })
+            .await;
+    }
+
     /// Registers a `Write` stream for an upload.
     pub async fn claim_upload(
         &self,

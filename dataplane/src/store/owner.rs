@@ -26,9 +26,9 @@ use std::time::Duration;
 use tracing::{debug, error, info, warn};
 
 /// Access times waiting to be written to their files, at most (per shard).
-const MAX_PENDING_ATIMES: usize = 1 << 20;
+const MAX_PENDING_ATIMES: usize = 1 << 18;
 /// Access times written per second of maintenance (per shard).
-const ATIME_FLUSH_PER_TICK: usize = 65_536;
+const ATIME_FLUSH_PER_TICK: usize = 16_384;
 /// How an owner shard behaves; from the `[storage]` configuration.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
