@@ -105,20 +105,19 @@ impl Materialiser<'_> {
             } else {
                 ((self.blob_path)(d), Origin::Cas)
             };
-            let mut linked = link_or_copy(&source, dst, mode);
-            if matches!(linked, Err(ActionError::Io { .. })) && !source.exists() {
-                // Dropped under us (another action wrote to it): an executable copy is made
-                // again; a CAS blob is missing, which the client answers by uploading it.
-                match origin {
-                    Origin::ExecCache => {
-                        source = self.exec_copy(d)?;
-                        linked = link_or_copy(&source, dst, mode);
-                    }
-                    Origin::Cas => return Err(ActionError::MissingInputs(vec![d])),
+            // A source dropped under us (another action wrote to it): an executable copy is
+            // made again; a CAS blob is missing, which the client answers by uploading it.
+            let placed = match (link_or_copy(&source, dst, mode)?, origin) {
+                (Placed::SourceGone, Origin::ExecCache) => {
+                    source = self.exec_copy(d)?;
+                    link_or_copy(&source, dst, mode)?
                 }
-            }
-            if linked? {
-                shared.record(&source, d, origin);
+                (placed, _) => placed,
+            };
+            match placed {
+                Placed::Linked => shared.record(&source, d, origin),
+                Placed::Copied => {}
+                Placed::SourceGone => return Err(ActionError::MissingInputs(vec![d])),
             }
             return Ok(());
         }
@@ -146,19 +145,28 @@ impl Materialiser<'_> {
     }
 }
 
+/// How [`link_or_copy`] placed a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placed {
+    /// A hardlink: the file is shared with its store.
+    Linked,
+    /// A copy of its own.
+    Copied,
+    /// The source does not exist.
+    SourceGone,
+}
+
 /// Hardlinks `source` to `dst`; copies when a link is impossible (another filesystem, or the
-/// inode's link count is at its limit), giving the copy `mode`. True when it linked.
-fn link_or_copy(source: &Path, dst: &Path, mode: u32) -> Result<bool, ActionError> {
+/// inode's link count is at its limit), giving the copy `mode`.
+fn link_or_copy(source: &Path, dst: &Path, mode: u32) -> Result<Placed, ActionError> {
     match std::fs::hard_link(source, dst) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(ActionError::io("link", source, e))
-        }
+        Ok(()) => Ok(Placed::Linked),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Placed::SourceGone),
         Err(_) => {
             clone_or_copy(source, dst).map_err(io("copy", dst))?;
             std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
                 .map_err(io("chmod", dst))?;
-            Ok(false)
+            Ok(Placed::Copied)
         }
     }
 }
@@ -278,13 +286,18 @@ mod tests {
             directories: HashMap::from([(top_digest, top), (sub_digest, sub)]),
         };
         let blob_path = |d: Digest| cas.join(d.hex());
-        Materialiser {
+        let shared = Materialiser {
             blob_path: &blob_path,
             exec_cache: &exec_cache,
             function: 1,
         }
         .materialise(&tree, &root)
         .unwrap();
+        assert_eq!(
+            shared.len(),
+            2,
+            "the CAS file of `text` and the executable copy of `tool` are shared"
+        );
         let meta = |p: &str| std::fs::symlink_metadata(root.join(p)).unwrap();
         // Plain files share the CAS inode, read-only.
         assert_eq!(
@@ -319,6 +332,35 @@ mod tests {
         // Clean-up copes with read-only entries.
         remove_tree(&root).unwrap();
         assert!(!root.exists());
+    }
+
+    #[test]
+    fn a_cas_file_gone_is_a_missing_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = DigestFunction::Sha256;
+        let gone = Digest::of(f, b"evicted or dropped");
+        let top = Directory {
+            files: vec![node("in", gone, false, None)],
+            ..Default::default()
+        };
+        let d = Digest::of(f, &top.encode_to_vec());
+        let tree = InputTree {
+            root: d,
+            directories: HashMap::from([(d, top)]),
+        };
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let blob_path = |d: Digest| dir.path().join(d.hex());
+        let r = Materialiser {
+            blob_path: &blob_path,
+            exec_cache: dir.path(),
+            function: 1,
+        }
+        .materialise(&tree, &root);
+        assert!(
+            matches!(&r, Err(ActionError::MissingInputs(m)) if m == &vec![gone]),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -483,22 +483,17 @@ impl<P: Clone, R> Scheduler<P, R> {
         let Some(limit) = self.config.unserved_timeout else {
             return;
         };
-        let unserved: Vec<OpId> = self
+        let unserved: Vec<(OpId, String)> = self
             .queue
             .values()
-            .filter(|op| {
-                self.ops.get(op).is_some_and(|s| {
-                    now.saturating_duration_since(s.queued_since) > limit
-                        && !self.can_be_served(&s.job.requirements)
-                })
+            .filter_map(|op| {
+                let s = self.ops.get(op)?;
+                (now.saturating_duration_since(s.queued_since) > limit
+                    && !self.can_be_served(&s.job.requirements))
+                .then(|| (*op, s.job.requirements.to_string()))
             })
-            .copied()
             .collect();
-        for op in unserved {
-            let Some(requirements) = self.ops.get(&op).map(|s| s.job.requirements.to_string())
-            else {
-                continue;
-            };
+        for (op, requirements) in unserved {
             self.finish(
                 op,
                 Outcome::Failed {
