@@ -117,6 +117,7 @@ fn start_embedded_worker(
         work_dir,
         exec_cache,
         fetch_parallelism: config.worker.fetch_parallelism,
+        contain: kiln_worker::contain::Containment::detect(),
     });
     let worker = RunningWorker::start(
         control.runtime(),

@@ -134,6 +134,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             work_dir: work_dir.clone(),
             exec_cache,
             fetch_parallelism: config.worker.fetch_parallelism,
+            contain: kiln_worker::contain::Containment::detect(),
         })
     };
     let worker = RunningWorker::start(

@@ -337,6 +337,23 @@ on_every_runtime! {
             Code::InvalidArgument,
             "max_batch_total_size_bytes",
         );
+        // Sizes near 2^63 must not wrap the total to something small: three of them sum past
+        // 2^64 (they used to wrap, or panic in a debug build).
+        let near_max = |seed: u8| reapi::Digest {
+            hash: hex::encode([seed; 32]),
+            size_bytes: i64::MAX,
+        };
+        assert_code(
+            cas.batch_read_blobs(reapi::BatchReadBlobsRequest {
+                instance_name: String::new(),
+                digests: vec![near_max(1), near_max(2), near_max(3), digest(Function::Sha256, b"x")],
+                acceptable_compressors: vec![],
+                digest_function: Function::Sha256 as i32,
+            })
+            .await,
+            Code::InvalidArgument,
+            "max_batch_total_size_bytes",
+        );
         // A single message above max_message_bytes.
         let big = pseudo_random(9, 3 << 20);
         let name = write_name("", Function::Sha256, &digest(Function::Sha256, &big));

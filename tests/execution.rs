@@ -87,10 +87,18 @@ on_every_runtime! {
         };
         let action = spec.upload(&ch, F).await;
         let (ops, response) = execute(&ch, F, &action, false).await.unwrap();
+        // Durable before reported: the action cache holds the result as soon as the operation
+        // is complete (it used to be written by a task spawned after completion).
+        let cached = ActionCacheClient::new(ch.clone())
+            .get_action_result(GetActionResultRequest { action_digest: Some(action.clone()), ..Default::default() })
+            .await
+            .expect("the result is in the action cache once the operation completed")
+            .into_inner();
         assert_eq!(code(&response), 0, "{response:?}");
         assert!(!response.cached_result);
         assert!(ops.iter().all(|o| o.name.starts_with("operations/")));
         let result = response.result.unwrap();
+        assert_eq!(cached, result, "the action cache holds the reported result");
         assert_eq!(result.exit_code, 0);
         assert_eq!(read(&ch, result.stdout_digest.as_ref().unwrap()).await, b"tool ran\n");
         assert_eq!(read(&ch, result.stderr_digest.as_ref().unwrap()).await, b"to-stderr\n");
@@ -109,12 +117,7 @@ on_every_runtime! {
         let meta = result.execution_metadata.as_ref().unwrap();
         assert_eq!(meta.worker, "w1");
         assert!(meta.queued_timestamp.is_some() && meta.execution_completed_timestamp.is_some());
-        // The result is cached, and a second Execute is a cache hit.
-        let cached = ActionCacheClient::new(ch.clone())
-            .get_action_result(GetActionResultRequest { action_digest: Some(action.clone()), ..Default::default() })
-            .await
-            .unwrap()
-            .into_inner();
+        // The cached result is the reported one, and a second Execute is a cache hit.
         assert_eq!(cached.output_files.len(), 2);
         let (_, again) = execute(&ch, F, &action, false).await.unwrap();
         assert!(again.cached_result);
@@ -532,7 +535,8 @@ on_every_runtime! {
         let tree = Tree::default().file("in", &original, false);
         let spec = Spec {
             tree: tree.clone(),
-            ..Spec::script("chmod u+w in && printf 'tampered input' > in; cat in")
+            // Same length, and the mtime put back afterwards: only the ctime tells.
+            ..Spec::script("touch -r in ref && chmod u+w in && printf 'tampered input' > in && touch -r ref in && chmod a-w in; cat in")
         };
         let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
         assert_eq!(code(&r), 0, "{r:?}");
@@ -560,6 +564,112 @@ on_every_runtime! {
             async move { (pinned_bytes(&admin).await == 0.0).then_some(()) }
         })
         .await;
+        kiln.stop().await;
+    }
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit(") ")
+                .next()
+                .is_some_and(|rest| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+on_every_runtime! {
+    async fn escaping_paths_and_trees_are_refused(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        let refused = |spec: Spec, needle: &'static str| {
+            let ch = ch.clone();
+            async move {
+                let err = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap_err();
+                assert_eq!(err.code(), Code::InvalidArgument, "{needle}: {err:?}");
+                assert!(err.message().contains(needle), "{needle}: {err:?}");
+            }
+        };
+        refused(Spec { outputs: vec!["../escape".into()], ..Spec::script("true") }, "leaves the input root").await;
+        refused(Spec { outputs: vec!["/etc/passwd".into()], ..Spec::script("true") }, "is absolute").await;
+        refused(Spec { outputs: vec!["a//b".into()], ..Spec::script("true") }, "empty component").await;
+        refused(
+            Spec { working_directory: "../up".into(), ..Spec::script("true") },
+            "Command.working_directory",
+        )
+        .await;
+        refused(
+            Spec { tree: Tree::default().symlink("pkg/out", "../../outside"), ..Spec::script("true") },
+            "leaves the input root",
+        )
+        .await;
+        refused(
+            Spec { tree: Tree::default().symlink("etc", "/etc"), ..Spec::script("true") },
+            "is absolute",
+        )
+        .await;
+        // Inside the root, `..` is fine, from the working directory too.
+        let ok = Spec {
+            tree: Tree::default().file("pkg/sub/in", b"x", false).symlink("pkg/link", "sub/in"),
+            working_directory: "pkg/sub".into(),
+            outputs: vec!["../made".into()],
+            ..Spec::script("cat ../link > ../made")
+        };
+        let (_, r) = execute(&ch, F, &ok.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        let made = r.result.unwrap();
+        assert_eq!(made.output_files[0].path, "../made");
+        assert_eq!(read(&ch, made.output_files[0].digest.as_ref().unwrap()).await, b"x");
+        // An output that is a symlink out of the root is reported as a symlink, not followed;
+        // a parent the action turned into a symlink is never followed.
+        let links = Spec {
+            outputs: vec!["out/link".into(), "d/hostname".into()],
+            ..Spec::script("ln -s /etc/hostname out/link")
+        };
+        let (_, r) = execute(&ch, F, &links.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        let r = r.result.unwrap();
+        assert_eq!(r.output_symlinks.len(), 1);
+        assert_eq!(r.output_symlinks[0].target, "/etc/hostname");
+        assert!(r.output_files.is_empty());
+        let swapped = Spec {
+            outputs: vec!["d/hostname".into()],
+            ..Spec::script("rmdir d && ln -s /etc d")
+        };
+        let (_, r) = execute(&ch, F, &swapped.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), Code::InvalidArgument as i32, "{r:?}");
+        assert!(r.status.unwrap().message.contains("is a symlink"));
+        kiln.stop().await;
+    }
+}
+
+on_every_runtime! {
+    async fn no_process_outlives_its_action(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start(rt, dir.path());
+        let ch = kiln.channel().await;
+        // A daemon in a new session keeps appending to the output after the action exits.
+        let spec = Spec {
+            outputs: vec!["out/grow".into()],
+            ..Spec::script(
+                "setsid sh -c 'while :; do echo more >> out/grow; done' >/dev/null 2>&1 & echo $!; echo first >> out/grow",
+            )
+        };
+        let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        let r = r.result.unwrap();
+        let pid: i32 = String::from_utf8(read(&ch, r.stdout_digest.as_ref().unwrap()).await)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(!alive(pid), "the setsid daemon {pid} outlived its action");
+        // The stored output is exactly the bytes that were hashed.
+        let grow = &r.output_files[0];
+        let bytes = read(&ch, grow.digest.as_ref().unwrap()).await;
+        assert_eq!(common::blobs::digest(F, &bytes), grow.digest.clone().unwrap());
         kiln.stop().await;
     }
 }

@@ -300,3 +300,42 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+// A stored file that disappears after the index was consulted (evicted between lookup and
+// open, or removed behind the server's back) is NOT_FOUND without server paths in the
+// message, and the blob becomes missing so that clients upload it again.
+on_every_runtime! {
+    async fn a_vanished_blob_file_is_not_found(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let f = Function::Sha256;
+        // Over memory_max_blob_bytes (1 MiB), so it is streamed from its file.
+        let data = pseudo_random(11, 2 << 20);
+        let d = digest(f, &data);
+        let kiln = start(&data_dir, Options::on(rt)).await;
+        let ch = kiln.channel().await;
+        blobs::write(&ch, &write_name("", f, &d), &data, 1 << 16)
+            .await
+            .unwrap();
+        std::fs::remove_file(blob_file(&data_dir, &d)).unwrap();
+        let err = blobs::read(&ch, &read_name("", f, &d), 0, 0)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        assert!(
+            !err.message().contains(data_dir.to_str().unwrap()),
+            "no server path in {:?}",
+            err.message()
+        );
+        let missing = blobs::find_missing(&ch, "", f, vec![d.clone()]).await;
+        assert_eq!(missing, vec![d.clone()], "the index forgot the vanished blob");
+        blobs::write(&ch, &write_name("", f, &d), &data, 1 << 16)
+            .await
+            .unwrap();
+        assert_eq!(
+            blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(),
+            data
+        );
+        kiln.stop().await;
+    }
+}

@@ -270,6 +270,8 @@ pub struct ExecutionConfig {
     pub completed_retention_secs: u64,
     /// Share of the CAS that inputs of running actions may pin against eviction (percent).
     pub pin_budget_percent: u8,
+    /// Most distinct digests (files and directories) in one action's input tree.
+    pub max_input_digests: usize,
     /// How each platform property is matched; undeclared properties match exactly.
     pub properties: BTreeMap<String, PropertyKind>,
 }
@@ -288,6 +290,7 @@ impl Default for ExecutionConfig {
             unserved_timeout_secs: 300,
             completed_retention_secs: 600,
             pin_budget_percent: 50,
+            max_input_digests: 1_000_000,
             properties: BTreeMap::new(),
         }
     }

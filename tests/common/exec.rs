@@ -144,6 +144,8 @@ pub struct Spec {
     pub do_not_cache: bool,
     /// Distinguishes otherwise identical actions.
     pub salt: String,
+    /// `Command.working_directory`.
+    pub working_directory: String,
 }
 
 impl Spec {
@@ -157,6 +159,7 @@ impl Spec {
             timeout_secs: 0,
             do_not_cache: false,
             salt: uuid::Uuid::new_v4().to_string(),
+            working_directory: String::new(),
         }
     }
 
@@ -189,6 +192,7 @@ impl Spec {
                 value: "/bin:/usr/bin".into(),
             }],
             output_paths: self.outputs.clone(),
+            working_directory: self.working_directory.clone(),
             ..Default::default()
         };
         let (root, mut blobs) = self.tree.blobs(f);

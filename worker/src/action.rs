@@ -6,7 +6,7 @@ use crate::error::ActionError;
 use crate::fetch::{fetch, Source};
 use crate::local::{hash_file, LocalCas};
 use crate::materialise::{remove_tree, Materialiser};
-use crate::outputs::{collect, Blob};
+use crate::outputs::{collect, Blob, Staging};
 use crate::remote::{RemoteCas, SMALL};
 use crate::run::{run, RunEnd, RunSpec};
 use crate::tamper::{Origin, SharedFiles};
@@ -14,6 +14,7 @@ use kiln_dataplane::digest::{BlobKey, Digest, DigestFunction, InstanceName};
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{ActionResult, Command, ExecutedActionMetadata};
 use kiln_proto::worker::{ExecutionResult, StartExecute};
+use kiln_reapi::paths;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub struct WorkerContext {
     pub exec_cache: PathBuf,
     /// Blobs downloaded at once per action.
     pub fetch_parallelism: usize,
+    /// How actions' processes are kept together and killed.
+    pub contain: crate::contain::Containment,
 }
 
 /// Progress reported while an action runs.
@@ -177,8 +180,10 @@ async fn attempt(
     };
     metadata.input_fetch_completed_timestamp = Some(now());
 
-    let cwd = root.join(&command.working_directory);
-    create_output_parents(command, &cwd)?;
+    let wd = paths::relative("Command.working_directory", &command.working_directory)
+        .map_err(|e| ActionError::BadInput(e.to_string()))?;
+    let cwd = wd.iter().fold(root.clone(), |p, c| p.join(c));
+    create_output_parents(command, &root, &wd)?;
     let spec = RunSpec {
         argv: command.arguments.clone(),
         env: command
@@ -190,9 +195,12 @@ async fn attempt(
         stdout: dir.join("stdout"),
         stderr: dir.join("stderr"),
         timeout,
+        id: dir
+            .file_name()
+            .map_or_else(|| "action".into(), |n| n.to_string_lossy().into_owned()),
     };
     metadata.execution_start_timestamp = Some(now());
-    let end = run(&spec, kill).await?;
+    let end = run(&spec, &ctx.contain, kill).await?;
     metadata.execution_completed_timestamp = Some(now());
     progress(Progress::Executed);
     drop_tampered(ctx, &instance, shared).await;
@@ -201,15 +209,14 @@ async fn attempt(
     }
 
     metadata.output_upload_start_timestamp = Some(now());
-    let mut outputs = collect(command, &cwd, digest_function).await?;
-    let stdout = hash_file(digest_function, &spec.stdout).await?;
-    let stderr = hash_file(digest_function, &spec.stderr).await?;
-    outputs
-        .blobs
-        .insert(stdout, Blob::File(spec.stdout.clone()));
-    outputs
-        .blobs
-        .insert(stderr, Blob::File(spec.stderr.clone()));
+    // Every output file (stdout and stderr too) is hashed and stored from a private copy made
+    // now, so no process that could still hold one open changes bytes after they were hashed.
+    let staging = Staging::new(dir.join("staged"))?;
+    let mut outputs = collect(command, &root, digest_function, &staging).await?;
+    let (stdout, stdout_copy) = staging.fix(digest_function, &spec.stdout).await?;
+    let (stderr, stderr_copy) = staging.fix(digest_function, &spec.stderr).await?;
+    outputs.blobs.insert(stdout, Blob::File(stdout_copy));
+    outputs.blobs.insert(stderr, Blob::File(stderr_copy));
     store(ctx, &instance, remote.as_ref(), &outputs.blobs).await?;
     metadata.output_upload_completed_timestamp = Some(now());
     let mut result = outputs.result;
@@ -249,22 +256,27 @@ async fn drop_tampered(ctx: &WorkerContext, instance: &InstanceName, shared: Sha
     }
 }
 
-/// Creates the parent directories of every declared output (not the outputs themselves).
-fn create_output_parents(command: &Command, cwd: &Path) -> Result<(), ActionError> {
-    #[allow(deprecated)]
-    let declared = command
-        .output_paths
-        .iter()
-        .chain(&command.output_files)
-        .chain(&command.output_directories);
-    for rel in declared {
-        if rel.starts_with('/') || rel.split('/').any(|c| c == "..") {
-            return Err(ActionError::BadInput(format!(
-                "output path {rel:?} leaves the working directory"
-            )));
-        }
-        if let Some(parent) = cwd.join(rel).parent() {
-            std::fs::create_dir_all(parent).map_err(|e| ActionError::io("create", parent, e))?;
+/// Creates the parent directories of every declared output (not the outputs themselves),
+/// below `root` and never through a symlink.
+fn create_output_parents(command: &Command, root: &Path, wd: &[String]) -> Result<(), ActionError> {
+    for rel in kiln_reapi::paths::declared_outputs(command) {
+        let components =
+            paths::output(wd, rel).map_err(|e| ActionError::BadInput(e.to_string()))?;
+        let mut path = root.to_path_buf();
+        for c in &components[..components.len() - 1] {
+            path.push(c);
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(ActionError::BadInput(format!(
+                        "output path {rel:?}: {} is not a directory in the input tree",
+                        path.strip_prefix(root).unwrap_or(&path).display()
+                    )))
+                }
+                Err(_) => {
+                    std::fs::create_dir(&path).map_err(|e| ActionError::io("create", &path, e))?
+                }
+            }
         }
     }
     Ok(())

@@ -5,6 +5,7 @@
 //! [`remote`] into [`local`]), [`materialise`] them, [`run`] the command, collect [`outputs`].
 
 pub mod action;
+pub mod contain;
 pub mod error;
 pub mod fetch;
 pub mod local;

@@ -26,14 +26,12 @@ pub struct Materialiser<'a> {
     pub function: i32,
 }
 
-/// Checks a node name: one path component, not `.` or `..`.
-fn check_name(name: &str) -> Result<(), ActionError> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        return Err(ActionError::BadInput(format!(
-            "invalid file name {name:?} in the input tree"
-        )));
-    }
-    Ok(())
+/// Checks one directory of the tree (names, duplicates, symlink targets) before anything of
+/// it is created; `root` is the input root, `path` the directory's place below it.
+fn check(dir: &Directory, root: &Path, path: &Path) -> Result<(), ActionError> {
+    let below = path.strip_prefix(root).unwrap_or(Path::new(""));
+    kiln_reapi::tree::check_directory(dir, below.components().count(), &below.to_string_lossy())
+        .map_err(|e| ActionError::BadInput(format!("input tree: {e}")))
 }
 
 impl Materialiser<'_> {
@@ -47,8 +45,8 @@ impl Materialiser<'_> {
             let dir: &Directory = tree.directories.get(&digest).ok_or_else(|| {
                 ActionError::BadInput(format!("directory {digest:?} is missing from the tree"))
             })?;
+            check(dir, root, &path)?;
             for f in &dir.files {
-                check_name(&f.name)?;
                 let d = Digest::from_proto_field(f.digest.as_ref(), self.function)
                     .map_err(|e| ActionError::BadInput(e.to_string()))?;
                 self.file(
@@ -60,12 +58,10 @@ impl Materialiser<'_> {
                 )?;
             }
             for s in &dir.symlinks {
-                check_name(&s.name)?;
                 let link = path.join(&s.name);
                 std::os::unix::fs::symlink(&s.target, &link).map_err(io("symlink", &link))?;
             }
             for sub in &dir.directories {
-                check_name(&sub.name)?;
                 let d = Digest::from_proto_field(sub.digest.as_ref(), self.function)
                     .map_err(|e| ActionError::BadInput(e.to_string()))?;
                 let child = path.join(&sub.name);
@@ -171,9 +167,15 @@ fn link_or_copy(source: &Path, dst: &Path, mode: u32) -> Result<Placed, ActionEr
     }
 }
 
-/// Sets a node's mode (or `default_mode`) and mtime.
+/// Sets a node's mode (or `default_mode`) and mtime. The mode never carries setuid, setgid
+/// or sticky bits, and a file's never write bits: inputs are read-only to the action.
 fn apply(path: &Path, p: &NodeProperties, default_mode: u32) -> Result<(), ActionError> {
-    let mode = p.unix_mode.map_or(default_mode, |m| m & 0o7777);
+    let allowed = if default_mode == DIRECTORY {
+        0o777
+    } else {
+        0o555
+    };
+    let mode = p.unix_mode.map_or(default_mode, |m| m & allowed);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io("chmod", path))?;
     if let Some(t) = &p.mtime {
@@ -261,7 +263,7 @@ mod tests {
                 seconds: 1_000_000_000,
                 nanos: 0,
             }),
-            unix_mode: Some(0o640),
+            unix_mode: Some(0o4764),
         };
         let top = Directory {
             files: vec![
@@ -318,7 +320,8 @@ mod tests {
             "CAS copy untouched"
         );
         // Node properties: own copy with the given mode and mtime.
-        assert_eq!(meta("stamped").mode() & 0o777, 0o640);
+        // setuid and the write bits are dropped: inputs are read-only and never setuid.
+        assert_eq!(meta("stamped").mode() & 0o7777, 0o544);
         assert_eq!(meta("stamped").mtime(), 1_000_000_000);
         assert_ne!(
             meta("stamped").ino(),
@@ -367,15 +370,33 @@ mod tests {
     fn hostile_names_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let f = DigestFunction::Sha256;
-        for bad in ["..", "a/b", "", "."] {
-            let top = Directory {
-                symlinks: vec![SymlinkNode {
-                    name: bad.into(),
-                    target: "x".into(),
-                    node_properties: None,
-                }],
+        let link = |name: &str, target: &str| SymlinkNode {
+            name: name.into(),
+            target: target.into(),
+            node_properties: None,
+        };
+        let mut bad_trees: Vec<Directory> = ["..", "a/b", "", "."]
+            .iter()
+            .map(|bad| Directory {
+                symlinks: vec![link(bad, "x")],
                 ..Default::default()
-            };
+            })
+            .collect();
+        // Links out of the input root, and a name used twice.
+        bad_trees.push(Directory {
+            symlinks: vec![link("up", "../outside")],
+            ..Default::default()
+        });
+        bad_trees.push(Directory {
+            symlinks: vec![link("etc", "/etc")],
+            ..Default::default()
+        });
+        bad_trees.push(Directory {
+            symlinks: vec![link("twice", "x"), link("twice", "y")],
+            ..Default::default()
+        });
+        for top in bad_trees {
+            let bad = format!("{top:?}");
             let d = Digest::of(f, &top.encode_to_vec());
             let tree = InputTree {
                 root: d,

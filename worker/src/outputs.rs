@@ -7,11 +7,13 @@ use crate::error::{io, ActionError};
 use crate::local::hash_file;
 use bytes::Bytes;
 use kiln_dataplane::digest::{Digest, DigestFunction};
+use kiln_dataplane::store::clone::clone_or_copy;
 use kiln_proto::reapi::command::OutputDirectoryFormat;
 use kiln_proto::reapi::{
     ActionResult, Command, Directory, DirectoryNode, FileNode, OutputDirectory, OutputFile,
     OutputSymlink, SymlinkNode, Tree,
 };
+use kiln_reapi::paths;
 use prost::Message;
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -35,11 +37,78 @@ pub struct Outputs {
     pub blobs: HashMap<Digest, Blob>,
 }
 
-/// Collects the outputs the Command declares, relative to `cwd`.
+/// Private copies of output files, made before they are hashed: the bytes stored are the
+/// bytes hashed, whatever happens to the action's own files afterwards (a copy is a new
+/// inode no action process ever had open; where the filesystem can, it is a clone and costs
+/// no data copy).
+pub struct Staging {
+    dir: PathBuf,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Staging {
+    /// Stages into `dir` (created now; removed with the action's directory).
+    pub fn new(dir: PathBuf) -> Result<Staging, ActionError> {
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        Ok(Staging {
+            dir,
+            next: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Copies `file` into the staging directory and hashes the copy; returns the digest and
+    /// the copy's path.
+    pub async fn fix(
+        &self,
+        function: DigestFunction,
+        file: &Path,
+    ) -> Result<(Digest, PathBuf), ActionError> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let copy = self.dir.join(n.to_string());
+        let (from, to) = (file.to_path_buf(), copy.clone());
+        tokio::task::spawn_blocking(move || {
+            clone_or_copy(&from, &to)?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o444))
+        })
+        .await
+        .map_err(|e| ActionError::io("copy", file, std::io::Error::other(e)))?
+        .map_err(|e| ActionError::io("copy", file, e))?;
+        Ok((hash_file(function, &copy).await?, copy))
+    }
+}
+
+/// The path below `root` of an output's components, if it exists, without following a
+/// symlink in any parent (the action may have replaced a directory with a link to anywhere).
+fn locate(root: &Path, components: &[String], rel: &str) -> Result<Option<PathBuf>, ActionError> {
+    let mut path = root.to_path_buf();
+    let (last, parents) = match components.split_last() {
+        Some(split) => split,
+        None => return Ok(None),
+    };
+    for c in parents {
+        path.push(c);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(ActionError::BadInput(format!(
+                    "output path {rel:?}: {} is a symlink; output paths are not followed through symlinks",
+                    path.strip_prefix(root).unwrap_or(&path).display()
+                )))
+            }
+            Ok(m) if m.is_dir() => {}
+            _ => return Ok(None),
+        }
+    }
+    path.push(last);
+    Ok(Some(path))
+}
+
+/// Collects the outputs the Command declares (relative to its working directory, itself
+/// below `root`), each file staged in `staging` before it is hashed.
 pub async fn collect(
     command: &Command,
-    cwd: &Path,
+    root: &Path,
     function: DigestFunction,
+    staging: &Staging,
 ) -> Result<Outputs, ActionError> {
     let mut out = Outputs::default();
     let format = OutputDirectoryFormat::try_from(command.output_directory_format)
@@ -60,8 +129,14 @@ pub async fn collect(
             .chain(legacy_dirs.iter().map(|p| (p, Kind::Directory)))
             .collect()
     };
+    let wd = paths::relative("Command.working_directory", &command.working_directory)
+        .map_err(|e| ActionError::BadInput(e.to_string()))?;
     for (rel, kind) in declared {
-        let path = cwd.join(rel);
+        let components =
+            paths::output(&wd, rel).map_err(|e| ActionError::BadInput(e.to_string()))?;
+        let Some(path) = locate(root, &components, rel)? else {
+            continue;
+        };
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
             continue;
         };
@@ -90,6 +165,7 @@ pub async fn collect(
                 function,
                 &mut out,
                 format != OutputDirectoryFormat::TreeOnly,
+                staging,
             )
             .await?;
             let bytes = Bytes::from(tree.encode_to_vec());
@@ -109,8 +185,8 @@ pub async fn collect(
                     "output directory {rel:?} is a file"
                 )));
             }
-            let digest = hash_file(function, &path).await?;
-            out.blobs.insert(digest, Blob::File(path.clone()));
+            let (digest, copy) = staging.fix(function, &path).await?;
+            out.blobs.insert(digest, Blob::File(copy));
             out.result.output_files.push(OutputFile {
                 path: rel.clone(),
                 digest: Some(digest.to_proto()),
@@ -137,9 +213,10 @@ async fn tree(
     function: DigestFunction,
     out: &mut Outputs,
     directory_blobs: bool,
+    staging: &Staging,
 ) -> Result<(Tree, Digest), ActionError> {
     let mut children: HashMap<Digest, Directory> = HashMap::new();
-    let root_dir = directory(root, function, out, &mut children).await?;
+    let root_dir = directory(root, function, out, &mut children, staging).await?;
     let root_bytes = root_dir.encode_to_vec();
     let root_digest = Digest::of(function, &root_bytes);
     if directory_blobs {
@@ -171,6 +248,7 @@ async fn directory(
     function: DigestFunction,
     out: &mut Outputs,
     children: &mut HashMap<Digest, Directory>,
+    staging: &Staging,
 ) -> Result<Directory, ActionError> {
     // Post-order walk with an explicit stack: (path, entries read?, message being built).
     let mut stack: Vec<Pending> = vec![(path.to_path_buf(), None, Directory::default())];
@@ -222,8 +300,8 @@ async fn directory(
                     digest: Some(digest.to_proto()),
                 });
             } else {
-                let digest = hash_file(function, &child).await?;
-                out.blobs.insert(digest, Blob::File(child.clone()));
+                let (digest, copy) = staging.fix(function, &child).await?;
+                out.blobs.insert(digest, Blob::File(copy));
                 msg.files.push(FileNode {
                     name: name.clone(),
                     digest: Some(digest.to_proto()),
@@ -266,7 +344,9 @@ mod tests {
             ],
             ..Default::default()
         };
-        let outputs = collect(&command, cwd, DigestFunction::Sha256)
+        let staged = tempfile::tempdir().unwrap();
+        let staging = Staging::new(staged.path().join("staged")).unwrap();
+        let outputs = collect(&command, cwd, DigestFunction::Sha256, &staging)
             .await
             .unwrap();
         let r = &outputs.result;
@@ -316,7 +396,9 @@ mod tests {
             output_directory_format: OutputDirectoryFormat::DirectoryOnly as i32,
             ..Default::default()
         };
-        let outputs = collect(&command, cwd, DigestFunction::Blake3)
+        let staged = tempfile::tempdir().unwrap();
+        let staging = Staging::new(staged.path().join("staged")).unwrap();
+        let outputs = collect(&command, cwd, DigestFunction::Blake3, &staging)
             .await
             .unwrap();
         #[allow(deprecated)]

@@ -1,10 +1,13 @@
 //! Running an action's command: a clean environment holding only what the Command sets, its
-//! working directory, stdout and stderr to files, its own process group so that a timeout or a
-//! kill takes every process it started.
+//! working directory, stdout and stderr to files, in its own session and (where the host has
+//! one) its own cgroup, so that every process it started is gone when [`run`] returns — on
+//! exit, timeout or kill alike (see [`crate::contain`]).
 
+use crate::contain::Containment;
 use crate::error::ActionError;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -24,6 +27,8 @@ pub struct RunSpec {
     pub stderr: PathBuf,
     /// Kill after this long.
     pub timeout: Duration,
+    /// Names the action's cgroup: unique among the worker's running actions.
+    pub id: String,
 }
 
 /// How the process ended.
@@ -37,8 +42,13 @@ pub enum RunEnd {
     Killed,
 }
 
-/// Runs `spec` until it exits, times out, or `kill` fires.
-pub async fn run(spec: &RunSpec, kill: oneshot::Receiver<()>) -> Result<RunEnd, ActionError> {
+/// Runs `spec` until it exits, times out, or `kill` fires; then kills whatever the action
+/// left running and returns once it is gone.
+pub async fn run(
+    spec: &RunSpec,
+    contain: &Containment,
+    kill: oneshot::Receiver<()>,
+) -> Result<RunEnd, ActionError> {
     let program = spec
         .argv
         .first()
@@ -52,6 +62,9 @@ pub async fn run(spec: &RunSpec, kill: oneshot::Receiver<()>) -> Result<RunEnd, 
         .map_err(|e| ActionError::io("create", &spec.stdout, e))?;
     let stderr = std::fs::File::create(&spec.stderr)
         .map_err(|e| ActionError::io("create", &spec.stderr, e))?;
+    let mut jail = contain
+        .jail(&spec.id)
+        .map_err(|e| ActionError::io("create the cgroup of", &spec.cwd, e))?;
     let mut command = tokio::process::Command::new(&resolved);
     command
         .arg0(program)
@@ -62,46 +75,117 @@ pub async fn run(spec: &RunSpec, kill: oneshot::Receiver<()>) -> Result<RunEnd, 
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
-        .process_group(0)
         .kill_on_drop(true);
+    jail.prepare(&mut command);
     let mut child = command.spawn().map_err(|source| ActionError::Spawn {
         program: program.clone(),
         source,
     })?;
-    let pid = child.id();
-    let kill_group = || {
-        if let Some(pid) = pid {
-            // SAFETY: killpg on the group we created for this child.
-            unsafe {
-                libc::killpg(pid as libc::pid_t, libc::SIGKILL);
-            }
-        }
-    };
+    jail.started(child.id());
+    let jail = Arc::new(jail);
     let end = tokio::select! {
         status = child.wait() => {
             let status = status.map_err(|e| ActionError::io("wait for", &resolved, e))?;
-            // The leader exited; take down anything it left running in its group.
-            kill_group();
             use std::os::unix::process::ExitStatusExt;
             RunEnd::Exited(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
         }
-        _ = tokio::time::sleep(spec.timeout) => {
-            kill_group();
-            let _ = child.wait().await;
-            RunEnd::TimedOut
-        }
-        _ = kill => {
-            kill_group();
-            let _ = child.wait().await;
-            RunEnd::Killed
-        }
+        _ = tokio::time::sleep(spec.timeout) => RunEnd::TimedOut,
+        _ = kill => RunEnd::Killed,
     };
+    // Whatever the action left running (a background job, a daemon that called setsid) goes
+    // now, before any output is read.
+    let killer = jail.clone();
+    tokio::task::spawn_blocking(move || killer.kill_all())
+        .await
+        .map_err(|e| ActionError::io("kill the processes of", &spec.cwd, std::io::Error::other(e)))?
+        .map_err(|e| ActionError::io("kill the processes of", &spec.cwd, e))?;
+    let _ = child.wait().await;
+    drop(jail);
     Ok(end)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn contain() -> Containment {
+        Containment::detect()
+    }
+
+    /// Whether `pid` is a live process (not gone, not a zombie).
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit(") ")
+                    .next()
+                    .is_some_and(|rest| !rest.starts_with('Z'))
+            })
+            .unwrap_or(false)
+    }
+
+    /// The pid a test script wrote to `pid`.
+    fn pid_in(dir: &Path) -> i32 {
+        std::fs::read_to_string(dir.join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits (bounded) until `pid` is gone or a zombie.
+    async fn wait_gone(pid: i32, why: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while alive(pid) {
+            assert!(std::time::Instant::now() < deadline, "{why}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_process_that_left_the_session_is_gone_when_run_returns() {
+        let contain = contain();
+        if !contain.holds_new_sessions() {
+            eprintln!(
+                "SKIPPED: no cgroup for actions here: {}",
+                contain.describe()
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (_tx, rx) = oneshot::channel();
+        // A daemon in a new session (out of the action's process group and session) that
+        // keeps writing after the action exits.
+        let s = spec(
+            dir.path(),
+            &[
+                "sh",
+                "-c",
+                "setsid sh -c 'while :; do echo more >> grown; sleep 0.01; done' & echo $! > pid; sleep 0.2",
+            ],
+            Duration::from_secs(30),
+        );
+        assert_eq!(run(&s, &contain, rx).await.unwrap(), RunEnd::Exited(0));
+        let pid = pid_in(dir.path());
+        // kill_all waited until the cgroup was empty: no waiting here.
+        assert!(!alive(pid), "the setsid daemon {pid} outlived its action");
+        let len = std::fs::metadata(dir.path().join("grown")).unwrap().len();
+        assert!(len > 0, "the daemon ran");
+    }
+
+    #[tokio::test]
+    async fn the_session_fallback_kills_background_jobs_of_the_session() {
+        let contain = Containment::session_only("test");
+        let dir = tempfile::tempdir().unwrap();
+        let (_tx, rx) = oneshot::channel();
+        let s = spec(
+            dir.path(),
+            &["sh", "-c", "(trap '' HUP; sleep 30) & echo $! > pid"],
+            Duration::from_secs(30),
+        );
+        assert_eq!(run(&s, &contain, rx).await.unwrap(), RunEnd::Exited(0));
+        let pid = pid_in(dir.path());
+        wait_gone(pid, "the background job survived").await;
+    }
 
     fn spec(dir: &Path, argv: &[&str], timeout: Duration) -> RunSpec {
         RunSpec {
@@ -114,6 +198,7 @@ mod tests {
             stdout: dir.join("out"),
             stderr: dir.join("err"),
             timeout,
+            id: uuid::Uuid::new_v4().simple().to_string(),
         }
     }
 
@@ -126,7 +211,7 @@ mod tests {
             &["sh", "-c", "echo $GREETING $HOME; exit 3"],
             Duration::from_secs(30),
         );
-        assert_eq!(run(&s, rx).await.unwrap(), RunEnd::Exited(3));
+        assert_eq!(run(&s, &contain(), rx).await.unwrap(), RunEnd::Exited(3));
         assert_eq!(
             std::fs::read_to_string(dir.path().join("out")).unwrap(),
             "hi\n",
@@ -148,30 +233,10 @@ mod tests {
             ],
             Duration::from_millis(300),
         );
-        assert_eq!(run(&s, rx).await.unwrap(), RunEnd::TimedOut);
-        let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        // SIGKILL lands asynchronously; the process must be gone (or a zombie) soon after.
-        let running = |pid: i32| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|stat| {
-                    stat.rsplit(") ")
-                        .next()
-                        .is_some_and(|rest| !rest.starts_with('Z'))
-                })
-                .unwrap_or(false)
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while running(pid) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the background process was not killed"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        assert_eq!(run(&s, &contain(), rx).await.unwrap(), RunEnd::TimedOut);
+        let pid = pid_in(dir.path());
+        // SIGKILL lands asynchronously without a cgroup; gone (or a zombie) soon after.
+        wait_gone(pid, "the background process was not killed").await;
     }
 
     #[tokio::test]
@@ -186,6 +251,7 @@ mod tests {
         assert_eq!(
             run(
                 &spec(dir.path(), &["bin/tool"], Duration::from_secs(30)),
+                &contain(),
                 rx
             )
             .await
@@ -201,6 +267,7 @@ mod tests {
         let (_tx, rx) = oneshot::channel();
         let missing = run(
             &spec(dir.path(), &["no-such-program"], Duration::from_secs(30)),
+            &contain(),
             rx,
         )
         .await;
@@ -215,7 +282,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = oneshot::channel();
         let s = spec(dir.path(), &["sleep", "30"], Duration::from_secs(60));
-        let running = tokio::spawn(async move { run(&s, rx).await });
+        let running = tokio::spawn(async move { run(&s, &contain(), rx).await });
         tx.send(()).unwrap();
         assert_eq!(running.await.unwrap().unwrap(), RunEnd::Killed);
     }

@@ -22,7 +22,7 @@ use kiln_config::ExecutionConfig;
 use kiln_dataplane::digest::BlobKey;
 use kiln_dataplane::store::CasClient;
 use kiln_proto::google::rpc::Status as RpcStatus;
-use kiln_proto::reapi::{execution_stage::Value as StageValue, ExecuteResponse};
+use kiln_proto::reapi::{execution_stage::Value as StageValue, ActionResult, ExecuteResponse};
 use kiln_proto::worker::{
     server_message, ExecutionResult, KillOperation, ServerMessage, StartExecute,
 };
@@ -244,25 +244,24 @@ impl ExecutionCore {
                 ..Default::default()
             },
         };
-        let succeeded = response.status.as_ref().is_none_or(|s| s.code == 0);
-        let exit_ok = response.result.as_ref().is_some_and(|r| r.exit_code == 0);
-        let store = response
-            .result
-            .clone()
-            .filter(|_| succeeded && (exit_ok || self.config.cache_failed_results));
         let Some(payload) = lock(&self.registry).finish(Instant::now(), op, response) else {
             return;
         };
         self.finished.notify_waiters();
-        let (cas, cache) = (self.cas.clone(), self.cache.clone());
-        tokio::spawn(async move {
-            if let (Some(result), true) = (store, payload.cacheable) {
-                if let Err(e) = cache.put(payload.key.clone(), &result).await {
-                    tracing::warn!(error = %e, "cannot store an action result");
-                }
-            }
-            cas.unpin(&payload.pins).await;
-        });
+        let cas = self.cas.clone();
+        tokio::spawn(async move { cas.unpin(&payload.pins).await });
+    }
+
+    /// The result to store in the action cache for a worker's report, if any: a successful
+    /// execution of a cacheable action that exited 0 (or any exit code, with
+    /// `execution.cache_failed_results`).
+    fn to_cache<'r>(&self, payload: &Payload, r: &'r ExecutionResult) -> Option<&'r ActionResult> {
+        let succeeded = r.status.as_ref().is_none_or(|s| s.code == 0);
+        let result = r.result.as_ref()?;
+        (payload.cacheable
+            && succeeded
+            && (result.exit_code == 0 || self.config.cache_failed_results))
+            .then_some(result)
     }
 
     /// Queues a prepared job; merged jobs release their own pins at once.
@@ -395,11 +394,29 @@ impl ExecutionCore {
         self.apply(|s, now| s.executed(now, worker, op));
     }
 
-    fn reported(&self, worker: WorkerId, result: ExecutionResult) {
+    /// A worker reports an operation's result. The result is stored in the action cache
+    /// before the operation completes, so a client that calls `Execute` or `GetActionResult`
+    /// as soon as it sees the completion finds it, and a crash in between loses nothing that
+    /// was reported (tested by `inputs_outputs_symlinks_and_executables` in
+    /// `tests/execution.rs`).
+    async fn reported(&self, worker: WorkerId, result: ExecutionResult) {
         let Some(op) = lock(&self.registry).op(&result.operation) else {
             tracing::debug!(operation = %result.operation, "result for an operation no longer running");
             return;
         };
+        if !lock(&self.scheduler).is_running_on(op, worker) {
+            tracing::debug!(operation = %result.operation, worker, "late result from a worker the operation was taken from");
+            return;
+        }
+        let payload = lock(&self.registry).payload(op);
+        if let Some((payload, stored)) = payload
+            .as_ref()
+            .and_then(|p| self.to_cache(p, &result).map(|r| (p, r)))
+        {
+            if let Err(e) = self.cache.put(payload.key.clone(), stored).await {
+                tracing::warn!(operation = %result.operation, error = %e, "cannot store an action result; reporting it uncached");
+            }
+        }
         self.apply(|s, now| s.reported(now, worker, op, result));
     }
 }

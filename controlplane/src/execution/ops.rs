@@ -104,6 +104,11 @@ impl Registry {
         self.live.get(&op).map(|l| l.name.as_str())
     }
 
+    /// The payload of a live operation.
+    pub fn payload(&self, op: OpId) -> Option<Arc<Payload>> {
+        self.live.get(&op).map(|l| l.payload.clone())
+    }
+
     /// The live operation with this name.
     pub fn op(&self, name: &str) -> Option<OpId> {
         self.by_name.get(name).copied()

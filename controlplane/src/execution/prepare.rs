@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tonic::{Code, Status};
 
-/// Most directories walked in one input tree.
-const MAX_DIRECTORIES: usize = 1_000_000;
+/// Violations listed in a FAILED_PRECONDITION's details: the trailer must fit the clients'
+/// metadata limit (gRPC Java's default is 8 KiB); the message says how many more are missing.
+const MAX_VIOLATIONS: usize = 32;
 /// Directory blobs fetched at once while walking.
 const WALK_PARALLELISM: usize = 64;
 /// Largest Action, Command or Directory blob read: they are read whole into memory.
@@ -59,6 +60,9 @@ pub(super) async fn prepare(
             None
         }
     };
+    if let Some(command) = &command {
+        check_paths(command)?;
+    }
     let (blobs, missing_dirs) = walk(core, instance, root_digest, function).await?;
     missing.extend(missing_dirs);
     let mut all: Vec<BlobKey> = blobs
@@ -67,7 +71,9 @@ pub(super) async fn prepare(
         .collect();
     all.push(key.clone());
     all.push(BlobKey::new(instance.clone(), command_digest));
-    let total: u64 = all.iter().map(|k| k.digest.size).sum();
+    let total: u64 = all
+        .iter()
+        .fold(0u64, |sum, k| sum.saturating_add(k.digest.size));
     let accounting = core.cas.accounting();
     let budget = accounting.cap() / 100 * core.config.pin_budget_percent as u64;
     let pin = accounting.pinned().saturating_add(total) <= budget;
@@ -152,6 +158,19 @@ pub(super) async fn prepare(
     })
 }
 
+/// The working directory and every output path must stay inside the input root (REAPI: "The
+/// path MUST NOT include a trailing slash, nor a leading slash, being a relative path").
+/// Tested by `escaping_paths_and_trees_are_refused` in tests/execution.rs.
+fn check_paths(command: &Command) -> Result<(), Status> {
+    let invalid = |e: kiln_reapi::paths::PathError| Status::invalid_argument(e.to_string());
+    let wd = kiln_reapi::paths::relative("Command.working_directory", &command.working_directory)
+        .map_err(invalid)?;
+    for rel in kiln_reapi::paths::declared_outputs(command) {
+        kiln_reapi::paths::output(&wd, rel).map_err(invalid)?;
+    }
+    Ok(())
+}
+
 fn field(
     d: Option<&kiln_proto::reapi::Digest>,
     function: i32,
@@ -202,34 +221,41 @@ async fn walk(
     root: Digest,
     function: i32,
 ) -> Result<(Vec<Digest>, Vec<Digest>), Status> {
+    let limit = core.config.max_input_digests;
     let mut seen: HashSet<Digest> = HashSet::from([root]);
     let mut blobs = vec![root];
     let mut missing = Vec::new();
-    let mut level: VecDeque<Digest> = VecDeque::from([root]);
+    // Each directory with its depth below the root. Breadth first, so a directory met at
+    // several depths is checked at the shallowest, where a climbing symlink goes furthest.
+    let mut level: VecDeque<(Digest, usize)> = VecDeque::from([(root, 0)]);
     while !level.is_empty() {
-        // Breadth first, a bounded batch at a time: at most WALK_BYTES of directories in
-        // memory however wide the tree.
+        // A bounded batch at a time: at most WALK_BYTES of directories in memory however wide
+        // the tree.
         let mut batch = Vec::new();
         let mut bytes = 0;
-        while let Some(d) = level.front().copied() {
+        while let Some((d, depth)) = level.front().copied() {
             if !batch.is_empty() && bytes + d.size > WALK_BYTES {
                 break;
             }
             level.pop_front();
             bytes += d.size;
-            batch.push(d);
+            batch.push((d, depth));
         }
-        let fetched: Vec<(Digest, Result<Option<bytes::Bytes>, Status>)> = stream::iter(batch)
-            .map(|d| async move { (d, fetch(core, instance, d, "Directory").await) })
-            .buffer_unordered(WALK_PARALLELISM)
-            .collect()
-            .await;
-        for (digest, bytes) in fetched {
+        let fetched: Vec<(Digest, usize, Result<Option<bytes::Bytes>, Status>)> = stream::iter(
+            batch,
+        )
+        .map(|(d, depth)| async move { (d, depth, fetch(core, instance, d, "Directory").await) })
+        .buffer_unordered(WALK_PARALLELISM)
+        .collect()
+        .await;
+        for (digest, depth, bytes) in fetched {
             let Some(bytes) = bytes? else {
                 missing.push(digest);
                 continue;
             };
             let dir: Directory = decode(&bytes, "Directory")?;
+            kiln_reapi::tree::check_directory(&dir, depth, &format!("{digest:?}"))
+                .map_err(|e| Status::invalid_argument(format!("input tree: {e}")))?;
             for f in &dir.files {
                 let d = field(f.digest.as_ref(), function, "FileNode.digest")?;
                 if seen.insert(d) {
@@ -240,23 +266,35 @@ async fn walk(
                 let d = field(sub.digest.as_ref(), function, "DirectoryNode.digest")?;
                 if seen.insert(d) {
                     blobs.push(d);
-                    level.push_back(d);
+                    level.push_back((d, depth + 1));
                 }
             }
-            if seen.len() > MAX_DIRECTORIES * 16 {
-                return Err(Status::invalid_argument("the input tree is too large"));
+            if seen.len() > limit {
+                return Err(Status::invalid_argument(format!(
+                    "the input tree has more than {limit} distinct files and directories (execution.max_input_digests)"
+                )));
             }
         }
     }
     Ok((blobs, missing))
 }
 
-/// FAILED_PRECONDITION naming every missing blob, as REAPI prescribes.
+/// FAILED_PRECONDITION naming the missing blobs. REAPI (Execution.Execute):
+//# `FAILED_PRECONDITION`: One or more errors occurred in setting up the
+//# action requested, such as a missing input or command or no worker being
+//# available. The client may be able to fix the errors and retry.
+/// and "the server SHOULD additionally send a PreconditionFailure error detail where, for each
+/// requested blob not present in the CAS, there is a Violation with a type of MISSING".
+/// Kiln lists at most [`MAX_VIOLATIONS`], so that the trailer fits every client's metadata
+/// limit, and the message gives the whole count (clients such as Bazel upload every missing
+/// input again, found with FindMissingBlobs, whatever the list holds). Tested by `failures_timeouts_and_missing_inputs` and
+/// `escaping_paths_and_trees_are_refused` in tests/execution.rs.
 fn precondition(mut missing: Vec<Digest>) -> Status {
     missing.sort();
     missing.dedup();
     let violations = missing
         .iter()
+        .take(MAX_VIOLATIONS)
         .map(|d| Violation {
             r#type: "MISSING".into(),
             subject: format!("blobs/{}/{}", d.hex(), d.size),
@@ -264,11 +302,19 @@ fn precondition(mut missing: Vec<Digest>) -> Status {
         })
         .collect();
     let failure = PreconditionFailure { violations };
-    let message = format!(
-        "{} blob(s) the action needs are missing, e.g. {:?}",
-        missing.len(),
-        missing.first()
-    );
+    let more = missing.len().saturating_sub(MAX_VIOLATIONS);
+    let message = if more > 0 {
+        format!(
+            "{} blob(s) the action needs are missing; the first {MAX_VIOLATIONS} are listed, {more} more are not",
+            missing.len()
+        )
+    } else {
+        format!(
+            "{} blob(s) the action needs are missing, e.g. {:?}",
+            missing.len(),
+            missing.first()
+        )
+    };
     let status = RpcStatus {
         code: Code::FailedPrecondition as i32,
         message: message.clone(),

@@ -92,7 +92,7 @@ impl WorkerApi for WorkerApiService {
                             core.worker_seen(id);
                             match m.message {
                                 Some(worker_message::Message::ExecuteComplete(c)) => core.executed(id, &c.operation),
-                                Some(worker_message::Message::Result(r)) => core.reported(id, r),
+                                Some(worker_message::Message::Result(r)) => core.reported(id, r).await,
                                 Some(worker_message::Message::GoingAway(_)) => core.worker_draining(id),
                                 _ => {}
                             }

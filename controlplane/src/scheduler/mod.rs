@@ -372,13 +372,17 @@ impl<P: Clone, R> Scheduler<P, R> {
 
     /// The worker reports the operation's outcome.
     pub fn reported(&mut self, now: Instant, worker: WorkerId, op: OpId, result: R) {
-        let running_here = matches!(self.ops.get(&op), Some(OpState { stage: OpStage::Running { worker: w, .. }, .. }) if *w == worker);
-        if !running_here {
+        if !self.is_running_on(op, worker) {
             // A late report from a worker the operation was taken from: ignore it.
             return;
         }
         self.finish(op, Outcome::Reported(result));
         self.schedule(now);
+    }
+
+    /// Whether `op` is running on `worker` (so a result from that worker would complete it).
+    pub fn is_running_on(&self, op: OpId, worker: WorkerId) -> bool {
+        matches!(self.ops.get(&op), Some(OpState { stage: OpStage::Running { worker: w, .. }, .. }) if *w == worker)
     }
 
     /// The operation's process exited on `worker`, which now uploads its outputs: the slot

@@ -47,7 +47,10 @@ pub(super) async fn serve_find_missing(svc: &BlobServices, call: Call) {
 pub(super) async fn serve_batch_update(svc: &BlobServices, call: Call) {
     unary(call, |request: BatchUpdateBlobsRequest| async move {
         let instance = InstanceName::new(&request.instance_name)?;
-        let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
+        let total: u64 = request
+            .requests
+            .iter()
+            .fold(0u64, |sum, r| sum.saturating_add(r.data.len() as u64));
         if total > svc.limits.max_batch_total {
             return Err(BlobError::BatchTooLarge {
                 total,
@@ -138,11 +141,13 @@ pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
             .iter()
             .map(|d| Digest::from_proto(d, request.digest_function).map_err(BlobError::from))
             .collect();
+        // Sizes come from the client: summed without wrapping (two sizes near 2^63 used to
+        // wrap to a small total and let a tiny request read gigabytes). A total past u64 is
+        // over any limit. Tested by `oversized_batches_and_messages` in tests/bad_input.rs.
         let total: u64 = parsed
             .iter()
             .filter_map(|d| d.as_ref().ok())
-            .map(|d| d.size)
-            .sum();
+            .fold(0u64, |sum, d| sum.saturating_add(d.size));
         if total > svc.limits.max_batch_total {
             return Err(BlobError::BatchTooLarge {
                 total,

@@ -126,6 +126,20 @@ impl BlobError {
     }
 }
 
+impl BlobError {
+    /// The message a client sees: the error, except that server-side I/O failures name what
+    /// failed but not the server's paths (those go to the log).
+    pub fn client_message(&self) -> String {
+        match self {
+            BlobError::Io { op, source, .. }
+            | BlobError::Store(StoreError::Io { op, source, .. }) => {
+                format!("the server could not {op} the blob: {source}")
+            }
+            _ => self.to_string(),
+        }
+    }
+}
+
 impl From<BlobError> for Status {
     fn from(e: BlobError) -> Status {
         let code = e.code();
@@ -134,7 +148,7 @@ impl From<BlobError> for Status {
         } else {
             tracing::debug!(error = %e, "blob request refused");
         }
-        Status::new(code, e.to_string())
+        Status::new(code, e.client_message())
     }
 }
 
@@ -142,7 +156,7 @@ impl From<&BlobError> for kiln_proto::google::rpc::Status {
     fn from(e: &BlobError) -> Self {
         kiln_proto::google::rpc::Status {
             code: e.code() as i32,
-            message: e.to_string(),
+            message: e.client_message(),
             details: Vec::new(),
         }
     }

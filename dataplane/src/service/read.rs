@@ -91,7 +91,7 @@ async fn read(
             if !verified {
                 verify(svc, &key, &path).await?;
             }
-            stream_file(svc, &path, start, end, out).await
+            stream_file(svc, &key, &path, start, end, out).await
         }
     }
 }
@@ -111,13 +111,25 @@ async fn verify(svc: &BlobServices, key: &BlobKey, path: &Path) -> Result<(), Bl
         Hasher::new(key.digest.function),
     )
     .await
-    .map_err(|e| missing_or_io(key, path, e))?;
+    .map_err(|e| vanished_or_io(svc, key, path, e))?;
     if hash != key.digest.hash {
         svc.cas.report_corrupt(key);
         return Err(BlobError::NotFound(key.clone()));
     }
     svc.cas.report_verified(key);
     Ok(())
+}
+
+/// A file that vanished after the lookup (evicted, or removed behind the server's back) is a
+/// miss, and the index forgets it so that `FindMissingBlobs` reports it and clients upload it
+/// again; anything else is I/O. Tested by `a_vanished_blob_file_is_not_found` in
+/// tests/lifecycle.rs.
+fn vanished_or_io(svc: &BlobServices, key: &BlobKey, path: &Path, e: std::io::Error) -> BlobError {
+    let error = missing_or_io(key, path, e);
+    if matches!(error, BlobError::NotFound(_)) {
+        svc.cas.report_corrupt(key);
+    }
+    error
 }
 
 /// A file that vanished (evicted between lookup and open) is a miss; anything else is I/O.
@@ -131,6 +143,7 @@ fn missing_or_io(key: &BlobKey, path: &Path, e: std::io::Error) -> BlobError {
 
 async fn stream_file(
     svc: &BlobServices,
+    key: &BlobKey,
     path: &Path,
     start: u64,
     end: u64,
@@ -143,7 +156,7 @@ async fn stream_file(
         .runtime
         .open_read(path)
         .await
-        .map_err(|e| BlobError::io("open", path, e))?;
+        .map_err(|e| vanished_or_io(svc, key, path, e))?;
     let chunk = svc.limits.read_chunk as u64;
     let result = async {
         let mut pos = start;

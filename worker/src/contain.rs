@@ -1,0 +1,439 @@
+//! Keeping every process an action starts inside the action: each action runs in its own
+//! session, and on Linux in its own cgroup, so that when the action ends (exit, timeout or
+//! kill) every process it left behind — including ones that called `setsid` or double-forked
+//! away from its process group — is killed before its outputs are read.
+//!
+//! Detection, best first, with the reason logged when falling back:
+//! 1. cgroup2 (`cgroup.kill`, Linux 5.14+): `kiln-action-PID-ID` below the worker's own
+//!    cgroup (works on hybrid hosts where cgroup2 is mounted at `/sys/fs/cgroup/unified`
+//!    without controllers); cgroups left by a worker that died are killed and removed at
+//!    start;
+//! 2. the cgroup v1 `freezer` controller: freeze, kill every member, thaw;
+//! 3. the session alone: the session's process group is killed and, on Linux, every process
+//!    still in the action's session. A process that made a new session escapes this, which is
+//!    why the cgroups come first. On macOS this is what runs (no cgroups there).
+
+use std::ffi::CString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long to wait for an action's processes to be gone after killing them.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// How this worker contains actions.
+#[derive(Debug)]
+pub enum Containment {
+    /// A cgroup2 directory per action below `parent` (the worker's own cgroup).
+    Cgroup2 {
+        /// Where action cgroups are made.
+        parent: PathBuf,
+    },
+    /// A cgroup v1 freezer directory per action below `parent`.
+    Freezer {
+        /// Where action cgroups are made.
+        parent: PathBuf,
+    },
+    /// Sessions only.
+    Session {
+        /// Why no cgroup is used.
+        reason: String,
+    },
+}
+
+impl Containment {
+    /// The best containment this host offers to this process (logged).
+    pub fn detect() -> Containment {
+        let found = Containment::probe();
+        match &found {
+            Containment::Session { reason } if cfg!(target_os = "linux") => tracing::warn!(
+                reason = %reason,
+                "actions are contained by their session only: a process that calls setsid can outlive its action"
+            ),
+            other => tracing::info!("actions are contained by {}", other.describe()),
+        }
+        found
+    }
+
+    fn probe() -> Containment {
+        let mut why = Vec::new();
+        #[cfg(target_os = "linux")]
+        {
+            match linux::cgroup2_parent() {
+                Ok(parent) => return Containment::Cgroup2 { parent },
+                Err(e) => why.push(format!("cgroup2: {e}")),
+            }
+            match linux::freezer_parent() {
+                Ok(parent) => return Containment::Freezer { parent },
+                Err(e) => why.push(format!("cgroup v1 freezer: {e}")),
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        why.push("no cgroups on this platform".to_string());
+        Containment::Session {
+            reason: why.join("; "),
+        }
+    }
+
+    /// Sessions only (for tests of the fallback, and where cgroups are not wanted).
+    pub fn session_only(reason: &str) -> Containment {
+        Containment::Session {
+            reason: reason.to_string(),
+        }
+    }
+
+    /// A short description for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Containment::Cgroup2 { parent } => format!("cgroup2 under {}", parent.display()),
+            Containment::Freezer { parent } => {
+                format!("cgroup v1 freezer under {}", parent.display())
+            }
+            Containment::Session { reason } => format!("sessions only ({reason})"),
+        }
+    }
+
+    /// Whether a process that leaves the action's session is still contained.
+    pub fn holds_new_sessions(&self) -> bool {
+        !matches!(self, Containment::Session { .. })
+    }
+
+    /// A fresh jail for one action; `id` names it (unique among running actions).
+    pub fn jail(&self, id: &str) -> io::Result<Jail> {
+        let dir = match self {
+            Containment::Cgroup2 { parent } | Containment::Freezer { parent } => {
+                let dir = parent.join(format!("{}{id}", action_prefix(std::process::id())));
+                std::fs::create_dir(&dir)?;
+                Some(dir)
+            }
+            Containment::Session { .. } => None,
+        };
+        let procs = match &dir {
+            Some(d) => Some(CString::new(
+                d.join("cgroup.procs").as_os_str().as_encoded_bytes(),
+            )?),
+            None => None,
+        };
+        Ok(Jail {
+            dir,
+            procs,
+            freezer: matches!(self, Containment::Freezer { .. }),
+            leader: None,
+        })
+    }
+}
+
+/// The name every action cgroup of the worker with this pid starts with.
+fn action_prefix(pid: u32) -> String {
+    format!("kiln-action-{pid}-")
+}
+
+/// One action's processes.
+#[derive(Debug)]
+pub struct Jail {
+    dir: Option<PathBuf>,
+    procs: Option<CString>,
+    freezer: bool,
+    leader: Option<i32>,
+}
+
+impl Jail {
+    /// Makes a command start in a new session and, with a cgroup, inside it (before `exec`,
+    /// so nothing it starts can be outside).
+    pub fn prepare(&self, command: &mut tokio::process::Command) {
+        let procs = self.procs.clone();
+        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+        // functions (setsid, open, write, close) on memory allocated before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if let Some(p) = &procs {
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // "0" moves the writing process, in cgroup v1 and v2 alike.
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let error = io::Error::last_os_error();
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(error);
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Records the session leader's pid once it is spawned.
+    pub fn started(&mut self, pid: Option<u32>) {
+        self.leader = pid.map(|p| p as i32);
+    }
+
+    /// Kills every process of the action and waits (bounded) until none is left. Blocking:
+    /// call from a blocking thread.
+    pub fn kill_all(&self) -> io::Result<()> {
+        if let Some(pid) = self.leader {
+            // SAFETY: killpg on the process group the leader's setsid made.
+            unsafe {
+                libc::killpg(pid, libc::SIGKILL);
+            }
+        }
+        let deadline = Instant::now() + KILL_WAIT;
+        match &self.dir {
+            Some(dir) if !self.freezer => {
+                std::fs::write(dir.join("cgroup.kill"), "1")?;
+                wait_empty(dir, deadline)
+            }
+            Some(dir) => {
+                // Frozen processes cannot fork while their siblings are being killed.
+                std::fs::write(dir.join("freezer.state"), "FROZEN")?;
+                for pid in members(dir)? {
+                    // SAFETY: plain kill(2) of a pid listed in the action's cgroup.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+                std::fs::write(dir.join("freezer.state"), "THAWED")?;
+                wait_empty(dir, deadline)
+            }
+            None => {
+                #[cfg(target_os = "linux")]
+                if let Some(sid) = self.leader {
+                    linux::kill_session(sid);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Jail {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            if std::fs::remove_dir(dir).is_err() {
+                // Still populated (kill_all was not called or timed out): try once more.
+                let _ = self.kill_all();
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+}
+
+/// The pids in a cgroup.
+fn members(dir: &Path) -> io::Result<Vec<i32>> {
+    Ok(std::fs::read_to_string(dir.join("cgroup.procs"))?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect())
+}
+
+/// Waits until a cgroup has no process left.
+fn wait_empty(dir: &Path, deadline: Instant) -> io::Result<()> {
+    let mut pause = Duration::from_micros(100);
+    loop {
+        if members(dir)?.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("processes still in {} after SIGKILL", dir.display()),
+            ));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::io;
+    use std::path::PathBuf;
+
+    /// Where a cgroup filesystem of `fstype` (and, for v1, with `option`) is mounted.
+    fn mount_point(fstype: &str, option: Option<&str>) -> io::Result<PathBuf> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+        for line in info.lines() {
+            // "... mount_point options - fstype source super_options"
+            let Some((left, right)) = line.split_once(" - ") else {
+                continue;
+            };
+            let mut r = right.split_whitespace();
+            if r.next() != Some(fstype) {
+                continue;
+            }
+            let super_options = r.nth(1).unwrap_or("");
+            if option.is_some_and(|o| !super_options.split(',').any(|s| s == o)) {
+                continue;
+            }
+            if let Some(mount) = left.split_whitespace().nth(4) {
+                return Ok(PathBuf::from(mount));
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "no {fstype} mount{}",
+                option.map(|o| format!(" with {o}")).unwrap_or_default()
+            ),
+        ))
+    }
+
+    /// This process's cgroup path in a hierarchy: `0::/x` for cgroup2, `N:freezer:/x` for v1.
+    fn own_cgroup(controller: Option<&str>) -> io::Result<String> {
+        let text = std::fs::read_to_string("/proc/self/cgroup")?;
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, list, path) = (parts.next(), parts.next(), parts.next());
+            let matches = match controller {
+                None => list == Some(""),
+                Some(c) => list.is_some_and(|l| l.split(',').any(|x| x == c)),
+            };
+            if let (true, Some(path)) = (matches, path) {
+                return Ok(path.to_string());
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "not in such a cgroup",
+        ))
+    }
+
+    /// Checks that this process can make action cgroups in `parent` (which must offer
+    /// `probe`), and removes what workers that died left there.
+    fn usable(parent: PathBuf, probe: &str) -> io::Result<PathBuf> {
+        let test = parent.join(format!("kiln-probe-{}", std::process::id()));
+        match std::fs::create_dir(&test) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot create a cgroup in {}: {e}", parent.display()),
+                ))
+            }
+        }
+        let offered = test.join(probe).exists();
+        let _ = std::fs::remove_dir(&test);
+        if !offered {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{probe} is missing (kernel too old?)"),
+            ));
+        }
+        sweep(&parent);
+        Ok(parent)
+    }
+
+    /// Kills and removes the action cgroups of workers that are no longer running (a worker
+    /// that crashed leaves its actions' cgroups, perhaps with processes in them).
+    pub(super) fn sweep(parent: &std::path::Path) {
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("kiln-action-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let dir = e.path();
+            if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+                let deadline = std::time::Instant::now() + super::KILL_WAIT;
+                let _ = super::wait_empty(&dir, deadline);
+            }
+            // Fails while processes remain (cgroup v1): left for the next start.
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+
+    /// The worker's own cgroup2 directory, if actions can be contained there.
+    pub fn cgroup2_parent() -> io::Result<PathBuf> {
+        let mount = mount_point("cgroup2", None)?;
+        let own = own_cgroup(None)?;
+        usable(mount.join(own.trim_start_matches('/')), "cgroup.kill")
+    }
+
+    /// The worker's own cgroup v1 freezer directory, if actions can be contained there.
+    pub fn freezer_parent() -> io::Result<PathBuf> {
+        let mount = mount_point("cgroup", Some("freezer"))?;
+        let own = own_cgroup(Some("freezer"))?;
+        usable(mount.join(own.trim_start_matches('/')), "freezer.state")
+    }
+
+    /// Kills every process whose session is `sid`.
+    pub fn kill_session(sid: i32) {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // After "pid (comm) ": state ppid pgrp session ...
+            let session = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().nth(3))
+                .and_then(|s| s.parse::<i32>().ok());
+            if session == Some(sid) {
+                // SAFETY: plain kill(2) of a process in the action's session.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroups_of_a_worker_that_died_are_killed_and_removed_at_start() {
+        let Containment::Cgroup2 { parent } = Containment::detect() else {
+            eprintln!("SKIPPED: no cgroup2 for actions here");
+            return;
+        };
+        // A private parent, so that other tests starting workers in parallel do not sweep
+        // what this one sets up.
+        let private = parent.join(format!("kiln-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&private).unwrap();
+        // A pid that is certainly not running any more.
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        let stale = private.join(format!("{}left", action_prefix(dead)));
+        std::fs::create_dir(&stale).unwrap();
+        // An orphan of that worker's action, still running.
+        let procs = stale.join("cgroup.procs");
+        let mut orphan = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo 0 > {} && exec sleep 60", procs.display()))
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while members(&stale).unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the orphan never joined");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        linux::sweep(&private);
+        let removed = !stale.exists();
+        let status = orphan.wait().unwrap();
+        std::fs::remove_dir(&private).unwrap();
+        assert!(removed, "the stale cgroup is removed");
+        assert!(!status.success(), "the orphan was killed: {status:?}");
+    }
+}
