@@ -339,3 +339,28 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+// `memory_bytes = 0` turns the memory tier off (it used to be refused at start unless
+// memory_max_blob_bytes was 0 too); small blobs are then served from their files.
+on_every_runtime! {
+    async fn the_memory_tier_can_be_turned_off(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[storage]\nmemory_bytes = 0\n".into()),
+            ..Options::on(rt)
+        };
+        let kiln = start(&dir.path().join("data"), options).await;
+        let ch = kiln.channel().await;
+        let f = Function::Blake3;
+        let data = pseudo_random(12, 4096);
+        let d = digest(f, &data);
+        blobs::write(&ch, &write_name("", f, &d), &data, 1024)
+            .await
+            .unwrap();
+        assert_eq!(
+            blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(),
+            data
+        );
+        kiln.stop().await;
+    }
+}

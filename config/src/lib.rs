@@ -91,7 +91,10 @@ impl Config {
         if st.disk_bytes.as_u64() == 0 {
             return invalid("storage.disk_bytes", "must be above zero");
         }
-        if st.memory_max_blob_bytes.as_u64() > st.memory_bytes.as_u64() {
+        // `memory_bytes = 0` disables the memory tier, whatever memory_max_blob_bytes says.
+        if st.memory_bytes.as_u64() > 0
+            && st.memory_max_blob_bytes.as_u64() > st.memory_bytes.as_u64()
+        {
             return invalid(
                 "storage.memory_max_blob_bytes",
                 "must not exceed storage.memory_bytes",

@@ -49,6 +49,20 @@ fn inconsistent_limits_are_rejected() {
     .expect_err("rejected")
     .to_string();
     assert!(err.contains("max_batch_total_size_bytes"), "{err}");
+    let err = Config::from_toml(
+        "[storage]\nmemory_bytes = \"1 MiB\"\nmemory_max_blob_bytes = \"2 MiB\"\n",
+        "t",
+    )
+    .expect_err("rejected")
+    .to_string();
+    assert!(err.contains("memory_max_blob_bytes"), "{err}");
+}
+
+#[test]
+fn zero_memory_bytes_disables_the_memory_tier_as_documented() {
+    // The default memory_max_blob_bytes (1 MiB) is above 0: not a contradiction here.
+    let parsed = Config::from_toml("[storage]\nmemory_bytes = 0\n", "t").unwrap();
+    assert_eq!(parsed.storage.memory_bytes.as_u64(), 0);
 }
 
 #[test]
