@@ -112,7 +112,7 @@ fn start_embedded_worker(
     };
     let ctx = Arc::new(WorkerContext {
         name,
-        local: LocalCas::new(cas, Layout::cas(data_dir)),
+        local: LocalCas::new(cas, Layout::cas(data_dir), config.storage.fsync),
         remote: None,
         work_dir,
         exec_cache,

@@ -99,7 +99,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot prepare {}", work_dir.display()))?;
     let store = OpenedStore::open(&config, shard_count(&config), Metrics::new())
         .with_context(|| format!("cannot open the local CAS in {}", data_dir.display()))?;
-    let local = LocalCas::new(store.cas(), Layout::cas(&data_dir));
+    let local = LocalCas::new(store.cas(), Layout::cas(&data_dir), false);
     let mut data = DataPlane::start(&config, store, backend_for(config.server.runtime), None)
         .with_context(|| format!("cannot serve the local CAS on {}", config.server.listen))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -213,10 +213,10 @@ async fn attempt(
     // now, so no process that could still hold one open changes bytes after they were hashed.
     let staging = Staging::new(dir.join("staged"))?;
     let mut outputs = collect(command, &root, digest_function, &staging).await?;
-    let (stdout, stdout_copy) = staging.fix(digest_function, &spec.stdout).await?;
-    let (stderr, stderr_copy) = staging.fix(digest_function, &spec.stderr).await?;
-    outputs.blobs.insert(stdout, Blob::File(stdout_copy));
-    outputs.blobs.insert(stderr, Blob::File(stderr_copy));
+    let (stdout, stdout_blob) = staging.fix(digest_function, &spec.stdout).await?;
+    let (stderr, stderr_blob) = staging.fix(digest_function, &spec.stderr).await?;
+    outputs.blobs.insert(stdout, stdout_blob);
+    outputs.blobs.insert(stderr, stderr_blob);
     store(ctx, &instance, remote.as_ref(), &outputs.blobs).await?;
     metadata.output_upload_completed_timestamp = Some(now());
     let mut result = outputs.result;

@@ -14,12 +14,20 @@ use std::path::{Path, PathBuf};
 pub struct LocalCas {
     cas: CasClient,
     layout: Layout,
+    durable: bool,
 }
 
 impl LocalCas {
-    /// The CAS whose shards `cas` reaches and whose files are laid out by `layout`.
-    pub fn new(cas: CasClient, layout: Layout) -> LocalCas {
-        LocalCas { cas, layout }
+    /// The CAS whose shards `cas` reaches and whose files are laid out by `layout`. With
+    /// `durable`, blobs the worker stores are synced to disk before they are committed: the
+    /// server's own CAS (the embedded worker), whose outputs an action result will name;
+    /// a remote worker's CAS is a cache, and the server makes its uploads durable.
+    pub fn new(cas: CasClient, layout: Layout, durable: bool) -> LocalCas {
+        LocalCas {
+            cas,
+            layout,
+            durable,
+        }
     }
 
     fn key(instance: &InstanceName, d: Digest) -> BlobKey {
@@ -90,8 +98,16 @@ impl LocalCas {
         }
         let temp = self.temp_path();
         let write = {
-            let (temp, data) = (temp.clone(), data.clone());
-            tokio::task::spawn_blocking(move || std::fs::write(&temp, &data))
+            let (temp, data, durable) = (temp.clone(), data.clone(), self.durable);
+            tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let mut file = std::fs::File::create(&temp)?;
+                file.write_all(&data)?;
+                if durable {
+                    file.sync_data()?;
+                }
+                Ok::<_, std::io::Error>(())
+            })
         };
         write
             .await
@@ -115,10 +131,18 @@ impl LocalCas {
             return Ok(());
         }
         let temp = self.temp_path();
-        let (from, to) = (file.to_path_buf(), temp.clone());
-        tokio::task::spawn_blocking(move || match std::fs::hard_link(&from, &to) {
-            Ok(()) => Ok(()),
-            Err(_) => std::fs::copy(&from, &to).map(|_| ()),
+        let (from, to, durable) = (file.to_path_buf(), temp.clone(), self.durable);
+        tokio::task::spawn_blocking(move || {
+            match std::fs::hard_link(&from, &to) {
+                Ok(()) => {}
+                Err(_) => {
+                    std::fs::copy(&from, &to)?;
+                }
+            }
+            if durable {
+                std::fs::File::open(&to)?.sync_data()?;
+            }
+            Ok::<_, std::io::Error>(())
         })
         .await
         .map_err(|e| ActionError::io("link", file, std::io::Error::other(e)))?
@@ -145,27 +169,34 @@ pub async fn hash_file(
     path: &Path,
 ) -> Result<Digest, ActionError> {
     let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut file = std::fs::File::open(&p)?;
-        let mut hasher = Hasher::new(function);
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            size += n as u64;
+    tokio::task::spawn_blocking(move || hash_path(function, &p))
+        .await
+        .map_err(|e| ActionError::io("hash", path, std::io::Error::other(e)))?
+        .map_err(|e| ActionError::io("hash", path, e))
+}
+
+/// The digest of a file (blocking), read in chunks of at most 1 MiB.
+pub fn hash_path(
+    function: kiln_dataplane::digest::DigestFunction,
+    path: &Path,
+) -> std::io::Result<Digest> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut hasher = Hasher::new(function);
+    let mut buf = vec![0u8; len.clamp(1, 1 << 20) as usize];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
         }
-        Ok::<_, std::io::Error>(Digest {
-            function,
-            hash: hasher.finalize(),
-            size,
-        })
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(Digest {
+        function,
+        hash: hasher.finalize(),
+        size,
     })
-    .await
-    .map_err(|e| ActionError::io("hash", path, std::io::Error::other(e)))?
-    .map_err(|e| ActionError::io("hash", path, e))
 }

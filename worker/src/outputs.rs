@@ -4,7 +4,7 @@
 //! ActionResult fields and the blobs to store.
 
 use crate::error::{io, ActionError};
-use crate::local::hash_file;
+use crate::local::hash_path;
 use bytes::Bytes;
 use kiln_dataplane::digest::{Digest, DigestFunction};
 use kiln_dataplane::store::clone::clone_or_copy;
@@ -56,26 +56,41 @@ impl Staging {
         })
     }
 
-    /// Copies `file` into the staging directory and hashes the copy; returns the digest and
-    /// the copy's path.
+    /// Fixes the bytes of `file` and hashes them: a file up to [`IN_MEMORY`] is read into
+    /// memory (one read; those bytes are what is hashed and stored), a larger one is copied
+    /// (cloned where the filesystem can) into the staging directory and the copy is hashed.
     pub async fn fix(
         &self,
         function: DigestFunction,
         file: &Path,
-    ) -> Result<(Digest, PathBuf), ActionError> {
+    ) -> Result<(Digest, Blob), ActionError> {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let copy = self.dir.join(n.to_string());
-        let (from, to) = (file.to_path_buf(), copy.clone());
-        tokio::task::spawn_blocking(move || {
-            clone_or_copy(&from, &to)?;
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o444))
+        let from = file.to_path_buf();
+        tokio::task::spawn_blocking(move || -> std::io::Result<(Digest, Blob)> {
+            use std::io::Read;
+            let mut f = std::fs::File::open(&from)?;
+            let len = f.metadata()?.len();
+            if len <= IN_MEMORY {
+                // Bounded even if the file grew since: no process of the action is alive.
+                let mut bytes = Vec::with_capacity(len as usize);
+                f.by_ref().take(IN_MEMORY).read_to_end(&mut bytes)?;
+                let bytes = Bytes::from(bytes);
+                return Ok((Digest::of(function, &bytes), Blob::Bytes(bytes)));
+            }
+            drop(f);
+            clone_or_copy(&from, &copy)?;
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o444))?;
+            Ok((hash_path(function, &copy)?, Blob::File(copy)))
         })
         .await
         .map_err(|e| ActionError::io("copy", file, std::io::Error::other(e)))?
-        .map_err(|e| ActionError::io("copy", file, e))?;
-        Ok((hash_file(function, &copy).await?, copy))
+        .map_err(|e| ActionError::io("copy", file, e))
     }
 }
+
+/// Outputs up to this size are read into memory rather than copied to a file.
+pub const IN_MEMORY: u64 = 1 << 20;
 
 /// The path below `root` of an output's components, if it exists, without following a
 /// symlink in any parent (the action may have replaced a directory with a link to anywhere).
@@ -185,8 +200,8 @@ pub async fn collect(
                     "output directory {rel:?} is a file"
                 )));
             }
-            let (digest, copy) = staging.fix(function, &path).await?;
-            out.blobs.insert(digest, Blob::File(copy));
+            let (digest, blob) = staging.fix(function, &path).await?;
+            out.blobs.insert(digest, blob);
             out.result.output_files.push(OutputFile {
                 path: rel.clone(),
                 digest: Some(digest.to_proto()),
@@ -300,8 +315,8 @@ async fn directory(
                     digest: Some(digest.to_proto()),
                 });
             } else {
-                let (digest, copy) = staging.fix(function, &child).await?;
-                out.blobs.insert(digest, Blob::File(copy));
+                let (digest, blob) = staging.fix(function, &child).await?;
+                out.blobs.insert(digest, blob);
                 msg.files.push(FileNode {
                     name: name.clone(),
                     digest: Some(digest.to_proto()),

@@ -5,7 +5,7 @@
 
 use crate::contain::Containment;
 use crate::error::ActionError;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,11 +53,6 @@ pub async fn run(
         .argv
         .first()
         .ok_or_else(|| ActionError::BadInput("the Command has no arguments".into()))?;
-    let resolved = if program.contains('/') && Path::new(program).is_relative() {
-        spec.cwd.join(program)
-    } else {
-        PathBuf::from(program)
-    };
     let stdout = std::fs::File::create(&spec.stdout)
         .map_err(|e| ActionError::io("create", &spec.stdout, e))?;
     let stderr = std::fs::File::create(&spec.stderr)
@@ -65,10 +60,20 @@ pub async fn run(
     let mut jail = contain
         .jail(&spec.id)
         .map_err(|e| ActionError::io("create the cgroup of", &spec.cwd, e))?;
-    let mut command = tokio::process::Command::new(&resolved);
+    let path = spec
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str());
+    let spawn_error = |source| ActionError::Spawn {
+        program: program.clone(),
+        source,
+    };
+    let mut command = jail
+        .command(program, &spec.argv[1..], &spec.cwd, path)
+        .map_err(spawn_error)?;
     command
-        .arg0(program)
-        .args(&spec.argv[1..])
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd)
@@ -76,16 +81,12 @@ pub async fn run(
         .stdout(stdout)
         .stderr(stderr)
         .kill_on_drop(true);
-    jail.prepare(&mut command);
-    let mut child = command.spawn().map_err(|source| ActionError::Spawn {
-        program: program.clone(),
-        source,
-    })?;
+    let mut child = command.spawn().map_err(spawn_error)?;
     jail.started(child.id());
     let jail = Arc::new(jail);
     let end = tokio::select! {
         status = child.wait() => {
-            let status = status.map_err(|e| ActionError::io("wait for", &resolved, e))?;
+            let status = status.map_err(|e| ActionError::io("wait for", &spec.cwd, e))?;
             use std::os::unix::process::ExitStatusExt;
             RunEnd::Exited(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
         }
@@ -107,6 +108,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn contain() -> Containment {
         Containment::detect()
@@ -258,10 +260,12 @@ mod tests {
             .unwrap(),
             RunEnd::Exited(0)
         );
-        // A script sees the path it was run by (resolved against the working directory).
+        // A script sees a path to itself that works from the working directory ("bin/tool"
+        // as the action named it, or that resolved against the working directory).
         let out = std::fs::read_to_string(dir.path().join("out")).unwrap();
+        let seen = out.trim_end().strip_prefix("tool ").unwrap_or_default();
         assert!(
-            out.starts_with("tool ") && out.trim_end().ends_with("/bin/tool"),
+            seen.ends_with("bin/tool") && dir.path().join(seen).is_file(),
             "{out}"
         );
         let (_tx, rx) = oneshot::channel();
