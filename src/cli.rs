@@ -20,6 +20,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a worker that executes actions for a scheduler.
     Worker(WorkerArgs),
+    /// The farm CA (`[tls] mode = "auto"`).
+    #[command(subcommand)]
+    Ca(CaCommand),
 }
 
 /// Options of `kiln worker`; flags override the config file.
@@ -55,6 +58,33 @@ pub struct WorkerArgs {
     /// This worker's name (default: host name and process id).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
+    /// The CA that signs a grpcs:// scheduler's certificate, PEM (overrides worker.tls_ca).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This worker's client certificate, PEM (overrides worker.tls_cert).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key, PEM (overrides worker.tls_key).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// `kiln ca …`: the farm CA of `[tls] mode = "auto"`.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Print the farm CA certificate (PEM), for clients' `--tls_certificate`.
+    Export(CaArgs),
+}
+
+/// Where the farm CA is.
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// The server's configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The server's data directory (overrides storage.data_dir).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Options of `kiln serve`; flags override the config file.
@@ -78,4 +108,8 @@ pub struct ServeArgs {
     /// Address of the admin listener: metrics, health, status page (overrides admin.listen).
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
+    /// Serve plain HTTP/2 (or the admin listener) on a non-loopback address anyway: anyone who
+    /// can reach the port can use the server. Logged as a warning on every start.
+    #[arg(long)]
+    pub insecure: bool,
 }

@@ -4,6 +4,7 @@
 mod cli;
 mod serve;
 mod signals;
+mod tls;
 mod worker;
 
 use clap::Parser;
@@ -12,9 +13,11 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_logging();
+    kiln_tls::install_provider();
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),
         cli::Command::Worker(args) => worker::run(args),
+        cli::Command::Ca(cli::CaCommand::Export(args)) => serve::export_ca(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

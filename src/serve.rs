@@ -13,6 +13,8 @@ use kiln_dataplane::runtime::backend_for;
 use kiln_dataplane::server::{shard_count, DataPlane, OpenedStore};
 use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::CasClient;
+use kiln_dataplane::tls::TlsAccept;
+use kiln_worker::link::Link;
 use kiln_worker::{prepare_work_dir, Identity, LocalCas, WorkerContext};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use tracing::{error, info, warn};
 /// Runs the server until a signal stops it.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
+    crate::tls::check_exposure(&config, args.insecure)?;
     let data_dir = &config.storage.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
@@ -33,15 +36,29 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let control =
         ControlPlane::start(&config, store.cas()).context("cannot start the control plane")?;
     let backend = backend_for(config.server.runtime);
-    let mut data = DataPlane::start(&config, store, backend, Some(control.handoff()))
-        .with_context(|| format!("cannot serve on {}", config.server.listen))?;
+    let tls = crate::tls::server(&config)?;
+    if let Some(t) = &tls {
+        let check = Duration::from_secs(config.tls.reload_check_secs);
+        control
+            .runtime()
+            .spawn(crate::tls::reload_loop(t.tls.clone(), check));
+    }
+    let mut data = DataPlane::start(
+        &config,
+        store,
+        backend,
+        Some(control.handoff()),
+        tls.clone(),
+    )
+    .with_context(|| format!("cannot serve on {}", config.server.listen))?;
     let admin = start_admin(&config, &control, &data);
-    let worker = start_embedded_worker(&config, &control, &data, cas)?;
+    let worker = start_embedded_worker(&config, &control, &data, cas, tls.as_ref())?;
     control.set_ready(true);
     let (ac_entries, _) = control.action_cache_usage();
     info!(
-        "kiln listening on {} ({} shards, {}); admin on {}; data in {} (CAS {} blobs, {} bytes, scanned in {:.2?}; action cache {} entries)",
+        "kiln listening on {} ({}, {} shards, {}); admin on {}; data in {} (CAS {} blobs, {} bytes, scanned in {:.2?}; action cache {} entries)",
         data.local_addr(),
+        if tls.is_some() { "TLS" } else { "plain HTTP/2" },
         data.shards(),
         data.backend(),
         admin,
@@ -88,6 +105,7 @@ fn start_embedded_worker(
     control: &ControlPlane,
     data: &DataPlane,
     cas: CasClient,
+    tls: Option<&TlsAccept>,
 ) -> anyhow::Result<Option<RunningWorker>> {
     if !config.execution.enabled || !config.worker.embedded {
         return Ok(None);
@@ -119,9 +137,17 @@ fn start_embedded_worker(
         fetch_parallelism: config.worker.fetch_parallelism,
         contain: kiln_worker::contain::Containment::detect(),
     });
+    // Over TLS when the port has it, trusting exactly this server's certificate.
+    let link = match tls {
+        None => Link::new(&format!("grpc://{addr}"), None)?,
+        Some(t) => Link::new(
+            &format!("grpcs://{addr}"),
+            Some(crate::tls::embedded_client(t)?),
+        )?,
+    };
     let worker = RunningWorker::start(
         control.runtime(),
-        &format!("grpc://{addr}"),
+        link,
         identity,
         ctx,
         Duration::from_secs(config.worker.max_reconnect_delay_secs),
@@ -174,4 +200,16 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     config.validate()?;
     Ok(config)
+}
+
+/// `kiln ca export`.
+pub fn export_ca(args: crate::cli::CaArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &args.data_dir {
+        config.storage.data_dir = d.clone();
+    }
+    crate::tls::export_ca(&config)
 }

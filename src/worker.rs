@@ -10,6 +10,7 @@ use kiln_dataplane::metrics::Metrics;
 use kiln_dataplane::runtime::backend_for;
 use kiln_dataplane::server::{shard_count, DataPlane, OpenedStore};
 use kiln_dataplane::store::layout::Layout;
+use kiln_worker::link::Link;
 use kiln_worker::{prepare_work_dir, Identity, LocalCas, WorkerContext};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,24 +27,14 @@ impl RunningWorker {
     /// Starts a worker session loop on `runtime`.
     pub fn start(
         runtime: &tokio::runtime::Runtime,
-        scheduler: &str,
+        link: Link,
         identity: Identity,
         ctx: Arc<WorkerContext>,
         max_delay: Duration,
     ) -> anyhow::Result<RunningWorker> {
-        let url = scheduler
-            .strip_prefix("grpc://")
-            .map(|r| format!("http://{r}"))
-            .unwrap_or_else(|| scheduler.to_string());
-        let endpoint = tonic::transport::Endpoint::from_shared(url)
-            .with_context(|| format!("bad scheduler address {scheduler:?}"))?
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .connect_timeout(Duration::from_secs(10));
         let (stop, stopped) = watch::channel(false);
         let task = runtime.spawn(kiln_worker::session::run(
-            endpoint, identity, ctx, max_delay, stopped,
+            link, identity, ctx, max_delay, stopped,
         ));
         Ok(RunningWorker { stop, task })
     }
@@ -60,15 +51,23 @@ impl RunningWorker {
     }
 }
 
-/// The worker's name: host name and process id (several workers may share a host).
-pub fn default_name() -> String {
+/// This machine's host name ("" if it has none).
+pub fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let host = if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
         let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
         String::from_utf8_lossy(&buf[..end]).into_owned()
     } else {
-        "worker".into()
+        String::new()
+    }
+}
+
+/// The worker's name: host name and process id (several workers may share a host).
+pub fn default_name() -> String {
+    let host = match host_name() {
+        h if h.is_empty() => "worker".to_string(),
+        h => h,
     };
     format!("{host}-{}", std::process::id())
 }
@@ -100,8 +99,14 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let store = OpenedStore::open(&config, shard_count(&config), Metrics::new())
         .with_context(|| format!("cannot open the local CAS in {}", data_dir.display()))?;
     let local = LocalCas::new(store.cas(), Layout::cas(&data_dir), false);
-    let mut data = DataPlane::start(&config, store, backend_for(config.server.runtime), None)
-        .with_context(|| format!("cannot serve the local CAS on {}", config.server.listen))?;
+    let mut data = DataPlane::start(
+        &config,
+        store,
+        backend_for(config.server.runtime),
+        None,
+        None,
+    )
+    .with_context(|| format!("cannot serve the local CAS on {}", config.server.listen))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.control_plane.threads)
         .thread_name("kiln-worker")
@@ -113,17 +118,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         properties: kiln_worker::parse_properties(&config.worker.properties),
         max_inflight: max_inflight(&config),
     };
+    let link = Link::new(&scheduler, crate::tls::worker_client(&config)?)?;
     let channel_for_cas = {
         let _guard = runtime.enter();
-        let url = scheduler
-            .strip_prefix("grpc://")
-            .map(|r| format!("http://{r}"))
-            .unwrap_or_else(|| scheduler.clone());
-        tonic::transport::Endpoint::from_shared(url)?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(16 << 20)
-            .initial_connection_window_size(64 << 20)
-            .connect_lazy()
+        link.connect_lazy()
     };
     let ctx = {
         let _guard = runtime.enter();
@@ -139,7 +137,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let worker = RunningWorker::start(
         &runtime,
-        &scheduler,
+        link,
         identity.clone(),
         ctx,
         Duration::from_secs(config.worker.max_reconnect_delay_secs),
@@ -182,6 +180,15 @@ fn load_config(args: &WorkerArgs) -> anyhow::Result<Config> {
     }
     if let Some(d) = &args.work_dir {
         config.worker.work_dir = Some(d.clone());
+    }
+    if let Some(f) = &args.tls_ca {
+        config.worker.tls_ca = Some(f.clone());
+    }
+    if let Some(f) = &args.tls_cert {
+        config.worker.tls_cert = Some(f.clone());
+    }
+    if let Some(f) = &args.tls_key {
+        config.worker.tls_key = Some(f.clone());
     }
     if let Some(d) = &args.cas_dir {
         config.storage.data_dir = d.clone();

@@ -11,9 +11,18 @@ pub struct Args {
     /// Scenario to run (omit with --compare).
     #[arg(value_enum)]
     pub scenario: Option<Scenario>,
-    /// The server, `grpc://HOST:PORT`.
+    /// The server, `grpc://HOST:PORT`, or `grpcs://HOST:PORT` for TLS.
     #[arg(long)]
     pub endpoint: Option<String>,
+    /// CA certificate(s) that sign a grpcs:// endpoint's certificate, PEM.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate for mutual TLS, PEM.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key, PEM.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// REAPI instance name.
     #[arg(long, default_value = "")]
     pub instance: String,

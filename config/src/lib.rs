@@ -9,8 +9,8 @@ mod types;
 
 pub use error::ConfigError;
 pub use types::{
-    ActionCacheConfig, AdminConfig, Config, ControlPlaneConfig, ExecutionConfig, PropertyKind,
-    RuntimeKind, ServerConfig, StorageConfig, WorkerConfig,
+    ActionCacheConfig, AdminConfig, ClientAuthMode, Config, ControlPlaneConfig, ExecutionConfig,
+    PropertyKind, RuntimeKind, ServerConfig, StorageConfig, TlsConfig, TlsMode, WorkerConfig,
 };
 
 use std::path::Path;
@@ -98,6 +98,25 @@ impl Config {
             return invalid(
                 "storage.memory_max_blob_bytes",
                 "must not exceed storage.memory_bytes",
+            );
+        }
+        let tls = &self.tls;
+        if tls.mode == TlsMode::Files && (tls.cert.is_none() || tls.key.is_none()) {
+            return invalid("tls.cert", "files mode needs tls.cert and tls.key");
+        }
+        if tls.mode == TlsMode::Files
+            && tls.client_auth == ClientAuthMode::Required
+            && tls.client_ca.is_none()
+        {
+            return invalid(
+                "tls.client_auth",
+                "\"required\" needs tls.client_ca in files mode",
+            );
+        }
+        if self.worker.tls_cert.is_some() != self.worker.tls_key.is_some() {
+            return invalid(
+                "worker.tls_cert",
+                "worker.tls_cert and worker.tls_key go together",
             );
         }
         if !RuntimeKind::available().contains(&s.runtime) {

@@ -25,6 +25,73 @@ pub struct Config {
     pub execution: ExecutionConfig,
     /// A worker: `kiln worker`, or the one `kiln serve` runs in-process.
     pub worker: WorkerConfig,
+    /// TLS on the main port.
+    pub tls: TlsConfig,
+}
+
+/// Where the server's certificate comes from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// Plain HTTP/2 (the embedded default, on loopback).
+    #[default]
+    Off,
+    /// `cert` and `key` from the operator's own PKI.
+    Files,
+    /// Kiln's own farm CA, made under `{data_dir}/tls/` on first start.
+    Auto,
+}
+
+/// Whether clients must present a certificate.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuthMode {
+    /// Never asked for.
+    None,
+    /// Verified when presented (against `client_ca`, or the farm CA in auto mode).
+    #[default]
+    Optional,
+    /// Every connection must present one.
+    Required,
+}
+
+/// TLS on the main port: the handshake runs on the data-plane shard that accepted the
+/// connection (rustls, ALPN `h2`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// `off`, `files` or `auto`.
+    pub mode: TlsMode,
+    /// The certificate chain, PEM (files mode).
+    pub cert: Option<PathBuf>,
+    /// Its private key, PEM (files mode).
+    pub key: Option<PathBuf>,
+    /// CA certificates that sign client certificates, PEM (files mode; auto mode uses the farm
+    /// CA).
+    pub client_ca: Option<PathBuf>,
+    /// `none`, `optional` or `required`.
+    pub client_auth: ClientAuthMode,
+    /// Extra names (DNS names or IP addresses) for the auto-mode server certificate.
+    pub names: Vec<String>,
+    /// A connection that has not finished its TLS handshake after this long is closed (seconds).
+    pub handshake_timeout_secs: u64,
+    /// How often the certificate files are checked for changes (seconds; 0: on SIGHUP only).
+    pub reload_check_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            mode: TlsMode::Off,
+            cert: None,
+            key: None,
+            client_ca: None,
+            client_auth: ClientAuthMode::Optional,
+            names: Vec::new(),
+            handshake_timeout_secs: 10,
+            reload_check_secs: 10,
+        }
+    }
 }
 
 /// Which executor runs the data plane's shards.
@@ -315,6 +382,12 @@ pub struct WorkerConfig {
     pub fetch_parallelism: usize,
     /// Longest wait between reconnection attempts (seconds).
     pub max_reconnect_delay_secs: u64,
+    /// The CA that signs the scheduler's certificate, PEM (for a `grpcs://` scheduler).
+    pub tls_ca: Option<PathBuf>,
+    /// This worker's client certificate, PEM (mutual TLS).
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key, PEM.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -327,6 +400,9 @@ impl Default for WorkerConfig {
             properties: Vec::new(),
             fetch_parallelism: 32,
             max_reconnect_delay_secs: 10,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

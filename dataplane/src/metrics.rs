@@ -83,6 +83,8 @@ pub struct Metrics {
     pub connections_total: Counter,
     /// HTTP/2 connections open.
     pub connections_open: Gauge,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: Counter,
     total_calls: Counter,
     total_bytes_in: Counter,
     total_bytes_out: Counter,
@@ -107,6 +109,7 @@ impl Metrics {
             commands: Family::default(),
             connections_total: Counter::default(),
             connections_open: Gauge::default(),
+            tls_handshake_failures: Counter::default(),
             total_calls: Counter::default(),
             total_bytes_in: Counter::default(),
             total_bytes_out: Counter::default(),
@@ -185,6 +188,11 @@ impl Metrics {
             "kiln_connections_open",
             "HTTP/2 connections open",
             self.connections_open.clone(),
+        );
+        registry.register(
+            "kiln_tls_handshake_failures",
+            "TLS handshakes on the main port that failed or timed out",
+            self.tls_handshake_failures.clone(),
         );
     }
 

@@ -13,6 +13,7 @@ use crate::store::layout::Layout;
 use crate::store::owner::{Owner, StoreSettings};
 use crate::store::scan::{scan, ScanReport, ShardEntries, TreeKind};
 use crate::store::{CasClient, ShardQueues};
+use crate::tls::TlsAccept;
 use futures::future::{select, Either};
 use kiln_config::Config;
 use std::io;
@@ -20,7 +21,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Number of shards for a configuration: `server.shards`, or one per core.
 pub fn shard_count(config: &Config) -> usize {
@@ -95,6 +96,7 @@ impl DataPlane {
         store: OpenedStore,
         backend: Arc<dyn Backend>,
         handoff: Option<HandoffSender>,
+        tls: Option<TlsAccept>,
     ) -> io::Result<DataPlane> {
         let shards = store.queues.0.len();
         let sockets = bind_reuseport_group(config.server.listen, shards, 4096)?;
@@ -144,6 +146,7 @@ impl DataPlane {
                 limits: limits.clone(),
                 h2: h2.clone(),
                 handoff: handoff.clone(),
+                tls: tls.clone(),
                 shutdown: shutdown.watch(),
                 stop_owners: stop_owners.watch(),
                 drained: drained.guard(),
@@ -251,6 +254,7 @@ struct ShardSpec {
     limits: BlobLimits,
     h2: Http2Settings,
     handoff: Option<HandoffSender>,
+    tls: Option<TlsAccept>,
     shutdown: ShutdownWatch,
     stop_owners: ShutdownWatch,
     drained: Option<crate::shutdown::DrainGuard>,
@@ -271,6 +275,7 @@ impl ShardSpec {
             limits,
             h2,
             handoff,
+            tls,
             shutdown,
             stop_owners,
             drained,
@@ -311,17 +316,27 @@ impl ShardSpec {
             match select(listener.accept(), stopping.as_mut()).await {
                 Either::Left((Ok((io, peer)), _)) => {
                     let guard = connections.guard();
-                    let serve = serve_connection(
+                    let (runtime2, h2, services, shutdown, metrics, tls) = (
                         runtime.clone(),
-                        io,
-                        peer,
                         h2.clone(),
                         services.clone(),
                         shutdown.clone(),
                         metrics.clone(),
+                        tls.clone(),
                     );
                     runtime.spawn(Box::pin(async move {
-                        serve.await;
+                        let io = match &tls {
+                            None => io,
+                            Some(tls) => match tls.accept(&runtime2, io).await {
+                                Ok(io) => io,
+                                Err(e) => {
+                                    metrics.tls_handshake_failures.inc();
+                                    debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                            },
+                        };
+                        serve_connection(runtime2, io, peer, h2, services, shutdown, metrics).await;
                         drop(guard);
                     }));
                 }

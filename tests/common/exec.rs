@@ -274,10 +274,21 @@ impl Worker {
         name: &str,
         extra: &[&str],
     ) -> Worker {
+        Worker::start_for(&format!("grpc://{addr}"), runtime, dir, name, extra)
+    }
+
+    /// Starts a worker for the scheduler at `url` (`grpc://` or `grpcs://`).
+    pub fn start_for(
+        url: &str,
+        runtime: Runtime,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Worker {
         let mut cmd = Process::new(env!("CARGO_BIN_EXE_kiln"));
         cmd.arg("worker")
             .arg("--scheduler")
-            .arg(format!("grpc://{addr}"))
+            .arg(url)
             .arg("--cas-dir")
             .arg(dir.join("cas"))
             .arg("--work-dir")

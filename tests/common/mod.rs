@@ -242,6 +242,34 @@ impl Kiln {
             .expect("connect to kiln")
     }
 
+    /// A gRPC channel over TLS trusting the CA certificates in `ca`, presenting `identity`
+    /// (certificate and key files) when given; the server name checked is 127.0.0.1.
+    pub async fn tls_channel(
+        &self,
+        ca: &Path,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        kiln_tls::install_provider();
+        let identity = identity.map(|(c, k)| {
+            kiln_tls::client::ClientIdentity::from_files(c, k).expect("client identity")
+        });
+        let trust = kiln_tls::client::Trust::ca_file(ca).expect("CA file");
+        let config = kiln_tls::client::config(trust, identity).expect("client config");
+        tonic::transport::Endpoint::from_shared(self.url())
+            .unwrap()
+            .connect_with_connector(kiln_tls::client::Connector::new(config))
+            .await
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`).
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        // SAFETY: kill(2) with a pid we own.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
         let pid = self.child.as_ref().expect("running").id() as i32;

@@ -8,6 +8,7 @@ pub mod action;
 pub mod contain;
 pub mod error;
 pub mod fetch;
+pub mod link;
 pub mod local;
 pub mod materialise;
 pub mod outputs;

@@ -29,7 +29,7 @@ pub struct Identity {
 /// Connects to the scheduler and serves sessions until `stop` turns true; then says GoingAway
 /// and lets running actions finish.
 pub async fn run(
-    endpoint: tonic::transport::Endpoint,
+    link: crate::link::Link,
     identity: Identity,
     ctx: Arc<WorkerContext>,
     max_delay: Duration,
@@ -41,7 +41,7 @@ pub async fn run(
             return;
         }
         let began = Instant::now();
-        match endpoint.connect().await {
+        match link.connect().await {
             Ok(channel) => {
                 let ended = session(channel, &identity, ctx.clone(), stop.clone()).await;
                 match ended {

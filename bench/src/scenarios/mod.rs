@@ -63,7 +63,11 @@ impl Ctx {
             .endpoint
             .clone()
             .context("--endpoint grpc://HOST:PORT is required")?;
-        let conns = Connections::open(&endpoint, args.connections).await?;
+        let tls = crate::connect::TlsFiles {
+            ca: args.tls_ca.clone(),
+            identity: args.tls_cert.clone().zip(args.tls_key.clone()),
+        };
+        let conns = Connections::open(&endpoint, args.connections, &tls).await?;
         let caps = kiln_proto::reapi::capabilities_client::CapabilitiesClient::new(conns.pick())
             .get_capabilities(reapi::GetCapabilitiesRequest {
                 instance_name: args.instance.clone(),
