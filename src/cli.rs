@@ -23,7 +23,45 @@ pub enum Command {
     /// The farm CA (`[tls] mode = "auto"`).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Bearer tokens (`[auth]`).
+    #[command(subcommand)]
+    Token(TokenCommand),
 }
+
+/// `kiln token …`: bearer tokens, stored hashed in the server's token file.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token and print its secret once.
+    Create {
+        #[command(flatten)]
+        args: TokenArgs,
+        /// Who it is for.
+        #[arg(long)]
+        name: String,
+        /// Roles, comma-separated or repeated: cache-read, cache-write, ac-write, execute,
+        /// worker, admin.
+        #[arg(long, required = true)]
+        role: Vec<String>,
+        /// Instances the roles apply to (repeat for more; none: all instances).
+        #[arg(long)]
+        instance: Vec<String>,
+    },
+    /// List tokens (names, roles, instances; secrets are not stored).
+    List {
+        #[command(flatten)]
+        args: TokenArgs,
+    },
+    /// Revoke a token by name.
+    Revoke {
+        #[command(flatten)]
+        args: TokenArgs,
+        /// The token's name.
+        name: String,
+    },
+}
+
+/// Where the token file is: the server's own configuration and data directory.
+pub type TokenArgs = CaArgs;
 
 /// Options of `kiln worker`; flags override the config file.
 #[derive(Debug, Args)]
@@ -67,6 +105,9 @@ pub struct WorkerArgs {
     /// Its private key, PEM (overrides worker.tls_key).
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// A file holding a bearer token to present (overrides worker.token_file).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// `kiln ca …`: the farm CA of `[tls] mode = "auto"`.
@@ -76,7 +117,8 @@ pub enum CaCommand {
     Export(CaArgs),
 }
 
-/// Where the farm CA is.
+/// Which server: its configuration file and data directory (where the farm CA and the token
+/// file live).
 #[derive(Debug, Args)]
 pub struct CaArgs {
     /// The server's configuration file.

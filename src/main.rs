@@ -1,6 +1,7 @@
 //! `kiln`: the remote cache and execution server. Subcommands live in their own modules; this
 //! file only parses the command line and sets up logging.
 
+mod auth;
 mod cli;
 mod serve;
 mod signals;
@@ -18,6 +19,7 @@ fn main() -> ExitCode {
         cli::Command::Serve(args) => serve::run(args),
         cli::Command::Worker(args) => worker::run(args),
         cli::Command::Ca(cli::CaCommand::Export(args)) => serve::export_ca(args),
+        cli::Command::Token(command) => auth::token(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@ use crate::cli::ServeArgs;
 use crate::signals::wait_for_signal;
 use crate::worker::{default_name, max_inflight, RunningWorker};
 use anyhow::Context;
+use kiln_auth::Role;
 use kiln_config::Config;
 use kiln_controlplane::admin::ServerInfo;
 use kiln_controlplane::ControlPlane;
@@ -43,16 +44,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .runtime()
             .spawn(crate::tls::reload_loop(t.tls.clone(), check));
     }
+    let policy = crate::auth::policy(&config)?;
     let mut data = DataPlane::start(
         &config,
         store,
         backend,
         Some(control.handoff()),
         tls.clone(),
+        policy.clone(),
     )
     .with_context(|| format!("cannot serve on {}", config.server.listen))?;
     let admin = start_admin(&config, &control, &data);
-    let worker = start_embedded_worker(&config, &control, &data, cas, tls.as_ref())?;
+    let worker = start_embedded_worker(&config, &control, &data, cas, tls.as_ref(), &policy)?;
     control.set_ready(true);
     let (ac_entries, _) = control.action_cache_usage();
     info!(
@@ -106,6 +109,7 @@ fn start_embedded_worker(
     data: &DataPlane,
     cas: CasClient,
     tls: Option<&TlsAccept>,
+    policy: &kiln_auth::Policy,
 ) -> anyhow::Result<Option<RunningWorker>> {
     if !config.execution.enabled || !config.worker.embedded {
         return Ok(None);
@@ -144,6 +148,13 @@ fn start_embedded_worker(
             &format!("grpcs://{addr}"),
             Some(crate::tls::embedded_client(t)?),
         )?,
+    };
+    // With [auth] on, it presents a token that exists in this process only.
+    let link = if policy.enabled() {
+        let roles = [Role::Worker, Role::CacheRead, Role::CacheWrite];
+        link.with_token(&policy.internal_token("embedded-worker", &roles)?)?
+    } else {
+        link
     };
     let worker = RunningWorker::start(
         control.runtime(),
@@ -202,8 +213,8 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// `kiln ca export`.
-pub fn export_ca(args: crate::cli::CaArgs) -> anyhow::Result<()> {
+/// The configuration a `kiln ca` or `kiln token` command names.
+pub fn server_config(args: &crate::cli::CaArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -211,5 +222,10 @@ pub fn export_ca(args: crate::cli::CaArgs) -> anyhow::Result<()> {
     if let Some(d) = &args.data_dir {
         config.storage.data_dir = d.clone();
     }
-    crate::tls::export_ca(&config)
+    Ok(config)
+}
+
+/// `kiln ca export`.
+pub fn export_ca(args: crate::cli::CaArgs) -> anyhow::Result<()> {
+    crate::tls::export_ca(&server_config(&args)?)
 }

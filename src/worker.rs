@@ -105,6 +105,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         backend_for(config.server.runtime),
         None,
         None,
+        Arc::new(kiln_auth::Policy::disabled()),
     )
     .with_context(|| format!("cannot serve the local CAS on {}", config.server.listen))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -118,7 +119,14 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         properties: kiln_worker::parse_properties(&config.worker.properties),
         max_inflight: max_inflight(&config),
     };
-    let link = Link::new(&scheduler, crate::tls::worker_client(&config)?)?;
+    let mut link = Link::new(&scheduler, crate::tls::worker_client(&config)?)?;
+    if let Some(file) = &config.worker.token_file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the token file {}", file.display()))?;
+        let token = text.lines().next().unwrap_or("").trim();
+        anyhow::ensure!(!token.is_empty(), "{} holds no token", file.display());
+        link = link.with_token(token)?;
+    }
     let channel_for_cas = {
         let _guard = runtime.enter();
         link.connect_lazy()
@@ -189,6 +197,9 @@ fn load_config(args: &WorkerArgs) -> anyhow::Result<Config> {
     }
     if let Some(f) = &args.tls_key {
         config.worker.tls_key = Some(f.clone());
+    }
+    if let Some(f) = &args.token_file {
+        config.worker.token_file = Some(f.clone());
     }
     if let Some(d) = &args.cas_dir {
         config.storage.data_dir = d.clone();

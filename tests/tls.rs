@@ -192,12 +192,26 @@ on_every_runtime! {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let options = Options {
-            config: Some("[tls]\nmode = \"auto\"\nclient_auth = \"required\"\n[worker]\nembedded = false\n".into()),
+            config: Some(concat!(
+                "[tls]\nmode = \"auto\"\nclient_auth = \"required\"\n[worker]\nembedded = false\n",
+                "[auth]\nenabled = true\n",
+                "[[auth.certificates]]\nname = \"mac-*\"\nroles = [\"worker\", \"cache-read\", \"cache-write\"]\n",
+                "[[auth.certificates]]\nname = \"client\"\nroles = [\"cache-read\", \"cache-write\", \"execute\"]\n",
+            ).into()),
             ..Options::on(rt)
         };
         let kiln = start(&data_dir, options).await;
         let farm = Farm::at(data_dir.join("tls"));
         let (cert, key) = client_cert(&farm, dir.path(), "mac-1");
+        // The worker's certificate holds worker and cache roles, never ac-write: results reach
+        // the action cache only through the scheduler.
+        let as_worker = kiln.tls_channel(&farm.ca_cert(), Some((&cert, &key))).await.unwrap();
+        let e = kiln_proto::reapi::action_cache_client::ActionCacheClient::new(as_worker)
+            .update_action_result(kiln_proto::reapi::UpdateActionResultRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("cert:mac-1"), "{e:?}");
         let url = format!("grpcs://{}", kiln.addr);
         let (wdir, ca) = (dir.path().join("w"), farm.ca_cert());
         let _worker = tokio::task::spawn_blocking(move || {

@@ -27,6 +27,34 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// TLS on the main port.
     pub tls: TlsConfig,
+    /// Who may call what.
+    pub auth: AuthConfig,
+}
+
+/// Roles for client certificates by name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CertificateRoles {
+    /// The certificate's common name, or a prefix ending in `*`.
+    pub name: String,
+    /// Roles: cache-read, cache-write, ac-write, execute, worker, admin.
+    pub roles: Vec<String>,
+    /// Instances they apply to; empty for all.
+    pub instances: Vec<String>,
+}
+
+/// Identities and permissions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Check every call's caller (off: everyone may do everything).
+    pub enabled: bool,
+    /// Bearer tokens, stored hashed (default `auth/tokens.toml` under the data directory).
+    pub tokens_file: Option<PathBuf>,
+    /// Roles of callers that present no credentials (none: they are refused).
+    pub anonymous_roles: Vec<String>,
+    /// Roles of client certificates, first match wins.
+    pub certificates: Vec<CertificateRoles>,
 }
 
 /// Where the server's certificate comes from.
@@ -388,6 +416,8 @@ pub struct WorkerConfig {
     pub tls_cert: Option<PathBuf>,
     /// Its private key, PEM.
     pub tls_key: Option<PathBuf>,
+    /// A file holding a bearer token the worker presents (first line).
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -403,6 +433,7 @@ impl Default for WorkerConfig {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            token_file: None,
         }
     }
 }

@@ -79,8 +79,10 @@ impl CapabilitiesService {
 impl Capabilities for CapabilitiesService {
     async fn get_capabilities(
         &self,
-        _request: Request<GetCapabilitiesRequest>,
+        request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
+        let instance = request.get_ref().instance_name.clone();
+        crate::auth::check(&request, crate::auth::paths::CAPABILITIES, Some(&instance))?;
         Ok(Response::new(self.capabilities()))
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod action_cache;
 pub mod admin;
+pub mod auth;
 pub mod capabilities;
 pub mod error;
 pub mod execution;

@@ -3,7 +3,7 @@
 //! accept loop, and on shutdown stop accepting, let in-flight calls finish, then stop the
 //! owners.
 
-use crate::grpc::{serve_connection, CallHandler, HandoffSender, Http2Settings};
+use crate::grpc::{serve_connection, CallHandler, HandoffSender, Http2Settings, PeerIdentity};
 use crate::metrics::Metrics;
 use crate::runtime::{bind_reuseport_group, Backend, Runtime};
 use crate::service::{BlobLimits, BlobServices};
@@ -97,6 +97,7 @@ impl DataPlane {
         backend: Arc<dyn Backend>,
         handoff: Option<HandoffSender>,
         tls: Option<TlsAccept>,
+        policy: Arc<kiln_auth::Policy>,
     ) -> io::Result<DataPlane> {
         let shards = store.queues.0.len();
         let sockets = bind_reuseport_group(config.server.listen, shards, 4096)?;
@@ -147,6 +148,7 @@ impl DataPlane {
                 h2: h2.clone(),
                 handoff: handoff.clone(),
                 tls: tls.clone(),
+                policy: policy.clone(),
                 shutdown: shutdown.watch(),
                 stop_owners: stop_owners.watch(),
                 drained: drained.guard(),
@@ -255,6 +257,7 @@ struct ShardSpec {
     h2: Http2Settings,
     handoff: Option<HandoffSender>,
     tls: Option<TlsAccept>,
+    policy: Arc<kiln_auth::Policy>,
     shutdown: ShutdownWatch,
     stop_owners: ShutdownWatch,
     drained: Option<crate::shutdown::DrainGuard>,
@@ -276,6 +279,7 @@ impl ShardSpec {
             h2,
             handoff,
             tls,
+            policy,
             shutdown,
             stop_owners,
             drained,
@@ -316,19 +320,20 @@ impl ShardSpec {
             match select(listener.accept(), stopping.as_mut()).await {
                 Either::Left((Ok((io, peer)), _)) => {
                     let guard = connections.guard();
-                    let (runtime2, h2, services, shutdown, metrics, tls) = (
+                    let (runtime2, h2, services, shutdown, metrics, tls, policy) = (
                         runtime.clone(),
                         h2.clone(),
                         services.clone(),
                         shutdown.clone(),
                         metrics.clone(),
                         tls.clone(),
+                        policy.clone(),
                     );
                     runtime.spawn(Box::pin(async move {
-                        let io = match &tls {
-                            None => io,
+                        let (io, certificate) = match &tls {
+                            None => (io, None),
                             Some(tls) => match tls.accept(&runtime2, io).await {
-                                Ok(io) => io,
+                                Ok(accepted) => accepted,
                                 Err(e) => {
                                     metrics.tls_handshake_failures.inc();
                                     debug!(%peer, error = %e, "TLS handshake failed");
@@ -336,7 +341,11 @@ impl ShardSpec {
                                 }
                             },
                         };
-                        serve_connection(runtime2, io, peer, h2, services, shutdown, metrics).await;
+                        let identity = PeerIdentity::new(policy, certificate);
+                        serve_connection(
+                            runtime2, io, peer, identity, h2, services, shutdown, metrics,
+                        )
+                        .await;
                         drop(guard);
                     }));
                 }

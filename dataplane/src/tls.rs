@@ -23,15 +23,25 @@ pub struct TlsAccept {
 
 impl TlsAccept {
     /// Runs the server side of the handshake on `io`; the result speaks HTTP/2 inside TLS.
+    /// Also returns the common name of the client's certificate, when it presented one (rustls
+    /// has verified it against the client CA by then).
     pub async fn accept(
         &self,
         runtime: &Rc<dyn Runtime>,
         io: BoxConnection,
-    ) -> io::Result<BoxConnection> {
+    ) -> io::Result<(BoxConnection, Option<String>)> {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.config());
         let handshake = Box::pin(acceptor.accept(io));
         match select(handshake, runtime.sleep(self.handshake_timeout)).await {
-            Either::Left((Ok(stream), _)) => Ok(Box::pin(stream)),
+            Either::Left((Ok(stream), _)) => {
+                let peer = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(kiln_tls::pem::common_name);
+                Ok((Box::pin(stream), peer))
+            }
             Either::Left((Err(e), _)) => Err(e),
             Either::Right(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,

@@ -201,5 +201,11 @@ mod tests {
         );
         assert_ne!(std::fs::read(farm.server_cert()).unwrap(), server);
         assert_eq!(farm.ca_fingerprint().unwrap(), fingerprint, "same CA");
+        // Issued certificates carry their first name as the subject's common name.
+        let (client, _) = farm
+            .issue(&["worker-mac1".into()], ExtendedKeyUsagePurpose::ClientAuth)
+            .unwrap();
+        let der = &crate::pem::certificates_from(client.as_bytes()).unwrap()[0];
+        assert_eq!(crate::pem::common_name(der).as_deref(), Some("worker-mac1"));
     }
 }

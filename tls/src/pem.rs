@@ -39,3 +39,17 @@ pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     hex::encode(sha2::Sha256::digest(cert.as_ref()))
 }
+
+/// The subject's common name of a certificate (DER), if it has one: how a client certificate
+/// names its holder.
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let name = parsed
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(name)
+}

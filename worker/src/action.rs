@@ -28,7 +28,7 @@ pub struct WorkerContext {
     /// The local CAS.
     pub local: LocalCas,
     /// The server; `None` when the local CAS is the server's own (the worker in `kiln serve`).
-    pub remote: Option<tonic::transport::Channel>,
+    pub remote: Option<crate::link::LinkChannel>,
     /// Where action directories are made.
     pub work_dir: PathBuf,
     /// Read-only executable copies.

@@ -1,7 +1,7 @@
 //! The worker's link to the scheduler: `grpc://HOST:PORT` in plain HTTP/2, or `grpcs://`
 //! (or any link given a TLS config) over TLS with the farm's CA, or with the server's own
 //! certificate pinned (the worker inside `kiln serve`), and a client certificate for mutual
-//! TLS.
+//! TLS; optionally a bearer token sent on every call.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,36 @@ pub struct Link {
     endpoint: Endpoint,
     tls: Option<Arc<rustls::ClientConfig>>,
     url: String,
+    authorization: Option<http::HeaderValue>,
+}
+
+/// A channel to the scheduler that presents the link's bearer token (if any) on every call.
+#[derive(Clone)]
+pub struct LinkChannel {
+    inner: Channel,
+    authorization: Option<http::HeaderValue>,
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for LinkChannel {
+    type Response = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Response;
+    type Error = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Error;
+    type Future = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(v) = &self.authorization {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, v.clone());
+        }
+        self.inner.call(request)
+    }
 }
 
 /// A scheduler address Kiln cannot use.
@@ -56,7 +86,26 @@ impl Link {
             endpoint,
             tls,
             url: url.to_string(),
+            authorization: None,
         })
+    }
+
+    /// Presents `token` as `authorization: Bearer TOKEN` on every call.
+    pub fn with_token(mut self, token: &str) -> Result<Link, LinkError> {
+        let value =
+            http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| LinkError {
+                url: self.url.clone(),
+                why: "the token is not a valid header value".into(),
+            })?;
+        self.authorization = Some(value);
+        Ok(self)
+    }
+
+    fn wrap(&self, inner: Channel) -> LinkChannel {
+        LinkChannel {
+            inner,
+            authorization: self.authorization.clone(),
+        }
     }
 
     /// The address as given.
@@ -65,24 +114,26 @@ impl Link {
     }
 
     /// Connects now.
-    pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
-        match &self.tls {
+    pub async fn connect(&self) -> Result<LinkChannel, tonic::transport::Error> {
+        let channel = match &self.tls {
             None => self.endpoint.connect().await,
             Some(c) => {
                 self.endpoint
                     .connect_with_connector(kiln_tls::client::Connector::new(c.clone()))
                     .await
             }
-        }
+        }?;
+        Ok(self.wrap(channel))
     }
 
     /// A channel that connects on first use (and again after a failure).
-    pub fn connect_lazy(&self) -> Channel {
-        match &self.tls {
+    pub fn connect_lazy(&self) -> LinkChannel {
+        let channel = match &self.tls {
             None => self.endpoint.connect_lazy(),
             Some(c) => self
                 .endpoint
                 .connect_with_connector_lazy(kiln_tls::client::Connector::new(c.clone())),
-        }
+        };
+        self.wrap(channel)
     }
 }

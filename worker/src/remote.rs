@@ -2,6 +2,7 @@
 //! blobs in batches, uploads of output files.
 
 use crate::error::ActionError;
+use crate::link::LinkChannel as Channel;
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_dataplane::digest::{Digest, Hasher, InstanceName};
@@ -14,7 +15,6 @@ use kiln_proto::reapi::{
 };
 use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::Channel;
 
 /// Largest message exchanged with the server.
 const MAX_MESSAGE: usize = 64 << 20;

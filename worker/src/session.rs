@@ -70,7 +70,7 @@ pub async fn run(
 type Running = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
 
 async fn session(
-    channel: tonic::transport::Channel,
+    channel: crate::link::LinkChannel,
     identity: &Identity,
     ctx: Arc<WorkerContext>,
     mut stop: watch::Receiver<bool>,

@@ -78,6 +78,12 @@ impl ActionCacheApi for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let instance = request.get_ref().instance_name.clone();
+        crate::auth::check(
+            &request,
+            crate::auth::paths::GET_ACTION_RESULT,
+            Some(&instance),
+        )?;
         let request = request.into_inner();
         let span = debug_span!("GetActionResult", instance = %request.instance_name);
         let result = self.get(request).instrument(span).await;
@@ -97,6 +103,12 @@ impl ActionCacheApi for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let instance = request.get_ref().instance_name.clone();
+        crate::auth::check(
+            &request,
+            crate::auth::paths::UPDATE_ACTION_RESULT,
+            Some(&instance),
+        )?;
         let request = request.into_inner();
         let span = debug_span!("UpdateActionResult", instance = %request.instance_name);
         let result = self.update(request).instrument(span).await;

@@ -32,8 +32,9 @@ impl OperationsService {
 impl Operations for OperationsService {
     async fn list_operations(
         &self,
-        _: Request<ListOperationsRequest>,
+        request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
+        crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
         Err(Status::unimplemented("listing operations is not supported"))
     }
 
@@ -41,6 +42,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
+        crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
         let rx = self.rx(&request.into_inner().name)?;
         let op = rx.borrow().to_operation();
         Ok(Response::new(op))
@@ -48,8 +50,9 @@ impl Operations for OperationsService {
 
     async fn delete_operation(
         &self,
-        _: Request<DeleteOperationRequest>,
+        request: Request<DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
+        crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
         Err(Status::unimplemented(
             "operations are forgotten on their own after completion",
         ))
@@ -59,6 +62,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
+        crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
         let name = request.into_inner().name;
         if self.core.cancel(&name) {
             Ok(Response::new(()))
@@ -73,6 +77,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
+        crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
         let request = request.into_inner();
         let mut rx = self.rx(&request.name)?;
         let limit = request

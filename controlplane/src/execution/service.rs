@@ -107,6 +107,8 @@ impl Execution for ExecutionService {
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<OpStream>, Status> {
+        let instance = request.get_ref().instance_name.clone();
+        crate::auth::check(&request, crate::auth::paths::EXECUTE, Some(&instance))?;
         let request = request.into_inner();
         let span = debug_span!("Execute", instance = %request.instance_name);
         Ok(Response::new(
@@ -118,6 +120,7 @@ impl Execution for ExecutionService {
         &self,
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<OpStream>, Status> {
+        crate::auth::check(&request, crate::auth::paths::WAIT_EXECUTION, None)?;
         let name = request.into_inner().name;
         let rx = self.core.watch(&name).ok_or_else(|| {
             Status::not_found(format!(

@@ -40,6 +40,7 @@ impl WorkerApi for WorkerApiService {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<ServerStream>, Status> {
+        crate::auth::check(&request, crate::auth::paths::WORKER_SESSION, None)?;
         let mut incoming = request.into_inner();
         let hello = match incoming.message().await? {
             Some(WorkerMessage {

@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use crate::runtime::{BoxConnection, Runtime};
 use crate::shutdown::ShutdownWatch;
 use futures::future::{select, Either};
+use kiln_auth::{Denied, Policy, Principal};
 use kiln_config::ServerConfig;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -42,11 +43,49 @@ impl Http2Settings {
     }
 }
 
+/// Who is on the other end of a connection: the policy that identifies each call's caller,
+/// and the name on the client's TLS certificate, if it presented one.
+#[derive(Clone)]
+pub struct PeerIdentity {
+    /// Identifies callers and checks their roles.
+    pub policy: Arc<Policy>,
+    /// The client certificate's common name.
+    pub certificate: Option<String>,
+    anyone: Arc<Principal>,
+}
+
+impl PeerIdentity {
+    /// A connection checked by `policy`, from a client that presented `certificate`.
+    pub fn new(policy: Arc<Policy>, certificate: Option<String>) -> PeerIdentity {
+        PeerIdentity {
+            policy,
+            certificate,
+            anyone: Arc::new(Principal::unrestricted()),
+        }
+    }
+
+    /// The caller of one request: its bearer token, else the connection's certificate.
+    fn identify(&self, request: &http::Request<h2::RecvStream>) -> Result<Arc<Principal>, Denied> {
+        if !self.policy.enabled() {
+            return Ok(self.anyone.clone());
+        }
+        let authorization = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        self.policy
+            .identify(self.certificate.as_deref(), authorization)
+            .map(Arc::new)
+    }
+}
+
 /// Serves `io` until the peer closes it or shutdown completes the graceful close.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_connection(
     runtime: Rc<dyn Runtime>,
     io: BoxConnection,
     peer: SocketAddr,
+    identity: PeerIdentity,
     settings: Rc<Http2Settings>,
     handler: Rc<dyn CallHandler>,
     shutdown: ShutdownWatch,
@@ -98,13 +137,28 @@ pub async fn serve_connection(
                     let recorder = metrics.call(request.uri().path());
                     let handler = handler.clone();
                     let settings = settings.clone();
+                    let identity = identity.clone();
                     let call_span = tracing::debug_span!("call", path = %request.uri().path());
                     runtime.spawn(Box::pin(
                         async move {
-                            if let Some(call) =
+                            let Some(mut call) =
                                 Call::new(request, respond, settings.max_message, Some(recorder))
-                            {
-                                handler.handle(call).await;
+                            else {
+                                return;
+                            };
+                            // Identified once, here; each method checks the caller's role on
+                            // its instance (the control plane's from the request's extensions).
+                            match identity.identify(&call.request) {
+                                Ok(principal) => {
+                                    call.request.extensions_mut().insert(principal);
+                                    handler.handle(call).await;
+                                }
+                                Err(denied) => {
+                                    debug!(message = %denied, "call refused: unauthenticated");
+                                    call.responder.finish(Err(tonic::Status::unauthenticated(
+                                        denied.message,
+                                    )));
+                                }
                             }
                         }
                         .instrument(call_span),

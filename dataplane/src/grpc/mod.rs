@@ -11,7 +11,7 @@ pub mod connection;
 mod handoff;
 
 pub use call::{send_with_capacity, RecvError, RequestBody, Responder};
-pub use connection::{serve_connection, Http2Settings};
+pub use connection::{serve_connection, Http2Settings, PeerIdentity};
 pub use handoff::{ForwardedCall, HandoffSender};
 
 use crate::metrics::CallRecorder;
@@ -51,6 +51,19 @@ impl Call {
         self.request.uri().path()
     }
 
+    /// Who is calling and what: checks the caller's role on an instance once the request
+    /// names it. The connection identified the caller before the call began.
+    pub fn caller(&self) -> Caller {
+        Caller {
+            principal: self
+                .request
+                .extensions()
+                .get::<std::sync::Arc<kiln_auth::Principal>>()
+                .cloned(),
+            path: self.path().to_string(),
+        }
+    }
+
     /// Hands the untouched call over, for the control plane to serve.
     pub fn into_forwarded(self) -> ForwardedCall {
         let (respond, responder_recorder) = self.responder.into_raw();
@@ -67,6 +80,25 @@ impl Call {
     pub fn into_parts(self) -> (RequestBody, Responder) {
         let body = RequestBody::new(self.request.into_body(), self.max_message, self.recorder);
         (body, self.responder)
+    }
+}
+
+/// The caller of one call, for the check once its instance is known.
+pub struct Caller {
+    principal: Option<std::sync::Arc<kiln_auth::Principal>>,
+    path: String,
+}
+
+impl Caller {
+    /// Whether the caller may make this call on `instance`.
+    pub fn check(&self, instance: &str) -> Result<(), kiln_auth::Denied> {
+        match &self.principal {
+            Some(p) => kiln_auth::policy::authorize(p, &self.path, Some(instance)),
+            None => Err(kiln_auth::Denied {
+                unauthenticated: true,
+                message: "the caller was not identified".into(),
+            }),
+        }
     }
 }
 

@@ -25,63 +25,71 @@ fn error_status(e: &BlobError) -> Option<RpcStatus> {
 }
 
 pub(super) async fn serve_find_missing(svc: &BlobServices, call: Call) {
-    unary(call, |request: FindMissingBlobsRequest| async move {
-        let instance = InstanceName::new(&request.instance_name)?;
-        let keys = request
-            .blob_digests
-            .iter()
-            .map(|d| {
-                Digest::from_proto(d, request.digest_function)
-                    .map(|d| BlobKey::new(instance.clone(), d))
+    unary(
+        call,
+        |request: FindMissingBlobsRequest, caller| async move {
+            let instance = InstanceName::new(&request.instance_name)?;
+            caller.check(instance.as_str())?;
+            let keys = request
+                .blob_digests
+                .iter()
+                .map(|d| {
+                    Digest::from_proto(d, request.digest_function)
+                        .map(|d| BlobKey::new(instance.clone(), d))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            tracing::debug!(digests = keys.len(), "find missing");
+            let missing = svc.cas.find_missing(&keys).await?;
+            Ok(FindMissingBlobsResponse {
+                missing_blob_digests: missing.iter().map(|k| k.digest.to_proto()).collect(),
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        tracing::debug!(digests = keys.len(), "find missing");
-        let missing = svc.cas.find_missing(&keys).await?;
-        Ok(FindMissingBlobsResponse {
-            missing_blob_digests: missing.iter().map(|k| k.digest.to_proto()).collect(),
-        })
-    })
+        },
+    )
     .await
 }
 
 pub(super) async fn serve_batch_update(svc: &BlobServices, call: Call) {
-    unary(call, |request: BatchUpdateBlobsRequest| async move {
-        let instance = InstanceName::new(&request.instance_name)?;
-        let total: u64 = request
-            .requests
-            .iter()
-            .fold(0u64, |sum, r| sum.saturating_add(r.data.len() as u64));
-        if total > svc.limits.max_batch_total {
-            return Err(BlobError::BatchTooLarge {
-                total,
-                limit: svc.limits.max_batch_total,
-            });
-        }
-        tracing::debug!(
-            blobs = request.requests.len(),
-            bytes = total,
-            "batch update"
-        );
-        let function = request.digest_function;
-        let responses = stream::iter(request.requests)
-            .map(|r| {
-                let instance = instance.clone();
-                async move {
-                    let status = match update_one(svc, &instance, function, &r).await {
-                        Ok(()) => ok_status(),
-                        Err(e) => error_status(&e),
-                    };
-                    batch_update_blobs_response::Response {
-                        digest: r.digest,
-                        status,
+    unary(
+        call,
+        |request: BatchUpdateBlobsRequest, caller| async move {
+            let instance = InstanceName::new(&request.instance_name)?;
+            caller.check(instance.as_str())?;
+            let total: u64 = request
+                .requests
+                .iter()
+                .fold(0u64, |sum, r| sum.saturating_add(r.data.len() as u64));
+            if total > svc.limits.max_batch_total {
+                return Err(BlobError::BatchTooLarge {
+                    total,
+                    limit: svc.limits.max_batch_total,
+                });
+            }
+            tracing::debug!(
+                blobs = request.requests.len(),
+                bytes = total,
+                "batch update"
+            );
+            let function = request.digest_function;
+            let responses = stream::iter(request.requests)
+                .map(|r| {
+                    let instance = instance.clone();
+                    async move {
+                        let status = match update_one(svc, &instance, function, &r).await {
+                            Ok(()) => ok_status(),
+                            Err(e) => error_status(&e),
+                        };
+                        batch_update_blobs_response::Response {
+                            digest: r.digest,
+                            status,
+                        }
                     }
-                }
-            })
-            .buffered(BATCH_PARALLELISM)
-            .collect::<Vec<_>>()
-            .await;
-        Ok(BatchUpdateBlobsResponse { responses })
-    })
+                })
+                .buffered(BATCH_PARALLELISM)
+                .collect::<Vec<_>>()
+                .await;
+            Ok(BatchUpdateBlobsResponse { responses })
+        },
+    )
     .await
 }
 
@@ -134,8 +142,9 @@ async fn update_one(
 }
 
 pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
-    unary(call, |request: BatchReadBlobsRequest| async move {
+    unary(call, |request: BatchReadBlobsRequest, caller| async move {
         let instance = InstanceName::new(&request.instance_name)?;
+        caller.check(instance.as_str())?;
         let parsed: Vec<Result<Digest, BlobError>> = request
             .digests
             .iter()

@@ -63,6 +63,9 @@ pub enum BlobError {
     /// A compressor Kiln does not advertise.
     #[error("compressor {0} is not supported; send uncompressed data (IDENTITY)")]
     Compressor(i32),
+    /// The caller may not make this call (or was not identified).
+    #[error(transparent)]
+    Denied(#[from] kiln_auth::Denied),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -106,6 +109,8 @@ impl BlobError {
             BlobError::UploadBusy(_) => Code::Aborted,
             BlobError::NotFound(_) | BlobError::UnknownUpload(_) => Code::NotFound,
             BlobError::ReadOffset { .. } => Code::OutOfRange,
+            BlobError::Denied(d) if d.unauthenticated => Code::Unauthenticated,
+            BlobError::Denied(_) => Code::PermissionDenied,
             BlobError::Store(e) => match e {
                 StoreError::Unavailable => Code::Unavailable,
                 StoreError::TooLarge { .. } => Code::InvalidArgument,

@@ -8,7 +8,7 @@ mod write;
 
 pub use error::BlobError;
 
-use crate::grpc::{Call, CallHandler, HandoffSender, Responder};
+use crate::grpc::{Call, CallHandler, Caller, HandoffSender, Responder};
 use crate::runtime::{LocalBoxFuture, Runtime};
 use crate::store::layout::Layout;
 use crate::store::CasClient;
@@ -114,9 +114,10 @@ async fn unary<Req, Resp, F, Fut>(call: Call, f: F)
 where
     Req: prost::Message + Default,
     Resp: prost::Message,
-    F: FnOnce(Req) -> Fut,
+    F: FnOnce(Req, Caller) -> Fut,
     Fut: std::future::Future<Output = Result<Resp, BlobError>>,
 {
+    let caller = call.caller();
     let (mut body, mut responder) = call.into_parts();
     let request = match body.unary::<Req>().await {
         Ok(r) => r,
@@ -127,7 +128,7 @@ where
             return;
         }
     };
-    match f(request).await {
+    match f(request, caller).await {
         Ok(response) => {
             if responder.send_message(&response).await.is_ok() {
                 responder.finish(Ok(()));

@@ -6,7 +6,7 @@
 use super::{BlobError, BlobServices};
 use crate::digest::{BlobKey, Hasher};
 use crate::grpc::codec::encode_bytes_field;
-use crate::grpc::{Call, Responder};
+use crate::grpc::{Call, Caller, Responder};
 use crate::resource::parse_read;
 use crate::store::blob_io;
 use crate::store::Found;
@@ -30,6 +30,7 @@ impl From<BlobError> for ReadEnd {
 }
 
 pub(super) async fn serve(svc: &BlobServices, call: Call) {
+    let caller = call.caller();
     let (mut body, mut responder) = call.into_parts();
     let request = match body.unary::<ReadRequest>().await {
         Ok(r) => r,
@@ -41,7 +42,7 @@ pub(super) async fn serve(svc: &BlobServices, call: Call) {
         }
     };
     tracing::debug!(resource = %request.resource_name, offset = request.read_offset, limit = request.read_limit, "read");
-    match read(svc, &request, &mut responder).await {
+    match read(svc, &request, &caller, &mut responder).await {
         Ok(()) => responder.finish(Ok(())),
         Err(ReadEnd::Failed(e)) => responder.finish(Err(e.into())),
         Err(ReadEnd::PeerGone) => {}
@@ -51,10 +52,14 @@ pub(super) async fn serve(svc: &BlobServices, call: Call) {
 async fn read(
     svc: &BlobServices,
     request: &ReadRequest,
+    caller: &Caller,
     out: &mut Responder,
 ) -> Result<(), ReadEnd> {
     let resource = parse_read(&request.resource_name).map_err(BlobError::from)?;
     let key = resource.key;
+    caller
+        .check(key.instance.as_str())
+        .map_err(BlobError::from)?;
     let size = key.digest.size;
     if request.read_offset < 0 || request.read_offset as u64 > size {
         return Err(BlobError::ReadOffset {

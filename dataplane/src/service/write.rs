@@ -7,7 +7,7 @@
 //! at once with its full size, without reading the rest of the stream.
 
 use super::{BlobError, BlobServices};
-use crate::grpc::{Call, RecvError, RequestBody};
+use crate::grpc::{Call, Caller, RecvError, RequestBody};
 use crate::resource::{parse_write, WriteResource};
 use crate::store::blob_io::TempWriter;
 use crate::store::parked::ParkedUpload;
@@ -44,8 +44,9 @@ impl From<RecvError> for WriteEnd {
 }
 
 pub(super) async fn serve(svc: &BlobServices, call: Call) {
+    let caller = call.caller();
     let (mut body, mut responder) = call.into_parts();
-    match write(svc, &mut body).await {
+    match write(svc, &mut body, &caller).await {
         Ok(committed_size) => {
             if responder
                 .send_message(&WriteResponse { committed_size })
@@ -61,7 +62,11 @@ pub(super) async fn serve(svc: &BlobServices, call: Call) {
     }
 }
 
-async fn write(svc: &BlobServices, body: &mut RequestBody) -> Result<i64, WriteEnd> {
+async fn write(
+    svc: &BlobServices,
+    body: &mut RequestBody,
+    caller: &Caller,
+) -> Result<i64, WriteEnd> {
     let first: WriteRequest = body.decode().await?.ok_or(BlobError::EmptyWrite)?;
     if first.resource_name.is_empty() {
         return Err(
@@ -69,6 +74,9 @@ async fn write(svc: &BlobServices, body: &mut RequestBody) -> Result<i64, WriteE
         );
     }
     let resource = parse_write(&first.resource_name).map_err(BlobError::from)?;
+    caller
+        .check(resource.key.instance.as_str())
+        .map_err(BlobError::from)?;
     let digest = resource.key.digest;
     tracing::debug!(resource = %first.resource_name, "write");
     if digest.size > svc.limits.cas_capacity {
@@ -268,30 +276,36 @@ fn concat(parts: Vec<Bytes>) -> Bytes {
 }
 
 pub(super) async fn serve_query(svc: &BlobServices, call: Call) {
-    super::unary(call, |request: QueryWriteStatusRequest| async move {
-        let resource = parse_write(&request.resource_name)?;
-        let size = resource.key.digest.size as i64;
-        if resource.key.digest.is_empty_blob() {
-            return Ok(QueryWriteStatusResponse {
-                committed_size: 0,
-                complete: true,
-            });
-        }
-        match svc
-            .cas
-            .query_upload(resource.upload_key(), &resource.key)
-            .await?
-        {
-            UploadStatus::Complete => Ok(QueryWriteStatusResponse {
-                committed_size: size,
-                complete: true,
-            }),
-            UploadStatus::Partial(n) => Ok(QueryWriteStatusResponse {
-                committed_size: n as i64,
-                complete: false,
-            }),
-            UploadStatus::Unknown => Err(BlobError::UnknownUpload(request.resource_name.clone())),
-        }
-    })
+    super::unary(
+        call,
+        |request: QueryWriteStatusRequest, caller| async move {
+            let resource = parse_write(&request.resource_name)?;
+            caller.check(resource.key.instance.as_str())?;
+            let size = resource.key.digest.size as i64;
+            if resource.key.digest.is_empty_blob() {
+                return Ok(QueryWriteStatusResponse {
+                    committed_size: 0,
+                    complete: true,
+                });
+            }
+            match svc
+                .cas
+                .query_upload(resource.upload_key(), &resource.key)
+                .await?
+            {
+                UploadStatus::Complete => Ok(QueryWriteStatusResponse {
+                    committed_size: size,
+                    complete: true,
+                }),
+                UploadStatus::Partial(n) => Ok(QueryWriteStatusResponse {
+                    committed_size: n as i64,
+                    complete: false,
+                }),
+                UploadStatus::Unknown => {
+                    Err(BlobError::UnknownUpload(request.resource_name.clone()))
+                }
+            }
+        },
+    )
     .await
 }

@@ -1,0 +1,414 @@
+//! The policy both planes ask: who is calling (a bearer token, else a client certificate's
+//! name, else nobody) and whether that caller may call a method on an instance.
+//! Missing or unknown credentials are `UNAUTHENTICATED`; a caller without the role the method
+//! needs on the request's instance is `PERMISSION_DENIED`, naming the method and instance.
+
+use crate::method::{need, Need};
+use crate::tokens::{TokenError, Tokens};
+use crate::{Grant, Role};
+use std::path::PathBuf;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// A caller, once identified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// `token:NAME`, `cert:NAME`, `anonymous`, or `anyone` when authorization is off.
+    pub name: String,
+    /// What it may do.
+    pub grants: Vec<Grant>,
+    unrestricted: bool,
+}
+
+impl Principal {
+    /// A caller allowed everything (authorization off).
+    pub fn unrestricted() -> Principal {
+        Principal {
+            name: "anyone".into(),
+            grants: Vec::new(),
+            unrestricted: true,
+        }
+    }
+
+    /// Whether it holds `role` on `instance`.
+    pub fn holds(&self, role: Role, instance: &str) -> bool {
+        self.unrestricted || self.grants.iter().any(|g| g.covers(role, instance))
+    }
+
+    fn meets(&self, need: Need, instance: &str) -> bool {
+        match need {
+            Need::Role(role) => self.holds(role, instance),
+            Need::AnyRole => {
+                self.unrestricted
+                    || self
+                        .grants
+                        .iter()
+                        .any(|g| g.instance.as_deref().is_none_or(|i| i == instance))
+            }
+        }
+    }
+}
+
+/// A refused call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Denied {
+    /// `UNAUTHENTICATED` (no or bad credentials) rather than `PERMISSION_DENIED`.
+    pub unauthenticated: bool,
+    /// What to tell the caller.
+    pub message: String,
+}
+
+impl Denied {
+    fn unauthenticated(message: impl Into<String>) -> Denied {
+        Denied {
+            unauthenticated: true,
+            message: message.into(),
+        }
+    }
+}
+
+/// Roles for client certificates by name (their subject's common name): an exact name, or a
+/// prefix ending in `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRule {
+    /// The name or `prefix*`.
+    pub name: String,
+    /// What such a certificate may do.
+    pub grants: Vec<Grant>,
+}
+
+impl CertificateRule {
+    fn matches(&self, name: &str) -> bool {
+        match self.name.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => self.name == name,
+        }
+    }
+}
+
+/// How callers are identified and what they may do.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Off: every caller may do everything (the loopback default).
+    pub enabled: bool,
+    /// The token file.
+    pub tokens_file: PathBuf,
+    /// Roles of client certificates, first match wins.
+    pub certificates: Vec<CertificateRule>,
+    /// Roles of callers with no credentials at all (none by default: they are refused).
+    pub anonymous: Vec<Grant>,
+}
+
+/// The policy, with the token file re-read when it changes.
+#[derive(Debug)]
+pub struct Policy {
+    settings: Settings,
+    tokens: RwLock<Tokens>,
+    stamp: Mutex<(Instant, Option<SystemTime>)>,
+    internal: RwLock<Tokens>,
+}
+
+/// How often the token file's modification time is looked at.
+const TOKEN_CHECK: Duration = Duration::from_secs(1);
+
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl Policy {
+    /// A policy from settings (reads the token file when enabled).
+    pub fn open(settings: Settings) -> Result<Policy, TokenError> {
+        let tokens = if settings.enabled {
+            Tokens::load(&settings.tokens_file)?
+        } else {
+            Tokens::default()
+        };
+        let stamp = (Instant::now(), modified(&settings.tokens_file));
+        Ok(Policy {
+            settings,
+            tokens: RwLock::new(tokens),
+            stamp: Mutex::new(stamp),
+            internal: RwLock::new(Tokens::default()),
+        })
+    }
+
+    /// Authorization off: everyone may do everything.
+    pub fn disabled() -> Policy {
+        Policy {
+            settings: Settings::default(),
+            tokens: RwLock::new(Tokens::default()),
+            stamp: Mutex::new((Instant::now(), None)),
+            internal: RwLock::new(Tokens::default()),
+        }
+    }
+
+    /// Makes a token that lives in this process only (for the worker inside `kiln serve`),
+    /// with `roles` on every instance; returns its secret.
+    pub fn internal_token(&self, name: &str, roles: &[Role]) -> Result<String, TokenError> {
+        let secret = crate::tokens::new_secret()?;
+        self.internal
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(crate::tokens::TokenEntry {
+                name: name.to_string(),
+                sha256: crate::tokens::hash(&secret),
+                roles: roles.to_vec(),
+                instances: Vec::new(),
+            });
+        Ok(secret)
+    }
+
+    /// Whether callers are checked at all.
+    pub fn enabled(&self) -> bool {
+        self.settings.enabled
+    }
+
+    /// Re-reads the token file if it changed (at most once a second).
+    fn refresh(&self) {
+        let mut stamp = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+        if stamp.0.elapsed() < TOKEN_CHECK {
+            return;
+        }
+        let now = modified(&self.settings.tokens_file);
+        stamp.0 = Instant::now();
+        if now == stamp.1 {
+            return;
+        }
+        match Tokens::load(&self.settings.tokens_file) {
+            Ok(t) => {
+                *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = t;
+                stamp.1 = now;
+                tracing::info!("token file reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the token file; keeping the tokens loaded before")
+            }
+        }
+    }
+
+    /// Identifies a caller from its client certificate's name (if it presented a verified
+    /// one) and its `authorization` header (if any). A token wins over a certificate.
+    pub fn identify(
+        &self,
+        certificate: Option<&str>,
+        authorization: Option<&[u8]>,
+    ) -> Result<Principal, Denied> {
+        if !self.settings.enabled {
+            return Ok(Principal::unrestricted());
+        }
+        if let Some(value) = authorization {
+            let value = std::str::from_utf8(value)
+                .map_err(|_| Denied::unauthenticated("the authorization header is not text"))?;
+            let secret = value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+                .ok_or_else(|| {
+                    Denied::unauthenticated("the authorization header must be \"Bearer TOKEN\"")
+                })?
+                .trim();
+            if let Some(entry) = self
+                .internal
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .find(secret)
+            {
+                return Ok(Principal {
+                    name: format!("internal:{}", entry.name),
+                    grants: entry.grants(),
+                    unrestricted: false,
+                });
+            }
+            self.refresh();
+            let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+            let entry = tokens.find(secret).ok_or_else(|| {
+                Denied::unauthenticated("unknown or revoked token (see `kiln token list`)")
+            })?;
+            return Ok(Principal {
+                name: format!("token:{}", entry.name),
+                grants: entry.grants(),
+                unrestricted: false,
+            });
+        }
+        if let Some(name) = certificate {
+            let grants = self
+                .settings
+                .certificates
+                .iter()
+                .find(|r| r.matches(name))
+                .map(|r| r.grants.clone())
+                .unwrap_or_default();
+            return Ok(Principal {
+                name: format!("cert:{name}"),
+                grants,
+                unrestricted: false,
+            });
+        }
+        if self.settings.anonymous.is_empty() {
+            return Err(Denied::unauthenticated(
+                "credentials required: a client certificate or \"authorization: Bearer TOKEN\"",
+            ));
+        }
+        Ok(Principal {
+            name: "anonymous".into(),
+            grants: self.settings.anonymous.clone(),
+            unrestricted: false,
+        })
+    }
+
+    /// Whether `principal` may call the method at `path` on `instance` (see [`authorize`]).
+    pub fn authorize(
+        &self,
+        principal: &Principal,
+        path: &str,
+        instance: &str,
+    ) -> Result<(), Denied> {
+        authorize(principal, path, Some(instance))
+    }
+}
+
+/// Whether `principal` may call the method at `path` on `instance`; `None` for calls that
+/// name no instance (operations by name, the worker API), which need the role on any instance.
+pub fn authorize(principal: &Principal, path: &str, instance: Option<&str>) -> Result<(), Denied> {
+    let Some(need) = need(path) else {
+        return Ok(());
+    };
+    let allowed = match instance {
+        Some(i) => principal.meets(need, i),
+        None => {
+            principal.unrestricted
+                || match need {
+                    Need::Role(role) => principal.grants.iter().any(|g| g.role == role),
+                    Need::AnyRole => !principal.grants.is_empty(),
+                }
+        }
+    };
+    if allowed {
+        return Ok(());
+    }
+    let wants = match need {
+        Need::Role(role) => format!("the {} role", role.name()),
+        Need::AnyRole => "a role".to_string(),
+    };
+    let place = match instance {
+        Some(i) => format!("on instance {i:?}"),
+        None => "on any instance".to_string(),
+    };
+    Err(Denied {
+        unauthenticated: false,
+        message: format!(
+            "{} may not call {path}: that needs {wants} {place}",
+            principal.name
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const READ: &str = "/google.bytestream.ByteStream/Read";
+    const WRITE: &str = "/google.bytestream.ByteStream/Write";
+    const UPDATE_AC: &str = "/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult";
+    const CAPS: &str = "/build.bazel.remote.execution.v2.Capabilities/GetCapabilities";
+
+    fn policy(dir: &std::path::Path) -> (Policy, String) {
+        let tokens_file = dir.join("tokens.toml");
+        let secret = Tokens::create(
+            &tokens_file,
+            "ci",
+            &[Role::CacheRead, Role::CacheWrite],
+            &["main".into()],
+        )
+        .unwrap();
+        let settings = Settings {
+            enabled: true,
+            tokens_file,
+            certificates: vec![
+                CertificateRule {
+                    name: "worker-*".into(),
+                    grants: Grant::all(&[Role::Worker, Role::CacheRead, Role::CacheWrite], &[]),
+                },
+                CertificateRule {
+                    name: "reader".into(),
+                    grants: Grant::all(&[Role::CacheRead], &["main".into()]),
+                },
+            ],
+            anonymous: Vec::new(),
+        };
+        (Policy::open(settings).unwrap(), secret)
+    }
+
+    #[test]
+    fn callers_are_identified_and_each_role_checked_per_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, secret) = policy(dir.path());
+        let bearer = format!("Bearer {secret}");
+        let ci = p.identify(None, Some(bearer.as_bytes())).unwrap();
+        assert_eq!(ci.name, "token:ci");
+        assert_eq!(p.authorize(&ci, READ, "main"), Ok(()));
+        assert_eq!(p.authorize(&ci, WRITE, "main"), Ok(()));
+        assert_eq!(p.authorize(&ci, CAPS, "main"), Ok(()));
+        let e = p.authorize(&ci, READ, "other").unwrap_err();
+        assert!(!e.unauthenticated);
+        assert!(
+            e.message.contains("token:ci")
+                && e.message.contains(READ)
+                && e.message.contains("\"other\""),
+            "{e}"
+        );
+        assert!(
+            p.authorize(&ci, CAPS, "other").is_err(),
+            "no role at all on that instance"
+        );
+        let e = p.authorize(&ci, UPDATE_AC, "main").unwrap_err();
+        assert!(e.message.contains("ac-write"), "{e}");
+        // Certificates by exact name or prefix; an unknown name holds nothing.
+        let w = p.identify(Some("worker-mac1"), None).unwrap();
+        assert_eq!(
+            p.authorize(&w, "/kiln.worker.v1.WorkerApi/Session", ""),
+            Ok(())
+        );
+        let r = p.identify(Some("reader"), None).unwrap();
+        assert!(p.authorize(&r, WRITE, "main").is_err());
+        let stranger = p.identify(Some("stranger"), None).unwrap();
+        assert!(p.authorize(&stranger, READ, "").is_err());
+        // A token wins over a certificate.
+        assert_eq!(
+            p.identify(Some("reader"), Some(bearer.as_bytes()))
+                .unwrap()
+                .name,
+            "token:ci"
+        );
+        // No, malformed or unknown credentials: unauthenticated.
+        for bad in [
+            None,
+            Some(&b"Basic abc"[..]),
+            Some(&b"Bearer kiln_nope"[..]),
+            Some(&[0xff, 0xfe][..]),
+        ] {
+            let e = p.identify(None, bad).unwrap_err();
+            assert!(e.unauthenticated, "{bad:?}: {e}");
+        }
+        // Paths Kiln does not serve are not its to refuse.
+        assert_eq!(p.authorize(&stranger, "/x.Y/Z", ""), Ok(()));
+    }
+
+    #[test]
+    fn off_means_everyone_and_revocation_applies_without_a_restart() {
+        let off = Policy::disabled();
+        let anyone = off.identify(None, None).unwrap();
+        assert_eq!(off.authorize(&anyone, UPDATE_AC, "x"), Ok(()));
+        let dir = tempfile::tempdir().unwrap();
+        let (p, secret) = policy(dir.path());
+        let bearer = format!("Bearer {secret}");
+        assert!(p.identify(None, Some(bearer.as_bytes())).is_ok());
+        Tokens::revoke(&dir.path().join("tokens.toml"), "ci").unwrap();
+        // The file is looked at again after a second.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.identify(None, Some(bearer.as_bytes())).is_ok() {
+            assert!(Instant::now() < deadline, "the revoked token still works");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

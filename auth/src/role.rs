@@ -1,0 +1,95 @@
+//! Roles and grants.
+
+use serde::{Deserialize, Serialize};
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Read the CAS (ByteStream Read, BatchReadBlobs, FindMissingBlobs, GetTree), read the
+    /// action cache (GetActionResult), and GetCapabilities.
+    CacheRead,
+    /// Write the CAS (ByteStream Write, QueryWriteStatus, BatchUpdateBlobs).
+    CacheWrite,
+    /// Write the action cache (UpdateActionResult).
+    AcWrite,
+    /// Run actions (Execute, WaitExecution) and see operations.
+    Execute,
+    /// Be a worker (the worker API).
+    Worker,
+    /// The status page and metrics off loopback, and token and CA commands.
+    Admin,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 6] = [
+        Role::CacheRead,
+        Role::CacheWrite,
+        Role::AcWrite,
+        Role::Execute,
+        Role::Worker,
+        Role::Admin,
+    ];
+
+    /// The role's name, as in configuration and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::CacheRead => "cache-read",
+            Role::CacheWrite => "cache-write",
+            Role::AcWrite => "ac-write",
+            Role::Execute => "execute",
+            Role::Worker => "worker",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses a role name.
+    pub fn parse(name: &str) -> Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name() == name)
+            .ok_or_else(|| {
+                format!(
+                    "unknown role {name:?}; roles are {}",
+                    Role::ALL.map(Role::name).join(", ")
+                )
+            })
+    }
+}
+
+/// A role on one instance, or on every instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// The role.
+    pub role: Role,
+    /// The instance name it applies to; `None` for all.
+    pub instance: Option<String>,
+}
+
+impl Grant {
+    /// The grants of `roles` on each of `instances` (all instances when empty).
+    pub fn all(roles: &[Role], instances: &[String]) -> Vec<Grant> {
+        let mut out = Vec::new();
+        for role in roles {
+            if instances.is_empty() {
+                out.push(Grant {
+                    role: *role,
+                    instance: None,
+                });
+            }
+            for i in instances {
+                out.push(Grant {
+                    role: *role,
+                    instance: Some(i.clone()),
+                });
+            }
+        }
+        out
+    }
+
+    /// Whether this grant covers `role` on `instance`.
+    pub fn covers(&self, role: Role, instance: &str) -> bool {
+        self.role == role && self.instance.as_deref().is_none_or(|i| i == instance)
+    }
+}

@@ -1,0 +1,249 @@
+//! Bearer tokens: `kiln token create` makes a secret, prints it once, and stores only its
+//! SHA-256 with the token's name, roles and instances in a TOML file (mode 0600) that the
+//! server re-reads when it changes. A token is presented as `authorization: Bearer SECRET`.
+
+use crate::{Grant, Role};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// A failure reading or writing the token file.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a token file.
+    #[error("{path}: {why}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A token with that name exists already.
+    #[error("a token named {0:?} exists already (revoke it first)")]
+    Exists(String),
+    /// No token has that name.
+    #[error("no token named {0:?}")]
+    Unknown(String),
+    /// The system's random source failed.
+    #[error("no randomness for a token: {0}")]
+    Random(String),
+}
+
+/// One stored token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenEntry {
+    /// Who it is for (shown in logs and errors).
+    pub name: String,
+    /// SHA-256 of the secret, hex.
+    pub sha256: String,
+    /// Its roles.
+    pub roles: Vec<Role>,
+    /// The instances they apply to; empty for all.
+    #[serde(default)]
+    pub instances: Vec<String>,
+}
+
+impl TokenEntry {
+    /// The grants this token carries.
+    pub fn grants(&self) -> Vec<Grant> {
+        Grant::all(&self.roles, &self.instances)
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct File {
+    #[serde(default)]
+    token: Vec<TokenEntry>,
+}
+
+/// The tokens of one file, by hash.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    by_hash: HashMap<String, TokenEntry>,
+}
+
+/// A fresh secret: `kiln_` and 256 random bits in hex.
+pub fn new_secret() -> Result<String, TokenError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| TokenError::Random(e.to_string()))?;
+    Ok(format!("kiln_{}", hex::encode(bytes)))
+}
+
+/// The SHA-256 of a secret, hex.
+pub fn hash(secret: &str) -> String {
+    hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+}
+
+fn read(path: &Path) -> Result<File, TokenError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| TokenError::Format {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(File::default()),
+        Err(source) => Err(TokenError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn write(path: &Path, file: &File) -> Result<(), TokenError> {
+    let io = |source| TokenError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let text = toml::to_string(file).map_err(|e| TokenError::Format {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    let temp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&temp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(io)?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&temp, path).map_err(io)
+}
+
+impl Tokens {
+    /// Reads a token file (a missing file holds no tokens).
+    pub fn load(path: &Path) -> Result<Tokens, TokenError> {
+        let file = read(path)?;
+        Ok(Tokens {
+            by_hash: file
+                .token
+                .into_iter()
+                .map(|t| (t.sha256.clone(), t))
+                .collect(),
+        })
+    }
+
+    /// Adds a token held in memory only.
+    pub fn insert(&mut self, entry: TokenEntry) {
+        self.by_hash.insert(entry.sha256.clone(), entry);
+    }
+
+    /// The token whose secret this is.
+    pub fn find(&self, secret: &str) -> Option<&TokenEntry> {
+        self.by_hash.get(&hash(secret))
+    }
+
+    /// Adds a token to the file at `path`; returns its secret (shown once, never stored).
+    pub fn create(
+        path: &Path,
+        name: &str,
+        roles: &[Role],
+        instances: &[String],
+    ) -> Result<String, TokenError> {
+        let mut file = read(path)?;
+        if file.token.iter().any(|t| t.name == name) {
+            return Err(TokenError::Exists(name.to_string()));
+        }
+        let secret = new_secret()?;
+        file.token.push(TokenEntry {
+            name: name.to_string(),
+            sha256: hash(&secret),
+            roles: roles.to_vec(),
+            instances: instances.to_vec(),
+        });
+        write(path, &file)?;
+        Ok(secret)
+    }
+
+    /// Removes the token named `name` from the file at `path`.
+    pub fn revoke(path: &Path, name: &str) -> Result<(), TokenError> {
+        let mut file = read(path)?;
+        let before = file.token.len();
+        file.token.retain(|t| t.name != name);
+        if file.token.len() == before {
+            return Err(TokenError::Unknown(name.to_string()));
+        }
+        write(path, &file)
+    }
+
+    /// Every token's name, roles and instances (never a secret: none is stored).
+    pub fn list(path: &Path) -> Result<Vec<TokenEntry>, TokenError> {
+        Ok(read(path)?.token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn tokens_are_stored_hashed_found_by_secret_and_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth/tokens.toml");
+        let secret = Tokens::create(
+            &path,
+            "ci",
+            &[Role::CacheRead, Role::Execute],
+            &["main".into()],
+        )
+        .unwrap();
+        assert!(secret.starts_with("kiln_") && secret.len() == 5 + 64);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains(&secret), "the secret itself is never stored");
+        assert!(text.contains(&hash(&secret)));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            Tokens::create(&path, "ci", &[Role::Admin], &[]),
+            Err(TokenError::Exists(_))
+        ));
+        let other = Tokens::create(&path, "bob", &[Role::CacheWrite], &[]).unwrap();
+        assert_ne!(other, secret);
+        let tokens = Tokens::load(&path).unwrap();
+        let ci = tokens.find(&secret).unwrap();
+        assert_eq!(ci.name, "ci");
+        assert_eq!(
+            ci.grants(),
+            vec![
+                Grant {
+                    role: Role::CacheRead,
+                    instance: Some("main".into())
+                },
+                Grant {
+                    role: Role::Execute,
+                    instance: Some("main".into())
+                },
+            ]
+        );
+        assert!(tokens.find("kiln_wrong").is_none());
+        Tokens::revoke(&path, "ci").unwrap();
+        assert!(Tokens::load(&path).unwrap().find(&secret).is_none());
+        assert!(Tokens::load(&path).unwrap().find(&other).is_some());
+        assert!(matches!(
+            Tokens::revoke(&path, "ci"),
+            Err(TokenError::Unknown(_))
+        ));
+        std::fs::write(&path, "not = [valid").unwrap();
+        assert!(matches!(
+            Tokens::load(&path),
+            Err(TokenError::Format { .. })
+        ));
+    }
+}

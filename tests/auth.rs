@@ -1,0 +1,348 @@
+//! `[auth]` against a real `kiln serve`: tokens made with `kiln token create`, every role
+//! allowed and refused on both planes (blob methods checked on the data-plane core, the rest
+//! in the control plane), per instance, with the right codes and messages; the embedded
+//! worker's own token; revocation without a restart.
+
+#[macro_use]
+mod common;
+
+use common::blobs::{digest, pseudo_random, read_name, write_name, write_requests};
+use common::{Kiln, Options};
+use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::bytestream::{QueryWriteStatusRequest, ReadRequest};
+use kiln_proto::longrunning::operations_client::OperationsClient;
+use kiln_proto::longrunning::GetOperationRequest;
+use kiln_proto::reapi::action_cache_client::ActionCacheClient;
+use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::execution_client::ExecutionClient;
+use kiln_proto::reapi::{
+    batch_update_blobs_request, digest_function::Value as Function, ActionResult,
+    BatchReadBlobsRequest, BatchUpdateBlobsRequest, ExecuteRequest, FindMissingBlobsRequest,
+    GetActionResultRequest, GetCapabilitiesRequest, UpdateActionResultRequest,
+};
+use kiln_proto::worker::worker_api_client::WorkerApiClient;
+use std::path::Path;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const F: Function = Function::Sha256;
+
+/// Adds `authorization: Bearer TOKEN` when a token is given.
+#[derive(Clone)]
+struct Bearer(Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        Ok(r)
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+/// Every client, with one caller's credentials.
+struct As {
+    ch: Channel,
+    token: Bearer,
+}
+
+impl As {
+    fn cas(&self) -> ContentAddressableStorageClient<Authed> {
+        ContentAddressableStorageClient::with_interceptor(self.ch.clone(), self.token.clone())
+    }
+    fn bytestream(&self) -> ByteStreamClient<Authed> {
+        ByteStreamClient::with_interceptor(self.ch.clone(), self.token.clone())
+    }
+    fn ac(&self) -> ActionCacheClient<Authed> {
+        ActionCacheClient::with_interceptor(self.ch.clone(), self.token.clone())
+    }
+
+    /// The status code of each method, called on `instance` (OK = 0).
+    async fn codes(&self, instance: &str) -> Vec<(&'static str, Code)> {
+        let data = pseudo_random(3, 1000);
+        let d = digest(F, &data);
+        let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |s| s.code());
+        let mut out = Vec::new();
+        out.push((
+            "FindMissingBlobs",
+            code(
+                self.cas()
+                    .find_missing_blobs(FindMissingBlobsRequest {
+                        instance_name: instance.into(),
+                        blob_digests: vec![d.clone()],
+                        digest_function: F as i32,
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+        ));
+        out.push((
+            "BatchUpdateBlobs",
+            code(
+                self.cas()
+                    .batch_update_blobs(BatchUpdateBlobsRequest {
+                        instance_name: instance.into(),
+                        requests: vec![batch_update_blobs_request::Request {
+                            digest: Some(d.clone()),
+                            data: data.clone().into(),
+                            compressor: 0,
+                        }],
+                        digest_function: F as i32,
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+        ));
+        out.push((
+            "BatchReadBlobs",
+            code(
+                self.cas()
+                    .batch_read_blobs(BatchReadBlobsRequest {
+                        instance_name: instance.into(),
+                        digests: vec![d.clone()],
+                        acceptable_compressors: vec![],
+                        digest_function: F as i32,
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+        ));
+        let write = write_requests(&write_name(instance, F, &d), &data, 1000, 0);
+        out.push((
+            "Write",
+            code(
+                self.bytestream()
+                    .write(tokio_stream::iter(write))
+                    .await
+                    .map(|_| ()),
+            ),
+        ));
+        out.push((
+            "QueryWriteStatus",
+            code(
+                self.bytestream()
+                    .query_write_status(QueryWriteStatusRequest {
+                        resource_name: write_name(instance, F, &d),
+                    })
+                    .await
+                    .map(|_| ()),
+            )
+            .max_ok(Code::NotFound),
+        ));
+        let read = async {
+            let mut s = self
+                .bytestream()
+                .read(ReadRequest {
+                    resource_name: read_name(instance, F, &d),
+                    read_offset: 0,
+                    read_limit: 0,
+                })
+                .await?
+                .into_inner();
+            while s.message().await?.is_some() {}
+            Ok(())
+        };
+        out.push(("Read", code(read.await).max_ok(Code::NotFound)));
+        out.push((
+            "GetActionResult",
+            code(
+                self.ac()
+                    .get_action_result(GetActionResultRequest {
+                        instance_name: instance.into(),
+                        action_digest: Some(d.clone()),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+            )
+            .max_ok(Code::NotFound),
+        ));
+        out.push((
+            "UpdateActionResult",
+            code(
+                self.ac()
+                    .update_action_result(UpdateActionResultRequest {
+                        instance_name: instance.into(),
+                        action_digest: Some(d.clone()),
+                        action_result: Some(ActionResult::default()),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+            )
+            .max_ok(Code::InvalidArgument)
+            .max_ok(Code::FailedPrecondition),
+        ));
+        out.push((
+            "GetCapabilities",
+            code(
+                CapabilitiesClient::with_interceptor(self.ch.clone(), self.token.clone())
+                    .get_capabilities(GetCapabilitiesRequest {
+                        instance_name: instance.into(),
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+        ));
+        out.push((
+            "Execute",
+            code(
+                ExecutionClient::with_interceptor(self.ch.clone(), self.token.clone())
+                    .execute(ExecuteRequest {
+                        instance_name: instance.into(),
+                        action_digest: Some(d.clone()),
+                        digest_function: F as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+            )
+            .max_ok(Code::FailedPrecondition)
+            .max_ok(Code::InvalidArgument),
+        ));
+        out.push((
+            "GetOperation",
+            code(
+                OperationsClient::with_interceptor(self.ch.clone(), self.token.clone())
+                    .get_operation(GetOperationRequest {
+                        name: "operations/none".into(),
+                    })
+                    .await
+                    .map(|_| ()),
+            )
+            .max_ok(Code::NotFound),
+        ));
+        let session = async {
+            // No Hello: a caller that passes the check is told INVALID_ARGUMENT at once.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            drop(tx);
+            WorkerApiClient::with_interceptor(self.ch.clone(), self.token.clone())
+                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map(|_| ())
+        };
+        out.push((
+            "WorkerApi.Session",
+            code(session.await).max_ok(Code::InvalidArgument),
+        ));
+        out
+    }
+}
+
+/// Treats an expected non-auth error (the call got past the check) as OK.
+trait PastTheCheck {
+    fn max_ok(self, passed: Code) -> Code;
+}
+
+impl PastTheCheck for Code {
+    fn max_ok(self, passed: Code) -> Code {
+        if self == passed {
+            Code::Ok
+        } else {
+            self
+        }
+    }
+}
+
+fn kiln_token(data_dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("token")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+on_every_runtime! {
+    async fn every_role_is_allowed_and_refused_on_both_planes(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let token = |name: &str, roles: &str, instance: Option<&str>| {
+            let mut args = vec!["create", "--name", name, "--role", roles];
+            if let Some(i) = instance {
+                args.extend(["--instance", i]);
+            }
+            kiln_token(&data_dir, &args)
+        };
+        let reader = token("reader", "cache-read", Some("main"));
+        let writer = token("writer", "cache-write,cache-read", None);
+        let acw = token("acw", "ac-write", None);
+        let exec = token("exec", "execute,cache-read,cache-write", None);
+        let worker = token("worker", "worker", None);
+        let listed = kiln_token(&data_dir, &["list"]);
+        assert!(listed.contains("reader\tcache-read\tmain") && !listed.contains(&reader), "{listed}");
+        let options = Options { config: Some("[auth]\nenabled = true\n".into()), ..Options::on(rt) };
+        let d2 = data_dir.clone();
+        let kiln = tokio::task::spawn_blocking(move || Kiln::start_with(&d2, options)).await.unwrap();
+        let ch = kiln.channel().await;
+        let caller = |t: Option<&String>| As { ch: ch.clone(), token: Bearer(t.cloned()) };
+        use Code::{Ok as Y, PermissionDenied as N, Unauthenticated as U};
+        let expect = |who: &str, got: Vec<(&str, Code)>, want: [Code; 12]| {
+            for ((method, g), w) in got.iter().zip(want) {
+                assert_eq!(*g, w, "{who}: {method}");
+            }
+        };
+        let names = ["FindMissingBlobs", "BatchUpdateBlobs", "BatchReadBlobs", "Write", "QueryWriteStatus", "Read", "GetActionResult", "UpdateActionResult", "GetCapabilities", "Execute", "GetOperation", "WorkerApi.Session"];
+        assert_eq!(caller(None).codes("main").await.iter().map(|(m, _)| *m).collect::<Vec<_>>(), names);
+        expect("no token", caller(None).codes("main").await, [U; 12]);
+        expect("bad token", caller(Some(&"kiln_bogus".to_string())).codes("main").await, [U; 12]);
+        //                                          FMB BUB BRB Wr QWS Rd GAR UAR Cap Exe Op Wkr
+        expect("reader@main", caller(Some(&reader)).codes("main").await, [Y, N, Y, N, N, Y, Y, N, Y, N, N, N]);
+        expect("reader@other", caller(Some(&reader)).codes("other").await, [N; 12]);
+        expect("writer", caller(Some(&writer)).codes("main").await, [Y, Y, Y, Y, Y, Y, Y, N, Y, N, N, N]);
+        expect("acw", caller(Some(&acw)).codes("main").await, [N, N, N, N, N, N, N, Y, Y, N, N, N]);
+        expect("exec", caller(Some(&exec)).codes("x").await, [Y, Y, Y, Y, Y, Y, Y, N, Y, Y, Y, N]);
+        expect("worker", caller(Some(&worker)).codes("main").await, [N, N, N, N, N, N, N, N, Y, N, N, Y]);
+        // The refusal names the caller, the method and the instance.
+        let e = caller(Some(&reader)).cas().batch_update_blobs(BatchUpdateBlobsRequest { instance_name: "main".into(), ..Default::default() }).await.unwrap_err();
+        assert!(e.message().contains("token:reader") && e.message().contains("BatchUpdateBlobs") && e.message().contains("\"main\"") && e.message().contains("cache-write"), "{e:?}");
+        // Revoked: refused within seconds, no restart.
+        kiln_token(&data_dir, &["revoke", "reader"]);
+        common::eventually("the revoked token to be refused", || {
+            let c = caller(Some(&reader));
+            async move {
+                let r = c.cas().find_missing_blobs(FindMissingBlobsRequest { instance_name: "main".into(), ..Default::default() }).await;
+                matches!(r, Err(s) if s.code() == Code::Unauthenticated).then_some(())
+            }
+        })
+        .await;
+        kiln.stop().await;
+    }
+}
+
+// Callers without credentials may cache and execute here but hold no worker role: the
+// embedded worker still runs the action, with the token that exists only in the server.
+on_every_runtime! {
+    async fn the_embedded_worker_has_its_own_token(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[auth]\nenabled = true\nanonymous_roles = [\"cache-read\", \"cache-write\", \"execute\"]\n".into()),
+            ..Options::on(rt)
+        };
+        let d = dir.path().join("data");
+        let kiln = tokio::task::spawn_blocking(move || Kiln::start_with(&d, options)).await.unwrap();
+        let ch = kiln.channel().await;
+        let spec = common::exec::Spec::script("echo authorised");
+        let (_, r) = common::exec::execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(common::exec::code(&r), 0, "{r:?}");
+        // An anonymous caller cannot pose as a worker.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        drop(tx);
+        let e = WorkerApiClient::new(ch.clone()).session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        kiln.stop().await;
+    }
+}
