@@ -385,3 +385,58 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+/// A tmpfs of `size` mounted on `dir` for the test (a real full disk, no fake), unmounted on
+/// drop; `None` where this process may not mount (not root).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| SmallDisk(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+// A disk that fills up mid-upload: RESOURCE_EXHAUSTED, no temp file left behind, and the
+// server keeps serving.
+on_every_runtime! {
+    async fn a_full_disk_is_resource_exhausted_and_leaves_nothing(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("small");
+        let Some(_disk) = SmallDisk::mount(&data_dir, "3m") else {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+            return;
+        };
+        let options = Options {
+            // The cap is above the disk: only the disk itself can say no.
+            config: Some("[storage]\ndisk_bytes = \"1 GiB\"\nmemory_bytes = 0\n".into()),
+            ..Options::on(rt)
+        };
+        let d2 = data_dir.clone();
+        let kiln = tokio::task::spawn_blocking(move || Kiln::start_with(&d2, options)).await.unwrap();
+        let ch = kiln.channel().await;
+        let big = pseudo_random(31, 8 << 20);
+        let name = write_name("", Function::Sha256, &digest(Function::Sha256, &big));
+        assert_code(blobs::write(&ch, &name, &big, 1 << 20).await, Code::ResourceExhausted, "No space left");
+        let leftovers: Vec<_> = std::fs::read_dir(data_dir.join("tmp"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+        let small = b"room for this".to_vec();
+        let name = write_name("", Function::Sha256, &digest(Function::Sha256, &small));
+        blobs::write(&ch, &name, &small, 64).await.unwrap();
+        kiln.stop().await;
+    }
+}

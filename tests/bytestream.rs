@@ -4,7 +4,7 @@
 mod common;
 
 use common::blobs::{self, digest, pseudo_random, read_name, write_name};
-use common::{eventually, Kiln};
+use common::{eventually, Kiln, Options};
 use futures::StreamExt;
 use kiln_proto::bytestream::WriteRequest;
 use kiln_proto::reapi::digest_function::Value as Function;
@@ -247,6 +247,43 @@ on_every_runtime! {
         assert_eq!(err.code(), Code::NotFound);
         // It was kept for resumption, at the offset where it stopped.
         assert_eq!(blobs::query(&ch, &name).await.unwrap(), (1000, false));
+        kiln.stop().await;
+    }
+}
+
+// A client that opens a Write and then sends nothing does not hold the stream for ever: after
+// server.stalled_upload_secs the call ends with DEADLINE_EXCEEDED and what it sent is parked,
+// so the client can resume from QueryWriteStatus.
+on_every_runtime! {
+    async fn a_stalled_upload_is_ended_and_parked(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[server]\nstalled_upload_secs = 1\n".into()),
+            ..Options::on(rt)
+        };
+        let kiln = Kiln::start_with(dir.path(), options);
+        let ch = kiln.channel().await;
+        let f = Function::Sha256;
+        let data = pseudo_random(21, 200_000);
+        let d = digest(f, &data);
+        let name = write_name("", f, &d);
+        let upload = blobs::open_upload(&ch);
+        let half = 80_000;
+        upload
+            .tx
+            .send(WriteRequest { resource_name: name.clone(), write_offset: 0, finish_write: false, data: data[..half].to_vec().into() })
+            .await
+            .unwrap();
+        // The sender stays open and silent: the server ends the call by itself.
+        let err = upload.call.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        assert!(err.message().contains("QueryWriteStatus"), "{err:?}");
+        assert_eq!(blobs::query(&ch, &name).await.unwrap(), (half as i64, false));
+        let rest = blobs::write_requests(&name, &data, 50_000, half);
+        let done = blobs::bytestream(&ch).write(tokio_stream::iter(rest)).await.unwrap().into_inner();
+        assert_eq!(done.committed_size, data.len() as i64);
+        assert_eq!(blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(), data);
+        drop(upload.tx);
         kiln.stop().await;
     }
 }

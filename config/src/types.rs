@@ -208,6 +208,9 @@ pub struct ServerConfig {
     pub shard_queue_depth: usize,
     /// Seconds to wait for in-flight requests after SIGTERM/SIGINT before exiting.
     pub shutdown_grace_secs: u64,
+    /// A ByteStream Write that sends nothing for this long is ended and its upload parked for
+    /// resumption (seconds; 0: never).
+    pub stalled_upload_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -224,6 +227,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: d::max_concurrent_streams(),
             shard_queue_depth: d::shard_queue_depth(),
             shutdown_grace_secs: d::shutdown_grace_secs(),
+            stalled_upload_secs: 60,
         }
     }
 }

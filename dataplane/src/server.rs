@@ -121,6 +121,8 @@ impl DataPlane {
             inline_read: config.storage.memory_max_blob_bytes.as_u64(),
             cas_capacity: config.storage.disk_bytes.as_u64(),
             fsync: config.storage.fsync,
+            stalled_upload: (config.server.stalled_upload_secs > 0)
+                .then(|| Duration::from_secs(config.server.stalled_upload_secs)),
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let mut threads = Vec::with_capacity(shards);

@@ -27,6 +27,13 @@ pub enum BlobError {
     /// A `Write` stream carried no message.
     #[error("Write stream carried no WriteRequest")]
     EmptyWrite,
+    /// The client sent nothing for too long; the upload was parked and can be resumed.
+    #[error("no data for {secs} s (server.stalled_upload_secs): upload parked at offset {committed} of {size}; resume after QueryWriteStatus")]
+    Stalled {
+        secs: u64,
+        committed: u64,
+        size: u64,
+    },
     /// The stream ended before `finish_write`; the upload can be resumed.
     #[error("stream ended at offset {committed} of {size} without finish_write; resume after QueryWriteStatus")]
     Unfinished { committed: u64, size: u64 },
@@ -107,6 +114,7 @@ impl BlobError {
             | BlobError::DataHash { .. }
             | BlobError::Compressor(_) => Code::InvalidArgument,
             BlobError::UploadBusy(_) => Code::Aborted,
+            BlobError::Stalled { .. } => Code::DeadlineExceeded,
             BlobError::NotFound(_) | BlobError::UnknownUpload(_) => Code::NotFound,
             BlobError::ReadOffset { .. } => Code::OutOfRange,
             BlobError::Denied(d) if d.unauthenticated => Code::Unauthenticated,

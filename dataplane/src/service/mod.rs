@@ -46,6 +46,8 @@ pub struct BlobLimits {
     pub cas_capacity: u64,
     /// fsync uploads before acknowledging them.
     pub fsync: bool,
+    /// A Write that sends nothing for this long is ended and parked.
+    pub stalled_upload: Option<std::time::Duration>,
 }
 
 /// The blob services of one shard.

@@ -198,7 +198,24 @@ impl Upload<'_> {
             if self.state.is_finished() {
                 return self.commit().await;
             }
-            message = match body.decode::<WriteRequest>().await? {
+            let next = Box::pin(body.decode::<WriteRequest>());
+            let next = match self.svc.limits.stalled_upload {
+                None => next.await,
+                Some(limit) => {
+                    match futures::future::select(next, self.svc.runtime.sleep(limit)).await {
+                        futures::future::Either::Left((next, _)) => next,
+                        futures::future::Either::Right(_) => {
+                            return Err(BlobError::Stalled {
+                                secs: limit.as_secs(),
+                                committed: self.state.committed(),
+                                size: self.state.digest().size,
+                            }
+                            .into())
+                        }
+                    }
+                }
+            };
+            message = match next? {
                 Some(m) => m,
                 None => {
                     return Err(BlobError::Unfinished {
@@ -233,7 +250,8 @@ impl Upload<'_> {
     async fn end(mut self, upload_key: String, result: &Result<i64, WriteEnd>) {
         let park = match (result, self.writer.take()) {
             (Err(WriteEnd::PeerGone), Some(w))
-            | (Err(WriteEnd::Failed(BlobError::Unfinished { .. })), Some(w)) => {
+            | (Err(WriteEnd::Failed(BlobError::Unfinished { .. })), Some(w))
+            | (Err(WriteEnd::Failed(BlobError::Stalled { .. })), Some(w)) => {
                 match w.suspend().await {
                     Ok((temp, written)) if written == self.state.committed() => {
                         let (committed, hasher) = self.state.clone().into_parts();
