@@ -673,3 +673,38 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+// Bounds on what an Execute may ask for: more distinct inputs than
+// execution.max_input_digests is INVALID_ARGUMENT naming the limit; and many missing inputs
+// give a PreconditionFailure that lists the first 32 and says how many there are in all.
+on_every_runtime! {
+    async fn input_trees_and_precondition_failures_are_bounded(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start_with(
+            &dir.path().join("server"),
+            Options {
+                config: Some("[execution]\nmax_input_digests = 50\n".into()),
+                ..Options::on(rt)
+            },
+        );
+        let ch = kiln.channel().await;
+        let files = |n: usize, what: &str| {
+            (0..n).fold(Tree::default(), |t, i| t.file(&format!("in/{i}"), format!("{what} {i}").as_bytes(), false))
+        };
+        let wide = Spec { tree: files(60, "input"), ..Spec::script("true") };
+        let err = execute(&ch, F, &wide.upload(&ch, F).await, false).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("50") && err.message().contains("max_input_digests"), "{err:?}");
+        // 40 inputs, none uploaded (the Directory messages are).
+        let missing = Spec { tree: files(40, "never uploaded"), ..Spec::script("true") };
+        let action = missing.upload_only(&ch, F, |data| !data.starts_with(b"never uploaded ")).await;
+        let err = execute(&ch, F, &action, false).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("40 blob(s)") && err.message().contains("8 more"), "{err:?}");
+        let status = kiln_proto::google::rpc::Status::decode(err.details()).unwrap();
+        let failure = PreconditionFailure::decode(status.details[0].value.as_slice()).unwrap();
+        assert_eq!(failure.violations.len(), 32);
+        assert!(failure.violations.iter().all(|v| v.r#type == "MISSING" && v.subject.starts_with("blobs/")));
+        kiln.stop().await;
+    }
+}

@@ -175,6 +175,17 @@ impl Spec {
         f: Function,
         skip: Option<&[u8]>,
     ) -> reapi::Digest {
+        self.upload_only(ch, f, |data| Some(data) != skip).await
+    }
+
+    /// Uploads the action's blobs whose content `keep` accepts (the Action and Command are
+    /// always uploaded).
+    pub async fn upload_only(
+        &self,
+        ch: &Channel,
+        f: Function,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> reapi::Digest {
         let platform = reapi::Platform {
             properties: self
                 .platform
@@ -196,6 +207,7 @@ impl Spec {
             ..Default::default()
         };
         let (root, mut blobs) = self.tree.blobs(f);
+        blobs.retain(|(_, data)| keep(data));
         let command_bytes = command.encode_to_vec();
         let command_digest = digest(f, &command_bytes);
         let action = Action {
@@ -213,7 +225,6 @@ impl Spec {
         let action_digest = digest(f, &action_bytes);
         blobs.push((command_digest, command_bytes));
         blobs.push((action_digest.clone(), action_bytes));
-        blobs.retain(|(_, data)| Some(data.as_slice()) != skip);
         upload(ch, f, blobs).await;
         action_digest
     }
