@@ -3,7 +3,7 @@
 
 use crate::cli::ServeArgs;
 use crate::signals::wait_for_signal;
-use crate::worker::{default_name, max_inflight, RunningWorker};
+use crate::worker::{default_name, max_inflight, run_as_user, RunningWorker};
 use anyhow::Context;
 use kiln_auth::Role;
 use kiln_config::Config;
@@ -140,6 +140,7 @@ fn start_embedded_worker(
         exec_cache,
         fetch_parallelism: config.worker.fetch_parallelism,
         contain: kiln_worker::contain::Containment::detect(),
+        run_as: run_as_user(config)?,
     });
     // Over TLS when the port has it, trusting exactly this server's certificate.
     let link = match tls {

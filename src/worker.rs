@@ -72,6 +72,16 @@ pub fn default_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// The user actions run as, from `worker.run_as_user`.
+pub fn run_as_user(config: &Config) -> anyhow::Result<Option<kiln_worker::run_as::RunAs>> {
+    config
+        .worker
+        .run_as_user
+        .as_deref()
+        .map(|u| kiln_worker::run_as::RunAs::lookup(u).map_err(anyhow::Error::msg))
+        .transpose()
+}
+
 /// Actions at once: the configured number, or one per core.
 pub fn max_inflight(config: &Config) -> usize {
     match config.worker.max_inflight {
@@ -141,6 +151,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             exec_cache,
             fetch_parallelism: config.worker.fetch_parallelism,
             contain: kiln_worker::contain::Containment::detect(),
+            run_as: run_as_user(&config)?,
         })
     };
     let worker = RunningWorker::start(

@@ -708,3 +708,44 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+// worker.run_as_user: the action runs as that user and cannot make its (worker-owned,
+// read-only) inputs writable, so the CAS copy stays intact without relying on the tamper
+// check; it still creates its outputs in its own tree.
+on_every_runtime! {
+    async fn actions_run_as_another_user_cannot_touch_their_inputs(rt: Runtime) {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: run_as_user needs the worker to run as root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // The action user must be able to reach its directory.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let kiln = Kiln::start_with(
+            &dir.path().join("server"),
+            Options {
+                config: Some("[worker]\nrun_as_user = \"nobody\"\n".into()),
+                ..Options::on(rt)
+            },
+        );
+        let ch = kiln.channel().await;
+        let original = b"owned by the worker".to_vec();
+        let spec = Spec {
+            tree: Tree::default().file("in", &original, false),
+            outputs: vec!["out/uid".into(), "out/seen".into()],
+            ..Spec::script("id -u > out/uid; chmod u+w in 2>/dev/null && echo tampered > in; cat in > out/seen")
+        };
+        let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        let r = r.result.unwrap();
+        let file = |name: &str| r.output_files.iter().find(|f| f.path == name).unwrap().digest.clone().unwrap();
+        let nobody = std::process::Command::new("id").args(["-u", "nobody"]).output().unwrap().stdout;
+        assert_eq!(read(&ch, &file("out/uid")).await, nobody);
+        assert_eq!(read(&ch, &file("out/seen")).await, original, "the input could not be changed");
+        let d = common::blobs::digest(F, &original);
+        assert!(blobs::find_missing(&ch, "", F, vec![d.clone()]).await.is_empty());
+        assert_eq!(read(&ch, &d).await, original);
+        kiln.stop().await;
+    }
+}

@@ -422,6 +422,8 @@ pub struct WorkerConfig {
     pub tls_key: Option<PathBuf>,
     /// A file holding a bearer token the worker presents (first line).
     pub token_file: Option<PathBuf>,
+    /// Run actions as this user (name or uid); the worker must run as root.
+    pub run_as_user: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -438,6 +440,7 @@ impl Default for WorkerConfig {
             tls_cert: None,
             tls_key: None,
             token_file: None,
+            run_as_user: None,
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct WorkerContext {
     pub fetch_parallelism: usize,
     /// How actions' processes are kept together and killed.
     pub contain: crate::contain::Containment,
+    /// The user actions run as (`worker.run_as_user`), if not the worker's own.
+    pub run_as: Option<crate::run_as::RunAs>,
 }
 
 /// Progress reported while an action runs.
@@ -184,6 +186,13 @@ async fn attempt(
         .map_err(|e| ActionError::BadInput(e.to_string()))?;
     let cwd = wd.iter().fold(root.clone(), |p, c| p.join(c));
     create_output_parents(command, &root, &wd)?;
+    if let Some(user) = ctx.run_as.clone() {
+        let tree = root.clone();
+        tokio::task::spawn_blocking(move || user.give_directories(&tree))
+            .await
+            .map_err(|e| ActionError::io("chown", &root, std::io::Error::other(e)))?
+            .map_err(|e| ActionError::io("chown", &root, e))?;
+    }
     let spec = RunSpec {
         argv: command.arguments.clone(),
         env: command
@@ -198,6 +207,7 @@ async fn attempt(
         id: dir
             .file_name()
             .map_or_else(|| "action".into(), |n| n.to_string_lossy().into_owned()),
+        run_as: ctx.run_as.clone(),
     };
     metadata.execution_start_timestamp = Some(now());
     let end = run(&spec, &ctx.contain, kill).await?;

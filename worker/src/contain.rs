@@ -181,6 +181,7 @@ impl Jail {
         args: &[String],
         cwd: &Path,
         path: Option<&str>,
+        run_as: Option<&crate::run_as::RunAs>,
     ) -> io::Result<tokio::process::Command> {
         let found = find_program(program, cwd, path)?;
         match &self.dir {
@@ -190,6 +191,9 @@ impl Jail {
                     .arg("-c")
                     .arg(ENTER)
                     .arg(dir.join("cgroup.procs"))
+                    // Dropped to the action user after the cgroup is entered (only root may
+                    // move a process into it).
+                    .args(run_as.and_then(|r| r.setpriv_argv()).unwrap_or_default())
                     .arg(program)
                     .args(args)
                     .process_group(0);
@@ -198,6 +202,9 @@ impl Jail {
             None => {
                 let mut command = tokio::process::Command::new(found);
                 command.arg0(program).args(args);
+                if let Some(r) = run_as {
+                    command.uid(r.uid).gid(r.gid);
+                }
                 // SAFETY: the closure runs between fork and exec and calls only setsid, which
                 // is async-signal-safe.
                 unsafe {

@@ -14,6 +14,7 @@ pub mod materialise;
 pub mod outputs;
 pub mod remote;
 pub mod run;
+pub mod run_as;
 pub mod session;
 pub mod tamper;
 

@@ -29,6 +29,8 @@ pub struct RunSpec {
     pub timeout: Duration,
     /// Names the action's cgroup: unique among the worker's running actions.
     pub id: String,
+    /// Runs the action as this user.
+    pub run_as: Option<crate::run_as::RunAs>,
 }
 
 /// How the process ended.
@@ -71,7 +73,13 @@ pub async fn run(
         source,
     };
     let mut command = jail
-        .command(program, &spec.argv[1..], &spec.cwd, path)
+        .command(
+            program,
+            &spec.argv[1..],
+            &spec.cwd,
+            path,
+            spec.run_as.as_ref(),
+        )
         .map_err(spawn_error)?;
     command
         .env_clear()
@@ -201,6 +209,7 @@ mod tests {
             stderr: dir.join("err"),
             timeout,
             id: uuid::Uuid::new_v4().simple().to_string(),
+            run_as: None,
         }
     }
 
