@@ -38,6 +38,12 @@ pub fn policy(config: &Config) -> anyhow::Result<Arc<Policy>> {
         .certificates
         .iter()
         .map(|c| {
+            let rule_roles = roles(&c.roles, &format!("auth.certificates {:?}", c.name))?;
+            anyhow::ensure!(
+                !rule_roles.contains(&Role::Worker) || c.instances.is_empty(),
+                "auth.certificates {:?}: the worker role cannot be limited to instances yet (workers run actions of every instance)",
+                c.name
+            );
             Ok(CertificateRule {
                 name: c.name.clone(),
                 grants: Grant::all(
@@ -101,4 +107,14 @@ pub fn token(command: TokenCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Re-reads the token file every second, off the data plane, until the process ends.
+pub async fn reload_loop(policy: Arc<Policy>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let p = policy.clone();
+        let _ = tokio::task::spawn_blocking(move || p.reload_if_changed()).await;
+    }
 }

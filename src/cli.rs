@@ -108,6 +108,10 @@ pub struct WorkerArgs {
     /// A file holding a bearer token to present (overrides worker.token_file).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Serve the local CAS on a non-loopback address anyway (it has no TLS or authorization
+    /// yet: anyone who can reach it can read and write it).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// `kiln ca …`: the farm CA of `[tls] mode = "auto"`.

@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     crate::tls::check_exposure(&config, args.insecure)?;
+    crate::tls::warn_dead_certificate_rules(&config);
     let data_dir = &config.storage.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
@@ -45,6 +46,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .spawn(crate::tls::reload_loop(t.tls.clone(), check));
     }
     let policy = crate::auth::policy(&config)?;
+    if policy.enabled() {
+        control
+            .runtime()
+            .spawn(crate::auth::reload_loop(policy.clone()));
+    }
     let mut data = DataPlane::start(
         &config,
         store,
@@ -147,7 +153,7 @@ fn start_embedded_worker(
         None => Link::new(&format!("grpc://{addr}"), None)?,
         Some(t) => Link::new(
             &format!("grpcs://{addr}"),
-            Some(crate::tls::embedded_client(t)?),
+            Some(crate::tls::embedded_client(config, t)?),
         )?,
     };
     // With [auth] on, it presents a token that exists in this process only.

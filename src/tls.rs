@@ -109,13 +109,34 @@ pub async fn reload_loop(tls: Arc<ServerTls>, check_every: Duration) {
 }
 
 /// The client config the worker inside `kiln serve` uses for its own server: exactly the
-/// server's certificate, pinned.
-pub fn embedded_client(tls: &TlsAccept) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let certs = kiln_tls::pem::certificates(&tls.tls.files().cert)?;
-    Ok(kiln_tls::client::config(
-        Trust::Pinned(certs[0].clone()),
-        None,
-    )?)
+/// certificate the server presents at that moment (so rotations are followed), and a client
+/// certificate when the server asks for one: issued in memory by the farm CA in auto mode,
+/// `[worker] tls_cert`/`tls_key` in files mode.
+pub fn embedded_client(
+    config: &Config,
+    tls: &TlsAccept,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let server = tls.tls.clone();
+    let trust = Trust::Current(Arc::new(move || server.leaf()));
+    let identity = match (config.tls.mode, config.tls.client_auth) {
+        (_, ClientAuthMode::None) => None,
+        (TlsMode::Auto, _) => {
+            let (cert, key) = farm(config).issue(
+                &["kiln-embedded-worker".to_string()],
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            )?;
+            Some(ClientIdentity::from_pem(&cert, &key)?)
+        }
+        _ => match (&config.worker.tls_cert, &config.worker.tls_key) {
+            (Some(c), Some(k)) => Some(ClientIdentity::from_files(c, k)?),
+            _ if config.tls.client_auth == ClientAuthMode::Required => anyhow::bail!(
+                "tls.client_auth = \"required\" in files mode: give the embedded worker a client \
+                 certificate ([worker] tls_cert and tls_key), or set [worker] embedded = false"
+            ),
+            _ => None,
+        },
+    };
+    Ok(kiln_tls::client::config(trust, identity)?)
 }
 
 /// The client config of `kiln worker`, from `[worker] tls_*`; `None` without a CA.
@@ -146,16 +167,25 @@ pub fn export_ca(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses to serve a non-loopback address in the clear (the main port without TLS, or the
-/// admin listener, which has no TLS yet) unless the operator says `--insecure`, which is
-/// logged as a warning on every start.
+/// Refuses to serve a non-loopback address unless every caller is both encrypted and
+/// authenticated: the main port needs TLS *and* either `[auth]` or required client
+/// certificates (TLS alone would let any host on the network run commands), and the admin
+/// listener (plain HTTP, no TLS yet) must stay on loopback. `--insecure` overrides, with a
+/// warning on every start.
 pub fn check_exposure(config: &Config, insecure: bool) -> anyhow::Result<()> {
     let mut open = Vec::new();
-    if config.tls.mode == TlsMode::Off && !config.server.listen.ip().is_loopback() {
-        open.push(format!(
-            "the main port {} without TLS (set [tls] mode = \"auto\")",
-            config.server.listen
-        ));
+    if !config.server.listen.ip().is_loopback() {
+        if config.tls.mode == TlsMode::Off {
+            open.push(format!(
+                "the main port {} without TLS (set [tls] mode = \"auto\")",
+                config.server.listen
+            ));
+        } else if !config.auth.enabled && config.tls.client_auth != ClientAuthMode::Required {
+            open.push(format!(
+                "the main port {} to unauthenticated callers (set [auth] enabled = true, or [tls] client_auth = \"required\")",
+                config.server.listen
+            ));
+        }
     }
     if config.admin.enabled && !config.admin.listen.ip().is_loopback() {
         open.push(format!(
@@ -172,7 +202,25 @@ pub fn check_exposure(config: &Config, insecure: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     anyhow::bail!(
-        "refusing to serve {what} on the network: anyone who can reach it could use it. \
-         Turn TLS on, keep it on loopback, or pass --insecure if this network is yours alone"
+        "refusing to serve {what}: anyone who can reach it could use it. \
+         Keep it on loopback, or pass --insecure if this network is yours alone"
     )
+}
+
+/// Warns about `[[auth.certificates]]` rules that can never match: no certificate reaches
+/// the server when TLS is off, client certificates are not asked for, or (files mode) there
+/// is no client CA to verify them.
+pub fn warn_dead_certificate_rules(config: &Config) {
+    if !config.auth.enabled || config.auth.certificates.is_empty() {
+        return;
+    }
+    let why = match (config.tls.mode, config.tls.client_auth) {
+        (TlsMode::Off, _) => Some("TLS is off"),
+        (_, ClientAuthMode::None) => Some("tls.client_auth = \"none\""),
+        (TlsMode::Files, _) if config.tls.client_ca.is_none() => Some("tls.client_ca is not set"),
+        _ => None,
+    };
+    if let Some(why) = why {
+        warn!("[[auth.certificates]] rules can never match: {why}, so no client certificate reaches the server");
+    }
 }

@@ -93,6 +93,16 @@ pub fn max_inflight(config: &Config) -> usize {
 /// Runs `kiln worker`.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
+    // The local CAS has no TLS or authorization yet: it stays on loopback.
+    if !config.server.listen.ip().is_loopback() {
+        anyhow::ensure!(
+            args.insecure,
+            "refusing to serve the worker's local CAS on {}: it has no TLS or authorization yet, \
+             so anyone who can reach it could read and write it. Keep it on loopback, or pass --insecure",
+            config.server.listen
+        );
+        tracing::warn!(listen = %config.server.listen, "--insecure: the local CAS is open to anyone who can reach it");
+    }
     let Some(scheduler) = config.worker.scheduler.clone() else {
         bail!("no scheduler: pass --scheduler grpc://HOST:PORT or set worker.scheduler");
     };

@@ -129,7 +129,7 @@ on_every_runtime! {
         let (client, client_key) = client_cert(&first, &pki, "ci");
         let options = Options {
             config: Some(format!(
-                "[tls]\nmode = \"files\"\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {:?}\nclient_auth = \"required\"\nreload_check_secs = 0\n",
+                "[tls]\nmode = \"files\"\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {:?}\nclient_auth = \"required\"\nreload_check_secs = 0\n[worker]\ntls_cert = {client:?}\ntls_key = {client_key:?}\n",
                 first.ca_cert()
             )),
             ..Options::on(rt)
@@ -173,6 +173,11 @@ on_every_runtime! {
             .await
             .unwrap();
         works(&fresh).await.unwrap();
+        // The embedded worker (with its client certificate) still runs actions.
+        let (_, r) = execute(&fresh, F, &Spec::script("true").upload(&fresh, F).await, false)
+            .await
+            .unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
         // ...and the stream in flight finishes on the old one.
         upload
             .tx
@@ -272,27 +277,99 @@ async fn kiln_bench_measures_a_grpcs_endpoint_with_a_client_certificate() {
     kiln.stop().await;
 }
 
-/// `kiln serve` on a non-loopback address in the clear (or with its plain admin listener off
-/// loopback) refuses to start unless told `--insecure`. Nothing is bound: it stops first.
+/// `kiln serve` on a non-loopback address in the clear, or with TLS but no authentication
+/// (no [auth], client certificates not required), or with its plain admin listener off
+/// loopback, refuses to start unless told `--insecure`; so does a worker's local CAS off
+/// loopback. Nothing is bound: they stop first.
 #[test]
-fn plain_serving_off_loopback_is_refused() {
+fn serving_unauthenticated_off_loopback_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    for args in [
-        vec!["--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0"],
-        vec!["--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0"],
+    let tls_only = dir.path().join("tls-only.toml");
+    std::fs::write(&tls_only, "[tls]\nmode = \"auto\"\n").unwrap();
+    let tls = tls_only.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec![
+                "serve",
+                "--listen",
+                "0.0.0.0:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            "without TLS",
+        ),
+        (
+            vec![
+                "serve",
+                "--config",
+                tls,
+                "--listen",
+                "0.0.0.0:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            "unauthenticated",
+        ),
+        (
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "0.0.0.0:0",
+            ],
+            "admin listener",
+        ),
+        (
+            vec![
+                "worker",
+                "--scheduler",
+                "grpc://127.0.0.1:1",
+                "--listen",
+                "0.0.0.0:0",
+            ],
+            "local CAS",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .arg("serve")
             .args(&args)
-            .arg("--data-dir")
-            .arg(dir.path())
+            .arg(if args[0] == "serve" {
+                "--data-dir"
+            } else {
+                "--cas-dir"
+            })
+            .arg(dir.path().join("data"))
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {err}");
         assert!(
-            err.contains("refusing to serve") && err.contains("--insecure"),
-            "{err}"
+            err.contains("refusing to serve") && err.contains(needle) && err.contains("--insecure"),
+            "{args:?}: {err}"
         );
     }
+}
+
+// Client certificates required, auto mode: the embedded worker gets its own from the farm CA
+// and runs actions.
+#[tokio::test]
+async fn the_embedded_worker_has_a_client_certificate_when_one_is_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let options = Options {
+        config: Some("[tls]\nmode = \"auto\"\nclient_auth = \"required\"\n".into()),
+        ..Options::on(common::Runtime::Glommio)
+    };
+    let kiln = start(&data_dir, options).await;
+    let farm = Farm::at(data_dir.join("tls"));
+    let (cert, key) = client_cert(&farm, dir.path(), "client");
+    let ch = kiln
+        .tls_channel(&farm.ca_cert(), Some((&cert, &key)))
+        .await
+        .unwrap();
+    let (_, r) = execute(&ch, F, &Spec::script("true").upload(&ch, F).await, false)
+        .await
+        .unwrap();
+    assert_eq!(code(&r), 0, "{r:?}");
+    kiln.stop().await;
 }

@@ -8,7 +8,7 @@ use crate::tokens::{TokenError, Tokens};
 use crate::{Grant, Role};
 use std::path::PathBuf;
 use std::sync::{Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 /// A caller, once identified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,26 +105,36 @@ pub struct Settings {
 pub struct Policy {
     settings: Settings,
     tokens: RwLock<Tokens>,
-    stamp: Mutex<(Instant, Option<SystemTime>)>,
+    stamp: Mutex<Option<Stamp>>,
     internal: RwLock<Tokens>,
 }
 
-/// How often the token file's modification time is looked at.
-const TOKEN_CHECK: Duration = Duration::from_secs(1);
+/// What "the token file changed" compares: modification and change times, inode and size
+/// (both writers replace the file by rename, so a rewrite always has a new inode).
+type Stamp = (SystemTime, i64, i64, u64, u64);
 
-fn modified(path: &std::path::Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+fn stamp(path: &std::path::Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.modified().ok()?,
+        m.ctime(),
+        m.ctime_nsec(),
+        m.ino(),
+        m.len(),
+    ))
 }
 
 impl Policy {
     /// A policy from settings (reads the token file when enabled).
     pub fn open(settings: Settings) -> Result<Policy, TokenError> {
+        // Stat first: a change landing while the file is read is seen by the next check.
+        let stamp = stamp(&settings.tokens_file);
         let tokens = if settings.enabled {
             Tokens::load(&settings.tokens_file)?
         } else {
             Tokens::default()
         };
-        let stamp = (Instant::now(), modified(&settings.tokens_file));
         Ok(Policy {
             settings,
             tokens: RwLock::new(tokens),
@@ -138,7 +148,7 @@ impl Policy {
         Policy {
             settings: Settings::default(),
             tokens: RwLock::new(Tokens::default()),
-            stamp: Mutex::new((Instant::now(), None)),
+            stamp: Mutex::new(None),
             internal: RwLock::new(Tokens::default()),
         }
     }
@@ -164,27 +174,32 @@ impl Policy {
         self.settings.enabled
     }
 
-    /// Re-reads the token file if it changed (at most once a second).
-    fn refresh(&self) {
-        let mut stamp = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
-        if stamp.0.elapsed() < TOKEN_CHECK {
-            return;
+    /// Re-reads the token file if it changed; returns whether it did. Called off the data
+    /// plane (the control plane checks every second), so identifying a caller never touches
+    /// the disk. A file that cannot be read any more fails closed: no file token is accepted
+    /// until it can.
+    pub fn reload_if_changed(&self) -> bool {
+        if !self.settings.enabled {
+            return false;
         }
-        let now = modified(&self.settings.tokens_file);
-        stamp.0 = Instant::now();
-        if now == stamp.1 {
-            return;
+        let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+        let now = stamp(&self.settings.tokens_file);
+        if now == *last {
+            return false;
         }
-        match Tokens::load(&self.settings.tokens_file) {
+        *last = now;
+        let tokens = match Tokens::load(&self.settings.tokens_file) {
             Ok(t) => {
-                *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = t;
-                stamp.1 = now;
                 tracing::info!("token file reloaded");
+                t
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot reload the token file; keeping the tokens loaded before")
+                tracing::error!(error = %e, "cannot read the token file; refusing every file token until it can be read");
+                Tokens::default()
             }
-        }
+        };
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens;
+        true
     }
 
     /// Identifies a caller from its client certificate's name (if it presented a verified
@@ -219,7 +234,6 @@ impl Policy {
                     unrestricted: false,
                 });
             }
-            self.refresh();
             let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
             let entry = tokens.find(secret).ok_or_else(|| {
                 Denied::unauthenticated("unknown or revoked token (see `kiln token list`)")
@@ -404,11 +418,21 @@ mod tests {
         let bearer = format!("Bearer {secret}");
         assert!(p.identify(None, Some(bearer.as_bytes())).is_ok());
         Tokens::revoke(&dir.path().join("tokens.toml"), "ci").unwrap();
-        // The file is looked at again after a second.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while p.identify(None, Some(bearer.as_bytes())).is_ok() {
-            assert!(Instant::now() < deadline, "the revoked token still works");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // Identifying never reads the file; the reload does.
+        assert!(p.identify(None, Some(bearer.as_bytes())).is_ok());
+        assert!(p.reload_if_changed());
+        assert!(
+            p.identify(None, Some(bearer.as_bytes())).is_err(),
+            "revoked"
+        );
+        assert!(!p.reload_if_changed(), "nothing new");
+        // An unreadable file fails closed.
+        let other =
+            Tokens::create(&dir.path().join("tokens.toml"), "late", &[Role::Admin], &[]).unwrap();
+        std::fs::write(dir.path().join("tokens.toml"), "not = [toml").unwrap();
+        assert!(p.reload_if_changed());
+        assert!(p
+            .identify(None, Some(format!("Bearer {other}").as_bytes()))
+            .is_err());
     }
 }

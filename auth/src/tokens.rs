@@ -36,6 +36,12 @@ pub enum TokenError {
     /// No token has that name.
     #[error("no token named {0:?}")]
     Unknown(String),
+    /// `worker` limited to some instances: the scheduler dispatches by platform, not by
+    /// instance, so such a worker would still receive (and report results for) every instance.
+    #[error(
+        "the worker role cannot be limited to instances yet: workers run actions of every instance"
+    )]
+    ScopedWorker,
     /// The system's random source failed.
     #[error("no randomness for a token: {0}")]
     Random(String),
@@ -120,6 +126,11 @@ fn write(path: &Path, file: &File) -> Result<(), TokenError> {
         .mode(0o600)
         .open(&temp)
         .map_err(io)?;
+    // Run as another user (sudo), keep the file readable by the server that owns it.
+    if let Ok(old) = std::fs::metadata(path) {
+        use std::os::unix::fs::MetadataExt;
+        let _ = std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid()));
+    }
     f.write_all(text.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(io)?;
@@ -156,6 +167,9 @@ impl Tokens {
         roles: &[Role],
         instances: &[String],
     ) -> Result<String, TokenError> {
+        if roles.contains(&Role::Worker) && !instances.is_empty() {
+            return Err(TokenError::ScopedWorker);
+        }
         let mut file = read(path)?;
         if file.token.iter().any(|t| t.name == name) {
             return Err(TokenError::Exists(name.to_string()));
@@ -239,6 +253,10 @@ mod tests {
         assert!(matches!(
             Tokens::revoke(&path, "ci"),
             Err(TokenError::Unknown(_))
+        ));
+        assert!(matches!(
+            Tokens::create(&path, "w", &[Role::Worker], &["main".into()]),
+            Err(TokenError::ScopedWorker)
         ));
         std::fs::write(&path, "not = [valid").unwrap();
         assert!(matches!(

@@ -113,6 +113,9 @@ impl Config {
                 "\"required\" needs tls.client_ca in files mode",
             );
         }
+        if tls.handshake_timeout_secs == 0 {
+            return invalid("tls.handshake_timeout_secs", "must be at least 1");
+        }
         if self.worker.tls_cert.is_some() != self.worker.tls_key.is_some() {
             return invalid(
                 "worker.tls_cert",

@@ -13,12 +13,25 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// What the client trusts.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Trust {
     /// Servers whose chain leads to one of these CA certificates.
     Roots(Vec<CertificateDer<'static>>),
-    /// Exactly this server certificate (the server's own, for a worker inside `kiln serve`).
+    /// Exactly this server certificate.
     Pinned(CertificateDer<'static>),
+    /// Exactly the certificate this function returns at each handshake (the server's own,
+    /// for the worker inside `kiln serve`, which must follow rotations).
+    Current(Arc<dyn Fn() -> CertificateDer<'static> + Send + Sync>),
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trust::Roots(r) => write!(f, "Roots({} certificates)", r.len()),
+            Trust::Pinned(_) => write!(f, "Pinned"),
+            Trust::Current(_) => write!(f, "Current"),
+        }
+    }
 }
 
 impl Trust {
@@ -38,6 +51,19 @@ pub struct ClientIdentity {
 }
 
 impl ClientIdentity {
+    /// A certificate chain and key from PEM text.
+    pub fn from_pem(cert: &str, key: &str) -> Result<ClientIdentity, TlsError> {
+        let pem_error = |what: String| TlsError::Pem {
+            path: "(in memory)".into(),
+            what,
+        };
+        Ok(ClientIdentity {
+            certs: pem::certificates_from(cert.as_bytes()).map_err(pem_error)?,
+            key: rustls_pki_types::pem::PemObject::from_pem_slice(key.as_bytes())
+                .map_err(|e| pem_error(format!("no private key: {e}")))?,
+        })
+    }
+
     /// Reads a certificate chain and key from PEM files.
     pub fn from_files(cert: &Path, key: &Path) -> Result<ClientIdentity, TlsError> {
         Ok(ClientIdentity {
@@ -65,6 +91,12 @@ pub fn config(
         Trust::Pinned(cert) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Pinned {
+                cert: Arc::new(move || cert.clone()),
+                provider: provider(),
+            })),
+        Trust::Current(cert) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Pinned {
                 cert,
                 provider: provider(),
             })),
@@ -77,11 +109,17 @@ pub fn config(
     Ok(Arc::new(config))
 }
 
-/// Accepts exactly one certificate, with the handshake signatures checked as usual.
-#[derive(Debug)]
+/// Accepts exactly one certificate (as `cert` returns it now), with the handshake
+/// signatures checked as usual.
 struct Pinned {
-    cert: CertificateDer<'static>,
+    cert: Arc<dyn Fn() -> CertificateDer<'static> + Send + Sync>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl std::fmt::Debug for Pinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pinned")
+    }
 }
 
 impl ServerCertVerifier for Pinned {
@@ -93,7 +131,7 @@ impl ServerCertVerifier for Pinned {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.cert.as_ref() {
+        if end_entity.as_ref() == (self.cert)().as_ref() {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(

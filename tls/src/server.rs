@@ -95,6 +95,7 @@ impl ServerFiles {
 pub struct ServerTls {
     files: ServerFiles,
     current: RwLock<Arc<rustls::ServerConfig>>,
+    leaf: RwLock<rustls_pki_types::CertificateDer<'static>>,
     stamp: Mutex<Vec<Option<(SystemTime, u64)>>>,
 }
 
@@ -111,9 +112,11 @@ impl ServerTls {
     pub fn load(files: ServerFiles) -> Result<Arc<ServerTls>, TlsError> {
         let stamp = files.stamp();
         let config = files.build()?;
+        let leaf = pem::certificates(&files.cert)?.remove(0);
         Ok(Arc::new(ServerTls {
             files,
             current: RwLock::new(Arc::new(config)),
+            leaf: RwLock::new(leaf),
             stamp: Mutex::new(stamp),
         }))
     }
@@ -126,6 +129,11 @@ impl ServerTls {
             .clone()
     }
 
+    /// The certificate the server presents now (its chain's first).
+    pub fn leaf(&self) -> rustls_pki_types::CertificateDer<'static> {
+        self.leaf.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// What the config is built from.
     pub fn files(&self) -> &ServerFiles {
         &self.files
@@ -136,7 +144,9 @@ impl ServerTls {
     pub fn reload(&self) -> Result<(), TlsError> {
         let stamp = self.files.stamp();
         let config = self.files.build()?;
+        let leaf = pem::certificates(&self.files.cert)?.remove(0);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *self.leaf.write().unwrap_or_else(|e| e.into_inner()) = leaf;
         *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
         Ok(())
     }

@@ -92,11 +92,29 @@ impl Link {
 
     /// Presents `token` as `authorization: Bearer TOKEN` on every call.
     pub fn with_token(mut self, token: &str) -> Result<Link, LinkError> {
-        let value =
-            http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| LinkError {
-                url: self.url.clone(),
-                why: "the token is not a valid header value".into(),
-            })?;
+        let fail = |why: &str| LinkError {
+            url: self.url.clone(),
+            why: why.to_string(),
+        };
+        let loopback = self
+            .endpoint
+            .uri()
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+            .is_some_and(|h| {
+                h == "localhost"
+                    || h.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+        if self.tls.is_none() && !loopback {
+            return Err(fail(
+                "a bearer token is never sent in the clear off loopback: use grpcs:// (--tls-ca)",
+            ));
+        }
+        let mut value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| fail("the token is not a valid header value"))?;
+        // Never indexed by HPACK.
+        value.set_sensitive(true);
         self.authorization = Some(value);
         Ok(self)
     }

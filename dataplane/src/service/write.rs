@@ -67,7 +67,23 @@ async fn write(
     body: &mut RequestBody,
     caller: &Caller,
 ) -> Result<i64, WriteEnd> {
-    let first: WriteRequest = body.decode().await?.ok_or(BlobError::EmptyWrite)?;
+    let first: WriteRequest = match svc.limits.stalled_upload {
+        None => body.decode().await?,
+        Some(limit) => {
+            match futures::future::select(Box::pin(body.decode()), svc.runtime.sleep(limit)).await {
+                futures::future::Either::Left((first, _)) => first?,
+                futures::future::Either::Right(_) => {
+                    return Err(BlobError::Stalled {
+                        secs: limit.as_secs(),
+                        committed: 0,
+                        size: 0,
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+    .ok_or(BlobError::EmptyWrite)?;
     if first.resource_name.is_empty() {
         return Err(
             BlobError::WriteResource("the first WriteRequest must carry resource_name").into(),
