@@ -237,8 +237,10 @@ on_every_runtime! {
     }
 }
 
+/// Client certificates required, auto mode: kiln-bench measures the endpoint with its own
+/// certificate, and the embedded worker, which the farm CA gives one in memory, runs actions.
 #[tokio::test]
-async fn kiln_bench_measures_a_grpcs_endpoint_with_a_client_certificate() {
+async fn kiln_bench_and_the_embedded_worker_under_required_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let options = Options {
@@ -274,6 +276,14 @@ async fn kiln_bench_measures_a_grpcs_endpoint_with_a_client_certificate() {
             .await
             .is_err()
     );
+    let ch = kiln
+        .tls_channel(&farm.ca_cert(), Some((&cert, &key)))
+        .await
+        .unwrap();
+    let (_, r) = execute(&ch, F, &Spec::script("true").upload(&ch, F).await, false)
+        .await
+        .unwrap();
+    assert_eq!(code(&r), 0, "{r:?}");
     kiln.stop().await;
 }
 
@@ -348,28 +358,4 @@ fn serving_unauthenticated_off_loopback_is_refused() {
             "{args:?}: {err}"
         );
     }
-}
-
-// Client certificates required, auto mode: the embedded worker gets its own from the farm CA
-// and runs actions.
-#[tokio::test]
-async fn the_embedded_worker_has_a_client_certificate_when_one_is_required() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let options = Options {
-        config: Some("[tls]\nmode = \"auto\"\nclient_auth = \"required\"\n".into()),
-        ..Options::on(common::Runtime::Glommio)
-    };
-    let kiln = start(&data_dir, options).await;
-    let farm = Farm::at(data_dir.join("tls"));
-    let (cert, key) = client_cert(&farm, dir.path(), "client");
-    let ch = kiln
-        .tls_channel(&farm.ca_cert(), Some((&cert, &key)))
-        .await
-        .unwrap();
-    let (_, r) = execute(&ch, F, &Spec::script("true").upload(&ch, F).await, false)
-        .await
-        .unwrap();
-    assert_eq!(code(&r), 0, "{r:?}");
-    kiln.stop().await;
 }
