@@ -333,11 +333,29 @@ on_every_runtime! {
             ..Options::on(rt)
         };
         let d = dir.path().join("data");
+        std::fs::create_dir_all(&d).unwrap();
+        let elsewhere = kiln_token(&d, &["create", "--name", "b-only", "--role", "execute", "--instance", "b"]);
         let kiln = tokio::task::spawn_blocking(move || Kiln::start_with(&d, options)).await.unwrap();
         let ch = kiln.channel().await;
         let spec = common::exec::Spec::script("echo authorised");
-        let (_, r) = common::exec::execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
+        let (ops, r) = common::exec::execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
         assert_eq!(common::exec::code(&r), 0, "{r:?}");
+        // An operation is seen only by callers with the execute role in its instance.
+        let name = ops[0].name.clone();
+        let get = |token: Option<String>| {
+            let ch = ch.clone();
+            let name = name.clone();
+            async move {
+                OperationsClient::with_interceptor(ch, Bearer(token))
+                    .get_operation(GetOperationRequest { name })
+                    .await
+                    .map(|_| ())
+            }
+        };
+        get(None).await.unwrap();
+        let e = get(Some(elsewhere)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("instance \"\""), "{e:?}");
         // An anonymous caller cannot pose as a worker.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         drop(tx);

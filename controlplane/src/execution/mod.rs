@@ -272,6 +272,7 @@ impl ExecutionCore {
         let payload = job.payload.clone();
         let view = OpView {
             name: format!("operations/{}", uuid::Uuid::new_v4()),
+            instance: job.key.instance.as_str().to_string(),
             stage: StageValue::Queued,
             action_digest: job.key.digest.to_proto(),
             digest_function: job.key.digest.function.proto() as i32,

@@ -21,10 +21,20 @@ impl OperationsService {
         OperationsService { core }
     }
 
-    fn rx(&self, name: &str) -> Result<tokio::sync::watch::Receiver<super::OpView>, Status> {
-        self.core
+    /// The operation named `name`, if the caller of `request` holds the execute role in its
+    /// instance (operation names do not carry one, so the check follows the lookup).
+    fn rx<T>(
+        &self,
+        request: &Request<T>,
+        name: &str,
+    ) -> Result<tokio::sync::watch::Receiver<super::OpView>, Status> {
+        let rx = self
+            .core
             .watch(name)
-            .ok_or_else(|| Status::not_found(format!("no operation named {name:?}")))
+            .ok_or_else(|| Status::not_found(format!("no operation named {name:?}")))?;
+        let instance = rx.borrow().instance.clone();
+        crate::auth::check(request, crate::auth::paths::OPERATIONS, Some(&instance))?;
+        Ok(rx)
     }
 }
 
@@ -43,7 +53,7 @@ impl Operations for OperationsService {
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
-        let rx = self.rx(&request.into_inner().name)?;
+        let rx = self.rx(&request, &request.get_ref().name)?;
         let op = rx.borrow().to_operation();
         Ok(Response::new(op))
     }
@@ -63,7 +73,8 @@ impl Operations for OperationsService {
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
         crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
-        let name = request.into_inner().name;
+        let name = request.get_ref().name.clone();
+        self.rx(&request, &name)?;
         if self.core.cancel(&name) {
             Ok(Response::new(()))
         } else {
@@ -78,8 +89,8 @@ impl Operations for OperationsService {
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
+        let mut rx = self.rx(&request, &request.get_ref().name)?;
         let request = request.into_inner();
-        let mut rx = self.rx(&request.name)?;
         let limit = request
             .timeout
             .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))

@@ -19,6 +19,8 @@ use tokio::sync::watch;
 pub struct OpView {
     /// The operation's name.
     pub name: String,
+    /// The instance it runs in (callers need the execute role there to see it).
+    pub instance: String,
     /// Its stage.
     pub stage: StageValue,
     /// The action it runs.

@@ -85,6 +85,7 @@ impl ExecutionService {
 fn cached(key: &BlobKey, result: kiln_proto::reapi::ActionResult) -> OpStream {
     let view = OpView {
         name: format!("operations/{}", uuid::Uuid::new_v4()),
+        instance: key.instance.as_str().to_string(),
         stage: StageValue::Completed,
         action_digest: key.digest.to_proto(),
         digest_function: key.digest.function.proto() as i32,
@@ -121,12 +122,19 @@ impl Execution for ExecutionService {
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<OpStream>, Status> {
         crate::auth::check(&request, crate::auth::paths::WAIT_EXECUTION, None)?;
-        let name = request.into_inner().name;
+        let name = request.get_ref().name.clone();
         let rx = self.core.watch(&name).ok_or_else(|| {
             Status::not_found(format!(
                 "no operation named {name:?} (finished long ago, or from before a restart)"
             ))
         })?;
+        // Operation names carry no instance: the check follows the lookup.
+        let instance = rx.borrow().instance.clone();
+        crate::auth::check(
+            &request,
+            crate::auth::paths::WAIT_EXECUTION,
+            Some(&instance),
+        )?;
         Ok(Response::new(stream(rx)))
     }
 }
