@@ -535,8 +535,7 @@ on_every_runtime! {
         let tree = Tree::default().file("in", &original, false);
         let spec = Spec {
             tree: tree.clone(),
-            // Same length, and the mtime put back afterwards: only the ctime tells.
-            ..Spec::script("touch -r in ref && chmod u+w in && printf 'tampered input' > in && touch -r ref in && chmod a-w in; cat in")
+            ..Spec::script("chmod u+w in && printf 'tampered input' > in; cat in")
         };
         let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
         assert_eq!(code(&r), 0, "{r:?}");
@@ -634,6 +633,26 @@ on_every_runtime! {
         assert_eq!(r.output_symlinks.len(), 1);
         assert_eq!(r.output_symlinks[0].target, "/etc/hostname");
         assert!(r.output_files.is_empty());
+        // A FIFO where an output file should be is refused, not read (which would block).
+        let fifo = Spec { outputs: vec!["out/fifo".into()], ..Spec::script("mkfifo out/fifo") };
+        let (_, r) = execute(&ch, F, &fifo.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), Code::InvalidArgument as i32, "{r:?}");
+        // "" is the whole working directory (REAPI allows it for output directories).
+        let whole = Spec {
+            tree: Tree::default().file("w/in", b"input", false),
+            working_directory: "w".into(),
+            outputs: vec!["".into()],
+            ..Spec::script("echo made > made")
+        };
+        let (_, r) = execute(&ch, F, &whole.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        let dirs = r.result.unwrap().output_directories;
+        assert_eq!(dirs.len(), 1);
+        assert_eq!(dirs[0].path, "");
+        let tree = TreeMsg::decode(read(&ch, dirs[0].tree_digest.as_ref().unwrap()).await.as_slice()).unwrap();
+        let mut names: Vec<String> = tree.root.unwrap().files.into_iter().map(|f| f.name).collect();
+        names.sort();
+        assert_eq!(names, ["in", "made"]);
         let swapped = Spec {
             outputs: vec!["d/hostname".into()],
             ..Spec::script("rmdir d && ln -s /etc d")
@@ -734,7 +753,9 @@ on_every_runtime! {
         let spec = Spec {
             tree: Tree::default().file("in", &original, false),
             outputs: vec!["out/uid".into(), "out/seen".into()],
-            ..Spec::script("id -u > out/uid; chmod u+w in 2>/dev/null && echo tampered > in; cat in > out/seen")
+            // Even putting the mtime back afterwards (which the tamper check cannot see) has
+            // nothing to hide: the chmod fails.
+            ..Spec::script("id -u > out/uid; touch -r in /tmp/kiln-ref-$$ 2>/dev/null; chmod u+w in 2>/dev/null && printf 'tampered inputs!!!!' > in && touch -r /tmp/kiln-ref-$$ in; rm -f /tmp/kiln-ref-$$; cat in > out/seen")
         };
         let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
         assert_eq!(code(&r), 0, "{r:?}");

@@ -389,7 +389,7 @@ impl Default for ExecutionConfig {
             unserved_timeout_secs: 300,
             completed_retention_secs: 600,
             pin_budget_percent: 50,
-            max_input_digests: 1_000_000,
+            max_input_digests: 16_000_000,
             properties: BTreeMap::new(),
         }
     }

@@ -51,7 +51,9 @@ impl CapabilitiesService {
                 }),
                 cache_priority_capabilities: None,
                 max_batch_total_size_bytes: self.advertised.max_batch_total_size_bytes as i64,
-                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed
+                // Input trees with absolute (or root-escaping) symlinks are refused
+                // (kiln-reapi's tree rules), so say so.
+                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Disallowed
                     as i32,
                 supported_compressors: Vec::new(),
                 supported_batch_update_compressors: Vec::new(),

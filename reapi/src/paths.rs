@@ -65,18 +65,11 @@ pub fn relative(what: &str, rel: &str) -> Result<Vec<String>, PathError> {
     resolve(what, &[], rel)
 }
 
-/// Checks an output path (relative to `working_directory`); it must name something below the
-/// input root, not the root itself.
+/// Checks an output path (relative to `working_directory`); it must stay inside the input
+/// root. REAPI: "The empty string value is allowed, and it denotes the entire working
+/// directory" (for output directories), so `""` resolves to the working directory.
 pub fn output(working_directory: &[String], rel: &str) -> Result<Vec<String>, PathError> {
-    let resolved = resolve("output path", working_directory, rel)?;
-    if rel.is_empty() || resolved.is_empty() {
-        return Err(PathError {
-            what: "output path".into(),
-            path: rel.to_string(),
-            why: "names the input root itself",
-        });
-    }
-    Ok(resolved)
+    resolve("output path", working_directory, rel)
 }
 
 /// Checks a symlink's target: the symlink lives in a directory `depth` levels below the input
@@ -128,8 +121,8 @@ mod tests {
         assert_eq!(output(&wd, "../../top").unwrap(), c(&["top"]));
         assert!(output(&wd, "../../../up").is_err(), "above the root");
         assert!(output(&wd, "/etc/passwd").is_err());
-        assert!(output(&wd, "").is_err());
-        assert!(output(&c(&["a"]), "..").is_err(), "the root itself");
+        assert_eq!(output(&wd, "").unwrap(), wd, "the whole working directory");
+        assert_eq!(output(&c(&["a"]), "..").unwrap(), c(&[]), "the input root");
         let e = output(&wd, "../../../up").unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -273,7 +273,8 @@ fn create_output_parents(command: &Command, root: &Path, wd: &[String]) -> Resul
         let components =
             paths::output(wd, rel).map_err(|e| ActionError::BadInput(e.to_string()))?;
         let mut path = root.to_path_buf();
-        for c in &components[..components.len() - 1] {
+        let parents = components.split_last().map_or(&[][..], |(_, p)| p);
+        for c in parents {
             path.push(c);
             match std::fs::symlink_metadata(&path) {
                 Ok(m) if m.is_dir() => {}

@@ -228,34 +228,18 @@ impl Jail {
     /// Kills every process of the action and waits (bounded) until none is left. Blocking:
     /// call from a blocking thread.
     pub fn kill_all(&self) -> io::Result<()> {
-        if let Some(pid) = self.leader {
-            // SAFETY: killpg on the process group the leader's setsid made.
-            unsafe {
-                libc::killpg(pid, libc::SIGKILL);
-            }
-        }
-        let deadline = Instant::now() + KILL_WAIT;
         match &self.dir {
-            Some(dir) if !self.freezer => {
-                std::fs::write(dir.join("cgroup.kill"), "1")?;
-                wait_empty(dir, deadline)
-            }
-            Some(dir) => {
-                // Frozen processes cannot fork while their siblings are being killed.
-                std::fs::write(dir.join("freezer.state"), "FROZEN")?;
-                for pid in members(dir)? {
-                    // SAFETY: plain kill(2) of a pid listed in the action's cgroup.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
-                }
-                std::fs::write(dir.join("freezer.state"), "THAWED")?;
-                wait_empty(dir, deadline)
-            }
+            // The cgroup holds every process, the leader included; killing by pid could hit
+            // an unrelated group that reused a reaped leader's pid.
+            Some(dir) => kill_cgroup(dir, self.freezer),
             None => {
-                #[cfg(target_os = "linux")]
-                if let Some(sid) = self.leader {
-                    linux::kill_session(sid);
+                if let Some(pid) = self.leader {
+                    // SAFETY: killpg on the process group the leader's setsid made.
+                    unsafe {
+                        libc::killpg(pid, libc::SIGKILL);
+                    }
+                    #[cfg(target_os = "linux")]
+                    linux::kill_session(pid);
                 }
                 Ok(())
             }
@@ -264,13 +248,60 @@ impl Jail {
 }
 
 impl Drop for Jail {
+    /// Removes the cgroup (an empty one: call [`Jail::kill_all`] first, off the event loop).
     fn drop(&mut self) {
         if let Some(dir) = &self.dir {
-            if std::fs::remove_dir(dir).is_err() {
-                // Still populated (kill_all was not called or timed out): try once more.
-                let _ = self.kill_all();
-                let _ = std::fs::remove_dir(dir);
+            if let Err(e) = std::fs::remove_dir(dir) {
+                tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove an action's cgroup (processes stuck in it?)");
             }
+        }
+    }
+}
+
+/// Kills every process in a cgroup (and its child cgroups) and waits, bounded, until none is
+/// left: `cgroup.kill` on cgroup2; on v1, freeze (so nothing forks meanwhile), kill every
+/// member, thaw, and repeat until empty.
+fn kill_cgroup(dir: &Path, freezer: bool) -> io::Result<()> {
+    let deadline = Instant::now() + KILL_WAIT;
+    if !freezer {
+        std::fs::write(dir.join("cgroup.kill"), "1")?;
+        return wait_empty(dir, deadline);
+    }
+    loop {
+        std::fs::write(dir.join("freezer.state"), "FROZEN")?;
+        // FREEZING until every task stopped: only then is the member list complete.
+        while std::fs::read_to_string(dir.join("freezer.state"))?.trim() != "FROZEN" {
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pids = members(dir)?;
+        for pid in &pids {
+            // SAFETY: plain kill(2) of a pid listed in the action's cgroup.
+            unsafe {
+                libc::kill(*pid, libc::SIGKILL);
+            }
+        }
+        std::fs::write(dir.join("freezer.state"), "THAWED")?;
+        if pids.is_empty() || wait_empty(dir, Instant::now() + Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return wait_empty(dir, deadline);
+        }
+    }
+}
+
+/// Removes the (now empty) cgroups an action made inside its own, deepest first.
+fn remove_children(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_children(&e.path());
+            let _ = std::fs::remove_dir(e.path());
         }
     }
 }
@@ -284,10 +315,20 @@ fn members(dir: &Path) -> io::Result<Vec<i32>> {
 }
 
 /// Waits until a cgroup has no process left.
+/// Whether a cgroup still holds a process: cgroup2's `cgroup.events` counts child cgroups
+/// too (an action may make its own); v1 has only the member list.
+fn populated(dir: &Path) -> io::Result<bool> {
+    match std::fs::read_to_string(dir.join("cgroup.events")) {
+        Ok(events) => Ok(events.lines().any(|l| l.trim() == "populated 1")),
+        Err(_) => Ok(!members(dir)?.is_empty()),
+    }
+}
+
 fn wait_empty(dir: &Path, deadline: Instant) -> io::Result<()> {
     let mut pause = Duration::from_micros(100);
     loop {
-        if members(dir)?.is_empty() {
+        if !populated(dir)? {
+            remove_children(dir);
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -358,7 +399,9 @@ mod linux {
     /// Checks that this process can make action cgroups in `parent` (which must offer
     /// `probe`), and removes what workers that died left there.
     fn usable(parent: PathBuf, probe: &str) -> io::Result<PathBuf> {
-        let test = parent.join(format!("kiln-probe-{}", std::process::id()));
+        static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let test = parent.join(format!("kiln-probe-{}-{n}", std::process::id()));
         match std::fs::create_dir(&test) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -400,12 +443,10 @@ mod linux {
                 continue;
             }
             let dir = e.path();
-            if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
-                let deadline = std::time::Instant::now() + super::KILL_WAIT;
-                let _ = super::wait_empty(&dir, deadline);
+            let freezer = dir.join("freezer.state").exists();
+            if super::kill_cgroup(&dir, freezer).is_ok() {
+                let _ = std::fs::remove_dir(&dir);
             }
-            // Fails while processes remain (cgroup v1): left for the next start.
-            let _ = std::fs::remove_dir(&dir);
         }
     }
 
@@ -488,5 +529,34 @@ mod tests {
         std::fs::remove_dir(&private).unwrap();
         assert!(removed, "the stale cgroup is removed");
         assert!(!status.success(), "the orphan was killed: {status:?}");
+    }
+
+    #[test]
+    fn the_v1_freezer_kills_a_forking_action() {
+        let Ok(parent) = linux::freezer_parent() else {
+            eprintln!("SKIPPED: no cgroup v1 freezer here");
+            return;
+        };
+        let dir = parent.join(format!("kiln-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).unwrap();
+        // A process that keeps forking children into the cgroup.
+        let procs = dir.join("cgroup.procs");
+        let mut forker = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo 0 > {} && while :; do sleep 30 & done",
+                procs.display()
+            ))
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while members(&dir).unwrap().len() < 5 {
+            assert!(Instant::now() < deadline, "the forker never got going");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        kill_cgroup(&dir, true).unwrap();
+        assert!(members(&dir).unwrap().is_empty());
+        let _ = forker.wait();
+        std::fs::remove_dir(&dir).unwrap();
     }
 }

@@ -69,8 +69,21 @@ impl Staging {
         let from = file.to_path_buf();
         tokio::task::spawn_blocking(move || -> std::io::Result<(Digest, Blob)> {
             use std::io::Read;
-            let mut f = std::fs::File::open(&from)?;
-            let len = f.metadata()?.len();
+            use std::os::unix::fs::OpenOptionsExt;
+            // Not through a symlink, and without blocking on a FIFO or a device the action
+            // left in place of a file: only a regular file is an output file.
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&from)?;
+            let meta = f.metadata()?;
+            if !meta.is_file() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a regular file (a FIFO, socket or device is not an output)",
+                ));
+            }
+            let len = meta.len();
             if len <= IN_MEMORY {
                 // Bounded even if the file grew since: no process of the action is alive.
                 let mut bytes = Vec::with_capacity(len as usize);
@@ -85,7 +98,12 @@ impl Staging {
         })
         .await
         .map_err(|e| ActionError::io("copy", file, std::io::Error::other(e)))?
-        .map_err(|e| ActionError::io("copy", file, e))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => {
+                ActionError::BadInput(format!("output {}: {e}", file.display()))
+            }
+            _ => ActionError::io("copy", file, e),
+        })
     }
 }
 
@@ -98,7 +116,8 @@ fn locate(root: &Path, components: &[String], rel: &str) -> Result<Option<PathBu
     let mut path = root.to_path_buf();
     let (last, parents) = match components.split_last() {
         Some(split) => split,
-        None => return Ok(None),
+        // "" from the input root: the root itself.
+        None => return Ok(Some(path)),
     };
     for c in parents {
         path.push(c);

@@ -7,7 +7,6 @@ use crate::contain::Containment;
 use crate::error::ActionError;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -89,27 +88,37 @@ pub async fn run(
         .stdout(stdout)
         .stderr(stderr)
         .kill_on_drop(true);
-    let mut child = command.spawn().map_err(spawn_error)?;
-    jail.started(child.id());
-    let jail = Arc::new(jail);
-    let end = tokio::select! {
-        status = child.wait() => {
-            let status = status.map_err(|e| ActionError::io("wait for", &spec.cwd, e))?;
-            use std::os::unix::process::ExitStatusExt;
-            RunEnd::Exited(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tokio::task::spawn_blocking(move || drop(jail)).await;
+            return Err(spawn_error(e));
         }
-        _ = tokio::time::sleep(spec.timeout) => RunEnd::TimedOut,
-        _ = kill => RunEnd::Killed,
+    };
+    jail.started(child.id());
+    let end = tokio::select! {
+        status = child.wait() => status
+            .map(|status| {
+                use std::os::unix::process::ExitStatusExt;
+                RunEnd::Exited(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+            })
+            .map_err(|e| ActionError::io("wait for", &spec.cwd, e)),
+        _ = tokio::time::sleep(spec.timeout) => Ok(RunEnd::TimedOut),
+        _ = kill => Ok(RunEnd::Killed),
     };
     // Whatever the action left running (a background job, a daemon that called setsid) goes
-    // now, before any output is read.
-    let killer = jail.clone();
-    tokio::task::spawn_blocking(move || killer.kill_all())
-        .await
-        .map_err(|e| ActionError::io("kill the processes of", &spec.cwd, std::io::Error::other(e)))?
-        .map_err(|e| ActionError::io("kill the processes of", &spec.cwd, e))?;
+    // now, before any output is read, on every path; the jail is removed on the same
+    // blocking thread (never on the event loop).
+    let killed = tokio::task::spawn_blocking(move || {
+        let killed = jail.kill_all();
+        drop(jail);
+        killed
+    })
+    .await
+    .map_err(|e| ActionError::io("kill the processes of", &spec.cwd, std::io::Error::other(e)))?;
     let _ = child.wait().await;
-    drop(jail);
+    let end = end?;
+    killed.map_err(|e| ActionError::io("kill the processes of", &spec.cwd, e))?;
     Ok(end)
 }
 

@@ -1,11 +1,15 @@
 //! Noticing an action that wrote to one of its inputs. Inputs are hardlinks to read-only
 //! files of the local CAS (or of the executable cache), so an action running as the worker's
-//! user could `chmod` one and write through it, changing the shared file. A changed length,
-//! mtime or ctime after the action means the file may have been written: an action can put
-//! the mtime back (`touch -r`), but no process can set the ctime, which every write and chmod
-//! moves. Kiln's own access-time updates move the ctime too, so a changed file is hashed again
-//! and only a changed content counts: the blob is dropped from the CAS (the client uploads it
-//! again) and an executable copy is deleted, rather than either being used again.
+//! user could `chmod` one and write through it, changing the shared file. Kiln never changes
+//! a stored file's mtime (it sets access times only), so a changed mtime or length after the
+//! action means the file was written: it is hashed again, and if its content changed the blob
+//! is dropped from the CAS (the client uploads it again) and an executable copy is deleted.
+//!
+//! An action that puts the mtime back (`touch -r`) after writing is not caught here. The
+//! ctime would catch it, but every hardlink made or removed by a concurrent action and every
+//! access-time update moves the ctime too, so checking it re-hashes nearly every shared input
+//! after every action. The protection against that case is `worker.run_as_user`: the action
+//! then cannot make the worker's files writable at all.
 
 use kiln_dataplane::digest::Digest;
 use std::collections::HashMap;
@@ -32,7 +36,6 @@ pub struct Shared {
     /// Which store it belongs to.
     pub origin: Origin,
     modified: SystemTime,
-    changed: (i64, i64),
     len: u64,
     inode: (u64, u64),
 }
@@ -56,7 +59,6 @@ impl SharedFiles {
                         digest,
                         origin,
                         modified,
-                        changed: (meta.ctime(), meta.ctime_nsec()),
                         len: meta.len(),
                         inode: (meta.dev(), meta.ino()),
                     },
@@ -74,9 +76,7 @@ impl SharedFiles {
             .filter(|s| {
                 std::fs::metadata(&s.path).is_ok_and(|m| {
                     (m.dev(), m.ino()) == s.inode
-                        && (m.len() != s.len
-                            || (m.ctime(), m.ctime_nsec()) != s.changed
-                            || m.modified().map_or(true, |t| t != s.modified))
+                        && (m.len() != s.len || m.modified().map_or(true, |t| t != s.modified))
                 })
             })
             .cloned()
@@ -101,7 +101,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn writes_are_noticed_even_with_the_mtime_put_back() {
+    fn writes_are_noticed_and_links_chmods_and_access_times_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         for p in [&a, &b] {
@@ -118,16 +118,16 @@ mod tests {
             shared.changed().is_empty(),
             "untouched files are not reported"
         );
-        // Writing through a hardlink after a chmod, then putting the mtime back as
-        // `touch -r` would: the ctime still moved.
-        let mtime =
-            filetime::FileTime::from_last_modification_time(&std::fs::metadata(&a).unwrap());
+        // Kiln's own access-time updates, a chmod and new links (a concurrent action's) move
+        // only the ctime: no re-hash.
+        filetime::set_file_atime(&a, filetime::FileTime::from_unix_time(1, 0)).unwrap();
+        std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o444)).unwrap();
         let link = dir.path().join("link");
         std::fs::hard_link(&a, &link).unwrap();
+        assert!(shared.changed().is_empty());
+        // Writing through a hardlink after a chmod: same length, new mtime.
         std::fs::set_permissions(&link, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::fs::write(&link, b"tampered").unwrap();
-        filetime::set_file_mtime(&link, mtime).unwrap();
-        std::fs::set_permissions(&link, std::fs::Permissions::from_mode(0o444)).unwrap();
         let changed = shared.changed();
         assert_eq!(changed.len(), 1);
         assert_eq!(

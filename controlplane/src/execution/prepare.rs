@@ -225,8 +225,9 @@ async fn walk(
     let mut seen: HashSet<Digest> = HashSet::from([root]);
     let mut blobs = vec![root];
     let mut missing = Vec::new();
-    // Each directory with its depth below the root. Breadth first, so a directory met at
-    // several depths is checked at the shallowest, where a climbing symlink goes furthest.
+    // Each directory with its depth below the root. Breadth first, in order (`buffered`, not
+    // `buffer_unordered`), so a directory met at several depths is checked at the shallowest,
+    // where a climbing symlink goes furthest.
     let mut level: VecDeque<(Digest, usize)> = VecDeque::from([(root, 0)]);
     while !level.is_empty() {
         // A bounded batch at a time: at most WALK_BYTES of directories in memory however wide
@@ -245,7 +246,7 @@ async fn walk(
             batch,
         )
         .map(|(d, depth)| async move { (d, depth, fetch(core, instance, d, "Directory").await) })
-        .buffer_unordered(WALK_PARALLELISM)
+        .buffered(WALK_PARALLELISM)
         .collect()
         .await;
         for (digest, depth, bytes) in fetched {
