@@ -19,7 +19,7 @@ pub fn tokens_file(config: &Config) -> PathBuf {
         .unwrap_or_else(|| config.storage.data_dir.join("auth/tokens.toml"))
 }
 
-fn roles(names: &[String], what: &str) -> anyhow::Result<Vec<Role>> {
+pub fn roles(names: &[String], what: &str) -> anyhow::Result<Vec<Role>> {
     names
         .iter()
         .flat_map(|n| n.split(','))
@@ -61,6 +61,7 @@ pub fn policy(config: &Config) -> anyhow::Result<Arc<Policy>> {
             &roles(&config.auth.anonymous_roles, "auth.anonymous_roles")?,
             &[],
         ),
+        enrolment_file: crate::enrol::enrolment_file(config),
     };
     Ok(Arc::new(
         Policy::open(settings).context("cannot read the token file")?,

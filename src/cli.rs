@@ -18,11 +18,14 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (with no config file: the embedded default on 127.0.0.1:50051).
     Serve(ServeArgs),
-    /// Run a worker that executes actions for a scheduler.
-    Worker(WorkerArgs),
+    /// Run a worker that executes actions for a scheduler (or `kiln worker revoke NAME`).
+    Worker(Box<WorkerCli>),
     /// The farm CA (`[tls] mode = "auto"`).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// One-time join tokens that enrol a worker (`kiln worker --join`).
+    #[command(subcommand, name = "join-token")]
+    JoinToken(JoinTokenCommand),
     /// Bearer tokens (`[auth]`).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -62,6 +65,51 @@ pub enum TokenCommand {
 
 /// Where the token file is: the server's own configuration and data directory.
 pub type TokenArgs = CaArgs;
+
+/// `kiln worker [OPTIONS]` runs a worker; `kiln worker revoke NAME` cuts one off.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct WorkerCli {
+    /// A worker administration command.
+    #[command(subcommand)]
+    pub command: Option<WorkerCommand>,
+    /// Running a worker.
+    #[command(flatten)]
+    pub args: WorkerArgs,
+}
+
+/// Worker administration, on the server.
+#[derive(Debug, Subcommand)]
+pub enum WorkerCommand {
+    /// Revoke an enrolled worker's certificate: its calls are refused and its session closed
+    /// within a second.
+    Revoke {
+        #[command(flatten)]
+        server: CaArgs,
+        /// The worker's name.
+        name: String,
+    },
+}
+
+/// `kiln join-token …`.
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCommand {
+    /// Make a one-time join token and print it (`kiln worker --join TOKEN`).
+    Create {
+        #[command(flatten)]
+        server: CaArgs,
+        /// Roles the worker gets (on every instance), comma-separated or repeated.
+        #[arg(long, default_value = "worker,cache-read,cache-write")]
+        role: Vec<String>,
+        /// How long the token may be used: seconds, or with a unit (`90s`, `30m`, `1h`, `7d`).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// The address workers reach the server at (default: the listen address, or this
+        /// host's name when listening on all addresses).
+        #[arg(long, value_name = "HOST:PORT")]
+        server_address: Option<String>,
+    },
+}
 
 /// Options of `kiln worker`; flags override the config file.
 #[derive(Debug, Args)]
@@ -108,6 +156,10 @@ pub struct WorkerArgs {
     /// A file holding a bearer token to present (overrides worker.token_file).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Enrol with a join token (from `kiln join-token create` on the server): the worker gets
+    /// a client certificate, keeps it in its CAS directory and uses it from then on.
+    #[arg(long, value_name = "TOKEN")]
+    pub join: Option<String>,
     /// Serve the local CAS on a non-loopback address anyway (it has no TLS or authorization
     /// yet: anyone who can reach it can read and write it).
     #[arg(long)]

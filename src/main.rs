@@ -3,6 +3,7 @@
 
 mod auth;
 mod cli;
+mod enrol;
 mod serve;
 mod signals;
 mod tls;
@@ -17,7 +18,14 @@ fn main() -> ExitCode {
     kiln_tls::install_provider();
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),
-        cli::Command::Worker(args) => worker::run(args),
+        cli::Command::Worker(w) => match *w {
+            cli::WorkerCli {
+                command: Some(cli::WorkerCommand::Revoke { server, name }),
+                ..
+            } => enrol::revoke(&server, &name),
+            w => worker::run(w.args),
+        },
+        cli::Command::JoinToken(command) => enrol::join_token(command),
         cli::Command::Ca(cli::CaCommand::Export(args)) => serve::export_ca(args),
         cli::Command::Token(command) => auth::token(command),
     };

@@ -2,7 +2,7 @@
 //! or SIGINT, then stop accepting, let in-flight calls finish (up to the grace period) and exit.
 
 use crate::cli::ServeArgs;
-use crate::signals::wait_for_signal;
+use crate::signals::StopSignals;
 use crate::worker::{default_name, max_inflight, run_as_user, RunningWorker};
 use anyhow::Context;
 use kiln_auth::Role;
@@ -35,15 +35,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open the CAS in {}", data_dir.display()))?;
     let scan = store.report().clone();
     let cas = store.cas();
-    let control =
-        ControlPlane::start(&config, store.cas()).context("cannot start the control plane")?;
+    let control = ControlPlane::start(&config, store.cas(), enroller(&config))
+        .context("cannot start the control plane")?;
     let backend = backend_for(config.server.runtime);
     let tls = crate::tls::server(&config)?;
+    // SIGHUP reloads certificates; watched from here on (with or without TLS) so that it
+    // never terminates the server.
+    let hup = StopSignals::hangup(control.runtime());
     if let Some(t) = &tls {
         let check = Duration::from_secs(config.tls.reload_check_secs);
         control
             .runtime()
-            .spawn(crate::tls::reload_loop(t.tls.clone(), check));
+            .spawn(crate::tls::reload_loop(t.tls.clone(), check, hup));
     }
     let policy = crate::auth::policy(&config)?;
     if policy.enabled() {
@@ -62,6 +65,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     .with_context(|| format!("cannot serve on {}", config.server.listen))?;
     let admin = start_admin(&config, &control, &data);
     let worker = start_embedded_worker(&config, &control, &data, cas, tls.as_ref(), &policy)?;
+    let stop = StopSignals::watch(control.runtime())?;
     control.set_ready(true);
     let (ac_entries, _) = control.action_cache_usage();
     info!(
@@ -84,7 +88,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
-    control.runtime().block_on(wait_for_signal())?;
+    control.runtime().block_on(stop.wait());
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     info!("shutting down: no new connections; waiting up to {grace:?} for in-flight calls");
     control.set_ready(false);
@@ -230,6 +234,12 @@ pub fn server_config(args: &crate::cli::CaArgs) -> anyhow::Result<Config> {
         config.storage.data_dir = d.clone();
     }
     Ok(config)
+}
+
+/// The enroller of `kiln worker --join`, with the farm CA (auto mode only).
+fn enroller(config: &Config) -> Option<Arc<dyn kiln_controlplane::enrolment::Enroller>> {
+    (config.tls.mode == kiln_config::TlsMode::Auto)
+        .then(|| Arc::new(crate::enrol::FarmEnroller::new(config)) as Arc<_>)
 }
 
 /// `kiln ca export`.

@@ -76,17 +76,14 @@ pub fn server(config: &Config) -> anyhow::Result<Option<TlsAccept>> {
     }))
 }
 
-/// Reloads the server's certificate on SIGHUP and, every `tls.reload_check_secs`, when its
-/// files changed. Runs on the control plane's runtime until the process ends.
-pub async fn reload_loop(tls: Arc<ServerTls>, check_every: Duration) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            error!(error = %e, "cannot watch SIGHUP; certificates reload only when their files change");
-            None
-        }
-    };
+/// Reloads the server's certificate on SIGHUP (`hup`, watched since before the server
+/// announced itself) and, every `tls.reload_check_secs`, when its files changed. Runs on the
+/// control plane's runtime until the process ends.
+pub async fn reload_loop(
+    tls: Arc<ServerTls>,
+    check_every: Duration,
+    mut hup: Option<tokio::signal::unix::Signal>,
+) {
     let mut tick = (!check_every.is_zero()).then(|| tokio::time::interval(check_every));
     loop {
         let forced = tokio::select! {

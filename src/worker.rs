@@ -3,7 +3,7 @@
 //! finishes what it runs and exits.
 
 use crate::cli::WorkerArgs;
-use crate::signals::wait_for_signal;
+use crate::signals::StopSignals;
 use anyhow::{bail, Context};
 use kiln_config::Config;
 use kiln_dataplane::metrics::Metrics;
@@ -63,6 +63,20 @@ pub fn host_name() -> String {
     }
 }
 
+/// The name a worker enrols under by default: its host name, in the characters names allow.
+fn enrolment_name() -> String {
+    let name: String = host_name()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "worker".into()
+    } else {
+        name
+    }
+}
+
 /// The worker's name: host name and process id (several workers may share a host).
 pub fn default_name() -> String {
     let host = match host_name() {
@@ -92,7 +106,7 @@ pub fn max_inflight(config: &Config) -> usize {
 
 /// Runs `kiln worker`.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let config = load_config(&args)?;
+    let mut config = load_config(&args)?;
     // The local CAS has no TLS or authorization yet: it stays on loopback.
     if !config.server.listen.ip().is_loopback() {
         anyhow::ensure!(
@@ -103,6 +117,18 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         );
         tracing::warn!(listen = %config.server.listen, "--insecure: the local CAS is open to anyone who can reach it");
     }
+    // Enrol with a join token once; afterwards the stored identity is used by itself.
+    let identity = crate::enrol::Identity::of(&config);
+    if let Some(token) = &args.join {
+        let name = args.name.clone().unwrap_or_else(enrolment_name);
+        let started = std::time::Instant::now();
+        let once = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        identity.enrol(&once, token, &name)?;
+        info!(worker = %name, elapsed = ?started.elapsed(), "enrolled: client certificate stored under the CAS directory");
+    }
+    identity.apply(&mut config)?;
     let Some(scheduler) = config.worker.scheduler.clone() else {
         bail!("no scheduler: pass --scheduler grpc://HOST:PORT or set worker.scheduler");
     };
@@ -164,6 +190,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             run_as: run_as_user(&config)?,
         })
     };
+    let stop = StopSignals::watch(&runtime)?;
+    // A SIGHUP (sent to the whole farm by a rotation script) must not stop the worker.
+    let _hup = StopSignals::hangup(&runtime);
     let worker = RunningWorker::start(
         &runtime,
         link,
@@ -180,7 +209,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         data.backend(),
         work_dir.display()
     );
-    runtime.block_on(wait_for_signal())?;
+    runtime.block_on(stop.wait());
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     info!("shutting down: finishing running actions (up to {grace:?})");
     worker.stop(&runtime, grace);

@@ -364,3 +364,31 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+// Signals sent the moment the server says it is listening are handled, not fatal: SIGHUP
+// (certificate reload, or a farm-wide rotation script) leaves a server without TLS running,
+// and SIGTERM right after start-up is a clean exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_at_start_up_are_handled() {
+    use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
+    let dir = tempfile::tempdir().unwrap();
+    let kiln = start(
+        &dir.path().join("data"),
+        Options::on(common::Runtime::Glommio),
+    )
+    .await;
+    kiln.signal(libc::SIGHUP);
+    let ch = kiln.channel().await;
+    CapabilitiesClient::new(ch)
+        .get_capabilities(reapi::GetCapabilitiesRequest::default())
+        .await
+        .expect("still serving after SIGHUP");
+    kiln.stop().await;
+
+    let kiln = start(
+        &dir.path().join("data"),
+        Options::on(common::Runtime::Glommio),
+    )
+    .await;
+    kiln.stop().await;
+}

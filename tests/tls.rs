@@ -359,3 +359,73 @@ fn serving_unauthenticated_off_loopback_is_refused() {
         );
     }
 }
+
+fn kiln_command(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+// One command per worker: `kiln worker --join TOKEN` pins the farm CA by the token's
+// fingerprint, gets a client certificate for a CSR, and runs actions with it (the enrolled
+// certificate carries the worker role); the token cannot be used twice; `kiln worker revoke`
+// closes the worker's session at once.
+on_every_runtime! {
+    async fn a_worker_joins_with_a_token_and_is_revoked(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let options = Options {
+            config: Some(concat!(
+                "[tls]\nmode = \"auto\"\n[worker]\nembedded = false\n",
+                "[auth]\nenabled = true\nanonymous_roles = [\"execute\", \"cache-read\", \"cache-write\"]\n",
+            ).into()),
+            ..Options::on(rt)
+        };
+        let mut kiln = start(&data_dir, options).await;
+        let data = data_dir.to_str().unwrap().to_string();
+        let addr = kiln.addr.to_string();
+        let made = kiln_command(&["join-token", "create", "--ttl", "10m", "--server-address", &addr, "--data-dir", &data]);
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let token = String::from_utf8(made.stdout).unwrap().trim().to_string();
+        assert!(token.starts_with(&format!("kiln-join/v1/{addr}/")), "{token}");
+        let (wdir, url, t) = (dir.path().join("w"), format!("grpcs://{addr}"), token.clone());
+        let worker = tokio::task::spawn_blocking(move || {
+            common::exec::Worker::start_for(&url, rt, &wdir, "mac-9", &["--join", &t])
+        })
+        .await
+        .unwrap();
+        let identity = dir.path().join("w/cas/identity");
+        for f in ["cert.pem", "key.pem", "ca.pem"] {
+            let mode = std::fs::metadata(identity.join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        let ch = kiln.tls_channel(&data_dir.join("tls/ca.pem"), None).await.unwrap();
+        let (_, r) = execute(&ch, F, &Spec::script("echo joined").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        assert_eq!(r.result.unwrap().execution_metadata.unwrap().worker, "mac-9");
+        // After a restart it uses the stored certificate: no token needed.
+        drop(worker);
+        let (wdir, url) = (dir.path().join("w"), format!("grpcs://{addr}"));
+        let _worker = tokio::task::spawn_blocking(move || {
+            common::exec::Worker::start_for(&url, rt, &wdir, "mac-9", &[])
+        })
+        .await
+        .unwrap();
+        let (_, r) = execute(&ch, F, &Spec::script("echo again").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        // Single use.
+        let other = dir.path().join("other");
+        let again = kiln_command(&[
+            "worker", "--join", &token, "--name", "mac-10", "--listen", "127.0.0.1:0",
+            "--cas-dir", other.join("cas").to_str().unwrap(), "--work-dir", other.join("work").to_str().unwrap(),
+        ]);
+        assert!(!again.status.success());
+        assert!(String::from_utf8_lossy(&again.stderr).contains("used already"), "{}", String::from_utf8_lossy(&again.stderr));
+        // Revoked: the session is closed within a second.
+        let revoked = kiln_command(&["worker", "revoke", "mac-9", "--data-dir", &data]);
+        assert!(revoked.status.success(), "{}", String::from_utf8_lossy(&revoked.stderr));
+        kiln.wait_for_log("credential revoked; closing the worker's session");
+        kiln.stop().await;
+    }
+}

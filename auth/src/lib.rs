@@ -5,6 +5,7 @@
 //! ([`policy`]). Both planes ask the same policy: the data plane on the core for blob
 //! methods, the control plane for the calls handed to it.
 
+pub mod join;
 pub mod method;
 pub mod policy;
 pub mod role;

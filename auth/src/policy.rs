@@ -3,6 +3,7 @@
 //! Missing or unknown credentials are `UNAUTHENTICATED`; a caller without the role the method
 //! needs on the request's instance is `PERMISSION_DENIED`, naming the method and instance.
 
+use crate::join::Enrolment;
 use crate::method::{need, Need};
 use crate::tokens::{TokenError, Tokens};
 use crate::{Grant, Role};
@@ -13,11 +14,24 @@ use std::time::SystemTime;
 /// A caller, once identified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// `token:NAME`, `cert:NAME`, `anonymous`, or `anyone` when authorization is off.
+    /// `token:NAME`, `cert:NAME`, `worker:NAME` (enrolled), `anonymous`, or `anyone` when
+    /// authorization is off.
     pub name: String,
     /// What it may do.
     pub grants: Vec<Grant>,
     unrestricted: bool,
+    credential: Credential,
+}
+
+/// What a principal was identified by, to tell later whether it still holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+enum Credential {
+    #[default]
+    None,
+    /// A token, by hash.
+    Token(String),
+    /// An enrolled certificate, by fingerprint.
+    Enrolled(String),
 }
 
 impl Principal {
@@ -27,6 +41,17 @@ impl Principal {
             name: "anyone".into(),
             grants: Vec::new(),
             unrestricted: true,
+            credential: Credential::None,
+        }
+    }
+
+    /// A caller with no role at all (one that is enrolling).
+    pub fn nobody(name: &str) -> Principal {
+        Principal {
+            name: name.to_string(),
+            grants: Vec::new(),
+            unrestricted: false,
+            credential: Credential::None,
         }
     }
 
@@ -98,6 +123,8 @@ pub struct Settings {
     pub certificates: Vec<CertificateRule>,
     /// Roles of callers with no credentials at all (none by default: they are refused).
     pub anonymous: Vec<Grant>,
+    /// Join tokens and enrolled workers (`kiln join-token`, `kiln worker revoke`).
+    pub enrolment_file: PathBuf,
 }
 
 /// The policy, with the token file re-read when it changes.
@@ -105,8 +132,9 @@ pub struct Settings {
 pub struct Policy {
     settings: Settings,
     tokens: RwLock<Tokens>,
-    stamp: Mutex<Option<Stamp>>,
+    stamp: Mutex<(Option<Stamp>, Option<Stamp>)>,
     internal: RwLock<Tokens>,
+    enrolment: RwLock<Enrolment>,
 }
 
 /// What "the token file changed" compares: modification and change times, inode and size
@@ -129,17 +157,24 @@ impl Policy {
     /// A policy from settings (reads the token file when enabled).
     pub fn open(settings: Settings) -> Result<Policy, TokenError> {
         // Stat first: a change landing while the file is read is seen by the next check.
-        let stamp = stamp(&settings.tokens_file);
-        let tokens = if settings.enabled {
-            Tokens::load(&settings.tokens_file)?
+        let stamps = (
+            stamp(&settings.tokens_file),
+            stamp(&settings.enrolment_file),
+        );
+        let (tokens, enrolment) = if settings.enabled {
+            (
+                Tokens::load(&settings.tokens_file)?,
+                Enrolment::load(&settings.enrolment_file)?,
+            )
         } else {
-            Tokens::default()
+            (Tokens::default(), Enrolment::default())
         };
         Ok(Policy {
             settings,
             tokens: RwLock::new(tokens),
-            stamp: Mutex::new(stamp),
+            stamp: Mutex::new(stamps),
             internal: RwLock::new(Tokens::default()),
+            enrolment: RwLock::new(enrolment),
         })
     }
 
@@ -148,8 +183,9 @@ impl Policy {
         Policy {
             settings: Settings::default(),
             tokens: RwLock::new(Tokens::default()),
-            stamp: Mutex::new(None),
+            stamp: Mutex::new((None, None)),
             internal: RwLock::new(Tokens::default()),
+            enrolment: RwLock::new(Enrolment::default()),
         }
     }
 
@@ -174,39 +210,77 @@ impl Policy {
         self.settings.enabled
     }
 
-    /// Re-reads the token file if it changed; returns whether it did. Called off the data
-    /// plane (the control plane checks every second), so identifying a caller never touches
-    /// the disk. A file that cannot be read any more fails closed: no file token is accepted
-    /// until it can.
+    /// Re-reads the token and enrolment files if they changed; returns whether either did.
+    /// Called off the data plane (the control plane checks every second), so identifying a
+    /// caller never touches the disk. A file that cannot be read any more fails closed: no
+    /// file token, and no enrolled certificate, is accepted until it can.
     pub fn reload_if_changed(&self) -> bool {
         if !self.settings.enabled {
             return false;
         }
         let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
-        let now = stamp(&self.settings.tokens_file);
+        let now = (
+            stamp(&self.settings.tokens_file),
+            stamp(&self.settings.enrolment_file),
+        );
         if now == *last {
             return false;
         }
-        *last = now;
-        let tokens = match Tokens::load(&self.settings.tokens_file) {
-            Ok(t) => {
-                tracing::info!("token file reloaded");
-                t
-            }
-            Err(e) => {
+        if now.0 != last.0 {
+            let tokens = Tokens::load(&self.settings.tokens_file).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "cannot read the token file; refusing every file token until it can be read");
                 Tokens::default()
-            }
-        };
-        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens;
+            });
+            *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens;
+            tracing::info!("token file reloaded");
+        }
+        if now.1 != last.1 {
+            let enrolment = Enrolment::load(&self.settings.enrolment_file).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot read the enrolment file; refusing every enrolled worker until it can be read");
+                Enrolment {
+                    join: Vec::new(),
+                    // Unreadable: every enrolled certificate counts as revoked.
+                    worker: Vec::new(),
+                }
+            });
+            *self.enrolment.write().unwrap_or_else(|e| e.into_inner()) = enrolment;
+            tracing::info!("enrolment file reloaded");
+        }
+        *last = now;
         true
     }
 
-    /// Identifies a caller from its client certificate's name (if it presented a verified
-    /// one) and its `authorization` header (if any). A token wins over a certificate.
+    /// Whether what identified `principal` still holds (a token not revoked, an enrolled
+    /// certificate not revoked): long-lived calls (a worker's session) end when it does not.
+    pub fn still_valid(&self, principal: &Principal) -> bool {
+        match &principal.credential {
+            Credential::None => true,
+            Credential::Token(hash) => {
+                self.internal
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .has_hash(hash)
+                    || self
+                        .tokens
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .has_hash(hash)
+            }
+            Credential::Enrolled(fingerprint) => self
+                .enrolment
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .by_fingerprint(fingerprint)
+                .is_some_and(|w| !w.revoked),
+        }
+    }
+
+    /// Identifies a caller from its verified client certificate (common name and SHA-256
+    /// fingerprint), if it presented one, and its `authorization` header (if any). A token
+    /// wins over a certificate; an enrolled certificate over the name rules.
     pub fn identify(
         &self,
-        certificate: Option<&str>,
+        certificate: Option<(&str, &str)>,
         authorization: Option<&[u8]>,
     ) -> Result<Principal, Denied> {
         if !self.settings.enabled {
@@ -232,6 +306,7 @@ impl Policy {
                     name: format!("internal:{}", entry.name),
                     grants: entry.grants(),
                     unrestricted: false,
+                    credential: Credential::Token(entry.sha256.clone()),
                 });
             }
             let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
@@ -242,9 +317,29 @@ impl Policy {
                 name: format!("token:{}", entry.name),
                 grants: entry.grants(),
                 unrestricted: false,
+                credential: Credential::Token(entry.sha256.clone()),
             });
         }
-        if let Some(name) = certificate {
+        if let Some((name, fingerprint)) = certificate {
+            if let Some(w) = self
+                .enrolment
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .by_fingerprint(fingerprint)
+            {
+                if w.revoked {
+                    return Err(Denied::unauthenticated(format!(
+                        "the certificate of worker {:?} was revoked; enrol again with a new join token",
+                        w.name
+                    )));
+                }
+                return Ok(Principal {
+                    name: format!("worker:{}", w.name),
+                    grants: Grant::all(&w.roles, &[]),
+                    unrestricted: false,
+                    credential: Credential::Enrolled(fingerprint.to_string()),
+                });
+            }
             let grants = self
                 .settings
                 .certificates
@@ -256,6 +351,7 @@ impl Policy {
                 name: format!("cert:{name}"),
                 grants,
                 unrestricted: false,
+                credential: Credential::None,
             });
         }
         if self.settings.anonymous.is_empty() {
@@ -267,6 +363,7 @@ impl Policy {
             name: "anonymous".into(),
             grants: self.settings.anonymous.clone(),
             unrestricted: false,
+            credential: Credential::None,
         })
     }
 
@@ -349,6 +446,7 @@ mod tests {
                 },
             ],
             anonymous: Vec::new(),
+            enrolment_file: dir.join("enrolment.toml"),
         };
         (Policy::open(settings).unwrap(), secret)
     }
@@ -378,18 +476,18 @@ mod tests {
         let e = p.authorize(&ci, UPDATE_AC, "main").unwrap_err();
         assert!(e.message.contains("ac-write"), "{e}");
         // Certificates by exact name or prefix; an unknown name holds nothing.
-        let w = p.identify(Some("worker-mac1"), None).unwrap();
+        let w = p.identify(Some(("worker-mac1", "fp-w")), None).unwrap();
         assert_eq!(
             p.authorize(&w, "/kiln.worker.v1.WorkerApi/Session", ""),
             Ok(())
         );
-        let r = p.identify(Some("reader"), None).unwrap();
+        let r = p.identify(Some(("reader", "fp-r")), None).unwrap();
         assert!(p.authorize(&r, WRITE, "main").is_err());
-        let stranger = p.identify(Some("stranger"), None).unwrap();
+        let stranger = p.identify(Some(("stranger", "fp-s")), None).unwrap();
         assert!(p.authorize(&stranger, READ, "").is_err());
         // A token wins over a certificate.
         assert_eq!(
-            p.identify(Some("reader"), Some(bearer.as_bytes()))
+            p.identify(Some(("reader", "fp-r")), Some(bearer.as_bytes()))
                 .unwrap()
                 .name,
             "token:ci"

@@ -42,6 +42,9 @@ pub enum TokenError {
         "the worker role cannot be limited to instances yet: workers run actions of every instance"
     )]
     ScopedWorker,
+    /// The certificate for an enrolment could not be made (the token stays unused).
+    #[error("cannot issue the certificate: {0}")]
+    Issue(String),
     /// The system's random source failed.
     #[error("no randomness for a token: {0}")]
     Random(String),
@@ -93,12 +96,19 @@ pub fn hash(secret: &str) -> String {
 }
 
 fn read(path: &Path) -> Result<File, TokenError> {
+    read_toml(path)
+}
+
+/// Reads a TOML file of `T` (a missing file is the default).
+pub(crate) fn read_toml<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+) -> Result<T, TokenError> {
     match std::fs::read_to_string(path) {
         Ok(text) => toml::from_str(&text).map_err(|e| TokenError::Format {
             path: path.to_path_buf(),
             why: e.to_string(),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(File::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
         Err(source) => Err(TokenError::Io {
             path: path.to_path_buf(),
             source,
@@ -107,6 +117,12 @@ fn read(path: &Path) -> Result<File, TokenError> {
 }
 
 fn write(path: &Path, file: &File) -> Result<(), TokenError> {
+    write_toml(path, file)
+}
+
+/// Writes `value` as TOML to `path` atomically, mode 0600 (keeping the owner of a file it
+/// replaces).
+pub(crate) fn write_toml<T: Serialize>(path: &Path, file: &T) -> Result<(), TokenError> {
     let io = |source| TokenError::Io {
         path: path.to_path_buf(),
         source,
@@ -153,6 +169,11 @@ impl Tokens {
     /// Adds a token held in memory only.
     pub fn insert(&mut self, entry: TokenEntry) {
         self.by_hash.insert(entry.sha256.clone(), entry);
+    }
+
+    /// Whether a token with this hash is here.
+    pub fn has_hash(&self, hash: &str) -> bool {
+        self.by_hash.contains_key(hash)
     }
 
     /// The token whose secret this is.

@@ -6,6 +6,7 @@ pub mod action_cache;
 pub mod admin;
 pub mod auth;
 pub mod capabilities;
+pub mod enrolment;
 pub mod error;
 pub mod execution;
 pub mod handoff;
@@ -46,7 +47,11 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// Opens the action cache and starts the services on a new tokio runtime.
-    pub fn start(config: &Config, cas: CasClient) -> std::io::Result<ControlPlane> {
+    pub fn start(
+        config: &Config,
+        cas: CasClient,
+        enroller: Option<Arc<dyn enrolment::Enroller>>,
+    ) -> std::io::Result<ControlPlane> {
         let control_metrics = ControlMetrics::new();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.control_plane.threads)
@@ -110,6 +115,12 @@ impl ControlPlane {
                         .max_decoding_message_size(max_message)
                         .max_encoding_message_size(max_message),
                 );
+        }
+        if let Some(e) = enroller {
+            routes =
+                routes.add_service(kiln_proto::worker::enrolment_server::EnrolmentServer::new(
+                    enrolment::EnrolmentService::new(e),
+                ));
         }
         let (handoff, queue) =
             async_channel::bounded(config.control_plane.handoff_queue_depth.max(1));

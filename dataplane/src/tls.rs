@@ -23,13 +23,13 @@ pub struct TlsAccept {
 
 impl TlsAccept {
     /// Runs the server side of the handshake on `io`; the result speaks HTTP/2 inside TLS.
-    /// Also returns the common name of the client's certificate, when it presented one (rustls
-    /// has verified it against the client CA by then).
+    /// Also returns the common name and SHA-256 fingerprint of the client's certificate, when
+    /// it presented one (rustls has verified it against the client CA by then).
     pub async fn accept(
         &self,
         runtime: &Rc<dyn Runtime>,
         io: BoxConnection,
-    ) -> io::Result<(BoxConnection, Option<String>)> {
+    ) -> io::Result<(BoxConnection, Option<(String, String)>)> {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.config());
         let handshake = Box::pin(acceptor.accept(io));
         match select(handshake, runtime.sleep(self.handshake_timeout)).await {
@@ -39,7 +39,12 @@ impl TlsAccept {
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(kiln_tls::pem::common_name);
+                    .map(|c| {
+                        (
+                            kiln_tls::pem::common_name(c).unwrap_or_default(),
+                            kiln_tls::pem::fingerprint(c),
+                        )
+                    });
                 Ok((Box::pin(stream), peer))
             }
             Either::Left((Err(e), _)) => Err(e),

@@ -22,6 +22,9 @@ pub enum Trust {
     /// Exactly the certificate this function returns at each handshake (the server's own,
     /// for the worker inside `kiln serve`, which must follow rotations).
     Current(Arc<dyn Fn() -> CertificateDer<'static> + Send + Sync>),
+    /// A CA known only by its SHA-256 fingerprint (from a join token): the server must send
+    /// it in its chain, and the chain must verify against it.
+    CaFingerprint(String),
 }
 
 impl std::fmt::Debug for Trust {
@@ -30,6 +33,7 @@ impl std::fmt::Debug for Trust {
             Trust::Roots(r) => write!(f, "Roots({} certificates)", r.len()),
             Trust::Pinned(_) => write!(f, "Pinned"),
             Trust::Current(_) => write!(f, "Current"),
+            Trust::CaFingerprint(fp) => write!(f, "CaFingerprint({fp})"),
         }
     }
 }
@@ -90,16 +94,19 @@ pub fn config(
         }
         Trust::Pinned(cert) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned {
-                cert: Arc::new(move || cert.clone()),
-                provider: provider(),
-            })),
+            .with_custom_certificate_verifier(Verifier::new(Check::Exactly(Arc::new(move || {
+                cert.clone()
+            })))),
         Trust::Current(cert) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned {
-                cert,
-                provider: provider(),
-            })),
+            .with_custom_certificate_verifier(Verifier::new(Check::Exactly(cert))),
+        Trust::CaFingerprint(fingerprint) => {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Verifier::new(Check::CaFingerprint(
+                    fingerprint.to_ascii_lowercase(),
+                )))
+        }
     };
     let mut config = match identity {
         Some(id) => builder.with_client_auth_cert(id.certs, id.key)?,
@@ -109,34 +116,76 @@ pub fn config(
     Ok(Arc::new(config))
 }
 
-/// Accepts exactly one certificate (as `cert` returns it now), with the handshake
-/// signatures checked as usual.
-struct Pinned {
-    cert: Arc<dyn Fn() -> CertificateDer<'static> + Send + Sync>,
+/// What a custom verifier accepts.
+enum Check {
+    /// Exactly the certificate the function returns now.
+    Exactly(Arc<dyn Fn() -> CertificateDer<'static> + Send + Sync>),
+    /// A chain that includes the CA with this SHA-256 fingerprint and verifies against it
+    /// as usual (names, dates, signatures).
+    CaFingerprint(String),
+}
+
+/// A server certificate verifier for the trusts rustls has no builder for; handshake
+/// signatures are checked with the provider's algorithms as usual.
+struct Verifier {
+    check: Check,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl std::fmt::Debug for Pinned {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Pinned")
+impl Verifier {
+    fn new(check: Check) -> Arc<Verifier> {
+        Arc::new(Verifier {
+            check,
+            provider: provider(),
+        })
     }
 }
 
-impl ServerCertVerifier for Pinned {
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.check {
+            Check::Exactly(_) => f.write_str("Verifier(exactly one certificate)"),
+            Check::CaFingerprint(fp) => write!(f, "Verifier(CA {fp})"),
+        }
+    }
+}
+
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == (self.cert)().as_ref() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::UnknownIssuer,
-            ))
+        let unknown = || rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        match &self.check {
+            Check::Exactly(cert) if end_entity.as_ref() == cert().as_ref() => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Check::Exactly(_) => Err(unknown()),
+            Check::CaFingerprint(fingerprint) => {
+                let ca = intermediates
+                    .iter()
+                    .find(|c| &pem::fingerprint(c) == fingerprint)
+                    .ok_or_else(unknown)?;
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.clone().into_owned())?;
+                rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    self.provider.clone(),
+                )
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?
+                .verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    ocsp_response,
+                    now,
+                )
+            }
         }
     }
 
@@ -223,5 +272,87 @@ impl tower::Service<http::Uri> for Connector {
                 .await?;
             Ok(hyper_util::rt::TokioIo::new(tls))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::farm::Farm;
+    use crate::server::{ClientAuth, ServerFiles};
+
+    /// Runs a handshake between `client` and `server` in memory; the client's error, if any.
+    fn handshake(
+        client: Arc<rustls::ClientConfig>,
+        server: rustls::ServerConfig,
+    ) -> Result<(), rustls::Error> {
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name)?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            s.read_tls(&mut wire.as_slice()).unwrap();
+            let server_side = s.process_new_packets();
+            wire.clear();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            c.read_tls(&mut wire.as_slice()).unwrap();
+            c.process_new_packets()?;
+            server_side.map_err(|e| rustls::Error::General(format!("server: {e}")))?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err(rustls::Error::General("handshake did not finish".into()))
+    }
+
+    #[test]
+    fn pinned_certificates_and_ca_fingerprints_are_trusted_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let farm = Farm::at(dir.path().join("a"));
+        farm.ensure(&["localhost".to_string()]).unwrap();
+        let other = Farm::at(dir.path().join("b"));
+        other.ensure(&["localhost".to_string()]).unwrap();
+        let server = ServerFiles {
+            cert: farm.server_cert(),
+            key: farm.server_key(),
+            client_ca: None,
+            client_auth: ClientAuth::None,
+        };
+        let leaf = |f: &Farm| pem::certificates(&f.server_cert()).unwrap().remove(0);
+        let fingerprint = farm.ca_fingerprint().unwrap();
+        let wrong_fingerprint = other.ca_fingerprint().unwrap();
+        let try_with =
+            |trust: Trust| handshake(config(trust, None).unwrap(), server.build().unwrap());
+
+        try_with(Trust::ca_file(&farm.ca_cert()).unwrap()).expect("the farm CA");
+        try_with(Trust::Pinned(leaf(&farm))).expect("the server's own certificate");
+        try_with(Trust::CaFingerprint(fingerprint.to_ascii_uppercase()))
+            .expect("the farm CA's fingerprint, in either case");
+        let current = leaf(&farm);
+        try_with(Trust::Current(Arc::new(move || current.clone()))).expect("the current one");
+
+        for (what, trust) in [
+            ("another CA", Trust::ca_file(&other.ca_cert()).unwrap()),
+            ("another certificate", Trust::Pinned(leaf(&other))),
+            (
+                "another fingerprint",
+                Trust::CaFingerprint(wrong_fingerprint),
+            ),
+            (
+                "the server's leaf as if it were the CA",
+                Trust::CaFingerprint(pem::fingerprint(&leaf(&farm))),
+            ),
+        ] {
+            let error = try_with(trust).expect_err(what);
+            assert!(
+                matches!(error, rustls::Error::InvalidCertificate(_)),
+                "{what}: {error}"
+            );
+        }
     }
 }

@@ -50,7 +50,7 @@ fn san(name: &str) -> Result<SanType, TlsError> {
 }
 
 /// Writes `contents` to `path` readable by its owner only (replacing it atomically).
-fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
+pub fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
     let temp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&temp);
     let mut file = std::fs::OpenOptions::new()
@@ -63,6 +63,15 @@ fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
         .and_then(|_| file.sync_all())
         .map_err(|e| TlsError::io(&temp, e))?;
     std::fs::rename(&temp, path).map_err(|e| TlsError::io(path, e))
+}
+
+/// Creates `dir` (and its parents) accessible by its owner only.
+pub fn private_dir(dir: &Path) -> Result<(), TlsError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| TlsError::io(dir, e))
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
@@ -102,11 +111,7 @@ impl Farm {
     /// Makes whatever is missing: the CA on first start, the server certificate when there is
     /// none or when `names` (its SANs) changed. Returns whether anything was made.
     pub fn ensure(&self, names: &[String]) -> Result<bool, TlsError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|e| TlsError::io(&self.dir, e))?;
+        private_dir(&self.dir)?;
         let mut made = false;
         if !self.ca_cert().exists() || !self.ca_key().exists() {
             let key = KeyPair::generate()?;
@@ -122,7 +127,12 @@ impl Farm {
         if current.as_deref() != Some(wanted.as_str()) || !self.server_cert().exists() {
             let (cert, key) = self.issue(names, ExtendedKeyUsagePurpose::ServerAuth)?;
             write_private(&self.server_key(), &key)?;
-            write_private(&self.server_cert(), &cert)?;
+            // The chain includes the CA, so a worker that pins the CA by fingerprint (a join
+            // token) can find it in the handshake.
+            write_private(
+                &self.server_cert(),
+                &format!("{cert}{}", read(&self.ca_cert())?),
+            )?;
             write_private(&self.server_names(), &wanted)?;
             made = true;
         }
@@ -153,6 +163,25 @@ impl Farm {
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Signs a worker's certificate signing request (PEM): whatever it asks for, the
+    /// certificate names `name` (as its common name and only SAN-free identity) and serves
+    /// client authentication only. Returns the certificate (PEM) and its SHA-256 fingerprint.
+    pub fn sign_request(&self, csr_pem: &str, name: &str) -> Result<(String, String), TlsError> {
+        let ca_key = KeyPair::from_pem(&read(&self.ca_key())?)?;
+        let issuer = Issuer::new(ca_params(), ca_key);
+        let mut request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        request.params = CertificateParams::default();
+        request.params.distinguished_name = dn;
+        request.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        request.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        request.params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        request.params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        let cert = request.signed_by(&issuer)?;
+        Ok((cert.pem(), crate::pem::fingerprint(cert.der())))
     }
 
     /// The CA certificate's SHA-256 fingerprint (hex).
@@ -207,5 +236,23 @@ mod tests {
             .unwrap();
         let der = &crate::pem::certificates_from(client.as_bytes()).unwrap()[0];
         assert_eq!(crate::pem::common_name(der).as_deref(), Some("worker-mac1"));
+        // A worker's request is signed for the name the server chooses, whatever it asked.
+        let key = KeyPair::generate().unwrap();
+        let mut asked = CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
+        asked.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let csr = asked.serialize_request(&key).unwrap().pem().unwrap();
+        let (cert, fingerprint) = farm.sign_request(&csr, "mac-7").unwrap();
+        let der = &crate::pem::certificates_from(cert.as_bytes()).unwrap()[0];
+        assert_eq!(crate::pem::common_name(der).as_deref(), Some("mac-7"));
+        assert_eq!(crate::pem::fingerprint(der), fingerprint);
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        assert!(
+            !parsed.is_ca(),
+            "a CA was asked for, a client certificate was issued"
+        );
+        assert!(
+            parsed.subject_alternative_name().unwrap().is_none(),
+            "no SAN asked for is kept"
+        );
     }
 }

@@ -41,6 +41,18 @@ impl WorkerApi for WorkerApiService {
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<ServerStream>, Status> {
         crate::auth::check(&request, crate::auth::paths::WORKER_SESSION, None)?;
+        // Who this worker is, to end its session as soon as its token or certificate is
+        // revoked (`kiln token revoke`, `kiln worker revoke`).
+        let credential = request
+            .extensions()
+            .get::<Arc<kiln_auth::Principal>>()
+            .cloned()
+            .zip(
+                request
+                    .extensions()
+                    .get::<Arc<kiln_auth::Policy>>()
+                    .cloned(),
+            );
         let mut incoming = request.into_inner();
         let hello = match incoming.message().await? {
             Some(WorkerMessage {
@@ -86,8 +98,17 @@ impl WorkerApi for WorkerApiService {
         let core = self.core.clone();
         tokio::spawn(async move {
             let mut ping = tokio::time::interval(keepalive);
+            let mut revocation = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
+                    _ = revocation.tick() => {
+                        if let Some((principal, policy)) = &credential {
+                            if !policy.still_valid(principal) {
+                                tracing::warn!(caller = %principal.name, id, "credential revoked; closing the worker's session");
+                                break;
+                            }
+                        }
+                    }
                     message = incoming.message() => match message {
                         Ok(Some(m)) => {
                             core.worker_seen(id);

@@ -49,14 +49,17 @@ impl Http2Settings {
 pub struct PeerIdentity {
     /// Identifies callers and checks their roles.
     pub policy: Arc<Policy>,
-    /// The client certificate's common name.
-    pub certificate: Option<String>,
+    /// The client certificate's common name and fingerprint.
+    pub certificate: Option<(String, String)>,
     anyone: Arc<Principal>,
 }
 
+/// The one method a caller without credentials may call (it checks a join token itself).
+const ENROL: &str = "/kiln.worker.v1.Enrolment/Enrol";
+
 impl PeerIdentity {
     /// A connection checked by `policy`, from a client that presented `certificate`.
-    pub fn new(policy: Arc<Policy>, certificate: Option<String>) -> PeerIdentity {
+    pub fn new(policy: Arc<Policy>, certificate: Option<(String, String)>) -> PeerIdentity {
         PeerIdentity {
             policy,
             certificate,
@@ -69,12 +72,20 @@ impl PeerIdentity {
         if !self.policy.enabled() {
             return Ok(self.anyone.clone());
         }
+        if request.uri().path() == ENROL {
+            return Ok(Arc::new(Principal::nobody("enrolling")));
+        }
         let authorization = request
             .headers()
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
         self.policy
-            .identify(self.certificate.as_deref(), authorization)
+            .identify(
+                self.certificate
+                    .as_ref()
+                    .map(|(name, fp)| (name.as_str(), fp.as_str())),
+                authorization,
+            )
             .map(Arc::new)
     }
 }
@@ -151,6 +162,11 @@ pub async fn serve_connection(
                             match identity.identify(&call.request) {
                                 Ok(principal) => {
                                     call.request.extensions_mut().insert(principal);
+                                    // Long-lived calls (a worker's session) ask it whether
+                                    // their credential still holds.
+                                    call.request
+                                        .extensions_mut()
+                                        .insert(identity.policy.clone());
                                     handler.handle(call).await;
                                 }
                                 Err(denied) => {
