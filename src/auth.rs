@@ -39,17 +39,16 @@ pub fn policy(config: &Config) -> anyhow::Result<Arc<Policy>> {
         .iter()
         .map(|c| {
             let rule_roles = roles(&c.roles, &format!("auth.certificates {:?}", c.name))?;
-            anyhow::ensure!(
-                !rule_roles.contains(&Role::Worker) || c.instances.is_empty(),
-                "auth.certificates {:?}: the worker role cannot be limited to instances yet (workers run actions of every instance)",
-                c.name
-            );
+            if let Some(role) = Role::scoped_farm_wide(&rule_roles, &c.instances) {
+                anyhow::bail!(
+                    "auth.certificates {:?}: the {} role cannot be limited to instances (it covers the whole farm)",
+                    c.name,
+                    role.name()
+                );
+            }
             Ok(CertificateRule {
                 name: c.name.clone(),
-                grants: Grant::all(
-                    &roles(&c.roles, &format!("auth.certificates {:?}", c.name))?,
-                    &c.instances,
-                ),
+                grants: Grant::all(&rule_roles, &c.instances),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -206,8 +206,9 @@ pub struct ServeArgs {
     /// Address of the admin listener: metrics, health, status page (overrides admin.listen).
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
-    /// Serve plain HTTP/2 (or the admin listener) on a non-loopback address anyway: anyone who
-    /// can reach the port can use the server. Logged as a warning on every start.
+    /// Serve the main port or the admin listener on a non-loopback address without TLS and
+    /// authentication anyway: anyone who can reach the port can use the server. Logged as a
+    /// warning on every start.
     #[arg(long)]
     pub insecure: bool,
 }

@@ -7,6 +7,7 @@ use crate::worker::{default_name, max_inflight, run_as_user, RunningWorker};
 use anyhow::Context;
 use kiln_auth::Role;
 use kiln_config::Config;
+use kiln_controlplane::admin::listener::AdminTls;
 use kiln_controlplane::admin::ServerInfo;
 use kiln_controlplane::ControlPlane;
 use kiln_dataplane::metrics::Metrics;
@@ -63,7 +64,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         policy.clone(),
     )
     .with_context(|| format!("cannot serve on {}", config.server.listen))?;
-    let admin = start_admin(&config, &control, &data);
+    let admin = start_admin(&config, &control, &data, tls.as_ref(), &policy);
     let worker = start_embedded_worker(&config, &control, &data, cas, tls.as_ref(), &policy)?;
     let stop = StopSignals::watch(control.runtime())?;
     control.set_ready(true);
@@ -179,7 +180,13 @@ fn start_embedded_worker(
 
 /// Starts the admin listener; a failure is logged, not fatal: builds must keep working even
 /// when something else (a Prometheus server, say) already holds the admin port.
-fn start_admin(config: &Config, control: &ControlPlane, data: &DataPlane) -> String {
+fn start_admin(
+    config: &Config,
+    control: &ControlPlane,
+    data: &DataPlane,
+    tls: Option<&TlsAccept>,
+    policy: &Arc<kiln_auth::Policy>,
+) -> String {
     if !config.admin.enabled {
         return "(disabled)".into();
     }
@@ -191,8 +198,16 @@ fn start_admin(config: &Config, control: &ControlPlane, data: &DataPlane) -> Str
         cas_capacity: config.storage.disk_bytes.as_u64(),
         memory_capacity: config.storage.memory_bytes.as_u64(),
     };
-    match control.start_admin(config.admin.listen, info) {
-        Ok(addr) => format!("http://{addr}"),
+    let access = kiln_controlplane::admin::Access {
+        tls: tls.map(|t| AdminTls {
+            tls: t.tls.clone(),
+            handshake_timeout: t.handshake_timeout,
+        }),
+        policy: policy.clone(),
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    match control.start_admin(config.admin.listen, info, access) {
+        Ok(addr) => format!("{scheme}://{addr}"),
         Err(e) => {
             error!(listen = %config.admin.listen, error = %e, "cannot start the admin listener (metrics, status page); serving without it");
             "(unavailable)".into()

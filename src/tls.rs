@@ -165,30 +165,28 @@ pub fn export_ca(config: &Config) -> anyhow::Result<()> {
 }
 
 /// Refuses to serve a non-loopback address unless every caller is both encrypted and
-/// authenticated: the main port needs TLS *and* either `[auth]` or required client
-/// certificates (TLS alone would let any host on the network run commands), and the admin
-/// listener (plain HTTP, no TLS yet) must stay on loopback. `--insecure` overrides, with a
-/// warning on every start.
+/// authenticated: the main port and the admin listener need TLS *and* either `[auth]` or
+/// required client certificates (TLS alone would let any host on the network run commands or
+/// read the status page). `--insecure` overrides, with a warning on every start.
 pub fn check_exposure(config: &Config, insecure: bool) -> anyhow::Result<()> {
     let mut open = Vec::new();
-    if !config.server.listen.ip().is_loopback() {
+    let mut check = |what: String, addr: std::net::SocketAddr| {
+        if addr.ip().is_loopback() {
+            return;
+        }
         if config.tls.mode == TlsMode::Off {
             open.push(format!(
-                "the main port {} without TLS (set [tls] mode = \"auto\")",
-                config.server.listen
+                "{what} {addr} without TLS (set [tls] mode = \"auto\")"
             ));
         } else if !config.auth.enabled && config.tls.client_auth != ClientAuthMode::Required {
             open.push(format!(
-                "the main port {} to unauthenticated callers (set [auth] enabled = true, or [tls] client_auth = \"required\")",
-                config.server.listen
+                "{what} {addr} to unauthenticated callers (set [auth] enabled = true, or [tls] client_auth = \"required\")"
             ));
         }
-    }
-    if config.admin.enabled && !config.admin.listen.ip().is_loopback() {
-        open.push(format!(
-            "the admin listener {} (plain HTTP)",
-            config.admin.listen
-        ));
+    };
+    check("the main port".into(), config.server.listen);
+    if config.admin.enabled {
+        check("the admin listener".into(), config.admin.listen);
     }
     if open.is_empty() {
         return Ok(());

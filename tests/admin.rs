@@ -214,3 +214,117 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+// With TLS on, the admin listener is HTTPS with the main port's certificate; with [auth], the
+// probes stay open, metrics are open to the server's own host, and the status page needs the
+// admin role: 401 with a Basic challenge without credentials (a browser then asks), 403 for
+// a token without the role, 200 for an admin token (Bearer or Basic) or an admin
+// certificate. The admin role cannot be limited to an instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_speaks_tls_and_asks_for_the_admin_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let ops = common::kiln_token(&data_dir, &["create", "--name", "ops", "--role", "admin"]);
+    let reader = common::kiln_token(
+        &data_dir,
+        &["create", "--name", "reader", "--role", "cache-read"],
+    );
+    let scoped = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "token",
+            "create",
+            "--name",
+            "x",
+            "--role",
+            "admin",
+            "--instance",
+            "main",
+        ])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(!scoped.status.success());
+    let stderr = String::from_utf8_lossy(&scoped.stderr);
+    assert!(stderr.contains("whole farm"), "{stderr}");
+
+    let config = "[tls]\nmode = \"auto\"\n[auth]\nenabled = true\n\
+                  [[auth.certificates]]\nname = \"ops-cert\"\nroles = [\"admin\"]\n\
+                  [[auth.certificates]]\nname = \"someone\"\nroles = [\"cache-read\"]\n";
+    let options = common::Options {
+        config: Some(config.into()),
+        ..common::Options::on(common::Runtime::Glommio)
+    };
+    let kiln = tokio::task::spawn_blocking({
+        let data_dir = data_dir.clone();
+        move || Kiln::start_with(&data_dir, options)
+    })
+    .await
+    .unwrap();
+    assert!(kiln.admin.starts_with("https://"), "{}", kiln.admin);
+    let farm = kiln_tls::farm::Farm::at(data_dir.join("tls"));
+    let ca = farm.ca_cert().to_str().unwrap().to_string();
+    let mut certs = Vec::new();
+    for name in ["ops-cert", "someone"] {
+        let (cert, key) = farm
+            .issue(&[name.into()], rcgen::ExtendedKeyUsagePurpose::ClientAuth)
+            .unwrap();
+        let (c, k) = (
+            dir.path().join(format!("{name}.pem")),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        certs.push((
+            c.to_str().unwrap().to_string(),
+            k.to_str().unwrap().to_string(),
+        ));
+    }
+    let admin = kiln.admin.clone();
+    tokio::task::spawn_blocking(move || {
+        let ca = ca.as_str();
+        let url = |path: &str| format!("{admin}{path}");
+        let with_ca = ["--cacert", ca];
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let (code, text) = common::curl(&url(path), &with_ca);
+            assert_eq!(code, 200, "{path}: {text}");
+        }
+        let (code, text) = common::curl(&url("/status"), &with_ca);
+        assert_eq!(code, 401, "{text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("www-authenticate: basic"),
+            "{text}"
+        );
+        let status_with = |extra: &[&str]| {
+            let mut args = vec!["--cacert", ca];
+            args.extend_from_slice(extra);
+            common::curl(&url("/status"), &args)
+        };
+        let bearer = |token: &str| format!("Authorization: Bearer {token}");
+        let (code, text) = status_with(&["-H", &bearer(&reader)]);
+        assert_eq!(code, 403, "{text}");
+        assert!(
+            text.contains("token:reader") && text.contains("admin role"),
+            "{text}"
+        );
+        let (code, text) = status_with(&["-H", &bearer(&ops)]);
+        assert_eq!(code, 200, "{text}");
+        assert!(text.contains("<html"), "{text}");
+        let (code, text) = status_with(&["-u", &format!("me:{ops}")]);
+        assert_eq!(code, 200, "Basic with the token as password: {text}");
+        let (cert, key) = &certs[0];
+        let (code, text) = status_with(&["--cert", cert, "--key", key]);
+        assert_eq!(code, 200, "admin certificate: {text}");
+        let (cert, key) = &certs[1];
+        let (code, text) = status_with(&["--cert", cert, "--key", key]);
+        assert_eq!(code, 403, "certificate without the role: {text}");
+        // Plain HTTP to the TLS listener gets no page.
+        let plain = admin.replacen("https://", "http://", 1);
+        let (code, text) = common::curl(&format!("{plain}/healthz"), &[]);
+        assert_ne!(code, 200, "{text}");
+    })
+    .await
+    .unwrap();
+    kiln.stop().await;
+}

@@ -7,7 +7,7 @@
 mod common;
 
 use common::blobs::{digest, pseudo_random, read_name, write_name, write_requests};
-use common::{Kiln, Options};
+use common::{kiln_token, Kiln, Options};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{QueryWriteStatusRequest, ReadRequest};
 use kiln_proto::longrunning::operations_client::OperationsClient;
@@ -22,7 +22,6 @@ use kiln_proto::reapi::{
     GetActionResultRequest, GetCapabilitiesRequest, UpdateActionResultRequest,
 };
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
-use std::path::Path;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -247,22 +246,6 @@ impl PastTheCheck for Code {
             self
         }
     }
-}
-
-fn kiln_token(data_dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("token")
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 on_every_runtime! {

@@ -105,7 +105,9 @@ on_every_runtime! {
         other.ensure(&["localhost".into()]).unwrap();
         assert!(kiln.tls_channel(&other.ca_cert(), None).await.is_err());
         // The metrics count the failed handshakes.
-        let metrics = ureq::get(&format!("{}/metrics", kiln.admin)).call().unwrap().into_body().read_to_string().unwrap();
+        let ca = data_dir.join("tls/ca.pem");
+        let (code, metrics) = common::curl(&format!("{}/metrics", kiln.admin), &["--cacert", ca.to_str().unwrap()]);
+        assert_eq!(code, 200, "{metrics}");
         let failures = metrics
             .lines()
             .find(|l| l.starts_with("kiln_tls_handshake_failures_total"))
@@ -288,8 +290,8 @@ async fn kiln_bench_and_the_embedded_worker_under_required_client_certificates()
 }
 
 /// `kiln serve` on a non-loopback address in the clear, or with TLS but no authentication
-/// (no [auth], client certificates not required), or with its plain admin listener off
-/// loopback, refuses to start unless told `--insecure`; so does a worker's local CAS off
+/// (no [auth], client certificates not required), or with its admin listener off loopback
+/// under the same conditions, refuses to start unless told `--insecure`; so does a worker's local CAS off
 /// loopback. Nothing is bound: they stop first.
 #[test]
 fn serving_unauthenticated_off_loopback_is_refused() {
@@ -329,6 +331,18 @@ fn serving_unauthenticated_off_loopback_is_refused() {
                 "0.0.0.0:0",
             ],
             "admin listener",
+        ),
+        (
+            vec![
+                "serve",
+                "--config",
+                tls,
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "0.0.0.0:0",
+            ],
+            "the admin listener 0.0.0.0:0 to unauthenticated callers",
         ),
         (
             vec![

@@ -60,6 +60,15 @@ impl Principal {
         self.unrestricted || self.grants.iter().any(|g| g.covers(role, instance))
     }
 
+    /// Whether the principal holds `role` on every instance.
+    pub fn holds_everywhere(&self, role: Role) -> bool {
+        self.unrestricted
+            || self
+                .grants
+                .iter()
+                .any(|g| g.role == role && g.instance.is_none())
+    }
+
     fn meets(&self, need: Need, instance: &str) -> bool {
         match need {
             Need::Role(role) => self.holds(role, instance),
@@ -85,7 +94,7 @@ pub struct Denied {
 }
 
 impl Denied {
-    fn unauthenticated(message: impl Into<String>) -> Denied {
+    pub(crate) fn unauthenticated(message: impl Into<String>) -> Denied {
         Denied {
             unauthenticated: true,
             message: message.into(),
@@ -287,15 +296,8 @@ impl Policy {
             return Ok(Principal::unrestricted());
         }
         if let Some(value) = authorization {
-            let value = std::str::from_utf8(value)
-                .map_err(|_| Denied::unauthenticated("the authorization header is not text"))?;
-            let secret = value
-                .strip_prefix("Bearer ")
-                .or_else(|| value.strip_prefix("bearer "))
-                .ok_or_else(|| {
-                    Denied::unauthenticated("the authorization header must be \"Bearer TOKEN\"")
-                })?
-                .trim();
+            let secret = crate::header::token(value)?;
+            let secret = secret.as_str();
             if let Some(entry) = self
                 .internal
                 .read()

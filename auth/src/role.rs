@@ -17,7 +17,7 @@ pub enum Role {
     Execute,
     /// Be a worker (the worker API).
     Worker,
-    /// The status page and metrics off loopback, and token and CA commands.
+    /// The admin listener's status page, and its metrics when asked from another host.
     Admin,
 }
 
@@ -42,6 +42,20 @@ impl Role {
             Role::Worker => "worker",
             Role::Admin => "admin",
         }
+    }
+
+    /// Roles that cover the whole farm and cannot be limited to instances: a worker runs
+    /// actions of every instance, and the status page and metrics describe all of them.
+    pub fn farm_wide(self) -> bool {
+        matches!(self, Role::Worker | Role::Admin)
+    }
+
+    /// The first farm-wide role in `roles`, if `instances` would limit it.
+    pub fn scoped_farm_wide(roles: &[Role], instances: &[String]) -> Option<Role> {
+        roles
+            .iter()
+            .copied()
+            .find(|r| r.farm_wide() && !instances.is_empty())
     }
 
     /// Parses a role name.

@@ -36,12 +36,11 @@ pub enum TokenError {
     /// No token has that name.
     #[error("no token named {0:?}")]
     Unknown(String),
-    /// `worker` limited to some instances: the scheduler dispatches by platform, not by
-    /// instance, so such a worker would still receive (and report results for) every instance.
-    #[error(
-        "the worker role cannot be limited to instances yet: workers run actions of every instance"
-    )]
-    ScopedWorker,
+    /// `worker` or `admin` limited to some instances: the scheduler dispatches by platform,
+    /// not by instance, so such a worker would still receive (and report results for) every
+    /// instance; the admin pages show every instance.
+    #[error("the {} role cannot be limited to instances: it covers the whole farm", .0.name())]
+    ScopedFarmWide(Role),
     /// The certificate for an enrolment could not be made (the token stays unused).
     #[error("cannot issue the certificate: {0}")]
     Issue(String),
@@ -188,8 +187,8 @@ impl Tokens {
         roles: &[Role],
         instances: &[String],
     ) -> Result<String, TokenError> {
-        if roles.contains(&Role::Worker) && !instances.is_empty() {
-            return Err(TokenError::ScopedWorker);
+        if let Some(role) = Role::scoped_farm_wide(roles, instances) {
+            return Err(TokenError::ScopedFarmWide(role));
         }
         let mut file = read(path)?;
         if file.token.iter().any(|t| t.name == name) {
@@ -277,7 +276,16 @@ mod tests {
         ));
         assert!(matches!(
             Tokens::create(&path, "w", &[Role::Worker], &["main".into()]),
-            Err(TokenError::ScopedWorker)
+            Err(TokenError::ScopedFarmWide(Role::Worker))
+        ));
+        assert!(matches!(
+            Tokens::create(
+                &path,
+                "a",
+                &[Role::CacheRead, Role::Admin],
+                &["main".into()]
+            ),
+            Err(TokenError::ScopedFarmWide(Role::Admin))
         ));
         std::fs::write(&path, "not = [valid").unwrap();
         assert!(matches!(

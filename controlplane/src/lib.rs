@@ -163,7 +163,12 @@ impl ControlPlane {
     }
 
     /// Starts the admin listener; returns where it listens.
-    pub fn start_admin(&self, listen: SocketAddr, info: ServerInfo) -> std::io::Result<SocketAddr> {
+    pub fn start_admin(
+        &self,
+        listen: SocketAddr,
+        info: ServerInfo,
+        access: admin::Access,
+    ) -> std::io::Result<SocketAddr> {
         self.runtime.block_on(admin::start(
             listen,
             info,
@@ -175,6 +180,7 @@ impl ControlPlane {
                 action_cache: self.action_cache.clone(),
                 execution: self.execution.clone(),
             },
+            access,
         ))
     }
 

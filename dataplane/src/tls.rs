@@ -34,17 +34,7 @@ impl TlsAccept {
         let handshake = Box::pin(acceptor.accept(io));
         match select(handshake, runtime.sleep(self.handshake_timeout)).await {
             Either::Left((Ok(stream), _)) => {
-                let peer = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| {
-                        (
-                            kiln_tls::pem::common_name(c).unwrap_or_default(),
-                            kiln_tls::pem::fingerprint(c),
-                        )
-                    });
+                let peer = kiln_tls::server::client_identity(stream.get_ref().1);
                 Ok((Box::pin(stream), peer))
             }
             Either::Left((Err(e), _)) => Err(e),

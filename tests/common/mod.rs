@@ -117,6 +117,40 @@ macro_rules! on_every_runtime {
     )*};
 }
 
+/// Runs `kiln token ARGS --data-dir DATA_DIR`; returns what it printed (a new token's secret).
+pub fn kiln_token(data_dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("token")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("run kiln token");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("text")
+        .trim()
+        .to_string()
+}
+
+/// `curl` (a real HTTP client) against the admin listener: the status code and the headers
+/// and body it printed.
+pub fn curl(url: &str, args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-D", "-", "-w", "\n%{http_code}", "--max-time", "30"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (text, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+    (code.trim().parse().unwrap_or(0), text.to_string())
+}
+
 /// Options for starting a server.
 #[derive(Clone)]
 pub struct Options {

@@ -134,6 +134,14 @@ impl ServerTls {
         self.leaf.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The config for the next handshake on a listener that speaks HTTP/1.1 (the admin
+    /// listener: browsers, Prometheus, curl); the same certificate and client checks.
+    pub fn http1_config(&self) -> Arc<rustls::ServerConfig> {
+        let mut config = (*self.config()).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
     /// What the config is built from.
     pub fn files(&self) -> &ServerFiles {
         &self.files
@@ -160,6 +168,16 @@ impl ServerTls {
         self.reload()?;
         Ok(true)
     }
+}
+
+/// The verified client certificate of `connection`, if it presented one: its subject's
+/// common name (empty when it has none) and its SHA-256 fingerprint.
+pub fn client_identity(connection: &rustls::ServerConnection) -> Option<(String, String)> {
+    let cert = connection.peer_certificates()?.first()?;
+    Some((
+        pem::common_name(cert).unwrap_or_default(),
+        pem::fingerprint(cert),
+    ))
 }
 
 #[cfg(test)]

@@ -1,22 +1,27 @@
-//! The admin listener (plain HTTP/1.1 on the control plane's runtime): Prometheus `/metrics`,
-//! `/healthz` (the process is up), `/readyz` (serving, not shutting down) and `/status`, a
-//! small HTML page for people.
+//! The admin listener (HTTP/1.1 on the control plane's runtime, over TLS when the server has
+//! TLS): Prometheus `/metrics`, `/healthz` (the process is up), `/readyz` (serving, not
+//! shutting down) and `/status`, a small HTML page for people. With `[auth]`, pages other than
+//! the probes need the `admin` role (metrics asked from the server's own host excepted).
 
 mod gauges;
+pub mod listener;
 pub mod sampler;
 pub mod status;
 
 use crate::action_cache::AcStore;
 use crate::execution::ExecutionCore;
 use crate::metrics::ControlMetrics;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use gauges::Gauges;
+use kiln_auth::Policy;
 use kiln_dataplane::metrics::Metrics;
 use kiln_dataplane::store::CasClient;
+use listener::{AdminTls, Caller};
 use prometheus_client::registry::Registry;
 use sampler::Sampler;
 use status::Snapshot;
@@ -72,6 +77,14 @@ pub struct Sources {
     pub execution: Option<Arc<ExecutionCore>>,
 }
 
+/// How the admin listener is reached and who may see it.
+pub struct Access {
+    /// TLS, when the server has it.
+    pub tls: Option<AdminTls>,
+    /// The server's authorization policy.
+    pub policy: Arc<Policy>,
+}
+
 /// Binds the admin listener and serves it on the current tokio runtime. `ready` is what
 /// `/readyz` reports.
 pub async fn start(
@@ -79,6 +92,7 @@ pub async fn start(
     info: ServerInfo,
     ready: Arc<AtomicBool>,
     sources: Sources,
+    access: Access,
 ) -> std::io::Result<SocketAddr> {
     let Sources {
         metrics,
@@ -115,13 +129,43 @@ pub async fn start(
         .route("/readyz", get(readyz))
         .route("/status", get(status_page))
         .route("/", get(status_page))
-        .with_state(state);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "admin listener failed");
-        }
-    });
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(access.policy, guard));
+    tokio::spawn(listener::serve(listener, app, access.tls));
     Ok(admin_addr)
+}
+
+/// Answers 401 (with a Basic challenge, so that a browser asks for the token) or 403 to a
+/// caller the policy does not admit.
+async fn guard(State(policy): State<Arc<Policy>>, request: Request, next: Next) -> Response {
+    use kiln_auth::admin::{Page, Request as Asked};
+    let caller = request.extensions().get::<Caller>();
+    let path = request.uri().path();
+    let asked = Asked {
+        page: Page::of(path),
+        path,
+        loopback: caller.is_some_and(|c| c.addr.ip().is_loopback()),
+        certificate: caller
+            .and_then(|c| c.certificate.as_ref())
+            .map(|(name, fingerprint)| (name.as_str(), fingerprint.as_str())),
+        authorization: request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    };
+    match policy.admit_admin(asked) {
+        Ok(_) => next.run(request).await,
+        Err(denied) if denied.unauthenticated => (
+            StatusCode::UNAUTHORIZED,
+            [(
+                header::WWW_AUTHENTICATE,
+                "Basic realm=\"kiln admin (token as password)\", charset=\"UTF-8\"",
+            )],
+            format!("{}\n", denied.message),
+        )
+            .into_response(),
+        Err(denied) => (StatusCode::FORBIDDEN, format!("{}\n", denied.message)).into_response(),
+    }
 }
 
 /// Samples throughput once a second while the admin state lives.
