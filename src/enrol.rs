@@ -6,10 +6,12 @@
 use crate::cli::{CaArgs, JoinTokenCommand};
 use anyhow::Context;
 use kiln_auth::join::{Enrolment, JoinError};
+use kiln_auth::Policy;
 use kiln_config::Config;
 use kiln_controlplane::enrolment::Enroller;
 use kiln_tls::farm::Farm;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The enrolment file (join tokens and enrolled workers), next to the token file.
@@ -118,18 +120,22 @@ pub fn revoke(server: &CaArgs, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The server's enroller: the farm CA signs, the enrolment file keeps the books.
+/// The server's enroller: the farm CA signs, the enrolment file keeps the books, and the
+/// policy learns of a new worker before the worker is told it is enrolled (else its first
+/// session would be refused until the next periodic reload).
 pub struct FarmEnroller {
     farm: Farm,
     file: PathBuf,
+    policy: Arc<Policy>,
 }
 
 impl FarmEnroller {
-    /// Enrols with `config`'s farm CA.
-    pub fn new(config: &Config) -> FarmEnroller {
+    /// Enrols with `config`'s farm CA, into `policy`.
+    pub fn new(config: &Config, policy: Arc<Policy>) -> FarmEnroller {
         FarmEnroller {
             farm: crate::tls::farm(config),
             file: enrolment_file(config),
+            policy,
         }
     }
 }
@@ -166,6 +172,7 @@ impl Enroller for FarmEnroller {
             Err(e) => return Err(tonic::Status::permission_denied(e.to_string())),
         };
         let ca = std::fs::read_to_string(self.farm.ca_cert()).map_err(|e| internal(&e))?;
+        self.policy.reload_if_changed();
         tracing::info!(worker = name, "worker enrolled");
         Ok((certificate, ca))
     }

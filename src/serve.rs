@@ -36,7 +36,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open the CAS in {}", data_dir.display()))?;
     let scan = store.report().clone();
     let cas = store.cas();
-    let control = ControlPlane::start(&config, store.cas(), enroller(&config))
+    let policy = crate::auth::policy(&config)?;
+    let control = ControlPlane::start(&config, store.cas(), enroller(&config, &policy))
         .context("cannot start the control plane")?;
     let backend = backend_for(config.server.runtime);
     let tls = crate::tls::server(&config)?;
@@ -49,7 +50,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .runtime()
             .spawn(crate::tls::reload_loop(t.tls.clone(), check, hup));
     }
-    let policy = crate::auth::policy(&config)?;
     if policy.enabled() {
         control
             .runtime()
@@ -252,9 +252,12 @@ pub fn server_config(args: &crate::cli::CaArgs) -> anyhow::Result<Config> {
 }
 
 /// The enroller of `kiln worker --join`, with the farm CA (auto mode only).
-fn enroller(config: &Config) -> Option<Arc<dyn kiln_controlplane::enrolment::Enroller>> {
+fn enroller(
+    config: &Config,
+    policy: &Arc<kiln_auth::Policy>,
+) -> Option<Arc<dyn kiln_controlplane::enrolment::Enroller>> {
     (config.tls.mode == kiln_config::TlsMode::Auto)
-        .then(|| Arc::new(crate::enrol::FarmEnroller::new(config)) as Arc<_>)
+        .then(|| Arc::new(crate::enrol::FarmEnroller::new(config, policy.clone())) as Arc<_>)
 }
 
 /// `kiln ca export`.

@@ -409,6 +409,13 @@ on_every_runtime! {
         })
         .await
         .unwrap();
+        // The server knows the new worker before it answers the enrolment: the first session
+        // is accepted, not refused until a periodic reload.
+        assert!(
+            !worker.start_log.iter().any(|l| l.contains("session with the scheduler failed")),
+            "{:#?}",
+            worker.start_log
+        );
         let identity = dir.path().join("w/cas/identity");
         for f in ["cert.pem", "key.pem", "ca.pem"] {
             let mode = std::fs::metadata(identity.join(f)).unwrap().permissions().mode();

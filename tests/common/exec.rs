@@ -274,6 +274,8 @@ pub struct Worker {
     child: Option<Child>,
     /// Its name.
     pub name: String,
+    /// What it logged until its session opened.
+    pub start_log: Vec<String>,
 }
 
 impl Worker {
@@ -327,16 +329,18 @@ impl Worker {
             }
         });
         let deadline = Instant::now() + PROCESS_TIMEOUT;
+        let mut start_log = Vec::new();
         loop {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) if line.contains("worker session open") => break,
-                Ok(_) => {}
-                Err(_) => panic!("worker {name} never connected"),
+                Ok(line) => start_log.push(line),
+                Err(_) => panic!("worker {name} never connected:\n{}", start_log.join("\n")),
             }
         }
         Worker {
             child: Some(child),
             name: name.to_string(),
+            start_log,
         }
     }
 
