@@ -15,6 +15,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_logging();
+    abort_on_panic();
     kiln_tls::install_provider();
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),
@@ -48,4 +49,17 @@ fn init_logging() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// A panic is a bug, and it would kill only the thread it happens on: a data-plane shard
+/// would be gone while its peers keep queueing requests for it, and the server would hang
+/// half-alive. Log it and stop the whole process instead, so that the supervisor (systemd,
+/// launchd) restarts a whole server.
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!("{info}; stopping the process");
+        default(info);
+        std::process::abort();
+    }));
 }

@@ -287,3 +287,67 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+// Uploads in progress count against the disk cap: an open upload makes old blobs go to make
+// room for its temp file, and an upload that could not fit beside the others is refused with
+// RESOURCE_EXHAUSTED before it writes anything; once the first finishes, it goes through.
+on_every_runtime! {
+    async fn uploads_in_progress_count_against_the_disk_cap(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[storage]\ndisk_bytes = \"1 MiB\"\nmemory_bytes = 0\naccess_time_resolution_secs = 0\n".into()),
+            ..Options::on(rt)
+        };
+        let data_dir = dir.path().join("data");
+        let kiln = tokio::task::spawn_blocking({
+            let data_dir = data_dir.clone();
+            move || Kiln::start_with(&data_dir, options)
+        })
+        .await
+        .unwrap();
+        let ch = kiln.channel().await;
+        let f = Function::Sha256;
+        let mut old = Vec::new();
+        for seed in 0..3u64 {
+            let data = pseudo_random(seed, 300 << 10);
+            let d = digest(f, &data);
+            blobs::write(&ch, &write_name("", f, &d), &data, 64 << 10).await.unwrap();
+            old.push(d);
+        }
+        // A 600 KiB upload, started and left open: 900 KiB stored + 600 KiB staged > 1 MiB.
+        let big = pseudo_random(10, 600 << 10);
+        let big_d = digest(f, &big);
+        let big_name = write_name("", f, &big_d);
+        let upload = blobs::open_upload(&ch);
+        let requests = blobs::write_requests(&big_name, &big, 64 << 10, 0);
+        upload.tx.send(requests[0].clone()).await.unwrap();
+        blobs::wait_committed(&ch, &big_name, 64 << 10).await;
+        // (Which two depends on how the blobs fall on the shards: eviction is an
+        // approximate LRU across shards.)
+        eventually("two old blobs evicted for the upload", || async {
+            let missing = blobs::find_missing(&ch, "", f, old.clone()).await;
+            (missing.len() == 2).then_some(())
+        })
+        .await;
+
+        // A second 600 KiB upload does not fit beside the first.
+        let other = pseudo_random(11, 600 << 10);
+        let other_d = digest(f, &other);
+        let other_name = write_name("", f, &other_d);
+        let refused = blobs::write(&ch, &other_name, &other, 64 << 10).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(refused.message().contains("uploads in progress hold"), "{refused:?}");
+        assert!(matches!(blobs::query(&ch, &other_name).await, Err(s) if s.code() == Code::NotFound));
+
+        for r in &requests[1..] {
+            upload.tx.send(r.clone()).await.unwrap();
+        }
+        let done = upload.call.await.unwrap().unwrap().into_inner();
+        assert_eq!(done.committed_size, big.len() as i64);
+        blobs::write(&ch, &other_name, &other, 64 << 10).await.unwrap();
+        assert_eq!(blobs::read(&ch, &read_name("", f, &other_d), 0, 0).await.unwrap(), other);
+        let temps = std::fs::read_dir(data_dir.join("tmp")).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(temps, 0, "no temp file left behind");
+        kiln.stop().await;
+    }
+}

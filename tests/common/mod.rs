@@ -197,7 +197,10 @@ impl Kiln {
             .arg("--runtime")
             .arg(options.runtime.flag());
         if let Some(extra) = &options.config {
-            let path = data_dir.with_extension("toml");
+            // Inside the data directory, which the test's temporary directory removes (beside
+            // it, a test whose data directory is the temporary directory itself left it behind).
+            std::fs::create_dir_all(data_dir).expect("create the data directory");
+            let path = data_dir.join("kiln-test.toml");
             std::fs::write(&path, extra).expect("write config");
             cmd.arg("--config").arg(&path);
         }

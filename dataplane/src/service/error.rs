@@ -40,6 +40,9 @@ pub enum BlobError {
     /// Another stream is writing the same upload.
     #[error("upload {0} is being written by another stream")]
     UploadBusy(String),
+    /// Uploads in progress already hold as much of the CAS's cap as may be held.
+    #[error("uploads in progress hold {staging} bytes of the CAS's {cap}; a blob of {size} bytes does not fit now (retry when they finish)")]
+    StagingFull { size: u64, staging: u64, cap: u64 },
     /// The blob is not in the CAS.
     #[error("blob {0:?} not found")]
     NotFound(BlobKey),
@@ -114,6 +117,7 @@ impl BlobError {
             | BlobError::DataHash { .. }
             | BlobError::Compressor(_) => Code::InvalidArgument,
             BlobError::UploadBusy(_) => Code::Aborted,
+            BlobError::StagingFull { .. } => Code::ResourceExhausted,
             BlobError::Stalled { .. } => Code::DeadlineExceeded,
             BlobError::NotFound(_) | BlobError::UnknownUpload(_) => Code::NotFound,
             BlobError::ReadOffset { .. } => Code::OutOfRange,

@@ -9,6 +9,7 @@
 use super::{BlobError, BlobServices};
 use crate::grpc::{Call, Caller, RecvError, RequestBody};
 use crate::resource::{parse_write, WriteResource};
+use crate::store::accounting::Staged;
 use crate::store::blob_io::TempWriter;
 use crate::store::parked::ParkedUpload;
 use crate::store::upload::UploadState;
@@ -116,13 +117,21 @@ async fn write(
         .claim_upload(upload_key.clone(), &resource.key, progress.clone())
         .await
         .map_err(BlobError::from)?;
-    let (state, writer) = match claim {
+    let (state, writer, staged) = match claim {
         UploadClaim::Present => return Ok(digest.size as i64),
         UploadClaim::Busy => return Err(BlobError::UploadBusy(resource.upload_id.clone()).into()),
-        UploadClaim::Fresh => {
+        UploadClaim::Full { staging, cap } => {
+            return Err(BlobError::StagingFull {
+                size: digest.size,
+                staging,
+                cap,
+            }
+            .into())
+        }
+        UploadClaim::Fresh(staged) => {
             let path = svc.layout.temp_path();
             match TempWriter::create(&*svc.runtime, path.clone(), digest.size).await {
-                Ok(w) => (UploadState::new(digest), w),
+                Ok(w) => (UploadState::new(digest), w, staged),
                 Err(e) => {
                     svc.cas
                         .release_upload(upload_key, &resource.key, None)
@@ -137,6 +146,7 @@ async fn write(
                 Ok(w) => (
                     UploadState::resume(digest, parked.committed, parked.hasher),
                     w,
+                    parked.staged,
                 ),
                 Err(_) => {
                     // The parked file is gone; start over (the client learns from the offset).
@@ -145,7 +155,7 @@ async fn write(
                     match TempWriter::create(&*svc.runtime, path.clone(), digest.size).await {
                         Ok(w) => {
                             progress.store(0, Ordering::Relaxed);
-                            (UploadState::new(digest), w)
+                            (UploadState::new(digest), w, parked.staged)
                         }
                         Err(e) => {
                             svc.cas
@@ -166,6 +176,7 @@ async fn write(
         name: first.resource_name.clone(),
         state,
         writer: Some(writer),
+        staged: Some(staged),
         progress,
         keep,
     };
@@ -182,6 +193,8 @@ struct Upload<'a> {
     name: String,
     state: UploadState,
     writer: Option<TempWriter>,
+    /// The space the temp file holds against the cap, until committed or dropped.
+    staged: Option<Staged>,
     progress: Arc<AtomicU64>,
     /// For small blobs uploaded in one go: the data, to seed the memory tier.
     keep: Option<Vec<Bytes>>,
@@ -254,6 +267,8 @@ impl Upload<'_> {
             return Err(BlobError::io("write", &path, e).into());
         }
         let data = self.keep.take().map(concat);
+        // The committed blob is counted by its owner from here on.
+        self.staged = None;
         self.svc
             .cas
             .commit(&self.resource.key, path, data)
@@ -268,21 +283,22 @@ impl Upload<'_> {
             (Err(WriteEnd::PeerGone), Some(w))
             | (Err(WriteEnd::Failed(BlobError::Unfinished { .. })), Some(w))
             | (Err(WriteEnd::Failed(BlobError::Stalled { .. })), Some(w)) => {
-                match w.suspend().await {
-                    Ok((temp, written)) if written == self.state.committed() => {
+                match (w.suspend().await, self.staged.take()) {
+                    (Ok((temp, written)), Some(staged)) if written == self.state.committed() => {
                         let (committed, hasher) = self.state.clone().into_parts();
                         Some(ParkedUpload {
                             temp,
                             committed,
                             hasher,
                             parked_at: self.svc.runtime.now(),
+                            staged,
                         })
                     }
-                    Ok((temp, _)) => {
+                    (Ok((temp, _)), _) => {
                         let _ = std::fs::remove_file(temp);
                         None
                     }
-                    Err(_) => None,
+                    (Err(_), _) => None,
                 }
             }
             (_, Some(w)) => {

@@ -3,8 +3,29 @@
 //! another. Shards publish their total and the age of their least recently used blob; when the
 //! total goes over the cap, the shard holding the globally oldest blob is asked to evict, which
 //! approximates one LRU over the whole store without a shared lock.
+//!
+//! Uploads in progress and parked uploads count too: each holds its declared size
+//! ([`Staged`]) from its first message until it is committed or dropped, so temp files cannot
+//! push the store past its cap, and old blobs are evicted to make room for them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Space held for an upload's temp file (its declared size), counted against the cap until
+/// this is dropped.
+#[derive(Debug)]
+pub struct Staged {
+    accounting: Arc<Accounting>,
+    bytes: u64,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        self.accounting
+            .staging
+            .fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
 
 /// Shared usage counters; one per data plane.
 #[derive(Debug)]
@@ -19,6 +40,8 @@ pub struct Accounting {
     per_shard: Vec<AtomicU64>,
     /// Bytes of blobs pinned by running actions.
     pinned: AtomicU64,
+    /// Bytes held by uploads in progress or parked.
+    staging: AtomicU64,
 }
 
 impl Accounting {
@@ -31,6 +54,35 @@ impl Accounting {
             oldest: (0..shards).map(|_| AtomicU64::new(u64::MAX)).collect(),
             per_shard: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             pinned: AtomicU64::new(0),
+            staging: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes held by uploads in progress or parked.
+    pub fn staging(&self) -> u64 {
+        self.staging.load(Ordering::Relaxed)
+    }
+
+    /// Holds `bytes` for an upload. Refused (`None`) when the uploads already staged plus
+    /// this one would exceed the cap less the pinned blobs: no eviction could make room.
+    /// Otherwise the store is over its cap only until eviction catches up.
+    pub fn stage(self: &Arc<Self>, bytes: u64) -> Option<Staged> {
+        let room = self.cap.saturating_sub(self.pinned());
+        let mut current = self.staging.load(Ordering::Relaxed);
+        loop {
+            let next = current.checked_add(bytes).filter(|n| *n <= room)?;
+            match self
+                .staging
+                .compare_exchange(current, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Some(Staged {
+                        accounting: self.clone(),
+                        bytes,
+                    })
+                }
+                Err(seen) => current = seen,
+            }
         }
     }
 
@@ -80,12 +132,16 @@ impl Accounting {
         self.oldest[shard].store(atime.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
-    /// If the store is over its cap beyond what is already being evicted, claims the excess and
+    /// If the store (blobs and staged uploads) is over its cap beyond what is already being
+    /// evicted, claims the excess and
     /// returns `(shard to evict from, bytes)`. The caller must send that request and, once the
     /// shard has evicted, call [`Accounting::eviction_done`] with the same byte count.
     pub fn claim_eviction(&self) -> Option<(usize, u64)> {
         loop {
-            let used = self.used.load(Ordering::Relaxed);
+            let used = self
+                .used
+                .load(Ordering::Relaxed)
+                .saturating_add(self.staging.load(Ordering::Relaxed));
             let requested = self.requested.load(Ordering::Relaxed);
             let excess = used.checked_sub(self.cap)?.checked_sub(requested)?;
             if excess == 0 {
@@ -146,5 +202,30 @@ mod tests {
             (a.shard_used(0), a.shard_used(1), a.shard_used(2)),
             (60, 0, 40)
         );
+    }
+
+    #[test]
+    fn staged_uploads_count_against_the_cap_until_dropped() {
+        let a = Arc::new(Accounting::new(100, 1));
+        a.add(0, 50);
+        a.set_oldest(0, Some(1));
+        let first = a.stage(60).expect("fits once 10 bytes are evicted");
+        assert_eq!(a.staging(), 60);
+        assert_eq!(
+            a.claim_eviction(),
+            Some((0, 10)),
+            "blobs make room for uploads"
+        );
+        a.eviction_done(10);
+        assert!(a.stage(41).is_none(), "uploads alone would exceed the cap");
+        a.set_pinned(30, true);
+        assert!(a.stage(11).is_none(), "pinned blobs cannot make room");
+        let second = a.stage(10).expect("exactly fits");
+        drop(first);
+        assert_eq!(a.staging(), 10);
+        drop(second);
+        assert_eq!(a.staging(), 0);
+        assert!(a.stage(u64::MAX).is_none(), "no overflow");
+        assert_eq!(a.claim_eviction(), None);
     }
 }

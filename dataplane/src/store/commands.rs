@@ -1,6 +1,7 @@
 //! Messages to an owner shard and their answers. Any core (and the control plane) sends them
 //! through [`super::CasClient`]; replies come back on oneshot channels, blob bytes as `Bytes`.
 
+use super::accounting::Staged;
 use super::parked::ParkedUpload;
 use super::StoreError;
 use crate::digest::BlobKey;
@@ -46,8 +47,15 @@ pub enum Committed {
 pub enum UploadClaim {
     /// The blob is already stored: answer at once with its full size.
     Present,
-    /// Start from zero.
-    Fresh,
+    /// Start from zero, holding this much of the cap for the temp file.
+    Fresh(Staged),
+    /// Uploads in progress already hold so much of the cap that this one cannot fit.
+    Full {
+        /// Bytes held by uploads in progress or parked.
+        staging: u64,
+        /// The CAS's cap.
+        cap: u64,
+    },
     /// Continue a parked upload.
     Resume(ParkedUpload),
     /// Another stream is writing this upload now.

@@ -161,13 +161,28 @@ impl Owner {
                 let claim = if self.touch(&key, atime::now()).is_some() {
                     UploadClaim::Present
                 } else {
-                    match self.uploads.borrow_mut().claim(&upload_key, progress) {
-                        Claim::Fresh => UploadClaim::Fresh,
+                    let claimed = self.uploads.borrow_mut().claim(&upload_key, progress);
+                    match claimed {
+                        Claim::Fresh => match self.accounting.stage(key.digest.size) {
+                            Some(staged) => UploadClaim::Fresh(staged),
+                            None => {
+                                self.uploads.borrow_mut().release(&upload_key, None);
+                                UploadClaim::Full {
+                                    staging: self.accounting.staging(),
+                                    cap: self.accounting.cap(),
+                                }
+                            }
+                        },
                         Claim::Resume(p) => UploadClaim::Resume(p),
                         Claim::Busy => UploadClaim::Busy,
                     }
                 };
+                let staged = matches!(claim, UploadClaim::Fresh(_));
                 let _ = reply.send(claim);
+                if staged {
+                    // Old blobs make room for the new temp file.
+                    self.maybe_evict();
+                }
             }
             Command::ReleaseUpload { upload_key, park } => {
                 let dropped = self.uploads.borrow_mut().release(&upload_key, park);

@@ -4,6 +4,7 @@
 //! client finds its committed size with `QueryWriteStatus` and continues with a new `Write`.
 //! The table holds at most a configured number of parked uploads; the oldest go first.
 
+use super::accounting::Staged;
 use crate::digest::Hasher;
 use lru::LruCache;
 use std::collections::HashMap;
@@ -24,6 +25,8 @@ pub struct ParkedUpload {
     pub hasher: Hasher,
     /// When it was parked.
     pub parked_at: Instant,
+    /// The space its temp file holds against the cap.
+    pub staged: Staged,
 }
 
 /// What a new `Write` finds for its upload key.
@@ -126,11 +129,13 @@ mod tests {
     use crate::digest::DigestFunction;
 
     fn parked(n: u64, at: Instant) -> ParkedUpload {
+        let accounting = Arc::new(crate::store::accounting::Accounting::new(u64::MAX, 1));
         ParkedUpload {
             temp: PathBuf::from(format!("/tmp/{n}")),
             committed: n,
             hasher: Hasher::new(DigestFunction::Sha256),
             parked_at: at,
+            staged: accounting.stage(n).expect("room"),
         }
     }
 

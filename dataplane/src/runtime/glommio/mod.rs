@@ -205,7 +205,7 @@ impl File for GlommioFile {
             if written < total {
                 return Err(io::Error::new(
                     io::ErrorKind::StorageFull,
-                    format!("short write ({written} of {total} bytes): no space left on device?"),
+                    format!("No space left on device (a short write: {written} of {total} bytes)"),
                 ));
             }
             Ok(())
