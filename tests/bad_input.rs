@@ -440,3 +440,92 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+async fn capabilities(ch: &tonic::transport::Channel) -> Result<(), tonic::Status> {
+    use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
+    CapabilitiesClient::new(ch.clone())
+        .get_capabilities(reapi::GetCapabilitiesRequest::default())
+        .await
+        .map(|_| ())
+}
+
+/// A raw HTTP/2 connection; the task ends when the server closes it.
+async fn raw_connection(
+    addr: std::net::SocketAddr,
+) -> tokio::task::JoinHandle<Result<(), h2::Error>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    match h2::client::handshake(tcp).await {
+        Ok((_send, conn)) => tokio::spawn(async move {
+            let _send = _send;
+            conn.await
+        }),
+        Err(e) => tokio::spawn(async move { Err(e) }),
+    }
+}
+
+// server.max_connections: a connection beyond it is closed at once and counted, the open ones
+// keep working, and a closed one makes room again.
+on_every_runtime! {
+    async fn connections_beyond_the_limit_are_closed_at_once(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[server]\nmax_connections = 2\n[worker]\nembedded = false\n".into()),
+            ..Options::on(rt)
+        };
+        let kiln = Kiln::start_with(dir.path(), options);
+        let first = kiln.channel().await;
+        let second = kiln.channel().await;
+        capabilities(&first).await.unwrap();
+        capabilities(&second).await.unwrap();
+        let third = raw_connection(kiln.addr).await;
+        third.await.unwrap().expect_err("the third connection is closed by the server");
+        capabilities(&first).await.unwrap();
+        capabilities(&second).await.unwrap();
+        let (code, metrics) = common::curl(&format!("{}/metrics", kiln.admin), &[]);
+        assert_eq!(code, 200);
+        assert!(metrics.contains("kiln_connections_refused_total 1"), "{metrics}");
+        drop(first);
+        common::eventually("room for a new connection", || async {
+            let ch = tonic::transport::Endpoint::from_shared(kiln.url()).ok()?.connect().await.ok()?;
+            capabilities(&ch).await.ok()
+        })
+        .await;
+        drop(second);
+        kiln.stop().await;
+    }
+}
+
+// server.idle_timeout_secs: a connection with no call in flight gets GOAWAY and is closed; one
+// with a call in flight (an upload that pauses longer than the idle limit) is left alone.
+on_every_runtime! {
+    async fn idle_connections_are_closed_busy_ones_are_not(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[server]\nidle_timeout_secs = 1\n[worker]\nembedded = false\n".into()),
+            ..Options::on(rt)
+        };
+        let kiln = Kiln::start_with(dir.path(), options);
+        let busy = kiln.channel().await;
+        let data = pseudo_random(41, 300_000);
+        let d = digest(Function::Sha256, &data);
+        let name = write_name("", Function::Sha256, &d);
+        let upload = blobs::open_upload(&busy);
+        let requests = blobs::write_requests(&name, &data, 100_000, 0);
+        upload.tx.send(requests[0].clone()).await.unwrap();
+        blobs::wait_committed(&busy, &name, 100_000).await;
+        // Opened after the upload started, so it reaches the idle limit later than the busy
+        // connection would have.
+        let started = std::time::Instant::now();
+        let idle = raw_connection(kiln.addr).await;
+        idle.await.unwrap().expect("closed gracefully (GOAWAY)");
+        assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+        for r in &requests[1..] {
+            upload.tx.send(r.clone()).await.unwrap();
+        }
+        let done = upload.call.await.unwrap().expect("the busy connection was kept");
+        assert_eq!(done.into_inner().committed_size, data.len() as i64);
+        let (_, metrics) = common::curl(&format!("{}/metrics", kiln.admin), &[]);
+        assert!(metrics.contains("kiln_connections_idle_closed_total 1"), "{metrics}");
+        kiln.stop().await;
+    }
+}

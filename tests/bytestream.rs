@@ -251,7 +251,7 @@ on_every_runtime! {
     }
 }
 
-// A client that opens a Write and then sends nothing does not hold the stream for ever: after
+// A client that opens a Write and then sends no bytes (nothing, or empty messages) does not hold the stream for ever: after
 // server.stalled_upload_secs the call ends with DEADLINE_EXCEEDED and what it sent is parked,
 // so the client can resume from QueryWriteStatus.
 on_every_runtime! {
@@ -274,8 +274,17 @@ on_every_runtime! {
             .send(WriteRequest { resource_name: name.clone(), write_offset: 0, finish_write: false, data: data[..half].to_vec().into() })
             .await
             .unwrap();
-        // The sender stays open and silent: the server ends the call by itself.
+        // The sender stays open and sends only empty messages (a slow-loris client): they do
+        // not count as progress, and the server ends the call by itself.
+        let tx = upload.tx.clone();
+        let feeder = tokio::spawn(async move {
+            let empty = WriteRequest { resource_name: String::new(), write_offset: half as i64, finish_write: false, data: Default::default() };
+            while tx.send(empty.clone()).await.is_ok() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        });
         let err = upload.call.await.unwrap().unwrap_err();
+        feeder.abort();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
         assert!(err.message().contains("QueryWriteStatus"), "{err:?}");
         assert_eq!(blobs::query(&ch, &name).await.unwrap(), (half as i64, false));

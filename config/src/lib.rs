@@ -87,6 +87,9 @@ impl Config {
         if s.shard_queue_depth == 0 {
             return invalid("server.shard_queue_depth", "must be at least 1");
         }
+        if s.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1");
+        }
         let st = &self.storage;
         if st.disk_bytes.as_u64() == 0 {
             return invalid("storage.disk_bytes", "must be above zero");

@@ -56,6 +56,10 @@ fn inconsistent_limits_are_rejected() {
     .expect_err("rejected")
     .to_string();
     assert!(err.contains("memory_max_blob_bytes"), "{err}");
+    let err = Config::from_toml("[server]\nmax_connections = 0\n", "t")
+        .expect_err("rejected")
+        .to_string();
+    assert!(err.contains("server.max_connections"), "{err}");
 }
 
 #[test]

@@ -208,9 +208,14 @@ pub struct ServerConfig {
     pub shard_queue_depth: usize,
     /// Seconds to wait for in-flight requests after SIGTERM/SIGINT before exiting.
     pub shutdown_grace_secs: u64,
-    /// A ByteStream Write that sends nothing for this long is ended and its upload parked for
+    /// A ByteStream Write that sends no bytes for this long is ended and its upload parked for
     /// resumption (seconds; 0: never).
     pub stalled_upload_secs: u64,
+    /// Open client connections across all shards; more are closed as they arrive.
+    pub max_connections: usize,
+    /// A connection with no call in flight for this long is closed with GOAWAY (seconds;
+    /// 0: never).
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -228,6 +233,8 @@ impl Default for ServerConfig {
             shard_queue_depth: d::shard_queue_depth(),
             shutdown_grace_secs: d::shutdown_grace_secs(),
             stalled_upload_secs: 60,
+            max_connections: 4096,
+            idle_timeout_secs: 300,
         }
     }
 }

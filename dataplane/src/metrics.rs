@@ -83,6 +83,10 @@ pub struct Metrics {
     pub connections_total: Counter,
     /// HTTP/2 connections open.
     pub connections_open: Gauge,
+    /// Connections closed at once because `server.max_connections` were open.
+    pub connections_refused: Counter,
+    /// Connections closed for having no call in flight for `server.idle_timeout_secs`.
+    pub connections_idle_closed: Counter,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: Counter,
     total_calls: Counter,
@@ -109,6 +113,8 @@ impl Metrics {
             commands: Family::default(),
             connections_total: Counter::default(),
             connections_open: Gauge::default(),
+            connections_refused: Counter::default(),
+            connections_idle_closed: Counter::default(),
             tls_handshake_failures: Counter::default(),
             total_calls: Counter::default(),
             total_bytes_in: Counter::default(),
@@ -188,6 +194,16 @@ impl Metrics {
             "kiln_connections_open",
             "HTTP/2 connections open",
             self.connections_open.clone(),
+        );
+        registry.register(
+            "kiln_connections_refused",
+            "Connections closed at once because server.max_connections were open",
+            self.connections_refused.clone(),
+        );
+        registry.register(
+            "kiln_connections_idle_closed",
+            "Connections closed with GOAWAY after server.idle_timeout_secs without a call",
+            self.connections_idle_closed.clone(),
         );
         registry.register(
             "kiln_tls_handshake_failures",

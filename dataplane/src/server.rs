@@ -3,6 +3,7 @@
 //! accept loop, and on shutdown stop accepting, let in-flight calls finish, then stop the
 //! owners.
 
+use crate::grpc::limits::ConnectionSlots;
 use crate::grpc::{serve_connection, CallHandler, HandoffSender, Http2Settings, PeerIdentity};
 use crate::metrics::Metrics;
 use crate::runtime::{bind_reuseport_group, Backend, Runtime};
@@ -107,6 +108,7 @@ impl DataPlane {
         let drained = Drain::new();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let h2 = Http2Settings::from_config(&config.server);
+        let slots = ConnectionSlots::new(config.server.max_connections);
         let store_settings = StoreSettings {
             fsync: config.storage.fsync,
             atime_resolution: Duration::from_secs(config.storage.access_time_resolution_secs),
@@ -148,6 +150,7 @@ impl DataPlane {
                 store_settings: store_settings.clone(),
                 limits: limits.clone(),
                 h2: h2.clone(),
+                slots: slots.clone(),
                 handoff: handoff.clone(),
                 tls: tls.clone(),
                 policy: policy.clone(),
@@ -257,6 +260,7 @@ struct ShardSpec {
     store_settings: StoreSettings,
     limits: BlobLimits,
     h2: Http2Settings,
+    slots: Arc<ConnectionSlots>,
     handoff: Option<HandoffSender>,
     tls: Option<TlsAccept>,
     policy: Arc<kiln_auth::Policy>,
@@ -279,6 +283,7 @@ impl ShardSpec {
             store_settings,
             limits,
             h2,
+            slots,
             handoff,
             tls,
             policy,
@@ -321,6 +326,12 @@ impl ShardSpec {
         loop {
             match select(listener.accept(), stopping.as_mut()).await {
                 Either::Left((Ok((io, peer)), _)) => {
+                    let Some(slot) = slots.take() else {
+                        metrics.connections_refused.inc();
+                        debug!(%peer, "connection closed at once: server.max_connections are open");
+                        drop(io);
+                        continue;
+                    };
                     let guard = connections.guard();
                     let (runtime2, h2, services, shutdown, metrics, tls, policy) = (
                         runtime.clone(),
@@ -348,6 +359,7 @@ impl ShardSpec {
                             runtime2, io, peer, identity, h2, services, shutdown, metrics,
                         )
                         .await;
+                        drop(slot);
                         drop(guard);
                     }));
                 }

@@ -3,9 +3,10 @@
 //! then wait for in-flight streams).
 
 use super::call::Responder;
+use super::limits::Activity;
 use super::{Call, CallHandler};
 use crate::metrics::Metrics;
-use crate::runtime::{BoxConnection, Runtime};
+use crate::runtime::{BoxConnection, LocalBoxFuture, Runtime};
 use crate::shutdown::ShutdownWatch;
 use futures::future::{select, Either};
 use kiln_auth::{Denied, Policy, Principal};
@@ -13,6 +14,7 @@ use kiln_config::ServerConfig;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::{debug, Instrument};
 
 /// HTTP/2 settings derived from the server configuration.
@@ -28,6 +30,8 @@ pub struct Http2Settings {
     pub max_frame_size: u32,
     /// Largest gRPC message in either direction.
     pub max_message: usize,
+    /// Close a connection with no call in flight for this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Http2Settings {
@@ -39,6 +43,8 @@ impl Http2Settings {
             max_concurrent_streams: c.max_concurrent_streams,
             max_frame_size: 1 << 20,
             max_message: c.max_message_bytes.as_u64() as usize,
+            idle_timeout: (c.idle_timeout_secs > 0)
+                .then(|| Duration::from_secs(c.idle_timeout_secs)),
         }
     }
 }
@@ -125,26 +131,52 @@ pub async fn serve_connection(
         };
         let mut stopping = Box::pin(shutdown.wait());
         let mut draining = false;
+        let activity = Rc::new(Activity::new(runtime.now()));
         loop {
             let next = if draining {
                 conn.accept().await
             } else {
-                let raced = match select(Box::pin(conn.accept()), stopping.as_mut()).await {
-                    Either::Left((next, _)) => Some(next),
-                    Either::Right(_) => None,
+                let idle: LocalBoxFuture<'static, ()> = match settings.idle_timeout {
+                    None => Box::pin(std::future::pending()),
+                    Some(limit) => match activity.wait(limit, runtime.now()) {
+                        Some(left) => runtime.sleep(left),
+                        None => Box::pin(std::future::ready(())),
+                    },
                 };
-                match raced {
-                    Some(next) => next,
-                    None => {
+                let woken =
+                    match select(Box::pin(conn.accept()), select(stopping.as_mut(), idle)).await {
+                        Either::Left((next, _)) => Wake::Call(next),
+                        Either::Right((Either::Left(_), _)) => Wake::Shutdown,
+                        Either::Right((Either::Right(_), _)) => Wake::IdleCheck,
+                    };
+                match woken {
+                    Wake::Call(next) => next,
+                    Wake::Shutdown => {
                         debug!("shutdown: sending GOAWAY, finishing in-flight streams");
                         conn.graceful_shutdown();
                         draining = true;
+                        continue;
+                    }
+                    Wake::IdleCheck => {
+                        // Close only if nothing started meanwhile.
+                        let limit = settings.idle_timeout.unwrap_or_default();
+                        if activity.wait(limit, runtime.now()).is_none() {
+                            debug!(?limit, "idle: sending GOAWAY");
+                            metrics.connections_idle_closed.inc();
+                            conn.graceful_shutdown();
+                            draining = true;
+                        }
                         continue;
                     }
                 }
             };
             match next {
                 Some(Ok((request, respond))) => {
+                    activity.start();
+                    let in_flight = CallInFlight {
+                        activity: activity.clone(),
+                        runtime: runtime.clone(),
+                    };
                     let recorder = metrics.call(request.uri().path());
                     let handler = handler.clone();
                     let settings = settings.clone();
@@ -152,6 +184,7 @@ pub async fn serve_connection(
                     let call_span = tracing::debug_span!("call", path = %request.uri().path());
                     runtime.spawn(Box::pin(
                         async move {
+                            let _in_flight = in_flight;
                             let Some(mut call) =
                                 Call::new(request, respond, settings.max_message, Some(recorder))
                             else {
@@ -192,6 +225,29 @@ pub async fn serve_connection(
     }
     .instrument(span)
     .await
+}
+
+/// What woke a connection's loop.
+enum Wake<T> {
+    /// A new stream, the connection's end, or its error.
+    Call(T),
+    /// The server is shutting down.
+    Shutdown,
+    /// The idle timer ran out.
+    IdleCheck,
+}
+
+/// One call in flight on a connection; the connection's idle clock starts again when the
+/// last one ends, however it ends.
+struct CallInFlight {
+    activity: Rc<Activity>,
+    runtime: Rc<dyn Runtime>,
+}
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        self.activity.end(self.runtime.now());
+    }
 }
 
 /// Keeps the open-connections gauge right however the connection ends.

@@ -9,6 +9,7 @@ pub mod call;
 pub mod codec;
 pub mod connection;
 mod handoff;
+pub mod limits;
 
 pub use call::{send_with_capacity, RecvError, RequestBody, Responder};
 pub use connection::{serve_connection, Http2Settings, PeerIdentity};

@@ -203,7 +203,13 @@ struct Upload<'a> {
 impl Upload<'_> {
     async fn run(&mut self, first: WriteRequest, body: &mut RequestBody) -> Result<i64, WriteEnd> {
         let mut message = first;
+        // The stall clock restarts only when bytes arrive: empty messages do not keep a
+        // stream alive.
+        let mut progressed = self.svc.runtime.now();
         loop {
+            if !message.data.is_empty() {
+                progressed = self.svc.runtime.now();
+            }
             if !message.resource_name.is_empty() && message.resource_name != self.name {
                 return Err(BlobError::WriteResource(
                     "resource_name changed within one Write stream",
@@ -231,7 +237,9 @@ impl Upload<'_> {
             let next = match self.svc.limits.stalled_upload {
                 None => next.await,
                 Some(limit) => {
-                    match futures::future::select(next, self.svc.runtime.sleep(limit)).await {
+                    let since = self.svc.runtime.now().saturating_duration_since(progressed);
+                    let left = limit.saturating_sub(since);
+                    match futures::future::select(next, self.svc.runtime.sleep(left)).await {
                         futures::future::Either::Left((next, _)) => next,
                         futures::future::Either::Right(_) => {
                             return Err(BlobError::Stalled {
