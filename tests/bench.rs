@@ -112,6 +112,47 @@ on_every_runtime! {
     }
 }
 
+// --server-pid: the server's CPU over the measured phase, per operation, in the report and
+// its JSON; a pid that is not there is refused before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_cpu_is_reported_per_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiln = tokio::task::spawn_blocking({
+        let d = dir.path().join("data");
+        move || Kiln::start(common::Runtime::Glommio, &d)
+    })
+    .await
+    .unwrap();
+    let json = dir.path().join("cpu.json");
+    let line = format!(
+        "write --endpoint grpc://{} --quiet --size 64KiB --ops 1000 --server-pid {} --json {}",
+        kiln.addr,
+        kiln.pid(),
+        json.display()
+    );
+    let report = run(&line).await;
+    let cpu = report.server_cpu.clone().expect("server CPU measured");
+    assert_eq!(cpu.pid, kiln.pid());
+    assert_eq!(cpu.operations, 1000);
+    assert!(cpu.user_seconds + cpu.system_seconds > 0.0, "{cpu:?}");
+    let expected = (cpu.user_seconds + cpu.system_seconds) * 1e6 / 1000.0;
+    assert!((cpu.micros_per_op - expected).abs() < 1e-6, "{cpu:?}");
+    assert!(
+        report.table().contains("µs per operation"),
+        "{}",
+        report.table()
+    );
+    assert_eq!(Report::read(&json).unwrap().server_cpu, Some(cpu));
+    let missing = kiln_bench::run(args(&format!(
+        "write --endpoint grpc://{} --quiet --ops 1 --server-pid 999999999",
+        kiln.addr
+    )))
+    .await
+    .expect_err("no such process");
+    assert!(format!("{missing:#}").contains("999999999"), "{missing:#}");
+    kiln.stop().await;
+}
+
 #[tokio::test]
 async fn reports_round_trip_compare_and_plot() {
     let dir = tempfile::tempdir().unwrap();

@@ -86,6 +86,11 @@ pub struct Args {
     /// Milliseconds each `execute` action sleeps (0: a no-op).
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,
+    /// The server's process id: its CPU time over the measured phase (from
+    /// `/proc/PID/stat`) is reported as user and system seconds and microseconds per
+    /// operation. Linux only.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
     /// Name of this run in reports (default: the endpoint).
     #[arg(long)]
     pub label: Option<String>,

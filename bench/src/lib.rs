@@ -8,6 +8,7 @@
 pub mod blobs;
 pub mod cli;
 pub mod connect;
+pub mod cpu;
 pub mod load;
 pub mod plot;
 pub mod report;
@@ -68,7 +69,12 @@ pub async fn measure(args: &Args, scenario: Scenario) -> anyhow::Result<Report> 
         ops: args.ops,
         rate: args.rate,
         progress: !args.quiet && std::io::stderr().is_terminal(),
+        server_pid: args.server_pid,
     };
+    if let Some(pid) = args.server_pid {
+        cpu::read(pid)
+            .with_context(|| format!("--server-pid {pid}: cannot read /proc/{pid}/stat"))?;
+    }
     let head = Report {
         label: args
             .label
@@ -84,6 +90,7 @@ pub async fn measure(args: &Args, scenario: Scenario) -> anyhow::Result<Report> 
         seconds: 0.0,
         results: Vec::new(),
         notes: Vec::new(),
+        server_cpu: None,
     };
     if scenario == Scenario::Tcp {
         let workload = scenarios::tcp::prepare(args.connections, args.size).await?;

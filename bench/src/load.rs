@@ -3,6 +3,7 @@
 //! last finishes) or open loop (`rate` starts per second, latency counted from the scheduled
 //! start so a slow server cannot hide its queueing).
 
+use crate::cpu::CpuTimes;
 use crate::stats::{Recorder, Sample};
 use futures::future::BoxFuture;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +31,8 @@ pub struct LoadPlan {
     pub rate: Option<f64>,
     /// Show a progress bar.
     pub progress: bool,
+    /// Sample this process's CPU time when measuring starts and ends.
+    pub server_pid: Option<u32>,
 }
 
 /// What a run measured.
@@ -38,6 +41,10 @@ pub struct Measured {
     pub recorder: Recorder,
     /// Length of the measured phase.
     pub elapsed: Duration,
+    /// Workload steps run in the measured phase (a step may record several samples).
+    pub operations: u64,
+    /// The server's pid and its CPU time over the measured phase, when the pid was given.
+    pub server_cpu: Option<(u32, std::io::Result<CpuTimes>)>,
 }
 
 struct Shared {
@@ -46,6 +53,7 @@ struct Shared {
     measured_started: AtomicU64,
     done_ops: AtomicU64,
     done_bytes: AtomicU64,
+    measured_ops: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -57,11 +65,19 @@ pub async fn drive(workload: Arc<dyn Workload>, plan: &LoadPlan) -> Measured {
         measured_started: AtomicU64::new(0),
         done_ops: AtomicU64::new(0),
         done_bytes: AtomicU64::new(0),
+        measured_ops: AtomicU64::new(0),
         stop: AtomicBool::new(false),
     });
     let start = Instant::now();
     let measure_from = start + plan.warmup;
     let deadline = plan.duration.map(|d| measure_from + d);
+    // The server's CPU clock is read when the measured phase begins (after the warm-up).
+    let cpu_at_start = plan.server_pid.map(|pid| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            crate::cpu::read(pid)
+        })
+    });
     let progress = plan.progress.then(|| progress_bar(plan));
     let ticker = progress.clone().map(|bar| {
         let shared = shared.clone();
@@ -109,6 +125,7 @@ pub async fn drive(workload: Arc<dyn Workload>, plan: &LoadPlan) -> Measured {
         let shared = shared.clone();
         move |samples: &[Sample], measured: bool| {
             if measured {
+                shared.measured_ops.fetch_add(1, Ordering::Relaxed);
                 let mut r = shared.recorder.lock().unwrap_or_else(|e| e.into_inner());
                 for s in samples {
                     r.record(s);
@@ -172,6 +189,16 @@ pub async fn drive(workload: Arc<dyn Workload>, plan: &LoadPlan) -> Measured {
     }
     shared.stop.store(true, Ordering::Relaxed);
     let elapsed = Instant::now().saturating_duration_since(measure_from);
+    let server_cpu = match (plan.server_pid, cpu_at_start) {
+        (Some(pid), Some(start)) => {
+            let end = crate::cpu::read(pid);
+            let start = start
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            Some((pid, start.and_then(|s| end.map(|e| e.since(s)))))
+        }
+        _ => None,
+    };
     if let Some(t) = ticker {
         let _ = t.await;
     }
@@ -183,7 +210,12 @@ pub async fn drive(workload: Arc<dyn Workload>, plan: &LoadPlan) -> Measured {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    Measured { recorder, elapsed }
+    Measured {
+        recorder,
+        elapsed,
+        operations: shared.measured_ops.load(Ordering::Relaxed),
+        server_cpu,
+    }
 }
 
 fn progress_bar(plan: &LoadPlan) -> indicatif::ProgressBar {
@@ -220,6 +252,7 @@ mod tests {
             ops: Some(40),
             rate: None,
             progress: false,
+            server_pid: None,
         };
         let m = drive(Arc::new(Sleepy), &plan).await;
         assert_eq!(m.recorder.kinds["sleep"].ops, 40);
@@ -234,6 +267,7 @@ mod tests {
             ops: Some(20),
             rate: Some(1000.0),
             progress: false,
+            server_pid: None,
         };
         let m = drive(Arc::new(Sleepy), &plan).await;
         assert_eq!(m.recorder.kinds["sleep"].ops, 20);

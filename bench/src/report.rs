@@ -1,6 +1,7 @@
 //! Results: built from what a run measured, printed as a table, written and read as JSON, and
 //! compared side by side.
 
+use crate::cpu::ServerCpu;
 use crate::load::Measured;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -31,6 +32,9 @@ pub struct Report {
     pub results: Vec<KindReport>,
     /// Anything the reader should know (skipped parts, repeated blobs...).
     pub notes: Vec<String>,
+    /// The server's CPU over the measured phase (`--server-pid`).
+    #[serde(default)]
+    pub server_cpu: Option<ServerCpu>,
 }
 
 /// Results for one kind of operation.
@@ -108,9 +112,22 @@ impl Report {
                 }
             })
             .collect();
+        let mut notes = head.notes.clone();
+        let server_cpu = match &measured.server_cpu {
+            Some((pid, Ok(used))) => {
+                Some(ServerCpu::new(*pid, *used, measured.operations, seconds))
+            }
+            Some((_, Err(e))) => {
+                notes.push(format!("server CPU not measured: {e}"));
+                None
+            }
+            None => None,
+        };
         Report {
             seconds,
             results,
+            notes,
+            server_cpu,
             ..head
         }
     }
@@ -177,6 +194,18 @@ impl Report {
                 out.push_str(&format!("    error {code}: {n}\n"));
             }
         }
+        if let Some(c) = &self.server_cpu {
+            out.push_str(&format!(
+                "server (pid {}): {:.3} CPU s (user {:.3}, system {:.3}) = {:.1} µs per operation over {} operations, {:.2} cores busy\n",
+                c.pid,
+                c.user_seconds + c.system_seconds,
+                c.user_seconds,
+                c.system_seconds,
+                c.micros_per_op,
+                c.operations,
+                c.cores
+            ));
+        }
         for note in &self.notes {
             out.push_str(&format!("note: {note}\n"));
         }
@@ -227,6 +256,19 @@ pub fn compare(reports: &[Report]) -> String {
                 ratio(r.latency_ms.p50, b.latency_ms.p50),
                 ratio(r.latency_ms.p99, b.latency_ms.p99),
                 ratio(r.latency_ms.p999, b.latency_ms.p999)
+            ));
+        }
+        if let (Some(c), Some(b)) = (&other.server_cpu, &base.server_cpu) {
+            out.push_str(&format!(
+                "{:<14} {:>12.1} {:>12.1} {:>9}   (server CPU µs per operation)\n",
+                "server-cpu",
+                c.micros_per_op,
+                b.micros_per_op,
+                if b.micros_per_op > 0.0 {
+                    format!("{:.2}", c.micros_per_op / b.micros_per_op)
+                } else {
+                    "-".into()
+                }
             ));
         }
     }
