@@ -64,6 +64,10 @@ on_every_runtime! {
                 vec!["get-hit", "get-miss", "update"],
             ),
             (
+                "action-cache --blobs 20 --ops 40 --update-fraction 0 --hit-fraction 1",
+                vec!["get-hit"],
+            ),
+            (
                 "mixed --size 1KiB --batch 4 --ops 10",
                 vec![
                     "build-step",
@@ -81,6 +85,11 @@ on_every_runtime! {
             ),
         ] {
             let report = run(&format!("{line} {endpoint}")).await;
+            let mut seen: Vec<&str> = report.results.iter().map(|r| r.kind.as_str()).collect();
+            seen.sort_unstable();
+            let mut expected = kinds.clone();
+            expected.sort_unstable();
+            assert_eq!(seen, expected, "{line}: exactly these kinds");
             for kind in kinds {
                 let r = report
                     .results

@@ -71,6 +71,10 @@ pub struct Args {
     /// Fraction of GetActionResult calls that should hit (`action-cache`, `mixed`).
     #[arg(long, default_value_t = 0.8)]
     pub hit_fraction: f64,
+    /// Fraction of `action-cache` operations that are UpdateActionResult (the rest are
+    /// GetActionResult; `--update-fraction 0 --hit-fraction 1` measures hits alone).
+    #[arg(long, default_value_t = 0.1)]
+    pub update_fraction: f64,
     /// Synthetic tree depth (`get-tree`).
     #[arg(long, default_value_t = 4)]
     pub depth: u32,

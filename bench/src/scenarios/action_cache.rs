@@ -73,7 +73,7 @@ impl Workload for ActionCacheLoad {
         Box::pin(async move {
             let ctx = &self.ctx;
             let (action, expected) = &self.stored[index as usize % self.stored.len()];
-            if index % 10 == 9 {
+            if unit(index, 7) < ctx.args.update_fraction {
                 let (r, latency) = timed(update(ctx, action, expected.clone())).await;
                 return vec![Sample::from_result("update", latency, 0, &r)];
             }
