@@ -110,6 +110,11 @@ on_every_runtime! {
         assert_eq!(sample(&text, "kiln_cas_commits_total"), 1.0);
         assert_eq!(sample(&text, "kiln_cas_blobs"), 1.0);
         assert_eq!(sample(&text, "kiln_cas_bytes"), 300_000.0);
+        // The process's own resident memory (what a soak watches), and nothing staged once
+        // the upload is stored.
+        let rss = sample(&text, "process_resident_memory_bytes");
+        assert!(rss > 1e6 && rss < 64e9, "{rss}");
+        assert!(text.contains("kiln_cas_staging_bytes 0"), "{text}");
         assert!(
             sample(&text, r#"kiln_cas_lookups_total{result="miss"}"#) >= 1.0,
             "{text}"

@@ -42,6 +42,8 @@ pub struct Gauges {
     cas_bytes: Gauge,
     memory_bytes: Gauge,
     pinned_bytes: Gauge,
+    staging_bytes: Gauge,
+    resident: Gauge,
     uploads_active: Gauge,
     uploads_parked: Gauge,
     queue_depth: Family<ShardLabel, Gauge>,
@@ -61,6 +63,8 @@ impl Gauges {
             cas_bytes: Gauge::default(),
             memory_bytes: Gauge::default(),
             pinned_bytes: Gauge::default(),
+            staging_bytes: Gauge::default(),
+            resident: Gauge::default(),
             uploads_active: Gauge::default(),
             uploads_parked: Gauge::default(),
             queue_depth: Family::default(),
@@ -128,6 +132,16 @@ impl Gauges {
             self.pinned_bytes.clone(),
         );
         registry.register(
+            "kiln_cas_staging_bytes",
+            "Bytes held against the disk cap by uploads in progress or parked",
+            self.staging_bytes.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the server process (Linux: from /proc/self/statm)",
+            self.resident.clone(),
+        );
+        registry.register(
             "kiln_scheduler_queued",
             "Actions waiting for a worker",
             self.queued.clone(),
@@ -160,6 +174,10 @@ impl Gauges {
             self.workers.set(s.workers as i64);
         }
         self.pinned_bytes.set(cas.accounting().pinned() as i64);
+        self.staging_bytes.set(cas.accounting().staging() as i64);
+        if let Some(rss) = resident_bytes() {
+            self.resident.set(rss as i64);
+        }
         let mut out = Gathered::default();
         if let Ok(Ok(stats)) = tokio::time::timeout(Duration::from_secs(1), cas.stats()).await {
             for s in stats {
@@ -190,4 +208,13 @@ impl Gauges {
         self.uptime.set(started.elapsed().as_secs() as i64);
         out
     }
+}
+
+/// The process's resident memory, from `/proc/self/statm` (pages; Linux only).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }

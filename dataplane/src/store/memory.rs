@@ -38,7 +38,10 @@ impl MemoryTier {
     pub fn insert(&self, key: BlobKey, data: Bytes) {
         if let Some(cache) = &self.cache {
             if data.len() as u64 <= self.max_blob {
-                cache.insert(key, data);
+                // The cache must own exactly the bytes it counts: `data` is often a slice of a
+                // larger buffer (a gRPC message, a receive or read buffer), which it would
+                // keep alive whole while the budget counts only the slice.
+                cache.insert(key, Bytes::copy_from_slice(&data));
             }
         }
     }
@@ -92,5 +95,21 @@ mod tests {
         assert!(!tier.admits(1));
         tier.insert(key(1), Bytes::from_static(b"x"));
         assert!(tier.get(&key(1)).is_none());
+    }
+
+    #[test]
+    fn a_slice_of_a_larger_buffer_is_cached_as_its_own_bytes() {
+        let tier = MemoryTier::new(1 << 20, 1 << 10);
+        // A 100-byte blob inside a 64 KiB receive buffer.
+        let buffer = Bytes::from(vec![7u8; 64 << 10]);
+        let slice = buffer.slice(1000..1100);
+        tier.insert(key(1), slice.clone());
+        let cached = tier.get(&key(1)).expect("cached");
+        assert_eq!(cached, slice);
+        let inside = buffer.as_ptr_range();
+        assert!(
+            !inside.contains(&cached.as_ptr()),
+            "the cache must not keep the 64 KiB buffer alive for 100 bytes"
+        );
     }
 }
