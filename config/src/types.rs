@@ -374,6 +374,8 @@ pub struct ExecutionConfig {
     pub unserved_timeout_secs: u64,
     /// Finished operations stay visible to WaitExecution/GetOperation this long (seconds).
     pub completed_retention_secs: u64,
+    /// At most this many finished operations are kept for WaitExecution/GetOperation.
+    pub max_completed_operations: usize,
     /// Share of the CAS that inputs of running actions may pin against eviction (percent).
     pub pin_budget_percent: u8,
     /// Most distinct digests (files and directories) in one action's input tree.
@@ -395,6 +397,7 @@ impl Default for ExecutionConfig {
             max_queued: 100_000,
             unserved_timeout_secs: 300,
             completed_retention_secs: 600,
+            max_completed_operations: 50_000,
             pin_budget_percent: 50,
             max_input_digests: 16_000_000,
             properties: BTreeMap::new(),

@@ -53,6 +53,7 @@ pub struct Gauges {
     queued: Gauge,
     running: Gauge,
     workers: Gauge,
+    completed_kept: Gauge,
 }
 
 impl Gauges {
@@ -74,6 +75,7 @@ impl Gauges {
             queued: Gauge::default(),
             running: Gauge::default(),
             workers: Gauge::default(),
+            completed_kept: Gauge::default(),
         };
         for shard in 0..shards {
             let _ = g.queue_depth.get_or_create(&ShardLabel {
@@ -152,6 +154,11 @@ impl Gauges {
             self.running.clone(),
         );
         registry.register(
+            "kiln_scheduler_completed_kept",
+            "Finished operations kept for WaitExecution and GetOperation",
+            self.completed_kept.clone(),
+        );
+        registry.register(
             "kiln_scheduler_workers",
             "Connected workers",
             self.workers.clone(),
@@ -172,6 +179,7 @@ impl Gauges {
             self.queued.set(s.queued as i64);
             self.running.set(s.running as i64);
             self.workers.set(s.workers as i64);
+            self.completed_kept.set(s.completed_kept as i64);
         }
         self.pinned_bytes.set(cas.accounting().pinned() as i64);
         self.staging_bytes.set(cas.accounting().staging() as i64);

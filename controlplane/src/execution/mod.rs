@@ -61,6 +61,8 @@ pub struct SchedulerStats {
     pub running: usize,
     /// Connected workers.
     pub workers: usize,
+    /// Finished operations kept for WaitExecution/GetOperation.
+    pub completed_kept: usize,
 }
 
 /// The shared state of the execution services.
@@ -101,7 +103,7 @@ impl ExecutionCore {
         });
         let core = Arc::new(ExecutionCore {
             scheduler: Mutex::new(scheduler),
-            registry: Mutex::new(Registry::default()),
+            registry: Mutex::new(Registry::new(config.max_completed_operations)),
             sessions: Mutex::new(HashMap::new()),
             next_worker: AtomicU64::new(1),
             cas,
@@ -126,11 +128,13 @@ impl ExecutionCore {
 
     /// Queue, run and worker counts.
     pub fn stats(&self) -> SchedulerStats {
+        let completed_kept = lock(&self.registry).finished_count();
         let s = lock(&self.scheduler);
         SchedulerStats {
             queued: s.queued(),
             running: s.running(),
             workers: s.workers(),
+            completed_kept,
         }
     }
 

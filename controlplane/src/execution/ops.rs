@@ -9,7 +9,7 @@ use kiln_proto::reapi::{
     execution_stage::Value as StageValue, Digest, ExecuteOperationMetadata, ExecuteResponse,
 };
 use prost::Message;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -82,9 +82,26 @@ pub struct Registry {
     live: HashMap<OpId, Live>,
     by_name: HashMap<String, OpId>,
     finished: HashMap<String, (Instant, watch::Receiver<OpView>)>,
+    /// Finished names, oldest first (names are unique, so this matches `finished`).
+    finished_order: VecDeque<(Instant, String)>,
+    /// At most this many finished operations are kept (0: no cap).
+    max_finished: usize,
 }
 
 impl Registry {
+    /// A registry keeping at most `max_finished` finished operations (0: no cap).
+    pub fn new(max_finished: usize) -> Registry {
+        Registry {
+            max_finished,
+            ..Registry::default()
+        }
+    }
+
+    /// Finished operations kept now.
+    pub fn finished_count(&self) -> usize {
+        self.finished.len()
+    }
+
     /// Registers a new operation; returns its name.
     pub fn insert(&mut self, op: OpId, payload: Arc<Payload>, view: OpView) -> String {
         let name = view.name.clone();
@@ -149,14 +166,83 @@ impl Registry {
             v.stage = StageValue::Completed;
             v.response = Some(Arc::new(response));
         });
+        self.finished_order.push_back((now, live.name.clone()));
         self.finished
             .insert(live.name, (now, live.view.subscribe()));
+        if self.max_finished > 0 {
+            while self.finished.len() > self.max_finished {
+                self.forget_oldest();
+            }
+        }
         Some(live.payload)
     }
 
     /// Forgets finished operations older than `retention`.
     pub fn prune(&mut self, now: Instant, retention: Duration) {
-        self.finished
-            .retain(|_, (at, _)| now.saturating_duration_since(*at) < retention);
+        while let Some((at, _)) = self.finished_order.front() {
+            if now.saturating_duration_since(*at) < retention {
+                break;
+            }
+            self.forget_oldest();
+        }
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some((_, name)) = self.finished_order.pop_front() {
+            self.finished.remove(&name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::execution::Payload;
+    use kiln_dataplane::digest::{BlobKey, Digest as BlobDigest, DigestFunction, InstanceName};
+
+    fn payload() -> Arc<Payload> {
+        Arc::new(Payload {
+            start: Default::default(),
+            key: BlobKey::new(
+                InstanceName::default_instance(),
+                BlobDigest::of(DigestFunction::Sha256, b"action"),
+            ),
+            cacheable: true,
+            pins: Vec::new(),
+        })
+    }
+
+    fn run(r: &mut Registry, op: OpId, at: Instant) -> String {
+        let view = OpView {
+            name: format!("op-{op}"),
+            instance: String::new(),
+            stage: StageValue::Queued,
+            action_digest: Digest::default(),
+            digest_function: 0,
+            response: None,
+        };
+        let name = r.insert(op, payload(), view);
+        r.finish(at, op, ExecuteResponse::default());
+        name
+    }
+
+    #[test]
+    fn finished_operations_are_capped_and_expire_oldest_first() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(3);
+        let names: Vec<String> = (0..5)
+            .map(|i| run(&mut r, i, t0 + Duration::from_secs(i)))
+            .collect();
+        assert_eq!(r.finished_count(), 3, "capped");
+        assert!(r.watch(&names[0]).is_none() && r.watch(&names[1]).is_none());
+        assert!(r.watch(&names[2]).unwrap().borrow().done());
+        r.prune(t0 + Duration::from_millis(12_500), Duration::from_secs(10));
+        assert!(r.watch(&names[2]).is_none(), "older than the retention");
+        assert!(r.watch(&names[3]).is_some() && r.watch(&names[4]).is_some());
+        let mut uncapped = Registry::new(0);
+        for i in 0..100 {
+            run(&mut uncapped, i, t0);
+        }
+        assert_eq!(uncapped.finished_count(), 100);
     }
 }
