@@ -159,6 +159,21 @@ async fn server_cpu_is_reported_per_operation() {
     .await
     .expect_err("no such process");
     assert!(format!("{missing:#}").contains("999999999"), "{missing:#}");
+    // A short soak: resident memory sampled through the run, summarised and plotted.
+    let plot = dir.path().join("soak.svg");
+    let soak = run(&format!(
+        "write --endpoint grpc://{} --quiet --size 4KiB --duration 1.5 --warmup 0 --server-pid {} --rss-every 0.1 --plot {}",
+        kiln.addr,
+        kiln.pid(),
+        plot.display()
+    ))
+    .await;
+    let rss = soak.server_rss.clone().expect("RSS sampled");
+    assert!(rss.samples.len() >= 5, "{rss:?}");
+    assert!(rss.samples.iter().all(|(t, mib)| *t >= 0.0 && *mib > 1.0), "{rss:?}");
+    assert!(soak.table().contains("server RSS:"), "{}", soak.table());
+    let svg = std::fs::read_to_string(dir.path().join("soak.rss.svg")).expect("RSS plot");
+    assert!(svg.contains("<polyline") && svg.contains("MiB"), "{svg}");
     kiln.stop().await;
 }
 

@@ -95,6 +95,11 @@ pub struct Args {
     /// operation. Linux only.
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
+    /// With --server-pid: sample the server's resident memory every this many seconds and
+    /// report its peak and its growth over the last two thirds of the run (a soak: e.g.
+    /// `mixed --duration 1800 --rss-every 10 --plot rss.svg`).
+    #[arg(long, value_name = "SECS", requires = "server_pid")]
+    pub rss_every: Option<f64>,
     /// Name of this run in reports (default: the endpoint).
     #[arg(long)]
     pub label: Option<String>,

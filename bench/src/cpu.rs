@@ -53,6 +53,70 @@ pub fn read(pid: u32) -> std::io::Result<CpuTimes> {
     })
 }
 
+/// Resident memory of process `pid` now, in bytes (`VmRSS` in `/proc/PID/status`).
+pub fn resident(pid: u32) -> std::io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    parse_vm_rss(&text).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("no VmRSS in /proc/{pid}/status"),
+        )
+    })
+}
+
+/// `VmRSS:   123456 kB` → bytes.
+pub fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The server's resident memory sampled through a run (a soak), as reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerRss {
+    /// (seconds since the measured phase began, MiB) samples.
+    pub samples: Vec<(f64, f64)>,
+    /// The largest sample, MiB.
+    pub max_mib: f64,
+    /// Growth over the last two thirds of the run, MiB per minute (least squares).
+    pub growth_mib_per_min: f64,
+    /// That growth over the whole last two thirds, as a share of the RSS at its start.
+    pub growth_percent: f64,
+}
+
+impl ServerRss {
+    /// Summarises `samples` ((seconds, bytes)); `None` with fewer than three.
+    pub fn new(samples: &[(f64, u64)]) -> Option<ServerRss> {
+        if samples.len() < 3 {
+            return None;
+        }
+        let mib: Vec<(f64, f64)> = samples
+            .iter()
+            .map(|(t, b)| (*t, *b as f64 / (1u64 << 20) as f64))
+            .collect();
+        let tail = &mib[mib.len() / 3..];
+        let n = tail.len() as f64;
+        let (mt, mm) = (
+            tail.iter().map(|p| p.0).sum::<f64>() / n,
+            tail.iter().map(|p| p.1).sum::<f64>() / n,
+        );
+        let var: f64 = tail.iter().map(|p| (p.0 - mt).powi(2)).sum();
+        let slope = if var > 0.0 {
+            tail.iter().map(|p| (p.0 - mt) * (p.1 - mm)).sum::<f64>() / var
+        } else {
+            0.0
+        };
+        let span = tail[tail.len() - 1].0 - tail[0].0;
+        let start = tail[0].1.max(1e-9);
+        Some(ServerRss {
+            max_mib: mib.iter().map(|p| p.1).fold(0.0, f64::max),
+            growth_mib_per_min: slope * 60.0,
+            growth_percent: slope * span / start * 100.0,
+            samples: mib,
+        })
+    }
+}
+
 /// The server's CPU over a run, as reported.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerCpu {
@@ -138,5 +202,29 @@ mod tests {
         };
         std::hint::black_box(x);
         assert!(grew, "user time never grew while spinning");
+    }
+
+    #[test]
+    fn rss_is_parsed_and_growth_is_the_slope_of_the_last_two_thirds() {
+        assert_eq!(
+            parse_vm_rss("Name:\tkiln\nVmRSS:\t  2048 kB\n"),
+            Some(2 << 20)
+        );
+        assert_eq!(parse_vm_rss("Name: kiln\n"), None);
+        // Fast growth in the first third, then 1 MiB per minute from 100 MiB.
+        let mib = 1u64 << 20;
+        let samples: Vec<(f64, u64)> = (0..30)
+            .map(|i| {
+                let t = i as f64 * 60.0;
+                let m = if i < 10 { 10 * i } else { 100 + (i - 10) };
+                (t, m as u64 * mib)
+            })
+            .collect();
+        let r = ServerRss::new(&samples).unwrap();
+        assert!((r.growth_mib_per_min - 1.0).abs() < 1e-9, "{r:?}");
+        assert!((r.growth_percent - 19.0).abs() < 1e-9, "{r:?}");
+        assert_eq!(r.max_mib, 119.0);
+        assert!(ServerRss::new(&samples[..2]).is_none());
+        assert!(resident(std::process::id()).unwrap() > 0);
     }
 }

@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod load;
 pub mod plot;
 pub mod report;
+pub mod rss_plot;
 pub mod scenarios;
 pub mod size;
 pub mod stats;
@@ -70,6 +71,7 @@ pub async fn measure(args: &Args, scenario: Scenario) -> anyhow::Result<Report> 
         rate: args.rate,
         progress: !args.quiet && std::io::stderr().is_terminal(),
         server_pid: args.server_pid,
+        rss_every: args.rss_every.map(|s| Duration::from_secs_f64(s.max(0.1))),
     };
     if let Some(pid) = args.server_pid {
         cpu::read(pid)
@@ -91,6 +93,7 @@ pub async fn measure(args: &Args, scenario: Scenario) -> anyhow::Result<Report> 
         results: Vec::new(),
         notes: Vec::new(),
         server_cpu: None,
+        server_rss: None,
     };
     if scenario == Scenario::Tcp {
         let workload = scenarios::tcp::prepare(args.connections, args.size).await?;
@@ -129,6 +132,11 @@ fn write_plot(args: &Args, reports: &[Report]) -> anyhow::Result<()> {
     if let Some(path) = &args.plot {
         std::fs::write(path, plot::svg(reports))
             .with_context(|| format!("cannot write {}", path.display()))?;
+        if let Some(rss) = rss_plot::svg(reports) {
+            let rss_path = path.with_extension("rss.svg");
+            std::fs::write(&rss_path, rss)
+                .with_context(|| format!("cannot write {}", rss_path.display()))?;
+        }
     }
     Ok(())
 }

@@ -33,6 +33,8 @@ pub struct LoadPlan {
     pub progress: bool,
     /// Sample this process's CPU time when measuring starts and ends.
     pub server_pid: Option<u32>,
+    /// Sample its resident memory this often during the measured phase.
+    pub rss_every: Option<Duration>,
 }
 
 /// What a run measured.
@@ -45,6 +47,8 @@ pub struct Measured {
     pub operations: u64,
     /// The server's pid and its CPU time over the measured phase, when the pid was given.
     pub server_cpu: Option<(u32, std::io::Result<CpuTimes>)>,
+    /// (seconds into the measured phase, bytes) samples of the server's resident memory.
+    pub server_rss: Vec<(f64, u64)>,
 }
 
 struct Shared {
@@ -79,6 +83,28 @@ pub async fn drive(workload: Arc<dyn Workload>, plan: &LoadPlan) -> Measured {
         })
     });
     let progress = plan.progress.then(|| progress_bar(plan));
+    let rss_sampler = match (plan.server_pid, plan.rss_every) {
+        (Some(pid), Some(every)) => {
+            let shared = shared.clone();
+            Some(tokio::spawn(async move {
+                tokio::time::sleep_until(measure_from.into()).await;
+                let mut samples = Vec::new();
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    if shared.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match crate::cpu::resident(pid) {
+                        Ok(bytes) => samples.push((measure_from.elapsed().as_secs_f64(), bytes)),
+                        Err(_) => break,
+                    }
+                }
+                samples
+            }))
+        }
+        _ => None,
+    };
     let ticker = progress.clone().map(|bar| {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -189,6 +215,15 @@ pub async fn drive(workload: Arc<dyn Workload>, plan: &LoadPlan) -> Measured {
     }
     shared.stop.store(true, Ordering::Relaxed);
     let elapsed = Instant::now().saturating_duration_since(measure_from);
+    let mut server_rss = match rss_sampler {
+        Some(task) => task.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    if let (Some(pid), Some(_)) = (plan.server_pid, plan.rss_every) {
+        if let Ok(bytes) = crate::cpu::resident(pid) {
+            server_rss.push((elapsed.as_secs_f64(), bytes));
+        }
+    }
     let server_cpu = match (plan.server_pid, cpu_at_start) {
         (Some(pid), Some(start)) => {
             let end = crate::cpu::read(pid);
@@ -215,6 +250,7 @@ pub async fn drive(workload: Arc<dyn Workload>, plan: &LoadPlan) -> Measured {
         elapsed,
         operations: shared.measured_ops.load(Ordering::Relaxed),
         server_cpu,
+        server_rss,
     }
 }
 
@@ -253,6 +289,7 @@ mod tests {
             rate: None,
             progress: false,
             server_pid: None,
+            rss_every: None,
         };
         let m = drive(Arc::new(Sleepy), &plan).await;
         assert_eq!(m.recorder.kinds["sleep"].ops, 40);
@@ -268,6 +305,7 @@ mod tests {
             rate: Some(1000.0),
             progress: false,
             server_pid: None,
+            rss_every: None,
         };
         let m = drive(Arc::new(Sleepy), &plan).await;
         assert_eq!(m.recorder.kinds["sleep"].ops, 20);

@@ -1,7 +1,7 @@
 //! Results: built from what a run measured, printed as a table, written and read as JSON, and
 //! compared side by side.
 
-use crate::cpu::ServerCpu;
+use crate::cpu::{ServerCpu, ServerRss};
 use crate::load::Measured;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -35,6 +35,9 @@ pub struct Report {
     /// The server's CPU over the measured phase (`--server-pid`).
     #[serde(default)]
     pub server_cpu: Option<ServerCpu>,
+    /// The server's resident memory through the run (`--rss-every`).
+    #[serde(default)]
+    pub server_rss: Option<ServerRss>,
 }
 
 /// Results for one kind of operation.
@@ -128,6 +131,7 @@ impl Report {
             results,
             notes,
             server_cpu,
+            server_rss: ServerRss::new(&measured.server_rss),
             ..head
         }
     }
@@ -204,6 +208,14 @@ impl Report {
                 c.micros_per_op,
                 c.operations,
                 c.cores
+            ));
+        }
+        if let Some(r) = &self.server_rss {
+            let first = r.samples.first().map_or(0.0, |s| s.1);
+            let last = r.samples.last().map_or(0.0, |s| s.1);
+            out.push_str(&format!(
+                "server RSS: {first:.0} MiB at start, {last:.0} MiB at end, {:.0} MiB peak; last two thirds: {:+.2} MiB/min ({:+.1}%)\n",
+                r.max_mib, r.growth_mib_per_min, r.growth_percent
             ));
         }
         for note in &self.notes {
