@@ -170,7 +170,10 @@ async fn server_cpu_is_reported_per_operation() {
     .await;
     let rss = soak.server_rss.clone().expect("RSS sampled");
     assert!(rss.samples.len() >= 5, "{rss:?}");
-    assert!(rss.samples.iter().all(|(t, mib)| *t >= 0.0 && *mib > 1.0), "{rss:?}");
+    assert!(
+        rss.samples.iter().all(|(t, mib)| *t >= 0.0 && *mib > 1.0),
+        "{rss:?}"
+    );
     assert!(soak.table().contains("server RSS:"), "{}", soak.table());
     let svg = std::fs::read_to_string(dir.path().join("soak.rss.svg")).expect("RSS plot");
     assert!(svg.contains("<polyline") && svg.contains("MiB"), "{svg}");

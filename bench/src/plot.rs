@@ -21,6 +21,22 @@ fn nines(p: f64) -> f64 {
     -(1.0 - (p / 100.0).min(0.99999)).log10()
 }
 
+/// A white `w` × `h` SVG canvas in the plots' font.
+pub(crate) fn canvas(w: f64, h: f64) -> Document {
+    Document::new()
+        .set("viewBox", (0, 0, w, h))
+        .set("width", w)
+        .set("height", h)
+        .set("font-family", "sans-serif")
+        .set("font-size", 12)
+        .add(
+            Rectangle::new()
+                .set("width", w)
+                .set("height", h)
+                .set("fill", "white"),
+        )
+}
+
 /// Draws every kind of every report.
 pub fn svg(reports: &[Report]) -> String {
     let curves: Vec<(String, &Vec<(f64, f64)>)> = reports
@@ -49,18 +65,7 @@ pub fn svg(reports: &[Report]) -> String {
         let v = ms.max(10f64.powf(lo)).log10();
         H - BOTTOM - (v - lo) / (hi - lo) * (H - TOP - BOTTOM)
     };
-    let mut doc = Document::new()
-        .set("viewBox", (0, 0, W, H))
-        .set("width", W)
-        .set("height", H)
-        .set("font-family", "sans-serif")
-        .set("font-size", 12)
-        .add(
-            Rectangle::new()
-                .set("width", W)
-                .set("height", H)
-                .set("fill", "white"),
-        );
+    let mut doc = canvas(W, H);
     for p in [0.0, 50.0, 90.0, 99.0, 99.9, 99.99, 99.999] {
         doc = doc
             .add(

@@ -3,8 +3,7 @@
 //! exaggerated.
 
 use crate::report::Report;
-use svg::node::element::{Line, Polyline, Rectangle, Text};
-use svg::Document;
+use svg::node::element::{Line, Polyline, Text};
 
 const W: f64 = 900.0;
 const H: f64 = 420.0;
@@ -32,18 +31,7 @@ pub fn svg(reports: &[Report]) -> Option<String> {
     let m_max = points().map(|p| p.1).fold(1.0, f64::max) * 1.1;
     let x = |minutes: f64| LEFT + minutes / t_max * (W - LEFT - RIGHT);
     let y = |mib: f64| H - BOTTOM - mib / m_max * (H - TOP - BOTTOM);
-    let mut doc = Document::new()
-        .set("viewBox", (0, 0, W, H))
-        .set("width", W)
-        .set("height", H)
-        .set("font-family", "sans-serif")
-        .set("font-size", 12)
-        .add(
-            Rectangle::new()
-                .set("width", W)
-                .set("height", H)
-                .set("fill", "white"),
-        );
+    let mut doc = crate::plot::canvas(W, H);
     for i in 0..=5 {
         let (minutes, mib) = (t_max * i as f64 / 5.0, m_max * i as f64 / 5.0);
         doc = doc
