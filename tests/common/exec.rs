@@ -269,6 +269,13 @@ pub fn code(r: &ExecuteResponse) -> i32 {
     r.status.as_ref().map_or(0, |s: &RpcStatus| s.code)
 }
 
+/// The bytes of an output (or any blob) by digest; fails the test when it cannot be read.
+pub async fn read_output(ch: &Channel, f: Function, d: &reapi::Digest) -> Vec<u8> {
+    blobs::read(ch, &blobs::read_name("", f, d), 0, 0)
+        .await
+        .expect("read output")
+}
+
 /// A running `kiln worker`.
 pub struct Worker {
     child: Option<Child>,

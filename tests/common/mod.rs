@@ -117,6 +117,26 @@ macro_rules! on_every_runtime {
     )*};
 }
 
+/// The value of the un-labelled metric `name` on the admin listener at `admin` (plain HTTP);
+/// fails the test when it is not exported.
+pub async fn metric(admin: &str, name: &str) -> f64 {
+    let url = format!("{admin}/metrics");
+    let text = tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .call()
+            .expect("metrics")
+            .body_mut()
+            .read_to_string()
+            .expect("body")
+    })
+    .await
+    .expect("scrape");
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not exported"))
+}
+
 /// Runs `kiln token ARGS --data-dir DATA_DIR`; returns what it printed (a new token's secret).
 pub fn kiln_token(data_dir: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
