@@ -4,7 +4,7 @@
 //! was revoked). A certificate is honoured only while its fingerprint is enrolled and not
 //! revoked, so `kiln worker revoke NAME` cuts a worker off without a revocation list.
 
-use crate::tokens::{hash, new_secret, TokenError};
+use crate::tokens::{hash, new_secret, update, TokenError};
 use crate::Role;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -73,10 +73,6 @@ impl Enrolment {
         crate::tokens::read_toml(path)
     }
 
-    fn save(&self, path: &Path) -> Result<(), TokenError> {
-        crate::tokens::write_toml(path, self)
-    }
-
     /// The enrolled worker whose certificate has this fingerprint.
     pub fn by_fingerprint(&self, fingerprint: &str) -> Option<&Enrolled> {
         self.worker.iter().find(|w| w.fingerprint == fingerprint)
@@ -89,16 +85,16 @@ impl Enrolment {
         now: u64,
         ttl_secs: u64,
     ) -> Result<String, TokenError> {
-        let mut file = Enrolment::load(path)?;
-        let secret = new_secret()?.replacen("kiln_", "kiln_join_", 1);
-        file.join.push(JoinToken {
-            sha256: hash(&secret),
-            roles: roles.to_vec(),
-            expires: now.saturating_add(ttl_secs),
-            used_by: None,
-        });
-        file.save(path)?;
-        Ok(secret)
+        update(path, |file: &mut Enrolment| {
+            let secret = new_secret()?.replacen("kiln_", "kiln_join_", 1);
+            file.join.push(JoinToken {
+                sha256: hash(&secret),
+                roles: roles.to_vec(),
+                expires: now.saturating_add(ttl_secs),
+                used_by: None,
+            });
+            Ok((secret, true))
+        })
     }
 
     /// Checks a join token for a worker named `name`, marks it used, and records the worker
@@ -111,47 +107,48 @@ impl Enrolment {
         now: u64,
         issue: impl FnOnce(&[Role]) -> Result<(T, String), TokenError>,
     ) -> Result<Result<T, JoinError>, TokenError> {
-        let mut file = Enrolment::load(path)?;
-        let wanted = hash(secret);
-        let Some(token) = file.join.iter_mut().find(|t| t.sha256 == wanted) else {
-            return Ok(Err(JoinError::Unknown));
-        };
-        if let Some(by) = &token.used_by {
-            return Ok(Err(JoinError::Used(by.clone())));
-        }
-        if now > token.expires {
-            return Ok(Err(JoinError::Expired));
-        }
-        if file.worker.iter().any(|w| w.name == name && !w.revoked) {
-            return Ok(Err(JoinError::NameTaken(name.to_string())));
-        }
-        token.used_by = Some(name.to_string());
-        let roles = token.roles.clone();
-        let (issued, fingerprint) = issue(&roles)?;
-        // A revoked entry stays: its certificate must keep failing.
-        file.worker.retain(|w| w.name != name || w.revoked);
-        file.worker.push(Enrolled {
-            name: name.to_string(),
-            fingerprint,
-            roles,
-            revoked: false,
-        });
-        file.save(path)?;
-        Ok(Ok(issued))
+        update(path, |file: &mut Enrolment| {
+            let wanted = hash(secret);
+            let Some(token) = file.join.iter_mut().find(|t| t.sha256 == wanted) else {
+                return Ok((Err(JoinError::Unknown), false));
+            };
+            if let Some(by) = &token.used_by {
+                return Ok((Err(JoinError::Used(by.clone())), false));
+            }
+            if now > token.expires {
+                return Ok((Err(JoinError::Expired), false));
+            }
+            if file.worker.iter().any(|w| w.name == name && !w.revoked) {
+                return Ok((Err(JoinError::NameTaken(name.to_string())), false));
+            }
+            token.used_by = Some(name.to_string());
+            let roles = token.roles.clone();
+            let (issued, fingerprint) = issue(&roles)?;
+            // A revoked entry stays: its certificate must keep failing.
+            file.worker.retain(|w| w.name != name || w.revoked);
+            file.worker.push(Enrolled {
+                name: name.to_string(),
+                fingerprint,
+                roles,
+                revoked: false,
+            });
+            Ok((Ok(issued), true))
+        })
     }
 
     /// Revokes the worker named `name` (every certificate it was issued).
     pub fn revoke(path: &Path, name: &str) -> Result<(), TokenError> {
-        let mut file = Enrolment::load(path)?;
-        let mut found = false;
-        for w in file.worker.iter_mut().filter(|w| w.name == name) {
-            w.revoked = true;
-            found = true;
-        }
-        if !found {
-            return Err(TokenError::Unknown(name.to_string()));
-        }
-        file.save(path)
+        update(path, |file: &mut Enrolment| {
+            let mut found = false;
+            for w in file.worker.iter_mut().filter(|w| w.name == name) {
+                w.revoked = true;
+                found = true;
+            }
+            if !found {
+                return Err(TokenError::Unknown(name.to_string()));
+            }
+            Ok(((), true))
+        })
     }
 }
 
@@ -210,5 +207,38 @@ mod tests {
             "the old certificate stays revoked"
         );
         assert!(!file.by_fingerprint("fp5").unwrap().revoked);
+    }
+
+    #[test]
+    fn racing_redemptions_of_one_token_enrol_one_worker_and_lose_no_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth/enrolment.toml");
+        let secret = Enrolment::create_token(&path, &[Role::Worker], 100, 3600).unwrap();
+        // Eight workers race for one token while eight more tokens are being made.
+        let winners: usize = std::thread::scope(|s| {
+            let redeemers: Vec<_> = (0..8)
+                .map(|i| {
+                    let (path, secret) = (&path, &secret);
+                    s.spawn(move || {
+                        let name = format!("mac-{i}");
+                        Enrolment::redeem(path, secret, &name, 200, |_| Ok(((), format!("fp-{i}"))))
+                            .unwrap()
+                            .is_ok()
+                    })
+                })
+                .collect();
+            for _ in 0..8 {
+                let path = &path;
+                s.spawn(move || Enrolment::create_token(path, &[Role::Worker], 100, 60).unwrap());
+            }
+            redeemers
+                .into_iter()
+                .map(|h| usize::from(h.join().unwrap()))
+                .sum()
+        });
+        assert_eq!(winners, 1, "a join token is single-use even under a race");
+        let file = Enrolment::load(&path).unwrap();
+        assert_eq!(file.worker.len(), 1);
+        assert_eq!(file.join.len(), 9, "no token made meanwhile was lost");
     }
 }

@@ -115,13 +115,41 @@ pub(crate) fn read_toml<T: serde::de::DeserializeOwned + Default>(
     }
 }
 
-fn write(path: &Path, file: &File) -> Result<(), TokenError> {
-    write_toml(path, file)
+/// Reads the TOML file at `path`, lets `change` edit it, and writes it back when `change`
+/// says it changed, all under an exclusive lock on the file's directory. Concurrent
+/// commands and enrolments (two workers racing to redeem one join token, `kiln token
+/// create` while the server enrols a worker) then neither lose each other's writes nor both
+/// succeed. The directory is locked rather than a lock file, so that a file made under sudo
+/// cannot lock the server out.
+pub(crate) fn update<T, R>(
+    path: &Path,
+    change: impl FnOnce(&mut T) -> Result<(R, bool), TokenError>,
+) -> Result<R, TokenError>
+where
+    T: serde::de::DeserializeOwned + Serialize + Default,
+{
+    let io = |source| TokenError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let lock = std::fs::File::open(dir).map_err(io)?;
+    lock.lock().map_err(io)?;
+    let mut file = read_toml(path)?;
+    let (result, changed) = change(&mut file)?;
+    if changed {
+        write_toml(path, &file)?;
+    }
+    Ok(result)
 }
 
 /// Writes `value` as TOML to `path` atomically, mode 0600 (keeping the owner of a file it
 /// replaces).
-pub(crate) fn write_toml<T: Serialize>(path: &Path, file: &T) -> Result<(), TokenError> {
+fn write_toml<T: Serialize>(path: &Path, file: &T) -> Result<(), TokenError> {
     let io = |source| TokenError::Io {
         path: path.to_path_buf(),
         source,
@@ -190,30 +218,31 @@ impl Tokens {
         if let Some(role) = Role::scoped_farm_wide(roles, instances) {
             return Err(TokenError::ScopedFarmWide(role));
         }
-        let mut file = read(path)?;
-        if file.token.iter().any(|t| t.name == name) {
-            return Err(TokenError::Exists(name.to_string()));
-        }
-        let secret = new_secret()?;
-        file.token.push(TokenEntry {
-            name: name.to_string(),
-            sha256: hash(&secret),
-            roles: roles.to_vec(),
-            instances: instances.to_vec(),
-        });
-        write(path, &file)?;
-        Ok(secret)
+        update(path, |file: &mut File| {
+            if file.token.iter().any(|t| t.name == name) {
+                return Err(TokenError::Exists(name.to_string()));
+            }
+            let secret = new_secret()?;
+            file.token.push(TokenEntry {
+                name: name.to_string(),
+                sha256: hash(&secret),
+                roles: roles.to_vec(),
+                instances: instances.to_vec(),
+            });
+            Ok((secret, true))
+        })
     }
 
     /// Removes the token named `name` from the file at `path`.
     pub fn revoke(path: &Path, name: &str) -> Result<(), TokenError> {
-        let mut file = read(path)?;
-        let before = file.token.len();
-        file.token.retain(|t| t.name != name);
-        if file.token.len() == before {
-            return Err(TokenError::Unknown(name.to_string()));
-        }
-        write(path, &file)
+        update(path, |file: &mut File| {
+            let before = file.token.len();
+            file.token.retain(|t| t.name != name);
+            if file.token.len() == before {
+                return Err(TokenError::Unknown(name.to_string()));
+            }
+            Ok(((), true))
+        })
     }
 
     /// Every token's name, roles and instances (never a secret: none is stored).
