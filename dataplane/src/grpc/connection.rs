@@ -132,23 +132,25 @@ pub async fn serve_connection(
         let mut stopping = Box::pin(shutdown.wait());
         let mut draining = false;
         let activity = Rc::new(Activity::new(runtime.now()));
+        // One idle timer for the connection, re-armed only when it fires (not per call).
+        let mut idle: LocalBoxFuture<'static, ()> = match settings.idle_timeout {
+            None => Box::pin(std::future::pending()),
+            Some(limit) => runtime.sleep(limit),
+        };
         loop {
             let next = if draining {
                 conn.accept().await
             } else {
-                let idle: LocalBoxFuture<'static, ()> = match settings.idle_timeout {
-                    None => Box::pin(std::future::pending()),
-                    Some(limit) => match activity.wait(limit, runtime.now()) {
-                        Some(left) => runtime.sleep(left),
-                        None => Box::pin(std::future::ready(())),
-                    },
+                let woken = match select(
+                    Box::pin(conn.accept()),
+                    select(stopping.as_mut(), idle.as_mut()),
+                )
+                .await
+                {
+                    Either::Left((next, _)) => Wake::Call(next),
+                    Either::Right((Either::Left(_), _)) => Wake::Shutdown,
+                    Either::Right((Either::Right(_), _)) => Wake::IdleCheck,
                 };
-                let woken =
-                    match select(Box::pin(conn.accept()), select(stopping.as_mut(), idle)).await {
-                        Either::Left((next, _)) => Wake::Call(next),
-                        Either::Right((Either::Left(_), _)) => Wake::Shutdown,
-                        Either::Right((Either::Right(_), _)) => Wake::IdleCheck,
-                    };
                 match woken {
                     Wake::Call(next) => next,
                     Wake::Shutdown => {
@@ -158,13 +160,17 @@ pub async fn serve_connection(
                         continue;
                     }
                     Wake::IdleCheck => {
-                        // Close only if nothing started meanwhile.
+                        // Close only if the connection has had no call for the whole limit;
+                        // else wait for what is left of it (all of it while calls run).
                         let limit = settings.idle_timeout.unwrap_or_default();
-                        if activity.wait(limit, runtime.now()).is_none() {
-                            debug!(?limit, "idle: sending GOAWAY");
-                            metrics.connections_idle_closed.inc();
-                            conn.graceful_shutdown();
-                            draining = true;
+                        match activity.wait(limit, runtime.now()) {
+                            Some(left) => idle = runtime.sleep(left),
+                            None => {
+                                debug!(?limit, "idle: sending GOAWAY");
+                                metrics.connections_idle_closed.inc();
+                                conn.graceful_shutdown();
+                                draining = true;
+                            }
                         }
                         continue;
                     }
