@@ -245,12 +245,10 @@ impl Policy {
         }
         if now.1 != last.1 {
             let enrolment = Enrolment::load(&self.settings.enrolment_file).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "cannot read the enrolment file; refusing every enrolled worker until it can be read");
-                Enrolment {
-                    join: Vec::new(),
-                    // Unreadable: every enrolled certificate counts as revoked.
-                    worker: Vec::new(),
-                }
+                tracing::error!(error = %e, "cannot read the enrolment file; no enrolled certificate is recognised until it can be read");
+                // Unreadable: enrolled certificates are not recognised, so they get only
+                // what the [[auth.certificates]] rules give their names.
+                Enrolment::default()
             });
             *self.enrolment.write().unwrap_or_else(|e| e.into_inner()) = enrolment;
             tracing::info!("enrolment file reloaded");
