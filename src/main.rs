@@ -1,6 +1,7 @@
 //! `kiln`: the remote cache and execution server. Subcommands live in their own modules; this
 //! file only parses the command line and sets up logging.
 
+mod allocator;
 mod auth;
 mod cli;
 mod enrol;

@@ -27,6 +27,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     crate::tls::check_exposure(&config, args.insecure)?;
     crate::tls::warn_dead_certificate_rules(&config);
+    crate::allocator::purge_in_background();
     let data_dir = &config.storage.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
@@ -197,6 +198,7 @@ fn start_admin(
         data_dir: config.storage.data_dir.display().to_string(),
         cas_capacity: config.storage.disk_bytes.as_u64(),
         memory_capacity: config.storage.memory_bytes.as_u64(),
+        allocator: Some(crate::allocator::stats),
     };
     let access = kiln_controlplane::admin::Access {
         tls: tls.map(|t| AdminTls {

@@ -114,6 +114,12 @@ on_every_runtime! {
         // the upload is stored.
         let rss = sample(&text, "process_resident_memory_bytes");
         assert!(rss > 1e6 && rss < 64e9, "{rss}");
+        // The allocator's own view: live bytes (at least the memory tier's copy of the blob)
+        // within what it keeps resident.
+        let allocated = sample(&text, "kiln_allocator_allocated_bytes");
+        let resident = sample(&text, "kiln_allocator_resident_bytes");
+        assert!(allocated >= 300_000.0, "{text}");
+        assert!(allocated <= resident && resident < 64e9, "{text}");
         assert!(text.contains("kiln_cas_staging_bytes 0"), "{text}");
         assert!(
             sample(&text, r#"kiln_cas_lookups_total{result="miss"}"#) >= 1.0,

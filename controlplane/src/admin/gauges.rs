@@ -36,6 +36,18 @@ pub struct Gathered {
     pub ac_bytes: u64,
 }
 
+/// What the process's allocator reports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllocatorStats {
+    /// Bytes the program holds in live allocations.
+    pub allocated: u64,
+    /// Bytes the allocator keeps resident (live, fragmented and cached free pages).
+    pub resident: u64,
+}
+
+/// Reads the allocator's figures; supplied by the binary that chose the allocator.
+pub type AllocatorProbe = fn() -> Option<AllocatorStats>;
+
 /// The scrape-time gauges.
 pub struct Gauges {
     cas_blobs: Gauge,
@@ -44,6 +56,8 @@ pub struct Gauges {
     pinned_bytes: Gauge,
     staging_bytes: Gauge,
     resident: Gauge,
+    allocated: Gauge,
+    allocator_resident: Gauge,
     uploads_active: Gauge,
     uploads_parked: Gauge,
     queue_depth: Family<ShardLabel, Gauge>,
@@ -66,6 +80,8 @@ impl Gauges {
             pinned_bytes: Gauge::default(),
             staging_bytes: Gauge::default(),
             resident: Gauge::default(),
+            allocated: Gauge::default(),
+            allocator_resident: Gauge::default(),
             uploads_active: Gauge::default(),
             uploads_parked: Gauge::default(),
             queue_depth: Family::default(),
@@ -144,6 +160,16 @@ impl Gauges {
             self.resident.clone(),
         );
         registry.register(
+            "kiln_allocator_allocated_bytes",
+            "Bytes in live allocations, as the allocator (jemalloc) counts them",
+            self.allocated.clone(),
+        );
+        registry.register(
+            "kiln_allocator_resident_bytes",
+            "Bytes the allocator keeps resident; the excess over allocated is fragmentation and free pages not yet returned",
+            self.allocator_resident.clone(),
+        );
+        registry.register(
             "kiln_scheduler_queued",
             "Actions waiting for a worker",
             self.queued.clone(),
@@ -172,8 +198,13 @@ impl Gauges {
         cas: &CasClient,
         ac: &AcStore,
         execution: Option<&ExecutionCore>,
+        allocator: Option<AllocatorProbe>,
         started: Instant,
     ) -> Gathered {
+        if let Some(a) = allocator.and_then(|probe| probe()) {
+            self.allocated.set(a.allocated as i64);
+            self.allocator_resident.set(a.resident as i64);
+        }
         if let Some(e) = execution {
             let s = e.stats();
             self.queued.set(s.queued as i64);

@@ -18,6 +18,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use gauges::Gauges;
+pub use gauges::{AllocatorProbe, AllocatorStats};
 use kiln_auth::Policy;
 use kiln_dataplane::metrics::Metrics;
 use kiln_dataplane::store::CasClient;
@@ -45,6 +46,8 @@ pub struct ServerInfo {
     pub cas_capacity: u64,
     /// Memory-tier budget.
     pub memory_capacity: u64,
+    /// The allocator's own figures, when the binary's allocator reports them.
+    pub allocator: Option<AllocatorProbe>,
 }
 
 /// Everything the admin endpoints read.
@@ -193,6 +196,7 @@ async fn metrics_page(State(state): State<Arc<AdminState>>) -> Response {
             &state.cas,
             &state.action_cache,
             state.execution.as_deref(),
+            state.info.allocator,
             state.started,
         )
         .await;
@@ -221,6 +225,7 @@ async fn status_page(State(state): State<Arc<AdminState>>) -> Html<String> {
             &state.cas,
             &state.action_cache,
             state.execution.as_deref(),
+            state.info.allocator,
             state.started,
         )
         .await;
