@@ -4,6 +4,7 @@
 
 use super::Payload;
 use crate::scheduler::OpId;
+use bytes::Bytes;
 use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::reapi::{
     execution_stage::Value as StageValue, Digest, ExecuteOperationMetadata, ExecuteResponse,
@@ -76,14 +77,37 @@ struct Live {
     payload: Arc<Payload>,
 }
 
+/// A finished operation as it is kept: no channel (nothing will change), the response encoded
+/// (about a third of its decoded size). Tens of thousands of these are kept.
+struct Finished {
+    instance: String,
+    action_digest: Digest,
+    digest_function: i32,
+    response: Bytes,
+}
+
+impl Finished {
+    fn view(&self, name: &str) -> Option<OpView> {
+        let response = ExecuteResponse::decode(self.response.clone()).ok()?;
+        Some(OpView {
+            name: name.to_string(),
+            instance: self.instance.clone(),
+            stage: StageValue::Completed,
+            action_digest: self.action_digest.clone(),
+            digest_function: self.digest_function,
+            response: Some(Arc::new(response)),
+        })
+    }
+}
+
 /// Live and recently finished operations.
 #[derive(Default)]
 pub struct Registry {
     live: HashMap<OpId, Live>,
     by_name: HashMap<String, OpId>,
-    finished: HashMap<String, (Instant, watch::Receiver<OpView>)>,
+    finished: HashMap<Arc<str>, Finished>,
     /// Finished names, oldest first (names are unique, so this matches `finished`).
-    finished_order: VecDeque<(Instant, String)>,
+    finished_order: VecDeque<(Instant, Arc<str>)>,
     /// At most this many finished operations are kept (0: no cap).
     max_finished: usize,
 }
@@ -138,7 +162,9 @@ impl Registry {
         if let Some(op) = self.by_name.get(name) {
             return self.live.get(op).map(|l| l.view.subscribe());
         }
-        self.finished.get(name).map(|(_, rx)| rx.clone())
+        let view = self.finished.get(name)?.view(name)?;
+        // The sender goes at once: watchers see a finished view and stop.
+        Some(watch::channel(view).1)
     }
 
     /// Watches a live operation by id.
@@ -162,13 +188,22 @@ impl Registry {
     ) -> Option<Arc<Payload>> {
         let live = self.live.remove(&op)?;
         self.by_name.remove(&live.name);
+        let kept = {
+            let view = live.view.borrow();
+            Finished {
+                instance: view.instance.clone(),
+                action_digest: view.action_digest.clone(),
+                digest_function: view.digest_function,
+                response: Bytes::from(response.encode_to_vec()),
+            }
+        };
         live.view.send_modify(|v| {
             v.stage = StageValue::Completed;
             v.response = Some(Arc::new(response));
         });
-        self.finished_order.push_back((now, live.name.clone()));
-        self.finished
-            .insert(live.name, (now, live.view.subscribe()));
+        let name: Arc<str> = live.name.into();
+        self.finished_order.push_back((now, name.clone()));
+        self.finished.insert(name, kept);
         if self.max_finished > 0 {
             while self.finished.len() > self.max_finished {
                 self.forget_oldest();
@@ -222,8 +257,52 @@ mod tests {
             response: None,
         };
         let name = r.insert(op, payload(), view);
-        r.finish(at, op, ExecuteResponse::default());
+        r.finish(at, op, response(op));
         name
+    }
+
+    fn response(op: OpId) -> ExecuteResponse {
+        ExecuteResponse {
+            cached_result: op.is_multiple_of(2),
+            message: format!("finished {op}"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_finished_operation_reads_back_as_it_finished() {
+        let mut r = Registry::new(10);
+        let view = OpView {
+            name: "op-7".into(),
+            instance: "main".into(),
+            stage: StageValue::Executing,
+            action_digest: Digest {
+                hash: "ab".repeat(32),
+                size_bytes: 140,
+            },
+            digest_function: 7,
+            response: None,
+        };
+        let name = r.insert(7, payload(), view);
+        let live = r.watch(&name).unwrap();
+        r.finish(Instant::now(), 7, response(7));
+        assert_eq!(
+            live.borrow().response.as_deref(),
+            Some(&response(7)),
+            "a watcher of the live operation sees the response"
+        );
+        let later = r.watch(&name).unwrap();
+        let seen = later.borrow().clone();
+        assert_eq!(seen.response.as_deref(), Some(&response(7)));
+        assert_eq!(seen.stage, StageValue::Completed);
+        assert_eq!(seen.instance, "main");
+        assert_eq!(seen.action_digest.size_bytes, 140);
+        assert_eq!(seen.digest_function, 7);
+        assert_eq!(
+            later.borrow().to_operation(),
+            live.borrow().to_operation(),
+            "GetOperation answers the same before and after"
+        );
     }
 
     #[test]
