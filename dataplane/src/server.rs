@@ -292,7 +292,7 @@ impl ShardSpec {
             drained,
             ready,
         } = self;
-        let owner = Owner::new(
+        let owner = match Owner::new(
             index,
             runtime.clone(),
             layout.clone(),
@@ -300,7 +300,15 @@ impl ShardSpec {
             entries,
             accounting,
             cas.clone(),
-        );
+        ) {
+            Ok(owner) => owner,
+            Err(e) => {
+                let _ = ready.send(Err(format!(
+                    "shard {index}: cannot start its file thread: {e}"
+                )));
+                return;
+            }
+        };
         let (owner_done_tx, owner_done) = futures::channel::oneshot::channel::<()>();
         {
             let stop = stop_owners.clone();

@@ -15,6 +15,7 @@ mod client;
 pub mod clone;
 pub(crate) mod commands;
 mod error;
+pub mod file_lane;
 pub mod index;
 pub mod layout;
 pub mod memory;

@@ -1,13 +1,15 @@
 //! The owner shard: the index, memory tier, eviction and upload table for its part of the
-//! digest space. It runs as one task on its core and handles commands one at a time, so every
-//! rename into and unlink out of its part of the CAS is ordered without locks. Work that waits
-//! on I/O (reading a small blob, syncing a directory) runs in spawned tasks.
+//! digest space. It runs as one task on its core and handles commands one at a time; the
+//! renames into and unlinks out of its part of the CAS go, in that order, to its file lane (a
+//! thread of its own), so they stay ordered without locks and never stall the core. Work that
+//! waits on I/O (reading a small blob, syncing a directory, a rename) runs in spawned tasks.
 
 use super::accounting::Accounting;
 use super::atime;
 use super::blob_io;
 use super::client::CasClient;
-use super::commands::{Command, Committed, Found, ShardStats, UploadClaim, UploadStatus};
+use super::commands::{Command, Committed, Found, Reply, ShardStats, UploadClaim, UploadStatus};
+use super::file_lane::FileLane;
 use super::index::{BlobIndex, Entry};
 use super::layout::Layout;
 use super::memory::MemoryTier;
@@ -18,7 +20,7 @@ use crate::runtime::Runtime;
 use crate::shutdown::ShutdownWatch;
 use futures::future::{select, Either};
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -46,6 +48,9 @@ pub struct StoreSettings {
     pub memory_max_blob: u64,
 }
 
+/// Where a commit's outcome goes.
+type CommitReply = Reply<Result<Committed, StoreError>>;
+
 /// One owner shard's state.
 pub struct Owner {
     shard: usize,
@@ -59,10 +64,15 @@ pub struct Owner {
     cas: CasClient,
     known_dirs: RefCell<HashSet<PathBuf>>,
     pending_atimes: RefCell<Vec<BlobKey>>,
+    /// Renames, unlinks, chmods and access times, off the core and in order.
+    lane: FileLane,
+    /// Blobs being renamed in, with the later copies of each waiting for the outcome.
+    committing: RefCell<HashMap<BlobKey, Vec<(PathBuf, CommitReply)>>>,
 }
 
 impl Owner {
-    /// Builds shard `shard` from the blobs the start-up scan found for it (oldest first).
+    /// Builds shard `shard` from the blobs the start-up scan found for it (oldest first), and
+    /// starts its file lane (the one thing that can fail).
     pub fn new(
         shard: usize,
         runtime: Rc<dyn Runtime>,
@@ -71,14 +81,15 @@ impl Owner {
         scanned: Vec<(BlobKey, Entry)>,
         accounting: Arc<Accounting>,
         cas: CasClient,
-    ) -> Rc<Owner> {
+    ) -> std::io::Result<Rc<Owner>> {
+        let lane = FileLane::start(format!("kiln-files-{shard}"))?;
         let mut index = BlobIndex::new();
         for (key, entry) in scanned {
             index.insert(key, entry);
         }
         accounting.add(shard, index.bytes());
         accounting.set_oldest(shard, index.oldest_atime());
-        Rc::new(Owner {
+        Ok(Rc::new(Owner {
             shard,
             runtime,
             layout,
@@ -93,7 +104,9 @@ impl Owner {
             cas,
             known_dirs: RefCell::new(HashSet::new()),
             pending_atimes: RefCell::new(Vec::new()),
-        })
+            lane,
+            committing: RefCell::new(HashMap::new()),
+        }))
     }
 
     /// Serves commands until `stop` fires, then drops parked uploads and flushes access times.
@@ -117,10 +130,10 @@ impl Owner {
             self.handle(command);
         }
         queue.close();
-        for parked in self.uploads.borrow_mut().drain_parked() {
-            let _ = std::fs::remove_file(&parked.temp);
-        }
+        let parked = self.uploads.borrow_mut().drain_parked();
+        self.remove_temps(parked);
         self.flush_atimes(usize::MAX);
+        self.lane.drained().await;
         debug!(shard = self.shard, "owner stopped");
     }
 
@@ -186,7 +199,7 @@ impl Owner {
             }
             Command::ReleaseUpload { upload_key, park } => {
                 let dropped = self.uploads.borrow_mut().release(&upload_key, park);
-                remove_temps(dropped);
+                self.remove_temps(dropped);
             }
             Command::QueryUpload {
                 upload_key,
@@ -251,6 +264,7 @@ impl Owner {
                     memory_bytes: self.memory.weighted_size(),
                     active_uploads: active as u64,
                     parked_uploads: parked as u64,
+                    pending_atimes: self.pending_atimes.borrow().len() as u64,
                 });
             }
         }
@@ -347,40 +361,73 @@ impl Owner {
         key: BlobKey,
         temp: PathBuf,
         data: Option<bytes::Bytes>,
-        reply: super::commands::Reply<Result<Committed, StoreError>>,
+        reply: CommitReply,
     ) {
         if self.touch(&key, atime::now()).is_some() {
-            let _ = std::fs::remove_file(&temp);
+            self.remove_later(temp);
             let _ = reply.send(Ok(Committed::AlreadyPresent));
+            return;
+        }
+        if let Some(waiting) = self.committing.borrow_mut().get_mut(&key) {
+            // The same blob is being renamed in: this copy is answered with that one's outcome.
+            waiting.push((temp, reply));
             return;
         }
         let size = key.digest.size;
         if size > self.accounting.cap() {
-            let _ = std::fs::remove_file(&temp);
+            self.remove_later(temp);
             let _ = reply.send(Err(StoreError::TooLarge {
                 size,
                 cap: self.accounting.cap(),
             }));
             return;
         }
+        self.committing.borrow_mut().insert(key.clone(), Vec::new());
         let dir = self.layout.blob_dir(&key);
         let path = self.layout.blob_path(&key);
-        let created = match self.ensure_dir(&key, &dir) {
+        let make_dir = !self.known_dirs.borrow().contains(&dir);
+        let renamed = {
+            let layout = self.layout.clone();
+            let key = key.clone();
+            let dir = dir.clone();
+            self.lane
+                .run(move || rename_in(&layout, &key, make_dir, &dir, &temp, &path))
+        };
+        let owner = self.clone();
+        self.runtime.spawn(Box::pin(async move {
+            let outcome = renamed.await.unwrap_or(Err(StoreError::Unavailable));
+            owner.renamed(key, dir, data, outcome, reply).await;
+        }));
+    }
+
+    /// A commit's file is in place (or not): index it, answer every copy waiting on it, and
+    /// make it durable before answering the first.
+    async fn renamed(
+        self: Rc<Self>,
+        key: BlobKey,
+        dir: PathBuf,
+        data: Option<bytes::Bytes>,
+        outcome: Result<Vec<PathBuf>, StoreError>,
+        reply: CommitReply,
+    ) {
+        let waiting = self
+            .committing
+            .borrow_mut()
+            .remove(&key)
+            .unwrap_or_default();
+        let created = match outcome {
             Ok(created) => created,
             Err(e) => {
-                let _ = std::fs::remove_file(&temp);
+                for (temp, r) in waiting {
+                    self.remove_later(temp);
+                    let _ = r.send(Err(retell(&e)));
+                }
                 let _ = reply.send(Err(e));
                 return;
             }
         };
-        // Stored blobs are read-only: workers hardlink them into action directories.
-        let _ =
-            std::fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(0o444));
-        if let Err(e) = std::fs::rename(&temp, &path) {
-            let _ = std::fs::remove_file(&temp);
-            let _ = reply.send(Err(StoreError::io("rename into", path, e)));
-            return;
-        }
+        self.known_dirs.borrow_mut().insert(dir.clone());
+        let size = key.digest.size;
         self.index
             .borrow_mut()
             .insert(key.clone(), Entry::fresh(size, atime::now()));
@@ -395,46 +442,47 @@ impl Owner {
                 self.memory.insert(key, data);
             }
         }
+        for (temp, r) in waiting {
+            self.remove_later(temp);
+            let _ = r.send(Ok(Committed::AlreadyPresent));
+        }
         self.maybe_evict();
         if !self.settings.fsync {
             let _ = reply.send(Ok(Committed::Stored));
             return;
         }
-        let runtime = self.runtime.clone();
-        let cas_root = self.layout.tree_dir().to_path_buf();
-        self.runtime.spawn(Box::pin(async move {
-            // The rename is durable once its directory is synced; a directory created for it
-            // must itself be durable in its parent.
-            let mut result = runtime
-                .sync_dir(&dir)
-                .await
-                .map_err(|e| StoreError::io("sync", &dir, e));
-            for created_dir in created {
-                if result.is_err() {
-                    break;
-                }
-                if let Some(parent) = created_dir.parent().filter(|p| p.starts_with(&cas_root)) {
-                    result = runtime
-                        .sync_dir(parent)
-                        .await
-                        .map_err(|e| StoreError::io("sync", parent, e));
-                }
+        // The rename is durable once its directory is synced; a directory created for it must
+        // itself be durable in its parent.
+        let cas_root = self.layout.tree_dir();
+        let mut result = self
+            .runtime
+            .sync_dir(&dir)
+            .await
+            .map_err(|e| StoreError::io("sync", &dir, e));
+        for created_dir in created {
+            if result.is_err() {
+                break;
             }
-            let _ = reply.send(result.map(|()| Committed::Stored));
-        }));
+            if let Some(parent) = created_dir.parent().filter(|p| p.starts_with(cas_root)) {
+                result = self
+                    .runtime
+                    .sync_dir(parent)
+                    .await
+                    .map_err(|e| StoreError::io("sync", parent, e));
+            }
+        }
+        let _ = reply.send(result.map(|()| Committed::Stored));
     }
 
-    /// Creates a blob's directory if this shard has not seen it yet.
-    fn ensure_dir(&self, key: &BlobKey, dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
-        if self.known_dirs.borrow().contains(dir) {
-            return Ok(Vec::new());
-        }
-        let created = self
-            .layout
-            .ensure_blob_dir(key)
-            .map_err(|e| StoreError::io("create directory for", dir, e))?;
-        self.known_dirs.borrow_mut().insert(dir.to_path_buf());
-        Ok(created)
+    /// Deletes a file on the lane (temp files and blobs no longer indexed).
+    fn remove_later(&self, path: PathBuf) {
+        self.lane.queue(move || {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(path = %path.display(), error = %e, "cannot delete file");
+                }
+            }
+        });
     }
 
     fn remove_corrupt(&self, key: &BlobKey) {
@@ -447,7 +495,7 @@ impl Owner {
                 self.accounting.set_pinned(entry.size, false);
             }
             self.memory.remove(key);
-            let _ = std::fs::remove_file(self.layout.blob_path(key));
+            self.remove_later(self.layout.blob_path(key));
             self.publish_oldest();
         }
     }
@@ -486,12 +534,7 @@ impl Owner {
             let Some((key, entry)) = self.index.borrow_mut().pop_oldest_unpinned() else {
                 break;
             };
-            let path = self.layout.blob_path(&key);
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    warn!(path = %path.display(), error = %e, "cannot delete evicted blob");
-                }
-            }
+            self.remove_later(self.layout.blob_path(&key));
             self.memory.remove(&key);
             self.accounting.remove(self.shard, entry.size);
             freed += entry.size;
@@ -528,7 +571,7 @@ impl Owner {
                     "dropping expired interrupted uploads"
                 );
             }
-            remove_temps(expired);
+            self.remove_temps(expired);
             self.flush_atimes(ATIME_FLUSH_PER_TICK);
         }
     }
@@ -542,25 +585,78 @@ impl Owner {
         }
     }
 
-    /// Writes up to `limit` pending access times to the blobs' files.
+    /// Writes up to `limit` pending access times to the blobs' files, on the lane.
     fn flush_atimes(&self, limit: usize) {
         let keys: Vec<BlobKey> = {
             let mut pending = self.pending_atimes.borrow_mut();
             let n = pending.len().min(limit);
             pending.drain(..n).collect()
         };
-        for key in keys {
-            let atime = match self.index.borrow().peek(&key) {
-                Some(e) => e.atime,
-                None => continue,
-            };
-            atime::persist(&self.layout.blob_path(&key), atime);
+        let index = self.index.borrow();
+        let times: Vec<(PathBuf, u64)> = keys
+            .iter()
+            .filter_map(|key| Some((self.layout.blob_path(key), index.peek(key)?.atime)))
+            .collect();
+        if !times.is_empty() {
+            self.lane.queue(move || {
+                for (path, atime) in times {
+                    atime::persist(&path, atime);
+                }
+            });
+        }
+    }
+
+    /// Deletes dropped uploads' temp files on the lane.
+    fn remove_temps(&self, uploads: Vec<ParkedUpload>) {
+        for p in uploads {
+            self.remove_later(p.temp);
         }
     }
 }
 
-fn remove_temps(uploads: Vec<ParkedUpload>) {
-    for p in uploads {
-        let _ = std::fs::remove_file(&p.temp);
+/// On the lane: creates the blob's directory when this shard has not seen it, makes the file
+/// read-only (workers hardlink it into action directories) and renames it into place. Returns
+/// the directories created, whose parents need syncing.
+fn rename_in(
+    layout: &Layout,
+    key: &BlobKey,
+    make_dir: bool,
+    dir: &Path,
+    temp: &Path,
+    path: &Path,
+) -> Result<Vec<PathBuf>, StoreError> {
+    let created = if make_dir {
+        match layout.ensure_blob_dir(key) {
+            Ok(created) => created,
+            Err(e) => {
+                let _ = std::fs::remove_file(temp);
+                return Err(StoreError::io("create directory for", dir, e));
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    let _ = std::fs::set_permissions(temp, std::os::unix::fs::PermissionsExt::from_mode(0o444));
+    if let Err(e) = std::fs::rename(temp, path) {
+        let _ = std::fs::remove_file(temp);
+        return Err(StoreError::io("rename into", path, e));
+    }
+    Ok(created)
+}
+
+/// The same failure again, for a second caller (I/O errors cannot be cloned).
+fn retell(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable => StoreError::Unavailable,
+        StoreError::Io { op, path, source } => StoreError::io(
+            op,
+            path.clone(),
+            std::io::Error::new(source.kind(), source.to_string()),
+        ),
+        StoreError::TooLarge { size, cap } => StoreError::TooLarge {
+            size: *size,
+            cap: *cap,
+        },
+        StoreError::Corrupt(key) => StoreError::Corrupt(key.clone()),
     }
 }

@@ -1,0 +1,120 @@
+//! Metadata calls on the CAS's files — rename, chmod, unlink, mkdir, access times — run on
+//! one thread per owner shard instead of on the shard's core, where each would stall every
+//! connection on that core for as long as the filesystem takes (ZFS under load: milliseconds).
+//!
+//! One thread per shard, not a pool, because the owner's ordering must survive the move: an
+//! eviction's unlink queued before a re-upload's rename of the same path runs first. The
+//! queue is bounded; when it is full the call runs on the caller's thread, which is safe for
+//! the owner's operations (at most one operation per blob path is queued at a time: a blob is
+//! renamed in before it is indexed, and unlinked only once indexed) and only costs latency.
+
+use futures::channel::oneshot;
+use std::future::Future;
+use std::io;
+
+/// Calls queued per lane before callers run them themselves.
+pub const LANE_DEPTH: usize = 65_536;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread that runs filesystem calls in the order they were queued.
+pub struct FileLane {
+    tx: async_channel::Sender<Job>,
+}
+
+impl FileLane {
+    /// Starts a lane on a new thread called `name`. The thread ends when the lane is dropped
+    /// and its queue has run.
+    pub fn start(name: String) -> io::Result<FileLane> {
+        let (tx, rx) = async_channel::bounded::<Job>(LANE_DEPTH);
+        std::thread::Builder::new().name(name).spawn(move || {
+            while let Ok(job) = rx.recv_blocking() {
+                job();
+            }
+        })?;
+        Ok(FileLane { tx })
+    }
+
+    /// Queues `op` after everything queued before it, without waiting for it.
+    pub fn queue(&self, op: impl FnOnce() + Send + 'static) {
+        if let Err(e) = self.tx.try_send(Box::new(op)) {
+            (e.into_inner())();
+        }
+    }
+
+    /// Runs `op` after everything queued before it; resolves to its result (`None` only if
+    /// the lane's thread is gone, which a panic would take the whole process with).
+    pub fn run<T: Send + 'static>(
+        &self,
+        op: impl FnOnce() -> T + Send + 'static,
+    ) -> impl Future<Output = Option<T>> + 'static {
+        let (tx, rx) = oneshot::channel();
+        self.queue(move || {
+            let _ = tx.send(op());
+        });
+        async move { rx.await.ok() }
+    }
+
+    /// Resolves once everything queued so far has run (at shutdown, before the process exits).
+    pub fn drained(&self) -> impl Future<Output = ()> + 'static {
+        let done = self.run(|| ());
+        async move {
+            let _ = done.await;
+        }
+    }
+
+    /// Calls queued and not yet run.
+    pub fn depth(&self) -> usize {
+        self.tx.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn runs_calls_in_order_off_the_caller_thread() {
+        let lane = FileLane::start("lane-test".into()).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let caller = std::thread::current().id();
+        for i in 0..100 {
+            let seen = seen.clone();
+            lane.queue(move || {
+                assert_ne!(std::thread::current().id(), caller);
+                seen.lock().unwrap().push(i);
+            });
+        }
+        let n = futures::executor::block_on(lane.run({
+            let seen = seen.clone();
+            move || seen.lock().unwrap().len()
+        }))
+        .unwrap();
+        assert_eq!(n, 100, "a run waits for everything queued before it");
+        assert_eq!(*seen.lock().unwrap(), (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_full_queue_runs_calls_on_the_caller() {
+        let lane = FileLane::start("lane-full".into()).unwrap();
+        // Hold the lane's thread so the queue fills.
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        lane.queue(move || {
+            started_tx.send(()).unwrap();
+            blocked.recv().unwrap();
+        });
+        started.recv().unwrap();
+        for _ in 0..LANE_DEPTH {
+            lane.queue(|| {});
+        }
+        assert_eq!(lane.depth(), LANE_DEPTH);
+        let caller = std::thread::current().id();
+        let ran_on = futures::executor::block_on(lane.run(|| std::thread::current().id())).unwrap();
+        assert_eq!(ran_on, caller, "past the bound the caller runs it");
+        release.send(()).unwrap();
+        futures::executor::block_on(lane.drained());
+        assert_eq!(lane.depth(), 0);
+    }
+}
