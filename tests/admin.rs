@@ -120,6 +120,13 @@ on_every_runtime! {
         let resident = sample(&text, "kiln_allocator_resident_bytes");
         assert!(allocated >= 300_000.0, "{text}");
         assert!(allocated <= resident && resident < 64e9, "{text}");
+        // Queued access times: exported, and within their bound (the one commit, or none
+        // once the owner's tick wrote it).
+        assert!(
+            text.contains("\nkiln_cas_pending_access_times ")
+                && sample(&text, "kiln_cas_pending_access_times") <= 1.0,
+            "{text}"
+        );
         assert!(text.contains("kiln_cas_staging_bytes 0"), "{text}");
         assert!(
             sample(&text, r#"kiln_cas_lookups_total{result="miss"}"#) >= 1.0,

@@ -30,6 +30,8 @@ pub struct Gathered {
     pub active_uploads: u64,
     /// Uploads parked for resumption.
     pub parked_uploads: u64,
+    /// Access times waiting to be written.
+    pub pending_atimes: u64,
     /// Action-cache entries.
     pub ac_entries: u64,
     /// Action-cache bytes.
@@ -60,6 +62,7 @@ pub struct Gauges {
     allocator_resident: Gauge,
     uploads_active: Gauge,
     uploads_parked: Gauge,
+    pending_atimes: Gauge,
     queue_depth: Family<ShardLabel, Gauge>,
     ac_entries: Gauge,
     ac_bytes: Gauge,
@@ -84,6 +87,7 @@ impl Gauges {
             allocator_resident: Gauge::default(),
             uploads_active: Gauge::default(),
             uploads_parked: Gauge::default(),
+            pending_atimes: Gauge::default(),
             queue_depth: Family::default(),
             ac_entries: Gauge::default(),
             ac_bytes: Gauge::default(),
@@ -123,6 +127,11 @@ impl Gauges {
             "kiln_uploads_parked",
             "Interrupted uploads kept for resumption",
             self.uploads_parked.clone(),
+        );
+        registry.register(
+            "kiln_cas_pending_access_times",
+            "Access times waiting to be written to blob files (at most 262,144 per shard; past that, skipped)",
+            self.pending_atimes.clone(),
         );
         registry.register(
             "kiln_shard_queue_depth",
@@ -225,12 +234,14 @@ impl Gauges {
                 out.memory_bytes += s.memory_bytes;
                 out.active_uploads += s.active_uploads;
                 out.parked_uploads += s.parked_uploads;
+                out.pending_atimes += s.pending_atimes;
             }
             self.cas_blobs.set(out.blobs as i64);
             self.cas_bytes.set(out.bytes as i64);
             self.memory_bytes.set(out.memory_bytes as i64);
             self.uploads_active.set(out.active_uploads as i64);
             self.uploads_parked.set(out.parked_uploads as i64);
+            self.pending_atimes.set(out.pending_atimes as i64);
         }
         for (shard, depth) in cas.queue_depths().into_iter().enumerate() {
             self.queue_depth

@@ -86,6 +86,8 @@ pub struct ShardStats {
     pub active_uploads: u64,
     /// Interrupted uploads kept for resumption.
     pub parked_uploads: u64,
+    /// Access times waiting to be written to their files (bounded per shard).
+    pub pending_atimes: u64,
 }
 
 /// A request to an owner shard.
