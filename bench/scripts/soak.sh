@@ -8,6 +8,8 @@
 #   e.g. bench/scripts/soak.sh /tmp/soak 1800
 #        bench/scripts/soak.sh /tmp/soak-nomem 1800 --config bench/scripts/no-memory-tier.toml
 # Env: KILN, KILN_BENCH (binaries; default target/release), PORT (50091), ADMIN_PORT (9191),
+#      DATA_DIR (an existing data directory to serve, e.g. a full store from an earlier soak;
+#      default a fresh OUT_DIR/data),
 #      BENCH_FLAGS (extra kiln-bench flags; default "--connections 4 --concurrency 16").
 # Writes OUT_DIR/bench.json, OUT_DIR/soak.rss.svg, OUT_DIR/metrics.tsv, OUT_DIR/server.log.
 set -euo pipefail
@@ -22,8 +24,9 @@ admin_port=${ADMIN_PORT:-9191}
 flags=${BENCH_FLAGS:---connections 4 --concurrency 16}
 
 rm -rf "$out"
-mkdir -p "$out/data"
-"$kiln" serve --data-dir "$out/data" --listen "127.0.0.1:$port" \
+data=${DATA_DIR:-$out/data}
+mkdir -p "$out" "$data"
+"$kiln" serve --data-dir "$data" --listen "127.0.0.1:$port" \
     --admin-listen "127.0.0.1:$admin_port" "$@" >"$out/server.log" 2>&1 &
 server=$!
 sampler=
