@@ -37,9 +37,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for _ in $(seq 100); do
-    curl -fsS "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1 && break
-    sleep 0.1
+# A full store takes a while to scan at start-up: wait for /readyz as long as the server lives.
+until curl -fsS "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1; do
+    if ! kill -0 "$server" 2>/dev/null; then
+        echo "kiln serve exited; see $out/server.log" >&2
+        exit 1
+    fi
+    sleep 0.2
 done
 
 # One metric's value (first sample without labels, or summed over labels).
