@@ -73,6 +73,9 @@ pub(crate) fn access_time_resolution_secs() -> u64 {
 pub(crate) fn upload_expiry_secs() -> u64 {
     600
 }
+pub(crate) fn max_pending_access_times() -> usize {
+    1 << 18
+}
 pub(crate) fn max_parked_uploads() -> usize {
     1024
 }

@@ -259,6 +259,8 @@ pub struct StorageConfig {
     pub upload_expiry_secs: u64,
     /// Interrupted uploads kept for resumption, per shard.
     pub max_parked_uploads: usize,
+    /// Access times queued for writing to blob files, per shard; past it, updates are skipped.
+    pub max_pending_access_times: usize,
 }
 
 impl Default for StorageConfig {
@@ -272,6 +274,7 @@ impl Default for StorageConfig {
             access_time_resolution_secs: d::access_time_resolution_secs(),
             upload_expiry_secs: d::upload_expiry_secs(),
             max_parked_uploads: d::max_parked_uploads(),
+            max_pending_access_times: d::max_pending_access_times(),
         }
     }
 }

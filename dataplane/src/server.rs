@@ -114,6 +114,7 @@ impl DataPlane {
             atime_resolution: Duration::from_secs(config.storage.access_time_resolution_secs),
             upload_expiry: Duration::from_secs(config.storage.upload_expiry_secs),
             max_parked: config.storage.max_parked_uploads,
+            max_pending_atimes: config.storage.max_pending_access_times,
             memory_budget: config.storage.memory_bytes.as_u64() / shards as u64,
             memory_max_blob: config.storage.memory_max_blob_bytes.as_u64(),
         };

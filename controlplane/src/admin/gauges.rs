@@ -130,7 +130,7 @@ impl Gauges {
         );
         registry.register(
             "kiln_cas_pending_access_times",
-            "Access times waiting to be written to blob files (at most 262,144 per shard; past that, skipped)",
+            "Access times waiting to be written to blob files (at most storage.max_pending_access_times per shard)",
             self.pending_atimes.clone(),
         );
         registry.register(

@@ -27,8 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, error, info, warn};
 
-/// Access times waiting to be written to their files, at most (per shard).
-const MAX_PENDING_ATIMES: usize = 1 << 18;
 /// Access times written per second of maintenance (per shard).
 const ATIME_FLUSH_PER_TICK: usize = 16_384;
 /// How an owner shard behaves; from the `[storage]` configuration.
@@ -42,6 +40,8 @@ pub struct StoreSettings {
     pub upload_expiry: Duration,
     /// Parked uploads kept per shard.
     pub max_parked: usize,
+    /// Access times queued for writing, per shard.
+    pub max_pending_atimes: usize,
     /// Memory-tier budget of this shard.
     pub memory_budget: u64,
     /// Largest blob in the memory tier.
@@ -580,7 +580,7 @@ impl Owner {
     /// and only the order after a restart can suffer).
     fn schedule_atime(&self, key: &BlobKey) {
         let mut pending = self.pending_atimes.borrow_mut();
-        if pending.len() < MAX_PENDING_ATIMES {
+        if pending.len() < self.settings.max_pending_atimes {
             pending.push(key.clone());
         }
     }
