@@ -4,15 +4,15 @@
 //!
 //! One thread per shard, not a pool, because the owner's ordering must survive the move: an
 //! eviction's unlink queued before a re-upload's rename of the same path runs first. The
-//! queue is bounded; when it is full the call runs on the caller's thread, which is safe for
-//! the owner's operations (at most one operation per blob path is queued at a time: a blob is
-//! renamed in before it is indexed, and unlinked only once indexed) and only costs latency.
+//! queue is bounded; when it is full the caller waits for room (the old cost of running the
+//! call on the core, and only under a backlog of `LANE_DEPTH` calls), never runs it out of
+//! order.
 
 use futures::channel::oneshot;
 use std::future::Future;
 use std::io;
 
-/// Calls queued per lane before callers run them themselves.
+/// Calls queued per lane before callers wait for room.
 pub const LANE_DEPTH: usize = 65_536;
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -37,8 +37,14 @@ impl FileLane {
 
     /// Queues `op` after everything queued before it, without waiting for it.
     pub fn queue(&self, op: impl FnOnce() + Send + 'static) {
-        if let Err(e) = self.tx.try_send(Box::new(op)) {
-            (e.into_inner())();
+        match self.tx.try_send(Box::new(op)) {
+            Ok(()) => {}
+            Err(async_channel::TrySendError::Full(job)) => {
+                // Running it here would overtake the queue; waiting keeps the order.
+                let _ = self.tx.send_blocking(job);
+            }
+            // The thread is gone only with the process (a panic aborts).
+            Err(async_channel::TrySendError::Closed(job)) => job(),
         }
     }
 
@@ -96,8 +102,8 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_runs_calls_on_the_caller() {
-        let lane = FileLane::start("lane-full".into()).unwrap();
+    fn a_full_queue_makes_the_caller_wait_in_order() {
+        let lane = Arc::new(FileLane::start("lane-full".into()).unwrap());
         // Hold the lane's thread so the queue fills.
         let (release, blocked) = std::sync::mpsc::channel::<()>();
         let (started_tx, started) = std::sync::mpsc::channel::<()>();
@@ -106,15 +112,30 @@ mod tests {
             blocked.recv().unwrap();
         });
         started.recv().unwrap();
-        for _ in 0..LANE_DEPTH {
-            lane.queue(|| {});
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..LANE_DEPTH {
+            let seen = seen.clone();
+            lane.queue(move || seen.lock().unwrap().push(i));
         }
         assert_eq!(lane.depth(), LANE_DEPTH);
-        let caller = std::thread::current().id();
-        let ran_on = futures::executor::block_on(lane.run(|| std::thread::current().id())).unwrap();
-        assert_eq!(ran_on, caller, "past the bound the caller runs it");
+        let (queued_tx, queued) = std::sync::mpsc::channel::<()>();
+        let extra = {
+            let (lane, seen) = (lane.clone(), seen.clone());
+            std::thread::spawn(move || {
+                lane.queue(move || seen.lock().unwrap().push(LANE_DEPTH));
+                queued_tx.send(()).unwrap();
+            })
+        };
+        assert!(
+            queued
+                .recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "past the bound the caller waits"
+        );
+        assert!(seen.lock().unwrap().is_empty(), "nothing ran out of order");
         release.send(()).unwrap();
+        extra.join().unwrap();
         futures::executor::block_on(lane.drained());
-        assert_eq!(lane.depth(), 0);
+        assert_eq!(*seen.lock().unwrap(), (0..=LANE_DEPTH).collect::<Vec<_>>());
     }
 }
