@@ -106,6 +106,12 @@ pub async fn run(
         _ = tokio::time::sleep(spec.timeout) => Ok(RunEnd::TimedOut),
         _ = kill => Ok(RunEnd::Killed),
     };
+    // The leader first, by its pid (safe: it is our child and not yet reaped, so the pid
+    // cannot have been reused). A kill or timeout can fire before the leader has entered
+    // its cgroup; the cgroup kill below would then find the cgroup empty and the leader
+    // would enter it afterwards and run on. Before it enters, it has started nothing else.
+    // (Fails harmlessly when the leader has already been reaped.)
+    let _ = child.start_kill();
     // Whatever the action left running (a background job, a daemon that called setsid) goes
     // now, before any output is read, on every path; the jail is removed on the same
     // blocking thread (never on the event loop).
@@ -301,11 +307,16 @@ mod tests {
 
     #[tokio::test]
     async fn kill_stops_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let (tx, rx) = oneshot::channel();
-        let s = spec(dir.path(), &["sleep", "30"], Duration::from_secs(60));
-        let running = tokio::spawn(async move { run(&s, &contain(), rx).await });
-        tx.send(()).unwrap();
-        assert_eq!(running.await.unwrap().unwrap(), RunEnd::Killed);
+        // The kill is sent at once, so it often lands while the leader is still entering its
+        // cgroup (the case that once left `sleep` running outside the kill); repeated to meet
+        // that interleaving on every run.
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let (tx, rx) = oneshot::channel();
+            let s = spec(dir.path(), &["sleep", "30"], Duration::from_secs(60));
+            let running = tokio::spawn(async move { run(&s, &contain(), rx).await });
+            tx.send(()).unwrap();
+            assert_eq!(running.await.unwrap().unwrap(), RunEnd::Killed);
+        }
     }
 }
