@@ -6,6 +6,7 @@ use crate::cli::DigestFunction;
 use bytes::{Bytes, BytesMut};
 use kiln_proto::bytestream::WriteRequest;
 use kiln_proto::reapi;
+use kiln_reapi::resource;
 use sha2::Digest as _;
 
 /// Length of the per-blob header.
@@ -193,40 +194,18 @@ impl BlobPool {
 
 /// `{instance}/blobs/{fn/}{hash}/{size}`.
 pub fn read_name(instance: &str, function: DigestFunction, d: &reapi::Digest) -> String {
-    format!(
-        "{}blobs/{}{}/{}",
-        prefix(instance),
-        segment(function),
-        d.hash,
-        d.size_bytes
-    )
+    resource::read_name(instance, function.into(), &d.hash, size(d))
 }
 
 /// `{instance}/uploads/{uuid}/blobs/{fn/}{hash}/{size}`.
 pub fn write_name(instance: &str, function: DigestFunction, d: &reapi::Digest) -> String {
-    format!(
-        "{}uploads/{}/blobs/{}{}/{}",
-        prefix(instance),
-        uuid::Uuid::new_v4(),
-        segment(function),
-        d.hash,
-        d.size_bytes
-    )
+    let upload = uuid::Uuid::new_v4().to_string();
+    resource::write_name(instance, &upload, function.into(), &d.hash, size(d))
 }
 
-fn prefix(instance: &str) -> String {
-    if instance.is_empty() {
-        String::new()
-    } else {
-        format!("{instance}/")
-    }
-}
-
-fn segment(function: DigestFunction) -> &'static str {
-    match function {
-        DigestFunction::Sha256 => "",
-        DigestFunction::Blake3 => "blake3/",
-    }
+/// The size the bench's own digests carry (never negative).
+fn size(d: &reapi::Digest) -> u64 {
+    u64::try_from(d.size_bytes).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -165,3 +165,12 @@ pub enum DigestFunction {
     /// BLAKE3.
     Blake3,
 }
+
+impl From<DigestFunction> for kiln_reapi::digest::DigestFunction {
+    fn from(function: DigestFunction) -> Self {
+        match function {
+            DigestFunction::Sha256 => kiln_reapi::digest::DigestFunction::Sha256,
+            DigestFunction::Blake3 => kiln_reapi::digest::DigestFunction::Blake3,
+        }
+    }
+}

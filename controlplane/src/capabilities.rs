@@ -1,12 +1,12 @@
 //! The Capabilities service: what this server really supports.
 
-use kiln_dataplane::digest::DigestFunction;
 use kiln_proto::build::bazel::semver::SemVer;
 use kiln_proto::reapi::capabilities_server::Capabilities;
 use kiln_proto::reapi::{
     symlink_absolute_path_strategy, ActionCacheUpdateCapabilities, CacheCapabilities,
     ExecutionCapabilities, GetCapabilitiesRequest, ServerCapabilities,
 };
+use kiln_reapi::digest::DigestFunction;
 use tonic::{Request, Response, Status};
 
 /// Limits advertised to clients.

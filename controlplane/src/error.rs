@@ -1,7 +1,7 @@
 //! Errors of the control-plane services and their gRPC statuses (mapped here, once).
 
-use kiln_dataplane::digest::{DigestError, InstanceNameError};
 use kiln_dataplane::store::StoreError;
+use kiln_reapi::digest::{DigestError, InstanceNameError};
 use tonic::{Code, Status};
 
 /// A failed control-plane request.

@@ -2,14 +2,12 @@
 //! the shared port with SO_REUSEPORT, speaking HTTP/2 gRPC itself and serving the blob methods
 //! from a digest-partitioned CAS. Everything else is handed to the control plane in-process.
 //!
-//! Layers, bottom up: [`runtime`] (the executor boundary), [`digest`] and [`resource`]
-//! (parsing), [`store`] (the CAS), [`grpc`] (framing and connections), [`service`] (the blob
+//! Layers, bottom up: [`runtime`] (the executor boundary), [`store`] (the CAS, keyed by
+//! `kiln_reapi`'s digests), [`grpc`] (framing and connections), [`service`] (the blob
 //! methods), [`server`] (starting and stopping the shards).
 
-pub mod digest;
 pub mod grpc;
 pub mod metrics;
-pub mod resource;
 pub mod runtime;
 pub mod server;
 pub mod service;

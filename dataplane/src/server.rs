@@ -253,7 +253,7 @@ impl Drop for DataPlane {
 struct ShardSpec {
     index: usize,
     queue: async_channel::Receiver<crate::store::commands::Command>,
-    entries: Vec<(crate::digest::BlobKey, crate::store::index::Entry)>,
+    entries: Vec<(kiln_reapi::digest::BlobKey, crate::store::index::Entry)>,
     socket: std::net::TcpListener,
     accounting: Arc<Accounting>,
     layout: Layout,

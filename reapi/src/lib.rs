@@ -3,5 +3,7 @@
 //! the `Directory` messages of an input tree. The control plane checks them before it queues
 //! an action; the worker checks them again before it touches the filesystem.
 
+pub mod digest;
 pub mod paths;
+pub mod resource;
 pub mod tree;

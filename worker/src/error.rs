@@ -1,9 +1,9 @@
 //! Why an action could not run (or finish), and the status the client gets for it.
 
-use kiln_dataplane::digest::Digest;
 use kiln_proto::google::rpc::{
     precondition_failure::Violation, PreconditionFailure, Status as RpcStatus,
 };
+use kiln_reapi::digest::Digest;
 use prost::Message;
 
 /// A failure of the worker's part of an action (never the action's own non-zero exit).

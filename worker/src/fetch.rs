@@ -6,8 +6,8 @@ use crate::error::ActionError;
 use crate::local::LocalCas;
 use crate::remote::{RemoteCas, SMALL};
 use futures::stream::{self, StreamExt};
-use kiln_dataplane::digest::{BlobKey, Digest, InstanceName};
 use kiln_proto::reapi::Directory;
+use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use prost::Message;
 use std::collections::{HashMap, HashSet, VecDeque};
 

@@ -4,9 +4,9 @@
 
 use crate::error::ActionError;
 use bytes::Bytes;
-use kiln_dataplane::digest::{BlobKey, Digest, Hasher, InstanceName};
 use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::{CasClient, Found};
+use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use std::path::{Path, PathBuf};
 
 /// A local CAS: the owner shards' handle plus where files live.
@@ -165,7 +165,7 @@ impl LocalCas {
 
 /// The digest of a file, hashed off the async threads.
 pub async fn hash_file(
-    function: kiln_dataplane::digest::DigestFunction,
+    function: kiln_reapi::digest::DigestFunction,
     path: &Path,
 ) -> Result<Digest, ActionError> {
     let p = path.to_path_buf();
@@ -177,7 +177,7 @@ pub async fn hash_file(
 
 /// The digest of a file (blocking), read in chunks of at most 1 MiB.
 pub fn hash_path(
-    function: kiln_dataplane::digest::DigestFunction,
+    function: kiln_reapi::digest::DigestFunction,
     path: &Path,
 ) -> std::io::Result<Digest> {
     use std::io::Read;

@@ -6,9 +6,9 @@
 use crate::error::{io, ActionError};
 use crate::fetch::InputTree;
 use crate::tamper::{Origin, SharedFiles};
-use kiln_dataplane::digest::Digest;
 use kiln_dataplane::store::clone::clone_or_copy;
 use kiln_proto::reapi::{Directory, NodeProperties};
+use kiln_reapi::digest::Digest;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -215,8 +215,8 @@ fn make_writable(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_dataplane::digest::DigestFunction;
     use kiln_proto::reapi::{DirectoryNode, FileNode, SymlinkNode};
+    use kiln_reapi::digest::DigestFunction;
     use prost::Message;
     use std::collections::HashMap;
     use std::os::unix::fs::MetadataExt;

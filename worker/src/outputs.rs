@@ -6,13 +6,13 @@
 use crate::error::{io, ActionError};
 use crate::local::hash_path;
 use bytes::Bytes;
-use kiln_dataplane::digest::{Digest, DigestFunction};
 use kiln_dataplane::store::clone::clone_or_copy;
 use kiln_proto::reapi::command::OutputDirectoryFormat;
 use kiln_proto::reapi::{
     ActionResult, Command, Directory, DirectoryNode, FileNode, OutputDirectory, OutputFile,
     OutputSymlink, SymlinkNode, Tree,
 };
+use kiln_reapi::digest::{Digest, DigestFunction};
 use kiln_reapi::paths;
 use prost::Message;
 use std::collections::HashMap;

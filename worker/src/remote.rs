@@ -5,7 +5,6 @@ use crate::error::ActionError;
 use crate::link::LinkChannel as Channel;
 use bytes::Bytes;
 use futures::StreamExt;
-use kiln_dataplane::digest::{Digest, Hasher, InstanceName};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
@@ -13,6 +12,8 @@ use kiln_proto::reapi::{
     batch_update_blobs_request, BatchReadBlobsRequest, BatchUpdateBlobsRequest,
     FindMissingBlobsRequest,
 };
+use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
+use kiln_reapi::resource::{ReadResource, WriteResource};
 use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -55,37 +56,16 @@ impl RemoteCas {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
+    fn key(&self, d: &Digest) -> BlobKey {
+        BlobKey::new(self.instance.clone(), *d)
+    }
+
     fn name(&self, d: &Digest) -> String {
-        let prefix = if self.instance.as_str().is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.instance)
-        };
-        let function = if d.function == kiln_dataplane::digest::DigestFunction::Blake3 {
-            "blake3/"
-        } else {
-            ""
-        };
-        format!("{prefix}blobs/{function}{}/{}", d.hex(), d.size)
+        ReadResource { key: self.key(d) }.name()
     }
 
     fn upload_name(&self, d: &Digest) -> String {
-        let prefix = if self.instance.as_str().is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.instance)
-        };
-        let function = if d.function == kiln_dataplane::digest::DigestFunction::Blake3 {
-            "blake3/"
-        } else {
-            ""
-        };
-        format!(
-            "{prefix}uploads/{}/blobs/{function}{}/{}",
-            uuid::Uuid::new_v4(),
-            d.hex(),
-            d.size
-        )
+        WriteResource::new_upload(self.key(d)).name()
     }
 
     /// The digests the server does not hold.

@@ -11,7 +11,7 @@
 //! after every action. The protection against that case is `worker.run_as_user`: the action
 //! then cannot make the worker's files writable at all.
 
-use kiln_dataplane::digest::Digest;
+use kiln_reapi::digest::Digest;
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -97,7 +97,7 @@ impl SharedFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_dataplane::digest::DigestFunction;
+    use kiln_reapi::digest::DigestFunction;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

@@ -4,9 +4,9 @@
 use super::completeness::{self, CheckLimits, Incomplete};
 use super::AcStore;
 use crate::error::ControlError;
-use kiln_dataplane::digest::BlobKey;
 use kiln_dataplane::store::CasClient;
 use kiln_proto::reapi::ActionResult;
+use kiln_reapi::digest::BlobKey;
 use prost::Message;
 use tracing::debug;
 

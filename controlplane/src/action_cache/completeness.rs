@@ -4,9 +4,9 @@
 //! Checking counts as a use, so a hit also refreshes those blobs' place in the LRU.
 
 use crate::error::ControlError;
-use kiln_dataplane::digest::{BlobKey, Digest, DigestFunction, InstanceName};
 use kiln_dataplane::store::{CasClient, Found};
 use kiln_proto::reapi::{self, ActionResult, Directory, Tree};
+use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
 use prost::Message;
 use std::collections::{HashSet, VecDeque};
 
@@ -138,7 +138,7 @@ async fn fetch(
 
 fn dir_files(
     dir: &Directory,
-    parse: &impl Fn(&reapi::Digest) -> Result<Digest, kiln_dataplane::digest::DigestError>,
+    parse: &impl Fn(&reapi::Digest) -> Result<Digest, kiln_reapi::digest::DigestError>,
     out: &mut Vec<Digest>,
 ) -> Result<(), String> {
     for f in &dir.files {
@@ -156,7 +156,7 @@ async fn walk(
     cas: &CasClient,
     instance: &InstanceName,
     root: Digest,
-    parse: &impl Fn(&reapi::Digest) -> Result<Digest, kiln_dataplane::digest::DigestError>,
+    parse: &impl Fn(&reapi::Digest) -> Result<Digest, kiln_reapi::digest::DigestError>,
     limits: CheckLimits,
     files: &mut Vec<Digest>,
 ) -> Result<Option<Incomplete>, ControlError> {

@@ -3,9 +3,9 @@
 use super::ActionCache;
 use crate::error::ControlError;
 use crate::metrics::ControlMetrics;
-use kiln_dataplane::digest::{BlobKey, Digest, InstanceName};
 use kiln_proto::reapi::action_cache_server::ActionCache as ActionCacheApi;
 use kiln_proto::reapi::{self, ActionResult, GetActionResultRequest, UpdateActionResultRequest};
+use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::{debug_span, Instrument};

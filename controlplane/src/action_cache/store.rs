@@ -4,11 +4,11 @@
 
 use crate::error::ControlError;
 use bytes::Bytes;
-use kiln_dataplane::digest::BlobKey;
 use kiln_dataplane::store::atime;
 use kiln_dataplane::store::index::{BlobIndex, Entry};
 use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::scan::{scan, ScanReport, TreeKind};
+use kiln_reapi::digest::BlobKey;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -211,7 +211,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_dataplane::digest::{Digest, DigestFunction, InstanceName};
+    use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
 
     fn settings(max_bytes: u64) -> AcSettings {
         AcSettings {

@@ -19,13 +19,13 @@ use crate::scheduler::{
     self, Command, Job, OpId, Outcome, Scheduler, SchedulerConfig, Stage, SubmitError, WorkerId,
 };
 use kiln_config::ExecutionConfig;
-use kiln_dataplane::digest::BlobKey;
 use kiln_dataplane::store::CasClient;
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{execution_stage::Value as StageValue, ActionResult, ExecuteResponse};
 use kiln_proto::worker::{
     server_message, ExecutionResult, KillOperation, ServerMessage, StartExecute,
 };
+use kiln_reapi::digest::BlobKey;
 use ops::Registry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

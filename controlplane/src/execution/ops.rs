@@ -233,7 +233,7 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::execution::Payload;
-    use kiln_dataplane::digest::{BlobKey, Digest as BlobDigest, DigestFunction, InstanceName};
+    use kiln_reapi::digest::{BlobKey, Digest as BlobDigest, DigestFunction, InstanceName};
 
     fn payload() -> Arc<Payload> {
         Arc::new(Payload {

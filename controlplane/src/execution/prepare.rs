@@ -7,13 +7,13 @@ use super::{ExecutionCore, Payload};
 use crate::scheduler::platform::Requirements;
 use crate::scheduler::Job;
 use futures::stream::{self, StreamExt};
-use kiln_dataplane::digest::{BlobKey, Digest, InstanceName};
 use kiln_dataplane::store::Found;
 use kiln_proto::google::rpc::{
     precondition_failure::Violation, PreconditionFailure, Status as RpcStatus,
 };
 use kiln_proto::reapi::{Action, Command, Directory, ExecuteRequest};
 use kiln_proto::worker::StartExecute;
+use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use prost::Message;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;

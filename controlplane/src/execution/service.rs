@@ -6,12 +6,12 @@ use super::ops::OpView;
 use super::{prepare, ExecutionCore};
 use crate::error::ControlError;
 use crate::scheduler::SubmitError;
-use kiln_dataplane::digest::{BlobKey, Digest, InstanceName};
 use kiln_proto::longrunning::Operation;
 use kiln_proto::reapi::execution_server::Execution;
 use kiln_proto::reapi::{
     execution_stage::Value as StageValue, ExecuteRequest, ExecuteResponse, WaitExecutionRequest,
 };
+use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;

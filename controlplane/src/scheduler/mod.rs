@@ -16,7 +16,7 @@ pub mod platform;
 #[cfg(test)]
 mod tests;
 
-use kiln_dataplane::digest::BlobKey;
+use kiln_reapi::digest::BlobKey;
 use platform::{consume, could_fit, fits, Consumed, Kinds, Offer, Requirements};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};

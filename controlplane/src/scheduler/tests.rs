@@ -1,6 +1,6 @@
 use super::*;
 use kiln_config::PropertyKind;
-use kiln_dataplane::digest::{Digest, DigestFunction, InstanceName};
+use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
 
 type S = Scheduler<&'static str, &'static str>;
 

@@ -1,7 +1,6 @@
 //! CAS `FindMissingBlobs`, `BatchUpdateBlobs` and `BatchReadBlobs`.
 
 use super::{unary, BlobError, BlobServices};
-use crate::digest::{BlobKey, Digest, Hasher, InstanceName};
 use crate::grpc::Call;
 use crate::store::blob_io;
 use crate::store::Found;
@@ -12,6 +11,7 @@ use kiln_proto::reapi::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
     BatchUpdateBlobsResponse, FindMissingBlobsRequest, FindMissingBlobsResponse,
 };
+use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 
 /// Blobs of one batch written or read at the same time.
 const BATCH_PARALLELISM: usize = 32;

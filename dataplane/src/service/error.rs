@@ -1,9 +1,9 @@
 //! Everything that can go wrong serving a blob method, and its gRPC status (mapped here, once).
 
-use crate::digest::{BlobKey, DigestError, InstanceNameError};
-use crate::resource::ResourceError;
 use crate::store::upload::UploadError;
 use crate::store::StoreError;
+use kiln_reapi::digest::{BlobKey, DigestError, InstanceNameError};
+use kiln_reapi::resource::ResourceError;
 use tonic::Status;
 
 /// A failed blob request.
@@ -67,7 +67,7 @@ pub enum BlobError {
     /// Batch data that does not hash to the digest.
     #[error("data hashes to {actual}, not to {expected:?}")]
     DataHash {
-        expected: crate::digest::Digest,
+        expected: kiln_reapi::digest::Digest,
         actual: String,
     },
     /// A compressor Kiln does not advertise.

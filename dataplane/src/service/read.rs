@@ -4,14 +4,14 @@
 //! before their first byte is served.
 
 use super::{BlobError, BlobServices};
-use crate::digest::{BlobKey, Hasher};
 use crate::grpc::codec::encode_bytes_field;
 use crate::grpc::{Call, Caller, Responder};
-use crate::resource::parse_read;
 use crate::store::blob_io;
 use crate::store::Found;
 use bytes::Bytes;
 use kiln_proto::bytestream::ReadRequest;
+use kiln_reapi::digest::{BlobKey, Hasher};
+use kiln_reapi::resource::parse_read;
 use std::path::Path;
 
 /// `ReadResponse.data`'s field number.

@@ -8,7 +8,6 @@
 
 use super::{BlobError, BlobServices};
 use crate::grpc::{Call, Caller, RecvError, RequestBody};
-use crate::resource::{parse_write, WriteResource};
 use crate::store::accounting::Staged;
 use crate::store::blob_io::TempWriter;
 use crate::store::parked::ParkedUpload;
@@ -18,6 +17,7 @@ use bytes::{Bytes, BytesMut};
 use kiln_proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, WriteRequest, WriteResponse,
 };
+use kiln_reapi::resource::{parse_write, WriteResource};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 

@@ -1,8 +1,8 @@
 //! Reading and writing blob files through the shard's runtime (io_uring on glommio).
 
-use crate::digest::Hasher;
 use crate::runtime::{File, Runtime};
 use bytes::Bytes;
+use kiln_reapi::digest::Hasher;
 use std::io;
 use std::path::{Path, PathBuf};
 

@@ -4,9 +4,9 @@
 use super::accounting::Staged;
 use super::parked::ParkedUpload;
 use super::StoreError;
-use crate::digest::BlobKey;
 use bytes::Bytes;
 use futures::channel::oneshot;
+use kiln_reapi::digest::BlobKey;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;

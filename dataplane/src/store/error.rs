@@ -1,6 +1,6 @@
 //! Failures of the store itself (not of the request).
 
-use crate::digest::BlobKey;
+use kiln_reapi::digest::BlobKey;
 use std::path::PathBuf;
 
 /// A store operation that could not be carried out.

@@ -1,7 +1,7 @@
 //! The owner shard's index of committed blobs (sans-IO): size, access time, whether the bytes
 //! were verified by this process, and pins, in least-recently-used order.
 
-use crate::digest::BlobKey;
+use kiln_reapi::digest::BlobKey;
 use lru::LruCache;
 
 /// What the index knows about one blob.
@@ -137,7 +137,7 @@ impl BlobIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::{Digest, DigestFunction, InstanceName};
+    use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
 
     fn key(n: u8) -> BlobKey {
         BlobKey::new(

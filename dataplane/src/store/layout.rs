@@ -12,7 +12,7 @@
 //! percent-encoded, or `h_` and a hash of the name when that would be too long for a file name.
 //! The `INSTANCE` file holds the real name, so the start-up scan never has to decode a path.
 
-use crate::digest::{BlobKey, Digest, DigestFunction, InstanceName};
+use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
 use std::path::{Path, PathBuf};
 
 /// Name of the file that records an instance directory's instance name.
@@ -128,7 +128,8 @@ pub fn instance_dir_name(instance: &InstanceName) -> String {
     if out.len() <= MAX_DIR_NAME {
         return out;
     }
-    let hash = crate::digest::Hasher::hash(DigestFunction::Sha256, instance.as_str().as_bytes());
+    let hash =
+        kiln_reapi::digest::Hasher::hash(DigestFunction::Sha256, instance.as_str().as_bytes());
     format!("h_{}", hex::encode(&hash[..16]))
 }
 

@@ -2,8 +2,8 @@
 //! TinyLFU admission (moka), so a scan of cold blobs does not flush the hot set. It is a cache
 //! over the filesystem tier, never the only copy: anything evicted here is still on disk.
 
-use crate::digest::BlobKey;
 use bytes::Bytes;
+use kiln_reapi::digest::BlobKey;
 
 /// What an entry costs beyond its blob's bytes (the key, the cache's own node and the
 /// allocation of the bytes), counted against the budget so that many small blobs cannot take
@@ -73,7 +73,7 @@ impl MemoryTier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::{Digest, DigestFunction, InstanceName};
+    use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
 
     fn key(n: u32) -> BlobKey {
         BlobKey::new(

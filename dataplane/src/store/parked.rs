@@ -5,7 +5,7 @@
 //! The table holds at most a configured number of parked uploads; the oldest go first.
 
 use super::accounting::Staged;
-use crate::digest::Hasher;
+use kiln_reapi::digest::Hasher;
 use lru::LruCache;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -126,7 +126,7 @@ impl UploadTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::DigestFunction;
+    use kiln_reapi::digest::DigestFunction;
 
     fn parked(n: u64, at: Instant) -> ParkedUpload {
         let accounting = Arc::new(crate::store::accounting::Accounting::new(u64::MAX, 1));

@@ -6,7 +6,7 @@
 use super::atime;
 use super::index::Entry;
 use super::layout::{parse_blob_file_name, Layout, INSTANCE_FILE};
-use crate::digest::{BlobKey, DigestFunction, InstanceName};
+use kiln_reapi::digest::{BlobKey, DigestFunction, InstanceName};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

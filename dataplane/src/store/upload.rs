@@ -3,7 +3,7 @@
 //! when every byte has arrived and hashes to the digest. Hashing happens here, as bytes arrive,
 //! with the digest's own function.
 
-use crate::digest::{Digest, Hasher};
+use kiln_reapi::digest::{Digest, Hasher};
 
 /// Why an upload message was refused. All are the client's fault (`INVALID_ARGUMENT`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -130,7 +130,7 @@ impl UploadState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::DigestFunction;
+    use kiln_reapi::digest::DigestFunction;
 
     #[test]
     fn accepts_a_chunked_upload() {

@@ -1,4 +1,4 @@
-//! ByteStream resource names, as REAPI defines them:
+//! ByteStream resource names, as REAPI defines them, parsed and built:
 //!
 //! - reads: `{instance}/blobs/{function/}{hash}/{size}`
 //! - writes: `{instance}/uploads/{uuid}/blobs/{function/}{hash}/{size}{/metadata}`
@@ -25,7 +25,38 @@ pub struct WriteResource {
     pub upload_id: String,
 }
 
+impl ReadResource {
+    /// The resource name that reads this blob.
+    pub fn name(&self) -> String {
+        read_name(
+            self.key.instance.as_str(),
+            self.key.digest.function,
+            &self.key.digest.hex(),
+            self.key.digest.size,
+        )
+    }
+}
+
 impl WriteResource {
+    /// A fresh upload of `key` (a random upload id).
+    pub fn new_upload(key: BlobKey) -> WriteResource {
+        WriteResource {
+            key,
+            upload_id: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    /// The resource name that writes this upload.
+    pub fn name(&self) -> String {
+        write_name(
+            self.key.instance.as_str(),
+            &self.upload_id,
+            self.key.digest.function,
+            &self.key.digest.hex(),
+            self.key.digest.size,
+        )
+    }
+
     /// The identity of this upload for resumption: instance, upload id and digest.
     pub fn upload_key(&self) -> String {
         format!(
@@ -58,6 +89,47 @@ pub enum ResourceError {
 
 const READ_SHAPE: &str = "blobs/{function/}{hash}/{size}";
 const WRITE_SHAPE: &str = "uploads/{uuid}/blobs/{function/}{hash}/{size}";
+
+/// `{instance}/blobs/{function/}{hash}/{size}`: the function segment is written for every
+/// function but SHA-256 (which servers infer from the hash length, old ones included).
+pub fn read_name(instance: &str, function: DigestFunction, hash: &str, size: u64) -> String {
+    format!(
+        "{}blobs/{}{hash}/{size}",
+        prefix(instance),
+        segment(function)
+    )
+}
+
+/// `{instance}/uploads/{upload_id}/blobs/{function/}{hash}/{size}`.
+pub fn write_name(
+    instance: &str,
+    upload_id: &str,
+    function: DigestFunction,
+    hash: &str,
+    size: u64,
+) -> String {
+    format!(
+        "{}uploads/{upload_id}/blobs/{}{hash}/{size}",
+        prefix(instance),
+        segment(function)
+    )
+}
+
+/// The instance and its separator; nothing for the default (empty) instance.
+fn prefix(instance: &str) -> String {
+    if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    }
+}
+
+fn segment(function: DigestFunction) -> String {
+    match function {
+        DigestFunction::Sha256 => String::new(),
+        other => format!("{}/", other.name()),
+    }
+}
 
 /// Parses a ByteStream `Read` resource name.
 pub fn parse_read(name: &str) -> Result<ReadResource, ResourceError> {
@@ -184,6 +256,39 @@ mod tests {
             parse_write(&format!("uploads/u2/blobs/{H}/7"))
                 .unwrap()
                 .upload_key()
+        );
+    }
+
+    #[test]
+    fn built_names_parse_back() {
+        for function in DigestFunction::ALL {
+            for instance in ["", "main", "main/ci"] {
+                let digest = Digest::of(function, b"kiln");
+                let key = BlobKey::new(InstanceName::new(instance).unwrap(), digest);
+                let read = ReadResource { key: key.clone() };
+                assert_eq!(parse_read(&read.name()).unwrap(), read, "{}", read.name());
+                let write = WriteResource::new_upload(key);
+                assert_eq!(
+                    parse_write(&write.name()).unwrap(),
+                    write,
+                    "{}",
+                    write.name()
+                );
+                assert_eq!(
+                    read.name().contains("blake3/"),
+                    function == DigestFunction::Blake3
+                );
+            }
+        }
+        let a = WriteResource::new_upload(BlobKey::new(
+            InstanceName::new("").unwrap(),
+            Digest::of(DigestFunction::Sha256, b""),
+        ));
+        let b = WriteResource::new_upload(a.key.clone());
+        assert_ne!(a.upload_id, b.upload_id, "each upload gets its own id");
+        assert_eq!(
+            read_name("i", DigestFunction::Sha256, H, 7),
+            format!("i/blobs/{H}/7")
         );
     }
 
