@@ -11,7 +11,7 @@ pub mod error;
 pub mod execution;
 pub mod handoff;
 pub mod metrics;
-pub mod scheduler;
+pub use kiln_scheduler as scheduler;
 
 use action_cache::completeness::CheckLimits;
 use action_cache::{AcSettings, AcStore, ActionCache, ActionCacheService};
