@@ -93,6 +93,16 @@ pub struct Denied {
     pub message: String,
 }
 
+impl kiln_reapi::status::Classify for Denied {
+    fn kind(&self) -> kiln_reapi::status::ErrorKind {
+        if self.unauthenticated {
+            kiln_reapi::status::ErrorKind::Unauthenticated
+        } else {
+            kiln_reapi::status::ErrorKind::Denied
+        }
+    }
+}
+
 impl Denied {
     pub(crate) fn unauthenticated(message: impl Into<String>) -> Denied {
         Denied {

@@ -3,6 +3,7 @@
 //! certificate) and put the [`kiln_auth::Principal`] in the request's extensions; a request
 //! without one is refused.
 
+use kiln_reapi::status::Classify;
 use std::sync::Arc;
 use tonic::{Request, Status};
 
@@ -34,10 +35,6 @@ pub fn check<T>(request: &Request<T>, path: &str, instance: Option<&str>) -> Res
     };
     kiln_auth::policy::authorize(principal, path, instance).map_err(|d| {
         tracing::debug!(caller = %principal.name, %path, "refused: {}", d.message);
-        if d.unauthenticated {
-            Status::unauthenticated(d.message)
-        } else {
-            Status::permission_denied(d.message)
-        }
+        d.status()
     })
 }

@@ -2,7 +2,8 @@
 
 use kiln_dataplane::store::StoreError;
 use kiln_reapi::digest::{DigestError, InstanceNameError};
-use tonic::{Code, Status};
+use kiln_reapi::status::{Classify, ErrorKind};
+use tonic::Status;
 
 /// A failed control-plane request.
 #[derive(Debug, thiserror::Error)]
@@ -58,35 +59,39 @@ impl ControlError {
             source,
         }
     }
+}
 
-    /// The gRPC code.
-    pub fn code(&self) -> Code {
+impl Classify for ControlError {
+    fn kind(&self) -> ErrorKind {
         match self {
             ControlError::Digest(_)
             | ControlError::Instance(_)
             | ControlError::MissingField(_)
             | ControlError::FieldDigest { .. }
-            | ControlError::TooLarge { .. } => Code::InvalidArgument,
-            ControlError::NotFound(_) | ControlError::Incomplete(_) => Code::NotFound,
-            ControlError::Store(StoreError::Unavailable) => Code::Unavailable,
-            ControlError::Store(e) if e.is_disk_full() => Code::ResourceExhausted,
-            ControlError::Store(_) => Code::Internal,
-            ControlError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
-                Code::ResourceExhausted
-            }
-            ControlError::Io { .. } => Code::Internal,
+            | ControlError::TooLarge { .. } => ErrorKind::Invalid,
+            ControlError::NotFound(_) | ControlError::Incomplete(_) => ErrorKind::Missing,
+            ControlError::Store(e) => e.kind(),
+            ControlError::Io { source, .. } => ErrorKind::of_io(source),
+        }
+    }
+
+    /// The error, except that I/O failures name what failed but not the server's paths (those go to the log).
+    fn client_message(&self) -> String {
+        match self {
+            ControlError::Store(e) => e.client_message(),
+            ControlError::Io { op, source, .. } => format!("the server could not {op}: {source}"),
+            _ => self.to_string(),
         }
     }
 }
 
 impl From<ControlError> for Status {
     fn from(e: ControlError) -> Status {
-        let code = e.code();
-        if code == Code::Internal {
+        if e.kind().is_server_fault() {
             tracing::error!(error = %e, "control-plane request failed");
         } else {
             tracing::debug!(error = %e, "control-plane request refused");
         }
-        Status::new(code, e.to_string())
+        e.status()
     }
 }

@@ -1,9 +1,12 @@
-//! The REAPI vocabulary every part of Kiln shares, with no runtime underneath: the rules for
-//! paths that come from protos (working directories, output paths, symlink targets) and for
-//! the `Directory` messages of an input tree. The control plane checks them before it queues
-//! an action; the worker checks them again before it touches the filesystem.
+//! The REAPI vocabulary every part of Kiln shares, with no runtime underneath: digests and
+//! digest functions, ByteStream resource names, error kinds and the one table of their gRPC
+//! codes, the rules for paths that come from protos (working directories, output paths,
+//! symlink targets) and for the `Directory` messages of an input tree. The control plane
+//! checks the rules before it queues an action; the worker checks them again before it
+//! touches the filesystem.
 
 pub mod digest;
 pub mod paths;
 pub mod resource;
+pub mod status;
 pub mod tree;

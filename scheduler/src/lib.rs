@@ -17,6 +17,7 @@ pub mod platform;
 mod tests;
 
 use kiln_reapi::digest::BlobKey;
+use kiln_reapi::status::ErrorKind;
 use platform::{consume, could_fit, fits, Consumed, Kinds, Offer, Requirements};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
@@ -25,18 +26,6 @@ use std::time::{Duration, Instant, SystemTime};
 pub type OpId = u64;
 /// A connected worker session.
 pub type WorkerId = u64;
-
-/// gRPC codes the scheduler fails operations with (numeric, to stay free of tonic).
-pub mod code {
-    /// CANCELLED.
-    pub const CANCELLED: i32 = 1;
-    /// DEADLINE_EXCEEDED.
-    pub const DEADLINE_EXCEEDED: i32 = 4;
-    /// FAILED_PRECONDITION.
-    pub const FAILED_PRECONDITION: i32 = 9;
-    /// UNAVAILABLE.
-    pub const UNAVAILABLE: i32 = 14;
-}
 
 /// Scheduler settings.
 #[derive(Debug, Clone)]
@@ -89,10 +78,11 @@ pub enum Stage {
 pub enum Outcome<R> {
     /// The worker's report.
     Reported(R),
-    /// The scheduler gave up: a gRPC code and a message.
+    /// The scheduler gave up: what kind of failure (its gRPC code follows from
+    /// `kiln_reapi::status`'s table) and a message.
     Failed {
-        /// gRPC code (see [`code`]).
-        code: i32,
+        /// What kind of failure.
+        kind: ErrorKind,
         /// Why.
         message: String,
     },
@@ -151,6 +141,14 @@ pub enum SubmitError {
     /// The queue is at its bound.
     #[error("the execution queue is full ({0} actions); retry later")]
     QueueFull(usize),
+}
+
+impl kiln_reapi::status::Classify for SubmitError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            SubmitError::QueueFull(_) => ErrorKind::Exhausted,
+        }
+    }
 }
 
 /// Result of a submit.
@@ -349,7 +347,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 self.finish(
                     op,
                     Outcome::Failed {
-                        code: code::UNAVAILABLE,
+                        kind: ErrorKind::Unavailable,
                         message: format!(
                             "the worker running this action was lost {attempts} times"
                         ),
@@ -423,7 +421,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.finish(
             op,
             Outcome::Failed {
-                code: code::CANCELLED,
+                kind: ErrorKind::Cancelled,
                 message: "cancelled by a client".into(),
             },
         );
@@ -431,13 +429,13 @@ impl<P: Clone, R> Scheduler<P, R> {
     }
 
     /// Fails every queued operation (the server is going down; running ones may still report).
-    pub fn fail_queued(&mut self, code: i32, message: &str) {
+    pub fn fail_queued(&mut self, kind: ErrorKind, message: &str) {
         let queued: Vec<OpId> = self.queue.values().copied().collect();
         for op in queued {
             self.finish(
                 op,
                 Outcome::Failed {
-                    code,
+                    kind,
                     message: message.to_string(),
                 },
             );
@@ -472,7 +470,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             self.finish(
                 op,
                 Outcome::Failed {
-                    code: code::DEADLINE_EXCEEDED,
+                    kind: ErrorKind::TimedOut,
                     message: "the action ran past its timeout and its worker did not report".into(),
                 },
             );
@@ -501,7 +499,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             self.finish(
                 op,
                 Outcome::Failed {
-                    code: code::FAILED_PRECONDITION,
+                    kind: ErrorKind::Precondition,
                     message: format!(
                         "no connected worker offers the platform this action needs ({requirements}); \
                          it waited {} s for one",

@@ -164,7 +164,7 @@ fn worker_loss_requeues_a_bounded_number_of_times() {
     let f = finished(&mut s);
     assert_eq!(f.len(), 1);
     assert!(
-        matches!(&f[0], (o, Outcome::Failed { code: code::UNAVAILABLE, .. }) if *o == op),
+        matches!(&f[0], (o, Outcome::Failed { kind: ErrorKind::Unavailable, .. }) if *o == op),
         "{f:?}"
     );
     // A late report from a worker the operation was taken from is ignored.
@@ -228,7 +228,7 @@ fn silent_workers_are_lost_and_overdue_actions_killed() {
         commands.contains(&Command::Kill { worker: 2, op: a }),
         "{commands:?}"
     );
-    assert!(commands.iter().any(|c| matches!(c, Command::Finished { op, outcome: Outcome::Failed { code: code::DEADLINE_EXCEEDED, .. } } if *op == a)));
+    assert!(commands.iter().any(|c| matches!(c, Command::Finished { op, outcome: Outcome::Failed { kind: ErrorKind::TimedOut, .. } } if *op == a)));
 }
 
 #[test]
@@ -262,7 +262,7 @@ fn cancel_kills_a_running_operation() {
     s.cancel(t, op);
     let commands = s.commands();
     assert!(commands.contains(&Command::Kill { worker: 1, op }));
-    assert!(commands.iter().any(|c| matches!(c, Command::Finished { op: o, outcome: Outcome::Failed { code: code::CANCELLED, .. } } if *o == op)));
+    assert!(commands.iter().any(|c| matches!(c, Command::Finished { op: o, outcome: Outcome::Failed { kind: ErrorKind::Cancelled, .. } } if *o == op)));
     assert!(
         commands
             .iter()
@@ -279,7 +279,7 @@ fn shutting_down_fails_what_is_queued_only() {
     let running = s.submit(t, job("running", 0, &[])).unwrap().op;
     let queued = s.submit(t, job("queued", 0, &[])).unwrap().op;
     s.commands();
-    s.fail_queued(code::UNAVAILABLE, "going down");
+    s.fail_queued(ErrorKind::Unavailable, "going down");
     let f = finished(&mut s);
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].0, queued);
@@ -347,7 +347,7 @@ fn actions_no_worker_could_run_fail_after_the_unserved_timeout() {
     let f = finished(&mut s);
     assert_eq!(f.len(), 1, "{f:?}");
     assert!(
-        matches!(&f[0], (o, Outcome::Failed { code: code::FAILED_PRECONDITION, message }) if *o == windows && message.contains("OSFamily=windows")),
+        matches!(&f[0], (o, Outcome::Failed { kind: ErrorKind::Precondition, message }) if *o == windows && message.contains("OSFamily=windows")),
         "{f:?}"
     );
     assert_eq!((s.queued(), s.running()), (1, 1));

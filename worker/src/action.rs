@@ -84,11 +84,7 @@ pub async fn execute(
         Ok((end, mut result)) => {
             let status = match end {
                 RunEnd::Exited(_) => RpcStatus::default(),
-                RunEnd::TimedOut => RpcStatus {
-                    code: tonic::Code::DeadlineExceeded as i32,
-                    message: "the action ran past its timeout and was killed".into(),
-                    details: Vec::new(),
-                },
+                RunEnd::TimedOut => ActionError::TimedOut.to_status(),
                 RunEnd::Killed => ActionError::Killed.to_status(),
             };
             result.execution_metadata = Some(metadata);

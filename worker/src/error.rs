@@ -1,10 +1,8 @@
 //! Why an action could not run (or finish), and the status the client gets for it.
 
-use kiln_proto::google::rpc::{
-    precondition_failure::Violation, PreconditionFailure, Status as RpcStatus,
-};
+use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_reapi::digest::Digest;
-use prost::Message;
+use kiln_reapi::status::{self, Classify, ErrorKind};
 
 /// A failure of the worker's part of an action (never the action's own non-zero exit).
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +37,9 @@ pub enum ActionError {
     /// Killed on request (cancelled, or the session ended).
     #[error("killed")]
     Killed,
+    /// Ran past its timeout and was killed.
+    #[error("the action ran past its timeout and was killed")]
+    TimedOut,
 }
 
 /// `map_err` helper: an I/O error doing `op` on `path`.
@@ -59,39 +60,34 @@ impl ActionError {
         }
     }
 
-    /// The google.rpc.Status reported in the ExecuteResponse.
+    /// The google.rpc.Status reported in the ExecuteResponse: missing inputs carry REAPI's
+    /// PreconditionFailure listing them.
     pub fn to_status(&self) -> RpcStatus {
-        let code = match self {
-            ActionError::MissingInputs(_) => tonic::Code::FailedPrecondition,
-            ActionError::BadInput(_) | ActionError::Spawn { .. } => tonic::Code::InvalidArgument,
-            ActionError::Io { .. } | ActionError::Store(_) => tonic::Code::Internal,
-            ActionError::Remote(s) if s.code() == tonic::Code::NotFound => {
-                tonic::Code::FailedPrecondition
+        match self {
+            ActionError::MissingInputs(missing) => {
+                status::missing_blobs("the action", missing.clone())
             }
-            ActionError::Remote(_) => tonic::Code::Unavailable,
-            ActionError::Killed => tonic::Code::Cancelled,
-        };
-        let mut details = Vec::new();
-        if let ActionError::MissingInputs(missing) = self {
-            let failure = PreconditionFailure {
-                violations: missing
-                    .iter()
-                    .map(|d| Violation {
-                        r#type: "MISSING".into(),
-                        subject: format!("blobs/{}/{}", d.hex(), d.size),
-                        description: format!("{d:?} is not in the CAS"),
-                    })
-                    .collect(),
-            };
-            details.push(prost_types::Any {
-                type_url: "type.googleapis.com/google.rpc.PreconditionFailure".into(),
-                value: failure.encode_to_vec(),
-            });
+            other => other.rpc_status(),
         }
-        RpcStatus {
-            code: code as i32,
-            message: self.to_string(),
-            details,
+    }
+}
+
+impl Classify for ActionError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ActionError::MissingInputs(_) => ErrorKind::Precondition,
+            ActionError::BadInput(_) | ActionError::Spawn { .. } => ErrorKind::Invalid,
+            ActionError::Io { source, .. } => ErrorKind::of_io(source),
+            // A blob the server (or the local CAS) does not have, or no longer has intact, is
+            // an input the client must upload again.
+            ActionError::Remote(s) if s.code() == tonic::Code::NotFound => ErrorKind::Precondition,
+            ActionError::Remote(_) => ErrorKind::Unavailable,
+            ActionError::Store(e) => match e.kind() {
+                ErrorKind::Missing => ErrorKind::Precondition,
+                kind => kind,
+            },
+            ActionError::Killed => ErrorKind::Cancelled,
+            ActionError::TimedOut => ErrorKind::TimedOut,
         }
     }
 }

@@ -212,6 +212,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
+    use kiln_reapi::status::Classify;
 
     fn settings(max_bytes: u64) -> AcSettings {
         AcSettings {
@@ -298,6 +299,6 @@ mod tests {
             .put(key("", 1), Bytes::from_static(b"12345"))
             .await
             .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(err.status().code(), tonic::Code::InvalidArgument);
     }
 }

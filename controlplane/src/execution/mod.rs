@@ -238,9 +238,9 @@ impl ExecutionCore {
                 message: r.message,
                 ..Default::default()
             },
-            Outcome::Failed { code, message } => ExecuteResponse {
+            Outcome::Failed { kind, message } => ExecuteResponse {
                 status: Some(RpcStatus {
-                    code,
+                    code: kind.code() as i32,
                     message: message.clone(),
                     details: Vec::new(),
                 }),
@@ -322,7 +322,7 @@ impl ExecutionCore {
     pub async fn shutdown(&self, grace: Duration) {
         self.apply(|s, _| {
             s.fail_queued(
-                scheduler::code::UNAVAILABLE,
+                kiln_reapi::status::ErrorKind::Unavailable,
                 "the server is shutting down; retry",
             )
         });

@@ -9,6 +9,7 @@ use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::reapi::{
     execution_stage::Value as StageValue, Digest, ExecuteOperationMetadata, ExecuteResponse,
 };
+use kiln_reapi::status::any;
 use prost::Message;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -60,14 +61,6 @@ impl OpView {
                 ))
             }),
         }
-    }
-}
-
-/// Packs a message into an `Any`.
-pub fn any(type_name: &str, message: &impl Message) -> prost_types::Any {
-    prost_types::Any {
-        type_url: format!("type.googleapis.com/{type_name}"),
-        value: message.encode_to_vec(),
     }
 }
 

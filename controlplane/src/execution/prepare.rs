@@ -8,21 +8,16 @@ use crate::scheduler::platform::Requirements;
 use crate::scheduler::Job;
 use futures::stream::{self, StreamExt};
 use kiln_dataplane::store::Found;
-use kiln_proto::google::rpc::{
-    precondition_failure::Violation, PreconditionFailure, Status as RpcStatus,
-};
 use kiln_proto::reapi::{Action, Command, Directory, ExecuteRequest};
 use kiln_proto::worker::StartExecute;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
+use kiln_reapi::status::{self, Classify};
 use prost::Message;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tonic::{Code, Status};
+use tonic::Status;
 
-/// Violations listed in a FAILED_PRECONDITION's details: the trailer must fit the clients'
-/// metadata limit (gRPC Java's default is 8 KiB); the message says how many more are missing.
-const MAX_VIOLATIONS: usize = 32;
 /// Directory blobs fetched at once while walking.
 const WALK_PARALLELISM: usize = 64;
 /// Largest Action, Command or Directory blob read: they are read whole into memory.
@@ -83,7 +78,7 @@ pub(super) async fn prepare(
         tracing::warn!(action = ?key.digest, bytes = total, "pin budget exhausted; running this action's inputs unpinned");
         core.cas.contains(&all).await
     }
-    .map_err(|e| Status::unavailable(e.to_string()))?;
+    .map_err(|e| e.status())?;
     let pins: Vec<BlobKey> = if pin {
         all.iter()
             .zip(&present)
@@ -210,7 +205,7 @@ async fn fetch(
         Ok(Found::Bytes(b)) => Ok(Some(b)),
         Ok(Found::File { .. }) => Err(too_large()),
         Ok(_) => Ok(None),
-        Err(e) => Err(Status::unavailable(e.to_string())),
+        Err(e) => Err(e.status()),
     }
 }
 
@@ -280,50 +275,9 @@ async fn walk(
     Ok((blobs, missing))
 }
 
-/// FAILED_PRECONDITION naming the missing blobs. REAPI (Execution.Execute):
-//# `FAILED_PRECONDITION`: One or more errors occurred in setting up the
-//# action requested, such as a missing input or command or no worker being
-//# available. The client may be able to fix the errors and retry.
-/// and "the server SHOULD additionally send a PreconditionFailure error detail where, for each
-/// requested blob not present in the CAS, there is a Violation with a type of MISSING".
-/// Kiln lists at most [`MAX_VIOLATIONS`], so that the trailer fits every client's metadata
-/// limit, and the message gives the whole count (clients such as Bazel upload every missing
-/// input again, found with FindMissingBlobs, whatever the list holds). Tested by `failures_timeouts_and_missing_inputs` and
-/// `escaping_paths_and_trees_are_refused` in tests/execution.rs.
-fn precondition(mut missing: Vec<Digest>) -> Status {
-    missing.sort();
-    missing.dedup();
-    let violations = missing
-        .iter()
-        .take(MAX_VIOLATIONS)
-        .map(|d| Violation {
-            r#type: "MISSING".into(),
-            subject: format!("blobs/{}/{}", d.hex(), d.size),
-            description: format!("{d:?} is not in the CAS"),
-        })
-        .collect();
-    let failure = PreconditionFailure { violations };
-    let more = missing.len().saturating_sub(MAX_VIOLATIONS);
-    let message = if more > 0 {
-        format!(
-            "{} blob(s) the action needs are missing; the first {MAX_VIOLATIONS} are listed, {more} more are not",
-            missing.len()
-        )
-    } else {
-        format!(
-            "{} blob(s) the action needs are missing, e.g. {:?}",
-            missing.len(),
-            missing.first()
-        )
-    };
-    let status = RpcStatus {
-        code: Code::FailedPrecondition as i32,
-        message: message.clone(),
-        details: vec![super::ops::any("google.rpc.PreconditionFailure", &failure)],
-    };
-    Status::with_details(
-        Code::FailedPrecondition,
-        message,
-        status.encode_to_vec().into(),
-    )
+/// FAILED_PRECONDITION naming the missing blobs (see [`kiln_reapi::status::missing_blobs`]).
+/// Tested by `failures_timeouts_and_missing_inputs` and `escaping_paths_and_trees_are_refused`
+/// in tests/execution.rs.
+fn precondition(missing: Vec<Digest>) -> Status {
+    status::to_tonic(&status::missing_blobs("the action", missing))
 }

@@ -5,13 +5,13 @@
 use super::ops::OpView;
 use super::{prepare, ExecutionCore};
 use crate::error::ControlError;
-use crate::scheduler::SubmitError;
 use kiln_proto::longrunning::Operation;
 use kiln_proto::reapi::execution_server::Execution;
 use kiln_proto::reapi::{
     execution_stage::Value as StageValue, ExecuteRequest, ExecuteResponse, WaitExecutionRequest,
 };
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
+use kiln_reapi::status::Classify;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,7 +76,7 @@ impl ExecutionService {
         let job = prepare::prepare(&self.core, &key, &request).await?;
         match self.core.submit(job) {
             Ok((_, rx)) => Ok(stream(rx)),
-            Err(e @ SubmitError::QueueFull(_)) => Err(Status::resource_exhausted(e.to_string())),
+            Err(e) => Err(e.status()),
         }
     }
 }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{HeaderMap, HeaderValue, Response};
+use kiln_reapi::status::Classify;
 use std::future::poll_fn;
 use std::rc::Rc;
 use tonic::Status;
@@ -22,14 +23,7 @@ pub enum RecvError {
 
 impl From<FrameError> for RecvError {
     fn from(e: FrameError) -> RecvError {
-        let status = match e {
-            FrameError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
-            FrameError::Compressed => Status::unimplemented(e.to_string()),
-            FrameError::BadFlag(_) | FrameError::Truncated { .. } => {
-                Status::invalid_argument(e.to_string())
-            }
-        };
-        RecvError::Status(status)
+        RecvError::Status(e.status())
     }
 }
 

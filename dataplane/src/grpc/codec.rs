@@ -3,12 +3,13 @@
 //! copying when a message sits inside one chunk, and with exactly one copy otherwise.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kiln_reapi::status::{Classify, ErrorKind};
 use std::collections::VecDeque;
 
 /// Length of the gRPC message prefix.
 pub const PREFIX_LEN: usize = 5;
 
-/// A framing error; the caller maps it to a gRPC status.
+/// A framing error; its kind gives the gRPC status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     /// The message is larger than the configured limit.
@@ -23,6 +24,16 @@ pub enum FrameError {
     /// The stream ended inside a message.
     #[error("request body ended inside a gRPC message ({buffered} of {expected} bytes)")]
     Truncated { buffered: usize, expected: usize },
+}
+
+impl Classify for FrameError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            FrameError::TooLarge { .. } => ErrorKind::Exhausted,
+            FrameError::Compressed => ErrorKind::Unsupported,
+            FrameError::BadFlag(_) | FrameError::Truncated { .. } => ErrorKind::Invalid,
+        }
+    }
 }
 
 /// Reassembles gRPC messages from a sequence of byte chunks.

@@ -11,6 +11,7 @@ use crate::shutdown::ShutdownWatch;
 use futures::future::{select, Either};
 use kiln_auth::{Denied, Policy, Principal};
 use kiln_config::ServerConfig;
+use kiln_reapi::status::Classify;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -210,9 +211,7 @@ pub async fn serve_connection(
                                 }
                                 Err(denied) => {
                                     debug!(message = %denied, "call refused: unauthenticated");
-                                    call.responder.finish(Err(tonic::Status::unauthenticated(
-                                        denied.message,
-                                    )));
+                                    call.responder.finish(Err(denied.status()));
                                 }
                             }
                         }

@@ -12,6 +12,7 @@ use kiln_proto::reapi::{
     BatchUpdateBlobsResponse, FindMissingBlobsRequest, FindMissingBlobsResponse,
 };
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
+use kiln_reapi::status::Classify;
 
 /// Blobs of one batch written or read at the same time.
 const BATCH_PARALLELISM: usize = 32;
@@ -21,7 +22,7 @@ fn ok_status() -> Option<RpcStatus> {
 }
 
 fn error_status(e: &BlobError) -> Option<RpcStatus> {
-    Some(RpcStatus::from(e))
+    Some(e.rpc_status())
 }
 
 pub(super) async fn serve_find_missing(svc: &BlobServices, call: Call) {

@@ -4,6 +4,7 @@ use crate::store::upload::UploadError;
 use crate::store::StoreError;
 use kiln_reapi::digest::{BlobKey, DigestError, InstanceNameError};
 use kiln_reapi::resource::ResourceError;
+use kiln_reapi::status::{Classify, ErrorKind};
 use tonic::Status;
 
 /// A failed blob request.
@@ -98,10 +99,10 @@ impl BlobError {
             source,
         }
     }
+}
 
-    /// The gRPC code for this error.
-    pub fn code(&self) -> tonic::Code {
-        use tonic::Code;
+impl Classify for BlobError {
+    fn kind(&self) -> ErrorKind {
         match self {
             BlobError::Resource(_)
             | BlobError::Digest(_)
@@ -115,43 +116,26 @@ impl BlobError {
             | BlobError::TooLarge { .. }
             | BlobError::DataSize { .. }
             | BlobError::DataHash { .. }
-            | BlobError::Compressor(_) => Code::InvalidArgument,
-            BlobError::UploadBusy(_) => Code::Aborted,
-            BlobError::StagingFull { .. } => Code::ResourceExhausted,
-            BlobError::Stalled { .. } => Code::DeadlineExceeded,
-            BlobError::NotFound(_) | BlobError::UnknownUpload(_) => Code::NotFound,
-            BlobError::ReadOffset { .. } => Code::OutOfRange,
-            BlobError::Denied(d) if d.unauthenticated => Code::Unauthenticated,
-            BlobError::Denied(_) => Code::PermissionDenied,
-            BlobError::Store(e) => match e {
-                StoreError::Unavailable => Code::Unavailable,
-                StoreError::TooLarge { .. } => Code::InvalidArgument,
-                StoreError::Corrupt(_) => Code::NotFound,
-                StoreError::Io { .. } if e.is_disk_full() => Code::ResourceExhausted,
-                StoreError::Io { .. } => Code::Internal,
-            },
-            BlobError::Io { source, .. } => {
-                if source.kind() == std::io::ErrorKind::StorageFull
-                    || source.raw_os_error() == Some(libc::ENOSPC)
-                {
-                    Code::ResourceExhausted
-                } else {
-                    Code::Internal
-                }
-            }
+            | BlobError::Compressor(_) => ErrorKind::Invalid,
+            BlobError::UploadBusy(_) => ErrorKind::Conflict,
+            BlobError::StagingFull { .. } => ErrorKind::Exhausted,
+            BlobError::Stalled { .. } => ErrorKind::TimedOut,
+            BlobError::NotFound(_) | BlobError::UnknownUpload(_) => ErrorKind::Missing,
+            BlobError::ReadOffset { .. } => ErrorKind::OutOfRange,
+            BlobError::Denied(d) => d.kind(),
+            BlobError::Store(e) => e.kind(),
+            BlobError::Io { source, .. } => ErrorKind::of_io(source),
         }
     }
-}
 
-impl BlobError {
-    /// The message a client sees: the error, except that server-side I/O failures name what
-    /// failed but not the server's paths (those go to the log).
-    pub fn client_message(&self) -> String {
+    /// The error, except that server-side I/O failures name what failed but not the server's
+    /// paths (those go to the log).
+    fn client_message(&self) -> String {
         match self {
-            BlobError::Io { op, source, .. }
-            | BlobError::Store(StoreError::Io { op, source, .. }) => {
+            BlobError::Io { op, source, .. } => {
                 format!("the server could not {op} the blob: {source}")
             }
+            BlobError::Store(e) => e.client_message(),
             _ => self.to_string(),
         }
     }
@@ -159,22 +143,11 @@ impl BlobError {
 
 impl From<BlobError> for Status {
     fn from(e: BlobError) -> Status {
-        let code = e.code();
-        if matches!(code, tonic::Code::Internal | tonic::Code::ResourceExhausted) {
+        if e.kind().is_server_fault() {
             tracing::error!(error = %e, "blob request failed");
         } else {
             tracing::debug!(error = %e, "blob request refused");
         }
-        Status::new(code, e.client_message())
-    }
-}
-
-impl From<&BlobError> for kiln_proto::google::rpc::Status {
-    fn from(e: &BlobError) -> Self {
-        kiln_proto::google::rpc::Status {
-            code: e.code() as i32,
-            message: e.client_message(),
-            details: Vec::new(),
-        }
+        e.status()
     }
 }

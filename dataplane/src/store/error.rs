@@ -1,6 +1,7 @@
 //! Failures of the store itself (not of the request).
 
 use kiln_reapi::digest::BlobKey;
+use kiln_reapi::status::{Classify, ErrorKind};
 use std::path::PathBuf;
 
 /// A store operation that could not be carried out.
@@ -34,10 +35,26 @@ impl StoreError {
             source,
         }
     }
+}
 
-    /// True when the disk is full.
-    pub fn is_disk_full(&self) -> bool {
-        matches!(self, StoreError::Io { source, .. }
-            if source.kind() == std::io::ErrorKind::StorageFull || source.raw_os_error() == Some(libc::ENOSPC))
+impl Classify for StoreError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Unavailable => ErrorKind::Unavailable,
+            StoreError::TooLarge { .. } => ErrorKind::Invalid,
+            // Removed on detection: for the caller the blob is not there (upload it again).
+            StoreError::Corrupt(_) => ErrorKind::Missing,
+            StoreError::Io { source, .. } => ErrorKind::of_io(source),
+        }
+    }
+
+    /// Names what failed but not the server's paths (those go to the log).
+    fn client_message(&self) -> String {
+        match self {
+            StoreError::Io { op, source, .. } => {
+                format!("the server could not {op} the blob: {source}")
+            }
+            other => other.to_string(),
+        }
     }
 }
