@@ -79,7 +79,7 @@ impl ControlPlane {
             config.action_cache.completeness_check,
             CheckLimits {
                 max_tree_bytes: config.server.max_message_bytes.as_u64().max(64 << 20),
-                max_directories: 100_000,
+                max_digests: 1_000_000,
             },
         ));
         let ac_service =

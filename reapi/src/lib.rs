@@ -1,12 +1,15 @@
 //! The REAPI vocabulary every part of Kiln shares, with no runtime underneath: digests and
-//! digest functions, ByteStream resource names, error kinds and the one table of their gRPC
+//! digest functions, ByteStream resource names, proto conversions (durations, platforms), error kinds and the one table of their gRPC
 //! codes, the rules for paths that come from protos (working directories, output paths,
-//! symlink targets) and for the `Directory` messages of an input tree. The control plane
+//! symlink targets) and for the `Directory` messages of an input tree, and the one bounded walk
+//! of such a tree. The control plane
 //! checks the rules before it queues an action; the worker checks them again before it
 //! touches the filesystem.
 
+pub mod convert;
 pub mod digest;
 pub mod paths;
 pub mod resource;
 pub mod status;
 pub mod tree;
+pub mod walk;

@@ -134,7 +134,7 @@ async fn attempt(
     let timeout = start
         .timeout
         .as_ref()
-        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+        .map(kiln_reapi::convert::duration)
         .unwrap_or(Duration::from_secs(3600));
 
     metadata.input_fetch_start_timestamp = Some(now());
@@ -151,7 +151,6 @@ async fn attempt(
         &source,
         &instance,
         root_digest,
-        function,
         ctx.fetch_parallelism,
     )
     .await?;

@@ -13,6 +13,9 @@ pub enum ActionError {
     /// The Action, Command or input tree is malformed.
     #[error("{0}")]
     BadInput(String),
+    /// The input tree is malformed or over the walk's limits.
+    #[error("input tree: {0}")]
+    Tree(#[from] kiln_reapi::walk::WalkError),
     /// The program could not be started.
     #[error("cannot start {program:?}: {source}")]
     Spawn {
@@ -77,6 +80,7 @@ impl Classify for ActionError {
         match self {
             ActionError::MissingInputs(_) => ErrorKind::Precondition,
             ActionError::BadInput(_) | ActionError::Spawn { .. } => ErrorKind::Invalid,
+            ActionError::Tree(e) => e.kind(),
             ActionError::Io { source, .. } => ErrorKind::of_io(source),
             // A blob the server (or the local CAS) does not have, or no longer has intact, is
             // an input the client must upload again.

@@ -5,11 +5,12 @@
 use crate::error::ActionError;
 use crate::local::LocalCas;
 use crate::remote::{RemoteCas, SMALL};
+use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use kiln_proto::reapi::Directory;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
-use prost::Message;
-use std::collections::{HashMap, HashSet, VecDeque};
+use kiln_reapi::walk::{self, WalkLimits};
+use std::collections::{HashMap, HashSet};
 
 /// An input tree: every directory by digest, from the root down.
 pub struct InputTree {
@@ -33,20 +34,10 @@ pub async fn fetch(
     source: &Source<'_>,
     instance: &InstanceName,
     root: Digest,
-    function: i32,
     parallelism: usize,
 ) -> Result<(InputTree, Vec<BlobKey>), ActionError> {
-    let directories = fetch_directories(local, source, instance, root, function).await?;
-    let mut files: Vec<Digest> = Vec::new();
-    let mut seen = HashSet::new();
-    for dir in directories.values() {
-        for f in &dir.files {
-            let d = parse(f.digest.as_ref(), function)?;
-            if !d.is_empty_blob() && seen.insert(d) {
-                files.push(d);
-            }
-        }
-    }
+    let (directories, files) = fetch_directories(local, source, instance, root).await?;
+    let files: Vec<Digest> = files.into_iter().filter(|d| !d.is_empty_blob()).collect();
     let (missing, mut pins) = local.pin(instance, &files).await?;
     if !missing.is_empty() {
         let Source::Remote(remote) = source else {
@@ -67,59 +58,66 @@ pub async fn fetch(
     Ok((InputTree { root, directories }, pins))
 }
 
-fn parse(d: Option<&kiln_proto::reapi::Digest>, function: i32) -> Result<Digest, ActionError> {
-    Digest::from_proto_field(d, function)
-        .map_err(|e| ActionError::BadInput(format!("input tree: {e}")))
-}
-
+/// Every Directory of the tree under `root` (read locally, else from the server and kept
+/// locally) and every distinct file digest in it, walked with `kiln_reapi::walk` under the
+/// execution defaults' limits (the server checked the same tree against its own before it
+/// sent the action).
 async fn fetch_directories(
     local: &LocalCas,
     source: &Source<'_>,
     instance: &InstanceName,
     root: Digest,
-    function: i32,
-) -> Result<HashMap<Digest, Directory>, ActionError> {
+) -> Result<(HashMap<Digest, Directory>, Vec<Digest>), ActionError> {
     let mut directories = HashMap::new();
-    let mut level = VecDeque::from([root]);
-    while !level.is_empty() {
-        let wanted: Vec<Digest> = level
-            .drain(..)
-            .filter(|d| !directories.contains_key(d))
-            .collect();
-        let mut found = Vec::new();
-        let mut absent = Vec::new();
-        for d in wanted {
-            match local.read(instance, d).await? {
-                Some(bytes) => found.push((d, bytes)),
-                None => absent.push(d),
-            }
+    let walked = walk::walk(
+        root,
+        WalkLimits::default(),
+        |batch| read_directories(local, source, instance, batch),
+        |digest, _, dir| {
+            directories.insert(digest, dir);
+            Ok(())
+        },
+    )
+    .await?;
+    if !walked.missing.is_empty() {
+        return Err(ActionError::MissingInputs(walked.missing));
+    }
+    Ok((directories, walked.files))
+}
+
+/// One batch of Directory blobs, in order: from the local CAS, else from the server (and
+/// then kept locally); `None` for those neither has.
+async fn read_directories(
+    local: &LocalCas,
+    source: &Source<'_>,
+    instance: &InstanceName,
+    batch: Vec<Digest>,
+) -> Result<Vec<Option<Bytes>>, ActionError> {
+    let mut out = Vec::with_capacity(batch.len());
+    let mut absent = Vec::new();
+    for &d in &batch {
+        let found = local.read(instance, d).await?;
+        if found.is_none() {
+            absent.push(d);
         }
-        if !absent.is_empty() {
-            let Source::Remote(remote) = source else {
-                return Err(ActionError::MissingInputs(absent));
-            };
-            let got = remote.read_small(&absent).await?;
-            if got.len() != absent.len() {
-                let have: HashSet<Digest> = got.iter().map(|(d, _)| *d).collect();
-                return Err(ActionError::MissingInputs(
-                    absent.into_iter().filter(|d| !have.contains(d)).collect(),
-                ));
+        out.push(found);
+    }
+    let Source::Remote(remote) = source else {
+        return Ok(out);
+    };
+    if absent.is_empty() {
+        return Ok(out);
+    }
+    let mut got: HashMap<Digest, Bytes> = remote.read_small(&absent).await?.into_iter().collect();
+    for (d, slot) in batch.iter().zip(out.iter_mut()) {
+        if slot.is_none() {
+            if let Some(bytes) = got.remove(d) {
+                local.put_bytes(instance, *d, bytes.clone()).await?;
+                *slot = Some(bytes);
             }
-            for (d, bytes) in got {
-                local.put_bytes(instance, d, bytes.clone()).await?;
-                found.push((d, bytes));
-            }
-        }
-        for (d, bytes) in found {
-            let dir = Directory::decode(bytes)
-                .map_err(|e| ActionError::BadInput(format!("{d:?} is not a Directory: {e}")))?;
-            for sub in &dir.directories {
-                level.push_back(parse(sub.digest.as_ref(), function)?);
-            }
-            directories.insert(d, dir);
         }
     }
-    Ok(directories)
+    Ok(out)
 }
 
 /// Downloads blobs into the local CAS: small ones in batches, large ones streamed to files.

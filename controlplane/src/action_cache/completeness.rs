@@ -4,19 +4,26 @@
 //! Checking counts as a use, so a hit also refreshes those blobs' place in the LRU.
 
 use crate::error::ControlError;
+use futures::stream::{self, StreamExt};
 use kiln_dataplane::store::{CasClient, Found};
 use kiln_proto::reapi::{self, ActionResult, Directory, Tree};
 use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
+use kiln_reapi::walk::{Walk, WalkError, WalkLimits};
 use prost::Message;
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
+
+/// Directory blobs fetched at once while walking an output directory.
+const WALK_PARALLELISM: usize = 16;
+/// Bytes of Directory blobs held at once while walking an output directory.
+const WALK_BATCH_BYTES: u64 = 16 << 20;
 
 /// Limits on how much a check may read.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckLimits {
     /// Largest `Tree` or `Directory` blob fetched.
     pub max_tree_bytes: u64,
-    /// Most `Directory` blobs walked for one directory-format output.
-    pub max_directories: usize,
+    /// Most distinct digests (directories and files) walked for one directory-format output.
+    pub max_digests: usize,
 }
 
 /// Why a result is not complete.
@@ -90,7 +97,7 @@ pub async fn check(
         }
     }
     for root in roots {
-        match walk(cas, instance, root, &parse, limits, &mut files).await? {
+        match walk(cas, instance, root, limits, &mut files).await? {
             None => {}
             Some(incomplete) => return Ok(Some(incomplete)),
         }
@@ -151,48 +158,57 @@ fn dir_files(
     Ok(())
 }
 
-/// Walks a directory-format output breadth first, collecting file digests.
+/// Walks a directory-format output with `kiln_reapi::walk`, collecting file digests. An
+/// output too large to walk within the limits is checked as far as the limits allow.
 async fn walk(
     cas: &CasClient,
     instance: &InstanceName,
     root: Digest,
-    parse: &impl Fn(&reapi::Digest) -> Result<Digest, kiln_reapi::digest::DigestError>,
     limits: CheckLimits,
     files: &mut Vec<Digest>,
 ) -> Result<Option<Incomplete>, ControlError> {
-    let mut queue = VecDeque::from([root]);
-    let mut seen = HashSet::from([root]);
-    while let Some(digest) = queue.pop_front() {
-        if seen.len() > limits.max_directories || digest.size > limits.max_tree_bytes {
-            tracing::warn!(root = ?root, "output directory too large to check completely; checked part of it");
-            return Ok(None);
-        }
-        let Some(data) = fetch(cas, instance, digest).await? else {
-            return Ok(Some(Incomplete::Missing(vec![digest])));
+    let mut walk = Walk::new(
+        root,
+        WalkLimits {
+            max_digests: limits.max_digests,
+            max_directory_bytes: limits.max_tree_bytes,
+            batch_bytes: WALK_BATCH_BYTES,
+        },
+    );
+    'walk: loop {
+        let batch = match walk.next_batch() {
+            Ok(batch) if batch.is_empty() => break,
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::warn!(root = ?root, error = %e, "output directory too large to check completely; checked part of it");
+                break;
+            }
         };
-        let Ok(dir) = Directory::decode(data) else {
-            return Ok(Some(Incomplete::Malformed(format!(
-                "{digest:?} is not a Directory"
-            ))));
-        };
-        if let Err(e) = dir_files(&dir, parse, files) {
-            return Ok(Some(Incomplete::Malformed(e)));
-        }
-        for sub in &dir.directories {
-            let Some(d) = sub.digest.as_ref() else {
-                return Ok(Some(Incomplete::Malformed(format!(
-                    "directory {:?} has no digest",
-                    sub.name
-                ))));
+        let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
+        let fetched: Vec<_> = stream::iter(digests)
+            .map(|d| fetch(cas, instance, d))
+            .buffered(WALK_PARALLELISM)
+            .collect()
+            .await;
+        for ((digest, depth), bytes) in batch.into_iter().zip(fetched) {
+            let Some(bytes) = bytes? else {
+                walk.missing(digest);
+                continue;
             };
-            let d = match parse(d) {
-                Ok(d) => d,
+            match walk.found(digest, depth, &bytes) {
+                Ok(_) => {}
+                Err(e @ WalkError::TooMany(_)) => {
+                    tracing::warn!(root = ?root, error = %e, "output directory too large to check completely; checked part of it");
+                    break 'walk;
+                }
                 Err(e) => return Ok(Some(Incomplete::Malformed(e.to_string()))),
-            };
-            if seen.insert(d) {
-                queue.push_back(d);
             }
         }
     }
+    let walked = walk.finish();
+    if !walked.missing.is_empty() {
+        return Ok(Some(Incomplete::Missing(walked.missing)));
+    }
+    files.extend(walked.files);
     Ok(None)
 }

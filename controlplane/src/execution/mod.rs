@@ -174,7 +174,7 @@ impl ExecutionCore {
                     let mut start = payload.start.clone();
                     start.operation = name;
                     start.attempt = attempt;
-                    start.timeout = Some(duration(timeout));
+                    start.timeout = Some(kiln_reapi::convert::proto_duration(timeout));
                     start.queued_timestamp = Some(timestamp(queued_at));
                     if !self.send(worker, server_message::Message::StartExecute(start)) {
                         broken.push(worker);
@@ -423,13 +423,6 @@ impl ExecutionCore {
             }
         }
         self.apply(|s, now| s.reported(now, worker, op, result));
-    }
-}
-
-fn duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
     }
 }
 

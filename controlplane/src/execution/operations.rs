@@ -93,7 +93,8 @@ impl Operations for OperationsService {
         let request = request.into_inner();
         let limit = request
             .timeout
-            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .as_ref()
+            .map(kiln_reapi::convert::duration)
             .unwrap_or(Duration::from_secs(60))
             .min(Duration::from_secs(600));
         let _ = tokio::time::timeout(limit, rx.wait_for(|v| v.done())).await;

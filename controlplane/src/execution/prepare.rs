@@ -6,14 +6,14 @@
 use super::{ExecutionCore, Payload};
 use crate::scheduler::platform::Requirements;
 use crate::scheduler::Job;
-use futures::stream::{self, StreamExt};
+use futures::stream::{self, StreamExt, TryStreamExt};
 use kiln_dataplane::store::Found;
 use kiln_proto::reapi::{Action, Command, Directory, ExecuteRequest};
 use kiln_proto::worker::StartExecute;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use kiln_reapi::status::{self, Classify};
+use kiln_reapi::walk::{WalkError, WalkLimits};
 use prost::Message;
-use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tonic::Status;
@@ -58,7 +58,7 @@ pub(super) async fn prepare(
     if let Some(command) = &command {
         check_paths(command)?;
     }
-    let (blobs, missing_dirs) = walk(core, instance, root_digest, function).await?;
+    let (blobs, missing_dirs) = walk(core, instance, root_digest).await?;
     missing.extend(missing_dirs);
     let mut all: Vec<BlobKey> = blobs
         .into_iter()
@@ -101,20 +101,7 @@ pub(super) async fn prepare(
             return Err(precondition(missing));
         }
     };
-    // Older clients put the platform on the Command (deprecated there since v2.2).
-    #[allow(deprecated)]
-    let command_platform = command.platform.as_ref();
-    let properties = action
-        .platform
-        .as_ref()
-        .or(command_platform)
-        .map(|p| {
-            p.properties
-                .iter()
-                .map(|p| (p.name.clone(), p.value.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let properties = kiln_reapi::convert::platform_properties(&action, &command);
     let requirements = match Requirements::new(&core.kinds, properties) {
         Ok(r) => r,
         Err(why) => {
@@ -125,7 +112,7 @@ pub(super) async fn prepare(
     let requested = action
         .timeout
         .as_ref()
-        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+        .map(kiln_reapi::convert::duration)
         .filter(|d| !d.is_zero())
         .unwrap_or(Duration::from_secs(core.config.default_timeout_secs));
     let timeout = requested.min(Duration::from_secs(core.config.max_timeout_secs));
@@ -210,69 +197,55 @@ async fn fetch(
 }
 
 /// Every blob digest of the input tree (directories and files), and the directories missing.
+/// The walk is `kiln_reapi::walk`'s, bounded by `execution.max_input_digests`, 16 MiB per
+/// Directory and 64 MiB of them in memory at once; each Directory is checked with
+/// `kiln_reapi::tree`'s rules at the depth it was first met.
 async fn walk(
     core: &ExecutionCore,
     instance: &InstanceName,
     root: Digest,
-    function: i32,
 ) -> Result<(Vec<Digest>, Vec<Digest>), Status> {
-    let limit = core.config.max_input_digests;
-    let mut seen: HashSet<Digest> = HashSet::from([root]);
-    let mut blobs = vec![root];
-    let mut missing = Vec::new();
-    // Each directory with its depth below the root. Breadth first, in order (`buffered`, not
-    // `buffer_unordered`), so a directory met at several depths is checked at the shallowest,
-    // where a climbing symlink goes furthest.
-    let mut level: VecDeque<(Digest, usize)> = VecDeque::from([(root, 0)]);
-    while !level.is_empty() {
-        // A bounded batch at a time: at most WALK_BYTES of directories in memory however wide
-        // the tree.
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        while let Some((d, depth)) = level.front().copied() {
-            if !batch.is_empty() && bytes + d.size > WALK_BYTES {
-                break;
-            }
-            level.pop_front();
-            bytes += d.size;
-            batch.push((d, depth));
+    let limits = WalkLimits {
+        max_digests: core.config.max_input_digests,
+        max_directory_bytes: MAX_METADATA_BYTES,
+        batch_bytes: WALK_BYTES,
+    };
+    let fetch_batch = |batch: Vec<Digest>| async move {
+        stream::iter(batch)
+            .map(|d| fetch(core, instance, d, "Directory"))
+            .buffered(WALK_PARALLELISM)
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(Stop::Status)
+    };
+    let check = |digest: Digest, depth, dir: Directory| {
+        kiln_reapi::tree::check_directory(&dir, depth, &format!("{digest:?}"))
+            .map_err(|e| Stop::Status(Status::invalid_argument(format!("input tree: {e}"))))
+    };
+    match kiln_reapi::walk::walk(root, limits, fetch_batch, check).await {
+        Ok(walked) => {
+            let mut blobs = walked.directories;
+            blobs.extend(walked.files);
+            Ok((blobs, walked.missing))
         }
-        let fetched: Vec<(Digest, usize, Result<Option<bytes::Bytes>, Status>)> = stream::iter(
-            batch,
-        )
-        .map(|(d, depth)| async move { (d, depth, fetch(core, instance, d, "Directory").await) })
-        .buffered(WALK_PARALLELISM)
-        .collect()
-        .await;
-        for (digest, depth, bytes) in fetched {
-            let Some(bytes) = bytes? else {
-                missing.push(digest);
-                continue;
-            };
-            let dir: Directory = decode(&bytes, "Directory")?;
-            kiln_reapi::tree::check_directory(&dir, depth, &format!("{digest:?}"))
-                .map_err(|e| Status::invalid_argument(format!("input tree: {e}")))?;
-            for f in &dir.files {
-                let d = field(f.digest.as_ref(), function, "FileNode.digest")?;
-                if seen.insert(d) {
-                    blobs.push(d);
-                }
-            }
-            for sub in &dir.directories {
-                let d = field(sub.digest.as_ref(), function, "DirectoryNode.digest")?;
-                if seen.insert(d) {
-                    blobs.push(d);
-                    level.push_back((d, depth + 1));
-                }
-            }
-            if seen.len() > limit {
-                return Err(Status::invalid_argument(format!(
-                    "the input tree has more than {limit} distinct files and directories (execution.max_input_digests)"
-                )));
-            }
-        }
+        Err(Stop::Status(status)) => Err(status),
+        Err(Stop::Walk(e @ WalkError::TooMany(_))) => Err(Status::invalid_argument(format!(
+            "input tree: {e} (execution.max_input_digests)"
+        ))),
+        Err(Stop::Walk(e)) => Err(Status::invalid_argument(format!("input tree: {e}"))),
     }
-    Ok((blobs, missing))
+}
+
+/// What stops the input walk: the walk's own refusal, or a failed fetch or check.
+enum Stop {
+    Walk(WalkError),
+    Status(Status),
+}
+
+impl From<WalkError> for Stop {
+    fn from(e: WalkError) -> Stop {
+        Stop::Walk(e)
+    }
 }
 
 /// FAILED_PRECONDITION naming the missing blobs (see [`kiln_reapi::status::missing_blobs`]).

@@ -73,10 +73,7 @@ impl WorkerApi for WorkerApiService {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let welcome = ServerMessage {
             message: Some(server_message::Message::Welcome(Welcome {
-                keep_alive_interval: Some(prost_types::Duration {
-                    seconds: keepalive.as_secs() as i64,
-                    nanos: 0,
-                }),
+                keep_alive_interval: Some(kiln_reapi::convert::proto_duration(keepalive)),
             })),
         };
         tx.try_send(welcome)
