@@ -82,6 +82,9 @@ pub trait Runtime {
     fn create_new(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<Box<dyn File>>>;
     /// Makes a directory's entries (renames into it) durable.
     fn sync_dir(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<()>>;
+    /// Deletes a file (an upload's temp file) off the event loop: an io_uring `unlinkat`
+    /// where the driver has one, the backend's blocking pool otherwise.
+    fn remove_file(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<()>>;
 }
 
 /// The work a shard thread runs once its executor is up.

@@ -94,6 +94,14 @@ fn files_round_trip_with_owned_buffers() {
             if rt.open_read(&base.join("missing")).await.is_ok() {
                 return Err("opening a missing file must fail".into());
             }
+            rt.remove_file(&path).await.map_err(err)?;
+            if path.exists() {
+                return Err("remove_file left the file".into());
+            }
+            match rt.remove_file(&path).await {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                other => return Err(format!("removing a missing file: {other:?}")),
+            }
             Ok(())
         })
     });

@@ -133,7 +133,7 @@ async fn update_one(
     let temp = svc.layout.temp_path();
     if let Err(e) = blob_io::write_new(&*svc.runtime, &temp, &request.data, svc.limits.fsync).await
     {
-        let _ = std::fs::remove_file(&temp);
+        let _ = svc.runtime.remove_file(&temp).await;
         return Err(BlobError::io("write", &temp, e));
     }
     svc.cas

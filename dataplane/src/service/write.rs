@@ -150,7 +150,7 @@ async fn write(
                 ),
                 Err(_) => {
                     // The parked file is gone; start over (the client learns from the offset).
-                    let _ = std::fs::remove_file(&parked.temp);
+                    let _ = svc.runtime.remove_file(&parked.temp).await;
                     let path = svc.layout.temp_path();
                     match TempWriter::create(&*svc.runtime, path.clone(), digest.size).await {
                         Ok(w) => {
@@ -271,7 +271,7 @@ impl Upload<'_> {
         };
         let path = writer.path().to_path_buf();
         if let Err(e) = writer.finish(self.svc.limits.fsync).await {
-            let _ = std::fs::remove_file(&path);
+            let _ = self.svc.runtime.remove_file(&path).await;
             return Err(BlobError::io("write", &path, e).into());
         }
         let data = self.keep.take().map(concat);
@@ -303,14 +303,14 @@ impl Upload<'_> {
                         })
                     }
                     (Ok((temp, _)), _) => {
-                        let _ = std::fs::remove_file(temp);
+                        let _ = self.svc.runtime.remove_file(&temp).await;
                         None
                     }
                     (Err(_), _) => None,
                 }
             }
             (_, Some(w)) => {
-                w.discard().await;
+                w.discard(&*self.svc.runtime).await;
                 None
             }
             (_, None) => None,

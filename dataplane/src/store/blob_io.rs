@@ -195,10 +195,10 @@ impl TempWriter {
         Ok((self.path, self.written))
     }
 
-    /// Closes and deletes the temp file.
-    pub async fn discard(self) {
+    /// Closes and deletes the temp file (off the event loop, through `runtime`).
+    pub async fn discard(self, runtime: &dyn Runtime) {
         let _ = self.file.close().await;
-        let _ = std::fs::remove_file(&self.path);
+        let _ = runtime.remove_file(&self.path).await;
     }
 }
 

@@ -142,6 +142,12 @@ impl Runtime for GlommioRuntime {
             synced.and(closed)
         })
     }
+
+    fn remove_file(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<()>> {
+        let path = path.to_path_buf();
+        // glommio runs the unlink on its executor's blocking thread.
+        Box::pin(async move { glommio::io::remove(&path).await.map_err(io_err) })
+    }
 }
 
 fn tune(stream: &TcpStream) -> io::Result<()> {

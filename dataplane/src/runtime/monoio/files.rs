@@ -42,6 +42,21 @@ pub(super) fn sync_dir(path: &Path) -> io::Result<()> {
     std::fs::File::open(path)?.sync_all()
 }
 
+/// Deletes a file: `unlinkat` through io_uring, else on the shard's thread pool (monoio's
+/// legacy driver would make the call on the event loop).
+pub(super) fn remove(
+    driver: MonoioDriver,
+    path: PathBuf,
+) -> LocalBoxFuture<'static, io::Result<()>> {
+    Box::pin(async move {
+        match driver {
+            #[cfg(target_os = "linux")]
+            MonoioDriver::Uring => monoio::fs::remove_file(&path).await,
+            _ => blocking(move || std::fs::remove_file(&path)).await,
+        }
+    })
+}
+
 /// Opens a file for the given driver.
 pub(super) fn open(
     driver: MonoioDriver,

@@ -149,6 +149,10 @@ impl Runtime for MonoioRuntime {
         let path = path.to_path_buf();
         Box::pin(async move { files::blocking(move || files::sync_dir(&path)).await })
     }
+
+    fn remove_file(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<()>> {
+        files::remove(self.driver, path.to_path_buf())
+    }
 }
 
 struct MonoioListener(monoio::net::TcpListener);
