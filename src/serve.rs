@@ -71,7 +71,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     control.set_ready(true);
     let (ac_entries, _) = control.action_cache_usage();
     info!(
-        "kiln listening on {} ({}, {} shards, {}); admin on {}; data in {} (CAS {} blobs, {} bytes, scanned in {:.2?}; action cache {} entries)",
+        "kiln listening on {} ({}, {} shards, {}); admin on {}; data in {} (CAS {} blobs, {} bytes, indexed in {:.2?}: {} directories from the index snapshot, {} scanned; action cache {} entries)",
         data.local_addr(),
         if tls.is_some() { "TLS" } else { "plain HTTP/2" },
         data.shards(),
@@ -81,6 +81,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         scan.blobs,
         scan.bytes,
         scan.elapsed,
+        scan.dirs_from_snapshot,
+        scan.dirs_scanned,
         ac_entries,
     );
     if scan.removed > 0 {

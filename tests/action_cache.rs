@@ -1,12 +1,13 @@
 //! ActionCache against a real server: round trips, completeness checking (including files
-//! inside output directory trees), bad input, and instances kept apart.
+//! inside output directory trees, and a result whose blob was evicted after it was found
+//! complete), bad input, and instances kept apart.
 
 #[macro_use]
 mod common;
 
 use bytes::Bytes;
 use common::blobs::{self, digest, write_name};
-use common::Kiln;
+use common::{eventually, Kiln, Options};
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
 use kiln_proto::reapi::{
     self, digest_function::Value as Function, ActionResult, Directory, FileNode,
@@ -272,6 +273,57 @@ on_every_runtime! {
             get(&ch, "a/blobs", f, &action).await.unwrap_err().code(),
             Code::InvalidArgument
         );
+        kiln.stop().await;
+    }
+}
+
+// A result found complete is served from memory without a CAS check while nothing has left
+// the CAS; once its output is evicted, the next lookup checks again and misses.
+on_every_runtime! {
+    async fn a_result_whose_blob_was_evicted_after_a_hit_is_a_miss(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[storage]\ndisk_bytes = \"1 MiB\"\nmemory_bytes = 0\n".into()),
+            ..Options::on(rt)
+        };
+        let data_dir = dir.path().join("data");
+        let kiln = tokio::task::spawn_blocking(move || Kiln::start_with(&data_dir, options))
+            .await
+            .unwrap();
+        let ch = kiln.channel().await;
+        let f = Function::Sha256;
+        let output = common::blobs::pseudo_random(1, 300 << 10);
+        let out = upload(&ch, "", f, &output).await;
+        let action = digest(f, b"evicted later");
+        let result = ActionResult {
+            output_files: vec![output_file("out", &out)],
+            ..Default::default()
+        };
+        update(&ch, "", f, &action, result.clone()).await.unwrap();
+        // Checked, then served again without a check.
+        assert_eq!(get(&ch, "", f, &action).await.unwrap(), result);
+        assert_eq!(get(&ch, "", f, &action).await.unwrap(), result);
+        // Fill the 1 MiB CAS with newer blobs until the output is evicted. Watched on disk,
+        // not through the API: any lookup would mark the output used and keep it.
+        let file = dir
+            .path()
+            .join(format!("data/cas/i_/sha256/{}/{}-{}", &out.hash[..2], out.hash, out.size_bytes));
+        assert!(file.exists(), "{} holds the output", file.display());
+        let mut seed = 10;
+        eventually("the output evicted", || {
+            seed += 1;
+            let ch = ch.clone();
+            let file = file.clone();
+            let data = common::blobs::pseudo_random(seed, 300 << 10);
+            async move {
+                upload(&ch, "", f, &data).await;
+                (!file.exists()).then_some(())
+            }
+        })
+        .await;
+        let err = get(&ch, "", f, &action).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        assert!(err.message().contains("no longer in the CAS"), "{}", err.message());
         kiln.stop().await;
     }
 }

@@ -175,6 +175,10 @@ on_every_runtime! {
         let path = blob_file(&data_dir, &digests[2]);
         let bytes = std::fs::read(&path).unwrap();
         overwrite(&path, &bytes[..10]);
+        // This is the start-up scan's size check: without the index snapshot, every file is
+        // looked at (with it, an in-place change is caught on first read; see
+        // restart_uses_the_index_snapshot_but_never_serves_what_changed).
+        std::fs::remove_file(data_dir.join("cas.index")).unwrap();
 
         let kiln = start(&data_dir, Options::on(rt)).await;
         let ch = kiln.channel().await;
@@ -196,6 +200,72 @@ on_every_runtime! {
             3,
             "damaged blobs are gone, so clients upload them again"
         );
+        kiln.stop().await;
+    }
+}
+
+// A clean stop writes the index snapshot and the next start takes unchanged directories from
+// it. What changed behind the server's back is never served: a file removed (its directory
+// changed) is missing at once, a file cut short in place (its directory unchanged) is caught
+// on its first read; and a torn snapshot is ignored.
+on_every_runtime! {
+    async fn restart_uses_the_index_snapshot_but_never_serves_what_changed(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let f = Function::Sha256;
+        let data: Vec<Vec<u8>> = (0..40).map(|n| pseudo_random(300 + n, 3000)).collect();
+        let digests: Vec<reapi::Digest> = data.iter().map(|b| digest(f, b)).collect();
+        {
+            let kiln = start(&data_dir, Options::on(rt)).await;
+            let ch = kiln.channel().await;
+            for (d, bytes) in digests.iter().zip(&data) {
+                blobs::write(&ch, &write_name("", f, d), bytes, 1 << 16)
+                    .await
+                    .unwrap();
+            }
+            drop(ch);
+            let kiln = tokio::task::spawn_blocking(move || {
+                let mut kiln = kiln;
+                kiln.sigterm();
+                assert!(kiln.wait().success(), "{}", kiln.log_text());
+                kiln
+            })
+            .await
+            .unwrap();
+            assert!(kiln.log_text().contains("index snapshot written"), "{}", kiln.log_text());
+        }
+        assert!(data_dir.join("cas.index").exists());
+        // Removed behind the server's back, and cut short in place.
+        std::fs::remove_file(blob_file(&data_dir, &digests[0])).unwrap();
+        let short = blob_file(&data_dir, &digests[1]);
+        overwrite(&short, &data[1][..10]);
+
+        let kiln = start(&data_dir, Options::on(rt)).await;
+        let log = kiln.log_text();
+        assert!(!log.contains(" 0 directories from the index snapshot"), "{log}");
+        let ch = kiln.channel().await;
+        let missing = blobs::find_missing(&ch, "", f, digests.clone()).await;
+        assert_eq!(missing, vec![digests[0].clone()], "the removed blob is missing at once");
+        let err = blobs::read(&ch, &read_name("", f, &digests[1]), 0, 0)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        let missing = blobs::find_missing(&ch, "", f, digests.clone()).await;
+        assert_eq!(missing.len(), 2, "the short blob is gone after its read");
+        for (d, bytes) in digests.iter().zip(&data).skip(2) {
+            assert_eq!(&blobs::read(&ch, &read_name("", f, d), 0, 0).await.unwrap(), bytes);
+        }
+        kiln.stop().await;
+
+        // A torn snapshot: not used, everything is scanned, nothing is lost.
+        let bytes = std::fs::read(data_dir.join("cas.index")).unwrap();
+        std::fs::write(data_dir.join("cas.index"), &bytes[..bytes.len() - 1]).unwrap();
+        let kiln = start(&data_dir, Options::on(rt)).await;
+        let log = kiln.log_text();
+        assert!(log.contains(" 0 directories from the index snapshot"), "{log}");
+        let ch = kiln.channel().await;
+        let missing = blobs::find_missing(&ch, "", f, digests[2..].to_vec()).await;
+        assert!(missing.is_empty(), "{missing:?}");
         kiln.stop().await;
     }
 }

@@ -82,6 +82,9 @@ pub(crate) fn max_parked_uploads() -> usize {
 pub(crate) fn action_cache_bytes() -> ByteSize {
     ByteSize::mib(512)
 }
+pub(crate) fn action_cache_memory_bytes() -> ByteSize {
+    ByteSize::mib(64)
+}
 pub(crate) fn max_action_result_bytes() -> ByteSize {
     ByteSize::mib(4)
 }

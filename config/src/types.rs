@@ -289,6 +289,8 @@ pub struct ActionCacheConfig {
     pub max_entry_bytes: ByteSize,
     /// Serve an entry only when every blob it references is in the CAS.
     pub completeness_check: bool,
+    /// Copies of recently used results kept in memory (0: every hit reads its file).
+    pub memory_bytes: ByteSize,
 }
 
 impl Default for ActionCacheConfig {
@@ -297,6 +299,7 @@ impl Default for ActionCacheConfig {
             max_bytes: d::action_cache_bytes(),
             max_entry_bytes: d::max_action_result_bytes(),
             completeness_check: d::yes(),
+            memory_bytes: d::action_cache_memory_bytes(),
         }
     }
 }

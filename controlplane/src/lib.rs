@@ -65,6 +65,7 @@ impl ControlPlane {
                 max_entry_bytes: config.action_cache.max_entry_bytes.as_u64(),
                 fsync: config.storage.fsync,
                 atime_resolution: Duration::from_secs(config.storage.access_time_resolution_secs),
+                memory_bytes: config.action_cache.memory_bytes.as_u64(),
             },
         )?;
         let max_message = config.server.max_message_bytes.as_u64() as usize;
@@ -80,6 +81,7 @@ impl ControlPlane {
             CheckLimits {
                 max_tree_bytes: config.server.max_message_bytes.as_u64().max(64 << 20),
                 max_digests: 1_000_000,
+                recheck_after: Duration::from_secs(config.storage.access_time_resolution_secs),
             },
         ));
         let ac_service =

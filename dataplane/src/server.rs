@@ -13,6 +13,7 @@ use crate::store::accounting::Accounting;
 use crate::store::layout::Layout;
 use crate::store::owner::{Owner, StoreSettings};
 use crate::store::scan::{scan, ScanReport, ShardEntries, TreeKind};
+use crate::store::snapshot;
 use crate::store::{CasClient, ShardQueues};
 use crate::tls::TlsAccept;
 use futures::future::{select, Either};
@@ -20,7 +21,7 @@ use kiln_config::Config;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
@@ -54,9 +55,15 @@ impl OpenedStore {
             accounting.clone(),
         );
         let threads = shards.clamp(1, 16);
-        let (entries, report) = scan(&layout, TreeKind::Blobs, shards, threads, |key| {
-            cas.owner_of(&key.digest)
-        })?;
+        let snapshot = snapshot::load(&layout.index_file());
+        let (entries, report) = scan(
+            &layout,
+            TreeKind::Blobs,
+            shards,
+            threads,
+            snapshot.as_ref(),
+            |key| cas.owner_of(&key.digest),
+        )?;
         Ok(OpenedStore {
             cas,
             queues,
@@ -88,6 +95,9 @@ pub struct DataPlane {
     drained: Option<Drain>,
     threads: Vec<std::thread::JoinHandle<()>>,
     cas: CasClient,
+    layout: Layout,
+    /// Each owner's blobs when it stopped, for the index snapshot.
+    stopped_owners: Arc<Mutex<Vec<snapshot::Grouped>>>,
 }
 
 impl DataPlane {
@@ -106,6 +116,7 @@ impl DataPlane {
         let shutdown = Shutdown::new();
         let stop_owners = Shutdown::new();
         let drained = Drain::new();
+        let stopped_owners = Arc::new(Mutex::new(Vec::with_capacity(shards)));
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let h2 = Http2Settings::from_config(&config.server);
         let slots = ConnectionSlots::new(config.server.max_connections);
@@ -159,6 +170,7 @@ impl DataPlane {
                 stop_owners: stop_owners.watch(),
                 drained: drained.guard(),
                 ready: ready_tx.clone(),
+                stopped_owners: stopped_owners.clone(),
             };
             let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
             threads.push(backend.start_shard(
@@ -177,6 +189,8 @@ impl DataPlane {
             drained: Some(drained),
             threads,
             cas,
+            layout: layout.clone(),
+            stopped_owners,
         };
         for _ in 0..shards {
             match ready_rx.recv() {
@@ -228,10 +242,38 @@ impl DataPlane {
         }
     }
 
-    /// Stops the owners (after [`DataPlane::begin_shutdown`] drained, or its grace expired)
-    /// and joins the shard threads.
+    /// Stops the owners (after [`DataPlane::begin_shutdown`] drained, or its grace expired),
+    /// joins the shard threads, and persists the index for the next start (see
+    /// [`crate::store::snapshot`]) once every owner has stopped cleanly.
     pub fn finish_shutdown(mut self) {
         self.abort();
+        let owners = std::mem::take(&mut *lock(&self.stopped_owners));
+        if owners.len() != self.shards {
+            warn!(
+                stopped = owners.len(),
+                shards = self.shards,
+                "not every owner stopped cleanly; no index snapshot (the next start scans)"
+            );
+            return;
+        }
+        let started = std::time::Instant::now();
+        // The snapshot is made durable; the blobs it lists must be too (with storage.fsync
+        // off they may still be in the page cache).
+        if let Err(e) = snapshot::sync_filesystem(self.layout.tree_dir()) {
+            warn!(error = %e, "cannot sync the CAS's filesystem; no index snapshot (the next start scans)");
+            return;
+        }
+        let snapshot = snapshot::stamp(&self.layout, owners);
+        let blobs: usize = snapshot.values().map(|d| d.blobs.len()).sum();
+        match snapshot::write(&self.layout.index_file(), &snapshot) {
+            Ok(()) => info!(
+                blobs,
+                directories = snapshot.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "index snapshot written"
+            ),
+            Err(e) => warn!(error = %e, "cannot write the index snapshot; the next start scans"),
+        }
     }
 
     fn abort(&mut self) {
@@ -269,6 +311,7 @@ struct ShardSpec {
     stop_owners: ShutdownWatch,
     drained: Option<crate::shutdown::DrainGuard>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
+    stopped_owners: Arc<Mutex<Vec<snapshot::Grouped>>>,
 }
 
 impl ShardSpec {
@@ -292,6 +335,7 @@ impl ShardSpec {
             stop_owners,
             drained,
             ready,
+            stopped_owners,
         } = self;
         let owner = match Owner::new(
             index,
@@ -314,7 +358,8 @@ impl ShardSpec {
         {
             let stop = stop_owners.clone();
             runtime.spawn(Box::pin(async move {
-                owner.run(queue, stop).await;
+                let blobs = owner.run(queue, stop).await;
+                lock(&stopped_owners).push(blobs);
                 let _ = owner_done_tx.send(());
             }));
         }
@@ -391,4 +436,9 @@ impl ShardSpec {
         stop_owners.wait().await;
         let _ = owner_done.await;
     }
+}
+
+/// Locks a mutex, whether or not another thread panicked holding it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

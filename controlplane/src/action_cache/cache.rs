@@ -4,10 +4,12 @@
 use super::completeness::{self, CheckLimits, Incomplete};
 use super::AcStore;
 use crate::error::ControlError;
+use kiln_dataplane::store::atime;
 use kiln_dataplane::store::CasClient;
 use kiln_proto::reapi::ActionResult;
 use kiln_reapi::digest::BlobKey;
 use prost::Message;
+use std::sync::atomic::Ordering;
 use tracing::debug;
 
 /// Stored action results, completeness-checked against the CAS.
@@ -34,45 +36,63 @@ impl ActionCache {
         }
     }
 
-    /// The result for an action, if stored and complete (a hit marks its blobs used).
+    /// The result for an action, if stored and complete (a hit marks its blobs used). A
+    /// result found complete is not checked again while no blob has left the CAS since that
+    /// check ([`kiln_dataplane::store::accounting::Accounting::removals`]: every blob it
+    /// references is then still there) and the check is younger than
+    /// [`CheckLimits::recheck_after`] (so a hot result still marks its blobs used that often,
+    /// and they keep their place in the LRU).
     pub async fn get(&self, key: &BlobKey) -> Result<ActionResult, ControlError> {
         let digest = key.digest;
         let miss = || ControlError::NotFound(format!("no action result for {digest:?}"));
-        let Some(data) = self.store.get(key).await? else {
+        let Some(stored) = self.store.get(key).await? else {
             return Err(miss());
         };
-        let Ok(result) = ActionResult::decode(data) else {
+        let Ok(result) = ActionResult::decode(stored.data) else {
             tracing::warn!(action = ?digest, "stored action result does not decode; dropping it");
             self.store.remove(key);
             return Err(miss());
         };
-        if self.completeness {
-            match completeness::check(
-                &self.cas,
-                &key.instance,
-                digest.function,
-                &result,
-                self.limits,
-            )
-            .await?
-            {
-                None => {}
-                Some(Incomplete::Missing(blobs)) => {
-                    debug!(action = ?digest, missing = blobs.len(), "action result incomplete; reporting a miss");
-                    return Err(ControlError::Incomplete(format!(
-                        "action result for {digest:?} references {} blob(s) no longer in the CAS, e.g. {:?}",
-                        blobs.len(),
-                        blobs[0]
-                    )));
-                }
-                Some(Incomplete::Malformed(why)) => {
-                    tracing::warn!(action = ?digest, why, "action result references malformed data; dropping it");
-                    self.store.remove(key);
-                    return Err(miss());
-                }
+        if !self.completeness {
+            return Ok(result);
+        }
+        // Read before the check: a removal during the check moves it, so the next hit checks.
+        let removals = self.cas.accounting().removals();
+        let now = atime::now();
+        let mark = &stored.checked;
+        let fresh = now.saturating_sub(mark.at.load(Ordering::Acquire))
+            < self.limits.recheck_after.as_nanos() as u64;
+        if fresh && mark.removals.load(Ordering::Acquire) == removals {
+            return Ok(result);
+        }
+        match completeness::check(
+            &self.cas,
+            &key.instance,
+            digest.function,
+            &result,
+            self.limits,
+        )
+        .await?
+        {
+            None => {
+                mark.at.store(now, Ordering::Release);
+                mark.removals.store(removals, Ordering::Release);
+                Ok(result)
+            }
+            Some(Incomplete::Missing(blobs)) => {
+                debug!(action = ?digest, missing = blobs.len(), "action result incomplete; reporting a miss");
+                Err(ControlError::Incomplete(format!(
+                    "action result for {digest:?} references {} blob(s) no longer in the CAS, e.g. {:?}",
+                    blobs.len(),
+                    blobs[0]
+                )))
+            }
+            Some(Incomplete::Malformed(why)) => {
+                tracing::warn!(action = ?digest, why, "action result references malformed data; dropping it");
+                self.store.remove(key);
+                Err(miss())
             }
         }
-        Ok(result)
     }
 
     /// Stores the result for an action.

@@ -24,6 +24,9 @@ pub struct CheckLimits {
     pub max_tree_bytes: u64,
     /// Most distinct digests (directories and files) walked for one directory-format output.
     pub max_digests: usize,
+    /// A result found complete is checked again after this long even when no blob has left
+    /// the CAS, so that a hit keeps marking its blobs used.
+    pub recheck_after: std::time::Duration,
 }
 
 /// Why a result is not complete.

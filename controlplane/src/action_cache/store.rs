@@ -1,6 +1,9 @@
 //! The action cache on disk: one file per action digest (a serialized `ActionResult`) in the
 //! same tree shape as the CAS, an LRU index rebuilt at start-up by access time, and a byte
 //! cap. Writes go to a temp file, are synced when configured, and are renamed into place.
+//! Recently used results are also kept in memory (moka, TinyLFU, weighted by size), so a hit
+//! reads no file and needs no blocking thread; the index decides what exists, the memory only
+//! saves the read.
 
 use crate::error::ControlError;
 use bytes::Bytes;
@@ -10,7 +13,18 @@ use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::scan::{scan, ScanReport, TreeKind};
 use kiln_reapi::digest::BlobKey;
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Where a result is, as far as memory can tell.
+enum Lookup {
+    /// Not stored.
+    Absent,
+    /// In memory; with the access time to write to its file, when due.
+    Memory(Stored, Option<u64>),
+    /// Stored, to be read from its file; with the access time to write, when due.
+    Disk(Option<u64>),
+}
 
 /// Settings of the action-cache store.
 #[derive(Debug, Clone)]
@@ -23,7 +37,40 @@ pub struct AcSettings {
     pub fsync: bool,
     /// Access times are written to files at most this often.
     pub atime_resolution: std::time::Duration,
+    /// Bytes of results kept in memory (0: none).
+    pub memory_bytes: u64,
 }
+
+/// A stored result, as the store hands it out.
+#[derive(Clone)]
+pub struct Stored {
+    /// The serialized `ActionResult`.
+    pub data: Bytes,
+    /// Shared by every hit of this stored version of the entry (a new `put` starts a new
+    /// one): lets the cache remember that the result was found complete, and when.
+    pub checked: Arc<CheckMark>,
+}
+
+/// When a stored result was last found complete.
+#[derive(Debug)]
+pub struct CheckMark {
+    /// The CAS's removal count read before that check ([`NEVER_CHECKED`] before any).
+    pub removals: AtomicU64,
+    /// When it was made (nanoseconds since the Unix epoch).
+    pub at: AtomicU64,
+}
+
+impl CheckMark {
+    fn new() -> Arc<CheckMark> {
+        Arc::new(CheckMark {
+            removals: AtomicU64::new(NEVER_CHECKED),
+            at: AtomicU64::new(0),
+        })
+    }
+}
+
+/// `CheckMark::removals` before any completeness check.
+pub const NEVER_CHECKED: u64 = u64::MAX;
 
 /// The durable action cache.
 #[derive(Clone)]
@@ -35,13 +82,16 @@ struct Inner {
     layout: Layout,
     settings: AcSettings,
     index: Mutex<BlobIndex>,
+    /// In-memory copies, changed only under the index lock so that they never outlive their
+    /// index entry.
+    memory: Option<moka::sync::Cache<BlobKey, Stored>>,
 }
 
 impl AcStore {
     /// Opens (creating if needed) the action cache under `data_dir` and indexes it.
     pub fn open(data_dir: &Path, settings: AcSettings) -> std::io::Result<(AcStore, ScanReport)> {
         let layout = Layout::action_cache(data_dir);
-        let (mut shards, report) = scan(&layout, TreeKind::Entries, 1, 4, |_| 0)?;
+        let (mut shards, report) = scan(&layout, TreeKind::Entries, 1, 4, None, |_| 0)?;
         let mut index = BlobIndex::new();
         for (key, entry) in shards.pop().unwrap_or_default() {
             // Results are small and were written whole by this server: no hash to check.
@@ -53,11 +103,21 @@ impl AcStore {
                 },
             );
         }
+        let memory = (settings.memory_bytes > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(settings.memory_bytes)
+                .weigher(|key: &BlobKey, v: &Stored| {
+                    let bytes = v.data.len() + std::mem::size_of_val(key) + 64;
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .build()
+        });
         let store = AcStore {
             inner: Arc::new(Inner {
                 layout,
                 settings,
                 index: Mutex::new(index),
+                memory,
             }),
         };
         let mut index = store.inner.lock();
@@ -72,11 +132,25 @@ impl AcStore {
         (index.len(), index.bytes())
     }
 
-    /// The stored result for an action, if any (and marks it used).
-    pub async fn get(&self, key: &BlobKey) -> Result<Option<Bytes>, ControlError> {
+    /// The stored result for an action, if any (and marks it used). A result held in memory
+    /// is served without touching the disk (its access time is written later, off this task).
+    pub async fn get(&self, key: &BlobKey) -> Result<Option<Stored>, ControlError> {
+        let persist = match self.inner.lookup(key) {
+            Lookup::Absent => return Ok(None),
+            Lookup::Memory(stored, persist) => {
+                if let Some(t) = persist {
+                    let path = self.inner.layout.blob_path(key);
+                    drop(tokio::task::spawn_blocking(move || {
+                        atime::persist(&path, t)
+                    }));
+                }
+                return Ok(Some(stored));
+            }
+            Lookup::Disk(persist) => persist,
+        };
         let inner = self.inner.clone();
         let key = key.clone();
-        tokio::task::spawn_blocking(move || inner.get(&key))
+        tokio::task::spawn_blocking(move || inner.read(&key, persist))
             .await
             .map_err(|e| {
                 ControlError::io("read", Path::new("action cache"), std::io::Error::other(e))
@@ -103,7 +177,10 @@ impl AcStore {
 
     /// Drops an entry that turned out to be unusable.
     pub fn remove(&self, key: &BlobKey) {
-        let removed = self.inner.lock().remove(key);
+        let mut index = self.inner.lock();
+        let removed = index.remove(key);
+        self.inner.forget(key);
+        drop(index);
         if removed.is_some() {
             let _ = std::fs::remove_file(self.inner.layout.blob_path(key));
         }
@@ -115,36 +192,68 @@ impl Inner {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn get(&self, key: &BlobKey) -> Result<Option<Bytes>, ControlError> {
+    /// Marks `key` used; `persist` is the access time to write to its file, when one is due.
+    fn touch(&self, index: &mut BlobIndex, key: &BlobKey) -> Option<Option<u64>> {
         let now = atime::now();
-        let persist = {
-            let mut index = self.lock();
-            let Some(entry) = index.touch(key, now) else {
-                return Ok(None);
-            };
-            let due = atime::due(
-                entry.atime,
-                entry.persisted_atime,
-                self.settings.atime_resolution,
-            );
-            if due {
-                entry.persisted_atime = entry.atime;
-            }
-            due.then_some(entry.atime)
+        let entry = index.touch(key, now)?;
+        let due = atime::due(
+            entry.atime,
+            entry.persisted_atime,
+            self.settings.atime_resolution,
+        );
+        if due {
+            entry.persisted_atime = entry.atime;
+        }
+        Some(due.then_some(entry.atime))
+    }
+
+    /// Whether `key` is stored, and where (marking it used).
+    fn lookup(&self, key: &BlobKey) -> Lookup {
+        let mut index = self.lock();
+        let Some(persist) = self.touch(&mut index, key) else {
+            return Lookup::Absent;
         };
+        match self.memory.as_ref().and_then(|m| m.get(key)) {
+            Some(stored) => Lookup::Memory(stored, persist),
+            None => Lookup::Disk(persist),
+        }
+    }
+
+    /// Reads a stored entry's file (blocking; [`Inner::lookup`] already marked it used and
+    /// said whether its access time is due) and keeps it in memory afterwards.
+    fn read(&self, key: &BlobKey, persist: Option<u64>) -> Result<Option<Stored>, ControlError> {
         let path = self.layout.blob_path(key);
         match std::fs::read(&path) {
             Ok(data) => {
                 if let Some(t) = persist {
                     atime::persist(&path, t);
                 }
-                Ok(Some(Bytes::from(data)))
+                let stored = Stored {
+                    data: Bytes::from(data),
+                    checked: CheckMark::new(),
+                };
+                if let Some(memory) = &self.memory {
+                    // Only if it is still indexed: a put or an eviction since the read wins.
+                    let index = self.lock();
+                    if index.peek(key).is_some() && !memory.contains_key(key) {
+                        memory.insert(key.clone(), stored.clone());
+                    }
+                }
+                Ok(Some(stored))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.lock().remove(key);
+                self.forget(key);
                 Ok(None)
             }
             Err(e) => Err(ControlError::io("read", &path, e)),
+        }
+    }
+
+    /// Drops the in-memory copy (call with the index locked).
+    fn forget(&self, key: &BlobKey) {
+        if let Some(memory) = &self.memory {
+            memory.invalidate(key);
         }
     }
 
@@ -166,6 +275,13 @@ impl Inner {
             let _ = std::fs::remove_file(&temp);
             return Err(ControlError::io("rename into", &path, e));
         }
+        if let Some(memory) = &self.memory {
+            let stored = Stored {
+                data: Bytes::copy_from_slice(data),
+                checked: CheckMark::new(),
+            };
+            memory.insert(key.clone(), stored);
+        }
         index.insert(key, Entry::fresh(data.len() as u64, atime::now()));
         self.evict_over_cap(&mut index);
         drop(index);
@@ -186,6 +302,7 @@ impl Inner {
             let Some((key, _)) = index.pop_oldest_unpinned() else {
                 break;
             };
+            self.forget(&key);
             let _ = std::fs::remove_file(self.layout.blob_path(&key));
         }
     }
@@ -213,6 +330,7 @@ mod tests {
     use super::*;
     use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
     use kiln_reapi::status::Classify;
+    use std::sync::atomic::Ordering;
 
     fn settings(max_bytes: u64) -> AcSettings {
         AcSettings {
@@ -220,6 +338,7 @@ mod tests {
             max_entry_bytes: 1 << 20,
             fsync: true,
             atime_resolution: std::time::Duration::from_secs(60),
+            memory_bytes: 1 << 20,
         }
     }
 
@@ -251,11 +370,11 @@ mod tests {
         let (store, report) = AcStore::open(dir.path(), settings(1 << 20)).unwrap();
         assert_eq!(report.blobs, 2);
         assert_eq!(
-            store.get(&key("a", 1)).await.unwrap().unwrap(),
+            store.get(&key("a", 1)).await.unwrap().unwrap().data,
             Bytes::from_static(b"result-a2")
         );
         assert_eq!(
-            store.get(&key("b", 1)).await.unwrap().unwrap(),
+            store.get(&key("b", 1)).await.unwrap().unwrap().data,
             Bytes::from_static(b"result-b")
         );
         assert!(store.get(&key("c", 1)).await.unwrap().is_none());
@@ -300,5 +419,61 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.status().code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn memory_copies_follow_puts_evictions_and_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = AcStore::open(dir.path(), settings(30)).unwrap();
+        store
+            .put(key("", 1), Bytes::from_static(b"first"))
+            .await
+            .unwrap();
+        let first = store.get(&key("", 1)).await.unwrap().unwrap();
+        first.checked.removals.store(7, Ordering::Relaxed);
+        // Served from memory even with the file gone (the index says it exists)...
+        std::fs::remove_file(store.inner.layout.blob_path(&key("", 1))).unwrap();
+        let again = store.get(&key("", 1)).await.unwrap().unwrap();
+        assert_eq!(again.data, Bytes::from_static(b"first"));
+        assert_eq!(
+            again.checked.removals.load(Ordering::Relaxed),
+            7,
+            "one shared check mark"
+        );
+        // ...and a put replaces the copy and its check mark.
+        store
+            .put(key("", 1), Bytes::from_static(b"second"))
+            .await
+            .unwrap();
+        let second = store.get(&key("", 1)).await.unwrap().unwrap();
+        assert_eq!(second.data, Bytes::from_static(b"second"));
+        assert_eq!(
+            second.checked.removals.load(Ordering::Relaxed),
+            NEVER_CHECKED
+        );
+        // An evicted entry is not served from memory.
+        for n in 2..5 {
+            store
+                .put(key("", n), Bytes::from(vec![n; 10]))
+                .await
+                .unwrap();
+        }
+        assert!(store.get(&key("", 1)).await.unwrap().is_none(), "evicted");
+        // Nor a removed one.
+        store.remove(&key("", 4));
+        assert!(store.get(&key("", 4)).await.unwrap().is_none(), "removed");
+        // Without memory, every hit reads its file.
+        let (plain, _) = AcStore::open(
+            dir.path(),
+            AcSettings {
+                memory_bytes: 0,
+                ..settings(30)
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            plain.get(&key("", 3)).await.unwrap().unwrap().data,
+            Bytes::from(vec![3u8; 10])
+        );
     }
 }

@@ -42,6 +42,9 @@ pub struct Accounting {
     pinned: AtomicU64,
     /// Bytes held by uploads in progress or parked.
     staging: AtomicU64,
+    /// Blobs that have left the index (evicted or found corrupt) since start: when it has not
+    /// moved, every blob seen present before is still present.
+    removals: AtomicU64,
 }
 
 impl Accounting {
@@ -55,6 +58,7 @@ impl Accounting {
             per_shard: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             pinned: AtomicU64::new(0),
             staging: AtomicU64::new(0),
+            removals: AtomicU64::new(0),
         }
     }
 
@@ -115,14 +119,21 @@ impl Accounting {
         }
     }
 
+    /// How many blobs have left the store since start. Read it before checking that blobs are
+    /// present: while it has not moved, they still are.
+    pub fn removals(&self) -> u64 {
+        self.removals.load(Ordering::SeqCst)
+    }
+
     /// Records bytes added by `shard`.
     pub fn add(&self, shard: usize, bytes: u64) {
         self.used.fetch_add(bytes, Ordering::Relaxed);
         self.per_shard[shard].fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Records bytes removed by `shard`.
+    /// Records a blob of `bytes` removed by `shard` (counted in [`Accounting::removals`]).
     pub fn remove(&self, shard: usize, bytes: u64) {
+        self.removals.fetch_add(1, Ordering::SeqCst);
         self.used.fetch_sub(bytes, Ordering::Relaxed);
         self.per_shard[shard].fetch_sub(bytes, Ordering::Relaxed);
     }

@@ -88,6 +88,11 @@ impl BlobIndex {
         }
     }
 
+    /// Every blob, most recently used first.
+    pub fn iter(&self) -> impl Iterator<Item = (&BlobKey, &Entry)> {
+        self.map.iter()
+    }
+
     /// Looks a blob up without changing its recency.
     pub fn peek(&self, key: &BlobKey) -> Option<&Entry> {
         self.map.peek(key)

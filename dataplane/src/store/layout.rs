@@ -50,6 +50,11 @@ impl Layout {
         &self.tree
     }
 
+    /// The index snapshot written at a clean stop (`cas.index` beside `cas/`).
+    pub fn index_file(&self) -> PathBuf {
+        self.tree.with_extension("index")
+    }
+
     /// Where files are written before they are committed.
     pub fn tmp_dir(&self) -> &Path {
         &self.tmp

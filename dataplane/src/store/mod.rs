@@ -22,6 +22,7 @@ pub mod memory;
 pub mod owner;
 pub mod parked;
 pub mod scan;
+pub mod snapshot;
 pub mod upload;
 
 pub use client::{CasClient, ShardQueues};

@@ -14,6 +14,7 @@ use super::index::{BlobIndex, Entry};
 use super::layout::Layout;
 use super::memory::MemoryTier;
 use super::parked::{Claim, ParkedUpload, UploadTable};
+use super::snapshot;
 use super::StoreError;
 use crate::runtime::Runtime;
 use crate::shutdown::ShutdownWatch;
@@ -109,12 +110,13 @@ impl Owner {
         }))
     }
 
-    /// Serves commands until `stop` fires, then drops parked uploads and flushes access times.
+    /// Serves commands until `stop` fires, then drops parked uploads and flushes access times;
+    /// returns its blobs grouped by directory, for the index snapshot.
     pub(crate) async fn run(
         self: Rc<Self>,
         queue: async_channel::Receiver<Command>,
         stop: ShutdownWatch,
-    ) {
+    ) -> snapshot::Grouped {
         let maintenance = {
             let owner = self.clone();
             let stop = stop.clone();
@@ -135,6 +137,7 @@ impl Owner {
         self.flush_atimes(usize::MAX);
         self.lane.drained().await;
         debug!(shard = self.shard, "owner stopped");
+        snapshot::group(self.index.borrow().iter())
     }
 
     fn handle(self: &Rc<Self>, command: Command) {
@@ -534,9 +537,11 @@ impl Owner {
             let Some((key, entry)) = self.index.borrow_mut().pop_oldest_unpinned() else {
                 break;
             };
-            self.remove_later(self.layout.blob_path(&key));
-            self.memory.remove(&key);
+            // Counted as a removal before its file goes: whoever sees the file gone also sees
+            // the removal count moved (the action cache's completeness shortcut relies on it).
             self.accounting.remove(self.shard, entry.size);
+            self.memory.remove(&key);
+            self.remove_later(self.layout.blob_path(&key));
             freed += entry.size;
             self.metrics().evictions.inc();
             self.metrics().evicted_bytes.inc_by(entry.size);

@@ -1,11 +1,14 @@
 //! Start-up: rebuild every shard's index from the files on disk, oldest access first, so that
 //! eviction after a restart removes what was least recently used before it. Directories are
 //! scanned on several threads (a large CAS is mostly `stat` calls). Files whose size does not
-//! match their name (cut short by a crash) are deleted; the temp directory is emptied.
+//! match their name (cut short by a crash) are deleted; the temp directory is emptied. With
+//! an index snapshot from the last clean stop, a directory unchanged since then is taken from
+//! the snapshot and only the others are scanned (see [`super::snapshot`]).
 
 use super::atime;
 use super::index::Entry;
 use super::layout::{parse_blob_file_name, Layout, INSTANCE_FILE};
+use super::snapshot::{DirKey, DirStamp, Snapshot};
 use kiln_reapi::digest::{BlobKey, DigestFunction, InstanceName};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -27,6 +30,10 @@ pub struct ScanReport {
     pub ignored: u64,
     /// Leftover upload temp files deleted.
     pub temp_removed: u64,
+    /// Blob directories taken from the index snapshot.
+    pub dirs_from_snapshot: u64,
+    /// Blob directories scanned file by file.
+    pub dirs_scanned: u64,
     /// Time taken.
     pub elapsed: Duration,
 }
@@ -44,12 +51,13 @@ pub enum TreeKind {
 }
 
 /// Creates the directories, empties `tmp/`, and indexes `cas/` for `shards` shards, owner
-/// chosen by `owner_of`.
+/// chosen by `owner_of`; directories whose stamp matches `snapshot` come from it.
 pub fn scan(
     layout: &Layout,
     kind: TreeKind,
     shards: usize,
     threads: usize,
+    snapshot: Option<&Snapshot>,
     owner_of: impl Fn(&BlobKey) -> usize + Sync,
 ) -> io::Result<(ShardEntries, ScanReport)> {
     let start = Instant::now();
@@ -64,6 +72,7 @@ pub fn scan(
     }
 
     let mut work: Vec<(InstanceName, DigestFunction, PathBuf)> = Vec::new();
+    let mut restored: ShardEntries = (0..shards).map(|_| Vec::new()).collect();
     for entry in std::fs::read_dir(layout.tree_dir())? {
         let dir = entry?.path();
         if !dir.is_dir() {
@@ -80,8 +89,37 @@ pub fn scan(
             };
             for sub in fanout.flatten() {
                 let p = sub.path();
-                if p.is_dir() {
-                    work.push((instance.clone(), function, p));
+                let Ok(meta) = std::fs::metadata(&p) else {
+                    continue;
+                };
+                if !meta.is_dir() {
+                    continue;
+                }
+                let known = fanout_byte(&p).and_then(|fanout| {
+                    let key = DirKey {
+                        instance: instance.clone(),
+                        function,
+                        fanout,
+                    };
+                    snapshot?
+                        .get(&key)
+                        .filter(|d| d.stamp == DirStamp::of(&meta))
+                });
+                match known {
+                    Some(dir) => {
+                        report.dirs_from_snapshot += 1;
+                        for &(digest, atime) in &dir.blobs {
+                            let key = BlobKey::new(instance.clone(), digest);
+                            report.blobs += 1;
+                            report.bytes += digest.size;
+                            restored[owner_of(&key)]
+                                .push((key, Entry::scanned(digest.size, atime)));
+                        }
+                    }
+                    None => {
+                        report.dirs_scanned += 1;
+                        work.push((instance.clone(), function, p));
+                    }
                 }
             }
         }
@@ -124,15 +162,23 @@ pub fn scan(
         }
     });
     let (mut entries, counts) = results.into_inner().unwrap_or_else(|e| e.into_inner());
-    for shard in &mut entries {
+    for (shard, from_snapshot) in entries.iter_mut().zip(restored) {
+        shard.extend(from_snapshot);
         shard.sort_by_key(|(_, e)| e.atime);
     }
-    report.blobs = counts.blobs;
-    report.bytes = counts.bytes;
+    report.blobs += counts.blobs;
+    report.bytes += counts.bytes;
     report.removed = counts.removed;
     report.ignored = counts.ignored;
     report.elapsed = start.elapsed();
     Ok((entries, report))
+}
+
+/// The fan-out byte a blob directory is named for (`"ab"` → 0xab).
+fn fanout_byte(dir: &Path) -> Option<u8> {
+    let name = dir.file_name()?.to_str()?;
+    let byte = u8::from_str_radix(name, 16).ok()?;
+    (name == hex::encode([byte])).then_some(byte)
 }
 
 fn read_instance_name(dir: &Path) -> Option<InstanceName> {
@@ -194,5 +240,109 @@ fn scan_dir(
         counts.bytes += meta.len();
         let shard = owner_of(&key);
         out[shard].push((key, Entry::scanned(meta.len(), atime)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::snapshot;
+
+    /// Stores `n`-th test blob as a file, as a commit would.
+    fn put(layout: &Layout, n: u32) -> BlobKey {
+        let data = n.to_le_bytes().repeat(1 + n as usize % 5);
+        let key = BlobKey::new(
+            InstanceName::new("main").unwrap(),
+            kiln_reapi::digest::Digest::of(DigestFunction::Sha256, &data),
+        );
+        layout.ensure_blob_dir(&key).unwrap();
+        std::fs::write(layout.blob_path(&key), &data).unwrap();
+        key
+    }
+
+    fn keys(entries: &ShardEntries) -> std::collections::BTreeSet<BlobKey> {
+        entries.iter().flatten().map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Waits until the filesystem's clock has moved past `stamp` (directory times are coarse:
+    /// a change within the same tick as the stamp would be invisible to it).
+    fn wait_for_tick_after(scratch: &Path, dir: &Path) {
+        let stamp = DirStamp::of(&std::fs::metadata(dir).unwrap());
+        for _ in 0..100_000 {
+            std::fs::write(scratch.join("tick"), b"x").unwrap();
+            let probe = DirStamp::of(&std::fs::metadata(scratch).unwrap());
+            if probe.mtime > stamp.mtime && probe.ctime > stamp.ctime {
+                return;
+            }
+            std::fs::remove_file(scratch.join("tick")).unwrap();
+        }
+        panic!("the filesystem clock did not move");
+    }
+
+    #[test]
+    fn unchanged_directories_come_from_the_snapshot_and_changed_ones_are_scanned() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::cas(&dir.path().join("data"));
+        std::fs::create_dir_all(layout.tree_dir()).unwrap();
+        std::fs::create_dir_all(layout.tmp_dir()).unwrap();
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let stored: Vec<BlobKey> = (0..300).map(|n| put(&layout, n)).collect();
+        let owner_of = |k: &BlobKey| (k.digest.hash[1] % 2) as usize;
+        let (entries, report) = scan(&layout, TreeKind::Blobs, 2, 2, None, owner_of).unwrap();
+        assert_eq!(report.blobs, 300);
+        assert_eq!(report.dirs_from_snapshot, 0);
+        let dirs = report.dirs_scanned;
+
+        // The snapshot a clean stop would write, read back.
+        let grouped = entries
+            .iter()
+            .map(|shard| snapshot::group(shard.iter().map(|(k, e)| (k, e))))
+            .collect();
+        snapshot::write(&layout.index_file(), &snapshot::stamp(&layout, grouped)).unwrap();
+        let snap = snapshot::load(&layout.index_file()).unwrap();
+        let (again, report) = scan(&layout, TreeKind::Blobs, 2, 2, Some(&snap), owner_of).unwrap();
+        assert_eq!((report.dirs_from_snapshot, report.dirs_scanned), (dirs, 0));
+        assert_eq!(keys(&again), keys(&entries));
+        assert_eq!(
+            report.bytes,
+            entries.iter().flatten().map(|(_, e)| e.size).sum::<u64>()
+        );
+        for (key, entry) in again.iter().flatten() {
+            assert!(
+                !entry.verified,
+                "{key:?}: snapshot entries are hashed on first read"
+            );
+            assert_eq!(
+                owner_of(key),
+                again
+                    .iter()
+                    .position(|s| s.iter().any(|(k, _)| k == key))
+                    .unwrap()
+            );
+        }
+
+        // Behind the server's back: one blob removed, one added in another directory.
+        wait_for_tick_after(&scratch, &layout.blob_dir(&stored[0]));
+        std::fs::remove_file(layout.blob_path(&stored[0])).unwrap();
+        let added = (300..400)
+            .map(|n| put(&layout, n))
+            .find(|k| k.digest.hash[0] != stored[0].digest.hash[0])
+            .unwrap();
+        let on_disk: std::collections::BTreeSet<BlobKey> = {
+            let (fresh, _) = scan(&layout, TreeKind::Blobs, 2, 2, None, owner_of).unwrap();
+            keys(&fresh)
+        };
+        let (after, report) = scan(&layout, TreeKind::Blobs, 2, 2, Some(&snap), owner_of).unwrap();
+        assert_eq!(keys(&after), on_disk, "exactly what is on disk");
+        assert!(!keys(&after).contains(&stored[0]));
+        assert!(keys(&after).contains(&added));
+        assert!(report.dirs_scanned >= 2, "{report:?}");
+        assert!(report.dirs_from_snapshot > 0, "{report:?}");
+
+        // A torn snapshot is not used at all.
+        let bytes = std::fs::read(layout.index_file()).unwrap();
+        std::fs::write(layout.index_file(), &bytes[..bytes.len() / 2]).unwrap();
+        assert!(snapshot::load(&layout.index_file()).is_none());
     }
 }
