@@ -86,7 +86,8 @@ impl Classify for WalkError {
 pub struct Walked {
     /// Every distinct directory, the root first, in the order they were met.
     pub directories: Vec<Digest>,
-    /// Every distinct file blob, in the order they were met.
+    /// Every distinct file blob, in the order they were met (a digest can be both a file and
+    /// a directory: the empty blob is also the empty `Directory`).
     pub files: Vec<Digest>,
     /// The directories the CAS did not have (their subtrees were not walked).
     pub missing: Vec<Digest>,
@@ -96,7 +97,10 @@ pub struct Walked {
 #[derive(Debug)]
 pub struct Walk {
     limits: WalkLimits,
-    seen: HashSet<Digest>,
+    /// Directories and files are kept apart: the empty `Directory` has the empty blob's
+    /// digest, and a file may hold bytes that are also a `Directory` used elsewhere.
+    seen_dirs: HashSet<Digest>,
+    seen_files: HashSet<Digest>,
     queue: VecDeque<(Digest, usize)>,
     walked: Walked,
 }
@@ -106,7 +110,8 @@ impl Walk {
     pub fn new(root: Digest, limits: WalkLimits) -> Walk {
         Walk {
             limits,
-            seen: HashSet::from([root]),
+            seen_dirs: HashSet::from([root]),
+            seen_files: HashSet::new(),
             queue: VecDeque::from([(root, 0)]),
             walked: Walked {
                 directories: vec![root],
@@ -160,18 +165,18 @@ impl Walk {
         };
         for f in &dir.files {
             let d = parse("FileNode.digest", &f.name, f.digest.as_ref())?;
-            if self.seen.insert(d) {
+            if self.seen_files.insert(d) {
                 self.walked.files.push(d);
             }
         }
         for sub in &dir.directories {
             let d = parse("DirectoryNode.digest", &sub.name, sub.digest.as_ref())?;
-            if self.seen.insert(d) {
+            if self.seen_dirs.insert(d) {
                 self.walked.directories.push(d);
                 self.queue.push_back((d, depth + 1));
             }
         }
-        if self.seen.len() > self.limits.max_digests {
+        if self.seen_dirs.len() + self.seen_files.len() > self.limits.max_digests {
             return Err(WalkError::TooMany(self.limits.max_digests));
         }
         Ok(dir)
@@ -379,6 +384,32 @@ mod tests {
             run(cas.walk(g, WalkLimits::default())),
             Err(WalkError::NotADirectory { .. })
         ));
+    }
+
+    #[test]
+    fn an_empty_directory_beside_an_empty_file_is_still_walked() {
+        let mut cas = Cas::default();
+        let (empty_file, e) = Cas::file("__init__.py", b"");
+        let empty_dir = cas.put(&Directory::default());
+        assert_eq!(empty_dir, e, "the same digest");
+        let root = cas.put(&Directory {
+            files: vec![empty_file],
+            directories: vec![Cas::dir_node("empty", empty_dir)],
+            ..Default::default()
+        });
+        let mut visited = Vec::new();
+        let fetch = |batch: Vec<Digest>| {
+            let out = batch.iter().map(|d| cas.blobs.get(d).cloned()).collect();
+            async move { Ok::<_, WalkError>(out) }
+        };
+        let walked = run(walk(root, WalkLimits::default(), fetch, |d, _, _| {
+            visited.push(d);
+            Ok::<_, WalkError>(())
+        }))
+        .unwrap();
+        assert_eq!(visited, vec![root, empty_dir]);
+        assert_eq!(walked.directories, vec![root, empty_dir]);
+        assert_eq!(walked.files, vec![e]);
     }
 
     #[test]

@@ -59,9 +59,8 @@ pub async fn fetch(
 }
 
 /// Every Directory of the tree under `root` (read locally, else from the server and kept
-/// locally) and every distinct file digest in it, walked with `kiln_reapi::walk` under the
-/// execution defaults' limits (the server checked the same tree against its own before it
-/// sent the action).
+/// locally) and every distinct file digest in it, walked with `kiln_reapi::walk` (directory
+/// size and batch bounds as on the server; no count bound, the server's already applied).
 async fn fetch_directories(
     local: &LocalCas,
     source: &Source<'_>,
@@ -71,7 +70,12 @@ async fn fetch_directories(
     let mut directories = HashMap::new();
     let walked = walk::walk(
         root,
-        WalkLimits::default(),
+        // The server checked the tree against its own execution.max_input_digests before it
+        // sent the action; the worker must not refuse what it accepted.
+        WalkLimits {
+            max_digests: usize::MAX,
+            ..WalkLimits::default()
+        },
         |batch| read_directories(local, source, instance, batch),
         |digest, _, dir| {
             directories.insert(digest, dir);

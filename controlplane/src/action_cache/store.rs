@@ -8,12 +8,12 @@
 use crate::error::ControlError;
 use bytes::Bytes;
 use kiln_dataplane::store::atime;
-use kiln_dataplane::store::index::{BlobIndex, Entry};
+use kiln_dataplane::store::index::{BlobIndex, ClientKeys, Entry};
 use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::scan::{scan, ScanReport, TreeKind};
 use kiln_reapi::digest::BlobKey;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Where a result is, as far as memory can tell.
@@ -22,8 +22,9 @@ enum Lookup {
     Absent,
     /// In memory; with the access time to write to its file, when due.
     Memory(Stored, Option<u64>),
-    /// Stored, to be read from its file; with the access time to write, when due.
-    Disk(Option<u64>),
+    /// Stored, to be read from its file; with the access time to write, when due, and the
+    /// put count when it was looked up.
+    Disk(Option<u64>, u64),
 }
 
 /// Settings of the action-cache store.
@@ -81,7 +82,11 @@ pub struct AcStore {
 struct Inner {
     layout: Layout,
     settings: AcSettings,
-    index: Mutex<BlobIndex>,
+    /// SipHash: action digests come from clients unverified.
+    index: Mutex<BlobIndex<ClientKeys>>,
+    /// Puts so far (changed under the index lock): a file read that raced a put must not put
+    /// the older result it read back into memory.
+    puts: AtomicU64,
     /// In-memory copies, changed only under the index lock so that they never outlive their
     /// index entry.
     memory: Option<moka::sync::Cache<BlobKey, Stored>>,
@@ -92,7 +97,7 @@ impl AcStore {
     pub fn open(data_dir: &Path, settings: AcSettings) -> std::io::Result<(AcStore, ScanReport)> {
         let layout = Layout::action_cache(data_dir);
         let (mut shards, report) = scan(&layout, TreeKind::Entries, 1, 4, None, |_| 0)?;
-        let mut index = BlobIndex::new();
+        let mut index = BlobIndex::<ClientKeys>::new();
         for (key, entry) in shards.pop().unwrap_or_default() {
             // Results are small and were written whole by this server: no hash to check.
             index.insert(
@@ -117,6 +122,7 @@ impl AcStore {
                 layout,
                 settings,
                 index: Mutex::new(index),
+                puts: AtomicU64::new(0),
                 memory,
             }),
         };
@@ -146,7 +152,7 @@ impl AcStore {
                 }
                 return Ok(Some(stored));
             }
-            Lookup::Disk(persist) => persist,
+            Lookup::Disk(persist, puts) => (persist, puts),
         };
         let inner = self.inner.clone();
         let key = key.clone();
@@ -188,12 +194,12 @@ impl AcStore {
 }
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, BlobIndex> {
+    fn lock(&self) -> MutexGuard<'_, BlobIndex<ClientKeys>> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Marks `key` used; `persist` is the access time to write to its file, when one is due.
-    fn touch(&self, index: &mut BlobIndex, key: &BlobKey) -> Option<Option<u64>> {
+    fn touch(&self, index: &mut BlobIndex<ClientKeys>, key: &BlobKey) -> Option<Option<u64>> {
         let now = atime::now();
         let entry = index.touch(key, now)?;
         let due = atime::due(
@@ -215,13 +221,17 @@ impl Inner {
         };
         match self.memory.as_ref().and_then(|m| m.get(key)) {
             Some(stored) => Lookup::Memory(stored, persist),
-            None => Lookup::Disk(persist),
+            None => Lookup::Disk(persist, self.puts.load(Ordering::Relaxed)),
         }
     }
 
     /// Reads a stored entry's file (blocking; [`Inner::lookup`] already marked it used and
     /// said whether its access time is due) and keeps it in memory afterwards.
-    fn read(&self, key: &BlobKey, persist: Option<u64>) -> Result<Option<Stored>, ControlError> {
+    fn read(
+        &self,
+        key: &BlobKey,
+        (persist, puts): (Option<u64>, u64),
+    ) -> Result<Option<Stored>, ControlError> {
         let path = self.layout.blob_path(key);
         match std::fs::read(&path) {
             Ok(data) => {
@@ -233,17 +243,21 @@ impl Inner {
                     checked: CheckMark::new(),
                 };
                 if let Some(memory) = &self.memory {
-                    // Only if it is still indexed: a put or an eviction since the read wins.
+                    // Only if nothing was put since the lookup and it is still indexed: a put
+                    // or an eviction since wins over what this read found.
                     let index = self.lock();
-                    if index.peek(key).is_some() && !memory.contains_key(key) {
+                    let unchanged = self.puts.load(Ordering::Relaxed) == puts;
+                    if unchanged && index.peek(key).is_some() && !memory.contains_key(key) {
                         memory.insert(key.clone(), stored.clone());
                     }
                 }
                 Ok(Some(stored))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.lock().remove(key);
+                let mut index = self.lock();
+                index.remove(key);
                 self.forget(key);
+                drop(index);
                 Ok(None)
             }
             Err(e) => Err(ControlError::io("read", &path, e)),
@@ -275,6 +289,7 @@ impl Inner {
             let _ = std::fs::remove_file(&temp);
             return Err(ControlError::io("rename into", &path, e));
         }
+        self.puts.fetch_add(1, Ordering::Relaxed);
         if let Some(memory) = &self.memory {
             let stored = Stored {
                 data: Bytes::copy_from_slice(data),
@@ -297,7 +312,7 @@ impl Inner {
         Ok(())
     }
 
-    fn evict_over_cap(&self, index: &mut BlobIndex) {
+    fn evict_over_cap(&self, index: &mut BlobIndex<ClientKeys>) {
         while index.bytes() > self.settings.max_bytes {
             let Some((key, _)) = index.pop_oldest_unpinned() else {
                 break;

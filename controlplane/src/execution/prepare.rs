@@ -224,8 +224,14 @@ async fn walk(
     };
     match kiln_reapi::walk::walk(root, limits, fetch_batch, check).await {
         Ok(walked) => {
-            let mut blobs = walked.directories;
-            blobs.extend(walked.files);
+            // A digest can be both a directory and a file (the empty blob): pin it once.
+            let mut seen = std::collections::HashSet::new();
+            let blobs = walked
+                .directories
+                .into_iter()
+                .chain(walked.files)
+                .filter(|d| seen.insert(*d))
+                .collect();
             Ok((blobs, walked.missing))
         }
         Err(Stop::Status(status)) => Err(status),

@@ -20,19 +20,23 @@ type Job = Box<dyn FnOnce() + Send>;
 /// A thread that runs filesystem calls in the order they were queued.
 pub struct FileLane {
     tx: async_channel::Sender<Job>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl FileLane {
-    /// Starts a lane on a new thread called `name`. The thread ends when the lane is dropped
-    /// and its queue has run.
+    /// Starts a lane on a new thread called `name`. Dropping the lane runs what is queued and
+    /// waits for the thread to end, so that once an owner is gone its files are settled.
     pub fn start(name: String) -> io::Result<FileLane> {
         let (tx, rx) = async_channel::bounded::<Job>(LANE_DEPTH);
-        std::thread::Builder::new().name(name).spawn(move || {
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
             while let Ok(job) = rx.recv_blocking() {
                 job();
             }
         })?;
-        Ok(FileLane { tx })
+        Ok(FileLane {
+            tx,
+            thread: Some(thread),
+        })
     }
 
     /// Queues `op` after everything queued before it, without waiting for it.
@@ -72,6 +76,15 @@ impl FileLane {
     /// Calls queued and not yet run.
     pub fn depth(&self) -> usize {
         self.tx.len()
+    }
+}
+
+impl Drop for FileLane {
+    fn drop(&mut self) {
+        self.tx.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

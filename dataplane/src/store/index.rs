@@ -3,6 +3,7 @@
 
 use kiln_reapi::digest::BlobKey;
 use lru::LruCache;
+use std::hash::BuildHasher;
 
 /// What the index knows about one blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,27 +45,33 @@ impl Entry {
     }
 }
 
+/// The CAS index's hasher: fast and randomly seeded (SipHash was the largest cost of indexing
+/// a million blobs at start-up). Only for keys a client cannot choose: the CAS indexes only
+/// blobs whose bytes hashed to their digest, so its keys are uniformly distributed and made-up
+/// digests in lookups only probe.
+pub type VerifiedKeys = foldhash::fast::RandomState;
+
+/// SipHash, for indexes whose keys come from clients unverified (the action cache's action
+/// digests): a client must not be able to make its keys collide.
+pub type ClientKeys = std::collections::hash_map::RandomState;
+
 /// Blobs in LRU order with their total size.
-pub struct BlobIndex {
-    /// Keyed by digests, which are cryptographic hashes already: a fast, randomly seeded
-    /// hasher suffices (SipHash was the largest cost of indexing a million blobs at start-up).
-    /// Entries are only ever blobs whose bytes hashed to their digest, so a client cannot
-    /// choose keys that collide; its lookups of made-up digests only probe.
-    map: LruCache<BlobKey, Entry, foldhash::fast::RandomState>,
+pub struct BlobIndex<S = VerifiedKeys> {
+    map: LruCache<BlobKey, Entry, S>,
     bytes: u64,
 }
 
-impl Default for BlobIndex {
+impl<S: BuildHasher + Default> Default for BlobIndex<S> {
     fn default() -> Self {
         BlobIndex::new()
     }
 }
 
-impl BlobIndex {
+impl<S: BuildHasher + Default> BlobIndex<S> {
     /// An empty index.
-    pub fn new() -> BlobIndex {
+    pub fn new() -> BlobIndex<S> {
         BlobIndex {
-            map: LruCache::unbounded_with_hasher(foldhash::fast::RandomState::default()),
+            map: LruCache::unbounded_with_hasher(S::default()),
             bytes: 0,
         }
     }
@@ -157,7 +164,7 @@ mod tests {
 
     #[test]
     fn evicts_least_recently_used_first() {
-        let mut idx = BlobIndex::new();
+        let mut idx: BlobIndex = BlobIndex::new();
         for n in 0..4u8 {
             idx.insert(key(n), Entry::fresh(10, 100 + n as u64));
         }
@@ -174,7 +181,7 @@ mod tests {
 
     #[test]
     fn pinned_blobs_are_skipped() {
-        let mut idx = BlobIndex::new();
+        let mut idx: BlobIndex = BlobIndex::new();
         idx.insert(key(1), Entry::fresh(5, 1));
         idx.insert(key(2), Entry::fresh(5, 2));
         idx.peek_mut(&key(1)).unwrap().pins = 1;
@@ -188,7 +195,7 @@ mod tests {
 
     #[test]
     fn replacing_keeps_byte_count_right() {
-        let mut idx = BlobIndex::new();
+        let mut idx: BlobIndex = BlobIndex::new();
         idx.insert(key(1), Entry::fresh(5, 1));
         idx.insert(key(1), Entry::fresh(5, 2));
         assert_eq!((idx.len(), idx.bytes()), (1, 5));

@@ -64,6 +64,9 @@ pub struct Owner {
     accounting: Arc<Accounting>,
     cas: CasClient,
     known_dirs: RefCell<HashSet<PathBuf>>,
+    /// Blob directories whose own entry (and each one above, up to the CAS root) a sync by
+    /// this process has made durable.
+    durable_dirs: RefCell<HashSet<PathBuf>>,
     pending_atimes: RefCell<Vec<BlobKey>>,
     /// Renames, unlinks, chmods and access times, off the core and in order.
     lane: FileLane,
@@ -84,7 +87,7 @@ impl Owner {
         cas: CasClient,
     ) -> std::io::Result<Rc<Owner>> {
         let lane = FileLane::start(format!("kiln-files-{shard}"))?;
-        let mut index = BlobIndex::new();
+        let mut index: BlobIndex = BlobIndex::new();
         for (key, entry) in scanned {
             index.insert(key, entry);
         }
@@ -104,6 +107,7 @@ impl Owner {
             accounting,
             cas,
             known_dirs: RefCell::new(HashSet::new()),
+            durable_dirs: RefCell::new(HashSet::new()),
             pending_atimes: RefCell::new(Vec::new()),
             lane,
             committing: RefCell::new(HashMap::new()),
@@ -403,14 +407,14 @@ impl Owner {
         }));
     }
 
-    /// A commit's file is in place (or not): index it, answer every copy waiting on it, and
-    /// make it durable before answering the first.
+    /// A commit's file is in place (or not): index it, make it durable, then answer it and
+    /// every copy that waited on it.
     async fn renamed(
         self: Rc<Self>,
         key: BlobKey,
         dir: PathBuf,
         data: Option<bytes::Bytes>,
-        outcome: Result<Vec<PathBuf>, StoreError>,
+        outcome: Result<(), StoreError>,
         reply: CommitReply,
     ) {
         let waiting = self
@@ -418,17 +422,14 @@ impl Owner {
             .borrow_mut()
             .remove(&key)
             .unwrap_or_default();
-        let created = match outcome {
-            Ok(created) => created,
-            Err(e) => {
-                for (temp, r) in waiting {
-                    self.remove_later(temp);
-                    let _ = r.send(Err(retell(&e)));
-                }
-                let _ = reply.send(Err(e));
-                return;
+        if let Err(e) = outcome {
+            for (temp, r) in waiting {
+                self.remove_later(temp);
+                let _ = r.send(Err(retell(&e)));
             }
-        };
+            let _ = reply.send(Err(e));
+            return;
+        }
         self.known_dirs.borrow_mut().insert(dir.clone());
         let size = key.digest.size;
         self.index
@@ -445,36 +446,37 @@ impl Owner {
                 self.memory.insert(key, data);
             }
         }
-        for (temp, r) in waiting {
-            self.remove_later(temp);
-            let _ = r.send(Ok(Committed::AlreadyPresent));
+        for (temp, _) in &waiting {
+            self.remove_later(temp.clone());
         }
         self.maybe_evict();
-        if !self.settings.fsync {
-            let _ = reply.send(Ok(Committed::Stored));
-            return;
-        }
-        // The rename is durable once its directory is synced; a directory created for it must
-        // itself be durable in its parent.
-        let cas_root = self.layout.tree_dir();
-        let mut result = self
-            .runtime
-            .sync_dir(&dir)
-            .await
-            .map_err(|e| StoreError::io("sync", &dir, e));
-        for created_dir in created {
-            if result.is_err() {
-                break;
-            }
-            if let Some(parent) = created_dir.parent().filter(|p| p.starts_with(cas_root)) {
-                result = self
-                    .runtime
-                    .sync_dir(parent)
-                    .await
-                    .map_err(|e| StoreError::io("sync", parent, e));
-            }
+        let result = if self.settings.fsync {
+            self.make_durable(&dir).await
+        } else {
+            Ok(())
+        };
+        // Copies that found the blob being committed are answered only now: acknowledged
+        // means durable for them too.
+        for (_, r) in waiting {
+            let _ = r.send(match &result {
+                Ok(()) => Ok(Committed::AlreadyPresent),
+                Err(e) => Err(retell(e)),
+            });
         }
         let _ = reply.send(result.map(|()| Committed::Stored));
+    }
+
+    /// Syncs what a rename into `dir` needs to survive a crash (see [`dirs_to_sync`]).
+    async fn make_durable(&self, dir: &Path) -> Result<(), StoreError> {
+        let todo = dirs_to_sync(dir, self.layout.tree_dir(), &self.durable_dirs.borrow());
+        for d in &todo {
+            self.runtime
+                .sync_dir(d)
+                .await
+                .map_err(|e| StoreError::io("sync", d, e))?;
+        }
+        self.durable_dirs.borrow_mut().insert(dir.to_path_buf());
+        Ok(())
     }
 
     /// Deletes a file on the lane (temp files and blobs no longer indexed).
@@ -620,8 +622,8 @@ impl Owner {
 }
 
 /// On the lane: creates the blob's directory when this shard has not seen it, makes the file
-/// read-only (workers hardlink it into action directories) and renames it into place. Returns
-/// the directories created, whose parents need syncing.
+/// read-only (workers hardlink it into action directories) and renames it into place. (The
+/// syncs that make it durable follow on the core; see [`dirs_to_sync`].)
 fn rename_in(
     layout: &Layout,
     key: &BlobKey,
@@ -629,24 +631,38 @@ fn rename_in(
     dir: &Path,
     temp: &Path,
     path: &Path,
-) -> Result<Vec<PathBuf>, StoreError> {
-    let created = if make_dir {
-        match layout.ensure_blob_dir(key) {
-            Ok(created) => created,
-            Err(e) => {
-                let _ = std::fs::remove_file(temp);
-                return Err(StoreError::io("create directory for", dir, e));
-            }
+) -> Result<(), StoreError> {
+    if make_dir {
+        if let Err(e) = layout.ensure_blob_dir(key) {
+            let _ = std::fs::remove_file(temp);
+            return Err(StoreError::io("create directory for", dir, e));
         }
-    } else {
-        Vec::new()
-    };
+    }
     let _ = std::fs::set_permissions(temp, std::os::unix::fs::PermissionsExt::from_mode(0o444));
     if let Err(e) = std::fs::rename(temp, path) {
         let _ = std::fs::remove_file(temp);
         return Err(StoreError::io("rename into", path, e));
     }
-    Ok(created)
+    Ok(())
+}
+
+/// The directories a commit into `dir` syncs before it is acknowledged: `dir` itself (that
+/// makes the rename durable) and, until this process has once made `dir` durable, every
+/// directory above it up to the CAS root: `dir` may have just been created (by this commit,
+/// or by another whose syncs have not finished), or be left on disk by a run that stopped
+/// before syncing it. A second commit into a fresh directory must not be acknowledged before
+/// the directory itself is durable in its parent.
+fn dirs_to_sync(dir: &Path, cas_root: &Path, durable: &HashSet<PathBuf>) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    if !durable.contains(dir) {
+        out.extend(
+            dir.ancestors()
+                .skip(1)
+                .take_while(|d| d.starts_with(cas_root))
+                .map(Path::to_path_buf),
+        );
+    }
+    out
 }
 
 /// The same failure again, for a second caller (I/O errors cannot be cloned).
@@ -663,5 +679,33 @@ fn retell(e: &StoreError) -> StoreError {
             cap: *cap,
         },
         StoreError::Corrupt(key) => StoreError::Corrupt(key.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_is_synced_up_to_the_root_until_it_is_durable() {
+        let root = Path::new("/data/cas");
+        let dir = root.join("i_main/sha256/ab");
+        let mut durable = HashSet::new();
+        let first = dirs_to_sync(&dir, root, &durable);
+        assert_eq!(
+            first,
+            vec![
+                dir.clone(),
+                root.join("i_main/sha256"),
+                root.join("i_main"),
+                root.to_path_buf()
+            ]
+        );
+        // A second commit before the first's syncs finished does the same.
+        assert_eq!(dirs_to_sync(&dir, root, &durable), first);
+        durable.insert(dir.clone());
+        assert_eq!(dirs_to_sync(&dir, root, &durable), vec![dir.clone()]);
+        // Nothing outside the CAS root.
+        assert!(first.iter().all(|d| d.starts_with(root)));
     }
 }

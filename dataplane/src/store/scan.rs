@@ -63,6 +63,11 @@ pub fn scan(
     let start = Instant::now();
     std::fs::create_dir_all(layout.tree_dir())?;
     std::fs::create_dir_all(layout.tmp_dir())?;
+    // The tree's own entry, made on a first start, is durable before anything is committed
+    // into it (commits sync the directories below it).
+    if let Some(data_dir) = layout.tree_dir().parent() {
+        std::fs::File::open(data_dir)?.sync_all()?;
+    }
     let mut report = ScanReport::default();
     for entry in std::fs::read_dir(layout.tmp_dir())? {
         let path = entry?.path();
@@ -349,5 +354,39 @@ mod tests {
         let bytes = std::fs::read(layout.index_file()).unwrap();
         std::fs::write(layout.index_file(), &bytes[..bytes.len() / 2]).unwrap();
         assert!(snapshot::load(&layout.index_file()).is_none());
+    }
+
+    #[test]
+    fn a_directory_whose_files_differ_from_the_index_is_left_out_of_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::cas(&dir.path().join("data"));
+        std::fs::create_dir_all(layout.tree_dir()).unwrap();
+        std::fs::create_dir_all(layout.tmp_dir()).unwrap();
+        let stored: Vec<BlobKey> = (0..50).map(|n| put(&layout, n)).collect();
+        let owner_of = |_: &BlobKey| 0;
+        let (entries, _) = scan(&layout, TreeKind::Blobs, 1, 1, None, owner_of).unwrap();
+        let grouped = || vec![snapshot::group(entries[0].iter().map(|(k, e)| (k, e)))];
+        let all = snapshot::stamp(&layout, grouped()).len();
+        // The index believes in a blob whose file is gone (removed behind its back, or an
+        // unlink that finished after the owner's blobs were grouped): that directory is out.
+        std::fs::remove_file(layout.blob_path(&stored[0])).unwrap();
+        let snap = snapshot::stamp(&layout, grouped());
+        assert_eq!(snap.len(), all - 1);
+        let gone = snapshot::DirKey {
+            instance: stored[0].instance.clone(),
+            function: stored[0].digest.function,
+            fanout: stored[0].digest.hash[0],
+        };
+        assert!(!snap.contains_key(&gone));
+        // A file the index does not list (a commit that finished late): out as well.
+        std::fs::write(layout.blob_path(&stored[0]), b"back").unwrap();
+        let extra = put(&layout, 1000);
+        let snap = snapshot::stamp(&layout, grouped());
+        let extra_dir = snapshot::DirKey {
+            instance: extra.instance.clone(),
+            function: extra.digest.function,
+            fanout: extra.digest.hash[0],
+        };
+        assert!(!snap.contains_key(&extra_dir));
     }
 }

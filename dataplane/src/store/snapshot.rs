@@ -221,9 +221,11 @@ pub fn group<'a>(blobs: impl IntoIterator<Item = (&'a BlobKey, &'a Entry)>) -> G
 }
 
 /// Merges every owner's groups and stamps each directory as it is now on disk. Call once
-/// nothing changes the tree any more (every owner and its file lane stopped): a directory
-/// changed after its stamp was taken would be trusted at the next start. Directories that
-/// cannot be stat-ed are left out (they will be scanned).
+/// nothing changes the tree any more (every owner and its file lane stopped). A directory is
+/// kept only if its files are exactly the blobs the index lists and it did not change while
+/// being compared: whatever the index got wrong (a file removed behind the server's back, a
+/// commit or eviction that finished after its owner's blobs were grouped) leaves that
+/// directory out, to be scanned at the next start.
 pub fn stamp(layout: &super::layout::Layout, owners: Vec<Grouped>) -> Snapshot {
     let mut merged = Grouped::new();
     for grouped in owners {
@@ -241,17 +243,33 @@ pub fn stamp(layout: &super::layout::Layout, owners: Vec<Grouped>) -> Snapshot {
                 size: 0,
             },
         );
-        if let Ok(meta) = std::fs::metadata(layout.blob_dir(&probe)) {
-            out.insert(
-                dir,
-                DirSnapshot {
-                    stamp: DirStamp::of(&meta),
-                    blobs,
-                },
-            );
+        let path = layout.blob_dir(&probe);
+        if let Some(stamp) = matching_stamp(&path, &blobs) {
+            out.insert(dir, DirSnapshot { stamp, blobs });
         }
     }
     out
+}
+
+/// The directory's stamp, if its entries are exactly `blobs`' files and it stayed unchanged
+/// while they were compared.
+fn matching_stamp(path: &Path, blobs: &[(Digest, u64)]) -> Option<DirStamp> {
+    let before = DirStamp::of(&std::fs::metadata(path).ok()?);
+    let mut expected: std::collections::HashSet<String> = blobs
+        .iter()
+        .map(|(d, _)| super::layout::blob_file_name(d))
+        .collect();
+    if expected.len() != blobs.len() {
+        return None;
+    }
+    for entry in std::fs::read_dir(path).ok()? {
+        let name = entry.ok()?.file_name();
+        if !expected.remove(name.to_str()?) {
+            return None;
+        }
+    }
+    let after = DirStamp::of(&std::fs::metadata(path).ok()?);
+    (expected.is_empty() && before == after).then_some(before)
 }
 
 /// Flushes everything written to the filesystem holding `dir` (`syncfs`), so that a snapshot

@@ -4,7 +4,7 @@ use super::{DigestError, DigestFunction, Hasher, InstanceName};
 use kiln_proto::reapi;
 
 /// A parsed, validated digest.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     /// The function the hash was computed with.
     pub function: DigestFunction,
@@ -104,7 +104,7 @@ impl std::fmt::Debug for Digest {
 }
 
 /// A blob in one instance's CAS.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlobKey {
     /// The instance the blob was stored under.
     pub instance: InstanceName,
@@ -122,31 +122,5 @@ impl BlobKey {
 impl std::fmt::Debug for BlobKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}/{}", self.instance, self.digest)
-    }
-}
-
-/// A digest's hash is uniformly distributed already: its first eight bytes are as good a hash
-/// as all of it, at a fraction of the cost (hashing whole keys was most of the time it took to
-/// index a million blobs). Equal digests hash equally; the rest of the key decides equality.
-impl std::hash::Hash for Digest {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash_prefix());
-    }
-}
-
-/// As for [`Digest`]: keys of different instances with the same digest share a hash and are
-/// told apart by equality.
-impl std::hash::Hash for BlobKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.digest.hash(state);
-    }
-}
-
-impl Digest {
-    /// The hash's first eight bytes.
-    fn hash_prefix(&self) -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.hash[..8]);
-        u64::from_le_bytes(b)
     }
 }
