@@ -35,15 +35,16 @@ fi
 for run in $(seq "$runs"); do
   if [ "$cold" = cold ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
   log=$(mktemp)
-  start=$(date +%s.%N)
+  start=$(date +%s%N)
   "$kiln" serve --data-dir "$data" --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin >"$log" 2>&1 &
   pid=$!
   until curl -fsS http://127.0.0.1:$admin/readyz >/dev/null 2>&1; do
     kill -0 $pid 2>/dev/null || { cat "$log"; exit 1; }
     sleep 0.01
   done
-  ready=$(date +%s.%N)
-  printf 'run %s: ready after %.3f s; %s\n' "$run" "$(echo "$ready - $start" | bc)" \
+  ready=$(date +%s%N)
+  ms=$(( (ready - start) / 1000000 ))
+  printf 'run %s: ready after %d.%03d s; %s\n' "$run" $((ms / 1000)) $((ms % 1000)) \
     "$(grep -o 'CAS [0-9]* blobs.*scanned' "$log" || true)"
   kill $pid; wait $pid || true
   grep -o 'index snapshot written.*' "$log" | sed 's/^/        /' || true
