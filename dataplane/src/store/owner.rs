@@ -87,7 +87,7 @@ impl Owner {
         cas: CasClient,
     ) -> std::io::Result<Rc<Owner>> {
         let lane = FileLane::start(format!("kiln-files-{shard}"))?;
-        let mut index: BlobIndex = BlobIndex::new();
+        let mut index: BlobIndex = BlobIndex::with_capacity(scanned.len());
         for (key, entry) in scanned {
             index.insert(key, entry);
         }
