@@ -80,7 +80,7 @@ pub(crate) fn max_parked_uploads() -> usize {
     1024
 }
 pub(crate) fn action_cache_bytes() -> ByteSize {
-    ByteSize::mib(512)
+    ByteSize::gib(1)
 }
 pub(crate) fn action_cache_memory_bytes() -> ByteSize {
     ByteSize::mib(64)

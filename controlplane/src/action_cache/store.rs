@@ -27,10 +27,20 @@ enum Lookup {
     Disk(Option<u64>, u64),
 }
 
+/// What an entry is counted as against the cap: its size rounded up to whole 4 KiB blocks,
+/// about what a small file takes on disk. It also bounds the number of entries, and so the
+/// index's memory, to `max_bytes / 4 KiB`.
+pub const BLOCK: u64 = 4096;
+
+/// The bytes an entry of `len` bytes is counted as.
+pub fn charged(len: u64) -> u64 {
+    len.div_ceil(BLOCK).max(1) * BLOCK
+}
+
 /// Settings of the action-cache store.
 #[derive(Debug, Clone)]
 pub struct AcSettings {
-    /// Cap on bytes of stored results.
+    /// Cap on stored results, each counted as [`charged`] bytes.
     pub max_bytes: u64,
     /// Largest single result.
     pub max_entry_bytes: u64,
@@ -104,6 +114,7 @@ impl AcStore {
                 key,
                 Entry {
                     verified: true,
+                    size: charged(entry.size),
                     ..entry
                 },
             );
@@ -297,7 +308,7 @@ impl Inner {
             };
             memory.insert(key.clone(), stored);
         }
-        index.insert(key, Entry::fresh(data.len() as u64, atime::now()));
+        index.insert(key, Entry::fresh(charged(data.len() as u64), atime::now()));
         self.evict_over_cap(&mut index);
         drop(index);
         if self.settings.fsync {
@@ -398,7 +409,7 @@ mod tests {
     #[tokio::test]
     async fn evicts_least_recently_used_over_the_cap() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = AcStore::open(dir.path(), settings(30)).unwrap();
+        let (store, _) = AcStore::open(dir.path(), settings(3 * BLOCK)).unwrap();
         for n in 0..3 {
             store
                 .put(key("", n), Bytes::from(vec![n; 10]))
@@ -415,7 +426,15 @@ mod tests {
             "least recently used is gone"
         );
         assert!(store.get(&key("", 0)).await.unwrap().is_some());
-        assert_eq!(store.usage(), (3, 30));
+        assert_eq!(store.usage(), (3, 3 * BLOCK), "each counted as a block");
+    }
+
+    #[test]
+    fn entries_are_counted_in_whole_blocks() {
+        assert_eq!(charged(0), BLOCK);
+        assert_eq!(charged(1), BLOCK);
+        assert_eq!(charged(BLOCK), BLOCK);
+        assert_eq!(charged(BLOCK + 1), 2 * BLOCK);
     }
 
     #[tokio::test]
@@ -439,7 +458,7 @@ mod tests {
     #[tokio::test]
     async fn memory_copies_follow_puts_evictions_and_removals() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = AcStore::open(dir.path(), settings(30)).unwrap();
+        let (store, _) = AcStore::open(dir.path(), settings(3 * BLOCK)).unwrap();
         store
             .put(key("", 1), Bytes::from_static(b"first"))
             .await
@@ -482,7 +501,7 @@ mod tests {
             dir.path(),
             AcSettings {
                 memory_bytes: 0,
-                ..settings(30)
+                ..settings(3 * BLOCK)
             },
         )
         .unwrap();
