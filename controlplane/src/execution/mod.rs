@@ -6,6 +6,7 @@
 mod operations;
 mod ops;
 mod prepare;
+mod prepare_error;
 mod service;
 mod workers;
 

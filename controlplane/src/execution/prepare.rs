@@ -3,6 +3,7 @@
 //! allows), and read the platform and timeout. Missing blobs are answered the way REAPI says,
 //! FAILED_PRECONDITION with a PreconditionFailure naming each one, so clients upload them.
 
+use super::prepare_error::PrepareError;
 use super::{ExecutionCore, Payload};
 use crate::scheduler::platform::Requirements;
 use crate::scheduler::Job;
@@ -11,12 +12,11 @@ use kiln_dataplane::store::Found;
 use kiln_proto::reapi::{Action, Command, Directory, ExecuteRequest};
 use kiln_proto::worker::StartExecute;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
-use kiln_reapi::status::{self, Classify};
-use kiln_reapi::walk::{WalkError, WalkLimits};
+use kiln_reapi::status;
+use kiln_reapi::walk::WalkLimits;
 use prost::Message;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tonic::Status;
 
 /// Directory blobs fetched at once while walking.
 const WALK_PARALLELISM: usize = 64;
@@ -30,7 +30,7 @@ pub(super) async fn prepare(
     core: &ExecutionCore,
     key: &BlobKey,
     request: &ExecuteRequest,
-) -> Result<Job<Arc<Payload>>, Status> {
+) -> Result<Job<Arc<Payload>>, PrepareError> {
     let instance = &key.instance;
     let function = key.digest.function.proto() as i32;
     let mut missing: Vec<Digest> = Vec::new();
@@ -77,8 +77,7 @@ pub(super) async fn prepare(
     } else {
         tracing::warn!(action = ?key.digest, bytes = total, "pin budget exhausted; running this action's inputs unpinned");
         core.cas.contains(&all).await
-    }
-    .map_err(|e| e.status())?;
+    }?;
     let pins: Vec<BlobKey> = if pin {
         all.iter()
             .zip(&present)
@@ -106,7 +105,7 @@ pub(super) async fn prepare(
         Ok(r) => r,
         Err(why) => {
             core.cas.unpin(&pins).await;
-            return Err(Status::invalid_argument(why));
+            return Err(PrepareError::Platform(why));
         }
     };
     let requested = action
@@ -143,12 +142,10 @@ pub(super) async fn prepare(
 /// The working directory and every output path must stay inside the input root (REAPI: "The
 /// path MUST NOT include a trailing slash, nor a leading slash, being a relative path").
 /// Tested by `escaping_paths_and_trees_are_refused` in tests/execution.rs.
-fn check_paths(command: &Command) -> Result<(), Status> {
-    let invalid = |e: kiln_reapi::paths::PathError| Status::invalid_argument(e.to_string());
-    let wd = kiln_reapi::paths::relative("Command.working_directory", &command.working_directory)
-        .map_err(invalid)?;
+fn check_paths(command: &Command) -> Result<(), PrepareError> {
+    let wd = kiln_reapi::paths::relative("Command.working_directory", &command.working_directory)?;
     for rel in kiln_reapi::paths::declared_outputs(command) {
-        kiln_reapi::paths::output(&wd, rel).map_err(invalid)?;
+        kiln_reapi::paths::output(&wd, rel)?;
     }
     Ok(())
 }
@@ -156,15 +153,18 @@ fn check_paths(command: &Command) -> Result<(), Status> {
 fn field(
     d: Option<&kiln_proto::reapi::Digest>,
     function: i32,
-    name: &str,
-) -> Result<Digest, Status> {
-    Digest::from_proto_field(d, function)
-        .map_err(|e| Status::invalid_argument(format!("{name}: {e}")))
+    name: &'static str,
+) -> Result<Digest, PrepareError> {
+    Digest::from_proto_field(d, function).map_err(|source| PrepareError::Digest {
+        field: name,
+        source,
+    })
 }
 
-fn decode<M: Message + Default>(bytes: &[u8], what: &str) -> Result<M, Status> {
-    M::decode(bytes).map_err(|e| {
-        Status::invalid_argument(format!("the {what} blob is not a valid {what}: {e}"))
+fn decode<M: Message + Default>(bytes: &[u8], what: &'static str) -> Result<M, PrepareError> {
+    M::decode(bytes).map_err(|e| PrepareError::Decode {
+        what,
+        why: e.to_string(),
     })
 }
 
@@ -173,13 +173,12 @@ async fn fetch(
     core: &ExecutionCore,
     instance: &InstanceName,
     digest: Digest,
-    what: &str,
-) -> Result<Option<bytes::Bytes>, Status> {
-    let too_large = || {
-        Status::invalid_argument(format!(
-            "the {what} blob {digest:?} is {} bytes; at most {MAX_METADATA_BYTES} are accepted",
-            digest.size
-        ))
+    what: &'static str,
+) -> Result<Option<bytes::Bytes>, PrepareError> {
+    let too_large = || PrepareError::TooLarge {
+        what,
+        digest,
+        limit: MAX_METADATA_BYTES,
     };
     if digest.size > MAX_METADATA_BYTES {
         return Err(too_large());
@@ -187,12 +186,11 @@ async fn fetch(
     match core
         .cas
         .lookup(&BlobKey::new(instance.clone(), digest), MAX_METADATA_BYTES)
-        .await
+        .await?
     {
-        Ok(Found::Bytes(b)) => Ok(Some(b)),
-        Ok(Found::File { .. }) => Err(too_large()),
-        Ok(_) => Ok(None),
-        Err(e) => Err(e.status()),
+        Found::Bytes(b) => Ok(Some(b)),
+        Found::File { .. } => Err(too_large()),
+        _ => Ok(None),
     }
 }
 
@@ -204,7 +202,7 @@ async fn walk(
     core: &ExecutionCore,
     instance: &InstanceName,
     root: Digest,
-) -> Result<(Vec<Digest>, Vec<Digest>), Status> {
+) -> Result<(Vec<Digest>, Vec<Digest>), PrepareError> {
     let limits = WalkLimits {
         max_digests: core.config.max_input_digests,
         max_directory_bytes: MAX_METADATA_BYTES,
@@ -216,47 +214,26 @@ async fn walk(
             .buffered(WALK_PARALLELISM)
             .try_collect::<Vec<_>>()
             .await
-            .map_err(Stop::Status)
     };
     let check = |digest: Digest, depth, dir: Directory| {
         kiln_reapi::tree::check_directory(&dir, depth, &format!("{digest:?}"))
-            .map_err(|e| Stop::Status(Status::invalid_argument(format!("input tree: {e}"))))
+            .map_err(PrepareError::from)
     };
-    match kiln_reapi::walk::walk(root, limits, fetch_batch, check).await {
-        Ok(walked) => {
-            // A digest can be both a directory and a file (the empty blob): pin it once.
-            let mut seen = std::collections::HashSet::new();
-            let blobs = walked
-                .directories
-                .into_iter()
-                .chain(walked.files)
-                .filter(|d| seen.insert(*d))
-                .collect();
-            Ok((blobs, walked.missing))
-        }
-        Err(Stop::Status(status)) => Err(status),
-        Err(Stop::Walk(e @ WalkError::TooMany(_))) => Err(Status::invalid_argument(format!(
-            "input tree: {e} (execution.max_input_digests)"
-        ))),
-        Err(Stop::Walk(e)) => Err(Status::invalid_argument(format!("input tree: {e}"))),
-    }
-}
-
-/// What stops the input walk: the walk's own refusal, or a failed fetch or check.
-enum Stop {
-    Walk(WalkError),
-    Status(Status),
-}
-
-impl From<WalkError> for Stop {
-    fn from(e: WalkError) -> Stop {
-        Stop::Walk(e)
-    }
+    let walked = kiln_reapi::walk::walk(root, limits, fetch_batch, check).await?;
+    // A digest can be both a directory and a file (the empty blob): pin it once.
+    let mut seen = std::collections::HashSet::new();
+    let blobs = walked
+        .directories
+        .into_iter()
+        .chain(walked.files)
+        .filter(|d| seen.insert(*d))
+        .collect();
+    Ok((blobs, walked.missing))
 }
 
 /// FAILED_PRECONDITION naming the missing blobs (see [`kiln_reapi::status::missing_blobs`]).
 /// Tested by `failures_timeouts_and_missing_inputs` and `escaping_paths_and_trees_are_refused`
 /// in tests/execution.rs.
-fn precondition(missing: Vec<Digest>) -> Status {
-    status::to_tonic(&status::missing_blobs("the action", missing))
+fn precondition(missing: Vec<Digest>) -> PrepareError {
+    PrepareError::Missing(status::missing_blobs("the action", missing))
 }
