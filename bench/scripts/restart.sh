@@ -7,8 +7,7 @@
 #   bench/scripts/restart.sh DATA_DIR [BLOBS=1000000] [RUNS=4] [cold]
 #
 # Needs curl, and python3 to write the blobs. "cold" drops the page cache before each start
-# (needs root). Env: KILN (the binary,
-# default target/release/kiln), PORT, ADMIN_PORT.
+# (needs root). Env: KILN (the binary, default target/release/kiln), PORT, ADMIN_PORT.
 set -euo pipefail
 data=$1; blobs=${2:-1000000}; runs=${3:-4}; cold=${4:-}
 kiln=${KILN:-target/release/kiln}
