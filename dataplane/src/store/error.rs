@@ -37,6 +37,25 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// The same failure again, for a second caller (I/O errors cannot be cloned).
+    pub fn retell(&self) -> StoreError {
+        match self {
+            StoreError::Unavailable => StoreError::Unavailable,
+            StoreError::Io { op, path, source } => StoreError::io(
+                op,
+                path.clone(),
+                std::io::Error::new(source.kind(), source.to_string()),
+            ),
+            StoreError::TooLarge { size, cap } => StoreError::TooLarge {
+                size: *size,
+                cap: *cap,
+            },
+            StoreError::Corrupt(key) => StoreError::Corrupt(key.clone()),
+        }
+    }
+}
+
 impl Classify for StoreError {
     fn kind(&self) -> ErrorKind {
         match self {

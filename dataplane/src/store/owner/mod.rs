@@ -3,6 +3,14 @@
 //! renames into and unlinks out of its part of the CAS go, in that order, to its file lane (a
 //! thread of its own), so they stay ordered without locks and never stall the core. Work that
 //! waits on I/O (reading a small blob, syncing a directory, a rename) runs in spawned tasks.
+//!
+//! Here: the owner's state, its command loop and lookups. `commit`: renaming a verified
+//! upload in and making it durable. `evict`: blobs leaving the index. `maintain`: expiring
+//! parked uploads and writing access times.
+
+mod commit;
+mod evict;
+mod maintain;
 
 use super::accounting::Accounting;
 use super::atime;
@@ -13,7 +21,7 @@ use super::file_lane::FileLane;
 use super::index::{BlobIndex, Entry};
 use super::layout::Layout;
 use super::memory::MemoryTier;
-use super::parked::{Claim, ParkedUpload, UploadTable};
+use super::parked::{Claim, UploadTable};
 use super::snapshot;
 use super::StoreError;
 use crate::runtime::Runtime;
@@ -22,14 +30,12 @@ use futures::future::{select, Either};
 use kiln_reapi::digest::{BlobKey, Hasher};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, warn};
 
-/// Access times written per second of maintenance (per shard).
-const ATIME_FLUSH_PER_TICK: usize = 16_384;
 /// How an owner shard behaves; from the `[storage]` configuration.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
@@ -361,351 +367,5 @@ impl Owner {
             };
             let _ = reply.send(result);
         }));
-    }
-
-    fn commit(
-        self: &Rc<Self>,
-        key: BlobKey,
-        temp: PathBuf,
-        data: Option<bytes::Bytes>,
-        reply: CommitReply,
-    ) {
-        if self.touch(&key, atime::now()).is_some() {
-            self.remove_later(temp);
-            let _ = reply.send(Ok(Committed::AlreadyPresent));
-            return;
-        }
-        if let Some(waiting) = self.committing.borrow_mut().get_mut(&key) {
-            // The same blob is being renamed in: this copy is answered with that one's outcome.
-            waiting.push((temp, reply));
-            return;
-        }
-        let size = key.digest.size;
-        if size > self.accounting.cap() {
-            self.remove_later(temp);
-            let _ = reply.send(Err(StoreError::TooLarge {
-                size,
-                cap: self.accounting.cap(),
-            }));
-            return;
-        }
-        self.committing.borrow_mut().insert(key.clone(), Vec::new());
-        let dir = self.layout.blob_dir(&key);
-        let path = self.layout.blob_path(&key);
-        let make_dir = !self.known_dirs.borrow().contains(&dir);
-        let renamed = {
-            let layout = self.layout.clone();
-            let key = key.clone();
-            let dir = dir.clone();
-            self.lane
-                .run(move || rename_in(&layout, &key, make_dir, &dir, &temp, &path))
-        };
-        let owner = self.clone();
-        self.runtime.spawn(Box::pin(async move {
-            let outcome = renamed.await.unwrap_or(Err(StoreError::Unavailable));
-            owner.renamed(key, dir, data, outcome, reply).await;
-        }));
-    }
-
-    /// A commit's file is in place (or not): index it, make it durable, then answer it and
-    /// every copy that waited on it.
-    async fn renamed(
-        self: Rc<Self>,
-        key: BlobKey,
-        dir: PathBuf,
-        data: Option<bytes::Bytes>,
-        outcome: Result<(), StoreError>,
-        reply: CommitReply,
-    ) {
-        let waiting = self
-            .committing
-            .borrow_mut()
-            .remove(&key)
-            .unwrap_or_default();
-        if let Err(e) = outcome {
-            for (temp, r) in waiting {
-                self.remove_later(temp);
-                let _ = r.send(Err(retell(&e)));
-            }
-            let _ = reply.send(Err(e));
-            return;
-        }
-        self.known_dirs.borrow_mut().insert(dir.clone());
-        let size = key.digest.size;
-        self.index
-            .borrow_mut()
-            .insert(key.clone(), Entry::fresh(size, atime::now()));
-        // The file's own access time is the kernel's (coarse) time of creation, so blobs
-        // committed within one clock tick would tie after a restart: record the index's.
-        self.schedule_atime(&key);
-        self.accounting.add(self.shard, size);
-        self.metrics().commits.inc();
-        self.publish_oldest();
-        if let Some(data) = data {
-            if self.memory.admits(size) {
-                self.memory.insert(key, data);
-            }
-        }
-        for (temp, _) in &waiting {
-            self.remove_later(temp.clone());
-        }
-        self.maybe_evict();
-        let result = if self.settings.fsync {
-            self.make_durable(&dir).await
-        } else {
-            Ok(())
-        };
-        // Copies that found the blob being committed are answered only now: acknowledged
-        // means durable for them too.
-        for (_, r) in waiting {
-            let _ = r.send(match &result {
-                Ok(()) => Ok(Committed::AlreadyPresent),
-                Err(e) => Err(retell(e)),
-            });
-        }
-        let _ = reply.send(result.map(|()| Committed::Stored));
-    }
-
-    /// Syncs what a rename into `dir` needs to survive a crash (see [`dirs_to_sync`]).
-    async fn make_durable(&self, dir: &Path) -> Result<(), StoreError> {
-        let todo = dirs_to_sync(dir, self.layout.tree_dir(), &self.durable_dirs.borrow());
-        for d in &todo {
-            self.runtime
-                .sync_dir(d)
-                .await
-                .map_err(|e| StoreError::io("sync", d, e))?;
-        }
-        self.durable_dirs.borrow_mut().insert(dir.to_path_buf());
-        Ok(())
-    }
-
-    /// Deletes a file on the lane (temp files and blobs no longer indexed).
-    fn remove_later(&self, path: PathBuf) {
-        self.lane.queue(move || {
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    warn!(path = %path.display(), error = %e, "cannot delete file");
-                }
-            }
-        });
-    }
-
-    fn remove_corrupt(&self, key: &BlobKey) {
-        let removed = self.index.borrow_mut().remove(key);
-        if let Some(entry) = removed {
-            error!(blob = ?key, "stored blob does not hash to its digest; removed it");
-            self.metrics().corrupt.inc();
-            self.accounting.remove(self.shard, entry.size);
-            if entry.pins > 0 {
-                self.accounting.set_pinned(entry.size, false);
-            }
-            self.memory.remove(key);
-            self.remove_later(self.layout.blob_path(key));
-            self.publish_oldest();
-        }
-    }
-
-    /// If the store is over its cap, asks the shard with the oldest blob to evict.
-    fn maybe_evict(self: &Rc<Self>) {
-        while let Some((shard, bytes)) = self.accounting.claim_eviction() {
-            if shard == self.shard {
-                if self.evict(bytes) == 0 {
-                    warn!(
-                        shard = self.shard,
-                        "CAS over capacity, and every blob left on this shard is pinned"
-                    );
-                    break;
-                }
-                continue;
-            }
-            if let Err(sender) = self.cas.request_eviction(shard, bytes) {
-                // That shard's queue is full: deliver the request without blocking this loop.
-                let accounting = self.accounting.clone();
-                self.runtime.spawn(Box::pin(async move {
-                    if sender.send(Command::Evict { bytes }).await.is_err() {
-                        accounting.eviction_done(bytes);
-                    }
-                }));
-            }
-        }
-    }
-
-    /// Evicts least recently used, unpinned blobs until `bytes` are freed or none are left;
-    /// releases the claim and returns the bytes freed.
-    fn evict(&self, bytes: u64) -> u64 {
-        let mut freed = 0u64;
-        let mut count = 0u64;
-        while freed < bytes {
-            let Some((key, entry)) = self.index.borrow_mut().pop_oldest_unpinned() else {
-                break;
-            };
-            // Counted as a removal before its file goes: whoever sees the file gone also sees
-            // the removal count moved (the action cache's completeness shortcut relies on it).
-            self.accounting.remove(self.shard, entry.size);
-            self.memory.remove(&key);
-            self.remove_later(self.layout.blob_path(&key));
-            freed += entry.size;
-            self.metrics().evictions.inc();
-            self.metrics().evicted_bytes.inc_by(entry.size);
-            count += 1;
-        }
-        self.publish_oldest();
-        self.accounting.eviction_done(bytes);
-        if count > 0 {
-            debug!(shard = self.shard, blobs = count, bytes = freed, "evicted");
-        }
-        freed
-    }
-
-    /// Periodic work: expire parked uploads, write access times.
-    async fn maintain(self: Rc<Self>, stop: ShutdownWatch) {
-        let mut stopping = Box::pin(stop.wait());
-        loop {
-            match select(
-                self.runtime.sleep(Duration::from_secs(1)),
-                stopping.as_mut(),
-            )
-            .await
-            {
-                Either::Left(_) => {}
-                Either::Right(_) => return,
-            }
-            let expired = self.uploads.borrow_mut().expire(self.runtime.now());
-            if !expired.is_empty() {
-                info!(
-                    shard = self.shard,
-                    count = expired.len(),
-                    "dropping expired interrupted uploads"
-                );
-            }
-            self.remove_temps(expired);
-            self.flush_atimes(ATIME_FLUSH_PER_TICK);
-        }
-    }
-
-    /// Queues a blob's access time for its file (best effort: past the bound it is skipped,
-    /// and only the order after a restart can suffer).
-    fn schedule_atime(&self, key: &BlobKey) {
-        let mut pending = self.pending_atimes.borrow_mut();
-        if pending.len() < self.settings.max_pending_atimes {
-            pending.push(key.clone());
-        }
-    }
-
-    /// Writes up to `limit` pending access times to the blobs' files, on the lane.
-    fn flush_atimes(&self, limit: usize) {
-        let keys: Vec<BlobKey> = {
-            let mut pending = self.pending_atimes.borrow_mut();
-            let n = pending.len().min(limit);
-            pending.drain(..n).collect()
-        };
-        let index = self.index.borrow();
-        let times: Vec<(PathBuf, u64)> = keys
-            .iter()
-            .filter_map(|key| Some((self.layout.blob_path(key), index.peek(key)?.atime)))
-            .collect();
-        if !times.is_empty() {
-            self.lane.queue(move || {
-                for (path, atime) in times {
-                    atime::persist(&path, atime);
-                }
-            });
-        }
-    }
-
-    /// Deletes dropped uploads' temp files on the lane.
-    fn remove_temps(&self, uploads: Vec<ParkedUpload>) {
-        for p in uploads {
-            self.remove_later(p.temp);
-        }
-    }
-}
-
-/// On the lane: creates the blob's directory when this shard has not seen it, makes the file
-/// read-only (workers hardlink it into action directories) and renames it into place. (The
-/// syncs that make it durable follow on the core; see [`dirs_to_sync`].)
-fn rename_in(
-    layout: &Layout,
-    key: &BlobKey,
-    make_dir: bool,
-    dir: &Path,
-    temp: &Path,
-    path: &Path,
-) -> Result<(), StoreError> {
-    if make_dir {
-        if let Err(e) = layout.ensure_blob_dir(key) {
-            let _ = std::fs::remove_file(temp);
-            return Err(StoreError::io("create directory for", dir, e));
-        }
-    }
-    let _ = std::fs::set_permissions(temp, std::os::unix::fs::PermissionsExt::from_mode(0o444));
-    if let Err(e) = std::fs::rename(temp, path) {
-        let _ = std::fs::remove_file(temp);
-        return Err(StoreError::io("rename into", path, e));
-    }
-    Ok(())
-}
-
-/// The directories a commit into `dir` syncs before it is acknowledged: `dir` itself (that
-/// makes the rename durable) and, until this process has once made `dir` durable, every
-/// directory above it up to the CAS root: `dir` may have just been created (by this commit,
-/// or by another whose syncs have not finished), or be left on disk by a run that stopped
-/// before syncing it. A second commit into a fresh directory must not be acknowledged before
-/// the directory itself is durable in its parent.
-fn dirs_to_sync(dir: &Path, cas_root: &Path, durable: &HashSet<PathBuf>) -> Vec<PathBuf> {
-    let mut out = vec![dir.to_path_buf()];
-    if !durable.contains(dir) {
-        out.extend(
-            dir.ancestors()
-                .skip(1)
-                .take_while(|d| d.starts_with(cas_root))
-                .map(Path::to_path_buf),
-        );
-    }
-    out
-}
-
-/// The same failure again, for a second caller (I/O errors cannot be cloned).
-fn retell(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unavailable => StoreError::Unavailable,
-        StoreError::Io { op, path, source } => StoreError::io(
-            op,
-            path.clone(),
-            std::io::Error::new(source.kind(), source.to_string()),
-        ),
-        StoreError::TooLarge { size, cap } => StoreError::TooLarge {
-            size: *size,
-            cap: *cap,
-        },
-        StoreError::Corrupt(key) => StoreError::Corrupt(key.clone()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_directory_is_synced_up_to_the_root_until_it_is_durable() {
-        let root = Path::new("/data/cas");
-        let dir = root.join("i_main/sha256/ab");
-        let mut durable = HashSet::new();
-        let first = dirs_to_sync(&dir, root, &durable);
-        assert_eq!(
-            first,
-            vec![
-                dir.clone(),
-                root.join("i_main/sha256"),
-                root.join("i_main"),
-                root.to_path_buf()
-            ]
-        );
-        // A second commit before the first's syncs finished does the same.
-        assert_eq!(dirs_to_sync(&dir, root, &durable), first);
-        durable.insert(dir.clone());
-        assert_eq!(dirs_to_sync(&dir, root, &durable), vec![dir.clone()]);
-        // Nothing outside the CAS root.
-        assert!(first.iter().all(|d| d.starts_with(root)));
     }
 }

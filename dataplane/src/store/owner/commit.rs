@@ -1,0 +1,204 @@
+//! Committing a verified upload: the rename into place on the file lane, indexing, answering
+//! every copy of the blob that waited on it, and the syncs that make the blob durable before
+//! any of them is acknowledged.
+
+use super::{CommitReply, Owner};
+use crate::store::atime;
+use crate::store::commands::Committed;
+use crate::store::index::Entry;
+use crate::store::layout::Layout;
+use crate::store::StoreError;
+use kiln_reapi::digest::BlobKey;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+impl Owner {
+    pub(super) fn commit(
+        self: &Rc<Self>,
+        key: BlobKey,
+        temp: PathBuf,
+        data: Option<bytes::Bytes>,
+        reply: CommitReply,
+    ) {
+        if self.touch(&key, atime::now()).is_some() {
+            self.remove_later(temp);
+            let _ = reply.send(Ok(Committed::AlreadyPresent));
+            return;
+        }
+        if let Some(waiting) = self.committing.borrow_mut().get_mut(&key) {
+            // The same blob is being renamed in: this copy is answered with that one's outcome.
+            waiting.push((temp, reply));
+            return;
+        }
+        let size = key.digest.size;
+        if size > self.accounting.cap() {
+            self.remove_later(temp);
+            let _ = reply.send(Err(StoreError::TooLarge {
+                size,
+                cap: self.accounting.cap(),
+            }));
+            return;
+        }
+        self.committing.borrow_mut().insert(key.clone(), Vec::new());
+        let dir = self.layout.blob_dir(&key);
+        let path = self.layout.blob_path(&key);
+        let make_dir = !self.known_dirs.borrow().contains(&dir);
+        let renamed = {
+            let layout = self.layout.clone();
+            let key = key.clone();
+            let dir = dir.clone();
+            self.lane
+                .run(move || rename_in(&layout, &key, make_dir, &dir, &temp, &path))
+        };
+        let owner = self.clone();
+        self.runtime.spawn(Box::pin(async move {
+            let outcome = renamed.await.unwrap_or(Err(StoreError::Unavailable));
+            owner.renamed(key, dir, data, outcome, reply).await;
+        }));
+    }
+
+    /// A commit's file is in place (or not): index it, make it durable, then answer it and
+    /// every copy that waited on it.
+    pub(super) async fn renamed(
+        self: Rc<Self>,
+        key: BlobKey,
+        dir: PathBuf,
+        data: Option<bytes::Bytes>,
+        outcome: Result<(), StoreError>,
+        reply: CommitReply,
+    ) {
+        let waiting = self
+            .committing
+            .borrow_mut()
+            .remove(&key)
+            .unwrap_or_default();
+        if let Err(e) = outcome {
+            for (temp, r) in waiting {
+                self.remove_later(temp);
+                let _ = r.send(Err(e.retell()));
+            }
+            let _ = reply.send(Err(e));
+            return;
+        }
+        self.known_dirs.borrow_mut().insert(dir.clone());
+        let size = key.digest.size;
+        self.index
+            .borrow_mut()
+            .insert(key.clone(), Entry::fresh(size, atime::now()));
+        // The file's own access time is the kernel's (coarse) time of creation, so blobs
+        // committed within one clock tick would tie after a restart: record the index's.
+        self.schedule_atime(&key);
+        self.accounting.add(self.shard, size);
+        self.metrics().commits.inc();
+        self.publish_oldest();
+        if let Some(data) = data {
+            if self.memory.admits(size) {
+                self.memory.insert(key, data);
+            }
+        }
+        for (temp, _) in &waiting {
+            self.remove_later(temp.clone());
+        }
+        self.maybe_evict();
+        let result = if self.settings.fsync {
+            self.make_durable(&dir).await
+        } else {
+            Ok(())
+        };
+        // Copies that found the blob being committed are answered only now: acknowledged
+        // means durable for them too.
+        for (_, r) in waiting {
+            let _ = r.send(match &result {
+                Ok(()) => Ok(Committed::AlreadyPresent),
+                Err(e) => Err(e.retell()),
+            });
+        }
+        let _ = reply.send(result.map(|()| Committed::Stored));
+    }
+
+    /// Syncs what a rename into `dir` needs to survive a crash (see [`dirs_to_sync`]).
+    pub(super) async fn make_durable(&self, dir: &Path) -> Result<(), StoreError> {
+        let todo = dirs_to_sync(dir, self.layout.tree_dir(), &self.durable_dirs.borrow());
+        for d in &todo {
+            self.runtime
+                .sync_dir(d)
+                .await
+                .map_err(|e| StoreError::io("sync", d, e))?;
+        }
+        self.durable_dirs.borrow_mut().insert(dir.to_path_buf());
+        Ok(())
+    }
+}
+
+/// On the lane: creates the blob's directory when this shard has not seen it, makes the file
+/// read-only (workers hardlink it into action directories) and renames it into place. (The
+/// syncs that make it durable follow on the core; see [`dirs_to_sync`].)
+fn rename_in(
+    layout: &Layout,
+    key: &BlobKey,
+    make_dir: bool,
+    dir: &Path,
+    temp: &Path,
+    path: &Path,
+) -> Result<(), StoreError> {
+    if make_dir {
+        if let Err(e) = layout.ensure_blob_dir(key) {
+            let _ = std::fs::remove_file(temp);
+            return Err(StoreError::io("create directory for", dir, e));
+        }
+    }
+    let _ = std::fs::set_permissions(temp, std::os::unix::fs::PermissionsExt::from_mode(0o444));
+    if let Err(e) = std::fs::rename(temp, path) {
+        let _ = std::fs::remove_file(temp);
+        return Err(StoreError::io("rename into", path, e));
+    }
+    Ok(())
+}
+
+/// The directories a commit into `dir` syncs before it is acknowledged: `dir` itself (that
+/// makes the rename durable) and, until this process has once made `dir` durable, every
+/// directory above it up to the CAS root: `dir` may have just been created (by this commit,
+/// or by another whose syncs have not finished), or be left on disk by a run that stopped
+/// before syncing it. A second commit into a fresh directory must not be acknowledged before
+/// the directory itself is durable in its parent.
+fn dirs_to_sync(dir: &Path, cas_root: &Path, durable: &HashSet<PathBuf>) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    if !durable.contains(dir) {
+        out.extend(
+            dir.ancestors()
+                .skip(1)
+                .take_while(|d| d.starts_with(cas_root))
+                .map(Path::to_path_buf),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn a_directory_is_synced_up_to_the_root_until_it_is_durable() {
+        let root = Path::new("/data/cas");
+        let dir = root.join("i_main/sha256/ab");
+        let mut durable = HashSet::new();
+        let first = dirs_to_sync(&dir, root, &durable);
+        assert_eq!(
+            first,
+            vec![
+                dir.clone(),
+                root.join("i_main/sha256"),
+                root.join("i_main"),
+                root.to_path_buf()
+            ]
+        );
+        // A second commit before the first's syncs finished does the same.
+        assert_eq!(dirs_to_sync(&dir, root, &durable), first);
+        durable.insert(dir.clone());
+        assert_eq!(dirs_to_sync(&dir, root, &durable), vec![dir.clone()]);
+        // Nothing outside the CAS root.
+        assert!(first.iter().all(|d| d.starts_with(root)));
+    }
+}
