@@ -286,10 +286,7 @@ on_every_runtime! {
             config: Some("[storage]\ndisk_bytes = \"1 MiB\"\nmemory_bytes = 0\n".into()),
             ..Options::on(rt)
         };
-        let data_dir = dir.path().join("data");
-        let kiln = tokio::task::spawn_blocking(move || Kiln::start_with(&data_dir, options))
-            .await
-            .unwrap();
+        let kiln = Kiln::start_async(&dir.path().join("data"), options).await;
         let ch = kiln.channel().await;
         let f = Function::Sha256;
         let output = common::blobs::pseudo_random(1, 300 << 10);

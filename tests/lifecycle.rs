@@ -26,10 +26,7 @@ fn overwrite(path: &Path, bytes: &[u8]) {
 }
 
 async fn start(dir: &Path, options: Options) -> Kiln {
-    let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || Kiln::start_with(&dir, options))
-        .await
-        .unwrap()
+    Kiln::start_async(dir, options).await
 }
 
 on_every_runtime! {

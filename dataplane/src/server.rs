@@ -259,7 +259,7 @@ impl DataPlane {
         let started = std::time::Instant::now();
         // The snapshot is made durable; the blobs it lists must be too (with storage.fsync
         // off they may still be in the page cache).
-        if let Err(e) = snapshot::sync_filesystem(self.layout.tree_dir()) {
+        if let Err(e) = crate::store::durable::sync_filesystem(self.layout.tree_dir()) {
             warn!(error = %e, "cannot sync the CAS's filesystem; no index snapshot (the next start scans)");
             return;
         }

@@ -202,6 +202,15 @@ impl Kiln {
         Kiln::start_with(data_dir, Options::on(runtime))
     }
 
+    /// Starts a server on `data_dir` from async code (the start blocks until the server is up,
+    /// so it runs on a blocking thread).
+    pub async fn start_async(data_dir: &Path, options: Options) -> Kiln {
+        let data_dir = data_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || Kiln::start_with(&data_dir, options))
+            .await
+            .expect("start kiln")
+    }
+
     /// Starts a server on `data_dir`.
     pub fn start_with(data_dir: &Path, options: Options) -> Kiln {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));

@@ -8,6 +8,7 @@
 use crate::error::ControlError;
 use bytes::Bytes;
 use kiln_dataplane::store::atime;
+use kiln_dataplane::store::durable::sync_dir;
 use kiln_dataplane::store::index::{BlobIndex, ClientKeys, Entry};
 use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::scan::{scan, ScanReport, TreeKind};
@@ -185,7 +186,7 @@ impl AcStore {
             });
         }
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.put(key, &data))
+        tokio::task::spawn_blocking(move || inner.put(key, data))
             .await
             .map_err(|e| {
                 ControlError::io("write", Path::new("action cache"), std::io::Error::other(e))
@@ -282,9 +283,9 @@ impl Inner {
         }
     }
 
-    fn put(&self, key: BlobKey, data: &[u8]) -> Result<(), ControlError> {
+    fn put(&self, key: BlobKey, data: Bytes) -> Result<(), ControlError> {
         let temp = self.layout.temp_path();
-        write_file(&temp, data, self.settings.fsync).map_err(|e| {
+        write_file(&temp, &data, self.settings.fsync).map_err(|e| {
             let _ = std::fs::remove_file(&temp);
             ControlError::io("write", &temp, e)
         })?;
@@ -303,7 +304,7 @@ impl Inner {
         self.puts.fetch_add(1, Ordering::Relaxed);
         if let Some(memory) = &self.memory {
             let stored = Stored {
-                data: Bytes::copy_from_slice(data),
+                data: data.clone(),
                 checked: CheckMark::new(),
             };
             memory.insert(key.clone(), stored);
@@ -345,10 +346,6 @@ fn write_file(path: &Path, data: &[u8], fsync: bool) -> std::io::Result<()> {
         file.sync_data()?;
     }
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

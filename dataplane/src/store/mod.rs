@@ -14,6 +14,7 @@ pub mod blob_io;
 mod client;
 pub mod clone;
 pub(crate) mod commands;
+pub mod durable;
 mod error;
 pub mod file_lane;
 pub mod index;

@@ -66,7 +66,7 @@ pub fn scan(
     // The tree's own entry, made on a first start, is durable before anything is committed
     // into it (commits sync the directories below it).
     if let Some(data_dir) = layout.tree_dir().parent() {
-        std::fs::File::open(data_dir)?.sync_all()?;
+        super::durable::sync_dir(data_dir)?;
     }
     let mut report = ScanReport::default();
     for entry in std::fs::read_dir(layout.tmp_dir())? {
@@ -289,12 +289,18 @@ mod tests {
         panic!("the filesystem clock did not move");
     }
 
+    /// An empty CAS under `dir`, its directories made.
+    fn empty_store(dir: &Path) -> Layout {
+        let layout = Layout::cas(&dir.join("data"));
+        std::fs::create_dir_all(layout.tree_dir()).unwrap();
+        std::fs::create_dir_all(layout.tmp_dir()).unwrap();
+        layout
+    }
+
     #[test]
     fn unchanged_directories_come_from_the_snapshot_and_changed_ones_are_scanned() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::cas(&dir.path().join("data"));
-        std::fs::create_dir_all(layout.tree_dir()).unwrap();
-        std::fs::create_dir_all(layout.tmp_dir()).unwrap();
+        let layout = empty_store(dir.path());
         let scratch = dir.path().join("scratch");
         std::fs::create_dir(&scratch).unwrap();
         let stored: Vec<BlobKey> = (0..300).map(|n| put(&layout, n)).collect();
@@ -359,9 +365,7 @@ mod tests {
     #[test]
     fn a_directory_whose_files_differ_from_the_index_is_left_out_of_the_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::cas(&dir.path().join("data"));
-        std::fs::create_dir_all(layout.tree_dir()).unwrap();
-        std::fs::create_dir_all(layout.tmp_dir()).unwrap();
+        let layout = empty_store(dir.path());
         let stored: Vec<BlobKey> = (0..50).map(|n| put(&layout, n)).collect();
         let owner_of = |_: &BlobKey| 0;
         let (entries, _) = scan(&layout, TreeKind::Blobs, 1, 1, None, owner_of).unwrap();

@@ -16,6 +16,7 @@
 //! byte, inode, mtime and ctime in nanoseconds, entry count, then per entry: 32-byte hash,
 //! size, access time); and a BLAKE3 hash of everything before it.
 
+use super::durable;
 use super::index::Entry;
 use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
 use std::collections::HashMap;
@@ -272,29 +273,6 @@ fn matching_stamp(path: &Path, blobs: &[(Digest, u64)]) -> Option<DirStamp> {
     (expected.is_empty() && before == after).then_some(before)
 }
 
-/// Flushes everything written to the filesystem holding `dir` (`syncfs`), so that a snapshot
-/// never outlives the blobs it lists.
-pub fn sync_filesystem(dir: &Path) -> io::Result<()> {
-    let dir = std::fs::File::open(dir)?;
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: syncfs on a descriptor this function owns for the duration of the call.
-        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        // No syncfs: sync(2) for every filesystem's dirty data, then a full fsync of the
-        // directory (F_FULLFSYNC on macOS, which also flushes the drive's cache).
-        // SAFETY: sync takes no arguments and cannot fail.
-        unsafe { libc::sync() };
-        dir.sync_all()
-    }
-}
-
 /// Writes a snapshot durably: a temp file, synced, renamed over `path`, directory synced.
 pub fn write(path: &Path, snapshot: &Snapshot) -> io::Result<()> {
     let temp = path.with_extension("index-tmp");
@@ -304,7 +282,7 @@ pub fn write(path: &Path, snapshot: &Snapshot) -> io::Result<()> {
         file.sync_all()?;
         std::fs::rename(&temp, path)?;
         if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
+            durable::sync_dir(dir)?;
         }
         Ok(())
     })();
