@@ -92,7 +92,7 @@ on_every_runtime! {
                 .len(),
             1
         );
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+        let leftovers = common::temp_files(dir.path());
         assert!(leftovers.is_empty(), "{leftovers:?}");
         kiln.stop().await;
     }
@@ -430,9 +430,7 @@ on_every_runtime! {
         let big = pseudo_random(31, 8 << 20);
         let name = write_name("", Function::Sha256, &digest(Function::Sha256, &big));
         assert_code(blobs::write(&ch, &name, &big, 1 << 20).await, Code::ResourceExhausted, "No space left");
-        let leftovers: Vec<_> = std::fs::read_dir(data_dir.join("tmp"))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
+        let leftovers = common::temp_files(&data_dir);
         assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
         let small = b"room for this".to_vec();
         let name = write_name("", Function::Sha256, &digest(Function::Sha256, &small));

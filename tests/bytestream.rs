@@ -213,7 +213,7 @@ on_every_runtime! {
             .unwrap();
         assert_eq!(sha2::Sha256::digest(&got), sha2::Sha256::digest(&data));
         // Exactly one copy on disk, and no temp files left behind.
-        let tmp: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+        let tmp = common::temp_files(dir.path());
         assert!(tmp.is_empty(), "{tmp:?}");
         kiln.stop().await;
     }
@@ -355,8 +355,7 @@ on_every_runtime! {
         assert_eq!(done.committed_size, big.len() as i64);
         blobs::write(&ch, &other_name, &other, 64 << 10).await.unwrap();
         assert_eq!(blobs::read(&ch, &read_name("", f, &other_d), 0, 0).await.unwrap(), other);
-        let temps = std::fs::read_dir(data_dir.join("tmp")).map(|d| d.count()).unwrap_or(0);
-        assert_eq!(temps, 0, "no temp file left behind");
+        assert_eq!(common::temp_files(&data_dir), Vec::<std::path::PathBuf>::new(), "no temp file left behind");
         kiln.stop().await;
     }
 }

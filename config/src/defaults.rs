@@ -64,6 +64,9 @@ pub(crate) fn memory_max_blob_bytes() -> ByteSize {
 pub(crate) fn disk_bytes() -> ByteSize {
     ByteSize::gib(10)
 }
+pub(crate) fn group_commit_max_bytes() -> ByteSize {
+    ByteSize::mib(1)
+}
 pub(crate) fn yes() -> bool {
     true
 }

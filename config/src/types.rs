@@ -253,6 +253,12 @@ pub struct StorageConfig {
     pub disk_bytes: ByteSize,
     /// fsync each blob (and its directory) before acknowledging it.
     pub fsync: bool,
+    /// With `fsync`: commits made at the same time on a shard share one filesystem sync
+    /// (`syncfs`, Linux) instead of each syncing its file and directory.
+    pub group_commit: bool,
+    /// With `group_commit`: blobs larger than this sync their own data before they join a
+    /// group, so that one large blob does not hold up the small ones sharing its sync.
+    pub group_commit_max_bytes: ByteSize,
     /// Access times are written to disk at most this often per blob (seconds).
     pub access_time_resolution_secs: u64,
     /// An interrupted upload can be resumed for this long (seconds).
@@ -271,6 +277,8 @@ impl Default for StorageConfig {
             memory_max_blob_bytes: d::memory_max_blob_bytes(),
             disk_bytes: d::disk_bytes(),
             fsync: d::yes(),
+            group_commit: d::yes(),
+            group_commit_max_bytes: d::group_commit_max_bytes(),
             access_time_resolution_secs: d::access_time_resolution_secs(),
             upload_expiry_secs: d::upload_expiry_secs(),
             max_parked_uploads: d::max_parked_uploads(),

@@ -75,6 +75,10 @@ pub struct Metrics {
     pub evicted_bytes: Counter,
     /// Blobs committed.
     pub commits: Counter,
+    /// Filesystem syncs made for group commit.
+    pub group_syncs: Counter,
+    /// Commits made durable by those syncs (their ratio is the mean group size).
+    pub group_synced_commits: Counter,
     /// Stored blobs found corrupt and removed.
     pub corrupt: Counter,
     /// Commands to owner shards, by origin.
@@ -109,6 +113,8 @@ impl Metrics {
             evictions: Counter::default(),
             evicted_bytes: Counter::default(),
             commits: Counter::default(),
+            group_syncs: Counter::default(),
+            group_synced_commits: Counter::default(),
             corrupt: Counter::default(),
             commands: Family::default(),
             connections_total: Counter::default(),
@@ -175,6 +181,16 @@ impl Metrics {
             self.evicted_bytes.clone(),
         );
         registry.register("kiln_cas_commits", "Blobs stored", self.commits.clone());
+        registry.register(
+            "kiln_cas_group_syncs",
+            "Filesystem syncs made for group commit",
+            self.group_syncs.clone(),
+        );
+        registry.register(
+            "kiln_cas_group_synced_commits",
+            "Commits made durable by group-commit syncs (divided by kiln_cas_group_syncs: the mean group)",
+            self.group_synced_commits.clone(),
+        );
         registry.register(
             "kiln_cas_corrupt_blobs",
             "Stored blobs that failed verification and were removed",

@@ -10,6 +10,7 @@ use crate::runtime::{bind_reuseport_group, Backend, Runtime};
 use crate::service::{BlobLimits, BlobServices};
 use crate::shutdown::{Drain, Shutdown, ShutdownWatch};
 use crate::store::accounting::Accounting;
+use crate::store::durable;
 use crate::store::layout::Layout;
 use crate::store::owner::{Owner, StoreSettings};
 use crate::store::scan::{scan, ScanReport, ShardEntries, TreeKind};
@@ -122,6 +123,7 @@ impl DataPlane {
         let slots = ConnectionSlots::new(config.server.max_connections);
         let store_settings = StoreSettings {
             fsync: config.storage.fsync,
+            group_commit: config.storage.group_commit && durable::GROUP_COMMIT,
             atime_resolution: Duration::from_secs(config.storage.access_time_resolution_secs),
             upload_expiry: Duration::from_secs(config.storage.upload_expiry_secs),
             max_parked: config.storage.max_parked_uploads,
@@ -135,6 +137,8 @@ impl DataPlane {
             inline_read: config.storage.memory_max_blob_bytes.as_u64(),
             cas_capacity: config.storage.disk_bytes.as_u64(),
             fsync: config.storage.fsync,
+            group_commit_max: (config.storage.group_commit && durable::GROUP_COMMIT)
+                .then(|| config.storage.group_commit_max_bytes.as_u64()),
             stalled_upload: (config.server.stalled_upload_secs > 0)
                 .then(|| Duration::from_secs(config.server.stalled_upload_secs)),
         };

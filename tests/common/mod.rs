@@ -117,6 +117,24 @@ macro_rules! on_every_runtime {
     )*};
 }
 
+/// Upload temp files left under `data_dir/tmp/` (which holds them in subdirectories); none
+/// when the directory does not exist.
+pub fn temp_files(data_dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(data_dir.join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let path = entry.path();
+        match std::fs::read_dir(&path) {
+            Ok(inner) => out.extend(inner.flatten().map(|e| e.path())),
+            Err(_) => out.push(path),
+        }
+    }
+    out
+}
+
 /// The value of the un-labelled metric `name` on the admin listener at `admin` (plain HTTP);
 /// fails the test when it is not exported.
 pub async fn metric(admin: &str, name: &str) -> f64 {

@@ -131,8 +131,8 @@ async fn update_one(
         return Ok(());
     }
     let temp = svc.layout.temp_path();
-    if let Err(e) = blob_io::write_new(&*svc.runtime, &temp, &request.data, svc.limits.fsync).await
-    {
+    let sync_data = svc.limits.sync_own_data(digest.size);
+    if let Err(e) = blob_io::write_new(&*svc.runtime, &temp, &request.data, sync_data).await {
         let _ = svc.runtime.remove_file(&temp).await;
         return Err(BlobError::io("write", &temp, e));
     }

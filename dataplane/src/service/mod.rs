@@ -46,8 +46,19 @@ pub struct BlobLimits {
     pub cas_capacity: u64,
     /// fsync uploads before acknowledging them.
     pub fsync: bool,
+    /// With group commit on: blobs up to this size leave their data to the group's sync.
+    pub group_commit_max: Option<u64>,
     /// A Write that sends nothing for this long is ended and parked.
     pub stalled_upload: Option<std::time::Duration>,
+}
+
+impl BlobLimits {
+    /// Whether an upload of `size` bytes syncs its own data before its commit: with fsync
+    /// on, unless group commit covers it (its commit then waits for a sync of the whole
+    /// filesystem, which writes the data too).
+    pub fn sync_own_data(&self, size: u64) -> bool {
+        self.fsync && self.group_commit_max.is_none_or(|max| size > max)
+    }
 }
 
 /// The blob services of one shard.

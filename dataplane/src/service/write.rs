@@ -270,7 +270,10 @@ impl Upload<'_> {
             return Err(BlobError::WriteResource("upload already committed").into());
         };
         let path = writer.path().to_path_buf();
-        if let Err(e) = writer.finish(self.svc.limits.fsync).await {
+        if let Err(e) = writer
+            .finish(self.svc.limits.sync_own_data(self.state.digest().size))
+            .await
+        {
             let _ = self.svc.runtime.remove_file(&path).await;
             return Err(BlobError::io("write", &path, e).into());
         }

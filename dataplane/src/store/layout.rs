@@ -4,7 +4,7 @@
 //! ```text
 //! {data_dir}/cas/{instance dir}/{function}/{first hash byte, hex}/{hash}-{size}
 //! {data_dir}/cas/{instance dir}/INSTANCE        (the instance name, verbatim)
-//! {data_dir}/tmp/                               (uploads in progress)
+//! {data_dir}/tmp/{00..3f}/                       (uploads in progress)
 //! {data_dir}/ac/...  and  {data_dir}/ac-tmp/    (action results, keyed by action digest)
 //! ```
 //!
@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 
 /// Name of the file that records an instance directory's instance name.
 pub const INSTANCE_FILE: &str = "INSTANCE";
+
+/// Temp files are spread over this many subdirectories: creating a file locks its directory,
+/// so concurrent uploads in one directory would queue on that lock.
+pub const TEMP_FANOUT: u8 = 64;
 
 /// Longest encoded instance directory name before falling back to a hash.
 const MAX_DIR_NAME: usize = 120;
@@ -60,6 +64,11 @@ impl Layout {
         &self.tmp
     }
 
+    /// The subdirectories of [`Layout::tmp_dir`] that hold temp files.
+    pub fn temp_dirs(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        (0..TEMP_FANOUT).map(|i| self.tmp.join(hex::encode([i])))
+    }
+
     /// The directory of one instance.
     pub fn instance_dir(&self, instance: &InstanceName) -> PathBuf {
         self.tree.join(instance_dir_name(instance))
@@ -101,10 +110,36 @@ impl Layout {
         Ok(created)
     }
 
-    /// A fresh temporary path for an upload.
+    /// A fresh temporary path for an upload, in one of the [`Layout::temp_dirs`].
     pub fn temp_path(&self) -> PathBuf {
+        let id = uuid::Uuid::new_v4();
         self.tmp
-            .join(format!("{}.part", uuid::Uuid::new_v4().simple()))
+            .join(hex::encode([id.as_bytes()[0] % TEMP_FANOUT]))
+            .join(format!("{}.part", id.simple()))
+    }
+
+    /// Creates the temp directories, removing whatever an earlier run left in them (uploads
+    /// in progress when it stopped); returns how many files it removed.
+    pub fn reset_temp_dirs(&self) -> std::io::Result<u64> {
+        std::fs::create_dir_all(&self.tmp)?;
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.tmp)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                for inner in std::fs::read_dir(&path)? {
+                    if std::fs::remove_file(inner?.path()).is_ok() {
+                        removed += 1;
+                    }
+                }
+            } else if std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        for dir in self.temp_dirs() {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(removed)
     }
 }
 
@@ -162,7 +197,7 @@ mod tests {
     fn blob_dirs_are_created_with_their_instance_name() {
         let tmp = tempfile::tempdir().unwrap();
         let layout = Layout::cas(tmp.path());
-        std::fs::create_dir_all(layout.tmp_dir()).unwrap();
+        layout.reset_temp_dirs().unwrap();
         let key = BlobKey::new(
             InstanceName::new("team/a").unwrap(),
             Digest::of(DigestFunction::Sha256, b"x"),

@@ -24,6 +24,7 @@ pub mod owner;
 pub mod parked;
 pub mod scan;
 pub mod snapshot;
+pub mod sync_group;
 pub mod upload;
 
 pub use client::{CasClient, ShardQueues};

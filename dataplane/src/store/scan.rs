@@ -62,19 +62,15 @@ pub fn scan(
 ) -> io::Result<(ShardEntries, ScanReport)> {
     let start = Instant::now();
     std::fs::create_dir_all(layout.tree_dir())?;
-    std::fs::create_dir_all(layout.tmp_dir())?;
     // The tree's own entry, made on a first start, is durable before anything is committed
     // into it (commits sync the directories below it).
     if let Some(data_dir) = layout.tree_dir().parent() {
         super::durable::sync_dir(data_dir)?;
     }
-    let mut report = ScanReport::default();
-    for entry in std::fs::read_dir(layout.tmp_dir())? {
-        let path = entry?.path();
-        if std::fs::remove_file(&path).is_ok() {
-            report.temp_removed += 1;
-        }
-    }
+    let mut report = ScanReport {
+        temp_removed: layout.reset_temp_dirs()?,
+        ..ScanReport::default()
+    };
 
     let mut work: Vec<(InstanceName, DigestFunction, PathBuf)> = Vec::new();
     let mut restored: ShardEntries = (0..shards).map(|_| Vec::new()).collect();
@@ -293,7 +289,7 @@ mod tests {
     fn empty_store(dir: &Path) -> Layout {
         let layout = Layout::cas(&dir.join("data"));
         std::fs::create_dir_all(layout.tree_dir()).unwrap();
-        std::fs::create_dir_all(layout.tmp_dir()).unwrap();
+        layout.reset_temp_dirs().unwrap();
         layout
     }
 

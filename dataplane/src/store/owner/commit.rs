@@ -5,9 +5,11 @@
 use super::{CommitReply, Owner};
 use crate::store::atime;
 use crate::store::commands::Committed;
+use crate::store::durable;
 use crate::store::index::Entry;
 use crate::store::layout::Layout;
 use crate::store::StoreError;
+use futures::channel::oneshot;
 use kiln_reapi::digest::BlobKey;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -21,14 +23,15 @@ impl Owner {
         data: Option<bytes::Bytes>,
         reply: CommitReply,
     ) {
+        if let Some(waiting) = self.committing.borrow_mut().get_mut(&key) {
+            // The same blob is being renamed in or made durable: this copy is answered with
+            // that one's outcome, once it is durable.
+            waiting.push((temp, reply));
+            return;
+        }
         if self.touch(&key, atime::now()).is_some() {
             self.remove_later(temp);
             let _ = reply.send(Ok(Committed::AlreadyPresent));
-            return;
-        }
-        if let Some(waiting) = self.committing.borrow_mut().get_mut(&key) {
-            // The same blob is being renamed in: this copy is answered with that one's outcome.
-            waiting.push((temp, reply));
             return;
         }
         let size = key.digest.size;
@@ -58,8 +61,10 @@ impl Owner {
         }));
     }
 
-    /// A commit's file is in place (or not): index it, make it durable, then answer it and
-    /// every copy that waited on it.
+    /// A commit's file is in place (or not): make it durable, then index it and answer it
+    /// and every copy that waited on it. The blob becomes visible (to lookups, copies and
+    /// `FindMissingBlobs`) only once it is durable, so nothing is ever answered "present"
+    /// on the strength of a write a crash could still undo.
     pub(super) async fn renamed(
         self: Rc<Self>,
         key: BlobKey,
@@ -68,20 +73,34 @@ impl Owner {
         outcome: Result<(), StoreError>,
         reply: CommitReply,
     ) {
+        let result = match outcome {
+            Ok(()) => {
+                self.known_dirs.borrow_mut().insert(dir.clone());
+                if self.settings.fsync {
+                    self.make_durable(&dir).await
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => Err(e),
+        };
         let waiting = self
             .committing
             .borrow_mut()
             .remove(&key)
             .unwrap_or_default();
-        if let Err(e) = outcome {
-            for (temp, r) in waiting {
-                self.remove_later(temp);
+        for (temp, _) in &waiting {
+            self.remove_later(temp.clone());
+        }
+        if let Err(e) = result {
+            // Not acknowledged, so not kept: a file whose sync failed is not trusted either.
+            self.remove_later(self.layout.blob_path(&key));
+            for (_, r) in waiting {
                 let _ = r.send(Err(e.retell()));
             }
             let _ = reply.send(Err(e));
             return;
         }
-        self.known_dirs.borrow_mut().insert(dir.clone());
         let size = key.digest.size;
         self.index
             .borrow_mut()
@@ -97,28 +116,20 @@ impl Owner {
                 self.memory.insert(key, data);
             }
         }
-        for (temp, _) in &waiting {
-            self.remove_later(temp.clone());
+        for (_, r) in waiting {
+            let _ = r.send(Ok(Committed::AlreadyPresent));
         }
         self.maybe_evict();
-        let result = if self.settings.fsync {
-            self.make_durable(&dir).await
-        } else {
-            Ok(())
-        };
-        // Copies that found the blob being committed are answered only now: acknowledged
-        // means durable for them too.
-        for (_, r) in waiting {
-            let _ = r.send(match &result {
-                Ok(()) => Ok(Committed::AlreadyPresent),
-                Err(e) => Err(e.retell()),
-            });
-        }
-        let _ = reply.send(result.map(|()| Committed::Stored));
+        let _ = reply.send(Ok(Committed::Stored));
     }
 
-    /// Syncs what a rename into `dir` needs to survive a crash (see [`dirs_to_sync`]).
-    pub(super) async fn make_durable(&self, dir: &Path) -> Result<(), StoreError> {
+    /// Syncs what a rename into `dir` needs to survive a crash: with group commit, one sync
+    /// of the filesystem shared with the commits made meanwhile ([`SyncGroup`]); otherwise
+    /// the directories of [`dirs_to_sync`] (the blob's own data was synced by its writer).
+    pub(super) async fn make_durable(self: &Rc<Self>, dir: &Path) -> Result<(), StoreError> {
+        if self.settings.group_commit {
+            return self.group_sync().await;
+        }
         let todo = dirs_to_sync(dir, self.layout.tree_dir(), &self.durable_dirs.borrow());
         for d in &todo {
             self.runtime
@@ -129,6 +140,60 @@ impl Owner {
         self.durable_dirs.borrow_mut().insert(dir.to_path_buf());
         Ok(())
     }
+}
+
+impl Owner {
+    /// Waits for a filesystem sync that started after this call: starts one when none is
+    /// running, else joins the group for the next.
+    async fn group_sync(self: &Rc<Self>) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        if self.sync_group.borrow_mut().join(tx) {
+            self.runtime.spawn(Box::pin(self.clone().run_group_syncs()));
+        }
+        rx.await.unwrap_or(Err(StoreError::Unavailable))
+    }
+
+    /// Runs filesystem syncs on the sync lane, one after another, while commits wait for
+    /// one; each answers every commit that had joined before it started.
+    async fn run_group_syncs(self: Rc<Self>) {
+        loop {
+            let root = self.sync_root.clone();
+            let synced = self
+                .sync_lane
+                .run(move || sync_all(&root))
+                .await
+                .unwrap_or(Err(StoreError::Unavailable));
+            let (done, again) = self.sync_group.borrow_mut().finished();
+            self.metrics().group_syncs.inc();
+            self.metrics()
+                .group_synced_commits
+                .inc_by(done.len() as u64);
+            for waiter in done {
+                let _ = waiter.send(match &synced {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(e.retell()),
+                });
+            }
+            if !again {
+                return;
+            }
+        }
+    }
+}
+
+/// On the sync lane: one `syncfs` of the CAS's filesystem.
+fn sync_all(root: &SyncRoot) -> Result<(), StoreError> {
+    #[cfg(target_os = "linux")]
+    let synced = durable::syncfs(&root.file);
+    #[cfg(not(target_os = "linux"))]
+    let synced = durable::sync_filesystem(&root.path);
+    synced.map_err(|e| StoreError::io("sync the filesystem of", &root.path, e))
+}
+
+/// The CAS root, held open for `syncfs`.
+pub(super) struct SyncRoot {
+    pub(super) path: PathBuf,
+    pub(super) file: std::fs::File,
 }
 
 /// On the lane: creates the blob's directory when this shard has not seen it, makes the file

@@ -12,6 +12,8 @@ mod commit;
 mod evict;
 mod maintain;
 
+use commit::SyncRoot;
+
 use super::accounting::Accounting;
 use super::atime;
 use super::blob_io;
@@ -23,9 +25,11 @@ use super::layout::Layout;
 use super::memory::MemoryTier;
 use super::parked::{Claim, UploadTable};
 use super::snapshot;
+use super::sync_group::SyncGroup;
 use super::StoreError;
 use crate::runtime::Runtime;
 use crate::shutdown::ShutdownWatch;
+use futures::channel::oneshot;
 use futures::future::{select, Either};
 use kiln_reapi::digest::{BlobKey, Hasher};
 use std::cell::RefCell;
@@ -41,6 +45,8 @@ use tracing::{debug, warn};
 pub struct StoreSettings {
     /// fsync blobs and directories before acknowledging.
     pub fsync: bool,
+    /// With `fsync`: concurrent commits share one filesystem sync (see [`SyncGroup`]).
+    pub group_commit: bool,
     /// Write access times to disk at most this often per blob.
     pub atime_resolution: Duration,
     /// Parked uploads are dropped after this long.
@@ -76,8 +82,16 @@ pub struct Owner {
     pending_atimes: RefCell<Vec<BlobKey>>,
     /// Renames, unlinks, chmods and access times, off the core and in order.
     lane: FileLane,
-    /// Blobs being renamed in, with the later copies of each waiting for the outcome.
+    /// Blobs being renamed in or made durable, with the later copies of each waiting for
+    /// the outcome.
     committing: RefCell<HashMap<BlobKey, Vec<(PathBuf, CommitReply)>>>,
+    /// Group commit: the filesystem syncs, on a thread of their own so that renames for the
+    /// next group go on meanwhile.
+    sync_lane: FileLane,
+    /// Commits waiting for a filesystem sync.
+    sync_group: RefCell<SyncGroup<oneshot::Sender<Result<(), StoreError>>>>,
+    /// What the syncs sync.
+    sync_root: Arc<SyncRoot>,
 }
 
 impl Owner {
@@ -93,6 +107,11 @@ impl Owner {
         cas: CasClient,
     ) -> std::io::Result<Rc<Owner>> {
         let lane = FileLane::start(format!("kiln-files-{shard}"))?;
+        let sync_lane = FileLane::start(format!("kiln-sync-{shard}"))?;
+        let sync_root = Arc::new(SyncRoot {
+            path: layout.tree_dir().to_path_buf(),
+            file: std::fs::File::open(layout.tree_dir())?,
+        });
         let mut index: BlobIndex = BlobIndex::with_capacity(scanned.len());
         for (key, entry) in scanned {
             index.insert(key, entry);
@@ -117,6 +136,9 @@ impl Owner {
             pending_atimes: RefCell::new(Vec::new()),
             lane,
             committing: RefCell::new(HashMap::new()),
+            sync_lane,
+            sync_group: RefCell::new(SyncGroup::new()),
+            sync_root,
         }))
     }
 
