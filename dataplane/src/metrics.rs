@@ -79,6 +79,8 @@ pub struct Metrics {
     pub group_syncs: Counter,
     /// Commits made durable by those syncs (their ratio is the mean group size).
     pub group_synced_commits: Counter,
+    /// Commits waiting for a group sync now.
+    pub awaiting_sync: Gauge,
     /// Stored blobs found corrupt and removed.
     pub corrupt: Counter,
     /// Commands to owner shards, by origin.
@@ -115,6 +117,7 @@ impl Metrics {
             commits: Counter::default(),
             group_syncs: Counter::default(),
             group_synced_commits: Counter::default(),
+            awaiting_sync: Gauge::default(),
             corrupt: Counter::default(),
             commands: Family::default(),
             connections_total: Counter::default(),
@@ -190,6 +193,11 @@ impl Metrics {
             "kiln_cas_group_synced_commits",
             "Commits made durable by group-commit syncs (divided by kiln_cas_group_syncs: the mean group)",
             self.group_synced_commits.clone(),
+        );
+        registry.register(
+            "kiln_cas_commits_awaiting_sync",
+            "Commits renamed into place and waiting for their group sync (not yet acknowledged or visible)",
+            self.awaiting_sync.clone(),
         );
         registry.register(
             "kiln_cas_corrupt_blobs",

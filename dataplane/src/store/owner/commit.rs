@@ -73,6 +73,7 @@ impl Owner {
         outcome: Result<(), StoreError>,
         reply: CommitReply,
     ) {
+        let in_place = outcome.is_ok();
         let result = match outcome {
             Ok(()) => {
                 self.known_dirs.borrow_mut().insert(dir.clone());
@@ -93,8 +94,10 @@ impl Owner {
             self.remove_later(temp.clone());
         }
         if let Err(e) = result {
-            // Not acknowledged, so not kept: a file whose sync failed is not trusted either.
-            self.remove_later(self.layout.blob_path(&key));
+            if in_place {
+                // Not acknowledged, so not kept: a file whose sync failed is not trusted.
+                self.remove_later(self.layout.blob_path(&key));
+            }
             for (_, r) in waiting {
                 let _ = r.send(Err(e.retell()));
             }
@@ -147,6 +150,7 @@ impl Owner {
     /// running, else joins the group for the next.
     async fn group_sync(self: &Rc<Self>) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
+        self.metrics().awaiting_sync.inc();
         if self.sync_group.borrow_mut().join(tx) {
             self.runtime.spawn(Box::pin(self.clone().run_group_syncs()));
         }
@@ -168,6 +172,7 @@ impl Owner {
             self.metrics()
                 .group_synced_commits
                 .inc_by(done.len() as u64);
+            self.metrics().awaiting_sync.dec_by(done.len() as i64);
             for waiter in done {
                 let _ = waiter.send(match &synced {
                     Ok(()) => Ok(()),
