@@ -195,6 +195,20 @@ on_every_runtime! {
             Code::InvalidArgument,
             "hash",
         );
+        // Hashes are lowercase hex (an uppercase one would be answered in lowercase and match
+        // nothing the client holds).
+        let mut upper = digest(Function::Sha256, b"a");
+        upper.hash = upper.hash.to_uppercase();
+        assert_code(
+            cas.find_missing_blobs(reapi::FindMissingBlobsRequest {
+                instance_name: String::new(),
+                blob_digests: vec![digest(Function::Sha256, b"b"), upper],
+                digest_function: 0,
+            })
+            .await,
+            Code::InvalidArgument,
+            "lowercase hex",
+        );
         assert_code(
             cas.find_missing_blobs(reapi::FindMissingBlobsRequest {
                 instance_name: String::new(),

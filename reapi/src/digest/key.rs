@@ -32,7 +32,14 @@ impl Digest {
             return Err(bad());
         }
         let mut hash = [0u8; 32];
-        hex::decode_to_slice(hex_hash, &mut hash).map_err(|_| bad())?;
+        // SIMD and branch-free: on FindMissingBlobs of 1,000 digests a branching decoder
+        // was a third of the server's CPU. Lowercase only, as the spec writes hashes: an
+        // uppercase hash would come back lowercase in answers and match nothing the client
+        // holds.
+        if hex_hash.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(bad());
+        }
+        faster_hex::hex_decode(hex_hash.as_bytes(), &mut hash).map_err(|_| bad())?;
         Ok(Digest {
             function,
             hash,
@@ -74,7 +81,7 @@ impl Digest {
 
     /// The hash as lowercase hex.
     pub fn hex(&self) -> String {
-        hex::encode(self.hash)
+        faster_hex::hex_string(&self.hash)
     }
 
     /// True for the empty blob, which is always present.

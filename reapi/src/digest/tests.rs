@@ -81,6 +81,31 @@ fn digest_parsing_rejects_bad_input() {
         Digest::parse(f, &not_hex, 0),
         Err(DigestError::BadHash { .. })
     ));
+    // Hashes are lowercase hex: an uppercase one would come back lowercase in answers and
+    // match nothing the client holds.
+    assert!(matches!(
+        Digest::parse(f, &EMPTY_SHA256.to_uppercase(), 0),
+        Err(DigestError::BadHash { .. })
+    ));
+    let mut one_upper = EMPTY_SHA256.to_string();
+    one_upper.replace_range(63..64, "5".to_uppercase().as_str());
+    assert!(
+        Digest::parse(f, &one_upper, 0).is_ok(),
+        "a digit has no case"
+    );
+    let mut with_a_capital = EMPTY_SHA256.to_string();
+    with_a_capital.replace_range(0..1, "E");
+    assert!(matches!(
+        Digest::parse(f, &with_a_capital, 0),
+        Err(DigestError::BadHash { .. })
+    ));
+    for bad in ["g", " ", "-", "/", ":", "@", "`", "G", "\u{7f}"] {
+        let mut h = EMPTY_SHA256.to_string();
+        h.replace_range(10..11, bad);
+        if h.len() == 64 {
+            assert!(Digest::parse(f, &h, 0).is_err(), "{bad:?} accepted");
+        }
+    }
     let missing = Digest::from_proto_field(None, 0);
     assert_eq!(missing, Err(DigestError::Missing));
 }
@@ -92,6 +117,19 @@ fn proto_round_trip() {
     assert_eq!(p.size_bytes, 5);
     let back = Digest::from_proto(&p, reapi::digest_function::Value::Blake3 as i32).unwrap();
     assert_eq!(back, d);
+    // Every byte value survives hex both ways.
+    let all: Vec<u8> = (0..=255u8).collect();
+    for chunk in all.chunks(32) {
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(chunk);
+        let d = Digest {
+            function: DigestFunction::Sha256,
+            hash,
+            size: 1,
+        };
+        assert_eq!(d.hex(), hex::encode(hash));
+        assert_eq!(Digest::parse(DigestFunction::Sha256, &d.hex(), 1), Ok(d));
+    }
 }
 
 #[test]
