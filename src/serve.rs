@@ -60,7 +60,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         &config,
         store,
         backend,
-        Some(control.handoff()),
+        Some(control.link()),
         tls.clone(),
         policy.clone(),
     )

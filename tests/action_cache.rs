@@ -297,9 +297,13 @@ on_every_runtime! {
             ..Default::default()
         };
         update(&ch, "", f, &action, result.clone()).await.unwrap();
-        // Checked, then served again without a check.
+        // Checked by the control plane, then served again without a check, by the data plane
+        // from memory.
+        let on_data_plane = "kiln_action_cache_data_plane_hits_total";
         assert_eq!(get(&ch, "", f, &action).await.unwrap(), result);
+        assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 0.0);
         assert_eq!(get(&ch, "", f, &action).await.unwrap(), result);
+        assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 1.0);
         // Fill the 1 MiB CAS with newer blobs until the output is evicted. Watched on disk,
         // not through the API: any lookup would mark the output used and keep it.
         let file = dir

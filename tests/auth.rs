@@ -306,6 +306,59 @@ on_every_runtime! {
     }
 }
 
+// The data plane answers GetActionResult hits held in memory itself; it checks the caller's
+// role on the instance first, exactly as the control plane does.
+on_every_runtime! {
+    async fn hits_served_by_the_data_plane_check_the_caller(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let rw = kiln_token(&data_dir, &["create", "--name", "rw", "--role", "cache-read,ac-write", "--instance", "main"]);
+        let acw = kiln_token(&data_dir, &["create", "--name", "acw", "--role", "ac-write"]);
+        let other = kiln_token(&data_dir, &["create", "--name", "other", "--role", "cache-read", "--instance", "other"]);
+        let options = Options { config: Some("[auth]\nenabled = true\n".into()), ..Options::on(rt) };
+        let kiln = Kiln::start_async(&data_dir, options).await;
+        let ch = kiln.channel().await;
+        let caller = |t: &String| As { ch: ch.clone(), token: Bearer(Some(t.clone())) };
+        let action = digest(F, b"served from memory");
+        let result = ActionResult { exit_code: 7, ..Default::default() };
+        caller(&rw)
+            .ac()
+            .update_action_result(UpdateActionResultRequest {
+                instance_name: "main".into(),
+                action_digest: Some(action.clone()),
+                action_result: Some(result.clone()),
+                digest_function: F as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let get = |t: &String| {
+            let c = caller(t);
+            let action = action.clone();
+            async move {
+                c.ac()
+                    .get_action_result(GetActionResultRequest {
+                        instance_name: "main".into(),
+                        action_digest: Some(action),
+                        digest_function: F as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        };
+        let on_data_plane = "kiln_action_cache_data_plane_hits_total";
+        assert_eq!(get(&rw).await.unwrap(), result, "checked by the control plane");
+        assert_eq!(get(&rw).await.unwrap(), result, "served by the data plane");
+        assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 1.0);
+        assert_eq!(get(&acw).await.unwrap_err().code(), Code::PermissionDenied, "no cache-read");
+        assert_eq!(get(&other).await.unwrap_err().code(), Code::PermissionDenied, "another instance");
+        assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 1.0, "refusals are not hits");
+        kiln.stop().await;
+    }
+}
+
 // Callers without credentials may cache and execute here but hold no worker role: the
 // embedded worker still runs the action, with the token that exists only in the server.
 on_every_runtime! {

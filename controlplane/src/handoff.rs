@@ -7,6 +7,7 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use kiln_dataplane::grpc::{send_with_capacity, ForwardedCall};
 use kiln_dataplane::metrics::CallRecorder;
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -24,12 +25,18 @@ pub async fn serve(routes: Routes, queue: async_channel::Receiver<ForwardedCall>
 async fn serve_one(mut routes: Routes, call: ForwardedCall) {
     let ForwardedCall {
         request,
+        read,
         mut respond,
         recorder,
     } = call;
     let recorder = recorder.map(Arc::new);
     let (parts, body) = request.into_parts();
-    let request = http::Request::from_parts(parts, H2Body(body, recorder.clone()));
+    let body = H2Body {
+        read: read.into(),
+        stream: body,
+        recorder: recorder.clone(),
+    };
+    let request = http::Request::from_parts(parts, body);
     let response = match routes.call(request).await {
         Ok(response) => response,
         Err(never) => match never {},
@@ -88,8 +95,14 @@ fn record_status(recorder: &Option<Arc<CallRecorder>>, headers: &http::HeaderMap
     }
 }
 
-/// An h2 request body as an `http_body::Body`, releasing flow-control capacity as it is read.
-struct H2Body(h2::RecvStream, Option<Arc<CallRecorder>>);
+/// An h2 request body as an `http_body::Body`: first what the data plane already read (it
+/// counted and released those bytes), then the stream, releasing flow-control capacity as it
+/// is read.
+struct H2Body {
+    read: VecDeque<Bytes>,
+    stream: h2::RecvStream,
+    recorder: Option<Arc<CallRecorder>>,
+}
 
 impl Body for H2Body {
     type Data = Bytes;
@@ -99,16 +112,19 @@ impl Body for H2Body {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        match self.0.poll_data(cx) {
+        if let Some(data) = self.read.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        match self.stream.poll_data(cx) {
             Poll::Ready(Some(Ok(data))) => {
-                let _ = self.0.flow_control().release_capacity(data.len());
-                if let Some(r) = &self.1 {
+                let _ = self.stream.flow_control().release_capacity(data.len());
+                if let Some(r) = &self.recorder {
                     r.received(data.len());
                 }
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-            Poll::Ready(None) => match self.0.poll_trailers(cx) {
+            Poll::Ready(None) => match self.stream.poll_trailers(cx) {
                 Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
                 Poll::Ready(Ok(None)) => Poll::Ready(None),
                 Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
@@ -119,6 +135,6 @@ impl Body for H2Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
+        self.read.is_empty() && self.stream.is_end_stream()
     }
 }

@@ -20,6 +20,7 @@ use capabilities::{Advertised, CapabilitiesService};
 use execution::{ExecutionService, OperationsService, WorkerApiService};
 use kiln_config::Config;
 use kiln_dataplane::grpc::{ForwardedCall, HandoffSender};
+use kiln_dataplane::service::{ControlLink, ReadyResults};
 use kiln_dataplane::store::scan::ScanReport;
 use kiln_dataplane::store::CasClient;
 use kiln_proto::longrunning::operations_server::OperationsServer;
@@ -43,6 +44,8 @@ pub struct ControlPlane {
     handoff: async_channel::Sender<ForwardedCall>,
     ac_report: ScanReport,
     action_cache: AcStore,
+    /// `GetActionResult` hits the data plane may serve itself.
+    ready_results: Arc<action_cache::DataPlaneHits>,
 }
 
 impl ControlPlane {
@@ -86,6 +89,10 @@ impl ControlPlane {
         ));
         let ac_service =
             ActionCacheService::new(action_cache_core.clone(), control_metrics.clone());
+        let ready_results = Arc::new(action_cache::DataPlaneHits {
+            cache: action_cache_core.clone(),
+            metrics: control_metrics.clone(),
+        });
         let execution = config.execution.enabled.then(|| {
             let _guard = runtime.enter();
             execution::ExecutionCore::start(
@@ -136,6 +143,7 @@ impl ControlPlane {
             handoff,
             ac_report,
             action_cache,
+            ready_results,
         })
     }
 
@@ -147,6 +155,14 @@ impl ControlPlane {
     /// Where the data plane sends the calls it does not serve.
     pub fn handoff(&self) -> HandoffSender {
         self.handoff.clone()
+    }
+
+    /// The data plane's link: the hand-over, and the action results it may serve itself.
+    pub fn link(&self) -> ControlLink {
+        ControlLink {
+            handoff: self.handoff.clone(),
+            results: Some(self.ready_results.clone() as Arc<dyn ReadyResults>),
+        }
     }
 
     /// The runtime, for the process to wait on signals and shutdown with.

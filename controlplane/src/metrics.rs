@@ -20,6 +20,8 @@ pub struct AcLabels {
 pub struct ControlMetrics {
     /// Action-cache requests by outcome.
     pub action_cache: Family<AcLabels, Counter>,
+    /// Of the `get` hits, those the data plane served itself (from memory, no check due).
+    pub action_cache_data_plane_hits: Counter,
 }
 
 impl ControlMetrics {
@@ -34,6 +36,11 @@ impl ControlMetrics {
             "kiln_action_cache_requests",
             "Action-cache requests by operation and outcome",
             self.action_cache.clone(),
+        );
+        registry.register(
+            "kiln_action_cache_data_plane_hits",
+            "GetActionResult hits served by the data plane from memory, without the control plane (also counted as hits above)",
+            self.action_cache_data_plane_hits.clone(),
         );
     }
 

@@ -4,10 +4,10 @@
 //! owners.
 
 use crate::grpc::limits::ConnectionSlots;
-use crate::grpc::{serve_connection, CallHandler, HandoffSender, Http2Settings, PeerIdentity};
+use crate::grpc::{serve_connection, CallHandler, Http2Settings, PeerIdentity};
 use crate::metrics::Metrics;
 use crate::runtime::{bind_reuseport_group, Backend, Runtime};
-use crate::service::{BlobLimits, BlobServices};
+use crate::service::{BlobLimits, BlobServices, ControlLink};
 use crate::shutdown::{Drain, Shutdown, ShutdownWatch};
 use crate::store::accounting::Accounting;
 use crate::store::durable;
@@ -107,7 +107,7 @@ impl DataPlane {
         config: &Config,
         store: OpenedStore,
         backend: Arc<dyn Backend>,
-        handoff: Option<HandoffSender>,
+        control: Option<ControlLink>,
         tls: Option<TlsAccept>,
         policy: Arc<kiln_auth::Policy>,
     ) -> io::Result<DataPlane> {
@@ -167,7 +167,7 @@ impl DataPlane {
                 limits: limits.clone(),
                 h2: h2.clone(),
                 slots: slots.clone(),
-                handoff: handoff.clone(),
+                control: control.clone(),
                 tls: tls.clone(),
                 policy: policy.clone(),
                 shutdown: shutdown.watch(),
@@ -308,7 +308,7 @@ struct ShardSpec {
     limits: BlobLimits,
     h2: Http2Settings,
     slots: Arc<ConnectionSlots>,
-    handoff: Option<HandoffSender>,
+    control: Option<ControlLink>,
     tls: Option<TlsAccept>,
     policy: Arc<kiln_auth::Policy>,
     shutdown: ShutdownWatch,
@@ -332,7 +332,7 @@ impl ShardSpec {
             limits,
             h2,
             slots,
-            handoff,
+            control,
             tls,
             policy,
             shutdown,
@@ -377,7 +377,7 @@ impl ShardSpec {
         let _ = ready.send(Ok(()));
         let metrics = cas.metrics().clone();
         let services: Rc<dyn CallHandler> =
-            BlobServices::new(runtime.clone(), cas, layout, limits, handoff);
+            BlobServices::new(runtime.clone(), cas, layout, limits, control);
         let h2 = Rc::new(h2);
         let connections = Drain::new();
         let mut stopping = Box::pin(shutdown.wait());

@@ -54,6 +54,8 @@ impl ActionCache {
             return Err(miss());
         };
         if !self.completeness {
+            // Decoded: later hits may be served without the control plane (see `ready`).
+            stored.checked.at.store(atime::now(), Ordering::Release);
             return Ok(result);
         }
         // Read before the check: a removal during the check moves it, so the next hit checks.
@@ -93,6 +95,28 @@ impl ActionCache {
                 Err(miss())
             }
         }
+    }
+
+    /// The stored bytes of a result that can be served with no I/O and no check: held in
+    /// memory, decoded and (with completeness checking) found complete by a check that still
+    /// holds — younger than [`CheckLimits::recheck_after`], with no blob removed from the CAS
+    /// since. Marks it used. `None`: serve it with [`ActionCache::get`].
+    pub fn ready(&self, key: &BlobKey) -> Option<bytes::Bytes> {
+        let stored = self.store.ready(key)?;
+        let mark = &stored.checked;
+        let at = mark.at.load(Ordering::Acquire);
+        if at == 0 {
+            // Never decoded by `get`: a result read from its file is checked there first.
+            return None;
+        }
+        if self.completeness {
+            let fresh =
+                atime::now().saturating_sub(at) < self.limits.recheck_after.as_nanos() as u64;
+            if !fresh || mark.removals.load(Ordering::Acquire) != self.cas.accounting().removals() {
+                return None;
+            }
+        }
+        Some(stored.data)
     }
 
     /// Stores the result for an action.

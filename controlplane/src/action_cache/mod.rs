@@ -7,5 +7,5 @@ mod service;
 pub mod store;
 
 pub use cache::ActionCache;
-pub use service::ActionCacheService;
+pub use service::{ActionCacheService, DataPlaneHits};
 pub use store::{AcSettings, AcStore};

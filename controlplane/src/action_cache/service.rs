@@ -3,12 +3,31 @@
 use super::ActionCache;
 use crate::error::ControlError;
 use crate::metrics::ControlMetrics;
+use kiln_dataplane::service::ReadyResults;
 use kiln_proto::reapi::action_cache_server::ActionCache as ActionCacheApi;
 use kiln_proto::reapi::{self, ActionResult, GetActionResultRequest, UpdateActionResultRequest};
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::{debug_span, Instrument};
+
+/// `GetActionResult` hits the data plane serves itself ([`ReadyResults`]), counted with the
+/// control plane's.
+pub struct DataPlaneHits {
+    /// The cache.
+    pub cache: Arc<ActionCache>,
+    /// Where hits are counted.
+    pub metrics: Arc<ControlMetrics>,
+}
+
+impl ReadyResults for DataPlaneHits {
+    fn ready(&self, key: &BlobKey) -> Option<bytes::Bytes> {
+        let data = self.cache.ready(key)?;
+        self.metrics.ac("get", "hit");
+        self.metrics.action_cache_data_plane_hits.inc();
+        Some(data)
+    }
+}
 
 /// The ActionCache service.
 pub struct ActionCacheService {

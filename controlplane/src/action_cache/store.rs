@@ -175,6 +175,26 @@ impl AcStore {
             })?
     }
 
+    /// The in-memory copy of a result when serving it needs no I/O: held in memory and no
+    /// access time due for writing to its file (then it is marked used). `None`: go through
+    /// [`AcStore::get`].
+    pub fn ready(&self, key: &BlobKey) -> Option<Stored> {
+        let memory = self.inner.memory.as_ref()?;
+        let mut index = self.inner.lock();
+        let now = atime::now();
+        let entry = index.peek(key)?;
+        if atime::due(
+            now,
+            entry.persisted_atime,
+            self.inner.settings.atime_resolution,
+        ) {
+            return None;
+        }
+        let stored = memory.get(key)?;
+        index.touch(key, now);
+        Some(stored)
+    }
+
     /// Stores (or replaces) the result for an action.
     pub async fn put(&self, key: BlobKey, data: Bytes) -> Result<(), ControlError> {
         let limit = self.inner.settings.max_entry_bytes;

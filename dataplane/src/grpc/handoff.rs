@@ -9,6 +9,9 @@ use bytes::Bytes;
 pub struct ForwardedCall {
     /// The HTTP/2 request with its streaming body.
     pub request: http::Request<h2::RecvStream>,
+    /// Body bytes the data plane already read (a unary request it looked at before handing
+    /// it over), to be read before the rest of the body; usually none.
+    pub read: Vec<Bytes>,
     /// Where the control plane writes the response.
     pub respond: h2::server::SendResponse<Bytes>,
     /// Counts the call (status, bytes, latency) when dropped.

@@ -67,14 +67,62 @@ impl Call {
 
     /// Hands the untouched call over, for the control plane to serve.
     pub fn into_forwarded(self) -> ForwardedCall {
+        self.into_forwarded_after(Vec::new())
+    }
+
+    /// Hands the call over after [`Call::peek_unary`] read its body: the control plane reads
+    /// `read` first, as if the data plane had never looked.
+    pub fn into_forwarded_after(self, read: Vec<bytes::Bytes>) -> ForwardedCall {
         let (respond, responder_recorder) = self.responder.into_raw();
         drop(responder_recorder);
         ForwardedCall {
             request: self.request,
+            read,
             respond,
             // The control plane finishes the count (status, bytes) when it is done.
             recorder: self.recorder.and_then(|r| Rc::try_unwrap(r).ok()),
         }
+    }
+
+    /// Reads a unary request whole and decodes its message while keeping the call, so that it
+    /// can still be answered here or handed over ([`Call::into_forwarded_after`] with the
+    /// returned bytes). Reads at most one message of the call's limit.
+    pub async fn peek_unary<M: prost::Message + Default>(
+        &mut self,
+    ) -> Result<(M, Vec<bytes::Bytes>), RecvError> {
+        let mut decoder = codec::MessageDecoder::new(self.max_message);
+        let mut read = Vec::new();
+        let mut message = None;
+        let body = self.request.body_mut();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(RecvError::Gone)?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            if let Some(r) = &self.recorder {
+                r.received(chunk.len());
+            }
+            decoder.push(chunk.clone());
+            read.push(chunk);
+            if message.is_none() {
+                message = decoder.next_message()?;
+            }
+            if message.is_some() && decoder.buffered() > 0 {
+                return Err(RecvError::Status(tonic::Status::invalid_argument(
+                    "unary request carried more than one message",
+                )));
+            }
+        }
+        decoder.finish()?;
+        let bytes = message.ok_or_else(|| {
+            RecvError::Status(tonic::Status::invalid_argument(
+                "request carried no message",
+            ))
+        })?;
+        let message = M::decode(bytes).map_err(|e| {
+            RecvError::Status(tonic::Status::invalid_argument(format!(
+                "malformed request message: {e}"
+            )))
+        })?;
+        Ok((message, read))
     }
 
     /// Splits the call into its message reader and responder.

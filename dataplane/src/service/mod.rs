@@ -1,11 +1,13 @@
 //! The blob methods served on the data plane's cores, and the router that sends every other
 //! method to the control plane.
 
+mod action_results;
 mod cas;
 mod error;
 mod read;
 mod write;
 
+pub use action_results::ReadyResults;
 pub use error::BlobError;
 
 use crate::grpc::{Call, CallHandler, Caller, HandoffSender, Responder};
@@ -13,6 +15,16 @@ use crate::runtime::{LocalBoxFuture, Runtime};
 use crate::store::layout::Layout;
 use crate::store::CasClient;
 use std::rc::Rc;
+use std::sync::Arc;
+
+/// The data plane's link to the control plane.
+#[derive(Clone)]
+pub struct ControlLink {
+    /// Where the calls the data plane does not serve go.
+    pub handoff: HandoffSender,
+    /// Action results the data plane may answer itself (`GetActionResult` hits held in memory).
+    pub results: Option<Arc<dyn ReadyResults>>,
+}
 
 /// gRPC paths of the methods served on the data plane.
 pub mod paths {
@@ -31,6 +43,9 @@ pub mod paths {
     /// CAS.BatchReadBlobs
     pub const BATCH_READ: &str =
         "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs";
+    /// ActionCache.GetActionResult (answered here when the action cache can vouch for it).
+    pub const GET_ACTION_RESULT: &str =
+        "/build.bazel.remote.execution.v2.ActionCache/GetActionResult";
 }
 
 /// Limits the blob methods enforce.
@@ -67,7 +82,7 @@ pub struct BlobServices {
     cas: CasClient,
     layout: Layout,
     limits: BlobLimits,
-    handoff: Option<HandoffSender>,
+    control: Option<ControlLink>,
 }
 
 impl BlobServices {
@@ -78,19 +93,24 @@ impl BlobServices {
         cas: CasClient,
         layout: Layout,
         limits: BlobLimits,
-        handoff: Option<HandoffSender>,
+        control: Option<ControlLink>,
     ) -> Rc<BlobServices> {
         Rc::new(BlobServices {
             runtime,
             cas,
             layout,
             limits,
-            handoff,
+            control,
         })
     }
 
     async fn forward(&self, call: Call) {
-        let Some(handoff) = &self.handoff else {
+        self.forward_after(call, Vec::new()).await
+    }
+
+    /// Hands a call over whose first body bytes (`read`) were already read here.
+    async fn forward_after(&self, call: Call, read: Vec<bytes::Bytes>) {
+        let Some(ControlLink { handoff, .. }) = &self.control else {
             let path = call.path().to_string();
             call.responder
                 .finish(Err(tonic::Status::unimplemented(format!(
@@ -98,7 +118,9 @@ impl BlobServices {
                 ))));
             return;
         };
-        if let Err(async_channel::SendError(call)) = handoff.send(call.into_forwarded()).await {
+        if let Err(async_channel::SendError(call)) =
+            handoff.send(call.into_forwarded_after(read)).await
+        {
             Responder::new(call.respond, call.recorder.map(std::rc::Rc::new)).finish(Err(
                 tonic::Status::unavailable("the control plane is shutting down"),
             ));
@@ -116,6 +138,12 @@ impl CallHandler for BlobServices {
                 paths::FIND_MISSING => cas::serve_find_missing(&self, call).await,
                 paths::BATCH_UPDATE => cas::serve_batch_update(&self, call).await,
                 paths::BATCH_READ => cas::serve_batch_read(&self, call).await,
+                paths::GET_ACTION_RESULT => {
+                    match self.control.as_ref().and_then(|c| c.results.clone()) {
+                        Some(results) => action_results::serve_get(&self, &*results, call).await,
+                        None => self.forward(call).await,
+                    }
+                }
                 _ => self.forward(call).await,
             }
         })

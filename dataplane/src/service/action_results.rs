@@ -1,0 +1,56 @@
+//! `GetActionResult` answered on the core that received it when the action cache can vouch for
+//! the answer without any I/O: the result is held in memory and its last completeness check
+//! still holds. The stored bytes are the response, so there is no decoding, no encoding and no
+//! hand-over to the control plane (two thread wake-ups per call). Anything else — a result not
+//! in memory, a check or an access-time write due, a request that does not parse, a caller the
+//! check would refuse — goes to the control plane unchanged, which answers it (and every error)
+//! as before.
+
+use super::BlobServices;
+use crate::grpc::codec::PREFIX_LEN;
+use crate::grpc::Call;
+use bytes::{BufMut, Bytes, BytesMut};
+use kiln_proto::reapi::GetActionResultRequest;
+use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
+use tracing::debug_span;
+
+/// Action results the data plane may serve itself; the action cache implements it.
+pub trait ReadyResults: Send + Sync {
+    /// The encoded `ActionResult` for `key` when it can be served now without the control
+    /// plane (held in memory, known complete, nothing due); the implementation counts the hit
+    /// and marks the entry used. `None`: let the control plane answer.
+    fn ready(&self, key: &BlobKey) -> Option<Bytes>;
+}
+
+/// Serves a `GetActionResult` from `results` when it can, else hands the call over.
+pub(super) async fn serve_get(svc: &BlobServices, results: &dyn ReadyResults, mut call: Call) {
+    let (request, read) = match call.peek_unary::<GetActionResultRequest>().await {
+        Ok(peeked) => peeked,
+        Err(e) => {
+            if let Some(status) = e.into_status() {
+                call.responder.finish(Err(status));
+            }
+            return;
+        }
+    };
+    let span = debug_span!("GetActionResult", instance = %request.instance_name, on = "data plane");
+    let ready = span.in_scope(|| {
+        let instance = InstanceName::new(&request.instance_name).ok()?;
+        call.caller().check(instance.as_str()).ok()?;
+        let digest =
+            Digest::from_proto_field(request.action_digest.as_ref(), request.digest_function)
+                .ok()?;
+        results.ready(&BlobKey::new(instance, digest))
+    });
+    let Some((result, len)) = ready.and_then(|r| Some((r.clone(), u32::try_from(r.len()).ok()?)))
+    else {
+        return svc.forward_after(call, read).await;
+    };
+    let mut responder = call.responder;
+    let mut prefix = BytesMut::with_capacity(PREFIX_LEN);
+    prefix.put_u8(0);
+    prefix.put_u32(len);
+    if responder.send(&[prefix.freeze(), result]).await.is_ok() {
+        responder.finish(Ok(()));
+    }
+}
