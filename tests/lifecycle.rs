@@ -456,8 +456,6 @@ impl FrozenSyncs {
             "this test needs the cgroup v1 freezer at {}",
             root.display()
         );
-        let dir = root.join(format!("kiln-test-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir(&dir).unwrap();
         let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .flatten()
@@ -468,6 +466,8 @@ impl FrozenSyncs {
             .map(|t| t.file_name().to_string_lossy().into_owned())
             .collect();
         assert!(!tids.is_empty(), "no kiln-sync threads in {pid}");
+        let dir = root.join(format!("kiln-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).unwrap();
         let frozen = FrozenSyncs { dir, tids };
         for tid in &frozen.tids {
             std::fs::write(frozen.dir.join("tasks"), tid).unwrap();
@@ -522,7 +522,13 @@ on_every_runtime! {
             let name = write_name("", f, &d);
             async move { blobs::write(&ch, &name, &data, 4096).await }
         });
+        // The copy waits for the first one's sync (counted with the commits awaiting one).
+        common::eventually("the second upload waiting on the first", || async {
+            (common::metric(&kiln.admin, "kiln_cas_commits_awaiting_sync").await >= 2.0).then_some(())
+        })
+        .await;
         assert!(!first.is_finished(), "acknowledged before its sync");
+        assert!(!second.is_finished(), "the copy acknowledged before the sync");
         frozen.thaw();
         assert_eq!(first.await.unwrap().unwrap().committed_size, data.len() as i64);
         assert_eq!(second.await.unwrap().unwrap().committed_size, data.len() as i64);

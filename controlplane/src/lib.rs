@@ -161,7 +161,11 @@ impl ControlPlane {
     pub fn link(&self) -> ControlLink {
         ControlLink {
             handoff: self.handoff.clone(),
-            results: Some(self.ready_results.clone() as Arc<dyn ReadyResults>),
+            // Without in-memory copies there is never a result to serve there.
+            results: self
+                .action_cache
+                .has_memory()
+                .then(|| self.ready_results.clone() as Arc<dyn ReadyResults>),
         }
     }
 

@@ -79,7 +79,8 @@ pub struct Metrics {
     pub group_syncs: Counter,
     /// Commits made durable by those syncs (their ratio is the mean group size).
     pub group_synced_commits: Counter,
-    /// Commits waiting for a group sync now.
+    /// Commits waiting for durability now: for a group sync, or for the sync of another copy
+    /// of the same blob.
     pub awaiting_sync: Gauge,
     /// Stored blobs found corrupt and removed.
     pub corrupt: Counter,
@@ -196,7 +197,7 @@ impl Metrics {
         );
         registry.register(
             "kiln_cas_commits_awaiting_sync",
-            "Commits renamed into place and waiting for their group sync (not yet acknowledged or visible)",
+            "Commits waiting for durability (their group's sync, or another copy's of the same blob): not yet acknowledged or visible",
             self.awaiting_sync.clone(),
         );
         registry.register(

@@ -121,9 +121,13 @@ impl DataPlane {
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let h2 = Http2Settings::from_config(&config.server);
         let slots = ConnectionSlots::new(config.server.max_connections);
+        let group_commit = config.storage.group_commit && durable::group_commit_supported();
+        if config.storage.group_commit && !group_commit {
+            warn!("storage.group_commit is on, but this system's syncfs cannot make a group of commits durable (Linux 5.8 or later needed): each blob syncs its own file and directory");
+        }
         let store_settings = StoreSettings {
             fsync: config.storage.fsync,
-            group_commit: config.storage.group_commit && durable::GROUP_COMMIT,
+            group_commit,
             atime_resolution: Duration::from_secs(config.storage.access_time_resolution_secs),
             upload_expiry: Duration::from_secs(config.storage.upload_expiry_secs),
             max_parked: config.storage.max_parked_uploads,
@@ -137,7 +141,7 @@ impl DataPlane {
             inline_read: config.storage.memory_max_blob_bytes.as_u64(),
             cas_capacity: config.storage.disk_bytes.as_u64(),
             fsync: config.storage.fsync,
-            group_commit_max: (config.storage.group_commit && durable::GROUP_COMMIT)
+            group_commit_max: (config.storage.fsync && group_commit)
                 .then(|| config.storage.group_commit_max_bytes.as_u64()),
             stalled_upload: (config.server.stalled_upload_secs > 0)
                 .then(|| Duration::from_secs(config.server.stalled_upload_secs)),

@@ -149,9 +149,10 @@ async fn download(
     let results: Vec<Result<(), (Digest, ActionError)>> = stream::iter(large)
         .map(|d| async move {
             let temp = local.temp_path();
+            let epoch = local.sync_epoch();
             match remote.download(d, &temp).await {
                 Ok(()) => local
-                    .commit_download(instance, d, temp)
+                    .commit_download(instance, d, temp, epoch)
                     .await
                     .map_err(|e| (d, e)),
                 Err(e) => {

@@ -97,6 +97,7 @@ impl LocalCas {
             return Ok(());
         }
         let temp = self.temp_path();
+        let epoch = self.cas.sync_epoch();
         let write = {
             let (temp, data, durable) = (temp.clone(), data.clone(), self.durable);
             tokio::task::spawn_blocking(move || {
@@ -114,7 +115,7 @@ impl LocalCas {
             .map_err(|e| ActionError::io("write", &temp, std::io::Error::other(e)))?
             .map_err(|e| ActionError::io("write", &temp, e))?;
         self.cas
-            .commit(&Self::key(instance, d), temp, Some(data))
+            .commit(&Self::key(instance, d), temp, Some(data), epoch)
             .await?;
         Ok(())
     }
@@ -131,6 +132,7 @@ impl LocalCas {
             return Ok(());
         }
         let temp = self.temp_path();
+        let epoch = self.cas.sync_epoch();
         let (from, to, durable) = (file.to_path_buf(), temp.clone(), self.durable);
         tokio::task::spawn_blocking(move || {
             match std::fs::hard_link(&from, &to) {
@@ -147,18 +149,29 @@ impl LocalCas {
         .await
         .map_err(|e| ActionError::io("link", file, std::io::Error::other(e)))?
         .map_err(|e| ActionError::io("link", file, e))?;
-        self.cas.commit(&Self::key(instance, d), temp, None).await?;
+        self.cas
+            .commit(&Self::key(instance, d), temp, None, epoch)
+            .await?;
         Ok(())
     }
 
-    /// Commits a downloaded file (already verified against `d`).
+    /// What a download reads before it writes its temp file, for [`LocalCas::commit_download`].
+    pub fn sync_epoch(&self) -> u64 {
+        self.cas.sync_epoch()
+    }
+
+    /// Commits a downloaded file (already verified against `d`); `epoch` is
+    /// [`LocalCas::sync_epoch`] from before the download began.
     pub async fn commit_download(
         &self,
         instance: &InstanceName,
         d: Digest,
         temp: PathBuf,
+        epoch: u64,
     ) -> Result<(), ActionError> {
-        self.cas.commit(&Self::key(instance, d), temp, None).await?;
+        self.cas
+            .commit(&Self::key(instance, d), temp, None, epoch)
+            .await?;
         Ok(())
     }
 }

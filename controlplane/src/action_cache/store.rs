@@ -144,6 +144,11 @@ impl AcStore {
         Ok((store, report))
     }
 
+    /// Whether results are kept in memory at all (else [`AcStore::ready`] never has one).
+    pub fn has_memory(&self) -> bool {
+        self.inner.memory.is_some()
+    }
+
     /// Entries and bytes stored.
     pub fn usage(&self) -> (usize, u64) {
         let index = self.inner.lock();
@@ -175,12 +180,14 @@ impl AcStore {
             })?
     }
 
-    /// The in-memory copy of a result when serving it needs no I/O: held in memory and no
-    /// access time due for writing to its file (then it is marked used). `None`: go through
-    /// [`AcStore::get`].
+    /// The in-memory copy of a result when serving it needs no I/O and no waiting: held in
+    /// memory, no access time due for writing to its file, the index not locked by someone
+    /// else (then it is marked used). `None`: go through [`AcStore::get`].
     pub fn ready(&self, key: &BlobKey) -> Option<Stored> {
         let memory = self.inner.memory.as_ref()?;
-        let mut index = self.inner.lock();
+        // Called on a data-plane core: never wait for the lock (a put holds it across file
+        // calls); a busy lock sends the call the ordinary way.
+        let mut index = self.inner.index.try_lock().ok()?;
         let now = atime::now();
         let entry = index.peek(key)?;
         if atime::due(

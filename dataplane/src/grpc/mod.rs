@@ -84,44 +84,41 @@ impl Call {
         }
     }
 
-    /// Reads a unary request whole and decodes its message while keeping the call, so that it
-    /// can still be answered here or handed over ([`Call::into_forwarded_after`] with the
-    /// returned bytes). Reads at most one message of the call's limit.
+    /// Reads a small unary request whole and decodes its message while keeping the call, so
+    /// that it can still be answered here or handed over ([`Call::into_forwarded_after`] with
+    /// the bytes read). `None` (with the bytes read so far) when the request is not a single
+    /// well-formed message of at most `limit` bytes, or the body is larger: the caller hands
+    /// it over, and the control plane answers it as it answers any request. Holds at most
+    /// `limit` plus one chunk of body.
     pub async fn peek_unary<M: prost::Message + Default>(
         &mut self,
-    ) -> Result<(M, Vec<bytes::Bytes>), RecvError> {
-        let mut decoder = codec::MessageDecoder::new(self.max_message);
+        limit: usize,
+    ) -> Result<(Option<M>, Vec<bytes::Bytes>), h2::Error> {
         let mut read = Vec::new();
-        let mut message = None;
+        let mut held = 0usize;
         let body = self.request.body_mut();
         while let Some(chunk) = body.data().await {
-            let chunk = chunk.map_err(RecvError::Gone)?;
+            let chunk = chunk?;
             let _ = body.flow_control().release_capacity(chunk.len());
             if let Some(r) = &self.recorder {
                 r.received(chunk.len());
             }
-            decoder.push(chunk.clone());
+            held += chunk.len();
             read.push(chunk);
-            if message.is_none() {
-                message = decoder.next_message()?;
-            }
-            if message.is_some() && decoder.buffered() > 0 {
-                return Err(RecvError::Status(tonic::Status::invalid_argument(
-                    "unary request carried more than one message",
-                )));
+            if held > limit + codec::PREFIX_LEN {
+                return Ok((None, read));
             }
         }
-        decoder.finish()?;
-        let bytes = message.ok_or_else(|| {
-            RecvError::Status(tonic::Status::invalid_argument(
-                "request carried no message",
-            ))
-        })?;
-        let message = M::decode(bytes).map_err(|e| {
-            RecvError::Status(tonic::Status::invalid_argument(format!(
-                "malformed request message: {e}"
-            )))
-        })?;
+        let mut whole = bytes::BytesMut::with_capacity(held);
+        for chunk in &read {
+            whole.extend_from_slice(chunk);
+        }
+        let mut decoder = codec::MessageDecoder::new(limit);
+        decoder.push(whole.freeze());
+        let message = match (decoder.next_message(), decoder.buffered()) {
+            (Ok(Some(bytes)), 0) => M::decode(bytes).ok(),
+            _ => None,
+        };
         Ok((message, read))
     }
 

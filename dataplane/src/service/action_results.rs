@@ -22,28 +22,33 @@ pub trait ReadyResults: Send + Sync {
     fn ready(&self, key: &BlobKey) -> Option<Bytes>;
 }
 
+/// A `GetActionResultRequest` is an instance name and a digest: anything larger is not one
+/// to serve here.
+const REQUEST_LIMIT: usize = 16 << 10;
+
 /// Serves a `GetActionResult` from `results` when it can, else hands the call over.
 pub(super) async fn serve_get(svc: &BlobServices, results: &dyn ReadyResults, mut call: Call) {
-    let (request, read) = match call.peek_unary::<GetActionResultRequest>().await {
-        Ok(peeked) => peeked,
-        Err(e) => {
-            if let Some(status) = e.into_status() {
-                call.responder.finish(Err(status));
-            }
-            return;
-        }
-    };
-    let span = debug_span!("GetActionResult", instance = %request.instance_name, on = "data plane");
-    let ready = span.in_scope(|| {
-        let instance = InstanceName::new(&request.instance_name).ok()?;
-        call.caller().check(instance.as_str()).ok()?;
-        let digest =
-            Digest::from_proto_field(request.action_digest.as_ref(), request.digest_function)
-                .ok()?;
-        results.ready(&BlobKey::new(instance, digest))
-    });
-    let Some((result, len)) = ready.and_then(|r| Some((r.clone(), u32::try_from(r.len()).ok()?)))
+    let Ok((request, read)) = call
+        .peek_unary::<GetActionResultRequest>(REQUEST_LIMIT)
+        .await
     else {
+        return; // The peer is gone.
+    };
+    let ready = request.and_then(|request| {
+        let span =
+            debug_span!("GetActionResult", instance = %request.instance_name, on = "data plane");
+        span.in_scope(|| {
+            let instance = InstanceName::new(&request.instance_name).ok()?;
+            call.caller().check(instance.as_str()).ok()?;
+            let digest =
+                Digest::from_proto_field(request.action_digest.as_ref(), request.digest_function)
+                    .ok()?;
+            let result = results.ready(&BlobKey::new(instance, digest))?;
+            let len = u32::try_from(result.len()).ok()?;
+            Some((result, len))
+        })
+    });
+    let Some((result, len)) = ready else {
         return svc.forward_after(call, read).await;
     };
     let mut responder = call.responder;

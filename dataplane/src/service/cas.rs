@@ -131,13 +131,14 @@ async fn update_one(
         return Ok(());
     }
     let temp = svc.layout.temp_path();
+    let epoch = svc.cas.sync_epoch();
     let sync_data = svc.limits.sync_own_data(digest.size);
     if let Err(e) = blob_io::write_new(&*svc.runtime, &temp, &request.data, sync_data).await {
         let _ = svc.runtime.remove_file(&temp).await;
         return Err(BlobError::io("write", &temp, e));
     }
     svc.cas
-        .commit(&key, temp, Some(request.data.clone()))
+        .commit(&key, temp, Some(request.data.clone()), epoch)
         .await?;
     Ok(())
 }

@@ -117,7 +117,7 @@ async fn write(
         .claim_upload(upload_key.clone(), &resource.key, progress.clone())
         .await
         .map_err(BlobError::from)?;
-    let (state, writer, staged) = match claim {
+    let (state, writer, staged, epoch) = match claim {
         UploadClaim::Present => return Ok(digest.size as i64),
         UploadClaim::Busy => return Err(BlobError::UploadBusy(resource.upload_id.clone()).into()),
         UploadClaim::Full { staging, cap } => {
@@ -130,8 +130,9 @@ async fn write(
         }
         UploadClaim::Fresh(staged) => {
             let path = svc.layout.temp_path();
+            let epoch = svc.cas.sync_epoch();
             match TempWriter::create(&*svc.runtime, path.clone(), digest.size).await {
-                Ok(w) => (UploadState::new(digest), w, staged),
+                Ok(w) => (UploadState::new(digest), w, staged, epoch),
                 Err(e) => {
                     svc.cas
                         .release_upload(upload_key, &resource.key, None)
@@ -147,15 +148,17 @@ async fn write(
                     UploadState::resume(digest, parked.committed, parked.hasher),
                     w,
                     parked.staged,
+                    parked.epoch,
                 ),
                 Err(_) => {
                     // The parked file is gone; start over (the client learns from the offset).
                     let _ = svc.runtime.remove_file(&parked.temp).await;
                     let path = svc.layout.temp_path();
+                    let epoch = svc.cas.sync_epoch();
                     match TempWriter::create(&*svc.runtime, path.clone(), digest.size).await {
                         Ok(w) => {
                             progress.store(0, Ordering::Relaxed);
-                            (UploadState::new(digest), w, parked.staged)
+                            (UploadState::new(digest), w, parked.staged, epoch)
                         }
                         Err(e) => {
                             svc.cas
@@ -177,6 +180,7 @@ async fn write(
         state,
         writer: Some(writer),
         staged: Some(staged),
+        epoch,
         progress,
         keep,
     };
@@ -195,6 +199,9 @@ struct Upload<'a> {
     writer: Option<TempWriter>,
     /// The space the temp file holds against the cap, until committed or dropped.
     staged: Option<Staged>,
+    /// Failed filesystem syncs before the temp file was first written (see
+    /// [`crate::store::CasClient::commit`]).
+    epoch: u64,
     progress: Arc<AtomicU64>,
     /// For small blobs uploaded in one go: the data, to seed the memory tier.
     keep: Option<Vec<Bytes>>,
@@ -282,7 +289,7 @@ impl Upload<'_> {
         self.staged = None;
         self.svc
             .cas
-            .commit(&self.resource.key, path, data)
+            .commit(&self.resource.key, path, data, self.epoch)
             .await
             .map_err(BlobError::from)?;
         Ok(self.state.digest().size as i64)
@@ -303,6 +310,7 @@ impl Upload<'_> {
                             hasher,
                             parked_at: self.svc.runtime.now(),
                             staged,
+                            epoch: self.epoch,
                         })
                     }
                     (Ok((temp, _)), _) => {

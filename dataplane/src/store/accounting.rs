@@ -45,6 +45,9 @@ pub struct Accounting {
     /// Blobs that have left the index (evicted or found corrupt) since start: when it has not
     /// moved, every blob seen present before is still present.
     removals: AtomicU64,
+    /// Filesystem syncs that failed since start (group commit): an upload whose data was
+    /// dirty when one failed may have lost it, whichever group's sync the error reached.
+    sync_failures: AtomicU64,
 }
 
 impl Accounting {
@@ -59,7 +62,21 @@ impl Accounting {
             pinned: AtomicU64::new(0),
             staging: AtomicU64::new(0),
             removals: AtomicU64::new(0),
+            sync_failures: AtomicU64::new(0),
         }
+    }
+
+    /// Failed filesystem syncs so far. An upload reads it before writing its first byte and
+    /// is not acknowledged if it has moved by the time its own sync is done (`syncfs`
+    /// reports a write-back error once, to whichever sync runs next, not to the group whose
+    /// data it lost).
+    pub fn sync_failures(&self) -> u64 {
+        self.sync_failures.load(Ordering::SeqCst)
+    }
+
+    /// Records a failed filesystem sync.
+    pub fn sync_failed(&self) {
+        self.sync_failures.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Bytes held by uploads in progress or parked.

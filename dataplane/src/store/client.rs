@@ -188,11 +188,15 @@ impl CasClient {
 
     /// Makes a verified temp file the stored copy of `key`. `data`, when given, is the blob's
     /// content for the memory tier.
+    ///
+    /// `epoch` is [`CasClient::sync_epoch`] read before the temp file's first byte was
+    /// written: if a filesystem sync fails after it, the blob is not acknowledged.
     pub async fn commit(
         &self,
         key: &BlobKey,
         temp: PathBuf,
         data: Option<Bytes>,
+        epoch: u64,
     ) -> Result<Committed, StoreError> {
         let shard = self.owner_of(&key.digest);
         let key = key.clone();
@@ -200,9 +204,15 @@ impl CasClient {
             key,
             temp,
             data,
+            epoch,
             reply,
         })
         .await?
+    }
+
+    /// What an upload reads before it writes its temp file, to pass to [`CasClient::commit`].
+    pub fn sync_epoch(&self) -> u64 {
+        self.accounting.sync_failures()
     }
 
     /// Reports that a file-backed blob read in full hashed correctly.

@@ -105,6 +105,8 @@ pub(crate) enum Command {
         key: BlobKey,
         temp: PathBuf,
         data: Option<Bytes>,
+        /// [`super::accounting::Accounting::sync_failures`] before the temp file was written.
+        epoch: u64,
         reply: Reply<Result<Committed, StoreError>>,
     },
     Verified {

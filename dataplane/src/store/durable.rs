@@ -9,10 +9,37 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Whether this platform can make a group of commits durable with one filesystem sync
-/// (`syncfs`, which waits for every write on the filesystem and reports their errors). Where
-/// it cannot (macOS: `sync` does not wait), each commit syncs its own file and directory.
-pub const GROUP_COMMIT: bool = cfg!(target_os = "linux");
+/// Whether this system can make a group of commits durable with one filesystem sync:
+/// `syncfs` must wait for every write on the filesystem and report write-back errors, which
+/// Linux does from 5.8 on. Elsewhere (macOS: `sync` does not wait; older Linux: errors are not
+/// reported) each commit syncs its own file and directory.
+pub fn group_commit_supported() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        linux_release().is_some_and(|v| v >= (5, 8))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+/// The running kernel's major and minor version.
+#[cfg(target_os = "linux")]
+fn linux_release() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    parse_release(&release)
+}
+
+/// `6.1.0-18-amd64` → (6, 1).
+#[cfg(any(target_os = "linux", test))]
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 
 /// Flushes everything written to the filesystem holding `dir` (`syncfs`), so that a snapshot
 /// never outlives the blobs it lists.
@@ -42,4 +69,16 @@ pub fn syncfs(on: &std::fs::File) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_releases_parse() {
+        assert_eq!(super::parse_release("6.1.0-18-amd64\n"), Some((6, 1)));
+        assert_eq!(super::parse_release("5.8.0"), Some((5, 8)));
+        assert_eq!(super::parse_release("4.19.0-xyz"), Some((4, 19)));
+        assert_eq!(super::parse_release("garbage"), None);
+        assert!(Some((5, 7)) < Some((5, 8)) && Some((5, 10)) > Some((5, 8)));
+    }
 }

@@ -27,6 +27,8 @@ pub struct ParkedUpload {
     pub parked_at: Instant,
     /// The space its temp file holds against the cap.
     pub staged: Staged,
+    /// Failed filesystem syncs before its temp file was first written.
+    pub epoch: u64,
 }
 
 /// What a new `Write` finds for its upload key.
@@ -136,6 +138,7 @@ mod tests {
             hasher: Hasher::new(DigestFunction::Sha256),
             parked_at: at,
             staged: accounting.stage(n).expect("room"),
+            epoch: 0,
         }
     }
 

@@ -6,14 +6,19 @@ use super::{CommitReply, Owner};
 use crate::store::atime;
 use crate::store::commands::Committed;
 use crate::store::durable;
+use crate::store::file_lane::FileLane;
 use crate::store::index::Entry;
 use crate::store::layout::Layout;
+use crate::store::sync_group::SyncGroup;
 use crate::store::StoreError;
 use futures::channel::oneshot;
 use kiln_reapi::digest::BlobKey;
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
+use tracing::warn;
 
 impl Owner {
     pub(super) fn commit(
@@ -21,12 +26,14 @@ impl Owner {
         key: BlobKey,
         temp: PathBuf,
         data: Option<bytes::Bytes>,
+        epoch: u64,
         reply: CommitReply,
     ) {
         if let Some(waiting) = self.committing.borrow_mut().get_mut(&key) {
             // The same blob is being renamed in or made durable: this copy is answered with
             // that one's outcome, once it is durable.
-            waiting.push((temp, reply));
+            self.metrics().awaiting_sync.inc();
+            waiting.push((temp, epoch, reply));
             return;
         }
         if self.touch(&key, atime::now()).is_some() {
@@ -57,26 +64,30 @@ impl Owner {
         let owner = self.clone();
         self.runtime.spawn(Box::pin(async move {
             let outcome = renamed.await.unwrap_or(Err(StoreError::Unavailable));
-            owner.renamed(key, dir, data, outcome, reply).await;
+            owner.renamed(key, dir, data, epoch, outcome, reply).await;
         }));
     }
 
     /// A commit's file is in place (or not): make it durable, then index it and answer it
     /// and every copy that waited on it. The blob becomes visible (to lookups, copies and
     /// `FindMissingBlobs`) only once it is durable, so nothing is ever answered "present"
-    /// on the strength of a write a crash could still undo.
+    /// on the strength of a write a crash could still undo. Its bytes count against the cap
+    /// from the rename on.
     pub(super) async fn renamed(
         self: Rc<Self>,
         key: BlobKey,
         dir: PathBuf,
         data: Option<bytes::Bytes>,
+        epoch: u64,
         outcome: Result<(), StoreError>,
         reply: CommitReply,
     ) {
+        let size = key.digest.size;
         let in_place = outcome.is_ok();
         let result = match outcome {
             Ok(()) => {
                 self.known_dirs.borrow_mut().insert(dir.clone());
+                self.accounting.add(self.shard, size);
                 if self.settings.fsync {
                     self.make_durable(&dir).await
                 } else {
@@ -85,33 +96,34 @@ impl Owner {
             }
             Err(e) => Err(e),
         };
+        let result = result.and_then(|()| self.check_epoch(epoch));
         let waiting = self
             .committing
             .borrow_mut()
             .remove(&key)
             .unwrap_or_default();
-        for (temp, _) in &waiting {
+        self.metrics().awaiting_sync.dec_by(waiting.len() as i64);
+        for (temp, _, _) in &waiting {
             self.remove_later(temp.clone());
         }
         if let Err(e) = result {
             if in_place {
                 // Not acknowledged, so not kept: a file whose sync failed is not trusted.
+                self.accounting.remove(self.shard, size);
                 self.remove_later(self.layout.blob_path(&key));
             }
-            for (_, r) in waiting {
+            for (_, _, r) in waiting {
                 let _ = r.send(Err(e.retell()));
             }
             let _ = reply.send(Err(e));
             return;
         }
-        let size = key.digest.size;
         self.index
             .borrow_mut()
             .insert(key.clone(), Entry::fresh(size, atime::now()));
         // The file's own access time is the kernel's (coarse) time of creation, so blobs
         // committed within one clock tick would tie after a restart: record the index's.
         self.schedule_atime(&key);
-        self.accounting.add(self.shard, size);
         self.metrics().commits.inc();
         self.publish_oldest();
         if let Some(data) = data {
@@ -119,19 +131,37 @@ impl Owner {
                 self.memory.insert(key, data);
             }
         }
-        for (_, r) in waiting {
-            let _ = r.send(Ok(Committed::AlreadyPresent));
+        for (_, copy_epoch, r) in waiting {
+            // The stored file is durable; a copy whose own bytes were dirty when a sync
+            // failed is still told so (it may have been acknowledged otherwise).
+            let _ = r.send(
+                self.check_epoch(copy_epoch)
+                    .map(|()| Committed::AlreadyPresent),
+            );
         }
         self.maybe_evict();
         let _ = reply.send(Ok(Committed::Stored));
+    }
+
+    /// An error when a filesystem sync failed after `epoch` was read: the bytes written since
+    /// may be lost, and the error went to whichever sync ran next.
+    fn check_epoch(&self, epoch: u64) -> Result<(), StoreError> {
+        if self.accounting.sync_failures() == epoch {
+            return Ok(());
+        }
+        Err(StoreError::io(
+            "make durable",
+            self.layout.tree_dir(),
+            std::io::Error::other("a filesystem sync failed while this blob was being written"),
+        ))
     }
 
     /// Syncs what a rename into `dir` needs to survive a crash: with group commit, one sync
     /// of the filesystem shared with the commits made meanwhile ([`SyncGroup`]); otherwise
     /// the directories of [`dirs_to_sync`] (the blob's own data was synced by its writer).
     pub(super) async fn make_durable(self: &Rc<Self>, dir: &Path) -> Result<(), StoreError> {
-        if self.settings.group_commit {
-            return self.group_sync().await;
+        if let Some(group) = &self.group_commit {
+            return self.group_sync(group).await;
         }
         let todo = dirs_to_sync(dir, self.layout.tree_dir(), &self.durable_dirs.borrow());
         for d in &todo {
@@ -143,36 +173,42 @@ impl Owner {
         self.durable_dirs.borrow_mut().insert(dir.to_path_buf());
         Ok(())
     }
-}
 
-impl Owner {
     /// Waits for a filesystem sync that started after this call: starts one when none is
     /// running, else joins the group for the next.
-    async fn group_sync(self: &Rc<Self>) -> Result<(), StoreError> {
+    async fn group_sync(self: &Rc<Self>, group: &GroupCommit) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.metrics().awaiting_sync.inc();
-        if self.sync_group.borrow_mut().join(tx) {
+        if group.waiting.borrow_mut().join(tx) {
             self.runtime.spawn(Box::pin(self.clone().run_group_syncs()));
         }
         rx.await.unwrap_or(Err(StoreError::Unavailable))
     }
 
     /// Runs filesystem syncs on the sync lane, one after another, while commits wait for
-    /// one; each answers every commit that had joined before it started.
+    /// one; each answers every commit that had joined before it started. A failure is also
+    /// recorded for the uploads still being written (see [`Owner::check_epoch`]).
     async fn run_group_syncs(self: Rc<Self>) {
+        let Some(group) = &self.group_commit else {
+            return;
+        };
         loop {
-            let root = self.sync_root.clone();
-            let synced = self
-                .sync_lane
+            let root = group.root.clone();
+            let synced = group
+                .lane
                 .run(move || sync_all(&root))
                 .await
                 .unwrap_or(Err(StoreError::Unavailable));
-            let (done, again) = self.sync_group.borrow_mut().finished();
+            let (done, again) = group.waiting.borrow_mut().finished();
             self.metrics().group_syncs.inc();
             self.metrics()
                 .group_synced_commits
                 .inc_by(done.len() as u64);
             self.metrics().awaiting_sync.dec_by(done.len() as i64);
+            if let Err(e) = &synced {
+                self.accounting.sync_failed();
+                warn!(shard = self.shard, commits = done.len(), error = %e, "a group-commit sync failed; its commits are refused");
+            }
             for waiter in done {
                 let _ = waiter.send(match &synced {
                     Ok(()) => Ok(()),
@@ -186,19 +222,44 @@ impl Owner {
     }
 }
 
+/// Group commit's parts, present when `fsync` and `group_commit` are both on.
+pub(super) struct GroupCommit {
+    /// The syncs, on a thread of their own so that renames for the next group go on.
+    pub(super) lane: FileLane,
+    /// What they sync.
+    pub(super) root: Arc<SyncRoot>,
+    /// Commits waiting for one.
+    pub(super) waiting: RefCell<SyncGroup<oneshot::Sender<Result<(), StoreError>>>>,
+}
+
+impl GroupCommit {
+    /// Opens the CAS root for `syncfs` and starts the sync thread of shard `shard`.
+    pub(super) fn start(shard: usize, tree: &Path) -> std::io::Result<GroupCommit> {
+        Ok(GroupCommit {
+            lane: FileLane::start(format!("kiln-sync-{shard}"))?,
+            root: Arc::new(SyncRoot {
+                path: tree.to_path_buf(),
+                file: std::fs::File::open(tree)?,
+            }),
+            waiting: RefCell::new(SyncGroup::new()),
+        })
+    }
+}
+
 /// On the sync lane: one `syncfs` of the CAS's filesystem.
 fn sync_all(root: &SyncRoot) -> Result<(), StoreError> {
     #[cfg(target_os = "linux")]
     let synced = durable::syncfs(&root.file);
+    // Group commit is only started where `durable::group_commit_supported`.
     #[cfg(not(target_os = "linux"))]
-    let synced = durable::sync_filesystem(&root.path);
+    let synced = root.file.sync_all();
     synced.map_err(|e| StoreError::io("sync the filesystem of", &root.path, e))
 }
 
 /// The CAS root, held open for `syncfs`.
 pub(super) struct SyncRoot {
-    pub(super) path: PathBuf,
-    pub(super) file: std::fs::File,
+    path: PathBuf,
+    file: std::fs::File,
 }
 
 /// On the lane: creates the blob's directory when this shard has not seen it, makes the file

@@ -12,7 +12,7 @@ mod commit;
 mod evict;
 mod maintain;
 
-use commit::SyncRoot;
+use commit::GroupCommit;
 
 use super::accounting::Accounting;
 use super::atime;
@@ -25,11 +25,9 @@ use super::layout::Layout;
 use super::memory::MemoryTier;
 use super::parked::{Claim, UploadTable};
 use super::snapshot;
-use super::sync_group::SyncGroup;
 use super::StoreError;
 use crate::runtime::Runtime;
 use crate::shutdown::ShutdownWatch;
-use futures::channel::oneshot;
 use futures::future::{select, Either};
 use kiln_reapi::digest::{BlobKey, Hasher};
 use std::cell::RefCell;
@@ -64,6 +62,9 @@ pub struct StoreSettings {
 /// Where a commit's outcome goes.
 type CommitReply = Reply<Result<Committed, StoreError>>;
 
+/// A later copy of a blob being committed: its temp file, its sync epoch, its reply.
+type WaitingCopy = (PathBuf, u64, CommitReply);
+
 /// One owner shard's state.
 pub struct Owner {
     shard: usize,
@@ -84,14 +85,9 @@ pub struct Owner {
     lane: FileLane,
     /// Blobs being renamed in or made durable, with the later copies of each waiting for
     /// the outcome.
-    committing: RefCell<HashMap<BlobKey, Vec<(PathBuf, CommitReply)>>>,
-    /// Group commit: the filesystem syncs, on a thread of their own so that renames for the
-    /// next group go on meanwhile.
-    sync_lane: FileLane,
-    /// Commits waiting for a filesystem sync.
-    sync_group: RefCell<SyncGroup<oneshot::Sender<Result<(), StoreError>>>>,
-    /// What the syncs sync.
-    sync_root: Arc<SyncRoot>,
+    committing: RefCell<HashMap<BlobKey, Vec<WaitingCopy>>>,
+    /// Group commit, when `fsync` and `group_commit` are on.
+    group_commit: Option<GroupCommit>,
 }
 
 impl Owner {
@@ -107,11 +103,9 @@ impl Owner {
         cas: CasClient,
     ) -> std::io::Result<Rc<Owner>> {
         let lane = FileLane::start(format!("kiln-files-{shard}"))?;
-        let sync_lane = FileLane::start(format!("kiln-sync-{shard}"))?;
-        let sync_root = Arc::new(SyncRoot {
-            path: layout.tree_dir().to_path_buf(),
-            file: std::fs::File::open(layout.tree_dir())?,
-        });
+        let group_commit = (settings.fsync && settings.group_commit)
+            .then(|| GroupCommit::start(shard, layout.tree_dir()))
+            .transpose()?;
         let mut index: BlobIndex = BlobIndex::with_capacity(scanned.len());
         for (key, entry) in scanned {
             index.insert(key, entry);
@@ -136,9 +130,7 @@ impl Owner {
             pending_atimes: RefCell::new(Vec::new()),
             lane,
             committing: RefCell::new(HashMap::new()),
-            sync_lane,
-            sync_group: RefCell::new(SyncGroup::new()),
-            sync_root,
+            group_commit,
         }))
     }
 
@@ -192,8 +184,9 @@ impl Owner {
                 key,
                 temp,
                 data,
+                epoch,
                 reply,
-            } => self.commit(key, temp, data, reply),
+            } => self.commit(key, temp, data, epoch, reply),
             Command::Verified { key } => {
                 if let Some(e) = self.index.borrow_mut().peek_mut(&key) {
                     e.verified = true;
