@@ -40,7 +40,6 @@ fn parse_release(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
-
 /// Flushes everything written to the filesystem holding `dir` (`syncfs`), so that a snapshot
 /// never outlives the blobs it lists.
 pub fn sync_filesystem(dir: &Path) -> io::Result<()> {
