@@ -221,15 +221,8 @@ on_every_runtime! {
                     .unwrap();
             }
             drop(ch);
-            let kiln = tokio::task::spawn_blocking(move || {
-                let mut kiln = kiln;
-                kiln.sigterm();
-                assert!(kiln.wait().success(), "{}", kiln.log_text());
-                kiln
-            })
-            .await
-            .unwrap();
-            assert!(kiln.log_text().contains("index snapshot written"), "{}", kiln.log_text());
+            let log = stop_cleanly(kiln).await;
+            assert!(log.contains("index snapshot written"), "{log}");
         }
         assert!(data_dir.join("cas.index").exists());
         // Removed behind the server's back, and cut short in place.
