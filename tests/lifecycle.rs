@@ -566,11 +566,11 @@ impl FrozenSyncs {
             .flatten()
             .filter(|t| {
                 std::fs::read_to_string(t.path().join("comm"))
-                    .is_ok_and(|c| c.starts_with("kiln-sync-"))
+                    .is_ok_and(|c| c.trim() == "kiln-sync")
             })
             .map(|t| t.file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(!tids.is_empty(), "no kiln-sync threads in {pid}");
+        assert!(!tids.is_empty(), "no kiln-sync thread in {pid}");
         let dir = root.join(format!("kiln-test-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir(&dir).unwrap();
         let frozen = FrozenSyncs { dir, tids };

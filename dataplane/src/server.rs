@@ -11,6 +11,7 @@ use crate::service::{BlobLimits, BlobServices, ControlLink};
 use crate::shutdown::{Drain, Shutdown, ShutdownWatch};
 use crate::store::accounting::Accounting;
 use crate::store::durable;
+use crate::store::group_commit::GroupCommit;
 use crate::store::layout::Layout;
 use crate::store::owner::{Owner, StoreSettings};
 use crate::store::scan::{scan, ScanReport, ShardEntries, TreeKind};
@@ -122,12 +123,22 @@ impl DataPlane {
         let h2 = Http2Settings::from_config(&config.server);
         let slots = ConnectionSlots::new(config.server.max_connections);
         let group_commit = config.storage.group_commit && durable::group_commit_supported();
-        if config.storage.group_commit && !group_commit {
+        if config.storage.fsync && config.storage.group_commit && !group_commit {
             warn!("storage.group_commit is on, but this system's syncfs cannot make a group of commits durable (Linux 5.8 or later needed): each blob syncs its own file and directory");
         }
+        let group_commit_thread = (config.storage.fsync && group_commit)
+            .then(|| {
+                GroupCommit::start(
+                    store.layout.tree_dir(),
+                    store.accounting.clone(),
+                    store.cas.metrics().clone(),
+                )
+                .map(Arc::new)
+            })
+            .transpose()?;
         let store_settings = StoreSettings {
             fsync: config.storage.fsync,
-            group_commit,
+            group_commit: group_commit_thread,
             atime_resolution: Duration::from_secs(config.storage.access_time_resolution_secs),
             upload_expiry: Duration::from_secs(config.storage.upload_expiry_secs),
             max_parked: config.storage.max_parked_uploads,

@@ -17,6 +17,7 @@ pub(crate) mod commands;
 pub mod durable;
 mod error;
 pub mod file_lane;
+pub mod group_commit;
 pub mod index;
 pub mod layout;
 pub mod memory;
@@ -24,7 +25,6 @@ pub mod owner;
 pub mod parked;
 pub mod scan;
 pub mod snapshot;
-pub mod sync_group;
 pub mod upload;
 
 pub use client::{CasClient, ShardQueues};

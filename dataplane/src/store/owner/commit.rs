@@ -5,20 +5,15 @@
 use super::{CommitReply, Owner};
 use crate::store::atime;
 use crate::store::commands::Committed;
-use crate::store::durable;
-use crate::store::file_lane::FileLane;
+#[cfg(doc)]
+use crate::store::group_commit::GroupCommit;
 use crate::store::index::Entry;
 use crate::store::layout::Layout;
-use crate::store::sync_group::SyncGroup;
 use crate::store::StoreError;
-use futures::channel::oneshot;
 use kiln_reapi::digest::BlobKey;
-use std::cell::RefCell;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Arc;
-use tracing::warn;
 
 impl Owner {
     pub(super) fn commit(
@@ -157,11 +152,11 @@ impl Owner {
     }
 
     /// Syncs what a rename into `dir` needs to survive a crash: with group commit, one sync
-    /// of the filesystem shared with the commits made meanwhile ([`SyncGroup`]); otherwise
+    /// of the filesystem shared with the commits made meanwhile ([`GroupCommit`]); otherwise
     /// the directories of [`dirs_to_sync`] (the blob's own data was synced by its writer).
     pub(super) async fn make_durable(self: &Rc<Self>, dir: &Path) -> Result<(), StoreError> {
-        if let Some(group) = &self.group_commit {
-            return self.group_sync(group).await;
+        if let Some(group) = &self.settings.group_commit {
+            return group.sync(self.metrics()).await;
         }
         let todo = dirs_to_sync(dir, self.layout.tree_dir(), &self.durable_dirs.borrow());
         for d in &todo {
@@ -173,93 +168,6 @@ impl Owner {
         self.durable_dirs.borrow_mut().insert(dir.to_path_buf());
         Ok(())
     }
-
-    /// Waits for a filesystem sync that started after this call: starts one when none is
-    /// running, else joins the group for the next.
-    async fn group_sync(self: &Rc<Self>, group: &GroupCommit) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.metrics().awaiting_sync.inc();
-        if group.waiting.borrow_mut().join(tx) {
-            self.runtime.spawn(Box::pin(self.clone().run_group_syncs()));
-        }
-        rx.await.unwrap_or(Err(StoreError::Unavailable))
-    }
-
-    /// Runs filesystem syncs on the sync lane, one after another, while commits wait for
-    /// one; each answers every commit that had joined before it started. A failure is also
-    /// recorded for the uploads still being written (see [`Owner::check_epoch`]).
-    async fn run_group_syncs(self: Rc<Self>) {
-        let Some(group) = &self.group_commit else {
-            return;
-        };
-        loop {
-            let root = group.root.clone();
-            let synced = group
-                .lane
-                .run(move || sync_all(&root))
-                .await
-                .unwrap_or(Err(StoreError::Unavailable));
-            let (done, again) = group.waiting.borrow_mut().finished();
-            self.metrics().group_syncs.inc();
-            self.metrics()
-                .group_synced_commits
-                .inc_by(done.len() as u64);
-            self.metrics().awaiting_sync.dec_by(done.len() as i64);
-            if let Err(e) = &synced {
-                self.accounting.sync_failed();
-                warn!(shard = self.shard, commits = done.len(), error = %e, "a group-commit sync failed; its commits are refused");
-            }
-            for waiter in done {
-                let _ = waiter.send(match &synced {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(e.retell()),
-                });
-            }
-            if !again {
-                return;
-            }
-        }
-    }
-}
-
-/// Group commit's parts, present when `fsync` and `group_commit` are both on.
-pub(super) struct GroupCommit {
-    /// The syncs, on a thread of their own so that renames for the next group go on.
-    pub(super) lane: FileLane,
-    /// What they sync.
-    pub(super) root: Arc<SyncRoot>,
-    /// Commits waiting for one.
-    pub(super) waiting: RefCell<SyncGroup<oneshot::Sender<Result<(), StoreError>>>>,
-}
-
-impl GroupCommit {
-    /// Opens the CAS root for `syncfs` and starts the sync thread of shard `shard`.
-    pub(super) fn start(shard: usize, tree: &Path) -> std::io::Result<GroupCommit> {
-        Ok(GroupCommit {
-            lane: FileLane::start(format!("kiln-sync-{shard}"))?,
-            root: Arc::new(SyncRoot {
-                path: tree.to_path_buf(),
-                file: std::fs::File::open(tree)?,
-            }),
-            waiting: RefCell::new(SyncGroup::new()),
-        })
-    }
-}
-
-/// On the sync lane: one `syncfs` of the CAS's filesystem.
-fn sync_all(root: &SyncRoot) -> Result<(), StoreError> {
-    #[cfg(target_os = "linux")]
-    let synced = durable::syncfs(&root.file);
-    // Group commit is only started where `durable::group_commit_supported`.
-    #[cfg(not(target_os = "linux"))]
-    let synced = root.file.sync_all();
-    synced.map_err(|e| StoreError::io("sync the filesystem of", &root.path, e))
-}
-
-/// The CAS root, held open for `syncfs`.
-pub(super) struct SyncRoot {
-    path: PathBuf,
-    file: std::fs::File,
 }
 
 /// On the lane: creates the blob's directory when this shard has not seen it, makes the file

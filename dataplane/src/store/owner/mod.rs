@@ -12,7 +12,7 @@ mod commit;
 mod evict;
 mod maintain;
 
-use commit::GroupCommit;
+use super::group_commit::GroupCommit;
 
 use super::accounting::Accounting;
 use super::atime;
@@ -43,8 +43,9 @@ use tracing::{debug, warn};
 pub struct StoreSettings {
     /// fsync blobs and directories before acknowledging.
     pub fsync: bool,
-    /// With `fsync`: concurrent commits share one filesystem sync (see [`SyncGroup`]).
-    pub group_commit: bool,
+    /// With `fsync`: the process's group commit, when on (concurrent commits share one
+    /// filesystem sync).
+    pub group_commit: Option<Arc<GroupCommit>>,
     /// Write access times to disk at most this often per blob.
     pub atime_resolution: Duration,
     /// Parked uploads are dropped after this long.
@@ -86,8 +87,6 @@ pub struct Owner {
     /// Blobs being renamed in or made durable, with the later copies of each waiting for
     /// the outcome.
     committing: RefCell<HashMap<BlobKey, Vec<WaitingCopy>>>,
-    /// Group commit, when `fsync` and `group_commit` are on.
-    group_commit: Option<GroupCommit>,
 }
 
 impl Owner {
@@ -103,9 +102,6 @@ impl Owner {
         cas: CasClient,
     ) -> std::io::Result<Rc<Owner>> {
         let lane = FileLane::start(format!("kiln-files-{shard}"))?;
-        let group_commit = (settings.fsync && settings.group_commit)
-            .then(|| GroupCommit::start(shard, layout.tree_dir()))
-            .transpose()?;
         let mut index: BlobIndex = BlobIndex::with_capacity(scanned.len());
         for (key, entry) in scanned {
             index.insert(key, entry);
@@ -130,7 +126,6 @@ impl Owner {
             pending_atimes: RefCell::new(Vec::new()),
             lane,
             committing: RefCell::new(HashMap::new()),
-            group_commit,
         }))
     }
 
