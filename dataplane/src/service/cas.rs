@@ -40,9 +40,15 @@ pub(super) async fn serve_find_missing(svc: &BlobServices, call: Call) {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             tracing::debug!(digests = keys.len(), "find missing");
-            let missing = svc.cas.find_missing(&keys).await?;
+            let present = svc.cas.contains(&keys).await?;
+            // The client's own digests go back as they came: nothing to print again.
             Ok(FindMissingBlobsResponse {
-                missing_blob_digests: missing.iter().map(|k| k.digest.to_proto()).collect(),
+                missing_blob_digests: request
+                    .blob_digests
+                    .into_iter()
+                    .zip(present)
+                    .filter_map(|(d, present)| (!present).then_some(d))
+                    .collect(),
             })
         },
     )
