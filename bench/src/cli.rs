@@ -58,6 +58,11 @@ pub struct Args {
     /// ByteStream write chunk size in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub chunk: usize,
+    /// Read each blob of at least this many MiB per range as this many ByteStream reads of
+    /// its ranges at once (`read_offset`/`read_limit`), spread over the connections, then
+    /// verify the whole (the bytes of all ranges are held until hashed in order).
+    #[arg(long, default_value_t = 1)]
+    pub ranges: usize,
     /// Blobs per BatchUpdateBlobs/BatchReadBlobs call (`batch`), or input files per build
     /// step (`mixed`).
     #[arg(long, default_value_t = 64)]

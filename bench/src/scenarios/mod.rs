@@ -281,26 +281,63 @@ pub async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, std::time:
 }
 
 /// Reads a blob with ByteStream, hashing as it arrives; `Ok(false)` if the bytes do not
-/// match the digest.
+/// match the digest. With `--ranges N` (and at least 1 MiB per range), N reads of its ranges
+/// run at once and the whole is hashed in order once all have arrived.
 pub async fn read_verified(ctx: &Ctx, d: &reapi::Digest) -> Result<bool, tonic::Status> {
+    const MIN_RANGE: i64 = 1 << 20;
+    let ranges = i64::try_from(ctx.args.ranges.max(1)).unwrap_or(1);
+    let mut h = blobs::hasher(ctx.function);
+    let mut size = 0i64;
+    if ranges == 1 || d.size_bytes / ranges < MIN_RANGE {
+        read_range(ctx, d, 0, 0, |data| {
+            size += data.len() as i64;
+            h.update(data);
+        })
+        .await?;
+    } else {
+        let per = (d.size_bytes + ranges - 1) / ranges;
+        let parts = (0..ranges).map(|i| {
+            let offset = i * per;
+            let limit = per.min(d.size_bytes - offset);
+            async move {
+                let mut got = Vec::new();
+                read_range(ctx, d, offset, limit, |data| got.push(data.clone())).await?;
+                Ok::<_, tonic::Status>(got)
+            }
+        });
+        for part in futures::future::try_join_all(parts).await? {
+            for data in part {
+                size += data.len() as i64;
+                h.update(&data);
+            }
+        }
+    }
+    Ok(size == d.size_bytes && h.finish_hex() == d.hash)
+}
+
+/// One ByteStream read of `limit` bytes at `offset` (0: to the end), each message's data to
+/// `each`.
+async fn read_range(
+    ctx: &Ctx,
+    d: &reapi::Digest,
+    offset: i64,
+    limit: i64,
+    mut each: impl FnMut(&bytes::Bytes),
+) -> Result<(), tonic::Status> {
     use futures::StreamExt;
     let mut stream = ctx
         .bytestream()
         .read(kiln_proto::bytestream::ReadRequest {
             resource_name: blobs::read_name(&ctx.args.instance, ctx.function, d),
-            read_offset: 0,
-            read_limit: 0,
+            read_offset: offset,
+            read_limit: limit,
         })
         .await?
         .into_inner();
-    let mut h = blobs::hasher(ctx.function);
-    let mut size = 0i64;
     while let Some(msg) = stream.next().await {
-        let msg = msg?;
-        size += msg.data.len() as i64;
-        h.update(&msg.data);
+        each(&msg?.data);
     }
-    Ok(size == d.size_bytes && h.finish_hex() == d.hash)
+    Ok(())
 }
 
 /// A sample for a verified read.
