@@ -51,6 +51,8 @@ on_every_runtime! {
                 vec!["write"],
             ),
             ("read --size 1MiB --ops 10 --blobs 3", vec!["read"]),
+            // Three ranges of 1 MiB and a bit, verified whole.
+            ("read --size 3MiB-4MiB --ops 4 --blobs 2 --ranges 3", vec!["read"]),
             (
                 "batch --size 1KiB --batch 16 --ops 5",
                 vec!["batch-read", "batch-update"],
@@ -314,14 +316,16 @@ async fn corrupted_reads_are_counted_as_errors() {
             .add_service(ByteStreamServer::new(fake))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let report = run(&format!(
-        "read --endpoint grpc://{addr} --size 1MiB --ops 6 --blobs 2 --quiet"
-    ))
-    .await;
-    let read = &report.results[0];
-    assert_eq!(read.ops, 6);
-    assert_eq!(read.errors, 6);
-    assert_eq!(read.errors_by_code.get("DIGEST_MISMATCH"), Some(&6));
-    assert_eq!(read.bytes, 0, "bad bytes are not counted as throughput");
+    for ranges in [1, 2] {
+        let report = run(&format!(
+            "read --endpoint grpc://{addr} --size 2MiB --ops 6 --blobs 2 --quiet --ranges {ranges}"
+        ))
+        .await;
+        let read = &report.results[0];
+        assert_eq!(read.ops, 6);
+        assert_eq!(read.errors, 6, "--ranges {ranges}");
+        assert_eq!(read.errors_by_code.get("DIGEST_MISMATCH"), Some(&6));
+        assert_eq!(read.bytes, 0, "bad bytes are not counted as throughput");
+    }
     server.abort();
 }
