@@ -77,6 +77,10 @@ impl GroupCommit {
         let (tx, rx) = oneshot::channel();
         metrics.awaiting_sync.inc();
         let queued = self.tx.try_send(tx);
+        if queued.is_err() {
+            // Stopping: the thread is gone and will not count this one off.
+            metrics.awaiting_sync.dec();
+        }
         async move {
             if queued.is_err() {
                 return Err(StoreError::Unavailable);
