@@ -152,8 +152,7 @@ impl DataPlane {
             inline_read: config.storage.memory_max_blob_bytes.as_u64(),
             cas_capacity: config.storage.disk_bytes.as_u64(),
             fsync: config.storage.fsync,
-            group_commit_max: (config.storage.fsync && group_commit)
-                .then(|| config.storage.group_commit_max_bytes.as_u64()),
+            group_commit_max: durable::group_commit_max(config),
             stalled_upload: (config.server.stalled_upload_secs > 0)
                 .then(|| Duration::from_secs(config.server.stalled_upload_secs)),
         };

@@ -15,6 +15,8 @@ pub struct LocalCas {
     cas: CasClient,
     layout: Layout,
     durable: bool,
+    /// Group commit covers the data of durable blobs up to this size.
+    group_max: Option<u64>,
 }
 
 impl LocalCas {
@@ -27,7 +29,19 @@ impl LocalCas {
             cas,
             layout,
             durable,
+            group_max: None,
         }
+    }
+
+    /// With group commit on in the store (blobs up to `group_max` bytes are made durable by
+    /// its filesystem sync), durable blobs up to that size skip their own data sync.
+    pub fn with_group_commit(mut self, group_max: Option<u64>) -> LocalCas {
+        self.group_max = group_max;
+        self
+    }
+
+    fn sync_own_data(&self, size: u64) -> bool {
+        kiln_dataplane::store::durable::sync_own_data(self.durable, self.group_max, size)
     }
 
     fn key(instance: &InstanceName, d: Digest) -> BlobKey {
@@ -99,7 +113,7 @@ impl LocalCas {
         let temp = self.temp_path();
         let epoch = self.cas.sync_epoch();
         let write = {
-            let (temp, data, durable) = (temp.clone(), data.clone(), self.durable);
+            let (temp, data, durable) = (temp.clone(), data.clone(), self.sync_own_data(d.size));
             tokio::task::spawn_blocking(move || {
                 use std::io::Write;
                 let mut file = std::fs::File::create(&temp)?;
@@ -133,7 +147,7 @@ impl LocalCas {
         }
         let temp = self.temp_path();
         let epoch = self.cas.sync_epoch();
-        let (from, to, durable) = (file.to_path_buf(), temp.clone(), self.durable);
+        let (from, to, durable) = (file.to_path_buf(), temp.clone(), self.sync_own_data(d.size));
         tokio::task::spawn_blocking(move || {
             match std::fs::hard_link(&from, &to) {
                 Ok(()) => {}

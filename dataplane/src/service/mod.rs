@@ -72,7 +72,7 @@ impl BlobLimits {
     /// on, unless group commit covers it (its commit then waits for a sync of the whole
     /// filesystem, which writes the data too).
     pub fn sync_own_data(&self, size: u64) -> bool {
-        self.fsync && self.group_commit_max.is_none_or(|max| size > max)
+        crate::store::durable::sync_own_data(self.fsync, self.group_commit_max, size)
     }
 }
 

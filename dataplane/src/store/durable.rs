@@ -24,6 +24,20 @@ pub fn group_commit_supported() -> bool {
     }
 }
 
+/// The largest blob whose data a commit leaves to group commit's filesystem sync, when group
+/// commit is on for `config` (and this system can do it); `None` when every durable blob
+/// syncs its own data.
+pub fn group_commit_max(config: &kiln_config::Config) -> Option<u64> {
+    (config.storage.fsync && config.storage.group_commit && group_commit_supported())
+        .then(|| config.storage.group_commit_max_bytes.as_u64())
+}
+
+/// Whether a writer syncs a blob of `size` bytes itself before committing it: with `fsync`,
+/// unless group commit (up to `group_max`) covers it.
+pub fn sync_own_data(fsync: bool, group_max: Option<u64>, size: u64) -> bool {
+    fsync && group_max.is_none_or(|max| size > max)
+}
+
 /// The running kernel's major and minor version.
 #[cfg(target_os = "linux")]
 fn linux_release() -> Option<(u32, u32)> {
