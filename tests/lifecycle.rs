@@ -372,6 +372,42 @@ async fn a_store_of_100k_blobs_restarts_from_its_snapshot() {
     kiln.stop().await;
 }
 
+// A blob file the start-up scan found has not been hashed by this process: before an action
+// gets it (hardlinked, so no read would check it), it is hashed. One whose bytes changed
+// while the server was down never reaches the action: the input is reported missing and
+// removed, and once uploaded again the action runs with the right bytes.
+on_every_runtime! {
+    async fn a_changed_input_file_never_reaches_an_action(rt: Runtime) {
+        use common::exec::{code, execute, Spec, Tree};
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let f = Function::Sha256;
+        let (right, wrong) = (b"the right bytes", b"the wrong bytes");
+        let spec = Spec { tree: Tree::default().file("in", right, false), ..Spec::script("cat in") };
+        let input = digest(f, right);
+        let action = {
+            let kiln = start(&data_dir, Options::on(rt)).await;
+            let ch = kiln.channel().await;
+            let action = spec.upload(&ch, f).await;
+            drop(kiln); // SIGKILL: no snapshot, so the next start scans and hashes nothing
+            action
+        };
+        overwrite(&blob_file(&data_dir, &input), wrong);
+        let kiln = start(&data_dir, Options::on(rt)).await;
+        let ch = kiln.channel().await;
+        let (_, response) = execute(&ch, f, &action, true).await.unwrap();
+        assert_eq!(code(&response), Code::FailedPrecondition as i32, "{response:?}");
+        assert!(response.result.is_none_or(|r| r.stdout_digest.is_none()), "the action ran");
+        assert_eq!(blobs::find_missing(&ch, "", f, vec![input.clone()]).await, vec![input.clone()]);
+        spec.upload(&ch, f).await;
+        let (_, ok) = execute(&ch, f, &action, true).await.unwrap();
+        assert_eq!(code(&ok), 0, "{ok:?}");
+        let stdout = ok.result.unwrap().stdout_digest.unwrap();
+        assert_eq!(blobs::read(&ch, &read_name("", f, &stdout), 0, 0).await.unwrap(), right);
+        kiln.stop().await;
+    }
+}
+
 // SIGTERM while an upload is half done: no new connections, the upload finishes and is
 // acknowledged, the server exits 0, and the blob is there after a restart.
 on_every_runtime! {

@@ -4,10 +4,14 @@
 
 use crate::error::ActionError;
 use bytes::Bytes;
+use futures::StreamExt;
 use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::{CasClient, Found};
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use std::path::{Path, PathBuf};
+
+/// Files hashed at once when pinned inputs need checking.
+const VERIFY_PARALLELISM: usize = 4;
 
 /// A local CAS: the owner shards' handle plus where files live.
 #[derive(Clone)]
@@ -70,13 +74,37 @@ impl LocalCas {
         digests: &[Digest],
     ) -> Result<(Vec<Digest>, Vec<BlobKey>), ActionError> {
         let keys: Vec<BlobKey> = digests.iter().map(|d| Self::key(instance, *d)).collect();
-        let present = self.cas.pin(&keys).await?;
+        let present = self.cas.pin_checked(&keys).await?;
         let mut missing = Vec::new();
         let mut pinned = Vec::new();
-        for (key, is) in keys.into_iter().zip(present) {
-            if is {
+        let mut unchecked = Vec::new();
+        for (key, state) in keys.into_iter().zip(present) {
+            match state {
+                Some(true) => pinned.push(key),
+                Some(false) => unchecked.push(key),
+                None => missing.push(key.digest),
+            }
+        }
+        // Files found on disk at start-up are hashed before an action sees them (a read
+        // through the CAS would check them; a hardlink into an action directory does not).
+        let checked: Vec<(BlobKey, bool)> = futures::stream::iter(unchecked)
+            .map(|key| async move {
+                let path = self.layout.blob_path(&key);
+                let good =
+                    matches!(hash_file(key.digest.function, &path).await, Ok(d) if d == key.digest);
+                (key, good)
+            })
+            .buffer_unordered(VERIFY_PARALLELISM)
+            .collect()
+            .await;
+        for (key, good) in checked {
+            if good {
+                self.cas.report_verified(&key);
                 pinned.push(key);
             } else {
+                tracing::warn!(blob = ?key, "a stored input does not hash to its digest; removed it");
+                self.cas.unpin(std::slice::from_ref(&key)).await;
+                self.cas.drop_changed(&key).await;
                 missing.push(key.digest);
             }
         }

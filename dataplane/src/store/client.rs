@@ -297,12 +297,25 @@ impl CasClient {
     /// Returns, for each key, whether it was present (and is now pinned). The empty blob is
     /// always present and never pinned.
     pub async fn pin(&self, keys: &[BlobKey]) -> Result<Vec<bool>, StoreError> {
+        Ok(self
+            .pin_checked(keys)
+            .await?
+            .into_iter()
+            .map(|p| p.is_some())
+            .collect())
+    }
+
+    /// [`CasClient::pin`], saying for each pinned blob whether this process has hashed its
+    /// file (`Some(true)`; the empty blob too) or not yet (`Some(false)`: found on disk at
+    /// start-up; a reader that uses the file directly, not through a read, must check it).
+    /// `None`: absent.
+    pub async fn pin_checked(&self, keys: &[BlobKey]) -> Result<Vec<Option<bool>>, StoreError> {
         let n = self.shards.len();
         let mut groups: Vec<(Vec<usize>, Vec<BlobKey>)> = vec![(Vec::new(), Vec::new()); n];
-        let mut out = vec![false; keys.len()];
+        let mut out = vec![None; keys.len()];
         for (i, key) in keys.iter().enumerate() {
             if key.digest.is_empty_blob() {
-                out[i] = true;
+                out[i] = Some(true);
                 continue;
             }
             let g = &mut groups[self.owner_of(&key.digest)];

@@ -135,7 +135,9 @@ pub(crate) enum Command {
     },
     Pin {
         keys: Vec<BlobKey>,
-        reply: Reply<Vec<bool>>,
+        /// Per key: `None` absent; `Some(verified)` pinned, and whether this process has
+        /// hashed its file.
+        reply: Reply<Vec<Option<bool>>>,
     },
     Unpin {
         keys: Vec<BlobKey>,

@@ -250,9 +250,9 @@ impl Owner {
                             if e.pins == 1 {
                                 self.accounting.set_pinned(e.size, true);
                             }
-                            true
+                            Some(e.verified)
                         }
-                        None => false,
+                        None => None,
                     })
                     .collect();
                 drop(index);
