@@ -132,6 +132,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let Some(scheduler) = config.worker.scheduler.clone() else {
         bail!("no scheduler: pass --scheduler grpc://HOST:PORT or set worker.scheduler");
     };
+    // The worker's own CAS is a cache of the server's: nothing in it needs to survive a power
+    // cut, and every file a restart finds is hashed before an action gets it. Syncing each
+    // fetched blob (a full flush per directory on macOS) would only slow fetching down.
+    config.storage.fsync = false;
     let data_dir = config.storage.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
