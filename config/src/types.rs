@@ -253,7 +253,7 @@ pub struct StorageConfig {
     pub disk_bytes: ByteSize,
     /// fsync each blob (and its directory) before acknowledging it.
     pub fsync: bool,
-    /// With `fsync`: commits made at the same time on a shard share one filesystem sync
+    /// With `fsync`: commits made at the same time share one filesystem sync
     /// (`syncfs`, Linux) instead of each syncing its file and directory.
     pub group_commit: bool,
     /// With `group_commit`: blobs larger than this sync their own data before they join a
