@@ -2,7 +2,7 @@
 //! the shard that owns its part of the digest space, over that shard's bounded queue.
 
 use super::accounting::Accounting;
-use super::commands::{Command, Committed, Found, ShardStats, UploadClaim, UploadStatus};
+use super::commands::{Command, Committed, Found, Reply, ShardStats, UploadClaim, UploadStatus};
 use super::parked::ParkedUpload;
 use super::StoreError;
 use crate::metrics::Metrics;
@@ -113,12 +113,34 @@ impl CasClient {
     /// For each key, whether the CAS holds it (the empty blob always); present blobs count as
     /// used now.
     pub async fn contains(&self, keys: &[BlobKey]) -> Result<Vec<bool>, StoreError> {
+        let (out, failure) = self
+            .per_shard(keys, true, false, |keys, reply| Command::FindMissing {
+                keys,
+                reply,
+            })
+            .await;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Sends each owner shard its share of `keys` in one command (all shards at once) and
+    /// puts the answers back in `keys`' order; the empty blob gets `empty` without asking, a
+    /// shard that cannot answer leaves `unanswered` and its error.
+    async fn per_shard<T: Clone>(
+        &self,
+        keys: &[BlobKey],
+        empty: T,
+        unanswered: T,
+        command: impl Fn(Vec<BlobKey>, Reply<Vec<T>>) -> Command + Copy,
+    ) -> (Vec<T>, Option<StoreError>) {
         let n = self.shards.len();
         let mut groups: Vec<(Vec<usize>, Vec<BlobKey>)> = vec![(Vec::new(), Vec::new()); n];
-        let mut out = vec![false; keys.len()];
+        let mut out = vec![unanswered; keys.len()];
         for (i, key) in keys.iter().enumerate() {
             if key.digest.is_empty_blob() {
-                out[i] = true;
+                out[i] = empty.clone();
                 continue;
             }
             let g = &mut groups[self.owner_of(&key.digest)];
@@ -130,34 +152,21 @@ impl CasClient {
             .enumerate()
             .filter(|(_, g)| !g.1.is_empty())
             .map(|(shard, (positions, keys))| async move {
-                let present = self
-                    .call(shard, |reply| Command::FindMissing { keys, reply })
-                    .await?;
-                Ok::<_, StoreError>((positions, present))
+                let answers = self.call(shard, |reply| command(keys, reply)).await?;
+                Ok::<_, StoreError>((positions, answers))
             });
         let mut failure = None;
         for result in futures::future::join_all(calls).await {
             match result {
-                Ok((positions, present)) => {
-                    for (p, is) in positions.into_iter().zip(present) {
-                        out[p] = is;
+                Ok((positions, answers)) => {
+                    for (p, a) in positions.into_iter().zip(answers) {
+                        out[p] = a;
                     }
                 }
                 Err(e) => failure = Some(e),
             }
         }
-        if let Some(e) = failure {
-            // All or nothing: release what the shards that answered did pin.
-            let pinned: Vec<BlobKey> = keys
-                .iter()
-                .zip(&out)
-                .filter(|(_, is)| **is)
-                .map(|(k, _)| k.clone())
-                .collect();
-            self.unpin(&pinned).await;
-            return Err(e);
-        }
-        Ok(out)
+        (out, failure)
     }
 
     /// The keys the CAS does not hold (the empty blob is always held).
@@ -310,33 +319,22 @@ impl CasClient {
     /// start-up; a reader that uses the file directly, not through a read, must check it).
     /// `None`: absent.
     pub async fn pin_checked(&self, keys: &[BlobKey]) -> Result<Vec<Option<bool>>, StoreError> {
-        let n = self.shards.len();
-        let mut groups: Vec<(Vec<usize>, Vec<BlobKey>)> = vec![(Vec::new(), Vec::new()); n];
-        let mut out = vec![None; keys.len()];
-        for (i, key) in keys.iter().enumerate() {
-            if key.digest.is_empty_blob() {
-                out[i] = Some(true);
-                continue;
-            }
-            let g = &mut groups[self.owner_of(&key.digest)];
-            g.0.push(i);
-            g.1.push(key.clone());
-        }
-        let calls = groups
-            .into_iter()
-            .enumerate()
-            .filter(|(_, g)| !g.1.is_empty())
-            .map(|(shard, (positions, keys))| async move {
-                let present = self
-                    .call(shard, |reply| Command::Pin { keys, reply })
-                    .await?;
-                Ok::<_, StoreError>((positions, present))
-            });
-        for result in futures::future::join_all(calls).await {
-            let (positions, present) = result?;
-            for (p, is) in positions.into_iter().zip(present) {
-                out[p] = is;
-            }
+        let (out, failure) = self
+            .per_shard(keys, Some(true), None, |keys, reply| Command::Pin {
+                keys,
+                reply,
+            })
+            .await;
+        if let Some(e) = failure {
+            // All or nothing: release what the shards that answered did pin.
+            let pinned: Vec<BlobKey> = keys
+                .iter()
+                .zip(&out)
+                .filter(|(_, p)| p.is_some())
+                .map(|(k, _)| k.clone())
+                .collect();
+            self.unpin(&pinned).await;
+            return Err(e);
         }
         Ok(out)
     }
@@ -375,5 +373,64 @@ impl CasClient {
     pub async fn stats(&self) -> Result<Vec<ShardStats>, StoreError> {
         let calls = (0..self.shards.len()).map(|s| self.call(s, |reply| Command::Stats { reply }));
         futures::future::join_all(calls).await.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_reapi::digest::{DigestFunction, InstanceName};
+
+    /// Shard 0 is gone; shard 1 answers every key present and records what it is asked to
+    /// unpin. Returns the client, keys on both shards, and the record.
+    fn half_gone() -> (CasClient, Vec<BlobKey>, Arc<std::sync::Mutex<Vec<BlobKey>>>) {
+        let accounting = Arc::new(Accounting::new(u64::MAX, 2));
+        let (cas, ShardQueues(mut queues)) = CasClient::new(2, 16, Metrics::new(), accounting);
+        let live = queues.pop().expect("shard 1");
+        drop(queues); // shard 0's receiver: its sends fail
+        let unpinned = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = unpinned.clone();
+        std::thread::spawn(move || {
+            while let Ok(command) = live.recv_blocking() {
+                match command {
+                    Command::FindMissing { keys, reply } => {
+                        let _ = reply.send(vec![true; keys.len()]);
+                    }
+                    Command::Pin { keys, reply } => {
+                        let _ = reply.send(vec![Some(true); keys.len()]);
+                    }
+                    Command::Unpin { keys } => record.lock().unwrap().extend(keys),
+                    _ => {}
+                }
+            }
+        });
+        let instance = InstanceName::new("").unwrap();
+        let keys: Vec<BlobKey> = (0..64u32)
+            .map(|i| {
+                let d = Digest::of(DigestFunction::Sha256, &i.to_le_bytes());
+                BlobKey::new(instance.clone(), d)
+            })
+            .collect();
+        assert!(keys.iter().any(|k| cas.owner_of(&k.digest) == 0));
+        assert!(keys.iter().any(|k| cas.owner_of(&k.digest) == 1));
+        (cas, keys, unpinned)
+    }
+
+    /// A shard that cannot answer fails the call; a pin then releases what the other shards
+    /// pinned (and only that), and an existence check, which pins nothing, releases nothing.
+    #[test]
+    fn a_failed_shard_fails_the_call_and_releases_only_its_own_pins() {
+        let (cas, keys, unpinned) = half_gone();
+        let on_live: Vec<BlobKey> = keys
+            .iter()
+            .filter(|k| cas.owner_of(&k.digest) == 1)
+            .cloned()
+            .collect();
+        assert!(futures::executor::block_on(cas.contains(&keys)).is_err());
+        assert!(futures::executor::block_on(cas.pin_checked(&keys)).is_err());
+        // The pin's release was sent before pin_checked returned; the recorder thread takes
+        // it off the queue: wait for it by asking once more (the queue is in order).
+        assert!(futures::executor::block_on(cas.contains(&on_live)).is_ok());
+        assert_eq!(*unpinned.lock().unwrap(), on_live);
     }
 }
