@@ -90,8 +90,17 @@ impl LocalCas {
         let checked: Vec<(BlobKey, bool)> = futures::stream::iter(unchecked)
             .map(|key| async move {
                 let path = self.layout.blob_path(&key);
-                let good =
-                    matches!(hash_file(key.digest.function, &path).await, Ok(d) if d == key.digest);
+                let good = match hash_file(key.digest.function, &path).await {
+                    Ok(d) if d == key.digest => true,
+                    Ok(_) => {
+                        tracing::warn!(blob = ?key, "a stored input does not hash to its digest; removed it");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!(blob = ?key, error = %e, "a stored input cannot be read; dropped it");
+                        false
+                    }
+                };
                 (key, good)
             })
             .buffer_unordered(VERIFY_PARALLELISM)
@@ -102,7 +111,6 @@ impl LocalCas {
                 self.cas.report_verified(&key);
                 pinned.push(key);
             } else {
-                tracing::warn!(blob = ?key, "a stored input does not hash to its digest; removed it");
                 self.cas.unpin(std::slice::from_ref(&key)).await;
                 self.cas.drop_changed(&key).await;
                 missing.push(key.digest);
