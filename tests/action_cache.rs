@@ -306,9 +306,7 @@ on_every_runtime! {
         assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 1.0);
         // Fill the 1 MiB CAS with newer blobs until the output is evicted. Watched on disk,
         // not through the API: any lookup would mark the output used and keep it.
-        let file = dir
-            .path()
-            .join(format!("data/cas/i_/sha256/{}/{}-{}", &out.hash[..2], out.hash, out.size_bytes));
+        let file = common::blobs::blob_file(&dir.path().join("data"), &out);
         assert!(file.exists(), "{} holds the output", file.display());
         let mut seed = 10;
         eventually("the output evicted", || {

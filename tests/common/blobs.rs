@@ -210,3 +210,18 @@ pub async fn wait_committed(channel: &Channel, name: &str, size: usize) {
     })
     .await
 }
+
+/// The file a blob of the default instance and SHA-256 is stored in under `data_dir`.
+pub fn blob_file(data_dir: &std::path::Path, d: &reapi::Digest) -> std::path::PathBuf {
+    data_dir
+        .join("cas/i_/sha256")
+        .join(&d.hash[..2])
+        .join(format!("{}-{}", d.hash, d.size_bytes))
+}
+
+/// Replaces a stored blob's bytes (stored blobs are read-only).
+pub fn overwrite(path: &std::path::Path, bytes: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}

@@ -1,0 +1,271 @@
+//! Acknowledged means durable: many writers killed with `kill -9` lose nothing acknowledged
+//! (with group commit and without), a blob is neither acknowledged nor visible before its
+//! group's sync is done, and an upload cut short by `kill -9` leaves no trace.
+
+#[macro_use]
+mod common;
+
+use common::blobs::{self, digest, pseudo_random, read_name, write_name};
+use common::{Kiln, Options};
+use kiln_proto::reapi::{self, digest_function::Value as Function};
+use std::path::{Path, PathBuf};
+use tonic::Code;
+
+// Group commit: many writers at once (ByteStream and BatchUpdateBlobs), kill -9 while they are
+// still writing. Every blob acknowledged before the kill is there after the restart, with its
+// bytes; and each acknowledgement waited for a group sync (the synced-commit counter covers
+// every acknowledged blob). kill -9 keeps the page cache, so the restart proves that
+// acknowledged means renamed into place and indexed; that the sync reached the disk is what
+// the counter shows (a power cut cannot be caused here).
+on_every_runtime! {
+    async fn concurrent_writes_acknowledged_before_kill_9_survive(rt: Runtime) {
+        writes_acknowledged_before_kill_9_survive(Options::on(rt), true).await;
+    }
+}
+
+// The same with group commit off: each blob syncs its own file and directory.
+on_every_runtime! {
+    async fn without_group_commit_acknowledged_writes_survive_kill_9(rt: Runtime) {
+        let options = Options {
+            config: Some("[storage]\ngroup_commit = false\n".into()),
+            ..Options::on(rt)
+        };
+        writes_acknowledged_before_kill_9_survive(options, false).await;
+    }
+}
+
+async fn writes_acknowledged_before_kill_9_survive(options: Options, group: bool) {
+    use kiln_proto::reapi::{batch_update_blobs_request, BatchUpdateBlobsRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let f = Function::Sha256;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(reapi::Digest, Vec<u8>)>::new()));
+    let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel::<()>();
+    {
+        let kiln = Kiln::start_async(&data_dir, options.clone()).await;
+        let ch = kiln.channel().await;
+        let mut writers = Vec::new();
+        for w in 0..8u64 {
+            let (ch, acked, progress_tx) = (ch.clone(), acked.clone(), progress_tx.clone());
+            writers.push(tokio::spawn(async move {
+                for n in 0u64.. {
+                    let seed = w << 32 | n;
+                    if w % 2 == 0 {
+                        let data = pseudo_random(seed, 64 << 10);
+                        let d = digest(f, &data);
+                        if blobs::write(&ch, &write_name("", f, &d), &data, 16 << 10)
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        acked.lock().unwrap().push((d, data));
+                    } else {
+                        let batch: Vec<Vec<u8>> =
+                            (0..8).map(|i| pseudo_random(seed << 4 | i, 1024)).collect();
+                        let requests = batch
+                            .iter()
+                            .map(|data| batch_update_blobs_request::Request {
+                                digest: Some(digest(f, data)),
+                                data: data.clone().into(),
+                                ..Default::default()
+                            })
+                            .collect();
+                        let Ok(r) = blobs::cas(&ch)
+                            .batch_update_blobs(BatchUpdateBlobsRequest {
+                                requests,
+                                ..Default::default()
+                            })
+                            .await
+                        else {
+                            return;
+                        };
+                        let mut acked = acked.lock().unwrap();
+                        for (resp, data) in r.into_inner().responses.into_iter().zip(batch) {
+                            if resp.status.is_none_or(|s| s.code == 0) {
+                                acked.push((resp.digest.unwrap(), data));
+                            }
+                        }
+                    }
+                    if progress_tx.send(()).is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        for _ in 0..64 {
+            progress.recv().await.unwrap();
+        }
+        let so_far = acked.lock().unwrap().len();
+        let synced = common::metric(&kiln.admin, "kiln_cas_group_synced_commits_total").await;
+        if group {
+            assert!(
+                synced >= so_far as f64,
+                "{so_far} blobs acknowledged but only {synced} commits synced"
+            );
+        } else {
+            assert_eq!(synced, 0.0, "group commit is off");
+        }
+        drop(kiln); // SIGKILL, writers still writing
+        for w in writers {
+            let _ = w.await;
+        }
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(acked.len() >= 64, "{} blobs acknowledged", acked.len());
+    let kiln = Kiln::start_async(&data_dir, options).await;
+    let ch = kiln.channel().await;
+    let digests: Vec<reapi::Digest> = acked.iter().map(|(d, _)| d.clone()).collect();
+    assert_eq!(
+        blobs::find_missing(&ch, "", f, digests).await,
+        Vec::<reapi::Digest>::new(),
+        "acknowledged blobs lost"
+    );
+    for (d, data) in acked.iter().step_by(7) {
+        assert_eq!(
+            &blobs::read(&ch, &read_name("", f, d), 0, 0).await.unwrap(),
+            data
+        );
+    }
+    kiln.stop().await;
+}
+
+/// The server's group-commit sync threads held in a cgroup v1 freezer (the only way to hold a
+/// `syncfs` back from outside): frozen on creation, thawed and removed on drop.
+struct FrozenSyncs {
+    dir: PathBuf,
+    tids: Vec<String>,
+}
+
+impl FrozenSyncs {
+    fn freeze(pid: u32) -> FrozenSyncs {
+        let root = Path::new("/sys/fs/cgroup/freezer");
+        assert!(
+            root.is_dir(),
+            "this test needs the cgroup v1 freezer at {}",
+            root.display()
+        );
+        let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "kiln-sync")
+            })
+            .map(|t| t.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!tids.is_empty(), "no kiln-sync thread in {pid}");
+        let dir = root.join(format!("kiln-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).unwrap();
+        let frozen = FrozenSyncs { dir, tids };
+        for tid in &frozen.tids {
+            std::fs::write(frozen.dir.join("tasks"), tid).unwrap();
+        }
+        std::fs::write(frozen.dir.join("freezer.state"), "FROZEN").unwrap();
+        frozen
+    }
+
+    fn thaw(&self) {
+        let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
+    }
+}
+
+impl Drop for FrozenSyncs {
+    fn drop(&mut self) {
+        self.thaw();
+        for tid in &self.tids {
+            let _ = std::fs::write("/sys/fs/cgroup/freezer/tasks", tid);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+// Group commit: a blob whose sync has not finished is neither acknowledged nor visible — not to
+// FindMissingBlobs, not to reads, not to a second upload of it, which waits for the same sync.
+on_every_runtime! {
+    async fn a_blob_is_visible_only_once_its_group_sync_is_done(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Function::Sha256;
+        let data = pseudo_random(77, 10_000);
+        let d = digest(f, &data);
+        let name = write_name("", f, &d);
+        let kiln = Kiln::start_async(dir.path(), Options::on(rt)).await;
+        let ch = kiln.channel().await;
+        let frozen = FrozenSyncs::freeze(kiln.pid());
+        let first = tokio::spawn({
+            let (ch, name, data) = (ch.clone(), name.clone(), data.clone());
+            async move { blobs::write(&ch, &name, &data, 4096).await }
+        });
+        common::eventually("the upload waiting for its sync", || async {
+            (common::metric(&kiln.admin, "kiln_cas_commits_awaiting_sync").await >= 1.0).then_some(())
+        })
+        .await;
+        assert_eq!(blobs::find_missing(&ch, "", f, vec![d.clone()]).await, vec![d.clone()]);
+        assert_eq!(
+            blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap_err().code(),
+            Code::NotFound
+        );
+        let second = tokio::spawn({
+            let (ch, data) = (ch.clone(), data.clone());
+            // Another upload id for the same blob.
+            let name = write_name("", f, &d);
+            async move { blobs::write(&ch, &name, &data, 4096).await }
+        });
+        // The copy waits for the first one's sync (counted with the commits awaiting one).
+        common::eventually("the second upload waiting on the first", || async {
+            (common::metric(&kiln.admin, "kiln_cas_commits_awaiting_sync").await >= 2.0).then_some(())
+        })
+        .await;
+        assert!(!first.is_finished(), "acknowledged before its sync");
+        assert!(!second.is_finished(), "the copy acknowledged before the sync");
+        frozen.thaw();
+        assert_eq!(first.await.unwrap().unwrap().committed_size, data.len() as i64);
+        assert_eq!(second.await.unwrap().unwrap().committed_size, data.len() as i64);
+        drop(frozen);
+        assert_eq!(blobs::find_missing(&ch, "", f, vec![d.clone()]).await, Vec::<reapi::Digest>::new());
+        assert_eq!(blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(), data);
+        kiln.stop().await;
+    }
+}
+
+// kill -9 mid-upload: after a restart there is no trace of the partial blob.
+on_every_runtime! {
+    async fn crash_mid_upload_leaves_nothing(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let f = Function::Sha256;
+        let data = pseudo_random(12, 4 << 20);
+        let d = digest(f, &data);
+        let name = write_name("", f, &d);
+        {
+            let kiln = Kiln::start_async(&data_dir, Options::on(rt)).await;
+            let ch = kiln.channel().await;
+            let upload = blobs::open_upload(&ch);
+            for r in blobs::write_requests(&name, &data, 1 << 20, 0)
+                .into_iter()
+                .take(2)
+            {
+                upload.tx.send(r).await.unwrap();
+            }
+            blobs::wait_committed(&ch, &name, 2 << 20).await;
+            drop(kiln); // SIGKILL
+            drop(upload.tx);
+            let _ = upload.call.await;
+        }
+        let kiln = Kiln::start_async(&data_dir, Options::on(rt)).await;
+        let ch = kiln.channel().await;
+        assert_eq!(
+            blobs::find_missing(&ch, "", f, vec![d.clone()]).await,
+            vec![d.clone()]
+        );
+        assert_eq!(common::temp_files(&data_dir), Vec::<PathBuf>::new(), "temp files wiped");
+        assert_eq!(
+            blobs::read(&ch, &read_name("", f, &d), 0, 0)
+                .await
+                .unwrap_err()
+                .code(),
+            Code::NotFound
+        );
+        kiln.stop().await;
+    }
+}
