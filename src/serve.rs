@@ -149,7 +149,7 @@ fn start_embedded_worker(
     let ctx = Arc::new(WorkerContext {
         name,
         local: LocalCas::new(cas, Layout::cas(data_dir), config.storage.fsync)
-            .with_group_commit(kiln_dataplane::store::durable::group_commit_max(config)),
+            .with_group_commit(data.group_commit_max()),
         remote: None,
         work_dir,
         exec_cache,

@@ -212,6 +212,12 @@ on_every_runtime! {
         let ch = kiln.channel().await;
         let f = Function::Sha256;
         let action = digest(f, b"x");
+        // A GetActionResult too large for the data plane to look at (over 16 KiB) is handed
+        // to the control plane with what was read of it, and answered there: an instance name
+        // that long is refused.
+        let err = get(&ch, &"i".repeat(20 << 10), f, &action).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("instance name"), "{}", err.message());
         // No result.
         let err = ac(&ch)
             .update_action_result(UpdateActionResultRequest {

@@ -130,7 +130,7 @@ async fn writes_acknowledged_before_kill_9_survive(options: Options, group: bool
     kiln.stop().await;
 }
 
-/// The server's group-commit sync threads held in a cgroup v1 freezer (the only way to hold a
+/// The server's group-commit sync thread (`kiln-sync`) held in a cgroup v1 freezer (the only way to hold a
 /// `syncfs` back from outside): frozen on creation, thawed and removed on drop.
 struct FrozenSyncs {
     dir: PathBuf,

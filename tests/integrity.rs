@@ -68,6 +68,11 @@ on_every_runtime! {
             3,
             "damaged blobs are gone, so clients upload them again"
         );
+        assert_eq!(
+            common::metric(&kiln.admin, "kiln_cas_corrupt_blobs_total").await,
+            2.0,
+            "the two read with wrong bytes are counted corrupt"
+        );
         kiln.stop().await;
     }
 }
@@ -136,6 +141,11 @@ on_every_runtime! {
         );
         let missing = blobs::find_missing(&ch, "", f, vec![d.clone()]).await;
         assert_eq!(missing, vec![d.clone()], "the index forgot the vanished blob");
+        assert_eq!(
+            common::metric(&kiln.admin, "kiln_cas_corrupt_blobs_total").await,
+            0.0,
+            "a vanished file is not a corrupt one"
+        );
         blobs::write(&ch, &write_name("", f, &d), &data, 1 << 16)
             .await
             .unwrap();

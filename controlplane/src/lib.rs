@@ -19,7 +19,7 @@ use admin::ServerInfo;
 use capabilities::{Advertised, CapabilitiesService};
 use execution::{ExecutionService, OperationsService, WorkerApiService};
 use kiln_config::Config;
-use kiln_dataplane::grpc::{ForwardedCall, HandoffSender};
+use kiln_dataplane::grpc::ForwardedCall;
 use kiln_dataplane::service::{ControlLink, ReadyResults};
 use kiln_dataplane::store::scan::ScanReport;
 use kiln_dataplane::store::CasClient;
@@ -150,11 +150,6 @@ impl ControlPlane {
     /// The execution core, when execution is enabled.
     pub fn execution(&self) -> Option<Arc<execution::ExecutionCore>> {
         self.execution.clone()
-    }
-
-    /// Where the data plane sends the calls it does not serve.
-    pub fn handoff(&self) -> HandoffSender {
-        self.handoff.clone()
     }
 
     /// The data plane's link: the hand-over, and the action results it may serve itself.

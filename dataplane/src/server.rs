@@ -100,6 +100,8 @@ pub struct DataPlane {
     layout: Layout,
     /// Each owner's blobs when it stopped, for the index snapshot.
     stopped_owners: Arc<Mutex<Vec<snapshot::Grouped>>>,
+    /// Group commit's limit, when it is on.
+    group_commit_max: Option<u64>,
 }
 
 impl DataPlane {
@@ -122,12 +124,13 @@ impl DataPlane {
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let h2 = Http2Settings::from_config(&config.server);
         let slots = ConnectionSlots::new(config.server.max_connections);
-        let group_commit = config.storage.group_commit && durable::group_commit_supported();
-        if config.storage.fsync && config.storage.group_commit && !group_commit {
+        // Group commit is on when it has a limit: its thread and the uploads' data syncs follow.
+        let group_commit_max = durable::group_commit_max(config);
+        if config.storage.fsync && config.storage.group_commit && group_commit_max.is_none() {
             warn!("storage.group_commit is on, but this system's syncfs cannot make a group of commits durable (Linux 5.8 or later needed): each blob syncs its own file and directory");
         }
-        let group_commit_thread = (config.storage.fsync && group_commit)
-            .then(|| {
+        let group_commit_thread = group_commit_max
+            .map(|_| {
                 GroupCommit::start(
                     store.layout.tree_dir(),
                     store.accounting.clone(),
@@ -152,7 +155,7 @@ impl DataPlane {
             inline_read: config.storage.memory_max_blob_bytes.as_u64(),
             cas_capacity: config.storage.disk_bytes.as_u64(),
             fsync: config.storage.fsync,
-            group_commit_max: durable::group_commit_max(config),
+            group_commit_max,
             stalled_upload: (config.server.stalled_upload_secs > 0)
                 .then(|| Duration::from_secs(config.server.stalled_upload_secs)),
         };
@@ -209,6 +212,7 @@ impl DataPlane {
             cas,
             layout: layout.clone(),
             stopped_owners,
+            group_commit_max,
         };
         for _ in 0..shards {
             match ready_rx.recv() {
@@ -236,6 +240,12 @@ impl DataPlane {
     /// Number of shards.
     pub fn shards(&self) -> usize {
         self.shards
+    }
+
+    /// The largest blob whose data group commit's sync covers (`None`: group commit is off,
+    /// and every durable blob syncs its own data); for writers beside the blob services.
+    pub fn group_commit_max(&self) -> Option<u64> {
+        self.group_commit_max
     }
 
     /// The backend's name.

@@ -2,7 +2,8 @@
 //! builder of REAPI's `PreconditionFailure` for blobs a request needs that are not in the CAS.
 //!
 //! Every error enum in Kiln says which [`ErrorKind`] each of its variants is (by implementing
-//! [`Classify`]); nothing else chooses a gRPC code. An error that wraps another (a blob
+//! [`Classify`]), and errors get their codes only here. (A few answers that are not errors of
+//! a type pick their code where they are given: see `docs/architecture.md`.) An error that wraps another (a blob
 //! request's store failure, a worker's local-CAS failure) asks the inner one for its kind, so
 //! the same failure gets the same code on every path.
 

@@ -28,14 +28,18 @@ pub struct WalkLimits {
     pub batch_bytes: u64,
 }
 
-impl Default for WalkLimits {
+impl WalkLimits {
     /// The execution defaults: 16 M digests, 16 MiB directories, 64 MiB batches.
+    pub const DEFAULT: WalkLimits = WalkLimits {
+        max_digests: 16_000_000,
+        max_directory_bytes: 16 << 20,
+        batch_bytes: 64 << 20,
+    };
+}
+
+impl Default for WalkLimits {
     fn default() -> WalkLimits {
-        WalkLimits {
-            max_digests: 16_000_000,
-            max_directory_bytes: 16 << 20,
-            batch_bytes: 64 << 20,
-        }
+        WalkLimits::DEFAULT
     }
 }
 

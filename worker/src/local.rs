@@ -10,6 +10,17 @@ use kiln_dataplane::store::{CasClient, Found};
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use std::path::{Path, PathBuf};
 
+/// What hashing a stored input found.
+enum Check {
+    Good,
+    /// Bytes that do not hash to the digest: the blob is dropped.
+    Corrupt,
+    /// The file is gone: the blob is forgotten.
+    Vanished,
+    /// Could not be read now: kept, and this action fetches it (or misses it) anew.
+    Unreadable,
+}
+
 /// Files hashed at once when pinned inputs need checking.
 const VERIFY_PARALLELISM: usize = 4;
 
@@ -87,34 +98,41 @@ impl LocalCas {
         }
         // Files found on disk at start-up are hashed before an action sees them (a read
         // through the CAS would check them; a hardlink into an action directory does not).
-        let checked: Vec<(BlobKey, bool)> = futures::stream::iter(unchecked)
+        let checked: Vec<(BlobKey, Check)> = futures::stream::iter(unchecked)
             .map(|key| async move {
                 let path = self.layout.blob_path(&key);
-                let good = match hash_file(key.digest.function, &path).await {
-                    Ok(d) if d == key.digest => true,
-                    Ok(_) => {
-                        tracing::warn!(blob = ?key, "a stored input does not hash to its digest; removed it");
-                        false
+                let check = match hash_file(key.digest.function, &path).await {
+                    Ok(d) if d == key.digest => Check::Good,
+                    Ok(_) => Check::Corrupt,
+                    Err(ActionError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        Check::Vanished
                     }
                     Err(e) => {
-                        tracing::warn!(blob = ?key, error = %e, "a stored input cannot be read; dropped it");
-                        false
+                        // Kept: a passing failure (too many open files) says nothing of it.
+                        tracing::warn!(blob = ?key, error = %e, "cannot read a stored input; fetching it again");
+                        Check::Unreadable
                     }
                 };
-                (key, good)
+                (key, check)
             })
             .buffer_unordered(VERIFY_PARALLELISM)
             .collect()
             .await;
-        for (key, good) in checked {
-            if good {
-                self.cas.report_verified(&key);
-                pinned.push(key);
-            } else {
-                self.cas.unpin(std::slice::from_ref(&key)).await;
-                self.cas.drop_changed(&key).await;
-                missing.push(key.digest);
+        for (key, check) in checked {
+            match check {
+                Check::Good => {
+                    self.cas.report_verified(&key);
+                    pinned.push(key);
+                    continue;
+                }
+                // Leaving the index also releases its pins.
+                Check::Corrupt => self.cas.drop_changed(&key).await,
+                Check::Vanished => self.cas.report_vanished(&key),
+                Check::Unreadable => self.cas.unpin(std::slice::from_ref(&key)).await,
             }
+            missing.push(key.digest);
         }
         Ok((missing, pinned))
     }

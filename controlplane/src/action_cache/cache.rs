@@ -62,9 +62,7 @@ impl ActionCache {
         let removals = self.cas.accounting().removals();
         let now = atime::now();
         let mark = &stored.checked;
-        let fresh = now.saturating_sub(mark.at.load(Ordering::Acquire))
-            < self.limits.recheck_after.as_nanos() as u64;
-        if fresh && mark.removals.load(Ordering::Acquire) == removals {
+        if mark.holds(now, removals, self.limits.recheck_after) {
             return Ok(result);
         }
         match completeness::check(
@@ -104,17 +102,13 @@ impl ActionCache {
     pub fn ready(&self, key: &BlobKey) -> Option<bytes::Bytes> {
         let stored = self.store.ready(key)?;
         let mark = &stored.checked;
-        let at = mark.at.load(Ordering::Acquire);
-        if at == 0 {
+        if mark.at.load(Ordering::Acquire) == 0 {
             // Never decoded by `get`: a result read from its file is checked there first.
             return None;
         }
-        if self.completeness {
-            let fresh =
-                atime::now().saturating_sub(at) < self.limits.recheck_after.as_nanos() as u64;
-            if !fresh || mark.removals.load(Ordering::Acquire) != self.cas.accounting().removals() {
-                return None;
-            }
+        let removals = self.cas.accounting().removals();
+        if self.completeness && !mark.holds(atime::now(), removals, self.limits.recheck_after) {
+            return None;
         }
         Some(stored.data)
     }

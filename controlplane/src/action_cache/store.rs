@@ -73,6 +73,15 @@ pub struct CheckMark {
 }
 
 impl CheckMark {
+    /// Whether the last check still holds at `now`: made less than `recheck_after` ago, and
+    /// no blob has left the CAS since (`removals` is its count now).
+    pub fn holds(&self, now: u64, removals: u64, recheck_after: std::time::Duration) -> bool {
+        let at = self.at.load(Ordering::Acquire);
+        at != 0
+            && now.saturating_sub(at) < u64::try_from(recheck_after.as_nanos()).unwrap_or(u64::MAX)
+            && self.removals.load(Ordering::Acquire) == removals
+    }
+
     fn new() -> Arc<CheckMark> {
         Arc::new(CheckMark {
             removals: AtomicU64::new(NEVER_CHECKED),

@@ -20,10 +20,11 @@ use std::time::{Duration, SystemTime};
 
 /// Directory blobs fetched at once while walking.
 const WALK_PARALLELISM: usize = 64;
-/// Largest Action, Command or Directory blob read: they are read whole into memory.
-const MAX_METADATA_BYTES: u64 = 16 << 20;
-/// Bytes of Directory blobs held at once while walking one tree.
-const WALK_BYTES: u64 = 64 << 20;
+/// Largest Action, Command or Directory blob read: they are read whole into memory (the
+/// walk's own bound for a Directory, so that every metadata blob has the same).
+const MAX_METADATA_BYTES: u64 = WALK_DEFAULTS.max_directory_bytes;
+/// The walk's bounds other than the digest count, which is configured.
+const WALK_DEFAULTS: WalkLimits = WalkLimits::DEFAULT;
 
 /// Builds the job for an Execute request (the cache lookup has already missed).
 pub(super) async fn prepare(
@@ -205,8 +206,7 @@ async fn walk(
 ) -> Result<(Vec<Digest>, Vec<Digest>), PrepareError> {
     let limits = WalkLimits {
         max_digests: core.config.max_input_digests,
-        max_directory_bytes: MAX_METADATA_BYTES,
-        batch_bytes: WALK_BYTES,
+        ..WALK_DEFAULTS
     };
     let fetch_batch = |batch: Vec<Digest>| async move {
         stream::iter(batch)

@@ -145,12 +145,17 @@ impl MessageDecoder {
     }
 }
 
+/// Writes the gRPC prefix of an uncompressed message of `len` bytes.
+pub fn put_prefix(buf: &mut BytesMut, len: u32) {
+    buf.put_u8(0);
+    buf.put_u32(len);
+}
+
 /// Encodes one message with its gRPC prefix.
 pub fn encode<M: prost::Message>(message: &M) -> Bytes {
     let len = message.encoded_len();
     let mut buf = BytesMut::with_capacity(PREFIX_LEN + len);
-    buf.put_u8(0);
-    buf.put_u32(len as u32);
+    put_prefix(&mut buf, len as u32);
     // Encoding into a buffer of exactly the right capacity cannot fail.
     let _ = message.encode(&mut buf);
     buf.freeze()
@@ -169,8 +174,7 @@ pub fn encode_bytes_field(field_number: u32, payload: &Bytes) -> [Bytes; 2] {
         );
         prost::encoding::encode_varint(payload.len() as u64, &mut field);
     }
-    header.put_u8(0);
-    header.put_u32((field.len() + payload.len()) as u32);
+    put_prefix(&mut header, (field.len() + payload.len()) as u32);
     header.put_slice(&field);
     [header.freeze(), payload.clone()]
 }

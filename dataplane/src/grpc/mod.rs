@@ -65,13 +65,9 @@ impl Call {
         }
     }
 
-    /// Hands the untouched call over, for the control plane to serve.
-    pub fn into_forwarded(self) -> ForwardedCall {
-        self.into_forwarded_after(Vec::new())
-    }
-
-    /// Hands the call over after [`Call::peek_unary`] read its body: the control plane reads
-    /// `read` first, as if the data plane had never looked.
+    /// Hands the call over for the control plane to serve; `read` is what
+    /// [`Call::peek_unary`] already read of its body (the control plane reads it first, as
+    /// if the data plane had never looked), empty for an untouched call.
     pub fn into_forwarded_after(self, read: Vec<bytes::Bytes>) -> ForwardedCall {
         let (respond, responder_recorder) = self.responder.into_raw();
         drop(responder_recorder);
@@ -109,12 +105,10 @@ impl Call {
                 return Ok((None, read));
             }
         }
-        let mut whole = bytes::BytesMut::with_capacity(held);
-        for chunk in &read {
-            whole.extend_from_slice(chunk);
-        }
         let mut decoder = codec::MessageDecoder::new(limit);
-        decoder.push(whole.freeze());
+        for chunk in &read {
+            decoder.push(chunk.clone());
+        }
         let message = match (decoder.next_message(), decoder.buffered()) {
             (Ok(Some(bytes)), 0) => M::decode(bytes).ok(),
             _ => None,

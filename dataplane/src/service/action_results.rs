@@ -7,9 +7,9 @@
 //! as before.
 
 use super::BlobServices;
-use crate::grpc::codec::PREFIX_LEN;
+use crate::grpc::codec::{put_prefix, PREFIX_LEN};
 use crate::grpc::Call;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use kiln_proto::reapi::GetActionResultRequest;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use tracing::debug_span;
@@ -53,8 +53,7 @@ pub(super) async fn serve_get(svc: &BlobServices, results: &dyn ReadyResults, mu
     };
     let mut responder = call.responder;
     let mut prefix = BytesMut::with_capacity(PREFIX_LEN);
-    prefix.put_u8(0);
-    prefix.put_u32(len);
+    put_prefix(&mut prefix, len);
     if responder.send(&[prefix.freeze(), result]).await.is_ok() {
         responder.finish(Ok(()));
     }

@@ -139,8 +139,8 @@ impl CallHandler for BlobServices {
                 paths::BATCH_UPDATE => cas::serve_batch_update(&self, call).await,
                 paths::BATCH_READ => cas::serve_batch_read(&self, call).await,
                 paths::GET_ACTION_RESULT => {
-                    match self.control.as_ref().and_then(|c| c.results.clone()) {
-                        Some(results) => action_results::serve_get(&self, &*results, call).await,
+                    match self.control.as_ref().and_then(|c| c.results.as_deref()) {
+                        Some(results) => action_results::serve_get(&self, results, call).await,
                         None => self.forward(call).await,
                     }
                 }

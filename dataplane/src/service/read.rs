@@ -132,7 +132,7 @@ async fn verify(svc: &BlobServices, key: &BlobKey, path: &Path) -> Result<(), Bl
 fn vanished_or_io(svc: &BlobServices, key: &BlobKey, path: &Path, e: std::io::Error) -> BlobError {
     let error = missing_or_io(key, path, e);
     if matches!(error, BlobError::NotFound(_)) {
-        svc.cas.report_corrupt(key);
+        svc.cas.report_vanished(key);
     }
     error
 }

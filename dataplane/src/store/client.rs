@@ -2,7 +2,9 @@
 //! the shard that owns its part of the digest space, over that shard's bounded queue.
 
 use super::accounting::Accounting;
-use super::commands::{Command, Committed, Found, Reply, ShardStats, UploadClaim, UploadStatus};
+use super::commands::{
+    Command, Committed, Dropped, Found, Reply, ShardStats, UploadClaim, UploadStatus,
+};
 use super::parked::ParkedUpload;
 use super::StoreError;
 use crate::metrics::Metrics;
@@ -236,7 +238,21 @@ impl CasClient {
     pub fn report_corrupt(&self, key: &BlobKey) {
         self.tell(
             self.owner_of(&key.digest),
-            Command::Corrupt { key: key.clone() },
+            Command::Drop {
+                key: key.clone(),
+                why: Dropped::Corrupt,
+            },
+        );
+    }
+
+    /// Reports that a stored blob's file is gone.
+    pub fn report_vanished(&self, key: &BlobKey) {
+        self.tell(
+            self.owner_of(&key.digest),
+            Command::Drop {
+                key: key.clone(),
+                why: Dropped::Vanished,
+            },
         );
     }
 
@@ -247,7 +263,10 @@ impl CasClient {
         let shard = self.owner_of(&key.digest);
         self.count(shard);
         let _ = self.shards[shard]
-            .send(Command::Corrupt { key: key.clone() })
+            .send(Command::Drop {
+                key: key.clone(),
+                why: Dropped::Corrupt,
+            })
             .await;
     }
 

@@ -112,8 +112,10 @@ pub(crate) enum Command {
     Verified {
         key: BlobKey,
     },
-    Corrupt {
+    /// A stored blob that must leave the index.
+    Drop {
         key: BlobKey,
+        why: Dropped,
     },
     ClaimUpload {
         upload_key: String,
@@ -145,4 +147,13 @@ pub(crate) enum Command {
     Stats {
         reply: Reply<ShardStats>,
     },
+}
+
+/// Why a stored blob leaves the index other than by eviction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Its bytes do not hash to its digest (counted in `kiln_cas_corrupt_blobs_total`).
+    Corrupt,
+    /// Its file is gone (removed behind the server's back).
+    Vanished,
 }

@@ -70,8 +70,9 @@ struct Node {
 
 /// Blobs in LRU order with their total size: nodes in one vector (freed slots reused), a
 /// doubly linked recency list through their indexes, and a hash table of indexes. No
-/// allocation per blob, and about 110 bytes per blob (a node of 104 bytes and its slot in
-/// the table), where a map of boxed list nodes took about 150 and most of the start-up time.
+/// allocation per blob: a node of 104 bytes and its slot in the table, about 130 bytes per
+/// blob as measured with the vector's and the table's spare room (docs/operations.md), where
+/// a map of boxed list nodes took about 150 and most of the start-up time.
 pub struct BlobIndex<S = VerifiedKeys> {
     hasher: S,
     table: hashbrown::HashTable<u32>,

@@ -28,7 +28,7 @@ impl Owner {
             // The same blob is being renamed in or made durable: this copy is answered with
             // that one's outcome, once it is durable.
             self.metrics().awaiting_sync.inc();
-            waiting.push((temp, epoch, reply));
+            waiting.push((temp, reply));
             return;
         }
         if self.touch(&key, atime::now()).is_some() {
@@ -98,7 +98,7 @@ impl Owner {
             .remove(&key)
             .unwrap_or_default();
         self.metrics().awaiting_sync.dec_by(waiting.len() as i64);
-        for (temp, _, _) in &waiting {
+        for (temp, _) in &waiting {
             self.remove_later(temp.clone());
         }
         if let Err(e) = result {
@@ -107,7 +107,7 @@ impl Owner {
                 self.accounting.remove(self.shard, size);
                 self.remove_later(self.layout.blob_path(&key));
             }
-            for (_, _, r) in waiting {
+            for (_, r) in waiting {
                 let _ = r.send(Err(e.retell()));
             }
             let _ = reply.send(Err(e));
@@ -126,13 +126,9 @@ impl Owner {
                 self.memory.insert(key, data);
             }
         }
-        for (_, copy_epoch, r) in waiting {
-            // The stored file is durable; a copy whose own bytes were dirty when a sync
-            // failed is still told so (it may have been acknowledged otherwise).
-            let _ = r.send(
-                self.check_epoch(copy_epoch)
-                    .map(|()| Committed::AlreadyPresent),
-            );
+        for (_, r) in waiting {
+            // Their own bytes are dropped; the stored file is this one, now durable.
+            let _ = r.send(Ok(Committed::AlreadyPresent));
         }
         self.maybe_evict();
         let _ = reply.send(Ok(Committed::Stored));
@@ -219,7 +215,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn a_directory_is_synced_up_to_the_root_until_it_is_durable() {
+    fn a_directory_is_synced_up_to_the_root_until_it_is_durable() {
         let root = Path::new("/data/cas");
         let dir = root.join("i_main/sha256/ab");
         let mut durable = HashSet::new();

@@ -2,7 +2,7 @@
 //! the oldest blob), blobs found corrupt, and the unlinks that follow on the file lane.
 
 use super::Owner;
-use crate::store::commands::Command;
+use crate::store::commands::{Command, Dropped};
 use kiln_reapi::digest::BlobKey;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -20,11 +20,19 @@ impl Owner {
         });
     }
 
-    pub(super) fn remove_corrupt(&self, key: &BlobKey) {
+    /// Takes a blob out of the index (and its file off the disk) for `why`.
+    pub(super) fn drop_blob(&self, key: &BlobKey, why: Dropped) {
         let removed = self.index.borrow_mut().remove(key);
         if let Some(entry) = removed {
-            error!(blob = ?key, "stored blob does not hash to its digest; removed it");
-            self.metrics().corrupt.inc();
+            match why {
+                Dropped::Corrupt => {
+                    error!(blob = ?key, "stored blob does not hash to its digest; removed it");
+                    self.metrics().corrupt.inc();
+                }
+                Dropped::Vanished => {
+                    warn!(blob = ?key, "stored blob's file is gone; forgot it");
+                }
+            }
             self.accounting.remove(self.shard, entry.size);
             if entry.pins > 0 {
                 self.accounting.set_pinned(entry.size, false);

@@ -18,7 +18,9 @@ use super::accounting::Accounting;
 use super::atime;
 use super::blob_io;
 use super::client::CasClient;
-use super::commands::{Command, Committed, Found, Reply, ShardStats, UploadClaim, UploadStatus};
+use super::commands::{
+    Command, Committed, Dropped, Found, Reply, ShardStats, UploadClaim, UploadStatus,
+};
 use super::file_lane::FileLane;
 use super::index::{BlobIndex, Entry};
 use super::layout::Layout;
@@ -36,7 +38,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// How an owner shard behaves; from the `[storage]` configuration.
 #[derive(Debug, Clone)]
@@ -63,8 +65,9 @@ pub struct StoreSettings {
 /// Where a commit's outcome goes.
 type CommitReply = Reply<Result<Committed, StoreError>>;
 
-/// A later copy of a blob being committed: its temp file, its sync epoch, its reply.
-type WaitingCopy = (PathBuf, u64, CommitReply);
+/// A later copy of a blob being committed: its temp file (dropped: the first copy is kept)
+/// and its reply.
+type WaitingCopy = (PathBuf, CommitReply);
 
 /// One owner shard's state.
 pub struct Owner {
@@ -187,7 +190,7 @@ impl Owner {
                     e.verified = true;
                 }
             }
-            Command::Corrupt { key } => self.remove_corrupt(&key),
+            Command::Drop { key, why } => self.drop_blob(&key, why),
             Command::ClaimUpload {
                 upload_key,
                 key,
@@ -351,7 +354,8 @@ impl Owner {
         self.runtime.spawn(Box::pin(async move {
             let result = match blob_io::read_all(&*owner.runtime, &path, entry.size).await {
                 Ok(data) => {
-                    let good = entry.verified || Hasher::hash(key.digest.function, &data) == key.digest.hash;
+                    let good = entry.verified
+                        || Hasher::hash(key.digest.function, &data) == key.digest.hash;
                     if good {
                         if !entry.verified {
                             if let Some(e) = owner.index.borrow_mut().peek_mut(&key) {
@@ -363,14 +367,18 @@ impl Owner {
                         }
                         Ok(Found::Bytes(data))
                     } else {
-                        owner.remove_corrupt(&key);
+                        owner.drop_blob(&key, Dropped::Corrupt);
                         Ok(Found::Missing)
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    // Deleted or truncated behind our back: the index must not claim it.
-                    warn!(blob = ?key, error = %e, "blob file missing or short; dropping it from the index");
-                    owner.remove_corrupt(&key);
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // Deleted behind our back: the index must not claim it.
+                    owner.drop_blob(&key, Dropped::Vanished);
+                    Ok(Found::Missing)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    // Cut short behind our back: not its bytes.
+                    owner.drop_blob(&key, Dropped::Corrupt);
                     Ok(Found::Missing)
                 }
                 Err(e) => Err(StoreError::io("read", path, e)),
