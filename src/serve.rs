@@ -14,6 +14,7 @@ use kiln_dataplane::metrics::Metrics;
 use kiln_dataplane::runtime::backend_for;
 use kiln_dataplane::server::{shard_count, DataPlane, OpenedStore};
 use kiln_dataplane::store::layout::Layout;
+use kiln_dataplane::store::tier::BlobStore;
 use kiln_dataplane::store::CasClient;
 use kiln_dataplane::tls::TlsAccept;
 use kiln_worker::link::Link;
@@ -38,8 +39,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let scan = store.report().clone();
     let cas = store.cas();
     let policy = crate::auth::policy(&config)?;
-    let control = ControlPlane::start(&config, store.cas(), enroller(&config, &policy))
-        .context("cannot start the control plane")?;
+    let blobs = store.chain();
+    let control = ControlPlane::start(
+        &config,
+        store.cas(),
+        blobs.clone(),
+        enroller(&config, &policy),
+    )
+    .context("cannot start the control plane")?;
     let backend = backend_for(config.server.runtime);
     let tls = crate::tls::server(&config)?;
     // SIGHUP reloads certificates; watched from here on (with or without TLS) so that it
@@ -66,7 +73,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot serve on {}", config.server.listen))?;
     let admin = start_admin(&config, &control, &data, tls.as_ref(), &policy);
-    let worker = start_embedded_worker(&config, &control, &data, cas, tls.as_ref(), &policy)?;
+    let worker =
+        start_embedded_worker(&config, &control, &data, cas, blobs, tls.as_ref(), &policy)?;
     let stop = StopSignals::watch(control.runtime())?;
     control.set_ready(true);
     let (ac_entries, _) = control.action_cache_usage();
@@ -122,6 +130,7 @@ fn start_embedded_worker(
     control: &ControlPlane,
     data: &DataPlane,
     cas: CasClient,
+    blobs: Arc<dyn BlobStore>,
     tls: Option<&TlsAccept>,
     policy: &kiln_auth::Policy,
 ) -> anyhow::Result<Option<RunningWorker>> {
@@ -148,7 +157,7 @@ fn start_embedded_worker(
     };
     let ctx = Arc::new(WorkerContext {
         name,
-        local: LocalCas::new(cas, Layout::cas(data_dir), config.storage.fsync)
+        local: LocalCas::new(cas, blobs, Layout::cas(data_dir), config.storage.fsync)
             .with_group_commit(data.group_commit_max()),
         remote: None,
         work_dir,
@@ -200,7 +209,8 @@ fn start_admin(
         backend: data.backend().to_string(),
         data_dir: config.storage.data_dir.display().to_string(),
         cas_capacity: config.storage.disk_bytes.as_u64(),
-        memory_capacity: config.storage.memory_bytes.as_u64(),
+        memory_capacity: data.chain_plan().memory_capacity(),
+        chain: Some(data.chain_plan()),
         allocator: Some(crate::allocator::stats),
     };
     let access = kiln_controlplane::admin::Access {

@@ -148,7 +148,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot prepare {}", work_dir.display()))?;
     let store = OpenedStore::open(&config, shard_count(&config), Metrics::new())
         .with_context(|| format!("cannot open the local CAS in {}", data_dir.display()))?;
-    let local = LocalCas::new(store.cas(), Layout::cas(&data_dir), false);
+    let local = LocalCas::new(store.cas(), store.chain(), Layout::cas(&data_dir), false);
     let mut data = DataPlane::start(
         &config,
         store,

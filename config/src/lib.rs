@@ -3,6 +3,7 @@
 //! `Config::default()` is the embedded default that `kiln serve` runs with no file.
 //! The reference for every option is `docs/configuration.md`.
 
+pub mod chain;
 mod defaults;
 mod error;
 mod types;
@@ -103,6 +104,7 @@ impl Config {
                 "must not exceed storage.memory_bytes",
             );
         }
+        st.resolve_chain()?;
         let tls = &self.tls;
         if tls.mode == TlsMode::Files && (tls.cert.is_none() || tls.key.is_none()) {
             return invalid("tls.cert", "files mode needs tls.cert and tls.key");

@@ -140,3 +140,74 @@ fn every_option_is_documented() {
         }
     }
 }
+
+#[test]
+fn chains_resolve_and_bad_chains_name_their_fault() {
+    use crate::chain::TierSpec;
+    let default = Config::default().storage.resolve_chain().unwrap();
+    assert!(matches!(default[0], TierSpec::Memory { .. }));
+    assert_eq!(default[1], TierSpec::Filesystem);
+    let split = Config::from_toml(
+        "[storage]\nchain = [\"split\"]\n[storage.tiers.split]\nkind = \"size_partition\"\nthreshold_bytes = \"1 KiB\"\nsmall = [\"memory\", \"filesystem\"]\nlarge = [\"filesystem\"]\n",
+        "test",
+    )
+    .unwrap();
+    match &split.storage.resolve_chain().unwrap()[0] {
+        TierSpec::SizePartition {
+            threshold,
+            small,
+            large,
+        } => {
+            assert_eq!(*threshold, 1024);
+            assert_eq!(small.len(), 2);
+            assert_eq!(large, &vec![TierSpec::Filesystem]);
+        }
+        other => panic!("{other:?}"),
+    }
+    for (toml, key, why) in [
+        ("chain = []", "storage.chain", "is empty"),
+        ("chain = [\"memory\"]", "storage.chain", "ends in \"memory\", a cache"),
+        (
+            "chain = [\"filesystem\", \"memory\"]",
+            "storage.chain",
+            "a store, before its end",
+        ),
+        ("chain = [\"redis\"]", "storage.chain", "names \"redis\""),
+        (
+            "chain = [\"loop\"]\n[storage.tiers.loop]\nkind = \"size_partition\"\nthreshold_bytes = 1\nsmall = [\"loop\"]\nlarge = [\"filesystem\"]",
+            "storage.tiers.loop.small",
+            "nest too deep",
+        ),
+        (
+            "[storage.tiers.memory]\nkind = \"memory\"\nbytes = 1\nmax_blob_bytes = 1",
+            "storage.tiers.memory",
+            "built-in",
+        ),
+        (
+            "chain = [\"m\", \"filesystem\"]\n[storage.tiers.m]\nkind = \"memory\"\nbytes = 10\nmax_blob_bytes = 11",
+            "storage.tiers.m.max_blob_bytes",
+            "must not exceed",
+        ),
+    ] {
+        let text = if toml.starts_with('[') {
+            toml.to_string()
+        } else {
+            format!("[storage]\n{toml}")
+        };
+        match Config::from_toml(&text, "test") {
+            Err(ConfigError::Invalid { key: k, why: w }) => {
+                assert_eq!(k, key, "{toml}");
+                assert!(w.contains(why), "{toml}: {w}");
+            }
+            other => panic!("{toml}: {other:?}"),
+        }
+    }
+    let unknown = Config::from_toml(
+        "[storage.tiers.x]\nkind = \"memory\"\nbytes = 1\nmax_blob_bytes = 1\ncolour = 1",
+        "test",
+    );
+    assert!(
+        matches!(unknown, Err(ConfigError::Parse { .. })),
+        "{unknown:?}"
+    );
+}

@@ -239,7 +239,7 @@ impl Default for ServerConfig {
     }
 }
 
-/// The CAS: a memory tier over a filesystem tier, both capped.
+/// The CAS: a chain of tiers (by default a memory tier over the filesystem), both capped.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
@@ -267,6 +267,10 @@ pub struct StorageConfig {
     pub max_parked_uploads: usize,
     /// Access times queued for writing to blob files, per shard; past it, updates are skipped.
     pub max_pending_access_times: usize,
+    /// The tiers blobs go through, top first (see [`crate::chain`]).
+    pub chain: Vec<String>,
+    /// Named tiers for `chain`.
+    pub tiers: BTreeMap<String, crate::chain::TierConfig>,
 }
 
 impl Default for StorageConfig {
@@ -283,6 +287,8 @@ impl Default for StorageConfig {
             upload_expiry_secs: d::upload_expiry_secs(),
             max_parked_uploads: d::max_parked_uploads(),
             max_pending_access_times: d::max_pending_access_times(),
+            chain: crate::chain::default_chain(),
+            tiers: BTreeMap::new(),
         }
     }
 }

@@ -22,6 +22,7 @@ use kiln_config::Config;
 use kiln_dataplane::grpc::ForwardedCall;
 use kiln_dataplane::service::{ControlLink, ReadyResults};
 use kiln_dataplane::store::scan::ScanReport;
+use kiln_dataplane::store::tier::BlobStore;
 use kiln_dataplane::store::CasClient;
 use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
@@ -53,6 +54,7 @@ impl ControlPlane {
     pub fn start(
         config: &Config,
         cas: CasClient,
+        blobs: Arc<dyn BlobStore>,
         enroller: Option<Arc<dyn enrolment::Enroller>>,
     ) -> std::io::Result<ControlPlane> {
         let control_metrics = ControlMetrics::new();
@@ -80,6 +82,7 @@ impl ControlPlane {
         let action_cache_core = Arc::new(ActionCache::new(
             action_cache.clone(),
             cas.clone(),
+            blobs.clone(),
             config.action_cache.completeness_check,
             CheckLimits {
                 max_tree_bytes: config.server.max_message_bytes.as_u64().max(64 << 20),
@@ -98,6 +101,7 @@ impl ControlPlane {
             execution::ExecutionCore::start(
                 config.execution.clone(),
                 cas.clone(),
+                blobs.clone(),
                 action_cache_core.clone(),
             )
         });

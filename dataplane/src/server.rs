@@ -16,6 +16,7 @@ use crate::store::layout::Layout;
 use crate::store::owner::{Owner, StoreSettings};
 use crate::store::scan::{scan, ScanReport, ShardEntries, TreeKind};
 use crate::store::snapshot;
+use crate::store::tier::{BlobStore, ChainPlan};
 use crate::store::{CasClient, ShardQueues};
 use crate::tls::TlsAccept;
 use futures::future::{select, Either};
@@ -38,6 +39,7 @@ pub fn shard_count(config: &Config) -> usize {
 /// The CAS, opened and scanned but not yet served.
 pub struct OpenedStore {
     cas: CasClient,
+    chain: Arc<ChainPlan>,
     queues: ShardQueues,
     entries: ShardEntries,
     accounting: Arc<Accounting>,
@@ -49,6 +51,9 @@ impl OpenedStore {
     /// Creates the data directory if needed and indexes what is on disk.
     pub fn open(config: &Config, shards: usize, metrics: Arc<Metrics>) -> io::Result<OpenedStore> {
         let layout = Layout::cas(&config.storage.data_dir);
+        let chain = ChainPlan::from_config(&config.storage, metrics.clone())
+            .map(Arc::new)
+            .map_err(io::Error::other)?;
         let accounting = Arc::new(Accounting::new(config.storage.disk_bytes.as_u64(), shards));
         let (cas, queues) = CasClient::new(
             shards,
@@ -68,6 +73,7 @@ impl OpenedStore {
         )?;
         Ok(OpenedStore {
             cas,
+            chain,
             queues,
             entries,
             accounting,
@@ -79,6 +85,16 @@ impl OpenedStore {
     /// The handle the control plane uses to reach the CAS.
     pub fn cas(&self) -> CasClient {
         self.cas.clone()
+    }
+
+    /// The chain of tiers for the control plane (reaching the shards through [`Self::cas`]).
+    pub fn chain(&self) -> Arc<dyn BlobStore> {
+        self.chain.build(&self.cas)
+    }
+
+    /// The configured tiers, with the state they share.
+    pub fn chain_plan(&self) -> Arc<ChainPlan> {
+        self.chain.clone()
     }
 
     /// What the start-up scan found.
@@ -97,6 +113,7 @@ pub struct DataPlane {
     drained: Option<Drain>,
     threads: Vec<std::thread::JoinHandle<()>>,
     cas: CasClient,
+    chain: Arc<ChainPlan>,
     layout: Layout,
     /// Each owner's blobs when it stopped, for the index snapshot.
     stopped_owners: Arc<Mutex<Vec<snapshot::Grouped>>>,
@@ -146,13 +163,12 @@ impl DataPlane {
             upload_expiry: Duration::from_secs(config.storage.upload_expiry_secs),
             max_parked: config.storage.max_parked_uploads,
             max_pending_atimes: config.storage.max_pending_access_times,
-            memory_budget: config.storage.memory_bytes.as_u64() / shards as u64,
-            memory_max_blob: config.storage.memory_max_blob_bytes.as_u64(),
+            forget: store.chain.forgetters(),
         };
         let limits = BlobLimits {
             max_batch_total: config.server.max_batch_total_size_bytes.as_u64(),
             read_chunk: config.server.read_chunk_bytes.as_u64() as usize,
-            inline_read: config.storage.memory_max_blob_bytes.as_u64(),
+            inline_read: store.chain.largest_cached_blob(),
             cas_capacity: config.storage.disk_bytes.as_u64(),
             fsync: config.storage.fsync,
             group_commit_max,
@@ -163,6 +179,7 @@ impl DataPlane {
         let mut threads = Vec::with_capacity(shards);
         let OpenedStore {
             cas,
+            chain,
             queues,
             entries,
             accounting,
@@ -180,6 +197,7 @@ impl DataPlane {
                 accounting: accounting.clone(),
                 layout: layout.clone(),
                 cas: cas.for_shard(index),
+                chain: chain.build(&cas.for_shard(index)),
                 store_settings: store_settings.clone(),
                 limits: limits.clone(),
                 h2: h2.clone(),
@@ -210,6 +228,7 @@ impl DataPlane {
             drained: Some(drained),
             threads,
             cas,
+            chain,
             layout: layout.clone(),
             stopped_owners,
             group_commit_max,
@@ -256,6 +275,11 @@ impl DataPlane {
     /// The CAS handle.
     pub fn cas(&self) -> CasClient {
         self.cas.clone()
+    }
+
+    /// The configured tiers, with the state they share (the memory tiers' caches).
+    pub fn chain_plan(&self) -> Arc<ChainPlan> {
+        self.chain.clone()
     }
 
     /// Stops accepting and sends GOAWAY on every connection; returns a future that completes
@@ -328,6 +352,7 @@ struct ShardSpec {
     accounting: Arc<Accounting>,
     layout: Layout,
     cas: CasClient,
+    chain: Arc<dyn BlobStore>,
     store_settings: StoreSettings,
     limits: BlobLimits,
     h2: Http2Settings,
@@ -352,6 +377,7 @@ impl ShardSpec {
             accounting,
             layout,
             cas,
+            chain,
             store_settings,
             limits,
             h2,
@@ -401,7 +427,7 @@ impl ShardSpec {
         let _ = ready.send(Ok(()));
         let metrics = cas.metrics().clone();
         let services: Rc<dyn CallHandler> =
-            BlobServices::new(runtime.clone(), cas, layout, limits, control);
+            BlobServices::new(runtime.clone(), cas, chain, layout, limits, control);
         let h2 = Rc::new(h2);
         let connections = Drain::new();
         let mut stopping = Box::pin(shutdown.wait());

@@ -6,9 +6,11 @@ use crate::error::ActionError;
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_dataplane::store::layout::Layout;
-use kiln_dataplane::store::{CasClient, Found};
+use kiln_dataplane::store::tier::{read_whole, BlobStore, VerifiedUpload};
+use kiln_dataplane::store::CasClient;
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// What hashing a stored input found.
 enum Check {
@@ -24,10 +26,11 @@ enum Check {
 /// Files hashed at once when pinned inputs need checking.
 const VERIFY_PARALLELISM: usize = 4;
 
-/// A local CAS: the owner shards' handle plus where files live.
+/// A local CAS: the owner shards' handle, the chain of tiers over them, and where files live.
 #[derive(Clone)]
 pub struct LocalCas {
     cas: CasClient,
+    store: Arc<dyn BlobStore>,
     layout: Layout,
     durable: bool,
     /// Group commit covers the data of durable blobs up to this size.
@@ -35,13 +38,20 @@ pub struct LocalCas {
 }
 
 impl LocalCas {
-    /// The CAS whose shards `cas` reaches and whose files are laid out by `layout`. With
+    /// The CAS whose shards `cas` reaches (`store`: its chain of tiers) and whose files are
+    /// laid out by `layout`. With
     /// `durable`, blobs the worker stores are synced to disk before they are committed: the
     /// server's own CAS (the embedded worker), whose outputs an action result will name;
     /// a remote worker's CAS is a cache, and the server makes its uploads durable.
-    pub fn new(cas: CasClient, layout: Layout, durable: bool) -> LocalCas {
+    pub fn new(
+        cas: CasClient,
+        store: Arc<dyn BlobStore>,
+        layout: Layout,
+        durable: bool,
+    ) -> LocalCas {
         LocalCas {
             cas,
+            store,
             layout,
             durable,
             group_max: None,
@@ -148,10 +158,7 @@ impl LocalCas {
         instance: &InstanceName,
         d: Digest,
     ) -> Result<Option<Bytes>, ActionError> {
-        match self.cas.lookup(&Self::key(instance, d), u64::MAX).await? {
-            Found::Bytes(b) => Ok(Some(b)),
-            _ => Ok(None),
-        }
+        Ok(read_whole(&*self.store, &Self::key(instance, d)).await?)
     }
 
     /// Stores bytes already known to hash to `d`.
@@ -182,10 +189,7 @@ impl LocalCas {
             .await
             .map_err(|e| ActionError::io("write", &temp, std::io::Error::other(e)))?
             .map_err(|e| ActionError::io("write", &temp, e))?;
-        self.cas
-            .commit(&Self::key(instance, d), temp, Some(data), epoch)
-            .await?;
-        Ok(())
+        self.store(instance, d, temp, Some(data), epoch).await
     }
 
     /// Stores a file whose content hashes to `d`: hardlinked into the CAS (copied across
@@ -217,9 +221,21 @@ impl LocalCas {
         .await
         .map_err(|e| ActionError::io("link", file, std::io::Error::other(e)))?
         .map_err(|e| ActionError::io("link", file, e))?;
-        self.cas
-            .commit(&Self::key(instance, d), temp, None, epoch)
-            .await?;
+        self.store(instance, d, temp, None, epoch).await
+    }
+
+    /// Commits a verified temp file through the chain (its bytes, when given, for the memory
+    /// tiers).
+    async fn store(
+        &self,
+        instance: &InstanceName,
+        d: Digest,
+        temp: PathBuf,
+        data: Option<Bytes>,
+        epoch: u64,
+    ) -> Result<(), ActionError> {
+        let upload = VerifiedUpload { temp, data, epoch };
+        self.store.put(&Self::key(instance, d), upload).await?;
         Ok(())
     }
 
@@ -237,10 +253,7 @@ impl LocalCas {
         temp: PathBuf,
         epoch: u64,
     ) -> Result<(), ActionError> {
-        self.cas
-            .commit(&Self::key(instance, d), temp, None, epoch)
-            .await?;
-        Ok(())
+        self.store(instance, d, temp, None, epoch).await
     }
 }
 

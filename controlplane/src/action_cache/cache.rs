@@ -5,32 +5,40 @@ use super::completeness::{self, CheckLimits, Incomplete};
 use super::AcStore;
 use crate::error::ControlError;
 use kiln_dataplane::store::atime;
+use kiln_dataplane::store::tier::BlobStore;
 use kiln_dataplane::store::CasClient;
 use kiln_proto::reapi::ActionResult;
 use kiln_reapi::digest::BlobKey;
 use prost::Message;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tracing::debug;
 
 /// Stored action results, completeness-checked against the CAS.
 pub struct ActionCache {
     store: AcStore,
+    /// The CAS's accounting (its count of removals).
     cas: CasClient,
+    /// The CAS's chain, for completeness checks.
+    blobs: Arc<dyn BlobStore>,
     completeness: bool,
     limits: CheckLimits,
 }
 
 impl ActionCache {
-    /// A cache over `store`, checking completeness against `cas` when `completeness` is set.
+    /// A cache over `store`, checking completeness against the CAS (`blobs`, its chain; `cas`
+    /// for its accounting) when `completeness` is set.
     pub fn new(
         store: AcStore,
         cas: CasClient,
+        blobs: Arc<dyn BlobStore>,
         completeness: bool,
         limits: CheckLimits,
     ) -> ActionCache {
         ActionCache {
             store,
             cas,
+            blobs,
             completeness,
             limits,
         }
@@ -66,7 +74,7 @@ impl ActionCache {
             return Ok(result);
         }
         match completeness::check(
-            &self.cas,
+            &*self.blobs,
             &key.instance,
             digest.function,
             &result,

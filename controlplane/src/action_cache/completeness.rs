@@ -5,7 +5,7 @@
 
 use crate::error::ControlError;
 use futures::stream::{self, StreamExt};
-use kiln_dataplane::store::{CasClient, Found};
+use kiln_dataplane::store::tier::{self, BlobStore};
 use kiln_proto::reapi::{self, ActionResult, Directory, Tree};
 use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
 use kiln_reapi::walk::{Walk, WalkError, WalkLimits};
@@ -40,7 +40,7 @@ pub enum Incomplete {
 
 /// Checks `result`; `Ok(None)` means complete.
 pub async fn check(
-    cas: &CasClient,
+    cas: &dyn BlobStore,
     instance: &InstanceName,
     function: DigestFunction,
     result: &ActionResult,
@@ -110,7 +110,7 @@ pub async fn check(
 }
 
 async fn missing_of(
-    cas: &CasClient,
+    cas: &dyn BlobStore,
     instance: &InstanceName,
     digests: &[Digest],
 ) -> Result<Vec<Digest>, ControlError> {
@@ -124,8 +124,7 @@ async fn missing_of(
         .iter()
         .map(|d| BlobKey::new(instance.clone(), *d))
         .collect();
-    Ok(cas
-        .find_missing(&keys)
+    Ok(tier::find_missing(cas, &keys)
         .await?
         .into_iter()
         .map(|k| k.digest)
@@ -133,17 +132,11 @@ async fn missing_of(
 }
 
 async fn fetch(
-    cas: &CasClient,
+    cas: &dyn BlobStore,
     instance: &InstanceName,
     digest: Digest,
 ) -> Result<Option<bytes::Bytes>, ControlError> {
-    match cas
-        .lookup(&BlobKey::new(instance.clone(), digest), u64::MAX)
-        .await?
-    {
-        Found::Bytes(b) => Ok(Some(b)),
-        Found::Missing | Found::File { .. } => Ok(None),
-    }
+    Ok(tier::read_whole(cas, &BlobKey::new(instance.clone(), digest)).await?)
 }
 
 fn dir_files(
@@ -164,7 +157,7 @@ fn dir_files(
 /// Walks a directory-format output with `kiln_reapi::walk`, collecting file digests. An
 /// output too large to walk within the limits is checked as far as the limits allow.
 async fn walk(
-    cas: &CasClient,
+    cas: &dyn BlobStore,
     instance: &InstanceName,
     root: Digest,
     limits: CheckLimits,

@@ -3,6 +3,7 @@
 
 use crate::action_cache::AcStore;
 use crate::execution::ExecutionCore;
+use kiln_dataplane::store::tier::ChainPlan;
 use kiln_dataplane::store::CasClient;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -205,6 +206,7 @@ impl Gauges {
     pub async fn refresh(
         &self,
         cas: &CasClient,
+        chain: Option<&ChainPlan>,
         ac: &AcStore,
         execution: Option<&ExecutionCore>,
         allocator: Option<AllocatorProbe>,
@@ -226,19 +228,21 @@ impl Gauges {
         if let Some(rss) = resident_bytes() {
             self.resident.set(rss as i64);
         }
-        let mut out = Gathered::default();
+        let mut out = Gathered {
+            memory_bytes: chain.map_or(0, ChainPlan::memory_bytes),
+            ..Gathered::default()
+        };
+        self.memory_bytes.set(out.memory_bytes as i64);
         if let Ok(Ok(stats)) = tokio::time::timeout(Duration::from_secs(1), cas.stats()).await {
             for s in stats {
                 out.blobs += s.blobs;
                 out.bytes += s.bytes;
-                out.memory_bytes += s.memory_bytes;
                 out.active_uploads += s.active_uploads;
                 out.parked_uploads += s.parked_uploads;
                 out.pending_atimes += s.pending_atimes;
             }
             self.cas_blobs.set(out.blobs as i64);
             self.cas_bytes.set(out.bytes as i64);
-            self.memory_bytes.set(out.memory_bytes as i64);
             self.uploads_active.set(out.active_uploads as i64);
             self.uploads_parked.set(out.parked_uploads as i64);
             self.pending_atimes.set(out.pending_atimes as i64);

@@ -21,6 +21,7 @@ use gauges::Gauges;
 pub use gauges::{AllocatorProbe, AllocatorStats};
 use kiln_auth::Policy;
 use kiln_dataplane::metrics::Metrics;
+use kiln_dataplane::store::tier::ChainPlan;
 use kiln_dataplane::store::CasClient;
 use listener::{AdminTls, Caller};
 use prometheus_client::registry::Registry;
@@ -46,6 +47,8 @@ pub struct ServerInfo {
     pub cas_capacity: u64,
     /// Memory-tier budget.
     pub memory_capacity: u64,
+    /// The CAS's chain of tiers (for the bytes its memory tiers hold).
+    pub chain: Option<Arc<ChainPlan>>,
     /// The allocator's own figures, when the binary's allocator reports them.
     pub allocator: Option<AllocatorProbe>,
 }
@@ -194,6 +197,7 @@ async fn metrics_page(State(state): State<Arc<AdminState>>) -> Response {
         .gauges
         .refresh(
             &state.cas,
+            state.info.chain.as_deref(),
             &state.action_cache,
             state.execution.as_deref(),
             state.info.allocator,
@@ -223,6 +227,7 @@ async fn status_page(State(state): State<Arc<AdminState>>) -> Html<String> {
         .gauges
         .refresh(
             &state.cas,
+            state.info.chain.as_deref(),
             &state.action_cache,
             state.execution.as_deref(),
             state.info.allocator,

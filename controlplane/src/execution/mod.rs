@@ -20,6 +20,7 @@ use crate::scheduler::{
     self, Command, Job, OpId, Outcome, Scheduler, SchedulerConfig, Stage, SubmitError, WorkerId,
 };
 use kiln_config::ExecutionConfig;
+use kiln_dataplane::store::tier::BlobStore;
 use kiln_dataplane::store::CasClient;
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{execution_stage::Value as StageValue, ActionResult, ExecuteResponse};
@@ -72,7 +73,10 @@ pub struct ExecutionCore {
     registry: Mutex<Registry>,
     sessions: Mutex<HashMap<WorkerId, Session>>,
     next_worker: AtomicU64,
+    /// The CAS's accounting (its cap and pinned bytes).
     cas: CasClient,
+    /// The CAS's chain: inputs are read, found and pinned through it.
+    store: Arc<dyn BlobStore>,
     cache: Arc<ActionCache>,
     config: ExecutionConfig,
     kinds: scheduler::platform::Kinds,
@@ -85,11 +89,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ExecutionCore {
-    /// A core on `cas` and `cache`, configured by `[execution]`. Spawns its timer on the
-    /// current tokio runtime.
+    /// A core on the CAS (`store`, its chain of tiers; `cas`, for its accounting) and
+    /// `cache`, configured by `[execution]`. Spawns its timer on the current tokio runtime.
     pub fn start(
         config: ExecutionConfig,
         cas: CasClient,
+        store: Arc<dyn BlobStore>,
         cache: Arc<ActionCache>,
     ) -> Arc<ExecutionCore> {
         let kinds = scheduler::platform::Kinds(config.properties.clone());
@@ -108,6 +113,7 @@ impl ExecutionCore {
             sessions: Mutex::new(HashMap::new()),
             next_worker: AtomicU64::new(1),
             cas,
+            store,
             cache,
             config,
             kinds,
@@ -253,8 +259,8 @@ impl ExecutionCore {
             return;
         };
         self.finished.notify_waiters();
-        let cas = self.cas.clone();
-        tokio::spawn(async move { cas.unpin(&payload.pins).await });
+        let store = self.store.clone();
+        tokio::spawn(async move { store.unpin(&payload.pins).await });
     }
 
     /// The result to store in the action cache for a worker's report, if any: a successful
@@ -308,9 +314,9 @@ impl ExecutionCore {
         self.drop_broken(broken);
         // A refused job and one merged into another operation release their own pins.
         if result.as_ref().map_or(true, |(sub, _)| sub.merged) {
-            let cas = self.cas.clone();
+            let store = self.store.clone();
             let pins = payload.pins.clone();
-            tokio::spawn(async move { cas.unpin(&pins).await });
+            tokio::spawn(async move { store.unpin(&pins).await });
         }
         let (sub, rx) = result?;
         let rx = rx.expect("a submitted operation is live while the scheduler lock is held");

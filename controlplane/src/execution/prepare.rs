@@ -8,7 +8,7 @@ use super::{ExecutionCore, Payload};
 use crate::scheduler::platform::Requirements;
 use crate::scheduler::Job;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use kiln_dataplane::store::Found;
+use kiln_dataplane::store::tier::read_whole;
 use kiln_proto::reapi::{Action, Command, Directory, ExecuteRequest};
 use kiln_proto::worker::StartExecute;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
@@ -73,12 +73,13 @@ pub(super) async fn prepare(
     let accounting = core.cas.accounting();
     let budget = accounting.cap() / 100 * core.config.pin_budget_percent as u64;
     let pin = accounting.pinned().saturating_add(total) <= budget;
-    let present = if pin {
-        core.cas.pin(&all).await
+    let present: Vec<bool> = if pin {
+        let pinned = core.store.pin(&all).await?;
+        pinned.into_iter().map(|p| p.is_some()).collect()
     } else {
         tracing::warn!(action = ?key.digest, bytes = total, "pin budget exhausted; running this action's inputs unpinned");
-        core.cas.contains(&all).await
-    }?;
+        core.store.contains(&all).await?
+    };
     let pins: Vec<BlobKey> = if pin {
         all.iter()
             .zip(&present)
@@ -97,7 +98,7 @@ pub(super) async fn prepare(
     let command = match (command, missing.is_empty()) {
         (Some(c), true) => c,
         _ => {
-            core.cas.unpin(&pins).await;
+            core.store.unpin(&pins).await;
             return Err(precondition(missing));
         }
     };
@@ -105,7 +106,7 @@ pub(super) async fn prepare(
     let requirements = match Requirements::new(&core.kinds, properties) {
         Ok(r) => r,
         Err(why) => {
-            core.cas.unpin(&pins).await;
+            core.store.unpin(&pins).await;
             return Err(PrepareError::Platform(why));
         }
     };
@@ -184,15 +185,7 @@ async fn fetch(
     if digest.size > MAX_METADATA_BYTES {
         return Err(too_large());
     }
-    match core
-        .cas
-        .lookup(&BlobKey::new(instance.clone(), digest), MAX_METADATA_BYTES)
-        .await?
-    {
-        Found::Bytes(b) => Ok(Some(b)),
-        Found::File { .. } => Err(too_large()),
-        _ => Ok(None),
-    }
+    Ok(read_whole(&*core.store, &BlobKey::new(instance.clone(), digest)).await?)
 }
 
 /// Every blob digest of the input tree (directories and files), and the directories missing.

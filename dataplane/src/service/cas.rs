@@ -3,7 +3,7 @@
 use super::{unary, BlobError, BlobServices};
 use crate::grpc::Call;
 use crate::store::blob_io;
-use crate::store::Found;
+use crate::store::tier::VerifiedUpload;
 use futures::stream::{self, StreamExt};
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{
@@ -40,7 +40,7 @@ pub(super) async fn serve_find_missing(svc: &BlobServices, call: Call) {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             tracing::debug!(digests = keys.len(), "find missing");
-            let present = svc.cas.contains(&keys).await?;
+            let present = svc.store.contains(&keys).await?;
             // The client's own digests go back as they came: nothing to print again.
             Ok(FindMissingBlobsResponse {
                 missing_blob_digests: request
@@ -133,7 +133,7 @@ async fn update_one(
         });
     }
     let key = BlobKey::new(instance.clone(), digest);
-    if svc.cas.contains(std::slice::from_ref(&key)).await?[0] {
+    if svc.store.contains(std::slice::from_ref(&key)).await?[0] {
         return Ok(());
     }
     let temp = svc.layout.temp_path();
@@ -143,9 +143,12 @@ async fn update_one(
         let _ = svc.runtime.remove_file(&temp).await;
         return Err(BlobError::io("write", &temp, e));
     }
-    svc.cas
-        .commit(&key, temp, Some(request.data.clone()), epoch)
-        .await?;
+    let upload = VerifiedUpload {
+        temp,
+        data: Some(request.data.clone()),
+        epoch,
+    };
+    svc.store.put(&key, upload).await?;
     Ok(())
 }
 
@@ -205,9 +208,9 @@ pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
 }
 
 async fn read_one(svc: &BlobServices, key: BlobKey) -> Result<bytes::Bytes, BlobError> {
-    // The batch limit bounds the size, so the owner returns every blob's bytes.
-    match svc.cas.lookup(&key, u64::MAX).await? {
-        Found::Bytes(data) => Ok(data),
-        Found::Missing | Found::File { .. } => Err(BlobError::NotFound(key)),
+    // The batch limit bounds the size, so every blob is read whole.
+    match svc.store.open(&key).await? {
+        Some(blob) => Ok(blob.read_all(&*svc.runtime).await?),
+        None => Err(BlobError::NotFound(key)),
     }
 }

@@ -13,6 +13,7 @@ pub use error::BlobError;
 use crate::grpc::{Call, CallHandler, Caller, HandoffSender, Responder};
 use crate::runtime::{LocalBoxFuture, Runtime};
 use crate::store::layout::Layout;
+use crate::store::tier::BlobStore;
 use crate::store::CasClient;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -55,7 +56,8 @@ pub struct BlobLimits {
     pub max_batch_total: u64,
     /// Size of each ByteStream `ReadResponse`.
     pub read_chunk: usize,
-    /// Blobs up to this size are read by their owner shard and cached in memory.
+    /// Blobs up to this size are read whole (so that a memory tier can keep them), larger ones
+    /// streamed from their file.
     pub inline_read: u64,
     /// The CAS capacity: larger blobs are refused up front.
     pub cas_capacity: u64,
@@ -79,18 +81,23 @@ impl BlobLimits {
 /// The blob services of one shard.
 pub struct BlobServices {
     runtime: Rc<dyn Runtime>,
+    /// The upload table and the shard router, for what is not a tier's business (claiming,
+    /// parking and querying uploads).
     cas: CasClient,
+    /// The chain of tiers blobs are read from and stored through.
+    store: Arc<dyn BlobStore>,
     layout: Layout,
     limits: BlobLimits,
     control: Option<ControlLink>,
 }
 
 impl BlobServices {
-    /// Services running on `runtime`; calls they do not serve go to `handoff` (or are answered
-    /// `UNIMPLEMENTED` when there is no control plane).
+    /// Services running on `runtime` over the chain `store`; calls they do not serve go to
+    /// `handoff` (or are answered `UNIMPLEMENTED` when there is no control plane).
     pub fn new(
         runtime: Rc<dyn Runtime>,
         cas: CasClient,
+        store: Arc<dyn BlobStore>,
         layout: Layout,
         limits: BlobLimits,
         control: Option<ControlLink>,
@@ -98,6 +105,7 @@ impl BlobServices {
         Rc::new(BlobServices {
             runtime,
             cas,
+            store,
             layout,
             limits,
             control,

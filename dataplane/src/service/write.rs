@@ -11,6 +11,7 @@ use crate::grpc::{Call, Caller, RecvError, RequestBody};
 use crate::store::accounting::Staged;
 use crate::store::blob_io::TempWriter;
 use crate::store::parked::ParkedUpload;
+use crate::store::tier::VerifiedUpload;
 use crate::store::upload::UploadState;
 use crate::store::{UploadClaim, UploadStatus};
 use bytes::{Bytes, BytesMut};
@@ -171,7 +172,7 @@ async fn write(
             }
         }
     };
-    // A small blob sent whole on this stream also seeds the memory tier.
+    // A small blob sent whole on this stream also seeds the memory tiers.
     let keep = (state.committed() == 0 && digest.size <= svc.limits.inline_read).then(Vec::new);
     let mut upload = Upload {
         svc,
@@ -287,9 +288,14 @@ impl Upload<'_> {
         let data = self.keep.take().map(concat);
         // The committed blob is counted by its owner from here on.
         self.staged = None;
+        let upload = VerifiedUpload {
+            temp: path,
+            data,
+            epoch: self.epoch,
+        };
         self.svc
-            .cas
-            .commit(&self.resource.key, path, data, self.epoch)
+            .store
+            .put(&self.resource.key, upload)
             .await
             .map_err(BlobError::from)?;
         Ok(self.state.digest().size as i64)

@@ -3,12 +3,11 @@
 
 use super::accounting::Accounting;
 use super::commands::{
-    Command, Committed, Dropped, Found, Reply, ShardStats, UploadClaim, UploadStatus,
+    Command, Committed, Dropped, Located, Reply, ShardStats, UploadClaim, UploadStatus,
 };
 use super::parked::ParkedUpload;
 use super::StoreError;
 use crate::metrics::Metrics;
-use bytes::Bytes;
 use futures::channel::oneshot;
 use kiln_reapi::digest::{BlobKey, Digest};
 use std::path::PathBuf;
@@ -171,34 +170,16 @@ impl CasClient {
         (out, failure)
     }
 
-    /// The keys the CAS does not hold (the empty blob is always held).
-    pub async fn find_missing(&self, keys: &[BlobKey]) -> Result<Vec<BlobKey>, StoreError> {
-        let present = self.contains(keys).await?;
-        Ok(keys
-            .iter()
-            .zip(present)
-            .filter(|(_, p)| !*p)
-            .map(|(k, _)| k.clone())
-            .collect())
-    }
-
-    /// Finds a blob; blobs up to `inline_up_to` bytes come back as bytes, larger ones as a file.
-    pub async fn lookup(&self, key: &BlobKey, inline_up_to: u64) -> Result<Found, StoreError> {
-        if key.digest.is_empty_blob() {
-            return Ok(Found::Bytes(Bytes::new()));
-        }
+    /// Where the filesystem tier holds a blob (`None`: it does not). The empty blob is never
+    /// stored: ask [`super::tier::BlobStore::open`].
+    pub async fn locate(&self, key: &BlobKey) -> Result<Option<Located>, StoreError> {
         let shard = self.owner_of(&key.digest);
         let key = key.clone();
-        self.call(shard, |reply| Command::Lookup {
-            key,
-            inline_up_to,
-            reply,
-        })
-        .await?
+        self.call(shard, |reply| Command::Lookup { key, reply })
+            .await
     }
 
-    /// Makes a verified temp file the stored copy of `key`. `data`, when given, is the blob's
-    /// content for the memory tier.
+    /// Makes a verified temp file the stored copy of `key`.
     ///
     /// `epoch` is [`CasClient::sync_epoch`] read before the temp file's first byte was
     /// written: if a filesystem sync fails after it, the blob is not acknowledged.
@@ -206,7 +187,6 @@ impl CasClient {
         &self,
         key: &BlobKey,
         temp: PathBuf,
-        data: Option<Bytes>,
         epoch: u64,
     ) -> Result<Committed, StoreError> {
         let shard = self.owner_of(&key.digest);
@@ -214,11 +194,29 @@ impl CasClient {
         self.call(shard, |reply| Command::Commit {
             key,
             temp,
-            data,
             epoch,
             reply,
         })
         .await?
+    }
+
+    /// Marks blobs served by a tier above as used now (best effort, like the reports below).
+    pub fn touch(&self, keys: &[BlobKey]) {
+        for (shard, keys) in self.by_shard(keys) {
+            self.tell(shard, Command::Touch { keys });
+        }
+    }
+
+    /// `keys` grouped by owner shard (the empty blob, which no shard stores, left out).
+    fn by_shard(&self, keys: &[BlobKey]) -> impl Iterator<Item = (usize, Vec<BlobKey>)> {
+        let mut groups: Vec<Vec<BlobKey>> = vec![Vec::new(); self.shards.len()];
+        for key in keys.iter().filter(|k| !k.digest.is_empty_blob()) {
+            groups[self.owner_of(&key.digest)].push(key.clone());
+        }
+        groups
+            .into_iter()
+            .enumerate()
+            .filter(|(_, k)| !k.is_empty())
     }
 
     /// What an upload reads before it writes its temp file, to pass to [`CasClient::commit`].
@@ -360,15 +358,7 @@ impl CasClient {
 
     /// Releases pins taken with [`CasClient::pin`] (pass only the keys that were pinned).
     pub async fn unpin(&self, keys: &[BlobKey]) {
-        let mut groups: Vec<Vec<BlobKey>> = vec![Vec::new(); self.shards.len()];
-        for key in keys.iter().filter(|k| !k.digest.is_empty_blob()) {
-            groups[self.owner_of(&key.digest)].push(key.clone());
-        }
-        for (shard, keys) in groups
-            .into_iter()
-            .enumerate()
-            .filter(|(_, k)| !k.is_empty())
-        {
+        for (shard, keys) in self.by_shard(keys) {
             self.count(shard);
             // A stopped shard has no pins left to release.
             let _ = self.shards[shard].send(Command::Unpin { keys }).await;

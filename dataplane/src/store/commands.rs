@@ -4,7 +4,6 @@
 use super::accounting::Staged;
 use super::parked::ParkedUpload;
 use super::StoreError;
-use bytes::Bytes;
 use futures::channel::oneshot;
 use kiln_reapi::digest::BlobKey;
 use std::path::PathBuf;
@@ -14,23 +13,13 @@ use std::sync::Arc;
 /// Where a reply goes.
 pub(crate) type Reply<T> = oneshot::Sender<T>;
 
-/// Where a looked-up blob's bytes are.
+/// Where the filesystem tier holds a blob.
 #[derive(Debug, Clone)]
-pub enum Found {
-    /// Not in the CAS.
-    Missing,
-    /// The whole blob, from memory or read by the owner.
-    Bytes(Bytes),
-    /// A file to read; `verified` is false for blobs found on disk at start-up and not yet
-    /// checked, which the reader must hash and report back.
-    File {
-        /// The committed blob file.
-        path: PathBuf,
-        /// Its size.
-        size: u64,
-        /// Whether its content was already checked.
-        verified: bool,
-    },
+pub struct Located {
+    /// The committed blob file.
+    pub path: PathBuf,
+    /// Whether this process has hashed it (false for files found on disk at start-up).
+    pub verified: bool,
 }
 
 /// Outcome of committing an upload.
@@ -80,8 +69,6 @@ pub struct ShardStats {
     pub blobs: u64,
     /// Bytes of indexed blobs.
     pub bytes: u64,
-    /// Bytes in the memory tier.
-    pub memory_bytes: u64,
     /// Uploads being written now.
     pub active_uploads: u64,
     /// Interrupted uploads kept for resumption.
@@ -98,13 +85,15 @@ pub(crate) enum Command {
     },
     Lookup {
         key: BlobKey,
-        inline_up_to: u64,
-        reply: Reply<Result<Found, StoreError>>,
+        reply: Reply<Option<Located>>,
+    },
+    /// Blobs served by a tier above: they count as used now.
+    Touch {
+        keys: Vec<BlobKey>,
     },
     Commit {
         key: BlobKey,
         temp: PathBuf,
-        data: Option<Bytes>,
         /// [`super::accounting::Accounting::sync_failures`] before the temp file was written.
         epoch: u64,
         reply: Reply<Result<Committed, StoreError>>,

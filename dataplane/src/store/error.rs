@@ -24,6 +24,10 @@ pub enum StoreError {
     /// A stored blob failed verification and was removed.
     #[error("stored copy of {0:?} was corrupt and has been removed; upload it again")]
     Corrupt(BlobKey),
+    /// A stored blob's file was gone when it was read (removed behind the server's back, or
+    /// evicted meanwhile).
+    #[error("blob {0:?} is no longer stored; upload it again")]
+    Vanished(BlobKey),
 }
 
 impl StoreError {
@@ -52,6 +56,7 @@ impl StoreError {
                 cap: *cap,
             },
             StoreError::Corrupt(key) => StoreError::Corrupt(key.clone()),
+            StoreError::Vanished(key) => StoreError::Vanished(key.clone()),
         }
     }
 }
@@ -62,7 +67,7 @@ impl Classify for StoreError {
             StoreError::Unavailable => ErrorKind::Unavailable,
             StoreError::TooLarge { .. } => ErrorKind::Invalid,
             // Removed on detection: for the caller the blob is not there (upload it again).
-            StoreError::Corrupt(_) => ErrorKind::Missing,
+            StoreError::Corrupt(_) | StoreError::Vanished(_) => ErrorKind::Missing,
             StoreError::Io { source, .. } => ErrorKind::of_io(source),
         }
     }

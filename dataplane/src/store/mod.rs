@@ -20,13 +20,13 @@ pub mod file_lane;
 pub mod group_commit;
 pub mod index;
 pub mod layout;
-pub mod memory;
 pub mod owner;
 pub mod parked;
 pub mod scan;
 pub mod snapshot;
+pub mod tier;
 pub mod upload;
 
 pub use client::{CasClient, ShardQueues};
-pub use commands::{Committed, Found, ShardStats, UploadClaim, UploadStatus};
+pub use commands::{Committed, Located, ShardStats, UploadClaim, UploadStatus};
 pub use error::StoreError;

@@ -20,7 +20,6 @@ impl Owner {
         self: &Rc<Self>,
         key: BlobKey,
         temp: PathBuf,
-        data: Option<bytes::Bytes>,
         epoch: u64,
         reply: CommitReply,
     ) {
@@ -59,7 +58,7 @@ impl Owner {
         let owner = self.clone();
         self.runtime.spawn(Box::pin(async move {
             let outcome = renamed.await.unwrap_or(Err(StoreError::Unavailable));
-            owner.renamed(key, dir, data, epoch, outcome, reply).await;
+            owner.renamed(key, dir, epoch, outcome, reply).await;
         }));
     }
 
@@ -72,7 +71,6 @@ impl Owner {
         self: Rc<Self>,
         key: BlobKey,
         dir: PathBuf,
-        data: Option<bytes::Bytes>,
         epoch: u64,
         outcome: Result<(), StoreError>,
         reply: CommitReply,
@@ -121,11 +119,6 @@ impl Owner {
         self.schedule_atime(&key);
         self.metrics().commits.inc();
         self.publish_oldest();
-        if let Some(data) = data {
-            if self.memory.admits(size) {
-                self.memory.insert(key, data);
-            }
-        }
         for (_, r) in waiting {
             // Their own bytes are dropped; the stored file is this one, now durable.
             let _ = r.send(Ok(Committed::AlreadyPresent));

@@ -37,8 +37,8 @@ impl Owner {
             if entry.pins > 0 {
                 self.accounting.set_pinned(entry.size, false);
             }
-            self.memory.remove(key);
             self.remove_later(self.layout.blob_path(key));
+            self.forgotten(key);
             self.publish_oldest();
         }
     }
@@ -80,8 +80,8 @@ impl Owner {
             // Counted as a removal before its file goes: whoever sees the file gone also sees
             // the removal count moved (the action cache's completeness shortcut relies on it).
             self.accounting.remove(self.shard, entry.size);
-            self.memory.remove(&key);
             self.remove_later(self.layout.blob_path(&key));
+            self.forgotten(&key);
             freed += entry.size;
             self.metrics().evictions.inc();
             self.metrics().evicted_bytes.inc_by(entry.size);

@@ -1,8 +1,9 @@
-//! The owner shard: the index, memory tier, eviction and upload table for its part of the
-//! digest space. It runs as one task on its core and handles commands one at a time; the
-//! renames into and unlinks out of its part of the CAS go, in that order, to its file lane (a
-//! thread of its own), so they stay ordered without locks and never stall the core. Work that
-//! waits on I/O (reading a small blob, syncing a directory, a rename) runs in spawned tasks.
+//! The owner shard: the index, eviction and upload table of the filesystem tier for its part
+//! of the digest space. It runs as one task on its core and handles commands one at a time;
+//! the renames into and unlinks out of its part of the CAS go, in that order, to its file lane
+//! (a thread of its own), so they stay ordered without locks and never stall the core. Work
+//! that waits on I/O (syncing a directory, a rename) runs in spawned tasks; reading blobs is
+//! the reader's work, on the reader's core.
 //!
 //! Here: the owner's state, its command loop and lookups. `commit`: renaming a verified
 //! upload in and making it durable. `evict`: blobs leaving the index. `maintain`: expiring
@@ -16,22 +17,19 @@ use super::group_commit::GroupCommit;
 
 use super::accounting::Accounting;
 use super::atime;
-use super::blob_io;
 use super::client::CasClient;
-use super::commands::{
-    Command, Committed, Dropped, Found, Reply, ShardStats, UploadClaim, UploadStatus,
-};
+use super::commands::{Command, Committed, Located, Reply, ShardStats, UploadClaim, UploadStatus};
 use super::file_lane::FileLane;
 use super::index::{BlobIndex, Entry};
 use super::layout::Layout;
-use super::memory::MemoryTier;
 use super::parked::{Claim, UploadTable};
 use super::snapshot;
+use super::tier::Forget;
 use super::StoreError;
 use crate::runtime::Runtime;
 use crate::shutdown::ShutdownWatch;
 use futures::future::{select, Either};
-use kiln_reapi::digest::{BlobKey, Hasher};
+use kiln_reapi::digest::BlobKey;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -41,7 +39,7 @@ use std::time::Duration;
 use tracing::debug;
 
 /// How an owner shard behaves; from the `[storage]` configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreSettings {
     /// fsync blobs and directories before acknowledging.
     pub fsync: bool,
@@ -56,10 +54,8 @@ pub struct StoreSettings {
     pub max_parked: usize,
     /// Access times queued for writing, per shard.
     pub max_pending_atimes: usize,
-    /// Memory-tier budget of this shard.
-    pub memory_budget: u64,
-    /// Largest blob in the memory tier.
-    pub memory_max_blob: u64,
+    /// Told when a blob leaves the index (the memory tiers' caches).
+    pub forget: Vec<Arc<dyn Forget>>,
 }
 
 /// Where a commit's outcome goes.
@@ -76,7 +72,6 @@ pub struct Owner {
     layout: Layout,
     settings: StoreSettings,
     index: RefCell<BlobIndex>,
-    memory: MemoryTier,
     uploads: RefCell<UploadTable>,
     accounting: Arc<Accounting>,
     cas: CasClient,
@@ -115,7 +110,6 @@ impl Owner {
             shard,
             runtime,
             layout,
-            memory: MemoryTier::new(settings.memory_budget, settings.memory_max_blob),
             uploads: RefCell::new(UploadTable::new(
                 settings.max_parked,
                 settings.upload_expiry,
@@ -173,18 +167,19 @@ impl Owner {
                 self.metrics().missing.inc_by(present.len() as u64 - found);
                 let _ = reply.send(present);
             }
-            Command::Lookup {
-                key,
-                inline_up_to,
-                reply,
-            } => self.lookup(key, inline_up_to, reply),
+            Command::Lookup { key, reply } => self.lookup(key, reply),
+            Command::Touch { keys } => {
+                let now = atime::now();
+                for k in &keys {
+                    self.touch(k, now);
+                }
+            }
             Command::Commit {
                 key,
                 temp,
-                data,
                 epoch,
                 reply,
-            } => self.commit(key, temp, data, epoch, reply),
+            } => self.commit(key, temp, epoch, reply),
             Command::Verified { key } => {
                 if let Some(e) = self.index.borrow_mut().peek_mut(&key) {
                     e.verified = true;
@@ -287,7 +282,6 @@ impl Owner {
                 let _ = reply.send(ShardStats {
                     blobs: index.len() as u64,
                     bytes: index.bytes(),
-                    memory_bytes: self.memory.weighted_size(),
                     active_uploads: active as u64,
                     parked_uploads: parked as u64,
                     pending_atimes: self.pending_atimes.borrow().len() as u64,
@@ -318,72 +312,30 @@ impl Owner {
         self.cas.metrics()
     }
 
+    /// A blob left the index: the tiers that cache it drop it too.
+    fn forgotten(&self, key: &BlobKey) {
+        for f in &self.settings.forget {
+            f.forget(key);
+        }
+    }
+
     fn publish_oldest(&self) {
         self.accounting
             .set_oldest(self.shard, self.index.borrow().oldest_atime());
     }
 
-    fn lookup(
-        self: &Rc<Self>,
-        key: BlobKey,
-        inline_up_to: u64,
-        reply: super::commands::Reply<Result<Found, StoreError>>,
-    ) {
+    /// Where a blob is; reading it (and checking it, when not yet verified) is the reader's
+    /// work, on the reader's core ([`super::tier::Blob`]).
+    fn lookup(&self, key: BlobKey, reply: Reply<Option<Located>>) {
         let Some(entry) = self.touch(&key, atime::now()) else {
             self.metrics().lookups_inc("miss");
-            let _ = reply.send(Ok(Found::Missing));
+            let _ = reply.send(None);
             return;
         };
-        if let Some(data) = self.memory.get(&key) {
-            self.metrics().lookups_inc("memory");
-            let _ = reply.send(Ok(Found::Bytes(data)));
-            return;
-        }
         self.metrics().lookups_inc("disk");
-        let path = self.layout.blob_path(&key);
-        if entry.size > inline_up_to {
-            let _ = reply.send(Ok(Found::File {
-                path,
-                size: entry.size,
-                verified: entry.verified,
-            }));
-            return;
-        }
-        // Small blob: read it here, check it if it came from an earlier run, keep it in memory.
-        let owner = self.clone();
-        self.runtime.spawn(Box::pin(async move {
-            let result = match blob_io::read_all(&*owner.runtime, &path, entry.size).await {
-                Ok(data) => {
-                    let good = entry.verified
-                        || Hasher::hash(key.digest.function, &data) == key.digest.hash;
-                    if good {
-                        if !entry.verified {
-                            if let Some(e) = owner.index.borrow_mut().peek_mut(&key) {
-                                e.verified = true;
-                            }
-                        }
-                        if owner.memory.admits(entry.size) {
-                            owner.memory.insert(key.clone(), data.clone());
-                        }
-                        Ok(Found::Bytes(data))
-                    } else {
-                        owner.drop_blob(&key, Dropped::Corrupt);
-                        Ok(Found::Missing)
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    // Deleted behind our back: the index must not claim it.
-                    owner.drop_blob(&key, Dropped::Vanished);
-                    Ok(Found::Missing)
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    // Cut short behind our back: not its bytes.
-                    owner.drop_blob(&key, Dropped::Corrupt);
-                    Ok(Found::Missing)
-                }
-                Err(e) => Err(StoreError::io("read", path, e)),
-            };
-            let _ = reply.send(result);
+        let _ = reply.send(Some(Located {
+            path: self.layout.blob_path(&key),
+            verified: entry.verified,
         }));
     }
 }

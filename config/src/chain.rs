@@ -1,0 +1,183 @@
+//! `storage.chain` and `storage.tiers`: which tiers the CAS is served through, and their
+//! resolution into a tree of [`TierSpec`]s that the data plane builds.
+//!
+//! A chain is a list of tier names, top first. Every name but the last is a cache over the
+//! rest of the list (`memory`); the last is a store: `filesystem`, or a `size_partition` whose
+//! two sides are chains of their own. Built-in names: `memory` (the tier sized by
+//! `storage.memory_bytes` and `storage.memory_max_blob_bytes`) and `filesystem`.
+
+use crate::types::StorageConfig;
+use crate::ConfigError;
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// The built-in memory tier's name.
+pub const MEMORY: &str = "memory";
+/// The filesystem tier's name.
+pub const FILESYSTEM: &str = "filesystem";
+
+/// How deep size partitions may nest (a name that refers to itself would recurse forever).
+const MAX_DEPTH: usize = 8;
+
+/// A named tier of `storage.tiers`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TierConfig {
+    /// A memory tier of its own size.
+    Memory {
+        /// Its budget.
+        bytes: ByteSize,
+        /// Largest blob it keeps.
+        max_blob_bytes: ByteSize,
+    },
+    /// Blobs up to `threshold_bytes` through the chain `small`, larger ones through `large`.
+    SizePartition {
+        /// The largest blob of the small side.
+        threshold_bytes: ByteSize,
+        /// The chain of small blobs.
+        small: Vec<String>,
+        /// The chain of large blobs.
+        large: Vec<String>,
+    },
+}
+
+/// One tier of a resolved chain.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TierSpec {
+    /// A memory tier; tiers with the same name share one cache.
+    Memory {
+        /// Its name in the configuration.
+        name: String,
+        /// Its budget (0: it caches nothing).
+        bytes: u64,
+        /// Largest blob it keeps.
+        max_blob: u64,
+    },
+    /// The filesystem tier.
+    Filesystem,
+    /// A size partition.
+    SizePartition {
+        /// The largest blob of the small side.
+        threshold: u64,
+        /// The chain of small blobs.
+        small: Vec<TierSpec>,
+        /// The chain of large blobs.
+        large: Vec<TierSpec>,
+    },
+}
+
+impl TierSpec {
+    /// Whether this tier holds blobs itself rather than caching the tiers after it.
+    pub fn is_store(&self) -> bool {
+        !matches!(self, TierSpec::Memory { .. })
+    }
+}
+
+/// The default chain: the memory tier over the filesystem.
+pub fn default_chain() -> Vec<String> {
+    vec![MEMORY.to_string(), FILESYSTEM.to_string()]
+}
+
+impl StorageConfig {
+    /// `storage.chain` resolved into tiers, top first; an error names what is wrong.
+    pub fn resolve_chain(&self) -> Result<Vec<TierSpec>, ConfigError> {
+        for name in self.tiers.keys() {
+            if name == MEMORY || name == FILESYSTEM {
+                return Err(invalid(
+                    &format!("storage.tiers.{name}"),
+                    "is a built-in tier's name; pick another",
+                ));
+            }
+        }
+        self.resolve("storage.chain", &self.chain, 0)
+    }
+
+    fn resolve(
+        &self,
+        at: &str,
+        chain: &[String],
+        depth: usize,
+    ) -> Result<Vec<TierSpec>, ConfigError> {
+        if depth > MAX_DEPTH {
+            return Err(invalid(
+                at,
+                "size partitions nest too deep (does a tier name itself?)",
+            ));
+        }
+        let Some(last) = chain.len().checked_sub(1) else {
+            return Err(invalid(
+                at,
+                "is empty; a chain ends in a store (\"filesystem\")",
+            ));
+        };
+        let mut out = Vec::with_capacity(chain.len());
+        for (i, name) in chain.iter().enumerate() {
+            let tier = self.tier(at, name, depth)?;
+            match (i == last, tier.is_store()) {
+                (true, false) => {
+                    return Err(invalid(
+                        at,
+                        &format!("ends in {name:?}, a cache; a chain ends in a store (\"filesystem\" or a size partition)"),
+                    ))
+                }
+                (false, true) => {
+                    return Err(invalid(
+                        at,
+                        &format!("has {name:?}, a store, before its end; only caches (memory tiers) come before the store"),
+                    ))
+                }
+                _ => out.push(tier),
+            }
+        }
+        Ok(out)
+    }
+
+    fn tier(&self, at: &str, name: &str, depth: usize) -> Result<TierSpec, ConfigError> {
+        match name {
+            MEMORY => Ok(TierSpec::Memory {
+                name: MEMORY.to_string(),
+                bytes: self.memory_bytes.as_u64(),
+                max_blob: self.memory_max_blob_bytes.as_u64(),
+            }),
+            FILESYSTEM => Ok(TierSpec::Filesystem),
+            _ => match self.tiers.get(name) {
+                None => Err(invalid(
+                    at,
+                    &format!("names {name:?}, which is neither built in (memory, filesystem) nor in storage.tiers"),
+                )),
+                Some(TierConfig::Memory {
+                    bytes,
+                    max_blob_bytes,
+                }) => {
+                    if bytes.as_u64() > 0 && max_blob_bytes.as_u64() > bytes.as_u64() {
+                        return Err(invalid(
+                            &format!("storage.tiers.{name}.max_blob_bytes"),
+                            "must not exceed the tier's bytes",
+                        ));
+                    }
+                    Ok(TierSpec::Memory {
+                        name: name.to_string(),
+                        bytes: bytes.as_u64(),
+                        max_blob: max_blob_bytes.as_u64(),
+                    })
+                }
+                Some(TierConfig::SizePartition {
+                    threshold_bytes,
+                    small,
+                    large,
+                }) => Ok(TierSpec::SizePartition {
+                    threshold: threshold_bytes.as_u64(),
+                    small: self.resolve(&format!("storage.tiers.{name}.small"), small, depth + 1)?,
+                    large: self.resolve(&format!("storage.tiers.{name}.large"), large, depth + 1)?,
+                }),
+            },
+        }
+    }
+}
+
+fn invalid(key: &str, why: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        why: why.to_string(),
+    }
+}

@@ -1,0 +1,161 @@
+//! Composing a chain from the configuration's tiers. A [`ChainPlan`] is made once per process
+//! (it owns the memory tiers' caches, which every core shares); each core, and the control
+//! plane, builds its own chain from it around its own handle to the owner shards.
+
+use super::filesystem::Filesystem;
+use super::memory::{Memory, MemoryCache};
+use super::size_partition::SizePartition;
+use super::{BlobStore, Forget};
+use crate::metrics::Metrics;
+use crate::store::CasClient;
+use kiln_config::chain::TierSpec;
+use kiln_config::{ConfigError, StorageConfig};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The tiers of the configured chain, with the state they share across cores.
+pub struct ChainPlan {
+    tiers: Vec<TierSpec>,
+    caches: BTreeMap<String, Arc<MemoryCache>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for ChainPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainPlan")
+            .field("tiers", &self.tiers)
+            .finish()
+    }
+}
+
+impl ChainPlan {
+    /// The plan for `storage.chain`.
+    pub fn from_config(
+        storage: &StorageConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<ChainPlan, ConfigError> {
+        Ok(ChainPlan::new(storage.resolve_chain()?, metrics))
+    }
+
+    /// The plan for resolved `tiers` (top first).
+    pub fn new(tiers: Vec<TierSpec>, metrics: Arc<Metrics>) -> ChainPlan {
+        let mut caches = BTreeMap::new();
+        collect_caches(&tiers, &mut caches);
+        ChainPlan {
+            tiers,
+            caches,
+            metrics,
+        }
+    }
+
+    /// The chain, reaching the owner shards through `cas`.
+    pub fn build(&self, cas: &CasClient) -> Arc<dyn BlobStore> {
+        let filesystem: Arc<dyn BlobStore> = Arc::new(Filesystem::new(cas.clone()));
+        self.build_list(&self.tiers, &filesystem)
+    }
+
+    fn build_list(
+        &self,
+        tiers: &[TierSpec],
+        filesystem: &Arc<dyn BlobStore>,
+    ) -> Arc<dyn BlobStore> {
+        // Resolution guarantees a store at the end; built bottom up.
+        let mut below: Option<Arc<dyn BlobStore>> = None;
+        for tier in tiers.iter().rev() {
+            below = Some(match (tier, below.take()) {
+                (TierSpec::Filesystem, _) => filesystem.clone(),
+                (
+                    TierSpec::SizePartition {
+                        threshold,
+                        small,
+                        large,
+                    },
+                    _,
+                ) => Arc::new(SizePartition::new(
+                    *threshold,
+                    self.build_list(small, filesystem),
+                    self.build_list(large, filesystem),
+                )),
+                (TierSpec::Memory { name, .. }, Some(inner)) => match self.caches.get(name) {
+                    Some(cache) => {
+                        Arc::new(Memory::new(cache.clone(), inner, self.metrics.clone()))
+                    }
+                    None => inner,
+                },
+                (TierSpec::Memory { .. }, None) => filesystem.clone(),
+            });
+        }
+        below.unwrap_or_else(|| filesystem.clone())
+    }
+
+    /// What the filesystem tier tells when a blob leaves it: every memory tier's cache.
+    pub fn forgetters(&self) -> Vec<Arc<dyn Forget>> {
+        self.caches
+            .values()
+            .map(|c| c.clone() as Arc<dyn Forget>)
+            .collect()
+    }
+
+    /// Bytes held by all memory tiers.
+    pub fn memory_bytes(&self) -> u64 {
+        self.caches.values().map(|c| c.weighted_size()).sum()
+    }
+
+    /// The memory tiers' combined budget.
+    pub fn memory_capacity(&self) -> u64 {
+        let mut total = 0u64;
+        let mut seen = std::collections::BTreeSet::new();
+        visit(&self.tiers, &mut |t| {
+            if let TierSpec::Memory { name, bytes, .. } = t {
+                if seen.insert(name.clone()) {
+                    total = total.saturating_add(*bytes);
+                }
+            }
+        });
+        total
+    }
+
+    /// The largest blob any memory tier keeps (0: none): readers read blobs up to it whole,
+    /// so that a memory tier can keep them.
+    pub fn largest_cached_blob(&self) -> u64 {
+        let mut largest = 0u64;
+        visit(&self.tiers, &mut |t| {
+            if let TierSpec::Memory {
+                bytes, max_blob, ..
+            } = t
+            {
+                if *bytes > 0 {
+                    largest = largest.max(*max_blob);
+                }
+            }
+        });
+        largest
+    }
+}
+
+/// Calls `f` on every tier of `tiers`, size partitions' sides included.
+fn visit(tiers: &[TierSpec], f: &mut impl FnMut(&TierSpec)) {
+    for t in tiers {
+        f(t);
+        if let TierSpec::SizePartition { small, large, .. } = t {
+            visit(small, f);
+            visit(large, f);
+        }
+    }
+}
+
+/// One cache per memory tier name with a budget.
+fn collect_caches(tiers: &[TierSpec], caches: &mut BTreeMap<String, Arc<MemoryCache>>) {
+    visit(tiers, &mut |t| {
+        if let TierSpec::Memory {
+            name,
+            bytes,
+            max_blob,
+        } = t
+        {
+            if *bytes > 0 && *max_blob > 0 && !caches.contains_key(name) {
+                caches.insert(name.clone(), Arc::new(MemoryCache::new(*bytes, *max_blob)));
+            }
+        }
+    });
+}

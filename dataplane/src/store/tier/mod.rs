@@ -1,0 +1,113 @@
+//! The CAS as a chain of tiers. Every tier implements [`BlobStore`]; decorators hold the tier
+//! below them, so a chain is composed from `storage.chain` in the configuration ([`chain`])
+//! without any tier knowing which others exist.
+//!
+//! - [`filesystem`]: the owner shards' files, through their router ([`super::CasClient`]):
+//!   verified commit, eviction, access times. Every chain ends in it.
+//! - [`memory`]: recently read small blobs in memory, shared by every core.
+//! - [`size_partition`]: small and large blobs to different chains.
+//!
+//! Blobs leave the store as a [`Blob`], which checks its bytes as they are consumed when this
+//! process has not checked them yet ([`blob`]): verification is in that one place.
+
+pub mod blob;
+pub mod chain;
+mod check;
+pub mod filesystem;
+pub mod memory;
+pub mod size_partition;
+
+pub use blob::{Blob, BlobWatcher, ChunkSink, StreamEnd, Verdict};
+pub use chain::ChainPlan;
+
+use super::commands::Committed;
+use super::StoreError;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use kiln_reapi::digest::BlobKey;
+use std::path::PathBuf;
+
+/// What a tier's methods return.
+pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
+
+/// An upload whose bytes were checked against its digest: a temp file in the CAS's temp
+/// directory (the tier that keeps it takes it over, and removes it if it does not).
+#[derive(Debug)]
+pub struct VerifiedUpload {
+    /// The temp file holding exactly the blob's bytes.
+    pub temp: PathBuf,
+    /// The same bytes in memory, when the writer has them (small blobs), for memory tiers.
+    pub data: Option<Bytes>,
+    /// [`super::CasClient::sync_epoch`] read before the temp file's first byte was written.
+    pub epoch: u64,
+}
+
+/// A blob store: one tier, or a chain of them. Usable from any thread (the data plane's cores
+/// and the control plane share the tiers' state).
+pub trait BlobStore: Send + Sync {
+    /// For each key, whether the store holds it (the empty blob always); held blobs count as
+    /// used now.
+    fn contains<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<bool>>;
+
+    /// The blob, ready to read, or `None` when the store does not hold it.
+    fn open<'a>(&'a self, key: &'a BlobKey) -> StoreFuture<'a, Option<Blob>>;
+
+    /// Stores a verified upload; visible (and acknowledged) only once durable as configured.
+    fn put<'a>(&'a self, key: &'a BlobKey, upload: VerifiedUpload) -> StoreFuture<'a, Committed>;
+
+    /// Pins the held blobs against eviction (each pin counts; unpin as often). Per key:
+    /// `None` not held; `Some(checked)` pinned, and whether this process has hashed it (a
+    /// reader that uses the file itself, not through [`Blob`], must check it when not).
+    fn pin<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<Option<bool>>>;
+
+    /// Releases pins taken with [`BlobStore::pin`] (only the keys that were pinned).
+    fn unpin<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, ()>;
+
+    /// Blobs a tier above served itself: they count as used now (best effort).
+    fn touched(&self, keys: &[BlobKey]);
+}
+
+/// Told when the filesystem tier no longer holds a blob (evicted, found damaged or gone), so
+/// that a cache of it drops its copy and every tier agrees the blob is gone.
+pub trait Forget: Send + Sync {
+    /// `key` left the filesystem tier.
+    fn forget(&self, key: &BlobKey);
+}
+
+/// The keys `store` does not hold, in order.
+pub async fn find_missing(
+    store: &dyn BlobStore,
+    keys: &[BlobKey],
+) -> Result<Vec<BlobKey>, StoreError> {
+    let present = store.contains(keys).await?;
+    Ok(keys
+        .iter()
+        .zip(present)
+        .filter(|(_, p)| !*p)
+        .map(|(k, _)| k.clone())
+        .collect())
+}
+
+/// A whole blob's bytes, checked, for code on a tokio runtime (the control plane, workers):
+/// a file is read on tokio's blocking pool. `None` when the store does not hold it (or its
+/// copy turned out damaged or gone, and left the store).
+pub async fn read_whole(store: &dyn BlobStore, key: &BlobKey) -> Result<Option<Bytes>, StoreError> {
+    let Some(blob) = store.open(key).await? else {
+        return Ok(None);
+    };
+    let result = if blob.in_memory() {
+        blob.read_all_blocking()
+    } else {
+        tokio::task::spawn_blocking(move || blob.read_all_blocking())
+            .await
+            .map_err(|_| StoreError::Unavailable)?
+    };
+    match result {
+        Ok(data) => Ok(Some(data)),
+        Err(StoreError::Corrupt(_) | StoreError::Vanished(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod behaviour;
