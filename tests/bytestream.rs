@@ -359,3 +359,108 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+/// The next `bytes` bytes of a Read stream (which may come in more messages).
+async fn receive(
+    stream: &mut tonic::Streaming<kiln_proto::bytestream::ReadResponse>,
+    bytes: usize,
+) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < bytes {
+        let m = stream
+            .message()
+            .await
+            .expect("a message")
+            .expect("not ended");
+        got.extend_from_slice(&m.data);
+    }
+    got
+}
+
+async fn open_read(
+    ch: &tonic::transport::Channel,
+    name: &str,
+) -> tonic::Streaming<kiln_proto::bytestream::ReadResponse> {
+    blobs::bytestream(ch)
+        .read(kiln_proto::bytestream::ReadRequest {
+            resource_name: name.to_string(),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .expect("read starts")
+        .into_inner()
+}
+
+// With `in_flight` in the chain, Reads of a blob being uploaded follow the upload: two readers
+// (on their own connections) get what has arrived, the rest when the upload is stored; a
+// reader of an upload that is interrupted gets NOT_FOUND, and the blob is not stored.
+on_every_runtime! {
+    async fn reads_follow_an_upload_in_progress(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[storage]\nchain = [\"in_flight\", \"memory\", \"filesystem\"]\n".into()),
+            ..Options::on(rt)
+        };
+        let data_dir = dir.path().join("data");
+        let kiln = tokio::task::spawn_blocking({
+            let data_dir = data_dir.clone();
+            move || Kiln::start_with(&data_dir, options)
+        })
+        .await
+        .unwrap();
+        let ch = kiln.channel().await;
+        let f = Function::Sha256;
+        let data = pseudo_random(7, 3 << 20);
+        let d = digest(f, &data);
+        let name = write_name("", f, &d);
+        let upload = blobs::open_upload(&ch);
+        let requests = blobs::write_requests(&name, &data, 64 << 10, 0);
+        let (first, rest) = requests.split_at(32); // 2 MiB: two full write buffers on disk
+        for r in first {
+            upload.tx.send(r.clone()).await.unwrap();
+        }
+        blobs::wait_committed(&ch, &name, 2 << 20).await;
+        let mut readers = Vec::new();
+        for _ in 0..2 {
+            let reader_ch = kiln.channel().await;
+            readers.push(open_read(&reader_ch, &read_name("", f, &d)).await);
+        }
+        for r in &mut readers {
+            assert_eq!(receive(r, 2 << 20).await, &data[..2 << 20], "what has arrived");
+        }
+        for r in rest {
+            upload.tx.send(r.clone()).await.unwrap();
+        }
+        let response = upload.call.await.unwrap().unwrap().into_inner();
+        assert_eq!(response.committed_size, data.len() as i64);
+        for r in &mut readers {
+            assert_eq!(receive(r, 1 << 20).await, &data[2 << 20..]);
+            assert!(r.message().await.unwrap().is_none(), "the stream ends after the blob");
+        }
+        assert!(common::metric(&kiln.admin, "kiln_cas_lookups_total{result=\"in_flight\"}").await >= 2.0);
+
+        // An upload interrupted under its reader: NOT_FOUND, and nothing stored.
+        let other = pseudo_random(8, 3 << 20);
+        let od = digest(f, &other);
+        let oname = write_name("", f, &od);
+        let upload = blobs::open_upload(&ch);
+        for r in blobs::write_requests(&oname, &other, 64 << 10, 0).into_iter().take(20) {
+            upload.tx.send(r).await.unwrap();
+        }
+        blobs::wait_committed(&ch, &oname, 20 << 16).await;
+        let reader_ch = kiln.channel().await;
+        let mut reader = open_read(&reader_ch, &read_name("", f, &od)).await;
+        assert_eq!(receive(&mut reader, 1 << 20).await, &other[..1 << 20]);
+        upload.call.abort();
+        let end = loop {
+            match reader.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        assert_eq!(end.unwrap_err().code(), Code::NotFound);
+        assert_eq!(blobs::find_missing(&ch, "", f, vec![od.clone()]).await, vec![od]);
+        kiln.stop().await;
+    }
+}

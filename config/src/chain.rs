@@ -1,10 +1,10 @@
 //! `storage.chain` and `storage.tiers`: which tiers the CAS is served through, and their
 //! resolution into a tree of [`TierSpec`]s that the data plane builds.
 //!
-//! A chain is a list of tier names, top first. Every name but the last is a cache over the
-//! rest of the list (`memory`); the last is a store: `filesystem`, or a `size_partition` whose
-//! two sides are chains of their own. Built-in names: `memory` (the tier sized by
-//! `storage.memory_bytes` and `storage.memory_max_blob_bytes`) and `filesystem`.
+//! A chain is a list of tier names, top first. Every name but the last decorates the rest of
+//! the list (`memory`, `in_flight`); the last is a store: `filesystem`, or a `size_partition`
+//! whose two sides are chains of their own. Built-in names: `memory` (the tier sized by
+//! `storage.memory_bytes` and `storage.memory_max_blob_bytes`), `in_flight` and `filesystem`.
 
 use crate::types::StorageConfig;
 use crate::ConfigError;
@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub const MEMORY: &str = "memory";
 /// The filesystem tier's name.
 pub const FILESYSTEM: &str = "filesystem";
+/// The in-flight tier's name (read-while-write).
+pub const IN_FLIGHT: &str = "in_flight";
 
 /// How deep size partitions may nest (a name that refers to itself would recurse forever).
 const MAX_DEPTH: usize = 8;
@@ -55,6 +57,8 @@ pub enum TierSpec {
     },
     /// The filesystem tier.
     Filesystem,
+    /// Readers of a blob being uploaded follow the upload.
+    InFlight,
     /// A size partition.
     SizePartition {
         /// The largest blob of the small side.
@@ -67,9 +71,9 @@ pub enum TierSpec {
 }
 
 impl TierSpec {
-    /// Whether this tier holds blobs itself rather than caching the tiers after it.
+    /// Whether this tier holds blobs itself rather than decorating the tiers after it.
     pub fn is_store(&self) -> bool {
-        !matches!(self, TierSpec::Memory { .. })
+        !matches!(self, TierSpec::Memory { .. } | TierSpec::InFlight)
     }
 }
 
@@ -82,7 +86,7 @@ impl StorageConfig {
     /// `storage.chain` resolved into tiers, top first; an error names what is wrong.
     pub fn resolve_chain(&self) -> Result<Vec<TierSpec>, ConfigError> {
         for name in self.tiers.keys() {
-            if name == MEMORY || name == FILESYSTEM {
+            if [MEMORY, FILESYSTEM, IN_FLIGHT].contains(&name.as_str()) {
                 return Err(invalid(
                     &format!("storage.tiers.{name}"),
                     "is a built-in tier's name; pick another",
@@ -117,13 +121,13 @@ impl StorageConfig {
                 (true, false) => {
                     return Err(invalid(
                         at,
-                        &format!("ends in {name:?}, a cache; a chain ends in a store (\"filesystem\" or a size partition)"),
+                        &format!("ends in {name:?}, which decorates the tiers after it; a chain ends in a store (\"filesystem\" or a size partition)"),
                     ))
                 }
                 (false, true) => {
                     return Err(invalid(
                         at,
-                        &format!("has {name:?}, a store, before its end; only caches (memory tiers) come before the store"),
+                        &format!("has {name:?}, a store, before its end; only decorators (memory tiers, in_flight) come before the store"),
                     ))
                 }
                 _ => out.push(tier),
@@ -140,10 +144,11 @@ impl StorageConfig {
                 max_blob: self.memory_max_blob_bytes.as_u64(),
             }),
             FILESYSTEM => Ok(TierSpec::Filesystem),
+            IN_FLIGHT => Ok(TierSpec::InFlight),
             _ => match self.tiers.get(name) {
                 None => Err(invalid(
                     at,
-                    &format!("names {name:?}, which is neither built in (memory, filesystem) nor in storage.tiers"),
+                    &format!("names {name:?}, which is neither built in (memory, in_flight, filesystem) nor in storage.tiers"),
                 )),
                 Some(TierConfig::Memory {
                     bytes,

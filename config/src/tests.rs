@@ -166,7 +166,7 @@ fn chains_resolve_and_bad_chains_name_their_fault() {
     }
     for (toml, key, why) in [
         ("chain = []", "storage.chain", "is empty"),
-        ("chain = [\"memory\"]", "storage.chain", "ends in \"memory\", a cache"),
+        ("chain = [\"memory\"]", "storage.chain", "ends in \"memory\", which decorates"),
         (
             "chain = [\"filesystem\", \"memory\"]",
             "storage.chain",

@@ -16,6 +16,7 @@ use crate::store::layout::Layout;
 use crate::store::owner::{Owner, StoreSettings};
 use crate::store::scan::{scan, ScanReport, ShardEntries, TreeKind};
 use crate::store::snapshot;
+use crate::store::tier::in_flight::Uploads;
 use crate::store::tier::{BlobStore, ChainPlan};
 use crate::store::{CasClient, ShardQueues};
 use crate::tls::TlsAccept;
@@ -198,6 +199,7 @@ impl DataPlane {
                 layout: layout.clone(),
                 cas: cas.for_shard(index),
                 chain: chain.build(&cas.for_shard(index)),
+                uploads: chain.uploads(),
                 store_settings: store_settings.clone(),
                 limits: limits.clone(),
                 h2: h2.clone(),
@@ -353,6 +355,7 @@ struct ShardSpec {
     layout: Layout,
     cas: CasClient,
     chain: Arc<dyn BlobStore>,
+    uploads: Option<Arc<Uploads>>,
     store_settings: StoreSettings,
     limits: BlobLimits,
     h2: Http2Settings,
@@ -378,6 +381,7 @@ impl ShardSpec {
             layout,
             cas,
             chain,
+            uploads,
             store_settings,
             limits,
             h2,
@@ -426,8 +430,15 @@ impl ShardSpec {
         };
         let _ = ready.send(Ok(()));
         let metrics = cas.metrics().clone();
-        let services: Rc<dyn CallHandler> =
-            BlobServices::new(runtime.clone(), cas, chain, layout, limits, control);
+        let services: Rc<dyn CallHandler> = BlobServices::new(
+            runtime.clone(),
+            cas,
+            chain,
+            uploads,
+            layout,
+            limits,
+            control,
+        );
         let h2 = Rc::new(h2);
         let connections = Drain::new();
         let mut stopping = Box::pin(shutdown.wait());

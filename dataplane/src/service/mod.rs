@@ -13,6 +13,7 @@ pub use error::BlobError;
 use crate::grpc::{Call, CallHandler, Caller, HandoffSender, Responder};
 use crate::runtime::{LocalBoxFuture, Runtime};
 use crate::store::layout::Layout;
+use crate::store::tier::in_flight::Uploads;
 use crate::store::tier::BlobStore;
 use crate::store::CasClient;
 use std::rc::Rc;
@@ -86,6 +87,8 @@ pub struct BlobServices {
     cas: CasClient,
     /// The chain of tiers blobs are read from and stored through.
     store: Arc<dyn BlobStore>,
+    /// With an in-flight tier: where uploads register for readers to follow.
+    uploads: Option<Arc<Uploads>>,
     layout: Layout,
     limits: BlobLimits,
     control: Option<ControlLink>,
@@ -98,6 +101,7 @@ impl BlobServices {
         runtime: Rc<dyn Runtime>,
         cas: CasClient,
         store: Arc<dyn BlobStore>,
+        uploads: Option<Arc<Uploads>>,
         layout: Layout,
         limits: BlobLimits,
         control: Option<ControlLink>,
@@ -106,6 +110,7 @@ impl BlobServices {
             runtime,
             cas,
             store,
+            uploads,
             layout,
             limits,
             control,

@@ -11,6 +11,7 @@ use crate::grpc::{Call, Caller, RecvError, RequestBody};
 use crate::store::accounting::Staged;
 use crate::store::blob_io::TempWriter;
 use crate::store::parked::ParkedUpload;
+use crate::store::tier::in_flight::Arriving;
 use crate::store::tier::VerifiedUpload;
 use crate::store::upload::UploadState;
 use crate::store::{UploadClaim, UploadStatus};
@@ -174,6 +175,11 @@ async fn write(
     };
     // A small blob sent whole on this stream also seeds the memory tiers.
     let keep = (state.committed() == 0 && digest.size <= svc.limits.inline_read).then(Vec::new);
+    // Readers of the blob may follow this upload (with an in-flight tier).
+    let arriving = svc
+        .uploads
+        .as_ref()
+        .and_then(|u| u.begin(&resource.key, writer.path(), writer.on_disk()));
     let mut upload = Upload {
         svc,
         resource: &resource,
@@ -184,6 +190,7 @@ async fn write(
         epoch,
         progress,
         keep,
+        arriving,
     };
     let result = upload.run(first, body).await;
     upload.end(upload_key, &result).await;
@@ -206,6 +213,8 @@ struct Upload<'a> {
     progress: Arc<AtomicU64>,
     /// For small blobs uploaded in one go: the data, to seed the memory tier.
     keep: Option<Vec<Bytes>>,
+    /// This upload as readers following it see it (dropped unstored: it failed for them).
+    arriving: Option<Arriving>,
 }
 
 impl Upload<'_> {
@@ -232,6 +241,9 @@ impl Upload<'_> {
                     .append(&message.data)
                     .await
                     .map_err(|e| BlobError::io("write", writer.path(), e))?;
+                if let Some(a) = &self.arriving {
+                    a.advance(writer.on_disk());
+                }
             }
             if let Some(keep) = self.keep.as_mut() {
                 keep.push(message.data.clone());
@@ -298,6 +310,9 @@ impl Upload<'_> {
             .put(&self.resource.key, upload)
             .await
             .map_err(BlobError::from)?;
+        if let Some(a) = self.arriving.take() {
+            a.stored();
+        }
         Ok(self.state.digest().size as i64)
     }
 

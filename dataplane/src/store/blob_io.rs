@@ -140,6 +140,11 @@ impl TempWriter {
         &self.path
     }
 
+    /// Bytes written to the file (readable by others), not counting what is buffered.
+    pub fn on_disk(&self) -> u64 {
+        self.written
+    }
+
     /// Bytes accepted so far (written or buffered).
     pub fn len(&self) -> u64 {
         self.written + self.buf.len() as u64

@@ -204,6 +204,7 @@ fn the_configured_chains() {
     for storage in [
         "",
         "chain = [\"filesystem\"]",
+        "chain = [\"in_flight\", \"memory\", \"filesystem\"]",
         "chain = [\"hot\", \"split\"]\n[storage.tiers.hot]\nkind = \"memory\"\nbytes = \"1 MiB\"\nmax_blob_bytes = \"4 KiB\"\n[storage.tiers.split]\nkind = \"size_partition\"\nthreshold_bytes = \"64 KiB\"\nsmall = [\"memory\", \"filesystem\"]\nlarge = [\"filesystem\"]",
     ] {
         let plane = Plane::start(storage);

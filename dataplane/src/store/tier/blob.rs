@@ -7,6 +7,8 @@
 //! the index), the memory tier keeps the bytes of a small blob read whole.
 
 use super::check::Check;
+use super::in_flight::{self, Growing};
+use super::BlobStore;
 use crate::runtime::Runtime;
 use crate::store::blob_io;
 use crate::store::StoreError;
@@ -36,13 +38,32 @@ pub trait BlobWatcher: Send + Sync {
 }
 
 /// Where a blob's bytes are.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Body {
     /// In memory, checked.
     Bytes(Bytes),
     /// In a file; `checked` is false for files this process has not hashed (found on disk at
     /// start-up).
     File { path: PathBuf, checked: bool },
+    /// Being uploaded (see [`super::in_flight`]); once stored, read from `then`.
+    Arriving {
+        growing: Arc<Growing>,
+        then: Arc<dyn BlobStore>,
+    },
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            Body::File { path, checked } => f
+                .debug_struct("File")
+                .field("path", path)
+                .field("checked", checked)
+                .finish(),
+            Body::Arriving { growing, .. } => f.debug_tuple("Arriving").field(growing).finish(),
+        }
+    }
 }
 
 /// A stored blob, ready to be read.
@@ -77,6 +98,15 @@ impl Blob {
         Blob {
             key,
             body: Body::File { path, checked },
+            watchers: Vec::new(),
+        }
+    }
+
+    /// A blob being uploaded now, read as it arrives; once stored, read from `then`.
+    pub fn arriving(key: BlobKey, growing: Arc<Growing>, then: Arc<dyn BlobStore>) -> Blob {
+        Blob {
+            key,
+            body: Body::Arriving { growing, then },
             watchers: Vec::new(),
         }
     }
@@ -150,6 +180,11 @@ impl Blob {
         let (path, checked) = match &self.body {
             Body::Bytes(data) => return Ok(data.clone()),
             Body::File { path, checked } => (path.clone(), *checked),
+            Body::Arriving { growing, then } => {
+                let data = in_flight::read_all(growing, &**then, runtime).await?;
+                self.tell_read_whole(&data);
+                return Ok(data);
+            }
         };
         let data = blob_io::read_all(runtime, &path, self.size())
             .await
@@ -163,6 +198,11 @@ impl Blob {
         let (path, checked) = match &self.body {
             Body::Bytes(data) => return Ok(data.clone()),
             Body::File { path, checked } => (path.clone(), *checked),
+            Body::Arriving { growing, then } => {
+                let data = in_flight::read_all_blocking(growing, &**then)?;
+                self.tell_read_whole(&data);
+                return Ok(data);
+            }
         };
         let data = read_file_blocking(&path, self.size()).map_err(|e| self.io_failure(&path, e))?;
         self.finish_whole(Bytes::from(data), checked)
@@ -206,6 +246,10 @@ impl Blob {
                 return Ok(());
             }
             Body::File { path, checked } => (path.clone(), *checked),
+            Body::Arriving { growing, then } => {
+                return in_flight::stream(growing, &**then, runtime, start, end, chunk as u64, sink)
+                    .await
+            }
         };
         let whole = start == 0 && end == self.size();
         let mut check = (!checked).then(|| Check::new(&self.key));

@@ -3,6 +3,7 @@
 //! plane, builds its own chain from it around its own handle to the owner shards.
 
 use super::filesystem::Filesystem;
+use super::in_flight::{InFlight, Uploads};
 use super::memory::{Memory, MemoryCache};
 use super::size_partition::SizePartition;
 use super::{BlobStore, Forget};
@@ -17,6 +18,8 @@ use std::sync::Arc;
 pub struct ChainPlan {
     tiers: Vec<TierSpec>,
     caches: BTreeMap<String, Arc<MemoryCache>>,
+    /// With an in-flight tier: the uploads in progress, registered by the blob services.
+    uploads: Option<Arc<Uploads>>,
     metrics: Arc<Metrics>,
 }
 
@@ -41,9 +44,12 @@ impl ChainPlan {
     pub fn new(tiers: Vec<TierSpec>, metrics: Arc<Metrics>) -> ChainPlan {
         let mut caches = BTreeMap::new();
         collect_caches(&tiers, &mut caches);
+        let mut in_flight = false;
+        visit(&tiers, &mut |t| in_flight |= *t == TierSpec::InFlight);
         ChainPlan {
             tiers,
             caches,
+            uploads: in_flight.then(|| Arc::new(Uploads::default())),
             metrics,
         }
     }
@@ -82,7 +88,13 @@ impl ChainPlan {
                     }
                     None => inner,
                 },
-                (TierSpec::Memory { .. }, None) => filesystem.clone(),
+                (TierSpec::InFlight, Some(inner)) => match &self.uploads {
+                    Some(uploads) => {
+                        Arc::new(InFlight::new(uploads.clone(), inner, self.metrics.clone()))
+                    }
+                    None => inner,
+                },
+                (TierSpec::Memory { .. } | TierSpec::InFlight, None) => filesystem.clone(),
             });
         }
         below.unwrap_or_else(|| filesystem.clone())
@@ -94,6 +106,12 @@ impl ChainPlan {
             .values()
             .map(|c| c.clone() as Arc<dyn Forget>)
             .collect()
+    }
+
+    /// Where ByteStream uploads register for readers to follow them (`None`: the chain has
+    /// no in-flight tier).
+    pub fn uploads(&self) -> Option<Arc<Uploads>> {
+        self.uploads.clone()
     }
 
     /// Bytes held by all memory tiers.

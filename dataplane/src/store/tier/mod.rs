@@ -6,6 +6,7 @@
 //!   verified commit, eviction, access times. Every chain ends in it.
 //! - [`memory`]: recently read small blobs in memory, shared by every core.
 //! - [`size_partition`]: small and large blobs to different chains.
+//! - [`in_flight`]: a reader of a blob being uploaded follows the upload (read-while-write).
 //!
 //! Blobs leave the store as a [`Blob`], which checks its bytes as they are consumed when this
 //! process has not checked them yet ([`blob`]): verification is in that one place.
@@ -14,6 +15,7 @@ pub mod blob;
 pub mod chain;
 mod check;
 pub mod filesystem;
+pub mod in_flight;
 pub mod memory;
 pub mod size_partition;
 
