@@ -13,6 +13,7 @@ use kiln_config::chain::TierSpec;
 use kiln_config::{ConfigError, StorageConfig};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The tiers of the configured chain, with the state they share across cores.
 pub struct ChainPlan {
@@ -37,13 +38,21 @@ impl ChainPlan {
         storage: &StorageConfig,
         metrics: Arc<Metrics>,
     ) -> Result<ChainPlan, ConfigError> {
-        Ok(ChainPlan::new(storage.resolve_chain()?, metrics))
+        // Memory hits reach the filesystem's order of use at most once a second per blob, or
+        // at every hit when access times are recorded at every access.
+        let tell_every = Duration::from_secs(storage.access_time_resolution_secs.min(1));
+        Ok(ChainPlan::new(
+            storage.resolve_chain()?,
+            metrics,
+            tell_every,
+        ))
     }
 
-    /// The plan for resolved `tiers` (top first).
-    pub fn new(tiers: Vec<TierSpec>, metrics: Arc<Metrics>) -> ChainPlan {
+    /// The plan for resolved `tiers` (top first); memory hits are passed on to the tier below
+    /// at most once per `tell_every` per blob.
+    pub fn new(tiers: Vec<TierSpec>, metrics: Arc<Metrics>, tell_every: Duration) -> ChainPlan {
         let mut caches = BTreeMap::new();
-        collect_caches(&tiers, &mut caches);
+        collect_caches(&tiers, tell_every, &mut caches);
         let mut in_flight = false;
         visit(&tiers, &mut |t| in_flight |= *t == TierSpec::InFlight);
         ChainPlan {
@@ -163,7 +172,11 @@ fn visit(tiers: &[TierSpec], f: &mut impl FnMut(&TierSpec)) {
 }
 
 /// One cache per memory tier name with a budget.
-fn collect_caches(tiers: &[TierSpec], caches: &mut BTreeMap<String, Arc<MemoryCache>>) {
+fn collect_caches(
+    tiers: &[TierSpec],
+    tell_every: Duration,
+    caches: &mut BTreeMap<String, Arc<MemoryCache>>,
+) {
     visit(tiers, &mut |t| {
         if let TierSpec::Memory {
             name,
@@ -172,7 +185,8 @@ fn collect_caches(tiers: &[TierSpec], caches: &mut BTreeMap<String, Arc<MemoryCa
         } = t
         {
             if *bytes > 0 && *max_blob > 0 && !caches.contains_key(name) {
-                caches.insert(name.clone(), Arc::new(MemoryCache::new(*bytes, *max_blob)));
+                let cache = MemoryCache::new(*bytes, *max_blob).telling_every(tell_every);
+                caches.insert(name.clone(), Arc::new(cache));
             }
         }
     });

@@ -8,11 +8,14 @@
 
 use super::{Blob, BlobStore, BlobWatcher, Forget, StoreFuture, VerifiedUpload};
 use crate::metrics::Metrics;
+use crate::store::atime;
 use crate::store::Committed;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use kiln_reapi::digest::BlobKey;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What an entry costs beyond its blob's bytes (the key, the cache's own node and the
 /// allocation of the bytes), counted against the budget so that many small blobs cannot take
@@ -20,11 +23,20 @@ use std::sync::Arc;
 /// before and after, release build).
 pub const ENTRY_OVERHEAD: u64 = 448;
 
+/// A cached blob, and when a hit on it was last passed on to the tier below.
+#[derive(Clone)]
+struct Cached {
+    data: Bytes,
+    told: Arc<AtomicU64>,
+}
+
 /// The cache of one memory tier, shared by the chains of every core.
 #[derive(Clone)]
 pub struct MemoryCache {
-    cache: Option<moka::sync::Cache<BlobKey, Bytes>>,
+    cache: Option<moka::sync::Cache<BlobKey, Cached>>,
     max_blob: u64,
+    /// A hit is passed on to the tier below at most this often per blob (nanoseconds).
+    tell_every: u64,
 }
 
 impl MemoryCache {
@@ -34,12 +46,26 @@ impl MemoryCache {
         let cache = (budget > 0 && max_blob > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(budget)
-                .weigher(|_: &BlobKey, v: &Bytes| {
-                    u32::try_from(v.len() as u64 + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+                .weigher(|_: &BlobKey, v: &Cached| {
+                    u32::try_from(v.data.len() as u64 + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
                 })
                 .build()
         });
-        MemoryCache { cache, max_blob }
+        MemoryCache {
+            cache,
+            max_blob,
+            tell_every: 0,
+        }
+    }
+
+    /// The same cache, passing a hit on a blob to the tier below (so that it keeps its place
+    /// there) at most once per `every`. Each one is a message to the blob's owner shard:
+    /// passing on every hit of a 64 KiB read cost 10-15 us of server CPU per read (a third
+    /// of what the read costs otherwise), while the filesystem's eviction order only needs
+    /// to be about right.
+    pub fn telling_every(mut self, every: Duration) -> MemoryCache {
+        self.tell_every = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
+        self
     }
 
     /// Whether a blob of `size` bytes may be kept here.
@@ -49,7 +75,20 @@ impl MemoryCache {
 
     /// The cached bytes of a blob.
     pub fn get(&self, key: &BlobKey) -> Option<Bytes> {
-        self.cache.as_ref()?.get(key)
+        Some(self.cache.as_ref()?.get(key)?.data)
+    }
+
+    /// A hit: the bytes, and whether to pass it on to the tier below now.
+    fn hit(&self, key: &BlobKey) -> Option<(Bytes, bool)> {
+        let cached = self.cache.as_ref()?.get(key)?;
+        let now = atime::now();
+        let last = cached.told.load(Ordering::Relaxed);
+        let due = now.saturating_sub(last) >= self.tell_every
+            && cached
+                .told
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        Some((cached.data, due))
     }
 
     /// Offers a blob to the cache (TinyLFU may decline it).
@@ -59,7 +98,11 @@ impl MemoryCache {
                 // The cache must own exactly the bytes it counts: `data` is often a slice of a
                 // larger buffer (a gRPC message, a receive or read buffer), which it would
                 // keep alive whole while the budget counts only the slice.
-                cache.insert(key, Bytes::copy_from_slice(data));
+                let cached = Cached {
+                    data: Bytes::copy_from_slice(data),
+                    told: Arc::new(AtomicU64::new(atime::now())),
+                };
+                cache.insert(key, cached);
             }
         }
     }
@@ -116,10 +159,13 @@ impl BlobStore for Memory {
 
     fn open<'a>(&'a self, key: &'a BlobKey) -> StoreFuture<'a, Option<Blob>> {
         Box::pin(async move {
-            if let Some(data) = self.cache.get(key) {
+            if let Some((data, tell)) = self.cache.hit(key) {
                 self.metrics.lookups_inc("memory");
-                // The tier below keeps its order of use (its eviction) as if it had served it.
-                self.inner.touched(std::slice::from_ref(key));
+                if tell {
+                    // The tier below keeps its order of use (its eviction) as if it had
+                    // served it.
+                    self.inner.touched(std::slice::from_ref(key));
+                }
                 return Ok(Some(Blob::bytes(key.clone(), data)));
             }
             let blob = self.inner.open(key).await?;
@@ -217,5 +263,22 @@ mod tests {
             kept as u64 <= 10_000 / (1 + ENTRY_OVERHEAD),
             "{kept} one-byte blobs in a 10,000-byte budget"
         );
+    }
+
+    #[test]
+    fn hits_are_passed_on_at_most_as_often_as_asked() {
+        let every_hit = MemoryCache::new(1 << 20, 1 << 10).telling_every(Duration::ZERO);
+        every_hit.insert(key(1), &Bytes::from_static(b"x"));
+        for _ in 0..3 {
+            assert_eq!(
+                every_hit.hit(&key(1)),
+                Some((Bytes::from_static(b"x"), true))
+            );
+        }
+        let hourly = MemoryCache::new(1 << 20, 1 << 10).telling_every(Duration::from_secs(3600));
+        hourly.insert(key(1), &Bytes::from_static(b"x"));
+        // Stored just now: that counts as the last use the tier below saw.
+        assert_eq!(hourly.hit(&key(1)), Some((Bytes::from_static(b"x"), false)));
+        assert_eq!(hourly.hit(&key(2)), None);
     }
 }
