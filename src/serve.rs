@@ -79,7 +79,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     control.set_ready(true);
     let (ac_entries, _) = control.action_cache_usage();
     info!(
-        "kiln listening on {} ({}, {} shards, {}); admin on {}; data in {} (CAS {} blobs, {} bytes, indexed in {:.2?}: {} directories from the index snapshot, {} scanned; action cache {} entries)",
+        "kiln listening on {} ({}, {} shards, {}); admin on {}; data in {} (CAS {} blobs, {} bytes, indexed in {:.2?}: {} directories from the index snapshot, {} scanned, {} being indexed in the background; action cache {} entries)",
         data.local_addr(),
         if tls.is_some() { "TLS" } else { "plain HTTP/2" },
         data.shards(),
@@ -91,6 +91,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         scan.elapsed,
         scan.dirs_from_snapshot,
         scan.dirs_scanned,
+        scan.dirs_pending,
         ac_entries,
     );
     if scan.removed > 0 {

@@ -4,12 +4,15 @@
 # start until /readyz answers, and stops it cleanly (which writes the index snapshot the next
 # start uses). The first start of a fresh store has no snapshot and scans every file.
 #
-#   bench/scripts/restart.sh DATA_DIR [BLOBS=1000000] [RUNS=4] [cold]
+#   bench/scripts/restart.sh DATA_DIR [BLOBS=1000000] [RUNS=4] [cold|warm] [crash]
 #
 # Needs curl, and python3 to write the blobs. "cold" drops the page cache before each start
-# (needs root). Env: KILN (the binary, default target/release/kiln), PORT, ADMIN_PORT.
+# (needs root). "crash" removes the index snapshot before each start, as after a crash of a
+# server that never stopped cleanly: the server is ready at once and indexes the files in the
+# background; the script also reports when that rebuild is done. Env: KILN (the binary,
+# default target/release/kiln), PORT, ADMIN_PORT.
 set -euo pipefail
-data=$1; blobs=${2:-1000000}; runs=${3:-4}; cold=${4:-}
+data=$1; blobs=${2:-1000000}; runs=${3:-4}; cold=${4:-}; crash=${5:-}
 kiln=${KILN:-target/release/kiln}
 port=${PORT:-50391}; admin=${ADMIN_PORT:-9491}
 if [ ! -d "$data/cas" ]; then
@@ -33,6 +36,7 @@ for i in range(n):
 PY
 fi
 for run in $(seq "$runs"); do
+  if [ "$crash" = crash ]; then rm -f "$data/cas.index"; fi
   if [ "$cold" = cold ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
   log=$(mktemp)
   start=$(date +%s%N)
@@ -45,7 +49,14 @@ for run in $(seq "$runs"); do
   ready=$(date +%s%N)
   ms=$(( (ready - start) / 1000000 ))
   printf 'run %s: ready after %d.%03d s; %s\n' "$run" $((ms / 1000)) $((ms % 1000)) \
-    "$(grep -o 'CAS [0-9]* blobs.*scanned' "$log" || true)"
+    "$(grep -o 'CAS [0-9]* blobs.*background' "$log" || true)"
+  until [ "$(curl -fsS http://127.0.0.1:$admin/metrics | awk '$1 == "kiln_cas_pending_directories" {print $2}')" = 0 ]; do
+    sleep 0.01
+  done
+  done_at=$(date +%s%N)
+  ms=$(( (done_at - start) / 1000000 ))
+  printf '        index complete after %d.%03d s (%s blobs)\n' $((ms / 1000)) $((ms % 1000)) \
+    "$(curl -fsS http://127.0.0.1:$admin/metrics | awk '$1 == "kiln_cas_blobs" {print $2}')"
   kill $pid; wait $pid || true
   grep -o 'index snapshot written.*' "$log" | sed 's/^/        /' || true
   rm -f "$log"

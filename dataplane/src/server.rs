@@ -14,14 +14,17 @@ use crate::store::durable;
 use crate::store::group_commit::GroupCommit;
 use crate::store::layout::Layout;
 use crate::store::owner::{Owner, StoreSettings};
+use crate::store::rebuild::{self, PendingDir};
 use crate::store::scan::{scan, ScanReport, ShardEntries, TreeKind};
 use crate::store::snapshot;
+use crate::store::snapshot::DirKey;
 use crate::store::tier::in_flight::Uploads;
 use crate::store::tier::{BlobStore, ChainPlan};
 use crate::store::{CasClient, ShardQueues};
 use crate::tls::TlsAccept;
 use futures::future::{select, Either};
 use kiln_config::Config;
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -41,6 +44,10 @@ pub fn shard_count(config: &Config) -> usize {
 pub struct OpenedStore {
     cas: CasClient,
     chain: Arc<ChainPlan>,
+    /// Blob directories the scan left to the background rebuild.
+    pending: Vec<PendingDir>,
+    /// Whether [`DataPlane::start`] starts that rebuild.
+    rebuild: bool,
     queues: ShardQueues,
     entries: ShardEntries,
     accounting: Arc<Accounting>,
@@ -64,12 +71,13 @@ impl OpenedStore {
         );
         let threads = shards.clamp(1, 16);
         let snapshot = snapshot::load(&layout.index_file());
-        let (entries, report) = scan(
+        let (entries, report, pending) = scan(
             &layout,
             TreeKind::Blobs,
             shards,
             threads,
             snapshot.as_ref(),
+            true,
             |key| cas.owner_of(&key.digest),
         )?;
         Ok(OpenedStore {
@@ -80,7 +88,17 @@ impl OpenedStore {
             accounting,
             layout,
             report,
+            pending,
+            rebuild: true,
         })
+    }
+
+    /// Leaves the rebuild of the directories the scan did not index to the caller (who lists
+    /// and delivers them with [`crate::store::rebuild`] when it chooses): for tests of what the
+    /// server answers meanwhile.
+    pub fn hold_rebuild(&mut self) -> Vec<PendingDir> {
+        self.rebuild = false;
+        self.pending.clone()
     }
 
     /// The handle the control plane uses to reach the CAS.
@@ -185,8 +203,12 @@ impl DataPlane {
             entries,
             accounting,
             layout,
+            pending,
+            rebuild,
             ..
         } = store;
+        let pending_keys: Arc<HashSet<DirKey>> =
+            Arc::new(pending.iter().map(|d| d.key.clone()).collect());
         for (index, ((queue, entries), socket)) in
             queues.0.into_iter().zip(entries).zip(sockets).enumerate()
         {
@@ -200,6 +222,7 @@ impl DataPlane {
                 cas: cas.for_shard(index),
                 chain: chain.build(&cas.for_shard(index)),
                 uploads: chain.uploads(),
+                pending: pending_keys.clone(),
                 store_settings: store_settings.clone(),
                 limits: limits.clone(),
                 h2: h2.clone(),
@@ -248,6 +271,12 @@ impl DataPlane {
                         "a data-plane shard failed to start (see the log)",
                     ));
                 }
+            }
+        }
+        if rebuild {
+            if let Err(e) = rebuild::start(pending, plane.cas.clone(), shards.clamp(1, 4)) {
+                plane.abort();
+                return Err(e);
             }
         }
         Ok(plane)
@@ -350,6 +379,8 @@ struct ShardSpec {
     index: usize,
     queue: async_channel::Receiver<crate::store::commands::Command>,
     entries: Vec<(kiln_reapi::digest::BlobKey, crate::store::index::Entry)>,
+    /// Directories whose listing the background rebuild has yet to deliver.
+    pending: Arc<HashSet<DirKey>>,
     socket: std::net::TcpListener,
     accounting: Arc<Accounting>,
     layout: Layout,
@@ -376,6 +407,7 @@ impl ShardSpec {
             index,
             queue,
             entries,
+            pending,
             socket,
             accounting,
             layout,
@@ -404,7 +436,10 @@ impl ShardSpec {
             accounting,
             cas.clone(),
         ) {
-            Ok(owner) => owner,
+            Ok(owner) => {
+                owner.await_listings(&pending);
+                owner
+            }
             Err(e) => {
                 let _ = ready.send(Err(format!(
                     "shard {index}: cannot start its file thread: {e}"

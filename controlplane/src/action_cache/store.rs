@@ -116,7 +116,7 @@ impl AcStore {
     /// Opens (creating if needed) the action cache under `data_dir` and indexes it.
     pub fn open(data_dir: &Path, settings: AcSettings) -> std::io::Result<(AcStore, ScanReport)> {
         let layout = Layout::action_cache(data_dir);
-        let (mut shards, report) = scan(&layout, TreeKind::Entries, 1, 4, None, |_| 0)?;
+        let (mut shards, report, _) = scan(&layout, TreeKind::Entries, 1, 4, None, false, |_| 0)?;
         let mut index = BlobIndex::<ClientKeys>::new();
         for (key, entry) in shards.pop().unwrap_or_default() {
             // Results are small and were written whole by this server: no hash to check.

@@ -33,6 +33,8 @@ pub struct Gathered {
     pub parked_uploads: u64,
     /// Access times waiting to be written.
     pub pending_atimes: u64,
+    /// Blob directories the background index rebuild has yet to deliver.
+    pub pending_dirs: u64,
     /// Action-cache entries.
     pub ac_entries: u64,
     /// Action-cache bytes.
@@ -64,6 +66,7 @@ pub struct Gauges {
     uploads_active: Gauge,
     uploads_parked: Gauge,
     pending_atimes: Gauge,
+    pending_dirs: Gauge,
     queue_depth: Family<ShardLabel, Gauge>,
     ac_entries: Gauge,
     ac_bytes: Gauge,
@@ -89,6 +92,7 @@ impl Gauges {
             uploads_active: Gauge::default(),
             uploads_parked: Gauge::default(),
             pending_atimes: Gauge::default(),
+            pending_dirs: Gauge::default(),
             queue_depth: Family::default(),
             ac_entries: Gauge::default(),
             ac_bytes: Gauge::default(),
@@ -133,6 +137,11 @@ impl Gauges {
             "kiln_cas_pending_access_times",
             "Access times waiting to be written to blob files (at most storage.max_pending_access_times per shard)",
             self.pending_atimes.clone(),
+        );
+        registry.register(
+            "kiln_cas_pending_directories",
+            "Blob directories whose files the background index rebuild has not delivered yet (their blobs are found by looking at their files meanwhile)",
+            self.pending_dirs.clone(),
         );
         registry.register(
             "kiln_shard_queue_depth",
@@ -240,12 +249,14 @@ impl Gauges {
                 out.active_uploads += s.active_uploads;
                 out.parked_uploads += s.parked_uploads;
                 out.pending_atimes += s.pending_atimes;
+                out.pending_dirs = out.pending_dirs.max(s.pending_dirs);
             }
             self.cas_blobs.set(out.blobs as i64);
             self.cas_bytes.set(out.bytes as i64);
             self.uploads_active.set(out.active_uploads as i64);
             self.uploads_parked.set(out.parked_uploads as i64);
             self.pending_atimes.set(out.pending_atimes as i64);
+            self.pending_dirs.set(out.pending_dirs as i64);
         }
         for (shard, depth) in cas.queue_depths().into_iter().enumerate() {
             self.queue_depth

@@ -365,6 +365,13 @@ impl CasClient {
         }
     }
 
+    /// Sends `command` to `shard` from a thread that may block (the background rebuild);
+    /// an error once the shard has stopped.
+    pub(crate) fn send_blocking(&self, shard: usize, command: Command) -> Result<(), ()> {
+        self.count(shard);
+        self.shards[shard].send_blocking(command).map_err(|_| ())
+    }
+
     /// Asks `shard` to evict `bytes` (sent by a shard that found the store over its cap).
     pub(crate) fn request_eviction(
         &self,

@@ -2,7 +2,9 @@
 //! through [`super::CasClient`]; replies come back on oneshot channels, blob bytes as `Bytes`.
 
 use super::accounting::Staged;
+use super::index::Entry;
 use super::parked::ParkedUpload;
+use super::snapshot::DirKey;
 use super::StoreError;
 use futures::channel::oneshot;
 use kiln_reapi::digest::BlobKey;
@@ -75,6 +77,8 @@ pub struct ShardStats {
     pub parked_uploads: u64,
     /// Access times waiting to be written to their files (bounded per shard).
     pub pending_atimes: u64,
+    /// Directories whose listing the background index rebuild has yet to deliver.
+    pub pending_dirs: u64,
 }
 
 /// A request to an owner shard.
@@ -135,6 +139,12 @@ pub(crate) enum Command {
     },
     Stats {
         reply: Reply<ShardStats>,
+    },
+    /// Directories' listings from the background rebuild: this shard's blobs in them,
+    /// oldest first.
+    Listed {
+        dirs: Vec<DirKey>,
+        entries: Vec<(BlobKey, Entry)>,
     },
 }
 

@@ -190,6 +190,45 @@ impl<S: BuildHasher> BlobIndex<S> {
             self.push_newest(i);
             return;
         }
+        let i = self.add_node(key, entry);
+        self.push_newest(i);
+    }
+
+    /// Adds blobs the index does not hold (sorted oldest first), each placed by its access
+    /// time among the blobs already indexed: one pass over the list.
+    pub fn insert_aged(&mut self, sorted: Vec<(BlobKey, Entry)>) {
+        let mut at = self.oldest;
+        for (key, entry) in sorted {
+            debug_assert!(self.find(&key).is_none());
+            while at != NIL && self.node(at).entry.atime <= entry.atime {
+                at = self.node(at).newer;
+            }
+            self.bytes += entry.size;
+            let i = self.add_node(key, entry);
+            self.link_older_than(i, at);
+        }
+    }
+
+    /// Puts node `i` just older than node `at` (at the newest end when `at` is `NIL`).
+    fn link_older_than(&mut self, i: u32, at: u32) {
+        if at == NIL {
+            return self.push_newest(i);
+        }
+        let older = self.node(at).older;
+        {
+            let n = self.node_mut(i);
+            n.newer = at;
+            n.older = older;
+        }
+        self.node_mut(at).older = i;
+        match older {
+            NIL => self.oldest = i,
+            j => self.node_mut(j).newer = i,
+        }
+    }
+
+    /// Stores a new node (not yet in the recency list) and indexes its key.
+    fn add_node(&mut self, key: BlobKey, entry: Entry) -> u32 {
         let node = Node {
             key,
             entry,
@@ -213,7 +252,7 @@ impl<S: BuildHasher> BlobIndex<S> {
         self.table.insert_unique(hash, i, |&j| {
             hasher.hash_one(&nodes[j as usize].as_ref().expect("live node").key)
         });
-        self.push_newest(i);
+        i
     }
 
     /// Every blob, most recently used first.
@@ -327,6 +366,36 @@ mod tests {
         assert_eq!(idx.pop_oldest_unpinned().unwrap().0, key(0));
         assert!(idx.pop_oldest_unpinned().is_none());
         assert_eq!(idx.bytes(), 0);
+    }
+
+    #[test]
+    fn blobs_found_late_are_placed_by_their_access_times() {
+        let mut idx: BlobIndex = BlobIndex::new();
+        idx.insert(key(1), Entry::scanned(1, 10));
+        idx.insert(key(2), Entry::scanned(2, 30));
+        idx.insert_aged(vec![
+            (key(3), Entry::scanned(4, 5)),
+            (key(4), Entry::scanned(8, 20)),
+            (key(5), Entry::scanned(16, 30)),
+            (key(6), Entry::scanned(32, 40)),
+        ]);
+        assert_eq!(idx.len(), 6);
+        assert_eq!(idx.bytes(), 63);
+        let newest_first: Vec<BlobKey> = idx.iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(newest_first, [6, 5, 2, 4, 1, 3].map(key));
+        let mut evicted = Vec::new();
+        while let Some((k, _)) = idx.pop_oldest_unpinned() {
+            evicted.push(k);
+        }
+        assert_eq!(evicted, [3, 1, 4, 2, 5, 6].map(key));
+        // Into an empty index, in their own order.
+        let mut empty: BlobIndex = BlobIndex::new();
+        empty.insert_aged(vec![
+            (key(7), Entry::scanned(1, 1)),
+            (key(8), Entry::scanned(1, 2)),
+        ]);
+        assert_eq!(empty.pop_oldest_unpinned().unwrap().0, key(7));
+        assert_eq!(empty.pop_oldest_unpinned().unwrap().0, key(8));
     }
 
     #[test]

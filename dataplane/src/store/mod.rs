@@ -22,6 +22,7 @@ pub mod index;
 pub mod layout;
 pub mod owner;
 pub mod parked;
+pub mod rebuild;
 pub mod scan;
 pub mod snapshot;
 pub mod tier;

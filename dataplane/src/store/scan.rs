@@ -8,6 +8,7 @@
 use super::atime;
 use super::index::Entry;
 use super::layout::{parse_blob_file_name, Layout, INSTANCE_FILE};
+use super::rebuild::PendingDir;
 use super::snapshot::{DirKey, DirStamp, Snapshot};
 use kiln_reapi::digest::{BlobKey, DigestFunction, InstanceName};
 use std::io;
@@ -34,6 +35,8 @@ pub struct ScanReport {
     pub dirs_from_snapshot: u64,
     /// Blob directories scanned file by file.
     pub dirs_scanned: u64,
+    /// Blob directories left to the background rebuild ([`super::rebuild`]).
+    pub dirs_pending: u64,
     /// Time taken.
     pub elapsed: Duration,
 }
@@ -51,15 +54,18 @@ pub enum TreeKind {
 }
 
 /// Creates the directories, empties `tmp/`, and indexes `cas/` for `shards` shards, owner
-/// chosen by `owner_of`; directories whose stamp matches `snapshot` come from it.
+/// chosen by `owner_of`; directories whose stamp matches `snapshot` come from it. With
+/// `defer`, the other blob directories are not scanned but returned, for the background
+/// rebuild.
 pub fn scan(
     layout: &Layout,
     kind: TreeKind,
     shards: usize,
     threads: usize,
     snapshot: Option<&Snapshot>,
+    defer: bool,
     owner_of: impl Fn(&BlobKey) -> usize + Sync,
-) -> io::Result<(ShardEntries, ScanReport)> {
+) -> io::Result<(ShardEntries, ScanReport, Vec<PendingDir>)> {
     let start = Instant::now();
     std::fs::create_dir_all(layout.tree_dir())?;
     // The tree's own entry, made on a first start, is durable before anything is committed
@@ -72,7 +78,8 @@ pub fn scan(
         ..ScanReport::default()
     };
 
-    let mut work: Vec<(InstanceName, DigestFunction, PathBuf)> = Vec::new();
+    let mut work: Vec<DirWork> = Vec::new();
+    let mut pending: Vec<PendingDir> = Vec::new();
     let mut restored: ShardEntries = (0..shards).map(|_| Vec::new()).collect();
     for entry in std::fs::read_dir(layout.tree_dir())? {
         let dir = entry?.path();
@@ -96,14 +103,14 @@ pub fn scan(
                 if !meta.is_dir() {
                     continue;
                 }
-                let known = fanout_byte(&p).and_then(|fanout| {
-                    let key = DirKey {
-                        instance: instance.clone(),
-                        function,
-                        fanout,
-                    };
+                let dir_key = fanout_byte(&p).map(|fanout| DirKey {
+                    instance: instance.clone(),
+                    function,
+                    fanout,
+                });
+                let known = dir_key.as_ref().and_then(|key| {
                     snapshot?
-                        .get(&key)
+                        .get(key)
                         .filter(|d| d.stamp == DirStamp::of(&meta))
                 });
                 match known {
@@ -117,15 +124,51 @@ pub fn scan(
                                 .push((key, Entry::scanned(digest.size, atime)));
                         }
                     }
-                    None => {
-                        report.dirs_scanned += 1;
-                        work.push((instance.clone(), function, p));
-                    }
+                    None => match dir_key.filter(|_| defer) {
+                        Some(key) => {
+                            report.dirs_pending += 1;
+                            pending.push(PendingDir { key, path: p });
+                        }
+                        None => {
+                            report.dirs_scanned += 1;
+                            work.push((instance.clone(), function, p));
+                        }
+                    },
                 }
             }
         }
     }
 
+    let (mut entries, counts) = scan_dirs(kind, &work, shards, threads, &owner_of);
+    // Oldest first, each shard on its own thread (a million entries take a while to sort).
+    std::thread::scope(|scope| {
+        for (shard, from_snapshot) in entries.iter_mut().zip(restored) {
+            scope.spawn(move || {
+                shard.extend(from_snapshot);
+                shard.sort_unstable_by_key(|(_, e)| e.atime);
+            });
+        }
+    });
+    report.blobs += counts.blobs;
+    report.bytes += counts.bytes;
+    report.removed = counts.removed;
+    report.ignored = counts.ignored;
+    report.elapsed = start.elapsed();
+    Ok((entries, report, pending))
+}
+
+/// A blob directory to scan: its instance, digest function and path.
+pub(crate) type DirWork = (InstanceName, DigestFunction, PathBuf);
+
+/// Scans `work` on `threads` threads; the blobs found, by owner shard (in no order), and the
+/// counts.
+pub(crate) fn scan_dirs(
+    kind: TreeKind,
+    work: &[DirWork],
+    shards: usize,
+    threads: usize,
+    owner_of: &(impl Fn(&BlobKey) -> usize + Sync),
+) -> (ShardEntries, ScanReport) {
     let next = AtomicUsize::new(0);
     let results: Mutex<(ShardEntries, ScanReport)> = Mutex::new((
         (0..shards).map(|_| Vec::new()).collect(),
@@ -162,22 +205,7 @@ pub fn scan(
             });
         }
     });
-    let (mut entries, counts) = results.into_inner().unwrap_or_else(|e| e.into_inner());
-    // Oldest first, each shard on its own thread (a million entries take a while to sort).
-    std::thread::scope(|scope| {
-        for (shard, from_snapshot) in entries.iter_mut().zip(restored) {
-            scope.spawn(move || {
-                shard.extend(from_snapshot);
-                shard.sort_unstable_by_key(|(_, e)| e.atime);
-            });
-        }
-    });
-    report.blobs += counts.blobs;
-    report.bytes += counts.bytes;
-    report.removed = counts.removed;
-    report.ignored = counts.ignored;
-    report.elapsed = start.elapsed();
-    Ok((entries, report))
+    results.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The fan-out byte a blob directory is named for (`"ab"` → 0xab).
@@ -192,6 +220,8 @@ fn read_instance_name(dir: &Path) -> Option<InstanceName> {
     InstanceName::new(std::str::from_utf8(&text).ok()?).ok()
 }
 
+/// Indexes the blob files of one directory into `out` by owner shard (deleting blob files
+/// whose size does not match their name).
 fn scan_dir(
     kind: TreeKind,
     instance: &InstanceName,
@@ -301,7 +331,8 @@ mod tests {
         std::fs::create_dir(&scratch).unwrap();
         let stored: Vec<BlobKey> = (0..300).map(|n| put(&layout, n)).collect();
         let owner_of = |k: &BlobKey| (k.digest.hash[1] % 2) as usize;
-        let (entries, report) = scan(&layout, TreeKind::Blobs, 2, 2, None, owner_of).unwrap();
+        let (entries, report, _) =
+            scan(&layout, TreeKind::Blobs, 2, 2, None, false, owner_of).unwrap();
         assert_eq!(report.blobs, 300);
         assert_eq!(report.dirs_from_snapshot, 0);
         let dirs = report.dirs_scanned;
@@ -313,7 +344,8 @@ mod tests {
             .collect();
         snapshot::write(&layout.index_file(), &snapshot::stamp(&layout, grouped)).unwrap();
         let snap = snapshot::load(&layout.index_file()).unwrap();
-        let (again, report) = scan(&layout, TreeKind::Blobs, 2, 2, Some(&snap), owner_of).unwrap();
+        let (again, report, _) =
+            scan(&layout, TreeKind::Blobs, 2, 2, Some(&snap), false, owner_of).unwrap();
         assert_eq!((report.dirs_from_snapshot, report.dirs_scanned), (dirs, 0));
         assert_eq!(keys(&again), keys(&entries));
         assert_eq!(
@@ -342,10 +374,12 @@ mod tests {
             .find(|k| k.digest.hash[0] != stored[0].digest.hash[0])
             .unwrap();
         let on_disk: std::collections::BTreeSet<BlobKey> = {
-            let (fresh, _) = scan(&layout, TreeKind::Blobs, 2, 2, None, owner_of).unwrap();
+            let (fresh, _, _) =
+                scan(&layout, TreeKind::Blobs, 2, 2, None, false, owner_of).unwrap();
             keys(&fresh)
         };
-        let (after, report) = scan(&layout, TreeKind::Blobs, 2, 2, Some(&snap), owner_of).unwrap();
+        let (after, report, _) =
+            scan(&layout, TreeKind::Blobs, 2, 2, Some(&snap), false, owner_of).unwrap();
         assert_eq!(keys(&after), on_disk, "exactly what is on disk");
         assert!(!keys(&after).contains(&stored[0]));
         assert!(keys(&after).contains(&added));
@@ -364,7 +398,7 @@ mod tests {
         let layout = empty_store(dir.path());
         let stored: Vec<BlobKey> = (0..50).map(|n| put(&layout, n)).collect();
         let owner_of = |_: &BlobKey| 0;
-        let (entries, _) = scan(&layout, TreeKind::Blobs, 1, 1, None, owner_of).unwrap();
+        let (entries, _, _) = scan(&layout, TreeKind::Blobs, 1, 1, None, false, owner_of).unwrap();
         let grouped = || vec![snapshot::group(entries[0].iter().map(|(k, e)| (k, e)))];
         let all = snapshot::stamp(&layout, grouped()).len();
         // The index believes in a blob whose file is gone (removed behind its back, or an

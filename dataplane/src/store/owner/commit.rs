@@ -104,6 +104,7 @@ impl Owner {
                 // Not acknowledged, so not kept: a file whose sync failed is not trusted.
                 self.accounting.remove(self.shard, size);
                 self.remove_later(self.layout.blob_path(&key));
+                self.note_removed(&key);
             }
             for (_, r) in waiting {
                 let _ = r.send(Err(e.retell()));

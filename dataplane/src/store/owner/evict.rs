@@ -39,6 +39,7 @@ impl Owner {
             }
             self.remove_later(self.layout.blob_path(key));
             self.forgotten(key);
+            self.note_removed(key);
             self.publish_oldest();
         }
     }
@@ -82,6 +83,7 @@ impl Owner {
             self.accounting.remove(self.shard, entry.size);
             self.remove_later(self.layout.blob_path(&key));
             self.forgotten(&key);
+            self.note_removed(&key);
             freed += entry.size;
             self.metrics().evictions.inc();
             self.metrics().evicted_bytes.inc_by(entry.size);

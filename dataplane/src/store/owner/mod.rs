@@ -12,6 +12,7 @@
 mod commit;
 mod evict;
 mod maintain;
+mod rebuild;
 
 use super::group_commit::GroupCommit;
 
@@ -24,6 +25,7 @@ use super::index::{BlobIndex, Entry};
 use super::layout::Layout;
 use super::parked::{Claim, UploadTable};
 use super::snapshot;
+use super::snapshot::DirKey;
 use super::tier::Forget;
 use super::StoreError;
 use crate::runtime::Runtime;
@@ -85,6 +87,10 @@ pub struct Owner {
     /// Blobs being renamed in or made durable, with the later copies of each waiting for
     /// the outcome.
     committing: RefCell<HashMap<BlobKey, Vec<WaitingCopy>>>,
+    /// Directories whose listing the background rebuild has yet to deliver.
+    pending: RefCell<HashSet<DirKey>>,
+    /// Blobs removed from the index while their directory is pending.
+    removed_pending: RefCell<HashSet<BlobKey>>,
 }
 
 impl Owner {
@@ -123,6 +129,8 @@ impl Owner {
             pending_atimes: RefCell::new(Vec::new()),
             lane,
             committing: RefCell::new(HashMap::new()),
+            pending: RefCell::new(HashSet::new()),
+            removed_pending: RefCell::new(HashSet::new()),
         }))
     }
 
@@ -156,7 +164,7 @@ impl Owner {
         snapshot::group(self.index.borrow().iter())
     }
 
-    fn handle(self: &Rc<Self>, command: Command) {
+    fn dispatch(self: &Rc<Self>, command: Command) {
         match command {
             Command::FindMissing { keys, reply } => {
                 let now = atime::now();
@@ -270,6 +278,7 @@ impl Owner {
                     }
                 }
             }
+            Command::Listed { dirs, entries } => self.listed(dirs, entries),
             Command::Evict { bytes } => {
                 // If this shard ran dry before the request was met, the next oldest shard goes on.
                 if self.evict(bytes) > 0 {
@@ -285,6 +294,7 @@ impl Owner {
                     active_uploads: active as u64,
                     parked_uploads: parked as u64,
                     pending_atimes: self.pending_atimes.borrow().len() as u64,
+                    pending_dirs: self.pending.borrow().len() as u64,
                 });
             }
         }

@@ -42,15 +42,7 @@ impl Plane {
         let store = OpenedStore::open(&config, 2, metrics.clone()).expect("store");
         let cas = store.cas();
         let plan = store.chain_plan();
-        let plane = DataPlane::start(
-            &config,
-            store,
-            Arc::new(GlommioBackend),
-            None,
-            None,
-            Arc::new(kiln_auth::Policy::disabled()),
-        )
-        .expect("data plane");
+        let plane = serve(&config, store);
         Plane {
             layout: Layout::cas(dir.path()),
             _dir: dir,
@@ -71,6 +63,19 @@ impl Plane {
             epoch: self.cas.sync_epoch(),
         }
     }
+}
+
+/// A data plane on glommio serving `store`, without a control plane, TLS or authorisation.
+pub(crate) fn serve(config: &Config, store: OpenedStore) -> DataPlane {
+    DataPlane::start(
+        config,
+        store,
+        Arc::new(GlommioBackend),
+        None,
+        None,
+        Arc::new(kiln_auth::Policy::disabled()),
+    )
+    .expect("data plane")
 }
 
 pub(crate) fn key(data: &[u8]) -> BlobKey {
