@@ -7,23 +7,12 @@ use bytes::Bytes;
 use futures::StreamExt;
 use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::tier::{read_whole, BlobStore, VerifiedUpload};
-use kiln_dataplane::store::CasClient;
+use kiln_dataplane::store::{CasClient, StoreError};
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// What hashing a stored input found.
-enum Check {
-    Good,
-    /// Bytes that do not hash to the digest: the blob is dropped.
-    Corrupt,
-    /// The file is gone: the blob is forgotten.
-    Vanished,
-    /// Could not be read now: kept, and this action fetches it (or misses it) anew.
-    Unreadable,
-}
-
-/// Files hashed at once when pinned inputs need checking.
+/// Files checked at once when pinned inputs need checking.
 const VERIFY_PARALLELISM: usize = 4;
 
 /// A local CAS: the owner shards' handle, the chain of tiers over them, and where files live.
@@ -95,7 +84,7 @@ impl LocalCas {
         digests: &[Digest],
     ) -> Result<(Vec<Digest>, Vec<BlobKey>), ActionError> {
         let keys: Vec<BlobKey> = digests.iter().map(|d| Self::key(instance, *d)).collect();
-        let present = self.cas.pin_checked(&keys).await?;
+        let present = self.store.pin(&keys).await?;
         let mut missing = Vec::new();
         let mut pinned = Vec::new();
         let mut unchecked = Vec::new();
@@ -106,42 +95,40 @@ impl LocalCas {
                 None => missing.push(key.digest),
             }
         }
-        // Files found on disk at start-up are hashed before an action sees them (a read
-        // through the CAS would check them; a hardlink into an action directory does not).
-        let checked: Vec<(BlobKey, Check)> = futures::stream::iter(unchecked)
+        // Files found on disk at start-up are checked before an action sees them (a read
+        // through the CAS would check them; a hardlink into an action directory does not),
+        // by the same check as a read, which tells the store the verdict (a damaged or
+        // vanished blob leaves it).
+        let checked: Vec<(BlobKey, bool)> = futures::stream::iter(unchecked)
             .map(|key| async move {
-                let path = self.layout.blob_path(&key);
-                let check = match hash_file(key.digest.function, &path).await {
-                    Ok(d) if d == key.digest => Check::Good,
-                    Ok(_) => Check::Corrupt,
-                    Err(ActionError::Io { source, .. })
-                        if source.kind() == std::io::ErrorKind::NotFound =>
-                    {
-                        Check::Vanished
+                let good = match self.store.open(&key).await {
+                    Ok(Some(blob)) => {
+                        match tokio::task::spawn_blocking(move || blob.check_blocking()).await {
+                            Ok(Ok(())) => true,
+                            Ok(Err(StoreError::Io { source, .. })) => {
+                                // Kept: a passing failure (too many open files) says nothing
+                                // of it.
+                                tracing::warn!(blob = ?key, error = %source, "cannot read a stored input; fetching it again");
+                                false
+                            }
+                            Ok(Err(_)) | Err(_) => false,
+                        }
                     }
-                    Err(e) => {
-                        // Kept: a passing failure (too many open files) says nothing of it.
-                        tracing::warn!(blob = ?key, error = %e, "cannot read a stored input; fetching it again");
-                        Check::Unreadable
-                    }
+                    Ok(None) | Err(_) => false,
                 };
-                (key, check)
+                (key, good)
             })
             .buffer_unordered(VERIFY_PARALLELISM)
             .collect()
             .await;
-        for (key, check) in checked {
-            match check {
-                Check::Good => {
-                    self.cas.report_verified(&key);
-                    pinned.push(key);
-                    continue;
-                }
-                // Leaving the index also releases its pins.
-                Check::Corrupt => self.cas.drop_changed(&key).await,
-                Check::Vanished => self.cas.report_vanished(&key),
-                Check::Unreadable => self.cas.unpin(std::slice::from_ref(&key)).await,
+        for (key, good) in checked {
+            if good {
+                pinned.push(key);
+                continue;
             }
+            // A blob that left the store took its pin with it, and then this does nothing;
+            // otherwise (kept, or the store's notice was lost) the pin is released here.
+            self.store.unpin(std::slice::from_ref(&key)).await;
             missing.push(key.digest);
         }
         Ok((missing, pinned))
@@ -149,7 +136,7 @@ impl LocalCas {
 
     /// Releases pins.
     pub async fn unpin(&self, keys: &[BlobKey]) {
-        self.cas.unpin(keys).await;
+        self.store.unpin(keys).await;
     }
 
     /// A small blob's bytes, if present.

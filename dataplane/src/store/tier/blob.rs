@@ -208,6 +208,38 @@ impl Blob {
         self.finish_whole(Bytes::from(data), checked)
     }
 
+    /// Checks the bytes of a file no one in this process has checked (found on disk at
+    /// start-up), reading it with blocking calls and keeping nothing: for readers that use the
+    /// file itself rather than its bytes (a worker hardlinking an input into an action). The
+    /// verdict goes to the watchers; an error says the blob is damaged or gone, or could not
+    /// be read now (an I/O error, which says nothing of the blob).
+    pub fn check_blocking(&self) -> Result<(), StoreError> {
+        let Body::File {
+            path,
+            checked: false,
+        } = &self.body
+        else {
+            return Ok(());
+        };
+        let mut check = Check::new(&self.key);
+        let read = (|| {
+            use std::io::Read;
+            let mut file = std::fs::File::open(path)?;
+            let mut buf = vec![0u8; self.size().clamp(1, blob_io::WRITE_BUFFER as u64) as usize];
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    return Ok::<_, io::Error>(());
+                }
+                check.update(&buf[..n]);
+            }
+        })();
+        match read {
+            Ok(()) => self.conclude(check),
+            Err(e) => Err(self.io_failure(path, e)),
+        }
+    }
+
     fn finish_whole(self, data: Bytes, checked: bool) -> Result<Bytes, StoreError> {
         if !checked {
             let mut check = Check::new(&self.key);
@@ -423,6 +455,33 @@ mod tests {
         std::fs::remove_file(dir.path().join(format!("blob-{}", data.len()))).unwrap();
         assert!(matches!(
             blob.read_all_blocking(),
+            Err(StoreError::Vanished(_))
+        ));
+        assert_eq!(*record.verdicts.lock().unwrap(), vec![Verdict::Vanished]);
+    }
+
+    #[test]
+    fn a_file_used_in_place_is_checked_without_reading_it_into_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![5u8; 3 << 20];
+        let (blob, record) = unchecked(dir.path(), &data, &data);
+        assert!(blob.check_blocking().is_ok());
+        assert_eq!(*record.verdicts.lock().unwrap(), vec![Verdict::Good]);
+        assert!(
+            record.whole.lock().unwrap().is_empty(),
+            "nothing read whole"
+        );
+
+        let mut longer = data.clone();
+        longer.push(5);
+        let (blob, record) = unchecked(dir.path(), &data, &longer);
+        assert!(matches!(blob.check_blocking(), Err(StoreError::Corrupt(_))));
+        assert_eq!(*record.verdicts.lock().unwrap(), vec![Verdict::Corrupt]);
+
+        let (blob, record) = unchecked(dir.path(), &data, &data);
+        std::fs::remove_file(dir.path().join(format!("blob-{}", data.len()))).unwrap();
+        assert!(matches!(
+            blob.check_blocking(),
             Err(StoreError::Vanished(_))
         ));
         assert_eq!(*record.verdicts.lock().unwrap(), vec![Verdict::Vanished]);
