@@ -273,12 +273,7 @@ async fn the_admin_listener_speaks_tls_and_asks_for_the_admin_role() {
         config: Some(config.into()),
         ..common::Options::on(common::Runtime::Glommio)
     };
-    let kiln = tokio::task::spawn_blocking({
-        let data_dir = data_dir.clone();
-        move || Kiln::start_with(&data_dir, options)
-    })
-    .await
-    .unwrap();
+    let kiln = Kiln::start_async(&data_dir, options).await;
     assert!(kiln.admin.starts_with("https://"), "{}", kiln.admin);
     let farm = kiln_tls::farm::Farm::at(data_dir.join("tls"));
     let ca = farm.ca_cert().to_str().unwrap().to_string();

@@ -268,8 +268,7 @@ on_every_runtime! {
         let listed = kiln_token(&data_dir, &["list"]);
         assert!(listed.contains("reader\tcache-read\tmain") && !listed.contains(&reader), "{listed}");
         let options = Options { config: Some("[auth]\nenabled = true\n".into()), ..Options::on(rt) };
-        let d2 = data_dir.clone();
-        let kiln = tokio::task::spawn_blocking(move || Kiln::start_with(&d2, options)).await.unwrap();
+        let kiln = Kiln::start_async(&data_dir, options).await;
         let ch = kiln.channel().await;
         let caller = |t: Option<&String>| As { ch: ch.clone(), token: Bearer(t.cloned()) };
         use Code::{Ok as Y, PermissionDenied as N, Unauthenticated as U};
@@ -371,7 +370,7 @@ on_every_runtime! {
         let d = dir.path().join("data");
         std::fs::create_dir_all(&d).unwrap();
         let elsewhere = kiln_token(&d, &["create", "--name", "b-only", "--role", "execute", "--instance", "b"]);
-        let kiln = tokio::task::spawn_blocking(move || Kiln::start_with(&d, options)).await.unwrap();
+        let kiln = Kiln::start_async(&d, options).await;
         let ch = kiln.channel().await;
         let spec = common::exec::Spec::script("echo authorised");
         let (ops, r) = common::exec::execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();

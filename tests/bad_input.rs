@@ -438,8 +438,7 @@ on_every_runtime! {
             config: Some("[storage]\ndisk_bytes = \"1 GiB\"\nmemory_bytes = 0\n".into()),
             ..Options::on(rt)
         };
-        let d2 = data_dir.clone();
-        let kiln = tokio::task::spawn_blocking(move || Kiln::start_with(&d2, options)).await.unwrap();
+        let kiln = Kiln::start_async(&data_dir, options).await;
         let ch = kiln.channel().await;
         let big = pseudo_random(31, 8 << 20);
         let name = write_name("", Function::Sha256, &digest(Function::Sha256, &big));

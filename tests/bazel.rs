@@ -96,9 +96,7 @@ async fn bazel_with_a_bearer_token_and_without() {
         config: Some("[auth]\nenabled = true\n".into()),
         ..common::Options::on(common::Runtime::Glommio)
     };
-    let kiln = tokio::task::spawn_blocking(move || Kiln::start_with(&data_dir, options))
-        .await
-        .unwrap();
+    let kiln = Kiln::start_async(&data_dir, options).await;
     let endpoint = format!("grpc://{}", kiln.addr);
     let header = format!("--remote_header=authorization=Bearer {token}");
     let (passed, stdout, stderr) = run_bazel(

@@ -308,12 +308,7 @@ on_every_runtime! {
             ..Options::on(rt)
         };
         let data_dir = dir.path().join("data");
-        let kiln = tokio::task::spawn_blocking({
-            let data_dir = data_dir.clone();
-            move || Kiln::start_with(&data_dir, options)
-        })
-        .await
-        .unwrap();
+        let kiln = Kiln::start_async(&data_dir, options).await;
         let ch = kiln.channel().await;
         let f = Function::Sha256;
         let mut old = Vec::new();
@@ -403,12 +398,7 @@ on_every_runtime! {
             ..Options::on(rt)
         };
         let data_dir = dir.path().join("data");
-        let kiln = tokio::task::spawn_blocking({
-            let data_dir = data_dir.clone();
-            move || Kiln::start_with(&data_dir, options)
-        })
-        .await
-        .unwrap();
+        let kiln = Kiln::start_async(&data_dir, options).await;
         let ch = kiln.channel().await;
         let f = Function::Sha256;
         let data = pseudo_random(7, 3 << 20);

@@ -166,13 +166,8 @@ on_every_runtime! {
 
     async fn platform_properties_choose_the_worker(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().join("server");
-        let kiln = tokio::task::spawn_blocking(move || {
-            let config = format!("{NO_EMBEDDED}unserved_timeout_secs = 1\n");
-            Kiln::start_with(&d, Options { config: Some(config), ..Options::on(rt) })
-        })
-        .await
-        .unwrap();
+        let config = format!("{NO_EMBEDDED}unserved_timeout_secs = 1\n");
+        let kiln = Kiln::start_async(&dir.path().join("server"), Options { config: Some(config), ..Options::on(rt) }).await;
         let (k, d) = (kiln.addr, dir.path().to_path_buf());
         let (_a, _b) = tokio::task::spawn_blocking(move || {
             (
@@ -261,10 +256,8 @@ on_every_runtime! {
         }
         kiln.stop().await;
         // The same port again, as after an upgrade.
-        let kiln = tokio::task::spawn_blocking({
-            let d = dir.path().join("server");
-            move || Kiln::start_with(&d, Options { config: Some(NO_EMBEDDED.into()), listen: Some(addr.to_string()), ..Options::on(rt) })
-        }).await.unwrap();
+        let options = Options { config: Some(NO_EMBEDDED.into()), listen: Some(addr.to_string()), ..Options::on(rt) };
+        let kiln = Kiln::start_async(&dir.path().join("server"), options).await;
         let kiln = logged(kiln, "worker connected").await;
         let ch = kiln.channel().await;
         let spec = Spec { platform: vec![("pool".into(), "a".into())], ..Spec::script("echo two") };

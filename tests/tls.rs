@@ -19,10 +19,7 @@ use std::path::{Path, PathBuf};
 const F: Function = Function::Sha256;
 
 async fn start(dir: &Path, options: Options) -> Kiln {
-    let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || Kiln::start_with(&dir, options))
-        .await
-        .unwrap()
+    Kiln::start_async(dir, options).await
 }
 
 /// A blob round trip and a control-plane call on `ch`.
