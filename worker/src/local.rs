@@ -6,6 +6,7 @@ use crate::error::ActionError;
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_dataplane::store::layout::Layout;
+use kiln_dataplane::store::tier::filesystem::Filesystem;
 use kiln_dataplane::store::tier::{read_whole, BlobStore, VerifiedUpload};
 use kiln_dataplane::store::{CasClient, StoreError};
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
@@ -98,10 +99,13 @@ impl LocalCas {
         // Files found on disk at start-up are checked before an action sees them (a read
         // through the CAS would check them; a hardlink into an action directory does not),
         // by the same check as a read, which tells the store the verdict (a damaged or
-        // vanished blob leaves it).
+        // vanished blob leaves it). The file itself, from the filesystem tier: a memory tier
+        // could answer with good bytes while the file is damaged.
+        let files = Filesystem::new(self.cas.clone());
+        let files = &files;
         let checked: Vec<(BlobKey, bool)> = futures::stream::iter(unchecked)
             .map(|key| async move {
-                let good = match self.store.open(&key).await {
+                let good = match files.open(&key).await {
                     Ok(Some(blob)) => {
                         match tokio::task::spawn_blocking(move || blob.check_blocking()).await {
                             Ok(Ok(())) => true,

@@ -145,6 +145,8 @@ pub(crate) enum Command {
     Listed {
         dirs: Vec<DirKey>,
         entries: Vec<(BlobKey, Entry)>,
+        /// Files of this shard's blobs cut short by a crash.
+        damaged: Vec<BlobKey>,
     },
 }
 

@@ -11,6 +11,7 @@ use super::commands::Command;
 use super::scan::{scan_dirs, DirWork, ScanReport, ShardEntries, TreeKind};
 use super::snapshot::DirKey;
 use super::CasClient;
+use kiln_reapi::digest::BlobKey;
 use std::path::PathBuf;
 use std::time::Instant;
 use tracing::{info, warn};
@@ -28,29 +29,37 @@ pub struct PendingDir {
 pub struct Listings {
     dirs: Vec<DirKey>,
     shards: ShardEntries,
+    /// Blob files whose size does not match their name (cut short by a crash), by shard.
+    damaged: Vec<Vec<BlobKey>>,
     counts: ScanReport,
 }
 
-/// Scans `dirs` on `threads` threads (deleting files cut short by a crash, as the start-up
-/// scan does).
+/// Scans `dirs` on `threads` threads. Files cut short by a crash are not deleted here but by
+/// their owners, on their file lanes, unless a commit has replaced them meanwhile.
 pub fn list(dirs: &[PendingDir], cas: &CasClient, threads: usize) -> Listings {
     let work: Vec<DirWork> = dirs
         .iter()
         .map(|d| (d.key.instance.clone(), d.key.function, d.path.clone()))
         .collect();
-    let (mut shards, counts) = scan_dirs(
+    let (mut shards, counts, found_damaged) = scan_dirs(
         TreeKind::Blobs,
         &work,
         cas.shard_count(),
         threads,
-        &|k: &kiln_reapi::digest::BlobKey| cas.owner_of(&k.digest),
+        &|k: &BlobKey| cas.owner_of(&k.digest),
+        false,
     );
     for entries in &mut shards {
         entries.sort_unstable_by_key(|(_, e)| e.atime);
     }
+    let mut damaged: Vec<Vec<BlobKey>> = vec![Vec::new(); shards.len()];
+    for key in found_damaged {
+        damaged[cas.owner_of(&key.digest)].push(key);
+    }
     Listings {
         dirs: dirs.iter().map(|d| d.key.clone()).collect(),
         shards,
+        damaged,
         counts,
     }
 }
@@ -59,10 +68,16 @@ pub fn list(dirs: &[PendingDir], cas: &CasClient, threads: usize) -> Listings {
 /// directories as pending). Blocks while a shard's queue is full; false once the shards have
 /// stopped.
 pub fn deliver(listings: Listings, cas: &CasClient) -> bool {
-    for (shard, entries) in listings.shards.into_iter().enumerate() {
+    for (shard, (entries, damaged)) in listings
+        .shards
+        .into_iter()
+        .zip(listings.damaged)
+        .enumerate()
+    {
         let command = Command::Listed {
             dirs: listings.dirs.clone(),
             entries,
+            damaged,
         };
         if cas.send_blocking(shard, command).is_err() {
             return false;
@@ -81,14 +96,15 @@ pub fn start(dirs: Vec<PendingDir>, cas: CasClient, threads: usize) -> std::io::
         .spawn(move || {
             let started = Instant::now();
             let listings = list(&dirs, &cas, threads);
-            let (blobs, removed) = (listings.counts.blobs, listings.counts.removed);
+            let blobs = listings.counts.blobs;
+            let damaged: usize = listings.damaged.iter().map(Vec::len).sum();
             if !deliver(listings, &cas) {
                 return;
             }
-            if removed > 0 {
+            if damaged > 0 {
                 warn!(
-                    removed,
-                    "deleted damaged blob files found by the index rebuild"
+                    damaged,
+                    "blob files cut short (by a crash?) found by the index rebuild; deleting them"
                 );
             }
             info!(
@@ -178,7 +194,12 @@ mod tests {
 
         // The listings are taken; then a blob goes and another comes.
         let listings = list(&held, &cas, 2);
-        assert_eq!(listings.counts.removed, 1, "the short file");
+        assert_eq!(
+            listings.damaged.concat(),
+            vec![short.clone()],
+            "the short file"
+        );
+        assert!(layout.blob_path(&short).exists(), "left to its owner");
         let gone = good[3].clone();
         block_on(cas.drop_changed(&gone));
         let new = blob(1000);
@@ -203,10 +224,13 @@ mod tests {
             "each blob counted once"
         );
         let mut asked = good.to_vec();
-        asked.extend([gone.clone(), new_key.clone(), short, absent]);
+        asked.extend([gone.clone(), new_key.clone(), short.clone(), absent]);
         let mut expected = vec![true; 299];
         expected[3] = false;
         expected.extend([false, true, false, false]);
         assert_eq!(block_on(chain.contains(&asked)).unwrap(), expected);
+        // The short file was deleted by its owner (a lookup is queued on the lane after it).
+        assert!(block_on(chain.open(&short)).unwrap().is_none());
+        assert!(!layout.blob_path(&short).exists());
     }
 }

@@ -139,7 +139,7 @@ pub fn scan(
         }
     }
 
-    let (mut entries, counts) = scan_dirs(kind, &work, shards, threads, &owner_of);
+    let (mut entries, counts, _) = scan_dirs(kind, &work, shards, threads, &owner_of, true);
     // Oldest first, each shard on its own thread (a million entries take a while to sort).
     std::thread::scope(|scope| {
         for (shard, from_snapshot) in entries.iter_mut().zip(restored) {
@@ -160,25 +160,29 @@ pub fn scan(
 /// A blob directory to scan: its instance, digest function and path.
 pub(crate) type DirWork = (InstanceName, DigestFunction, PathBuf);
 
-/// Scans `work` on `threads` threads; the blobs found, by owner shard (in no order), and the
-/// counts.
+/// Scans `work` on `threads` threads; the blobs found, by owner shard (in no order), the
+/// counts, and (unless `delete_damaged`, which deletes them) the blob files whose size does
+/// not match their name.
 pub(crate) fn scan_dirs(
     kind: TreeKind,
     work: &[DirWork],
     shards: usize,
     threads: usize,
     owner_of: &(impl Fn(&BlobKey) -> usize + Sync),
-) -> (ShardEntries, ScanReport) {
+    delete_damaged: bool,
+) -> (ShardEntries, ScanReport, Vec<BlobKey>) {
     let next = AtomicUsize::new(0);
-    let results: Mutex<(ShardEntries, ScanReport)> = Mutex::new((
+    let results: Mutex<(ShardEntries, ScanReport, Vec<BlobKey>)> = Mutex::new((
         (0..shards).map(|_| Vec::new()).collect(),
         ScanReport::default(),
+        Vec::new(),
     ));
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
                 let mut local: ShardEntries = (0..shards).map(|_| Vec::new()).collect();
                 let mut counts = ScanReport::default();
+                let mut damaged = (!delete_damaged).then(Vec::new);
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some((instance, function, dir)) = work.get(i) else {
@@ -192,6 +196,7 @@ pub(crate) fn scan_dirs(
                         &owner_of,
                         &mut local,
                         &mut counts,
+                        damaged.as_mut(),
                     );
                 }
                 let mut all = results.lock().unwrap_or_else(|e| e.into_inner());
@@ -202,6 +207,7 @@ pub(crate) fn scan_dirs(
                 all.1.bytes += counts.bytes;
                 all.1.removed += counts.removed;
                 all.1.ignored += counts.ignored;
+                all.2.extend(damaged.unwrap_or_default());
             });
         }
     });
@@ -220,8 +226,9 @@ fn read_instance_name(dir: &Path) -> Option<InstanceName> {
     InstanceName::new(std::str::from_utf8(&text).ok()?).ok()
 }
 
-/// Indexes the blob files of one directory into `out` by owner shard (deleting blob files
-/// whose size does not match their name).
+/// Indexes the blob files of one directory into `out` by owner shard. Blob files whose size
+/// does not match their name go to `damaged`, or are deleted when it is `None`.
+#[allow(clippy::too_many_arguments)]
 fn scan_dir(
     kind: TreeKind,
     instance: &InstanceName,
@@ -230,7 +237,9 @@ fn scan_dir(
     owner_of: &impl Fn(&BlobKey) -> usize,
     out: &mut ShardEntries,
     counts: &mut ScanReport,
+    damaged: Option<&mut Vec<BlobKey>>,
 ) {
+    let mut damaged = damaged;
     let Ok(files) = std::fs::read_dir(dir) else {
         return;
     };
@@ -261,6 +270,10 @@ fn scan_dir(
             continue;
         }
         if kind == TreeKind::Blobs && meta.len() != digest.size {
+            if let Some(d) = damaged.as_mut() {
+                d.push(BlobKey::new(instance.clone(), digest));
+                continue;
+            }
             warn!(path = %path.display(), found = meta.len(), "blob file has the wrong size (cut short by a crash?); deleting it");
             if std::fs::remove_file(&path).is_ok() {
                 counts.removed += 1;

@@ -263,22 +263,18 @@ impl Owner {
                     .collect();
                 drop(index);
                 self.publish_oldest();
-                let _ = reply.send(pinned);
-            }
-            Command::Unpin { keys } => {
-                let mut index = self.index.borrow_mut();
-                for k in &keys {
-                    if let Some(e) = index.peek_mut(k) {
-                        if e.pins > 0 {
-                            e.pins -= 1;
-                            if e.pins == 0 {
-                                self.accounting.set_pinned(e.size, false);
-                            }
-                        }
-                    }
+                if let Err(pinned) = reply.send(pinned) {
+                    // The caller is gone (cancelled): no one will release these pins.
+                    let held = keys.iter().zip(pinned).filter(|(_, p)| p.is_some());
+                    self.unpin(held.map(|(k, _)| k));
                 }
             }
-            Command::Listed { dirs, entries } => self.listed(dirs, entries),
+            Command::Unpin { keys } => self.unpin(keys.iter()),
+            Command::Listed {
+                dirs,
+                entries,
+                damaged,
+            } => self.listed(dirs, entries, damaged),
             Command::Evict { bytes } => {
                 // If this shard ran dry before the request was met, the next oldest shard goes on.
                 if self.evict(bytes) > 0 {
@@ -296,6 +292,21 @@ impl Owner {
                     pending_atimes: self.pending_atimes.borrow().len() as u64,
                     pending_dirs: self.pending.borrow().len() as u64,
                 });
+            }
+        }
+    }
+
+    /// Releases one pin of each blob of `keys` that has one.
+    fn unpin<'a>(&self, keys: impl Iterator<Item = &'a BlobKey>) {
+        let mut index = self.index.borrow_mut();
+        for k in keys {
+            if let Some(e) = index.peek_mut(k) {
+                if e.pins > 0 {
+                    e.pins -= 1;
+                    if e.pins == 0 {
+                        self.accounting.set_pinned(e.size, false);
+                    }
+                }
             }
         }
     }

@@ -140,8 +140,22 @@ impl Owner {
     }
 
     /// The listings arrived (oldest first): their blobs join the index, placed among the
-    /// others by access time, and their directories are no longer pending.
-    pub(super) fn listed(self: &Rc<Self>, dirs: Vec<DirKey>, entries: Vec<(BlobKey, Entry)>) {
+    /// others by access time, and their directories are no longer pending. Files cut short
+    /// are deleted (on the lane, so before any later commit's rename) unless a commit has
+    /// replaced them.
+    pub(super) fn listed(
+        self: &Rc<Self>,
+        dirs: Vec<DirKey>,
+        entries: Vec<(BlobKey, Entry)>,
+        damaged: Vec<BlobKey>,
+    ) {
+        for key in damaged {
+            let replaced = self.index.borrow().peek(&key).is_some()
+                || self.committing.borrow().contains_key(&key);
+            if !replaced {
+                self.remove_later(self.layout.blob_path(&key));
+            }
+        }
         let fresh = self.new_to_index(entries, true);
         let bytes: u64 = fresh.iter().map(|(_, e)| e.size).sum();
         self.index.borrow_mut().insert_aged(fresh);

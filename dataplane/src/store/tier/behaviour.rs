@@ -252,3 +252,26 @@ fn memory_hits_count_as_use_below_and_evictions_reach_memory() {
         "the evicted blob is not served from memory either"
     );
 }
+
+/// A pin whose caller went away before the answer (a cancelled Execute) is released by the
+/// owner: no one else would.
+#[test]
+fn a_pin_whose_caller_is_gone_is_released() {
+    let plane = Plane::start("");
+    let data = blob(9, 1_000);
+    let k = key(&data);
+    block_on(filesystem(&plane).put(&k, plane.upload(&data, false))).unwrap();
+    let (reply, gone) = futures::channel::oneshot::channel();
+    drop(gone);
+    let pin = crate::store::commands::Command::Pin {
+        keys: vec![k.clone()],
+        reply,
+    };
+    plane
+        .cas
+        .send_blocking(plane.cas.owner_of(&k.digest), pin)
+        .unwrap();
+    // Answered in order: after this, the pin was handled.
+    block_on(plane.cas.stats()).unwrap();
+    assert_eq!(plane.cas.accounting().pinned(), 0);
+}

@@ -229,10 +229,13 @@ impl BlobStore for InFlight {
 
     fn open<'a>(&'a self, key: &'a BlobKey) -> StoreFuture<'a, Option<Blob>> {
         Box::pin(async move {
+            // The upload first: one that finishes while the tier below is asked is stored by
+            // the time that answers, or followed here (and read from below once stored).
+            let upload = self.uploads.get(key);
             if let Some(blob) = self.inner.open(key).await? {
                 return Ok(Some(blob));
             }
-            let Some(followed) = self.uploads.get(key) else {
+            let Some(followed) = upload else {
                 return Ok(None);
             };
             self.metrics.lookups_inc("in_flight");
@@ -265,13 +268,11 @@ impl BlobStore for InFlight {
 /// place, or the upload failed before the reader opened it): read the stored blob from the
 /// tier below, or report it missing.
 async fn stored_blob(growing: &Growing, then: &dyn BlobStore) -> Result<Blob, StoreError> {
-    match growing.wait_end().await {
-        Ended::Stored => then
-            .open(&growing.key)
-            .await?
-            .ok_or_else(|| StoreError::Vanished(growing.key.clone())),
-        Ended::Failed => Err(StoreError::Vanished(growing.key.clone())),
-    }
+    // Stored, or failed while another upload (not followed) may have stored it.
+    growing.wait_end().await;
+    then.open(&growing.key)
+        .await?
+        .ok_or_else(|| StoreError::Vanished(growing.key.clone()))
 }
 
 /// The whole blob once its upload is stored (through the tier below).
@@ -289,14 +290,11 @@ pub(super) fn read_all_blocking(
     growing: &Growing,
     then: &dyn BlobStore,
 ) -> Result<bytes::Bytes, StoreError> {
-    match growing.wait_end_blocking() {
-        Ended::Stored => {
-            let blob = futures::executor::block_on(then.open(&growing.key))?
-                .ok_or_else(|| StoreError::Vanished(growing.key.clone()))?;
-            blob.read_all_blocking()
-        }
-        Ended::Failed => Err(StoreError::Vanished(growing.key.clone())),
-    }
+    // Stored, or failed while another upload (not followed) may have stored it.
+    growing.wait_end_blocking();
+    let blob = futures::executor::block_on(then.open(&growing.key))?
+        .ok_or_else(|| StoreError::Vanished(growing.key.clone()))?;
+    blob.read_all_blocking()
 }
 
 /// Streams `start..end` of the upload's blob as it arrives (see the module's rules).

@@ -30,10 +30,17 @@ struct Cached {
     told: Arc<AtomicU64>,
 }
 
+/// Forget counters: a blob's bucket by two bytes of its hash.
+const FORGET_BUCKETS: usize = 1024;
+
 /// The cache of one memory tier, shared by the chains of every core.
 #[derive(Clone)]
 pub struct MemoryCache {
     cache: Option<moka::sync::Cache<BlobKey, Cached>>,
+    /// Per bucket of blobs, how many left the tier below: bytes read (or stored) before a
+    /// blob left it are not cached after (a reader may still hold the file of an evicted or
+    /// damaged blob).
+    forgets: Arc<[AtomicU64]>,
     max_blob: u64,
     /// A hit is passed on to the tier below at most this often per blob (nanoseconds).
     tell_every: u64,
@@ -53,6 +60,7 @@ impl MemoryCache {
         });
         MemoryCache {
             cache,
+            forgets: (0..FORGET_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             max_blob,
             tell_every: 0,
         }
@@ -91,6 +99,32 @@ impl MemoryCache {
         Some((cached.data, due))
     }
 
+    fn forgets_of(&self, key: &BlobKey) -> &AtomicU64 {
+        let h = &key.digest.hash;
+        &self.forgets[usize::from(u16::from_le_bytes([h[1], h[2]])) % FORGET_BUCKETS]
+    }
+
+    /// A mark to pass to [`MemoryCache::insert_unless_forgotten`], taken before the bytes
+    /// were read or stored.
+    pub fn mark(&self, key: &BlobKey) -> u64 {
+        self.forgets_of(key).load(Ordering::Acquire)
+    }
+
+    /// Offers a blob to the cache unless a blob of its bucket left the tier below since
+    /// `mark` was taken.
+    pub fn insert_unless_forgotten(&self, key: BlobKey, data: &Bytes, mark: u64) {
+        if self.mark(&key) != mark {
+            return;
+        }
+        self.insert(key.clone(), data);
+        // A forget between the check and the insert: undo it.
+        if self.mark(&key) != mark {
+            if let Some(cache) = &self.cache {
+                cache.invalidate(&key);
+            }
+        }
+    }
+
     /// Offers a blob to the cache (TinyLFU may decline it).
     pub fn insert(&self, key: BlobKey, data: &Bytes) {
         if let Some(cache) = &self.cache {
@@ -118,15 +152,24 @@ impl MemoryCache {
 
 impl Forget for MemoryCache {
     fn forget(&self, key: &BlobKey) {
+        // Counted first: a fill that read the blob before this sees the count moved.
+        self.forgets_of(key).fetch_add(1, Ordering::AcqRel);
         if let Some(cache) = &self.cache {
             cache.invalidate(key);
         }
     }
 }
 
-impl BlobWatcher for MemoryCache {
+/// Keeps the bytes of a small blob read whole, unless it left the tier below meanwhile.
+struct Fill {
+    cache: Arc<MemoryCache>,
+    mark: u64,
+}
+
+impl BlobWatcher for Fill {
     fn read_whole(&self, key: &BlobKey, data: &Bytes) {
-        self.insert(key.clone(), data);
+        self.cache
+            .insert_unless_forgotten(key.clone(), data, self.mark);
     }
 }
 
@@ -168,10 +211,14 @@ impl BlobStore for Memory {
                 }
                 return Ok(Some(Blob::bytes(key.clone(), data)));
             }
+            let mark = self.cache.mark(key);
             let blob = self.inner.open(key).await?;
             Ok(blob.map(|b| {
                 if self.cache.admits(b.size()) {
-                    b.watched(self.cache.clone())
+                    b.watched(Arc::new(Fill {
+                        cache: self.cache.clone(),
+                        mark,
+                    }))
                 } else {
                     b
                 }
@@ -182,9 +229,10 @@ impl BlobStore for Memory {
     fn put<'a>(&'a self, key: &'a BlobKey, upload: VerifiedUpload) -> StoreFuture<'a, Committed> {
         Box::pin(async move {
             let data = upload.data.clone();
+            let mark = self.cache.mark(key);
             let committed = self.inner.put(key, upload).await?;
             if let Some(data) = data.filter(|d| self.cache.admits(d.len() as u64)) {
-                self.cache.insert(key.clone(), &data);
+                self.cache.insert_unless_forgotten(key.clone(), &data, mark);
             }
             Ok(committed)
         })
@@ -280,5 +328,17 @@ mod tests {
         // Stored just now: that counts as the last use the tier below saw.
         assert_eq!(hourly.hit(&key(1)), Some((Bytes::from_static(b"x"), false)));
         assert_eq!(hourly.hit(&key(2)), None);
+    }
+
+    #[test]
+    fn bytes_read_before_a_blob_left_are_not_cached_after() {
+        let cache = MemoryCache::new(1 << 20, 1 << 10);
+        let mark = cache.mark(&key(1));
+        cache.forget(&key(1));
+        cache.insert_unless_forgotten(key(1), &Bytes::from_static(b"x"), mark);
+        assert!(cache.get(&key(1)).is_none(), "read before the forget");
+        let mark = cache.mark(&key(1));
+        cache.insert_unless_forgotten(key(1), &Bytes::from_static(b"x"), mark);
+        assert!(cache.get(&key(1)).is_some(), "read after it");
     }
 }
