@@ -97,9 +97,20 @@ pub trait Classify: std::fmt::Display {
         self.to_string()
     }
 
-    /// The gRPC status of a failed call.
+    /// Error details the statuses carry (a `PreconditionFailure` naming missing blobs); none
+    /// by default.
+    fn details(&self) -> Vec<prost_types::Any> {
+        Vec::new()
+    }
+
+    /// The gRPC status of a failed call (details, when there are any, in the
+    /// `grpc-status-details-bin` trailer).
     fn status(&self) -> tonic::Status {
-        tonic::Status::new(self.kind().code(), self.client_message())
+        let details = self.details();
+        if details.is_empty() {
+            return tonic::Status::new(self.kind().code(), self.client_message());
+        }
+        to_tonic(&self.rpc_status())
     }
 
     /// The `google.rpc.Status` of a failed item inside a response (a batch entry, an
@@ -108,7 +119,7 @@ pub trait Classify: std::fmt::Display {
         RpcStatus {
             code: self.kind().code() as i32,
             message: self.client_message(),
-            details: Vec::new(),
+            details: self.details(),
         }
     }
 }
@@ -216,6 +227,58 @@ mod tests {
         assert_eq!(ErrorKind::of_io(&quota), ErrorKind::Exhausted);
         let denied = std::io::Error::from_raw_os_error(libc::EACCES);
         assert_eq!(ErrorKind::of_io(&denied), ErrorKind::Internal);
+    }
+
+    /// An error with details, as `Execute`'s and the worker's missing inputs are.
+    #[derive(Debug)]
+    struct Missing(Vec<Digest>);
+
+    impl std::fmt::Display for Missing {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "missing")
+        }
+    }
+
+    impl Classify for Missing {
+        fn kind(&self) -> ErrorKind {
+            ErrorKind::Precondition
+        }
+        fn details(&self) -> Vec<prost_types::Any> {
+            missing_blobs("the action", self.0.clone()).details
+        }
+    }
+
+    /// Details reach both the call's status (in its trailer) and an item's status; an error
+    /// without details gets a plain status.
+    #[test]
+    fn details_reach_every_status_of_an_error() {
+        let d = Digest::of(DigestFunction::Sha256, b"x");
+        let e = Missing(vec![d]);
+        let rpc = e.rpc_status();
+        assert_eq!(rpc.code, Code::FailedPrecondition as i32);
+        assert_eq!(rpc.details, e.details());
+        let status = e.status();
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let carried = RpcStatus::decode(status.details()).unwrap();
+        assert_eq!(carried.details, e.details());
+        let plain = Missing(Vec::new());
+        assert!(
+            plain.rpc_status().details.len() == 1,
+            "an empty list still says so"
+        );
+        struct Plain;
+        impl std::fmt::Display for Plain {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "plain")
+            }
+        }
+        impl Classify for Plain {
+            fn kind(&self) -> ErrorKind {
+                ErrorKind::Invalid
+            }
+        }
+        assert!(Plain.rpc_status().details.is_empty());
+        assert!(Plain.status().details().is_empty());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use kiln_proto::reapi::{ActionResult, Command, ExecutedActionMetadata};
 use kiln_proto::worker::{ExecutionResult, StartExecute};
 use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
 use kiln_reapi::paths;
+use kiln_reapi::status::Classify;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,8 +85,8 @@ pub async fn execute(
         Ok((end, mut result)) => {
             let status = match end {
                 RunEnd::Exited(_) => RpcStatus::default(),
-                RunEnd::TimedOut => ActionError::TimedOut.to_status(),
-                RunEnd::Killed => ActionError::Killed.to_status(),
+                RunEnd::TimedOut => ActionError::TimedOut.rpc_status(),
+                RunEnd::Killed => ActionError::Killed.rpc_status(),
             };
             result.execution_metadata = Some(metadata);
             (status, Some(result), String::new())
@@ -94,7 +95,7 @@ pub async fn execute(
             tracing::info!(operation = %start.operation, error = %e, "action failed on the worker");
             let message = e.to_string();
             (
-                e.to_status(),
+                e.rpc_status(),
                 Some(ActionResult {
                     execution_metadata: Some(metadata),
                     ..Default::default()

@@ -1,6 +1,5 @@
 //! Why an action could not run (or finish), and the status the client gets for it.
 
-use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_reapi::digest::Digest;
 use kiln_reapi::status::{self, Classify, ErrorKind};
 
@@ -62,17 +61,6 @@ impl ActionError {
             source,
         }
     }
-
-    /// The google.rpc.Status reported in the ExecuteResponse: missing inputs carry REAPI's
-    /// PreconditionFailure listing them.
-    pub fn to_status(&self) -> RpcStatus {
-        match self {
-            ActionError::MissingInputs(missing) => {
-                status::missing_blobs("the action", missing.clone())
-            }
-            other => other.rpc_status(),
-        }
-    }
 }
 
 impl Classify for ActionError {
@@ -92,6 +80,25 @@ impl Classify for ActionError {
             },
             ActionError::Killed => ErrorKind::Cancelled,
             ActionError::TimedOut => ErrorKind::TimedOut,
+        }
+    }
+
+    fn client_message(&self) -> String {
+        match self {
+            ActionError::MissingInputs(missing) => {
+                status::missing_blobs("the action", missing.clone()).message
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// Missing inputs carry REAPI's `PreconditionFailure` listing them.
+    fn details(&self) -> Vec<prost_types::Any> {
+        match self {
+            ActionError::MissingInputs(missing) => {
+                status::missing_blobs("the action", missing.clone()).details
+            }
+            _ => Vec::new(),
         }
     }
 }

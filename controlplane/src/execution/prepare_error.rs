@@ -5,7 +5,7 @@ use kiln_dataplane::store::StoreError;
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_reapi::digest::{Digest, DigestError};
 use kiln_reapi::paths::PathError;
-use kiln_reapi::status::{self, Classify, ErrorKind};
+use kiln_reapi::status::{Classify, ErrorKind};
 use kiln_reapi::tree::TreeError;
 use kiln_reapi::walk::WalkError;
 
@@ -81,11 +81,11 @@ impl Classify for PrepareError {
         }
     }
 
-    /// Missing blobs carry their `PreconditionFailure` in the status details.
-    fn status(&self) -> tonic::Status {
+    /// Missing blobs carry their `PreconditionFailure`.
+    fn details(&self) -> Vec<prost_types::Any> {
         match self {
-            PrepareError::Missing(rpc) => status::to_tonic(rpc),
-            other => tonic::Status::new(other.kind().code(), other.client_message()),
+            PrepareError::Missing(rpc) => rpc.details.clone(),
+            _ => Vec::new(),
         }
     }
 }
