@@ -88,6 +88,9 @@ impl Classify for ActionError {
             ActionError::MissingInputs(missing) => {
                 status::missing_blobs("the action", missing.clone()).message
             }
+            // What failed, not where: the worker's paths are not the client's business.
+            ActionError::Io { op, source, .. } => format!("the worker could not {op}: {source}"),
+            ActionError::Store(e) => format!("the worker's CAS: {}", e.client_message()),
             other => other.to_string(),
         }
     }
@@ -100,5 +103,37 @@ impl Classify for ActionError {
             }
             _ => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status an `ExecuteResponse` carries says what failed, not where on the worker, and
+    /// missing inputs carry their `PreconditionFailure`.
+    #[test]
+    fn statuses_name_what_failed_but_not_the_workers_paths() {
+        let io = ActionError::io(
+            "write",
+            std::path::Path::new("/srv/secret/work/42/out"),
+            std::io::Error::from_raw_os_error(libc::EACCES),
+        );
+        let status = io.rpc_status();
+        assert!(
+            status.message.starts_with("the worker could not write"),
+            "{}",
+            status.message
+        );
+        assert!(
+            !status.message.contains("/srv/secret"),
+            "{}",
+            status.message
+        );
+        assert!(status.details.is_empty());
+        let d = Digest::of(kiln_reapi::digest::DigestFunction::Sha256, b"x");
+        let missing = ActionError::MissingInputs(vec![d]).rpc_status();
+        assert_eq!(missing.code, tonic::Code::FailedPrecondition as i32);
+        assert_eq!(missing.details.len(), 1);
     }
 }

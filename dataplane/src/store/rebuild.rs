@@ -104,7 +104,7 @@ pub fn start(dirs: Vec<PendingDir>, cas: CasClient, threads: usize) -> std::io::
             if damaged > 0 {
                 warn!(
                     damaged,
-                    "blob files cut short (by a crash?) found by the index rebuild; deleting them"
+                    "blob files cut short (by a crash?) found by the index rebuild; their owners delete them unless uploaded again meanwhile"
                 );
             }
             info!(

@@ -6,7 +6,9 @@
 //! written. A reader the tier below cannot serve follows the upload: it reads the temp file
 //! up to what is written, waits for more, and sends the piece that completes its range only
 //! once the upload was verified and stored; if the upload fails, stalls out or is parked, the
-//! reader gets `NOT_FOUND` and nothing is stored (an upload that fails poisons nothing).
+//! reader gets `NOT_FOUND` and nothing is stored (an upload that fails poisons nothing),
+//! unless another upload of the same blob stored it meanwhile (the reader then goes on from
+//! the store).
 //! `FindMissingBlobs` still reports the blob missing until it is stored, as the spec requires.
 
 use super::{Blob, BlobStore, ChunkSink, StoreFuture, StreamEnd, VerifiedUpload};
@@ -317,9 +319,19 @@ pub(super) async fn stream<S: ChunkSink>(
     };
     let result = follow(growing, &*file, start, end, chunk, sink).await;
     let _ = file.close().await;
-    result
+    match result? {
+        None => Ok(()),
+        // The followed upload failed after `from` bytes were sent: another upload of the
+        // same blob may have stored it.
+        Some(from) => {
+            let blob = stored_blob(growing, then).await?;
+            Box::pin(blob.stream(runtime, from, end, chunk as usize, sink)).await
+        }
+    }
 }
 
+/// Sends `start..end` from the upload's temp file as it arrives; `Some(position)` when the
+/// upload failed with the range sent up to there.
 async fn follow<S: ChunkSink>(
     growing: &Growing,
     file: &dyn crate::runtime::File,
@@ -327,13 +339,13 @@ async fn follow<S: ChunkSink>(
     end: u64,
     chunk: u64,
     sink: &mut S,
-) -> Result<(), StreamEnd<S::Error>> {
+) -> Result<Option<u64>, StreamEnd<S::Error>> {
     let mut pos = start;
     while pos < end {
         let seen = growing.progress();
         // Before the upload is verified, the piece that would complete the range waits.
         let sendable = match seen.ended {
-            Some(Ended::Failed) => return Err(StoreError::Vanished(growing.key.clone()).into()),
+            Some(Ended::Failed) => return Ok(Some(pos)),
             Some(Ended::Stored) => end,
             None => seen.on_disk.min(end.saturating_sub(1)),
         };
@@ -348,7 +360,7 @@ async fn follow<S: ChunkSink>(
         sink.send(data).await.map_err(StreamEnd::Sink)?;
         pos += len as u64;
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -517,6 +529,37 @@ mod tests {
             block_on(store.contains(std::slice::from_ref(&k))).unwrap(),
             vec![false]
         );
+    }
+
+    /// A followed upload fails after another upload of the same blob stored it: its readers
+    /// go on from the store where they were.
+    #[test]
+    fn readers_of_a_failed_upload_go_on_from_another_that_stored_the_blob() {
+        let plane = Plane::start("chain = [\"in_flight\", \"filesystem\"]");
+        let store = plane.plan.build(&plane.cas);
+        let uploads = plane.plan.uploads().expect("an in-flight tier");
+        let blob = data(5_000);
+        let k = key(&blob);
+        let followed = plane.upload(&blob[..3_000], false);
+        let arriving = uploads
+            .begin(&k, &followed.temp, 3_000)
+            .expect("registered");
+        let (pieces, done, shard) = readers(store.clone(), k.clone(), 2);
+        for rx in &pieces {
+            assert_eq!(take(rx, 3_000), &blob[..3_000]);
+        }
+        // Another client's upload of the same blob (not followed) is stored; the followed one
+        // then fails.
+        block_on(store.put(&k, plane.upload(&blob, false))).unwrap();
+        drop(arriving);
+        for rx in &pieces {
+            assert_eq!(take(rx, 2_000), &blob[3_000..]);
+        }
+        for _ in 0..2 {
+            let (i, result) = done.recv().unwrap();
+            assert!(result.is_ok(), "reader {i}: {result:?}");
+        }
+        shard.join().unwrap();
     }
 
     /// A reader that finds the upload but opens its temp file only after the upload was

@@ -13,14 +13,15 @@ use crate::store::Committed;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use kiln_reapi::digest::BlobKey;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// What an entry costs beyond its blob's bytes (the key, the cache's own node and the
 /// allocation of the bytes), counted against the budget so that many small blobs cannot take
 /// the tier far past it. Measured: 449 bytes per entry for 500,000 one-byte blobs (RSS
-/// before and after, release build).
+/// before and after, release build); 402 with moka 0.12.16 and the cache shared by every core
+/// (2026-12-06), so the budget errs on the safe side.
 pub const ENTRY_OVERHEAD: u64 = 448;
 
 /// A cached blob, and when a hit on it was last passed on to the tier below.
@@ -30,8 +31,9 @@ struct Cached {
     told: Arc<AtomicU64>,
 }
 
-/// Forget counters: a blob's bucket by two bytes of its hash.
-const FORGET_BUCKETS: usize = 1024;
+/// Forget counters: a blob's bucket by two bytes of its hash (256 KiB of counters per cache;
+/// with fewer, steady eviction would move every bucket often enough to drop many fills).
+const FORGET_BUCKETS: usize = 1 << 16;
 
 /// The cache of one memory tier, shared by the chains of every core.
 #[derive(Clone)]
@@ -40,7 +42,7 @@ pub struct MemoryCache {
     /// Per bucket of blobs, how many left the tier below: bytes read (or stored) before a
     /// blob left it are not cached after (a reader may still hold the file of an evicted or
     /// damaged blob).
-    forgets: Arc<[AtomicU64]>,
+    forgets: Arc<[AtomicU32]>,
     max_blob: u64,
     /// A hit is passed on to the tier below at most this often per blob (nanoseconds).
     tell_every: u64,
@@ -60,7 +62,7 @@ impl MemoryCache {
         });
         MemoryCache {
             cache,
-            forgets: (0..FORGET_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            forgets: (0..FORGET_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
             max_blob,
             tell_every: 0,
         }
@@ -99,20 +101,22 @@ impl MemoryCache {
         Some((cached.data, due))
     }
 
-    fn forgets_of(&self, key: &BlobKey) -> &AtomicU64 {
+    fn forgets_of(&self, key: &BlobKey) -> &AtomicU32 {
         let h = &key.digest.hash;
         &self.forgets[usize::from(u16::from_le_bytes([h[1], h[2]])) % FORGET_BUCKETS]
     }
 
     /// A mark to pass to [`MemoryCache::insert_unless_forgotten`], taken before the bytes
     /// were read or stored.
-    pub fn mark(&self, key: &BlobKey) -> u64 {
-        self.forgets_of(key).load(Ordering::Acquire)
+    pub fn mark(&self, key: &BlobKey) -> u32 {
+        // SeqCst here and in `forget`: an insert followed by this load on one thread, and
+        // an increment followed by an invalidation on another, must not both miss the other.
+        self.forgets_of(key).load(Ordering::SeqCst)
     }
 
     /// Offers a blob to the cache unless a blob of its bucket left the tier below since
     /// `mark` was taken.
-    pub fn insert_unless_forgotten(&self, key: BlobKey, data: &Bytes, mark: u64) {
+    pub fn insert_unless_forgotten(&self, key: BlobKey, data: &Bytes, mark: u32) {
         if self.mark(&key) != mark {
             return;
         }
@@ -126,7 +130,7 @@ impl MemoryCache {
     }
 
     /// Offers a blob to the cache (TinyLFU may decline it).
-    pub fn insert(&self, key: BlobKey, data: &Bytes) {
+    fn insert(&self, key: BlobKey, data: &Bytes) {
         if let Some(cache) = &self.cache {
             if data.len() as u64 <= self.max_blob {
                 // The cache must own exactly the bytes it counts: `data` is often a slice of a
@@ -153,7 +157,7 @@ impl MemoryCache {
 impl Forget for MemoryCache {
     fn forget(&self, key: &BlobKey) {
         // Counted first: a fill that read the blob before this sees the count moved.
-        self.forgets_of(key).fetch_add(1, Ordering::AcqRel);
+        self.forgets_of(key).fetch_add(1, Ordering::SeqCst);
         if let Some(cache) = &self.cache {
             cache.invalidate(key);
         }
@@ -163,7 +167,7 @@ impl Forget for MemoryCache {
 /// Keeps the bytes of a small blob read whole, unless it left the tier below meanwhile.
 struct Fill {
     cache: Arc<MemoryCache>,
-    mark: u64,
+    mark: u32,
 }
 
 impl BlobWatcher for Fill {
