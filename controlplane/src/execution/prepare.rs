@@ -8,7 +8,8 @@ use super::{ExecutionCore, Payload};
 use crate::scheduler::platform::Requirements;
 use crate::scheduler::Job;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use kiln_dataplane::store::tier::read_whole;
+use kiln_dataplane::store::tier::{read_whole, BlobStore};
+use kiln_dataplane::store::StoreError;
 use kiln_proto::reapi::{Action, Command, Directory, ExecuteRequest};
 use kiln_proto::worker::StartExecute;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
@@ -74,7 +75,7 @@ pub(super) async fn prepare(
     let budget = accounting.cap() / 100 * core.config.pin_budget_percent as u64;
     let pin = accounting.pinned().saturating_add(total) <= budget;
     let present: Vec<bool> = if pin {
-        let pinned = core.store.pin(&all).await?;
+        let pinned = pin_to_the_end(core.store.clone(), all.clone()).await?;
         pinned.into_iter().map(|p| p.is_some()).collect()
     } else {
         tracing::warn!(action = ?key.digest, bytes = total, "pin budget exhausted; running this action's inputs unpinned");
@@ -98,7 +99,7 @@ pub(super) async fn prepare(
     let command = match (command, missing.is_empty()) {
         (Some(c), true) => c,
         _ => {
-            core.store.unpin(&pins).await;
+            release(core, pins);
             return Err(precondition(missing));
         }
     };
@@ -106,7 +107,7 @@ pub(super) async fn prepare(
     let requirements = match Requirements::new(&core.kinds, properties) {
         Ok(r) => r,
         Err(why) => {
-            core.store.unpin(&pins).await;
+            release(core, pins);
             return Err(PrepareError::Platform(why));
         }
     };
@@ -224,9 +225,119 @@ async fn walk(
     Ok((blobs, walked.missing))
 }
 
+/// Pins `keys` in a task of its own, so that a caller cancelled meanwhile (a client that
+/// gave up on its `Execute`) leaves no pin behind: pins the caller never received are
+/// released by the task.
+async fn pin_to_the_end(
+    store: Arc<dyn BlobStore>,
+    keys: Vec<BlobKey>,
+) -> Result<Vec<Option<bool>>, StoreError> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    tokio::spawn(async move {
+        let result = store.pin(&keys).await;
+        if let Err(Ok(pinned)) = tx.send(result) {
+            let held: Vec<BlobKey> = keys
+                .iter()
+                .zip(&pinned)
+                .filter(|(_, p)| p.is_some())
+                .map(|(k, _)| k.clone())
+                .collect();
+            store.unpin(&held).await;
+        }
+    });
+    rx.await.map_err(|_| StoreError::Unavailable)?
+}
+
+/// Releases pins in a task of its own (the caller may be cancelled at its next await).
+fn release(core: &ExecutionCore, pins: Vec<BlobKey>) {
+    if pins.is_empty() {
+        return;
+    }
+    let store = core.store.clone();
+    tokio::spawn(async move { store.unpin(&pins).await });
+}
+
 /// FAILED_PRECONDITION naming the missing blobs (see [`kiln_reapi::status::missing_blobs`]).
 /// Tested by `failures_timeouts_and_missing_inputs` and `escaping_paths_and_trees_are_refused`
 /// in tests/execution.rs.
 fn precondition(missing: Vec<Digest>) -> PrepareError {
     PrepareError::Missing(status::missing_blobs("the action", missing))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::future::BoxFuture;
+    use kiln_dataplane::store::tier::{Blob, StoreFuture, VerifiedUpload};
+    use kiln_dataplane::store::Committed;
+    use kiln_reapi::digest::DigestFunction;
+    use std::sync::Mutex;
+    use tokio::sync::Notify;
+
+    /// A store whose pins wait for the test's go-ahead (a fake: the real shards answer too
+    /// fast to cancel a caller in the middle of a pin), and which records unpins.
+    #[derive(Default)]
+    struct HeldPins {
+        started: Notify,
+        go: Notify,
+        unpinned: Mutex<Vec<BlobKey>>,
+        unpins: Notify,
+    }
+
+    impl BlobStore for HeldPins {
+        fn contains<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<bool>> {
+            Box::pin(async move { Ok(vec![true; keys.len()]) })
+        }
+        fn open<'a>(&'a self, _: &'a BlobKey) -> StoreFuture<'a, Option<Blob>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn put<'a>(&'a self, _: &'a BlobKey, _: VerifiedUpload) -> StoreFuture<'a, Committed> {
+            Box::pin(async { Ok(Committed::Stored) })
+        }
+        fn pin<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<Option<bool>>> {
+            Box::pin(async move {
+                self.started.notify_one();
+                self.go.notified().await;
+                Ok(vec![Some(true); keys.len()])
+            })
+        }
+        fn unpin<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
+            Box::pin(async move {
+                self.unpinned.lock().unwrap().extend_from_slice(keys);
+                self.unpins.notify_one();
+            })
+        }
+        fn touched(&self, _: &[BlobKey]) {}
+    }
+
+    /// A caller cancelled while its pin is under way (a client giving up on its Execute)
+    /// leaves no pin behind; one that waits gets its pins and nothing is released.
+    #[tokio::test]
+    async fn a_cancelled_pin_is_released() {
+        let store = Arc::new(HeldPins::default());
+        let keys: Vec<BlobKey> = (0..3u8)
+            .map(|i| {
+                BlobKey::new(
+                    InstanceName::default_instance(),
+                    Digest::of(DigestFunction::Sha256, &[i]),
+                )
+            })
+            .collect();
+        let waiting = tokio::spawn(pin_to_the_end(store.clone(), keys.clone()));
+        store.started.notified().await;
+        waiting.abort();
+        let _ = waiting.await;
+        store.go.notify_one();
+        tokio::time::timeout(Duration::from_secs(30), store.unpins.notified())
+            .await
+            .expect("the pins the cancelled caller never got are released");
+        assert_eq!(*store.unpinned.lock().unwrap(), keys);
+
+        let fresh = Arc::new(HeldPins::default());
+        let pinning = tokio::spawn(pin_to_the_end(fresh.clone(), keys.clone()));
+        fresh.go.notify_one();
+        let pinned = pinning.await.unwrap().unwrap();
+        assert_eq!(pinned, vec![Some(true); 3]);
+        assert!(fresh.unpinned.lock().unwrap().is_empty());
+    }
 }
