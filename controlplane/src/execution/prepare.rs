@@ -8,7 +8,7 @@ use super::{ExecutionCore, Payload};
 use crate::scheduler::platform::Requirements;
 use crate::scheduler::Job;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use kiln_dataplane::store::tier::{read_whole, BlobStore};
+use kiln_dataplane::store::tier::{pinned_keys, read_whole, BlobStore};
 use kiln_dataplane::store::StoreError;
 use kiln_proto::reapi::{Action, Command, Directory, ExecuteRequest};
 use kiln_proto::worker::StartExecute;
@@ -236,13 +236,7 @@ async fn pin_to_the_end(
     tokio::spawn(async move {
         let result = store.pin(&keys).await;
         if let Err(Ok(pinned)) = tx.send(result) {
-            let held: Vec<BlobKey> = keys
-                .iter()
-                .zip(&pinned)
-                .filter(|(_, p)| p.is_some())
-                .map(|(k, _)| k.clone())
-                .collect();
-            store.unpin(&held).await;
+            store.unpin(&pinned_keys(&keys, &pinned)).await;
         }
     });
     rx.await.map_err(|_| StoreError::Unavailable)?

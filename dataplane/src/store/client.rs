@@ -344,13 +344,7 @@ impl CasClient {
             .await;
         if let Some(e) = failure {
             // All or nothing: release what the shards that answered did pin.
-            let pinned: Vec<BlobKey> = keys
-                .iter()
-                .zip(&out)
-                .filter(|(_, p)| p.is_some())
-                .map(|(k, _)| k.clone())
-                .collect();
-            self.unpin(&pinned).await;
+            self.unpin(&super::tier::pinned_keys(keys, &out)).await;
             return Err(e);
         }
         Ok(out)

@@ -149,12 +149,7 @@ fn behaves_as_a_store(plane: &Plane, store: &dyn BlobStore) {
         pinned[keys.len() + 1].is_some(),
         "the empty blob is always there"
     );
-    let held: Vec<BlobKey> = asked
-        .iter()
-        .zip(&pinned)
-        .filter(|(_, p)| p.is_some())
-        .map(|(k, _)| k.clone())
-        .collect();
+    let held = super::pinned_keys(&asked, &pinned);
     assert!(plane.cas.accounting().pinned() > 0);
     block_on(store.unpin(&held));
     // Unpins are not answered; a call after them on every shard sees them done.

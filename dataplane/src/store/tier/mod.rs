@@ -76,6 +76,15 @@ pub trait Forget: Send + Sync {
     fn forget(&self, key: &BlobKey);
 }
 
+/// Of `keys`, those a pin answered as pinned (`pinned`: its answer), to release them.
+pub fn pinned_keys(keys: &[BlobKey], pinned: &[Option<bool>]) -> Vec<BlobKey> {
+    keys.iter()
+        .zip(pinned)
+        .filter(|(_, p)| p.is_some())
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// The keys `store` does not hold, in order.
 pub async fn find_missing(
     store: &dyn BlobStore,

@@ -2,7 +2,7 @@
 //! example small blobs through a memory tier and large ones straight to disk). A blob's size
 //! is in its digest, so every call is routed without asking either side.
 
-use super::{Blob, BlobStore, StoreFuture, VerifiedUpload};
+use super::{pinned_keys, Blob, BlobStore, StoreFuture, VerifiedUpload};
 use crate::store::{Committed, StoreError};
 use futures::future::BoxFuture;
 use kiln_reapi::digest::BlobKey;
@@ -142,13 +142,4 @@ impl BlobStore for SizePartition {
         self.small.touched(&small);
         self.large.touched(&large);
     }
-}
-
-/// The keys a pin answered as pinned.
-fn pinned_keys(keys: &[BlobKey], pinned: &[Option<bool>]) -> Vec<BlobKey> {
-    keys.iter()
-        .zip(pinned)
-        .filter(|(_, p)| p.is_some())
-        .map(|(k, _)| k.clone())
-        .collect()
 }
