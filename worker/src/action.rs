@@ -93,7 +93,7 @@ pub async fn execute(
         }
         Err(e) => {
             tracing::info!(operation = %start.operation, error = %e, "action failed on the worker");
-            let message = e.to_string();
+            let message = e.client_message();
             (
                 e.rpc_status(),
                 Some(ActionResult {

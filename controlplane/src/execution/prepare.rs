@@ -8,8 +8,7 @@ use super::{ExecutionCore, Payload};
 use crate::scheduler::platform::Requirements;
 use crate::scheduler::Job;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use kiln_dataplane::store::tier::{pinned_keys, read_whole, BlobStore};
-use kiln_dataplane::store::StoreError;
+use kiln_dataplane::store::tier::{pin_to_the_end, read_whole};
 use kiln_proto::reapi::{Action, Command, Directory, ExecuteRequest};
 use kiln_proto::worker::StartExecute;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
@@ -225,23 +224,6 @@ async fn walk(
     Ok((blobs, walked.missing))
 }
 
-/// Pins `keys` in a task of its own, so that a caller cancelled meanwhile (a client that
-/// gave up on its `Execute`) leaves no pin behind: pins the caller never received are
-/// released by the task.
-async fn pin_to_the_end(
-    store: Arc<dyn BlobStore>,
-    keys: Vec<BlobKey>,
-) -> Result<Vec<Option<bool>>, StoreError> {
-    let (tx, rx) = futures::channel::oneshot::channel();
-    tokio::spawn(async move {
-        let result = store.pin(&keys).await;
-        if let Err(Ok(pinned)) = tx.send(result) {
-            store.unpin(&pinned_keys(&keys, &pinned)).await;
-        }
-    });
-    rx.await.map_err(|_| StoreError::Unavailable)?
-}
-
 /// Releases pins in a task of its own (the caller may be cancelled at its next await).
 fn release(core: &ExecutionCore, pins: Vec<BlobKey>) {
     if pins.is_empty() {
@@ -256,82 +238,4 @@ fn release(core: &ExecutionCore, pins: Vec<BlobKey>) {
 /// in tests/execution.rs.
 fn precondition(missing: Vec<Digest>) -> PrepareError {
     PrepareError::Missing(status::missing_blobs("the action", missing))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use futures::future::BoxFuture;
-    use kiln_dataplane::store::tier::{Blob, StoreFuture, VerifiedUpload};
-    use kiln_dataplane::store::Committed;
-    use kiln_reapi::digest::DigestFunction;
-    use std::sync::Mutex;
-    use tokio::sync::Notify;
-
-    /// A store whose pins wait for the test's go-ahead (a fake: the real shards answer too
-    /// fast to cancel a caller in the middle of a pin), and which records unpins.
-    #[derive(Default)]
-    struct HeldPins {
-        started: Notify,
-        go: Notify,
-        unpinned: Mutex<Vec<BlobKey>>,
-        unpins: Notify,
-    }
-
-    impl BlobStore for HeldPins {
-        fn contains<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<bool>> {
-            Box::pin(async move { Ok(vec![true; keys.len()]) })
-        }
-        fn open<'a>(&'a self, _: &'a BlobKey) -> StoreFuture<'a, Option<Blob>> {
-            Box::pin(async { Ok(None) })
-        }
-        fn put<'a>(&'a self, _: &'a BlobKey, _: VerifiedUpload) -> StoreFuture<'a, Committed> {
-            Box::pin(async { Ok(Committed::Stored) })
-        }
-        fn pin<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<Option<bool>>> {
-            Box::pin(async move {
-                self.started.notify_one();
-                self.go.notified().await;
-                Ok(vec![Some(true); keys.len()])
-            })
-        }
-        fn unpin<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
-            Box::pin(async move {
-                self.unpinned.lock().unwrap().extend_from_slice(keys);
-                self.unpins.notify_one();
-            })
-        }
-        fn touched(&self, _: &[BlobKey]) {}
-    }
-
-    /// A caller cancelled while its pin is under way (a client giving up on its Execute)
-    /// leaves no pin behind; one that waits gets its pins and nothing is released.
-    #[tokio::test]
-    async fn a_cancelled_pin_is_released() {
-        let store = Arc::new(HeldPins::default());
-        let keys: Vec<BlobKey> = (0..3u8)
-            .map(|i| {
-                BlobKey::new(
-                    InstanceName::default_instance(),
-                    Digest::of(DigestFunction::Sha256, &[i]),
-                )
-            })
-            .collect();
-        let waiting = tokio::spawn(pin_to_the_end(store.clone(), keys.clone()));
-        store.started.notified().await;
-        waiting.abort();
-        let _ = waiting.await;
-        store.go.notify_one();
-        tokio::time::timeout(Duration::from_secs(30), store.unpins.notified())
-            .await
-            .expect("the pins the cancelled caller never got are released");
-        assert_eq!(*store.unpinned.lock().unwrap(), keys);
-
-        let fresh = Arc::new(HeldPins::default());
-        let pinning = tokio::spawn(pin_to_the_end(fresh.clone(), keys.clone()));
-        fresh.go.notify_one();
-        let pinned = pinning.await.unwrap().unwrap();
-        assert_eq!(pinned, vec![Some(true); 3]);
-        assert!(fresh.unpinned.lock().unwrap().is_empty());
-    }
 }

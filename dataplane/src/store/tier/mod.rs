@@ -28,6 +28,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use kiln_reapi::digest::BlobKey;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// What a tier's methods return.
 pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
@@ -85,6 +86,23 @@ pub fn pinned_keys(keys: &[BlobKey], pinned: &[Option<bool>]) -> Vec<BlobKey> {
         .collect()
 }
 
+/// Pins `keys` in a tokio task of its own, so that a caller cancelled meanwhile (a client that
+/// gave up on its `Execute`, an action cancelled while its inputs are pinned) leaves no pin
+/// behind: pins the caller never received are released by the task.
+pub async fn pin_to_the_end(
+    store: Arc<dyn BlobStore>,
+    keys: Vec<BlobKey>,
+) -> Result<Vec<Option<bool>>, StoreError> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    tokio::spawn(async move {
+        let result = store.pin(&keys).await;
+        if let Err(Ok(pinned)) = tx.send(result) {
+            store.unpin(&pinned_keys(&keys, &pinned)).await;
+        }
+    });
+    rx.await.map_err(|_| StoreError::Unavailable)?
+}
+
 /// The keys `store` does not hold, in order.
 pub async fn find_missing(
     store: &dyn BlobStore,
@@ -122,3 +140,5 @@ pub async fn read_whole(store: &dyn BlobStore, key: &BlobKey) -> Result<Option<B
 
 #[cfg(test)]
 pub(crate) mod behaviour;
+#[cfg(test)]
+mod pin_tests;
