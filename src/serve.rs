@@ -210,7 +210,6 @@ fn start_admin(
         backend: data.backend().to_string(),
         data_dir: config.storage.data_dir.display().to_string(),
         cas_capacity: config.storage.disk_bytes.as_u64(),
-        memory_capacity: data.chain_plan().memory_capacity(),
         chain: Some(data.chain_plan()),
         allocator: Some(crate::allocator::stats),
     };

@@ -45,8 +45,6 @@ pub struct ServerInfo {
     pub data_dir: String,
     /// CAS disk cap.
     pub cas_capacity: u64,
-    /// Memory-tier budget.
-    pub memory_capacity: u64,
     /// The CAS's chain of tiers (for the bytes its memory tiers hold).
     pub chain: Option<Arc<ChainPlan>>,
     /// The allocator's own figures, when the binary's allocator reports them.
@@ -247,7 +245,7 @@ async fn status_page(State(state): State<Arc<AdminState>>) -> Html<String> {
         cas_bytes: stats.bytes,
         cas_capacity: state.info.cas_capacity,
         memory_bytes: stats.memory_bytes,
-        memory_capacity: state.info.memory_capacity,
+        memory_capacity: state.info.chain.as_ref().map_or(0, |c| c.memory_capacity()),
         lookups: (
             m.lookups_of("memory"),
             m.lookups_of("disk"),

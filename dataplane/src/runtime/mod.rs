@@ -103,6 +103,42 @@ pub trait Backend: Send + Sync {
     ) -> io::Result<std::thread::JoinHandle<()>>;
 }
 
+/// Runs `work` on a shard thread of `backend` and returns what it returned, failing the test
+/// after a minute (for tests of code that needs a core's runtime).
+#[cfg(test)]
+pub(crate) fn on_shard<T: Send + 'static>(
+    backend: &dyn Backend,
+    name: &str,
+    work: impl FnOnce(Rc<dyn Runtime>) -> LocalBoxFuture<'static, T> + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let shard = backend
+        .start_shard(
+            name.to_string(),
+            None,
+            Box::new(move |runtime| {
+                Box::pin(async move {
+                    let _ = tx.send(work(runtime).await);
+                })
+            }),
+        )
+        .expect("a shard");
+    let out = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the shard answered (it panicked or hung otherwise)");
+    shard.join().expect("shard thread");
+    out
+}
+
+/// [`on_shard`] on glommio.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn on_glommio<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce(Rc<dyn Runtime>) -> LocalBoxFuture<'static, T> + Send + 'static,
+) -> T {
+    on_shard(&GlommioBackend, name, work)
+}
+
 /// The backend a configuration asks for.
 pub fn backend_for(kind: kiln_config::RuntimeKind) -> std::sync::Arc<dyn Backend> {
     match kind {

@@ -3,7 +3,6 @@
 //! thread started by the backend.
 
 use super::*;
-use std::sync::mpsc;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -24,24 +23,9 @@ where
         + 'static,
 {
     for backend in backends() {
-        let (tx, rx) = mpsc::channel();
         let check = check.clone();
         let name = backend.name();
-        let thread = backend
-            .start_shard(
-                format!("test-{name}"),
-                None,
-                Box::new(move |rt| {
-                    Box::pin(async move {
-                        let _ = tx.send(check(rt).await);
-                    })
-                }),
-            )
-            .expect("start shard");
-        let result = rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("shard answered");
-        thread.join().expect("shard thread");
+        let result = on_shard(&*backend, &format!("test-{name}"), check);
         if let Err(e) = result {
             panic!("{name}: {e}");
         }

@@ -210,7 +210,7 @@ impl TempWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{Backend, GlommioBackend};
+    use crate::runtime::on_glommio;
 
     #[test]
     fn buffers_are_sized_to_what_is_still_to_come() {
@@ -237,32 +237,23 @@ mod tests {
     fn holds_no_buffer_between_writes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blob.tmp");
-        let (tx, rx) = std::sync::mpsc::channel();
         let data: Vec<u8> = (0..WRITE_BUFFER + 5000).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();
         let file = path.clone();
-        let shard = GlommioBackend
-            .start_shard(
-                "blob-io-test".into(),
-                None,
-                Box::new(move |runtime| {
-                    Box::pin(async move {
-                        let mut w = TempWriter::create(&*runtime, file, 1000).await.unwrap();
-                        let mut held = vec![w.buffer_held()];
-                        w.append(&data[..500]).await.unwrap();
-                        held.push(w.buffer_held());
-                        w.append(&data[500..]).await.unwrap();
-                        held.push(w.buffer_held());
-                        w.flush().await.unwrap();
-                        held.push(w.buffer_held());
-                        w.finish(true).await.unwrap();
-                        tx.send(held).unwrap();
-                    })
-                }),
-            )
-            .unwrap();
-        let held = rx.recv().unwrap();
-        shard.join().unwrap();
+        let held = on_glommio("blob-io-test", move |runtime| {
+            Box::pin(async move {
+                let mut w = TempWriter::create(&*runtime, file, 1000).await.unwrap();
+                let mut held = vec![w.buffer_held()];
+                w.append(&data[..500]).await.unwrap();
+                held.push(w.buffer_held());
+                w.append(&data[500..]).await.unwrap();
+                held.push(w.buffer_held());
+                w.flush().await.unwrap();
+                held.push(w.buffer_held());
+                w.finish(true).await.unwrap();
+                held
+            })
+        });
         assert_eq!(held[0], 0, "nothing allocated before bytes arrive");
         assert_eq!(held[1], 1000, "sized by the hint");
         assert!(held[2] <= WRITE_BUFFER, "never past one write: {}", held[2]);

@@ -320,22 +320,11 @@ impl CasClient {
     }
 
     /// Pins the blobs that are present against eviction (each pin counts; unpin as often).
-    /// Returns, for each key, whether it was present (and is now pinned). The empty blob is
-    /// always present and never pinned.
-    pub async fn pin(&self, keys: &[BlobKey]) -> Result<Vec<bool>, StoreError> {
-        Ok(self
-            .pin_checked(keys)
-            .await?
-            .into_iter()
-            .map(|p| p.is_some())
-            .collect())
-    }
-
-    /// [`CasClient::pin`], saying for each pinned blob whether this process has hashed its
-    /// file (`Some(true)`; the empty blob too) or not yet (`Some(false)`: found on disk at
-    /// start-up; a reader that uses the file directly, not through a read, must check it).
-    /// `None`: absent.
-    pub async fn pin_checked(&self, keys: &[BlobKey]) -> Result<Vec<Option<bool>>, StoreError> {
+    /// Per key: `None` absent; `Some(checked)` pinned, and whether this process has hashed
+    /// its file (`Some(true)` for the empty blob, which is always present and never pinned;
+    /// `Some(false)`: found on disk at start-up, so a reader that uses the file directly, not
+    /// through a read, must check it). All or nothing: on an error nothing stays pinned.
+    pub async fn pin(&self, keys: &[BlobKey]) -> Result<Vec<Option<bool>>, StoreError> {
         let (out, failure) = self
             .per_shard(keys, Some(true), None, |keys, reply| Command::Pin {
                 keys,
@@ -437,8 +426,8 @@ mod tests {
             .cloned()
             .collect();
         assert!(futures::executor::block_on(cas.contains(&keys)).is_err());
-        assert!(futures::executor::block_on(cas.pin_checked(&keys)).is_err());
-        // The pin's release was sent before pin_checked returned; the recorder thread takes
+        assert!(futures::executor::block_on(cas.pin(&keys)).is_err());
+        // The pin's release was sent before pin returned; the recorder thread takes
         // it off the queue: wait for it by asking once more (the queue is in order).
         assert!(futures::executor::block_on(cas.contains(&on_live)).is_ok());
         assert_eq!(*unpinned.lock().unwrap(), on_live);

@@ -382,7 +382,7 @@ fn read_file_blocking(path: &Path, size: u64) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{Backend, GlommioBackend};
+    use crate::runtime::on_glommio;
     use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
     use std::sync::Mutex;
 
@@ -512,27 +512,17 @@ mod tests {
 
     /// Streams `start..end` of each blob on a glommio core, in pieces of 1,000 bytes.
     fn stream_all(blobs: Vec<(Blob, u64, u64)>) -> Vec<(Vec<Bytes>, Result<(), String>)> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let shard = GlommioBackend
-            .start_shard(
-                "blob-stream-test".into(),
-                None,
-                Box::new(move |runtime| {
-                    Box::pin(async move {
-                        let mut out = Vec::new();
-                        for (blob, start, end) in blobs {
-                            let mut sink = Collect(Vec::new());
-                            let r = blob.stream(&*runtime, start, end, 1000, &mut sink).await;
-                            out.push((sink.0, r.map_err(|e| format!("{e:?}"))));
-                        }
-                        tx.send(out).unwrap();
-                    })
-                }),
-            )
-            .unwrap();
-        let out = rx.recv().unwrap();
-        shard.join().unwrap();
-        out
+        on_glommio("blob-stream-test", move |runtime| {
+            Box::pin(async move {
+                let mut out = Vec::new();
+                for (blob, start, end) in blobs {
+                    let mut sink = Collect(Vec::new());
+                    let r = blob.stream(&*runtime, start, end, 1000, &mut sink).await;
+                    out.push((sink.0, r.map_err(|e| format!("{e:?}"))));
+                }
+                out
+            })
+        })
     }
 
     /// A whole read of an unchecked file streams as it hashes and holds its last piece back

@@ -62,7 +62,7 @@ impl BlobStore for Filesystem {
     }
 
     fn pin<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<Option<bool>>> {
-        Box::pin(self.cas.pin_checked(keys))
+        Box::pin(self.cas.pin(keys))
     }
 
     fn unpin<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {

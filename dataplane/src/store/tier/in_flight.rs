@@ -367,7 +367,7 @@ async fn follow<S: ChunkSink>(
 mod tests {
     use super::super::behaviour::{key, Plane};
     use super::*;
-    use crate::runtime::{Backend, GlommioBackend};
+    use crate::runtime::{on_glommio, Backend, GlommioBackend};
     use bytes::Bytes;
     use futures::executor::block_on;
     use std::io::Write;
@@ -579,20 +579,14 @@ mod tests {
         let late = Blob::arriving(k.clone(), growing, filesystem.clone());
         assert_eq!(late.clone().read_all_blocking().unwrap(), blob);
         let (tx, rx) = mpsc::channel();
-        let shard = GlommioBackend
-            .start_shard(
-                "late-reader".into(),
-                None,
-                Box::new(move |runtime| {
-                    Box::pin(async move {
-                        let mut sink = Forward(tx);
-                        let r = late.stream(&*runtime, 0, 3_000, 1000, &mut sink).await;
-                        assert!(r.is_ok(), "{r:?}");
-                    })
-                }),
-            )
-            .unwrap();
-        shard.join().unwrap();
+        let streamed = on_glommio("late-reader", move |runtime| {
+            Box::pin(async move {
+                let mut sink = Forward(tx);
+                let r = late.stream(&*runtime, 0, 3_000, 1000, &mut sink).await;
+                r.map_err(|e| format!("{e:?}"))
+            })
+        });
+        assert!(streamed.is_ok(), "{streamed:?}");
         let got: Vec<u8> = rx.iter().flat_map(|b| b.to_vec()).collect();
         assert_eq!(got, blob);
     }
