@@ -34,6 +34,18 @@ on_every_runtime! {
     }
 }
 
+// The same with the ByteStream uploads written with direct I/O (on glommio), their last
+// write padded and cut back before the group's sync.
+on_every_runtime! {
+    async fn direct_writes_acknowledged_before_kill_9_survive(rt: Runtime) {
+        let options = Options {
+            config: Some("[storage]\ndirect_io_min_bytes = 1\n".into()),
+            ..Options::on(rt)
+        };
+        writes_acknowledged_before_kill_9_survive(options, true).await;
+    }
+}
+
 async fn writes_acknowledged_before_kill_9_survive(options: Options, group: bool) {
     use kiln_proto::reapi::{batch_update_blobs_request, BatchUpdateBlobsRequest};
     let dir = tempfile::tempdir().unwrap();

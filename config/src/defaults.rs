@@ -67,6 +67,9 @@ pub(crate) fn disk_bytes() -> ByteSize {
 pub(crate) fn group_commit_max_bytes() -> ByteSize {
     ByteSize::mib(1)
 }
+pub(crate) fn direct_io_min_bytes() -> ByteSize {
+    ByteSize::mib(1)
+}
 pub(crate) fn yes() -> bool {
     true
 }

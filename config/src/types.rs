@@ -259,6 +259,10 @@ pub struct StorageConfig {
     /// With `group_commit`: blobs larger than this sync their own data before they join a
     /// group, so that one large blob does not hold up the small ones sharing its sync.
     pub group_commit_max_bytes: ByteSize,
+    /// Uploads of at least this many bytes are written with direct I/O (O_DIRECT: to the disk
+    /// without a copy into the page cache) where the runtime (glommio) and the filesystem
+    /// allow it; `0` writes every upload through the page cache.
+    pub direct_io_min_bytes: ByteSize,
     /// Access times are written to disk at most this often per blob (seconds).
     pub access_time_resolution_secs: u64,
     /// An interrupted upload can be resumed for this long (seconds).
@@ -283,6 +287,7 @@ impl Default for StorageConfig {
             fsync: d::yes(),
             group_commit: d::yes(),
             group_commit_max_bytes: d::group_commit_max_bytes(),
+            direct_io_min_bytes: d::direct_io_min_bytes(),
             access_time_resolution_secs: d::access_time_resolution_secs(),
             upload_expiry_secs: d::upload_expiry_secs(),
             max_parked_uploads: d::max_parked_uploads(),

@@ -191,6 +191,7 @@ impl DataPlane {
             cas_capacity: config.storage.disk_bytes.as_u64(),
             fsync: config.storage.fsync,
             group_commit_max,
+            direct_io_min: Some(config.storage.direct_io_min_bytes.as_u64()).filter(|&n| n > 0),
             stalled_upload: (config.server.stalled_upload_secs > 0)
                 .then(|| Duration::from_secs(config.server.stalled_upload_secs)),
         };

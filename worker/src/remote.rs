@@ -155,8 +155,15 @@ impl RemoteCas {
         let mut size = 0u64;
         while let Some(message) = stream.next().await {
             let data = message?.data;
+            size = size.saturating_add(data.len() as u64);
+            if size > digest.size {
+                // A server (or peer) sending past the blob's size: stop before writing it.
+                return Err(ActionError::Remote(tonic::Status::data_loss(format!(
+                    "the server sent more than the {} bytes of {digest:?}",
+                    digest.size
+                ))));
+            }
             hasher.update(&data);
-            size += data.len() as u64;
             file.write_all(&data)
                 .await
                 .map_err(|e| ActionError::io("write", path, e))?;
@@ -260,5 +267,84 @@ impl RemoteCas {
             ))));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::bytestream::byte_stream_server::{ByteStream, ByteStreamServer};
+    use kiln_proto::bytestream::{
+        QueryWriteStatusRequest, QueryWriteStatusResponse, ReadResponse, WriteResponse,
+    };
+    use tonic::{Request, Response, Status, Streaming};
+
+    /// A server that answers every read with far more than any blob: a fault Kiln's own
+    /// server cannot be made to commit, so a fake stands in for a hostile or broken one.
+    struct Flooding;
+
+    #[tonic::async_trait]
+    impl ByteStream for Flooding {
+        type ReadStream =
+            std::pin::Pin<Box<dyn futures::Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+        async fn read(
+            &self,
+            _: Request<ReadRequest>,
+        ) -> Result<Response<Self::ReadStream>, Status> {
+            let chunk = Bytes::from(vec![7u8; 1 << 20]);
+            let flood = futures::stream::repeat_with(move || {
+                Ok(ReadResponse {
+                    data: chunk.clone(),
+                })
+            })
+            .take(1 << 14); // 16 GiB, were it all written
+            Ok(Response::new(Box::pin(flood)))
+        }
+
+        async fn write(
+            &self,
+            _: Request<Streaming<WriteRequest>>,
+        ) -> Result<Response<WriteResponse>, Status> {
+            Err(Status::unimplemented("read only"))
+        }
+
+        async fn query_write_status(
+            &self,
+            _: Request<QueryWriteStatusRequest>,
+        ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+            Err(Status::unimplemented("read only"))
+        }
+    }
+
+    /// A download stops at the first byte past the digest's size, with DATA_LOSS, having
+    /// written nothing past it.
+    #[tokio::test]
+    async fn a_server_sending_past_the_size_is_cut_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ByteStreamServer::new(Flooding))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = crate::link::Link::new(&format!("grpc://{addr}"), None)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let remote = RemoteCas::new(channel, InstanceName::default_instance(), 1);
+        let blob = vec![7u8; (1 << 20) + 10];
+        let digest = Digest::of(kiln_reapi::digest::DigestFunction::Sha256, &blob);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let err = remote.download(digest, &path).await.unwrap_err();
+        match err {
+            ActionError::Remote(s) => assert_eq!(s.code(), tonic::Code::DataLoss, "{s:?}"),
+            other => panic!("{other:?}"),
+        }
+        let written = std::fs::metadata(&path).unwrap().len();
+        assert!(written <= digest.size, "{written} bytes written");
+        server.abort();
     }
 }

@@ -58,6 +58,27 @@ pub trait File {
     fn close(self: Box<Self>) -> LocalBoxFuture<'static, io::Result<()>>;
 }
 
+/// Told how many bytes from a file's start are written, as more are.
+pub type ProgressHook = Box<dyn Fn(u64)>;
+
+/// A new file written from its start to its end, in order (an upload's temp file).
+pub trait Appender {
+    /// Takes `data`; returns once it is buffered or written, never holding more than the
+    /// appender's own buffers.
+    fn append<'a>(&'a mut self, data: &'a [u8]) -> LocalBoxFuture<'a, io::Result<()>>;
+    /// Bytes from the start that are in the file, for readers following the upload.
+    fn on_disk(&self) -> u64;
+    /// Calls `hook` with [`Appender::on_disk`] whenever more of the file is written.
+    fn on_progress(&mut self, hook: ProgressHook);
+    /// Bytes taken so far (written or buffered).
+    fn taken(&self) -> u64;
+    /// Bytes of buffer held now.
+    fn buffer_held(&self) -> usize;
+    /// Writes what is buffered, leaves the file exactly [`Appender::taken`] bytes long, syncs its
+    /// data when `fsync`, and closes it. Returns its length.
+    fn finish(self: Box<Self>, fsync: bool) -> LocalBoxFuture<'static, io::Result<u64>>;
+}
+
 /// What a data-plane shard needs from its executor.
 pub trait Runtime {
     /// The backend's name for logs (`glommio`, `monoio-uring`, ...).
@@ -85,6 +106,16 @@ pub trait Runtime {
     /// Deletes a file (an upload's temp file) off the event loop: an io_uring `unlinkat`
     /// where the driver has one, the backend's blocking pool otherwise.
     fn remove_file(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<()>>;
+    /// Creates a new file for direct writes (O_DIRECT: from aligned buffers to the disk, not
+    /// through the page cache), or `None` where the backend or the file's filesystem has
+    /// none; the caller then writes it buffered.
+    fn create_direct(
+        &self,
+        path: &Path,
+    ) -> LocalBoxFuture<'static, io::Result<Option<Box<dyn Appender>>>> {
+        let _ = path;
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// The work a shard thread runs once its executor is up.

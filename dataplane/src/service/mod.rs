@@ -66,6 +66,8 @@ pub struct BlobLimits {
     pub fsync: bool,
     /// With group commit on: blobs up to this size leave their data to the group's sync.
     pub group_commit_max: Option<u64>,
+    /// Uploads of at least this size are written with direct I/O where available.
+    pub direct_io_min: Option<u64>,
     /// A Write that sends nothing for this long is ended and parked.
     pub stalled_upload: Option<std::time::Duration>,
 }
@@ -76,6 +78,11 @@ impl BlobLimits {
     /// filesystem, which writes the data too).
     pub fn sync_own_data(&self, size: u64) -> bool {
         crate::store::durable::sync_own_data(self.fsync, self.group_commit_max, size)
+    }
+
+    /// Whether a new upload of `size` bytes asks for direct I/O.
+    pub fn direct_io(&self, size: u64) -> bool {
+        self.direct_io_min.is_some_and(|min| size >= min)
     }
 }
 

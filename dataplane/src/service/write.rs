@@ -119,7 +119,7 @@ async fn write(
         .claim_upload(upload_key.clone(), &resource.key, progress.clone())
         .await
         .map_err(BlobError::from)?;
-    let (state, writer, staged, epoch) = match claim {
+    let (state, mut writer, staged, epoch) = match claim {
         UploadClaim::Present => return Ok(digest.size as i64),
         UploadClaim::Busy => return Err(BlobError::UploadBusy(resource.upload_id.clone()).into()),
         UploadClaim::Full { staging, cap } => {
@@ -133,7 +133,8 @@ async fn write(
         UploadClaim::Fresh(staged) => {
             let path = svc.layout.temp_path();
             let epoch = svc.cas.sync_epoch();
-            match TempWriter::create(&*svc.runtime, path.clone(), digest.size).await {
+            let direct = svc.limits.direct_io(digest.size);
+            match TempWriter::create(&*svc.runtime, path.clone(), digest.size, direct).await {
                 Ok(w) => (UploadState::new(digest), w, staged, epoch),
                 Err(e) => {
                     svc.cas
@@ -157,7 +158,9 @@ async fn write(
                     let _ = svc.runtime.remove_file(&parked.temp).await;
                     let path = svc.layout.temp_path();
                     let epoch = svc.cas.sync_epoch();
-                    match TempWriter::create(&*svc.runtime, path.clone(), digest.size).await {
+                    let direct = svc.limits.direct_io(digest.size);
+                    match TempWriter::create(&*svc.runtime, path.clone(), digest.size, direct).await
+                    {
                         Ok(w) => {
                             progress.store(0, Ordering::Relaxed);
                             (UploadState::new(digest), w, parked.staged, epoch)
@@ -180,6 +183,9 @@ async fn write(
         .uploads
         .as_ref()
         .and_then(|u| u.begin(&resource.key, writer.path(), writer.on_disk()));
+    if let Some(a) = &arriving {
+        writer.on_progress(a.follower());
+    }
     let mut upload = Upload {
         svc,
         resource: &resource,
@@ -241,9 +247,6 @@ impl Upload<'_> {
                     .append(&message.data)
                     .await
                     .map_err(|e| BlobError::io("write", writer.path(), e))?;
-                if let Some(a) = &self.arriving {
-                    a.advance(writer.on_disk());
-                }
             }
             if let Some(keep) = self.keep.as_mut() {
                 keep.push(message.data.clone());

@@ -1,12 +1,13 @@
 //! Reading and writing blob files through the shard's runtime (io_uring on glommio).
 
-use crate::runtime::{File, Runtime};
+use super::appender::BufferedAppender;
+use crate::runtime::{Appender, File, ProgressHook, Runtime};
 use bytes::Bytes;
 use kiln_reapi::digest::Hasher;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// Writes coalesce into buffers of this size before going to the file.
+/// Files are read, and buffered writes coalesced, in pieces of this size.
 pub const WRITE_BUFFER: usize = 1 << 20;
 
 /// Reads a whole file of `size` bytes.
@@ -66,73 +67,51 @@ pub async fn write_new(
     data: &[u8],
     fsync: bool,
 ) -> io::Result<()> {
-    let mut writer = TempWriter::create(runtime, path.to_path_buf(), 0).await?;
+    let mut writer = TempWriter::create(runtime, path.to_path_buf(), 0, false).await?;
     writer.append(data).await?;
     writer.finish(fsync).await
 }
 
-/// The buffer to allocate when bytes arrive for a blob expected to be `size_hint` bytes (0:
-/// unknown) of which `accepted` are in: the rest, between 64 bytes and [`WRITE_BUFFER`].
-fn buffer_capacity(size_hint: u64, accepted: u64) -> usize {
-    if size_hint == 0 {
-        return WRITE_BUFFER;
-    }
-    let rest = size_hint.saturating_sub(accepted);
-    usize::try_from(rest).map_or(WRITE_BUFFER, |r| r.clamp(64, WRITE_BUFFER))
-}
-
-/// A temp file being filled sequentially, with writes coalesced into large buffers.
+/// An upload's temp file being filled from start to end: through the page cache, or with
+/// direct I/O where asked for and available.
 pub struct TempWriter {
-    file: Box<dyn File>,
     path: PathBuf,
-    written: u64,
-    /// The blob's expected size (0: unknown), to size the buffer to what is still to come.
-    size_hint: u64,
-    /// Bytes not yet written; empty (no allocation) after each write until more arrive.
-    buf: Vec<u8>,
+    sink: Box<dyn Appender>,
 }
 
 impl TempWriter {
-    /// Creates a new temp file.
+    /// Creates a new temp file for a blob of `size_hint` bytes (0: unknown), written with
+    /// direct I/O when `direct` and the runtime and filesystem allow it.
     pub async fn create(
         runtime: &dyn Runtime,
         path: PathBuf,
         size_hint: u64,
+        direct: bool,
     ) -> io::Result<TempWriter> {
+        if direct {
+            if let Some(sink) = runtime.create_direct(&path).await? {
+                return Ok(TempWriter { path, sink });
+            }
+        }
         let file = runtime.create_new(&path).await?;
-        Ok(TempWriter::wrap(file, path, 0, size_hint))
+        let sink = Box::new(BufferedAppender::new(file, 0, size_hint));
+        Ok(TempWriter { path, sink })
     }
 
-    /// Continues an existing temp file that holds `written` bytes.
+    /// Continues an existing temp file that holds `written` bytes (through the page cache).
     pub async fn reopen(
         runtime: &dyn Runtime,
         path: PathBuf,
         written: u64,
     ) -> io::Result<TempWriter> {
         let file = runtime.open_read_write(&path).await?;
-        Ok(TempWriter::wrap(file, path, written, 0))
-    }
-
-    fn wrap(file: Box<dyn File>, path: PathBuf, written: u64, size_hint: u64) -> TempWriter {
-        TempWriter {
-            file,
-            path,
-            written,
-            size_hint,
-            buf: Vec::new(),
-        }
-    }
-
-    /// Buffer capacity for the rest of the blob: what the hint says is still to come, at most
-    /// one write's worth. A buffer is allocated only when bytes arrive, so an upload waiting
-    /// for its fsync, or for its client, holds none.
-    fn buffer_capacity(&self) -> usize {
-        buffer_capacity(self.size_hint, self.len())
+        let sink = Box::new(BufferedAppender::new(file, written, 0));
+        Ok(TempWriter { path, sink })
     }
 
     /// Bytes of buffer held now.
     pub fn buffer_held(&self) -> usize {
-        self.buf.capacity()
+        self.sink.buffer_held()
     }
 
     /// The temp file's path.
@@ -142,12 +121,17 @@ impl TempWriter {
 
     /// Bytes written to the file (readable by others), not counting what is buffered.
     pub fn on_disk(&self) -> u64 {
-        self.written
+        self.sink.on_disk()
+    }
+
+    /// Calls `hook` with [`TempWriter::on_disk`] whenever more of the file is written.
+    pub fn on_progress(&mut self, hook: ProgressHook) {
+        self.sink.on_progress(hook);
     }
 
     /// Bytes accepted so far (written or buffered).
     pub fn len(&self) -> u64 {
-        self.written + self.buf.len() as u64
+        self.sink.taken()
     }
 
     /// True before any byte was accepted.
@@ -156,108 +140,25 @@ impl TempWriter {
     }
 
     /// Accepts bytes, writing whenever a buffer fills.
-    pub async fn append(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            if self.buf.capacity() == 0 {
-                self.buf.reserve_exact(self.buffer_capacity());
-            }
-            let room = WRITE_BUFFER - self.buf.len();
-            let take = room.min(data.len());
-            self.buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.buf.len() >= WRITE_BUFFER {
-                self.flush().await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let buf = std::mem::take(&mut self.buf);
-        let len = buf.len() as u64;
-        self.file.write_all_at(buf, self.written).await?;
-        self.written += len;
-        Ok(())
+    pub async fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.sink.append(data).await
     }
 
     /// Writes what is buffered, syncs when `fsync`, and closes.
-    pub async fn finish(mut self, fsync: bool) -> io::Result<()> {
-        self.flush().await?;
-        if fsync {
-            self.file.sync_data().await?;
-        }
-        self.file.close().await
+    pub async fn finish(self, fsync: bool) -> io::Result<()> {
+        self.sink.finish(fsync).await.map(|_| ())
     }
 
     /// Writes what is buffered and closes without syncing (for parking an interrupted upload).
     /// Returns the path and the bytes on disk.
-    pub async fn suspend(mut self) -> io::Result<(PathBuf, u64)> {
-        self.flush().await?;
-        self.file.close().await?;
-        Ok((self.path, self.written))
+    pub async fn suspend(self) -> io::Result<(PathBuf, u64)> {
+        let written = self.sink.finish(false).await?;
+        Ok((self.path, written))
     }
 
     /// Closes and deletes the temp file (off the event loop, through `runtime`).
     pub async fn discard(self, runtime: &dyn Runtime) {
-        let _ = self.file.close().await;
+        let _ = self.sink.finish(false).await;
         let _ = runtime.remove_file(&self.path).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::runtime::on_glommio;
-
-    #[test]
-    fn buffers_are_sized_to_what_is_still_to_come() {
-        assert_eq!(buffer_capacity(0, 0), WRITE_BUFFER, "size unknown");
-        assert_eq!(buffer_capacity(10, 0), 64, "at least 64 bytes");
-        assert_eq!(buffer_capacity(4096, 0), 4096);
-        assert_eq!(buffer_capacity(3 * WRITE_BUFFER as u64, 0), WRITE_BUFFER);
-        assert_eq!(
-            buffer_capacity(WRITE_BUFFER as u64 + 4096, WRITE_BUFFER as u64),
-            4096,
-            "the tail of a blob gets a tail-sized buffer"
-        );
-        assert_eq!(
-            buffer_capacity(100, 5000),
-            64,
-            "a client sending more than it said"
-        );
-    }
-
-    /// On a real glommio executor and file: after each write the writer holds no buffer, so an
-    /// upload waiting for its fsync or its client costs no buffer memory; the bytes on disk are
-    /// exactly what was appended, including past a wrong size hint.
-    #[test]
-    fn holds_no_buffer_between_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob.tmp");
-        let data: Vec<u8> = (0..WRITE_BUFFER + 5000).map(|i| (i % 251) as u8).collect();
-        let expected = data.clone();
-        let file = path.clone();
-        let held = on_glommio("blob-io-test", move |runtime| {
-            Box::pin(async move {
-                let mut w = TempWriter::create(&*runtime, file, 1000).await.unwrap();
-                let mut held = vec![w.buffer_held()];
-                w.append(&data[..500]).await.unwrap();
-                held.push(w.buffer_held());
-                w.append(&data[500..]).await.unwrap();
-                held.push(w.buffer_held());
-                w.flush().await.unwrap();
-                held.push(w.buffer_held());
-                w.finish(true).await.unwrap();
-                held
-            })
-        });
-        assert_eq!(held[0], 0, "nothing allocated before bytes arrive");
-        assert_eq!(held[1], 1000, "sized by the hint");
-        assert!(held[2] <= WRITE_BUFFER, "never past one write: {}", held[2]);
-        assert_eq!(held[3], 0, "nothing held after a write");
-        assert_eq!(std::fs::read(&path).unwrap(), expected);
     }
 }

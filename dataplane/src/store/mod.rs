@@ -9,6 +9,7 @@
 //! - [`scan`] rebuilds the indexes at start-up in access-time order.
 
 pub mod accounting;
+pub mod appender;
 pub mod atime;
 pub mod blob_io;
 mod client;

@@ -1,16 +1,18 @@
 //! The glommio backend (Linux): io_uring for sockets and files, one executor per shard thread.
 //!
-//! Files use glommio's buffered (page-cache) I/O through io_uring rather than O_DIRECT: it works
-//! on every filesystem a build server uses (ZFS, ext4, XFS, tmpfs), keeps hot blobs in the page
-//! cache, and avoids glommio's polled-I/O probe that misfires on some virtual disks.
+//! Files use glommio's buffered (page-cache) I/O through io_uring: it works on every filesystem
+//! a build server uses (ZFS, ext4, XFS, tmpfs) and keeps hot blobs in the page cache. Large
+//! uploads may be written with direct I/O instead ([`direct`]), where the filesystem takes it.
 
 mod conn;
+mod direct;
 
-use super::{Backend, BoxConnection, File, Listener, LocalBoxFuture, Runtime, ShardMain};
+use super::{Appender, Backend, BoxConnection, File, Listener, LocalBoxFuture, Runtime, ShardMain};
 use bytes::Bytes;
 use conn::Conn;
 use glommio::io::{BufferedFile, OpenOptions};
 use glommio::net::{TcpListener, TcpStream};
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
@@ -18,8 +20,9 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
 
-/// Registered-buffer memory per executor. glommio only uses it for O_DIRECT files, which Kiln
-/// does not; kept small so many executors fit under an unprivileged 8 MiB memlock limit.
+/// Registered-buffer memory per executor. glommio only uses it for O_DIRECT files' buffers
+/// that fit in it, which Kiln's (see [`direct`]) do not; kept small so many executors fit under
+/// an unprivileged 8 MiB memlock limit.
 const IO_MEMORY: usize = 256 * 1024;
 
 /// Starts glommio executors.
@@ -55,7 +58,9 @@ impl Backend for GlommioBackend {
                 }
             };
             executor.run(async move {
-                let runtime: Rc<dyn Runtime> = Rc::new(GlommioRuntime);
+                let runtime: Rc<dyn Runtime> = Rc::new(GlommioRuntime {
+                    direct: Rc::new(Cell::new(true)),
+                });
                 main(runtime).await;
             });
         })
@@ -63,7 +68,10 @@ impl Backend for GlommioBackend {
 }
 
 /// The per-shard handle to the current glommio executor.
-struct GlommioRuntime;
+struct GlommioRuntime {
+    /// False once the CAS's filesystem refused direct I/O.
+    direct: Rc<Cell<bool>>,
+}
 
 fn io_err<T>(e: glommio::GlommioError<T>) -> io::Error {
     io::Error::from(e)
@@ -147,6 +155,15 @@ impl Runtime for GlommioRuntime {
         let path = path.to_path_buf();
         // glommio runs the unlink on its executor's blocking thread.
         Box::pin(async move { glommio::io::remove(&path).await.map_err(io_err) })
+    }
+
+    fn create_direct(
+        &self,
+        path: &Path,
+    ) -> LocalBoxFuture<'static, io::Result<Option<Box<dyn Appender>>>> {
+        let path = path.to_path_buf();
+        let supported = self.direct.clone();
+        Box::pin(async move { direct::create(&path, supported).await })
     }
 }
 

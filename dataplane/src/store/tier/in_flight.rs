@@ -13,7 +13,7 @@
 
 use super::{Blob, BlobStore, ChunkSink, StoreFuture, StreamEnd, VerifiedUpload};
 use crate::metrics::Metrics;
-use crate::runtime::Runtime;
+use crate::runtime::{ProgressHook, Runtime};
 use crate::store::{blob_io, Committed, StoreError};
 use event_listener::{Event, Listener};
 use futures::future::BoxFuture;
@@ -62,6 +62,15 @@ impl Growing {
     fn lock(&self) -> MutexGuard<'_, Progress> {
         // The state is two plain numbers: usable even if a holder panicked.
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn advance(&self, on_disk: u64) {
+        let mut p = self.lock();
+        if on_disk > p.on_disk {
+            p.on_disk = on_disk;
+            drop(p);
+            self.changed.notify(usize::MAX);
+        }
     }
 
     /// Where the upload stands.
@@ -163,12 +172,13 @@ pub struct Arriving {
 impl Arriving {
     /// `on_disk` bytes of the temp file are written.
     pub fn advance(&self, on_disk: u64) {
-        let mut p = self.growing.lock();
-        if on_disk > p.on_disk {
-            p.on_disk = on_disk;
-            drop(p);
-            self.growing.changed.notify(usize::MAX);
-        }
+        self.growing.advance(on_disk);
+    }
+
+    /// What the temp file's writer calls as more of it is written (see [`Arriving::advance`]).
+    pub fn follower(&self) -> ProgressHook {
+        let growing = self.growing.clone();
+        Box::new(move |on_disk| growing.advance(on_disk))
     }
 
     /// The upload was verified and stored.
