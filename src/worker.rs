@@ -11,6 +11,7 @@ use kiln_dataplane::runtime::backend_for;
 use kiln_dataplane::server::{shard_count, DataPlane, OpenedStore};
 use kiln_dataplane::store::layout::Layout;
 use kiln_worker::link::Link;
+use kiln_worker::remote::CasLinks;
 use kiln_worker::{prepare_work_dir, Identity, LocalCas, WorkerContext};
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,16 +178,25 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         anyhow::ensure!(!token.is_empty(), "{} holds no token", file.display());
         link = link.with_token(token)?;
     }
-    let channel_for_cas = {
+    let cas_links = {
         let _guard = runtime.enter();
-        link.connect_lazy()
+        let main = link.connect_lazy();
+        // Each range of a large download on a connection of its own (the first shares main).
+        let ranges: Vec<_> = std::iter::once(main.clone())
+            .chain((1..config.worker.fetch_ranges).map(|_| link.connect_lazy()))
+            .collect();
+        CasLinks {
+            main,
+            ranges: ranges.into(),
+            ranged_min: config.worker.ranged_fetch_min_bytes.as_u64(),
+        }
     };
     let ctx = {
         let _guard = runtime.enter();
         Arc::new(WorkerContext {
             name: name.clone(),
             local,
-            remote: Some(channel_for_cas),
+            remote: Some(cas_links),
             work_dir: work_dir.clone(),
             exec_cache,
             fetch_parallelism: config.worker.fetch_parallelism,

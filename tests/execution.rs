@@ -63,6 +63,38 @@ async fn read(ch: &tonic::transport::Channel, d: &kiln_proto::reapi::Digest) -> 
     common::exec::read_output(ch, F, d).await
 }
 
+// A large input reaches a remote worker in parallel ranges, each on a connection of its own,
+// byte for byte (the action copies it to an output whose digest must be the input's).
+on_every_runtime! {
+    async fn a_large_input_is_fetched_in_ranges(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let wdir = dir.path().join("w1");
+        std::fs::create_dir_all(&wdir).unwrap();
+        let config = wdir.join("worker.toml");
+        std::fs::write(&config, "[worker]\nranged_fetch_min_bytes = \"1 MiB\"\nfetch_ranges = 3\n").unwrap();
+        let _w = start_worker(rt, &kiln, &wdir, "w1", &["--config", config.to_str().unwrap()]).await;
+        let ch = kiln.channel().await;
+        let big = blobs::pseudo_random(5, (5 << 20) + 12_345);
+        let d = blobs::digest(F, &big);
+        blobs::write(&ch, &blobs::write_name("", F, &d), &big, 1 << 20).await.unwrap();
+        let spec = Spec {
+            tree: Tree::default().file("big", &big, false),
+            outputs: vec!["copy".into()],
+            ..Spec::script("cp big copy")
+        };
+        let action = spec.upload_except(&ch, F, Some(&big)).await;
+        let (_, response) = execute(&ch, F, &action, false).await.unwrap();
+        assert_eq!(code(&response), 0, "{response:?}");
+        let result = response.result.unwrap();
+        let copy = result.output_files.iter().find(|f| f.path == "copy").unwrap();
+        assert_eq!(copy.digest.as_ref(), Some(&d), "the worker got the input's bytes");
+        let reads = common::metric(&kiln.admin, "kiln_calls_total{method=\"ByteStream.Read\",code=\"OK\"}").await;
+        assert_eq!(reads, 3.0, "one Read per range");
+        kiln.stop().await;
+    }
+}
+
 on_every_runtime! {
     async fn inputs_outputs_symlinks_and_executables(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();

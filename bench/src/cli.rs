@@ -92,6 +92,10 @@ pub struct Args {
     /// GetTree page size (0: the server's choice).
     #[arg(long, default_value_t = 0)]
     pub page_size: i32,
+    /// `execute`: give each action an input file of this size, new for every action, so the
+    /// worker must fetch it; the time the worker took is reported as `input-fetch`.
+    #[arg(long)]
+    pub input_size: Option<SizeSpec>,
     /// Milliseconds each `execute` action sleeps (0: a no-op).
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,

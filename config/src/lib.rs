@@ -157,6 +157,9 @@ impl Config {
         if self.worker.fetch_parallelism == 0 {
             return invalid("worker.fetch_parallelism", "must be at least 1");
         }
+        if !(1..=64).contains(&self.worker.fetch_ranges) {
+            return invalid("worker.fetch_ranges", "must be from 1 to 64");
+        }
         if self.control_plane.threads == 0 {
             return invalid("control_plane.threads", "must be at least 1");
         }

@@ -447,6 +447,10 @@ pub struct WorkerConfig {
     pub properties: Vec<String>,
     /// Input blobs downloaded at once per action.
     pub fetch_parallelism: usize,
+    /// Blobs of at least this size are downloaded in `fetch_ranges` parallel ranges.
+    pub ranged_fetch_min_bytes: ByteSize,
+    /// Ranges (each on a connection of its own) a large blob is downloaded in; 1: one stream.
+    pub fetch_ranges: usize,
     /// Longest wait between reconnection attempts (seconds).
     pub max_reconnect_delay_secs: u64,
     /// The CA that signs the scheduler's certificate, PEM (for a `grpcs://` scheduler).
@@ -470,6 +474,8 @@ impl Default for WorkerConfig {
             max_inflight: 0,
             properties: Vec::new(),
             fetch_parallelism: 32,
+            ranged_fetch_min_bytes: ByteSize::mib(64),
+            fetch_ranges: 4,
             max_reconnect_delay_secs: 10,
             tls_ca: None,
             tls_cert: None,

@@ -29,7 +29,7 @@ pub struct WorkerContext {
     /// The local CAS.
     pub local: LocalCas,
     /// The server; `None` when the local CAS is the server's own (the worker in `kiln serve`).
-    pub remote: Option<crate::link::LinkChannel>,
+    pub remote: Option<crate::remote::CasLinks>,
     /// Where action directories are made.
     pub work_dir: PathBuf,
     /// Read-only executable copies.
@@ -142,7 +142,7 @@ async fn attempt(
     let remote = ctx
         .remote
         .as_ref()
-        .map(|c| RemoteCas::new(c.clone(), instance.clone(), function));
+        .map(|links| RemoteCas::new(links.clone(), instance.clone(), function));
     let source = match &remote {
         Some(r) => Source::Remote(r),
         None => Source::Shared,

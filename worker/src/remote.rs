@@ -1,5 +1,6 @@
-//! The server's CAS as the worker uses it: downloads streamed to files while hashing, small
-//! blobs in batches, uploads of output files.
+//! The server's CAS as the worker uses it: downloads streamed to files while hashing (large
+//! blobs in parallel ranges, each on a connection of its own), small blobs in batches, uploads
+//! of output files.
 
 use crate::error::ActionError;
 use crate::link::LinkChannel as Channel;
@@ -15,7 +16,8 @@ use kiln_proto::reapi::{
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use kiln_reapi::resource::{ReadResource, WriteResource};
 use std::path::Path;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 /// Largest message exchanged with the server.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -25,35 +27,64 @@ pub const SMALL: u64 = 256 << 10;
 const BATCH: u64 = 2 << 20;
 /// ByteStream write message size.
 const CHUNK: usize = 1 << 20;
+/// The smallest range a download is split into.
+const MIN_RANGE: u64 = 1 << 20;
+
+/// The worker's connections to the server's CAS.
+#[derive(Clone)]
+pub struct CasLinks {
+    /// Every call but the ranges of a large download.
+    pub main: Channel,
+    /// One connection per range of a large download (the first may be `main`): the server
+    /// serves each connection on one of its cores.
+    pub ranges: Arc<[Channel]>,
+    /// Blobs of at least this size are downloaded in ranges.
+    pub ranged_min: u64,
+}
+
+impl CasLinks {
+    /// Everything on one connection, every download one stream.
+    pub fn single(channel: Channel) -> CasLinks {
+        CasLinks {
+            ranges: Arc::from(vec![channel.clone()]),
+            main: channel,
+            ranged_min: u64::MAX,
+        }
+    }
+}
 
 /// A handle to the server's CAS for one instance and digest function.
 #[derive(Clone)]
 pub struct RemoteCas {
-    channel: Channel,
+    links: CasLinks,
     instance: InstanceName,
     function: i32,
 }
 
+fn bytestream_client(channel: &Channel) -> ByteStreamClient<Channel> {
+    ByteStreamClient::new(channel.clone())
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
 impl RemoteCas {
-    /// The server at `channel`, for `instance` and the digest function `function`.
-    pub fn new(channel: Channel, instance: InstanceName, function: i32) -> RemoteCas {
+    /// The server through `links`, for `instance` and the digest function `function`.
+    pub fn new(links: CasLinks, instance: InstanceName, function: i32) -> RemoteCas {
         RemoteCas {
-            channel,
+            links,
             instance,
             function,
         }
     }
 
     fn cas(&self) -> ContentAddressableStorageClient<Channel> {
-        ContentAddressableStorageClient::new(self.channel.clone())
+        ContentAddressableStorageClient::new(self.links.main.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
     fn bytestream(&self) -> ByteStreamClient<Channel> {
-        ByteStreamClient::new(self.channel.clone())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
+        bytestream_client(&self.links.main)
     }
 
     fn key(&self, d: &Digest) -> BlobKey {
@@ -133,9 +164,26 @@ impl RemoteCas {
         Ok(out)
     }
 
-    /// Streams a blob into a new file at `path`, verifying it; NOT_FOUND when the server
-    /// lacks it.
+    /// Downloads a blob into a new file at `path`, verifying it; NOT_FOUND when the server
+    /// lacks it. A large blob comes in parallel ranges.
     pub async fn download(&self, digest: Digest, path: &Path) -> Result<(), ActionError> {
+        match self.ranges_for(digest.size) {
+            0 | 1 => self.download_stream(digest, path).await,
+            n => self.download_ranges(digest, path, n).await,
+        }
+    }
+
+    /// How many ranges a blob of `size` bytes is downloaded in.
+    fn ranges_for(&self, size: u64) -> usize {
+        if size < self.links.ranged_min {
+            return 1;
+        }
+        let most = usize::try_from(size / MIN_RANGE).unwrap_or(usize::MAX);
+        self.links.ranges.len().min(most)
+    }
+
+    /// Streams a blob into a new file at `path`, hashing it as it arrives.
+    async fn download_stream(&self, digest: Digest, path: &Path) -> Result<(), ActionError> {
         let mut stream = self
             .bytestream()
             .read(ReadRequest {
@@ -152,28 +200,79 @@ impl RemoteCas {
             .await
             .map_err(|e| ActionError::io("create", path, e))?;
         let mut hasher = Hasher::new(digest.function);
-        let mut size = 0u64;
-        while let Some(message) = stream.next().await {
-            let data = message?.data;
-            size = size.saturating_add(data.len() as u64);
-            if size > digest.size {
-                // A server (or peer) sending past the blob's size: stop before writing it.
-                return Err(ActionError::Remote(tonic::Status::data_loss(format!(
-                    "the server sent more than the {} bytes of {digest:?}",
-                    digest.size
-                ))));
-            }
-            hasher.update(&data);
-            file.write_all(&data)
-                .await
-                .map_err(|e| ActionError::io("write", path, e))?;
-        }
-        file.flush()
-            .await
-            .map_err(|e| ActionError::io("write", path, e))?;
+        let size = receive_into(&mut stream, &mut file, path, &digest, digest.size, |data| {
+            hasher.update(data)
+        })
+        .await?;
         if size != digest.size || hasher.finalize() != digest.hash {
+            return Err(mismatch(&digest));
+        }
+        Ok(())
+    }
+
+    /// Downloads a blob in `n` ranges at once, each into its part of the file, then hashes
+    /// the whole file (the ranges arrive out of order).
+    async fn download_ranges(
+        &self,
+        digest: Digest,
+        path: &Path,
+        n: usize,
+    ) -> Result<(), ActionError> {
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .await
+            .map_err(|e| ActionError::io("create", path, e))?;
+        file.set_len(digest.size)
+            .await
+            .map_err(|e| ActionError::io("size", path, e))?;
+        drop(file);
+        let per = digest.size.div_ceil(n as u64);
+        let parts = (0..n as u64).filter_map(|i| {
+            let start = i * per;
+            let len = per.min(digest.size.checked_sub(start)?);
+            let channel = &self.links.ranges[i as usize % self.links.ranges.len()];
+            (len > 0).then(|| self.download_range(channel, digest, path, start, len))
+        });
+        futures::future::try_join_all(parts).await?;
+        let stored = crate::local::hash_file(digest.function, path).await?;
+        if stored != digest {
+            return Err(mismatch(&digest));
+        }
+        Ok(())
+    }
+
+    /// Writes `len` bytes of the blob from `start` into the file at `path`, from `channel`.
+    async fn download_range(
+        &self,
+        channel: &Channel,
+        digest: Digest,
+        path: &Path,
+        start: u64,
+        len: u64,
+    ) -> Result<(), ActionError> {
+        let as_i64 = |v: u64| i64::try_from(v).map_err(|_| mismatch(&digest));
+        let mut stream = bytestream_client(channel)
+            .read(ReadRequest {
+                resource_name: self.name(&digest),
+                read_offset: as_i64(start)?,
+                read_limit: as_i64(len)?,
+            })
+            .await?
+            .into_inner();
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .await
+            .map_err(|e| ActionError::io("open", path, e))?;
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| ActionError::io("seek", path, e))?;
+        let got = receive_into(&mut stream, &mut file, path, &digest, len, |_| {}).await?;
+        if got != len {
             return Err(ActionError::Remote(tonic::Status::data_loss(format!(
-                "downloaded bytes do not match {digest:?}"
+                "the server sent {got} of the {len} bytes from offset {start} of {digest:?}"
             ))));
         }
         Ok(())
@@ -270,6 +369,48 @@ impl RemoteCas {
     }
 }
 
+/// Writes a Read's messages into `file` (at `path`), showing each to `seen`; stops with
+/// DATA_LOSS, before writing it, at the first byte past `limit`. Returns the bytes received.
+async fn receive_into(
+    stream: &mut tonic::Streaming<kiln_proto::bytestream::ReadResponse>,
+    file: &mut tokio::fs::File,
+    path: &Path,
+    digest: &Digest,
+    limit: u64,
+    mut seen: impl FnMut(&[u8]),
+) -> Result<u64, ActionError> {
+    let mut got = 0u64;
+    while let Some(message) = stream.next().await {
+        let data = message?.data;
+        got = got.saturating_add(data.len() as u64);
+        if got > limit {
+            return Err(too_much(digest, limit));
+        }
+        seen(&data);
+        file.write_all(&data)
+            .await
+            .map_err(|e| ActionError::io("write", path, e))?;
+    }
+    file.flush()
+        .await
+        .map_err(|e| ActionError::io("write", path, e))?;
+    Ok(got)
+}
+
+/// The server sent more than was asked for.
+fn too_much(digest: &Digest, asked: u64) -> ActionError {
+    ActionError::Remote(tonic::Status::data_loss(format!(
+        "the server sent more than the {asked} bytes asked for of {digest:?}"
+    )))
+}
+
+/// The bytes received do not hash to the digest.
+fn mismatch(digest: &Digest) -> ActionError {
+    ActionError::Remote(tonic::Status::data_loss(format!(
+        "downloaded bytes do not match {digest:?}"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,8 +458,8 @@ mod tests {
         }
     }
 
-    /// A download stops at the first byte past the digest's size, with DATA_LOSS, having
-    /// written nothing past it.
+    /// A download, whole or in ranges, stops at the first byte past what it asked for, with
+    /// DATA_LOSS, having written nothing past the blob's size.
     #[tokio::test]
     async fn a_server_sending_past_the_size_is_cut_off() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -333,18 +474,32 @@ mod tests {
             .connect()
             .await
             .unwrap();
-        let remote = RemoteCas::new(channel, InstanceName::default_instance(), 1);
-        let blob = vec![7u8; (1 << 20) + 10];
+        let blob = vec![7u8; (4 << 20) + 10];
         let digest = Digest::of(kiln_reapi::digest::DigestFunction::Sha256, &blob);
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        let err = remote.download(digest, &path).await.unwrap_err();
-        match err {
-            ActionError::Remote(s) => assert_eq!(s.code(), tonic::Code::DataLoss, "{s:?}"),
-            other => panic!("{other:?}"),
+        // One stream, and four ranges on two connections.
+        let single = CasLinks::single(channel.clone());
+        let ranged = CasLinks {
+            main: channel.clone(),
+            ranges: Arc::from(vec![
+                channel.clone(),
+                channel.clone(),
+                channel.clone(),
+                channel,
+            ]),
+            ranged_min: 1,
+        };
+        for (i, links) in [single, ranged].into_iter().enumerate() {
+            let remote = RemoteCas::new(links, InstanceName::default_instance(), 1);
+            let path = dir.path().join(format!("blob{i}"));
+            let err = remote.download(digest, &path).await.unwrap_err();
+            match err {
+                ActionError::Remote(s) => assert_eq!(s.code(), tonic::Code::DataLoss, "{s:?}"),
+                other => panic!("{other:?}"),
+            }
+            let written = std::fs::metadata(&path).unwrap().len();
+            assert!(written <= digest.size, "{written} bytes written");
         }
-        let written = std::fs::metadata(&path).unwrap().len();
-        assert!(written <= digest.size, "{written} bytes written");
         server.abort();
     }
 }

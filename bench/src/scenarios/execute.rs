@@ -1,8 +1,9 @@
-//! `execute`: Execute of no-op (or sleeping) actions, each unique so none is cached; skipped
-//! when the server does not execute.
+//! `execute`: Execute of no-op (or sleeping) actions, each unique so none is cached, with an
+//! input file of its own when asked (`--input-size`); skipped when the server does not
+//! execute.
 
 use super::{timed, Ctx, Prepared};
-use crate::blobs;
+use crate::blobs::{self, BlobPool};
 use crate::load::Workload;
 use crate::stats::{code_name, Sample};
 use futures::future::BoxFuture;
@@ -16,6 +17,8 @@ struct ExecuteLoad {
     ctx: Arc<Ctx>,
     command: reapi::Digest,
     nonce: String,
+    /// Where each action's input file comes from, with `--input-size`.
+    inputs: Option<BlobPool>,
 }
 
 pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
@@ -34,10 +37,12 @@ pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
         ..Default::default()
     };
     let command = upload_message(&ctx, &command).await?;
+    let inputs = ctx.args.input_size.map(|size| BlobPool::new(size.max()));
     Ok(Prepared::Run(Arc::new(ExecuteLoad {
         ctx,
         command,
         nonce: uuid::Uuid::new_v4().to_string(),
+        inputs,
     })))
 }
 
@@ -117,12 +122,45 @@ fn between(a: prost_types::Timestamp, b: prost_types::Timestamp) -> Option<std::
     Some(std::time::Duration::from_nanos(d as u64))
 }
 
+impl ExecuteLoad {
+    /// The input root of action `index`: empty, or one file of its own.
+    async fn input_root(&self, index: u64) -> anyhow::Result<reapi::Digest> {
+        let (Some(pool), Some(size)) = (&self.inputs, self.ctx.args.input_size) else {
+            return Ok(blobs::digest_of(self.ctx.function, &[]));
+        };
+        let size = size.sample(index);
+        let digest = pool.digest(self.ctx.function, index, size);
+        let name = blobs::write_name(&self.ctx.args.instance, self.ctx.function, &digest);
+        let requests = pool.write_requests(&name, index, size, self.ctx.args.chunk);
+        self.ctx
+            .bytestream()
+            .write(futures::stream::iter(requests))
+            .await?;
+        let root = reapi::Directory {
+            files: vec![reapi::FileNode {
+                name: "input".into(),
+                digest: Some(digest),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        upload_message(&self.ctx, &root).await
+    }
+}
+
 impl Workload for ExecuteLoad {
     fn run(self: Arc<Self>, index: u64) -> BoxFuture<'static, Vec<Sample>> {
         Box::pin(async move {
+            let Ok(input_root) = self.input_root(index).await else {
+                return vec![Sample::failed(
+                    "execute",
+                    Default::default(),
+                    "UPLOAD_FAILED",
+                )];
+            };
             let action = Action {
                 command_digest: Some(self.command.clone()),
-                input_root_digest: Some(blobs::digest_of(self.ctx.function, &[])),
+                input_root_digest: Some(input_root),
                 salt: format!("{} {index}", self.nonce).into_bytes().into(),
                 do_not_cache: true,
                 ..Default::default()
@@ -143,10 +181,23 @@ impl Workload for ExecuteLoad {
                     let mut samples = vec![Sample::ok("execute", latency, 0)];
                     // The scheduler's share: from queued to a worker starting on it.
                     let meta = r.result.and_then(|a| a.execution_metadata);
-                    if let Some(wait) =
-                        meta.and_then(|m| between(m.queued_timestamp?, m.worker_start_timestamp?))
+                    if let Some(wait) = meta
+                        .clone()
+                        .and_then(|m| between(m.queued_timestamp?, m.worker_start_timestamp?))
                     {
                         samples.push(Sample::ok("queue-to-start", wait, 0));
+                    }
+                    // The worker's fetch of the action's input file.
+                    if let (Some(size), Some(fetch)) = (
+                        self.ctx.args.input_size.map(|s| s.sample(index)),
+                        meta.and_then(|m| {
+                            between(
+                                m.input_fetch_start_timestamp?,
+                                m.input_fetch_completed_timestamp?,
+                            )
+                        }),
+                    ) {
+                        samples.push(Sample::ok("input-fetch", fetch, size));
                     }
                     samples
                 }
