@@ -150,23 +150,34 @@ impl BlobServices {
 
 impl CallHandler for BlobServices {
     fn handle(self: Rc<Self>, call: Call) -> LocalBoxFuture<'static, ()> {
-        Box::pin(async move {
-            match call.path() {
-                paths::READ => read::serve(&self, call).await,
-                paths::WRITE => write::serve(&self, call).await,
-                paths::QUERY_WRITE_STATUS => write::serve_query(&self, call).await,
-                paths::FIND_MISSING => cas::serve_find_missing(&self, call).await,
-                paths::BATCH_UPDATE => cas::serve_batch_update(&self, call).await,
-                paths::BATCH_READ => cas::serve_batch_read(&self, call).await,
-                paths::GET_ACTION_RESULT => {
-                    match self.control.as_ref().and_then(|c| c.results.as_deref()) {
-                        Some(results) => action_results::serve_get(&self, results, call).await,
-                        None => self.forward(call).await,
-                    }
-                }
-                _ => self.forward(call).await,
+        // Each method's future is boxed on its own: one future matching on the path would be
+        // as large as the largest method's (an upload's), and copying that into its box was
+        // 5 % of the server's time on small calls.
+        match call.path() {
+            paths::READ => Box::pin(async move { read::serve(&self, call).await }),
+            paths::WRITE => Box::pin(async move { write::serve(&self, call).await }),
+            paths::QUERY_WRITE_STATUS => {
+                Box::pin(async move { write::serve_query(&self, call).await })
             }
-        })
+            paths::FIND_MISSING => {
+                Box::pin(async move { cas::serve_find_missing(&self, call).await })
+            }
+            paths::BATCH_UPDATE => {
+                Box::pin(async move { cas::serve_batch_update(&self, call).await })
+            }
+            paths::BATCH_READ => Box::pin(async move { cas::serve_batch_read(&self, call).await }),
+            paths::GET_ACTION_RESULT => {
+                match self.control.as_ref().and_then(|c| c.results.clone()) {
+                    Some(results) => {
+                        Box::pin(
+                            async move { action_results::serve_get(&self, &*results, call).await },
+                        )
+                    }
+                    None => Box::pin(async move { self.forward(call).await }),
+                }
+            }
+            _ => Box::pin(async move { self.forward(call).await }),
+        }
     }
 }
 
