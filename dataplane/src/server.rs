@@ -40,6 +40,25 @@ pub fn shard_count(config: &Config) -> usize {
     }
 }
 
+/// The smallest upload written with direct I/O, when configured and when `backend` can write
+/// the CAS's temp files that way (tried once here; the log says which).
+fn direct_io(config: &Config, backend: &dyn Backend, layout: &Layout) -> Option<u64> {
+    let min = config.storage.direct_io_min_bytes;
+    if min.as_u64() == 0 {
+        return None;
+    }
+    match backend.direct_writes(layout.tmp_dir()) {
+        Ok(()) => {
+            info!("uploads of {min} or more are written with direct I/O");
+            Some(min.as_u64())
+        }
+        Err(why) => {
+            info!("uploads are written through the page cache (no direct I/O: {why})");
+            None
+        }
+    }
+}
+
 /// The CAS, opened and scanned but not yet served.
 pub struct OpenedStore {
     cas: CasClient,
@@ -184,6 +203,7 @@ impl DataPlane {
             max_pending_atimes: config.storage.max_pending_access_times,
             forget: store.chain.forgetters(),
         };
+        let direct_io_min = direct_io(config, &*backend, &store.layout);
         let limits = BlobLimits {
             max_batch_total: config.server.max_batch_total_size_bytes.as_u64(),
             read_chunk: config.server.read_chunk_bytes.as_u64() as usize,
@@ -191,7 +211,7 @@ impl DataPlane {
             cas_capacity: config.storage.disk_bytes.as_u64(),
             fsync: config.storage.fsync,
             group_commit_max,
-            direct_io_min: Some(config.storage.direct_io_min_bytes.as_u64()).filter(|&n| n > 0),
+            direct_io_min,
             stalled_upload: (config.server.stalled_upload_secs > 0)
                 .then(|| Duration::from_secs(config.server.stalled_upload_secs)),
         };

@@ -118,6 +118,10 @@ pub trait Runtime {
     }
 }
 
+/// The name of the thread [`Backend::direct_writes`] tries direct I/O on (a panic there is
+/// not a reason to stop the process).
+pub const DIRECT_PROBE_THREAD: &str = "kiln-direct-probe";
+
 /// The work a shard thread runs once its executor is up.
 pub type ShardMain = Box<dyn FnOnce(Rc<dyn Runtime>) -> LocalBoxFuture<'static, ()> + Send>;
 
@@ -125,6 +129,15 @@ pub type ShardMain = Box<dyn FnOnce(Rc<dyn Runtime>) -> LocalBoxFuture<'static, 
 pub trait Backend: Send + Sync {
     /// The backend's name.
     fn name(&self) -> &'static str;
+    /// Whether uploads in `dir` can be written with direct I/O ([`Runtime::create_direct`]):
+    /// tried once, with a small file, on a thread of its own named [`DIRECT_PROBE_THREAD`],
+    /// so that a panic of the executor's device probe (glommio reads the disk's properties
+    /// from sysfs, and panics on a layout it does not expect) costs direct I/O, not the
+    /// process. The error says why not.
+    fn direct_writes(&self, dir: &Path) -> Result<(), String> {
+        let _ = dir;
+        Err(format!("the {} runtime has no direct I/O", self.name()))
+    }
     /// Starts a thread named `name` running `main` on a fresh executor.
     fn start_shard(
         &self,

@@ -23,6 +23,38 @@ pub(super) const IN_FLIGHT: usize = 3;
 /// which is what ZFS asks of direct I/O.
 const MIN_ALIGN: u64 = 4096;
 
+/// Writes a small file in `dir` the way an upload would be written, on an executor of its own
+/// on this thread: whether direct writes work there.
+pub(super) fn probe(dir: &Path) -> Result<(), String> {
+    let path = dir.join(format!("direct-probe-{}", std::process::id()));
+    let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(super::IO_MEMORY)
+        .ring_depth(16)
+        .make()
+        .map_err(|e| format!("no executor: {e}"))?;
+    let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+    let written = executor.run({
+        let (path, data) = (path.clone(), data.clone());
+        async move {
+            let mut w = create(&path, Rc::new(Cell::new(true)))
+                .await?
+                .ok_or_else(|| io::Error::other("the filesystem refuses O_DIRECT"))?;
+            w.append(&data).await?;
+            w.finish(true).await
+        }
+    });
+    let read = std::fs::read(&path);
+    let _ = std::fs::remove_file(&path);
+    match (written, read) {
+        (Ok(_), Ok(read)) if read == data => Ok(()),
+        (Ok(_), Ok(read)) => Err(format!(
+            "wrote 5000 bytes, read back {} different ones",
+            read.len()
+        )),
+        (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+    }
+}
+
 /// Creates `path` for direct writes. `None` when its filesystem refuses O_DIRECT (the file is
 /// removed again, and `supported` remembers the answer for this shard).
 pub(super) async fn create(
@@ -37,12 +69,13 @@ pub(super) async fn create(
         .write(true)
         .create_new(true)
         .dma_open(path)
-        .await;
-    let file = match opened.map_err(io::Error::from) {
+        .await
+        .map_err(io::Error::from);
+    let file = match opened {
         Ok(file) => file,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             // glommio created the file, then setting O_DIRECT on it failed.
-            tracing::info!(
+            tracing::warn!(
                 path = %path.display(),
                 "this filesystem refuses direct I/O; large uploads are written through the page cache"
             );
@@ -302,6 +335,25 @@ mod tests {
                 assert_eq!(progress.last().copied(), Some(size as u64));
             }
         }
+    }
+
+    /// The start-up probe succeeds where direct writes work (the temp directory's disk, and
+    /// tmpfs, where glommio writes through the page cache) and leaves nothing behind; it
+    /// fails, saying why, where the directory cannot take the file.
+    #[test]
+    fn the_probe_says_whether_direct_writes_work() {
+        let disk = tempfile::tempdir().unwrap();
+        assert_eq!(probe(disk.path()), Ok(()));
+        assert_eq!(
+            std::fs::read_dir(disk.path()).unwrap().count(),
+            0,
+            "left behind"
+        );
+        if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
+            assert_eq!(probe(shm.path()), Ok(()));
+        }
+        let gone = disk.path().join("missing");
+        assert!(probe(&gone).is_err());
     }
 
     /// A filesystem found to refuse direct I/O is not asked again on this shard.

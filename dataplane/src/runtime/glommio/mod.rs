@@ -23,7 +23,7 @@ use std::time::Duration;
 /// Registered-buffer memory per executor. glommio only uses it for O_DIRECT files' buffers
 /// that fit in it, which Kiln's (see [`direct`]) do not; kept small so many executors fit under
 /// an unprivileged 8 MiB memlock limit.
-const IO_MEMORY: usize = 256 * 1024;
+pub(super) const IO_MEMORY: usize = 256 * 1024;
 
 /// Starts glommio executors.
 #[derive(Debug, Default, Clone, Copy)]
@@ -32,6 +32,16 @@ pub struct GlommioBackend;
 impl Backend for GlommioBackend {
     fn name(&self) -> &'static str {
         "glommio"
+    }
+
+    fn direct_writes(&self, dir: &Path) -> Result<(), String> {
+        let dir = dir.to_path_buf();
+        std::thread::Builder::new()
+            .name(super::DIRECT_PROBE_THREAD.into())
+            .spawn(move || direct::probe(&dir))
+            .map_err(|e| e.to_string())?
+            .join()
+            .unwrap_or_else(|_| Err("glommio could not describe the disk (it panicked)".into()))
     }
 
     fn start_shard(
