@@ -325,6 +325,7 @@ impl Upload<'_> {
             (Err(WriteEnd::PeerGone), Some(w))
             | (Err(WriteEnd::Failed(BlobError::Unfinished { .. })), Some(w))
             | (Err(WriteEnd::Failed(BlobError::Stalled { .. })), Some(w)) => {
+                let path = w.path().to_path_buf();
                 match (w.suspend().await, self.staged.take()) {
                     (Ok((temp, written)), Some(staged)) if written == self.state.committed() => {
                         let (committed, hasher) = self.state.clone().into_parts();
@@ -341,7 +342,12 @@ impl Upload<'_> {
                         let _ = self.svc.runtime.remove_file(&temp).await;
                         None
                     }
-                    (Err(_), _) => None,
+                    (Err(_), _) => {
+                        // A write that failed (a direct write reports it late): nothing to
+                        // resume from.
+                        let _ = self.svc.runtime.remove_file(&path).await;
+                        None
+                    }
                 }
             }
             (_, Some(w)) => {

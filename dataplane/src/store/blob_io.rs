@@ -89,8 +89,14 @@ impl TempWriter {
         direct: bool,
     ) -> io::Result<TempWriter> {
         if direct {
-            if let Some(sink) = runtime.create_direct(&path).await? {
-                return Ok(TempWriter { path, sink });
+            match runtime.create_direct(&path).await {
+                Ok(Some(sink)) => return Ok(TempWriter { path, sink }),
+                Ok(None) => {}
+                Err(e) => {
+                    // The file may have been made before the failure.
+                    let _ = runtime.remove_file(&path).await;
+                    return Err(e);
+                }
             }
         }
         let file = runtime.create_new(&path).await?;

@@ -69,35 +69,38 @@ pub(super) async fn create(
         .write(true)
         .create_new(true)
         .dma_open(path)
-        .await
-        .map_err(io::Error::from);
-    let file = match opened {
-        Ok(file) => file,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            // glommio created the file, then setting O_DIRECT on it failed.
-            tracing::warn!(
-                path = %path.display(),
-                "this filesystem refuses direct I/O; large uploads are written through the page cache"
-            );
-            supported.set(false);
-            match glommio::io::remove(path).await.map_err(io::Error::from) {
-                Ok(()) => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(e),
+        .await;
+    let refusal = match opened {
+        Ok(file) => {
+            let align = file.alignment().max(MIN_ALIGN);
+            if align as usize <= BUFFER && BUFFER.is_multiple_of(align as usize) {
+                return Ok(Some(Box::new(DirectAppender::new(file, align))));
             }
+            let _ = file.close().await;
+            format!("an alignment of {align} bytes, which does not divide {BUFFER}")
         }
-        Err(e) => return Err(e),
+        // glommio created the file, then setting O_DIRECT on it failed.
+        Err(e) if refuses_direct(&e) => e.to_string(),
+        Err(e) => return Err(io::Error::from(e)),
     };
-    let align = file.alignment().max(MIN_ALIGN);
-    Ok(Some(Box::new(DirectAppender {
-        file: Rc::new(file),
-        align,
-        buffer: None,
-        filled: 0,
-        submitted: 0,
-        progress: Rc::new(Progress::default()),
-        writes: VecDeque::new(),
-    })))
+    tracing::warn!(
+        path = %path.display(),
+        why = %refusal,
+        "no direct I/O on this filesystem; large uploads are written through the page cache"
+    );
+    supported.set(false);
+    match glommio::io::remove(path).await.map_err(io::Error::from) {
+        Ok(()) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether opening a file failed because its filesystem does not take O_DIRECT (`EINVAL`,
+/// which glommio's conversion to `io::Error` would lose).
+fn refuses_direct(e: &glommio::GlommioError<()>) -> bool {
+    matches!(e, glommio::GlommioError::EnhancedIoError { source, .. }
+        if source.raw_os_error() == Some(libc::EINVAL))
 }
 
 /// How far the file is written from its start, as writes complete (in any order).
@@ -152,6 +155,18 @@ struct DirectAppender {
 }
 
 impl DirectAppender {
+    fn new(file: DmaFile, align: u64) -> DirectAppender {
+        DirectAppender {
+            file: Rc::new(file),
+            align,
+            buffer: None,
+            filled: 0,
+            submitted: 0,
+            progress: Rc::new(Progress::default()),
+            writes: VecDeque::new(),
+        }
+    }
+
     /// Hands the buffer being filled to a write (padded to the alignment if it is the last).
     async fn submit(&mut self) -> io::Result<()> {
         while self.writes.len() >= IN_FLIGHT {
@@ -354,6 +369,53 @@ mod tests {
         }
         let gone = disk.path().join("missing");
         assert!(probe(&gone).is_err());
+    }
+
+    /// ramfs (mounted here for the test) refuses O_DIRECT: the file glommio created is removed,
+    /// the shard remembers, and the start-up probe says no.
+    #[test]
+    fn a_filesystem_refusing_o_direct_is_written_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ramfs = Ramfs::mount(dir.path());
+        let path = dir.path().join("blob.tmp");
+        let file = path.clone();
+        let (made, remembered) = on_glommio("direct-test", move |_| {
+            Box::pin(async move {
+                let supported = Rc::new(Cell::new(true));
+                let made = create(&file, supported.clone()).await.unwrap().is_some();
+                (made, supported.get())
+            })
+        });
+        assert!(!made, "no direct appender on ramfs");
+        assert!(!remembered, "the shard remembers");
+        assert!(!path.exists(), "the half-made file is removed");
+        assert!(probe(dir.path()).is_err(), "the probe says no");
+    }
+
+    /// A ramfs mounted over a directory for the length of a test (needs root, like the
+    /// other tests that use the kernel's facilities).
+    struct Ramfs(std::path::PathBuf);
+
+    impl Ramfs {
+        fn mount(dir: &Path) -> Ramfs {
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "ramfs", "ramfs"])
+                .arg(dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                ok,
+                "this test needs root to mount a ramfs on {}",
+                dir.display()
+            );
+            Ramfs(dir.to_path_buf())
+        }
+    }
+
+    impl Drop for Ramfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
     }
 
     /// A filesystem found to refuse direct I/O is not asked again on this shard.

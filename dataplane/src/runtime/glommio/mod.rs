@@ -25,6 +25,9 @@ use std::time::Duration;
 /// an unprivileged 8 MiB memlock limit.
 pub(super) const IO_MEMORY: usize = 256 * 1024;
 
+/// How long the start-up waits for the direct I/O probe.
+const DIRECT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Starts glommio executors.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct GlommioBackend;
@@ -36,12 +39,21 @@ impl Backend for GlommioBackend {
 
     fn direct_writes(&self, dir: &Path) -> Result<(), String> {
         let dir = dir.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(super::DIRECT_PROBE_THREAD.into())
-            .spawn(move || direct::probe(&dir))
-            .map_err(|e| e.to_string())?
-            .join()
-            .unwrap_or_else(|_| Err("glommio could not describe the disk (it panicked)".into()))
+            .spawn(move || {
+                let result =
+                    std::panic::catch_unwind(|| direct::probe(&dir)).unwrap_or_else(|_| {
+                        Err("glommio could not describe the disk (it panicked)".into())
+                    });
+                let _ = tx.send(result);
+            })
+            .map_err(|e| e.to_string())?;
+        // The probe's first direct file also tries polled I/O on the disk: a disk where that
+        // hangs must not hold up the start (the thread is left to itself).
+        rx.recv_timeout(DIRECT_PROBE_TIMEOUT)
+            .unwrap_or_else(|_| Err(format!("no answer within {DIRECT_PROBE_TIMEOUT:?}")))
     }
 
     fn start_shard(
