@@ -6,7 +6,7 @@ use super::call::Responder;
 use super::limits::Activity;
 use super::{Call, CallHandler};
 use crate::metrics::Metrics;
-use crate::runtime::{BoxConnection, LocalBoxFuture, Runtime};
+use crate::runtime::{coalesce, BoxConnection, LocalBoxFuture, Runtime};
 use crate::shutdown::ShutdownWatch;
 use futures::future::{select, Either};
 use kiln_auth::{Denied, Policy, Principal};
@@ -114,6 +114,9 @@ pub async fn serve_connection(
     let _open = OpenConnection(metrics.clone());
     let span = tracing::debug_span!("connection", %peer);
     async move {
+        // h2 flushes after every frame: its writes are gathered and sent once per poll of the
+        // futures that drive it (see `runtime::coalesce`).
+        let (io, flusher) = coalesce::gather(io);
         let handshake = h2::server::Builder::new()
             .initial_window_size(settings.stream_window)
             .initial_connection_window_size(settings.connection_window)
@@ -122,7 +125,12 @@ pub async fn serve_connection(
             .max_send_buffer_size(4 << 20)
             .max_header_list_size(64 << 10)
             .handshake::<_, bytes::Bytes>(io);
-        let mut conn = match select(Box::pin(handshake), Box::pin(shutdown.wait())).await {
+        let mut conn = match select(
+            Box::pin(flusher.flushing(handshake)),
+            Box::pin(shutdown.wait()),
+        )
+        .await
+        {
             Either::Left((Ok(conn), _)) => conn,
             Either::Left((Err(e), _)) => {
                 debug!(error = %e, "HTTP/2 handshake failed");
@@ -140,10 +148,10 @@ pub async fn serve_connection(
         };
         loop {
             let next = if draining {
-                conn.accept().await
+                flusher.flushing(conn.accept()).await
             } else {
                 let woken = match select(
-                    Box::pin(conn.accept()),
+                    Box::pin(flusher.flushing(conn.accept())),
                     select(stopping.as_mut(), idle.as_mut()),
                 )
                 .await
@@ -226,7 +234,10 @@ pub async fn serve_connection(
             }
         }
         // Flush the final frames (GOAWAY, trailers) before dropping the socket.
-        let _ = futures::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+        let _ = flusher
+            .flushing(futures::future::poll_fn(|cx| conn.poll_closed(cx)))
+            .await;
+        let _ = flusher.drain().await;
     }
     .instrument(span)
     .await

@@ -6,6 +6,7 @@
 //! files read and written with owned buffers. [`Backend`] starts one pinned executor per shard.
 //! The shape follows quinn's `runtime.rs`: a few documented methods, one file per backend.
 
+pub mod coalesce;
 #[cfg(target_os = "linux")]
 mod glommio;
 mod listener;

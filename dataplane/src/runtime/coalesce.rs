@@ -1,0 +1,278 @@
+//! A connection's writes gathered into one send per round of the task that drives it.
+//!
+//! h2 writes each DATA frame larger than 256 bytes in a write call of its own and flushes after
+//! each one; clients allow 16 KiB frames, so a 64 KiB read cost five `sendmsg` calls, each a
+//! trip through the TCP stack. Here a flush is deferred: writes are copied into one buffer (up
+//! to [`LIMIT`], past which it is sent at once), and the buffer goes out when the future that
+//! drives the connection has been polled ([`Flushing`]), so everything h2 wrote in one poll
+//! leaves in one send. Only a write that is itself at least [`LIMIT`] bytes, arriving with
+//! nothing gathered, goes straight through uncopied.
+
+use super::BoxConnection;
+use std::cell::RefCell;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes gathered before they are sent without waiting for the end of the round.
+pub const LIMIT: usize = 256 << 10;
+/// A buffer larger than this is freed once sent (thousands of connections may be idle).
+const KEEP: usize = 16 << 10;
+
+struct Gathered {
+    io: BoxConnection,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already sent.
+    sent: usize,
+}
+
+impl Gathered {
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.buf.len() {
+            let n = ready!(self.io.as_mut().poll_write(cx, &self.buf[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.sent = 0;
+        if self.buf.capacity() > KEEP {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_gather(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if !self.buf.is_empty() && self.buf.len() + total > LIMIT {
+            ready!(self.poll_drain(cx))?;
+        }
+        if self.buf.is_empty() && total >= LIMIT {
+            return self.io.as_mut().poll_write_vectored(cx, bufs);
+        }
+        let mut taken = 0;
+        for b in bufs {
+            let take = (LIMIT - self.buf.len()).min(b.len());
+            self.buf.extend_from_slice(&b[..take]);
+            taken += take;
+            if take < b.len() {
+                break;
+            }
+        }
+        Poll::Ready(Ok(taken))
+    }
+}
+
+/// Wraps `io`: the connection to hand to h2 (or TLS), and the [`Flusher`] its driver uses.
+pub fn gather(io: BoxConnection) -> (BoxConnection, Flusher) {
+    let shared = Rc::new(RefCell::new(Gathered {
+        io,
+        buf: Vec::new(),
+        sent: 0,
+    }));
+    (Box::pin(GatheredIo(shared.clone())), Flusher(shared))
+}
+
+/// The connection's side: reads pass through, writes are gathered, a flush is deferred.
+struct GatheredIo(Rc<RefCell<Gathered>>);
+
+impl AsyncRead for GatheredIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.0.borrow_mut().io.as_mut().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GatheredIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.0.borrow_mut().poll_gather(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.0.borrow_mut().poll_gather(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    /// Deferred: the driver's [`Flushing`] sends what was gathered once its poll is over.
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut g = self.0.borrow_mut();
+        ready!(g.poll_drain(cx))?;
+        g.io.as_mut().poll_shutdown(cx)
+    }
+}
+
+/// The driver's side: sends what the connection gathered.
+pub struct Flusher(Rc<RefCell<Gathered>>);
+
+impl Flusher {
+    /// Sends what is gathered (pending while the socket is full).
+    pub fn poll_drain(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut g = self.0.borrow_mut();
+        ready!(g.poll_drain(cx))?;
+        g.io.as_mut().poll_flush(cx)
+    }
+
+    /// Sends what is gathered, waiting for room in the socket.
+    pub async fn drain(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_drain(cx)).await
+    }
+
+    /// `future`, with what it wrote sent after each of its polls.
+    pub fn flushing<F: Future>(&self, future: F) -> Flushing<'_, F> {
+        Flushing {
+            future: Box::pin(future),
+            flusher: self,
+            failed: false,
+        }
+    }
+}
+
+/// A future driving the connection, whose writes are sent after each of its polls. A send
+/// that fails is left for the connection's next write to report.
+pub struct Flushing<'a, F> {
+    future: Pin<Box<F>>,
+    flusher: &'a Flusher,
+    failed: bool,
+}
+
+impl<F: Future> Future for Flushing<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let out = self.future.as_mut().poll(cx);
+        if !self.failed {
+            // Pending: the socket's readiness wakes this task to send the rest.
+            if let Poll::Ready(Err(_)) = self.flusher.poll_drain(cx) {
+                self.failed = true;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A socket that records each send and takes at most `room` bytes per call.
+    struct Recorder {
+        sends: Arc<Mutex<Vec<usize>>>,
+        room: usize,
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.room);
+            self.sends.lock().unwrap().push(n);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn gathered(room: usize) -> (BoxConnection, Flusher, Arc<Mutex<Vec<usize>>>) {
+        let sends = Arc::new(Mutex::new(Vec::new()));
+        let (io, flusher) = gather(Box::pin(Recorder {
+            sends: sends.clone(),
+            room,
+        }));
+        (io, flusher, sends)
+    }
+
+    /// Frames written and "flushed" one at a time, as h2 does, leave in one send when the
+    /// driver's poll ends; a round past the limit is sent as it fills; a large write with
+    /// nothing gathered goes straight through; a socket taking less than asked gets the rest.
+    #[test]
+    fn a_round_of_writes_is_one_send() {
+        futures::executor::block_on(async {
+            use tokio::io::AsyncWriteExt;
+            let (mut io, flusher, sends) = gathered(usize::MAX);
+            flusher
+                .flushing(async {
+                    for _ in 0..4 {
+                        let header = [0u8; 9];
+                        let payload = vec![1u8; 16 << 10];
+                        let bufs = [IoSlice::new(&header), IoSlice::new(&payload)];
+                        let n = io.write_vectored(&bufs).await.unwrap();
+                        assert_eq!(n, 9 + (16 << 10));
+                        io.flush().await.unwrap();
+                    }
+                    assert!(sends.lock().unwrap().is_empty(), "nothing sent mid-round");
+                })
+                .await;
+            assert_eq!(*sends.lock().unwrap(), vec![4 * (9 + (16 << 10))]);
+
+            sends.lock().unwrap().clear();
+            flusher
+                .flushing(async {
+                    io.write_all(&vec![2u8; LIMIT - 10]).await.unwrap();
+                    io.write_all(&[3u8; 100]).await.unwrap();
+                })
+                .await;
+            assert_eq!(
+                *sends.lock().unwrap(),
+                vec![LIMIT - 10, 100],
+                "full: sent early"
+            );
+
+            sends.lock().unwrap().clear();
+            io.write_all(&vec![4u8; LIMIT]).await.unwrap();
+            assert_eq!(
+                *sends.lock().unwrap(),
+                vec![LIMIT],
+                "large: straight through"
+            );
+
+            let (mut io, flusher, sends) = gathered(1000);
+            io.write_all(&[5u8; 2500]).await.unwrap();
+            flusher.drain().await.unwrap();
+            assert_eq!(*sends.lock().unwrap(), vec![1000, 1000, 500]);
+        });
+    }
+}
