@@ -237,11 +237,15 @@ pub async fn serve_connection(
         let _ = flusher
             .flushing(futures::future::poll_fn(|cx| conn.poll_closed(cx)))
             .await;
-        let _ = flusher.drain().await;
+        // A peer that stopped reading does not hold the connection's slot past a bound.
+        let _ = select(Box::pin(flusher.drain()), runtime.sleep(FINAL_DRAIN)).await;
     }
     .instrument(span)
     .await
 }
+
+/// How long a closing connection may take to send its last frames.
+const FINAL_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What woke a connection's loop.
 enum Wake<T> {

@@ -1,5 +1,9 @@
 //! A connection's writes gathered into one send per round of the task that drives it.
 //!
+//! It sits between h2 and the connection below it (TLS, or the socket): h2 → gather → TLS →
+//! socket. Its flush is deferred, so it must only be written to from futures run under
+//! [`Flusher::flushing`] (a TLS handshake over it would wait for its own flush forever).
+//!
 //! h2 writes each DATA frame larger than 256 bytes in a write call of its own and flushes after
 //! each one; clients allow 16 KiB frames, so a 64 KiB read cost five `sendmsg` calls, each a
 //! trip through the TCP stack. Here a flush is deferred: writes are copied into one buffer (up
@@ -18,32 +22,69 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes gathered before they are sent without waiting for the end of the round.
-pub const LIMIT: usize = 256 << 10;
-/// A buffer larger than this is freed once sent (thousands of connections may be idle).
-const KEEP: usize = 16 << 10;
+pub const LIMIT: usize = 128 << 10;
+/// Buffers kept for reuse per thread: a connection holds one only while it has bytes to send
+/// (thousands may be open and idle), and one taken from here has grown already.
+const POOLED: usize = 8;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty buffer, from this thread's pool if it has one.
+fn take_buffer() -> Vec<u8> {
+    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default()
+}
+
+/// Gives an emptied buffer back to this thread's pool.
+fn give_back(mut buf: Vec<u8>) {
+    if buf.capacity() == 0 || buf.capacity() > LIMIT {
+        return;
+    }
+    buf.clear();
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOLED {
+            p.push(buf);
+        }
+    });
+}
 
 struct Gathered {
     io: BoxConnection,
     buf: Vec<u8>,
     /// Bytes of `buf` already sent.
     sent: usize,
+    /// A send that failed: reported to every later write and flush.
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl Gathered {
+    /// The error of an earlier failed send, again.
+    fn check(&self) -> io::Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
+        }
+    }
+
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check()?;
         while self.sent < self.buf.len() {
-            let n = ready!(self.io.as_mut().poll_write(cx, &self.buf[self.sent..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            let sent = match ready!(self.io.as_mut().poll_write(cx, &self.buf[self.sent..])) {
+                Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
+                other => other,
+            };
+            match sent {
+                Ok(n) => self.sent += n,
+                Err(e) => {
+                    self.failed = Some((e.kind(), e.to_string()));
+                    return Poll::Ready(Err(e));
+                }
             }
-            self.sent += n;
         }
         self.sent = 0;
-        if self.buf.capacity() > KEEP {
-            self.buf = Vec::new();
-        } else {
-            self.buf.clear();
-        }
+        give_back(std::mem::take(&mut self.buf));
         Poll::Ready(Ok(()))
     }
 
@@ -52,12 +93,16 @@ impl Gathered {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.check()?;
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         if !self.buf.is_empty() && self.buf.len() + total > LIMIT {
             ready!(self.poll_drain(cx))?;
         }
         if self.buf.is_empty() && total >= LIMIT {
             return self.io.as_mut().poll_write_vectored(cx, bufs);
+        }
+        if self.buf.capacity() == 0 && total > 0 {
+            self.buf = take_buffer();
         }
         let mut taken = 0;
         for b in bufs {
@@ -78,6 +123,7 @@ pub fn gather(io: BoxConnection) -> (BoxConnection, Flusher) {
         io,
         buf: Vec::new(),
         sent: 0,
+        failed: None,
     }));
     (Box::pin(GatheredIo(shared.clone())), Flusher(shared))
 }
@@ -118,7 +164,7 @@ impl AsyncWrite for GatheredIo {
 
     /// Deferred: the driver's [`Flushing`] sends what was gathered once its poll is over.
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+        Poll::Ready(self.0.borrow().check())
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -149,17 +195,15 @@ impl Flusher {
         Flushing {
             future: Box::pin(future),
             flusher: self,
-            failed: false,
         }
     }
 }
 
 /// A future driving the connection, whose writes are sent after each of its polls. A send
-/// that fails is left for the connection's next write to report.
+/// that fails is reported to the connection's next write or flush.
 pub struct Flushing<'a, F> {
     future: Pin<Box<F>>,
     flusher: &'a Flusher,
-    failed: bool,
 }
 
 impl<F: Future> Future for Flushing<'_, F> {
@@ -167,12 +211,9 @@ impl<F: Future> Future for Flushing<'_, F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let out = self.future.as_mut().poll(cx);
-        if !self.failed {
-            // Pending: the socket's readiness wakes this task to send the rest.
-            if let Poll::Ready(Err(_)) = self.flusher.poll_drain(cx) {
-                self.failed = true;
-            }
-        }
+        // Pending: the socket's readiness wakes this task to send the rest. An error is kept
+        // for the connection's next write.
+        let _ = self.flusher.poll_drain(cx);
         out
     }
 }
@@ -214,6 +255,57 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// A socket whose sends fail.
+    struct Broken;
+
+    impl AsyncRead for Broken {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Broken {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A send that failed at the end of a round is the error of the connection's next write
+    /// and flush, not lost.
+    #[test]
+    fn a_failed_send_is_reported_to_the_next_write() {
+        futures::executor::block_on(async {
+            use tokio::io::AsyncWriteExt;
+            let (mut io, flusher) = gather(Box::pin(Broken));
+            flusher
+                .flushing(async {
+                    io.write_all(b"frame").await.unwrap();
+                    io.flush().await.unwrap();
+                })
+                .await;
+            let e = io.write_all(b"next").await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+            assert_eq!(
+                io.flush().await.unwrap_err().kind(),
+                io::ErrorKind::ConnectionReset
+            );
+        });
     }
 
     fn gathered(room: usize) -> (BoxConnection, Flusher, Arc<Mutex<Vec<usize>>>) {
