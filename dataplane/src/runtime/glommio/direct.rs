@@ -18,7 +18,7 @@ use std::rc::Rc;
 /// Bytes per write.
 pub(super) const BUFFER: usize = 1 << 20;
 /// Writes in flight at once per file (so at most `IN_FLIGHT + 1` buffers per upload).
-pub(super) const IN_FLIGHT: usize = 3;
+pub(super) const IN_FLIGHT: usize = 2;
 /// Positions and lengths are aligned to at least this, whatever the device reports: a page,
 /// which is what ZFS asks of direct I/O.
 const MIN_ALIGN: u64 = 4096;
