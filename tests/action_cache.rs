@@ -80,7 +80,7 @@ fn output_file(path: &str, d: &reapi::Digest) -> OutputFile {
 on_every_runtime! {
     async fn round_trip_and_miss_for_both_functions(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         for function in [Function::Sha256, Function::Blake3] {
             let action = digest(function, b"an action");
@@ -116,7 +116,7 @@ on_every_runtime! {
 on_every_runtime! {
     async fn entries_with_missing_blobs_are_misses(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         let f = Function::Sha256;
 
@@ -208,7 +208,7 @@ on_every_runtime! {
 on_every_runtime! {
     async fn bad_input_is_refused(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         let f = Function::Sha256;
         let action = digest(f, b"x");

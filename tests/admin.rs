@@ -33,7 +33,7 @@ fn sample(metrics: &str, prefix: &str) -> f64 {
 on_every_runtime! {
     async fn metrics_move_with_traffic_and_health_endpoints_answer(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let admin = kiln.admin.clone();
         assert!(admin.starts_with("http://127.0.0.1:"), "{admin}");
         let before = tokio::task::spawn_blocking({
@@ -179,7 +179,7 @@ on_every_runtime! {
     async fn status_page_renders_in_a_browser(rt: Runtime) {
         common::ensure_debian_package(CHROMIUM, "chromium");
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, &dir.path().join("data"));
+        let kiln = Kiln::start_on(rt, &dir.path().join("data")).await;
         let ch = kiln.channel().await;
         let data = pseudo_random(2, 4096);
         let d = digest(Function::Blake3, &data);

@@ -23,7 +23,7 @@ fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code,
 on_every_runtime! {
     async fn uploads_that_do_not_match_their_digest(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         let data = pseudo_random(1, 300_000);
         let d = digest(Function::Sha256, &data);
@@ -101,7 +101,7 @@ on_every_runtime! {
 on_every_runtime! {
     async fn malformed_resource_names_sizes_and_offsets(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         let data = pseudo_random(2, 1000);
         let d = digest(Function::Sha256, &data);
@@ -176,7 +176,7 @@ on_every_runtime! {
 on_every_runtime! {
     async fn batch_and_find_missing_bad_input(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         let mut cas = blobs::cas(&ch);
 
@@ -318,7 +318,7 @@ on_every_runtime! {
             ),
             ..Options::on(rt)
         };
-        let kiln = Kiln::start_with(dir.path(), options);
+        let kiln = Kiln::start_async(dir.path(), options).await;
         let ch = kiln.channel().await;
         let mut cas = blobs::cas(&ch);
         let blob = |seed| {
@@ -483,7 +483,7 @@ on_every_runtime! {
             config: Some("[server]\nmax_connections = 2\n[worker]\nembedded = false\n".into()),
             ..Options::on(rt)
         };
-        let kiln = Kiln::start_with(dir.path(), options);
+        let kiln = Kiln::start_async(dir.path(), options).await;
         let first = kiln.channel().await;
         let second = kiln.channel().await;
         capabilities(&first).await.unwrap();
@@ -515,7 +515,7 @@ on_every_runtime! {
             config: Some("[server]\nidle_timeout_secs = 1\n[worker]\nembedded = false\n".into()),
             ..Options::on(rt)
         };
-        let kiln = Kiln::start_with(dir.path(), options);
+        let kiln = Kiln::start_async(dir.path(), options).await;
         let busy = kiln.channel().await;
         let data = pseudo_random(41, 300_000);
         let d = digest(Function::Sha256, &data);

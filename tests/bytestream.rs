@@ -19,7 +19,7 @@ const DIRECT_FOR_ALL: &str = "[storage]\ndirect_io_min_bytes = 1\n";
 on_every_runtime! {
     async fn round_trip_with_both_digest_functions_and_ranges(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         for (i, function) in FUNCTIONS.into_iter().enumerate() {
             // One blob served from memory, one large enough to stream from its file.
@@ -84,7 +84,7 @@ on_every_runtime! {
 on_every_runtime! {
     async fn empty_blob_is_always_present(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         for function in FUNCTIONS {
             let d = digest(function, b"");
@@ -108,7 +108,7 @@ on_every_runtime! {
 on_every_runtime! {
     async fn large_blob_streams_both_ways(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         const SIZE: usize = 256 << 20;
         const CHUNK: usize = 1 << 20;
@@ -228,7 +228,7 @@ on_every_runtime! {
 on_every_runtime! {
     async fn concurrent_identical_uploads_all_succeed(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let data = pseudo_random(7, 8 << 20);
         let d = digest(Function::Blake3, &data);
         let mut tasks = Vec::new();
@@ -259,7 +259,7 @@ on_every_runtime! {
 on_every_runtime! {
     async fn disconnect_mid_upload_leaves_no_blob(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         let data = pseudo_random(3, 1 << 20);
         let d = digest(Function::Sha256, &data);
@@ -298,7 +298,7 @@ on_every_runtime! {
             config: Some("[server]\nstalled_upload_secs = 1\n".into()),
             ..Options::on(rt)
         };
-        let kiln = Kiln::start_with(dir.path(), options);
+        let kiln = Kiln::start_async(dir.path(), options).await;
         let ch = kiln.channel().await;
         let f = Function::Sha256;
         let data = pseudo_random(21, 200_000);

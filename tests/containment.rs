@@ -25,7 +25,7 @@ async fn read(ch: &tonic::transport::Channel, d: &kiln_proto::reapi::Digest) -> 
 on_every_runtime! {
     async fn an_action_writing_to_an_input_does_not_corrupt_the_cas(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         let original = b"pristine input".to_vec();
         let tree = Tree::default().file("in", &original, false);
@@ -77,7 +77,7 @@ fn alive(pid: i32) -> bool {
 on_every_runtime! {
     async fn escaping_paths_and_trees_are_refused(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         let refused = |spec: Spec, needle: &'static str| {
             let ch = ch.clone();
@@ -163,7 +163,7 @@ on_every_runtime! {
 on_every_runtime! {
     async fn no_process_outlives_its_action(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         // A daemon in a new session keeps appending to the output after the action exits.
         let spec = Spec {
@@ -203,13 +203,13 @@ on_every_runtime! {
         let dir = tempfile::tempdir().unwrap();
         // The action user must be able to reach its directory.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let kiln = Kiln::start_with(
+        let kiln = Kiln::start_async(
             &dir.path().join("server"),
             Options {
                 config: Some("[worker]\nrun_as_user = \"nobody\"\n".into()),
                 ..Options::on(rt)
             },
-        );
+        ).await;
         let ch = kiln.channel().await;
         let original = b"owned by the worker".to_vec();
         let spec = Spec {

@@ -441,13 +441,13 @@ on_every_runtime! {
 on_every_runtime! {
     async fn a_full_queue_and_oversized_directories_are_refused_cleanly(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start_with(
+        let kiln = Kiln::start_async(
             &dir.path().join("server"),
             Options {
                 config: Some("[worker]\nembedded = false\n[execution]\nmax_queued = 1\n".into()),
                 ..Options::on(rt)
             },
-        );
+        ).await;
         let ch = kiln.channel().await;
         assert_eq!(common::metric(&kiln.admin, "kiln_cas_pinned_bytes").await, 0.0);
         let queued = Spec { tree: Tree::default().file("a", &[1u8; 5000], false), ..Spec::script("cat a") }
@@ -531,13 +531,13 @@ on_every_runtime! {
 on_every_runtime! {
     async fn input_trees_and_precondition_failures_are_bounded(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start_with(
+        let kiln = Kiln::start_async(
             &dir.path().join("server"),
             Options {
                 config: Some("[execution]\nmax_input_digests = 50\n".into()),
                 ..Options::on(rt)
             },
-        );
+        ).await;
         let ch = kiln.channel().await;
         let files = |n: usize, what: &str| {
             (0..n).fold(Tree::default(), |t, i| t.file(&format!("in/{i}"), format!("{what} {i}").as_bytes(), false))

@@ -15,7 +15,7 @@ use tonic::Code;
 on_every_runtime! {
     async fn capabilities_are_truthful(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         let caps = CapabilitiesClient::new(ch.clone())
             .get_capabilities(reapi::GetCapabilitiesRequest::default())
@@ -47,7 +47,7 @@ on_every_runtime! {
 on_every_runtime! {
     async fn unknown_and_unimplemented_methods(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         let mut cas = blobs::cas(&ch);
         let root = digest(Function::Sha256, b"");
@@ -93,7 +93,7 @@ on_every_runtime! {
     async fn non_grpc_traffic_does_not_hurt(rt: Runtime) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let dir = tempfile::tempdir().unwrap();
-        let kiln = Kiln::start(rt, dir.path());
+        let kiln = Kiln::start_on(rt, dir.path()).await;
         for junk in [
             &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
             &[0xffu8; 4096][..],

@@ -220,6 +220,11 @@ impl Kiln {
         Kiln::start_with(data_dir, Options::on(runtime))
     }
 
+    /// Starts a server on `data_dir` on `runtime` with default options, from async code.
+    pub async fn start_on(runtime: Runtime, data_dir: &Path) -> Kiln {
+        Kiln::start_async(data_dir, Options::on(runtime)).await
+    }
+
     /// Starts a server on `data_dir` from async code (the start blocks until the server is up,
     /// so it runs on a blocking thread).
     pub async fn start_async(data_dir: &Path, options: Options) -> Kiln {
