@@ -108,13 +108,14 @@ pub trait Runtime {
     /// where the driver has one, the backend's blocking pool otherwise.
     fn remove_file(&self, path: &Path) -> LocalBoxFuture<'static, io::Result<()>>;
     /// Creates a new file for direct writes (O_DIRECT: from aligned buffers to the disk, not
-    /// through the page cache), or `None` where the backend or the file's filesystem has
-    /// none; the caller then writes it buffered.
+    /// through the page cache) of a blob of `size_hint` bytes (0: unknown), or `None` where
+    /// the backend or the file's filesystem has none; the caller then writes it buffered.
     fn create_direct(
         &self,
         path: &Path,
+        size_hint: u64,
     ) -> LocalBoxFuture<'static, io::Result<Option<Box<dyn Appender>>>> {
-        let _ = path;
+        let _ = (path, size_hint);
         Box::pin(async { Ok(None) })
     }
 }

@@ -89,7 +89,7 @@ impl TempWriter {
         direct: bool,
     ) -> io::Result<TempWriter> {
         if direct {
-            match runtime.create_direct(&path).await {
+            match runtime.create_direct(&path, size_hint).await {
                 Ok(Some(sink)) => return Ok(TempWriter { path, sink }),
                 Ok(None) => {}
                 Err(e) => {

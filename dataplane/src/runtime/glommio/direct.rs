@@ -36,7 +36,7 @@ pub(super) fn probe(dir: &Path) -> Result<(), String> {
     let written = executor.run({
         let (path, data) = (path.clone(), data.clone());
         async move {
-            let mut w = create(&path, Rc::new(Cell::new(true)))
+            let mut w = create(&path, data.len() as u64, Rc::new(Cell::new(true)))
                 .await?
                 .ok_or_else(|| io::Error::other("the filesystem refuses O_DIRECT"))?;
             w.append(&data).await?;
@@ -59,6 +59,7 @@ pub(super) fn probe(dir: &Path) -> Result<(), String> {
 /// removed again, and `supported` remembers the answer for this shard).
 pub(super) async fn create(
     path: &Path,
+    size_hint: u64,
     supported: Rc<Cell<bool>>,
 ) -> io::Result<Option<Box<dyn Appender>>> {
     if !supported.get() {
@@ -74,7 +75,7 @@ pub(super) async fn create(
         Ok(file) => {
             let align = file.alignment().max(MIN_ALIGN);
             if align as usize <= BUFFER && BUFFER.is_multiple_of(align as usize) {
-                return Ok(Some(Box::new(DirectAppender::new(file, align))));
+                return Ok(Some(Box::new(DirectAppender::new(file, align, size_hint))));
             }
             let _ = file.close().await;
             format!("an alignment of {align} bytes, which does not divide {BUFFER}")
@@ -149,22 +150,35 @@ struct DirectAppender {
     filled: usize,
     /// Bytes handed to writes: where the buffer being filled starts.
     submitted: u64,
+    /// The blob's expected size (0: unknown): the last buffer is only as large as what is
+    /// left of it, so an upload never holds more buffer than its blob's size (rounded up).
+    size_hint: u64,
     progress: Rc<Progress>,
-    /// Writes in flight, oldest first.
-    writes: VecDeque<Task<io::Result<()>>>,
+    /// Writes in flight, oldest first, with the size of their buffers.
+    writes: VecDeque<(usize, Task<io::Result<()>>)>,
 }
 
 impl DirectAppender {
-    fn new(file: DmaFile, align: u64) -> DirectAppender {
+    fn new(file: DmaFile, align: u64, size_hint: u64) -> DirectAppender {
         DirectAppender {
             file: Rc::new(file),
             align,
             buffer: None,
             filled: 0,
             submitted: 0,
+            size_hint,
             progress: Rc::new(Progress::default()),
             writes: VecDeque::new(),
         }
+    }
+
+    /// The size of the next buffer: [`BUFFER`], or what is left of the blob, aligned.
+    fn next_buffer(&self) -> usize {
+        let rest = self.size_hint.saturating_sub(self.taken());
+        if self.size_hint == 0 || rest >= BUFFER as u64 {
+            return BUFFER;
+        }
+        align_up(rest.max(1), self.align) as usize
     }
 
     /// Hands the buffer being filled to a write (padded to the alignment if it is the last).
@@ -197,14 +211,14 @@ impl DirectAppender {
         });
         self.submitted = end;
         self.filled = 0;
-        self.writes.push_back(write);
+        self.writes.push_back((padded, write));
         Ok(())
     }
 
     /// Waits for the oldest write.
     async fn complete_oldest(&mut self) -> io::Result<()> {
         match self.writes.pop_front() {
-            Some(write) => write.await,
+            Some((_, write)) => write.await,
             None => Ok(()),
         }
     }
@@ -229,16 +243,18 @@ impl Appender for DirectAppender {
     fn append<'a>(&'a mut self, mut data: &'a [u8]) -> LocalBoxFuture<'a, io::Result<()>> {
         Box::pin(async move {
             while !data.is_empty() {
+                let next = self.next_buffer();
                 let file = &self.file;
                 let buffer = self
                     .buffer
-                    .get_or_insert_with(|| file.alloc_dma_buffer(BUFFER));
-                let take = (BUFFER - self.filled).min(data.len());
+                    .get_or_insert_with(|| file.alloc_dma_buffer(next));
+                let size = buffer.len();
+                let take = (size - self.filled).min(data.len());
                 buffer.as_bytes_mut()[self.filled..self.filled + take]
                     .copy_from_slice(&data[..take]);
                 self.filled += take;
                 data = &data[take..];
-                if self.filled == BUFFER {
+                if self.filled == size {
                     self.submit().await?;
                 }
             }
@@ -259,14 +275,15 @@ impl Appender for DirectAppender {
     }
 
     fn buffer_held(&self) -> usize {
-        self.buffer.as_ref().map_or(0, |_| BUFFER) + self.writes.len() * BUFFER
+        self.buffer.as_ref().map_or(0, |b| b.len())
+            + self.writes.iter().map(|(size, _)| size).sum::<usize>()
     }
 
     fn finish(mut self: Box<Self>, fsync: bool) -> LocalBoxFuture<'static, io::Result<u64>> {
         Box::pin(async move {
             let result = self.finish_inner(fsync).await;
             // Whatever happened, no write is left running on the file before it closes.
-            while let Some(write) = self.writes.pop_front() {
+            while let Some((_, write)) = self.writes.pop_front() {
                 let _ = write.await;
             }
             let file = self.file.clone();
@@ -287,7 +304,7 @@ impl Drop for DirectAppender {
     fn drop(&mut self) {
         // Dropped unfinished (its upload's task was cancelled): let the writes in flight end
         // on their own rather than cancel them under the kernel.
-        for write in self.writes.drain(..) {
+        for (_, write) in self.writes.drain(..) {
             write.detach();
         }
     }
@@ -304,21 +321,32 @@ mod tests {
 
     /// Appends `data` to a new direct file in `dir` in pieces of `piece` bytes; returns what
     /// `finish` said, the progress reported along the way, and the file's bytes.
-    fn write_direct(dir: &Path, data: Vec<u8>, piece: usize) -> (u64, Vec<u64>, Vec<u8>) {
+    fn write_direct(
+        dir: &Path,
+        data: Vec<u8>,
+        piece: usize,
+        size_hint: u64,
+    ) -> (u64, Vec<u64>, Vec<u8>) {
         let path = dir.join("blob.tmp");
         let file = path.clone();
         let (len, progress) = on_glommio("direct-test", move |_| {
             Box::pin(async move {
-                let mut w = create(&file, Rc::new(Cell::new(true)))
+                let mut w = create(&file, size_hint, Rc::new(Cell::new(true)))
                     .await
                     .unwrap()
                     .expect("this filesystem takes direct I/O");
+                // Never more buffer than the blob (rounded up to whole pages), nor than one
+                // filling and the writes in flight.
+                let bound = match size_hint {
+                    0 => (IN_FLIGHT + 1) * BUFFER,
+                    n => (n.div_ceil(4096) * 4096).min(((IN_FLIGHT + 1) * BUFFER) as u64) as usize,
+                };
                 let seen = Rc::new(RefCell::new(Vec::new()));
                 let log = seen.clone();
                 w.on_progress(Box::new(move |n| log.borrow_mut().push(n)));
                 for chunk in data.chunks(piece) {
                     w.append(chunk).await.unwrap();
-                    assert!(w.buffer_held() <= (IN_FLIGHT + 1) * BUFFER);
+                    assert!(w.buffer_held() <= bound, "{} > {bound}", w.buffer_held());
                     assert!(w.on_disk() <= w.taken());
                 }
                 let len = w.finish(true).await.unwrap();
@@ -333,17 +361,20 @@ mod tests {
 
     /// On a real glommio executor and real files (the temp directory's filesystem, and tmpfs,
     /// where glommio writes through the page cache): blobs of every alignment, appended in
-    /// pieces that straddle the buffers, come back byte for byte and exactly as long (the
-    /// padded last write is cut off), and progress reaches the end in order.
+    /// pieces that straddle the buffers, with their size known or not, come back byte for
+    /// byte and exactly as long (the padded last write is cut off), progress reaches the end
+    /// in order, and the buffers held stay within the blob's size.
     #[test]
     fn the_file_holds_exactly_what_was_appended() {
         let disk = tempfile::tempdir().unwrap();
         let shm = tempfile::tempdir_in("/dev/shm").ok();
         let dirs = std::iter::once(disk.path()).chain(shm.as_ref().map(|d| d.path()));
         for dir in dirs {
-            for size in [1, 4095, 4096, 4097, BUFFER - 1, BUFFER, 5 * BUFFER + 12_345] {
+            let sizes = [1, 4095, 4096, 4097, BUFFER - 1, BUFFER, 5 * BUFFER + 12_345];
+            for (size, hinted) in sizes.iter().flat_map(|&n| [(n, true), (n, false)]) {
                 let data: Vec<u8> = (0..size).map(|i| (i * 7 % 253) as u8).collect();
-                let (len, progress, bytes) = write_direct(dir, data.clone(), 7919);
+                let hint = if hinted { size as u64 } else { 0 };
+                let (len, progress, bytes) = write_direct(dir, data.clone(), 7919, hint);
                 assert_eq!(len, size as u64, "{}: {size}", dir.display());
                 assert!(bytes == data, "{}: {size} bytes differ", dir.display());
                 assert!(progress.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
@@ -382,7 +413,7 @@ mod tests {
         let (made, remembered) = on_glommio("direct-test", move |_| {
             Box::pin(async move {
                 let supported = Rc::new(Cell::new(true));
-                let made = create(&file, supported.clone()).await.unwrap().is_some();
+                let made = create(&file, 0, supported.clone()).await.unwrap().is_some();
                 (made, supported.get())
             })
         });
@@ -426,7 +457,7 @@ mod tests {
         let file = path.clone();
         let made = on_glommio("direct-test", move |_| {
             Box::pin(async move {
-                create(&file, Rc::new(Cell::new(false)))
+                create(&file, 0, Rc::new(Cell::new(false)))
                     .await
                     .unwrap()
                     .is_some()

@@ -182,10 +182,11 @@ impl Runtime for GlommioRuntime {
     fn create_direct(
         &self,
         path: &Path,
+        size_hint: u64,
     ) -> LocalBoxFuture<'static, io::Result<Option<Box<dyn Appender>>>> {
         let path = path.to_path_buf();
         let supported = self.direct.clone();
-        Box::pin(async move { direct::create(&path, supported).await })
+        Box::pin(async move { direct::create(&path, size_hint, supported).await })
     }
 }
 
