@@ -223,10 +223,11 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
-    /// A socket that records each send and takes at most `room` bytes per call.
+    /// A socket that records each send and takes at most `room` bytes per call (none: every
+    /// send fails).
     struct Recorder {
         sends: Arc<Mutex<Vec<usize>>>,
-        room: usize,
+        room: Option<usize>,
     }
 
     impl AsyncRead for Recorder {
@@ -245,38 +246,12 @@ mod tests {
             _: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            let n = buf.len().min(self.room);
+            let Some(room) = self.room else {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            };
+            let n = buf.len().min(room);
             self.sends.lock().unwrap().push(n);
             Poll::Ready(Ok(n))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    /// A socket whose sends fail.
-    struct Broken;
-
-    impl AsyncRead for Broken {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Poll::Pending
-        }
-    }
-
-    impl AsyncWrite for Broken {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
@@ -292,7 +267,7 @@ mod tests {
     fn a_failed_send_is_reported_to_the_next_write() {
         futures::executor::block_on(async {
             use tokio::io::AsyncWriteExt;
-            let (mut io, flusher) = gather(Box::pin(Broken));
+            let (mut io, flusher, _) = gathered(None);
             flusher
                 .flushing(async {
                     io.write_all(b"frame").await.unwrap();
@@ -308,7 +283,7 @@ mod tests {
         });
     }
 
-    fn gathered(room: usize) -> (BoxConnection, Flusher, Arc<Mutex<Vec<usize>>>) {
+    fn gathered(room: Option<usize>) -> (BoxConnection, Flusher, Arc<Mutex<Vec<usize>>>) {
         let sends = Arc::new(Mutex::new(Vec::new()));
         let (io, flusher) = gather(Box::pin(Recorder {
             sends: sends.clone(),
@@ -324,7 +299,7 @@ mod tests {
     fn a_round_of_writes_is_one_send() {
         futures::executor::block_on(async {
             use tokio::io::AsyncWriteExt;
-            let (mut io, flusher, sends) = gathered(usize::MAX);
+            let (mut io, flusher, sends) = gathered(Some(usize::MAX));
             flusher
                 .flushing(async {
                     for _ in 0..4 {
@@ -361,7 +336,7 @@ mod tests {
                 "large: straight through"
             );
 
-            let (mut io, flusher, sends) = gathered(1000);
+            let (mut io, flusher, sends) = gathered(Some(1000));
             io.write_all(&[5u8; 2500]).await.unwrap();
             flusher.drain().await.unwrap();
             assert_eq!(*sends.lock().unwrap(), vec![1000, 1000, 500]);
