@@ -1,8 +1,9 @@
-//! A glommio TCP stream exposed through tokio's I/O traits, with real vectored writes.
+//! A glommio TCP stream exposed through tokio's I/O traits, with real vectored writes and
+//! reads into buffers that need not be zeroed first.
 //! glommio's own stream writes one buffer per call; h2 hands over a frame header and its
 //! payload as separate buffers, so here they go out together in one `sendmsg`.
 
-use crate::runtime::sys::send_vectored;
+use crate::runtime::sys::{recv_uninit, send_vectored};
 use futures_lite::{AsyncRead as _, AsyncWrite as _};
 use glommio::net::TcpStream;
 use std::io::{self, IoSlice};
@@ -20,7 +21,21 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let unfilled = buf.initialize_unfilled();
+        // SAFETY: `recv_uninit` only writes into the unfilled part, and reports how much.
+        match recv_uninit(self.0.as_raw_fd(), unsafe { buf.unfilled_mut() }) {
+            Ok(n) => {
+                // SAFETY: the kernel wrote these `n` bytes.
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
+            Err(_) => {}
+        }
+        // Nothing waiting: glommio registers for readiness (and reads what arrived meanwhile
+        // into a small initialized part, rather than zeroing the whole buffer).
+        let room = buf.remaining().min(4096);
+        let unfilled = buf.initialize_unfilled_to(room);
         let n = ready!(Pin::new(&mut self.0).poll_read(cx, unfilled))?;
         buf.advance(n);
         Poll::Ready(Ok(()))
