@@ -60,6 +60,13 @@ fn inconsistent_limits_are_rejected() {
         .expect_err("rejected")
         .to_string();
     assert!(err.contains("server.max_connections"), "{err}");
+    for ranges in [0, 65] {
+        let err = Config::from_toml(&format!("[worker]\nfetch_ranges = {ranges}\n"), "t")
+            .expect_err("rejected")
+            .to_string();
+        assert!(err.contains("worker.fetch_ranges"), "{err}");
+    }
+    Config::from_toml("[worker]\nfetch_ranges = 64\n", "t").expect("64 ranges are fine");
 }
 
 #[test]

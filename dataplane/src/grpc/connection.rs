@@ -126,7 +126,7 @@ pub async fn serve_connection(
             .max_header_list_size(64 << 10)
             .handshake::<_, bytes::Bytes>(io);
         let mut conn = match select(
-            Box::pin(flusher.flushing(handshake)),
+            flusher.flushing(Box::pin(handshake)),
             Box::pin(shutdown.wait()),
         )
         .await
@@ -148,10 +148,10 @@ pub async fn serve_connection(
         };
         loop {
             let next = if draining {
-                flusher.flushing(conn.accept()).await
+                flusher.flushing(Box::pin(conn.accept())).await
             } else {
                 let woken = match select(
-                    Box::pin(flusher.flushing(conn.accept())),
+                    flusher.flushing(Box::pin(conn.accept())),
                     select(stopping.as_mut(), idle.as_mut()),
                 )
                 .await

@@ -191,9 +191,9 @@ impl Flusher {
     }
 
     /// `future`, with what it wrote sent after each of its polls.
-    pub fn flushing<F: Future>(&self, future: F) -> Flushing<'_, F> {
+    pub fn flushing<F: Future + Unpin>(&self, future: F) -> Flushing<'_, F> {
         Flushing {
-            future: Box::pin(future),
+            future,
             flusher: self,
         }
     }
@@ -202,15 +202,15 @@ impl Flusher {
 /// A future driving the connection, whose writes are sent after each of its polls. A send
 /// that fails is reported to the connection's next write or flush.
 pub struct Flushing<'a, F> {
-    future: Pin<Box<F>>,
+    future: F,
     flusher: &'a Flusher,
 }
 
-impl<F: Future> Future for Flushing<'_, F> {
+impl<F: Future + Unpin> Future for Flushing<'_, F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let out = self.future.as_mut().poll(cx);
+        let out = Pin::new(&mut self.future).poll(cx);
         // Pending: the socket's readiness wakes this task to send the rest. An error is kept
         // for the connection's next write.
         let _ = self.flusher.poll_drain(cx);
@@ -269,10 +269,10 @@ mod tests {
             use tokio::io::AsyncWriteExt;
             let (mut io, flusher, _) = gathered(None);
             flusher
-                .flushing(async {
+                .flushing(Box::pin(async {
                     io.write_all(b"frame").await.unwrap();
                     io.flush().await.unwrap();
-                })
+                }))
                 .await;
             let e = io.write_all(b"next").await.unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
@@ -301,7 +301,7 @@ mod tests {
             use tokio::io::AsyncWriteExt;
             let (mut io, flusher, sends) = gathered(Some(usize::MAX));
             flusher
-                .flushing(async {
+                .flushing(Box::pin(async {
                     for _ in 0..4 {
                         let header = [0u8; 9];
                         let payload = vec![1u8; 16 << 10];
@@ -311,16 +311,16 @@ mod tests {
                         io.flush().await.unwrap();
                     }
                     assert!(sends.lock().unwrap().is_empty(), "nothing sent mid-round");
-                })
+                }))
                 .await;
             assert_eq!(*sends.lock().unwrap(), vec![4 * (9 + (16 << 10))]);
 
             sends.lock().unwrap().clear();
             flusher
-                .flushing(async {
+                .flushing(Box::pin(async {
                     io.write_all(&vec![2u8; LIMIT - 10]).await.unwrap();
                     io.write_all(&[3u8; 100]).await.unwrap();
-                })
+                }))
                 .await;
             assert_eq!(
                 *sends.lock().unwrap(),

@@ -130,20 +130,15 @@ async fn write(
             }
             .into())
         }
-        UploadClaim::Fresh(staged) => {
-            let path = svc.layout.temp_path();
-            let epoch = svc.cas.sync_epoch();
-            let direct = svc.limits.direct_io(digest.size);
-            match TempWriter::create(&*svc.runtime, path.clone(), digest.size, direct).await {
-                Ok(w) => (UploadState::new(digest), w, staged, epoch),
-                Err(e) => {
-                    svc.cas
-                        .release_upload(upload_key, &resource.key, None)
-                        .await;
-                    return Err(BlobError::io("create", &path, e).into());
-                }
+        UploadClaim::Fresh(staged) => match new_temp(svc, digest.size).await {
+            Ok((w, epoch)) => (UploadState::new(digest), w, staged, epoch),
+            Err(e) => {
+                svc.cas
+                    .release_upload(upload_key, &resource.key, None)
+                    .await;
+                return Err(e.into());
             }
-        }
+        },
         UploadClaim::Resume(parked) => {
             progress.store(parked.committed, Ordering::Relaxed);
             match TempWriter::reopen(&*svc.runtime, parked.temp.clone(), parked.committed).await {
@@ -156,12 +151,8 @@ async fn write(
                 Err(_) => {
                     // The parked file is gone; start over (the client learns from the offset).
                     let _ = svc.runtime.remove_file(&parked.temp).await;
-                    let path = svc.layout.temp_path();
-                    let epoch = svc.cas.sync_epoch();
-                    let direct = svc.limits.direct_io(digest.size);
-                    match TempWriter::create(&*svc.runtime, path.clone(), digest.size, direct).await
-                    {
-                        Ok(w) => {
+                    match new_temp(svc, digest.size).await {
+                        Ok((w, epoch)) => {
                             progress.store(0, Ordering::Relaxed);
                             (UploadState::new(digest), w, parked.staged, epoch)
                         }
@@ -169,7 +160,7 @@ async fn write(
                             svc.cas
                                 .release_upload(upload_key, &resource.key, None)
                                 .await;
-                            return Err(BlobError::io("create", &path, e).into());
+                            return Err(e.into());
                         }
                     }
                 }
@@ -201,6 +192,18 @@ async fn write(
     let result = upload.run(first, body).await;
     upload.end(upload_key, &result).await;
     result
+}
+
+/// A new temp file for an upload of `size` bytes (written with direct I/O when it is large),
+/// and the count of failed filesystem syncs before its first byte.
+async fn new_temp(svc: &BlobServices, size: u64) -> Result<(TempWriter, u64), BlobError> {
+    let path = svc.layout.temp_path();
+    let epoch = svc.cas.sync_epoch();
+    let direct = svc.limits.direct_io(size);
+    match TempWriter::create(&*svc.runtime, path.clone(), size, direct).await {
+        Ok(w) => Ok((w, epoch)),
+        Err(e) => Err(BlobError::io("create", &path, e)),
+    }
 }
 
 /// One upload in progress on this stream.

@@ -115,11 +115,6 @@ impl TempWriter {
         Ok(TempWriter { path, sink })
     }
 
-    /// Bytes of buffer held now.
-    pub fn buffer_held(&self) -> usize {
-        self.sink.buffer_held()
-    }
-
     /// The temp file's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -133,16 +128,6 @@ impl TempWriter {
     /// Calls `hook` with [`TempWriter::on_disk`] whenever more of the file is written.
     pub fn on_progress(&mut self, hook: ProgressHook) {
         self.sink.on_progress(hook);
-    }
-
-    /// Bytes accepted so far (written or buffered).
-    pub fn len(&self) -> u64 {
-        self.sink.taken()
-    }
-
-    /// True before any byte was accepted.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Accepts bytes, writing whenever a buffer fills.

@@ -170,12 +170,7 @@ pub struct Arriving {
 }
 
 impl Arriving {
-    /// `on_disk` bytes of the temp file are written.
-    pub fn advance(&self, on_disk: u64) {
-        self.growing.advance(on_disk);
-    }
-
-    /// What the temp file's writer calls as more of it is written (see [`Arriving::advance`]).
+    /// What the temp file's writer calls with the bytes of it written, as more are.
     pub fn follower(&self) -> ProgressHook {
         let growing = self.growing.clone();
         Box::new(move |on_disk| growing.advance(on_disk))
@@ -467,14 +462,16 @@ mod tests {
             uploads.begin(&k, &upload.temp, 0).is_none(),
             "one upload per blob is followed"
         );
+        // What the upload's writer is given to report its progress.
+        let advance = arriving.follower();
         let (pieces, done, shard) = readers(store.clone(), k.clone(), 3);
         file.write_all(&blob[..4_000]).unwrap();
-        arriving.advance(4_000);
+        advance(4_000);
         for rx in &pieces {
             assert_eq!(take(rx, 4_000), &blob[..4_000]);
         }
         file.write_all(&blob[4_000..]).unwrap();
-        arriving.advance(10_000);
+        advance(10_000);
         for rx in &pieces {
             assert_eq!(take(rx, 5_999), &blob[4_000..9_999]);
         }
