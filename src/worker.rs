@@ -11,7 +11,7 @@ use kiln_dataplane::runtime::backend_for;
 use kiln_dataplane::server::{shard_count, DataPlane, OpenedStore};
 use kiln_dataplane::store::layout::Layout;
 use kiln_worker::link::Link;
-use kiln_worker::remote::CasLinks;
+use kiln_worker::remote::{CasLinks, RemoteCas};
 use kiln_worker::{prepare_work_dir, Identity, LocalCas, WorkerContext};
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,7 +196,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         Arc::new(WorkerContext {
             name: name.clone(),
             local,
-            remote: Some(cas_links),
+            remote: Some(Arc::new(RemoteCas::new(cas_links))),
             work_dir: work_dir.clone(),
             exec_cache,
             fetch_parallelism: config.worker.fetch_parallelism,

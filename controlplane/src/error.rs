@@ -40,6 +40,9 @@ pub enum ControlError {
     /// The CAS failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A CAS call failed.
+    #[error(transparent)]
+    Cas(#[from] kiln_reapi::cas::CasError),
     /// Local file I/O failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -71,6 +74,7 @@ impl Classify for ControlError {
             | ControlError::TooLarge { .. } => ErrorKind::Invalid,
             ControlError::NotFound(_) | ControlError::Incomplete(_) => ErrorKind::Missing,
             ControlError::Store(e) => e.kind(),
+            ControlError::Cas(e) => e.kind(),
             ControlError::Io { source, .. } => ErrorKind::of_io(source),
         }
     }
@@ -79,6 +83,7 @@ impl Classify for ControlError {
     fn client_message(&self) -> String {
         match self {
             ControlError::Store(e) => e.client_message(),
+            ControlError::Cas(e) => e.client_message(),
             ControlError::Io { op, source, .. } => format!("the server could not {op}: {source}"),
             _ => self.to_string(),
         }

@@ -21,9 +21,10 @@ use execution::{ExecutionService, OperationsService, WorkerApiService};
 use kiln_config::Config;
 use kiln_dataplane::grpc::ForwardedCall;
 use kiln_dataplane::service::{ControlLink, ReadyResults};
+use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::scan::ScanReport;
 use kiln_dataplane::store::tier::BlobStore;
-use kiln_dataplane::store::CasClient;
+use kiln_dataplane::store::{CasClient, ChainCas};
 use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
@@ -73,6 +74,12 @@ impl ControlPlane {
                 memory_bytes: config.action_cache.memory_bytes.as_u64(),
             },
         )?;
+        let local = ChainCas::new(
+            cas.clone(),
+            blobs.clone(),
+            Layout::cas(&config.storage.data_dir),
+            config.storage.fsync,
+        );
         let max_message = config.server.max_message_bytes.as_u64() as usize;
         let capabilities = CapabilitiesService::new(Advertised {
             max_batch_total_size_bytes: config.server.max_batch_total_size_bytes.as_u64(),
@@ -82,7 +89,7 @@ impl ControlPlane {
         let action_cache_core = Arc::new(ActionCache::new(
             action_cache.clone(),
             cas.clone(),
-            blobs.clone(),
+            Arc::new(local.clone()),
             config.action_cache.completeness_check,
             CheckLimits {
                 max_tree_bytes: config.server.max_message_bytes.as_u64().max(64 << 20),
@@ -100,8 +107,7 @@ impl ControlPlane {
             let _guard = runtime.enter();
             execution::ExecutionCore::start(
                 config.execution.clone(),
-                cas.clone(),
-                blobs.clone(),
+                &local,
                 action_cache_core.clone(),
             )
         });

@@ -2,10 +2,12 @@
 //! digest functions, ByteStream resource names, proto conversions (durations, platforms), error kinds and the one table of their gRPC
 //! codes, the rules for paths that come from protos (working directories, output paths,
 //! symlink targets) and for the `Directory` messages of an input tree, and the one bounded walk
-//! of such a tree. The control plane
+//! of such a tree; and the [`cas::Cas`] trait, the CAS as the control plane and the
+//! worker use it, whatever answers. The control plane
 //! checks the rules before it queues an action; the worker checks them again before it
 //! touches the filesystem.
 
+pub mod cas;
 pub mod convert;
 pub mod digest;
 pub mod paths;

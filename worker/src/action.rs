@@ -7,12 +7,13 @@ use crate::fetch::{fetch, Source};
 use crate::local::{hash_file, LocalCas};
 use crate::materialise::{remove_tree, Materialiser};
 use crate::outputs::{collect, Blob, Staging};
-use crate::remote::{RemoteCas, SMALL};
+use crate::remote::SMALL;
 use crate::run::{run, RunEnd, RunSpec};
 use crate::tamper::{Origin, SharedFiles};
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{ActionResult, Command, ExecutedActionMetadata};
 use kiln_proto::worker::{ExecutionResult, StartExecute};
+use kiln_reapi::cas::Cas;
 use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
 use kiln_reapi::paths;
 use kiln_reapi::status::Classify;
@@ -28,8 +29,9 @@ pub struct WorkerContext {
     pub name: String,
     /// The local CAS.
     pub local: LocalCas,
-    /// The server; `None` when the local CAS is the server's own (the worker in `kiln serve`).
-    pub remote: Option<crate::remote::CasLinks>,
+    /// The server's CAS; `None` when the local CAS is the server's own (the worker in
+    /// `kiln serve`).
+    pub remote: Option<Arc<dyn Cas>>,
     /// Where action directories are made.
     pub work_dir: PathBuf,
     /// Read-only executable copies.
@@ -139,11 +141,8 @@ async fn attempt(
         .unwrap_or(Duration::from_secs(3600));
 
     metadata.input_fetch_start_timestamp = Some(now());
-    let remote = ctx
-        .remote
-        .as_ref()
-        .map(|links| RemoteCas::new(links.clone(), instance.clone(), function));
-    let source = match &remote {
+    let remote = ctx.remote.as_deref();
+    let source = match remote {
         Some(r) => Source::Remote(r),
         None => Source::Shared,
     };
@@ -223,7 +222,7 @@ async fn attempt(
     let (stderr, stderr_blob) = staging.fix(digest_function, &spec.stderr).await?;
     outputs.blobs.insert(stdout, stdout_blob);
     outputs.blobs.insert(stderr, stderr_blob);
-    store(ctx, &instance, remote.as_ref(), &outputs.blobs).await?;
+    store(ctx, &instance, remote, &outputs.blobs).await?;
     metadata.output_upload_completed_timestamp = Some(now());
     let mut result = outputs.result;
     result.exit_code = match end {
@@ -293,7 +292,7 @@ fn create_output_parents(command: &Command, root: &Path, wd: &[String]) -> Resul
 async fn store(
     ctx: &WorkerContext,
     instance: &InstanceName,
-    remote: Option<&RemoteCas>,
+    remote: Option<&dyn Cas>,
     blobs: &HashMap<Digest, Blob>,
 ) -> Result<(), ActionError> {
     for (digest, blob) in blobs {
@@ -313,28 +312,21 @@ async fn store(
     }
     let Some(remote) = remote else { return Ok(()) };
     let digests: Vec<Digest> = blobs.keys().copied().collect();
-    let missing = remote.find_missing(&digests).await?;
-    let mut small = Vec::new();
+    let missing = remote.find_missing(instance, &digests).await?;
+    // Blobs in memory, and small files read into it, go in one call (batched by the CAS);
+    // larger files are streamed from disk.
+    let mut in_memory = Vec::new();
     for d in missing {
         match &blobs[&d] {
-            Blob::Bytes(b) if d.size <= SMALL => small.push((d, b.clone())),
+            Blob::Bytes(b) => in_memory.push((d, b.clone())),
             Blob::File(p) if d.size <= SMALL => {
                 let bytes = tokio::fs::read(p)
                     .await
                     .map_err(|e| ActionError::io("read", p, e))?;
-                small.push((d, bytes.into()));
+                in_memory.push((d, bytes.into()));
             }
-            Blob::File(p) => remote.upload_file(d, p).await?,
-            Blob::Bytes(b) => {
-                let temp = ctx.local.temp_path();
-                tokio::fs::write(&temp, b)
-                    .await
-                    .map_err(|e| ActionError::io("write", &temp, e))?;
-                let uploaded = remote.upload_file(d, &temp).await;
-                let _ = tokio::fs::remove_file(&temp).await;
-                uploaded?;
-            }
+            Blob::File(p) => remote.write_file(instance, d, p).await?,
         }
     }
-    remote.upload_small(small).await
+    Ok(remote.write_blobs(instance, in_memory).await?)
 }

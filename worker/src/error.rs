@@ -30,9 +30,9 @@ pub enum ActionError {
         #[source]
         source: std::io::Error,
     },
-    /// The server's CAS refused or failed.
-    #[error("CAS request failed: {0}")]
-    Remote(#[from] tonic::Status),
+    /// A CAS call failed: the server's, or the local one's reads and writes.
+    #[error("{0}")]
+    Cas(#[from] kiln_reapi::cas::CasError),
     /// The local CAS failed.
     #[error("local CAS: {0}")]
     Store(#[from] kiln_dataplane::store::StoreError),
@@ -72,8 +72,10 @@ impl Classify for ActionError {
             ActionError::Io { source, .. } => ErrorKind::of_io(source),
             // A blob the server (or the local CAS) does not have, or no longer has intact, is
             // an input the client must upload again.
-            ActionError::Remote(s) if s.code() == tonic::Code::NotFound => ErrorKind::Precondition,
-            ActionError::Remote(_) => ErrorKind::Unavailable,
+            ActionError::Cas(e) => match e.kind() {
+                ErrorKind::Missing => ErrorKind::Precondition,
+                kind => kind,
+            },
             ActionError::Store(e) => match e.kind() {
                 ErrorKind::Missing => ErrorKind::Precondition,
                 kind => kind,
@@ -91,6 +93,9 @@ impl Classify for ActionError {
             // What failed, not where: the worker's paths are not the client's business.
             ActionError::Io { op, source, .. } => format!("the worker could not {op}: {source}"),
             ActionError::Store(e) => format!("the worker's CAS: {}", e.client_message()),
+            ActionError::Cas(e @ kiln_reapi::cas::CasError::Local { .. }) => {
+                format!("the worker's CAS: {}", e.client_message())
+            }
             other => other.to_string(),
         }
     }

@@ -4,13 +4,14 @@
 
 use crate::error::ActionError;
 use crate::local::LocalCas;
-use crate::remote::{RemoteCas, SMALL};
+use crate::remote::SMALL;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use kiln_proto::reapi::Directory;
+use kiln_reapi::cas::Cas;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use kiln_reapi::walk::{self, WalkLimits};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// An input tree: every directory by digest, from the root down.
 pub struct InputTree {
@@ -24,8 +25,8 @@ pub struct InputTree {
 pub enum Source<'a> {
     /// The local CAS is the server's: a blob missing there is missing.
     Shared,
-    /// Download from the server.
-    Remote(&'a RemoteCas),
+    /// Download from another CAS (the server's).
+    Remote(&'a dyn Cas),
 }
 
 /// Fetches the tree under `root` and its files; returns the tree and the pins to release.
@@ -44,7 +45,7 @@ pub async fn fetch(
             local.unpin(&pins).await;
             return Err(ActionError::MissingInputs(missing));
         };
-        if let Err(e) = download(local, remote, instance, &missing, parallelism).await {
+        if let Err(e) = download(local, *remote, instance, &missing, parallelism).await {
             local.unpin(&pins).await;
             return Err(e);
         }
@@ -97,22 +98,25 @@ async fn read_directories(
     instance: &InstanceName,
     batch: Vec<Digest>,
 ) -> Result<Vec<Option<Bytes>>, ActionError> {
-    let mut out = Vec::with_capacity(batch.len());
-    let mut absent = Vec::new();
-    for &d in &batch {
-        let found = local.read(instance, d).await?;
-        if found.is_none() {
-            absent.push(d);
-        }
-        out.push(found);
-    }
+    let mut out = local.cas().read_blobs(instance, &batch).await?;
+    let absent: Vec<Digest> = batch
+        .iter()
+        .zip(&out)
+        .filter(|(_, found)| found.is_none())
+        .map(|(d, _)| *d)
+        .collect();
     let Source::Remote(remote) = source else {
         return Ok(out);
     };
     if absent.is_empty() {
         return Ok(out);
     }
-    let mut got: HashMap<Digest, Bytes> = remote.read_small(&absent).await?.into_iter().collect();
+    let got = remote.read_blobs(instance, &absent).await?;
+    let mut got: HashMap<Digest, Bytes> = absent
+        .into_iter()
+        .zip(got)
+        .filter_map(|(d, found)| Some((d, found?)))
+        .collect();
     for (d, slot) in batch.iter().zip(out.iter_mut()) {
         if slot.is_none() {
             if let Some(bytes) = got.remove(d) {
@@ -127,7 +131,7 @@ async fn read_directories(
 /// Downloads blobs into the local CAS: small ones in batches, large ones streamed to files.
 async fn download(
     local: &LocalCas,
-    remote: &RemoteCas,
+    remote: &dyn Cas,
     instance: &InstanceName,
     missing: &[Digest],
     parallelism: usize,
@@ -135,10 +139,15 @@ async fn download(
     let (small, large): (Vec<Digest>, Vec<Digest>) = missing.iter().partition(|d| d.size <= SMALL);
     let mut not_found = Vec::new();
     for batch in small.chunks(256) {
-        let got = remote.read_small(batch).await?;
-        let have: HashSet<Digest> = got.iter().map(|(d, _)| *d).collect();
-        not_found.extend(batch.iter().filter(|d| !have.contains(d)).copied());
-        stream::iter(got)
+        let got = remote.read_blobs(instance, batch).await?;
+        let mut present = Vec::with_capacity(batch.len());
+        for (d, found) in batch.iter().zip(got) {
+            match found {
+                Some(bytes) => present.push((*d, bytes)),
+                None => not_found.push(*d),
+            }
+        }
+        stream::iter(present)
             .map(|(d, bytes)| local.put_bytes(instance, d, bytes))
             .buffer_unordered(parallelism.max(1))
             .collect::<Vec<_>>()
@@ -146,32 +155,21 @@ async fn download(
             .into_iter()
             .collect::<Result<(), _>>()?;
     }
-    let results: Vec<Result<(), (Digest, ActionError)>> = stream::iter(large)
+    let results: Vec<Result<Option<Digest>, ActionError>> = stream::iter(large)
         .map(|d| async move {
             let temp = local.temp_path();
             let epoch = local.sync_epoch();
-            match remote.download(d, &temp).await {
-                Ok(()) => local
-                    .commit_download(instance, d, temp, epoch)
-                    .await
-                    .map_err(|e| (d, e)),
-                Err(e) => {
-                    let _ = tokio::fs::remove_file(&temp).await;
-                    Err((d, e))
-                }
+            if !remote.read_to_file(instance, d, &temp).await? {
+                return Ok(Some(d));
             }
+            local.commit_download(instance, d, temp, epoch).await?;
+            Ok(None)
         })
         .buffer_unordered(parallelism.max(1))
         .collect()
         .await;
     for r in results {
-        match r {
-            Ok(()) => {}
-            Err((d, ActionError::Remote(s))) if s.code() == tonic::Code::NotFound => {
-                not_found.push(d)
-            }
-            Err((_, e)) => return Err(e),
-        }
+        not_found.extend(r?);
     }
     if !not_found.is_empty() {
         return Err(ActionError::MissingInputs(not_found));

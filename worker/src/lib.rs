@@ -3,8 +3,12 @@
 //!
 //! [`session`] keeps the connection, [`action`] runs one action: [`fetch`] inputs (from
 //! [`remote`] into [`local`]), [`materialise`] them, [`run`] the command, collect [`outputs`].
+//! Both CAS are used as `kiln_reapi::cas::Cas`: the inputs' source and the outputs'
+//! destination could be any implementation.
 
 pub mod action;
+#[cfg(test)]
+mod cas_behaviour;
 pub mod contain;
 pub mod error;
 pub mod fetch;

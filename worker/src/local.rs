@@ -1,14 +1,14 @@
 //! The worker's own CAS (its data plane's store; for the worker inside `kiln serve`, the
-//! server's store itself): blobs are committed into it by rename after verification, pinned
-//! while an action uses them, and hardlinked into action directories.
+//! server's store itself): blobs are read and stored through it as a [`Cas`]
+//! ([`ChainCas`]), pinned while an action uses them, and hardlinked into action directories.
 
 use crate::error::ActionError;
-use bytes::Bytes;
 use futures::StreamExt;
 use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::tier::filesystem::Filesystem;
-use kiln_dataplane::store::tier::{read_whole, BlobStore, VerifiedUpload};
-use kiln_dataplane::store::{CasClient, StoreError};
+use kiln_dataplane::store::tier::BlobStore;
+use kiln_dataplane::store::{CasClient, ChainCas, StoreError};
+use kiln_reapi::cas::Cas;
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,15 +16,11 @@ use std::sync::Arc;
 /// Files checked at once when pinned inputs need checking.
 const VERIFY_PARALLELISM: usize = 4;
 
-/// A local CAS: the owner shards' handle, the chain of tiers over them, and where files live.
+/// A local CAS: the store as a [`Cas`], plus the pins and file paths the worker needs to
+/// hardlink inputs.
 #[derive(Clone)]
 pub struct LocalCas {
-    cas: CasClient,
-    store: Arc<dyn BlobStore>,
-    layout: Layout,
-    durable: bool,
-    /// Group commit covers the data of durable blobs up to this size.
-    group_max: Option<u64>,
+    chain: ChainCas,
 }
 
 impl LocalCas {
@@ -40,23 +36,24 @@ impl LocalCas {
         durable: bool,
     ) -> LocalCas {
         LocalCas {
-            cas,
-            store,
-            layout,
-            durable,
-            group_max: None,
+            chain: ChainCas::new(cas, store, layout, durable),
         }
     }
 
     /// With group commit on in the store (blobs up to `group_max` bytes are made durable by
     /// its filesystem sync), durable blobs up to that size skip their own data sync.
     pub fn with_group_commit(mut self, group_max: Option<u64>) -> LocalCas {
-        self.group_max = group_max;
+        self.chain = self.chain.with_group_commit(group_max);
         self
     }
 
-    fn sync_own_data(&self, size: u64) -> bool {
-        kiln_dataplane::store::durable::sync_own_data(self.durable, self.group_max, size)
+    /// The local CAS as a [`Cas`].
+    pub fn cas(&self) -> &ChainCas {
+        &self.chain
+    }
+
+    fn store(&self) -> &Arc<dyn BlobStore> {
+        self.chain.store()
     }
 
     fn key(instance: &InstanceName, d: Digest) -> BlobKey {
@@ -65,17 +62,20 @@ impl LocalCas {
 
     /// The file of a committed blob.
     pub fn path(&self, instance: &InstanceName, d: Digest) -> PathBuf {
-        self.layout.blob_path(&Self::key(instance, d))
+        self.chain.layout().blob_path(&Self::key(instance, d))
     }
 
     /// Drops a stored blob whose file no longer holds its content (the owner deletes it).
     pub async fn drop_changed(&self, instance: &InstanceName, d: Digest) {
-        self.cas.drop_changed(&Self::key(instance, d)).await;
+        self.chain
+            .client()
+            .drop_changed(&Self::key(instance, d))
+            .await;
     }
 
     /// A fresh temp path on the CAS's filesystem.
     pub fn temp_path(&self) -> PathBuf {
-        self.layout.temp_path()
+        self.chain.layout().temp_path()
     }
 
     /// Pins what is present; returns the digests that are not.
@@ -85,7 +85,7 @@ impl LocalCas {
         digests: &[Digest],
     ) -> Result<(Vec<Digest>, Vec<BlobKey>), ActionError> {
         let keys: Vec<BlobKey> = digests.iter().map(|d| Self::key(instance, *d)).collect();
-        let present = self.store.pin(&keys).await?;
+        let present = self.store().pin(&keys).await?;
         let mut missing = Vec::new();
         let mut pinned = Vec::new();
         let mut unchecked = Vec::new();
@@ -101,7 +101,7 @@ impl LocalCas {
         // by the same check as a read, which tells the store the verdict (a damaged or
         // vanished blob leaves it). The file itself, from the filesystem tier: a memory tier
         // could answer with good bytes while the file is damaged.
-        let files = Filesystem::new(self.cas.clone());
+        let files = Filesystem::new(self.chain.client().clone());
         let files = &files;
         let checked: Vec<(BlobKey, bool)> = futures::stream::iter(unchecked)
             .map(|key| async move {
@@ -132,7 +132,7 @@ impl LocalCas {
             }
             // A blob that left the store took its pin with it, and then this does nothing;
             // otherwise (kept, or the store's notice was lost) the pin is released here.
-            self.store.unpin(std::slice::from_ref(&key)).await;
+            self.store().unpin(std::slice::from_ref(&key)).await;
             missing.push(key.digest);
         }
         Ok((missing, pinned))
@@ -140,16 +140,17 @@ impl LocalCas {
 
     /// Releases pins.
     pub async fn unpin(&self, keys: &[BlobKey]) {
-        self.store.unpin(keys).await;
+        self.store().unpin(keys).await;
     }
 
-    /// A small blob's bytes, if present.
-    pub async fn read(
+    /// Stores the file at `file`, whose content hashes to `d` (see [`Cas::write_file`]).
+    pub async fn put_file(
         &self,
         instance: &InstanceName,
         d: Digest,
-    ) -> Result<Option<Bytes>, ActionError> {
-        Ok(read_whole(&*self.store, &Self::key(instance, d)).await?)
+        file: &Path,
+    ) -> Result<(), ActionError> {
+        Ok(self.chain.write_file(instance, d, file).await?)
     }
 
     /// Stores bytes already known to hash to `d`.
@@ -157,82 +158,14 @@ impl LocalCas {
         &self,
         instance: &InstanceName,
         d: Digest,
-        data: Bytes,
+        data: bytes::Bytes,
     ) -> Result<(), ActionError> {
-        if d.is_empty_blob() {
-            return Ok(());
-        }
-        let temp = self.temp_path();
-        let epoch = self.cas.sync_epoch();
-        let write = {
-            let (temp, data, durable) = (temp.clone(), data.clone(), self.sync_own_data(d.size));
-            tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                let mut file = std::fs::File::create(&temp)?;
-                file.write_all(&data)?;
-                if durable {
-                    file.sync_data()?;
-                }
-                Ok::<_, std::io::Error>(())
-            })
-        };
-        write
-            .await
-            .map_err(|e| ActionError::io("write", &temp, std::io::Error::other(e)))?
-            .map_err(|e| ActionError::io("write", &temp, e))?;
-        self.store(instance, d, temp, Some(data), epoch).await
-    }
-
-    /// Stores a file whose content hashes to `d`: hardlinked into the CAS (copied across
-    /// filesystems). The file must not change afterwards.
-    pub async fn put_file(
-        &self,
-        instance: &InstanceName,
-        d: Digest,
-        file: &Path,
-    ) -> Result<(), ActionError> {
-        if d.is_empty_blob() {
-            return Ok(());
-        }
-        let temp = self.temp_path();
-        let epoch = self.cas.sync_epoch();
-        let (from, to, durable) = (file.to_path_buf(), temp.clone(), self.sync_own_data(d.size));
-        tokio::task::spawn_blocking(move || {
-            match std::fs::hard_link(&from, &to) {
-                Ok(()) => {}
-                Err(_) => {
-                    std::fs::copy(&from, &to)?;
-                }
-            }
-            if durable {
-                std::fs::File::open(&to)?.sync_data()?;
-            }
-            Ok::<_, std::io::Error>(())
-        })
-        .await
-        .map_err(|e| ActionError::io("link", file, std::io::Error::other(e)))?
-        .map_err(|e| ActionError::io("link", file, e))?;
-        self.store(instance, d, temp, None, epoch).await
-    }
-
-    /// Commits a verified temp file through the chain (its bytes, when given, for the memory
-    /// tiers).
-    async fn store(
-        &self,
-        instance: &InstanceName,
-        d: Digest,
-        temp: PathBuf,
-        data: Option<Bytes>,
-        epoch: u64,
-    ) -> Result<(), ActionError> {
-        let upload = VerifiedUpload { temp, data, epoch };
-        self.store.put(&Self::key(instance, d), upload).await?;
-        Ok(())
+        Ok(self.chain.write_blobs(instance, vec![(d, data)]).await?)
     }
 
     /// What a download reads before it writes its temp file, for [`LocalCas::commit_download`].
     pub fn sync_epoch(&self) -> u64 {
-        self.cas.sync_epoch()
+        self.chain.client().sync_epoch()
     }
 
     /// Commits a downloaded file (already verified against `d`); `epoch` is
@@ -244,7 +177,10 @@ impl LocalCas {
         temp: PathBuf,
         epoch: u64,
     ) -> Result<(), ActionError> {
-        self.store(instance, d, temp, None, epoch).await
+        Ok(self
+            .chain
+            .commit(&Self::key(instance, d), temp, None, epoch)
+            .await?)
     }
 }
 

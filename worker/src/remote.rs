@@ -1,8 +1,7 @@
-//! The server's CAS as the worker uses it: downloads streamed to files while hashing (large
-//! blobs in parallel ranges, each on a connection of its own), small blobs in batches, uploads
-//! of output files.
+//! The server's CAS as the worker uses it, a [`Cas`] over gRPC: downloads streamed to files
+//! while hashing (large blobs in parallel ranges, each on a connection of its own), small
+//! blobs in batches, uploads of output files.
 
-use crate::error::ActionError;
 use crate::link::LinkChannel as Channel;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -13,6 +12,7 @@ use kiln_proto::reapi::{
     batch_update_blobs_request, BatchReadBlobsRequest, BatchUpdateBlobsRequest,
     FindMissingBlobsRequest,
 };
+use kiln_reapi::cas::{Cas, CasError, CasFuture};
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use kiln_reapi::resource::{ReadResource, WriteResource};
 use std::path::Path;
@@ -25,6 +25,8 @@ const MAX_MESSAGE: usize = 64 << 20;
 pub const SMALL: u64 = 256 << 10;
 /// Bytes per batch call.
 const BATCH: u64 = 2 << 20;
+/// Digests per FindMissingBlobs call.
+const FIND_MISSING: usize = 10_000;
 /// ByteStream write message size.
 const CHUNK: usize = 1 << 20;
 /// The smallest range a download is split into.
@@ -53,12 +55,11 @@ impl CasLinks {
     }
 }
 
-/// A handle to the server's CAS for one instance and digest function.
+/// The server's CAS over gRPC, as a [`Cas`]: every call names its instance and each digest
+/// its function, so one handle serves every action.
 #[derive(Clone)]
 pub struct RemoteCas {
     links: CasLinks,
-    instance: InstanceName,
-    function: i32,
 }
 
 fn bytestream_client(channel: &Channel) -> ByteStreamClient<Channel> {
@@ -67,14 +68,37 @@ fn bytestream_client(channel: &Channel) -> ByteStreamClient<Channel> {
         .max_encoding_message_size(MAX_MESSAGE)
 }
 
-impl RemoteCas {
-    /// The server through `links`, for `instance` and the digest function `function`.
-    pub fn new(links: CasLinks, instance: InstanceName, function: i32) -> RemoteCas {
-        RemoteCas {
-            links,
-            instance,
-            function,
+/// Splits `digests` into runs, in order, of one digest function each and at most `count`
+/// digests and (past the first) `bytes` bytes: a request names one function, and has a size.
+fn runs(digests: &[Digest], count: usize, bytes: u64) -> Vec<&[Digest]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut total = 0u64;
+    for (i, d) in digests.iter().enumerate() {
+        let full = i - start >= count
+            || total.saturating_add(d.size) > bytes
+            || d.function != digests[start].function;
+        if i > start && full {
+            out.push(&digests[start..i]);
+            start = i;
+            total = 0;
         }
+        total = total.saturating_add(d.size);
+    }
+    if start < digests.len() {
+        out.push(&digests[start..]);
+    }
+    out
+}
+
+fn remote(status: tonic::Status) -> CasError {
+    CasError::Remote(status)
+}
+
+impl RemoteCas {
+    /// The server through `links`.
+    pub fn new(links: CasLinks) -> RemoteCas {
+        RemoteCas { links }
     }
 
     fn cas(&self) -> ContentAddressableStorageClient<Channel> {
@@ -87,89 +111,105 @@ impl RemoteCas {
         bytestream_client(&self.links.main)
     }
 
-    fn key(&self, d: &Digest) -> BlobKey {
-        BlobKey::new(self.instance.clone(), *d)
-    }
-
-    fn name(&self, d: &Digest) -> String {
-        ReadResource { key: self.key(d) }.name()
-    }
-
-    fn upload_name(&self, d: &Digest) -> String {
-        WriteResource::new_upload(self.key(d)).name()
-    }
-
-    /// The digests the server does not hold.
-    pub async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, ActionError> {
-        let mut missing = Vec::new();
-        for chunk in digests.chunks(10_000) {
-            let response = self
-                .cas()
-                .find_missing_blobs(FindMissingBlobsRequest {
-                    instance_name: self.instance.as_str().to_string(),
-                    blob_digests: chunk.iter().map(Digest::to_proto).collect(),
-                    digest_function: self.function,
-                })
-                .await?
-                .into_inner();
-            for d in response.missing_blob_digests {
-                let d = Digest::from_proto(&d, self.function)
-                    .map_err(|e| ActionError::BadInput(e.to_string()))?;
-                missing.push(d);
-            }
+    fn name(instance: &InstanceName, d: &Digest) -> String {
+        ReadResource {
+            key: BlobKey::new(instance.clone(), *d),
         }
-        Ok(missing)
+        .name()
     }
 
-    /// Small blobs, in batches; blobs the server lacks are left out of the answer.
-    pub async fn read_small(
+    /// One batch read: in order, `None` for blobs the server lacks.
+    async fn read_batch(
         &self,
-        digests: &[Digest],
-    ) -> Result<Vec<(Digest, Bytes)>, ActionError> {
-        let mut out = Vec::with_capacity(digests.len());
-        let mut batch: Vec<Digest> = Vec::new();
-        let mut bytes = 0;
-        let flush = |batch: Vec<Digest>| async move {
-            let response = self
-                .cas()
-                .batch_read_blobs(BatchReadBlobsRequest {
-                    instance_name: self.instance.as_str().to_string(),
-                    digests: batch.iter().map(Digest::to_proto).collect(),
-                    acceptable_compressors: Vec::new(),
-                    digest_function: self.function,
-                })
-                .await?
-                .into_inner();
-            let mut got = Vec::new();
-            for (d, r) in batch.into_iter().zip(response.responses) {
-                if r.status.as_ref().is_none_or(|s| s.code == 0)
-                    && Hasher::hash(d.function, &r.data) == d.hash
-                {
-                    got.push((d, r.data));
-                }
+        instance: &InstanceName,
+        batch: &[Digest],
+    ) -> Result<Vec<Option<Bytes>>, CasError> {
+        let response = self
+            .cas()
+            .batch_read_blobs(BatchReadBlobsRequest {
+                instance_name: instance.as_str().to_string(),
+                digests: batch.iter().map(Digest::to_proto).collect(),
+                acceptable_compressors: Vec::new(),
+                digest_function: batch[0].function.proto() as i32,
+            })
+            .await
+            .map_err(remote)?
+            .into_inner();
+        if response.responses.len() != batch.len() {
+            return Err(CasError::bad_answer(format!(
+                "{} answers to a batch read of {} blobs",
+                response.responses.len(),
+                batch.len()
+            )));
+        }
+        let mut got = Vec::with_capacity(batch.len());
+        for (d, r) in batch.iter().zip(response.responses) {
+            let code = r.status.as_ref().map_or(0, |s| s.code);
+            if code == tonic::Code::NotFound as i32 {
+                got.push(None);
+                continue;
             }
-            Ok::<_, ActionError>(got)
+            if code != 0 {
+                let s = r.status.unwrap_or_default();
+                return Err(remote(tonic::Status::new(
+                    tonic::Code::from_i32(s.code),
+                    s.message,
+                )));
+            }
+            if r.data.len() as u64 != d.size || Hasher::hash(d.function, &r.data) != d.hash {
+                return Err(mismatch(d));
+            }
+            got.push(Some(r.data));
+        }
+        Ok(got)
+    }
+
+    /// A blob read whole with ByteStream (too large for a batch), checked; `None` when the
+    /// server lacks it. Holds at most the digest's size.
+    async fn read_stream(
+        &self,
+        instance: &InstanceName,
+        digest: Digest,
+    ) -> Result<Option<Bytes>, CasError> {
+        let request = ReadRequest {
+            resource_name: Self::name(instance, &digest),
+            read_offset: 0,
+            read_limit: 0,
         };
-        for d in digests {
-            if bytes + d.size > BATCH && !batch.is_empty() {
-                out.extend(flush(std::mem::take(&mut batch)).await?);
-                bytes = 0;
+        let mut stream = match self.bytestream().read(request).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+            Err(s) => return Err(remote(s)),
+        };
+        let mut data = Vec::with_capacity(usize::try_from(digest.size).unwrap_or(0));
+        while let Some(message) = stream.next().await {
+            let piece = match message {
+                Ok(m) => m.data,
+                Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+                Err(s) => return Err(remote(s)),
+            };
+            if (data.len() + piece.len()) as u64 > digest.size {
+                return Err(too_much(&digest, digest.size));
             }
-            bytes += d.size;
-            batch.push(*d);
+            data.extend_from_slice(&piece);
         }
-        if !batch.is_empty() {
-            out.extend(flush(batch).await?);
+        if data.len() as u64 != digest.size || Hasher::hash(digest.function, &data) != digest.hash {
+            return Err(mismatch(&digest));
         }
-        Ok(out)
+        Ok(Some(data.into()))
     }
 
     /// Downloads a blob into a new file at `path`, verifying it; NOT_FOUND when the server
     /// lacks it. A large blob comes in parallel ranges.
-    pub async fn download(&self, digest: Digest, path: &Path) -> Result<(), ActionError> {
+    async fn download(
+        &self,
+        instance: &InstanceName,
+        digest: Digest,
+        path: &Path,
+    ) -> Result<(), CasError> {
         match self.ranges_for(digest.size) {
-            0 | 1 => self.download_stream(digest, path).await,
-            n => self.download_ranges(digest, path, n).await,
+            0 | 1 => self.download_stream(instance, digest, path).await,
+            n => self.download_ranges(instance, digest, path, n).await,
         }
     }
 
@@ -183,24 +223,30 @@ impl RemoteCas {
     }
 
     /// Streams a blob into a new file at `path`, hashing it as it arrives.
-    async fn download_stream(&self, digest: Digest, path: &Path) -> Result<(), ActionError> {
+    async fn download_stream(
+        &self,
+        instance: &InstanceName,
+        digest: Digest,
+        path: &Path,
+    ) -> Result<(), CasError> {
         let mut stream = self
             .bytestream()
             .read(ReadRequest {
-                resource_name: self.name(&digest),
+                resource_name: Self::name(instance, &digest),
                 read_offset: 0,
                 read_limit: 0,
             })
-            .await?
+            .await
+            .map_err(remote)?
             .into_inner();
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(path)
             .await
-            .map_err(|e| ActionError::io("create", path, e))?;
+            .map_err(|e| CasError::io("create a download's file", &e))?;
         let mut hasher = Hasher::new(digest.function);
-        let size = receive_into(&mut stream, &mut file, path, &digest, digest.size, |data| {
+        let size = receive_into(&mut stream, &mut file, &digest, digest.size, |data| {
             hasher.update(data)
         })
         .await?;
@@ -214,29 +260,32 @@ impl RemoteCas {
     /// the whole file (the ranges arrive out of order).
     async fn download_ranges(
         &self,
+        instance: &InstanceName,
         digest: Digest,
         path: &Path,
         n: usize,
-    ) -> Result<(), ActionError> {
+    ) -> Result<(), CasError> {
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(path)
             .await
-            .map_err(|e| ActionError::io("create", path, e))?;
+            .map_err(|e| CasError::io("create a download's file", &e))?;
         file.set_len(digest.size)
             .await
-            .map_err(|e| ActionError::io("size", path, e))?;
+            .map_err(|e| CasError::io("size a download's file", &e))?;
         drop(file);
         let per = digest.size.div_ceil(n as u64);
         let parts = (0..n as u64).filter_map(|i| {
             let start = i * per;
             let len = per.min(digest.size.checked_sub(start)?);
             let channel = &self.links.ranges[i as usize % self.links.ranges.len()];
-            (len > 0).then(|| self.download_range(channel, digest, path, start, len))
+            (len > 0).then(|| self.download_range(channel, instance, digest, path, start, len))
         });
         futures::future::try_join_all(parts).await?;
-        let stored = crate::local::hash_file(digest.function, path).await?;
+        let stored = crate::local::hash_file(digest.function, path)
+            .await
+            .map_err(|e| CasError::local(&e))?;
         if stored != digest {
             return Err(mismatch(&digest));
         }
@@ -247,52 +296,55 @@ impl RemoteCas {
     async fn download_range(
         &self,
         channel: &Channel,
+        instance: &InstanceName,
         digest: Digest,
         path: &Path,
         start: u64,
         len: u64,
-    ) -> Result<(), ActionError> {
+    ) -> Result<(), CasError> {
         let as_i64 = |v: u64| i64::try_from(v).map_err(|_| mismatch(&digest));
         let mut stream = bytestream_client(channel)
             .read(ReadRequest {
-                resource_name: self.name(&digest),
+                resource_name: Self::name(instance, &digest),
                 read_offset: as_i64(start)?,
                 read_limit: as_i64(len)?,
             })
-            .await?
+            .await
+            .map_err(remote)?
             .into_inner();
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .open(path)
             .await
-            .map_err(|e| ActionError::io("open", path, e))?;
+            .map_err(|e| CasError::io("open a download's file", &e))?;
         file.seek(std::io::SeekFrom::Start(start))
             .await
-            .map_err(|e| ActionError::io("seek", path, e))?;
-        let got = receive_into(&mut stream, &mut file, path, &digest, len, |_| {}).await?;
+            .map_err(|e| CasError::io("seek in a download's file", &e))?;
+        let got = receive_into(&mut stream, &mut file, &digest, len, |_| {}).await?;
         if got != len {
-            return Err(ActionError::Remote(tonic::Status::data_loss(format!(
+            return Err(CasError::bad_answer(format!(
                 "the server sent {got} of the {len} bytes from offset {start} of {digest:?}"
-            ))));
+            )));
         }
         Ok(())
     }
 
-    /// Uploads small blobs held in memory.
-    pub async fn upload_small(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), ActionError> {
+    /// Uploads small blobs held in memory, in batches.
+    async fn upload_small(
+        &self,
+        instance: &InstanceName,
+        blobs: &[(Digest, Bytes)],
+    ) -> Result<(), CasError> {
+        let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
         let mut start = 0;
-        while start < blobs.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < blobs.len() && (end == start || bytes + blobs[end].0.size <= BATCH) {
-                bytes += blobs[end].0.size;
-                end += 1;
-            }
+        for run in runs(&digests, usize::MAX, BATCH) {
+            let batch = &blobs[start..start + run.len()];
+            start += run.len();
             let response = self
                 .cas()
                 .batch_update_blobs(BatchUpdateBlobsRequest {
-                    instance_name: self.instance.as_str().to_string(),
-                    requests: blobs[start..end]
+                    instance_name: instance.as_str().to_string(),
+                    requests: batch
                         .iter()
                         .map(|(d, data)| batch_update_blobs_request::Request {
                             digest: Some(d.to_proto()),
@@ -300,42 +352,44 @@ impl RemoteCas {
                             compressor: 0,
                         })
                         .collect(),
-                    digest_function: self.function,
+                    digest_function: run[0].function.proto() as i32,
                 })
-                .await?
+                .await
+                .map_err(remote)?
                 .into_inner();
             if let Some(s) = response
                 .responses
                 .iter()
                 .find_map(|r| r.status.as_ref().filter(|s| s.code != 0))
             {
-                return Err(ActionError::Remote(tonic::Status::new(
+                return Err(remote(tonic::Status::new(
                     tonic::Code::from_i32(s.code),
                     s.message.clone(),
                 )));
             }
-            start = end;
         }
         Ok(())
     }
 
-    /// Uploads a file with ByteStream.
-    pub async fn upload_file(&self, digest: Digest, path: &Path) -> Result<(), ActionError> {
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| ActionError::io("open", path, e))?;
-        let name = self.upload_name(&digest);
+    /// Uploads a blob with ByteStream, its pieces from `pieces` (ended by `None`, or by an
+    /// error of the source).
+    async fn upload_stream<S>(
+        &self,
+        instance: &InstanceName,
+        digest: Digest,
+        mut pieces: S,
+    ) -> Result<(), CasError>
+    where
+        S: futures::Stream<Item = Result<Bytes, CasError>> + Unpin + Send,
+    {
+        let name = WriteResource::new_upload(BlobKey::new(instance.clone(), digest)).name();
         let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
         let reader = async move {
             let mut offset = 0u64;
             loop {
-                let mut buf = vec![0u8; CHUNK];
-                let n = file
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| ActionError::io("read", path, e))?;
-                buf.truncate(n);
-                let finish = offset + n as u64 >= digest.size;
+                let data = pieces.next().await.transpose()?.unwrap_or_default();
+                let n = data.len() as u64;
+                let finish = offset + n >= digest.size;
                 let request = WriteRequest {
                     resource_name: if offset == 0 {
                         name.clone()
@@ -344,11 +398,11 @@ impl RemoteCas {
                     },
                     write_offset: offset as i64,
                     finish_write: finish,
-                    data: buf.into(),
+                    data,
                 };
-                offset += n as u64;
+                offset += n;
                 if tx.send(request).await.is_err() || finish || n == 0 {
-                    return Ok::<_, ActionError>(());
+                    return Ok::<_, CasError>(());
                 }
             }
         };
@@ -358,30 +412,155 @@ impl RemoteCas {
             client.write(tokio_stream::wrappers::ReceiverStream::new(rx))
         );
         read?;
-        let committed = write?.into_inner().committed_size;
+        let committed = write.map_err(remote)?.into_inner().committed_size;
         if committed != digest.size as i64 {
-            return Err(ActionError::Remote(tonic::Status::data_loss(format!(
+            return Err(CasError::bad_answer(format!(
                 "server committed {committed} of {} bytes for {digest:?}",
                 digest.size
-            ))));
+            )));
         }
         Ok(())
     }
 }
 
-/// Writes a Read's messages into `file` (at `path`), showing each to `seen`; stops with
-/// DATA_LOSS, before writing it, at the first byte past `limit`. Returns the bytes received.
+impl Cas for RemoteCas {
+    fn find_missing<'a>(
+        &'a self,
+        instance: &'a InstanceName,
+        digests: &'a [Digest],
+    ) -> CasFuture<'a, Vec<Digest>> {
+        Box::pin(async move {
+            let mut missing = Vec::new();
+            for run in runs(digests, FIND_MISSING, u64::MAX) {
+                let function = run[0].function.proto() as i32;
+                let response = self
+                    .cas()
+                    .find_missing_blobs(FindMissingBlobsRequest {
+                        instance_name: instance.as_str().to_string(),
+                        blob_digests: run.iter().map(Digest::to_proto).collect(),
+                        digest_function: function,
+                    })
+                    .await
+                    .map_err(remote)?
+                    .into_inner();
+                for d in response.missing_blob_digests {
+                    let d = Digest::from_proto(&d, function)
+                        .map_err(|e| CasError::bad_answer(e.to_string()))?;
+                    missing.push(d);
+                }
+            }
+            Ok(missing)
+        })
+    }
+
+    fn read_blobs<'a>(
+        &'a self,
+        instance: &'a InstanceName,
+        digests: &'a [Digest],
+    ) -> CasFuture<'a, Vec<Option<Bytes>>> {
+        Box::pin(async move {
+            let mut out: Vec<Option<Bytes>> = vec![None; digests.len()];
+            // Small blobs in batches, larger ones streamed, each answer to its place.
+            let (small, large): (Vec<usize>, Vec<usize>) =
+                (0..digests.len()).partition(|&i| digests[i].size <= SMALL);
+            let small_digests: Vec<Digest> = small.iter().map(|&i| digests[i]).collect();
+            let mut places = small.into_iter();
+            for run in runs(&small_digests, usize::MAX, BATCH) {
+                for found in self.read_batch(instance, run).await? {
+                    if let Some(i) = places.next() {
+                        out[i] = found;
+                    }
+                }
+            }
+            for i in large {
+                out[i] = self.read_stream(instance, digests[i]).await?;
+            }
+            Ok(out)
+        })
+    }
+
+    fn read_to_file<'a>(
+        &'a self,
+        instance: &'a InstanceName,
+        digest: Digest,
+        path: &'a Path,
+    ) -> CasFuture<'a, bool> {
+        Box::pin(async move {
+            let result = self.download(instance, digest, path).await;
+            if result.is_err() {
+                let _ = tokio::fs::remove_file(path).await;
+            }
+            match result {
+                Ok(()) => Ok(true),
+                Err(e) if e.is_missing() => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn write_blobs<'a>(
+        &'a self,
+        instance: &'a InstanceName,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> CasFuture<'a, ()> {
+        Box::pin(async move {
+            let (small, large): (Vec<_>, Vec<_>) =
+                blobs.into_iter().partition(|(d, _)| d.size <= SMALL);
+            self.upload_small(instance, &small).await?;
+            for (d, data) in large {
+                let pieces = (0..data.len())
+                    .step_by(CHUNK)
+                    .map(|at| Ok(data.slice(at..(at + CHUNK).min(data.len()))))
+                    .collect::<Vec<_>>();
+                self.upload_stream(instance, d, futures::stream::iter(pieces))
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn write_file<'a>(
+        &'a self,
+        instance: &'a InstanceName,
+        digest: Digest,
+        path: &'a Path,
+    ) -> CasFuture<'a, ()> {
+        Box::pin(async move {
+            if digest.size <= SMALL {
+                let data = tokio::fs::read(path)
+                    .await
+                    .map_err(|e| CasError::io("read an output", &e))?;
+                return self.upload_small(instance, &[(digest, data.into())]).await;
+            }
+            let file = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| CasError::io("open an output", &e))?;
+            let pieces = futures::stream::try_unfold(file, |mut file| async move {
+                let mut buf = vec![0u8; CHUNK];
+                let n = file
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| CasError::io("read an output", &e))?;
+                buf.truncate(n);
+                Ok((n > 0).then(|| (Bytes::from(buf), file)))
+            });
+            self.upload_stream(instance, digest, Box::pin(pieces)).await
+        })
+    }
+}
+
+/// Writes a Read's messages into `file`, showing each to `seen`; stops with DATA_LOSS,
+/// before writing it, at the first byte past `limit`. Returns the bytes received.
 async fn receive_into(
     stream: &mut tonic::Streaming<kiln_proto::bytestream::ReadResponse>,
     file: &mut tokio::fs::File,
-    path: &Path,
     digest: &Digest,
     limit: u64,
     mut seen: impl FnMut(&[u8]),
-) -> Result<u64, ActionError> {
+) -> Result<u64, CasError> {
     let mut got = 0u64;
     while let Some(message) = stream.next().await {
-        let data = message?.data;
+        let data = message.map_err(remote)?.data;
         got = got.saturating_add(data.len() as u64);
         if got > limit {
             return Err(too_much(digest, limit));
@@ -389,26 +568,24 @@ async fn receive_into(
         seen(&data);
         file.write_all(&data)
             .await
-            .map_err(|e| ActionError::io("write", path, e))?;
+            .map_err(|e| CasError::io("write a download's file", &e))?;
     }
     file.flush()
         .await
-        .map_err(|e| ActionError::io("write", path, e))?;
+        .map_err(|e| CasError::io("write a download's file", &e))?;
     Ok(got)
 }
 
 /// The server sent more than was asked for.
-fn too_much(digest: &Digest, asked: u64) -> ActionError {
-    ActionError::Remote(tonic::Status::data_loss(format!(
+fn too_much(digest: &Digest, asked: u64) -> CasError {
+    CasError::bad_answer(format!(
         "the server sent more than the {asked} bytes asked for of {digest:?}"
-    )))
+    ))
 }
 
 /// The bytes received do not hash to the digest.
-fn mismatch(digest: &Digest) -> ActionError {
-    ActionError::Remote(tonic::Status::data_loss(format!(
-        "downloaded bytes do not match {digest:?}"
-    )))
+fn mismatch(digest: &Digest) -> CasError {
+    CasError::bad_answer(format!("downloaded bytes do not match {digest:?}"))
 }
 
 #[cfg(test)]
@@ -490,15 +667,20 @@ mod tests {
             ranged_min: 1,
         };
         for (i, links) in [single, ranged].into_iter().enumerate() {
-            let remote = RemoteCas::new(links, InstanceName::default_instance(), 1);
+            let remote = RemoteCas::new(links);
             let path = dir.path().join(format!("blob{i}"));
-            let err = remote.download(digest, &path).await.unwrap_err();
+            let instance = InstanceName::default_instance();
+            let err = remote.download(&instance, digest, &path).await.unwrap_err();
             match err {
-                ActionError::Remote(s) => assert_eq!(s.code(), tonic::Code::DataLoss, "{s:?}"),
+                CasError::Remote(s) => assert_eq!(s.code(), tonic::Code::DataLoss, "{s:?}"),
                 other => panic!("{other:?}"),
             }
             let written = std::fs::metadata(&path).unwrap().len();
             assert!(written <= digest.size, "{written} bytes written");
+            // Through the trait, the partial file is removed as well.
+            let err = remote.read_to_file(&instance, digest, &path).await;
+            assert!(err.is_err(), "{err:?}");
+            assert!(!path.exists(), "a failed download leaves no file");
         }
         server.abort();
     }

@@ -5,9 +5,9 @@ use super::completeness::{self, CheckLimits, Incomplete};
 use super::AcStore;
 use crate::error::ControlError;
 use kiln_dataplane::store::atime;
-use kiln_dataplane::store::tier::BlobStore;
 use kiln_dataplane::store::CasClient;
 use kiln_proto::reapi::ActionResult;
+use kiln_reapi::cas::Cas;
 use kiln_reapi::digest::BlobKey;
 use prost::Message;
 use std::sync::atomic::Ordering;
@@ -19,19 +19,19 @@ pub struct ActionCache {
     store: AcStore,
     /// The CAS's accounting (its count of removals).
     cas: CasClient,
-    /// The CAS's chain, for completeness checks.
-    blobs: Arc<dyn BlobStore>,
+    /// The CAS, for completeness checks.
+    blobs: Arc<dyn Cas>,
     completeness: bool,
     limits: CheckLimits,
 }
 
 impl ActionCache {
-    /// A cache over `store`, checking completeness against the CAS (`blobs`, its chain; `cas`
-    /// for its accounting) when `completeness` is set.
+    /// A cache over `store`, checking completeness against the CAS (`blobs`; `cas` for its
+    /// accounting) when `completeness` is set.
     pub fn new(
         store: AcStore,
         cas: CasClient,
-        blobs: Arc<dyn BlobStore>,
+        blobs: Arc<dyn Cas>,
         completeness: bool,
         limits: CheckLimits,
     ) -> ActionCache {

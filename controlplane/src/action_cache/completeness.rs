@@ -4,16 +4,13 @@
 //! Checking counts as a use, so a hit also refreshes those blobs' place in the LRU.
 
 use crate::error::ControlError;
-use futures::stream::{self, StreamExt};
-use kiln_dataplane::store::tier::{self, BlobStore};
 use kiln_proto::reapi::{self, ActionResult, Directory, Tree};
-use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
+use kiln_reapi::cas::{self, Cas};
+use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
 use kiln_reapi::walk::{Walk, WalkError, WalkLimits};
 use prost::Message;
 use std::collections::HashSet;
 
-/// Directory blobs fetched at once while walking an output directory.
-const WALK_PARALLELISM: usize = 16;
 /// Bytes of Directory blobs held at once while walking an output directory.
 const WALK_BATCH_BYTES: u64 = 16 << 20;
 
@@ -40,7 +37,7 @@ pub enum Incomplete {
 
 /// Checks `result`; `Ok(None)` means complete.
 pub async fn check(
-    cas: &dyn BlobStore,
+    cas: &dyn Cas,
     instance: &InstanceName,
     function: DigestFunction,
     result: &ActionResult,
@@ -110,7 +107,7 @@ pub async fn check(
 }
 
 async fn missing_of(
-    cas: &dyn BlobStore,
+    cas: &dyn Cas,
     instance: &InstanceName,
     digests: &[Digest],
 ) -> Result<Vec<Digest>, ControlError> {
@@ -120,23 +117,15 @@ async fn missing_of(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let keys: Vec<BlobKey> = unique
-        .iter()
-        .map(|d| BlobKey::new(instance.clone(), *d))
-        .collect();
-    Ok(tier::find_missing(cas, &keys)
-        .await?
-        .into_iter()
-        .map(|k| k.digest)
-        .collect())
+    Ok(cas.find_missing(instance, &unique).await?)
 }
 
 async fn fetch(
-    cas: &dyn BlobStore,
+    cas: &dyn Cas,
     instance: &InstanceName,
     digest: Digest,
 ) -> Result<Option<bytes::Bytes>, ControlError> {
-    Ok(tier::read_whole(cas, &BlobKey::new(instance.clone(), digest)).await?)
+    Ok(cas::read_blob(cas, instance, digest).await?)
 }
 
 fn dir_files(
@@ -157,7 +146,7 @@ fn dir_files(
 /// Walks a directory-format output with `kiln_reapi::walk`, collecting file digests. An
 /// output too large to walk within the limits is checked as far as the limits allow.
 async fn walk(
-    cas: &dyn BlobStore,
+    cas: &dyn Cas,
     instance: &InstanceName,
     root: Digest,
     limits: CheckLimits,
@@ -181,13 +170,9 @@ async fn walk(
             }
         };
         let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
-        let fetched: Vec<_> = stream::iter(digests)
-            .map(|d| fetch(cas, instance, d))
-            .buffered(WALK_PARALLELISM)
-            .collect()
-            .await;
+        let fetched = cas.read_blobs(instance, &digests).await?;
         for ((digest, depth), bytes) in batch.into_iter().zip(fetched) {
-            let Some(bytes) = bytes? else {
+            let Some(bytes) = bytes else {
                 walk.missing(digest);
                 continue;
             };

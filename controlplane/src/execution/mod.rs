@@ -21,12 +21,13 @@ use crate::scheduler::{
 };
 use kiln_config::ExecutionConfig;
 use kiln_dataplane::store::tier::BlobStore;
-use kiln_dataplane::store::CasClient;
+use kiln_dataplane::store::{CasClient, ChainCas};
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{execution_stage::Value as StageValue, ActionResult, ExecuteResponse};
 use kiln_proto::worker::{
     server_message, ExecutionResult, KillOperation, ServerMessage, StartExecute,
 };
+use kiln_reapi::cas::Cas;
 use kiln_reapi::digest::BlobKey;
 use ops::Registry;
 use std::collections::HashMap;
@@ -75,8 +76,10 @@ pub struct ExecutionCore {
     next_worker: AtomicU64,
     /// The CAS's accounting (its cap and pinned bytes).
     cas: CasClient,
-    /// The CAS's chain: inputs are read, found and pinned through it.
+    /// The CAS's chain: inputs are pinned through it.
     store: Arc<dyn BlobStore>,
+    /// The CAS: an action's metadata and input tree are read through it.
+    blobs: Arc<dyn Cas>,
     cache: Arc<ActionCache>,
     config: ExecutionConfig,
     kinds: scheduler::platform::Kinds,
@@ -89,12 +92,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ExecutionCore {
-    /// A core on the CAS (`store`, its chain of tiers; `cas`, for its accounting) and
-    /// `cache`, configured by `[execution]`. Spawns its timer on the current tokio runtime.
+    /// A core on the CAS (read through it as a [`Cas`]; its chain of tiers pins, its shards'
+    /// handle accounts) and `cache`, configured by `[execution]`. Spawns its timer on the
+    /// current tokio runtime.
     pub fn start(
         config: ExecutionConfig,
-        cas: CasClient,
-        store: Arc<dyn BlobStore>,
+        local: &ChainCas,
         cache: Arc<ActionCache>,
     ) -> Arc<ExecutionCore> {
         let kinds = scheduler::platform::Kinds(config.properties.clone());
@@ -112,8 +115,9 @@ impl ExecutionCore {
             registry: Mutex::new(Registry::new(config.max_completed_operations)),
             sessions: Mutex::new(HashMap::new()),
             next_worker: AtomicU64::new(1),
-            cas,
-            store,
+            cas: local.client().clone(),
+            store: local.store().clone(),
+            blobs: Arc::new(local.clone()),
             cache,
             config,
             kinds,

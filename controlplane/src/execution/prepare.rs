@@ -8,7 +8,7 @@ use super::{ExecutionCore, Payload};
 use crate::scheduler::platform::Requirements;
 use crate::scheduler::Job;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use kiln_dataplane::store::tier::{pin_to_the_end, read_whole};
+use kiln_dataplane::store::tier::pin_to_the_end;
 use kiln_proto::reapi::{Action, Command, Directory, ExecuteRequest};
 use kiln_proto::worker::StartExecute;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
@@ -185,7 +185,7 @@ async fn fetch(
     if digest.size > MAX_METADATA_BYTES {
         return Err(too_large());
     }
-    Ok(read_whole(&*core.store, &BlobKey::new(instance.clone(), digest)).await?)
+    Ok(kiln_reapi::cas::read_blob(&*core.blobs, instance, digest).await?)
 }
 
 /// Every blob digest of the input tree (directories and files), and the directories missing.

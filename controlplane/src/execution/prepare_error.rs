@@ -57,6 +57,9 @@ pub enum PrepareError {
     /// The CAS failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A CAS call failed.
+    #[error(transparent)]
+    Cas(#[from] kiln_reapi::cas::CasError),
 }
 
 impl Classify for PrepareError {
@@ -71,12 +74,14 @@ impl Classify for PrepareError {
             | PrepareError::Walk(_)
             | PrepareError::Platform(_) => ErrorKind::Invalid,
             PrepareError::Store(e) => e.kind(),
+            PrepareError::Cas(e) => e.kind(),
         }
     }
 
     fn client_message(&self) -> String {
         match self {
             PrepareError::Store(e) => e.client_message(),
+            PrepareError::Cas(e) => e.client_message(),
             other => other.to_string(),
         }
     }

@@ -12,6 +12,7 @@ pub mod accounting;
 pub mod appender;
 pub mod atime;
 pub mod blob_io;
+pub mod chain_cas;
 mod client;
 pub mod clone;
 pub(crate) mod commands;
@@ -29,6 +30,7 @@ pub mod snapshot;
 pub mod tier;
 pub mod upload;
 
+pub use chain_cas::ChainCas;
 pub use client::{CasClient, ShardQueues};
 pub use commands::{Committed, Located, ShardStats, UploadClaim, UploadStatus};
 pub use error::StoreError;

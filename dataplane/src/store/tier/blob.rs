@@ -222,22 +222,40 @@ impl Blob {
             return Ok(());
         };
         let mut check = Check::new(&self.key);
-        let read = (|| {
-            use std::io::Read;
-            let mut file = std::fs::File::open(path)?;
-            let mut buf = vec![0u8; self.size().clamp(1, blob_io::WRITE_BUFFER as u64) as usize];
-            loop {
-                let n = file.read(&mut buf)?;
-                if n == 0 {
-                    return Ok::<_, io::Error>(());
-                }
-                check.update(&buf[..n]);
-            }
-        })();
-        match read {
+        match check_file_blocking(path, &mut check) {
             Ok(()) => self.conclude(check),
             Err(e) => Err(self.io_failure(path, e)),
         }
+    }
+
+    /// Writes the blob into a new file at `dest` (which must not exist), checked, with
+    /// blocking calls: a file is cloned or copied, and the copy is hashed (its bytes cannot
+    /// change under the check, as the original's could). A mismatch removes the copy and is
+    /// the blob's verdict.
+    pub fn copy_to_blocking(self, dest: &Path) -> Result<(), StoreError> {
+        let write =
+            |data: &[u8]| std::fs::write(dest, data).map_err(|e| StoreError::io("write", dest, e));
+        let path = match &self.body {
+            Body::Bytes(data) => return write(data),
+            Body::File { path, .. } => path.clone(),
+            Body::Arriving { .. } => {
+                let data = self.read_all_blocking()?;
+                return write(&data);
+            }
+        };
+        if let Err(e) = crate::store::clone::clone_or_copy(&path, dest) {
+            let _ = std::fs::remove_file(dest);
+            return Err(self.io_failure(&path, e));
+        }
+        let mut check = Check::new(&self.key);
+        let concluded = match check_file_blocking(dest, &mut check) {
+            Ok(()) => self.conclude(check),
+            Err(e) => Err(StoreError::io("read", dest, e)),
+        };
+        if concluded.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        concluded
     }
 
     fn finish_whole(self, data: Bytes, checked: bool) -> Result<Bytes, StoreError> {
@@ -365,6 +383,21 @@ impl<E> From<StoreError> for StreamEnd<E> {
 }
 
 /// Reads exactly `size` bytes of a file; a shorter file is `UnexpectedEof`.
+/// Feeds the file at `path` to `check`, with blocking reads of at most one write buffer.
+fn check_file_blocking(path: &Path, check: &mut Check) -> io::Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let size = check.size();
+    let mut buf = vec![0u8; size.clamp(1, blob_io::WRITE_BUFFER as u64) as usize];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        check.update(&buf[..n]);
+    }
+}
+
 fn read_file_blocking(path: &Path, size: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
     let file = std::fs::File::open(path)?;

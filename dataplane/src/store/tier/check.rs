@@ -33,6 +33,11 @@ impl Check {
         }
     }
 
+    /// The blob's size (the digest's).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// The next bytes of the blob.
     pub fn update(&mut self, data: &[u8]) {
         self.hasher.update(data);

@@ -1,0 +1,252 @@
+//! The store's chain of tiers as a [`Cas`], for code on a tokio runtime that uses this
+//! process's CAS: the control plane (an action's metadata and input tree, completeness
+//! checks) and the worker (its local CAS). Reads come checked from the chain ([`super::tier::Blob`]);
+//! writes go to a temp file, synced when the blob must be durable and group commit does not
+//! cover it, and are committed through the chain. File work runs on tokio's blocking pool.
+
+use super::layout::Layout;
+use super::tier::{self, BlobStore, VerifiedUpload};
+use super::{CasClient, StoreError};
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use kiln_reapi::cas::{Cas, CasError, CasFuture};
+use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Blobs read or written at once by one call.
+const PARALLELISM: usize = 16;
+
+/// This process's CAS: its owner shards' handle, the chain of tiers over them, where files
+/// live, and whether what is written must be durable.
+#[derive(Clone)]
+pub struct ChainCas {
+    cas: CasClient,
+    store: Arc<dyn BlobStore>,
+    layout: Layout,
+    durable: bool,
+    /// Group commit covers the data of durable blobs up to this size.
+    group_max: Option<u64>,
+}
+
+impl ChainCas {
+    /// The CAS whose shards `cas` reaches (`store`: its chain of tiers), files laid out by
+    /// `layout`. With `durable`, blobs written are synced before they are committed (a
+    /// server's CAS, whose blobs an action result names); without, the CAS is a cache (a
+    /// remote worker's, whose outputs the server makes durable).
+    pub fn new(
+        cas: CasClient,
+        store: Arc<dyn BlobStore>,
+        layout: Layout,
+        durable: bool,
+    ) -> ChainCas {
+        ChainCas {
+            cas,
+            store,
+            layout,
+            durable,
+            group_max: None,
+        }
+    }
+
+    /// With group commit on in the store (blobs up to `group_max` bytes are made durable by
+    /// its filesystem sync), durable blobs up to that size skip their own data sync.
+    pub fn with_group_commit(mut self, group_max: Option<u64>) -> ChainCas {
+        self.group_max = group_max;
+        self
+    }
+
+    /// The owner shards' handle.
+    pub fn client(&self) -> &CasClient {
+        &self.cas
+    }
+
+    /// The chain of tiers.
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
+        &self.store
+    }
+
+    /// Where the CAS's files are.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn sync_own_data(&self, size: u64) -> bool {
+        super::durable::sync_own_data(self.durable, self.group_max, size)
+    }
+
+    /// Stores bytes already known to hash to `d`.
+    pub async fn put_bytes(&self, key: &BlobKey, data: Bytes) -> Result<(), StoreError> {
+        if key.digest.is_empty_blob() {
+            return Ok(());
+        }
+        let temp = self.layout.temp_path();
+        let epoch = self.cas.sync_epoch();
+        let durable = self.sync_own_data(key.digest.size);
+        let written = {
+            let (temp, data) = (temp.clone(), data.clone());
+            blocking(move || {
+                use std::io::Write;
+                let mut file = std::fs::File::create(&temp)?;
+                file.write_all(&data)?;
+                if durable {
+                    file.sync_data()?;
+                }
+                Ok(())
+            })
+            .await
+        };
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&temp);
+            return Err(StoreError::io("write", temp, e));
+        }
+        self.commit(key, temp, Some(data), epoch).await
+    }
+
+    /// Stores a file whose content hashes to the key's digest: hardlinked into the CAS
+    /// (copied across filesystems). The file must not change afterwards.
+    pub async fn put_file(&self, key: &BlobKey, file: &Path) -> Result<(), StoreError> {
+        if key.digest.is_empty_blob() {
+            return Ok(());
+        }
+        let temp = self.layout.temp_path();
+        let epoch = self.cas.sync_epoch();
+        let durable = self.sync_own_data(key.digest.size);
+        let (from, to) = (file.to_path_buf(), temp.clone());
+        let linked = blocking(move || {
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to)?;
+            }
+            if durable {
+                std::fs::File::open(&to)?.sync_data()?;
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = linked {
+            let _ = std::fs::remove_file(&temp);
+            return Err(StoreError::io("link", file, e));
+        }
+        self.commit(key, temp, None, epoch).await
+    }
+
+    /// Commits a temp file already checked against the key's digest through the chain (its
+    /// bytes, when given, for memory tiers). `epoch` is [`CasClient::sync_epoch`] read before
+    /// the file's first byte was written.
+    pub async fn commit(
+        &self,
+        key: &BlobKey,
+        temp: PathBuf,
+        data: Option<Bytes>,
+        epoch: u64,
+    ) -> Result<(), StoreError> {
+        let upload = VerifiedUpload { temp, data, epoch };
+        self.store.put(key, upload).await?;
+        Ok(())
+    }
+}
+
+/// Runs file work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+fn keys(instance: &InstanceName, digests: &[Digest]) -> Vec<BlobKey> {
+    digests
+        .iter()
+        .map(|d| BlobKey::new(instance.clone(), *d))
+        .collect()
+}
+
+fn local(e: StoreError) -> CasError {
+    CasError::local(&e)
+}
+
+impl Cas for ChainCas {
+    fn find_missing<'a>(
+        &'a self,
+        instance: &'a InstanceName,
+        digests: &'a [Digest],
+    ) -> CasFuture<'a, Vec<Digest>> {
+        Box::pin(async move {
+            let missing = tier::find_missing(&*self.store, &keys(instance, digests))
+                .await
+                .map_err(local)?;
+            Ok(missing.into_iter().map(|k| k.digest).collect())
+        })
+    }
+
+    fn read_blobs<'a>(
+        &'a self,
+        instance: &'a InstanceName,
+        digests: &'a [Digest],
+    ) -> CasFuture<'a, Vec<Option<Bytes>>> {
+        Box::pin(async move {
+            stream::iter(keys(instance, digests))
+                .map(|key| async move { tier::read_whole(&*self.store, &key).await })
+                .buffered(PARALLELISM)
+                .try_collect()
+                .await
+                .map_err(local)
+        })
+    }
+
+    fn read_to_file<'a>(
+        &'a self,
+        instance: &'a InstanceName,
+        digest: Digest,
+        path: &'a Path,
+    ) -> CasFuture<'a, bool> {
+        Box::pin(async move {
+            let key = BlobKey::new(instance.clone(), digest);
+            let Some(blob) = self.store.open(&key).await.map_err(local)? else {
+                return Ok(false);
+            };
+            let dest = path.to_path_buf();
+            let copied = tokio::task::spawn_blocking(move || blob.copy_to_blocking(&dest))
+                .await
+                .map_err(|_| local(StoreError::Unavailable))?;
+            match copied {
+                Ok(()) => Ok(true),
+                // Damaged or gone: it has left the store, which no longer holds it.
+                Err(StoreError::Corrupt(_) | StoreError::Vanished(_)) => Ok(false),
+                Err(e) => Err(local(e)),
+            }
+        })
+    }
+
+    fn write_blobs<'a>(
+        &'a self,
+        instance: &'a InstanceName,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> CasFuture<'a, ()> {
+        Box::pin(async move {
+            stream::iter(blobs)
+                .map(|(d, data)| async move {
+                    self.put_bytes(&BlobKey::new(instance.clone(), d), data)
+                        .await
+                })
+                .buffer_unordered(PARALLELISM)
+                .try_collect::<()>()
+                .await
+                .map_err(local)
+        })
+    }
+
+    fn write_file<'a>(
+        &'a self,
+        instance: &'a InstanceName,
+        digest: Digest,
+        path: &'a Path,
+    ) -> CasFuture<'a, ()> {
+        Box::pin(async move {
+            self.put_file(&BlobKey::new(instance.clone(), digest), path)
+                .await
+                .map_err(local)
+        })
+    }
+}
