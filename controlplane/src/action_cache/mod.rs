@@ -1,8 +1,9 @@
-//! The ActionCache service: results stored durably on disk ([`store`]), served only when
-//! complete ([`completeness`]).
+//! The ActionCache service: results stored durably on disk ([`store`], each file in the
+//! checked format of [`entry`]), served only when complete ([`completeness`]).
 
 mod cache;
 pub mod completeness;
+pub mod entry;
 mod service;
 pub mod store;
 

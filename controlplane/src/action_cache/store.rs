@@ -1,10 +1,11 @@
-//! The action cache on disk: one file per action digest (a serialized `ActionResult`) in the
-//! same tree shape as the CAS, an LRU index rebuilt at start-up by access time, and a byte
+//! The action cache on disk: one file per action digest (a serialized `ActionResult` behind a
+//! checked header, [`super::entry`]) in the same tree shape as the CAS, an LRU index rebuilt at start-up by access time, and a byte
 //! cap. Writes go to a temp file, are synced when configured, and are renamed into place.
 //! Recently used results are also kept in memory (moka, TinyLFU, weighted by size), so a hit
 //! reads no file and needs no blocking thread; the index decides what exists, the memory only
 //! saves the read.
 
+use super::entry;
 use crate::error::ControlError;
 use bytes::Bytes;
 use kiln_dataplane::store::atime;
@@ -231,13 +232,7 @@ impl AcStore {
 
     /// Drops an entry that turned out to be unusable.
     pub fn remove(&self, key: &BlobKey) {
-        let mut index = self.inner.lock();
-        let removed = index.remove(key);
-        self.inner.forget(key);
-        drop(index);
-        if removed.is_some() {
-            let _ = std::fs::remove_file(self.inner.layout.blob_path(key));
-        }
+        self.inner.drop_entry(key, None);
     }
 }
 
@@ -282,12 +277,20 @@ impl Inner {
     ) -> Result<Option<Stored>, ControlError> {
         let path = self.layout.blob_path(key);
         match std::fs::read(&path) {
-            Ok(data) => {
+            Ok(file) => {
+                let data = match entry::decode(Bytes::from(file)) {
+                    Ok(data) => data,
+                    Err(why) => {
+                        tracing::warn!(action = ?key.digest, error = %why, "action cache entry unusable (cut short by a crash, or damaged); dropping it");
+                        self.drop_entry(key, Some(puts));
+                        return Ok(None);
+                    }
+                };
                 if let Some(t) = persist {
                     atime::persist(&path, t);
                 }
                 let stored = Stored {
-                    data: Bytes::from(data),
+                    data,
                     checked: CheckMark::new(),
                 };
                 if let Some(memory) = &self.memory {
@@ -302,13 +305,25 @@ impl Inner {
                 Ok(Some(stored))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut index = self.lock();
-                index.remove(key);
-                self.forget(key);
-                drop(index);
+                self.drop_entry(key, Some(puts));
                 Ok(None)
             }
             Err(e) => Err(ControlError::io("read", &path, e)),
+        }
+    }
+
+    /// Drops an entry and its file. With `since` (the put count when the entry was looked
+    /// up), only if nothing was put since: a newer result replaced what was found unusable.
+    fn drop_entry(&self, key: &BlobKey, since: Option<u64>) {
+        let mut index = self.lock();
+        if since.is_some_and(|puts| self.puts.load(Ordering::Relaxed) != puts) {
+            return;
+        }
+        let removed = index.remove(key);
+        self.forget(key);
+        // Under the lock, like a put's rename: a put right after must not lose its new file.
+        if removed.is_some() {
+            let _ = std::fs::remove_file(self.layout.blob_path(key));
         }
     }
 
@@ -321,7 +336,7 @@ impl Inner {
 
     fn put(&self, key: BlobKey, data: Bytes) -> Result<(), ControlError> {
         let temp = self.layout.temp_path();
-        write_file(&temp, &data, self.settings.fsync).map_err(|e| {
+        write_file(&temp, &entry::encode(&data), self.settings.fsync).map_err(|e| {
             let _ = std::fs::remove_file(&temp);
             ControlError::io("write", &temp, e)
         })?;
@@ -437,6 +452,40 @@ mod tests {
             Bytes::from_static(b"result-b")
         );
         assert!(store.get(&key("c", 1)).await.unwrap().is_none());
+    }
+
+    /// A result cut short by a crash (written without fsync) is a miss, and leaves the store;
+    /// one written before the checked format is still served after an upgrade.
+    #[tokio::test]
+    async fn an_entry_cut_short_is_a_miss_and_an_older_one_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = AcStore::open(dir.path(), settings(1 << 20)).unwrap();
+            for n in 1..=3 {
+                store
+                    .put(key("", n), Bytes::from(format!("result-{n}")))
+                    .await
+                    .unwrap();
+            }
+        }
+        let layout = Layout::action_cache(dir.path());
+        let cut = layout.blob_path(&key("", 1));
+        let file = std::fs::read(&cut).unwrap();
+        std::fs::write(&cut, &file[..file.len() - 3]).unwrap();
+        let emptied = layout.blob_path(&key("", 3));
+        std::fs::write(&emptied, b"").unwrap();
+        std::fs::write(layout.blob_path(&key("", 2)), b"old-result").unwrap();
+
+        let (store, report) = AcStore::open(dir.path(), settings(1 << 20)).unwrap();
+        assert_eq!(report.blobs, 3);
+        assert!(store.get(&key("", 1)).await.unwrap().is_none(), "cut short");
+        assert!(store.get(&key("", 3)).await.unwrap().is_none(), "emptied");
+        assert!(!cut.exists() && !emptied.exists(), "unusable files removed");
+        assert_eq!(store.usage().0, 1);
+        assert_eq!(
+            store.get(&key("", 2)).await.unwrap().unwrap().data,
+            Bytes::from_static(b"old-result")
+        );
     }
 
     #[tokio::test]
