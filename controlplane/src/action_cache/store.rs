@@ -244,7 +244,7 @@ impl Inner {
     /// Marks `key` used; `persist` is the access time to write to its file, when one is due.
     fn touch(&self, index: &mut BlobIndex<ClientKeys>, key: &BlobKey) -> Option<Option<u64>> {
         let now = atime::now();
-        let entry = index.touch(key, now)?;
+        let mut entry = index.touch(key, now)?;
         let due = atime::due(
             entry.atime,
             entry.persisted_atime,

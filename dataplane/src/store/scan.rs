@@ -353,7 +353,7 @@ mod tests {
         // The snapshot a clean stop would write, read back.
         let grouped = entries
             .iter()
-            .map(|shard| snapshot::group(shard.iter().map(|(k, e)| (k, e))))
+            .map(|shard| snapshot::group(shard.iter().map(|(k, e)| (k.clone(), *e))))
             .collect();
         snapshot::write(&layout.index_file(), &snapshot::stamp(&layout, grouped)).unwrap();
         let snap = snapshot::load(&layout.index_file()).unwrap();
@@ -412,7 +412,11 @@ mod tests {
         let stored: Vec<BlobKey> = (0..50).map(|n| put(&layout, n)).collect();
         let owner_of = |_: &BlobKey| 0;
         let (entries, _, _) = scan(&layout, TreeKind::Blobs, 1, 1, None, false, owner_of).unwrap();
-        let grouped = || vec![snapshot::group(entries[0].iter().map(|(k, e)| (k, e)))];
+        let grouped = || {
+            vec![snapshot::group(
+                entries[0].iter().map(|(k, e)| (k.clone(), *e)),
+            )]
+        };
         let all = snapshot::stamp(&layout, grouped()).len();
         // The index believes in a blob whose file is gone (removed behind its back, or an
         // unlink that finished after the owner's blobs were grouped): that directory is out.

@@ -205,7 +205,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
 pub type Grouped = HashMap<DirKey, Vec<(Digest, u64)>>;
 
 /// Groups an owner's blobs by directory (on its thread, when it stops).
-pub fn group<'a>(blobs: impl IntoIterator<Item = (&'a BlobKey, &'a Entry)>) -> Grouped {
+pub fn group(blobs: impl IntoIterator<Item = (BlobKey, Entry)>) -> Grouped {
     let mut by_dir = Grouped::new();
     for (key, entry) in blobs {
         let dir = DirKey {

@@ -56,6 +56,12 @@ impl InstanceName {
         Ok(InstanceName(Arc::from(name)))
     }
 
+    /// Whether `other` is this very name (the same allocation, as clones of one parsed name
+    /// are): a cheap first test before comparing the text.
+    pub fn same(&self, other: &InstanceName) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The default (empty) instance.
     pub fn default_instance() -> InstanceName {
         InstanceName(Arc::from(""))

@@ -189,7 +189,7 @@ impl Owner {
                 reply,
             } => self.commit(key, temp, epoch, reply),
             Command::Verified { key } => {
-                if let Some(e) = self.index.borrow_mut().peek_mut(&key) {
+                if let Some(mut e) = self.index.borrow_mut().peek_mut(&key) {
                     e.verified = true;
                 }
             }
@@ -251,7 +251,7 @@ impl Owner {
                 let pinned = keys
                     .iter()
                     .map(|k| match index.touch(k, now) {
-                        Some(e) => {
+                        Some(mut e) => {
                             e.pins += 1;
                             if e.pins == 1 {
                                 self.accounting.set_pinned(e.size, true);
@@ -300,7 +300,7 @@ impl Owner {
     fn unpin<'a>(&self, keys: impl Iterator<Item = &'a BlobKey>) {
         let mut index = self.index.borrow_mut();
         for k in keys {
-            if let Some(e) = index.peek_mut(k) {
+            if let Some(mut e) = index.peek_mut(k) {
                 if e.pins > 0 {
                     e.pins -= 1;
                     if e.pins == 0 {
@@ -314,17 +314,21 @@ impl Owner {
     /// Marks a blob used; schedules its access time for disk when it is stale there.
     fn touch(&self, key: &BlobKey, now: u64) -> Option<Entry> {
         let mut index = self.index.borrow_mut();
-        let entry = index.touch(key, now)?;
-        if atime::due(
+        let mut entry = index.touch(key, now)?;
+        let due = atime::due(
             entry.atime,
             entry.persisted_atime,
             self.settings.atime_resolution,
-        ) {
+        );
+        if due {
             entry.persisted_atime = entry.atime;
-            self.schedule_atime(key);
         }
         let copy = *entry;
+        drop(entry);
         drop(index);
+        if due {
+            self.schedule_atime(key);
+        }
         self.publish_oldest();
         Some(copy)
     }
