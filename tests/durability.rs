@@ -1,13 +1,18 @@
 //! Acknowledged means durable: many writers killed with `kill -9` lose nothing acknowledged
-//! (with group commit and without), a blob is neither acknowledged nor visible before its
-//! group's sync is done, and an upload cut short by `kill -9` leaves no trace.
+//! (with group commit and without; blobs and action results), a blob is neither acknowledged
+//! nor visible before its group's sync is done, and an upload cut short by `kill -9` leaves
+//! no trace.
 
 #[macro_use]
 mod common;
 
 use common::blobs::{self, digest, pseudo_random, read_name, write_name};
 use common::{Kiln, Options};
-use kiln_proto::reapi::{self, digest_function::Value as Function};
+use kiln_proto::reapi::action_cache_client::ActionCacheClient;
+use kiln_proto::reapi::{
+    self, digest_function::Value as Function, ActionResult, GetActionResultRequest,
+    UpdateActionResultRequest,
+};
 use std::path::{Path, PathBuf};
 use tonic::Code;
 
@@ -280,4 +285,88 @@ on_every_runtime! {
         );
         kiln.stop().await;
     }
+}
+
+fn action_cache(ch: &tonic::transport::Channel) -> ActionCacheClient<tonic::transport::Channel> {
+    ActionCacheClient::new(ch.clone())
+}
+
+/// Stores a result with exit code `code` for `action` (a result with no outputs is complete).
+async fn update_result(
+    ch: &tonic::transport::Channel,
+    action: &reapi::Digest,
+    code: i32,
+) -> Result<(), tonic::Status> {
+    action_cache(ch)
+        .update_action_result(UpdateActionResultRequest {
+            action_digest: Some(action.clone()),
+            action_result: Some(ActionResult {
+                exit_code: code,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn result_code(ch: &tonic::transport::Channel, action: &reapi::Digest) -> Result<i32, Code> {
+    action_cache(ch)
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().exit_code)
+        .map_err(|s| s.code())
+}
+
+// Action results acknowledged before kill -9 are there after the restart, each with its own
+// bytes (results sync their own file and directory: see docs/benchmarking.md for why they do
+// not share the CAS's group commit). The action cache is control-plane code, the same on every
+// runtime: one is enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn action_results_acknowledged_before_kill_9_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let options = Options::on(common::Runtime::Glommio);
+    let action = |n: u64| digest(Function::Sha256, &n.to_le_bytes());
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(reapi::Digest, i32)>::new()));
+    {
+        let kiln = Kiln::start_async(&data_dir, options.clone()).await;
+        let ch = kiln.channel().await;
+        let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let writers: Vec<_> = (0..4u64)
+            .map(|w| {
+                let (ch, acked, progress_tx) = (ch.clone(), acked.clone(), progress_tx.clone());
+                tokio::spawn(async move {
+                    for n in 0u64.. {
+                        let (a, code) = (action(w << 32 | n), (n % 100) as i32);
+                        if update_result(&ch, &a, code).await.is_err() {
+                            return;
+                        }
+                        acked.lock().unwrap().push((a, code));
+                        if progress_tx.send(()).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..64 {
+            progress.recv().await.unwrap();
+        }
+        drop(kiln); // SIGKILL, writers still writing
+        for w in writers {
+            let _ = w.await;
+        }
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(acked.len() >= 64, "{} results acknowledged", acked.len());
+    let kiln = Kiln::start_async(&data_dir, options).await;
+    let ch = kiln.channel().await;
+    for (a, code) in &acked {
+        assert_eq!(result_code(&ch, a).await, Ok(*code), "{a:?}");
+    }
+    kiln.stop().await;
 }

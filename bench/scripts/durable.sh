@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Durable small writes: per-blob syncs against group commit against fsync off, each run on a
-# fresh journaled ext4 (a loop device, so earlier runs' deleted inodes cannot skew it).
+# fresh journaled ext4 (a loop device, so earlier runs' deleted inodes cannot skew it): 64 KiB
+# ByteStream writes, 1 KiB blobs in batches of 64, and UpdateActionResult (which shares the
+# CAS's group commit).
 #
 #   sudo bench/scripts/durable.sh [SECONDS=10]
 #
@@ -48,4 +50,5 @@ run() {
 for label in per-blob group fsync-off; do
   run "$label" write --size 64KiB
   run "$label" batch --size 1KiB --batch 64
+  run "$label" action-cache --update-fraction 1
 done

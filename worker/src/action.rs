@@ -317,7 +317,10 @@ async fn store(
     // larger files are streamed from disk.
     let mut in_memory = Vec::new();
     for d in missing {
-        match &blobs[&d] {
+        let Some(blob) = blobs.get(&d) else {
+            continue;
+        };
+        match blob {
             Blob::Bytes(b) => in_memory.push((d, b.clone())),
             Blob::File(p) if d.size <= SMALL => {
                 let bytes = tokio::fs::read(p)

@@ -163,6 +163,22 @@ async fn behaves(cas: &dyn Cas, name: &str, scratch: &std::path::Path) {
         std::fs::read(&out).expect("read") == large,
         "{name}: read_to_file"
     );
+    // A file already there is not replaced, and not removed.
+    let taken = scratch.join(format!("{name}-taken"));
+    std::fs::write(&taken, b"someone else's").expect("file");
+    let refused = cas.read_to_file(&inst, dl, &taken).await;
+    assert!(
+        refused.is_err(),
+        "{name}: onto an existing file: {refused:?}"
+    );
+    assert_eq!(std::fs::read(&taken).expect("read"), b"someone else's");
+    assert!(
+        cas.find_missing(&inst, &[dl])
+            .await
+            .expect("find")
+            .is_empty(),
+        "{name}: the blob is not blamed for it"
+    );
     let none = scratch.join(format!("{name}-none"));
     let found = cas
         .read_to_file(&inst, da, &none)

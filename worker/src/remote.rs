@@ -443,9 +443,15 @@ impl Cas for RemoteCas {
                     .await
                     .map_err(remote)?
                     .into_inner();
+                let asked: std::collections::HashSet<&Digest> = run.iter().collect();
                 for d in response.missing_blob_digests {
                     let d = Digest::from_proto(&d, function)
                         .map_err(|e| CasError::bad_answer(e.to_string()))?;
+                    if !asked.contains(&d) {
+                        return Err(CasError::bad_answer(format!(
+                            "FindMissingBlobs answered with {d:?}, which was not asked about"
+                        )));
+                    }
                     missing.push(d);
                 }
             }
@@ -486,9 +492,17 @@ impl Cas for RemoteCas {
         path: &'a Path,
     ) -> CasFuture<'a, bool> {
         Box::pin(async move {
+            // A file already there is not this call's to replace or remove.
+            if tokio::fs::symlink_metadata(path).await.is_ok() {
+                let exists = std::io::Error::from(std::io::ErrorKind::AlreadyExists);
+                return Err(CasError::io("create a download's file", &exists));
+            }
+            // Whatever happens from here (a failure, or the caller giving up), no partial
+            // file stays.
+            let mut partial = RemoveOnDrop(Some(path.to_path_buf()));
             let result = self.download(instance, digest, path).await;
-            if result.is_err() {
-                let _ = tokio::fs::remove_file(path).await;
+            if result.is_ok() {
+                partial.0 = None;
             }
             match result {
                 Ok(()) => Ok(true),
@@ -546,6 +560,17 @@ impl Cas for RemoteCas {
             });
             self.upload_stream(instance, digest, Box::pin(pieces)).await
         })
+    }
+}
+
+/// Removes a file when dropped, unless emptied first.
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -678,6 +703,7 @@ mod tests {
             let written = std::fs::metadata(&path).unwrap().len();
             assert!(written <= digest.size, "{written} bytes written");
             // Through the trait, the partial file is removed as well.
+            let path = dir.path().join(format!("blob{i}-cas"));
             let err = remote.read_to_file(&instance, digest, &path).await;
             assert!(err.is_err(), "{err:?}");
             assert!(!path.exists(), "a failed download leaves no file");

@@ -232,7 +232,7 @@ impl AcStore {
 
     /// Drops an entry that turned out to be unusable.
     pub fn remove(&self, key: &BlobKey) {
-        self.inner.drop_entry(key, None);
+        self.inner.drop_entry(key, Found::Any);
     }
 }
 
@@ -276,13 +276,13 @@ impl Inner {
         (persist, puts): (Option<u64>, u64),
     ) -> Result<Option<Stored>, ControlError> {
         let path = self.layout.blob_path(key);
-        match std::fs::read(&path) {
-            Ok(file) => {
+        match read_with_identity(&path) {
+            Ok((file, identity)) => {
                 let data = match entry::decode(Bytes::from(file)) {
                     Ok(data) => data,
                     Err(why) => {
                         tracing::warn!(action = ?key.digest, error = %why, "action cache entry unusable (cut short by a crash, or damaged); dropping it");
-                        self.drop_entry(key, Some(puts));
+                        self.drop_entry(key, Found::File(identity));
                         return Ok(None);
                     }
                 };
@@ -305,25 +305,32 @@ impl Inner {
                 Ok(Some(stored))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.drop_entry(key, Some(puts));
+                self.drop_entry(key, Found::Nothing);
                 Ok(None)
             }
             Err(e) => Err(ControlError::io("read", &path, e)),
         }
     }
 
-    /// Drops an entry and its file. With `since` (the put count when the entry was looked
-    /// up), only if nothing was put since: a newer result replaced what was found unusable.
-    fn drop_entry(&self, key: &BlobKey, since: Option<u64>) {
+    /// Drops an entry and its file, if what is at its path is still what a read `found`
+    /// (a put since renamed a newer result in, which stays).
+    fn drop_entry(&self, key: &BlobKey, found: Found) {
         let mut index = self.lock();
-        if since.is_some_and(|puts| self.puts.load(Ordering::Relaxed) != puts) {
+        let path = self.layout.blob_path(key);
+        let now = std::fs::symlink_metadata(&path).ok().map(|m| identity(&m));
+        let still = match found {
+            Found::Any => true,
+            Found::Nothing => now.is_none(),
+            Found::File(was) => now == Some(was),
+        };
+        if !still {
             return;
         }
         let removed = index.remove(key);
         self.forget(key);
         // Under the lock, like a put's rename: a put right after must not lose its new file.
         if removed.is_some() {
-            let _ = std::fs::remove_file(self.layout.blob_path(key));
+            let _ = std::fs::remove_file(path);
         }
     }
 
@@ -360,7 +367,9 @@ impl Inner {
             };
             memory.insert(key.clone(), stored);
         }
-        index.insert(key, Entry::fresh(charged(data.len() as u64), atime::now()));
+        // Charged by the file's length, header included, as the start-up scan counts it.
+        let stored_len = (entry::HEADER + data.len()) as u64;
+        index.insert(key, Entry::fresh(charged(stored_len), atime::now()));
         self.evict_over_cap(&mut index);
         drop(index);
         if self.settings.fsync {
@@ -384,6 +393,31 @@ impl Inner {
             let _ = std::fs::remove_file(self.layout.blob_path(&key));
         }
     }
+}
+
+/// What a read found at an entry's path, for [`Inner::drop_entry`].
+enum Found {
+    /// No file.
+    Nothing,
+    /// The file with this identity (device, inode).
+    File((u64, u64)),
+    /// Whatever is there (the caller found the entry unusable by its content).
+    Any,
+}
+
+fn identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+/// A file's bytes and its identity (device, inode), from one open.
+fn read_with_identity(path: &Path) -> std::io::Result<(Vec<u8>, (u64, u64))> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.read_to_end(&mut data)?;
+    Ok((data, identity(&meta)))
 }
 
 fn write_file(path: &Path, data: &[u8], fsync: bool) -> std::io::Result<()> {

@@ -231,8 +231,12 @@ impl Cas for ChainCas {
                         .await
                 })
                 .buffer_unordered(PARALLELISM)
-                .try_collect::<()>()
+                // Every write runs to its end (a write dropped half-way would leave its temp
+                // file behind), then the first failure is the answer.
+                .collect::<Vec<_>>()
                 .await
+                .into_iter()
+                .collect::<Result<(), _>>()
                 .map_err(local)
         })
     }

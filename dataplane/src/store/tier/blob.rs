@@ -233,8 +233,25 @@ impl Blob {
     /// change under the check, as the original's could). A mismatch removes the copy and is
     /// the blob's verdict.
     pub fn copy_to_blocking(self, dest: &Path) -> Result<(), StoreError> {
-        let write =
-            |data: &[u8]| std::fs::write(dest, data).map_err(|e| StoreError::io("write", dest, e));
+        // A file already at `dest` is not this call's to replace or remove.
+        if dest.symlink_metadata().is_ok() {
+            let exists = io::Error::from(io::ErrorKind::AlreadyExists);
+            return Err(StoreError::io("create", dest, exists));
+        }
+        // Failures at `dest` say nothing of the blob: no verdict, and the copy goes.
+        let at_dest = |op: &'static str, e: io::Error| {
+            let _ = std::fs::remove_file(dest);
+            StoreError::io(op, dest, e)
+        };
+        let write = |data: &[u8]| {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dest)
+                .and_then(|mut f| f.write_all(data))
+                .map_err(|e| at_dest("write", e))
+        };
         let path = match &self.body {
             Body::Bytes(data) => return write(data),
             Body::File { path, .. } => path.clone(),
@@ -243,19 +260,20 @@ impl Blob {
                 return write(&data);
             }
         };
-        if let Err(e) = crate::store::clone::clone_or_copy(&path, dest) {
-            let _ = std::fs::remove_file(dest);
+        // The blob's own file first: that it is gone is the blob's verdict.
+        if let Err(e) = std::fs::metadata(&path) {
             return Err(self.io_failure(&path, e));
         }
-        let mut check = Check::new(&self.key);
-        let concluded = match check_file_blocking(dest, &mut check) {
-            Ok(()) => self.conclude(check),
-            Err(e) => Err(StoreError::io("read", dest, e)),
-        };
-        if concluded.is_err() {
-            let _ = std::fs::remove_file(dest);
+        if let Err(e) = crate::store::clone::clone_or_copy(&path, dest) {
+            return Err(at_dest("copy to", e));
         }
-        concluded
+        let mut check = Check::new(&self.key);
+        match check_file_blocking(dest, &mut check) {
+            Ok(()) => self.conclude(check).inspect_err(|_| {
+                let _ = std::fs::remove_file(dest);
+            }),
+            Err(e) => Err(at_dest("read", e)),
+        }
     }
 
     fn finish_whole(self, data: Bytes, checked: bool) -> Result<Bytes, StoreError> {
