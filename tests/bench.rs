@@ -82,6 +82,12 @@ on_every_runtime! {
             ),
             ("execute --ops 5", vec!["execute", "queue-to-start"]),
             (
+                // Five inputs per action, uploaded in a batch: the actions run only if the
+                // server has every one of them.
+                "execute --ops 3 --input-size 1KiB --input-files 5",
+                vec!["execute", "queue-to-start", "input-fetch"],
+            ),
+            (
                 "write --size 8KiB --duration 0.5 --warmup 0.2 --rate 200",
                 vec!["write"],
             ),

@@ -96,6 +96,10 @@ pub struct Args {
     /// worker must fetch it; the time the worker took is reported as `input-fetch`.
     #[arg(long)]
     pub input_size: Option<SizeSpec>,
+    /// `execute` with --input-size: this many input files per action, each of that size (the
+    /// worker's fetch of many small inputs; `input-fetch` counts them all).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub input_files: u64,
     /// Milliseconds each `execute` action sleeps (0: a no-op).
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,

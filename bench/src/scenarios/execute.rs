@@ -123,28 +123,79 @@ fn between(a: prost_types::Timestamp, b: prost_types::Timestamp) -> Option<std::
 }
 
 impl ExecuteLoad {
-    /// The input root of action `index`: empty, or one file of its own.
+    /// The input root of action `index`: empty, or `--input-files` files of its own (blobs
+    /// that fit a batch go in batches, larger ones by ByteStream).
     async fn input_root(&self, index: u64) -> anyhow::Result<reapi::Digest> {
         let (Some(pool), Some(size)) = (&self.inputs, self.ctx.args.input_size) else {
             return Ok(blobs::digest_of(self.ctx.function, &[]));
         };
         let size = size.sample(index);
-        let digest = pool.digest(self.ctx.function, index, size);
-        let name = blobs::write_name(&self.ctx.args.instance, self.ctx.function, &digest);
-        let requests = pool.write_requests(&name, index, size, self.ctx.args.chunk);
-        self.ctx
-            .bytestream()
-            .write(futures::stream::iter(requests))
-            .await?;
-        let root = reapi::Directory {
-            files: vec![reapi::FileNode {
-                name: "input".into(),
-                digest: Some(digest),
+        let count = self.ctx.args.input_files;
+        let batch_limit = self.ctx.max_batch() / 2;
+        let mut files = Vec::new();
+        let mut batch: Vec<reapi::batch_update_blobs_request::Request> = Vec::new();
+        let mut batch_bytes = 0u64;
+        for j in 0..count {
+            let id = index.saturating_mul(count).saturating_add(j);
+            let digest = pool.digest(self.ctx.function, id, size);
+            files.push(reapi::FileNode {
+                // Zero-padded, so that the names sort as REAPI wants them.
+                name: format!("input-{j:07}"),
+                digest: Some(digest.clone()),
                 ..Default::default()
-            }],
+            });
+            if size > batch_limit {
+                let name = blobs::write_name(&self.ctx.args.instance, self.ctx.function, &digest);
+                let requests = pool.write_requests(&name, id, size, self.ctx.args.chunk);
+                self.ctx
+                    .bytestream()
+                    .write(futures::stream::iter(requests))
+                    .await?;
+                continue;
+            }
+            if batch_bytes + size > batch_limit && !batch.is_empty() {
+                self.upload_batch(std::mem::take(&mut batch)).await?;
+                batch_bytes = 0;
+            }
+            batch_bytes += size;
+            batch.push(reapi::batch_update_blobs_request::Request {
+                digest: Some(digest),
+                data: pool.contents(id, size),
+                compressor: 0,
+            });
+        }
+        if !batch.is_empty() {
+            self.upload_batch(batch).await?;
+        }
+        let root = reapi::Directory {
+            files,
             ..Default::default()
         };
         upload_message(&self.ctx, &root).await
+    }
+
+    async fn upload_batch(
+        &self,
+        requests: Vec<reapi::batch_update_blobs_request::Request>,
+    ) -> anyhow::Result<()> {
+        let response = self
+            .ctx
+            .cas()
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                instance_name: self.ctx.args.instance.clone(),
+                requests,
+                digest_function: self.ctx.proto_function(),
+            })
+            .await?
+            .into_inner();
+        if let Some(s) = response
+            .responses
+            .iter()
+            .find_map(|r| r.status.as_ref().filter(|s| s.code != 0))
+        {
+            anyhow::bail!("server refused a blob: {}", s.message);
+        }
+        Ok(())
     }
 }
 
@@ -189,7 +240,10 @@ impl Workload for ExecuteLoad {
                     }
                     // The worker's fetch of the action's input file.
                     if let (Some(size), Some(fetch)) = (
-                        self.ctx.args.input_size.map(|s| s.sample(index)),
+                        self.ctx
+                            .args
+                            .input_size
+                            .map(|s| s.sample(index) * self.ctx.args.input_files),
                         meta.and_then(|m| {
                             between(
                                 m.input_fetch_start_timestamp?,
