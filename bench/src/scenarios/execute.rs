@@ -53,26 +53,14 @@ pub(super) async fn upload_message(
 ) -> anyhow::Result<reapi::Digest> {
     let bytes = message.encode_to_vec();
     let digest = blobs::digest_of(ctx.function, &[&bytes]);
-    let response = ctx
-        .cas()
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            instance_name: ctx.args.instance.clone(),
-            requests: vec![reapi::batch_update_blobs_request::Request {
-                digest: Some(digest.clone()),
-                data: bytes.into(),
-                compressor: 0,
-            }],
-            digest_function: ctx.proto_function(),
-        })
-        .await?
-        .into_inner();
-    if let Some(s) = response
-        .responses
-        .iter()
-        .find_map(|r| r.status.as_ref().filter(|s| s.code != 0))
-    {
-        anyhow::bail!("server refused a blob: {}", s.message);
-    }
+    let request = reapi::batch_update_blobs_request::Request {
+        digest: Some(digest.clone()),
+        data: bytes.into(),
+        compressor: 0,
+    };
+    ctx.update_blobs(vec![request])
+        .await
+        .map_err(|code| anyhow::anyhow!("the server refused a blob: {}", code_name(code)))?;
     Ok(digest)
 }
 
@@ -178,24 +166,10 @@ impl ExecuteLoad {
         &self,
         requests: Vec<reapi::batch_update_blobs_request::Request>,
     ) -> anyhow::Result<()> {
-        let response = self
-            .ctx
-            .cas()
-            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-                instance_name: self.ctx.args.instance.clone(),
-                requests,
-                digest_function: self.ctx.proto_function(),
-            })
-            .await?
-            .into_inner();
-        if let Some(s) = response
-            .responses
-            .iter()
-            .find_map(|r| r.status.as_ref().filter(|s| s.code != 0))
-        {
-            anyhow::bail!("server refused a blob: {}", s.message);
-        }
-        Ok(())
+        self.ctx
+            .update_blobs(requests)
+            .await
+            .map_err(|code| anyhow::anyhow!("the server refused a blob: {}", code_name(code)))
     }
 }
 

@@ -82,24 +82,7 @@ impl MixedLoad {
                     compressor: 0,
                 })
                 .collect();
-            let r = self
-                .ctx
-                .cas()
-                .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-                    instance_name: self.ctx.args.instance.clone(),
-                    requests,
-                    digest_function: self.ctx.proto_function(),
-                })
-                .await
-                .map_err(|s| code_name(s.code()))?;
-            if let Some(s) = r
-                .get_ref()
-                .responses
-                .iter()
-                .find_map(|x| x.status.as_ref().filter(|s| s.code != 0))
-            {
-                return Err(code_name(tonic::Code::from_i32(s.code)));
-            }
+            self.ctx.update_blobs(requests).await.map_err(code_name)?;
             start = end;
         }
         Ok(())

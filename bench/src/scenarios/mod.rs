@@ -57,6 +57,32 @@ pub enum Prepared {
 const PLANNED_BYTES_PER_SEC: f64 = 1.5e9;
 
 impl Ctx {
+    /// Uploads blobs with one `BatchUpdateBlobs`; the error is the code of the call, or of
+    /// the first blob the server refused.
+    pub async fn update_blobs(
+        &self,
+        requests: Vec<kiln_proto::reapi::batch_update_blobs_request::Request>,
+    ) -> Result<(), tonic::Code> {
+        let response = self
+            .cas()
+            .batch_update_blobs(kiln_proto::reapi::BatchUpdateBlobsRequest {
+                instance_name: self.args.instance.clone(),
+                requests,
+                digest_function: self.proto_function(),
+            })
+            .await
+            .map_err(|s| s.code())?
+            .into_inner();
+        match response
+            .responses
+            .iter()
+            .find_map(|r| r.status.as_ref().filter(|s| s.code != 0))
+        {
+            Some(s) => Err(tonic::Code::from_i32(s.code)),
+            None => Ok(()),
+        }
+    }
+
     /// Connects and asks for capabilities.
     pub async fn new(args: Args) -> anyhow::Result<Ctx> {
         let endpoint = args
