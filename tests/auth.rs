@@ -19,7 +19,7 @@ use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{
     batch_update_blobs_request, digest_function::Value as Function, ActionResult,
     BatchReadBlobsRequest, BatchUpdateBlobsRequest, ExecuteRequest, FindMissingBlobsRequest,
-    GetActionResultRequest, GetCapabilitiesRequest, UpdateActionResultRequest,
+    GetActionResultRequest, GetCapabilitiesRequest, GetTreeRequest, UpdateActionResultRequest,
 };
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use tonic::service::interceptor::InterceptedService;
@@ -229,6 +229,22 @@ impl As {
             "WorkerApi.Session",
             code(session.await).max_ok(Code::InvalidArgument),
         ));
+        let tree = async {
+            let mut s = self
+                .cas()
+                .get_tree(GetTreeRequest {
+                    instance_name: instance.into(),
+                    // A root no caller uploads: past the check, NOT_FOUND.
+                    root_digest: Some(digest(F, b"no such tree")),
+                    digest_function: F as i32,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            while s.message().await?.is_some() {}
+            Ok(())
+        };
+        out.push(("GetTree", code(tree.await).max_ok(Code::NotFound)));
         out
     }
 }
@@ -272,22 +288,22 @@ on_every_runtime! {
         let ch = kiln.channel().await;
         let caller = |t: Option<&String>| As { ch: ch.clone(), token: Bearer(t.cloned()) };
         use Code::{Ok as Y, PermissionDenied as N, Unauthenticated as U};
-        let expect = |who: &str, got: Vec<(&str, Code)>, want: [Code; 12]| {
+        let expect = |who: &str, got: Vec<(&str, Code)>, want: [Code; 13]| {
             for ((method, g), w) in got.iter().zip(want) {
                 assert_eq!(*g, w, "{who}: {method}");
             }
         };
-        let names = ["FindMissingBlobs", "BatchUpdateBlobs", "BatchReadBlobs", "Write", "QueryWriteStatus", "Read", "GetActionResult", "UpdateActionResult", "GetCapabilities", "Execute", "GetOperation", "WorkerApi.Session"];
+        let names = ["FindMissingBlobs", "BatchUpdateBlobs", "BatchReadBlobs", "Write", "QueryWriteStatus", "Read", "GetActionResult", "UpdateActionResult", "GetCapabilities", "Execute", "GetOperation", "WorkerApi.Session", "GetTree"];
         assert_eq!(caller(None).codes("main").await.iter().map(|(m, _)| *m).collect::<Vec<_>>(), names);
-        expect("no token", caller(None).codes("main").await, [U; 12]);
-        expect("bad token", caller(Some(&"kiln_bogus".to_string())).codes("main").await, [U; 12]);
-        //                                          FMB BUB BRB Wr QWS Rd GAR UAR Cap Exe Op Wkr
-        expect("reader@main", caller(Some(&reader)).codes("main").await, [Y, N, Y, N, N, Y, Y, N, Y, N, N, N]);
-        expect("reader@other", caller(Some(&reader)).codes("other").await, [N; 12]);
-        expect("writer", caller(Some(&writer)).codes("main").await, [Y, Y, Y, Y, Y, Y, Y, N, Y, N, N, N]);
-        expect("acw", caller(Some(&acw)).codes("main").await, [N, N, N, N, N, N, N, Y, Y, N, N, N]);
-        expect("exec", caller(Some(&exec)).codes("x").await, [Y, Y, Y, Y, Y, Y, Y, N, Y, Y, Y, N]);
-        expect("worker", caller(Some(&worker)).codes("main").await, [N, N, N, N, N, N, N, N, Y, N, N, Y]);
+        expect("no token", caller(None).codes("main").await, [U; 13]);
+        expect("bad token", caller(Some(&"kiln_bogus".to_string())).codes("main").await, [U; 13]);
+        //                                          FMB BUB BRB Wr QWS Rd GAR UAR Cap Exe Op Wkr Tree
+        expect("reader@main", caller(Some(&reader)).codes("main").await, [Y, N, Y, N, N, Y, Y, N, Y, N, N, N, Y]);
+        expect("reader@other", caller(Some(&reader)).codes("other").await, [N; 13]);
+        expect("writer", caller(Some(&writer)).codes("main").await, [Y, Y, Y, Y, Y, Y, Y, N, Y, N, N, N, Y]);
+        expect("acw", caller(Some(&acw)).codes("main").await, [N, N, N, N, N, N, N, Y, Y, N, N, N, N]);
+        expect("exec", caller(Some(&exec)).codes("x").await, [Y, Y, Y, Y, Y, Y, Y, N, Y, Y, Y, N, Y]);
+        expect("worker", caller(Some(&worker)).codes("main").await, [N, N, N, N, N, N, N, N, Y, N, N, Y, N]);
         // The refusal names the caller, the method and the instance.
         let e = caller(Some(&reader)).cas().batch_update_blobs(BatchUpdateBlobsRequest { instance_name: "main".into(), ..Default::default() }).await.unwrap_err();
         assert!(e.message().contains("token:reader") && e.message().contains("BatchUpdateBlobs") && e.message().contains("\"main\"") && e.message().contains("cache-write"), "{e:?}");

@@ -11,7 +11,8 @@ mod types;
 pub use error::ConfigError;
 pub use types::{
     ActionCacheConfig, AdminConfig, ClientAuthMode, Config, ControlPlaneConfig, ExecutionConfig,
-    PropertyKind, RuntimeKind, ServerConfig, StorageConfig, TlsConfig, TlsMode, WorkerConfig,
+    GetTreeConfig, PropertyKind, RuntimeKind, ServerConfig, StorageConfig, TlsConfig, TlsMode,
+    WorkerConfig,
 };
 
 use std::path::Path;
@@ -44,6 +45,19 @@ impl Config {
                 why: why.to_string(),
             })
         };
+        let t = &self.get_tree;
+        if t.max_tree_bytes.as_u64() == 0 || t.max_tree_bytes.as_u64() > 1 << 40 {
+            return invalid(
+                "get_tree.max_tree_bytes",
+                "must be between 1 byte and 1 TiB",
+            );
+        }
+        if t.cache_bytes.as_u64() > 1 << 40 {
+            return invalid("get_tree.cache_bytes", "must be at most 1 TiB");
+        }
+        if t.cache_ttl_secs > 365 * 24 * 3600 {
+            return invalid("get_tree.cache_ttl_secs", "must be at most a year");
+        }
         let s = &self.server;
         if s.max_batch_total_size_bytes.as_u64() + 64 * 1024 > s.max_message_bytes.as_u64() {
             return invalid(

@@ -17,6 +17,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// The action cache.
     pub action_cache: ActionCacheConfig,
+    /// `GetTree`: its bounds and its cache of whole trees.
+    pub get_tree: GetTreeConfig,
     /// The control plane's tokio runtime.
     pub control_plane: ControlPlaneConfig,
     /// The admin HTTP listener: metrics, health, status page.
@@ -319,6 +321,28 @@ impl Default for ActionCacheConfig {
             max_entry_bytes: d::max_action_result_bytes(),
             completeness_check: d::yes(),
             memory_bytes: d::action_cache_memory_bytes(),
+        }
+    }
+}
+
+/// `GetTree`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GetTreeConfig {
+    /// Largest tree served: the bytes of its `Directory` messages (one walk holds them all).
+    pub max_tree_bytes: ByteSize,
+    /// Whole trees kept for repeated calls, by the bytes of their messages (0: none).
+    pub cache_bytes: ByteSize,
+    /// How long a cached tree is served before it is walked again.
+    pub cache_ttl_secs: u64,
+}
+
+impl Default for GetTreeConfig {
+    fn default() -> Self {
+        GetTreeConfig {
+            max_tree_bytes: ByteSize::mib(64),
+            cache_bytes: ByteSize::mib(64),
+            cache_ttl_secs: 60,
         }
     }
 }

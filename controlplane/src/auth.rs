@@ -23,6 +23,8 @@ pub mod paths {
     pub const WAIT_EXECUTION: &str = "/build.bazel.remote.execution.v2.Execution/WaitExecution";
     /// Any google.longrunning.Operations method.
     pub const OPERATIONS: &str = "/google.longrunning.Operations/GetOperation";
+    /// ContentAddressableStorage.GetTree.
+    pub const GET_TREE: &str = "/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree";
     /// WorkerApi.Session.
     pub const WORKER_SESSION: &str = "/kiln.worker.v1.WorkerApi/Session";
 }

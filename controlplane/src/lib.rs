@@ -11,6 +11,7 @@ pub mod error;
 pub mod execution;
 pub mod handoff;
 pub mod metrics;
+pub mod tree;
 pub use kiln_scheduler as scheduler;
 
 use action_cache::completeness::CheckLimits;
@@ -120,7 +121,20 @@ impl ControlPlane {
             ActionCacheServer::new(ac_service)
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
-        );
+        )
+        .add_service(tree::raw::TreeServer::new(
+            tree::TreeService::new(
+                Arc::new(local.clone()),
+                tree::TreeSettings {
+                    max_tree_bytes: config.get_tree.max_tree_bytes.as_u64(),
+                    cache_bytes: config.get_tree.cache_bytes.as_u64(),
+                    cache_ttl: Duration::from_secs(config.get_tree.cache_ttl_secs),
+                    page_bytes: tree::PAGE_BYTES.min(max_message.saturating_sub(64 << 10).max(1)),
+                },
+                control_metrics.clone(),
+            ),
+            max_message,
+        ));
         if let Some(core) = &execution {
             routes = routes
                 .add_service(

@@ -1,4 +1,5 @@
-//! What the control plane counts: action-cache lookups and updates by outcome.
+//! What the control plane counts: action-cache lookups and updates by outcome, and `GetTree`'s
+//! walks and cache hits.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -22,6 +23,11 @@ pub struct ControlMetrics {
     pub action_cache: Family<AcLabels, Counter>,
     /// Of the `get` hits, those the data plane served itself (from memory, no check due).
     pub action_cache_data_plane_hits: Counter,
+    /// `GetTree` calls.
+    pub get_tree_calls: Counter,
+    /// Walks of a tree for `GetTree` (calls served from the tree cache, or waiting on
+    /// another call's walk of the same tree, make none).
+    pub get_tree_walks: Counter,
 }
 
 impl ControlMetrics {
@@ -41,6 +47,16 @@ impl ControlMetrics {
             "kiln_action_cache_data_plane_hits",
             "GetActionResult hits served by the data plane from memory, without the control plane (also counted as hits above)",
             self.action_cache_data_plane_hits.clone(),
+        );
+        registry.register(
+            "kiln_get_tree_calls",
+            "GetTree calls",
+            self.get_tree_calls.clone(),
+        );
+        registry.register(
+            "kiln_get_tree_walks",
+            "Walks of a tree for GetTree (a call answered from the tree cache, or by another call's walk of the same tree, makes none)",
+            self.get_tree_walks.clone(),
         );
     }
 

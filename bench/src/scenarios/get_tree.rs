@@ -104,14 +104,9 @@ async fn send(
     if requests.is_empty() {
         return Ok(());
     }
-    ctx.cas()
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            instance_name: ctx.args.instance.clone(),
-            requests,
-            digest_function: ctx.proto_function(),
-        })
-        .await?;
-    Ok(())
+    ctx.update_blobs(requests)
+        .await
+        .map_err(|code| anyhow::anyhow!("the server refused a directory: {}", code_name(code)))
 }
 
 impl GetTreeLoad {

@@ -1,0 +1,91 @@
+//! One walk of a tree for `GetTree`: every `Directory` under a root, breadth first, each once,
+//! read a level at a time through the CAS's batch reads (`kiln_reapi::walk`, the walk every
+//! other part of Kiln uses). Directories the CAS lacks are left out with their subtrees, as
+//! REAPI says ("the server will return the portion present and omit the rest"). Each
+//! directory is kept as the bytes the CAS holds, so a listing's memory is what its bytes say,
+//! and pages are sent without encoding anything again.
+
+use super::TreeError;
+use bytes::Bytes;
+use kiln_reapi::cas::Cas;
+use kiln_reapi::digest::{Digest, InstanceName};
+use kiln_reapi::walk::{Walk, WalkLimits};
+
+/// Bytes of `Directory` blobs read in one batch.
+const BATCH_BYTES: u64 = 4 << 20;
+/// The fewest bytes a distinct digest takes in a `Directory` (a node's 64-digit hash): so a
+/// tree of `max_bytes` has at most `max_bytes / 64` of them, which bounds the walk's own sets.
+const MIN_NODE_BYTES: u64 = 64;
+
+/// A tree's directories in the walk's order.
+#[derive(Debug)]
+pub struct Listing {
+    /// Each directory's `Directory` message, as stored, the root first.
+    pub directories: Vec<Bytes>,
+    /// Their digests, in the same order (page tokens check them).
+    pub digests: Vec<Digest>,
+    /// The bytes of their messages.
+    pub bytes: u64,
+    /// Whether every directory of the tree was there.
+    pub complete: bool,
+    /// The share of `GetTree`'s memory budget this listing holds while anything does.
+    pub(super) _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Walks the tree under `root`, holding at most `max_bytes` of directories.
+pub async fn list(
+    cas: &dyn Cas,
+    instance: &InstanceName,
+    root: Digest,
+    max_bytes: u64,
+) -> Result<Listing, TreeError> {
+    let mut walk = Walk::new(
+        root,
+        WalkLimits {
+            max_digests: usize::try_from(max_bytes / MIN_NODE_BYTES + 1).unwrap_or(usize::MAX),
+            max_directory_bytes: WalkLimits::DEFAULT.max_directory_bytes.min(max_bytes),
+            batch_bytes: BATCH_BYTES,
+        },
+    );
+    let mut listing = Listing {
+        directories: Vec::new(),
+        digests: Vec::new(),
+        bytes: 0,
+        complete: true,
+        _budget: None,
+    };
+    let too_large = || TreeError::TooLarge { root, max_bytes };
+    loop {
+        let batch = match walk.next_batch() {
+            Ok(batch) => batch,
+            Err(kiln_reapi::walk::WalkError::DirectoryTooLarge { .. }) => return Err(too_large()),
+            Err(e) => return Err(e.into()),
+        };
+        if batch.is_empty() {
+            return Ok(listing);
+        }
+        let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
+        let found = cas.read_blobs(instance, &digests).await?;
+        for ((digest, depth), bytes) in batch.into_iter().zip(found) {
+            let Some(bytes) = bytes else {
+                if digest == root {
+                    return Err(TreeError::RootMissing(root));
+                }
+                walk.missing(digest);
+                listing.complete = false;
+                continue;
+            };
+            listing.bytes = listing.bytes.saturating_add(bytes.len() as u64);
+            if listing.bytes > max_bytes {
+                return Err(too_large());
+            }
+            match walk.found(digest, depth, &bytes) {
+                Ok(_) => {}
+                Err(kiln_reapi::walk::WalkError::TooMany(_)) => return Err(too_large()),
+                Err(e) => return Err(e.into()),
+            }
+            listing.directories.push(bytes);
+            listing.digests.push(digest);
+        }
+    }
+}
