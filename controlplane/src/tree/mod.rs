@@ -181,16 +181,20 @@ impl TreeService {
     /// The tree's listing: from the cache, from a walk another call is making of the same
     /// tree, or from a walk of this call's own.
     async fn listing(&self, instance: &InstanceName, root: Digest) -> Result<Arc<Listing>, Status> {
-        let Some(cache) = &self.cache else {
-            return self
-                .walk(instance, root)
+        let own_walk = || async {
+            self.walk(instance, root)
                 .await
                 .map(Arc::new)
-                .map_err(|e| log(&e).status());
+                .map_err(|e| log(&e).status())
+        };
+        let Some(cache) = &self.cache else {
+            return own_walk().await;
         };
         let key = (instance.clone(), root);
+        let mut led = false;
         let walked = cache
             .try_get_with(key, async {
+                led = true;
                 match self.walk(instance, root).await {
                     Ok(l) if l.complete => Ok(Arc::new(l)),
                     Ok(l) => Err(Uncached::Incomplete(Arc::new(l))),
@@ -205,6 +209,9 @@ impl TreeService {
             Ok(listing) => Ok(listing),
             Err(e) => match &*e {
                 Uncached::Incomplete(listing) => Ok(listing.clone()),
+                // A call that waited on another's walk is not failed by that walk's passing
+                // trouble (the CAS unavailable, a fault of the server's own): it walks itself.
+                Uncached::Failed(e) if !led && passing(e) => own_walk().await,
                 Uncached::Failed(e) => Err(e.status()),
             },
         }
@@ -289,9 +296,14 @@ pub fn page(
     (response, next)
 }
 
+/// Whether a walk's failure may not recur (the CAS or the server, not the tree).
+fn passing(e: &TreeError) -> bool {
+    e.kind().is_server_fault() || e.kind() == ErrorKind::Unavailable
+}
+
 /// Logs a failure of the server's own; returns it.
 fn log(e: &TreeError) -> &TreeError {
-    if e.kind().is_server_fault() || e.kind() == ErrorKind::Unavailable {
+    if passing(e) {
         tracing::error!(error = %e, "GetTree failed");
     }
     e
@@ -368,6 +380,119 @@ mod tests {
             }
             assert_eq!(seen, l.directories, "per_page {per_page}");
         }
+    }
+
+    /// A CAS whose first read waits to be released and then fails as unavailable, and whose
+    /// later reads find one directory: a leader's passing failure, which the real store
+    /// cannot be made to produce on cue (a fake for a fault, as the standards allow).
+    struct FailsFirst {
+        root: Digest,
+        bytes: Bytes,
+        reads: std::sync::atomic::AtomicUsize,
+        entered: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    impl Cas for FailsFirst {
+        fn find_missing<'a>(
+            &'a self,
+            _: &'a InstanceName,
+            _: &'a [Digest],
+        ) -> kiln_reapi::cas::CasFuture<'a, Vec<Digest>> {
+            Box::pin(async { Err(CasError::bad_answer("not used")) })
+        }
+
+        fn read_blobs<'a>(
+            &'a self,
+            _: &'a InstanceName,
+            digests: &'a [Digest],
+        ) -> kiln_reapi::cas::CasFuture<'a, Vec<Option<Bytes>>> {
+            Box::pin(async move {
+                if self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    self.entered.notify_one();
+                    self.release.notified().await;
+                    return Err(CasError::Remote(Status::unavailable("injected")));
+                }
+                Ok(digests
+                    .iter()
+                    .map(|d| (*d == self.root).then(|| self.bytes.clone()))
+                    .collect())
+            })
+        }
+
+        fn read_to_file<'a>(
+            &'a self,
+            _: &'a InstanceName,
+            _: Digest,
+            _: &'a std::path::Path,
+        ) -> kiln_reapi::cas::CasFuture<'a, bool> {
+            Box::pin(async { Err(CasError::bad_answer("not used")) })
+        }
+
+        fn write_blobs<'a>(
+            &'a self,
+            _: &'a InstanceName,
+            _: Vec<(Digest, Bytes)>,
+        ) -> kiln_reapi::cas::CasFuture<'a, ()> {
+            Box::pin(async { Err(CasError::bad_answer("not used")) })
+        }
+
+        fn write_file<'a>(
+            &'a self,
+            _: &'a InstanceName,
+            _: Digest,
+            _: &'a std::path::Path,
+        ) -> kiln_reapi::cas::CasFuture<'a, ()> {
+            Box::pin(async { Err(CasError::bad_answer("not used")) })
+        }
+    }
+
+    /// Calls waiting on a walk that fails for a passing reason walk themselves and succeed;
+    /// the call that walked reports its failure. One thread, so that the waiters are known to
+    /// be waiting on the walk before it is let fail.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_leader_does_not_fail_the_waiters() {
+        let bytes: Bytes = Directory::default().encode_to_vec().into();
+        let root = Digest::of(DigestFunction::Sha256, &bytes);
+        let cas = Arc::new(FailsFirst {
+            root,
+            bytes,
+            reads: Default::default(),
+            entered: Default::default(),
+            release: Default::default(),
+        });
+        let metrics = ControlMetrics::new();
+        let settings = TreeSettings {
+            max_tree_bytes: 1 << 20,
+            cache_bytes: 1 << 20,
+            cache_ttl: Duration::from_secs(60),
+            page_bytes: PAGE_BYTES,
+        };
+        let service = Arc::new(TreeService::new(cas.clone(), settings, metrics.clone()));
+        let call = |service: Arc<TreeService>| async move {
+            let instance = InstanceName::default_instance();
+            service
+                .listing(&instance, root)
+                .await
+                .map(|l| l.directories.len())
+        };
+        let leader = tokio::spawn(call(service.clone()));
+        cas.entered.notified().await;
+        let waiters: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(call(service.clone())))
+            .collect();
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        cas.release.notify_one();
+        let failed = leader.await.unwrap().unwrap_err();
+        assert_eq!(failed.code(), tonic::Code::Unavailable);
+        for w in waiters {
+            assert_eq!(w.await.unwrap().unwrap(), 1, "a waiter walked itself");
+        }
+        // The leader's walk and one of each waiter's own: none of them waited on another's
+        // retry, and none found the failure cached.
+        assert_eq!(metrics.get_tree_walks.get(), 4);
     }
 
     #[test]
