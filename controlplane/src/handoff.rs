@@ -1,6 +1,7 @@
 //! Serving calls the data plane handed over: each forwarded h2 stream is turned into an
 //! `http::Request` for tonic's router, and the router's response is written straight back onto
-//! the stream, honouring HTTP/2 flow control.
+//! the stream, honouring HTTP/2 flow control. A call whose client resets its stream before the
+//! answer is ready is dropped (its work stops).
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
@@ -37,9 +38,19 @@ async fn serve_one(mut routes: Routes, call: ForwardedCall) {
         recorder: recorder.clone(),
     };
     let request = http::Request::from_parts(parts, body);
-    let response = match routes.call(request).await {
-        Ok(response) => response,
-        Err(never) => match never {},
+    // A client that resets the stream (or whose connection goes) before the answer is ready
+    // takes the call with it: the work is dropped, not finished for no one.
+    let call = std::pin::pin!(routes.call(request));
+    let reset = std::pin::pin!(std::future::poll_fn(|cx| respond.poll_reset(cx)));
+    let response = match futures::future::select(call, reset).await {
+        futures::future::Either::Left((Ok(response), _)) => response,
+        futures::future::Either::Left((Err(never), _)) => match never {},
+        futures::future::Either::Right(_) => {
+            if let Some(r) = &recorder {
+                r.finish(tonic::Code::Cancelled);
+            }
+            return;
+        }
     };
     let (parts, mut body) = response.into_parts();
     let end = body.is_end_stream();
@@ -136,5 +147,103 @@ impl Body for H2Body {
 
     fn is_end_stream(&self) -> bool {
         self.read.is_empty() && self.stream.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::channel::oneshot;
+    use std::convert::Infallible;
+
+    /// A service that tells when it is called and when its call is dropped, and never answers:
+    /// work the server is still doing when the client gives up.
+    #[derive(Clone)]
+    struct Endless {
+        called: Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>,
+        dropped: Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>,
+    }
+
+    impl tonic::server::NamedService for Endless {
+        const NAME: &'static str = "test.Endless";
+    }
+
+    struct TellsOnDrop(Option<oneshot::Sender<()>>);
+
+    impl Drop for TellsOnDrop {
+        fn drop(&mut self) {
+            if let Some(tx) = self.0.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    impl<B: Send + 'static> Service<http::Request<B>> for Endless {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = futures::future::BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<B>) -> Self::Future {
+            let called = self.called.lock().unwrap().take();
+            let guard = TellsOnDrop(self.dropped.lock().unwrap().take());
+            Box::pin(async move {
+                let _guard = guard;
+                if let Some(tx) = called {
+                    let _ = tx.send(());
+                }
+                futures::future::pending().await
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_client_resets_is_dropped() {
+        let (called_tx, called_rx) = oneshot::channel();
+        let (dropped_tx, dropped_rx) = oneshot::channel();
+        let routes = Routes::new(Endless {
+            called: Arc::new(std::sync::Mutex::new(Some(called_tx))),
+            dropped: Arc::new(std::sync::Mutex::new(Some(dropped_tx))),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            let (request, respond) = conn.accept().await.unwrap().unwrap();
+            // Keep the connection going, so that the reset arrives.
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let call = ForwardedCall {
+                request,
+                read: Vec::new(),
+                respond,
+                recorder: None,
+            };
+            serve_one(routes, call).await;
+        });
+        let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(socket).await.unwrap();
+        let driver = tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let request = http::Request::post(format!("http://{addr}/test.Endless/Call"))
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let (_response, mut body) = client.send_request(request, false).unwrap();
+        let limit = std::time::Duration::from_secs(30);
+        tokio::time::timeout(limit, called_rx)
+            .await
+            .unwrap()
+            .unwrap();
+        body.send_reset(h2::Reason::CANCEL);
+        tokio::time::timeout(limit, dropped_rx)
+            .await
+            .expect("the call was not dropped after the client's reset")
+            .unwrap();
+        tokio::time::timeout(limit, server).await.unwrap().unwrap();
+        driver.abort();
     }
 }
