@@ -61,7 +61,16 @@ async fn serve_one(mut routes: Routes, call: ForwardedCall) {
     if end {
         return;
     }
-    while let Some(frame) = body.frame().await {
+    loop {
+        // An answer that streams (WaitExecution's updates) may be idle for long: a reset is
+        // noticed while waiting for its next frame, not only when that frame is sent.
+        let next = std::pin::pin!(body.frame());
+        let reset = std::pin::pin!(std::future::poll_fn(|cx| stream.poll_reset(cx)));
+        let frame = match futures::future::select(next, reset).await {
+            futures::future::Either::Left((Some(frame), _)) => frame,
+            futures::future::Either::Left((None, _)) => break,
+            futures::future::Either::Right(_) => return,
+        };
         let frame = match frame {
             Ok(frame) => frame,
             Err(status) => {
@@ -156,12 +165,30 @@ mod tests {
     use futures::channel::oneshot;
     use std::convert::Infallible;
 
-    /// A service that tells when it is called and when its call is dropped, and never answers:
-    /// work the server is still doing when the client gives up.
+    /// A service that tells when it is called and when its call is dropped, and never
+    /// finishes: it never answers (work the server is still doing when the client gives up),
+    /// or, with `streams`, answers with a stream that stays idle (WaitExecution between
+    /// updates).
     #[derive(Clone)]
     struct Endless {
         called: Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>,
         dropped: Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>,
+        streams: bool,
+    }
+
+    /// A response body that never sends anything, and tells when it is dropped.
+    struct Idle(#[allow(dead_code)] TellsOnDrop);
+
+    impl Body for Idle {
+        type Data = Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+            Poll::Pending
+        }
     }
 
     impl tonic::server::NamedService for Endless {
@@ -190,11 +217,16 @@ mod tests {
         fn call(&mut self, _: http::Request<B>) -> Self::Future {
             let called = self.called.lock().unwrap().take();
             let guard = TellsOnDrop(self.dropped.lock().unwrap().take());
+            let streams = self.streams;
             Box::pin(async move {
-                let _guard = guard;
                 if let Some(tx) = called {
                     let _ = tx.send(());
                 }
+                if streams {
+                    let body = tonic::body::Body::new(Idle(guard));
+                    return Ok(http::Response::new(body));
+                }
+                let _guard = guard;
                 futures::future::pending().await
             })
         }
@@ -202,11 +234,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_whose_client_resets_is_dropped() {
+        reset_drops_the_call(false).await;
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_whose_client_resets_is_dropped() {
+        reset_drops_the_call(true).await;
+    }
+
+    async fn reset_drops_the_call(streams: bool) {
         let (called_tx, called_rx) = oneshot::channel();
         let (dropped_tx, dropped_rx) = oneshot::channel();
         let routes = Routes::new(Endless {
             called: Arc::new(std::sync::Mutex::new(Some(called_tx))),
             dropped: Arc::new(std::sync::Mutex::new(Some(dropped_tx))),
+            streams,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -232,12 +274,19 @@ mod tests {
             .header("content-type", "application/grpc")
             .body(())
             .unwrap();
-        let (_response, mut body) = client.send_request(request, false).unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
         let limit = std::time::Duration::from_secs(30);
         tokio::time::timeout(limit, called_rx)
             .await
             .unwrap()
             .unwrap();
+        if streams {
+            // The answer has begun: its headers arrived.
+            tokio::time::timeout(limit, response)
+                .await
+                .unwrap()
+                .unwrap();
+        }
         body.send_reset(h2::Reason::CANCEL);
         tokio::time::timeout(limit, dropped_rx)
             .await

@@ -130,6 +130,7 @@ impl ControlPlane {
                     cache_bytes: config.get_tree.cache_bytes.as_u64(),
                     cache_ttl: Duration::from_secs(config.get_tree.cache_ttl_secs),
                     page_bytes: tree::PAGE_BYTES.min(max_message.saturating_sub(64 << 10).max(1)),
+                    max_directory_bytes: max_message.saturating_sub(64 << 10).max(1) as u64,
                 },
                 control_metrics.clone(),
             ),

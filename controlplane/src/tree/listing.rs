@@ -32,18 +32,24 @@ pub struct Listing {
     pub(super) _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// Walks the tree under `root`, holding at most `max_bytes` of directories.
+/// Walks the tree under `root`, holding at most `max_bytes` of directories, none larger than
+/// `max_message` (a directory is sent whole, in one response message).
 pub async fn list(
     cas: &dyn Cas,
     instance: &InstanceName,
     root: Digest,
     max_bytes: u64,
+    max_message: u64,
 ) -> Result<Listing, TreeError> {
+    let max_directory_bytes = WalkLimits::DEFAULT
+        .max_directory_bytes
+        .min(max_bytes)
+        .min(max_message);
     let mut walk = Walk::new(
         root,
         WalkLimits {
             max_digests: usize::try_from(max_bytes / MIN_NODE_BYTES + 1).unwrap_or(usize::MAX),
-            max_directory_bytes: WalkLimits::DEFAULT.max_directory_bytes.min(max_bytes),
+            max_directory_bytes,
             batch_bytes: BATCH_BYTES,
         },
     );
@@ -58,7 +64,11 @@ pub async fn list(
     loop {
         let batch = match walk.next_batch() {
             Ok(batch) => batch,
-            Err(kiln_reapi::walk::WalkError::DirectoryTooLarge { .. }) => return Err(too_large()),
+            Err(kiln_reapi::walk::WalkError::DirectoryTooLarge { digest, .. })
+                if digest.size > max_bytes =>
+            {
+                return Err(too_large())
+            }
             Err(e) => return Err(e.into()),
         };
         if batch.is_empty() {

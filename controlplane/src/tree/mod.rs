@@ -108,6 +108,9 @@ pub struct TreeSettings {
     /// Most bytes of directories in one page: [`PAGE_BYTES`], or less to stay 64 KiB under
     /// `server.max_message_bytes`.
     pub page_bytes: usize,
+    /// Largest `Directory` served (each goes whole into one message): 64 KiB under
+    /// `server.max_message_bytes`.
+    pub max_directory_bytes: u64,
 }
 
 impl TreeSettings {
@@ -161,16 +164,28 @@ impl TreeService {
 
     /// Walks the tree, within the memory budget.
     async fn walk(&self, instance: &InstanceName, root: Digest) -> Result<Listing, TreeError> {
-        // The budget is never closed.
-        let mut held = self
-            .budget
-            .clone()
-            .acquire_many_owned(kib(self.settings.max_tree_bytes))
-            .await
-            .ok();
+        let need = kib(self.settings.max_tree_bytes);
+        let mut held = match self.budget.clone().try_acquire_many_owned(need) {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                // Trees the cache evicted or let expire give their share back only once the
+                // cache has done its housekeeping, which otherwise waits for later traffic.
+                if let Some(cache) = &self.cache {
+                    cache.run_pending_tasks().await;
+                }
+                // The budget is never closed.
+                self.budget.clone().acquire_many_owned(need).await.ok()
+            }
+        };
         self.metrics.get_tree_walks.inc();
-        let mut listing =
-            listing::list(&*self.cas, instance, root, self.settings.max_tree_bytes).await?;
+        let mut listing = listing::list(
+            &*self.cas,
+            instance,
+            root,
+            self.settings.max_tree_bytes,
+            self.settings.max_directory_bytes,
+        )
+        .await?;
         // Keep what the listing holds; the rest goes back now.
         listing._budget = held
             .as_mut()
@@ -467,6 +482,7 @@ mod tests {
             cache_bytes: 1 << 20,
             cache_ttl: Duration::from_secs(60),
             page_bytes: PAGE_BYTES,
+            max_directory_bytes: 1 << 20,
         };
         let service = Arc::new(TreeService::new(cas.clone(), settings, metrics.clone()));
         let call = |service: Arc<TreeService>| async move {
@@ -502,6 +518,7 @@ mod tests {
             cache_bytes: 32 << 20,
             cache_ttl: Duration::from_secs(1),
             page_bytes: PAGE_BYTES,
+            max_directory_bytes: 1 << 20,
         };
         assert_eq!(s.budget_bytes(), (32 << 20) + 2 * (64 << 20));
         assert_eq!(kib(0), 1);
