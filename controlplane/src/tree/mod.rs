@@ -397,15 +397,33 @@ mod tests {
         }
     }
 
-    /// A CAS whose first read waits to be released and then fails as unavailable, and whose
-    /// later reads find one directory: a leader's passing failure, which the real store
-    /// cannot be made to produce on cue (a fake for a fault, as the standards allow).
+    /// A CAS whose first read waits to be released and then fails as unavailable (or, with
+    /// `first_fails` off, succeeds), and whose later reads find one directory: a leader's
+    /// passing failure, or a walk held while others arrive, which the real store cannot be
+    /// made to produce on cue (a fake for a fault, as the standards allow).
     struct FailsFirst {
         root: Digest,
         bytes: Bytes,
         reads: std::sync::atomic::AtomicUsize,
         entered: tokio::sync::Notify,
         release: tokio::sync::Notify,
+        first_fails: bool,
+    }
+
+    impl FailsFirst {
+        fn new(first_fails: bool) -> (Arc<FailsFirst>, Digest) {
+            let bytes: Bytes = Directory::default().encode_to_vec().into();
+            let root = Digest::of(DigestFunction::Sha256, &bytes);
+            let cas = Arc::new(FailsFirst {
+                root,
+                bytes,
+                reads: Default::default(),
+                entered: Default::default(),
+                release: Default::default(),
+                first_fails,
+            });
+            (cas, root)
+        }
     }
 
     impl Cas for FailsFirst {
@@ -426,7 +444,9 @@ mod tests {
                 if self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
                     self.entered.notify_one();
                     self.release.notified().await;
-                    return Err(CasError::Remote(Status::unavailable("injected")));
+                    if self.first_fails {
+                        return Err(CasError::Remote(Status::unavailable("injected")));
+                    }
                 }
                 Ok(digests
                     .iter()
@@ -462,20 +482,7 @@ mod tests {
         }
     }
 
-    /// Calls waiting on a walk that fails for a passing reason walk themselves and succeed;
-    /// the call that walked reports its failure. One thread, so that the waiters are known to
-    /// be waiting on the walk before it is let fail.
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_failed_leader_does_not_fail_the_waiters() {
-        let bytes: Bytes = Directory::default().encode_to_vec().into();
-        let root = Digest::of(DigestFunction::Sha256, &bytes);
-        let cas = Arc::new(FailsFirst {
-            root,
-            bytes,
-            reads: Default::default(),
-            entered: Default::default(),
-            release: Default::default(),
-        });
+    fn service(cas: Arc<FailsFirst>) -> (Arc<TreeService>, Arc<ControlMetrics>) {
         let metrics = ControlMetrics::new();
         let settings = TreeSettings {
             max_tree_bytes: 1 << 20,
@@ -484,14 +491,55 @@ mod tests {
             page_bytes: PAGE_BYTES,
             max_directory_bytes: 1 << 20,
         };
-        let service = Arc::new(TreeService::new(cas.clone(), settings, metrics.clone()));
-        let call = |service: Arc<TreeService>| async move {
-            let instance = InstanceName::default_instance();
-            service
-                .listing(&instance, root)
-                .await
-                .map(|l| l.directories.len())
-        };
+        let service = Arc::new(TreeService::new(cas, settings, metrics.clone()));
+        (service, metrics)
+    }
+
+    async fn call(service: Arc<TreeService>, root: Digest) -> Result<usize, Status> {
+        let instance = InstanceName::default_instance();
+        service
+            .listing(&instance, root)
+            .await
+            .map(|l| l.directories.len())
+    }
+
+    /// Calls that arrive while a tree is being walked wait for that walk: N callers, one walk
+    /// (not N walks that a cache later hides). One thread, so that they are known to have
+    /// arrived before the walk is let finish.
+    #[tokio::test(flavor = "current_thread")]
+    async fn calls_arriving_during_a_walk_share_it() {
+        let (cas, root) = FailsFirst::new(false);
+        let (service, metrics) = service(cas.clone());
+        let first = tokio::spawn(call(service.clone(), root));
+        cas.entered.notified().await;
+        let others: Vec<_> = (0..7)
+            .map(|_| tokio::spawn(call(service.clone(), root)))
+            .collect();
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            metrics.get_tree_walks.get(),
+            1,
+            "the others wait, walking nothing"
+        );
+        cas.release.notify_one();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        for o in others {
+            assert_eq!(o.await.unwrap().unwrap(), 1);
+        }
+        assert_eq!(metrics.get_tree_walks.get(), 1);
+        assert_eq!(cas.reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// Calls waiting on a walk that fails for a passing reason walk themselves and succeed;
+    /// the call that walked reports its failure. One thread, so that the waiters are known to
+    /// be waiting on the walk before it is let fail.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_leader_does_not_fail_the_waiters() {
+        let (cas, root) = FailsFirst::new(true);
+        let (service, metrics) = service(cas.clone());
+        let call = |service: Arc<TreeService>| call(service, root);
         let leader = tokio::spawn(call(service.clone()));
         cas.entered.notified().await;
         let waiters: Vec<_> = (0..3)
