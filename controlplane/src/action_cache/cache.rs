@@ -56,9 +56,9 @@ impl ActionCache {
         let Some(stored) = self.store.get(key).await? else {
             return Err(miss());
         };
-        let Ok(result) = ActionResult::decode(stored.data) else {
+        let Ok(result) = ActionResult::decode(stored.data.clone()) else {
             tracing::warn!(action = ?digest, "stored action result does not decode; dropping it");
-            self.store.remove(key);
+            self.store.remove(key, &stored);
             return Err(miss());
         };
         if !self.completeness {
@@ -97,7 +97,7 @@ impl ActionCache {
             }
             Some(Incomplete::Malformed(why)) => {
                 tracing::warn!(action = ?digest, why, "action result references malformed data; dropping it");
-                self.store.remove(key);
+                self.store.remove(key, &stored);
                 Err(miss())
             }
         }

@@ -62,6 +62,9 @@ pub struct Stored {
     /// Shared by every hit of this stored version of the entry (a new `put` starts a new
     /// one): lets the cache remember that the result was found complete, and when.
     pub checked: Arc<CheckMark>,
+    /// The file this version is in (device, inode), so that dropping it cannot drop a newer
+    /// one a put renamed in meanwhile.
+    file: (u64, u64),
 }
 
 /// When a stored result was last found complete.
@@ -230,9 +233,10 @@ impl AcStore {
             })?
     }
 
-    /// Drops an entry that turned out to be unusable.
-    pub fn remove(&self, key: &BlobKey) {
-        self.inner.drop_entry(key, Found::Any);
+    /// Drops an entry that turned out to be unusable: the version `stored` (a newer one a
+    /// put made meanwhile stays).
+    pub fn remove(&self, key: &BlobKey, stored: &Stored) {
+        self.inner.drop_entry(key, Found::File(stored.file));
     }
 }
 
@@ -292,6 +296,7 @@ impl Inner {
                 let stored = Stored {
                     data,
                     checked: CheckMark::new(),
+                    file: identity,
                 };
                 if let Some(memory) = &self.memory {
                     // Only if nothing was put since the lookup and it is still indexed: a put
@@ -319,7 +324,6 @@ impl Inner {
         let path = self.layout.blob_path(key);
         let now = std::fs::symlink_metadata(&path).ok().map(|m| identity(&m));
         let still = match found {
-            Found::Any => true,
             Found::Nothing => now.is_none(),
             Found::File(was) => now == Some(was),
         };
@@ -348,6 +352,12 @@ impl Inner {
             ControlError::io("write", &temp, e)
         })?;
         let path = self.layout.blob_path(&key);
+        let file = std::fs::metadata(&temp)
+            .map(|m| identity(&m))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&temp);
+                ControlError::io("write", &temp, e)
+            })?;
         // Rename and index update happen under the index lock, so an eviction can never delete
         // a file that was just replaced.
         let mut index = self.lock();
@@ -364,6 +374,7 @@ impl Inner {
             let stored = Stored {
                 data: data.clone(),
                 checked: CheckMark::new(),
+                file,
             };
             memory.insert(key.clone(), stored);
         }
@@ -401,8 +412,6 @@ enum Found {
     Nothing,
     /// The file with this identity (device, inode).
     File((u64, u64)),
-    /// Whatever is there (the caller found the entry unusable by its content).
-    Any,
 }
 
 fn identity(meta: &std::fs::Metadata) -> (u64, u64) {
@@ -522,6 +531,44 @@ mod tests {
         );
     }
 
+    /// Dropping a version found unusable leaves a newer one a put made meanwhile.
+    #[tokio::test]
+    async fn removing_an_old_version_keeps_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        for memory_bytes in [0, 1 << 20] {
+            let (store, _) = AcStore::open(
+                dir.path(),
+                AcSettings {
+                    memory_bytes,
+                    ..settings(1 << 20)
+                },
+            )
+            .unwrap();
+            let k = key("", 9);
+            store
+                .put(k.clone(), Bytes::from_static(b"old"))
+                .await
+                .unwrap();
+            let old = store.get(&k).await.unwrap().unwrap();
+            store
+                .put(k.clone(), Bytes::from_static(b"new"))
+                .await
+                .unwrap();
+            store.remove(&k, &old);
+            let new = store.get(&k).await.unwrap().unwrap();
+            assert_eq!(
+                new.data,
+                Bytes::from_static(b"new"),
+                "memory {memory_bytes}"
+            );
+            store.remove(&k, &new);
+            assert!(
+                store.get(&k).await.unwrap().is_none(),
+                "memory {memory_bytes}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn evicts_least_recently_used_over_the_cap() {
         let dir = tempfile::tempdir().unwrap();
@@ -610,7 +657,8 @@ mod tests {
         }
         assert!(store.get(&key("", 1)).await.unwrap().is_none(), "evicted");
         // Nor a removed one.
-        store.remove(&key("", 4));
+        let fourth = store.get(&key("", 4)).await.unwrap().unwrap();
+        store.remove(&key("", 4), &fourth);
         assert!(store.get(&key("", 4)).await.unwrap().is_none(), "removed");
         // Without memory, every hit reads its file.
         let (plain, _) = AcStore::open(
