@@ -12,8 +12,9 @@ pub struct Entry {
     pub size: u64,
     /// Last access, nanoseconds since the Unix epoch (see [`super::atime`]).
     pub atime: u64,
-    /// The access time last written to the file's metadata (nanoseconds; the index keeps it
-    /// to the whole second, which is all that deciding when to write the next needs).
+    /// The access time last written to the file's metadata (nanoseconds; the index keeps how
+    /// far it is behind `atime` in whole seconds, which is all that deciding when to write the
+    /// next needs, so it may read up to a second later than it was).
     pub persisted_atime: u64,
     /// The file's content was hashed by this process (written here, or read and checked).
     /// Blobs found on disk at start-up are checked on first read.
@@ -84,9 +85,10 @@ struct Node {
     word: u64,
     /// [`Entry::atime`], in full.
     atime: u64,
-    /// [`Entry::persisted_atime`] in whole seconds: it only decides when an access time is
-    /// written again, at a resolution of seconds.
-    persisted: u32,
+    /// How far [`Entry::persisted_atime`] is behind `atime`, in whole seconds (at most
+    /// `u32::MAX`): it only decides when an access time is written again, at a resolution of
+    /// seconds, and a lag holds for any clock (an absolute time in seconds would end in 2106).
+    persisted_lag: u32,
     /// The instance's number; [`VACANT`] for a free slot.
     instance: u32,
     /// Toward the most recently used end.
@@ -324,7 +326,9 @@ impl<S: BuildHasher> BlobIndex<S> {
         Entry {
             size,
             atime: n.atime,
-            persisted_atime: u64::from(n.persisted) * NANOS,
+            persisted_atime: n
+                .atime
+                .saturating_sub(u64::from(n.persisted_lag).saturating_mul(NANOS)),
             verified: n.word & VERIFIED != 0,
             pins: if n.word & PINNED != 0 {
                 self.pins.get(&i).copied().unwrap_or(0)
@@ -366,7 +370,8 @@ impl<S: BuildHasher> BlobIndex<S> {
         let n = self.node_mut(i);
         n.word = word;
         n.atime = entry.atime;
-        n.persisted = u32::try_from(entry.persisted_atime / NANOS).unwrap_or(u32::MAX);
+        let lag = entry.atime.saturating_sub(entry.persisted_atime) / NANOS;
+        n.persisted_lag = u32::try_from(lag).unwrap_or(u32::MAX);
     }
 
     fn hash_of(&self, instance: u32, d: &Digest) -> u64 {
@@ -479,7 +484,7 @@ impl<S: BuildHasher> BlobIndex<S> {
             hash: key.digest.hash,
             word,
             atime: 0,
-            persisted: 0,
+            persisted_lag: 0,
             instance,
             newer: NIL,
             older: NIL,
@@ -533,8 +538,10 @@ impl<S: BuildHasher> BlobIndex<S> {
         let i = self.find(key)?;
         self.unlink(i);
         self.push_newest(i);
-        let n = self.node_mut(i);
-        n.atime = n.atime.max(now);
+        // Through the entry, so that the persisted time keeps its value as the lag changes.
+        let mut entry = self.entry(i);
+        entry.atime = entry.atime.max(now);
+        self.set_entry(i, &entry);
         Some(self.entry_mut(i))
     }
 
@@ -615,6 +622,38 @@ mod tests {
             InstanceName::default_instance(),
             Digest::of(DigestFunction::Sha256, &[n]),
         )
+    }
+
+    /// The persisted access time survives touches (to the second), for clocks past 2106 too:
+    /// a blob whose file time was just written is not due again until the resolution passed.
+    #[test]
+    fn persisted_access_times_hold_for_any_clock() {
+        let resolution = std::time::Duration::from_secs(60);
+        for base in [1_700_000_000 * NANOS, 5_000_000_000 * NANOS] {
+            let mut idx: BlobIndex = BlobIndex::new();
+            idx.insert(key(1), Entry::scanned(1, base));
+            let e = *idx.touch(&key(1), base + 30 * NANOS).unwrap();
+            assert_eq!(e.atime, base + 30 * NANOS);
+            assert_eq!(e.persisted_atime, base, "kept through the touch");
+            assert!(!super::super::atime::due(
+                e.atime,
+                e.persisted_atime,
+                resolution
+            ));
+            let e = *idx.touch(&key(1), base + 61 * NANOS).unwrap();
+            assert!(super::super::atime::due(
+                e.atime,
+                e.persisted_atime,
+                resolution
+            ));
+            idx.peek_mut(&key(1)).unwrap().persisted_atime = e.atime;
+            let e = *idx.touch(&key(1), base + 62 * NANOS).unwrap();
+            assert!(!super::super::atime::due(
+                e.atime,
+                e.persisted_atime,
+                resolution
+            ));
+        }
     }
 
     #[test]
