@@ -1,10 +1,9 @@
 //! Blobs downloaded into files, hashed as they arrive: one stream, or parallel ranges on
 //! connections of their own for large blobs.
 
-use super::{bytestream_client, mismatch, remote, RemoteCas, MIN_RANGE};
+use super::{mismatch, remote, RemoteCas, MIN_RANGE};
 use crate::link::LinkChannel as Channel;
 use futures::StreamExt;
-use kiln_proto::bytestream::ReadRequest;
 use kiln_reapi::cas::CasError;
 use kiln_reapi::digest::{Digest, Hasher, InstanceName};
 use std::path::Path;
@@ -41,22 +40,10 @@ impl RemoteCas {
         digest: Digest,
         path: &Path,
     ) -> Result<(), CasError> {
-        let mut stream = self
-            .bytestream()
-            .read(ReadRequest {
-                resource_name: Self::name(instance, &digest),
-                read_offset: 0,
-                read_limit: 0,
-            })
+        let mut stream = Self::open_read(&self.links.main, instance, &digest, 0, 0)
             .await
-            .map_err(remote)?
-            .into_inner();
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .await
-            .map_err(|e| CasError::io("create a download's file", &e))?;
+            .map_err(remote)?;
+        let mut file = create(path).await?;
         let mut hasher = Hasher::new(digest.function);
         let size = receive_into(&mut stream, &mut file, &digest, digest.size, |data| {
             hasher.update(data)
@@ -77,12 +64,7 @@ impl RemoteCas {
         path: &Path,
         n: usize,
     ) -> Result<(), CasError> {
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .await
-            .map_err(|e| CasError::io("create a download's file", &e))?;
+        let file = create(path).await?;
         file.set_len(digest.size)
             .await
             .map_err(|e| CasError::io("size a download's file", &e))?;
@@ -114,16 +96,9 @@ impl RemoteCas {
         start: u64,
         len: u64,
     ) -> Result<(), CasError> {
-        let as_i64 = |v: u64| i64::try_from(v).map_err(|_| mismatch(&digest));
-        let mut stream = bytestream_client(channel)
-            .read(ReadRequest {
-                resource_name: Self::name(instance, &digest),
-                read_offset: as_i64(start)?,
-                read_limit: as_i64(len)?,
-            })
+        let mut stream = Self::open_read(channel, instance, &digest, start, len)
             .await
-            .map_err(remote)?
-            .into_inner();
+            .map_err(remote)?;
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .open(path)
@@ -140,6 +115,16 @@ impl RemoteCas {
         }
         Ok(())
     }
+}
+
+/// Creates a download's file, which must not exist.
+async fn create(path: &Path) -> Result<tokio::fs::File, CasError> {
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .await
+        .map_err(|e| CasError::io("create a download's file", &e))
 }
 
 /// Removes a file when dropped, unless emptied first.

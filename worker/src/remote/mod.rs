@@ -15,6 +15,7 @@ use download::RemoveOnDrop;
 use crate::link::LinkChannel as Channel;
 use bytes::Bytes;
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::bytestream::{ReadRequest, ReadResponse};
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::FindMissingBlobsRequest;
 use kiln_reapi::cas::{Cas, CasError, CasFuture};
@@ -114,6 +115,24 @@ impl RemoteCas {
 
     fn bytestream(&self) -> ByteStreamClient<Channel> {
         bytestream_client(&self.links.main)
+    }
+
+    /// A ByteStream Read of `len` bytes (0: to the end) of a blob from `offset`, on `channel`.
+    async fn open_read(
+        channel: &Channel,
+        instance: &InstanceName,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<tonic::Streaming<ReadResponse>, tonic::Status> {
+        let as_i64 =
+            |v: u64| i64::try_from(v).map_err(|_| tonic::Status::out_of_range("offset past 2^63"));
+        let request = ReadRequest {
+            resource_name: Self::name(instance, digest),
+            read_offset: as_i64(offset)?,
+            read_limit: as_i64(len)?,
+        };
+        Ok(bytestream_client(channel).read(request).await?.into_inner())
     }
 
     fn name(instance: &InstanceName, d: &Digest) -> String {

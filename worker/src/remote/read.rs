@@ -5,7 +5,6 @@ use super::download::too_much;
 use super::{mismatch, remote, RemoteCas};
 use bytes::Bytes;
 use futures::StreamExt;
-use kiln_proto::bytestream::ReadRequest;
 use kiln_proto::reapi::BatchReadBlobsRequest;
 use kiln_reapi::cas::CasError;
 use kiln_reapi::digest::{Digest, Hasher, InstanceName};
@@ -64,13 +63,8 @@ impl RemoteCas {
         instance: &InstanceName,
         digest: Digest,
     ) -> Result<Option<Bytes>, CasError> {
-        let request = ReadRequest {
-            resource_name: Self::name(instance, &digest),
-            read_offset: 0,
-            read_limit: 0,
-        };
-        let mut stream = match self.bytestream().read(request).await {
-            Ok(r) => r.into_inner(),
+        let mut stream = match Self::open_read(&self.links.main, instance, &digest, 0, 0).await {
+            Ok(s) => s,
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
             Err(s) => return Err(remote(s)),
         };
