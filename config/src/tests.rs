@@ -218,3 +218,22 @@ fn chains_resolve_and_bad_chains_name_their_fault() {
         "{unknown:?}"
     );
 }
+
+#[test]
+fn get_tree_bounds_are_checked() {
+    let defaults = Config::from_toml("", "test").unwrap().get_tree;
+    assert_eq!(defaults.max_tree_bytes.as_u64(), 64 << 20);
+    assert_eq!(defaults.cache_bytes.as_u64(), 64 << 20);
+    assert_eq!(defaults.cache_ttl_secs, 60);
+    for (toml, key) in [
+        ("max_tree_bytes = 0", "get_tree.max_tree_bytes"),
+        ("max_tree_bytes = \"2 TiB\"", "get_tree.max_tree_bytes"),
+        ("cache_bytes = \"2 TiB\"", "get_tree.cache_bytes"),
+        ("cache_ttl_secs = 40000000", "get_tree.cache_ttl_secs"),
+    ] {
+        match Config::from_toml(&format!("[get_tree]\n{toml}"), "test") {
+            Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{toml}"),
+            other => panic!("{toml}: {other:?}"),
+        }
+    }
+}
