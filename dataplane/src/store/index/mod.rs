@@ -223,10 +223,7 @@ impl<S: BuildHasher> BlobIndex<S> {
         let i = self.find(key)?;
         self.unlink(i);
         self.push_newest(i);
-        // Through the entry, so that the persisted time keeps its value as the lag changes.
-        let mut entry = self.entry(i);
-        entry.atime = entry.atime.max(now);
-        self.set_entry(i, &entry);
+        self.node_mut(i).advance_atime(now);
         Some(self.entry_mut(i))
     }
 

@@ -54,6 +54,19 @@ pub(super) struct Odd {
     pub(super) charge: u64,
 }
 
+impl Node {
+    /// Moves the access time up to `now` (never back), keeping the persisted one where it
+    /// was: its lag grows by as much.
+    pub(super) fn advance_atime(&mut self, now: u64) {
+        let persisted = self
+            .atime
+            .saturating_sub(u64::from(self.persisted_lag).saturating_mul(NANOS));
+        self.atime = self.atime.max(now);
+        let lag = (self.atime - persisted) / NANOS;
+        self.persisted_lag = u32::try_from(lag).unwrap_or(u32::MAX);
+    }
+}
+
 impl<S: BuildHasher> BlobIndex<S> {
     pub(super) fn node(&self, i: u32) -> &Node {
         let n = &self.nodes[i as usize];
