@@ -34,7 +34,9 @@ on_every_runtime! {
                 .unwrap()
                 .update_enabled
         );
-        assert!(cache.supported_compressors.is_empty());
+        let zstd = kiln_proto::reapi::compressor::Value::Zstd as i32;
+        assert_eq!(cache.supported_compressors, vec![zstd]);
+        assert_eq!(cache.supported_batch_update_compressors, vec![zstd]);
         let exec = caps.execution_capabilities.unwrap();
         assert!(exec.exec_enabled, "the embedded default executes");
         assert_eq!(exec.digest_functions, vec![Function::Sha256 as i32, Function::Blake3 as i32]);

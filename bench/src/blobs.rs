@@ -1,11 +1,12 @@
 //! Test blobs without gigabytes of buffers: every blob is a 16-byte header unique to the run
-//! and the blob, followed by a prefix of one shared random pool. Bytes are sent as slices of
-//! the pool; digests are computed before the measured phase.
+//! and the blob, followed by a prefix of one shared pool (random bytes, or source-like text).
+//! Bytes are sent as slices of the pool; digests are computed before the measured phase.
 
-use crate::cli::DigestFunction;
+use crate::cli::{Content, DigestFunction};
 use bytes::{Bytes, BytesMut};
 use kiln_proto::bytestream::WriteRequest;
 use kiln_proto::reapi;
+use kiln_reapi::compression::Compressor;
 use kiln_reapi::resource;
 use sha2::Digest as _;
 
@@ -78,20 +79,41 @@ pub struct BlobPool {
 }
 
 impl BlobPool {
-    /// A pool for blobs up to `max` bytes.
+    /// A pool of random bytes for blobs up to `max` bytes.
     pub fn new(max: u64) -> BlobPool {
+        BlobPool::of(max, Content::Random)
+    }
+
+    /// A pool of `content` for blobs up to `max` bytes.
+    pub fn of(max: u64, content: Content) -> BlobPool {
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
             ^ ((std::process::id() as u64) << 32);
         let len = max.saturating_sub(HEADER as u64) as usize;
-        let mut data = Vec::with_capacity(len + 8);
+        let mut data = Vec::with_capacity(len + 128);
         let mut x = nonce | 1;
-        while data.len() < len {
+        let mut next = || {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            data.extend_from_slice(&x.to_le_bytes());
+            x
+        };
+        while data.len() < len {
+            match content {
+                Content::Random => data.extend_from_slice(&next().to_le_bytes()),
+                Content::Text => {
+                    let r = next();
+                    let line = format!(
+                        "    let v{} = compute_{}(&ctx, {}, \"{}\");\n",
+                        r % 64,
+                        (r >> 8) % 256,
+                        (r >> 16) % 10_000,
+                        ["item", "path", "name", "size"][(r >> 40) as usize % 4]
+                    );
+                    data.extend_from_slice(line.as_bytes());
+                }
+            }
         }
         data.truncate(len);
         BlobPool {
@@ -135,25 +157,18 @@ impl BlobPool {
 
     /// Digests of many blobs, hashed on every core.
     pub fn digests(&self, function: DigestFunction, blobs: &[(u64, u64)]) -> Vec<reapi::Digest> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = blobs.len().div_ceil(threads).max(1);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = blobs
-                .chunks(per)
-                .map(|chunk| {
-                    scope.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|&(id, size)| self.digest(function, id, size))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
-        })
+        on_every_core(blobs, |id, size| self.digest(function, id, size))
+    }
+
+    /// Blob `id` as one zstd frame at `level`.
+    pub fn compressed(&self, id: u64, size: u64, level: i32) -> anyhow::Result<Bytes> {
+        let (head, body) = self.parts(id, size);
+        let mut d = kiln_reapi::compression::Deflater::new(level, Some(size))?;
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&d.push(&head)?);
+        out.extend_from_slice(&d.push(&body)?);
+        out.extend_from_slice(&d.finish()?);
+        Ok(out.freeze())
     }
 
     /// The ByteStream messages uploading blob `id` to `name` in `chunk`-byte messages. Only
@@ -192,15 +207,91 @@ impl BlobPool {
     }
 }
 
+/// `f(id, size)` for every blob, spread over every core, in order.
+pub fn on_every_core<T: Send>(blobs: &[(u64, u64)], f: impl Fn(u64, u64) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = blobs.len().div_ceil(threads).max(1);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = blobs
+            .chunks(per)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|&(id, size)| f(id, size))
+                        .collect::<Vec<T>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// The messages of a compressed upload of `packed` to `name` from offset zero: each offset is
+/// the compressed bytes before it, as the spec says.
+pub fn compressed_write_requests(name: &str, packed: &Bytes, chunk: usize) -> Vec<WriteRequest> {
+    let chunk = chunk.max(1);
+    let mut out = Vec::new();
+    let mut pos = 0;
+    loop {
+        let end = (pos + chunk).min(packed.len());
+        out.push(WriteRequest {
+            resource_name: if pos == 0 {
+                name.to_string()
+            } else {
+                String::new()
+            },
+            write_offset: pos as i64,
+            finish_write: end == packed.len(),
+            data: packed.slice(pos..end),
+        });
+        pos = end;
+        if pos == packed.len() {
+            return out;
+        }
+    }
+}
+
 /// `{instance}/blobs/{fn/}{hash}/{size}`.
 pub fn read_name(instance: &str, function: DigestFunction, d: &reapi::Digest) -> String {
-    resource::read_name(instance, function.into(), &d.hash, size(d))
+    read_name_in(instance, Compressor::Identity, function, d)
 }
 
 /// `{instance}/uploads/{uuid}/blobs/{fn/}{hash}/{size}`.
 pub fn write_name(instance: &str, function: DigestFunction, d: &reapi::Digest) -> String {
+    write_name_in(instance, Compressor::Identity, function, d)
+}
+
+/// The read name of `d` sent in `compressor`'s form.
+pub fn read_name_in(
+    instance: &str,
+    compressor: Compressor,
+    function: DigestFunction,
+    d: &reapi::Digest,
+) -> String {
+    resource::read_name(instance, compressor, function.into(), &d.hash, size(d))
+}
+
+/// A fresh upload name of `d` sent in `compressor`'s form.
+pub fn write_name_in(
+    instance: &str,
+    compressor: Compressor,
+    function: DigestFunction,
+    d: &reapi::Digest,
+) -> String {
     let upload = uuid::Uuid::new_v4().to_string();
-    resource::write_name(instance, &upload, function.into(), &d.hash, size(d))
+    resource::write_name(
+        instance,
+        &upload,
+        compressor,
+        function.into(),
+        &d.hash,
+        size(d),
+    )
 }
 
 /// The size the bench's own digests carry (never negative).

@@ -55,6 +55,18 @@ pub struct Args {
     /// Distinct blobs (or actions) to prepare (default: enough for the run).
     #[arg(long)]
     pub blobs: Option<usize>,
+    /// What blobs hold: random bytes (incompressible) or source-like text (compressible, as
+    /// build outputs and sources often are).
+    #[arg(long, value_enum, default_value = "random")]
+    pub content: Content,
+    /// `write` and `read`: send blobs zstd-compressed (`compressed-blobs/zstd/…`). Uploads are
+    /// compressed at --zstd-level before the measured phase; reads are decompressed and
+    /// verified as they arrive (whole, not in --ranges). Bytes are counted uncompressed.
+    #[arg(long)]
+    pub compressed: bool,
+    /// zstd level of --compressed uploads (Bazel's is 3).
+    #[arg(long, default_value_t = 3)]
+    pub zstd_level: i32,
     /// ByteStream write chunk size in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub chunk: usize,
@@ -168,6 +180,15 @@ impl Scenario {
             Scenario::Tcp => "tcp",
         }
     }
+}
+
+/// What test blobs hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Content {
+    /// Random bytes: nothing to compress.
+    Random,
+    /// Source-like text: lines of code with varying names and numbers.
+    Text,
 }
 
 /// The digest function.

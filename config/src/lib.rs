@@ -10,9 +10,9 @@ mod types;
 
 pub use error::ConfigError;
 pub use types::{
-    ActionCacheConfig, AdminConfig, ClientAuthMode, Config, ControlPlaneConfig, ExecutionConfig,
-    GetTreeConfig, PropertyKind, RuntimeKind, ServerConfig, StorageConfig, TlsConfig, TlsMode,
-    WorkerConfig,
+    ActionCacheConfig, AdminConfig, ClientAuthMode, CompressionConfig, Config, ControlPlaneConfig,
+    ExecutionConfig, GetTreeConfig, PropertyKind, RuntimeKind, ServerConfig, StorageConfig,
+    TlsConfig, TlsMode, WorkerConfig,
 };
 
 use std::path::Path;
@@ -57,6 +57,13 @@ impl Config {
         }
         if t.cache_ttl_secs > 365 * 24 * 3600 {
             return invalid("get_tree.cache_ttl_secs", "must be at most a year");
+        }
+        let c = &self.compression;
+        if !(-7..=19).contains(&c.level) {
+            return invalid("compression.level", "must be between -7 and 19");
+        }
+        if !(10..=30).contains(&c.max_window_log) {
+            return invalid("compression.max_window_log", "must be between 10 and 30");
         }
         let s = &self.server;
         if s.max_batch_total_size_bytes.as_u64() + 64 * 1024 > s.max_message_bytes.as_u64() {

@@ -237,3 +237,23 @@ fn get_tree_bounds_are_checked() {
         }
     }
 }
+
+#[test]
+fn compression_bounds_are_checked() {
+    let defaults = Config::from_toml("", "test").unwrap().compression;
+    assert!(defaults.zstd);
+    assert_eq!((defaults.level, defaults.max_window_log), (1, 23));
+    for (toml, key) in [
+        ("level = 20", "compression.level"),
+        ("level = -8", "compression.level"),
+        ("max_window_log = 9", "compression.max_window_log"),
+        ("max_window_log = 31", "compression.max_window_log"),
+    ] {
+        match Config::from_toml(&format!("[compression]\n{toml}"), "test") {
+            Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{toml}"),
+            other => panic!("{toml}: {other:?}"),
+        }
+    }
+    let off = Config::from_toml("[compression]\nzstd = false", "test").unwrap();
+    assert!(!off.compression.zstd);
+}

@@ -19,6 +19,8 @@ pub struct Config {
     pub action_cache: ActionCacheConfig,
     /// `GetTree`: its bounds and its cache of whole trees.
     pub get_tree: GetTreeConfig,
+    /// Compressed blobs: zstd over ByteStream and in batches.
+    pub compression: CompressionConfig,
     /// The control plane's tokio runtime.
     pub control_plane: ControlPlaneConfig,
     /// The admin HTTP listener: metrics, health, status page.
@@ -343,6 +345,30 @@ impl Default for GetTreeConfig {
             max_tree_bytes: ByteSize::mib(64),
             cache_bytes: ByteSize::mib(64),
             cache_ttl_secs: 60,
+        }
+    }
+}
+
+/// Compressed blobs (`compressed-blobs/zstd/…` resource names, batch entries with a
+/// compressor). Blobs are stored uncompressed; this is how they travel.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    /// Speak zstd: advertise it, accept compressed uploads and serve compressed reads.
+    pub zstd: bool,
+    /// The zstd level Kiln compresses reads and batch answers at (negative: faster, larger).
+    pub level: i32,
+    /// Largest window a client's zstd frame may ask for, as a power of two: the memory one
+    /// decompressing upload may take.
+    pub max_window_log: u32,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            zstd: true,
+            level: 1,
+            max_window_log: 23,
         }
     }
 }

@@ -6,6 +6,7 @@ use kiln_proto::reapi::{
     symlink_absolute_path_strategy, ActionCacheUpdateCapabilities, CacheCapabilities,
     ExecutionCapabilities, GetCapabilitiesRequest, ServerCapabilities,
 };
+use kiln_reapi::compression::Compressor;
 use kiln_reapi::digest::DigestFunction;
 use tonic::{Request, Response, Status};
 
@@ -18,6 +19,8 @@ pub struct Advertised {
     pub max_cas_blob_size_bytes: u64,
     /// Whether remote execution is available.
     pub exec_enabled: bool,
+    /// Whether zstd is spoken (ByteStream `compressed-blobs/zstd/…` and batch entries).
+    pub zstd: bool,
 }
 
 /// The Capabilities service.
@@ -43,6 +46,11 @@ impl CapabilitiesService {
             patch: 0,
             prerelease: String::new(),
         };
+        let compressors: Vec<i32> = if self.advertised.zstd {
+            vec![Compressor::Zstd.proto()]
+        } else {
+            Vec::new()
+        };
         ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
                 digest_functions: functions.clone(),
@@ -55,8 +63,8 @@ impl CapabilitiesService {
                 // (kiln-reapi's tree rules), so say so.
                 symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Disallowed
                     as i32,
-                supported_compressors: Vec::new(),
-                supported_batch_update_compressors: Vec::new(),
+                supported_compressors: compressors.clone(),
+                supported_batch_update_compressors: compressors,
                 max_cas_blob_size_bytes: self.advertised.max_cas_blob_size_bytes as i64,
                 split_blob_support: false,
                 splice_blob_support: false,
@@ -99,12 +107,14 @@ mod tests {
             max_batch_total_size_bytes: 4 << 20,
             max_cas_blob_size_bytes: 1 << 30,
             exec_enabled: false,
+            zstd: false,
         })
         .capabilities();
         let cache = caps.cache_capabilities.unwrap();
         assert_eq!(cache.digest_functions, vec![1, 9], "SHA256 and BLAKE3");
         assert_eq!(cache.max_batch_total_size_bytes, 4 << 20);
         assert!(cache.supported_compressors.is_empty());
+        assert!(cache.supported_batch_update_compressors.is_empty());
         assert!(!caps.execution_capabilities.unwrap().exec_enabled);
     }
 }

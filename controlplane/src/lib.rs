@@ -86,6 +86,7 @@ impl ControlPlane {
             max_batch_total_size_bytes: config.server.max_batch_total_size_bytes.as_u64(),
             max_cas_blob_size_bytes: config.storage.disk_bytes.as_u64(),
             exec_enabled: config.execution.enabled,
+            zstd: config.compression.zstd,
         });
         let action_cache_core = Arc::new(ActionCache::new(
             action_cache.clone(),

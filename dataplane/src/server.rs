@@ -7,7 +7,7 @@ use crate::grpc::limits::ConnectionSlots;
 use crate::grpc::{serve_connection, CallHandler, Http2Settings, PeerIdentity};
 use crate::metrics::Metrics;
 use crate::runtime::{bind_reuseport_group, Backend, Runtime};
-use crate::service::{BlobLimits, BlobServices, ControlLink};
+use crate::service::{BlobLimits, BlobServices, ControlLink, ZstdSettings};
 use crate::shutdown::{Drain, Shutdown, ShutdownWatch};
 use crate::store::accounting::Accounting;
 use crate::store::durable;
@@ -214,6 +214,10 @@ impl DataPlane {
             direct_io_min,
             stalled_upload: (config.server.stalled_upload_secs > 0)
                 .then(|| Duration::from_secs(config.server.stalled_upload_secs)),
+            zstd: config.compression.zstd.then_some(ZstdSettings {
+                level: config.compression.level,
+                max_window_log: config.compression.max_window_log,
+            }),
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let mut threads = Vec::with_capacity(shards);

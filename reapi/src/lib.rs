@@ -8,6 +8,7 @@
 //! touches the filesystem.
 
 pub mod cas;
+pub mod compression;
 pub mod convert;
 pub mod digest;
 pub mod paths;

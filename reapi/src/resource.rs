@@ -3,10 +3,11 @@
 //! - reads: `{instance}/blobs/{function/}{hash}/{size}`
 //! - writes: `{instance}/uploads/{uuid}/blobs/{function/}{hash}/{size}{/metadata}`
 //!
-//! The function segment is present for functions that cannot be inferred from the hash length
-//! (`blake3`); `sha256` may be written or left out. Compressed forms (`compressed-blobs/...`)
-//! are refused: Kiln advertises no compressors. Instance names may contain `/`.
+//! and their compressed forms, `compressed-blobs/{compressor}/` in place of `blobs/`. The
+//! function segment is present for functions that cannot be inferred from the hash length
+//! (`blake3`); `sha256` may be written or left out. Instance names may contain `/`.
 
+use crate::compression::{Compressor, UnknownCompressor};
 use crate::digest::{BlobKey, Digest, DigestError, DigestFunction, InstanceName};
 
 /// A parsed read resource name.
@@ -14,6 +15,8 @@ use crate::digest::{BlobKey, Digest, DigestError, DigestFunction, InstanceName};
 pub struct ReadResource {
     /// The blob to read.
     pub key: BlobKey,
+    /// The form it is sent in.
+    pub compressor: Compressor,
 }
 
 /// A parsed write resource name.
@@ -23,6 +26,8 @@ pub struct WriteResource {
     pub key: BlobKey,
     /// The client's upload id (the `{uuid}` segment).
     pub upload_id: String,
+    /// The form the data arrives in.
+    pub compressor: Compressor,
 }
 
 impl ReadResource {
@@ -30,6 +35,7 @@ impl ReadResource {
     pub fn name(&self) -> String {
         read_name(
             self.key.instance.as_str(),
+            self.compressor,
             self.key.digest.function,
             &self.key.digest.hex(),
             self.key.digest.size,
@@ -43,6 +49,7 @@ impl WriteResource {
         WriteResource {
             key,
             upload_id: uuid::Uuid::new_v4().to_string(),
+            compressor: Compressor::Identity,
         }
     }
 
@@ -51,6 +58,7 @@ impl WriteResource {
         write_name(
             self.key.instance.as_str(),
             &self.upload_id,
+            self.compressor,
             self.key.digest.function,
             &self.key.digest.hex(),
             self.key.digest.size,
@@ -72,9 +80,13 @@ pub enum ResourceError {
     /// No `blobs`/`uploads` segment where one is required.
     #[error("resource name {0:?} is not of the form {{instance}}/{1}")]
     Shape(String, &'static str),
-    /// Uses compressed-blobs, which Kiln does not offer.
-    #[error("resource name {0:?} asks for compression, which this server does not support")]
-    Compressed(String),
+    /// Names a compressor Kiln does not speak.
+    #[error("resource name {name:?}: {source}")]
+    Compressor {
+        name: String,
+        #[source]
+        source: UnknownCompressor,
+    },
     /// The digest part is wrong.
     #[error("resource name {name:?}: {source}")]
     Digest {
@@ -90,27 +102,38 @@ pub enum ResourceError {
 const READ_SHAPE: &str = "blobs/{function/}{hash}/{size}";
 const WRITE_SHAPE: &str = "uploads/{uuid}/blobs/{function/}{hash}/{size}";
 
-/// `{instance}/blobs/{function/}{hash}/{size}`: the function segment is written for every
-/// function but SHA-256 (which servers infer from the hash length, old ones included).
-pub fn read_name(instance: &str, function: DigestFunction, hash: &str, size: u64) -> String {
-    format!(
-        "{}blobs/{}{hash}/{size}",
-        prefix(instance),
-        segment(function)
-    )
-}
-
-/// `{instance}/uploads/{upload_id}/blobs/{function/}{hash}/{size}`.
-pub fn write_name(
+/// `{instance}/blobs/{function/}{hash}/{size}` (or `compressed-blobs/{compressor}/` for
+/// `blobs/`): the function segment is written for every function but SHA-256 (which servers
+/// infer from the hash length, old ones included).
+pub fn read_name(
     instance: &str,
-    upload_id: &str,
+    compressor: Compressor,
     function: DigestFunction,
     hash: &str,
     size: u64,
 ) -> String {
     format!(
-        "{}uploads/{upload_id}/blobs/{}{hash}/{size}",
+        "{}{}{}{hash}/{size}",
         prefix(instance),
+        blobs_segment(compressor),
+        segment(function)
+    )
+}
+
+/// `{instance}/uploads/{upload_id}/blobs/{function/}{hash}/{size}` (or
+/// `compressed-blobs/{compressor}/` for `blobs/`).
+pub fn write_name(
+    instance: &str,
+    upload_id: &str,
+    compressor: Compressor,
+    function: DigestFunction,
+    hash: &str,
+    size: u64,
+) -> String {
+    format!(
+        "{}uploads/{upload_id}/{}{}{hash}/{size}",
+        prefix(instance),
+        blobs_segment(compressor),
         segment(function)
     )
 }
@@ -121,6 +144,14 @@ fn prefix(instance: &str) -> String {
         String::new()
     } else {
         format!("{instance}/")
+    }
+}
+
+/// `blobs/` or `compressed-blobs/{compressor}/`.
+fn blobs_segment(compressor: Compressor) -> String {
+    match compressor.segment() {
+        None => "blobs/".to_string(),
+        Some(c) => format!("compressed-blobs/{c}/"),
     }
 }
 
@@ -138,16 +169,15 @@ pub fn parse_read(name: &str) -> Result<ReadResource, ResourceError> {
         .iter()
         .position(|s| *s == "blobs" || *s == "compressed-blobs")
         .ok_or_else(|| ResourceError::Shape(short(name), READ_SHAPE))?;
-    if segments[at] == "compressed-blobs" {
-        return Err(ResourceError::Compressed(short(name)));
-    }
     let instance = instance(name, &segments[..at])?;
-    let (digest, rest) = digest(name, &segments[at + 1..], READ_SHAPE)?;
+    let (compressor, after) = blobs(name, &segments[at..], READ_SHAPE)?;
+    let (digest, rest) = digest(name, after, READ_SHAPE)?;
     if !rest.is_empty() {
         return Err(ResourceError::Shape(short(name), READ_SHAPE));
     }
     Ok(ReadResource {
         key: BlobKey::new(instance, digest),
+        compressor,
     })
 }
 
@@ -163,16 +193,35 @@ pub fn parse_write(name: &str) -> Result<WriteResource, ResourceError> {
         Some(id) if !id.is_empty() && id.len() <= 128 => id.to_string(),
         _ => return Err(ResourceError::Shape(short(name), WRITE_SHAPE)),
     };
-    match segments.get(at + 2) {
-        Some(&"blobs") => {}
-        Some(&"compressed-blobs") => return Err(ResourceError::Compressed(short(name))),
-        _ => return Err(ResourceError::Shape(short(name), WRITE_SHAPE)),
-    }
-    let (digest, _metadata) = digest(name, &segments[at + 3..], WRITE_SHAPE)?;
+    let (compressor, after) = blobs(name, segments.get(at + 2..).unwrap_or(&[]), WRITE_SHAPE)?;
+    let (digest, _metadata) = digest(name, after, WRITE_SHAPE)?;
     Ok(WriteResource {
         key: BlobKey::new(instance, digest),
         upload_id,
+        compressor,
     })
+}
+
+/// `blobs` or `compressed-blobs/{compressor}` at the start of `segments`: the form, and the
+/// segments after it.
+fn blobs<'a>(
+    name: &str,
+    segments: &'a [&'a str],
+    shape: &'static str,
+) -> Result<(Compressor, &'a [&'a str]), ResourceError> {
+    match segments {
+        ["blobs", rest @ ..] => Ok((Compressor::Identity, rest)),
+        ["compressed-blobs", compressor, rest @ ..] => {
+            let compressor = Compressor::from_segment(compressor).map_err(|source| {
+                ResourceError::Compressor {
+                    name: short(name),
+                    source,
+                }
+            })?;
+            Ok((compressor, rest))
+        }
+        _ => Err(ResourceError::Shape(short(name), shape)),
+    }
 }
 
 fn instance(name: &str, segments: &[&str]) -> Result<InstanceName, ResourceError> {
@@ -265,15 +314,31 @@ mod tests {
             for instance in ["", "main", "main/ci"] {
                 let digest = Digest::of(function, b"kiln");
                 let key = BlobKey::new(InstanceName::new(instance).unwrap(), digest);
-                let read = ReadResource { key: key.clone() };
-                assert_eq!(parse_read(&read.name()).unwrap(), read, "{}", read.name());
-                let write = WriteResource::new_upload(key);
-                assert_eq!(
-                    parse_write(&write.name()).unwrap(),
-                    write,
-                    "{}",
-                    write.name()
-                );
+                for compressor in [Compressor::Identity, Compressor::Zstd] {
+                    let read = ReadResource {
+                        key: key.clone(),
+                        compressor,
+                    };
+                    assert_eq!(parse_read(&read.name()).unwrap(), read, "{}", read.name());
+                    let write = WriteResource {
+                        compressor,
+                        ..WriteResource::new_upload(key.clone())
+                    };
+                    assert_eq!(
+                        parse_write(&write.name()).unwrap(),
+                        write,
+                        "{}",
+                        write.name()
+                    );
+                    assert_eq!(
+                        read.name().contains("compressed-blobs/zstd/"),
+                        compressor == Compressor::Zstd
+                    );
+                }
+                let read = ReadResource {
+                    key,
+                    compressor: Compressor::Identity,
+                };
                 assert_eq!(
                     read.name().contains("blake3/"),
                     function == DigestFunction::Blake3
@@ -287,8 +352,12 @@ mod tests {
         let b = WriteResource::new_upload(a.key.clone());
         assert_ne!(a.upload_id, b.upload_id, "each upload gets its own id");
         assert_eq!(
-            read_name("i", DigestFunction::Sha256, H, 7),
+            read_name("i", Compressor::Identity, DigestFunction::Sha256, H, 7),
             format!("i/blobs/{H}/7")
+        );
+        assert_eq!(
+            write_name("", "u", Compressor::Zstd, DigestFunction::Blake3, H, 7),
+            format!("uploads/u/compressed-blobs/zstd/blake3/{H}/7")
         );
     }
 
@@ -308,10 +377,17 @@ mod tests {
         for name in bad_reads {
             assert!(parse_read(&name).is_err(), "{name:?} accepted");
         }
-        assert!(matches!(
-            parse_read(&format!("compressed-blobs/zstd/{H}/1")),
-            Err(ResourceError::Compressed(_))
-        ));
+        for compressor in ["identity", "deflate", "brotli", "ZSTD", ""] {
+            assert!(matches!(
+                parse_read(&format!("compressed-blobs/{compressor}/{H}/1")),
+                Err(ResourceError::Compressor { .. })
+            ));
+            assert!(matches!(
+                parse_write(&format!("uploads/u/compressed-blobs/{compressor}/{H}/1")),
+                Err(ResourceError::Compressor { .. })
+            ));
+        }
+        assert!(parse_read("compressed-blobs/zstd").is_err());
         let bad_writes = [
             format!("blobs/{H}/1"),
             format!("uploads//blobs/{H}/1"),
@@ -322,10 +398,12 @@ mod tests {
         for name in bad_writes {
             assert!(parse_write(&name).is_err(), "{name:?} accepted");
         }
-        assert!(matches!(
-            parse_write(&format!("uploads/u/compressed-blobs/zstd/{H}/1")),
-            Err(ResourceError::Compressed(_))
-        ));
+        let w = parse_write(&format!("i/uploads/u/compressed-blobs/zstd/{H}/1/meta")).unwrap();
+        assert_eq!(w.compressor, Compressor::Zstd);
+        assert_eq!(w.key.instance.as_str(), "i");
+        let r = parse_read(&format!("compressed-blobs/zstd/blake3/{H}/1")).unwrap();
+        assert_eq!(r.compressor, Compressor::Zstd);
+        assert_eq!(r.key.digest.function, DigestFunction::Blake3);
     }
 
     #[test]

@@ -117,6 +117,21 @@ macro_rules! on_every_runtime {
     )*};
 }
 
+/// Asserts that `result` failed with `code` and a message containing `needle`.
+pub fn assert_code<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    needle: &str,
+) {
+    let err = result.expect_err("expected an error");
+    assert_eq!(err.code(), code, "{err:?}");
+    assert!(
+        err.message().contains(needle),
+        "message {:?} lacks {needle:?}",
+        err.message()
+    );
+}
+
 /// Upload temp files left under `data_dir/tmp/` (which holds them in subdirectories); none
 /// when the directory does not exist.
 pub fn temp_files(data_dir: &Path) -> Vec<PathBuf> {

@@ -25,7 +25,7 @@ pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
             ctx.max_batch()
         );
     }
-    let pool = BlobPool::new(ctx.args.size.max());
+    let pool = BlobPool::of(ctx.args.size.max(), ctx.args.content);
     Ok(Prepared::Run(Arc::new(BatchLoad { ctx, pool })))
 }
 

@@ -30,7 +30,7 @@ struct MixedLoad {
 const OUTPUT_IDS: u64 = 1 << 40;
 
 pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
-    let pool = BlobPool::new(ctx.args.size.max());
+    let pool = BlobPool::of(ctx.args.size.max(), ctx.args.content);
     let command = if ctx.exec_enabled() {
         let command = Command {
             arguments: vec!["/bin/sh".into(), "-c".into(), "cat in0 > out".into()],

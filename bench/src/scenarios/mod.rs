@@ -306,11 +306,56 @@ pub async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, std::time:
     (out, start.elapsed())
 }
 
+/// Reads a blob compressed (`compressed-blobs/zstd/…`), decompressing and hashing as it
+/// arrives; `Ok(false)` if the result is not the blob.
+async fn read_compressed(ctx: &Ctx, d: &reapi::Digest) -> Result<bool, tonic::Status> {
+    use futures::StreamExt;
+    use kiln_reapi::compression::Inflater;
+    let size = u64::try_from(d.size_bytes).unwrap_or_default();
+    let Ok(mut inflater) = Inflater::new(size, 1 << 20, 27) else {
+        return Ok(false);
+    };
+    let name = blobs::read_name_in(
+        &ctx.args.instance,
+        kiln_reapi::compression::Compressor::Zstd,
+        ctx.function,
+        d,
+    );
+    let mut stream = ctx
+        .bytestream()
+        .read(kiln_proto::bytestream::ReadRequest {
+            resource_name: name,
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await?
+        .into_inner();
+    let mut h = blobs::hasher(ctx.function);
+    let mut got = 0u64;
+    while let Some(msg) = stream.next().await {
+        inflater.push(msg?.data);
+        loop {
+            match inflater.next_chunk() {
+                Ok(Some(piece)) => {
+                    got += piece.len() as u64;
+                    h.update(&piece);
+                }
+                Ok(None) => break,
+                Err(_) => return Ok(false),
+            }
+        }
+    }
+    Ok(inflater.finish().is_ok() && got == size && h.finish_hex() == d.hash)
+}
+
 /// Reads a blob with ByteStream, hashing as it arrives; `Ok(false)` if the bytes do not
-/// match the digest. With `--ranges N` (and at least 1 MiB per range), N reads of its ranges
+/// match the digest. With `--compressed`, reads it zstd-compressed, whole. With `--ranges N` (and at least 1 MiB per range), N reads of its ranges
 /// run at once and the whole is hashed in order once all have arrived.
 pub async fn read_verified(ctx: &Ctx, d: &reapi::Digest) -> Result<bool, tonic::Status> {
     const MIN_RANGE: i64 = 1 << 20;
+    if ctx.args.compressed {
+        return read_compressed(ctx, d).await;
+    }
     let ranges = i64::try_from(ctx.args.ranges.max(1)).unwrap_or(1);
     let mut h = blobs::hasher(ctx.function);
     let mut size = 0i64;

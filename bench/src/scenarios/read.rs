@@ -19,7 +19,7 @@ pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
         let mean = (0..1000).map(|i| ctx.args.size.sample(i)).sum::<u64>() / 1000;
         ((2u64 << 30) / mean.max(1)).clamp(1, 1000) as usize
     });
-    let pool = BlobPool::new(ctx.args.size.max());
+    let pool = BlobPool::of(ctx.args.size.max(), ctx.args.content);
     let sizes: Vec<(u64, u64)> = (0..n as u64)
         .map(|i| (i, ctx.args.size.sample(i)))
         .collect();

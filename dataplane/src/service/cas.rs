@@ -1,6 +1,8 @@
-//! CAS `FindMissingBlobs`, `BatchUpdateBlobs` and `BatchReadBlobs`.
+//! CAS `FindMissingBlobs`, `BatchUpdateBlobs` and `BatchReadBlobs`. Batch entries may travel
+//! zstd-compressed: an update entry is decompressed (bounded by its declared size) before it is
+//! hashed; a read answers compressed where the client accepts zstd and that is smaller.
 
-use super::{unary, BlobError, BlobServices};
+use super::{unary, BlobError, BlobServices, ZstdSettings};
 use crate::grpc::Call;
 use crate::store::blob_io;
 use crate::store::tier::VerifiedUpload;
@@ -11,6 +13,7 @@ use kiln_proto::reapi::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
     BatchUpdateBlobsResponse, FindMissingBlobsRequest, FindMissingBlobsResponse,
 };
+use kiln_reapi::compression::{compress, decompress, Compressor};
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use kiln_reapi::status::Classify;
 
@@ -61,10 +64,17 @@ pub(super) async fn serve_batch_update(svc: &BlobServices, call: Call) {
         |request: BatchUpdateBlobsRequest, caller| async move {
             let instance = InstanceName::new(&request.instance_name)?;
             caller.check(instance.as_str())?;
-            let total: u64 = request
-                .requests
-                .iter()
-                .fold(0u64, |sum, r| sum.saturating_add(r.data.len() as u64));
+            // A compressed entry counts at its declared size: that is what it inflates to
+            // in memory. Sums saturate (past u64 is over any limit).
+            let total: u64 = request.requests.iter().fold(0u64, |sum, r| {
+                let size = match (r.compressor, r.digest.as_ref()) {
+                    (0, _) | (_, None) => r.data.len() as u64,
+                    (_, Some(d)) => u64::try_from(d.size_bytes)
+                        .unwrap_or(u64::MAX)
+                        .max(r.data.len() as u64),
+                };
+                sum.saturating_add(size)
+            });
             if total > svc.limits.max_batch_total {
                 return Err(BlobError::BatchTooLarge {
                     total,
@@ -107,16 +117,20 @@ async fn update_one(
     request: &batch_update_blobs_request::Request,
 ) -> Result<(), BlobError> {
     let digest = Digest::from_proto_field(request.digest.as_ref(), function)?;
-    if request.compressor != 0 {
-        return Err(BlobError::Compressor(request.compressor));
-    }
-    if request.data.len() as u64 != digest.size {
+    let data = match Compressor::from_proto(request.compressor)? {
+        Compressor::Identity => request.data.clone(),
+        Compressor::Zstd => {
+            let zstd = svc.limits.zstd()?;
+            decompress(request.data.clone(), digest.size, zstd.max_window_log)?
+        }
+    };
+    if data.len() as u64 != digest.size {
         return Err(BlobError::DataSize {
             size: digest.size,
-            got: request.data.len() as u64,
+            got: data.len() as u64,
         });
     }
-    let actual = Hasher::hash(digest.function, &request.data);
+    let actual = Hasher::hash(digest.function, &data);
     if actual != digest.hash {
         return Err(BlobError::DataHash {
             expected: digest,
@@ -139,13 +153,13 @@ async fn update_one(
     let temp = svc.layout.temp_path();
     let epoch = svc.cas.sync_epoch();
     let sync_data = svc.limits.sync_own_data(digest.size);
-    if let Err(e) = blob_io::write_new(&*svc.runtime, &temp, &request.data, sync_data).await {
+    if let Err(e) = blob_io::write_new(&*svc.runtime, &temp, &data, sync_data).await {
         let _ = svc.runtime.remove_file(&temp).await;
         return Err(BlobError::io("write", &temp, e));
     }
     let upload = VerifiedUpload {
         temp,
-        data: Some(request.data.clone()),
+        data: Some(data),
         epoch,
     };
     svc.store.put(&key, upload).await?;
@@ -174,6 +188,12 @@ pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
                 limit: svc.limits.max_batch_total,
             });
         }
+        // zstd answers where the client accepts them and this server speaks zstd.
+        let zstd = svc.limits.zstd.filter(|_| {
+            request
+                .acceptable_compressors
+                .contains(&Compressor::Zstd.proto())
+        });
         tracing::debug!(blobs = parsed.len(), bytes = total, "batch read");
         let responses = stream::iter(request.digests.into_iter().zip(parsed))
             .map(|(proto, digest)| {
@@ -183,11 +203,11 @@ pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
                         Ok(d) => read_one(svc, BlobKey::new(instance, d)).await,
                         Err(e) => Err(e),
                     };
-                    match result {
-                        Ok(data) => batch_read_blobs_response::Response {
+                    match result.and_then(|data| smallest(data, zstd)) {
+                        Ok((data, compressor)) => batch_read_blobs_response::Response {
                             digest: Some(proto),
                             data,
-                            compressor: 0,
+                            compressor: compressor.proto(),
                             status: ok_status(),
                         },
                         Err(e) => batch_read_blobs_response::Response {
@@ -205,6 +225,22 @@ pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
         Ok(BatchReadBlobsResponse { responses })
     })
     .await
+}
+
+/// `data` as it is, or zstd-compressed when `zstd` is given and that is smaller.
+fn smallest(
+    data: bytes::Bytes,
+    zstd: Option<ZstdSettings>,
+) -> Result<(bytes::Bytes, Compressor), BlobError> {
+    let Some(zstd) = zstd.filter(|_| !data.is_empty()) else {
+        return Ok((data, Compressor::Identity));
+    };
+    let packed = compress(zstd.level, &data).map_err(BlobError::Deflate)?;
+    Ok(if packed.len() < data.len() {
+        (packed, Compressor::Zstd)
+    } else {
+        (data, Compressor::Identity)
+    })
 }
 
 async fn read_one(svc: &BlobServices, key: BlobKey) -> Result<bytes::Bytes, BlobError> {

@@ -2,6 +2,7 @@
 
 use crate::store::upload::UploadError;
 use crate::store::StoreError;
+use kiln_reapi::compression::{InflateError, UnknownCompressor};
 use kiln_reapi::digest::{BlobKey, DigestError, InstanceNameError};
 use kiln_reapi::resource::ResourceError;
 use kiln_reapi::status::{Classify, ErrorKind};
@@ -71,9 +72,23 @@ pub enum BlobError {
         expected: kiln_reapi::digest::Digest,
         actual: String,
     },
-    /// A compressor Kiln does not advertise.
-    #[error("compressor {0} is not supported; send uncompressed data (IDENTITY)")]
-    Compressor(i32),
+    /// A compressor Kiln does not speak.
+    #[error(transparent)]
+    Compressor(#[from] UnknownCompressor),
+    /// zstd asked of a server that has it turned off.
+    #[error(
+        "zstd is turned off on this server ([compression] zstd = false); send uncompressed data"
+    )]
+    CompressionOff,
+    /// A compressed read with a `read_limit` (the spec requires 0).
+    #[error("read_limit must be 0 for a compressed read (got {0})")]
+    CompressedReadLimit(i64),
+    /// Compressed batch data that does not decompress to its blob.
+    #[error(transparent)]
+    Inflate(#[from] InflateError),
+    /// The server failed to compress a blob it holds.
+    #[error("could not compress the blob: {0}")]
+    Deflate(std::io::Error),
     /// The caller may not make this call (or was not identified).
     #[error(transparent)]
     Denied(#[from] kiln_auth::Denied),
@@ -116,7 +131,11 @@ impl Classify for BlobError {
             | BlobError::TooLarge { .. }
             | BlobError::DataSize { .. }
             | BlobError::DataHash { .. }
-            | BlobError::Compressor(_) => ErrorKind::Invalid,
+            | BlobError::Compressor(_)
+            | BlobError::CompressionOff
+            | BlobError::CompressedReadLimit(_)
+            | BlobError::Inflate(_) => ErrorKind::Invalid,
+            BlobError::Deflate(_) => ErrorKind::Internal,
             BlobError::UploadBusy(_) => ErrorKind::Conflict,
             BlobError::StagingFull { .. } => ErrorKind::Exhausted,
             BlobError::Stalled { .. } => ErrorKind::TimedOut,

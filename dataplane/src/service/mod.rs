@@ -70,6 +70,17 @@ pub struct BlobLimits {
     pub direct_io_min: Option<u64>,
     /// A Write that sends nothing for this long is ended and parked.
     pub stalled_upload: Option<std::time::Duration>,
+    /// zstd as this server speaks it (`None`: turned off, compressed requests refused).
+    pub zstd: Option<ZstdSettings>,
+}
+
+/// How the blob methods speak zstd.
+#[derive(Debug, Clone, Copy)]
+pub struct ZstdSettings {
+    /// The level reads and batch answers are compressed at.
+    pub level: i32,
+    /// Largest window a client's frame may ask for, as a power of two.
+    pub max_window_log: u32,
 }
 
 impl BlobLimits {
@@ -78,6 +89,11 @@ impl BlobLimits {
     /// filesystem, which writes the data too).
     pub fn sync_own_data(&self, size: u64) -> bool {
         crate::store::durable::sync_own_data(self.fsync, self.group_commit_max, size)
+    }
+
+    /// zstd settings for a request in `compressor`'s form; an error when it is off.
+    pub fn zstd(&self) -> Result<ZstdSettings, BlobError> {
+        self.zstd.ok_or(BlobError::CompressionOff)
     }
 
     /// Whether a new upload of `size` bytes asks for direct I/O.

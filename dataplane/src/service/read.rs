@@ -2,6 +2,10 @@
 //! tiers. Small blobs are read whole (and kept by a memory tier); large ones stream from their
 //! file on this core, the next chunk read while the current one is sent. A blob this process
 //! has not checked is checked as it goes out ([`Blob::stream`]).
+//!
+//! A compressed read (`compressed-blobs/zstd/…`) sends one zstd frame of the blob from
+//! `read_offset` (an offset into the uncompressed blob, as the spec says) to its end, compressed
+//! one chunk at a time as it goes out.
 
 use super::{BlobError, BlobServices};
 use crate::grpc::codec::encode_bytes_field;
@@ -9,6 +13,7 @@ use crate::grpc::{Call, Caller, Responder};
 use crate::store::tier::{Blob, ChunkSink, StreamEnd};
 use bytes::Bytes;
 use kiln_proto::bytestream::ReadRequest;
+use kiln_reapi::compression::{Compressor, Deflater};
 use kiln_reapi::resource::parse_read;
 
 /// `ReadResponse.data`'s field number.
@@ -68,6 +73,16 @@ async fn read(
     if request.read_limit < 0 {
         return Err(BlobError::ReadLimit(request.read_limit).into());
     }
+    let zstd = match resource.compressor {
+        Compressor::Identity => None,
+        Compressor::Zstd => {
+            let zstd = svc.limits.zstd()?;
+            if request.read_limit != 0 {
+                return Err(BlobError::CompressedReadLimit(request.read_limit).into());
+            }
+            Some(zstd)
+        }
+    };
     let start = request.read_offset as u64;
     let end = match request.read_limit {
         0 => size,
@@ -87,18 +102,45 @@ async fn read(
     } else {
         blob
     };
-    blob.stream(
-        &*svc.runtime,
-        start,
-        end,
-        svc.limits.read_chunk,
-        &mut Responses(out),
-    )
-    .await
-    .map_err(|e| match e {
+    let ended = |e| match e {
         StreamEnd::Store(e) => ReadEnd::Failed(e.into()),
         StreamEnd::Sink(e) => e,
-    })
+    };
+    let chunk = svc.limits.read_chunk;
+    let Some(zstd) = zstd else {
+        return blob
+            .stream(&*svc.runtime, start, end, chunk, &mut Responses(out))
+            .await
+            .map_err(ended);
+    };
+    let deflater = Deflater::new(zstd.level, Some(end - start)).map_err(BlobError::Deflate)?;
+    let mut sink = Compressing {
+        deflater,
+        out: Responses(out),
+    };
+    blob.stream(&*svc.runtime, start, end, chunk, &mut sink)
+        .await
+        .map_err(ended)?;
+    let tail = sink.deflater.finish().map_err(BlobError::Deflate)?;
+    sink.out.send(tail).await
+}
+
+/// Pieces of the blob compressed into one zstd frame on their way out.
+struct Compressing<'a> {
+    deflater: Deflater,
+    out: Responses<'a>,
+}
+
+impl ChunkSink for Compressing<'_> {
+    type Error = ReadEnd;
+
+    async fn send(&mut self, data: Bytes) -> Result<(), ReadEnd> {
+        let packed = self.deflater.push(&data).map_err(BlobError::Deflate)?;
+        if packed.is_empty() {
+            return Ok(());
+        }
+        self.out.send(packed).await
+    }
 }
 
 /// Pieces of the blob as `ReadResponse`s.

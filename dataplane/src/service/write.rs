@@ -4,21 +4,29 @@
 //! `finish_write` the owner shard renames it into place. A stream that drops (or ends without
 //! `finish_write`) parks its temp file and hash state with the owner, so the client can ask
 //! `QueryWriteStatus` and resume from the committed offset. A blob already stored is answered
-//! at once with its full size, without reading the rest of the stream.
+//! at once with its full size (-1 for a compressed upload, as the spec says), without reading
+//! the rest of the stream.
+//!
+//! A compressed upload (`compressed-blobs/zstd/…`) is decompressed one chunk at a time on its
+//! way to the same temp file and hash ([`CompressedUpload`]); what is parked and what
+//! `QueryWriteStatus` reports is the uncompressed bytes, where a resumed stream starts a new
+//! frame.
 
 use super::{BlobError, BlobServices};
 use crate::grpc::{Call, Caller, RecvError, RequestBody};
 use crate::store::accounting::Staged;
 use crate::store::blob_io::TempWriter;
+use crate::store::compressed_upload::CompressedUpload;
 use crate::store::parked::ParkedUpload;
 use crate::store::tier::in_flight::Arriving;
 use crate::store::tier::VerifiedUpload;
-use crate::store::upload::UploadState;
+use crate::store::upload::{UploadError, UploadState};
 use crate::store::{UploadClaim, UploadStatus};
 use bytes::{Bytes, BytesMut};
 use kiln_proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, WriteRequest, WriteResponse,
 };
+use kiln_reapi::compression::Compressor;
 use kiln_reapi::resource::{parse_write, WriteResource};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -97,6 +105,12 @@ async fn write(
         .check(resource.key.instance.as_str())
         .map_err(BlobError::from)?;
     let digest = resource.key.digest;
+    let compressed = resource.compressor != Compressor::Identity;
+    let zstd = if compressed {
+        Some(svc.limits.zstd()?)
+    } else {
+        None
+    };
     tracing::debug!(resource = %first.resource_name, "write");
     if digest.size > svc.limits.cas_capacity {
         return Err(BlobError::TooLarge {
@@ -106,6 +120,17 @@ async fn write(
         .into());
     }
     if digest.is_empty_blob() {
+        if compressed {
+            // Always present: answered as a blob already stored, whatever frame came with it.
+            if first.write_offset != 0 {
+                return Err(BlobError::from(UploadError::Offset {
+                    expected: 0,
+                    got: first.write_offset,
+                })
+                .into());
+            }
+            return Ok(-1);
+        }
         // Always present; still hold the client to the rules for this one message.
         UploadState::new(digest)
             .accept(first.write_offset, &first.data, true)
@@ -120,6 +145,7 @@ async fn write(
         .await
         .map_err(BlobError::from)?;
     let (state, mut writer, staged, epoch) = match claim {
+        UploadClaim::Present if compressed => return Ok(-1),
         UploadClaim::Present => return Ok(digest.size as i64),
         UploadClaim::Busy => return Err(BlobError::UploadBusy(resource.upload_id.clone()).into()),
         UploadClaim::Full { staging, cap } => {
@@ -167,6 +193,25 @@ async fn write(
             }
         }
     };
+    let inflate = match zstd {
+        None => None,
+        Some(z) => match CompressedUpload::new(
+            state.committed(),
+            digest.size,
+            svc.limits.read_chunk,
+            z.max_window_log,
+        ) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                // Nothing written: the temp file and the claim go back.
+                writer.discard(&*svc.runtime).await;
+                svc.cas
+                    .release_upload(upload_key, &resource.key, None)
+                    .await;
+                return Err(BlobError::from(e).into());
+            }
+        },
+    };
     // A small blob sent whole on this stream also seeds the memory tiers.
     let keep = (state.committed() == 0 && digest.size <= svc.limits.inline_read).then(Vec::new);
     // Readers of the blob may follow this upload (with an in-flight tier).
@@ -188,6 +233,7 @@ async fn write(
         progress,
         keep,
         arriving,
+        inflate,
     };
     let result = upload.run(first, body).await;
     upload.end(upload_key, &result).await;
@@ -224,6 +270,8 @@ struct Upload<'a> {
     keep: Option<Vec<Bytes>>,
     /// This upload as readers following it see it (dropped unstored: it failed for them).
     arriving: Option<Arriving>,
+    /// For a compressed upload: its decompression and offsets.
+    inflate: Option<CompressedUpload>,
 }
 
 impl Upload<'_> {
@@ -242,20 +290,8 @@ impl Upload<'_> {
                 )
                 .into());
             }
-            self.state
-                .accept(message.write_offset, &message.data, message.finish_write)
-                .map_err(BlobError::from)?;
-            if let Some(writer) = self.writer.as_mut() {
-                writer
-                    .append(&message.data)
-                    .await
-                    .map_err(|e| BlobError::io("write", writer.path(), e))?;
-            }
-            if let Some(keep) = self.keep.as_mut() {
-                keep.push(message.data.clone());
-            }
-            self.progress
-                .store(self.state.committed(), Ordering::Relaxed);
+            self.take(message.write_offset, message.data, message.finish_write)
+                .await?;
             if self.state.is_finished() {
                 return self.commit().await;
             }
@@ -291,6 +327,58 @@ impl Upload<'_> {
         }
     }
 
+    /// Takes one message's data: as it is, or decompressed one chunk at a time.
+    async fn take(&mut self, offset: i64, data: Bytes, finish: bool) -> Result<(), WriteEnd> {
+        let Some(inflate) = self.inflate.as_mut() else {
+            self.state
+                .accept(offset, &data, finish)
+                .map_err(BlobError::from)?;
+            return self.store_piece(data).await;
+        };
+        inflate
+            .push(self.state.committed(), offset, data)
+            .map_err(BlobError::from)?;
+        while let Some(piece) = self.next_piece()? {
+            let at = self.state.committed() as i64;
+            self.state
+                .accept(at, &piece, false)
+                .map_err(BlobError::from)?;
+            self.store_piece(piece).await?;
+        }
+        if finish {
+            if let Some(inflate) = self.inflate.as_ref() {
+                inflate.finish().map_err(BlobError::from)?;
+            }
+            let at = self.state.committed() as i64;
+            self.state.accept(at, &[], true).map_err(BlobError::from)?;
+        }
+        Ok(())
+    }
+
+    /// The next decompressed piece of a compressed upload's current message.
+    fn next_piece(&mut self) -> Result<Option<Bytes>, BlobError> {
+        match self.inflate.as_mut() {
+            Some(inflate) => Ok(inflate.next_chunk()?),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes accepted bytes to the temp file (and keeps them for the memory tier).
+    async fn store_piece(&mut self, data: Bytes) -> Result<(), WriteEnd> {
+        if let Some(writer) = self.writer.as_mut() {
+            writer
+                .append(&data)
+                .await
+                .map_err(|e| BlobError::io("write", writer.path(), e))?;
+        }
+        if let Some(keep) = self.keep.as_mut() {
+            keep.push(data);
+        }
+        self.progress
+            .store(self.state.committed(), Ordering::Relaxed);
+        Ok(())
+    }
+
     async fn commit(&mut self) -> Result<i64, WriteEnd> {
         let Some(writer) = self.writer.take() else {
             return Err(BlobError::WriteResource("upload already committed").into());
@@ -319,7 +407,10 @@ impl Upload<'_> {
         if let Some(a) = self.arriving.take() {
             a.stored();
         }
-        Ok(self.state.digest().size as i64)
+        Ok(match &self.inflate {
+            Some(inflate) => inflate.committed_size(),
+            None => self.state.digest().size as i64,
+        })
     }
 
     /// Releases the upload: parks it when the stream was interrupted, else drops its file.

@@ -16,6 +16,7 @@ pub mod chain_cas;
 mod client;
 pub mod clone;
 pub(crate) mod commands;
+pub mod compressed_upload;
 pub mod durable;
 mod error;
 pub mod file_lane;

@@ -23,6 +23,10 @@ pub enum UploadError {
     /// A message after `finish_write`.
     #[error("message after finish_write")]
     AfterFinish,
+    /// Compressed data that does not decompress to the blob (see
+    /// [`super::compressed_upload`]).
+    #[error(transparent)]
+    Inflate(#[from] kiln_reapi::compression::InflateError),
 }
 
 /// Progress of one upload.

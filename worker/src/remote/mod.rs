@@ -19,6 +19,7 @@ use kiln_proto::bytestream::{ReadRequest, ReadResponse};
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::FindMissingBlobsRequest;
 use kiln_reapi::cas::{Cas, CasError, CasFuture};
+use kiln_reapi::compression::Compressor;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use kiln_reapi::resource::ReadResource;
 use std::path::Path;
@@ -138,6 +139,7 @@ impl RemoteCas {
     fn name(instance: &InstanceName, d: &Digest) -> String {
         ReadResource {
             key: BlobKey::new(instance.clone(), *d),
+            compressor: Compressor::Identity,
         }
         .name()
     }
