@@ -278,13 +278,23 @@ on_every_runtime! {
             (packed_requests(&write_zname(f, &d), 0, &bomb, 16 << 10), "inflates past"),
             (packed_requests(&write_zname(f, &d), 0, b"not zstd at all", 100), "not a valid zstd"),
             (packed_requests(&write_zname(f, &d), 0, &other, 100), "hash"),
-            (packed_requests(&write_zname(f, &d), 0, &packed[..packed.len() - 3], 100), ""),
             (second_offset_uncompressed, "write_offset"),
             (packed_requests(&write_zname(f, &d), 5, &packed, 100), "write_offset"),
         ];
         for (requests, needle) in cases {
             assert_code(send(&ch, requests).await, Code::InvalidArgument, needle);
         }
+        // A frame cut short: refused either as ending inside a frame or as too few bytes,
+        // depending on where zstd's last block ends.
+        let cut = send(&ch, packed_requests(&write_zname(f, &d), 0, &packed[..packed.len() - 3], 100))
+            .await
+            .expect_err("a truncated frame is refused");
+        assert_eq!(cut.code(), Code::InvalidArgument, "{cut:?}");
+        assert!(
+            cut.message().contains("ends inside a zstd frame") || cut.message().contains("finish_write after"),
+            "{}",
+            cut.message()
+        );
         // Names with a compressor Kiln does not speak.
         for name in [
             format!("uploads/u/compressed-blobs/deflate/{}/1000", d.hash),
@@ -322,6 +332,7 @@ on_every_runtime! {
             .into_iter()
             .map(|r| r.status.map(|s| (s.code, s.message)).unwrap())
             .collect();
+        assert_eq!(statuses.len(), 4);
         for ((code, message), needle) in statuses.iter().zip(["inflates past", "not a valid zstd", "hashes to", "brotli"]) {
             assert_eq!(*code, Code::InvalidArgument as i32, "{message}");
             assert!(message.contains(needle), "{message:?} lacks {needle:?}");
@@ -409,5 +420,61 @@ async fn zstd_turned_off_is_neither_advertised_nor_accepted() {
         .into_inner();
     assert_eq!(response.responses[0].compressor, 0);
     assert_eq!(response.responses[0].data, data);
+    kiln.stop().await;
+}
+
+/// Decoders are bounded by the memory their windows may take: with `max_window_log = 30`
+/// one may run at a time, a second compressed upload is `RESOURCE_EXHAUSTED` until the first
+/// ends, and plain uploads are not held back. (One backend: the budget is process-wide.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decompressing_uploads_are_bounded_by_their_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        config: Some("[compression]\nmax_window_log = 30\n".into()),
+        ..Options::on(common::Runtime::Glommio)
+    };
+    let kiln = Kiln::start_async(dir.path(), options).await;
+    let ch = kiln.channel().await;
+    let f = Function::Sha256;
+    let first = text(21, 2 << 20);
+    let d1 = digest(f, &first);
+    let name = write_zname(f, &d1);
+    let packed = zstd::encode_all(&first[..], 3).unwrap();
+    let requests = packed_requests(&name, 0, &packed, 16 << 10);
+    let (head, tail) = requests.split_at(requests.len() / 2);
+    let upload = blobs::open_upload(&ch);
+    for request in head {
+        upload.tx.send(request.clone()).await.unwrap();
+    }
+    // The first upload holds the one decoder once the server has stored some of it.
+    common::eventually("the first upload to make progress", || async {
+        let (committed, _) = blobs::query(&ch, &name).await.ok()?;
+        (committed > 0).then_some(())
+    })
+    .await;
+    let second = text(22, 1000);
+    let d2 = digest(f, &second);
+    let packed2 = zstd::encode_all(&second[..], 3).unwrap();
+    assert_code(
+        send(&ch, packed_requests(&write_zname(f, &d2), 0, &packed2, 100)).await,
+        Code::ResourceExhausted,
+        "compression.max_window_log",
+    );
+    blobs::write(&ch, &blobs::write_name("", f, &d2), &second, 100)
+        .await
+        .unwrap();
+    for request in tail {
+        upload.tx.send(request.clone()).await.unwrap();
+    }
+    let done = upload.call.await.unwrap().unwrap().into_inner();
+    assert_eq!(done.committed_size, packed.len() as i64);
+    // The decoder is back: the next compressed upload is taken.
+    let third = text(23, 1000);
+    let d3 = digest(f, &third);
+    let packed3 = zstd::encode_all(&third[..], 3).unwrap();
+    let resp = send(&ch, packed_requests(&write_zname(f, &d3), 0, &packed3, 100))
+        .await
+        .unwrap();
+    assert_eq!(resp.committed_size, packed3.len() as i64);
     kiln.stop().await;
 }

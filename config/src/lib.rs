@@ -59,8 +59,11 @@ impl Config {
             return invalid("get_tree.cache_ttl_secs", "must be at most a year");
         }
         let c = &self.compression;
-        if !(-7..=19).contains(&c.level) {
-            return invalid("compression.level", "must be between -7 and 19");
+        if !(-7..=9).contains(&c.level) {
+            return invalid(
+                "compression.level",
+                "must be between -7 and 9 (higher levels stall a core for every read)",
+            );
         }
         if !(10..=30).contains(&c.max_window_log) {
             return invalid("compression.max_window_log", "must be between 10 and 30");

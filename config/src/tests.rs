@@ -244,7 +244,7 @@ fn compression_bounds_are_checked() {
     assert!(defaults.zstd);
     assert_eq!((defaults.level, defaults.max_window_log), (1, 23));
     for (toml, key) in [
-        ("level = 20", "compression.level"),
+        ("level = 10", "compression.level"),
         ("level = -8", "compression.level"),
         ("max_window_log = 9", "compression.max_window_log"),
         ("max_window_log = 31", "compression.max_window_log"),

@@ -117,4 +117,18 @@ mod tests {
         assert!(cache.supported_batch_update_compressors.is_empty());
         assert!(!caps.execution_capabilities.unwrap().exec_enabled);
     }
+
+    #[test]
+    fn advertises_zstd_when_spoken() {
+        let caps = CapabilitiesService::new(Advertised {
+            max_batch_total_size_bytes: 4 << 20,
+            max_cas_blob_size_bytes: 1 << 30,
+            exec_enabled: true,
+            zstd: true,
+        })
+        .capabilities();
+        let cache = caps.cache_capabilities.unwrap();
+        assert_eq!(cache.supported_compressors, vec![1], "ZSTD");
+        assert_eq!(cache.supported_batch_update_compressors, vec![1]);
+    }
 }

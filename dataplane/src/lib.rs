@@ -12,5 +12,6 @@ pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod slots;
 pub mod store;
 pub mod tls;

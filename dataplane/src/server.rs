@@ -3,12 +3,12 @@
 //! accept loop, and on shutdown stop accepting, let in-flight calls finish, then stop the
 //! owners.
 
-use crate::grpc::limits::ConnectionSlots;
 use crate::grpc::{serve_connection, CallHandler, Http2Settings, PeerIdentity};
 use crate::metrics::Metrics;
 use crate::runtime::{bind_reuseport_group, Backend, Runtime};
 use crate::service::{BlobLimits, BlobServices, ControlLink, ZstdSettings};
 use crate::shutdown::{Drain, Shutdown, ShutdownWatch};
+use crate::slots::Slots;
 use crate::store::accounting::Accounting;
 use crate::store::durable;
 use crate::store::group_commit::GroupCommit;
@@ -178,7 +178,7 @@ impl DataPlane {
         let stopped_owners = Arc::new(Mutex::new(Vec::with_capacity(shards)));
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let h2 = Http2Settings::from_config(&config.server);
-        let slots = ConnectionSlots::new(config.server.max_connections);
+        let slots = Slots::new(config.server.max_connections);
         // Group commit is on when it has a limit: its thread and the uploads' data syncs follow.
         let group_commit_max = durable::group_commit_max(config);
         if config.storage.fsync && config.storage.group_commit && group_commit_max.is_none() {
@@ -214,9 +214,10 @@ impl DataPlane {
             direct_io_min,
             stalled_upload: (config.server.stalled_upload_secs > 0)
                 .then(|| Duration::from_secs(config.server.stalled_upload_secs)),
-            zstd: config.compression.zstd.then_some(ZstdSettings {
+            zstd: config.compression.zstd.then(|| ZstdSettings {
                 level: config.compression.level,
                 max_window_log: config.compression.max_window_log,
+                decoders: ZstdSettings::decoder_slots(config.compression.max_window_log),
             }),
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -415,7 +416,7 @@ struct ShardSpec {
     store_settings: StoreSettings,
     limits: BlobLimits,
     h2: Http2Settings,
-    slots: Arc<ConnectionSlots>,
+    slots: Arc<Slots>,
     control: Option<ControlLink>,
     tls: Option<TlsAccept>,
     policy: Arc<kiln_auth::Policy>,

@@ -1,52 +1,8 @@
-//! Per-server and per-connection bounds that are not HTTP/2 settings (sans-IO): how many
-//! connections are open across shards, and how long a connection has had no call in flight.
+//! Per-connection bounds that are not HTTP/2 settings (sans-IO): how long a connection has had
+//! no call in flight. (How many are open across shards is a [`crate::slots::Slots`].)
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Open connections across all shards, at most `max`.
-#[derive(Debug)]
-pub struct ConnectionSlots {
-    open: AtomicUsize,
-    max: usize,
-}
-
-/// One open connection's place; given back when dropped.
-#[derive(Debug)]
-pub struct Slot(Arc<ConnectionSlots>);
-
-impl ConnectionSlots {
-    /// Room for `max` connections.
-    pub fn new(max: usize) -> Arc<ConnectionSlots> {
-        Arc::new(ConnectionSlots {
-            open: AtomicUsize::new(0),
-            max,
-        })
-    }
-
-    /// A place for a new connection, or `None` when `max` are open.
-    pub fn take(self: &Arc<Self>) -> Option<Slot> {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Slot(self.clone()))
-    }
-
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// Calls in flight on one connection, and since when it has had none.
 #[derive(Debug)]
@@ -95,19 +51,6 @@ impl Activity {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slots_are_bounded_and_given_back() {
-        let slots = ConnectionSlots::new(2);
-        let a = slots.take().expect("first");
-        let b = slots.take().expect("second");
-        assert!(slots.take().is_none(), "full");
-        assert_eq!(slots.open(), 2);
-        drop(a);
-        let _c = slots.take().expect("room again");
-        drop(b);
-        assert_eq!(slots.open(), 1);
-    }
 
     #[test]
     fn a_connection_is_idle_only_with_nothing_in_flight() {

@@ -2,7 +2,7 @@
 //! zstd-compressed: an update entry is decompressed (bounded by its declared size) before it is
 //! hashed; a read answers compressed where the client accepts zstd and that is smaller.
 
-use super::{unary, BlobError, BlobServices, ZstdSettings};
+use super::{unary, BlobError, BlobServices};
 use crate::grpc::Call;
 use crate::store::blob_io;
 use crate::store::tier::VerifiedUpload;
@@ -69,8 +69,9 @@ pub(super) async fn serve_batch_update(svc: &BlobServices, call: Call) {
             let total: u64 = request.requests.iter().fold(0u64, |sum, r| {
                 let size = match (r.compressor, r.digest.as_ref()) {
                     (0, _) | (_, None) => r.data.len() as u64,
+                    // A negative size fails its own entry later; it is not a huge one.
                     (_, Some(d)) => u64::try_from(d.size_bytes)
-                        .unwrap_or(u64::MAX)
+                        .unwrap_or(0)
                         .max(r.data.len() as u64),
                 };
                 sum.saturating_add(size)
@@ -121,6 +122,7 @@ async fn update_one(
         Compressor::Identity => request.data.clone(),
         Compressor::Zstd => {
             let zstd = svc.limits.zstd()?;
+            let _decoder = zstd.decoder()?;
             decompress(request.data.clone(), digest.size, zstd.max_window_log)?
         }
     };
@@ -189,11 +191,16 @@ pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
             });
         }
         // zstd answers where the client accepts them and this server speaks zstd.
-        let zstd = svc.limits.zstd.filter(|_| {
-            request
-                .acceptable_compressors
-                .contains(&Compressor::Zstd.proto())
-        });
+        let level = svc
+            .limits
+            .zstd
+            .as_ref()
+            .filter(|_| {
+                request
+                    .acceptable_compressors
+                    .contains(&Compressor::Zstd.proto())
+            })
+            .map(|z| z.level);
         tracing::debug!(blobs = parsed.len(), bytes = total, "batch read");
         let responses = stream::iter(request.digests.into_iter().zip(parsed))
             .map(|(proto, digest)| {
@@ -203,7 +210,7 @@ pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
                         Ok(d) => read_one(svc, BlobKey::new(instance, d)).await,
                         Err(e) => Err(e),
                     };
-                    match result.and_then(|data| smallest(data, zstd)) {
+                    match result.and_then(|data| smallest(data, level)) {
                         Ok((data, compressor)) => batch_read_blobs_response::Response {
                             digest: Some(proto),
                             data,
@@ -227,15 +234,15 @@ pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
     .await
 }
 
-/// `data` as it is, or zstd-compressed when `zstd` is given and that is smaller.
+/// `data` as it is, or zstd-compressed at `level` when one is given and that is smaller.
 fn smallest(
     data: bytes::Bytes,
-    zstd: Option<ZstdSettings>,
+    level: Option<i32>,
 ) -> Result<(bytes::Bytes, Compressor), BlobError> {
-    let Some(zstd) = zstd.filter(|_| !data.is_empty()) else {
+    let Some(level) = level.filter(|_| !data.is_empty()) else {
         return Ok((data, Compressor::Identity));
     };
-    let packed = compress(zstd.level, &data).map_err(BlobError::Deflate)?;
+    let packed = compress(level, &data).map_err(BlobError::Deflate)?;
     Ok(if packed.len() < data.len() {
         (packed, Compressor::Zstd)
     } else {

@@ -86,6 +86,9 @@ pub enum BlobError {
     /// Compressed batch data that does not decompress to its blob.
     #[error(transparent)]
     Inflate(#[from] InflateError),
+    /// Every zstd decoder the memory budget allows is in use.
+    #[error("{max} zstd uploads are being decompressed already (the most compression.max_window_log allows at once); retry, or send this one uncompressed")]
+    DecodersBusy { max: usize },
     /// The server failed to compress a blob it holds.
     #[error("could not compress the blob: {0}")]
     Deflate(std::io::Error),
@@ -137,7 +140,7 @@ impl Classify for BlobError {
             | BlobError::Inflate(_) => ErrorKind::Invalid,
             BlobError::Deflate(_) => ErrorKind::Internal,
             BlobError::UploadBusy(_) => ErrorKind::Conflict,
-            BlobError::StagingFull { .. } => ErrorKind::Exhausted,
+            BlobError::StagingFull { .. } | BlobError::DecodersBusy { .. } => ErrorKind::Exhausted,
             BlobError::Stalled { .. } => ErrorKind::TimedOut,
             BlobError::NotFound(_) | BlobError::UnknownUpload(_) => ErrorKind::Missing,
             BlobError::ReadOffset { .. } => ErrorKind::OutOfRange,

@@ -12,6 +12,7 @@ pub use error::BlobError;
 
 use crate::grpc::{Call, CallHandler, Caller, HandoffSender, Responder};
 use crate::runtime::{LocalBoxFuture, Runtime};
+use crate::slots::{Slot, Slots};
 use crate::store::layout::Layout;
 use crate::store::tier::in_flight::Uploads;
 use crate::store::tier::BlobStore;
@@ -75,12 +76,34 @@ pub struct BlobLimits {
 }
 
 /// How the blob methods speak zstd.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ZstdSettings {
     /// The level reads and batch answers are compressed at.
     pub level: i32,
     /// Largest window a client's frame may ask for, as a power of two.
     pub max_window_log: u32,
+    /// zstd decoders in use across the process (shared by every shard): a frame header
+    /// alone can make one allocate its whole window, so their number is capped.
+    pub decoders: Arc<Slots>,
+}
+
+/// The memory all zstd decoders' windows may take together.
+pub const DECODER_MEMORY: usize = 1 << 30;
+
+impl ZstdSettings {
+    /// Room for as many decoders as windows of 2^`max_window_log` bytes fit in
+    /// [`DECODER_MEMORY`].
+    pub fn decoder_slots(max_window_log: u32) -> Arc<Slots> {
+        let window = 1usize.checked_shl(max_window_log).unwrap_or(usize::MAX);
+        Slots::new((DECODER_MEMORY / window.max(1)).max(1))
+    }
+
+    /// A place for one more decoder, or `RESOURCE_EXHAUSTED` when all are in use.
+    pub fn decoder(&self) -> Result<Slot, BlobError> {
+        self.decoders.take().ok_or(BlobError::DecodersBusy {
+            max: self.decoders.max(),
+        })
+    }
 }
 
 impl BlobLimits {
@@ -92,8 +115,8 @@ impl BlobLimits {
     }
 
     /// zstd settings for a request in `compressor`'s form; an error when it is off.
-    pub fn zstd(&self) -> Result<ZstdSettings, BlobError> {
-        self.zstd.ok_or(BlobError::CompressionOff)
+    pub fn zstd(&self) -> Result<&ZstdSettings, BlobError> {
+        self.zstd.as_ref().ok_or(BlobError::CompressionOff)
     }
 
     /// Whether a new upload of `size` bytes asks for direct I/O.
@@ -223,5 +246,18 @@ where
             }
         }
         Err(e) => responder.finish(Err(e.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoder_windows_fit_their_memory() {
+        assert_eq!(ZstdSettings::decoder_slots(23).max(), 128);
+        assert_eq!(ZstdSettings::decoder_slots(29).max(), 2);
+        assert_eq!(ZstdSettings::decoder_slots(30).max(), 1);
+        assert_eq!(ZstdSettings::decoder_slots(10).max(), 1 << 20);
     }
 }

@@ -14,6 +14,7 @@
 
 use super::{BlobError, BlobServices};
 use crate::grpc::{Call, Caller, RecvError, RequestBody};
+use crate::slots::Slot;
 use crate::store::accounting::Staged;
 use crate::store::blob_io::TempWriter;
 use crate::store::compressed_upload::CompressedUpload;
@@ -107,7 +108,7 @@ async fn write(
     let digest = resource.key.digest;
     let compressed = resource.compressor != Compressor::Identity;
     let zstd = if compressed {
-        Some(svc.limits.zstd()?)
+        Some(svc.limits.zstd()?.clone())
     } else {
         None
     };
@@ -195,12 +196,15 @@ async fn write(
     };
     let inflate = match zstd {
         None => None,
-        Some(z) => match CompressedUpload::new(
-            state.committed(),
-            digest.size,
-            svc.limits.read_chunk,
-            z.max_window_log,
-        ) {
+        Some(z) => match z.decoder().and_then(|permit| {
+            let upload = CompressedUpload::new(
+                state.committed(),
+                digest.size,
+                svc.limits.read_chunk,
+                z.max_window_log,
+            )?;
+            Ok((upload, permit))
+        }) {
             Ok(c) => Some(c),
             Err(e) => {
                 // Nothing written: the temp file and the claim go back.
@@ -208,12 +212,15 @@ async fn write(
                 svc.cas
                     .release_upload(upload_key, &resource.key, None)
                     .await;
-                return Err(BlobError::from(e).into());
+                return Err(e.into());
             }
         },
     };
     // A small blob sent whole on this stream also seeds the memory tiers.
-    let keep = (state.committed() == 0 && digest.size <= svc.limits.inline_read).then(Vec::new);
+    // One buffer of the blob's size (at most `inline_read`): pieces are copied in, so a
+    // stream of many tiny messages cannot make it hold one allocation per message.
+    let keep = (state.committed() == 0 && digest.size <= svc.limits.inline_read)
+        .then(|| BytesMut::with_capacity(digest.size as usize));
     // Readers of the blob may follow this upload (with an in-flight tier).
     let arriving = svc
         .uploads
@@ -267,11 +274,12 @@ struct Upload<'a> {
     epoch: u64,
     progress: Arc<AtomicU64>,
     /// For small blobs uploaded in one go: the data, to seed the memory tier.
-    keep: Option<Vec<Bytes>>,
+    keep: Option<BytesMut>,
     /// This upload as readers following it see it (dropped unstored: it failed for them).
     arriving: Option<Arriving>,
-    /// For a compressed upload: its decompression and offsets.
-    inflate: Option<CompressedUpload>,
+    /// For a compressed upload: its decompression and offsets, and its decoder's place in
+    /// the memory budget.
+    inflate: Option<(CompressedUpload, Slot)>,
 }
 
 impl Upload<'_> {
@@ -329,7 +337,7 @@ impl Upload<'_> {
 
     /// Takes one message's data: as it is, or decompressed one chunk at a time.
     async fn take(&mut self, offset: i64, data: Bytes, finish: bool) -> Result<(), WriteEnd> {
-        let Some(inflate) = self.inflate.as_mut() else {
+        let Some((inflate, _)) = self.inflate.as_mut() else {
             self.state
                 .accept(offset, &data, finish)
                 .map_err(BlobError::from)?;
@@ -346,7 +354,7 @@ impl Upload<'_> {
             self.store_piece(piece).await?;
         }
         if finish {
-            if let Some(inflate) = self.inflate.as_ref() {
+            if let Some((inflate, _)) = self.inflate.as_ref() {
                 inflate.finish().map_err(BlobError::from)?;
             }
             let at = self.state.committed() as i64;
@@ -358,7 +366,7 @@ impl Upload<'_> {
     /// The next decompressed piece of a compressed upload's current message.
     fn next_piece(&mut self) -> Result<Option<Bytes>, BlobError> {
         match self.inflate.as_mut() {
-            Some(inflate) => Ok(inflate.next_chunk()?),
+            Some((inflate, _)) => Ok(inflate.next_chunk()?),
             None => Ok(None),
         }
     }
@@ -372,7 +380,7 @@ impl Upload<'_> {
                 .map_err(|e| BlobError::io("write", writer.path(), e))?;
         }
         if let Some(keep) = self.keep.as_mut() {
-            keep.push(data);
+            keep.extend_from_slice(&data);
         }
         self.progress
             .store(self.state.committed(), Ordering::Relaxed);
@@ -391,7 +399,7 @@ impl Upload<'_> {
             let _ = self.svc.runtime.remove_file(&path).await;
             return Err(BlobError::io("write", &path, e).into());
         }
-        let data = self.keep.take().map(concat);
+        let data = self.keep.take().map(BytesMut::freeze);
         // The committed blob is counted by its owner from here on.
         self.staged = None;
         let upload = VerifiedUpload {
@@ -408,7 +416,7 @@ impl Upload<'_> {
             a.stored();
         }
         Ok(match &self.inflate {
-            Some(inflate) => inflate.committed_size(),
+            Some((inflate, _)) => inflate.committed_size(),
             None => self.state.digest().size as i64,
         })
     }
@@ -455,17 +463,6 @@ impl Upload<'_> {
             .release_upload(upload_key, &self.resource.key, park)
             .await;
     }
-}
-
-fn concat(parts: Vec<Bytes>) -> Bytes {
-    if parts.len() == 1 {
-        return parts.into_iter().next().unwrap_or_default();
-    }
-    let mut out = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
-    for p in parts {
-        out.extend_from_slice(&p);
-    }
-    out.freeze()
 }
 
 pub(super) async fn serve_query(svc: &BlobServices, call: Call) {

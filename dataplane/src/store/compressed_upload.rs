@@ -149,7 +149,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_offsets_overflow_and_bad_data_are_refused() {
+    fn bad_offsets_and_bad_data_are_refused() {
         let data = blob();
         let packed = compress(1, &data).unwrap();
         let digest = Digest::of(DigestFunction::Sha256, &data);
@@ -165,8 +165,6 @@ mod tests {
                 got: 0
             })
         ));
-        let mut z = CompressedUpload::new(0, size, 1000, 23).unwrap();
-        z.push(0, i64::MAX - 2, packed.slice(..10)).unwrap_err();
         // Data for a smaller blob than declared: the hash check at the end refuses it.
         let mut state = UploadState::new(digest);
         let mut z = CompressedUpload::new(0, size, 1000, 23).unwrap();

@@ -105,6 +105,11 @@ impl Inflater {
             }
             self.left -= made as u64;
             if made > 0 {
+                // A piece much smaller than its buffer is copied out, so that whoever keeps
+                // it does not keep the whole chunk's allocation.
+                if made < room / 4 {
+                    return Ok(Some(Bytes::copy_from_slice(&out)));
+                }
                 return Ok(Some(Bytes::from(out)));
             }
         }
