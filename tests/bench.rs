@@ -82,6 +82,16 @@ on_every_runtime! {
             ),
             ("execute --ops 5", vec!["execute", "queue-to-start"]),
             ("get-tree --ops 4 --page-size 7", vec!["get-tree"]),
+            // zstd both ways, counted uncompressed; and splices of 3 chunks.
+            (
+                "write --size 300KiB --ops 4 --content text --compressed",
+                vec!["write"],
+            ),
+            (
+                "read --size 300KiB --ops 4 --blobs 2 --content text --compressed",
+                vec!["read"],
+            ),
+            ("splice --size 1MiB --chunks 3 --ops 4", vec!["splice"]),
             (
                 // Five inputs per action, uploaded in a batch: the actions run only if the
                 // server has every one of them.

@@ -17,9 +17,10 @@ pub fn need(path: &str) -> Option<Need> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     let role = match (service, method) {
         ("build.bazel.remote.execution.v2.Capabilities", _) => return Some(Need::AnyRole),
-        ("build.bazel.remote.execution.v2.ContentAddressableStorage", "BatchUpdateBlobs") => {
-            Role::CacheWrite
-        }
+        (
+            "build.bazel.remote.execution.v2.ContentAddressableStorage",
+            "BatchUpdateBlobs" | "SpliceBlob",
+        ) => Role::CacheWrite,
         ("build.bazel.remote.execution.v2.ContentAddressableStorage", _) => Role::CacheRead,
         ("google.bytestream.ByteStream", "Read") => Role::CacheRead,
         ("google.bytestream.ByteStream", _) => Role::CacheWrite,
@@ -61,6 +62,14 @@ mod tests {
             (
                 "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs",
                 Need::Role(Role::CacheWrite),
+            ),
+            (
+                "/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob",
+                Need::Role(Role::CacheWrite),
+            ),
+            (
+                "/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob",
+                Need::Role(Role::CacheRead),
             ),
             (
                 "/google.bytestream.ByteStream/Read",

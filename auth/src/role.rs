@@ -6,10 +6,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
-    /// Read the CAS (ByteStream Read, BatchReadBlobs, FindMissingBlobs, GetTree), read the
-    /// action cache (GetActionResult), and GetCapabilities.
+    /// Read the CAS (ByteStream Read, BatchReadBlobs, FindMissingBlobs, GetTree, SplitBlob),
+    /// read the action cache (GetActionResult), and GetCapabilities.
     CacheRead,
-    /// Write the CAS (ByteStream Write, QueryWriteStatus, BatchUpdateBlobs).
+    /// Write the CAS (ByteStream Write, QueryWriteStatus, BatchUpdateBlobs, SpliceBlob).
     CacheWrite,
     /// Write the action cache (UpdateActionResult).
     AcWrite,

@@ -231,9 +231,10 @@ pub fn on_every_core<T: Send>(blobs: &[(u64, u64)], f: impl Fn(u64, u64) -> T + 
     })
 }
 
-/// The messages of a compressed upload of `packed` to `name` from offset zero: each offset is
-/// the compressed bytes before it, as the spec says.
-pub fn compressed_write_requests(name: &str, packed: &Bytes, chunk: usize) -> Vec<WriteRequest> {
+/// The messages uploading `data` to `name` from offset zero in `chunk`-byte messages, each
+/// offset the bytes before it (for a compressed upload, the compressed bytes, as the spec
+/// says).
+pub fn data_write_requests(name: &str, packed: &Bytes, chunk: usize) -> Vec<WriteRequest> {
     let chunk = chunk.max(1);
     let mut out = Vec::new();
     let mut pos = 0;

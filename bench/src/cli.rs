@@ -79,6 +79,9 @@ pub struct Args {
     /// step (`mixed`).
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Chunks each `splice` blob is spliced from.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub chunks: u64,
     /// Digests per FindMissingBlobs call.
     #[arg(long, default_value_t = 1000)]
     pub digests_per_call: usize,
@@ -157,6 +160,9 @@ pub enum Scenario {
     ActionCache,
     /// GetTree over a synthetic tree.
     GetTree,
+    /// SpliceBlob of a blob of --size from --chunks chunks uploaded before (one unique to each
+    /// blob, the rest shared).
+    Splice,
     /// Execute of no-op or sleeping actions.
     Execute,
     /// A Bazel-like build step: FindMissing, upload, GetActionResult, Execute or update, read.
@@ -175,6 +181,7 @@ impl Scenario {
             Scenario::FindMissing => "find-missing",
             Scenario::ActionCache => "action-cache",
             Scenario::GetTree => "get-tree",
+            Scenario::Splice => "splice",
             Scenario::Execute => "execute",
             Scenario::Mixed => "mixed",
             Scenario::Tcp => "tcp",

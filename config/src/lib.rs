@@ -68,6 +68,20 @@ impl Config {
         if !(10..=30).contains(&c.max_window_log) {
             return invalid("compression.max_window_log", "must be between 10 and 30");
         }
+        let k = &self.chunking;
+        let avg = k.avg_chunk_size_bytes.as_u64();
+        if !avg.is_power_of_two() || !(1024..=1 << 20).contains(&avg) {
+            return invalid(
+                "chunking.avg_chunk_size_bytes",
+                "must be a power of two from 1 KiB to 1 MiB (REAPI's FastCDC 2020 range)",
+            );
+        }
+        if k.max_chunks == 0 || k.max_chunks > 1 << 24 {
+            return invalid("chunking.max_chunks", "must be between 1 and 16,777,216");
+        }
+        if k.list_cache_bytes.as_u64() > 1 << 40 {
+            return invalid("chunking.list_cache_bytes", "must be at most 1 TiB");
+        }
         let s = &self.server;
         if s.max_batch_total_size_bytes.as_u64() + 64 * 1024 > s.max_message_bytes.as_u64() {
             return invalid(

@@ -257,3 +257,31 @@ fn compression_bounds_are_checked() {
     let off = Config::from_toml("[compression]\nzstd = false", "test").unwrap();
     assert!(!off.compression.zstd);
 }
+
+#[test]
+fn chunking_bounds_are_checked() {
+    let defaults = Config::from_toml("", "test").unwrap().chunking;
+    assert!(defaults.enabled);
+    assert_eq!(defaults.avg_chunk_size_bytes.as_u64(), 512 << 10);
+    for (toml, key) in [
+        (
+            "avg_chunk_size_bytes = \"3 KiB\"",
+            "chunking.avg_chunk_size_bytes",
+        ),
+        (
+            "avg_chunk_size_bytes = 512",
+            "chunking.avg_chunk_size_bytes",
+        ),
+        (
+            "avg_chunk_size_bytes = \"2 MiB\"",
+            "chunking.avg_chunk_size_bytes",
+        ),
+        ("max_chunks = 0", "chunking.max_chunks"),
+        ("list_cache_bytes = \"2 TiB\"", "chunking.list_cache_bytes"),
+    ] {
+        match Config::from_toml(&format!("[chunking]\n{toml}"), "test") {
+            Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{toml}"),
+            other => panic!("{toml}: {other:?}"),
+        }
+    }
+}

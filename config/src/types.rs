@@ -21,6 +21,8 @@ pub struct Config {
     pub get_tree: GetTreeConfig,
     /// Compressed blobs: zstd over ByteStream and in batches.
     pub compression: CompressionConfig,
+    /// Chunked blobs: `SplitBlob` and `SpliceBlob` with FastCDC 2020.
+    pub chunking: ChunkingConfig,
     /// The control plane's tokio runtime.
     pub control_plane: ControlPlaneConfig,
     /// The admin HTTP listener: metrics, health, status page.
@@ -369,6 +371,35 @@ impl Default for CompressionConfig {
             zstd: true,
             level: 1,
             max_window_log: 23,
+        }
+    }
+}
+
+/// `SplitBlob` and `SpliceBlob`, with FastCDC 2020 as REAPI defines it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChunkingConfig {
+    /// Serve and advertise `SplitBlob` and `SpliceBlob` (and FastCDC 2020's parameters).
+    pub enabled: bool,
+    /// FastCDC's average chunk size: a power of two from 1 KiB to 1 MiB (chunks are a
+    /// quarter of it to four times it).
+    pub avg_chunk_size_bytes: ByteSize,
+    /// FastCDC's seed; every client of a cache should use the same.
+    pub seed: u32,
+    /// Most chunks in one `SpliceBlob` list.
+    pub max_chunks: usize,
+    /// Memory for remembered chunk lists (a second `SplitBlob` of a blob is a lookup).
+    pub list_cache_bytes: ByteSize,
+}
+
+impl Default for ChunkingConfig {
+    fn default() -> Self {
+        ChunkingConfig {
+            enabled: true,
+            avg_chunk_size_bytes: ByteSize::kib(512),
+            seed: 0,
+            max_chunks: 65_536,
+            list_cache_bytes: ByteSize::mib(16),
         }
     }
 }

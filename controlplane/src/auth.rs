@@ -25,6 +25,12 @@ pub mod paths {
     pub const OPERATIONS: &str = "/google.longrunning.Operations/GetOperation";
     /// ContentAddressableStorage.GetTree.
     pub const GET_TREE: &str = "/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree";
+    /// CAS.SplitBlob
+    pub const SPLIT_BLOB: &str =
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob";
+    /// CAS.SpliceBlob
+    pub const SPLICE_BLOB: &str =
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob";
     /// WorkerApi.Session.
     pub const WORKER_SESSION: &str = "/kiln.worker.v1.WorkerApi/Session";
 }

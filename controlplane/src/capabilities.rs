@@ -1,5 +1,6 @@
 //! The Capabilities service: what this server really supports.
 
+use crate::chunking::ChunkParams;
 use kiln_proto::build::bazel::semver::SemVer;
 use kiln_proto::reapi::capabilities_server::Capabilities;
 use kiln_proto::reapi::{
@@ -21,6 +22,8 @@ pub struct Advertised {
     pub exec_enabled: bool,
     /// Whether zstd is spoken (ByteStream `compressed-blobs/zstd/…` and batch entries).
     pub zstd: bool,
+    /// With `SplitBlob` and `SpliceBlob` served: FastCDC 2020's parameters.
+    pub chunking: Option<ChunkParams>,
 }
 
 /// The Capabilities service.
@@ -66,9 +69,9 @@ impl CapabilitiesService {
                 supported_compressors: compressors.clone(),
                 supported_batch_update_compressors: compressors,
                 max_cas_blob_size_bytes: self.advertised.max_cas_blob_size_bytes as i64,
-                split_blob_support: false,
-                splice_blob_support: false,
-                fast_cdc_2020_params: None,
+                split_blob_support: self.advertised.chunking.is_some(),
+                splice_blob_support: self.advertised.chunking.is_some(),
+                fast_cdc_2020_params: self.advertised.chunking.map(|p| p.proto()),
                 rep_max_cdc_params: None,
             }),
             execution_capabilities: Some(ExecutionCapabilities {
@@ -108,6 +111,7 @@ mod tests {
             max_cas_blob_size_bytes: 1 << 30,
             exec_enabled: false,
             zstd: false,
+            chunking: None,
         })
         .capabilities();
         let cache = caps.cache_capabilities.unwrap();
@@ -119,16 +123,23 @@ mod tests {
     }
 
     #[test]
-    fn advertises_zstd_when_spoken() {
+    fn advertises_zstd_and_chunking_when_offered() {
         let caps = CapabilitiesService::new(Advertised {
             max_batch_total_size_bytes: 4 << 20,
             max_cas_blob_size_bytes: 1 << 30,
             exec_enabled: true,
             zstd: true,
+            chunking: Some(ChunkParams {
+                avg: 512 << 10,
+                seed: 7,
+            }),
         })
         .capabilities();
         let cache = caps.cache_capabilities.unwrap();
         assert_eq!(cache.supported_compressors, vec![1], "ZSTD");
         assert_eq!(cache.supported_batch_update_compressors, vec![1]);
+        assert!(cache.split_blob_support && cache.splice_blob_support);
+        let cdc = cache.fast_cdc_2020_params.unwrap();
+        assert_eq!((cdc.avg_chunk_size_bytes, cdc.seed), (512 << 10, 7));
     }
 }

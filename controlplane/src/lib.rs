@@ -6,6 +6,8 @@ pub mod action_cache;
 pub mod admin;
 pub mod auth;
 pub mod capabilities;
+pub mod cas_server;
+pub mod chunking;
 pub mod enrolment;
 pub mod error;
 pub mod execution;
@@ -82,11 +84,16 @@ impl ControlPlane {
             config.storage.fsync,
         );
         let max_message = config.server.max_message_bytes.as_u64() as usize;
+        let chunk_params = chunking::ChunkParams {
+            avg: config.chunking.avg_chunk_size_bytes.as_u64() as u32,
+            seed: config.chunking.seed,
+        };
         let capabilities = CapabilitiesService::new(Advertised {
             max_batch_total_size_bytes: config.server.max_batch_total_size_bytes.as_u64(),
             max_cas_blob_size_bytes: config.storage.disk_bytes.as_u64(),
             exec_enabled: config.execution.enabled,
             zstd: config.compression.zstd,
+            chunking: config.chunking.enabled.then_some(chunk_params),
         });
         let action_cache_core = Arc::new(ActionCache::new(
             action_cache.clone(),
@@ -123,7 +130,7 @@ impl ControlPlane {
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
         )
-        .add_service(tree::raw::TreeServer::new(
+        .add_service(cas_server::CasServer::new(
             tree::TreeService::new(
                 Arc::new(local.clone()),
                 tree::TreeSettings {
@@ -134,6 +141,16 @@ impl ControlPlane {
                     max_directory_bytes: max_message.saturating_sub(64 << 10).max(1) as u64,
                 },
                 control_metrics.clone(),
+            ),
+            chunking::ChunkService::new(
+                Arc::new(local.clone()),
+                chunking::ChunkSettings {
+                    enabled: config.chunking.enabled,
+                    params: chunk_params,
+                    max_chunks: config.chunking.max_chunks,
+                    list_cache_bytes: config.chunking.list_cache_bytes.as_u64(),
+                    layout: Layout::cas(&config.storage.data_dir),
+                },
             ),
             max_message,
         ));

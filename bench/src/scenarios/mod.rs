@@ -9,6 +9,7 @@ mod find_missing;
 mod get_tree;
 mod mixed;
 mod read;
+mod splice;
 pub mod tcp;
 mod write;
 
@@ -293,6 +294,7 @@ pub async fn prepare(ctx: Arc<Ctx>, scenario: Scenario) -> anyhow::Result<Prepar
         Scenario::FindMissing => find_missing::prepare(ctx).await,
         Scenario::ActionCache => action_cache::prepare(ctx).await,
         Scenario::GetTree => get_tree::prepare(ctx).await,
+        Scenario::Splice => splice::prepare(ctx).await,
         Scenario::Execute => execute::prepare(ctx).await,
         Scenario::Mixed => mixed::prepare(ctx).await,
         Scenario::Tcp => bail!("the tcp scenario needs no endpoint"),

@@ -79,8 +79,7 @@ impl Workload for WriteLoad {
                         self.ctx.function,
                         d,
                     );
-                    let requests =
-                        blobs::compressed_write_requests(&name, packed, self.ctx.args.chunk);
+                    let requests = blobs::data_write_requests(&name, packed, self.ctx.args.chunk);
                     (requests, packed.len() as i64)
                 }
                 None => {

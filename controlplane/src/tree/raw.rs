@@ -1,20 +1,14 @@
 //! `GetTree` on the wire without encoding directories again: pages are written from the
 //! `Directory` bytes the CAS holds (a repeated message field and a repeated `bytes` field are
-//! the same on the wire), through a tonic service of our own for the CAS's name, since the
-//! generated one wants decoded messages. The data plane answers the CAS's other methods; any
-//! that reach this service are refused.
+//! the same on the wire), through a tonic service of our own for the CAS's name
+//! ([`crate::cas_server`]), since the generated one wants decoded messages.
 
-use super::TreeService;
 use bytes::{Buf, BufMut, Bytes};
-use futures::future::BoxFuture;
 use futures::Stream;
-use kiln_proto::reapi::GetTreeRequest;
 use prost::encoding::{self, DecodeContext, WireType};
 use prost::DecodeError;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 /// A `GetTreeResponse` whose directories are already encoded.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -66,70 +60,6 @@ impl prost::Message for RawPage {
 
 /// The pages of one call.
 pub type PageStream = Pin<Box<dyn Stream<Item = Result<RawPage, Status>> + Send>>;
-
-/// The CAS's gRPC service as the control plane serves it: `GetTree`.
-#[derive(Clone)]
-pub struct TreeServer {
-    inner: Arc<TreeService>,
-    max_message: usize,
-}
-
-impl TreeServer {
-    /// Serves `service`, with messages up to `max_message` bytes.
-    pub fn new(service: TreeService, max_message: usize) -> TreeServer {
-        TreeServer {
-            inner: Arc::new(service),
-            max_message,
-        }
-    }
-}
-
-impl tonic::server::NamedService for TreeServer {
-    const NAME: &'static str = "build.bazel.remote.execution.v2.ContentAddressableStorage";
-}
-
-struct GetTreeCall(Arc<TreeService>);
-
-impl tonic::server::ServerStreamingService<GetTreeRequest> for GetTreeCall {
-    type Response = RawPage;
-    type ResponseStream = PageStream;
-    type Future = BoxFuture<'static, Result<Response<PageStream>, Status>>;
-
-    fn call(&mut self, request: Request<GetTreeRequest>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.get_tree(request).await })
-    }
-}
-
-impl<B> tower::Service<http::Request<B>> for TreeServer
-where
-    B: http_body::Body + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != crate::auth::paths::GET_TREE {
-            let refused = Status::unimplemented(
-                "only GetTree of the CAS is served here (the data plane serves its blob methods; SplitBlob and SpliceBlob are not offered)",
-            );
-            return Box::pin(async move { Ok(refused.into_http()) });
-        }
-        let (inner, max) = (self.inner.clone(), self.max_message);
-        Box::pin(async move {
-            let codec = tonic_prost::ProstCodec::<RawPage, GetTreeRequest>::default();
-            let mut grpc =
-                tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(max), Some(max));
-            Ok(grpc.server_streaming(GetTreeCall(inner), request).await)
-        })
-    }
-}
 
 #[cfg(test)]
 mod tests {
