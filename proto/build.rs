@@ -7,6 +7,7 @@ use std::path::PathBuf;
 const FILES: &[&str] = &[
     "build/bazel/semver/semver.proto",
     "build/bazel/remote/execution/v2/remote_execution.proto",
+    "build/bazel/remote/asset/v1/remote_asset.proto",
     "google/bytestream/bytestream.proto",
     "google/longrunning/operations.proto",
     "google/rpc/code.proto",

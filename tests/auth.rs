@@ -8,6 +8,9 @@ mod common;
 
 use common::blobs::{digest, pseudo_random, read_name, write_name, write_requests};
 use common::{kiln_token, Kiln, Options};
+use kiln_proto::asset::fetch_client::FetchClient;
+use kiln_proto::asset::push_client::PushClient;
+use kiln_proto::asset::{FetchBlobRequest, PushBlobRequest};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{QueryWriteStatusRequest, ReadRequest};
 use kiln_proto::longrunning::operations_client::OperationsClient;
@@ -19,7 +22,8 @@ use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{
     batch_update_blobs_request, digest_function::Value as Function, ActionResult,
     BatchReadBlobsRequest, BatchUpdateBlobsRequest, ExecuteRequest, FindMissingBlobsRequest,
-    GetActionResultRequest, GetCapabilitiesRequest, GetTreeRequest, UpdateActionResultRequest,
+    GetActionResultRequest, GetCapabilitiesRequest, GetTreeRequest, SpliceBlobRequest,
+    SplitBlobRequest, UpdateActionResultRequest,
 };
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use tonic::service::interceptor::InterceptedService;
@@ -245,6 +249,69 @@ impl As {
             Ok(())
         };
         out.push(("GetTree", code(tree.await).max_ok(Code::NotFound)));
+        // A blob no caller uploads: past the check, NOT_FOUND.
+        let absent = digest(F, b"no such blob");
+        out.push((
+            "SplitBlob",
+            code(
+                self.cas()
+                    .split_blob(SplitBlobRequest {
+                        instance_name: instance.into(),
+                        blob_digest: Some(absent.clone()),
+                        digest_function: F as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+            )
+            .max_ok(Code::NotFound),
+        ));
+        out.push((
+            "SpliceBlob",
+            code(
+                self.cas()
+                    .splice_blob(SpliceBlobRequest {
+                        instance_name: instance.into(),
+                        blob_digest: Some(absent.clone()),
+                        chunk_digests: vec![absent.clone()],
+                        digest_function: F as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+            )
+            .max_ok(Code::NotFound),
+        ));
+        // Not an http(s) URL and never pushed: past the check, an answer saying NOT_FOUND.
+        out.push((
+            "FetchBlob",
+            code(
+                FetchClient::with_interceptor(self.ch.clone(), self.token.clone())
+                    .fetch_blob(FetchBlobRequest {
+                        instance_name: instance.into(),
+                        uris: vec!["urn:kiln:none".into()],
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+        ));
+        // Content not in the CAS: past the check, INVALID_ARGUMENT.
+        out.push((
+            "PushBlob",
+            code(
+                PushClient::with_interceptor(self.ch.clone(), self.token.clone())
+                    .push_blob(PushBlobRequest {
+                        instance_name: instance.into(),
+                        uris: vec!["urn:kiln:none".into()],
+                        blob_digest: Some(absent),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+            )
+            .max_ok(Code::InvalidArgument),
+        ));
         out
     }
 }
@@ -288,22 +355,23 @@ on_every_runtime! {
         let ch = kiln.channel().await;
         let caller = |t: Option<&String>| As { ch: ch.clone(), token: Bearer(t.cloned()) };
         use Code::{Ok as Y, PermissionDenied as N, Unauthenticated as U};
-        let expect = |who: &str, got: Vec<(&str, Code)>, want: [Code; 13]| {
+        let expect = |who: &str, got: Vec<(&str, Code)>, want: [Code; 17]| {
+            assert_eq!(got.len(), want.len(), "{who}");
             for ((method, g), w) in got.iter().zip(want) {
                 assert_eq!(*g, w, "{who}: {method}");
             }
         };
-        let names = ["FindMissingBlobs", "BatchUpdateBlobs", "BatchReadBlobs", "Write", "QueryWriteStatus", "Read", "GetActionResult", "UpdateActionResult", "GetCapabilities", "Execute", "GetOperation", "WorkerApi.Session", "GetTree"];
+        let names = ["FindMissingBlobs", "BatchUpdateBlobs", "BatchReadBlobs", "Write", "QueryWriteStatus", "Read", "GetActionResult", "UpdateActionResult", "GetCapabilities", "Execute", "GetOperation", "WorkerApi.Session", "GetTree", "SplitBlob", "SpliceBlob", "FetchBlob", "PushBlob"];
         assert_eq!(caller(None).codes("main").await.iter().map(|(m, _)| *m).collect::<Vec<_>>(), names);
-        expect("no token", caller(None).codes("main").await, [U; 13]);
-        expect("bad token", caller(Some(&"kiln_bogus".to_string())).codes("main").await, [U; 13]);
-        //                                          FMB BUB BRB Wr QWS Rd GAR UAR Cap Exe Op Wkr Tree
-        expect("reader@main", caller(Some(&reader)).codes("main").await, [Y, N, Y, N, N, Y, Y, N, Y, N, N, N, Y]);
-        expect("reader@other", caller(Some(&reader)).codes("other").await, [N; 13]);
-        expect("writer", caller(Some(&writer)).codes("main").await, [Y, Y, Y, Y, Y, Y, Y, N, Y, N, N, N, Y]);
-        expect("acw", caller(Some(&acw)).codes("main").await, [N, N, N, N, N, N, N, Y, Y, N, N, N, N]);
-        expect("exec", caller(Some(&exec)).codes("x").await, [Y, Y, Y, Y, Y, Y, Y, N, Y, Y, Y, N, Y]);
-        expect("worker", caller(Some(&worker)).codes("main").await, [N, N, N, N, N, N, N, N, Y, N, N, Y, N]);
+        expect("no token", caller(None).codes("main").await, [U; 17]);
+        expect("bad token", caller(Some(&"kiln_bogus".to_string())).codes("main").await, [U; 17]);
+        //                                          FMB BUB BRB Wr QWS Rd GAR UAR Cap Exe Op Wkr Tree Spl Spc Fet Push
+        expect("reader@main", caller(Some(&reader)).codes("main").await, [Y, N, Y, N, N, Y, Y, N, Y, N, N, N, Y, Y, N, N, N]);
+        expect("reader@other", caller(Some(&reader)).codes("other").await, [N; 17]);
+        expect("writer", caller(Some(&writer)).codes("main").await, [Y, Y, Y, Y, Y, Y, Y, N, Y, N, N, N, Y, Y, Y, Y, N]);
+        expect("acw", caller(Some(&acw)).codes("main").await, [N, N, N, N, N, N, N, Y, Y, N, N, N, N, N, N, N, Y]);
+        expect("exec", caller(Some(&exec)).codes("x").await, [Y, Y, Y, Y, Y, Y, Y, N, Y, Y, Y, N, Y, Y, Y, Y, N]);
+        expect("worker", caller(Some(&worker)).codes("main").await, [N, N, N, N, N, N, N, N, Y, N, N, Y, N, N, N, N, N]);
         // The refusal names the caller, the method and the instance.
         let e = caller(Some(&reader)).cas().batch_update_blobs(BatchUpdateBlobsRequest { instance_name: "main".into(), ..Default::default() }).await.unwrap_err();
         assert!(e.message().contains("token:reader") && e.message().contains("BatchUpdateBlobs") && e.message().contains("\"main\"") && e.message().contains("cache-write"), "{e:?}");

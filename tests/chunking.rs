@@ -110,6 +110,15 @@ on_every_runtime! {
             let answer = split(&ch, f, &od).await.unwrap();
             assert_eq!(answer.chunk_digests, chunks);
             assert_eq!(answer.chunking_function, 0);
+            // A splice of the stored blob with another list reads nothing, so it cannot
+            // replace the list a split answers with.
+            let other_pieces: Vec<&[u8]> = vec![&other[..500], &other[500..300_000], &other[300_000..]];
+            let other_chunks = upload_pieces(&ch, f, &other_pieces).await;
+            assert_eq!(
+                splice(&ch, f, &od, &other_chunks).await.unwrap().blob_digest,
+                Some(od.clone())
+            );
+            assert_eq!(split(&ch, f, &od).await.unwrap().chunk_digests, chunks);
         }
         // The empty blob: no chunks, both ways.
         let empty = digest(Function::Sha256, b"");
@@ -149,12 +158,38 @@ on_every_runtime! {
         assert_code(splice(&ch, f, &d, &swapped).await, Code::InvalidArgument, "concatenate to");
         // Sizes that do not add up, and a size from the wire that would overflow a sum.
         assert_code(splice(&ch, f, &d, &chunks[..2]).await, Code::InvalidArgument, "add up");
+        // Two sizes of 2^63-1 and one of 3002 wrap to exactly 3000 in 64 bits.
         let huge = reapi::Digest { size_bytes: i64::MAX, ..chunks[0].clone() };
+        let wraps = reapi::Digest { size_bytes: 3002, ..chunks[2].clone() };
         assert_code(
-            splice(&ch, f, &d, &[huge.clone(), huge]).await,
+            splice(&ch, f, &d, &[huge.clone(), huge.clone(), wraps]).await,
             Code::InvalidArgument,
             "add up",
         );
+        // A blob larger than the CAS, whatever its chunks.
+        let giant = reapi::Digest { size_bytes: 1 << 62, ..d.clone() };
+        assert_code(
+            splice(&ch, f, &giant, &[huge]).await,
+            Code::InvalidArgument,
+            "larger than the CAS",
+        );
+        // A chunking function that is not one.
+        assert_code(
+            blobs::cas(&ch)
+                .splice_blob(reapi::SpliceBlobRequest {
+                    blob_digest: Some(d.clone()),
+                    chunk_digests: chunks.clone(),
+                    digest_function: f as i32,
+                    chunking_function: 77,
+                    ..Default::default()
+                })
+                .await,
+            Code::InvalidArgument,
+            "chunking_function",
+        );
+        // A size-0 digest that is not the empty blob's is not stored.
+        let bogus = reapi::Digest { size_bytes: 0, ..d.clone() };
+        assert_code(split(&ch, f, &bogus).await, Code::NotFound, "not in the CAS");
         // More chunks than chunking.max_chunks.
         let many = vec![chunks[0].clone(); 5];
         assert_code(splice(&ch, f, &d, &many).await, Code::InvalidArgument, "max_chunks");

@@ -27,6 +27,10 @@ pub fn need(path: &str) -> Option<Need> {
         ("build.bazel.remote.execution.v2.ActionCache", "UpdateActionResult") => Role::AcWrite,
         ("build.bazel.remote.execution.v2.ActionCache", _) => Role::CacheRead,
         ("build.bazel.remote.execution.v2.Execution", _) => Role::Execute,
+        // A fetch makes the server download into the CAS: a write. A push vouches for what a
+        // URL holds, which every later fetch trusts: like writing the action cache.
+        ("build.bazel.remote.asset.v1.Fetch", _) => Role::CacheWrite,
+        ("build.bazel.remote.asset.v1.Push", _) => Role::AcWrite,
         ("google.longrunning.Operations", _) => Role::Execute,
         ("kiln.worker.v1.WorkerApi", _) => Role::Worker,
         // Callers without credentials enrol with a join token, which the method checks.
@@ -70,6 +74,14 @@ mod tests {
             (
                 "/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob",
                 Need::Role(Role::CacheRead),
+            ),
+            (
+                "/build.bazel.remote.asset.v1.Fetch/FetchBlob",
+                Need::Role(Role::CacheWrite),
+            ),
+            (
+                "/build.bazel.remote.asset.v1.Push/PushDirectory",
+                Need::Role(Role::AcWrite),
             ),
             (
                 "/google.bytestream.ByteStream/Read",

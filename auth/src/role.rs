@@ -9,9 +9,11 @@ pub enum Role {
     /// Read the CAS (ByteStream Read, BatchReadBlobs, FindMissingBlobs, GetTree, SplitBlob),
     /// read the action cache (GetActionResult), and GetCapabilities.
     CacheRead,
-    /// Write the CAS (ByteStream Write, QueryWriteStatus, BatchUpdateBlobs, SpliceBlob).
+    /// Write the CAS (ByteStream Write, QueryWriteStatus, BatchUpdateBlobs, SpliceBlob, and the
+    /// Remote Asset API's Fetch, which downloads into it).
     CacheWrite,
-    /// Write the action cache (UpdateActionResult).
+    /// Write the action cache (UpdateActionResult) and the Remote Asset API's associations
+    /// (Push), both of which later callers trust.
     AcWrite,
     /// Run actions (Execute, WaitExecution) and see operations.
     Execute,

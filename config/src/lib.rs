@@ -82,6 +82,34 @@ impl Config {
         if k.list_cache_bytes.as_u64() > 1 << 40 {
             return invalid("chunking.list_cache_bytes", "must be at most 1 TiB");
         }
+        let a = &self.remote_asset;
+        if a.max_fetch_secs == 0 || a.max_fetch_secs > 7 * 24 * 3600 {
+            return invalid(
+                "remote_asset.max_fetch_secs",
+                "must be between 1 s and a week",
+            );
+        }
+        if a.default_fetch_secs == 0 || a.default_fetch_secs > a.max_fetch_secs {
+            return invalid(
+                "remote_asset.default_fetch_secs",
+                "must be between 1 s and remote_asset.max_fetch_secs",
+            );
+        }
+        if a.max_redirects > 100 {
+            return invalid("remote_asset.max_redirects", "must be at most 100");
+        }
+        if a.concurrent_fetches == 0 || a.concurrent_fetches > 1024 {
+            return invalid(
+                "remote_asset.concurrent_fetches",
+                "must be between 1 and 1024",
+            );
+        }
+        if a.max_associations > 100_000_000 {
+            return invalid(
+                "remote_asset.max_associations",
+                "must be at most 100,000,000",
+            );
+        }
         let s = &self.server;
         if s.max_batch_total_size_bytes.as_u64() + 64 * 1024 > s.max_message_bytes.as_u64() {
             return invalid(

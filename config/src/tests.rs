@@ -285,3 +285,23 @@ fn chunking_bounds_are_checked() {
         }
     }
 }
+
+#[test]
+fn remote_asset_bounds_are_checked() {
+    let defaults = Config::from_toml("", "test").unwrap().remote_asset;
+    assert!(defaults.enabled && defaults.fetch_from_origin);
+    for (toml, key) in [
+        ("max_fetch_secs = 0", "remote_asset.max_fetch_secs"),
+        (
+            "default_fetch_secs = 4000",
+            "remote_asset.default_fetch_secs",
+        ),
+        ("max_redirects = 101", "remote_asset.max_redirects"),
+        ("concurrent_fetches = 0", "remote_asset.concurrent_fetches"),
+    ] {
+        match Config::from_toml(&format!("[remote_asset]\n{toml}"), "test") {
+            Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{toml}"),
+            other => panic!("{toml}: {other:?}"),
+        }
+    }
+}

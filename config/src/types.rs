@@ -23,6 +23,8 @@ pub struct Config {
     pub compression: CompressionConfig,
     /// Chunked blobs: `SplitBlob` and `SpliceBlob` with FastCDC 2020.
     pub chunking: ChunkingConfig,
+    /// The Remote Asset API: blobs fetched from URLs into the CAS, and pushed associations.
+    pub remote_asset: RemoteAssetConfig,
     /// The control plane's tokio runtime.
     pub control_plane: ControlPlaneConfig,
     /// The admin HTTP listener: metrics, health, status page.
@@ -400,6 +402,43 @@ impl Default for ChunkingConfig {
             seed: 0,
             max_chunks: 65_536,
             list_cache_bytes: ByteSize::mib(16),
+        }
+    }
+}
+
+/// The Remote Asset API (`build.bazel.remote.asset.v1`: `Fetch` and `Push`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteAssetConfig {
+    /// Serve `Fetch` and `Push`.
+    pub enabled: bool,
+    /// Fetch from origin (`http://` and `https://` URLs); off, only pushed content is served.
+    pub fetch_from_origin: bool,
+    /// Longest one fetch from origin may take, whatever timeout the request asks for.
+    pub max_fetch_secs: u64,
+    /// Timeout of a fetch whose request sets none.
+    pub default_fetch_secs: u64,
+    /// Largest download accepted.
+    pub max_fetch_bytes: ByteSize,
+    /// Redirects followed per URL.
+    pub max_redirects: u32,
+    /// Downloads from origin running at once (more wait).
+    pub concurrent_fetches: usize,
+    /// Associations remembered (URI and qualifiers to digest), fetched or pushed.
+    pub max_associations: u64,
+}
+
+impl Default for RemoteAssetConfig {
+    fn default() -> Self {
+        RemoteAssetConfig {
+            enabled: true,
+            fetch_from_origin: true,
+            max_fetch_secs: 3600,
+            default_fetch_secs: 300,
+            max_fetch_bytes: ByteSize::gib(4),
+            max_redirects: 8,
+            concurrent_fetches: 8,
+            max_associations: 100_000,
         }
     }
 }

@@ -25,6 +25,14 @@ pub mod paths {
     pub const OPERATIONS: &str = "/google.longrunning.Operations/GetOperation";
     /// ContentAddressableStorage.GetTree.
     pub const GET_TREE: &str = "/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree";
+    /// Remote Asset Fetch.FetchBlob
+    pub const FETCH_BLOB: &str = "/build.bazel.remote.asset.v1.Fetch/FetchBlob";
+    /// Remote Asset Fetch.FetchDirectory
+    pub const FETCH_DIRECTORY: &str = "/build.bazel.remote.asset.v1.Fetch/FetchDirectory";
+    /// Remote Asset Push.PushBlob
+    pub const PUSH_BLOB: &str = "/build.bazel.remote.asset.v1.Push/PushBlob";
+    /// Remote Asset Push.PushDirectory
+    pub const PUSH_DIRECTORY: &str = "/build.bazel.remote.asset.v1.Push/PushDirectory";
     /// CAS.SplitBlob
     pub const SPLIT_BLOB: &str =
         "/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob";

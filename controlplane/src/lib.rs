@@ -4,6 +4,7 @@
 
 pub mod action_cache;
 pub mod admin;
+pub mod asset;
 pub mod auth;
 pub mod capabilities;
 pub mod cas_server;
@@ -148,12 +149,42 @@ impl ControlPlane {
                     enabled: config.chunking.enabled,
                     params: chunk_params,
                     max_chunks: config.chunking.max_chunks,
+                    max_blob_bytes: config.storage.disk_bytes.as_u64(),
                     list_cache_bytes: config.chunking.list_cache_bytes.as_u64(),
                     layout: Layout::cas(&config.storage.data_dir),
                 },
             ),
             max_message,
         ));
+        let assets = Arc::new(asset::AssetService::new(
+            Arc::new(local.clone()),
+            asset::AssetSettings {
+                enabled: config.remote_asset.enabled,
+                fetch_from_origin: config.remote_asset.fetch_from_origin,
+                default_timeout: Duration::from_secs(config.remote_asset.default_fetch_secs),
+                max_timeout: Duration::from_secs(config.remote_asset.max_fetch_secs),
+                max_bytes: config
+                    .remote_asset
+                    .max_fetch_bytes
+                    .as_u64()
+                    .min(config.storage.disk_bytes.as_u64()),
+                max_redirects: config.remote_asset.max_redirects,
+                concurrent_fetches: config.remote_asset.concurrent_fetches,
+                max_associations: config.remote_asset.max_associations,
+                layout: Layout::cas(&config.storage.data_dir),
+            },
+        ));
+        routes = routes
+            .add_service(
+                kiln_proto::asset::fetch_server::FetchServer::from_arc(assets.clone())
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                kiln_proto::asset::push_server::PushServer::from_arc(assets)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            );
         if let Some(core) = &execution {
             routes = routes
                 .add_service(

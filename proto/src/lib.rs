@@ -14,6 +14,13 @@ pub mod build {
     pub mod bazel {
         /// `build.bazel.remote.*`
         pub mod remote {
+            /// `build.bazel.remote.asset.*`
+            pub mod asset {
+                /// The Remote Asset API v1.
+                pub mod v1 {
+                    tonic::include_proto!("build.bazel.remote.asset.v1");
+                }
+            }
             /// `build.bazel.remote.execution.*`
             pub mod execution {
                 /// REAPI v2.
@@ -55,6 +62,9 @@ pub mod kiln {
         }
     }
 }
+
+/// The Remote Asset API v1.
+pub use build::bazel::remote::asset::v1 as asset;
 
 /// REAPI v2, the package most code uses.
 pub use build::bazel::remote::execution::v2 as reapi;

@@ -37,6 +37,23 @@ pub enum ChunkError {
     /// Chunks of a splice are not in the CAS.
     #[error("{count} of the chunks are not in the CAS, the first {first:?}; upload them first")]
     ChunksMissing { count: usize, first: Digest },
+    /// Chunks a split stored were evicted before it finished (the CAS is too small for it).
+    #[error("{count} of the blob's chunks left the CAS while it was split, the first {first:?}; the CAS is too full to hold them")]
+    Evicted { count: usize, first: Digest },
+    /// A split that would answer more than `chunking.max_chunks` chunks.
+    #[error("the blob cuts into more than chunking.max_chunks ({max}) chunks")]
+    SplitTooLong { max: usize },
+    /// A blob larger than the CAS.
+    #[error(
+        "a blob of {size} bytes is larger than the CAS ({max} bytes, max_cas_blob_size_bytes)"
+    )]
+    TooLarge { size: u64, max: u64 },
+    /// A chunking function that is not one.
+    #[error("chunking_function {0} is not a ChunkingFunction value")]
+    UnknownFunction(i32),
+    /// The writer of a splice stopped (its own error says why).
+    #[error("the spliced blob's writer stopped")]
+    WriterStopped,
     /// A splice list over `chunking.max_chunks`.
     #[error("{count} chunks is more than chunking.max_chunks ({max})")]
     TooManyChunks { count: usize, max: usize },
@@ -78,11 +95,15 @@ impl Classify for ChunkError {
         match self {
             ChunkError::BlobMissing(_) | ChunkError::ChunksMissing { .. } => ErrorKind::Missing,
             ChunkError::TooManyChunks { .. }
+            | ChunkError::TooLarge { .. }
+            | ChunkError::UnknownFunction(_)
             | ChunkError::SizeMismatch { .. }
             | ChunkError::HashMismatch { .. }
             | ChunkError::Digest(_)
             | ChunkError::Instance(_) => ErrorKind::Invalid,
             ChunkError::Off => ErrorKind::Unsupported,
+            ChunkError::Evicted { .. } | ChunkError::SplitTooLong { .. } => ErrorKind::Exhausted,
+            ChunkError::WriterStopped => ErrorKind::Internal,
             ChunkError::Cas(e) => e.kind(),
             ChunkError::Io { source, .. } => ErrorKind::of_io(source),
         }
@@ -104,8 +125,10 @@ pub struct ChunkSettings {
     pub enabled: bool,
     /// FastCDC's parameters.
     pub params: ChunkParams,
-    /// `chunking.max_chunks`.
+    /// `chunking.max_chunks`: the longest list spliced or answered.
     pub max_chunks: usize,
+    /// The CAS's capacity: no blob may be larger (`max_cas_blob_size_bytes`).
+    pub max_blob_bytes: u64,
     /// `chunking.list_cache_bytes`.
     pub list_cache_bytes: u64,
     /// The CAS's layout: temp files go in its temp directories, on its filesystem (so a spliced
@@ -200,20 +223,33 @@ impl ChunkService {
         let blob = Digest::from_proto_field(request.blob_digest.as_ref(), request.digest_function)?;
         let key = (instance.clone(), blob);
         if let Some(list) = self.lists.get(&key).await {
-            // Remembered, and still whole: a lookup.
-            if self
-                .cas
-                .find_missing(&instance, &list.digests)
-                .await?
-                .is_empty()
-            {
+            // Remembered, and the blob and its chunks still stored (the check marks them all
+            // used, as a split should): a lookup.
+            let mut wanted = list.digests.clone();
+            wanted.push(blob);
+            let missing = self.cas.find_missing(&instance, &wanted).await?;
+            if missing.contains(&blob) {
+                self.lists.invalidate(&key).await;
+                return Err(ChunkError::BlobMissing(blob));
+            }
+            if missing.is_empty() {
                 return Ok(list);
             }
         }
         let _job = self.jobs.acquire().await.map_err(|_| ChunkError::Off)?;
+        let digests = split::split(self, &instance, blob).await?;
+        // Stored as they were cut; still there now (a small CAS may have evicted early chunks
+        // while later ones were written)?
+        let missing = self.cas.find_missing(&instance, &digests).await?;
+        if let Some(first) = missing.first() {
+            return Err(ChunkError::Evicted {
+                count: missing.len(),
+                first: *first,
+            });
+        }
         let list = Arc::new(ChunkList {
             function: chunking_function::Value::FastCdc2020 as i32,
-            digests: split::split(self, &instance, blob).await?,
+            digests,
         });
         self.lists.insert(key, list.clone()).await;
         Ok(list)
@@ -225,6 +261,15 @@ impl ChunkService {
         }
         let instance = InstanceName::new(&request.instance_name)?;
         let blob = Digest::from_proto_field(request.blob_digest.as_ref(), request.digest_function)?;
+        if chunking_function::Value::try_from(request.chunking_function).is_err() {
+            return Err(ChunkError::UnknownFunction(request.chunking_function));
+        }
+        if blob.size > self.settings.max_blob_bytes {
+            return Err(ChunkError::TooLarge {
+                size: blob.size,
+                max: self.settings.max_blob_bytes,
+            });
+        }
         if request.chunk_digests.len() > self.settings.max_chunks {
             return Err(ChunkError::TooManyChunks {
                 count: request.chunk_digests.len(),
@@ -252,12 +297,15 @@ impl ChunkService {
             });
         }
         let _job = self.jobs.acquire().await.map_err(|_| ChunkError::Off)?;
-        splice::splice(self, &instance, blob, &chunks).await?;
-        let list = ChunkList {
-            function: request.chunking_function,
-            digests: chunks,
-        };
-        self.lists.insert((instance, blob), Arc::new(list)).await;
+        // Only a list whose concatenation was checked here is remembered: a splice of a blob
+        // already stored reads nothing, and its list may not be the blob's.
+        if splice::splice(self, &instance, blob, &chunks).await? == splice::Spliced::Checked {
+            let list = ChunkList {
+                function: request.chunking_function,
+                digests: chunks,
+            };
+            self.lists.insert((instance, blob), Arc::new(list)).await;
+        }
         Ok(blob)
     }
 

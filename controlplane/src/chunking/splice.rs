@@ -20,6 +20,15 @@ enum Piece {
     File(TempFile),
 }
 
+/// What a splice did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Spliced {
+    /// The blob was stored already: nothing was read.
+    Present,
+    /// The chunks were read and their concatenation checked (and stored).
+    Checked,
+}
+
 /// Concatenates `chunks` (all present, their sizes adding up to the blob's) and stores the
 /// result as `blob` if it hashes to it.
 pub(super) async fn splice(
@@ -27,7 +36,7 @@ pub(super) async fn splice(
     instance: &InstanceName,
     blob: Digest,
     chunks: &[Digest],
-) -> Result<(), ChunkError> {
+) -> Result<Spliced, ChunkError> {
     let check = |hash: [u8; 32]| {
         if hash == blob.hash {
             Ok(())
@@ -39,11 +48,11 @@ pub(super) async fn splice(
         }
     };
     if blob.size == 0 {
-        return check(Hasher::new(blob.function).finalize());
+        return check(Hasher::new(blob.function).finalize()).map(|()| Spliced::Checked);
     }
     // Already stored: nothing to do (the spec allows a no-op).
     if svc.cas.find_missing(instance, &[blob]).await?.is_empty() {
-        return Ok(());
+        return Ok(Spliced::Present);
     }
     let temp = TempFile(svc.temp_path());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(4);
@@ -82,11 +91,19 @@ pub(super) async fn splice(
         .await
         .map_err(|e| ChunkError::io("write the spliced blob")(std::io::Error::other(e)))
         .and_then(|r| r.map_err(ChunkError::io("write the spliced blob")));
-    // A missing chunk is the better answer than the writer's end that it caused.
-    fed?;
+    match fed {
+        // The writer stopped first: its error (a full disk) is the answer.
+        Err(ChunkError::WriterStopped) => {
+            written?;
+            return Err(ChunkError::WriterStopped);
+        }
+        // A missing chunk is the better answer than the writer's end that it caused.
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
     check(written?)?;
     svc.cas.write_file(instance, blob, &temp.0).await?;
-    Ok(())
+    Ok(Spliced::Checked)
 }
 
 /// Reads the chunks in order and hands them to the writer.
@@ -100,9 +117,7 @@ async fn feed(
         count: 1,
         first: chunk,
     };
-    // The writer stopped: its own error says why.
-    let stopped =
-        || ChunkError::io("write the spliced blob")(std::io::ErrorKind::BrokenPipe.into());
+    let stopped = || ChunkError::WriterStopped;
     let mut at = 0;
     while at < chunks.len() {
         if chunks[at].size > IN_MEMORY {

@@ -18,7 +18,7 @@ pub(super) async fn split(
     instance: &InstanceName,
     blob: Digest,
 ) -> Result<Vec<Digest>, ChunkError> {
-    if blob.size == 0 {
+    if blob.is_empty_blob() {
         // The empty blob is the concatenation of no chunks.
         return Ok(Vec::new());
     }
@@ -51,6 +51,11 @@ pub(super) async fn split(
     let mut batch_bytes = 0;
     while let Some(item) = rx.recv().await {
         let (digest, data) = item?;
+        if list.len() == svc.settings.max_chunks {
+            return Err(ChunkError::SplitTooLong {
+                max: svc.settings.max_chunks,
+            });
+        }
         list.push(digest);
         batch_bytes += data.len();
         batch.push((digest, data));

@@ -1,0 +1,241 @@
+//! One download from origin, blocking (run on tokio's blocking pool): the body streamed into a
+//! new file while it is hashed with the request's digest function and every SRI algorithm
+//! asked for, bounded in time (the whole download, redirects included), in bytes and in
+//! redirects. Its failures are what the response's `status` carries.
+
+use super::qualifiers::{Sri, SriAlgorithm};
+use kiln_reapi::digest::{Digest, DigestFunction, Hasher};
+use kiln_reapi::status::{Classify, ErrorKind};
+use sha2::Digest as _;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What to download and the bounds.
+#[derive(Debug, Clone)]
+pub struct Download {
+    /// The URL.
+    pub url: String,
+    /// Headers to send.
+    pub headers: Vec<(String, String)>,
+    /// The whole download's time.
+    pub timeout: Duration,
+    /// Largest body accepted.
+    pub max_bytes: u64,
+    /// Redirects followed.
+    pub max_redirects: u32,
+    /// The digest function of the result.
+    pub function: DigestFunction,
+    /// Checksums one of which must validate (none: any content).
+    pub sri: Vec<Sri>,
+    /// The new file the body goes to.
+    pub dest: PathBuf,
+}
+
+/// A finished download.
+#[derive(Debug, Clone)]
+pub struct Downloaded {
+    /// The body's digest.
+    pub digest: Digest,
+    /// The checksums asked for that it matched.
+    pub sri_ok: Vec<Sri>,
+}
+
+/// Why a download failed: outside the server's control, so it goes in the response.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchFailure {
+    /// The origin answered with an HTTP error status.
+    #[error("{url} answered HTTP {status}")]
+    Status { url: String, status: u16 },
+    /// The download took longer than its timeout.
+    #[error("fetching {url} took longer than {secs} s")]
+    Timeout { url: String, secs: u64 },
+    /// More redirects than allowed.
+    #[error("fetching {url} was redirected more than {max} times")]
+    Redirects { url: String, max: u32 },
+    /// The body is larger than allowed.
+    #[error("{url} is larger than remote_asset.max_fetch_bytes ({max} bytes)")]
+    TooLarge { url: String, max: u64 },
+    /// No checksum validated.
+    #[error("{url} does not match checksum.sri: it is {actual}")]
+    Checksum { url: String, actual: String },
+    /// The origin could not be reached or the transfer broke.
+    #[error("fetching {url}: {why}")]
+    Transport { url: String, why: String },
+    /// Writing the download failed here.
+    #[error("storing the download of {url}: {source}")]
+    Local {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Classify for FetchFailure {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            FetchFailure::Status { status, .. } => match status {
+                401 | 403 => ErrorKind::Denied,
+                404 | 410 => ErrorKind::Missing,
+                408 | 429 | 500..=599 => ErrorKind::Unavailable,
+                _ => ErrorKind::Missing,
+            },
+            FetchFailure::Timeout { .. } => ErrorKind::TimedOut,
+            // A consistency check that failed: the spec's `ABORTED`.
+            FetchFailure::Redirects { .. } | FetchFailure::Checksum { .. } => ErrorKind::Conflict,
+            FetchFailure::TooLarge { .. } => ErrorKind::Exhausted,
+            FetchFailure::Transport { .. } => ErrorKind::Unavailable,
+            FetchFailure::Local { source, .. } => ErrorKind::of_io(source),
+        }
+    }
+}
+
+/// Runs `d`: blocking.
+pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
+    let url = || d.url.clone();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(d.timeout))
+        .max_redirects(d.max_redirects)
+        .max_redirects_will_error(true)
+        .http_status_as_error(true)
+        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into();
+    let mut request = agent.get(&d.url);
+    for (name, value) in &d.headers {
+        request = request.header(name, value);
+    }
+    let failed = |e: ureq::Error| match e {
+        ureq::Error::StatusCode(status) => FetchFailure::Status { url: url(), status },
+        ureq::Error::Timeout(_) => FetchFailure::Timeout {
+            url: url(),
+            secs: d.timeout.as_secs(),
+        },
+        ureq::Error::TooManyRedirects => FetchFailure::Redirects {
+            url: url(),
+            max: d.max_redirects,
+        },
+        ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => FetchFailure::Timeout {
+            url: url(),
+            secs: d.timeout.as_secs(),
+        },
+        other => FetchFailure::Transport {
+            url: url(),
+            why: other.to_string(),
+        },
+    };
+    let response = request.call().map_err(failed)?;
+    let mut body = response
+        .into_body()
+        .into_with_config()
+        .limit(u64::MAX)
+        .reader();
+    let local = |source| FetchFailure::Local { url: url(), source };
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&d.dest)
+        .map_err(local)?;
+    let mut hasher = Hasher::new(d.function);
+    let mut sri = SriHashers::for_(&d.sri);
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = match body.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => return Err(failed(ureq::Error::Io(e))),
+        };
+        total += n as u64;
+        if total > d.max_bytes {
+            return Err(FetchFailure::TooLarge {
+                url: url(),
+                max: d.max_bytes,
+            });
+        }
+        hasher.update(&buf[..n]);
+        sri.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(local)?;
+    }
+    out.sync_data().map_err(local)?;
+    let computed = sri.finish();
+    let sri_ok: Vec<Sri> = d
+        .sri
+        .iter()
+        .filter(|s| computed.contains(s))
+        .cloned()
+        .collect();
+    if !d.sri.is_empty() && sri_ok.is_empty() {
+        let actual = computed
+            .iter()
+            .map(Sri::to_string)
+            .collect::<Vec<_>>()
+            .join(" ");
+        return Err(FetchFailure::Checksum { url: url(), actual });
+    }
+    Ok(Downloaded {
+        digest: Digest {
+            function: d.function,
+            hash: hasher.finalize(),
+            size: total,
+        },
+        sri_ok,
+    })
+}
+
+/// One hasher per SRI algorithm asked for.
+#[derive(Default)]
+pub struct SriHashers {
+    sha256: Option<sha2::Sha256>,
+    sha384: Option<sha2::Sha384>,
+    sha512: Option<sha2::Sha512>,
+}
+
+impl SriHashers {
+    /// Hashers for the algorithms of `sri`.
+    pub fn for_(sri: &[Sri]) -> SriHashers {
+        let has = |a| sri.iter().any(|s| s.algorithm == a);
+        SriHashers {
+            sha256: has(SriAlgorithm::Sha256).then(sha2::Sha256::new),
+            sha384: has(SriAlgorithm::Sha384).then(sha2::Sha384::new),
+            sha512: has(SriAlgorithm::Sha512).then(sha2::Sha512::new),
+        }
+    }
+
+    /// Feeds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        if let Some(h) = &mut self.sha256 {
+            h.update(data);
+        }
+        if let Some(h) = &mut self.sha384 {
+            h.update(data);
+        }
+        if let Some(h) = &mut self.sha512 {
+            h.update(data);
+        }
+    }
+
+    /// The checksums of what was fed.
+    pub fn finish(self) -> Vec<Sri> {
+        let mut out = Vec::new();
+        if let Some(h) = self.sha256 {
+            out.push(Sri {
+                algorithm: SriAlgorithm::Sha256,
+                hash: h.finalize().to_vec(),
+            });
+        }
+        if let Some(h) = self.sha384 {
+            out.push(Sri {
+                algorithm: SriAlgorithm::Sha384,
+                hash: h.finalize().to_vec(),
+            });
+        }
+        if let Some(h) = self.sha512 {
+            out.push(Sri {
+                algorithm: SriAlgorithm::Sha512,
+                hash: h.finalize().to_vec(),
+            });
+        }
+        out
+    }
+}

@@ -1,0 +1,611 @@
+//! The Remote Asset API (`build.bazel.remote.asset.v1`), through the [`Cas`] trait. `Fetch`
+//! answers from associations it remembers (URI and selecting qualifiers to a digest, fetched
+//! or pushed) while their content is still in the CAS, and otherwise downloads blobs from
+//! `http(s)` URLs ([`download`]) into the CAS, checked against `checksum.sri`. `Push` records
+//! associations for content already in the CAS. Directories are served only when pushed: Kiln
+//! does not unpack archives or clone repositories. Associations live in memory (bounded);
+//! after a restart a fetch goes to origin again.
+
+mod download;
+mod qualifiers;
+
+pub use qualifiers::{QualifierError, Qualifiers, Sri};
+
+use crate::auth;
+use download::{Download, FetchFailure, SriHashers};
+use kiln_dataplane::store::layout::Layout;
+use kiln_proto::asset::fetch_server::Fetch;
+use kiln_proto::asset::push_server::Push;
+use kiln_proto::asset::{
+    FetchBlobRequest, FetchBlobResponse, FetchDirectoryRequest, FetchDirectoryResponse,
+    PushBlobRequest, PushBlobResponse, PushDirectoryRequest, PushDirectoryResponse, Qualifier,
+};
+use kiln_proto::google::rpc::{bad_request, BadRequest, Status as RpcStatus};
+use kiln_reapi::cas::{Cas, CasError};
+use kiln_reapi::digest::{Digest, DigestError, DigestFunction, InstanceName, InstanceNameError};
+use kiln_reapi::status::{any, Classify, ErrorKind};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+/// Why a call failed (a gRPC error, as opposed to a fetch that failed, which goes in the
+/// response's `status`).
+#[derive(Debug, thiserror::Error)]
+pub enum AssetError {
+    /// A qualifier.
+    #[error(transparent)]
+    Qualifier(#[from] QualifierError),
+    /// No URI.
+    #[error("the request names no URI")]
+    NoUris,
+    /// A digest or digest function.
+    #[error("{0}")]
+    Digest(#[from] DigestError),
+    /// The instance name.
+    #[error(transparent)]
+    Instance(#[from] InstanceNameError),
+    /// A timeout or timestamp that is not one.
+    #[error("{0}")]
+    Time(&'static str),
+    /// Pushed content that is not in the CAS.
+    #[error("{0:?} is not in the CAS: upload it before pushing it")]
+    NotInCas(Digest),
+    /// The service is turned off.
+    #[error("the Remote Asset API is turned off on this server (remote_asset.enabled = false)")]
+    Off,
+    /// The CAS failed.
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    /// Local I/O.
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Classify for AssetError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            AssetError::Qualifier(_)
+            | AssetError::NoUris
+            | AssetError::Digest(_)
+            | AssetError::Instance(_)
+            | AssetError::Time(_)
+            | AssetError::NotInCas(_) => ErrorKind::Invalid,
+            AssetError::Off => ErrorKind::Unsupported,
+            AssetError::Cas(e) => e.kind(),
+            AssetError::Io { source, .. } => ErrorKind::of_io(source),
+        }
+    }
+
+    fn client_message(&self) -> String {
+        match self {
+            AssetError::Cas(e) => e.client_message(),
+            AssetError::Io { op, source } => format!("the server could not {op}: {source}"),
+            other => other.to_string(),
+        }
+    }
+
+    /// An unsupported qualifier is named in a `BadRequest`, as the spec asks.
+    fn details(&self) -> Vec<prost_types::Any> {
+        match self {
+            AssetError::Qualifier(e @ QualifierError::Unsupported(_)) => vec![any(
+                "google.rpc.BadRequest",
+                &BadRequest {
+                    field_violations: vec![bad_request::FieldViolation {
+                        field: "qualifiers.name".into(),
+                        description: e.to_string(),
+                        ..Default::default()
+                    }],
+                },
+            )],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Settings of the service.
+#[derive(Debug, Clone)]
+pub struct AssetSettings {
+    /// `remote_asset.enabled`.
+    pub enabled: bool,
+    /// `remote_asset.fetch_from_origin`.
+    pub fetch_from_origin: bool,
+    /// `remote_asset.default_fetch_secs`.
+    pub default_timeout: Duration,
+    /// `remote_asset.max_fetch_secs`.
+    pub max_timeout: Duration,
+    /// `remote_asset.max_fetch_bytes`.
+    pub max_bytes: u64,
+    /// `remote_asset.max_redirects`.
+    pub max_redirects: u32,
+    /// `remote_asset.concurrent_fetches`.
+    pub concurrent_fetches: usize,
+    /// `remote_asset.max_associations`.
+    pub max_associations: u64,
+    /// The CAS's layout: downloads go to its temp directories, so they are linked in.
+    pub layout: Layout,
+}
+
+/// Blob or directory: the two namespaces of associations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Blob,
+    Directory,
+}
+
+/// What an association is remembered under.
+type Key = (InstanceName, Kind, String, Vec<(String, String)>);
+
+/// What a URI (with its selecting qualifiers) stands for.
+#[derive(Debug, Clone)]
+struct Association {
+    digest: Digest,
+    /// When it was fetched or pushed.
+    at: SystemTime,
+    /// A pushed association's own expiry.
+    expires: Option<SystemTime>,
+    /// Checksums it is known to match (verified when fetched, trusted when pushed).
+    sri: Vec<Sri>,
+}
+
+/// The fields a `FetchBlobRequest` and a `FetchDirectoryRequest` share.
+struct FetchArgs {
+    instance_name: String,
+    timeout: Option<prost_types::Duration>,
+    oldest: Option<prost_types::Timestamp>,
+    uris: Vec<String>,
+    qualifiers: Vec<Qualifier>,
+    digest_function: i32,
+}
+
+/// What a fetch found: the URI and digest, or the URI and why not.
+type Outcome = Result<(String, Digest), (String, RpcStatus)>;
+
+/// The service.
+pub struct AssetService {
+    cas: Arc<dyn Cas>,
+    settings: AssetSettings,
+    known: moka::future::Cache<Key, Association>,
+    fetches: Semaphore,
+}
+
+impl AssetService {
+    /// A service over `cas`.
+    pub fn new(cas: Arc<dyn Cas>, settings: AssetSettings) -> AssetService {
+        AssetService {
+            cas,
+            known: moka::future::Cache::new(settings.max_associations),
+            fetches: Semaphore::new(settings.concurrent_fetches.max(1)),
+            settings,
+        }
+    }
+
+    async fn fetch(&self, kind: Kind, args: FetchArgs) -> Result<Outcome, AssetError> {
+        if !self.settings.enabled {
+            return Err(AssetError::Off);
+        }
+        let instance = InstanceName::new(&args.instance_name)?;
+        if args.uris.is_empty() {
+            return Err(AssetError::NoUris);
+        }
+        // Unset: SHA-256, as the spec says.
+        let function = DigestFunction::from_request(args.digest_function, 64)?;
+        let qualifiers = Qualifiers::parse(&args.qualifiers, args.uris.len())?;
+        let oldest = args
+            .oldest
+            .map(|t| {
+                SystemTime::try_from(t)
+                    .map_err(|_| AssetError::Time("oldest_content_accepted is not a time"))
+            })
+            .transpose()?;
+        let timeout = match args.timeout {
+            None => self.settings.default_timeout,
+            Some(t) => Duration::try_from(t)
+                .map_err(|_| AssetError::Time("timeout is negative or out of range"))?
+                .min(self.settings.max_timeout),
+        };
+        let selectors: Vec<(String, String)> = qualifiers.selectors.clone().into_iter().collect();
+        let key = |uri: &str| (instance.clone(), kind, uri.to_string(), selectors.clone());
+        for uri in &args.uris {
+            if let Some(digest) = self
+                .remembered(&key(uri), function, oldest, &qualifiers.sri)
+                .await?
+            {
+                return Ok(Ok((uri.clone(), digest)));
+            }
+        }
+        let not_found = |why: &str| {
+            Ok(Err((
+                args.uris[0].clone(),
+                RpcStatus {
+                    code: tonic::Code::NotFound as i32,
+                    message: why.to_string(),
+                    details: Vec::new(),
+                },
+            )))
+        };
+        if kind == Kind::Directory {
+            return not_found("no directory was pushed for these URIs and qualifiers (Kiln fetches only blobs from origin; push directories with PushDirectory)");
+        }
+        if !self.settings.fetch_from_origin {
+            return not_found("no blob was pushed for these URIs and qualifiers (remote_asset.fetch_from_origin = false)");
+        }
+        if !qualifiers.fetchable() {
+            return not_found("no blob was pushed for these URIs and qualifiers, and a download cannot satisfy their directory or vcs qualifiers");
+        }
+        let _permit = self.fetches.acquire().await.map_err(|_| AssetError::Off)?;
+        let mut last = None;
+        for (index, uri) in args.uris.iter().enumerate() {
+            if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+                last = Some((
+                    uri.clone(),
+                    RpcStatus {
+                        code: tonic::Code::NotFound as i32,
+                        message: format!(
+                            "{uri} is not an http or https URL, and nothing was pushed for it"
+                        ),
+                        details: Vec::new(),
+                    },
+                ));
+                continue;
+            }
+            let temp = TempFile(self.settings.layout.temp_path());
+            let download = Download {
+                url: uri.clone(),
+                headers: qualifiers.headers_for(index, uri),
+                timeout,
+                max_bytes: self.settings.max_bytes,
+                max_redirects: self.settings.max_redirects,
+                function,
+                sri: qualifiers.sri.clone(),
+                dest: temp.0.clone(),
+            };
+            let result = tokio::task::spawn_blocking(move || download::download(&download))
+                .await
+                .map_err(|e| AssetError::Io {
+                    op: "download",
+                    source: std::io::Error::other(e),
+                })?;
+            match result {
+                Ok(got) => {
+                    self.cas.write_file(&instance, got.digest, &temp.0).await?;
+                    let association = Association {
+                        digest: got.digest,
+                        at: SystemTime::now(),
+                        expires: None,
+                        sri: got.sri_ok,
+                    };
+                    self.known.insert(key(uri), association).await;
+                    tracing::debug!(%uri, digest = ?got.digest, "fetched from origin");
+                    return Ok(Ok((uri.clone(), got.digest)));
+                }
+                Err(failure) => {
+                    tracing::debug!(%uri, error = %failure, "fetch from origin failed");
+                    last = Some((uri.clone(), failure.rpc_status()));
+                }
+            }
+        }
+        Ok(Err(last.unwrap_or_else(|| {
+            (
+                args.uris[0].clone(),
+                FetchFailure::Transport {
+                    url: args.uris[0].clone(),
+                    why: "no URL was tried".into(),
+                }
+                .rpc_status(),
+            )
+        })))
+    }
+
+    /// The digest remembered under `key`, if it is still good: the same function, not
+    /// expired, not older than `oldest`, still in the CAS, and matching `sri` when given.
+    async fn remembered(
+        &self,
+        key: &Key,
+        function: DigestFunction,
+        oldest: Option<SystemTime>,
+        sri: &[Sri],
+    ) -> Result<Option<Digest>, AssetError> {
+        let Some(a) = self.known.get(key).await else {
+            return Ok(None);
+        };
+        let now = SystemTime::now();
+        if a.digest.function != function
+            || a.expires.is_some_and(|e| e <= now)
+            || oldest.is_some_and(|o| a.at < o)
+        {
+            return Ok(None);
+        }
+        if !self.cas.find_missing(&key.0, &[a.digest]).await?.is_empty() {
+            self.known.invalidate(key).await;
+            return Ok(None);
+        }
+        if sri.is_empty() || sri.iter().any(|s| a.sri.contains(s)) {
+            return Ok(Some(a.digest));
+        }
+        // Checksums it was never checked against: check the stored bytes (blobs only).
+        if key.1 == Kind::Blob && self.matches_sri(&key.0, a.digest, sri).await? {
+            return Ok(Some(a.digest));
+        }
+        Ok(None)
+    }
+
+    /// Whether the stored blob `digest` matches one of `sri`.
+    async fn matches_sri(
+        &self,
+        instance: &InstanceName,
+        digest: Digest,
+        sri: &[Sri],
+    ) -> Result<bool, AssetError> {
+        let temp = TempFile(self.settings.layout.temp_path());
+        if !self.cas.read_to_file(instance, digest, &temp.0).await? {
+            return Ok(false);
+        }
+        let (path, wanted) = (temp.0.clone(), sri.to_vec());
+        let computed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Sri>> {
+            use std::io::Read;
+            let mut hashers = SriHashers::for_(&wanted);
+            let mut file = std::fs::File::open(&path)?;
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(hashers.finish());
+                }
+                hashers.update(&buf[..n]);
+            }
+        })
+        .await
+        .map_err(|e| AssetError::Io {
+            op: "check a checksum",
+            source: std::io::Error::other(e),
+        })?
+        .map_err(|source| AssetError::Io {
+            op: "check a checksum",
+            source,
+        })?;
+        Ok(sri.iter().any(|s| computed.contains(s)))
+    }
+
+    async fn push(
+        &self,
+        kind: Kind,
+        instance_name: &str,
+        uris: &[String],
+        qualifiers: &[Qualifier],
+        expire_at: Option<prost_types::Timestamp>,
+        digest: Digest,
+    ) -> Result<(), AssetError> {
+        if !self.settings.enabled {
+            return Err(AssetError::Off);
+        }
+        let instance = InstanceName::new(instance_name)?;
+        if uris.is_empty() {
+            return Err(AssetError::NoUris);
+        }
+        let qualifiers = Qualifiers::parse(qualifiers, uris.len())?;
+        let expires = expire_at
+            .map(|t| {
+                SystemTime::try_from(t).map_err(|_| AssetError::Time("expire_at is not a time"))
+            })
+            .transpose()?;
+        if !self
+            .cas
+            .find_missing(&instance, &[digest])
+            .await?
+            .is_empty()
+        {
+            return Err(AssetError::NotInCas(digest));
+        }
+        let selectors: Vec<(String, String)> = qualifiers.selectors.into_iter().collect();
+        for uri in uris {
+            let association = Association {
+                digest,
+                at: SystemTime::now(),
+                expires,
+                sri: qualifiers.sri.clone(),
+            };
+            self.known
+                .insert(
+                    (instance.clone(), kind, uri.clone(), selectors.clone()),
+                    association,
+                )
+                .await;
+        }
+        Ok(())
+    }
+}
+
+/// A fetch's answer: status, uri, digest function and digest.
+struct Answer {
+    status: Option<RpcStatus>,
+    uri: String,
+    digest_function: i32,
+    digest: Option<kiln_proto::reapi::Digest>,
+}
+
+/// The fields a `FetchBlobRequest` and a `FetchDirectoryRequest` share, moved out.
+macro_rules! fetch_args {
+    ($r:ident) => {
+        FetchArgs {
+            instance_name: $r.instance_name,
+            timeout: $r.timeout,
+            oldest: $r.oldest_content_accepted,
+            uris: $r.uris,
+            qualifiers: $r.qualifiers,
+            digest_function: $r.digest_function,
+        }
+    };
+}
+
+/// A push's fields, whichever kind.
+struct PushArgs {
+    instance_name: String,
+    uris: Vec<String>,
+    qualifiers: Vec<Qualifier>,
+    expire_at: Option<prost_types::Timestamp>,
+    digest: Option<kiln_proto::reapi::Digest>,
+    digest_function: i32,
+}
+
+impl AssetService {
+    /// Checks the caller for `path`, then fetches `args` of `kind` inside a span.
+    async fn serve_fetch<T>(
+        &self,
+        request: Request<T>,
+        path: &'static str,
+        kind: Kind,
+        args: impl FnOnce(T) -> FetchArgs,
+    ) -> Result<Answer, Status> {
+        let (metadata, extensions, message) = request.into_parts();
+        let args = args(message);
+        let caller = Request::from_parts(metadata, extensions, ());
+        auth::check(&caller, path, Some(&args.instance_name))?;
+        let span = tracing::debug_span!("Fetch", path, instance = %args.instance_name, uris = args.uris.len());
+        let outcome = self
+            .fetch(kind, args)
+            .instrument(span)
+            .await
+            .map_err(|e| e.status())?;
+        Ok(match outcome {
+            Ok((uri, digest)) => Answer {
+                status: Some(RpcStatus::default()),
+                uri,
+                digest_function: digest.function.proto() as i32,
+                digest: Some(digest.to_proto()),
+            },
+            Err((uri, status)) => Answer {
+                status: Some(status),
+                uri,
+                digest_function: 0,
+                digest: None,
+            },
+        })
+    }
+
+    /// Checks the caller for `path`, then records the push of `args` of `kind` inside a span.
+    async fn serve_push<T>(
+        &self,
+        request: Request<T>,
+        path: &'static str,
+        kind: Kind,
+        args: impl FnOnce(T) -> PushArgs,
+    ) -> Result<(), Status> {
+        let (metadata, extensions, message) = request.into_parts();
+        let a = args(message);
+        let caller = Request::from_parts(metadata, extensions, ());
+        auth::check(&caller, path, Some(&a.instance_name))?;
+        let span = tracing::debug_span!("Push", path, instance = %a.instance_name);
+        async {
+            let digest = Digest::from_proto_field(a.digest.as_ref(), a.digest_function)?;
+            self.push(
+                kind,
+                &a.instance_name,
+                &a.uris,
+                &a.qualifiers,
+                a.expire_at,
+                digest,
+            )
+            .await
+        }
+        .instrument(span)
+        .await
+        .map_err(|e: AssetError| e.status())
+    }
+}
+
+#[tonic::async_trait]
+impl Fetch for AssetService {
+    async fn fetch_blob(
+        &self,
+        request: Request<FetchBlobRequest>,
+    ) -> Result<Response<FetchBlobResponse>, Status> {
+        let a = self
+            .serve_fetch(request, auth::paths::FETCH_BLOB, Kind::Blob, |r| {
+                fetch_args!(r)
+            })
+            .await?;
+        Ok(Response::new(FetchBlobResponse {
+            status: a.status,
+            uri: a.uri,
+            qualifiers: Vec::new(),
+            expires_at: None,
+            digest_function: a.digest_function,
+            blob_digest: a.digest,
+        }))
+    }
+
+    async fn fetch_directory(
+        &self,
+        request: Request<FetchDirectoryRequest>,
+    ) -> Result<Response<FetchDirectoryResponse>, Status> {
+        let a = self
+            .serve_fetch(
+                request,
+                auth::paths::FETCH_DIRECTORY,
+                Kind::Directory,
+                |r| fetch_args!(r),
+            )
+            .await?;
+        Ok(Response::new(FetchDirectoryResponse {
+            status: a.status,
+            uri: a.uri,
+            qualifiers: Vec::new(),
+            expires_at: None,
+            digest_function: a.digest_function,
+            root_directory_digest: a.digest,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Push for AssetService {
+    async fn push_blob(
+        &self,
+        request: Request<PushBlobRequest>,
+    ) -> Result<Response<PushBlobResponse>, Status> {
+        self.serve_push(request, auth::paths::PUSH_BLOB, Kind::Blob, |r| PushArgs {
+            instance_name: r.instance_name,
+            uris: r.uris,
+            qualifiers: r.qualifiers,
+            expire_at: r.expire_at,
+            digest: r.blob_digest,
+            digest_function: r.digest_function,
+        })
+        .await?;
+        Ok(Response::new(PushBlobResponse {}))
+    }
+
+    async fn push_directory(
+        &self,
+        request: Request<PushDirectoryRequest>,
+    ) -> Result<Response<PushDirectoryResponse>, Status> {
+        self.serve_push(request, auth::paths::PUSH_DIRECTORY, Kind::Directory, |r| {
+            PushArgs {
+                instance_name: r.instance_name,
+                uris: r.uris,
+                qualifiers: r.qualifiers,
+                expire_at: r.expire_at,
+                digest: r.root_directory_digest,
+                digest_function: r.digest_function,
+            }
+        })
+        .await?;
+        Ok(Response::new(PushDirectoryResponse {}))
+    }
+}
+
+/// Removes a temp file when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

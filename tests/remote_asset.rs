@@ -1,0 +1,362 @@
+//! The Remote Asset API against a real `kiln serve` and a real HTTP server on 127.0.0.1 (a
+//! small one of the test's own, so that it can also misbehave: a 404, a redirect loop, a body
+//! too large, an answer that never comes). `FetchBlob` downloads into the CAS and checks
+//! `checksum.sri`; associations are remembered; `Push` records them for content already
+//! stored; directories are served only when pushed.
+
+#[macro_use]
+mod common;
+
+use base64::Engine;
+use common::blobs::{self, digest, pseudo_random, read_name, write_name};
+use common::{assert_code, Kiln, Options};
+use kiln_proto::asset::{self, fetch_client::FetchClient, push_client::PushClient, Qualifier};
+use kiln_proto::reapi::{self, digest_function::Value as Function};
+use prost::Message;
+use sha2::Digest as _;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// What the test's HTTP server has been asked: path → requests, with their headers.
+type Seen = Arc<Mutex<HashMap<String, Vec<String>>>>;
+
+/// An HTTP/1.1 server on 127.0.0.1 with fixed routes; stops when the test's runtime does.
+async fn http_server(routes: HashMap<&'static str, Vec<u8>>) -> (String, Seen) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let seen: Seen = Arc::default();
+    let routes = Arc::new(routes);
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (routes, log) = (routes.clone(), log.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                log.lock()
+                    .unwrap()
+                    .entry(path.clone())
+                    .or_default()
+                    .push(head.clone());
+                let reply = |status: &str, extra: &str, body: &[u8]| {
+                    let mut r = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(body);
+                    r
+                };
+                let response = match path.as_str() {
+                    "/hang" => {
+                        // Never answers: the fetch's timeout must end it.
+                        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                        return;
+                    }
+                    "/loop" => reply("302 Found", "location: /loop\r\n", b""),
+                    "/private" if !head.contains("authorization: bearer sesame") => {
+                        reply("401 Unauthorized", "", b"")
+                    }
+                    p => match routes.get(p) {
+                        Some(body) => reply("200 OK", "", body),
+                        None => reply("404 Not Found", "", b""),
+                    },
+                };
+                let _ = socket.write_all(&response).await;
+            });
+        }
+    });
+    (base, seen)
+}
+
+fn sri(data: &[u8]) -> String {
+    let hash = sha2::Sha256::digest(data);
+    format!(
+        "sha256-{}",
+        base64::engine::general_purpose::STANDARD.encode(hash)
+    )
+}
+
+fn q(name: &str, value: &str) -> Qualifier {
+    Qualifier {
+        name: name.into(),
+        value: value.into(),
+    }
+}
+
+async fn fetch(
+    ch: &Channel,
+    uris: &[String],
+    qualifiers: Vec<Qualifier>,
+    timeout_secs: Option<i64>,
+) -> Result<asset::FetchBlobResponse, tonic::Status> {
+    FetchClient::new(ch.clone())
+        .fetch_blob(asset::FetchBlobRequest {
+            uris: uris.to_vec(),
+            qualifiers,
+            timeout: timeout_secs.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn code(r: &asset::FetchBlobResponse) -> Code {
+    Code::from_i32(r.status.as_ref().map_or(0, |s| s.code))
+}
+
+fn message(r: &asset::FetchBlobResponse) -> &str {
+    r.status.as_ref().map_or("", |s| s.message.as_str())
+}
+
+on_every_runtime! {
+    async fn fetch_blob_downloads_checks_and_remembers(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[remote_asset]\nmax_fetch_bytes = \"64 KiB\"\n".into()),
+            ..Options::on(rt)
+        };
+        let kiln = Kiln::start_async(dir.path(), options).await;
+        let ch = kiln.channel().await;
+        let data = pseudo_random(70, 20_000);
+        let secret = pseudo_random(71, 5000);
+        let (base, seen) = http_server(HashMap::from([
+            ("/blob", data.clone()),
+            ("/other", pseudo_random(72, 3000)),
+            ("/private", secret.clone()),
+            ("/big", vec![7u8; 100 << 10]),
+        ]))
+        .await;
+        let url = |p: &str| format!("{base}{p}");
+        let requests = |p: &str| seen.lock().unwrap().get(p).map_or(0, Vec::len);
+
+        // A download, checked against its checksum, stored in the CAS.
+        let d = digest(Function::Sha256, &data);
+        let got = fetch(&ch, &[url("/blob")], vec![q("checksum.sri", &sri(&data))], None).await.unwrap();
+        assert_eq!(code(&got), Code::Ok, "{}", message(&got));
+        assert_eq!(got.blob_digest, Some(d.clone()));
+        assert_eq!(got.uri, url("/blob"));
+        assert_eq!(blobs::read(&ch, &read_name("", Function::Sha256, &d), 0, 0).await.unwrap(), data);
+        // Asked again: remembered, no second download.
+        let again = fetch(&ch, &[url("/blob")], vec![q("checksum.sri", &sri(&data))], None).await.unwrap();
+        assert_eq!(again.blob_digest, Some(d.clone()));
+        assert_eq!(requests("/blob"), 1);
+        // Content older than the client accepts is fetched again.
+        let fresh = FetchClient::new(ch.clone())
+            .fetch_blob(asset::FetchBlobRequest {
+                uris: vec![url("/blob")],
+                oldest_content_accepted: Some(prost_types::Timestamp::from(
+                    std::time::SystemTime::now() + std::time::Duration::from_secs(1),
+                )),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(fresh.blob_digest, Some(d.clone()));
+        assert_eq!(requests("/blob"), 2);
+
+        // A checksum that does not match: ABORTED, nothing stored.
+        let other = pseudo_random(72, 3000);
+        let od = digest(Function::Sha256, &other);
+        let bad = fetch(&ch, &[url("/other")], vec![q("checksum.sri", &sri(b"something else"))], None).await.unwrap();
+        assert_eq!(code(&bad), Code::Aborted, "{}", message(&bad));
+        assert!(message(&bad).contains("checksum.sri"), "{}", message(&bad));
+        assert_eq!(blobs::find_missing(&ch, "", Function::Sha256, vec![od.clone()]).await, vec![od]);
+
+        // Headers from qualifiers reach the origin.
+        let denied = fetch(&ch, &[url("/private")], vec![], None).await.unwrap();
+        assert_eq!(code(&denied), Code::PermissionDenied, "{}", message(&denied));
+        let allowed = fetch(&ch, &[url("/private")], vec![q("http_header:Authorization", "Bearer sesame")], None)
+            .await
+            .unwrap();
+        assert_eq!(allowed.blob_digest, Some(digest(Function::Sha256, &secret)));
+
+        // The origin's failures, each in the response's status, each promptly.
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            drop(l);
+            format!("http://127.0.0.1:{port}/gone")
+        };
+        for (uris, expected, needle) in [
+            (vec![url("/nothing")], Code::NotFound, "404"),
+            (vec![url("/loop")], Code::Aborted, "redirected more than"),
+            (vec![url("/big")], Code::ResourceExhausted, "max_fetch_bytes"),
+            (vec![refused], Code::Unavailable, "fetching"),
+            (vec!["ftp://127.0.0.1/x".to_string()], Code::NotFound, "not an http"),
+        ] {
+            let r = fetch(&ch, &uris, vec![], None).await.unwrap();
+            assert_eq!(code(&r), expected, "{uris:?}: {}", message(&r));
+            assert!(message(&r).contains(needle), "{uris:?}: {}", message(&r));
+            assert!(r.blob_digest.is_none());
+        }
+        // A server that never answers: the request's timeout ends it.
+        let started = std::time::Instant::now();
+        let hung = fetch(&ch, &[url("/hang")], vec![], Some(1)).await.unwrap();
+        assert_eq!(code(&hung), Code::DeadlineExceeded, "{}", message(&hung));
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        // Mirrors: the first that works answers, and says which it was.
+        let mirrored = fetch(&ch, &[url("/nothing"), url("/other")], vec![], None).await.unwrap();
+        assert_eq!(mirrored.uri, url("/other"));
+        assert_eq!(mirrored.blob_digest, Some(digest(Function::Sha256, &other)));
+
+        // A qualifier Kiln does not know: INVALID_ARGUMENT naming it, with a BadRequest.
+        let err = fetch(&ch, &[url("/blob")], vec![q("frobnicate", "1")], None).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("\"frobnicate\" not supported"), "{}", err.message());
+        let status = kiln_proto::google::rpc::Status::decode(err.details()).unwrap();
+        let bad_request = kiln_proto::google::rpc::BadRequest::decode(&status.details[0].value[..]).unwrap();
+        assert_eq!(bad_request.field_violations[0].field, "qualifiers.name");
+        assert_code(fetch(&ch, &[], vec![], None).await, Code::InvalidArgument, "no URI");
+        assert!(common::temp_files(dir.path()).is_empty());
+        kiln.stop().await;
+    }
+}
+
+/// Push, and fetches of what only a push can supply. (One backend: the control plane.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_associations_are_fetched_and_directories_only_when_pushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiln = Kiln::start_on(common::Runtime::Glommio, dir.path()).await;
+    let ch = kiln.channel().await;
+    let f = Function::Sha256;
+    let data = pseudo_random(80, 4000);
+    let d = digest(f, &data);
+    let urn = "urn:kiln:test:tool".to_string();
+    let push = |d: reapi::Digest, qualifiers: Vec<Qualifier>, expire_at| asset::PushBlobRequest {
+        uris: vec![urn.clone()],
+        qualifiers,
+        expire_at,
+        blob_digest: Some(d),
+        ..Default::default()
+    };
+    // Content must be in the CAS before it is pushed.
+    assert_code(
+        PushClient::new(ch.clone())
+            .push_blob(push(d.clone(), vec![], None))
+            .await,
+        Code::InvalidArgument,
+        "upload it before pushing",
+    );
+    blobs::write(&ch, &write_name("", f, &d), &data, 1 << 20)
+        .await
+        .unwrap();
+    PushClient::new(ch.clone())
+        .push_blob(push(d.clone(), vec![q("vcs.commit", "abc")], None))
+        .await
+        .unwrap();
+    let got = fetch(
+        &ch,
+        std::slice::from_ref(&urn),
+        vec![q("vcs.commit", "abc")],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.blob_digest, Some(d.clone()));
+    // Other qualifiers select other content: not pushed, and not downloadable.
+    let other = fetch(
+        &ch,
+        std::slice::from_ref(&urn),
+        vec![q("vcs.commit", "def")],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code(&other), Code::NotFound, "{}", message(&other));
+    // A checksum the push did not vouch for is checked against the stored bytes.
+    let checked = fetch(
+        &ch,
+        std::slice::from_ref(&urn),
+        vec![q("vcs.commit", "abc"), q("checksum.sri", &sri(&data))],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(checked.blob_digest, Some(d.clone()));
+    let wrong = fetch(
+        &ch,
+        std::slice::from_ref(&urn),
+        vec![q("vcs.commit", "abc"), q("checksum.sri", &sri(b"x"))],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code(&wrong), Code::NotFound, "{}", message(&wrong));
+    // An association past its expiry is not served.
+    let past = prost_types::Timestamp::from(
+        std::time::SystemTime::now() - std::time::Duration::from_secs(60),
+    );
+    PushClient::new(ch.clone())
+        .push_blob(push(d.clone(), vec![q("resource_type", "x")], Some(past)))
+        .await
+        .unwrap();
+    let expired = fetch(
+        &ch,
+        std::slice::from_ref(&urn),
+        vec![q("resource_type", "x")],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code(&expired), Code::NotFound, "{}", message(&expired));
+
+    // Directories: a pushed one is fetched; one never pushed is NOT_FOUND, without a download.
+    let directory = reapi::Directory::default().encode_to_vec();
+    let dd = digest(f, &directory);
+    blobs::write(&ch, &write_name("", f, &dd), &directory, 1 << 20)
+        .await
+        .unwrap();
+    PushClient::new(ch.clone())
+        .push_directory(asset::PushDirectoryRequest {
+            uris: vec!["https://example.invalid/repo.git".into()],
+            root_directory_digest: Some(dd.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let fetch_dir = |uri: &str| asset::FetchDirectoryRequest {
+        uris: vec![uri.to_string()],
+        ..Default::default()
+    };
+    let got = FetchClient::new(ch.clone())
+        .fetch_directory(fetch_dir("https://example.invalid/repo.git"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.root_directory_digest, Some(dd));
+    let missing = FetchClient::new(ch.clone())
+        .fetch_directory(fetch_dir("https://example.invalid/other.git"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(missing.status.map(|s| s.code), Some(Code::NotFound as i32));
+    kiln.stop().await;
+
+    // Turned off: UNIMPLEMENTED.
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        config: Some("[remote_asset]\nenabled = false\n".into()),
+        ..Options::on(common::Runtime::Glommio)
+    };
+    let kiln = Kiln::start_async(dir.path(), options).await;
+    let ch = kiln.channel().await;
+    assert_code(
+        fetch(&ch, &[urn], vec![], None).await,
+        Code::Unimplemented,
+        "turned off",
+    );
+    kiln.stop().await;
+}
