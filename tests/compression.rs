@@ -100,6 +100,13 @@ async fn send(
         .map(|r| r.into_inner())
 }
 
+/// A frame-cache counter, 0 before it is first counted.
+async fn frames(kiln: &Kiln, name: &'static str) -> f64 {
+    common::metric_if_any(&kiln.admin, name)
+        .await
+        .unwrap_or(0.0)
+}
+
 fn unpack(data: &[u8]) -> Vec<u8> {
     zstd::decode_all(data).expect("the server's frame decodes")
 }
@@ -123,9 +130,16 @@ on_every_runtime! {
                 assert_eq!(resp.committed_size, packed.len() as i64);
                 assert_eq!(blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(), data);
                 let zname = read_zname(f, &d);
+                let hits = r#"kiln_zstd_frames_total{result="hit"}"#;
+                let misses = r#"kiln_zstd_frames_total{result="miss"}"#;
+                let (h0, m0) = (frames(&kiln, hits).await, frames(&kiln, misses).await);
                 let got = blobs::read(&ch, &zname, 0, 0).await.unwrap();
                 assert!(got.len() < data.len() / 2, "{} of {}", got.len(), data.len());
                 assert_eq!(unpack(&got), data);
+                // Read again: the frame made by the first read is sent as it is.
+                assert_eq!(blobs::read(&ch, &zname, 0, 0).await.unwrap(), got);
+                assert_eq!(frames(&kiln, misses).await, m0 + 1.0);
+                assert_eq!(frames(&kiln, hits).await, h0 + 1.0);
                 // read_offset is into the uncompressed blob; the answer is a frame of the rest.
                 let from = size - 100;
                 let got = blobs::read(&ch, &zname, from as i64, 0).await.unwrap();

@@ -65,6 +65,21 @@ async fn http_server(routes: HashMap<&'static str, Vec<u8>>) -> (String, Seen) {
                         return;
                     }
                     "/loop" => reply("302 Found", "location: /loop\r\n", b""),
+                    "/drip" => {
+                        // Headers at once, then a byte every half second: the timeout must
+                        // cut the body off too.
+                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n";
+                        if socket.write_all(head).await.is_err() {
+                            return;
+                        }
+                        for _ in 0..1000 {
+                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                            if socket.write_all(b"x").await.is_err() {
+                                return;
+                            }
+                        }
+                        return;
+                    }
                     "/private" if !head.contains("authorization: bearer sesame") => {
                         reply("401 Unauthorized", "", b"")
                     }
@@ -124,7 +139,7 @@ on_every_runtime! {
     async fn fetch_blob_downloads_checks_and_remembers(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
         let options = Options {
-            config: Some("[remote_asset]\nmax_fetch_bytes = \"64 KiB\"\n".into()),
+            config: Some("[remote_asset]\nmax_fetch_bytes = \"64 KiB\"\nfetch_loopback = true\n".into()),
             ..Options::on(rt)
         };
         let kiln = Kiln::start_async(dir.path(), options).await;
@@ -202,11 +217,19 @@ on_every_runtime! {
             assert!(message(&r).contains(needle), "{uris:?}: {}", message(&r));
             assert!(r.blob_digest.is_none());
         }
-        // A server that never answers: the request's timeout ends it.
-        let started = std::time::Instant::now();
-        let hung = fetch(&ch, &[url("/hang")], vec![], Some(1)).await.unwrap();
-        assert_eq!(code(&hung), Code::DeadlineExceeded, "{}", message(&hung));
-        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        // A server that never answers, and one that drips its body: the request's timeout
+        // ends both, and it covers every mirror together.
+        for path in ["/hang", "/drip"] {
+            let started = std::time::Instant::now();
+            let r = fetch(&ch, &[url(path), url(path)], vec![], Some(1)).await.unwrap();
+            assert_eq!(code(&r), Code::DeadlineExceeded, "{path}: {}", message(&r));
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "{path}");
+        }
+        // Link-local addresses (cloud metadata services) are never fetched from.
+        let metadata = fetch(&ch, &["http://169.254.169.254/latest/meta-data".to_string()], vec![], None)
+            .await
+            .unwrap();
+        assert_eq!(code(&metadata), Code::PermissionDenied, "{}", message(&metadata));
         // Mirrors: the first that works answers, and says which it was.
         let mirrored = fetch(&ch, &[url("/nothing"), url("/other")], vec![], None).await.unwrap();
         assert_eq!(mirrored.uri, url("/other"));
@@ -216,6 +239,11 @@ on_every_runtime! {
         let err = fetch(&ch, &[url("/blob")], vec![q("frobnicate", "1")], None).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.message().contains("\"frobnicate\" not supported"), "{}", err.message());
+        let err = fetch(&ch, &[url("/blob")], vec![q("frobnicate", "1"), q("zap", "2")], None).await.unwrap_err();
+        let status = kiln_proto::google::rpc::Status::decode(err.details()).unwrap();
+        let bad_request = kiln_proto::google::rpc::BadRequest::decode(&status.details[0].value[..]).unwrap();
+        assert_eq!(bad_request.field_violations.len(), 2, "one violation per unsupported name");
+        let err = fetch(&ch, &[url("/blob")], vec![q("frobnicate", "1")], None).await.unwrap_err();
         let status = kiln_proto::google::rpc::Status::decode(err.details()).unwrap();
         let bad_request = kiln_proto::google::rpc::BadRequest::decode(&status.details[0].value[..]).unwrap();
         assert_eq!(bad_request.field_violations[0].field, "qualifiers.name");
@@ -231,6 +259,11 @@ async fn pushed_associations_are_fetched_and_directories_only_when_pushed() {
     let dir = tempfile::tempdir().unwrap();
     let kiln = Kiln::start_on(common::Runtime::Glommio, dir.path()).await;
     let ch = kiln.channel().await;
+    // By default the server does not fetch from its own loopback addresses.
+    let own = fetch(&ch, &[format!("{}/metrics", kiln.admin)], vec![], None)
+        .await
+        .unwrap();
+    assert_eq!(code(&own), Code::PermissionDenied, "{}", message(&own));
     let f = Function::Sha256;
     let data = pseudo_random(80, 4000);
     let d = digest(f, &data);

@@ -65,6 +65,9 @@ impl Config {
                 "must be between -7 and 9 (higher levels stall a core for every read)",
             );
         }
+        if c.frame_cache_bytes.as_u64() > 1 << 40 {
+            return invalid("compression.frame_cache_bytes", "must be at most 1 TiB");
+        }
         if !(10..=30).contains(&c.max_window_log) {
             return invalid("compression.max_window_log", "must be between 10 and 30");
         }
@@ -104,11 +107,8 @@ impl Config {
                 "must be between 1 and 1024",
             );
         }
-        if a.max_associations > 100_000_000 {
-            return invalid(
-                "remote_asset.max_associations",
-                "must be at most 100,000,000",
-            );
+        if a.memory_bytes.as_u64() > 1 << 40 {
+            return invalid("remote_asset.memory_bytes", "must be at most 1 TiB");
         }
         let s = &self.server;
         if s.max_batch_total_size_bytes.as_u64() + 64 * 1024 > s.max_message_bytes.as_u64() {

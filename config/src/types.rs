@@ -365,6 +365,9 @@ pub struct CompressionConfig {
     /// Largest window a client's zstd frame may ask for, as a power of two: the memory one
     /// decompressing upload may take.
     pub max_window_log: u32,
+    /// Memory for zstd frames of blobs read compressed, sent again without compressing (0:
+    /// none kept).
+    pub frame_cache_bytes: ByteSize,
 }
 
 impl Default for CompressionConfig {
@@ -373,6 +376,7 @@ impl Default for CompressionConfig {
             zstd: true,
             level: 1,
             max_window_log: 23,
+            frame_cache_bytes: ByteSize::mib(128),
         }
     }
 }
@@ -424,8 +428,12 @@ pub struct RemoteAssetConfig {
     pub max_redirects: u32,
     /// Downloads from origin running at once (more wait).
     pub concurrent_fetches: usize,
-    /// Associations remembered (URI and qualifiers to digest), fetched or pushed.
-    pub max_associations: u64,
+    /// Memory for remembered associations (URI and qualifiers to digest), fetched or pushed.
+    pub memory_bytes: ByteSize,
+    /// Fetch from loopback addresses (127.0.0.0/8, ::1): the server's own ports.
+    pub fetch_loopback: bool,
+    /// Fetch from private networks (10/8, 172.16/12, 192.168/16, fc00::/7): mirrors on the LAN.
+    pub fetch_private_networks: bool,
 }
 
 impl Default for RemoteAssetConfig {
@@ -438,7 +446,9 @@ impl Default for RemoteAssetConfig {
             max_fetch_bytes: ByteSize::gib(4),
             max_redirects: 8,
             concurrent_fetches: 8,
-            max_associations: 100_000,
+            memory_bytes: ByteSize::mib(32),
+            fetch_loopback: false,
+            fetch_private_networks: true,
         }
     }
 }

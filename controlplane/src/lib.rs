@@ -170,7 +170,9 @@ impl ControlPlane {
                     .min(config.storage.disk_bytes.as_u64()),
                 max_redirects: config.remote_asset.max_redirects,
                 concurrent_fetches: config.remote_asset.concurrent_fetches,
-                max_associations: config.remote_asset.max_associations,
+                memory_bytes: config.remote_asset.memory_bytes.as_u64(),
+                fetch_loopback: config.remote_asset.fetch_loopback,
+                fetch_private_networks: config.remote_asset.fetch_private_networks,
                 layout: Layout::cas(&config.storage.data_dir),
             },
         ));

@@ -65,6 +65,9 @@ pub struct Metrics {
     pub bytes_out: Family<MethodLabel, Counter>,
     /// CAS lookups by where the blob was found.
     pub lookups: Family<LookupLabel, Counter>,
+    /// Compressed reads from a blob's start by whether its zstd frame was kept (`hit`) or
+    /// made (`miss`).
+    pub zstd_frames: Family<LookupLabel, Counter>,
     /// Digests asked about in FindMissingBlobs (and completeness checks) that were present.
     pub present: Counter,
     /// ...and missing.
@@ -111,6 +114,7 @@ impl Metrics {
             bytes_in: Family::default(),
             bytes_out: Family::default(),
             lookups: Family::default(),
+            zstd_frames: Family::default(),
             present: Counter::default(),
             missing: Counter::default(),
             evictions: Counter::default(),
@@ -163,6 +167,11 @@ impl Metrics {
             "kiln_cas_lookups",
             "CAS lookups by where the blob was found",
             self.lookups.clone(),
+        );
+        registry.register(
+            "kiln_zstd_frames",
+            "Compressed reads from a blob's start: frame kept (hit) or made (miss)",
+            self.zstd_frames.clone(),
         );
         registry.register(
             "kiln_cas_present_digests",
@@ -268,6 +277,13 @@ impl Metrics {
     /// Counts a lookup by where it found its blob.
     pub fn lookups_inc(&self, result: &'static str) {
         self.lookups.get_or_create(&LookupLabel { result }).inc();
+    }
+
+    /// Counts a compressed read's frame lookup (`hit` or `miss`).
+    pub fn zstd_frames_inc(&self, result: &'static str) {
+        self.zstd_frames
+            .get_or_create(&LookupLabel { result })
+            .inc();
     }
 
     /// Counts a command to an owner shard.

@@ -218,6 +218,10 @@ impl DataPlane {
                 level: config.compression.level,
                 max_window_log: config.compression.max_window_log,
                 decoders: ZstdSettings::decoder_slots(config.compression.max_window_log),
+                frames: Arc::new(crate::service::frames::FrameCache::new(
+                    config.compression.frame_cache_bytes.as_u64(),
+                    store.cas.metrics().clone(),
+                )),
             }),
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();

@@ -150,9 +150,16 @@ pub fn temp_files(data_dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The value of the un-labelled metric `name` on the admin listener at `admin` (plain HTTP);
-/// fails the test when it is not exported.
+/// The value of the metric `name` (with its labels, as exported) on the admin listener at
+/// `admin` (plain HTTP); fails the test when it is not exported.
 pub async fn metric(admin: &str, name: &str) -> f64 {
+    metric_if_any(admin, name)
+        .await
+        .unwrap_or_else(|| panic!("{name} is not exported"))
+}
+
+/// The value of the metric `name`, or `None` before it is first counted.
+pub async fn metric_if_any(admin: &str, name: &str) -> Option<f64> {
     let url = format!("{admin}/metrics");
     let text = tokio::task::spawn_blocking(move || {
         ureq::get(&url)
@@ -167,7 +174,6 @@ pub async fn metric(admin: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} is not exported"))
 }
 
 /// Runs `kiln token ARGS --data-dir DATA_DIR`; returns what it printed (a new token's secret).

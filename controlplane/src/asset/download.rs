@@ -1,15 +1,21 @@
 //! One download from origin, blocking (run on tokio's blocking pool): the body streamed into a
 //! new file while it is hashed with the request's digest function and every SRI algorithm
 //! asked for, bounded in time (the whole download, redirects included), in bytes and in
-//! redirects. Its failures are what the response's `status` carries.
+//! redirects. Every host it connects to, redirects included, is checked by address after it is
+//! resolved ([`Guarded`]): link-local addresses (cloud metadata services among them) never,
+//! loopback and private networks as configured. Only a `200 OK` body is stored. Its failures
+//! are what the response's `status` carries.
 
 use super::qualifiers::{Sri, SriAlgorithm};
 use kiln_reapi::digest::{Digest, DigestFunction, Hasher};
 use kiln_reapi::status::{Classify, ErrorKind};
 use sha2::Digest as _;
 use std::io::{Read, Write};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 /// What to download and the bounds.
 #[derive(Debug, Clone)]
@@ -30,6 +36,10 @@ pub struct Download {
     pub sri: Vec<Sri>,
     /// The new file the body goes to.
     pub dest: PathBuf,
+    /// Whether loopback addresses may be fetched from.
+    pub fetch_loopback: bool,
+    /// Whether private networks (RFC 1918, unique-local) may be fetched from.
+    pub fetch_private_networks: bool,
 }
 
 /// A finished download.
@@ -44,9 +54,12 @@ pub struct Downloaded {
 /// Why a download failed: outside the server's control, so it goes in the response.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchFailure {
-    /// The origin answered with an HTTP error status.
+    /// The origin answered with a status other than 200.
     #[error("{url} answered HTTP {status}")]
     Status { url: String, status: u16 },
+    /// The URL, or a redirect, leads to an address the server may not fetch from.
+    #[error("fetching {url}: {why}")]
+    Disallowed { url: String, why: String },
     /// The download took longer than its timeout.
     #[error("fetching {url} took longer than {secs} s")]
     Timeout { url: String, secs: u64 },
@@ -80,6 +93,7 @@ impl Classify for FetchFailure {
                 408 | 429 | 500..=599 => ErrorKind::Unavailable,
                 _ => ErrorKind::Missing,
             },
+            FetchFailure::Disallowed { .. } => ErrorKind::Denied,
             FetchFailure::Timeout { .. } => ErrorKind::TimedOut,
             // A consistency check that failed: the spec's `ABORTED`.
             FetchFailure::Redirects { .. } | FetchFailure::Checksum { .. } => ErrorKind::Conflict,
@@ -93,14 +107,19 @@ impl Classify for FetchFailure {
 /// Runs `d`: blocking.
 pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
     let url = || d.url.clone();
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .timeout_global(Some(d.timeout))
         .max_redirects(d.max_redirects)
         .max_redirects_will_error(true)
         .http_status_as_error(true)
         .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into();
+        .build();
+    let guard = Guarded {
+        inner: DefaultResolver::default(),
+        loopback: d.fetch_loopback,
+        private: d.fetch_private_networks,
+    };
+    let agent = ureq::Agent::with_parts(config, DefaultConnector::new(), guard);
     let mut request = agent.get(&d.url);
     for (name, value) in &d.headers {
         request = request.header(name, value);
@@ -119,12 +138,25 @@ pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
             url: url(),
             secs: d.timeout.as_secs(),
         },
+        ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            FetchFailure::Disallowed {
+                url: url(),
+                why: e.to_string(),
+            }
+        }
         other => FetchFailure::Transport {
             url: url(),
             why: other.to_string(),
         },
     };
     let response = request.call().map_err(failed)?;
+    // A redirect not followed, a 204 or a 206 is not the content.
+    if response.status() != 200 {
+        return Err(FetchFailure::Status {
+            url: url(),
+            status: response.status().as_u16(),
+        });
+    }
     let mut body = response
         .into_body()
         .into_with_config()
@@ -144,7 +176,8 @@ pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
         let n = match body.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) => return Err(failed(ureq::Error::Io(e))),
+            // ureq wraps its own errors (a timeout while reading) in io::Error.
+            Err(e) => return Err(failed(ureq::Error::from(e))),
         };
         total += n as u64;
         if total > d.max_bytes {
@@ -181,6 +214,66 @@ pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
         },
         sri_ok,
     })
+}
+
+/// The system's resolver, refusing addresses the server may not fetch from: checked on every
+/// connection ureq makes, redirects included, with the addresses it then connects to.
+#[derive(Debug)]
+struct Guarded {
+    inner: DefaultResolver,
+    loopback: bool,
+    private: bool,
+}
+
+impl Guarded {
+    fn allowed(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match ip {
+            IpAddr::V4(v4) => {
+                let never = v4.is_link_local()
+                    || v4.is_unspecified()
+                    || v4.is_broadcast()
+                    || v4.is_multicast()
+                    || v4.octets()[0] == 0;
+                !never && (self.loopback || !v4.is_loopback()) && (self.private || !v4.is_private())
+            }
+            IpAddr::V6(v6) => {
+                let segment = v6.segments()[0];
+                let link_local = segment & 0xffc0 == 0xfe80;
+                let unique_local = segment & 0xfe00 == 0xfc00;
+                let never = link_local || v6.is_unspecified() || v6.is_multicast();
+                !never && (self.loopback || !v6.is_loopback()) && (self.private || !unique_local)
+            }
+        }
+    }
+}
+
+impl Resolver for Guarded {
+    fn resolve(
+        &self,
+        uri: &http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let found = self.inner.resolve(uri, config, timeout)?;
+        let mut kept = self.empty();
+        for addr in found.iter() {
+            if self.allowed(addr.ip()) {
+                kept.push(*addr);
+            }
+        }
+        if kept.is_empty() {
+            let host = uri.host().unwrap_or("");
+            return Err(ureq::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("{host} resolves only to addresses this server does not fetch from (link-local; loopback and private networks as remote_asset.fetch_loopback and fetch_private_networks say)"),
+            )));
+        }
+        Ok(kept)
+    }
 }
 
 /// One hasher per SRI algorithm asked for.

@@ -41,6 +41,9 @@ pub enum AssetError {
     /// No URI.
     #[error("the request names no URI")]
     NoUris,
+    /// Too many URIs, or one too long, or qualifiers too long.
+    #[error("{0}")]
+    TooLong(String),
     /// A digest or digest function.
     #[error("{0}")]
     Digest(#[from] DigestError),
@@ -73,6 +76,7 @@ impl Classify for AssetError {
         match self {
             AssetError::Qualifier(_)
             | AssetError::NoUris
+            | AssetError::TooLong(_)
             | AssetError::Digest(_)
             | AssetError::Instance(_)
             | AssetError::Time(_)
@@ -94,14 +98,17 @@ impl Classify for AssetError {
     /// An unsupported qualifier is named in a `BadRequest`, as the spec asks.
     fn details(&self) -> Vec<prost_types::Any> {
         match self {
-            AssetError::Qualifier(e @ QualifierError::Unsupported(_)) => vec![any(
+            AssetError::Qualifier(QualifierError::Unsupported(names)) => vec![any(
                 "google.rpc.BadRequest",
                 &BadRequest {
-                    field_violations: vec![bad_request::FieldViolation {
-                        field: "qualifiers.name".into(),
-                        description: e.to_string(),
-                        ..Default::default()
-                    }],
+                    field_violations: names
+                        .iter()
+                        .map(|name| bad_request::FieldViolation {
+                            field: "qualifiers.name".into(),
+                            description: format!("\"{name}\" not supported"),
+                            ..Default::default()
+                        })
+                        .collect(),
                 },
             )],
             _ => Vec::new(),
@@ -126,8 +133,12 @@ pub struct AssetSettings {
     pub max_redirects: u32,
     /// `remote_asset.concurrent_fetches`.
     pub concurrent_fetches: usize,
-    /// `remote_asset.max_associations`.
-    pub max_associations: u64,
+    /// `remote_asset.memory_bytes`: what remembered associations may take.
+    pub memory_bytes: u64,
+    /// `remote_asset.fetch_loopback`.
+    pub fetch_loopback: bool,
+    /// `remote_asset.fetch_private_networks`.
+    pub fetch_private_networks: bool,
     /// The CAS's layout: downloads go to its temp directories, so they are linked in.
     pub layout: Layout,
 }
@@ -172,16 +183,28 @@ pub struct AssetService {
     cas: Arc<dyn Cas>,
     settings: AssetSettings,
     known: moka::future::Cache<Key, Association>,
-    fetches: Semaphore,
+    fetches: Arc<Semaphore>,
 }
+
+/// Most URIs in one request, and the longest URI and qualifiers: an association is kept per
+/// URI, under its text and its qualifiers.
+const MAX_URIS: usize = 64;
+const MAX_URI_BYTES: usize = 8 << 10;
+const MAX_QUALIFIER_BYTES: usize = 8 << 10;
 
 impl AssetService {
     /// A service over `cas`.
     pub fn new(cas: Arc<dyn Cas>, settings: AssetSettings) -> AssetService {
         AssetService {
             cas,
-            known: moka::future::Cache::new(settings.max_associations),
-            fetches: Semaphore::new(settings.concurrent_fetches.max(1)),
+            known: moka::future::Cache::builder()
+                .max_capacity(settings.memory_bytes)
+                .weigher(|k: &Key, _: &Association| {
+                    let selectors: usize = k.3.iter().map(|(n, v)| n.len() + v.len()).sum();
+                    u32::try_from(k.2.len() + selectors + 256).unwrap_or(u32::MAX)
+                })
+                .build(),
+            fetches: Arc::new(Semaphore::new(settings.concurrent_fetches.max(1))),
             settings,
         }
     }
@@ -191,9 +214,7 @@ impl AssetService {
             return Err(AssetError::Off);
         }
         let instance = InstanceName::new(&args.instance_name)?;
-        if args.uris.is_empty() {
-            return Err(AssetError::NoUris);
-        }
+        check_sizes(&args.uris, &args.qualifiers)?;
         // Unset: SHA-256, as the spec says.
         let function = DigestFunction::from_request(args.digest_function, 64)?;
         let qualifiers = Qualifiers::parse(&args.qualifiers, args.uris.len())?;
@@ -204,12 +225,14 @@ impl AssetService {
                     .map_err(|_| AssetError::Time("oldest_content_accepted is not a time"))
             })
             .transpose()?;
+        // The whole fetch, every mirror tried, within one timeout (at least a second).
         let timeout = match args.timeout {
             None => self.settings.default_timeout,
             Some(t) => Duration::try_from(t)
                 .map_err(|_| AssetError::Time("timeout is negative or out of range"))?
-                .min(self.settings.max_timeout),
+                .clamp(Duration::from_secs(1), self.settings.max_timeout),
         };
+        let deadline = std::time::Instant::now() + timeout;
         let selectors: Vec<(String, String)> = qualifiers.selectors.clone().into_iter().collect();
         let key = |uri: &str| (instance.clone(), kind, uri.to_string(), selectors.clone());
         for uri in &args.uris {
@@ -239,9 +262,20 @@ impl AssetService {
         if !qualifiers.fetchable() {
             return not_found("no blob was pushed for these URIs and qualifiers, and a download cannot satisfy their directory or vcs qualifiers");
         }
-        let _permit = self.fetches.acquire().await.map_err(|_| AssetError::Off)?;
         let mut last = None;
         for (index, uri) in args.uris.iter().enumerate() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                last = Some((
+                    uri.clone(),
+                    FetchFailure::Timeout {
+                        url: uri.clone(),
+                        secs: timeout.as_secs(),
+                    }
+                    .rpc_status(),
+                ));
+                break;
+            }
             if !(uri.starts_with("http://") || uri.starts_with("https://")) {
                 last = Some((
                     uri.clone(),
@@ -255,29 +289,53 @@ impl AssetService {
                 ));
                 continue;
             }
+            // The permit and the temp file go with the download: a call cancelled while it
+            // runs neither frees its place early nor leaves its file behind.
+            let permit = self
+                .fetches
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| AssetError::Off)?;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
             let temp = TempFile(self.settings.layout.temp_path());
             let download = Download {
                 url: uri.clone(),
                 headers: qualifiers.headers_for(index, uri),
-                timeout,
+                timeout: left.max(Duration::from_millis(1)),
                 max_bytes: self.settings.max_bytes,
                 max_redirects: self.settings.max_redirects,
                 function,
                 sri: qualifiers.sri.clone(),
                 dest: temp.0.clone(),
+                fetch_loopback: self.settings.fetch_loopback,
+                fetch_private_networks: self.settings.fetch_private_networks,
             };
-            let result = tokio::task::spawn_blocking(move || download::download(&download))
-                .await
-                .map_err(|e| AssetError::Io {
-                    op: "download",
-                    source: std::io::Error::other(e),
-                })?;
+            let started = SystemTime::now();
+            let (temp, result) = tokio::task::spawn_blocking(move || {
+                let result = download::download(&download);
+                drop(permit);
+                (temp, result)
+            })
+            .await
+            .map_err(|e| AssetError::Io {
+                op: "download",
+                source: std::io::Error::other(e),
+            })?;
             match result {
+                // A failure here, not at the origin: the call's error.
+                Err(FetchFailure::Local { source, .. }) => {
+                    return Err(AssetError::Io {
+                        op: "store the download",
+                        source,
+                    })
+                }
                 Ok(got) => {
                     self.cas.write_file(&instance, got.digest, &temp.0).await?;
+                    // Its age counts from when the retrieval started, as the spec measures.
                     let association = Association {
                         digest: got.digest,
-                        at: SystemTime::now(),
+                        at: started,
                         expires: None,
                         sri: got.sri_ok,
                     };
@@ -329,23 +387,28 @@ impl AssetService {
         if sri.is_empty() || sri.iter().any(|s| a.sri.contains(s)) {
             return Ok(Some(a.digest));
         }
-        // Checksums it was never checked against: check the stored bytes (blobs only).
-        if key.1 == Kind::Blob && self.matches_sri(&key.0, a.digest, sri).await? {
-            return Ok(Some(a.digest));
+        // Checksums it was never checked against: check the stored bytes (blobs only), once.
+        if key.1 == Kind::Blob {
+            if let Some(matched) = self.matches_sri(&key.0, a.digest, sri).await? {
+                let mut known = a.clone();
+                known.sri.push(matched);
+                self.known.insert(key.clone(), known).await;
+                return Ok(Some(a.digest));
+            }
         }
         Ok(None)
     }
 
-    /// Whether the stored blob `digest` matches one of `sri`.
+    /// The one of `sri` that the stored blob `digest` matches, if any.
     async fn matches_sri(
         &self,
         instance: &InstanceName,
         digest: Digest,
         sri: &[Sri],
-    ) -> Result<bool, AssetError> {
+    ) -> Result<Option<Sri>, AssetError> {
         let temp = TempFile(self.settings.layout.temp_path());
         if !self.cas.read_to_file(instance, digest, &temp.0).await? {
-            return Ok(false);
+            return Ok(None);
         }
         let (path, wanted) = (temp.0.clone(), sri.to_vec());
         let computed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Sri>> {
@@ -370,7 +433,7 @@ impl AssetService {
             op: "check a checksum",
             source,
         })?;
-        Ok(sri.iter().any(|s| computed.contains(s)))
+        Ok(sri.iter().find(|s| computed.contains(s)).cloned())
     }
 
     async fn push(
@@ -386,9 +449,7 @@ impl AssetService {
             return Err(AssetError::Off);
         }
         let instance = InstanceName::new(instance_name)?;
-        if uris.is_empty() {
-            return Err(AssetError::NoUris);
-        }
+        check_sizes(uris, qualifiers)?;
         let qualifiers = Qualifiers::parse(qualifiers, uris.len())?;
         let expires = expire_at
             .map(|t| {
@@ -599,6 +660,36 @@ impl Push for AssetService {
         .await?;
         Ok(Response::new(PushDirectoryResponse {}))
     }
+}
+
+/// Refuses requests without URIs, with too many, or with URIs or qualifiers too long to
+/// remember.
+fn check_sizes(uris: &[String], qualifiers: &[Qualifier]) -> Result<(), AssetError> {
+    if uris.is_empty() {
+        return Err(AssetError::NoUris);
+    }
+    if uris.len() > MAX_URIS {
+        return Err(AssetError::TooLong(format!(
+            "{} URIs; at most {MAX_URIS}",
+            uris.len()
+        )));
+    }
+    if let Some(u) = uris.iter().find(|u| u.len() > MAX_URI_BYTES) {
+        return Err(AssetError::TooLong(format!(
+            "a URI of {} bytes; at most {MAX_URI_BYTES}",
+            u.len()
+        )));
+    }
+    let bytes: usize = qualifiers
+        .iter()
+        .map(|q| q.name.len() + q.value.len())
+        .sum();
+    if bytes > MAX_QUALIFIER_BYTES {
+        return Err(AssetError::TooLong(format!(
+            "{bytes} bytes of qualifiers; at most {MAX_QUALIFIER_BYTES}"
+        )));
+    }
+    Ok(())
 }
 
 /// Removes a temp file when dropped.

@@ -56,9 +56,9 @@ impl std::fmt::Display for Sri {
 /// Why qualifiers were refused (`INVALID_ARGUMENT`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QualifierError {
-    /// A name Kiln does not support.
-    #[error("\"{0}\" not supported")]
-    Unsupported(String),
+    /// Names Kiln does not support (every one in the request).
+    #[error("{}", .0.iter().map(|n| format!("\"{n}\" not supported")).collect::<Vec<_>>().join(", "))]
+    Unsupported(Vec<String>),
     /// A name given twice.
     #[error("qualifier \"{0}\" is given more than once")]
     Duplicate(String),
@@ -71,7 +71,8 @@ impl QualifierError {
     /// The qualifier's name.
     pub fn name(&self) -> &str {
         match self {
-            QualifierError::Unsupported(n) | QualifierError::Duplicate(n) => n,
+            QualifierError::Unsupported(n) => n.first().map_or("", String::as_str),
+            QualifierError::Duplicate(n) => n,
             QualifierError::BadValue { name, .. } => name,
         }
     }
@@ -103,6 +104,7 @@ impl Qualifiers {
     pub fn parse(qualifiers: &[Qualifier], uris: usize) -> Result<Qualifiers, QualifierError> {
         let mut out = Qualifiers::default();
         let mut seen = std::collections::HashSet::new();
+        let mut unsupported = Vec::new();
         for q in qualifiers {
             let name = q.name.as_str();
             if !seen.insert(name) {
@@ -139,8 +141,11 @@ impl Qualifiers {
             } else if FETCHABLE.contains(&name) || PUSH_ONLY.contains(&name) {
                 out.selectors.insert(name.to_string(), q.value.clone());
             } else {
-                return Err(QualifierError::Unsupported(name.to_string()));
+                unsupported.push(name.to_string());
             }
+        }
+        if !unsupported.is_empty() {
+            return Err(QualifierError::Unsupported(unsupported));
         }
         Ok(out)
     }
@@ -152,9 +157,10 @@ impl Qualifiers {
             .all(|k| FETCHABLE.contains(&k.as_str()))
     }
 
-    /// The headers for `url`, the request's URL at `index`.
+    /// The headers for `url`, the request's URL at `index`: one value per name, the most
+    /// specific winning (`http_header_url:` over `bazel.auth_headers` over `http_header:`).
     pub fn headers_for(&self, index: usize, url: &str) -> Vec<(String, String)> {
-        let mut out = self.headers.clone();
+        let mut out: BTreeMap<String, String> = self.headers.iter().cloned().collect();
         if let Some(auth) = self.auth_headers.get(url) {
             out.extend(auth.iter().cloned());
         }
@@ -164,7 +170,7 @@ impl Qualifiers {
                 .filter(|(i, _, _)| *i == index)
                 .map(|(_, n, v)| (n.clone(), v.clone())),
         );
-        out
+        out.into_iter().collect()
     }
 }
 
@@ -306,5 +312,28 @@ mod tests {
                 .to_string(),
             "\"frobnicate\" not supported"
         );
+        // Every unsupported name is named, not only the first.
+        assert_eq!(
+            Qualifiers::parse(
+                &[q("frobnicate", "1"), q("resource_type", "x"), q("zap", "2")],
+                1
+            )
+            .unwrap_err(),
+            QualifierError::Unsupported(vec!["frobnicate".into(), "zap".into()])
+        );
+        // One value per header name, the per-URL one winning for its URL.
+        let both = Qualifiers::parse(
+            &[
+                q("http_header:X-A", "all"),
+                q("http_header_url:0:x-a", "first"),
+            ],
+            2,
+        )
+        .unwrap();
+        assert_eq!(
+            both.headers_for(0, "u"),
+            vec![("x-a".into(), "first".into())]
+        );
+        assert_eq!(both.headers_for(1, "v"), vec![("x-a".into(), "all".into())]);
     }
 }

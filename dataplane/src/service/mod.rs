@@ -4,6 +4,7 @@
 mod action_results;
 mod cas;
 mod error;
+pub mod frames;
 mod read;
 mod write;
 
@@ -85,6 +86,8 @@ pub struct ZstdSettings {
     /// zstd decoders in use across the process (shared by every shard): a frame header
     /// alone can make one allocate its whole window, so their number is capped.
     pub decoders: Arc<Slots>,
+    /// Frames of blobs read compressed, kept for the next read (shared by every shard).
+    pub frames: Arc<frames::FrameCache>,
 }
 
 /// The memory all zstd decoders' windows may take together.

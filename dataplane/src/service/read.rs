@@ -5,7 +5,8 @@
 //!
 //! A compressed read (`compressed-blobs/zstd/…`) sends one zstd frame of the blob from
 //! `read_offset` (an offset into the uncompressed blob, as the spec says) to its end, compressed
-//! one chunk at a time as it goes out.
+//! one chunk at a time as it goes out; a frame of a whole blob is kept ([`super::frames`]) and
+//! sent as it is to the next reader from the start.
 
 use super::{BlobError, BlobServices};
 use crate::grpc::codec::encode_bytes_field;
@@ -91,6 +92,24 @@ async fn read(
     let Some(blob) = svc.store.open(&key).await.map_err(BlobError::from)? else {
         return Err(BlobError::NotFound(key).into());
     };
+    let chunk = svc.limits.read_chunk;
+    // A compressed read from the start of a blob whose frame is kept (the blob was just found
+    // in the store): the frame as it is.
+    if let Some(z) = zstd.filter(|_| start == 0) {
+        if let Some(frame) = z.frames.get(&key, z.level) {
+            let mut at = 0;
+            while at < frame.len() {
+                let end = (at + chunk.max(1)).min(frame.len());
+                Responses(out).send(frame.slice(at..end)).await?;
+                at = end;
+            }
+            return Ok(());
+        }
+    }
+    // Otherwise the frame made now is kept, when it is of the whole blob and not too large.
+    let keep_as = zstd
+        .filter(|z| start == 0 && z.frames.keeps(size))
+        .map(|_| key.clone());
     // A small blob is read whole (a memory tier keeps it); a large one streams from its file.
     let blob = if !blob.in_memory() && blob.size() <= svc.limits.inline_read {
         Blob::bytes(
@@ -106,7 +125,6 @@ async fn read(
         StreamEnd::Store(e) => ReadEnd::Failed(e.into()),
         StreamEnd::Sink(e) => e,
     };
-    let chunk = svc.limits.read_chunk;
     let Some(zstd) = zstd else {
         return blob
             .stream(&*svc.runtime, start, end, chunk, &mut Responses(out))
@@ -117,11 +135,16 @@ async fn read(
     let mut sink = Compressing {
         deflater,
         out: Responses(out),
+        kept: keep_as.as_ref().map(|_| Vec::new()),
     };
     blob.stream(&*svc.runtime, start, end, chunk, &mut sink)
         .await
         .map_err(ended)?;
     let tail = sink.deflater.finish().map_err(BlobError::Deflate)?;
+    if let (Some(key), Some(mut frame)) = (keep_as, sink.kept.take()) {
+        frame.extend_from_slice(&tail);
+        zstd.frames.insert(key, zstd.level, Bytes::from(frame));
+    }
     sink.out.send(tail).await
 }
 
@@ -129,6 +152,8 @@ async fn read(
 struct Compressing<'a> {
     deflater: Deflater,
     out: Responses<'a>,
+    /// The frame so far, when it is to be kept.
+    kept: Option<Vec<u8>>,
 }
 
 impl ChunkSink for Compressing<'_> {
@@ -138,6 +163,9 @@ impl ChunkSink for Compressing<'_> {
         let packed = self.deflater.push(&data).map_err(BlobError::Deflate)?;
         if packed.is_empty() {
             return Ok(());
+        }
+        if let Some(kept) = self.kept.as_mut() {
+            kept.extend_from_slice(&packed);
         }
         self.out.send(packed).await
     }
