@@ -1,8 +1,8 @@
 //! The Remote Asset API against a real `kiln serve` and a real HTTP server on 127.0.0.1 (a
 //! small one of the test's own, so that it can also misbehave: a 404, a redirect loop, a body
 //! too large, an answer that never comes). `FetchBlob` downloads into the CAS and checks
-//! `checksum.sri`; associations are remembered; `Push` records them for content already
-//! stored; directories are served only when pushed.
+//! `checksum.sri`; `FetchDirectory` unpacks a tar.gz into the CAS; associations are
+//! remembered; `Push` records them for content already stored.
 
 #[macro_use]
 mod common;
@@ -95,6 +95,27 @@ async fn http_server(routes: HashMap<&'static str, Vec<u8>>) -> (String, Seen) {
     (base, seen)
 }
 
+/// A small source tree as a tar.gz: `README`, `src/main.rs`, `src/run.sh` (executable),
+/// `src/lib/mod.rs`.
+fn repo_tar_gz() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, mode, data) in [
+        ("README", 0o644, &b"hello\n"[..]),
+        ("src/main.rs", 0o644, b"fn main() {}\n"),
+        ("src/run.sh", 0o755, b"#!/bin/sh\n"),
+        ("src/lib/mod.rs", 0o644, b"pub fn f() {}\n"),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_cksum();
+        b.append_data(&mut h, path, data).unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &b.into_inner().unwrap()).unwrap();
+    gz.finish().unwrap()
+}
+
 fn sri(data: &[u8]) -> String {
     let hash = sha2::Sha256::digest(data);
     format!(
@@ -151,6 +172,7 @@ on_every_runtime! {
             ("/other", pseudo_random(72, 3000)),
             ("/private", secret.clone()),
             ("/big", vec![7u8; 100 << 10]),
+            ("/repo.tar.gz", repo_tar_gz()),
         ]))
         .await;
         let url = |p: &str| format!("{base}{p}");
@@ -248,14 +270,60 @@ on_every_runtime! {
         let bad_request = kiln_proto::google::rpc::BadRequest::decode(&status.details[0].value[..]).unwrap();
         assert_eq!(bad_request.field_violations[0].field, "qualifiers.name");
         assert_code(fetch(&ch, &[], vec![], None).await, Code::InvalidArgument, "no URI");
+
+        // A directory: a tar.gz unpacked into the CAS, the whole tree or a subdirectory.
+        let dir_of = |uri: String, qualifiers: Vec<Qualifier>| asset::FetchDirectoryRequest {
+            uris: vec![uri],
+            qualifiers,
+            ..Default::default()
+        };
+        let got = FetchClient::new(ch.clone())
+            .fetch_directory(dir_of(url("/repo.tar.gz"), vec![q("checksum.sri", &sri(&repo_tar_gz()))]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.status.as_ref().map(|s| s.code), Some(0), "{:?}", got.status);
+        let root = got.root_directory_digest.unwrap();
+        let tree: Vec<reapi::Directory> = {
+            let mut s = blobs::cas(&ch)
+                .get_tree(reapi::GetTreeRequest { root_digest: Some(root.clone()), ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut all = Vec::new();
+            while let Some(page) = s.message().await.unwrap() {
+                all.extend(page.directories);
+            }
+            all
+        };
+        assert_eq!(tree.len(), 3, "root, src, src/lib: {tree:?}");
+        let src = &tree[1];
+        assert_eq!(src.files[0].name, "main.rs");
+        assert!(src.files[1].is_executable, "{src:?}");
+        let main = src.files[0].digest.clone().unwrap();
+        assert_eq!(blobs::read(&ch, &read_name("", Function::Sha256, &main), 0, 0).await.unwrap(), b"fn main() {}\n");
+        let sub = FetchClient::new(ch.clone())
+            .fetch_directory(dir_of(url("/repo.tar.gz"), vec![q("directory", "src/lib")]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(sub.root_directory_digest, src.directories[0].digest.clone());
+        // Not an archive Kiln unpacks.
+        let not_tar = FetchClient::new(ch.clone())
+            .fetch_directory(dir_of(url("/blob"), vec![]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(not_tar.status.map(|s| s.code), Some(Code::NotFound as i32));
         assert!(common::temp_files(dir.path()).is_empty());
         kiln.stop().await;
     }
 }
 
-/// Push, and fetches of what only a push can supply. (One backend: the control plane.)
+/// Push, and fetches of what only a push can supply (vcs qualifiers, a directory that is not
+/// an archive). (One backend: the control plane.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pushed_associations_are_fetched_and_directories_only_when_pushed() {
+async fn pushed_associations_are_fetched_and_push_only_qualifiers_are_not_downloaded() {
     let dir = tempfile::tempdir().unwrap();
     let kiln = Kiln::start_on(common::Runtime::Glommio, dir.path()).await;
     let ch = kiln.channel().await;

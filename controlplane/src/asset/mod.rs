@@ -1,13 +1,14 @@
 //! The Remote Asset API (`build.bazel.remote.asset.v1`), through the [`Cas`] trait. `Fetch`
 //! answers from associations it remembers (URI and selecting qualifiers to a digest, fetched
 //! or pushed) while their content is still in the CAS, and otherwise downloads blobs from
-//! `http(s)` URLs ([`download`]) into the CAS, checked against `checksum.sri`. `Push` records
-//! associations for content already in the CAS. Directories are served only when pushed: Kiln
-//! does not unpack archives or clone repositories. Associations live in memory (bounded);
-//! after a restart a fetch goes to origin again.
+//! `http(s)` URLs ([`download`]) into the CAS, checked against `checksum.sri`; a directory is a
+//! tar or tar.gz unpacked into the CAS as a tree ([`unpack`]). `Push` records associations for
+//! content already in the CAS (zips and repositories must be pushed: Kiln unpacks neither).
+//! Associations live in memory (bounded); after a restart a fetch goes to origin again.
 
 mod download;
 mod qualifiers;
+mod unpack;
 
 pub use qualifiers::{QualifierError, Qualifiers, Sri};
 
@@ -253,14 +254,11 @@ impl AssetService {
                 },
             )))
         };
-        if kind == Kind::Directory {
-            return not_found("no directory was pushed for these URIs and qualifiers (Kiln fetches only blobs from origin; push directories with PushDirectory)");
-        }
         if !self.settings.fetch_from_origin {
-            return not_found("no blob was pushed for these URIs and qualifiers (remote_asset.fetch_from_origin = false)");
+            return not_found("nothing was pushed for these URIs and qualifiers (remote_asset.fetch_from_origin = false)");
         }
-        if !qualifiers.fetchable() {
-            return not_found("no blob was pushed for these URIs and qualifiers, and a download cannot satisfy their directory or vcs qualifiers");
+        if !qualifiers.fetchable(kind == Kind::Directory) {
+            return not_found("nothing was pushed for these URIs and qualifiers, and a download cannot satisfy their vcs (or, for a blob, directory) qualifiers");
         }
         let mut last = None;
         for (index, uri) in args.uris.iter().enumerate() {
@@ -289,6 +287,30 @@ impl AssetService {
                 ));
                 continue;
             }
+            // A directory comes from an archive Kiln can unpack.
+            let archive = match kind {
+                Kind::Blob => None,
+                Kind::Directory => match unpack::ArchiveKind::of(
+                    uri,
+                    qualifiers
+                        .selectors
+                        .get("resource_type")
+                        .map(String::as_str),
+                ) {
+                    Some(a) => Some(a),
+                    None => {
+                        last = Some((
+                            uri.clone(),
+                            RpcStatus {
+                                code: tonic::Code::NotFound as i32,
+                                message: format!("{uri} is not a tar or tar.gz archive (by its resource_type or its name), the directories Kiln can fetch"),
+                                details: Vec::new(),
+                            },
+                        ));
+                        continue;
+                    }
+                },
+            };
             // The permit and the temp file go with the download: a call cancelled while it
             // runs neither frees its place early nor leaves its file behind.
             let permit = self
@@ -312,10 +334,10 @@ impl AssetService {
                 fetch_private_networks: self.settings.fetch_private_networks,
             };
             let started = SystemTime::now();
-            let (temp, result) = tokio::task::spawn_blocking(move || {
+            // An archive to unpack keeps the place through its unpacking.
+            let (temp, result, permit) = tokio::task::spawn_blocking(move || {
                 let result = download::download(&download);
-                drop(permit);
-                (temp, result)
+                (temp, result, permit)
             })
             .await
             .map_err(|e| AssetError::Io {
@@ -331,17 +353,42 @@ impl AssetService {
                     })
                 }
                 Ok(got) => {
-                    self.cas.write_file(&instance, got.digest, &temp.0).await?;
+                    let digest = match archive {
+                        None => {
+                            self.cas.write_file(&instance, got.digest, &temp.0).await?;
+                            got.digest
+                        }
+                        Some(archive) => {
+                            let subdir = qualifiers.selectors.get("directory").cloned();
+                            match self
+                                .unpack(
+                                    &instance,
+                                    (temp, permit),
+                                    archive,
+                                    function,
+                                    subdir,
+                                    deadline,
+                                )
+                                .await?
+                            {
+                                Ok(root) => root,
+                                Err(failure) => {
+                                    last = Some((uri.clone(), failure.rpc_status()));
+                                    continue;
+                                }
+                            }
+                        }
+                    };
                     // Its age counts from when the retrieval started, as the spec measures.
                     let association = Association {
-                        digest: got.digest,
+                        digest,
                         at: started,
                         expires: None,
                         sri: got.sri_ok,
                     };
                     self.known.insert(key(uri), association).await;
-                    tracing::debug!(%uri, digest = ?got.digest, "fetched from origin");
-                    return Ok(Ok((uri.clone(), got.digest)));
+                    tracing::debug!(%uri, ?digest, "fetched from origin");
+                    return Ok(Ok((uri.clone(), digest)));
                 }
                 Err(failure) => {
                     tracing::debug!(%uri, error = %failure, "fetch from origin failed");
@@ -359,6 +406,57 @@ impl AssetService {
                 .rpc_status(),
             )
         })))
+    }
+
+    /// Unpacks the downloaded `archive` into the CAS: its files, then its directories (a tree
+    /// is stored bottom up: a `Directory` is visible only once what it names is). The root's
+    /// digest, or why the archive was refused.
+    async fn unpack(
+        &self,
+        instance: &InstanceName,
+        (archive, permit): (TempFile, tokio::sync::OwnedSemaphorePermit),
+        kind: unpack::ArchiveKind,
+        function: DigestFunction,
+        subdir: Option<String>,
+        deadline: std::time::Instant,
+    ) -> Result<Result<Digest, unpack::UnpackError>, AssetError> {
+        let (layout, max) = (self.settings.layout.clone(), self.settings.max_bytes);
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let temp = || layout.temp_path();
+            let result = unpack::unpack(
+                &archive.0,
+                kind,
+                function,
+                max,
+                &temp,
+                subdir.as_deref(),
+                deadline,
+            );
+            drop((archive, permit));
+            result
+        })
+        .await
+        .map_err(|e| AssetError::Io {
+            op: "unpack",
+            source: std::io::Error::other(e),
+        })?;
+        let unpacked = match unpacked {
+            Ok(u) => u,
+            Err(unpack::UnpackError::Local(source)) => {
+                return Err(AssetError::Io {
+                    op: "unpack the archive",
+                    source,
+                })
+            }
+            Err(refused) => return Ok(Err(refused)),
+        };
+        for (digest, file) in &unpacked.files {
+            self.cas.write_file(instance, *digest, &file.0).await?;
+        }
+        for batch in unpacked.directories.chunks(1000) {
+            self.cas.write_blobs(instance, batch.to_vec()).await?;
+        }
+        Ok(Ok(unpacked.root))
     }
 
     /// The digest remembered under `key`, if it is still good: the same function, not
@@ -693,7 +791,7 @@ fn check_sizes(uris: &[String], qualifiers: &[Qualifier]) -> Result<(), AssetErr
 }
 
 /// Removes a temp file when dropped.
-struct TempFile(PathBuf);
+pub(super) struct TempFile(pub(super) PathBuf);
 
 impl Drop for TempFile {
     fn drop(&mut self) {

@@ -150,11 +150,12 @@ impl Qualifiers {
         Ok(out)
     }
 
-    /// Whether content with these selectors can come from a plain download of the URL.
-    pub fn fetchable(&self) -> bool {
+    /// Whether content with these selectors can come from a download of the URL (for a
+    /// `directory`, an archive unpacked, whose `directory` qualifier picks a subdirectory).
+    pub fn fetchable(&self, directory: bool) -> bool {
         self.selectors
             .keys()
-            .all(|k| FETCHABLE.contains(&k.as_str()))
+            .all(|k| FETCHABLE.contains(&k.as_str()) || (directory && k == "directory"))
     }
 
     /// The headers for `url`, the request's URL at `index`: one value per name, the most
@@ -277,9 +278,11 @@ mod tests {
             vec![("authorization".into(), "Basic abc".into())]
         );
         assert!(older.headers_for(0, "https://b/y").is_empty());
-        assert!(parsed.fetchable());
+        assert!(parsed.fetchable(false));
         let pushed = Qualifiers::parse(&[q("vcs.commit", "abc")], 1).unwrap();
-        assert!(!pushed.fetchable());
+        assert!(!pushed.fetchable(true));
+        let sub = Qualifiers::parse(&[q("directory", "a/b")], 1).unwrap();
+        assert!(sub.fetchable(true) && !sub.fetchable(false));
     }
 
     #[test]
