@@ -122,6 +122,12 @@ impl BlobError {
 impl Classify for BlobError {
     fn kind(&self) -> ErrorKind {
         match self {
+            // A decoder the server could not make is its own failure.
+            BlobError::Upload(UploadError::Inflate(e)) | BlobError::Inflate(e)
+                if !e.is_senders() =>
+            {
+                ErrorKind::Internal
+            }
             BlobError::Resource(_)
             | BlobError::Digest(_)
             | BlobError::Instance(_)
@@ -171,5 +177,23 @@ impl From<BlobError> for Status {
             tracing::debug!(error = %e, "blob request refused");
         }
         e.status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_reapi::compression::InflateError;
+
+    #[test]
+    fn bad_compressed_data_is_the_senders_a_decoder_not_made_is_ours() {
+        let bad = BlobError::Upload(UploadError::Inflate(InflateError::Truncated));
+        assert_eq!(bad.kind(), ErrorKind::Invalid);
+        let ours = BlobError::Upload(UploadError::Inflate(InflateError::Setup("oom".into())));
+        assert_eq!(ours.kind(), ErrorKind::Internal);
+        assert_eq!(
+            BlobError::Inflate(InflateError::Setup("oom".into())).kind(),
+            ErrorKind::Internal
+        );
     }
 }

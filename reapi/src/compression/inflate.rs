@@ -18,6 +18,16 @@ pub enum InflateError {
     /// The data ended inside a zstd frame.
     #[error("compressed data ends inside a zstd frame")]
     Truncated,
+    /// The decoder could not be made (out of memory): the server's fault, not the data's.
+    #[error("the server could not start a zstd decoder: {0}")]
+    Setup(String),
+}
+
+impl InflateError {
+    /// Whether the sender is at fault (everything but [`InflateError::Setup`]).
+    pub fn is_senders(&self) -> bool {
+        !matches!(self, InflateError::Setup(_))
+    }
 }
 
 /// Decompression of one stream of zstd frames into at most `limit` bytes.
@@ -42,11 +52,11 @@ impl Inflater {
     /// Decompresses at most `limit` bytes, `chunk` bytes per step, refusing frames whose
     /// window is above 2^`max_window_log`.
     pub fn new(limit: u64, chunk: usize, max_window_log: u32) -> Result<Inflater, InflateError> {
-        let corrupt = |e: std::io::Error| InflateError::Corrupt(e.to_string());
-        let mut decoder = Decoder::new().map_err(corrupt)?;
+        let setup = |e: std::io::Error| InflateError::Setup(e.to_string());
+        let mut decoder = Decoder::new().map_err(setup)?;
         decoder
             .set_parameter(DParameter::WindowLogMax(max_window_log))
-            .map_err(corrupt)?;
+            .map_err(setup)?;
         Ok(Inflater {
             decoder,
             input: Bytes::new(),
