@@ -285,3 +285,50 @@ async fn limits_and_bad_roots() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     kiln.stop().await;
 }
+
+// Trees that share subtrees: with the whole-tree cache off, a walk takes the directories it
+// has read before from the kept subtrees, and reads only the new ones from the CAS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trees_sharing_subtrees_read_only_what_is_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        config: Some("[get_tree]\ncache_bytes = 0\n".into()),
+        ..Options::on(common::Runtime::Glommio)
+    };
+    let kiln = Kiln::start_async(dir.path(), options).await;
+    let ch = kiln.channel().await;
+    let kept = || common::metric_if_any(&kiln.admin, "kiln_get_tree_kept_directories_total");
+    let (a, a_blobs) = tree(2, 3);
+    upload(&ch, &a_blobs).await;
+    let before = kept().await.unwrap_or(0.0);
+    assert_eq!(
+        get_tree(&ch, &a, 0, "").await.unwrap().0.len(),
+        a_blobs.len()
+    );
+    assert_eq!(
+        kept().await.unwrap_or(0.0),
+        before,
+        "a first walk reads everything"
+    );
+    // A new root over the same tree: only the root is new.
+    let b = Directory {
+        directories: vec![DirectoryNode {
+            name: "old".into(),
+            digest: Some(a.clone()),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let bd = digest(F, &b);
+    upload(&ch, &[(bd.clone(), b)]).await;
+    assert_eq!(
+        get_tree(&ch, &bd, 0, "").await.unwrap().0.len(),
+        a_blobs.len() + 1
+    );
+    assert_eq!(
+        kept().await.unwrap_or(0.0),
+        before + a_blobs.len() as f64,
+        "every directory of the shared subtree came from the kept ones"
+    );
+    kiln.stop().await;
+}

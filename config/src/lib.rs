@@ -55,6 +55,9 @@ impl Config {
         if t.cache_bytes.as_u64() > 1 << 40 {
             return invalid("get_tree.cache_bytes", "must be at most 1 TiB");
         }
+        if t.subtree_cache_bytes.as_u64() > 1 << 40 {
+            return invalid("get_tree.subtree_cache_bytes", "must be at most 1 TiB");
+        }
         if t.cache_ttl_secs > 365 * 24 * 3600 {
             return invalid("get_tree.cache_ttl_secs", "must be at most a year");
         }

@@ -339,8 +339,11 @@ pub struct GetTreeConfig {
     pub max_tree_bytes: ByteSize,
     /// Whole trees kept for repeated calls, by the bytes of their messages (0: none).
     pub cache_bytes: ByteSize,
-    /// How long a cached tree is served before it is walked again.
+    /// How long a cached tree (and a kept directory) is served before it is read again.
     pub cache_ttl_secs: u64,
+    /// `Directory` messages kept by digest, so that trees sharing subtrees read only what is
+    /// new (0: none).
+    pub subtree_cache_bytes: ByteSize,
 }
 
 impl Default for GetTreeConfig {
@@ -349,6 +352,7 @@ impl Default for GetTreeConfig {
             max_tree_bytes: ByteSize::mib(64),
             cache_bytes: ByteSize::mib(64),
             cache_ttl_secs: 60,
+            subtree_cache_bytes: ByteSize::mib(64),
         }
     }
 }

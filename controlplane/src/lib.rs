@@ -138,6 +138,7 @@ impl ControlPlane {
                     max_tree_bytes: config.get_tree.max_tree_bytes.as_u64(),
                     cache_bytes: config.get_tree.cache_bytes.as_u64(),
                     cache_ttl: Duration::from_secs(config.get_tree.cache_ttl_secs),
+                    subtree_cache_bytes: config.get_tree.subtree_cache_bytes.as_u64(),
                     page_bytes: tree::PAGE_BYTES.min(max_message.saturating_sub(64 << 10).max(1)),
                     max_directory_bytes: max_message.saturating_sub(64 << 10).max(1) as u64,
                 },

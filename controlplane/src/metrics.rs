@@ -28,6 +28,8 @@ pub struct ControlMetrics {
     /// Walks of a tree for `GetTree` (calls served from the tree cache, or waiting on
     /// another call's walk of the same tree, make none).
     pub get_tree_walks: Counter,
+    /// Directories a walk took from the kept subtrees instead of reading them from the CAS.
+    pub get_tree_kept_directories: Counter,
 }
 
 impl ControlMetrics {
@@ -57,6 +59,11 @@ impl ControlMetrics {
             "kiln_get_tree_walks",
             "Walks of a tree for GetTree (a call answered from the tree cache, or by another call's walk of the same tree, makes none)",
             self.get_tree_walks.clone(),
+        );
+        registry.register(
+            "kiln_get_tree_kept_directories",
+            "Directories a GetTree walk took from the kept subtrees (get_tree.subtree_cache_bytes) instead of the CAS",
+            self.get_tree_kept_directories.clone(),
         );
     }
 

@@ -5,6 +5,7 @@
 //! directory is kept as the bytes the CAS holds, so a listing's memory is what its bytes say,
 //! and pages are sent without encoding anything again.
 
+use super::subtrees::Subtrees;
 use super::TreeError;
 use bytes::Bytes;
 use kiln_reapi::cas::Cas;
@@ -28,6 +29,8 @@ pub struct Listing {
     pub bytes: u64,
     /// Whether every directory of the tree was there.
     pub complete: bool,
+    /// How many of them came from the kept directories rather than the CAS.
+    pub kept: usize,
     /// The share of `GetTree`'s memory budget this listing holds while anything does.
     pub(super) _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -36,6 +39,7 @@ pub struct Listing {
 /// `max_message` (a directory is sent whole, in one response message).
 pub async fn list(
     cas: &dyn Cas,
+    subtrees: &Subtrees,
     instance: &InstanceName,
     root: Digest,
     max_bytes: u64,
@@ -58,6 +62,7 @@ pub async fn list(
         digests: Vec::new(),
         bytes: 0,
         complete: true,
+        kept: 0,
         _budget: None,
     };
     let too_large = || TreeError::TooLarge { root, max_bytes };
@@ -74,8 +79,29 @@ pub async fn list(
         if batch.is_empty() {
             return Ok(listing);
         }
-        let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
-        let found = cas.read_blobs(instance, &digests).await?;
+        // Directories kept from earlier walks; the rest read from the CAS, and kept.
+        let mut found: Vec<Option<Bytes>> = batch
+            .iter()
+            .map(|(d, _)| subtrees.get(instance, *d))
+            .collect();
+        let unread: Vec<Digest> = batch
+            .iter()
+            .zip(&found)
+            .filter(|(_, kept)| kept.is_none())
+            .map(|((d, _), _)| *d)
+            .collect();
+        listing.kept += batch.len() - unread.len();
+        if !unread.is_empty() {
+            let mut read = cas.read_blobs(instance, &unread).await?.into_iter();
+            for ((digest, _), slot) in batch.iter().zip(found.iter_mut()) {
+                if slot.is_none() {
+                    *slot = read.next().flatten();
+                    if let Some(bytes) = slot {
+                        subtrees.insert(instance, *digest, bytes.clone());
+                    }
+                }
+            }
+        }
         for ((digest, depth), bytes) in batch.into_iter().zip(found) {
             let Some(bytes) = bytes else {
                 if digest == root {

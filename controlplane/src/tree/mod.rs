@@ -7,6 +7,7 @@
 
 pub mod listing;
 pub mod raw;
+pub mod subtrees;
 pub mod token;
 
 use crate::metrics::ControlMetrics;
@@ -105,6 +106,8 @@ pub struct TreeSettings {
     pub cache_bytes: u64,
     /// `get_tree.cache_ttl_secs`.
     pub cache_ttl: Duration,
+    /// `get_tree.subtree_cache_bytes` (0: no directories kept).
+    pub subtree_cache_bytes: u64,
     /// Most bytes of directories in one page: [`PAGE_BYTES`], or less to stay 64 KiB under
     /// `server.max_message_bytes`.
     pub page_bytes: usize,
@@ -133,6 +136,8 @@ pub struct TreeService {
     cas: Arc<dyn Cas>,
     settings: TreeSettings,
     cache: Option<moka::future::Cache<Key, Arc<Listing>>>,
+    /// Directories kept by digest, for trees that share subtrees.
+    subtrees: subtrees::Subtrees,
     /// The memory budget, in KiB: a walk takes `max_tree_bytes` of it and keeps what its
     /// listing holds for as long as anything holds the listing.
     budget: Arc<Semaphore>,
@@ -155,6 +160,7 @@ impl TreeService {
             .min(Semaphore::MAX_PERMITS);
         TreeService {
             cas,
+            subtrees: subtrees::Subtrees::new(settings.subtree_cache_bytes, settings.cache_ttl),
             settings,
             cache,
             budget: Arc::new(Semaphore::new(budget)),
@@ -180,12 +186,16 @@ impl TreeService {
         self.metrics.get_tree_walks.inc();
         let mut listing = listing::list(
             &*self.cas,
+            &self.subtrees,
             instance,
             root,
             self.settings.max_tree_bytes,
             self.settings.max_directory_bytes,
         )
         .await?;
+        self.metrics
+            .get_tree_kept_directories
+            .inc_by(listing.kept as u64);
         // Keep what the listing holds; the rest goes back now.
         listing._budget = held
             .as_mut()
@@ -358,6 +368,7 @@ mod tests {
             digests,
             bytes,
             complete: true,
+            kept: 0,
             _budget: None,
         }
     }
@@ -488,6 +499,7 @@ mod tests {
             max_tree_bytes: 1 << 20,
             cache_bytes: 1 << 20,
             cache_ttl: Duration::from_secs(60),
+            subtree_cache_bytes: 0,
             page_bytes: PAGE_BYTES,
             max_directory_bytes: 1 << 20,
         };
@@ -565,6 +577,7 @@ mod tests {
             max_tree_bytes: 64 << 20,
             cache_bytes: 32 << 20,
             cache_ttl: Duration::from_secs(1),
+            subtree_cache_bytes: 0,
             page_bytes: PAGE_BYTES,
             max_directory_bytes: 1 << 20,
         };
