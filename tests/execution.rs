@@ -10,7 +10,10 @@ use common::{Kiln, Options};
 use kiln_proto::google::rpc::PreconditionFailure;
 use kiln_proto::longrunning::operation::Result;
 use kiln_proto::longrunning::operations_client::OperationsClient;
-use kiln_proto::longrunning::{CancelOperationRequest, GetOperationRequest, WaitOperationRequest};
+use kiln_proto::longrunning::{
+    CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
+    WaitOperationRequest,
+};
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::execution_stage::Value as Stage;
@@ -377,6 +380,25 @@ on_every_runtime! {
             .into_inner();
         let now = waiting.message().await.unwrap().unwrap();
         assert_eq!((now.name.as_str(), now.done), (first.name.as_str(), false));
+        // Listed while it runs, by stage; not deleted while it runs.
+        let listed = |filter: &'static str| {
+            let ops = ops.clone();
+            async move {
+                ops.clone()
+                    .list_operations(ListOperationsRequest { name: "operations/".into(), filter: filter.into(), ..Default::default() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .operations
+                    .into_iter()
+                    .map(|o| o.name)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert!(listed("stage=EXECUTING").await.contains(&first.name));
+        assert!(!listed("stage=COMPLETED").await.contains(&first.name));
+        let err = ops.clone().delete_operation(DeleteOperationRequest { name: first.name.clone() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
         std::fs::write(&gate, b"").unwrap();
         let mut last = now;
         while let Some(op) = waiting.message().await.unwrap() {
@@ -389,6 +411,14 @@ on_every_runtime! {
         let waited = ops.clone().wait_operation(WaitOperationRequest { name: first.name.clone(), timeout: None }).await.unwrap().into_inner();
         assert!(waited.done);
         assert_eq!(response(&waited).result, done.result);
+        // Finished: listed as completed; deleted, it is gone.
+        assert!(listed("stage=COMPLETED").await.contains(&first.name));
+        ops.clone().delete_operation(DeleteOperationRequest { name: first.name.clone() }).await.unwrap();
+        let gone = ops.clone().get_operation(GetOperationRequest { name: first.name.clone() }).await.unwrap_err();
+        assert_eq!(gone.code(), Code::NotFound);
+        assert!(!listed("").await.contains(&first.name));
+        let bad = ops.clone().list_operations(ListOperationsRequest { filter: "done=true".into(), ..Default::default() }).await.unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument);
 
         // Cached now; skip_cache_lookup runs it again.
         let (_, hit) = execute(&ch, F, &action, false).await.unwrap();

@@ -3,6 +3,7 @@
 //! dispatching to worker sessions, publishing operation stages, and on completion writing the
 //! action cache and releasing the inputs' pins.
 
+mod listing;
 mod operations;
 mod ops;
 mod prepare;
@@ -355,6 +356,20 @@ impl ExecutionCore {
     /// Watches an operation by name.
     pub fn watch(&self, name: &str) -> Option<tokio::sync::watch::Receiver<OpView>> {
         lock(&self.registry).watch(name)
+    }
+
+    /// A page of operations, in name order (see [`listing::OpQuery`]).
+    pub fn list(
+        &self,
+        query: &listing::OpQuery,
+        allowed: impl FnMut(&str) -> bool,
+    ) -> (Vec<OpView>, Option<String>) {
+        lock(&self.registry).list(query, allowed)
+    }
+
+    /// Forgets a finished operation; `Err(true)` while it runs, `Err(false)` if unknown.
+    pub fn delete(&self, name: &str) -> Result<(), bool> {
+        lock(&self.registry).delete(name)
     }
 
     /// Cancels an operation by name; false if it is not running or queued.

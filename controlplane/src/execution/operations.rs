@@ -1,4 +1,5 @@
-//! `google.longrunning.Operations` for execution operations: get, wait, cancel.
+//! `google.longrunning.Operations` for execution operations: get, wait, cancel, list (by name
+//! prefix and stage, in pages) and delete (of a finished one).
 
 use super::ExecutionCore;
 use kiln_proto::longrunning::operations_server::Operations;
@@ -45,7 +46,24 @@ impl Operations for OperationsService {
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
         crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
-        Err(Status::unimplemented("listing operations is not supported"))
+        let query = super::listing::OpQuery::parse(request.get_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let span = tracing::debug_span!("ListOperations", prefix = %query.prefix);
+        let _entered = span.enter();
+        // Only operations of instances where the caller may see operations.
+        let mut seen: std::collections::HashMap<String, bool> = Default::default();
+        let (page, last) = self.core.list(&query, |instance| {
+            *seen.entry(instance.to_string()).or_insert_with(|| {
+                crate::auth::check(&request, crate::auth::paths::OPERATIONS, Some(instance)).is_ok()
+            })
+        });
+        Ok(Response::new(ListOperationsResponse {
+            operations: page.iter().map(|v| v.to_operation()).collect(),
+            next_page_token: last
+                .map(|l| super::listing::OpQuery::token_after(&l))
+                .unwrap_or_default(),
+            unreachable: Vec::new(),
+        }))
     }
 
     async fn get_operation(
@@ -63,9 +81,16 @@ impl Operations for OperationsService {
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
         crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
-        Err(Status::unimplemented(
-            "operations are forgotten on their own after completion",
-        ))
+        let name = request.get_ref().name.clone();
+        // The caller needs the role in the operation's instance: found first.
+        self.rx(&request, &name)?;
+        match self.core.delete(&name) {
+            Ok(()) => Ok(Response::new(())),
+            Err(true) => Err(Status::failed_precondition(format!(
+                "operation {name:?} is still running; cancel it (CancelOperation), then delete it once it has finished"
+            ))),
+            Err(false) => Err(Status::not_found(format!("no operation named {name:?}"))),
+        }
     }
 
     async fn cancel_operation(

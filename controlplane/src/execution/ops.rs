@@ -215,6 +215,51 @@ impl Registry {
         }
     }
 
+    /// The page of operations `query` asks for, in name order, keeping only those whose
+    /// instance `allowed` accepts; and the name to resume after, when more remain.
+    pub fn list(
+        &self,
+        query: &super::listing::OpQuery,
+        mut allowed: impl FnMut(&str) -> bool,
+    ) -> (Vec<OpView>, Option<String>) {
+        let mut names: Vec<&str> = self
+            .by_name
+            .keys()
+            .map(String::as_str)
+            .chain(self.finished.keys().map(|n| &**n))
+            .filter(|n| query.wants_name(n))
+            .collect();
+        names.sort_unstable();
+        let mut page = Vec::new();
+        for name in names {
+            if page.len() == query.page_size {
+                let last = page.last().map(|v: &OpView| v.name.clone());
+                return (page, last);
+            }
+            let view = match self.by_name.get(name) {
+                Some(op) => self.live.get(op).map(|l| l.view.borrow().clone()),
+                None => self.finished.get(name).and_then(|f| f.view(name)),
+            };
+            if let Some(view) = view {
+                if query.wants_stage(view.stage) && allowed(&view.instance) {
+                    page.push(view);
+                }
+            }
+        }
+        (page, None)
+    }
+
+    /// Forgets a finished operation; `Err(true)` if it is still running, `Err(false)` if
+    /// there is none of that name.
+    pub fn delete(&mut self, name: &str) -> Result<(), bool> {
+        if self.by_name.contains_key(name) {
+            return Err(true);
+        }
+        // Its place in `finished_order` goes when it comes up: forgetting a name already
+        // gone does nothing.
+        self.finished.remove(name).map(|_| ()).ok_or(false)
+    }
+
     fn forget_oldest(&mut self) {
         if let Some((_, name)) = self.finished_order.pop_front() {
             self.finished.remove(&name);
@@ -316,5 +361,61 @@ mod tests {
             run(&mut uncapped, i, t0);
         }
         assert_eq!(uncapped.finished_count(), 100);
+    }
+
+    #[test]
+    fn operations_list_in_pages_by_prefix_stage_and_instance_and_delete_when_finished() {
+        use crate::execution::listing::OpQuery;
+        use kiln_proto::longrunning::ListOperationsRequest;
+        let t0 = Instant::now();
+        let mut r = Registry::new(0);
+        let finished: Vec<String> = (0..5).map(|i| run(&mut r, i, t0)).collect();
+        let live = OpView {
+            name: "op-9".into(),
+            instance: "other".into(),
+            stage: StageValue::Executing,
+            action_digest: Digest::default(),
+            digest_function: 0,
+            response: None,
+        };
+        r.insert(9, payload(), live);
+        let query = |filter: &str, size: i32, token: &str| {
+            OpQuery::parse(&ListOperationsRequest {
+                name: "op-".into(),
+                filter: filter.into(),
+                page_size: size,
+                page_token: token.into(),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        // Pages of two, in name order, each resuming after the last.
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (page, last) = r.list(&query("", 2, &token), |_| true);
+            assert!(page.len() <= 2);
+            seen.extend(page.into_iter().map(|v| v.name));
+            match last {
+                Some(l) => token = OpQuery::token_after(&l),
+                None => break,
+            }
+        }
+        let mut all = finished.clone();
+        all.push("op-9".into());
+        assert_eq!(seen, all);
+        // By stage, and only instances the caller may see.
+        let (running, _) = r.list(&query("stage=EXECUTING", 0, ""), |_| true);
+        assert_eq!(running.len(), 1);
+        let (visible, _) = r.list(&query("", 0, ""), |i| i != "other");
+        assert_eq!(visible.len(), 5);
+        // Delete: a finished one goes; a running one stays; an unknown one is not found.
+        assert_eq!(r.delete(&finished[0]), Ok(()));
+        assert!(r.watch(&finished[0]).is_none());
+        assert_eq!(r.delete("op-9"), Err(true));
+        assert_eq!(r.delete(&finished[0]), Err(false));
+        // Pruning past a deleted one still works.
+        r.prune(t0 + Duration::from_secs(60), Duration::from_secs(1));
+        assert_eq!(r.finished_count(), 0);
     }
 }
