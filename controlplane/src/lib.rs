@@ -14,6 +14,7 @@ pub mod error;
 pub mod execution;
 pub mod handoff;
 pub mod metrics;
+pub mod temp_file;
 pub mod tree;
 pub use kiln_scheduler as scheduler;
 

@@ -314,12 +314,3 @@ impl ChunkService {
         self.settings.layout.temp_path()
     }
 }
-
-/// Removes a temp file when dropped (a call that fails or is cancelled leaves none).
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}

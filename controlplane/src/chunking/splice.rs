@@ -3,7 +3,8 @@
 //! the blob is stored (linked from that file) only if the hash is the digest's, so a splice
 //! that does not match leaves nothing visible.
 
-use super::{ChunkError, ChunkService, TempFile};
+use super::{ChunkError, ChunkService};
+use crate::temp_file::TempFile;
 use bytes::Bytes;
 use kiln_reapi::digest::{Digest, Hasher, InstanceName};
 use std::io::{Read, Write};

@@ -2,7 +2,8 @@
 //! FastCDC on a blocking thread, its chunks stored a batch at a time as they are cut — a few
 //! chunks in memory at once, whatever the blob's size.
 
-use super::{ChunkError, ChunkService, TempFile};
+use super::{ChunkError, ChunkService};
+use crate::temp_file::TempFile;
 use bytes::Bytes;
 use kiln_reapi::digest::{Digest, InstanceName};
 

@@ -1,0 +1,264 @@
+//! `Fetch` from origin: each URL tried in turn within one timeout, a blob stored as downloaded,
+//! a directory unpacked from its archive, the result remembered.
+
+use super::download::{self, Download, FetchFailure};
+use super::unpack;
+use super::{
+    check_sizes, AssetError, AssetService, Association, FetchArgs, Kind, Outcome, Qualifiers,
+};
+use crate::temp_file::TempFile;
+use kiln_proto::google::rpc::Status as RpcStatus;
+use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
+use kiln_reapi::status::Classify;
+use std::time::{Duration, SystemTime};
+
+impl AssetService {
+    pub(super) async fn fetch(&self, kind: Kind, args: FetchArgs) -> Result<Outcome, AssetError> {
+        if !self.settings.enabled {
+            return Err(AssetError::Off);
+        }
+        let instance = InstanceName::new(&args.instance_name)?;
+        check_sizes(&args.uris, &args.qualifiers)?;
+        // Unset: SHA-256, as the spec says.
+        let function = DigestFunction::from_request(args.digest_function, 64)?;
+        let qualifiers = Qualifiers::parse(&args.qualifiers, args.uris.len())?;
+        let oldest = args
+            .oldest
+            .map(|t| {
+                SystemTime::try_from(t)
+                    .map_err(|_| AssetError::Time("oldest_content_accepted is not a time"))
+            })
+            .transpose()?;
+        // The whole fetch, every mirror tried, within one timeout (at least a second).
+        let timeout = match args.timeout {
+            None => self.settings.default_timeout,
+            Some(t) => Duration::try_from(t)
+                .map_err(|_| AssetError::Time("timeout is negative or out of range"))?
+                .clamp(Duration::from_secs(1), self.settings.max_timeout),
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        let selectors: Vec<(String, String)> = qualifiers.selectors.clone().into_iter().collect();
+        let key = |uri: &str| (instance.clone(), kind, uri.to_string(), selectors.clone());
+        for uri in &args.uris {
+            if let Some(digest) = self
+                .remembered(&key(uri), function, oldest, &qualifiers.sri)
+                .await?
+            {
+                return Ok(Ok((uri.clone(), digest)));
+            }
+        }
+        let not_found = |why: &str| {
+            Ok(Err((
+                args.uris[0].clone(),
+                RpcStatus {
+                    code: tonic::Code::NotFound as i32,
+                    message: why.to_string(),
+                    details: Vec::new(),
+                },
+            )))
+        };
+        if !self.settings.fetch_from_origin {
+            return not_found("nothing was pushed for these URIs and qualifiers (remote_asset.fetch_from_origin = false)");
+        }
+        if !qualifiers.fetchable(kind == Kind::Directory) {
+            return not_found("nothing was pushed for these URIs and qualifiers, and a download cannot satisfy their vcs (or, for a blob, directory) qualifiers");
+        }
+        let mut last = None;
+        for (index, uri) in args.uris.iter().enumerate() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                last = Some((
+                    uri.clone(),
+                    FetchFailure::Timeout {
+                        url: uri.clone(),
+                        secs: timeout.as_secs(),
+                    }
+                    .rpc_status(),
+                ));
+                break;
+            }
+            if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+                last = Some((
+                    uri.clone(),
+                    RpcStatus {
+                        code: tonic::Code::NotFound as i32,
+                        message: format!(
+                            "{uri} is not an http or https URL, and nothing was pushed for it"
+                        ),
+                        details: Vec::new(),
+                    },
+                ));
+                continue;
+            }
+            // A directory comes from an archive Kiln can unpack.
+            let archive = match kind {
+                Kind::Blob => None,
+                Kind::Directory => match unpack::ArchiveKind::of(
+                    uri,
+                    qualifiers
+                        .selectors
+                        .get("resource_type")
+                        .map(String::as_str),
+                ) {
+                    Some(a) => Some(a),
+                    None => {
+                        last = Some((
+                            uri.clone(),
+                            RpcStatus {
+                                code: tonic::Code::NotFound as i32,
+                                message: format!("{uri} is not a tar or tar.gz archive (by its resource_type or its name), the directories Kiln can fetch"),
+                                details: Vec::new(),
+                            },
+                        ));
+                        continue;
+                    }
+                },
+            };
+            // The permit and the temp file go with the download: a call cancelled while it
+            // runs neither frees its place early nor leaves its file behind.
+            let permit = self
+                .fetches
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| AssetError::Off)?;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let temp = TempFile(self.settings.layout.temp_path());
+            let download = Download {
+                url: uri.clone(),
+                headers: qualifiers.headers_for(index, uri),
+                timeout: left.max(Duration::from_millis(1)),
+                max_bytes: self.settings.max_bytes,
+                max_redirects: self.settings.max_redirects,
+                function,
+                sri: qualifiers.sri.clone(),
+                dest: temp.0.clone(),
+                fetch_loopback: self.settings.fetch_loopback,
+                fetch_private_networks: self.settings.fetch_private_networks,
+            };
+            let started = SystemTime::now();
+            // An archive to unpack keeps the place through its unpacking.
+            let (temp, result, permit) = tokio::task::spawn_blocking(move || {
+                let result = download::download(&download);
+                (temp, result, permit)
+            })
+            .await
+            .map_err(|e| AssetError::Io {
+                op: "download",
+                source: std::io::Error::other(e),
+            })?;
+            match result {
+                // A failure here, not at the origin: the call's error.
+                Err(FetchFailure::Local { source, .. }) => {
+                    return Err(AssetError::Io {
+                        op: "store the download",
+                        source,
+                    })
+                }
+                Ok(got) => {
+                    let digest = match archive {
+                        None => {
+                            self.cas.write_file(&instance, got.digest, &temp.0).await?;
+                            got.digest
+                        }
+                        Some(archive) => {
+                            let subdir = qualifiers.selectors.get("directory").cloned();
+                            match self
+                                .unpack(
+                                    &instance,
+                                    (temp, permit),
+                                    archive,
+                                    function,
+                                    subdir,
+                                    deadline,
+                                )
+                                .await?
+                            {
+                                Ok(root) => root,
+                                Err(failure) => {
+                                    last = Some((uri.clone(), failure.rpc_status()));
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    // Its age counts from when the retrieval started, as the spec measures.
+                    let association = Association {
+                        digest,
+                        at: started,
+                        expires: None,
+                        sri: got.sri_ok,
+                    };
+                    self.known.insert(key(uri), association).await;
+                    tracing::debug!(%uri, ?digest, "fetched from origin");
+                    return Ok(Ok((uri.clone(), digest)));
+                }
+                Err(failure) => {
+                    tracing::debug!(%uri, error = %failure, "fetch from origin failed");
+                    last = Some((uri.clone(), failure.rpc_status()));
+                }
+            }
+        }
+        Ok(Err(last.unwrap_or_else(|| {
+            (
+                args.uris[0].clone(),
+                FetchFailure::Transport {
+                    url: args.uris[0].clone(),
+                    why: "no URL was tried".into(),
+                }
+                .rpc_status(),
+            )
+        })))
+    }
+
+    /// Unpacks the downloaded `archive` into the CAS: its files, then its directories (a tree
+    /// is stored bottom up: a `Directory` is visible only once what it names is). The root's
+    /// digest, or why the archive was refused.
+    async fn unpack(
+        &self,
+        instance: &InstanceName,
+        (archive, permit): (TempFile, tokio::sync::OwnedSemaphorePermit),
+        kind: unpack::ArchiveKind,
+        function: DigestFunction,
+        subdir: Option<String>,
+        deadline: std::time::Instant,
+    ) -> Result<Result<Digest, unpack::UnpackError>, AssetError> {
+        let (layout, max) = (self.settings.layout.clone(), self.settings.max_bytes);
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let temp = || layout.temp_path();
+            let result = unpack::unpack(
+                &archive.0,
+                kind,
+                function,
+                max,
+                &temp,
+                subdir.as_deref(),
+                deadline,
+            );
+            drop((archive, permit));
+            result
+        })
+        .await
+        .map_err(|e| AssetError::Io {
+            op: "unpack",
+            source: std::io::Error::other(e),
+        })?;
+        let unpacked = match unpacked {
+            Ok(u) => u,
+            Err(unpack::UnpackError::Local(source)) => {
+                return Err(AssetError::Io {
+                    op: "unpack the archive",
+                    source,
+                })
+            }
+            Err(refused) => return Ok(Err(refused)),
+        };
+        for (digest, file) in &unpacked.files {
+            self.cas.write_file(instance, *digest, &file.0).await?;
+        }
+        for batch in unpacked.directories.chunks(1000) {
+            self.cas.write_blobs(instance, batch.to_vec()).await?;
+        }
+        Ok(Ok(unpacked.root))
+    }
+}
