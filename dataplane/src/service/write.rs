@@ -217,10 +217,8 @@ async fn write(
         },
     };
     // A small blob sent whole on this stream also seeds the memory tiers.
-    // One buffer of the blob's size (at most `inline_read`): pieces are copied in, so a
-    // stream of many tiny messages cannot make it hold one allocation per message.
     let keep = (state.committed() == 0 && digest.size <= svc.limits.inline_read)
-        .then(|| BytesMut::with_capacity(digest.size as usize));
+        .then(|| Kept::new(digest.size as usize));
     // Readers of the blob may follow this upload (with an in-flight tier).
     let arriving = svc
         .uploads
@@ -274,7 +272,7 @@ struct Upload<'a> {
     epoch: u64,
     progress: Arc<AtomicU64>,
     /// For small blobs uploaded in one go: the data, to seed the memory tier.
-    keep: Option<BytesMut>,
+    keep: Option<Kept>,
     /// This upload as readers following it see it (dropped unstored: it failed for them).
     arriving: Option<Arriving>,
     /// For a compressed upload: its decompression and offsets, and its decoder's place in
@@ -380,7 +378,7 @@ impl Upload<'_> {
                 .map_err(|e| BlobError::io("write", writer.path(), e))?;
         }
         if let Some(keep) = self.keep.as_mut() {
-            keep.extend_from_slice(&data);
+            keep.push(data);
         }
         self.progress
             .store(self.state.committed(), Ordering::Relaxed);
@@ -399,7 +397,7 @@ impl Upload<'_> {
             let _ = self.svc.runtime.remove_file(&path).await;
             return Err(BlobError::io("write", &path, e).into());
         }
-        let data = self.keep.take().map(BytesMut::freeze);
+        let data = self.keep.take().map(Kept::into_bytes);
         // The committed blob is counted by its owner from here on.
         self.staged = None;
         let upload = VerifiedUpload {
@@ -498,4 +496,63 @@ pub(super) async fn serve_query(svc: &BlobServices, call: Call) {
         },
     )
     .await
+}
+
+/// The bytes of a small upload, kept for the memory tier: a blob sent in one message is kept as
+/// that message's data (no copy); one sent in several is copied into one buffer of the blob's
+/// size, so that many tiny messages cannot hold an allocation each.
+struct Kept {
+    size: usize,
+    first: Option<Bytes>,
+    rest: Option<BytesMut>,
+}
+
+impl Kept {
+    fn new(size: usize) -> Kept {
+        Kept {
+            size,
+            first: None,
+            rest: None,
+        }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        if let Some(buf) = self.rest.as_mut() {
+            buf.extend_from_slice(&data);
+        } else if let Some(first) = self.first.take() {
+            let mut buf = BytesMut::with_capacity(self.size.max(first.len() + data.len()));
+            buf.extend_from_slice(&first);
+            buf.extend_from_slice(&data);
+            self.rest = Some(buf);
+        } else {
+            self.first = Some(data);
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match (self.rest, self.first) {
+            (Some(buf), _) => buf.freeze(),
+            (None, first) => first.unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_message_is_kept_as_it_came_several_in_one_buffer() {
+        let data = Bytes::from(vec![7u8; 1000]);
+        let mut one = Kept::new(1000);
+        one.push(data.clone());
+        assert_eq!(one.into_bytes().as_ptr(), data.as_ptr(), "no copy");
+        let mut many = Kept::new(1000);
+        for piece in data.chunks(10) {
+            many.push(Bytes::copy_from_slice(piece));
+        }
+        let kept = many.into_bytes();
+        assert_eq!(kept, data);
+        assert!(Kept::new(0).into_bytes().is_empty());
+    }
 }
