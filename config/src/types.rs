@@ -396,7 +396,7 @@ pub struct ChunkingConfig {
     pub avg_chunk_size_bytes: ByteSize,
     /// FastCDC's seed; every client of a cache should use the same.
     pub seed: u32,
-    /// Most chunks in one `SpliceBlob` list.
+    /// Most chunks in one `SpliceBlob` list or `SplitBlob` answer.
     pub max_chunks: usize,
     /// Memory for remembered chunk lists (a second `SplitBlob` of a blob is a lookup).
     pub list_cache_bytes: ByteSize,

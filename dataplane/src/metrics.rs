@@ -352,7 +352,7 @@ impl Drop for CallRecorder {
 }
 
 /// gRPC paths Kiln knows, and their labels.
-const METHODS: [(&str, &str); 21] = [
+const METHODS: [(&str, &str); 25] = [
     ("/google.bytestream.ByteStream/Read", "ByteStream.Read"),
     ("/google.bytestream.ByteStream/Write", "ByteStream.Write"),
     (
@@ -382,6 +382,22 @@ const METHODS: [(&str, &str); 21] = [
     (
         "/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob",
         "CAS.SpliceBlob",
+    ),
+    (
+        "/build.bazel.remote.asset.v1.Fetch/FetchBlob",
+        "Fetch.FetchBlob",
+    ),
+    (
+        "/build.bazel.remote.asset.v1.Fetch/FetchDirectory",
+        "Fetch.FetchDirectory",
+    ),
+    (
+        "/build.bazel.remote.asset.v1.Push/PushBlob",
+        "Push.PushBlob",
+    ),
+    (
+        "/build.bazel.remote.asset.v1.Push/PushDirectory",
+        "Push.PushDirectory",
     ),
     (
         "/build.bazel.remote.execution.v2.ActionCache/GetActionResult",

@@ -190,7 +190,7 @@ pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
         sri.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(local)?;
     }
-    out.sync_data().map_err(local)?;
+    // Made durable when stored (`Cas::write_file` syncs as `storage.fsync` says).
     let computed = sri.finish();
     let sri_ok: Vec<Sri> = d
         .sri
@@ -330,5 +330,56 @@ impl SriHashers {
             });
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_refused_as_configured() {
+        let guard = |loopback, private| Guarded {
+            inner: DefaultResolver::default(),
+            loopback,
+            private,
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let default = guard(false, true);
+        let strict = guard(false, false);
+        let open = guard(true, true);
+        for never in [
+            "169.254.169.254",
+            "fe80::1",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            for g in [&default, &strict, &open] {
+                assert!(!g.allowed(ip(never)), "{never}");
+            }
+        }
+        for loopback in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            assert!(
+                !default.allowed(ip(loopback)) && open.allowed(ip(loopback)),
+                "{loopback}"
+            );
+        }
+        for private in [
+            "10.1.2.3",
+            "192.168.1.1",
+            "172.16.0.9",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(
+                default.allowed(ip(private)) && !strict.allowed(ip(private)),
+                "{private}"
+            );
+        }
+        for public in ["93.184.216.34", "2606:2800:220:1::1"] {
+            assert!(strict.allowed(ip(public)), "{public}");
+        }
     }
 }

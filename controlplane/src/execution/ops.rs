@@ -99,7 +99,8 @@ pub struct Registry {
     live: HashMap<OpId, Live>,
     by_name: HashMap<String, OpId>,
     finished: HashMap<Arc<str>, Finished>,
-    /// Finished names, oldest first (names are unique, so this matches `finished`).
+    /// Finished names, oldest first (names are unique; a name deleted from `finished` stays
+    /// here until it comes up, when forgetting it again does nothing).
     finished_order: VecDeque<(Instant, Arc<str>)>,
     /// At most this many finished operations are kept (0: no cap).
     max_finished: usize,
@@ -222,11 +223,19 @@ impl Registry {
         query: &super::listing::OpQuery,
         mut allowed: impl FnMut(&str) -> bool,
     ) -> (Vec<OpView>, Option<String>) {
+        // Finished operations only when completed ones are wanted, and only of instances the
+        // caller may see (checked before their responses are decoded).
+        let finished = query.wants_stage(StageValue::Completed).then(|| {
+            self.finished
+                .iter()
+                .filter(|(_, f)| allowed(&f.instance))
+                .map(|(n, _)| &**n)
+        });
         let mut names: Vec<&str> = self
             .by_name
             .keys()
             .map(String::as_str)
-            .chain(self.finished.keys().map(|n| &**n))
+            .chain(finished.into_iter().flatten())
             .filter(|n| query.wants_name(n))
             .collect();
         names.sort_unstable();

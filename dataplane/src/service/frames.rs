@@ -58,6 +58,11 @@ impl FrameCache {
         found
     }
 
+    /// The largest frame kept.
+    pub fn max_frame(&self) -> usize {
+        usize::try_from(self.max_frame).unwrap_or(usize::MAX)
+    }
+
     /// Whether the frame of a blob of `size` bytes is worth collecting.
     pub fn keeps(&self, size: u64) -> bool {
         self.cache.is_some() && size <= self.max_blob

@@ -95,7 +95,7 @@ async fn read(
     let chunk = svc.limits.read_chunk;
     // A compressed read from the start of a blob whose frame is kept (the blob was just found
     // in the store): the frame as it is.
-    if let Some(z) = zstd.filter(|_| start == 0) {
+    if let Some(z) = zstd.filter(|z| start == 0 && z.frames.keeps(size)) {
         if let Some(frame) = z.frames.get(&key, z.level) {
             let mut at = 0;
             while at < frame.len() {
@@ -136,6 +136,7 @@ async fn read(
         deflater,
         out: Responses(out),
         kept: keep_as.as_ref().map(|_| Vec::new()),
+        max_kept: zstd.frames.max_frame(),
     };
     blob.stream(&*svc.runtime, start, end, chunk, &mut sink)
         .await
@@ -143,6 +144,7 @@ async fn read(
     let tail = sink.deflater.finish().map_err(BlobError::Deflate)?;
     if let (Some(key), Some(mut frame)) = (keep_as, sink.kept.take()) {
         frame.extend_from_slice(&tail);
+        // insert() refuses a frame that the tail took past the limit.
         zstd.frames.insert(key, zstd.level, Bytes::from(frame));
     }
     sink.out.send(tail).await
@@ -154,6 +156,8 @@ struct Compressing<'a> {
     out: Responses<'a>,
     /// The frame so far, when it is to be kept.
     kept: Option<Vec<u8>>,
+    /// The largest frame kept.
+    max_kept: usize,
 }
 
 impl ChunkSink for Compressing<'_> {
@@ -163,6 +167,14 @@ impl ChunkSink for Compressing<'_> {
         let packed = self.deflater.push(&data).map_err(BlobError::Deflate)?;
         if packed.is_empty() {
             return Ok(());
+        }
+        // A frame past what is kept stops being collected.
+        if self
+            .kept
+            .as_ref()
+            .is_some_and(|k| k.len() + packed.len() > self.max_kept)
+        {
+            self.kept = None;
         }
         if let Some(kept) = self.kept.as_mut() {
             kept.extend_from_slice(&packed);

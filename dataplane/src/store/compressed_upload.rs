@@ -165,7 +165,7 @@ mod tests {
                 got: 0
             })
         ));
-        // Data for a smaller blob than declared: the hash check at the end refuses it.
+        // Data for a smaller blob than declared: the size check at the end refuses it.
         let mut state = UploadState::new(digest);
         let mut z = CompressedUpload::new(0, size, 1000, 23).unwrap();
         let short = compress(1, &data[..100]).unwrap();
