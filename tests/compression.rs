@@ -7,8 +7,8 @@
 mod common;
 
 use bytes::Bytes;
-use common::blobs::{self, digest, function_segment, pseudo_random, read_name};
-use common::{assert_code, Kiln, Options};
+use common::blobs::{self, digest, function_segment, pseudo_random, read_name, write_name};
+use common::{assert_code, eventually, Kiln, Options};
 use kiln_proto::bytestream::{WriteRequest, WriteResponse};
 use kiln_proto::reapi::{
     self, batch_update_blobs_request, compressor::Value as Compressor,
@@ -107,6 +107,9 @@ async fn frames(kiln: &Kiln, name: &'static str) -> f64 {
         .unwrap_or(0.0)
 }
 
+const HITS: &str = r#"kiln_zstd_frames_total{result="hit"}"#;
+const MISSES: &str = r#"kiln_zstd_frames_total{result="miss"}"#;
+
 fn unpack(data: &[u8]) -> Vec<u8> {
     zstd::decode_all(data).expect("the server's frame decodes")
 }
@@ -130,16 +133,24 @@ on_every_runtime! {
                 assert_eq!(resp.committed_size, packed.len() as i64);
                 assert_eq!(blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(), data);
                 let zname = read_zname(f, &d);
-                let hits = r#"kiln_zstd_frames_total{result="hit"}"#;
-                let misses = r#"kiln_zstd_frames_total{result="miss"}"#;
-                let (h0, m0) = (frames(&kiln, hits).await, frames(&kiln, misses).await);
-                let got = blobs::read(&ch, &zname, 0, 0).await.unwrap();
-                assert!(got.len() < data.len() / 2, "{} of {}", got.len(), data.len());
-                assert_eq!(unpack(&got), data);
-                // Read again: the frame made by the first read is sent as it is.
-                assert_eq!(blobs::read(&ch, &zname, 0, 0).await.unwrap(), got);
-                assert_eq!(frames(&kiln, misses).await, m0 + 1.0);
-                assert_eq!(frames(&kiln, hits).await, h0 + 1.0);
+                let (h0, m0) = (frames(&kiln, HITS).await, frames(&kiln, MISSES).await);
+                // The client's own frame (level 3; the server makes level 1) was kept: the
+                // first compressed read sends it as it came.
+                assert_eq!(blobs::read(&ch, &zname, 0, 0).await.unwrap(), packed);
+                assert_eq!(frames(&kiln, HITS).await, h0 + 1.0);
+                assert_eq!(frames(&kiln, MISSES).await, m0);
+                // A blob stored plain: the first compressed read makes a frame, the next
+                // sends it as it is.
+                let plain = text(i as u64 * 1000 + size as u64 + 1, size);
+                let pd = digest(f, &plain);
+                blobs::write(&ch, &write_name("", f, &pd), &plain, 64 << 10).await.unwrap();
+                let pzname = read_zname(f, &pd);
+                let got = blobs::read(&ch, &pzname, 0, 0).await.unwrap();
+                assert!(got.len() < plain.len() / 2, "{} of {}", got.len(), plain.len());
+                assert_eq!(unpack(&got), plain);
+                assert_eq!(blobs::read(&ch, &pzname, 0, 0).await.unwrap(), got);
+                assert_eq!(frames(&kiln, MISSES).await, m0 + 1.0);
+                assert_eq!(frames(&kiln, HITS).await, h0 + 2.0);
                 // read_offset is into the uncompressed blob; the answer is a frame of the rest.
                 let from = size - 100;
                 let got = blobs::read(&ch, &zname, from as i64, 0).await.unwrap();
@@ -171,10 +182,11 @@ on_every_runtime! {
         let random = pseudo_random(7, 50_000);
         let plain = b"plain entry".to_vec();
         let f = Function::Blake3;
+        // Level 5: unlike the server's own frames, so the kept client frame is recognised.
         let entry = |data: &[u8], compressor: i32| batch_update_blobs_request::Request {
             digest: Some(digest(f, data)),
             data: if compressor == ZSTD {
-                Bytes::from(zstd::encode_all(data, 1).unwrap())
+                Bytes::from(zstd::encode_all(data, 5).unwrap())
             } else {
                 Bytes::copy_from_slice(data)
             },
@@ -193,6 +205,8 @@ on_every_runtime! {
         let codes: Vec<i32> = response.responses.iter().map(|r| r.status.as_ref().unwrap().code).collect();
         assert_eq!(codes, vec![0, 0, 0]);
         let digests = vec![digest(f, &compressible), digest(f, &random), digest(f, &plain)];
+        let client_frame = zstd::encode_all(&compressible[..], 5).unwrap();
+        assert_ne!(client_frame, zstd::encode_all(&compressible[..], 1).unwrap());
         for acceptable in [vec![ZSTD], vec![]] {
             let response = cas
                 .batch_read_blobs(reapi::BatchReadBlobsRequest {
@@ -204,6 +218,10 @@ on_every_runtime! {
                 .await
                 .unwrap()
                 .into_inner();
+            if !acceptable.is_empty() {
+                // The compressible entry's frame is the one the client sent.
+                assert_eq!(response.responses[0].data, client_frame);
+            }
             let got: Vec<(i32, Vec<u8>)> = response
                 .responses
                 .into_iter()
@@ -224,6 +242,19 @@ on_every_runtime! {
                 ]
             );
         }
+
+        // A valid upload padded with a skippable frame to more than the blob: stored, but the
+        // padding is not handed to readers.
+        let small = text(9, 1000);
+        let sd = digest(f, &small);
+        let mut padded = zstd::encode_all(&small[..], 1).unwrap();
+        padded.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+        padded.extend_from_slice(&2000u32.to_le_bytes());
+        padded.extend_from_slice(&[0xAB; 2000]);
+        send(&ch, packed_requests(&write_zname(f, &sd), 0, &padded, 512)).await.unwrap();
+        let got = blobs::read(&ch, &read_zname(f, &sd), 0, 0).await.unwrap();
+        assert!(got.len() < small.len(), "{} bytes", got.len());
+        assert_eq!(unpack(&got), small);
         kiln.stop().await;
     }
 }
@@ -264,6 +295,12 @@ on_every_runtime! {
             blobs::read(&ch, &read_name("", Function::Sha256, &d), 0, 0).await.unwrap(),
             data
         );
+        // A resumed upload's frames are not kept (the first stream's are gone): the first
+        // compressed read makes a frame of its own.
+        let misses = frames(&kiln, MISSES).await;
+        let got = blobs::read(&ch, &read_zname(Function::Sha256, &d), 0, 0).await.unwrap();
+        assert_eq!(unpack(&got), data);
+        assert_eq!(frames(&kiln, MISSES).await, misses + 1.0);
         kiln.stop().await;
     }
 }
@@ -491,4 +528,40 @@ async fn decompressing_uploads_are_bounded_by_their_windows() {
         .unwrap();
     assert_eq!(resp.committed_size, packed3.len() as i64);
     kiln.stop().await;
+}
+
+on_every_runtime! {
+    async fn a_kept_frame_is_not_served_once_its_blob_left_the_store(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[storage]\ndisk_bytes = \"1 MiB\"\nmemory_bytes = 0\naccess_time_resolution_secs = 0\n".into()),
+            ..Options::on(rt)
+        };
+        let kiln = Kiln::start_async(&dir.path().join("data"), options).await;
+        let ch = kiln.channel().await;
+        let f = Function::Sha256;
+        let data = text(21, 300 << 10);
+        let d = digest(f, &data);
+        let packed = zstd::encode_all(&data[..], 3).unwrap();
+        send(&ch, packed_requests(&write_zname(f, &d), 0, &packed, 16 << 10)).await.unwrap();
+        assert_eq!(blobs::read(&ch, &read_zname(f, &d), 0, 0).await.unwrap(), packed);
+        // Newer blobs until the store evicts this one (its frame stays in memory). Its file
+        // is watched, not asked about: a lookup would count as a use and keep it.
+        let file = blobs::blob_file(&dir.path().join("data"), &d);
+        assert!(file.exists());
+        let mut seed = 100;
+        eventually("the compressed blob evicted", || {
+            seed += 1;
+            let (ch, file) = (ch.clone(), file.clone());
+            async move {
+                let other = pseudo_random(seed, 300 << 10);
+                let od = digest(f, &other);
+                blobs::write(&ch, &write_name("", f, &od), &other, 64 << 10).await.unwrap();
+                (!file.exists()).then_some(())
+            }
+        })
+        .await;
+        assert_code(blobs::read(&ch, &read_zname(f, &d), 0, 0).await, Code::NotFound, "");
+        kiln.stop().await;
+    }
 }

@@ -2,7 +2,7 @@
 //! zstd-compressed: an update entry is decompressed (bounded by its declared size) before it is
 //! hashed; a read answers compressed where the client accepts zstd and that is smaller.
 
-use super::{unary, BlobError, BlobServices};
+use super::{unary, BlobError, BlobServices, ZstdSettings};
 use crate::grpc::Call;
 use crate::store::blob_io;
 use crate::store::tier::VerifiedUpload;
@@ -118,12 +118,13 @@ async fn update_one(
     request: &batch_update_blobs_request::Request,
 ) -> Result<(), BlobError> {
     let digest = Digest::from_proto_field(request.digest.as_ref(), function)?;
-    let data = match Compressor::from_proto(request.compressor)? {
-        Compressor::Identity => request.data.clone(),
+    let (data, zstd) = match Compressor::from_proto(request.compressor)? {
+        Compressor::Identity => (request.data.clone(), None),
         Compressor::Zstd => {
             let zstd = svc.limits.zstd()?;
             let _decoder = zstd.decoder()?;
-            decompress(request.data.clone(), digest.size, zstd.max_window_log)?
+            let data = decompress(request.data.clone(), digest.size, zstd.max_window_log)?;
+            (data, Some(zstd))
         }
     };
     if data.len() as u64 != digest.size {
@@ -149,7 +150,16 @@ async fn update_one(
         });
     }
     let key = BlobKey::new(instance.clone(), digest);
+    // The client's frames decompressed to exactly the blob: kept for compressed reads once
+    // the blob is stored (copied, as the entry is a slice of the whole request).
+    let keep_frame = |key: BlobKey| {
+        if let Some(z) = zstd.filter(|z| z.frames.keeps(digest.size)) {
+            z.frames
+                .insert(key, bytes::Bytes::copy_from_slice(&request.data));
+        }
+    };
     if svc.store.contains(std::slice::from_ref(&key)).await?[0] {
+        keep_frame(key);
         return Ok(());
     }
     let temp = svc.layout.temp_path();
@@ -165,6 +175,7 @@ async fn update_one(
         epoch,
     };
     svc.store.put(&key, upload).await?;
+    keep_frame(key);
     Ok(())
 }
 
@@ -191,26 +202,21 @@ pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
             });
         }
         // zstd answers where the client accepts them and this server speaks zstd.
-        let level = svc
-            .limits
-            .zstd
-            .as_ref()
-            .filter(|_| {
-                request
-                    .acceptable_compressors
-                    .contains(&Compressor::Zstd.proto())
-            })
-            .map(|z| z.level);
+        let zstd = svc.limits.zstd.as_ref().filter(|_| {
+            request
+                .acceptable_compressors
+                .contains(&Compressor::Zstd.proto())
+        });
         tracing::debug!(blobs = parsed.len(), bytes = total, "batch read");
         let responses = stream::iter(request.digests.into_iter().zip(parsed))
             .map(|(proto, digest)| {
                 let instance = instance.clone();
                 async move {
                     let result = match digest {
-                        Ok(d) => read_one(svc, BlobKey::new(instance, d)).await,
+                        Ok(d) => read_answer(svc, BlobKey::new(instance, d), zstd).await,
                         Err(e) => Err(e),
                     };
-                    match result.and_then(|data| smallest(data, level)) {
+                    match result {
                         Ok((data, compressor)) => batch_read_blobs_response::Response {
                             digest: Some(proto),
                             data,
@@ -234,15 +240,29 @@ pub(super) async fn serve_batch_read(svc: &BlobServices, call: Call) {
     .await
 }
 
-/// `data` as it is, or zstd-compressed at `level` when one is given and that is smaller.
-fn smallest(
-    data: bytes::Bytes,
-    level: Option<i32>,
+/// A blob for a batch answer: as it is, or zstd-compressed when `zstd` is given and that is
+/// smaller. A kept frame of the blob is used rather than compressing again, and a frame made
+/// here is kept when it is the smaller.
+async fn read_answer(
+    svc: &BlobServices,
+    key: BlobKey,
+    zstd: Option<&ZstdSettings>,
 ) -> Result<(bytes::Bytes, Compressor), BlobError> {
-    let Some(level) = level.filter(|_| !data.is_empty()) else {
+    let data = read_one(svc, key.clone()).await?;
+    let Some(z) = zstd.filter(|_| !data.is_empty()) else {
         return Ok((data, Compressor::Identity));
     };
-    let packed = compress(level, &data).map_err(BlobError::Deflate)?;
+    let kept = z.frames.keeps(data.len() as u64);
+    let packed = match kept.then(|| z.frames.get(&key)).flatten() {
+        Some(frame) => frame,
+        None => {
+            let packed = compress(z.level, &data).map_err(BlobError::Deflate)?;
+            if kept && packed.len() < data.len() {
+                z.frames.insert(key, packed.clone());
+            }
+            packed
+        }
+    };
     Ok(if packed.len() < data.len() {
         (packed, Compressor::Zstd)
     } else {

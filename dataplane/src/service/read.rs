@@ -8,6 +8,7 @@
 //! one chunk at a time as it goes out; a frame of a whole blob is kept ([`super::frames`]) and
 //! sent as it is to the next reader from the start.
 
+use super::frames::Collecting;
 use super::{BlobError, BlobServices};
 use crate::grpc::codec::encode_bytes_field;
 use crate::grpc::{Call, Caller, Responder};
@@ -96,7 +97,7 @@ async fn read(
     // A compressed read from the start of a blob whose frame is kept (the blob was just found
     // in the store): the frame as it is.
     if let Some(z) = zstd.filter(|z| start == 0 && z.frames.keeps(size)) {
-        if let Some(frame) = z.frames.get(&key, z.level) {
+        if let Some(frame) = z.frames.get(&key) {
             let mut at = 0;
             while at < frame.len() {
                 let end = (at + chunk.max(1)).min(frame.len());
@@ -135,17 +136,15 @@ async fn read(
     let mut sink = Compressing {
         deflater,
         out: Responses(out),
-        kept: keep_as.as_ref().map(|_| Vec::new()),
-        max_kept: zstd.frames.max_frame(),
+        kept: keep_as.as_ref().and_then(|_| zstd.frames.collect(size)),
     };
     blob.stream(&*svc.runtime, start, end, chunk, &mut sink)
         .await
         .map_err(ended)?;
     let tail = sink.deflater.finish().map_err(BlobError::Deflate)?;
     if let (Some(key), Some(mut frame)) = (keep_as, sink.kept.take()) {
-        frame.extend_from_slice(&tail);
-        // insert() refuses a frame that the tail took past the limit.
-        zstd.frames.insert(key, zstd.level, Bytes::from(frame));
+        frame.push(&tail);
+        zstd.frames.keep(key, frame);
     }
     sink.out.send(tail).await
 }
@@ -155,9 +154,7 @@ struct Compressing<'a> {
     deflater: Deflater,
     out: Responses<'a>,
     /// The frame so far, when it is to be kept.
-    kept: Option<Vec<u8>>,
-    /// The largest frame kept.
-    max_kept: usize,
+    kept: Option<Collecting>,
 }
 
 impl ChunkSink for Compressing<'_> {
@@ -168,16 +165,8 @@ impl ChunkSink for Compressing<'_> {
         if packed.is_empty() {
             return Ok(());
         }
-        // A frame past what is kept stops being collected.
-        if self
-            .kept
-            .as_ref()
-            .is_some_and(|k| k.len() + packed.len() > self.max_kept)
-        {
-            self.kept = None;
-        }
         if let Some(kept) = self.kept.as_mut() {
-            kept.extend_from_slice(&packed);
+            kept.push(&packed);
         }
         self.out.send(packed).await
     }

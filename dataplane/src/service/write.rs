@@ -10,8 +10,10 @@
 //! A compressed upload (`compressed-blobs/zstd/…`) is decompressed one chunk at a time on its
 //! way to the same temp file and hash ([`CompressedUpload`]); what is parked and what
 //! `QueryWriteStatus` reports is the uncompressed bytes, where a resumed stream starts a new
-//! frame.
+//! frame. The frames of a blob uploaded whole in one stream are kept for compressed reads
+//! ([`super::frames`]) once the blob is stored.
 
+use super::frames::Collecting;
 use super::{BlobError, BlobServices};
 use crate::grpc::{Call, Caller, RecvError, RequestBody};
 use crate::slots::Slot;
@@ -219,6 +221,11 @@ async fn write(
     // A small blob sent whole on this stream also seeds the memory tiers.
     let keep = (state.committed() == 0 && digest.size <= svc.limits.inline_read)
         .then(|| Kept::new(digest.size as usize));
+    // The client's frames of a blob sent whole on this stream are kept for compressed reads.
+    let frame = match (&inflate, svc.limits.zstd.as_ref()) {
+        (Some(_), Some(z)) if state.committed() == 0 => z.frames.collect(digest.size),
+        _ => None,
+    };
     // Readers of the blob may follow this upload (with an in-flight tier).
     let arriving = svc
         .uploads
@@ -237,6 +244,7 @@ async fn write(
         epoch,
         progress,
         keep,
+        frame,
         arriving,
         inflate,
     };
@@ -273,6 +281,8 @@ struct Upload<'a> {
     progress: Arc<AtomicU64>,
     /// For small blobs uploaded in one go: the data, to seed the memory tier.
     keep: Option<Kept>,
+    /// For a blob uploaded compressed in one go: the client's frames, to keep for reads.
+    frame: Option<Collecting>,
     /// This upload as readers following it see it (dropped unstored: it failed for them).
     arriving: Option<Arriving>,
     /// For a compressed upload: its decompression and offsets, and its decoder's place in
@@ -341,6 +351,9 @@ impl Upload<'_> {
                 .map_err(BlobError::from)?;
             return self.store_piece(data).await;
         };
+        if let Some(frame) = self.frame.as_mut() {
+            frame.push(&data);
+        }
         inflate
             .push(self.state.committed(), offset, data)
             .map_err(BlobError::from)?;
@@ -412,6 +425,10 @@ impl Upload<'_> {
             .map_err(BlobError::from)?;
         if let Some(a) = self.arriving.take() {
             a.stored();
+        }
+        // The frames decompressed to exactly the blob's bytes, now stored.
+        if let (Some(frame), Some(z)) = (self.frame.take(), self.svc.limits.zstd.as_ref()) {
+            z.frames.keep(self.resource.key.clone(), frame);
         }
         Ok(match &self.inflate {
             Some((inflate, _)) => inflate.committed_size(),
