@@ -12,6 +12,7 @@ pub mod compression;
 pub mod convert;
 pub mod digest;
 pub mod paths;
+pub mod raw;
 pub mod resource;
 pub mod status;
 pub mod tree;

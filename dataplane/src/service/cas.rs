@@ -1,5 +1,5 @@
-//! CAS `FindMissingBlobs`, `BatchUpdateBlobs` and `BatchReadBlobs`. Batch entries may travel
-//! zstd-compressed: an update entry is decompressed (bounded by its declared size) before it is
+//! CAS `BatchUpdateBlobs` and `BatchReadBlobs` (`FindMissingBlobs` is in
+//! [`super::find_missing`]). Batch entries may travel zstd-compressed: an update entry is decompressed (bounded by its declared size) before it is
 //! hashed; a read answers compressed where the client accepts zstd and that is smaller.
 
 use super::{unary, BlobError, BlobServices, ZstdSettings};
@@ -11,7 +11,7 @@ use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{
     batch_read_blobs_response, batch_update_blobs_request, batch_update_blobs_response,
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
-    BatchUpdateBlobsResponse, FindMissingBlobsRequest, FindMissingBlobsResponse,
+    BatchUpdateBlobsResponse,
 };
 use kiln_reapi::compression::{compress, decompress, Compressor};
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
@@ -26,36 +26,6 @@ fn ok_status() -> Option<RpcStatus> {
 
 fn error_status(e: &BlobError) -> Option<RpcStatus> {
     Some(e.rpc_status())
-}
-
-pub(super) async fn serve_find_missing(svc: &BlobServices, call: Call) {
-    unary(
-        call,
-        |request: FindMissingBlobsRequest, caller| async move {
-            let instance = InstanceName::new(&request.instance_name)?;
-            caller.check(instance.as_str())?;
-            let keys = request
-                .blob_digests
-                .iter()
-                .map(|d| {
-                    Digest::from_proto(d, request.digest_function)
-                        .map(|d| BlobKey::new(instance.clone(), d))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            tracing::debug!(digests = keys.len(), "find missing");
-            let present = svc.store.contains(&keys).await?;
-            // The client's own digests go back as they came: nothing to print again.
-            Ok(FindMissingBlobsResponse {
-                missing_blob_digests: request
-                    .blob_digests
-                    .into_iter()
-                    .zip(present)
-                    .filter_map(|(d, present)| (!present).then_some(d))
-                    .collect(),
-            })
-        },
-    )
-    .await
 }
 
 pub(super) async fn serve_batch_update(svc: &BlobServices, call: Call) {

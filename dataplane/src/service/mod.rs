@@ -4,6 +4,7 @@
 mod action_results;
 mod cas;
 mod error;
+mod find_missing;
 pub mod frames;
 mod read;
 mod write;
@@ -201,9 +202,7 @@ impl CallHandler for BlobServices {
             paths::QUERY_WRITE_STATUS => {
                 Box::pin(async move { write::serve_query(&self, call).await })
             }
-            paths::FIND_MISSING => {
-                Box::pin(async move { cas::serve_find_missing(&self, call).await })
-            }
+            paths::FIND_MISSING => Box::pin(async move { find_missing::serve(&self, call).await }),
             paths::BATCH_UPDATE => {
                 Box::pin(async move { cas::serve_batch_update(&self, call).await })
             }

@@ -21,4 +21,7 @@ pub enum DigestError {
     /// The size is not a decimal number.
     #[error("digest size {0:?} is not a number")]
     BadSize(String),
+    /// The `Digest` message itself is not valid protobuf.
+    #[error("malformed digest message: {0}")]
+    Malformed(String),
 }

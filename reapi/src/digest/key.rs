@@ -21,11 +21,20 @@ impl Digest {
         hex_hash: &str,
         size: i64,
     ) -> Result<Digest, DigestError> {
+        Digest::parse_ascii(function, hex_hash.as_bytes(), size)
+    }
+
+    /// [`Digest::parse`] of a hash given as bytes (anything but lowercase hex is refused).
+    pub fn parse_ascii(
+        function: DigestFunction,
+        hex_hash: &[u8],
+        size: i64,
+    ) -> Result<Digest, DigestError> {
         if size < 0 {
             return Err(DigestError::NegativeSize(size));
         }
         let bad = || DigestError::BadHash {
-            hash: hex_hash.chars().take(80).collect(),
+            hash: String::from_utf8_lossy(hex_hash).chars().take(80).collect(),
             expected: DigestFunction::HASH_LEN * 2,
         };
         if hex_hash.len() != DigestFunction::HASH_LEN * 2 {
@@ -36,10 +45,12 @@ impl Digest {
         // was a third of the server's CPU. Lowercase only, as the spec writes hashes: an
         // uppercase hash would come back lowercase in answers and match nothing the client
         // holds.
-        if hex_hash.bytes().any(|b| b.is_ascii_uppercase()) {
+        faster_hex::hex_decode(hex_hash, &mut hash).map_err(|_| bad())?;
+        // Every byte is a hex digit now; of those only 'A'..='F' lack bit 0x20, so one AND
+        // over the bytes (which the compiler vectorises) finds an uppercase digit.
+        if hex_hash.iter().fold(0xff, |all, b| all & b) & 0x20 == 0 {
             return Err(bad());
         }
-        faster_hex::hex_decode(hex_hash.as_bytes(), &mut hash).map_err(|_| bad())?;
         Ok(Digest {
             function,
             hash,

@@ -8,6 +8,7 @@ mod function;
 mod hasher;
 mod instance;
 mod key;
+mod wire;
 
 pub use error::DigestError;
 pub use function::DigestFunction;
