@@ -25,14 +25,23 @@ type Seen = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
 /// An HTTP/1.1 server on 127.0.0.1 with fixed routes; stops when the test's runtime does.
 async fn http_server(routes: HashMap<&'static str, Vec<u8>>) -> (String, Seen) {
+    http_server_with(routes, HashMap::new()).await
+}
+
+/// [`http_server`] that also answers `302 Found` with a `Location` on the paths of `redirects`.
+async fn http_server_with(
+    routes: HashMap<&'static str, Vec<u8>>,
+    redirects: HashMap<&'static str, String>,
+) -> (String, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let seen: Seen = Arc::default();
     let routes = Arc::new(routes);
+    let redirects = Arc::new(redirects);
     let log = seen.clone();
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
-            let (routes, log) = (routes.clone(), log.clone());
+            let (routes, redirects, log) = (routes.clone(), redirects.clone(), log.clone());
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
@@ -82,6 +91,9 @@ async fn http_server(routes: HashMap<&'static str, Vec<u8>>) -> (String, Seen) {
                     }
                     "/private" if !head.contains("authorization: bearer sesame") => {
                         reply("401 Unauthorized", "", b"")
+                    }
+                    p if redirects.contains_key(p) => {
+                        reply("302 Found", &format!("location: {}\r\n", redirects[p]), b"")
                     }
                     p => match routes.get(p) {
                         Some(body) => reply("200 OK", "", body),
@@ -219,6 +231,28 @@ on_every_runtime! {
             .await
             .unwrap();
         assert_eq!(allowed.blob_digest, Some(digest(Function::Sha256, &secret)));
+        // Remembered for those credentials only: without them the origin is asked (and
+        // refuses); with them again, no second download.
+        let private = requests("/private");
+        let without = fetch(&ch, &[url("/private")], vec![], None).await.unwrap();
+        assert_eq!(code(&without), Code::PermissionDenied, "{}", message(&without));
+        assert_eq!(requests("/private"), private + 1);
+        let other_token = fetch(&ch, &[url("/private")], vec![q("http_header:Authorization", "Bearer guess")], None)
+            .await
+            .unwrap();
+        assert_eq!(code(&other_token), Code::PermissionDenied, "{}", message(&other_token));
+        let same = fetch(&ch, &[url("/private")], vec![q("http_header:Authorization", "Bearer sesame")], None)
+            .await
+            .unwrap();
+        assert_eq!(same.blob_digest, Some(digest(Function::Sha256, &secret)));
+        assert_eq!(requests("/private"), private + 2);
+        // A public download answers a fetch that sends credentials too.
+        let blob_requests = requests("/blob");
+        let with_headers = fetch(&ch, &[url("/blob")], vec![q("http_header:Authorization", "Bearer sesame")], None)
+            .await
+            .unwrap();
+        assert_eq!(with_headers.blob_digest, Some(d.clone()));
+        assert_eq!(requests("/blob"), blob_requests);
 
         // The origin's failures, each in the response's status, each promptly.
         let refused = {
@@ -458,6 +492,128 @@ async fn pushed_associations_are_fetched_and_push_only_qualifiers_are_not_downlo
         fetch(&ch, &[urn], vec![], None).await,
         Code::Unimplemented,
         "turned off",
+    );
+    kiln.stop().await;
+}
+
+/// The headers a fetch's qualifiers give go only to the origin of the URL they were given for:
+/// a redirect to another origin gets none of them. The proxy environment is not used; an
+/// explicit `remote_asset.proxy` is. (One backend: the control plane.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_stay_with_their_origin_and_proxies_are_explicit() {
+    // A "proxy" that only counts who connects to it and what they ask.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    {
+        let asked = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = proxy.accept().await {
+                // The request line, however the client splits its writes.
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while !line.ends_with(b"\r\n") && line.len() < 4096 {
+                    if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    line.push(byte[0]);
+                }
+                asked
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&line).trim().to_string());
+                let _ = socket
+                    .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let every_proxy_variable = [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ]
+    .into_iter()
+    .map(|k| (k.to_string(), proxy_url.clone()))
+    .collect();
+    let options = Options {
+        config: Some("[remote_asset]\nfetch_loopback = true\n".into()),
+        env: every_proxy_variable,
+        ..Options::on(common::Runtime::Glommio)
+    };
+    let kiln = Kiln::start_async(&dir.path().join("a"), options).await;
+    let ch = kiln.channel().await;
+
+    let there = pseudo_random(90, 3000);
+    let here = pseudo_random(91, 3000);
+    let (other_origin, seen_there) = http_server(HashMap::from([("/there", there.clone())])).await;
+    let (base, seen_here) = http_server_with(
+        HashMap::from([("/here", here.clone())]),
+        HashMap::from([
+            ("/away", format!("{other_origin}/there")),
+            ("/near", "here".to_string()),
+        ]),
+    )
+    .await;
+    let secret = || {
+        vec![
+            q("http_header:X-Secret", "sesame"),
+            q("http_header:Authorization", "Bearer sesame"),
+        ]
+    };
+    let heads =
+        |seen: &Seen, path: &str| seen.lock().unwrap().get(path).cloned().unwrap_or_default();
+
+    // Redirected to another origin (another port): the content arrives, the headers do not.
+    let away = fetch(&ch, &[format!("{base}/away")], secret(), None)
+        .await
+        .unwrap();
+    assert_eq!(code(&away), Code::Ok, "{}", message(&away));
+    assert_eq!(away.blob_digest, Some(digest(Function::Sha256, &there)));
+    assert!(heads(&seen_here, "/away")[0].contains("x-secret: sesame"));
+    let at_other = heads(&seen_there, "/there");
+    assert_eq!(at_other.len(), 1);
+    assert!(
+        !at_other[0].contains("x-secret") && !at_other[0].contains("authorization"),
+        "{}",
+        at_other[0]
+    );
+    // Redirected within the origin (a relative Location): the headers follow.
+    let near = fetch(&ch, &[format!("{base}/near")], secret(), None)
+        .await
+        .unwrap();
+    assert_eq!(near.blob_digest, Some(digest(Function::Sha256, &here)));
+    assert!(heads(&seen_here, "/here")[0].contains("x-secret: sesame"));
+    // None of it went through the proxy the environment names.
+    assert!(
+        asked.lock().unwrap().is_empty(),
+        "{:?}",
+        asked.lock().unwrap()
+    );
+    kiln.stop().await;
+
+    // Named in the configuration, the proxy is used.
+    let options = Options {
+        config: Some(format!(
+            "[remote_asset]\nfetch_loopback = true\nproxy = \"{proxy_url}\"\n"
+        )),
+        ..Options::on(common::Runtime::Glommio)
+    };
+    let kiln = Kiln::start_async(&dir.path().join("b"), options).await;
+    let ch = kiln.channel().await;
+    let via = fetch(&ch, &[format!("{base}/here")], vec![], None)
+        .await
+        .unwrap();
+    assert_ne!(code(&via), Code::Ok, "the proxy refuses everything");
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert!(
+        asked[0].contains(base.trim_start_matches("http://")),
+        "{asked:?}"
     );
     kiln.stop().await;
 }

@@ -438,6 +438,9 @@ pub struct RemoteAssetConfig {
     pub fetch_loopback: bool,
     /// Fetch from private networks (10/8, 172.16/12, 192.168/16, fc00::/7): mirrors on the LAN.
     pub fetch_private_networks: bool,
+    /// An HTTP proxy every fetch goes through (`http://HOST:PORT`, `socks5://HOST:PORT`, …);
+    /// empty: none. The proxy environment (`HTTPS_PROXY` and the like) is not used.
+    pub proxy: String,
 }
 
 impl Default for RemoteAssetConfig {
@@ -453,6 +456,7 @@ impl Default for RemoteAssetConfig {
             memory_bytes: ByteSize::mib(32),
             fetch_loopback: false,
             fetch_private_networks: true,
+            proxy: String::new(),
         }
     }
 }

@@ -175,6 +175,7 @@ impl ControlPlane {
                 memory_bytes: config.remote_asset.memory_bytes.as_u64(),
                 fetch_loopback: config.remote_asset.fetch_loopback,
                 fetch_private_networks: config.remote_asset.fetch_private_networks,
+                proxy: asset::proxy(&config.remote_asset.proxy)?,
                 layout: Layout::cas(&config.storage.data_dir),
             },
         ));

@@ -221,6 +221,8 @@ pub struct Options {
     pub shards: Option<usize>,
     /// Listen address (default an ephemeral port on 127.0.0.1).
     pub listen: Option<String>,
+    /// Extra environment variables for the server process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Options {
@@ -231,6 +233,7 @@ impl Options {
             config: None,
             shards: None,
             listen: None,
+            env: Vec::new(),
         }
     }
 }
@@ -277,6 +280,7 @@ impl Kiln {
             std::fs::write(&path, extra).expect("write config");
             cmd.arg("--config").arg(&path);
         }
+        cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
         cmd.env("RUST_LOG", "info,kiln_dataplane=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

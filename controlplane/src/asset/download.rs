@@ -3,10 +3,14 @@
 //! asked for, bounded in time (the whole download, redirects included), in bytes and in
 //! redirects. Every host it connects to, redirects included, is checked by address after it is
 //! resolved ([`Guarded`]): link-local addresses (cloud metadata services among them) never,
-//! loopback and private networks as configured. Only a `200 OK` body is stored. Its failures
+//! loopback and private networks as configured. Redirects are followed here, one hop at a
+//! time, and the request's headers go only to its URL's own origin ([`super::redirect`]).
+//! The proxy environment is ignored (a proxy would resolve the hosts the guard must see);
+//! `remote_asset.proxy` names one explicitly. Only a `200 OK` body is stored. Its failures
 //! are what the response's `status` carries.
 
 use super::qualifiers::{Sri, SriAlgorithm};
+use super::redirect;
 use kiln_reapi::digest::{Digest, DigestFunction, Hasher};
 use kiln_reapi::status::{Classify, ErrorKind};
 use sha2::Digest as _;
@@ -40,6 +44,8 @@ pub struct Download {
     pub fetch_loopback: bool,
     /// Whether private networks (RFC 1918, unique-local) may be fetched from.
     pub fetch_private_networks: bool,
+    /// The proxy every request goes through (`remote_asset.proxy`), if any.
+    pub proxy: Option<ureq::Proxy>,
 }
 
 /// A finished download.
@@ -107,11 +113,13 @@ impl Classify for FetchFailure {
 /// Runs `d`: blocking.
 pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
     let url = || d.url.clone();
+    let deadline = std::time::Instant::now() + d.timeout;
+    // Redirects come back as responses: followed below.
     let config = ureq::Agent::config_builder()
-        .timeout_global(Some(d.timeout))
-        .max_redirects(d.max_redirects)
-        .max_redirects_will_error(true)
+        .max_redirects(0)
+        .max_redirects_will_error(false)
         .http_status_as_error(true)
+        .proxy(d.proxy.clone())
         .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
         .build();
     let guard = Guarded {
@@ -120,10 +128,6 @@ pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
         private: d.fetch_private_networks,
     };
     let agent = ureq::Agent::with_parts(config, DefaultConnector::new(), guard);
-    let mut request = agent.get(&d.url);
-    for (name, value) in &d.headers {
-        request = request.header(name, value);
-    }
     let failed = |e: ureq::Error| match e {
         ureq::Error::StatusCode(status) => FetchFailure::Status { url: url(), status },
         ureq::Error::Timeout(_) => FetchFailure::Timeout {
@@ -149,8 +153,49 @@ pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
             why: other.to_string(),
         },
     };
-    let response = request.call().map_err(failed)?;
-    // A redirect not followed, a 204 or a 206 is not the content.
+    let timed_out = || FetchFailure::Timeout {
+        url: url(),
+        secs: d.timeout.as_secs(),
+    };
+    let mut at = d.url.clone();
+    let mut redirects = 0;
+    let response = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        let mut request = agent.get(&at).config().timeout_global(Some(left)).build();
+        if redirect::same_origin(&at, &d.url) {
+            for (name, value) in &d.headers {
+                request = request.header(name, value);
+            }
+        }
+        let response = request.call().map_err(failed)?;
+        if !matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+            break response;
+        }
+        redirects += 1;
+        if redirects > d.max_redirects {
+            return Err(FetchFailure::Redirects {
+                url: url(),
+                max: d.max_redirects,
+            });
+        }
+        let location = response
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .ok_or_else(|| FetchFailure::Transport {
+                url: url(),
+                why: format!(
+                    "{at} answered HTTP {} without a usable Location",
+                    response.status().as_u16()
+                ),
+            })?;
+        at = redirect::resolve(&at, location)
+            .map_err(|why| FetchFailure::Transport { url: url(), why })?;
+    };
+    // A 204 or a 206 is not the content.
     if response.status() != 200 {
         return Err(FetchFailure::Status {
             url: url(),

@@ -4,7 +4,8 @@
 use super::download::{self, Download, FetchFailure};
 use super::unpack;
 use super::{
-    check_sizes, AssetError, AssetService, Association, FetchArgs, Kind, Outcome, Qualifiers,
+    check_sizes, credentials, AssetError, AssetService, Association, FetchArgs, Key, Kind, Outcome,
+    Qualifiers,
 };
 use crate::temp_file::TempFile;
 use kiln_proto::google::rpc::Status as RpcStatus;
@@ -38,13 +39,28 @@ impl AssetService {
         };
         let deadline = std::time::Instant::now() + timeout;
         let selectors: Vec<(String, String)> = qualifiers.selectors.clone().into_iter().collect();
-        let key = |uri: &str| (instance.clone(), kind, uri.to_string(), selectors.clone());
-        for uri in &args.uris {
-            if let Some(digest) = self
-                .remembered(&key(uri), function, oldest, &qualifiers.sri)
-                .await?
-            {
-                return Ok(Ok((uri.clone(), digest)));
+        let key = |uri: &str, credentials| Key {
+            instance: instance.clone(),
+            kind,
+            uri: uri.to_string(),
+            selectors: selectors.clone(),
+            credentials,
+        };
+        let sent = |index: usize, uri: &str| credentials(&qualifiers.headers_for(index, uri));
+        for (index, uri) in args.uris.iter().enumerate() {
+            // Made without credentials (downloaded in public, or pushed): anyone's. Made with
+            // them: only for the same ones.
+            let mut tries = vec![None];
+            if let Some(c) = sent(index, uri) {
+                tries.push(Some(c));
+            }
+            for credentials in tries {
+                if let Some(digest) = self
+                    .remembered(&key(uri, credentials), function, oldest, &qualifiers.sri)
+                    .await?
+                {
+                    return Ok(Ok((uri.clone(), digest)));
+                }
             }
         }
         let not_found = |why: &str| {
@@ -135,6 +151,7 @@ impl AssetService {
                 dest: temp.0.clone(),
                 fetch_loopback: self.settings.fetch_loopback,
                 fetch_private_networks: self.settings.fetch_private_networks,
+                proxy: self.settings.proxy.clone(),
             };
             let started = SystemTime::now();
             // An archive to unpack keeps the place through its unpacking.
@@ -189,7 +206,9 @@ impl AssetService {
                         expires: None,
                         sri: got.sri_ok,
                     };
-                    self.known.insert(key(uri), association).await;
+                    self.known
+                        .insert(key(uri, sent(index, uri)), association)
+                        .await;
                     tracing::debug!(%uri, ?digest, "fetched from origin");
                     return Ok(Ok((uri.clone(), digest)));
                 }

@@ -12,6 +12,7 @@ mod fetch;
 mod grpc;
 mod push;
 mod qualifiers;
+mod redirect;
 mod remember;
 mod unpack;
 
@@ -50,6 +51,8 @@ pub struct AssetSettings {
     pub fetch_loopback: bool,
     /// `remote_asset.fetch_private_networks`.
     pub fetch_private_networks: bool,
+    /// `remote_asset.proxy`, parsed.
+    pub proxy: Option<ureq::Proxy>,
     /// The CAS's layout: downloads go to its temp directories, so they are linked in.
     pub layout: Layout,
 }
@@ -62,7 +65,42 @@ enum Kind {
 }
 
 /// What an association is remembered under.
-type Key = (InstanceName, Kind, String, Vec<(String, String)>);
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    instance: InstanceName,
+    kind: Kind,
+    uri: String,
+    /// The selecting qualifiers, by name.
+    selectors: Vec<(String, String)>,
+    /// For a fetch that sent headers: what they come to ([`credentials`]). Such an
+    /// association answers only a fetch that sends the same headers; one made without any
+    /// (a public download, a push) answers every fetch.
+    credentials: Option<[u8; 32]>,
+}
+
+/// What the headers sent for a URL (its credentials, as often as not) come to in an
+/// association's key: nothing when there are none, else a SHA-256 of them (never the values
+/// themselves, which then need not be kept).
+fn credentials(headers: &[(String, String)]) -> Option<[u8; 32]> {
+    use sha2::Digest as _;
+    if headers.is_empty() {
+        return None;
+    }
+    let mut sorted: Vec<(String, &str)> = headers
+        .iter()
+        .map(|(n, v)| (n.to_ascii_lowercase(), v.as_str()))
+        .collect();
+    sorted.sort();
+    let mut h = sha2::Sha256::new();
+    h.update(b"kiln remote asset credentials\0");
+    for (name, value) in sorted {
+        for part in [name.as_bytes(), value.as_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    Some(h.finalize().into())
+}
 
 /// What a URI (with its selecting qualifiers) stands for.
 #[derive(Debug, Clone)]
@@ -111,14 +149,27 @@ impl AssetService {
             known: moka::future::Cache::builder()
                 .max_capacity(settings.memory_bytes)
                 .weigher(|k: &Key, _: &Association| {
-                    let selectors: usize = k.3.iter().map(|(n, v)| n.len() + v.len()).sum();
-                    u32::try_from(k.2.len() + selectors + 256).unwrap_or(u32::MAX)
+                    let selectors: usize = k.selectors.iter().map(|(n, v)| n.len() + v.len()).sum();
+                    u32::try_from(k.uri.len() + selectors + 256).unwrap_or(u32::MAX)
                 })
                 .build(),
             fetches: Arc::new(Semaphore::new(settings.concurrent_fetches.max(1))),
             settings,
         }
     }
+}
+
+/// `remote_asset.proxy` parsed (empty: none); a bad one stops the start.
+pub fn proxy(configured: &str) -> std::io::Result<Option<ureq::Proxy>> {
+    if configured.is_empty() {
+        return Ok(None);
+    }
+    ureq::Proxy::new(configured).map(Some).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("remote_asset.proxy {configured:?}: {e}"),
+        )
+    })
 }
 
 /// Refuses requests without URIs, with too many, or with URIs or qualifiers too long to
@@ -149,4 +200,43 @@ fn check_sizes(uris: &[String], qualifiers: &[Qualifier]) -> Result<(), AssetErr
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_configured_proxy_is_parsed_and_a_bad_one_named() {
+        assert!(proxy("").unwrap().is_none());
+        assert!(proxy("http://127.0.0.1:3128").unwrap().is_some());
+        assert!(proxy("socks5://proxy.example:1080").unwrap().is_some());
+        let err = proxy("gopher://proxy.example:70").unwrap_err();
+        assert!(err.to_string().contains("remote_asset.proxy"), "{err}");
+    }
+
+    #[test]
+    fn credentials_are_the_headers_whatever_their_order_and_case() {
+        let h = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(credentials(&[]), None);
+        let one = credentials(&h(&[("Authorization", "Bearer a"), ("X-Key", "k")]));
+        assert!(one.is_some());
+        assert_eq!(
+            one,
+            credentials(&h(&[("x-key", "k"), ("authorization", "Bearer a")]))
+        );
+        for other in [
+            h(&[("Authorization", "Bearer b"), ("X-Key", "k")]),
+            h(&[("Authorization", "Bearer a")]),
+            // Where one value ends and the next begins is part of what is hashed.
+            h(&[("Authorization", "Bearer aX-Keyk")]),
+        ] {
+            assert_ne!(one, credentials(&other), "{other:?}");
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! `Push`: associations recorded for content already in the CAS.
 
-use super::{check_sizes, AssetError, AssetService, Association, Kind, Qualifiers};
+use super::{check_sizes, AssetError, AssetService, Association, Key, Kind, Qualifiers};
 use kiln_proto::asset::Qualifier;
 use kiln_reapi::digest::{Digest, InstanceName};
 use std::time::SystemTime;
@@ -42,12 +42,14 @@ impl AssetService {
                 expires,
                 sri: qualifiers.sri.clone(),
             };
-            self.known
-                .insert(
-                    (instance.clone(), kind, uri.clone(), selectors.clone()),
-                    association,
-                )
-                .await;
+            let key = Key {
+                instance: instance.clone(),
+                kind,
+                uri: uri.clone(),
+                selectors: selectors.clone(),
+                credentials: None,
+            };
+            self.known.insert(key, association).await;
         }
         Ok(())
     }

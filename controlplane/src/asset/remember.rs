@@ -27,7 +27,12 @@ impl AssetService {
         {
             return Ok(None);
         }
-        if !self.cas.find_missing(&key.0, &[a.digest]).await?.is_empty() {
+        if !self
+            .cas
+            .find_missing(&key.instance, &[a.digest])
+            .await?
+            .is_empty()
+        {
             self.known.invalidate(key).await;
             return Ok(None);
         }
@@ -35,8 +40,8 @@ impl AssetService {
             return Ok(Some(a.digest));
         }
         // Checksums it was never checked against: check the stored bytes (blobs only), once.
-        if key.1 == Kind::Blob {
-            if let Some(matched) = self.matches_sri(&key.0, a.digest, sri).await? {
+        if key.kind == Kind::Blob {
+            if let Some(matched) = self.matches_sri(&key.instance, a.digest, sri).await? {
                 let mut known = a.clone();
                 known.sri.push(matched);
                 self.known.insert(key.clone(), known).await;
