@@ -529,6 +529,8 @@ async fn credentials_stay_with_their_origin_and_proxies_are_explicit() {
         });
     }
     let dir = tempfile::tempdir().unwrap();
+    // Every proxy variable names the proxy, and none exempts loopback (whatever the test's own
+    // environment says), so only ignoring them keeps the fetches off it.
     let every_proxy_variable = [
         "HTTP_PROXY",
         "HTTPS_PROXY",
@@ -539,6 +541,7 @@ async fn credentials_stay_with_their_origin_and_proxies_are_explicit() {
     ]
     .into_iter()
     .map(|k| (k.to_string(), proxy_url.clone()))
+    .chain(["NO_PROXY", "no_proxy"].map(|k| (k.to_string(), String::new())))
     .collect();
     let options = Options {
         config: Some("[remote_asset]\nfetch_loopback = true\n".into()),

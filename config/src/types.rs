@@ -438,7 +438,7 @@ pub struct RemoteAssetConfig {
     pub fetch_loopback: bool,
     /// Fetch from private networks (10/8, 172.16/12, 192.168/16, fc00::/7): mirrors on the LAN.
     pub fetch_private_networks: bool,
-    /// An HTTP proxy every fetch goes through (`http://HOST:PORT`, `socks5://HOST:PORT`, …);
+    /// An HTTP proxy every fetch goes through (`http://HOST:PORT` or `https://HOST:PORT`);
     /// empty: none. The proxy environment (`HTTPS_PROXY` and the like) is not used.
     pub proxy: String,
 }

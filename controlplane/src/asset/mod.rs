@@ -159,17 +159,26 @@ impl AssetService {
     }
 }
 
-/// `remote_asset.proxy` parsed (empty: none); a bad one stops the start.
+/// `remote_asset.proxy` parsed (empty: none): an `http://` or `https://` proxy (ureq tunnels
+/// through it with `CONNECT`). A bad one stops the start, named without the URL itself, which
+/// may carry a password.
 pub fn proxy(configured: &str) -> std::io::Result<Option<ureq::Proxy>> {
     if configured.is_empty() {
         return Ok(None);
     }
-    ureq::Proxy::new(configured).map(Some).map_err(|e| {
+    let bad = |why: String| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("remote_asset.proxy {configured:?}: {e}"),
+            format!("remote_asset.proxy: {why}"),
         )
-    })
+    };
+    let scheme = configured.split("://").next().unwrap_or("");
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(bad("only http:// and https:// proxies are supported".into()));
+    }
+    ureq::Proxy::new(configured)
+        .map(Some)
+        .map_err(|e| bad(format!("not a usable proxy URL ({e})")))
 }
 
 /// Refuses requests without URIs, with too many, or with URIs or qualifiers too long to
@@ -210,9 +219,18 @@ mod tests {
     fn a_configured_proxy_is_parsed_and_a_bad_one_named() {
         assert!(proxy("").unwrap().is_none());
         assert!(proxy("http://127.0.0.1:3128").unwrap().is_some());
-        assert!(proxy("socks5://proxy.example:1080").unwrap().is_some());
-        let err = proxy("gopher://proxy.example:70").unwrap_err();
-        assert!(err.to_string().contains("remote_asset.proxy"), "{err}");
+        assert!(proxy("https://user:secret@proxy.example:3128")
+            .unwrap()
+            .is_some());
+        for bad in [
+            "socks5://proxy.example:1080",
+            "gopher://proxy.example:70",
+            "http://user:secret@",
+        ] {
+            let err = proxy(bad).unwrap_err().to_string();
+            assert!(err.contains("remote_asset.proxy"), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
     }
 
     #[test]

@@ -15,7 +15,12 @@ pub fn resolve(base: &str, location: &str) -> Result<String, String> {
         .map_err(|e| format!("{base:?} is not an absolute URL: {e}"))?;
     let resolved = reference.resolve_against(base).to_string();
     let resolved = resolved.split('#').next().unwrap_or(&resolved).to_string();
-    if !(resolved.starts_with("http://") || resolved.starts_with("https://")) {
+    let scheme = resolved
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
         return Err(format!(
             "a redirect to {resolved:?}, which is not an http or https URL"
         ));

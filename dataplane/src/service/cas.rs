@@ -120,12 +120,14 @@ async fn update_one(
         });
     }
     let key = BlobKey::new(instance.clone(), digest);
-    // The client's frames decompressed to exactly the blob: kept for compressed reads once
-    // the blob is stored (copied, as the entry is a slice of the whole request).
+    // The client's frame decompressed to exactly the blob: kept for compressed reads once
+    // the blob is stored (copied, as the entry is a slice of the whole request), when it
+    // could be.
     let keep_frame = |key: BlobKey| {
-        if let Some(z) = zstd.filter(|z| z.frames.keeps(digest.size)) {
-            z.frames
-                .insert(key, bytes::Bytes::copy_from_slice(&request.data));
+        let fits = (request.data.len() as u64) < digest.size;
+        if let Some(z) = zstd.filter(|z| fits && z.frames.keeps(digest.size)) {
+            let frame = bytes::Bytes::copy_from_slice(&request.data);
+            z.frames.keep_uploaded(key, frame, z.max_window_log);
         }
     };
     if svc.store.contains(std::slice::from_ref(&key)).await?[0] {

@@ -426,9 +426,11 @@ impl Upload<'_> {
         if let Some(a) = self.arriving.take() {
             a.stored();
         }
-        // The frames decompressed to exactly the blob's bytes, now stored.
-        if let (Some(frame), Some(z)) = (self.frame.take(), self.svc.limits.zstd.as_ref()) {
-            z.frames.keep(self.resource.key.clone(), frame);
+        // The frame decompressed to exactly the blob's bytes, now stored.
+        let collected = self.frame.take().and_then(|f| f.into_frame());
+        if let (Some(frame), Some(z)) = (collected, self.svc.limits.zstd.as_ref()) {
+            z.frames
+                .keep_uploaded(self.resource.key.clone(), frame, z.max_window_log);
         }
         Ok(match &self.inflate {
             Some((inflate, _)) => inflate.committed_size(),

@@ -9,6 +9,12 @@ mod inflate;
 pub use deflate::{compress, Deflater};
 pub use inflate::{decompress, InflateError, Inflater};
 
+/// Whether `data` is exactly one zstd frame (not a skippable one) and nothing after it.
+pub fn is_one_frame(data: &[u8]) -> bool {
+    data.first_chunk::<4>().map(|m| u32::from_le_bytes(*m)) == Some(0xFD2F_B528)
+        && zstd::zstd_safe::find_frame_compressed_size(data) == Ok(data.len())
+}
+
 use kiln_proto::reapi::compressor;
 
 /// The compressors Kiln can speak (`Compressor.Value`); identity is always spoken.

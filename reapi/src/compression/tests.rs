@@ -166,3 +166,31 @@ fn compressor_names_and_values() {
     assert_eq!(Compressor::Zstd.proto(), 1);
     assert_eq!(Compressor::Zstd.segment(), Some("zstd"));
 }
+
+#[test]
+fn one_frame_is_one_regular_frame_and_nothing_else() {
+    let data = b"one frame of text, one frame of text, one frame of text".repeat(10);
+    let frame = zstd::encode_all(&data[..], 3).unwrap();
+    assert!(is_one_frame(&frame));
+    let mut two = frame.clone();
+    two.extend_from_slice(&frame);
+    let mut skippable = Vec::new();
+    skippable.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+    skippable.extend_from_slice(&3u32.to_le_bytes());
+    skippable.extend_from_slice(b"abc");
+    let mut padded = frame.clone();
+    padded.extend_from_slice(&skippable);
+    let mut led = skippable.clone();
+    led.extend_from_slice(&frame);
+    for bad in [
+        two,
+        padded,
+        led,
+        skippable,
+        frame[..frame.len() - 1].to_vec(),
+        Vec::new(),
+        b"not zstd".to_vec(),
+    ] {
+        assert!(!is_one_frame(&bad), "{bad:?}");
+    }
+}

@@ -34,7 +34,10 @@ impl Digest {
             return Err(DigestError::NegativeSize(size));
         }
         let bad = || DigestError::BadHash {
-            hash: String::from_utf8_lossy(hex_hash).chars().take(80).collect(),
+            hash: String::from_utf8_lossy(&hex_hash[..hex_hash.len().min(80)])
+                .chars()
+                .take(80)
+                .collect(),
             expected: DigestFunction::HASH_LEN * 2,
         };
         if hex_hash.len() != DigestFunction::HASH_LEN * 2 {
