@@ -170,8 +170,10 @@ fn link_or_copy(source: &Path, dst: &Path, mode: u32) -> Result<Placed, ActionEr
 /// Sets a node's mode (or `default_mode`) and mtime. The mode never carries setuid, setgid
 /// or sticky bits, and a file's never write bits: inputs are read-only to the action.
 fn apply(path: &Path, p: &NodeProperties, default_mode: u32) -> Result<(), ActionError> {
+    // No write bits for others on a directory either: another action (the same user with
+    // `run_as_user`) must not be able to change this one's tree while the worker works in it.
     let allowed = if default_mode == DIRECTORY {
-        0o777
+        0o755
     } else {
         0o555
     };
@@ -335,6 +337,19 @@ mod tests {
         // Clean-up copes with read-only entries.
         remove_tree(&root).unwrap();
         assert!(!root.exists());
+    }
+
+    #[test]
+    fn no_input_directory_is_writable_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let props = NodeProperties {
+            properties: vec![],
+            mtime: None,
+            unix_mode: Some(0o1777),
+        };
+        apply(dir.path(), &props, DIRECTORY).unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o755);
     }
 
     #[test]

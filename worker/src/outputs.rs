@@ -6,7 +6,7 @@
 use crate::error::{io, ActionError};
 use crate::local::hash_path;
 use bytes::Bytes;
-use kiln_dataplane::store::clone::clone_or_copy;
+use kiln_dataplane::store::clone::clone_or_copy_from;
 use kiln_proto::reapi::command::OutputDirectoryFormat;
 use kiln_proto::reapi::{
     ActionResult, Command, Directory, DirectoryNode, FileNode, OutputDirectory, OutputFile,
@@ -47,9 +47,11 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Stages into `dir` (created now; removed with the action's directory).
+    /// Stages into `dir` (created now, and refused if anything is already there: a symlink
+    /// the action left in its place must not take the copies elsewhere; removed with the
+    /// action's directory).
     pub fn new(dir: PathBuf) -> Result<Staging, ActionError> {
-        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        std::fs::create_dir(&dir).map_err(io("create", &dir))?;
         Ok(Staging {
             dir,
             next: std::sync::atomic::AtomicU64::new(0),
@@ -91,8 +93,10 @@ impl Staging {
                 let bytes = Bytes::from(bytes);
                 return Ok((Digest::of(function, &bytes), Blob::Bytes(bytes)));
             }
+            // From the handle checked above, not the path again (which the action's
+            // processes could have swapped for a symlink meanwhile).
+            clone_or_copy_from(&f, &copy)?;
             drop(f);
-            clone_or_copy(&from, &copy)?;
             std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o444))?;
             Ok((hash_path(function, &copy)?, Blob::File(copy)))
         })

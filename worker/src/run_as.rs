@@ -65,19 +65,63 @@ impl RunAs {
 
     /// Gives every directory under `root` (and `root`) to this user, leaving files and
     /// symlinks to the worker.
+    ///
+    /// The walk goes by directory handle, never by path: each directory is opened below the
+    /// one before it without following a symlink, and given away through its handle. A
+    /// process that swaps a directory of the tree for a symlink while the walk runs (another
+    /// action of the same user can reach the tree) makes the walk skip that name; it cannot
+    /// make this process (root) give away what the symlink points to.
     pub fn give_directories(&self, root: &Path) -> io::Result<()> {
-        let mut stack = vec![root.to_path_buf()];
-        while let Some(dir) = stack.pop() {
-            std::os::unix::fs::lchown(&dir, Some(self.uid), Some(self.gid))?;
-            for entry in std::fs::read_dir(&dir)? {
-                let entry = entry?;
-                if entry.file_type()?.is_dir() {
-                    stack.push(entry.path());
-                }
+        let top = open_dir_below(rustix::fs::CWD, root)?;
+        self.give(top, 0)
+    }
+
+    fn give(&self, dir: rustix::fd::OwnedFd, depth: usize) -> io::Result<()> {
+        use rustix::fs::{fchown, FileType, Gid, Uid};
+        // Deeper than any input tree Kiln lays out (reapi::tree bounds them): not ours.
+        if depth > 1024 {
+            return Err(io::Error::other("directory tree too deep to give away"));
+        }
+        fchown(
+            &dir,
+            Some(Uid::from_raw(self.uid)),
+            Some(Gid::from_raw(self.gid)),
+        )?;
+        let mut entries = rustix::fs::Dir::read_from(&dir)?;
+        while let Some(entry) = entries.read() {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name == c"." || name == c".." {
+                continue;
+            }
+            if !matches!(entry.file_type(), FileType::Directory | FileType::Unknown) {
+                continue;
+            }
+            match open_dir_below(&dir, name) {
+                Ok(child) => self.give(child, depth + 1)?,
+                // Not a directory (any more): a file, or a symlink put in its place.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ELOOP)
+                        || e.raw_os_error() == Some(libc::ENOTDIR) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(())
     }
+}
+
+/// Opens the directory `name` below `dir` for reading its entries, refusing a symlink.
+fn open_dir_below(
+    dir: impl rustix::fd::AsFd,
+    name: impl rustix::path::Arg,
+) -> io::Result<rustix::fd::OwnedFd> {
+    use rustix::fs::{openat, Mode, OFlags};
+    Ok(openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 /// (uid, gid) of a user name or numeric uid.
@@ -128,8 +172,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
         std::fs::write(dir.path().join("a/file"), "x").unwrap();
+        // A symlink to a directory outside the tree: the link is not followed.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(outside.path().join("inner")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("a/escape")).unwrap();
         nobody.give_directories(dir.path()).unwrap();
         use std::os::unix::fs::MetadataExt;
+        for kept in [outside.path().to_path_buf(), outside.path().join("inner")] {
+            assert_eq!(std::fs::metadata(&kept).unwrap().uid(), 0, "{kept:?}");
+        }
+        assert_eq!(
+            std::fs::metadata(dir.path().join("a")).unwrap().uid(),
+            nobody.uid
+        );
+        // The root itself must not be a symlink either.
+        let link_root = dir.path().join("root-link");
+        std::os::unix::fs::symlink(outside.path(), &link_root).unwrap();
+        assert!(nobody.give_directories(&link_root).is_err());
+        assert_eq!(std::fs::metadata(outside.path()).unwrap().uid(), 0);
         assert_eq!(
             std::fs::metadata(dir.path().join("a/b")).unwrap().uid(),
             nobody.uid

@@ -3,7 +3,8 @@
 //! copy. Workers use it to materialise inputs where a hardlink would let an action modify the
 //! CAS copy.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Seek};
 use std::path::Path;
 
 /// How the copy was made.
@@ -17,24 +18,35 @@ pub enum CloneKind {
 
 /// Creates `dst` (which must not exist) with the content of `src`.
 pub fn clone_or_copy(src: &Path, dst: &Path) -> io::Result<CloneKind> {
-    if try_clone(src, dst)? {
+    clone_or_copy_from(&File::open(src)?, dst)
+}
+
+/// Creates `dst` (which must not exist) with the whole content of the open file `from`: the
+/// path it was opened by is not looked at again, so a file swapped for a symlink after it was
+/// opened and checked cannot redirect the copy.
+pub fn clone_or_copy_from(from: &File, dst: &Path) -> io::Result<CloneKind> {
+    if try_clone(from, dst)? {
         return Ok(CloneKind::Cloned);
     }
-    std::fs::copy(src, dst)?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)?;
+    let mut from = from;
+    from.seek(io::SeekFrom::Start(0))?;
+    io::copy(&mut from, &mut to)?;
     Ok(CloneKind::Copied)
 }
 
-/// Clones with APFS `clonefile`; `Ok(false)` when the filesystem cannot.
+/// Clones with APFS `fclonefileat`; `Ok(false)` when the filesystem cannot.
 #[cfg(target_os = "macos")]
-fn try_clone(src: &Path, dst: &Path) -> io::Result<bool> {
+fn try_clone(from: &File, dst: &Path) -> io::Result<bool> {
     use std::ffi::CString;
+    use std::os::fd::AsRawFd;
     use std::os::unix::ffi::OsStrExt;
-    let (s, d) = (
-        CString::new(src.as_os_str().as_bytes()).map_err(io::Error::other)?,
-        CString::new(dst.as_os_str().as_bytes()).map_err(io::Error::other)?,
-    );
-    // SAFETY: both are valid NUL-terminated paths; flags 0 follows symlinks like cp.
-    if unsafe { libc::clonefile(s.as_ptr(), d.as_ptr(), 0) } == 0 {
+    let d = CString::new(dst.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: the descriptor is open for the call and `d` is a valid NUL-terminated path.
+    if unsafe { libc::fclonefileat(from.as_raw_fd(), libc::AT_FDCWD, d.as_ptr(), 0) } == 0 {
         return Ok(true);
     }
     let e = io::Error::last_os_error();
@@ -47,11 +59,10 @@ fn try_clone(src: &Path, dst: &Path) -> io::Result<bool> {
 /// Clones with the `FICLONE` ioctl; `Ok(false)` when the filesystem cannot (ext4, tmpfs, ZFS
 /// before block cloning, another filesystem).
 #[cfg(target_os = "linux")]
-fn try_clone(src: &Path, dst: &Path) -> io::Result<bool> {
+fn try_clone(from: &File, dst: &Path) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
     /// `_IOW(0x94, 9, int)`.
     const FICLONE: libc::c_ulong = 0x4004_9409;
-    let from = std::fs::File::open(src)?;
     let to = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -72,7 +83,7 @@ fn try_clone(src: &Path, dst: &Path) -> io::Result<bool> {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
-fn try_clone(_src: &Path, _dst: &Path) -> io::Result<bool> {
+fn try_clone(_from: &File, _dst: &Path) -> io::Result<bool> {
     Ok(false)
 }
 
@@ -97,5 +108,23 @@ mod tests {
             clone_or_copy(&src, &dst).is_err(),
             "the destination must not exist"
         );
+    }
+
+    #[test]
+    fn a_copy_from_an_open_file_ignores_its_path_and_position() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"the bytes that were checked").unwrap();
+        let mut opened = File::open(&src).unwrap();
+        let mut first = [0u8; 3];
+        opened.read_exact(&mut first).unwrap();
+        // The path now names something else entirely.
+        std::fs::remove_file(&src).unwrap();
+        std::fs::write(dir.path().join("secret"), b"not this").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), &src).unwrap();
+        let dst = dir.path().join("dst");
+        clone_or_copy_from(&opened, &dst).unwrap();
+        assert_eq!(std::fs::read(&dst).unwrap(), b"the bytes that were checked");
     }
 }
