@@ -7,6 +7,7 @@
 //! destination could be any implementation.
 
 pub mod action;
+mod beneath;
 #[cfg(test)]
 mod cas_behaviour;
 pub mod contain;

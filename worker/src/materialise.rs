@@ -3,6 +3,7 @@
 //! shares its mode, so one inode cannot be both), files with mode or mtime node properties as
 //! their own copies (a clone where the filesystem can), symlinks verbatim.
 
+use crate::beneath;
 use crate::error::{io, ActionError};
 use crate::fetch::InputTree;
 use crate::tamper::{Origin, SharedFiles};
@@ -199,17 +200,27 @@ pub fn remove_tree(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Makes the directories of a tree writable, by handle (never through a symlink a process of
+/// the action may have put in a directory's place: it would make the worker chmod its target).
 fn make_writable(path: &Path) {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return;
-    };
-    if !meta.is_dir() {
+    if let Ok(dir) = beneath::open_root(path) {
+        make_writable_below(dir, 0);
+    }
+}
+
+fn make_writable_below(dir: rustix::fd::OwnedFd, depth: usize) {
+    if depth > 1024 {
         return;
     }
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755));
-    if let Ok(entries) = std::fs::read_dir(path) {
-        for e in entries.flatten() {
-            make_writable(&e.path());
+    let _ = rustix::fs::fchmod(&dir, rustix::fs::Mode::from_raw_mode(0o755));
+    let Ok(entries) = beneath::list(&dir) else {
+        return;
+    };
+    for (name, kind) in entries {
+        if kind == beneath::Kind::Dir {
+            if let Ok(child) = beneath::open_dir(&dir, &name) {
+                make_writable_below(child, depth + 1);
+            }
         }
     }
 }

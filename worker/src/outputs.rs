@@ -3,6 +3,7 @@
 //! symlinks — from `output_paths`, or the older `output_files`/`output_directories`. Returns the
 //! ActionResult fields and the blobs to store.
 
+use crate::beneath;
 use crate::error::{io, ActionError};
 use crate::local::hash_path;
 use bytes::Bytes;
@@ -15,9 +16,12 @@ use kiln_proto::reapi::{
 use kiln_reapi::digest::{Digest, DigestFunction};
 use kiln_reapi::paths;
 use prost::Message;
+use rustix::fd::OwnedFd;
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A blob an output consists of.
 #[derive(Debug, Clone)]
@@ -66,18 +70,30 @@ impl Staging {
         function: DigestFunction,
         file: &Path,
     ) -> Result<(Digest, Blob), ActionError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Not through a symlink, and without blocking on a FIFO or a device the action left
+        // in place of a file. (Its directory is the worker's own.)
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(file)
+            .map_err(|e| fix_error(file, e))?;
+        self.fix_file(function, f, file).await
+    }
+
+    /// [`Staging::fix`] of a file already open (`shown`: its path, for messages).
+    pub async fn fix_file(
+        &self,
+        function: DigestFunction,
+        f: std::fs::File,
+        shown: &Path,
+    ) -> Result<(Digest, Blob), ActionError> {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let copy = self.dir.join(n.to_string());
-        let from = file.to_path_buf();
         tokio::task::spawn_blocking(move || -> std::io::Result<(Digest, Blob)> {
             use std::io::Read;
-            use std::os::unix::fs::OpenOptionsExt;
-            // Not through a symlink, and without blocking on a FIFO or a device the action
-            // left in place of a file: only a regular file is an output file.
-            let mut f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&from)?;
+            let mut f = f;
+            // Only a regular file is an output file.
             let meta = f.metadata()?;
             if !meta.is_file() {
                 return Err(std::io::Error::new(
@@ -101,43 +117,63 @@ impl Staging {
             Ok((hash_path(function, &copy)?, Blob::File(copy)))
         })
         .await
-        .map_err(|e| ActionError::io("copy", file, std::io::Error::other(e)))?
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidInput => {
-                ActionError::BadInput(format!("output {}: {e}", file.display()))
-            }
-            _ => ActionError::io("copy", file, e),
-        })
+        .map_err(|e| ActionError::io("copy", shown, std::io::Error::other(e)))?
+        .map_err(|e| fix_error(shown, e))
     }
+}
+
+/// A failure to fix an output: the action's (not a regular file, or a symlink where a file
+/// was declared) or the worker's.
+fn fix_error(file: &Path, e: std::io::Error) -> ActionError {
+    if e.kind() == std::io::ErrorKind::InvalidInput || beneath::is_not_a_directory(&e) {
+        return ActionError::BadInput(format!("output {}: {e}", file.display()));
+    }
+    ActionError::io("copy", file, e)
 }
 
 /// Outputs up to this size are read into memory rather than copied to a file.
 pub const IN_MEMORY: u64 = 1 << 20;
 
-/// The path below `root` of an output's components, if it exists, without following a
-/// symlink in any parent (the action may have replaced a directory with a link to anywhere).
-fn locate(root: &Path, components: &[String], rel: &str) -> Result<Option<PathBuf>, ActionError> {
-    let mut path = root.to_path_buf();
-    let (last, parents) = match components.split_last() {
-        Some(split) => split,
-        // "" from the input root: the root itself.
-        None => return Ok(Some(path)),
+/// The directory holding an output (opened below `root`, never through a symlink: the action
+/// may have replaced a directory with a link to anywhere) and the output's own name; `None`
+/// when a parent is missing or not a directory. The empty path is the input root itself.
+fn locate(
+    root: &OwnedFd,
+    components: &[String],
+    rel: &str,
+) -> Result<Option<(OwnedFd, OsString)>, ActionError> {
+    let Some((last, parents)) = components.split_last() else {
+        return Ok(Some((
+            beneath::open_dir(root, OsStr::new(".")).map_err(io("open", Path::new(rel)))?,
+            OsString::from("."),
+        )));
     };
+    let mut dir = beneath::open_dir(root, OsStr::new(".")).map_err(io("open", Path::new(rel)))?;
+    let mut shown = PathBuf::new();
     for c in parents {
-        path.push(c);
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_symlink() => {
+        shown.push(c);
+        match beneath::kind(&dir, OsStr::new(c)).map_err(io("stat", &shown))? {
+            Some(beneath::Kind::Dir) => {}
+            Some(beneath::Kind::Symlink) => {
                 return Err(ActionError::BadInput(format!(
                     "output path {rel:?}: {} is a symlink; output paths are not followed through symlinks",
-                    path.strip_prefix(root).unwrap_or(&path).display()
+                    shown.display()
                 )))
             }
-            Ok(m) if m.is_dir() => {}
             _ => return Ok(None),
         }
+        dir = match beneath::open_dir(&dir, OsStr::new(c)) {
+            Ok(d) => d,
+            Err(e) if beneath::is_not_a_directory(&e) => {
+                return Err(ActionError::BadInput(format!(
+                    "output path {rel:?}: {} changed while its outputs were collected",
+                    shown.display()
+                )))
+            }
+            Err(e) => return Err(ActionError::io("open", &shown, e)),
+        };
     }
-    path.push(last);
-    Ok(Some(path))
+    Ok(Some((dir, OsString::from(last))))
 }
 
 /// Collects the outputs the Command declares (relative to its working directory, itself
@@ -169,20 +205,22 @@ pub async fn collect(
     };
     let wd = paths::relative("Command.working_directory", &command.working_directory)
         .map_err(|e| ActionError::BadInput(e.to_string()))?;
+    let root_dir = beneath::open_root(root).map_err(io("open", root))?;
     for (rel, kind) in declared {
         let components =
             paths::output(&wd, rel).map_err(|e| ActionError::BadInput(e.to_string()))?;
-        let Some(path) = locate(root, &components, rel)? else {
+        let Some((parent, name)) = locate(&root_dir, &components, rel)? else {
             continue;
         };
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        let path = components.iter().fold(root.to_path_buf(), |p, c| p.join(c));
+        let Some(found) = beneath::kind(&parent, &name).map_err(io("stat", &path))? else {
             continue;
         };
-        if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(&path).map_err(io("read link", &path))?;
+        if found == beneath::Kind::Symlink {
+            let target = beneath::read_link(&parent, &name).map_err(io("read link", &path))?;
             let symlink = OutputSymlink {
                 path: rel.clone(),
-                target: target.to_string_lossy().into_owned(),
+                target,
                 node_properties: None,
             };
             #[allow(deprecated)]
@@ -192,13 +230,15 @@ pub async fn collect(
                 Kind::Any => {}
             }
             out.result.output_symlinks.push(symlink);
-        } else if meta.is_dir() {
+        } else if found == beneath::Kind::Dir {
             if kind == Kind::File {
                 return Err(ActionError::BadInput(format!(
                     "output file {rel:?} is a directory"
                 )));
             }
+            let dir = beneath::open_dir(&parent, &name).map_err(|e| fix_error(&path, e))?;
             let (tree, root_digest) = tree(
+                dir,
                 &path,
                 function,
                 &mut out,
@@ -223,12 +263,17 @@ pub async fn collect(
                     "output directory {rel:?} is a file"
                 )));
             }
-            let (digest, blob) = staging.fix(function, &path).await?;
+            let mode = match found {
+                beneath::Kind::File { mode } => mode,
+                _ => 0,
+            };
+            let file = beneath::open_file(&parent, &name).map_err(|e| fix_error(&path, e))?;
+            let (digest, blob) = staging.fix_file(function, file, &path).await?;
             out.blobs.insert(digest, blob);
             out.result.output_files.push(OutputFile {
                 path: rel.clone(),
                 digest: Some(digest.to_proto()),
-                is_executable: meta.permissions().mode() & 0o111 != 0,
+                is_executable: mode & 0o111 != 0,
                 contents: Bytes::new(),
                 node_properties: None,
             });
@@ -247,14 +292,15 @@ enum Kind {
 /// Builds the Tree of a directory (children deduplicated), adding file blobs — and with
 /// `directory_blobs`, each Directory message — to `out`. Returns the Tree and the root's digest.
 async fn tree(
-    root: &Path,
+    root: OwnedFd,
+    shown: &Path,
     function: DigestFunction,
     out: &mut Outputs,
     directory_blobs: bool,
     staging: &Staging,
 ) -> Result<(Tree, Digest), ActionError> {
     let mut children: HashMap<Digest, Directory> = HashMap::new();
-    let root_dir = directory(root, function, out, &mut children, staging).await?;
+    let root_dir = directory(root, shown, function, out, &mut children, staging).await?;
     let root_bytes = root_dir.encode_to_vec();
     let root_digest = Digest::of(function, &root_bytes);
     if directory_blobs {
@@ -277,80 +323,126 @@ async fn tree(
     ))
 }
 
-/// A directory being built: its path, its entries once read, its message so far.
-type Pending = (PathBuf, Option<Vec<(String, std::fs::Metadata)>>, Directory);
+/// A directory being built: its handle (opened when it is first taken off the stack, below
+/// its parent's), its path (for messages and to match it to its parent's entry), its entries
+/// once read, its message so far.
+struct Pending {
+    dir: Option<Arc<OwnedFd>>,
+    parent: Option<(Arc<OwnedFd>, OsString)>,
+    path: PathBuf,
+    entries: Option<Vec<(OsString, beneath::Kind)>>,
+    msg: Directory,
+}
 
-/// One directory's message, recursing into subdirectories (iteratively, deepest first).
+/// One directory's message, recursing into subdirectories (iteratively, deepest first), every
+/// name read below its directory's handle: at most one handle per level is open at a time.
 async fn directory(
-    path: &Path,
+    root: OwnedFd,
+    shown: &Path,
     function: DigestFunction,
     out: &mut Outputs,
     children: &mut HashMap<Digest, Directory>,
     staging: &Staging,
 ) -> Result<Directory, ActionError> {
-    // Post-order walk with an explicit stack: (path, entries read?, message being built).
-    let mut stack: Vec<Pending> = vec![(path.to_path_buf(), None, Directory::default())];
+    let mut stack = vec![Pending {
+        dir: Some(Arc::new(root)),
+        parent: None,
+        path: shown.to_path_buf(),
+        entries: None,
+        msg: Directory::default(),
+    }];
     let mut finished: HashMap<PathBuf, Directory> = HashMap::new();
-    while let Some((dir_path, entries, mut msg)) = stack.pop() {
-        let entries = match entries {
+    while let Some(mut p) = stack.pop() {
+        let dir = match p.dir.take() {
+            Some(d) => d,
+            None => {
+                let (parent, name) = p.parent.take().ok_or_else(|| {
+                    ActionError::io("open", &p.path, std::io::Error::other("no parent"))
+                })?;
+                Arc::new(beneath::open_dir(&*parent, &name).map_err(|e| fix_error(&p.path, e))?)
+            }
+        };
+        let entries = match p.entries.take() {
             Some(e) => e,
             None => {
-                let mut e = Vec::new();
-                for entry in
-                    std::fs::read_dir(&dir_path).map_err(io("read directory", &dir_path))?
-                {
-                    let entry = entry.map_err(io("read directory", &dir_path))?;
-                    let meta = entry.metadata().map_err(io("stat", &entry.path()))?;
-                    e.push((entry.file_name().to_string_lossy().into_owned(), meta));
-                }
-                e.sort_by(|a, b| a.0.cmp(&b.0));
-                let subdirs: Vec<PathBuf> = e
+                let e = beneath::list(&*dir).map_err(io("read directory", &p.path))?;
+                let subdirs: Vec<&OsString> = e
                     .iter()
-                    .filter(|(_, m)| m.is_dir() && !m.file_type().is_symlink())
-                    .map(|(n, _)| dir_path.join(n))
+                    .filter(|(_, k)| *k == beneath::Kind::Dir)
+                    .map(|(n, _)| n)
                     .collect();
-                if subdirs.iter().any(|s| !finished.contains_key(s)) {
-                    stack.push((dir_path.clone(), Some(e), msg));
-                    for s in subdirs.into_iter().rev() {
-                        stack.push((s, None, Directory::default()));
-                    }
+                if subdirs
+                    .iter()
+                    .any(|n| !finished.contains_key(&p.path.join(n)))
+                {
+                    let below: Vec<Pending> = subdirs
+                        .into_iter()
+                        .rev()
+                        .map(|n| Pending {
+                            dir: None,
+                            parent: Some((dir.clone(), n.clone())),
+                            path: p.path.join(n),
+                            entries: None,
+                            msg: Directory::default(),
+                        })
+                        .collect();
+                    stack.push(Pending {
+                        dir: Some(dir),
+                        entries: Some(e),
+                        ..p
+                    });
+                    stack.extend(below);
                     continue;
                 }
                 e
             }
         };
-        for (name, meta) in &entries {
-            let child = dir_path.join(name);
-            if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(&child).map_err(io("read link", &child))?;
-                msg.symlinks.push(SymlinkNode {
-                    name: name.clone(),
-                    target: target.to_string_lossy().into_owned(),
-                    node_properties: None,
-                });
-            } else if meta.is_dir() {
-                let sub = finished.remove(&child).unwrap_or_default();
-                let bytes = sub.encode_to_vec();
-                let digest = Digest::of(function, &bytes);
-                children.entry(digest).or_insert(sub);
-                msg.directories.push(DirectoryNode {
-                    name: name.clone(),
-                    digest: Some(digest.to_proto()),
-                });
-            } else {
-                let (digest, blob) = staging.fix(function, &child).await?;
-                out.blobs.insert(digest, blob);
-                msg.files.push(FileNode {
-                    name: name.clone(),
-                    digest: Some(digest.to_proto()),
-                    is_executable: meta.permissions().mode() & 0o111 != 0,
-                    node_properties: None,
-                });
+        let mut msg = p.msg;
+        for (name, kind) in &entries {
+            let child = p.path.join(name);
+            let shown_name = name.to_string_lossy().into_owned();
+            match kind {
+                beneath::Kind::Symlink => {
+                    let target =
+                        beneath::read_link(&*dir, name).map_err(io("read link", &child))?;
+                    msg.symlinks.push(SymlinkNode {
+                        name: shown_name,
+                        target,
+                        node_properties: None,
+                    });
+                }
+                beneath::Kind::Dir => {
+                    let sub = finished.remove(&child).unwrap_or_default();
+                    let bytes = sub.encode_to_vec();
+                    let digest = Digest::of(function, &bytes);
+                    children.entry(digest).or_insert(sub);
+                    msg.directories.push(DirectoryNode {
+                        name: shown_name,
+                        digest: Some(digest.to_proto()),
+                    });
+                }
+                beneath::Kind::File { mode } => {
+                    let file = beneath::open_file(&*dir, name).map_err(|e| fix_error(&child, e))?;
+                    let (digest, blob) = staging.fix_file(function, file, &child).await?;
+                    out.blobs.insert(digest, blob);
+                    msg.files.push(FileNode {
+                        name: shown_name,
+                        digest: Some(digest.to_proto()),
+                        is_executable: mode & 0o111 != 0,
+                        node_properties: None,
+                    });
+                }
+                beneath::Kind::Other => {
+                    return Err(ActionError::BadInput(format!(
+                        "output {}: not a regular file (a FIFO, socket or device is not an output)",
+                        child.display()
+                    )))
+                }
             }
         }
-        finished.insert(dir_path, msg);
+        finished.insert(p.path, msg);
     }
-    Ok(finished.remove(path).unwrap_or_default())
+    Ok(finished.remove(shown).unwrap_or_default())
 }
 
 #[cfg(test)]
