@@ -6,7 +6,7 @@ use crate::error::ActionError;
 use crate::fetch::{fetch, Source};
 use crate::local::{hash_file, LocalCas};
 use crate::materialise::{remove_tree, Materialiser};
-use crate::outputs::{collect, Blob, Staging};
+use crate::outputs::{collect, Blob, OutputOwners, Staging};
 use crate::remote::SMALL;
 use crate::run::{run, RunEnd, RunSpec};
 use crate::tamper::{Origin, SharedFiles};
@@ -208,6 +208,10 @@ async fn attempt(
     let end = run(&spec, &ctx.contain, kill).await?;
     metadata.execution_completed_timestamp = Some(now());
     progress(Progress::Executed);
+    let owners = OutputOwners {
+        action_uid: ctx.run_as.as_ref().map(|u| u.uid),
+        inputs: shared.inodes(),
+    };
     drop_tampered(ctx, &instance, shared).await;
     if end == RunEnd::Killed {
         return Err(ActionError::Killed);
@@ -217,7 +221,7 @@ async fn attempt(
     // Every output file (stdout and stderr too) is hashed and stored from a private copy made
     // now, so no process that could still hold one open changes bytes after they were hashed.
     let staging = Staging::new(dir.join("staged"))?;
-    let mut outputs = collect(command, &root, digest_function, &staging).await?;
+    let mut outputs = collect(command, &root, digest_function, &staging, &owners).await?;
     let (stdout, stdout_blob) = staging.fix(digest_function, &spec.stdout).await?;
     let (stderr, stderr_blob) = staging.fix(digest_function, &spec.stderr).await?;
     outputs.blobs.insert(stdout, stdout_blob);

@@ -14,8 +14,12 @@ use std::path::Path;
 /// What a name in a directory is, as it is now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// A regular file, with its permission bits.
-    File { mode: u32 },
+    /// A regular file: its permission bits, owner and inode (device, number).
+    File {
+        mode: u32,
+        uid: u32,
+        inode: (u64, u64),
+    },
     /// A directory.
     Dir,
     /// A symlink (never followed).
@@ -60,6 +64,8 @@ pub fn kind(dir: impl AsFd, name: &OsStr) -> io::Result<Option<Kind>> {
             #[allow(clippy::unnecessary_cast)]
             FileType::RegularFile => Kind::File {
                 mode: st.st_mode as u32 & 0o7777,
+                uid: st.st_uid,
+                inode: (st.st_dev as u64, st.st_ino as u64),
             },
             FileType::Directory => Kind::Dir,
             FileType::Symlink => Kind::Symlink,

@@ -176,13 +176,43 @@ fn locate(
     Ok(Some((dir, OsString::from(last))))
 }
 
+/// Whose files an action's outputs may be. With `run_as_user` the worker (root) reads the
+/// outputs, so a hard link the action made to a file only root may read (`/etc/shadow`, where
+/// the system lets any user link any file, as macOS does) must not become an output: an
+/// output file must belong to the action's user, or be one of the inputs the worker linked in.
+#[derive(Debug, Default)]
+pub struct OutputOwners {
+    /// The action's user, when it is not the worker's (`None`: no check).
+    pub action_uid: Option<u32>,
+    /// Inodes (device, number) of the input files shared with the worker's stores.
+    pub inputs: std::collections::HashSet<(u64, u64)>,
+}
+
+impl OutputOwners {
+    /// Refuses a file that is neither the action user's nor an input.
+    fn check(&self, kind: beneath::Kind, path: &Path) -> Result<(), ActionError> {
+        let (Some(action), beneath::Kind::File { uid, inode, .. }) = (self.action_uid, kind) else {
+            return Ok(());
+        };
+        if uid == action || self.inputs.contains(&inode) {
+            return Ok(());
+        }
+        Err(ActionError::BadInput(format!(
+            "output {}: the file belongs to uid {uid}, not to the action's user (a hard link to a file outside the action?)",
+            path.display()
+        )))
+    }
+}
+
 /// Collects the outputs the Command declares (relative to its working directory, itself
-/// below `root`), each file staged in `staging` before it is hashed.
+/// below `root`), each file staged in `staging` before it is hashed and refused unless
+/// `owners` allows it.
 pub async fn collect(
     command: &Command,
     root: &Path,
     function: DigestFunction,
     staging: &Staging,
+    owners: &OutputOwners,
 ) -> Result<Outputs, ActionError> {
     let mut out = Outputs::default();
     let format = OutputDirectoryFormat::try_from(command.output_directory_format)
@@ -243,7 +273,7 @@ pub async fn collect(
                 function,
                 &mut out,
                 format != OutputDirectoryFormat::TreeOnly,
-                staging,
+                (staging, owners),
             )
             .await?;
             let bytes = Bytes::from(tree.encode_to_vec());
@@ -263,8 +293,9 @@ pub async fn collect(
                     "output directory {rel:?} is a file"
                 )));
             }
+            owners.check(found, &path)?;
             let mode = match found {
-                beneath::Kind::File { mode } => mode,
+                beneath::Kind::File { mode, .. } => mode,
                 _ => 0,
             };
             let file = beneath::open_file(&parent, &name).map_err(|e| fix_error(&path, e))?;
@@ -297,10 +328,10 @@ async fn tree(
     function: DigestFunction,
     out: &mut Outputs,
     directory_blobs: bool,
-    staging: &Staging,
+    files: (&Staging, &OutputOwners),
 ) -> Result<(Tree, Digest), ActionError> {
     let mut children: HashMap<Digest, Directory> = HashMap::new();
-    let root_dir = directory(root, shown, function, out, &mut children, staging).await?;
+    let root_dir = directory(root, shown, function, out, &mut children, files).await?;
     let root_bytes = root_dir.encode_to_vec();
     let root_digest = Digest::of(function, &root_bytes);
     if directory_blobs {
@@ -342,7 +373,7 @@ async fn directory(
     function: DigestFunction,
     out: &mut Outputs,
     children: &mut HashMap<Digest, Directory>,
-    staging: &Staging,
+    (staging, owners): (&Staging, &OutputOwners),
 ) -> Result<Directory, ActionError> {
     let mut stack = vec![Pending {
         dir: Some(Arc::new(root)),
@@ -421,7 +452,8 @@ async fn directory(
                         digest: Some(digest.to_proto()),
                     });
                 }
-                beneath::Kind::File { mode } => {
+                beneath::Kind::File { mode, .. } => {
+                    owners.check(*kind, &child)?;
                     let file = beneath::open_file(&*dir, name).map_err(|e| fix_error(&child, e))?;
                     let (digest, blob) = staging.fix_file(function, file, &child).await?;
                     out.blobs.insert(digest, blob);
@@ -448,6 +480,51 @@ async fn directory(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With `run_as_user`, an output file must be the action user's or an input the worker
+    /// linked in: a hard link to a root-only file is refused, in a directory output too.
+    #[tokio::test]
+    async fn outputs_that_are_not_the_action_users_are_refused() {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // Only root can make files of two owners here.
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = dir.path();
+        let action = 65534;
+        std::fs::create_dir(cwd.join("out")).unwrap();
+        for f in ["mine", "out/mine", "input", "root-only", "out/root-only"] {
+            std::fs::write(cwd.join(f), f).unwrap();
+        }
+        for f in ["mine", "out/mine"] {
+            std::os::unix::fs::lchown(cwd.join(f), Some(action), Some(action)).unwrap();
+        }
+        let input = std::fs::metadata(cwd.join("input")).unwrap();
+        let owners = OutputOwners {
+            action_uid: Some(action),
+            inputs: [(input.dev(), input.ino())].into(),
+        };
+        let staged = tempfile::tempdir().unwrap();
+        for (paths, refused) in [
+            (vec!["mine", "input", "out/mine"], false),
+            (vec!["root-only"], true),
+            (vec!["out"], true),
+        ] {
+            let command = Command {
+                output_paths: paths.iter().map(|p| p.to_string()).collect(),
+                ..Default::default()
+            };
+            let staging =
+                Staging::new(staged.path().join(uuid::Uuid::new_v4().to_string())).unwrap();
+            let result = collect(&command, cwd, DigestFunction::Sha256, &staging, &owners).await;
+            match result {
+                Err(ActionError::BadInput(m)) if refused => assert!(m.contains("uid 0"), "{m}"),
+                Ok(_) if !refused => {}
+                other => panic!("{paths:?}: {other:?}"),
+            }
+        }
+    }
 
     #[tokio::test]
     async fn files_directories_and_symlinks() {
@@ -476,9 +553,15 @@ mod tests {
         };
         let staged = tempfile::tempdir().unwrap();
         let staging = Staging::new(staged.path().join("staged")).unwrap();
-        let outputs = collect(&command, cwd, DigestFunction::Sha256, &staging)
-            .await
-            .unwrap();
+        let outputs = collect(
+            &command,
+            cwd,
+            DigestFunction::Sha256,
+            &staging,
+            &OutputOwners::default(),
+        )
+        .await
+        .unwrap();
         let r = &outputs.result;
         assert_eq!(r.output_files.len(), 1);
         assert_eq!(r.output_files[0].path, "file.bin");
@@ -528,9 +611,15 @@ mod tests {
         };
         let staged = tempfile::tempdir().unwrap();
         let staging = Staging::new(staged.path().join("staged")).unwrap();
-        let outputs = collect(&command, cwd, DigestFunction::Blake3, &staging)
-            .await
-            .unwrap();
+        let outputs = collect(
+            &command,
+            cwd,
+            DigestFunction::Blake3,
+            &staging,
+            &OutputOwners::default(),
+        )
+        .await
+        .unwrap();
         #[allow(deprecated)]
         let file_symlinks = &outputs.result.output_file_symlinks;
         assert_eq!(file_symlinks.len(), 1);

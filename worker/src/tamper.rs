@@ -83,6 +83,11 @@ impl SharedFiles {
             .collect()
     }
 
+    /// The inodes (device, number) of the recorded files.
+    pub fn inodes(&self) -> std::collections::HashSet<(u64, u64)> {
+        self.0.values().map(|s| s.inode).collect()
+    }
+
     /// How many files are recorded.
     pub fn len(&self) -> usize {
         self.0.len()
