@@ -37,7 +37,17 @@ pub enum TreeError {
         /// What is wrong with its target.
         source: PathError,
     },
+    /// A directory deeper than [`MAX_DEPTH`].
+    #[error("directory {dir:?} is more than {MAX_DEPTH} levels below the input root")]
+    TooDeep {
+        /// The directory's path below the input root.
+        dir: String,
+    },
 }
+
+/// The deepest directory of an input tree (the root is at 0): every walk of a laid-out tree
+/// holds a directory handle per level, so the depth bounds the files a walk keeps open.
+pub const MAX_DEPTH: usize = 256;
 
 /// Whether `name` is one path component.
 pub fn valid_name(name: &str) -> bool {
@@ -48,6 +58,9 @@ pub fn valid_name(name: &str) -> bool {
 /// errors (its path, or its digest).
 pub fn check_directory(dir: &Directory, depth: usize, place: &str) -> Result<(), TreeError> {
     let here = || place.to_string();
+    if depth > MAX_DEPTH {
+        return Err(TreeError::TooDeep { dir: here() });
+    }
     let mut names: HashSet<&str> = HashSet::new();
     let all = dir
         .files
@@ -132,6 +145,16 @@ mod tests {
         };
         let e = check_directory(&dup, 1, "p").unwrap_err();
         assert_eq!(e.to_string(), "duplicate name \"x\" in directory \"p\"");
+    }
+
+    #[test]
+    fn trees_are_bounded_in_depth() {
+        let empty = Directory::default();
+        assert!(check_directory(&empty, MAX_DEPTH, "deep").is_ok());
+        assert!(matches!(
+            check_directory(&empty, MAX_DEPTH + 1, "deeper"),
+            Err(TreeError::TooDeep { .. })
+        ));
     }
 
     #[test]

@@ -108,6 +108,12 @@ pub fn is_not_a_directory(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR))
 }
 
+/// Whether a name listed a moment ago is gone, or is no longer what it was listed as (a
+/// `readlinkat` of what is now not a symlink).
+pub fn is_gone(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

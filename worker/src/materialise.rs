@@ -113,11 +113,12 @@ impl Materialiser<'_> {
             };
             match placed {
                 Placed::Linked => shared.record(&source, d, origin),
-                Placed::Copied => {}
+                Placed::Copied => shared.record_made(dst),
                 Placed::SourceGone => return Err(ActionError::MissingInputs(vec![d])),
             }
             return Ok(());
         }
+        shared.record_made(dst);
         match props {
             Some(p) if has_props => apply(dst, p, mode),
             _ => std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
@@ -341,6 +342,13 @@ mod tests {
             std::fs::metadata(cas.join(stamped.hex())).unwrap().ino()
         );
         assert_eq!(std::fs::read(root.join("empty")).unwrap(), b"");
+        // Files the worker made for this action alone count as its inputs too (an output may
+        // be one of them with `run_as_user`).
+        let inodes = shared.inodes();
+        for made in ["empty", "stamped", "text"] {
+            let m = meta(made);
+            assert!(inodes.contains(&(m.dev(), m.ino())), "{made}");
+        }
         assert_eq!(
             std::fs::read_link(root.join("link")).unwrap(),
             Path::new("sub/tool")

@@ -78,54 +78,68 @@ impl Staging {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(file)
             .map_err(|e| fix_error(file, e))?;
-        self.fix_file(function, f, file).await
+        let (digest, blob, _) = self.fix_file(function, f, file, None).await?;
+        Ok((digest, blob))
     }
 
-    /// [`Staging::fix`] of a file already open (`shown`: its path, for messages).
+    /// [`Staging::fix`] of a file already open (`shown`: its path, for messages), refused
+    /// unless `owners` allows it; also returns its permission bits. Every check is made on
+    /// the open handle, so what is checked is what is read.
     pub async fn fix_file(
         &self,
         function: DigestFunction,
         f: std::fs::File,
         shown: &Path,
-    ) -> Result<(Digest, Blob), ActionError> {
+        owners: Option<&OutputOwners>,
+    ) -> Result<(Digest, Blob, u32), ActionError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = f.metadata().map_err(|e| fix_error(shown, e))?;
+        // Only a regular file is an output file.
+        if !meta.is_file() {
+            return Err(ActionError::BadInput(format!(
+                "output {}: not a regular file (a FIFO, socket or device is not an output)",
+                shown.display()
+            )));
+        }
+        if let Some(owners) = owners {
+            owners.check(&meta, shown)?;
+        }
+        let mode = meta.mode() & 0o7777;
+        let len = meta.len();
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let copy = self.dir.join(n.to_string());
-        tokio::task::spawn_blocking(move || -> std::io::Result<(Digest, Blob)> {
-            use std::io::Read;
-            let mut f = f;
-            // Only a regular file is an output file.
-            let meta = f.metadata()?;
-            if !meta.is_file() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "not a regular file (a FIFO, socket or device is not an output)",
-                ));
-            }
-            let len = meta.len();
-            if len <= IN_MEMORY {
-                // Bounded even if the file grew since: no process of the action is alive.
-                let mut bytes = Vec::with_capacity(len as usize);
-                f.by_ref().take(IN_MEMORY).read_to_end(&mut bytes)?;
-                let bytes = Bytes::from(bytes);
-                return Ok((Digest::of(function, &bytes), Blob::Bytes(bytes)));
-            }
-            // From the handle checked above, not the path again (which the action's
-            // processes could have swapped for a symlink meanwhile).
-            clone_or_copy_from(&f, &copy)?;
-            drop(f);
-            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o444))?;
-            Ok((hash_path(function, &copy)?, Blob::File(copy)))
-        })
-        .await
-        .map_err(|e| ActionError::io("copy", shown, std::io::Error::other(e)))?
-        .map_err(|e| fix_error(shown, e))
+        let (digest, blob) =
+            tokio::task::spawn_blocking(move || -> std::io::Result<(Digest, Blob)> {
+                use std::io::Read;
+                let mut f = f;
+                if len <= IN_MEMORY {
+                    // Bounded even if the file grew since (a process that outlived the action).
+                    let mut bytes = Vec::with_capacity(len as usize);
+                    f.by_ref().take(IN_MEMORY).read_to_end(&mut bytes)?;
+                    let bytes = Bytes::from(bytes);
+                    return Ok((Digest::of(function, &bytes), Blob::Bytes(bytes)));
+                }
+                // From the handle checked above, not the path again (which the action's
+                // processes could have swapped for a symlink meanwhile).
+                clone_or_copy_from(&f, &copy)?;
+                drop(f);
+                std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o444))?;
+                Ok((hash_path(function, &copy)?, Blob::File(copy)))
+            })
+            .await
+            .map_err(|e| ActionError::io("copy", shown, std::io::Error::other(e)))?
+            .map_err(|e| fix_error(shown, e))?;
+        Ok((digest, blob, mode))
     }
 }
 
 /// A failure to fix an output: the action's (not a regular file, or a symlink where a file
 /// was declared) or the worker's.
 fn fix_error(file: &Path, e: std::io::Error) -> ActionError {
-    if e.kind() == std::io::ErrorKind::InvalidInput || beneath::is_not_a_directory(&e) {
+    if e.kind() == std::io::ErrorKind::InvalidInput
+        || beneath::is_not_a_directory(&e)
+        || beneath::is_gone(&e)
+    {
         return ActionError::BadInput(format!("output {}: {e}", file.display()));
     }
     ActionError::io("copy", file, e)
@@ -190,11 +204,13 @@ pub struct OutputOwners {
 
 impl OutputOwners {
     /// Refuses a file that is neither the action user's nor an input.
-    fn check(&self, kind: beneath::Kind, path: &Path) -> Result<(), ActionError> {
-        let (Some(action), beneath::Kind::File { uid, inode, .. }) = (self.action_uid, kind) else {
+    fn check(&self, meta: &std::fs::Metadata, path: &Path) -> Result<(), ActionError> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(action) = self.action_uid else {
             return Ok(());
         };
-        if uid == action || self.inputs.contains(&inode) {
+        let uid = meta.uid();
+        if uid == action || self.inputs.contains(&(meta.dev(), meta.ino())) {
             return Ok(());
         }
         Err(ActionError::BadInput(format!(
@@ -247,7 +263,7 @@ pub async fn collect(
             continue;
         };
         if found == beneath::Kind::Symlink {
-            let target = beneath::read_link(&parent, &name).map_err(io("read link", &path))?;
+            let target = beneath::read_link(&parent, &name).map_err(|e| fix_error(&path, e))?;
             let symlink = OutputSymlink {
                 path: rel.clone(),
                 target,
@@ -293,13 +309,10 @@ pub async fn collect(
                     "output directory {rel:?} is a file"
                 )));
             }
-            owners.check(found, &path)?;
-            let mode = match found {
-                beneath::Kind::File { mode, .. } => mode,
-                _ => 0,
-            };
             let file = beneath::open_file(&parent, &name).map_err(|e| fix_error(&path, e))?;
-            let (digest, blob) = staging.fix_file(function, file, &path).await?;
+            let (digest, blob, mode) = staging
+                .fix_file(function, file, &path, Some(owners))
+                .await?;
             out.blobs.insert(digest, blob);
             out.result.output_files.push(OutputFile {
                 path: rel.clone(),
@@ -360,6 +373,7 @@ async fn tree(
 struct Pending {
     dir: Option<Arc<OwnedFd>>,
     parent: Option<(Arc<OwnedFd>, OsString)>,
+    depth: usize,
     path: PathBuf,
     entries: Option<Vec<(OsString, beneath::Kind)>>,
     msg: Directory,
@@ -378,12 +392,21 @@ async fn directory(
     let mut stack = vec![Pending {
         dir: Some(Arc::new(root)),
         parent: None,
+        depth: 0,
         path: shown.to_path_buf(),
         entries: None,
         msg: Directory::default(),
     }];
     let mut finished: HashMap<PathBuf, Directory> = HashMap::new();
     while let Some(mut p) = stack.pop() {
+        // A handle is held per level: the depth bounds them (and no input tree is deeper).
+        if p.depth > kiln_reapi::tree::MAX_DEPTH {
+            return Err(ActionError::BadInput(format!(
+                "output directory {}: deeper than {} levels",
+                shown.display(),
+                kiln_reapi::tree::MAX_DEPTH
+            )));
+        }
         let dir = match p.dir.take() {
             Some(d) => d,
             None => {
@@ -412,6 +435,7 @@ async fn directory(
                         .map(|n| Pending {
                             dir: None,
                             parent: Some((dir.clone(), n.clone())),
+                            depth: p.depth + 1,
                             path: p.path.join(n),
                             entries: None,
                             msg: Directory::default(),
@@ -435,7 +459,7 @@ async fn directory(
             match kind {
                 beneath::Kind::Symlink => {
                     let target =
-                        beneath::read_link(&*dir, name).map_err(io("read link", &child))?;
+                        beneath::read_link(&*dir, name).map_err(|e| fix_error(&child, e))?;
                     msg.symlinks.push(SymlinkNode {
                         name: shown_name,
                         target,
@@ -452,10 +476,11 @@ async fn directory(
                         digest: Some(digest.to_proto()),
                     });
                 }
-                beneath::Kind::File { mode, .. } => {
-                    owners.check(*kind, &child)?;
+                beneath::Kind::File { .. } => {
                     let file = beneath::open_file(&*dir, name).map_err(|e| fix_error(&child, e))?;
-                    let (digest, blob) = staging.fix_file(function, file, &child).await?;
+                    let (digest, blob, mode) = staging
+                        .fix_file(function, file, &child, Some(owners))
+                        .await?;
                     out.blobs.insert(digest, blob);
                     msg.files.push(FileNode {
                         name: shown_name,

@@ -5,6 +5,7 @@
 //! before `exec`, after the action entered its cgroup (with `setpriv` from util-linux on the
 //! cgroup path, with `setuid`/`setgid` in the child otherwise).
 
+use crate::beneath;
 use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -72,14 +73,15 @@ impl RunAs {
     /// action of the same user can reach the tree) makes the walk skip that name; it cannot
     /// make this process (root) give away what the symlink points to.
     pub fn give_directories(&self, root: &Path) -> io::Result<()> {
-        let top = open_dir_below(rustix::fs::CWD, root)?;
-        self.give(top, 0)
+        self.give(beneath::open_root(root)?, 0)
     }
 
+    /// Gives `dir` and the directories below it away, holding one handle per level (the
+    /// entries are read whole before going down).
     fn give(&self, dir: rustix::fd::OwnedFd, depth: usize) -> io::Result<()> {
-        use rustix::fs::{fchown, FileType, Gid, Uid};
-        // Deeper than any input tree Kiln lays out (reapi::tree bounds them): not ours.
-        if depth > 1024 {
+        use rustix::fs::{fchown, Gid, Uid};
+        // Deeper than any input tree Kiln lays out (kiln_reapi::tree bounds them): not ours.
+        if depth > kiln_reapi::tree::MAX_DEPTH {
             return Err(io::Error::other("directory tree too deep to give away"));
         }
         fchown(
@@ -87,41 +89,19 @@ impl RunAs {
             Some(Uid::from_raw(self.uid)),
             Some(Gid::from_raw(self.gid)),
         )?;
-        let mut entries = rustix::fs::Dir::read_from(&dir)?;
-        while let Some(entry) = entries.read() {
-            let entry = entry?;
-            let name = entry.file_name();
-            if name == c"." || name == c".." {
+        for (name, kind) in beneath::list(&dir)? {
+            if kind != beneath::Kind::Dir {
                 continue;
             }
-            if !matches!(entry.file_type(), FileType::Directory | FileType::Unknown) {
-                continue;
-            }
-            match open_dir_below(&dir, name) {
+            match beneath::open_dir(&dir, &name) {
                 Ok(child) => self.give(child, depth + 1)?,
-                // Not a directory (any more): a file, or a symlink put in its place.
-                Err(e)
-                    if e.raw_os_error() == Some(libc::ELOOP)
-                        || e.raw_os_error() == Some(libc::ENOTDIR) => {}
+                // Not a directory any more (a symlink put in its place), or gone.
+                Err(e) if beneath::is_not_a_directory(&e) || beneath::is_gone(&e) => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(())
     }
-}
-
-/// Opens the directory `name` below `dir` for reading its entries, refusing a symlink.
-fn open_dir_below(
-    dir: impl rustix::fd::AsFd,
-    name: impl rustix::path::Arg,
-) -> io::Result<rustix::fd::OwnedFd> {
-    use rustix::fs::{openat, Mode, OFlags};
-    Ok(openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
 }
 
 /// (uid, gid) of a user name or numeric uid.

@@ -42,7 +42,10 @@ pub struct Shared {
 
 /// The shared files of one action, each recorded once.
 #[derive(Debug, Default)]
-pub struct SharedFiles(HashMap<PathBuf, Shared>);
+pub struct SharedFiles(
+    HashMap<PathBuf, Shared>,
+    std::collections::HashSet<(u64, u64)>,
+);
 
 impl SharedFiles {
     /// Records `path` as linked into the action (its state now is the reference).
@@ -83,17 +86,31 @@ impl SharedFiles {
             .collect()
     }
 
-    /// The inodes (device, number) of the recorded files.
-    pub fn inodes(&self) -> std::collections::HashSet<(u64, u64)> {
-        self.0.values().map(|s| s.inode).collect()
+    /// Records an input file the worker made for this action alone (an empty file, a copy
+    /// with its own mode or times, a copy where a link was impossible): not shared, but the
+    /// worker's, like the shared ones (see [`SharedFiles::inodes`]).
+    pub fn record_made(&mut self, path: &Path) {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            self.1.insert((meta.dev(), meta.ino()));
+        }
     }
 
-    /// How many files are recorded.
+    /// The inodes (device, number) of the input files the worker put in the tree: the
+    /// recorded shared files and the ones it made.
+    pub fn inodes(&self) -> std::collections::HashSet<(u64, u64)> {
+        self.0
+            .values()
+            .map(|s| s.inode)
+            .chain(self.1.iter().copied())
+            .collect()
+    }
+
+    /// How many shared files are recorded.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
-    /// Whether none are.
+    /// Whether no shared file is.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

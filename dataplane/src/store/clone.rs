@@ -44,9 +44,13 @@ fn try_clone(from: &File, dst: &Path) -> io::Result<bool> {
     use std::ffi::CString;
     use std::os::fd::AsRawFd;
     use std::os::unix::ffi::OsStrExt;
+    /// `<sys/clonefile.h>`: the clone belongs to the caller, not to the source's owner (a
+    /// root worker's private copy of an action's file must not stay the action user's).
+    const CLONE_NOOWNERCOPY: u32 = 0x0002;
     let d = CString::new(dst.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: the descriptor is open for the call and `d` is a valid NUL-terminated path.
-    if unsafe { libc::fclonefileat(from.as_raw_fd(), libc::AT_FDCWD, d.as_ptr(), 0) } == 0 {
+    let flags = CLONE_NOOWNERCOPY;
+    if unsafe { libc::fclonefileat(from.as_raw_fd(), libc::AT_FDCWD, d.as_ptr(), flags) } == 0 {
         return Ok(true);
     }
     let e = io::Error::last_os_error();
