@@ -105,6 +105,20 @@ on_every_runtime! {
             "is absolute",
         )
         .await;
+        // Trees at most 256 levels deep (the worker walks them a handle per level): deeper
+        // inputs are refused before anything runs, deeper outputs fail their action.
+        let deep = format!("{}f", "d/".repeat(257));
+        refused(
+            Spec { tree: Tree::default().file(&deep, b"x", false), ..Spec::script("true") },
+            "levels below the input root",
+        )
+        .await;
+        let too_deep = Spec {
+            outputs: vec!["deep".into()],
+            ..Spec::script("mkdir -p deep/$(printf 'd/%.0s' $(seq 300))")
+        };
+        let (_, r) = execute(&ch, F, &too_deep.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), Code::InvalidArgument as i32, "{r:?}");
         // Inside the root, `..` is fine, from the working directory too.
         let ok = Spec {
             tree: Tree::default().file("pkg/sub/in", b"x", false).symlink("pkg/link", "sub/in"),
