@@ -79,7 +79,6 @@ impl Connections {
                 .tcp_nodelay(true)
                 .initial_stream_window_size(16 << 20)
                 .initial_connection_window_size(64 << 20)
-                .max_frame_size(1u32 << 20)
                 .connect_timeout(Duration::from_secs(10))
                 .http2_keep_alive_interval(Duration::from_secs(30));
             let channel = match &client {
