@@ -91,6 +91,10 @@ on_every_runtime! {
                 "read --size 300KiB --ops 4 --blobs 2 --content text --compressed",
                 vec!["read"],
             ),
+            (
+                "read --size 300KiB --ops 4 --blobs 2 --content text --compressed --upload-compressed",
+                vec!["read"],
+            ),
             ("splice --size 1MiB --chunks 3 --ops 4", vec!["splice"]),
             (
                 // Five inputs per action, uploaded in a batch: the actions run only if the

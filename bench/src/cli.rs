@@ -67,6 +67,11 @@ pub struct Args {
     /// zstd level of --compressed uploads (Bazel's is 3).
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
+    /// `read`: upload the blobs zstd-compressed at --zstd-level before the measured phase, as
+    /// a client with compression on does (the server may then keep the client's frames for
+    /// compressed reads); without it they are uploaded uncompressed.
+    #[arg(long)]
+    pub upload_compressed: bool,
     /// ByteStream write chunk size in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub chunk: usize,

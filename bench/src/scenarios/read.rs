@@ -2,11 +2,12 @@
 //! against its digest.
 
 use super::{read_sample, read_verified, timed, Ctx, Prepared};
-use crate::blobs::BlobPool;
+use crate::blobs::{self, BlobPool};
 use crate::load::Workload;
 use crate::stats::Sample;
 use futures::future::BoxFuture;
 use kiln_proto::reapi;
+use kiln_reapi::compression::Compressor;
 use std::sync::Arc;
 
 struct ReadLoad {
@@ -29,11 +30,38 @@ pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
         .zip(&digests)
         .map(|((id, size), d)| (*id, *size, d.clone()))
         .collect();
-    ctx.upload(&pool, &items).await?;
+    if ctx.args.upload_compressed {
+        upload_compressed(&ctx, &pool, &sizes, &digests).await?;
+    } else {
+        ctx.upload(&pool, &items).await?;
+    }
     Ok(Prepared::Run(Arc::new(ReadLoad {
         ctx,
         blobs: digests,
     })))
+}
+
+/// Uploads every blob as one zstd frame through ByteStream (`compressed-blobs/zstd/…`).
+async fn upload_compressed(
+    ctx: &Ctx,
+    pool: &BlobPool,
+    sizes: &[(u64, u64)],
+    digests: &[reapi::Digest],
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use futures::StreamExt;
+    let packed = super::write::compress_all(pool, sizes, ctx.args.zstd_level)?;
+    let uploads = futures::stream::iter(packed.iter().zip(digests)).map(|(packed, d)| async move {
+        let name = blobs::write_name_in(&ctx.args.instance, Compressor::Zstd, ctx.function, d);
+        let requests = blobs::data_write_requests(&name, packed, ctx.args.chunk);
+        ctx.bytestream()
+            .write(futures::stream::iter(requests))
+            .await
+            .with_context(|| format!("uploading {}/{} compressed", d.hash, d.size_bytes))
+    });
+    let results: Vec<anyhow::Result<_>> = uploads.buffer_unordered(4).collect().await;
+    results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(())
 }
 
 impl Workload for ReadLoad {

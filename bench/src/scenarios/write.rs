@@ -59,7 +59,11 @@ pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
 }
 
 /// Every blob as a zstd frame, compressed on every core.
-fn compress_all(pool: &BlobPool, sizes: &[(u64, u64)], level: i32) -> anyhow::Result<Vec<Bytes>> {
+pub(super) fn compress_all(
+    pool: &BlobPool,
+    sizes: &[(u64, u64)],
+    level: i32,
+) -> anyhow::Result<Vec<Bytes>> {
     let packed = blobs::on_every_core(sizes, |id, size| pool.compressed(id, size, level));
     anyhow::ensure!(packed.len() == sizes.len(), "a compressing thread failed");
     packed.into_iter().collect()

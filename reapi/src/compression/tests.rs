@@ -194,3 +194,14 @@ fn one_frame_is_one_regular_frame_and_nothing_else() {
         assert!(!is_one_frame(&bad), "{bad:?}");
     }
 }
+
+#[test]
+fn a_deflaters_output_is_one_frame() {
+    let data = text(3 << 20);
+    let mut d = Deflater::new(3, Some(data.len() as u64)).unwrap();
+    let mut out = Vec::new();
+    out.extend_from_slice(&d.push(&data[..1000]).unwrap());
+    out.extend_from_slice(&d.push(&data[1000..]).unwrap());
+    out.extend_from_slice(&d.finish().unwrap());
+    assert!(is_one_frame(&out));
+}
