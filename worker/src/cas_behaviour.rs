@@ -188,14 +188,19 @@ async fn behaves(cas: &dyn Cas, name: &str, scratch: &std::path::Path) {
     assert!(!none.exists(), "{name}: no file for a missing blob");
 }
 
-#[test]
-fn every_cas_behaves_the_same() {
-    let fixture = Fixture::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// A tokio runtime of two worker threads, as the control plane and the worker run.
+fn two_threads() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+#[test]
+fn every_cas_behaves_the_same() {
+    let fixture = Fixture::start();
+    let runtime = two_threads();
     runtime.block_on(async {
         let scratch = fixture.dir.path();
         behaves(&fixture.chain, "chain", scratch).await;
@@ -232,4 +237,56 @@ fn a_server_refuses_bytes_that_do_not_match_their_digest() {
         let missing = remote.find_missing(&inst, &[claimed]).await.expect("find");
         assert_eq!(missing, vec![claimed]);
     });
+}
+
+/// A write whose caller gives up after it started still ends: the blob is stored and no temp
+/// file is left behind in the CAS's temp directory.
+#[test]
+fn a_write_abandoned_by_its_caller_is_finished() {
+    let fixture = Fixture::start();
+    let runtime = two_threads();
+    runtime.block_on(async {
+        let inst = instance("main");
+        let data = bytes(9, 3 << 20);
+        let d = Digest::of(DigestFunction::Sha256, &data);
+        let key = kiln_reapi::digest::BlobKey::new(inst.clone(), d);
+        {
+            let write = fixture.chain.put_bytes(&key, data.clone());
+            futures::pin_mut!(write);
+            // Started (its first step runs), then dropped: the caller gave up.
+            assert!(futures::poll!(write.as_mut()).is_pending());
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let missing = fixture.chain.find_missing(&inst, &[d]).await.expect("find");
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the abandoned write never finished"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let tmp = fixture.dir.path().join("cas/tmp");
+        assert!(tmp.is_dir());
+        let temps: Vec<_> = walk(&tmp);
+        assert!(temps.is_empty(), "left behind: {temps:?}");
+    });
+}
+
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

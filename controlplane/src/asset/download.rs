@@ -215,6 +215,8 @@ pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
         .map_err(local)?;
     let mut hasher = Hasher::new(d.function);
     let mut sri = SriHashers::for_(&d.sri);
+    // A SHA-256 checksum of a SHA-256 download is its digest: hashed once.
+    let sha256_is_digest = d.function == DigestFunction::Sha256 && sri.sha256.take().is_some();
     let mut buf = vec![0u8; 256 << 10];
     let mut total = 0u64;
     loop {
@@ -236,7 +238,14 @@ pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
         out.write_all(&buf[..n]).map_err(local)?;
     }
     // Made durable when stored (`Cas::write_file` syncs as `storage.fsync` says).
-    let computed = sri.finish();
+    let hash = hasher.finalize();
+    let mut computed = sri.finish();
+    if sha256_is_digest {
+        computed.push(Sri {
+            algorithm: SriAlgorithm::Sha256,
+            hash: hash.to_vec(),
+        });
+    }
     let sri_ok: Vec<Sri> = d
         .sri
         .iter()
@@ -254,7 +263,7 @@ pub fn download(d: &Download) -> Result<Downloaded, FetchFailure> {
     Ok(Downloaded {
         digest: Digest {
             function: d.function,
-            hash: hasher.finalize(),
+            hash,
             size: total,
         },
         sri_ok,

@@ -80,6 +80,11 @@ impl ChainCas {
         if key.digest.is_empty_blob() {
             return Ok(());
         }
+        let (this, key) = (self.clone(), key.clone());
+        to_the_end(async move { this.write_and_commit(&key, data).await }).await
+    }
+
+    async fn write_and_commit(&self, key: &BlobKey, data: Bytes) -> Result<(), StoreError> {
         let temp = self.layout.temp_path();
         let epoch = self.cas.sync_epoch();
         let durable = self.sync_own_data(key.digest.size);
@@ -109,6 +114,11 @@ impl ChainCas {
         if key.digest.is_empty_blob() {
             return Ok(());
         }
+        let (this, key, file) = (self.clone(), key.clone(), file.to_path_buf());
+        to_the_end(async move { this.link_and_commit(&key, &file).await }).await
+    }
+
+    async fn link_and_commit(&self, key: &BlobKey, file: &Path) -> Result<(), StoreError> {
         let temp = self.layout.temp_path();
         let epoch = self.cas.sync_epoch();
         let durable = self.sync_own_data(key.digest.size);
@@ -147,6 +157,17 @@ impl ChainCas {
 }
 
 /// Runs file work on tokio's blocking pool.
+/// Runs a store's write in a tokio task of its own, to the end even if the caller is cancelled
+/// (a client that gave up): the temp file it makes is then always committed or removed, never
+/// left behind in the temp directory.
+async fn to_the_end(
+    work: impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
+) -> Result<(), StoreError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|_| StoreError::Unavailable)?
+}
+
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
