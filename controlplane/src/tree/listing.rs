@@ -2,13 +2,12 @@
 //! read a level at a time through the CAS's batch reads (`kiln_reapi::walk`, the walk every
 //! other part of Kiln uses). Directories the CAS lacks are left out with their subtrees, as
 //! REAPI says ("the server will return the portion present and omit the rest"). Each
-//! directory is kept as the bytes the CAS holds, already framed as a `GetTreeResponse` entry,
-//! one after another in one buffer: a listing's memory is what its bytes say, and a page is a
-//! slice of that buffer, sent without encoding (or even gathering) anything again.
+//! directory is kept as the bytes the CAS holds, so a listing's memory is what its bytes say,
+//! and pages are sent without encoding anything again.
 
 use super::subtrees::Subtrees;
 use super::TreeError;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kiln_reapi::cas::Cas;
 use kiln_reapi::digest::{Digest, InstanceName};
 use kiln_reapi::walk::{Walk, WalkLimits};
@@ -22,11 +21,8 @@ const MIN_NODE_BYTES: u64 = 64;
 /// A tree's directories in the walk's order.
 #[derive(Debug)]
 pub struct Listing {
-    /// Every directory as a `GetTreeResponse.directories` entry (its tag, its length, its
-    /// `Directory` message as stored), the root first, one after another.
-    pub encoded: Bytes,
-    /// Where each directory's entry starts in `encoded`, and (last) where the last one ends.
-    pub offsets: Vec<usize>,
+    /// Each directory's `Directory` message, as stored, the root first.
+    pub directories: Vec<Bytes>,
     /// Their digests, in the same order (page tokens check them).
     pub digests: Vec<Digest>,
     /// The bytes of their messages.
@@ -37,47 +33,6 @@ pub struct Listing {
     pub kept: usize,
     /// The share of `GetTree`'s memory budget this listing holds while anything does.
     pub(super) _budget: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl Listing {
-    /// A listing of `directories` (as stored), in this order.
-    pub fn of(directories: &[Bytes], digests: Vec<Digest>) -> Listing {
-        let mut encoded = BytesMut::new();
-        let mut offsets = vec![0];
-        for d in directories {
-            prost::encoding::bytes::encode(1, d, &mut encoded);
-            offsets.push(encoded.len());
-        }
-        Listing {
-            encoded: encoded.freeze(),
-            offsets,
-            digests,
-            bytes: directories.iter().map(|d| d.len() as u64).sum(),
-            complete: true,
-            kept: 0,
-            _budget: None,
-        }
-    }
-
-    /// How many directories it holds.
-    pub fn len(&self) -> usize {
-        self.offsets.len() - 1
-    }
-
-    /// Whether it holds none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The entries of directories `at..end`, as one slice.
-    pub fn entries(&self, at: usize, end: usize) -> Bytes {
-        self.encoded.slice(self.offsets[at]..self.offsets[end])
-    }
-
-    /// The bytes directory `i`'s entry takes.
-    pub fn entry_len(&self, i: usize) -> usize {
-        self.offsets[i + 1] - self.offsets[i]
-    }
 }
 
 /// Walks the tree under `root`, holding at most `max_bytes` of directories, none larger than
@@ -102,10 +57,8 @@ pub async fn list(
             batch_bytes: BATCH_BYTES,
         },
     );
-    let mut encoded: Vec<u8> = Vec::new();
     let mut listing = Listing {
-        encoded: Bytes::new(),
-        offsets: vec![0],
+        directories: Vec::new(),
         digests: Vec::new(),
         bytes: 0,
         complete: true,
@@ -124,9 +77,6 @@ pub async fn list(
             Err(e) => return Err(e.into()),
         };
         if batch.is_empty() {
-            // Held as long as the listing is: no room left over from growing it.
-            encoded.shrink_to_fit();
-            listing.encoded = Bytes::from(encoded);
             return Ok(listing);
         }
         // Directories kept from earlier walks; the rest read from the CAS, and kept.
@@ -170,8 +120,7 @@ pub async fn list(
                 Err(kiln_reapi::walk::WalkError::TooMany(_)) => return Err(too_large()),
                 Err(e) => return Err(e.into()),
             }
-            prost::encoding::bytes::encode(1, &bytes, &mut encoded);
-            listing.offsets.push(encoded.len());
+            listing.directories.push(bytes);
             listing.digests.push(digest);
         }
     }

@@ -300,11 +300,11 @@ pub fn page(
     per_page: usize,
     page_bytes: usize,
 ) -> (RawPage, Option<usize>) {
-    let total = listing.len();
+    let total = listing.directories.len();
     let mut bytes = 0usize;
     let mut end = at;
     while end < total && end - at < per_page {
-        let len = listing.entry_len(end);
+        let len = prost::encoding::bytes::encoded_len(1, &listing.directories[end]);
         if end > at && bytes + len > page_bytes {
             break;
         }
@@ -315,7 +315,7 @@ pub fn page(
     let token =
         next.map(|end| PageToken::new(root, end as u64, &listing.digests[end - 1]).encode());
     let response = RawPage {
-        directories: listing.entries(at, end),
+        directories: listing.directories[at..end].to_vec(),
         next_page_token: token.unwrap_or_default(),
     };
     (response, next)
@@ -342,7 +342,7 @@ mod tests {
     use kiln_reapi::digest::DigestFunction;
     use prost::Message;
 
-    fn listing(sizes: &[usize]) -> (Listing, Vec<Bytes>) {
+    fn listing(sizes: &[usize]) -> Listing {
         let directories: Vec<Bytes> = sizes
             .iter()
             .enumerate()
@@ -362,7 +362,15 @@ mod tests {
             .iter()
             .map(|d| Digest::of(DigestFunction::Sha256, d))
             .collect();
-        (Listing::of(&directories, digests), directories)
+        let bytes = directories.iter().map(|d| d.len() as u64).sum();
+        Listing {
+            directories,
+            digests,
+            bytes,
+            complete: true,
+            kept: 0,
+            _budget: None,
+        }
     }
 
     /// Pages hold at most `per_page` directories and `PAGE_BYTES` (but always one), cover the
@@ -371,17 +379,19 @@ mod tests {
     fn pages_cover_the_listing_within_their_bounds() {
         let root = Digest::of(DigestFunction::Sha256, b"root");
         let big = PAGE_BYTES / 3;
-        let (l, directories) = listing(&[10, big, big, big, 10, PAGE_BYTES * 2, 10]);
+        let l = listing(&[10, big, big, big, 10, PAGE_BYTES * 2, 10]);
         for per_page in [1, 2, 100] {
             let mut at = Some(0);
             let mut seen = Vec::new();
             while let Some(start) = at {
                 let (page, next) = page(&l, root, start, per_page, PAGE_BYTES);
-                let messages = page.messages().unwrap();
-                assert!(!messages.is_empty());
-                assert!(messages.len() <= per_page);
+                assert!(!page.directories.is_empty());
+                assert!(page.directories.len() <= per_page);
                 let bytes = page.encoded_len();
-                assert!(messages.len() == 1 || bytes <= PAGE_BYTES + 200, "{bytes}");
+                assert!(
+                    page.directories.len() == 1 || bytes <= PAGE_BYTES + 200,
+                    "{bytes}"
+                );
                 match next {
                     Some(end) => {
                         let token = PageToken::parse(&page.next_page_token, root)
@@ -391,10 +401,10 @@ mod tests {
                     }
                     None => assert!(page.next_page_token.is_empty()),
                 }
-                seen.extend(messages);
+                seen.extend(page.directories);
                 at = next;
             }
-            assert_eq!(seen, directories, "per_page {per_page}");
+            assert_eq!(seen, l.directories, "per_page {per_page}");
         }
     }
 
@@ -499,7 +509,10 @@ mod tests {
 
     async fn call(service: Arc<TreeService>, root: Digest) -> Result<usize, Status> {
         let instance = InstanceName::default_instance();
-        service.listing(&instance, root).await.map(|l| l.len())
+        service
+            .listing(&instance, root)
+            .await
+            .map(|l| l.directories.len())
     }
 
     /// Calls that arrive while a tree is being walked wait for that walk: N callers, one walk

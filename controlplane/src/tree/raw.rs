@@ -1,9 +1,9 @@
-//! `GetTree` on the wire without encoding directories again: a page is a run of entries a
-//! listing holds already framed (a repeated message field and a repeated `bytes` field are the
-//! same on the wire), written with one copy, through a tonic service of our own for the CAS's
-//! name ([`crate::cas_server`]), since the generated one wants decoded messages.
+//! `GetTree` on the wire without encoding directories again: pages are written from the
+//! `Directory` bytes the CAS holds (a repeated message field and a repeated `bytes` field are
+//! the same on the wire), through a tonic service of our own for the CAS's name
+//! ([`crate::cas_server`]), since the generated one wants decoded messages.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes};
 use futures::Stream;
 use prost::encoding::{self, DecodeContext, WireType};
 use prost::DecodeError;
@@ -13,24 +13,17 @@ use tonic::Status;
 /// A `GetTreeResponse` whose directories are already encoded.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct RawPage {
-    /// The `directories` entries (field 1: tag, length, `Directory` message), one after
-    /// another.
-    pub directories: Bytes,
+    /// Each directory's `Directory` message (field 1).
+    pub directories: Vec<Bytes>,
     /// `next_page_token` (field 2).
     pub next_page_token: String,
 }
 
-impl RawPage {
-    /// Each directory's `Directory` message.
-    pub fn messages(&self) -> Result<Vec<Bytes>, DecodeError> {
-        use prost::Message;
-        Ok(kiln_reapi::raw::RawRepeated::<1>::decode(self.directories.clone())?.items)
-    }
-}
-
 impl prost::Message for RawPage {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.directories);
+        for d in &self.directories {
+            encoding::bytes::encode(1, d, buf);
+        }
         if !self.next_page_token.is_empty() {
             encoding::string::encode(2, &self.next_page_token, buf);
         }
@@ -44,14 +37,7 @@ impl prost::Message for RawPage {
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
         match tag {
-            1 => {
-                let mut message = Bytes::new();
-                encoding::bytes::merge(wire_type, &mut message, buf, ctx)?;
-                let mut entries = BytesMut::from(&self.directories[..]);
-                encoding::bytes::encode(1, &message, &mut entries);
-                self.directories = entries.freeze();
-                Ok(())
-            }
+            1 => encoding::bytes::merge_repeated(wire_type, &mut self.directories, buf, ctx),
             2 => encoding::string::merge(wire_type, &mut self.next_page_token, buf, ctx),
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
         }
@@ -63,11 +49,12 @@ impl prost::Message for RawPage {
         } else {
             encoding::string::encoded_len(2, &self.next_page_token)
         };
-        self.directories.len() + token
+        encoding::bytes::encoded_len_repeated(1, &self.directories) + token
     }
 
     fn clear(&mut self) {
-        *self = RawPage::default();
+        self.directories.clear();
+        self.next_page_token.clear();
     }
 }
 
@@ -93,12 +80,8 @@ mod tests {
             })
             .collect();
         for token in ["", "t1.next"] {
-            let mut entries = BytesMut::new();
-            for d in &dirs {
-                encoding::bytes::encode(1, &Bytes::from(d.encode_to_vec()), &mut entries);
-            }
             let raw = RawPage {
-                directories: entries.freeze(),
+                directories: dirs.iter().map(|d| d.encode_to_vec().into()).collect(),
                 next_page_token: token.into(),
             };
             let bytes = raw.encode_to_vec();
