@@ -156,18 +156,22 @@ impl ChainCas {
     }
 }
 
-/// Runs file work on tokio's blocking pool.
-/// Runs a store's write in a tokio task of its own, to the end even if the caller is cancelled
-/// (a client that gave up): the temp file it makes is then always committed or removed, never
-/// left behind in the temp directory.
+/// Runs a store's write in a tokio task of its own (in the caller's span), to the end even if
+/// the caller is cancelled (a client that gave up): the temp file it makes is then always
+/// committed or removed, never left behind in the temp directory. A panic in the write is
+/// passed on as it would have been.
 async fn to_the_end(
     work: impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
 ) -> Result<(), StoreError> {
-    tokio::spawn(work)
-        .await
-        .map_err(|_| StoreError::Unavailable)?
+    use tracing::Instrument;
+    match tokio::spawn(work.in_current_span()).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(StoreError::Unavailable),
+    }
 }
 
+/// Runs file work on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
