@@ -268,6 +268,30 @@ fn a_write_abandoned_by_its_caller_is_finished() {
             );
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        // A temp file handed over for commit (a worker's finished download), the same way.
+        let other = bytes(10, 3 << 20);
+        let od = Digest::of(DigestFunction::Sha256, &other);
+        let okey = kiln_reapi::digest::BlobKey::new(inst.clone(), od);
+        let temp = fixture.chain.layout().temp_path();
+        std::fs::write(&temp, &other).expect("temp file");
+        {
+            let commit = fixture.chain.commit_detached(&okey, temp, None, 0);
+            futures::pin_mut!(commit);
+            assert!(futures::poll!(commit.as_mut()).is_pending());
+        }
+        while !fixture
+            .chain
+            .find_missing(&inst, &[od])
+            .await
+            .expect("find")
+            .is_empty()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the abandoned commit never finished"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         let tmp = fixture.dir.path().join("cas/tmp");
         assert!(tmp.is_dir());
         let temps: Vec<_> = walk(&tmp);

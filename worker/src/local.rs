@@ -169,7 +169,8 @@ impl LocalCas {
     }
 
     /// Commits a downloaded file (already verified against `d`); `epoch` is
-    /// [`LocalCas::sync_epoch`] from before the download began.
+    /// [`LocalCas::sync_epoch`] from before the download began. Runs to the end even if the
+    /// action is cancelled meanwhile, so the file is never left in the temp directory.
     pub async fn commit_download(
         &self,
         instance: &InstanceName,
@@ -179,7 +180,7 @@ impl LocalCas {
     ) -> Result<(), ActionError> {
         Ok(self
             .chain
-            .commit(&Self::key(instance, d), temp, None, epoch)
+            .commit_detached(&Self::key(instance, d), temp, None, epoch)
             .await?)
     }
 }

@@ -140,6 +140,19 @@ impl ChainCas {
         self.commit(key, temp, None, epoch).await
     }
 
+    /// [`ChainCas::commit`], run to the end even if the caller gives up (see [`to_the_end`]):
+    /// for a temp file the caller made and now hands over, which is then never left behind.
+    pub async fn commit_detached(
+        &self,
+        key: &BlobKey,
+        temp: PathBuf,
+        data: Option<Bytes>,
+        epoch: u64,
+    ) -> Result<(), StoreError> {
+        let (this, key) = (self.clone(), key.clone());
+        to_the_end(async move { this.commit(&key, temp, data, epoch).await }).await
+    }
+
     /// Commits a temp file already checked against the key's digest through the chain (its
     /// bytes, when given, for memory tiers). `epoch` is [`CasClient::sync_epoch`] read before
     /// the file's first byte was written.
