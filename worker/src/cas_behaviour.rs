@@ -275,7 +275,7 @@ fn a_write_abandoned_by_its_caller_is_finished() {
         let temp = fixture.chain.layout().temp_path();
         std::fs::write(&temp, &other).expect("temp file");
         {
-            let commit = fixture.chain.commit_detached(&okey, temp, None, 0);
+            let commit = fixture.chain.commit(&okey, temp, None, 0);
             futures::pin_mut!(commit);
             assert!(futures::poll!(commit.as_mut()).is_pending());
         }

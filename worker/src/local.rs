@@ -180,7 +180,7 @@ impl LocalCas {
     ) -> Result<(), ActionError> {
         Ok(self
             .chain
-            .commit_detached(&Self::key(instance, d), temp, None, epoch)
+            .commit(&Self::key(instance, d), temp, None, epoch)
             .await?)
     }
 }

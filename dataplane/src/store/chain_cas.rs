@@ -105,7 +105,15 @@ impl ChainCas {
             let _ = std::fs::remove_file(&temp);
             return Err(StoreError::io("write", temp, e));
         }
-        self.commit(key, temp, Some(data), epoch).await
+        self.put(
+            key,
+            VerifiedUpload {
+                temp,
+                data: Some(data),
+                epoch,
+            },
+        )
+        .await
     }
 
     /// Stores a file whose content hashes to the key's digest: hardlinked into the CAS
@@ -137,25 +145,22 @@ impl ChainCas {
             let _ = std::fs::remove_file(&temp);
             return Err(StoreError::io("link", file, e));
         }
-        self.commit(key, temp, None, epoch).await
-    }
-
-    /// [`ChainCas::commit`], run to the end even if the caller gives up (see [`to_the_end`]):
-    /// for a temp file the caller made and now hands over, which is then never left behind.
-    pub async fn commit_detached(
-        &self,
-        key: &BlobKey,
-        temp: PathBuf,
-        data: Option<Bytes>,
-        epoch: u64,
-    ) -> Result<(), StoreError> {
-        let (this, key) = (self.clone(), key.clone());
-        to_the_end(async move { this.commit(&key, temp, data, epoch).await }).await
+        self.put(
+            key,
+            VerifiedUpload {
+                temp,
+                data: None,
+                epoch,
+            },
+        )
+        .await
     }
 
     /// Commits a temp file already checked against the key's digest through the chain (its
-    /// bytes, when given, for memory tiers). `epoch` is [`CasClient::sync_epoch`] read before
-    /// the file's first byte was written.
+    /// bytes, when given, for memory tiers), handing the file over: the commit runs to the
+    /// end even if the caller gives up (see [`to_the_end`]), so the file is never left in the
+    /// temp directory. `epoch` is [`CasClient::sync_epoch`] read before the file's first byte
+    /// was written.
     pub async fn commit(
         &self,
         key: &BlobKey,
@@ -163,7 +168,13 @@ impl ChainCas {
         data: Option<Bytes>,
         epoch: u64,
     ) -> Result<(), StoreError> {
+        let (this, key) = (self.clone(), key.clone());
         let upload = VerifiedUpload { temp, data, epoch };
+        to_the_end(async move { this.put(&key, upload).await }).await
+    }
+
+    /// Stores a verified upload through the chain (already inside [`to_the_end`]).
+    async fn put(&self, key: &BlobKey, upload: VerifiedUpload) -> Result<(), StoreError> {
         self.store.put(key, upload).await?;
         Ok(())
     }
