@@ -229,7 +229,7 @@ async fn read_answer(
         Some(frame) => frame,
         None => {
             let packed = compress(z.level, &data).map_err(BlobError::Deflate)?;
-            if kept && packed.len() < data.len() {
+            if kept {
                 z.frames.insert(key, packed.clone());
             }
             packed

@@ -108,9 +108,11 @@ async fn read(
         }
     }
     // Otherwise the frame made now is kept, when it is of the whole blob and not too large.
-    let keep_as = zstd
-        .filter(|z| start == 0 && z.frames.keeps(size))
-        .map(|_| key.clone());
+    let (keep_as, collecting) = zstd
+        .filter(|_| start == 0)
+        .and_then(|z| z.frames.collect(size))
+        .map(|c| (key.clone(), c))
+        .unzip();
     // A small blob is read whole (a memory tier keeps it); a large one streams from its file.
     let blob = if !blob.in_memory() && blob.size() <= svc.limits.inline_read {
         Blob::bytes(
@@ -136,7 +138,7 @@ async fn read(
     let mut sink = Compressing {
         deflater,
         out: Responses(out),
-        kept: keep_as.as_ref().and_then(|_| zstd.frames.collect(size)),
+        kept: collecting,
     };
     blob.stream(&*svc.runtime, start, end, chunk, &mut sink)
         .await
