@@ -102,6 +102,41 @@ pub fn list(dir: impl AsFd) -> io::Result<Vec<(OsString, Kind)>> {
     Ok(out)
 }
 
+/// Calls `visit` on `root` and every directory below it, parents first, each through its own
+/// handle opened below its parent's (so at most one handle per level is open, and a tree may
+/// be at most [`kiln_reapi::tree::MAX_DEPTH`] levels deep). A name that is gone, or is no
+/// longer a directory (a symlink put in its place), by the time it is opened is skipped.
+pub fn each_directory(
+    root: &Path,
+    visit: &mut dyn FnMut(&OwnedFd) -> io::Result<()>,
+) -> io::Result<()> {
+    fn below(
+        dir: OwnedFd,
+        depth: usize,
+        visit: &mut dyn FnMut(&OwnedFd) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if depth > kiln_reapi::tree::MAX_DEPTH {
+            return Err(io::Error::other(format!(
+                "directory tree deeper than {} levels",
+                kiln_reapi::tree::MAX_DEPTH
+            )));
+        }
+        visit(&dir)?;
+        for (name, kind) in list(&dir)? {
+            if kind != Kind::Dir {
+                continue;
+            }
+            match open_dir(&dir, &name) {
+                Ok(child) => below(child, depth + 1, visit)?,
+                Err(e) if is_not_a_directory(&e) || is_gone(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+    below(open_root(root)?, 0, visit)
+}
+
 /// Whether an open failed because the name is not (or no longer) a directory or regular
 /// file: a symlink or something else put in its place.
 pub fn is_not_a_directory(e: &io::Error) -> bool {

@@ -204,26 +204,10 @@ pub fn remove_tree(path: &Path) -> std::io::Result<()> {
 /// Makes the directories of a tree writable, by handle (never through a symlink a process of
 /// the action may have put in a directory's place: it would make the worker chmod its target).
 fn make_writable(path: &Path) {
-    if let Ok(dir) = beneath::open_root(path) {
-        make_writable_below(dir, 0);
-    }
-}
-
-fn make_writable_below(dir: rustix::fd::OwnedFd, depth: usize) {
-    if depth > 1024 {
-        return;
-    }
-    let _ = rustix::fs::fchmod(&dir, rustix::fs::Mode::from_raw_mode(0o755));
-    let Ok(entries) = beneath::list(&dir) else {
-        return;
-    };
-    for (name, kind) in entries {
-        if kind == beneath::Kind::Dir {
-            if let Ok(child) = beneath::open_dir(&dir, &name) {
-                make_writable_below(child, depth + 1);
-            }
-        }
-    }
+    let _ = beneath::each_directory(path, &mut |dir| {
+        let _ = rustix::fs::fchmod(dir, rustix::fs::Mode::from_raw_mode(0o755));
+        Ok(())
+    });
 }
 
 #[cfg(test)]

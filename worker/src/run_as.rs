@@ -73,34 +73,9 @@ impl RunAs {
     /// action of the same user can reach the tree) makes the walk skip that name; it cannot
     /// make this process (root) give away what the symlink points to.
     pub fn give_directories(&self, root: &Path) -> io::Result<()> {
-        self.give(beneath::open_root(root)?, 0)
-    }
-
-    /// Gives `dir` and the directories below it away, holding one handle per level (the
-    /// entries are read whole before going down).
-    fn give(&self, dir: rustix::fd::OwnedFd, depth: usize) -> io::Result<()> {
         use rustix::fs::{fchown, Gid, Uid};
-        // Deeper than any input tree Kiln lays out (kiln_reapi::tree bounds them): not ours.
-        if depth > kiln_reapi::tree::MAX_DEPTH {
-            return Err(io::Error::other("directory tree too deep to give away"));
-        }
-        fchown(
-            &dir,
-            Some(Uid::from_raw(self.uid)),
-            Some(Gid::from_raw(self.gid)),
-        )?;
-        for (name, kind) in beneath::list(&dir)? {
-            if kind != beneath::Kind::Dir {
-                continue;
-            }
-            match beneath::open_dir(&dir, &name) {
-                Ok(child) => self.give(child, depth + 1)?,
-                // Not a directory any more (a symlink put in its place), or gone.
-                Err(e) if beneath::is_not_a_directory(&e) || beneath::is_gone(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        let (uid, gid) = (Uid::from_raw(self.uid), Gid::from_raw(self.gid));
+        beneath::each_directory(root, &mut |dir| Ok(fchown(dir, Some(uid), Some(gid))?))
     }
 }
 
