@@ -166,6 +166,7 @@ fn start_embedded_worker(
         fetch_parallelism: config.worker.fetch_parallelism,
         contain: kiln_worker::contain::Containment::detect(),
         run_as: run_as_user(config)?,
+        dircache: crate::worker::open_dircache(config)?,
     });
     // Over TLS when the port has it, trusting exactly this server's certificate.
     let link = match tls {

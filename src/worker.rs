@@ -202,6 +202,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             fetch_parallelism: config.worker.fetch_parallelism,
             contain: kiln_worker::contain::Containment::detect(),
             run_as: run_as_user(&config)?,
+            dircache: open_dircache(&config)?,
         })
     };
     let stop = StopSignals::watch(&runtime)?;
@@ -233,6 +234,24 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     runtime.shutdown_timeout(Duration::from_secs(2));
     info!("stopped");
     Ok(())
+}
+
+/// Opens the worker's directory cache (`worker.dircache_bytes`, 0: none).
+pub(crate) fn open_dircache(
+    config: &Config,
+) -> anyhow::Result<Option<Arc<kiln_worker::dircache::DirCache>>> {
+    let cap = config.worker.dircache_bytes.as_u64();
+    if cap == 0 {
+        return Ok(None);
+    }
+    let dir = config
+        .worker
+        .dircache_dir
+        .clone()
+        .unwrap_or_else(|| config.storage.data_dir.join("dircache"));
+    let cache = kiln_worker::dircache::DirCache::open(&dir, cap)
+        .with_context(|| format!("cannot open the directory cache in {}", dir.display()))?;
+    Ok(Some(cache))
 }
 
 fn load_config(args: &WorkerArgs) -> anyhow::Result<Config> {

@@ -601,6 +601,11 @@ pub struct WorkerConfig {
     pub token_file: Option<PathBuf>,
     /// Run actions as this user (name or uid); the worker must run as root.
     pub run_as_user: Option<String>,
+    /// Bytes of input trees kept laid out in the directory cache (0: no cache).
+    pub dircache_bytes: ByteSize,
+    /// Where the directory cache is (default: `dircache/` under the data directory); on the
+    /// same filesystem as the CAS and the work directory, so files can be hardlinked.
+    pub dircache_dir: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -620,6 +625,8 @@ impl Default for WorkerConfig {
             tls_key: None,
             token_file: None,
             run_as_user: None,
+            dircache_bytes: ByteSize::gib(4),
+            dircache_dir: None,
         }
     }
 }

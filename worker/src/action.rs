@@ -2,10 +2,12 @@
 //! outputs, report the result with timestamps, and clean up. Pins on inputs are held from fetch
 //! to the end.
 
+use crate::dircache::{disk, DirCache, Lease};
 use crate::error::ActionError;
-use crate::fetch::{fetch, Source};
+use crate::fetch::Source;
+use crate::inputs::{place, CacheUse};
 use crate::local::{hash_file, LocalCas};
-use crate::materialise::{remove_tree, Materialiser};
+use crate::materialise::remove_tree;
 use crate::outputs::{collect, Blob, OutputOwners, Staging};
 use crate::remote::SMALL;
 use crate::run::{run, RunEnd, RunSpec};
@@ -42,6 +44,8 @@ pub struct WorkerContext {
     pub contain: crate::contain::Containment,
     /// The user actions run as (`worker.run_as_user`), if not the worker's own.
     pub run_as: Option<crate::run_as::RunAs>,
+    /// Input trees kept laid out (`worker.dircache_bytes`), if on.
+    pub dircache: Option<Arc<DirCache>>,
 }
 
 /// Progress reported while an action runs.
@@ -69,6 +73,7 @@ pub async fn execute(
     };
     let dir = ctx.work_dir.join(uuid::Uuid::new_v4().simple().to_string());
     let mut pins: Vec<BlobKey> = Vec::new();
+    let mut leases: Vec<Lease> = Vec::new();
     let outcome = attempt(
         &ctx,
         &start,
@@ -76,12 +81,14 @@ pub async fn execute(
         kill,
         &progress,
         &mut metadata,
-        &mut pins,
+        (&mut pins, &mut leases),
     )
     .await;
     ctx.local.unpin(&pins).await;
     let cleanup = dir.clone();
     let _ = tokio::task::spawn_blocking(move || remove_tree(&cleanup)).await;
+    // Released after the clean-up: a lease's last release may remove an evicted entry.
+    drop(leases);
     metadata.worker_completed_timestamp = Some(now());
     let (status, result, message) = match outcome {
         Ok((end, mut result)) => {
@@ -122,7 +129,7 @@ async fn attempt(
     kill: oneshot::Receiver<()>,
     progress: &(impl Fn(Progress) + Send),
     metadata: &mut ExecutedActionMetadata,
-    pins: &mut Vec<BlobKey>,
+    (pins, leases): (&mut Vec<BlobKey>, &mut Vec<Lease>),
 ) -> Result<(RunEnd, ActionResult), ActionError> {
     let bad = |what: &str| ActionError::BadInput(format!("StartExecute without {what}"));
     let instance = InstanceName::new(&start.instance_name)
@@ -146,35 +153,13 @@ async fn attempt(
         Some(r) => Source::Remote(r),
         None => Source::Shared,
     };
-    let (tree, taken) = fetch(
-        &ctx.local,
-        &source,
-        &instance,
-        root_digest,
-        ctx.fetch_parallelism,
-    )
-    .await?;
-    *pins = taken;
     let root = dir.join("root");
-    let shared = {
-        let (root, action_dir) = (root.clone(), dir.to_path_buf());
-        let local = ctx.local.clone();
-        let exec_cache = ctx.exec_cache.clone();
-        let inst = instance.clone();
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&root)
-                .map_err(|e| ActionError::io("create", &action_dir, e))?;
-            let blob_path = |d: Digest| local.path(&inst, d);
-            Materialiser {
-                blob_path: &blob_path,
-                exec_cache: &exec_cache,
-                function,
-            }
-            .materialise(&tree, &root)
-        })
-        .await
-        .map_err(|e| ActionError::io("materialise", dir, std::io::Error::other(e)))??
-    };
+    let inputs = place(ctx, &source, &instance, function, root_digest, &root, pins).await?;
+    *leases = inputs.leases;
+    let shared = inputs.shared;
+    if inputs.cache != CacheUse::Off {
+        tracing::debug!(operation = %start.operation, cache = ?inputs.cache, "inputs in place");
+    }
     metadata.input_fetch_completed_timestamp = Some(now());
 
     let wd = paths::relative("Command.working_directory", &command.working_directory)
@@ -247,19 +232,52 @@ async fn drop_tampered(ctx: &WorkerContext, instance: &InstanceName, shared: Sha
         .await
         .unwrap_or_default();
     for s in changed {
-        // Only the content matters: an action that merely touched an input keeps it.
-        if hash_file(s.digest.function, &s.path)
-            .await
-            .is_ok_and(|d| d == s.digest)
-        {
-            continue;
+        if let (Origin::DirCache(entry), Some(cache)) = (&s.origin, &ctx.dircache) {
+            // An entry must stay exactly as built, times included: evicted whatever changed.
+            tracing::info!(entry = ?entry, path = %s.path.display(), "an action changed a directory-cache file; evicting the entry");
+            cache.evict(entry);
         }
-        tracing::warn!(path = %s.path.display(), blob = ?s.digest, "an action wrote to one of its inputs; dropping the stored copy");
-        match s.origin {
-            Origin::Cas => ctx.local.drop_changed(instance, s.digest).await,
+        // A directory-cache file's digest is in its entry's manifest.
+        let digest = match (&s.origin, &ctx.dircache) {
+            (Origin::DirCache(entry), Some(cache)) => {
+                let (dirs, entry, path) = (cache.dirs().clone(), entry.clone(), s.path.clone());
+                tokio::task::spawn_blocking(move || {
+                    let rel = path.strip_prefix(dirs.entry(&entry)).ok()?;
+                    disk::file_digest(&dirs, &entry, rel)
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+            _ => s.digest,
+        };
+        // Only the content matters: an action that merely touched an input keeps it.
+        if let Some(d) = digest {
+            if hash_file(d.function, &s.path)
+                .await
+                .is_ok_and(|got| got == d)
+            {
+                continue;
+            }
+        }
+        tracing::warn!(path = %s.path.display(), blob = ?digest, "an action wrote to one of its inputs; dropping the stored copies");
+        match &s.origin {
+            Origin::Cas => {
+                if let Some(d) = digest {
+                    ctx.local.drop_changed(instance, d).await;
+                }
+            }
             Origin::ExecCache => {
                 let path = s.path.clone();
                 let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+            }
+            Origin::DirCache(_) => {
+                // The entry's file is usually the CAS's or an executable copy's inode too.
+                if let Some(d) = digest {
+                    ctx.local.drop_changed(instance, d).await;
+                    let copy = ctx.exec_cache.join(format!("{}-{}", d.hex(), d.size));
+                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(copy)).await;
+                }
             }
         }
     }

@@ -1,8 +1,9 @@
 //! Kiln's worker: connects to the scheduler, runs actions in fresh directories with inputs
 //! materialised from a local CAS, stores outputs and reports results.
 //!
-//! [`session`] keeps the connection, [`action`] runs one action: [`fetch`] inputs (from
-//! [`remote`] into [`local`]), [`materialise`] them, [`run`] the command, collect [`outputs`].
+//! [`session`] keeps the connection, [`action`] runs one action: lays out its [`inputs`]
+//! (linked from the [`dircache`] when it holds the tree, else [`fetch`]ed from [`remote`] into
+//! [`local`] and [`materialise`]d), [`run`]s the command, collects [`outputs`].
 //! Both CAS are used as `kiln_reapi::cas::Cas`: the inputs' source and the outputs'
 //! destination could be any implementation.
 
@@ -11,8 +12,10 @@ mod beneath;
 #[cfg(test)]
 mod cas_behaviour;
 pub mod contain;
+pub mod dircache;
 pub mod error;
 pub mod fetch;
+pub mod inputs;
 pub mod link;
 pub mod local;
 pub mod materialise;

@@ -4,14 +4,16 @@
 //! their own copies (a clone where the filesystem can), symlinks verbatim.
 
 use crate::beneath;
+use crate::dircache::{disk, DirCache, Lease};
 use crate::error::{io, ActionError};
 use crate::fetch::InputTree;
 use crate::tamper::{Origin, SharedFiles};
 use kiln_dataplane::store::clone::clone_or_copy;
 use kiln_proto::reapi::{Directory, NodeProperties};
-use kiln_reapi::digest::Digest;
+use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const READ_ONLY: u32 = 0o444;
 const EXECUTABLE: u32 = 0o555;
@@ -25,6 +27,32 @@ pub struct Materialiser<'a> {
     pub exec_cache: &'a Path,
     /// The digest function of the tree.
     pub function: i32,
+    /// A directory cache whose subtrees are linked in whole, and the tree's instance.
+    pub cache: Option<(&'a Arc<DirCache>, &'a InstanceName)>,
+}
+
+/// Lays out the directory-cache tree at `src` (of entry `entry`, leased) in the empty
+/// directory `dst`, recording the files it shares with the entry.
+pub fn link_from_cache(
+    src: &Path,
+    dst: &Path,
+    entry: &BlobKey,
+    shared: &mut SharedFiles,
+) -> Result<(), ActionError> {
+    disk::link_tree(src, dst, &mut |l| {
+        if l.copied {
+            shared.record_made_inode(l.inode);
+        } else {
+            shared.record_linked(
+                l.source,
+                Origin::DirCache(entry.clone()),
+                l.modified,
+                l.len,
+                l.inode,
+            );
+        }
+    })
+    .map_err(io("lay out from the directory cache", dst))
 }
 
 /// Checks one directory of the tree (names, duplicates, symlink targets) before anything of
@@ -37,9 +65,19 @@ fn check(dir: &Directory, root: &Path, path: &Path) -> Result<(), ActionError> {
 
 impl Materialiser<'_> {
     /// Lays out `tree` under `root` (which exists and is empty); returns the files it shares
-    /// with the stores by hardlink, to be checked once the action has run.
-    pub fn materialise(&self, tree: &InputTree, root: &Path) -> Result<SharedFiles, ActionError> {
+    /// with the stores by hardlink, to be checked once the action has run, and the leases on
+    /// the directory-cache entries it linked subtrees from (held while the action runs).
+    pub fn materialise(
+        &self,
+        tree: &InputTree,
+        root: &Path,
+    ) -> Result<(SharedFiles, Vec<Lease>), ActionError> {
         let mut shared = SharedFiles::default();
+        let mut leases = Vec::new();
+        if let Some(lease) = self.reuse(tree.root, root, &mut shared)? {
+            leases.push(lease);
+            return Ok((shared, leases));
+        }
         let mut stack: Vec<(Digest, PathBuf)> = vec![(tree.root, root.to_path_buf())];
         let mut with_properties: Vec<(PathBuf, NodeProperties)> = Vec::new();
         while let Some((digest, path)) = stack.pop() {
@@ -67,7 +105,10 @@ impl Materialiser<'_> {
                     .map_err(|e| ActionError::BadInput(e.to_string()))?;
                 let child = path.join(&sub.name);
                 std::fs::create_dir(&child).map_err(io("create directory", &child))?;
-                stack.push((d, child));
+                match self.reuse(d, &child, &mut shared)? {
+                    Some(lease) => leases.push(lease),
+                    None => stack.push((d, child)),
+                }
             }
             if let Some(p) = &dir.node_properties {
                 with_properties.push((path, p.clone()));
@@ -77,7 +118,25 @@ impl Materialiser<'_> {
         for (path, p) in with_properties.into_iter().rev() {
             apply(&path, &p, DIRECTORY)?;
         }
-        Ok(shared)
+        Ok((shared, leases))
+    }
+
+    /// Links the directory `d` in whole into `dst` when an entry of the cache holds it.
+    fn reuse(
+        &self,
+        d: Digest,
+        dst: &Path,
+        shared: &mut SharedFiles,
+    ) -> Result<Option<Lease>, ActionError> {
+        let Some((cache, instance)) = self.cache else {
+            return Ok(None);
+        };
+        let Some((lease, place)) = cache.lease_subtree(&BlobKey::new(instance.clone(), d)) else {
+            return Ok(None);
+        };
+        link_from_cache(&cache.dirs().place(&place), dst, lease.key(), shared)?;
+        cache.note_subtree();
+        Ok(Some(lease))
     }
 
     fn file(
@@ -104,7 +163,7 @@ impl Materialiser<'_> {
             };
             // A source dropped under us (another action wrote to it): an executable copy is
             // made again; a CAS blob is missing, which the client answers by uploading it.
-            let placed = match (link_or_copy(&source, dst, mode)?, origin) {
+            let placed = match (link_or_copy(&source, dst, mode)?, &origin) {
                 (Placed::SourceGone, Origin::ExecCache) => {
                     source = self.exec_copy(d)?;
                     link_or_copy(&source, dst, mode)?
@@ -290,9 +349,11 @@ mod tests {
             blob_path: &blob_path,
             exec_cache: &exec_cache,
             function: 1,
+            cache: None,
         }
         .materialise(&tree, &root)
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(
             shared.len(),
             2,
@@ -376,6 +437,7 @@ mod tests {
             blob_path: &blob_path,
             exec_cache: dir.path(),
             function: 1,
+            cache: None,
         }
         .materialise(&tree, &root);
         assert!(
@@ -425,6 +487,7 @@ mod tests {
                 blob_path: &blob_path,
                 exec_cache: dir.path(),
                 function: 1,
+                cache: None,
             }
             .materialise(&tree, dir.path());
             assert!(matches!(r, Err(ActionError::BadInput(_))), "{bad:?}");

@@ -18,12 +18,14 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 /// Where a shared input file lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     /// A blob file of the local CAS.
     Cas,
     /// A copy in the executable cache.
     ExecCache,
+    /// A file of this directory-cache entry (itself usually a link to one of the others).
+    DirCache(kiln_reapi::digest::BlobKey),
 }
 
 /// A file an action's directory shares (by hardlink) with the worker's stores.
@@ -31,8 +33,8 @@ pub enum Origin {
 pub struct Shared {
     /// The shared file.
     pub path: PathBuf,
-    /// The blob it holds.
-    pub digest: Digest,
+    /// The blob it holds, where known (a directory-cache file's is in its manifest).
+    pub digest: Option<Digest>,
     /// Which store it belongs to.
     pub origin: Origin,
     modified: SystemTime,
@@ -59,7 +61,7 @@ impl SharedFiles {
                     path.to_path_buf(),
                     Shared {
                         path: path.to_path_buf(),
-                        digest,
+                        digest: Some(digest),
                         origin,
                         modified,
                         len: meta.len(),
@@ -68,6 +70,39 @@ impl SharedFiles {
                 );
             }
         }
+    }
+
+    /// Records `path` as linked into the action, in the state given (read by the caller when
+    /// it linked the file).
+    pub fn record_linked(
+        &mut self,
+        path: &Path,
+        origin: Origin,
+        modified: SystemTime,
+        len: u64,
+        inode: (u64, u64),
+    ) {
+        self.0.entry(path.to_path_buf()).or_insert_with(|| Shared {
+            path: path.to_path_buf(),
+            digest: None,
+            origin,
+            modified,
+            len,
+            inode,
+        });
+    }
+
+    /// Records an input file the worker made for this action alone, by inode.
+    pub fn record_made_inode(&mut self, inode: (u64, u64)) {
+        self.1.insert(inode);
+    }
+
+    /// Takes in the files recorded in `other`.
+    pub fn extend(&mut self, other: SharedFiles) {
+        for (path, shared) in other.0 {
+            self.0.entry(path).or_insert(shared);
+        }
+        self.1.extend(other.1);
     }
 
     /// The files whose content may have changed since they were recorded. A file that is gone
@@ -153,7 +188,7 @@ mod tests {
         let changed = shared.changed();
         assert_eq!(changed.len(), 1);
         assert_eq!(
-            (changed[0].path.as_path(), changed[0].origin),
+            (changed[0].path.as_path(), changed[0].origin.clone()),
             (a.as_path(), Origin::Cas)
         );
         // A file that disappeared, or was replaced by a new one, is not reported.

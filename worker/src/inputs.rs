@@ -1,0 +1,598 @@
+//! Laying out an action's inputs. With the directory cache on: an input root the cache holds
+//! (as an entry, or as a directory inside one) is linked from there, with nothing fetched,
+//! looked up or pinned; any other is fetched into the local CAS, built as a new entry (reusing
+//! whole every subtree an entry already holds) and linked from it. Without the cache, or when
+//! the tree does not fit in it, the tree is fetched and materialised straight into place.
+
+use crate::action::WorkerContext;
+use crate::dircache::{disk, Building, DirCache, Lease, RootHit};
+use crate::error::{io, ActionError};
+use crate::fetch::{fetch, InputTree, Source};
+use crate::materialise::{link_from_cache, remove_tree, Materialiser};
+use crate::tamper::SharedFiles;
+use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How an action's input root was found in the directory cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheUse {
+    /// No cache on this worker.
+    Off,
+    /// Linked from the cache.
+    Hit,
+    /// Fetched and built.
+    Miss,
+}
+
+/// An action's inputs in place.
+pub struct Inputs {
+    /// The input files the tree shares with the stores, to check after the run.
+    pub shared: SharedFiles,
+    /// Leases on the cache entries the tree was linked from: held until the action is done.
+    pub leases: Vec<Lease>,
+    /// How the root was found.
+    pub cache: CacheUse,
+}
+
+/// Lays out the input tree `root_digest` of `instance` at `root` (which must not exist);
+/// the blobs fetched for it are pinned into `pins`, to be released when the action is done.
+pub async fn place(
+    ctx: &WorkerContext,
+    source: &Source<'_>,
+    instance: &InstanceName,
+    function: i32,
+    root_digest: Digest,
+    root: &Path,
+    pins: &mut Vec<BlobKey>,
+) -> Result<Inputs, ActionError> {
+    let key = BlobKey::new(instance.clone(), root_digest);
+    if let Some(cache) = ctx.dircache.clone() {
+        let (key, root) = (key.clone(), root.to_path_buf());
+        let hit = blocking(root.clone(), move || link_cached(&cache, &key, &root)).await?;
+        if let Some(cache) = &ctx.dircache {
+            cache.note_root(hit.is_some());
+        }
+        if let Some(inputs) = hit {
+            return Ok(inputs);
+        }
+    }
+    let (tree, taken) = fetch(
+        &ctx.local,
+        source,
+        instance,
+        root_digest,
+        ctx.fetch_parallelism,
+    )
+    .await?;
+    *pins = taken;
+    let local = ctx.local.clone();
+    let exec_cache = ctx.exec_cache.clone();
+    let cache = ctx.dircache.clone();
+    let (inst, root) = (instance.clone(), root.to_path_buf());
+    blocking(root.clone(), move || {
+        std::fs::create_dir_all(&root).map_err(io("create", &root))?;
+        let blob_path = |d: Digest| local.path(&inst, d);
+        let m = Materialiser {
+            blob_path: &blob_path,
+            exec_cache: &exec_cache,
+            function,
+            cache: cache.as_ref().map(|c| (c, &inst)),
+        };
+        lay_out(cache.as_ref(), &m, &key, function, &tree, &root)
+    })
+    .await
+}
+
+/// Lays out the fetched `tree` at `root` (existing, empty): through a new cache entry when
+/// the cache takes it, else straight from the CAS (blocking).
+fn lay_out(
+    cache: Option<&Arc<DirCache>>,
+    m: &Materialiser<'_>,
+    key: &BlobKey,
+    function: i32,
+    tree: &InputTree,
+    root: &Path,
+) -> Result<Inputs, ActionError> {
+    if let Some(cache) = cache {
+        if let Some(inputs) = build_and_link(cache, m, key, function, tree, root)? {
+            return Ok(inputs);
+        }
+    }
+    let (shared, leases) = m.materialise(tree, root)?;
+    Ok(Inputs {
+        shared,
+        leases,
+        cache: if cache.is_some() {
+            CacheUse::Miss
+        } else {
+            CacheUse::Off
+        },
+    })
+}
+
+/// Runs `work` on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    at: PathBuf,
+    work: impl FnOnce() -> Result<T, ActionError> + Send + 'static,
+) -> Result<T, ActionError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ActionError::io("lay out inputs", &at, std::io::Error::other(e)))?
+}
+
+/// Links input root `key` from the cache into `root` when an entry holds it.
+fn link_cached(
+    cache: &Arc<DirCache>,
+    key: &BlobKey,
+    root: &Path,
+) -> Result<Option<Inputs>, ActionError> {
+    let (lease, src) = match cache.lease_root(key) {
+        RootHit::Hit(lease) => {
+            let src = cache.dirs().entry(key);
+            (lease, src)
+        }
+        RootHit::Miss => match cache.lease_subtree(key) {
+            Some((lease, place)) => (lease, cache.dirs().place(&place)),
+            None => return Ok(None),
+        },
+    };
+    linked(lease, &src, root, CacheUse::Hit).map(Some)
+}
+
+/// Lays out the tree at `src` in leased entry `lease` at `root`.
+fn linked(lease: Lease, src: &Path, root: &Path, how: CacheUse) -> Result<Inputs, ActionError> {
+    std::fs::create_dir_all(root).map_err(io("create", root))?;
+    let mut shared = SharedFiles::default();
+    link_from_cache(src, root, lease.key(), &mut shared)?;
+    Ok(Inputs {
+        shared,
+        leases: vec![lease],
+        cache: how,
+    })
+}
+
+/// Builds an entry for `tree` and links it into `root`; `None` when the cache will not take
+/// it (it is being built by another action, or does not fit), or building failed for a
+/// reason of the cache's own (logged): the caller then lays the tree out itself.
+fn build_and_link(
+    cache: &Arc<DirCache>,
+    m: &Materialiser<'_>,
+    key: &BlobKey,
+    function: i32,
+    tree: &InputTree,
+    root: &Path,
+) -> Result<Option<Inputs>, ActionError> {
+    let manifest = disk::manifest(&key.instance, function, tree);
+    let Ok((facts, _)) = disk::facts(&manifest) else {
+        return Ok(None);
+    };
+    let Some(building) = cache.begin(key, facts.bytes) else {
+        return Ok(None);
+    };
+    let lease = match build(cache, m, building, facts.dirs, tree, &manifest) {
+        Ok(lease) => lease,
+        Err(e @ (ActionError::MissingInputs(_) | ActionError::BadInput(_))) => return Err(e),
+        Err(e) => {
+            tracing::warn!(entry = ?key, error = %e, "cannot build a directory-cache entry; laying the inputs out without it");
+            return Ok(None);
+        }
+    };
+    linked(lease, &cache.dirs().entry(key), root, CacheUse::Miss).map(Some)
+}
+
+fn build(
+    cache: &Arc<DirCache>,
+    m: &Materialiser<'_>,
+    building: Building,
+    dirs: Vec<(BlobKey, PathBuf)>,
+    tree: &InputTree,
+    manifest: &kiln_proto::worker::DirCacheManifest,
+) -> Result<Lease, ActionError> {
+    let built = cache.dirs().build_path();
+    let result = std::fs::create_dir(&built)
+        .map_err(io("create", &built))
+        // The subtrees linked in from other entries need no lease once linked.
+        .and_then(|()| m.materialise(tree, &built).map(drop))
+        .and_then(|()| {
+            disk::install(cache.dirs(), building.key(), &built, manifest)
+                .map_err(io("install", &built))
+        });
+    match result {
+        Ok(()) => Ok(building.finish(dirs)),
+        Err(e) => {
+            let _ = remove_tree(&built);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tamper::Origin;
+    use kiln_proto::reapi::{Directory, DirectoryNode, FileNode, NodeProperties, SymlinkNode};
+    use kiln_reapi::digest::DigestFunction;
+    use prost::Message;
+    use std::collections::HashMap;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    const F: DigestFunction = DigestFunction::Sha256;
+
+    /// A CAS directory of read-only files named by hash, an executable cache and a cache.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        directories: HashMap<Digest, Directory>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            for d in ["cas", "exec", "work"] {
+                std::fs::create_dir(dir.path().join(d)).unwrap();
+            }
+            Fixture {
+                dir,
+                directories: HashMap::new(),
+            }
+        }
+
+        fn path(&self, p: &str) -> PathBuf {
+            self.dir.path().join(p)
+        }
+
+        fn open(&self, cap: u64) -> Arc<DirCache> {
+            DirCache::open(&self.path("dircache"), cap).unwrap()
+        }
+
+        fn blob(&self, data: &[u8]) -> Digest {
+            let d = Digest::of(F, data);
+            let p = self.path("cas").join(d.hex());
+            if !p.exists() {
+                std::fs::write(&p, data).unwrap();
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
+            }
+            d
+        }
+
+        fn file(&self, name: &str, data: &[u8], exec: bool) -> FileNode {
+            FileNode {
+                name: name.into(),
+                digest: Some(self.blob(data).to_proto()),
+                is_executable: exec,
+                node_properties: None,
+            }
+        }
+
+        fn directory(&mut self, dir: Directory) -> Digest {
+            let d = Digest::of(F, &dir.encode_to_vec());
+            self.directories.insert(d, dir);
+            d
+        }
+
+        fn sub(name: &str, d: Digest) -> DirectoryNode {
+            DirectoryNode {
+                name: name.into(),
+                digest: Some(d.to_proto()),
+            }
+        }
+
+        /// A shared subtree `lib/` of two files and a stamped, executable tool at the top.
+        fn tree(&mut self, top_file: &[u8]) -> (Digest, Digest) {
+            let lib = Directory {
+                files: vec![
+                    self.file("a.h", b"shared header", false),
+                    self.file("b.h", b"second", false),
+                ],
+                node_properties: Some(NodeProperties {
+                    properties: vec![],
+                    mtime: Some(prost_types::Timestamp {
+                        seconds: 1_234_567_890,
+                        nanos: 0,
+                    }),
+                    unix_mode: Some(0o555),
+                }),
+                ..Default::default()
+            };
+            let lib = self.directory(lib);
+            let mut stamped = self.file("stamped", b"stamped", false);
+            stamped.node_properties = Some(NodeProperties {
+                properties: vec![],
+                mtime: Some(prost_types::Timestamp {
+                    seconds: 1_000_000_000,
+                    nanos: 0,
+                }),
+                unix_mode: Some(0o444),
+            });
+            let top = Directory {
+                files: vec![
+                    self.file("main.c", top_file, false),
+                    self.file("tool", b"#!/bin/sh\n", true),
+                    stamped,
+                ],
+                directories: vec![Self::sub("lib", lib)],
+                symlinks: vec![SymlinkNode {
+                    name: "link".into(),
+                    target: "lib/a.h".into(),
+                    node_properties: None,
+                }],
+                ..Default::default()
+            };
+            (self.directory(top), lib)
+        }
+
+        /// Lays out input root `root` at `at` as an action would, through `cache`.
+        fn place(&self, cache: &Arc<DirCache>, root: Digest, at: &Path) -> Inputs {
+            let key = BlobKey::new(InstanceName::default_instance(), root);
+            std::fs::create_dir_all(at).unwrap();
+            let hit = link_cached(cache, &key, at).unwrap();
+            cache.note_root(hit.is_some());
+            if let Some(inputs) = hit {
+                return inputs;
+            }
+            let cas = self.path("cas");
+            let blob_path = |d: Digest| cas.join(d.hex());
+            let instance = InstanceName::default_instance();
+            let exec = self.path("exec");
+            let m = Materialiser {
+                blob_path: &blob_path,
+                exec_cache: &exec,
+                function: F.proto() as i32,
+                cache: Some((cache, &instance)),
+            };
+            let tree = InputTree {
+                root,
+                directories: self.directories.clone(),
+            };
+            lay_out(Some(cache), &m, &key, F.proto() as i32, &tree, at).unwrap()
+        }
+    }
+
+    fn meta(p: &Path) -> std::fs::Metadata {
+        std::fs::symlink_metadata(p).unwrap()
+    }
+
+    /// The layout every placement of [`Fixture::tree`] must have.
+    fn assert_laid_out(at: &Path, top_file: &[u8]) {
+        assert_eq!(std::fs::read(at.join("main.c")).unwrap(), top_file);
+        assert_eq!(meta(&at.join("main.c")).mode() & 0o7777, 0o444);
+        assert_eq!(meta(&at.join("tool")).mode() & 0o7777, 0o555);
+        assert_eq!(meta(&at.join("stamped")).mtime(), 1_000_000_000);
+        assert_eq!(std::fs::read(at.join("lib/a.h")).unwrap(), b"shared header");
+        assert_eq!(meta(&at.join("lib")).mode() & 0o7777, 0o555);
+        assert_eq!(meta(&at.join("lib")).mtime(), 1_234_567_890);
+        assert_eq!(
+            std::fs::read_link(at.join("link")).unwrap(),
+            Path::new("lib/a.h")
+        );
+    }
+
+    #[test]
+    fn an_input_root_is_built_once_then_linked_from_the_cache() {
+        let mut fx = Fixture::new();
+        let cache = fx.open(1 << 30);
+        let (root, _) = fx.tree(b"int main;");
+        let first = fx.place(&cache, root, &fx.path("work/1"));
+        assert_eq!(first.cache, CacheUse::Miss);
+        assert_laid_out(&fx.path("work/1"), b"int main;");
+        let second = fx.place(&cache, root, &fx.path("work/2"));
+        assert_eq!(second.cache, CacheUse::Hit);
+        assert_laid_out(&fx.path("work/2"), b"int main;");
+        // The same inodes as the CAS's files, through the entry: nothing was copied.
+        let cas_file = fx.path("cas").join(Digest::of(F, b"int main;").hex());
+        assert_eq!(meta(&fx.path("work/2/main.c")).ino(), meta(&cas_file).ino());
+        // Every file of the hit is recorded for the tamper check, as the entry's.
+        let key = BlobKey::new(InstanceName::default_instance(), root);
+        assert_eq!(second.shared.len(), 5, "main.c, tool, stamped, a.h, b.h");
+        assert!(second
+            .shared
+            .inodes()
+            .contains(&(meta(&cas_file).dev(), meta(&cas_file).ino())));
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.counts.hits, stats.counts.misses, stats.entries),
+            (1, 1, 1)
+        );
+        // Leased while used: eviction leaves it alone; removed at the last release.
+        cache.evict(&key);
+        assert!(cache.dirs().entry(&key).is_dir());
+        drop(first);
+        assert!(cache.dirs().entry(&key).is_dir());
+        drop(second);
+        assert!(!cache.dirs().entry(&key).exists());
+        assert_eq!(cache.stats().entries, 0);
+    }
+
+    #[test]
+    fn a_subtree_another_entry_holds_is_linked_from_it() {
+        let mut fx = Fixture::new();
+        let cache = fx.open(1 << 30);
+        let (first, lib) = fx.tree(b"one");
+        let (second, lib_again) = fx.tree(b"two");
+        assert_eq!(lib, lib_again);
+        drop(fx.place(&cache, first, &fx.path("work/1")));
+        let placed = fx.place(&cache, second, &fx.path("work/2"));
+        assert_eq!(placed.cache, CacheUse::Miss);
+        assert_laid_out(&fx.path("work/2"), b"two");
+        assert_eq!(cache.stats().counts.subtree_hits, 1);
+        // A root that is a directory inside an entry is a hit.
+        let only_lib = fx.place(&cache, lib, &fx.path("work/3"));
+        assert_eq!(only_lib.cache, CacheUse::Hit);
+        assert_eq!(
+            std::fs::read(fx.path("work/3/a.h")).unwrap(),
+            b"shared header"
+        );
+        assert_eq!(meta(&fx.path("work/3")).mtime(), 1_234_567_890);
+    }
+
+    #[test]
+    fn entries_survive_a_restart_and_are_checked_before_their_first_use() {
+        let mut fx = Fixture::new();
+        let (kept, _) = fx.tree(b"kept");
+        let (tampered, _) = fx.tree(b"tampered");
+        let cache = fx.open(1 << 30);
+        drop(fx.place(&cache, kept, &fx.path("work/1")));
+        drop(fx.place(&cache, tampered, &fx.path("work/2")));
+        let tampered_key = BlobKey::new(InstanceName::default_instance(), tampered);
+        let entry = cache.dirs().entry(&tampered_key);
+        drop(cache);
+        // Changed while the worker was down: found at the first use, and evicted.
+        let file = entry.join("main.c");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&file, b"TAMPERED").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let cache = fx.open(1 << 30);
+        assert_eq!(cache.stats().entries, 2);
+        assert_eq!(
+            fx.place(&cache, kept, &fx.path("work/3")).cache,
+            CacheUse::Hit
+        );
+        assert_laid_out(&fx.path("work/3"), b"kept");
+        // Not a hit: its content does not match its manifest. Built again, from the CAS.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(
+            fx.path("cas").join(Digest::of(F, b"tampered").hex()),
+            b"tampered",
+        )
+        .unwrap();
+        let again = fx.place(&cache, tampered, &fx.path("work/4"));
+        assert_eq!(again.cache, CacheUse::Miss);
+        assert_eq!(
+            std::fs::read(fx.path("work/4/main.c")).unwrap(),
+            b"tampered"
+        );
+        assert_eq!(cache.stats().counts.evictions, 1);
+        // An extra name in an entry is a mismatch too.
+        drop(again);
+        drop(cache);
+        let entry = {
+            let c = fx.open(1 << 30);
+            c.dirs()
+                .entry(&BlobKey::new(InstanceName::default_instance(), kept))
+        };
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(entry.join("planted"), b"x").unwrap();
+        let cache = fx.open(1 << 30);
+        assert_eq!(
+            fx.place(&cache, kept, &fx.path("work/5")).cache,
+            CacheUse::Miss
+        );
+        assert!(!fx.path("work/5/planted").exists());
+    }
+
+    #[test]
+    fn a_cache_of_another_format_is_discarded_and_a_torn_entry_removed() {
+        let mut fx = Fixture::new();
+        let (root, _) = fx.tree(b"x");
+        let cache = fx.open(1 << 30);
+        drop(fx.place(&cache, root, &fx.path("work/1")));
+        drop(cache);
+        std::fs::write(fx.path("dircache/FORMAT"), b"kiln-dircache 99\n").unwrap();
+        let cache = fx.open(1 << 30);
+        assert_eq!(cache.stats().entries, 0);
+        assert_eq!(
+            std::fs::read_dir(fx.path("dircache/entries"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert_eq!(
+            std::fs::read(fx.path("dircache/FORMAT")).unwrap(),
+            disk::FORMAT
+        );
+        // A manifest cut short (a crash while it was written): its entry is removed.
+        drop(fx.place(&cache, root, &fx.path("work/2")));
+        drop(cache);
+        let manifests: Vec<PathBuf> = std::fs::read_dir(fx.path("dircache/manifests"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(manifests.len(), 1);
+        let bytes = std::fs::read(&manifests[0]).unwrap();
+        std::fs::write(&manifests[0], &bytes[..bytes.len() / 2]).unwrap();
+        let cache = fx.open(1 << 30);
+        assert_eq!(cache.stats().entries, 0);
+        assert_eq!(
+            std::fs::read_dir(fx.path("dircache/entries"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn eviction_removes_the_least_recently_used_and_never_a_leased_entry() {
+        let mut fx = Fixture::new();
+        let roots: Vec<Digest> = (0..3)
+            .map(|i| fx.tree(format!("root {i}").as_bytes()).0)
+            .collect();
+        let key = |d: Digest| BlobKey::new(InstanceName::default_instance(), d);
+        // Room for one entry (each is charged its files' bytes and 4 KiB per directory).
+        let cache = fx.open(9_000);
+        let held = fx.place(&cache, roots[0], &fx.path("work/0"));
+        drop(fx.place(&cache, roots[1], &fx.path("work/1")));
+        assert!(cache.dirs().entry(&key(roots[0])).is_dir(), "leased: kept");
+        assert!(
+            !cache.dirs().entry(&key(roots[1])).exists(),
+            "over the cap and unleased"
+        );
+        drop(held);
+        drop(fx.place(&cache, roots[2], &fx.path("work/2")));
+        assert!(!cache.dirs().entry(&key(roots[0])).exists());
+        assert!(cache.dirs().entry(&key(roots[2])).is_dir());
+        assert_eq!(cache.stats().entries, 1);
+    }
+
+    #[test]
+    fn a_file_changed_through_an_action_is_reported_as_the_entrys() {
+        let mut fx = Fixture::new();
+        let cache = fx.open(1 << 30);
+        let (root, _) = fx.tree(b"victim");
+        drop(fx.place(&cache, root, &fx.path("work/1")));
+        let hit = fx.place(&cache, root, &fx.path("work/2"));
+        let linked = fx.path("work/2/main.c");
+        std::fs::set_permissions(&linked, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&linked, b"changed!").unwrap();
+        let changed = hit.shared.changed();
+        let key = BlobKey::new(InstanceName::default_instance(), root);
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].origin, Origin::DirCache(key.clone()));
+        let rel = changed[0]
+            .path
+            .strip_prefix(cache.dirs().entry(&key))
+            .unwrap();
+        assert_eq!(
+            disk::file_digest(cache.dirs(), &key, rel),
+            Some(Digest::of(F, b"victim"))
+        );
+    }
+
+    #[test]
+    fn concurrent_actions_share_entries_and_subtrees_safely() {
+        let mut fx = Fixture::new();
+        let roots: Vec<(Digest, Vec<u8>)> = (0..4)
+            .map(|i| {
+                let top = format!("top {i}").into_bytes();
+                (fx.tree(&top).0, top)
+            })
+            .collect();
+        let cache = fx.open(1 << 30);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (fx, cache, roots) = (&fx, &cache, &roots);
+                s.spawn(move || {
+                    for round in 0..6 {
+                        let (root, top) = &roots[(t + round) % roots.len()];
+                        let at = fx.path(&format!("work/{t}-{round}"));
+                        let placed = fx.place(cache, *root, &at);
+                        assert_laid_out(&at, top);
+                        drop(placed);
+                    }
+                });
+            }
+        });
+        let stats = cache.stats();
+        assert_eq!(stats.counts.hits + stats.counts.misses, 24);
+        assert_eq!(stats.entries, 4, "each root built into one entry");
+    }
+}
