@@ -98,6 +98,61 @@ on_every_runtime! {
     }
 }
 
+// The worker's directory cache: an action whose input root the worker has laid out before
+// (a rebuild with a new salt: same inputs, new action) gets it from the cache, and so does
+// one after the worker was killed and restarted (the entry is checked against its manifest
+// first); the server exports the counts the worker reports, and shows them on /status.
+on_every_runtime! {
+    async fn a_repeated_input_root_comes_from_the_worker_directory_cache(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let wdir = dir.path().join("w1");
+        let mut w = start_worker(rt, &kiln, &wdir, "w1", &[]).await;
+        let ch = kiln.channel().await;
+        let tree = Tree::default()
+            .file("src/a.txt", b"alpha ", false)
+            .file("src/deep/b.txt", b"beta ", false)
+            .file("bin/tool", b"#!/bin/sh\necho tool\n", true);
+        let run = |salt: &str| Spec {
+            tree: tree.clone(),
+            ..Spec::script(&format!("cat src/a.txt src/deep/b.txt; ./bin/tool; echo {salt}"))
+        };
+        let counts = |admin: String| async move {
+            (
+                common::metric_if_any(&admin, "kiln_worker_dircache_hits_total{worker=\"w1\"}").await,
+                common::metric_if_any(&admin, "kiln_worker_dircache_misses_total{worker=\"w1\"}").await,
+            )
+        };
+        for (salt, hits) in [("one", 0.0), ("two", 1.0)] {
+            let (_, r) = execute(&ch, F, &run(salt).upload(&ch, F).await, false).await.unwrap();
+            assert_eq!(code(&r), 0, "{r:?}");
+            let out = read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+            assert_eq!(out, format!("alpha beta tool\n{salt}\n").into_bytes());
+            common::eventually("the worker's report", || {
+                let admin = kiln.admin.clone();
+                async move { (counts(admin).await == (Some(hits), Some(1.0))).then_some(()) }
+            })
+            .await;
+        }
+        let (_, status) = common::curl(&format!("{}/status", kiln.admin), &[]);
+        assert!(status.contains("id=\"dircaches\"") && status.contains("<th>w1</th>"), "{status}");
+        assert!(status.contains("50.0% of 2 input roots from the cache"), "{status}");
+        // Killed and started again on the same directories: the entry is kept.
+        w.kill();
+        let _w = start_worker(rt, &kiln, &wdir, "w1", &[]).await;
+        let (_, r) = execute(&ch, F, &run("three").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        let out = read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+        assert_eq!(out, b"alpha beta tool\nthree\n");
+        common::eventually("the restarted worker's hit to be counted", || {
+            let admin = kiln.admin.clone();
+            async move { (counts(admin).await == (Some(2.0), Some(1.0))).then_some(()) }
+        })
+        .await;
+        kiln.stop().await;
+    }
+}
+
 on_every_runtime! {
     async fn inputs_outputs_symlinks_and_executables(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();

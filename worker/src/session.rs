@@ -7,7 +7,7 @@ use crate::action::{execute, Progress, WorkerContext};
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use kiln_proto::worker::{
     server_message, worker_message, ExecuteComplete, ExecutionStarted, GoingAway, Hello, KeepAlive,
-    Property, ServerMessage, WorkerMessage,
+    Property, ServerMessage, WorkerMessage, WorkerReport,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,16 @@ pub struct Identity {
     pub properties: Vec<(String, String)>,
     /// Actions run at once.
     pub max_inflight: usize,
+}
+
+/// The worker's report of itself (its directory cache), when it has anything to report.
+fn report(ctx: &WorkerContext) -> Option<WorkerMessage> {
+    let cache = ctx.dircache.as_ref()?;
+    Some(WorkerMessage {
+        message: Some(worker_message::Message::Report(WorkerReport {
+            dircache: Some(cache.stats().report()),
+        })),
+    })
 }
 
 /// Connects to the scheduler and serves sessions until `stop` turns true; then says GoingAway
@@ -96,6 +106,9 @@ async fn session(
             running: Vec::new(),
         }),
     );
+    if let Some(report) = report(&ctx) {
+        let _ = tx.try_send(report);
+    }
     let mut inbound = WorkerApiClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
@@ -132,9 +145,12 @@ async fn session(
                                     });
                                 }
                             };
-                            let result = execute(ctx, start, kill_rx, progress).await;
+                            let result = execute(ctx.clone(), start, kill_rx, progress).await;
                             running.lock().unwrap_or_else(|e| e.into_inner()).remove(&operation);
                             let _ = tx.send(WorkerMessage { message: Some(worker_message::Message::Result(result)) }).await;
+                            if let Some(report) = report(&ctx) {
+                                let _ = tx.send(report).await;
+                            }
                         });
                     }
                     server_message::Message::Kill(k) => {

@@ -75,6 +75,7 @@ pub struct Gauges {
     running: Gauge,
     workers: Gauge,
     completed_kept: Gauge,
+    workers_caches: super::worker_gauges::WorkerGauges,
 }
 
 impl Gauges {
@@ -101,6 +102,7 @@ impl Gauges {
             running: Gauge::default(),
             workers: Gauge::default(),
             completed_kept: Gauge::default(),
+            workers_caches: Default::default(),
         };
         for shard in 0..shards {
             let _ = g.queue_depth.get_or_create(&ShardLabel {
@@ -208,6 +210,7 @@ impl Gauges {
             "Connected workers",
             self.workers.clone(),
         );
+        self.workers_caches.register(registry);
     }
 
     /// Asks the shards and the action cache; a shard that does not answer within a second
@@ -231,6 +234,7 @@ impl Gauges {
             self.running.set(s.running as i64);
             self.workers.set(s.workers as i64);
             self.completed_kept.set(s.completed_kept as i64);
+            self.workers_caches.refresh(e);
         }
         self.pinned_bytes.set(cas.accounting().pinned() as i64);
         self.staging_bytes.set(cas.accounting().staging() as i64);

@@ -7,6 +7,7 @@ mod gauges;
 pub mod listener;
 pub mod sampler;
 pub mod status;
+mod worker_gauges;
 
 use crate::action_cache::AcStore;
 use crate::execution::ExecutionCore;
@@ -261,6 +262,11 @@ async fn status_page(State(state): State<Arc<AdminState>>) -> Html<String> {
         uploads: (stats.active_uploads, stats.parked_uploads),
         connections: m.connections_open.get(),
         execution: state.execution.as_ref().map(|e| e.stats()),
+        worker_caches: state
+            .execution
+            .as_ref()
+            .map(|e| e.worker_caches())
+            .unwrap_or_default(),
         rates: state.sampler.rates(),
         series: state.sampler.series(),
     };

@@ -46,6 +46,8 @@ pub struct Snapshot {
     pub connections: i64,
     /// The scheduler, when execution is enabled.
     pub execution: Option<crate::execution::SchedulerStats>,
+    /// Each connected worker's directory cache, as it last reported it.
+    pub worker_caches: Vec<(String, kiln_proto::worker::DirCacheReport)>,
     /// Rates over the last minute.
     pub rates: Option<Rates>,
     /// Bytes per second, per second of the last minute.
@@ -199,6 +201,26 @@ pub fn render(s: &Snapshot) -> String {
             s.uploads.0, s.uploads.1
         ),
     );
+    let mut workers = String::new();
+    for (name, c) in &s.worker_caches {
+        let roots = c.hits + c.misses;
+        let _ = write!(
+            workers,
+            "<tr><th>{}</th><td>{} of {} ({} entries)</td><td>{} of {roots} input roots from the cache; {} subtrees reused; {} evicted</td></tr>",
+            escape(name),
+            human_bytes(c.bytes as f64),
+            human_bytes(c.capacity as f64),
+            c.entries,
+            percent(c.hits, roots),
+            c.subtree_hits,
+            c.evictions
+        );
+    }
+    let workers = if workers.is_empty() {
+        String::new()
+    } else {
+        format!("<h2>Workers' directory caches</h2>\n<table id=\"dircaches\">{workers}</table>")
+    };
     let traffic = match s.rates {
         Some(r) => format!(
             "{:.1} calls/s, in {}/s, out {}/s (last {} s)",
@@ -226,6 +248,7 @@ th, td {{ padding: .3em .6em; border-bottom: 1px solid #e7e5e4; }}
 <table id="server">{rows}</table>
 <h2>Storage</h2>
 <table id="store">{store}</table>
+{workers}
 <h2>Traffic</h2>
 <p id="traffic">{traffic}</p>
 {spark}
@@ -253,8 +276,22 @@ mod tests {
             cas_capacity: 1 << 30,
             lookups: (3, 1, 0),
             series: vec![0.0, 10.0, 5.0],
+            worker_caches: vec![(
+                "mac<1>".into(),
+                kiln_proto::worker::DirCacheReport {
+                    bytes: 3 << 30,
+                    capacity: 4 << 30,
+                    entries: 7,
+                    hits: 3,
+                    misses: 1,
+                    subtree_hits: 2,
+                    evictions: 0,
+                    run: 1,
+                },
+            )],
             ..Default::default()
         });
+        assert!(page.contains("<th>mac&lt;1&gt;</th><td>3.0 GiB of 4.0 GiB (7 entries)</td><td>75.0% of 4 input roots from the cache; 2 subtrees reused; 0 evicted</td>"), "{page}");
         assert!(page.contains("1d 01h 01m 01s"), "{page}");
         assert!(
             page.contains("12 blobs, 512.0 MiB of 1.0 GiB (50.0%)"),

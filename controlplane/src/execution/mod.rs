@@ -54,6 +54,8 @@ pub struct Payload {
 struct Session {
     tx: mpsc::Sender<ServerMessage>,
     name: String,
+    /// The worker's last report of its directory cache.
+    dircache: Option<kiln_proto::worker::DirCacheReport>,
 }
 
 /// Counts for the status page and metrics.
@@ -395,11 +397,29 @@ impl ExecutionCore {
             Session {
                 tx,
                 name: name.clone(),
+                dircache: None,
             },
         );
         tracing::info!(worker = %name, id, capacity, "worker connected");
         self.apply(|s, now| s.worker_joined(now, id, properties, capacity));
         id
+    }
+
+    /// A worker reports on itself.
+    fn worker_report(&self, worker: WorkerId, report: kiln_proto::worker::WorkerReport) {
+        if let Some(session) = lock(&self.sessions).get_mut(&worker) {
+            session.dircache = report.dircache;
+        }
+    }
+
+    /// Each connected worker's name and last report of its directory cache, by name.
+    pub fn worker_caches(&self) -> Vec<(String, kiln_proto::worker::DirCacheReport)> {
+        let mut out: Vec<_> = lock(&self.sessions)
+            .values()
+            .filter_map(|s| Some((s.name.clone(), s.dircache?)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     fn worker_seen(&self, worker: WorkerId) {

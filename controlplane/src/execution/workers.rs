@@ -113,6 +113,7 @@ impl WorkerApi for WorkerApiService {
                                 Some(worker_message::Message::ExecuteComplete(c)) => core.executed(id, &c.operation),
                                 Some(worker_message::Message::Result(r)) => core.reported(id, r).await,
                                 Some(worker_message::Message::GoingAway(_)) => core.worker_draining(id),
+                                Some(worker_message::Message::Report(r)) => core.worker_report(id, r),
                                 _ => {}
                             }
                         }

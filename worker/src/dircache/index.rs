@@ -331,6 +331,11 @@ impl Index {
         out
     }
 
+    /// The cap.
+    pub fn capacity(&self) -> u64 {
+        self.cap
+    }
+
     /// Bytes held by ready entries.
     pub fn bytes(&self) -> u64 {
         self.bytes

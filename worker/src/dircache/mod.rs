@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub struct DirCache {
     dirs: Dirs,
     index: Mutex<Index>,
+    /// Tells this process's counts from another's in reports.
+    run: u64,
 }
 
 /// A snapshot of the cache for reports.
@@ -29,10 +31,30 @@ pub struct DirCache {
 pub struct DirCacheStats {
     /// Bytes the entries are charged.
     pub bytes: u64,
+    /// The cap.
+    pub capacity: u64,
     /// Entries.
     pub entries: u64,
     /// Counters since start.
     pub counts: Counts,
+    /// This process's run (see [`DirCacheStats::report`]).
+    pub run: u64,
+}
+
+impl DirCacheStats {
+    /// As the worker reports it to the scheduler.
+    pub fn report(&self) -> kiln_proto::worker::DirCacheReport {
+        kiln_proto::worker::DirCacheReport {
+            bytes: self.bytes,
+            capacity: self.capacity,
+            entries: self.entries,
+            hits: self.counts.hits,
+            misses: self.counts.misses,
+            subtree_hits: self.counts.subtree_hits,
+            evictions: self.counts.evictions,
+            run: self.run,
+        }
+    }
 }
 
 /// One lease on an entry: the entry is not removed while a lease is held; dropping it
@@ -90,6 +112,7 @@ impl DirCache {
         Ok(Arc::new(DirCache {
             dirs,
             index: Mutex::new(index),
+            run: uuid::Uuid::new_v4().as_u64_pair().0,
         }))
     }
 
@@ -184,8 +207,10 @@ impl DirCache {
         let index = self.lock();
         DirCacheStats {
             bytes: index.bytes(),
+            capacity: index.capacity(),
             entries: index.entries() as u64,
             counts: index.counts(),
+            run: self.run,
         }
     }
 }
