@@ -249,6 +249,13 @@ pub(crate) fn open_dircache(
         .dircache_dir
         .clone()
         .unwrap_or_else(|| config.storage.data_dir.join("dircache"));
+    let work_dir = config
+        .worker
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| config.storage.data_dir.join("work"));
+    kiln_worker::dircache::check_place(&dir, &config.storage.data_dir, &work_dir)
+        .map_err(|why| anyhow::anyhow!("worker.dircache_dir: {why}"))?;
     let cache = kiln_worker::dircache::DirCache::open(&dir, cap)
         .with_context(|| format!("cannot open the directory cache in {}", dir.display()))?;
     Ok(Some(cache))

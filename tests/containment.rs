@@ -63,6 +63,56 @@ on_every_runtime! {
     }
 }
 
+// With the directory cache, an input file is the same inode in the CAS and in every cache
+// entry holding it. An action that writes to one (linked from the cache) must leave no entry
+// serving the new bytes: every entry with that content is evicted, not only the one it came
+// from. An action that only changes an input's mode or time has them put back.
+on_every_runtime! {
+    async fn an_action_writing_to_a_cached_input_leaves_no_entry_serving_it(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = Kiln::start_on(rt, dir.path()).await;
+        let ch = kiln.channel().await;
+        let original = b"pristine shared input".to_vec();
+        let a = Tree::default().file("in", &original, false).file("a", b"only in a", false);
+        let b = Tree::default().file("in", &original, false).file("b", b"only in b", false);
+        let run = |tree: &Tree, script: &str| Spec { tree: tree.clone(), ..Spec::script(script) };
+        let stdout = |r: kiln_proto::reapi::ExecuteResponse| r.result.unwrap().stdout_digest.unwrap();
+        // Both roots built into entries (sharing the CAS's inode of `in`), then `a` again:
+        // linked from its entry.
+        for (tree, salt) in [(&a, "1"), (&b, "2"), (&a, "3")] {
+            let (_, r) = execute(&ch, F, &run(tree, &format!("cat in; echo {salt}")).upload(&ch, F).await, false).await.unwrap();
+            assert_eq!(code(&r), 0, "{r:?}");
+        }
+        // Only the mode changed: put back, and the entry stays.
+        let chmod = run(&a, "chmod 644 in; stat -c %a in");
+        let (_, r) = execute(&ch, F, &chmod.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(read(&ch, &stdout(r)).await, b"644\n");
+        let check = run(&a, "stat -c %a in; cat in");
+        let (_, r) = execute(&ch, F, &check.upload(&ch, F).await, false).await.unwrap();
+        let mut want = b"444\n".to_vec();
+        want.extend_from_slice(&original);
+        assert_eq!(read(&ch, &stdout(r)).await, want, "mode put back");
+        // Written through the link from `a`'s entry.
+        let tamper = run(&a, "chmod u+w in && printf 'tampered shared input' > in; cat in");
+        let (_, r) = execute(&ch, F, &tamper.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(read(&ch, &stdout(r)).await, b"tampered shared input");
+        let d = blobs::digest(F, &original);
+        common::eventually("the written input to leave the CAS", || {
+            let (ch, d) = (ch.clone(), d.clone());
+            async move { (blobs::find_missing(&ch, "", F, vec![d]).await.len() == 1).then_some(()) }
+        })
+        .await;
+        // `b`'s entry shared that inode too: uploaded again, `b` gets the original bytes.
+        let again = run(&b, "cat in; echo 4");
+        let (_, r) = execute(&ch, F, &again.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        let mut want = original.clone();
+        want.extend_from_slice(b"4\n");
+        assert_eq!(read(&ch, &stdout(r)).await, want);
+        kiln.stop().await;
+    }
+}
+
 /// Whether `pid` is a live process (not gone, not a zombie).
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

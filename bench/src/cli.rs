@@ -120,6 +120,14 @@ pub struct Args {
     /// worker's fetch of many small inputs; `input-fetch` counts them all).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub input_files: u64,
+    /// `execute` with --input-size: every action gets the same input files (under a new salt,
+    /// like a rebuild with new salts), so a worker's directory cache can serve them.
+    #[arg(long)]
+    pub shared_inputs: bool,
+    /// `execute` with --input-size: spread the input files over subdirectories of at most
+    /// this many files each (0: all in the input root).
+    #[arg(long, default_value_t = 0)]
+    pub files_per_dir: u64,
     /// Milliseconds each `execute` action sleeps (0: a no-op).
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,

@@ -2,16 +2,15 @@
 //! outputs, report the result with timestamps, and clean up. Pins on inputs are held from fetch
 //! to the end.
 
-use crate::dircache::{disk, DirCache, Lease};
+use crate::dircache::{DirCache, Lease};
 use crate::error::ActionError;
 use crate::fetch::Source;
 use crate::inputs::{place, CacheUse};
-use crate::local::{hash_file, LocalCas};
+use crate::local::LocalCas;
 use crate::materialise::remove_tree;
 use crate::outputs::{collect, Blob, OutputOwners, Staging};
 use crate::remote::SMALL;
 use crate::run::{run, RunEnd, RunSpec};
-use crate::tamper::{Origin, SharedFiles};
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{ActionResult, Command, ExecutedActionMetadata};
 use kiln_proto::worker::{ExecutionResult, StartExecute};
@@ -197,7 +196,7 @@ async fn attempt(
         action_uid: ctx.run_as.as_ref().map(|u| u.uid),
         inputs: shared.inodes(),
     };
-    drop_tampered(ctx, &instance, shared).await;
+    crate::repair::repair(ctx, &instance, shared).await;
     if end == RunEnd::Killed {
         return Err(ActionError::Killed);
     }
@@ -221,66 +220,6 @@ async fn attempt(
     result.stdout_digest = Some(stdout.to_proto());
     result.stderr_digest = Some(stderr.to_proto());
     Ok((end, result))
-}
-
-/// Drops from the stores any shared input the action wrote to (see [`crate::tamper`]).
-async fn drop_tampered(ctx: &WorkerContext, instance: &InstanceName, shared: SharedFiles) {
-    if shared.is_empty() {
-        return;
-    }
-    let changed = tokio::task::spawn_blocking(move || shared.changed())
-        .await
-        .unwrap_or_default();
-    for s in changed {
-        if let (Origin::DirCache(entry), Some(cache)) = (&s.origin, &ctx.dircache) {
-            // An entry must stay exactly as built, times included: evicted whatever changed.
-            tracing::info!(entry = ?entry, path = %s.path.display(), "an action changed a directory-cache file; evicting the entry");
-            cache.evict(entry);
-        }
-        // A directory-cache file's digest is in its entry's manifest.
-        let digest = match (&s.origin, &ctx.dircache) {
-            (Origin::DirCache(entry), Some(cache)) => {
-                let (dirs, entry, path) = (cache.dirs().clone(), entry.clone(), s.path.clone());
-                tokio::task::spawn_blocking(move || {
-                    let rel = path.strip_prefix(dirs.entry(&entry)).ok()?;
-                    disk::file_digest(&dirs, &entry, rel)
-                })
-                .await
-                .ok()
-                .flatten()
-            }
-            _ => s.digest,
-        };
-        // Only the content matters: an action that merely touched an input keeps it.
-        if let Some(d) = digest {
-            if hash_file(d.function, &s.path)
-                .await
-                .is_ok_and(|got| got == d)
-            {
-                continue;
-            }
-        }
-        tracing::warn!(path = %s.path.display(), blob = ?digest, "an action wrote to one of its inputs; dropping the stored copies");
-        match &s.origin {
-            Origin::Cas => {
-                if let Some(d) = digest {
-                    ctx.local.drop_changed(instance, d).await;
-                }
-            }
-            Origin::ExecCache => {
-                let path = s.path.clone();
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
-            }
-            Origin::DirCache(_) => {
-                // The entry's file is usually the CAS's or an executable copy's inode too.
-                if let Some(d) = digest {
-                    ctx.local.drop_changed(instance, d).await;
-                    let copy = ctx.exec_cache.join(format!("{}-{}", d.hex(), d.size));
-                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(copy)).await;
-                }
-            }
-        }
-    }
 }
 
 /// Creates the parent directories of every declared output (not the outputs themselves),

@@ -137,24 +137,34 @@ fn link_cached(
             None => return Ok(None),
         },
     };
-    linked(lease, &src, root, CacheUse::Hit).map(Some)
+    linked(cache, lease, &src, root, CacheUse::Hit)
 }
 
-/// Lays out the tree at `src` in leased entry `lease` at `root`.
-fn linked(lease: Lease, src: &Path, root: &Path, how: CacheUse) -> Result<Inputs, ActionError> {
+/// Lays out the tree at `src` in leased entry `lease` at `root`; `None` when that failed
+/// (the entry is evicted and `root` left empty).
+fn linked(
+    cache: &DirCache,
+    lease: Lease,
+    src: &Path,
+    root: &Path,
+    how: CacheUse,
+) -> Result<Option<Inputs>, ActionError> {
     std::fs::create_dir_all(root).map_err(io("create", root))?;
     let mut shared = SharedFiles::default();
-    link_from_cache(src, root, lease.key(), &mut shared)?;
-    Ok(Inputs {
+    if !link_from_cache(cache, src, root, lease.key(), &mut shared)? {
+        return Ok(None);
+    }
+    Ok(Some(Inputs {
         shared,
         leases: vec![lease],
         cache: how,
-    })
+    }))
 }
 
 /// Builds an entry for `tree` and links it into `root`; `None` when the cache will not take
-/// it (it is being built by another action, or does not fit), or building failed for a
-/// reason of the cache's own (logged): the caller then lays the tree out itself.
+/// it (it is being built by another action, does not fit, or has modes that would lock the
+/// worker out of its own entry), or building or linking failed for a reason of the cache's
+/// own (logged): the caller then lays the tree out itself.
 fn build_and_link(
     cache: &Arc<DirCache>,
     m: &Materialiser<'_>,
@@ -167,6 +177,9 @@ fn build_and_link(
     let Ok((facts, _)) = disk::facts(&manifest) else {
         return Ok(None);
     };
+    if !facts.cacheable {
+        return Ok(None);
+    }
     let Some(building) = cache.begin(key, facts.bytes) else {
         return Ok(None);
     };
@@ -178,7 +191,7 @@ fn build_and_link(
             return Ok(None);
         }
     };
-    linked(lease, &cache.dirs().entry(key), root, CacheUse::Miss).map(Some)
+    linked(cache, lease, &cache.dirs().entry(key), root, CacheUse::Miss)
 }
 
 fn build(
@@ -321,6 +334,16 @@ mod tests {
             (self.directory(top), lib)
         }
 
+        /// `n` trees of [`Fixture::tree`], each with its own top file.
+        fn roots(&mut self, n: usize) -> Vec<(Digest, Vec<u8>)> {
+            (0..n)
+                .map(|i| {
+                    let top = format!("top {i}").into_bytes();
+                    (self.tree(&top).0, top)
+                })
+                .collect()
+        }
+
         /// Lays out input root `root` at `at` as an action would, through `cache`.
         fn place(&self, cache: &Arc<DirCache>, root: Digest, at: &Path) -> Inputs {
             let key = BlobKey::new(InstanceName::default_instance(), root);
@@ -429,41 +452,47 @@ mod tests {
     fn entries_survive_a_restart_and_are_checked_before_their_first_use() {
         let mut fx = Fixture::new();
         let (kept, _) = fx.tree(b"kept");
-        let (tampered, _) = fx.tree(b"tampered");
+        let (rewritten, _) = fx.tree(b"rewritten");
+        let (retimed, _) = fx.tree(b"retimed");
         let cache = fx.open(1 << 30);
-        drop(fx.place(&cache, kept, &fx.path("work/1")));
-        drop(fx.place(&cache, tampered, &fx.path("work/2")));
-        let tampered_key = BlobKey::new(InstanceName::default_instance(), tampered);
-        let entry = cache.dirs().entry(&tampered_key);
+        for (i, root) in [kept, rewritten, retimed].into_iter().enumerate() {
+            drop(fx.place(&cache, root, &fx.path(&format!("work/{i}"))));
+        }
+        let stamped = |root: Digest| {
+            let key = BlobKey::new(InstanceName::default_instance(), root);
+            cache.dirs().entry(&key).join("stamped")
+        };
+        let (rewritten_file, retimed_file) = (stamped(rewritten), stamped(retimed));
         drop(cache);
-        // Changed while the worker was down: found at the first use, and evicted.
-        let file = entry.join("main.c");
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        std::fs::write(&file, b"TAMPERED").unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).unwrap();
+        // Changed while the worker was down (each entry's `stamped` is a copy of its own, not
+        // the CAS's inode): other bytes with the mode and time put back, or only a new time.
+        std::fs::set_permissions(&rewritten_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&rewritten_file, b"STAMPED").unwrap();
+        std::fs::set_permissions(&rewritten_file, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let stamp = filetime::FileTime::from_unix_time(1_000_000_000, 0);
+        filetime::set_file_mtime(&rewritten_file, stamp).unwrap();
+        filetime::set_file_mtime(&retimed_file, filetime::FileTime::from_unix_time(5, 0)).unwrap();
         let cache = fx.open(1 << 30);
-        assert_eq!(cache.stats().entries, 2);
-        assert_eq!(
-            fx.place(&cache, kept, &fx.path("work/3")).cache,
-            CacheUse::Hit
-        );
+        assert_eq!(cache.stats().entries, 3);
+        let kept_again = fx.place(&cache, kept, &fx.path("work/3"));
+        assert_eq!(kept_again.cache, CacheUse::Hit);
         assert_laid_out(&fx.path("work/3"), b"kept");
-        // Not a hit: its content does not match its manifest. Built again, from the CAS.
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        std::fs::write(
-            fx.path("cas").join(Digest::of(F, b"tampered").hex()),
-            b"tampered",
-        )
-        .unwrap();
-        let again = fx.place(&cache, tampered, &fx.path("work/4"));
-        assert_eq!(again.cache, CacheUse::Miss);
-        assert_eq!(
-            std::fs::read(fx.path("work/4/main.c")).unwrap(),
-            b"tampered"
-        );
-        assert_eq!(cache.stats().counts.evictions, 1);
+        // Not hits: each is found not to match its manifest, evicted, and built again.
+        for (root, top, at) in [
+            (rewritten, &b"rewritten"[..], "work/4"),
+            (retimed, b"retimed", "work/5"),
+        ] {
+            let again = fx.place(&cache, root, &fx.path(at));
+            assert_eq!(again.cache, CacheUse::Miss, "{at}");
+            assert_laid_out(&fx.path(at), top);
+            assert_eq!(
+                std::fs::read(fx.path(at).join("stamped")).unwrap(),
+                b"stamped"
+            );
+        }
+        assert_eq!(cache.stats().counts.evictions, 2);
         // An extra name in an entry is a mismatch too.
-        drop(again);
+        drop(kept_again);
         drop(cache);
         let entry = {
             let c = fx.open(1 << 30);
@@ -570,12 +599,7 @@ mod tests {
     #[test]
     fn concurrent_actions_share_entries_and_subtrees_safely() {
         let mut fx = Fixture::new();
-        let roots: Vec<(Digest, Vec<u8>)> = (0..4)
-            .map(|i| {
-                let top = format!("top {i}").into_bytes();
-                (fx.tree(&top).0, top)
-            })
-            .collect();
+        let roots = fx.roots(4);
         let cache = fx.open(1 << 30);
         std::thread::scope(|s| {
             for t in 0..4 {
@@ -594,5 +618,83 @@ mod tests {
         let stats = cache.stats();
         assert_eq!(stats.counts.hits + stats.counts.misses, 24);
         assert_eq!(stats.entries, 4, "each root built into one entry");
+    }
+
+    #[test]
+    fn under_eviction_pressure_concurrent_actions_get_whole_trees() {
+        let mut fx = Fixture::new();
+        let roots = fx.roots(4);
+        let (fx, roots) = (Arc::new(fx), Arc::new(roots));
+        // Room for two entries (41 bytes of files and two directories each); removals run on
+        // the runtime's blocking pool, as in the worker.
+        let cap = 2 * (41 + 2 * 4096);
+        let cache = fx.open(cap);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let tasks: Vec<_> = (0..4)
+            .map(|t| {
+                let (fx, cache, roots) = (fx.clone(), cache.clone(), roots.clone());
+                rt.spawn_blocking(move || {
+                    for round in 0..8 {
+                        let (root, top) = &roots[(t + round) % roots.len()];
+                        let at = fx.path(&format!("work/{t}-{round}"));
+                        let placed = fx.place(&cache, *root, &at);
+                        assert_laid_out(&at, top);
+                        drop(placed);
+                    }
+                })
+            })
+            .collect();
+        rt.block_on(async {
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        drop(rt);
+        let stats = cache.stats();
+        assert!(stats.counts.evictions > 0, "the cap made room");
+        assert!(stats.bytes <= cap, "{stats:?}");
+        // What is on disk is what the index holds, each entry whole (removed trees may still
+        // be in the trash: a shut-down runtime drops removals it had not started, and the next
+        // start clears the trash).
+        let count = |d: &str| std::fs::read_dir(fx.path(d)).unwrap().count() as u64;
+        assert_eq!(count("dircache/entries"), stats.entries);
+        assert_eq!(count("dircache/manifests"), stats.entries);
+        for (root, _) in roots.iter() {
+            let key = BlobKey::new(InstanceName::default_instance(), *root);
+            if cache.dirs().entry(&key).exists() {
+                assert_eq!(disk::verify(cache.dirs(), &key), Ok(()));
+            }
+        }
+        drop(cache);
+        let reopened = fx.open(cap);
+        assert_eq!(reopened.stats().entries, stats.entries);
+        assert_eq!(count("dircache/trash"), 0);
+    }
+
+    #[test]
+    fn an_entry_built_again_while_its_old_copy_is_being_deleted_is_whole() {
+        let mut fx = Fixture::new();
+        let (root, _) = fx.tree(b"again");
+        let key = BlobKey::new(InstanceName::default_instance(), root);
+        let cache = fx.open(1 << 30);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let _in_runtime = rt.enter();
+        for round in 0..20 {
+            drop(fx.place(&cache, root, &fx.path(&format!("work/{round}"))));
+            // Evicted unleased: its tree leaves the name at once and is deleted in the
+            // background while the next round builds the same name again.
+            cache.evict(&key);
+        }
+        drop(fx.place(&cache, root, &fx.path("work/last")));
+        drop(_in_runtime);
+        drop(rt);
+        assert_eq!(disk::verify(cache.dirs(), &key), Ok(()));
+        assert_eq!(cache.stats().entries, 1);
     }
 }

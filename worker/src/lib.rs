@@ -21,6 +21,7 @@ pub mod local;
 pub mod materialise;
 pub mod outputs;
 pub mod remote;
+pub mod repair;
 pub mod run;
 pub mod run_as;
 pub mod session;

@@ -32,27 +32,37 @@ pub struct Materialiser<'a> {
 }
 
 /// Lays out the directory-cache tree at `src` (of entry `entry`, leased) in the empty
-/// directory `dst`, recording the files it shares with the entry.
+/// directory `dst`, recording the files it shares with the entry. When that fails (the entry
+/// is damaged or unreadable), the entry is evicted, `dst` is emptied again and `false`
+/// returned: the caller lays the tree out from the CAS instead.
 pub fn link_from_cache(
+    cache: &DirCache,
     src: &Path,
     dst: &Path,
     entry: &BlobKey,
     shared: &mut SharedFiles,
-) -> Result<(), ActionError> {
-    disk::link_tree(src, dst, &mut |l| {
+) -> Result<bool, ActionError> {
+    let mut linked = SharedFiles::default();
+    let result = disk::link_tree(src, dst, &mut |l| {
         if l.copied {
-            shared.record_made_inode(l.inode);
+            linked.record_made_inode(l.state.inode);
         } else {
-            shared.record_linked(
-                l.source,
-                Origin::DirCache(entry.clone()),
-                l.modified,
-                l.len,
-                l.inode,
-            );
+            linked.record_linked(l.source, Origin::DirCache(entry.clone()), l.state);
         }
-    })
-    .map_err(io("lay out from the directory cache", dst))
+    });
+    match result {
+        Ok(()) => {
+            shared.extend(linked);
+            Ok(true)
+        }
+        Err(e) => {
+            tracing::warn!(entry = ?entry, error = %e, "cannot lay out a directory-cache entry: evicted");
+            cache.evict(entry);
+            remove_tree(dst).map_err(io("clear", dst))?;
+            std::fs::create_dir(dst).map_err(io("create directory", dst))?;
+            Ok(false)
+        }
+    }
 }
 
 /// Checks one directory of the tree (names, duplicates, symlink targets) before anything of
@@ -134,7 +144,9 @@ impl Materialiser<'_> {
         let Some((lease, place)) = cache.lease_subtree(&BlobKey::new(instance.clone(), d)) else {
             return Ok(None);
         };
-        link_from_cache(&cache.dirs().place(&place), dst, lease.key(), shared)?;
+        if !link_from_cache(cache, &cache.dirs().place(&place), dst, lease.key(), shared)? {
+            return Ok(None);
+        }
         cache.note_subtree();
         Ok(Some(lease))
     }

@@ -28,6 +28,38 @@ pub enum Origin {
     DirCache(kiln_reapi::digest::BlobKey),
 }
 
+/// What the tamper check compares of a shared file: its inode, and what writing to it or
+/// changing its mode would change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileState {
+    /// Device and inode.
+    pub inode: (u64, u64),
+    /// Length.
+    pub len: u64,
+    /// Modification time.
+    pub modified: SystemTime,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+impl FileState {
+    /// The state `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> Option<FileState> {
+        use std::os::unix::fs::PermissionsExt;
+        Some(FileState {
+            inode: (meta.dev(), meta.ino()),
+            len: meta.len(),
+            modified: meta.modified().ok()?,
+            mode: meta.permissions().mode() & 0o7777,
+        })
+    }
+
+    /// The state of the file at `path` now (not through a final symlink).
+    pub fn at(path: &Path) -> Option<FileState> {
+        FileState::of(&std::fs::symlink_metadata(path).ok()?)
+    }
+}
+
 /// A file an action's directory shares (by hardlink) with the worker's stores.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shared {
@@ -37,9 +69,8 @@ pub struct Shared {
     pub digest: Option<Digest>,
     /// Which store it belongs to.
     pub origin: Origin,
-    modified: SystemTime,
-    len: u64,
-    inode: (u64, u64),
+    /// Its state when it was linked.
+    pub state: FileState,
 }
 
 /// The shared files of one action, each recorded once.
@@ -55,46 +86,28 @@ impl SharedFiles {
         if self.0.contains_key(path) {
             return;
         }
-        if let Ok(meta) = std::fs::metadata(path) {
-            if let Ok(modified) = meta.modified() {
-                self.0.insert(
-                    path.to_path_buf(),
-                    Shared {
-                        path: path.to_path_buf(),
-                        digest: Some(digest),
-                        origin,
-                        modified,
-                        len: meta.len(),
-                        inode: (meta.dev(), meta.ino()),
-                    },
-                );
-            }
+        if let Some(state) = FileState::at(path) {
+            self.0.insert(
+                path.to_path_buf(),
+                Shared {
+                    path: path.to_path_buf(),
+                    digest: Some(digest),
+                    origin,
+                    state,
+                },
+            );
         }
     }
 
-    /// Records `path` as linked into the action, in the state given (read by the caller when
-    /// it linked the file).
-    pub fn record_linked(
-        &mut self,
-        path: &Path,
-        origin: Origin,
-        modified: SystemTime,
-        len: u64,
-        inode: (u64, u64),
-    ) {
+    /// Records `path` as linked into the action, in `state` (read by the caller when it
+    /// linked the file).
+    pub fn record_linked(&mut self, path: &Path, origin: Origin, state: FileState) {
         self.0.entry(path.to_path_buf()).or_insert_with(|| Shared {
             path: path.to_path_buf(),
             digest: None,
             origin,
-            modified,
-            len,
-            inode,
+            state,
         });
-    }
-
-    /// Records an input file the worker made for this action alone, by inode.
-    pub fn record_made_inode(&mut self, inode: (u64, u64)) {
-        self.1.insert(inode);
     }
 
     /// Takes in the files recorded in `other`.
@@ -105,17 +118,21 @@ impl SharedFiles {
         self.1.extend(other.1);
     }
 
-    /// The files whose content may have changed since they were recorded. A file that is gone
-    /// (evicted, or dropped already) or replaced by another (stored again, or a concurrent
-    /// action's executable copy) is not the one the action could write: not reported.
+    /// Records an input file the worker made for this action alone, by inode.
+    pub fn record_made_inode(&mut self, inode: (u64, u64)) {
+        self.1.insert(inode);
+    }
+
+    /// The files whose content, mode or modification time may have changed since they were
+    /// recorded. A file that is gone (evicted, or dropped already) or replaced by another
+    /// (stored again, or a concurrent action's executable copy) is not the one the action
+    /// could write: not reported.
     pub fn changed(&self) -> Vec<Shared> {
         self.0
             .values()
             .filter(|s| {
-                std::fs::metadata(&s.path).is_ok_and(|m| {
-                    (m.dev(), m.ino()) == s.inode
-                        && (m.len() != s.len || m.modified().map_or(true, |t| t != s.modified))
-                })
+                FileState::at(&s.path)
+                    .is_some_and(|now| now.inode == s.state.inode && now != s.state)
             })
             .cloned()
             .collect()
@@ -135,7 +152,7 @@ impl SharedFiles {
     pub fn inodes(&self) -> std::collections::HashSet<(u64, u64)> {
         self.0
             .values()
-            .map(|s| s.inode)
+            .map(|s| s.state.inode)
             .chain(self.1.iter().copied())
             .collect()
     }
@@ -158,7 +175,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn writes_are_noticed_and_links_chmods_and_access_times_are_not() {
+    fn writes_and_mode_changes_are_noticed_and_links_and_access_times_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         for p in [&a, &b] {
@@ -175,12 +192,23 @@ mod tests {
             shared.changed().is_empty(),
             "untouched files are not reported"
         );
-        // Kiln's own access-time updates, a chmod and new links (a concurrent action's) move
-        // only the ctime: no re-hash.
+        // Kiln's own access-time updates, a chmod to the same mode and new links (a
+        // concurrent action's) move only the ctime: no re-hash.
         filetime::set_file_atime(&a, filetime::FileTime::from_unix_time(1, 0)).unwrap();
         std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o444)).unwrap();
         let link = dir.path().join("link");
         std::fs::hard_link(&a, &link).unwrap();
+        assert!(shared.changed().is_empty());
+        // A new mode is a change (a writable or no longer executable input for the next
+        // action), and put back it is none.
+        std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let changed = shared.changed();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(
+            (changed[0].origin.clone(), changed[0].state.mode),
+            (Origin::ExecCache, 0o444)
+        );
+        std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o444)).unwrap();
         assert!(shared.changed().is_empty());
         // Writing through a hardlink after a chmod: same length, new mtime.
         std::fs::set_permissions(&link, std::fs::Permissions::from_mode(0o644)).unwrap();

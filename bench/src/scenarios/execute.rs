@@ -19,6 +19,8 @@ struct ExecuteLoad {
     nonce: String,
     /// Where each action's input file comes from, with `--input-size`.
     inputs: Option<BlobPool>,
+    /// With `--shared-inputs`: the one input root, uploaded by the first action.
+    shared_root: tokio::sync::OnceCell<reapi::Digest>,
 }
 
 pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
@@ -43,6 +45,7 @@ pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
         command,
         nonce: uuid::Uuid::new_v4().to_string(),
         inputs,
+        shared_root: tokio::sync::OnceCell::new(),
     })))
 }
 
@@ -112,8 +115,20 @@ fn between(a: prost_types::Timestamp, b: prost_types::Timestamp) -> Option<std::
 
 impl ExecuteLoad {
     /// The input root of action `index`: empty, or `--input-files` files of its own (blobs
-    /// that fit a batch go in batches, larger ones by ByteStream).
+    /// that fit a batch go in batches, larger ones by ByteStream), or with `--shared-inputs`
+    /// the same files for every action.
     async fn input_root(&self, index: u64) -> anyhow::Result<reapi::Digest> {
+        if self.ctx.args.shared_inputs {
+            return self
+                .shared_root
+                .get_or_try_init(|| self.new_input_root(0))
+                .await
+                .cloned();
+        }
+        self.new_input_root(index).await
+    }
+
+    async fn new_input_root(&self, index: u64) -> anyhow::Result<reapi::Digest> {
         let (Some(pool), Some(size)) = (&self.inputs, self.ctx.args.input_size) else {
             return Ok(blobs::digest_of(self.ctx.function, &[]));
         };
@@ -155,8 +170,27 @@ impl ExecuteLoad {
         if !batch.is_empty() {
             self.upload_batch(batch).await?;
         }
+        let per_dir = self.ctx.args.files_per_dir;
+        if per_dir == 0 {
+            let root = reapi::Directory {
+                files,
+                ..Default::default()
+            };
+            return upload_message(&self.ctx, &root).await;
+        }
+        let mut directories = Vec::new();
+        for (k, chunk) in files.chunks(per_dir as usize).enumerate() {
+            let dir = reapi::Directory {
+                files: chunk.to_vec(),
+                ..Default::default()
+            };
+            directories.push(reapi::DirectoryNode {
+                name: format!("dir-{k:06}"),
+                digest: Some(upload_message(&self.ctx, &dir).await?),
+            });
+        }
         let root = reapi::Directory {
-            files,
+            directories,
             ..Default::default()
         };
         upload_message(&self.ctx, &root).await

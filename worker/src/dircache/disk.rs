@@ -19,6 +19,7 @@ use super::index::Place;
 use crate::beneath;
 use crate::fetch::InputTree;
 use crate::materialise::remove_tree;
+use crate::tamper::FileState;
 use kiln_dataplane::store::layout::instance_dir_name;
 use kiln_proto::reapi::Directory;
 use kiln_proto::worker::{DirCacheDirectory, DirCacheManifest};
@@ -98,6 +99,11 @@ pub struct Facts {
     pub bytes: u64,
     /// Every directory in it with its path below the root, root first.
     pub dirs: Vec<(BlobKey, PathBuf)>,
+    /// Whether the cache can keep it: the worker must be able to read every directory and
+    /// file of an entry to lay it out and check it, so a tree with a directory mode lacking
+    /// the owner's read and search bits, or a file mode lacking the owner's read bit, is laid
+    /// out without the cache.
+    pub cacheable: bool,
 }
 
 /// Reads what an input tree holds, checking that its manifest is whole.
@@ -114,6 +120,8 @@ pub fn facts(m: &DirCacheManifest) -> Result<(Facts, HashMap<Digest, Directory>)
     }
     let mut dirs = Vec::new();
     let mut files: HashSet<Digest> = HashSet::new();
+    let mut cacheable = true;
+    let mode = |p: &Option<kiln_proto::reapi::NodeProperties>| p.as_ref().and_then(|p| p.unix_mode);
     let mut queue = std::collections::VecDeque::from([(root, PathBuf::new())]);
     while let Some((digest, rel)) = queue.pop_front() {
         if rel.components().count() > kiln_reapi::tree::MAX_DEPTH {
@@ -122,7 +130,9 @@ pub fn facts(m: &DirCacheManifest) -> Result<(Facts, HashMap<Digest, Directory>)
         let dir = directories
             .get(&digest)
             .ok_or_else(|| format!("directory {digest:?} is missing"))?;
+        cacheable &= mode(&dir.node_properties).is_none_or(|m| m & 0o500 == 0o500);
         for f in &dir.files {
+            cacheable &= mode(&f.node_properties).is_none_or(|m| m & 0o400 == 0o400);
             files.insert(
                 Digest::from_proto_field(f.digest.as_ref(), function).map_err(|e| e.to_string())?,
             );
@@ -146,6 +156,7 @@ pub fn facts(m: &DirCacheManifest) -> Result<(Facts, HashMap<Digest, Directory>)
             key: BlobKey::new(instance, root),
             bytes,
             dirs,
+            cacheable,
         },
         directories,
     ))
@@ -182,7 +193,14 @@ pub fn open(dirs: &Dirs) -> io::Result<Vec<Facts>> {
         }
     }
     for sub in ["tmp", "trash"] {
-        remove_tree(&dirs.sub(sub))?;
+        if let Err(e) = remove_tree(&dirs.sub(sub)) {
+            // Left behind under a name of its own; the cache goes on without it.
+            tracing::warn!(dir = %dirs.sub(sub).display(), error = %e, "cannot clear it; moving it aside");
+            std::fs::rename(
+                dirs.sub(sub),
+                dirs.sub(&format!("{sub}.{}", uuid::Uuid::new_v4().simple())),
+            )?;
+        }
     }
     for sub in ["entries", "manifests", "tmp", "trash"] {
         std::fs::create_dir_all(dirs.sub(sub))?;
@@ -214,14 +232,18 @@ pub fn open(dirs: &Dirs) -> io::Result<Vec<Facts>> {
             }
             None => {
                 tracing::warn!(manifest = %item.path().display(), "unreadable directory-cache manifest: entry removed");
-                std::fs::remove_file(item.path())?;
+                if let Err(e) = std::fs::remove_file(item.path()) {
+                    tracing::warn!(manifest = %item.path().display(), error = %e, "cannot remove it");
+                }
             }
         }
     }
     for item in std::fs::read_dir(dirs.sub("entries"))? {
         let item = item?;
         if !named.contains(&item.file_name()) {
-            remove_tree(&item.path())?;
+            if let Err(e) = remove_tree(&item.path()) {
+                tracing::warn!(entry = %item.path().display(), error = %e, "cannot remove a directory-cache entry without a manifest");
+            }
         }
     }
     found.sort_by_key(|(used, _)| *used);
@@ -236,25 +258,56 @@ pub fn install(dirs: &Dirs, key: &BlobKey, built: &Path, m: &DirCacheManifest) -
         let _ = std::fs::remove_file(&temp);
         return Err(e);
     }
-    std::fs::rename(&temp, dirs.manifest(key))
+    if let Err(e) = std::fs::rename(&temp, dirs.manifest(key)) {
+        // Not left in place without its manifest, where it would block the name.
+        let _ = std::fs::remove_file(&temp);
+        if let Ok(Some(trash)) = detach(dirs, key) {
+            let _ = remove_tree(&trash);
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
-/// Removes entry `key` from disk (its manifest first, so a crash meanwhile leaves a tree
-/// that the next start removes).
-pub fn remove(dirs: &Dirs, key: &BlobKey) -> io::Result<()> {
+/// Deletes the manifest of entry `key`: a crash from now on leaves its tree without one,
+/// which the next start removes (an evicted entry still leased keeps its tree until released).
+pub fn forget_manifest(dirs: &Dirs, key: &BlobKey) -> io::Result<()> {
     match std::fs::remove_file(dirs.manifest(key)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
+}
+
+/// Takes entry `key` out of the cache's names: its manifest deleted, its tree moved to the
+/// trash, whose path is returned to be removed at leisure ([`remove_tree`]). Done while the
+/// index is locked, so a new entry of the same name cannot be installed meanwhile.
+pub fn detach(dirs: &Dirs, key: &BlobKey) -> io::Result<Option<PathBuf>> {
+    forget_manifest(dirs, key)?;
     let trash = dirs
         .sub("trash")
         .join(uuid::Uuid::new_v4().simple().to_string());
     match std::fs::rename(dirs.entry(key), &trash) {
-        Ok(()) => remove_tree(&trash),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Ok(()) => Ok(Some(trash)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Whether entry `key`'s tree has a file of content `d` (from its manifest; an unreadable
+/// manifest counts as holding it).
+pub fn holds(dirs: &Dirs, key: &BlobKey, d: &Digest) -> bool {
+    let Some(m) = std::fs::read(dirs.manifest(key))
+        .ok()
+        .and_then(|b| DirCacheManifest::decode(b.as_slice()).ok())
+    else {
+        return true;
+    };
+    let wanted = d.to_proto();
+    m.directories.iter().any(|dir| {
+        dir.directory
+            .as_ref()
+            .is_some_and(|dir| dir.files.iter().any(|f| f.digest.as_ref() == Some(&wanted)))
+    })
 }
 
 /// Records that entry `key` was used now (its manifest's mtime), for the order after a
@@ -318,8 +371,24 @@ pub fn verify(dirs: &Dirs, key: &BlobKey) -> Result<(), String> {
             let Some(beneath::Kind::File { mode, inode, .. }) = expected.get(name).copied() else {
                 return Err(fail("not a file", &rel.join(name)));
             };
-            if mode & 0o222 != 0 {
-                return Err(fail("writable", &rel.join(name)));
+            // As the materialiser made it: read-only, executable as listed, or the listed
+            // mode without write bits; the listed time.
+            let listed = f.node_properties.as_ref();
+            let want_mode = listed
+                .and_then(|p| p.unix_mode)
+                .map_or(if f.is_executable { 0o555 } else { 0o444 }, |m| m & 0o555);
+            if mode != want_mode {
+                return Err(fail(
+                    &format!("mode {mode:o}, not {want_mode:o}"),
+                    &rel.join(name),
+                ));
+            }
+            if let Some(t) = listed.and_then(|p| p.mtime.as_ref()) {
+                let st = rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| fail(&e.to_string(), &rel.join(name)))?;
+                if !same_time(&st, t) {
+                    return Err(fail("modification time changed", &rel.join(name)));
+                }
             }
             let got = match hashed.get(&inode) {
                 Some(d) => *d,
@@ -355,8 +424,27 @@ pub fn verify(dirs: &Dirs, key: &BlobKey) -> Result<(), String> {
                 beneath::open_dir(&fd, name).map_err(|e| fail(&e.to_string(), &rel.join(name)))?;
             stack.push((child, d, rel.join(name)));
         }
+        // A directory's listed mode and time (others are whatever creating it gave).
+        if let Some(p) = &dir.node_properties {
+            let st = rustix::fs::fstat(&fd).map_err(|e| fail(&e.to_string(), &rel))?;
+            #[allow(clippy::unnecessary_cast)]
+            let mode = st.st_mode as u32 & 0o7777;
+            if p.unix_mode.is_some_and(|m| m & 0o755 != mode) {
+                return Err(fail("directory mode changed", &rel));
+            }
+            if p.mtime.as_ref().is_some_and(|t| !same_time(&st, t)) {
+                return Err(fail("directory modification time changed", &rel));
+            }
+        }
     }
     Ok(())
+}
+
+/// Whether `st`'s modification time is `t` (as the materialiser sets it: negative nanoseconds
+/// as zero).
+#[allow(clippy::unnecessary_cast)]
+fn same_time(st: &rustix::fs::Stat, t: &prost_types::Timestamp) -> bool {
+    st.st_mtime as i64 == t.seconds && st.st_mtime_nsec as i64 == t.nanos.max(0) as i64
 }
 
 fn hash(function: DigestFunction, mut file: std::fs::File) -> io::Result<Digest> {
@@ -379,17 +467,12 @@ fn hash(function: DigestFunction, mut file: std::fs::File) -> io::Result<Digest>
     })
 }
 
-/// What [`link_tree`] reports of each file it linked: its path in the source tree, and its
-/// state (modification time, length, inode) when linked.
+/// What [`link_tree`] reports of each file it linked.
 pub struct Linked<'a> {
     /// The file in the source tree.
     pub source: &'a Path,
-    /// Its modification time.
-    pub modified: SystemTime,
-    /// Its length.
-    pub len: u64,
-    /// Its device and inode.
-    pub inode: (u64, u64),
+    /// Its state when linked; for a copy, the copy's.
+    pub state: FileState,
     /// Whether the destination is a copy (a link was impossible) rather than the same inode.
     pub copied: bool,
 }
@@ -456,13 +539,16 @@ fn link_below(
                     }
                     Err(e) => return Err(e.into()),
                 };
+                // A copy is a file of its own: its state is the copy's.
+                let st = if copied {
+                    rustix::fs::statat(to, &name, AtFlags::SYMLINK_NOFOLLOW)?
+                } else {
+                    st
+                };
                 path.push(&name);
                 linked(Linked {
                     source: path,
-                    modified: time(st.st_mtime as i64, st.st_mtime_nsec as i64),
-                    len: st.st_size as u64,
-                    #[allow(clippy::unnecessary_cast)]
-                    inode: (st.st_dev as u64, st.st_ino as u64),
+                    state: state_of(&st),
                     copied,
                 });
                 path.pop();
@@ -480,6 +566,17 @@ fn link_below(
         }
     }
     Ok(())
+}
+
+/// The tamper check's view of a file from its `stat`.
+#[allow(clippy::unnecessary_cast)]
+fn state_of(st: &rustix::fs::Stat) -> FileState {
+    FileState {
+        inode: (st.st_dev as u64, st.st_ino as u64),
+        len: st.st_size as u64,
+        modified: time(st.st_mtime as i64, st.st_mtime_nsec as i64),
+        mode: st.st_mode as u32 & 0o7777,
+    }
 }
 
 fn time(secs: i64, nanos: i64) -> SystemTime {

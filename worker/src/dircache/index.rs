@@ -22,6 +22,17 @@ pub enum RootLookup {
     Miss,
 }
 
+/// What [`Index::evict`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evicted {
+    /// Forgotten: remove it from disk now.
+    Now,
+    /// Leased: removed at its last release (no one leases it meanwhile).
+    AtRelease,
+    /// Not there, or evicted already.
+    No,
+}
+
 /// A directory inside an entry: `rel` below the root of entry `entry`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Place {
@@ -276,23 +287,31 @@ impl Index {
         self.over_cap()
     }
 
-    /// Evicts `key` (an action changed one of its files, or its files failed a check): `true`
-    /// when it is to be removed from disk now; a leased entry is removed at its last release,
-    /// and no one leases it meanwhile.
-    pub fn evict(&mut self, key: &BlobKey) -> bool {
+    /// Evicts `key` (an action changed one of its files, or its files failed a check). A
+    /// leased entry is removed at its last release, and no one leases it meanwhile.
+    pub fn evict(&mut self, key: &BlobKey) -> Evicted {
         let Some(e) = self.entries.get_mut(key) else {
-            return false;
+            return Evicted::No;
         };
         if e.doomed {
-            return false;
+            return Evicted::No;
         }
         e.doomed = true;
         self.counts.evictions += 1;
         if e.leases == 0 {
             self.forget(key);
-            return true;
+            return Evicted::Now;
         }
-        false
+        Evicted::AtRelease
+    }
+
+    /// The entries not evicted, built or being built.
+    pub fn keys(&self) -> Vec<BlobKey> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| !e.doomed)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     fn forget(&mut self, key: &BlobKey) {
@@ -324,7 +343,9 @@ impl Index {
             if self.bytes <= self.cap {
                 break;
             }
-            if self.entries.get(&key).is_some_and(|e| e.leases == 0) && self.evict(&key) {
+            if self.entries.get(&key).is_some_and(|e| e.leases == 0)
+                && self.evict(&key) == Evicted::Now
+            {
                 out.push(key);
             }
         }
@@ -448,8 +469,8 @@ mod tests {
         let root = key(1);
         built(&mut index, &root, 10, &[(2, "sub")]);
         assert_eq!(index.lease_root(&root), RootLookup::Hit { verified: true });
-        assert!(!index.evict(&root), "two leases");
-        assert!(!index.evict(&root), "evicted once");
+        assert_eq!(index.evict(&root), Evicted::AtRelease, "two leases");
+        assert_eq!(index.evict(&root), Evicted::No, "evicted once");
         assert_eq!(
             index.lease_root(&root),
             RootLookup::Miss,

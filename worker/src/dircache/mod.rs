@@ -12,9 +12,10 @@
 pub mod disk;
 pub mod index;
 
-use disk::{Dirs, Facts};
-use index::{Counts, Index, Place, RootLookup};
-use kiln_reapi::digest::BlobKey;
+use crate::materialise::remove_tree;
+use disk::Dirs;
+use index::{Counts, Evicted, Index, Place, RootLookup};
+use kiln_reapi::digest::{BlobKey, Digest};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -24,6 +25,50 @@ pub struct DirCache {
     index: Mutex<Index>,
     /// Tells this process's counts from another's in reports.
     run: u64,
+}
+
+/// What Kiln keeps directly under a data directory besides the directory cache.
+const DATA_DIR_NAMES: &[&str] = &[
+    "cas", "ac", "ac-tmp", "tmp", "work", "tls", "auth", "identity", "worker",
+];
+
+/// Checks that a cache at `dir` keeps out of the data directory's other contents and of the
+/// work directory (its start-up clears and removes what it does not know under `dir`; the
+/// work directory is emptied at every start).
+pub fn check_place(dir: &Path, data_dir: &Path, work_dir: &Path) -> Result<(), String> {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let (dir, data_dir, work_dir) = (abs(dir), abs(data_dir), abs(work_dir));
+    for (other, what) in [
+        (&data_dir, "the data directory"),
+        (&work_dir, "the work directory"),
+    ] {
+        if other.starts_with(&dir) {
+            return Err(format!(
+                "{} would hold {what} {}",
+                dir.display(),
+                other.display()
+            ));
+        }
+    }
+    if dir.starts_with(&work_dir) {
+        return Err(format!(
+            "{} is inside the work directory, which is emptied at every start",
+            dir.display()
+        ));
+    }
+    if let Ok(below) = dir.strip_prefix(&data_dir) {
+        if below
+            .components()
+            .next()
+            .is_some_and(|c| DATA_DIR_NAMES.iter().any(|n| c.as_os_str() == *n))
+        {
+            return Err(format!(
+                "{} is inside a directory Kiln keeps in the data directory",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A snapshot of the cache for reports.
@@ -79,10 +124,9 @@ impl std::fmt::Debug for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let removed = self.cache.lock().release(&self.key);
-        for key in removed {
-            self.cache.remove_later(key);
-        }
+        let mut index = self.cache.lock();
+        let removed = index.release(&self.key);
+        self.cache.settle(index, removed);
     }
 }
 
@@ -102,11 +146,13 @@ impl DirCache {
         let found = disk::open(&dirs)?;
         let mut index = Index::new(cap);
         let mut evicted = Vec::new();
-        for Facts { key, bytes, dirs } in found {
-            evicted.extend(index.load(key, bytes, dirs));
+        for f in found {
+            evicted.extend(index.load(f.key, f.bytes, f.dirs));
         }
         for key in &evicted {
-            disk::remove(&dirs, key)?;
+            if let Ok(Some(trash)) = disk::detach(&dirs, key) {
+                let _ = remove_tree(&trash);
+            }
         }
         tracing::info!(dir = %root.display(), entries = index.entries(), bytes = index.bytes(), "directory cache opened");
         Ok(Arc::new(DirCache {
@@ -125,12 +171,30 @@ impl DirCache {
         &self.dirs
     }
 
-    /// Removes `key` from disk: on tokio's blocking pool when there is one.
-    fn remove_later(&self, key: BlobKey) {
-        let dirs = self.dirs.clone();
+    /// Carries out removals the index decided, while it is still locked (`index`): the
+    /// entries `removed` leave the cache's names at once, so that no new entry of the same
+    /// name can be installed before they are gone; their trees are deleted after the lock is
+    /// released, on tokio's blocking pool when there is one.
+    fn settle(&self, index: MutexGuard<'_, Index>, removed: Vec<BlobKey>) {
+        let mut trash = Vec::new();
+        for key in &removed {
+            match disk::detach(&self.dirs, key) {
+                Ok(Some(t)) => trash.push(t),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(entry = ?key, error = %e, "cannot remove a directory-cache entry")
+                }
+            }
+        }
+        drop(index);
+        if trash.is_empty() {
+            return;
+        }
         let remove = move || {
-            if let Err(e) = disk::remove(&dirs, &key) {
-                tracing::warn!(entry = ?key, error = %e, "cannot remove a directory-cache entry");
+            for t in trash {
+                if let Err(e) = remove_tree(&t) {
+                    tracing::warn!(dir = %t.display(), error = %e, "cannot delete a removed directory-cache entry");
+                }
             }
         };
         match tokio::runtime::Handle::try_current() {
@@ -156,7 +220,7 @@ impl DirCache {
                 if !verified {
                     if let Err(why) = disk::verify(&self.dirs, key) {
                         tracing::warn!(entry = ?key, %why, "directory-cache entry does not match its manifest: evicted");
-                        self.lock().evict(key);
+                        self.evict(key);
                         return RootHit::Miss;
                     }
                     self.lock().verified(key);
@@ -175,7 +239,7 @@ impl DirCache {
     }
 
     /// Claims input root `key` for building an entry charged `bytes`; `None` when it is being
-    /// built already or does not fit.
+    /// built already, or is evicted and still leased, or does not fit.
     pub fn begin(self: &Arc<Self>, key: &BlobKey, bytes: u64) -> Option<Building> {
         self.lock().begin(key, bytes).then(|| Building {
             cache: self.clone(),
@@ -185,10 +249,30 @@ impl DirCache {
     }
 
     /// Evicts `key` (an action changed one of its files): removed at once, or when its last
-    /// lease is released.
+    /// lease is released (its manifest goes now, so that a crash meanwhile does not bring it
+    /// back).
     pub fn evict(&self, key: &BlobKey) {
-        if self.lock().evict(key) {
-            self.remove_later(key.clone());
+        let mut index = self.lock();
+        match index.evict(key) {
+            Evicted::Now => self.settle(index, vec![key.clone()]),
+            Evicted::AtRelease => {
+                if let Err(e) = disk::forget_manifest(&self.dirs, key) {
+                    tracing::warn!(entry = ?key, error = %e, "cannot remove a directory-cache manifest");
+                }
+            }
+            Evicted::No => {}
+        }
+    }
+
+    /// Evicts every entry with a file of content `d` (blocking: reads their manifests). An
+    /// entry's files are the same inodes as the CAS's, the executable copies' and other
+    /// entries', so one changed file can be in many entries.
+    pub fn evict_holding(&self, d: &Digest) {
+        let keys = self.lock().keys();
+        for key in keys {
+            if disk::holds(&self.dirs, &key, d) {
+                self.evict(&key);
+            }
         }
     }
 
@@ -233,10 +317,9 @@ impl Building {
     /// caller; entries evicted to make room are removed.
     pub fn finish(mut self, dirs: Vec<(BlobKey, std::path::PathBuf)>) -> Lease {
         self.done = true;
-        let evicted = self.cache.lock().finish(&self.key, dirs);
-        for key in evicted {
-            self.cache.remove_later(key);
-        }
+        let mut index = self.cache.lock();
+        let evicted = index.finish(&self.key, dirs);
+        self.cache.settle(index, evicted);
         self.cache.lease(self.key.clone())
     }
 }
@@ -246,5 +329,31 @@ impl Drop for Building {
         if !self.done {
             self.cache.lock().abandon(&self.key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_place;
+    use std::path::Path;
+
+    #[test]
+    fn the_cache_keeps_out_of_the_data_and_work_directories() {
+        let ok = |d: &str| check_place(Path::new(d), Path::new("/data"), Path::new("/data/work"));
+        assert_eq!(ok("/data/dircache"), Ok(()));
+        assert_eq!(ok("/elsewhere/cache"), Ok(()));
+        assert_eq!(ok("/data/mine/cache"), Ok(()));
+        for bad in [
+            "/data",
+            "/",
+            "/data/work/cache",
+            "/data/work",
+            "/data/cas/x",
+            "/data/tmp",
+        ] {
+            assert!(ok(bad).is_err(), "{bad}");
+        }
+        let apart = check_place(Path::new("/w"), Path::new("/data"), Path::new("/w/work"));
+        assert!(apart.is_err(), "an ancestor of the work directory");
     }
 }
