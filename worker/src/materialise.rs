@@ -42,21 +42,19 @@ pub fn link_from_cache(
     entry: &BlobKey,
     shared: &mut SharedFiles,
 ) -> Result<bool, ActionError> {
-    let mut linked = SharedFiles::default();
+    let mark = shared.mark();
     let result = disk::link_tree(src, dst, &mut |l| {
         if l.copied {
-            linked.record_made_inode(l.state.inode);
+            shared.record_made_inode(l.state.inode);
         } else {
-            linked.record_linked(l.source, Origin::DirCache(entry.clone()), l.state);
+            shared.record_linked(l.source, Origin::DirCache(entry.clone()), l.state);
         }
     });
     match result {
-        Ok(()) => {
-            shared.extend(linked);
-            Ok(true)
-        }
+        Ok(()) => Ok(true),
         Err(e) => {
             tracing::warn!(entry = ?entry, error = %e, "cannot lay out a directory-cache entry: evicted");
+            shared.undo(mark);
             cache.evict(entry);
             remove_tree(dst).map_err(io("clear", dst))?;
             std::fs::create_dir(dst).map_err(io("create directory", dst))?;

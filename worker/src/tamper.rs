@@ -75,19 +75,24 @@ pub struct Shared {
 
 /// The shared files of one action, each recorded once.
 #[derive(Debug, Default)]
-pub struct SharedFiles(
-    HashMap<PathBuf, Shared>,
-    std::collections::HashSet<(u64, u64)>,
-);
+pub struct SharedFiles {
+    /// Files recorded by path (a CAS file linked at several places is recorded once).
+    by_path: HashMap<PathBuf, Shared>,
+    /// Files recorded as linked from a directory-cache entry: each path once by construction
+    /// (one walk of the entry), so kept without hashing paths.
+    linked: Vec<Shared>,
+    /// Inodes of input files the worker made for this action alone.
+    made: std::collections::HashSet<(u64, u64)>,
+}
 
 impl SharedFiles {
     /// Records `path` as linked into the action (its state now is the reference).
     pub fn record(&mut self, path: &Path, digest: Digest, origin: Origin) {
-        if self.0.contains_key(path) {
+        if self.by_path.contains_key(path) {
             return;
         }
         if let Some(state) = FileState::at(path) {
-            self.0.insert(
+            self.by_path.insert(
                 path.to_path_buf(),
                 Shared {
                     path: path.to_path_buf(),
@@ -99,10 +104,11 @@ impl SharedFiles {
         }
     }
 
-    /// Records `path` as linked into the action, in `state` (read by the caller when it
-    /// linked the file).
+    /// Records `path`, a file of a directory-cache entry, as linked into the action, in
+    /// `state` (read by the caller when it linked the file). One walk of an entry records
+    /// each of its paths once.
     pub fn record_linked(&mut self, path: &Path, origin: Origin, state: FileState) {
-        self.0.entry(path.to_path_buf()).or_insert_with(|| Shared {
+        self.linked.push(Shared {
             path: path.to_path_buf(),
             digest: None,
             origin,
@@ -110,17 +116,20 @@ impl SharedFiles {
         });
     }
 
-    /// Takes in the files recorded in `other`.
-    pub fn extend(&mut self, other: SharedFiles) {
-        for (path, shared) in other.0 {
-            self.0.entry(path).or_insert(shared);
-        }
-        self.1.extend(other.1);
+    /// A mark to [`SharedFiles::undo`] back to.
+    pub fn mark(&self) -> usize {
+        self.linked.len()
+    }
+
+    /// Forgets the linked files recorded since `mark` (a walk that failed, whose links were
+    /// removed again). Made inodes are kept: they only widen what counts as the worker's.
+    pub fn undo(&mut self, mark: usize) {
+        self.linked.truncate(mark);
     }
 
     /// Records an input file the worker made for this action alone, by inode.
     pub fn record_made_inode(&mut self, inode: (u64, u64)) {
-        self.1.insert(inode);
+        self.made.insert(inode);
     }
 
     /// The files whose content, mode or modification time may have changed since they were
@@ -128,8 +137,9 @@ impl SharedFiles {
     /// (stored again, or a concurrent action's executable copy) is not the one the action
     /// could write: not reported.
     pub fn changed(&self) -> Vec<Shared> {
-        self.0
+        self.by_path
             .values()
+            .chain(&self.linked)
             .filter(|s| {
                 FileState::at(&s.path)
                     .is_some_and(|now| now.inode == s.state.inode && now != s.state)
@@ -143,28 +153,29 @@ impl SharedFiles {
     /// worker's, like the shared ones (see [`SharedFiles::inodes`]).
     pub fn record_made(&mut self, path: &Path) {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
-            self.1.insert((meta.dev(), meta.ino()));
+            self.made.insert((meta.dev(), meta.ino()));
         }
     }
 
     /// The inodes (device, number) of the input files the worker put in the tree: the
     /// recorded shared files and the ones it made.
     pub fn inodes(&self) -> std::collections::HashSet<(u64, u64)> {
-        self.0
+        self.by_path
             .values()
+            .chain(&self.linked)
             .map(|s| s.state.inode)
-            .chain(self.1.iter().copied())
+            .chain(self.made.iter().copied())
             .collect()
     }
 
     /// How many shared files are recorded.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.by_path.len() + self.linked.len()
     }
 
     /// Whether no shared file is.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.by_path.is_empty() && self.linked.is_empty()
     }
 }
 
