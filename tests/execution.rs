@@ -153,6 +153,56 @@ on_every_runtime! {
     }
 }
 
+// Placement by locality: with every worker free, an action goes to the worker whose
+// directory cache holds its input root — here the second worker, which the scheduler would not
+// pick by load (ties go to the first to join).
+on_every_runtime! {
+    async fn an_action_goes_to_the_worker_that_has_its_input_root(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let _w1 = start_worker(rt, &kiln, &dir.path().join("w1"), "w1", &["--max-inflight", "1"]).await;
+        let _w2 = start_worker(rt, &kiln, &dir.path().join("w2"), "w2", &["--max-inflight", "1"]).await;
+        let ch = kiln.channel().await;
+        // w1 is kept busy until the flag exists, so the first action of the shared root runs on w2.
+        let (flag, started) = (dir.path().join("flag"), dir.path().join("started"));
+        let hold = Spec::script(&format!(
+            "touch {}; while [ ! -e {} ]; do sleep 0.02; done",
+            started.display(),
+            flag.display()
+        ));
+        let hold = hold.upload(&ch, F).await;
+        let held = { let ch = ch.clone(); tokio::spawn(async move { execute(&ch, F, &hold, false).await }) };
+        common::eventually("the holding action to start", || async { started.exists().then_some(()) }).await;
+        let tree = Tree::default().file("src/x", b"shared ", false);
+        let run = |salt: &str| Spec { tree: tree.clone(), ..Spec::script(&format!("cat src/x; echo {salt}")) };
+        let worker_of = |r: &kiln_proto::reapi::ExecuteResponse| r.result.as_ref().unwrap().execution_metadata.as_ref().unwrap().worker.clone();
+        let (_, r) = execute(&ch, F, &run("first").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
+        std::fs::write(&flag, b"").unwrap();
+        let (_, r) = held.await.unwrap().unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
+        common::eventually("w2's report of its new entry", || {
+            let admin = kiln.admin.clone();
+            async move { (common::metric_if_any(&admin, "kiln_worker_dircache_entries{worker=\"w2\"}").await == Some(1.0)).then_some(()) }
+        })
+        .await;
+        for salt in ["second", "third"] {
+            let (_, r) = execute(&ch, F, &run(salt).upload(&ch, F).await, false).await.unwrap();
+            assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{salt}: {r:?}");
+            let out = read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+            assert_eq!(out, format!("shared {salt}\n").into_bytes());
+        }
+        let placed = |reason: &'static str| {
+            let admin = kiln.admin.clone();
+            async move { common::metric(&admin, &format!("kiln_scheduler_placements_total{{reason=\"{reason}\"}}")).await }
+        };
+        assert_eq!(placed("input_root").await, 2.0);
+        assert_eq!(placed("load").await, 2.0, "the holding action and the first of the root");
+        assert_eq!(placed("holder_busy").await, 0.0);
+        kiln.stop().await;
+    }
+}
+
 on_every_runtime! {
     async fn inputs_outputs_symlinks_and_executables(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();

@@ -543,6 +543,11 @@ pub struct ExecutionConfig {
     pub pin_budget_percent: u8,
     /// Most distinct digests (files and directories) in one action's input tree.
     pub max_input_digests: usize,
+    /// How long an action may wait for a busy worker whose directory cache holds its input
+    /// root before it goes to another free worker (milliseconds).
+    pub locality_wait_ms: u64,
+    /// Input roots remembered per worker for placement (its directory cache's entries).
+    pub max_cached_roots_per_worker: usize,
     /// How each platform property is matched; undeclared properties match exactly.
     pub properties: BTreeMap<String, PropertyKind>,
 }
@@ -563,6 +568,8 @@ impl Default for ExecutionConfig {
             max_completed_operations: 50_000,
             pin_budget_percent: 50,
             max_input_digests: 16_000_000,
+            locality_wait_ms: 100,
+            max_cached_roots_per_worker: 100_000,
             properties: BTreeMap::new(),
         }
     }

@@ -3,7 +3,8 @@
 //! outcomes. The execution service and the worker sessions apply events under a lock and carry
 //! the commands out; every rule here is tested without sockets or clocks.
 //!
-//! Rules: the queue is ordered by priority (lower first) then arrival; an action goes to the
+//! Rules: the queue is ordered by priority (lower first) then arrival; an action goes to a free
+//! worker whose directory cache holds its input root, else (see [`locality`]) to the
 //! least-loaded worker whose platform fits; identical cacheable actions in flight share one
 //! operation; an action whose worker disappears is re-queued (at most `max_retries` times) but
 //! an action's own failure is final; an action running past its timeout (plus a grace period
@@ -11,6 +12,7 @@
 //! `worker_timeout` is lost; an action whose process has exited gives its slot to the next
 //! action while its outputs upload, but stays with its worker until the result arrives.
 
+pub mod locality;
 pub mod platform;
 
 #[cfg(test)]
@@ -18,6 +20,7 @@ mod tests;
 
 use kiln_reapi::digest::BlobKey;
 use kiln_reapi::status::ErrorKind;
+use locality::{CachedRoots, Placements, Reason};
 use platform::{consume, could_fit, fits, Consumed, Kinds, Offer, Requirements};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
@@ -43,6 +46,11 @@ pub struct SchedulerConfig {
     /// A queued operation no connected worker could ever run fails after this long
     /// (`None`: it waits for a matching worker forever).
     pub unserved_timeout: Option<Duration>,
+    /// How long an action may wait for a busy worker whose directory cache holds its input
+    /// root, before it goes to another free worker.
+    pub locality_wait: Duration,
+    /// Input roots remembered per worker.
+    pub max_cached_roots: usize,
 }
 
 /// Something to run.
@@ -60,6 +68,8 @@ pub struct Job<P> {
     pub mergeable: bool,
     /// When the client asked.
     pub queued_at: SystemTime,
+    /// The action's input root (instance and `Directory` digest), for placement by locality.
+    pub input_root: Option<BlobKey>,
     /// What the worker needs (opaque here).
     pub payload: P,
 }
@@ -193,6 +203,8 @@ struct WorkerState {
     consumed: Consumed,
     last_seen: Instant,
     draining: bool,
+    /// The input roots its directory cache holds.
+    roots: CachedRoots,
 }
 
 impl WorkerState {
@@ -213,6 +225,7 @@ pub struct Scheduler<P, R> {
     next_op: OpId,
     next_seq: u64,
     out: Vec<Command<P, R>>,
+    placements: Placements,
 }
 
 impl<P: Clone, R> Scheduler<P, R> {
@@ -227,6 +240,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             next_op: 1,
             next_seq: 0,
             out: Vec::new(),
+            placements: Placements::default(),
         }
     }
 
@@ -310,9 +324,31 @@ impl<P: Clone, R> Scheduler<P, R> {
                 consumed: Consumed::new(),
                 last_seen: now,
                 draining: false,
+                roots: CachedRoots::new(self.config.max_cached_roots),
             },
         );
         self.schedule(now);
+    }
+
+    /// A worker reports the input roots its directory cache holds: with `full`, `added` is
+    /// the whole set; otherwise the changes since its last report.
+    pub fn worker_roots(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        full: bool,
+        added: Vec<BlobKey>,
+        removed: Vec<BlobKey>,
+    ) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.roots.update(full, added, removed);
+        }
+        self.schedule(now);
+    }
+
+    /// Placements made since start, by reason.
+    pub fn placements(&self) -> Placements {
+        self.placements
     }
 
     /// A worker said something (keep-alive or any message).
@@ -535,6 +571,53 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.out.push(Command::Finished { op, outcome });
     }
 
+    /// The worker for `state`, and why: a free worker whose directory cache holds its input
+    /// root; else, unless a busy one holds it and the action has waited less than
+    /// `locality_wait`, the least-loaded free worker. `None`: not now.
+    fn choose(&self, now: Instant, state: &OpState<P>) -> Option<(WorkerId, Reason)> {
+        let kinds = &self.config.kinds;
+        let requirements = &state.job.requirements;
+        let free = |w: &WorkerState| {
+            !w.draining && w.busy < w.capacity && fits(kinds, requirements, &w.offer, &w.consumed)
+        };
+        let holds = |w: &WorkerState| {
+            state
+                .job
+                .input_root
+                .as_ref()
+                .is_some_and(|r| w.roots.contains(r))
+        };
+        // Least loaded first; ties by id, so the choice is deterministic.
+        let least_loaded = |pick: &dyn Fn(&WorkerState) -> bool| {
+            self.workers
+                .iter()
+                .filter(|(_, w)| pick(w))
+                .min_by(|(a_id, a), (b_id, b)| {
+                    let load = |w: &WorkerState| w.busy as f64 / w.capacity as f64;
+                    load(a).total_cmp(&load(b)).then(a_id.cmp(b_id))
+                })
+                .map(|(id, _)| *id)
+        };
+        if let Some(id) = least_loaded(&|w| free(w) && holds(w)) {
+            return Some((id, Reason::InputRoot));
+        }
+        let busy_holder = self
+            .workers
+            .values()
+            .any(|w| !w.draining && holds(w) && could_fit(kinds, requirements, &w.offer));
+        if busy_holder
+            && now.saturating_duration_since(state.queued_since) < self.config.locality_wait
+        {
+            return None;
+        }
+        let reason = if busy_holder {
+            Reason::WaitedForHolder
+        } else {
+            Reason::Load
+        };
+        least_loaded(&free).map(|id| (id, reason))
+    }
+
     /// Gives queued operations to workers, in queue order, while any worker has room.
     fn schedule(&mut self, now: Instant) {
         let mut free: usize = self
@@ -554,22 +637,11 @@ impl<P: Clone, R> Scheduler<P, R> {
             let Some(state) = self.ops.get(&op) else {
                 continue;
             };
+            let Some((worker, reason)) = self.choose(now, state) else {
+                continue;
+            };
+            self.placements.count(reason);
             let kinds = &self.config.kinds;
-            let chosen = self
-                .workers
-                .iter()
-                .filter(|(_, w)| {
-                    !w.draining
-                        && w.busy < w.capacity
-                        && fits(kinds, &state.job.requirements, &w.offer, &w.consumed)
-                })
-                // Least loaded first; ties by id, so the choice is deterministic.
-                .min_by(|(a_id, a), (b_id, b)| {
-                    let load = |w: &WorkerState| w.busy as f64 / w.capacity as f64;
-                    load(a).total_cmp(&load(b)).then(a_id.cmp(b_id))
-                })
-                .map(|(id, _)| *id);
-            let Some(worker) = chosen else { continue };
             self.queue.remove(&slot);
             let state = self.ops.get_mut(&op).expect("queued op exists");
             state.attempts += 1;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::locality::Placements;
 use kiln_config::PropertyKind;
 use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
 
@@ -15,6 +16,8 @@ fn config() -> SchedulerConfig {
         timeout_grace: Duration::from_secs(5),
         max_queued: 100,
         unserved_timeout: Some(Duration::from_secs(30)),
+        locality_wait: Duration::from_millis(100),
+        max_cached_roots: 1000,
     }
 }
 
@@ -36,6 +39,7 @@ fn job(name: &'static str, priority: i32, reqs: &[(&str, &str)]) -> Job<&'static
         timeout: Duration::from_secs(60),
         mergeable: true,
         queued_at: SystemTime::UNIX_EPOCH,
+        input_root: None,
         payload: name,
     }
 }
@@ -371,4 +375,100 @@ fn actions_no_worker_could_run_fail_after_the_unserved_timeout() {
         .unwrap();
     s.tick(t + Duration::from_secs(100_000));
     assert!(finished(&mut s).is_empty());
+}
+
+fn rooted(name: &'static str, root: u8) -> Job<&'static str> {
+    Job {
+        input_root: Some(BlobKey::new(
+            InstanceName::default_instance(),
+            Digest::of(DigestFunction::Sha256, &[root]),
+        )),
+        ..job(name, 0, &[])
+    }
+}
+
+fn holds(s: &mut S, now: Instant, worker: WorkerId, root: u8) {
+    let key = rooted("", root).input_root.unwrap();
+    s.worker_roots(now, worker, false, vec![key], vec![]);
+}
+
+#[test]
+fn an_action_goes_to_the_free_worker_holding_its_input_root() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 2);
+    s.worker_joined(t, 2, vec![], 2);
+    holds(&mut s, t, 2, 7);
+    s.submit(t, rooted("cached", 7)).unwrap();
+    s.submit(t, rooted("elsewhere", 8)).unwrap();
+    // Worker 1 would win on load and id; the root is on 2.
+    assert_eq!(
+        dispatched(&mut s),
+        vec![(2, "cached", 1), (1, "elsewhere", 1)]
+    );
+    assert_eq!(
+        s.placements(),
+        Placements {
+            input_root: 1,
+            load: 1,
+            holder_busy: 0
+        }
+    );
+    // A full report replaces what was known: root 7 is no longer on 2.
+    s.worker_roots(t, 2, true, vec![], vec![]);
+    s.submit(t, rooted("forgotten", 7)).unwrap();
+    assert_eq!(
+        dispatched(&mut s),
+        vec![(1, "forgotten", 1)],
+        "least loaded: 1 and 2 tie, 1 by id"
+    );
+}
+
+#[test]
+fn an_action_waits_a_little_for_a_busy_holder_then_goes_elsewhere() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 1);
+    s.worker_joined(t, 2, vec![], 1);
+    holds(&mut s, t, 2, 7);
+    s.submit(t, rooted("busy-2", 7)).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(2, "busy-2", 1)]);
+    // Worker 2 is busy: the next action of that root waits for it (within the wait), and an
+    // action that is not held back takes worker 1 meanwhile.
+    s.submit(t, rooted("wants-2", 7)).unwrap();
+    s.tick(t + Duration::from_millis(50));
+    assert!(dispatched(&mut s).is_empty(), "held for the holder");
+    s.submit(t, rooted("anywhere", 9)).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(1, "anywhere", 1)]);
+    // The holder frees up within the wait: it gets the action.
+    s.reported(t + Duration::from_millis(60), 2, 1, "done");
+    assert_eq!(dispatched(&mut s), vec![(2, "wants-2", 1)]);
+    // Both busy; 1 frees up, and past the wait the action goes there.
+    s.submit(t + Duration::from_millis(70), rooted("gives-up", 7))
+        .unwrap();
+    s.reported(t + Duration::from_millis(80), 1, 3, "done");
+    assert!(dispatched(&mut s).is_empty(), "still within the wait");
+    s.tick(t + Duration::from_millis(200));
+    assert_eq!(dispatched(&mut s), vec![(1, "gives-up", 1)]);
+    assert_eq!(
+        s.placements(),
+        Placements {
+            input_root: 2,
+            load: 1,
+            holder_busy: 1
+        }
+    );
+}
+
+#[test]
+fn a_draining_holder_is_not_waited_for() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 1);
+    s.worker_joined(t, 2, vec![], 1);
+    holds(&mut s, t, 2, 7);
+    s.worker_draining(2);
+    s.submit(t, rooted("now", 7)).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(1, "now", 1)]);
+    assert_eq!(s.placements().load, 1);
 }

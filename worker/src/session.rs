@@ -6,8 +6,8 @@
 use crate::action::{execute, Progress, WorkerContext};
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use kiln_proto::worker::{
-    server_message, worker_message, ExecuteComplete, ExecutionStarted, GoingAway, Hello, KeepAlive,
-    Property, ServerMessage, WorkerMessage, WorkerReport,
+    server_message, worker_message, CachedRoot, ExecuteComplete, ExecutionStarted, GoingAway,
+    Hello, KeepAlive, Property, ServerMessage, WorkerMessage, WorkerReport,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,12 +26,22 @@ pub struct Identity {
     pub max_inflight: usize,
 }
 
-/// The worker's report of itself (its directory cache), when it has anything to report.
-fn report(ctx: &WorkerContext) -> Option<WorkerMessage> {
+/// The worker's report of itself (its directory cache), when it has anything to report:
+/// with `full`, every input root its cache holds, else the changes since the last report.
+fn report(ctx: &WorkerContext, full: bool) -> Option<WorkerMessage> {
     let cache = ctx.dircache.as_ref()?;
+    let (added, removed) = cache.take_changes(full);
+    let root = |k: kiln_reapi::digest::BlobKey| CachedRoot {
+        instance_name: k.instance.as_str().to_string(),
+        digest_function: k.digest.function.proto() as i32,
+        digest: Some(k.digest.to_proto()),
+    };
     Some(WorkerMessage {
         message: Some(worker_message::Message::Report(WorkerReport {
             dircache: Some(cache.stats().report()),
+            full,
+            added: added.into_iter().map(root).collect(),
+            removed: removed.into_iter().map(root).collect(),
         })),
     })
 }
@@ -106,7 +116,7 @@ async fn session(
             running: Vec::new(),
         }),
     );
-    if let Some(report) = report(&ctx) {
+    if let Some(report) = report(&ctx, true) {
         let _ = tx.try_send(report);
     }
     let mut inbound = WorkerApiClient::new(channel)
@@ -148,7 +158,7 @@ async fn session(
                             let result = execute(ctx.clone(), start, kill_rx, progress).await;
                             running.lock().unwrap_or_else(|e| e.into_inner()).remove(&operation);
                             let _ = tx.send(WorkerMessage { message: Some(worker_message::Message::Result(result)) }).await;
-                            if let Some(report) = report(&ctx) {
+                            if let Some(report) = report(&ctx, false) {
                                 let _ = tx.send(report).await;
                             }
                         });

@@ -193,6 +193,14 @@ pub fn render(s: &Snapshot) -> String {
                 e.workers, e.running, e.queued
             ),
         );
+        let p = e.placements;
+        srow(
+            "Placements",
+            format!(
+                "{} on a worker caching the input root, {} by load, {} after its holder stayed busy",
+                p.input_root, p.load, p.holder_busy
+            ),
+        );
     }
     srow(
         "Uploads",

@@ -1,12 +1,14 @@
 //! What the workers report of their directory caches, as metrics of the server: counters
 //! of input roots laid out from the cache or not (`kiln_worker_dircache_hits_total`,
-//! `kiln_worker_dircache_misses_total`) and the caches' sizes, each labelled by worker.
+//! `kiln_worker_dircache_misses_total`) and the caches' sizes, each labelled by worker; and
+//! where the scheduler placed actions, by reason (`kiln_scheduler_placements_total`).
 //!
 //! A worker's counts run from its own start; the server's counters move by what each report
 //! adds to the last one it saw from that worker's run, so they only grow (a worker that
 //! restarted reports a new run, whose counts are all new).
 
 use crate::execution::ExecutionCore;
+use crate::scheduler::locality::{Placements, Reason};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -22,9 +24,19 @@ pub struct WorkerLabel {
     pub worker: String,
 }
 
-/// The workers' directory-cache metrics.
+/// Label of a placement reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `input_root`, `load` or `holder_busy`.
+    pub reason: &'static str,
+}
+
+/// The workers' directory-cache metrics, and placements.
 #[derive(Default)]
 pub struct WorkerGauges {
+    placements: Family<ReasonLabel, Counter>,
+    /// The scheduler's placement counts at the last refresh.
+    placed: Mutex<Placements>,
     hits: Family<WorkerLabel, Counter>,
     misses: Family<WorkerLabel, Counter>,
     bytes: Family<WorkerLabel, Gauge>,
@@ -57,6 +69,16 @@ impl WorkerGauges {
     /// Adds the metrics to `registry`.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
+            "kiln_scheduler_placements",
+            "Actions placed on a worker, by why that worker: input_root (its directory cache holds the action's input root), load (no worker holds it: the least loaded), holder_busy (the holder stayed busy past execution.locality_wait_ms)",
+            self.placements.clone(),
+        );
+        for reason in Reason::ALL {
+            let _ = self.placements.get_or_create(&ReasonLabel {
+                reason: reason.name(),
+            });
+        }
+        registry.register(
             "kiln_worker_dircache_hits",
             "Input roots a worker laid out from its directory cache",
             self.hits.clone(),
@@ -80,6 +102,17 @@ impl WorkerGauges {
 
     /// Takes in the connected workers' last reports.
     pub fn refresh(&self, execution: &ExecutionCore) {
+        let now = execution.stats().placements;
+        let mut placed = self.placed.lock().unwrap_or_else(|p| p.into_inner());
+        for reason in Reason::ALL {
+            let label = ReasonLabel {
+                reason: reason.name(),
+            };
+            let added = now.of(reason).saturating_sub(placed.of(reason));
+            self.placements.get_or_create(&label).inc_by(added);
+        }
+        *placed = now;
+        drop(placed);
         let reports = execution.worker_caches();
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         self.bytes.clear();

@@ -29,7 +29,7 @@ use kiln_proto::worker::{
     server_message, ExecutionResult, KillOperation, ServerMessage, StartExecute,
 };
 use kiln_reapi::cas::Cas;
-use kiln_reapi::digest::BlobKey;
+use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use ops::Registry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,6 +69,8 @@ pub struct SchedulerStats {
     pub workers: usize,
     /// Finished operations kept for WaitExecution/GetOperation.
     pub completed_kept: usize,
+    /// Placements made since start, by reason.
+    pub placements: crate::scheduler::locality::Placements,
 }
 
 /// The shared state of the execution services.
@@ -112,6 +114,8 @@ impl ExecutionCore {
             max_queued: config.max_queued,
             unserved_timeout: (config.unserved_timeout_secs > 0)
                 .then(|| Duration::from_secs(config.unserved_timeout_secs)),
+            locality_wait: Duration::from_millis(config.locality_wait_ms),
+            max_cached_roots: config.max_cached_roots_per_worker,
         });
         let core = Arc::new(ExecutionCore {
             scheduler: Mutex::new(scheduler),
@@ -127,8 +131,11 @@ impl ExecutionCore {
             finished: tokio::sync::Notify::new(),
         });
         let weak = Arc::downgrade(&core);
+        // Often enough that an action held for a busy worker is placed elsewhere soon after
+        // `locality_wait_ms`.
+        let every = Duration::from_millis(core.config.locality_wait_ms.clamp(10, 1000));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 let Some(core) = weak.upgrade() else { return };
@@ -149,6 +156,7 @@ impl ExecutionCore {
             running: s.running(),
             workers: s.workers(),
             completed_kept,
+            placements: s.placements(),
         }
     }
 
@@ -405,10 +413,26 @@ impl ExecutionCore {
         id
     }
 
-    /// A worker reports on itself.
+    /// A worker reports on itself: its directory cache, and the input roots it holds (an
+    /// entry that does not parse is skipped: it only loses the worker a placement).
     fn worker_report(&self, worker: WorkerId, report: kiln_proto::worker::WorkerReport) {
         if let Some(session) = lock(&self.sessions).get_mut(&worker) {
             session.dircache = report.dircache;
+        }
+        let keys = |roots: Vec<kiln_proto::worker::CachedRoot>| -> Vec<BlobKey> {
+            roots
+                .into_iter()
+                .filter_map(|r| {
+                    let instance = InstanceName::new(&r.instance_name).ok()?;
+                    let digest =
+                        Digest::from_proto_field(r.digest.as_ref(), r.digest_function).ok()?;
+                    Some(BlobKey::new(instance, digest))
+                })
+                .collect()
+        };
+        let (added, removed) = (keys(report.added), keys(report.removed));
+        if report.full || !added.is_empty() || !removed.is_empty() {
+            self.apply(|s, now| s.worker_roots(now, worker, report.full, added, removed));
         }
     }
 

@@ -125,6 +125,7 @@ pub(super) async fn prepare(
         timeout,
         mergeable: cacheable,
         queued_at: SystemTime::now(),
+        input_root: Some(BlobKey::new(instance.clone(), root_digest)),
         payload: Arc::new(Payload {
             start: StartExecute {
                 instance_name: instance.as_str().to_string(),

@@ -85,6 +85,9 @@ pub struct Index {
     /// Directory → the entries holding it, each with its path there.
     subtrees: HashMap<BlobKey, Vec<(BlobKey, PathBuf)>>,
     counts: Counts,
+    /// Ready entries added and removed since [`Index::take_changes`].
+    added: Vec<BlobKey>,
+    removed: Vec<BlobKey>,
 }
 
 impl Index {
@@ -98,6 +101,8 @@ impl Index {
             by_use: BTreeMap::new(),
             subtrees: HashMap::new(),
             counts: Counts::default(),
+            added: Vec::new(),
+            removed: Vec::new(),
         }
     }
 
@@ -250,6 +255,7 @@ impl Index {
 
     fn add(&mut self, key: &BlobKey, bytes: u64, dirs: Vec<(BlobKey, PathBuf)>) {
         self.bytes = self.bytes.saturating_add(bytes);
+        self.added.push(key.clone());
         for (dir, rel) in &dirs {
             self.subtrees
                 .entry(dir.clone())
@@ -305,6 +311,23 @@ impl Index {
         Evicted::AtRelease
     }
 
+    /// The ready entries added and removed since the last call (for reports to the
+    /// scheduler); with `all`, every ready entry not evicted instead of the additions.
+    pub fn take_changes(&mut self, all: bool) -> (Vec<BlobKey>, Vec<BlobKey>) {
+        let removed = std::mem::take(&mut self.removed);
+        let added = std::mem::take(&mut self.added);
+        if !all {
+            return (added, removed);
+        }
+        let every = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.doomed && matches!(e.state, State::Ready { .. }))
+            .map(|(k, _)| k.clone())
+            .collect();
+        (every, Vec::new())
+    }
+
     /// The entries not evicted, built or being built.
     pub fn keys(&self) -> Vec<BlobKey> {
         self.entries
@@ -321,6 +344,7 @@ impl Index {
         self.by_use.remove(&e.used);
         if !matches!(e.state, State::Building) {
             self.bytes = self.bytes.saturating_sub(e.bytes);
+            self.removed.push(key.clone());
         }
         for (dir, _) in e.dirs {
             if let Some(places) = self.subtrees.get_mut(&dir) {
@@ -507,6 +531,26 @@ mod tests {
             "key(3) itself is unleased"
         );
         assert_eq!(index.lease_root(&key(3)), RootLookup::Miss);
+    }
+
+    #[test]
+    fn changes_are_reported_once_and_a_full_report_lists_what_is_ready() {
+        let mut index = Index::new(100);
+        built(&mut index, &key(1), 10, &[]);
+        built(&mut index, &key(2), 10, &[]);
+        assert!(index.begin(&key(3), 10), "being built: not reported");
+        assert_eq!(index.take_changes(false), (vec![key(1), key(2)], vec![]));
+        assert_eq!(index.take_changes(false), (vec![], vec![]));
+        assert_eq!(index.evict(&key(1)), Evicted::AtRelease);
+        let (mut all, removed) = index.take_changes(true);
+        all.sort();
+        assert_eq!(
+            (all, removed),
+            (vec![key(2)], vec![]),
+            "evicted: not held any more"
+        );
+        assert_eq!(index.release(&key(1)), vec![key(1)]);
+        assert_eq!(index.take_changes(false), (vec![], vec![key(1)]));
     }
 
     #[test]

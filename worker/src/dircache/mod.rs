@@ -286,6 +286,12 @@ impl DirCache {
         self.lock().note_subtree();
     }
 
+    /// The input roots added and removed since the last call; with `all`, every input root
+    /// held instead of the additions (the first report of a session).
+    pub fn take_changes(&self, all: bool) -> (Vec<BlobKey>, Vec<BlobKey>) {
+        self.lock().take_changes(all)
+    }
+
     /// The cache's size and counters.
     pub fn stats(&self) -> DirCacheStats {
         let index = self.lock();

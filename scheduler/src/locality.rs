@@ -1,0 +1,163 @@
+//! Placing an action where its inputs already are. Each worker's directory cache reports the
+//! input roots it holds ([`CachedRoots`]); the scheduler gives an action to a free worker
+//! holding its input root, else to the least-loaded free worker — after waiting up to
+//! `locality_wait` for a busy worker that holds it, so that a loaded "best" worker does not
+//! hold an action for long while another is idle. Each placement's [`Reason`] is counted.
+
+use kiln_reapi::digest::BlobKey;
+use std::collections::{HashSet, VecDeque};
+
+/// The input roots one worker's directory cache holds, as it reported them: at most `cap`,
+/// the oldest facts dropped first.
+#[derive(Debug)]
+pub struct CachedRoots {
+    set: HashSet<BlobKey>,
+    /// Arrival order; may hold keys removed since (skipped when dropping the oldest).
+    order: VecDeque<BlobKey>,
+    cap: usize,
+}
+
+impl CachedRoots {
+    /// An empty set of at most `cap` roots.
+    pub fn new(cap: usize) -> CachedRoots {
+        CachedRoots {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    /// Takes in a report: with `full`, `added` is the whole set; otherwise what was added and
+    /// removed since the last report.
+    pub fn update(&mut self, full: bool, added: Vec<BlobKey>, removed: Vec<BlobKey>) {
+        if full {
+            self.set.clear();
+            self.order.clear();
+        }
+        for key in &removed {
+            self.set.remove(key);
+        }
+        for key in added {
+            if self.set.insert(key.clone()) {
+                self.order.push_back(key);
+            }
+        }
+        while self.set.len() > self.cap {
+            match self.order.pop_front() {
+                Some(oldest) => {
+                    self.set.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        // Keys removed by reports linger in `order`: compact it now and then.
+        if self.order.len() > 2 * self.set.len() + 64 {
+            let set = &self.set;
+            self.order.retain(|k| set.contains(k));
+        }
+    }
+
+    /// Whether the worker reported holding `root`.
+    pub fn contains(&self, root: &BlobKey) -> bool {
+        self.set.contains(root)
+    }
+
+    /// Roots held.
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+}
+
+/// Why an action went to the worker it went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The worker's directory cache holds the action's input root.
+    InputRoot,
+    /// No worker holds it: the least loaded.
+    Load,
+    /// A worker holding it stayed busy past `locality_wait`: the least loaded free one.
+    WaitedForHolder,
+}
+
+impl Reason {
+    /// Every reason, for metrics.
+    pub const ALL: [Reason; 3] = [Reason::InputRoot, Reason::Load, Reason::WaitedForHolder];
+
+    /// Its label in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::InputRoot => "input_root",
+            Reason::Load => "load",
+            Reason::WaitedForHolder => "holder_busy",
+        }
+    }
+}
+
+/// Placements made since start, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placements {
+    /// [`Reason::InputRoot`].
+    pub input_root: u64,
+    /// [`Reason::Load`].
+    pub load: u64,
+    /// [`Reason::WaitedForHolder`].
+    pub holder_busy: u64,
+}
+
+impl Placements {
+    /// Counts one placement.
+    pub fn count(&mut self, reason: Reason) {
+        match reason {
+            Reason::InputRoot => self.input_root += 1,
+            Reason::Load => self.load += 1,
+            Reason::WaitedForHolder => self.holder_busy += 1,
+        }
+    }
+
+    /// The count for `reason`.
+    pub fn of(&self, reason: Reason) -> u64 {
+        match reason {
+            Reason::InputRoot => self.input_root,
+            Reason::Load => self.load,
+            Reason::WaitedForHolder => self.holder_busy,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
+
+    fn root(n: u8) -> BlobKey {
+        BlobKey::new(
+            InstanceName::default_instance(),
+            Digest::of(DigestFunction::Sha256, &[n]),
+        )
+    }
+
+    #[test]
+    fn reports_add_remove_replace_and_the_oldest_go_past_the_cap() {
+        let mut roots = CachedRoots::new(3);
+        roots.update(true, vec![root(1), root(2)], vec![]);
+        roots.update(false, vec![root(3)], vec![root(1)]);
+        assert!(!roots.contains(&root(1)) && roots.contains(&root(2)) && roots.contains(&root(3)));
+        roots.update(false, vec![root(4), root(5)], vec![]);
+        assert_eq!(roots.len(), 3);
+        assert!(!roots.contains(&root(2)), "the oldest fact dropped first");
+        assert!(roots.contains(&root(5)));
+        roots.update(true, vec![root(9)], vec![]);
+        assert_eq!(roots.len(), 1, "a full report replaces");
+        assert!(roots.contains(&root(9)));
+        // Many removals do not let the order grow without bound.
+        for i in 0..200u8 {
+            roots.update(false, vec![root(i)], vec![root(i)]);
+        }
+        assert!(roots.order.len() <= 2 * roots.len() + 64);
+    }
+}
