@@ -192,13 +192,28 @@ on_every_runtime! {
             let out = read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
             assert_eq!(out, format!("shared {salt}\n").into_bytes());
         }
+        // w2 busy with an action of that root: the next one waits for it a little
+        // (`locality_wait_ms`), then goes to the idle w1.
+        let (flag, started) = (dir.path().join("flag2"), dir.path().join("started2"));
+        let hold = Spec {
+            tree: tree.clone(),
+            ..Spec::script(&format!("touch {}; while [ ! -e {} ]; do sleep 0.02; done", started.display(), flag.display()))
+        };
+        let hold = hold.upload(&ch, F).await;
+        let held = { let ch = ch.clone(); tokio::spawn(async move { execute(&ch, F, &hold, false).await }) };
+        common::eventually("the second holding action to start", || async { started.exists().then_some(()) }).await;
+        let (_, r) = execute(&ch, F, &run("fourth").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
+        std::fs::write(&flag, b"").unwrap();
+        let (_, r) = held.await.unwrap().unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
         let placed = |reason: &'static str| {
             let admin = kiln.admin.clone();
             async move { common::metric(&admin, &format!("kiln_scheduler_placements_total{{reason=\"{reason}\"}}")).await }
         };
-        assert_eq!(placed("input_root").await, 2.0);
-        assert_eq!(placed("load").await, 2.0, "the holding action and the first of the root");
-        assert_eq!(placed("holder_busy").await, 0.0);
+        assert_eq!(placed("input_root").await, 3.0, "second, third and the second holding action");
+        assert_eq!(placed("load").await, 2.0, "the first holding action and the first of the root");
+        assert_eq!(placed("holder_busy").await, 1.0, "fourth");
         kiln.stop().await;
     }
 }

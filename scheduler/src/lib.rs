@@ -161,6 +161,17 @@ impl kiln_reapi::status::Classify for SubmitError {
     }
 }
 
+/// What [`Scheduler::choose`] decided for a queued action.
+enum Choice {
+    /// Dispatch it to this worker, for this reason.
+    Place(WorkerId, Reason),
+    /// Hold it for a busy worker holding its input root, until `until`, keeping the free
+    /// worker `keep` for it.
+    Hold { keep: WorkerId, until: Instant },
+    /// No worker can take it now.
+    NotNow,
+}
+
 /// Result of a submit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Submitted {
@@ -191,6 +202,9 @@ struct OpState<P> {
     attempts: u32,
     /// When it last entered the queue.
     queued_since: Instant,
+    /// Since when it has been held for a busy worker holding its input root (while a free
+    /// worker could have taken it); `None` when not held since it last entered the queue.
+    held_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -226,6 +240,8 @@ pub struct Scheduler<P, R> {
     next_seq: u64,
     out: Vec<Command<P, R>>,
     placements: Placements,
+    /// See [`Scheduler::wake_at`].
+    wake_at: Option<Instant>,
 }
 
 impl<P: Clone, R> Scheduler<P, R> {
@@ -241,6 +257,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             next_seq: 0,
             out: Vec::new(),
             placements: Placements::default(),
+            wake_at: None,
         }
     }
 
@@ -296,6 +313,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 stage: OpStage::Queued { seq },
                 attempts: 0,
                 queued_since: now,
+                held_since: None,
             },
         );
         self.out.push(Command::Stage {
@@ -395,6 +413,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             self.next_seq += 1;
             state.stage = OpStage::Queued { seq };
             state.queued_since = now;
+            state.held_since = None;
             self.queue.insert((state.job.priority, seq), op);
             self.out.push(Command::Stage {
                 op,
@@ -571,14 +590,19 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.out.push(Command::Finished { op, outcome });
     }
 
-    /// The worker for `state`, and why: a free worker whose directory cache holds its input
-    /// root; else, unless a busy one holds it and the action has waited less than
-    /// `locality_wait`, the least-loaded free worker. `None`: not now.
-    fn choose(&self, now: Instant, state: &OpState<P>) -> Option<(WorkerId, Reason)> {
+    /// Where `state` goes now. A free worker whose directory cache holds its input root; else,
+    /// while a busy worker holding it may still free up (held less than `locality_wait`), the
+    /// action is held and keeps one free worker it fits for itself (`reserved`: actions behind
+    /// it cannot take that one, so holding never lets them overtake it); else the
+    /// least-loaded free worker.
+    fn choose(&self, now: Instant, state: &OpState<P>, reserved: &HashSet<WorkerId>) -> Choice {
         let kinds = &self.config.kinds;
         let requirements = &state.job.requirements;
-        let free = |w: &WorkerState| {
-            !w.draining && w.busy < w.capacity && fits(kinds, requirements, &w.offer, &w.consumed)
+        let free = |id: &WorkerId, w: &WorkerState| {
+            !w.draining
+                && !reserved.contains(id)
+                && w.busy < w.capacity
+                && fits(kinds, requirements, &w.offer, &w.consumed)
         };
         let holds = |w: &WorkerState| {
             state
@@ -588,38 +612,48 @@ impl<P: Clone, R> Scheduler<P, R> {
                 .is_some_and(|r| w.roots.contains(r))
         };
         // Least loaded first; ties by id, so the choice is deterministic.
-        let least_loaded = |pick: &dyn Fn(&WorkerState) -> bool| {
+        let least_loaded = |pick: &dyn Fn(&WorkerId, &WorkerState) -> bool| {
             self.workers
                 .iter()
-                .filter(|(_, w)| pick(w))
+                .filter(|(id, w)| pick(id, w))
                 .min_by(|(a_id, a), (b_id, b)| {
                     let load = |w: &WorkerState| w.busy as f64 / w.capacity as f64;
                     load(a).total_cmp(&load(b)).then(a_id.cmp(b_id))
                 })
                 .map(|(id, _)| *id)
         };
-        if let Some(id) = least_loaded(&|w| free(w) && holds(w)) {
-            return Some((id, Reason::InputRoot));
+        if let Some(id) = least_loaded(&|id, w| free(id, w) && holds(w)) {
+            return Choice::Place(id, Reason::InputRoot);
         }
+        let Some(other) = least_loaded(&free) else {
+            return Choice::NotNow;
+        };
         let busy_holder = self
             .workers
             .values()
             .any(|w| !w.draining && holds(w) && could_fit(kinds, requirements, &w.offer));
-        if busy_holder
-            && now.saturating_duration_since(state.queued_since) < self.config.locality_wait
-        {
-            return None;
+        if !busy_holder {
+            return Choice::Place(other, Reason::Load);
         }
-        let reason = if busy_holder {
-            Reason::WaitedForHolder
-        } else {
-            Reason::Load
-        };
-        least_loaded(&free).map(|id| (id, reason))
+        let since = state.held_since.unwrap_or(now);
+        if now.saturating_duration_since(since) < self.config.locality_wait {
+            return Choice::Hold {
+                keep: other,
+                until: since + self.config.locality_wait,
+            };
+        }
+        Choice::Place(other, Reason::WaitedForHolder)
+    }
+
+    /// When the scheduler next needs a [`Scheduler::tick`] to place an action it holds for a
+    /// busy worker (`None`: nothing held; the regular tick is enough).
+    pub fn wake_at(&self) -> Option<Instant> {
+        self.wake_at
     }
 
     /// Gives queued operations to workers, in queue order, while any worker has room.
     fn schedule(&mut self, now: Instant) {
+        self.wake_at = None;
         let mut free: usize = self
             .workers
             .values()
@@ -630,6 +664,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             return;
         }
         let queued: Vec<((i32, u64), OpId)> = self.queue.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut reserved = HashSet::new();
         for (slot, op) in queued {
             if free == 0 {
                 break;
@@ -637,8 +672,18 @@ impl<P: Clone, R> Scheduler<P, R> {
             let Some(state) = self.ops.get(&op) else {
                 continue;
             };
-            let Some((worker, reason)) = self.choose(now, state) else {
-                continue;
+            let (worker, reason) = match self.choose(now, state, &reserved) {
+                Choice::Place(worker, reason) => (worker, reason),
+                Choice::Hold { keep, until } => {
+                    reserved.insert(keep);
+                    free -= 1;
+                    self.wake_at = Some(self.wake_at.map_or(until, |w| w.min(until)));
+                    if let Some(state) = self.ops.get_mut(&op) {
+                        state.held_since.get_or_insert(now);
+                    }
+                    continue;
+                }
+                Choice::NotNow => continue,
             };
             self.placements.count(reason);
             let kinds = &self.config.kinds;

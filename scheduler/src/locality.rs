@@ -154,10 +154,16 @@ mod tests {
         roots.update(true, vec![root(9)], vec![]);
         assert_eq!(roots.len(), 1, "a full report replaces");
         assert!(roots.contains(&root(9)));
+        // A report applies its removals first: a root removed and added again is held.
+        roots.update(false, vec![root(9)], vec![root(9)]);
+        assert!(roots.contains(&root(9)));
         // Many removals do not let the order grow without bound.
         for i in 0..200u8 {
-            roots.update(false, vec![root(i)], vec![root(i)]);
+            roots.update(false, vec![], vec![root(i)]);
+            roots.update(false, vec![root(i)], vec![]);
+            roots.update(false, vec![], vec![root(i)]);
         }
+        assert!(roots.is_empty());
         assert!(roots.order.len() <= 2 * roots.len() + 64);
     }
 }

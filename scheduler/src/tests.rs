@@ -427,28 +427,42 @@ fn an_action_goes_to_the_free_worker_holding_its_input_root() {
 #[test]
 fn an_action_waits_a_little_for_a_busy_holder_then_goes_elsewhere() {
     let t = Instant::now();
+    let ms = Duration::from_millis;
     let mut s = S::new(config());
     s.worker_joined(t, 1, vec![], 1);
     s.worker_joined(t, 2, vec![], 1);
     holds(&mut s, t, 2, 7);
     s.submit(t, rooted("busy-2", 7)).unwrap();
     assert_eq!(dispatched(&mut s), vec![(2, "busy-2", 1)]);
-    // Worker 2 is busy: the next action of that root waits for it (within the wait), and an
-    // action that is not held back takes worker 1 meanwhile.
+    // Worker 2 is busy: the next action of that root waits for it, keeping worker 1 for
+    // itself, so an action queued behind it cannot overtake it.
     s.submit(t, rooted("wants-2", 7)).unwrap();
-    s.tick(t + Duration::from_millis(50));
-    assert!(dispatched(&mut s).is_empty(), "held for the holder");
-    s.submit(t, rooted("anywhere", 9)).unwrap();
-    assert_eq!(dispatched(&mut s), vec![(1, "anywhere", 1)]);
-    // The holder frees up within the wait: it gets the action.
-    s.reported(t + Duration::from_millis(60), 2, 1, "done");
-    assert_eq!(dispatched(&mut s), vec![(2, "wants-2", 1)]);
-    // Both busy; 1 frees up, and past the wait the action goes there.
-    s.submit(t + Duration::from_millis(70), rooted("gives-up", 7))
-        .unwrap();
-    s.reported(t + Duration::from_millis(80), 1, 3, "done");
-    assert!(dispatched(&mut s).is_empty(), "still within the wait");
-    s.tick(t + Duration::from_millis(200));
+    assert_eq!(
+        s.wake_at(),
+        Some(t + ms(100)),
+        "a tick is wanted when the wait ends"
+    );
+    s.tick(t + ms(50));
+    s.submit(t + ms(50), rooted("behind", 9)).unwrap();
+    assert!(
+        dispatched(&mut s).is_empty(),
+        "held, and worker 1 kept for it"
+    );
+    // The holder frees up within the wait: it gets the action, and the one behind gets 1.
+    s.reported(t + ms(60), 2, 1, "done");
+    assert_eq!(
+        dispatched(&mut s),
+        vec![(2, "wants-2", 1), (1, "behind", 1)]
+    );
+    assert_eq!(s.wake_at(), None);
+    // Both busy for long: the wait runs from when another worker could first have taken the
+    // action, not from when it was queued.
+    s.submit(t + ms(70), rooted("gives-up", 7)).unwrap();
+    s.reported(t + ms(500), 1, 3, "done");
+    assert!(dispatched(&mut s).is_empty(), "held from 500 ms on");
+    s.tick(t + ms(550));
+    assert!(dispatched(&mut s).is_empty());
+    s.tick(t + ms(600));
     assert_eq!(dispatched(&mut s), vec![(1, "gives-up", 1)]);
     assert_eq!(
         s.placements(),

@@ -26,24 +26,47 @@ pub struct Identity {
     pub max_inflight: usize,
 }
 
-/// The worker's report of itself (its directory cache), when it has anything to report:
-/// with `full`, every input root its cache holds, else the changes since the last report.
-fn report(ctx: &WorkerContext, full: bool) -> Option<WorkerMessage> {
-    let cache = ctx.dircache.as_ref()?;
-    let (added, removed) = cache.take_changes(full);
+/// Input roots per report message (about 100 bytes each).
+const ROOTS_PER_MESSAGE: usize = 10_000;
+
+/// Input roots a full report lists at most (the scheduler remembers about as many).
+const MAX_REPORTED_ROOTS: usize = 100_000;
+
+/// The worker's report of itself (its directory cache), when it has one: with `full`, every
+/// input root its cache holds (at most [`MAX_REPORTED_ROOTS`]), else the changes since the last
+/// report; in messages of at most [`ROOTS_PER_MESSAGE`] roots, the first carrying `full`.
+/// Taken only by the session's own loop, so reports leave in the order they were taken.
+fn reports(ctx: &WorkerContext, full: bool) -> Vec<WorkerMessage> {
+    let Some(cache) = ctx.dircache.as_ref() else {
+        return Vec::new();
+    };
+    let (mut added, removed) = cache.take_changes(full);
+    if full {
+        added.truncate(MAX_REPORTED_ROOTS);
+    }
     let root = |k: kiln_reapi::digest::BlobKey| CachedRoot {
         instance_name: k.instance.as_str().to_string(),
         digest_function: k.digest.function.proto() as i32,
         digest: Some(k.digest.to_proto()),
     };
-    Some(WorkerMessage {
-        message: Some(worker_message::Message::Report(WorkerReport {
-            dircache: Some(cache.stats().report()),
-            full,
-            added: added.into_iter().map(root).collect(),
-            removed: removed.into_iter().map(root).collect(),
-        })),
-    })
+    let mut messages = Vec::new();
+    let mut removed: Vec<CachedRoot> = removed.into_iter().map(root).collect();
+    let mut added = added.into_iter().map(root).peekable();
+    loop {
+        let chunk: Vec<CachedRoot> = added.by_ref().take(ROOTS_PER_MESSAGE).collect();
+        let first = messages.is_empty();
+        messages.push(WorkerMessage {
+            message: Some(worker_message::Message::Report(WorkerReport {
+                dircache: first.then(|| cache.stats().report()),
+                full: full && first,
+                added: chunk,
+                removed: std::mem::take(&mut removed),
+            })),
+        });
+        if added.peek().is_none() {
+            return messages;
+        }
+    }
 }
 
 /// Connects to the scheduler and serves sessions until `stop` turns true; then says GoingAway
@@ -116,9 +139,12 @@ async fn session(
             running: Vec::new(),
         }),
     );
-    if let Some(report) = report(&ctx, true) {
+    for report in reports(&ctx, true) {
         let _ = tx.try_send(report);
     }
+    // Signalled by an action's task once its result is sent: the loop then reports what
+    // changed in the directory cache.
+    let report_due = Arc::new(tokio::sync::Notify::new());
     let mut inbound = WorkerApiClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
@@ -145,6 +171,7 @@ async fn session(
                         running.lock().unwrap_or_else(|e| e.into_inner()).insert(operation.clone(), kill_tx);
                         send(&tx, worker_message::Message::Started(ExecutionStarted { operation: operation.clone() }));
                         let (tx, ctx, running) = (tx.clone(), ctx.clone(), running.clone());
+                        let report_due = report_due.clone();
                         tokio::spawn(async move {
                             let progress_tx = tx.clone();
                             let op = operation.clone();
@@ -158,9 +185,7 @@ async fn session(
                             let result = execute(ctx.clone(), start, kill_rx, progress).await;
                             running.lock().unwrap_or_else(|e| e.into_inner()).remove(&operation);
                             let _ = tx.send(WorkerMessage { message: Some(worker_message::Message::Result(result)) }).await;
-                            if let Some(report) = report(&ctx, false) {
-                                let _ = tx.send(report).await;
-                            }
+                            report_due.notify_one();
                         });
                     }
                     server_message::Message::Kill(k) => {
@@ -175,6 +200,11 @@ async fn session(
                 Err(e) => break Err(e),
             },
             _ = keepalive.tick() => send(&tx, worker_message::Message::KeepAlive(KeepAlive {})),
+            _ = report_due.notified() => {
+                for report in reports(&ctx, false) {
+                    let _ = tx.send(report).await;
+                }
+            }
             _ = stop.changed(), if !going_away => {
                 if *stop.borrow() {
                     going_away = true;

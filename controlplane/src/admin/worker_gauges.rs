@@ -102,8 +102,9 @@ impl WorkerGauges {
 
     /// Takes in the connected workers' last reports.
     pub fn refresh(&self, execution: &ExecutionCore) {
-        let now = execution.stats().placements;
+        // Read under the lock: two scrapes at once must not both count the same placements.
         let mut placed = self.placed.lock().unwrap_or_else(|p| p.into_inner());
+        let now = execution.stats().placements;
         for reason in Reason::ALL {
             let label = ReasonLabel {
                 reason: reason.name(),

@@ -90,7 +90,12 @@ pub struct ExecutionCore {
     kinds: scheduler::platform::Kinds,
     /// Signalled whenever an operation finishes (shutdown waits on it).
     finished: tokio::sync::Notify,
+    /// Wakes the ticking task when the scheduler starts holding an action for a busy worker.
+    woken: Arc<tokio::sync::Notify>,
 }
+
+/// How often the scheduler's clock advances when nothing asks for sooner.
+const TICK: Duration = Duration::from_secs(1);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -129,19 +134,36 @@ impl ExecutionCore {
             config,
             kinds,
             finished: tokio::sync::Notify::new(),
+            woken: Arc::new(tokio::sync::Notify::new()),
         });
         let weak = Arc::downgrade(&core);
-        // Often enough that an action held for a busy worker is placed elsewhere soon after
-        // `locality_wait_ms`.
-        let every = Duration::from_millis(core.config.locality_wait_ms.clamp(10, 1000));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            let mut next = Instant::now() + TICK;
             loop {
-                tick.tick().await;
+                // Every second, and when an action held for a busy worker is due to be placed
+                // elsewhere (see `Scheduler::wake_at`; `apply` wakes this loop when it changes).
+                let wake = {
+                    let Some(core) = weak.upgrade() else { return };
+                    let held = lock(&core.scheduler).wake_at();
+                    let until = held.map_or(next, |h| h.min(next));
+                    let woken = core.woken.clone();
+                    drop(core);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until.into()) => true,
+                        _ = woken.notified() => false,
+                    }
+                };
+                if !wake {
+                    continue;
+                }
                 let Some(core) = weak.upgrade() else { return };
+                let now = Instant::now();
                 core.apply(|s, now| s.tick(now));
-                let retention = Duration::from_secs(core.config.completed_retention_secs);
-                lock(&core.registry).prune(Instant::now(), retention);
+                if now >= next {
+                    next = now + TICK;
+                    let retention = Duration::from_secs(core.config.completed_retention_secs);
+                    lock(&core.registry).prune(now, retention);
+                }
             }
         });
         core
@@ -165,11 +187,17 @@ impl ExecutionCore {
         &self,
         event: impl FnOnce(&mut Scheduler<Arc<Payload>, ExecutionResult>, Instant) -> T,
     ) -> T {
-        let (out, broken) = {
+        let (out, broken, held) = {
             let mut s = lock(&self.scheduler);
+            let before = s.wake_at();
             let out = event(&mut s, Instant::now());
-            (out, self.carry_out(s.commands()))
+            let after = s.wake_at();
+            let sooner = after.is_some_and(|a| before.is_none_or(|b| a < b));
+            (out, self.carry_out(s.commands()), sooner)
         };
+        if held {
+            self.woken.notify_one();
+        }
         self.drop_broken(broken);
         out
     }

@@ -344,6 +344,9 @@ impl Index {
         self.by_use.remove(&e.used);
         if !matches!(e.state, State::Building) {
             self.bytes = self.bytes.saturating_sub(e.bytes);
+            // Added and removed before a report: not reported as added (a report applies its
+            // removals first, so it would read as held).
+            self.added.retain(|k| k != key);
             self.removed.push(key.clone());
         }
         for (dir, _) in e.dirs {
@@ -551,6 +554,11 @@ mod tests {
         );
         assert_eq!(index.release(&key(1)), vec![key(1)]);
         assert_eq!(index.take_changes(false), (vec![], vec![key(1)]));
+        // Built and evicted between two reports: not reported as added.
+        built(&mut index, &key(4), 10, &[]);
+        assert_eq!(index.evict(&key(4)), Evicted::AtRelease);
+        index.release(&key(4));
+        assert_eq!(index.take_changes(false), (vec![], vec![key(4)]));
     }
 
     #[test]
