@@ -3,7 +3,8 @@
 //! misses, salted per run), and after `bazel clean` the second build is entirely remote cache
 //! hits — and as a remote executor, where `bazel test` of the genrules, the C library and
 //! binary and a C test runs every action on Kiln's embedded worker, then a clean rerun is all
-//! cache hits; and with `[auth]`, with a bearer token and without one.
+//! cache hits; the same against a server with two `kiln worker`s; and with `[auth]`, with a
+//! bearer token and without one.
 
 #[macro_use]
 mod common;
@@ -123,6 +124,62 @@ async fn bazel_with_a_bearer_token_and_without() {
         logs.contains("UNAUTHENTICATED") && logs.contains("credentials required"),
         "{logs}\n{stdout}\n{stderr}"
     );
+    kiln.stop().await;
+}
+
+// The farm's shape: `kiln serve` with its embedded worker off and two `kiln worker`
+// processes (each with its own CAS, work directory and directory cache). Bazel's actions run
+// on them and the clean rerun is all cache hits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bazel_runs_on_a_server_with_two_workers() {
+    let rt = common::Runtime::Glommio;
+    let dir = tempfile::tempdir().unwrap();
+    let options = common::Options {
+        config: Some("[worker]\nembedded = false\n".into()),
+        ..common::Options::on(rt)
+    };
+    let kiln = Kiln::start_async(&dir.path().join("server"), options).await;
+    let mut workers = Vec::new();
+    for name in ["w1", "w2"] {
+        let (addr, wdir) = (kiln.addr, dir.path().join(name));
+        workers.push(
+            tokio::task::spawn_blocking(move || {
+                common::exec::Worker::start_at(addr, rt, &wdir, name, &[])
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let endpoint = format!("grpc://{}", kiln.addr);
+    let (passed, stdout, stderr) =
+        run_bazel(endpoint, dir.path().join("scratch"), true, Vec::new()).await;
+    assert!(
+        passed,
+        "bazel run failed:\n{stdout}\n{stderr}\nkiln log:\n{}",
+        kiln.log_text()
+    );
+    // Every action ran on one of the two workers, each laying its inputs out through its
+    // directory cache (as the workers reported).
+    let mut laid_out = 0.0;
+    for name in ["w1", "w2"] {
+        for counter in ["hits", "misses"] {
+            let metric = format!("kiln_worker_dircache_{counter}_total{{worker=\"{name}\"}}");
+            laid_out += common::metric_if_any(&kiln.admin, &metric)
+                .await
+                .unwrap_or(0.0);
+        }
+    }
+    let executed = common::metric(
+        &kiln.admin,
+        "kiln_calls_total{method=\"Execution.Execute\",code=\"OK\"}",
+    )
+    .await;
+    assert!(laid_out >= 1.0, "the workers laid out no input tree");
+    assert!(
+        executed >= laid_out,
+        "{executed} Execute calls, {laid_out} laid out"
+    );
+    drop(workers);
     kiln.stop().await;
 }
 
