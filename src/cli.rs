@@ -160,8 +160,13 @@ pub struct WorkerArgs {
     /// a client certificate, keeps it in its CAS directory and uses it from then on.
     #[arg(long, value_name = "TOKEN")]
     pub join: Option<String>,
-    /// Serve the local CAS on a non-loopback address anyway (it has no TLS or authorization
-    /// yet: anyone who can reach it can read and write it).
+    /// Serve the worker's own metrics (`/metrics`: its local CAS and directory cache) and
+    /// `/healthz` on this address, plain HTTP (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Serve the local CAS, or the admin listener, on a non-loopback address anyway (neither
+    /// has TLS or authorization yet: anyone who can reach the local CAS can read and write
+    /// it, and anyone can read the metrics).
     #[arg(long)]
     pub insecure: bool,
 }

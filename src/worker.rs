@@ -118,6 +118,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         );
         tracing::warn!(listen = %config.server.listen, "--insecure: the local CAS is open to anyone who can reach it");
     }
+    if let Some(admin) = args.admin_listen.filter(|a| !a.ip().is_loopback()) {
+        anyhow::ensure!(
+            args.insecure,
+            "refusing to serve the worker's metrics on {admin} without TLS or authorization: keep \
+             --admin-listen on loopback, or pass --insecure"
+        );
+    }
     // Enrol with a join token once; afterwards the stored identity is used by itself.
     let identity = crate::enrol::Identity::of(&config);
     if let Some(token) = &args.join {
@@ -205,6 +212,18 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             dircache: open_dircache(&config)?,
         })
     };
+    if let Some(listen) = args.admin_listen {
+        let cache = ctx.dircache.clone();
+        let probe: kiln_controlplane::admin::worker_listener::CacheProbe =
+            Arc::new(move || cache.as_ref().map(|c| c.stats().report()));
+        let metrics = ctx.local.cas().client().metrics().clone();
+        let addr = runtime
+            .block_on(kiln_controlplane::admin::worker_listener::start(
+                listen, metrics, probe,
+            ))
+            .with_context(|| format!("cannot serve the worker's metrics on {listen}"))?;
+        info!("worker metrics on http://{addr}/metrics");
+    }
     let stop = StopSignals::watch(&runtime)?;
     // A SIGHUP (sent to the whole farm by a rotation script) must not stop the worker.
     let _hup = StopSignals::hangup(&runtime);

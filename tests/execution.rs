@@ -107,7 +107,15 @@ on_every_runtime! {
         let dir = tempfile::tempdir().unwrap();
         let kiln = start_server(rt, dir.path()).await;
         let wdir = dir.path().join("w1");
-        let mut w = start_worker(rt, &kiln, &wdir, "w1", &[]).await;
+        let mut w = start_worker(rt, &kiln, &wdir, "w1", &["--admin-listen", "127.0.0.1:0"]).await;
+        // The worker's own metrics, on the address it logged.
+        let worker_admin = w
+            .start_log
+            .iter()
+            .find_map(|l| l.split("worker metrics on ").nth(1))
+            .and_then(|rest| rest.strip_suffix("/metrics"))
+            .expect("the worker logs its metrics address")
+            .to_string();
         let ch = kiln.channel().await;
         let tree = Tree::default()
             .file("src/a.txt", b"alpha ", false)
@@ -134,6 +142,9 @@ on_every_runtime! {
             })
             .await;
         }
+        assert_eq!(common::metric(&worker_admin, "kiln_worker_dircache_hits_total").await, 1.0);
+        assert_eq!(common::metric(&worker_admin, "kiln_worker_dircache_misses_total").await, 1.0);
+        assert_eq!(common::metric(&worker_admin, "kiln_worker_dircache_entries").await, 1.0);
         let (_, status) = common::curl(&format!("{}/status", kiln.admin), &[]);
         assert!(status.contains("id=\"dircaches\"") && status.contains("<th>w1</th>"), "{status}");
         assert!(status.contains("50.0% of 2 input roots from the cache"), "{status}");

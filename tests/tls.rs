@@ -288,8 +288,8 @@ async fn kiln_bench_and_the_embedded_worker_under_required_client_certificates()
 
 /// `kiln serve` on a non-loopback address in the clear, or with TLS but no authentication
 /// (no [auth], client certificates not required), or with its admin listener off loopback
-/// under the same conditions, refuses to start unless told `--insecure`; so does a worker's local CAS off
-/// loopback. Nothing is bound: they stop first.
+/// under the same conditions, refuses to start unless told `--insecure`; so does a worker's local CAS
+/// or its admin listener off loopback. Nothing is bound: they stop first.
 #[test]
 fn serving_unauthenticated_off_loopback_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -350,6 +350,16 @@ fn serving_unauthenticated_off_loopback_is_refused() {
                 "0.0.0.0:0",
             ],
             "local CAS",
+        ),
+        (
+            vec![
+                "worker",
+                "--scheduler",
+                "grpc://127.0.0.1:1",
+                "--admin-listen",
+                "0.0.0.0:0",
+            ],
+            "worker's metrics",
         ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))

@@ -8,6 +8,7 @@ pub mod listener;
 pub mod sampler;
 pub mod status;
 mod worker_gauges;
+pub mod worker_listener;
 
 use crate::action_cache::AcStore;
 use crate::execution::ExecutionCore;
@@ -203,8 +204,13 @@ async fn metrics_page(State(state): State<Arc<AdminState>>) -> Response {
             state.started,
         )
         .await;
+    encode(&state.registry)
+}
+
+/// `registry` as a `/metrics` answer (OpenMetrics text).
+fn encode(registry: &Registry) -> Response {
     let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, registry) {
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot encode metrics: {e}\n"),
