@@ -11,6 +11,7 @@ use crate::materialise::remove_tree;
 use crate::outputs::{collect, Blob, OutputOwners, Staging};
 use crate::remote::SMALL;
 use crate::run::{run, RunEnd, RunSpec};
+use kiln_dataplane::store::tier::PinHolder;
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{ActionResult, Command, ExecutedActionMetadata};
 use kiln_proto::worker::{ExecutionResult, StartExecute};
@@ -71,6 +72,13 @@ pub async fn execute(
         ..Default::default()
     };
     let dir = ctx.work_dir.join(uuid::Uuid::new_v4().simple().to_string());
+    // This action's pins on its inputs last until it is done, or by themselves a while past
+    // its timeout (should the release never come).
+    let timeout = start
+        .timeout
+        .as_ref()
+        .map_or(Duration::from_secs(3600), kiln_reapi::convert::duration);
+    let holder = PinHolder::new(timeout.saturating_add(Duration::from_secs(3600)));
     let mut pins: Vec<BlobKey> = Vec::new();
     let mut leases: Vec<Lease> = Vec::new();
     let outcome = attempt(
@@ -80,10 +88,10 @@ pub async fn execute(
         kill,
         &progress,
         &mut metadata,
-        (&mut pins, &mut leases),
+        (holder, &mut pins, &mut leases),
     )
     .await;
-    ctx.local.unpin(&pins).await;
+    ctx.local.unpin(holder, &pins).await;
     let cleanup = dir.clone();
     let _ = tokio::task::spawn_blocking(move || remove_tree(&cleanup)).await;
     // Released after the clean-up: a lease's last release may remove an evicted entry.
@@ -128,7 +136,7 @@ async fn attempt(
     kill: oneshot::Receiver<()>,
     progress: &(impl Fn(Progress) + Send),
     metadata: &mut ExecutedActionMetadata,
-    (pins, leases): (&mut Vec<BlobKey>, &mut Vec<Lease>),
+    (holder, pins, leases): (PinHolder, &mut Vec<BlobKey>, &mut Vec<Lease>),
 ) -> Result<(RunEnd, ActionResult), ActionError> {
     let bad = |what: &str| ActionError::BadInput(format!("StartExecute without {what}"));
     let instance = InstanceName::new(&start.instance_name)
@@ -153,7 +161,17 @@ async fn attempt(
         None => Source::Shared,
     };
     let root = dir.join("root");
-    let inputs = place(ctx, &source, &instance, function, root_digest, &root, pins).await?;
+    let inputs = place(
+        ctx,
+        holder,
+        &source,
+        &instance,
+        function,
+        root_digest,
+        &root,
+        pins,
+    )
+    .await?;
     *leases = inputs.leases;
     let shared = inputs.shared;
     if inputs.cache != CacheUse::Off {

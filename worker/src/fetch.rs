@@ -7,6 +7,7 @@ use crate::local::LocalCas;
 use crate::remote::SMALL;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
+use kiln_dataplane::store::tier::PinHolder;
 use kiln_proto::reapi::Directory;
 use kiln_reapi::cas::Cas;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
@@ -29,9 +30,11 @@ pub enum Source<'a> {
     Remote(&'a dyn Cas),
 }
 
-/// Fetches the tree under `root` and its files; returns the tree and the pins to release.
+/// Fetches the tree under `root` and its files, pinned for `holder`; returns the tree and
+/// the pins to release.
 pub async fn fetch(
     local: &LocalCas,
+    holder: PinHolder,
     source: &Source<'_>,
     instance: &InstanceName,
     root: Digest,
@@ -39,20 +42,20 @@ pub async fn fetch(
 ) -> Result<(InputTree, Vec<BlobKey>), ActionError> {
     let (directories, files) = fetch_directories(local, source, instance, root).await?;
     let files: Vec<Digest> = files.into_iter().filter(|d| !d.is_empty_blob()).collect();
-    let (missing, mut pins) = local.pin(instance, &files).await?;
+    let (missing, mut pins) = local.pin(holder, instance, &files).await?;
     if !missing.is_empty() {
         let Source::Remote(remote) = source else {
-            local.unpin(&pins).await;
+            local.unpin(holder, &pins).await;
             return Err(ActionError::MissingInputs(missing));
         };
         if let Err(e) = download(local, *remote, instance, &missing, parallelism).await {
-            local.unpin(&pins).await;
+            local.unpin(holder, &pins).await;
             return Err(e);
         }
-        let (still, more) = local.pin(instance, &missing).await?;
+        let (still, more) = local.pin(holder, instance, &missing).await?;
         pins.extend(more);
         if !still.is_empty() {
-            local.unpin(&pins).await;
+            local.unpin(holder, &pins).await;
             return Err(ActionError::MissingInputs(still));
         }
     }

@@ -10,6 +10,7 @@ use crate::error::{io, ActionError};
 use crate::fetch::{fetch, InputTree, Source};
 use crate::materialise::{link_from_cache, remove_tree, Materialiser};
 use crate::tamper::SharedFiles;
+use kiln_dataplane::store::tier::PinHolder;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,9 +37,12 @@ pub struct Inputs {
 }
 
 /// Lays out the input tree `root_digest` of `instance` at `root` (which must not exist);
-/// the blobs fetched for it are pinned into `pins`, to be released when the action is done.
+/// the blobs fetched for it are pinned for `holder` into `pins`, to be released when the
+/// action is done.
+#[allow(clippy::too_many_arguments)]
 pub async fn place(
     ctx: &WorkerContext,
+    holder: PinHolder,
     source: &Source<'_>,
     instance: &InstanceName,
     function: i32,
@@ -59,6 +63,7 @@ pub async fn place(
     }
     let (tree, taken) = fetch(
         &ctx.local,
+        holder,
         source,
         instance,
         root_digest,

@@ -6,7 +6,7 @@ use crate::error::ActionError;
 use futures::StreamExt;
 use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::tier::filesystem::Filesystem;
-use kiln_dataplane::store::tier::BlobStore;
+use kiln_dataplane::store::tier::{BlobStore, PinHolder};
 use kiln_dataplane::store::{CasClient, ChainCas, StoreError};
 use kiln_reapi::cas::Cas;
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
@@ -78,14 +78,15 @@ impl LocalCas {
         self.chain.layout().temp_path()
     }
 
-    /// Pins what is present; returns the digests that are not.
+    /// Pins what is present, for `holder`; returns the digests that are not.
     pub async fn pin(
         &self,
+        holder: PinHolder,
         instance: &InstanceName,
         digests: &[Digest],
     ) -> Result<(Vec<Digest>, Vec<BlobKey>), ActionError> {
         let keys: Vec<BlobKey> = digests.iter().map(|d| Self::key(instance, *d)).collect();
-        let present = self.store().pin(&keys).await?;
+        let present = self.store().pin(holder, &keys).await?;
         let mut missing = Vec::new();
         let mut pinned = Vec::new();
         let mut unchecked = Vec::new();
@@ -132,15 +133,15 @@ impl LocalCas {
             }
             // A blob that left the store took its pin with it, and then this does nothing;
             // otherwise (kept, or the store's notice was lost) the pin is released here.
-            self.store().unpin(std::slice::from_ref(&key)).await;
+            self.store().unpin(holder, std::slice::from_ref(&key)).await;
             missing.push(key.digest);
         }
         Ok((missing, pinned))
     }
 
-    /// Releases pins.
-    pub async fn unpin(&self, keys: &[BlobKey]) {
-        self.store().unpin(keys).await;
+    /// Releases `holder`'s pins.
+    pub async fn unpin(&self, holder: PinHolder, keys: &[BlobKey]) {
+        self.store().unpin(holder, keys).await;
     }
 
     /// Stores the file at `file`, whose content hashes to `d` (see [`Cas::write_file`]).

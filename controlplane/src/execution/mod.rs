@@ -48,6 +48,8 @@ pub struct Payload {
     pub cacheable: bool,
     /// Blobs pinned in the CAS for this action.
     pub pins: Vec<BlobKey>,
+    /// Whose pins they are.
+    pub holder: kiln_dataplane::store::tier::PinHolder,
 }
 
 /// A worker's open session.
@@ -303,7 +305,7 @@ impl ExecutionCore {
         };
         self.finished.notify_waiters();
         let store = self.store.clone();
-        tokio::spawn(async move { store.unpin(&payload.pins).await });
+        tokio::spawn(async move { store.unpin(payload.holder, &payload.pins).await });
     }
 
     /// The result to store in the action cache for a worker's report, if any: a successful
@@ -358,8 +360,8 @@ impl ExecutionCore {
         // A refused job and one merged into another operation release their own pins.
         if result.as_ref().map_or(true, |(sub, _)| sub.merged) {
             let store = self.store.clone();
-            let pins = payload.pins.clone();
-            tokio::spawn(async move { store.unpin(&pins).await });
+            let (holder, pins) = (payload.holder, payload.pins.clone());
+            tokio::spawn(async move { store.unpin(holder, &pins).await });
         }
         let (sub, rx) = result?;
         let rx = rx.expect("a submitted operation is live while the scheduler lock is held");

@@ -291,6 +291,7 @@ mod tests {
             ),
             cacheable: true,
             pins: Vec::new(),
+            holder: kiln_dataplane::store::tier::PinHolder::new(std::time::Duration::from_secs(60)),
         })
     }
 

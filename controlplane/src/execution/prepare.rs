@@ -8,7 +8,7 @@ use super::{ExecutionCore, Payload};
 use crate::scheduler::platform::Requirements;
 use crate::scheduler::Job;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use kiln_dataplane::store::tier::pin_to_the_end;
+use kiln_dataplane::store::tier::{pin_to_the_end, PinHolder};
 use kiln_proto::reapi::{Action, Command, Directory, ExecuteRequest};
 use kiln_proto::worker::StartExecute;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
@@ -73,8 +73,13 @@ pub(super) async fn prepare(
     let accounting = core.cas.accounting();
     let budget = accounting.cap() / 100 * core.config.pin_budget_percent as u64;
     let pin = accounting.pinned().saturating_add(total) <= budget;
+    // The pins last as long as the operation can: every attempt at the longest timeout,
+    // after the longest wait in the queue (an hour when it may wait forever). Past that they
+    // end by themselves: the worker then finds an evicted input missing, and the client
+    // uploads it again.
+    let holder = PinHolder::new(pin_lifetime(&core.config));
     let present: Vec<bool> = if pin {
-        let pinned = pin_to_the_end(core.store.clone(), all.clone()).await?;
+        let pinned = pin_to_the_end(core.store.clone(), holder, all.clone()).await?;
         pinned.into_iter().map(|p| p.is_some()).collect()
     } else {
         tracing::warn!(action = ?key.digest, bytes = total, "pin budget exhausted; running this action's inputs unpinned");
@@ -98,7 +103,7 @@ pub(super) async fn prepare(
     let command = match (command, missing.is_empty()) {
         (Some(c), true) => c,
         _ => {
-            release(core, pins);
+            release(core, holder, pins);
             return Err(precondition(missing));
         }
     };
@@ -106,7 +111,7 @@ pub(super) async fn prepare(
     let requirements = match Requirements::new(&core.kinds, properties) {
         Ok(r) => r,
         Err(why) => {
-            release(core, pins);
+            release(core, holder, pins);
             return Err(PrepareError::Platform(why));
         }
     };
@@ -138,6 +143,7 @@ pub(super) async fn prepare(
             key: key.clone(),
             cacheable,
             pins,
+            holder,
         }),
     })
 }
@@ -225,13 +231,26 @@ async fn walk(
     Ok((blobs, walked.missing))
 }
 
-/// Releases pins in a task of its own (the caller may be cancelled at its next await).
-fn release(core: &ExecutionCore, pins: Vec<BlobKey>) {
+/// Releases `holder`'s pins in a task of its own (the caller may be cancelled at its next
+/// await).
+fn release(core: &ExecutionCore, holder: PinHolder, pins: Vec<BlobKey>) {
     if pins.is_empty() {
         return;
     }
     let store = core.store.clone();
-    tokio::spawn(async move { store.unpin(&pins).await });
+    tokio::spawn(async move { store.unpin(holder, &pins).await });
+}
+
+/// How long an operation's input pins last at most.
+fn pin_lifetime(config: &kiln_config::ExecutionConfig) -> Duration {
+    let attempts = config.max_retries.saturating_add(1);
+    let queue = match config.unserved_timeout_secs {
+        0 => 3600,
+        secs => secs,
+    };
+    Duration::from_secs(config.max_timeout_secs)
+        .saturating_mul(attempts)
+        .saturating_add(Duration::from_secs(queue))
 }
 
 /// FAILED_PRECONDITION naming the missing blobs (see [`kiln_reapi::status::missing_blobs`]).

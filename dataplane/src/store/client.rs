@@ -319,32 +319,41 @@ impl CasClient {
         .await
     }
 
-    /// Pins the blobs that are present against eviction (each pin counts; unpin as often).
+    /// Pins the blobs that are present against eviction, for `holder` (see
+    /// [`super::tier::PinHolder`]: a holder pins a blob once, and releases only its own pins).
     /// Per key: `None` absent; `Some(checked)` pinned, and whether this process has hashed
     /// its file (`Some(true)` for the empty blob, which is always present and never pinned;
     /// `Some(false)`: found on disk at start-up, so a reader that uses the file directly, not
     /// through a read, must check it). All or nothing: on an error nothing stays pinned.
-    pub async fn pin(&self, keys: &[BlobKey]) -> Result<Vec<Option<bool>>, StoreError> {
+    pub async fn pin(
+        &self,
+        holder: super::tier::PinHolder,
+        keys: &[BlobKey],
+    ) -> Result<Vec<Option<bool>>, StoreError> {
         let (out, failure) = self
             .per_shard(keys, Some(true), None, |keys, reply| Command::Pin {
+                holder,
                 keys,
                 reply,
             })
             .await;
         if let Some(e) = failure {
             // All or nothing: release what the shards that answered did pin.
-            self.unpin(&super::tier::pinned_keys(keys, &out)).await;
+            self.unpin(holder, &super::tier::pinned_keys(keys, &out))
+                .await;
             return Err(e);
         }
         Ok(out)
     }
 
-    /// Releases pins taken with [`CasClient::pin`] (pass only the keys that were pinned).
-    pub async fn unpin(&self, keys: &[BlobKey]) {
+    /// Releases `holder`'s pins of `keys` (pass only the keys that were pinned).
+    pub async fn unpin(&self, holder: super::tier::PinHolder, keys: &[BlobKey]) {
         for (shard, keys) in self.by_shard(keys) {
             self.count(shard);
             // A stopped shard has no pins left to release.
-            let _ = self.shards[shard].send(Command::Unpin { keys }).await;
+            let _ = self.shards[shard]
+                .send(Command::Unpin { holder, keys })
+                .await;
         }
     }
 
@@ -395,10 +404,10 @@ mod tests {
                     Command::FindMissing { keys, reply } => {
                         let _ = reply.send(vec![true; keys.len()]);
                     }
-                    Command::Pin { keys, reply } => {
+                    Command::Pin { keys, reply, .. } => {
                         let _ = reply.send(vec![Some(true); keys.len()]);
                     }
-                    Command::Unpin { keys } => record.lock().unwrap().extend(keys),
+                    Command::Unpin { keys, .. } => record.lock().unwrap().extend(keys),
                     _ => {}
                 }
             }
@@ -426,7 +435,8 @@ mod tests {
             .cloned()
             .collect();
         assert!(futures::executor::block_on(cas.contains(&keys)).is_err());
-        assert!(futures::executor::block_on(cas.pin(&keys)).is_err());
+        let holder = super::super::tier::PinHolder::new(std::time::Duration::from_secs(60));
+        assert!(futures::executor::block_on(cas.pin(holder, &keys)).is_err());
         // The pin's release was sent before pin returned; the recorder thread takes
         // it off the queue: wait for it by asking once more (the queue is in order).
         assert!(futures::executor::block_on(cas.contains(&on_live)).is_ok());

@@ -129,12 +129,14 @@ pub(crate) enum Command {
         bytes: u64,
     },
     Pin {
+        holder: crate::store::tier::PinHolder,
         keys: Vec<BlobKey>,
         /// Per key: `None` absent; `Some(verified)` pinned, and whether this process has
         /// hashed its file.
         reply: Reply<Vec<Option<bool>>>,
     },
     Unpin {
+        holder: crate::store::tier::PinHolder,
         keys: Vec<BlobKey>,
     },
     Stats {

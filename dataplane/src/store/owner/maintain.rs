@@ -1,5 +1,5 @@
-//! The owner's periodic work: expiring interrupted uploads and writing access times to the
-//! blobs' files, on the file lane.
+//! The owner's periodic work: expiring interrupted uploads and pins past their deadline,
+//! and writing access times to the blobs' files, on the file lane.
 
 use super::Owner;
 use crate::shutdown::ShutdownWatch;
@@ -12,6 +12,9 @@ use std::rc::Rc;
 use std::time::Duration;
 use tracing::info;
 
+/// Pins past their holder's deadline are ended every this many seconds.
+const PIN_EXPIRY_TICKS: u64 = 10;
+
 /// Access times written per second of maintenance (per shard).
 pub(super) const ATIME_FLUSH_PER_TICK: usize = 16_384;
 
@@ -19,6 +22,7 @@ impl Owner {
     /// Periodic work: expire parked uploads, write access times.
     pub(super) async fn maintain(self: Rc<Self>, stop: ShutdownWatch) {
         let mut stopping = Box::pin(stop.wait());
+        let mut ticks = 0u64;
         loop {
             match select(
                 self.runtime.sleep(Duration::from_secs(1)),
@@ -39,6 +43,10 @@ impl Owner {
             }
             self.remove_temps(expired);
             self.flush_atimes(ATIME_FLUSH_PER_TICK);
+            ticks += 1;
+            if ticks.is_multiple_of(PIN_EXPIRY_TICKS) {
+                self.expire_pins();
+            }
         }
     }
 

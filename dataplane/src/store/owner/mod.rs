@@ -11,10 +11,12 @@
 
 mod commit;
 mod evict;
+mod leases;
 mod maintain;
 mod rebuild;
 
 use super::group_commit::GroupCommit;
+use crate::store::tier::PinHolder;
 
 use super::accounting::Accounting;
 use super::atime;
@@ -91,6 +93,8 @@ pub struct Owner {
     pending: RefCell<HashSet<DirKey>>,
     /// Blobs removed from the index while their directory is pending.
     removed_pending: RefCell<HashSet<BlobKey>>,
+    /// Who holds each pinned blob's pins.
+    leases: RefCell<leases::Leases>,
 }
 
 impl Owner {
@@ -131,6 +135,7 @@ impl Owner {
             committing: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashSet::new()),
             removed_pending: RefCell::new(HashSet::new()),
+            leases: RefCell::new(leases::Leases::default()),
         }))
     }
 
@@ -245,15 +250,21 @@ impl Owner {
                 };
                 let _ = reply.send(status);
             }
-            Command::Pin { keys, reply } => {
+            Command::Pin {
+                holder,
+                keys,
+                reply,
+            } => {
                 let now = atime::now();
                 let mut index = self.index.borrow_mut();
+                let mut leases = self.leases.borrow_mut();
                 let pinned = keys
                     .iter()
                     .map(|k| match index.touch(k, now) {
                         Some(mut e) => {
-                            e.pins += 1;
-                            if e.pins == 1 {
+                            let was = e.pins;
+                            e.pins = leases.pin(k, holder, was);
+                            if was == 0 && e.pins > 0 {
                                 self.accounting.set_pinned(e.size, true);
                             }
                             Some(e.verified)
@@ -261,15 +272,15 @@ impl Owner {
                         None => None,
                     })
                     .collect();
-                drop(index);
+                drop((index, leases));
                 self.publish_oldest();
                 if let Err(pinned) = reply.send(pinned) {
                     // The caller is gone (cancelled): no one will release these pins.
                     let held = keys.iter().zip(pinned).filter(|(_, p)| p.is_some());
-                    self.unpin(held.map(|(k, _)| k));
+                    self.unpin(holder, held.map(|(k, _)| k));
                 }
             }
-            Command::Unpin { keys } => self.unpin(keys.iter()),
+            Command::Unpin { holder, keys } => self.unpin(holder, keys.iter()),
             Command::Listed {
                 dirs,
                 entries,
@@ -296,16 +307,35 @@ impl Owner {
         }
     }
 
-    /// Releases one pin of each blob of `keys` that has one.
-    fn unpin<'a>(&self, keys: impl Iterator<Item = &'a BlobKey>) {
+    /// Releases `holder`'s pin of each blob of `keys` it pins.
+    fn unpin<'a>(&self, holder: PinHolder, keys: impl Iterator<Item = &'a BlobKey>) {
         let mut index = self.index.borrow_mut();
+        let mut leases = self.leases.borrow_mut();
         for k in keys {
             if let Some(mut e) = index.peek_mut(k) {
-                if e.pins > 0 {
-                    e.pins -= 1;
-                    if e.pins == 0 {
-                        self.accounting.set_pinned(e.size, false);
-                    }
+                let was = e.pins;
+                e.pins = leases.unpin(k, holder, was);
+                if was > 0 && e.pins == 0 {
+                    self.accounting.set_pinned(e.size, false);
+                }
+            }
+        }
+    }
+
+    /// Ends pins past their holder's deadline (and forgets the holders of blobs that left).
+    pub(super) fn expire_pins(&self) {
+        let now = atime::now();
+        let mut index = self.index.borrow_mut();
+        let changed = self
+            .leases
+            .borrow_mut()
+            .expire(now, |k| index.peek_mut(k).map_or(0, |e| e.pins));
+        for (k, pins) in changed {
+            if let Some(mut e) = index.peek_mut(&k) {
+                let was = e.pins;
+                e.pins = pins;
+                if was > 0 && pins == 0 {
+                    self.accounting.set_pinned(e.size, false);
                 }
             }
         }

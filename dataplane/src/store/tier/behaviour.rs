@@ -139,7 +139,8 @@ fn behaves_as_a_store(plane: &Plane, store: &dyn BlobStore) {
     assert!(read(store, &absent).is_none());
     assert_eq!(read(store, &empty).as_deref(), Some(&b""[..]));
 
-    let pinned = block_on(store.pin(&asked)).unwrap();
+    let holder = super::PinHolder::new(std::time::Duration::from_secs(60));
+    let pinned = block_on(store.pin(holder, &asked)).unwrap();
     assert!(
         pinned[..keys.len()].iter().all(Option::is_some),
         "{pinned:?}"
@@ -151,7 +152,7 @@ fn behaves_as_a_store(plane: &Plane, store: &dyn BlobStore) {
     );
     let held = super::pinned_keys(&asked, &pinned);
     assert!(plane.cas.accounting().pinned() > 0);
-    block_on(store.unpin(&held));
+    block_on(store.unpin(holder, &held));
     // Unpins are not answered; a call after them on every shard sees them done.
     block_on(store.contains(&keys)).unwrap();
     assert_eq!(plane.cas.accounting().pinned(), 0);
@@ -258,6 +259,7 @@ fn a_pin_whose_caller_is_gone_is_released() {
     let (reply, gone) = futures::channel::oneshot::channel();
     drop(gone);
     let pin = crate::store::commands::Command::Pin {
+        holder: super::PinHolder::new(std::time::Duration::from_secs(60)),
         keys: vec![k.clone()],
         reply,
     };
@@ -266,6 +268,43 @@ fn a_pin_whose_caller_is_gone_is_released() {
         .send_blocking(plane.cas.owner_of(&k.digest), pin)
         .unwrap();
     // Answered in order: after this, the pin was handled.
+    block_on(plane.cas.stats()).unwrap();
+    assert_eq!(plane.cas.accounting().pinned(), 0);
+}
+
+/// Pins are leases of their holders: a holder releases only its own, so one that releases
+/// late — after its blob was dropped and stored again, and pinned by another — leaves the
+/// other's pin in place; and a holder's pins end at its deadline.
+#[test]
+fn a_late_release_leaves_another_holders_pin() {
+    let plane = Plane::start("");
+    let store = filesystem(&plane);
+    let data = blob(11, 2_000);
+    let k = key(&data);
+    let minute = std::time::Duration::from_secs(60);
+    block_on(store.put(&k, plane.upload(&data, false))).unwrap();
+    let (first, second) = (super::PinHolder::new(minute), super::PinHolder::new(minute));
+    assert_eq!(
+        block_on(store.pin(first, std::slice::from_ref(&k))).unwrap(),
+        vec![Some(true)]
+    );
+    // Dropped (an action wrote to it) and stored again: the old entry's pin went with it.
+    block_on(plane.cas.drop_changed(&k));
+    block_on(store.put(&k, plane.upload(&data, false))).unwrap();
+    assert_eq!(
+        block_on(store.pin(second, std::slice::from_ref(&k))).unwrap(),
+        vec![Some(true)]
+    );
+    block_on(store.unpin(first, std::slice::from_ref(&k)));
+    block_on(store.unpin(first, std::slice::from_ref(&k)));
+    // Unpins are not answered; a call after them on the shard sees them done.
+    block_on(plane.cas.stats()).unwrap();
+    assert_eq!(
+        plane.cas.accounting().pinned(),
+        data.len() as u64,
+        "the second holder's pin stays"
+    );
+    block_on(store.unpin(second, std::slice::from_ref(&k)));
     block_on(plane.cas.stats()).unwrap();
     assert_eq!(plane.cas.accounting().pinned(), 0);
 }

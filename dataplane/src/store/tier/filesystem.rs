@@ -3,7 +3,7 @@
 //! [`crate::store::owner`]) and reached through the shard router, [`CasClient`]. Every chain
 //! ends here: it is the store that survives a restart.
 
-use super::{Blob, BlobStore, BlobWatcher, StoreFuture, Verdict, VerifiedUpload};
+use super::{Blob, BlobStore, BlobWatcher, PinHolder, StoreFuture, Verdict, VerifiedUpload};
 use crate::store::{CasClient, Committed};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -61,12 +61,16 @@ impl BlobStore for Filesystem {
         Box::pin(self.cas.commit(key, upload.temp, upload.epoch))
     }
 
-    fn pin<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<Option<bool>>> {
-        Box::pin(self.cas.pin(keys))
+    fn pin<'a>(
+        &'a self,
+        holder: PinHolder,
+        keys: &'a [BlobKey],
+    ) -> StoreFuture<'a, Vec<Option<bool>>> {
+        Box::pin(self.cas.pin(holder, keys))
     }
 
-    fn unpin<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
-        Box::pin(self.cas.unpin(keys))
+    fn unpin<'a>(&'a self, holder: PinHolder, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
+        Box::pin(self.cas.unpin(holder, keys))
     }
 
     fn touched(&self, keys: &[BlobKey]) {

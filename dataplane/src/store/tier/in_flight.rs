@@ -11,7 +11,7 @@
 //! the store).
 //! `FindMissingBlobs` still reports the blob missing until it is stored, as the spec requires.
 
-use super::{Blob, BlobStore, ChunkSink, StoreFuture, StreamEnd, VerifiedUpload};
+use super::{Blob, BlobStore, ChunkSink, PinHolder, StoreFuture, StreamEnd, VerifiedUpload};
 use crate::metrics::Metrics;
 use crate::runtime::{ProgressHook, Runtime};
 use crate::store::{blob_io, Committed, StoreError};
@@ -258,12 +258,16 @@ impl BlobStore for InFlight {
         self.inner.put(key, upload)
     }
 
-    fn pin<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<Option<bool>>> {
-        self.inner.pin(keys)
+    fn pin<'a>(
+        &'a self,
+        holder: PinHolder,
+        keys: &'a [BlobKey],
+    ) -> StoreFuture<'a, Vec<Option<bool>>> {
+        self.inner.pin(holder, keys)
     }
 
-    fn unpin<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
-        self.inner.unpin(keys)
+    fn unpin<'a>(&'a self, holder: PinHolder, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
+        self.inner.unpin(holder, keys)
     }
 
     fn touched(&self, keys: &[BlobKey]) {

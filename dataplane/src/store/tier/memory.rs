@@ -6,7 +6,7 @@
 //! the cache too ([`Forget`]); a blob enters the cache when it was stored through
 //! this tier with its bytes at hand, or read whole (and so checked) through it.
 
-use super::{Blob, BlobStore, BlobWatcher, Forget, StoreFuture, VerifiedUpload};
+use super::{Blob, BlobStore, BlobWatcher, Forget, PinHolder, StoreFuture, VerifiedUpload};
 use crate::metrics::Metrics;
 use crate::store::atime;
 use crate::store::Committed;
@@ -242,12 +242,16 @@ impl BlobStore for Memory {
         })
     }
 
-    fn pin<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<Option<bool>>> {
-        self.inner.pin(keys)
+    fn pin<'a>(
+        &'a self,
+        holder: PinHolder,
+        keys: &'a [BlobKey],
+    ) -> StoreFuture<'a, Vec<Option<bool>>> {
+        self.inner.pin(holder, keys)
     }
 
-    fn unpin<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
-        self.inner.unpin(keys)
+    fn unpin<'a>(&'a self, holder: PinHolder, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
+        self.inner.unpin(holder, keys)
     }
 
     fn touched(&self, keys: &[BlobKey]) {

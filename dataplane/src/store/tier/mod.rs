@@ -45,6 +45,28 @@ pub struct VerifiedUpload {
     pub epoch: u64,
 }
 
+/// Who holds a pin, and until when: a pin is a lease of its holder, released only by that
+/// holder (or by its deadline). One per queued operation, one per action on a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinHolder {
+    /// Unique per holder.
+    pub id: u64,
+    /// When its pins end by themselves (nanoseconds since the Unix epoch, as
+    /// [`crate::store::atime::now`]).
+    pub until: u64,
+}
+
+impl PinHolder {
+    /// A new holder whose pins last at most `ttl` from now.
+    pub fn new(ttl: std::time::Duration) -> PinHolder {
+        let ttl = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+        PinHolder {
+            id: uuid::Uuid::new_v4().as_u64_pair().0,
+            until: super::atime::now().saturating_add(ttl),
+        }
+    }
+}
+
 /// A blob store: one tier, or a chain of them. Usable from any thread (the data plane's cores
 /// and the control plane share the tiers' state).
 pub trait BlobStore: Send + Sync {
@@ -58,13 +80,17 @@ pub trait BlobStore: Send + Sync {
     /// Stores a verified upload; visible (and acknowledged) only once durable as configured.
     fn put<'a>(&'a self, key: &'a BlobKey, upload: VerifiedUpload) -> StoreFuture<'a, Committed>;
 
-    /// Pins the held blobs against eviction (each pin counts; unpin as often). Per key:
+    /// Pins the held blobs against eviction for `holder` (a holder pins a blob once). Per key:
     /// `None` not held; `Some(checked)` pinned, and whether this process has hashed it (a
     /// reader that uses the file itself, not through [`Blob`], must check it when not).
-    fn pin<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<Option<bool>>>;
+    fn pin<'a>(
+        &'a self,
+        holder: PinHolder,
+        keys: &'a [BlobKey],
+    ) -> StoreFuture<'a, Vec<Option<bool>>>;
 
-    /// Releases pins taken with [`BlobStore::pin`] (only the keys that were pinned).
-    fn unpin<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, ()>;
+    /// Releases `holder`'s pins of `keys` (only the keys that were pinned; others' pins stay).
+    fn unpin<'a>(&'a self, holder: PinHolder, keys: &'a [BlobKey]) -> BoxFuture<'a, ()>;
 
     /// Blobs a tier above served itself: they count as used now (best effort).
     fn touched(&self, keys: &[BlobKey]);
@@ -91,13 +117,14 @@ pub fn pinned_keys(keys: &[BlobKey], pinned: &[Option<bool>]) -> Vec<BlobKey> {
 /// behind: pins the caller never received are released by the task.
 pub async fn pin_to_the_end(
     store: Arc<dyn BlobStore>,
+    holder: PinHolder,
     keys: Vec<BlobKey>,
 ) -> Result<Vec<Option<bool>>, StoreError> {
     let (tx, rx) = futures::channel::oneshot::channel();
     tokio::spawn(async move {
-        let result = store.pin(&keys).await;
+        let result = store.pin(holder, &keys).await;
         if let Err(Ok(pinned)) = tx.send(result) {
-            store.unpin(&pinned_keys(&keys, &pinned)).await;
+            store.unpin(holder, &pinned_keys(&keys, &pinned)).await;
         }
     });
     rx.await.map_err(|_| StoreError::Unavailable)?

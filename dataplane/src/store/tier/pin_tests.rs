@@ -27,14 +27,14 @@ impl BlobStore for HeldPins {
     fn put<'a>(&'a self, _: &'a BlobKey, _: VerifiedUpload) -> StoreFuture<'a, Committed> {
         Box::pin(async { Ok(Committed::Stored) })
     }
-    fn pin<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<Option<bool>>> {
+    fn pin<'a>(&'a self, _: PinHolder, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<Option<bool>>> {
         Box::pin(async move {
             self.started.notify_one();
             self.go.notified().await;
             Ok(vec![Some(true); keys.len()])
         })
     }
-    fn unpin<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
+    fn unpin<'a>(&'a self, _: PinHolder, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             self.unpinned.lock().unwrap().extend_from_slice(keys);
             self.unpins.notify_one();
@@ -56,7 +56,7 @@ async fn a_cancelled_pin_is_released() {
             )
         })
         .collect();
-    let waiting = tokio::spawn(pin_to_the_end(store.clone(), keys.clone()));
+    let waiting = tokio::spawn(pin_to_the_end(store.clone(), holder(), keys.clone()));
     store.started.notified().await;
     waiting.abort();
     let _ = waiting.await;
@@ -67,9 +67,13 @@ async fn a_cancelled_pin_is_released() {
     assert_eq!(*store.unpinned.lock().unwrap(), keys);
 
     let fresh = Arc::new(HeldPins::default());
-    let pinning = tokio::spawn(pin_to_the_end(fresh.clone(), keys.clone()));
+    let pinning = tokio::spawn(pin_to_the_end(fresh.clone(), holder(), keys.clone()));
     fresh.go.notify_one();
     let pinned = pinning.await.unwrap().unwrap();
     assert_eq!(pinned, vec![Some(true); 3]);
     assert!(fresh.unpinned.lock().unwrap().is_empty());
+}
+
+fn holder() -> PinHolder {
+    PinHolder::new(Duration::from_secs(60))
 }

@@ -2,7 +2,7 @@
 //! example small blobs through a memory tier and large ones straight to disk). A blob's size
 //! is in its digest, so every call is routed without asking either side.
 
-use super::{pinned_keys, Blob, BlobStore, StoreFuture, VerifiedUpload};
+use super::{pinned_keys, Blob, BlobStore, PinHolder, StoreFuture, VerifiedUpload};
 use crate::store::{Committed, StoreError};
 use futures::future::BoxFuture;
 use kiln_reapi::digest::BlobKey;
@@ -111,18 +111,28 @@ impl BlobStore for SizePartition {
         self.side(key).put(key, upload)
     }
 
-    fn pin<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<Option<bool>>> {
+    fn pin<'a>(
+        &'a self,
+        holder: PinHolder,
+        keys: &'a [BlobKey],
+    ) -> StoreFuture<'a, Vec<Option<bool>>> {
         Box::pin(async move {
-            let [s, l] = self.ask_both(keys, |side, keys| side.pin(keys)).await;
+            let [s, l] = self
+                .ask_both(keys, |side, keys| side.pin(holder, keys))
+                .await;
             match (s.answer, l.answer) {
                 (Ok(sa), Ok(la)) => Ok(merge(keys.len(), [(s.positions, sa), (l.positions, la)])),
                 // All or nothing: release what the side that answered pinned.
                 (Ok(pinned), Err(e)) => {
-                    self.small.unpin(&pinned_keys(&s.keys, &pinned)).await;
+                    self.small
+                        .unpin(holder, &pinned_keys(&s.keys, &pinned))
+                        .await;
                     Err(e)
                 }
                 (Err(e), Ok(pinned)) => {
-                    self.large.unpin(&pinned_keys(&l.keys, &pinned)).await;
+                    self.large
+                        .unpin(holder, &pinned_keys(&l.keys, &pinned))
+                        .await;
                     Err(e)
                 }
                 (Err(e), Err(_)) => Err(e),
@@ -130,10 +140,14 @@ impl BlobStore for SizePartition {
         })
     }
 
-    fn unpin<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
+    fn unpin<'a>(&'a self, holder: PinHolder, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let (small, large) = self.split(keys);
-            futures::future::join(self.small.unpin(&small), self.large.unpin(&large)).await;
+            futures::future::join(
+                self.small.unpin(holder, &small),
+                self.large.unpin(holder, &large),
+            )
+            .await;
         })
     }
 
