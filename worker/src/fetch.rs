@@ -52,7 +52,13 @@ pub async fn fetch(
             local.unpin(holder, &pins).await;
             return Err(e);
         }
-        let (still, more) = local.pin(holder, instance, &missing).await?;
+        let (still, more) = match local.pin(holder, instance, &missing).await {
+            Ok(pinned) => pinned,
+            Err(e) => {
+                local.unpin(holder, &pins).await;
+                return Err(e);
+            }
+        };
         pins.extend(more);
         if !still.is_empty() {
             local.unpin(holder, &pins).await;

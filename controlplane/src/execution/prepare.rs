@@ -73,11 +73,9 @@ pub(super) async fn prepare(
     let accounting = core.cas.accounting();
     let budget = accounting.cap() / 100 * core.config.pin_budget_percent as u64;
     let pin = accounting.pinned().saturating_add(total) <= budget;
-    // The pins last as long as the operation can: every attempt at the longest timeout,
-    // after the longest wait in the queue (an hour when it may wait forever). Past that they
-    // end by themselves: the worker then finds an evicted input missing, and the client
-    // uploads it again.
-    let holder = PinHolder::new(pin_lifetime(&core.config));
+    // Held while queued, however long; each dispatch renews them to the action's timeout
+    // and a margin, past which they end by themselves (`ExecutionCore::carry_out`).
+    let holder = PinHolder::unbounded();
     let present: Vec<bool> = if pin {
         let pinned = pin_to_the_end(core.store.clone(), holder, all.clone()).await?;
         pinned.into_iter().map(|p| p.is_some()).collect()
@@ -239,18 +237,6 @@ fn release(core: &ExecutionCore, holder: PinHolder, pins: Vec<BlobKey>) {
     }
     let store = core.store.clone();
     tokio::spawn(async move { store.unpin(holder, &pins).await });
-}
-
-/// How long an operation's input pins last at most.
-fn pin_lifetime(config: &kiln_config::ExecutionConfig) -> Duration {
-    let attempts = config.max_retries.saturating_add(1);
-    let queue = match config.unserved_timeout_secs {
-        0 => 3600,
-        secs => secs,
-    };
-    Duration::from_secs(config.max_timeout_secs)
-        .saturating_mul(attempts)
-        .saturating_add(Duration::from_secs(queue))
 }
 
 /// FAILED_PRECONDITION naming the missing blobs (see [`kiln_reapi::status::missing_blobs`]).

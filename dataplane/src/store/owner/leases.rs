@@ -9,33 +9,53 @@
 
 use crate::store::tier::PinHolder;
 use kiln_reapi::digest::BlobKey;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-/// Every pinned blob's holders.
+/// Every pinned blob's holders, and every lease by deadline.
 #[derive(Debug, Default)]
 pub struct Leases {
     held: HashMap<BlobKey, Vec<(u64, u64)>>,
+    /// (deadline, holder, blob) of every lease with a deadline, soonest first.
+    by_deadline: BTreeSet<(u64, u64, BlobKey)>,
 }
 
 impl Leases {
     /// `holder` pins `key`, whose index entry has `pins` pins: returns its new count (the
-    /// same when `holder` already held it, whose deadline is then the later one).
+    /// same when `holder` already held it; its deadline is then `holder`'s, which renews
+    /// it). A holder's rollback of a call releases its pins of those keys, including one it
+    /// held before the call: a holder must not pin a key it holds in two calls it may roll
+    /// back (none does).
     pub fn pin(&mut self, key: &BlobKey, holder: PinHolder, pins: u32) -> u32 {
         let list = self.held.entry(key.clone()).or_default();
         if pins == 0 {
             // Left over from an entry that is gone.
-            list.clear();
+            for (id, until) in list.drain(..) {
+                self.by_deadline.remove(&(until, id, key.clone()));
+            }
         }
-        match list.iter_mut().find(|(id, _)| *id == holder.id) {
+        let pins = match list.iter_mut().find(|(id, _)| *id == holder.id) {
             Some((_, until)) => {
-                *until = (*until).max(holder.until);
+                self.by_deadline.remove(&(*until, holder.id, key.clone()));
+                *until = holder.until;
                 pins
+            }
+            // A renewal pins nothing new.
+            None if holder.renewal => {
+                if list.is_empty() {
+                    self.held.remove(key);
+                }
+                return pins;
             }
             None => {
                 list.push((holder.id, holder.until));
                 pins.saturating_add(1)
             }
+        };
+        if holder.until != u64::MAX {
+            self.by_deadline
+                .insert((holder.until, holder.id, key.clone()));
         }
+        pins
     }
 
     /// `holder` releases `key`, whose index entry has `pins` pins: returns its new count (the
@@ -44,42 +64,57 @@ impl Leases {
         let Some(list) = self.held.get_mut(key) else {
             return pins;
         };
-        if pins == 0 {
-            self.held.remove(key);
-            return 0;
-        }
-        let before = list.len();
-        list.retain(|(id, _)| *id != holder.id);
-        let released = (before - list.len()) as u32;
+        let mut released = 0;
+        list.retain(|(id, until)| {
+            let stale = pins == 0;
+            if stale || *id == holder.id {
+                self.by_deadline.remove(&(*until, *id, key.clone()));
+                released += u32::from(!stale);
+                return false;
+            }
+            true
+        });
         if list.is_empty() {
             self.held.remove(key);
         }
         pins.saturating_sub(released)
     }
 
-    /// Ends the leases past their deadline at `now` and forgets lists of entries that are gone
-    /// (`pins_of`: a key's index count, 0 when it has no entry); returns each key whose count
-    /// must drop, with its new count.
+    /// Ends the leases whose deadline is past at `now` (`pins_of`: a key's index count, 0
+    /// when it has no entry); returns each key whose count must drop, with its new count.
+    /// Touches only the leases that ended.
     pub fn expire(
         &mut self,
         now: u64,
         mut pins_of: impl FnMut(&BlobKey) -> u32,
     ) -> Vec<(BlobKey, u32)> {
-        let mut changed = Vec::new();
-        self.held.retain(|key, list| {
-            let pins = pins_of(key);
-            if pins == 0 {
-                return false;
+        let mut ended: HashMap<BlobKey, u32> = HashMap::new();
+        while let Some(first) = self.by_deadline.first() {
+            if first.0 > now {
+                break;
             }
-            let before = list.len();
-            list.retain(|(_, until)| *until > now);
-            let ended = (before - list.len()) as u32;
-            if ended > 0 {
-                changed.push((key.clone(), pins.saturating_sub(ended)));
+            let Some((until, id, key)) = self.by_deadline.pop_first() else {
+                break;
+            };
+            if let Some(list) = self.held.get_mut(&key) {
+                let before = list.len();
+                list.retain(|l| *l != (id, until));
+                if list.len() < before {
+                    *ended.entry(key.clone()).or_default() += 1;
+                }
+                if list.is_empty() {
+                    self.held.remove(&key);
+                }
             }
-            !list.is_empty()
-        });
-        changed
+        }
+        ended
+            .into_iter()
+            .filter_map(|(key, n)| {
+                let pins = pins_of(&key);
+                // An entry that is gone took its count with it: nothing to lower.
+                (pins > 0).then(|| (key, pins.saturating_sub(n)))
+            })
+            .collect()
     }
 
     /// Blobs with a lease list.
@@ -108,7 +143,11 @@ mod tests {
     }
 
     fn holder(id: u64, until: u64) -> PinHolder {
-        PinHolder { id, until }
+        PinHolder {
+            id,
+            until,
+            renewal: false,
+        }
     }
 
     #[test]
@@ -156,19 +195,31 @@ mod tests {
     }
 
     #[test]
-    fn leases_end_at_their_deadline_and_lists_of_gone_entries_are_forgotten() {
+    fn leases_end_at_their_deadline_renewed_or_never() {
         let mut leases = Leases::default();
         let k = key();
         let pins = leases.pin(&k, holder(1, 100), 0);
         let pins = leases.pin(&k, holder(2, 300), pins);
+        let pins = leases.pin(&k, holder(3, u64::MAX), pins);
+        assert_eq!(pins, 3);
         assert_eq!(leases.expire(50, |_| pins), vec![]);
-        assert_eq!(leases.expire(150, |_| pins), vec![(k.clone(), 1)]);
-        assert_eq!(leases.len(), 1);
-        assert_eq!(
-            leases.expire(150, |_| 0),
-            vec![],
-            "the entry is gone: nothing to lower"
-        );
-        assert!(leases.is_empty());
+        assert_eq!(leases.expire(150, |_| pins), vec![(k.clone(), 2)]);
+        // Holder 2 renews its lease (a dispatched operation): a new deadline. A renewal by a
+        // holder that holds nothing (it released already) pins nothing.
+        let renewal = |id, until| PinHolder {
+            renewal: true,
+            ..holder(id, until)
+        };
+        assert_eq!(leases.pin(&k, renewal(2, 1_000), 2), 2);
+        assert_eq!(leases.pin(&k, renewal(9, 1_000), 2), 2);
+        assert_eq!(leases.expire(500, |_| 2), vec![]);
+        assert_eq!(leases.expire(1_000, |_| 2), vec![(k.clone(), 1)]);
+        assert_eq!(leases.len(), 1, "holder 3's lease has no deadline");
+        assert_eq!(leases.expire(u64::MAX - 1, |_| 1), vec![]);
+        // An entry gone meanwhile: its leases end without lowering anything.
+        let mut leases = Leases::default();
+        leases.pin(&k, holder(4, 10), 0);
+        assert_eq!(leases.expire(20, |_| 0), vec![]);
+        assert!(leases.is_empty() && leases.by_deadline.is_empty());
     }
 }

@@ -274,7 +274,7 @@ impl Owner {
                     .collect();
                 drop((index, leases));
                 self.publish_oldest();
-                if let Err(pinned) = reply.send(pinned) {
+                if let (Err(pinned), false) = (reply.send(pinned), holder.renewal) {
                     // The caller is gone (cancelled): no one will release these pins.
                     let held = keys.iter().zip(pinned).filter(|(_, p)| p.is_some());
                     self.unpin(holder, held.map(|(k, _)| k));
@@ -324,12 +324,12 @@ impl Owner {
 
     /// Ends pins past their holder's deadline (and forgets the holders of blobs that left).
     pub(super) fn expire_pins(&self) {
-        let now = atime::now();
+        let now = crate::store::tier::lease_clock();
         let mut index = self.index.borrow_mut();
         let changed = self
             .leases
             .borrow_mut()
-            .expire(now, |k| index.peek_mut(k).map_or(0, |e| e.pins));
+            .expire(now, |k| index.peek(k).map_or(0, |e| e.pins));
         for (k, pins) in changed {
             if let Some(mut e) = index.peek_mut(&k) {
                 let was = e.pins;

@@ -308,3 +308,28 @@ fn a_late_release_leaves_another_holders_pin() {
     block_on(plane.cas.stats()).unwrap();
     assert_eq!(plane.cas.accounting().pinned(), 0);
 }
+
+/// A holder's pins end by themselves at its deadline (a release that never came): the
+/// owner's maintenance, every second, gives the pinned bytes back.
+#[test]
+fn pins_end_at_their_holders_deadline() {
+    let plane = Plane::start("");
+    let store = filesystem(&plane);
+    let data = blob(12, 3_000);
+    let k = key(&data);
+    block_on(store.put(&k, plane.upload(&data, false))).unwrap();
+    let lapsed = super::PinHolder::new(std::time::Duration::ZERO);
+    assert_eq!(
+        block_on(store.pin(lapsed, std::slice::from_ref(&k))).unwrap(),
+        vec![Some(true)]
+    );
+    block_on(plane.cas.stats()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while plane.cas.accounting().pinned() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lapsed pin was never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -51,20 +51,52 @@ pub struct VerifiedUpload {
 pub struct PinHolder {
     /// Unique per holder.
     pub id: u64,
-    /// When its pins end by themselves (nanoseconds since the Unix epoch, as
-    /// [`crate::store::atime::now`]).
+    /// When its pins end by themselves, on [`lease_clock`] (`u64::MAX`: never).
     pub until: u64,
+    /// Pinning with it only renews pins the holder already has (sets their deadline to
+    /// `until`); it pins nothing new, so a renewal that arrives after the release is void.
+    pub renewal: bool,
 }
 
 impl PinHolder {
     /// A new holder whose pins last at most `ttl` from now.
     pub fn new(ttl: std::time::Duration) -> PinHolder {
-        let ttl = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
         PinHolder {
-            id: uuid::Uuid::new_v4().as_u64_pair().0,
-            until: super::atime::now().saturating_add(ttl),
+            until: deadline(ttl),
+            ..PinHolder::unbounded()
         }
     }
+
+    /// A new holder whose pins last until it releases them.
+    pub fn unbounded() -> PinHolder {
+        PinHolder {
+            id: uuid::Uuid::new_v4().as_u64_pair().0,
+            until: u64::MAX,
+            renewal: false,
+        }
+    }
+
+    /// This holder as a renewal of its pins, to last `ttl` from now.
+    pub fn renewed(self, ttl: std::time::Duration) -> PinHolder {
+        PinHolder {
+            id: self.id,
+            until: deadline(ttl),
+            renewal: true,
+        }
+    }
+}
+
+/// `ttl` from now on [`lease_clock`].
+fn deadline(ttl: std::time::Duration) -> u64 {
+    lease_clock().saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The clock of pin deadlines: nanoseconds since this process first read it, monotonic (a
+/// wall-clock step neither ends nor stretches pins).
+pub fn lease_clock() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A blob store: one tier, or a chain of them. Usable from any thread (the data plane's cores
