@@ -96,9 +96,6 @@ pub struct ExecutionCore {
     woken: Arc<tokio::sync::Notify>,
 }
 
-/// How long a dispatched operation's input pins outlast its timeout.
-const PIN_MARGIN: Duration = Duration::from_secs(3600);
-
 /// How often the scheduler's clock advances when nothing asks for sooner.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -226,15 +223,6 @@ impl ExecutionCore {
                     let Some(name) = lock(&self.registry).name(op).map(str::to_string) else {
                         continue;
                     };
-                    // Its pins now last as long as this attempt can (they were held without
-                    // a deadline while it was queued): a release that never comes is bounded.
-                    if !payload.pins.is_empty() {
-                        let (store, payload) = (self.store.clone(), payload.clone());
-                        let holder = payload.holder.renewed(timeout.saturating_add(PIN_MARGIN));
-                        tokio::spawn(async move {
-                            let _ = store.pin(holder, &payload.pins).await;
-                        });
-                    }
                     let mut start = payload.start.clone();
                     start.operation = name;
                     start.attempt = attempt;

@@ -73,8 +73,8 @@ pub(super) async fn prepare(
     let accounting = core.cas.accounting();
     let budget = accounting.cap() / 100 * core.config.pin_budget_percent as u64;
     let pin = accounting.pinned().saturating_add(total) <= budget;
-    // Held while queued, however long; each dispatch renews them to the action's timeout
-    // and a margin, past which they end by themselves (`ExecutionCore::carry_out`).
+    // No deadline: the operation releases them when it ends, and the scheduler ends every
+    // operation (a result, its timeout, a cancellation, shutdown), however long it queued.
     let holder = PinHolder::unbounded();
     let present: Vec<bool> = if pin {
         let pinned = pin_to_the_end(core.store.clone(), holder, all.clone()).await?;

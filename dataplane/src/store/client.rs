@@ -338,12 +338,9 @@ impl CasClient {
             })
             .await;
         if let Some(e) = failure {
-            // All or nothing: release what the shards that answered did pin (a renewal pinned
-            // nothing new: the holder's pins stay).
-            if !holder.renewal {
-                self.unpin(holder, &super::tier::pinned_keys(keys, &out))
-                    .await;
-            }
+            // All or nothing: release what the shards that answered did pin.
+            self.unpin(holder, &super::tier::pinned_keys(keys, &out))
+                .await;
             return Err(e);
         }
         Ok(out)

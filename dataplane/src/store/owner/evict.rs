@@ -37,6 +37,8 @@ impl Owner {
             if entry.pins > 0 {
                 self.accounting.set_pinned(entry.size, false);
             }
+            // Its holders' pins went with it.
+            self.leases.borrow_mut().forget(key);
             self.remove_later(self.layout.blob_path(key));
             self.forgotten(key);
             self.note_removed(key);

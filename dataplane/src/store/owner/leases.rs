@@ -21,10 +21,9 @@ pub struct Leases {
 
 impl Leases {
     /// `holder` pins `key`, whose index entry has `pins` pins: returns its new count (the
-    /// same when `holder` already held it; its deadline is then `holder`'s, which renews
-    /// it). A holder's rollback of a call releases its pins of those keys, including one it
-    /// held before the call: a holder must not pin a key it holds in two calls it may roll
-    /// back (none does).
+    /// same when `holder` already held it; its deadline is then `holder`'s). A holder's
+    /// rollback of a call releases its pins of those keys, including one it held before the
+    /// call: a holder must not pin a key it holds in two calls it may roll back (none does).
     pub fn pin(&mut self, key: &BlobKey, holder: PinHolder, pins: u32) -> u32 {
         let list = self.held.entry(key.clone()).or_default();
         if pins == 0 {
@@ -38,13 +37,6 @@ impl Leases {
                 self.by_deadline.remove(&(*until, holder.id, key.clone()));
                 *until = holder.until;
                 pins
-            }
-            // A renewal pins nothing new.
-            None if holder.renewal => {
-                if list.is_empty() {
-                    self.held.remove(key);
-                }
-                return pins;
             }
             None => {
                 list.push((holder.id, holder.until));
@@ -117,6 +109,15 @@ impl Leases {
             .collect()
     }
 
+    /// Forgets every lease of `key`, whose index entry was removed (and its count with it).
+    pub fn forget(&mut self, key: &BlobKey) {
+        if let Some(list) = self.held.remove(key) {
+            for (id, until) in list {
+                self.by_deadline.remove(&(until, id, key.clone()));
+            }
+        }
+    }
+
     /// Blobs with a lease list.
     #[cfg(test)]
     pub fn len(&self) -> usize {
@@ -143,11 +144,7 @@ mod tests {
     }
 
     fn holder(id: u64, until: u64) -> PinHolder {
-        PinHolder {
-            id,
-            until,
-            renewal: false,
-        }
+        PinHolder { id, until }
     }
 
     #[test]
@@ -195,7 +192,7 @@ mod tests {
     }
 
     #[test]
-    fn leases_end_at_their_deadline_renewed_or_never() {
+    fn leases_end_at_their_deadline_or_never() {
         let mut leases = Leases::default();
         let k = key();
         let pins = leases.pin(&k, holder(1, 100), 0);
@@ -204,22 +201,21 @@ mod tests {
         assert_eq!(pins, 3);
         assert_eq!(leases.expire(50, |_| pins), vec![]);
         assert_eq!(leases.expire(150, |_| pins), vec![(k.clone(), 2)]);
-        // Holder 2 renews its lease (a dispatched operation): a new deadline. A renewal by a
-        // holder that holds nothing (it released already) pins nothing.
-        let renewal = |id, until| PinHolder {
-            renewal: true,
-            ..holder(id, until)
-        };
-        assert_eq!(leases.pin(&k, renewal(2, 1_000), 2), 2);
-        assert_eq!(leases.pin(&k, renewal(9, 1_000), 2), 2);
+        // Holder 2 pins again with a later deadline: its one lease moves to it.
+        assert_eq!(leases.pin(&k, holder(2, 1_000), 2), 2);
         assert_eq!(leases.expire(500, |_| 2), vec![]);
         assert_eq!(leases.expire(1_000, |_| 2), vec![(k.clone(), 1)]);
         assert_eq!(leases.len(), 1, "holder 3's lease has no deadline");
         assert_eq!(leases.expire(u64::MAX - 1, |_| 1), vec![]);
-        // An entry gone meanwhile: its leases end without lowering anything.
+        // An entry gone meanwhile: its leases end without lowering anything; or are
+        // forgotten when it is removed.
         let mut leases = Leases::default();
         leases.pin(&k, holder(4, 10), 0);
         assert_eq!(leases.expire(20, |_| 0), vec![]);
+        assert!(leases.is_empty() && leases.by_deadline.is_empty());
+        leases.pin(&k, holder(5, 10), 0);
+        leases.pin(&k, holder(6, u64::MAX), 1);
+        leases.forget(&k);
         assert!(leases.is_empty() && leases.by_deadline.is_empty());
     }
 }

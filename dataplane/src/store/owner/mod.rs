@@ -274,7 +274,7 @@ impl Owner {
                     .collect();
                 drop((index, leases));
                 self.publish_oldest();
-                if let (Err(pinned), false) = (reply.send(pinned), holder.renewal) {
+                if let Err(pinned) = reply.send(pinned) {
                     // The caller is gone (cancelled): no one will release these pins.
                     let held = keys.iter().zip(pinned).filter(|(_, p)| p.is_some());
                     self.unpin(holder, held.map(|(k, _)| k));

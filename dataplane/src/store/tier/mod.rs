@@ -53,16 +53,13 @@ pub struct PinHolder {
     pub id: u64,
     /// When its pins end by themselves, on [`lease_clock`] (`u64::MAX`: never).
     pub until: u64,
-    /// Pinning with it only renews pins the holder already has (sets their deadline to
-    /// `until`); it pins nothing new, so a renewal that arrives after the release is void.
-    pub renewal: bool,
 }
 
 impl PinHolder {
     /// A new holder whose pins last at most `ttl` from now.
     pub fn new(ttl: std::time::Duration) -> PinHolder {
         PinHolder {
-            until: deadline(ttl),
+            until: lease_clock().saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX)),
             ..PinHolder::unbounded()
         }
     }
@@ -72,23 +69,8 @@ impl PinHolder {
         PinHolder {
             id: uuid::Uuid::new_v4().as_u64_pair().0,
             until: u64::MAX,
-            renewal: false,
         }
     }
-
-    /// This holder as a renewal of its pins, to last `ttl` from now.
-    pub fn renewed(self, ttl: std::time::Duration) -> PinHolder {
-        PinHolder {
-            id: self.id,
-            until: deadline(ttl),
-            renewal: true,
-        }
-    }
-}
-
-/// `ttl` from now on [`lease_clock`].
-fn deadline(ttl: std::time::Duration) -> u64 {
-    lease_clock().saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// The clock of pin deadlines: nanoseconds since this process first read it, monotonic (a

@@ -122,9 +122,7 @@ impl BlobStore for SizePartition {
                 .await;
             match (s.answer, l.answer) {
                 (Ok(sa), Ok(la)) => Ok(merge(keys.len(), [(s.positions, sa), (l.positions, la)])),
-                // All or nothing: release what the side that answered pinned (a renewal
-                // pinned nothing new).
-                (Ok(_), Err(e)) | (Err(e), Ok(_)) if holder.renewal => Err(e),
+                // All or nothing: release what the side that answered pinned.
                 (Ok(pinned), Err(e)) => {
                     self.small
                         .unpin(holder, &pinned_keys(&s.keys, &pinned))
