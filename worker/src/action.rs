@@ -81,6 +81,7 @@ pub async fn execute(
     let holder = PinHolder::new(timeout.saturating_add(Duration::from_secs(3600)));
     let mut pins: Vec<BlobKey> = Vec::new();
     let mut leases: Vec<Lease> = Vec::new();
+    let mut building = None;
     let outcome = attempt(
         &ctx,
         &start,
@@ -88,9 +89,13 @@ pub async fn execute(
         kill,
         &progress,
         &mut metadata,
-        (holder, &mut pins, &mut leases),
+        (holder, &mut pins, &mut leases, &mut building),
     )
     .await;
+    // The cache entry of a missed root is built from the pinned blobs, beside the action.
+    if let Some(build) = building {
+        let _ = build.await;
+    }
     ctx.local.unpin(holder, &pins).await;
     let cleanup = dir.clone();
     let _ = tokio::task::spawn_blocking(move || remove_tree(&cleanup)).await;
@@ -136,7 +141,12 @@ async fn attempt(
     kill: oneshot::Receiver<()>,
     progress: &(impl Fn(Progress) + Send),
     metadata: &mut ExecutedActionMetadata,
-    (holder, pins, leases): (PinHolder, &mut Vec<BlobKey>, &mut Vec<Lease>),
+    (holder, pins, leases, building): (
+        PinHolder,
+        &mut Vec<BlobKey>,
+        &mut Vec<Lease>,
+        &mut Option<tokio::task::JoinHandle<()>>,
+    ),
 ) -> Result<(RunEnd, ActionResult), ActionError> {
     let bad = |what: &str| ActionError::BadInput(format!("StartExecute without {what}"));
     let instance = InstanceName::new(&start.instance_name)
@@ -173,6 +183,7 @@ async fn attempt(
     )
     .await?;
     *leases = inputs.leases;
+    *building = inputs.building;
     let shared = inputs.shared;
     if inputs.cache != CacheUse::Off {
         tracing::debug!(operation = %start.operation, cache = ?inputs.cache, "inputs in place");

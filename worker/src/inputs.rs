@@ -1,8 +1,9 @@
 //! Laying out an action's inputs. With the directory cache on: an input root the cache holds
 //! (as an entry, or as a directory inside one) is linked from there, with nothing fetched,
-//! looked up or pinned; any other is fetched into the local CAS, built as a new entry (reusing
-//! whole every subtree an entry already holds) and linked from it. Without the cache, or when
-//! the tree does not fit in it, the tree is fetched and materialised straight into place.
+//! looked up or pinned; any other is fetched into the local CAS and materialised straight into
+//! place (reusing whole every subtree an entry already holds), and its entry is built by an
+//! [`EntryBuild`] that runs beside the action, off its critical path (the action waits for it
+//! only before it releases its pins). Without the cache the tree is fetched and materialised.
 
 use crate::action::WorkerContext;
 use crate::dircache::{disk, Building, DirCache, Lease, RootHit};
@@ -34,6 +35,9 @@ pub struct Inputs {
     pub leases: Vec<Lease>,
     /// How the root was found.
     pub cache: CacheUse,
+    /// The cache entry of a missed root, being built beside the action: awaited before the
+    /// action's pins are released (the build links the pinned blobs).
+    pub building: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Lays out the input tree `root_digest` of `instance` at `root` (which must not exist);
@@ -75,22 +79,47 @@ pub async fn place(
     let exec_cache = ctx.exec_cache.clone();
     let cache = ctx.dircache.clone();
     let (inst, root) = (instance.clone(), root.to_path_buf());
-    blocking(root.clone(), move || {
-        std::fs::create_dir_all(&root).map_err(io("create", &root))?;
-        let blob_path = |d: Digest| local.path(&inst, d);
-        let m = Materialiser {
-            blob_path: &blob_path,
-            exec_cache: &exec_cache,
-            function,
-            cache: cache.as_ref().map(|c| (c, &inst)),
-        };
-        lay_out(cache.as_ref(), &m, &key, function, &tree, &root)
-    })
-    .await
+    let tree = Arc::new(tree);
+    let laid = {
+        let (local, exec_cache, cache, inst, tree) = (
+            local.clone(),
+            exec_cache.clone(),
+            cache.clone(),
+            inst.clone(),
+            tree.clone(),
+        );
+        blocking(root.clone(), move || {
+            std::fs::create_dir_all(&root).map_err(io("create", &root))?;
+            let blob_path = |d: Digest| local.path(&inst, d);
+            let m = Materialiser {
+                blob_path: &blob_path,
+                exec_cache: &exec_cache,
+                function,
+                cache: cache.as_ref().map(|c| (c, &inst)),
+            };
+            lay_out(cache.as_ref(), &m, &key, function, &tree, &root)
+        })
+        .await?
+    };
+    let (mut inputs, job) = laid;
+    if let (Some(job), Some(cache)) = (job, cache) {
+        inputs.building = Some(tokio::task::spawn_blocking(move || {
+            let blob_path = |d: Digest| local.path(&inst, d);
+            let m = Materialiser {
+                blob_path: &blob_path,
+                exec_cache: &exec_cache,
+                function,
+                cache: Some((&cache, &inst)),
+            };
+            job.run(&cache, &m, &tree);
+        }));
+    }
+    Ok(inputs)
 }
 
-/// Lays out the fetched `tree` at `root` (existing, empty): through a new cache entry when
-/// the cache takes it, else straight from the CAS (blocking).
+/// Lays out the fetched `tree` at `root` (existing, empty), straight from the CAS (and from
+/// cache entries holding its subtrees); returns the inputs and, when the cache takes the tree,
+/// the job that builds its entry (blocking).
 fn lay_out(
     cache: Option<&Arc<DirCache>>,
     m: &Materialiser<'_>,
@@ -98,14 +127,10 @@ fn lay_out(
     function: i32,
     tree: &InputTree,
     root: &Path,
-) -> Result<Inputs, ActionError> {
-    if let Some(cache) = cache {
-        if let Some(inputs) = build_and_link(cache, m, key, function, tree, root)? {
-            return Ok(inputs);
-        }
-    }
+) -> Result<(Inputs, Option<EntryBuild>), ActionError> {
     let (shared, leases) = m.materialise(tree, root)?;
-    Ok(Inputs {
+    let job = cache.and_then(|c| EntryBuild::claim(c, key, function, tree));
+    let inputs = Inputs {
         shared,
         leases,
         cache: if cache.is_some() {
@@ -113,7 +138,9 @@ fn lay_out(
         } else {
             CacheUse::Off
         },
-    })
+        building: None,
+    };
+    Ok((inputs, job))
 }
 
 /// Runs `work` on tokio's blocking pool.
@@ -163,64 +190,61 @@ fn linked(
         shared,
         leases: vec![lease],
         cache: how,
+        building: None,
     }))
 }
 
-/// Builds an entry for `tree` and links it into `root`; `None` when the cache will not take
-/// it (it is being built by another action, does not fit, or has modes that would lock the
-/// worker out of its own entry), or building or linking failed for a reason of the cache's
-/// own (logged): the caller then lays the tree out itself.
-fn build_and_link(
-    cache: &Arc<DirCache>,
-    m: &Materialiser<'_>,
-    key: &BlobKey,
-    function: i32,
-    tree: &InputTree,
-    root: &Path,
-) -> Result<Option<Inputs>, ActionError> {
-    let manifest = disk::manifest(&key.instance, function, tree);
-    let Ok((facts, _)) = disk::facts(&manifest) else {
-        return Ok(None);
-    };
-    if !facts.cacheable {
-        return Ok(None);
-    }
-    let Some(building) = cache.begin(key, facts.bytes) else {
-        return Ok(None);
-    };
-    let lease = match build(cache, m, building, facts.dirs, tree, &manifest) {
-        Ok(lease) => lease,
-        Err(e @ (ActionError::MissingInputs(_) | ActionError::BadInput(_))) => return Err(e),
-        Err(e) => {
-            tracing::warn!(entry = ?key, error = %e, "cannot build a directory-cache entry; laying the inputs out without it");
-            return Ok(None);
-        }
-    };
-    linked(cache, lease, &cache.dirs().entry(key), root, CacheUse::Miss)
-}
-
-fn build(
-    cache: &Arc<DirCache>,
-    m: &Materialiser<'_>,
+/// The building of a cache entry for a missed input root, claimed in the cache (so no other
+/// action builds it meanwhile) and run apart from laying the action's inputs out.
+pub struct EntryBuild {
     building: Building,
     dirs: Vec<(BlobKey, PathBuf)>,
-    tree: &InputTree,
-    manifest: &kiln_proto::worker::DirCacheManifest,
-) -> Result<Lease, ActionError> {
-    let built = cache.dirs().build_path();
-    let result = std::fs::create_dir(&built)
-        .map_err(io("create", &built))
-        // The subtrees linked in from other entries need no lease once linked.
-        .and_then(|()| m.materialise(tree, &built).map(drop))
-        .and_then(|()| {
-            disk::install(cache.dirs(), building.key(), &built, manifest)
-                .map_err(io("install", &built))
-        });
-    match result {
-        Ok(()) => Ok(building.finish(dirs)),
-        Err(e) => {
-            let _ = remove_tree(&built);
-            Err(e)
+    manifest: kiln_proto::worker::DirCacheManifest,
+}
+
+impl EntryBuild {
+    /// Claims an entry for `tree`; `None` when the cache will not take it (it is being built
+    /// by another action, does not fit, or has modes that would lock the worker out of its own
+    /// entry).
+    fn claim(
+        cache: &Arc<DirCache>,
+        key: &BlobKey,
+        function: i32,
+        tree: &InputTree,
+    ) -> Option<EntryBuild> {
+        let manifest = disk::manifest(&key.instance, function, tree);
+        let (facts, _) = disk::facts(&manifest).ok()?;
+        if !facts.cacheable {
+            return None;
+        }
+        let building = cache.begin(key, facts.bytes)?;
+        Some(EntryBuild {
+            building,
+            dirs: facts.dirs,
+            manifest,
+        })
+    }
+
+    /// Builds the entry from the local CAS (whose blobs the action keeps pinned meanwhile) and
+    /// puts it in place (blocking). A failure is logged: the entry is not made.
+    fn run(self, cache: &Arc<DirCache>, m: &Materialiser<'_>, tree: &InputTree) {
+        let built = cache.dirs().build_path();
+        let key = self.building.key().clone();
+        let result = std::fs::create_dir(&built)
+            .map_err(io("create", &built))
+            // The subtrees linked in from other entries need no lease once linked.
+            .and_then(|()| m.materialise(tree, &built).map(drop))
+            .and_then(|()| {
+                disk::install(cache.dirs(), &key, &built, &self.manifest)
+                    .map_err(io("install", &built))
+            });
+        match result {
+            // Not leased by anyone until an action uses it.
+            Ok(()) => drop(self.building.finish(self.dirs)),
+            Err(e) => {
+                let _ = remove_tree(&built);
+                tracing::warn!(entry = ?key, error = %e, "cannot build a directory-cache entry");
+            }
         }
     }
 }
@@ -372,7 +396,13 @@ mod tests {
                 root,
                 directories: self.directories.clone(),
             };
-            lay_out(Some(cache), &m, &key, F.proto() as i32, &tree, at).unwrap()
+            let (inputs, job) =
+                lay_out(Some(cache), &m, &key, F.proto() as i32, &tree, at).unwrap();
+            // The entry's build, run here to its end (an action runs it beside itself).
+            if let Some(job) = job {
+                job.run(cache, &m, &tree);
+            }
+            inputs
         }
     }
 
@@ -442,7 +472,11 @@ mod tests {
         let placed = fx.place(&cache, second, &fx.path("work/2"));
         assert_eq!(placed.cache, CacheUse::Miss);
         assert_laid_out(&fx.path("work/2"), b"two");
-        assert_eq!(cache.stats().counts.subtree_hits, 1);
+        assert_eq!(
+            cache.stats().counts.subtree_hits,
+            2,
+            "linked from the first entry into the action, and into the second entry's build"
+        );
         // A root that is a directory inside an entry is a hit.
         let only_lib = fx.place(&cache, lib, &fx.path("work/3"));
         assert_eq!(only_lib.cache, CacheUse::Hit);
@@ -508,10 +542,10 @@ mod tests {
         std::fs::write(entry.join("planted"), b"x").unwrap();
         let cache = fx.open(1 << 30);
         assert_eq!(
-            fx.place(&cache, kept, &fx.path("work/5")).cache,
+            fx.place(&cache, kept, &fx.path("work/6")).cache,
             CacheUse::Miss
         );
-        assert!(!fx.path("work/5/planted").exists());
+        assert!(!fx.path("work/6/planted").exists());
     }
 
     #[test]
@@ -563,7 +597,9 @@ mod tests {
         let key = |d: Digest| BlobKey::new(InstanceName::default_instance(), d);
         // Room for one entry (each is charged its files' bytes and 4 KiB per directory).
         let cache = fx.open(9_000);
-        let held = fx.place(&cache, roots[0], &fx.path("work/0"));
+        drop(fx.place(&cache, roots[0], &fx.path("work/0")));
+        let held = fx.place(&cache, roots[0], &fx.path("work/0-hit"));
+        assert_eq!(held.cache, CacheUse::Hit);
         drop(fx.place(&cache, roots[1], &fx.path("work/1")));
         assert!(cache.dirs().entry(&key(roots[0])).is_dir(), "leased: kept");
         assert!(
@@ -572,9 +608,10 @@ mod tests {
         );
         drop(held);
         drop(fx.place(&cache, roots[2], &fx.path("work/2")));
-        assert!(!cache.dirs().entry(&key(roots[0])).exists());
-        assert!(cache.dirs().entry(&key(roots[2])).is_dir());
-        assert_eq!(cache.stats().entries, 1);
+        // Back under the cap once nothing is leased: one entry left.
+        let stats = cache.stats();
+        assert_eq!(stats.entries, 1);
+        assert!(stats.bytes <= 9_000, "{stats:?}");
     }
 
     #[test]

@@ -67,7 +67,8 @@ pub struct Counts {
     pub hits: u64,
     /// Input roots not cached.
     pub misses: u64,
-    /// Subtrees of a missed root found inside another entry.
+    /// Subtrees of a missed root linked from another entry (into the action's tree, and into
+    /// the new entry's build).
     pub subtree_hits: u64,
     /// Entries evicted (by the cap, or because an action changed one of their files).
     pub evictions: u64,
