@@ -5,7 +5,7 @@
 use crate::dircache::{DirCache, Lease};
 use crate::error::ActionError;
 use crate::fetch::Source;
-use crate::inputs::{place, CacheUse};
+use crate::inputs::{place, CacheUse, EntryBuilding};
 use crate::local::LocalCas;
 use crate::materialise::remove_tree;
 use crate::outputs::{collect, Blob, OutputOwners, Staging};
@@ -94,7 +94,9 @@ pub async fn execute(
     .await;
     // The cache entry of a missed root is built from the pinned blobs, beside the action.
     if let Some(build) = building {
-        let _ = build.await;
+        if let Ok(Some(lease)) = build.await {
+            leases.push(lease);
+        }
     }
     ctx.local.unpin(holder, &pins).await;
     let cleanup = dir.clone();
@@ -145,7 +147,7 @@ async fn attempt(
         PinHolder,
         &mut Vec<BlobKey>,
         &mut Vec<Lease>,
-        &mut Option<tokio::task::JoinHandle<()>>,
+        &mut Option<EntryBuilding>,
     ),
 ) -> Result<(RunEnd, ActionResult), ActionError> {
     let bad = |what: &str| ActionError::BadInput(format!("StartExecute without {what}"));

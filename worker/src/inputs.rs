@@ -27,6 +27,9 @@ pub enum CacheUse {
     Miss,
 }
 
+/// A cache entry being built beside an action; its lease when it was built.
+pub type EntryBuilding = tokio::task::JoinHandle<Option<Lease>>;
+
 /// An action's inputs in place.
 pub struct Inputs {
     /// The input files the tree shares with the stores, to check after the run.
@@ -36,8 +39,9 @@ pub struct Inputs {
     /// How the root was found.
     pub cache: CacheUse,
     /// The cache entry of a missed root, being built beside the action: awaited before the
-    /// action's pins are released (the build links the pinned blobs).
-    pub building: Option<tokio::task::JoinHandle<()>>,
+    /// action's pins are released (the build links the pinned blobs); its lease, held with
+    /// the others until the action is done.
+    pub building: Option<EntryBuilding>,
 }
 
 /// Lays out the input tree `root_digest` of `instance` at `root` (which must not exist);
@@ -111,7 +115,7 @@ pub async fn place(
                 function,
                 cache: Some((&cache, &inst)),
             };
-            job.run(&cache, &m, &tree);
+            job.run(&cache, &m, &tree)
         }));
     }
     Ok(inputs)
@@ -129,6 +133,10 @@ fn lay_out(
     root: &Path,
 ) -> Result<(Inputs, Option<EntryBuild>), ActionError> {
     let (shared, leases) = m.materialise(tree, root)?;
+    if let Some(cache) = cache {
+        // Each lease is a subtree linked in from an entry.
+        cache.note_subtrees(leases.len() as u64);
+    }
     let job = cache.and_then(|c| EntryBuild::claim(c, key, function, tree));
     let inputs = Inputs {
         shared,
@@ -226,8 +234,9 @@ impl EntryBuild {
     }
 
     /// Builds the entry from the local CAS (whose blobs the action keeps pinned meanwhile) and
-    /// puts it in place (blocking). A failure is logged: the entry is not made.
-    fn run(self, cache: &Arc<DirCache>, m: &Materialiser<'_>, tree: &InputTree) {
+    /// puts it in place (blocking); returns its lease, which the action holds like the others.
+    /// A failure is logged: the entry is not made.
+    fn run(self, cache: &Arc<DirCache>, m: &Materialiser<'_>, tree: &InputTree) -> Option<Lease> {
         let built = cache.dirs().build_path();
         let key = self.building.key().clone();
         let result = std::fs::create_dir(&built)
@@ -239,11 +248,11 @@ impl EntryBuild {
                     .map_err(io("install", &built))
             });
         match result {
-            // Not leased by anyone until an action uses it.
-            Ok(()) => drop(self.building.finish(self.dirs)),
+            Ok(()) => Some(self.building.finish(self.dirs)),
             Err(e) => {
                 let _ = remove_tree(&built);
                 tracing::warn!(entry = ?key, error = %e, "cannot build a directory-cache entry");
+                None
             }
         }
     }
@@ -398,9 +407,11 @@ mod tests {
             };
             let (inputs, job) =
                 lay_out(Some(cache), &m, &key, F.proto() as i32, &tree, at).unwrap();
-            // The entry's build, run here to its end (an action runs it beside itself).
-            if let Some(job) = job {
-                job.run(cache, &m, &tree);
+            // The entry's build, run here to its end (an action runs it beside itself), its
+            // lease held with the others.
+            let mut inputs = inputs;
+            if let Some(lease) = job.and_then(|job| job.run(cache, &m, &tree)) {
+                inputs.leases.push(lease);
             }
             inputs
         }
@@ -472,11 +483,7 @@ mod tests {
         let placed = fx.place(&cache, second, &fx.path("work/2"));
         assert_eq!(placed.cache, CacheUse::Miss);
         assert_laid_out(&fx.path("work/2"), b"two");
-        assert_eq!(
-            cache.stats().counts.subtree_hits,
-            2,
-            "linked from the first entry into the action, and into the second entry's build"
-        );
+        assert_eq!(cache.stats().counts.subtree_hits, 1);
         // A root that is a directory inside an entry is a hit.
         let only_lib = fx.place(&cache, lib, &fx.path("work/3"));
         assert_eq!(only_lib.cache, CacheUse::Hit);
@@ -608,10 +615,9 @@ mod tests {
         );
         drop(held);
         drop(fx.place(&cache, roots[2], &fx.path("work/2")));
-        // Back under the cap once nothing is leased: one entry left.
-        let stats = cache.stats();
-        assert_eq!(stats.entries, 1);
-        assert!(stats.bytes <= 9_000, "{stats:?}");
+        assert!(!cache.dirs().entry(&key(roots[0])).exists());
+        assert!(cache.dirs().entry(&key(roots[2])).is_dir());
+        assert_eq!(cache.stats().entries, 1);
     }
 
     #[test]

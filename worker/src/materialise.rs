@@ -145,7 +145,6 @@ impl Materialiser<'_> {
         if !link_from_cache(cache, &cache.dirs().place(&place), dst, lease.key(), shared)? {
             return Ok(None);
         }
-        cache.note_subtree();
         Ok(Some(lease))
     }
 

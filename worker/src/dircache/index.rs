@@ -67,8 +67,7 @@ pub struct Counts {
     pub hits: u64,
     /// Input roots not cached.
     pub misses: u64,
-    /// Subtrees of a missed root linked from another entry (into the action's tree, and into
-    /// the new entry's build).
+    /// Subtrees of missed roots linked from an entry into the action's tree.
     pub subtree_hits: u64,
     /// Entries evicted (by the cap, or because an action changed one of their files).
     pub evictions: u64,
@@ -153,9 +152,9 @@ impl Index {
         }
     }
 
-    /// Counts a subtree of a missed root linked from an entry.
-    pub fn note_subtree(&mut self) {
-        self.counts.subtree_hits += 1;
+    /// Counts `n` subtrees of a missed root linked from entries.
+    pub fn note_subtrees(&mut self, n: u64) {
+        self.counts.subtree_hits += n;
     }
 
     /// Finds the directory `dir` inside some ready entry and leases that entry.
@@ -217,7 +216,9 @@ impl Index {
         let Some(e) = self.entries.get_mut(key) else {
             return Vec::new();
         };
-        if !matches!(e.state, State::Building) {
+        // Evicted while it was being built (an action changed a file it holds): it never
+        // becomes ready, and goes at its builder's release.
+        if !matches!(e.state, State::Building) || e.doomed {
             return Vec::new();
         }
         e.state = State::Ready { verified: true };
@@ -450,7 +451,7 @@ mod tests {
         assert_eq!(index.lease_subtree(&key(3)), None);
         index.note_root(true);
         index.note_root(false);
-        index.note_subtree();
+        index.note_subtrees(1);
         assert_eq!(
             index.counts(),
             Counts {
@@ -560,6 +561,28 @@ mod tests {
         assert_eq!(index.evict(&key(4)), Evicted::AtRelease);
         index.release(&key(4));
         assert_eq!(index.take_changes(false), (vec![], vec![key(4)]));
+    }
+
+    #[test]
+    fn a_build_evicted_before_it_finished_never_becomes_ready() {
+        let mut index = Index::new(100);
+        assert!(index.begin(&key(1), 10));
+        assert_eq!(index.evict(&key(1)), Evicted::AtRelease);
+        assert!(index.finish(&key(1), vec![(key(2), "x".into())]).is_empty());
+        assert_eq!(index.lease_root(&key(1)), RootLookup::Miss);
+        assert_eq!(index.lease_subtree(&key(2)), None);
+        assert_eq!((index.bytes(), index.entries()), (0, 0));
+        assert_eq!(
+            index.take_changes(false),
+            (vec![], vec![]),
+            "never reported"
+        );
+        assert_eq!(
+            index.release(&key(1)),
+            vec![key(1)],
+            "removed at its builder's release"
+        );
+        assert_eq!(index.take_changes(false), (vec![], vec![]));
     }
 
     #[test]

@@ -281,9 +281,9 @@ impl DirCache {
         self.lock().note_root(hit);
     }
 
-    /// Counts a subtree of a missed root linked from an entry.
-    pub fn note_subtree(&self) {
-        self.lock().note_subtree();
+    /// Counts `n` subtrees of a missed root linked from entries into an action's tree.
+    pub fn note_subtrees(&self, n: u64) {
+        self.lock().note_subtrees(n);
     }
 
     /// The input roots added and removed since the last call; with `all`, every input root
