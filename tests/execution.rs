@@ -229,6 +229,41 @@ on_every_runtime! {
     }
 }
 
+// A worker's stored input whose mode was changed while the worker was down is read-only
+// again before an action gets it: the local CAS checks each file found at start-up before its
+// first use, its mode too (the directory cache is off here, so the input comes from the CAS).
+on_every_runtime! {
+    async fn a_stored_input_whose_mode_changed_while_the_worker_was_down_is_read_only_again(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let wdir = dir.path().join("w1");
+        std::fs::create_dir_all(&wdir).unwrap();
+        let config = wdir.join("worker.toml");
+        std::fs::write(&config, "[worker]\ndircache_bytes = 0\n").unwrap();
+        let args = ["--config", config.to_str().unwrap()];
+        let mut w = start_worker(rt, &kiln, &wdir, "w1", &args).await;
+        let ch = kiln.channel().await;
+        let data = b"an input kept in the worker's own CAS".to_vec();
+        let run = |salt: &str| Spec {
+            tree: Tree::default().file("in", &data, false),
+            ..Spec::script(&format!("stat -c %a in; echo {salt}"))
+        };
+        for salt in ["before", "after"] {
+            let (_, r) = execute(&ch, F, &run(salt).upload(&ch, F).await, false).await.unwrap();
+            assert_eq!(code(&r), 0, "{r:?}");
+            let out = read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+            assert_eq!(out, format!("444\n{salt}\n").into_bytes());
+            if salt == "before" {
+                w.kill();
+                let stored = blobs::blob_file(&wdir.join("cas"), &blobs::digest(F, &data));
+                std::fs::set_permissions(&stored, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+                w = start_worker(rt, &kiln, &wdir, "w1", &args).await;
+            }
+        }
+        kiln.stop().await;
+    }
+}
+
 on_every_runtime! {
     async fn inputs_outputs_symlinks_and_executables(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();

@@ -13,6 +13,17 @@ use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Gives a stored file found with another mode than the store's read-only one its mode back.
+fn read_only(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.is_file() && meta.permissions().mode() & 0o7777 != 0o444 {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o7777), "a stored input's mode was changed; put back to read-only");
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444));
+        }
+    }
+}
+
 /// Files checked at once when pinned inputs need checking.
 const VERIFY_PARALLELISM: usize = 4;
 
@@ -104,11 +115,20 @@ impl LocalCas {
         // could answer with good bytes while the file is damaged.
         let files = Filesystem::new(self.chain.client().clone());
         let files = &files;
+        let layout = self.chain.layout();
         let checked: Vec<(BlobKey, bool)> = futures::stream::iter(unchecked)
             .map(|key| async move {
+                let path = layout.blob_path(&key);
                 let good = match files.open(&key).await {
                     Ok(Some(blob)) => {
-                        match tokio::task::spawn_blocking(move || blob.check_blocking()).await {
+                        // Its mode too: it is about to be linked into actions read-only, and
+                        // may have been changed while the worker was down.
+                        let checked = move || {
+                            blob.check_blocking()?;
+                            read_only(&path);
+                            Ok(())
+                        };
+                        match tokio::task::spawn_blocking(checked).await {
                             Ok(Ok(())) => true,
                             Ok(Err(StoreError::Io { source, .. })) => {
                                 // Kept: a passing failure (too many open files) says nothing
