@@ -2,6 +2,7 @@ use super::*;
 use crate::locality::Placements;
 use kiln_config::PropertyKind;
 use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
+use std::time::{Duration, SystemTime};
 
 type S = Scheduler<&'static str, &'static str>;
 

@@ -2,7 +2,7 @@
 //! processes.
 
 use super::blobs::{self, digest};
-use super::{Runtime, PROCESS_TIMEOUT};
+use super::{Kiln, Options, Runtime, PROCESS_TIMEOUT};
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_proto::google::rpc::Status as RpcStatus;
@@ -372,4 +372,46 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A server config for a farm test: no embedded worker, workers lost after 3 s of silence.
+pub const NO_EMBEDDED: &str =
+    "[worker]\nembedded = false\n[execution]\nkeepalive_secs = 1\nworker_timeout_secs = 3\n";
+
+/// `kiln serve` for a farm test (data under `dir/server`), started on this thread.
+pub fn server(rt: Runtime, dir: &Path) -> Kiln {
+    Kiln::start_with(
+        &dir.join("server"),
+        Options {
+            config: Some(NO_EMBEDDED.into()),
+            ..Options::on(rt)
+        },
+    )
+}
+
+/// [`server`], started off the async threads.
+pub async fn start_server(rt: Runtime, dir: &Path) -> Kiln {
+    let d = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || server(rt, &d))
+        .await
+        .unwrap()
+}
+
+/// A `kiln worker` named `name` for `kiln`, keeping its data under `dir`, started off the
+/// async threads.
+pub async fn start_worker(
+    rt: Runtime,
+    kiln: &Kiln,
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> Worker {
+    let (addr, dir, name) = (kiln.addr, dir.to_path_buf(), name.to_string());
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        Worker::start_at(addr, rt, &dir, &name, &extra)
+    })
+    .await
+    .unwrap()
 }

@@ -1,0 +1,147 @@
+//! Giving queued operations to workers: in queue order, each to a free worker whose directory
+//! cache holds its input root, else (after a bounded wait for a busy holder, see
+//! [`crate::locality`]) to the least-loaded free worker whose platform fits.
+
+use crate::locality::Reason;
+use crate::platform::{consume, could_fit, fits};
+use crate::{Command, OpId, OpStage, OpState, Scheduler, Stage, WorkerId, WorkerState};
+use std::collections::HashSet;
+use std::time::Instant;
+
+/// What [`Scheduler::choose`] decided for a queued action.
+enum Choice {
+    /// Dispatch it to this worker, for this reason.
+    Place(WorkerId, Reason),
+    /// Hold it for a busy worker holding its input root, until `until`, keeping the free
+    /// worker `keep` for it.
+    Hold { keep: WorkerId, until: Instant },
+    /// No worker can take it now.
+    NotNow,
+}
+
+impl<P: Clone, R> Scheduler<P, R> {
+    /// Where `state` goes now. A free worker whose directory cache holds its input root; else,
+    /// while a busy worker holding it may still free up (held less than `locality_wait`), the
+    /// action is held and keeps one free worker it fits for itself (`reserved`: actions behind
+    /// it cannot take that one, so holding never lets them overtake it); else the
+    /// least-loaded free worker.
+    fn choose(&self, now: Instant, state: &OpState<P>, reserved: &HashSet<WorkerId>) -> Choice {
+        let kinds = &self.config.kinds;
+        let requirements = &state.job.requirements;
+        let free = |id: &WorkerId, w: &WorkerState| {
+            !w.draining
+                && !reserved.contains(id)
+                && w.busy < w.capacity
+                && fits(kinds, requirements, &w.offer, &w.consumed)
+        };
+        let holds = |w: &WorkerState| {
+            state
+                .job
+                .input_root
+                .as_ref()
+                .is_some_and(|r| w.roots.contains(r))
+        };
+        // Least loaded first; ties by id, so the choice is deterministic.
+        let least_loaded = |pick: &dyn Fn(&WorkerId, &WorkerState) -> bool| {
+            self.workers
+                .iter()
+                .filter(|(id, w)| pick(id, w))
+                .min_by(|(a_id, a), (b_id, b)| {
+                    let load = |w: &WorkerState| w.busy as f64 / w.capacity as f64;
+                    load(a).total_cmp(&load(b)).then(a_id.cmp(b_id))
+                })
+                .map(|(id, _)| *id)
+        };
+        if let Some(id) = least_loaded(&|id, w| free(id, w) && holds(w)) {
+            return Choice::Place(id, Reason::InputRoot);
+        }
+        let Some(other) = least_loaded(&free) else {
+            return Choice::NotNow;
+        };
+        let busy_holder = self
+            .workers
+            .values()
+            .any(|w| !w.draining && holds(w) && could_fit(kinds, requirements, &w.offer));
+        if !busy_holder {
+            return Choice::Place(other, Reason::Load);
+        }
+        let since = state.held_since.unwrap_or(now);
+        if now.saturating_duration_since(since) < self.config.locality_wait {
+            return Choice::Hold {
+                keep: other,
+                until: since + self.config.locality_wait,
+            };
+        }
+        Choice::Place(other, Reason::WaitedForHolder)
+    }
+
+    /// When the scheduler next needs a [`Scheduler::tick`] to place an action it holds for a
+    /// busy worker (`None`: nothing held; the regular tick is enough).
+    pub fn wake_at(&self) -> Option<Instant> {
+        self.wake_at
+    }
+
+    /// Gives queued operations to workers, in queue order, while any worker has room.
+    pub(crate) fn schedule(&mut self, now: Instant) {
+        self.wake_at = None;
+        let mut free: usize = self
+            .workers
+            .values()
+            .filter(|w| !w.draining)
+            .map(|w| w.capacity.saturating_sub(w.busy))
+            .sum();
+        if free == 0 || self.queue.is_empty() {
+            return;
+        }
+        let queued: Vec<((i32, u64), OpId)> = self.queue.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut reserved = HashSet::new();
+        for (slot, op) in queued {
+            if free == 0 {
+                break;
+            }
+            let Some(state) = self.ops.get(&op) else {
+                continue;
+            };
+            let (worker, reason) = match self.choose(now, state, &reserved) {
+                Choice::Place(worker, reason) => (worker, reason),
+                Choice::Hold { keep, until } => {
+                    reserved.insert(keep);
+                    free -= 1;
+                    self.wake_at = Some(self.wake_at.map_or(until, |w| w.min(until)));
+                    if let Some(state) = self.ops.get_mut(&op) {
+                        state.held_since.get_or_insert(now);
+                    }
+                    continue;
+                }
+                Choice::NotNow => continue,
+            };
+            self.placements.count(reason);
+            let kinds = &self.config.kinds;
+            self.queue.remove(&slot);
+            let state = self.ops.get_mut(&op).expect("queued op exists");
+            state.attempts += 1;
+            state.stage = OpStage::Running {
+                worker,
+                deadline: now + state.job.timeout + self.config.timeout_grace,
+                executed: false,
+            };
+            let w = self.workers.get_mut(&worker).expect("chosen worker exists");
+            w.running.insert(op);
+            w.busy += 1;
+            consume(kinds, &state.job.requirements, &mut w.consumed, true);
+            free -= 1;
+            self.out.push(Command::Stage {
+                op,
+                stage: Stage::Executing,
+            });
+            self.out.push(Command::Dispatch {
+                worker,
+                op,
+                attempt: state.attempts,
+                payload: state.job.payload.clone(),
+                timeout: state.job.timeout,
+                queued_at: state.job.queued_at,
+            });
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The workers' directory cache and placement by input root, end to end: `kiln serve` (its
+//! embedded worker off) plus `kiln worker` processes, on every data-plane backend.
+
+#[macro_use]
+mod common;
+
+use common::blobs;
+use common::exec::{code, execute, start_server, start_worker, Spec, Tree};
+use kiln_proto::reapi::digest_function::Value as Function;
+
+const F: Function = Function::Sha256;
+
+async fn read(ch: &tonic::transport::Channel, d: &kiln_proto::reapi::Digest) -> Vec<u8> {
+    common::exec::read_output(ch, F, d).await
+}
+
+// The worker's directory cache: an action whose input root the worker has laid out before
+// (a rebuild with a new salt: same inputs, new action) gets it from the cache, and so does
+// one after the worker was killed and restarted (the entry is checked against its manifest
+// first); the server exports the counts the worker reports, and shows them on /status.
+on_every_runtime! {
+    async fn a_repeated_input_root_comes_from_the_worker_directory_cache(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let wdir = dir.path().join("w1");
+        let mut w = start_worker(rt, &kiln, &wdir, "w1", &["--admin-listen", "127.0.0.1:0"]).await;
+        // The worker's own metrics, on the address it logged.
+        let worker_admin = w
+            .start_log
+            .iter()
+            .find_map(|l| l.split("worker metrics on ").nth(1))
+            .and_then(|rest| rest.strip_suffix("/metrics"))
+            .expect("the worker logs its metrics address")
+            .to_string();
+        let ch = kiln.channel().await;
+        let tree = Tree::default()
+            .file("src/a.txt", b"alpha ", false)
+            .file("src/deep/b.txt", b"beta ", false)
+            .file("bin/tool", b"#!/bin/sh\necho tool\n", true);
+        let run = |salt: &str| Spec {
+            tree: tree.clone(),
+            ..Spec::script(&format!("cat src/a.txt src/deep/b.txt; ./bin/tool; echo {salt}"))
+        };
+        let counts = |admin: String| async move {
+            (
+                common::metric_if_any(&admin, "kiln_worker_dircache_hits_total{worker=\"w1\"}").await,
+                common::metric_if_any(&admin, "kiln_worker_dircache_misses_total{worker=\"w1\"}").await,
+            )
+        };
+        for (salt, hits) in [("one", 0.0), ("two", 1.0)] {
+            let (_, r) = execute(&ch, F, &run(salt).upload(&ch, F).await, false).await.unwrap();
+            assert_eq!(code(&r), 0, "{r:?}");
+            let out = read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+            assert_eq!(out, format!("alpha beta tool\n{salt}\n").into_bytes());
+            common::eventually("the worker's report", || {
+                let admin = kiln.admin.clone();
+                async move { (counts(admin).await == (Some(hits), Some(1.0))).then_some(()) }
+            })
+            .await;
+        }
+        assert_eq!(common::metric(&worker_admin, "kiln_worker_dircache_hits_total").await, 1.0);
+        assert_eq!(common::metric(&worker_admin, "kiln_worker_dircache_misses_total").await, 1.0);
+        assert_eq!(common::metric(&worker_admin, "kiln_worker_dircache_entries").await, 1.0);
+        let (_, status) = common::curl(&format!("{}/status", kiln.admin), &[]);
+        assert!(status.contains("id=\"dircaches\"") && status.contains("<th>w1</th>"), "{status}");
+        assert!(status.contains("50.0% of 2 input roots from the cache"), "{status}");
+        // Killed and started again on the same directories: the entry is kept.
+        w.kill();
+        let _w = start_worker(rt, &kiln, &wdir, "w1", &[]).await;
+        let (_, r) = execute(&ch, F, &run("three").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        let out = read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+        assert_eq!(out, b"alpha beta tool\nthree\n");
+        common::eventually("the restarted worker's hit to be counted", || {
+            let admin = kiln.admin.clone();
+            async move { (counts(admin).await == (Some(2.0), Some(1.0))).then_some(()) }
+        })
+        .await;
+        kiln.stop().await;
+    }
+}
+
+// Placement by locality: with every worker free, an action goes to the worker whose
+// directory cache holds its input root — here the second worker, which the scheduler would not
+// pick by load (ties go to the first to join).
+on_every_runtime! {
+    async fn an_action_goes_to_the_worker_that_has_its_input_root(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let _w1 = start_worker(rt, &kiln, &dir.path().join("w1"), "w1", &["--max-inflight", "1"]).await;
+        let _w2 = start_worker(rt, &kiln, &dir.path().join("w2"), "w2", &["--max-inflight", "1"]).await;
+        let ch = kiln.channel().await;
+        // w1 is kept busy until the flag exists, so the first action of the shared root runs on w2.
+        let (flag, started) = (dir.path().join("flag"), dir.path().join("started"));
+        let hold = Spec::script(&format!(
+            "touch {}; while [ ! -e {} ]; do sleep 0.02; done",
+            started.display(),
+            flag.display()
+        ));
+        let hold = hold.upload(&ch, F).await;
+        let held = { let ch = ch.clone(); tokio::spawn(async move { execute(&ch, F, &hold, false).await }) };
+        common::eventually("the holding action to start", || async { started.exists().then_some(()) }).await;
+        let tree = Tree::default().file("src/x", b"shared ", false);
+        let run = |salt: &str| Spec { tree: tree.clone(), ..Spec::script(&format!("cat src/x; echo {salt}")) };
+        let worker_of = |r: &kiln_proto::reapi::ExecuteResponse| r.result.as_ref().unwrap().execution_metadata.as_ref().unwrap().worker.clone();
+        let (_, r) = execute(&ch, F, &run("first").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
+        std::fs::write(&flag, b"").unwrap();
+        let (_, r) = held.await.unwrap().unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
+        common::eventually("w2's report of its new entry", || {
+            let admin = kiln.admin.clone();
+            async move { (common::metric_if_any(&admin, "kiln_worker_dircache_entries{worker=\"w2\"}").await == Some(1.0)).then_some(()) }
+        })
+        .await;
+        for salt in ["second", "third"] {
+            let (_, r) = execute(&ch, F, &run(salt).upload(&ch, F).await, false).await.unwrap();
+            assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{salt}: {r:?}");
+            let out = read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+            assert_eq!(out, format!("shared {salt}\n").into_bytes());
+        }
+        // w2 busy with an action of that root: the next one waits for it a little
+        // (`locality_wait_ms`), then goes to the idle w1.
+        let (flag, started) = (dir.path().join("flag2"), dir.path().join("started2"));
+        let hold = Spec {
+            tree: tree.clone(),
+            ..Spec::script(&format!("touch {}; while [ ! -e {} ]; do sleep 0.02; done", started.display(), flag.display()))
+        };
+        let hold = hold.upload(&ch, F).await;
+        let held = { let ch = ch.clone(); tokio::spawn(async move { execute(&ch, F, &hold, false).await }) };
+        common::eventually("the second holding action to start", || async { started.exists().then_some(()) }).await;
+        let (_, r) = execute(&ch, F, &run("fourth").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
+        std::fs::write(&flag, b"").unwrap();
+        let (_, r) = held.await.unwrap().unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
+        let placed = |reason: &'static str| {
+            let admin = kiln.admin.clone();
+            async move { common::metric(&admin, &format!("kiln_scheduler_placements_total{{reason=\"{reason}\"}}")).await }
+        };
+        assert_eq!(placed("input_root").await, 3.0, "second, third and the second holding action");
+        assert_eq!(placed("load").await, 2.0, "the first holding action and the first of the root");
+        assert_eq!(placed("holder_busy").await, 1.0, "fourth");
+        kiln.stop().await;
+    }
+}
+
+// A worker's stored input whose mode was changed while the worker was down is read-only
+// again before an action gets it: the local CAS checks each file found at start-up before its
+// first use, its mode too (the directory cache is off here, so the input comes from the CAS).
+on_every_runtime! {
+    async fn a_stored_input_whose_mode_changed_while_the_worker_was_down_is_read_only_again(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let wdir = dir.path().join("w1");
+        std::fs::create_dir_all(&wdir).unwrap();
+        let config = wdir.join("worker.toml");
+        std::fs::write(&config, "[worker]\ndircache_bytes = 0\n").unwrap();
+        let args = ["--config", config.to_str().unwrap()];
+        let mut w = start_worker(rt, &kiln, &wdir, "w1", &args).await;
+        let ch = kiln.channel().await;
+        let data = b"an input kept in the worker's own CAS".to_vec();
+        let run = |salt: &str| Spec {
+            tree: Tree::default().file("in", &data, false),
+            ..Spec::script(&format!("stat -c %a in; echo {salt}"))
+        };
+        for salt in ["before", "after"] {
+            let (_, r) = execute(&ch, F, &run(salt).upload(&ch, F).await, false).await.unwrap();
+            assert_eq!(code(&r), 0, "{r:?}");
+            let out = read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+            assert_eq!(out, format!("444\n{salt}\n").into_bytes());
+            if salt == "before" {
+                w.kill();
+                let stored = blobs::blob_file(&wdir.join("cas"), &blobs::digest(F, &data));
+                std::fs::set_permissions(&stored, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+                w = start_worker(rt, &kiln, &wdir, "w1", &args).await;
+            }
+        }
+        kiln.stop().await;
+    }
+}
