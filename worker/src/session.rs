@@ -44,6 +44,17 @@ fn reports(ctx: &WorkerContext, full: bool) -> Vec<WorkerMessage> {
     if full {
         added.truncate(MAX_REPORTED_ROOTS);
     }
+    report_messages(cache.stats().report(), full, added, removed)
+}
+
+/// The messages of one report: `stats` and `removed` in the first, which carries `full`, and
+/// `added` in pieces of at most [`ROOTS_PER_MESSAGE`].
+fn report_messages(
+    stats: kiln_proto::worker::DirCacheReport,
+    full: bool,
+    added: Vec<kiln_reapi::digest::BlobKey>,
+    removed: Vec<kiln_reapi::digest::BlobKey>,
+) -> Vec<WorkerMessage> {
     let root = |k: kiln_reapi::digest::BlobKey| CachedRoot {
         instance_name: k.instance.as_str().to_string(),
         digest_function: k.digest.function.proto() as i32,
@@ -57,7 +68,7 @@ fn reports(ctx: &WorkerContext, full: bool) -> Vec<WorkerMessage> {
         let first = messages.is_empty();
         messages.push(WorkerMessage {
             message: Some(worker_message::Message::Report(WorkerReport {
-                dircache: first.then(|| cache.stats().report()),
+                dircache: first.then_some(stats),
                 full: full && first,
                 added: chunk,
                 removed: std::mem::take(&mut removed),
@@ -222,4 +233,53 @@ async fn session(
         let _ = kill.send(());
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
+
+    fn roots(range: std::ops::Range<u32>) -> Vec<BlobKey> {
+        range
+            .map(|i| {
+                BlobKey::new(
+                    InstanceName::default_instance(),
+                    Digest::of(DigestFunction::Sha256, &i.to_le_bytes()),
+                )
+            })
+            .collect()
+    }
+
+    fn report(m: &WorkerMessage) -> &WorkerReport {
+        match &m.message {
+            Some(worker_message::Message::Report(r)) => r,
+            other => panic!("not a report: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_large_report_goes_in_pieces_and_only_the_first_is_full() {
+        let stats = kiln_proto::worker::DirCacheReport {
+            entries: 25_000,
+            ..Default::default()
+        };
+        let messages = report_messages(stats, true, roots(0..25_000), roots(0..3));
+        let reports: Vec<&WorkerReport> = messages.iter().map(report).collect();
+        let sizes: Vec<usize> = reports.iter().map(|r| r.added.len()).collect();
+        assert_eq!(sizes, vec![10_000, 10_000, 5_000]);
+        assert_eq!(
+            reports.iter().map(|r| r.full).collect::<Vec<_>>(),
+            vec![true, false, false],
+            "a later piece must add to the set, not replace it"
+        );
+        assert_eq!(reports[0].dircache, Some(stats));
+        assert!(reports[1..].iter().all(|r| r.dircache.is_none()));
+        assert_eq!(reports[0].removed.len(), 3);
+        assert!(reports[1..].iter().all(|r| r.removed.is_empty()));
+        // A report of no changes still carries the counts.
+        let quiet = report_messages(stats, false, Vec::new(), Vec::new());
+        assert_eq!(quiet.len(), 1);
+        assert_eq!(report(&quiet[0]).dircache, Some(stats));
+    }
 }

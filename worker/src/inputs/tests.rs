@@ -159,6 +159,24 @@ fn meta(p: &Path) -> std::fs::Metadata {
     std::fs::symlink_metadata(p).unwrap()
 }
 
+/// Thread `t` of a concurrency test: `rounds` actions, each on the next of `roots` in turn,
+/// each checked laid out whole.
+fn take_turns(
+    fx: &Fixture,
+    cache: &Arc<DirCache>,
+    roots: &[(Digest, Vec<u8>)],
+    t: usize,
+    rounds: usize,
+) {
+    for round in 0..rounds {
+        let (root, top) = &roots[(t + round) % roots.len()];
+        let at = fx.path(&format!("work/{t}-{round}"));
+        let placed = fx.place(cache, *root, &at);
+        assert_laid_out(&at, top);
+        drop(placed);
+    }
+}
+
 /// The layout every placement of [`Fixture::tree`] must have.
 fn assert_laid_out(at: &Path, top_file: &[u8]) {
     assert_eq!(std::fs::read(at.join("main.c")).unwrap(), top_file);
@@ -390,15 +408,7 @@ fn concurrent_actions_share_entries_and_subtrees_safely() {
     std::thread::scope(|s| {
         for t in 0..4 {
             let (fx, cache, roots) = (&fx, &cache, &roots);
-            s.spawn(move || {
-                for round in 0..6 {
-                    let (root, top) = &roots[(t + round) % roots.len()];
-                    let at = fx.path(&format!("work/{t}-{round}"));
-                    let placed = fx.place(cache, *root, &at);
-                    assert_laid_out(&at, top);
-                    drop(placed);
-                }
-            });
+            s.spawn(move || take_turns(fx, cache, roots, t, 6));
         }
     });
     let stats = cache.stats();
@@ -422,15 +432,7 @@ fn under_eviction_pressure_concurrent_actions_get_whole_trees() {
     let tasks: Vec<_> = (0..4)
         .map(|t| {
             let (fx, cache, roots) = (fx.clone(), cache.clone(), roots.clone());
-            rt.spawn_blocking(move || {
-                for round in 0..8 {
-                    let (root, top) = &roots[(t + round) % roots.len()];
-                    let at = fx.path(&format!("work/{t}-{round}"));
-                    let placed = fx.place(&cache, *root, &at);
-                    assert_laid_out(&at, top);
-                    drop(placed);
-                }
-            })
+            rt.spawn_blocking(move || take_turns(&fx, &cache, &roots, t, 8))
         })
         .collect();
     rt.block_on(async {
