@@ -167,6 +167,10 @@ fn start_embedded_worker(
         contain: kiln_worker::contain::Containment::detect(),
         run_as: run_as_user(config)?,
         dircache: crate::worker::open_dircache(config)?,
+        // The server's own worker fetches nothing: its CAS is the server's.
+        peers: None,
+        transfers: Default::default(),
+        serving: None,
     });
     // Over TLS when the port has it, trusting exactly this server's certificate.
     let link = match tls {

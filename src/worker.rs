@@ -52,6 +52,53 @@ impl RunningWorker {
     }
 }
 
+/// Unreported changes to the local CAS kept for the scheduler, of each kind (added,
+/// removed); past it the next report lists the whole CAS instead.
+const HOLDINGS_KEPT: usize = 200_000;
+
+/// Where peers reach this worker's CAS: `worker.peer_endpoint`, else the address the data
+/// plane is bound to when peers can reach it (a loopback address only when the scheduler,
+/// and so the whole farm, is on this host). `None`: not served to peers.
+fn peer_endpoint(config: &Config, bound: std::net::SocketAddr, scheduler: &str) -> Option<String> {
+    if !config.worker.peers {
+        return None;
+    }
+    if let Some(endpoint) = &config.worker.peer_endpoint {
+        return Some(endpoint.clone());
+    }
+    let ip = bound.ip();
+    if ip.is_unspecified() {
+        tracing::warn!(listen = %bound, "the local CAS listens on every address, so peers cannot be told which to use: set worker.peer_endpoint to serve it to them");
+        return None;
+    }
+    if ip.is_loopback() && !on_loopback(scheduler) {
+        tracing::info!(listen = %bound, "the local CAS is on loopback, out of other hosts' reach: not served to peers (set server.listen and worker.peer_endpoint)");
+        return None;
+    }
+    Some(format!("grpc://{bound}"))
+}
+
+/// Whether the `grpc://HOST:PORT` URL names this host's loopback.
+fn on_loopback(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("grpc://")
+        .or_else(|| url.strip_prefix("grpcs://"))
+        .unwrap_or(url);
+    let host = rest
+        .parse::<http::uri::Authority>()
+        .map(|a| {
+            a.host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        })
+        .unwrap_or_default();
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// This machine's host name ("" if it has none).
 pub fn host_name() -> String {
     let mut buf = [0u8; 256];
@@ -154,18 +201,53 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| data_dir.join("work"));
     let exec_cache = prepare_work_dir(&work_dir)
         .with_context(|| format!("cannot prepare {}", work_dir.display()))?;
-    let store = OpenedStore::open(&config, shard_count(&config), Metrics::new())
+    let mut store = OpenedStore::open(&config, shard_count(&config), Metrics::new())
         .with_context(|| format!("cannot open the local CAS in {}", data_dir.display()))?;
+    // What the CAS holds, for the scheduler to tell other workers.
+    let holdings = config
+        .worker
+        .peers
+        .then(|| Arc::new(kiln_worker::holdings::Holdings::new(HOLDINGS_KEPT)));
+    if let Some(h) = &holdings {
+        store.watch(h.clone());
+    }
     let local = LocalCas::new(store.cas(), store.chain(), Layout::cas(&data_dir), false);
+    // Read-only: peers read from it (checking every byte); nothing writes to it over the
+    // network.
     let mut data = DataPlane::start(
         &config,
         store,
         backend_for(config.server.runtime),
         None,
         None,
-        Arc::new(kiln_auth::Policy::disabled()),
+        Arc::new(kiln_auth::Policy::read_only()),
     )
     .with_context(|| format!("cannot serve the local CAS on {}", config.server.listen))?;
+    let transfers = Arc::new(kiln_worker::peers::TransferStats::default());
+    let serving = match (
+        holdings,
+        peer_endpoint(&config, data.local_addr(), &scheduler),
+    ) {
+        (Some(holdings), Some(endpoint)) => {
+            let metrics = local.cas().client().metrics().clone();
+            Some(kiln_worker::peers::Serving {
+                endpoint,
+                holdings,
+                served: Arc::new(move || metrics.blob_bytes_sent()),
+            })
+        }
+        _ => None,
+    };
+    let peers = config.worker.peers.then(|| {
+        Arc::new(kiln_worker::peers::Peers::new(
+            kiln_worker::peers::PeerSettings {
+                race_delay: Duration::from_millis(config.worker.peer_race_delay_ms),
+                min_rate: config.worker.peer_min_bytes_per_sec.as_u64(),
+                cooldown: Duration::from_secs(config.worker.peer_cooldown_secs),
+            },
+            transfers.clone(),
+        ))
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.control_plane.threads)
         .thread_name("kiln-worker")
@@ -210,6 +292,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             contain: kiln_worker::contain::Containment::detect(),
             run_as: run_as_user(&config)?,
             dircache: open_dircache(&config)?,
+            peers,
+            transfers: transfers.clone(),
+            serving: serving.clone(),
         })
     };
     if let Some(listen) = args.admin_listen {
@@ -217,9 +302,15 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let probe: kiln_controlplane::admin::worker_listener::CacheProbe =
             Arc::new(move || cache.as_ref().map(|c| c.stats().report()));
         let metrics = ctx.local.cas().client().metrics().clone();
+        let served = serving.as_ref().map(|s| s.served.clone());
+        let transfer_probe: kiln_controlplane::admin::worker_listener::TransferProbe =
+            Arc::new(move || transfers.report(served.as_ref().map_or(0, |s| s())));
         let addr = runtime
             .block_on(kiln_controlplane::admin::worker_listener::start(
-                listen, metrics, probe,
+                listen,
+                metrics,
+                probe,
+                transfer_probe,
             ))
             .with_context(|| format!("cannot serve the worker's metrics on {listen}"))?;
         info!("worker metrics on http://{addr}/metrics");

@@ -25,13 +25,7 @@ on_every_runtime! {
         let wdir = dir.path().join("w1");
         let mut w = start_worker(rt, &kiln, &wdir, "w1", &["--admin-listen", "127.0.0.1:0"]).await;
         // The worker's own metrics, on the address it logged.
-        let worker_admin = w
-            .start_log
-            .iter()
-            .find_map(|l| l.split("worker metrics on ").nth(1))
-            .and_then(|rest| rest.strip_suffix("/metrics"))
-            .expect("the worker logs its metrics address")
-            .to_string();
+        let worker_admin = w.admin();
         let ch = kiln.channel().await;
         let tree = Tree::default()
             .file("src/a.txt", b"alpha ", false)
@@ -62,7 +56,7 @@ on_every_runtime! {
         assert_eq!(common::metric(&worker_admin, "kiln_worker_dircache_misses_total").await, 1.0);
         assert_eq!(common::metric(&worker_admin, "kiln_worker_dircache_entries").await, 1.0);
         let (_, status) = common::curl(&format!("{}/status", kiln.admin), &[]);
-        assert!(status.contains("id=\"dircaches\"") && status.contains("<th>w1</th>"), "{status}");
+        assert!(status.contains("id=\"workers\"") && status.contains("<th>w1</th>"), "{status}");
         assert!(status.contains("50.0% of 2 input roots from the cache"), "{status}");
         // Killed and started again on the same directories: the entry is kept.
         w.kill();

@@ -208,6 +208,15 @@ impl Policy {
         }
     }
 
+    /// Anyone may read the CAS, without credentials, and do nothing else: a worker's CAS as
+    /// it serves its peers (they only read, and check every byte they read).
+    pub fn read_only() -> Policy {
+        let mut policy = Policy::disabled();
+        policy.settings.enabled = true;
+        policy.settings.anonymous = Grant::all(&[Role::CacheRead], &[]);
+        policy
+    }
+
     /// Makes a token that lives in this process only (for the worker inside `kiln serve`),
     /// with `roles` on every instance; returns its secret.
     pub fn internal_token(&self, name: &str, roles: &[Role]) -> Result<String, TokenError> {

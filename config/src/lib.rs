@@ -223,6 +223,20 @@ impl Config {
                 return invalid("worker.properties", &format!("{p:?} is not NAME=VALUE"));
             }
         }
+        if let Some(e) = &self.worker.peer_endpoint {
+            let plain = e
+                .strip_prefix("grpc://")
+                .filter(|rest| !rest.is_empty() && e.len() <= 256);
+            if plain.is_none() {
+                return invalid(
+                    "worker.peer_endpoint",
+                    &format!("{e:?} is not grpc://HOST:PORT (at most 256 characters)"),
+                );
+            }
+        }
+        if self.worker.peer_min_bytes_per_sec.as_u64() == 0 {
+            return invalid("worker.peer_min_bytes_per_sec", "must be more than 0");
+        }
         if self.worker.fetch_parallelism == 0 {
             return invalid("worker.fetch_parallelism", "must be at least 1");
         }

@@ -548,6 +548,9 @@ pub struct ExecutionConfig {
     pub locality_wait_ms: u64,
     /// Input roots remembered per worker for placement (its directory cache's entries).
     pub max_cached_roots_per_worker: usize,
+    /// Memory for the facts "worker W holds blob B" that workers serving their CAS to peers
+    /// report (about 128 bytes each); past it the oldest facts are dropped.
+    pub locality_map_bytes: ByteSize,
     /// How each platform property is matched; undeclared properties match exactly.
     pub properties: BTreeMap<String, PropertyKind>,
 }
@@ -570,6 +573,7 @@ impl Default for ExecutionConfig {
             max_input_digests: 16_000_000,
             locality_wait_ms: 100,
             max_cached_roots_per_worker: 100_000,
+            locality_map_bytes: ByteSize::mib(256),
             properties: BTreeMap::new(),
         }
     }
@@ -613,6 +617,19 @@ pub struct WorkerConfig {
     /// Where the directory cache is (default: `dircache/` under the data directory); on the
     /// same filesystem as the CAS and the work directory, so files can be hardlinked.
     pub dircache_dir: Option<PathBuf>,
+    /// Serve the worker's CAS to its peers (read-only) and fetch inputs from the peers the
+    /// scheduler names.
+    pub peers: bool,
+    /// Where peers reach this worker's CAS, `grpc://HOST:PORT` (default: `server.listen`,
+    /// when that is one address peers can reach).
+    pub peer_endpoint: Option<String>,
+    /// How long a peer has to send a blob before the server is asked too (milliseconds),
+    /// plus the blob's size at `peer_min_bytes_per_sec`.
+    pub peer_race_delay_ms: u64,
+    /// The rate a peer is expected to send at least (per second).
+    pub peer_min_bytes_per_sec: ByteSize,
+    /// A peer that failed is not asked again for this long (seconds).
+    pub peer_cooldown_secs: u64,
 }
 
 impl Default for WorkerConfig {
@@ -634,6 +651,11 @@ impl Default for WorkerConfig {
             run_as_user: None,
             dircache_bytes: ByteSize::gib(4),
             dircache_dir: None,
+            peers: true,
+            peer_endpoint: None,
+            peer_race_delay_ms: 20,
+            peer_min_bytes_per_sec: ByteSize::mib(100),
+            peer_cooldown_secs: 30,
         }
     }
 }

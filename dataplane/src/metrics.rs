@@ -452,6 +452,17 @@ pub fn method_label(path: &str) -> &'static str {
         .map_or("other", |(_, label)| label)
 }
 
+impl Metrics {
+    /// Bytes sent in answers to blob reads (ByteStream Read and BatchReadBlobs): for a
+    /// worker, what its CAS served to its peers.
+    pub fn blob_bytes_sent(&self) -> u64 {
+        ["ByteStream.Read", "CAS.BatchReadBlobs"]
+            .into_iter()
+            .map(|method| self.bytes_out.get_or_create(&MethodLabel { method }).get())
+            .sum()
+    }
+}
+
 /// A gRPC code's canonical name (`NOT_FOUND`).
 pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;

@@ -19,7 +19,7 @@ use crate::store::scan::{scan, ScanReport, ShardEntries, TreeKind};
 use crate::store::snapshot;
 use crate::store::snapshot::DirKey;
 use crate::store::tier::in_flight::Uploads;
-use crate::store::tier::{BlobStore, ChainPlan};
+use crate::store::tier::{BlobEvents, BlobStore, ChainPlan};
 use crate::store::{CasClient, ShardQueues};
 use crate::tls::TlsAccept;
 use futures::future::{select, Either};
@@ -72,6 +72,8 @@ pub struct OpenedStore {
     accounting: Arc<Accounting>,
     layout: Layout,
     report: ScanReport,
+    /// Told of blobs entering and leaving the store, besides the chain's caches.
+    watchers: Vec<Arc<dyn BlobEvents>>,
 }
 
 impl OpenedStore {
@@ -109,7 +111,14 @@ impl OpenedStore {
             report,
             pending,
             rebuild: true,
+            watchers: Vec::new(),
         })
+    }
+
+    /// Tells `watcher` of every blob committed or found by the background rebuild from now
+    /// on, and of every blob that leaves the store (a worker's record of what it holds).
+    pub fn watch(&mut self, watcher: Arc<dyn BlobEvents>) {
+        self.watchers.push(watcher);
     }
 
     /// Leaves the rebuild of the directories the scan did not index to the caller (who lists
@@ -201,7 +210,12 @@ impl DataPlane {
             upload_expiry: Duration::from_secs(config.storage.upload_expiry_secs),
             max_parked: config.storage.max_parked_uploads,
             max_pending_atimes: config.storage.max_pending_access_times,
-            forget: store.chain.forgetters(),
+            events: store
+                .chain
+                .forgetters()
+                .into_iter()
+                .chain(store.watchers.iter().cloned())
+                .collect(),
         };
         let direct_io_min = direct_io(config, &*backend, &store.layout);
         let limits = BlobLimits {

@@ -1,6 +1,8 @@
 //! Giving queued operations to workers: in queue order, each to a free worker whose directory
 //! cache holds its input root, else (after a bounded wait for a busy holder, see
-//! [`crate::locality`]) to the least-loaded free worker whose platform fits.
+//! [`crate::locality`]) to the free worker holding the most bytes of its input files, else to
+//! the least-loaded free worker whose platform fits. Each dispatch carries hints of the peers
+//! holding the inputs its worker lacks ([`crate::holders`]).
 
 use crate::locality::Reason;
 use crate::platform::{consume, could_fit, fits};
@@ -58,12 +60,22 @@ impl<P: Clone, R> Scheduler<P, R> {
         let Some(other) = least_loaded(&free) else {
             return Choice::NotNow;
         };
+        // The free worker holding the most bytes of the action's input files, if any does.
+        let held = self.holders.bytes_held(&state.job.inputs);
+        let most = held
+            .iter()
+            .filter(|(id, bytes)| **bytes > 0 && self.workers.get(id).is_some_and(|w| free(id, w)))
+            .max_by(|(a_id, a), (b_id, b)| a.cmp(b).then(b_id.cmp(a_id)))
+            .map(|(id, _)| *id);
         let busy_holder = self
             .workers
             .values()
             .any(|w| !w.draining && holds(w) && could_fit(kinds, requirements, &w.offer));
         if !busy_holder {
-            return Choice::Place(other, Reason::Load);
+            return match most {
+                Some(id) => Choice::Place(id, Reason::InputBlobs),
+                None => Choice::Place(other, Reason::Load),
+            };
         }
         let since = state.held_since.unwrap_or(now);
         if now.saturating_duration_since(since) < self.config.locality_wait {
@@ -72,7 +84,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 until: since + self.config.locality_wait,
             };
         }
-        Choice::Place(other, Reason::WaitedForHolder)
+        Choice::Place(most.unwrap_or(other), Reason::WaitedForHolder)
     }
 
     /// When the scheduler next needs a [`Scheduler::tick`] to place an action it holds for a
@@ -116,6 +128,9 @@ impl<P: Clone, R> Scheduler<P, R> {
                 Choice::NotNow => continue,
             };
             self.placements.count(reason);
+            let peers = self.holders.hints(worker, &state.job.inputs, |w| {
+                self.workers.get(&w).is_some_and(|w| !w.draining)
+            });
             let kinds = &self.config.kinds;
             self.queue.remove(&slot);
             let state = self.ops.get_mut(&op).expect("queued op exists");
@@ -141,6 +156,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 payload: state.job.payload.clone(),
                 timeout: state.job.timeout,
                 queued_at: state.job.queued_at,
+                peers,
             });
         }
     }

@@ -2,8 +2,9 @@
 //! outcomes it hands back.
 
 use crate::platform::{Kinds, Requirements};
-use kiln_reapi::digest::BlobKey;
+use kiln_reapi::digest::{BlobKey, Digest};
 use kiln_reapi::status::ErrorKind;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// An operation inside the scheduler.
@@ -32,6 +33,8 @@ pub struct SchedulerConfig {
     pub locality_wait: Duration,
     /// Input roots remembered per worker.
     pub max_cached_roots: usize,
+    /// Facts "worker W holds blob B" remembered, for all workers together.
+    pub max_blob_facts: usize,
 }
 
 /// Something to run.
@@ -51,6 +54,9 @@ pub struct Job<P> {
     pub queued_at: SystemTime,
     /// The action's input root (instance and `Directory` digest), for placement by locality.
     pub input_root: Option<BlobKey>,
+    /// The action's input files, for placement by the bytes a worker holds and for hints of
+    /// the peers that hold them.
+    pub inputs: Arc<[BlobKey]>,
     /// What the worker needs (opaque here).
     pub payload: P,
 }
@@ -96,6 +102,9 @@ pub enum Command<P, R> {
         timeout: Duration,
         /// When it was queued.
         queued_at: SystemTime,
+        /// Inputs other workers hold that this one is not known to hold, by a peer holding
+        /// each.
+        peers: Vec<(WorkerId, Vec<Digest>)>,
     },
     /// Stop an operation on a worker.
     Kill {

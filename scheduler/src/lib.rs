@@ -13,6 +13,7 @@
 //! action while its outputs upload, but stays with its worker until the result arrives.
 
 mod dispatch;
+pub mod holders;
 mod job;
 pub mod locality;
 pub mod platform;
@@ -24,6 +25,7 @@ pub use job::{
 #[cfg(test)]
 mod tests;
 
+use holders::BlobHolders;
 use kiln_reapi::digest::BlobKey;
 use kiln_reapi::status::ErrorKind;
 use locality::{CachedRoots, Placements};
@@ -92,13 +94,14 @@ pub struct Scheduler<P, R> {
     placements: Placements,
     /// See [`Scheduler::wake_at`].
     wake_at: Option<Instant>,
+    /// Which workers hold which blobs.
+    holders: BlobHolders,
 }
 
 impl<P: Clone, R> Scheduler<P, R> {
     /// An empty scheduler.
     pub fn new(config: SchedulerConfig) -> Scheduler<P, R> {
         Scheduler {
-            config,
             ops: HashMap::new(),
             queue: BTreeMap::new(),
             in_flight: HashMap::new(),
@@ -108,6 +111,8 @@ impl<P: Clone, R> Scheduler<P, R> {
             out: Vec::new(),
             placements: Placements::default(),
             wake_at: None,
+            holders: BlobHolders::new(config.max_blob_facts),
+            config,
         }
     }
 
@@ -214,6 +219,25 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.schedule(now);
     }
 
+    /// A worker reports the blobs its CAS holds (served to its peers): with `full`, `added`
+    /// is the whole set; otherwise the changes since its last report.
+    pub fn worker_blobs(
+        &mut self,
+        worker: WorkerId,
+        full: bool,
+        added: Vec<BlobKey>,
+        removed: Vec<BlobKey>,
+    ) {
+        if self.workers.contains_key(&worker) {
+            self.holders.update(worker, full, added, removed);
+        }
+    }
+
+    /// Facts "worker W holds blob B" remembered.
+    pub fn blob_facts(&self) -> usize {
+        self.holders.len()
+    }
+
     /// Placements made since start, by reason.
     pub fn placements(&self) -> Placements {
         self.placements
@@ -239,6 +263,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
+        self.holders.worker_left(worker);
         self.out.push(Command::Disconnect { worker });
         let mut lost: Vec<OpId> = w.running.into_iter().collect();
         lost.sort_unstable();

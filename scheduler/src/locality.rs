@@ -78,6 +78,9 @@ impl CachedRoots {
 pub enum Reason {
     /// The worker's directory cache holds the action's input root.
     InputRoot,
+    /// No free worker holds the root: the free worker holding the most bytes of its input
+    /// files.
+    InputBlobs,
     /// No worker holds it: the least loaded.
     Load,
     /// A worker holding it stayed busy past `locality_wait`: the least loaded free one.
@@ -86,12 +89,18 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for metrics.
-    pub const ALL: [Reason; 3] = [Reason::InputRoot, Reason::Load, Reason::WaitedForHolder];
+    pub const ALL: [Reason; 4] = [
+        Reason::InputRoot,
+        Reason::InputBlobs,
+        Reason::Load,
+        Reason::WaitedForHolder,
+    ];
 
     /// Its label in metrics.
     pub fn name(self) -> &'static str {
         match self {
             Reason::InputRoot => "input_root",
+            Reason::InputBlobs => "input_blobs",
             Reason::Load => "load",
             Reason::WaitedForHolder => "holder_busy",
         }
@@ -103,6 +112,8 @@ impl Reason {
 pub struct Placements {
     /// [`Reason::InputRoot`].
     pub input_root: u64,
+    /// [`Reason::InputBlobs`].
+    pub input_blobs: u64,
     /// [`Reason::Load`].
     pub load: u64,
     /// [`Reason::WaitedForHolder`].
@@ -114,6 +125,7 @@ impl Placements {
     pub fn count(&mut self, reason: Reason) {
         match reason {
             Reason::InputRoot => self.input_root += 1,
+            Reason::InputBlobs => self.input_blobs += 1,
             Reason::Load => self.load += 1,
             Reason::WaitedForHolder => self.holder_busy += 1,
         }
@@ -123,6 +135,7 @@ impl Placements {
     pub fn of(&self, reason: Reason) -> u64 {
         match reason {
             Reason::InputRoot => self.input_root,
+            Reason::InputBlobs => self.input_blobs,
             Reason::Load => self.load,
             Reason::WaitedForHolder => self.holder_busy,
         }

@@ -2,6 +2,7 @@ use super::*;
 use crate::locality::Placements;
 use kiln_config::PropertyKind;
 use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 type S = Scheduler<&'static str, &'static str>;
@@ -19,6 +20,7 @@ fn config() -> SchedulerConfig {
         unserved_timeout: Some(Duration::from_secs(30)),
         locality_wait: Duration::from_millis(100),
         max_cached_roots: 1000,
+        max_blob_facts: 10_000,
     }
 }
 
@@ -41,6 +43,7 @@ fn job(name: &'static str, priority: i32, reqs: &[(&str, &str)]) -> Job<&'static
         mergeable: true,
         queued_at: SystemTime::UNIX_EPOCH,
         input_root: None,
+        inputs: Arc::from(Vec::new()),
         payload: name,
     }
 }
@@ -51,8 +54,14 @@ fn props(p: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The dispatches among the commands, as (worker, payload, attempt).
-fn dispatched(s: &mut S) -> Vec<(WorkerId, &'static str, u32)> {
+/// Peer hints as (hinted peer, digests hinted from it).
+type Hints = Vec<(WorkerId, usize)>;
+
+/// A dispatch as (worker, payload, attempt, hints).
+type Dispatched = (WorkerId, &'static str, u32, Hints);
+
+/// The dispatches among the commands.
+fn dispatches(s: &mut S) -> Vec<Dispatched> {
     s.commands()
         .into_iter()
         .filter_map(|c| match c {
@@ -60,10 +69,24 @@ fn dispatched(s: &mut S) -> Vec<(WorkerId, &'static str, u32)> {
                 worker,
                 payload,
                 attempt,
+                peers,
                 ..
-            } => Some((worker, payload, attempt)),
+            } => Some((
+                worker,
+                payload,
+                attempt,
+                peers.into_iter().map(|(w, d)| (w, d.len())).collect(),
+            )),
             _ => None,
         })
+        .collect()
+}
+
+/// The dispatches among the commands, as (worker, payload, attempt).
+fn dispatched(s: &mut S) -> Vec<(WorkerId, &'static str, u32)> {
+    dispatches(s)
+        .into_iter()
+        .map(|(w, p, a, _)| (w, p, a))
         .collect()
 }
 
@@ -412,7 +435,7 @@ fn an_action_goes_to_the_free_worker_holding_its_input_root() {
         Placements {
             input_root: 1,
             load: 1,
-            holder_busy: 0
+            ..Placements::default()
         }
     );
     // A full report replaces what was known: root 7 is no longer on 2.
@@ -470,7 +493,8 @@ fn an_action_waits_a_little_for_a_busy_holder_then_goes_elsewhere() {
         Placements {
             input_root: 2,
             load: 1,
-            holder_busy: 1
+            holder_busy: 1,
+            ..Placements::default()
         }
     );
 }
@@ -486,4 +510,72 @@ fn a_draining_holder_is_not_waited_for() {
     s.submit(t, rooted("now", 7)).unwrap();
     assert_eq!(dispatched(&mut s), vec![(1, "now", 1)]);
     assert_eq!(s.placements().load, 1);
+}
+
+fn with_inputs(name: &'static str, inputs: &[u8]) -> Job<&'static str> {
+    Job {
+        inputs: inputs.iter().map(|n| file(*n)).collect(),
+        ..job(name, 0, &[])
+    }
+}
+
+/// Input file `n`, of `n` bytes.
+fn file(n: u8) -> BlobKey {
+    BlobKey::new(
+        InstanceName::default_instance(),
+        Digest {
+            size: u64::from(n),
+            ..Digest::of(DigestFunction::Sha256, &[n, 0xf1])
+        },
+    )
+}
+
+/// The dispatches among the commands, as (worker, payload, peer hints).
+fn dispatched_with_hints(s: &mut S) -> Vec<(WorkerId, &'static str, Hints)> {
+    dispatches(s)
+        .into_iter()
+        .map(|(w, p, _, h)| (w, p, h))
+        .collect()
+}
+
+#[test]
+fn an_action_goes_to_the_free_worker_holding_most_of_its_input_bytes_with_hints_for_the_rest() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    for w in 1..=3 {
+        s.worker_joined(t, w, vec![], 1);
+    }
+    // Worker 2 holds files 10 and 20 (30 bytes); worker 3 holds 1..=5 (15 bytes).
+    s.worker_blobs(2, true, vec![file(10), file(20)], vec![]);
+    s.worker_blobs(3, true, (1..=5).map(file).collect(), vec![]);
+    s.submit(t, with_inputs("a", &[1, 2, 3, 4, 5, 10, 20, 30]))
+        .unwrap();
+    assert_eq!(
+        dispatched_with_hints(&mut s),
+        vec![(2, "a", vec![(3, 5)])],
+        "to the worker with the most bytes; the files worker 3 holds hinted from it"
+    );
+    assert_eq!(s.placements().input_blobs, 1);
+    // Worker 2 is busy now: the next goes to 3, hinted 10 and 20 from 2.
+    s.submit(t, with_inputs("b", &[1, 10, 20])).unwrap();
+    assert_eq!(dispatched_with_hints(&mut s), vec![(3, "b", vec![(2, 2)])]);
+    // Nobody free holds anything: by load, with hints still from the busy holders.
+    s.submit(t, with_inputs("c", &[1, 10])).unwrap();
+    assert_eq!(
+        dispatched_with_hints(&mut s),
+        vec![(1, "c", vec![(2, 1), (3, 1)])]
+    );
+    assert_eq!(s.placements().load, 1);
+    // A worker that left is no longer a holder, nor hinted.
+    s.reported(t, 1, 3, "done");
+    s.reported(t, 3, 2, "done");
+    s.worker_left(t, 3);
+    s.submit(t, with_inputs("d", &[1, 10])).unwrap();
+    assert_eq!(dispatched_with_hints(&mut s), vec![(1, "d", vec![(2, 1)])]);
+    assert_eq!(s.blob_facts(), 2);
+    // A draining holder is not hinted.
+    s.reported(t, 1, 4, "done");
+    s.worker_draining(2);
+    s.submit(t, with_inputs("e", &[10])).unwrap();
+    assert_eq!(dispatched_with_hints(&mut s), vec![(1, "e", vec![])]);
 }

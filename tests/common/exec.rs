@@ -351,6 +351,16 @@ impl Worker {
         }
     }
 
+    /// The address of its admin listener (`--admin-listen`), as it logged it.
+    pub fn admin(&self) -> String {
+        self.start_log
+            .iter()
+            .find_map(|l| l.split("worker metrics on ").nth(1))
+            .and_then(|rest| rest.strip_suffix("/metrics"))
+            .expect("the worker logs its metrics address")
+            .to_string()
+    }
+
     /// Sends a signal (`libc::SIGSTOP`, `libc::SIGCONT`, ...).
     pub fn signal(&self, signal: i32) {
         let pid = self.child.as_ref().expect("worker is running").id();

@@ -4,7 +4,7 @@
 
 use crate::dircache::{DirCache, Lease};
 use crate::error::ActionError;
-use crate::fetch::Source;
+use crate::fetch::{Remote, Source};
 use crate::inputs::{place, CacheUse, EntryBuilding};
 use crate::local::LocalCas;
 use crate::materialise::remove_tree;
@@ -46,6 +46,13 @@ pub struct WorkerContext {
     pub run_as: Option<crate::run_as::RunAs>,
     /// Input trees kept laid out (`worker.dircache_bytes`), if on.
     pub dircache: Option<Arc<DirCache>>,
+    /// Other workers, asked first for inputs the scheduler hints they hold (`None`: never).
+    pub peers: Option<Arc<crate::peers::Peers>>,
+    /// Bytes of inputs fetched, by source.
+    pub transfers: Arc<crate::peers::TransferStats>,
+    /// Where this worker's CAS is served to peers (`grpc://HOST:PORT`), and the record of
+    /// what it holds that its reports carry; `None` when it is not served.
+    pub serving: Option<crate::peers::Serving>,
 }
 
 /// Progress reported while an action runs.
@@ -167,9 +174,17 @@ async fn attempt(
         .unwrap_or(Duration::from_secs(3600));
 
     metadata.input_fetch_start_timestamp = Some(now());
-    let remote = ctx.remote.as_deref();
-    let source = match remote {
-        Some(r) => Source::Remote(r),
+    let hints = crate::peers::Hints::from_proto(
+        &start.peer_hints,
+        function,
+        ctx.serving.as_ref().map(|s| s.endpoint.as_str()),
+    );
+    let source = match ctx.remote.as_deref() {
+        Some(server) => Source::Remote(Remote {
+            server,
+            peers: ctx.peers.as_deref().map(|p| (p, &hints)),
+            stats: &ctx.transfers,
+        }),
         None => Source::Shared,
     };
     let root = dir.join("root");
@@ -241,7 +256,7 @@ async fn attempt(
     let (stderr, stderr_blob) = staging.fix(digest_function, &spec.stderr).await?;
     outputs.blobs.insert(stdout, stdout_blob);
     outputs.blobs.insert(stderr, stderr_blob);
-    store(ctx, &instance, remote, &outputs.blobs).await?;
+    store(ctx, &instance, ctx.remote.as_deref(), &outputs.blobs).await?;
     metadata.output_upload_completed_timestamp = Some(now());
     let mut result = outputs.result;
     result.exit_code = match end {

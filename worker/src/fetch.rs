@@ -1,9 +1,14 @@
 //! Getting an action's inputs into the local CAS: the input tree's Directory messages, then
 //! every file blob not already local, downloaded in parallel (small ones in batches), each
-//! verified before it is committed. Everything the action uses is pinned until it finishes.
+//! verified before it is committed. A file a peer is hinted to hold is asked of that peer
+//! first, raced against the server ([`crate::peers`]). Everything the action uses is pinned
+//! until it finishes.
 
 use crate::error::ActionError;
 use crate::local::LocalCas;
+use crate::peers::race::{race, Winner};
+use crate::peers::{Hints, Peers, TransferStats};
+use crate::remote::RemoteCas;
 use crate::remote::SMALL;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
@@ -13,6 +18,7 @@ use kiln_reapi::cas::Cas;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use kiln_reapi::walk::{self, WalkLimits};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// An input tree: every directory by digest, from the root down.
 pub struct InputTree {
@@ -26,8 +32,18 @@ pub struct InputTree {
 pub enum Source<'a> {
     /// The local CAS is the server's: a blob missing there is missing.
     Shared,
-    /// Download from another CAS (the server's).
-    Remote(&'a dyn Cas),
+    /// Download from another CAS (the server's), and from peers where hinted.
+    Remote(Remote<'a>),
+}
+
+/// The server's CAS, and the peers hinted to hold some of an action's inputs.
+pub struct Remote<'a> {
+    /// The server's CAS.
+    pub server: &'a dyn Cas,
+    /// The worker's peers and this action's hints, when it has any.
+    pub peers: Option<(&'a Peers, &'a Hints)>,
+    /// Where fetched bytes are counted.
+    pub stats: &'a TransferStats,
 }
 
 /// Fetches the tree under `root` and its files, pinned for `holder`; returns the tree and
@@ -48,7 +64,7 @@ pub async fn fetch(
             local.unpin(holder, &pins).await;
             return Err(ActionError::MissingInputs(missing));
         };
-        if let Err(e) = download(local, *remote, instance, &missing, parallelism).await {
+        if let Err(e) = download(local, remote, instance, &missing, parallelism).await {
             local.unpin(holder, &pins).await;
             return Err(e);
         }
@@ -120,7 +136,9 @@ async fn read_directories(
     if absent.is_empty() {
         return Ok(out);
     }
-    let got = remote.read_blobs(instance, &absent).await?;
+    let got = remote.server.read_blobs(instance, &absent).await?;
+    let bytes = got.iter().flatten().map(|b| b.len() as u64).sum();
+    remote.stats.fetched(Winner::Server, bytes);
     let mut got: HashMap<Digest, Bytes> = absent
         .into_iter()
         .zip(got)
@@ -137,46 +155,52 @@ async fn read_directories(
     Ok(out)
 }
 
-/// Downloads blobs into the local CAS: small ones in batches, large ones streamed to files.
+/// Blobs per batch read, and bytes (so that the batches in flight at once stay small).
+const BATCH_BLOBS: usize = 256;
+const BATCH_BYTES: u64 = 4 << 20;
+
+/// One piece of a download: small blobs in one batch read, or one large blob streamed to a
+/// file; from the peer hinted to hold them, if any.
+enum Piece {
+    Batch(Option<Arc<str>>, Vec<Digest>),
+    Large(Option<Arc<str>>, Digest),
+}
+
+/// Downloads blobs into the local CAS, `parallelism` pieces at once.
 async fn download(
     local: &LocalCas,
-    remote: &dyn Cas,
+    remote: &Remote<'_>,
     instance: &InstanceName,
     missing: &[Digest],
     parallelism: usize,
 ) -> Result<(), ActionError> {
-    let (small, large): (Vec<Digest>, Vec<Digest>) = missing.iter().partition(|d| d.size <= SMALL);
-    let mut not_found = Vec::new();
-    for batch in small.chunks(256) {
-        let got = remote.read_blobs(instance, batch).await?;
-        let mut present = Vec::with_capacity(batch.len());
-        for (d, found) in batch.iter().zip(got) {
-            match found {
-                Some(bytes) => present.push((*d, bytes)),
-                None => not_found.push(*d),
-            }
-        }
-        stream::iter(present)
-            .map(|(d, bytes)| local.put_bytes(instance, d, bytes))
-            .buffer_unordered(parallelism.max(1))
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<(), _>>()?;
+    let mut by_peer: HashMap<Option<Arc<str>>, Vec<Digest>> = HashMap::new();
+    for d in missing {
+        let peer = remote.peers.and_then(|(_, hints)| hints.peer(d).cloned());
+        by_peer.entry(peer).or_default().push(*d);
     }
-    let results: Vec<Result<Option<Digest>, ActionError>> = stream::iter(large)
-        .map(|d| async move {
-            let temp = local.temp_path();
-            let epoch = local.sync_epoch();
-            if !remote.read_to_file(instance, d, &temp).await? {
-                return Ok(Some(d));
+    let mut pieces = Vec::new();
+    for (peer, digests) in by_peer {
+        let (small, large): (Vec<Digest>, Vec<Digest>) =
+            digests.into_iter().partition(|d| d.size <= SMALL);
+        for batch in batches(&small) {
+            pieces.push(Piece::Batch(peer.clone(), batch.to_vec()));
+        }
+        pieces.extend(large.into_iter().map(|d| Piece::Large(peer.clone(), d)));
+    }
+    let results: Vec<Result<Vec<Digest>, ActionError>> = stream::iter(pieces)
+        .map(|piece| async move {
+            match piece {
+                Piece::Batch(peer, batch) => {
+                    download_batch(local, remote, instance, peer, &batch, parallelism).await
+                }
+                Piece::Large(peer, d) => download_large(local, remote, instance, peer, d).await,
             }
-            local.commit_download(instance, d, temp, epoch).await?;
-            Ok(None)
         })
         .buffer_unordered(parallelism.max(1))
         .collect()
         .await;
+    let mut not_found = Vec::new();
     for r in results {
         not_found.extend(r?);
     }
@@ -184,4 +208,177 @@ async fn download(
         return Err(ActionError::MissingInputs(not_found));
     }
     Ok(())
+}
+
+/// `digests` in runs of at most [`BATCH_BLOBS`] blobs and (past the first) [`BATCH_BYTES`].
+fn batches(digests: &[Digest]) -> Vec<&[Digest]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, d) in digests.iter().enumerate() {
+        if i > start && (i - start >= BATCH_BLOBS || bytes.saturating_add(d.size) > BATCH_BYTES) {
+            out.push(&digests[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes = bytes.saturating_add(d.size);
+    }
+    if start < digests.len() {
+        out.push(&digests[start..]);
+    }
+    out
+}
+
+/// The link to `peer`, when hinted and usable.
+fn peer_link<'a>(
+    remote: &Remote<'a>,
+    peer: Option<Arc<str>>,
+) -> Option<(&'a Peers, Arc<str>, RemoteCas)> {
+    let (peers, _) = remote.peers?;
+    let endpoint = peer?;
+    let cas = peers.get(&endpoint)?;
+    Some((peers, endpoint, cas))
+}
+
+/// One batch of small blobs, stored locally; returns those neither source has.
+async fn download_batch(
+    local: &LocalCas,
+    remote: &Remote<'_>,
+    instance: &InstanceName,
+    peer: Option<Arc<str>>,
+    batch: &[Digest],
+    parallelism: usize,
+) -> Result<Vec<Digest>, ActionError> {
+    let server = |digests: Vec<Digest>| async move {
+        let got = remote.server.read_blobs(instance, &digests).await?;
+        Ok::<_, kiln_reapi::cas::CasError>(digests.into_iter().zip(got).collect::<Vec<_>>())
+    };
+    let mut got: Vec<(Digest, Option<Bytes>)> = match peer_link(remote, peer) {
+        None => {
+            let got = server(batch.to_vec()).await?;
+            count(remote.stats, Winner::Server, &got);
+            got
+        }
+        Some((peers, endpoint, cas)) => {
+            let bytes = batch.iter().fold(0u64, |sum, d| sum.saturating_add(d.size));
+            let asked = async {
+                let got = cas.read_blobs(instance, batch).await?;
+                // Nothing at all: the hint was stale, go to the server at once.
+                Ok(got
+                    .iter()
+                    .any(Option::is_some)
+                    .then(|| batch.iter().copied().zip(got).collect::<Vec<_>>()))
+            };
+            let raced = race(asked, peers.settings().delay(bytes), || {
+                server(batch.to_vec())
+            })
+            .await;
+            if raced.peer_failed {
+                tracing::debug!(peer = %endpoint, "a peer failed to send a batch; fetched from the server");
+                peers.failed(&endpoint);
+            }
+            let mut got = raced.result?;
+            count(remote.stats, raced.winner, &got);
+            if raced.winner == Winner::Peer {
+                // What the peer lacked comes from the server.
+                let lacking: Vec<Digest> = got
+                    .iter()
+                    .filter(|(_, b)| b.is_none())
+                    .map(|(d, _)| *d)
+                    .collect();
+                if !lacking.is_empty() {
+                    got.retain(|(_, b)| b.is_some());
+                    let more = server(lacking).await?;
+                    count(remote.stats, Winner::Server, &more);
+                    got.extend(more);
+                }
+            }
+            got
+        }
+    };
+    let not_found: Vec<Digest> = got
+        .iter()
+        .filter(|(_, b)| b.is_none())
+        .map(|(d, _)| *d)
+        .collect();
+    got.retain(|(_, b)| b.is_some());
+    stream::iter(got)
+        .filter_map(|(d, b)| async move { b.map(|b| (d, b)) })
+        .map(|(d, bytes)| local.put_bytes(instance, d, bytes))
+        .buffer_unordered(parallelism.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<(), _>>()?;
+    Ok(not_found)
+}
+
+/// Counts the bytes of the blobs in `got` as fetched from `source`.
+fn count(stats: &TransferStats, source: Winner, got: &[(Digest, Option<Bytes>)]) {
+    let bytes = got
+        .iter()
+        .flat_map(|(_, b)| b)
+        .map(|b| b.len() as u64)
+        .sum();
+    stats.fetched(source, bytes);
+}
+
+/// One large blob, streamed to a file and committed; returns it if neither source has it.
+async fn download_large(
+    local: &LocalCas,
+    remote: &Remote<'_>,
+    instance: &InstanceName,
+    peer: Option<Arc<str>>,
+    d: Digest,
+) -> Result<Vec<Digest>, ActionError> {
+    let epoch = local.sync_epoch();
+    let server = || async {
+        let temp = local.temp_path();
+        let found = remote.server.read_to_file(instance, d, &temp).await?;
+        Ok::<_, kiln_reapi::cas::CasError>(found.then_some(temp))
+    };
+    let (file, winner) = match peer_link(remote, peer) {
+        None => (server().await?, Winner::Server),
+        Some((peers, endpoint, cas)) => {
+            let asked = async {
+                let temp = local.temp_path();
+                let found = cas.read_to_file(instance, d, &temp).await?;
+                Ok(found.then_some(Some(temp)))
+            };
+            let raced = race(asked, peers.settings().delay(d.size), server).await;
+            if raced.peer_failed {
+                tracing::debug!(peer = %endpoint, blob = ?d, "a peer failed to send a blob; fetched from the server");
+                peers.failed(&endpoint);
+            }
+            (raced.result?, raced.winner)
+        }
+    };
+    let Some(file) = file else {
+        return Ok(vec![d]);
+    };
+    remote.stats.fetched(winner, d.size);
+    local.commit_download(instance, d, file, epoch).await?;
+    Ok(Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_reapi::digest::DigestFunction;
+
+    #[test]
+    fn batches_are_bounded_by_count_and_bytes() {
+        let blob = |size| Digest {
+            size,
+            ..Digest::of(DigestFunction::Sha256, b"")
+        };
+        let many: Vec<Digest> = (0..600).map(|_| blob(1)).collect();
+        let sizes: Vec<usize> = batches(&many).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, vec![256, 256, 88]);
+        let big: Vec<Digest> = (0..40).map(|_| blob(200 << 10)).collect();
+        let runs = batches(&big);
+        assert!(runs
+            .iter()
+            .all(|b| b.iter().map(|d| d.size).sum::<u64>() <= BATCH_BYTES));
+        assert_eq!(runs.iter().map(|b| b.len()).sum::<usize>(), 40);
+        assert!(batches(&[]).is_empty());
+    }
 }

@@ -2,8 +2,9 @@
 //! materialised from a local CAS, stores outputs and reports results.
 //!
 //! [`session`] keeps the connection, [`action`] runs one action: lays out its [`inputs`]
-//! (linked from the [`dircache`] when it holds the tree, else [`fetch`]ed from [`remote`] into
-//! [`local`] and [`materialise`]d), [`run`]s the command, collects [`outputs`].
+//! (linked from the [`dircache`] when it holds the tree, else [`fetch`]ed from [`peers`] and
+//! [`remote`] into [`local`] and [`materialise`]d), [`run`]s the command, collects [`outputs`].
+//! Its CAS is served to peers read-only; [`holdings`] tells the scheduler what it holds.
 //! Both CAS are used as `kiln_reapi::cas::Cas`: the inputs' source and the outputs'
 //! destination could be any implementation.
 
@@ -15,11 +16,13 @@ pub mod contain;
 pub mod dircache;
 pub mod error;
 pub mod fetch;
+pub mod holdings;
 pub mod inputs;
 pub mod link;
 pub mod local;
 pub mod materialise;
 pub mod outputs;
+pub mod peers;
 pub mod remote;
 pub mod repair;
 pub mod run;

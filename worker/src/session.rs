@@ -4,11 +4,13 @@
 //! its workers back on its own.
 
 use crate::action::{execute, Progress, WorkerContext};
+use crate::holdings::Taken;
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use kiln_proto::worker::{
-    server_message, worker_message, CachedRoot, ExecuteComplete, ExecutionStarted, GoingAway,
-    Hello, KeepAlive, Property, ServerMessage, WorkerMessage, WorkerReport,
+    server_message, worker_message, ExecuteComplete, ExecutionStarted, GoingAway, HeldKey, Hello,
+    KeepAlive, Property, ServerMessage, WorkerMessage, WorkerReport,
 };
+use kiln_reapi::digest::BlobKey;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,55 +28,122 @@ pub struct Identity {
     pub max_inflight: usize,
 }
 
-/// Input roots per report message (about 100 bytes each).
-const ROOTS_PER_MESSAGE: usize = 10_000;
+/// Keys of each list (input roots, blobs; added, removed) per report message (about 100
+/// bytes each).
+const KEYS_PER_MESSAGE: usize = 10_000;
 
 /// Input roots a full report lists at most (the scheduler remembers about as many).
 const MAX_REPORTED_ROOTS: usize = 100_000;
 
-/// The worker's report of itself (its directory cache), when it has one: with `full`, every
-/// input root its cache holds (at most [`MAX_REPORTED_ROOTS`]), else the changes since the last
-/// report; in messages of at most [`ROOTS_PER_MESSAGE`] roots, the first carrying `full`.
-/// Taken only by the session's own loop, so reports leave in the order they were taken.
-fn reports(ctx: &WorkerContext, full: bool) -> Vec<WorkerMessage> {
-    let Some(cache) = ctx.dircache.as_ref() else {
-        return Vec::new();
-    };
-    let (mut added, removed) = cache.take_changes(full);
-    if full {
-        added.truncate(MAX_REPORTED_ROOTS);
-    }
-    report_messages(cache.stats().report(), full, added, removed)
+/// Blobs a full report lists at most.
+const MAX_REPORTED_BLOBS: usize = 1_000_000;
+
+/// Changes to a set of keys since the last report: with `full`, `added` is the whole set.
+#[derive(Debug, Default)]
+struct Changes {
+    full: bool,
+    added: Vec<BlobKey>,
+    removed: Vec<BlobKey>,
 }
 
-/// The messages of one report: `stats` and `removed` in the first, which carries `full`, and
-/// `added` in pieces of at most [`ROOTS_PER_MESSAGE`].
-fn report_messages(
-    stats: kiln_proto::worker::DirCacheReport,
-    full: bool,
-    added: Vec<kiln_reapi::digest::BlobKey>,
-    removed: Vec<kiln_reapi::digest::BlobKey>,
-) -> Vec<WorkerMessage> {
-    let root = |k: kiln_reapi::digest::BlobKey| CachedRoot {
-        instance_name: k.instance.as_str().to_string(),
-        digest_function: k.digest.function.proto() as i32,
-        digest: Some(k.digest.to_proto()),
+/// The worker's report of itself: its directory cache's counts and input roots, the blobs its
+/// CAS holds (when served to peers), and its transfers. With `full`, every root and blob
+/// (at most [`MAX_REPORTED_ROOTS`] and [`MAX_REPORTED_BLOBS`]), else the changes since the
+/// last report. Taken only by the session's own loop, so reports leave in the order they
+/// were taken.
+async fn reports(ctx: &WorkerContext, full: bool) -> Vec<WorkerMessage> {
+    let (dircache, roots) = match ctx.dircache.as_ref() {
+        Some(cache) => {
+            let (mut added, removed) = cache.take_changes(full);
+            if full {
+                added.truncate(MAX_REPORTED_ROOTS);
+            }
+            let roots = Changes {
+                full,
+                added,
+                removed,
+            };
+            (Some(cache.stats().report()), roots)
+        }
+        None => (None, Changes::default()),
     };
+    let (blobs, served) = match &ctx.serving {
+        Some(serving) => (blob_changes(ctx, serving, full).await, (serving.served)()),
+        None => (Changes::default(), 0),
+    };
+    report_messages(dircache, ctx.transfers.report(served), roots, blobs)
+}
+
+/// The blobs added to and removed from the CAS since the last report; the whole CAS when
+/// `full` or when more changed than was kept.
+async fn blob_changes(ctx: &WorkerContext, serving: &crate::peers::Serving, full: bool) -> Changes {
+    // Taken before listing: a change made while the listing runs is reported again next
+    // time, which is harmless; none is lost.
+    let taken = serving.holdings.take();
+    match taken {
+        Taken::Changes { added, removed } if !full => Changes {
+            full: false,
+            added,
+            removed,
+        },
+        _ => match ctx.local.cas().client().keys(MAX_REPORTED_BLOBS).await {
+            Ok(added) => Changes {
+                full: true,
+                added,
+                removed: Vec::new(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the local CAS for the scheduler");
+                Changes::default()
+            }
+        },
+    }
+}
+
+/// The messages of one report: the counts and the `full` flags in the first, every list in
+/// pieces of at most [`KEYS_PER_MESSAGE`] keys.
+fn report_messages(
+    dircache: Option<kiln_proto::worker::DirCacheReport>,
+    transfers: kiln_proto::worker::TransferReport,
+    roots: Changes,
+    blobs: Changes,
+) -> Vec<WorkerMessage> {
+    fn pieces(keys: Vec<BlobKey>) -> std::vec::IntoIter<Vec<HeldKey>> {
+        let held = |k: &BlobKey| HeldKey {
+            instance_name: k.instance.as_str().to_string(),
+            digest_function: k.digest.function.proto() as i32,
+            digest: Some(k.digest.to_proto()),
+        };
+        let chunks: Vec<Vec<HeldKey>> = keys
+            .chunks(KEYS_PER_MESSAGE)
+            .map(|c| c.iter().map(held).collect())
+            .collect();
+        chunks.into_iter()
+    }
+    let mut lists = [
+        pieces(roots.added),
+        pieces(roots.removed),
+        pieces(blobs.added),
+        pieces(blobs.removed),
+    ];
     let mut messages = Vec::new();
-    let mut removed: Vec<CachedRoot> = removed.into_iter().map(root).collect();
-    let mut added = added.into_iter().map(root).peekable();
     loop {
-        let chunk: Vec<CachedRoot> = added.by_ref().take(ROOTS_PER_MESSAGE).collect();
         let first = messages.is_empty();
+        let [added, removed, blobs_added, blobs_removed] =
+            lists.each_mut().map(|l| l.next().unwrap_or_default());
         messages.push(WorkerMessage {
             message: Some(worker_message::Message::Report(WorkerReport {
-                dircache: first.then_some(stats),
-                full: full && first,
-                added: chunk,
-                removed: std::mem::take(&mut removed),
+                dircache: if first { dircache } else { None },
+                full: roots.full && first,
+                added,
+                removed,
+                blobs_full: blobs.full && first,
+                blobs_added,
+                blobs_removed,
+                transfers: first.then_some(transfers),
             })),
         });
-        if added.peek().is_none() {
+        if lists.iter().all(|l| l.len() == 0) {
             return messages;
         }
     }
@@ -146,13 +215,17 @@ async fn session(
                 })
                 .collect(),
             max_inflight: identity.max_inflight as u32,
-            cas_endpoint: String::new(),
+            cas_endpoint: ctx
+                .serving
+                .as_ref()
+                .map(|s| s.endpoint.clone())
+                .unwrap_or_default(),
             running: Vec::new(),
         }),
     );
-    for report in reports(&ctx, true) {
-        let _ = tx.try_send(report);
-    }
+    // Sent before the stream opens (its first messages wait in the channel): a full
+    // listing larger than the channel waits for the stream's own flow.
+    let first = reports(&ctx, true).await;
     // Signalled by an action's task once its result is sent: the loop then reports what
     // changed in the directory cache.
     let report_due = Arc::new(tokio::sync::Notify::new());
@@ -163,6 +236,11 @@ async fn session(
         .await?
         .into_inner();
     tracing::info!(scheduler = "connected", "worker session open");
+    for report in first {
+        if tx.send(report).await.is_err() {
+            break;
+        }
+    }
     let running: Running = Arc::default();
     let mut keepalive = tokio::time::interval(Duration::from_secs(5));
     let mut going_away = false;
@@ -210,9 +288,15 @@ async fn session(
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             },
-            _ = keepalive.tick() => send(&tx, worker_message::Message::KeepAlive(KeepAlive {})),
+            _ = keepalive.tick() => {
+                send(&tx, worker_message::Message::KeepAlive(KeepAlive {}));
+                // Also between results: what it served to peers, and what left its CAS.
+                for report in reports(&ctx, false).await {
+                    let _ = tx.send(report).await;
+                }
+            }
             _ = report_due.notified() => {
-                for report in reports(&ctx, false) {
+                for report in reports(&ctx, false).await {
                     let _ = tx.send(report).await;
                 }
             }
@@ -238,9 +322,9 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
+    use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
 
-    fn roots(range: std::ops::Range<u32>) -> Vec<BlobKey> {
+    fn keys(range: std::ops::Range<u32>) -> Vec<BlobKey> {
         range
             .map(|i| {
                 BlobKey::new(
@@ -264,22 +348,54 @@ mod tests {
             entries: 25_000,
             ..Default::default()
         };
-        let messages = report_messages(stats, true, roots(0..25_000), roots(0..3));
+        let transfers = kiln_proto::worker::TransferReport {
+            peer_bytes: 5,
+            ..Default::default()
+        };
+        let roots = Changes {
+            full: true,
+            added: keys(0..25_000),
+            removed: keys(0..3),
+        };
+        let blobs = Changes {
+            full: true,
+            added: keys(0..12_000),
+            removed: keys(0..31_000),
+        };
+        let messages = report_messages(Some(stats), transfers, roots, blobs);
         let reports: Vec<&WorkerReport> = messages.iter().map(report).collect();
-        let sizes: Vec<usize> = reports.iter().map(|r| r.added.len()).collect();
-        assert_eq!(sizes, vec![10_000, 10_000, 5_000]);
+        let sizes =
+            |f: fn(&WorkerReport) -> usize| reports.iter().map(|r| f(r)).collect::<Vec<_>>();
+        assert_eq!(sizes(|r| r.added.len()), vec![10_000, 10_000, 5_000, 0]);
+        assert_eq!(sizes(|r| r.removed.len()), vec![3, 0, 0, 0]);
+        assert_eq!(sizes(|r| r.blobs_added.len()), vec![10_000, 2_000, 0, 0]);
         assert_eq!(
-            reports.iter().map(|r| r.full).collect::<Vec<_>>(),
-            vec![true, false, false],
+            sizes(|r| r.blobs_removed.len()),
+            vec![10_000, 10_000, 10_000, 1_000],
+            "removals are cut into pieces too"
+        );
+        assert_eq!(
+            reports
+                .iter()
+                .map(|r| (r.full, r.blobs_full))
+                .collect::<Vec<_>>(),
+            vec![(true, true), (false, false), (false, false), (false, false)],
             "a later piece must add to the set, not replace it"
         );
         assert_eq!(reports[0].dircache, Some(stats));
-        assert!(reports[1..].iter().all(|r| r.dircache.is_none()));
-        assert_eq!(reports[0].removed.len(), 3);
-        assert!(reports[1..].iter().all(|r| r.removed.is_empty()));
+        assert_eq!(reports[0].transfers, Some(transfers));
+        assert!(reports[1..]
+            .iter()
+            .all(|r| r.dircache.is_none() && r.transfers.is_none()));
         // A report of no changes still carries the counts.
-        let quiet = report_messages(stats, false, Vec::new(), Vec::new());
+        let quiet = report_messages(
+            Some(stats),
+            transfers,
+            Changes::default(),
+            Changes::default(),
+        );
         assert_eq!(quiet.len(), 1);
         assert_eq!(report(&quiet[0]).dircache, Some(stats));
+        assert!(!report(&quiet[0]).full && !report(&quiet[0]).blobs_full);
     }
 }

@@ -268,10 +268,10 @@ async fn status_page(State(state): State<Arc<AdminState>>) -> Html<String> {
         uploads: (stats.active_uploads, stats.parked_uploads),
         connections: m.connections_open.get(),
         execution: state.execution.as_ref().map(|e| e.stats()),
-        worker_caches: state
+        workers: state
             .execution
             .as_ref()
-            .map(|e| e.worker_caches())
+            .map(|e| e.worker_views())
             .unwrap_or_default(),
         rates: state.sampler.rates(),
         series: state.sampler.series(),

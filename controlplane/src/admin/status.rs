@@ -47,7 +47,7 @@ pub struct Snapshot {
     /// The scheduler, when execution is enabled.
     pub execution: Option<crate::execution::SchedulerStats>,
     /// Each connected worker's directory cache, as it last reported it.
-    pub worker_caches: Vec<(String, kiln_proto::worker::DirCacheReport)>,
+    pub workers: Vec<crate::execution::WorkerView>,
     /// Rates over the last minute.
     pub rates: Option<Rates>,
     /// Bytes per second, per second of the last minute.
@@ -197,8 +197,8 @@ pub fn render(s: &Snapshot) -> String {
         srow(
             "Placements",
             format!(
-                "{} on a worker caching the input root, {} by load, {} after its holder stayed busy",
-                p.input_root, p.load, p.holder_busy
+                "{} on a worker caching the input root, {} on the worker holding most input bytes, {} by load, {} after its holder stayed busy",
+                p.input_root, p.input_blobs, p.load, p.holder_busy
             ),
         );
     }
@@ -210,24 +210,49 @@ pub fn render(s: &Snapshot) -> String {
         ),
     );
     let mut workers = String::new();
-    for (name, c) in &s.worker_caches {
-        let roots = c.hits + c.misses;
+    for w in &s.workers {
+        let cache = match &w.dircache {
+            Some(c) => {
+                let roots = c.hits + c.misses;
+                format!(
+                    "{} of {} ({} entries); {} of {roots} input roots from the cache; {} subtrees reused; {} evicted",
+                    human_bytes(c.bytes as f64),
+                    human_bytes(c.capacity as f64),
+                    c.entries,
+                    percent(c.hits, roots),
+                    c.subtree_hits,
+                    c.evictions
+                )
+            }
+            None => "no directory cache".into(),
+        };
+        let transfers = match &w.transfers {
+            Some(t) => format!(
+                "fetched {} from peers, {} from the server; served {} to peers{}",
+                human_bytes(t.peer_bytes as f64),
+                human_bytes(t.server_bytes as f64),
+                human_bytes(t.served_bytes as f64),
+                if t.peer_failures > 0 {
+                    format!("; {} peer fetches failed", t.peer_failures)
+                } else {
+                    String::new()
+                }
+            ),
+            None => "no report yet".into(),
+        };
         let _ = write!(
             workers,
-            "<tr><th>{}</th><td>{} of {} ({} entries)</td><td>{} of {roots} input roots from the cache; {} subtrees reused; {} evicted</td></tr>",
-            escape(name),
-            human_bytes(c.bytes as f64),
-            human_bytes(c.capacity as f64),
-            c.entries,
-            percent(c.hits, roots),
-            c.subtree_hits,
-            c.evictions
+            "<tr><th>{}</th><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&w.name),
+            cache,
+            transfers,
+            escape(w.endpoint.as_deref().unwrap_or("not served to peers"))
         );
     }
     let workers = if workers.is_empty() {
         String::new()
     } else {
-        format!("<h2>Workers' directory caches</h2>\n<table id=\"dircaches\">{workers}</table>")
+        format!("<h2>Workers</h2>\n<table id=\"workers\"><tr><th>worker</th><th>directory cache</th><th>transfers</th><th>CAS for peers</th></tr>{workers}</table>")
     };
     let traffic = match s.rates {
         Some(r) => format!(
@@ -284,9 +309,9 @@ mod tests {
             cas_capacity: 1 << 30,
             lookups: (3, 1, 0),
             series: vec![0.0, 10.0, 5.0],
-            worker_caches: vec![(
-                "mac<1>".into(),
-                kiln_proto::worker::DirCacheReport {
+            workers: vec![crate::execution::WorkerView {
+                name: "mac<1>".into(),
+                dircache: Some(kiln_proto::worker::DirCacheReport {
                     bytes: 3 << 30,
                     capacity: 4 << 30,
                     entries: 7,
@@ -295,11 +320,19 @@ mod tests {
                     subtree_hits: 2,
                     evictions: 0,
                     run: 1,
-                },
-            )],
+                }),
+                transfers: Some(kiln_proto::worker::TransferReport {
+                    peer_bytes: 2 << 20,
+                    server_bytes: 1 << 20,
+                    served_bytes: 5 << 20,
+                    peer_failures: 1,
+                    run: 1,
+                }),
+                endpoint: Some("grpc://10.0.0.7:50052".into()),
+            }],
             ..Default::default()
         });
-        assert!(page.contains("<th>mac&lt;1&gt;</th><td>3.0 GiB of 4.0 GiB (7 entries)</td><td>75.0% of 4 input roots from the cache; 2 subtrees reused; 0 evicted</td>"), "{page}");
+        assert!(page.contains("<th>mac&lt;1&gt;</th><td>3.0 GiB of 4.0 GiB (7 entries); 75.0% of 4 input roots from the cache; 2 subtrees reused; 0 evicted</td><td>fetched 2.0 MiB from peers, 1.0 MiB from the server; served 5.0 MiB to peers; 1 peer fetches failed</td><td>grpc://10.0.0.7:50052</td>"), "{page}");
         assert!(page.contains("1d 01h 01m 01s"), "{page}");
         assert!(
             page.contains("12 blobs, 512.0 MiB of 1.0 GiB (50.0%)"),

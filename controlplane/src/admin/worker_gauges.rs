@@ -1,7 +1,10 @@
-//! What the workers report of their directory caches, as metrics of the server: counters
-//! of input roots laid out from the cache or not (`kiln_worker_dircache_hits_total`,
-//! `kiln_worker_dircache_misses_total`) and the caches' sizes, each labelled by worker; and
-//! where the scheduler placed actions, by reason (`kiln_scheduler_placements_total`).
+//! What the workers report of themselves, as metrics of the server: counters of input roots
+//! laid out from the directory cache or not (`kiln_worker_dircache_hits_total`,
+//! `kiln_worker_dircache_misses_total`) and the caches' sizes; bytes of inputs fetched by
+//! source (`kiln_worker_fetch_bytes_total{source="peer"|"server"}`) and served to peers
+//! (`kiln_worker_served_bytes_total`); each labelled by worker. Also where the scheduler
+//! placed actions, by reason (`kiln_scheduler_placements_total`), and how many blob facts it
+//! keeps.
 //!
 //! A worker's counts run from its own start; the server's counters move by what each report
 //! adds to the last one it saw from that worker's run, so they only grow (a worker that
@@ -31,7 +34,16 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
-/// The workers' directory-cache metrics, and placements.
+/// Label of a worker and where its bytes came from.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// The worker's name.
+    pub worker: String,
+    /// `peer` or `server`.
+    pub source: &'static str,
+}
+
+/// The workers' metrics, and placements.
 #[derive(Default)]
 pub struct WorkerGauges {
     placements: Family<ReasonLabel, Counter>,
@@ -41,28 +53,32 @@ pub struct WorkerGauges {
     misses: Family<WorkerLabel, Counter>,
     bytes: Family<WorkerLabel, Gauge>,
     entries: Family<WorkerLabel, Gauge>,
-    /// Each worker's last reported run, hits and misses.
-    last: Mutex<HashMap<String, Seen>>,
+    fetched: Family<SourceLabel, Counter>,
+    served: Family<WorkerLabel, Counter>,
+    peer_failures: Family<WorkerLabel, Counter>,
+    blob_facts: Gauge,
+    /// Each worker's last reported counts, by worker and report (`dircache`, `transfers`).
+    last: Mutex<HashMap<(String, &'static str), Seen>>,
 }
 
-/// A worker's counts as last seen.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A worker's counts (of one report) as last seen.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct Seen {
     run: u64,
-    hits: u64,
-    misses: u64,
+    counts: Vec<u64>,
 }
 
 /// What the counters move by when a worker's counts go from `last` to `now`: the increase
 /// within one run; everything, in a new run.
-fn added(last: Seen, now: Seen) -> (u64, u64) {
+fn added(last: &Seen, now: &Seen) -> Vec<u64> {
     if last.run != now.run {
-        return (now.hits, now.misses);
+        return now.counts.clone();
     }
-    (
-        now.hits.saturating_sub(last.hits),
-        now.misses.saturating_sub(last.misses),
-    )
+    now.counts
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.saturating_sub(last.counts.get(i).copied().unwrap_or(0)))
+        .collect()
 }
 
 impl WorkerGauges {
@@ -70,7 +86,7 @@ impl WorkerGauges {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "kiln_scheduler_placements",
-            "Actions placed on a worker, by why that worker: input_root (its directory cache holds the action's input root), load (no worker holds it: the least loaded), holder_busy (the holder stayed busy past execution.locality_wait_ms)",
+            "Actions placed on a worker, by why that worker: input_root (its directory cache holds the action's input root), input_blobs (the free worker holding the most bytes of its input files), load (no worker holds anything of it: the least loaded), holder_busy (the root's holder stayed busy past execution.locality_wait_ms)",
             self.placements.clone(),
         );
         for reason in Reason::ALL {
@@ -78,6 +94,11 @@ impl WorkerGauges {
                 reason: reason.name(),
             });
         }
+        registry.register(
+            "kiln_scheduler_blob_facts",
+            "Facts \"worker W holds blob B\" the scheduler keeps, from the reports of workers serving their CAS to peers (bounded by execution.locality_map_bytes)",
+            self.blob_facts.clone(),
+        );
         registry.register(
             "kiln_worker_dircache_hits",
             "Input roots a worker laid out from its directory cache",
@@ -98,6 +119,21 @@ impl WorkerGauges {
             "Entries in a worker's directory cache",
             self.entries.clone(),
         );
+        registry.register(
+            "kiln_worker_fetch_bytes",
+            "Bytes of input blobs a worker fetched, by source: peer (another worker's CAS) or server",
+            self.fetched.clone(),
+        );
+        registry.register(
+            "kiln_worker_served_bytes",
+            "Bytes a worker's CAS sent to its peers",
+            self.served.clone(),
+        );
+        registry.register(
+            "kiln_worker_peer_failures",
+            "Fetches from a peer that failed (the blob then came from the server)",
+            self.peer_failures.clone(),
+        );
     }
 
     /// Takes in the connected workers' last reports.
@@ -114,29 +150,66 @@ impl WorkerGauges {
         }
         *placed = now;
         drop(placed);
-        let reports = execution.worker_caches();
+        self.blob_facts
+            .set(i64::try_from(execution.blob_facts()).unwrap_or(i64::MAX));
+        let views = execution.worker_views();
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         self.bytes.clear();
         self.entries.clear();
-        for (worker, r) in reports {
-            let label = WorkerLabel {
-                worker: worker.clone(),
-            };
-            let now = Seen {
-                run: r.run,
-                hits: r.hits,
-                misses: r.misses,
-            };
-            let before = last.get(&worker).copied().unwrap_or(Seen {
-                run: r.run,
-                ..Seen::default()
+        // The increase of a report's counts since it was last seen.
+        let mut increase = |worker: &str, report: &'static str, now: Seen| {
+            let key = (worker.to_string(), report);
+            let before = last.get(&key).cloned().unwrap_or(Seen {
+                run: now.run,
+                counts: Vec::new(),
             });
-            let (hits, misses) = added(before, now);
-            self.hits.get_or_create(&label).inc_by(hits);
-            self.misses.get_or_create(&label).inc_by(misses);
-            last.insert(worker, now);
-            self.bytes.get_or_create(&label).set(r.bytes as i64);
-            self.entries.get_or_create(&label).set(r.entries as i64);
+            let more = added(&before, &now);
+            last.insert(key, now);
+            more
+        };
+        for w in views {
+            let label = WorkerLabel {
+                worker: w.name.clone(),
+            };
+            if let Some(r) = w.dircache {
+                let more = increase(
+                    &w.name,
+                    "dircache",
+                    Seen {
+                        run: r.run,
+                        counts: vec![r.hits, r.misses],
+                    },
+                );
+                self.hits.get_or_create(&label).inc_by(more[0]);
+                self.misses.get_or_create(&label).inc_by(more[1]);
+                self.bytes.get_or_create(&label).set(r.bytes as i64);
+                self.entries.get_or_create(&label).set(r.entries as i64);
+            }
+            if let Some(t) = w.transfers {
+                let more = increase(
+                    &w.name,
+                    "transfers",
+                    Seen {
+                        run: t.run,
+                        counts: vec![
+                            t.peer_bytes,
+                            t.server_bytes,
+                            t.served_bytes,
+                            t.peer_failures,
+                        ],
+                    },
+                );
+                let source = |source| SourceLabel {
+                    worker: w.name.clone(),
+                    source,
+                };
+                self.fetched.get_or_create(&source("peer")).inc_by(more[0]);
+                self.fetched
+                    .get_or_create(&source("server"))
+                    .inc_by(more[1]);
+                self.served.get_or_create(&label).inc_by(more[2]);
+                self.peer_failures.get_or_create(&label).inc_by(more[3]);
+            }
         }
     }
 }
@@ -147,11 +220,20 @@ mod tests {
 
     #[test]
     fn counters_follow_a_worker_through_its_restart() {
-        let seen = |run, hits, misses| Seen { run, hits, misses };
-        assert_eq!(added(seen(1, 0, 0), seen(1, 5, 1)), (5, 1));
-        assert_eq!(added(seen(1, 5, 1), seen(1, 7, 1)), (2, 0));
+        let seen = |run, hits, misses| Seen {
+            run,
+            counts: vec![hits, misses],
+        };
+        assert_eq!(added(&seen(1, 0, 0), &seen(1, 5, 1)), vec![5, 1]);
+        assert_eq!(added(&seen(1, 5, 1), &seen(1, 7, 1)), vec![2, 0]);
         // Restarted, and as far along as before: all of it is new.
-        assert_eq!(added(seen(1, 7, 1), seen(2, 7, 1)), (7, 1));
-        assert_eq!(added(seen(2, 7, 1), seen(2, 7, 1)), (0, 0));
+        assert_eq!(added(&seen(1, 7, 1), &seen(2, 7, 1)), vec![7, 1]);
+        assert_eq!(added(&seen(2, 7, 1), &seen(2, 7, 1)), vec![0, 0]);
+        // Seen for the first time: counted from nothing.
+        let first = Seen {
+            run: 3,
+            counts: Vec::new(),
+        };
+        assert_eq!(added(&first, &seen(3, 4, 2)), vec![4, 2]);
     }
 }

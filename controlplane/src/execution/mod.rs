@@ -26,7 +26,7 @@ use kiln_dataplane::store::{CasClient, ChainCas};
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{execution_stage::Value as StageValue, ActionResult, ExecuteResponse};
 use kiln_proto::worker::{
-    server_message, ExecutionResult, KillOperation, ServerMessage, StartExecute,
+    server_message, ExecutionResult, KillOperation, PeerHint, ServerMessage, StartExecute,
 };
 use kiln_reapi::cas::Cas;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
@@ -58,6 +58,23 @@ struct Session {
     name: String,
     /// The worker's last report of its directory cache.
     dircache: Option<kiln_proto::worker::DirCacheReport>,
+    /// Its last report of its transfers.
+    transfers: Option<kiln_proto::worker::TransferReport>,
+    /// Where it serves its CAS to peers.
+    endpoint: Option<String>,
+}
+
+/// What a connected worker last reported of itself, for the status page and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerView {
+    /// Its name.
+    pub name: String,
+    /// Its directory cache, if it has one.
+    pub dircache: Option<kiln_proto::worker::DirCacheReport>,
+    /// Its transfers.
+    pub transfers: Option<kiln_proto::worker::TransferReport>,
+    /// Where it serves its CAS to peers.
+    pub endpoint: Option<String>,
 }
 
 /// Counts for the status page and metrics.
@@ -99,6 +116,10 @@ pub struct ExecutionCore {
 /// How often the scheduler's clock advances when nothing asks for sooner.
 const TICK: Duration = Duration::from_secs(1);
 
+/// What one fact "worker W holds blob B" costs in the scheduler's map, about (the key, its
+/// holders and its place in the arrival order), for `execution.locality_map_bytes`.
+const FACT_BYTES: u64 = 128;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -123,6 +144,8 @@ impl ExecutionCore {
                 .then(|| Duration::from_secs(config.unserved_timeout_secs)),
             locality_wait: Duration::from_millis(config.locality_wait_ms),
             max_cached_roots: config.max_cached_roots_per_worker,
+            max_blob_facts: usize::try_from(config.locality_map_bytes.as_u64() / FACT_BYTES)
+                .unwrap_or(usize::MAX),
         });
         let core = Arc::new(ExecutionCore {
             scheduler: Mutex::new(scheduler),
@@ -219,6 +242,7 @@ impl ExecutionCore {
                     payload,
                     timeout,
                     queued_at,
+                    peers,
                 } => {
                     let Some(name) = lock(&self.registry).name(op).map(str::to_string) else {
                         continue;
@@ -228,6 +252,7 @@ impl ExecutionCore {
                     start.attempt = attempt;
                     start.timeout = Some(kiln_reapi::convert::proto_duration(timeout));
                     start.queued_timestamp = Some(timestamp(queued_at));
+                    start.peer_hints = self.peer_hints(peers);
                     if !self.send(worker, server_message::Message::StartExecute(start)) {
                         broken.push(worker);
                     }
@@ -258,6 +283,24 @@ impl ExecutionCore {
             }
         }
         broken
+    }
+
+    /// The scheduler's hints (peer → digests) with each peer's endpoint.
+    fn peer_hints(&self, peers: Vec<(WorkerId, Vec<Digest>)>) -> Vec<PeerHint> {
+        if peers.is_empty() {
+            return Vec::new();
+        }
+        let sessions = lock(&self.sessions);
+        peers
+            .into_iter()
+            .filter_map(|(peer, digests)| {
+                let endpoint = sessions.get(&peer)?.endpoint.clone()?;
+                Some(PeerHint {
+                    endpoint,
+                    digests: digests.iter().map(Digest::to_proto).collect(),
+                })
+            })
+            .collect()
     }
 
     /// Workers whose session could not take a message: lost.
@@ -427,6 +470,7 @@ impl ExecutionCore {
         name: String,
         properties: Vec<(String, String)>,
         capacity: usize,
+        endpoint: Option<String>,
         tx: mpsc::Sender<ServerMessage>,
     ) -> WorkerId {
         let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
@@ -436,6 +480,8 @@ impl ExecutionCore {
                 tx,
                 name: name.clone(),
                 dircache: None,
+                transfers: None,
+                endpoint,
             },
         );
         tracing::info!(worker = %name, id, capacity, "worker connected");
@@ -443,15 +489,25 @@ impl ExecutionCore {
         id
     }
 
-    /// A worker reports on itself: its directory cache, and the input roots it holds (an
-    /// entry that does not parse is skipped: it only loses the worker a placement).
+    /// A worker reports on itself: its directory cache and the input roots it holds, the
+    /// blobs its CAS holds, its transfers (an entry that does not parse is skipped: it only
+    /// loses the worker a placement or a hint).
     fn worker_report(&self, worker: WorkerId, report: kiln_proto::worker::WorkerReport) {
-        if let Some(session) = lock(&self.sessions).get_mut(&worker) {
-            session.dircache = report.dircache;
-        }
-        let keys = |roots: Vec<kiln_proto::worker::CachedRoot>| -> Vec<BlobKey> {
-            roots
-                .into_iter()
+        let serves = {
+            let mut sessions = lock(&self.sessions);
+            let Some(session) = sessions.get_mut(&worker) else {
+                return;
+            };
+            if report.dircache.is_some() {
+                session.dircache = report.dircache;
+            }
+            if report.transfers.is_some() {
+                session.transfers = report.transfers;
+            }
+            session.endpoint.is_some()
+        };
+        let keys = |held: Vec<kiln_proto::worker::HeldKey>| -> Vec<BlobKey> {
+            held.into_iter()
                 .filter_map(|r| {
                     let instance = InstanceName::new(&r.instance_name).ok()?;
                     let digest =
@@ -464,16 +520,31 @@ impl ExecutionCore {
         if report.full || !added.is_empty() || !removed.is_empty() {
             self.apply(|s, now| s.worker_roots(now, worker, report.full, added, removed));
         }
+        // Blobs of a worker that serves no peer could never be hinted: not kept.
+        let (added, removed) = (keys(report.blobs_added), keys(report.blobs_removed));
+        if serves && (report.blobs_full || !added.is_empty() || !removed.is_empty()) {
+            self.apply(|s, _| s.worker_blobs(worker, report.blobs_full, added, removed));
+        }
     }
 
-    /// Each connected worker's name and last report of its directory cache, by name.
-    pub fn worker_caches(&self) -> Vec<(String, kiln_proto::worker::DirCacheReport)> {
-        let mut out: Vec<_> = lock(&self.sessions)
+    /// Each connected worker's last report of itself, by name.
+    pub fn worker_views(&self) -> Vec<WorkerView> {
+        let mut out: Vec<WorkerView> = lock(&self.sessions)
             .values()
-            .filter_map(|s| Some((s.name.clone(), s.dircache?)))
+            .map(|s| WorkerView {
+                name: s.name.clone(),
+                dircache: s.dircache,
+                transfers: s.transfers,
+                endpoint: s.endpoint.clone(),
+            })
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Facts "worker W holds blob B" the scheduler keeps.
+    pub fn blob_facts(&self) -> usize {
+        lock(&self.scheduler).blob_facts()
     }
 
     fn worker_seen(&self, worker: WorkerId) {

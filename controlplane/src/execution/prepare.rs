@@ -59,7 +59,7 @@ pub(super) async fn prepare(
     if let Some(command) = &command {
         check_paths(command)?;
     }
-    let (blobs, missing_dirs) = walk(core, instance, root_digest).await?;
+    let (blobs, files, missing_dirs) = walk(core, instance, root_digest).await?;
     missing.extend(missing_dirs);
     let mut all: Vec<BlobKey> = blobs
         .into_iter()
@@ -129,6 +129,11 @@ pub(super) async fn prepare(
         mergeable: cacheable,
         queued_at: SystemTime::now(),
         input_root: Some(BlobKey::new(instance.clone(), root_digest)),
+        inputs: files
+            .into_iter()
+            .filter(|d| !d.is_empty_blob())
+            .map(|d| BlobKey::new(instance.clone(), d))
+            .collect(),
         payload: Arc::new(Payload {
             start: StartExecute {
                 instance_name: instance.as_str().to_string(),
@@ -193,7 +198,8 @@ async fn fetch(
     Ok(kiln_reapi::cas::read_blob(&*core.blobs, instance, digest).await?)
 }
 
-/// Every blob digest of the input tree (directories and files), and the directories missing.
+/// Every blob digest of the input tree (directories and files), the files apart, and the
+/// directories missing.
 /// The walk is `kiln_reapi::walk`'s, bounded by `execution.max_input_digests`, 16 MiB per
 /// Directory and 64 MiB of them in memory at once; each Directory is checked with
 /// `kiln_reapi::tree`'s rules at the depth it was first met.
@@ -201,7 +207,7 @@ async fn walk(
     core: &ExecutionCore,
     instance: &InstanceName,
     root: Digest,
-) -> Result<(Vec<Digest>, Vec<Digest>), PrepareError> {
+) -> Result<(Vec<Digest>, Vec<Digest>, Vec<Digest>), PrepareError> {
     let limits = WalkLimits {
         max_digests: core.config.max_input_digests,
         ..WALK_DEFAULTS
@@ -223,10 +229,10 @@ async fn walk(
     let blobs = walked
         .directories
         .into_iter()
-        .chain(walked.files)
+        .chain(walked.files.iter().copied())
         .filter(|d| seen.insert(*d))
         .collect();
-    Ok((blobs, walked.missing))
+    Ok((blobs, walked.files, walked.missing))
 }
 
 /// Releases `holder`'s pins in a task of its own (the caller may be cancelled at its next

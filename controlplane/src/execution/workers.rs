@@ -18,6 +18,22 @@ use tonic::{Request, Response, Status, Streaming};
 /// Messages queued to one worker before it is considered stuck.
 const SESSION_QUEUE: usize = 1024;
 
+/// Longest peer endpoint accepted from a worker.
+const MAX_ENDPOINT: usize = 256;
+
+/// A worker's announced peer endpoint, if it is one other workers can use: `grpc://` or
+/// `grpcs://` and a host, at most [`MAX_ENDPOINT`] characters (it is passed on to every
+/// other worker).
+fn peer_endpoint(announced: &str) -> Option<String> {
+    let rest = announced
+        .strip_prefix("grpc://")
+        .or_else(|| announced.strip_prefix("grpcs://"))?;
+    let usable = announced.len() <= MAX_ENDPOINT
+        && !rest.is_empty()
+        && rest.parse::<http::uri::Authority>().is_ok();
+    usable.then(|| announced.to_string())
+}
+
 /// The worker API service.
 pub struct WorkerApiService {
     core: Arc<ExecutionCore>,
@@ -83,10 +99,15 @@ impl WorkerApi for WorkerApiService {
         } else {
             hello.worker_id.clone()
         };
+        let endpoint = peer_endpoint(&hello.cas_endpoint);
+        if endpoint.is_none() && !hello.cas_endpoint.is_empty() {
+            tracing::warn!(worker = %name, endpoint = %hello.cas_endpoint, "ignoring a peer endpoint that is not grpc://HOST:PORT");
+        }
         let id = self.core.worker_joined(
             name,
             properties,
             hello.max_inflight.max(1) as usize,
+            endpoint,
             tx.clone(),
         );
         // Only the session registry holds the sender for good: when the core closes the session
@@ -132,5 +153,32 @@ impl WorkerApi for WorkerApiService {
         });
         let out = ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(futures::StreamExt::map(out, Ok))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_endpoint;
+
+    #[test]
+    fn only_grpc_endpoints_with_an_authority_are_passed_on() {
+        assert_eq!(
+            peer_endpoint("grpc://10.0.0.5:50052").as_deref(),
+            Some("grpc://10.0.0.5:50052")
+        );
+        assert!(peer_endpoint("grpcs://[::1]:9").is_some());
+        for bad in [
+            "",
+            "grpc://",
+            "http://10.0.0.5:1",
+            "grpc://a b:1",
+            "grpc://x/y",
+        ] {
+            assert_eq!(peer_endpoint(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            peer_endpoint(&format!("grpc://{}:1", "a".repeat(300))),
+            None
+        );
     }
 }

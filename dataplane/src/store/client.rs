@@ -377,6 +377,19 @@ impl CasClient {
         }
     }
 
+    /// The blobs the store holds: at most `max` in all, an equal share from each shard.
+    pub async fn keys(&self, max: usize) -> Result<Vec<BlobKey>, StoreError> {
+        let share = max.div_ceil(self.shards.len().max(1));
+        let calls = (0..self.shards.len())
+            .map(|s| self.call(s, move |reply| Command::Keys { max: share, reply }));
+        let mut keys = Vec::new();
+        for shard in futures::future::join_all(calls).await {
+            keys.extend(shard?);
+        }
+        keys.truncate(max);
+        Ok(keys)
+    }
+
     /// Counters from every shard.
     pub async fn stats(&self) -> Result<Vec<ShardStats>, StoreError> {
         let calls = (0..self.shards.len()).map(|s| self.call(s, |reply| Command::Stats { reply }));

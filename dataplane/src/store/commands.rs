@@ -142,6 +142,11 @@ pub(crate) enum Command {
     Stats {
         reply: Reply<ShardStats>,
     },
+    /// The blobs the shard holds, at most `max`.
+    Keys {
+        max: usize,
+        reply: Reply<Vec<BlobKey>>,
+    },
     /// Directories' listings from the background rebuild: this shard's blobs in them,
     /// oldest first.
     Listed {

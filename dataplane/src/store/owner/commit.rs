@@ -115,6 +115,7 @@ impl Owner {
         self.index
             .borrow_mut()
             .insert(key.clone(), Entry::fresh(size, atime::now()));
+        self.stored(&key);
         // The file's own access time is the kernel's (coarse) time of creation, so blobs
         // committed within one clock tick would tie after a restart: record the index's.
         self.schedule_atime(&key);

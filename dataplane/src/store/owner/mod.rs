@@ -28,7 +28,7 @@ use super::layout::Layout;
 use super::parked::{Claim, UploadTable};
 use super::snapshot;
 use super::snapshot::DirKey;
-use super::tier::Forget;
+use super::tier::BlobEvents;
 use super::StoreError;
 use crate::runtime::Runtime;
 use crate::shutdown::ShutdownWatch;
@@ -58,8 +58,9 @@ pub struct StoreSettings {
     pub max_parked: usize,
     /// Access times queued for writing, per shard.
     pub max_pending_atimes: usize,
-    /// Told when a blob leaves the index (the memory tiers' caches).
-    pub forget: Vec<Arc<dyn Forget>>,
+    /// Told when a blob enters or leaves the index (the memory tiers' caches; a worker's
+    /// record of what it holds).
+    pub events: Vec<Arc<dyn BlobEvents>>,
 }
 
 /// Where a commit's outcome goes.
@@ -292,6 +293,16 @@ impl Owner {
                     self.maybe_evict();
                 }
             }
+            Command::Keys { max, reply } => {
+                let keys = self
+                    .index
+                    .borrow()
+                    .iter()
+                    .take(max)
+                    .map(|(k, _)| k)
+                    .collect();
+                let _ = reply.send(keys);
+            }
             Command::Stats { reply } => {
                 let index = self.index.borrow();
                 let (active, parked) = self.uploads.borrow().counts();
@@ -369,8 +380,14 @@ impl Owner {
 
     /// A blob left the index: the tiers that cache it drop it too.
     fn forgotten(&self, key: &BlobKey) {
-        for f in &self.settings.forget {
+        for f in &self.settings.events {
             f.forget(key);
+        }
+    }
+
+    fn stored(&self, key: &BlobKey) {
+        for f in &self.settings.events {
+            f.stored(key);
         }
     }
 

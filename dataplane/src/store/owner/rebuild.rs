@@ -158,6 +158,9 @@ impl Owner {
         }
         let fresh = self.new_to_index(entries, true);
         let bytes: u64 = fresh.iter().map(|(_, e)| e.size).sum();
+        for (key, _) in &fresh {
+            self.stored(key);
+        }
         self.index.borrow_mut().insert_aged(fresh);
         {
             let mut pending = self.pending.borrow_mut();

@@ -6,7 +6,7 @@ use super::filesystem::Filesystem;
 use super::in_flight::{InFlight, Uploads};
 use super::memory::{Memory, MemoryCache};
 use super::size_partition::SizePartition;
-use super::{BlobStore, Forget};
+use super::{BlobEvents, BlobStore};
 use crate::metrics::Metrics;
 use crate::store::CasClient;
 use kiln_config::chain::TierSpec;
@@ -110,10 +110,10 @@ impl ChainPlan {
     }
 
     /// What the filesystem tier tells when a blob leaves it: every memory tier's cache.
-    pub fn forgetters(&self) -> Vec<Arc<dyn Forget>> {
+    pub fn forgetters(&self) -> Vec<Arc<dyn BlobEvents>> {
         self.caches
             .values()
-            .map(|c| c.clone() as Arc<dyn Forget>)
+            .map(|c| c.clone() as Arc<dyn BlobEvents>)
             .collect()
     }
 

@@ -3,10 +3,10 @@
 //! shared by every core (a hit is served on the core that asked, without a message to the
 //! blob's owner shard). It is a cache over the tier below, never the only copy: existence,
 //! pins and writes are that tier's answers, and a blob that leaves the filesystem tier leaves
-//! the cache too ([`Forget`]); a blob enters the cache when it was stored through
+//! the cache too ([`BlobEvents`]); a blob enters the cache when it was stored through
 //! this tier with its bytes at hand, or read whole (and so checked) through it.
 
-use super::{Blob, BlobStore, BlobWatcher, Forget, PinHolder, StoreFuture, VerifiedUpload};
+use super::{Blob, BlobEvents, BlobStore, BlobWatcher, PinHolder, StoreFuture, VerifiedUpload};
 use crate::metrics::Metrics;
 use crate::store::atime;
 use crate::store::Committed;
@@ -154,7 +154,7 @@ impl MemoryCache {
     }
 }
 
-impl Forget for MemoryCache {
+impl BlobEvents for MemoryCache {
     fn forget(&self, key: &BlobKey) {
         // Counted first: a fill that read the blob before this sees the count moved.
         self.forgets_of(key).fetch_add(1, Ordering::SeqCst);

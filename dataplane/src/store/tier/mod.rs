@@ -110,9 +110,14 @@ pub trait BlobStore: Send + Sync {
     fn touched(&self, keys: &[BlobKey]);
 }
 
-/// Told when the filesystem tier no longer holds a blob (evicted, found damaged or gone), so
-/// that a cache of it drops its copy and every tier agrees the blob is gone.
-pub trait Forget: Send + Sync {
+/// Told when a blob enters the filesystem tier and when it no longer holds it (evicted,
+/// found damaged or gone): a cache of it drops its copy, so that every tier agrees the blob
+/// is gone; a worker notes what it holds, to tell the scheduler.
+pub trait BlobEvents: Send + Sync {
+    /// `key` was committed to the filesystem tier (or found there by the background index
+    /// rebuild).
+    fn stored(&self, _key: &BlobKey) {}
+
     /// `key` left the filesystem tier.
     fn forget(&self, key: &BlobKey);
 }

@@ -1,0 +1,163 @@
+//! Blobs shared between workers, end to end: `kiln serve` (its embedded worker off) and two
+//! `kiln worker` processes on 127.0.0.1, each serving its CAS to the other, on every
+//! data-plane backend. The workers' platform properties decide which one runs an action.
+
+#[macro_use]
+mod common;
+
+use common::exec::{code, execute, start_server, start_worker, Spec, Tree, Worker};
+use kiln_proto::reapi::digest_function::Value as Function;
+use std::path::Path;
+
+const F: Function = Function::Sha256;
+
+/// A worker in pool `pool` with `config` as its `[worker]` settings (dircache off, so every
+/// input is fetched); returns it and its admin address.
+async fn worker(
+    rt: common::Runtime,
+    kiln: &common::Kiln,
+    dir: &Path,
+    name: &str,
+    pool: &str,
+    config: &str,
+) -> (Worker, String) {
+    let wdir = dir.join(name);
+    std::fs::create_dir_all(&wdir).unwrap();
+    let file = wdir.join("worker.toml");
+    std::fs::write(&file, format!("[worker]\ndircache_bytes = 0\n{config}")).unwrap();
+    let property = format!("pool={pool}");
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--property",
+        &property,
+        "--max-inflight",
+        "1",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    let w = start_worker(rt, kiln, &wdir, name, &args).await;
+    let admin = w.admin();
+    (w, admin)
+}
+
+/// Input files: one large enough to be streamed to a file (over 256 KiB), and small ones
+/// that travel in batches. Returns the tree and its files' total size.
+fn inputs(tag: &str) -> (Tree, u64) {
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ tag.as_bytes()[0])
+        .collect();
+    let mut tree = Tree::default().file("big", &big, false);
+    let mut bytes = big.len() as u64;
+    for i in 0..20 {
+        let small = format!("{tag} small file {i}\n").repeat(i + 1);
+        bytes += small.len() as u64;
+        tree = tree.file(&format!("small/{i:02}"), small.as_bytes(), false);
+    }
+    (tree, bytes)
+}
+
+fn run_on(pool: &str, tree: &Tree, salt: &str) -> Spec {
+    Spec {
+        tree: tree.clone(),
+        platform: vec![("pool".into(), pool.into())],
+        ..Spec::script(&format!("cat big small/* | wc -c; echo {salt}"))
+    }
+}
+
+fn worker_of(r: &kiln_proto::reapi::ExecuteResponse) -> String {
+    let meta = r.result.as_ref().unwrap().execution_metadata.as_ref();
+    meta.unwrap().worker.clone()
+}
+
+async fn number(admin: &str, name: &str) -> f64 {
+    common::metric_if_any(admin, name).await.unwrap_or(0.0)
+}
+
+/// Waits until the scheduler knows of at least `facts` blobs held by workers.
+async fn facts_known(admin: &str, facts: f64) {
+    common::eventually("the workers' reports of what they hold", || async move {
+        (number(admin, "kiln_scheduler_blob_facts").await >= facts).then_some(())
+    })
+    .await;
+}
+
+// A blob one worker holds reaches another worker from that worker, not from the server: w1
+// runs an action first and so holds its inputs; the same inputs for w2 come from w1 (its
+// served-bytes counter moves; the server sends no file of them). Both workers' admin
+// listeners and the server's /metrics and /status say so. The race delay is long here, so
+// that a slow machine never sends w2 to the server while w1 is healthy.
+on_every_runtime! {
+    async fn an_input_one_worker_holds_reaches_another_from_that_worker(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let patient = "peer_race_delay_ms = 60000\n";
+        let (_w1, admin1) = worker(rt, &kiln, dir.path(), "w1", "a", patient).await;
+        let (_w2, admin2) = worker(rt, &kiln, dir.path(), "w2", "b", patient).await;
+        let ch = kiln.channel().await;
+        let (tree, bytes) = inputs("x");
+        let (_, r) = execute(&ch, F, &run_on("a", &tree, "one").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
+        let first = number(&admin1, "kiln_worker_fetch_bytes_total{source=\"server\"}").await as u64;
+        assert!(first >= bytes, "w1 fetched {first} of {bytes} bytes from the server");
+        facts_known(&kiln.admin, 21.0).await;
+        let read_before = number(&kiln.admin, "kiln_sent_bytes_total{method=\"ByteStream.Read\"}").await;
+        let batch_before = number(&kiln.admin, "kiln_sent_bytes_total{method=\"CAS.BatchReadBlobs\"}").await;
+
+        let (_, r) = execute(&ch, F, &run_on("b", &tree, "two").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
+        let out = common::exec::read_output(&ch, F, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+        assert_eq!(out, format!("{bytes}\ntwo\n").into_bytes());
+        assert_eq!(number(&admin2, "kiln_worker_fetch_bytes_total{source=\"peer\"}").await as u64, bytes, "every input file from w1");
+        assert_eq!(number(&admin2, "kiln_worker_peer_failures_total").await, 0.0);
+        let served = number(&admin1, "kiln_worker_served_bytes_total").await as u64;
+        assert!(served >= bytes, "w1 served {served} of {bytes} bytes");
+        let read_after = number(&kiln.admin, "kiln_sent_bytes_total{method=\"ByteStream.Read\"}").await;
+        assert!(read_after - read_before < (1 << 20) as f64, "the server streamed the large input again: {read_before} -> {read_after}");
+        // Only w2's Directory blobs came from the server: far less than the small files.
+        let batch_after = number(&kiln.admin, "kiln_sent_bytes_total{method=\"CAS.BatchReadBlobs\"}").await;
+        assert!(batch_after - batch_before < 4096.0, "{batch_before} -> {batch_after}");
+
+        // The server exports what the workers report, and shows it.
+        common::eventually("w2's report of its transfers", || {
+            let admin = kiln.admin.clone();
+            async move {
+                let peer = number(&admin, "kiln_worker_fetch_bytes_total{worker=\"w2\",source=\"peer\"}").await;
+                let served = number(&admin, "kiln_worker_served_bytes_total{worker=\"w1\"}").await;
+                (peer as u64 == bytes && served as u64 >= bytes).then_some(())
+            }
+        })
+        .await;
+        let (_, status) = common::curl(&format!("{}/status", kiln.admin), &[]);
+        assert!(status.contains("id=\"workers\"") && status.contains("<th>w2</th>"), "{status}");
+        assert!(status.contains("3.0 MiB from peers"), "{status}");
+        kiln.stop().await;
+    }
+}
+
+// A peer that stops answering (here: stopped with SIGSTOP while it is still connected, so
+// the scheduler still names it) costs the worker the race delay, not the action: the server
+// is asked too, its copy wins, and the peer's request is cancelled.
+on_every_runtime! {
+    async fn a_stalled_peer_leaves_the_worker_to_the_server(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let (w1, _) = worker(rt, &kiln, dir.path(), "w1", "a", "").await;
+        let (_w2, admin2) = worker(rt, &kiln, dir.path(), "w2", "b", "peer_race_delay_ms = 50\n").await;
+        let ch = kiln.channel().await;
+        let (tree, bytes) = inputs("y");
+        let (_, r) = execute(&ch, F, &run_on("a", &tree, "one").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
+        facts_known(&kiln.admin, 21.0).await;
+        let action = run_on("b", &tree, "two").upload(&ch, F).await;
+        w1.signal(libc::SIGSTOP);
+        let result = execute(&ch, F, &action, false).await;
+        w1.signal(libc::SIGCONT);
+        let (_, r) = result.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
+        let from_server = number(&admin2, "kiln_worker_fetch_bytes_total{source=\"server\"}").await as u64;
+        assert!(from_server >= bytes, "{from_server} of {bytes} bytes from the server");
+        assert_eq!(number(&admin2, "kiln_worker_fetch_bytes_total{source=\"peer\"}").await, 0.0);
+        kiln.stop().await;
+    }
+}

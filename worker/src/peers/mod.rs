@@ -1,0 +1,287 @@
+//! Other workers as a source of inputs. With an action the scheduler sends hints: which peer
+//! holds which of its input files. A blob the worker lacks is asked of that peer first and of
+//! the server only after a delay that grows with the blob's size ([`race`]), or at once when
+//! the peer fails or lacks it. Every byte from a peer is checked against its digest before
+//! it is stored, exactly like a byte from the server ([`crate::remote::RemoteCas`]).
+//!
+//! [`TransferStats`] counts the bytes each source sent, for the worker's reports and metrics.
+
+pub mod race;
+
+use crate::link::Link;
+use crate::remote::{CasLinks, RemoteCas};
+use kiln_proto::worker::{PeerHint, TransferReport};
+use kiln_reapi::digest::Digest;
+use race::Winner;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Peers the worker keeps links to at once.
+const MAX_LINKS: usize = 1024;
+/// Longest peer endpoint accepted in a hint.
+const MAX_ENDPOINT: usize = 256;
+
+/// Bytes fetched by source and served, since the worker started.
+#[derive(Debug)]
+pub struct TransferStats {
+    peer_bytes: AtomicU64,
+    server_bytes: AtomicU64,
+    peer_failures: AtomicU64,
+    /// Random per process: the server's counters start over when it changes.
+    run: u64,
+}
+
+impl Default for TransferStats {
+    fn default() -> Self {
+        TransferStats {
+            peer_bytes: AtomicU64::new(0),
+            server_bytes: AtomicU64::new(0),
+            peer_failures: AtomicU64::new(0),
+            run: u64::from_le_bytes(
+                uuid::Uuid::new_v4().as_bytes()[..8]
+                    .try_into()
+                    .unwrap_or([1; 8]),
+            ),
+        }
+    }
+}
+
+impl TransferStats {
+    /// Counts `bytes` of inputs fetched from `source`.
+    pub fn fetched(&self, source: Winner, bytes: u64) {
+        let counter = match source {
+            Winner::Peer => &self.peer_bytes,
+            Winner::Server => &self.server_bytes,
+        };
+        counter.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts a fetch from a peer that failed.
+    pub fn peer_failed(&self) {
+        self.peer_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bytes fetched from peers and from the server.
+    pub fn fetched_bytes(&self) -> (u64, u64) {
+        (
+            self.peer_bytes.load(Ordering::Relaxed),
+            self.server_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Failed peer fetches.
+    pub fn peer_failures(&self) -> u64 {
+        self.peer_failures.load(Ordering::Relaxed)
+    }
+
+    /// The counts as reported to the scheduler, with `served` bytes sent to peers.
+    pub fn report(&self, served: u64) -> TransferReport {
+        let (peer_bytes, server_bytes) = self.fetched_bytes();
+        TransferReport {
+            peer_bytes,
+            server_bytes,
+            served_bytes: served,
+            peer_failures: self.peer_failures(),
+            run: self.run,
+        }
+    }
+}
+
+/// How the worker uses its peers (`worker.peer_*`).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerSettings {
+    /// How long a peer has before the server is asked too, for a blob of no size.
+    pub race_delay: Duration,
+    /// The peer's time grows by the blob's size at this rate (bytes per second), so that a
+    /// large blob streaming from a healthy peer is not fetched twice.
+    pub min_rate: u64,
+    /// A peer that failed is not asked again for this long.
+    pub cooldown: Duration,
+}
+
+impl PeerSettings {
+    /// How long to wait for a peer sending `bytes` before asking the server too.
+    pub fn delay(&self, bytes: u64) -> Duration {
+        let transfer = Duration::try_from_secs_f64(bytes as f64 / self.min_rate.max(1) as f64)
+            .unwrap_or(Duration::MAX);
+        self.race_delay.saturating_add(transfer)
+    }
+}
+
+/// Links to peers, made on first use.
+pub struct Peers {
+    settings: PeerSettings,
+    links: Mutex<HashMap<Arc<str>, PeerLink>>,
+    stats: Arc<TransferStats>,
+}
+
+struct PeerLink {
+    cas: RemoteCas,
+    /// Failed recently: not asked until then.
+    avoid_until: Option<Instant>,
+}
+
+impl Peers {
+    /// No links yet.
+    pub fn new(settings: PeerSettings, stats: Arc<TransferStats>) -> Peers {
+        Peers {
+            settings,
+            links: Mutex::new(HashMap::new()),
+            stats,
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &PeerSettings {
+        &self.settings
+    }
+
+    /// The transfer counters.
+    pub fn stats(&self) -> &Arc<TransferStats> {
+        &self.stats
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, PeerLink>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The peer serving at `endpoint`, unless it failed within the cooldown or its address
+    /// cannot be used. Must be called inside the tokio runtime (the link connects lazily).
+    pub fn get(&self, endpoint: &Arc<str>) -> Option<RemoteCas> {
+        let mut links = self.lock();
+        if let Some(link) = links.get_mut(endpoint) {
+            match link.avoid_until {
+                Some(until) if Instant::now() < until => return None,
+                Some(_) => link.avoid_until = None,
+                None => {}
+            }
+            return Some(link.cas.clone());
+        }
+        // Peers serve plain gRPC for now (the farm's TLS does not reach worker links yet).
+        let link = match Link::new(endpoint, None) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(peer = %endpoint, error = %e, "unusable peer address in a hint");
+                return None;
+            }
+        };
+        if links.len() >= MAX_LINKS {
+            links.clear();
+        }
+        let cas = RemoteCas::new(CasLinks::single(link.connect_lazy()));
+        links.insert(
+            endpoint.clone(),
+            PeerLink {
+                cas: cas.clone(),
+                avoid_until: None,
+            },
+        );
+        Some(cas)
+    }
+
+    /// The peer at `endpoint` failed: counted, and not asked again for the cooldown.
+    pub fn failed(&self, endpoint: &Arc<str>) {
+        self.stats.peer_failed();
+        if let Some(link) = self.lock().get_mut(endpoint) {
+            link.avoid_until = Some(Instant::now() + self.settings.cooldown);
+        }
+    }
+}
+
+/// This worker's CAS as served to its peers.
+#[derive(Clone)]
+pub struct Serving {
+    /// Where peers reach it (`grpc://HOST:PORT`), told to the scheduler in Hello.
+    pub endpoint: String,
+    /// What it holds, for the scheduler.
+    pub holdings: Arc<crate::holdings::Holdings>,
+    /// Bytes its data plane has sent to peers so far.
+    pub served: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+/// One action's hints: which peer holds each input file.
+#[derive(Debug, Default)]
+pub struct Hints(HashMap<Digest, Arc<str>>);
+
+impl Hints {
+    /// The hints of a StartExecute, for digests of `function` (`own`: this worker's own
+    /// endpoint, never its own peer). Malformed digests and endpoints are skipped: a hint is
+    /// advice, and a wrong one costs one failed request.
+    pub fn from_proto(hints: &[PeerHint], function: i32, own: Option<&str>) -> Hints {
+        let mut map = HashMap::new();
+        for hint in hints {
+            let usable = hint.endpoint.len() <= MAX_ENDPOINT
+                && (hint.endpoint.starts_with("grpc://") || hint.endpoint.starts_with("grpcs://"))
+                && own != Some(hint.endpoint.as_str());
+            if !usable {
+                continue;
+            }
+            let endpoint: Arc<str> = Arc::from(hint.endpoint.as_str());
+            for d in &hint.digests {
+                if let Ok(d) = Digest::from_proto(d, function) {
+                    map.insert(d, endpoint.clone());
+                }
+            }
+        }
+        Hints(map)
+    }
+
+    /// The peer hinted to hold `digest`.
+    pub fn peer(&self, digest: &Digest) -> Option<&Arc<str>> {
+        self.0.get(digest)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_reapi::digest::DigestFunction;
+
+    #[test]
+    fn hints_skip_bad_endpoints_bad_digests_and_the_worker_itself() {
+        let d = Digest::of(DigestFunction::Sha256, b"x");
+        let e = Digest::of(DigestFunction::Sha256, b"y");
+        let bad_digest = kiln_proto::reapi::Digest {
+            hash: "zz".into(),
+            size_bytes: 1,
+        };
+        let hint = |endpoint: &str, digests: Vec<kiln_proto::reapi::Digest>| PeerHint {
+            endpoint: endpoint.into(),
+            digests,
+        };
+        let function = DigestFunction::Sha256.proto() as i32;
+        let hints = Hints::from_proto(
+            &[
+                hint("grpc://10.0.0.2:1", vec![d.to_proto(), bad_digest]),
+                hint("http://10.0.0.3:1", vec![e.to_proto()]),
+                hint("grpc://me:1", vec![e.to_proto()]),
+                hint(&format!("grpc://{}", "a".repeat(300)), vec![e.to_proto()]),
+            ],
+            function,
+            Some("grpc://me:1"),
+        );
+        assert_eq!(hints.peer(&d).map(|p| &**p), Some("grpc://10.0.0.2:1"));
+        assert_eq!(hints.peer(&e), None);
+        assert_eq!(hints.0.len(), 1);
+    }
+
+    #[test]
+    fn a_larger_blob_gives_the_peer_longer() {
+        let s = PeerSettings {
+            race_delay: Duration::from_millis(20),
+            min_rate: 100 << 20,
+            cooldown: Duration::from_secs(30),
+        };
+        assert_eq!(s.delay(0), Duration::from_millis(20));
+        assert_eq!(s.delay(100 << 20), Duration::from_millis(1020));
+        let slowest = PeerSettings { min_rate: 0, ..s };
+        assert_eq!(slowest.delay(u64::MAX), Duration::MAX, "no overflow");
+    }
+}
