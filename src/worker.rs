@@ -160,10 +160,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         anyhow::ensure!(
             args.insecure,
             "refusing to serve the worker's local CAS on {}: it has no TLS or authorization yet, \
-             so anyone who can reach it could read and write it. Keep it on loopback, or pass --insecure",
+             so anyone who can reach it could read it (it is read-only: peers fetch inputs from it). \
+             Keep it on loopback, or pass --insecure on a network you trust",
             config.server.listen
         );
-        tracing::warn!(listen = %config.server.listen, "--insecure: the local CAS is open to anyone who can reach it");
+        tracing::warn!(listen = %config.server.listen, "--insecure: the local CAS can be read by anyone who can reach it");
     }
     if let Some(admin) = args.admin_listen.filter(|a| !a.ip().is_loopback()) {
         anyhow::ensure!(
