@@ -56,26 +56,27 @@ impl RunningWorker {
 /// removed); past it the next report lists the whole CAS instead.
 const HOLDINGS_KEPT: usize = 200_000;
 
-/// Where peers reach this worker's CAS: `worker.peer_endpoint`, else the address the data
-/// plane is bound to when peers can reach it (a loopback address only when the scheduler,
-/// and so the whole farm, is on this host). `None`: not served to peers.
-fn peer_endpoint(config: &Config, bound: std::net::SocketAddr, scheduler: &str) -> Option<String> {
+/// Whether this worker serves its CAS to peers (and reports what it holds): with
+/// `worker.peer_endpoint`, or when `server.listen` is one address peers can reach (a loopback
+/// address only when the scheduler, and so the whole farm, is on this host). Peers reach it
+/// at `worker.peer_endpoint`, else at the address it is bound to.
+fn serves_peers(config: &Config, scheduler: &str) -> bool {
     if !config.worker.peers {
-        return None;
+        return false;
     }
-    if let Some(endpoint) = &config.worker.peer_endpoint {
-        return Some(endpoint.clone());
+    if config.worker.peer_endpoint.is_some() {
+        return true;
     }
-    let ip = bound.ip();
-    if ip.is_unspecified() {
-        tracing::warn!(listen = %bound, "the local CAS listens on every address, so peers cannot be told which to use: set worker.peer_endpoint to serve it to them");
-        return None;
+    let listen = config.server.listen;
+    if listen.ip().is_unspecified() {
+        tracing::warn!(%listen, "the local CAS listens on every address, so peers cannot be told which to use: set worker.peer_endpoint to serve it to them");
+        return false;
     }
-    if ip.is_loopback() && !on_loopback(scheduler) {
-        tracing::info!(listen = %bound, "the local CAS is on loopback, out of other hosts' reach: not served to peers (set server.listen and worker.peer_endpoint)");
-        return None;
+    if listen.ip().is_loopback() && !on_loopback(scheduler) {
+        tracing::info!(%listen, "the local CAS is on loopback, out of other hosts' reach: not served to peers (set server.listen and worker.peer_endpoint)");
+        return false;
     }
-    Some(format!("grpc://{bound}"))
+    true
 }
 
 /// Whether the `grpc://HOST:PORT` URL names this host's loopback.
@@ -205,9 +206,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut store = OpenedStore::open(&config, shard_count(&config), Metrics::new())
         .with_context(|| format!("cannot open the local CAS in {}", data_dir.display()))?;
     // What the CAS holds, for the scheduler to tell other workers.
-    let holdings = config
-        .worker
-        .peers
+    let holdings = serves_peers(&config, &scheduler)
         .then(|| Arc::new(kiln_worker::holdings::Holdings::new(HOLDINGS_KEPT)));
     if let Some(h) = &holdings {
         store.watch(h.clone());
@@ -225,20 +224,18 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot serve the local CAS on {}", config.server.listen))?;
     let transfers = Arc::new(kiln_worker::peers::TransferStats::default());
-    let serving = match (
-        holdings,
-        peer_endpoint(&config, data.local_addr(), &scheduler),
-    ) {
-        (Some(holdings), Some(endpoint)) => {
-            let metrics = local.cas().client().metrics().clone();
-            Some(kiln_worker::peers::Serving {
-                endpoint,
-                holdings,
-                served: Arc::new(move || metrics.blob_bytes_sent()),
-            })
+    let serving = holdings.map(|holdings| {
+        let metrics = local.cas().client().metrics().clone();
+        kiln_worker::peers::Serving {
+            endpoint: config
+                .worker
+                .peer_endpoint
+                .clone()
+                .unwrap_or_else(|| format!("grpc://{}", data.local_addr())),
+            holdings,
+            served: Arc::new(move || metrics.blob_bytes_sent()),
         }
-        _ => None,
-    };
+    });
     let peers = config.worker.peers.then(|| {
         Arc::new(kiln_worker::peers::Peers::new(
             kiln_worker::peers::PeerSettings {

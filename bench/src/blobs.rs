@@ -86,10 +86,18 @@ impl BlobPool {
 
     /// A pool of `content` for blobs up to `max` bytes.
     pub fn of(max: u64, content: Content) -> BlobPool {
-        let nonce = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ ((std::process::id() as u64) << 32);
+        BlobPool::seeded(max, content, None)
+    }
+
+    /// A pool of `content` for blobs up to `max` bytes; with a `seed`, the same blobs in
+    /// every run given that seed (else new ones each run).
+    pub fn seeded(max: u64, content: Content, seed: Option<u64>) -> BlobPool {
+        let nonce = seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                ^ ((std::process::id() as u64) << 32)
+        });
         let len = max.saturating_sub(HEADER as u64) as usize;
         let mut data = Vec::with_capacity(len + 128);
         let mut x = nonce | 1;

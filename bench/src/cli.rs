@@ -128,6 +128,14 @@ pub struct Args {
     /// this many files each (0: all in the input root).
     #[arg(long, default_value_t = 0)]
     pub files_per_dir: u64,
+    /// `execute`: the same input blobs in every run given this seed (else new ones per run),
+    /// so that a second run finds them on the worker that ran the first.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// `execute`: a platform property every action asks for, `NAME=VALUE` (repeatable), to
+    /// send actions to particular workers.
+    #[arg(long = "platform", value_name = "NAME=VALUE")]
+    pub platform: Vec<String>,
     /// Milliseconds each `execute` action sleeps (0: a no-op).
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,

@@ -10,6 +10,13 @@ use crate::{Command, OpId, OpStage, OpState, Scheduler, Stage, WorkerId, WorkerS
 use std::collections::HashSet;
 use std::time::Instant;
 
+/// Input files (the largest first, as jobs list them) weighed when placing by the bytes a
+/// worker holds: the scheduler's lock is held meanwhile.
+const MAX_SCORED: usize = 100_000;
+
+/// Digests hinted with one dispatch at most (about 75 bytes each in the message).
+const MAX_HINTS: usize = 100_000;
+
 /// What [`Scheduler::choose`] decided for a queued action.
 enum Choice {
     /// Dispatch it to this worker, for this reason.
@@ -60,19 +67,12 @@ impl<P: Clone, R> Scheduler<P, R> {
         let Some(other) = least_loaded(&free) else {
             return Choice::NotNow;
         };
-        // The free worker holding the most bytes of the action's input files, if any does.
-        let held = self.holders.bytes_held(&state.job.inputs);
-        let most = held
-            .iter()
-            .filter(|(id, bytes)| **bytes > 0 && self.workers.get(id).is_some_and(|w| free(id, w)))
-            .max_by(|(a_id, a), (b_id, b)| a.cmp(b).then(b_id.cmp(a_id)))
-            .map(|(id, _)| *id);
         let busy_holder = self
             .workers
             .values()
             .any(|w| !w.draining && holds(w) && could_fit(kinds, requirements, &w.offer));
         if !busy_holder {
-            return match most {
+            return match self.most_bytes(state, &free) {
                 Some(id) => Choice::Place(id, Reason::InputBlobs),
                 None => Choice::Place(other, Reason::Load),
             };
@@ -84,7 +84,34 @@ impl<P: Clone, R> Scheduler<P, R> {
                 until: since + self.config.locality_wait,
             };
         }
-        Choice::Place(most.unwrap_or(other), Reason::WaitedForHolder)
+        let id = self.most_bytes(state, &free).unwrap_or(other);
+        Choice::Place(id, Reason::WaitedForHolder)
+    }
+
+    /// Of the free workers (`free`), the one known to hold the most bytes of the action's
+    /// input files (the largest [`MAX_SCORED`] of them), if any holds some; ties go to the
+    /// less loaded, then the lower id.
+    fn most_bytes(
+        &self,
+        state: &OpState<P>,
+        free: &dyn Fn(&WorkerId, &WorkerState) -> bool,
+    ) -> Option<WorkerId> {
+        if self.holders.is_empty() {
+            return None;
+        }
+        let inputs = &state.job.inputs[..state.job.inputs.len().min(MAX_SCORED)];
+        let load = |w: &WorkerState| w.busy as f64 / w.capacity as f64;
+        self.holders
+            .bytes_held(inputs)
+            .into_iter()
+            .filter_map(|(id, bytes)| {
+                let w = self.workers.get(&id).filter(|w| free(&id, w))?;
+                (bytes > 0).then_some((id, bytes, load(w)))
+            })
+            .max_by(|(a_id, a, a_load), (b_id, b, b_load)| {
+                a.cmp(b).then(b_load.total_cmp(a_load)).then(b_id.cmp(a_id))
+            })
+            .map(|(id, _, _)| id)
     }
 
     /// When the scheduler next needs a [`Scheduler::tick`] to place an action it holds for a
@@ -128,9 +155,14 @@ impl<P: Clone, R> Scheduler<P, R> {
                 Choice::NotNow => continue,
             };
             self.placements.count(reason);
-            let peers = self.holders.hints(worker, &state.job.inputs, |w| {
-                self.workers.get(&w).is_some_and(|w| !w.draining)
-            });
+            let serves =
+                |w: &WorkerId| self.workers.get(w).is_some_and(|w| w.serves && !w.draining);
+            let peers = if serves(&worker) {
+                self.holders
+                    .hints(worker, &state.job.inputs, MAX_HINTS, |w| serves(&w))
+            } else {
+                Vec::new()
+            };
             let kinds = &self.config.kinds;
             self.queue.remove(&slot);
             let state = self.ops.get_mut(&op).expect("queued op exists");

@@ -12,11 +12,20 @@ use std::collections::{HashMap, VecDeque};
 /// worker) in all.
 #[derive(Debug)]
 pub struct BlobHolders {
-    map: HashMap<BlobKey, Vec<WorkerId>>,
-    /// Arrival order; may hold facts removed since (skipped when dropping the oldest).
-    order: VecDeque<(BlobKey, WorkerId)>,
+    map: HashMap<BlobKey, Vec<Fact>>,
+    /// Facts in arrival order, each with the number it was given: an entry whose fact was
+    /// removed, or removed and reported again since (a later number), is stale and skipped.
+    order: VecDeque<(BlobKey, WorkerId, u64)>,
     facts: usize,
     cap: usize,
+    next: u64,
+}
+
+/// One worker holding one blob, and when that was reported (see [`BlobHolders::order`]).
+#[derive(Debug, Clone, Copy)]
+struct Fact {
+    worker: WorkerId,
+    seq: u64,
 }
 
 impl BlobHolders {
@@ -27,6 +36,7 @@ impl BlobHolders {
             order: VecDeque::new(),
             facts: 0,
             cap,
+            next: 0,
         }
     }
 
@@ -53,79 +63,95 @@ impl BlobHolders {
             self.worker_left(worker);
         }
         for key in &removed {
-            self.remove(key, worker);
+            self.remove(key, worker, None);
         }
         for key in added {
             if self.cap == 0 {
                 break;
             }
-            let holders = self.map.entry(key.clone()).or_default();
-            if holders.contains(&worker) {
+            let facts = self.map.entry(key.clone()).or_default();
+            if facts.iter().any(|f| f.worker == worker) {
                 continue;
             }
-            holders.push(worker);
+            let seq = self.next;
+            self.next += 1;
+            facts.push(Fact { worker, seq });
             self.facts += 1;
-            self.order.push_back((key, worker));
+            self.order.push_back((key, worker, seq));
         }
         while self.facts > self.cap {
-            let Some((key, worker)) = self.order.pop_front() else {
+            let Some((key, worker, seq)) = self.order.pop_front() else {
                 break;
             };
-            self.remove(&key, worker);
+            self.remove(&key, worker, Some(seq));
         }
-        // Facts removed by reports linger in `order`: compact it now and then.
+        // Stale entries linger in `order`: compact it now and then, so that it stays within
+        // twice the facts.
         if self.order.len() > 2 * self.facts + 64 {
             let map = &self.map;
-            self.order
-                .retain(|(k, w)| map.get(k).is_some_and(|h| h.contains(w)));
+            self.order.retain(|(k, w, seq)| {
+                map.get(k)
+                    .is_some_and(|f| f.iter().any(|f| f.worker == *w && f.seq == *seq))
+            });
         }
     }
 
-    fn remove(&mut self, key: &BlobKey, worker: WorkerId) {
-        if let Some(holders) = self.map.get_mut(key) {
-            if let Some(at) = holders.iter().position(|w| *w == worker) {
-                holders.swap_remove(at);
+    /// Drops the fact that `worker` holds `key` (only the one numbered `seq`, when given).
+    fn remove(&mut self, key: &BlobKey, worker: WorkerId, seq: Option<u64>) {
+        if let Some(facts) = self.map.get_mut(key) {
+            let found = facts
+                .iter()
+                .position(|f| f.worker == worker && seq.is_none_or(|s| s == f.seq));
+            if let Some(at) = found {
+                facts.swap_remove(at);
                 self.facts -= 1;
-                if holders.is_empty() {
+                if facts.is_empty() {
                     self.map.remove(key);
                 }
             }
         }
     }
 
-    /// A worker is gone: every fact about it is dropped (one pass over the map).
+    /// A worker is gone: every fact about it is dropped (one pass over the map; its entries
+    /// in the arrival order go stale).
     pub fn worker_left(&mut self, worker: WorkerId) {
         let mut dropped = 0;
-        self.map.retain(|_, holders| {
-            let before = holders.len();
-            holders.retain(|w| *w != worker);
-            dropped += before - holders.len();
-            !holders.is_empty()
+        self.map.retain(|_, facts| {
+            let before = facts.len();
+            facts.retain(|f| f.worker != worker);
+            dropped += before - facts.len();
+            !facts.is_empty()
         });
         self.facts -= dropped;
     }
 
     /// The workers that reported holding `key`.
-    pub fn holders(&self, key: &BlobKey) -> &[WorkerId] {
-        self.map.get(key).map_or(&[], Vec::as_slice)
+    pub fn holders(&self, key: &BlobKey) -> impl Iterator<Item = WorkerId> + '_ {
+        self.map.get(key).into_iter().flatten().map(|f| f.worker)
     }
 
     /// For an action going to `target`: each of `inputs` that `target` is not known to hold,
     /// grouped by one peer that holds it (chosen by the digest, so that the work spreads over
-    /// the holders; `usable` says which workers may be asked). Groups ordered by worker.
+    /// the holders; `usable` says which workers may be asked), at most `max` digests in all.
+    /// Groups ordered by worker.
     pub fn hints(
         &self,
         target: WorkerId,
         inputs: &[BlobKey],
+        max: usize,
         usable: impl Fn(WorkerId) -> bool,
     ) -> Vec<(WorkerId, Vec<Digest>)> {
         let mut groups: HashMap<WorkerId, Vec<Digest>> = HashMap::new();
+        let mut hinted = 0;
         for key in inputs {
-            let holders = self.holders(key);
-            if holders.is_empty() || holders.contains(&target) {
+            if hinted >= max {
+                break;
+            }
+            let mut peers: Vec<WorkerId> = self.holders(key).collect();
+            if peers.is_empty() || peers.contains(&target) {
                 continue;
             }
-            let mut peers: Vec<WorkerId> = holders.iter().copied().filter(|w| usable(*w)).collect();
+            peers.retain(|w| usable(*w));
             if peers.is_empty() {
                 continue;
             }
@@ -133,6 +159,7 @@ impl BlobHolders {
             let spread = u64::from_le_bytes(key.digest.hash[..8].try_into().unwrap_or([0; 8]));
             let peer = peers[(spread % peers.len() as u64) as usize];
             groups.entry(peer).or_default().push(key.digest);
+            hinted += 1;
         }
         let mut groups: Vec<(WorkerId, Vec<Digest>)> = groups.into_iter().collect();
         groups.sort_unstable_by_key(|(w, _)| *w);
@@ -144,7 +171,7 @@ impl BlobHolders {
         let mut held: HashMap<WorkerId, u64> = HashMap::new();
         for key in inputs {
             for w in self.holders(key) {
-                let sum = held.entry(*w).or_default();
+                let sum = held.entry(w).or_default();
                 *sum = sum.saturating_add(key.digest.size);
             }
         }
@@ -174,21 +201,21 @@ mod tests {
         h.update(1, true, blobs(0..3), vec![]);
         h.update(2, true, blobs(2..4), vec![]);
         assert_eq!(h.len(), 5);
-        let mut two = h.holders(&blob(2)).to_vec();
+        let mut two: Vec<WorkerId> = h.holders(&blob(2)).collect();
         two.sort_unstable();
         assert_eq!(two, vec![1, 2]);
         h.update(1, false, vec![blob(9)], vec![blob(0), blob(2)]);
-        assert!(h.holders(&blob(0)).is_empty());
-        assert_eq!(h.holders(&blob(2)), &[2]);
-        assert_eq!(h.holders(&blob(9)), &[1]);
+        assert!(h.holders(&blob(0)).next().is_none());
+        assert_eq!(h.holders(&blob(2)).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(h.holders(&blob(9)).collect::<Vec<_>>(), vec![1]);
         // A repeated fact counts once.
         h.update(1, false, vec![blob(9)], vec![]);
         assert_eq!(h.len(), 4);
         // A full report replaces the worker's facts, and only its own.
         h.update(2, true, vec![blob(7)], vec![]);
         assert_eq!(h.len(), 3);
-        assert!(h.holders(&blob(3)).is_empty());
-        assert_eq!(h.holders(&blob(1)), &[1]);
+        assert!(h.holders(&blob(3)).next().is_none());
+        assert_eq!(h.holders(&blob(1)).collect::<Vec<_>>(), vec![1]);
     }
 
     #[test]
@@ -197,13 +224,29 @@ mod tests {
         h.update(1, false, blobs(0..3), vec![]);
         h.update(2, false, blobs(3..6), vec![]);
         assert_eq!(h.len(), 4);
-        assert!(h.holders(&blob(0)).is_empty() && h.holders(&blob(1)).is_empty());
-        assert_eq!(h.holders(&blob(5)), &[2]);
+        assert!(h.holders(&blob(0)).next().is_none() && h.holders(&blob(1)).next().is_none());
+        assert_eq!(h.holders(&blob(5)).collect::<Vec<_>>(), vec![2]);
         for _ in 0..100 {
             h.update(1, false, vec![blob(50)], vec![]);
             h.update(1, false, vec![], vec![blob(50)]);
         }
         assert!(h.order.len() <= 2 * h.len() + 64);
+        // A fact removed and reported again, or listed again in full reports, is as new as
+        // its last report: its older entries in the order neither linger nor drop it early.
+        let mut h = BlobHolders::new(3);
+        for _ in 0..200 {
+            h.update(1, true, blobs(0..2), vec![]);
+            h.update(2, false, vec![blob(9)], vec![blob(9)]);
+        }
+        assert!(h.order.len() <= 2 * h.len() + 64, "{}", h.order.len());
+        h.update(3, false, vec![blob(7)], vec![]);
+        assert_eq!(h.len(), 3);
+        assert!(
+            h.holders(&blob(0)).next().is_none(),
+            "the oldest of the last reports goes"
+        );
+        assert_eq!(h.holders(&blob(1)).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(h.holders(&blob(9)).collect::<Vec<_>>(), vec![2]);
         let mut none = BlobHolders::new(0);
         none.update(1, true, blobs(0..10), vec![]);
         assert!(none.is_empty());
@@ -216,8 +259,8 @@ mod tests {
         h.update(2, false, blobs(5..15), vec![]);
         h.worker_left(1);
         assert_eq!(h.len(), 10);
-        assert!(h.holders(&blob(0)).is_empty());
-        assert_eq!(h.holders(&blob(7)), &[2]);
+        assert!(h.holders(&blob(0)).next().is_none());
+        assert_eq!(h.holders(&blob(7)).collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]
@@ -228,7 +271,7 @@ mod tests {
         h.update(3, false, blobs(50..60), vec![]);
         h.update(4, false, blobs(0..100), vec![]);
         let inputs = blobs(0..120);
-        let hints = h.hints(3, &inputs, |w| w != 4);
+        let hints = h.hints(3, &inputs, usize::MAX, |w| w != 4);
         let hinted: usize = hints.iter().map(|(_, d)| d.len()).sum();
         assert_eq!(
             hinted, 90,
@@ -240,6 +283,12 @@ mod tests {
             "both usable holders share the work; worker 4 cannot be asked"
         );
         assert!(hints.iter().all(|(_, d)| d.len() > 20), "{hints:?}");
+        let capped: usize = h
+            .hints(3, &inputs, 7, |_| true)
+            .iter()
+            .map(|(_, d)| d.len())
+            .sum();
+        assert_eq!(capped, 7, "at most `max` hints");
         let held = h.bytes_held(&blobs(0..10));
         assert_eq!(held.get(&1), Some(&20));
         assert_eq!(held.get(&3), None);

@@ -54,8 +54,8 @@ pub struct Job<P> {
     pub queued_at: SystemTime,
     /// The action's input root (instance and `Directory` digest), for placement by locality.
     pub input_root: Option<BlobKey>,
-    /// The action's input files, for placement by the bytes a worker holds and for hints of
-    /// the peers that hold them.
+    /// The action's input files, the largest first: for placement by the bytes a worker
+    /// holds and for hints of the peers that hold them.
     pub inputs: Arc<[BlobKey]>,
     /// What the worker needs (opaque here).
     pub payload: P,

@@ -71,6 +71,8 @@ struct WorkerState {
     draining: bool,
     /// The input roots its directory cache holds.
     roots: CachedRoots,
+    /// It serves its CAS to peers: its blobs are tracked, and it gets hints.
+    serves: bool,
 }
 
 impl WorkerState {
@@ -198,6 +200,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 last_seen: now,
                 draining: false,
                 roots: CachedRoots::new(self.config.max_cached_roots),
+                serves: false,
             },
         );
         self.schedule(now);
@@ -219,8 +222,17 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.schedule(now);
     }
 
-    /// A worker reports the blobs its CAS holds (served to its peers): with `full`, `added`
-    /// is the whole set; otherwise the changes since its last report.
+    /// A worker serves its CAS to its peers: the blobs it reports are tracked, and its
+    /// actions carry hints of the peers holding their inputs.
+    pub fn worker_serves(&mut self, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.serves = true;
+        }
+    }
+
+    /// A worker that serves its peers reports the blobs its CAS holds: with `full`, `added`
+    /// is the whole set; otherwise the changes since its last report. (Ignored from a worker
+    /// that does not serve: nobody could fetch from it.)
     pub fn worker_blobs(
         &mut self,
         worker: WorkerId,
@@ -228,7 +240,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         added: Vec<BlobKey>,
         removed: Vec<BlobKey>,
     ) {
-        if self.workers.contains_key(&worker) {
+        if self.workers.get(&worker).is_some_and(|w| w.serves) {
             self.holders.update(worker, full, added, removed);
         }
     }

@@ -544,6 +544,7 @@ fn an_action_goes_to_the_free_worker_holding_most_of_its_input_bytes_with_hints_
     let mut s = S::new(config());
     for w in 1..=3 {
         s.worker_joined(t, w, vec![], 1);
+        s.worker_serves(w);
     }
     // Worker 2 holds files 10 and 20 (30 bytes); worker 3 holds 1..=5 (15 bytes).
     s.worker_blobs(2, true, vec![file(10), file(20)], vec![]);
@@ -578,4 +579,13 @@ fn an_action_goes_to_the_free_worker_holding_most_of_its_input_bytes_with_hints_
     s.worker_draining(2);
     s.submit(t, with_inputs("e", &[10])).unwrap();
     assert_eq!(dispatched_with_hints(&mut s), vec![(1, "e", vec![])]);
+    // A worker that does not serve its peers gets no hints, and what it reports holding is
+    // not kept: nobody could fetch from it.
+    s.reported(t, 1, 5, "done");
+    s.worker_joined(t, 9, vec![], 1);
+    s.worker_blobs(9, true, vec![file(40)], vec![]);
+    assert_eq!(s.blob_facts(), 2);
+    s.worker_left(t, 1);
+    s.submit(t, with_inputs("f", &[1])).unwrap();
+    assert_eq!(dispatched_with_hints(&mut s), vec![(9, "f", vec![])]);
 }

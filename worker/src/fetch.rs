@@ -7,8 +7,7 @@
 use crate::error::ActionError;
 use crate::local::LocalCas;
 use crate::peers::race::{race, Winner};
-use crate::peers::{Hints, Peers, TransferStats};
-use crate::remote::RemoteCas;
+use crate::peers::{Hints, PeerRequest, Peers, TransferStats};
 use crate::remote::SMALL;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
@@ -227,15 +226,16 @@ fn batches(digests: &[Digest]) -> Vec<&[Digest]> {
     out
 }
 
-/// The link to `peer`, when hinted and usable.
-fn peer_link<'a>(
+/// A request for `bytes` to `peer`, when hinted and usable.
+fn peer_request<'a>(
     remote: &Remote<'a>,
     peer: Option<Arc<str>>,
-) -> Option<(&'a Peers, Arc<str>, RemoteCas)> {
+    bytes: u64,
+) -> Option<(&'a Peers, Arc<str>, PeerRequest)> {
     let (peers, _) = remote.peers?;
     let endpoint = peer?;
-    let cas = peers.get(&endpoint)?;
-    Some((peers, endpoint, cas))
+    let request = peers.ask(&endpoint, bytes)?;
+    Some((peers, endpoint, request))
 }
 
 /// One batch of small blobs, stored locally; returns those neither source has.
@@ -251,30 +251,24 @@ async fn download_batch(
         let got = remote.server.read_blobs(instance, &digests).await?;
         Ok::<_, kiln_reapi::cas::CasError>(digests.into_iter().zip(got).collect::<Vec<_>>())
     };
-    let mut got: Vec<(Digest, Option<Bytes>)> = match peer_link(remote, peer) {
+    let bytes = batch.iter().fold(0u64, |sum, d| sum.saturating_add(d.size));
+    let mut got: Vec<(Digest, Option<Bytes>)> = match peer_request(remote, peer, bytes) {
         None => {
             let got = server(batch.to_vec()).await?;
             count(remote.stats, Winner::Server, &got);
             got
         }
-        Some((peers, endpoint, cas)) => {
-            let bytes = batch.iter().fold(0u64, |sum, d| sum.saturating_add(d.size));
+        Some((peers, endpoint, request)) => {
             let asked = async {
-                let got = cas.read_blobs(instance, batch).await?;
+                let got = request.cas.read_blobs(instance, batch).await?;
                 // Nothing at all: the hint was stale, go to the server at once.
                 Ok(got
                     .iter()
                     .any(Option::is_some)
                     .then(|| batch.iter().copied().zip(got).collect::<Vec<_>>()))
             };
-            let raced = race(asked, peers.settings().delay(bytes), || {
-                server(batch.to_vec())
-            })
-            .await;
-            if raced.peer_failed {
-                tracing::debug!(peer = %endpoint, "a peer failed to send a batch; fetched from the server");
-                peers.failed(&endpoint);
-            }
+            let raced = race(asked, request.delay, || server(batch.to_vec())).await;
+            peers.outcome(&endpoint, &raced);
             let mut got = raced.result?;
             count(remote.stats, raced.winner, &got);
             if raced.winner == Winner::Peer {
@@ -335,19 +329,16 @@ async fn download_large(
         let found = remote.server.read_to_file(instance, d, &temp).await?;
         Ok::<_, kiln_reapi::cas::CasError>(found.then_some(temp))
     };
-    let (file, winner) = match peer_link(remote, peer) {
+    let (file, winner) = match peer_request(remote, peer, d.size) {
         None => (server().await?, Winner::Server),
-        Some((peers, endpoint, cas)) => {
+        Some((peers, endpoint, request)) => {
             let asked = async {
                 let temp = local.temp_path();
-                let found = cas.read_to_file(instance, d, &temp).await?;
+                let found = request.cas.read_to_file(instance, d, &temp).await?;
                 Ok(found.then_some(Some(temp)))
             };
-            let raced = race(asked, peers.settings().delay(d.size), server).await;
-            if raced.peer_failed {
-                tracing::debug!(peer = %endpoint, blob = ?d, "a peer failed to send a blob; fetched from the server");
-                peers.failed(&endpoint);
-            }
+            let raced = race(asked, request.delay, server).await;
+            peers.outcome(&endpoint, &raced);
             (raced.result?, raced.winner)
         }
     };

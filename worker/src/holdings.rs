@@ -49,6 +49,11 @@ impl Holdings {
         self.changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The changes taken could not be reported: the next report lists the store whole.
+    pub fn lost(&self) {
+        self.lock().overflowed = true;
+    }
+
     /// The changes since the last take (and forgets them).
     pub fn take(&self) -> Taken {
         let changes = std::mem::take(&mut *self.lock());

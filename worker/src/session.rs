@@ -94,6 +94,7 @@ async fn blob_changes(ctx: &WorkerContext, serving: &crate::peers::Serving, full
             },
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the local CAS for the scheduler");
+                serving.holdings.lost();
                 Changes::default()
             }
         },

@@ -21,6 +21,8 @@ struct ExecuteLoad {
     inputs: Option<BlobPool>,
     /// With `--shared-inputs`: the one input root, uploaded by the first action.
     shared_root: tokio::sync::OnceCell<reapi::Digest>,
+    /// `--platform`: what every action asks for.
+    platform: Option<reapi::Platform>,
 }
 
 pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
@@ -39,13 +41,28 @@ pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
         ..Default::default()
     };
     let command = upload_message(&ctx, &command).await?;
-    let inputs = ctx.args.input_size.map(|size| BlobPool::new(size.max()));
+    let inputs = ctx
+        .args
+        .input_size
+        .map(|size| BlobPool::seeded(size.max(), crate::cli::Content::Random, ctx.args.seed));
+    let mut properties = Vec::new();
+    for p in &ctx.args.platform {
+        let Some((name, value)) = p.split_once('=') else {
+            anyhow::bail!("--platform {p:?} is not NAME=VALUE");
+        };
+        properties.push(reapi::platform::Property {
+            name: name.to_string(),
+            value: value.to_string(),
+        });
+    }
+    properties.sort_by(|a, b| (&a.name, &a.value).cmp(&(&b.name, &b.value)));
     Ok(Prepared::Run(Arc::new(ExecuteLoad {
         ctx,
         command,
         nonce: uuid::Uuid::new_v4().to_string(),
         inputs,
         shared_root: tokio::sync::OnceCell::new(),
+        platform: (!properties.is_empty()).then_some(reapi::Platform { properties }),
     })))
 }
 
@@ -222,6 +239,7 @@ impl Workload for ExecuteLoad {
                 input_root_digest: Some(input_root),
                 salt: format!("{} {index}", self.nonce).into_bytes().into(),
                 do_not_cache: true,
+                platform: self.platform.clone(),
                 ..Default::default()
             };
             let digest = match upload_message(&self.ctx, &action).await {

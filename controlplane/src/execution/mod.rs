@@ -485,7 +485,15 @@ impl ExecutionCore {
             },
         );
         tracing::info!(worker = %name, id, capacity, "worker connected");
-        self.apply(|s, now| s.worker_joined(now, id, properties, capacity));
+        let serves = lock(&self.sessions)
+            .get(&id)
+            .is_some_and(|s| s.endpoint.is_some());
+        self.apply(|s, now| {
+            s.worker_joined(now, id, properties, capacity);
+            if serves {
+                s.worker_serves(id);
+            }
+        });
         id
     }
 
@@ -493,7 +501,7 @@ impl ExecutionCore {
     /// blobs its CAS holds, its transfers (an entry that does not parse is skipped: it only
     /// loses the worker a placement or a hint).
     fn worker_report(&self, worker: WorkerId, report: kiln_proto::worker::WorkerReport) {
-        let serves = {
+        {
             let mut sessions = lock(&self.sessions);
             let Some(session) = sessions.get_mut(&worker) else {
                 return;
@@ -504,8 +512,7 @@ impl ExecutionCore {
             if report.transfers.is_some() {
                 session.transfers = report.transfers;
             }
-            session.endpoint.is_some()
-        };
+        }
         let keys = |held: Vec<kiln_proto::worker::HeldKey>| -> Vec<BlobKey> {
             held.into_iter()
                 .filter_map(|r| {
@@ -520,9 +527,8 @@ impl ExecutionCore {
         if report.full || !added.is_empty() || !removed.is_empty() {
             self.apply(|s, now| s.worker_roots(now, worker, report.full, added, removed));
         }
-        // Blobs of a worker that serves no peer could never be hinted: not kept.
         let (added, removed) = (keys(report.blobs_added), keys(report.blobs_removed));
-        if serves && (report.blobs_full || !added.is_empty() || !removed.is_empty()) {
+        if report.blobs_full || !added.is_empty() || !removed.is_empty() {
             self.apply(|s, _| s.worker_blobs(worker, report.blobs_full, added, removed));
         }
     }

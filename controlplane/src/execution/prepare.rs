@@ -129,11 +129,7 @@ pub(super) async fn prepare(
         mergeable: cacheable,
         queued_at: SystemTime::now(),
         input_root: Some(BlobKey::new(instance.clone(), root_digest)),
-        inputs: files
-            .into_iter()
-            .filter(|d| !d.is_empty_blob())
-            .map(|d| BlobKey::new(instance.clone(), d))
-            .collect(),
+        inputs: largest_first(instance, files),
         payload: Arc::new(Payload {
             start: StartExecute {
                 instance_name: instance.as_str().to_string(),
@@ -233,6 +229,17 @@ async fn walk(
         .filter(|d| seen.insert(*d))
         .collect();
     Ok((blobs, walked.files, walked.missing))
+}
+
+/// The input files the scheduler places by and hints peers for: the largest first (it weighs
+/// a bounded number), the empty blob left out.
+fn largest_first(instance: &InstanceName, mut files: Vec<Digest>) -> Arc<[BlobKey]> {
+    files.retain(|d| !d.is_empty_blob());
+    files.sort_unstable_by_key(|d| std::cmp::Reverse(d.size));
+    files
+        .into_iter()
+        .map(|d| BlobKey::new(instance.clone(), d))
+        .collect()
 }
 
 /// Releases `holder`'s pins in a task of its own (the caller may be cancelled at its next

@@ -21,13 +21,11 @@ const SESSION_QUEUE: usize = 1024;
 /// Longest peer endpoint accepted from a worker.
 const MAX_ENDPOINT: usize = 256;
 
-/// A worker's announced peer endpoint, if it is one other workers can use: `grpc://` or
-/// `grpcs://` and a host, at most [`MAX_ENDPOINT`] characters (it is passed on to every
-/// other worker).
+/// A worker's announced peer endpoint, if it is one other workers can use: `grpc://` (peer
+/// links have no TLS yet) and a host, at most [`MAX_ENDPOINT`] characters (it is passed on to
+/// every other worker).
 fn peer_endpoint(announced: &str) -> Option<String> {
-    let rest = announced
-        .strip_prefix("grpc://")
-        .or_else(|| announced.strip_prefix("grpcs://"))?;
+    let rest = announced.strip_prefix("grpc://")?;
     let usable = announced.len() <= MAX_ENDPOINT
         && !rest.is_empty()
         && rest.parse::<http::uri::Authority>().is_ok();
@@ -166,10 +164,11 @@ mod tests {
             peer_endpoint("grpc://10.0.0.5:50052").as_deref(),
             Some("grpc://10.0.0.5:50052")
         );
-        assert!(peer_endpoint("grpcs://[::1]:9").is_some());
+        assert!(peer_endpoint("grpc://[::1]:9").is_some());
         for bad in [
             "",
             "grpc://",
+            "grpcs://10.0.0.5:1",
             "http://10.0.0.5:1",
             "grpc://a b:1",
             "grpc://x/y",

@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Races a peer may lose in a row before it is set aside for the cooldown.
+const SLOW_STRIKES: u32 = 3;
+
 /// Peers the worker keeps links to at once.
 const MAX_LINKS: usize = 1024;
 /// Longest peer endpoint accepted in a hint.
@@ -58,7 +61,7 @@ impl TransferStats {
         counter.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Counts a fetch from a peer that failed.
+    /// Counts a peer set aside (it failed, or was too slow too often).
     pub fn peer_failed(&self) {
         self.peer_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -94,15 +97,17 @@ impl TransferStats {
 pub struct PeerSettings {
     /// How long a peer has before the server is asked too, for a blob of no size.
     pub race_delay: Duration,
-    /// The peer's time grows by the blob's size at this rate (bytes per second), so that a
-    /// large blob streaming from a healthy peer is not fetched twice.
+    /// The peer's time grows by the bytes asked of it at this rate (bytes per second): this
+    /// request's and those still in flight to it, which share its link. So a healthy peer
+    /// streaming a large blob, or many at once, is not doubled by the server.
     pub min_rate: u64,
     /// A peer that failed is not asked again for this long.
     pub cooldown: Duration,
 }
 
 impl PeerSettings {
-    /// How long to wait for a peer sending `bytes` before asking the server too.
+    /// How long to wait for a peer with `bytes` to send (this request's and those in flight
+    /// to it) before asking the server too.
     pub fn delay(&self, bytes: u64) -> Duration {
         let transfer = Duration::try_from_secs_f64(bytes as f64 / self.min_rate.max(1) as f64)
             .unwrap_or(Duration::MAX);
@@ -121,6 +126,26 @@ struct PeerLink {
     cas: RemoteCas,
     /// Failed recently: not asked until then.
     avoid_until: Option<Instant>,
+    /// Races it lost in a row (the server's copy came first).
+    slow: u32,
+    /// Bytes asked of it and not yet received.
+    in_flight: Arc<AtomicU64>,
+}
+
+/// A request to a peer: its link, and its bytes counted in flight until this is dropped.
+pub struct PeerRequest {
+    /// The peer's CAS.
+    pub cas: RemoteCas,
+    /// How long the peer has before the server is asked too.
+    pub delay: Duration,
+    in_flight: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for PeerRequest {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl Peers {
@@ -147,9 +172,21 @@ impl Peers {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The peer serving at `endpoint`, unless it failed within the cooldown or its address
-    /// cannot be used. Must be called inside the tokio runtime (the link connects lazily).
-    pub fn get(&self, endpoint: &Arc<str>) -> Option<RemoteCas> {
+    /// A request for `bytes` to the peer serving at `endpoint`, unless it failed within the
+    /// cooldown or its address cannot be used. Must be called inside the tokio runtime (the
+    /// link connects lazily).
+    pub fn ask(&self, endpoint: &Arc<str>, bytes: u64) -> Option<PeerRequest> {
+        let (cas, in_flight) = self.link(endpoint)?;
+        let queued = in_flight.fetch_add(bytes, Ordering::Relaxed);
+        Some(PeerRequest {
+            cas,
+            delay: self.settings.delay(queued.saturating_add(bytes)),
+            in_flight,
+            bytes,
+        })
+    }
+
+    fn link(&self, endpoint: &Arc<str>) -> Option<(RemoteCas, Arc<AtomicU64>)> {
         let mut links = self.lock();
         if let Some(link) = links.get_mut(endpoint) {
             match link.avoid_until {
@@ -157,7 +194,7 @@ impl Peers {
                 Some(_) => link.avoid_until = None,
                 None => {}
             }
-            return Some(link.cas.clone());
+            return Some((link.cas.clone(), link.in_flight.clone()));
         }
         // Peers serve plain gRPC for now (the farm's TLS does not reach worker links yet).
         let link = match Link::new(endpoint, None) {
@@ -171,21 +208,40 @@ impl Peers {
             links.clear();
         }
         let cas = RemoteCas::new(CasLinks::single(link.connect_lazy()));
+        let in_flight = Arc::new(AtomicU64::new(0));
         links.insert(
             endpoint.clone(),
             PeerLink {
                 cas: cas.clone(),
                 avoid_until: None,
+                slow: 0,
+                in_flight: in_flight.clone(),
             },
         );
-        Some(cas)
+        Some((cas, in_flight))
     }
 
-    /// The peer at `endpoint` failed: counted, and not asked again for the cooldown.
-    pub fn failed(&self, endpoint: &Arc<str>) {
-        self.stats.peer_failed();
-        if let Some(link) = self.lock().get_mut(endpoint) {
+    /// How a request to the peer at `endpoint` went. A failure is counted and the peer is
+    /// not asked again for the cooldown; so is a peer that lost [`SLOW_STRIKES`] races in a
+    /// row (slow: each hinted blob would wait the race delay for it); a win clears that.
+    pub fn outcome(&self, endpoint: &Arc<str>, raced: &race::Raced<impl Sized, impl Sized>) {
+        let failed = raced.peer_failed;
+        let mut links = self.lock();
+        let Some(link) = links.get_mut(endpoint) else {
+            return;
+        };
+        if raced.winner == Winner::Peer {
+            link.slow = 0;
+            return;
+        }
+        if raced.peer_slow {
+            link.slow += 1;
+        }
+        if failed || link.slow >= SLOW_STRIKES {
+            link.slow = 0;
             link.avoid_until = Some(Instant::now() + self.settings.cooldown);
+            self.stats.peer_failed();
+            tracing::debug!(peer = %endpoint, failed, "peer set aside for the cooldown");
         }
     }
 }
@@ -207,13 +263,14 @@ pub struct Hints(HashMap<Digest, Arc<str>>);
 
 impl Hints {
     /// The hints of a StartExecute, for digests of `function` (`own`: this worker's own
-    /// endpoint, never its own peer). Malformed digests and endpoints are skipped: a hint is
-    /// advice, and a wrong one costs one failed request.
+    /// endpoint, never its own peer). Malformed digests and endpoints (anything but
+    /// `grpc://`: peer links have no TLS yet) are skipped: a hint is advice, and a wrong one
+    /// costs one failed request.
     pub fn from_proto(hints: &[PeerHint], function: i32, own: Option<&str>) -> Hints {
         let mut map = HashMap::new();
         for hint in hints {
             let usable = hint.endpoint.len() <= MAX_ENDPOINT
-                && (hint.endpoint.starts_with("grpc://") || hint.endpoint.starts_with("grpcs://"))
+                && hint.endpoint.starts_with("grpc://")
                 && own != Some(hint.endpoint.as_str());
             if !usable {
                 continue;
@@ -270,6 +327,59 @@ mod tests {
         assert_eq!(hints.peer(&d).map(|p| &**p), Some("grpc://10.0.0.2:1"));
         assert_eq!(hints.peer(&e), None);
         assert_eq!(hints.0.len(), 1);
+    }
+
+    fn raced(winner: Winner, failed: bool, slow: bool) -> race::Raced<(), ()> {
+        race::Raced {
+            result: Ok(()),
+            winner,
+            peer_failed: failed,
+            peer_slow: slow,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_fails_or_is_slow_three_times_running_is_set_aside() {
+        let settings = PeerSettings {
+            race_delay: Duration::from_millis(20),
+            min_rate: 1 << 20,
+            cooldown: Duration::from_secs(3600),
+        };
+        let stats = Arc::new(TransferStats::default());
+        let peers = Peers::new(settings, stats.clone());
+        let (a, b): (Arc<str>, Arc<str>) =
+            ("grpc://127.0.0.1:1".into(), "grpc://127.0.0.1:2".into());
+        // Bytes in flight to a peer lengthen its delay until their requests end.
+        let first = peers.ask(&a, 1 << 20).expect("a usable peer");
+        assert_eq!(first.delay, Duration::from_millis(1020));
+        let second = peers.ask(&a, 1 << 20).unwrap();
+        assert_eq!(second.delay, Duration::from_millis(2020));
+        drop((first, second));
+        assert_eq!(peers.ask(&a, 0).unwrap().delay, Duration::from_millis(20));
+        // Two slow races, a win, then three slow ones: set aside after the third.
+        for outcome in [
+            (Winner::Server, false, true),
+            (Winner::Server, false, true),
+            (Winner::Peer, false, false),
+            (Winner::Server, false, true),
+            (Winner::Server, false, true),
+        ] {
+            peers.outcome(&a, &raced(outcome.0, outcome.1, outcome.2));
+            assert!(peers.ask(&a, 1).is_some());
+        }
+        peers.outcome(&a, &raced(Winner::Server, false, true));
+        assert!(peers.ask(&a, 1).is_none(), "three slow races in a row");
+        // A failure sets a peer aside at once; a stale hint (the peer lacked the blob) does not.
+        peers.ask(&b, 1).unwrap();
+        peers.outcome(&b, &raced(Winner::Server, false, false));
+        assert!(peers.ask(&b, 1).is_some());
+        peers.outcome(&b, &raced(Winner::Server, true, false));
+        assert!(peers.ask(&b, 1).is_none());
+        assert_eq!(stats.peer_failures(), 2);
+        assert!(
+            peers.ask(&"http://x:1".into(), 1).is_none(),
+            "not a gRPC address"
+        );
     }
 
     #[test]

@@ -22,14 +22,17 @@ pub struct Raced<T, E> {
     pub result: Result<T, E>,
     /// Who sent it (the server when neither did).
     pub winner: Winner,
-    /// The peer failed (an error, not merely lacking the blobs): the caller may avoid it
-    /// for a while.
+    /// The peer failed (an error, or no answer within the delay after the server failed;
+    /// not merely lacking the blobs): the caller may avoid it for a while.
     pub peer_failed: bool,
+    /// The peer was raced and the server's copy came first: the peer is slow.
+    pub peer_slow: bool,
 }
 
 /// Runs `peer`; starts `server()` after `delay` if the peer has not finished, or at once when
 /// it finished without the blobs (`Ok(None)`) or with an error. Returns the first complete
-/// copy; a server error is returned only if the peer has none either.
+/// copy; a server error is returned only if the peer has none either (the peer then gets
+/// `delay` more, not forever).
 pub async fn race<T, E, P, S, F>(peer: P, delay: Duration, server: S) -> Raced<T, E>
 where
     P: Future<Output = Result<Option<T>, E>>,
@@ -40,17 +43,18 @@ where
         result,
         winner: Winner::Server,
         peer_failed,
+        peer_slow: false,
+    };
+    let from_peer = |copy| Raced {
+        result: Ok(copy),
+        winner: Winner::Peer,
+        peer_failed: false,
+        peer_slow: false,
     };
     let mut peer = std::pin::pin!(peer);
     let early = tokio::time::timeout(delay, peer.as_mut()).await;
     match early {
-        Ok(Ok(Some(copy))) => {
-            return Raced {
-                result: Ok(copy),
-                winner: Winner::Peer,
-                peer_failed: false,
-            }
-        }
+        Ok(Ok(Some(copy))) => return from_peer(copy),
         Ok(Ok(None)) => return from_server(server().await, false),
         Ok(Err(_)) => return from_server(server().await, true),
         Err(_) => {}
@@ -60,16 +64,16 @@ where
     tokio::select! {
         biased;
         answer = peer.as_mut() => match answer {
-            Ok(Some(copy)) => Raced { result: Ok(copy), winner: Winner::Peer, peer_failed: false },
+            Ok(Some(copy)) => from_peer(copy),
             Ok(None) => from_server(server.await, false),
             Err(_) => from_server(server.await, true),
         },
         answer = server.as_mut() => match answer {
-            Ok(copy) => from_server(Ok(copy), false),
-            Err(e) => match peer.await {
-                Ok(Some(copy)) => Raced { result: Ok(copy), winner: Winner::Peer, peer_failed: false },
-                Ok(None) => from_server(Err(e), false),
-                Err(_) => from_server(Err(e), true),
+            Ok(copy) => Raced { peer_slow: true, ..from_server(Ok(copy), false) },
+            Err(e) => match tokio::time::timeout(delay, peer).await {
+                Ok(Ok(Some(copy))) => from_peer(copy),
+                Ok(Ok(None)) => from_server(Err(e), false),
+                Ok(Err(_)) | Err(_) => from_server(Err(e), true),
             },
         },
     }
@@ -172,7 +176,8 @@ mod tests {
         let (server_tx, server) = server_side(Arc::new(AtomicBool::new(false)));
         server_tx.send(Err("server down")).unwrap();
         let answer = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Past the delay (the server fails then), within the delay more it is given.
+            tokio::time::sleep(Duration::from_millis(80)).await;
             peer_tx.send(Ok(Some(3))).unwrap();
         });
         let raced = race(peer, Duration::from_millis(50), server).await;
@@ -183,12 +188,22 @@ mod tests {
         let (server_tx, server) = server_side(Arc::new(AtomicBool::new(false)));
         server_tx.send(Err("server down")).unwrap();
         let answer = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(80)).await;
             peer_tx.send(Err("peer down")).unwrap();
         });
         let raced = race(peer, Duration::from_millis(50), server).await;
         answer.await.unwrap();
         assert_eq!(raced.result, Err("server down"));
         assert!(raced.peer_failed);
+
+        // A peer that never answers is given the delay once more, not forever.
+        let (_peer_tx, peer) = side();
+        let (server_tx, server) = server_side(Arc::new(AtomicBool::new(false)));
+        server_tx.send(Err("server down")).unwrap();
+        let before = tokio::time::Instant::now();
+        let raced = race(peer, Duration::from_millis(50), server).await;
+        assert_eq!(raced.result, Err("server down"));
+        assert!(raced.peer_failed);
+        assert_eq!(before.elapsed(), Duration::from_millis(100));
     }
 }

@@ -124,11 +124,10 @@ impl Owner {
     fn adopt(&self, found: Vec<(BlobKey, Entry)>) {
         let fresh = self.new_to_index(found, false);
         let bytes: u64 = fresh.iter().map(|(_, e)| e.size).sum();
-        let mut index = self.index.borrow_mut();
         for (key, entry) in fresh {
-            index.insert(key, entry);
+            self.index.borrow_mut().insert(key.clone(), entry);
+            self.stored(&key);
         }
-        drop(index);
         self.counted(bytes);
     }
 
