@@ -22,23 +22,9 @@ if [ "$dircache" = 0 ]; then
 else
   printf '[worker]\ndircache_bytes = "%s"\n' "$dircache" > "$run/worker.toml"
 fi
-# Waits until FILE contains TEXT (the process logs it when ready), or fails.
-await() {
-  for _ in $(seq 200); do grep -q "$2" "$1" && return 0; sleep 0.05; done
-  cat "$1" >&2; return 1
-}
-"$kiln" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --data-dir "$run/server" \
-  --config "$run/server.toml" > "$run/server.log" 2>&1 &
-pids+=($!); server=$!
-await "$run/server.log" "listening"
-addr=$(grep -o "listening on 127.0.0.1:[0-9]*" "$run/server.log" | grep -o "127.0.0.1:[0-9]*")
-admin=$(grep -o "admin on http://127.0.0.1:[0-9]*" "$run/server.log" | grep -o "127.0.0.1:[0-9]*")
-for w in w1 w2; do
-  "$kiln" worker --scheduler "grpc://$addr" --cas-dir "$run/$w/cas" --work-dir "$run/$w/work" \
-    --name "$w" --listen 127.0.0.1:0 --shards 1 --max-inflight 1 --config "$run/worker.toml" \
-    > "$run/$w.log" 2>&1 &
-  pids+=($!)
-  await "$run/$w.log" "session open"
-done
+. "$(dirname "$0")/farm-lib.sh"
+start_server
+start_worker w1
+start_worker w2
 "$bench" "$@" --endpoint "grpc://$addr" --server-pid "$server"
 curl -s "http://$admin/metrics" | grep -E '^kiln_(scheduler_placements|worker_dircache_(hits|misses))_total' || true

@@ -22,24 +22,10 @@ printf '[worker]\nembedded = false\n' > "$run/server.toml"
 flag=$([ "$peers" = 1 ] && echo true || echo false)
 # No directory cache: every action's inputs are fetched.
 printf '[worker]\ndircache_bytes = 0\npeers = %s\n' "$flag" > "$run/worker.toml"
-await() {
-  for _ in $(seq 200); do grep -q "$2" "$1" && return 0; sleep 0.05; done
-  cat "$1" >&2; return 1
-}
-"$kiln" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --data-dir "$run/server" \
-  --config "$run/server.toml" > "$run/server.log" 2>&1 &
-pids+=($!); server=$!
-await "$run/server.log" "listening"
-addr=$(grep -o "listening on 127.0.0.1:[0-9]*" "$run/server.log" | grep -o "127.0.0.1:[0-9]*")
-admin=$(grep -o "admin on http://127.0.0.1:[0-9]*" "$run/server.log" | grep -o "127.0.0.1:[0-9]*")
-for w in w1 w2; do
-  pool=$([ "$w" = w1 ] && echo a || echo b)
-  "$kiln" worker --scheduler "grpc://$addr" --cas-dir "$run/$w/cas" --work-dir "$run/$w/work" \
-    --name "$w" --listen 127.0.0.1:0 --shards 1 --max-inflight 1 --config "$run/worker.toml" \
-    --property "pool=$pool" > "$run/$w.log" 2>&1 &
-  pids+=($!)
-  await "$run/$w.log" "session open"
-done
+. "$(dirname "$0")/farm-lib.sh"
+start_server
+start_worker w1 --property pool=a
+start_worker w2 --property pool=b
 sent() {
   curl -s "http://$admin/metrics" | awk '/^kiln_sent_bytes_total\{method="(ByteStream.Read|CAS.BatchReadBlobs)"\}/ { s += $2 } END { printf "%d\n", s }'
 }

@@ -267,7 +267,7 @@ async fn download_batch(
                     .any(Option::is_some)
                     .then(|| batch.iter().copied().zip(got).collect::<Vec<_>>()))
             };
-            let raced = race(asked, request.delay, || server(batch.to_vec())).await;
+            let raced = race(asked, || request.delay(), || server(batch.to_vec())).await;
             peers.outcome(&endpoint, &raced);
             let mut got = raced.result?;
             count(remote.stats, raced.winner, &got);
@@ -337,7 +337,7 @@ async fn download_large(
                 let found = request.cas.read_to_file(instance, d, &temp).await?;
                 Ok(found.then_some(Some(temp)))
             };
-            let raced = race(asked, request.delay, server).await;
+            let raced = race(asked, || request.delay(), server).await;
             peers.outcome(&endpoint, &raced);
             (raced.result?, raced.winner)
         }

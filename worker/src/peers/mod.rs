@@ -128,23 +128,48 @@ struct PeerLink {
     avoid_until: Option<Instant>,
     /// Races it lost in a row (the server's copy came first).
     slow: u32,
-    /// Bytes asked of it and not yet received.
-    in_flight: Arc<AtomicU64>,
+    /// What is asked of it.
+    load: Arc<Load>,
+}
+
+/// The bytes asked of one peer: in flight now, and in all.
+#[derive(Debug, Default)]
+struct Load {
+    in_flight: AtomicU64,
+    asked: AtomicU64,
 }
 
 /// A request to a peer: its link, and its bytes counted in flight until this is dropped.
 pub struct PeerRequest {
     /// The peer's CAS.
     pub cas: RemoteCas,
-    /// How long the peer has before the server is asked too.
-    pub delay: Duration,
-    in_flight: Arc<AtomicU64>,
+    settings: PeerSettings,
+    load: Arc<Load>,
     bytes: u64,
+    /// Bytes in flight to the peer when this was asked (this request's included).
+    queued: u64,
+    /// The peer's asked total then (this request's included).
+    asked: u64,
+}
+
+impl PeerRequest {
+    /// How long the peer has before the server is asked too: the race delay plus the time
+    /// at the minimum rate for what shares the peer's link with this request — what was in
+    /// flight when it was asked, and what has been asked of the peer since. The peer serves
+    /// its requests side by side, so those asked later slow this one down too.
+    pub fn delay(&self) -> Duration {
+        let since = self
+            .load
+            .asked
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.asked);
+        self.settings.delay(self.queued.saturating_add(since))
+    }
 }
 
 impl Drop for PeerRequest {
     fn drop(&mut self) {
-        self.in_flight.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.load.in_flight.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -176,17 +201,20 @@ impl Peers {
     /// cooldown or its address cannot be used. Must be called inside the tokio runtime (the
     /// link connects lazily).
     pub fn ask(&self, endpoint: &Arc<str>, bytes: u64) -> Option<PeerRequest> {
-        let (cas, in_flight) = self.link(endpoint)?;
-        let queued = in_flight.fetch_add(bytes, Ordering::Relaxed);
+        let (cas, load) = self.link(endpoint)?;
+        let queued = load.in_flight.fetch_add(bytes, Ordering::Relaxed);
+        let asked = load.asked.fetch_add(bytes, Ordering::Relaxed);
         Some(PeerRequest {
             cas,
-            delay: self.settings.delay(queued.saturating_add(bytes)),
-            in_flight,
+            settings: self.settings,
+            load,
             bytes,
+            queued: queued.saturating_add(bytes),
+            asked: asked.saturating_add(bytes),
         })
     }
 
-    fn link(&self, endpoint: &Arc<str>) -> Option<(RemoteCas, Arc<AtomicU64>)> {
+    fn link(&self, endpoint: &Arc<str>) -> Option<(RemoteCas, Arc<Load>)> {
         let mut links = self.lock();
         if let Some(link) = links.get_mut(endpoint) {
             match link.avoid_until {
@@ -194,7 +222,7 @@ impl Peers {
                 Some(_) => link.avoid_until = None,
                 None => {}
             }
-            return Some((link.cas.clone(), link.in_flight.clone()));
+            return Some((link.cas.clone(), link.load.clone()));
         }
         // Peers serve plain gRPC for now (the farm's TLS does not reach worker links yet).
         let link = match Link::new(endpoint, None) {
@@ -208,17 +236,17 @@ impl Peers {
             links.clear();
         }
         let cas = RemoteCas::new(CasLinks::single(link.connect_lazy()));
-        let in_flight = Arc::new(AtomicU64::new(0));
+        let load = Arc::new(Load::default());
         links.insert(
             endpoint.clone(),
             PeerLink {
                 cas: cas.clone(),
                 avoid_until: None,
                 slow: 0,
-                in_flight: in_flight.clone(),
+                load: load.clone(),
             },
         );
-        Some((cas, in_flight))
+        Some((cas, load))
     }
 
     /// How a request to the peer at `endpoint` went. A failure is counted and the peer is
@@ -349,13 +377,15 @@ mod tests {
         let peers = Peers::new(settings, stats.clone());
         let (a, b): (Arc<str>, Arc<str>) =
             ("grpc://127.0.0.1:1".into(), "grpc://127.0.0.1:2".into());
-        // Bytes in flight to a peer lengthen its delay until their requests end.
+        // Bytes in flight to a peer lengthen the delay of requests asked after them until
+        // they end; bytes asked later lengthen it too (they share the link).
         let first = peers.ask(&a, 1 << 20).expect("a usable peer");
-        assert_eq!(first.delay, Duration::from_millis(1020));
+        assert_eq!(first.delay(), Duration::from_millis(1020));
         let second = peers.ask(&a, 1 << 20).unwrap();
-        assert_eq!(second.delay, Duration::from_millis(2020));
+        assert_eq!(second.delay(), Duration::from_millis(2020));
+        assert_eq!(first.delay(), Duration::from_millis(2020));
         drop((first, second));
-        assert_eq!(peers.ask(&a, 0).unwrap().delay, Duration::from_millis(20));
+        assert_eq!(peers.ask(&a, 0).unwrap().delay(), Duration::from_millis(20));
         // Two slow races, a win, then three slow ones: set aside after the third.
         for outcome in [
             (Winner::Server, false, true),

@@ -29,11 +29,12 @@ pub struct Raced<T, E> {
     pub peer_slow: bool,
 }
 
-/// Runs `peer`; starts `server()` after `delay` if the peer has not finished, or at once when
-/// it finished without the blobs (`Ok(None)`) or with an error. Returns the first complete
-/// copy; a server error is returned only if the peer has none either (the peer then gets
-/// `delay` more, not forever).
-pub async fn race<T, E, P, S, F>(peer: P, delay: Duration, server: S) -> Raced<T, E>
+/// Runs `peer`; starts `server()` once the peer has taken `delay()` (read again when it runs
+/// out: it may have grown meanwhile, as more was asked of the same peer) without finishing,
+/// or at once when it finished without the blobs (`Ok(None)`) or with an error. Returns the
+/// first complete copy; a server error is returned only if the peer has none either (the
+/// peer then gets the delay once more, not forever).
+pub async fn race<T, E, P, S, F>(peer: P, delay: impl Fn() -> Duration, server: S) -> Raced<T, E>
 where
     P: Future<Output = Result<Option<T>, E>>,
     S: FnOnce() -> F,
@@ -52,12 +53,16 @@ where
         peer_slow: false,
     };
     let mut peer = std::pin::pin!(peer);
-    let early = tokio::time::timeout(delay, peer.as_mut()).await;
-    match early {
-        Ok(Ok(Some(copy))) => return from_peer(copy),
-        Ok(Ok(None)) => return from_server(server().await, false),
-        Ok(Err(_)) => return from_server(server().await, true),
-        Err(_) => {}
+    let start = tokio::time::Instant::now();
+    loop {
+        match tokio::time::timeout_at(start + delay(), peer.as_mut()).await {
+            Ok(Ok(Some(copy))) => return from_peer(copy),
+            Ok(Ok(None)) => return from_server(server().await, false),
+            Ok(Err(_)) => return from_server(server().await, true),
+            // Out of time, unless the delay grew meanwhile.
+            Err(_) if tokio::time::Instant::now() >= start + delay() => break,
+            Err(_) => {}
+        }
     }
     // The peer is slow: the server too, and the first complete copy wins.
     let mut server = std::pin::pin!(server());
@@ -70,7 +75,7 @@ where
         },
         answer = server.as_mut() => match answer {
             Ok(copy) => Raced { peer_slow: true, ..from_server(Ok(copy), false) },
-            Err(e) => match tokio::time::timeout(delay, peer).await {
+            Err(e) => match tokio::time::timeout(delay(), peer).await {
                 Ok(Ok(Some(copy))) => from_peer(copy),
                 Ok(Ok(None)) => from_server(Err(e), false),
                 Ok(Err(_)) | Err(_) => from_server(Err(e), true),
@@ -114,7 +119,7 @@ mod tests {
         let (peer_tx, peer) = side();
         let (_server_tx, server) = server_side(started.clone());
         peer_tx.send(Ok(Some(7))).unwrap();
-        let raced = race(peer, Duration::from_millis(50), server).await;
+        let raced = race(peer, || Duration::from_millis(50), server).await;
         assert_eq!(raced.result, Ok(7));
         assert_eq!(raced.winner, Winner::Peer);
         assert!(!started.load(Ordering::SeqCst));
@@ -129,7 +134,7 @@ mod tests {
             peer_tx.send(answer).unwrap();
             server_tx.send(Ok(9)).unwrap();
             let before = tokio::time::Instant::now();
-            let raced = race(peer, Duration::from_secs(60), server).await;
+            let raced = race(peer, || Duration::from_secs(60), server).await;
             assert_eq!(raced.result, Ok(9));
             assert_eq!(raced.winner, Winner::Server);
             assert_eq!(raced.peer_failed, failed);
@@ -145,7 +150,7 @@ mod tests {
         let (server_tx, server) = server_side(started.clone());
         server_tx.send(Ok(1)).unwrap();
         let before = tokio::time::Instant::now();
-        let raced = race(peer, Duration::from_millis(50), server).await;
+        let raced = race(peer, || Duration::from_millis(50), server).await;
         assert_eq!((raced.result, raced.winner), (Ok(1), Winner::Server));
         assert_eq!(
             before.elapsed(),
@@ -165,9 +170,40 @@ mod tests {
             asked.await.unwrap();
             peer_tx.send(Ok(Some(2))).unwrap();
         });
-        let raced = race(peer, Duration::from_millis(50), server).await;
+        let raced = race(peer, || Duration::from_millis(50), server).await;
         answer.await.unwrap();
         assert_eq!((raced.result, raced.winner), (Ok(2), Winner::Peer));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delay_that_grows_while_the_peer_works_holds_the_server_back() {
+        let (peer_tx, peer) = side();
+        let started = Arc::new(AtomicBool::new(false));
+        let (_server_tx, server) = server_side(started.clone());
+        // More is asked of the peer at 30 ms: its delay grows from 50 to 150 ms.
+        let grown = Arc::new(AtomicBool::new(false));
+        let flag = grown.clone();
+        let answer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            flag.store(true, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(90)).await;
+            peer_tx.send(Ok(Some(4))).unwrap();
+        });
+        let delay = || {
+            let ms = if grown.load(Ordering::SeqCst) {
+                150
+            } else {
+                50
+            };
+            Duration::from_millis(ms)
+        };
+        let raced = race(peer, delay, server).await;
+        answer.await.unwrap();
+        assert_eq!((raced.result, raced.winner), (Ok(4), Winner::Peer));
+        assert!(
+            !started.load(Ordering::SeqCst),
+            "the server was never asked"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -180,7 +216,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(80)).await;
             peer_tx.send(Ok(Some(3))).unwrap();
         });
-        let raced = race(peer, Duration::from_millis(50), server).await;
+        let raced = race(peer, || Duration::from_millis(50), server).await;
         answer.await.unwrap();
         assert_eq!((raced.result, raced.winner), (Ok(3), Winner::Peer));
 
@@ -191,7 +227,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(80)).await;
             peer_tx.send(Err("peer down")).unwrap();
         });
-        let raced = race(peer, Duration::from_millis(50), server).await;
+        let raced = race(peer, || Duration::from_millis(50), server).await;
         answer.await.unwrap();
         assert_eq!(raced.result, Err("server down"));
         assert!(raced.peer_failed);
@@ -201,7 +237,7 @@ mod tests {
         let (server_tx, server) = server_side(Arc::new(AtomicBool::new(false)));
         server_tx.send(Err("server down")).unwrap();
         let before = tokio::time::Instant::now();
-        let raced = race(peer, Duration::from_millis(50), server).await;
+        let raced = race(peer, || Duration::from_millis(50), server).await;
         assert_eq!(raced.result, Err("server down"));
         assert!(raced.peer_failed);
         assert_eq!(before.elapsed(), Duration::from_millis(100));
