@@ -165,8 +165,8 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
     /// Serve the local CAS, or the admin listener, on a non-loopback address anyway (neither
-    /// has TLS or authorization yet: anyone who can reach the local CAS can read and write
-    /// it, and anyone can read the metrics).
+    /// has TLS or authorization yet: anyone who can reach the local CAS can read it, as its
+    /// peers do, and anyone can read the metrics).
     #[arg(long)]
     pub insecure: bool,
 }

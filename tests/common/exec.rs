@@ -17,7 +17,7 @@ use prost::Message;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command as Process, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::Instant;
 use tonic::transport::Channel;
@@ -305,7 +305,21 @@ impl Worker {
         name: &str,
         extra: &[&str],
     ) -> Worker {
-        let mut cmd = Process::new(env!("CARGO_BIN_EXE_kiln"));
+        Worker::start_in(None, url, runtime, dir, name, "127.0.0.1:0", extra)
+    }
+
+    /// Starts a worker in the network namespace `netns` (when given), its local CAS on
+    /// `listen`.
+    pub fn start_in(
+        netns: Option<&str>,
+        url: &str,
+        runtime: Runtime,
+        dir: &Path,
+        name: &str,
+        listen: &str,
+        extra: &[&str],
+    ) -> Worker {
+        let mut cmd = super::kiln_command(netns);
         cmd.arg("worker")
             .arg("--scheduler")
             .arg(url)
@@ -316,7 +330,7 @@ impl Worker {
             .arg("--name")
             .arg(name)
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--shards")
             .arg("1")
             .arg("--runtime")

@@ -223,6 +223,22 @@ pub struct Options {
     pub listen: Option<String>,
     /// Extra environment variables for the server process.
     pub env: Vec<(String, String)>,
+    /// The network namespace to run it in (`ip netns exec`), with its admin listener on
+    /// `listen`'s address instead of 127.0.0.1 and `--insecure`.
+    pub netns: Option<String>,
+}
+
+/// A command running the kiln binary, inside the network namespace `netns` when given.
+pub fn kiln_command(netns: Option<&str>) -> Command {
+    match netns {
+        None => Command::new(env!("CARGO_BIN_EXE_kiln")),
+        Some(ns) => {
+            // `ip netns exec` execs the program: the child's pid is kiln's own.
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_kiln")]);
+            cmd
+        }
+    }
 }
 
 impl Options {
@@ -234,6 +250,7 @@ impl Options {
             shards: None,
             listen: None,
             env: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -260,16 +277,27 @@ impl Kiln {
 
     /// Starts a server on `data_dir`.
     pub fn start_with(data_dir: &Path, options: Options) -> Kiln {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(options.listen.as_deref().unwrap_or("127.0.0.1:0"))
+        let mut cmd = kiln_command(options.netns.as_deref());
+        let listen = options.listen.as_deref().unwrap_or("127.0.0.1:0");
+        let admin = match &options.netns {
+            None => "127.0.0.1:0".to_string(),
+            Some(_) => {
+                let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
+                format!("{host}:0")
+            }
+        };
+        cmd.arg("serve");
+        if options.netns.is_some() {
+            cmd.arg("--insecure");
+        }
+        cmd.arg("--listen")
+            .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--shards")
             .arg(options.shards.unwrap_or(2).to_string())
             .arg("--admin-listen")
-            .arg("127.0.0.1:0")
+            .arg(admin)
             .arg("--runtime")
             .arg(options.runtime.flag());
         if let Some(extra) = &options.config {

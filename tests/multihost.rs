@@ -1,0 +1,351 @@
+//! A farm across hosts: the server and three `kiln worker`s, each in a network namespace of
+//! its own with its own address on a bridge (`ip netns`, veth pairs), so that peer traffic
+//! really goes between hosts. The test creates the namespaces and removes them; where they
+//! cannot be created (not root, no `ip`), it says so and does nothing.
+
+#[macro_use]
+mod common;
+
+use common::exec::{code, execute, Spec, Tree, Worker, NO_EMBEDDED};
+use common::{Kiln, Options, Runtime};
+use kiln_proto::reapi::digest_function::Value as Function;
+use std::process::Command;
+
+const F: Function = Function::Sha256;
+
+/// Network namespaces `{prefix}{i}` on a bridge, host `i` at `10.{a}.{b}.{i + 1}`, the
+/// bridge (in the test's own namespace) at `.254`; all removed when dropped.
+struct Net {
+    prefix: String,
+    hosts: usize,
+    subnet: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Net {
+    /// `hosts` namespaces, or why they cannot be made here.
+    fn create(hosts: usize) -> Result<Net, String> {
+        // Names and the subnet from the process id: tests of other processes may run at once.
+        let id = std::process::id();
+        let net = Net {
+            prefix: format!("kn{}h", id % 100_000),
+            hosts,
+            subnet: format!("10.{}.{}", 100 + (id >> 8) % 100, id % 256),
+        };
+        net.build()?;
+        Ok(net)
+    }
+
+    fn bridge(&self) -> String {
+        format!("{}br", self.prefix)
+    }
+
+    /// The namespace of host `i`.
+    fn ns(&self, i: usize) -> String {
+        format!("{}{i}", self.prefix)
+    }
+
+    /// The address of host `i`.
+    fn addr(&self, i: usize) -> String {
+        format!("{}.{}", self.subnet, i + 1)
+    }
+
+    fn build(&self) -> Result<(), String> {
+        let bridge = self.bridge();
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}.254/24", self.subnet),
+            "dev",
+            &bridge,
+        ])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        for i in 0..self.hosts {
+            let ns = self.ns(i);
+            let veth = format!("{ns}v");
+            ip(&["netns", "add", &ns])?;
+            ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ])?;
+            ip(&["link", "set", &veth, "master", &bridge])?;
+            ip(&["link", "set", &veth, "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", self.addr(i)),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair, and with it ours.
+        for i in 0..self.hosts {
+            let _ = ip(&["netns", "del", &self.ns(i)]);
+        }
+        let _ = ip(&["link", "del", &self.bridge()]);
+    }
+}
+
+/// Worker `name` on host `i` of `net`, offering `host=NAME`, with its admin listener on its
+/// own address; returns it and that admin address.
+async fn worker(
+    net: &Net,
+    i: usize,
+    kiln: &Kiln,
+    dir: &std::path::Path,
+    name: &str,
+    config: &str,
+) -> (Worker, String) {
+    let (ns, addr, url) = (net.ns(i), net.addr(i), format!("grpc://{}", kiln.addr));
+    let wdir = dir.join(name);
+    std::fs::create_dir_all(&wdir).unwrap();
+    let file = wdir.join("worker.toml");
+    std::fs::write(&file, format!("[worker]\n{config}")).unwrap();
+    let (name, file) = (name.to_string(), file.to_str().unwrap().to_string());
+    let w = tokio::task::spawn_blocking(move || {
+        let property = format!("host={name}");
+        let admin = format!("{addr}:0");
+        let args = [
+            "--insecure",
+            "--config",
+            &file,
+            "--property",
+            &property,
+            "--property",
+            "pool=any",
+            "--max-inflight",
+            "1",
+            "--admin-listen",
+            &admin,
+        ];
+        Worker::start_in(
+            Some(&ns),
+            &url,
+            Runtime::Glommio,
+            &wdir,
+            &name,
+            &format!("{addr}:0"),
+            &args,
+        )
+    })
+    .await
+    .unwrap();
+    let admin = w.admin();
+    (w, admin)
+}
+
+fn inputs(tag: u8) -> (Tree, u64) {
+    let big: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8 ^ tag)
+        .collect();
+    let small = vec![tag; 1000];
+    let bytes = (big.len() + small.len()) as u64;
+    (
+        Tree::default()
+            .file("big", &big, false)
+            .file("lib/small", &small, false),
+        bytes,
+    )
+}
+
+fn spec(tree: &Tree, platform: &[(&str, &str)], salt: &str) -> Spec {
+    Spec {
+        tree: tree.clone(),
+        platform: platform
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect(),
+        ..Spec::script(&format!("cat big lib/small | wc -c; echo {salt}"))
+    }
+}
+
+fn worker_of(r: &kiln_proto::reapi::ExecuteResponse) -> String {
+    r.result
+        .as_ref()
+        .unwrap()
+        .execution_metadata
+        .as_ref()
+        .unwrap()
+        .worker
+        .clone()
+}
+
+async fn number(admin: &str, name: &str) -> f64 {
+    common::metric_if_any(admin, name).await.unwrap_or(0.0)
+}
+
+// On one farm across four "hosts": an action whose input root a worker has laid out goes
+// back to that worker and hits its directory cache; a blob worker a holds reaches worker b
+// from a (a's served bytes move, the server sends none of it); and when a is killed while c
+// waits on it for a blob, c finishes from the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
+    let net = match Net::create(4) {
+        Ok(net) => net,
+        Err(why) => {
+            eprintln!("skipped: cannot create network namespaces here ({why})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        config: Some(NO_EMBEDDED.into()),
+        listen: Some(format!("{}:0", net.addr(0))),
+        netns: Some(net.ns(0)),
+        ..Options::on(Runtime::Glommio)
+    };
+    let kiln = Kiln::start_async(&dir.path().join("server"), options).await;
+    let (_a, admin_a) = worker(&net, 1, &kiln, dir.path(), "a", "").await;
+    let (_b, admin_b) = worker(
+        &net,
+        2,
+        &kiln,
+        dir.path(),
+        "b",
+        "peer_race_delay_ms = 60000\n",
+    )
+    .await;
+    // c waits for its peer as long as it takes: only a's death can end the wait.
+    let (_c, admin_c) = worker(
+        &net,
+        3,
+        &kiln,
+        dir.path(),
+        "c",
+        "peer_race_delay_ms = 600000\n",
+    )
+    .await;
+    let mut a = _a;
+    let ch = kiln.channel().await;
+    let sent = || async {
+        number(
+            &kiln.admin,
+            "kiln_sent_bytes_total{method=\"ByteStream.Read\"}",
+        )
+        .await
+            + number(
+                &kiln.admin,
+                "kiln_sent_bytes_total{method=\"CAS.BatchReadBlobs\"}",
+            )
+            .await
+    };
+
+    // The first action of a root runs on a; the second, free to go anywhere, goes back to a
+    // and is laid out from its directory cache.
+    let (tree, bytes) = inputs(1);
+    let (_, r) = execute(
+        &ch,
+        F,
+        &spec(&tree, &[("host", "a")], "one").upload(&ch, F).await,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!((code(&r), worker_of(&r).as_str()), (0, "a"), "{r:?}");
+    let (_, r) = execute(
+        &ch,
+        F,
+        &spec(&tree, &[("pool", "any")], "two").upload(&ch, F).await,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!((code(&r), worker_of(&r).as_str()), (0, "a"), "{r:?}");
+    assert_eq!(
+        number(&admin_a, "kiln_worker_dircache_hits_total").await,
+        1.0
+    );
+
+    // The same inputs on b come from a, across the bridge.
+    common::eventually("a's report of what it holds", || async {
+        (number(&kiln.admin, "kiln_scheduler_blob_facts").await >= 2.0).then_some(())
+    })
+    .await;
+    let before = sent().await;
+    let (_, r) = execute(
+        &ch,
+        F,
+        &spec(&tree, &[("host", "b")], "three").upload(&ch, F).await,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!((code(&r), worker_of(&r).as_str()), (0, "b"), "{r:?}");
+    assert_eq!(
+        number(&admin_b, "kiln_worker_fetch_bytes_total{source=\"peer\"}").await as u64,
+        bytes
+    );
+    assert!(number(&admin_a, "kiln_worker_served_bytes_total").await as u64 >= bytes);
+    let server_sent = sent().await - before;
+    assert!(
+        server_sent < (bytes / 2) as f64,
+        "the server sent {server_sent} bytes of {bytes}"
+    );
+
+    // New inputs held by a alone; a stops answering while c asks it for them, then dies.
+    let (tree, bytes) = inputs(2);
+    let (_, r) = execute(
+        &ch,
+        F,
+        &spec(&tree, &[("host", "a")], "four").upload(&ch, F).await,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!((code(&r), worker_of(&r).as_str()), (0, "a"), "{r:?}");
+    common::eventually("a's report of the new inputs", || async {
+        (number(&kiln.admin, "kiln_scheduler_blob_facts").await >= 6.0).then_some(())
+    })
+    .await;
+    let action = spec(&tree, &[("host", "c")], "five").upload(&ch, F).await;
+    a.signal(libc::SIGSTOP);
+    let run = {
+        let ch = ch.clone();
+        tokio::spawn(async move { execute(&ch, F, &action, false).await })
+    };
+    // c has read the tree from the server: its requests to a follow at once.
+    common::eventually("c to start fetching", || async {
+        (number(&admin_c, "kiln_worker_fetch_bytes_total{source=\"server\"}").await > 0.0)
+            .then_some(())
+    })
+    .await;
+    a.kill();
+    let (_, r) = run.await.unwrap().unwrap();
+    assert_eq!((code(&r), worker_of(&r).as_str()), (0, "c"), "{r:?}");
+    let out =
+        common::exec::read_output(&ch, F, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+    assert_eq!(out, format!("{bytes}\nfive\n").into_bytes());
+    assert_eq!(
+        number(&admin_c, "kiln_worker_fetch_bytes_total{source=\"peer\"}").await,
+        0.0
+    );
+    assert!(
+        number(&admin_c, "kiln_worker_fetch_bytes_total{source=\"server\"}").await as u64 >= bytes
+    );
+    kiln.stop().await;
+}
