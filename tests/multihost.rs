@@ -1,7 +1,9 @@
 //! A farm across hosts: the server and three `kiln worker`s, each in a network namespace of
 //! its own with its own address on a bridge (`ip netns`, veth pairs), so that peer traffic
 //! really goes between hosts. The test creates the namespaces and removes them; where they
-//! cannot be created (not root, no `ip`), it says so and does nothing.
+//! cannot be created (not root, no `ip`), it says so and does nothing. (A host whose
+//! firewall drops bridged traffic, as Docker's `br_netfilter` with a FORWARD policy of DROP
+//! does, fails it: the workers never reach the server.)
 
 #[macro_use]
 mod common;
@@ -14,41 +16,69 @@ use std::process::Command;
 const F: Function = Function::Sha256;
 
 /// Network namespaces `{prefix}{i}` on a bridge, host `i` at `10.{a}.{b}.{i + 1}`, the
-/// bridge (in the test's own namespace) at `.254`; all removed when dropped.
+/// bridge (in the test's own namespace) at `.254`; what this run made is removed when
+/// dropped, and only that.
 struct Net {
     prefix: String,
-    hosts: usize,
     subnet: String,
+    /// The namespaces made, and whether the bridge was.
+    namespaces: Vec<String>,
+    bridge_made: bool,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+/// Why `ip` failed: `Denied` where namespaces cannot be made here at all.
+enum IpError {
+    Denied(String),
+    Failed(String),
+}
+
+fn ip(args: &[&str]) -> Result<(), IpError> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|e| format!("ip: {e}"))?;
+        .map_err(|e| IpError::Denied(format!("ip: {e}")))?;
     if out.status.success() {
-        Ok(())
+        return Ok(());
+    }
+    let why = format!(
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    if why.contains("Operation not permitted") || why.contains("Permission denied") {
+        Err(IpError::Denied(why))
     } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(IpError::Failed(why))
     }
 }
 
 impl Net {
-    /// `hosts` namespaces, or why they cannot be made here.
+    /// `hosts` namespaces; `None` (with the reason) where namespaces cannot be made here.
+    /// Names and the subnet are random (tests of other processes may make theirs at once),
+    /// and a subnet this host already has an address in is not used.
     fn create(hosts: usize) -> Result<Net, String> {
-        // Names and the subnet from the process id: tests of other processes may run at once.
-        let id = std::process::id();
-        let net = Net {
-            prefix: format!("kn{}h", id % 100_000),
-            hosts,
-            subnet: format!("10.{}.{}", 100 + (id >> 8) % 100, id % 256),
-        };
-        net.build()?;
-        Ok(net)
+        for _ in 0..8 {
+            let id = uuid::Uuid::new_v4();
+            let b = id.as_bytes();
+            let subnet = format!("10.{}.{}", 200 + b[0] % 50, b[1]);
+            if !free_subnet(&subnet) {
+                continue;
+            }
+            let mut net = Net {
+                prefix: format!("kn{}", &id.simple().to_string()[..6]),
+                subnet,
+                namespaces: Vec::new(),
+                bridge_made: false,
+            };
+            match net.build(hosts) {
+                Ok(()) => return Ok(net),
+                Err(IpError::Denied(why)) => return Err(why),
+                // A name taken by another run: try other names.
+                Err(IpError::Failed(why)) if why.contains("File exists") => continue,
+                Err(IpError::Failed(why)) => panic!("cannot set up the namespaces: {why}"),
+            }
+        }
+        panic!("no free names or subnet for the test's namespaces after 8 tries");
     }
 
     fn bridge(&self) -> String {
@@ -57,7 +87,7 @@ impl Net {
 
     /// The namespace of host `i`.
     fn ns(&self, i: usize) -> String {
-        format!("{}{i}", self.prefix)
+        format!("{}h{i}", self.prefix)
     }
 
     /// The address of host `i`.
@@ -65,9 +95,10 @@ impl Net {
         format!("{}.{}", self.subnet, i + 1)
     }
 
-    fn build(&self) -> Result<(), String> {
+    fn build(&mut self, hosts: usize) -> Result<(), IpError> {
         let bridge = self.bridge();
         ip(&["link", "add", &bridge, "type", "bridge"])?;
+        self.bridge_made = true;
         ip(&[
             "addr",
             "add",
@@ -76,10 +107,11 @@ impl Net {
             &bridge,
         ])?;
         ip(&["link", "set", &bridge, "up"])?;
-        for i in 0..self.hosts {
+        for i in 0..hosts {
             let ns = self.ns(i);
             let veth = format!("{ns}v");
             ip(&["netns", "add", &ns])?;
+            self.namespaces.push(ns.clone());
             ip(&[
                 "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
             ])?;
@@ -101,13 +133,23 @@ impl Net {
     }
 }
 
+/// Whether no address of this host is in `subnet`.0/24.
+fn free_subnet(subnet: &str) -> bool {
+    Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "to", &format!("{subnet}.0/24")])
+        .output()
+        .is_ok_and(|o| o.stdout.is_empty())
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         // Deleting a namespace deletes its end of the veth pair, and with it ours.
-        for i in 0..self.hosts {
-            let _ = ip(&["netns", "del", &self.ns(i)]);
+        for ns in &self.namespaces {
+            let _ = ip(&["netns", "del", ns]);
         }
-        let _ = ip(&["link", "del", &self.bridge()]);
+        if self.bridge_made {
+            let _ = ip(&["link", "del", &self.bridge()]);
+        }
     }
 }
 
@@ -309,6 +351,7 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
 
     // New inputs held by a alone; a stops answering while c asks it for them, then dies.
     let (tree, bytes) = inputs(2);
+    let facts_before = number(&kiln.admin, "kiln_scheduler_blob_facts").await;
     let (_, r) = execute(
         &ch,
         F,
@@ -318,8 +361,9 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
     .await
     .unwrap();
     assert_eq!((code(&r), worker_of(&r).as_str()), (0, "a"), "{r:?}");
+    // The new inputs' two files and two directories, at least, join a's facts.
     common::eventually("a's report of the new inputs", || async {
-        (number(&kiln.admin, "kiln_scheduler_blob_facts").await >= 6.0).then_some(())
+        (number(&kiln.admin, "kiln_scheduler_blob_facts").await >= facts_before + 4.0).then_some(())
     })
     .await;
     let action = spec(&tree, &[("host", "c")], "five").upload(&ch, F).await;
@@ -346,6 +390,10 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
     );
     assert!(
         number(&admin_c, "kiln_worker_fetch_bytes_total{source=\"server\"}").await as u64 >= bytes
+    );
+    assert!(
+        number(&admin_c, "kiln_worker_peer_failures_total").await >= 1.0,
+        "c asked a (it was hinted), and a failed it"
     );
     kiln.stop().await;
 }

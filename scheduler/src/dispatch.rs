@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 /// Input files (the largest first, as jobs list them) weighed when placing by the bytes a
-/// worker holds: the scheduler's lock is held meanwhile.
+/// worker holds, and looked at for hints: the scheduler's lock is held meanwhile.
 const MAX_SCORED: usize = 100_000;
 
 /// Digests hinted with one dispatch at most (about 75 bytes each in the message).
@@ -158,8 +158,9 @@ impl<P: Clone, R> Scheduler<P, R> {
             let serves =
                 |w: &WorkerId| self.workers.get(w).is_some_and(|w| w.serves && !w.draining);
             let peers = if serves(&worker) {
+                let inputs = &state.job.inputs[..state.job.inputs.len().min(MAX_SCORED)];
                 self.holders
-                    .hints(worker, &state.job.inputs, MAX_HINTS, |w| serves(&w))
+                    .hints(worker, inputs, MAX_HINTS, |w| serves(&w))
             } else {
                 Vec::new()
             };

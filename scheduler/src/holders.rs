@@ -133,7 +133,8 @@ impl BlobHolders {
     /// For an action going to `target`: each of `inputs` that `target` is not known to hold,
     /// grouped by one peer that holds it (chosen by the digest, so that the work spreads over
     /// the holders; `usable` says which workers may be asked), at most `max` digests in all.
-    /// Groups ordered by worker.
+    /// Groups ordered by worker. The caller bounds `inputs` (the walk runs under the
+    /// scheduler's lock).
     pub fn hints(
         &self,
         target: WorkerId,
@@ -143,15 +144,19 @@ impl BlobHolders {
     ) -> Vec<(WorkerId, Vec<Digest>)> {
         let mut groups: HashMap<WorkerId, Vec<Digest>> = HashMap::new();
         let mut hinted = 0;
+        let mut peers: Vec<WorkerId> = Vec::new();
         for key in inputs {
             if hinted >= max {
                 break;
             }
-            let mut peers: Vec<WorkerId> = self.holders(key).collect();
-            if peers.is_empty() || peers.contains(&target) {
+            let Some(facts) = self.map.get(key) else {
+                continue;
+            };
+            if facts.iter().any(|f| f.worker == target) {
                 continue;
             }
-            peers.retain(|w| usable(*w));
+            peers.clear();
+            peers.extend(facts.iter().map(|f| f.worker).filter(|w| usable(*w)));
             if peers.is_empty() {
                 continue;
             }

@@ -181,13 +181,15 @@ impl<P: Clone, R> Scheduler<P, R> {
         Ok(Submitted { op, merged: false })
     }
 
-    /// A worker connected.
+    /// A worker connected; with `serves`, it serves its CAS to its peers: the blobs it
+    /// reports are tracked, and its actions carry hints of the peers holding their inputs.
     pub fn worker_joined(
         &mut self,
         now: Instant,
         worker: WorkerId,
         properties: Vec<(String, String)>,
         capacity: usize,
+        serves: bool,
     ) {
         self.workers.insert(
             worker,
@@ -200,7 +202,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 last_seen: now,
                 draining: false,
                 roots: CachedRoots::new(self.config.max_cached_roots),
-                serves: false,
+                serves,
             },
         );
         self.schedule(now);
@@ -220,14 +222,6 @@ impl<P: Clone, R> Scheduler<P, R> {
             w.roots.update(full, added, removed);
         }
         self.schedule(now);
-    }
-
-    /// A worker serves its CAS to its peers: the blobs it reports are tracked, and its
-    /// actions carry hints of the peers holding their inputs.
-    pub fn worker_serves(&mut self, worker: WorkerId) {
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.serves = true;
-        }
     }
 
     /// A worker that serves its peers reports the blobs its CAS holds: with `full`, `added`

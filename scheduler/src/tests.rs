@@ -109,7 +109,7 @@ fn priority_then_arrival() {
     s.submit(t, job("normal-1", 0, &[])).unwrap();
     s.submit(t, job("normal-2", 0, &[])).unwrap();
     assert!(dispatched(&mut s).is_empty(), "no worker yet");
-    s.worker_joined(t, 1, vec![], 1);
+    s.worker_joined(t, 1, vec![], 1, false);
     assert_eq!(dispatched(&mut s), vec![(1, "urgent", 1)]);
     let urgent = 2;
     s.reported(t, 1, urgent, "done");
@@ -124,8 +124,20 @@ fn priority_then_arrival() {
 fn platform_matching_and_least_loaded_choice() {
     let t = Instant::now();
     let mut s = S::new(config());
-    s.worker_joined(t, 1, props(&[("OSFamily", "linux"), ("cores", "8")]), 4);
-    s.worker_joined(t, 2, props(&[("OSFamily", "macos"), ("cores", "8")]), 4);
+    s.worker_joined(
+        t,
+        1,
+        props(&[("OSFamily", "linux"), ("cores", "8")]),
+        4,
+        false,
+    );
+    s.worker_joined(
+        t,
+        2,
+        props(&[("OSFamily", "macos"), ("cores", "8")]),
+        4,
+        false,
+    );
     s.submit(t, job("mac", 0, &[("OSFamily", "macos")]))
         .unwrap();
     s.submit(t, job("any-1", 0, &[])).unwrap();
@@ -168,7 +180,7 @@ fn identical_actions_share_one_operation() {
     uncached.mergeable = false;
     let c = s.submit(t, uncached).unwrap();
     assert_ne!(c.op, a.op, "do_not_cache actions never merge");
-    s.worker_joined(t, 1, vec![], 1);
+    s.worker_joined(t, 1, vec![], 1, false);
     dispatched(&mut s);
     s.reported(t, 1, a.op, "done");
     assert_eq!(finished(&mut s), vec![(a.op, Outcome::Reported("done"))]);
@@ -182,11 +194,11 @@ fn worker_loss_requeues_a_bounded_number_of_times() {
     let t = Instant::now();
     let mut s = S::new(config());
     let op = s.submit(t, job("flaky", 0, &[])).unwrap().op;
-    s.worker_joined(t, 1, vec![], 1);
+    s.worker_joined(t, 1, vec![], 1, false);
     assert_eq!(dispatched(&mut s), vec![(1, "flaky", 1)]);
     s.worker_left(t, 1);
     assert_eq!(s.queued(), 1, "re-queued, not failed");
-    s.worker_joined(t, 2, vec![], 1);
+    s.worker_joined(t, 2, vec![], 1, false);
     assert_eq!(dispatched(&mut s), vec![(2, "flaky", 2)]);
     s.worker_left(t, 2);
     let f = finished(&mut s);
@@ -205,7 +217,7 @@ fn an_action_failing_on_its_own_is_not_retried() {
     let t = Instant::now();
     let mut s = S::new(config());
     let op = s.submit(t, job("fails", 0, &[])).unwrap().op;
-    s.worker_joined(t, 1, vec![], 1);
+    s.worker_joined(t, 1, vec![], 1, false);
     dispatched(&mut s);
     s.reported(t, 1, op, "exit 1");
     assert_eq!(finished(&mut s), vec![(op, Outcome::Reported("exit 1"))]);
@@ -216,8 +228,8 @@ fn an_action_failing_on_its_own_is_not_retried() {
 fn silent_workers_are_lost_and_overdue_actions_killed() {
     let t = Instant::now();
     let mut s = S::new(config());
-    s.worker_joined(t, 1, vec![], 2);
-    s.worker_joined(t, 2, vec![], 1);
+    s.worker_joined(t, 1, vec![], 2, false);
+    s.worker_joined(t, 2, vec![], 1, false);
     let a = s.submit(t, job("a", 0, &[])).unwrap().op;
     dispatched(&mut s);
     // Worker 2 keeps talking, worker 1 goes silent.
@@ -266,7 +278,7 @@ fn draining_workers_get_no_new_work_and_queue_is_bounded() {
         max_queued: 2,
         ..config()
     });
-    s.worker_joined(t, 1, vec![], 4);
+    s.worker_joined(t, 1, vec![], 4, false);
     s.worker_draining(1);
     s.submit(t, job("x", 0, &[])).unwrap();
     s.submit(t, job("y", 0, &[])).unwrap();
@@ -283,7 +295,7 @@ fn draining_workers_get_no_new_work_and_queue_is_bounded() {
 fn cancel_kills_a_running_operation() {
     let t = Instant::now();
     let mut s = S::new(config());
-    s.worker_joined(t, 1, vec![], 1);
+    s.worker_joined(t, 1, vec![], 1, false);
     let op = s.submit(t, job("long", 0, &[])).unwrap().op;
     let queued = s.submit(t, job("next", 0, &[])).unwrap().op;
     dispatched(&mut s);
@@ -303,7 +315,7 @@ fn cancel_kills_a_running_operation() {
 fn shutting_down_fails_what_is_queued_only() {
     let t = Instant::now();
     let mut s = S::new(config());
-    s.worker_joined(t, 1, vec![], 1);
+    s.worker_joined(t, 1, vec![], 1, false);
     let running = s.submit(t, job("running", 0, &[])).unwrap().op;
     let queued = s.submit(t, job("queued", 0, &[])).unwrap().op;
     s.commands();
@@ -319,7 +331,7 @@ fn shutting_down_fails_what_is_queued_only() {
 fn a_finished_process_frees_its_slot_while_outputs_upload() {
     let t = Instant::now();
     let mut s = S::new(config());
-    s.worker_joined(t, 1, props(&[("cores", "4")]), 1);
+    s.worker_joined(t, 1, props(&[("cores", "4")]), 1, false);
     let first = s.submit(t, job("first", 0, &[("cores", "4")])).unwrap().op;
     s.submit(t, job("second", 0, &[("cores", "4")])).unwrap();
     assert_eq!(dispatched(&mut s), vec![(1, "first", 1)]);
@@ -337,7 +349,7 @@ fn a_finished_process_frees_its_slot_while_outputs_upload() {
     // The uploading action still belongs to the worker: lost with it, then re-run.
     s.worker_left(t, 1);
     assert_eq!(s.queued(), 2);
-    s.worker_joined(t, 3, props(&[("cores", "4")]), 1);
+    s.worker_joined(t, 3, props(&[("cores", "4")]), 1, false);
     assert_eq!(dispatched(&mut s), vec![(3, "first", 2)]);
     // Its result frees nothing twice: the worker's one slot holds exactly one action.
     s.executed(t, 3, first);
@@ -352,7 +364,7 @@ fn a_finished_process_frees_its_slot_while_outputs_upload() {
 fn actions_no_worker_could_run_fail_after_the_unserved_timeout() {
     let t = Instant::now();
     let mut s = S::new(config());
-    s.worker_joined(t, 1, props(&[("OSFamily", "linux")]), 1);
+    s.worker_joined(t, 1, props(&[("OSFamily", "linux")]), 1, false);
     let windows = s
         .submit(t, job("windows", 0, &[("OSFamily", "windows")]))
         .unwrap()
@@ -420,8 +432,8 @@ fn holds(s: &mut S, now: Instant, worker: WorkerId, root: u8) {
 fn an_action_goes_to_the_free_worker_holding_its_input_root() {
     let t = Instant::now();
     let mut s = S::new(config());
-    s.worker_joined(t, 1, vec![], 2);
-    s.worker_joined(t, 2, vec![], 2);
+    s.worker_joined(t, 1, vec![], 2, false);
+    s.worker_joined(t, 2, vec![], 2, false);
     holds(&mut s, t, 2, 7);
     s.submit(t, rooted("cached", 7)).unwrap();
     s.submit(t, rooted("elsewhere", 8)).unwrap();
@@ -453,8 +465,8 @@ fn an_action_waits_a_little_for_a_busy_holder_then_goes_elsewhere() {
     let t = Instant::now();
     let ms = Duration::from_millis;
     let mut s = S::new(config());
-    s.worker_joined(t, 1, vec![], 1);
-    s.worker_joined(t, 2, vec![], 1);
+    s.worker_joined(t, 1, vec![], 1, false);
+    s.worker_joined(t, 2, vec![], 1, false);
     holds(&mut s, t, 2, 7);
     s.submit(t, rooted("busy-2", 7)).unwrap();
     assert_eq!(dispatched(&mut s), vec![(2, "busy-2", 1)]);
@@ -503,8 +515,8 @@ fn an_action_waits_a_little_for_a_busy_holder_then_goes_elsewhere() {
 fn a_draining_holder_is_not_waited_for() {
     let t = Instant::now();
     let mut s = S::new(config());
-    s.worker_joined(t, 1, vec![], 1);
-    s.worker_joined(t, 2, vec![], 1);
+    s.worker_joined(t, 1, vec![], 1, false);
+    s.worker_joined(t, 2, vec![], 1, false);
     holds(&mut s, t, 2, 7);
     s.worker_draining(2);
     s.submit(t, rooted("now", 7)).unwrap();
@@ -543,8 +555,7 @@ fn an_action_goes_to_the_free_worker_holding_most_of_its_input_bytes_with_hints_
     let t = Instant::now();
     let mut s = S::new(config());
     for w in 1..=3 {
-        s.worker_joined(t, w, vec![], 1);
-        s.worker_serves(w);
+        s.worker_joined(t, w, vec![], 1, true);
     }
     // Worker 2 holds files 10 and 20 (30 bytes); worker 3 holds 1..=5 (15 bytes).
     s.worker_blobs(2, true, vec![file(10), file(20)], vec![]);
@@ -582,7 +593,7 @@ fn an_action_goes_to_the_free_worker_holding_most_of_its_input_bytes_with_hints_
     // A worker that does not serve its peers gets no hints, and what it reports holding is
     // not kept: nobody could fetch from it.
     s.reported(t, 1, 5, "done");
-    s.worker_joined(t, 9, vec![], 1);
+    s.worker_joined(t, 9, vec![], 1, false);
     s.worker_blobs(9, true, vec![file(40)], vec![]);
     assert_eq!(s.blob_facts(), 2);
     s.worker_left(t, 1);

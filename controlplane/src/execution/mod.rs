@@ -488,12 +488,7 @@ impl ExecutionCore {
         let serves = lock(&self.sessions)
             .get(&id)
             .is_some_and(|s| s.endpoint.is_some());
-        self.apply(|s, now| {
-            s.worker_joined(now, id, properties, capacity);
-            if serves {
-                s.worker_serves(id);
-            }
-        });
+        self.apply(|s, now| s.worker_joined(now, id, properties, capacity, serves));
         id
     }
 

@@ -155,14 +155,22 @@ pub struct PeerRequest {
 impl PeerRequest {
     /// How long the peer has before the server is asked too: the race delay plus the time
     /// at the minimum rate for what shares the peer's link with this request — what was in
-    /// flight when it was asked, and what has been asked of the peer since. The peer serves
-    /// its requests side by side, so those asked later slow this one down too.
+    /// flight when it was asked, and what has been asked of the peer since and is still in
+    /// flight (the peer serves its requests side by side, so those asked later slow this one
+    /// down too; those already answered no longer excuse it, so a request stuck while the
+    /// peer keeps answering others still runs out of time).
     pub fn delay(&self) -> Duration {
         let since = self
             .load
             .asked
             .load(Ordering::Relaxed)
-            .saturating_sub(self.asked);
+            .saturating_sub(self.asked)
+            .min(
+                self.load
+                    .in_flight
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(self.bytes),
+            );
         self.settings.delay(self.queued.saturating_add(since))
     }
 }
@@ -384,7 +392,10 @@ mod tests {
         let second = peers.ask(&a, 1 << 20).unwrap();
         assert_eq!(second.delay(), Duration::from_millis(2020));
         assert_eq!(first.delay(), Duration::from_millis(2020));
-        drop((first, second));
+        // Once the later request is answered it no longer lengthens the first's delay.
+        drop(second);
+        assert_eq!(first.delay(), Duration::from_millis(1020));
+        drop(first);
         assert_eq!(peers.ask(&a, 0).unwrap().delay(), Duration::from_millis(20));
         // Two slow races, a win, then three slow ones: set aside after the third.
         for outcome in [

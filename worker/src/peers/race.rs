@@ -54,13 +54,20 @@ where
     };
     let mut peer = std::pin::pin!(peer);
     let start = tokio::time::Instant::now();
+    // A delay too long to add (a zero rate) waits a year: for the peer, in practice.
+    let deadline = || {
+        let d = delay();
+        start
+            .checked_add(d)
+            .unwrap_or_else(|| start + Duration::from_secs(365 * 86_400))
+    };
     loop {
-        match tokio::time::timeout_at(start + delay(), peer.as_mut()).await {
+        match tokio::time::timeout_at(deadline(), peer.as_mut()).await {
             Ok(Ok(Some(copy))) => return from_peer(copy),
             Ok(Ok(None)) => return from_server(server().await, false),
             Ok(Err(_)) => return from_server(server().await, true),
             // Out of time, unless the delay grew meanwhile.
-            Err(_) if tokio::time::Instant::now() >= start + delay() => break,
+            Err(_) if tokio::time::Instant::now() >= deadline() => break,
             Err(_) => {}
         }
     }
