@@ -56,6 +56,39 @@ impl RunningWorker {
 /// removed); past it the next report lists the whole CAS instead.
 const HOLDINGS_KEPT: usize = 200_000;
 
+/// The worker's CAS over mutual TLS, for its peers: with the worker's certificate
+/// (`worker.tls_cert`/`tls_key`, as enrolment stores them) as the server's, and client
+/// certificates required, signed by `worker.tls_ca` (the farm CA). Returns the acceptor and
+/// the name the certificate carries (peers check it). `None`: no certificate, or peers off.
+fn peer_tls(config: &Config) -> anyhow::Result<Option<(kiln_dataplane::tls::TlsAccept, String)>> {
+    let w = &config.worker;
+    let (Some(cert), Some(key), Some(ca), true) = (&w.tls_cert, &w.tls_key, &w.tls_ca, w.peers)
+    else {
+        return Ok(None);
+    };
+    let leaf = kiln_tls::pem::certificates(cert)
+        .with_context(|| format!("cannot read {}", cert.display()))?;
+    let name = leaf
+        .first()
+        .and_then(kiln_tls::pem::common_name)
+        .with_context(|| format!("{} names no one (no common name)", cert.display()))?;
+    let files = kiln_tls::server::ServerFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: Some(ca.clone()),
+        client_auth: kiln_tls::server::ClientAuth::Required,
+    };
+    let tls = kiln_tls::server::ServerTls::load(files)
+        .context("cannot serve the local CAS over TLS with the worker's certificate")?;
+    Ok(Some((
+        kiln_dataplane::tls::TlsAccept {
+            tls,
+            handshake_timeout: Duration::from_secs(config.tls.handshake_timeout_secs),
+        },
+        name,
+    )))
+}
+
 /// Whether this worker serves its CAS to peers (and reports what it holds): with
 /// `worker.peer_endpoint`, or when `server.listen` is one address peers can reach (a loopback
 /// address only when the scheduler, and so the whole farm, is on this host). Peers reach it
@@ -156,17 +189,6 @@ pub fn max_inflight(config: &Config) -> usize {
 /// Runs `kiln worker`.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut config = load_config(&args)?;
-    // The local CAS has no TLS or authorization yet: it stays on loopback.
-    if !config.server.listen.ip().is_loopback() {
-        anyhow::ensure!(
-            args.insecure,
-            "refusing to serve the worker's local CAS on {}: it has no TLS or authorization yet, \
-             so anyone who can reach it could read it (it is read-only: peers fetch inputs from it). \
-             Keep it on loopback, or pass --insecure on a network you trust",
-            config.server.listen
-        );
-        tracing::warn!(listen = %config.server.listen, "--insecure: the local CAS can be read by anyone who can reach it");
-    }
     if let Some(admin) = args.admin_listen.filter(|a| !a.ip().is_loopback()) {
         anyhow::ensure!(
             args.insecure,
@@ -186,6 +208,22 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         info!(worker = %name, elapsed = ?started.elapsed(), "enrolled: client certificate stored under the CAS directory");
     }
     identity.apply(&mut config)?;
+    // The local CAS, as peers reach it: over mutual TLS with the worker's own certificate
+    // when it has one, else plain (and then kept on loopback unless told otherwise).
+    let peer_tls = peer_tls(&config)?;
+    if !config.server.listen.ip().is_loopback() && peer_tls.is_none() {
+        anyhow::ensure!(
+            args.insecure,
+            "refusing to serve the worker's local CAS on {} in plain gRPC: anyone who can reach \
+             it could read it (it is read-only: peers fetch inputs from it). Give the worker a \
+             certificate (enrol with --join, or worker.tls_cert, tls_key and tls_ca) to serve it \
+             over mutual TLS, keep it on loopback, or pass --insecure on a network you trust",
+            config.server.listen
+        );
+        tracing::warn!(listen = %config.server.listen, "--insecure: the local CAS can be read by anyone who can reach it");
+    }
+    // The worker's client TLS: towards the scheduler, and towards peers served over TLS.
+    let peer_client = crate::tls::worker_client(&config)?;
     let Some(scheduler) = config.worker.scheduler.clone() else {
         bail!("no scheduler: pass --scheduler grpc://HOST:PORT or set worker.scheduler");
     };
@@ -214,24 +252,27 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let local = LocalCas::new(store.cas(), store.chain(), Layout::cas(&data_dir), false);
     // Read-only: peers read from it (checking every byte); nothing writes to it over the
     // network.
+    let tls_name = peer_tls.as_ref().map(|(_, name)| name.clone());
     let mut data = DataPlane::start(
         &config,
         store,
         backend_for(config.server.runtime),
         None,
-        None,
+        peer_tls.map(|(accept, _)| accept),
         Arc::new(kiln_auth::Policy::read_only()),
     )
     .with_context(|| format!("cannot serve the local CAS on {}", config.server.listen))?;
     let transfers = Arc::new(kiln_worker::peers::TransferStats::default());
     let serving = holdings.map(|holdings| {
         let metrics = local.cas().client().metrics().clone();
+        let scheme = if tls_name.is_some() { "grpcs" } else { "grpc" };
+        let endpoint = match &config.worker.peer_endpoint {
+            Some(e) => e.replacen("grpc://", &format!("{scheme}://"), 1),
+            None => format!("{scheme}://{}", data.local_addr()),
+        };
         kiln_worker::peers::Serving {
-            endpoint: config
-                .worker
-                .peer_endpoint
-                .clone()
-                .unwrap_or_else(|| format!("grpc://{}", data.local_addr())),
+            endpoint,
+            tls_name: tls_name.clone(),
             holdings,
             served: Arc::new(move || metrics.blob_bytes_sent()),
         }
@@ -244,6 +285,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 cooldown: Duration::from_secs(config.worker.peer_cooldown_secs),
             },
             transfers.clone(),
+            peer_client.clone(),
         ))
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -257,7 +299,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         properties: kiln_worker::parse_properties(&config.worker.properties),
         max_inflight: max_inflight(&config),
     };
-    let mut link = Link::new(&scheduler, crate::tls::worker_client(&config)?)?;
+    let mut link = Link::new(&scheduler, peer_client.clone())?;
     if let Some(file) = &config.worker.token_file {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read the token file {}", file.display()))?;

@@ -161,3 +161,126 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+/// `kiln join-token create` on the server whose data is in `data`, at `addr`.
+fn join_token(data: &Path, addr: std::net::SocketAddr) -> String {
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["join-token", "create", "--ttl", "10m", "--server-address"])
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    String::from_utf8(made.stdout).unwrap().trim().to_string()
+}
+
+/// A TLS channel to `addr` checking its certificate for `name` against the CA in `ca`,
+/// presenting `identity` (certificate and key files) if given.
+async fn tls_channel(
+    addr: &str,
+    name: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    kiln_tls::install_provider();
+    let identity =
+        identity.map(|(c, k)| kiln_tls::client::ClientIdentity::from_files(c, k).unwrap());
+    let trust = kiln_tls::client::Trust::ca_file(ca).unwrap();
+    let config = kiln_tls::client::config(trust, identity).unwrap();
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(kiln_tls::client::Connector::for_name(config, name))
+        .await
+}
+
+// On a farm with TLS (`mode = "auto"`) and enrolled workers, peers serve their CAS over
+// mutual TLS with their enrolment certificates: w2 gets w1's inputs from w1 over TLS, and
+// w1's CAS answers only a caller with a certificate from the farm CA — not plain gRPC, not
+// TLS without a client certificate.
+on_every_runtime! {
+    async fn enrolled_workers_share_inputs_over_mutual_tls(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("server");
+        let options = common::Options {
+            config: Some(concat!(
+                "[tls]\nmode = \"auto\"\n[worker]\nembedded = false\n",
+                "[execution]\nkeepalive_secs = 1\n",
+                "[auth]\nenabled = true\nanonymous_roles = [\"execute\", \"cache-read\", \"cache-write\"]\n",
+            ).into()),
+            ..common::Options::on(rt)
+        };
+        let kiln = common::Kiln::start_async(&data, options).await;
+        let ca = data.join("tls/ca.pem");
+        let url = format!("grpcs://{}", kiln.addr);
+        let mut workers = Vec::new();
+        for (name, pool) in [("w1", "a"), ("w2", "b")] {
+            let token = join_token(&data, kiln.addr);
+            let (url, wdir, property) = (url.clone(), dir.path().join(name), format!("pool={pool}"));
+            let w = tokio::task::spawn_blocking(move || {
+                let config = wdir.join("worker.toml");
+                std::fs::create_dir_all(&wdir).unwrap();
+                std::fs::write(&config, "[worker]\ndircache_bytes = 0\npeer_race_delay_ms = 60000\n").unwrap();
+                let args = ["--join", &token, "--config", config.to_str().unwrap(), "--property", &property, "--max-inflight", "1", "--admin-listen", "127.0.0.1:0"];
+                Worker::start_for(&url, rt, &wdir, name, &args)
+            })
+            .await
+            .unwrap();
+            workers.push(w);
+        }
+        let (admin1, admin2) = (workers[0].admin(), workers[1].admin());
+        let ch = kiln.tls_channel(&ca, None).await.unwrap();
+        let (tree, bytes) = inputs("t");
+        let (_, r) = execute(&ch, F, &run_on("a", &tree, "one").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
+        // The server's admin listener speaks HTTPS with the farm's certificate here.
+        common::eventually("w1's report of what it holds", || {
+            let (url, ca) = (format!("{}/metrics", kiln.admin), ca.clone());
+            async move {
+                let (_, text) = tokio::task::spawn_blocking(move || common::curl(&url, &["--cacert", ca.to_str().unwrap()])).await.unwrap();
+                let facts: f64 = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("kiln_scheduler_blob_facts "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0.0);
+                (facts >= 21.0).then_some(())
+            }
+        })
+        .await;
+        let (_, r) = execute(&ch, F, &run_on("b", &tree, "two").upload(&ch, F).await, false).await.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
+        assert_eq!(number(&admin2, "kiln_worker_fetch_bytes_total{source=\"peer\"}").await as u64, bytes);
+        assert!(number(&admin1, "kiln_worker_served_bytes_total").await as u64 >= bytes);
+
+        // w1's CAS, as a stranger sees it.
+        let cas = workers[0]
+            .start_log
+            .iter()
+            .find_map(|l| l.split("local CAS on ").nth(1)?.split_whitespace().next())
+            .expect("the worker logs its CAS address")
+            .to_string();
+        let small = common::blobs::digest(F, b"t small file 0\n");
+        let name = common::blobs::read_name("", F, &small);
+        let plain = tonic::transport::Endpoint::from_shared(format!("http://{cas}")).unwrap().connect().await;
+        if let Ok(plain) = plain {
+            assert!(common::blobs::read(&plain, &name, 0, 0).await.is_err(), "plain gRPC is refused");
+        }
+        if let Ok(anonymous) = tls_channel(&cas, "w1", &ca, None).await {
+            let read = common::blobs::read(&anonymous, &name, 0, 0).await;
+            assert!(read.is_err(), "TLS without a certificate is refused");
+        }
+        let farm = kiln_tls::farm::Farm::at(data.join("tls"));
+        let (cert, key) = farm.issue(&["someone".to_string()], rcgen::ExtendedKeyUsagePurpose::ClientAuth).unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        let member = tls_channel(&cas, "w1", &ca, Some((&c, &k))).await.unwrap();
+        assert_eq!(common::blobs::read(&member, &name, 0, 0).await.unwrap(), b"t small file 0\n");
+        kiln.stop().await;
+    }
+}

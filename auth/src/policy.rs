@@ -208,12 +208,18 @@ impl Policy {
         }
     }
 
-    /// Anyone may read the CAS, without credentials, and do nothing else: a worker's CAS as
-    /// it serves its peers (they only read, and check every byte they read).
+    /// Any caller the connection lets in may read the CAS, and do nothing else: a worker's
+    /// CAS as it serves its peers (they only read, and check every byte they read). Over
+    /// mutual TLS, that is every holder of a certificate from the farm CA.
     pub fn read_only() -> Policy {
         let mut policy = Policy::disabled();
         policy.settings.enabled = true;
-        policy.settings.anonymous = Grant::all(&[Role::CacheRead], &[]);
+        let read = Grant::all(&[Role::CacheRead], &[]);
+        policy.settings.anonymous = read.clone();
+        policy.settings.certificates = vec![CertificateRule {
+            name: "*".into(),
+            grants: read,
+        }];
         policy
     }
 

@@ -225,16 +225,27 @@ impl ServerCertVerifier for Verifier {
 }
 
 /// TLS over TCP for tonic: `Endpoint::connect_with_connector(Connector::new(config))` with an
-/// `http://HOST:PORT` endpoint; the server name checked is HOST.
+/// `http://HOST:PORT` endpoint; the server name checked is HOST, or the one given with
+/// [`Connector::for_name`].
 #[derive(Clone)]
 pub struct Connector {
     config: Arc<rustls::ClientConfig>,
+    name: Option<ServerName<'static>>,
 }
 
 impl Connector {
     /// Connects with `config`.
     pub fn new(config: Arc<rustls::ClientConfig>) -> Connector {
-        Connector { config }
+        Connector { config, name: None }
+    }
+
+    /// Connects with `config`, checking the server's certificate for `name` whatever address
+    /// it is reached at (a worker's CAS, whose certificate names the worker).
+    pub fn for_name(config: Arc<rustls::ClientConfig>, name: ServerName<'static>) -> Connector {
+        Connector {
+            config,
+            name: Some(name),
+        }
     }
 }
 
@@ -251,6 +262,7 @@ impl tower::Service<http::Uri> for Connector {
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let config = self.config.clone();
+        let fixed = self.name.clone();
         Box::pin(async move {
             let bad = |what: &str| {
                 std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string())
@@ -263,8 +275,11 @@ impl tower::Service<http::Uri> for Connector {
             let port = uri
                 .port_u16()
                 .ok_or_else(|| bad("the endpoint has no port"))?;
-            let name = ServerName::try_from(host.clone())
-                .map_err(|_| bad("the endpoint's host is not a valid server name"))?;
+            let name = match fixed {
+                Some(name) => name,
+                None => ServerName::try_from(host.clone())
+                    .map_err(|_| bad("the endpoint's host is not a valid server name"))?,
+            };
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
             let tls = tokio_rustls::TlsConnector::from(config)

@@ -166,8 +166,10 @@ impl Farm {
     }
 
     /// Signs a worker's certificate signing request (PEM): whatever it asks for, the
-    /// certificate names `name` (as its common name and only SAN-free identity) and serves
-    /// client authentication only. Returns the certificate (PEM) and its SHA-256 fingerprint.
+    /// certificate names `name` (its common name and its one DNS name) and serves client
+    /// authentication (towards the server and its peers) and server authentication under
+    /// that name (its CAS, as its peers reach it). Returns the certificate (PEM) and its
+    /// SHA-256 fingerprint.
     pub fn sign_request(&self, csr_pem: &str, name: &str) -> Result<(String, String), TlsError> {
         let ca_key = KeyPair::from_pem(&read(&self.ca_key())?)?;
         let issuer = Issuer::new(ca_params(), ca_key);
@@ -176,8 +178,16 @@ impl Farm {
         dn.push(DnType::CommonName, name);
         request.params = CertificateParams::default();
         request.params.distinguished_name = dn;
+        request.params.subject_alt_names = vec![SanType::DnsName(
+            name.to_string()
+                .try_into()
+                .map_err(|_| TlsError::ServerName(name.to_string()))?,
+        )];
         request.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        request.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        request.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
         request.params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         request.params.not_after = rcgen::date_time_ymd(2124, 1, 1);
         let cert = request.signed_by(&issuer)?;
@@ -250,9 +260,14 @@ mod tests {
             !parsed.is_ca(),
             "a CA was asked for, a client certificate was issued"
         );
-        assert!(
-            parsed.subject_alternative_name().unwrap().is_none(),
-            "no SAN asked for is kept"
+        // Its one name is the server's choice (peers check it when they reach the worker's
+        // CAS); none it asked for is kept.
+        let san = parsed.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            san.value.general_names,
+            vec![x509_parser::extensions::GeneralName::DNSName("mac-7")]
         );
+        let usage = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(usage.client_auth && usage.server_auth, "{usage:?}");
     }
 }

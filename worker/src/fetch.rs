@@ -7,7 +7,7 @@
 use crate::error::ActionError;
 use crate::local::LocalCas;
 use crate::peers::race::{race, Winner};
-use crate::peers::{Hints, PeerRequest, Peers, TransferStats};
+use crate::peers::{Hints, PeerAddr, PeerRequest, Peers, TransferStats};
 use crate::remote::SMALL;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
@@ -161,8 +161,8 @@ const BATCH_BYTES: u64 = 4 << 20;
 /// One piece of a download: small blobs in one batch read, or one large blob streamed to a
 /// file; from the peer hinted to hold them, if any.
 enum Piece {
-    Batch(Option<Arc<str>>, Vec<Digest>),
-    Large(Option<Arc<str>>, Digest),
+    Batch(Option<Arc<PeerAddr>>, Vec<Digest>),
+    Large(Option<Arc<PeerAddr>>, Digest),
 }
 
 /// Downloads blobs into the local CAS, `parallelism` pieces at once.
@@ -173,7 +173,7 @@ async fn download(
     missing: &[Digest],
     parallelism: usize,
 ) -> Result<(), ActionError> {
-    let mut by_peer: HashMap<Option<Arc<str>>, Vec<Digest>> = HashMap::new();
+    let mut by_peer: HashMap<Option<Arc<PeerAddr>>, Vec<Digest>> = HashMap::new();
     for d in missing {
         let peer = remote.peers.and_then(|(_, hints)| hints.peer(d).cloned());
         by_peer.entry(peer).or_default().push(*d);
@@ -229,9 +229,9 @@ fn batches(digests: &[Digest]) -> Vec<&[Digest]> {
 /// A request for `bytes` to `peer`, when hinted and usable.
 fn peer_request<'a>(
     remote: &Remote<'a>,
-    peer: Option<Arc<str>>,
+    peer: Option<Arc<PeerAddr>>,
     bytes: u64,
-) -> Option<(&'a Peers, Arc<str>, PeerRequest)> {
+) -> Option<(&'a Peers, Arc<PeerAddr>, PeerRequest)> {
     let (peers, _) = remote.peers?;
     let endpoint = peer?;
     let request = peers.ask(&endpoint, bytes)?;
@@ -243,7 +243,7 @@ async fn download_batch(
     local: &LocalCas,
     remote: &Remote<'_>,
     instance: &InstanceName,
-    peer: Option<Arc<str>>,
+    peer: Option<Arc<PeerAddr>>,
     batch: &[Digest],
     parallelism: usize,
 ) -> Result<Vec<Digest>, ActionError> {
@@ -320,7 +320,7 @@ async fn download_large(
     local: &LocalCas,
     remote: &Remote<'_>,
     instance: &InstanceName,
-    peer: Option<Arc<str>>,
+    peer: Option<Arc<PeerAddr>>,
     d: Digest,
 ) -> Result<Vec<Digest>, ActionError> {
     let epoch = local.sync_epoch();

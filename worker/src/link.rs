@@ -12,6 +12,8 @@ use tonic::transport::{Channel, Endpoint};
 pub struct Link {
     endpoint: Endpoint,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// The name the server's certificate must carry, when not the URL's host.
+    server_name: Option<rustls::pki_types::ServerName<'static>>,
     url: String,
     authorization: Option<http::HeaderValue>,
 }
@@ -85,9 +87,29 @@ impl Link {
         Ok(Link {
             endpoint,
             tls,
+            server_name: None,
             url: url.to_string(),
             authorization: None,
         })
+    }
+
+    /// Checks the server's certificate for `name` rather than the URL's host (a peer's CAS:
+    /// its certificate names the worker, whatever address it is reached at).
+    pub fn with_server_name(mut self, name: &str) -> Result<Link, LinkError> {
+        let name =
+            rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|_| LinkError {
+                url: self.url.clone(),
+                why: format!("{name:?} is not a server name"),
+            })?;
+        self.server_name = Some(name);
+        Ok(self)
+    }
+
+    fn connector(&self, config: &Arc<rustls::ClientConfig>) -> kiln_tls::client::Connector {
+        match &self.server_name {
+            Some(name) => kiln_tls::client::Connector::for_name(config.clone(), name.clone()),
+            None => kiln_tls::client::Connector::new(config.clone()),
+        }
     }
 
     /// Presents `token` as `authorization: Bearer TOKEN` on every call.
@@ -137,7 +159,7 @@ impl Link {
             None => self.endpoint.connect().await,
             Some(c) => {
                 self.endpoint
-                    .connect_with_connector(kiln_tls::client::Connector::new(c.clone()))
+                    .connect_with_connector(self.connector(c))
                     .await
             }
         }?;
@@ -148,9 +170,7 @@ impl Link {
     pub fn connect_lazy(&self) -> LinkChannel {
         let channel = match &self.tls {
             None => self.endpoint.connect_lazy(),
-            Some(c) => self
-                .endpoint
-                .connect_with_connector_lazy(kiln_tls::client::Connector::new(c.clone())),
+            Some(c) => self.endpoint.connect_with_connector_lazy(self.connector(c)),
         };
         self.wrap(channel)
     }

@@ -221,6 +221,11 @@ async fn session(
                 .as_ref()
                 .map(|s| s.endpoint.clone())
                 .unwrap_or_default(),
+            cas_tls_name: ctx
+                .serving
+                .as_ref()
+                .and_then(|s| s.tls_name.clone())
+                .unwrap_or_default(),
             running: Vec::new(),
         }),
     );

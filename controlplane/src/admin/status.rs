@@ -246,7 +246,11 @@ pub fn render(s: &Snapshot) -> String {
             escape(&w.name),
             cache,
             transfers,
-            escape(w.endpoint.as_deref().unwrap_or("not served to peers"))
+            escape(
+                w.endpoint
+                    .as_ref()
+                    .map_or("not served to peers", |e| e.endpoint.as_str())
+            )
         );
     }
     let workers = if workers.is_empty() {
@@ -328,7 +332,10 @@ mod tests {
                     peer_failures: 1,
                     run: 1,
                 }),
-                endpoint: Some("grpc://10.0.0.7:50052".into()),
+                endpoint: Some(crate::execution::PeerEndpoint {
+                    endpoint: "grpc://10.0.0.7:50052".into(),
+                    tls_name: String::new(),
+                }),
             }],
             ..Default::default()
         });

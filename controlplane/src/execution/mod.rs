@@ -61,7 +61,16 @@ struct Session {
     /// Its last report of its transfers.
     transfers: Option<kiln_proto::worker::TransferReport>,
     /// Where it serves its CAS to peers.
-    endpoint: Option<String>,
+    endpoint: Option<PeerEndpoint>,
+}
+
+/// Where a worker serves its CAS to its peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerEndpoint {
+    /// `grpc://HOST:PORT` or `grpcs://HOST:PORT`.
+    pub endpoint: String,
+    /// With `grpcs://`: the name its certificate carries (else empty).
+    pub tls_name: String,
 }
 
 /// What a connected worker last reported of itself, for the status page and metrics.
@@ -74,7 +83,7 @@ pub struct WorkerView {
     /// Its transfers.
     pub transfers: Option<kiln_proto::worker::TransferReport>,
     /// Where it serves its CAS to peers.
-    pub endpoint: Option<String>,
+    pub endpoint: Option<PeerEndpoint>,
 }
 
 /// Counts for the status page and metrics.
@@ -294,9 +303,10 @@ impl ExecutionCore {
         peers
             .into_iter()
             .filter_map(|(peer, digests)| {
-                let endpoint = sessions.get(&peer)?.endpoint.clone()?;
+                let PeerEndpoint { endpoint, tls_name } = sessions.get(&peer)?.endpoint.clone()?;
                 Some(PeerHint {
                     endpoint,
+                    tls_name,
                     digests: digests.iter().map(Digest::to_proto).collect(),
                 })
             })
@@ -470,7 +480,7 @@ impl ExecutionCore {
         name: String,
         properties: Vec<(String, String)>,
         capacity: usize,
-        endpoint: Option<String>,
+        endpoint: Option<PeerEndpoint>,
         tx: mpsc::Sender<ServerMessage>,
     ) -> WorkerId {
         let id = self.next_worker.fetch_add(1, Ordering::Relaxed);

@@ -21,15 +21,29 @@ const SESSION_QUEUE: usize = 1024;
 /// Longest peer endpoint accepted from a worker.
 const MAX_ENDPOINT: usize = 256;
 
-/// A worker's announced peer endpoint, if it is one other workers can use: `grpc://` (peer
-/// links have no TLS yet) and a host, at most [`MAX_ENDPOINT`] characters (it is passed on to
-/// every other worker).
-fn peer_endpoint(announced: &str) -> Option<String> {
-    let rest = announced.strip_prefix("grpc://")?;
+/// A worker's announced peer endpoint, if it is one other workers can use: `grpc://HOST:PORT`,
+/// or `grpcs://HOST:PORT` with the name its certificate carries (a DNS name), at most
+/// [`MAX_ENDPOINT`] characters each (both are passed on to every other worker).
+fn peer_endpoint(announced: &str, tls_name: &str) -> Option<super::PeerEndpoint> {
+    let (rest, secure) = match announced.strip_prefix("grpcs://") {
+        Some(rest) => (rest, true),
+        None => (announced.strip_prefix("grpc://")?, false),
+    };
+    let named = !secure
+        || (tls_name.len() <= MAX_ENDPOINT
+            && rustls_pki_types::DnsName::try_from(tls_name.to_string()).is_ok());
     let usable = announced.len() <= MAX_ENDPOINT
         && !rest.is_empty()
-        && rest.parse::<http::uri::Authority>().is_ok();
-    usable.then(|| announced.to_string())
+        && rest.parse::<http::uri::Authority>().is_ok()
+        && named;
+    usable.then(|| super::PeerEndpoint {
+        endpoint: announced.to_string(),
+        tls_name: if secure {
+            tls_name.to_string()
+        } else {
+            String::new()
+        },
+    })
 }
 
 /// The worker API service.
@@ -97,9 +111,9 @@ impl WorkerApi for WorkerApiService {
         } else {
             hello.worker_id.clone()
         };
-        let endpoint = peer_endpoint(&hello.cas_endpoint);
+        let endpoint = peer_endpoint(&hello.cas_endpoint, &hello.cas_tls_name);
         if endpoint.is_none() && !hello.cas_endpoint.is_empty() {
-            tracing::warn!(worker = %name, endpoint = %hello.cas_endpoint, "ignoring a peer endpoint that is not grpc://HOST:PORT");
+            tracing::warn!(worker = %name, endpoint = %hello.cas_endpoint, tls_name = %hello.cas_tls_name, "ignoring a peer endpoint that is not grpc://HOST:PORT or grpcs://HOST:PORT with a certificate name");
         }
         let id = self.core.worker_joined(
             name,
@@ -160,11 +174,12 @@ mod tests {
 
     #[test]
     fn only_grpc_endpoints_with_an_authority_are_passed_on() {
+        let plain = |e: &str| peer_endpoint(e, "").map(|p| p.endpoint);
         assert_eq!(
-            peer_endpoint("grpc://10.0.0.5:50052").as_deref(),
+            plain("grpc://10.0.0.5:50052").as_deref(),
             Some("grpc://10.0.0.5:50052")
         );
-        assert!(peer_endpoint("grpc://[::1]:9").is_some());
+        assert!(plain("grpc://[::1]:9").is_some());
         for bad in [
             "",
             "grpc://",
@@ -173,11 +188,21 @@ mod tests {
             "grpc://a b:1",
             "grpc://x/y",
         ] {
-            assert_eq!(peer_endpoint(bad), None, "{bad:?}");
+            assert_eq!(plain(bad), None, "{bad:?}");
         }
+        assert_eq!(plain(&format!("grpc://{}:1", "a".repeat(300))), None);
+        // Over TLS only with the name the worker's certificate carries.
+        let tls = peer_endpoint("grpcs://10.0.0.5:1", "mac-5").unwrap();
         assert_eq!(
-            peer_endpoint(&format!("grpc://{}:1", "a".repeat(300))),
-            None
+            (tls.endpoint.as_str(), tls.tls_name.as_str()),
+            ("grpcs://10.0.0.5:1", "mac-5")
+        );
+        assert!(peer_endpoint("grpcs://10.0.0.5:1", "not a name").is_none());
+        assert_eq!(
+            peer_endpoint("grpc://10.0.0.5:1", "mac-5")
+                .unwrap()
+                .tls_name,
+            ""
         );
     }
 }

@@ -120,6 +120,17 @@ pub struct Peers {
     settings: PeerSettings,
     links: Mutex<HashMap<Arc<str>, PeerLink>>,
     stats: Arc<TransferStats>,
+    /// The worker's TLS (the farm CA and its own certificate), for `grpcs://` peers.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Where a peer serves its CAS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerAddr {
+    /// `grpc://HOST:PORT` or `grpcs://HOST:PORT`.
+    pub endpoint: Arc<str>,
+    /// With `grpcs://`: the name its certificate must carry.
+    pub tls_name: Option<Arc<str>>,
 }
 
 struct PeerLink {
@@ -182,12 +193,17 @@ impl Drop for PeerRequest {
 }
 
 impl Peers {
-    /// No links yet.
-    pub fn new(settings: PeerSettings, stats: Arc<TransferStats>) -> Peers {
+    /// No links yet; `tls` (the worker's own client config) for peers served over TLS.
+    pub fn new(
+        settings: PeerSettings,
+        stats: Arc<TransferStats>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Peers {
         Peers {
             settings,
             links: Mutex::new(HashMap::new()),
             stats,
+            tls,
         }
     }
 
@@ -208,8 +224,8 @@ impl Peers {
     /// A request for `bytes` to the peer serving at `endpoint`, unless it failed within the
     /// cooldown or its address cannot be used. Must be called inside the tokio runtime (the
     /// link connects lazily).
-    pub fn ask(&self, endpoint: &Arc<str>, bytes: u64) -> Option<PeerRequest> {
-        let (cas, load) = self.link(endpoint)?;
+    pub fn ask(&self, peer: &PeerAddr, bytes: u64) -> Option<PeerRequest> {
+        let (cas, load) = self.link(peer)?;
         let queued = load.in_flight.fetch_add(bytes, Ordering::Relaxed);
         let asked = load.asked.fetch_add(bytes, Ordering::Relaxed);
         Some(PeerRequest {
@@ -222,7 +238,8 @@ impl Peers {
         })
     }
 
-    fn link(&self, endpoint: &Arc<str>) -> Option<(RemoteCas, Arc<Load>)> {
+    fn link(&self, peer: &PeerAddr) -> Option<(RemoteCas, Arc<Load>)> {
+        let endpoint = &peer.endpoint;
         let mut links = self.lock();
         if let Some(link) = links.get_mut(endpoint) {
             match link.avoid_until {
@@ -232,8 +249,15 @@ impl Peers {
             }
             return Some((link.cas.clone(), link.load.clone()));
         }
-        // Peers serve plain gRPC for now (the farm's TLS does not reach worker links yet).
-        let link = match Link::new(endpoint, None) {
+        // Over TLS with the worker's own certificate, checking the peer's for its name.
+        let link = match (endpoint.starts_with("grpcs://"), &self.tls, &peer.tls_name) {
+            (false, _, _) => Link::new(endpoint, None),
+            (true, Some(tls), Some(name)) => {
+                Link::new(endpoint, Some(tls.clone())).and_then(|l| l.with_server_name(name))
+            }
+            (true, _, _) => return None,
+        };
+        let link = match link {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(peer = %endpoint, error = %e, "unusable peer address in a hint");
@@ -260,8 +284,9 @@ impl Peers {
     /// How a request to the peer at `endpoint` went. A failure is counted and the peer is
     /// not asked again for the cooldown; so is a peer that lost [`SLOW_STRIKES`] races in a
     /// row (slow: each hinted blob would wait the race delay for it); a win clears that.
-    pub fn outcome(&self, endpoint: &Arc<str>, raced: &race::Raced<impl Sized, impl Sized>) {
+    pub fn outcome(&self, peer: &PeerAddr, raced: &race::Raced<impl Sized, impl Sized>) {
         let failed = raced.peer_failed;
+        let endpoint = &peer.endpoint;
         let mut links = self.lock();
         let Some(link) = links.get_mut(endpoint) else {
             return;
@@ -285,8 +310,11 @@ impl Peers {
 /// This worker's CAS as served to its peers.
 #[derive(Clone)]
 pub struct Serving {
-    /// Where peers reach it (`grpc://HOST:PORT`), told to the scheduler in Hello.
+    /// Where peers reach it (`grpc://HOST:PORT`, or `grpcs://` over mutual TLS), told to the
+    /// scheduler in Hello.
     pub endpoint: String,
+    /// With TLS: the name its certificate carries.
+    pub tls_name: Option<String>,
     /// What it holds, for the scheduler.
     pub holdings: Arc<crate::holdings::Holdings>,
     /// Bytes its data plane has sent to peers so far.
@@ -295,23 +323,27 @@ pub struct Serving {
 
 /// One action's hints: which peer holds each input file.
 #[derive(Debug, Default)]
-pub struct Hints(HashMap<Digest, Arc<str>>);
+pub struct Hints(HashMap<Digest, Arc<PeerAddr>>);
 
 impl Hints {
     /// The hints of a StartExecute, for digests of `function` (`own`: this worker's own
     /// endpoint, never its own peer). Malformed digests and endpoints (anything but
-    /// `grpc://`: peer links have no TLS yet) are skipped: a hint is advice, and a wrong one
+    /// `grpc://`, or `grpcs://` with a name) are skipped: a hint is advice, and a wrong one
     /// costs one failed request.
     pub fn from_proto(hints: &[PeerHint], function: i32, own: Option<&str>) -> Hints {
         let mut map = HashMap::new();
         for hint in hints {
+            let secure = hint.endpoint.starts_with("grpcs://");
             let usable = hint.endpoint.len() <= MAX_ENDPOINT
-                && hint.endpoint.starts_with("grpc://")
+                && (hint.endpoint.starts_with("grpc://") || (secure && !hint.tls_name.is_empty()))
                 && own != Some(hint.endpoint.as_str());
             if !usable {
                 continue;
             }
-            let endpoint: Arc<str> = Arc::from(hint.endpoint.as_str());
+            let endpoint = Arc::new(PeerAddr {
+                endpoint: Arc::from(hint.endpoint.as_str()),
+                tls_name: secure.then(|| Arc::from(hint.tls_name.as_str())),
+            });
             for d in &hint.digests {
                 if let Ok(d) = Digest::from_proto(d, function) {
                     map.insert(d, endpoint.clone());
@@ -322,7 +354,7 @@ impl Hints {
     }
 
     /// The peer hinted to hold `digest`.
-    pub fn peer(&self, digest: &Digest) -> Option<&Arc<str>> {
+    pub fn peer(&self, digest: &Digest) -> Option<&Arc<PeerAddr>> {
         self.0.get(digest)
     }
 
@@ -345,24 +377,38 @@ mod tests {
             hash: "zz".into(),
             size_bytes: 1,
         };
-        let hint = |endpoint: &str, digests: Vec<kiln_proto::reapi::Digest>| PeerHint {
-            endpoint: endpoint.into(),
-            digests,
-        };
+        let f = Digest::of(DigestFunction::Sha256, b"z");
+        let hint =
+            |endpoint: &str, tls_name: &str, digests: Vec<kiln_proto::reapi::Digest>| PeerHint {
+                endpoint: endpoint.into(),
+                digests,
+                tls_name: tls_name.into(),
+            };
         let function = DigestFunction::Sha256.proto() as i32;
         let hints = Hints::from_proto(
             &[
-                hint("grpc://10.0.0.2:1", vec![d.to_proto(), bad_digest]),
-                hint("http://10.0.0.3:1", vec![e.to_proto()]),
-                hint("grpc://me:1", vec![e.to_proto()]),
-                hint(&format!("grpc://{}", "a".repeat(300)), vec![e.to_proto()]),
+                hint("grpc://10.0.0.2:1", "", vec![d.to_proto(), bad_digest]),
+                hint("http://10.0.0.3:1", "", vec![e.to_proto()]),
+                hint("grpc://me:1", "", vec![e.to_proto()]),
+                hint(
+                    &format!("grpc://{}", "a".repeat(300)),
+                    "",
+                    vec![e.to_proto()],
+                ),
+                hint("grpcs://10.0.0.4:1", "", vec![e.to_proto()]),
+                hint("grpcs://10.0.0.5:1", "mac-5", vec![f.to_proto()]),
             ],
             function,
             Some("grpc://me:1"),
         );
-        assert_eq!(hints.peer(&d).map(|p| &**p), Some("grpc://10.0.0.2:1"));
-        assert_eq!(hints.peer(&e), None);
-        assert_eq!(hints.0.len(), 1);
+        assert_eq!(
+            hints.peer(&d).map(|p| &*p.endpoint),
+            Some("grpc://10.0.0.2:1")
+        );
+        assert_eq!(hints.peer(&e), None, "a TLS peer needs a name");
+        let tls = hints.peer(&f).unwrap();
+        assert_eq!(tls.tls_name.as_deref(), Some("mac-5"));
+        assert_eq!(hints.0.len(), 2);
     }
 
     fn raced(winner: Winner, failed: bool, slow: bool) -> race::Raced<(), ()> {
@@ -382,9 +428,12 @@ mod tests {
             cooldown: Duration::from_secs(3600),
         };
         let stats = Arc::new(TransferStats::default());
-        let peers = Peers::new(settings, stats.clone());
-        let (a, b): (Arc<str>, Arc<str>) =
-            ("grpc://127.0.0.1:1".into(), "grpc://127.0.0.1:2".into());
+        let peers = Peers::new(settings, stats.clone(), None);
+        let addr = |endpoint: &str| PeerAddr {
+            endpoint: endpoint.into(),
+            tls_name: None,
+        };
+        let (a, b) = (addr("grpc://127.0.0.1:1"), addr("grpc://127.0.0.1:2"));
         // Bytes in flight to a peer lengthen the delay of requests asked after them until
         // they end; bytes asked later lengthen it too (they share the link).
         let first = peers.ask(&a, 1 << 20).expect("a usable peer");
@@ -418,8 +467,12 @@ mod tests {
         assert!(peers.ask(&b, 1).is_none());
         assert_eq!(stats.peer_failures(), 2);
         assert!(
-            peers.ask(&"http://x:1".into(), 1).is_none(),
+            peers.ask(&addr("http://x:1"), 1).is_none(),
             "not a gRPC address"
+        );
+        assert!(
+            peers.ask(&addr("grpcs://127.0.0.1:3"), 1).is_none(),
+            "TLS, and this worker has none"
         );
     }
 
