@@ -212,6 +212,11 @@ impl Identity {
         Ok(true)
     }
 
+    /// Whether `config` uses this identity's certificate (not TLS files of its own).
+    pub fn in_use(&self, config: &Config) -> bool {
+        config.worker.tls_cert.as_deref() == Some(self.file("cert.pem").as_path())
+    }
+
     /// Enrols with `token` as `name` and stores the result.
     pub fn enrol(
         &self,

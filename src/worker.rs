@@ -56,22 +56,28 @@ impl RunningWorker {
 /// removed); past it the next report lists the whole CAS instead.
 const HOLDINGS_KEPT: usize = 200_000;
 
-/// The worker's CAS over mutual TLS, for its peers: with the worker's certificate
-/// (`worker.tls_cert`/`tls_key`, as enrolment stores them) as the server's, and client
-/// certificates required, signed by `worker.tls_ca` (the farm CA). Returns the acceptor and
-/// the name the certificate carries (peers check it). `None`: no certificate, or peers off.
-fn peer_tls(config: &Config) -> anyhow::Result<Option<(kiln_dataplane::tls::TlsAccept, String)>> {
+/// The worker's CAS over mutual TLS, for its peers, when the worker is enrolled (its
+/// certificate from `kiln worker --join`, signed by the farm CA, names it as a server under
+/// `.peer.kiln.invalid`): that certificate as the server's, and client certificates
+/// required, signed by the farm CA. Returns the acceptor and the name peers check. `None`:
+/// not enrolled (a worker with certificates of another PKI serves its peers in plain gRPC,
+/// since its CA may sign certificates for others than the farm), or its certificate is one
+/// from before peers had TLS (client only), or peers are off.
+fn peer_tls(
+    config: &Config,
+    enrolled: bool,
+) -> anyhow::Result<Option<(kiln_dataplane::tls::TlsAccept, String)>> {
     let w = &config.worker;
-    let (Some(cert), Some(key), Some(ca), true) = (&w.tls_cert, &w.tls_key, &w.tls_ca, w.peers)
+    let (Some(cert), Some(key), Some(ca), true, true) =
+        (&w.tls_cert, &w.tls_key, &w.tls_ca, w.peers, enrolled)
     else {
         return Ok(None);
     };
     let leaf = kiln_tls::pem::certificates(cert)
         .with_context(|| format!("cannot read {}", cert.display()))?;
-    let name = leaf
-        .first()
-        .and_then(kiln_tls::pem::common_name)
-        .with_context(|| format!("{} names no one (no common name)", cert.display()))?;
+    let Some(name) = leaf.first().and_then(kiln_tls::pem::common_name) else {
+        return Ok(None);
+    };
     let files = kiln_tls::server::ServerFiles {
         cert: cert.clone(),
         key: key.clone(),
@@ -85,7 +91,7 @@ fn peer_tls(config: &Config) -> anyhow::Result<Option<(kiln_dataplane::tls::TlsA
             tls,
             handshake_timeout: Duration::from_secs(config.tls.handshake_timeout_secs),
         },
-        name,
+        kiln_tls::farm::peer_name(&name),
     )))
 }
 
@@ -207,17 +213,17 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         identity.enrol(&once, token, &name)?;
         info!(worker = %name, elapsed = ?started.elapsed(), "enrolled: client certificate stored under the CAS directory");
     }
-    identity.apply(&mut config)?;
-    // The local CAS, as peers reach it: over mutual TLS with the worker's own certificate
-    // when it has one, else plain (and then kept on loopback unless told otherwise).
-    let peer_tls = peer_tls(&config)?;
+    let enrolled = identity.apply(&mut config)? && identity.in_use(&config);
+    // The local CAS, as peers reach it: over mutual TLS with the worker's enrolment
+    // certificate, else plain (and then kept on loopback unless told otherwise).
+    let peer_tls = peer_tls(&config, enrolled)?;
     if !config.server.listen.ip().is_loopback() && peer_tls.is_none() {
         anyhow::ensure!(
             args.insecure,
             "refusing to serve the worker's local CAS on {} in plain gRPC: anyone who can reach \
-             it could read it (it is read-only: peers fetch inputs from it). Give the worker a \
-             certificate (enrol with --join, or worker.tls_cert, tls_key and tls_ca) to serve it \
-             over mutual TLS, keep it on loopback, or pass --insecure on a network you trust",
+             it could read it (it is read-only: peers fetch inputs from it). Enrol the worker \
+             (kiln worker --join) to serve it over mutual TLS, keep it on loopback, or pass \
+             --insecure on a network you trust",
             config.server.listen
         );
         tracing::warn!(listen = %config.server.listen, "--insecure: the local CAS can be read by anyone who can reach it");

@@ -270,7 +270,7 @@ on_every_runtime! {
         if let Ok(plain) = plain {
             assert!(common::blobs::read(&plain, &name, 0, 0).await.is_err(), "plain gRPC is refused");
         }
-        if let Ok(anonymous) = tls_channel(&cas, "w1", &ca, None).await {
+        if let Ok(anonymous) = tls_channel(&cas, "w1.peer.kiln.invalid", &ca, None).await {
             let read = common::blobs::read(&anonymous, &name, 0, 0).await;
             assert!(read.is_err(), "TLS without a certificate is refused");
         }
@@ -279,7 +279,7 @@ on_every_runtime! {
         let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         std::fs::write(&c, cert).unwrap();
         std::fs::write(&k, key).unwrap();
-        let member = tls_channel(&cas, "w1", &ca, Some((&c, &k))).await.unwrap();
+        let member = tls_channel(&cas, "w1.peer.kiln.invalid", &ca, Some((&c, &k))).await.unwrap();
         assert_eq!(common::blobs::read(&member, &name, 0, 0).await.unwrap(), b"t small file 0\n");
         kiln.stop().await;
     }

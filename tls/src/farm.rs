@@ -49,6 +49,15 @@ fn san(name: &str) -> Result<SanType, TlsError> {
     }
 }
 
+/// What enrolled workers' names end with as servers (their CAS, to their peers).
+pub const PEER_NAME_SUFFIX: &str = ".peer.kiln.invalid";
+
+/// The name the certificate of the worker enrolled as `worker` carries as a server: under
+/// `.invalid` (RFC 6761), so that no real host's name can be it.
+pub fn peer_name(worker: &str) -> String {
+    format!("{worker}{PEER_NAME_SUFFIX}")
+}
+
 /// Writes `contents` to `path` readable by its owner only (replacing it atomically).
 pub fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
     let temp = path.with_extension("tmp");
@@ -166,10 +175,12 @@ impl Farm {
     }
 
     /// Signs a worker's certificate signing request (PEM): whatever it asks for, the
-    /// certificate names `name` (its common name and its one DNS name) and serves client
-    /// authentication (towards the server and its peers) and server authentication under
-    /// that name (its CAS, as its peers reach it). Returns the certificate (PEM) and its
-    /// SHA-256 fingerprint.
+    /// certificate names `name` as its common name and serves client authentication
+    /// (towards the server and its peers) and server authentication as [`peer_name`]`(name)`
+    /// only (its CAS, as its peers reach it) — a name under `.invalid`, which no server of
+    /// the farm can have, so a worker's certificate can never pass as the scheduler's. A name
+    /// that makes no valid DNS name that way gets a client certificate only. Returns the
+    /// certificate (PEM) and its SHA-256 fingerprint.
     pub fn sign_request(&self, csr_pem: &str, name: &str) -> Result<(String, String), TlsError> {
         let ca_key = KeyPair::from_pem(&read(&self.ca_key())?)?;
         let issuer = Issuer::new(ca_params(), ca_key);
@@ -178,16 +189,18 @@ impl Farm {
         dn.push(DnType::CommonName, name);
         request.params = CertificateParams::default();
         request.params.distinguished_name = dn;
-        request.params.subject_alt_names = vec![SanType::DnsName(
-            name.to_string()
-                .try_into()
-                .map_err(|_| TlsError::ServerName(name.to_string()))?,
-        )];
         request.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        request.params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ClientAuth,
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ];
+        request.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let peer = peer_name(name);
+        if rustls::pki_types::DnsName::try_from(peer.clone()).is_ok() {
+            if let Ok(san) = peer.try_into() {
+                request.params.subject_alt_names = vec![SanType::DnsName(san)];
+                request
+                    .params
+                    .extended_key_usages
+                    .push(ExtendedKeyUsagePurpose::ServerAuth);
+            }
+        }
         request.params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         request.params.not_after = rcgen::date_time_ymd(2124, 1, 1);
         let cert = request.signed_by(&issuer)?;
@@ -265,9 +278,20 @@ mod tests {
         let san = parsed.subject_alternative_name().unwrap().unwrap();
         assert_eq!(
             san.value.general_names,
-            vec![x509_parser::extensions::GeneralName::DNSName("mac-7")]
+            vec![x509_parser::extensions::GeneralName::DNSName(
+                "mac-7.peer.kiln.invalid"
+            )]
         );
         let usage = parsed.extended_key_usage().unwrap().unwrap().value;
         assert!(usage.client_auth && usage.server_auth, "{usage:?}");
+        // A name that makes no DNS name (a label over 63 characters) gets a client
+        // certificate only.
+        let long = "w".repeat(64);
+        let (cert, _) = farm.sign_request(&csr, &long).unwrap();
+        let der = &crate::pem::certificates_from(cert.as_bytes()).unwrap()[0];
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        assert!(parsed.subject_alternative_name().unwrap().is_none());
+        let usage = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(usage.client_auth && !usage.server_auth, "{usage:?}");
     }
 }

@@ -21,6 +21,25 @@ const SESSION_QUEUE: usize = 1024;
 /// Longest peer endpoint accepted from a worker.
 const MAX_ENDPOINT: usize = 256;
 
+/// The name a worker's CAS certificate must carry, as its peers will check it: from the name
+/// it enrolled under (`worker:NAME`, from its verified certificate), never from what it says
+/// of itself — else a worker could announce another's address under its own name. With
+/// authorization off (principal `anyone`) the scheduler trusts every caller anyway, and
+/// takes the name the worker announces if it is an enrolled worker's kind of name. Empty:
+/// none (a `grpcs://` endpoint is then not passed on).
+fn peer_tls_name(principal: Option<&str>, announced: &str) -> String {
+    match principal {
+        Some(p) => match p.strip_prefix("worker:") {
+            Some(enrolled) => kiln_tls::farm::peer_name(enrolled),
+            None if p == "anyone" && announced.ends_with(kiln_tls::farm::PEER_NAME_SUFFIX) => {
+                announced.to_string()
+            }
+            None => String::new(),
+        },
+        None => String::new(),
+    }
+}
+
 /// A worker's announced peer endpoint, if it is one other workers can use: `grpc://HOST:PORT`,
 /// or `grpcs://HOST:PORT` with the name its certificate carries (a DNS name), at most
 /// [`MAX_ENDPOINT`] characters each (both are passed on to every other worker).
@@ -111,7 +130,11 @@ impl WorkerApi for WorkerApiService {
         } else {
             hello.worker_id.clone()
         };
-        let endpoint = peer_endpoint(&hello.cas_endpoint, &hello.cas_tls_name);
+        let tls_name = peer_tls_name(
+            credential.as_ref().map(|(p, _)| p.name.as_str()),
+            &hello.cas_tls_name,
+        );
+        let endpoint = peer_endpoint(&hello.cas_endpoint, &tls_name);
         if endpoint.is_none() && !hello.cas_endpoint.is_empty() {
             tracing::warn!(worker = %name, endpoint = %hello.cas_endpoint, tls_name = %hello.cas_tls_name, "ignoring a peer endpoint that is not grpc://HOST:PORT or grpcs://HOST:PORT with a certificate name");
         }
@@ -204,5 +227,21 @@ mod tests {
                 .tls_name,
             ""
         );
+    }
+
+    #[test]
+    fn the_peer_name_comes_from_the_enrolment_not_from_the_worker() {
+        use super::peer_tls_name;
+        let named = "mac-5.peer.kiln.invalid";
+        assert_eq!(
+            peer_tls_name(Some("worker:mac-5"), "other.peer.kiln.invalid"),
+            named
+        );
+        assert_eq!(peer_tls_name(Some("cert:mac-5"), named), "", "not enrolled");
+        assert_eq!(peer_tls_name(Some("token:ci"), named), "");
+        assert_eq!(peer_tls_name(None, named), "");
+        // Authorization off: the announced name, only of the enrolled kind.
+        assert_eq!(peer_tls_name(Some("anyone"), named), named);
+        assert_eq!(peer_tls_name(Some("anyone"), "buildserver"), "");
     }
 }

@@ -118,7 +118,7 @@ impl PeerSettings {
 /// Links to peers, made on first use.
 pub struct Peers {
     settings: PeerSettings,
-    links: Mutex<HashMap<Arc<str>, PeerLink>>,
+    links: Mutex<HashMap<PeerAddr, PeerLink>>,
     stats: Arc<TransferStats>,
     /// The worker's TLS (the farm CA and its own certificate), for `grpcs://` peers.
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -217,7 +217,7 @@ impl Peers {
         &self.stats
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, PeerLink>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerAddr, PeerLink>> {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -241,7 +241,7 @@ impl Peers {
     fn link(&self, peer: &PeerAddr) -> Option<(RemoteCas, Arc<Load>)> {
         let endpoint = &peer.endpoint;
         let mut links = self.lock();
-        if let Some(link) = links.get_mut(endpoint) {
+        if let Some(link) = links.get_mut(peer) {
             match link.avoid_until {
                 Some(until) if Instant::now() < until => return None,
                 Some(_) => link.avoid_until = None,
@@ -270,7 +270,7 @@ impl Peers {
         let cas = RemoteCas::new(CasLinks::single(link.connect_lazy()));
         let load = Arc::new(Load::default());
         links.insert(
-            endpoint.clone(),
+            peer.clone(),
             PeerLink {
                 cas: cas.clone(),
                 avoid_until: None,
@@ -288,7 +288,7 @@ impl Peers {
         let failed = raced.peer_failed;
         let endpoint = &peer.endpoint;
         let mut links = self.lock();
-        let Some(link) = links.get_mut(endpoint) else {
+        let Some(link) = links.get_mut(peer) else {
             return;
         };
         if raced.winner == Winner::Peer {
