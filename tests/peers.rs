@@ -284,3 +284,45 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+// An action that must wait for the only worker has its inputs fetched ahead by that worker
+// while it runs the action before it, and then runs there without fetching them again.
+on_every_runtime! {
+    async fn a_waiting_action_has_its_inputs_fetched_while_the_worker_is_busy(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let kiln = start_server(rt, dir.path()).await;
+        let (_w, admin) = worker(rt, &kiln, dir.path(), "w1", "a", "").await;
+        let ch = kiln.channel().await;
+        let (flag, started) = (dir.path().join("flag"), dir.path().join("started"));
+        let hold = Spec {
+            platform: vec![("pool".into(), "a".into())],
+            ..Spec::script(&format!("touch {}; while [ ! -e {} ]; do sleep 0.02; done", started.display(), flag.display()))
+        };
+        let hold = hold.upload(&ch, F).await;
+        let held = { let ch = ch.clone(); tokio::spawn(async move { execute(&ch, F, &hold, false).await }) };
+        common::eventually("the holding action to start", || async { started.exists().then_some(()) }).await;
+        let from_server = || async { number(&admin, "kiln_worker_fetch_bytes_total{source=\"server\"}").await as u64 };
+        let before = from_server().await;
+        let (tree, bytes) = inputs("p");
+        let waiting = run_on("a", &tree, "later").upload(&ch, F).await;
+        let later = { let ch = ch.clone(); tokio::spawn(async move { execute(&ch, F, &waiting, false).await }) };
+        // Fetched while the worker is still busy with the first action.
+        common::eventually("the waiting action's inputs to be fetched ahead", || async {
+            (from_server().await >= before + bytes).then_some(())
+        })
+        .await;
+        assert!(!held.is_finished());
+        let fetched_ahead = from_server().await;
+        std::fs::write(&flag, b"").unwrap();
+        let (_, r) = held.await.unwrap().unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        let (_, r) = later.await.unwrap().unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
+        let out = common::exec::read_output(&ch, F, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+        assert_eq!(out, format!("{bytes}\nlater\n").into_bytes());
+        assert!(from_server().await < fetched_ahead + 4096, "no input fetched twice (only Directory blobs)");
+        let placed = number(&kiln.admin, "kiln_scheduler_placements_total{reason=\"prefetched\"}").await;
+        assert_eq!(placed, 1.0);
+        kiln.stop().await;
+    }
+}

@@ -64,6 +64,12 @@ impl<P: Clone, R> Scheduler<P, R> {
         if let Some(id) = least_loaded(&|id, w| free(id, w) && holds(w)) {
             return Choice::Place(id, Reason::InputRoot);
         }
+        // The worker that fetched its inputs ahead, if it is free now.
+        if let Some(id) = state.prefetch {
+            if self.workers.get(&id).is_some_and(|w| free(&id, w)) {
+                return Choice::Place(id, Reason::Prefetched);
+            }
+        }
         let Some(other) = least_loaded(&free) else {
             return Choice::NotNow;
         };
@@ -122,6 +128,12 @@ impl<P: Clone, R> Scheduler<P, R> {
 
     /// Gives queued operations to workers, in queue order, while any worker has room.
     pub(crate) fn schedule(&mut self, now: Instant) {
+        self.place(now);
+        self.prefetch();
+    }
+
+    /// Places queued operations on free workers.
+    fn place(&mut self, now: Instant) {
         self.wake_at = None;
         let mut free: usize = self
             .workers
@@ -155,6 +167,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 Choice::NotNow => continue,
             };
             self.placements.count(reason);
+            let prefetched = state.prefetch;
             let serves =
                 |w: &WorkerId| self.workers.get(w).is_some_and(|w| w.serves && !w.draining);
             let peers = if serves(&worker) {
@@ -164,9 +177,11 @@ impl<P: Clone, R> Scheduler<P, R> {
             } else {
                 Vec::new()
             };
+            self.prefetch_over(op, prefetched);
             let kinds = &self.config.kinds;
             self.queue.remove(&slot);
             let state = self.ops.get_mut(&op).expect("queued op exists");
+            state.prefetch = None;
             state.attempts += 1;
             state.stage = OpStage::Running {
                 worker,

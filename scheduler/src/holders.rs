@@ -125,6 +125,13 @@ impl BlobHolders {
         self.facts -= dropped;
     }
 
+    /// Whether `worker` reported holding `key`.
+    pub fn holds(&self, key: &BlobKey, worker: WorkerId) -> bool {
+        self.map
+            .get(key)
+            .is_some_and(|f| f.iter().any(|f| f.worker == worker))
+    }
+
     /// The workers that reported holding `key`.
     pub fn holders(&self, key: &BlobKey) -> impl Iterator<Item = WorkerId> + '_ {
         self.map.get(key).into_iter().flatten().map(|f| f.worker)

@@ -106,6 +106,19 @@ pub enum Command<P, R> {
         /// each.
         peers: Vec<(WorkerId, Vec<Digest>)>,
     },
+    /// Fetch a queued operation's inputs ahead: the worker is busy, and likely to run it.
+    Prefetch {
+        /// The worker.
+        worker: WorkerId,
+        /// The operation (its payload says what to fetch).
+        op: OpId,
+        /// The job's payload.
+        payload: P,
+        /// Its input files the worker is not known to hold (at most a bounded number).
+        digests: Vec<Digest>,
+        /// Of those, the ones other workers hold, by a peer holding each.
+        peers: Vec<(WorkerId, Vec<Digest>)>,
+    },
     /// Stop an operation on a worker.
     Kill {
         /// The worker.

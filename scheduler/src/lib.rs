@@ -10,13 +10,16 @@
 //! an action's own failure is final; an action running past its timeout (plus a grace period
 //! for the worker to report it) is killed and fails with DEADLINE_EXCEEDED; a worker silent for
 //! `worker_timeout` is lost; an action whose process has exited gives its slot to the next
-//! action while its outputs upload, but stays with its worker until the result arrives.
+//! action while its outputs upload, but stays with its worker until the result arrives; an
+//! action that must wait for a slot has its inputs fetched ahead by a busy worker likely to
+//! take it ([`prefetch`]).
 
 mod dispatch;
 pub mod holders;
 mod job;
 pub mod locality;
 pub mod platform;
+mod prefetch;
 
 pub use job::{
     Command, Job, OpId, Outcome, SchedulerConfig, Stage, SubmitError, Submitted, WorkerId,
@@ -57,6 +60,8 @@ struct OpState<P> {
     /// Since when it has been held for a busy worker holding its input root (while a free
     /// worker could have taken it); `None` when not held since it last entered the queue.
     held_since: Option<Instant>,
+    /// The busy worker told to fetch its inputs ahead ([`prefetch`]), while it waits.
+    prefetch: Option<WorkerId>,
 }
 
 #[derive(Debug)]
@@ -71,6 +76,8 @@ struct WorkerState {
     draining: bool,
     /// The input roots its directory cache holds.
     roots: CachedRoots,
+    /// The queued operation whose inputs it was told to fetch ahead, if any (one at a time).
+    prefetching: Option<OpId>,
     /// It serves its CAS to peers: its blobs are tracked, and it gets hints.
     serves: bool,
 }
@@ -171,6 +178,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 attempts: 0,
                 queued_since: now,
                 held_since: None,
+                prefetch: None,
             },
         );
         self.out.push(Command::Stage {
@@ -203,6 +211,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 draining: false,
                 roots: CachedRoots::new(self.config.max_cached_roots),
                 serves,
+                prefetching: None,
             },
         );
         self.schedule(now);
@@ -270,6 +279,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             return;
         };
         self.holders.worker_left(worker);
+        self.prefetcher_left(worker);
         self.out.push(Command::Disconnect { worker });
         let mut lost: Vec<OpId> = w.running.into_iter().collect();
         lost.sort_unstable();
@@ -450,6 +460,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         let Some(state) = self.ops.remove(&op) else {
             return;
         };
+        self.prefetch_over(op, state.prefetch);
         match state.stage {
             OpStage::Queued { seq } => {
                 self.queue.remove(&(state.job.priority, seq));

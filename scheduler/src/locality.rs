@@ -81,6 +81,8 @@ pub enum Reason {
     /// No free worker holds the root: the free worker holding the most bytes of its input
     /// files.
     InputBlobs,
+    /// The worker that fetched its inputs ahead while it waited, free now.
+    Prefetched,
     /// No worker holds it: the least loaded.
     Load,
     /// A worker holding it stayed busy past `locality_wait`: the least loaded free one.
@@ -89,8 +91,9 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for metrics.
-    pub const ALL: [Reason; 4] = [
+    pub const ALL: [Reason; 5] = [
         Reason::InputRoot,
+        Reason::Prefetched,
         Reason::InputBlobs,
         Reason::Load,
         Reason::WaitedForHolder,
@@ -101,6 +104,7 @@ impl Reason {
         match self {
             Reason::InputRoot => "input_root",
             Reason::InputBlobs => "input_blobs",
+            Reason::Prefetched => "prefetched",
             Reason::Load => "load",
             Reason::WaitedForHolder => "holder_busy",
         }
@@ -114,6 +118,8 @@ pub struct Placements {
     pub input_root: u64,
     /// [`Reason::InputBlobs`].
     pub input_blobs: u64,
+    /// [`Reason::Prefetched`].
+    pub prefetched: u64,
     /// [`Reason::Load`].
     pub load: u64,
     /// [`Reason::WaitedForHolder`].
@@ -126,6 +132,7 @@ impl Placements {
         match reason {
             Reason::InputRoot => self.input_root += 1,
             Reason::InputBlobs => self.input_blobs += 1,
+            Reason::Prefetched => self.prefetched += 1,
             Reason::Load => self.load += 1,
             Reason::WaitedForHolder => self.holder_busy += 1,
         }
@@ -136,6 +143,7 @@ impl Placements {
         match reason {
             Reason::InputRoot => self.input_root,
             Reason::InputBlobs => self.input_blobs,
+            Reason::Prefetched => self.prefetched,
             Reason::Load => self.load,
             Reason::WaitedForHolder => self.holder_busy,
         }

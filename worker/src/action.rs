@@ -65,6 +65,43 @@ fn now() -> prost_types::Timestamp {
     prost_types::Timestamp::from(SystemTime::now())
 }
 
+/// Fetches a waiting action's inputs ahead into the local CAS (see
+/// [`crate::fetch::prefetch`]); does nothing for the worker inside `kiln serve`, whose CAS is
+/// the server's. Failures are only logged: the action fetches what it lacks when it starts.
+pub async fn prefetch(ctx: Arc<WorkerContext>, message: kiln_proto::worker::PrefetchInputs) {
+    let Some(server) = ctx.remote.as_deref() else {
+        return;
+    };
+    let span = tracing::debug_span!("prefetch", operation = %message.operation);
+    let Ok(instance) = InstanceName::new(&message.instance_name) else {
+        return;
+    };
+    let function = message.digest_function;
+    let digests: Vec<Digest> = message
+        .digests
+        .iter()
+        .filter_map(|d| Digest::from_proto(d, function).ok())
+        .collect();
+    let own = ctx.serving.as_ref().map(|s| s.endpoint.as_str());
+    let hints = crate::peers::Hints::from_proto(&message.peer_hints, function, own);
+    let remote = Remote {
+        server,
+        peers: ctx.peers.as_deref().map(|p| (p, &hints)),
+        stats: &ctx.transfers,
+    };
+    let fetched = crate::fetch::prefetch(
+        &ctx.local,
+        &remote,
+        &instance,
+        &digests,
+        ctx.fetch_parallelism,
+    );
+    match tracing::Instrument::instrument(fetched, span).await {
+        Ok(n) => tracing::debug!(blobs = n, "inputs fetched ahead"),
+        Err(e) => tracing::debug!(error = %e, "fetching inputs ahead failed"),
+    }
+}
+
 /// Runs an action; never fails: failures are in the result's status.
 pub async fn execute(
     ctx: Arc<WorkerContext>,

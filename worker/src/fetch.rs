@@ -154,6 +154,28 @@ async fn read_directories(
     Ok(out)
 }
 
+/// Fetches ahead the input files `digests` the local CAS lacks (a waiting action's, before
+/// it is started here), from hinted peers and the server; nothing is pinned, so what is
+/// evicted before the action starts is fetched again then. Returns how many were fetched.
+pub async fn prefetch(
+    local: &LocalCas,
+    remote: &Remote<'_>,
+    instance: &InstanceName,
+    digests: &[Digest],
+    parallelism: usize,
+) -> Result<usize, ActionError> {
+    let digests: Vec<Digest> = digests
+        .iter()
+        .filter(|d| !d.is_empty_blob())
+        .copied()
+        .collect();
+    let missing = local.cas().find_missing(instance, &digests).await?;
+    match download(local, remote, instance, &missing, parallelism).await {
+        Ok(()) | Err(ActionError::MissingInputs(_)) => Ok(missing.len()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Blobs per batch read, and bytes (so that the batches in flight at once stay small).
 const BATCH_BLOBS: usize = 256;
 const BATCH_BYTES: u64 = 4 << 20;

@@ -248,6 +248,7 @@ async fn session(
         }
     }
     let running: Running = Arc::default();
+    let prefetching = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut keepalive = tokio::time::interval(Duration::from_secs(5));
     let mut going_away = false;
     let result = loop {
@@ -282,6 +283,18 @@ async fn session(
                             let _ = tx.send(WorkerMessage { message: Some(worker_message::Message::Result(result)) }).await;
                             report_due.notify_one();
                         });
+                    }
+                    server_message::Message::Prefetch(p) => {
+                        // One at a time; the scheduler sends no more than that either.
+                        if !prefetching.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                            let (ctx, prefetching, report_due) = (ctx.clone(), prefetching.clone(), report_due.clone());
+                            tokio::spawn(async move {
+                                crate::action::prefetch(ctx, p).await;
+                                prefetching.store(false, std::sync::atomic::Ordering::Release);
+                                // What it fetched, for the scheduler's placement.
+                                report_due.notify_one();
+                            });
+                        }
                     }
                     server_message::Message::Kill(k) => {
                         if let Some(kill) = running.lock().unwrap_or_else(|e| e.into_inner()).remove(&k.operation) {

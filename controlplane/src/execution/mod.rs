@@ -26,7 +26,8 @@ use kiln_dataplane::store::{CasClient, ChainCas};
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{execution_stage::Value as StageValue, ActionResult, ExecuteResponse};
 use kiln_proto::worker::{
-    server_message, ExecutionResult, KillOperation, PeerHint, ServerMessage, StartExecute,
+    server_message, ExecutionResult, KillOperation, PeerHint, PrefetchInputs, ServerMessage,
+    StartExecute,
 };
 use kiln_reapi::cas::Cas;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
@@ -265,6 +266,28 @@ impl ExecutionCore {
                     if !self.send(worker, server_message::Message::StartExecute(start)) {
                         broken.push(worker);
                     }
+                }
+                Command::Prefetch {
+                    worker,
+                    op,
+                    payload,
+                    digests,
+                    peers,
+                } => {
+                    let Some(name) = lock(&self.registry).name(op).map(str::to_string) else {
+                        continue;
+                    };
+                    // Best effort: a worker whose queue is full just does not fetch ahead.
+                    let _ = self.send(
+                        worker,
+                        server_message::Message::Prefetch(PrefetchInputs {
+                            operation: name,
+                            instance_name: payload.start.instance_name.clone(),
+                            digest_function: payload.start.digest_function,
+                            digests: digests.iter().map(Digest::to_proto).collect(),
+                            peer_hints: self.peer_hints(peers),
+                        }),
+                    );
                 }
                 Command::Kill { worker, op } => {
                     if let Some(name) = lock(&self.registry).name(op).map(str::to_string) {

@@ -1,0 +1,118 @@
+//! Fetching inputs ahead. When an action must wait because every worker that could run it
+//! is busy, the busy worker likely to take it — the one already holding the most bytes of
+//! its inputs, one waiting action per worker — is told to fetch the rest into its CAS now,
+//! while it runs what it runs ([`Command::Prefetch`]). When one of its slots frees, the
+//! action goes there ([`crate::locality::Reason::Prefetched`]) unless a free worker caches
+//! its input root; if another worker frees first the action takes that one and the fetch
+//! was only a warm cache.
+
+use crate::platform::could_fit;
+use crate::{Command, OpId, OpStage, Scheduler, WorkerId};
+use kiln_reapi::digest::Digest;
+
+/// Queued operations looked at for prefetching per event (the queue can be long; those
+/// behind wait their turn).
+const MAX_LOOKED_AT: usize = 1_000;
+
+/// Input files (the largest first) a prefetch names at most.
+const MAX_PREFETCHED: usize = 100_000;
+
+impl<P: Clone, R> Scheduler<P, R> {
+    /// Tells busy workers to fetch ahead the inputs of actions that wait for a slot.
+    pub(crate) fn prefetch(&mut self) {
+        let mut idle: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.draining && w.prefetching.is_none() && w.busy >= w.capacity)
+            .map(|(id, _)| *id)
+            .collect();
+        if idle.is_empty() {
+            return;
+        }
+        idle.sort_unstable();
+        let queued: Vec<OpId> = self.queue.values().take(MAX_LOOKED_AT).copied().collect();
+        for op in queued {
+            if idle.is_empty() {
+                return;
+            }
+            let Some(state) = self.ops.get(&op) else {
+                continue;
+            };
+            let waiting = matches!(state.stage, OpStage::Queued { .. })
+                && state.prefetch.is_none()
+                && state.held_since.is_none()
+                && !state.job.inputs.is_empty();
+            if !waiting {
+                continue;
+            }
+            let inputs = &state.job.inputs[..state.job.inputs.len().min(MAX_PREFETCHED)];
+            let held = self.holders.bytes_held(inputs);
+            let kinds = &self.config.kinds;
+            // The worker holding most of it; ties to the lowest id.
+            let chosen = idle
+                .iter()
+                .copied()
+                .filter(|id| {
+                    self.workers
+                        .get(id)
+                        .is_some_and(|w| could_fit(kinds, &state.job.requirements, &w.offer))
+                })
+                .max_by(|a, b| {
+                    let bytes = |id| held.get(id).copied().unwrap_or(0);
+                    bytes(a).cmp(&bytes(b)).then(b.cmp(a))
+                });
+            let Some(worker) = chosen else {
+                continue;
+            };
+            let digests: Vec<Digest> = inputs
+                .iter()
+                .filter(|k| !self.holders.holds(k, worker))
+                .map(|k| k.digest)
+                .collect();
+            let serves =
+                |w: &WorkerId| self.workers.get(w).is_some_and(|w| w.serves && !w.draining);
+            let peers = if serves(&worker) {
+                self.holders
+                    .hints(worker, inputs, MAX_PREFETCHED, |w| serves(&w))
+            } else {
+                Vec::new()
+            };
+            idle.retain(|id| *id != worker);
+            if digests.is_empty() {
+                continue;
+            }
+            let payload = state.job.payload.clone();
+            if let Some(state) = self.ops.get_mut(&op) {
+                state.prefetch = Some(worker);
+            }
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.prefetching = Some(op);
+            }
+            self.out.push(Command::Prefetch {
+                worker,
+                op,
+                payload,
+                digests,
+                peers,
+            });
+        }
+    }
+
+    /// `op` left the queue (placed, or finished): its worker may fetch ahead for another.
+    pub(crate) fn prefetch_over(&mut self, op: OpId, worker: Option<WorkerId>) {
+        if let Some(w) = worker.and_then(|w| self.workers.get_mut(&w)) {
+            if w.prefetching == Some(op) {
+                w.prefetching = None;
+            }
+        }
+    }
+
+    /// A worker left: the actions it fetched ahead for wait for another.
+    pub(crate) fn prefetcher_left(&mut self, worker: WorkerId) {
+        for state in self.ops.values_mut() {
+            if state.prefetch == Some(worker) {
+                state.prefetch = None;
+            }
+        }
+    }
+}
