@@ -64,20 +64,22 @@ impl<P: Clone, R> Scheduler<P, R> {
         if let Some(id) = least_loaded(&|id, w| free(id, w) && holds(w)) {
             return Choice::Place(id, Reason::InputRoot);
         }
-        // The worker that fetched its inputs ahead, if it is free now.
-        if let Some(id) = state.prefetch {
-            if self.workers.get(&id).is_some_and(|w| free(&id, w)) {
-                return Choice::Place(id, Reason::Prefetched);
-            }
-        }
         let Some(other) = least_loaded(&free) else {
             return Choice::NotNow;
         };
+        // The worker that fetched its inputs ahead, if it is free now (after a busy root
+        // holder's wait, below).
+        let prefetcher = state
+            .prefetch
+            .filter(|id| self.workers.get(id).is_some_and(|w| free(id, w)));
         let busy_holder = self
             .workers
             .values()
             .any(|w| !w.draining && holds(w) && could_fit(kinds, requirements, &w.offer));
         if !busy_holder {
+            if let Some(id) = prefetcher {
+                return Choice::Place(id, Reason::Prefetched);
+            }
             return match self.most_bytes(state, &free) {
                 Some(id) => Choice::Place(id, Reason::InputBlobs),
                 None => Choice::Place(other, Reason::Load),
@@ -90,7 +92,9 @@ impl<P: Clone, R> Scheduler<P, R> {
                 until: since + self.config.locality_wait,
             };
         }
-        let id = self.most_bytes(state, &free).unwrap_or(other);
+        let id = prefetcher
+            .or_else(|| self.most_bytes(state, &free))
+            .unwrap_or(other);
         Choice::Place(id, Reason::WaitedForHolder)
     }
 

@@ -1,10 +1,11 @@
 //! Fetching inputs ahead. When an action must wait because every worker that could run it
 //! is busy, the busy worker likely to take it — the one already holding the most bytes of
 //! its inputs, one waiting action per worker — is told to fetch the rest into its CAS now,
-//! while it runs what it runs ([`Command::Prefetch`]). When one of its slots frees, the
-//! action goes there ([`crate::locality::Reason::Prefetched`]) unless a free worker caches
-//! its input root; if another worker frees first the action takes that one and the fetch
-//! was only a warm cache.
+//! while it runs what it runs ([`Command::Prefetch`]; a newer one replaces it on the
+//! worker). When one of its slots frees, the action goes there
+//! ([`crate::locality::Reason::Prefetched`]); if another worker frees first the action takes
+//! that one and the fetch was only a warm cache. An action whose input root a worker's
+//! directory cache holds is not fetched ahead: it waits for that worker.
 
 use crate::platform::could_fit;
 use crate::{Command, OpId, OpStage, Scheduler, WorkerId};
@@ -38,18 +39,22 @@ impl<P: Clone, R> Scheduler<P, R> {
             let Some(state) = self.ops.get(&op) else {
                 continue;
             };
+            // An action whose input root some worker caches waits for that worker: nothing
+            // to fetch ahead.
+            let cached = state.job.input_root.as_ref().is_some_and(|root| {
+                self.workers
+                    .values()
+                    .any(|w| !w.draining && w.roots.contains(root))
+            });
             let waiting = matches!(state.stage, OpStage::Queued { .. })
                 && state.prefetch.is_none()
-                && state.held_since.is_none()
+                && !cached
                 && !state.job.inputs.is_empty();
             if !waiting {
                 continue;
             }
-            let inputs = &state.job.inputs[..state.job.inputs.len().min(MAX_PREFETCHED)];
-            let held = self.holders.bytes_held(inputs);
             let kinds = &self.config.kinds;
-            // The worker holding most of it; ties to the lowest id.
-            let chosen = idle
+            let fitting: Vec<WorkerId> = idle
                 .iter()
                 .copied()
                 .filter(|id| {
@@ -57,10 +62,17 @@ impl<P: Clone, R> Scheduler<P, R> {
                         .get(id)
                         .is_some_and(|w| could_fit(kinds, &state.job.requirements, &w.offer))
                 })
-                .max_by(|a, b| {
-                    let bytes = |id| held.get(id).copied().unwrap_or(0);
-                    bytes(a).cmp(&bytes(b)).then(b.cmp(a))
-                });
+                .collect();
+            if fitting.is_empty() {
+                continue;
+            }
+            let inputs = &state.job.inputs[..state.job.inputs.len().min(MAX_PREFETCHED)];
+            let held = self.holders.bytes_held(inputs);
+            // The worker holding most of it; ties to the lowest id.
+            let chosen = fitting.into_iter().max_by(|a, b| {
+                let bytes = |id| held.get(id).copied().unwrap_or(0);
+                bytes(a).cmp(&bytes(b)).then(b.cmp(a))
+            });
             let Some(worker) = chosen else {
                 continue;
             };
@@ -78,15 +90,16 @@ impl<P: Clone, R> Scheduler<P, R> {
                 Vec::new()
             };
             idle.retain(|id| *id != worker);
-            if digests.is_empty() {
-                continue;
-            }
             let payload = state.job.payload.clone();
             if let Some(state) = self.ops.get_mut(&op) {
                 state.prefetch = Some(worker);
             }
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.prefetching = Some(op);
+            }
+            // A worker that holds it all already only keeps it for the action.
+            if digests.is_empty() {
+                continue;
             }
             self.out.push(Command::Prefetch {
                 worker,

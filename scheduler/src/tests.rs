@@ -681,3 +681,28 @@ fn a_waiting_action_has_its_inputs_fetched_ahead_by_the_busy_worker_holding_most
     );
     assert!(again.iter().all(|(w, _, _, _)| *w != gone));
 }
+
+#[test]
+fn an_action_whose_root_a_worker_caches_waits_for_it_rather_than_being_fetched_ahead() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    for w in 1..=2 {
+        s.worker_joined(t, w, vec![], 1, true);
+    }
+    holds(&mut s, t, 2, 7);
+    s.submit(t, job("busy-1", 0, &[])).unwrap();
+    s.submit(t, job("busy-2", 0, &[])).unwrap();
+    s.commands();
+    let cached = Job {
+        inputs: vec![file(5)].into(),
+        ..rooted("cached", 7)
+    };
+    s.submit(t, cached).unwrap();
+    assert!(prefetches(&mut s).is_empty(), "worker 2 caches its root");
+    let fresh = Job {
+        inputs: vec![file(6)].into(),
+        ..rooted("fresh", 8)
+    };
+    s.submit(t, fresh).unwrap();
+    assert_eq!(prefetches(&mut s).len(), 1);
+}

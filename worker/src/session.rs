@@ -248,7 +248,9 @@ async fn session(
         }
     }
     let running: Running = Arc::default();
-    let prefetching = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The fetch ahead running, if any: its operation, and how to stop it (a session that
+    // ends stops it too).
+    let mut prefetching: Option<(String, tokio::task::AbortHandle)> = None;
     let mut keepalive = tokio::time::interval(Duration::from_secs(5));
     let mut going_away = false;
     let result = loop {
@@ -262,6 +264,12 @@ async fn session(
                         }
                     }
                     server_message::Message::StartExecute(start) => {
+                        // Its own fetch takes over from a fetch ahead of the same action.
+                        if prefetching.as_ref().is_some_and(|(op, _)| *op == start.operation) {
+                            if let Some((_, ahead)) = prefetching.take() {
+                                ahead.abort();
+                            }
+                        }
                         let (kill_tx, kill_rx) = oneshot::channel();
                         let operation = start.operation.clone();
                         running.lock().unwrap_or_else(|e| e.into_inner()).insert(operation.clone(), kill_tx);
@@ -285,15 +293,17 @@ async fn session(
                         });
                     }
                     server_message::Message::Prefetch(p) => {
-                        // One at a time; the scheduler sends no more than that either.
-                        if !prefetching.swap(true, std::sync::atomic::Ordering::AcqRel) {
-                            let (ctx, prefetching, report_due) = (ctx.clone(), prefetching.clone(), report_due.clone());
-                            tokio::spawn(async move {
-                                crate::action::prefetch(ctx, p).await;
-                                prefetching.store(false, std::sync::atomic::Ordering::Release);
-                                // What it fetched, for the scheduler's placement.
-                                report_due.notify_one();
-                            });
+                        // One at a time: the newest replaces the one before, whose action the
+                        // scheduler has placed elsewhere by now.
+                        let operation = p.operation.clone();
+                        let (ctx, report_due) = (ctx.clone(), report_due.clone());
+                        let task = tokio::spawn(async move {
+                            crate::action::prefetch(ctx, p).await;
+                            // What it fetched, for the scheduler's placement.
+                            report_due.notify_one();
+                        });
+                        if let Some((_, old)) = prefetching.replace((operation, task.abort_handle())) {
+                            old.abort();
                         }
                     }
                     server_message::Message::Kill(k) => {
@@ -331,6 +341,9 @@ async fn session(
             break Ok(());
         }
     };
+    if let Some((_, ahead)) = prefetching.take() {
+        ahead.abort();
+    }
     // Whatever still runs cannot be reported on this session: the scheduler re-queues it.
     for (_, kill) in running.lock().unwrap_or_else(|e| e.into_inner()).drain() {
         let _ = kill.send(());
