@@ -195,6 +195,14 @@ pub fn max_inflight(config: &Config) -> usize {
 /// Runs `kiln worker`.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut config = load_config(&args)?;
+    // Without peers the local CAS never gets TLS: refuse a plain one off loopback before a
+    // join token is spent (with peers, the check follows once the identity is known).
+    anyhow::ensure!(
+        config.server.listen.ip().is_loopback() || config.worker.peers || args.insecure,
+        "refusing to serve the worker's local CAS on {} in plain gRPC (worker.peers is off, so it \
+         gets no TLS): keep it on loopback, or pass --insecure on a network you trust",
+        config.server.listen
+    );
     if let Some(admin) = args.admin_listen.filter(|a| !a.ip().is_loopback()) {
         anyhow::ensure!(
             args.insecure,
