@@ -1,5 +1,5 @@
 //! Which workers hold which blobs, as their reports say ([`BlobHolders`]): a bounded map, the
-//! oldest facts dropped first. When an action is dispatched, the inputs its worker is not
+//! oldest facts of the worker with the most dropped first. When an action is dispatched, the inputs its worker is not
 //! known to hold are hinted to it with a peer that holds each ([`BlobHolders::hints`]), so
 //! that it fetches them from that peer rather than from the server. A fact may be stale (the
 //! peer evicted the blob since): the worker then falls back to the server.
@@ -13,19 +13,28 @@ use std::collections::{HashMap, VecDeque};
 #[derive(Debug)]
 pub struct BlobHolders {
     map: HashMap<BlobKey, Vec<Fact>>,
-    /// Facts in arrival order, each with the number it was given: an entry whose fact was
-    /// removed, or removed and reported again since (a later number), is stale and skipped.
-    order: VecDeque<(BlobKey, WorkerId, u64)>,
+    /// Per worker, its facts in arrival order.
+    orders: HashMap<WorkerId, Order>,
     facts: usize,
     cap: usize,
     next: u64,
 }
 
-/// One worker holding one blob, and when that was reported (see [`BlobHolders::order`]).
+/// One worker holding one blob, and when that was reported (see [`Order`]).
 #[derive(Debug, Clone, Copy)]
 struct Fact {
     worker: WorkerId,
     seq: u64,
+}
+
+/// One worker's facts in arrival order, each with the number it was given: an entry whose
+/// fact was removed, or removed and reported again since (a later number), is stale and
+/// skipped.
+#[derive(Debug, Default)]
+struct Order {
+    queue: VecDeque<(BlobKey, u64)>,
+    /// Its facts held now.
+    live: usize,
 }
 
 impl BlobHolders {
@@ -33,7 +42,7 @@ impl BlobHolders {
     pub fn new(cap: usize) -> BlobHolders {
         BlobHolders {
             map: HashMap::new(),
-            order: VecDeque::new(),
+            orders: HashMap::new(),
             facts: 0,
             cap,
             next: 0,
@@ -51,7 +60,9 @@ impl BlobHolders {
     }
 
     /// Takes in a worker's report: with `full`, `added` is everything it holds (its earlier
-    /// facts are dropped); otherwise what it added and removed since its last report.
+    /// facts are dropped); otherwise what it added and removed since its last report. Past
+    /// the cap, the oldest facts of the worker with the most go first, so that one worker
+    /// (a large one, or a hostile one claiming everything) cannot push out the others'.
     pub fn update(
         &mut self,
         worker: WorkerId,
@@ -77,22 +88,39 @@ impl BlobHolders {
             self.next += 1;
             facts.push(Fact { worker, seq });
             self.facts += 1;
-            self.order.push_back((key, worker, seq));
+            let order = self.orders.entry(worker).or_default();
+            order.queue.push_back((key, seq));
+            order.live += 1;
         }
         while self.facts > self.cap {
-            let Some((key, worker, seq)) = self.order.pop_front() else {
+            let Some(largest) = self
+                .orders
+                .iter()
+                .filter(|(_, o)| o.live > 0)
+                .max_by(|(a_id, a), (b_id, b)| a.live.cmp(&b.live).then(b_id.cmp(a_id)))
+                .map(|(id, _)| *id)
+            else {
                 break;
             };
-            self.remove(&key, worker, Some(seq));
+            let Some((key, seq)) = self
+                .orders
+                .get_mut(&largest)
+                .and_then(|o| o.queue.pop_front())
+            else {
+                break;
+            };
+            self.remove(&key, largest, Some(seq));
         }
-        // Stale entries linger in `order`: compact it now and then, so that it stays within
-        // twice the facts.
-        if self.order.len() > 2 * self.facts + 64 {
-            let map = &self.map;
-            self.order.retain(|(k, w, seq)| {
-                map.get(k)
-                    .is_some_and(|f| f.iter().any(|f| f.worker == *w && f.seq == *seq))
-            });
+        // Stale entries linger in an order: compact it now and then, so that it stays within
+        // twice its facts.
+        if let Some(order) = self.orders.get_mut(&worker) {
+            if order.queue.len() > 2 * order.live + 64 {
+                let map = &self.map;
+                order.queue.retain(|(k, seq)| {
+                    map.get(k)
+                        .is_some_and(|f| f.iter().any(|f| f.worker == worker && f.seq == *seq))
+                });
+            }
         }
     }
 
@@ -105,6 +133,9 @@ impl BlobHolders {
             if let Some(at) = found {
                 facts.swap_remove(at);
                 self.facts -= 1;
+                if let Some(order) = self.orders.get_mut(&worker) {
+                    order.live -= 1;
+                }
                 if facts.is_empty() {
                     self.map.remove(key);
                 }
@@ -112,9 +143,12 @@ impl BlobHolders {
         }
     }
 
-    /// A worker is gone: every fact about it is dropped (one pass over the map; its entries
-    /// in the arrival order go stale).
+    /// A worker is gone: every fact about it is dropped (one pass over the map), and its
+    /// order with them.
     pub fn worker_left(&mut self, worker: WorkerId) {
+        if self.orders.remove(&worker).is_none() {
+            return;
+        }
         let mut dropped = 0;
         self.map.retain(|_, facts| {
             let before = facts.len();
@@ -123,6 +157,12 @@ impl BlobHolders {
             !facts.is_empty()
         });
         self.facts -= dropped;
+    }
+
+    /// Entries in the workers' orders, stale ones included.
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.orders.values().map(|o| o.queue.len()).sum()
     }
 
     /// Whether `worker` reported holding `key`.
@@ -231,18 +271,32 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_facts_go_past_the_cap_and_the_order_stays_bounded() {
+    fn the_oldest_facts_of_the_largest_worker_go_past_the_cap_and_the_order_stays_bounded() {
         let mut h = BlobHolders::new(4);
         h.update(1, false, blobs(0..3), vec![]);
         h.update(2, false, blobs(3..6), vec![]);
         assert_eq!(h.len(), 4);
-        assert!(h.holders(&blob(0)).next().is_none() && h.holders(&blob(1)).next().is_none());
+        // Both held 3: worker 1's oldest went first (ties to the lower id), then worker 2's.
+        assert!(h.holders(&blob(0)).next().is_none() && h.holders(&blob(3)).next().is_none());
+        assert_eq!(h.holders(&blob(1)).collect::<Vec<_>>(), vec![1]);
         assert_eq!(h.holders(&blob(5)).collect::<Vec<_>>(), vec![2]);
+        // A worker claiming a flood of blobs pushes out only its own.
+        let mut h = BlobHolders::new(10);
+        h.update(1, false, blobs(0..3), vec![]);
+        h.update(2, false, blobs(3..6), vec![]);
+        h.update(3, false, blobs(100..200), vec![]);
+        assert_eq!(h.len(), 10);
+        for b in 0..6 {
+            assert_eq!(h.holders(&blob(b)).count(), 1, "blob {b} kept");
+        }
+        assert!(h.holders(&blob(150)).next().is_none());
+        assert_eq!(h.holders(&blob(199)).collect::<Vec<_>>(), vec![3]);
+        let mut h = BlobHolders::new(4);
         for _ in 0..100 {
             h.update(1, false, vec![blob(50)], vec![]);
             h.update(1, false, vec![], vec![blob(50)]);
         }
-        assert!(h.order.len() <= 2 * h.len() + 64);
+        assert!(h.queued() <= 2 * h.len() + 64 * 3);
         // A fact removed and reported again, or listed again in full reports, is as new as
         // its last report: its older entries in the order neither linger nor drop it early.
         let mut h = BlobHolders::new(3);
@@ -250,7 +304,7 @@ mod tests {
             h.update(1, true, blobs(0..2), vec![]);
             h.update(2, false, vec![blob(9)], vec![blob(9)]);
         }
-        assert!(h.order.len() <= 2 * h.len() + 64, "{}", h.order.len());
+        assert!(h.queued() <= 2 * h.len() + 64 * 2, "{}", h.queued());
         h.update(3, false, vec![blob(7)], vec![]);
         assert_eq!(h.len(), 3);
         assert!(
