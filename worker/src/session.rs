@@ -229,11 +229,8 @@ async fn session(
             running: Vec::new(),
         }),
     );
-    // Sent before the stream opens (its first messages wait in the channel): a full
-    // listing larger than the channel waits for the stream's own flow.
-    let first = reports(&ctx, true).await;
-    // Signalled by an action's task once its result is sent: the loop then reports what
-    // changed in the directory cache.
+    // Signalled by an action's task once its result is sent, by a fetch ahead once done and
+    // by the keep-alive: the reporter then reports what changed.
     let report_due = Arc::new(tokio::sync::Notify::new());
     let mut inbound = WorkerApiClient::new(channel)
         .max_decoding_message_size(64 << 20)
@@ -242,11 +239,23 @@ async fn session(
         .await?
         .into_inner();
     tracing::info!(scheduler = "connected", "worker session open");
-    for report in first {
-        if tx.send(report).await.is_err() {
-            break;
-        }
-    }
+    // Reports are made and sent by a task of their own, in order (the whole of it first),
+    // so that listing a large CAS never holds up the messages this loop reads.
+    let reporter = {
+        let (ctx, tx, due) = (ctx.clone(), tx.clone(), report_due.clone());
+        tokio::spawn(async move {
+            let mut full = true;
+            loop {
+                for report in reports(&ctx, full).await {
+                    if tx.send(report).await.is_err() {
+                        return;
+                    }
+                }
+                full = false;
+                due.notified().await;
+            }
+        })
+    };
     let running: Running = Arc::default();
     // The fetch ahead running, if any: its operation, and how to stop it (a session that
     // ends stops it too).
@@ -320,14 +329,7 @@ async fn session(
             _ = keepalive.tick() => {
                 send(&tx, worker_message::Message::KeepAlive(KeepAlive {}));
                 // Also between results: what it served to peers, and what left its CAS.
-                for report in reports(&ctx, false).await {
-                    let _ = tx.send(report).await;
-                }
-            }
-            _ = report_due.notified() => {
-                for report in reports(&ctx, false).await {
-                    let _ = tx.send(report).await;
-                }
+                report_due.notify_one();
             }
             _ = stop.changed(), if !going_away => {
                 if *stop.borrow() {
@@ -341,6 +343,7 @@ async fn session(
             break Ok(());
         }
     };
+    reporter.abort();
     if let Some((_, ahead)) = prefetching.take() {
         ahead.abort();
     }
