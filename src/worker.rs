@@ -267,13 +267,14 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     // Read-only: peers read from it (checking every byte); nothing writes to it over the
     // network.
     let tls_name = peer_tls.as_ref().map(|(_, name)| name.clone());
+    let peer_policy = Arc::new(kiln_auth::Policy::read_only());
     let mut data = DataPlane::start(
         &config,
         store,
         backend_for(config.server.runtime),
         None,
         peer_tls.map(|(accept, _)| accept),
-        Arc::new(kiln_auth::Policy::read_only()),
+        peer_policy.clone(),
     )
     .with_context(|| format!("cannot serve the local CAS on {}", config.server.listen))?;
     let transfers = Arc::new(kiln_worker::peers::TransferStats::default());
@@ -289,6 +290,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             tls_name: tls_name.clone(),
             holdings,
             served: Arc::new(move || metrics.blob_bytes_sent()),
+            refuse: Arc::new(move |fingerprints: &[String]| {
+                peer_policy.refuse_fingerprints(fingerprints)
+            }),
         }
     });
     let peers = config.worker.peers.then(|| {

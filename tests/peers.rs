@@ -281,6 +281,30 @@ on_every_runtime! {
         std::fs::write(&k, key).unwrap();
         let member = tls_channel(&cas, "w1.peer.kiln.invalid", &ca, Some((&c, &k))).await.unwrap();
         assert_eq!(common::blobs::read(&member, &name, 0, 0).await.unwrap(), b"t small file 0\n");
+
+        // w2 is revoked: the scheduler tells w1, whose CAS then refuses w2's certificate.
+        let identity = dir.path().join("w2/cas/identity");
+        let (w2_cert, w2_key) = (identity.join("cert.pem"), identity.join("key.pem"));
+        let as_w2 = || async {
+            let ch = tls_channel(&cas, "w1.peer.kiln.invalid", &ca, Some((&w2_cert, &w2_key))).await.ok()?;
+            Some(common::blobs::read(&ch, &name, 0, 0).await)
+        };
+        assert!(matches!(as_w2().await, Some(Ok(_))), "w2 reads from w1 while enrolled");
+        let revoked = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["worker", "revoke", "w2", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(revoked.status.success(), "{}", String::from_utf8_lossy(&revoked.stderr));
+        common::eventually("w1 to refuse w2's certificate", || async {
+            match as_w2().await {
+                Some(Ok(_)) => None,
+                _ => Some(()),
+            }
+        })
+        .await;
+        // Other farm members still read.
+        assert!(common::blobs::read(&member, &name, 0, 0).await.is_ok());
         kiln.stop().await;
     }
 }

@@ -223,6 +223,36 @@ impl Policy {
         policy
     }
 
+    /// The fingerprints of enrolled workers' certificates that were revoked (`kiln worker
+    /// revoke`), sorted: the scheduler passes them to the workers, whose CAS must refuse
+    /// them too.
+    pub fn revoked_fingerprints(&self) -> Vec<String> {
+        let enrolment = self.enrolment.read().unwrap_or_else(|e| e.into_inner());
+        let mut revoked: Vec<String> = enrolment
+            .worker
+            .iter()
+            .filter(|w| w.revoked)
+            .map(|w| w.fingerprint.clone())
+            .collect();
+        revoked.sort_unstable();
+        revoked
+    }
+
+    /// Refuses certificates with these fingerprints from now on (a worker's CAS, told by the
+    /// scheduler which workers were revoked); replaces the list given before.
+    pub fn refuse_fingerprints(&self, fingerprints: &[String]) {
+        let mut enrolment = self.enrolment.write().unwrap_or_else(|e| e.into_inner());
+        enrolment.worker = fingerprints
+            .iter()
+            .map(|f| crate::join::Enrolled {
+                name: "a revoked worker".into(),
+                fingerprint: f.clone(),
+                roles: Vec::new(),
+                revoked: true,
+            })
+            .collect();
+    }
+
     /// Makes a token that lives in this process only (for the worker inside `kiln serve`),
     /// with `roles` on every instance; returns its secret.
     pub fn internal_token(&self, name: &str, roles: &[Role]) -> Result<String, TokenError> {
@@ -442,6 +472,29 @@ pub fn authorize(principal: &Principal, path: &str, instance: Option<&str>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_only_policy_lets_any_caller_read_and_refuses_revoked_certificates() {
+        let p = Policy::read_only();
+        for caller in [
+            p.identify(Some(("w2", "fp-2")), None),
+            p.identify(None, None),
+        ] {
+            let caller = caller.unwrap();
+            assert!(p.authorize(&caller, READ, "").is_ok());
+            assert!(p.authorize(&caller, WRITE, "").is_err(), "read-only");
+        }
+        p.refuse_fingerprints(&["fp-2".into()]);
+        let refused = p.identify(Some(("w2", "fp-2")), None).unwrap_err();
+        assert!(refused.message.contains("revoked"), "{refused:?}");
+        assert!(p.identify(Some(("w3", "fp-3")), None).is_ok());
+        assert_eq!(p.revoked_fingerprints(), vec!["fp-2".to_string()]);
+        p.refuse_fingerprints(&[]);
+        assert!(
+            p.identify(Some(("w2", "fp-2")), None).is_ok(),
+            "the list is replaced"
+        );
+    }
 
     const READ: &str = "/google.bytestream.ByteStream/Read";
     const WRITE: &str = "/google.bytestream.ByteStream/Write";

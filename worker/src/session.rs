@@ -315,6 +315,12 @@ async fn session(
                             old.abort();
                         }
                     }
+                    server_message::Message::Revocations(r) => {
+                        if let Some(serving) = &ctx.serving {
+                            tracing::info!(revoked = r.fingerprints.len(), "peers' revoked certificates updated");
+                            (serving.refuse)(&r.fingerprints);
+                        }
+                    }
                     server_message::Message::Kill(k) => {
                         if let Some(kill) = running.lock().unwrap_or_else(|e| e.into_inner()).remove(&k.operation) {
                             let _ = kill.send(());

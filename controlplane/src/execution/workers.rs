@@ -6,7 +6,8 @@
 use super::ExecutionCore;
 use kiln_proto::worker::worker_api_server::WorkerApi;
 use kiln_proto::worker::{
-    server_message, worker_message, KeepAlive, ServerMessage, Welcome, WorkerMessage,
+    server_message, worker_message, KeepAlive, PeerRevocations, ServerMessage, Welcome,
+    WorkerMessage,
 };
 use std::pin::Pin;
 use std::sync::Arc;
@@ -152,6 +153,8 @@ impl WorkerApi for WorkerApiService {
         tokio::spawn(async move {
             let mut ping = tokio::time::interval(keepalive);
             let mut revocation = tokio::time::interval(Duration::from_secs(1));
+            // The revoked workers' certificates this worker was last told of.
+            let mut told: Vec<String> = Vec::new();
             loop {
                 tokio::select! {
                     _ = revocation.tick() => {
@@ -159,6 +162,16 @@ impl WorkerApi for WorkerApiService {
                             if !policy.still_valid(principal) {
                                 tracing::warn!(caller = %principal.name, id, "credential revoked; closing the worker's session");
                                 break;
+                            }
+                            // Its CAS must refuse them as peers too.
+                            let revoked = policy.revoked_fingerprints();
+                            if revoked != told {
+                                let message = ServerMessage { message: Some(server_message::Message::Revocations(PeerRevocations { fingerprints: revoked.clone() })) };
+                                match tx.upgrade() {
+                                    Some(tx) if tx.try_send(message).is_ok() => told = revoked,
+                                    Some(_) => {}
+                                    None => break,
+                                }
                             }
                         }
                     }
