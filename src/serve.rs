@@ -171,6 +171,7 @@ fn start_embedded_worker(
         peers: None,
         transfers: Default::default(),
         serving: None,
+        refuse: None,
     });
     // Over TLS when the port has it, trusting exactly this server's certificate.
     let link = match tls {

@@ -95,6 +95,50 @@ fn peer_tls(
     )))
 }
 
+/// Where a worker keeps the fingerprints of revoked workers' certificates it was told of.
+fn revoked_peers_file(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("identity").join("revoked-peers")
+}
+
+/// The fingerprints kept in [`revoked_peers_file`] (none if it is absent or unreadable).
+fn revoked_peers(data_dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(revoked_peers_file(data_dir))
+        .map(|text| {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// How the session tells the local CAS which certificates to refuse: added to `policy`, and
+/// the whole list kept on disk for the next start.
+fn refuser(
+    policy: Arc<kiln_auth::Policy>,
+    data_dir: &std::path::Path,
+) -> kiln_worker::peers::Refuse {
+    let file = revoked_peers_file(data_dir);
+    Arc::new(move |fingerprints: &[String]| {
+        policy.refuse_fingerprints(fingerprints);
+        let text: String = policy
+            .revoked_fingerprints()
+            .iter()
+            .map(|f| format!("{f}\n"))
+            .collect();
+        let written = file
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                kiln_tls::farm::write_private(&file, &text).map_err(std::io::Error::other)
+            });
+        if let Err(e) = written {
+            tracing::warn!(file = %file.display(), error = %e, "cannot keep the revoked workers' certificates for the next start");
+        }
+    })
+}
+
 /// Whether this worker serves its CAS to peers (and reports what it holds): with
 /// `worker.peer_endpoint`, or when `server.listen` is one address peers can reach (a loopback
 /// address only when the scheduler, and so the whole farm, is on this host). Peers reach it
@@ -267,7 +311,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     // Read-only: peers read from it (checking every byte); nothing writes to it over the
     // network.
     let tls_name = peer_tls.as_ref().map(|(_, name)| name.clone());
+    // Certificates of revoked workers the scheduler told of before (kept across restarts:
+    // a worker started while the scheduler is away refuses them all the same).
     let peer_policy = Arc::new(kiln_auth::Policy::read_only());
+    peer_policy.refuse_fingerprints(&revoked_peers(&data_dir));
     let mut data = DataPlane::start(
         &config,
         store,
@@ -290,9 +337,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             tls_name: tls_name.clone(),
             holdings,
             served: Arc::new(move || metrics.blob_bytes_sent()),
-            refuse: Arc::new(move |fingerprints: &[String]| {
-                peer_policy.refuse_fingerprints(fingerprints)
-            }),
         }
     });
     let peers = config.worker.peers.then(|| {
@@ -353,6 +397,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             peers,
             transfers: transfers.clone(),
             serving: serving.clone(),
+            refuse: Some(refuser(peer_policy, &data_dir)),
         })
     };
     if let Some(listen) = args.admin_listen {

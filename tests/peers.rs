@@ -305,6 +305,10 @@ on_every_runtime! {
         .await;
         // Other farm members still read.
         assert!(common::blobs::read(&member, &name, 0, 0).await.is_ok());
+        // w1 keeps the list for its next start (refused even before its session opens).
+        let kept = std::fs::read_to_string(dir.path().join("w1/cas/identity/revoked-peers")).unwrap();
+        let w2_fingerprint = kiln_tls::pem::fingerprint(&kiln_tls::pem::certificates(&w2_cert).unwrap()[0]);
+        assert_eq!(kept.lines().collect::<Vec<_>>(), vec![w2_fingerprint.as_str()]);
         kiln.stop().await;
     }
 }

@@ -238,19 +238,23 @@ impl Policy {
         revoked
     }
 
-    /// Refuses certificates with these fingerprints from now on (a worker's CAS, told by the
-    /// scheduler which workers were revoked); replaces the list given before.
+    /// Refuses certificates with these fingerprints from now on, besides those refused
+    /// already (a worker's CAS, told by the scheduler which workers were revoked). The list
+    /// only grows: a revoked certificate stays revoked (a worker enrolling again gets a new
+    /// one), so a shorter list — the server's enrolment file unreadable for a while — lets
+    /// no revoked certificate back in.
     pub fn refuse_fingerprints(&self, fingerprints: &[String]) {
         let mut enrolment = self.enrolment.write().unwrap_or_else(|e| e.into_inner());
-        enrolment.worker = fingerprints
-            .iter()
-            .map(|f| crate::join::Enrolled {
-                name: "a revoked worker".into(),
-                fingerprint: f.clone(),
-                roles: Vec::new(),
-                revoked: true,
-            })
-            .collect();
+        for f in fingerprints {
+            if enrolment.by_fingerprint(f).is_none() {
+                enrolment.worker.push(crate::join::Enrolled {
+                    name: "a revoked worker".into(),
+                    fingerprint: f.clone(),
+                    roles: Vec::new(),
+                    revoked: true,
+                });
+            }
+        }
     }
 
     /// Makes a token that lives in this process only (for the worker inside `kiln serve`),
@@ -490,9 +494,14 @@ mod tests {
         assert!(p.identify(Some(("w3", "fp-3")), None).is_ok());
         assert_eq!(p.revoked_fingerprints(), vec!["fp-2".to_string()]);
         p.refuse_fingerprints(&[]);
+        p.refuse_fingerprints(&["fp-4".into()]);
         assert!(
-            p.identify(Some(("w2", "fp-2")), None).is_ok(),
-            "the list is replaced"
+            p.identify(Some(("w2", "fp-2")), None).is_err(),
+            "a shorter list lets no one back in"
+        );
+        assert_eq!(
+            p.revoked_fingerprints(),
+            vec!["fp-2".to_string(), "fp-4".to_string()]
         );
     }
 

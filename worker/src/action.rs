@@ -53,6 +53,9 @@ pub struct WorkerContext {
     /// Where this worker's CAS is served to peers (`grpc://HOST:PORT`), and the record of
     /// what it holds that its reports carry; `None` when it is not served.
     pub serving: Option<crate::peers::Serving>,
+    /// Tells its CAS which certificates to refuse (`None`: the worker inside `kiln serve`,
+    /// whose CAS is the server's).
+    pub refuse: Option<crate::peers::Refuse>,
 }
 
 /// Progress reported while an action runs.

@@ -316,9 +316,9 @@ async fn session(
                         }
                     }
                     server_message::Message::Revocations(r) => {
-                        if let Some(serving) = &ctx.serving {
-                            tracing::info!(revoked = r.fingerprints.len(), "peers' revoked certificates updated");
-                            (serving.refuse)(&r.fingerprints);
+                        if let Some(refuse) = &ctx.refuse {
+                            tracing::info!(revoked = r.fingerprints.len(), "revoked workers' certificates refused by the local CAS");
+                            refuse(&r.fingerprints);
                         }
                     }
                     server_message::Message::Kill(k) => {

@@ -319,12 +319,10 @@ pub struct Serving {
     pub holdings: Arc<crate::holdings::Holdings>,
     /// Bytes its data plane has sent to peers so far.
     pub served: Arc<dyn Fn() -> u64 + Send + Sync>,
-    /// Refuses, from now on, peers presenting certificates with these fingerprints (revoked
-    /// workers, as the scheduler tells them); replaces the last list.
-    pub refuse: Refuse,
 }
 
-/// How a worker's CAS is told which certificates to refuse (see [`Serving::refuse`]).
+/// Refuses, from now on, callers of the worker's CAS presenting certificates with these
+/// fingerprints (revoked workers, as the scheduler tells them), besides those refused before.
 pub type Refuse = Arc<dyn Fn(&[String]) + Send + Sync>;
 
 /// One action's hints: which peer holds each input file.
