@@ -93,23 +93,32 @@ impl BlobHolders {
             order.live += 1;
         }
         while self.facts > self.cap {
-            let Some(largest) = self
+            // The worker with the most loses its oldest until it is down to the next one's
+            // count (one scan of the workers per step, not per fact).
+            let mut ranked: Vec<(usize, WorkerId)> = self
                 .orders
                 .iter()
                 .filter(|(_, o)| o.live > 0)
-                .max_by(|(a_id, a), (b_id, b)| a.live.cmp(&b.live).then(b_id.cmp(a_id)))
-                .map(|(id, _)| *id)
-            else {
+                .map(|(id, o)| (o.live, *id))
+                .collect();
+            ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            let Some(&(live, largest)) = ranked.first() else {
                 break;
             };
-            let Some((key, seq)) = self
-                .orders
-                .get_mut(&largest)
-                .and_then(|o| o.queue.pop_front())
-            else {
-                break;
-            };
-            self.remove(&key, largest, Some(seq));
+            let next = ranked.get(1).map_or(0, |r| r.0);
+            let mut evict = (live - next).max(1).min(self.facts - self.cap);
+            while evict > 0 {
+                let Some((key, seq)) = self
+                    .orders
+                    .get_mut(&largest)
+                    .and_then(|o| o.queue.pop_front())
+                else {
+                    break;
+                };
+                if self.remove(&key, largest, Some(seq)) {
+                    evict -= 1;
+                }
+            }
         }
         // Stale entries linger in an order: compact it now and then, so that it stays within
         // twice its facts.
@@ -124,8 +133,9 @@ impl BlobHolders {
         }
     }
 
-    /// Drops the fact that `worker` holds `key` (only the one numbered `seq`, when given).
-    fn remove(&mut self, key: &BlobKey, worker: WorkerId, seq: Option<u64>) {
+    /// Drops the fact that `worker` holds `key` (only the one numbered `seq`, when given);
+    /// whether there was one.
+    fn remove(&mut self, key: &BlobKey, worker: WorkerId, seq: Option<u64>) -> bool {
         if let Some(facts) = self.map.get_mut(key) {
             let found = facts
                 .iter()
@@ -139,8 +149,10 @@ impl BlobHolders {
                 if facts.is_empty() {
                     self.map.remove(key);
                 }
+                return true;
             }
         }
+        false
     }
 
     /// A worker is gone: every fact about it is dropped (one pass over the map), and its
