@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# A farm on one machine: `kiln serve` with its embedded worker off and two `kiln worker`s
-# (one action at a time each), all under ROOT; runs one kiln-bench scenario against it and
-# prints the server's placement and the workers' directory-cache counters.
+# A farm on one machine: `kiln serve` with its embedded worker off and WORKERS `kiln worker`s
+# (default 2, one action at a time each), all under ROOT; runs one kiln-bench scenario
+# against it RUNS times (default 1; pass --seed so that each run has the same inputs under
+# new salts, a rebuild), and prints after each run the server's placements, the workers'
+# directory-cache counters, their fetch and served bytes, and the blob bytes the server sent.
 #
 #   bench/scripts/farm.sh ROOT LOCALITY_WAIT_MS DIRCACHE_BYTES kiln-bench-args...
 #   bench/scripts/farm.sh /mnt/scratch 100 4GiB execute --input-size 1KiB --input-files 2000 \
 #       --files-per-dir 20 --shared-inputs --ops 60 --connections 2 --concurrency 2
+#   WORKERS=3 RUNS=2 bench/scripts/farm.sh /tmp 100 4GiB execute --input-size 128KiB \
+#       --input-files 2000 --files-per-dir 20 --shared-inputs --seed 7 --ops 30 \
+#       --connections 1 --concurrency 3
 #
 # DIRCACHE_BYTES 0 turns the workers' directory caches off. Env: KILN, KILN_BENCH (the
 # binaries, default target/release/…). Needs curl. ROOT/farm.PID is removed afterwards.
@@ -24,7 +29,13 @@ else
 fi
 . "$(dirname "$0")/farm-lib.sh"
 start_server
-start_worker w1
-start_worker w2
-"$bench" "$@" --endpoint "grpc://$addr" --server-pid "$server"
-curl -s "http://$admin/metrics" | grep -E '^kiln_(scheduler_placements|worker_dircache_(hits|misses))_total' || true
+for i in $(seq "${WORKERS:-2}"); do start_worker "w$i"; done
+for r in $(seq "${RUNS:-1}"); do
+  echo "== run $r"
+  "$bench" "$@" --endpoint "grpc://$addr" --server-pid "$server"
+  # The workers report with their next keep-alive at the latest.
+  sleep 6
+  metrics=$(curl -s "http://$admin/metrics")
+  grep -E '^kiln_(scheduler_placements|worker_(dircache_(hits|misses)|fetch_bytes|served_bytes))_total' <<< "$metrics" || true
+  awk '/^kiln_sent_bytes_total\{method="(ByteStream.Read|CAS.BatchReadBlobs)"\}/ { s += $2 } END { printf "server sent %d bytes of blobs so far\n", s }' <<< "$metrics"
+done
