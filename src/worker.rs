@@ -239,12 +239,16 @@ pub fn max_inflight(config: &Config) -> usize {
 /// Runs `kiln worker`.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut config = load_config(&args)?;
-    // Without peers the local CAS never gets TLS: refuse a plain one off loopback before a
-    // join token is spent (with peers, the check follows once the identity is known).
+    // The local CAS gets TLS only from an enrolment with peers on: where it cannot (peers
+    // off, or TLS files of the worker's own, which enrolment leaves alone), refuse a plain
+    // one off loopback before a join token is spent. Otherwise the check follows once the
+    // identity is known.
+    let no_tls = !config.worker.peers || config.worker.tls_cert.is_some();
     anyhow::ensure!(
-        config.server.listen.ip().is_loopback() || config.worker.peers || args.insecure,
-        "refusing to serve the worker's local CAS on {} in plain gRPC (worker.peers is off, so it \
-         gets no TLS): keep it on loopback, or pass --insecure on a network you trust",
+        config.server.listen.ip().is_loopback() || !no_tls || args.insecure,
+        "refusing to serve the worker's local CAS on {} in plain gRPC (only an enrolled worker \
+         with worker.peers on and no TLS files of its own serves it over TLS): keep it on \
+         loopback, or pass --insecure on a network you trust",
         config.server.listen
     );
     if let Some(admin) = args.admin_listen.filter(|a| !a.ip().is_loopback()) {

@@ -209,6 +209,43 @@ fn every_cas_behaves_the_same() {
     });
 }
 
+/// Listing the store (a worker's full report to the scheduler) finds every blob, from both
+/// shards, and at most as many as asked for.
+#[test]
+fn the_store_lists_what_it_holds_up_to_a_bound() {
+    let fixture = Fixture::start();
+    let runtime = two_threads();
+    runtime.block_on(async {
+        let main = instance("listed");
+        let blobs: Vec<(Digest, Bytes)> = (0..40u8)
+            .map(|n| {
+                let data = bytes(n, 100 + usize::from(n));
+                (Digest::of(DigestFunction::Sha256, &data), data)
+            })
+            .collect();
+        let mut wanted: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+        fixture
+            .chain
+            .write_blobs(&main, blobs)
+            .await
+            .expect("write");
+        let mut all: Vec<Digest> = fixture
+            .chain
+            .client()
+            .keys(1_000)
+            .await
+            .expect("keys")
+            .into_iter()
+            .map(|k| k.digest)
+            .collect();
+        all.sort_by_key(|d| d.hash);
+        wanted.sort_by_key(|d| d.hash);
+        assert_eq!(all, wanted);
+        let some = fixture.chain.client().keys(10).await.expect("keys");
+        assert_eq!(some.len(), 10, "proportional shares, cut to the bound");
+    });
+}
+
 /// A server checks what it is given: bytes that do not hash to their digest are refused,
 /// with INVALID_ARGUMENT from the server seen as the remote CAS failing (not as a missing
 /// blob), and nothing is stored.

@@ -377,11 +377,22 @@ impl CasClient {
         }
     }
 
-    /// The blobs the store holds: at most `max` in all, an equal share from each shard.
+    /// The blobs the store holds: at most `max` in all, from each shard a share in
+    /// proportion to what it holds.
     pub async fn keys(&self, max: usize) -> Result<Vec<BlobKey>, StoreError> {
-        let share = max.div_ceil(self.shards.len().max(1));
-        let calls = (0..self.shards.len())
-            .map(|s| self.call(s, move |reply| Command::Keys { max: share, reply }));
+        let held: Vec<u64> = self.stats().await?.iter().map(|s| s.blobs).collect();
+        let total: u64 = held.iter().sum();
+        let share = |blobs: u64| -> usize {
+            if total <= max as u64 {
+                return usize::MAX;
+            }
+            let share = (u128::from(blobs) * max as u128).div_ceil(u128::from(total));
+            usize::try_from(share).unwrap_or(usize::MAX)
+        };
+        let calls = (0..self.shards.len()).map(|s| {
+            let max = share(held[s]);
+            self.call(s, move |reply| Command::Keys { max, reply })
+        });
         let mut keys = Vec::new();
         for shard in futures::future::join_all(calls).await {
             keys.extend(shard?);
