@@ -1,0 +1,151 @@
+//! Placement by locality: a worker caching the input root, the wait for a busy one, the
+//! bytes of input files a worker holds, and the hints of peers holding the rest.
+
+use super::*;
+
+#[test]
+fn an_action_goes_to_the_free_worker_holding_its_input_root() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 2, false);
+    s.worker_joined(t, 2, vec![], 2, false);
+    holds(&mut s, t, 2, 7);
+    s.submit(t, rooted("cached", 7)).unwrap();
+    s.submit(t, rooted("elsewhere", 8)).unwrap();
+    // Worker 1 would win on load and id; the root is on 2.
+    assert_eq!(
+        dispatched(&mut s),
+        vec![(2, "cached", 1), (1, "elsewhere", 1)]
+    );
+    assert_eq!(
+        s.placements(),
+        Placements {
+            input_root: 1,
+            load: 1,
+            ..Placements::default()
+        }
+    );
+    // A full report replaces what was known: root 7 is no longer on 2.
+    s.worker_roots(t, 2, true, vec![], vec![]);
+    s.submit(t, rooted("forgotten", 7)).unwrap();
+    assert_eq!(
+        dispatched(&mut s),
+        vec![(1, "forgotten", 1)],
+        "least loaded: 1 and 2 tie, 1 by id"
+    );
+}
+
+#[test]
+fn an_action_waits_a_little_for_a_busy_holder_then_goes_elsewhere() {
+    let t = Instant::now();
+    let ms = Duration::from_millis;
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 1, false);
+    s.worker_joined(t, 2, vec![], 1, false);
+    holds(&mut s, t, 2, 7);
+    s.submit(t, rooted("busy-2", 7)).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(2, "busy-2", 1)]);
+    // Worker 2 is busy: the next action of that root waits for it, keeping worker 1 for
+    // itself, so an action queued behind it cannot overtake it.
+    s.submit(t, rooted("wants-2", 7)).unwrap();
+    assert_eq!(
+        s.wake_at(),
+        Some(t + ms(100)),
+        "a tick is wanted when the wait ends"
+    );
+    s.tick(t + ms(50));
+    s.submit(t + ms(50), rooted("behind", 9)).unwrap();
+    assert!(
+        dispatched(&mut s).is_empty(),
+        "held, and worker 1 kept for it"
+    );
+    // The holder frees up within the wait: it gets the action, and the one behind gets 1.
+    s.reported(t + ms(60), 2, 1, "done");
+    assert_eq!(
+        dispatched(&mut s),
+        vec![(2, "wants-2", 1), (1, "behind", 1)]
+    );
+    assert_eq!(s.wake_at(), None);
+    // Both busy for long: the wait runs from when another worker could first have taken the
+    // action, not from when it was queued.
+    s.submit(t + ms(70), rooted("gives-up", 7)).unwrap();
+    s.reported(t + ms(500), 1, 3, "done");
+    assert!(dispatched(&mut s).is_empty(), "held from 500 ms on");
+    s.tick(t + ms(550));
+    assert!(dispatched(&mut s).is_empty());
+    s.tick(t + ms(600));
+    assert_eq!(dispatched(&mut s), vec![(1, "gives-up", 1)]);
+    assert_eq!(
+        s.placements(),
+        Placements {
+            input_root: 2,
+            load: 1,
+            holder_busy: 1,
+            ..Placements::default()
+        }
+    );
+}
+
+#[test]
+fn a_draining_holder_is_not_waited_for() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 1, false);
+    s.worker_joined(t, 2, vec![], 1, false);
+    holds(&mut s, t, 2, 7);
+    s.worker_draining(2);
+    s.submit(t, rooted("now", 7)).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(1, "now", 1)]);
+    assert_eq!(s.placements().load, 1);
+}
+
+#[test]
+fn an_action_goes_to_the_free_worker_holding_most_of_its_input_bytes_with_hints_for_the_rest() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    for w in 1..=3 {
+        s.worker_joined(t, w, vec![], 1, true);
+    }
+    // Worker 2 holds files 10 and 20 (30 bytes); worker 3 holds 1..=5 (15 bytes).
+    s.worker_blobs(2, true, vec![file(10), file(20)], vec![]);
+    s.worker_blobs(3, true, (1..=5).map(file).collect(), vec![]);
+    s.submit(t, with_inputs("a", &[1, 2, 3, 4, 5, 10, 20, 30]))
+        .unwrap();
+    assert_eq!(
+        dispatched_with_hints(&mut s),
+        vec![(2, "a", vec![(3, 5)])],
+        "to the worker with the most bytes; the files worker 3 holds hinted from it"
+    );
+    assert_eq!(s.placements().input_blobs, 1);
+    // Worker 2 is busy now: the next goes to 3, hinted 10 and 20 from 2.
+    s.submit(t, with_inputs("b", &[1, 10, 20])).unwrap();
+    assert_eq!(dispatched_with_hints(&mut s), vec![(3, "b", vec![(2, 2)])]);
+    // Nobody free holds anything: by load, with hints still from the busy holders.
+    s.submit(t, with_inputs("c", &[1, 10])).unwrap();
+    assert_eq!(
+        dispatched_with_hints(&mut s),
+        vec![(1, "c", vec![(2, 1), (3, 1)])]
+    );
+    assert_eq!(s.placements().load, 1);
+    // A worker that left is no longer a holder, nor hinted.
+    s.reported(t, 1, 3, "done");
+    s.reported(t, 3, 2, "done");
+    s.worker_left(t, 3);
+    s.submit(t, with_inputs("d", &[1, 10])).unwrap();
+    assert_eq!(dispatched_with_hints(&mut s), vec![(1, "d", vec![(2, 1)])]);
+    assert_eq!(s.blob_facts(), 2);
+    // A draining holder is not hinted.
+    s.reported(t, 1, 4, "done");
+    s.worker_draining(2);
+    s.submit(t, with_inputs("e", &[10])).unwrap();
+    assert_eq!(dispatched_with_hints(&mut s), vec![(1, "e", vec![])]);
+    // A worker that does not serve its peers gets no hints, and what it reports holding is
+    // not kept: nobody could fetch from it.
+    s.reported(t, 1, 5, "done");
+    s.worker_joined(t, 9, vec![], 1, false);
+    s.worker_blobs(9, true, vec![file(40)], vec![]);
+    assert_eq!(s.blob_facts(), 2);
+    s.worker_left(t, 1);
+    s.submit(t, with_inputs("f", &[1])).unwrap();
+    assert_eq!(dispatched_with_hints(&mut s), vec![(9, "f", vec![])]);
+}
