@@ -143,7 +143,9 @@ on_every_runtime! {
         let dir = tempfile::tempdir().unwrap();
         let kiln = start_server(rt, dir.path()).await;
         let (w1, _) = worker(rt, &kiln, dir.path(), "w1", "a", "").await;
-        let (_w2, admin2) = worker(rt, &kiln, dir.path(), "w2", "b", "peer_race_delay_ms = 50\n").await;
+        // A delay no fetch on this host comes near, so that the fetch's length shows w2 asked
+        // (and waited for) w1 before the server.
+        let (_w2, admin2) = worker(rt, &kiln, dir.path(), "w2", "b", "peer_race_delay_ms = 1500\n").await;
         let ch = kiln.channel().await;
         let (tree, bytes) = inputs("y");
         let (_, r) = execute(&ch, F, &run_on("a", &tree, "one").upload(&ch, F).await, false).await.unwrap();
@@ -158,6 +160,13 @@ on_every_runtime! {
         let from_server = number(&admin2, "kiln_worker_fetch_bytes_total{source=\"server\"}").await as u64;
         assert!(from_server >= bytes, "{from_server} of {bytes} bytes from the server");
         assert_eq!(number(&admin2, "kiln_worker_fetch_bytes_total{source=\"peer\"}").await, 0.0);
+        let meta = r.result.unwrap().execution_metadata.unwrap();
+        let at = |t: Option<prost_types::Timestamp>| {
+            let t = t.unwrap();
+            t.seconds as f64 + f64::from(t.nanos) / 1e9
+        };
+        let fetch = at(meta.input_fetch_completed_timestamp) - at(meta.input_fetch_start_timestamp);
+        assert!(fetch >= 1.5, "w2 waited {fetch:.3} s: it was not hinted to ask w1 first");
         kiln.stop().await;
     }
 }

@@ -274,7 +274,7 @@ async fn download_batch(
         Ok::<_, kiln_reapi::cas::CasError>(digests.into_iter().zip(got).collect::<Vec<_>>())
     };
     let bytes = batch.iter().fold(0u64, |sum, d| sum.saturating_add(d.size));
-    let mut got: Vec<(Digest, Option<Bytes>)> = match peer_request(remote, peer, bytes) {
+    let got: Vec<(Digest, Option<Bytes>)> = match peer_request(remote, peer, bytes) {
         None => {
             let got = server(batch.to_vec()).await?;
             count(remote.stats, Winner::Server, &got);
@@ -310,14 +310,17 @@ async fn download_batch(
             got
         }
     };
-    let not_found: Vec<Digest> = got
-        .iter()
-        .filter(|(_, b)| b.is_none())
-        .map(|(d, _)| *d)
+    let mut not_found = Vec::new();
+    let present: Vec<(Digest, Bytes)> = got
+        .into_iter()
+        .filter_map(|(d, b)| {
+            if b.is_none() {
+                not_found.push(d);
+            }
+            Some((d, b?))
+        })
         .collect();
-    got.retain(|(_, b)| b.is_some());
-    stream::iter(got)
-        .filter_map(|(d, b)| async move { b.map(|b| (d, b)) })
+    stream::iter(present)
         .map(|(d, bytes)| local.put_bytes(instance, d, bytes))
         .buffer_unordered(parallelism.max(1))
         .collect::<Vec<_>>()

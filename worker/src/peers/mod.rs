@@ -207,16 +207,6 @@ impl Peers {
         }
     }
 
-    /// The settings.
-    pub fn settings(&self) -> &PeerSettings {
-        &self.settings
-    }
-
-    /// The transfer counters.
-    pub fn stats(&self) -> &Arc<TransferStats> {
-        &self.stats
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerAddr, PeerLink>> {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -360,11 +350,6 @@ impl Hints {
     /// The peer hinted to hold `digest`.
     pub fn peer(&self, digest: &Digest) -> Option<&Arc<PeerAddr>> {
         self.0.get(digest)
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 }
 
