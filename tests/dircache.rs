@@ -76,7 +76,8 @@ on_every_runtime! {
 
 // Placement by locality: with every worker free, an action goes to the worker whose
 // directory cache holds its input root — here the second worker, which the scheduler would not
-// pick by load (ties go to the first to join).
+// pick by load (ties go to the first to join) — and so does one whose root is new but shares
+// a directory with that root.
 on_every_runtime! {
     async fn an_action_goes_to_the_worker_that_has_its_input_root(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
@@ -113,6 +114,14 @@ on_every_runtime! {
             let out = read(&ch, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
             assert_eq!(out, format!("shared {salt}\n").into_bytes());
         }
+        // Another input root sharing the `src` directory: no worker caches the root, and w2
+        // caches most of its bytes (7 of 12), so it goes there too.
+        let other = Spec {
+            tree: tree.clone().file("extra", b"other", false),
+            ..Spec::script("cat src/x extra")
+        };
+        let (_, r) = execute(&ch, F, &other.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
         // w2 busy with an action of that root: the next one waits for it a little
         // (`locality_wait_ms`), then goes to the idle w1.
         let (flag, started) = (dir.path().join("flag2"), dir.path().join("started2"));
@@ -133,6 +142,7 @@ on_every_runtime! {
             async move { common::metric(&admin, &format!("kiln_scheduler_placements_total{{reason=\"{reason}\"}}")).await }
         };
         assert_eq!(placed("input_root").await, 3.0, "second, third and the second holding action");
+        assert_eq!(placed("input_tree").await, 1.0, "the root sharing `src`");
         assert_eq!(placed("load").await, 2.0, "the first holding action and the first of the root");
         assert_eq!(placed("holder_busy").await, 1.0, "fourth");
         kiln.stop().await;

@@ -11,8 +11,8 @@ mod types;
 pub use error::ConfigError;
 pub use types::{
     ActionCacheConfig, AdminConfig, ClientAuthMode, CompressionConfig, Config, ControlPlaneConfig,
-    ExecutionConfig, GetTreeConfig, PropertyKind, RuntimeKind, ServerConfig, StorageConfig,
-    TlsConfig, TlsMode, WorkerConfig,
+    ExecutionConfig, GetTreeConfig, PlacementWeights, PropertyKind, RuntimeKind, ServerConfig,
+    StorageConfig, TlsConfig, TlsMode, WorkerConfig,
 };
 
 use std::path::Path;
@@ -45,6 +45,20 @@ impl Config {
                 why: why.to_string(),
             })
         };
+        let w = &self.execution.placement_weights;
+        for (name, weight) in [
+            ("input_root", w.input_root),
+            ("input_tree", w.input_tree),
+            ("input_blobs", w.input_blobs),
+            ("load", w.load),
+        ] {
+            if !(0.0..=1e6).contains(&weight) {
+                return invalid(
+                    &format!("execution.placement_weights.{name}"),
+                    "must be a number from 0 to 1,000,000",
+                );
+            }
+        }
         let t = &self.get_tree;
         if t.max_tree_bytes.as_u64() == 0 || t.max_tree_bytes.as_u64() > 1 << 40 {
             return invalid(

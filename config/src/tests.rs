@@ -305,3 +305,34 @@ fn remote_asset_bounds_are_checked() {
         }
     }
 }
+
+#[test]
+fn placement_weights_parse_are_checked_and_the_old_cache_option_name_still_reads() {
+    let c = Config::from_toml(
+        "[execution]\nmax_cached_roots_per_worker = 7\n[execution.placement_weights]\ninput_tree = 0.5\n",
+        "test",
+    )
+    .unwrap()
+    .execution;
+    assert_eq!(c.max_cached_dirs_per_worker, 7);
+    assert_eq!(
+        c.placement_weights,
+        PlacementWeights {
+            input_tree: 0.5,
+            ..PlacementWeights::default()
+        }
+    );
+    for (toml, key) in [
+        ("load = -1.0", "execution.placement_weights.load"),
+        ("input_root = nan", "execution.placement_weights.input_root"),
+        (
+            "input_blobs = inf",
+            "execution.placement_weights.input_blobs",
+        ),
+    ] {
+        match Config::from_toml(&format!("[execution.placement_weights]\n{toml}"), "test") {
+            Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{toml}"),
+            other => panic!("{toml}: {other:?}"),
+        }
+    }
+}

@@ -512,6 +512,32 @@ pub enum PropertyKind {
     Ignore,
 }
 
+/// How placement weighs what a free worker holds of an action: the worker with the highest
+/// sum takes it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementWeights {
+    /// The worker's directory cache holds the action's input root.
+    pub input_root: f64,
+    /// Times the share (0 to 1) of the input tree's bytes under directories its cache holds.
+    pub input_tree: f64,
+    /// Times the share (0 to 1) of the input files' bytes its CAS holds.
+    pub input_blobs: f64,
+    /// Times the share (0 to 1) of its slots in use, subtracted.
+    pub load: f64,
+}
+
+impl Default for PlacementWeights {
+    fn default() -> PlacementWeights {
+        PlacementWeights {
+            input_root: 8.0,
+            input_tree: 4.0,
+            input_blobs: 2.0,
+            load: 1.0,
+        }
+    }
+}
+
 /// The scheduler.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -546,8 +572,12 @@ pub struct ExecutionConfig {
     /// How long an action may wait for a busy worker whose directory cache holds its input
     /// root before it goes to another free worker (milliseconds).
     pub locality_wait_ms: u64,
-    /// Input roots remembered per worker for placement (its directory cache's entries).
-    pub max_cached_roots_per_worker: usize,
+    /// Directories remembered per worker for placement (its directory cache's entries and
+    /// every directory inside them).
+    #[serde(alias = "max_cached_roots_per_worker")]
+    pub max_cached_dirs_per_worker: usize,
+    /// How placement weighs what each free worker holds of an action.
+    pub placement_weights: PlacementWeights,
     /// Memory for the facts "worker W holds blob B" that workers serving their CAS to peers
     /// report (about 128 bytes each); past it the oldest facts are dropped.
     pub locality_map_bytes: ByteSize,
@@ -572,7 +602,8 @@ impl Default for ExecutionConfig {
             pin_budget_percent: 50,
             max_input_digests: 16_000_000,
             locality_wait_ms: 100,
-            max_cached_roots_per_worker: 100_000,
+            max_cached_dirs_per_worker: 100_000,
+            placement_weights: PlacementWeights::default(),
             locality_map_bytes: ByteSize::mib(256),
             properties: BTreeMap::new(),
         }

@@ -1,13 +1,14 @@
-//! Giving queued operations to workers: in queue order, each to a free worker whose directory
-//! cache holds its input root, else (after a bounded wait for a busy holder, see
-//! [`crate::locality`]) to the free worker holding the most bytes of its input files, else to
-//! the least-loaded free worker whose platform fits. Each dispatch carries hints of the peers
-//! holding the inputs its worker lacks ([`crate::holders`]).
+//! Giving queued operations to workers: in queue order, each to the free worker whose
+//! platform fits and that scores best by what it holds (see [`crate::locality`]): its input
+//! root cached, else — after a bounded wait for a busy holder of the root — the most bytes of
+//! its input tree in cached directories, of its input files in the worker's CAS, the lighter
+//! load. Each dispatch carries hints of the peers holding the inputs its worker lacks
+//! ([`crate::holders`]).
 
-use crate::locality::Reason;
+use crate::locality::{Reason, Score};
 use crate::platform::{consume, could_fit, fits};
 use crate::{Command, OpId, OpStage, OpState, Scheduler, Stage, WorkerId, WorkerState};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 /// Input files (the largest first, as jobs list them) weighed when placing by the bytes a
@@ -29,13 +30,15 @@ enum Choice {
 }
 
 impl<P: Clone, R> Scheduler<P, R> {
-    /// Where `state` goes now. A free worker whose directory cache holds its input root; else,
-    /// while a busy worker holding it may still free up (held less than `locality_wait`), the
-    /// action is held and keeps one free worker it fits for itself (`reserved`: actions behind
-    /// it cannot take that one, so holding never lets them overtake it); else the
-    /// least-loaded free worker.
+    /// Where `state` goes now. The free worker scoring best ([`Scheduler::score`]) when its
+    /// directory cache holds the input root; else, while a busy worker holding the root may
+    /// still free up (held less than `locality_wait`), the action is held and keeps the best
+    /// free worker for itself (`reserved`: actions behind it cannot take that one, so holding
+    /// never lets them overtake it); else the worker that fetched its inputs ahead, if free;
+    /// else the best.
     fn choose(&self, now: Instant, state: &OpState<P>, reserved: &HashSet<WorkerId>) -> Choice {
         let kinds = &self.config.kinds;
+        let weights = &self.config.weights;
         let requirements = &state.job.requirements;
         let free = |id: &WorkerId, w: &WorkerState| {
             !w.draining
@@ -43,85 +46,95 @@ impl<P: Clone, R> Scheduler<P, R> {
                 && w.busy < w.capacity
                 && fits(kinds, requirements, &w.offer, &w.consumed)
         };
-        let holds = |w: &WorkerState| {
-            state
-                .job
-                .input_root
-                .as_ref()
-                .is_some_and(|r| w.roots.contains(r))
-        };
-        // Least loaded first; ties by id, so the choice is deterministic.
-        let least_loaded = |pick: &dyn Fn(&WorkerId, &WorkerState) -> bool| {
-            self.workers
-                .iter()
-                .filter(|(id, w)| pick(id, w))
-                .min_by(|(a_id, a), (b_id, b)| {
-                    let load = |w: &WorkerState| w.busy as f64 / w.capacity as f64;
-                    load(a).total_cmp(&load(b)).then(a_id.cmp(b_id))
-                })
-                .map(|(id, _)| *id)
-        };
-        if let Some(id) = least_loaded(&|id, w| free(id, w) && holds(w)) {
-            return Choice::Place(id, Reason::InputRoot);
-        }
-        let Some(other) = least_loaded(&free) else {
+        let Some((best, score)) = self.best(state, &free) else {
             return Choice::NotNow;
         };
+        if score.root && weights.input_root > 0.0 {
+            return Choice::Place(best, Reason::InputRoot);
+        }
         // The worker that fetched its inputs ahead, if it is free now (after a busy root
         // holder's wait, below).
         let prefetcher = state
             .prefetch
             .filter(|id| self.workers.get(id).is_some_and(|w| free(id, w)));
-        let busy_holder = self
-            .workers
-            .values()
-            .any(|w| !w.draining && holds(w) && could_fit(kinds, requirements, &w.offer));
+        let busy_holder = weights.input_root > 0.0
+            && state.job.input_root.as_ref().is_some_and(|root| {
+                self.workers.iter().any(|(id, w)| {
+                    !w.draining
+                        && !free(id, w)
+                        && w.dirs.contains(root)
+                        && could_fit(kinds, requirements, &w.offer)
+                })
+            });
         if !busy_holder {
             if let Some(id) = prefetcher {
                 return Choice::Place(id, Reason::Prefetched);
             }
-            return match self.most_bytes(state, &free) {
-                Some(id) => Choice::Place(id, Reason::InputBlobs),
-                None => Choice::Place(other, Reason::Load),
-            };
+            return Choice::Place(best, score.reason(weights));
         }
         let since = state.held_since.unwrap_or(now);
         if now.saturating_duration_since(since) < self.config.locality_wait {
             return Choice::Hold {
-                keep: other,
+                keep: best,
                 until: since + self.config.locality_wait,
             };
         }
-        let id = prefetcher
-            .or_else(|| self.most_bytes(state, &free))
-            .unwrap_or(other);
-        Choice::Place(id, Reason::WaitedForHolder)
+        Choice::Place(prefetcher.unwrap_or(best), Reason::WaitedForHolder)
     }
 
-    /// Of the free workers (`free`), the one known to hold the most bytes of the action's
-    /// input files (the largest [`MAX_SCORED`] of them), if any holds some; ties go to the
-    /// less loaded, then the lower id.
-    fn most_bytes(
+    /// Of the free workers (`free`), the one with the highest [`Score::value`]; ties go to
+    /// the less loaded, then the lower id.
+    fn best(
         &self,
         state: &OpState<P>,
         free: &dyn Fn(&WorkerId, &WorkerState) -> bool,
-    ) -> Option<WorkerId> {
-        if self.holders.is_empty() {
-            return None;
-        }
-        let inputs = &state.job.inputs[..state.job.inputs.len().min(MAX_SCORED)];
-        let load = |w: &WorkerState| w.busy as f64 / w.capacity as f64;
-        self.holders
-            .bytes_held(inputs)
-            .into_iter()
-            .filter_map(|(id, bytes)| {
-                let w = self.workers.get(&id).filter(|w| free(&id, w))?;
-                (bytes > 0).then_some((id, bytes, load(w)))
+    ) -> Option<(WorkerId, Score)> {
+        let weights = &self.config.weights;
+        let job = &state.job;
+        // Bytes of the input files each worker's CAS holds (the largest MAX_SCORED files).
+        let inputs = &job.inputs[..job.inputs.len().min(MAX_SCORED)];
+        let (blobs_held, blobs_total): (HashMap<WorkerId, u64>, u64) =
+            if self.holders.is_empty() || weights.input_blobs == 0.0 {
+                (HashMap::new(), 0)
+            } else {
+                let total = inputs
+                    .iter()
+                    .fold(0u64, |sum, k| sum.saturating_add(k.digest.size));
+                (self.holders.bytes_held(inputs).into_iter().collect(), total)
+            };
+        let share = |part: u64, whole: u64| {
+            if whole == 0 {
+                0.0
+            } else {
+                part as f64 / whole as f64
+            }
+        };
+        self.workers
+            .iter()
+            .filter(|(id, w)| free(id, w))
+            .map(|(id, w)| {
+                let root = job.input_root.as_ref().is_some_and(|r| w.dirs.contains(r));
+                let tree = if root {
+                    1.0
+                } else if w.dirs.is_empty() || weights.input_tree == 0.0 {
+                    0.0
+                } else {
+                    share(job.tree.held(|d| w.dirs.contains(d)), job.tree.total())
+                };
+                let score = Score {
+                    root,
+                    tree,
+                    blobs: share(blobs_held.get(id).copied().unwrap_or(0), blobs_total),
+                    load: w.busy as f64 / w.capacity as f64,
+                };
+                (*id, score)
             })
-            .max_by(|(a_id, a, a_load), (b_id, b, b_load)| {
-                a.cmp(b).then(b_load.total_cmp(a_load)).then(b_id.cmp(a_id))
+            .max_by(|(a_id, a), (b_id, b)| {
+                a.value(weights)
+                    .total_cmp(&b.value(weights))
+                    .then(b.load.total_cmp(&a.load))
+                    .then(b_id.cmp(a_id))
             })
-            .map(|(id, _, _)| id)
     }
 
     /// When the scheduler next needs a [`Scheduler::tick`] to place an action it holds for a

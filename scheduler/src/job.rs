@@ -31,8 +31,10 @@ pub struct SchedulerConfig {
     /// How long an action may wait for a busy worker whose directory cache holds its input
     /// root, before it goes to another free worker.
     pub locality_wait: Duration,
-    /// Input roots remembered per worker.
-    pub max_cached_roots: usize,
+    /// Directories remembered per worker (its directory cache's).
+    pub max_cached_dirs: usize,
+    /// How placement weighs what a free worker holds.
+    pub weights: crate::locality::Weights,
     /// Facts "worker W holds blob B" remembered, for all workers together.
     pub max_blob_facts: usize,
 }
@@ -57,6 +59,9 @@ pub struct Job<P> {
     /// The action's input files, the largest first: for placement by the bytes a worker
     /// holds and for hints of the peers that hold them.
     pub inputs: Arc<[BlobKey]>,
+    /// The input tree's largest directories, for placement by the bytes of it a worker's
+    /// directory cache holds.
+    pub tree: Arc<crate::input_tree::InputTree>,
     /// What the worker needs (opaque here).
     pub payload: P,
 }

@@ -4,8 +4,9 @@
 //! the commands out; every rule here is tested without sockets or clocks.
 //!
 //! Rules: the queue is ordered by priority (lower first) then arrival; an action goes to a free
-//! worker whose directory cache holds its input root, else (see [`locality`]) to the
-//! least-loaded worker whose platform fits; identical cacheable actions in flight share one
+//! worker whose directory cache holds its input root, else (see [`locality`]) to the free
+//! worker scoring best by what it holds of the inputs and its load, among those whose platform
+//! fits; identical cacheable actions in flight share one
 //! operation; an action whose worker disappears is re-queued (at most `max_retries` times) but
 //! an action's own failure is final; an action running past its timeout (plus a grace period
 //! for the worker to report it) is killed and fails with DEADLINE_EXCEEDED; a worker silent for
@@ -16,6 +17,7 @@
 
 mod dispatch;
 pub mod holders;
+pub mod input_tree;
 mod job;
 pub mod locality;
 pub mod platform;
@@ -31,7 +33,7 @@ mod tests;
 use holders::BlobHolders;
 use kiln_reapi::digest::BlobKey;
 use kiln_reapi::status::ErrorKind;
-use locality::{CachedRoots, Placements};
+use locality::{CachedDirs, Placements};
 use platform::{consume, could_fit, Consumed, Kinds, Offer, Requirements};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
@@ -74,8 +76,8 @@ struct WorkerState {
     consumed: Consumed,
     last_seen: Instant,
     draining: bool,
-    /// The input roots its directory cache holds.
-    roots: CachedRoots,
+    /// The directories its directory cache holds.
+    dirs: CachedDirs,
     /// The queued operation whose inputs it was told to fetch ahead, if any (one at a time).
     prefetching: Option<OpId>,
     /// It serves its CAS to peers: its blobs are tracked, and it gets hints.
@@ -209,7 +211,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 consumed: Consumed::new(),
                 last_seen: now,
                 draining: false,
-                roots: CachedRoots::new(self.config.max_cached_roots),
+                dirs: CachedDirs::new(self.config.max_cached_dirs),
                 serves,
                 prefetching: None,
             },
@@ -217,9 +219,9 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.schedule(now);
     }
 
-    /// A worker reports the input roots its directory cache holds: with `full`, `added` is
+    /// A worker reports the directories its directory cache holds: with `full`, `added` is
     /// the whole set; otherwise the changes since its last report.
-    pub fn worker_roots(
+    pub fn worker_dirs(
         &mut self,
         now: Instant,
         worker: WorkerId,
@@ -228,7 +230,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         removed: Vec<BlobKey>,
     ) {
         if let Some(w) = self.workers.get_mut(&worker) {
-            w.roots.update(full, added, removed);
+            w.dirs.update(full, added, removed);
         }
         self.schedule(now);
     }

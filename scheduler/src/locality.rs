@@ -1,26 +1,28 @@
 //! Placing an action where its inputs already are. Each worker's directory cache reports the
-//! input roots it holds ([`CachedRoots`]); the scheduler gives an action to a free worker
-//! holding its input root, else to the least-loaded free worker — after waiting up to
-//! `locality_wait` for a busy worker that holds it, so that a loaded "best" worker does not
-//! hold an action for long while another is idle. Each placement's [`Reason`] is counted.
+//! directories it holds ([`CachedDirs`]: every entry's input root and every directory inside
+//! it). The scheduler scores each free worker ([`Weights`]): an exact input-root hit, the bytes
+//! of the input tree under directories it holds, the bytes of input files its CAS holds, and
+//! its load; the best takes the action — after waiting up to `locality_wait` for a busy worker
+//! holding the input root, so that a loaded "best" worker does not hold an action for long
+//! while another is idle. Each placement's [`Reason`] is counted.
 
 use kiln_reapi::digest::BlobKey;
 use std::collections::{HashSet, VecDeque};
 
-/// The input roots one worker's directory cache holds, as it reported them: at most `cap`,
+/// The directories one worker's directory cache holds, as it reported them: at most `cap`,
 /// the oldest facts dropped first.
 #[derive(Debug)]
-pub struct CachedRoots {
+pub struct CachedDirs {
     set: HashSet<BlobKey>,
     /// Arrival order; may hold keys removed since (skipped when dropping the oldest).
     order: VecDeque<BlobKey>,
     cap: usize,
 }
 
-impl CachedRoots {
-    /// An empty set of at most `cap` roots.
-    pub fn new(cap: usize) -> CachedRoots {
-        CachedRoots {
+impl CachedDirs {
+    /// An empty set of at most `cap` directories.
+    pub fn new(cap: usize) -> CachedDirs {
+        CachedDirs {
             set: HashSet::new(),
             order: VecDeque::new(),
             cap,
@@ -57,12 +59,12 @@ impl CachedRoots {
         }
     }
 
-    /// Whether the worker reported holding `root`.
-    pub fn contains(&self, root: &BlobKey) -> bool {
-        self.set.contains(root)
+    /// Whether the worker reported holding the directory `dir`.
+    pub fn contains(&self, dir: &BlobKey) -> bool {
+        self.set.contains(dir)
     }
 
-    /// Roots held.
+    /// Directories held.
     pub fn len(&self) -> usize {
         self.set.len()
     }
@@ -79,6 +81,9 @@ pub enum Reason {
     /// The worker's directory cache holds the action's input root.
     InputRoot,
     /// No free worker holds the root: the free worker holding the most bytes of its input
+    /// tree in cached directories.
+    InputTree,
+    /// No free worker holds the root: the free worker holding the most bytes of its input
     /// files.
     InputBlobs,
     /// The worker that fetched its inputs ahead while it waited, free now.
@@ -91,8 +96,9 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for metrics.
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 6] = [
         Reason::InputRoot,
+        Reason::InputTree,
         Reason::Prefetched,
         Reason::InputBlobs,
         Reason::Load,
@@ -103,6 +109,7 @@ impl Reason {
     pub fn name(self) -> &'static str {
         match self {
             Reason::InputRoot => "input_root",
+            Reason::InputTree => "input_tree",
             Reason::InputBlobs => "input_blobs",
             Reason::Prefetched => "prefetched",
             Reason::Load => "load",
@@ -116,6 +123,8 @@ impl Reason {
 pub struct Placements {
     /// [`Reason::InputRoot`].
     pub input_root: u64,
+    /// [`Reason::InputTree`].
+    pub input_tree: u64,
     /// [`Reason::InputBlobs`].
     pub input_blobs: u64,
     /// [`Reason::Prefetched`].
@@ -131,6 +140,7 @@ impl Placements {
     pub fn count(&mut self, reason: Reason) {
         match reason {
             Reason::InputRoot => self.input_root += 1,
+            Reason::InputTree => self.input_tree += 1,
             Reason::InputBlobs => self.input_blobs += 1,
             Reason::Prefetched => self.prefetched += 1,
             Reason::Load => self.load += 1,
@@ -142,10 +152,72 @@ impl Placements {
     pub fn of(&self, reason: Reason) -> u64 {
         match reason {
             Reason::InputRoot => self.input_root,
+            Reason::InputTree => self.input_tree,
             Reason::InputBlobs => self.input_blobs,
             Reason::Prefetched => self.prefetched,
             Reason::Load => self.load,
             Reason::WaitedForHolder => self.holder_busy,
+        }
+    }
+}
+
+/// How much each thing a free worker holds of an action counts when placing it; the worker
+/// with the highest score takes the action.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Weights {
+    /// Its directory cache holds the input root.
+    pub input_root: f64,
+    /// Per share of the input tree's bytes under directories it holds (0 to 1).
+    pub input_tree: f64,
+    /// Per share of the input files' bytes its CAS holds (0 to 1).
+    pub input_blobs: f64,
+    /// Per share of its slots in use (0 to 1), subtracted.
+    pub load: f64,
+}
+
+impl Default for Weights {
+    /// In the order placement prefers, each past what the ones after it can add up to: a
+    /// root hit, then tree bytes, then blob bytes, then the lighter load.
+    fn default() -> Weights {
+        Weights {
+            input_root: 8.0,
+            input_tree: 4.0,
+            input_blobs: 2.0,
+            load: 1.0,
+        }
+    }
+}
+
+/// What one free worker holds of an action.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Score {
+    /// It caches the input root.
+    pub root: bool,
+    /// Share of the input tree's bytes under directories it caches.
+    pub tree: f64,
+    /// Share of the input files' bytes its CAS holds.
+    pub blobs: f64,
+    /// Share of its slots in use.
+    pub load: f64,
+}
+
+impl Score {
+    /// Its value under `w`.
+    pub fn value(&self, w: &Weights) -> f64 {
+        let root = if self.root { w.input_root } else { 0.0 };
+        root + w.input_tree * self.tree + w.input_blobs * self.blobs - w.load * self.load
+    }
+
+    /// Why a worker with this score was chosen: the first term, in order, that counted.
+    pub fn reason(&self, w: &Weights) -> Reason {
+        if self.root && w.input_root > 0.0 {
+            Reason::InputRoot
+        } else if self.tree > 0.0 && w.input_tree > 0.0 {
+            Reason::InputTree
+        } else if self.blobs > 0.0 && w.input_blobs > 0.0 {
+            Reason::InputBlobs
+        } else {
+            Reason::Load
         }
     }
 }
@@ -164,7 +236,7 @@ mod tests {
 
     #[test]
     fn reports_add_remove_replace_and_the_oldest_go_past_the_cap() {
-        let mut roots = CachedRoots::new(3);
+        let mut roots = CachedDirs::new(3);
         roots.update(true, vec![root(1), root(2)], vec![]);
         roots.update(false, vec![root(3)], vec![root(1)]);
         assert!(!roots.contains(&root(1)) && roots.contains(&root(2)) && roots.contains(&root(3)));

@@ -44,7 +44,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             let cached = state.job.input_root.as_ref().is_some_and(|root| {
                 self.workers
                     .values()
-                    .any(|w| !w.draining && w.roots.contains(root))
+                    .any(|w| !w.draining && w.dirs.contains(root))
             });
             let waiting = matches!(state.stage, OpStage::Queued { .. })
                 && state.prefetch.is_none()

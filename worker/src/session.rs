@@ -28,12 +28,12 @@ pub struct Identity {
     pub max_inflight: usize,
 }
 
-/// Keys of each list (input roots, blobs; added, removed) per report message (about 100
+/// Keys of each list (directories, blobs; added, removed) per report message (about 100
 /// bytes each).
 const KEYS_PER_MESSAGE: usize = 10_000;
 
-/// Input roots a full report lists at most (the scheduler remembers about as many).
-const MAX_REPORTED_ROOTS: usize = 100_000;
+/// Directories a full report lists at most (the scheduler remembers about as many).
+const MAX_REPORTED_DIRS: usize = 100_000;
 
 /// Blobs a full report lists at most.
 const MAX_REPORTED_BLOBS: usize = 1_000_000;
@@ -46,24 +46,24 @@ struct Changes {
     removed: Vec<BlobKey>,
 }
 
-/// The worker's report of itself: its directory cache's counts and input roots, the blobs its
-/// CAS holds (when served to peers), and its transfers. With `full`, every root and blob
-/// (at most [`MAX_REPORTED_ROOTS`] and [`MAX_REPORTED_BLOBS`]), else the changes since the
+/// The worker's report of itself: its directory cache's counts and directories, the blobs its
+/// CAS holds (when served to peers), and its transfers. With `full`, every directory and blob
+/// (at most [`MAX_REPORTED_DIRS`] and [`MAX_REPORTED_BLOBS`]), else the changes since the
 /// last report. Taken only by the session's own loop, so reports leave in the order they
 /// were taken.
 async fn reports(ctx: &WorkerContext, full: bool) -> Vec<WorkerMessage> {
-    let (dircache, roots) = match ctx.dircache.as_ref() {
+    let (dircache, dirs) = match ctx.dircache.as_ref() {
         Some(cache) => {
             let (mut added, removed) = cache.take_changes(full);
             if full {
-                added.truncate(MAX_REPORTED_ROOTS);
+                added.truncate(MAX_REPORTED_DIRS);
             }
-            let roots = Changes {
+            let dirs = Changes {
                 full,
                 added,
                 removed,
             };
-            (Some(cache.stats().report()), roots)
+            (Some(cache.stats().report()), dirs)
         }
         None => (None, Changes::default()),
     };
@@ -71,7 +71,7 @@ async fn reports(ctx: &WorkerContext, full: bool) -> Vec<WorkerMessage> {
         Some(serving) => (blob_changes(ctx, serving, full).await, (serving.served)()),
         None => (Changes::default(), 0),
     };
-    report_messages(dircache, ctx.transfers.report(served), roots, blobs)
+    report_messages(dircache, ctx.transfers.report(served), dirs, blobs)
 }
 
 /// The blobs added to and removed from the CAS since the last report; the whole CAS when
@@ -106,7 +106,7 @@ async fn blob_changes(ctx: &WorkerContext, serving: &crate::peers::Serving, full
 fn report_messages(
     dircache: Option<kiln_proto::worker::DirCacheReport>,
     transfers: kiln_proto::worker::TransferReport,
-    roots: Changes,
+    dirs: Changes,
     blobs: Changes,
 ) -> Vec<WorkerMessage> {
     fn pieces(keys: Vec<BlobKey>) -> std::vec::IntoIter<Vec<HeldKey>> {
@@ -122,8 +122,8 @@ fn report_messages(
         chunks.into_iter()
     }
     let mut lists = [
-        pieces(roots.added),
-        pieces(roots.removed),
+        pieces(dirs.added),
+        pieces(dirs.removed),
         pieces(blobs.added),
         pieces(blobs.removed),
     ];
@@ -135,7 +135,7 @@ fn report_messages(
         messages.push(WorkerMessage {
             message: Some(worker_message::Message::Report(WorkerReport {
                 dircache: if first { dircache } else { None },
-                full: roots.full && first,
+                full: dirs.full && first,
                 added,
                 removed,
                 blobs_full: blobs.full && first,
@@ -393,7 +393,7 @@ mod tests {
             peer_bytes: 5,
             ..Default::default()
         };
-        let roots = Changes {
+        let dirs = Changes {
             full: true,
             added: keys(0..25_000),
             removed: keys(0..3),
@@ -403,7 +403,7 @@ mod tests {
             added: keys(0..12_000),
             removed: keys(0..31_000),
         };
-        let messages = report_messages(Some(stats), transfers, roots, blobs);
+        let messages = report_messages(Some(stats), transfers, dirs, blobs);
         let reports: Vec<&WorkerReport> = messages.iter().map(report).collect();
         let sizes =
             |f: fn(&WorkerReport) -> usize| reports.iter().map(|r| f(r)).collect::<Vec<_>>();

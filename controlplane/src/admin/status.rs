@@ -197,8 +197,8 @@ pub fn render(s: &Snapshot) -> String {
         srow(
             "Placements",
             format!(
-                "{} on a worker caching the input root, {} on the worker that fetched its inputs ahead, {} on the worker holding most input bytes, {} by load, {} after its holder stayed busy",
-                p.input_root, p.prefetched, p.input_blobs, p.load, p.holder_busy
+                "{} on a worker caching the input root, {} on the worker caching most of the input tree, {} on the worker that fetched its inputs ahead, {} on the worker holding most input bytes, {} by load, {} after its holder stayed busy",
+                p.input_root, p.input_tree, p.prefetched, p.input_blobs, p.load, p.holder_busy
             ),
         );
     }

@@ -86,7 +86,7 @@ impl WorkerGauges {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "kiln_scheduler_placements",
-            "Actions placed on a worker, by why that worker: input_root (its directory cache holds the action's input root), prefetched (the worker that fetched its inputs ahead while it waited), input_blobs (the free worker holding the most bytes of its input files), load (no worker holds anything of it: the least loaded), holder_busy (the root's holder stayed busy past execution.locality_wait_ms)",
+            "Actions placed on a worker, by why that worker: input_root (its directory cache holds the action's input root), input_tree (the free worker whose directory cache holds the most bytes of its input tree), prefetched (the worker that fetched its inputs ahead while it waited), input_blobs (the free worker holding the most bytes of its input files), load (no worker holds anything of it: the least loaded), holder_busy (the root's holder stayed busy past execution.locality_wait_ms)",
             self.placements.clone(),
         );
         for reason in Reason::ALL {

@@ -153,7 +153,16 @@ impl ExecutionCore {
             unserved_timeout: (config.unserved_timeout_secs > 0)
                 .then(|| Duration::from_secs(config.unserved_timeout_secs)),
             locality_wait: Duration::from_millis(config.locality_wait_ms),
-            max_cached_roots: config.max_cached_roots_per_worker,
+            max_cached_dirs: config.max_cached_dirs_per_worker,
+            weights: {
+                let w = config.placement_weights;
+                scheduler::locality::Weights {
+                    input_root: w.input_root,
+                    input_tree: w.input_tree,
+                    input_blobs: w.input_blobs,
+                    load: w.load,
+                }
+            },
             max_blob_facts: usize::try_from(config.locality_map_bytes.as_u64() / FACT_BYTES)
                 .unwrap_or(usize::MAX),
         });
@@ -525,7 +534,7 @@ impl ExecutionCore {
         id
     }
 
-    /// A worker reports on itself: its directory cache and the input roots it holds, the
+    /// A worker reports on itself: its directory cache and the directories it holds, the
     /// blobs its CAS holds, its transfers (an entry that does not parse is skipped: it only
     /// loses the worker a placement or a hint).
     fn worker_report(&self, worker: WorkerId, report: kiln_proto::worker::WorkerReport) {
@@ -553,7 +562,7 @@ impl ExecutionCore {
         };
         let (added, removed) = (keys(report.added), keys(report.removed));
         if report.full || !added.is_empty() || !removed.is_empty() {
-            self.apply(|s, now| s.worker_roots(now, worker, report.full, added, removed));
+            self.apply(|s, now| s.worker_dirs(now, worker, report.full, added, removed));
         }
         let (added, removed) = (keys(report.blobs_added), keys(report.blobs_removed));
         if report.blobs_full || !added.is_empty() || !removed.is_empty() {

@@ -5,6 +5,7 @@
 
 use super::prepare_error::PrepareError;
 use super::{ExecutionCore, Payload};
+use crate::scheduler::input_tree::{InputTree, WalkedDir};
 use crate::scheduler::platform::Requirements;
 use crate::scheduler::Job;
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -59,7 +60,7 @@ pub(super) async fn prepare(
     if let Some(command) = &command {
         check_paths(command)?;
     }
-    let (blobs, files, missing_dirs) = walk(core, instance, root_digest).await?;
+    let (blobs, files, missing_dirs, tree) = walk(core, instance, root_digest).await?;
     missing.extend(missing_dirs);
     let mut all: Vec<BlobKey> = blobs
         .into_iter()
@@ -130,6 +131,7 @@ pub(super) async fn prepare(
         queued_at: SystemTime::now(),
         input_root: Some(BlobKey::new(instance.clone(), root_digest)),
         inputs: largest_first(instance, files),
+        tree: Arc::new(tree),
         payload: Arc::new(Payload {
             start: StartExecute {
                 instance_name: instance.as_str().to_string(),
@@ -194,8 +196,8 @@ async fn fetch(
     Ok(kiln_reapi::cas::read_blob(&*core.blobs, instance, digest).await?)
 }
 
-/// Every blob digest of the input tree (directories and files), the files apart, and the
-/// directories missing.
+/// Every blob digest of the input tree (directories and files), the files apart, the
+/// directories missing, and the tree's largest directories with their bytes (for placement).
 /// The walk is `kiln_reapi::walk`'s, bounded by `execution.max_input_digests`, 16 MiB per
 /// Directory and 64 MiB of them in memory at once; each Directory is checked with
 /// `kiln_reapi::tree`'s rules at the depth it was first met.
@@ -203,7 +205,7 @@ async fn walk(
     core: &ExecutionCore,
     instance: &InstanceName,
     root: Digest,
-) -> Result<(Vec<Digest>, Vec<Digest>, Vec<Digest>), PrepareError> {
+) -> Result<(Vec<Digest>, Vec<Digest>, Vec<Digest>, InputTree), PrepareError> {
     let limits = WalkLimits {
         max_digests: core.config.max_input_digests,
         ..WALK_DEFAULTS
@@ -215,11 +217,17 @@ async fn walk(
             .try_collect::<Vec<_>>()
             .await
     };
+    // Each directory's own file bytes and subdirectories, for the tree's sizes (the walk
+    // has parsed and checked every digest in it).
+    let mut dirs: Vec<WalkedDir> = Vec::new();
     let check = |digest: Digest, depth, dir: Directory| {
         kiln_reapi::tree::check_directory(&dir, depth, &format!("{digest:?}"))
-            .map_err(PrepareError::from)
+            .map_err(PrepareError::from)?;
+        dirs.push(walked_dir(digest, &dir));
+        Ok::<(), PrepareError>(())
     };
     let walked = kiln_reapi::walk::walk(root, limits, fetch_batch, check).await?;
+    let tree = InputTree::new(instance, root, &dirs);
     // A digest can be both a directory and a file (the empty blob): pin it once.
     let mut seen = std::collections::HashSet::new();
     let blobs = walked
@@ -228,7 +236,26 @@ async fn walk(
         .chain(walked.files.iter().copied())
         .filter(|d| seen.insert(*d))
         .collect();
-    Ok((blobs, walked.files, walked.missing))
+    Ok((blobs, walked.files, walked.missing, tree))
+}
+
+/// What placement needs of a walked directory: its files' bytes and its subdirectories.
+fn walked_dir(digest: Digest, dir: &Directory) -> WalkedDir {
+    let function = digest.function.proto() as i32;
+    let parse = |d| Digest::from_proto_field(d, function).ok();
+    WalkedDir {
+        digest,
+        file_bytes: dir
+            .files
+            .iter()
+            .filter_map(|f| parse(f.digest.as_ref()))
+            .fold(0u64, |sum, d| sum.saturating_add(d.size)),
+        children: dir
+            .directories
+            .iter()
+            .filter_map(|n| parse(n.digest.as_ref()))
+            .collect(),
+    }
 }
 
 /// The input files the scheduler places by and hints peers for: the largest first (it weighs

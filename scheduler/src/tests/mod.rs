@@ -27,7 +27,8 @@ fn config() -> SchedulerConfig {
         max_queued: 100,
         unserved_timeout: Some(Duration::from_secs(30)),
         locality_wait: Duration::from_millis(100),
-        max_cached_roots: 1000,
+        max_cached_dirs: 1000,
+        weights: crate::locality::Weights::default(),
         max_blob_facts: 10_000,
     }
 }
@@ -52,6 +53,7 @@ fn job(name: &'static str, priority: i32, reqs: &[(&str, &str)]) -> Job<&'static
         queued_at: SystemTime::UNIX_EPOCH,
         input_root: None,
         inputs: Arc::from(Vec::new()),
+        tree: Arc::new(crate::input_tree::InputTree::empty()),
         payload: name,
     }
 }
@@ -120,7 +122,7 @@ fn rooted(name: &'static str, root: u8) -> Job<&'static str> {
 
 fn holds(s: &mut S, now: Instant, worker: WorkerId, root: u8) {
     let key = rooted("", root).input_root.unwrap();
-    s.worker_roots(now, worker, false, vec![key], vec![]);
+    s.worker_dirs(now, worker, false, vec![key], vec![]);
 }
 
 fn with_inputs(name: &'static str, inputs: &[u8]) -> Job<&'static str> {

@@ -26,7 +26,7 @@ fn an_action_goes_to_the_free_worker_holding_its_input_root() {
         }
     );
     // A full report replaces what was known: root 7 is no longer on 2.
-    s.worker_roots(t, 2, true, vec![], vec![]);
+    s.worker_dirs(t, 2, true, vec![], vec![]);
     s.submit(t, rooted("forgotten", 7)).unwrap();
     assert_eq!(
         dispatched(&mut s),
@@ -148,4 +148,104 @@ fn an_action_goes_to_the_free_worker_holding_most_of_its_input_bytes_with_hints_
     s.worker_left(t, 1);
     s.submit(t, with_inputs("f", &[1])).unwrap();
     assert_eq!(dispatched_with_hints(&mut s), vec![(9, "f", vec![])]);
+}
+
+/// Directory `n` of the trees of [`treed`].
+fn tree_dir(n: u8) -> BlobKey {
+    BlobKey::new(
+        InstanceName::default_instance(),
+        Digest::of(DigestFunction::Sha256, &[n, 0xd1]),
+    )
+}
+
+/// A job whose input tree is directory 0 holding directories 1 (100 bytes of files) and 2
+/// (900 bytes), and whose input files are 10 and 20.
+fn treed(name: &'static str) -> Job<&'static str> {
+    use crate::input_tree::{InputTree, WalkedDir};
+    let dir = |n: u8, file_bytes: u64, children: &[u8]| WalkedDir {
+        digest: tree_dir(n).digest,
+        file_bytes,
+        children: children.iter().map(|c| tree_dir(*c).digest).collect(),
+    };
+    let dirs = [dir(0, 0, &[1, 2]), dir(1, 100, &[]), dir(2, 900, &[])];
+    let root = tree_dir(0);
+    Job {
+        tree: Arc::new(InputTree::new(&root.instance, root.digest, &dirs)),
+        input_root: Some(root),
+        ..with_inputs(name, &[10, 20])
+    }
+}
+
+#[test]
+fn an_action_goes_to_the_free_worker_caching_most_of_its_input_tree_then_by_weights() {
+    let t = Instant::now();
+    let setup = |weights: crate::locality::Weights| {
+        let mut s = S::new(SchedulerConfig {
+            weights,
+            ..config()
+        });
+        for w in 1..=4 {
+            s.worker_joined(t, w, vec![], 2, true);
+        }
+        // 1 caches directory 1 (10% of the tree), 2 directory 2 (90%), 3 holds both input
+        // files in its CAS; 4 holds nothing.
+        s.worker_dirs(t, 1, true, vec![tree_dir(1)], vec![]);
+        s.worker_dirs(t, 2, true, vec![tree_dir(2)], vec![]);
+        s.worker_blobs(3, true, vec![file(10), file(20)], vec![]);
+        s
+    };
+    let mut s = setup(crate::locality::Weights::default());
+    s.submit(t, treed("a")).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(2, "a", 1)], "90% of the tree");
+    assert_eq!(s.placements().input_tree, 1);
+    // Half loaded now, 2 still scores 4 × 0.9 − 0.5 = 3.1, above 1's 0.4 and 3's 2.
+    s.submit(t, treed("b")).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(2, "b", 1)]);
+    // Full: the next best is the worker holding every input file (2, then 2 − 0.5), then
+    // the one with 10% of the tree (0.4, above the idle 4's 0).
+    for name in ["c", "d", "e"] {
+        s.submit(t, treed(name)).unwrap();
+    }
+    assert_eq!(
+        dispatched(&mut s),
+        vec![(3, "c", 1), (3, "d", 1), (1, "e", 1)]
+    );
+    assert_eq!(
+        (s.placements().input_blobs, s.placements().input_tree),
+        (2, 3)
+    );
+    // A root cached outright beats any share of it.
+    s.worker_dirs(t, 4, true, vec![tree_dir(0)], vec![]);
+    s.submit(t, treed("f")).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(4, "f", 1)]);
+    assert_eq!(s.placements().input_root, 1);
+
+    // Weights change the order: blobs before the tree.
+    let mut s = setup(crate::locality::Weights {
+        input_tree: 1.0,
+        input_blobs: 3.0,
+        ..Default::default()
+    });
+    s.submit(t, treed("a")).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(3, "a", 1)]);
+    assert_eq!(s.placements().input_blobs, 1);
+    // With load weighing most, an idle worker wins over a half-loaded one holding more.
+    let mut s = setup(crate::locality::Weights {
+        load: 100.0,
+        ..Default::default()
+    });
+    s.submit(t, treed("a")).unwrap();
+    s.submit(t, treed("b")).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(2, "a", 1), (3, "b", 1)]);
+    // Locality weighing nothing: by load alone, ties to the lowest id.
+    let mut s = setup(crate::locality::Weights {
+        input_root: 0.0,
+        input_tree: 0.0,
+        input_blobs: 0.0,
+        load: 1.0,
+    });
+    s.worker_dirs(t, 4, true, vec![tree_dir(0)], vec![]);
+    s.submit(t, treed("a")).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(1, "a", 1)]);
+    assert_eq!(s.placements().load, 1);
 }

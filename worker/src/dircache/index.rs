@@ -1,6 +1,7 @@
 //! The directory cache's bookkeeping, without I/O: which input roots are cached, how many
-//! bytes each holds, which are leased by running actions, which subtree lies where, and what
-//! to evict to stay under the byte cap (least recently used first, never a leased entry).
+//! bytes each holds, which are leased by running actions, which subtree lies where (and which
+//! directories came and went, for the scheduler), and what to evict to stay under the byte
+//! cap (least recently used first, never a leased entry).
 //!
 //! An entry is keyed by the input root it was built for ([`BlobKey`]: instance and
 //! `Directory` digest). Every directory inside an entry is also findable by its own digest
@@ -85,9 +86,9 @@ pub struct Index {
     /// Directory → the entries holding it, each with its path there.
     subtrees: HashMap<BlobKey, Vec<(BlobKey, PathBuf)>>,
     counts: Counts,
-    /// Ready entries added and removed since [`Index::take_changes`].
-    added: Vec<BlobKey>,
-    removed: Vec<BlobKey>,
+    /// Directories (keys of `subtrees`) that became held (`true`) or stopped being held
+    /// (`false`) since [`Index::take_changes`]; only the last change of each counts.
+    changes: HashMap<BlobKey, bool>,
 }
 
 impl Index {
@@ -101,8 +102,7 @@ impl Index {
             by_use: BTreeMap::new(),
             subtrees: HashMap::new(),
             counts: Counts::default(),
-            added: Vec::new(),
-            removed: Vec::new(),
+            changes: HashMap::new(),
         }
     }
 
@@ -257,12 +257,12 @@ impl Index {
 
     fn add(&mut self, key: &BlobKey, bytes: u64, dirs: Vec<(BlobKey, PathBuf)>) {
         self.bytes = self.bytes.saturating_add(bytes);
-        self.added.push(key.clone());
         for (dir, rel) in &dirs {
-            self.subtrees
-                .entry(dir.clone())
-                .or_default()
-                .push((key.clone(), rel.clone()));
+            let places = self.subtrees.entry(dir.clone()).or_default();
+            if places.is_empty() {
+                self.changes.insert(dir.clone(), true);
+            }
+            places.push((key.clone(), rel.clone()));
         }
         if let Some(e) = self.entries.get_mut(key) {
             e.dirs = dirs;
@@ -313,21 +313,34 @@ impl Index {
         Evicted::AtRelease
     }
 
-    /// The ready entries added and removed since the last call (for reports to the
-    /// scheduler); with `all`, every ready entry not evicted instead of the additions.
+    /// The directories (input roots and every directory inside an entry) that came to be
+    /// held, and stopped being held, since the last call (for reports to the scheduler); with
+    /// `all`, every directory held by an entry not evicted instead of the changes.
     pub fn take_changes(&mut self, all: bool) -> (Vec<BlobKey>, Vec<BlobKey>) {
-        let removed = std::mem::take(&mut self.removed);
-        let added = std::mem::take(&mut self.added);
-        if !all {
-            return (added, removed);
+        let changes = std::mem::take(&mut self.changes);
+        if all {
+            let entries = &self.entries;
+            let every = self
+                .subtrees
+                .iter()
+                .filter(|(_, places)| {
+                    places
+                        .iter()
+                        .any(|(k, _)| entries.get(k).is_some_and(|e| !e.doomed))
+                })
+                .map(|(dir, _)| dir.clone())
+                .collect();
+            return (every, Vec::new());
         }
-        let every = self
-            .entries
-            .iter()
-            .filter(|(_, e)| !e.doomed && matches!(e.state, State::Ready { .. }))
-            .map(|(k, _)| k.clone())
-            .collect();
-        (every, Vec::new())
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for (dir, held) in changes {
+            if held {
+                added.push(dir);
+            } else {
+                removed.push(dir);
+            }
+        }
+        (added, removed)
     }
 
     /// The entries not evicted, built or being built.
@@ -346,16 +359,13 @@ impl Index {
         self.by_use.remove(&e.used);
         if !matches!(e.state, State::Building) {
             self.bytes = self.bytes.saturating_sub(e.bytes);
-            // Added and removed before a report: not reported as added (a report applies its
-            // removals first, so it would read as held).
-            self.added.retain(|k| k != key);
-            self.removed.push(key.clone());
         }
         for (dir, _) in e.dirs {
             if let Some(places) = self.subtrees.get_mut(&dir) {
                 places.retain(|(k, _)| k != key);
                 if places.is_empty() {
                     self.subtrees.remove(&dir);
+                    self.changes.insert(dir, false);
                 }
             }
         }
@@ -538,26 +548,43 @@ mod tests {
         assert_eq!(index.lease_root(&key(3)), RootLookup::Miss);
     }
 
+    fn sorted((mut a, mut r): (Vec<BlobKey>, Vec<BlobKey>)) -> (Vec<BlobKey>, Vec<BlobKey>) {
+        a.sort();
+        r.sort();
+        (a, r)
+    }
+
     #[test]
-    fn changes_are_reported_once_and_a_full_report_lists_what_is_ready() {
+    fn changes_of_directories_are_reported_once_and_a_full_report_lists_what_is_held() {
         let mut index = Index::new(100);
-        built(&mut index, &key(1), 10, &[]);
-        built(&mut index, &key(2), 10, &[]);
+        // Entry 1 holds directories 1 (its root) and 5; entry 2 holds 2 and 5 too.
+        built(&mut index, &key(1), 10, &[(1, ""), (5, "x")]);
+        built(&mut index, &key(2), 10, &[(2, ""), (5, "y")]);
         assert!(index.begin(&key(3), 10), "being built: not reported");
-        assert_eq!(index.take_changes(false), (vec![key(1), key(2)], vec![]));
+        let mut expected = vec![key(1), key(2), key(5)];
+        expected.sort();
+        assert_eq!(sorted(index.take_changes(false)), (expected, vec![]));
         assert_eq!(index.take_changes(false), (vec![], vec![]));
         assert_eq!(index.evict(&key(1)), Evicted::AtRelease);
         let (mut all, removed) = index.take_changes(true);
         all.sort();
-        assert_eq!(
-            (all, removed),
-            (vec![key(2)], vec![]),
-            "evicted: not held any more"
-        );
+        let mut held = vec![key(2), key(5)];
+        held.sort();
+        assert_eq!((all, removed), (held, vec![]), "evicted: not held any more");
         assert_eq!(index.release(&key(1)), vec![key(1)]);
-        assert_eq!(index.take_changes(false), (vec![], vec![key(1)]));
-        // Built and evicted between two reports: not reported as added.
-        built(&mut index, &key(4), 10, &[]);
+        assert_eq!(
+            index.take_changes(false),
+            (vec![], vec![key(1)]),
+            "5 is still held by entry 2"
+        );
+        assert_eq!(index.evict(&key(2)), Evicted::AtRelease);
+        index.release(&key(2));
+        assert_eq!(
+            sorted(index.take_changes(false)),
+            sorted((vec![], vec![key(2), key(5)]))
+        );
+        // Built and evicted between two reports: reported as not held.
+        built(&mut index, &key(4), 10, &[(4, "")]);
         assert_eq!(index.evict(&key(4)), Evicted::AtRelease);
         index.release(&key(4));
         assert_eq!(index.take_changes(false), (vec![], vec![key(4)]));

@@ -286,8 +286,9 @@ impl DirCache {
         self.lock().note_subtrees(n);
     }
 
-    /// The input roots added and removed since the last call; with `all`, every input root
-    /// held instead of the additions (the first report of a session).
+    /// The directories (input roots and the directories inside them) that came to be held
+    /// and stopped being held since the last call; with `all`, every directory held instead
+    /// of the changes (the first report of a session).
     pub fn take_changes(&self, all: bool) -> (Vec<BlobKey>, Vec<BlobKey>) {
         self.lock().take_changes(all)
     }
