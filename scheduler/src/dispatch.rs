@@ -18,6 +18,15 @@ const MAX_SCORED: usize = 100_000;
 /// Digests hinted with one dispatch at most (about 75 bytes each in the message).
 const MAX_HINTS: usize = 100_000;
 
+/// The free worker [`Scheduler::best`] found for an action.
+struct Best {
+    id: WorkerId,
+    score: Score,
+    /// Some free worker caches the action's input root (the best may not, with weights that
+    /// put load first).
+    root_free: bool,
+}
+
 /// What [`Scheduler::choose`] decided for a queued action.
 enum Choice {
     /// Dispatch it to this worker, for this reason.
@@ -30,12 +39,12 @@ enum Choice {
 }
 
 impl<P: Clone, R> Scheduler<P, R> {
-    /// Where `state` goes now. The free worker scoring best ([`Scheduler::score`]) when its
-    /// directory cache holds the input root; else, while a busy worker holding the root may
-    /// still free up (held less than `locality_wait`), the action is held and keeps the best
-    /// free worker for itself (`reserved`: actions behind it cannot take that one, so holding
-    /// never lets them overtake it); else the worker that fetched its inputs ahead, if free;
-    /// else the best.
+    /// Where `state` goes now. The free worker scoring best ([`Scheduler::best`]) when its
+    /// directory cache holds the input root; else, while no free worker holds the root and a
+    /// busy one may still free up (held less than `locality_wait`), the action is held and
+    /// keeps the best free worker for itself (`reserved`: actions behind it cannot take that
+    /// one, so holding never lets them overtake it); else the worker that fetched its inputs
+    /// ahead, if free; else the best.
     fn choose(&self, now: Instant, state: &OpState<P>, reserved: &HashSet<WorkerId>) -> Choice {
         let kinds = &self.config.kinds;
         let weights = &self.config.weights;
@@ -46,7 +55,12 @@ impl<P: Clone, R> Scheduler<P, R> {
                 && w.busy < w.capacity
                 && fits(kinds, requirements, &w.offer, &w.consumed)
         };
-        let Some((best, score)) = self.best(state, &free) else {
+        let Some(Best {
+            id: best,
+            score,
+            root_free,
+        }) = self.best(state, &free)
+        else {
             return Choice::NotNow;
         };
         if score.root && weights.input_root > 0.0 {
@@ -58,6 +72,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             .prefetch
             .filter(|id| self.workers.get(id).is_some_and(|w| free(id, w)));
         let busy_holder = weights.input_root > 0.0
+            && !root_free
             && state.job.input_root.as_ref().is_some_and(|root| {
                 self.workers.iter().any(|(id, w)| {
                     !w.draining
@@ -83,25 +98,34 @@ impl<P: Clone, R> Scheduler<P, R> {
     }
 
     /// Of the free workers (`free`), the one with the highest [`Score::value`]; ties go to
-    /// the less loaded, then the lower id.
+    /// the less loaded, then the lower id. `None` when no worker is free for the action, found
+    /// before anything is weighed (a queue of actions no free worker fits stays cheap).
     fn best(
         &self,
         state: &OpState<P>,
         free: &dyn Fn(&WorkerId, &WorkerState) -> bool,
-    ) -> Option<(WorkerId, Score)> {
+    ) -> Option<Best> {
         let weights = &self.config.weights;
         let job = &state.job;
-        // Bytes of the input files each worker's CAS holds (the largest MAX_SCORED files).
+        let candidates: Vec<(&WorkerId, &WorkerState)> =
+            self.workers.iter().filter(|(id, w)| free(id, w)).collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        // Bytes of the input files each worker's CAS holds (the largest MAX_SCORED files);
+        // only workers serving their CAS have their blobs tracked.
         let inputs = &job.inputs[..job.inputs.len().min(MAX_SCORED)];
-        let (blobs_held, blobs_total): (HashMap<WorkerId, u64>, u64) =
-            if self.holders.is_empty() || weights.input_blobs == 0.0 {
-                (HashMap::new(), 0)
-            } else {
-                let total = inputs
-                    .iter()
-                    .fold(0u64, |sum, k| sum.saturating_add(k.digest.size));
-                (self.holders.bytes_held(inputs).into_iter().collect(), total)
-            };
+        let weigh_blobs = weights.input_blobs > 0.0
+            && !self.holders.is_empty()
+            && candidates.iter().any(|(_, w)| w.serves);
+        let (blobs_held, blobs_total): (HashMap<WorkerId, u64>, u64) = if !weigh_blobs {
+            (HashMap::new(), 0)
+        } else {
+            let total = inputs
+                .iter()
+                .fold(0u64, |sum, k| sum.saturating_add(k.digest.size));
+            (self.holders.bytes_held(inputs).into_iter().collect(), total)
+        };
         let share = |part: u64, whole: u64| {
             if whole == 0 {
                 0.0
@@ -109,11 +133,12 @@ impl<P: Clone, R> Scheduler<P, R> {
                 part as f64 / whole as f64
             }
         };
-        self.workers
-            .iter()
-            .filter(|(id, w)| free(id, w))
+        let mut root_free = false;
+        let best = candidates
+            .into_iter()
             .map(|(id, w)| {
                 let root = job.input_root.as_ref().is_some_and(|r| w.dirs.contains(r));
+                root_free |= root;
                 let tree = if root {
                     1.0
                 } else if w.dirs.is_empty() || weights.input_tree == 0.0 {
@@ -134,7 +159,12 @@ impl<P: Clone, R> Scheduler<P, R> {
                     .total_cmp(&b.value(weights))
                     .then(b.load.total_cmp(&a.load))
                     .then(b_id.cmp(a_id))
-            })
+            })?;
+        Some(Best {
+            id: best.0,
+            score: best.1,
+            root_free,
+        })
     }
 
     /// When the scheduler next needs a [`Scheduler::tick`] to place an action it holds for a

@@ -20,9 +20,26 @@ pub struct WalkedDir {
     pub digest: Digest,
     /// Bytes of the files directly in it.
     pub file_bytes: u64,
-    /// Its subdirectories' digests, one per `DirectoryNode` (a repeated one counts each time:
-    /// it is laid out each time).
-    pub children: Vec<Digest>,
+    /// Its subdirectories, each once, with how many of its `DirectoryNode`s name it (a
+    /// repeated one counts each time: it is laid out each time).
+    pub children: Vec<(Digest, u32)>,
+}
+
+impl WalkedDir {
+    /// The entry of a directory whose files add up to `file_bytes` and whose subdirectory
+    /// nodes name `nodes` (in any order, repeats included).
+    pub fn new(digest: Digest, file_bytes: u64, nodes: impl IntoIterator<Item = Digest>) -> Self {
+        let mut counts: HashMap<Digest, u32> = HashMap::new();
+        for d in nodes {
+            let n = counts.entry(d).or_default();
+            *n = n.saturating_add(1);
+        }
+        WalkedDir {
+            digest,
+            file_bytes,
+            children: counts.into_iter().collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -30,8 +47,9 @@ struct Kept {
     key: BlobKey,
     /// Bytes of every file under it.
     bytes: u64,
-    /// Indices of its kept subdirectories in [`InputTree::dirs`] (all before it).
-    children: Vec<u32>,
+    /// Its kept subdirectories, as indices in [`InputTree::dirs`] (all before it), each with
+    /// how many times it is named.
+    children: Vec<(u32, u32)>,
 }
 
 /// The largest directories of an input tree, children before parents.
@@ -81,13 +99,13 @@ impl InputTree {
                     continue;
                 }
                 stack.push((digest, true));
-                stack.extend(dir.children.iter().map(|c| (*c, false)));
+                stack.extend(dir.children.iter().map(|(c, _)| (*c, false)));
                 continue;
             }
             let children = dir
                 .children
                 .iter()
-                .filter_map(|c| index.get(c).copied())
+                .filter_map(|(c, n)| Some((index.get(c).copied()?, *n)))
                 .collect();
             index.insert(digest, out.len() as u32);
             out.push(Kept {
@@ -112,9 +130,9 @@ impl InputTree {
             let bytes = if holds(&dir.key) {
                 dir.bytes
             } else {
-                dir.children
-                    .iter()
-                    .fold(0u64, |sum, &c| sum.saturating_add(held[c as usize]))
+                dir.children.iter().fold(0u64, |sum, &(c, n)| {
+                    sum.saturating_add(held[c as usize].saturating_mul(u64::from(n)))
+                })
             };
             held.push(bytes);
         }
@@ -140,12 +158,13 @@ fn totals(root: Digest, dirs: &HashMap<Digest, &WalkedDir>) -> HashMap<Digest, u
                 continue;
             }
             stack.push((digest, true));
-            stack.extend(dir.children.iter().map(|c| (*c, false)));
+            stack.extend(dir.children.iter().map(|(c, _)| (*c, false)));
             continue;
         }
         open.remove(&digest);
-        let total = dir.children.iter().fold(dir.file_bytes, |sum, c| {
-            sum.saturating_add(totals.get(c).copied().unwrap_or(0))
+        let total = dir.children.iter().fold(dir.file_bytes, |sum, (c, n)| {
+            let each = totals.get(c).copied().unwrap_or(0);
+            sum.saturating_add(each.saturating_mul(u64::from(*n)))
         });
         totals.insert(digest, total);
     }
@@ -162,11 +181,7 @@ mod tests {
     }
 
     fn dir(n: u32, file_bytes: u64, children: &[u32]) -> WalkedDir {
-        WalkedDir {
-            digest: d(n),
-            file_bytes,
-            children: children.iter().map(|c| d(*c)).collect(),
-        }
+        WalkedDir::new(d(n), file_bytes, children.iter().map(|c| d(*c)))
     }
 
     fn key(n: u32) -> BlobKey {
@@ -206,6 +221,16 @@ mod tests {
             tree.total(),
             "never more than the tree"
         );
+    }
+
+    #[test]
+    fn a_subdirectory_named_many_times_is_kept_once_and_counted_each_time() {
+        let dirs = [dir(0, 0, &vec![1; 100_000]), dir(1, 3, &[])];
+        assert_eq!(dirs[0].children, vec![(d(1), 100_000)]);
+        let tree = InputTree::new(&InstanceName::default_instance(), d(0), &dirs);
+        assert_eq!(tree.total(), 300_000);
+        assert_eq!(tree.dirs.iter().map(|k| k.children.len()).sum::<usize>(), 1);
+        assert_eq!(held_by(&tree, &[1]), 300_000);
     }
 
     #[test]

@@ -176,8 +176,9 @@ pub struct Weights {
 }
 
 impl Default for Weights {
-    /// In the order placement prefers, each past what the ones after it can add up to: a
-    /// root hit, then tree bytes, then blob bytes, then the lighter load.
+    /// A root hit outweighs everything else; the whole tree cached outweighs every input
+    /// file held plus any load; below that the shares trade off (10% of the tree, 0.4, loses
+    /// to half the input files, 1.0); load breaks near-ties.
     fn default() -> Weights {
         Weights {
             input_root: 8.0,
@@ -208,13 +209,15 @@ impl Score {
         root + w.input_tree * self.tree + w.input_blobs * self.blobs - w.load * self.load
     }
 
-    /// Why a worker with this score was chosen: the first term, in order, that counted.
+    /// Why a worker with this score was chosen: its root hit; else whichever of the tree
+    /// and blob terms added more (the tree on a tie); else its load.
     pub fn reason(&self, w: &Weights) -> Reason {
+        let (tree, blobs) = (w.input_tree * self.tree, w.input_blobs * self.blobs);
         if self.root && w.input_root > 0.0 {
             Reason::InputRoot
-        } else if self.tree > 0.0 && w.input_tree > 0.0 {
+        } else if tree > 0.0 && tree >= blobs {
             Reason::InputTree
-        } else if self.blobs > 0.0 && w.input_blobs > 0.0 {
+        } else if blobs > 0.0 {
             Reason::InputBlobs
         } else {
             Reason::Load

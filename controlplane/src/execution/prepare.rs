@@ -24,6 +24,9 @@ const WALK_PARALLELISM: usize = 64;
 /// Largest Action, Command or Directory blob read: they are read whole into memory (the
 /// walk's own bound for a Directory, so that every metadata blob has the same).
 const MAX_METADATA_BYTES: u64 = WALK_DEFAULTS.max_directory_bytes;
+/// Directories, and subdirectory links between them, of a tree sized for placement at most.
+const MAX_SIZED_DIRS: usize = 100_000;
+const MAX_SIZED_EDGES: usize = 1_000_000;
 /// The walk's bounds other than the digest count, which is configured.
 const WALK_DEFAULTS: WalkLimits = WalkLimits::DEFAULT;
 
@@ -218,16 +221,28 @@ async fn walk(
             .await
     };
     // Each directory's own file bytes and subdirectories, for the tree's sizes (the walk
-    // has parsed and checked every digest in it).
+    // has parsed and checked every digest in it); past a bound, no sizes (placement then
+    // goes by root and blobs only) rather than memory growing with the tree.
     let mut dirs: Vec<WalkedDir> = Vec::new();
+    let mut edges = 0usize;
+    let mut sized = true;
     let check = |digest: Digest, depth, dir: Directory| {
         kiln_reapi::tree::check_directory(&dir, depth, &format!("{digest:?}"))
             .map_err(PrepareError::from)?;
-        dirs.push(walked_dir(digest, &dir));
+        if sized {
+            let walked = walked_dir(digest, &dir);
+            edges = edges.saturating_add(walked.children.len());
+            sized = dirs.len() < MAX_SIZED_DIRS && edges <= MAX_SIZED_EDGES;
+            dirs.push(walked);
+        }
         Ok::<(), PrepareError>(())
     };
     let walked = kiln_reapi::walk::walk(root, limits, fetch_batch, check).await?;
-    let tree = InputTree::new(instance, root, &dirs);
+    let tree = if sized {
+        InputTree::new(instance, root, &dirs)
+    } else {
+        InputTree::empty()
+    };
     // A digest can be both a directory and a file (the empty blob): pin it once.
     let mut seen = std::collections::HashSet::new();
     let blobs = walked
@@ -243,19 +258,16 @@ async fn walk(
 fn walked_dir(digest: Digest, dir: &Directory) -> WalkedDir {
     let function = digest.function.proto() as i32;
     let parse = |d| Digest::from_proto_field(d, function).ok();
-    WalkedDir {
-        digest,
-        file_bytes: dir
-            .files
-            .iter()
-            .filter_map(|f| parse(f.digest.as_ref()))
-            .fold(0u64, |sum, d| sum.saturating_add(d.size)),
-        children: dir
-            .directories
-            .iter()
-            .filter_map(|n| parse(n.digest.as_ref()))
-            .collect(),
-    }
+    let file_bytes = dir
+        .files
+        .iter()
+        .filter_map(|f| parse(f.digest.as_ref()))
+        .fold(0u64, |sum, d| sum.saturating_add(d.size));
+    let nodes = dir
+        .directories
+        .iter()
+        .filter_map(|n| parse(n.digest.as_ref()));
+    WalkedDir::new(digest, file_bytes, nodes)
 }
 
 /// The input files the scheduler places by and hints peers for: the largest first (it weighs

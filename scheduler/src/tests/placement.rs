@@ -162,10 +162,12 @@ fn tree_dir(n: u8) -> BlobKey {
 /// (900 bytes), and whose input files are 10 and 20.
 fn treed(name: &'static str) -> Job<&'static str> {
     use crate::input_tree::{InputTree, WalkedDir};
-    let dir = |n: u8, file_bytes: u64, children: &[u8]| WalkedDir {
-        digest: tree_dir(n).digest,
-        file_bytes,
-        children: children.iter().map(|c| tree_dir(*c).digest).collect(),
+    let dir = |n: u8, file_bytes: u64, children: &[u8]| {
+        WalkedDir::new(
+            tree_dir(n).digest,
+            file_bytes,
+            children.iter().map(|c| tree_dir(*c).digest),
+        )
     };
     let dirs = [dir(0, 0, &[1, 2]), dir(1, 100, &[]), dir(2, 900, &[])];
     let root = tree_dir(0);
@@ -248,4 +250,27 @@ fn an_action_goes_to_the_free_worker_caching_most_of_its_input_tree_then_by_weig
     s.submit(t, treed("a")).unwrap();
     assert_eq!(dispatched(&mut s), vec![(1, "a", 1)]);
     assert_eq!(s.placements().load, 1);
+    // Blobs before the root: 2 (full) and 4 (free) cache the root, 3 holds the files and
+    // scores best. The action is not held for 2 while 4, a free holder, could take it: it
+    // goes to the best now.
+    let mut s = setup(crate::locality::Weights {
+        input_root: 1.0,
+        input_tree: 0.0,
+        input_blobs: 3.0,
+        load: 0.0,
+    });
+    s.worker_dirs(t, 2, true, vec![tree_dir(0)], vec![]);
+    s.worker_dirs(t, 4, true, vec![tree_dir(0)], vec![]);
+    for name in ["p1", "p2", "p3", "p4", "p5", "p6"] {
+        s.submit(t, job(name, 0, &[])).unwrap();
+    }
+    let filled: Vec<WorkerId> = dispatched(&mut s).iter().map(|d| d.0).collect();
+    assert_eq!(
+        filled,
+        vec![1, 2, 3, 4, 1, 2],
+        "ties to the less loaded, then the lowest id"
+    );
+    s.submit(t, treed("t")).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(3, "t", 1)], "not held");
+    assert_eq!(s.placements().input_blobs, 1);
 }

@@ -257,9 +257,15 @@ impl Index {
 
     fn add(&mut self, key: &BlobKey, bytes: u64, dirs: Vec<(BlobKey, PathBuf)>) {
         self.bytes = self.bytes.saturating_add(bytes);
+        // Only a checked entry lends its subtrees (`lease_subtree`): one loaded at start-up
+        // reports its root now and the rest once checked (`verified`).
+        let checked = self
+            .entries
+            .get(key)
+            .is_some_and(|e| matches!(e.state, State::Ready { verified: true }));
         for (dir, rel) in &dirs {
             let places = self.subtrees.entry(dir.clone()).or_default();
-            if places.is_empty() {
+            if places.is_empty() && (checked || dir == key) {
                 self.changes.insert(dir.clone(), true);
             }
             places.push((key.clone(), rel.clone()));
@@ -273,10 +279,16 @@ impl Index {
     pub fn verified(&mut self, key: &BlobKey) {
         if let Some(Entry {
             state: State::Ready { verified },
+            dirs,
             ..
         }) = self.entries.get_mut(key)
         {
-            *verified = true;
+            if !*verified {
+                *verified = true;
+                for (dir, _) in dirs.iter() {
+                    self.changes.insert(dir.clone(), true);
+                }
+            }
         }
     }
 
@@ -315,22 +327,33 @@ impl Index {
 
     /// The directories (input roots and every directory inside an entry) that came to be
     /// held, and stopped being held, since the last call (for reports to the scheduler); with
-    /// `all`, every directory held by an entry not evicted instead of the changes.
+    /// `all`, instead of the changes, every directory an entry not evicted holds and can lend
+    /// (all of a checked entry's, the root of one loaded at start-up), the entries' roots
+    /// first (a report cut short keeps them).
     pub fn take_changes(&mut self, all: bool) -> (Vec<BlobKey>, Vec<BlobKey>) {
         let changes = std::mem::take(&mut self.changes);
         if all {
             let entries = &self.entries;
-            let every = self
-                .subtrees
-                .iter()
-                .filter(|(_, places)| {
-                    places
-                        .iter()
-                        .any(|(k, _)| entries.get(k).is_some_and(|e| !e.doomed))
+            let lends = |dir: &BlobKey, places: &[(BlobKey, PathBuf)]| {
+                places.iter().any(|(k, _)| {
+                    entries.get(k).is_some_and(|e| {
+                        !e.doomed
+                            && (k == dir || matches!(e.state, State::Ready { verified: true }))
+                    })
                 })
-                .map(|(dir, _)| dir.clone())
-                .collect();
-            return (every, Vec::new());
+            };
+            let (mut roots, mut inner): (Vec<BlobKey>, Vec<BlobKey>) = (Vec::new(), Vec::new());
+            for (dir, places) in &self.subtrees {
+                if lends(dir, places) {
+                    if entries.contains_key(dir) {
+                        roots.push(dir.clone());
+                    } else {
+                        inner.push(dir.clone());
+                    }
+                }
+            }
+            roots.append(&mut inner);
+            return (roots, Vec::new());
         }
         let (mut added, mut removed) = (Vec::new(), Vec::new());
         for (dir, held) in changes {
@@ -588,6 +611,33 @@ mod tests {
         assert_eq!(index.evict(&key(4)), Evicted::AtRelease);
         index.release(&key(4));
         assert_eq!(index.take_changes(false), (vec![], vec![key(4)]));
+    }
+
+    #[test]
+    fn an_entry_loaded_at_start_up_reports_its_root_and_the_rest_once_checked() {
+        let mut index = Index::new(100);
+        index.load(
+            key(1),
+            10,
+            vec![(key(1), PathBuf::new()), (key(5), "x".into())],
+        );
+        built(&mut index, &key(2), 10, &[(2, ""), (6, "y")]);
+        let mut first = vec![key(1), key(2), key(6)];
+        first.sort();
+        assert_eq!(sorted(index.take_changes(false)), (first, vec![]));
+        let (all, _) = index.take_changes(true);
+        assert_eq!(all.len(), 3, "{all:?}");
+        assert!(
+            all[..2].contains(&key(1)) && all[..2].contains(&key(2)),
+            "roots first: {all:?}"
+        );
+        index.verified(&key(1));
+        assert_eq!(
+            index.take_changes(false).0.len(),
+            2,
+            "1 and 5, once checked"
+        );
+        assert!(index.take_changes(true).0.contains(&key(5)));
     }
 
     #[test]
