@@ -13,6 +13,7 @@ use kiln_dataplane::store::layout::Layout;
 use kiln_worker::link::Link;
 use kiln_worker::remote::{CasLinks, RemoteCas};
 use kiln_worker::{prepare_work_dir, Identity, LocalCas, WorkerContext};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -319,6 +320,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     // a worker started while the scheduler is away refuses them all the same).
     let peer_policy = Arc::new(kiln_auth::Policy::read_only());
     peer_policy.refuse_fingerprints(&revoked_peers(&data_dir));
+    // The same TLS serves the CAS over QUIC, unless peers go by TCP only.
+    let quic_tls = peer_tls
+        .as_ref()
+        .filter(|_| config.worker.peer_transport != kiln_config::PeerTransport::Tcp)
+        .map(|(accept, _)| accept.tls.config());
     let mut data = DataPlane::start(
         &config,
         store,
@@ -329,8 +335,34 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot serve the local CAS on {}", config.server.listen))?;
     let transfers = Arc::new(kiln_worker::peers::TransferStats::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.control_plane.threads)
+        .thread_name("kiln-worker")
+        .enable_all()
+        .build()?;
+    let quic = match (&quic_tls, &holdings) {
+        (Some(tls), Some(_)) => {
+            let _guard = runtime.enter();
+            let endpoint = kiln_worker::quic::server_endpoint(data.local_addr(), tls)
+                .context("cannot serve the local CAS over QUIC")?;
+            let cas = kiln_worker::quic::service::PeerCas::new(
+                local.cas().clone(),
+                config.server.max_batch_total_size_bytes.as_u64(),
+            );
+            let max_message =
+                usize::try_from(config.server.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
+            Some(kiln_worker::quic::serve::serve(
+                endpoint,
+                cas,
+                peer_policy.clone(),
+                max_message,
+            ))
+        }
+        _ => None,
+    };
     let serving = holdings.map(|holdings| {
         let metrics = local.cas().client().metrics().clone();
+        let quic_sent = quic.as_ref().map(|q| q.sent());
         let scheme = if tls_name.is_some() { "grpcs" } else { "grpc" };
         let endpoint = match &config.worker.peer_endpoint {
             Some(e) => e.replacen("grpc://", &format!("{scheme}://"), 1),
@@ -340,9 +372,24 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             endpoint,
             tls_name: tls_name.clone(),
             holdings,
-            served: Arc::new(move || metrics.blob_bytes_sent()),
+            served: Arc::new(move || {
+                let over_quic = quic_sent.as_ref().map_or(0, |s| s.load(Ordering::Relaxed));
+                metrics.blob_bytes_sent().saturating_add(over_quic)
+            }),
         }
     });
+    let quic_dialling = match (config.worker.peer_transport, &peer_client) {
+        (kiln_config::PeerTransport::Tcp, _) | (_, None) => None,
+        (transport, Some(tls)) => {
+            let _guard = runtime.enter();
+            Some(kiln_worker::peers::QuicDialling {
+                endpoint: kiln_worker::quic::client_endpoint(tls)
+                    .context("cannot reach peers over QUIC")?,
+                timeout: Duration::from_millis(config.worker.peer_quic_connect_timeout_ms),
+                only: transport == kiln_config::PeerTransport::Quic,
+            })
+        }
+    };
     let peers = config.worker.peers.then(|| {
         Arc::new(kiln_worker::peers::Peers::new(
             kiln_worker::peers::PeerSettings {
@@ -352,13 +399,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             },
             transfers.clone(),
             peer_client.clone(),
+            quic_dialling,
         ))
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.control_plane.threads)
-        .thread_name("kiln-worker")
-        .enable_all()
-        .build()?;
     let name = args.name.clone().unwrap_or_else(default_name);
     let identity = Identity {
         name: name.clone(),
@@ -445,6 +488,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     info!("shutting down: finishing running actions (up to {grace:?})");
     worker.stop(&runtime, grace);
+    drop(quic);
     let drained = data.begin_shutdown();
     let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), drained).await });
     data.finish_shutdown();

@@ -26,19 +26,31 @@ async fn worker(
     let file = wdir.join("worker.toml");
     std::fs::write(&file, format!("[worker]\ndircache_bytes = 0\n{config}")).unwrap();
     let property = format!("pool={pool}");
-    let args = [
+    let w = start_worker(
+        rt,
+        kiln,
+        &wdir,
+        name,
+        &pool_args(file.to_str().unwrap(), &property),
+    )
+    .await;
+    let admin = w.admin();
+    (w, admin)
+}
+
+/// A worker's arguments: its config file, a pool property, one action at a time, and an
+/// admin listener.
+fn pool_args<'a>(config: &'a str, property: &'a str) -> [&'a str; 8] {
+    [
         "--config",
-        file.to_str().unwrap(),
+        config,
         "--property",
-        &property,
+        property,
         "--max-inflight",
         "1",
         "--admin-listen",
         "127.0.0.1:0",
-    ];
-    let w = start_worker(rt, kiln, &wdir, name, &args).await;
-    let admin = w.admin();
-    (w, admin)
+    ]
 }
 
 /// Input files: one large enough to be streamed to a file (over 256 KiB), and small ones
@@ -208,62 +220,178 @@ async fn tls_channel(
         .await
 }
 
-// On a farm with TLS (`mode = "auto"`) and enrolled workers, peers serve their CAS over
-// mutual TLS with their enrolment certificates: w2 gets w1's inputs from w1 over TLS, and
-// w1's CAS answers only a caller with a certificate from the farm CA — not plain gRPC, not
-// TLS without a client certificate.
-on_every_runtime! {
-    async fn enrolled_workers_share_inputs_over_mutual_tls(rt: Runtime) {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("server");
-        let options = common::Options {
-            config: Some(concat!(
-                "[tls]\nmode = \"auto\"\n[worker]\nembedded = false\n",
-                "[execution]\nkeepalive_secs = 1\n",
-                "[auth]\nenabled = true\nanonymous_roles = [\"execute\", \"cache-read\", \"cache-write\"]\n",
-            ).into()),
-            ..common::Options::on(rt)
-        };
-        let kiln = common::Kiln::start_async(&data, options).await;
-        let ca = data.join("tls/ca.pem");
-        let url = format!("grpcs://{}", kiln.addr);
-        let mut workers = Vec::new();
-        for (name, pool) in [("w1", "a"), ("w2", "b")] {
-            let token = join_token(&data, kiln.addr);
-            let (url, wdir, property) = (url.clone(), dir.path().join(name), format!("pool={pool}"));
-            let w = tokio::task::spawn_blocking(move || {
-                let config = wdir.join("worker.toml");
-                std::fs::create_dir_all(&wdir).unwrap();
-                std::fs::write(&config, "[worker]\ndircache_bytes = 0\npeer_race_delay_ms = 60000\n").unwrap();
-                let args = ["--join", &token, "--config", config.to_str().unwrap(), "--property", &property, "--max-inflight", "1", "--admin-listen", "127.0.0.1:0"];
-                Worker::start_for(&url, rt, &wdir, name, &args)
+/// Reads `digest` from the worker CAS at `addr` over QUIC, checking its certificate for
+/// `name` against the CA in `ca` and presenting `cert` and `key`: the blob, `None` if the
+/// worker does not hold it, or why the read failed.
+async fn quic_read(
+    addr: &str,
+    name: &str,
+    ca: &Path,
+    (cert, key): (&Path, &Path),
+    digest: &kiln_proto::reapi::Digest,
+) -> Result<Option<Vec<u8>>, String> {
+    use kiln_reapi::cas::Cas;
+    kiln_tls::install_provider();
+    let identity = kiln_tls::client::ClientIdentity::from_files(cert, key).unwrap();
+    let trust = kiln_tls::client::Trust::ca_file(ca).unwrap();
+    let config = kiln_tls::client::config(trust, Some(identity)).unwrap();
+    let endpoint = kiln_worker::quic::client_endpoint(&config).unwrap();
+    let peer = kiln_worker::quic::connect::QuicPeer::new(
+        endpoint,
+        addr.parse().unwrap(),
+        name,
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_secs(30),
+    );
+    let link = kiln_worker::link::Link::new(&format!("grpc://{addr}"), None).unwrap();
+    let channel = link.connect_lazy_via(kiln_worker::quic::connect::QuicConnector(peer));
+    let cas = kiln_worker::remote::RemoteCas::new(kiln_worker::remote::CasLinks::single(channel));
+    let digest = kiln_reapi::digest::Digest::from_proto(digest, F as i32).unwrap();
+    let got = cas
+        .read_blobs(
+            &kiln_reapi::digest::InstanceName::default_instance(),
+            &[digest],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(got.into_iter().next().flatten().map(|b| b.to_vec()))
+}
+
+/// A farm with TLS (`mode = "auto"`) and authorization, `kiln serve`'s data in `dir/server`,
+/// and a worker enrolled with a join token for each (name, pool, more `[worker]` settings).
+async fn enrolled_farm<const N: usize>(
+    rt: common::Runtime,
+    dir: &Path,
+    workers: [(&'static str, &'static str, &'static str); N],
+) -> (common::Kiln, Vec<Worker>) {
+    let data = dir.join("server");
+    let options = common::Options {
+        config: Some(concat!(
+            "[tls]\nmode = \"auto\"\n[worker]\nembedded = false\n",
+            "[execution]\nkeepalive_secs = 1\n",
+            "[auth]\nenabled = true\nanonymous_roles = [\"execute\", \"cache-read\", \"cache-write\"]\n",
+        ).into()),
+        ..common::Options::on(rt)
+    };
+    let kiln = common::Kiln::start_async(&data, options).await;
+    let url = format!("grpcs://{}", kiln.addr);
+    let mut started = Vec::new();
+    for (name, pool, more) in workers {
+        let token = join_token(&data, kiln.addr);
+        let (url, wdir, property) = (url.clone(), dir.join(name), format!("pool={pool}"));
+        let w = tokio::task::spawn_blocking(move || {
+            let config = wdir.join("worker.toml");
+            std::fs::create_dir_all(&wdir).unwrap();
+            std::fs::write(&config, format!("[worker]\ndircache_bytes = 0\n{more}")).unwrap();
+            let mut args = vec!["--join", &token];
+            args.extend(pool_args(config.to_str().unwrap(), &property));
+            Worker::start_for(&url, rt, &wdir, name, &args)
+        })
+        .await
+        .unwrap();
+        started.push(w);
+    }
+    (kiln, started)
+}
+
+/// Waits until the scheduler knows of at least `facts` blobs held by workers, asking the
+/// server's admin listener over HTTPS with the farm CA `ca`.
+async fn facts_known_over_tls(kiln: &common::Kiln, ca: &Path, facts: f64) {
+    common::eventually("the workers' reports of what they hold", || {
+        let (url, ca) = (format!("{}/metrics", kiln.admin), ca.to_path_buf());
+        async move {
+            let (_, text) = tokio::task::spawn_blocking(move || {
+                common::curl(&url, &["--cacert", ca.to_str().unwrap()])
             })
             .await
             .unwrap();
-            workers.push(w);
+            let known: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("kiln_scheduler_blob_facts "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0);
+            (known >= facts).then_some(())
         }
+    })
+    .await;
+}
+
+// QUIC falls back to TCP by itself: w1 serves its CAS over TCP only (`peer_transport =
+// "tcp"`: nothing listens on its UDP port), w2 tries QUIC first (`both`). w2's first fetch
+// from w1 finds no QUIC peer within `peer_quic_connect_timeout_ms` and goes to the server at
+// once; its next fetch from w1 goes over TCP, within the cooldown, without trying UDP again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_not_reachable_over_udp_is_reached_over_tcp() {
+    let rt = common::Runtime::Glommio;
+    let dir = tempfile::tempdir().unwrap();
+    let (kiln, workers) = enrolled_farm(
+        rt,
+        dir.path(),
+        [
+            ("w1", "a", "peer_transport = \"tcp\"\npeer_race_delay_ms = 60000\n"),
+            ("w2", "b", "peer_transport = \"both\"\npeer_quic_connect_timeout_ms = 300\npeer_race_delay_ms = 60000\n"),
+        ],
+    )
+    .await;
+    let ca = dir.path().join("server/tls/ca.pem");
+    let admin2 = workers[1].admin();
+    let ch = kiln.tls_channel(&ca, None).await.unwrap();
+    let peer_bytes = || number(&admin2, "kiln_worker_fetch_bytes_total{source=\"peer\"}");
+    let mut known = 0.0;
+    for (tag, first) in [("u", true), ("v", false)] {
+        let (tree, bytes) = inputs(tag);
+        let (_, r) = execute(&ch, F, &run_on("a", &tree, tag).upload(&ch, F).await, false)
+            .await
+            .unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
+        known += 21.0;
+        facts_known_over_tls(&kiln, &ca, known).await;
+        let before = peer_bytes().await as u64;
+        let (_, r) = execute(&ch, F, &run_on("b", &tree, tag).upload(&ch, F).await, false)
+            .await
+            .unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
+        let from_peer = peer_bytes().await as u64 - before;
+        if first {
+            assert_eq!(from_peer, 0, "no QUIC peer: all from the server");
+        } else {
+            assert_eq!(from_peer, bytes, "from w1 over TCP");
+        }
+    }
+    assert_eq!(
+        number(&admin2, "kiln_worker_fetch_quic_bytes_total").await,
+        0.0
+    );
+    assert_eq!(
+        number(&admin2, "kiln_worker_peer_failures_total").await,
+        0.0,
+        "w1 was not set aside"
+    );
+    kiln.stop().await;
+}
+
+// On a farm with TLS (`mode = "auto"`) and enrolled workers, peers serve their CAS over
+// mutual TLS with their enrolment certificates: w2 gets w1's inputs from w1 over QUIC, and
+// w1's CAS answers only a caller with a certificate from the farm CA — not plain gRPC, not
+// TLS without a client certificate — and, once w2 is revoked, refuses w2 over TCP and QUIC.
+on_every_runtime! {
+    async fn enrolled_workers_share_inputs_over_mutual_tls(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = "peer_race_delay_ms = 60000\npeer_transport = \"both\"\n";
+        let (kiln, workers) = enrolled_farm(rt, dir.path(), [("w1", "a", config), ("w2", "b", config)]).await;
+        let data = dir.path().join("server");
+        let ca = data.join("tls/ca.pem");
         let (admin1, admin2) = (workers[0].admin(), workers[1].admin());
         let ch = kiln.tls_channel(&ca, None).await.unwrap();
         let (tree, bytes) = inputs("t");
         let (_, r) = execute(&ch, F, &run_on("a", &tree, "one").upload(&ch, F).await, false).await.unwrap();
         assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
-        // The server's admin listener speaks HTTPS with the farm's certificate here.
-        common::eventually("w1's report of what it holds", || {
-            let (url, ca) = (format!("{}/metrics", kiln.admin), ca.clone());
-            async move {
-                let (_, text) = tokio::task::spawn_blocking(move || common::curl(&url, &["--cacert", ca.to_str().unwrap()])).await.unwrap();
-                let facts: f64 = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("kiln_scheduler_blob_facts "))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0.0);
-                (facts >= 21.0).then_some(())
-            }
-        })
-        .await;
+        facts_known_over_tls(&kiln, &ca, 21.0).await;
         let (_, r) = execute(&ch, F, &run_on("b", &tree, "two").upload(&ch, F).await, false).await.unwrap();
         assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
         assert_eq!(number(&admin2, "kiln_worker_fetch_bytes_total{source=\"peer\"}").await as u64, bytes);
+        // Over QUIC (`peer_transport = "both"`).
+        assert_eq!(number(&admin2, "kiln_worker_fetch_quic_bytes_total").await as u64, bytes);
         assert!(number(&admin1, "kiln_worker_served_bytes_total").await as u64 >= bytes);
 
         // w1's CAS, as a stranger sees it.
@@ -299,6 +427,8 @@ on_every_runtime! {
             Some(common::blobs::read(&ch, &name, 0, 0).await)
         };
         assert!(matches!(as_w2().await, Some(Ok(_))), "w2 reads from w1 while enrolled");
+        let over_quic = || quic_read(&cas, "w1.peer.kiln.invalid", &ca, (&w2_cert, &w2_key), &small);
+        assert_eq!(over_quic().await, Ok(Some(b"t small file 0\n".to_vec())), "and over QUIC");
         let revoked = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["worker", "revoke", "w2", "--data-dir"])
             .arg(&data)
@@ -312,6 +442,8 @@ on_every_runtime! {
             }
         })
         .await;
+        let refused = over_quic().await;
+        assert!(refused.is_err(), "refused over QUIC too: {refused:?}");
         // Other farm members still read.
         assert!(common::blobs::read(&member, &name, 0, 0).await.is_ok());
         // w1 keeps the list for its next start (refused even before its session opens).

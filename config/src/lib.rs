@@ -11,8 +11,8 @@ mod types;
 pub use error::ConfigError;
 pub use types::{
     ActionCacheConfig, AdminConfig, ClientAuthMode, CompressionConfig, Config, ControlPlaneConfig,
-    ExecutionConfig, GetTreeConfig, PlacementWeights, PropertyKind, RuntimeKind, ServerConfig,
-    StorageConfig, TlsConfig, TlsMode, WorkerConfig,
+    ExecutionConfig, GetTreeConfig, PeerTransport, PlacementWeights, PropertyKind, RuntimeKind,
+    ServerConfig, StorageConfig, TlsConfig, TlsMode, WorkerConfig,
 };
 
 use std::path::Path;

@@ -661,6 +661,24 @@ pub struct WorkerConfig {
     pub peer_min_bytes_per_sec: ByteSize,
     /// A peer that failed is not asked again for this long (seconds).
     pub peer_cooldown_secs: u64,
+    /// How blobs travel between workers: `tcp`, `quic`, or `both` (QUIC first, TCP for a peer
+    /// not reachable over UDP). QUIC needs the peers' mutual TLS (an enrolled farm).
+    pub peer_transport: PeerTransport,
+    /// A QUIC handshake with a peer not done within this long marks it unreachable over UDP
+    /// for `peer_cooldown_secs` (milliseconds).
+    pub peer_quic_connect_timeout_ms: u64,
+}
+
+/// How blobs travel between workers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerTransport {
+    /// HTTP/2 over TCP (and TLS on an enrolled farm).
+    Tcp,
+    /// QUIC only: a peer not reachable over UDP is not asked.
+    Quic,
+    /// QUIC first; TCP for a peer not reachable over UDP.
+    Both,
 }
 
 impl Default for WorkerConfig {
@@ -687,6 +705,8 @@ impl Default for WorkerConfig {
             peer_race_delay_ms: 20,
             peer_min_bytes_per_sec: ByteSize::mib(100),
             peer_cooldown_secs: 30,
+            peer_transport: PeerTransport::Tcp,
+            peer_quic_connect_timeout_ms: 1000,
         }
     }
 }

@@ -290,9 +290,12 @@ async fn download_batch(
                     .then(|| batch.iter().copied().zip(got).collect::<Vec<_>>()))
             };
             let raced = race(asked, || request.delay(), || server(batch.to_vec())).await;
-            peers.outcome(&endpoint, &raced);
+            peers.outcome(&endpoint, &request, &raced);
             let mut got = raced.result?;
-            count(remote.stats, raced.winner, &got);
+            let bytes = count(remote.stats, raced.winner, &got);
+            if raced.winner == Winner::Peer && request.quic.is_some() {
+                remote.stats.over_quic(bytes);
+            }
             if raced.winner == Winner::Peer {
                 // What the peer lacked comes from the server.
                 let lacking: Vec<Digest> = got
@@ -330,14 +333,15 @@ async fn download_batch(
     Ok(not_found)
 }
 
-/// Counts the bytes of the blobs in `got` as fetched from `source`.
-fn count(stats: &TransferStats, source: Winner, got: &[(Digest, Option<Bytes>)]) {
+/// Counts the bytes of the blobs in `got` as fetched from `source`; returns them.
+fn count(stats: &TransferStats, source: Winner, got: &[(Digest, Option<Bytes>)]) -> u64 {
     let bytes = got
         .iter()
         .flat_map(|(_, b)| b)
         .map(|b| b.len() as u64)
         .sum();
     stats.fetched(source, bytes);
+    bytes
 }
 
 /// One large blob, streamed to a file and committed; returns it if neither source has it.
@@ -354,8 +358,8 @@ async fn download_large(
         let found = remote.server.read_to_file(instance, d, &temp).await?;
         Ok::<_, kiln_reapi::cas::CasError>(found.then_some(temp))
     };
-    let (file, winner) = match peer_request(remote, peer, d.size) {
-        None => (server().await?, Winner::Server),
+    let (file, winner, quic) = match peer_request(remote, peer, d.size) {
+        None => (server().await?, Winner::Server, false),
         Some((peers, endpoint, request)) => {
             let asked = async {
                 let temp = local.temp_path();
@@ -363,14 +367,17 @@ async fn download_large(
                 Ok(found.then_some(Some(temp)))
             };
             let raced = race(asked, || request.delay(), server).await;
-            peers.outcome(&endpoint, &raced);
-            (raced.result?, raced.winner)
+            peers.outcome(&endpoint, &request, &raced);
+            (raced.result?, raced.winner, request.quic.is_some())
         }
     };
     let Some(file) = file else {
         return Ok(vec![d]);
     };
     remote.stats.fetched(winner, d.size);
+    if winner == Winner::Peer && quic {
+        remote.stats.over_quic(d.size);
+    }
     local.commit_download(instance, d, file, epoch).await?;
     Ok(Vec::new())
 }

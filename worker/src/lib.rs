@@ -23,6 +23,7 @@ pub mod local;
 pub mod materialise;
 pub mod outputs;
 pub mod peers;
+pub mod quic;
 pub mod remote;
 pub mod repair;
 pub mod run;

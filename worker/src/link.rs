@@ -166,6 +166,12 @@ impl Link {
         Ok(self.wrap(channel))
     }
 
+    /// A channel whose connections are streams on a peer's QUIC connection (made on first
+    /// use, and again after a failure), whatever the link's own TLS: QUIC secures them.
+    pub fn connect_lazy_via(&self, connector: crate::quic::connect::QuicConnector) -> LinkChannel {
+        self.wrap(self.endpoint.connect_with_connector_lazy(connector))
+    }
+
     /// A channel that connects on first use (and again after a failure).
     pub fn connect_lazy(&self) -> LinkChannel {
         let channel = match &self.tls {

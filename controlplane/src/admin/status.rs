@@ -228,8 +228,13 @@ pub fn render(s: &Snapshot) -> String {
         };
         let transfers = match &w.transfers {
             Some(t) => format!(
-                "fetched {} from peers, {} from the server; served {} to peers{}",
+                "fetched {} from peers{}, {} from the server; served {} to peers{}",
                 human_bytes(t.peer_bytes as f64),
+                if t.peer_quic_bytes > 0 {
+                    format!(" ({} over QUIC)", human_bytes(t.peer_quic_bytes as f64))
+                } else {
+                    String::new()
+                },
                 human_bytes(t.server_bytes as f64),
                 human_bytes(t.served_bytes as f64),
                 if t.peer_failures > 0 {
@@ -330,6 +335,7 @@ mod tests {
                     server_bytes: 1 << 20,
                     served_bytes: 5 << 20,
                     peer_failures: 1,
+                    peer_quic_bytes: 1 << 20,
                     run: 1,
                 }),
                 endpoint: Some(crate::execution::PeerEndpoint {
@@ -339,7 +345,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        assert!(page.contains("<th>mac&lt;1&gt;</th><td>3.0 GiB of 4.0 GiB (7 entries); 75.0% of 4 input roots from the cache; 2 subtrees reused; 0 evicted</td><td>fetched 2.0 MiB from peers, 1.0 MiB from the server; served 5.0 MiB to peers; 1 peer fetches failed</td><td>grpc://10.0.0.7:50052</td>"), "{page}");
+        assert!(page.contains("<th>mac&lt;1&gt;</th><td>3.0 GiB of 4.0 GiB (7 entries); 75.0% of 4 input roots from the cache; 2 subtrees reused; 0 evicted</td><td>fetched 2.0 MiB from peers (1.0 MiB over QUIC), 1.0 MiB from the server; served 5.0 MiB to peers; 1 peer fetches failed</td><td>grpc://10.0.0.7:50052</td>"), "{page}");
         assert!(page.contains("1d 01h 01m 01s"), "{page}");
         assert!(
             page.contains("12 blobs, 512.0 MiB of 1.0 GiB (50.0%)"),

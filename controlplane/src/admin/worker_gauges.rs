@@ -56,6 +56,7 @@ pub struct WorkerGauges {
     fetched: Family<SourceLabel, Counter>,
     served: Family<WorkerLabel, Counter>,
     peer_failures: Family<WorkerLabel, Counter>,
+    quic_bytes: Family<WorkerLabel, Counter>,
     blob_facts: Gauge,
     /// Each worker's last reported counts, by worker and report (`dircache`, `transfers`).
     last: Mutex<HashMap<(String, &'static str), Seen>>,
@@ -134,6 +135,11 @@ impl WorkerGauges {
             "Fetches from a peer that failed (the blob then came from the server)",
             self.peer_failures.clone(),
         );
+        registry.register(
+            "kiln_worker_fetch_quic_bytes",
+            "Of the bytes a worker fetched from peers, those that came over QUIC",
+            self.quic_bytes.clone(),
+        );
     }
 
     /// Takes in the connected workers' last reports.
@@ -196,6 +202,7 @@ impl WorkerGauges {
                             t.server_bytes,
                             t.served_bytes,
                             t.peer_failures,
+                            t.peer_quic_bytes,
                         ],
                     },
                 );
@@ -209,6 +216,7 @@ impl WorkerGauges {
                     .inc_by(more[1]);
                 self.served.get_or_create(&label).inc_by(more[2]);
                 self.peer_failures.get_or_create(&label).inc_by(more[3]);
+                self.quic_bytes.get_or_create(&label).inc_by(more[4]);
             }
         }
     }

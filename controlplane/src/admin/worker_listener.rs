@@ -35,6 +35,7 @@ struct TransferMetrics {
     fetched: prometheus_client::metrics::family::Family<SourceLabel, Counter>,
     served: Counter,
     peer_failures: Counter,
+    quic_bytes: Counter,
     /// The counts at the last scrape.
     last: Mutex<TransferReport>,
 }
@@ -56,6 +57,11 @@ impl TransferMetrics {
             "Fetches from a peer that failed (the blob then came from the server)",
             self.peer_failures.clone(),
         );
+        registry.register(
+            "kiln_worker_fetch_quic_bytes",
+            "Of the bytes fetched from peers, those that came over QUIC",
+            self.quic_bytes.clone(),
+        );
         for source in ["peer", "server"] {
             let _ = self.fetched.get_or_create(&SourceLabel { source });
         }
@@ -75,6 +81,8 @@ impl TransferMetrics {
             .inc_by(more(now.served_bytes, last.served_bytes));
         self.peer_failures
             .inc_by(more(now.peer_failures, last.peer_failures));
+        self.quic_bytes
+            .inc_by(more(now.peer_quic_bytes, last.peer_quic_bytes));
         *last = *now;
     }
 }

@@ -9,6 +9,7 @@
 pub mod race;
 
 use crate::link::Link;
+use crate::quic::connect::{QuicConnector, QuicPeer};
 use crate::remote::{CasLinks, RemoteCas};
 use kiln_proto::worker::{PeerHint, TransferReport};
 use kiln_reapi::digest::Digest;
@@ -30,6 +31,8 @@ const MAX_ENDPOINT: usize = 256;
 #[derive(Debug)]
 pub struct TransferStats {
     peer_bytes: AtomicU64,
+    /// Of `peer_bytes`, those that came over QUIC.
+    quic_bytes: AtomicU64,
     server_bytes: AtomicU64,
     peer_failures: AtomicU64,
     /// Random per process: the server's counters start over when it changes.
@@ -40,6 +43,7 @@ impl Default for TransferStats {
     fn default() -> Self {
         TransferStats {
             peer_bytes: AtomicU64::new(0),
+            quic_bytes: AtomicU64::new(0),
             server_bytes: AtomicU64::new(0),
             peer_failures: AtomicU64::new(0),
             run: u64::from_le_bytes(
@@ -59,6 +63,17 @@ impl TransferStats {
             Winner::Server => &self.server_bytes,
         };
         counter.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts `bytes` fetched from peers (with [`TransferStats::fetched`]) as having come over
+    /// QUIC.
+    pub fn over_quic(&self, bytes: u64) {
+        self.quic_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes fetched from peers over QUIC.
+    pub fn quic_bytes(&self) -> u64 {
+        self.quic_bytes.load(Ordering::Relaxed)
     }
 
     /// Counts a peer set aside (it failed, or was too slow too often).
@@ -87,6 +102,7 @@ impl TransferStats {
             server_bytes,
             served_bytes: served,
             peer_failures: self.peer_failures(),
+            peer_quic_bytes: self.quic_bytes(),
             run: self.run,
         }
     }
@@ -122,6 +138,19 @@ pub struct Peers {
     stats: Arc<TransferStats>,
     /// The worker's TLS (the farm CA and its own certificate), for `grpcs://` peers.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// How to reach `grpcs://` peers over QUIC, when the worker does.
+    quic: Option<QuicDialling>,
+}
+
+/// Reaching peers over QUIC (`worker.peer_transport` `quic` or `both`).
+#[derive(Clone)]
+pub struct QuicDialling {
+    /// The endpoint dialling out (the worker's TLS client config).
+    pub endpoint: quinn::Endpoint,
+    /// A handshake not done within this marks the peer unreachable over UDP.
+    pub timeout: Duration,
+    /// QUIC only (`quic`): a peer unreachable over UDP is not asked at all.
+    pub only: bool,
 }
 
 /// Where a peer serves its CAS.
@@ -135,6 +164,8 @@ pub struct PeerAddr {
 
 struct PeerLink {
     cas: RemoteCas,
+    /// The same peer over QUIC, when dialled that way.
+    quic: Option<(Arc<QuicPeer>, RemoteCas)>,
     /// Failed recently: not asked until then.
     avoid_until: Option<Instant>,
     /// Races it lost in a row (the server's copy came first).
@@ -154,6 +185,8 @@ struct Load {
 pub struct PeerRequest {
     /// The peer's CAS.
     pub cas: RemoteCas,
+    /// Over QUIC: the peer's QUIC link.
+    pub quic: Option<Arc<QuicPeer>>,
     settings: PeerSettings,
     load: Arc<Load>,
     bytes: u64,
@@ -198,12 +231,14 @@ impl Peers {
         settings: PeerSettings,
         stats: Arc<TransferStats>,
         tls: Option<Arc<rustls::ClientConfig>>,
+        quic: Option<QuicDialling>,
     ) -> Peers {
         Peers {
             settings,
             links: Mutex::new(HashMap::new()),
             stats,
             tls,
+            quic,
         }
     }
 
@@ -215,11 +250,12 @@ impl Peers {
     /// cooldown or its address cannot be used. Must be called inside the tokio runtime (the
     /// link connects lazily).
     pub fn ask(&self, peer: &PeerAddr, bytes: u64) -> Option<PeerRequest> {
-        let (cas, load) = self.link(peer)?;
+        let (cas, load, quic) = self.link(peer)?;
         let queued = load.in_flight.fetch_add(bytes, Ordering::Relaxed);
         let asked = load.asked.fetch_add(bytes, Ordering::Relaxed);
         Some(PeerRequest {
             cas,
+            quic,
             settings: self.settings,
             load,
             bytes,
@@ -228,17 +264,37 @@ impl Peers {
         })
     }
 
-    fn link(&self, peer: &PeerAddr) -> Option<(RemoteCas, Arc<Load>)> {
-        let endpoint = &peer.endpoint;
+    /// The link to `peer` to use now: over QUIC while it is reachable that way, else over
+    /// TCP (unless QUIC only).
+    fn link(&self, peer: &PeerAddr) -> Option<(RemoteCas, Arc<Load>, Option<Arc<QuicPeer>>)> {
+        let only_quic = self.quic.as_ref().is_some_and(|q| q.only);
         let mut links = self.lock();
-        if let Some(link) = links.get_mut(peer) {
-            match link.avoid_until {
-                Some(until) if Instant::now() < until => return None,
-                Some(_) => link.avoid_until = None,
-                None => {}
+        if !links.contains_key(peer) {
+            let link = self.new_link(peer)?;
+            if links.len() >= MAX_LINKS {
+                links.clear();
             }
-            return Some((link.cas.clone(), link.load.clone()));
+            links.insert(peer.clone(), link);
         }
+        let link = links.get_mut(peer)?;
+        match link.avoid_until {
+            Some(until) if Instant::now() < until => return None,
+            Some(_) => link.avoid_until = None,
+            None => {}
+        }
+        match &link.quic {
+            Some((q, cas)) if q.reachable() => {
+                Some((cas.clone(), link.load.clone(), Some(q.clone())))
+            }
+            _ if only_quic => None,
+            _ => Some((link.cas.clone(), link.load.clone(), None)),
+        }
+    }
+
+    /// A new link to `peer` (TCP, and QUIC when the worker dials peers that way and the
+    /// peer is a `grpcs://IP:PORT` one), or `None` if its address cannot be used.
+    fn new_link(&self, peer: &PeerAddr) -> Option<PeerLink> {
+        let endpoint = &peer.endpoint;
         // Over TLS with the worker's own certificate, checking the peer's for its name.
         let link = match (endpoint.starts_with("grpcs://"), &self.tls, &peer.tls_name) {
             (false, _, _) => Link::new(endpoint, None),
@@ -254,27 +310,48 @@ impl Peers {
                 return None;
             }
         };
-        if links.len() >= MAX_LINKS {
-            links.clear();
-        }
-        let cas = RemoteCas::new(CasLinks::single(link.connect_lazy()));
-        let load = Arc::new(Load::default());
-        links.insert(
-            peer.clone(),
-            PeerLink {
-                cas: cas.clone(),
-                avoid_until: None,
-                slow: 0,
-                load: load.clone(),
-            },
-        );
-        Some((cas, load))
+        let quic = match (&self.quic, &peer.tls_name) {
+            (Some(dialling), Some(name)) => endpoint
+                .strip_prefix("grpcs://")
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                .map(|addr| {
+                    let q = QuicPeer::new(
+                        dialling.endpoint.clone(),
+                        addr,
+                        name,
+                        dialling.timeout,
+                        self.settings.cooldown,
+                    );
+                    let cas = RemoteCas::new(CasLinks::single(
+                        link.connect_lazy_via(QuicConnector(q.clone())),
+                    ));
+                    (q, cas)
+                }),
+            _ => None,
+        };
+        Some(PeerLink {
+            cas: RemoteCas::new(CasLinks::single(link.connect_lazy())),
+            quic,
+            avoid_until: None,
+            slow: 0,
+            load: Arc::new(Load::default()),
+        })
     }
 
     /// How a request to the peer at `endpoint` went. A failure is counted and the peer is
     /// not asked again for the cooldown; so is a peer that lost [`SLOW_STRIKES`] races in a
     /// row (slow: each hinted blob would wait the race delay for it); a win clears that.
-    pub fn outcome(&self, peer: &PeerAddr, raced: &race::Raced<impl Sized, impl Sized>) {
+    pub fn outcome(
+        &self,
+        peer: &PeerAddr,
+        request: &PeerRequest,
+        raced: &race::Raced<impl Sized, impl Sized>,
+    ) {
+        // A request that failed because the peer is not reachable over UDP says nothing of
+        // the peer: the next one goes over TCP.
+        if raced.peer_failed && request.quic.as_ref().is_some_and(|q| !q.reachable()) {
+            return;
+        }
         let failed = raced.peer_failed;
         let endpoint = &peer.endpoint;
         let mut links = self.lock();
@@ -417,7 +494,12 @@ mod tests {
             cooldown: Duration::from_secs(3600),
         };
         let stats = Arc::new(TransferStats::default());
-        let peers = Peers::new(settings, stats.clone(), None);
+        let peers = Peers::new(settings, stats.clone(), None, None);
+        // How a request to a usable peer went.
+        let told = |peer: &PeerAddr, raced: race::Raced<(), ()>| {
+            let request = peers.ask(peer, 0).expect("a usable peer");
+            peers.outcome(peer, &request, &raced);
+        };
         let addr = |endpoint: &str| PeerAddr {
             endpoint: endpoint.into(),
             tls_name: None,
@@ -443,16 +525,16 @@ mod tests {
             (Winner::Server, false, true),
             (Winner::Server, false, true),
         ] {
-            peers.outcome(&a, &raced(outcome.0, outcome.1, outcome.2));
+            told(&a, raced(outcome.0, outcome.1, outcome.2));
             assert!(peers.ask(&a, 1).is_some());
         }
-        peers.outcome(&a, &raced(Winner::Server, false, true));
+        told(&a, raced(Winner::Server, false, true));
         assert!(peers.ask(&a, 1).is_none(), "three slow races in a row");
         // A failure sets a peer aside at once; a stale hint (the peer lacked the blob) does not.
         peers.ask(&b, 1).unwrap();
-        peers.outcome(&b, &raced(Winner::Server, false, false));
+        told(&b, raced(Winner::Server, false, false));
         assert!(peers.ask(&b, 1).is_some());
-        peers.outcome(&b, &raced(Winner::Server, true, false));
+        told(&b, raced(Winner::Server, true, false));
         assert!(peers.ask(&b, 1).is_none());
         assert_eq!(stats.peer_failures(), 2);
         assert!(

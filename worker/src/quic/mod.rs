@@ -1,0 +1,97 @@
+//! Peer blob transfers over QUIC (quinn), beside TCP. A worker serving its CAS over mutual TLS
+//! also serves it over QUIC on the same port number (UDP), with the same certificate and the
+//! same farm CA; QUIC requires TLS 1.3, which the farm's configs allow. The protocol inside is
+//! the one over TCP — gRPC (HTTP/2) — one HTTP/2 connection per QUIC stream, so a peer's
+//! QUIC connection carries every stream to it ([`connect`]) and the fetching code is the same
+//! `RemoteCas` either way: digests are checked the same, batches and ranges work the same.
+//!
+//! `worker.peer_transport` chooses per link: `tcp`, `quic`, or `both` (QUIC first; a peer that
+//! cannot be reached over UDP within `peer_quic_connect_timeout_ms` is reached over TCP until
+//! the cooldown ends).
+
+pub mod connect;
+pub mod io;
+pub mod serve;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The application protocol both ends announce: gRPC over HTTP/2, one connection per stream.
+pub const ALPN: &[u8] = b"kiln-cas/1";
+
+/// Streams a peer may open at once on one connection (each an HTTP/2 connection).
+const MAX_STREAMS: u32 = 256;
+
+/// A link idle this long is closed (keep-alives are sent at a third of it).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why QUIC could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    /// The TLS config cannot do QUIC (it lacks TLS 1.3 or its initial cipher suite).
+    #[error("the TLS configuration cannot be used for QUIC: {0}")]
+    Crypto(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP {addr} for QUIC: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(MAX_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(Some(IDLE_TIMEOUT / 3));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+        t.max_idle_timeout(Some(idle));
+    }
+    // Room for a 10 GbE link with a millisecond of round trip, per stream and in all.
+    t.stream_receive_window((16u32 << 20).into())
+        .receive_window((64u32 << 20).into())
+        .send_window(64 << 20);
+    Arc::new(t)
+}
+
+/// A QUIC endpoint serving on `addr` with `tls` (the worker's TLS server config: its
+/// certificate, client certificates from the farm CA required); it can also dial out.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    tls: &rustls::ServerConfig,
+) -> Result<quinn::Endpoint, QuicError> {
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| QuicError::Crypto(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    quinn::Endpoint::server(config, addr).map_err(|source| QuicError::Bind { addr, source })
+}
+
+/// A QUIC endpoint that dials out only, with `tls` (the worker's TLS client config: the farm
+/// CA and its own certificate).
+pub fn client_endpoint(tls: &rustls::ClientConfig) -> Result<quinn::Endpoint, QuicError> {
+    let addr = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut endpoint =
+        quinn::Endpoint::client(addr).map_err(|source| QuicError::Bind { addr, source })?;
+    endpoint.set_default_client_config(client_config(tls)?);
+    Ok(endpoint)
+}
+
+/// The QUIC client config made of the worker's TLS client config.
+pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, QuicError> {
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.enable_early_data = false;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| QuicError::Crypto(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}

@@ -1,0 +1,146 @@
+//! Accepting peers over QUIC: each connection's client certificate (the farm CA's, required
+//! by the TLS config) is checked against the worker's policy — a revoked worker's is refused
+//! at the handshake, at every new stream and at every call ([`super::service`]), so a
+//! revocation the scheduler pushes later also ends an open connection's use — and each stream
+//! is handed to one gRPC server as an HTTP/2 connection of its own.
+
+use super::io::{PeerIdentity, QuicIo};
+use super::service::PeerCas;
+use kiln_auth::Policy;
+use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
+use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tracing::{debug, info_span, Instrument};
+
+/// Streams accepted and waiting for the gRPC server.
+const ACCEPT_QUEUE: usize = 64;
+
+/// The worker's CAS being served over QUIC.
+pub struct QuicServing {
+    endpoint: quinn::Endpoint,
+    sent: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl QuicServing {
+    /// Bytes of blobs sent to peers over QUIC.
+    pub fn sent(&self) -> Arc<AtomicU64> {
+        self.sent.clone()
+    }
+
+    /// The address served.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.endpoint.local_addr()
+    }
+}
+
+impl Drop for QuicServing {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"worker stopping");
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Serves `cas` on `endpoint` (a [`super::server_endpoint`]) to callers `policy` lets in, with
+/// gRPC messages up to `max_message` bytes. Must be called inside the tokio runtime.
+pub fn serve(
+    endpoint: quinn::Endpoint,
+    cas: PeerCas,
+    policy: Arc<Policy>,
+    max_message: usize,
+) -> QuicServing {
+    let cas = cas.guarded_by(policy.clone());
+    let sent = cas.sent.clone();
+    let (tx, rx) = mpsc::channel::<Result<QuicIo, std::io::Error>>(ACCEPT_QUEUE);
+    let grpc = tonic::transport::Server::builder()
+        .initial_stream_window_size(16 << 20)
+        .initial_connection_window_size(64 << 20)
+        .add_service(
+            ByteStreamServer::new(cas.clone())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .add_service(
+            ContentAddressableStorageServer::new(cas)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let server = tokio::spawn(async move {
+        if let Err(e) = grpc.await {
+            tracing::warn!(error = %e, "the CAS over QUIC stopped");
+        }
+    });
+    let accepting = endpoint.clone();
+    let acceptor = tokio::spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            let (tx, policy) = (tx.clone(), policy.clone());
+            let span = info_span!("quic peer", remote = %incoming.remote_address());
+            tokio::spawn(connection(incoming, tx, policy).instrument(span));
+        }
+    });
+    QuicServing {
+        endpoint,
+        sent,
+        tasks: vec![server, acceptor],
+    }
+}
+
+/// The client certificate's common name and fingerprint.
+fn identity(connection: &quinn::Connection) -> Option<PeerIdentity> {
+    let certs = connection
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let leaf = certs.first()?;
+    Some(PeerIdentity {
+        name: kiln_tls::pem::common_name(leaf).unwrap_or_default(),
+        fingerprint: kiln_tls::pem::fingerprint(leaf),
+    })
+}
+
+async fn connection(
+    incoming: quinn::Incoming,
+    tx: mpsc::Sender<Result<QuicIo, std::io::Error>>,
+    policy: Arc<Policy>,
+) {
+    let connection = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(error = %e, "QUIC handshake failed");
+            return;
+        }
+    };
+    let Some(peer) = identity(&connection) else {
+        connection.close(1u32.into(), b"a client certificate is required");
+        return;
+    };
+    let allowed = || policy.identify(Some((&peer.name, &peer.fingerprint)), None);
+    if let Err(e) = allowed() {
+        debug!(peer = %peer.name, error = %e, "QUIC peer refused");
+        connection.close(1u32.into(), b"refused");
+        return;
+    }
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        if allowed().is_err() {
+            connection.close(1u32.into(), b"refused");
+            return;
+        }
+        if tx
+            .send(Ok(QuicIo::new(send, recv, Some(peer.clone()))))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Adds what `serving` sent to `served` (bytes sent over TCP), for the worker's reports.
+pub fn total_sent(serving: Option<&QuicServing>, served: u64) -> u64 {
+    served.saturating_add(serving.map_or(0, |s| s.sent.load(Ordering::Relaxed)))
+}

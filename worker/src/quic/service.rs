@@ -1,0 +1,283 @@
+//! The worker's CAS as served over QUIC: the read-only half of the CAS and ByteStream gRPC
+//! services, answered from the local store (the data plane answers the same calls over TCP).
+//! Writes are `PERMISSION_DENIED`: peers only read. Every caller got here through mutual TLS
+//! with the farm CA ([`super::serve`]).
+
+use super::io::PeerIdentity;
+use futures::StreamExt;
+use kiln_dataplane::service::BlobError;
+use kiln_dataplane::store::ChainCas;
+use kiln_proto::bytestream::byte_stream_server::ByteStream;
+use kiln_proto::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse,
+};
+use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
+use kiln_proto::reapi::{
+    batch_read_blobs_response, BatchReadBlobsRequest, BatchReadBlobsResponse,
+    BatchUpdateBlobsRequest, BatchUpdateBlobsResponse, FindMissingBlobsRequest,
+    FindMissingBlobsResponse, GetTreeRequest, GetTreeResponse, SpliceBlobRequest,
+    SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse,
+};
+use kiln_reapi::cas::Cas;
+use kiln_reapi::compression::Compressor;
+use kiln_reapi::digest::{Digest, InstanceName};
+use kiln_reapi::status::Classify;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Bytes per `ReadResponse`.
+const CHUNK: usize = 1 << 20;
+/// Pieces read ahead of the network per read.
+const READ_AHEAD: usize = 4;
+
+/// The local CAS, read-only.
+#[derive(Clone)]
+pub struct PeerCas {
+    cas: ChainCas,
+    /// Checks each call's caller (set by [`super::serve`]).
+    policy: Option<Arc<kiln_auth::Policy>>,
+    /// Bytes of blobs sent.
+    pub(super) sent: Arc<AtomicU64>,
+    /// Largest batch answered (the data plane's limit for batches).
+    max_batch: u64,
+}
+
+impl PeerCas {
+    /// Serves `cas`, batches up to `max_batch` bytes.
+    pub fn new(cas: ChainCas, max_batch: u64) -> PeerCas {
+        PeerCas {
+            cas,
+            policy: None,
+            sent: Arc::new(AtomicU64::new(0)),
+            max_batch,
+        }
+    }
+
+    /// The same, refusing calls whose caller `policy` does not let in (checked at every
+    /// call, so a revocation takes effect on connections already open).
+    pub(super) fn guarded_by(mut self, policy: Arc<kiln_auth::Policy>) -> PeerCas {
+        self.policy = Some(policy);
+        self
+    }
+
+    fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(policy) = &self.policy else {
+            return Ok(());
+        };
+        let peer = request
+            .extensions()
+            .get::<Option<PeerIdentity>>()
+            .and_then(Option::as_ref)
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        policy
+            .identify(Some((&peer.name, &peer.fingerprint)), None)
+            .map(|_| ())
+            .map_err(|e| e.status())
+    }
+}
+
+fn read_only() -> Status {
+    Status::permission_denied("a worker's CAS is read-only to its peers")
+}
+
+fn status(e: &impl Classify) -> Status {
+    e.status()
+}
+
+/// A malformed request, as the data plane classifies it.
+fn bad(e: impl Into<BlobError>) -> Status {
+    e.into().status()
+}
+
+fn digests(function: i32, list: &[kiln_proto::reapi::Digest]) -> Result<Vec<Digest>, Status> {
+    list.iter()
+        .map(|d| Digest::from_proto(d, function).map_err(bad))
+        .collect()
+}
+
+fn instance(name: &str) -> Result<InstanceName, Status> {
+    InstanceName::new(name).map_err(bad)
+}
+
+#[tonic::async_trait]
+impl ContentAddressableStorage for PeerCas {
+    async fn find_missing_blobs(
+        &self,
+        request: Request<FindMissingBlobsRequest>,
+    ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        self.check(&request)?;
+        let r = request.into_inner();
+        let instance = instance(&r.instance_name)?;
+        let asked = digests(r.digest_function, &r.blob_digests)?;
+        let missing = self
+            .cas
+            .find_missing(&instance, &asked)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(FindMissingBlobsResponse {
+            missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),
+        }))
+    }
+
+    async fn batch_update_blobs(
+        &self,
+        _: Request<BatchUpdateBlobsRequest>,
+    ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        Err(read_only())
+    }
+
+    async fn batch_read_blobs(
+        &self,
+        request: Request<BatchReadBlobsRequest>,
+    ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        self.check(&request)?;
+        let r = request.into_inner();
+        let instance = instance(&r.instance_name)?;
+        let asked = digests(r.digest_function, &r.digests)?;
+        let total = asked
+            .iter()
+            .try_fold(0u64, |sum, d| sum.checked_add(d.size))
+            .filter(|t| *t <= self.max_batch)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "the blobs asked for add up to more than the batch limit of {} bytes",
+                    self.max_batch
+                ))
+            })?;
+        let got = self
+            .cas
+            .read_blobs(&instance, &asked)
+            .await
+            .map_err(|e| status(&e))?;
+        let mut sent = 0u64;
+        let responses = asked
+            .iter()
+            .zip(got)
+            .map(|(d, data)| {
+                let (code, message, data) = match data {
+                    Some(data) => {
+                        sent += data.len() as u64;
+                        (0, String::new(), data)
+                    }
+                    None => (
+                        tonic::Code::NotFound as i32,
+                        "not in this worker's CAS".to_string(),
+                        Default::default(),
+                    ),
+                };
+                batch_read_blobs_response::Response {
+                    digest: Some(d.to_proto()),
+                    data,
+                    compressor: 0,
+                    status: Some(kiln_proto::google::rpc::Status {
+                        code,
+                        message,
+                        details: Vec::new(),
+                    }),
+                }
+            })
+            .collect();
+        debug_assert!(sent <= total);
+        self.sent.fetch_add(sent, Ordering::Relaxed);
+        Ok(Response::new(BatchReadBlobsResponse { responses }))
+    }
+
+    type GetTreeStream =
+        Pin<Box<dyn futures::Stream<Item = Result<GetTreeResponse, Status>> + Send>>;
+
+    async fn get_tree(
+        &self,
+        _: Request<GetTreeRequest>,
+    ) -> Result<Response<Self::GetTreeStream>, Status> {
+        Err(Status::unimplemented("peers serve blobs only"))
+    }
+
+    async fn split_blob(
+        &self,
+        _: Request<SplitBlobRequest>,
+    ) -> Result<Response<SplitBlobResponse>, Status> {
+        Err(Status::unimplemented("peers serve blobs only"))
+    }
+
+    async fn splice_blob(
+        &self,
+        _: Request<SpliceBlobRequest>,
+    ) -> Result<Response<SpliceBlobResponse>, Status> {
+        Err(read_only())
+    }
+}
+
+#[tonic::async_trait]
+impl ByteStream for PeerCas {
+    type ReadStream = Pin<Box<dyn futures::Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+    async fn read(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        self.check(&request)?;
+        let r = request.into_inner();
+        let resource = kiln_reapi::resource::parse_read(&r.resource_name).map_err(bad)?;
+        if resource.compressor != Compressor::Identity {
+            return Err(Status::unimplemented(
+                "peers send blobs uncompressed (read from blobs/, not compressed-blobs/)",
+            ));
+        }
+        let size = resource.key.digest.size;
+        let start = u64::try_from(r.read_offset)
+            .ok()
+            .filter(|o| *o <= size)
+            .ok_or_else(|| {
+                Status::out_of_range(format!("read_offset {} outside 0..={size}", r.read_offset))
+            })?;
+        let limit = u64::try_from(r.read_limit)
+            .map_err(|_| Status::invalid_argument("read_limit must not be negative"))?;
+        let end = match limit {
+            0 => size,
+            n => start.saturating_add(n).min(size),
+        };
+        let blob = self
+            .cas
+            .store()
+            .open(&resource.key)
+            .await
+            .map_err(|e| status(&e))?
+            .ok_or_else(|| Status::not_found("not in this worker's CAS"))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ReadResponse, Status>>(READ_AHEAD);
+        let sent = self.sent.clone();
+        tokio::task::spawn_blocking(move || {
+            let failed = tx.clone();
+            let streamed = blob.stream_blocking(start, end, CHUNK, |data| {
+                let n = data.len() as u64;
+                let ok = tx.blocking_send(Ok(ReadResponse { data })).is_ok();
+                if ok {
+                    sent.fetch_add(n, Ordering::Relaxed);
+                }
+                ok
+            });
+            if let Err(e) = streamed {
+                let _ = failed.blocking_send(Err(status(&e)));
+            }
+        });
+        Ok(Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        ))
+    }
+
+    async fn write(
+        &self,
+        _: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        Err(read_only())
+    }
+
+    async fn query_write_status(
+        &self,
+        _: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        Err(read_only())
+    }
+}
