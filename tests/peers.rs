@@ -220,17 +220,14 @@ async fn tls_channel(
         .await
 }
 
-/// Reads `digest` from the worker CAS at `addr` over QUIC, checking its certificate for
-/// `name` against the CA in `ca` and presenting `cert` and `key`: the blob, `None` if the
-/// worker does not hold it, or why the read failed.
-async fn quic_read(
+/// The worker CAS at `addr` over QUIC, checking its certificate for `name` against the CA in
+/// `ca` and presenting `cert` and `key` (one connection, made at the first call).
+fn quic_cas(
     addr: &str,
     name: &str,
     ca: &Path,
     (cert, key): (&Path, &Path),
-    digest: &kiln_proto::reapi::Digest,
-) -> Result<Option<Vec<u8>>, String> {
-    use kiln_reapi::cas::Cas;
+) -> kiln_worker::remote::RemoteCas {
     kiln_tls::install_provider();
     let identity = kiln_tls::client::ClientIdentity::from_files(cert, key).unwrap();
     let trust = kiln_tls::client::Trust::ca_file(ca).unwrap();
@@ -245,7 +242,16 @@ async fn quic_read(
     );
     let link = kiln_worker::link::Link::new(&format!("grpc://{addr}"), None).unwrap();
     let channel = link.connect_lazy_via(kiln_worker::quic::connect::QuicConnector(peer));
-    let cas = kiln_worker::remote::RemoteCas::new(kiln_worker::remote::CasLinks::single(channel));
+    kiln_worker::remote::RemoteCas::new(kiln_worker::remote::CasLinks::single(channel))
+}
+
+/// Reads `digest` from `cas`: the blob, `None` if the worker does not hold it, or why the
+/// read failed.
+async fn quic_read(
+    cas: &kiln_worker::remote::RemoteCas,
+    digest: &kiln_proto::reapi::Digest,
+) -> Result<Option<Vec<u8>>, String> {
+    use kiln_reapi::cas::Cas;
     let digest = kiln_reapi::digest::Digest::from_proto(digest, F as i32).unwrap();
     let got = cas
         .read_blobs(
@@ -427,8 +433,9 @@ on_every_runtime! {
             Some(common::blobs::read(&ch, &name, 0, 0).await)
         };
         assert!(matches!(as_w2().await, Some(Ok(_))), "w2 reads from w1 while enrolled");
-        let over_quic = || quic_read(&cas, "w1.peer.kiln.invalid", &ca, (&w2_cert, &w2_key), &small);
-        assert_eq!(over_quic().await, Ok(Some(b"t small file 0\n".to_vec())), "and over QUIC");
+        // Over QUIC too, on a connection kept open across the revocation.
+        let w2_quic = quic_cas(&cas, "w1.peer.kiln.invalid", &ca, (&w2_cert, &w2_key));
+        assert_eq!(quic_read(&w2_quic, &small).await, Ok(Some(b"t small file 0\n".to_vec())), "and over QUIC");
         let revoked = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["worker", "revoke", "w2", "--data-dir"])
             .arg(&data)
@@ -442,8 +449,10 @@ on_every_runtime! {
             }
         })
         .await;
-        let refused = over_quic().await;
-        assert!(refused.is_err(), "refused over QUIC too: {refused:?}");
+        let refused = quic_read(&w2_quic, &small).await;
+        assert!(refused.is_err(), "refused over QUIC too, on the open connection: {refused:?}");
+        let fresh = quic_cas(&cas, "w1.peer.kiln.invalid", &ca, (&w2_cert, &w2_key));
+        assert!(quic_read(&fresh, &small).await.is_err(), "and on a new one");
         // Other farm members still read.
         assert!(common::blobs::read(&member, &name, 0, 0).await.is_ok());
         // w1 keeps the list for its next start (refused even before its session opens).

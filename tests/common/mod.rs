@@ -39,11 +39,22 @@ where
 /// missing (CI runs as root). Fails the test with a clear message when that is impossible:
 /// a test that needs a real tool never silently skips.
 pub fn ensure_debian_package(program: &str, package: &str) {
+    // One install at a time in this process (tests run side by side), and apt waits for
+    // another process's dpkg lock rather than failing at once.
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
     if Path::new(program).exists() {
         return;
     }
     let status = Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends", package])
+        .args([
+            "-o",
+            "DPkg::Lock::Timeout=300",
+            "install",
+            "-y",
+            "--no-install-recommends",
+            package,
+        ])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status();
     assert!(

@@ -187,6 +187,8 @@ pub struct PeerRequest {
     pub cas: RemoteCas,
     /// Over QUIC: the peer's QUIC link.
     pub quic: Option<Arc<QuicPeer>>,
+    /// Over QUIC, and its connection was up when this was asked.
+    quic_was_up: bool,
     settings: PeerSettings,
     load: Arc<Load>,
     bytes: u64,
@@ -253,9 +255,11 @@ impl Peers {
         let (cas, load, quic) = self.link(peer)?;
         let queued = load.in_flight.fetch_add(bytes, Ordering::Relaxed);
         let asked = load.asked.fetch_add(bytes, Ordering::Relaxed);
+        let quic_was_up = quic.as_ref().is_some_and(|q| q.is_up());
         Some(PeerRequest {
             cas,
             quic,
+            quic_was_up,
             settings: self.settings,
             load,
             bytes,
@@ -347,9 +351,14 @@ impl Peers {
         request: &PeerRequest,
         raced: &race::Raced<impl Sized, impl Sized>,
     ) {
-        // A request that failed because the peer is not reachable over UDP says nothing of
-        // the peer: the next one goes over TCP.
-        if raced.peer_failed && request.quic.as_ref().is_some_and(|q| !q.reachable()) {
+        // A request over QUIC while the connection was not up — still being dialled (the
+        // server's copy may win meanwhile), or found unreachable over UDP — says nothing of
+        // the peer: the next one goes over QUIC once up, or over TCP.
+        let quic_down = request
+            .quic
+            .as_ref()
+            .is_some_and(|q| !request.quic_was_up || !q.is_up());
+        if raced.winner != Winner::Peer && quic_down {
             return;
         }
         let failed = raced.peer_failed;
@@ -484,6 +493,42 @@ mod tests {
             peer_failed: failed,
             peer_slow: slow,
         }
+    }
+
+    // Races lost while a peer's QUIC connection is not up (being dialled: here it never
+    // answers) say nothing of the peer: it is not set aside, and not counted as failed.
+    #[tokio::test]
+    async fn races_lost_before_a_quic_connection_is_up_do_not_set_the_peer_aside() {
+        kiln_tls::install_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let farm = kiln_tls::farm::Farm::at(dir.path());
+        farm.ensure(&["localhost".into()]).unwrap();
+        let trust = kiln_tls::client::Trust::ca_file(&farm.ca_cert()).unwrap();
+        let tls = kiln_tls::client::config(trust, None).unwrap();
+        // A UDP port that takes packets and never answers.
+        let hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let quic = QuicDialling {
+            endpoint: crate::quic::client_endpoint(&tls).unwrap(),
+            timeout: Duration::from_secs(3600),
+            only: false,
+        };
+        let settings = PeerSettings {
+            race_delay: Duration::from_millis(20),
+            min_rate: 1 << 20,
+            cooldown: Duration::from_secs(3600),
+        };
+        let stats = Arc::new(TransferStats::default());
+        let peers = Peers::new(settings, stats.clone(), Some(tls), Some(quic));
+        let peer = PeerAddr {
+            endpoint: format!("grpcs://{}", hole.local_addr().unwrap()).into(),
+            tls_name: Some("w.peer.kiln.invalid".into()),
+        };
+        for _ in 0..5 {
+            let request = peers.ask(&peer, 1).expect("still usable");
+            assert!(request.quic.is_some(), "asked over QUIC");
+            peers.outcome(&peer, &request, &raced(Winner::Server, false, true));
+        }
+        assert_eq!(stats.peer_failures(), 0);
     }
 
     #[tokio::test]

@@ -59,6 +59,11 @@ impl QuicPeer {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the connection is up now (not being dialled, not found unreachable).
+    pub fn is_up(&self) -> bool {
+        matches!(&*self.lock(), State::Up(c) if c.close_reason().is_none())
+    }
+
     /// Whether the peer may be reached over QUIC now: not found unreachable within the
     /// cooldown.
     pub fn reachable(&self) -> bool {
@@ -82,9 +87,17 @@ impl QuicPeer {
                 _ => {
                     let peer = self.clone();
                     let task = tokio::spawn(async move { peer.dial().await });
+                    let peer = self.clone();
                     let dialled: Dialled = async move {
-                        task.await
-                            .map_err(|e| Arc::from(format!("QUIC dial task failed: {e}")))?
+                        match task.await {
+                            Ok(outcome) => outcome,
+                            // The dial never recorded its outcome: record one, or the peer
+                            // would wait on this failure for good.
+                            Err(e) => {
+                                *peer.lock() = State::Down(Instant::now() + peer.cooldown);
+                                Err(Arc::from(format!("QUIC dial task failed: {e}")))
+                            }
+                        }
                     }
                     .boxed()
                     .shared();

@@ -21,8 +21,12 @@ use std::time::Duration;
 /// The application protocol both ends announce: gRPC over HTTP/2, one connection per stream.
 pub const ALPN: &[u8] = b"kiln-cas/1";
 
-/// Streams a peer may open at once on one connection (each an HTTP/2 connection).
-const MAX_STREAMS: u32 = 256;
+/// Streams a peer may open at once on one connection (each an HTTP/2 connection; a fetching
+/// worker opens one per link, and a link is one per peer).
+const MAX_STREAMS: u32 = 16;
+
+/// Connection attempts a serving worker holds at once (the farm is tens of workers).
+const MAX_INCOMING: usize = 256;
 
 /// A link idle this long is closed (keep-alives are sent at a third of it).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,15 +75,19 @@ pub fn server_endpoint(
         .map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
+    config.max_incoming(MAX_INCOMING);
     quinn::Endpoint::server(config, addr).map_err(|source| QuicError::Bind { addr, source })
 }
 
 /// A QUIC endpoint that dials out only, with `tls` (the worker's TLS client config: the farm
 /// CA and its own certificate).
 pub fn client_endpoint(tls: &rustls::ClientConfig) -> Result<quinn::Endpoint, QuicError> {
-    let addr = SocketAddr::from(([0, 0, 0, 0], 0));
-    let mut endpoint =
-        quinn::Endpoint::client(addr).map_err(|source| QuicError::Bind { addr, source })?;
+    // Both address families where the host has IPv6 (a dual-stack socket), else IPv4.
+    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    let any4 = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut endpoint = quinn::Endpoint::client(any6)
+        .or_else(|_| quinn::Endpoint::client(any4))
+        .map_err(|source| QuicError::Bind { addr: any4, source })?;
     endpoint.set_default_client_config(client_config(tls)?);
     Ok(endpoint)
 }

@@ -1,21 +1,24 @@
 //! Accepting peers over QUIC: each connection's client certificate (the farm CA's, required
 //! by the TLS config) is checked against the worker's policy — a revoked worker's is refused
-//! at the handshake, at every new stream and at every call ([`super::service`]), so a
-//! revocation the scheduler pushes later also ends an open connection's use — and each stream
-//! is handed to one gRPC server as an HTTP/2 connection of its own.
+//! once the handshake is done, at every new stream and at every call ([`super::service`]),
+//! so a revocation the scheduler pushes later also ends an open connection's use (a read
+//! already streaming runs to its end) — and each stream is handed to one gRPC server as an
+//! HTTP/2 connection of its own.
 
 use super::io::{PeerIdentity, QuicIo};
 use super::service::PeerCas;
 use kiln_auth::Policy;
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{debug, info_span, Instrument};
 
 /// Streams accepted and waiting for the gRPC server.
 const ACCEPT_QUEUE: usize = 64;
+/// Calls at once on one stream (one HTTP/2 connection).
+const CALLS_PER_STREAM: u32 = 64;
 
 /// The worker's CAS being served over QUIC.
 pub struct QuicServing {
@@ -57,6 +60,7 @@ pub fn serve(
     let sent = cas.sent.clone();
     let (tx, rx) = mpsc::channel::<Result<QuicIo, std::io::Error>>(ACCEPT_QUEUE);
     let grpc = tonic::transport::Server::builder()
+        .max_concurrent_streams(CALLS_PER_STREAM)
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(64 << 20)
         .add_service(
@@ -138,9 +142,4 @@ async fn connection(
             return;
         }
     }
-}
-
-/// Adds what `serving` sent to `served` (bytes sent over TCP), for the worker's reports.
-pub fn total_sent(serving: Option<&QuicServing>, served: u64) -> u64 {
-    served.saturating_add(serving.map_or(0, |s| s.sent.load(Ordering::Relaxed)))
 }

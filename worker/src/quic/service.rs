@@ -26,12 +26,20 @@ use kiln_reapi::status::Classify;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Bytes per `ReadResponse`.
-const CHUNK: usize = 1 << 20;
-/// Pieces read ahead of the network per read.
-const READ_AHEAD: usize = 4;
+const CHUNK: usize = 256 << 10;
+/// Reads served at once (each holds one chunk at a time): more are `RESOURCE_EXHAUSTED`,
+/// which sends the peer to the server.
+const MAX_READS: usize = 256;
+
+/// Where a read's bytes come from.
+enum Source {
+    Bytes(bytes::Bytes),
+    File(tokio::fs::File),
+}
 
 /// The local CAS, read-only.
 #[derive(Clone)]
@@ -43,6 +51,8 @@ pub struct PeerCas {
     pub(super) sent: Arc<AtomicU64>,
     /// Largest batch answered (the data plane's limit for batches).
     max_batch: u64,
+    /// Reads being served.
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl PeerCas {
@@ -53,6 +63,7 @@ impl PeerCas {
             policy: None,
             sent: Arc::new(AtomicU64::new(0)),
             max_batch,
+            reads: Arc::new(tokio::sync::Semaphore::new(MAX_READS)),
         }
     }
 
@@ -239,6 +250,10 @@ impl ByteStream for PeerCas {
             0 => size,
             n => start.saturating_add(n).min(size),
         };
+        let permit =
+            self.reads.clone().try_acquire_owned().map_err(|_| {
+                Status::resource_exhausted("too many reads from this worker at once")
+            })?;
         let blob = self
             .cas
             .store()
@@ -246,25 +261,63 @@ impl ByteStream for PeerCas {
             .await
             .map_err(|e| status(&e))?
             .ok_or_else(|| Status::not_found("not in this worker's CAS"))?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ReadResponse, Status>>(READ_AHEAD);
+        // A file no one in this process has hashed is checked whole first (a damaged one then
+        // leaves the store); the bytes are then read as the peer takes them, so a peer that
+        // stops reading holds a permit and one chunk, never a thread.
+        let blob = if blob.needs_check() {
+            tokio::task::spawn_blocking(move || blob.check_blocking().map(|()| blob))
+                .await
+                .map_err(|_| Status::unavailable("the check of a stored blob was cut short"))?
+                .map_err(|e| status(&e))?
+        } else {
+            blob
+        };
+        let source = match blob.path() {
+            Some(path) => {
+                let mut file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| Status::unavailable(format!("cannot open a stored blob: {e}")))?;
+                file.seek(std::io::SeekFrom::Start(start))
+                    .await
+                    .map_err(|e| Status::unavailable(format!("cannot read a stored blob: {e}")))?;
+                Source::File(file)
+            }
+            None => {
+                let data = tokio::task::spawn_blocking(move || blob.read_all_blocking())
+                    .await
+                    .map_err(|_| Status::unavailable("a read of a stored blob was cut short"))?
+                    .map_err(|e| status(&e))?;
+                Source::Bytes(data)
+            }
+        };
         let sent = self.sent.clone();
-        tokio::task::spawn_blocking(move || {
-            let failed = tx.clone();
-            let streamed = blob.stream_blocking(start, end, CHUNK, |data| {
-                let n = data.len() as u64;
-                let ok = tx.blocking_send(Ok(ReadResponse { data })).is_ok();
-                if ok {
-                    sent.fetch_add(n, Ordering::Relaxed);
+        let state = (source, start, end, sent, permit);
+        let stream = futures::stream::unfold(Some(state), |state| async move {
+            let (mut source, pos, end, sent, permit) = state?;
+            if pos >= end {
+                return None;
+            }
+            let n = (end - pos).min(CHUNK as u64) as usize;
+            let piece = match &mut source {
+                Source::Bytes(data) => Ok(data.slice(pos as usize..pos as usize + n)),
+                Source::File(file) => {
+                    let mut buf = vec![0u8; n];
+                    file.read_exact(&mut buf)
+                        .await
+                        .map(|_| bytes::Bytes::from(buf))
+                        .map_err(|e| Status::unavailable(format!("cannot read a stored blob: {e}")))
                 }
-                ok
-            });
-            if let Err(e) = streamed {
-                let _ = failed.blocking_send(Err(status(&e)));
+            };
+            match piece {
+                Ok(data) => {
+                    sent.fetch_add(n as u64, Ordering::Relaxed);
+                    let next = Some((source, pos + n as u64, end, sent, permit));
+                    Some((Ok(ReadResponse { data }), next))
+                }
+                Err(e) => Some((Err(e), None)),
             }
         });
-        Ok(Response::new(
-            tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
-        ))
+        Ok(Response::new(stream.boxed()))
     }
 
     async fn write(

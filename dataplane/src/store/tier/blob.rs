@@ -126,6 +126,14 @@ impl Blob {
         matches!(self.body, Body::Bytes(_))
     }
 
+    /// The file holding it, when it is a file (not bytes in memory, not an upload arriving).
+    pub fn path(&self) -> Option<&Path> {
+        match &self.body {
+            Body::File { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
     /// Whether reading it will hash it (a file no one has checked in this process).
     pub fn needs_check(&self) -> bool {
         matches!(self.body, Body::File { checked: false, .. })
@@ -206,54 +214,6 @@ impl Blob {
         };
         let data = read_file_blocking(&path, self.size()).map_err(|e| self.io_failure(&path, e))?;
         self.finish_whole(Bytes::from(data), checked)
-    }
-
-    /// Hands `start..end` of the blob to `sink` in pieces of at most `chunk` bytes, with
-    /// blocking calls (for threads that may block). A file no one in this process has
-    /// checked is hashed in full first. `sink` returning `false` stops early (the receiver is
-    /// gone), which is no error.
-    pub fn stream_blocking(
-        self,
-        start: u64,
-        end: u64,
-        chunk: usize,
-        mut sink: impl FnMut(Bytes) -> bool,
-    ) -> Result<(), StoreError> {
-        use std::io::{Read, Seek, SeekFrom};
-        let end = end.min(self.size());
-        let chunk = chunk.max(1) as u64;
-        let path = match &self.body {
-            Body::File { path, .. } => path.clone(),
-            _ => {
-                let data = self.read_all_blocking()?;
-                let mut pos = start;
-                while pos < end {
-                    let next = (pos + chunk).min(end);
-                    if !sink(data.slice(pos as usize..next as usize)) {
-                        return Ok(());
-                    }
-                    pos = next;
-                }
-                return Ok(());
-            }
-        };
-        self.check_blocking()?;
-        let mut read = || -> io::Result<()> {
-            let mut file = std::fs::File::open(&path)?;
-            file.seek(SeekFrom::Start(start))?;
-            let mut pos = start;
-            while pos < end {
-                let want = (end - pos).min(chunk) as usize;
-                let mut buf = vec![0u8; want];
-                file.read_exact(&mut buf)?;
-                pos += want as u64;
-                if !sink(Bytes::from(buf)) {
-                    return Ok(());
-                }
-            }
-            Ok(())
-        };
-        read().map_err(|e| self.io_failure(&path, e))
     }
 
     /// Checks the bytes of a file no one in this process has checked (found on disk at
@@ -515,43 +475,6 @@ mod tests {
         let record = Arc::new(Record::default());
         let blob = Blob::file(key(claimed), path, false).watched(record.clone());
         (blob, record)
-    }
-
-    #[test]
-    fn a_blocking_stream_sends_the_range_asked_and_never_a_damaged_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..100u8).collect();
-        let streamed = |blob: Blob, start, end, stop_after: usize| {
-            let mut got = Vec::new();
-            let mut pieces = 0;
-            let r = blob.stream_blocking(start, end, 30, |b| {
-                got.extend_from_slice(&b);
-                pieces += 1;
-                pieces < stop_after
-            });
-            (r, got, pieces)
-        };
-        let (blob, record) = unchecked(dir.path(), &data, &data);
-        let (r, got, pieces) = streamed(blob, 10, 95, usize::MAX);
-        assert!(r.is_ok());
-        assert_eq!((got.as_slice(), pieces), (&data[10..95], 3));
-        assert_eq!(*record.verdicts.lock().unwrap(), vec![Verdict::Good]);
-        // A receiver gone stops it, without error; an end past the blob is its end.
-        let (blob, _) = unchecked(dir.path(), &data, &data);
-        let (r, got, _) = streamed(blob, 0, 1000, 1);
-        assert!(r.is_ok());
-        assert_eq!(got, &data[..30]);
-        let (r, got, _) = streamed(Blob::bytes(key(&data), data.clone().into()), 90, 1000, 9);
-        assert!(r.is_ok());
-        assert_eq!(got, &data[90..]);
-        // A damaged file sends nothing, and leaves the store.
-        let mut damaged = data.clone();
-        damaged[50] ^= 1;
-        let (blob, record) = unchecked(dir.path(), &data, &damaged);
-        let (r, got, _) = streamed(blob, 0, 10, usize::MAX);
-        assert!(matches!(r, Err(StoreError::Corrupt(_))), "{r:?}");
-        assert!(got.is_empty());
-        assert_eq!(*record.verdicts.lock().unwrap(), vec![Verdict::Corrupt]);
     }
 
     #[test]
