@@ -72,6 +72,27 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         policy.clone(),
     )
     .with_context(|| format!("cannot serve on {}", config.server.listen))?;
+    // CAS reads over QUIC too (`server.quic`, with TLS).
+    let quic = match (&tls, config.server.quic) {
+        (Some(t), true) => {
+            let _guard = control.runtime().enter();
+            let chain = kiln_dataplane::store::ChainCas::new(
+                cas.clone(),
+                blobs.clone(),
+                Layout::cas(data_dir),
+                config.storage.fsync,
+            );
+            let served = kiln_worker::quic::serve_cas(
+                data.local_addr(),
+                &t.tls.config(),
+                chain,
+                policy.clone(),
+                &config.server,
+            );
+            Some(served.context("cannot serve CAS reads over QUIC")?)
+        }
+        _ => None,
+    };
     let admin = start_admin(&config, &control, &data, tls.as_ref(), &policy);
     let worker =
         start_embedded_worker(&config, &control, &data, cas, blobs, tls.as_ref(), &policy)?;
@@ -105,6 +126,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     info!("shutting down: no new connections; waiting up to {grace:?} for in-flight calls");
     control.set_ready(false);
+    drop(quic);
     let drained = data.begin_shutdown();
     if let Some(worker) = worker {
         worker.stop(control.runtime(), grace);

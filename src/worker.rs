@@ -343,20 +343,14 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let quic = match (&quic_tls, &holdings) {
         (Some(tls), Some(_)) => {
             let _guard = runtime.enter();
-            let endpoint = kiln_worker::quic::server_endpoint(data.local_addr(), tls)
-                .context("cannot serve the local CAS over QUIC")?;
-            let cas = kiln_worker::quic::service::PeerCas::new(
+            let served = kiln_worker::quic::serve_cas(
+                data.local_addr(),
+                tls,
                 local.cas().clone(),
-                config.server.max_batch_total_size_bytes.as_u64(),
-            );
-            let max_message =
-                usize::try_from(config.server.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
-            Some(kiln_worker::quic::serve::serve(
-                endpoint,
-                cas,
                 peer_policy.clone(),
-                max_message,
-            ))
+                &config.server,
+            );
+            Some(served.context("cannot serve the local CAS over QUIC")?)
         }
         _ => None,
     };
@@ -418,10 +412,33 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     }
     let cas_links = {
         let _guard = runtime.enter();
-        let main = link.connect_lazy();
+        // Reads from the server over QUIC too, when asked for and the link has TLS.
+        let server_quic = match (config.worker.server_transport, &peer_client) {
+            (kiln_config::PeerTransport::Tcp, _) | (_, None) => None,
+            (transport, Some(tls)) => {
+                let (addr, name) = link.quic_target().with_context(|| {
+                    format!("cannot resolve {scheduler} to reach the server over QUIC")
+                })?;
+                let endpoint = kiln_worker::quic::client_endpoint(tls)
+                    .context("cannot reach the server over QUIC")?;
+                let server = kiln_worker::quic::connect::QuicPeer::new(
+                    endpoint,
+                    addr,
+                    &name,
+                    Duration::from_millis(config.worker.peer_quic_connect_timeout_ms),
+                    Duration::from_secs(config.worker.peer_cooldown_secs),
+                );
+                Some((server, transport == kiln_config::PeerTransport::Quic))
+            }
+        };
+        let cas_link = || match &server_quic {
+            Some((server, only)) => link.connect_lazy_preferring(server.clone(), *only),
+            None => link.connect_lazy(),
+        };
+        let main = cas_link();
         // Each range of a large download on a connection of its own (the first shares main).
         let ranges: Vec<_> = std::iter::once(main.clone())
-            .chain((1..config.worker.fetch_ranges).map(|_| link.connect_lazy()))
+            .chain((1..config.worker.fetch_ranges).map(|_| cas_link()))
             .collect();
         CasLinks {
             main,

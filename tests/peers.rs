@@ -268,15 +268,19 @@ async fn quic_read(
 async fn enrolled_farm<const N: usize>(
     rt: common::Runtime,
     dir: &Path,
+    server: &str,
     workers: [(&'static str, &'static str, &'static str); N],
 ) -> (common::Kiln, Vec<Worker>) {
     let data = dir.join("server");
     let options = common::Options {
-        config: Some(concat!(
-            "[tls]\nmode = \"auto\"\n[worker]\nembedded = false\n",
-            "[execution]\nkeepalive_secs = 1\n",
-            "[auth]\nenabled = true\nanonymous_roles = [\"execute\", \"cache-read\", \"cache-write\"]\n",
-        ).into()),
+        config: Some(format!(
+            "[server]\n{server}\n{}",
+            concat!(
+                "[tls]\nmode = \"auto\"\n[worker]\nembedded = false\n",
+                "[execution]\nkeepalive_secs = 1\n",
+                "[auth]\nenabled = true\nanonymous_roles = [\"execute\", \"cache-read\", \"cache-write\"]\n",
+            )
+        )),
         ..common::Options::on(rt)
     };
     let kiln = common::Kiln::start_async(&data, options).await;
@@ -300,24 +304,25 @@ async fn enrolled_farm<const N: usize>(
     (kiln, started)
 }
 
-/// Waits until the scheduler knows of at least `facts` blobs held by workers, asking the
-/// server's admin listener over HTTPS with the farm CA `ca`.
+/// The sum of the server's metrics whose lines start with any of `prefixes`, read from its
+/// admin listener over HTTPS with the farm CA `ca`.
+async fn server_metric(kiln: &common::Kiln, ca: &Path, prefixes: &[&str]) -> f64 {
+    let (url, ca) = (format!("{}/metrics", kiln.admin), ca.to_path_buf());
+    let (_, text) = tokio::task::spawn_blocking(move || {
+        common::curl(&url, &["--cacert", ca.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
+    text.lines()
+        .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the scheduler knows of at least `facts` blobs held by workers.
 async fn facts_known_over_tls(kiln: &common::Kiln, ca: &Path, facts: f64) {
-    common::eventually("the workers' reports of what they hold", || {
-        let (url, ca) = (format!("{}/metrics", kiln.admin), ca.to_path_buf());
-        async move {
-            let (_, text) = tokio::task::spawn_blocking(move || {
-                common::curl(&url, &["--cacert", ca.to_str().unwrap()])
-            })
-            .await
-            .unwrap();
-            let known: f64 = text
-                .lines()
-                .find_map(|l| l.strip_prefix("kiln_scheduler_blob_facts "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0.0);
-            (known >= facts).then_some(())
-        }
+    common::eventually("the workers' reports of what they hold", || async move {
+        (server_metric(kiln, ca, &["kiln_scheduler_blob_facts "]).await >= facts).then_some(())
     })
     .await;
 }
@@ -333,6 +338,7 @@ async fn a_peer_not_reachable_over_udp_is_reached_over_tcp() {
     let (kiln, workers) = enrolled_farm(
         rt,
         dir.path(),
+        "",
         [
             ("w1", "a", "peer_transport = \"tcp\"\npeer_race_delay_ms = 60000\n"),
             ("w2", "b", "peer_transport = \"both\"\npeer_quic_connect_timeout_ms = 300\npeer_race_delay_ms = 60000\n"),
@@ -376,6 +382,65 @@ async fn a_peer_not_reachable_over_udp_is_reached_over_tcp() {
     kiln.stop().await;
 }
 
+// Workers read blobs from the server over QUIC when both say so: `server.quic`, and w1 with
+// `server_transport = "quic"` (QUIC only for reads: had QUIC not carried them, its fetch
+// would fail) runs an action whose inputs it fetches from the server and uploads its output
+// (uploads go over TCP). w2 with `"both"` against the same server reads over QUIC too: the
+// server's TCP data plane sends neither worker their inputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_read_from_the_server_over_quic() {
+    let rt = common::Runtime::Glommio;
+    let dir = tempfile::tempdir().unwrap();
+    let (kiln, workers) = enrolled_farm(
+        rt,
+        dir.path(),
+        "quic = true",
+        [
+            ("w1", "a", "server_transport = \"quic\"\n"),
+            ("w2", "b", "server_transport = \"both\"\n"),
+        ],
+    )
+    .await;
+    let ca = dir.path().join("server/tls/ca.pem");
+    let ch = kiln.tls_channel(&ca, None).await.unwrap();
+    // What the server's data plane (TCP) sent of blobs read.
+    let tcp_reads = &[
+        "kiln_sent_bytes_total{method=\"ByteStream.Read\"}",
+        "kiln_sent_bytes_total{method=\"CAS.BatchReadBlobs\"}",
+    ];
+    for (i, (pool, worker, tag)) in [("a", "w1", "q"), ("b", "w2", "r")].into_iter().enumerate() {
+        let (tree, bytes) = inputs(tag);
+        let spec = run_on(pool, &tree, tag).upload(&ch, F).await;
+        let before = server_metric(&kiln, &ca, tcp_reads).await;
+        let (_, r) = execute(&ch, F, &spec, false).await.unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, worker), "{r:?}");
+        let over_tcp = server_metric(&kiln, &ca, tcp_reads).await - before;
+        assert!(
+            over_tcp < bytes as f64,
+            "{worker}'s inputs came over QUIC, not TCP ({over_tcp} bytes)"
+        );
+        let fetched = number(
+            &workers[i].admin(),
+            "kiln_worker_fetch_bytes_total{source=\"server\"}",
+        )
+        .await;
+        assert!(
+            fetched >= bytes as f64,
+            "{worker} fetched its inputs from the server"
+        );
+        let stdout = r.result.as_ref().unwrap().stdout_digest.as_ref().unwrap();
+        let out = common::blobs::read(&ch, &common::blobs::read_name("", F, stdout), 0, 0)
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            format!("{bytes}\n{tag}\n").into_bytes(),
+            "the output was uploaded"
+        );
+    }
+    kiln.stop().await;
+}
+
 // On a farm with TLS (`mode = "auto"`) and enrolled workers, peers serve their CAS over
 // mutual TLS with their enrolment certificates: w2 gets w1's inputs from w1 over QUIC, and
 // w1's CAS answers only a caller with a certificate from the farm CA — not plain gRPC, not
@@ -384,7 +449,7 @@ on_every_runtime! {
     async fn enrolled_workers_share_inputs_over_mutual_tls(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
         let config = "peer_race_delay_ms = 60000\npeer_transport = \"both\"\n";
-        let (kiln, workers) = enrolled_farm(rt, dir.path(), [("w1", "a", config), ("w2", "b", config)]).await;
+        let (kiln, workers) = enrolled_farm(rt, dir.path(), "", [("w1", "a", config), ("w2", "b", config)]).await;
         let data = dir.path().join("server");
         let ca = data.join("tls/ca.pem");
         let (admin1, admin2) = (workers[0].admin(), workers[1].admin());

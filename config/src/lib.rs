@@ -59,6 +59,12 @@ impl Config {
                 );
             }
         }
+        if self.server.quic && self.tls.mode == TlsMode::Off {
+            return invalid(
+                "server.quic",
+                "QUIC needs TLS: set [tls] mode = \"auto\" or \"files\"",
+            );
+        }
         let t = &self.get_tree;
         if t.max_tree_bytes.as_u64() == 0 || t.max_tree_bytes.as_u64() > 1 << 40 {
             return invalid(

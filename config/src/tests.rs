@@ -336,3 +336,13 @@ fn placement_weights_parse_are_checked_and_the_old_cache_option_name_still_reads
         }
     }
 }
+
+#[test]
+fn quic_on_the_server_needs_tls() {
+    match Config::from_toml("[server]\nquic = true\n", "test") {
+        Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "server.quic"),
+        other => panic!("{other:?}"),
+    }
+    let c = Config::from_toml("[server]\nquic = true\n[tls]\nmode = \"auto\"\n", "test").unwrap();
+    assert!(c.server.quic);
+}

@@ -224,6 +224,10 @@ pub struct ServerConfig {
     /// A connection with no call in flight for this long is closed with GOAWAY (seconds;
     /// 0: never).
     pub idle_timeout_secs: u64,
+    /// Also serve CAS reads (ByteStream `Read`, `BatchReadBlobs`, `FindMissingBlobs`) over
+    /// QUIC, on UDP at the port of `listen`, for workers with `worker.server_transport` `quic`
+    /// or `both`. Needs `[tls]`.
+    pub quic: bool,
 }
 
 impl Default for ServerConfig {
@@ -243,6 +247,7 @@ impl Default for ServerConfig {
             stalled_upload_secs: 60,
             max_connections: 4096,
             idle_timeout_secs: 300,
+            quic: false,
         }
     }
 }
@@ -665,8 +670,12 @@ pub struct WorkerConfig {
     /// not reachable over UDP). QUIC needs the peers' mutual TLS (an enrolled farm).
     pub peer_transport: PeerTransport,
     /// A QUIC handshake with a peer not done within this long marks it unreachable over UDP
-    /// for `peer_cooldown_secs` (milliseconds).
+    /// for `peer_cooldown_secs` (milliseconds); the same bound holds for the server.
     pub peer_quic_connect_timeout_ms: u64,
+    /// How the worker reads blobs from the server: `tcp`, `quic` (the server must set
+    /// `server.quic`), or `both` (QUIC first, TCP while the server is not reachable over UDP).
+    /// Uploads go over TCP.
+    pub server_transport: PeerTransport,
 }
 
 /// How blobs travel between workers.
@@ -707,6 +716,7 @@ impl Default for WorkerConfig {
             peer_cooldown_secs: 30,
             peer_transport: PeerTransport::Tcp,
             peer_quic_connect_timeout_ms: 1000,
+            server_transport: PeerTransport::Tcp,
         }
     }
 }

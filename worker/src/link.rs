@@ -18,11 +18,29 @@ pub struct Link {
     authorization: Option<http::HeaderValue>,
 }
 
-/// A channel to the scheduler that presents the link's bearer token (if any) on every call.
+/// A channel to the scheduler that presents the link's bearer token (if any) on every call;
+/// with a QUIC route, its blob reads go over QUIC while the server is reachable that way.
 #[derive(Clone)]
 pub struct LinkChannel {
     inner: Channel,
     authorization: Option<http::HeaderValue>,
+    quic: Option<QuicRoute>,
+}
+
+/// The calls a QUIC route carries: the server serves reads over QUIC, nothing else.
+const QUIC_READS: [&str; 3] = [
+    "/google.bytestream.ByteStream/Read",
+    "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs",
+    "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
+];
+
+/// The same server over QUIC.
+#[derive(Clone)]
+struct QuicRoute {
+    channel: Channel,
+    server: Arc<crate::quic::connect::QuicPeer>,
+    /// QUIC only: never the TCP channel.
+    only: bool,
 }
 
 impl tower::Service<http::Request<tonic::body::Body>> for LinkChannel {
@@ -34,6 +52,15 @@ impl tower::Service<http::Request<tonic::body::Body>> for LinkChannel {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
+        use std::task::Poll;
+        // With a QUIC route both channels must take the call: which one does is decided by
+        // the call's method (only reads go over QUIC).
+        if let Some(q) = &mut self.quic {
+            match tower::Service::poll_ready(&mut q.channel, cx) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+        }
         tower::Service::poll_ready(&mut self.inner, cx)
     }
 
@@ -43,7 +70,11 @@ impl tower::Service<http::Request<tonic::body::Body>> for LinkChannel {
                 .headers_mut()
                 .insert(http::header::AUTHORIZATION, v.clone());
         }
-        self.inner.call(request)
+        let read = QUIC_READS.contains(&request.uri().path());
+        match &mut self.quic {
+            Some(q) if read && (q.only || q.server.reachable()) => q.channel.call(request),
+            _ => self.inner.call(request),
+        }
     }
 }
 
@@ -145,7 +176,42 @@ impl Link {
         LinkChannel {
             inner,
             authorization: self.authorization.clone(),
+            quic: None,
         }
+    }
+
+    /// A channel that connects on first use, whose blob reads go over QUIC to `server` while
+    /// it is reachable that way and over this link otherwise (`only`: always over QUIC);
+    /// every other call goes over this link.
+    pub fn connect_lazy_preferring(
+        &self,
+        server: Arc<crate::quic::connect::QuicPeer>,
+        only: bool,
+    ) -> LinkChannel {
+        let mut channel = self.connect_lazy();
+        let quic = self
+            .endpoint
+            .connect_with_connector_lazy(crate::quic::connect::QuicConnector(server.clone()));
+        channel.quic = Some(QuicRoute {
+            channel: quic,
+            server,
+            only,
+        });
+        channel
+    }
+
+    /// The server's address and the name its certificate must carry, for QUIC: the URL's
+    /// host (resolved now) and port, or `None` when they do not resolve.
+    pub fn quic_target(&self) -> Option<(std::net::SocketAddr, String)> {
+        use std::net::ToSocketAddrs;
+        let uri = self.endpoint.uri();
+        let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+        let addr = (host, uri.port_u16()?).to_socket_addrs().ok()?.next()?;
+        let name = match &self.server_name {
+            Some(n) => n.to_str().into_owned(),
+            None => host.to_string(),
+        };
+        Some((addr, name))
     }
 
     /// The address as given.

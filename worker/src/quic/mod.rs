@@ -79,6 +79,22 @@ pub fn server_endpoint(
     quinn::Endpoint::server(config, addr).map_err(|source| QuicError::Bind { addr, source })
 }
 
+/// Serves `cas` read-only over QUIC on UDP at `addr` with `tls` (the TCP listener's TLS),
+/// to callers `policy` lets in, within `server`'s message and batch limits. Must be called
+/// inside the tokio runtime.
+pub fn serve_cas(
+    addr: SocketAddr,
+    tls: &rustls::ServerConfig,
+    cas: kiln_dataplane::store::ChainCas,
+    policy: Arc<kiln_auth::Policy>,
+    server: &kiln_config::ServerConfig,
+) -> Result<serve::QuicServing, QuicError> {
+    let endpoint = server_endpoint(addr, tls)?;
+    let cas = service::ReadOnlyCas::new(cas, server.max_batch_total_size_bytes.as_u64());
+    let max_message = usize::try_from(server.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
+    Ok(serve::serve(endpoint, cas, policy, max_message))
+}
+
 /// A QUIC endpoint that dials out only, with `tls` (the worker's TLS client config: the farm
 /// CA and its own certificate).
 pub fn client_endpoint(tls: &rustls::ClientConfig) -> Result<quinn::Endpoint, QuicError> {

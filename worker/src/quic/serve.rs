@@ -6,7 +6,7 @@
 //! HTTP/2 connection of its own.
 
 use super::io::{PeerIdentity, QuicIo};
-use super::service::PeerCas;
+use super::service::ReadOnlyCas;
 use kiln_auth::Policy;
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
@@ -49,10 +49,11 @@ impl Drop for QuicServing {
 }
 
 /// Serves `cas` on `endpoint` (a [`super::server_endpoint`]) to callers `policy` lets in, with
-/// gRPC messages up to `max_message` bytes. Must be called inside the tokio runtime.
+/// gRPC messages up to `max_message` bytes: a worker's CAS to its peers, or the server's to
+/// its workers. Must be called inside the tokio runtime.
 pub fn serve(
     endpoint: quinn::Endpoint,
-    cas: PeerCas,
+    cas: ReadOnlyCas,
     policy: Arc<Policy>,
     max_message: usize,
 ) -> QuicServing {
@@ -119,23 +120,28 @@ async fn connection(
             return;
         }
     };
-    let Some(peer) = identity(&connection) else {
-        connection.close(1u32.into(), b"a client certificate is required");
-        return;
+    // A caller without a certificate (the TLS config lets it in only where the server takes
+    // tokens) is checked at each call, by its token.
+    let peer = identity(&connection);
+    let refused = || {
+        peer.as_ref().is_some_and(|p| {
+            policy
+                .identify(Some((&p.name, &p.fingerprint)), None)
+                .is_err()
+        })
     };
-    let allowed = || policy.identify(Some((&peer.name, &peer.fingerprint)), None);
-    if let Err(e) = allowed() {
-        debug!(peer = %peer.name, error = %e, "QUIC peer refused");
+    if refused() {
+        debug!(peer = ?peer, "QUIC caller refused");
         connection.close(1u32.into(), b"refused");
         return;
     }
     while let Ok((send, recv)) = connection.accept_bi().await {
-        if allowed().is_err() {
+        if refused() {
             connection.close(1u32.into(), b"refused");
             return;
         }
         if tx
-            .send(Ok(QuicIo::new(send, recv, Some(peer.clone()))))
+            .send(Ok(QuicIo::new(send, recv, peer.clone())))
             .await
             .is_err()
         {

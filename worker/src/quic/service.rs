@@ -1,7 +1,9 @@
-//! The worker's CAS as served over QUIC: the read-only half of the CAS and ByteStream gRPC
-//! services, answered from the local store (the data plane answers the same calls over TCP).
-//! Writes are `PERMISSION_DENIED`: peers only read. Every caller got here through mutual TLS
-//! with the farm CA ([`super::serve`]).
+//! A CAS as served over QUIC — a worker's to its peers, the server's to its workers: the
+//! read-only half of the CAS and ByteStream gRPC services, answered from the local store (the
+//! data plane answers the same calls over TCP). Writes are `PERMISSION_DENIED`. Each call is
+//! checked against the policy as the data plane checks it: the caller's client certificate
+//! (from the QUIC handshake, [`super::serve`]) or its bearer token, and the role the method
+//! needs on the instance it names.
 
 use super::io::PeerIdentity;
 use futures::StreamExt;
@@ -29,6 +31,13 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
 
+/// The methods served, as the policy names them.
+const FIND_MISSING: &str =
+    "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
+const BATCH_READ: &str =
+    "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs";
+const READ: &str = "/google.bytestream.ByteStream/Read";
+
 /// Bytes per `ReadResponse`.
 const CHUNK: usize = 256 << 10;
 /// Reads served at once (each holds one chunk at a time): more are `RESOURCE_EXHAUSTED`,
@@ -43,7 +52,7 @@ enum Source {
 
 /// The local CAS, read-only.
 #[derive(Clone)]
-pub struct PeerCas {
+pub struct ReadOnlyCas {
     cas: ChainCas,
     /// Checks each call's caller (set by [`super::serve`]).
     policy: Option<Arc<kiln_auth::Policy>>,
@@ -55,10 +64,10 @@ pub struct PeerCas {
     reads: Arc<tokio::sync::Semaphore>,
 }
 
-impl PeerCas {
+impl ReadOnlyCas {
     /// Serves `cas`, batches up to `max_batch` bytes.
-    pub fn new(cas: ChainCas, max_batch: u64) -> PeerCas {
-        PeerCas {
+    pub fn new(cas: ChainCas, max_batch: u64) -> ReadOnlyCas {
+        ReadOnlyCas {
             cas,
             policy: None,
             sent: Arc::new(AtomicU64::new(0)),
@@ -69,23 +78,30 @@ impl PeerCas {
 
     /// The same, refusing calls whose caller `policy` does not let in (checked at every
     /// call, so a revocation takes effect on connections already open).
-    pub(super) fn guarded_by(mut self, policy: Arc<kiln_auth::Policy>) -> PeerCas {
+    pub(super) fn guarded_by(mut self, policy: Arc<kiln_auth::Policy>) -> ReadOnlyCas {
         self.policy = Some(policy);
         self
     }
 
-    fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    /// Whether the caller of `request` may call `path` on `instance`.
+    fn check<T>(&self, request: &Request<T>, path: &str, instance: &str) -> Result<(), Status> {
         let Some(policy) = &self.policy else {
             return Ok(());
         };
         let peer = request
             .extensions()
             .get::<Option<PeerIdentity>>()
-            .and_then(Option::as_ref)
-            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+            .and_then(Option::as_ref);
+        let certificate = peer.map(|p| (p.name.as_str(), p.fingerprint.as_str()));
+        let token = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        let principal = policy
+            .identify(certificate, token)
+            .map_err(|e| e.status())?;
         policy
-            .identify(Some((&peer.name, &peer.fingerprint)), None)
-            .map(|_| ())
+            .authorize(&principal, path, instance)
             .map_err(|e| e.status())
     }
 }
@@ -114,12 +130,12 @@ fn instance(name: &str) -> Result<InstanceName, Status> {
 }
 
 #[tonic::async_trait]
-impl ContentAddressableStorage for PeerCas {
+impl ContentAddressableStorage for ReadOnlyCas {
     async fn find_missing_blobs(
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        self.check(&request)?;
+        self.check(&request, FIND_MISSING, &request.get_ref().instance_name)?;
         let r = request.into_inner();
         let instance = instance(&r.instance_name)?;
         let asked = digests(r.digest_function, &r.blob_digests)?;
@@ -144,7 +160,7 @@ impl ContentAddressableStorage for PeerCas {
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
-        self.check(&request)?;
+        self.check(&request, BATCH_READ, &request.get_ref().instance_name)?;
         let r = request.into_inner();
         let instance = instance(&r.instance_name)?;
         let asked = digests(r.digest_function, &r.digests)?;
@@ -222,16 +238,17 @@ impl ContentAddressableStorage for PeerCas {
 }
 
 #[tonic::async_trait]
-impl ByteStream for PeerCas {
+impl ByteStream for ReadOnlyCas {
     type ReadStream = Pin<Box<dyn futures::Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
     async fn read(
         &self,
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
-        self.check(&request)?;
+        let resource =
+            kiln_reapi::resource::parse_read(&request.get_ref().resource_name).map_err(bad)?;
+        self.check(&request, READ, resource.key.instance.as_str())?;
         let r = request.into_inner();
-        let resource = kiln_reapi::resource::parse_read(&r.resource_name).map_err(bad)?;
         if resource.compressor != Compressor::Identity {
             return Err(Status::unimplemented(
                 "peers send blobs uncompressed (read from blobs/, not compressed-blobs/)",
