@@ -15,6 +15,10 @@ use std::time::Instant;
 /// worker holds, and looked at for hints: the scheduler's lock is held meanwhile.
 const MAX_SCORED: usize = 100_000;
 
+/// Queued actions looked at for the workers they alone can run (the scheduler's lock is held
+/// meanwhile).
+const MAX_SOLE_LOOKED_AT: usize = 1_000;
+
 /// Digests hinted with one dispatch at most (about 75 bytes each in the message).
 const MAX_HINTS: usize = 100_000;
 
@@ -45,7 +49,13 @@ impl<P: Clone, R> Scheduler<P, R> {
     /// keeps the best free worker for itself (`reserved`: actions behind it cannot take that
     /// one, so holding never lets them overtake it); else the worker that fetched its inputs
     /// ahead, if free; else the best.
-    fn choose(&self, now: Instant, state: &OpState<P>, reserved: &HashSet<WorkerId>) -> Choice {
+    fn choose(
+        &self,
+        now: Instant,
+        state: &OpState<P>,
+        reserved: &HashSet<WorkerId>,
+        sole: &HashSet<WorkerId>,
+    ) -> Choice {
         let kinds = &self.config.kinds;
         let weights = &self.config.weights;
         let requirements = &state.job.requirements;
@@ -55,11 +65,19 @@ impl<P: Clone, R> Scheduler<P, R> {
                 && w.busy < w.capacity
                 && fits(kinds, requirements, &w.offer, &w.consumed)
         };
+        // A worker that alone can run some queued action is left to such actions when another
+        // worker could ever run this one (this one then waits for it), however well that
+        // worker scores for this one.
+        let elsewhere = self.workers.iter().any(|(id, w)| {
+            !w.draining && !sole.contains(id) && could_fit(kinds, requirements, &w.offer)
+        });
+        let unclaimed =
+            |id: &WorkerId, w: &WorkerState| free(id, w) && !(elsewhere && sole.contains(id));
         let Some(Best {
             id: best,
             score,
             root_free,
-        }) = self.best(state, &free)
+        }) = self.best(state, &unclaimed)
         else {
             return Choice::NotNow;
         };
@@ -167,6 +185,25 @@ impl<P: Clone, R> Scheduler<P, R> {
         })
     }
 
+    /// The workers that alone can run some queued action (of the first [`MAX_SOLE_LOOKED_AT`]
+    /// queued): no other worker that is not draining could ever fit it.
+    fn sole_workers(&self) -> HashSet<WorkerId> {
+        let kinds = &self.config.kinds;
+        let mut sole = HashSet::new();
+        for op in self.queue.values().take(MAX_SOLE_LOOKED_AT) {
+            let Some(state) = self.ops.get(op) else {
+                continue;
+            };
+            let mut fitting = self.workers.iter().filter(|(_, w)| {
+                !w.draining && could_fit(kinds, &state.job.requirements, &w.offer)
+            });
+            if let (Some((id, _)), None) = (fitting.next(), fitting.next()) {
+                sole.insert(*id);
+            }
+        }
+        sole
+    }
+
     /// When the scheduler next needs a [`Scheduler::tick`] to place an action it holds for a
     /// busy worker (`None`: nothing held; the regular tick is enough).
     pub fn wake_at(&self) -> Option<Instant> {
@@ -192,6 +229,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             return;
         }
         let queued: Vec<((i32, u64), OpId)> = self.queue.iter().map(|(k, v)| (*k, *v)).collect();
+        let sole = self.sole_workers();
         let mut reserved = HashSet::new();
         for (slot, op) in queued {
             if free == 0 {
@@ -200,7 +238,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             let Some(state) = self.ops.get(&op) else {
                 continue;
             };
-            let (worker, reason) = match self.choose(now, state, &reserved) {
+            let (worker, reason) = match self.choose(now, state, &reserved, &sole) {
                 Choice::Place(worker, reason) => (worker, reason),
                 Choice::Hold { keep, until } => {
                     reserved.insert(keep);

@@ -274,3 +274,37 @@ fn an_action_goes_to_the_free_worker_caching_most_of_its_input_tree_then_by_weig
     assert_eq!(dispatched(&mut s), vec![(3, "t", 1)], "not held");
     assert_eq!(s.placements().input_blobs, 1);
 }
+
+// A worker that alone can run a queued action is not taken by an action another free worker
+// can run, however well it scores for it: the gpu worker (1) caches the generic action's
+// whole tree, yet the generic action goes to worker 2 while the gpu action waits in the
+// queue, and the gpu action gets worker 1.
+#[test]
+fn a_worker_is_never_starved_of_work_it_alone_can_run() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, props(&[("gpu", "yes")]), 1, true);
+    s.worker_joined(t, 2, vec![], 1, true);
+    // Both busy while the two actions queue.
+    s.submit(t, job("hold-1", 0, &[("gpu", "yes")])).unwrap();
+    s.submit(t, job("hold-2", 0, &[])).unwrap();
+    assert_eq!(dispatched(&mut s).len(), 2);
+    s.worker_dirs(t, 1, true, vec![tree_dir(0)], vec![]);
+    s.submit(t, treed("generic")).unwrap();
+    s.submit(t, job("gpu", 0, &[("gpu", "yes")])).unwrap();
+    assert!(dispatched(&mut s).is_empty());
+    // Worker 1 frees first: the generic action, first in the queue, does not take it.
+    s.reported(t, 1, 1, "done");
+    assert_eq!(dispatched(&mut s), vec![(1, "gpu", 1)]);
+    // Worker 2 frees: the generic action waits a little for its root's holder (busy), then
+    // takes worker 2.
+    s.reported(t, 2, 2, "done");
+    assert!(dispatched(&mut s).is_empty());
+    s.tick(t + Duration::from_millis(150));
+    assert_eq!(dispatched(&mut s), vec![(2, "generic", 1)]);
+    // With no gpu action queued, a generic one goes to worker 1, its root's holder.
+    s.reported(t, 1, 4, "done");
+    s.reported(t, 2, 3, "done");
+    s.submit(t, treed("generic-2")).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(1, "generic-2", 1)]);
+}
