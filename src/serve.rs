@@ -126,7 +126,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     info!("shutting down: no new connections; waiting up to {grace:?} for in-flight calls");
     control.set_ready(false);
-    drop(quic);
     let drained = data.begin_shutdown();
     if let Some(worker) = worker {
         worker.stop(control.runtime(), grace);
@@ -140,6 +139,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !clean {
         warn!("grace period over; closing the remaining connections");
     }
+    // QUIC reads in flight had the grace period too.
+    drop(quic);
     data.finish_shutdown();
     control.shutdown(Duration::from_secs(5));
     info!("stopped");

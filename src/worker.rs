@@ -416,19 +416,28 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let server_quic = match (config.worker.server_transport, &peer_client) {
             (kiln_config::PeerTransport::Tcp, _) | (_, None) => None,
             (transport, Some(tls)) => {
-                let (addr, name) = link.quic_target().with_context(|| {
-                    format!("cannot resolve {scheduler} to reach the server over QUIC")
-                })?;
-                let endpoint = kiln_worker::quic::client_endpoint(tls)
-                    .context("cannot reach the server over QUIC")?;
-                let server = kiln_worker::quic::connect::QuicPeer::new(
-                    endpoint,
-                    addr,
-                    &name,
-                    Duration::from_millis(config.worker.peer_quic_connect_timeout_ms),
-                    Duration::from_secs(config.worker.peer_cooldown_secs),
-                );
-                Some((server, transport == kiln_config::PeerTransport::Quic))
+                let only = transport == kiln_config::PeerTransport::Quic;
+                match link.quic_target() {
+                    None if only => {
+                        bail!("cannot resolve {scheduler} to reach the server over QUIC")
+                    }
+                    None => {
+                        tracing::warn!(%scheduler, "cannot resolve the server's address for QUIC; reading over TCP");
+                        None
+                    }
+                    Some((addr, name)) => {
+                        let endpoint = kiln_worker::quic::client_endpoint(tls)
+                            .context("cannot reach the server over QUIC")?;
+                        let server = kiln_worker::quic::connect::QuicPeer::new(
+                            endpoint,
+                            addr,
+                            &name,
+                            Duration::from_millis(config.worker.peer_quic_connect_timeout_ms),
+                            Duration::from_secs(config.worker.peer_cooldown_secs),
+                        );
+                        Some((server, only))
+                    }
+                }
             }
         };
         let cas_link = || match &server_quic {

@@ -154,7 +154,8 @@ impl Drop for Net {
 }
 
 /// Worker `name` on host `i` of `net`, offering `host=NAME`, with its admin listener on its
-/// own address; returns it and that admin address.
+/// own address; returns it and that admin address. Plain gRPC, or enrolled with `join` (a
+/// join token) over TLS.
 async fn worker(
     net: &Net,
     i: usize,
@@ -162,8 +163,10 @@ async fn worker(
     dir: &std::path::Path,
     name: &str,
     config: &str,
+    join: Option<String>,
 ) -> (Worker, String) {
-    let (ns, addr, url) = (net.ns(i), net.addr(i), format!("grpc://{}", kiln.addr));
+    let scheme = if join.is_some() { "grpcs" } else { "grpc" };
+    let (ns, addr, url) = (net.ns(i), net.addr(i), format!("{scheme}://{}", kiln.addr));
     let wdir = dir.join(name);
     std::fs::create_dir_all(&wdir).unwrap();
     let file = wdir.join("worker.toml");
@@ -172,8 +175,7 @@ async fn worker(
     let w = tokio::task::spawn_blocking(move || {
         let property = format!("host={name}");
         let admin = format!("{addr}:0");
-        let args = [
-            "--insecure",
+        let mut args = vec![
             "--config",
             &file,
             "--property",
@@ -185,6 +187,11 @@ async fn worker(
             "--admin-listen",
             &admin,
         ];
+        // Metrics on the host's own address need it, whatever the CAS's link.
+        args.push("--insecure");
+        if let Some(token) = &join {
+            args.extend(["--join", token.as_str()]);
+        }
         Worker::start_in(
             Some(&ns),
             &url,
@@ -262,7 +269,7 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
         ..Options::on(Runtime::Glommio)
     };
     let kiln = Kiln::start_async(&dir.path().join("server"), options).await;
-    let (_a, admin_a) = worker(&net, 1, &kiln, dir.path(), "a", "").await;
+    let (_a, admin_a) = worker(&net, 1, &kiln, dir.path(), "a", "", None).await;
     let (_b, admin_b) = worker(
         &net,
         2,
@@ -270,6 +277,7 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
         dir.path(),
         "b",
         "peer_race_delay_ms = 60000\n",
+        None,
     )
     .await;
     // c waits for its peer as long as it takes: only a's death can end the wait.
@@ -280,6 +288,7 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
         dir.path(),
         "c",
         "peer_race_delay_ms = 600000\n",
+        None,
     )
     .await;
     let mut a = _a;
@@ -394,6 +403,128 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
     assert!(
         number(&admin_c, "kiln_worker_peer_failures_total").await >= 1.0,
         "c asked a (it was hinted), and a failed it"
+    );
+    kiln.stop().await;
+}
+
+// The same farm enrolled, over mutual TLS, with peers over QUIC where UDP gets through
+// (`peer_transport = "both"`): a's inputs reach b from a over QUIC, across the bridge. On
+// c's host every UDP packet out is refused (`ip rule add ipproto udp prohibit` in its
+// namespace: UDP blocked), so c reaches its peers over TCP, before and after its QUIC
+// handshakes time out, without any peer being set aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_hosts_share_inputs_over_quic_and_over_tcp_where_udp_is_blocked() {
+    let net = match Net::create(4) {
+        Ok(net) => net,
+        Err(why) => {
+            eprintln!("skipped: cannot create network namespaces here ({why})");
+            return;
+        }
+    };
+    let blocked = ip(&[
+        "-n",
+        &net.ns(3),
+        "rule",
+        "add",
+        "ipproto",
+        "udp",
+        "prohibit",
+    ]);
+    assert!(blocked.is_ok(), "cannot block UDP in c's namespace");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let options = Options {
+        config: Some(format!(
+            "{NO_EMBEDDED}[tls]\nmode = \"auto\"\nnames = [\"{}\"]\n[auth]\nenabled = true\nanonymous_roles = [\"execute\", \"cache-read\", \"cache-write\", \"admin\"]\n",
+            net.addr(0)
+        )),
+        listen: Some(format!("{}:0", net.addr(0))),
+        netns: Some(net.ns(0)),
+        ..Options::on(Runtime::Glommio)
+    };
+    let kiln = Kiln::start_async(&data, options).await;
+    let ca = data.join("tls/ca.pem");
+    let quic = "peer_transport = \"both\"\npeer_race_delay_ms = 60000\npeer_quic_connect_timeout_ms = 300\n";
+    let mut hosts = Vec::new();
+    for (i, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        let token = kiln.join_token(&data);
+        hosts.push(worker(&net, i, &kiln, dir.path(), name, quic, Some(token)).await);
+    }
+    let (admin_a, admin_b, admin_c) = (hosts[0].1.clone(), hosts[1].1.clone(), hosts[2].1.clone());
+    let ch = kiln.tls_channel(&ca, None).await.unwrap();
+    // The blobs the scheduler knows a holds.
+    let held_by_a = || kiln.metric_over_tls(&ca, &["kiln_worker_held_blobs{worker=\"a\"} "]);
+    let run = |tree: Tree, host: &'static str, salt: &'static str| {
+        let ch = ch.clone();
+        async move {
+            let (_, r) = execute(
+                &ch,
+                F,
+                &spec(&tree, &[("host", host)], salt).upload(&ch, F).await,
+                false,
+            )
+            .await
+            .unwrap();
+            assert_eq!((code(&r), worker_of(&r).as_str()), (0, host), "{r:?}");
+        }
+    };
+    let from = |admin: String, source: &'static str| async move {
+        number(
+            &admin,
+            &format!("kiln_worker_fetch_bytes_total{{source=\"{source}\"}}"),
+        )
+        .await
+    };
+
+    let quic_bytes = |admin: String| async move {
+        number(&admin, "kiln_worker_fetch_quic_bytes_total").await as u64
+    };
+    // Each set of inputs runs on a first, then on b and on c, which fetch it from their
+    // peers. The first set reaches b over TCP while its QUIC connection to a comes up; the
+    // second over QUIC. c sends no UDP: it uses TCP throughout, before and after its QUIC
+    // handshakes time out.
+    for (set, salt) in [(1, "one"), (2, "two")] {
+        let (tree, bytes) = inputs(set);
+        let known = held_by_a().await;
+        run(tree.clone(), "a", salt).await;
+        common::eventually("a's report of the new inputs", || async {
+            (held_by_a().await >= known + 2.0).then_some(())
+        })
+        .await;
+        let (b_before, b_quic) = (
+            from(admin_b.clone(), "peer").await as u64,
+            quic_bytes(admin_b.clone()).await,
+        );
+        run(tree.clone(), "b", salt).await;
+        assert_eq!(
+            from(admin_b.clone(), "peer").await as u64 - b_before,
+            bytes,
+            "b from its peers"
+        );
+        if set == 2 {
+            assert_eq!(
+                quic_bytes(admin_b.clone()).await - b_quic,
+                bytes,
+                "b over QUIC, now up"
+            );
+        }
+        let c_before = from(admin_c.clone(), "peer").await as u64;
+        run(tree, "c", salt).await;
+        assert_eq!(
+            from(admin_c.clone(), "peer").await as u64 - c_before,
+            bytes,
+            "c over TCP"
+        );
+    }
+    assert!(number(&admin_a, "kiln_worker_served_bytes_total").await > 0.0);
+    assert_eq!(
+        quic_bytes(admin_c.clone()).await,
+        0,
+        "nothing over QUIC to c"
+    );
+    assert_eq!(
+        number(&admin_c, "kiln_worker_peer_failures_total").await,
+        0.0
     );
     kiln.stop().await;
 }

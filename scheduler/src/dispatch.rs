@@ -54,7 +54,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         now: Instant,
         state: &OpState<P>,
         reserved: &HashSet<WorkerId>,
-        sole: &HashSet<WorkerId>,
+        sole: &HashMap<WorkerId, usize>,
     ) -> Choice {
         let kinds = &self.config.kinds;
         let weights = &self.config.weights;
@@ -65,14 +65,16 @@ impl<P: Clone, R> Scheduler<P, R> {
                 && w.busy < w.capacity
                 && fits(kinds, requirements, &w.offer, &w.consumed)
         };
-        // A worker that alone can run some queued action is left to such actions when another
-        // worker could ever run this one (this one then waits for it), however well that
-        // worker scores for this one.
+        // A worker that alone can run some queued actions keeps as many free slots for them
+        // when another worker could ever run this one (this one then waits for it), however
+        // well that worker scores for this one.
         let elsewhere = self.workers.iter().any(|(id, w)| {
-            !w.draining && !sole.contains(id) && could_fit(kinds, requirements, &w.offer)
+            !w.draining && !sole.contains_key(id) && could_fit(kinds, requirements, &w.offer)
         });
-        let unclaimed =
-            |id: &WorkerId, w: &WorkerState| free(id, w) && !(elsewhere && sole.contains(id));
+        let unclaimed = |id: &WorkerId, w: &WorkerState| {
+            let kept = sole.get(id).copied().unwrap_or(0);
+            free(id, w) && !(elsewhere && w.capacity.saturating_sub(w.busy) <= kept)
+        };
         let Some(Best {
             id: best,
             score,
@@ -88,7 +90,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         // holder's wait, below).
         let prefetcher = state
             .prefetch
-            .filter(|id| self.workers.get(id).is_some_and(|w| free(id, w)));
+            .filter(|id| self.workers.get(id).is_some_and(|w| unclaimed(id, w)));
         let busy_holder = weights.input_root > 0.0
             && !root_free
             && state.job.input_root.as_ref().is_some_and(|root| {
@@ -185,11 +187,12 @@ impl<P: Clone, R> Scheduler<P, R> {
         })
     }
 
-    /// The workers that alone can run some queued action (of the first [`MAX_SOLE_LOOKED_AT`]
-    /// queued): no other worker that is not draining could ever fit it.
-    fn sole_workers(&self) -> HashSet<WorkerId> {
+    /// The workers that alone can run some queued actions (of the first
+    /// [`MAX_SOLE_LOOKED_AT`] queued; no other worker that is not draining could ever fit
+    /// them), with how many.
+    fn sole_workers(&self) -> HashMap<WorkerId, usize> {
         let kinds = &self.config.kinds;
-        let mut sole = HashSet::new();
+        let mut sole = HashMap::new();
         for op in self.queue.values().take(MAX_SOLE_LOOKED_AT) {
             let Some(state) = self.ops.get(op) else {
                 continue;
@@ -198,7 +201,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 !w.draining && could_fit(kinds, &state.job.requirements, &w.offer)
             });
             if let (Some((id, _)), None) = (fitting.next(), fitting.next()) {
-                sole.insert(*id);
+                *sole.entry(*id).or_insert(0) += 1;
             }
         }
         sole

@@ -59,6 +59,11 @@ impl BlobHolders {
         self.facts == 0
     }
 
+    /// Facts kept about `worker`.
+    pub fn facts_of(&self, worker: WorkerId) -> usize {
+        self.orders.get(&worker).map_or(0, |o| o.live)
+    }
+
     /// Takes in a worker's report: with `full`, `added` is everything it holds (its earlier
     /// facts are dropped); otherwise what it added and removed since its last report. Past
     /// the cap, the oldest facts of the worker with the most go first, so that one worker

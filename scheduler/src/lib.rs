@@ -255,6 +255,11 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.holders.len()
     }
 
+    /// Facts remembered about `worker` (the blobs it is known to hold).
+    pub fn worker_blob_facts(&self, worker: WorkerId) -> usize {
+        self.holders.facts_of(worker)
+    }
+
     /// Placements made since start, by reason.
     pub fn placements(&self) -> Placements {
         self.placements

@@ -419,6 +419,38 @@ impl Kiln {
             .await
     }
 
+    /// The sum of this server's metrics whose lines start with any of `prefixes`, read from
+    /// its admin listener over HTTPS with the farm CA `ca`.
+    pub async fn metric_over_tls(&self, ca: &Path, prefixes: &[&str]) -> f64 {
+        let (url, ca) = (format!("{}/metrics", self.admin), ca.to_path_buf());
+        let (_, text) =
+            tokio::task::spawn_blocking(move || curl(&url, &["--cacert", ca.to_str().unwrap()]))
+                .await
+                .unwrap();
+        text.lines()
+            .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+            .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
+            .sum()
+    }
+
+    /// A one-time join token (`kiln join-token create`) for this server, whose data is in
+    /// `data`.
+    pub fn join_token(&self, data: &Path) -> String {
+        let made = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["join-token", "create", "--ttl", "10m", "--server-address"])
+            .arg(self.addr.to_string())
+            .arg("--data-dir")
+            .arg(data)
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        String::from_utf8(made.stdout).unwrap().trim().to_string()
+    }
+
     /// Sends `signal` (e.g. `libc::SIGHUP`).
     pub fn signal(&self, signal: i32) {
         let pid = self.child.as_ref().expect("running").id() as i32;

@@ -19,7 +19,8 @@ pub struct Link {
 }
 
 /// A channel to the scheduler that presents the link's bearer token (if any) on every call;
-/// with a QUIC route, its blob reads go over QUIC while the server is reachable that way.
+/// with a QUIC route, its blob reads go over QUIC once that connection is up (QUIC only:
+/// always), and over TCP meanwhile.
 #[derive(Clone)]
 pub struct LinkChannel {
     inner: Channel,
@@ -72,7 +73,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for LinkChannel {
         }
         let read = QUIC_READS.contains(&request.uri().path());
         match &mut self.quic {
-            Some(q) if read && (q.only || q.server.reachable()) => q.channel.call(request),
+            Some(q) if read && (q.only || q.server.up_or_dial()) => q.channel.call(request),
             _ => self.inner.call(request),
         }
     }
@@ -180,9 +181,9 @@ impl Link {
         }
     }
 
-    /// A channel that connects on first use, whose blob reads go over QUIC to `server` while
-    /// it is reachable that way and over this link otherwise (`only`: always over QUIC);
-    /// every other call goes over this link.
+    /// A channel that connects on first use, whose blob reads go over QUIC to `server` once
+    /// that connection is up and over this link while it is dialled or unreachable (`only`:
+    /// always over QUIC); every other call goes over this link.
     pub fn connect_lazy_preferring(
         &self,
         server: Arc<crate::quic::connect::QuicPeer>,

@@ -342,6 +342,7 @@ mod tests {
                     endpoint: "grpc://10.0.0.7:50052".into(),
                     tls_name: String::new(),
                 }),
+                blob_facts: 3,
             }],
             ..Default::default()
         });

@@ -57,6 +57,7 @@ pub struct WorkerGauges {
     served: Family<WorkerLabel, Counter>,
     peer_failures: Family<WorkerLabel, Counter>,
     quic_bytes: Family<WorkerLabel, Counter>,
+    held_blobs: Family<WorkerLabel, Gauge>,
     blob_facts: Gauge,
     /// Each worker's last reported counts, by worker and report (`dircache`, `transfers`).
     last: Mutex<HashMap<(String, &'static str), Seen>>,
@@ -136,6 +137,11 @@ impl WorkerGauges {
             self.peer_failures.clone(),
         );
         registry.register(
+            "kiln_worker_held_blobs",
+            "Blobs the scheduler knows a worker's CAS holds (the locality map's facts about it)",
+            self.held_blobs.clone(),
+        );
+        registry.register(
             "kiln_worker_fetch_quic_bytes",
             "Of the bytes a worker fetched from peers, those that came over QUIC",
             self.quic_bytes.clone(),
@@ -162,6 +168,7 @@ impl WorkerGauges {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         self.bytes.clear();
         self.entries.clear();
+        self.held_blobs.clear();
         // The increase of a report's counts since it was last seen.
         let mut increase = |worker: &str, report: &'static str, now: Seen| {
             let key = (worker.to_string(), report);
@@ -177,6 +184,11 @@ impl WorkerGauges {
             let label = WorkerLabel {
                 worker: w.name.clone(),
             };
+            if w.blob_facts > 0 {
+                self.held_blobs
+                    .get_or_create(&label)
+                    .set(i64::try_from(w.blob_facts).unwrap_or(i64::MAX));
+            }
             if let Some(r) = w.dircache {
                 let more = increase(
                     &w.name,

@@ -85,6 +85,8 @@ pub struct WorkerView {
     pub transfers: Option<kiln_proto::worker::TransferReport>,
     /// Where it serves its CAS to peers.
     pub endpoint: Option<PeerEndpoint>,
+    /// The blobs the scheduler knows it holds.
+    pub blob_facts: usize,
 }
 
 /// Counts for the status page and metrics.
@@ -572,13 +574,21 @@ impl ExecutionCore {
 
     /// Each connected worker's last report of itself, by name.
     pub fn worker_views(&self) -> Vec<WorkerView> {
+        let facts: HashMap<WorkerId, usize> = {
+            let ids: Vec<WorkerId> = lock(&self.sessions).keys().copied().collect();
+            let scheduler = lock(&self.scheduler);
+            ids.into_iter()
+                .map(|id| (id, scheduler.worker_blob_facts(id)))
+                .collect()
+        };
         let mut out: Vec<WorkerView> = lock(&self.sessions)
-            .values()
-            .map(|s| WorkerView {
+            .iter()
+            .map(|(id, s)| WorkerView {
                 name: s.name.clone(),
                 dircache: s.dircache,
                 transfers: s.transfers,
                 endpoint: s.endpoint.clone(),
+                blob_facts: facts.get(id).copied().unwrap_or(0),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

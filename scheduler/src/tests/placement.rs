@@ -308,3 +308,20 @@ fn a_worker_is_never_starved_of_work_it_alone_can_run() {
     s.submit(t, treed("generic-2")).unwrap();
     assert_eq!(dispatched(&mut s), vec![(1, "generic-2", 1)]);
 }
+
+// A sole worker keeps only as many free slots as there are queued actions it alone can run:
+// with two slots and one gpu action waiting, the generic action ahead of it takes the other
+// slot rather than wait for the busy worker 2.
+#[test]
+fn a_sole_worker_keeps_only_the_slots_its_own_actions_need() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 2, vec![], 1, true);
+    s.submit(t, job("hold", 0, &[])).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(2, "hold", 1)]);
+    s.submit(t, job("generic", 0, &[])).unwrap();
+    s.submit(t, job("gpu", 0, &[("gpu", "yes")])).unwrap();
+    assert!(dispatched(&mut s).is_empty());
+    s.worker_joined(t, 1, props(&[("gpu", "yes")]), 2, true);
+    assert_eq!(dispatched(&mut s), vec![(1, "generic", 1), (1, "gpu", 1)]);
+}

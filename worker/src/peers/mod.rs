@@ -268,8 +268,8 @@ impl Peers {
         })
     }
 
-    /// The link to `peer` to use now: over QUIC while it is reachable that way, else over
-    /// TCP (unless QUIC only).
+    /// The link to `peer` to use now: over QUIC when it is up (or, QUIC only, reachable),
+    /// else over TCP (unless QUIC only).
     fn link(&self, peer: &PeerAddr) -> Option<(RemoteCas, Arc<Load>, Option<Arc<QuicPeer>>)> {
         let only_quic = self.quic.as_ref().is_some_and(|q| q.only);
         let mut links = self.lock();
@@ -286,10 +286,15 @@ impl Peers {
             Some(_) => link.avoid_until = None,
             None => {}
         }
+        // QUIC only: over QUIC unless found unreachable. Both: over QUIC once it is up, over
+        // TCP while it is dialled (in the background) or unreachable.
+        let over_quic = match &link.quic {
+            Some((q, _)) if only_quic => q.reachable(),
+            Some((q, _)) => q.up_or_dial(),
+            None => false,
+        };
         match &link.quic {
-            Some((q, cas)) if q.reachable() => {
-                Some((cas.clone(), link.load.clone(), Some(q.clone())))
-            }
+            Some((q, cas)) if over_quic => Some((cas.clone(), link.load.clone(), Some(q.clone()))),
             _ if only_quic => None,
             _ => Some((link.cas.clone(), link.load.clone(), None)),
         }
@@ -495,10 +500,12 @@ mod tests {
         }
     }
 
-    // Races lost while a peer's QUIC connection is not up (being dialled: here it never
-    // answers) say nothing of the peer: it is not set aside, and not counted as failed.
+    // With QUIC and TCP, a peer whose QUIC connection is not up (being dialled: here it never
+    // answers) is asked over TCP meanwhile; with QUIC only, over QUIC, and races lost while
+    // the connection is not up say nothing of the peer: it is not set aside, and not counted
+    // as failed.
     #[tokio::test]
-    async fn races_lost_before_a_quic_connection_is_up_do_not_set_the_peer_aside() {
+    async fn a_peer_is_asked_over_tcp_until_its_quic_connection_is_up() {
         kiln_tls::install_provider();
         let dir = tempfile::tempdir().unwrap();
         let farm = kiln_tls::farm::Farm::at(dir.path());
@@ -507,26 +514,41 @@ mod tests {
         let tls = kiln_tls::client::config(trust, None).unwrap();
         // A UDP port that takes packets and never answers.
         let hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let quic = QuicDialling {
+        let dialling = |only| QuicDialling {
             endpoint: crate::quic::client_endpoint(&tls).unwrap(),
             timeout: Duration::from_secs(3600),
-            only: false,
+            only,
         };
         let settings = PeerSettings {
             race_delay: Duration::from_millis(20),
             min_rate: 1 << 20,
             cooldown: Duration::from_secs(3600),
         };
-        let stats = Arc::new(TransferStats::default());
-        let peers = Peers::new(settings, stats.clone(), Some(tls), Some(quic));
         let peer = PeerAddr {
             endpoint: format!("grpcs://{}", hole.local_addr().unwrap()).into(),
             tls_name: Some("w.peer.kiln.invalid".into()),
         };
+        let stats = Arc::new(TransferStats::default());
+        let both = Peers::new(
+            settings,
+            stats.clone(),
+            Some(tls.clone()),
+            Some(dialling(false)),
+        );
+        for _ in 0..3 {
+            let request = both.ask(&peer, 1).expect("usable");
+            assert!(request.quic.is_none(), "over TCP while QUIC is dialled");
+        }
+        let only = Peers::new(
+            settings,
+            stats.clone(),
+            Some(tls.clone()),
+            Some(dialling(true)),
+        );
         for _ in 0..5 {
-            let request = peers.ask(&peer, 1).expect("still usable");
+            let request = only.ask(&peer, 1).expect("still usable");
             assert!(request.quic.is_some(), "asked over QUIC");
-            peers.outcome(&peer, &request, &raced(Winner::Server, false, true));
+            only.outcome(&peer, &request, &raced(Winner::Server, false, true));
         }
         assert_eq!(stats.peer_failures(), 0);
     }

@@ -3,8 +3,9 @@
 //!
 //! The handshake runs in a task of its own, so a fetch that gives up on the peer (the server
 //! won the race) does not cancel it, and its outcome is always recorded: a peer that did not
-//! answer within the connect timeout is marked unreachable over UDP for the cooldown, and the
-//! worker reaches it over TCP meanwhile ([`QuicPeer::reachable`]).
+//! answer within the connect timeout is marked unreachable over UDP for the cooldown. A
+//! caller that may go over TCP too (`both`) uses QUIC only once the connection is up, and TCP
+//! while it is dialled or unreachable ([`QuicPeer::up_or_dial`]).
 
 use super::io::QuicIo;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -62,6 +63,24 @@ impl QuicPeer {
     /// Whether the connection is up now (not being dialled, not found unreachable).
     pub fn is_up(&self) -> bool {
         matches!(&*self.lock(), State::Up(c) if c.close_reason().is_none())
+    }
+
+    /// Whether the connection is up now; if it is not, and not being dialled nor found
+    /// unreachable within the cooldown, a dial starts in the background (so that a caller
+    /// that can go another way loses nothing while QUIC comes up). Must be called inside the
+    /// tokio runtime.
+    pub fn up_or_dial(self: &Arc<Self>) -> bool {
+        let idle = match &*self.lock() {
+            State::Up(c) if c.close_reason().is_none() => return true,
+            State::Dialling(_) => false,
+            State::Down(until) => Instant::now() >= *until,
+            _ => true,
+        };
+        if idle {
+            let peer = self.clone();
+            tokio::spawn(async move { peer.connection().await });
+        }
+        false
     }
 
     /// Whether the peer may be reached over QUIC now: not found unreachable within the

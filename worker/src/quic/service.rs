@@ -40,8 +40,7 @@ const READ: &str = "/google.bytestream.ByteStream/Read";
 
 /// Bytes per `ReadResponse`.
 const CHUNK: usize = 256 << 10;
-/// Reads served at once (each holds one chunk at a time): more are `RESOURCE_EXHAUSTED`,
-/// which sends the peer to the server.
+/// Reads served at once (each holds one chunk at a time); more wait for a place.
 const MAX_READS: usize = 256;
 
 /// Where a read's bytes come from.
@@ -107,7 +106,7 @@ impl ReadOnlyCas {
 }
 
 fn read_only() -> Status {
-    Status::permission_denied("a worker's CAS is read-only to its peers")
+    Status::permission_denied("this CAS is read-only over QUIC")
 }
 
 fn status(e: &impl Classify) -> Status {
@@ -191,7 +190,7 @@ impl ContentAddressableStorage for ReadOnlyCas {
                     }
                     None => (
                         tonic::Code::NotFound as i32,
-                        "not in this worker's CAS".to_string(),
+                        "not in this CAS".to_string(),
                         Default::default(),
                     ),
                 };
@@ -267,17 +266,20 @@ impl ByteStream for ReadOnlyCas {
             0 => size,
             n => start.saturating_add(n).min(size),
         };
-        let permit =
-            self.reads.clone().try_acquire_owned().map_err(|_| {
-                Status::resource_exhausted("too many reads from this worker at once")
-            })?;
+        // Past the bound a read waits for a place (holding no memory meanwhile).
+        let permit = self
+            .reads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
         let blob = self
             .cas
             .store()
             .open(&resource.key)
             .await
             .map_err(|e| status(&e))?
-            .ok_or_else(|| Status::not_found("not in this worker's CAS"))?;
+            .ok_or_else(|| Status::not_found("not in this CAS"))?;
         // A file no one in this process has hashed is checked whole first (a damaged one then
         // leaves the store); the bytes are then read as the peer takes them, so a peer that
         // stops reading holds a permit and one chunk, never a thread.
