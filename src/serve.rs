@@ -126,6 +126,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     info!("shutting down: no new connections; waiting up to {grace:?} for in-flight calls");
     control.set_ready(false);
+    let stopping = std::time::Instant::now();
+    if let Some(q) = &quic {
+        q.stop_accepting();
+    }
     let drained = data.begin_shutdown();
     if let Some(worker) = worker {
         worker.stop(control.runtime(), grace);
@@ -139,7 +143,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !clean {
         warn!("grace period over; closing the remaining connections");
     }
-    // QUIC reads in flight had the grace period too.
+    // QUIC reads in flight get what is left of the grace period.
+    if let Some(q) = &quic {
+        let left = grace.saturating_sub(stopping.elapsed());
+        let _ = control
+            .runtime()
+            .block_on(async { tokio::time::timeout(left, q.reads_done()).await });
+    }
     drop(quic);
     data.finish_shutdown();
     control.shutdown(Duration::from_secs(5));

@@ -112,7 +112,7 @@ on_every_runtime! {
         assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
         let first = number(&admin1, "kiln_worker_fetch_bytes_total{source=\"server\"}").await as u64;
         assert!(first >= bytes, "w1 fetched {first} of {bytes} bytes from the server");
-        facts_known(&kiln.admin, 21.0).await;
+        facts_known(&kiln.admin, 23.0).await;
         let read_before = number(&kiln.admin, "kiln_sent_bytes_total{method=\"ByteStream.Read\"}").await;
         let batch_before = number(&kiln.admin, "kiln_sent_bytes_total{method=\"CAS.BatchReadBlobs\"}").await;
 
@@ -162,7 +162,7 @@ on_every_runtime! {
         let (tree, bytes) = inputs("y");
         let (_, r) = execute(&ch, F, &run_on("a", &tree, "one").upload(&ch, F).await, false).await.unwrap();
         assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
-        facts_known(&kiln.admin, 21.0).await;
+        facts_known(&kiln.admin, 23.0).await;
         let action = run_on("b", &tree, "two").upload(&ch, F).await;
         w1.signal(libc::SIGSTOP);
         let result = execute(&ch, F, &action, false).await;
@@ -327,7 +327,7 @@ async fn a_peer_not_reachable_over_udp_is_reached_over_tcp() {
             .await
             .unwrap();
         assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
-        known += 21.0;
+        known += 23.0;
         facts_known_over_tls(&kiln, &ca, "w1", known).await;
         let before = peer_bytes().await as u64;
         let (_, r) = execute(&ch, F, &run_on("b", &tree, tag).upload(&ch, F).await, false)
@@ -432,7 +432,7 @@ on_every_runtime! {
         let (tree, bytes) = inputs("t");
         let (_, r) = execute(&ch, F, &run_on("a", &tree, "one").upload(&ch, F).await, false).await.unwrap();
         assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
-        facts_known_over_tls(&kiln, &ca, "w1", 21.0).await;
+        facts_known_over_tls(&kiln, &ca, "w1", 23.0).await;
         let (_, r) = execute(&ch, F, &run_on("b", &tree, "two").upload(&ch, F).await, false).await.unwrap();
         assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
         assert_eq!(number(&admin2, "kiln_worker_fetch_bytes_total{source=\"peer\"}").await as u64, bytes);
@@ -441,7 +441,7 @@ on_every_runtime! {
         let (tree2, bytes2) = inputs("u");
         let (_, r) = execute(&ch, F, &run_on("a", &tree2, "three").upload(&ch, F).await, false).await.unwrap();
         assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
-        facts_known_over_tls(&kiln, &ca, "w1", 42.0).await;
+        facts_known_over_tls(&kiln, &ca, "w1", 46.0).await;
         let (_, r) = execute(&ch, F, &run_on("b", &tree2, "four").upload(&ch, F).await, false).await.unwrap();
         assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
         assert_eq!(number(&admin2, "kiln_worker_fetch_bytes_total{source=\"peer\"}").await as u64, bytes + bytes2);

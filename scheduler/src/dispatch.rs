@@ -22,6 +22,10 @@ const MAX_SOLE_LOOKED_AT: usize = 1_000;
 /// Digests hinted with one dispatch at most (about 75 bytes each in the message).
 const MAX_HINTS: usize = 100_000;
 
+/// Workers that alone can run some queued actions, with those actions and their
+/// requirements.
+type Sole = HashMap<WorkerId, Vec<(OpId, crate::platform::Requirements)>>;
+
 /// The free worker [`Scheduler::best`] found for an action.
 struct Best {
     id: WorkerId,
@@ -54,7 +58,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         now: Instant,
         state: &OpState<P>,
         reserved: &HashSet<WorkerId>,
-        sole: &HashMap<WorkerId, usize>,
+        sole: &Sole,
     ) -> Choice {
         let kinds = &self.config.kinds;
         let weights = &self.config.weights;
@@ -65,16 +69,26 @@ impl<P: Clone, R> Scheduler<P, R> {
                 && w.busy < w.capacity
                 && fits(kinds, requirements, &w.offer, &w.consumed)
         };
-        // A worker that alone can run some queued actions keeps as many free slots for them
-        // when another worker could ever run this one (this one then waits for it), however
-        // well that worker scores for this one.
+        // A worker that alone can run some queued actions takes an action another worker
+        // could ever run (this one then waits for that one) only if it keeps a free slot for
+        // each of them and each would still fit beside this one, however well it scores for
+        // this one.
         let elsewhere = self.workers.iter().any(|(id, w)| {
             !w.draining && !sole.contains_key(id) && could_fit(kinds, requirements, &w.offer)
         });
-        let unclaimed = |id: &WorkerId, w: &WorkerState| {
-            let kept = sole.get(id).copied().unwrap_or(0);
-            free(id, w) && !(elsewhere && w.capacity.saturating_sub(w.busy) <= kept)
+        let leaves_room = |id: &WorkerId, w: &WorkerState| {
+            let Some(waiting) = sole.get(id).filter(|v| !v.is_empty()) else {
+                return true;
+            };
+            let mut after = w.consumed.clone();
+            consume(kinds, requirements, &mut after, true);
+            w.capacity.saturating_sub(w.busy) > waiting.len()
+                && waiting
+                    .iter()
+                    .all(|(_, r)| fits(kinds, r, &w.offer, &after))
         };
+        let unclaimed =
+            |id: &WorkerId, w: &WorkerState| free(id, w) && (!elsewhere || leaves_room(id, w));
         let Some(Best {
             id: best,
             score,
@@ -189,10 +203,10 @@ impl<P: Clone, R> Scheduler<P, R> {
 
     /// The workers that alone can run some queued actions (of the first
     /// [`MAX_SOLE_LOOKED_AT`] queued; no other worker that is not draining could ever fit
-    /// them), with how many.
-    fn sole_workers(&self) -> HashMap<WorkerId, usize> {
+    /// them), with those actions.
+    fn sole_workers(&self) -> Sole {
         let kinds = &self.config.kinds;
-        let mut sole = HashMap::new();
+        let mut sole: Sole = HashMap::new();
         for op in self.queue.values().take(MAX_SOLE_LOOKED_AT) {
             let Some(state) = self.ops.get(op) else {
                 continue;
@@ -201,7 +215,9 @@ impl<P: Clone, R> Scheduler<P, R> {
                 !w.draining && could_fit(kinds, &state.job.requirements, &w.offer)
             });
             if let (Some((id, _)), None) = (fitting.next(), fitting.next()) {
-                *sole.entry(*id).or_insert(0) += 1;
+                sole.entry(*id)
+                    .or_default()
+                    .push((*op, state.job.requirements.clone()));
             }
         }
         sole
@@ -232,7 +248,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             return;
         }
         let queued: Vec<((i32, u64), OpId)> = self.queue.iter().map(|(k, v)| (*k, *v)).collect();
-        let sole = self.sole_workers();
+        let mut sole = self.sole_workers();
         let mut reserved = HashSet::new();
         for (slot, op) in queued {
             if free == 0 {
@@ -255,6 +271,10 @@ impl<P: Clone, R> Scheduler<P, R> {
                 Choice::NotNow => continue,
             };
             self.placements.count(reason);
+            // Placed: no longer waiting for the worker it alone can run on.
+            if let Some(waiting) = sole.get_mut(&worker) {
+                waiting.retain(|(o, _)| *o != op);
+            }
             let prefetched = state.prefetch;
             let serves =
                 |w: &WorkerId| self.workers.get(w).is_some_and(|w| w.serves && !w.draining);

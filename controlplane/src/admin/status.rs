@@ -251,11 +251,14 @@ pub fn render(s: &Snapshot) -> String {
             escape(&w.name),
             cache,
             transfers,
-            escape(
-                w.endpoint
-                    .as_ref()
-                    .map_or("not served to peers", |e| e.endpoint.as_str())
-            )
+            match &w.endpoint {
+                Some(e) => format!(
+                    "{}; {} blobs known to be held",
+                    escape(&e.endpoint),
+                    w.blob_facts
+                ),
+                None => "not served to peers".into(),
+            }
         );
     }
     let workers = if workers.is_empty() {
@@ -346,7 +349,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        assert!(page.contains("<th>mac&lt;1&gt;</th><td>3.0 GiB of 4.0 GiB (7 entries); 75.0% of 4 input roots from the cache; 2 subtrees reused; 0 evicted</td><td>fetched 2.0 MiB from peers (1.0 MiB over QUIC), 1.0 MiB from the server; served 5.0 MiB to peers; 1 peer fetches failed</td><td>grpc://10.0.0.7:50052</td>"), "{page}");
+        assert!(page.contains("<th>mac&lt;1&gt;</th><td>3.0 GiB of 4.0 GiB (7 entries); 75.0% of 4 input roots from the cache; 2 subtrees reused; 0 evicted</td><td>fetched 2.0 MiB from peers (1.0 MiB over QUIC), 1.0 MiB from the server; served 5.0 MiB to peers; 1 peer fetches failed</td><td>grpc://10.0.0.7:50052; 3 blobs known to be held</td>"), "{page}");
         assert!(page.contains("1d 01h 01m 01s"), "{page}");
         assert!(
             page.contains("12 blobs, 512.0 MiB of 1.0 GiB (50.0%)"),

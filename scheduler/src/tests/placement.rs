@@ -325,3 +325,44 @@ fn a_sole_worker_keeps_only_the_slots_its_own_actions_need() {
     s.worker_joined(t, 1, props(&[("gpu", "yes")]), 2, true);
     assert_eq!(dispatched(&mut s), vec![(1, "generic", 1), (1, "gpu", 1)]);
 }
+
+// A sole worker's waiting actions keep what they need of its consumable properties too: an
+// action that would leave the big one no room goes to the other worker even though the sole
+// worker holds its tree; and a sole action placed in a pass frees its claim within that pass.
+#[test]
+fn a_sole_worker_keeps_the_resources_and_slots_its_waiting_actions_need() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, props(&[("cores", "16")]), 4, true);
+    s.worker_joined(t, 2, props(&[("cores", "8")]), 4, true);
+    s.worker_dirs(t, 1, true, vec![tree_dir(0)], vec![]);
+    let needs = |name, cores| Job {
+        requirements: job(name, 0, &[("cores", cores)]).requirements,
+        ..treed(name)
+    };
+    s.submit(t, needs("small-1", "4")).unwrap();
+    assert_eq!(
+        dispatched(&mut s),
+        vec![(1, "small-1", 1)],
+        "its root's holder"
+    );
+    s.submit(t, job("big", 0, &[("cores", "16")])).unwrap();
+    assert!(dispatched(&mut s).is_empty(), "12 cores left of 16");
+    s.submit(t, needs("small-2", "4")).unwrap();
+    assert_eq!(
+        dispatched(&mut s),
+        vec![(2, "small-2", 1)],
+        "the big one keeps its room"
+    );
+
+    // Sole actions first in the queue: placed in the same pass, they leave the rest of the
+    // worker to the others.
+    let mut s = S::new(config());
+    s.worker_joined(t, 2, vec![], 1, true);
+    s.submit(t, job("hold", 0, &[])).unwrap();
+    assert_eq!(dispatched(&mut s), vec![(2, "hold", 1)]);
+    s.submit(t, job("gpu", 0, &[("gpu", "yes")])).unwrap();
+    s.submit(t, job("generic", 0, &[])).unwrap();
+    s.worker_joined(t, 1, props(&[("gpu", "yes")]), 2, true);
+    assert_eq!(dispatched(&mut s), vec![(1, "gpu", 1), (1, "generic", 1)]);
+}

@@ -24,10 +24,22 @@ const CALLS_PER_STREAM: u32 = 64;
 pub struct QuicServing {
     endpoint: quinn::Endpoint,
     sent: Arc<AtomicU64>,
+    reads: Arc<tokio::sync::Semaphore>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl QuicServing {
+    /// Takes no new connection (shutting down); those open go on.
+    pub fn stop_accepting(&self) {
+        self.endpoint.set_server_config(None);
+    }
+
+    /// Resolves once no read is being served (new ones wait meanwhile).
+    pub async fn reads_done(&self) {
+        let all = u32::try_from(super::service::MAX_READS).unwrap_or(u32::MAX);
+        let _ = self.reads.acquire_many(all).await;
+    }
+
     /// Bytes of blobs sent to peers over QUIC.
     pub fn sent(&self) -> Arc<AtomicU64> {
         self.sent.clone()
@@ -58,7 +70,7 @@ pub fn serve(
     max_message: usize,
 ) -> QuicServing {
     let cas = cas.guarded_by(policy.clone());
-    let sent = cas.sent.clone();
+    let (sent, reads) = (cas.sent.clone(), cas.reads.clone());
     let (tx, rx) = mpsc::channel::<Result<QuicIo, std::io::Error>>(ACCEPT_QUEUE);
     let grpc = tonic::transport::Server::builder()
         .max_concurrent_streams(CALLS_PER_STREAM)
@@ -91,6 +103,7 @@ pub fn serve(
     QuicServing {
         endpoint,
         sent,
+        reads,
         tasks: vec![server, acceptor],
     }
 }

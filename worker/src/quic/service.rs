@@ -40,8 +40,11 @@ const READ: &str = "/google.bytestream.ByteStream/Read";
 
 /// Bytes per `ReadResponse`.
 const CHUNK: usize = 256 << 10;
+/// How long a read waits for a place before it is `RESOURCE_EXHAUSTED`.
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Reads served at once (each holds one chunk at a time); more wait for a place.
-const MAX_READS: usize = 256;
+pub(super) const MAX_READS: usize = 256;
 
 /// Where a read's bytes come from.
 enum Source {
@@ -60,7 +63,7 @@ pub struct ReadOnlyCas {
     /// Largest batch answered (the data plane's limit for batches).
     max_batch: u64,
     /// Reads being served.
-    reads: Arc<tokio::sync::Semaphore>,
+    pub(super) reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReadOnlyCas {
@@ -266,12 +269,10 @@ impl ByteStream for ReadOnlyCas {
             0 => size,
             n => start.saturating_add(n).min(size),
         };
-        // Past the bound a read waits for a place (holding no memory meanwhile).
-        let permit = self
-            .reads
-            .clone()
-            .acquire_owned()
+        // Past the bound a read waits for a place (holding no memory meanwhile), for a while.
+        let permit = tokio::time::timeout(READ_WAIT, self.reads.clone().acquire_owned())
             .await
+            .map_err(|_| Status::resource_exhausted("too many reads at once; try again"))?
             .map_err(|_| Status::unavailable("shutting down"))?;
         let blob = self
             .cas
