@@ -124,6 +124,12 @@ pub struct Args {
     /// like a rebuild with new salts), so a worker's directory cache can serve them.
     #[arg(long)]
     pub shared_inputs: bool,
+    /// `execute` with --shared-inputs: the shared files go in a subdirectory `shared/` of
+    /// each action's input root, beside a small file of the action's own, so that every
+    /// action has a root of its own sharing one large directory (placement by the input
+    /// tree's bytes a worker holds, not by a cached root).
+    #[arg(long)]
+    pub own_root: bool,
     /// `execute` with --input-size: spread the input files over subdirectories of at most
     /// this many files each (0: all in the input root).
     #[arg(long, default_value_t = 0)]

@@ -136,11 +136,35 @@ impl ExecuteLoad {
     /// the same files for every action.
     async fn input_root(&self, index: u64) -> anyhow::Result<reapi::Digest> {
         if self.ctx.args.shared_inputs {
-            return self
+            let shared = self
                 .shared_root
                 .get_or_try_init(|| self.new_input_root(0))
                 .await
-                .cloned();
+                .cloned()?;
+            if !self.ctx.args.own_root {
+                return Ok(shared);
+            }
+            let own = format!("action {index} of {}\n", self.nonce).into_bytes();
+            let own_digest = blobs::digest_of(self.ctx.function, &[&own]);
+            self.upload_batch(vec![reapi::batch_update_blobs_request::Request {
+                digest: Some(own_digest.clone()),
+                data: own.into(),
+                compressor: 0,
+            }])
+            .await?;
+            let root = reapi::Directory {
+                files: vec![reapi::FileNode {
+                    name: "own".into(),
+                    digest: Some(own_digest),
+                    ..Default::default()
+                }],
+                directories: vec![reapi::DirectoryNode {
+                    name: "shared".into(),
+                    digest: Some(shared),
+                }],
+                ..Default::default()
+            };
+            return upload_message(&self.ctx, &root).await;
         }
         self.new_input_root(index).await
     }
