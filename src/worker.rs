@@ -372,6 +372,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             }),
         }
     });
+    let asks_quic = config.worker.peer_transport != kiln_config::PeerTransport::Tcp
+        || config.worker.server_transport != kiln_config::PeerTransport::Tcp;
+    if asks_quic && peer_client.is_none() {
+        tracing::warn!("worker.peer_transport or worker.server_transport asks for QUIC, which needs TLS (enrol the worker, or give it worker.tls_ca): using TCP");
+    }
     let quic_dialling = match (config.worker.peer_transport, &peer_client) {
         (kiln_config::PeerTransport::Tcp, _) | (_, None) => None,
         (transport, Some(tls)) => {

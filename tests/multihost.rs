@@ -407,11 +407,11 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
     kiln.stop().await;
 }
 
-// The same farm enrolled, over mutual TLS, with peers over QUIC where UDP gets through
-// (`peer_transport = "both"`): a's inputs reach b from a over QUIC, across the bridge. On
+// The same farm enrolled, over mutual TLS, with peers over QUIC where UDP gets through: a's
+// inputs reach b (`peer_transport = "quic"`) from a over QUIC, across the bridge. On
 // c's host every UDP packet out is refused (`ip rule add ipproto udp prohibit` in its
-// namespace: UDP blocked), so c reaches its peers over TCP, before and after its QUIC
-// handshakes time out, without any peer being set aside.
+// namespace: UDP blocked), so c (`"both"`) reaches its peers over TCP, before and after its
+// QUIC handshakes time out, without any peer being set aside.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolled_hosts_share_inputs_over_quic_and_over_tcp_where_udp_is_blocked() {
     let net = match Net::create(4) {
@@ -447,11 +447,14 @@ async fn enrolled_hosts_share_inputs_over_quic_and_over_tcp_where_udp_is_blocked
     };
     let kiln = Kiln::start_async(&data, options).await;
     let ca = data.join("tls/ca.pem");
-    let quic = "peer_transport = \"both\"\npeer_race_delay_ms = 60000\npeer_quic_connect_timeout_ms = 2000\n";
+    // b takes QUIC only (every fetch waits for the handshake, none goes over TCP); a and c
+    // both.
+    let both = "peer_transport = \"both\"\npeer_race_delay_ms = 60000\npeer_quic_connect_timeout_ms = 2000\n";
+    let only = "peer_transport = \"quic\"\npeer_race_delay_ms = 60000\n";
     let mut hosts = Vec::new();
-    for (i, name) in [(1, "a"), (2, "b"), (3, "c")] {
+    for (i, name, config) in [(1, "a", both), (2, "b", only), (3, "c", both)] {
         let token = kiln.join_token(&data);
-        hosts.push(worker(&net, i, &kiln, dir.path(), name, quic, Some(token)).await);
+        hosts.push(worker(&net, i, &kiln, dir.path(), name, config, Some(token)).await);
     }
     let (admin_a, admin_b, admin_c) = (hosts[0].1.clone(), hosts[1].1.clone(), hosts[2].1.clone());
     let ch = kiln.tls_channel(&ca, None).await.unwrap();
@@ -483,9 +486,8 @@ async fn enrolled_hosts_share_inputs_over_quic_and_over_tcp_where_udp_is_blocked
         number(&admin, "kiln_worker_fetch_quic_bytes_total").await as u64
     };
     // Each set of inputs runs on a first, then on b and on c, which fetch it from their
-    // peers. The first set reaches b over TCP while its QUIC connection to a comes up; the
-    // second over QUIC. c sends no UDP: it uses TCP throughout, before and after its QUIC
-    // handshakes time out.
+    // peers: b over QUIC, c (which sends no UDP) over TCP throughout, before and after its
+    // QUIC handshakes time out.
     for (set, salt) in [(1, "one"), (2, "two")] {
         let (tree, bytes) = inputs(set);
         let known = held_by_a().await;
@@ -504,13 +506,11 @@ async fn enrolled_hosts_share_inputs_over_quic_and_over_tcp_where_udp_is_blocked
             bytes,
             "b from its peers"
         );
-        if set == 2 {
-            assert_eq!(
-                quic_bytes(admin_b.clone()).await - b_quic,
-                bytes,
-                "b over QUIC, now up"
-            );
-        }
+        assert_eq!(
+            quic_bytes(admin_b.clone()).await - b_quic,
+            bytes,
+            "b over QUIC"
+        );
         let c_before = from(admin_c.clone(), "peer").await as u64;
         run(tree, "c", salt).await;
         assert_eq!(

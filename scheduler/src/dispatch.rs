@@ -74,7 +74,9 @@ impl<P: Clone, R> Scheduler<P, R> {
         // each of them and each would still fit beside this one, however well it scores for
         // this one.
         let elsewhere = self.workers.iter().any(|(id, w)| {
-            !w.draining && !sole.contains_key(id) && could_fit(kinds, requirements, &w.offer)
+            !w.draining
+                && sole.get(id).is_none_or(|v| v.is_empty())
+                && could_fit(kinds, requirements, &w.offer)
         });
         let leaves_room = |id: &WorkerId, w: &WorkerState| {
             let Some(waiting) = sole.get(id).filter(|v| !v.is_empty()) else {

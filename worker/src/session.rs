@@ -56,7 +56,9 @@ async fn reports(ctx: &WorkerContext, full: bool) -> Vec<WorkerMessage> {
         Some(cache) => {
             let (mut added, removed) = cache.take_changes(full);
             if full {
-                added.truncate(MAX_REPORTED_DIRS);
+                // Roots come last (see `Index::take_changes`): keep the end.
+                let cut = added.len().saturating_sub(MAX_REPORTED_DIRS);
+                added.drain(..cut);
             }
             let dirs = Changes {
                 full,

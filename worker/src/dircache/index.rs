@@ -329,7 +329,8 @@ impl Index {
     /// held, and stopped being held, since the last call (for reports to the scheduler); with
     /// `all`, instead of the changes, every directory an entry not evicted holds and can lend
     /// (all of a checked entry's, the root of one loaded at start-up), the entries' roots
-    /// first (a report cut short keeps them).
+    /// last: the scheduler drops the facts it got first when it must, and a report cut
+    /// short keeps its end.
     pub fn take_changes(&mut self, all: bool) -> (Vec<BlobKey>, Vec<BlobKey>) {
         let changes = std::mem::take(&mut self.changes);
         if all {
@@ -352,8 +353,8 @@ impl Index {
                     }
                 }
             }
-            roots.append(&mut inner);
-            return (roots, Vec::new());
+            inner.append(&mut roots);
+            return (inner, Vec::new());
         }
         let (mut added, mut removed) = (Vec::new(), Vec::new());
         for (dir, held) in changes {
@@ -628,8 +629,8 @@ mod tests {
         let (all, _) = index.take_changes(true);
         assert_eq!(all.len(), 3, "{all:?}");
         assert!(
-            all[..2].contains(&key(1)) && all[..2].contains(&key(2)),
-            "roots first: {all:?}"
+            all[1..].contains(&key(1)) && all[1..].contains(&key(2)),
+            "roots last: {all:?}"
         );
         index.verified(&key(1));
         assert_eq!(

@@ -21,9 +21,13 @@ use std::time::Duration;
 /// The application protocol both ends announce: gRPC over HTTP/2, one connection per stream.
 pub const ALPN: &[u8] = b"kiln-cas/1";
 
-/// Streams a peer may open at once on one connection (each an HTTP/2 connection; a fetching
-/// worker opens one per link, and a link is one per peer).
-const MAX_STREAMS: u32 = 16;
+/// Streams a peer may open at once on one connection (each an HTTP/2 connection: a fetching
+/// worker opens one per link to a peer, and one per range link to the server, up to
+/// `worker.fetch_ranges`, at most 64).
+const MAX_STREAMS: u32 = 128;
+
+/// Connections a serving endpoint holds at once (the farm is tens of workers).
+pub(crate) const MAX_CONNECTIONS: usize = 1024;
 
 /// Connection attempts a serving worker holds at once (the farm is tens of workers).
 const MAX_INCOMING: usize = 256;

@@ -93,11 +93,23 @@ pub fn serve(
         }
     });
     let accepting = endpoint.clone();
+    let open = Arc::new(tokio::sync::Semaphore::new(super::MAX_CONNECTIONS));
     let acceptor = tokio::spawn(async move {
         while let Some(incoming) = accepting.accept().await {
+            // Past the bound a connection is refused (its client goes over TCP, or retries).
+            let Ok(place) = open.clone().try_acquire_owned() else {
+                incoming.refuse();
+                continue;
+            };
             let (tx, policy) = (tx.clone(), policy.clone());
             let span = info_span!("quic peer", remote = %incoming.remote_address());
-            tokio::spawn(connection(incoming, tx, policy).instrument(span));
+            tokio::spawn(
+                async move {
+                    connection(incoming, tx, policy).await;
+                    drop(place);
+                }
+                .instrument(span),
+            );
         }
     });
     QuicServing {

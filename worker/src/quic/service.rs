@@ -43,7 +43,8 @@ const CHUNK: usize = 256 << 10;
 /// How long a read waits for a place before it is `RESOURCE_EXHAUSTED`.
 const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Reads served at once (each holds one chunk at a time); more wait for a place.
+/// Calls served at once (a read holds one chunk at a time, a batch at most the batch limit);
+/// more wait for a place.
 pub(super) const MAX_READS: usize = 256;
 
 /// Where a read's bytes come from.
@@ -83,6 +84,14 @@ impl ReadOnlyCas {
     pub(super) fn guarded_by(mut self, policy: Arc<kiln_auth::Policy>) -> ReadOnlyCas {
         self.policy = Some(policy);
         self
+    }
+
+    /// A place among the calls served at once: waits for one at most [`READ_WAIT`].
+    async fn place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        tokio::time::timeout(READ_WAIT, self.reads.clone().acquire_owned())
+            .await
+            .map_err(|_| Status::resource_exhausted("too many reads at once; try again"))?
+            .map_err(|_| Status::unavailable("shutting down"))
     }
 
     /// Whether the caller of `request` may call `path` on `instance`.
@@ -138,6 +147,7 @@ impl ContentAddressableStorage for ReadOnlyCas {
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
         self.check(&request, FIND_MISSING, &request.get_ref().instance_name)?;
+        let _place = self.place().await?;
         let r = request.into_inner();
         let instance = instance(&r.instance_name)?;
         let asked = digests(r.digest_function, &r.blob_digests)?;
@@ -163,6 +173,7 @@ impl ContentAddressableStorage for ReadOnlyCas {
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         self.check(&request, BATCH_READ, &request.get_ref().instance_name)?;
+        let _place = self.place().await?;
         let r = request.into_inner();
         let instance = instance(&r.instance_name)?;
         let asked = digests(r.digest_function, &r.digests)?;
@@ -270,10 +281,7 @@ impl ByteStream for ReadOnlyCas {
             n => start.saturating_add(n).min(size),
         };
         // Past the bound a read waits for a place (holding no memory meanwhile), for a while.
-        let permit = tokio::time::timeout(READ_WAIT, self.reads.clone().acquire_owned())
-            .await
-            .map_err(|_| Status::resource_exhausted("too many reads at once; try again"))?
-            .map_err(|_| Status::unavailable("shutting down"))?;
+        let permit = self.place().await?;
         let blob = self
             .cas
             .store()
