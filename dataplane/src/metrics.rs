@@ -63,6 +63,8 @@ pub struct Metrics {
     pub bytes_in: Family<MethodLabel, Counter>,
     /// Response payload bytes sent.
     pub bytes_out: Family<MethodLabel, Counter>,
+    /// Blob bytes sent over QUIC (a CAS served by the QUIC listener, beside the data plane).
+    pub quic_bytes_out: Family<MethodLabel, Counter>,
     /// CAS lookups by where the blob was found.
     pub lookups: Family<LookupLabel, Counter>,
     /// Compressed reads from a blob's start by whether its zstd frame was kept (`hit`) or
@@ -113,6 +115,7 @@ impl Metrics {
             in_flight: Family::default(),
             bytes_in: Family::default(),
             bytes_out: Family::default(),
+            quic_bytes_out: Family::default(),
             lookups: Family::default(),
             zstd_frames: Family::default(),
             present: Counter::default(),
@@ -162,6 +165,11 @@ impl Metrics {
             "kiln_sent_bytes",
             "Response bytes sent by method",
             self.bytes_out.clone(),
+        );
+        registry.register(
+            "kiln_quic_sent_bytes",
+            "Blob bytes sent over QUIC by method (server.quic, or a worker's CAS to its peers)",
+            self.quic_bytes_out.clone(),
         );
         registry.register(
             "kiln_cas_lookups",
@@ -284,6 +292,14 @@ impl Metrics {
         self.zstd_frames
             .get_or_create(&LookupLabel { result })
             .inc();
+    }
+
+    /// Counts `n` blob bytes sent over QUIC in answer to `path`.
+    pub fn quic_sent(&self, path: &str, n: u64) {
+        let method = method_label(path);
+        self.quic_bytes_out
+            .get_or_create(&MethodLabel { method })
+            .inc_by(n);
     }
 
     /// Counts a command to an owner shard.

@@ -39,13 +39,17 @@ impl<P: Clone, R> Scheduler<P, R> {
             let Some(state) = self.ops.get(&op) else {
                 continue;
             };
-            // An action whose input root some worker caches waits for that worker: nothing
-            // to fetch ahead.
-            let cached = state.job.input_root.as_ref().is_some_and(|root| {
-                self.workers
-                    .values()
-                    .any(|w| !w.draining && w.dirs.contains(root))
-            });
+            // An action whose input root some worker that could run it caches waits for
+            // that worker (when root hits count at all): nothing to fetch ahead.
+            let kinds = &self.config.kinds;
+            let cached = self.config.weights.input_root > 0.0
+                && state.job.input_root.as_ref().is_some_and(|root| {
+                    self.workers.values().any(|w| {
+                        !w.draining
+                            && w.dirs.contains(root)
+                            && could_fit(kinds, &state.job.requirements, &w.offer)
+                    })
+                });
             let waiting = matches!(state.stage, OpStage::Queued { .. })
                 && state.prefetch.is_none()
                 && !cached

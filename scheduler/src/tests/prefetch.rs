@@ -107,3 +107,28 @@ fn an_action_whose_root_a_worker_caches_waits_for_it_rather_than_being_fetched_a
     s.submit(t, fresh).unwrap();
     assert_eq!(prefetches(&mut s).len(), 1);
 }
+
+// A root cached only by a worker that could never run the action (another platform) does not
+// hold the action back from being fetched ahead.
+#[test]
+fn a_root_cached_by_a_worker_that_cannot_run_the_action_does_not_stop_fetching_ahead() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, props(&[("os", "linux")]), 1, true);
+    s.worker_joined(t, 2, props(&[("os", "mac")]), 1, true);
+    holds(&mut s, t, 2, 7);
+    s.submit(t, job("busy-1", 0, &[("os", "linux")])).unwrap();
+    s.submit(t, job("busy-2", 0, &[("os", "mac")])).unwrap();
+    s.commands();
+    let linux_only = Job {
+        inputs: vec![file(5)].into(),
+        requirements: job("x", 0, &[("os", "linux")]).requirements,
+        ..rooted("linux", 7)
+    };
+    s.submit(t, linux_only).unwrap();
+    let fetched: Vec<(WorkerId, &str)> = prefetches(&mut s)
+        .into_iter()
+        .map(|(w, p, _, _)| (w, p))
+        .collect();
+    assert_eq!(fetched, vec![(1, "linux")]);
+}

@@ -94,7 +94,8 @@ pub fn serve_cas(
     server: &kiln_config::ServerConfig,
 ) -> Result<serve::QuicServing, QuicError> {
     let endpoint = server_endpoint(addr, tls)?;
-    let cas = service::ReadOnlyCas::new(cas, server.max_batch_total_size_bytes.as_u64());
+    let metrics = cas.client().metrics().clone();
+    let cas = service::ReadOnlyCas::new(cas, server.max_batch_total_size_bytes.as_u64(), metrics);
     let max_message = usize::try_from(server.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
     Ok(serve::serve(endpoint, cas, policy, max_message))
 }

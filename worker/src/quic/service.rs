@@ -65,17 +65,24 @@ pub struct ReadOnlyCas {
     max_batch: u64,
     /// Reads being served.
     pub(super) reads: Arc<tokio::sync::Semaphore>,
+    /// Where the bytes sent are counted (`kiln_quic_sent_bytes_total`).
+    metrics: Arc<kiln_dataplane::metrics::Metrics>,
 }
 
 impl ReadOnlyCas {
-    /// Serves `cas`, batches up to `max_batch` bytes.
-    pub fn new(cas: ChainCas, max_batch: u64) -> ReadOnlyCas {
+    /// Serves `cas`, batches up to `max_batch` bytes, counting what it sends in `metrics`.
+    pub fn new(
+        cas: ChainCas,
+        max_batch: u64,
+        metrics: Arc<kiln_dataplane::metrics::Metrics>,
+    ) -> ReadOnlyCas {
         ReadOnlyCas {
             cas,
             policy: None,
             sent: Arc::new(AtomicU64::new(0)),
             max_batch,
             reads: Arc::new(tokio::sync::Semaphore::new(MAX_READS)),
+            metrics,
         }
     }
 
@@ -222,6 +229,7 @@ impl ContentAddressableStorage for ReadOnlyCas {
             .collect();
         debug_assert!(sent <= total);
         self.sent.fetch_add(sent, Ordering::Relaxed);
+        self.metrics.quic_sent(BATCH_READ, sent);
         Ok(Response::new(BatchReadBlobsResponse { responses }))
     }
 
@@ -318,7 +326,7 @@ impl ByteStream for ReadOnlyCas {
                 Source::Bytes(data)
             }
         };
-        let sent = self.sent.clone();
+        let sent = (self.sent.clone(), self.metrics.clone());
         let state = (source, start, end, sent, permit);
         let stream = futures::stream::unfold(Some(state), |state| async move {
             let (mut source, pos, end, sent, permit) = state?;
@@ -338,7 +346,8 @@ impl ByteStream for ReadOnlyCas {
             };
             match piece {
                 Ok(data) => {
-                    sent.fetch_add(n as u64, Ordering::Relaxed);
+                    sent.0.fetch_add(n as u64, Ordering::Relaxed);
+                    sent.1.quic_sent(READ, n as u64);
                     let next = Some((source, pos + n as u64, end, sent, permit));
                     Some((Ok(ReadResponse { data }), next))
                 }
