@@ -43,8 +43,9 @@ const CHUNK: usize = 256 << 10;
 /// How long a read waits for a place before it is `RESOURCE_EXHAUSTED`.
 const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Calls served at once (a read holds one chunk at a time, a batch at most the batch limit);
-/// more wait for a place.
+/// Reads served at once: a ByteStream read holds its place, and one chunk, until its stream
+/// ends; a batch holds it while it reads from the store (its answer, at most the batch limit,
+/// is then the connection's to send). More wait for a place.
 pub(super) const MAX_READS: usize = 256;
 
 /// Where a read's bytes come from.
@@ -153,8 +154,9 @@ impl ContentAddressableStorage for ReadOnlyCas {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        // No place taken: a lookup holds no blob, and an action's check before its upload
+        // must not wait behind reads.
         self.check(&request, FIND_MISSING, &request.get_ref().instance_name)?;
-        let _place = self.place().await?;
         let r = request.into_inner();
         let instance = instance(&r.instance_name)?;
         let asked = digests(r.digest_function, &r.blob_digests)?;
