@@ -349,6 +349,52 @@ async fn a_peer_not_reachable_over_udp_is_reached_over_tcp() {
     kiln.stop().await;
 }
 
+// With `peer_transport = "both"` on both workers, w2's first fetch from w1 goes over TCP
+// while its QUIC connection to w1 is dialled in the background; the next goes over QUIC.
+// Nothing is lost to the server on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_both_link_moves_to_quic_once_the_connection_is_up() {
+    let rt = common::Runtime::Glommio;
+    let dir = tempfile::tempdir().unwrap();
+    let both = "peer_transport = \"both\"\npeer_race_delay_ms = 60000\n";
+    let (kiln, workers) =
+        enrolled_farm(rt, dir.path(), "", [("w1", "a", both), ("w2", "b", both)]).await;
+    let ca = dir.path().join("server/tls/ca.pem");
+    let admin2 = workers[1].admin();
+    let ch = kiln.tls_channel(&ca, None).await.unwrap();
+    let (mut held, mut fetched) = (0.0, 0);
+    for tag in ["m", "n"] {
+        let (tree, bytes) = inputs(tag);
+        let (_, r) = execute(&ch, F, &run_on("a", &tree, tag).upload(&ch, F).await, false)
+            .await
+            .unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w1"), "{r:?}");
+        held += 23.0;
+        facts_known_over_tls(&kiln, &ca, "w1", held).await;
+        let quic_before = number(&admin2, "kiln_worker_fetch_quic_bytes_total").await as u64;
+        let (_, r) = execute(&ch, F, &run_on("b", &tree, tag).upload(&ch, F).await, false)
+            .await
+            .unwrap();
+        assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
+        fetched += bytes;
+        assert_eq!(
+            number(&admin2, "kiln_worker_fetch_bytes_total{source=\"peer\"}").await as u64,
+            fetched,
+            "all from w1"
+        );
+        if tag == "n" {
+            let over_quic =
+                number(&admin2, "kiln_worker_fetch_quic_bytes_total").await as u64 - quic_before;
+            assert_eq!(over_quic, bytes, "the second fetch over QUIC");
+        }
+    }
+    assert_eq!(
+        number(&admin2, "kiln_worker_peer_failures_total").await,
+        0.0
+    );
+    kiln.stop().await;
+}
+
 // Workers read blobs from the server over QUIC when both say so: `server.quic`, and w1 with
 // `server_transport = "quic"` (QUIC only for reads: had QUIC not carried them, its fetch
 // would fail) runs an action whose inputs it fetches from the server and uploads its output
