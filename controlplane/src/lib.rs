@@ -289,5 +289,12 @@ impl ControlPlane {
     pub fn shutdown(self, grace: Duration) {
         self.handoff.close();
         self.runtime.shutdown_timeout(grace);
+        // Nothing writes results any more: the next start loads the index from here.
+        match self.action_cache.write_snapshot() {
+            Ok(entries) => tracing::info!(entries, "action cache index snapshot written"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write the action cache's index snapshot; the next start scans it")
+            }
+        }
     }
 }

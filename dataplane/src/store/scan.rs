@@ -116,12 +116,17 @@ pub fn scan(
                 match known {
                     Some(dir) => {
                         report.dirs_from_snapshot += 1;
-                        for &(digest, atime) in &dir.blobs {
+                        for &(digest, atime, size) in &dir.blobs {
                             let key = BlobKey::new(instance.clone(), digest);
+                            // A blob is counted as its digest's size whatever the file says.
+                            let size = if kind == TreeKind::Blobs {
+                                digest.size
+                            } else {
+                                size
+                            };
                             report.blobs += 1;
-                            report.bytes += digest.size;
-                            restored[owner_of(&key)]
-                                .push((key, Entry::scanned(digest.size, atime)));
+                            report.bytes += size;
+                            restored[owner_of(&key)].push((key, Entry::scanned(size, atime)));
                         }
                     }
                     None => match dir_key.filter(|_| defer) {

@@ -14,7 +14,11 @@
 //! Format (little-endian): `KILNIDX` + version byte; the instance names (count, then length
 //! and bytes each); the directories (count, then for each: instance index, function, fan-out
 //! byte, inode, mtime and ctime in nanoseconds, entry count, then per entry: 32-byte hash,
-//! size, access time); and a BLAKE3 hash of everything before it.
+//! digest size, access time, and the bytes the entry is counted as — its digest's size for a
+//! blob, its charged size for an action result); and a BLAKE3 hash of everything before
+//! it. Version 1 (without the last field) is not read: its directories are scanned.
+//!
+//! The action cache keeps a snapshot of its own the same way (`{data_dir}/ac.index`).
 
 use super::durable;
 use super::index::Entry;
@@ -24,7 +28,9 @@ use std::io::{self, Write};
 use std::path::Path;
 
 /// The file's first bytes: magic and format version.
-const MAGIC: &[u8; 8] = b"KILNIDX\x01";
+const MAGIC: &[u8; 8] = b"KILNIDX\x02";
+/// Bytes of one entry in the file.
+const ENTRY_BYTES: u64 = 56;
 /// Bytes of the trailing checksum.
 const CHECKSUM: usize = 32;
 
@@ -68,8 +74,8 @@ pub struct DirKey {
 pub struct DirSnapshot {
     /// The directory's stamp when the snapshot was written.
     pub stamp: DirStamp,
-    /// Each blob with its size and access time.
-    pub blobs: Vec<(Digest, u64)>,
+    /// Each blob with its access time and the bytes its entry is counted as.
+    pub blobs: Vec<(Digest, u64, u64)>,
 }
 
 /// A decoded snapshot.
@@ -116,10 +122,11 @@ pub fn encode(dirs: &Snapshot) -> Vec<u8> {
         out.extend_from_slice(&dir.stamp.mtime.to_le_bytes());
         out.extend_from_slice(&dir.stamp.ctime.to_le_bytes());
         out.extend_from_slice(&(dir.blobs.len() as u64).to_le_bytes());
-        for (digest, atime) in &dir.blobs {
+        for (digest, atime, size) in &dir.blobs {
             out.extend_from_slice(&digest.hash);
             out.extend_from_slice(&digest.size.to_le_bytes());
             out.extend_from_slice(&atime.to_le_bytes());
+            out.extend_from_slice(&size.to_le_bytes());
         }
     }
     let sum = blake3::hash(&out);
@@ -164,8 +171,8 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
             ctime: r.i128()?,
         };
         let n = r.u64()?;
-        // Each entry takes 48 bytes: a count the rest of the file cannot hold is a lie.
-        if n > (r.bytes.len() - r.pos) as u64 / 48 {
+        // A count the rest of the file cannot hold is a lie.
+        if n > (r.bytes.len() - r.pos) as u64 / ENTRY_BYTES {
             return Err(SnapshotError::Malformed(at));
         }
         let mut blobs = Vec::with_capacity(n as usize);
@@ -174,6 +181,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
             hash.copy_from_slice(r.take(32)?);
             let size = r.u64()?;
             let atime = r.u64()?;
+            let counted = r.u64()?;
             if hash[0] != fanout {
                 return Err(SnapshotError::Malformed(r.pos));
             }
@@ -184,6 +192,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
                     size,
                 },
                 atime,
+                counted,
             ));
         }
         let key = DirKey {
@@ -201,8 +210,9 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     Ok(out)
 }
 
-/// An index's blobs grouped by directory, not yet stamped.
-pub type Grouped = HashMap<DirKey, Vec<(Digest, u64)>>;
+/// An index's blobs grouped by directory, not yet stamped: digest, access time, and the
+/// bytes the entry is counted as.
+pub type Grouped = HashMap<DirKey, Vec<(Digest, u64, u64)>>;
 
 /// Groups an owner's blobs by directory (on its thread, when it stops).
 pub fn group(blobs: impl IntoIterator<Item = (BlobKey, Entry)>) -> Grouped {
@@ -216,7 +226,7 @@ pub fn group(blobs: impl IntoIterator<Item = (BlobKey, Entry)>) -> Grouped {
         by_dir
             .entry(dir)
             .or_default()
-            .push((key.digest, entry.atime));
+            .push((key.digest, entry.atime, entry.size));
     }
     by_dir
 }
@@ -254,11 +264,11 @@ pub fn stamp(layout: &super::layout::Layout, owners: Vec<Grouped>) -> Snapshot {
 
 /// The directory's stamp, if its entries are exactly `blobs`' files and it stayed unchanged
 /// while they were compared.
-fn matching_stamp(path: &Path, blobs: &[(Digest, u64)]) -> Option<DirStamp> {
+fn matching_stamp(path: &Path, blobs: &[(Digest, u64, u64)]) -> Option<DirStamp> {
     let before = DirStamp::of(&std::fs::metadata(path).ok()?);
     let mut expected: std::collections::HashSet<String> = blobs
         .iter()
-        .map(|(d, _)| super::layout::blob_file_name(d))
+        .map(|(d, _, _)| super::layout::blob_file_name(d))
         .collect();
     if expected.len() != blobs.len() {
         return None;
@@ -387,7 +397,7 @@ mod tests {
                         mtime: -5,
                         ctime: 1 << 70,
                     },
-                    blobs: vec![(d, 42)],
+                    blobs: vec![(d, 42, 4096)],
                 },
             );
         }
@@ -411,8 +421,12 @@ mod tests {
         flipped[20] ^= 1;
         assert_eq!(decode(&flipped), Err(SnapshotError::Checksum));
         let mut other = bytes.clone();
-        other[7] = 2;
-        assert_eq!(decode(&other), Err(SnapshotError::Version));
+        other[7] = 1;
+        assert_eq!(
+            decode(&other),
+            Err(SnapshotError::Version),
+            "version 1 is not read"
+        );
         // A well-sealed body that lies about its counts is refused, not trusted.
         let mut body = MAGIC.to_vec();
         body.extend_from_slice(&0u32.to_le_bytes());
