@@ -289,9 +289,11 @@ impl ControlPlane {
     pub fn shutdown(self, grace: Duration) {
         self.handoff.close();
         self.runtime.shutdown_timeout(grace);
-        // Nothing writes results any more: the next start loads the index from here.
+        // The runtime has stopped (a put still running on its blocking pool after the
+        // timeout changes a directory, which the snapshot then leaves out): the next start
+        // loads the index from here.
         match self.action_cache.write_snapshot() {
-            Ok(entries) => tracing::info!(entries, "action cache index snapshot written"),
+            Ok(entries) => tracing::info!(entries, "action cache index kept for the next start"),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot write the action cache's index snapshot; the next start scans it")
             }

@@ -173,6 +173,9 @@ impl AcStore {
     /// writes results any more); returns the entries written. A directory that changed
     /// meanwhile is left out, to be scanned then.
     pub fn write_snapshot(&self) -> std::io::Result<usize> {
+        // The results it lists are made durable first (with storage.fsync off they may
+        // still be in the page cache), as the CAS's snapshot does.
+        kiln_dataplane::store::durable::sync_filesystem(self.inner.layout.tree_dir())?;
         let grouped = {
             let index = self.inner.lock();
             snapshot::group(index.iter())
@@ -542,9 +545,11 @@ mod tests {
                 store.put(key("a", n), data).await.unwrap();
             }
             assert_eq!(store.write_snapshot().unwrap(), 40);
-            // Written after the snapshot, as if the server then crashed.
+            // Written after the snapshot, as if the server then crashed: in an instance of
+            // its own, so in a directory the snapshot does not list (a listed directory whose
+            // stamp changed is scanned too, see scan.rs's tests).
             store
-                .put(key("a", 200), Bytes::from_static(b"late"))
+                .put(key("late", 200), Bytes::from_static(b"late"))
                 .await
                 .unwrap();
             store.usage()
@@ -557,7 +562,7 @@ mod tests {
         );
         assert_eq!(store.usage(), usage, "the same entries, counted the same");
         assert_eq!(store.get(&key("a", 0)).await.unwrap().unwrap().data, big);
-        assert!(store.get(&key("a", 200)).await.unwrap().is_some());
+        assert!(store.get(&key("late", 200)).await.unwrap().is_some());
         // A damaged snapshot: everything is scanned, nothing lost.
         drop(store);
         let file = Layout::action_cache(dir.path()).index_file();

@@ -85,7 +85,7 @@ pub type Snapshot = HashMap<DirKey, DirSnapshot>;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SnapshotError {
     /// Not a Kiln index, or another version of the format.
-    #[error("not a version-1 Kiln index")]
+    #[error("not a Kiln index of this version (2); an older one is ignored once")]
     Version,
     /// The checksum does not match (torn or changed).
     #[error("checksum mismatch (torn or changed)")]
@@ -106,7 +106,7 @@ pub fn encode(dirs: &Snapshot) -> Vec<u8> {
         });
     }
     let blobs: usize = dirs.values().map(|d| d.blobs.len()).sum();
-    let mut out = Vec::with_capacity(64 + dirs.len() * 64 + blobs * 48);
+    let mut out = Vec::with_capacity(64 + dirs.len() * 64 + blobs * ENTRY_BYTES as usize);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(names.len() as u32).to_le_bytes());
     for name in &names {
