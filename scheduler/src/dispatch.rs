@@ -209,6 +209,14 @@ impl<P: Clone, R> Scheduler<P, R> {
     fn sole_workers(&self) -> Sole {
         let kinds = &self.config.kinds;
         let mut sole: Sole = HashMap::new();
+        // Workers that all offer the same (a farm of like machines, or one worker): what one
+        // can run, all can (or no other worker exists to send anything to). Nothing to look at.
+        let mut live = self.workers.values().filter(|w| !w.draining);
+        if let Some(first) = live.next() {
+            if live.all(|w| w.offer == first.offer) {
+                return sole;
+            }
+        }
         for op in self.queue.values().take(MAX_SOLE_LOOKED_AT) {
             let Some(state) = self.ops.get(op) else {
                 continue;

@@ -19,7 +19,7 @@ impl Kinds {
 pub struct Requirements(Vec<(String, String)>);
 
 /// A worker's offer: each property name with its values.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Offer(HashMap<String, Vec<String>>);
 
 /// Amounts of `minimum` properties held by running actions on one worker.
