@@ -288,12 +288,20 @@ impl<P: Clone, R> Scheduler<P, R> {
             let prefetched = state.prefetch;
             let serves =
                 |w: &WorkerId| self.workers.get(w).is_some_and(|w| w.serves && !w.draining);
-            let peers = if serves(&worker) {
+            let (peers, missing) = if serves(&worker) {
                 let inputs = &state.job.inputs[..state.job.inputs.len().min(MAX_SCORED)];
-                self.holders
-                    .hints(worker, inputs, MAX_HINTS, |w| serves(&w))
+                let missing = inputs
+                    .iter()
+                    .filter(|k| !self.holders.holds(k, worker))
+                    .take(MAX_HINTS)
+                    .map(|k| k.digest)
+                    .collect();
+                let peers = self
+                    .holders
+                    .hints(worker, inputs, MAX_HINTS, |w| serves(&w));
+                (peers, missing)
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
             self.prefetch_over(op, prefetched);
             let kinds = &self.config.kinds;
@@ -323,6 +331,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 timeout: state.job.timeout,
                 queued_at: state.job.queued_at,
                 peers,
+                missing,
             });
         }
     }

@@ -25,6 +25,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
 
+/// Input files taken from a `StartExecute`'s list of those known missing (the scheduler sends
+/// at most as many).
+const MAX_MISSING: usize = 100_000;
+
 /// What every action on this worker shares.
 pub struct WorkerContext {
     /// The worker's name, reported in ExecutedActionMetadata.
@@ -91,6 +95,7 @@ pub async fn prefetch(ctx: Arc<WorkerContext>, message: kiln_proto::worker::Pref
         server,
         peers: ctx.peers.as_deref().map(|p| (p, &hints)),
         stats: &ctx.transfers,
+        missing: &[],
     };
     let fetched = crate::fetch::prefetch(
         &ctx.local,
@@ -219,11 +224,19 @@ async fn attempt(
         function,
         ctx.serving.as_ref().map(|s| s.endpoint.as_str()),
     );
+    // Malformed digests are skipped (a hint), at most as many as the scheduler sends.
+    let missing: Vec<Digest> = start
+        .missing_inputs
+        .iter()
+        .take(MAX_MISSING)
+        .filter_map(|d| Digest::from_proto(d, function).ok())
+        .collect();
     let source = match ctx.remote.as_deref() {
         Some(server) => Source::Remote(Remote {
             server,
             peers: ctx.peers.as_deref().map(|p| (p, &hints)),
             stats: &ctx.transfers,
+            missing: &missing,
         }),
         None => Source::Shared,
     };

@@ -43,6 +43,8 @@ pub struct Remote<'a> {
     pub peers: Option<(&'a Peers, &'a Hints)>,
     /// Where fetched bytes are counted.
     pub stats: &'a TransferStats,
+    /// Input files the scheduler knows this worker lacks: fetched while the tree is read.
+    pub missing: &'a [Digest],
 }
 
 /// Fetches the tree under `root` and its files, pinned for `holder`; returns the tree and
@@ -55,7 +57,25 @@ pub async fn fetch(
     root: Digest,
     parallelism: usize,
 ) -> Result<(InputTree, Vec<BlobKey>), ActionError> {
-    let (directories, files) = fetch_directories(local, source, instance, root).await?;
+    // Files the scheduler knows are missing are fetched while the tree is read; the walk's
+    // own list then finds them here (or fetches what this could not).
+    let early = async {
+        let Source::Remote(remote) = source else {
+            return;
+        };
+        if remote.missing.is_empty() {
+            return;
+        }
+        let Ok(lacking) = local.cas().find_missing(instance, remote.missing).await else {
+            return;
+        };
+        if let Err(e) = download(local, remote, instance, &lacking, parallelism).await {
+            tracing::debug!(error = %e, "fetching the inputs known missing failed; the walk's fetch follows");
+        }
+    };
+    let (walked, ()) =
+        futures::future::join(fetch_directories(local, source, instance, root), early).await;
+    let (directories, files) = walked?;
     let files: Vec<Digest> = files.into_iter().filter(|d| !d.is_empty_blob()).collect();
     let (missing, mut pins) = local.pin(holder, instance, &files).await?;
     if !missing.is_empty() {

@@ -264,6 +264,7 @@ impl ExecutionCore {
                     timeout,
                     queued_at,
                     peers,
+                    missing,
                 } => {
                     let Some(name) = lock(&self.registry).name(op).map(str::to_string) else {
                         continue;
@@ -274,6 +275,7 @@ impl ExecutionCore {
                     start.timeout = Some(kiln_reapi::convert::proto_duration(timeout));
                     start.queued_timestamp = Some(timestamp(queued_at));
                     start.peer_hints = self.peer_hints(peers);
+                    start.missing_inputs = missing.iter().map(Digest::to_proto).collect();
                     if !self.send(worker, server_message::Message::StartExecute(start)) {
                         broken.push(worker);
                     }

@@ -366,3 +366,32 @@ fn a_sole_worker_keeps_the_resources_and_slots_its_waiting_actions_need() {
     s.worker_joined(t, 1, props(&[("gpu", "yes")]), 2, true);
     assert_eq!(dispatched(&mut s), vec![(1, "gpu", 1), (1, "generic", 1)]);
 }
+
+// A dispatch names the input files its worker is known to lack, when the scheduler tracks
+// what that worker holds (it serves its peers); for any other worker the list is empty.
+#[test]
+fn a_dispatch_names_the_inputs_its_worker_is_known_to_lack() {
+    let t = Instant::now();
+    let missing_of = |s: &mut S| -> Vec<Vec<u64>> {
+        s.commands()
+            .into_iter()
+            .filter_map(|c| match c {
+                Command::Dispatch { missing, .. } => Some(missing.iter().map(|d| d.size).collect()),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 1, true);
+    s.worker_blobs(1, true, vec![file(20)], vec![]);
+    s.submit(t, with_inputs("a", &[30, 20, 10])).unwrap();
+    assert_eq!(missing_of(&mut s), vec![vec![30, 10]]);
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 1, false);
+    s.submit(t, with_inputs("a", &[30, 20, 10])).unwrap();
+    assert_eq!(
+        missing_of(&mut s),
+        vec![Vec::<u64>::new()],
+        "not tracked: not known"
+    );
+}
