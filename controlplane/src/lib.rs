@@ -120,6 +120,7 @@ impl ControlPlane {
                 config.execution.clone(),
                 &local,
                 action_cache_core.clone(),
+                max_message,
             )
         });
         let mut routes = tonic::service::Routes::new(

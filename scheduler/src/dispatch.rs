@@ -8,6 +8,7 @@
 use crate::locality::{Reason, Score};
 use crate::platform::{consume, could_fit, fits};
 use crate::{Command, OpId, OpStage, OpState, Scheduler, Stage, WorkerId, WorkerState};
+use kiln_reapi::digest::Digest;
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
@@ -290,15 +291,18 @@ impl<P: Clone, R> Scheduler<P, R> {
                 |w: &WorkerId| self.workers.get(w).is_some_and(|w| w.serves && !w.draining);
             let (peers, missing) = if serves(&worker) {
                 let inputs = &state.job.inputs[..state.job.inputs.len().min(MAX_SCORED)];
-                let missing = inputs
-                    .iter()
-                    .filter(|k| !self.holders.holds(k, worker))
-                    .take(MAX_HINTS)
-                    .map(|k| k.digest)
-                    .collect();
                 let peers = self
                     .holders
                     .hints(worker, inputs, MAX_HINTS, |w| serves(&w));
+                // Not known to be held by the worker, nor hinted from a peer (the worker
+                // fetches hinted ones early too): those only the server is known to have.
+                let hinted: HashSet<&Digest> = peers.iter().flat_map(|(_, d)| d).collect();
+                let missing = inputs
+                    .iter()
+                    .filter(|k| !hinted.contains(&k.digest) && !self.holders.holds(k, worker))
+                    .take(MAX_HINTS)
+                    .map(|k| k.digest)
+                    .collect();
                 (peers, missing)
             } else {
                 (Vec::new(), Vec::new())

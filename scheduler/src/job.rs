@@ -110,8 +110,9 @@ pub enum Command<P, R> {
         /// Inputs other workers hold that this one is not known to hold, by a peer holding
         /// each.
         peers: Vec<(WorkerId, Vec<Digest>)>,
-        /// The input files this worker is known to lack (only for a worker whose holdings
-        /// the scheduler tracks; empty otherwise), so that it fetches them at once.
+        /// The input files this worker is not known to hold and no peer is hinted for (only
+        /// for a worker whose holdings the scheduler tracks; empty otherwise), so that it
+        /// fetches them, with the hinted ones, at once.
         missing: Vec<Digest>,
     },
     /// Fetch a queued operation's inputs ahead: the worker is busy, and likely to run it.

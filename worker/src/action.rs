@@ -224,12 +224,19 @@ async fn attempt(
         function,
         ctx.serving.as_ref().map(|s| s.endpoint.as_str()),
     );
-    // Malformed digests are skipped (a hint), at most as many as the scheduler sends.
-    let missing: Vec<Digest> = start
-        .missing_inputs
-        .iter()
-        .take(MAX_MISSING)
-        .filter_map(|d| Digest::from_proto(d, function).ok())
+    // Fetched while the tree is read: the inputs hinted from peers, and those only the server
+    // is known to have (malformed digests skipped: a hint), at most as many as the scheduler
+    // sends.
+    let missing: Vec<Digest> = hints
+        .digests()
+        .copied()
+        .chain(
+            start
+                .missing_inputs
+                .iter()
+                .take(MAX_MISSING)
+                .filter_map(|d| Digest::from_proto(d, function).ok()),
+        )
         .collect();
     let source = match ctx.remote.as_deref() {
         Some(server) => Source::Remote(Remote {

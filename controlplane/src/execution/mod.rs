@@ -119,6 +119,8 @@ pub struct ExecutionCore {
     cache: Arc<ActionCache>,
     config: ExecutionConfig,
     kinds: scheduler::platform::Kinds,
+    /// The largest message the worker API may send (`server.max_message_bytes`).
+    max_message: usize,
     /// Signalled whenever an operation finishes (shutdown waits on it).
     finished: tokio::sync::Notify,
     /// Wakes the ticking task when the scheduler starts holding an action for a busy worker.
@@ -144,6 +146,7 @@ impl ExecutionCore {
         config: ExecutionConfig,
         local: &ChainCas,
         cache: Arc<ActionCache>,
+        max_message: usize,
     ) -> Arc<ExecutionCore> {
         let kinds = scheduler::platform::Kinds(config.properties.clone());
         let scheduler = Scheduler::new(SchedulerConfig {
@@ -179,6 +182,7 @@ impl ExecutionCore {
             cache,
             config,
             kinds,
+            max_message,
             finished: tokio::sync::Notify::new(),
             woken: Arc::new(tokio::sync::Notify::new()),
         });
@@ -276,6 +280,7 @@ impl ExecutionCore {
                     start.queued_timestamp = Some(timestamp(queued_at));
                     start.peer_hints = self.peer_hints(peers);
                     start.missing_inputs = missing.iter().map(Digest::to_proto).collect();
+                    fit(&mut start, self.max_message / 2);
                     if !self.send(worker, server_message::Message::StartExecute(start)) {
                         broken.push(worker);
                     }
@@ -654,4 +659,81 @@ impl ExecutionCore {
 
 fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)
+}
+
+/// Cuts a `StartExecute`'s lists of hints short (the inputs known missing first, then the
+/// peer hints) until it encodes to at most `budget` bytes: a message over the worker API's
+/// limit would end the worker's session, and what the lists leave out the worker fetches
+/// after reading the tree anyway.
+fn fit(start: &mut StartExecute, budget: usize) {
+    loop {
+        let len = prost::Message::encoded_len(start);
+        if len <= budget {
+            return;
+        }
+        // Drop as many digests as the excess takes (each with its tag and length), at least
+        // one; the next round checks.
+        let drop = |list: &[kiln_proto::reapi::Digest]| {
+            let each = list
+                .first()
+                .map_or(1, |d| prost::Message::encoded_len(d) + 2);
+            (len - budget).div_ceil(each).max(1)
+        };
+        if !start.missing_inputs.is_empty() {
+            let excess = drop(&start.missing_inputs);
+            let keep = start.missing_inputs.len().saturating_sub(excess);
+            start.missing_inputs.truncate(keep);
+        } else if let Some(hint) = start.peer_hints.last_mut() {
+            let excess = drop(&hint.digests);
+            let keep = hint.digests.len().saturating_sub(excess);
+            hint.digests.truncate(keep);
+            if hint.digests.is_empty() {
+                start.peer_hints.pop();
+            }
+        } else {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod fit_tests {
+    use super::*;
+    use kiln_reapi::digest::DigestFunction;
+
+    #[test]
+    fn a_start_execute_is_cut_to_fit_its_budget_known_missing_first() {
+        let digests = |n: u32| -> Vec<kiln_proto::reapi::Digest> {
+            (0..n)
+                .map(|i| Digest::of(DigestFunction::Sha256, &i.to_le_bytes()).to_proto())
+                .collect()
+        };
+        let mut start = StartExecute {
+            missing_inputs: digests(100_000),
+            peer_hints: vec![PeerHint {
+                endpoint: "grpcs://10.0.0.7:50052".into(),
+                digests: digests(20_000),
+                tls_name: "w.peer.kiln.invalid".into(),
+            }],
+            ..Default::default()
+        };
+        let hints = prost::Message::encoded_len(&start.peer_hints[0]);
+        fit(&mut start, 4 << 20);
+        assert!(prost::Message::encoded_len(&start) <= 4 << 20);
+        assert!(
+            start.missing_inputs.len() > 38_000,
+            "only what does not fit is cut"
+        );
+        assert_eq!(
+            prost::Message::encoded_len(&start.peer_hints[0]),
+            hints,
+            "hints kept"
+        );
+        fit(&mut start, 1 << 20);
+        assert!(prost::Message::encoded_len(&start) <= 1 << 20);
+        assert!(start.missing_inputs.is_empty(), "cut first");
+        assert!(!start.peer_hints.is_empty() && start.peer_hints[0].digests.len() < 20_000);
+        fit(&mut start, 10);
+        assert!(start.peer_hints.is_empty() && start.missing_inputs.is_empty());
+    }
 }

@@ -386,6 +386,16 @@ fn a_dispatch_names_the_inputs_its_worker_is_known_to_lack() {
     s.worker_blobs(1, true, vec![file(20)], vec![]);
     s.submit(t, with_inputs("a", &[30, 20, 10])).unwrap();
     assert_eq!(missing_of(&mut s), vec![vec![30, 10]]);
+    // A file a peer is hinted for is not listed again (the worker fetches hinted ones early
+    // too).
+    s.worker_joined(t, 2, vec![], 1, true);
+    s.worker_blobs(2, true, vec![file(30)], vec![]);
+    s.submit(t, with_inputs("b", &[30, 20, 10])).unwrap();
+    assert_eq!(
+        missing_of(&mut s),
+        vec![vec![10]],
+        "on worker 2 (1 is busy), which holds 30; 20 is hinted from worker 1"
+    );
     let mut s = S::new(config());
     s.worker_joined(t, 1, vec![], 1, false);
     s.submit(t, with_inputs("a", &[30, 20, 10])).unwrap();

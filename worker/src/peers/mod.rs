@@ -442,6 +442,11 @@ impl Hints {
     pub fn peer(&self, digest: &Digest) -> Option<&Arc<PeerAddr>> {
         self.0.get(digest)
     }
+
+    /// Every digest hinted.
+    pub fn digests(&self) -> impl Iterator<Item = &Digest> {
+        self.0.keys()
+    }
 }
 
 #[cfg(test)]
