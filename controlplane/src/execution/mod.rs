@@ -3,12 +3,14 @@
 //! dispatching to worker sessions, publishing operation stages, and on completion writing the
 //! action cache and releasing the inputs' pins.
 
+mod commands;
 mod listing;
 mod operations;
 mod ops;
 mod prepare;
 mod prepare_error;
 mod service;
+mod worker_events;
 mod workers;
 
 pub use operations::OperationsService;
@@ -18,24 +20,21 @@ pub use workers::WorkerApiService;
 
 use crate::action_cache::ActionCache;
 use crate::scheduler::{
-    self, Command, Job, OpId, Outcome, Scheduler, SchedulerConfig, Stage, SubmitError, WorkerId,
+    self, Job, OpId, Outcome, Scheduler, SchedulerConfig, SubmitError, WorkerId,
 };
 use kiln_config::ExecutionConfig;
 use kiln_dataplane::store::tier::BlobStore;
 use kiln_dataplane::store::{CasClient, ChainCas};
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::{execution_stage::Value as StageValue, ActionResult, ExecuteResponse};
-use kiln_proto::worker::{
-    server_message, ExecutionResult, KillOperation, PeerHint, PrefetchInputs, ServerMessage,
-    StartExecute,
-};
+use kiln_proto::worker::{ExecutionResult, ServerMessage, StartExecute};
 use kiln_reapi::cas::Cas;
-use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
+use kiln_reapi::digest::BlobKey;
 use ops::Registry;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// What a queued action carries to its worker.
@@ -252,129 +251,6 @@ impl ExecutionCore {
         out
     }
 
-    /// Carries out the scheduler's commands. Called with the scheduler locked, so that
-    /// commands reach workers and watchers in the order the scheduler issued them (a dispatch
-    /// can never overtake the kill or re-queue that followed it). Returns the workers whose
-    /// session is gone; the caller hands them to [`Self::drop_broken`] once it has unlocked.
-    fn carry_out(&self, commands: Vec<Command<Arc<Payload>, ExecutionResult>>) -> Vec<WorkerId> {
-        let mut broken = Vec::new();
-        for command in commands {
-            match command {
-                Command::Dispatch {
-                    worker,
-                    op,
-                    attempt,
-                    payload,
-                    timeout,
-                    queued_at,
-                    peers,
-                    missing,
-                } => {
-                    let Some(name) = lock(&self.registry).name(op).map(str::to_string) else {
-                        continue;
-                    };
-                    let mut start = payload.start.clone();
-                    start.operation = name;
-                    start.attempt = attempt;
-                    start.timeout = Some(kiln_reapi::convert::proto_duration(timeout));
-                    start.queued_timestamp = Some(timestamp(queued_at));
-                    start.peer_hints = self.peer_hints(peers);
-                    start.missing_inputs = missing.iter().map(Digest::to_proto).collect();
-                    fit(&mut start, self.max_message / 2);
-                    if !self.send(worker, server_message::Message::StartExecute(start)) {
-                        broken.push(worker);
-                    }
-                }
-                Command::Prefetch {
-                    worker,
-                    op,
-                    payload,
-                    digests,
-                    peers,
-                } => {
-                    let Some(name) = lock(&self.registry).name(op).map(str::to_string) else {
-                        continue;
-                    };
-                    // Best effort: a worker whose queue is full just does not fetch ahead.
-                    let _ = self.send(
-                        worker,
-                        server_message::Message::Prefetch(PrefetchInputs {
-                            operation: name,
-                            instance_name: payload.start.instance_name.clone(),
-                            digest_function: payload.start.digest_function,
-                            digests: digests.iter().map(Digest::to_proto).collect(),
-                            peer_hints: self.peer_hints(peers),
-                        }),
-                    );
-                }
-                Command::Kill { worker, op } => {
-                    if let Some(name) = lock(&self.registry).name(op).map(str::to_string) {
-                        let _ = self.send(
-                            worker,
-                            server_message::Message::Kill(KillOperation { operation: name }),
-                        );
-                    }
-                }
-                Command::Stage { op, stage } => {
-                    let stage = match stage {
-                        Stage::Queued => StageValue::Queued,
-                        Stage::Executing => StageValue::Executing,
-                    };
-                    lock(&self.registry).set_stage(op, stage);
-                }
-                Command::Finished { op, outcome } => self.finished(op, outcome),
-                Command::Disconnect { worker } => {
-                    // Dropping the session's only strong sender ends its response stream; a
-                    // worker that was merely stalled reconnects as a new session.
-                    if let Some(session) = lock(&self.sessions).remove(&worker) {
-                        tracing::warn!(worker = %session.name, id = worker, "worker lost; its actions are re-queued");
-                    }
-                }
-            }
-        }
-        broken
-    }
-
-    /// The scheduler's hints (peer → digests) with each peer's endpoint.
-    fn peer_hints(&self, peers: Vec<(WorkerId, Vec<Digest>)>) -> Vec<PeerHint> {
-        if peers.is_empty() {
-            return Vec::new();
-        }
-        let sessions = lock(&self.sessions);
-        peers
-            .into_iter()
-            .filter_map(|(peer, digests)| {
-                let PeerEndpoint { endpoint, tls_name } = sessions.get(&peer)?.endpoint.clone()?;
-                Some(PeerHint {
-                    endpoint,
-                    tls_name,
-                    digests: digests.iter().map(Digest::to_proto).collect(),
-                })
-            })
-            .collect()
-    }
-
-    /// Workers whose session could not take a message: lost.
-    fn drop_broken(&self, broken: Vec<WorkerId>) {
-        for worker in broken {
-            tracing::warn!(worker, "worker session is gone; re-queueing its actions");
-            self.worker_left(worker);
-        }
-    }
-
-    fn send(&self, worker: WorkerId, message: server_message::Message) -> bool {
-        let sessions = lock(&self.sessions);
-        let Some(session) = sessions.get(&worker) else {
-            return false;
-        };
-        session
-            .tx
-            .try_send(ServerMessage {
-                message: Some(message),
-            })
-            .is_ok()
-    }
-
     fn finished(&self, op: OpId, outcome: Outcome<ExecutionResult>) {
         let response = match outcome {
             Outcome::Reported(r) => ExecuteResponse {
@@ -513,227 +389,5 @@ impl ExecutionCore {
         };
         self.apply(|s, now| s.cancel(now, op));
         true
-    }
-
-    /// Registers a worker session; returns its id.
-    fn worker_joined(
-        &self,
-        name: String,
-        properties: Vec<(String, String)>,
-        capacity: usize,
-        endpoint: Option<PeerEndpoint>,
-        tx: mpsc::Sender<ServerMessage>,
-    ) -> WorkerId {
-        let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
-        lock(&self.sessions).insert(
-            id,
-            Session {
-                tx,
-                name: name.clone(),
-                dircache: None,
-                transfers: None,
-                endpoint,
-            },
-        );
-        tracing::info!(worker = %name, id, capacity, "worker connected");
-        let serves = lock(&self.sessions)
-            .get(&id)
-            .is_some_and(|s| s.endpoint.is_some());
-        self.apply(|s, now| s.worker_joined(now, id, properties, capacity, serves));
-        id
-    }
-
-    /// A worker reports on itself: its directory cache and the directories it holds, the
-    /// blobs its CAS holds, its transfers (an entry that does not parse is skipped: it only
-    /// loses the worker a placement or a hint).
-    fn worker_report(&self, worker: WorkerId, report: kiln_proto::worker::WorkerReport) {
-        {
-            let mut sessions = lock(&self.sessions);
-            let Some(session) = sessions.get_mut(&worker) else {
-                return;
-            };
-            if report.dircache.is_some() {
-                session.dircache = report.dircache;
-            }
-            if report.transfers.is_some() {
-                session.transfers = report.transfers;
-            }
-        }
-        let keys = |held: Vec<kiln_proto::worker::HeldKey>| -> Vec<BlobKey> {
-            held.into_iter()
-                .filter_map(|r| {
-                    let instance = InstanceName::new(&r.instance_name).ok()?;
-                    let digest =
-                        Digest::from_proto_field(r.digest.as_ref(), r.digest_function).ok()?;
-                    Some(BlobKey::new(instance, digest))
-                })
-                .collect()
-        };
-        let (added, removed) = (keys(report.added), keys(report.removed));
-        if report.full || !added.is_empty() || !removed.is_empty() {
-            self.apply(|s, now| s.worker_dirs(now, worker, report.full, added, removed));
-        }
-        let (added, removed) = (keys(report.blobs_added), keys(report.blobs_removed));
-        if report.blobs_full || !added.is_empty() || !removed.is_empty() {
-            self.apply(|s, _| s.worker_blobs(worker, report.blobs_full, added, removed));
-        }
-    }
-
-    /// Each connected worker's last report of itself, by name.
-    pub fn worker_views(&self) -> Vec<WorkerView> {
-        let facts: HashMap<WorkerId, usize> = {
-            let ids: Vec<WorkerId> = lock(&self.sessions).keys().copied().collect();
-            let scheduler = lock(&self.scheduler);
-            ids.into_iter()
-                .map(|id| (id, scheduler.worker_blob_facts(id)))
-                .collect()
-        };
-        let mut out: Vec<WorkerView> = lock(&self.sessions)
-            .iter()
-            .map(|(id, s)| WorkerView {
-                name: s.name.clone(),
-                dircache: s.dircache,
-                transfers: s.transfers,
-                endpoint: s.endpoint.clone(),
-                blob_facts: facts.get(id).copied().unwrap_or(0),
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
-    }
-
-    /// Facts "worker W holds blob B" the scheduler keeps.
-    pub fn blob_facts(&self) -> usize {
-        lock(&self.scheduler).blob_facts()
-    }
-
-    fn worker_seen(&self, worker: WorkerId) {
-        self.apply(|s, now| s.worker_seen(now, worker));
-    }
-
-    fn worker_draining(&self, worker: WorkerId) {
-        self.apply(|s, _| s.worker_draining(worker));
-    }
-
-    fn worker_left(&self, worker: WorkerId) {
-        if let Some(session) = lock(&self.sessions).remove(&worker) {
-            tracing::info!(worker = %session.name, id = worker, "worker disconnected");
-        }
-        self.apply(|s, now| s.worker_left(now, worker));
-    }
-
-    /// The worker says an operation's process exited and its outputs are uploading.
-    fn executed(&self, worker: WorkerId, operation: &str) {
-        let Some(op) = lock(&self.registry).op(operation) else {
-            return;
-        };
-        self.apply(|s, now| s.executed(now, worker, op));
-    }
-
-    /// A worker reports an operation's result. The result is stored in the action cache
-    /// before the operation completes, so a client that calls `Execute` or `GetActionResult`
-    /// as soon as it sees the completion finds it, and a crash in between loses nothing that
-    /// was reported (tested by `inputs_outputs_symlinks_and_executables` in
-    /// `tests/execution.rs`).
-    async fn reported(&self, worker: WorkerId, result: ExecutionResult) {
-        let Some(op) = lock(&self.registry).op(&result.operation) else {
-            tracing::debug!(operation = %result.operation, "result for an operation no longer running");
-            return;
-        };
-        if !lock(&self.scheduler).is_running_on(op, worker) {
-            tracing::debug!(operation = %result.operation, worker, "late result from a worker the operation was taken from");
-            return;
-        }
-        let payload = lock(&self.registry).payload(op);
-        if let Some((payload, stored)) = payload
-            .as_ref()
-            .and_then(|p| self.to_cache(p, &result).map(|r| (p, r)))
-        {
-            if let Err(e) = self.cache.put(payload.key.clone(), stored).await {
-                tracing::warn!(operation = %result.operation, error = %e, "cannot store an action result; reporting it uncached");
-            }
-        }
-        self.apply(|s, now| s.reported(now, worker, op, result));
-    }
-}
-
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    prost_types::Timestamp::from(t)
-}
-
-/// Cuts a `StartExecute`'s lists of hints short (the inputs known missing first, then the
-/// peer hints) until it encodes to at most `budget` bytes: a message over the worker API's
-/// limit would end the worker's session, and what the lists leave out the worker fetches
-/// after reading the tree anyway.
-fn fit(start: &mut StartExecute, budget: usize) {
-    loop {
-        let len = prost::Message::encoded_len(start);
-        if len <= budget {
-            return;
-        }
-        // Drop as many digests as the excess takes (each with its tag and length), at least
-        // one; the next round checks.
-        let drop = |list: &[kiln_proto::reapi::Digest]| {
-            let each = list
-                .first()
-                .map_or(1, |d| prost::Message::encoded_len(d) + 2);
-            (len - budget).div_ceil(each).max(1)
-        };
-        if !start.missing_inputs.is_empty() {
-            let excess = drop(&start.missing_inputs);
-            let keep = start.missing_inputs.len().saturating_sub(excess);
-            start.missing_inputs.truncate(keep);
-        } else if let Some(hint) = start.peer_hints.last_mut() {
-            let excess = drop(&hint.digests);
-            let keep = hint.digests.len().saturating_sub(excess);
-            hint.digests.truncate(keep);
-            if hint.digests.is_empty() {
-                start.peer_hints.pop();
-            }
-        } else {
-            return;
-        }
-    }
-}
-
-#[cfg(test)]
-mod fit_tests {
-    use super::*;
-    use kiln_reapi::digest::DigestFunction;
-
-    #[test]
-    fn a_start_execute_is_cut_to_fit_its_budget_known_missing_first() {
-        let digests = |n: u32| -> Vec<kiln_proto::reapi::Digest> {
-            (0..n)
-                .map(|i| Digest::of(DigestFunction::Sha256, &i.to_le_bytes()).to_proto())
-                .collect()
-        };
-        let mut start = StartExecute {
-            missing_inputs: digests(100_000),
-            peer_hints: vec![PeerHint {
-                endpoint: "grpcs://10.0.0.7:50052".into(),
-                digests: digests(20_000),
-                tls_name: "w.peer.kiln.invalid".into(),
-            }],
-            ..Default::default()
-        };
-        let hints = prost::Message::encoded_len(&start.peer_hints[0]);
-        fit(&mut start, 4 << 20);
-        assert!(prost::Message::encoded_len(&start) <= 4 << 20);
-        assert!(
-            start.missing_inputs.len() > 38_000,
-            "only what does not fit is cut"
-        );
-        assert_eq!(
-            prost::Message::encoded_len(&start.peer_hints[0]),
-            hints,
-            "hints kept"
-        );
-        fit(&mut start, 1 << 20);
-        assert!(prost::Message::encoded_len(&start) <= 1 << 20);
-        assert!(start.missing_inputs.is_empty(), "cut first");
-        assert!(!start.peer_hints.is_empty() && start.peer_hints[0].digests.len() < 20_000);
-        fit(&mut start, 10);
-        assert!(start.peer_hints.is_empty() && start.missing_inputs.is_empty());
     }
 }

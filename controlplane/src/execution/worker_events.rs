@@ -1,0 +1,154 @@
+//! What worker sessions tell the core: a worker joining, reporting on itself (its directory
+//! cache, the blobs it holds, its transfers), keeping alive, draining, leaving, and an
+//! action's process ending and its result arriving.
+
+use super::{lock, ExecutionCore, PeerEndpoint, Session, WorkerView};
+use crate::scheduler::WorkerId;
+use kiln_proto::worker::{ExecutionResult, ServerMessage};
+use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use tokio::sync::mpsc;
+
+impl ExecutionCore {
+    /// Registers a worker session; returns its id.
+    pub(super) fn worker_joined(
+        &self,
+        name: String,
+        properties: Vec<(String, String)>,
+        capacity: usize,
+        endpoint: Option<PeerEndpoint>,
+        tx: mpsc::Sender<ServerMessage>,
+    ) -> WorkerId {
+        let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
+        lock(&self.sessions).insert(
+            id,
+            Session {
+                tx,
+                name: name.clone(),
+                dircache: None,
+                transfers: None,
+                endpoint,
+            },
+        );
+        tracing::info!(worker = %name, id, capacity, "worker connected");
+        let serves = lock(&self.sessions)
+            .get(&id)
+            .is_some_and(|s| s.endpoint.is_some());
+        self.apply(|s, now| s.worker_joined(now, id, properties, capacity, serves));
+        id
+    }
+
+    /// A worker reports on itself: its directory cache and the directories it holds, the
+    /// blobs its CAS holds, its transfers (an entry that does not parse is skipped: it only
+    /// loses the worker a placement or a hint).
+    pub(super) fn worker_report(&self, worker: WorkerId, report: kiln_proto::worker::WorkerReport) {
+        {
+            let mut sessions = lock(&self.sessions);
+            let Some(session) = sessions.get_mut(&worker) else {
+                return;
+            };
+            if report.dircache.is_some() {
+                session.dircache = report.dircache;
+            }
+            if report.transfers.is_some() {
+                session.transfers = report.transfers;
+            }
+        }
+        let keys = |held: Vec<kiln_proto::worker::HeldKey>| -> Vec<BlobKey> {
+            held.into_iter()
+                .filter_map(|r| {
+                    let instance = InstanceName::new(&r.instance_name).ok()?;
+                    let digest =
+                        Digest::from_proto_field(r.digest.as_ref(), r.digest_function).ok()?;
+                    Some(BlobKey::new(instance, digest))
+                })
+                .collect()
+        };
+        let (added, removed) = (keys(report.added), keys(report.removed));
+        if report.full || !added.is_empty() || !removed.is_empty() {
+            self.apply(|s, now| s.worker_dirs(now, worker, report.full, added, removed));
+        }
+        let (added, removed) = (keys(report.blobs_added), keys(report.blobs_removed));
+        if report.blobs_full || !added.is_empty() || !removed.is_empty() {
+            self.apply(|s, _| s.worker_blobs(worker, report.blobs_full, added, removed));
+        }
+    }
+
+    /// Each connected worker's last report of itself, by name.
+    pub fn worker_views(&self) -> Vec<WorkerView> {
+        let facts: HashMap<WorkerId, usize> = {
+            let ids: Vec<WorkerId> = lock(&self.sessions).keys().copied().collect();
+            let scheduler = lock(&self.scheduler);
+            ids.into_iter()
+                .map(|id| (id, scheduler.worker_blob_facts(id)))
+                .collect()
+        };
+        let mut out: Vec<WorkerView> = lock(&self.sessions)
+            .iter()
+            .map(|(id, s)| WorkerView {
+                name: s.name.clone(),
+                dircache: s.dircache,
+                transfers: s.transfers,
+                endpoint: s.endpoint.clone(),
+                blob_facts: facts.get(id).copied().unwrap_or(0),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Facts "worker W holds blob B" the scheduler keeps.
+    pub fn blob_facts(&self) -> usize {
+        lock(&self.scheduler).blob_facts()
+    }
+
+    pub(super) fn worker_seen(&self, worker: WorkerId) {
+        self.apply(|s, now| s.worker_seen(now, worker));
+    }
+
+    pub(super) fn worker_draining(&self, worker: WorkerId) {
+        self.apply(|s, _| s.worker_draining(worker));
+    }
+
+    pub(super) fn worker_left(&self, worker: WorkerId) {
+        if let Some(session) = lock(&self.sessions).remove(&worker) {
+            tracing::info!(worker = %session.name, id = worker, "worker disconnected");
+        }
+        self.apply(|s, now| s.worker_left(now, worker));
+    }
+
+    /// The worker says an operation's process exited and its outputs are uploading.
+    pub(super) fn executed(&self, worker: WorkerId, operation: &str) {
+        let Some(op) = lock(&self.registry).op(operation) else {
+            return;
+        };
+        self.apply(|s, now| s.executed(now, worker, op));
+    }
+
+    /// A worker reports an operation's result. The result is stored in the action cache
+    /// before the operation completes, so a client that calls `Execute` or `GetActionResult`
+    /// as soon as it sees the completion finds it, and a crash in between loses nothing that
+    /// was reported (tested by `inputs_outputs_symlinks_and_executables` in
+    /// `tests/execution.rs`).
+    pub(super) async fn reported(&self, worker: WorkerId, result: ExecutionResult) {
+        let Some(op) = lock(&self.registry).op(&result.operation) else {
+            tracing::debug!(operation = %result.operation, "result for an operation no longer running");
+            return;
+        };
+        if !lock(&self.scheduler).is_running_on(op, worker) {
+            tracing::debug!(operation = %result.operation, worker, "late result from a worker the operation was taken from");
+            return;
+        }
+        let payload = lock(&self.registry).payload(op);
+        if let Some((payload, stored)) = payload
+            .as_ref()
+            .and_then(|p| self.to_cache(p, &result).map(|r| (p, r)))
+        {
+            if let Err(e) = self.cache.put(payload.key.clone(), stored).await {
+                tracing::warn!(operation = %result.operation, error = %e, "cannot store an action result; reporting it uncached");
+            }
+        }
+        self.apply(|s, now| s.reported(now, worker, op, result));
+    }
+}
