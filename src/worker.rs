@@ -13,7 +13,6 @@ use kiln_dataplane::store::layout::Layout;
 use kiln_worker::link::Link;
 use kiln_worker::remote::{CasLinks, RemoteCas};
 use kiln_worker::{prepare_work_dir, Identity, LocalCas, WorkerContext};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -356,7 +355,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let serving = holdings.map(|holdings| {
         let metrics = local.cas().client().metrics().clone();
-        let quic_sent = quic.as_ref().map(|q| q.sent());
         let scheme = if tls_name.is_some() { "grpcs" } else { "grpc" };
         let endpoint = match &config.worker.peer_endpoint {
             Some(e) => e.replacen("grpc://", &format!("{scheme}://"), 1),
@@ -366,10 +364,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             endpoint,
             tls_name: tls_name.clone(),
             holdings,
-            served: Arc::new(move || {
-                let over_quic = quic_sent.as_ref().map_or(0, |s| s.load(Ordering::Relaxed));
-                metrics.blob_bytes_sent().saturating_add(over_quic)
-            }),
+            served: Arc::new(move || metrics.blob_bytes_sent()),
         }
     });
     let asks_quic = config.worker.peer_transport != kiln_config::PeerTransport::Tcp
@@ -377,17 +372,21 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     if asks_quic && peer_client.is_none() {
         tracing::warn!("worker.peer_transport or worker.server_transport asks for QUIC, which needs TLS (enrol the worker, or give it worker.tls_ca): using TCP");
     }
-    let quic_dialling = match (config.worker.peer_transport, &peer_client) {
-        (kiln_config::PeerTransport::Tcp, _) | (_, None) => None,
-        (transport, Some(tls)) => {
+    // One endpoint (one UDP socket) dials peers and the server alike.
+    let quic_client = match (&peer_client, asks_quic) {
+        (Some(tls), true) => {
             let _guard = runtime.enter();
-            Some(kiln_worker::peers::QuicDialling {
-                endpoint: kiln_worker::quic::client_endpoint(tls)
-                    .context("cannot reach peers over QUIC")?,
-                timeout: Duration::from_millis(config.worker.peer_quic_connect_timeout_ms),
-                only: transport == kiln_config::PeerTransport::Quic,
-            })
+            Some(kiln_worker::quic::client_endpoint(tls).context("cannot dial over QUIC")?)
         }
+        _ => None,
+    };
+    let quic_dialling = match (config.worker.peer_transport, &quic_client) {
+        (kiln_config::PeerTransport::Tcp, _) | (_, None) => None,
+        (transport, Some(endpoint)) => Some(kiln_worker::peers::QuicDialling {
+            endpoint: endpoint.clone(),
+            timeout: Duration::from_millis(config.worker.peer_quic_connect_timeout_ms),
+            only: transport == kiln_config::PeerTransport::Quic,
+        }),
     };
     let peers = config.worker.peers.then(|| {
         Arc::new(kiln_worker::peers::Peers::new(
@@ -418,9 +417,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let cas_links = {
         let _guard = runtime.enter();
         // Reads from the server over QUIC too, when asked for and the link has TLS.
-        let server_quic = match (config.worker.server_transport, &peer_client) {
+        let server_quic = match (config.worker.server_transport, &quic_client) {
             (kiln_config::PeerTransport::Tcp, _) | (_, None) => None,
-            (transport, Some(tls)) => {
+            (transport, Some(endpoint)) => {
                 let only = transport == kiln_config::PeerTransport::Quic;
                 match link.quic_target() {
                     None if only => {
@@ -431,10 +430,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                         None
                     }
                     Some((addr, name)) => {
-                        let endpoint = kiln_worker::quic::client_endpoint(tls)
-                            .context("cannot reach the server over QUIC")?;
                         let server = kiln_worker::quic::connect::QuicPeer::new(
-                            endpoint,
+                            endpoint.clone(),
                             addr,
                             &name,
                             Duration::from_millis(config.worker.peer_quic_connect_timeout_ms),

@@ -333,8 +333,11 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
     );
 
     // The same inputs on b come from a, across the bridge.
+    // All of a's inputs (two files, two directories): a partial report, or another
+    // worker's, must not let b start early.
+    let held_by_a = || number(&kiln.admin, "kiln_worker_held_blobs{worker=\"a\"}");
     common::eventually("a's report of what it holds", || async {
-        (number(&kiln.admin, "kiln_scheduler_blob_facts").await >= 2.0).then_some(())
+        (held_by_a().await >= 4.0).then_some(())
     })
     .await;
     let before = sent().await;
@@ -360,7 +363,7 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
 
     // New inputs held by a alone; a stops answering while c asks it for them, then dies.
     let (tree, bytes) = inputs(2);
-    let facts_before = number(&kiln.admin, "kiln_scheduler_blob_facts").await;
+    let facts_before = held_by_a().await;
     let (_, r) = execute(
         &ch,
         F,
@@ -372,7 +375,7 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
     assert_eq!((code(&r), worker_of(&r).as_str()), (0, "a"), "{r:?}");
     // The new inputs' two files and two directories, at least, join a's facts.
     common::eventually("a's report of the new inputs", || async {
-        (number(&kiln.admin, "kiln_scheduler_blob_facts").await >= facts_before + 4.0).then_some(())
+        (held_by_a().await >= facts_before + 4.0).then_some(())
     })
     .await;
     let action = spec(&tree, &[("host", "c")], "five").upload(&ch, F).await;

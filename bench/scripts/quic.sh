@@ -54,12 +54,15 @@ for w in w1 w2; do
 done
 w2_admin=$(grep -o "worker metrics on http://127.0.0.1:[0-9]*" "$run/w2.log" | grep -o "127.0.0.1:[0-9]*")
 common=(--endpoint "grpcs://127.0.0.1:$port" --tls-ca "$run/server/tls/ca.pem" --ops 1 --connections 1 --concurrency 1)
-facts() { curl -s --cacert "$run/server/tls/ca.pem" "https://localhost:$(grep -o "admin on https://[^:]*:[0-9]*" "$run/server.log" | grep -o "[0-9]*$")/metrics" | awk '/^kiln_scheduler_blob_facts / { print $2 }'; }
+# The blobs the scheduler knows w1 holds.
+held() { curl -s --cacert "$run/server/tls/ca.pem" "https://localhost:$(grep -o "admin on https://[^:]*:[0-9]*" "$run/server.log" | grep -o "[0-9]*$")/metrics" | awk '/^kiln_worker_held_blobs\{worker="w1"\} / { print $2 }'; }
 for r in $(seq "$runs"); do
   seed=$((RANDOM * 100 + r))
+  before=$(held); before=${before:-0}
   "$bench" execute "${common[@]}" --seed "$seed" --platform pool=a "$@" > "$run/first.txt"
+  # Until w1's report of the new inputs has arrived (it grows, then stays).
   last=-1
-  for _ in $(seq 100); do now=$(facts); [ "$now" = "$last" ] && [ "${now:-0}" != 0 ] && break; last=$now; sleep 0.3; done
+  for _ in $(seq 100); do now=$(held); [ "${now:-0}" != "$before" ] && [ "$now" = "$last" ] && break; last=$now; sleep 0.3; done
   "$bench" execute "${common[@]}" --seed "$seed" --platform pool=b "$@" > "$run/second.txt"
   echo "run $r: $(grep -E '^ *input-fetch' "$run/second.txt" | head -1)"
 done

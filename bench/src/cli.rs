@@ -128,7 +128,7 @@ pub struct Args {
     /// each action's input root, beside a small file of the action's own, so that every
     /// action has a root of its own sharing one large directory (placement by the input
     /// tree's bytes a worker holds, not by a cached root).
-    #[arg(long)]
+    #[arg(long, requires = "shared_inputs")]
     pub own_root: bool,
     /// `execute` with --input-size: spread the input files over subdirectories of at most
     /// this many files each (0: all in the input root).

@@ -469,12 +469,16 @@ pub fn method_label(path: &str) -> &'static str {
 }
 
 impl Metrics {
-    /// Bytes sent in answers to blob reads (ByteStream Read and BatchReadBlobs): for a
-    /// worker, what its CAS served to its peers.
+    /// Bytes sent in answers to blob reads (ByteStream Read and BatchReadBlobs), over TCP
+    /// and over QUIC: for a worker, what its CAS served to its peers.
     pub fn blob_bytes_sent(&self) -> u64 {
         ["ByteStream.Read", "CAS.BatchReadBlobs"]
             .into_iter()
-            .map(|method| self.bytes_out.get_or_create(&MethodLabel { method }).get())
+            .map(|method| {
+                let label = MethodLabel { method };
+                let tcp = self.bytes_out.get_or_create(&label).get();
+                tcp.saturating_add(self.quic_bytes_out.get_or_create(&label).get())
+            })
             .sum()
     }
 }

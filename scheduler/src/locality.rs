@@ -161,33 +161,12 @@ impl Placements {
     }
 }
 
-/// How much each thing a free worker holds of an action counts when placing it; the worker
-/// with the highest score takes the action.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Weights {
-    /// Its directory cache holds the input root.
-    pub input_root: f64,
-    /// Per share of the input tree's bytes under directories it holds (0 to 1).
-    pub input_tree: f64,
-    /// Per share of the input files' bytes its CAS holds (0 to 1).
-    pub input_blobs: f64,
-    /// Per share of its slots in use (0 to 1), subtracted.
-    pub load: f64,
-}
-
-impl Default for Weights {
-    /// A root hit outweighs everything else; the whole tree cached outweighs every input
-    /// file held plus any load; below that the shares trade off (10% of the tree, 0.4, loses
-    /// to half the input files, 1.0); load breaks near-ties.
-    fn default() -> Weights {
-        Weights {
-            input_root: 8.0,
-            input_tree: 4.0,
-            input_blobs: 2.0,
-            load: 1.0,
-        }
-    }
-}
+/// How much each thing a free worker holds of an action counts when placing it (the
+/// `execution.placement_weights` section): the worker with the highest score takes the
+/// action. The defaults (8, 4, 2, 1): a root hit outweighs everything else; the whole tree
+/// cached outweighs every input file held plus any load; below that the shares trade off
+/// (10% of the tree, 0.4, loses to half the input files, 1.0); load breaks near-ties.
+pub type Weights = kiln_config::PlacementWeights;
 
 /// What one free worker holds of an action.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

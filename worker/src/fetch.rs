@@ -66,10 +66,7 @@ pub async fn fetch(
         if remote.missing.is_empty() {
             return;
         }
-        let Ok(lacking) = local.cas().find_missing(instance, remote.missing).await else {
-            return;
-        };
-        if let Err(e) = download(local, remote, instance, &lacking, parallelism).await {
+        if let Err(e) = prefetch(local, remote, instance, remote.missing, parallelism).await {
             tracing::debug!(error = %e, "fetching the inputs known missing failed; the walk's fetch follows");
         }
     };

@@ -29,11 +29,7 @@ pub struct LinkChannel {
 }
 
 /// The calls a QUIC route carries: the server serves reads over QUIC, nothing else.
-const QUIC_READS: [&str; 3] = [
-    "/google.bytestream.ByteStream/Read",
-    "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs",
-    "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
-];
+const QUIC_READS: [&str; 3] = crate::quic::service::SERVED;
 
 /// The same server over QUIC.
 #[derive(Clone)]

@@ -60,17 +60,16 @@ impl ExecutionCore {
                     let Some(name) = lock(&self.registry).name(op).map(str::to_string) else {
                         continue;
                     };
+                    let mut prefetch = PrefetchInputs {
+                        operation: name,
+                        instance_name: payload.start.instance_name.clone(),
+                        digest_function: payload.start.digest_function,
+                        digests: digests.iter().map(Digest::to_proto).collect(),
+                        peer_hints: self.peer_hints(peers),
+                    };
+                    fit(&mut prefetch, self.max_message / 2);
                     // Best effort: a worker whose queue is full just does not fetch ahead.
-                    let _ = self.send(
-                        worker,
-                        server_message::Message::Prefetch(PrefetchInputs {
-                            operation: name,
-                            instance_name: payload.start.instance_name.clone(),
-                            digest_function: payload.start.digest_function,
-                            digests: digests.iter().map(Digest::to_proto).collect(),
-                            peer_hints: self.peer_hints(peers),
-                        }),
-                    );
+                    let _ = self.send(worker, server_message::Message::Prefetch(prefetch));
                 }
                 Command::Kill { worker, op } => {
                     if let Some(name) = lock(&self.registry).name(op).map(str::to_string) {
@@ -144,16 +143,34 @@ fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)
 }
 
-/// Cuts a `StartExecute`'s lists of hints short (the inputs known missing first, then the
-/// peer hints) until it encodes to at most `budget` bytes: a message over the worker API's
-/// limit would end the worker's session, and what the lists leave out the worker fetches
-/// after reading the tree anyway.
-fn fit(start: &mut StartExecute, budget: usize) {
+/// A message to a worker that carries lists of digests it may be cut short in: its own list
+/// (the inputs known missing, or to fetch ahead) and its peer hints.
+trait DigestLists: prost::Message {
+    fn lists(&mut self) -> (&mut Vec<kiln_proto::reapi::Digest>, &mut Vec<PeerHint>);
+}
+
+impl DigestLists for StartExecute {
+    fn lists(&mut self) -> (&mut Vec<kiln_proto::reapi::Digest>, &mut Vec<PeerHint>) {
+        (&mut self.missing_inputs, &mut self.peer_hints)
+    }
+}
+
+impl DigestLists for PrefetchInputs {
+    fn lists(&mut self) -> (&mut Vec<kiln_proto::reapi::Digest>, &mut Vec<PeerHint>) {
+        (&mut self.digests, &mut self.peer_hints)
+    }
+}
+
+/// Cuts a message's lists short (its own list first, then the peer hints) until it encodes
+/// to at most `budget` bytes: a message over the worker API's limit would end the worker's
+/// session, and what the lists leave out the worker fetches after reading the tree anyway.
+fn fit(message: &mut impl DigestLists, budget: usize) {
     loop {
-        let len = prost::Message::encoded_len(start);
+        let len = message.encoded_len();
         if len <= budget {
             return;
         }
+        let (own, hints) = message.lists();
         // Drop as many digests as the excess takes (each with its tag and length), at least
         // one; the next round checks.
         let drop = |list: &[kiln_proto::reapi::Digest]| {
@@ -162,16 +179,14 @@ fn fit(start: &mut StartExecute, budget: usize) {
                 .map_or(1, |d| prost::Message::encoded_len(d) + 2);
             (len - budget).div_ceil(each).max(1)
         };
-        if !start.missing_inputs.is_empty() {
-            let excess = drop(&start.missing_inputs);
-            let keep = start.missing_inputs.len().saturating_sub(excess);
-            start.missing_inputs.truncate(keep);
-        } else if let Some(hint) = start.peer_hints.last_mut() {
-            let excess = drop(&hint.digests);
-            let keep = hint.digests.len().saturating_sub(excess);
+        if !own.is_empty() {
+            let keep = own.len().saturating_sub(drop(own));
+            own.truncate(keep);
+        } else if let Some(hint) = hints.last_mut() {
+            let keep = hint.digests.len().saturating_sub(drop(&hint.digests));
             hint.digests.truncate(keep);
             if hint.digests.is_empty() {
-                start.peer_hints.pop();
+                hints.pop();
             }
         } else {
             return;
@@ -185,7 +200,7 @@ mod tests {
     use kiln_reapi::digest::DigestFunction;
 
     #[test]
-    fn a_start_execute_is_cut_to_fit_its_budget_known_missing_first() {
+    fn messages_to_workers_are_cut_to_fit_their_budget_own_list_first() {
         let digests = |n: u32| -> Vec<kiln_proto::reapi::Digest> {
             (0..n)
                 .map(|i| Digest::of(DigestFunction::Sha256, &i.to_le_bytes()).to_proto())
@@ -218,5 +233,17 @@ mod tests {
         assert!(!start.peer_hints.is_empty() && start.peer_hints[0].digests.len() < 20_000);
         fit(&mut start, 10);
         assert!(start.peer_hints.is_empty() && start.missing_inputs.is_empty());
+        // A fetch ahead is cut the same way.
+        let mut prefetch = PrefetchInputs {
+            digests: digests(100_000),
+            peer_hints: vec![PeerHint {
+                digests: digests(100_000),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        fit(&mut prefetch, 1 << 20);
+        assert!(prost::Message::encoded_len(&prefetch) <= 1 << 20);
+        assert!(prefetch.digests.is_empty() && !prefetch.peer_hints.is_empty());
     }
 }

@@ -158,15 +158,7 @@ impl ExecutionCore {
                 .then(|| Duration::from_secs(config.unserved_timeout_secs)),
             locality_wait: Duration::from_millis(config.locality_wait_ms),
             max_cached_dirs: config.max_cached_dirs_per_worker,
-            weights: {
-                let w = config.placement_weights;
-                scheduler::locality::Weights {
-                    input_root: w.input_root,
-                    input_tree: w.input_tree,
-                    input_blobs: w.input_blobs,
-                    load: w.load,
-                }
-            },
+            weights: config.placement_weights,
             max_blob_facts: usize::try_from(config.locality_map_bytes.as_u64() / FACT_BYTES)
                 .unwrap_or(usize::MAX),
         });

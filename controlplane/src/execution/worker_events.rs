@@ -21,6 +21,7 @@ impl ExecutionCore {
         tx: mpsc::Sender<ServerMessage>,
     ) -> WorkerId {
         let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
+        let serves = endpoint.is_some();
         lock(&self.sessions).insert(
             id,
             Session {
@@ -32,9 +33,6 @@ impl ExecutionCore {
             },
         );
         tracing::info!(worker = %name, id, capacity, "worker connected");
-        let serves = lock(&self.sessions)
-            .get(&id)
-            .is_some_and(|s| s.endpoint.is_some());
         self.apply(|s, now| s.worker_joined(now, id, properties, capacity, serves));
         id
     }

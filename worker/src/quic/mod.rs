@@ -114,7 +114,7 @@ pub fn client_endpoint(tls: &rustls::ClientConfig) -> Result<quinn::Endpoint, Qu
 }
 
 /// The QUIC client config made of the worker's TLS client config.
-pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, QuicError> {
+fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, QuicError> {
     let mut tls = tls.clone();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.enable_early_data = false;

@@ -10,7 +10,6 @@ use super::service::ReadOnlyCas;
 use kiln_auth::Policy;
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{debug, info_span, Instrument};
@@ -23,7 +22,6 @@ const CALLS_PER_STREAM: u32 = 64;
 /// The worker's CAS being served over QUIC.
 pub struct QuicServing {
     endpoint: quinn::Endpoint,
-    sent: Arc<AtomicU64>,
     reads: Arc<tokio::sync::Semaphore>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -38,16 +36,6 @@ impl QuicServing {
     pub async fn reads_done(&self) {
         let all = u32::try_from(super::service::MAX_READS).unwrap_or(u32::MAX);
         let _ = self.reads.acquire_many(all).await;
-    }
-
-    /// Bytes of blobs sent to peers over QUIC.
-    pub fn sent(&self) -> Arc<AtomicU64> {
-        self.sent.clone()
-    }
-
-    /// The address served.
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.endpoint.local_addr()
     }
 }
 
@@ -70,7 +58,7 @@ pub fn serve(
     max_message: usize,
 ) -> QuicServing {
     let cas = cas.guarded_by(policy.clone());
-    let (sent, reads) = (cas.sent.clone(), cas.reads.clone());
+    let reads = cas.reads.clone();
     let (tx, rx) = mpsc::channel::<Result<QuicIo, std::io::Error>>(ACCEPT_QUEUE);
     let grpc = tonic::transport::Server::builder()
         .max_concurrent_streams(CALLS_PER_STREAM)
@@ -114,7 +102,6 @@ pub fn serve(
     });
     QuicServing {
         endpoint,
-        sent,
         reads,
         tasks: vec![server, acceptor],
     }

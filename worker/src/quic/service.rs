@@ -26,12 +26,14 @@ use kiln_reapi::compression::Compressor;
 use kiln_reapi::digest::{Digest, InstanceName};
 use kiln_reapi::status::Classify;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
 
-/// The methods served, as the policy names them.
+/// The methods served (also what a worker's link to the server sends over QUIC), as the
+/// policy names them.
+pub(crate) const SERVED: [&str; 3] = [READ, BATCH_READ, FIND_MISSING];
 const FIND_MISSING: &str =
     "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
 const BATCH_READ: &str =
@@ -60,8 +62,6 @@ pub struct ReadOnlyCas {
     cas: ChainCas,
     /// Checks each call's caller (set by [`super::serve`]).
     policy: Option<Arc<kiln_auth::Policy>>,
-    /// Bytes of blobs sent.
-    pub(super) sent: Arc<AtomicU64>,
     /// Largest batch answered (the data plane's limit for batches).
     max_batch: u64,
     /// Reads being served.
@@ -80,7 +80,6 @@ impl ReadOnlyCas {
         ReadOnlyCas {
             cas,
             policy: None,
-            sent: Arc::new(AtomicU64::new(0)),
             max_batch,
             reads: Arc::new(tokio::sync::Semaphore::new(MAX_READS)),
             metrics,
@@ -230,7 +229,6 @@ impl ContentAddressableStorage for ReadOnlyCas {
             })
             .collect();
         debug_assert!(sent <= total);
-        self.sent.fetch_add(sent, Ordering::Relaxed);
         self.metrics.quic_sent(BATCH_READ, sent);
         Ok(Response::new(BatchReadBlobsResponse { responses }))
     }
@@ -328,10 +326,9 @@ impl ByteStream for ReadOnlyCas {
                 Source::Bytes(data)
             }
         };
-        let sent = (self.sent.clone(), self.metrics.clone());
-        let state = (source, start, end, sent, permit);
+        let state = (source, start, end, self.metrics.clone(), permit);
         let stream = futures::stream::unfold(Some(state), |state| async move {
-            let (mut source, pos, end, sent, permit) = state?;
+            let (mut source, pos, end, metrics, permit) = state?;
             if pos >= end {
                 return None;
             }
@@ -348,9 +345,8 @@ impl ByteStream for ReadOnlyCas {
             };
             match piece {
                 Ok(data) => {
-                    sent.0.fetch_add(n as u64, Ordering::Relaxed);
-                    sent.1.quic_sent(READ, n as u64);
-                    let next = Some((source, pos + n as u64, end, sent, permit));
+                    metrics.quic_sent(READ, n as u64);
+                    let next = Some((source, pos + n as u64, end, metrics, permit));
                     Some((Ok(ReadResponse { data }), next))
                 }
                 Err(e) => Some((Err(e), None)),
