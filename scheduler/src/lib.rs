@@ -274,9 +274,13 @@ impl<P: Clone, R> Scheduler<P, R> {
 
     /// A worker is shutting down: it finishes what it runs but gets nothing new.
     pub fn worker_draining(&mut self, worker: WorkerId) {
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.draining = true;
-        }
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        w.draining = true;
+        // Its fetch ahead is given up: another worker may fetch that action's inputs.
+        let prefetching = w.prefetching.take();
+        self.prefetcher_left(worker, prefetching);
     }
 
     /// A worker is gone (its stream ended, or it went silent): its operations are re-queued,
@@ -286,7 +290,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             return;
         };
         self.holders.worker_left(worker);
-        self.prefetcher_left(worker);
+        self.prefetcher_left(worker, w.prefetching);
         self.out.push(Command::Disconnect { worker });
         let mut lost: Vec<OpId> = w.running.into_iter().collect();
         lost.sort_unstable();

@@ -125,8 +125,8 @@ impl<P: Clone, R> Scheduler<P, R> {
     }
 
     /// A worker left: the actions it fetched ahead for wait for another.
-    pub(crate) fn prefetcher_left(&mut self, worker: WorkerId) {
-        for state in self.ops.values_mut() {
+    pub(crate) fn prefetcher_left(&mut self, worker: WorkerId, prefetching: Option<OpId>) {
+        if let Some(state) = prefetching.and_then(|op| self.ops.get_mut(&op)) {
             if state.prefetch == Some(worker) {
                 state.prefetch = None;
             }

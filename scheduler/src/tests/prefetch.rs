@@ -132,3 +132,26 @@ fn a_root_cached_by_a_worker_that_cannot_run_the_action_does_not_stop_fetching_a
         .collect();
     assert_eq!(fetched, vec![(1, "linux")]);
 }
+
+// A worker that drains gives up its fetch ahead: at the next event another busy worker
+// fetches that action's inputs.
+#[test]
+fn a_draining_worker_gives_up_its_fetch_ahead() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    for w in 1..=2 {
+        s.worker_joined(t, w, vec![], 1, true);
+    }
+    s.worker_blobs(1, true, vec![file(20)], vec![]);
+    s.submit(t, job("busy-1", 0, &[])).unwrap();
+    s.submit(t, job("busy-2", 0, &[])).unwrap();
+    s.commands();
+    // Worker 1 holds 20 of its 30 bytes, and fetches the rest ahead.
+    s.submit(t, with_inputs("waits", &[20, 10])).unwrap();
+    let first: Vec<WorkerId> = prefetches(&mut s).iter().map(|p| p.0).collect();
+    assert_eq!(first, vec![1], "the worker holding its bytes");
+    s.worker_draining(1);
+    s.submit(t, job("nudge", 0, &[])).unwrap();
+    let again: Vec<(WorkerId, &str)> = prefetches(&mut s).iter().map(|p| (p.0, p.1)).collect();
+    assert_eq!(again, vec![(2, "waits")]);
+}
