@@ -5,7 +5,7 @@
 mod common;
 
 use common::blobs;
-use common::exec::{code, execute, start_server, start_worker, Spec, Tree};
+use common::exec::{code, execute, start_server, start_worker, worker_of, Spec, Tree};
 use kiln_proto::reapi::digest_function::Value as Function;
 
 const F: Function = Function::Sha256;
@@ -97,7 +97,6 @@ on_every_runtime! {
         common::eventually("the holding action to start", || async { started.exists().then_some(()) }).await;
         let tree = Tree::default().file("src/x", b"shared ", false);
         let run = |salt: &str| Spec { tree: tree.clone(), ..Spec::script(&format!("cat src/x; echo {salt}")) };
-        let worker_of = |r: &kiln_proto::reapi::ExecuteResponse| r.result.as_ref().unwrap().execution_metadata.as_ref().unwrap().worker.clone();
         let (_, r) = execute(&ch, F, &run("first").upload(&ch, F).await, false).await.unwrap();
         assert_eq!((code(&r), worker_of(&r).as_str()), (0, "w2"), "{r:?}");
         std::fs::write(&flag, b"").unwrap();

@@ -8,7 +8,8 @@
 #[macro_use]
 mod common;
 
-use common::exec::{code, execute, Spec, Tree, Worker, NO_EMBEDDED};
+use common::exec::{code, execute, worker_of, Spec, Tree, Worker, NO_EMBEDDED};
+use common::metric_or_zero as number;
 use common::{Kiln, Options, Runtime};
 use kiln_proto::reapi::digest_function::Value as Function;
 use std::process::Command;
@@ -231,21 +232,6 @@ fn spec(tree: &Tree, platform: &[(&str, &str)], salt: &str) -> Spec {
             .collect(),
         ..Spec::script(&format!("cat big lib/small | wc -c; echo {salt}"))
     }
-}
-
-fn worker_of(r: &kiln_proto::reapi::ExecuteResponse) -> String {
-    r.result
-        .as_ref()
-        .unwrap()
-        .execution_metadata
-        .as_ref()
-        .unwrap()
-        .worker
-        .clone()
-}
-
-async fn number(admin: &str, name: &str) -> f64 {
-    common::metric_if_any(admin, name).await.unwrap_or(0.0)
 }
 
 // On one farm across four "hosts": an action whose input root a worker has laid out goes

@@ -5,7 +5,8 @@
 #[macro_use]
 mod common;
 
-use common::exec::{code, execute, start_server, start_worker, Spec, Tree, Worker};
+use common::exec::{code, execute, start_server, start_worker, worker_of, Spec, Tree, Worker};
+use common::metric_or_zero as number;
 use kiln_proto::reapi::digest_function::Value as Function;
 use std::path::Path;
 
@@ -75,15 +76,6 @@ fn run_on(pool: &str, tree: &Tree, salt: &str) -> Spec {
         platform: vec![("pool".into(), pool.into())],
         ..Spec::script(&format!("cat big small/* | wc -c; echo {salt}"))
     }
-}
-
-fn worker_of(r: &kiln_proto::reapi::ExecuteResponse) -> String {
-    let meta = r.result.as_ref().unwrap().execution_metadata.as_ref();
-    meta.unwrap().worker.clone()
-}
-
-async fn number(admin: &str, name: &str) -> f64 {
-    common::metric_if_any(admin, name).await.unwrap_or(0.0)
 }
 
 /// Waits until the scheduler knows of at least `facts` blobs held by workers.

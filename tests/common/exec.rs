@@ -269,6 +269,12 @@ pub fn code(r: &ExecuteResponse) -> i32 {
     r.status.as_ref().map_or(0, |s: &RpcStatus| s.code)
 }
 
+/// The worker that ran the action of an `ExecuteResponse`, by its metadata.
+pub fn worker_of(r: &ExecuteResponse) -> String {
+    let meta = r.result.as_ref().unwrap().execution_metadata.as_ref();
+    meta.unwrap().worker.clone()
+}
+
 /// The bytes of an output (or any blob) by digest; fails the test when it cannot be read.
 pub async fn read_output(ch: &Channel, f: Function, d: &reapi::Digest) -> Vec<u8> {
     blobs::read(ch, &blobs::read_name("", f, d), 0, 0)

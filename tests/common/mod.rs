@@ -169,6 +169,11 @@ pub async fn metric(admin: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} is not exported"))
 }
 
+/// The value of the metric `name`, 0 before it is first counted.
+pub async fn metric_or_zero(admin: &str, name: &str) -> f64 {
+    metric_if_any(admin, name).await.unwrap_or(0.0)
+}
+
 /// The value of the metric `name`, or `None` before it is first counted.
 pub async fn metric_if_any(admin: &str, name: &str) -> Option<f64> {
     let url = format!("{admin}/metrics");
