@@ -189,6 +189,8 @@ fn start_embedded_worker(
         properties: kiln_worker::parse_properties(&config.worker.properties),
         max_inflight: max_inflight(config),
     };
+    let dircache = crate::worker::open_dircache(config)?;
+    let dircache_overlay = crate::worker::dircache_overlay(config, &work_dir, dircache.is_some());
     let ctx = Arc::new(WorkerContext {
         name,
         local: LocalCas::new(cas, blobs, Layout::cas(data_dir), config.storage.fsync)
@@ -199,7 +201,8 @@ fn start_embedded_worker(
         fetch_parallelism: config.worker.fetch_parallelism,
         contain: kiln_worker::contain::Containment::detect(),
         run_as: run_as_user(config)?,
-        dircache: crate::worker::open_dircache(config)?,
+        dircache_overlay,
+        dircache,
         // The server's own worker fetches nothing: its CAS is the server's.
         peers: None,
         transfers: Default::default(),

@@ -459,6 +459,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let ctx = {
         let _guard = runtime.enter();
+        let dircache = open_dircache(&config)?;
         Arc::new(WorkerContext {
             name: name.clone(),
             local,
@@ -468,7 +469,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             fetch_parallelism: config.worker.fetch_parallelism,
             contain: kiln_worker::contain::Containment::detect(),
             run_as: run_as_user(&config)?,
-            dircache: open_dircache(&config)?,
+            dircache_overlay: dircache_overlay(&config, &work_dir, dircache.is_some()),
+            dircache,
             peers,
             transfers: transfers.clone(),
             serving: serving.clone(),
@@ -523,6 +525,25 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     runtime.shutdown_timeout(Duration::from_secs(2));
     info!("stopped");
     Ok(())
+}
+
+/// Whether cached input roots are mounted as overlays: when `worker.dircache_layout` asks
+/// for it, there is a cache, and a trial mount in `work_dir` works (else they are linked,
+/// and the log says why).
+pub(crate) fn dircache_overlay(config: &Config, work_dir: &std::path::Path, cache: bool) -> bool {
+    if config.worker.dircache_layout != kiln_config::DirCacheLayout::Overlay || !cache {
+        return false;
+    }
+    match kiln_worker::overlay::probe(&work_dir.join(".overlay-probe")) {
+        Ok(()) => {
+            info!("cached input roots are mounted as overlays");
+            true
+        }
+        Err(why) => {
+            tracing::warn!(%why, "worker.dircache_layout = \"overlay\", but overlays cannot be mounted here: cached input roots are linked");
+            false
+        }
+    }
 }
 
 /// Opens the worker's directory cache (`worker.dircache_bytes`, 0: none).

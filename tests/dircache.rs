@@ -182,3 +182,111 @@ on_every_runtime! {
         kiln.stop().await;
     }
 }
+
+/// A server (its embedded worker) whose worker mounts cached input roots as overlays, with
+/// `extra` added to its `[worker]` section.
+async fn overlay_server(dir: &std::path::Path, extra: &str) -> common::Kiln {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "overlay mounts need root: run the suite as root (CI does)"
+    );
+    // An action user other than root must be able to reach its directory.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    common::Kiln::start_async(
+        &dir.join("server"),
+        common::Options {
+            config: Some(format!("[worker]\ndircache_layout = \"overlay\"\n{extra}")),
+            ..common::Options::on(common::Runtime::Glommio)
+        },
+    )
+    .await
+}
+
+// worker.dircache_layout = "overlay": a cached input root is an overlay mount over the
+// cache entry (the action sees an overlayfs), and an action that writes to an input writes
+// to its own layer: the next action sees the input as it was, and the server's CAS still
+// holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_overlay_layout_a_cached_input_root_is_mounted_and_kept_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiln = overlay_server(dir.path(), "").await;
+    let ch = kiln.channel().await;
+    let tree =
+        Tree::default()
+            .file("src/a.txt", b"alpha ", false)
+            .file("src/deep/b.txt", b"beta ", false);
+    let run = |script: &str| Spec {
+        tree: tree.clone(),
+        ..Spec::script(script)
+    };
+    let stdout = |r: kiln_proto::reapi::ExecuteResponse| r.result.unwrap().stdout_digest.unwrap();
+    let fs_and_input = "stat -f -c %T .; cat src/a.txt src/deep/b.txt";
+    let (_, r) = execute(&ch, F, &run(fs_and_input).upload(&ch, F).await, false)
+        .await
+        .unwrap();
+    assert_eq!(code(&r), 0, "{r:?}");
+    let first = String::from_utf8(read(&ch, &stdout(r)).await).unwrap();
+    assert!(first.ends_with("\nalpha beta "), "{first}");
+    assert!(
+        !first.starts_with("overlayfs"),
+        "a miss is laid out from the CAS: {first}"
+    );
+    let tamper =
+        "stat -f -c %T .; chmod u+w src/a.txt && printf 'tampered ' > src/a.txt; cat src/a.txt";
+    let (_, r) = execute(&ch, F, &run(tamper).upload(&ch, F).await, false)
+        .await
+        .unwrap();
+    assert_eq!(code(&r), 0, "{r:?}");
+    assert_eq!(read(&ch, &stdout(r)).await, b"overlayfs\ntampered ");
+    let (_, r) = execute(&ch, F, &run(fs_and_input).upload(&ch, F).await, false)
+        .await
+        .unwrap();
+    assert_eq!(code(&r), 0, "{r:?}");
+    assert_eq!(read(&ch, &stdout(r)).await, b"overlayfs\nalpha beta ");
+    assert_eq!(read(&ch, &blobs::digest(F, b"alpha ")).await, b"alpha ");
+    kiln.stop().await;
+}
+
+// The overlay layout with worker.run_as_user: the action (as nobody) creates its outputs in
+// the mounted tree, and an input it declares as an output (a file the worker owns, on the
+// mount) is collected like one it made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_overlay_layout_an_action_run_as_another_user_writes_its_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiln = overlay_server(dir.path(), "run_as_user = \"nobody\"\n").await;
+    let ch = kiln.channel().await;
+    let run = || Spec {
+        tree: Tree::default().file("src/a.txt", b"alpha", false),
+        outputs: vec!["out/uid".into(), "out/fs".into(), "src/a.txt".into()],
+        ..Spec::script("id -u > out/uid; stat -f -c %T . > out/fs")
+    };
+    let nobody = std::process::Command::new("id")
+        .args(["-u", "nobody"])
+        .output()
+        .unwrap()
+        .stdout;
+    for fs in [None, Some(&b"overlayfs\n"[..])] {
+        let (_, r) = execute(&ch, F, &run().upload(&ch, F).await, false)
+            .await
+            .unwrap();
+        assert_eq!(code(&r), 0, "{r:?}");
+        let r = r.result.unwrap();
+        let file = |name: &str| {
+            r.output_files
+                .iter()
+                .find(|f| f.path == name)
+                .unwrap()
+                .digest
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(read(&ch, &file("out/uid")).await, nobody);
+        assert_eq!(read(&ch, &file("src/a.txt")).await, b"alpha");
+        if let Some(fs) = fs {
+            assert_eq!(read(&ch, &file("out/fs")).await, fs);
+        }
+    }
+    kiln.stop().await;
+}

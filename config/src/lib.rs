@@ -11,8 +11,8 @@ mod types;
 pub use error::ConfigError;
 pub use types::{
     ActionCacheConfig, AdminConfig, ClientAuthMode, CompressionConfig, Config, ControlPlaneConfig,
-    ExecutionConfig, GetTreeConfig, PeerTransport, PlacementWeights, PropertyKind, RuntimeKind,
-    ServerConfig, StorageConfig, TlsConfig, TlsMode, WorkerConfig,
+    DirCacheLayout, ExecutionConfig, GetTreeConfig, PeerTransport, PlacementWeights, PropertyKind,
+    RuntimeKind, ServerConfig, StorageConfig, TlsConfig, TlsMode, WorkerConfig,
 };
 
 use std::path::Path;
@@ -58,6 +58,13 @@ impl Config {
                     "must be a number from 0 to 1,000,000",
                 );
             }
+        }
+        if cfg!(not(target_os = "linux")) && self.worker.dircache_layout == DirCacheLayout::Overlay
+        {
+            return invalid(
+                "worker.dircache_layout",
+                "\"overlay\" is an overlay mount, which only Linux has: use \"links\"",
+            );
         }
         if self.server.quic && self.tls.mode == TlsMode::Off {
             return invalid(

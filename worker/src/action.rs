@@ -50,6 +50,9 @@ pub struct WorkerContext {
     pub run_as: Option<crate::run_as::RunAs>,
     /// Input trees kept laid out (`worker.dircache_bytes`), if on.
     pub dircache: Option<Arc<DirCache>>,
+    /// Cached input roots are mounted as overlays (`worker.dircache_layout = "overlay"`,
+    /// checked to work at start), not linked.
+    pub dircache_overlay: bool,
     /// Other workers, asked first for inputs the scheduler hints they hold (`None`: never).
     pub peers: Option<Arc<crate::peers::Peers>>,
     /// Bytes of inputs fetched, by source.
@@ -131,9 +134,7 @@ pub async fn execute(
         .as_ref()
         .map_or(Duration::from_secs(3600), kiln_reapi::convert::duration);
     let holder = PinHolder::new(timeout.saturating_add(Duration::from_secs(3600)));
-    let mut pins: Vec<BlobKey> = Vec::new();
-    let mut leases: Vec<Lease> = Vec::new();
-    let mut building = None;
+    let mut held = Held::default();
     let outcome = attempt(
         &ctx,
         &start,
@@ -141,9 +142,15 @@ pub async fn execute(
         kill,
         &progress,
         &mut metadata,
-        (holder, &mut pins, &mut leases, &mut building),
+        (holder, &mut held),
     )
     .await;
+    let Held {
+        pins,
+        mut leases,
+        building,
+        mount,
+    } = held;
     // The cache entry of a missed root is built from the pinned blobs, beside the action.
     if let Some(build) = building {
         if let Ok(Some(lease)) = build.await {
@@ -152,7 +159,12 @@ pub async fn execute(
     }
     ctx.local.unpin(holder, &pins).await;
     let cleanup = dir.clone();
-    let _ = tokio::task::spawn_blocking(move || remove_tree(&cleanup)).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        // Unmounted first: the clean-up removes the action's own files, not the entry's.
+        drop(mount);
+        remove_tree(&cleanup)
+    })
+    .await;
     // Released after the clean-up: a lease's last release may remove an evicted entry.
     drop(leases);
     metadata.worker_completed_timestamp = Some(now());
@@ -187,6 +199,17 @@ pub async fn execute(
     }
 }
 
+/// What an action holds until it is done, past its attempt: its pins on input blobs, its
+/// leases on directory-cache entries, the entry being built beside it, the overlay its inputs
+/// are mounted as.
+#[derive(Default)]
+struct Held {
+    pins: Vec<BlobKey>,
+    leases: Vec<Lease>,
+    building: Option<EntryBuilding>,
+    mount: Option<crate::overlay::Mounted>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     ctx: &WorkerContext,
@@ -195,12 +218,7 @@ async fn attempt(
     kill: oneshot::Receiver<()>,
     progress: &(impl Fn(Progress) + Send),
     metadata: &mut ExecutedActionMetadata,
-    (holder, pins, leases, building): (
-        PinHolder,
-        &mut Vec<BlobKey>,
-        &mut Vec<Lease>,
-        &mut Option<EntryBuilding>,
-    ),
+    (holder, held): (PinHolder, &mut Held),
 ) -> Result<(RunEnd, ActionResult), ActionError> {
     let bad = |what: &str| ActionError::BadInput(format!("StartExecute without {what}"));
     let instance = InstanceName::new(&start.instance_name)
@@ -256,11 +274,14 @@ async fn attempt(
         function,
         root_digest,
         &root,
-        pins,
+        &mut held.pins,
     )
     .await?;
-    *leases = inputs.leases;
-    *building = inputs.building;
+    held.leases = inputs.leases;
+    held.building = inputs.building;
+    // Every file of a mounted tree is on the mount's device, inputs included.
+    let input_device = inputs.mount.as_ref().map(|m| m.device());
+    held.mount = inputs.mount;
     let shared = inputs.shared;
     if inputs.cache != CacheUse::Off {
         tracing::debug!(operation = %start.operation, cache = ?inputs.cache, "inputs in place");
@@ -301,6 +322,7 @@ async fn attempt(
     let owners = OutputOwners {
         action_uid: ctx.run_as.as_ref().map(|u| u.uid),
         inputs: shared.inodes(),
+        input_device,
     };
     crate::repair::repair(ctx, &instance, shared).await;
     if end == RunEnd::Killed {

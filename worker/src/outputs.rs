@@ -200,6 +200,10 @@ pub struct OutputOwners {
     pub action_uid: Option<u32>,
     /// Inodes (device, number) of the input files shared with the worker's stores.
     pub inputs: std::collections::HashSet<(u64, u64)>,
+    /// The device of the overlay the inputs are mounted as: its files are inputs, or the
+    /// action's own (a link from outside a mount is impossible, and its layers are the
+    /// worker's alone).
+    pub input_device: Option<u64>,
 }
 
 impl OutputOwners {
@@ -210,7 +214,10 @@ impl OutputOwners {
             return Ok(());
         };
         let uid = meta.uid();
-        if uid == action || self.inputs.contains(&(meta.dev(), meta.ino())) {
+        if uid == action
+            || self.inputs.contains(&(meta.dev(), meta.ino()))
+            || self.input_device == Some(meta.dev())
+        {
             return Ok(());
         }
         Err(ActionError::BadInput(format!(
@@ -529,6 +536,7 @@ mod tests {
         let owners = OutputOwners {
             action_uid: Some(action),
             inputs: [(input.dev(), input.ino())].into(),
+            input_device: None,
         };
         let staged = tempfile::tempdir().unwrap();
         for (paths, refused) in [

@@ -43,6 +43,9 @@ pub struct WorkerConfig {
     /// Where the directory cache is (default: `dircache/` under the data directory); on the
     /// same filesystem as the CAS and the work directory, so files can be hardlinked.
     pub dircache_dir: Option<PathBuf>,
+    /// How a cached input root is put in place: `links` (a hardlink per file, a directory
+    /// made per directory) or `overlay` (one overlay mount over the entry; Linux, as root).
+    pub dircache_layout: DirCacheLayout,
     /// Serve the worker's CAS to its peers (read-only) and fetch inputs from the peers the
     /// scheduler names.
     pub peers: bool,
@@ -66,6 +69,18 @@ pub struct WorkerConfig {
     /// `server.quic`), or `both` (QUIC first, TCP while the server is not reachable over UDP).
     /// Uploads go over TCP.
     pub server_transport: PeerTransport,
+}
+
+/// How a cached input root is put in place.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DirCacheLayout {
+    /// A hardlink per file and a directory made per directory.
+    #[default]
+    Links,
+    /// An overlay mount with the entry as its read-only lower layer (Linux, as root; falls
+    /// back to links where the mount is refused).
+    Overlay,
 }
 
 /// How blobs travel between workers.
@@ -99,6 +114,7 @@ impl Default for WorkerConfig {
             run_as_user: None,
             dircache_bytes: ByteSize::gib(4),
             dircache_dir: None,
+            dircache_layout: DirCacheLayout::Links,
             peers: true,
             peer_endpoint: None,
             peer_race_delay_ms: 20,

@@ -4,6 +4,8 @@
 //! place (reusing whole every subtree an entry already holds), and its entry is built by an
 //! [`EntryBuild`] that runs beside the action, off its critical path (the action waits for it
 //! only before it releases its pins). Without the cache the tree is fetched and materialised.
+//! With `worker.dircache_layout = "overlay"` a cached root is mounted instead of linked
+//! ([`crate::overlay`]), and linked where the mount is refused.
 
 mod entry_build;
 
@@ -14,6 +16,7 @@ use crate::dircache::{DirCache, Lease, RootHit};
 use crate::error::{io, ActionError};
 use crate::fetch::{fetch, InputTree, Source};
 use crate::materialise::{link_from_cache, Materialiser};
+use crate::overlay::Mounted;
 use crate::tamper::SharedFiles;
 use kiln_dataplane::store::tier::PinHolder;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
@@ -25,7 +28,7 @@ use std::sync::Arc;
 pub enum CacheUse {
     /// No cache on this worker.
     Off,
-    /// Linked from the cache.
+    /// Linked (or mounted) from the cache.
     Hit,
     /// Fetched and built.
     Miss,
@@ -36,6 +39,10 @@ pub type EntryBuilding = tokio::task::JoinHandle<Option<Lease>>;
 
 /// An action's inputs in place.
 pub struct Inputs {
+    /// The overlay the tree is mounted as, when it is: unmount it (by dropping it) before
+    /// the action's directory is removed. (Declared first, so that it is unmounted before the
+    /// leases below are released.)
+    pub mount: Option<Mounted>,
     /// The input files the tree shares with the stores, to check after the run.
     pub shared: SharedFiles,
     /// Leases on the cache entries the tree was linked from: held until the action is done.
@@ -65,7 +72,11 @@ pub async fn place(
     let key = BlobKey::new(instance.clone(), root_digest);
     if let Some(cache) = ctx.dircache.clone() {
         let (key, root) = (key.clone(), root.to_path_buf());
-        let hit = blocking(root.clone(), move || link_cached(&cache, &key, &root)).await?;
+        let overlay = ctx.dircache_overlay;
+        let hit = blocking(root.clone(), move || {
+            link_cached(&cache, &key, &root, overlay)
+        })
+        .await?;
         if let Some(cache) = &ctx.dircache {
             cache.note_root(hit.is_some());
         }
@@ -151,6 +162,7 @@ fn lay_out(
             CacheUse::Off
         },
         building: None,
+        mount: None,
     };
     Ok((inputs, job))
 }
@@ -165,11 +177,13 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ActionError::io("lay out inputs", &at, std::io::Error::other(e)))?
 }
 
-/// Links input root `key` from the cache into `root` when an entry holds it.
+/// Lays out input root `key` from the cache at `root` when an entry holds it: mounted as an
+/// overlay with `overlay` (linked where the mount is refused), else linked.
 fn link_cached(
     cache: &Arc<DirCache>,
     key: &BlobKey,
     root: &Path,
+    overlay: bool,
 ) -> Result<Option<Inputs>, ActionError> {
     let (lease, src) = match cache.lease_root(key) {
         RootHit::Hit(lease) => {
@@ -181,6 +195,23 @@ fn link_cached(
             None => return Ok(None),
         },
     };
+    if overlay {
+        std::fs::create_dir_all(root).map_err(io("create", root))?;
+        match crate::overlay::mount(&src, &crate::overlay::layers_of(root), root) {
+            Ok(mount) => {
+                return Ok(Some(Inputs {
+                    shared: SharedFiles::default(),
+                    leases: vec![lease],
+                    cache: CacheUse::Hit,
+                    building: None,
+                    mount: Some(mount),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(entry = ?key, error = %e, "cannot mount a cached input root: linked instead")
+            }
+        }
+    }
     linked(cache, lease, &src, root, CacheUse::Hit)
 }
 
@@ -203,6 +234,7 @@ fn linked(
         leases: vec![lease],
         cache: how,
         building: None,
+        mount: None,
     }))
 }
 

@@ -13,6 +13,8 @@ const F: DigestFunction = DigestFunction::Sha256;
 struct Fixture {
     dir: tempfile::TempDir,
     directories: HashMap<Digest, Directory>,
+    /// Cached roots are mounted as overlays.
+    overlay: bool,
 }
 
 impl Fixture {
@@ -24,6 +26,7 @@ impl Fixture {
         Fixture {
             dir,
             directories: HashMap::new(),
+            overlay: false,
         }
     }
 
@@ -125,7 +128,7 @@ impl Fixture {
     fn place(&self, cache: &Arc<DirCache>, root: Digest, at: &Path) -> Inputs {
         let key = BlobKey::new(InstanceName::default_instance(), root);
         std::fs::create_dir_all(at).unwrap();
-        let hit = link_cached(cache, &key, at).unwrap();
+        let hit = link_cached(cache, &key, at, self.overlay).unwrap();
         cache.note_root(hit.is_some());
         if let Some(inputs) = hit {
             return inputs;
@@ -226,6 +229,80 @@ fn an_input_root_is_built_once_then_linked_from_the_cache() {
     drop(second);
     assert!(!cache.dirs().entry(&key).exists());
     assert_eq!(cache.stats().entries, 0);
+}
+
+fn assert_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "overlay mounts need root: run the suite as root (CI does)"
+    );
+}
+
+#[test]
+fn a_cached_root_is_mounted_as_an_overlay_that_keeps_the_entry_apart() {
+    assert_root();
+    let mut fx = Fixture::new();
+    fx.overlay = true;
+    let cache = fx.open(1 << 30);
+    let (root, _) = fx.tree(b"int main;");
+    let first = fx.place(&cache, root, &fx.path("work/1/root"));
+    assert_eq!(first.cache, CacheUse::Miss);
+    assert!(first.mount.is_none(), "a miss is laid out from the CAS");
+    let at = fx.path("work/2/root");
+    let second = fx.place(&cache, root, &at);
+    assert_eq!(second.cache, CacheUse::Hit);
+    let mount = second.mount.as_ref().expect("a hit is mounted");
+    assert_laid_out(&at, b"int main;");
+    assert_eq!(meta(&at.join("lib/a.h")).dev(), mount.device());
+    assert_eq!(
+        second.shared.len(),
+        0,
+        "nothing shared to check after the run"
+    );
+    // An action writing to an input and beside it changes its own layer only.
+    let key = BlobKey::new(InstanceName::default_instance(), root);
+    let entry_file = cache.dirs().entry(&key).join("main.c");
+    std::fs::set_permissions(at.join("main.c"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(at.join("main.c"), b"changed").unwrap();
+    std::fs::write(at.join("lib/new.o"), b"output").unwrap();
+    assert_eq!(std::fs::read(&entry_file).unwrap(), b"int main;");
+    assert_eq!(meta(&entry_file).mode() & 0o7777, 0o444);
+    let cas_file = fx.path("cas").join(Digest::of(F, b"int main;").hex());
+    assert_eq!(std::fs::read(&cas_file).unwrap(), b"int main;");
+    assert!(!cache.dirs().entry(&key).join("lib/new.o").exists());
+    // The next action sees the entry as it was.
+    let third = fx.place(&cache, root, &fx.path("work/3/root"));
+    assert_laid_out(&fx.path("work/3/root"), b"int main;");
+    drop(third);
+    // Leased while mounted; unmounted before the lease goes, then the entry is removed.
+    cache.evict(&key);
+    drop(first);
+    assert!(cache.dirs().entry(&key).is_dir());
+    drop(second);
+    assert_eq!(std::fs::read_dir(&at).unwrap().count(), 0, "unmounted");
+    assert!(!cache.dirs().entry(&key).exists());
+}
+
+#[test]
+fn a_cached_root_that_cannot_be_mounted_is_linked() {
+    let mut fx = Fixture::new();
+    fx.overlay = true;
+    let cache = fx.open(1 << 30);
+    let (root, _) = fx.tree(b"int main;");
+    drop(fx.place(&cache, root, &fx.path("work/1/root")));
+    // The mount's options cannot name a layer whose path holds a comma.
+    let at = fx.path("work/a,b/root");
+    let hit = fx.place(&cache, root, &at);
+    assert_eq!(hit.cache, CacheUse::Hit);
+    assert!(hit.mount.is_none());
+    assert_eq!(
+        hit.shared.len(),
+        5,
+        "linked, and recorded for the tamper check"
+    );
+    assert_laid_out(&at, b"int main;");
 }
 
 #[test]
