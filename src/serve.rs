@@ -72,7 +72,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         policy.clone(),
     )
     .with_context(|| format!("cannot serve on {}", config.server.listen))?;
-    // CAS reads over QUIC too (`server.quic`, with TLS).
+    // The CAS's blob reads and uploads over QUIC too (`server.quic`, with TLS).
     let quic = match (&tls, config.server.quic) {
         (Some(t), true) => {
             let _guard = control.runtime().enter();
@@ -88,8 +88,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 chain,
                 policy.clone(),
                 &config.server,
+                Some(config.storage.disk_bytes.as_u64()),
             );
-            Some(served.context("cannot serve CAS reads over QUIC")?)
+            Some(served.context("cannot serve the CAS over QUIC")?)
         }
         _ => None,
     };
@@ -190,7 +191,7 @@ fn start_embedded_worker(
         max_inflight: max_inflight(config),
     };
     let dircache = crate::worker::open_dircache(config)?;
-    let dircache_overlay = crate::worker::dircache_overlay(config, &work_dir, dircache.is_some());
+    let dircache_overlay = crate::worker::dircache_overlay(config, &work_dir, dircache.as_deref());
     let ctx = Arc::new(WorkerContext {
         name,
         local: LocalCas::new(cas, blobs, Layout::cas(data_dir), config.storage.fsync)

@@ -348,6 +348,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 local.cas().clone(),
                 peer_policy.clone(),
                 &config.server,
+                // Read-only to peers.
+                None,
             );
             Some(served.context("cannot serve the local CAS over QUIC")?)
         }
@@ -469,7 +471,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             fetch_parallelism: config.worker.fetch_parallelism,
             contain: kiln_worker::contain::Containment::detect(),
             run_as: run_as_user(&config)?,
-            dircache_overlay: dircache_overlay(&config, &work_dir, dircache.is_some()),
+            dircache_overlay: dircache_overlay(&config, &work_dir, dircache.as_deref()),
             dircache,
             peers,
             transfers: transfers.clone(),
@@ -530,11 +532,20 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 /// Whether cached input roots are mounted as overlays: when `worker.dircache_layout` asks
 /// for it, there is a cache, and a trial mount in `work_dir` works (else they are linked,
 /// and the log says why).
-pub(crate) fn dircache_overlay(config: &Config, work_dir: &std::path::Path, cache: bool) -> bool {
-    if config.worker.dircache_layout != kiln_config::DirCacheLayout::Overlay || !cache {
+pub(crate) fn dircache_overlay(
+    config: &Config,
+    work_dir: &std::path::Path,
+    cache: Option<&kiln_worker::dircache::DirCache>,
+) -> bool {
+    if config.worker.dircache_layout != kiln_config::DirCacheLayout::Overlay {
         return false;
     }
-    match kiln_worker::overlay::probe(&work_dir.join(".overlay-probe")) {
+    let Some(cache) = cache else {
+        return false;
+    };
+    let probe =
+        kiln_worker::overlay::probe(&cache.dirs().build_path(), &work_dir.join(".overlay-probe"));
+    match probe {
         Ok(()) => {
             info!("cached input roots are mounted as overlays");
             true

@@ -103,6 +103,11 @@ on_every_runtime! {
                 vec!["execute", "queue-to-start", "input-fetch"],
             ),
             (
+                // An output file per action, which the worker uploads.
+                "execute --ops 2 --output-size 2MiB",
+                vec!["execute", "queue-to-start", "output-upload"],
+            ),
+            (
                 "write --size 8KiB --duration 0.5 --warmup 0.2 --rate 200",
                 vec!["write"],
             ),

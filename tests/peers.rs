@@ -201,8 +201,19 @@ fn quic_cas(
     addr: &str,
     name: &str,
     ca: &Path,
-    (cert, key): (&Path, &Path),
+    identity: (&Path, &Path),
 ) -> kiln_worker::remote::RemoteCas {
+    let channel = quic_channel(addr, name, ca, identity);
+    kiln_worker::remote::RemoteCas::new(kiln_worker::remote::CasLinks::single(channel))
+}
+
+/// A gRPC channel to `addr` over QUIC, as [`quic_cas`] makes it.
+fn quic_channel(
+    addr: &str,
+    name: &str,
+    ca: &Path,
+    (cert, key): (&Path, &Path),
+) -> kiln_worker::link::LinkChannel {
     kiln_tls::install_provider();
     let identity = kiln_tls::client::ClientIdentity::from_files(cert, key).unwrap();
     let trust = kiln_tls::client::Trust::ca_file(ca).unwrap();
@@ -216,8 +227,7 @@ fn quic_cas(
         std::time::Duration::from_secs(30),
     );
     let link = kiln_worker::link::Link::new(&format!("grpc://{addr}"), None).unwrap();
-    let channel = link.connect_lazy_via(kiln_worker::quic::connect::QuicConnector(peer));
-    kiln_worker::remote::RemoteCas::new(kiln_worker::remote::CasLinks::single(channel))
+    link.connect_lazy_via(kiln_worker::quic::connect::QuicConnector(peer))
 }
 
 /// Reads `digest` from `cas`: the blob, `None` if the worker does not hold it, or why the
@@ -277,6 +287,15 @@ async fn enrolled_farm<const N: usize>(
         started.push(w);
     }
     (kiln, started)
+}
+
+/// Where worker `w` serves its CAS, as it logged it.
+fn cas_address(w: &Worker) -> String {
+    w.start_log
+        .iter()
+        .find_map(|l| l.split("local CAS on ").nth(1)?.split_whitespace().next())
+        .expect("the worker logs its CAS address")
+        .to_string()
 }
 
 /// Waits until the scheduler knows of at least `facts` blobs held by `worker`.
@@ -387,13 +406,15 @@ async fn a_both_link_moves_to_quic_once_the_connection_is_up() {
     kiln.stop().await;
 }
 
-// Workers read blobs from the server over QUIC when both say so: `server.quic`, and w1 with
-// `server_transport = "quic"` (QUIC only for reads: had QUIC not carried them, its fetch
-// would fail) runs an action whose inputs it fetches from the server and uploads its output
-// (uploads go over TCP): the server's TCP data plane sends it none of its inputs. w2 with
-// `"both"` against the same server runs too (over TCP while its QUIC connection comes up).
+// Workers read blobs from and upload them to the server over QUIC when both say so:
+// `server.quic`, and w1 with `server_transport = "quic"` (QUIC only: had QUIC not carried
+// them, its fetch or upload would fail) runs an action whose inputs it fetches from the server
+// and whose outputs (a 6 MiB file, streamed, and its stdout, in a batch) it uploads: the
+// server's TCP data plane sends it none of its inputs and receives none of its outputs. w2
+// with `"both"` against the same server runs too (over TCP while its QUIC connection comes
+// up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workers_read_from_the_server_over_quic() {
+async fn workers_read_from_and_upload_to_the_server_over_quic() {
     let rt = common::Runtime::Glommio;
     let dir = tempfile::tempdir().unwrap();
     let (kiln, workers) = enrolled_farm(
@@ -413,6 +434,11 @@ async fn workers_read_from_the_server_over_quic() {
         "kiln_sent_bytes_total{method=\"ByteStream.Read\"}",
         "kiln_sent_bytes_total{method=\"CAS.BatchReadBlobs\"}",
     ];
+    // What it received of blobs uploaded.
+    let tcp_uploads = &[
+        "kiln_received_bytes_total{method=\"ByteStream.Write\"}",
+        "kiln_received_bytes_total{method=\"CAS.BatchUpdateBlobs\"}",
+    ];
     // w2 (`both`) may read over TCP while its QUIC connection comes up: only w1's runs are
     // checked for the transport.
     let runs = [
@@ -423,10 +449,21 @@ async fn workers_read_from_the_server_over_quic() {
     for (pool, i, tag, checked) in runs {
         let worker = ["w1", "w2"][i];
         let (tree, bytes) = inputs(tag);
-        let spec = run_on(pool, &tree, tag).upload(&ch, F).await;
+        let run = run_on(pool, &tree, tag);
+        let spec = Spec {
+            outputs: vec!["copy".into()],
+            script: format!("cat big big > copy; {}", run.script),
+            ..run
+        }
+        .upload(&ch, F)
+        .await;
         let before = kiln.metric_over_tls(&ca, tcp_reads).await;
         let quic_before = kiln
             .metric_over_tls(&ca, &["kiln_quic_sent_bytes_total{"])
+            .await;
+        let uploads_before = kiln.metric_over_tls(&ca, tcp_uploads).await;
+        let quic_uploads_before = kiln
+            .metric_over_tls(&ca, &["kiln_quic_received_bytes_total{"])
             .await;
         let (_, r) = execute(&ch, F, &spec, false).await.unwrap();
         assert_eq!((code(&r), worker_of(&r).as_str()), (0, worker), "{r:?}");
@@ -438,6 +475,29 @@ async fn workers_read_from_the_server_over_quic() {
         assert!(
             !checked || (over_tcp < bytes as f64 && over_quic >= bytes as f64),
             "{worker}'s inputs came over QUIC ({over_quic} bytes), not TCP ({over_tcp} bytes)"
+        );
+        let up_tcp = kiln.metric_over_tls(&ca, tcp_uploads).await - uploads_before;
+        let up_quic = kiln
+            .metric_over_tls(&ca, &["kiln_quic_received_bytes_total{"])
+            .await
+            - quic_uploads_before;
+        let copy_bytes = 6u64 << 20;
+        assert!(
+            !checked || (up_tcp == 0.0 && up_quic > copy_bytes as f64),
+            "{worker}'s outputs went over QUIC ({up_quic} bytes), not TCP ({up_tcp} bytes)"
+        );
+        let copy = r.result.as_ref().unwrap().output_files[0]
+            .digest
+            .clone()
+            .unwrap();
+        assert_eq!(copy.size_bytes as u64, copy_bytes);
+        let got = common::blobs::read(&ch, &common::blobs::read_name("", F, &copy), 0, 0)
+            .await
+            .unwrap();
+        assert_eq!(
+            common::blobs::digest(F, &got),
+            copy,
+            "the streamed output was stored whole"
         );
         let fetched = number(
             &workers[i].admin(),
@@ -487,12 +547,7 @@ on_every_runtime! {
         assert!(number(&admin1, "kiln_worker_served_bytes_total").await as u64 >= bytes);
 
         // w1's CAS, as a stranger sees it.
-        let cas = workers[0]
-            .start_log
-            .iter()
-            .find_map(|l| l.split("local CAS on ").nth(1)?.split_whitespace().next())
-            .expect("the worker logs its CAS address")
-            .to_string();
+        let cas = cas_address(&workers[0]);
         let small = common::blobs::digest(F, b"t small file 0\n");
         let name = common::blobs::read_name("", F, &small);
         let plain = tonic::transport::Endpoint::from_shared(format!("http://{cas}")).unwrap().connect().await;
@@ -589,4 +644,160 @@ on_every_runtime! {
         assert_eq!(placed, 1.0);
         kiln.stop().await;
     }
+}
+
+// Uploads over QUIC (`server.quic`) are held to the data plane's rules: bytes that do not
+// hash to the digest, data past its size, a gap in the offsets, a stream that ends without
+// `finish_write`, each refused with INVALID_ARGUMENT and nothing stored or left in the temp
+// directory; a compressed upload is for TCP (UNIMPLEMENTED); a good one is stored and
+// readable over TCP; a batch answers each entry on its own. A worker's CAS takes no upload
+// from its peers over QUIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_over_quic_are_checked_and_a_peer_takes_none() {
+    use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+    use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+    use kiln_proto::reapi::{batch_update_blobs_request, BatchUpdateBlobsRequest};
+    use tonic::Code;
+    let rt = common::Runtime::Glommio;
+    let dir = tempfile::tempdir().unwrap();
+    let (kiln, workers) = enrolled_farm(
+        rt,
+        dir.path(),
+        "quic = true",
+        [("w1", "a", "peer_transport = \"quic\"\n")],
+    )
+    .await;
+    let ca = dir.path().join("server/tls/ca.pem");
+    let identity = dir.path().join("w1/cas/identity");
+    let me = (identity.join("cert.pem"), identity.join("key.pem"));
+    let me = (me.0.as_path(), me.1.as_path());
+    let server = quic_channel(&kiln.addr.to_string(), "127.0.0.1", &ca, me);
+    let ch = kiln.tls_channel(&ca, None).await.unwrap();
+    let write = |channel: kiln_worker::link::LinkChannel,
+                 requests: Vec<kiln_proto::bytestream::WriteRequest>| async move {
+        ByteStreamClient::new(channel)
+            .write(futures::stream::iter(requests))
+            .await
+            .map(|r| r.into_inner().committed_size)
+    };
+    let data = common::blobs::pseudo_random(7, 300_000);
+    let d = common::blobs::digest(F, &data);
+    let name = || common::blobs::write_name("", F, &d);
+    let requests = |bytes: &[u8]| common::blobs::write_requests(&name(), bytes, 64 << 10, 0);
+    let mut other = data.clone();
+    other[1] ^= 1;
+    let mut gap = requests(&data);
+    gap[2].write_offset += 1;
+    let mut unfinished = requests(&data);
+    unfinished.truncate(2);
+    let mut compressed = requests(&data);
+    compressed[0].resource_name = compressed[0]
+        .resource_name
+        .replace("/blobs/", "/compressed-blobs/zstd/");
+    let refused = [
+        (
+            "bytes of another digest",
+            requests(&other),
+            Code::InvalidArgument,
+        ),
+        (
+            "data past the size",
+            {
+                let mut longer = data.clone();
+                longer.push(0);
+                requests(&longer)
+            },
+            Code::InvalidArgument,
+        ),
+        ("a gap", gap, Code::InvalidArgument),
+        ("no finish_write", unfinished, Code::InvalidArgument),
+        ("compressed", compressed, Code::Unimplemented),
+    ];
+    for (what, requests, code) in refused {
+        let got = write(server.clone(), requests).await;
+        assert_eq!(
+            got.as_ref().map_err(|s| s.code()),
+            Err(code),
+            "{what}: {got:?}"
+        );
+    }
+    assert_eq!(
+        common::blobs::find_missing(&ch, "", F, vec![d.clone()]).await,
+        vec![d.clone()],
+        "nothing stored"
+    );
+    let temp_files = || {
+        std::fs::read_dir(dir.path().join("server/tmp"))
+            .unwrap()
+            .flat_map(|sub| std::fs::read_dir(sub.unwrap().path()).unwrap())
+            .count()
+    };
+    common::eventually("the refused uploads' temp files to go", || async {
+        (temp_files() == 0).then_some(())
+    })
+    .await;
+
+    assert_eq!(
+        write(server.clone(), requests(&data)).await.unwrap(),
+        300_000
+    );
+    let read = common::blobs::read(&ch, &common::blobs::read_name("", F, &d), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(read, data, "stored, and read over TCP");
+    assert_eq!(
+        write(server.clone(), requests(&data)).await.unwrap(),
+        300_000,
+        "stored already"
+    );
+
+    let small = b"small over quic".to_vec();
+    let entry =
+        |digest: kiln_proto::reapi::Digest, data: &[u8]| batch_update_blobs_request::Request {
+            digest: Some(digest),
+            data: data.to_vec().into(),
+            compressor: 0,
+        };
+    let batch = |channel: kiln_worker::link::LinkChannel, requests| async move {
+        ContentAddressableStorageClient::new(channel)
+            .batch_update_blobs(BatchUpdateBlobsRequest {
+                instance_name: String::new(),
+                requests,
+                digest_function: F as i32,
+            })
+            .await
+    };
+    let small_digest = common::blobs::digest(F, &small);
+    let answer = batch(
+        server.clone(),
+        vec![
+            entry(small_digest.clone(), &small),
+            entry(common::blobs::digest(F, b"something else"), &small),
+        ],
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let codes: Vec<i32> = answer
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().unwrap().code)
+        .collect();
+    assert_eq!(codes, vec![0, Code::InvalidArgument as i32], "{answer:?}");
+    let read = common::blobs::read(&ch, &common::blobs::read_name("", F, &small_digest), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(read, small);
+
+    // w1's CAS, over QUIC, is read-only to its peers.
+    let cas = cas_address(&workers[0]);
+    let peer = quic_channel(&cas, "w1.peer.kiln.invalid", &ca, me);
+    let got = write(peer.clone(), requests(&data)).await;
+    assert_eq!(got.map_err(|s| s.code()), Err(Code::PermissionDenied));
+    let got = batch(peer, vec![entry(small_digest.clone(), &small)]).await;
+    assert_eq!(
+        got.map_err(|s| s.code()).map(|_| ()),
+        Err(Code::PermissionDenied)
+    );
+    kiln.stop().await;
 }

@@ -142,6 +142,11 @@ pub struct Args {
     /// send actions to particular workers.
     #[arg(long = "platform", value_name = "NAME=VALUE")]
     pub platform: Vec<String>,
+    /// `execute`: each action writes an output file `out` of this size (random bytes, new
+    /// for every action), which its worker uploads; the upload's time is reported as
+    /// `output-upload`.
+    #[arg(long)]
+    pub output_size: Option<SizeSpec>,
     /// Milliseconds each `execute` action sleeps (0: a no-op).
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,

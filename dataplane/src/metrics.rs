@@ -65,6 +65,8 @@ pub struct Metrics {
     pub bytes_out: Family<MethodLabel, Counter>,
     /// Blob bytes sent over QUIC (a CAS served by the QUIC listener, beside the data plane).
     pub quic_bytes_out: Family<MethodLabel, Counter>,
+    /// Blob bytes received over QUIC (uploads to the server's CAS over `server.quic`).
+    pub quic_bytes_in: Family<MethodLabel, Counter>,
     /// CAS lookups by where the blob was found.
     pub lookups: Family<LookupLabel, Counter>,
     /// Compressed reads from a blob's start by whether its zstd frame was kept (`hit`) or
@@ -116,6 +118,7 @@ impl Metrics {
             bytes_in: Family::default(),
             bytes_out: Family::default(),
             quic_bytes_out: Family::default(),
+            quic_bytes_in: Family::default(),
             lookups: Family::default(),
             zstd_frames: Family::default(),
             present: Counter::default(),
@@ -170,6 +173,11 @@ impl Metrics {
             "kiln_quic_sent_bytes",
             "Blob bytes sent over QUIC by method (server.quic, or a worker's CAS to its peers)",
             self.quic_bytes_out.clone(),
+        );
+        registry.register(
+            "kiln_quic_received_bytes",
+            "Blob bytes received over QUIC by method (uploads from workers over server.quic)",
+            self.quic_bytes_in.clone(),
         );
         registry.register(
             "kiln_cas_lookups",
@@ -298,6 +306,14 @@ impl Metrics {
     pub fn quic_sent(&self, path: &str, n: u64) {
         let method = method_label(path);
         self.quic_bytes_out
+            .get_or_create(&MethodLabel { method })
+            .inc_by(n);
+    }
+
+    /// Counts `n` blob bytes received over QUIC in a call to `path`.
+    pub fn quic_received(&self, path: &str, n: u64) {
+        let method = method_label(path);
+        self.quic_bytes_in
             .get_or_create(&MethodLabel { method })
             .inc_by(n);
     }

@@ -159,14 +159,20 @@ pub async fn execute(
     }
     ctx.local.unpin(holder, &pins).await;
     let cleanup = dir.clone();
+    // All on the blocking pool, to the end even if this action is dropped meanwhile: the
+    // tree unmounted first (the clean-up removes the action's own files, not the entry's),
+    // then the directory removed, then the leases released (a lease's last release may remove
+    // an evicted entry). A tree that stays mounted keeps its directory and its entry.
     let _ = tokio::task::spawn_blocking(move || {
-        // Unmounted first: the clean-up removes the action's own files, not the entry's.
-        drop(mount);
-        remove_tree(&cleanup)
+        if let Some(Err(e)) = mount.map(crate::overlay::Mounted::unmount) {
+            tracing::error!(dir = %cleanup.display(), error = %e, "an action's input overlay stays mounted: its directory and cache entry are kept until the worker restarts");
+            std::mem::forget(leases);
+            return;
+        }
+        let _ = remove_tree(&cleanup);
+        drop(leases);
     })
     .await;
-    // Released after the clean-up: a lease's last release may remove an evicted entry.
-    drop(leases);
     metadata.worker_completed_timestamp = Some(now());
     let (status, result, message) = match outcome {
         Ok((end, mut result)) => {
@@ -202,12 +208,14 @@ pub async fn execute(
 /// What an action holds until it is done, past its attempt: its pins on input blobs, its
 /// leases on directory-cache entries, the entry being built beside it, the overlay its inputs
 /// are mounted as.
+/// (The mount is declared first: should the action be dropped half-way, it is unmounted
+/// before the leases are released.)
 #[derive(Default)]
 struct Held {
+    mount: Option<crate::overlay::Mounted>,
     pins: Vec<BlobKey>,
     leases: Vec<Lease>,
     building: Option<EntryBuilding>,
-    mount: Option<crate::overlay::Mounted>,
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -53,7 +53,7 @@ pub fn prepare_work_dir(work_dir: &std::path::Path) -> std::io::Result<std::path
     for entry in std::fs::read_dir(work_dir)? {
         let path = entry?.path();
         if path.is_dir() {
-            overlay::unmount_leftover(&path);
+            overlay::unmount_leftover(&path)?;
             materialise::remove_tree(&path)?;
         } else {
             std::fs::remove_file(&path)?;

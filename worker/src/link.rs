@@ -19,8 +19,8 @@ pub struct Link {
 }
 
 /// A channel to the scheduler that presents the link's bearer token (if any) on every call;
-/// with a QUIC route, its blob reads go over QUIC once that connection is up (QUIC only:
-/// always), and over TCP meanwhile.
+/// with a QUIC route, its blob reads and uploads go over QUIC once that connection is up (QUIC
+/// only: always), and over TCP meanwhile.
 #[derive(Clone)]
 pub struct LinkChannel {
     inner: Channel,
@@ -28,8 +28,9 @@ pub struct LinkChannel {
     quic: Option<QuicRoute>,
 }
 
-/// The calls a QUIC route carries: the server serves reads over QUIC, nothing else.
-const QUIC_READS: [&str; 3] = crate::quic::service::SERVED;
+/// The calls a QUIC route carries: the server serves blob reads and uploads over QUIC,
+/// nothing else.
+const OVER_QUIC: [&str; 6] = crate::quic::service::SERVED_WITH_UPLOADS;
 
 /// The same server over QUIC.
 #[derive(Clone)]
@@ -51,7 +52,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for LinkChannel {
     ) -> std::task::Poll<Result<(), Self::Error>> {
         use std::task::Poll;
         // With a QUIC route both channels must take the call: which one does is decided by
-        // the call's method (only reads go over QUIC).
+        // the call's method (only blob reads and uploads go over QUIC).
         if let Some(q) = &mut self.quic {
             match tower::Service::poll_ready(&mut q.channel, cx) {
                 Poll::Ready(Ok(())) => {}
@@ -67,9 +68,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for LinkChannel {
                 .headers_mut()
                 .insert(http::header::AUTHORIZATION, v.clone());
         }
-        let read = QUIC_READS.contains(&request.uri().path());
+        let blobs = OVER_QUIC.contains(&request.uri().path());
         match &mut self.quic {
-            Some(q) if read && (q.only || q.server.up_or_dial()) => q.channel.call(request),
+            Some(q) if blobs && (q.only || q.server.up_or_dial()) => q.channel.call(request),
             _ => self.inner.call(request),
         }
     }

@@ -1,6 +1,6 @@
 //! `execute`: Execute of no-op (or sleeping) actions, each unique so none is cached, with an
-//! input file of its own when asked (`--input-size`); skipped when the server does not
-//! execute.
+//! input file of its own when asked (`--input-size`) and an output file (`--output-size`);
+//! skipped when the server does not execute.
 
 use super::{timed, Ctx, Prepared};
 use crate::blobs::{self, BlobPool};
@@ -31,13 +31,18 @@ pub(super) async fn prepare(ctx: Arc<Ctx>) -> anyhow::Result<Prepared> {
             "the server does not execute actions (exec_enabled is false)".into(),
         ));
     }
-    let script = if ctx.args.sleep_ms == 0 {
-        "exit 0".to_string()
-    } else {
-        format!("sleep {:.3}", ctx.args.sleep_ms as f64 / 1000.0)
-    };
+    let mut script = vec!["exit 0".to_string()];
+    if ctx.args.sleep_ms > 0 {
+        script.insert(0, format!("sleep {:.3}", ctx.args.sleep_ms as f64 / 1000.0));
+    }
+    let mut output_paths = Vec::new();
+    if let Some(size) = ctx.args.output_size {
+        script.insert(0, format!("head -c {} /dev/urandom > out", size.max()));
+        output_paths.push("out".to_string());
+    }
     let command = Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), script],
+        arguments: vec!["/bin/sh".into(), "-c".into(), script.join(" && ")],
+        output_paths,
         ..Default::default()
     };
     let command = upload_message(&ctx, &command).await?;
@@ -287,6 +292,18 @@ impl Workload for ExecuteLoad {
                         .and_then(|m| between(m.queued_timestamp?, m.worker_start_timestamp?))
                     {
                         samples.push(Sample::ok("queue-to-start", wait, 0));
+                    }
+                    // The worker's upload of the action's output file.
+                    if let (Some(size), Some(upload)) = (
+                        self.ctx.args.output_size,
+                        meta.clone().and_then(|m| {
+                            between(
+                                m.output_upload_start_timestamp?,
+                                m.output_upload_completed_timestamp?,
+                            )
+                        }),
+                    ) {
+                        samples.push(Sample::ok("output-upload", upload, size.max()));
                     }
                     // The worker's fetch of the action's input file.
                     if let (Some(size), Some(fetch)) = (

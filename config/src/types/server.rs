@@ -99,9 +99,8 @@ pub struct ServerConfig {
     /// A connection with no call in flight for this long is closed with GOAWAY (seconds;
     /// 0: never).
     pub idle_timeout_secs: u64,
-    /// Also serve CAS reads (ByteStream `Read`, `BatchReadBlobs`, `FindMissingBlobs`) over
-    /// QUIC, on UDP at the port of `listen`, for workers with `worker.server_transport` `quic`
-    /// or `both`. Needs `[tls]`.
+    /// Also serve the CAS's blob reads and uploads over QUIC, on UDP at the port of `listen`,
+    /// for workers with `worker.server_transport` `quic` or `both`. Needs `[tls]`.
     pub quic: bool,
 }
 

@@ -65,9 +65,9 @@ pub struct WorkerConfig {
     /// A QUIC handshake with a peer not done within this long marks it unreachable over UDP
     /// for `peer_cooldown_secs` (milliseconds); the same bound holds for the server.
     pub peer_quic_connect_timeout_ms: u64,
-    /// How the worker reads blobs from the server: `tcp`, `quic` (the server must set
-    /// `server.quic`), or `both` (QUIC first, TCP while the server is not reachable over UDP).
-    /// Uploads go over TCP.
+    /// How the worker reads blobs from and uploads them to the server: `tcp`, `quic` (the
+    /// server must set `server.quic`), or `both` (QUIC first, TCP while the server is not
+    /// reachable over UDP). The session goes over TCP.
     pub server_transport: PeerTransport,
 }
 

@@ -71,7 +71,9 @@ impl ChainCas {
         &self.layout
     }
 
-    fn sync_own_data(&self, size: u64) -> bool {
+    /// Whether a blob of `size` bytes written to a temp file must have its data synced
+    /// before [`ChainCas::commit`] (durable, and not covered by group commit).
+    pub fn sync_own_data(&self, size: u64) -> bool {
         super::durable::sync_own_data(self.durable, self.group_max, size)
     }
 

@@ -13,6 +13,7 @@ pub mod connect;
 pub mod io;
 pub mod serve;
 pub mod service;
+mod writes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -83,19 +84,25 @@ pub fn server_endpoint(
     quinn::Endpoint::server(config, addr).map_err(|source| QuicError::Bind { addr, source })
 }
 
-/// Serves `cas` read-only over QUIC on UDP at `addr` with `tls` (the TCP listener's TLS),
-/// to callers `policy` lets in, within `server`'s message and batch limits. Must be called
-/// inside the tokio runtime.
+/// Serves `cas` over QUIC on UDP at `addr` with `tls` (the TCP listener's TLS), to callers
+/// `policy` lets in, within `server`'s message and batch limits: read-only, or also taking
+/// uploads of blobs up to `uploads` bytes (the server's CAS). Must be called inside the tokio
+/// runtime.
 pub fn serve_cas(
     addr: SocketAddr,
     tls: &rustls::ServerConfig,
     cas: kiln_dataplane::store::ChainCas,
     policy: Arc<kiln_auth::Policy>,
     server: &kiln_config::ServerConfig,
+    uploads: Option<u64>,
 ) -> Result<serve::QuicServing, QuicError> {
     let endpoint = server_endpoint(addr, tls)?;
     let metrics = cas.client().metrics().clone();
-    let cas = service::ReadOnlyCas::new(cas, server.max_batch_total_size_bytes.as_u64(), metrics);
+    let cas = service::ServedCas::new(cas, server.max_batch_total_size_bytes.as_u64(), metrics);
+    let cas = match uploads {
+        Some(max_blob) => cas.with_uploads(max_blob),
+        None => cas,
+    };
     let max_message = usize::try_from(server.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
     Ok(serve::serve(endpoint, cas, policy, max_message))
 }

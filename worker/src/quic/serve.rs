@@ -6,7 +6,7 @@
 //! HTTP/2 connection of its own.
 
 use super::io::{PeerIdentity, QuicIo};
-use super::service::ReadOnlyCas;
+use super::service::ServedCas;
 use kiln_auth::Policy;
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
@@ -53,7 +53,7 @@ impl Drop for QuicServing {
 /// its workers. Must be called inside the tokio runtime.
 pub fn serve(
     endpoint: quinn::Endpoint,
-    cas: ReadOnlyCas,
+    cas: ServedCas,
     policy: Arc<Policy>,
     max_message: usize,
 ) -> QuicServing {

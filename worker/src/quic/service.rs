@@ -1,6 +1,7 @@
-//! A CAS as served over QUIC — a worker's to its peers, the server's to its workers: the
-//! read-only half of the CAS and ByteStream gRPC services, answered from the local store (the
-//! data plane answers the same calls over TCP). Writes are `PERMISSION_DENIED`. Each call is
+//! A CAS as served over QUIC — a worker's to its peers, the server's to its workers: the blob
+//! methods of the CAS and ByteStream gRPC services, answered from the local store (the data
+//! plane answers the same calls over TCP). A worker's CAS is read-only to its peers (writes
+//! are `PERMISSION_DENIED`); the server's also takes uploads ([`super::writes`]). Each call is
 //! checked against the policy as the data plane checks it: the caller's client certificate
 //! (from the QUIC handshake, [`super::serve`]) or its bearer token, and the role the method
 //! needs on the instance it names.
@@ -31,9 +32,17 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
 
-/// The methods served (also what a worker's link to the server sends over QUIC), as the
-/// policy names them.
-pub(crate) const SERVED: [&str; 3] = [READ, BATCH_READ, FIND_MISSING];
+/// The methods the server's CAS serves over QUIC (what a worker's link to the server sends
+/// over QUIC), as the policy names them: the reads (all a worker's CAS serves its peers) and
+/// the uploads.
+pub(crate) const SERVED_WITH_UPLOADS: [&str; 6] = [
+    READ,
+    BATCH_READ,
+    FIND_MISSING,
+    super::writes::WRITE,
+    super::writes::BATCH_UPDATE,
+    super::writes::QUERY_WRITE,
+];
 const FIND_MISSING: &str =
     "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
 const BATCH_READ: &str =
@@ -56,31 +65,35 @@ enum Source {
     File(tokio::fs::File),
 }
 
-/// The local CAS, read-only.
+/// The local CAS as served over QUIC.
 #[derive(Clone)]
-pub struct ReadOnlyCas {
-    cas: ChainCas,
+pub struct ServedCas {
+    pub(super) cas: ChainCas,
     /// Checks each call's caller (set by [`super::serve`]).
     policy: Option<Arc<kiln_auth::Policy>>,
-    /// Largest batch answered (the data plane's limit for batches).
-    max_batch: u64,
+    /// Largest batch answered or taken (the data plane's limit for batches).
+    pub(super) max_batch: u64,
+    /// Uploads are taken, of blobs up to this size (the server's CAS); `None`: read-only.
+    pub(super) max_upload: Option<u64>,
     /// Reads being served.
     pub(super) reads: Arc<tokio::sync::Semaphore>,
-    /// Where the bytes sent are counted (`kiln_quic_sent_bytes_total`).
-    metrics: Arc<kiln_dataplane::metrics::Metrics>,
+    /// Where the bytes sent and received are counted (`kiln_quic_sent_bytes_total`,
+    /// `kiln_quic_received_bytes_total`).
+    pub(super) metrics: Arc<kiln_dataplane::metrics::Metrics>,
 }
 
-impl ReadOnlyCas {
+impl ServedCas {
     /// Serves `cas`, batches up to `max_batch` bytes, counting what it sends in `metrics`.
     pub fn new(
         cas: ChainCas,
         max_batch: u64,
         metrics: Arc<kiln_dataplane::metrics::Metrics>,
-    ) -> ReadOnlyCas {
-        ReadOnlyCas {
+    ) -> ServedCas {
+        ServedCas {
             cas,
             policy: None,
             max_batch,
+            max_upload: None,
             reads: Arc::new(tokio::sync::Semaphore::new(MAX_READS)),
             metrics,
         }
@@ -88,13 +101,19 @@ impl ReadOnlyCas {
 
     /// The same, refusing calls whose caller `policy` does not let in (checked at every
     /// call, so a revocation takes effect on connections already open).
-    pub(super) fn guarded_by(mut self, policy: Arc<kiln_auth::Policy>) -> ReadOnlyCas {
+    pub(super) fn guarded_by(mut self, policy: Arc<kiln_auth::Policy>) -> ServedCas {
         self.policy = Some(policy);
         self
     }
 
+    /// The same, also taking uploads of blobs up to `max_blob` bytes (the server's CAS).
+    pub fn with_uploads(mut self, max_blob: u64) -> ServedCas {
+        self.max_upload = Some(max_blob);
+        self
+    }
+
     /// A place among the calls served at once: waits for one at most [`READ_WAIT`].
-    async fn place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+    pub(super) async fn place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
         tokio::time::timeout(READ_WAIT, self.reads.clone().acquire_owned())
             .await
             .map_err(|_| Status::resource_exhausted("too many reads at once; try again"))?
@@ -103,8 +122,16 @@ impl ReadOnlyCas {
 
     /// Whether the caller of `request` may call `path` on `instance`.
     fn check<T>(&self, request: &Request<T>, path: &str, instance: &str) -> Result<(), Status> {
+        self.allow(&self.caller(request)?, path, instance)
+    }
+
+    /// Who called with `request` (`None` without a policy: anyone may).
+    pub(super) fn caller<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<Option<kiln_auth::Principal>, Status> {
         let Some(policy) = &self.policy else {
-            return Ok(());
+            return Ok(None);
         };
         let peer = request
             .extensions()
@@ -115,25 +142,39 @@ impl ReadOnlyCas {
             .metadata()
             .get("authorization")
             .map(|v| v.as_bytes());
-        let principal = policy
-            .identify(certificate, token)
-            .map_err(|e| e.status())?;
         policy
-            .authorize(&principal, path, instance)
+            .identify(certificate, token)
+            .map(Some)
             .map_err(|e| e.status())
+    }
+
+    /// Whether `caller` may call `path` on `instance`.
+    pub(super) fn allow(
+        &self,
+        caller: &Option<kiln_auth::Principal>,
+        path: &str,
+        instance: &str,
+    ) -> Result<(), Status> {
+        match (&self.policy, caller) {
+            (Some(policy), Some(principal)) => policy
+                .authorize(principal, path, instance)
+                .map_err(|e| e.status()),
+            (Some(_), None) => Err(Status::unauthenticated("no caller")),
+            (None, _) => Ok(()),
+        }
     }
 }
 
-fn read_only() -> Status {
+pub(super) fn read_only() -> Status {
     Status::permission_denied("this CAS is read-only over QUIC")
 }
 
-fn status(e: &impl Classify) -> Status {
+pub(super) fn status(e: &impl Classify) -> Status {
     e.status()
 }
 
 /// A malformed request, as the data plane classifies it.
-fn bad(e: impl Into<BlobError>) -> Status {
+pub(super) fn bad(e: impl Into<BlobError>) -> Status {
     e.into().status()
 }
 
@@ -143,12 +184,12 @@ fn digests(function: i32, list: &[kiln_proto::reapi::Digest]) -> Result<Vec<Dige
         .collect()
 }
 
-fn instance(name: &str) -> Result<InstanceName, Status> {
+pub(super) fn instance(name: &str) -> Result<InstanceName, Status> {
     InstanceName::new(name).map_err(bad)
 }
 
 #[tonic::async_trait]
-impl ContentAddressableStorage for ReadOnlyCas {
+impl ContentAddressableStorage for ServedCas {
     async fn find_missing_blobs(
         &self,
         request: Request<FindMissingBlobsRequest>,
@@ -171,9 +212,9 @@ impl ContentAddressableStorage for ReadOnlyCas {
 
     async fn batch_update_blobs(
         &self,
-        _: Request<BatchUpdateBlobsRequest>,
+        request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
-        Err(read_only())
+        self.batch_update(request).await
     }
 
     async fn batch_read_blobs(
@@ -259,7 +300,7 @@ impl ContentAddressableStorage for ReadOnlyCas {
 }
 
 #[tonic::async_trait]
-impl ByteStream for ReadOnlyCas {
+impl ByteStream for ServedCas {
     type ReadStream = Pin<Box<dyn futures::Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
     async fn read(
@@ -357,15 +398,15 @@ impl ByteStream for ReadOnlyCas {
 
     async fn write(
         &self,
-        _: Request<Streaming<WriteRequest>>,
+        request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
-        Err(read_only())
+        self.upload(request).await
     }
 
     async fn query_write_status(
         &self,
-        _: Request<QueryWriteStatusRequest>,
+        request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
-        Err(read_only())
+        self.write_status(request).await
     }
 }
