@@ -12,8 +12,9 @@
 #       --input-files 2000 --files-per-dir 20 --shared-inputs --seed 7 --ops 30 \
 #       --connections 1 --concurrency 3
 #
-# DIRCACHE_BYTES 0 turns the workers' directory caches off. Env: KILN, KILN_BENCH (the
-# binaries, default target/release/…). Needs curl. ROOT/farm.PID is removed afterwards.
+# DIRCACHE_BYTES 0 turns the workers' directory caches off; LAYOUT=overlay sets their
+# worker.dircache_layout (needs root). Env: KILN, KILN_BENCH (the binaries, default
+# target/release/…). Needs curl. ROOT/farm.PID is removed afterwards.
 set -euo pipefail
 root=$1; wait_ms=$2; dircache=$3; shift 3
 kiln=${KILN:-target/release/kiln}; bench=${KILN_BENCH:-target/release/kiln-bench}
@@ -25,7 +26,7 @@ printf '[worker]\nembedded = false\n[execution]\nlocality_wait_ms = %s\n' "$wait
 if [ "$dircache" = 0 ]; then
   printf '[worker]\ndircache_bytes = 0\n' > "$run/worker.toml"
 else
-  printf '[worker]\ndircache_bytes = "%s"\n' "$dircache" > "$run/worker.toml"
+  printf '[worker]\ndircache_bytes = "%s"\ndircache_layout = "%s"\n' "$dircache" "${LAYOUT:-links}" > "$run/worker.toml"
 fi
 . "$(dirname "$0")/farm-lib.sh"
 start_server
