@@ -237,7 +237,8 @@ fn spec(tree: &Tree, platform: &[(&str, &str)], salt: &str) -> Spec {
 // On one farm across four "hosts": an action whose input root a worker has laid out goes
 // back to that worker and hits its directory cache; a blob worker a holds reaches worker b
 // from a (a's served bytes move, the server sends none of it); and when a is killed while c
-// waits on it for a blob, c finishes from the server.
+// waits on it for a blob, c finishes from the server; and an action waiting for busy b has
+// its inputs fetched by b before b's slot frees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
     let net = match Net::create(4) {
@@ -392,6 +393,65 @@ async fn a_farm_across_namespaces_shares_inputs_between_its_hosts() {
     assert!(
         number(&admin_c, "kiln_worker_peer_failures_total").await >= 1.0,
         "c asked a (it was hinted), and a failed it"
+    );
+
+    // While b is busy, an action only b may run waits for it: b fetches its inputs across the
+    // bridge before its slot frees, and runs it without fetching them again.
+    let (flag, started) = (dir.path().join("flag"), dir.path().join("started"));
+    let hold = Spec {
+        platform: vec![("host".into(), "b".into())],
+        ..Spec::script(&format!(
+            "touch {}; while [ ! -e {} ]; do sleep 0.02; done",
+            started.display(),
+            flag.display()
+        ))
+    }
+    .upload(&ch, F)
+    .await;
+    let held = {
+        let ch = ch.clone();
+        tokio::spawn(async move { execute(&ch, F, &hold, false).await })
+    };
+    common::eventually("b's holding action to start", || async {
+        started.exists().then_some(())
+    })
+    .await;
+    let from_server = || number(&admin_b, "kiln_worker_fetch_bytes_total{source=\"server\"}");
+    let before = from_server().await;
+    let (tree, bytes) = inputs(3);
+    let waiting = spec(&tree, &[("host", "b")], "six").upload(&ch, F).await;
+    let later = {
+        let ch = ch.clone();
+        tokio::spawn(async move { execute(&ch, F, &waiting, false).await })
+    };
+    common::eventually("b to fetch the waiting action's inputs ahead", || async {
+        (from_server().await >= before + bytes as f64).then_some(())
+    })
+    .await;
+    assert!(
+        !held.is_finished(),
+        "fetched while b's slot was still taken"
+    );
+    let fetched_ahead = from_server().await;
+    std::fs::write(&flag, b"").unwrap();
+    let (_, r) = held.await.unwrap().unwrap();
+    assert_eq!(code(&r), 0, "{r:?}");
+    let (_, r) = later.await.unwrap().unwrap();
+    assert_eq!((code(&r), worker_of(&r).as_str()), (0, "b"), "{r:?}");
+    let out =
+        common::exec::read_output(&ch, F, r.result.unwrap().stdout_digest.as_ref().unwrap()).await;
+    assert_eq!(out, format!("{bytes}\nsix\n").into_bytes());
+    assert!(
+        from_server().await < fetched_ahead + 4096.0,
+        "no input fetched twice (only Directory blobs)"
+    );
+    assert_eq!(
+        number(
+            &kiln.admin,
+            "kiln_scheduler_placements_total{reason=\"prefetched\"}"
+        )
+        .await,
+        1.0
     );
     kiln.stop().await;
 }
