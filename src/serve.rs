@@ -76,12 +76,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let quic = match (&tls, config.server.quic) {
         (Some(t), true) => {
             let _guard = control.runtime().enter();
+            // Group commit as over TCP: an upload's data is synced by its shard's group.
             let chain = kiln_dataplane::store::ChainCas::new(
                 cas.clone(),
                 blobs.clone(),
                 Layout::cas(data_dir),
                 config.storage.fsync,
-            );
+            )
+            .with_group_commit(data.group_commit_max());
             let served = kiln_worker::quic::serve_cas(
                 data.local_addr(),
                 &t.tls.config(),

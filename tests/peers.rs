@@ -212,8 +212,21 @@ fn quic_channel(
     addr: &str,
     name: &str,
     ca: &Path,
-    (cert, key): (&Path, &Path),
+    identity: (&Path, &Path),
 ) -> kiln_worker::link::LinkChannel {
+    quic_link(addr, name, ca, identity).0
+}
+
+/// [`quic_channel`], and the QUIC connection under it.
+fn quic_link(
+    addr: &str,
+    name: &str,
+    ca: &Path,
+    (cert, key): (&Path, &Path),
+) -> (
+    kiln_worker::link::LinkChannel,
+    std::sync::Arc<kiln_worker::quic::connect::QuicPeer>,
+) {
     kiln_tls::install_provider();
     let identity = kiln_tls::client::ClientIdentity::from_files(cert, key).unwrap();
     let trust = kiln_tls::client::Trust::ca_file(ca).unwrap();
@@ -227,7 +240,8 @@ fn quic_channel(
         std::time::Duration::from_secs(30),
     );
     let link = kiln_worker::link::Link::new(&format!("grpc://{addr}"), None).unwrap();
-    link.connect_lazy_via(kiln_worker::quic::connect::QuicConnector(peer))
+    let channel = link.connect_lazy_via(kiln_worker::quic::connect::QuicConnector(peer.clone()));
+    (channel, peer)
 }
 
 /// Reads `digest` from `cas`: the blob, `None` if the worker does not hold it, or why the
@@ -649,9 +663,13 @@ on_every_runtime! {
 // Uploads over QUIC (`server.quic`) are held to the data plane's rules: bytes that do not
 // hash to the digest, data past its size, a gap in the offsets, a stream that ends without
 // `finish_write`, each refused with INVALID_ARGUMENT and nothing stored or left in the temp
-// directory; a compressed upload is for TCP (UNIMPLEMENTED); a good one is stored and
-// readable over TCP; a batch answers each entry on its own. A worker's CAS takes no upload
-// from its peers over QUIC.
+// directory; a compressed upload is for TCP (UNIMPLEMENTED); a blob larger than the CAS is
+// INVALID_ARGUMENT, and one that does not fit beside the uploads in progress
+// RESOURCE_EXHAUSTED until they end; an upload that stalls is ended (DEADLINE_EXCEEDED); a
+// caller without the role is refused; a good upload is stored and readable over TCP, and
+// QueryWriteStatus says so; a batch answers each entry on its own. The server agrees to
+// uploads in the QUIC handshake (ALPN `kiln-cas/2`); a worker's CAS does not, and takes no
+// upload from its peers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_over_quic_are_checked_and_a_peer_takes_none() {
     use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
@@ -663,7 +681,7 @@ async fn uploads_over_quic_are_checked_and_a_peer_takes_none() {
     let (kiln, workers) = enrolled_farm(
         rt,
         dir.path(),
-        "quic = true",
+        "quic = true\nstalled_upload_secs = 1\n[storage]\ndisk_bytes = \"8 MiB\"",
         [("w1", "a", "peer_transport = \"quic\"\n")],
     )
     .await;
@@ -671,7 +689,7 @@ async fn uploads_over_quic_are_checked_and_a_peer_takes_none() {
     let identity = dir.path().join("w1/cas/identity");
     let me = (identity.join("cert.pem"), identity.join("key.pem"));
     let me = (me.0.as_path(), me.1.as_path());
-    let server = quic_channel(&kiln.addr.to_string(), "127.0.0.1", &ca, me);
+    let (server, server_link) = quic_link(&kiln.addr.to_string(), "127.0.0.1", &ca, me);
     let ch = kiln.tls_channel(&ca, None).await.unwrap();
     let write = |channel: kiln_worker::link::LinkChannel,
                  requests: Vec<kiln_proto::bytestream::WriteRequest>| async move {
@@ -737,6 +755,88 @@ async fn uploads_over_quic_are_checked_and_a_peer_takes_none() {
     })
     .await;
 
+    // Larger than the CAS; and beside an upload in progress that holds most of it.
+    let huge = kiln_proto::reapi::Digest {
+        size_bytes: 9 << 20,
+        ..d.clone()
+    };
+    let mut too_large = requests(&data);
+    too_large[0].resource_name = common::blobs::write_name("", F, &huge);
+    let got = write(server.clone(), too_large).await;
+    assert_eq!(got.map_err(|s| s.code()), Err(Code::InvalidArgument));
+    let big = common::blobs::pseudo_random(8, 6 << 20);
+    let big_digest = common::blobs::digest(F, &big);
+    let big_requests = common::blobs::write_requests(
+        &common::blobs::write_name("", F, &big_digest),
+        &big,
+        1 << 20,
+        0,
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(big_requests[0].clone()).await.unwrap();
+    let holding = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            ByteStreamClient::new(server)
+                .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        })
+    };
+    let other = common::blobs::pseudo_random(9, 3 << 20);
+    let other_requests = || {
+        common::blobs::write_requests(
+            &common::blobs::write_name("", F, &common::blobs::digest(F, &other)),
+            &other,
+            1 << 20,
+            0,
+        )
+    };
+    common::eventually("the held upload to hold its place", || async {
+        let got = write(server.clone(), other_requests()).await;
+        (got.map_err(|s| s.code()) == Err(Code::ResourceExhausted)).then_some(())
+    })
+    .await;
+    // Held without a byte for longer than server.stalled_upload_secs: ended, its place freed.
+    let stalled = holding.await.unwrap();
+    assert_eq!(
+        stalled.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::DeadlineExceeded)
+    );
+    drop(tx);
+    assert_eq!(
+        write(server.clone(), other_requests()).await.unwrap(),
+        3 << 20
+    );
+
+    // A member of the farm without a role on the server (not an enrolled worker).
+    let farm = kiln_tls::farm::Farm::at(dir.path().join("server/tls"));
+    let (cert, key) = farm
+        .issue(
+            &["someone".to_string()],
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        )
+        .unwrap();
+    let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
+    let stranger = quic_channel(&kiln.addr.to_string(), "127.0.0.1", &ca, (&c, &k));
+    let got = write(stranger, requests(&data)).await;
+    assert_eq!(
+        got.map_err(|s| s.code()),
+        Err(Code::PermissionDenied),
+        "no role, no upload"
+    );
+
+    let query = || async {
+        ByteStreamClient::new(server.clone())
+            .query_write_status(kiln_proto::bytestream::QueryWriteStatusRequest {
+                resource_name: name(),
+            })
+            .await
+            .map(|r| (r.get_ref().committed_size, r.get_ref().complete))
+            .map_err(|s| s.code())
+    };
+    assert_eq!(query().await, Err(Code::NotFound));
     assert_eq!(
         write(server.clone(), requests(&data)).await.unwrap(),
         300_000
@@ -750,6 +850,8 @@ async fn uploads_over_quic_are_checked_and_a_peer_takes_none() {
         300_000,
         "stored already"
     );
+    assert_eq!(query().await, Ok((300_000, true)));
+    assert!(server_link.takes_uploads(), "the server agreed to uploads");
 
     let small = b"small over quic".to_vec();
     let entry =
@@ -791,9 +893,13 @@ async fn uploads_over_quic_are_checked_and_a_peer_takes_none() {
 
     // w1's CAS, over QUIC, is read-only to its peers.
     let cas = cas_address(&workers[0]);
-    let peer = quic_channel(&cas, "w1.peer.kiln.invalid", &ca, me);
+    let (peer, peer_link) = quic_link(&cas, "w1.peer.kiln.invalid", &ca, me);
     let got = write(peer.clone(), requests(&data)).await;
     assert_eq!(got.map_err(|s| s.code()), Err(Code::PermissionDenied));
+    assert!(
+        peer_link.is_up() && !peer_link.takes_uploads(),
+        "a peer does not agree to uploads"
+    );
     let got = batch(peer, vec![entry(small_digest.clone(), &small)]).await;
     assert_eq!(
         got.map_err(|s| s.code()).map(|_| ()),

@@ -28,9 +28,10 @@ pub struct LinkChannel {
     quic: Option<QuicRoute>,
 }
 
-/// The calls a QUIC route carries: the server serves blob reads and uploads over QUIC,
-/// nothing else.
-const OVER_QUIC: [&str; 6] = crate::quic::service::SERVED_WITH_UPLOADS;
+/// The reads a QUIC route carries.
+const READS_OVER_QUIC: [&str; 3] = crate::quic::service::SERVED;
+/// The uploads a QUIC route carries, where the server takes them.
+const UPLOADS_OVER_QUIC: [&str; 3] = crate::quic::service::UPLOADS;
 
 /// The same server over QUIC.
 #[derive(Clone)]
@@ -68,9 +69,16 @@ impl tower::Service<http::Request<tonic::body::Body>> for LinkChannel {
                 .headers_mut()
                 .insert(http::header::AUTHORIZATION, v.clone());
         }
-        let blobs = OVER_QUIC.contains(&request.uri().path());
+        let path = request.uri().path();
+        let read = READS_OVER_QUIC.contains(&path);
+        let upload = UPLOADS_OVER_QUIC.contains(&path);
         match &mut self.quic {
-            Some(q) if blobs && (q.only || q.server.up_or_dial()) => q.channel.call(request),
+            Some(q) if read && (q.only || q.server.up_or_dial()) => q.channel.call(request),
+            // Over QUIC once the connection is up, where the server takes them (a server from
+            // before uploads over QUIC gets them over TCP).
+            Some(q) if upload && q.server.up_or_dial() && q.server.takes_uploads() => {
+                q.channel.call(request)
+            }
             _ => self.inner.call(request),
         }
     }

@@ -83,6 +83,19 @@ impl QuicPeer {
         false
     }
 
+    /// Whether the connection is up now and takes uploads (the server agreed on
+    /// [`super::ALPN_UPLOADS`]).
+    pub fn takes_uploads(&self) -> bool {
+        match &*self.lock() {
+            State::Up(c) if c.close_reason().is_none() => c
+                .handshake_data()
+                .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|h| h.protocol)
+                .is_some_and(|p| p == super::ALPN_UPLOADS),
+            _ => false,
+        }
+    }
+
     /// Whether the peer may be reached over QUIC now: not found unreachable within the
     /// cooldown.
     pub fn reachable(&self) -> bool {

@@ -19,8 +19,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The application protocol both ends announce: gRPC over HTTP/2, one connection per stream.
+/// The application protocol both ends announce: gRPC over HTTP/2, one connection per stream,
+/// to a CAS that serves reads (a worker's to its peers).
 pub const ALPN: &[u8] = b"kiln-cas/1";
+/// The same to a CAS that also takes uploads (the server's): a client offers both and sends
+/// uploads over QUIC only where this one was agreed, so a server from before uploads over
+/// QUIC (which knows only [`ALPN`]) gets them over TCP.
+pub const ALPN_UPLOADS: &[u8] = b"kiln-cas/2";
 
 /// Streams a peer may open at once on one connection (each an HTTP/2 connection: a fetching
 /// worker opens one per link to a peer, and one per range link to the server, up to
@@ -72,9 +77,14 @@ fn transport() -> Arc<quinn::TransportConfig> {
 pub fn server_endpoint(
     addr: SocketAddr,
     tls: &rustls::ServerConfig,
+    uploads: bool,
 ) -> Result<quinn::Endpoint, QuicError> {
     let mut tls = tls.clone();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = if uploads {
+        vec![ALPN_UPLOADS.to_vec(), ALPN.to_vec()]
+    } else {
+        vec![ALPN.to_vec()]
+    };
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| QuicError::Crypto(e.to_string()))?;
@@ -96,11 +106,15 @@ pub fn serve_cas(
     server: &kiln_config::ServerConfig,
     uploads: Option<u64>,
 ) -> Result<serve::QuicServing, QuicError> {
-    let endpoint = server_endpoint(addr, tls)?;
+    let endpoint = server_endpoint(addr, tls, uploads.is_some())?;
     let metrics = cas.client().metrics().clone();
     let cas = service::ServedCas::new(cas, server.max_batch_total_size_bytes.as_u64(), metrics);
     let cas = match uploads {
-        Some(max_blob) => cas.with_uploads(max_blob),
+        Some(max_blob) => {
+            let stall = (server.stalled_upload_secs > 0)
+                .then(|| Duration::from_secs(server.stalled_upload_secs));
+            cas.with_uploads(max_blob, stall)
+        }
         None => cas,
     };
     let max_message = usize::try_from(server.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
@@ -123,7 +137,7 @@ pub fn client_endpoint(tls: &rustls::ClientConfig) -> Result<quinn::Endpoint, Qu
 /// The QUIC client config made of the worker's TLS client config.
 fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, QuicError> {
     let mut tls = tls.clone();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![ALPN_UPLOADS.to_vec(), ALPN.to_vec()];
     tls.enable_early_data = false;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| QuicError::Crypto(e.to_string()))?;

@@ -32,13 +32,11 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
 
-/// The methods the server's CAS serves over QUIC (what a worker's link to the server sends
-/// over QUIC), as the policy names them: the reads (all a worker's CAS serves its peers) and
-/// the uploads.
-pub(crate) const SERVED_WITH_UPLOADS: [&str; 6] = [
-    READ,
-    BATCH_READ,
-    FIND_MISSING,
+/// The reads a CAS serves over QUIC (all a worker's CAS serves its peers), as the policy
+/// names them.
+pub(crate) const SERVED: [&str; 3] = [READ, BATCH_READ, FIND_MISSING];
+/// The uploads the server's CAS also takes over QUIC.
+pub(crate) const UPLOADS: [&str; 3] = [
     super::writes::WRITE,
     super::writes::BATCH_UPDATE,
     super::writes::QUERY_WRITE,
@@ -52,12 +50,16 @@ const READ: &str = "/google.bytestream.ByteStream/Read";
 /// Bytes per `ReadResponse`.
 const CHUNK: usize = 256 << 10;
 /// How long a read waits for a place before it is `RESOURCE_EXHAUSTED`.
-const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+pub(super) const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reads served at once: a ByteStream read holds its place, and one chunk, until its stream
 /// ends; a batch holds it while it reads from the store (its answer, at most the batch limit,
 /// is then the connection's to send). More wait for a place.
 pub(super) const MAX_READS: usize = 256;
+
+/// Uploads received at once (each holds a message, a temp file and its place against the
+/// CAS's cap); more wait for a place, as reads do.
+const MAX_UPLOADS: usize = 64;
 
 /// Where a read's bytes come from.
 enum Source {
@@ -73,8 +75,8 @@ pub struct ServedCas {
     policy: Option<Arc<kiln_auth::Policy>>,
     /// Largest batch answered or taken (the data plane's limit for batches).
     pub(super) max_batch: u64,
-    /// Uploads are taken, of blobs up to this size (the server's CAS); `None`: read-only.
-    pub(super) max_upload: Option<u64>,
+    /// How uploads are taken (the server's CAS); `None`: read-only.
+    pub(super) uploads: Option<super::writes::Uploads>,
     /// Reads being served.
     pub(super) reads: Arc<tokio::sync::Semaphore>,
     /// Where the bytes sent and received are counted (`kiln_quic_sent_bytes_total`,
@@ -93,7 +95,7 @@ impl ServedCas {
             cas,
             policy: None,
             max_batch,
-            max_upload: None,
+            uploads: None,
             reads: Arc::new(tokio::sync::Semaphore::new(MAX_READS)),
             metrics,
         }
@@ -106,9 +108,14 @@ impl ServedCas {
         self
     }
 
-    /// The same, also taking uploads of blobs up to `max_blob` bytes (the server's CAS).
-    pub fn with_uploads(mut self, max_blob: u64) -> ServedCas {
-        self.max_upload = Some(max_blob);
+    /// The same, also taking uploads of blobs up to `max_blob` bytes, ending one with no new
+    /// bytes for `stall` (the server's CAS).
+    pub fn with_uploads(mut self, max_blob: u64, stall: Option<std::time::Duration>) -> ServedCas {
+        self.uploads = Some(super::writes::Uploads {
+            max_blob,
+            stall,
+            places: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS)),
+        });
         self
     }
 

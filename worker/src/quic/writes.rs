@@ -1,16 +1,21 @@
 //! Uploads over QUIC to the server's CAS (`server.quic`: a worker's outputs, when its
 //! `server_transport` is `quic` or `both`): ByteStream `Write` and `BatchUpdateBlobs` of
-//! uncompressed blobs, checked by the data plane's own rules ([`UploadState`]: offsets that
-//! continue, no data past the digest's size, the hash on `finish_write`), answered with the
-//! data plane's errors, and committed through the store's chain — durable before the answer,
-//! as over TCP. A worker's CAS takes no upload from its peers (`PERMISSION_DENIED`).
+//! uncompressed blobs, held to the data plane's rules and answered with its errors — a
+//! `Write` claims its place against the CAS's cap from the owner shard before its first byte
+//! is written (as over TCP: `UploadClaim`), is checked by the same sans-IO [`UploadState`]
+//! (offsets that continue, no data past the digest's size, the hash on `finish_write`),
+//! hashed off the runtime's threads, ended when it stalls for `server.stalled_upload_secs`,
+//! and committed through the store's chain, durable before the answer. A worker's CAS takes
+//! no upload from its peers (`PERMISSION_DENIED`).
 //!
-//! Over QUIC an upload is not resumable: a stream cut short leaves nothing behind, and
+//! Over QUIC an upload is not resumable: one cut short leaves nothing behind, and
 //! `QueryWriteStatus` knows only whether the blob is stored. Compressed uploads go over TCP.
 
 use super::service::{bad, instance, read_only, status, ServedCas};
+use futures::StreamExt;
 use kiln_dataplane::service::BlobError;
 use kiln_dataplane::store::upload::UploadState;
+use kiln_dataplane::store::UploadClaim;
 use kiln_proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, WriteRequest, WriteResponse,
 };
@@ -20,7 +25,10 @@ use kiln_proto::reapi::{
 use kiln_reapi::cas::Cas;
 use kiln_reapi::compression::Compressor;
 use kiln_reapi::digest::{BlobKey, Digest};
+use kiln_reapi::resource::WriteResource;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -28,6 +36,20 @@ pub(crate) const WRITE: &str = "/google.bytestream.ByteStream/Write";
 pub(crate) const QUERY_WRITE: &str = "/google.bytestream.ByteStream/QueryWriteStatus";
 pub(crate) const BATCH_UPDATE: &str =
     "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs";
+
+/// Entries of one batch stored at the same time.
+const BATCH_PARALLELISM: usize = 32;
+
+/// How the server's CAS takes uploads over QUIC.
+#[derive(Clone)]
+pub(super) struct Uploads {
+    /// The largest blob taken (the CAS's cap).
+    pub max_blob: u64,
+    /// A `Write` with no new bytes for this long is ended (`server.stalled_upload_secs`).
+    pub stall: Option<std::time::Duration>,
+    /// Uploads received at once (apart from reads).
+    pub places: Arc<tokio::sync::Semaphore>,
+}
 
 /// A temp file removed when dropped, unless handed to the store.
 struct Temp(Option<PathBuf>);
@@ -47,36 +69,36 @@ fn compressed() -> Status {
 }
 
 impl ServedCas {
-    /// The largest blob taken; `PERMISSION_DENIED` on a read-only CAS.
-    fn max_upload(&self) -> Result<u64, Status> {
-        self.max_upload.ok_or_else(read_only)
+    /// How uploads are taken; `PERMISSION_DENIED` on a read-only CAS.
+    fn uploads(&self) -> Result<&Uploads, Status> {
+        self.uploads.as_ref().ok_or_else(read_only)
     }
 
     /// Refuses a blob larger than the store.
     fn fits(&self, d: &Digest) -> Result<(), Status> {
-        let cap = self.max_upload()?;
+        let cap = self.uploads()?.max_blob;
         if d.size > cap {
             return Err(bad(BlobError::TooLarge { size: d.size, cap }));
         }
         Ok(())
     }
 
-    /// Whether the store holds `key` already (the empty blob always).
-    async fn holds(&self, key: &BlobKey) -> Result<bool, Status> {
-        let missing = self
-            .cas
-            .find_missing(&key.instance, std::slice::from_ref(&key.digest))
+    /// A place among the uploads received at once: waits for one at most as long as a read.
+    async fn upload_place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        let places = self.uploads()?.places.clone();
+        tokio::time::timeout(super::service::READ_WAIT, places.acquire_owned())
             .await
-            .map_err(|e| status(&e))?;
-        Ok(missing.is_empty())
+            .map_err(|_| Status::resource_exhausted("too many uploads at once; try again"))?
+            .map_err(|_| Status::unavailable("shutting down"))
     }
 
-    /// `BatchUpdateBlobs`: each entry checked and stored on its own, its status in the answer.
+    /// `BatchUpdateBlobs`: each entry checked on its own, those not stored yet stored, each
+    /// entry's status in the answer.
     pub(super) async fn batch_update(
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
-        self.max_upload()?;
+        self.uploads()?;
         let caller = self.caller(&request)?;
         self.allow(&caller, BATCH_UPDATE, &request.get_ref().instance_name)?;
         let r = request.into_inner();
@@ -84,120 +106,236 @@ impl ServedCas {
         let total = r
             .requests
             .iter()
-            .try_fold(0u64, |sum, e| sum.checked_add(e.data.len() as u64))
-            .filter(|t| *t <= self.max_batch)
-            .ok_or_else(|| {
-                bad(BlobError::BatchTooLarge {
-                    total: r
-                        .requests
-                        .iter()
-                        .fold(0u64, |sum, e| sum.saturating_add(e.data.len() as u64)),
-                    limit: self.max_batch,
-                })
-            })?;
-        let _place = self.place().await?;
-        let mut responses = Vec::with_capacity(r.requests.len());
-        for entry in r.requests {
-            let result = async {
-                if entry.compressor != Compressor::Identity.proto() {
-                    return Err(compressed());
-                }
-                let digest = Digest::from_proto_field(entry.digest.as_ref(), r.digest_function)
-                    .map_err(bad)?;
-                self.fits(&digest)?;
-                let data = entry.data.clone();
-                // The data plane's rules for a whole upload in one message (hashing off the
-                // runtime's threads: a batch holds up to its limit).
-                tokio::task::spawn_blocking(move || {
-                    UploadState::new(digest).accept(0, &data, true).map(|_| ())
-                })
-                .await
-                .map_err(|_| Status::unavailable("the check of an upload was cut short"))?
-                .map_err(bad)?;
-                self.cas
-                    .put_bytes(&BlobKey::new(instance.clone(), digest), entry.data.clone())
-                    .await
-                    .map_err(|e| status(&e))
-            }
-            .await;
-            responses.push(batch_update_blobs_response::Response {
-                digest: entry.digest,
-                status: Some(match result {
-                    Ok(()) => kiln_proto::google::rpc::Status::default(),
-                    Err(s) => kiln_proto::google::rpc::Status {
-                        code: s.code() as i32,
-                        message: s.message().to_string(),
-                        details: Vec::new(),
-                    },
-                }),
-            });
+            .fold(0u64, |sum, e| sum.saturating_add(e.data.len() as u64));
+        if total > self.max_batch {
+            return Err(bad(BlobError::BatchTooLarge {
+                total,
+                limit: self.max_batch,
+            }));
         }
-        self.metrics.quic_received(BATCH_UPDATE, total);
+        let _place = self.upload_place().await?;
+        // Each entry checked (hashing off the runtime's threads: a batch holds up to its
+        // limit) by the data plane's rules for a whole upload in one message.
+        let function = r.digest_function;
+        let entries = r.requests;
+        let checked = tokio::task::spawn_blocking(move || {
+            let results: Vec<Result<Digest, Status>> = entries
+                .iter()
+                .map(|e| {
+                    if e.compressor != Compressor::Identity.proto() {
+                        return Err(compressed());
+                    }
+                    let digest =
+                        Digest::from_proto_field(e.digest.as_ref(), function).map_err(bad)?;
+                    UploadState::new(digest)
+                        .accept(0, &e.data, true)
+                        .map_err(bad)?;
+                    Ok(digest)
+                })
+                .collect();
+            (entries, results)
+        })
+        .await
+        .map_err(|_| Status::unavailable("the check of an upload was cut short"))?;
+        let (entries, checked) = checked;
+        let valid: Vec<Digest> = checked.iter().filter_map(|c| c.clone().ok()).collect();
+        let missing: std::collections::HashSet<Digest> = self
+            .cas
+            .find_missing(&instance, &valid)
+            .await
+            .map_err(|e| status(&e))?
+            .into_iter()
+            .collect();
+        let responses = futures::stream::iter(entries.into_iter().zip(checked))
+            .map(|(entry, checked)| {
+                let (instance, missing) = (&instance, &missing);
+                async move {
+                    let result = match checked {
+                        Err(s) => Err(s),
+                        Ok(d) if !missing.contains(&d) => Ok(()),
+                        Ok(d) => match self.fits(&d) {
+                            Err(s) => Err(s),
+                            Ok(()) => self
+                                .cas
+                                .put_bytes(&BlobKey::new(instance.clone(), d), entry.data.clone())
+                                .await
+                                .map(|()| self.metrics.quic_received(BATCH_UPDATE, d.size))
+                                .map_err(|e| status(&e)),
+                        },
+                    };
+                    batch_update_blobs_response::Response {
+                        digest: entry.digest,
+                        status: Some(match result {
+                            Ok(()) => kiln_proto::google::rpc::Status::default(),
+                            Err(s) => kiln_proto::google::rpc::Status {
+                                code: s.code() as i32,
+                                message: s.message().to_string(),
+                                details: Vec::new(),
+                            },
+                        }),
+                    }
+                }
+            })
+            .buffered(BATCH_PARALLELISM)
+            .collect()
+            .await;
         Ok(Response::new(BatchUpdateBlobsResponse { responses }))
     }
 
-    /// ByteStream `Write`: streamed into a temp file while hashed, committed on a valid
-    /// `finish_write`; a blob already stored is answered at once.
+    /// ByteStream `Write`: the blob's place claimed against the cap, its bytes streamed into
+    /// a temp file while hashed, committed on a valid `finish_write`; a blob already stored
+    /// is answered at once. Runs in a task of its own, so that the claim is always released
+    /// and the temp file removed, even when the caller goes away.
     pub(super) async fn upload(
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
-        self.max_upload()?;
+        self.uploads()?;
         let caller = self.caller(&request)?;
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
+        let stall = self.uploads()?.stall;
+        let first = next(&mut stream, stall, stall, 0)
             .await?
-            .ok_or_else(|| Status::invalid_argument("a Write with no message"))?;
+            .ok_or_else(|| bad(BlobError::EmptyWrite))?;
+        if first.resource_name.is_empty() {
+            return Err(bad(BlobError::WriteResource(
+                "the first WriteRequest must carry resource_name",
+            )));
+        }
         let resource = kiln_reapi::resource::parse_write(&first.resource_name).map_err(bad)?;
         self.allow(&caller, WRITE, resource.key.instance.as_str())?;
         if resource.compressor != Compressor::Identity {
             return Err(compressed());
         }
-        let key = resource.key;
-        self.fits(&key.digest)?;
-        let size = key.digest.size;
-        let done = |n: u64| {
-            Ok(Response::new(WriteResponse {
-                committed_size: n as i64,
-            }))
-        };
-        if self.holds(&key).await? {
-            return done(size);
+        self.fits(&resource.key.digest)?;
+        let this = self.clone();
+        let size = tokio::spawn(async move { this.receive(resource, first, stream).await })
+            .await
+            .map_err(|_| Status::unavailable("the upload was cut short"))??;
+        Ok(Response::new(WriteResponse {
+            committed_size: size as i64,
+        }))
+    }
+
+    /// Claims the upload's place, receives it and releases the claim.
+    async fn receive(
+        &self,
+        resource: WriteResource,
+        first: WriteRequest,
+        mut stream: Streaming<WriteRequest>,
+    ) -> Result<u64, Status> {
+        let key = resource.key.clone();
+        if key.digest.is_empty_blob() {
+            // Always present; still hold the client to the rules for this one message.
+            UploadState::new(key.digest)
+                .accept(first.write_offset, &first.data, true)
+                .map_err(bad)?;
+            return Ok(0);
         }
-        let _place = self.place().await?;
+        let _place = self.upload_place().await?;
+        let client = self.cas.client().clone();
+        let upload_key = resource.upload_key();
+        let progress = Arc::new(AtomicU64::new(0));
+        let claim = client
+            .claim_upload(upload_key.clone(), &key, progress.clone())
+            .await
+            .map_err(|e| status(&e))?;
+        let staged = match claim {
+            UploadClaim::Present => return Ok(key.digest.size),
+            UploadClaim::Busy => return Err(bad(BlobError::UploadBusy(resource.upload_id))),
+            UploadClaim::Full { staging, cap } => {
+                return Err(bad(BlobError::StagingFull {
+                    size: key.digest.size,
+                    staging,
+                    cap,
+                }))
+            }
+            UploadClaim::Fresh(staged) => staged,
+            // Parked by a TCP stream of the same upload: not resumed here, started again.
+            UploadClaim::Resume(parked) => {
+                let _ = tokio::fs::remove_file(&parked.temp).await;
+                parked.staged
+            }
+        };
+        let result = self
+            .write_and_commit(&resource, first, &mut stream, staged, &progress)
+            .await;
+        client.release_upload(upload_key, &key, None).await;
+        result
+    }
+
+    /// Streams the upload into a temp file and commits it, holding `staged` (its place
+    /// against the cap) until the store counts it.
+    async fn write_and_commit(
+        &self,
+        resource: &WriteResource,
+        first: WriteRequest,
+        stream: &mut Streaming<WriteRequest>,
+        staged: kiln_dataplane::store::accounting::Staged,
+        progress: &AtomicU64,
+    ) -> Result<u64, Status> {
+        let key = &resource.key;
+        let size = key.digest.size;
+        let stall = self.uploads()?.stall;
         let mut upload = UploadState::new(key.digest);
         let epoch = self.cas.client().sync_epoch();
-        let mut temp = Temp(Some(self.cas.layout().temp_path()));
-        let path = temp.0.clone().unwrap_or_default();
+        let path = self.cas.layout().temp_path();
+        let mut temp = Temp(Some(path.clone()));
         let io = |e: std::io::Error| Status::unavailable(format!("cannot write an upload: {e}"));
         let mut file = tokio::fs::File::create(&path).await.map_err(io)?;
+        let name = first.resource_name.clone();
         let mut message = first;
+        // The stall clock restarts only when bytes arrive: empty messages do not keep an
+        // upload alive.
+        let mut progressed = tokio::time::Instant::now();
         loop {
-            upload
-                .accept(message.write_offset, &message.data, message.finish_write)
-                .map_err(bad)?;
-            file.write_all(&message.data).await.map_err(io)?;
-            self.metrics.quic_received(WRITE, message.data.len() as u64);
-            if message.finish_write {
+            if !message.resource_name.is_empty() && message.resource_name != name {
+                return Err(bad(BlobError::WriteResource(
+                    "resource_name changed within the upload",
+                )));
+            }
+            let (offset, finish, data) = (message.write_offset, message.finish_write, message.data);
+            let (checked, result) = tokio::task::spawn_blocking(move || {
+                let r = upload.accept(offset, &data, finish);
+                ((upload, data), r)
+            })
+            .await
+            .map_err(|_| Status::unavailable("the check of an upload was cut short"))?;
+            result.map_err(bad)?;
+            let data;
+            (upload, data) = checked;
+            file.write_all(&data).await.map_err(io)?;
+            progress.store(upload.committed(), Ordering::Relaxed);
+            if !data.is_empty() {
+                progressed = tokio::time::Instant::now();
+            }
+            if finish {
                 break;
             }
-            message = stream
-                .message()
+            let left = stall.map(|s| s.saturating_sub(progressed.elapsed()));
+            message = next(stream, left, stall, upload.committed())
                 .await?
-                .ok_or_else(|| Status::invalid_argument("the Write ended without finish_write"))?;
+                .ok_or_else(|| {
+                    bad(BlobError::Unfinished {
+                        committed: upload.committed(),
+                        size,
+                    })
+                })?;
         }
         file.flush().await.map_err(io)?;
         if self.cas.sync_own_data(size) {
             file.sync_data().await.map_err(io)?;
         }
         drop(file);
+        // The committed blob is counted by its owner from here on.
+        drop(staged);
         let temp = temp.0.take().unwrap_or(path);
         self.cas
-            .commit(&key, temp, None, epoch)
+            .commit(key, temp, None, epoch)
             .await
             .map_err(|e| status(&e))?;
-        done(size)
+        self.metrics.quic_received(WRITE, size);
+        Ok(size)
     }
 
     /// `QueryWriteStatus`: complete when the blob is stored, else `NOT_FOUND` (an upload over
@@ -206,12 +344,17 @@ impl ServedCas {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
-        self.max_upload()?;
+        self.uploads()?;
         let resource =
             kiln_reapi::resource::parse_write(&request.get_ref().resource_name).map_err(bad)?;
         let caller = self.caller(&request)?;
         self.allow(&caller, QUERY_WRITE, resource.key.instance.as_str())?;
-        if !self.holds(&resource.key).await? {
+        let missing = self
+            .cas
+            .find_missing(&resource.key.instance, &[resource.key.digest])
+            .await
+            .map_err(|e| status(&e))?;
+        if !missing.is_empty() {
             return Err(Status::not_found(
                 "no upload of this blob here (uploads over QUIC are not resumed)",
             ));
@@ -220,5 +363,27 @@ impl ServedCas {
             committed_size: resource.key.digest.size as i64,
             complete: true,
         }))
+    }
+}
+
+/// The stream's next message, within `left` when set (`stall`, the limit, and `committed`,
+/// the bytes so far, for the error).
+async fn next(
+    stream: &mut Streaming<WriteRequest>,
+    left: Option<std::time::Duration>,
+    stall: Option<std::time::Duration>,
+    committed: u64,
+) -> Result<Option<WriteRequest>, Status> {
+    match left {
+        None => stream.message().await,
+        Some(left) => tokio::time::timeout(left, stream.message())
+            .await
+            .map_err(|_| {
+                bad(BlobError::Stalled {
+                    secs: stall.unwrap_or(left).as_secs(),
+                    committed,
+                    size: 0,
+                })
+            })?,
     }
 }
