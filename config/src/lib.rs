@@ -12,7 +12,7 @@ pub use error::ConfigError;
 pub use types::{
     ActionCacheConfig, AdminConfig, ClientAuthMode, CompressionConfig, Config, ControlPlaneConfig,
     DirCacheLayout, ExecutionConfig, GetTreeConfig, PeerTransport, PlacementWeights, PropertyKind,
-    RuntimeKind, ServerConfig, StorageConfig, TlsConfig, TlsMode, WorkerConfig,
+    RedisConfig, RuntimeKind, ServerConfig, StorageConfig, TlsConfig, TlsMode, WorkerConfig,
 };
 
 use std::path::Path;
@@ -65,6 +65,19 @@ impl Config {
                 "worker.dircache_layout",
                 "\"overlay\" is an overlay mount, which only Linux has: use \"links\"",
             );
+        }
+        let r = &self.redis;
+        if !(r.url.is_empty() || r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+            return invalid(
+                "redis.url",
+                "must be redis://HOST:PORT or rediss://HOST:PORT (or empty: no Redis)",
+            );
+        }
+        if r.timeout_ms == 0 || r.timeout_ms > 600_000 {
+            return invalid("redis.timeout_ms", "must be from 1 to 600,000 milliseconds");
+        }
+        if r.pipeline_keys == 0 || r.pipeline_keys > 1_000_000 {
+            return invalid("redis.pipeline_keys", "must be from 1 to 1,000,000");
         }
         if self.server.quic && self.tls.mode == TlsMode::Off {
             return invalid(

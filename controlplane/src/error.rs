@@ -43,6 +43,9 @@ pub enum ControlError {
     /// A CAS call failed.
     #[error(transparent)]
     Cas(#[from] kiln_reapi::cas::CasError),
+    /// Redis failed (or did not answer in time).
+    #[error(transparent)]
+    Redis(#[from] kiln_redis::RedisError),
     /// Local file I/O failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -75,6 +78,7 @@ impl Classify for ControlError {
             ControlError::NotFound(_) | ControlError::Incomplete(_) => ErrorKind::Missing,
             ControlError::Store(e) => e.kind(),
             ControlError::Cas(e) => e.kind(),
+            ControlError::Redis(e) => e.kind(),
             ControlError::Io { source, .. } => ErrorKind::of_io(source),
         }
     }

@@ -97,7 +97,7 @@ impl ControlPlane {
             zstd: config.compression.zstd,
             chunking: config.chunking.enabled.then_some(chunk_params),
         });
-        let action_cache_core = Arc::new(ActionCache::new(
+        let mut action_cache_core = ActionCache::new(
             action_cache.clone(),
             cas.clone(),
             Arc::new(local.clone()),
@@ -107,7 +107,16 @@ impl ControlPlane {
                 max_digests: 1_000_000,
                 recheck_after: Duration::from_secs(config.storage.access_time_resolution_secs),
             },
-        ));
+        );
+        let redis = kiln_redis::Redis::new(&config.redis).map_err(std::io::Error::other)?;
+        if let (Some(redis), true) = (redis, config.redis.action_cache) {
+            let ttl = (config.redis.action_cache_ttl_secs > 0)
+                .then(|| Duration::from_secs(config.redis.action_cache_ttl_secs));
+            tracing::info!(redis = %redis.at(), "the action cache is shared through Redis");
+            action_cache_core =
+                action_cache_core.with_shared(action_cache::shared::SharedResults::new(redis, ttl));
+        }
+        let action_cache_core = Arc::new(action_cache_core);
         let ac_service =
             ActionCacheService::new(action_cache_core.clone(), control_metrics.clone());
         let ready_results = Arc::new(action_cache::DataPlaneHits {

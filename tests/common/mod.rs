@@ -6,6 +6,7 @@
 
 pub mod blobs;
 pub mod exec;
+pub mod redis;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

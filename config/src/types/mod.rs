@@ -4,6 +4,7 @@
 mod access;
 mod execution;
 mod protocols;
+mod redis;
 mod server;
 mod storage;
 mod worker;
@@ -11,6 +12,7 @@ mod worker;
 pub use access::*;
 pub use execution::*;
 pub use protocols::*;
+pub use redis::*;
 pub use server::*;
 pub use storage::*;
 pub use worker::*;
@@ -47,4 +49,6 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Who may call what.
     pub auth: AuthConfig,
+    /// Redis, as state shared by the servers of a farm.
+    pub redis: RedisConfig,
 }

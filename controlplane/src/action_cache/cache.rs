@@ -1,7 +1,10 @@
-//! The action cache proper: results stored durably ([`AcStore`]) and served only when complete.
-//! Used by the ActionCache service and by Execute's cache lookup.
+//! The action cache proper: results stored durably ([`AcStore`]), and in Redis too where it is
+//! shared ([`SharedResults`]), served only when complete. Used by the ActionCache service and
+//! by Execute's cache lookup.
 
 use super::completeness::{self, CheckLimits, Incomplete};
+use super::shared::SharedResults;
+use super::store::Stored;
 use super::AcStore;
 use crate::error::ControlError;
 use kiln_dataplane::store::atime;
@@ -17,6 +20,8 @@ use tracing::debug;
 /// Stored action results, completeness-checked against the CAS.
 pub struct ActionCache {
     store: AcStore,
+    /// The tier behind `store` that the farm's servers share (`[redis] action_cache`).
+    shared: Option<SharedResults>,
     /// The CAS's accounting (its count of removals).
     cas: CasClient,
     /// The CAS, for completeness checks.
@@ -37,10 +42,45 @@ impl ActionCache {
     ) -> ActionCache {
         ActionCache {
             store,
+            shared: None,
             cas,
             blobs,
             completeness,
             limits,
+        }
+    }
+
+    /// The same, with `shared` (Redis) behind its own store.
+    pub fn with_shared(mut self, shared: SharedResults) -> ActionCache {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// The stored result of `key`: from the server's own store, else from the shared tier
+    /// (and then kept in the server's own store).
+    async fn stored(&self, key: &BlobKey) -> Result<Option<Stored>, ControlError> {
+        if let Some(stored) = self.store.get(key).await? {
+            return Ok(Some(stored));
+        }
+        let Some(shared) = &self.shared else {
+            return Ok(None);
+        };
+        let Some(data) = shared.get(key).await? else {
+            return Ok(None);
+        };
+        if ActionResult::decode(data.clone()).is_err() {
+            tracing::warn!(action = ?key.digest, "action result in Redis does not decode; dropping it");
+            shared.remove(key).await;
+            return Ok(None);
+        }
+        match self.store.put(key.clone(), data).await {
+            Ok(()) => self.store.get(key).await,
+            // Larger than this server keeps (another server's limit is higher): a miss here.
+            Err(e @ ControlError::TooLarge { .. }) => {
+                tracing::warn!(action = ?key.digest, error = %e, "action result in Redis is over this server's limit");
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -53,7 +93,7 @@ impl ActionCache {
     pub async fn get(&self, key: &BlobKey) -> Result<ActionResult, ControlError> {
         let digest = key.digest;
         let miss = || ControlError::NotFound(format!("no action result for {digest:?}"));
-        let Some(stored) = self.store.get(key).await? else {
+        let Some(stored) = self.stored(key).await? else {
             return Err(miss());
         };
         let Ok(result) = ActionResult::decode(stored.data.clone()) else {
@@ -121,8 +161,14 @@ impl ActionCache {
         Some(stored.data)
     }
 
-    /// Stores the result for an action.
+    /// Stores the result for an action: in the server's own store, then in the shared tier
+    /// (a failure there fails the put, though the server's own store keeps the result).
     pub async fn put(&self, key: BlobKey, result: &ActionResult) -> Result<(), ControlError> {
-        self.store.put(key, result.encode_to_vec().into()).await
+        let data: bytes::Bytes = result.encode_to_vec().into();
+        self.store.put(key.clone(), data.clone()).await?;
+        if let Some(shared) = &self.shared {
+            shared.put(&key, &data).await?;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,38 @@
+//! `[redis]`: Redis as the farm's shared state (the action cache, shared by every server that
+//! names the same Redis).
+
+use serde::{Deserialize, Serialize};
+
+/// Redis.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]HOST:PORT[/DB]` (or `rediss://` over TLS); empty: no Redis.
+    pub url: String,
+    /// A call to Redis not answered within this long fails with `UNAVAILABLE` (milliseconds);
+    /// so does connecting.
+    pub timeout_ms: u64,
+    /// Keys per pipelined round trip in calls about many keys.
+    pub pipeline_keys: usize,
+    /// Put before every key Kiln writes, so that several farms can share one Redis.
+    pub key_prefix: String,
+    /// Keep action results in Redis too, behind the server's own action cache: a result one
+    /// server stores, every server sharing the Redis serves.
+    pub action_cache: bool,
+    /// Action results in Redis expire this long after they were last written (seconds; 0:
+    /// never, and Redis's own `maxmemory-policy` decides what goes).
+    pub action_cache_ttl_secs: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            timeout_ms: 2000,
+            pipeline_keys: 5000,
+            key_prefix: "kiln:".into(),
+            action_cache: true,
+            action_cache_ttl_secs: 0,
+        }
+    }
+}
