@@ -139,3 +139,127 @@ async fn two_servers_share_their_action_cache_through_redis() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A server whose CAS shares blobs up to 64 KiB through `redis`.
+async fn sharing_server(dir: &std::path::Path, name: &str, redis: &RedisServer) -> Kiln {
+    Kiln::start_async(
+        &dir.join(name),
+        Options {
+            config: Some(format!(
+                concat!(
+                    "[redis]\nurl = \"{}\"\ntimeout_ms = 500\n",
+                    "[storage]\nchain = [\"memory\", \"shared\", \"filesystem\"]\n",
+                    "[storage.tiers.shared]\nkind = \"redis\"\nmax_blob_bytes = \"64 KiB\"\n",
+                    "[worker]\nembedded = false\n"
+                ),
+                redis.url()
+            )),
+            ..Options::on(Runtime::Glommio)
+        },
+    )
+    .await
+}
+
+/// A counter of Redis's `INFO` (`section`), by name.
+fn info(redis: &RedisServer, section: &str, name: &str) -> u64 {
+    let text = redis.command(&format!("INFO {section}\r\n")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .map_or(0, |v| {
+            let v = v.split(',').next().unwrap_or(v);
+            v.trim_start_matches("calls=").trim().parse().unwrap()
+        })
+}
+
+// A `redis` tier in the chain shares small blobs between servers: a blob uploaded to a is
+// found and read on b (and then kept by b, which serves it with Redis gone); a large one is
+// not shared. FindMissingBlobs of 12,000 digests costs Redis 12,000 EXISTS in a few pipelined
+// round trips (its writes to the connection, one or a few per pipeline, not one per key). A
+// value in Redis that does not match its digest is never served. With Redis down, what b
+// does not hold is answered missing by FindMissingBlobs and UNAVAILABLE (naming Redis) by a
+// read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_blobs_are_shared_through_a_redis_tier() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = sharing_server(dir.path(), "a", &redis).await;
+    let b = sharing_server(dir.path(), "b", &redis).await;
+    let (cha, chb) = (a.channel().await, b.channel().await);
+    let small = common::blobs::pseudo_random(1, 1000);
+    let other = common::blobs::pseudo_random(2, 2000);
+    let large = common::blobs::pseudo_random(3, 100 << 10);
+    let (ds, dother, dl) = (
+        common::blobs::digest(F, &small),
+        common::blobs::digest(F, &other),
+        common::blobs::digest(F, &large),
+    );
+    common::exec::upload(
+        &cha,
+        F,
+        vec![
+            (ds.clone(), small.clone()),
+            (dother.clone(), other.clone()),
+            (dl.clone(), large.clone()),
+        ],
+    )
+    .await;
+    let missing_on_b = |digests: Vec<reapi::Digest>| {
+        let chb = chb.clone();
+        async move { common::blobs::find_missing(&chb, "", F, digests).await }
+    };
+    assert_eq!(
+        missing_on_b(vec![ds.clone(), dl.clone()]).await,
+        vec![dl.clone()]
+    );
+    let read = |ch: &Channel, d: &reapi::Digest| {
+        let (ch, name) = (ch.clone(), common::blobs::read_name("", F, d));
+        async move { common::blobs::read(&ch, &name, 0, 0).await }
+    };
+    assert_eq!(read(&chb, &ds).await.unwrap(), small);
+
+    // Many digests b does not hold: pipelined.
+    let many: Vec<reapi::Digest> = (0..12_000u32)
+        .map(|i| common::blobs::digest(F, format!("absent {i}").as_bytes()))
+        .collect();
+    let (exists, writes) = (
+        info(&redis, "commandstats", "cmdstat_exists"),
+        info(&redis, "stats", "total_writes_processed"),
+    );
+    assert_eq!(missing_on_b(many.clone()).await.len(), many.len());
+    assert_eq!(
+        info(&redis, "commandstats", "cmdstat_exists") - exists,
+        12_000
+    );
+    let round_trips = info(&redis, "stats", "total_writes_processed") - writes;
+    assert!(
+        round_trips < 100,
+        "{round_trips} writes for 12,000 keys: not pipelined"
+    );
+
+    // A value that does not hash to its key's digest is dropped, not served.
+    let forged = common::blobs::digest(F, b"forged");
+    let key = format!("kiln:cas::sha256:{{{}}}:{}", forged.hash, forged.size_bytes);
+    assert!(redis
+        .command(&format!("SET {key} garbage\r\n"))
+        .unwrap()
+        .starts_with("+OK"));
+    let got = read(&chb, &forged).await;
+    assert_eq!(got.map_err(|s| s.code()), Err(Code::NotFound));
+    assert!(redis
+        .command(&format!("EXISTS {key}\r\n"))
+        .unwrap()
+        .starts_with(":0"));
+
+    // Redis gone: b serves what it holds; the rest is missing, or unavailable to read.
+    redis.stop();
+    assert_eq!(read(&chb, &ds).await.unwrap(), small);
+    assert_eq!(
+        missing_on_b(vec![ds.clone(), dother.clone()]).await,
+        vec![dother.clone()]
+    );
+    let e = read(&chb, &dother).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("Redis at 127.0.0.1:"), "{e:?}");
+    a.stop().await;
+    b.stop().await;
+}

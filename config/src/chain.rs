@@ -4,7 +4,9 @@
 //! A chain is a list of tier names, top first. Every name but the last decorates the rest of
 //! the list (`memory`, `in_flight`); the last is a store: `filesystem`, or a `size_partition`
 //! whose two sides are chains of their own. Built-in names: `memory` (the tier sized by
-//! `storage.memory_bytes` and `storage.memory_max_blob_bytes`), `in_flight` and `filesystem`.
+//! `storage.memory_bytes` and `storage.memory_max_blob_bytes`), `in_flight` and `filesystem`;
+//! `storage.tiers` adds memory tiers of their own size, size partitions, and `redis` tiers
+//! (small blobs shared through `[redis]`).
 
 use crate::types::StorageConfig;
 use crate::ConfigError;
@@ -30,6 +32,12 @@ pub enum TierConfig {
         /// Its budget.
         bytes: ByteSize,
         /// Largest blob it keeps.
+        max_blob_bytes: ByteSize,
+    },
+    /// Blobs up to `max_blob_bytes` shared through Redis (`[redis]`) with every server naming
+    /// the same Redis, over the tiers after it.
+    Redis {
+        /// The largest blob shared.
         max_blob_bytes: ByteSize,
     },
     /// Blobs up to `threshold_bytes` through the chain `small`, larger ones through `large`.
@@ -59,6 +67,11 @@ pub enum TierSpec {
     Filesystem,
     /// Readers of a blob being uploaded follow the upload.
     InFlight,
+    /// Small blobs shared through Redis.
+    Redis {
+        /// The largest blob shared.
+        max_blob: u64,
+    },
     /// A size partition.
     SizePartition {
         /// The largest blob of the small side.
@@ -73,7 +86,10 @@ pub enum TierSpec {
 impl TierSpec {
     /// Whether this tier holds blobs itself rather than decorating the tiers after it.
     pub fn is_store(&self) -> bool {
-        !matches!(self, TierSpec::Memory { .. } | TierSpec::InFlight)
+        !matches!(
+            self,
+            TierSpec::Memory { .. } | TierSpec::InFlight | TierSpec::Redis { .. }
+        )
     }
 }
 
@@ -127,7 +143,7 @@ impl StorageConfig {
                 (false, true) => {
                     return Err(invalid(
                         at,
-                        &format!("has {name:?}, a store, before its end; only decorators (memory tiers, in_flight) come before the store"),
+                        &format!("has {name:?}, a store, before its end; only decorators (memory tiers, in_flight, redis tiers) come before the store"),
                     ))
                 }
                 _ => out.push(tier),
@@ -163,6 +179,17 @@ impl StorageConfig {
                     Ok(TierSpec::Memory {
                         name: name.to_string(),
                         bytes: bytes.as_u64(),
+                        max_blob: max_blob_bytes.as_u64(),
+                    })
+                }
+                Some(TierConfig::Redis { max_blob_bytes }) => {
+                    if max_blob_bytes.as_u64() > 64 << 20 {
+                        return Err(invalid(
+                            &format!("storage.tiers.{name}.max_blob_bytes"),
+                            "must be at most 64 MiB (Redis holds each blob in one value)",
+                        ));
+                    }
+                    Ok(TierSpec::Redis {
                         max_blob: max_blob_bytes.as_u64(),
                     })
                 }

@@ -73,6 +73,30 @@ impl Config {
                 "must be redis://HOST:PORT or rediss://HOST:PORT (or empty: no Redis)",
             );
         }
+        if r.url.is_empty() {
+            let mut shared = false;
+            fn visit(tiers: &[chain::TierSpec], shared: &mut bool) {
+                for t in tiers {
+                    match t {
+                        chain::TierSpec::Redis { .. } => *shared = true,
+                        chain::TierSpec::SizePartition { small, large, .. } => {
+                            visit(small, shared);
+                            visit(large, shared);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if let Ok(tiers) = self.storage.resolve_chain() {
+                visit(&tiers, &mut shared);
+            }
+            if shared {
+                return invalid(
+                    "storage.chain",
+                    "has a redis tier, but [redis] url is not set",
+                );
+            }
+        }
         if r.timeout_ms == 0 || r.timeout_ms > 600_000 {
             return invalid("redis.timeout_ms", "must be from 1 to 600,000 milliseconds");
         }

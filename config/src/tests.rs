@@ -346,3 +346,22 @@ fn quic_on_the_server_needs_tls() {
     let c = Config::from_toml("[server]\nquic = true\n[tls]\nmode = \"auto\"\n", "test").unwrap();
     assert!(c.server.quic);
 }
+
+#[test]
+fn a_redis_tier_needs_redis_and_a_bounded_blob_size() {
+    let chain = "[storage]\nchain = [\"shared\", \"filesystem\"]\n[storage.tiers.shared]\nkind = \"redis\"\nmax_blob_bytes = \"64 KiB\"\n";
+    let err = Config::from_toml(chain, "t").unwrap_err().to_string();
+    assert!(err.contains("[redis] url is not set"), "{err}");
+    let with_url = format!("{chain}[redis]\nurl = \"redis://127.0.0.1:6379\"\n");
+    let config = Config::from_toml(&with_url, "t").unwrap();
+    assert!(matches!(
+        config.storage.resolve_chain().unwrap()[0],
+        crate::chain::TierSpec::Redis { max_blob: 65536 }
+    ));
+    let huge = with_url.replace("64 KiB", "65 MiB");
+    let err = Config::from_toml(&huge, "t").unwrap_err().to_string();
+    assert!(err.contains("at most 64 MiB"), "{err}");
+    let bad_url = "[redis]\nurl = \"http://127.0.0.1\"\n";
+    let err = Config::from_toml(bad_url, "t").unwrap_err().to_string();
+    assert!(err.contains("redis://"), "{err}");
+}

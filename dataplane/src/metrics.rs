@@ -91,6 +91,12 @@ pub struct Metrics {
     pub awaiting_sync: Gauge,
     /// Stored blobs found corrupt and removed.
     pub corrupt: Counter,
+    /// Calls of the `redis` tier that Redis failed (or did not answer in time).
+    pub redis_failures: Counter,
+    /// Bytes of blobs written through to Redis by the `redis` tier.
+    pub redis_stored_bytes: Counter,
+    /// Bytes of blobs the `redis` tier fetched from Redis into this server's store.
+    pub redis_fetched_bytes: Counter,
     /// Commands to owner shards, by origin.
     pub commands: Family<OriginLabel, Counter>,
     /// HTTP/2 connections accepted.
@@ -130,6 +136,9 @@ impl Metrics {
             group_synced_commits: Counter::default(),
             awaiting_sync: Gauge::default(),
             corrupt: Counter::default(),
+            redis_failures: Counter::default(),
+            redis_stored_bytes: Counter::default(),
+            redis_fetched_bytes: Counter::default(),
             commands: Family::default(),
             connections_total: Counter::default(),
             connections_open: Gauge::default(),
@@ -229,6 +238,21 @@ impl Metrics {
             "kiln_cas_corrupt_blobs",
             "Stored blobs that failed verification and were removed",
             self.corrupt.clone(),
+        );
+        registry.register(
+            "kiln_redis_tier_failures",
+            "Calls of the redis tier that Redis failed or did not answer in time",
+            self.redis_failures.clone(),
+        );
+        registry.register(
+            "kiln_redis_tier_stored_bytes",
+            "Bytes of blobs written through to Redis",
+            self.redis_stored_bytes.clone(),
+        );
+        registry.register(
+            "kiln_redis_tier_fetched_bytes",
+            "Bytes of blobs fetched from Redis into this server's store",
+            self.redis_fetched_bytes.clone(),
         );
         registry.register(
             "kiln_shard_commands",

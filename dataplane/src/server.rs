@@ -80,7 +80,7 @@ impl OpenedStore {
     /// Creates the data directory if needed and indexes what is on disk.
     pub fn open(config: &Config, shards: usize, metrics: Arc<Metrics>) -> io::Result<OpenedStore> {
         let layout = Layout::cas(&config.storage.data_dir);
-        let chain = ChainPlan::from_config(&config.storage, metrics.clone())
+        let chain = ChainPlan::from_config(&config.storage, &config.redis, metrics.clone())
             .map(Arc::new)
             .map_err(io::Error::other)?;
         let accounting = Arc::new(Accounting::new(config.storage.disk_bytes.as_u64(), shards));

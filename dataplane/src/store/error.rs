@@ -28,6 +28,9 @@ pub enum StoreError {
     /// evicted meanwhile).
     #[error("blob {0:?} is no longer stored; upload it again")]
     Vanished(BlobKey),
+    /// The tier shared through Redis could not answer (the message names Redis).
+    #[error("{0}")]
+    Shared(String),
 }
 
 impl StoreError {
@@ -57,6 +60,7 @@ impl StoreError {
             },
             StoreError::Corrupt(key) => StoreError::Corrupt(key.clone()),
             StoreError::Vanished(key) => StoreError::Vanished(key.clone()),
+            StoreError::Shared(why) => StoreError::Shared(why.clone()),
         }
     }
 }
@@ -64,7 +68,7 @@ impl StoreError {
 impl Classify for StoreError {
     fn kind(&self) -> ErrorKind {
         match self {
-            StoreError::Unavailable => ErrorKind::Unavailable,
+            StoreError::Unavailable | StoreError::Shared(_) => ErrorKind::Unavailable,
             StoreError::TooLarge { .. } => ErrorKind::Invalid,
             // Removed on detection: for the caller the blob is not there (upload it again).
             StoreError::Corrupt(_) | StoreError::Vanished(_) => ErrorKind::Missing,

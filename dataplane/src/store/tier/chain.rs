@@ -5,6 +5,7 @@
 use super::filesystem::Filesystem;
 use super::in_flight::{InFlight, Uploads};
 use super::memory::{Memory, MemoryCache};
+use super::redis::{RedisTier, SharedBlobs};
 use super::size_partition::SizePartition;
 use super::{BlobEvents, BlobStore};
 use crate::metrics::Metrics;
@@ -21,6 +22,8 @@ pub struct ChainPlan {
     caches: BTreeMap<String, Arc<MemoryCache>>,
     /// With an in-flight tier: the uploads in progress, registered by the blob services.
     uploads: Option<Arc<Uploads>>,
+    /// With a redis tier: Redis, and where blobs fetched from it are written first.
+    shared: Option<(Arc<SharedBlobs>, crate::store::layout::Layout)>,
     metrics: Arc<Metrics>,
 }
 
@@ -33,19 +36,32 @@ impl std::fmt::Debug for ChainPlan {
 }
 
 impl ChainPlan {
-    /// The plan for `storage.chain`.
+    /// The plan for `storage.chain` (its redis tiers through `redis`).
     pub fn from_config(
         storage: &StorageConfig,
+        redis: &kiln_config::RedisConfig,
         metrics: Arc<Metrics>,
     ) -> Result<ChainPlan, ConfigError> {
         // Memory hits reach the filesystem's order of use at most once a second per blob, or
         // at every hit when access times are recorded at every access.
         let tell_every = Duration::from_secs(storage.access_time_resolution_secs.min(1));
-        Ok(ChainPlan::new(
-            storage.resolve_chain()?,
-            metrics,
-            tell_every,
-        ))
+        let mut plan = ChainPlan::new(storage.resolve_chain()?, metrics, tell_every);
+        let mut shared = false;
+        visit(&plan.tiers, &mut |t| {
+            shared |= matches!(t, TierSpec::Redis { .. })
+        });
+        let invalid = |why: String| ConfigError::Invalid {
+            key: "redis.url".into(),
+            why,
+        };
+        if shared {
+            let redis = kiln_redis::Redis::new(redis)
+                .map_err(|e| invalid(e.to_string()))?
+                .ok_or_else(|| invalid("a redis tier needs [redis] url".into()))?;
+            let blobs = SharedBlobs::new(redis).map_err(|e| invalid(e.to_string()))?;
+            plan.shared = Some((blobs, crate::store::layout::Layout::cas(&storage.data_dir)));
+        }
+        Ok(plan)
     }
 
     /// The plan for resolved `tiers` (top first); memory hits are passed on to the tier below
@@ -59,6 +75,7 @@ impl ChainPlan {
             tiers,
             caches,
             uploads: in_flight.then(|| Arc::new(Uploads::default())),
+            shared: None,
             metrics,
         }
     }
@@ -66,13 +83,14 @@ impl ChainPlan {
     /// The chain, reaching the owner shards through `cas`.
     pub fn build(&self, cas: &CasClient) -> Arc<dyn BlobStore> {
         let filesystem: Arc<dyn BlobStore> = Arc::new(Filesystem::new(cas.clone()));
-        self.build_list(&self.tiers, &filesystem)
+        self.build_list(&self.tiers, &filesystem, cas)
     }
 
     fn build_list(
         &self,
         tiers: &[TierSpec],
         filesystem: &Arc<dyn BlobStore>,
+        cas: &CasClient,
     ) -> Arc<dyn BlobStore> {
         // Resolution guarantees a store at the end; built bottom up.
         let mut below: Option<Arc<dyn BlobStore>> = None;
@@ -88,8 +106,8 @@ impl ChainPlan {
                     _,
                 ) => Arc::new(SizePartition::new(
                     *threshold,
-                    self.build_list(small, filesystem),
-                    self.build_list(large, filesystem),
+                    self.build_list(small, filesystem, cas),
+                    self.build_list(large, filesystem, cas),
                 )),
                 (TierSpec::Memory { name, .. }, Some(inner)) => match self.caches.get(name) {
                     Some(cache) => {
@@ -103,7 +121,20 @@ impl ChainPlan {
                     }
                     None => inner,
                 },
-                (TierSpec::Memory { .. } | TierSpec::InFlight, None) => filesystem.clone(),
+                (TierSpec::Redis { max_blob }, Some(inner)) => match &self.shared {
+                    Some((blobs, layout)) => Arc::new(RedisTier::new(
+                        blobs.clone(),
+                        inner,
+                        *max_blob,
+                        cas.clone(),
+                        layout.clone(),
+                        self.metrics.clone(),
+                    )),
+                    None => inner,
+                },
+                (TierSpec::Memory { .. } | TierSpec::InFlight | TierSpec::Redis { .. }, None) => {
+                    filesystem.clone()
+                }
             });
         }
         below.unwrap_or_else(|| filesystem.clone())

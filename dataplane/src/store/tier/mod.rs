@@ -7,6 +7,7 @@
 //! - [`memory`]: recently read small blobs in memory, shared by every core.
 //! - [`size_partition`]: small and large blobs to different chains.
 //! - [`in_flight`]: a reader of a blob being uploaded follows the upload (read-while-write).
+//! - [`redis`]: small blobs shared through Redis with the other servers of a farm.
 //!
 //! Blobs leave the store as a [`Blob`], which checks its bytes as they are consumed when this
 //! process has not checked them yet ([`blob`]): verification is in that one place.
@@ -17,6 +18,7 @@ mod check;
 pub mod filesystem;
 pub mod in_flight;
 pub mod memory;
+pub mod redis;
 pub mod size_partition;
 
 pub use blob::{Blob, BlobWatcher, ChunkSink, StreamEnd, Verdict};
