@@ -1,7 +1,8 @@
-//! Kiln with a real `redis-server` (`[redis]`): the action cache shared by two servers,
-//! completeness still checked against each server's own CAS, Redis going away (calls that
-//! need it fail with UNAVAILABLE naming Redis within the timeout, results the server holds
-//! itself are still served) and coming back (Kiln recovers by itself).
+//! Kiln with a real `redis-server` (`[redis]`): the action cache and small blobs shared by two
+//! servers, completeness still checked against each server's own CAS, Redis going away or
+//! freezing (lookups that need it miss, writes fail with UNAVAILABLE naming Redis, none hangs,
+//! results the server holds itself are still served) and coming back (Kiln recovers by
+//! itself).
 
 #[macro_use]
 mod common;
@@ -116,17 +117,23 @@ async fn two_servers_share_their_action_cache_through_redis() {
     common::exec::upload(&chb, F, vec![(d.clone(), blob.clone())]).await;
     assert_eq!(get(&chb, &action("two")).await.unwrap(), with_output);
 
-    // Redis goes away: what b holds itself is still served; what it needs Redis for fails
-    // with UNAVAILABLE naming Redis, within the timeout.
-    redis.stop();
-    assert_eq!(get(&chb, &action("one")).await.unwrap(), result(7));
-    for outcome in [
-        get(&chb, &action("unknown")).await.map(|_| ()),
-        update(&chb, &action("three"), &result(3)).await,
-    ] {
-        let e = outcome.unwrap_err();
+    // Redis freezes, then goes away: what b holds itself is still served; a lookup that needs
+    // Redis is a miss and a write fails with UNAVAILABLE naming Redis, none of them hanging.
+    for gone in [RedisServer::pause, RedisServer::stop] {
+        gone(&mut redis);
+        assert_eq!(get(&chb, &action("one")).await.unwrap(), result(7));
+        let miss = get(&chb, &action("unknown")).await;
+        assert_eq!(miss.map_err(|s| s.code()), Err(Code::NotFound));
+        let e = update(&chb, &action("three"), &result(3))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::Unavailable, "{e:?}");
         assert!(e.message().contains("Redis at 127.0.0.1:"), "{e:?}");
+        assert_eq!(
+            get(&chb, &action("three")).await.unwrap(),
+            result(3),
+            "kept by b itself"
+        );
     }
 
     // Back (empty): both servers use it again by themselves.

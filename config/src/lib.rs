@@ -67,10 +67,10 @@ impl Config {
             );
         }
         let r = &self.redis;
-        if !(r.url.is_empty() || r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+        if !(r.url.is_empty() || r.url.starts_with("redis://")) {
             return invalid(
                 "redis.url",
-                "must be redis://HOST:PORT or rediss://HOST:PORT (or empty: no Redis)",
+                "must be redis://[USER:PASSWORD@]HOST:PORT[/DB] (or empty: no Redis); TLS to Redis (rediss://) is not supported",
             );
         }
         if r.url.is_empty() {
@@ -97,11 +97,16 @@ impl Config {
                 );
             }
         }
-        if r.timeout_ms == 0 || r.timeout_ms > 600_000 {
-            return invalid("redis.timeout_ms", "must be from 1 to 600,000 milliseconds");
+        // Below the scheduler's patience with a silent worker: a result's write to Redis is
+        // awaited on the worker's session.
+        if r.timeout_ms == 0 || r.timeout_ms > 10_000 {
+            return invalid("redis.timeout_ms", "must be from 1 to 10,000 milliseconds");
         }
-        if r.pipeline_keys == 0 || r.pipeline_keys > 1_000_000 {
-            return invalid("redis.pipeline_keys", "must be from 1 to 1,000,000");
+        if r.pipeline_keys == 0 || r.pipeline_keys > 100_000 {
+            return invalid("redis.pipeline_keys", "must be from 1 to 100,000");
+        }
+        if r.action_cache_ttl_secs > 10 * 365 * 86_400 {
+            return invalid("redis.action_cache_ttl_secs", "must be at most ten years");
         }
         if self.server.quic && self.tls.mode == TlsMode::Off {
             return invalid(

@@ -114,7 +114,11 @@ impl ControlPlane {
                 .then(|| Duration::from_secs(config.redis.action_cache_ttl_secs));
             tracing::info!(redis = %redis.at(), "the action cache is shared through Redis");
             action_cache_core =
-                action_cache_core.with_shared(action_cache::shared::SharedResults::new(redis, ttl));
+                action_cache_core.with_shared(action_cache::shared::SharedResults::new(
+                    redis,
+                    ttl,
+                    config.action_cache.max_entry_bytes.as_u64(),
+                ));
         }
         let action_cache_core = Arc::new(action_cache_core);
         let ac_service =

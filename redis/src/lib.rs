@@ -1,19 +1,23 @@
-//! Kiln's client of Redis (`[redis]`): one connection, made at first use and remade by itself
-//! after Redis went away; every call bounded by `redis.timeout_ms` (connecting included) and
-//! failing with `UNAVAILABLE` and a message naming Redis, never hanging; calls about many
-//! keys pipelined in chunks of `redis.pipeline_keys`, so N keys cost one round trip per chunk;
-//! values written under a temporary key and renamed into place in one transaction, so a
-//! reader never sees half a value.
+//! Kiln's client of Redis (`[redis]`): one connection, made at first use and made afresh
+//! after Redis could not be reached; every call bounded by `redis.timeout_ms` (connecting
+//! included), never hanging; for a second after a failure to reach Redis, calls fail at once
+//! (then one tries again), so an outage costs each caller at most one timeout; calls about
+//! many keys pipelined in chunks of `redis.pipeline_keys`, so N keys cost one round trip per
+//! chunk; values read with a bound on their size (a longer one is not transferred); values
+//! written under a temporary key and renamed into place in one transaction. Failures are
+//! `UNAVAILABLE` to clients, with a message naming Redis.
 //!
-//! Keys start with `redis.key_prefix`. Every key Kiln builds puts its digest in a hash tag
-//! (`{…}`), so a value's temporary key lives in the same Redis Cluster slot as the value.
+//! Keys start with `redis.key_prefix`. The keys Kiln builds put the digest's hash in a hash
+//! tag (`{…}`) after the instance name, so that a value's temporary key lives in the same
+//! Redis Cluster slot as the value (unless the instance name holds braces of its own).
 
 use bytes::Bytes;
 use kiln_reapi::status::{Classify, ErrorKind};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A failed call to Redis: `UNAVAILABLE` to clients, naming Redis.
 #[derive(Debug, thiserror::Error)]
@@ -34,9 +38,25 @@ pub enum RedisError {
         /// What went wrong.
         message: String,
     },
+    /// Redis could not be reached a moment ago: the call was not tried (see [`BACKOFF`]).
+    #[error("Redis at {at} is unreachable ({why}); trying again within a second")]
+    Down {
+        /// Where Redis is (without credentials).
+        at: String,
+        /// The last failure.
+        why: String,
+    },
     /// The configured URL is not one.
     #[error("redis.url: {0}")]
     Url(String),
+}
+
+impl RedisError {
+    /// Whether the call was not even tried (Redis failed a moment ago): worth no more than a
+    /// debug line, the failure itself having been reported.
+    pub fn is_known_down(&self) -> bool {
+        matches!(self, RedisError::Down { .. })
+    }
 }
 
 impl Classify for RedisError {
@@ -52,17 +72,50 @@ impl Classify for RedisError {
     }
 }
 
+/// After Redis could not be reached, calls fail at once for this long (then one goes through
+/// to try again), so that an outage costs callers nothing but the first timeout.
+const BACKOFF: Duration = Duration::from_secs(1);
+
+/// The connection, and which one it is (a failed call drops only the connection it used).
+struct Link {
+    generation: u64,
+    connection: ConnectionManager,
+}
+
+/// A value read with a bound on its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// No such key.
+    Missing,
+    /// The value.
+    Found(Bytes),
+    /// Longer than the bound (this many bytes); not transferred.
+    TooLarge(u64),
+}
+
 /// Redis, as `[redis]` describes it.
 pub struct Redis {
     client: redis::Client,
     /// The URL without its credentials, for messages.
     at: String,
     /// Made at first use (Redis may be down when the server starts); it reconnects by itself
-    /// afterwards.
-    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// afterwards, and is made afresh after Redis could not be reached.
+    connection: tokio::sync::Mutex<Option<Link>>,
+    generations: AtomicU64,
+    /// Until when calls fail at once, and why.
+    down: std::sync::Mutex<Option<(Instant, String)>>,
     timeout: Duration,
     chunk: usize,
     prefix: String,
+}
+
+/// Whether `e` says the connection (not the command) failed.
+fn connection_failed(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
 }
 
 impl Redis {
@@ -79,6 +132,8 @@ impl Redis {
             client,
             at,
             connection: tokio::sync::Mutex::new(None),
+            generations: AtomicU64::new(0),
+            down: std::sync::Mutex::new(None),
             timeout: Duration::from_millis(config.timeout_ms),
             chunk: config.pipeline_keys.max(1),
             prefix: config.key_prefix.clone(),
@@ -95,62 +150,99 @@ impl Redis {
         format!("{}{parts}", self.prefix)
     }
 
-    fn failed(&self, e: redis::RedisError) -> RedisError {
+    fn failed(&self, e: &redis::RedisError) -> RedisError {
         RedisError::Failed {
             at: self.at.clone(),
             message: e.to_string(),
         }
     }
 
+    fn down(&self) -> std::sync::MutexGuard<'_, Option<(Instant, String)>> {
+        self.down.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes that Redis could not be reached (through connection `generation`, when one was
+    /// made): that connection is dropped, and calls fail at once for [`BACKOFF`].
+    fn unreachable(&self, generation: Option<u64>, why: String) {
+        *self.down() = Some((Instant::now() + BACKOFF, why));
+        // Not waiting for a caller that is connecting now: it makes the next connection.
+        if let (Some(g), Ok(mut slot)) = (generation, self.connection.try_lock()) {
+            if slot.as_ref().is_some_and(|l| l.generation == g) {
+                *slot = None;
+            }
+        }
+    }
+
     /// Runs `call` on the connection (made first when there is none), all within the
-    /// timeout.
+    /// timeout; at once an error while Redis is known to be down.
     async fn run<T, F, Fut>(&self, call: F) -> Result<T, RedisError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        if let Some((until, why)) = self.down().clone() {
+            if Instant::now() < until {
+                return Err(RedisError::Down {
+                    at: self.at.clone(),
+                    why,
+                });
+            }
+        }
+        let mut used = None;
         let work = async {
-            let connection = {
+            let (generation, connection) = {
                 let mut slot = self.connection.lock().await;
                 match &*slot {
-                    Some(c) => c.clone(),
+                    Some(l) => (l.generation, l.connection.clone()),
                     None => {
                         let config = ConnectionManagerConfig::new()
                             .set_connection_timeout(self.timeout)
                             .set_response_timeout(self.timeout)
-                            .set_number_of_retries(1);
+                            .set_number_of_retries(0);
                         let c = ConnectionManager::new_with_config(self.client.clone(), config)
                             .await
-                            .map_err(|e| self.failed(e))?;
+                            .map_err(|e| (None, e))?;
+                        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(redis = %self.at, "connected to Redis");
-                        *slot = Some(c.clone());
-                        c
+                        *slot = Some(Link {
+                            generation,
+                            connection: c.clone(),
+                        });
+                        (generation, c)
                     }
                 }
             };
-            call(connection).await.map_err(|e| self.failed(e))
+            used = Some(generation);
+            call(connection).await.map_err(|e| (Some(generation), e))
         };
-        let outcome = match tokio::time::timeout(self.timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(RedisError::Timeout {
-                at: self.at.clone(),
-                ms: self.timeout.as_millis() as u64,
-            }),
-        };
-        if outcome.is_err() {
-            // The next call connects afresh (within its own timeout) rather than wait on a
-            // connection that may be backing off from a Redis that has come back since.
-            *self.connection.lock().await = None;
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(v)) => {
+                if self.down().is_some() {
+                    *self.down() = None;
+                }
+                Ok(v)
+            }
+            Ok(Err((generation, e))) => {
+                if connection_failed(&e) {
+                    self.unreachable(generation, e.to_string());
+                }
+                Err(self.failed(&e))
+            }
+            Err(_) => {
+                let ms = self.timeout.as_millis() as u64;
+                self.unreachable(used, format!("no answer within {ms} ms"));
+                Err(RedisError::Timeout {
+                    at: self.at.clone(),
+                    ms,
+                })
+            }
         }
-        outcome
     }
 
-    /// The value at `key`, if any.
-    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, RedisError> {
-        let value: Option<Vec<u8>> = self
-            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
-            .await?;
-        Ok(value.map(Bytes::from))
+    /// The value at `key` if it is at most `max` bytes (a larger one is not transferred).
+    pub async fn get(&self, key: &str, max: u64) -> Result<Value, RedisError> {
+        let mut values = self.get_many(&[(key.to_string(), max)]).await?;
+        Ok(values.pop().unwrap_or(Value::Missing))
     }
 
     /// Sets `key` to `value` (expiring after `ttl`, when given) atomically: written under a
@@ -192,10 +284,53 @@ impl Redis {
         self.each("EXISTS", keys).await
     }
 
-    /// The values of `keys`, in order: one round trip per `redis.pipeline_keys`.
-    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>, RedisError> {
-        let values: Vec<Option<Vec<u8>>> = self.each("GET", keys).await?;
-        Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
+    /// The values at `keys`, each if it is at most its bound (a larger one is not
+    /// transferred: its length is asked first, in the same pipeline), in order: one round trip
+    /// per `redis.pipeline_keys`.
+    pub async fn get_many(&self, keys: &[(String, u64)]) -> Result<Vec<Value>, RedisError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(self.chunk) {
+            let answers: Vec<(bool, u64, Vec<u8>)> = self
+                .run(|mut c| async move {
+                    let mut pipe = redis::pipe();
+                    for (k, max) in chunk {
+                        // GETRANGE's end is inclusive; 1..0 is empty.
+                        let (from, to) = match max {
+                            0 => (1, 0),
+                            m => (0, m.saturating_sub(1).min(i64::MAX as u64) as i64),
+                        };
+                        pipe.cmd("EXISTS").arg(k);
+                        pipe.cmd("STRLEN").arg(k);
+                        pipe.cmd("GETRANGE").arg(k).arg(from).arg(to);
+                    }
+                    let flat: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+                    flat.chunks(3)
+                        .map(|t| match t {
+                            [e, l, v] => Ok((
+                                redis::from_redis_value(e)?,
+                                redis::from_redis_value(l)?,
+                                redis::from_redis_value(v)?,
+                            )),
+                            _ => Err(redis::RedisError::from((
+                                redis::ErrorKind::TypeError,
+                                "a short pipeline answer",
+                            ))),
+                        })
+                        .collect()
+                })
+                .await?;
+            out.extend(
+                chunk
+                    .iter()
+                    .zip(answers)
+                    .map(|((_, max), (exists, len, data))| match (exists, len) {
+                        (false, _) => Value::Missing,
+                        (true, len) if len > *max => Value::TooLarge(len),
+                        (true, _) => Value::Found(Bytes::from(data)),
+                    }),
+            );
+        }
+        Ok(out)
     }
 
     /// `command KEY` for each of `keys`, pipelined in chunks; the answers in order.

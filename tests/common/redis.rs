@@ -43,7 +43,17 @@ impl RedisServer {
 
     /// Starts the server on its port; `false` if it exited (the port was taken).
     fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new("redis-server");
+        // SAFETY: prctl is async-signal-safe; the child dies with the test process, so a
+        // test killed outright leaves no server behind.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
@@ -57,12 +67,13 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if self.ping() {
-                return true;
-            }
+            // Exited (the port was taken, perhaps by another Redis that would answer PING).
             if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
                 self.child = None;
                 return false;
+            }
+            if self.ping() {
+                return true;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -83,6 +94,22 @@ impl RedisServer {
         let mut buf = vec![0u8; 64 << 10];
         let n = s.read(&mut buf).ok()?;
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Freezes the server (SIGSTOP): connections open, nothing answered.
+    pub fn pause(&mut self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Thaws it (SIGCONT).
+    pub fn resume(&mut self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        // SAFETY: kill has no preconditions; the pid is our own child's, not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
     }
 
     /// Stops the server (as a crash would: at once).

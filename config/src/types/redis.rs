@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]HOST:PORT[/DB]` (or `rediss://` over TLS); empty: no Redis.
+    /// `redis://[user:password@]HOST:PORT[/DB]`; empty: no Redis.
     pub url: String,
     /// A call to Redis not answered within this long fails with `UNAVAILABLE` (milliseconds);
     /// so does connecting.

@@ -65,7 +65,7 @@ impl ActionCache {
         let Some(shared) = &self.shared else {
             return Ok(None);
         };
-        let Some(data) = shared.get(key).await? else {
+        let Some(data) = shared.get(key).await else {
             return Ok(None);
         };
         if ActionResult::decode(data.clone()).is_err() {
@@ -73,14 +73,16 @@ impl ActionCache {
             shared.remove(key).await;
             return Ok(None);
         }
-        match self.store.put(key.clone(), data).await {
-            Ok(()) => self.store.get(key).await,
-            // Larger than this server keeps (another server's limit is higher): a miss here.
-            Err(e @ ControlError::TooLarge { .. }) => {
-                tracing::warn!(action = ?key.digest, error = %e, "action result in Redis is over this server's limit");
-                Ok(None)
+        match self.store.put(key.clone(), data.clone()).await {
+            Ok(()) => match self.store.get(key).await? {
+                Some(stored) => Ok(Some(stored)),
+                None => Ok(Some(Stored::detached(data))),
+            },
+            // Served all the same, not kept here.
+            Err(e) => {
+                tracing::warn!(action = ?key.digest, error = %e, "cannot keep an action result read from Redis");
+                Ok(Some(Stored::detached(data)))
             }
-            Err(e) => Err(e),
         }
     }
 
@@ -138,6 +140,9 @@ impl ActionCache {
             Some(Incomplete::Malformed(why)) => {
                 tracing::warn!(action = ?digest, why, "action result references malformed data; dropping it");
                 self.store.remove(key, &stored);
+                if let Some(shared) = &self.shared {
+                    shared.remove(key).await;
+                }
                 Err(miss())
             }
         }

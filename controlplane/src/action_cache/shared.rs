@@ -1,13 +1,14 @@
 //! Action results kept in Redis too (`[redis] action_cache`): the tier behind each server's
 //! own store that every server naming the same Redis reads, so a result one server stored is a
 //! hit on all of them. Written through on every put; read when the server's own store misses,
-//! and then kept in that store. A result read from Redis that does not decode is removed from
-//! it and served as a miss.
+//! and then kept in that store. A value larger than the server's own limit is not even
+//! transferred; one that does not decode, or references malformed data, is removed from Redis
+//! and served as a miss.
 
 use crate::error::ControlError;
 use bytes::Bytes;
 use kiln_reapi::digest::BlobKey;
-use kiln_redis::Redis;
+use kiln_redis::{Redis, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +16,19 @@ use std::time::Duration;
 pub struct SharedResults {
     redis: Arc<Redis>,
     ttl: Option<Duration>,
+    /// The largest result read (the server's own `action_cache.max_entry_bytes`).
+    max_entry: u64,
 }
 
 impl SharedResults {
-    /// Results in `redis`, expiring `ttl` after they were written (`None`: never).
-    pub fn new(redis: Arc<Redis>, ttl: Option<Duration>) -> SharedResults {
-        SharedResults { redis, ttl }
+    /// Results in `redis`, expiring `ttl` after they were written (`None`: never), read up to
+    /// `max_entry` bytes each.
+    pub fn new(redis: Arc<Redis>, ttl: Option<Duration>, max_entry: u64) -> SharedResults {
+        SharedResults {
+            redis,
+            ttl,
+            max_entry,
+        }
     }
 
     /// The key of `key`'s result: the instance, the digest function, the hash in a hash tag
@@ -35,9 +43,26 @@ impl SharedResults {
         ))
     }
 
-    /// The stored result of `key`, if Redis has one.
-    pub async fn get(&self, key: &BlobKey) -> Result<Option<Bytes>, ControlError> {
-        Ok(self.redis.get(&self.key(key)).await?)
+    /// The stored result of `key`, if Redis has one this server can take. Redis failing is a
+    /// miss too (logged): the server's own results are still served, and clients are not made
+    /// to retry every lookup while Redis is gone.
+    pub async fn get(&self, key: &BlobKey) -> Option<Bytes> {
+        match self.redis.get(&self.key(key), self.max_entry).await {
+            Ok(Value::Found(data)) => Some(data),
+            Ok(Value::Missing) => None,
+            Ok(Value::TooLarge(len)) => {
+                tracing::warn!(action = ?key.digest, len, limit = self.max_entry, "action result in Redis is over this server's limit; a miss here");
+                None
+            }
+            Err(e) if e.is_known_down() => {
+                tracing::debug!(action = ?key.digest, error = %e, "action cache lookup in Redis skipped");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(action = ?key.digest, error = %e, "action cache lookup in Redis failed; a miss");
+                None
+            }
+        }
     }
 
     /// Stores `data` as `key`'s result.

@@ -144,7 +144,7 @@ impl ExecutionCore {
             .and_then(|p| self.to_cache(p, &result).map(|r| (p, r)))
         {
             if let Err(e) = self.cache.put(payload.key.clone(), stored).await {
-                tracing::warn!(operation = %result.operation, error = %e, "cannot store an action result; reporting it uncached");
+                tracing::warn!(operation = %result.operation, error = %e, "cannot store an action result (in this server's action cache, or in Redis after it)");
             }
         }
         self.apply(|s, now| s.reported(now, worker, op, result));

@@ -18,6 +18,18 @@ pub struct Stored {
     pub(super) file: (u64, u64),
 }
 
+impl Stored {
+    /// A result not kept in the store (read from Redis when the store could not keep it).
+    pub(crate) fn detached(data: Bytes) -> Stored {
+        Stored {
+            data,
+            checked: CheckMark::new(),
+            // No file has inode 0: dropping it drops nothing.
+            file: (0, 0),
+        }
+    }
+}
+
 /// When a stored result was last found complete.
 #[derive(Debug)]
 pub struct CheckMark {

@@ -23,7 +23,7 @@ use crate::store::{CasClient, Committed, StoreError};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use kiln_reapi::digest::{BlobKey, Digest};
-use kiln_redis::{Redis, RedisError};
+use kiln_redis::{Redis, RedisError, Value};
 use std::sync::Arc;
 
 /// Redis and the runtime that reaches it, shared by every core's chain.
@@ -130,13 +130,18 @@ impl RedisTier {
 
     fn failed(&self, what: &str, e: &RedisError) {
         self.metrics.redis_failures.inc();
-        tracing::warn!(error = %e, "{what}");
+        if e.is_known_down() {
+            tracing::debug!(error = %e, "{what}");
+        } else {
+            tracing::warn!(error = %e, "{what}");
+        }
     }
 
     /// Fetches `keys` (all shared, none held below) from Redis and stores below those Redis
     /// has and whose bytes match their digest; returns which were stored.
     async fn fill(&self, keys: &[BlobKey]) -> Result<Vec<bool>, StoreError> {
-        let names: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+        // Each read up to its digest's size: a longer value is not even transferred.
+        let names: Vec<(String, u64)> = keys.iter().map(|k| (self.key(k), k.digest.size)).collect();
         let values = self
             .shared
             .call(move |r| Box::pin(async move { r.get_many(&names).await }))
@@ -144,9 +149,13 @@ impl RedisTier {
             .map_err(|e| StoreError::Shared(e.to_string()))?;
         let mut stored = Vec::with_capacity(keys.len());
         for (key, value) in keys.iter().zip(values) {
-            let Some(data) = value else {
-                stored.push(false);
-                continue;
+            let data = match value {
+                Value::Found(data) => data,
+                Value::Missing => {
+                    stored.push(false);
+                    continue;
+                }
+                Value::TooLarge(_) => Bytes::new(),
             };
             if Digest::of(key.digest.function, &data) != key.digest {
                 tracing::warn!(blob = ?key.digest, "a blob in Redis does not match its digest; dropping it");
