@@ -34,7 +34,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let shards = shard_count(&config);
     let metrics = Metrics::new();
-    let store = OpenedStore::open(&config, shards, metrics)
+    // The chain's grpc and shard tiers reach other CAS endpoints as a worker reaches its
+    // server.
+    let remotes: kiln_dataplane::store::tier::remote::RemoteMaker = Arc::new(|endpoint: &str| {
+        let link = kiln_worker::link::Link::new(endpoint, None).map_err(|e| e.to_string())?;
+        let links = kiln_worker::remote::CasLinks::single(link.connect_lazy());
+        Ok(Arc::new(kiln_worker::remote::RemoteCas::new(links)) as Arc<dyn kiln_reapi::cas::Cas>)
+    });
+    let store = OpenedStore::open_with(&config, shards, metrics, Some(remotes))
         .with_context(|| format!("cannot open the CAS in {}", data_dir.display()))?;
     let scan = store.report().clone();
     let cas = store.cas();

@@ -40,6 +40,18 @@ pub enum TierConfig {
         /// The largest blob shared.
         max_blob_bytes: ByteSize,
     },
+    /// Another REAPI CAS (a Kiln server, or any) as the store of every blob, over the tiers
+    /// after it (a read-through, write-through cache of it).
+    Grpc {
+        /// `grpc://HOST:PORT`.
+        endpoint: String,
+    },
+    /// Several REAPI CAS endpoints, each blob on the one rendezvous hashing over their
+    /// weights picks, over the tiers after it.
+    Shard {
+        /// The endpoints.
+        shards: Vec<ShardConfig>,
+    },
     /// Blobs up to `threshold_bytes` through the chain `small`, larger ones through `large`.
     SizePartition {
         /// The largest blob of the small side.
@@ -49,6 +61,21 @@ pub enum TierConfig {
         /// The chain of large blobs.
         large: Vec<String>,
     },
+}
+
+/// One endpoint of a `shard` tier.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    /// `grpc://HOST:PORT`.
+    pub endpoint: String,
+    /// Its share of the blobs, relative to the others' (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// One tier of a resolved chain.
@@ -72,6 +99,11 @@ pub enum TierSpec {
         /// The largest blob shared.
         max_blob: u64,
     },
+    /// Blobs kept by other REAPI CAS endpoints (one, or shards): (endpoint, weight).
+    Remote {
+        /// The endpoints and their weights.
+        shards: Vec<(String, u32)>,
+    },
     /// A size partition.
     SizePartition {
         /// The largest blob of the small side.
@@ -88,7 +120,10 @@ impl TierSpec {
     pub fn is_store(&self) -> bool {
         !matches!(
             self,
-            TierSpec::Memory { .. } | TierSpec::InFlight | TierSpec::Redis { .. }
+            TierSpec::Memory { .. }
+                | TierSpec::InFlight
+                | TierSpec::Redis { .. }
+                | TierSpec::Remote { .. }
         )
     }
 }
@@ -143,7 +178,7 @@ impl StorageConfig {
                 (false, true) => {
                     return Err(invalid(
                         at,
-                        &format!("has {name:?}, a store, before its end; only decorators (memory tiers, in_flight, redis tiers) come before the store"),
+                        &format!("has {name:?}, a store, before its end; only decorators (memory, in_flight, redis, grpc and shard tiers) come before the store"),
                     ))
                 }
                 _ => out.push(tier),
@@ -193,6 +228,16 @@ impl StorageConfig {
                         max_blob: max_blob_bytes.as_u64(),
                     })
                 }
+                Some(TierConfig::Grpc { endpoint }) => {
+                    remote(&format!("storage.tiers.{name}"), vec![(endpoint.clone(), 1)])
+                }
+                Some(TierConfig::Shard { shards }) => remote(
+                    &format!("storage.tiers.{name}.shards"),
+                    shards
+                        .iter()
+                        .map(|s| (s.endpoint.clone(), s.weight))
+                        .collect(),
+                ),
                 Some(TierConfig::SizePartition {
                     threshold_bytes,
                     small,
@@ -205,6 +250,32 @@ impl StorageConfig {
             },
         }
     }
+}
+
+/// A remote tier of `shards`, checked: at least one, each `grpc://HOST:PORT` with a weight,
+/// none twice.
+fn remote(at: &str, shards: Vec<(String, u32)>) -> Result<TierSpec, ConfigError> {
+    if shards.is_empty() || shards.len() > 1024 {
+        return Err(invalid(at, "must name from 1 to 1,024 endpoints"));
+    }
+    for (i, (endpoint, weight)) in shards.iter().enumerate() {
+        if !endpoint.starts_with("grpc://") || endpoint.len() <= "grpc://".len() {
+            return Err(invalid(
+                at,
+                &format!("endpoint {endpoint:?} is not grpc://HOST:PORT"),
+            ));
+        }
+        if *weight == 0 || *weight > 1_000_000 {
+            return Err(invalid(
+                at,
+                &format!("the weight of {endpoint:?} must be from 1 to 1,000,000"),
+            ));
+        }
+        if shards[..i].iter().any(|(e, _)| e == endpoint) {
+            return Err(invalid(at, &format!("names {endpoint:?} twice")));
+        }
+    }
+    Ok(TierSpec::Remote { shards })
 }
 
 fn invalid(key: &str, why: &str) -> ConfigError {

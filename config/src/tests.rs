@@ -365,3 +365,43 @@ fn a_redis_tier_needs_redis_and_a_bounded_blob_size() {
     let err = Config::from_toml(bad_url, "t").unwrap_err().to_string();
     assert!(err.contains("redis://"), "{err}");
 }
+
+#[test]
+fn grpc_and_shard_tiers_name_their_endpoints_properly() {
+    let chain = |tier: &str| {
+        format!("[storage]\nchain = [\"remote\", \"filesystem\"]\n[storage.tiers.remote]\n{tier}\n")
+    };
+    let ok = Config::from_toml(
+        &chain("kind = \"shard\"\nshards = [{ endpoint = \"grpc://a:1\" }, { endpoint = \"grpc://b:1\", weight = 3 }]"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        ok.storage.resolve_chain().unwrap()[0],
+        crate::chain::TierSpec::Remote {
+            shards: vec![("grpc://a:1".into(), 1), ("grpc://b:1".into(), 3)]
+        }
+    );
+    let one = Config::from_toml(&chain("kind = \"grpc\"\nendpoint = \"grpc://a:1\""), "t").unwrap();
+    assert!(matches!(
+        &one.storage.resolve_chain().unwrap()[0],
+        crate::chain::TierSpec::Remote { shards } if shards.len() == 1
+    ));
+    for (bad, why) in [
+        ("kind = \"shard\"\nshards = []", "from 1 to 1,024"),
+        ("kind = \"grpc\"\nendpoint = \"http://a:1\"", "not grpc://"),
+        ("kind = \"shard\"\nshards = [{ endpoint = \"grpc://a:1\", weight = 0 }]", "weight"),
+        ("kind = \"shard\"\nshards = [{ endpoint = \"grpc://a:1\" }, { endpoint = \"grpc://a:1\" }]", "twice"),
+    ] {
+        let err = Config::from_toml(&chain(bad), "t").unwrap_err().to_string();
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+    // A remote tier decorates: it cannot end a chain.
+    let err = Config::from_toml(
+        "[storage]\nchain = [\"remote\"]\n[storage.tiers.remote]\nkind = \"grpc\"\nendpoint = \"grpc://a:1\"\n",
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("ends in"), "{err}");
+}

@@ -97,6 +97,10 @@ pub struct Metrics {
     pub redis_stored_bytes: Counter,
     /// Bytes of blobs the `redis` tier fetched from Redis into this server's store.
     pub redis_fetched_bytes: Counter,
+    /// Calls of a `grpc` or `shard` tier that its endpoint failed.
+    pub remote_failures: Counter,
+    /// Bytes of blobs a `grpc` or `shard` tier fetched into this server's store.
+    pub remote_fetched_bytes: Counter,
     /// Commands to owner shards, by origin.
     pub commands: Family<OriginLabel, Counter>,
     /// HTTP/2 connections accepted.
@@ -139,6 +143,8 @@ impl Metrics {
             redis_failures: Counter::default(),
             redis_stored_bytes: Counter::default(),
             redis_fetched_bytes: Counter::default(),
+            remote_failures: Counter::default(),
+            remote_fetched_bytes: Counter::default(),
             commands: Family::default(),
             connections_total: Counter::default(),
             connections_open: Gauge::default(),
@@ -253,6 +259,16 @@ impl Metrics {
             "kiln_redis_tier_fetched_bytes",
             "Bytes of blobs fetched from Redis into this server's store",
             self.redis_fetched_bytes.clone(),
+        );
+        registry.register(
+            "kiln_remote_tier_failures",
+            "Calls of a grpc or shard tier that its CAS endpoint failed",
+            self.remote_failures.clone(),
+        );
+        registry.register(
+            "kiln_remote_tier_fetched_bytes",
+            "Bytes of blobs a grpc or shard tier fetched into this server's store",
+            self.remote_fetched_bytes.clone(),
         );
         registry.register(
             "kiln_shard_commands",

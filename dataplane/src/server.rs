@@ -79,10 +79,30 @@ pub struct OpenedStore {
 impl OpenedStore {
     /// Creates the data directory if needed and indexes what is on disk.
     pub fn open(config: &Config, shards: usize, metrics: Arc<Metrics>) -> io::Result<OpenedStore> {
+        OpenedStore::open_with(config, shards, metrics, None)
+    }
+
+    /// [`OpenedStore::open`], reaching the chain's grpc and shard tiers' endpoints with
+    /// `remotes` (a chain that has such tiers needs it).
+    pub fn open_with(
+        config: &Config,
+        shards: usize,
+        metrics: Arc<Metrics>,
+        remotes: Option<crate::store::tier::remote::RemoteMaker>,
+    ) -> io::Result<OpenedStore> {
         let layout = Layout::cas(&config.storage.data_dir);
-        let chain = ChainPlan::from_config(&config.storage, &config.redis, metrics.clone())
-            .map(Arc::new)
+        let mut chain = ChainPlan::from_config(&config.storage, &config.redis, metrics.clone())
             .map_err(io::Error::other)?;
+        match (chain.has_remotes(), &remotes) {
+            (false, _) => {}
+            (true, Some(maker)) => chain.reach_remotes(maker)?,
+            (true, None) => {
+                return Err(io::Error::other(
+                    "storage.chain has grpc or shard tiers, which only `kiln serve` runs",
+                ))
+            }
+        }
+        let chain = Arc::new(chain);
         let accounting = Arc::new(Accounting::new(config.storage.disk_bytes.as_u64(), shards));
         let (cas, queues) = CasClient::new(
             shards,

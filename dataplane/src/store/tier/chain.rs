@@ -6,6 +6,7 @@ use super::filesystem::Filesystem;
 use super::in_flight::{InFlight, Uploads};
 use super::memory::{Memory, MemoryCache};
 use super::redis::{RedisTier, SharedBlobs};
+use super::remote::{RemoteMaker, RemoteTier, Remotes};
 use super::size_partition::SizePartition;
 use super::{BlobEvents, BlobStore};
 use crate::metrics::Metrics;
@@ -24,6 +25,10 @@ pub struct ChainPlan {
     uploads: Option<Arc<Uploads>>,
     /// With a redis tier: Redis, and where blobs fetched from it are written first.
     shared: Option<(Arc<SharedBlobs>, crate::store::layout::Layout)>,
+    /// Each grpc or shard tier's endpoints, by their list (see [`ChainPlan::reach_remotes`]).
+    remotes: BTreeMap<Vec<(String, u32)>, Arc<Remotes>>,
+    /// Where blobs fetched from remote tiers are written first.
+    layout: Option<crate::store::layout::Layout>,
     metrics: Arc<Metrics>,
 }
 
@@ -61,7 +66,36 @@ impl ChainPlan {
             let blobs = SharedBlobs::new(redis).map_err(|e| invalid(e.to_string()))?;
             plan.shared = Some((blobs, crate::store::layout::Layout::cas(&storage.data_dir)));
         }
+        plan.layout = Some(crate::store::layout::Layout::cas(&storage.data_dir));
         Ok(plan)
+    }
+
+    /// Makes the clients of the chain's grpc and shard tiers' endpoints (`maker`: how this
+    /// process reaches a CAS endpoint).
+    pub fn reach_remotes(&mut self, maker: &RemoteMaker) -> std::io::Result<()> {
+        let mut lists = Vec::new();
+        visit(&self.tiers, &mut |t| {
+            if let TierSpec::Remote { shards } = t {
+                lists.push(shards.clone());
+            }
+        });
+        for shards in lists {
+            if let std::collections::btree_map::Entry::Vacant(slot) =
+                self.remotes.entry(shards.clone())
+            {
+                slot.insert(Remotes::new(shards, maker)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the chain has grpc or shard tiers (which need [`ChainPlan::reach_remotes`]).
+    pub fn has_remotes(&self) -> bool {
+        let mut any = false;
+        visit(&self.tiers, &mut |t| {
+            any |= matches!(t, TierSpec::Remote { .. })
+        });
+        any
     }
 
     /// The plan for resolved `tiers` (top first); memory hits are passed on to the tier below
@@ -76,6 +110,8 @@ impl ChainPlan {
             caches,
             uploads: in_flight.then(|| Arc::new(Uploads::default())),
             shared: None,
+            remotes: BTreeMap::new(),
+            layout: None,
             metrics,
         }
     }
@@ -132,9 +168,25 @@ impl ChainPlan {
                     )),
                     None => inner,
                 },
-                (TierSpec::Memory { .. } | TierSpec::InFlight | TierSpec::Redis { .. }, None) => {
-                    filesystem.clone()
+                (TierSpec::Remote { shards }, Some(inner)) => {
+                    match (self.remotes.get(shards), &self.layout) {
+                        (Some(remotes), Some(layout)) => Arc::new(RemoteTier::new(
+                            remotes.clone(),
+                            inner,
+                            cas.clone(),
+                            layout.clone(),
+                            self.metrics.clone(),
+                        )),
+                        _ => inner,
+                    }
                 }
+                (
+                    TierSpec::Memory { .. }
+                    | TierSpec::InFlight
+                    | TierSpec::Redis { .. }
+                    | TierSpec::Remote { .. },
+                    None,
+                ) => filesystem.clone(),
             });
         }
         below.unwrap_or_else(|| filesystem.clone())

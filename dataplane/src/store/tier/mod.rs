@@ -8,6 +8,8 @@
 //! - [`size_partition`]: small and large blobs to different chains.
 //! - [`in_flight`]: a reader of a blob being uploaded follows the upload (read-while-write).
 //! - [`redis`]: small blobs shared through Redis with the other servers of a farm.
+//! - [`remote`]: other REAPI CAS endpoints as the store, one (`grpc`) or sharded by
+//!   [`rendezvous`] hashing (`shard`), this server's own tiers a cache of them.
 //!
 //! Blobs leave the store as a [`Blob`], which checks its bytes as they are consumed when this
 //! process has not checked them yet ([`blob`]): verification is in that one place.
@@ -19,6 +21,9 @@ pub mod filesystem;
 pub mod in_flight;
 pub mod memory;
 pub mod redis;
+pub mod remote;
+pub mod rendezvous;
+mod side_runtime;
 pub mod size_partition;
 
 pub use blob::{Blob, BlobWatcher, ChunkSink, StreamEnd, Verdict};

@@ -16,6 +16,7 @@
 //! Redis is reached from a small tokio runtime of this tier's own ([`SharedBlobs`]), whatever
 //! executor calls the tier (the data plane's cores, the control plane).
 
+use super::side_runtime::SideRuntime;
 use super::{Blob, BlobStore, PinHolder, StoreFuture, VerifiedUpload};
 use crate::metrics::Metrics;
 use crate::store::layout::Layout;
@@ -29,26 +30,16 @@ use std::sync::Arc;
 /// Redis and the runtime that reaches it, shared by every core's chain.
 pub struct SharedBlobs {
     redis: Arc<Redis>,
-    /// Taken when dropped (shut down in the background: it may be dropped on a runtime).
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: SideRuntime,
 }
 
 impl SharedBlobs {
     /// Blobs shared through `redis`.
     pub fn new(redis: Arc<Redis>) -> std::io::Result<Arc<SharedBlobs>> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("kiln-redis")
-            .enable_all()
-            .build()?;
         Ok(Arc::new(SharedBlobs {
             redis,
-            runtime: Some(runtime),
+            runtime: SideRuntime::new("kiln-redis")?,
         }))
-    }
-
-    fn handle(&self) -> Result<&tokio::runtime::Runtime, StoreError> {
-        self.runtime.as_ref().ok_or(StoreError::Unavailable)
     }
 
     /// Runs `work` against Redis on this tier's runtime.
@@ -58,27 +49,13 @@ impl SharedBlobs {
     ) -> Result<T, RedisError> {
         let redis = self.redis.clone();
         let at = redis.at().to_string();
-        let Some(runtime) = &self.runtime else {
-            return Err(RedisError::Failed {
-                at,
-                message: "shutting down".into(),
-            });
-        };
-        runtime
-            .spawn(work(redis))
+        self.runtime
+            .run(work(redis))
             .await
             .map_err(|e| RedisError::Failed {
                 at,
-                message: format!("the call was cut short: {e}"),
+                message: format!("the call was cut short: {}", e.0),
             })?
-    }
-}
-
-impl Drop for SharedBlobs {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
     }
 }
 
@@ -181,8 +158,8 @@ impl RedisTier {
         let (path, bytes) = (temp.clone(), data.clone());
         let written = self
             .shared
-            .handle()?
-            .spawn_blocking(move || std::fs::write(&path, &bytes))
+            .runtime
+            .blocking(move || std::fs::write(&path, &bytes))
             .await
             .map_err(|_| StoreError::Unavailable)?;
         if let Err(e) = written {
