@@ -82,6 +82,28 @@ struct Link {
     connection: ConnectionManager,
 }
 
+/// Bytes of values one pipeline of [`Redis::get_many`] may bring (by their bounds), so that
+/// one call's answer is not too large to arrive within the timeout.
+const PIPELINE_BYTES: u64 = 8 << 20;
+
+/// `keys` in runs of at most `count` whose bounds add up to at most [`PIPELINE_BYTES`] (a
+/// larger one alone).
+fn byte_bounded(keys: &[(String, u64)], count: usize) -> Vec<&[(String, u64)]> {
+    let mut runs = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, (_, max)) in keys.iter().enumerate() {
+        if i > start && (i - start >= count || bytes.saturating_add(*max) > PIPELINE_BYTES) {
+            runs.push(&keys[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes = bytes.saturating_add(*max);
+    }
+    if start < keys.len() {
+        runs.push(&keys[start..]);
+    }
+    runs
+}
+
 /// A value read with a bound on its size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
@@ -279,9 +301,10 @@ impl Redis {
             .await
     }
 
-    /// Whether each of `keys` exists, in order: one round trip per `redis.pipeline_keys`.
+    /// Whether each of `keys` exists, in order, marking each used for Redis's LRU (`TOUCH`:
+    /// `EXISTS` does not): one round trip per `redis.pipeline_keys`.
     pub async fn exists_many(&self, keys: &[String]) -> Result<Vec<bool>, RedisError> {
-        self.each("EXISTS", keys).await
+        self.each("TOUCH", keys).await
     }
 
     /// The values at `keys`, each if it is at most its bound (a larger one is not
@@ -289,7 +312,7 @@ impl Redis {
     /// per `redis.pipeline_keys`.
     pub async fn get_many(&self, keys: &[(String, u64)]) -> Result<Vec<Value>, RedisError> {
         let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(self.chunk) {
+        for chunk in byte_bounded(keys, self.chunk) {
             let answers: Vec<(bool, u64, Vec<u8>)> = self
                 .run(|mut c| async move {
                     let mut pipe = redis::pipe();
@@ -353,5 +376,26 @@ impl Redis {
             out.extend(answers);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{byte_bounded, PIPELINE_BYTES};
+
+    #[test]
+    fn pipelines_are_bounded_by_count_and_by_bytes() {
+        let keys: Vec<(String, u64)> = (0..10).map(|i| (format!("k{i}"), 1)).collect();
+        let runs: Vec<usize> = byte_bounded(&keys, 4).iter().map(|r| r.len()).collect();
+        assert_eq!(runs, vec![4, 4, 2]);
+        let big: Vec<(String, u64)> = (0..5)
+            .map(|i| (format!("k{i}"), PIPELINE_BYTES / 2))
+            .collect();
+        let runs: Vec<usize> = byte_bounded(&big, 100).iter().map(|r| r.len()).collect();
+        assert_eq!(runs, vec![2, 2, 1]);
+        let huge = vec![("a".to_string(), PIPELINE_BYTES * 3), ("b".to_string(), 1)];
+        let runs: Vec<usize> = byte_bounded(&huge, 100).iter().map(|r| r.len()).collect();
+        assert_eq!(runs, vec![1, 1], "a value over the bound goes alone");
+        assert!(byte_bounded(&[], 4).is_empty());
     }
 }

@@ -61,6 +61,11 @@ impl SharedBlobs {
 
 /// Small blobs through Redis, over `below`.
 pub struct RedisTier {
+    inner: Arc<RedisInner>,
+}
+
+/// What the tier's work, run to its end on the tier's runtime, shares.
+struct RedisInner {
     shared: Arc<SharedBlobs>,
     below: Arc<dyn BlobStore>,
     max_blob: u64,
@@ -81,15 +86,19 @@ impl RedisTier {
         metrics: Arc<Metrics>,
     ) -> RedisTier {
         RedisTier {
-            shared,
-            below,
-            max_blob,
-            cas,
-            layout,
-            metrics,
+            inner: Arc::new(RedisInner {
+                shared,
+                below,
+                max_blob,
+                cas,
+                layout,
+                metrics,
+            }),
         }
     }
+}
 
+impl RedisInner {
     fn shares(&self, key: &BlobKey) -> bool {
         key.digest.size > 0 && key.digest.size <= self.max_blob
     }
@@ -150,6 +159,17 @@ impl RedisTier {
         Ok(stored)
     }
 
+    /// [`RedisInner::fill`] on the tier's runtime, to its end even if the caller goes away
+    /// (so that no temp file is left behind).
+    async fn fill_to_the_end(self: &Arc<Self>, keys: &[BlobKey]) -> Result<Vec<bool>, StoreError> {
+        let (this, keys) = (self.clone(), keys.to_vec());
+        self.shared
+            .runtime
+            .run(async move { this.fill(&keys).await })
+            .await
+            .map_err(|e| StoreError::Shared(format!("a fetch from Redis was cut short: {}", e.0)))?
+    }
+
     /// Stores `data` (checked against `key`) below, through a temp file written on this
     /// tier's runtime (never on a data-plane core).
     async fn store_below(&self, key: &BlobKey, data: Bytes) -> Result<(), StoreError> {
@@ -184,15 +204,16 @@ impl RedisTier {
 impl BlobStore for RedisTier {
     fn contains<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<bool>> {
         Box::pin(async move {
-            let mut held = self.below.contains(keys).await?;
+            let mut held = self.inner.below.contains(keys).await?;
             let asked: Vec<usize> = (0..keys.len())
-                .filter(|&i| !held[i] && self.shares(&keys[i]))
+                .filter(|&i| !held[i] && self.inner.shares(&keys[i]))
                 .collect();
             if asked.is_empty() {
                 return Ok(held);
             }
-            let names: Vec<String> = asked.iter().map(|&i| self.key(&keys[i])).collect();
+            let names: Vec<String> = asked.iter().map(|&i| self.inner.key(&keys[i])).collect();
             match self
+                .inner
                 .shared
                 .call(move |r| Box::pin(async move { r.exists_many(&names).await }))
                 .await
@@ -202,7 +223,7 @@ impl BlobStore for RedisTier {
                         held[i] = f;
                     }
                 }
-                Err(e) => self.failed(
+                Err(e) => self.inner.failed(
                     "cannot ask Redis which blobs it holds; answered as missing",
                     &e,
                 ),
@@ -213,31 +234,42 @@ impl BlobStore for RedisTier {
 
     fn open<'a>(&'a self, key: &'a BlobKey) -> StoreFuture<'a, Option<Blob>> {
         Box::pin(async move {
-            if let Some(blob) = self.below.open(key).await? {
+            if let Some(blob) = self.inner.below.open(key).await? {
                 return Ok(Some(blob));
             }
-            if !self.shares(key) || !self.fill(std::slice::from_ref(key)).await?[0] {
+            if !self.inner.shares(key)
+                || !self
+                    .inner
+                    .fill_to_the_end(std::slice::from_ref(key))
+                    .await?[0]
+            {
                 return Ok(None);
             }
-            self.below.open(key).await
+            self.inner.below.open(key).await
         })
     }
 
     fn put<'a>(&'a self, key: &'a BlobKey, upload: VerifiedUpload) -> StoreFuture<'a, Committed> {
         Box::pin(async move {
-            let data = upload.data.clone().filter(|_| self.shares(key));
-            let committed = self.below.put(key, upload).await?;
+            let data = upload.data.clone().filter(|_| self.inner.shares(key));
+            let committed = self.inner.below.put(key, upload).await?;
             if let Some(data) = data {
-                let name = self.key(key);
+                let name = self.inner.key(key);
                 let written = self
+                    .inner
                     .shared
                     .call(move |r| Box::pin(async move { r.put(&name, &data, None).await }))
                     .await;
                 match written {
                     Ok(()) => {
-                        self.metrics.redis_stored_bytes.inc_by(key.digest.size);
+                        self.inner
+                            .metrics
+                            .redis_stored_bytes
+                            .inc_by(key.digest.size);
                     }
-                    Err(e) => self.failed("cannot write a blob through to Redis", &e),
+                    Err(e) => self
+                        .inner
+                        .failed("cannot write a blob through to Redis", &e),
                 }
             }
             Ok(committed)
@@ -250,15 +282,15 @@ impl BlobStore for RedisTier {
         keys: &'a [BlobKey],
     ) -> StoreFuture<'a, Vec<Option<bool>>> {
         Box::pin(async move {
-            let mut pinned = self.below.pin(holder, keys).await?;
+            let mut pinned = self.inner.below.pin(holder, keys).await?;
             let wanted: Vec<usize> = (0..keys.len())
-                .filter(|&i| pinned[i].is_none() && self.shares(&keys[i]))
+                .filter(|&i| pinned[i].is_none() && self.inner.shares(&keys[i]))
                 .collect();
             if wanted.is_empty() {
                 return Ok(pinned);
             }
             let fetch: Vec<BlobKey> = wanted.iter().map(|&i| keys[i].clone()).collect();
-            let stored = match self.fill(&fetch).await {
+            let stored = match self.inner.fill_to_the_end(&fetch).await {
                 Ok(s) => s,
                 Err(e) => {
                     // What is pinned stays pinned; the rest is not held, as far as a pin goes.
@@ -272,7 +304,17 @@ impl BlobStore for RedisTier {
                 .filter(|(_, s)| **s)
                 .map(|(k, _)| k)
                 .collect();
-            let again = self.below.pin(holder, &now).await?;
+            let again = match self.inner.below.pin(holder, &now).await {
+                Ok(again) => again,
+                Err(e) => {
+                    // All or nothing: the pins already taken go back.
+                    self.inner
+                        .below
+                        .unpin(holder, &super::pinned_keys(keys, &pinned))
+                        .await;
+                    return Err(e);
+                }
+            };
             let mut again = again.into_iter();
             for (i, s) in wanted.into_iter().zip(stored) {
                 if s {
@@ -284,10 +326,10 @@ impl BlobStore for RedisTier {
     }
 
     fn unpin<'a>(&'a self, holder: PinHolder, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
-        self.below.unpin(holder, keys)
+        self.inner.below.unpin(holder, keys)
     }
 
     fn touched(&self, keys: &[BlobKey]) {
-        self.below.touched(keys)
+        self.inner.below.touched(keys)
     }
 }

@@ -3,38 +3,59 @@
 //! write-through cache of them). `grpc` is one endpoint; `shard` several, each blob on the
 //! one [`super::rendezvous`] picks by its digest and their weights.
 //!
-//! - `contains`: what below does not hold is asked of its shard, each shard's share in one
-//!   call, all shards at once. A shard that fails answers its blobs missing (the client
-//!   uploads them again), never held.
+//! - `put`: written to its shard first, then stored below, so that a shard that fails leaves
+//!   nothing here (the upload is `UNAVAILABLE` and the client's retry finds the blob missing
+//!   and sends it again).
+//! - `contains`: what below does not hold is asked of its shard, all shards at once. A shard
+//!   that fails (or failed a moment ago) answers its blobs missing, never held.
 //! - `open` and `pin` of a blob below does not hold: fetched from its shard (checked against
-//!   its digest as it arrives) into this server's own files, then served from below. A shard
-//!   that fails is `UNAVAILABLE`, naming it, for its blobs only.
-//! - `put`: stored below, then written to its shard; a shard that fails makes the upload
-//!   `UNAVAILABLE` (the client sends it again), though this server keeps it.
+//!   its digest as it arrives, by the `Cas` client) into this server's own files, then served
+//!   from below; a pin fetches its blobs concurrently. A shard that fails makes a read
+//!   `UNAVAILABLE` naming it, and a pin answers its blobs not held.
+//!
+//! Each call to a shard is bounded (a base of [`CALL_BASE`] plus the blob's size at
+//! [`MIN_RATE`]); after a shard failed, calls to it fail at once for [`BACKOFF`], so a shard
+//! that is down or hung costs each caller at most one bound. Work that creates a temp file or
+//! commits runs to its end on the tier's runtime even when its caller goes away, so no temp
+//! file is left behind.
 //!
 //! Endpoints are reached through [`kiln_reapi::cas::Cas`] clients the process supplies
-//! ([`RemoteMaker`]), on a small tokio runtime of the tier's own, whatever executor calls the
-//! tier.
+//! ([`RemoteMaker`]).
 
 use super::rendezvous;
 use super::side_runtime::SideRuntime;
-use super::{Blob, BlobStore, PinHolder, StoreFuture, VerifiedUpload};
+use super::{pinned_keys, Blob, BlobStore, PinHolder, StoreFuture, VerifiedUpload};
 use crate::metrics::Metrics;
 use crate::store::layout::Layout;
 use crate::store::{CasClient, Committed, StoreError};
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use kiln_reapi::cas::{Cas, CasError};
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Makes the client of a CAS endpoint (`grpc://HOST:PORT`); called inside a tokio runtime.
 pub type RemoteMaker = Arc<dyn Fn(&str) -> Result<Arc<dyn Cas>, String> + Send + Sync>;
 
+/// The bound on a call to a shard, before its blob's share.
+const CALL_BASE: Duration = Duration::from_secs(10);
+/// The rate a shard is expected to move a blob at least.
+const MIN_RATE: u64 = 10 << 20;
+/// How long calls to a shard fail at once after it failed.
+const BACKOFF: Duration = Duration::from_secs(1);
+/// Blobs a pin fetches at once.
+const FETCHES: usize = 16;
+
 /// The endpoints of one remote tier, their clients, and the runtime that drives them.
 pub struct Remotes {
     shards: Vec<(String, u32)>,
+    /// Each shard's seed for [`rendezvous::owner_seeded`].
+    seeds: Vec<(u64, u32)>,
     stores: Vec<Arc<dyn Cas>>,
+    /// Until when each shard is taken for down, and why.
+    down: Vec<Mutex<Option<(Instant, String)>>>,
     runtime: SideRuntime,
 }
 
@@ -49,6 +70,8 @@ impl Remotes {
                 .collect::<std::io::Result<Vec<_>>>()
         })?;
         Ok(Arc::new(Remotes {
+            seeds: rendezvous::seeds(&shards),
+            down: shards.iter().map(|_| Mutex::new(None)).collect(),
             shards,
             stores,
             runtime,
@@ -57,30 +80,65 @@ impl Remotes {
 
     /// The shard of `key`.
     fn owner(&self, key: &BlobKey) -> usize {
-        if self.shards.len() == 1 {
-            return 0;
-        }
-        rendezvous::owner(&key.digest.hash, &self.shards)
+        rendezvous::owner_seeded(&key.digest.hash, &self.seeds)
     }
 
-    /// Runs `work` against shard `i` on this tier's runtime.
+    fn failed(&self, i: usize, why: impl std::fmt::Display) -> StoreError {
+        StoreError::Shared(format!("CAS shard {}: {why}", self.shards[i].0))
+    }
+
+    fn down(&self, i: usize) -> std::sync::MutexGuard<'_, Option<(Instant, String)>> {
+        self.down[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `work` against shard `i` on this tier's runtime, within `CALL_BASE` plus `bytes`
+    /// at `MIN_RATE`; at once an error while the shard is taken for down.
     async fn call<T: Send + 'static>(
         &self,
         i: usize,
+        bytes: u64,
         work: impl FnOnce(Arc<dyn Cas>) -> BoxFuture<'static, Result<T, CasError>>,
     ) -> Result<T, StoreError> {
-        let failed =
-            |why: String| StoreError::Shared(format!("CAS shard {}: {why}", self.shards[i].0));
-        self.runtime
-            .run(work(self.stores[i].clone()))
-            .await
-            .map_err(|e| failed(e.0))?
-            .map_err(|e| failed(e.to_string()))
+        if let Some((until, why)) = self.down(i).clone() {
+            if Instant::now() < until {
+                return Err(self.failed(i, format!("failed a moment ago ({why})")));
+            }
+        }
+        let bound = CALL_BASE + Duration::from_secs(bytes / MIN_RATE);
+        let call = work(self.stores[i].clone());
+        let outcome = self
+            .runtime
+            .run(async move { tokio::time::timeout(bound, call).await })
+            .await;
+        let why = match outcome {
+            Ok(Ok(Ok(v))) => {
+                *self.down(i) = None;
+                return Ok(v);
+            }
+            // The blob is not there, or the request was refused: the shard is up.
+            Ok(Ok(Err(e))) if !is_unavailable(&e) => return Err(self.failed(i, e)),
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Err(_)) => format!("no answer within {bound:?}"),
+            Err(e) => e.0,
+        };
+        *self.down(i) = Some((Instant::now() + BACKOFF, why.clone()));
+        Err(self.failed(i, why))
     }
+}
+
+/// Whether `e` says the endpoint could not be reached or could not answer.
+fn is_unavailable(e: &CasError) -> bool {
+    use kiln_reapi::status::Classify;
+    e.kind() == kiln_reapi::status::ErrorKind::Unavailable
 }
 
 /// Blobs kept by [`Remotes`], over `below`.
 pub struct RemoteTier {
+    inner: Arc<Inner>,
+}
+
+/// What the tier's work, run to its end on the tier's runtime, shares.
+struct Inner {
     remotes: Arc<Remotes>,
     below: Arc<dyn BlobStore>,
     cas: CasClient,
@@ -99,22 +157,41 @@ impl RemoteTier {
         metrics: Arc<Metrics>,
     ) -> RemoteTier {
         RemoteTier {
-            remotes,
-            below,
-            cas,
-            layout,
-            metrics,
+            inner: Arc::new(Inner {
+                remotes,
+                below,
+                cas,
+                layout,
+                metrics,
+            }),
         }
     }
 
+    /// Runs `work` on the tier's runtime, to its end even if the caller goes away.
+    async fn to_the_end<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(Arc<Inner>) -> BoxFuture<'static, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.inner
+            .remotes
+            .runtime
+            .run(work(self.inner.clone()))
+            .await
+            .map_err(|e| {
+                StoreError::Shared(format!("the call to a CAS shard was cut short: {}", e.0))
+            })?
+    }
+}
+
+impl Inner {
     /// Fetches `key` from its shard into below; `false` when the shard does not hold it.
-    async fn fill(&self, key: &BlobKey) -> Result<bool, StoreError> {
+    async fn fill(self: Arc<Self>, key: BlobKey) -> Result<bool, StoreError> {
         let epoch = self.cas.sync_epoch();
         let temp = self.layout.temp_path();
         let (instance, digest, path) = (key.instance.clone(), key.digest, temp.clone());
         let held = self
             .remotes
-            .call(self.remotes.owner(key), move |cas| {
+            .call(self.remotes.owner(&key), digest.size, move |cas| {
                 Box::pin(async move { cas.read_to_file(&instance, digest, &path).await })
             })
             .await;
@@ -127,65 +204,50 @@ impl RemoteTier {
                 return Err(e);
             }
         }
-        self.below
-            .put(
-                key,
-                VerifiedUpload {
-                    temp,
-                    data: None,
-                    epoch,
-                },
-            )
-            .await?;
+        let upload = VerifiedUpload {
+            temp,
+            data: None,
+            epoch,
+        };
+        self.below.put(&key, upload).await?;
         self.metrics.remote_fetched_bytes.inc_by(key.digest.size);
         Ok(true)
     }
 
-    /// Writes `key`, stored below, to its shard.
-    async fn write_through(
-        &self,
-        key: &BlobKey,
-        data: Option<bytes::Bytes>,
-    ) -> Result<(), StoreError> {
-        let shard = self.remotes.owner(key);
+    /// Writes `upload` to `key`'s shard, then stores it below.
+    async fn put(
+        self: Arc<Self>,
+        key: BlobKey,
+        upload: VerifiedUpload,
+    ) -> Result<Committed, StoreError> {
+        let shard = self.remotes.owner(&key);
         let (instance, digest) = (key.instance.clone(), key.digest);
-        if let Some(data) = data {
-            return self
-                .remotes
-                .call(shard, move |cas| {
-                    Box::pin(async move { cas.write_blobs(&instance, vec![(digest, data)]).await })
-                })
-                .await;
-        }
-        let blob = self
-            .below
-            .open(key)
-            .await?
-            .ok_or_else(|| StoreError::Vanished(key.clone()))?;
-        match blob.path().map(|p| p.to_path_buf()) {
-            Some(path) => {
+        let written = match upload.data.clone() {
+            Some(data) => {
                 self.remotes
-                    .call(shard, move |cas| {
-                        Box::pin(async move { cas.write_file(&instance, digest, &path).await })
-                    })
-                    .await
-            }
-            None => {
-                let data = self
-                    .remotes
-                    .runtime
-                    .blocking(move || blob.read_all_blocking())
-                    .await
-                    .map_err(|e| StoreError::Shared(e.0))??;
-                self.remotes
-                    .call(shard, move |cas| {
+                    .call(shard, digest.size, move |cas| {
                         Box::pin(
                             async move { cas.write_blobs(&instance, vec![(digest, data)]).await },
                         )
                     })
                     .await
             }
+            None => {
+                let path = upload.temp.clone();
+                self.remotes
+                    .call(shard, digest.size, move |cas| {
+                        Box::pin(async move { cas.write_file(&instance, digest, &path).await })
+                    })
+                    .await
+            }
+        };
+        if let Err(e) = written {
+            // Nothing kept here: the client's retry finds the blob missing and sends it again.
+            let _ = std::fs::remove_file(&upload.temp);
+            self.metrics.remote_failures.inc();
+            return Err(e);
         }
+        self.below.put(&key, upload).await
     }
 }
 
@@ -206,11 +268,12 @@ fn by_instance(
 impl BlobStore for RemoteTier {
     fn contains<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<bool>> {
         Box::pin(async move {
-            let mut held = self.below.contains(keys).await?;
-            let mut per_shard: Vec<Vec<usize>> = vec![Vec::new(); self.remotes.shards.len()];
+            let inner = &self.inner;
+            let mut held = inner.below.contains(keys).await?;
+            let mut per_shard: Vec<Vec<usize>> = vec![Vec::new(); inner.remotes.shards.len()];
             for (i, key) in keys.iter().enumerate() {
                 if !held[i] {
-                    per_shard[self.remotes.owner(key)].push(i);
+                    per_shard[inner.remotes.owner(key)].push(i);
                 }
             }
             let asks = per_shard.iter().enumerate().flat_map(|(shard, positions)| {
@@ -220,9 +283,9 @@ impl BlobStore for RemoteTier {
                         let digests: Vec<Digest> = wanted.iter().map(|(_, d)| *d).collect();
                         let positions: Vec<usize> = wanted.iter().map(|(i, _)| *i).collect();
                         async move {
-                            let answer = self
+                            let answer = inner
                                 .remotes
-                                .call(shard, move |cas| {
+                                .call(shard, 0, move |cas| {
                                     Box::pin(
                                         async move { cas.find_missing(&instance, &digests).await },
                                     )
@@ -242,7 +305,7 @@ impl BlobStore for RemoteTier {
                         }
                     }
                     Err(e) => {
-                        self.metrics.remote_failures.inc();
+                        inner.metrics.remote_failures.inc();
                         tracing::warn!(error = %e, "a CAS shard could not say which blobs it holds; answered as missing");
                     }
                 }
@@ -253,25 +316,24 @@ impl BlobStore for RemoteTier {
 
     fn open<'a>(&'a self, key: &'a BlobKey) -> StoreFuture<'a, Option<Blob>> {
         Box::pin(async move {
-            if let Some(blob) = self.below.open(key).await? {
+            if let Some(blob) = self.inner.below.open(key).await? {
                 return Ok(Some(blob));
             }
-            if key.digest.is_empty_blob() || !self.fill(key).await? {
+            let owned = key.clone();
+            if key.digest.is_empty_blob()
+                || !self.to_the_end(|inner| Box::pin(inner.fill(owned))).await?
+            {
                 return Ok(None);
             }
-            self.below.open(key).await
+            self.inner.below.open(key).await
         })
     }
 
     fn put<'a>(&'a self, key: &'a BlobKey, upload: VerifiedUpload) -> StoreFuture<'a, Committed> {
+        let key = key.clone();
         Box::pin(async move {
-            let data = upload.data.clone();
-            let committed = self.below.put(key, upload).await?;
-            if let Err(e) = self.write_through(key, data).await {
-                self.metrics.remote_failures.inc();
-                return Err(e);
-            }
-            Ok(committed)
+            self.to_the_end(move |inner| Box::pin(inner.put(key, upload)))
+                .await
         })
     }
 
@@ -281,35 +343,57 @@ impl BlobStore for RemoteTier {
         keys: &'a [BlobKey],
     ) -> StoreFuture<'a, Vec<Option<bool>>> {
         Box::pin(async move {
-            let mut pinned = self.below.pin(holder, keys).await?;
-            for i in 0..keys.len() {
-                if pinned[i].is_some() || keys[i].digest.is_empty_blob() {
-                    continue;
+            let inner = &self.inner;
+            let mut pinned = inner.below.pin(holder, keys).await?;
+            let wanted: Vec<usize> = (0..keys.len())
+                .filter(|&i| pinned[i].is_none() && !keys[i].digest.is_empty_blob())
+                .collect();
+            if wanted.is_empty() {
+                return Ok(pinned);
+            }
+            let fetched: Vec<(usize, bool)> = futures::stream::iter(wanted)
+                .map(|i| {
+                    let key = keys[i].clone();
+                    async move {
+                        match self.to_the_end(|inner| Box::pin(inner.fill(key))).await {
+                            Ok(stored) => (i, stored),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot fetch a blob from its shard to pin it");
+                                (i, false)
+                            }
+                        }
+                    }
+                })
+                .buffer_unordered(FETCHES)
+                .collect()
+                .await;
+            let now: Vec<usize> = fetched
+                .into_iter()
+                .filter(|(_, s)| *s)
+                .map(|(i, _)| i)
+                .collect();
+            let again_keys: Vec<BlobKey> = now.iter().map(|&i| keys[i].clone()).collect();
+            match inner.below.pin(holder, &again_keys).await {
+                Ok(again) => {
+                    for (i, p) in now.into_iter().zip(again) {
+                        pinned[i] = p;
+                    }
+                    Ok(pinned)
                 }
-                match self.fill(&keys[i]).await {
-                    Ok(true) => {
-                        pinned[i] = self
-                            .below
-                            .pin(holder, std::slice::from_ref(&keys[i]))
-                            .await?
-                            .pop()
-                            .flatten();
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot fetch a blob from its shard to pin it")
-                    }
+                Err(e) => {
+                    // All or nothing: the pins already taken go back.
+                    inner.below.unpin(holder, &pinned_keys(keys, &pinned)).await;
+                    Err(e)
                 }
             }
-            Ok(pinned)
         })
     }
 
     fn unpin<'a>(&'a self, holder: PinHolder, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
-        self.below.unpin(holder, keys)
+        self.inner.below.unpin(holder, keys)
     }
 
     fn touched(&self, keys: &[BlobKey]) {
-        self.below.touched(keys)
+        self.inner.below.touched(keys)
     }
 }
