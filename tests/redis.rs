@@ -149,17 +149,23 @@ async fn two_servers_share_their_action_cache_through_redis() {
 
 /// A server whose CAS shares blobs up to 64 KiB through `redis`.
 async fn sharing_server(dir: &std::path::Path, name: &str, redis: &RedisServer) -> Kiln {
+    sharing_server_at(dir, name, &redis.url(), false).await
+}
+
+/// A server whose action cache and CAS (blobs up to 64 KiB) are shared through the Redis at
+/// `url` (a Cluster's node with `cluster`).
+async fn sharing_server_at(dir: &std::path::Path, name: &str, url: &str, cluster: bool) -> Kiln {
     Kiln::start_async(
         &dir.join(name),
         Options {
             config: Some(format!(
                 concat!(
-                    "[redis]\nurl = \"{}\"\ntimeout_ms = 500\n",
+                    "[redis]\nurl = \"{}\"\ntimeout_ms = 500\ncluster = {}\n",
                     "[storage]\nchain = [\"memory\", \"shared\", \"filesystem\"]\n",
                     "[storage.tiers.shared]\nkind = \"redis\"\nmax_blob_bytes = \"64 KiB\"\n",
                     "[worker]\nembedded = false\n"
                 ),
-                redis.url()
+                url, cluster
             )),
             ..Options::on(Runtime::Glommio)
         },
@@ -246,7 +252,12 @@ async fn small_blobs_are_shared_through_a_redis_tier() {
 
     // A value that does not hash to its key's digest is dropped, not served.
     let forged = common::blobs::digest(F, b"forged");
-    let key = format!("kiln:cas::sha256:{{{}}}:{}", forged.hash, forged.size_bytes);
+    let key = format!(
+        "kiln:cas::sha256:{{{}}}{}:{}",
+        &forged.hash[..2],
+        &forged.hash[2..],
+        forged.size_bytes
+    );
     assert!(redis
         .command(&format!("SET {key} garbag\r\n"))
         .unwrap()
@@ -268,6 +279,56 @@ async fn small_blobs_are_shared_through_a_redis_tier() {
     let e = read(&chb, &dother).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("Redis at 127.0.0.1:"), "{e:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+// Redis Cluster (`redis.cluster`, three masters): two servers share action results and small
+// blobs through it; FindMissingBlobs of 3,000 digests the server lacks goes out as one
+// pipeline per hash tag (a Cluster pipeline must stay in one slot: no CROSSSLOT), every node
+// answering its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_shares_results_and_blobs() {
+    let cluster = common::redis::RedisCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let a = sharing_server_at(dir.path(), "a", &cluster.url(), true).await;
+    let b = sharing_server_at(dir.path(), "b", &cluster.url(), true).await;
+    let (cha, chb) = (a.channel().await, b.channel().await);
+    update(&cha, &action("clustered"), &result(5))
+        .await
+        .unwrap();
+    assert_eq!(get(&chb, &action("clustered")).await.unwrap(), result(5));
+    let small = common::blobs::pseudo_random(11, 500);
+    let ds = common::blobs::digest(F, &small);
+    common::exec::upload(&cha, F, vec![(ds.clone(), small.clone())]).await;
+    assert!(common::blobs::find_missing(&chb, "", F, vec![ds.clone()])
+        .await
+        .is_empty());
+    let name = common::blobs::read_name("", F, &ds);
+    assert_eq!(common::blobs::read(&chb, &name, 0, 0).await.unwrap(), small);
+
+    let many: Vec<reapi::Digest> = (0..3_000u32)
+        .map(|i| common::blobs::digest(F, format!("spread {i}").as_bytes()))
+        .collect();
+    let touches = |s: &RedisServer| info(s, "commandstats", "cmdstat_touch");
+    let before: Vec<u64> = cluster.nodes.iter().map(touches).collect();
+    assert_eq!(
+        common::blobs::find_missing(&chb, "", F, many.clone())
+            .await
+            .len(),
+        many.len()
+    );
+    let per_node: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .zip(before)
+        .map(|(s, b)| touches(s) - b)
+        .collect();
+    assert_eq!(per_node.iter().sum::<u64>(), 3_000, "{per_node:?}");
+    assert!(
+        per_node.iter().all(|n| *n > 500),
+        "every node answers its share: {per_node:?}"
+    );
     a.stop().await;
     b.stop().await;
 }

@@ -7,13 +7,17 @@
 //! written under a temporary key and renamed into place in one transaction. Failures are
 //! `UNAVAILABLE` to clients, with a message naming Redis.
 //!
-//! Keys start with `redis.key_prefix`. The keys Kiln builds put the digest's hash in a hash
-//! tag (`{…}`) after the instance name, so that a value's temporary key lives in the same
-//! Redis Cluster slot as the value (unless the instance name holds braces of its own).
+//! Keys start with `redis.key_prefix`. The keys Kiln builds ([`digest_key`]) put the first two
+//! hex digits of the digest's hash in a hash tag (`{…}`) after the instance name: a value's
+//! temporary key lives in the same Redis Cluster slot as the value, and keys spread over 256
+//! slots. With `redis.cluster`, a call about many keys sends one pipeline per hash tag (a
+//! Cluster pipeline must stay in one slot; all at once), where a single Redis takes them all
+//! in one.
 
 use bytes::Bytes;
 use kiln_reapi::status::{Classify, ErrorKind};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -76,10 +80,81 @@ impl Classify for RedisError {
 /// to try again), so that an outage costs callers nothing but the first timeout.
 const BACKOFF: Duration = Duration::from_secs(1);
 
+/// A connection to one Redis or to a Redis Cluster.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The connection, and which one it is (a failed call drops only the connection it used).
 struct Link {
     generation: u64,
-    connection: ConnectionManager,
+    connection: Connection,
+}
+
+/// The key of a digest's value under `kind` (`ac`, `cas`): instance, digest function, the
+/// hash with its first two hex digits as the hash tag, size. An instance name holding braces
+/// of its own would move the tag (one slot per key then; still correct).
+pub fn digest_key(kind: &str, instance: &str, function: &str, hex: &str, size: u64) -> String {
+    let (tag, rest) = hex.split_at(hex.len().min(2));
+    format!("{kind}:{instance}:{function}:{{{tag}}}{rest}:{size}")
+}
+
+/// The hash tag of `key` (what Redis Cluster hashes to pick its slot): the text between the
+/// first `{` and the next `}`, when not empty; else the whole key.
+fn slot_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+/// Positions of `keys` grouped by hash tag (one group of all when `cluster` is off), in order.
+fn slot_groups<K>(keys: &[K], cluster: bool, key: impl Fn(&K) -> &str) -> Vec<Vec<usize>> {
+    if !cluster {
+        return vec![(0..keys.len()).collect()];
+    }
+    let mut groups: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+    for (i, k) in keys.iter().enumerate() {
+        groups.entry(slot_tag(key(k))).or_default().push(i);
+    }
+    groups.into_values().collect()
 }
 
 /// Bytes of values one pipeline of [`Redis::get_many`] may bring (by their bounds), so that
@@ -118,6 +193,8 @@ pub enum Value {
 /// Redis, as `[redis]` describes it.
 pub struct Redis {
     client: redis::Client,
+    /// With `redis.cluster`: the Cluster's client (`client` then names its first node).
+    cluster: Option<redis::cluster::ClusterClient>,
     /// The URL without its credentials, for messages.
     at: String,
     /// Made at first use (Redis may be down when the server starts); it reconnects by itself
@@ -150,8 +227,21 @@ impl Redis {
             redis::Client::open(config.url.as_str()).map_err(|e| RedisError::Url(e.to_string()))?;
         let info = client.get_connection_info();
         let at = format!("{}", info.addr);
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let cluster = match config.cluster {
+            false => None,
+            true => Some(
+                redis::cluster::ClusterClient::builder(vec![config.url.as_str()])
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(0)
+                    .build()
+                    .map_err(|e| RedisError::Url(e.to_string()))?,
+            ),
+        };
         Ok(Some(Arc::new(Redis {
             client,
+            cluster,
             at,
             connection: tokio::sync::Mutex::new(None),
             generations: AtomicU64::new(0),
@@ -199,7 +289,7 @@ impl Redis {
     /// timeout; at once an error while Redis is known to be down.
     async fn run<T, F, Fut>(&self, call: F) -> Result<T, RedisError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         if let Some((until, why)) = self.down().clone() {
@@ -217,13 +307,7 @@ impl Redis {
                 match &*slot {
                     Some(l) => (l.generation, l.connection.clone()),
                     None => {
-                        let config = ConnectionManagerConfig::new()
-                            .set_connection_timeout(self.timeout)
-                            .set_response_timeout(self.timeout)
-                            .set_number_of_retries(0);
-                        let c = ConnectionManager::new_with_config(self.client.clone(), config)
-                            .await
-                            .map_err(|e| (None, e))?;
+                        let c = self.connect().await.map_err(|e| (None, e))?;
                         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(redis = %self.at, "connected to Redis");
                         *slot = Some(Link {
@@ -259,6 +343,19 @@ impl Redis {
                 })
             }
         }
+    }
+
+    /// A new connection: to the Cluster with `redis.cluster`, else to the one Redis.
+    async fn connect(&self) -> redis::RedisResult<Connection> {
+        if let Some(cluster) = &self.cluster {
+            return Ok(Connection::Cluster(cluster.get_async_connection().await?));
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout)
+            .set_number_of_retries(0);
+        let c = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        Ok(Connection::Single(c))
     }
 
     /// The value at `key` if it is at most `max` bytes (a larger one is not transferred).
@@ -309,79 +406,143 @@ impl Redis {
 
     /// The values at `keys`, each if it is at most its bound (a larger one is not
     /// transferred: its length is asked first, in the same pipeline), in order: one round trip
-    /// per `redis.pipeline_keys`.
+    /// per `redis.pipeline_keys` (per hash tag with `redis.cluster`).
     pub async fn get_many(&self, keys: &[(String, u64)]) -> Result<Vec<Value>, RedisError> {
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in byte_bounded(keys, self.chunk) {
-            let answers: Vec<(bool, u64, Vec<u8>)> = self
-                .run(|mut c| async move {
-                    let mut pipe = redis::pipe();
-                    for (k, max) in chunk {
-                        // GETRANGE's end is inclusive; 1..0 is empty.
-                        let (from, to) = match max {
-                            0 => (1, 0),
-                            m => (0, m.saturating_sub(1).min(i64::MAX as u64) as i64),
-                        };
-                        pipe.cmd("EXISTS").arg(k);
-                        pipe.cmd("STRLEN").arg(k);
-                        pipe.cmd("GETRANGE").arg(k).arg(from).arg(to);
-                    }
-                    let flat: Vec<redis::Value> = pipe.query_async(&mut c).await?;
-                    flat.chunks(3)
-                        .map(|t| match t {
-                            [e, l, v] => Ok((
-                                redis::from_redis_value(e)?,
-                                redis::from_redis_value(l)?,
-                                redis::from_redis_value(v)?,
-                            )),
-                            _ => Err(redis::RedisError::from((
-                                redis::ErrorKind::TypeError,
-                                "a short pipeline answer",
-                            ))),
+        self.per_slot(
+            keys,
+            |k| k.0.as_str(),
+            |group| async move {
+                let mut out = Vec::with_capacity(group.len());
+                for chunk in byte_bounded(&group, self.chunk) {
+                    let answers: Vec<(bool, u64, Vec<u8>)> = self
+                        .run(|mut c| async move {
+                            let mut pipe = redis::pipe();
+                            for (k, max) in chunk {
+                                // GETRANGE's end is inclusive; 1..0 is empty.
+                                let (from, to) = match max {
+                                    0 => (1, 0),
+                                    m => (0, m.saturating_sub(1).min(i64::MAX as u64) as i64),
+                                };
+                                pipe.cmd("EXISTS").arg(k);
+                                pipe.cmd("STRLEN").arg(k);
+                                pipe.cmd("GETRANGE").arg(k).arg(from).arg(to);
+                            }
+                            let flat: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+                            flat.chunks(3)
+                                .map(|t| match t {
+                                    [e, l, v] => Ok((
+                                        redis::from_redis_value(e)?,
+                                        redis::from_redis_value(l)?,
+                                        redis::from_redis_value(v)?,
+                                    )),
+                                    _ => Err(redis::RedisError::from((
+                                        redis::ErrorKind::TypeError,
+                                        "a short pipeline answer",
+                                    ))),
+                                })
+                                .collect()
                         })
-                        .collect()
-                })
-                .await?;
-            out.extend(
-                chunk
-                    .iter()
-                    .zip(answers)
-                    .map(|((_, max), (exists, len, data))| match (exists, len) {
-                        (false, _) => Value::Missing,
-                        (true, len) if len > *max => Value::TooLarge(len),
-                        (true, _) => Value::Found(Bytes::from(data)),
-                    }),
-            );
-        }
-        Ok(out)
+                        .await?;
+                    out.extend(
+                        chunk
+                            .iter()
+                            .zip(answers)
+                            .map(|((_, max), (exists, len, data))| match (exists, len) {
+                                (false, _) => Value::Missing,
+                                (true, len) if len > *max => Value::TooLarge(len),
+                                (true, _) => Value::Found(Bytes::from(data)),
+                            }),
+                    );
+                }
+                Ok(out)
+            },
+        )
+        .await
     }
 
-    /// `command KEY` for each of `keys`, pipelined in chunks; the answers in order.
-    async fn each<T: redis::FromRedisValue>(
+    /// `command KEY` for each of `keys`, pipelined in chunks (per hash tag with
+    /// `redis.cluster`); the answers in order.
+    async fn each<T: redis::FromRedisValue + Send>(
         &self,
         command: &str,
         keys: &[String],
     ) -> Result<Vec<T>, RedisError> {
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(self.chunk) {
-            let answers: Vec<T> = self
-                .run(|mut c| async move {
-                    let mut pipe = redis::pipe();
-                    for k in chunk {
-                        pipe.cmd(command).arg(k);
-                    }
-                    pipe.query_async(&mut c).await
-                })
-                .await?;
-            out.extend(answers);
+        self.per_slot(
+            keys,
+            |k| k.as_str(),
+            |group| async move {
+                let mut out = Vec::with_capacity(group.len());
+                for chunk in group.chunks(self.chunk) {
+                    let answers: Vec<T> = self
+                        .run(|mut c| async move {
+                            let mut pipe = redis::pipe();
+                            for k in chunk {
+                                pipe.cmd(command).arg(k);
+                            }
+                            pipe.query_async(&mut c).await
+                        })
+                        .await?;
+                    out.extend(answers);
+                }
+                Ok(out)
+            },
+        )
+        .await
+    }
+
+    /// Runs `work` on the keys of each hash tag (all keys at once when not a Cluster), every
+    /// group at the same time; the answers in the order of `keys`.
+    async fn per_slot<'a, K: Clone, T, Fut>(
+        &'a self,
+        keys: &'a [K],
+        name: impl Fn(&K) -> &str,
+        work: impl Fn(Vec<K>) -> Fut,
+    ) -> Result<Vec<T>, RedisError>
+    where
+        Fut: Future<Output = Result<Vec<T>, RedisError>>,
+    {
+        let groups = slot_groups(keys, self.cluster.is_some(), name);
+        let answers = futures::future::try_join_all(
+            groups
+                .iter()
+                .map(|g| work(g.iter().map(|&i| keys[i].clone()).collect())),
+        )
+        .await?;
+        let mut out: Vec<Option<T>> = (0..keys.len()).map(|_| None).collect();
+        for (group, answer) in groups.iter().zip(answers) {
+            for (&i, v) in group.iter().zip(answer) {
+                out[i] = Some(v);
+            }
         }
-        Ok(out)
+        out.into_iter()
+            .collect::<Option<Vec<T>>>()
+            .ok_or_else(|| RedisError::Failed {
+                at: self.at.clone(),
+                message: "a short answer to a pipeline".into(),
+            })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{byte_bounded, PIPELINE_BYTES};
+    use super::{byte_bounded, digest_key, slot_groups, slot_tag, PIPELINE_BYTES};
+
+    #[test]
+    fn keys_tag_two_hex_digits_and_cluster_pipelines_group_by_tag() {
+        let key = digest_key("cas", "main", "sha256", "abcdef", 3);
+        assert_eq!(key, "cas:main:sha256:{ab}cdef:3");
+        assert_eq!(slot_tag(&key), "ab");
+        assert_eq!(
+            slot_tag(&format!("{key}:tmp:123")),
+            "ab",
+            "a temporary key, same slot"
+        );
+        assert_eq!(slot_tag("no tag"), "no tag");
+        assert_eq!(slot_tag("empty {} tag"), "empty {} tag");
+        let keys = ["x{ab}1", "y{cd}2", "z{ab}3"];
+        assert_eq!(slot_groups(&keys, true, |k| k), vec![vec![0, 2], vec![1]]);
+        assert_eq!(slot_groups(&keys, false, |k| k), vec![vec![0, 1, 2]]);
+    }
 
     #[test]
     fn pipelines_are_bounded_by_count_and_by_bytes() {

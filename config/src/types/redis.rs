@@ -1,5 +1,5 @@
-//! `[redis]`: Redis as the farm's shared state (the action cache, shared by every server that
-//! names the same Redis).
+//! `[redis]`: Redis (or a Redis Cluster) as the farm's shared state: the action cache, and
+//! small blobs through a `redis` tier.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 pub struct RedisConfig {
     /// `redis://[user:password@]HOST:PORT[/DB]`; empty: no Redis.
     pub url: String,
+    /// `url` is one node of a Redis Cluster (the others are found from it).
+    pub cluster: bool,
     /// A call to Redis not answered within this long fails with `UNAVAILABLE` (milliseconds);
     /// so does connecting.
     pub timeout_ms: u64,
@@ -28,6 +30,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: String::new(),
+            cluster: false,
             timeout_ms: 2000,
             pipeline_keys: 5000,
             key_prefix: "kiln:".into(),

@@ -31,15 +31,14 @@ impl SharedResults {
         }
     }
 
-    /// The key of `key`'s result: the instance, the digest function, the hash in a hash tag
-    /// (one Cluster slot for the result and its temporary key), the size.
+    /// The key of `key`'s result: the instance, the digest function, the hash, the size.
     fn key(&self, key: &BlobKey) -> String {
-        self.redis.key(&format!(
-            "ac:{}:{}:{{{}}}:{}",
+        self.redis.key(&kiln_redis::digest_key(
+            "ac",
             key.instance.as_str(),
             key.digest.function.name(),
-            key.digest.hex(),
-            key.digest.size
+            &key.digest.hex(),
+            key.digest.size,
         ))
     }
 

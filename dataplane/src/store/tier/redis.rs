@@ -105,12 +105,12 @@ impl RedisInner {
 
     /// The Redis key of a blob: instance, digest function, the hash in a hash tag, size.
     fn key(&self, key: &BlobKey) -> String {
-        self.shared.redis.key(&format!(
-            "cas:{}:{}:{{{}}}:{}",
+        self.shared.redis.key(&kiln_redis::digest_key(
+            "cas",
             key.instance.as_str(),
             key.digest.function.name(),
-            key.digest.hex(),
-            key.digest.size
+            &key.digest.hex(),
+            key.digest.size,
         ))
     }
 
