@@ -332,3 +332,65 @@ async fn a_redis_cluster_shares_results_and_blobs() {
     a.stop().await;
     b.stop().await;
 }
+
+// Redis killed and started again under load: calls go on throughout (four clients updating
+// and reading results), every failure a clear UNAVAILABLE naming Redis (a lookup is a miss),
+// none hanging, and once Redis is back updates succeed again by themselves; the server never
+// falls over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_under_load() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = server(dir.path(), "a", &redis).await;
+    let ch = a.channel().await;
+    let (stop, ok, failed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (ch, stop, ok, failed) = (ch.clone(), stop.clone(), ok.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let act = action(&format!("load {c} {i}"));
+                match update(&ch, &act, &result(1)).await {
+                    Ok(()) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                        assert!(e.message().contains("Redis at 127.0.0.1:"), "{e:?}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                // Held by the server itself whether or not Redis took it.
+                assert_eq!(get(&ch, &act).await.unwrap(), result(1));
+                let miss = get(&ch, &action(&format!("absent {c} {i}"))).await;
+                assert_eq!(miss.map_err(|s| s.code()), Err(Code::NotFound));
+            }
+        }));
+    }
+    let at_least = |counter: Arc<AtomicU64>, n: u64| async move {
+        let start = counter.load(Ordering::Relaxed);
+        common::eventually("calls to go on", || {
+            let counter = counter.clone();
+            async move { (counter.load(Ordering::Relaxed) >= start + n).then_some(()) }
+        })
+        .await
+    };
+    at_least(ok.clone(), 20).await;
+    redis.stop();
+    at_least(failed.clone(), 20).await;
+    redis.restart();
+    at_least(ok.clone(), 20).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    a.stop().await;
+}
