@@ -292,7 +292,9 @@ async fn a_redis_cluster_shares_results_and_blobs() {
     let cluster = common::redis::RedisCluster::start(3);
     let dir = tempfile::tempdir().unwrap();
     let a = sharing_server_at(dir.path(), "a", &cluster.url(), true).await;
-    let b = sharing_server_at(dir.path(), "b", &cluster.url(), true).await;
+    // b starts from two nodes.
+    let seeds = format!("{}, {}", cluster.nodes[1].url(), cluster.nodes[2].url());
+    let b = sharing_server_at(dir.path(), "b", &seeds, true).await;
     let (cha, chb) = (a.channel().await, b.channel().await);
     update(&cha, &action("clustered"), &result(5))
         .await

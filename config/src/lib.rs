@@ -67,10 +67,11 @@ impl Config {
             );
         }
         let r = &self.redis;
-        if !(r.url.is_empty() || r.url.starts_with("redis://")) {
+        let urls_ok = r.url.split(',').all(|u| u.trim().starts_with("redis://"));
+        if !(r.url.is_empty() || urls_ok) || (!r.cluster && r.url.contains(',')) {
             return invalid(
                 "redis.url",
-                "must be redis://[USER:PASSWORD@]HOST:PORT[/DB] (or empty: no Redis); TLS to Redis (rediss://) is not supported",
+                "must be redis://[USER:PASSWORD@]HOST:PORT[/DB] (with cluster = true, several separated by commas; or empty: no Redis); TLS to Redis (rediss://) is not supported",
             );
         }
         if r.url.is_empty() {

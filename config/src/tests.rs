@@ -405,3 +405,13 @@ fn grpc_and_shard_tiers_name_their_endpoints_properly() {
     .to_string();
     assert!(err.contains("ends in"), "{err}");
 }
+
+#[test]
+fn several_redis_urls_only_for_a_cluster() {
+    let two = "url = \"redis://a:7000, redis://b:7001\"";
+    let err = Config::from_toml(&format!("[redis]\n{two}\n"), "t")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("several separated by commas"), "{err}");
+    Config::from_toml(&format!("[redis]\n{two}\ncluster = true\n"), "t").unwrap();
+}

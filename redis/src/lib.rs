@@ -1,7 +1,9 @@
 //! Kiln's client of Redis (`[redis]`): one connection, made at first use and made afresh
 //! after Redis could not be reached; every call bounded by `redis.timeout_ms` (connecting
 //! included), never hanging; for a second after a failure to reach Redis, calls fail at once
-//! (then one tries again), so an outage costs each caller at most one timeout; calls about
+//! (then calls try again), so an outage costs each caller at most one timeout (with a
+//! Cluster, whose client reconnects each node by itself, only a failure to connect at all
+//! does that); calls about
 //! many keys pipelined in chunks of `redis.pipeline_keys`, so N keys cost one round trip per
 //! chunk; values read with a bound on their size (a longer one is not transferred); values
 //! written under a temporary key and renamed into place in one transaction. Failures are
@@ -125,12 +127,16 @@ struct Link {
 }
 
 /// The key of a digest's value under `kind` (`ac`, `cas`): instance, digest function, the
-/// hash with its first two hex digits as the hash tag, size. An instance name holding braces
-/// of its own would move the tag (one slot per key then; still correct).
+/// hash with its first two hex digits as the hash tag, size. An instance name (or key
+/// prefix) holding braces of its own would move the tag: every key of that instance in one
+/// slot (still correct, not spread).
 pub fn digest_key(kind: &str, instance: &str, function: &str, hex: &str, size: u64) -> String {
     let (tag, rest) = hex.split_at(hex.len().min(2));
     format!("{kind}:{instance}:{function}:{{{tag}}}{rest}:{size}")
 }
+
+/// Hash tags whose pipelines a Cluster call sends at once.
+const SLOTS_AT_ONCE: usize = 8;
 
 /// The hash tag of `key` (what Redis Cluster hashes to pick its slot): the text between the
 /// first `{` and the next `}`, when not empty; else the whole key.
@@ -223,18 +229,21 @@ impl Redis {
         if config.url.is_empty() {
             return Ok(None);
         }
-        let client =
-            redis::Client::open(config.url.as_str()).map_err(|e| RedisError::Url(e.to_string()))?;
+        // With `cluster`, `url` may list several nodes to start from, separated by commas.
+        let seeds: Vec<&str> = config.url.split(',').map(str::trim).collect();
+        let client = redis::Client::open(seeds[0]).map_err(|e| RedisError::Url(e.to_string()))?;
         let info = client.get_connection_info();
         let at = format!("{}", info.addr);
         let timeout = Duration::from_millis(config.timeout_ms);
         let cluster = match config.cluster {
             false => None,
             true => Some(
-                redis::cluster::ClusterClient::builder(vec![config.url.as_str()])
+                redis::cluster::ClusterClient::builder(seeds)
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
-                    .retries(0)
+                    // Requests follow MOVED and ASK and wait out a failover a few times
+                    // (all within the call's own bound).
+                    .retries(3)
                     .build()
                     .map_err(|e| RedisError::Url(e.to_string()))?,
             ),
@@ -276,6 +285,11 @@ impl Redis {
     /// Notes that Redis could not be reached (through connection `generation`, when one was
     /// made): that connection is dropped, and calls fail at once for [`BACKOFF`].
     fn unreachable(&self, generation: Option<u64>, why: String) {
+        // A Cluster's client reconnects each node by itself, and one node failing is not the
+        // others failing: only a call that could not be made at all is retried afresh.
+        if self.cluster.is_some() && generation.is_some() {
+            return;
+        }
         *self.down() = Some((Instant::now() + BACKOFF, why));
         // Not waiting for a caller that is connecting now: it makes the next connection.
         if let (Some(g), Ok(mut slot)) = (generation, self.connection.try_lock()) {
@@ -501,13 +515,18 @@ impl Redis {
     where
         Fut: Future<Output = Result<Vec<T>, RedisError>>,
     {
+        use futures::{StreamExt, TryStreamExt};
         let groups = slot_groups(keys, self.cluster.is_some(), name);
-        let answers = futures::future::try_join_all(
-            groups
-                .iter()
-                .map(|g| work(g.iter().map(|&i| keys[i].clone()).collect())),
-        )
-        .await?;
+        // A few slots' pipelines at a time, each within its own bound.
+        let group_keys: Vec<Vec<K>> = groups
+            .iter()
+            .map(|g| g.iter().map(|&i| keys[i].clone()).collect())
+            .collect();
+        let answers: Vec<Vec<T>> = futures::stream::iter(group_keys)
+            .map(&work)
+            .buffered(SLOTS_AT_ONCE)
+            .try_collect()
+            .await?;
         let mut out: Vec<Option<T>> = (0..keys.len()).map(|_| None).collect();
         for (group, answer) in groups.iter().zip(answers) {
             for (&i, v) in group.iter().zip(answer) {

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 pub struct RedisConfig {
     /// `redis://[user:password@]HOST:PORT[/DB]`; empty: no Redis.
     pub url: String,
-    /// `url` is one node of a Redis Cluster (the others are found from it).
+    /// `url` names nodes of a Redis Cluster, separated by commas (the others are found from
+    /// them).
     pub cluster: bool,
     /// A call to Redis not answered within this long fails with `UNAVAILABLE` (milliseconds);
     /// so does connecting.
