@@ -183,6 +183,27 @@ on_every_runtime! {
     }
 }
 
+/// Unmounts, when dropped, every mount below its directory: what a server killed while an
+/// action ran would leave (so the test's directory can always be removed).
+struct UnmountBelow(std::path::PathBuf);
+
+impl Drop for UnmountBelow {
+    fn drop(&mut self) {
+        let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return;
+        };
+        let below = self.0.to_string_lossy().into_owned();
+        for at in info.lines().filter_map(|l| l.split(' ').nth(4)) {
+            if at.starts_with(&below) {
+                if let Ok(at) = std::ffi::CString::new(at) {
+                    // SAFETY: a valid C string; MNT_DETACH cannot fail in a harmful way.
+                    unsafe { libc::umount2(at.as_ptr(), libc::MNT_DETACH) };
+                }
+            }
+        }
+    }
+}
+
 /// A server (its embedded worker) whose worker mounts cached input roots as overlays, with
 /// `extra` added to its `[worker]` section.
 async fn overlay_server(dir: &std::path::Path, extra: &str) -> common::Kiln {
@@ -211,6 +232,7 @@ async fn overlay_server(dir: &std::path::Path, extra: &str) -> common::Kiln {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_overlay_layout_a_cached_input_root_is_mounted_and_kept_apart() {
     let dir = tempfile::tempdir().unwrap();
+    let _unmount = UnmountBelow(dir.path().to_path_buf());
     let kiln = overlay_server(dir.path(), "").await;
     let ch = kiln.channel().await;
     let tree =
@@ -255,6 +277,7 @@ async fn with_the_overlay_layout_a_cached_input_root_is_mounted_and_kept_apart()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_overlay_layout_an_action_run_as_another_user_writes_its_outputs() {
     let dir = tempfile::tempdir().unwrap();
+    let _unmount = UnmountBelow(dir.path().to_path_buf());
     let kiln = overlay_server(dir.path(), "run_as_user = \"nobody\"\n").await;
     let ch = kiln.channel().await;
     let run = || Spec {
