@@ -117,6 +117,23 @@ async fn two_servers_share_their_action_cache_through_redis() {
     common::exec::upload(&chb, F, vec![(d.clone(), blob.clone())]).await;
     assert_eq!(get(&chb, &action("two")).await.unwrap(), with_output);
 
+    // b holds an incomplete result of its own; a stores a newer, complete one: b serves that.
+    let gone = ActionResult {
+        output_files: vec![OutputFile {
+            path: "lost".into(),
+            digest: Some(common::blobs::digest(F, b"never uploaded")),
+            ..Default::default()
+        }],
+        ..result(9)
+    };
+    update(&chb, &action("redone"), &gone).await.unwrap();
+    assert_eq!(
+        get(&chb, &action("redone")).await.map_err(|s| s.code()),
+        Err(Code::NotFound)
+    );
+    update(&cha, &action("redone"), &result(0)).await.unwrap();
+    assert_eq!(get(&chb, &action("redone")).await.unwrap(), result(0));
+
     // Redis freezes, then goes away: what b holds itself is still served; a lookup that needs
     // Redis is a miss and a write fails with UNAVAILABLE naming Redis, none of them hanging.
     for gone in [RedisServer::pause, RedisServer::stop] {

@@ -130,6 +130,10 @@ impl ActionCache {
                 Ok(result)
             }
             Some(Incomplete::Missing(blobs)) => {
+                // Another server may have stored a newer, complete result since.
+                if let Some(newer) = self.newer_from_shared(key, &stored.data).await? {
+                    return Ok(newer);
+                }
                 debug!(action = ?digest, missing = blobs.len(), "action result incomplete; reporting a miss");
                 Err(ControlError::Incomplete(format!(
                     "action result for {digest:?} references {} blob(s) no longer in the CAS, e.g. {:?}",
@@ -146,6 +150,39 @@ impl ActionCache {
                 Err(miss())
             }
         }
+    }
+
+    /// The shared tier's result for `key` when it differs from `have` (the server's own,
+    /// found incomplete) and is complete: kept in the server's own store and returned.
+    async fn newer_from_shared(
+        &self,
+        key: &BlobKey,
+        have: &bytes::Bytes,
+    ) -> Result<Option<ActionResult>, ControlError> {
+        let Some(shared) = &self.shared else {
+            return Ok(None);
+        };
+        let Some(data) = shared.get(key).await.filter(|d| d != have) else {
+            return Ok(None);
+        };
+        let Ok(result) = ActionResult::decode(data.clone()) else {
+            return Ok(None);
+        };
+        let check = completeness::check(
+            &*self.blobs,
+            &key.instance,
+            key.digest.function,
+            &result,
+            self.limits,
+        )
+        .await?;
+        if check.is_some() {
+            return Ok(None);
+        }
+        if let Err(e) = self.store.put(key.clone(), data).await {
+            tracing::warn!(action = ?key.digest, error = %e, "cannot keep an action result read from Redis");
+        }
+        Ok(Some(result))
     }
 
     /// The stored bytes of a result that can be served with no I/O and no check: held in
