@@ -185,8 +185,10 @@ on_every_runtime! {
 
 /// Unmounts, when dropped, every mount below its directory: what a server killed while an
 /// action ran would leave (so the test's directory can always be removed).
+#[cfg(target_os = "linux")]
 struct UnmountBelow(std::path::PathBuf);
 
+#[cfg(target_os = "linux")]
 impl Drop for UnmountBelow {
     fn drop(&mut self) {
         let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -206,6 +208,7 @@ impl Drop for UnmountBelow {
 
 /// A server (its embedded worker) whose worker mounts cached input roots as overlays, with
 /// `extra` added to its `[worker]` section.
+#[cfg(target_os = "linux")]
 async fn overlay_server(dir: &std::path::Path, extra: &str) -> common::Kiln {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
@@ -229,6 +232,7 @@ async fn overlay_server(dir: &std::path::Path, extra: &str) -> common::Kiln {
 // cache entry (the action sees an overlayfs), and an action that writes to an input writes
 // to its own layer: the next action sees the input as it was, and the server's CAS still
 // holds it.
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_overlay_layout_a_cached_input_root_is_mounted_and_kept_apart() {
     let dir = tempfile::tempdir().unwrap();
@@ -274,6 +278,7 @@ async fn with_the_overlay_layout_a_cached_input_root_is_mounted_and_kept_apart()
 // The overlay layout with worker.run_as_user: the action (as nobody) creates its outputs in
 // the mounted tree, and an input it declares as an output (a file the worker owns, on the
 // mount) is collected like one it made.
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_overlay_layout_an_action_run_as_another_user_writes_its_outputs() {
     let dir = tempfile::tempdir().unwrap();

@@ -51,15 +51,19 @@ impl RedisServer {
 
     /// Starts the server on its port; `false` if it exited (the port was taken).
     fn spawn(&mut self) -> bool {
-        use std::os::unix::process::CommandExt;
         let mut command = Command::new("redis-server");
-        // SAFETY: prctl is async-signal-safe; the child dies with the test process, so a
-        // test killed outright leaves no server behind.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
+        // The child dies with the thread that started it (the test's own, which outlives the
+        // server), so a test killed outright leaves no server behind. Linux only.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
         }
         let child = command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])

@@ -231,6 +231,7 @@ fn an_input_root_is_built_once_then_linked_from_the_cache() {
     assert_eq!(cache.stats().entries, 0);
 }
 
+#[cfg(target_os = "linux")]
 fn assert_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
@@ -240,6 +241,7 @@ fn assert_root() {
     );
 }
 
+#[cfg(target_os = "linux")]
 #[test]
 fn a_cached_root_is_mounted_as_an_overlay_that_keeps_the_entry_apart() {
     assert_root();
