@@ -413,3 +413,81 @@ async fn redis_killed_and_restarted_under_load() {
     }
     a.stop().await;
 }
+
+// Operations shared through Redis: an operation server a accepted (and runs, on its own
+// worker) is seen through server b: GetOperation while it runs, and WaitExecution on b
+// follows it to its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_accepted_by_one_server_is_watched_through_another() {
+    use kiln_proto::longrunning::operations_client::OperationsClient;
+    use kiln_proto::longrunning::{operation, GetOperationRequest};
+    use kiln_proto::reapi::execution_client::ExecutionClient;
+    use kiln_proto::reapi::{ExecuteRequest, ExecuteResponse, WaitExecutionRequest};
+    use prost::Message;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let runs = Kiln::start_async(
+        &dir.path().join("a"),
+        Options {
+            config: Some(format!("[redis]\nurl = \"{}\"\n", redis.url())),
+            ..Options::on(Runtime::Glommio)
+        },
+    )
+    .await;
+    let watches = server(dir.path(), "b", &redis).await;
+    let (cha, chb) = (runs.channel().await, watches.channel().await);
+    let (flag, started) = (dir.path().join("flag"), dir.path().join("started"));
+    let hold = common::exec::Spec::script(&format!(
+        "touch {}; while [ ! -e {} ]; do sleep 0.02; done; echo held",
+        started.display(),
+        flag.display()
+    ))
+    .upload(&cha, F)
+    .await;
+    let mut on_a = ExecutionClient::new(cha.clone())
+        .execute(ExecuteRequest {
+            action_digest: Some(hold),
+            digest_function: F as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let name = on_a.message().await.unwrap().unwrap().name;
+    common::eventually("the action to start", || async {
+        started.exists().then_some(())
+    })
+    .await;
+    let get_on_b = || {
+        let (chb, name) = (chb.clone(), name.clone());
+        async move {
+            OperationsClient::new(chb)
+                .get_operation(GetOperationRequest { name })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    common::eventually("b to see a's operation", || async { get_on_b().await.ok() }).await;
+    assert!(!get_on_b().await.unwrap().done, "running");
+    let mut on_b = ExecutionClient::new(chb.clone())
+        .wait_execution(WaitExecutionRequest { name: name.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    std::fs::write(&flag, b"").unwrap();
+    let mut last = None;
+    while let Some(op) = on_b.message().await.unwrap() {
+        last = Some(op);
+    }
+    let last = last.expect("b's stream sent the operation");
+    assert!(last.done, "{last:?}");
+    let Some(operation::Result::Response(any)) = last.result else {
+        panic!("no response: {last:?}");
+    };
+    let response = ExecuteResponse::decode(any.value.as_slice()).unwrap();
+    assert_eq!(common::exec::code(&response), 0, "{response:?}");
+    assert!(get_on_b().await.unwrap().done);
+    drop(on_a);
+    runs.stop().await;
+    watches.stop().await;
+}

@@ -109,7 +109,7 @@ impl ControlPlane {
             },
         );
         let redis = kiln_redis::Redis::new(&config.redis).map_err(std::io::Error::other)?;
-        if let (Some(redis), true) = (redis, config.redis.action_cache) {
+        if let (Some(redis), true) = (redis.clone(), config.redis.action_cache) {
             let ttl = (config.redis.action_cache_ttl_secs > 0)
                 .then(|| Duration::from_secs(config.redis.action_cache_ttl_secs));
             tracing::info!(redis = %redis.at(), "the action cache is shared through Redis");
@@ -129,11 +129,16 @@ impl ControlPlane {
         });
         let execution = config.execution.enabled.then(|| {
             let _guard = runtime.enter();
+            let shared_ops = redis
+                .clone()
+                .filter(|_| config.redis.operations)
+                .map(execution::shared_ops::SharedOps::new);
             execution::ExecutionCore::start(
                 config.execution.clone(),
                 &local,
                 action_cache_core.clone(),
                 max_message,
+                shared_ops,
             )
         });
         let mut routes = tonic::service::Routes::new(

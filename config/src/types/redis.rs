@@ -25,6 +25,9 @@ pub struct RedisConfig {
     /// Action results in Redis expire this long after they were last written (seconds; 0:
     /// never, and Redis's own `maxmemory-policy` decides what goes).
     pub action_cache_ttl_secs: u64,
+    /// Share operations through Redis: every server answers `GetOperation` and
+    /// `WaitExecution` for an operation another server accepted.
+    pub operations: bool,
 }
 
 impl Default for RedisConfig {
@@ -37,6 +40,7 @@ impl Default for RedisConfig {
             key_prefix: "kiln:".into(),
             action_cache: true,
             action_cache_ttl_secs: 0,
+            operations: true,
         }
     }
 }

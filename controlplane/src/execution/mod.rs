@@ -10,6 +10,7 @@ mod ops;
 mod prepare;
 mod prepare_error;
 mod service;
+pub mod shared_ops;
 mod worker_events;
 mod workers;
 
@@ -124,6 +125,8 @@ pub struct ExecutionCore {
     finished: tokio::sync::Notify,
     /// Wakes the ticking task when the scheduler starts holding an action for a busy worker.
     woken: Arc<tokio::sync::Notify>,
+    /// Where operations are shared with the farm's other servers (`[redis] operations`).
+    shared: Option<Arc<shared_ops::SharedOps>>,
 }
 
 /// How often the scheduler's clock advances when nothing asks for sooner.
@@ -146,6 +149,7 @@ impl ExecutionCore {
         local: &ChainCas,
         cache: Arc<ActionCache>,
         max_message: usize,
+        shared: Option<Arc<shared_ops::SharedOps>>,
     ) -> Arc<ExecutionCore> {
         let kinds = scheduler::platform::Kinds(config.properties.clone());
         let scheduler = Scheduler::new(SchedulerConfig {
@@ -176,6 +180,7 @@ impl ExecutionCore {
             max_message,
             finished: tokio::sync::Notify::new(),
             woken: Arc::new(tokio::sync::Notify::new()),
+            shared,
         });
         let weak = Arc::downgrade(&core);
         tokio::spawn(async move {
@@ -327,6 +332,9 @@ impl ExecutionCore {
         }
         let (sub, rx) = result?;
         let rx = rx.expect("a submitted operation is live while the scheduler lock is held");
+        if let (Some(shared), false) = (&self.shared, sub.merged) {
+            shared.mirror(rx.clone());
+        }
         Ok((sub.op, rx))
     }
 
@@ -358,6 +366,15 @@ impl ExecutionCore {
     /// Watches an operation by name.
     pub fn watch(&self, name: &str) -> Option<tokio::sync::watch::Receiver<OpView>> {
         lock(&self.registry).watch(name)
+    }
+
+    /// Watches an operation by name: this server's, or one another server accepted and
+    /// shared through Redis.
+    pub async fn watch_anywhere(&self, name: &str) -> Option<tokio::sync::watch::Receiver<OpView>> {
+        if let Some(rx) = self.watch(name) {
+            return Some(rx);
+        }
+        self.shared.as_ref()?.watch(name).await
     }
 
     /// A page of operations, in name order (see [`listing::OpQuery`]).

@@ -24,14 +24,15 @@ impl OperationsService {
 
     /// The operation named `name`, if the caller of `request` holds the execute role in its
     /// instance (operation names do not carry one, so the check follows the lookup).
-    fn rx<T>(
+    async fn rx<T>(
         &self,
         request: &Request<T>,
         name: &str,
     ) -> Result<tokio::sync::watch::Receiver<super::OpView>, Status> {
         let rx = self
             .core
-            .watch(name)
+            .watch_anywhere(name)
+            .await
             .ok_or_else(|| Status::not_found(format!("no operation named {name:?}")))?;
         let instance = rx.borrow().instance.clone();
         crate::auth::check(request, crate::auth::paths::OPERATIONS, Some(&instance))?;
@@ -71,7 +72,7 @@ impl Operations for OperationsService {
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
-        let rx = self.rx(&request, &request.get_ref().name)?;
+        let rx = self.rx(&request, &request.get_ref().name).await?;
         let op = rx.borrow().to_operation();
         Ok(Response::new(op))
     }
@@ -83,7 +84,7 @@ impl Operations for OperationsService {
         crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
         let name = request.get_ref().name.clone();
         // The caller needs the role in the operation's instance: found first.
-        self.rx(&request, &name)?;
+        self.rx(&request, &name).await?;
         match self.core.delete(&name) {
             Ok(()) => Ok(Response::new(())),
             Err(true) => Err(Status::failed_precondition(format!(
@@ -99,7 +100,7 @@ impl Operations for OperationsService {
     ) -> Result<Response<()>, Status> {
         crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
         let name = request.get_ref().name.clone();
-        self.rx(&request, &name)?;
+        self.rx(&request, &name).await?;
         if self.core.cancel(&name) {
             Ok(Response::new(()))
         } else {
@@ -114,7 +115,7 @@ impl Operations for OperationsService {
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
-        let mut rx = self.rx(&request, &request.get_ref().name)?;
+        let mut rx = self.rx(&request, &request.get_ref().name).await?;
         let request = request.into_inner();
         let limit = request
             .timeout

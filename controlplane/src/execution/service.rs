@@ -123,7 +123,7 @@ impl Execution for ExecutionService {
     ) -> Result<Response<OpStream>, Status> {
         crate::auth::check(&request, crate::auth::paths::WAIT_EXECUTION, None)?;
         let name = request.get_ref().name.clone();
-        let rx = self.core.watch(&name).ok_or_else(|| {
+        let rx = self.core.watch_anywhere(&name).await.ok_or_else(|| {
             Status::not_found(format!(
                 "no operation named {name:?} (finished long ago, or from before a restart)"
             ))
