@@ -468,7 +468,25 @@ async fn an_operation_accepted_by_one_server_is_watched_through_another() {
         }
     };
     common::eventually("b to see a's operation", || async { get_on_b().await.ok() }).await;
-    assert!(!get_on_b().await.unwrap().done, "running");
+    let running = get_on_b().await.unwrap();
+    assert!(!running.done, "running");
+    let stage = kiln_proto::reapi::ExecuteOperationMetadata::decode(
+        running.metadata.unwrap().value.as_slice(),
+    )
+    .unwrap()
+    .stage;
+    assert_eq!(
+        stage,
+        kiln_proto::reapi::execution_stage::Value::Executing as i32
+    );
+    // Only the server that accepted it may cancel or delete it.
+    let cancel = OperationsClient::new(chb.clone())
+        .cancel_operation(kiln_proto::longrunning::CancelOperationRequest { name: name.clone() })
+        .await;
+    assert_eq!(
+        cancel.map_err(|s| s.code()).map(|_| ()),
+        Err(Code::FailedPrecondition)
+    );
     let mut on_b = ExecutionClient::new(chb.clone())
         .wait_execution(WaitExecutionRequest { name: name.clone() })
         .await
@@ -476,9 +494,14 @@ async fn an_operation_accepted_by_one_server_is_watched_through_another() {
         .into_inner();
     std::fs::write(&flag, b"").unwrap();
     let mut last = None;
-    while let Some(op) = on_b.message().await.unwrap() {
-        last = Some(op);
-    }
+    let follow = async {
+        while let Some(op) = on_b.message().await.unwrap() {
+            last = Some(op);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), follow)
+        .await
+        .expect("b's WaitExecution followed the operation to its end");
     let last = last.expect("b's stream sent the operation");
     assert!(last.done, "{last:?}");
     let Some(operation::Result::Response(any)) = last.result else {
@@ -487,6 +510,23 @@ async fn an_operation_accepted_by_one_server_is_watched_through_another() {
     let response = ExecuteResponse::decode(any.value.as_slice()).unwrap();
     assert_eq!(common::exec::code(&response), 0, "{response:?}");
     assert!(get_on_b().await.unwrap().done);
+    // Deleted where it was accepted: gone from b too.
+    let delete = |ch: Channel| {
+        let name = name.clone();
+        async move {
+            OperationsClient::new(ch)
+                .delete_operation(kiln_proto::longrunning::DeleteOperationRequest { name })
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        }
+    };
+    assert_eq!(delete(chb.clone()).await, Err(Code::FailedPrecondition));
+    assert_eq!(delete(cha.clone()).await, Ok(()));
+    assert_eq!(
+        get_on_b().await.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::NotFound)
+    );
     drop(on_a);
     runs.stop().await;
     watches.stop().await;

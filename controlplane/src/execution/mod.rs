@@ -386,9 +386,19 @@ impl ExecutionCore {
         lock(&self.registry).list(query, allowed)
     }
 
-    /// Forgets a finished operation; `Err(true)` while it runs, `Err(false)` if unknown.
-    pub fn delete(&self, name: &str) -> Result<(), bool> {
-        lock(&self.registry).delete(name)
+    /// Forgets a finished operation (here and in Redis); `Err(true)` while it runs,
+    /// `Err(false)` if this server does not know it.
+    pub async fn delete(&self, name: &str) -> Result<(), bool> {
+        lock(&self.registry).delete(name)?;
+        if let Some(shared) = &self.shared {
+            shared.forget(name).await;
+        }
+        Ok(())
+    }
+
+    /// Whether this server accepted the operation named `name` (and still knows it).
+    pub fn is_local(&self, name: &str) -> bool {
+        self.watch(name).is_some()
     }
 
     /// Cancels an operation by name; false if it is not running or queued.

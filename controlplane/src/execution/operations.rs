@@ -40,6 +40,13 @@ impl OperationsService {
     }
 }
 
+/// An operation another server accepted (seen through Redis): only that server may `what` it.
+fn elsewhere(name: &str, what: &str) -> Status {
+    Status::failed_precondition(format!(
+        "operation {name:?} was accepted by another server of the farm; {what} it there"
+    ))
+}
+
 #[tonic::async_trait]
 impl Operations for OperationsService {
     async fn list_operations(
@@ -85,7 +92,10 @@ impl Operations for OperationsService {
         let name = request.get_ref().name.clone();
         // The caller needs the role in the operation's instance: found first.
         self.rx(&request, &name).await?;
-        match self.core.delete(&name) {
+        if !self.core.is_local(&name) {
+            return Err(elsewhere(&name, "delete"));
+        }
+        match self.core.delete(&name).await {
             Ok(()) => Ok(Response::new(())),
             Err(true) => Err(Status::failed_precondition(format!(
                 "operation {name:?} is still running; cancel it (CancelOperation), then delete it once it has finished"
@@ -101,6 +111,9 @@ impl Operations for OperationsService {
         crate::auth::check(&request, crate::auth::paths::OPERATIONS, None)?;
         let name = request.get_ref().name.clone();
         self.rx(&request, &name).await?;
+        if !self.core.is_local(&name) {
+            return Err(elsewhere(&name, "cancel"));
+        }
         if self.core.cancel(&name) {
             Ok(Response::new(()))
         } else {

@@ -125,7 +125,7 @@ impl Execution for ExecutionService {
         let name = request.get_ref().name.clone();
         let rx = self.core.watch_anywhere(&name).await.ok_or_else(|| {
             Status::not_found(format!(
-                "no operation named {name:?} (finished long ago, or from before a restart)"
+                "no operation named {name:?} (finished long ago, from before a restart, or of a server that is gone)"
             ))
         })?;
         // Operation names carry no instance: the check follows the lookup.

@@ -1,11 +1,14 @@
 //! Operations shared through Redis (`[redis] operations`): every operation this server
-//! accepts is written to Redis as it changes stage (one key per operation, kept a day while it
-//! runs and an hour once it is done), so that another server naming the same Redis answers
-//! `GetOperation`, `WaitOperation` and `WaitExecution` for it, following it until it is done.
+//! accepts is written to Redis as it changes stage, and again every [`HEARTBEAT`] while it
+//! runs (its key expires [`RUNNING`] after the last write, so the operations of a server that
+//! died vanish within minutes; a finished one is kept [`DONE`]), so that another server naming
+//! the same Redis answers `GetOperation`, `WaitOperation` and `WaitExecution` for it,
+//! following it until it is done, or until its key is gone (the watcher's stream then ends
+//! without a result, and a client asking again is told `NOT_FOUND`).
 //!
 //! This shares what operations look like, not who runs them: the server that accepted an
-//! operation schedules it, and if that server dies its operations end with it (their keys
-//! expire). Taking operations over is the scheduler's state in Redis, not built yet.
+//! operation schedules it, and if that server dies its operations end with it. Taking
+//! operations over is the scheduler's state in Redis, not built yet.
 
 use super::ops::OpView;
 use kiln_proto::longrunning::{operation, Operation};
@@ -17,12 +20,18 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// How long an operation's key lives while it runs (refreshed at each change).
-const RUNNING: Duration = Duration::from_secs(24 * 3600);
+/// How often a running operation's key is written again, changed or not.
+const HEARTBEAT: Duration = Duration::from_secs(60);
+/// How long a running operation's key lives after its last write.
+const RUNNING: Duration = Duration::from_secs(180);
 /// How long it lives once the operation is done.
-const DONE: Duration = Duration::from_secs(3600);
+const DONE: Duration = Duration::from_secs(600);
+/// How long the finished state is tried (through a Redis that failed a moment ago).
+const FINAL_TRIES: Duration = Duration::from_secs(30);
 /// How often another server's operation is read again while it is followed.
 const FOLLOW: Duration = Duration::from_millis(200);
+/// Failed reads in a row after which a followed operation is given up.
+const MAX_FAILED_READS: u32 = 25;
 /// The largest operation read (its response inlines outputs up to the server's limits).
 const MAX_BYTES: u64 = 64 << 20;
 
@@ -37,50 +46,97 @@ impl SharedOps {
         Arc::new(SharedOps { redis })
     }
 
+    /// The key of operation `name`, with a hash tag (a byte of the name's hash) so that its
+    /// temporary key shares its Cluster slot.
     fn key(&self, name: &str) -> String {
-        self.redis.key(&format!("op:{name}"))
+        let tag = blake3::hash(name.as_bytes()).as_bytes()[0];
+        self.redis.key(&format!("op:{{{tag:02x}}}:{name}"))
     }
 
-    /// Writes the operation `rx` watches to Redis now and at every change, until it is done
-    /// (in a task of its own). A failure is logged: the operation runs on regardless.
+    /// Removes operation `name` from Redis (it was deleted here).
+    pub async fn forget(&self, name: &str) {
+        if let Err(e) = self.redis.delete(&self.key(name)).await {
+            tracing::debug!(operation = %name, error = %e, "cannot remove an operation from Redis");
+        }
+    }
+
+    /// Writes the operation `rx` watches to Redis now, at every change and every
+    /// [`HEARTBEAT`], until it is done (in a task of its own). A failure is logged: the
+    /// operation runs on regardless.
     pub fn mirror(self: &Arc<Self>, mut rx: watch::Receiver<OpView>) {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
                 let view = rx.borrow_and_update().clone();
-                let ttl = if view.done() { DONE } else { RUNNING };
-                if let Err(e) = this
-                    .redis
-                    .put(&this.key(&view.name), &encode(&view), Some(ttl))
-                    .await
-                {
-                    if e.is_known_down() {
-                        tracing::debug!(operation = %view.name, error = %e, "operation not shared");
-                    } else {
-                        tracing::warn!(operation = %view.name, error = %e, "cannot share an operation through Redis");
-                    }
+                this.write(&view).await;
+                if view.done() {
+                    return;
                 }
-                if view.done() || rx.changed().await.is_err() {
+                // A change, or the heartbeat; a closed channel (the operation gone) ends it.
+                if let Ok(Err(_)) = tokio::time::timeout(HEARTBEAT, rx.changed()).await {
                     return;
                 }
             }
         });
     }
 
+    /// Writes `view`; the finished state is tried again (past a Redis that failed a moment
+    /// ago) for [`FINAL_TRIES`].
+    async fn write(&self, view: &OpView) {
+        let (ttl, data) = (if view.done() { DONE } else { RUNNING }, encode(view));
+        let give_up = tokio::time::Instant::now() + FINAL_TRIES;
+        let mut wait = Duration::from_millis(250);
+        loop {
+            let Err(e) = self
+                .redis
+                .put(&self.key(&view.name), &data, Some(ttl))
+                .await
+            else {
+                return;
+            };
+            if !view.done() || tokio::time::Instant::now() + wait > give_up {
+                if e.is_known_down() {
+                    tracing::debug!(operation = %view.name, error = %e, "operation not shared");
+                } else {
+                    tracing::warn!(operation = %view.name, error = %e, "cannot share an operation through Redis");
+                }
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(4));
+        }
+    }
+
     /// Watches an operation another server accepted, if Redis has it: read again every
-    /// [`FOLLOW`] while anyone watches and it is not done.
+    /// [`FOLLOW`] while anyone watches, until it is done or its key is gone (or Redis failed
+    /// [`MAX_FAILED_READS`] times in a row); the channel then closes.
     pub async fn watch(self: &Arc<Self>, name: &str) -> Option<watch::Receiver<OpView>> {
-        let view = self.read(name).await?;
+        let Ok(Some(view)) = self.read(name).await else {
+            return None;
+        };
         let done = view.done();
         let (tx, rx) = watch::channel(view);
         if !done {
             let (this, name) = (self.clone(), name.to_string());
             tokio::spawn(async move {
-                while !tx.is_closed() {
-                    tokio::time::sleep(FOLLOW).await;
-                    let Some(view) = this.read(&name).await else {
-                        continue;
+                let mut failed = 0;
+                loop {
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        _ = tokio::time::sleep(FOLLOW) => {}
+                    }
+                    let view = match this.read(&name).await {
+                        Ok(Some(view)) => view,
+                        Ok(None) => return,
+                        Err(()) => {
+                            failed += 1;
+                            if failed >= MAX_FAILED_READS {
+                                return;
+                            }
+                            continue;
+                        }
                     };
+                    failed = 0;
                     let done = view.done();
                     tx.send_if_modified(|old| {
                         let changed = old.stage != view.stage || old.done() != view.done();
@@ -96,13 +152,15 @@ impl SharedOps {
         Some(rx)
     }
 
-    async fn read(&self, name: &str) -> Option<OpView> {
+    /// Operation `name` as Redis has it: `Ok(None)` when it is not there (or not readable as
+    /// one), `Err` when Redis failed.
+    async fn read(&self, name: &str) -> Result<Option<OpView>, ()> {
         match self.redis.get(&self.key(name), MAX_BYTES).await {
-            Ok(Value::Found(data)) => decode(name, &data),
-            Ok(_) => None,
+            Ok(Value::Found(data)) => Ok(decode(name, &data)),
+            Ok(_) => Ok(None),
             Err(e) => {
                 tracing::debug!(operation = %name, error = %e, "cannot read an operation from Redis");
-                None
+                Err(())
             }
         }
     }
@@ -145,6 +203,22 @@ fn decode(name: &str, data: &[u8]) -> Option<OpView> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_operations_key_has_a_hash_tag_for_its_cluster_slot() {
+        let config = kiln_config::RedisConfig {
+            url: "redis://127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        let ops = SharedOps::new(Redis::new(&config).unwrap().unwrap());
+        let key = ops.key("operations/abc");
+        let tag = &key[key.find('{').unwrap()..=key.find('}').unwrap()];
+        assert_eq!(tag.len(), 4, "{key}");
+        assert!(
+            key.starts_with("kiln:op:{") && key.ends_with(":operations/abc"),
+            "{key}"
+        );
+    }
 
     #[test]
     fn an_operation_reads_back_as_written_and_garbage_is_none() {
