@@ -6,6 +6,8 @@
 
 pub mod blobs;
 pub mod exec;
+pub mod farm;
+pub mod peers;
 pub mod redis;
 
 use std::io::{BufRead, BufReader};
