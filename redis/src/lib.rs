@@ -9,7 +9,7 @@
 //! written under a temporary key and renamed into place in one transaction. Failures are
 //! `UNAVAILABLE` to clients, with a message naming Redis.
 //!
-//! Keys start with `redis.key_prefix`. The keys Kiln builds ([`digest_key`]) put the first two
+//! Keys start with `redis.key_prefix`. The keys Kiln builds ([`Redis::digest_key`]) put the first two
 //! hex digits of the digest's hash in a hash tag (`{…}`) after the instance name: a value's
 //! temporary key lives in the same Redis Cluster slot as the value, and keys spread over 256
 //! slots. With `redis.cluster`, a call about many keys sends one pipeline per hash tag (a
@@ -62,6 +62,16 @@ impl RedisError {
     /// debug line, the failure itself having been reported.
     pub fn is_known_down(&self) -> bool {
         matches!(self, RedisError::Down { .. })
+    }
+
+    /// Logs a failure `what` about `subject` (an action, a blob, an operation): a warning, or
+    /// a debug line when the call was not even tried ([`RedisError::is_known_down`]).
+    pub fn log(&self, subject: &dyn std::fmt::Debug, what: &str) {
+        if self.is_known_down() {
+            tracing::debug!(subject = ?subject, error = %self, "{what}");
+        } else {
+            tracing::warn!(subject = ?subject, error = %self, "{what}");
+        }
     }
 }
 
@@ -130,7 +140,7 @@ struct Link {
 /// hash with its first two hex digits as the hash tag, size. An instance name (or key
 /// prefix) holding braces of its own would move the tag: every key of that instance in one
 /// slot (still correct, not spread).
-pub fn digest_key(kind: &str, instance: &str, function: &str, hex: &str, size: u64) -> String {
+fn digest_key(kind: &str, instance: &str, function: &str, hex: &str, size: u64) -> String {
     let (tag, rest) = hex.split_at(hex.len().min(2));
     format!("{kind}:{instance}:{function}:{{{tag}}}{rest}:{size}")
 }
@@ -269,6 +279,18 @@ impl Redis {
     /// `parts` behind the configured prefix.
     pub fn key(&self, parts: &str) -> String {
         format!("{}{parts}", self.prefix)
+    }
+
+    /// The key of `key`'s value under `kind` (`ac`, `cas`), behind the prefix (see
+    /// [`digest_key`]).
+    pub fn digest_key(&self, kind: &str, key: &kiln_reapi::digest::BlobKey) -> String {
+        self.key(&digest_key(
+            kind,
+            key.instance.as_str(),
+            key.digest.function.name(),
+            &key.digest.hex(),
+            key.digest.size,
+        ))
     }
 
     fn failed(&self, e: &redis::RedisError) -> RedisError {

@@ -33,13 +33,7 @@ impl SharedResults {
 
     /// The key of `key`'s result: the instance, the digest function, the hash, the size.
     fn key(&self, key: &BlobKey) -> String {
-        self.redis.key(&kiln_redis::digest_key(
-            "ac",
-            key.instance.as_str(),
-            key.digest.function.name(),
-            &key.digest.hex(),
-            key.digest.size,
-        ))
+        self.redis.digest_key("ac", key)
     }
 
     /// The stored result of `key`, if Redis has one this server can take. Redis failing is a
@@ -53,12 +47,8 @@ impl SharedResults {
                 tracing::warn!(action = ?key.digest, len, limit = self.max_entry, "action result in Redis is over this server's limit; a miss here");
                 None
             }
-            Err(e) if e.is_known_down() => {
-                tracing::debug!(action = ?key.digest, error = %e, "action cache lookup in Redis skipped");
-                None
-            }
             Err(e) => {
-                tracing::warn!(action = ?key.digest, error = %e, "action cache lookup in Redis failed; a miss");
+                e.log(&key.digest, "action cache lookup in Redis failed; a miss");
                 None
             }
         }

@@ -95,11 +95,7 @@ impl SharedOps {
                 return;
             };
             if !view.done() || tokio::time::Instant::now() + wait > give_up {
-                if e.is_known_down() {
-                    tracing::debug!(operation = %view.name, error = %e, "operation not shared");
-                } else {
-                    tracing::warn!(operation = %view.name, error = %e, "cannot share an operation through Redis");
-                }
+                e.log(&view.name, "cannot share an operation through Redis");
                 return;
             }
             tokio::time::sleep(wait).await;

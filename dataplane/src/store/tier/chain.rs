@@ -24,10 +24,10 @@ pub struct ChainPlan {
     /// With an in-flight tier: the uploads in progress, registered by the blob services.
     uploads: Option<Arc<Uploads>>,
     /// With a redis tier: Redis, and where blobs fetched from it are written first.
-    shared: Option<(Arc<SharedBlobs>, crate::store::layout::Layout)>,
+    shared: Option<Arc<SharedBlobs>>,
     /// Each grpc or shard tier's endpoints, by their list (see [`ChainPlan::reach_remotes`]).
     remotes: BTreeMap<Vec<(String, u32)>, Arc<Remotes>>,
-    /// Where blobs fetched from remote tiers are written first.
+    /// Where blobs fetched from redis and remote tiers are written first.
     layout: Option<crate::store::layout::Layout>,
     metrics: Arc<Metrics>,
 }
@@ -64,7 +64,7 @@ impl ChainPlan {
                 .map_err(|e| invalid(e.to_string()))?
                 .ok_or_else(|| invalid("a redis tier needs [redis] url".into()))?;
             let blobs = SharedBlobs::new(redis).map_err(|e| invalid(e.to_string()))?;
-            plan.shared = Some((blobs, crate::store::layout::Layout::cas(&storage.data_dir)));
+            plan.shared = Some(blobs);
         }
         plan.layout = Some(crate::store::layout::Layout::cas(&storage.data_dir));
         Ok(plan)
@@ -157,8 +157,8 @@ impl ChainPlan {
                     }
                     None => inner,
                 },
-                (TierSpec::Redis { max_blob }, Some(inner)) => match &self.shared {
-                    Some((blobs, layout)) => Arc::new(RedisTier::new(
+                (TierSpec::Redis { max_blob }, Some(inner)) => match (&self.shared, &self.layout) {
+                    (Some(blobs), Some(layout)) => Arc::new(RedisTier::new(
                         blobs.clone(),
                         inner,
                         *max_blob,
@@ -166,7 +166,7 @@ impl ChainPlan {
                         layout.clone(),
                         self.metrics.clone(),
                     )),
-                    None => inner,
+                    _ => inner,
                 },
                 (TierSpec::Remote { shards }, Some(inner)) => {
                     match (self.remotes.get(shards), &self.layout) {

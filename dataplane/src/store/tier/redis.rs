@@ -105,22 +105,12 @@ impl RedisInner {
 
     /// The Redis key of a blob: instance, digest function, the hash in a hash tag, size.
     fn key(&self, key: &BlobKey) -> String {
-        self.shared.redis.key(&kiln_redis::digest_key(
-            "cas",
-            key.instance.as_str(),
-            key.digest.function.name(),
-            &key.digest.hex(),
-            key.digest.size,
-        ))
+        self.shared.redis.digest_key("cas", key)
     }
 
     fn failed(&self, what: &str, e: &RedisError) {
         self.metrics.redis_failures.inc();
-        if e.is_known_down() {
-            tracing::debug!(error = %e, "{what}");
-        } else {
-            tracing::warn!(error = %e, "{what}");
-        }
+        e.log(&"blobs", what);
     }
 
     /// Fetches `keys` (all shared, none held below) from Redis and stores below those Redis
