@@ -117,8 +117,8 @@ async fn a_both_link_moves_to_quic_once_the_connection_is_up() {
 }
 
 // Workers read blobs from and upload them to the server over QUIC when both say so:
-// `server.quic`, and w1 with `server_transport = "quic"` (QUIC only: had QUIC not carried
-// them, its fetch or upload would fail) runs an action whose inputs it fetches from the server
+// `server.quic`, and w1 with `server_transport = "quic"` (its reads QUIC only: had QUIC not
+// carried them, its fetch would fail; uploads go over QUIC once the connection is up) runs an action whose inputs it fetches from the server
 // and whose outputs (a 6 MiB file, streamed, and its stdout, in a batch) it uploads: the
 // server's TCP data plane sends it none of its inputs and receives none of its outputs. w2
 // with `"both"` against the same server runs too (over TCP while its QUIC connection comes

@@ -191,14 +191,21 @@ async fn sharing_server_at(dir: &std::path::Path, name: &str, url: &str, cluster
 }
 
 /// A counter of Redis's `INFO` (`section`), by name.
+/// (A command's statistics appear at its first call: absent is 0; any other counter must be
+/// there.)
 fn info(redis: &RedisServer, section: &str, name: &str) -> u64 {
     let text = redis.command(&format!("INFO {section}\r\n")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .map_or(0, |v| {
-            let v = v.split(',').next().unwrap_or(v);
-            v.trim_start_matches("calls=").trim().parse().unwrap()
-        })
+    let found = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")));
+    assert!(
+        found.is_some() || name.starts_with("cmdstat_"),
+        "Redis reports no {name} (Redis 6 or later is needed)"
+    );
+    found.map_or(0, |v| {
+        let v = v.split(',').next().unwrap_or(v);
+        v.trim_start_matches("calls=").trim().parse().unwrap()
+    })
 }
 
 // A `redis` tier in the chain shares small blobs between servers: a blob uploaded to a is

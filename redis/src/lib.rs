@@ -13,8 +13,8 @@
 //! hex digits of the digest's hash in a hash tag (`{…}`) after the instance name: a value's
 //! temporary key lives in the same Redis Cluster slot as the value, and keys spread over 256
 //! slots. With `redis.cluster`, a call about many keys sends one pipeline per hash tag (a
-//! Cluster pipeline must stay in one slot; all at once), where a single Redis takes them all
-//! in one.
+//! Cluster pipeline must stay in one slot; 8 at a time), where a single Redis takes them all
+//! in one. The timeout bounds each round trip: a call of many chunks may take several.
 
 use bytes::Bytes;
 use kiln_reapi::status::{Classify, ErrorKind};

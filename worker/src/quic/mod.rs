@@ -5,9 +5,9 @@
 //! QUIC connection carries every stream to it ([`connect`]) and the fetching code is the same
 //! `RemoteCas` either way: digests are checked the same, batches and ranges work the same.
 //!
-//! `worker.peer_transport` chooses per link: `tcp`, `quic`, or `both` (QUIC first; a peer that
-//! cannot be reached over UDP within `peer_quic_connect_timeout_ms` is reached over TCP until
-//! the cooldown ends).
+//! `worker.peer_transport` chooses per link: `tcp`, `quic`, or `both` (QUIC once the
+//! connection is up, TCP while it is dialled in the background; a peer that cannot be reached
+//! over UDP within `peer_quic_connect_timeout_ms` is reached over TCP until the cooldown ends).
 
 pub mod connect;
 pub mod io;
