@@ -14,6 +14,7 @@ const FILES: &[&str] = &[
     "google/rpc/status.proto",
     "google/rpc/error_details.proto",
     "kiln/worker/v1/worker.proto",
+    "kiln/farm/v1/farm.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -427,9 +427,9 @@ async fn redis_killed_and_restarted_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operation_accepted_by_one_server_is_watched_through_another() {
     use kiln_proto::longrunning::operations_client::OperationsClient;
-    use kiln_proto::longrunning::{operation, GetOperationRequest};
+    use kiln_proto::longrunning::GetOperationRequest;
     use kiln_proto::reapi::execution_client::ExecutionClient;
-    use kiln_proto::reapi::{ExecuteRequest, ExecuteResponse, WaitExecutionRequest};
+    use kiln_proto::reapi::ExecuteRequest;
     use prost::Message;
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
@@ -494,27 +494,9 @@ async fn an_operation_accepted_by_one_server_is_watched_through_another() {
         cancel.map_err(|s| s.code()).map(|_| ()),
         Err(Code::FailedPrecondition)
     );
-    let mut on_b = ExecutionClient::new(chb.clone())
-        .wait_execution(WaitExecutionRequest { name: name.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let on_b = watching(&chb, &name).await;
     std::fs::write(&flag, b"").unwrap();
-    let mut last = None;
-    let follow = async {
-        while let Some(op) = on_b.message().await.unwrap() {
-            last = Some(op);
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(60), follow)
-        .await
-        .expect("b's WaitExecution followed the operation to its end");
-    let last = last.expect("b's stream sent the operation");
-    assert!(last.done, "{last:?}");
-    let Some(operation::Result::Response(any)) = last.result else {
-        panic!("no response: {last:?}");
-    };
-    let response = ExecuteResponse::decode(any.value.as_slice()).unwrap();
+    let response = on_b.await.unwrap();
     assert_eq!(common::exec::code(&response), 0, "{response:?}");
     assert!(get_on_b().await.unwrap().done);
     // Deleted where it was accepted: gone from b too.
@@ -537,4 +519,171 @@ async fn an_operation_accepted_by_one_server_is_watched_through_another() {
     drop(on_a);
     runs.stop().await;
     watches.stop().await;
+}
+
+/// A server of a farm that shares operations and small blobs through the Redis at `url`, with
+/// no worker of its own, a short lease, and workers lost after 3 s of silence.
+async fn farm_server(dir: &std::path::Path, name: &str, url: &str) -> Kiln {
+    Kiln::start_async(
+        &dir.join(name),
+        Options {
+            config: Some(format!(
+                concat!(
+                    "[redis]\nurl = \"{}\"\ntimeout_ms = 500\nlease_secs = 1\n",
+                    "[storage]\nchain = [\"memory\", \"shared\", \"filesystem\"]\n",
+                    "[storage.tiers.shared]\nkind = \"redis\"\nmax_blob_bytes = \"64 KiB\"\n",
+                    "{}"
+                ),
+                url,
+                common::exec::NO_EMBEDDED
+            )),
+            ..Options::on(Runtime::Glommio)
+        },
+    )
+    .await
+}
+
+/// Opens WaitExecution on `name` through `ch`, and follows it (in a task) to its end, within
+/// a minute.
+async fn watching(
+    ch: &Channel,
+    name: &str,
+) -> tokio::task::JoinHandle<kiln_proto::reapi::ExecuteResponse> {
+    use kiln_proto::longrunning::operation;
+    use kiln_proto::reapi::execution_client::ExecutionClient;
+    use prost::Message;
+    let mut stream = ExecutionClient::new(ch.clone())
+        .wait_execution(kiln_proto::reapi::WaitExecutionRequest {
+            name: name.to_string(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("WaitExecution {name}: {s:?}"))
+        .into_inner();
+    tokio::spawn(async move {
+        let mut last = None;
+        let follow = async {
+            while let Some(op) = stream.message().await.unwrap() {
+                last = Some(op);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), follow)
+            .await
+            .expect("the operation ended within a minute");
+        let last = last.expect("the stream sent the operation");
+        assert!(last.done, "{last:?}");
+        let Some(operation::Result::Response(any)) = last.result else {
+            panic!("no response: {last:?}");
+        };
+        kiln_proto::reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap()
+    })
+}
+
+// Server a is killed (SIGKILL) with one action running on its worker and two queued: server
+// b takes them over under the same names and runs them on its own worker. Every action
+// completes exactly once (each appends its tag to a log only once let go, after the take-over,
+// and a's worker killed its copy when a's session broke), and watchers on b, started before
+// the kill, see every result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
+    use kiln_proto::reapi::execution_client::ExecutionClient;
+    use kiln_proto::reapi::ExecuteRequest;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = farm_server(dir.path(), "a", &redis.url()).await;
+    let b = farm_server(dir.path(), "b", &redis.url()).await;
+    let _wa = common::exec::start_worker(
+        Runtime::Glommio,
+        &a,
+        &dir.path().join("wa"),
+        "wa",
+        &["--max-inflight", "1"],
+    )
+    .await;
+    let wb = common::exec::start_worker(
+        Runtime::Glommio,
+        &b,
+        &dir.path().join("wb"),
+        "wb",
+        &["--max-inflight", "3"],
+    )
+    .await;
+    let (cha, chb) = (a.channel().await, b.channel().await);
+    let (flag, log) = (dir.path().join("flag"), dir.path().join("log"));
+    let mut names = Vec::new();
+    let mut on_a = Vec::new();
+    for tag in ["one", "two", "three"] {
+        let action = common::exec::Spec::script(&format!(
+            "touch {started}-{tag}; while [ ! -e {flag} ]; do sleep 0.02; done; echo {tag} >> {log}",
+            started = dir.path().join("started").display(),
+            flag = flag.display(),
+            log = log.display(),
+        ))
+        .upload(&cha, F)
+        .await;
+        let mut stream = ExecutionClient::new(cha.clone())
+            .execute(ExecuteRequest {
+                action_digest: Some(action),
+                digest_function: F as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        names.push(stream.message().await.unwrap().unwrap().name);
+        on_a.push(stream);
+    }
+    let started = |tag: &str| dir.path().join(format!("started-{tag}"));
+    common::eventually("a's worker to start the first action", || async {
+        started("one").exists().then_some(())
+    })
+    .await;
+    // Watchers on b, before the kill.
+    let mut watchers = Vec::new();
+    for name in &names {
+        common::eventually("b to see a's operation", || {
+            let (chb, name) = (chb.clone(), name.clone());
+            async move {
+                kiln_proto::longrunning::operations_client::OperationsClient::new(chb)
+                    .get_operation(kiln_proto::longrunning::GetOperationRequest { name })
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+        watchers.push(watching(&chb, name).await);
+    }
+    std::fs::remove_file(started("one")).unwrap();
+    a.signal(libc::SIGKILL);
+    tokio::task::spawn_blocking(move || {
+        a.wait();
+    })
+    .await
+    .unwrap();
+    drop(on_a);
+    // b takes over once a's lease lapses; its worker starts all three.
+    for tag in ["one", "two", "three"] {
+        common::eventually("b's worker to start a taken-over action", || async {
+            started(tag).exists().then_some(())
+        })
+        .await;
+    }
+    std::fs::write(&flag, b"").unwrap();
+    for watcher in watchers {
+        let response = watcher.await.unwrap();
+        assert_eq!(common::exec::code(&response), 0, "{response:?}");
+        assert_eq!(common::exec::worker_of(&response), wb.name);
+    }
+    let mut lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["one", "three", "two"], "each action completed once");
+    // Asked again, b answers from what it ran.
+    for name in &names {
+        let again = watching(&chb, name).await.await.unwrap();
+        assert_eq!(common::exec::code(&again), 0);
+    }
+    b.stop().await;
 }

@@ -106,6 +106,14 @@ impl Config {
         if r.pipeline_keys == 0 || r.pipeline_keys > 100_000 {
             return invalid("redis.pipeline_keys", "must be from 1 to 100,000");
         }
+        // A renewal may take a whole timeout: two fit in a lease, so a live server's lease
+        // does not lapse because one call was slow.
+        if r.lease_secs == 0 || r.lease_secs > 600 || r.lease_secs * 1000 < 2 * r.timeout_ms {
+            return invalid(
+                "redis.lease_secs",
+                "must be from 1 to 600 seconds, and at least twice redis.timeout_ms",
+            );
+        }
         if r.action_cache_ttl_secs > 10 * 365 * 86_400 {
             return invalid("redis.action_cache_ttl_secs", "must be at most ten years");
         }

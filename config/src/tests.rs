@@ -415,3 +415,20 @@ fn several_redis_urls_only_for_a_cluster() {
     assert!(err.contains("several separated by commas"), "{err}");
     Config::from_toml(&format!("[redis]\n{two}\ncluster = true\n"), "t").unwrap();
 }
+
+#[test]
+fn a_redis_lease_outlasts_two_timeouts() {
+    let url = "[redis]\nurl = \"redis://127.0.0.1:6379\"\n";
+    for bad in [
+        "lease_secs = 0",
+        "lease_secs = 601",
+        "lease_secs = 3\ntimeout_ms = 2000",
+    ] {
+        let err = Config::from_toml(&format!("{url}{bad}\n"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.lease_secs"), "{bad}: {err}");
+    }
+    let ok = Config::from_toml(&format!("{url}lease_secs = 2\ntimeout_ms = 1000\n"), "t").unwrap();
+    assert_eq!((ok.redis.lease_secs, ok.redis.take_over), (2, true));
+}

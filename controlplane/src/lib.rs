@@ -129,17 +129,25 @@ impl ControlPlane {
         });
         let execution = config.execution.enabled.then(|| {
             let _guard = runtime.enter();
+            // This server's name in Redis: new at every start, so that a restarted server's
+            // old self is taken over like any server that died.
+            let server = uuid::Uuid::new_v4().simple().to_string();
             let shared_ops = redis
                 .clone()
                 .filter(|_| config.redis.operations)
-                .map(execution::shared_ops::SharedOps::new);
-            execution::ExecutionCore::start(
+                .map(|redis| execution::shared_ops::SharedOps::new(redis, server));
+            let core = execution::ExecutionCore::start(
                 config.execution.clone(),
                 &local,
                 action_cache_core.clone(),
                 max_message,
-                shared_ops,
-            )
+                shared_ops.clone(),
+            );
+            if let (Some(ops), true) = (shared_ops, config.redis.take_over) {
+                let lease = Duration::from_secs(config.redis.lease_secs);
+                execution::farm::Farm::start(&core, ops, lease);
+            }
+            core
         });
         let mut routes = tonic::service::Routes::new(
             CapabilitiesServer::new(capabilities)

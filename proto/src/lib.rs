@@ -61,6 +61,13 @@ pub mod kiln {
             tonic::include_proto!("kiln.worker.v1");
         }
     }
+    /// What servers sharing one Redis keep there.
+    pub mod farm {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("kiln.farm.v1");
+        }
+    }
 }
 
 /// The Remote Asset API v1.
@@ -70,4 +77,5 @@ pub use build::bazel::remote::asset::v1 as asset;
 pub use build::bazel::remote::execution::v2 as reapi;
 pub use google::bytestream;
 pub use google::longrunning;
+pub use kiln::farm::v1 as farm;
 pub use kiln::worker::v1 as worker;

@@ -195,6 +195,17 @@ fn byte_bounded(keys: &[(String, u64)], count: usize) -> Vec<&[(String, u64)]> {
     runs
 }
 
+/// When [`Redis::set`] sets a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// Whether it is there or not.
+    Always,
+    /// Only if it is not there (a claim).
+    Missing,
+    /// Only if it is there (a lease renewed).
+    Present,
+}
+
 /// A value read with a bound on its size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
@@ -426,6 +437,66 @@ impl Redis {
             pipe.query_async::<()>(&mut c).await
         })
         .await
+    }
+
+    /// Sets `key` to `value`, expiring after `ttl`, if `when` allows it: whether it was set.
+    /// Leases and claims are made of this (`SET … PX … NX|XX`).
+    pub async fn set(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        when: When,
+    ) -> Result<bool, RedisError> {
+        self.run(|mut c| async move {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64);
+            match when {
+                When::Always => {}
+                When::Missing => {
+                    cmd.arg("NX");
+                }
+                When::Present => {
+                    cmd.arg("XX");
+                }
+            }
+            let answer: redis::Value = cmd.query_async(&mut c).await?;
+            Ok(!matches!(answer, redis::Value::Nil))
+        })
+        .await
+    }
+
+    /// Adds `member` to the set at `key`.
+    pub async fn set_add(&self, key: &str, member: &str) -> Result<(), RedisError> {
+        self.run(|mut c| async move {
+            redis::cmd("SADD")
+                .arg(key)
+                .arg(member)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Removes `member` from the set at `key`.
+    pub async fn set_remove(&self, key: &str, member: &str) -> Result<(), RedisError> {
+        self.run(|mut c| async move {
+            redis::cmd("SREM")
+                .arg(key)
+                .arg(member)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// The members of the set at `key` (none when there is no such key).
+    pub async fn set_members(&self, key: &str) -> Result<Vec<String>, RedisError> {
+        self.run(|mut c| async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await })
+            .await
     }
 
     /// Removes `key`.

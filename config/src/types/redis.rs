@@ -28,6 +28,12 @@ pub struct RedisConfig {
     /// Share operations through Redis: every server answers `GetOperation` and
     /// `WaitExecution` for an operation another server accepted.
     pub operations: bool,
+    /// With `operations`: when a server sharing this Redis dies, another takes over its
+    /// queued and running operations (under the same names), so its clients' builds go on.
+    pub take_over: bool,
+    /// A server that has not renewed its lease in Redis for this long is taken for dead and
+    /// its operations are taken over (seconds; renewed every fifth of it).
+    pub lease_secs: u64,
 }
 
 impl Default for RedisConfig {
@@ -41,6 +47,8 @@ impl Default for RedisConfig {
             action_cache: true,
             action_cache_ttl_secs: 0,
             operations: true,
+            take_over: true,
+            lease_secs: 10,
         }
     }
 }

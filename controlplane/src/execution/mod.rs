@@ -4,6 +4,7 @@
 //! action cache and releasing the inputs' pins.
 
 mod commands;
+pub mod farm;
 mod listing;
 mod operations;
 mod ops;
@@ -287,20 +288,25 @@ impl ExecutionCore {
             .then_some(result)
     }
 
-    /// Queues a prepared job; merged jobs release their own pins at once.
+    /// Queues a prepared job of `request` as a new operation (named `name`, when given: one
+    /// taken over); merged jobs release their own pins at once.
     fn submit(
         &self,
         job: Job<Arc<Payload>>,
+        request: Arc<kiln_proto::reapi::ExecuteRequest>,
+        name: Option<String>,
     ) -> Result<(OpId, tokio::sync::watch::Receiver<OpView>), SubmitError> {
         let payload = job.payload.clone();
+        let adopted = name.is_some();
         let view = OpView {
-            name: format!("operations/{}", uuid::Uuid::new_v4()),
+            name: name.unwrap_or_else(|| format!("operations/{}", uuid::Uuid::new_v4())),
             instance: job.key.instance.as_str().to_string(),
             stage: StageValue::Queued,
             action_digest: job.key.digest.to_proto(),
             digest_function: job.key.digest.function.proto() as i32,
             response: None,
         };
+        let op_name = view.name.clone();
         // Register before the scheduler can dispatch (it needs the name), and watch while the
         // operation certainly is live: under the scheduler lock, taken before the registry's
         // (the same order as in `carry_out`).
@@ -332,8 +338,10 @@ impl ExecutionCore {
         }
         let (sub, rx) = result?;
         let rx = rx.expect("a submitted operation is live while the scheduler lock is held");
-        if let (Some(shared), false) = (&self.shared, sub.merged) {
-            shared.mirror(rx.clone());
+        // A merged job's operation is shared already; one taken over is shared under its
+        // own name too (its watchers follow that name), whatever it ran as here.
+        if let (Some(shared), true) = (&self.shared, !sub.merged || adopted) {
+            shared.mirror(op_name, rx.clone(), request);
         }
         Ok((sub.op, rx))
     }

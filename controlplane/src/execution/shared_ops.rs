@@ -6,14 +6,16 @@
 //! following it until it is done, or until its key is gone (the watcher's stream then ends
 //! without a result, and a client asking again is told `NOT_FOUND`).
 //!
-//! This shares what operations look like, not who runs them: the server that accepted an
-//! operation schedules it, and if that server dies its operations end with it. Taking
-//! operations over is the scheduler's state in Redis, not built yet.
+//! Each record names the server that schedules the operation and carries the request that
+//! made it, and each server lists the operations it schedules and has not finished
+//! (`owned:{server}`): with `[redis] take_over`, the servers that outlive one take its
+//! operations over from these (see [`super::farm`]).
 
 use super::ops::OpView;
-use kiln_proto::longrunning::{operation, Operation};
+use kiln_proto::farm::SharedOperation;
+use kiln_proto::longrunning::operation;
 use kiln_proto::reapi::execution_stage::Value as StageValue;
-use kiln_proto::reapi::{ExecuteOperationMetadata, ExecuteResponse};
+use kiln_proto::reapi::{ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse};
 use kiln_redis::{Redis, Value};
 use prost::Message;
 use std::sync::Arc;
@@ -38,12 +40,40 @@ const MAX_BYTES: u64 = 64 << 20;
 /// Operations in Redis.
 pub struct SharedOps {
     redis: Arc<Redis>,
+    /// This server's name in Redis (new at every start).
+    server: String,
+}
+
+/// An operation as Redis has it.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// What its watchers see.
+    pub view: OpView,
+    /// The server that schedules it.
+    pub owner: String,
+    /// The request that made it, if it may be taken over.
+    pub request: Option<ExecuteRequest>,
 }
 
 impl SharedOps {
-    /// Operations shared through `redis`.
-    pub fn new(redis: Arc<Redis>) -> Arc<SharedOps> {
-        Arc::new(SharedOps { redis })
+    /// Operations shared through `redis`, by the server named `server` there.
+    pub fn new(redis: Arc<Redis>, server: String) -> Arc<SharedOps> {
+        Arc::new(SharedOps { redis, server })
+    }
+
+    /// Redis, for the farm's leases.
+    pub(super) fn redis(&self) -> &Arc<Redis> {
+        &self.redis
+    }
+
+    /// This server's name in Redis.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The set of operations `server` schedules and has not finished.
+    pub(super) fn owned_key(&self, server: &str) -> String {
+        self.redis.key(&format!("owned:{server}"))
     }
 
     /// The key of operation `name`, with a hash tag (a byte of the name's hash) so that its
@@ -60,16 +90,30 @@ impl SharedOps {
         }
     }
 
-    /// Writes the operation `rx` watches to Redis now, at every change and every
-    /// [`HEARTBEAT`], until it is done (in a task of its own). A failure is logged: the
+    /// Writes the operation `rx` watches to Redis as `name` (with `request`, for whoever
+    /// takes it over) now, at every change and every [`HEARTBEAT`], until it is done (in a
+    /// task of its own); lists it among this server's until then. A failure is logged: the
     /// operation runs on regardless.
-    pub fn mirror(self: &Arc<Self>, mut rx: watch::Receiver<OpView>) {
+    pub fn mirror(
+        self: &Arc<Self>,
+        name: String,
+        mut rx: watch::Receiver<OpView>,
+        request: Arc<ExecuteRequest>,
+    ) {
         let this = self.clone();
         tokio::spawn(async move {
+            let mut listed = false;
             loop {
-                let view = rx.borrow_and_update().clone();
-                this.write(&view).await;
+                let mut view = rx.borrow_and_update().clone();
+                view.name.clone_from(&name);
+                if !listed && !view.done() {
+                    listed = this.list(&name).await;
+                }
+                this.write(&view, Some(&request)).await;
                 if view.done() {
+                    if listed {
+                        this.unlist(&name).await;
+                    }
                     return;
                 }
                 // A change, or the heartbeat; a closed channel (the operation gone) ends it.
@@ -80,10 +124,43 @@ impl SharedOps {
         });
     }
 
-    /// Writes `view`; the finished state is tried again (past a Redis that failed a moment
-    /// ago) for [`FINAL_TRIES`].
-    async fn write(&self, view: &OpView) {
-        let (ttl, data) = (if view.done() { DONE } else { RUNNING }, encode(view));
+    /// Ends operation `name` in Redis as `view` (finished) says, for an operation this server
+    /// took over and finished without scheduling it.
+    pub async fn end(&self, view: &OpView) {
+        self.write(view, None).await;
+    }
+
+    /// Lists `name` among this server's unfinished operations; whether it is.
+    async fn list(&self, name: &str) -> bool {
+        match self
+            .redis
+            .set_add(&self.owned_key(&self.server), name)
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                e.log(
+                    &name,
+                    "cannot list an operation in Redis; it cannot be taken over",
+                );
+                false
+            }
+        }
+    }
+
+    /// Takes `name` off this server's list.
+    async fn unlist(&self, name: &str) {
+        let key = self.owned_key(&self.server);
+        if let Err(e) = self.redis.set_remove(&key, name).await {
+            tracing::debug!(operation = %name, error = %e, "cannot take a finished operation off the list in Redis");
+        }
+    }
+
+    /// Writes `view` (with `request`); the finished state is tried again (past a Redis that
+    /// failed a moment ago) for [`FINAL_TRIES`].
+    async fn write(&self, view: &OpView, request: Option<&ExecuteRequest>) {
+        let ttl = if view.done() { DONE } else { RUNNING };
+        let data = encode(view, &self.server, request);
         let give_up = tokio::time::Instant::now() + FINAL_TRIES;
         let mut wait = Duration::from_millis(250);
         loop {
@@ -107,7 +184,7 @@ impl SharedOps {
     /// [`FOLLOW`] while anyone watches, until it is done or its key is gone (or Redis failed
     /// [`MAX_FAILED_READS`] times in a row); the channel then closes.
     pub async fn watch(self: &Arc<Self>, name: &str) -> Option<watch::Receiver<OpView>> {
-        let Ok(Some(view)) = self.read(name).await else {
+        let Ok(Some(Shared { view, .. })) = self.read(name).await else {
             return None;
         };
         let done = view.done();
@@ -122,7 +199,7 @@ impl SharedOps {
                         _ = tokio::time::sleep(FOLLOW) => {}
                     }
                     let view = match this.read(&name).await {
-                        Ok(Some(view)) => view,
+                        Ok(Some(shared)) => shared.view,
                         Ok(None) => return,
                         Err(()) => {
                             failed += 1;
@@ -150,7 +227,7 @@ impl SharedOps {
 
     /// Operation `name` as Redis has it: `Ok(None)` when it is not there (or not readable as
     /// one), `Err` when Redis failed.
-    async fn read(&self, name: &str) -> Result<Option<OpView>, ()> {
+    pub async fn read(&self, name: &str) -> Result<Option<Shared>, ()> {
         match self.redis.get(&self.key(name), MAX_BYTES).await {
             Ok(Value::Found(data)) => Ok(decode(name, &data)),
             Ok(_) => Ok(None),
@@ -162,22 +239,21 @@ impl SharedOps {
     }
 }
 
-/// An operation as it is kept: its instance's length (4 bytes), the instance, then the
-/// `google.longrunning.Operation` its watchers see.
-fn encode(view: &OpView) -> Vec<u8> {
-    let operation = view.to_operation().encode_to_vec();
-    let mut out = Vec::with_capacity(4 + view.instance.len() + operation.len());
-    out.extend_from_slice(&(view.instance.len() as u32).to_le_bytes());
-    out.extend_from_slice(view.instance.as_bytes());
-    out.extend_from_slice(&operation);
-    out
+/// An operation as it is kept: a `kiln.farm.v1.SharedOperation`.
+fn encode(view: &OpView, owner: &str, request: Option<&ExecuteRequest>) -> Vec<u8> {
+    SharedOperation {
+        instance_name: view.instance.clone(),
+        operation: Some(view.to_operation()),
+        owner: owner.to_string(),
+        request: request.cloned(),
+    }
+    .encode_to_vec()
 }
 
-/// The view of operation `name` kept as `data`; `None` when it is not one.
-fn decode(name: &str, data: &[u8]) -> Option<OpView> {
-    let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
-    let instance = std::str::from_utf8(data.get(4..4usize.checked_add(len)?)?).ok()?;
-    let operation = Operation::decode(data.get(4 + len..)?).ok()?;
+/// Operation `name` kept as `data`; `None` when it is not one.
+fn decode(name: &str, data: &[u8]) -> Option<Shared> {
+    let shared = SharedOperation::decode(data).ok()?;
+    let operation = shared.operation?;
     let metadata = ExecuteOperationMetadata::decode(operation.metadata?.value.as_slice()).ok()?;
     let response = match operation.result {
         Some(operation::Result::Response(any)) => Some(Arc::new(
@@ -186,13 +262,17 @@ fn decode(name: &str, data: &[u8]) -> Option<OpView> {
         Some(operation::Result::Error(_)) => return None,
         None => None,
     };
-    Some(OpView {
-        name: name.to_string(),
-        instance: instance.to_string(),
-        stage: StageValue::try_from(metadata.stage).ok()?,
-        action_digest: metadata.action_digest?,
-        digest_function: metadata.digest_function,
-        response,
+    Some(Shared {
+        view: OpView {
+            name: name.to_string(),
+            instance: shared.instance_name,
+            stage: StageValue::try_from(metadata.stage).ok()?,
+            action_digest: metadata.action_digest?,
+            digest_function: metadata.digest_function,
+            response,
+        },
+        owner: shared.owner,
+        request: shared.request,
     })
 }
 
@@ -206,7 +286,7 @@ mod tests {
             url: "redis://127.0.0.1:1".into(),
             ..Default::default()
         };
-        let ops = SharedOps::new(Redis::new(&config).unwrap().unwrap());
+        let ops = SharedOps::new(Redis::new(&config).unwrap().unwrap(), "s".into());
         let key = ops.key("operations/abc");
         let tag = &key[key.find('{').unwrap()..=key.find('}').unwrap()];
         assert_eq!(tag.len(), 4, "{key}");
@@ -232,10 +312,18 @@ mod tests {
                 ..Default::default()
             })),
         };
-        let back = decode("operations/x", &encode(&view)).unwrap();
-        assert_eq!(back.to_operation(), view.to_operation());
-        assert_eq!(back.instance, "main");
-        for bad in [&b""[..], b"\xff\xff\xff\xff", b"\x01\x00\x00\x00a\x99"] {
+        let request = ExecuteRequest {
+            instance_name: "main".into(),
+            skip_cache_lookup: true,
+            ..Default::default()
+        };
+        let back = decode("operations/x", &encode(&view, "srv", Some(&request))).unwrap();
+        assert_eq!(back.view.to_operation(), view.to_operation());
+        assert_eq!(back.view.instance, "main");
+        assert_eq!((back.owner.as_str(), back.request), ("srv", Some(request)));
+        let without = decode("operations/x", &encode(&view, "srv", None)).unwrap();
+        assert_eq!(without.request, None);
+        for bad in [&b""[..], b"\xff\xff\xff\xff", b"\x12\x01\x99"] {
             assert!(decode("operations/x", bad).is_none());
         }
     }
