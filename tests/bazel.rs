@@ -3,8 +3,9 @@
 //! misses, salted per run), and after `bazel clean` the second build is entirely remote cache
 //! hits — and as a remote executor, where `bazel test` of the genrules, the C library and
 //! binary and a C test runs every action on Kiln's embedded worker, then a clean rerun is all
-//! cache hits; the same against a server with two `kiln worker`s; and with `[auth]`, with a
-//! bearer token and without one.
+//! cache hits; the same against a server with two `kiln worker`s; with `[auth]`, with a
+//! bearer token and without one; and a build whose server is killed and restarted while it
+//! runs.
 
 #[macro_use]
 mod common;
@@ -24,6 +25,17 @@ async fn run_bazel(
     remote_execution: bool,
     extra: Vec<String>,
 ) -> (bool, String, String) {
+    run_bazel_with(endpoint, scratch, remote_execution, extra, Vec::new()).await
+}
+
+/// [`run_bazel`] with `env` set for the script.
+async fn run_bazel_with(
+    endpoint: String,
+    scratch: std::path::PathBuf,
+    remote_execution: bool,
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
+) -> (bool, String, String) {
     common::ensure_debian_package(BAZEL, "bazel-bootstrap");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bazel/run_bazel.sh");
     let salt = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4());
@@ -35,7 +47,8 @@ async fn run_bazel(
             .arg(&scratch)
             .args(&extra)
             .env("BAZEL", BAZEL)
-            .env("REQUIRE_FIRST_MISS", "1");
+            .env("REQUIRE_FIRST_MISS", "1")
+            .envs(env);
         if remote_execution {
             cmd.arg(format!("--remote_executor={endpoint}"))
                 .env("BAZEL_COMMAND", "test")
@@ -180,6 +193,69 @@ async fn bazel_runs_on_a_server_with_two_workers() {
         "{executed} Execute calls, {laid_out} laid out"
     );
     drop(workers);
+    kiln.stop().await;
+}
+
+// A build survives its server: Bazel executes on server a, which shares its operations
+// through Redis; a is killed (SIGKILL) while an action waits on a gate, and restarted on the
+// same address. Bazel's broken Execute stream is retried as WaitExecution on the restarted
+// server, which follows the operation through Redis, takes it over from its dead former self
+// once that one's lease lapses, and runs it again; the build passes, and the clean rerun is
+// all cache hits. (`--remote_retries` gives Bazel's backoff room for the restart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bazel_build_survives_its_server_killed_and_restarted() {
+    let redis = common::redis::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("server");
+    let options = |listen: Option<String>| common::Options {
+        config: Some(format!(
+            "[redis]\nurl = \"{}\"\ntimeout_ms = 500\nlease_secs = 2\n",
+            redis.url()
+        )),
+        listen,
+        ..common::Options::on(common::Runtime::Glommio)
+    };
+    let mut kiln = Kiln::start_async(&data_dir, options(None)).await;
+    let endpoint = format!("grpc://{}", kiln.addr);
+    let gate = dir.path().join("gate");
+    let build = tokio::spawn(run_bazel_with(
+        endpoint,
+        dir.path().join("scratch"),
+        true,
+        vec![
+            format!("--action_env=KILN_GATE={}", gate.display()),
+            "--remote_retries=20".into(),
+        ],
+        vec![("ALLOW_BUILD1_WARNINGS".into(), "1".into())],
+    ));
+    let started = dir.path().join("gate.started");
+    common::eventually(
+        "the gated action to start on the server's worker",
+        || async { started.exists().then_some(()) },
+    )
+    .await;
+    kiln.signal(libc::SIGKILL);
+    let addr = kiln.addr.to_string();
+    let old_log = tokio::task::spawn_blocking(move || {
+        kiln.wait();
+        kiln.log_text()
+    })
+    .await
+    .unwrap();
+    let kiln = Kiln::start_async(&data_dir, options(Some(addr))).await;
+    std::fs::write(&gate, b"").unwrap();
+    let (passed, stdout, stderr) = build.await.unwrap();
+    assert!(
+        passed,
+        "bazel run failed:\n{stdout}\n{stderr}\nfirst server's log:\n{old_log}\nrestarted server's log:\n{}",
+        kiln.log_text()
+    );
+    assert!(
+        kiln.log_text()
+            .contains("took over a dead server's operations"),
+        "the restarted server took over:\n{}",
+        kiln.log_text()
+    );
     kiln.stop().await;
 }
 
