@@ -117,9 +117,10 @@ pub struct WorkerArgs {
     /// Configuration file (TOML): `[worker]`, plus `[storage]` for the local CAS.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The scheduler, `grpc://HOST:PORT` (overrides worker.scheduler).
+    /// The scheduler, `grpc://HOST:PORT` (overrides worker.scheduler); repeat it to serve
+    /// several servers of a farm at once (the others override worker.schedulers).
     #[arg(long, value_name = "URL")]
-    pub scheduler: Option<String>,
+    pub scheduler: Vec<String>,
     /// Where actions run (overrides worker.work_dir).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,

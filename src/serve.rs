@@ -236,9 +236,8 @@ fn start_embedded_worker(
     };
     let worker = RunningWorker::start(
         control.runtime(),
-        link,
+        vec![(link, ctx)],
         identity,
-        ctx,
         Duration::from_secs(config.worker.max_reconnect_delay_secs),
     )?;
     Ok(Some(worker))

@@ -25,18 +25,45 @@ pub struct RunningWorker {
 }
 
 impl RunningWorker {
-    /// Starts a worker session loop on `runtime`.
+    /// Starts a session loop on `runtime` for each scheduler (its link, and the context its
+    /// actions run in), sharing the worker's slots and reports.
     pub fn start(
         runtime: &tokio::runtime::Runtime,
-        link: Link,
+        sessions: Vec<(Link, Arc<WorkerContext>)>,
         identity: Identity,
-        ctx: Arc<WorkerContext>,
         max_delay: Duration,
     ) -> anyhow::Result<RunningWorker> {
         let (stop, stopped) = watch::channel(false);
-        let task = runtime.spawn(kiln_worker::session::run(
-            link, identity, ctx, max_delay, stopped,
-        ));
+        let Some((_, first)) = sessions.first() else {
+            bail!("a worker needs a scheduler");
+        };
+        let _guard = runtime.enter();
+        let slots = kiln_worker::slots::Slots::new(identity.max_inflight);
+        let reports = kiln_worker::reports::ReportHub::start(first.clone());
+        let loops: Vec<_> = sessions
+            .into_iter()
+            .enumerate()
+            .map(|(index, (link, ctx))| {
+                let shared = kiln_worker::session::Shared {
+                    index,
+                    slots: slots.clone(),
+                    reports: reports.clone(),
+                };
+                kiln_worker::session::run(
+                    link,
+                    identity.clone(),
+                    ctx,
+                    shared,
+                    max_delay,
+                    stopped.clone(),
+                )
+            })
+            .collect();
+        let mut all = tokio::task::JoinSet::new();
+        for session in loops {
+            all.spawn(session);
+        }
+        let task = runtime.spawn(async move { while all.join_next().await.is_some() {} });
         Ok(RunningWorker { stop, task })
     }
 
@@ -289,6 +316,12 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let Some(scheduler) = config.worker.scheduler.clone() else {
         bail!("no scheduler: pass --scheduler grpc://HOST:PORT or set worker.scheduler");
     };
+    let mut schedulers = vec![scheduler];
+    for more in &config.worker.schedulers {
+        if !schedulers.contains(more) {
+            schedulers.push(more.clone());
+        }
+    }
     // The worker's own CAS is a cache of the server's: nothing in it needs to survive a power
     // cut, and every file a restart finds is hashed before an action gets it. Syncing each
     // fetched blob (a full flush per directory on macOS) would only slow fetching down.
@@ -306,7 +339,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut store = OpenedStore::open(&config, shard_count(&config), Metrics::new())
         .with_context(|| format!("cannot open the local CAS in {}", data_dir.display()))?;
     // What the CAS holds, for the scheduler to tell other workers.
-    let holdings = serves_peers(&config, &scheduler)
+    let holdings = schedulers
+        .iter()
+        .all(|scheduler| serves_peers(&config, scheduler))
         .then(|| Arc::new(kiln_worker::holdings::Holdings::new(HOLDINGS_KEPT)));
     if let Some(h) = &holdings {
         store.watch(h.clone());
@@ -408,64 +443,34 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         properties: kiln_worker::parse_properties(&config.worker.properties),
         max_inflight: max_inflight(&config),
     };
-    let mut link = Link::new(&scheduler, peer_client.clone())?;
-    if let Some(file) = &config.worker.token_file {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read the token file {}", file.display()))?;
-        let token = text.lines().next().unwrap_or("").trim();
-        anyhow::ensure!(!token.is_empty(), "{} holds no token", file.display());
-        link = link.with_token(token)?;
-    }
-    let cas_links = {
-        let _guard = runtime.enter();
-        // Reads from the server over QUIC too, when asked for and the link has TLS.
-        let server_quic = match (config.worker.server_transport, &quic_client) {
-            (kiln_config::PeerTransport::Tcp, _) | (_, None) => None,
-            (transport, Some(endpoint)) => {
-                let only = transport == kiln_config::PeerTransport::Quic;
-                match link.quic_target() {
-                    None if only => {
-                        bail!("cannot resolve {scheduler} to reach the server over QUIC")
-                    }
-                    None => {
-                        tracing::warn!(%scheduler, "cannot resolve the server's address for QUIC; reading over TCP");
-                        None
-                    }
-                    Some((addr, name)) => {
-                        let server = kiln_worker::quic::connect::QuicPeer::new(
-                            endpoint.clone(),
-                            addr,
-                            &name,
-                            Duration::from_millis(config.worker.peer_quic_connect_timeout_ms),
-                            Duration::from_secs(config.worker.peer_cooldown_secs),
-                        );
-                        Some((server, only))
-                    }
-                }
-            }
-        };
-        let cas_link = || match &server_quic {
-            Some((server, only)) => link.connect_lazy_preferring(server.clone(), *only),
-            None => link.connect_lazy(),
-        };
-        let main = cas_link();
-        // Each range of a large download on a connection of its own (the first shares main).
-        let ranges: Vec<_> = std::iter::once(main.clone())
-            .chain((1..config.worker.fetch_ranges).map(|_| cas_link()))
-            .collect();
-        CasLinks {
-            main,
-            ranges: ranges.into(),
-            ranged_min: config.worker.ranged_fetch_min_bytes.as_u64(),
+    let token = match &config.worker.token_file {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the token file {}", file.display()))?;
+            let token = text.lines().next().unwrap_or("").trim().to_string();
+            anyhow::ensure!(!token.is_empty(), "{} holds no token", file.display());
+            Some(token)
         }
+        None => None,
     };
+    let mut servers = Vec::new();
+    for url in &schedulers {
+        let _guard = runtime.enter();
+        servers.push(server_link(
+            &config,
+            url,
+            &peer_client,
+            token.as_deref(),
+            &quic_client,
+        )?);
+    }
     let ctx = {
         let _guard = runtime.enter();
         let dircache = open_dircache(&config)?;
         Arc::new(WorkerContext {
             name: name.clone(),
             local,
-            remote: Some(Arc::new(RemoteCas::new(cas_links))),
+            remote: Some(servers[0].1.clone()),
             work_dir: work_dir.clone(),
             exec_cache,
             fetch_parallelism: config.worker.fetch_parallelism,
@@ -500,15 +505,26 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let stop = StopSignals::watch(&runtime)?;
     // A SIGHUP (sent to the whole farm by a rotation script) must not stop the worker.
     let _hup = StopSignals::hangup(&runtime);
+    // A session per scheduler, each reading and uploading through its own server.
+    let sessions = servers
+        .into_iter()
+        .map(|(link, remote)| {
+            let ctx = Arc::new(WorkerContext {
+                remote: Some(remote),
+                ..(*ctx).clone()
+            });
+            (link, ctx)
+        })
+        .collect();
     let worker = RunningWorker::start(
         &runtime,
-        link,
+        sessions,
         identity.clone(),
-        ctx,
         Duration::from_secs(config.worker.max_reconnect_delay_secs),
     )?;
     info!(
-        "kiln worker {name} for {scheduler}: {} actions at once, properties {:?}; local CAS on {} ({} shards, {}); work in {}",
+        "kiln worker {name} for {}: {} actions at once, properties {:?}; local CAS on {} ({} shards, {}); work in {}",
+        schedulers.join(", "),
         identity.max_inflight,
         identity.properties,
         data.local_addr(),
@@ -582,6 +598,61 @@ pub(crate) fn open_dircache(
     Ok(Some(cache))
 }
 
+/// The link to the scheduler at `url` (with the farm's `token`, when set), and its CAS as
+/// this worker reads from and uploads to it: over TCP, or over QUIC too when
+/// `worker.server_transport` asks for it and the link has TLS. Called within the runtime.
+fn server_link(
+    config: &Config,
+    url: &str,
+    peer_client: &Option<Arc<rustls::ClientConfig>>,
+    token: Option<&str>,
+    quic_client: &Option<kiln_worker::quic::ClientEndpoint>,
+) -> anyhow::Result<(Link, Arc<dyn kiln_reapi::cas::Cas>)> {
+    let mut link = Link::new(url, peer_client.clone())?;
+    if let Some(token) = token {
+        link = link.with_token(token)?;
+    }
+    // Reads from the server over QUIC too, when asked for and the link has TLS.
+    let server_quic = match (config.worker.server_transport, quic_client) {
+        (kiln_config::PeerTransport::Tcp, _) | (_, None) => None,
+        (transport, Some(endpoint)) => {
+            let only = transport == kiln_config::PeerTransport::Quic;
+            match link.quic_target() {
+                None if only => bail!("cannot resolve {url} to reach the server over QUIC"),
+                None => {
+                    tracing::warn!(scheduler = %url, "cannot resolve the server's address for QUIC; reading over TCP");
+                    None
+                }
+                Some((addr, name)) => {
+                    let server = kiln_worker::quic::connect::QuicPeer::new(
+                        endpoint.clone(),
+                        addr,
+                        &name,
+                        Duration::from_millis(config.worker.peer_quic_connect_timeout_ms),
+                        Duration::from_secs(config.worker.peer_cooldown_secs),
+                    );
+                    Some((server, only))
+                }
+            }
+        }
+    };
+    let cas_link = || match &server_quic {
+        Some((server, only)) => link.connect_lazy_preferring(server.clone(), *only),
+        None => link.connect_lazy(),
+    };
+    let main = cas_link();
+    // Each range of a large download on a connection of its own (the first shares main).
+    let ranges: Vec<_> = std::iter::once(main.clone())
+        .chain((1..config.worker.fetch_ranges).map(|_| cas_link()))
+        .collect();
+    let links = CasLinks {
+        main,
+        ranges: ranges.into(),
+        ranged_min: config.worker.ranged_fetch_min_bytes.as_u64(),
+    };
+    Ok((link, Arc::new(RemoteCas::new(links))))
+}
+
 fn load_config(args: &WorkerArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
@@ -594,8 +665,9 @@ fn load_config(args: &WorkerArgs) -> anyhow::Result<Config> {
             c
         }
     };
-    if let Some(s) = &args.scheduler {
-        config.worker.scheduler = Some(s.clone());
+    if let Some((first, more)) = args.scheduler.split_first() {
+        config.worker.scheduler = Some(first.clone());
+        config.worker.schedulers = more.to_vec();
     }
     if let Some(d) = &args.work_dir {
         config.worker.work_dir = Some(d.clone());

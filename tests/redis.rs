@@ -687,3 +687,134 @@ async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
     }
     b.stop().await;
 }
+
+/// `kiln_worker_slots{worker="NAME"}` on `kiln`, once exported.
+async fn slots(kiln: &Kiln, worker: &str) -> Option<f64> {
+    common::metric_if_any(
+        &kiln.admin,
+        &format!("kiln_worker_slots{{worker=\"{worker}\"}}"),
+    )
+    .await
+}
+
+/// Executes `spec` through `ch`, returning the operation's name once accepted, and the rest
+/// of its stream.
+async fn accepted(
+    ch: &Channel,
+    action: reapi::Digest,
+) -> (String, tonic::Streaming<kiln_proto::longrunning::Operation>) {
+    let mut stream = kiln_proto::reapi::execution_client::ExecutionClient::new(ch.clone())
+        .execute(kiln_proto::reapi::ExecuteRequest {
+            action_digest: Some(action),
+            digest_function: F as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    (first.name, stream)
+}
+
+// One worker serves two servers of a farm (`--scheduler a --scheduler b`, one slot): while
+// a's action holds its slot, b is told it has none and keeps its action queued, then runs it
+// once the slot is free. Then a is killed while its next action runs there: b takes it over
+// and runs it on the same worker, through its session with b; it completes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serves_two_servers_sharing_its_slot_and_outlives_one() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = farm_server(dir.path(), "a", &redis.url()).await;
+    let b = farm_server(dir.path(), "b", &redis.url()).await;
+    let both = format!("grpc://{}", b.addr);
+    let _w = common::exec::start_worker(
+        Runtime::Glommio,
+        &a,
+        &dir.path().join("w"),
+        "w",
+        &["--scheduler", &both, "--max-inflight", "1"],
+    )
+    .await;
+    for server in [&a, &b] {
+        common::eventually("the worker to join both servers", || async {
+            (slots(server, "w").await == Some(1.0)).then_some(())
+        })
+        .await;
+    }
+    let (cha, chb) = (a.channel().await, b.channel().await);
+    let path = |name: &str| dir.path().join(name);
+    let held = |tag: &str| {
+        common::exec::Spec::script(&format!(
+            "touch {started}; while [ ! -e {flag} ]; do sleep 0.02; done; echo {tag} >> {log}",
+            started = path(&format!("started-{tag}")).display(),
+            flag = path(&format!("flag-{tag}")).display(),
+            log = path("log").display(),
+        ))
+    };
+    let (x, _x_stream) = accepted(&cha, held("x").upload(&cha, F).await).await;
+    common::eventually("a's action to start", || async {
+        path("started-x").exists().then_some(())
+    })
+    .await;
+    common::eventually("b to be told the worker's slot is taken", || async {
+        (slots(&b, "w").await == Some(0.0)).then_some(())
+    })
+    .await;
+    let y_action = common::exec::Spec::script(&format!("touch {}", path("started-y").display()))
+        .upload(&chb, F)
+        .await;
+    let (y, _y_stream) = accepted(&chb, y_action).await;
+    let stage = |ch: Channel, name: String| async move {
+        let op = kiln_proto::longrunning::operations_client::OperationsClient::new(ch)
+            .get_operation(kiln_proto::longrunning::GetOperationRequest { name })
+            .await
+            .unwrap()
+            .into_inner();
+        <kiln_proto::reapi::ExecuteOperationMetadata as prost::Message>::decode(
+            op.metadata.unwrap().value.as_slice(),
+        )
+        .unwrap()
+        .stage
+    };
+    // Nothing changes b's view of the worker until x's process exits.
+    assert_eq!(
+        stage(chb.clone(), y.clone()).await,
+        kiln_proto::reapi::execution_stage::Value::Queued as i32
+    );
+    assert!(!path("started-y").exists());
+    let (on_a, on_b) = (watching(&cha, &x).await, watching(&chb, &y).await);
+    std::fs::write(path("flag-x"), b"").unwrap();
+    for response in [on_a.await.unwrap(), on_b.await.unwrap()] {
+        assert_eq!(common::exec::code(&response), 0, "{response:?}");
+        assert_eq!(common::exec::worker_of(&response), "w");
+    }
+    // a dies while its next action runs on the worker.
+    let (z, _z_stream) = accepted(&cha, held("z").upload(&cha, F).await).await;
+    common::eventually("a's second action to start", || async {
+        path("started-z").exists().then_some(())
+    })
+    .await;
+    let on_b = watching(&chb, &z).await;
+    std::fs::remove_file(path("started-z")).unwrap();
+    a.signal(libc::SIGKILL);
+    tokio::task::spawn_blocking(move || {
+        a.wait();
+    })
+    .await
+    .unwrap();
+    common::eventually("b to run a's action again, on the same worker", || async {
+        path("started-z").exists().then_some(())
+    })
+    .await;
+    std::fs::write(path("flag-z"), b"").unwrap();
+    let response = on_b.await.unwrap();
+    assert_eq!(common::exec::code(&response), 0, "{response:?}");
+    assert_eq!(common::exec::worker_of(&response), "w");
+    let log = std::fs::read_to_string(path("log")).unwrap();
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        ["x", "z"],
+        "each ran to its end once"
+    );
+    b.stop().await;
+}

@@ -260,6 +260,11 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.holders.facts_of(worker)
     }
 
+    /// The actions `worker` may run at once for this scheduler.
+    pub fn worker_slots(&self, worker: WorkerId) -> usize {
+        self.workers.get(&worker).map_or(0, |w| w.capacity)
+    }
+
     /// Placements made since start, by reason.
     pub fn placements(&self) -> Placements {
         self.placements
@@ -270,6 +275,16 @@ impl<P: Clone, R> Scheduler<P, R> {
         if let Some(w) = self.workers.get_mut(&worker) {
             w.last_seen = now;
         }
+    }
+
+    /// A worker now takes at most `capacity` actions of this scheduler at once (a worker
+    /// serving several schedulers shares its slots among them; 0: none for now). What it
+    /// runs beyond that runs on; nothing new is sent until it is under.
+    pub fn worker_capacity(&mut self, now: Instant, worker: WorkerId, capacity: usize) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.capacity = capacity;
+        }
+        self.schedule(now);
     }
 
     /// A worker is shutting down: it finishes what it runs but gets nothing new.

@@ -29,7 +29,9 @@ use tokio::sync::oneshot;
 /// at most as many).
 const MAX_MISSING: usize = 100_000;
 
-/// What every action on this worker shares.
+/// What every action on this worker shares (cloned per scheduler, each with its own
+/// server CAS, when it serves several).
+#[derive(Clone)]
 pub struct WorkerContext {
     /// The worker's name, reported in ExecutedActionMetadata.
     pub name: String,

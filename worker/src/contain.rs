@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// How this worker contains actions.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Containment {
     /// A cgroup2 directory per action below `parent` (the worker's own cgroup).
     Cgroup2 {

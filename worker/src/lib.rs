@@ -27,9 +27,11 @@ pub mod peers;
 pub mod quic;
 pub mod remote;
 pub mod repair;
+pub mod reports;
 pub mod run;
 pub mod run_as;
 pub mod session;
+pub mod slots;
 pub mod tamper;
 
 pub use action::WorkerContext;

@@ -1,16 +1,17 @@
-//! The worker's session with the scheduler: connect, say Hello, run what it is sent (up to its
+//! The worker's session with a scheduler: connect, say Hello, run what it is sent (up to its
 //! capacity), report, keep the stream alive; when the stream drops, kill what runs (the
 //! scheduler re-queues it) and reconnect with exponential backoff, so a restarted server gets
-//! its workers back on its own.
+//! its workers back on its own. A worker serving several schedulers (servers of one farm) has
+//! a session with each at once, sharing its [`Slots`] and its [`ReportHub`].
 
 use crate::action::{execute, Progress, WorkerContext};
-use crate::holdings::Taken;
+use crate::reports::ReportHub;
+use crate::slots::Slots;
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use kiln_proto::worker::{
-    server_message, worker_message, ExecuteComplete, ExecutionStarted, GoingAway, HeldKey, Hello,
-    KeepAlive, Property, ServerMessage, WorkerMessage, WorkerReport,
+    server_message, worker_message, Capacity, ExecuteComplete, ExecutionStarted, GoingAway, Hello,
+    KeepAlive, Property, ServerMessage, WorkerMessage,
 };
-use kiln_reapi::digest::BlobKey;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,136 +29,24 @@ pub struct Identity {
     pub max_inflight: usize,
 }
 
-/// Keys of each list (directories, blobs; added, removed) per report message (about 100
-/// bytes each).
-const KEYS_PER_MESSAGE: usize = 10_000;
-
-/// Directories a full report lists at most (the scheduler remembers about as many).
-const MAX_REPORTED_DIRS: usize = 100_000;
-
-/// Blobs a full report lists at most.
-const MAX_REPORTED_BLOBS: usize = 1_000_000;
-
-/// Changes to a set of keys since the last report: with `full`, `added` is the whole set.
-#[derive(Debug, Default)]
-struct Changes {
-    full: bool,
-    added: Vec<BlobKey>,
-    removed: Vec<BlobKey>,
+/// What a worker's sessions share, and which one this is.
+#[derive(Clone)]
+pub struct Shared {
+    /// This session's index among the worker's (one per scheduler).
+    pub index: usize,
+    /// The worker's slots.
+    pub slots: Arc<Slots>,
+    /// The worker's reports.
+    pub reports: Arc<ReportHub>,
 }
 
-/// The worker's report of itself: its directory cache's counts and directories, the blobs its
-/// CAS holds (when served to peers), and its transfers. With `full`, every directory and blob
-/// (at most [`MAX_REPORTED_DIRS`] and [`MAX_REPORTED_BLOBS`]), else the changes since the
-/// last report. Taken only by the session's own loop, so reports leave in the order they
-/// were taken.
-async fn reports(ctx: &WorkerContext, full: bool) -> Vec<WorkerMessage> {
-    let (dircache, dirs) = match ctx.dircache.as_ref() {
-        Some(cache) => {
-            let (mut added, removed) = cache.take_changes(full);
-            if full {
-                // Roots come last (see `Index::take_changes`): keep the end.
-                let cut = added.len().saturating_sub(MAX_REPORTED_DIRS);
-                added.drain(..cut);
-            }
-            let dirs = Changes {
-                full,
-                added,
-                removed,
-            };
-            (Some(cache.stats().report()), dirs)
-        }
-        None => (None, Changes::default()),
-    };
-    let (blobs, served) = match &ctx.serving {
-        Some(serving) => (blob_changes(ctx, serving, full).await, (serving.served)()),
-        None => (Changes::default(), 0),
-    };
-    report_messages(dircache, ctx.transfers.report(served), dirs, blobs)
-}
-
-/// The blobs added to and removed from the CAS since the last report; the whole CAS when
-/// `full` or when more changed than was kept.
-async fn blob_changes(ctx: &WorkerContext, serving: &crate::peers::Serving, full: bool) -> Changes {
-    // Taken before listing: a change made while the listing runs is reported again next
-    // time, which is harmless; none is lost.
-    let taken = serving.holdings.take();
-    match taken {
-        Taken::Changes { added, removed } if !full => Changes {
-            full: false,
-            added,
-            removed,
-        },
-        _ => match ctx.local.cas().client().keys(MAX_REPORTED_BLOBS).await {
-            Ok(added) => Changes {
-                full: true,
-                added,
-                removed: Vec::new(),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list the local CAS for the scheduler");
-                serving.holdings.lost();
-                Changes::default()
-            }
-        },
-    }
-}
-
-/// The messages of one report: the counts and the `full` flags in the first, every list in
-/// pieces of at most [`KEYS_PER_MESSAGE`] keys.
-fn report_messages(
-    dircache: Option<kiln_proto::worker::DirCacheReport>,
-    transfers: kiln_proto::worker::TransferReport,
-    dirs: Changes,
-    blobs: Changes,
-) -> Vec<WorkerMessage> {
-    fn pieces(keys: Vec<BlobKey>) -> std::vec::IntoIter<Vec<HeldKey>> {
-        let held = |k: &BlobKey| HeldKey {
-            instance_name: k.instance.as_str().to_string(),
-            digest_function: k.digest.function.proto() as i32,
-            digest: Some(k.digest.to_proto()),
-        };
-        let chunks: Vec<Vec<HeldKey>> = keys
-            .chunks(KEYS_PER_MESSAGE)
-            .map(|c| c.iter().map(held).collect())
-            .collect();
-        chunks.into_iter()
-    }
-    let mut lists = [
-        pieces(dirs.added),
-        pieces(dirs.removed),
-        pieces(blobs.added),
-        pieces(blobs.removed),
-    ];
-    let mut messages = Vec::new();
-    loop {
-        let first = messages.is_empty();
-        let [added, removed, blobs_added, blobs_removed] =
-            lists.each_mut().map(|l| l.next().unwrap_or_default());
-        messages.push(WorkerMessage {
-            message: Some(worker_message::Message::Report(WorkerReport {
-                dircache: if first { dircache } else { None },
-                full: dirs.full && first,
-                added,
-                removed,
-                blobs_full: blobs.full && first,
-                blobs_added,
-                blobs_removed,
-                transfers: first.then_some(transfers),
-            })),
-        });
-        if lists.iter().all(|l| l.len() == 0) {
-            return messages;
-        }
-    }
-}
-
-/// Connects to the scheduler and serves sessions until `stop` turns true; then says GoingAway
-/// and lets running actions finish.
+/// Connects to the scheduler of `link` and serves sessions until `stop` turns true; then says
+/// GoingAway and lets running actions finish.
 pub async fn run(
     link: crate::link::Link,
     identity: Identity,
     ctx: Arc<WorkerContext>,
+    shared: Shared,
     max_delay: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -169,7 +58,8 @@ pub async fn run(
         let began = Instant::now();
         match link.connect().await {
             Ok(channel) => {
-                let ended = session(channel, &identity, ctx.clone(), stop.clone()).await;
+                let ended = session(channel, &identity, ctx.clone(), &shared, stop.clone()).await;
+                shared.reports.leave(shared.index);
                 match ended {
                     Ok(()) => tracing::info!("session with the scheduler ended"),
                     Err(e) => tracing::warn!(error = %e, "session with the scheduler failed"),
@@ -199,8 +89,14 @@ async fn session(
     channel: crate::link::LinkChannel,
     identity: &Identity,
     ctx: Arc<WorkerContext>,
+    shared: &Shared,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::Status> {
+    let Shared {
+        index,
+        slots,
+        reports,
+    } = shared.clone();
     let (tx, rx) = mpsc::channel::<WorkerMessage>(256);
     let send = |tx: &mpsc::Sender<WorkerMessage>, m: worker_message::Message| {
         let _ = tx.try_send(WorkerMessage { message: Some(m) });
@@ -217,7 +113,7 @@ async fn session(
                     value: value.clone(),
                 })
                 .collect(),
-            max_inflight: identity.max_inflight as u32,
+            max_inflight: slots.capacity_for(index) as u32,
             cas_endpoint: ctx
                 .serving
                 .as_ref()
@@ -231,9 +127,6 @@ async fn session(
             running: Vec::new(),
         }),
     );
-    // Signalled by an action's task once its result is sent, by a fetch ahead once done and
-    // by the keep-alive: the reporter then reports what changed.
-    let report_due = Arc::new(tokio::sync::Notify::new());
     let mut inbound = WorkerApiClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
@@ -241,23 +134,10 @@ async fn session(
         .await?
         .into_inner();
     tracing::info!(scheduler = "connected", "worker session open");
-    // Reports are made and sent by a task of their own, in order (the whole of it first),
-    // so that listing a large CAS never holds up the messages this loop reads.
-    let reporter = {
-        let (ctx, tx, due) = (ctx.clone(), tx.clone(), report_due.clone());
-        tokio::spawn(async move {
-            let mut full = true;
-            loop {
-                for report in reports(&ctx, full).await {
-                    if tx.send(report).await.is_err() {
-                        return;
-                    }
-                }
-                full = false;
-                due.notified().await;
-            }
-        })
-    };
+    // Reports go out from the worker's hub, the whole of it first.
+    reports.join(index, tx.clone());
+    let mut capacity = slots.changes();
+    let mut told = slots.capacity_for(index);
     let running: Running = Arc::default();
     // The fetch ahead running, if any: its operation, and how to stop it (a session that
     // ends stops it too).
@@ -286,32 +166,37 @@ async fn session(
                         running.lock().unwrap_or_else(|e| e.into_inner()).insert(operation.clone(), kill_tx);
                         send(&tx, worker_message::Message::Started(ExecutionStarted { operation: operation.clone() }));
                         let (tx, ctx, running) = (tx.clone(), ctx.clone(), running.clone());
-                        let report_due = report_due.clone();
+                        let (slots, reports) = (slots.clone(), reports.clone());
                         tokio::spawn(async move {
+                            // Counted at once; waits only when another scheduler took the
+                            // last slot at the same moment.
+                            let slot = Mutex::new(slots.take(index).await);
                             let progress_tx = tx.clone();
                             let op = operation.clone();
-                            let progress = move |p: Progress| match p {
+                            let progress = |p: Progress| match p {
                                 Progress::Executed => {
+                                    slot.lock().unwrap_or_else(|e| e.into_inner()).release();
                                     let _ = progress_tx.try_send(WorkerMessage {
                                         message: Some(worker_message::Message::ExecuteComplete(ExecuteComplete { operation: op.clone() })),
                                     });
                                 }
                             };
                             let result = execute(ctx.clone(), start, kill_rx, progress).await;
+                            drop(slot);
                             running.lock().unwrap_or_else(|e| e.into_inner()).remove(&operation);
                             let _ = tx.send(WorkerMessage { message: Some(worker_message::Message::Result(result)) }).await;
-                            report_due.notify_one();
+                            reports.due();
                         });
                     }
                     server_message::Message::Prefetch(p) => {
                         // One at a time: the newest replaces the one before, whose action the
                         // scheduler has placed elsewhere by now.
                         let operation = p.operation.clone();
-                        let (ctx, report_due) = (ctx.clone(), report_due.clone());
+                        let (ctx, reports) = (ctx.clone(), reports.clone());
                         let task = tokio::spawn(async move {
                             crate::action::prefetch(ctx, p).await;
                             // What it fetched, for the scheduler's placement.
-                            report_due.notify_one();
+                            reports.due();
                         });
                         if let Some((_, old)) = prefetching.replace((operation, task.abort_handle())) {
                             old.abort();
@@ -337,7 +222,15 @@ async fn session(
             _ = keepalive.tick() => {
                 send(&tx, worker_message::Message::KeepAlive(KeepAlive {}));
                 // Also between results: what it served to peers, and what left its CAS.
-                report_due.notify_one();
+                reports.due();
+            }
+            Ok(()) = capacity.changed() => {
+                // Another session's actions started or ended: what is left for this one.
+                let now = slots.capacity_for(index);
+                if now != told {
+                    told = now;
+                    send(&tx, worker_message::Message::Capacity(Capacity { max_inflight: now as u32 }));
+                }
             }
             _ = stop.changed(), if !going_away => {
                 if *stop.borrow() {
@@ -351,7 +244,6 @@ async fn session(
             break Ok(());
         }
     };
-    reporter.abort();
     if let Some((_, ahead)) = prefetching.take() {
         ahead.abort();
     }
@@ -360,85 +252,4 @@ async fn session(
         let _ = kill.send(());
     }
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
-
-    fn keys(range: std::ops::Range<u32>) -> Vec<BlobKey> {
-        range
-            .map(|i| {
-                BlobKey::new(
-                    InstanceName::default_instance(),
-                    Digest::of(DigestFunction::Sha256, &i.to_le_bytes()),
-                )
-            })
-            .collect()
-    }
-
-    fn report(m: &WorkerMessage) -> &WorkerReport {
-        match &m.message {
-            Some(worker_message::Message::Report(r)) => r,
-            other => panic!("not a report: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_large_report_goes_in_pieces_and_only_the_first_is_full() {
-        let stats = kiln_proto::worker::DirCacheReport {
-            entries: 25_000,
-            ..Default::default()
-        };
-        let transfers = kiln_proto::worker::TransferReport {
-            peer_bytes: 5,
-            ..Default::default()
-        };
-        let dirs = Changes {
-            full: true,
-            added: keys(0..25_000),
-            removed: keys(0..3),
-        };
-        let blobs = Changes {
-            full: true,
-            added: keys(0..12_000),
-            removed: keys(0..31_000),
-        };
-        let messages = report_messages(Some(stats), transfers, dirs, blobs);
-        let reports: Vec<&WorkerReport> = messages.iter().map(report).collect();
-        let sizes =
-            |f: fn(&WorkerReport) -> usize| reports.iter().map(|r| f(r)).collect::<Vec<_>>();
-        assert_eq!(sizes(|r| r.added.len()), vec![10_000, 10_000, 5_000, 0]);
-        assert_eq!(sizes(|r| r.removed.len()), vec![3, 0, 0, 0]);
-        assert_eq!(sizes(|r| r.blobs_added.len()), vec![10_000, 2_000, 0, 0]);
-        assert_eq!(
-            sizes(|r| r.blobs_removed.len()),
-            vec![10_000, 10_000, 10_000, 1_000],
-            "removals are cut into pieces too"
-        );
-        assert_eq!(
-            reports
-                .iter()
-                .map(|r| (r.full, r.blobs_full))
-                .collect::<Vec<_>>(),
-            vec![(true, true), (false, false), (false, false), (false, false)],
-            "a later piece must add to the set, not replace it"
-        );
-        assert_eq!(reports[0].dircache, Some(stats));
-        assert_eq!(reports[0].transfers, Some(transfers));
-        assert!(reports[1..]
-            .iter()
-            .all(|r| r.dircache.is_none() && r.transfers.is_none()));
-        // A report of no changes still carries the counts.
-        let quiet = report_messages(
-            Some(stats),
-            transfers,
-            Changes::default(),
-            Changes::default(),
-        );
-        assert_eq!(quiet.len(), 1);
-        assert_eq!(report(&quiet[0]).dircache, Some(stats));
-        assert!(!report(&quiet[0]).full && !report(&quiet[0]).blobs_full);
-    }
 }

@@ -13,6 +13,9 @@ pub struct WorkerConfig {
     pub embedded: bool,
     /// The scheduler `kiln worker` connects to, `grpc://HOST:PORT`.
     pub scheduler: Option<String>,
+    /// More schedulers the worker serves at the same time (the other servers of a farm
+    /// sharing Redis), sharing its slots among them.
+    pub schedulers: Vec<String>,
     /// Where actions run (default: `work/` under the data directory); on the same filesystem
     /// as the CAS so inputs can be hardlinked.
     pub work_dir: Option<PathBuf>,
@@ -100,6 +103,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             embedded: d::yes(),
             scheduler: None,
+            schedulers: Vec::new(),
             work_dir: None,
             max_inflight: 0,
             properties: Vec::new(),

@@ -247,8 +247,9 @@ pub fn render(s: &Snapshot) -> String {
         };
         let _ = write!(
             workers,
-            "<tr><th>{}</th><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><th>{}</th><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&w.name),
+            w.slots,
             cache,
             transfers,
             match &w.endpoint {
@@ -264,7 +265,7 @@ pub fn render(s: &Snapshot) -> String {
     let workers = if workers.is_empty() {
         String::new()
     } else {
-        format!("<h2>Workers</h2>\n<table id=\"workers\"><tr><th>worker</th><th>directory cache</th><th>transfers</th><th>CAS for peers</th></tr>{workers}</table>")
+        format!("<h2>Workers</h2>\n<table id=\"workers\"><tr><th>worker</th><th>slots</th><th>directory cache</th><th>transfers</th><th>CAS for peers</th></tr>{workers}</table>")
     };
     let traffic = match s.rates {
         Some(r) => format!(
@@ -346,10 +347,11 @@ mod tests {
                     tls_name: String::new(),
                 }),
                 blob_facts: 3,
+                slots: 4,
             }],
             ..Default::default()
         });
-        assert!(page.contains("<th>mac&lt;1&gt;</th><td>3.0 GiB of 4.0 GiB (7 entries); 75.0% of 4 input roots from the cache; 2 subtrees reused; 0 evicted</td><td>fetched 2.0 MiB from peers (1.0 MiB over QUIC), 1.0 MiB from the server; served 5.0 MiB to peers; 1 peer fetches failed</td><td>grpc://10.0.0.7:50052; 3 blobs known to be held</td>"), "{page}");
+        assert!(page.contains("<th>mac&lt;1&gt;</th><td>4</td><td>3.0 GiB of 4.0 GiB (7 entries); 75.0% of 4 input roots from the cache; 2 subtrees reused; 0 evicted</td><td>fetched 2.0 MiB from peers (1.0 MiB over QUIC), 1.0 MiB from the server; served 5.0 MiB to peers; 1 peer fetches failed</td><td>grpc://10.0.0.7:50052; 3 blobs known to be held</td>"), "{page}");
         assert!(page.contains("1d 01h 01m 01s"), "{page}");
         assert!(
             page.contains("12 blobs, 512.0 MiB of 1.0 GiB (50.0%)"),

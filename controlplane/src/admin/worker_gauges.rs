@@ -58,6 +58,7 @@ pub struct WorkerGauges {
     peer_failures: Family<WorkerLabel, Counter>,
     quic_bytes: Family<WorkerLabel, Counter>,
     held_blobs: Family<WorkerLabel, Gauge>,
+    slots: Family<WorkerLabel, Gauge>,
     blob_facts: Gauge,
     /// Each worker's last reported counts, by worker and report (`dircache`, `transfers`).
     last: Mutex<HashMap<(String, &'static str), Seen>>,
@@ -142,6 +143,11 @@ impl WorkerGauges {
             self.held_blobs.clone(),
         );
         registry.register(
+            "kiln_worker_slots",
+            "Actions this server may have running on a worker at once: its max_inflight, less what the other servers it serves run there",
+            self.slots.clone(),
+        );
+        registry.register(
             "kiln_worker_fetch_quic_bytes",
             "Of the bytes a worker fetched from peers, those that came over QUIC",
             self.quic_bytes.clone(),
@@ -169,6 +175,7 @@ impl WorkerGauges {
         self.bytes.clear();
         self.entries.clear();
         self.held_blobs.clear();
+        self.slots.clear();
         // The increase of a report's counts since it was last seen.
         let mut increase = |worker: &str, report: &'static str, now: Seen| {
             let key = (worker.to_string(), report);
@@ -184,6 +191,9 @@ impl WorkerGauges {
             let label = WorkerLabel {
                 worker: w.name.clone(),
             };
+            self.slots
+                .get_or_create(&label)
+                .set(i64::try_from(w.slots).unwrap_or(i64::MAX));
             if w.blob_facts > 0 {
                 self.held_blobs
                     .get_or_create(&label)

@@ -88,6 +88,9 @@ pub struct WorkerView {
     pub endpoint: Option<PeerEndpoint>,
     /// The blobs the scheduler knows it holds.
     pub blob_facts: usize,
+    /// The actions this server may have running on it at once (what other servers it
+    /// serves leave free).
+    pub slots: usize,
 }
 
 /// Counts for the status page and metrics.

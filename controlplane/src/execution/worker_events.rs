@@ -75,11 +75,14 @@ impl ExecutionCore {
 
     /// Each connected worker's last report of itself, by name.
     pub fn worker_views(&self) -> Vec<WorkerView> {
-        let facts: HashMap<WorkerId, usize> = {
+        let facts: HashMap<WorkerId, (usize, usize)> = {
             let ids: Vec<WorkerId> = lock(&self.sessions).keys().copied().collect();
             let scheduler = lock(&self.scheduler);
             ids.into_iter()
-                .map(|id| (id, scheduler.worker_blob_facts(id)))
+                .map(|id| {
+                    let facts = (scheduler.worker_blob_facts(id), scheduler.worker_slots(id));
+                    (id, facts)
+                })
                 .collect()
         };
         let mut out: Vec<WorkerView> = lock(&self.sessions)
@@ -89,7 +92,8 @@ impl ExecutionCore {
                 dircache: s.dircache,
                 transfers: s.transfers,
                 endpoint: s.endpoint.clone(),
-                blob_facts: facts.get(id).copied().unwrap_or(0),
+                blob_facts: facts.get(id).map_or(0, |f| f.0),
+                slots: facts.get(id).map_or(0, |f| f.1),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -103,6 +107,10 @@ impl ExecutionCore {
 
     pub(super) fn worker_seen(&self, worker: WorkerId) {
         self.apply(|s, now| s.worker_seen(now, worker));
+    }
+
+    pub(super) fn worker_capacity(&self, worker: WorkerId, capacity: usize) {
+        self.apply(|s, now| s.worker_capacity(now, worker, capacity));
     }
 
     pub(super) fn worker_draining(&self, worker: WorkerId) {

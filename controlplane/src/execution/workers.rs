@@ -183,6 +183,7 @@ impl WorkerApi for WorkerApiService {
                                 Some(worker_message::Message::Result(r)) => core.reported(id, r).await,
                                 Some(worker_message::Message::GoingAway(_)) => core.worker_draining(id),
                                 Some(worker_message::Message::Report(r)) => core.worker_report(id, r),
+                                Some(worker_message::Message::Capacity(c)) => core.worker_capacity(id, c.max_inflight as usize),
                                 _ => {}
                             }
                         }

@@ -315,3 +315,23 @@ fn actions_no_worker_could_run_fail_after_the_unserved_timeout() {
     s.tick(t + Duration::from_secs(100_000));
     assert!(finished(&mut s).is_empty());
 }
+
+#[test]
+fn a_worker_shared_with_other_schedulers_takes_what_its_capacity_says() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 2, false);
+    // Another scheduler now runs one action there: one slot left for this one.
+    s.worker_capacity(t, 1, 1);
+    for name in ["a", "b", "c"] {
+        s.submit(t, job(name, 0, &[])).unwrap();
+    }
+    assert_eq!(dispatched(&mut s).len(), 1);
+    // All its slots busy elsewhere: nothing new, what runs runs on.
+    s.worker_capacity(t, 1, 0);
+    assert!(dispatched(&mut s).is_empty());
+    assert_eq!(s.running(), 1);
+    // Free again: the queue is served at once.
+    s.worker_capacity(t, 1, 3);
+    assert_eq!(dispatched(&mut s).len(), 2);
+}

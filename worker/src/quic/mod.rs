@@ -121,6 +121,9 @@ pub fn serve_cas(
     Ok(serve::serve(endpoint, cas, policy, max_message))
 }
 
+/// The endpoint a worker dials peers and servers from.
+pub type ClientEndpoint = quinn::Endpoint;
+
 /// A QUIC endpoint that dials out only, with `tls` (the worker's TLS client config: the farm
 /// CA and its own certificate).
 pub fn client_endpoint(tls: &rustls::ClientConfig) -> Result<quinn::Endpoint, QuicError> {
