@@ -38,8 +38,9 @@ impl RunningWorker {
             bail!("a worker needs a scheduler");
         };
         let _guard = runtime.enter();
-        let slots = kiln_worker::slots::Slots::new(identity.max_inflight);
+        let slots = kiln_worker::slots::Slots::new(identity.max_inflight, sessions.len());
         let reports = kiln_worker::reports::ReportHub::start(first.clone());
+        let running = kiln_worker::running::Running::new();
         let loops: Vec<_> = sessions
             .into_iter()
             .enumerate()
@@ -48,6 +49,7 @@ impl RunningWorker {
                     index,
                     slots: slots.clone(),
                     reports: reports.clone(),
+                    running: running.clone(),
                 };
                 kiln_worker::session::run(
                     link,

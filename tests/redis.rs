@@ -521,26 +521,28 @@ async fn an_operation_accepted_by_one_server_is_watched_through_another() {
     watches.stop().await;
 }
 
-/// A server of a farm that shares operations and small blobs through the Redis at `url`, with
-/// no worker of its own, a short lease, and workers lost after 3 s of silence.
+/// The options of a server of a farm that shares operations and small blobs through the
+/// Redis at `url`, with no worker of its own, a short lease, and workers lost after 3 s of
+/// silence.
+fn farm_options(url: &str) -> Options {
+    Options {
+        config: Some(format!(
+            concat!(
+                "[redis]\nurl = \"{}\"\ntimeout_ms = 500\nlease_secs = 3\n",
+                "[storage]\nchain = [\"memory\", \"shared\", \"filesystem\"]\n",
+                "[storage.tiers.shared]\nkind = \"redis\"\nmax_blob_bytes = \"64 KiB\"\n",
+                "{}"
+            ),
+            url,
+            common::exec::NO_EMBEDDED
+        )),
+        ..Options::on(Runtime::Glommio)
+    }
+}
+
+/// A server with [`farm_options`], its data under `dir/name`.
 async fn farm_server(dir: &std::path::Path, name: &str, url: &str) -> Kiln {
-    Kiln::start_async(
-        &dir.join(name),
-        Options {
-            config: Some(format!(
-                concat!(
-                    "[redis]\nurl = \"{}\"\ntimeout_ms = 500\nlease_secs = 1\n",
-                    "[storage]\nchain = [\"memory\", \"shared\", \"filesystem\"]\n",
-                    "[storage.tiers.shared]\nkind = \"redis\"\nmax_blob_bytes = \"64 KiB\"\n",
-                    "{}"
-                ),
-                url,
-                common::exec::NO_EMBEDDED
-            )),
-            ..Options::on(Runtime::Glommio)
-        },
-    )
-    .await
+    Kiln::start_async(&dir.join(name), farm_options(url)).await
 }
 
 /// Opens WaitExecution on `name` through `ch`, and follows it (in a task) to its end, within
@@ -578,25 +580,53 @@ async fn watching(
     })
 }
 
-// Server a is killed (SIGKILL) with one action running on its worker and two queued: server
-// b takes them over under the same names and runs them on its own worker. Every action
-// completes exactly once (each appends its tag to a log only once let go, after the take-over,
-// and a's worker killed its copy when a's session broke), and watchers on b, started before
-// the kill, see every result.
+/// An action that notes its start (`starts`), waits for `flag-TAG`, and notes its end
+/// (`log`), under `dir`.
+fn held(dir: &std::path::Path, tag: &str) -> common::exec::Spec {
+    common::exec::Spec::script(&format!(
+        "echo {tag} >> {starts}; while [ ! -e {flag} ]; do sleep 0.02; done; echo {tag} >> {log}",
+        starts = dir.join("starts").display(),
+        flag = dir.join(format!("flag-{tag}")).display(),
+        log = dir.join("log").display(),
+    ))
+}
+
+/// The lines of `file` under `dir`, sorted (none when it is missing).
+fn lines(dir: &std::path::Path, file: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+/// Kills `kiln` with SIGKILL and waits for it.
+async fn kill(mut kiln: Kiln) {
+    kiln.signal(libc::SIGKILL);
+    tokio::task::spawn_blocking(move || {
+        kiln.wait();
+    })
+    .await
+    .unwrap();
+}
+
+// Server a is killed (SIGKILL) with one action running on worker wa (which serves a and b)
+// and two queued: server b takes them over under the same names. The running one goes on
+// where it runs (wa kept it as an orphan, and b adopted it: it is not started again); the
+// queued ones run on b's worker wb. Every action starts and completes exactly once, and
+// watchers on b, started before the kill, see every result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
-    use kiln_proto::reapi::execution_client::ExecutionClient;
-    use kiln_proto::reapi::ExecuteRequest;
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut a = farm_server(dir.path(), "a", &redis.url()).await;
+    let a = farm_server(dir.path(), "a", &redis.url()).await;
     let b = farm_server(dir.path(), "b", &redis.url()).await;
-    let _wa = common::exec::start_worker(
+    let also_b = format!("grpc://{}", b.addr);
+    let wa = common::exec::start_worker(
         Runtime::Glommio,
         &a,
         &dir.path().join("wa"),
         "wa",
-        &["--max-inflight", "1"],
+        &["--scheduler", &also_b, "--max-inflight", "1"],
     )
     .await;
     let wb = common::exec::start_worker(
@@ -608,33 +638,15 @@ async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
     )
     .await;
     let (cha, chb) = (a.channel().await, b.channel().await);
-    let (flag, log) = (dir.path().join("flag"), dir.path().join("log"));
     let mut names = Vec::new();
     let mut on_a = Vec::new();
     for tag in ["one", "two", "three"] {
-        let action = common::exec::Spec::script(&format!(
-            "touch {started}-{tag}; while [ ! -e {flag} ]; do sleep 0.02; done; echo {tag} >> {log}",
-            started = dir.path().join("started").display(),
-            flag = flag.display(),
-            log = log.display(),
-        ))
-        .upload(&cha, F)
-        .await;
-        let mut stream = ExecutionClient::new(cha.clone())
-            .execute(ExecuteRequest {
-                action_digest: Some(action),
-                digest_function: F as i32,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        names.push(stream.message().await.unwrap().unwrap().name);
+        let (name, stream) = accepted(&cha, held(dir.path(), tag).upload(&cha, F).await).await;
+        names.push(name);
         on_a.push(stream);
     }
-    let started = |tag: &str| dir.path().join(format!("started-{tag}"));
-    common::eventually("a's worker to start the first action", || async {
-        started("one").exists().then_some(())
+    common::eventually("wa to start the first action", || async {
+        (lines(dir.path(), "starts") == ["one"]).then_some(())
     })
     .await;
     // Watchers on b, before the kill.
@@ -652,40 +664,101 @@ async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
         .await;
         watchers.push(watching(&chb, name).await);
     }
-    std::fs::remove_file(started("one")).unwrap();
-    a.signal(libc::SIGKILL);
-    tokio::task::spawn_blocking(move || {
-        a.wait();
-    })
-    .await
-    .unwrap();
+    kill(a).await;
     drop(on_a);
-    // b takes over once a's lease lapses; its worker starts all three.
+    // b takes over once a's lease lapses: wb starts the queued two.
+    common::eventually("wb to start the two queued actions", || async {
+        (lines(dir.path(), "starts") == ["one", "three", "two"]).then_some(())
+    })
+    .await;
+    common::eventually("b to adopt the action running on wa", || async {
+        b.log_text()
+            .contains("taken over while its worker still runs it")
+            .then_some(())
+    })
+    .await;
     for tag in ["one", "two", "three"] {
-        common::eventually("b's worker to start a taken-over action", || async {
-            started(tag).exists().then_some(())
-        })
-        .await;
+        std::fs::write(dir.path().join(format!("flag-{tag}")), b"").unwrap();
     }
-    std::fs::write(&flag, b"").unwrap();
+    let mut ran_on = Vec::new();
     for watcher in watchers {
         let response = watcher.await.unwrap();
         assert_eq!(common::exec::code(&response), 0, "{response:?}");
-        assert_eq!(common::exec::worker_of(&response), wb.name);
+        ran_on.push(common::exec::worker_of(&response));
     }
-    let mut lines: Vec<String> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    lines.sort();
-    assert_eq!(lines, ["one", "three", "two"], "each action completed once");
+    assert_eq!(ran_on, [wa.name.clone(), wb.name.clone(), wb.name.clone()]);
+    assert_eq!(
+        lines(dir.path(), "starts"),
+        ["one", "three", "two"],
+        "none started twice"
+    );
+    assert_eq!(
+        lines(dir.path(), "log"),
+        ["one", "three", "two"],
+        "each completed once"
+    );
     // Asked again, b answers from what it ran.
     for name in &names {
         let again = watching(&chb, name).await.await.unwrap();
         assert_eq!(common::exec::code(&again), 0);
     }
     b.stop().await;
+}
+
+// One server with Redis, and a worker of its own (`kiln worker`): the server is killed
+// (SIGKILL) while an action runs, and restarted on the same address. The worker keeps the
+// action running, reconnects, and tells the restarted server it still runs it; the server
+// takes over its dead former self's operation, adopts the action where it runs, and a
+// client following the operation sees it end. It started once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_adopts_what_its_worker_still_runs() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = farm_server(dir.path(), "a", &redis.url()).await;
+    let addr = a.addr;
+    // Reconnecting at least every second.
+    let config = dir.path().join("worker.toml");
+    std::fs::write(&config, "[worker]\nmax_reconnect_delay_secs = 1\n").unwrap();
+    let w = common::exec::start_worker(
+        Runtime::Glommio,
+        &a,
+        &dir.path().join("w"),
+        "w",
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let cha = a.channel().await;
+    let (name, stream) = accepted(&cha, held(dir.path(), "one").upload(&cha, F).await).await;
+    common::eventually("the action to start", || async {
+        (lines(dir.path(), "starts") == ["one"]).then_some(())
+    })
+    .await;
+    kill(a).await;
+    drop(stream);
+    let restarted = Kiln::start_async(
+        &dir.path().join("a"),
+        Options {
+            listen: Some(addr.to_string()),
+            ..farm_options(&redis.url())
+        },
+    )
+    .await;
+    let ch = restarted.channel().await;
+    let follow = watching(&ch, &name).await;
+    common::eventually("the restarted server to adopt the action", || async {
+        restarted
+            .log_text()
+            .contains("taken over while its worker still runs it")
+            .then_some(())
+    })
+    .await;
+    std::fs::write(dir.path().join("flag-one"), b"").unwrap();
+    let response = follow.await.unwrap();
+    assert_eq!(common::exec::code(&response), 0, "{response:?}");
+    assert_eq!(common::exec::worker_of(&response), w.name);
+    assert_eq!(lines(dir.path(), "starts"), ["one"], "started once");
+    assert_eq!(lines(dir.path(), "log"), ["one"]);
+    restarted.stop().await;
 }
 
 /// `kiln_worker_slots{worker="NAME"}` on `kiln`, once exported.
@@ -718,13 +791,12 @@ async fn accepted(
 
 // One worker serves two servers of a farm (`--scheduler a --scheduler b`, one slot): while
 // a's action holds its slot, b is told it has none and keeps its action queued, then runs it
-// once the slot is free. Then a is killed while its next action runs there: b takes it over
-// and runs it on the same worker, through its session with b; it completes once.
+// once the slot is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_serves_two_servers_sharing_its_slot_and_outlives_one() {
+async fn a_worker_serves_two_servers_sharing_its_slot() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut a = farm_server(dir.path(), "a", &redis.url()).await;
+    let a = farm_server(dir.path(), "a", &redis.url()).await;
     let b = farm_server(dir.path(), "b", &redis.url()).await;
     let both = format!("grpc://{}", b.addr);
     let _w = common::exec::start_worker(
@@ -743,17 +815,9 @@ async fn a_worker_serves_two_servers_sharing_its_slot_and_outlives_one() {
     }
     let (cha, chb) = (a.channel().await, b.channel().await);
     let path = |name: &str| dir.path().join(name);
-    let held = |tag: &str| {
-        common::exec::Spec::script(&format!(
-            "touch {started}; while [ ! -e {flag} ]; do sleep 0.02; done; echo {tag} >> {log}",
-            started = path(&format!("started-{tag}")).display(),
-            flag = path(&format!("flag-{tag}")).display(),
-            log = path("log").display(),
-        ))
-    };
-    let (x, _x_stream) = accepted(&cha, held("x").upload(&cha, F).await).await;
+    let (x, _x_stream) = accepted(&cha, held(dir.path(), "x").upload(&cha, F).await).await;
     common::eventually("a's action to start", || async {
-        path("started-x").exists().then_some(())
+        (lines(dir.path(), "starts") == ["x"]).then_some(())
     })
     .await;
     common::eventually("b to be told the worker's slot is taken", || async {
@@ -788,33 +852,7 @@ async fn a_worker_serves_two_servers_sharing_its_slot_and_outlives_one() {
         assert_eq!(common::exec::code(&response), 0, "{response:?}");
         assert_eq!(common::exec::worker_of(&response), "w");
     }
-    // a dies while its next action runs on the worker.
-    let (z, _z_stream) = accepted(&cha, held("z").upload(&cha, F).await).await;
-    common::eventually("a's second action to start", || async {
-        path("started-z").exists().then_some(())
-    })
-    .await;
-    let on_b = watching(&chb, &z).await;
-    std::fs::remove_file(path("started-z")).unwrap();
-    a.signal(libc::SIGKILL);
-    tokio::task::spawn_blocking(move || {
-        a.wait();
-    })
-    .await
-    .unwrap();
-    common::eventually("b to run a's action again, on the same worker", || async {
-        path("started-z").exists().then_some(())
-    })
-    .await;
-    std::fs::write(path("flag-z"), b"").unwrap();
-    let response = on_b.await.unwrap();
-    assert_eq!(common::exec::code(&response), 0, "{response:?}");
-    assert_eq!(common::exec::worker_of(&response), "w");
-    let log = std::fs::read_to_string(path("log")).unwrap();
-    assert_eq!(
-        log.lines().collect::<Vec<_>>(),
-        ["x", "z"],
-        "each ran to its end once"
-    );
+    assert_eq!(lines(dir.path(), "log"), ["x"]);
+    a.stop().await;
     b.stop().await;
 }

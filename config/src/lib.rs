@@ -106,12 +106,15 @@ impl Config {
         if r.pipeline_keys == 0 || r.pipeline_keys > 100_000 {
             return invalid("redis.pipeline_keys", "must be from 1 to 100,000");
         }
-        // A renewal may take a whole timeout: two fit in a lease, so a live server's lease
-        // does not lapse because one call was slow.
-        if r.lease_secs == 0 || r.lease_secs > 600 || r.lease_secs * 1000 < 2 * r.timeout_ms {
+        // A renewal that times out (and the second of failing at once after it) must leave
+        // time for another before the lease lapses: a live server's lease does not lapse
+        // because one call was slow.
+        let lease_ms = r.lease_secs.saturating_mul(1000);
+        let take_over = !r.url.is_empty() && r.operations && r.take_over;
+        if take_over && (r.lease_secs > 600 || lease_ms * 4 / 5 < 2 * r.timeout_ms + 1000) {
             return invalid(
                 "redis.lease_secs",
-                "must be from 1 to 600 seconds, and at least twice redis.timeout_ms",
+                "must be at most 600 seconds, and four fifths of it at least twice redis.timeout_ms plus one second (2.5 s with timeout_ms = 500; 6.25 s with the default 2,000)",
             );
         }
         if r.action_cache_ttl_secs > 10 * 365 * 86_400 {

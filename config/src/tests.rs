@@ -417,18 +417,21 @@ fn several_redis_urls_only_for_a_cluster() {
 }
 
 #[test]
-fn a_redis_lease_outlasts_two_timeouts() {
+fn a_redis_lease_outlasts_a_timed_out_renewal() {
     let url = "[redis]\nurl = \"redis://127.0.0.1:6379\"\n";
     for bad in [
         "lease_secs = 0",
         "lease_secs = 601",
-        "lease_secs = 3\ntimeout_ms = 2000",
+        "lease_secs = 6\ntimeout_ms = 2000",
     ] {
         let err = Config::from_toml(&format!("{url}{bad}\n"), "t")
             .unwrap_err()
             .to_string();
         assert!(err.contains("redis.lease_secs"), "{bad}: {err}");
     }
-    let ok = Config::from_toml(&format!("{url}lease_secs = 2\ntimeout_ms = 1000\n"), "t").unwrap();
-    assert_eq!((ok.redis.lease_secs, ok.redis.take_over), (2, true));
+    let ok = Config::from_toml(&format!("{url}lease_secs = 3\ntimeout_ms = 500\n"), "t").unwrap();
+    assert_eq!((ok.redis.lease_secs, ok.redis.take_over), (3, true));
+    // Checked only where there is a lease.
+    Config::from_toml(&format!("{url}lease_secs = 1\ntake_over = false\n"), "t").unwrap();
+    Config::from_toml("[redis]\ntimeout_ms = 9000\n", "t").unwrap();
 }

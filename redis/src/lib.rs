@@ -481,12 +481,26 @@ impl Redis {
         .await
     }
 
-    /// Removes `member` from the set at `key`.
-    pub async fn set_remove(&self, key: &str, member: &str) -> Result<(), RedisError> {
+    /// Removes `member` from the set at `key`: whether it was there (of two callers, one
+    /// finds it: a claim).
+    pub async fn set_remove(&self, key: &str, member: &str) -> Result<bool, RedisError> {
         self.run(|mut c| async move {
-            redis::cmd("SREM")
+            let removed: u64 = redis::cmd("SREM")
                 .arg(key)
                 .arg(member)
+                .query_async(&mut c)
+                .await?;
+            Ok(removed > 0)
+        })
+        .await
+    }
+
+    /// Makes `key` expire after `ttl` (from now).
+    pub async fn expire(&self, key: &str, ttl: Duration) -> Result<(), RedisError> {
+        self.run(|mut c| async move {
+            redis::cmd("PEXPIRE")
+                .arg(key)
+                .arg(ttl.as_millis().max(1) as u64)
                 .query_async::<()>(&mut c)
                 .await
         })

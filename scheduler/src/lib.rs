@@ -191,6 +191,97 @@ impl<P: Clone, R> Scheduler<P, R> {
         Ok(Submitted { op, merged: false })
     }
 
+    /// Takes in a job whose action still runs on `worker` (its server died, and this
+    /// scheduler took its operations over): running there from now on, nothing dispatched;
+    /// queued as [`Scheduler::submit`] does when `worker` is not connected.
+    pub fn submit_running(
+        &mut self,
+        now: Instant,
+        job: Job<P>,
+        worker: WorkerId,
+    ) -> Result<Submitted, SubmitError> {
+        if !self.workers.contains_key(&worker)
+            || (job.mergeable && self.in_flight.contains_key(&job.key))
+        {
+            return self.submit(now, job);
+        }
+        let op = self.next_op;
+        self.next_op += 1;
+        if job.mergeable {
+            self.in_flight.insert(job.key.clone(), op);
+        }
+        let deadline = now + job.timeout + self.config.timeout_grace;
+        let kinds = &self.config.kinds;
+        let w = self.workers.get_mut(&worker).expect("checked above");
+        w.running.insert(op);
+        w.busy += 1;
+        consume(kinds, &job.requirements, &mut w.consumed, true);
+        self.ops.insert(
+            op,
+            OpState {
+                job,
+                stage: OpStage::Running {
+                    worker,
+                    deadline,
+                    executed: false,
+                },
+                attempts: 1,
+                queued_since: now,
+                held_since: None,
+                prefetch: None,
+            },
+        );
+        self.out.push(Command::Stage {
+            op,
+            stage: Stage::Executing,
+        });
+        self.schedule(now);
+        Ok(Submitted { op, merged: false })
+    }
+
+    /// Queued operation `op` turns out to be running on `worker` already (it kept running
+    /// there when its session ended, and the operation was queued again meanwhile): it runs
+    /// on there, nothing dispatched. False (nothing changes) unless `op` is queued and
+    /// `worker` connected.
+    pub fn take_to(&mut self, now: Instant, op: OpId, worker: WorkerId) -> bool {
+        if !self.workers.contains_key(&worker) {
+            return false;
+        }
+        let Some(state) = self.ops.get_mut(&op) else {
+            return false;
+        };
+        let OpStage::Queued { seq } = state.stage else {
+            return false;
+        };
+        self.queue.remove(&(state.job.priority, seq));
+        if let Some(ahead) = state.prefetch.take() {
+            if let Some(p) = self.workers.get_mut(&ahead) {
+                p.prefetching = None;
+            }
+        }
+        let w = self.workers.get_mut(&worker).expect("checked above");
+        state.attempts += 1;
+        state.stage = OpStage::Running {
+            worker,
+            deadline: now + state.job.timeout + self.config.timeout_grace,
+            executed: false,
+        };
+        w.running.insert(op);
+        w.busy += 1;
+        consume(
+            &self.config.kinds,
+            &state.job.requirements,
+            &mut w.consumed,
+            true,
+        );
+        self.out.push(Command::Stage {
+            op,
+            stage: Stage::Executing,
+        });
+        self.schedule(now);
+        true
+    }
+
     /// A worker connected; with `serves`, it serves its CAS to its peers: the blobs it
     /// reports are tracked, and its actions carry hints of the peers holding their inputs.
     pub fn worker_joined(
@@ -205,7 +296,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             worker,
             WorkerState {
                 offer: Offer::new(properties),
-                capacity: capacity.max(1),
+                capacity,
                 running: HashSet::new(),
                 busy: 0,
                 consumed: Consumed::new(),

@@ -30,6 +30,7 @@ pub mod repair;
 pub mod reports;
 pub mod run;
 pub mod run_as;
+pub mod running;
 pub mod session;
 pub mod slots;
 pub mod tamper;

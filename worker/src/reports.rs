@@ -7,7 +7,7 @@ use crate::action::WorkerContext;
 use crate::holdings::Taken;
 use kiln_proto::worker::{worker_message, HeldKey, WorkerMessage, WorkerReport};
 use kiln_reapi::digest::BlobKey;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Notify};
 
@@ -137,13 +137,22 @@ fn report_messages(
 
 /// Takes the worker's reports and sends them to every open session, in order: the whole of
 /// it to all when a session opens (taking changes resets them for everyone), else the
-/// changes since the last report, whenever [`ReportHub::due`] is called.
+/// changes since the last report, whenever [`ReportHub::due`] is called. Each session gets
+/// its reports through a forwarder of its own, so a session slow to take them holds up no
+/// other; one that falls [`BEHIND`] reports gets the whole again next time.
 pub struct ReportHub {
-    /// Open sessions, by index, and where their messages go.
-    sessions: Mutex<Vec<(usize, mpsc::Sender<WorkerMessage>)>>,
+    /// Open sessions: a token of their joining, and their forwarder.
+    sessions: Mutex<Vec<Joined>>,
+    joined: AtomicU64,
     due: Notify,
     full: AtomicBool,
 }
+
+/// A session that joined: the token of its joining, and its forwarder.
+type Joined = (u64, mpsc::Sender<Arc<[WorkerMessage]>>);
+
+/// Reports waiting for a session before it is sent the whole again instead.
+pub const BEHIND: usize = 4;
 
 impl ReportHub {
     /// Starts the hub's task (reports of `ctx`'s caches) on the current runtime, for as long
@@ -151,6 +160,7 @@ impl ReportHub {
     pub fn start(ctx: Arc<WorkerContext>) -> Arc<ReportHub> {
         let hub = Arc::new(ReportHub {
             sessions: Mutex::new(Vec::new()),
+            joined: AtomicU64::new(0),
             due: Notify::new(),
             full: AtomicBool::new(true),
         });
@@ -159,36 +169,50 @@ impl ReportHub {
             loop {
                 this.due.notified().await;
                 let full = this.full.swap(false, Ordering::SeqCst);
-                let messages = reports(&ctx, full).await;
-                let sessions = this.sessions().clone();
-                for (index, tx) in sessions {
-                    for m in &messages {
-                        if tx.send(m.clone()).await.is_err() {
-                            this.leave(index);
-                            break;
-                        }
+                let report: Arc<[WorkerMessage]> = reports(&ctx, full).await.into();
+                let mut sessions = this.sessions();
+                sessions.retain(|(_, forward)| match forward.try_send(report.clone()) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        // It missed these changes: everyone gets the whole next time.
+                        this.full.store(true, Ordering::SeqCst);
+                        this.due.notify_one();
+                        true
                     }
-                }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                });
             }
         });
         hub
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, Vec<(usize, mpsc::Sender<WorkerMessage>)>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Vec<Joined>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Session `index` opened (its Hello sent): it gets a whole report now, and every report
-    /// after.
-    pub fn join(&self, index: usize, tx: mpsc::Sender<WorkerMessage>) {
-        self.sessions().push((index, tx));
+    /// A session opened (its Hello sent), sending through `tx`: it gets a whole report now,
+    /// and every report after, until it [leaves](ReportHub::leave) with the token returned.
+    pub fn join(&self, tx: mpsc::Sender<WorkerMessage>) -> u64 {
+        let token = self.joined.fetch_add(1, Ordering::Relaxed);
+        let (forward, mut reports) = mpsc::channel::<Arc<[WorkerMessage]>>(BEHIND);
+        tokio::spawn(async move {
+            while let Some(report) = reports.recv().await {
+                for m in report.iter() {
+                    if tx.send(m.clone()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        self.sessions().push((token, forward));
         self.full.store(true, Ordering::SeqCst);
         self.due.notify_one();
+        token
     }
 
-    /// Session `index` ended.
-    pub fn leave(&self, index: usize) {
-        self.sessions().retain(|(i, _)| *i != index);
+    /// The session that joined with `token` ended.
+    pub fn leave(&self, token: u64) {
+        self.sessions().retain(|(t, _)| *t != token);
     }
 
     /// Something changed (an action's result sent, a fetch ahead done, a keep-alive): report.

@@ -5,15 +5,16 @@
 //! a session with each at once, sharing its [`Slots`] and its [`ReportHub`].
 
 use crate::action::{execute, Progress, WorkerContext};
+use crate::remote::switch::SwitchedCas;
 use crate::reports::ReportHub;
+use crate::running::{Route, Running};
 use crate::slots::Slots;
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use kiln_proto::worker::{
-    server_message, worker_message, Capacity, ExecuteComplete, ExecutionStarted, GoingAway, Hello,
-    KeepAlive, Property, ServerMessage, WorkerMessage,
+    server_message, worker_message, Capacity, ExecutionResult, ExecutionStarted, GoingAway, Hello,
+    KeepAlive, Orphans, Property, ServerMessage, WorkerMessage,
 };
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -38,6 +39,25 @@ pub struct Shared {
     pub slots: Arc<Slots>,
     /// The worker's reports.
     pub reports: Arc<ReportHub>,
+    /// The worker's running actions, across its sessions.
+    pub running: Arc<Running>,
+}
+
+/// Tells session `index`'s scheduler what is left for it of the worker's slots, if that
+/// changed since it was last `told` (and the message fits the session's queue).
+fn tell_capacity(slots: &Slots, tx: &mpsc::Sender<WorkerMessage>, told: &mut usize, index: usize) {
+    let now = slots.capacity_for(index);
+    if now == *told {
+        return;
+    }
+    let message = WorkerMessage {
+        message: Some(worker_message::Message::Capacity(Capacity {
+            max_inflight: now as u32,
+        })),
+    };
+    if tx.try_send(message).is_ok() {
+        *told = now;
+    }
 }
 
 /// Connects to the scheduler of `link` and serves sessions until `stop` turns true; then says
@@ -59,7 +79,6 @@ pub async fn run(
         match link.connect().await {
             Ok(channel) => {
                 let ended = session(channel, &identity, ctx.clone(), &shared, stop.clone()).await;
-                shared.reports.leave(shared.index);
                 match ended {
                     Ok(()) => tracing::info!("session with the scheduler ended"),
                     Err(e) => tracing::warn!(error = %e, "session with the scheduler failed"),
@@ -83,8 +102,6 @@ pub async fn run(
     }
 }
 
-type Running = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
-
 async fn session(
     channel: crate::link::LinkChannel,
     identity: &Identity,
@@ -96,7 +113,12 @@ async fn session(
         index,
         slots,
         reports,
+        running,
     } = shared.clone();
+    // Watched from before Hello, so no change after the count Hello carries goes unsaid.
+    let mut orphans = running.changes();
+    let mut capacity = slots.changes();
+    let mut told = slots.capacity_for(index);
     let (tx, rx) = mpsc::channel::<WorkerMessage>(256);
     let send = |tx: &mpsc::Sender<WorkerMessage>, m: worker_message::Message| {
         let _ = tx.try_send(WorkerMessage { message: Some(m) });
@@ -113,7 +135,7 @@ async fn session(
                     value: value.clone(),
                 })
                 .collect(),
-            max_inflight: slots.capacity_for(index) as u32,
+            max_inflight: told as u32,
             cas_endpoint: ctx
                 .serving
                 .as_ref()
@@ -124,7 +146,7 @@ async fn session(
                 .as_ref()
                 .and_then(|s| s.tls_name.clone())
                 .unwrap_or_default(),
-            running: Vec::new(),
+            running: running.orphans(),
         }),
     );
     let mut inbound = WorkerApiClient::new(channel)
@@ -135,10 +157,9 @@ async fn session(
         .into_inner();
     tracing::info!(scheduler = "connected", "worker session open");
     // Reports go out from the worker's hub, the whole of it first.
-    reports.join(index, tx.clone());
-    let mut capacity = slots.changes();
-    let mut told = slots.capacity_for(index);
-    let running: Running = Arc::default();
+    let joined = reports.join(tx.clone());
+    // How long what this session runs is kept running after it ends (its Welcome says).
+    let mut orphan_grace = None;
     // The fetch ahead running, if any: its operation, and how to stop it (a session that
     // ends stops it too).
     let mut prefetching: Option<(String, tokio::task::AbortHandle)> = None;
@@ -153,6 +174,10 @@ async fn session(
                             let every = Duration::from_secs(d.seconds.max(1) as u64);
                             keepalive = tokio::time::interval(every);
                         }
+                        orphan_grace = w.orphan_grace.and_then(|d| {
+                            let d = std::time::Duration::try_from(d).ok()?;
+                            (!d.is_zero()).then_some(d)
+                        });
                     }
                     server_message::Message::StartExecute(start) => {
                         // Its own fetch takes over from a fetch ahead of the same action.
@@ -163,28 +188,29 @@ async fn session(
                         }
                         let (kill_tx, kill_rx) = oneshot::channel();
                         let operation = start.operation.clone();
-                        running.lock().unwrap_or_else(|e| e.into_inner()).insert(operation.clone(), kill_tx);
+                        // The server's CAS as this action uses it: another server's, should
+                        // this one go away and the other adopt it.
+                        let cas = ctx.remote.clone().map(SwitchedCas::new);
+                        let ctx = Arc::new(WorkerContext {
+                            remote: cas.clone().map(|c| c as Arc<dyn kiln_reapi::cas::Cas>),
+                            ..(*ctx).clone()
+                        });
+                        let route = Route::new(index, tx.clone(), cas);
+                        running.start(operation.clone(), kill_tx, route.clone());
                         send(&tx, worker_message::Message::Started(ExecutionStarted { operation: operation.clone() }));
-                        let (tx, ctx, running) = (tx.clone(), ctx.clone(), running.clone());
+                        let running = running.clone();
                         let (slots, reports) = (slots.clone(), reports.clone());
                         tokio::spawn(async move {
                             // Counted at once; waits only when another scheduler took the
                             // last slot at the same moment.
-                            let slot = Mutex::new(slots.take(index).await);
-                            let progress_tx = tx.clone();
-                            let op = operation.clone();
+                            route.hold(slots.take(index).await);
                             let progress = |p: Progress| match p {
-                                Progress::Executed => {
-                                    slot.lock().unwrap_or_else(|e| e.into_inner()).release();
-                                    let _ = progress_tx.try_send(WorkerMessage {
-                                        message: Some(worker_message::Message::ExecuteComplete(ExecuteComplete { operation: op.clone() })),
-                                    });
-                                }
+                                Progress::Executed => route.executed(&operation),
                             };
                             let result = execute(ctx.clone(), start, kill_rx, progress).await;
-                            drop(slot);
-                            running.lock().unwrap_or_else(|e| e.into_inner()).remove(&operation);
-                            let _ = tx.send(WorkerMessage { message: Some(worker_message::Message::Result(result)) }).await;
+                            // To this session, or to the one that adopted it (an orphan).
+                            route.deliver(WorkerMessage { message: Some(worker_message::Message::Result(result)) }).await;
+                            running.finished(&operation, &route);
                             reports.due();
                         });
                     }
@@ -209,8 +235,22 @@ async fn session(
                         }
                     }
                     server_message::Message::Kill(k) => {
-                        if let Some(kill) = running.lock().unwrap_or_else(|e| e.into_inner()).remove(&k.operation) {
-                            let _ = kill.send(());
+                        running.kill(&k.operation, index);
+                    }
+                    server_message::Message::Adopt(a) => {
+                        if running.adopt(&a.operation, index, tx.clone(), ctx.remote.clone()) {
+                            tracing::info!(operation = %a.operation, "a server took over an action still running here");
+                        } else {
+                            // Ended meanwhile (killed, or given up): it must run elsewhere.
+                            send(&tx, worker_message::Message::Result(ExecutionResult {
+                                operation: a.operation,
+                                status: Some(kiln_proto::google::rpc::Status {
+                                    code: tonic::Code::Unavailable as i32,
+                                    message: "the worker no longer runs this action (it ended when its server went away); execute it again".into(),
+                                    details: Vec::new(),
+                                }),
+                                ..Default::default()
+                            }));
                         }
                     }
                     server_message::Message::KeepAlive(_) => {}
@@ -221,16 +261,17 @@ async fn session(
             },
             _ = keepalive.tick() => {
                 send(&tx, worker_message::Message::KeepAlive(KeepAlive {}));
+                // A change whose message did not fit the queue is said now.
+                tell_capacity(&slots, &tx, &mut told, index);
                 // Also between results: what it served to peers, and what left its CAS.
                 reports.due();
             }
+            Ok(()) = orphans.changed() => {
+                send(&tx, worker_message::Message::Orphans(Orphans { operations: running.orphans() }));
+            }
             Ok(()) = capacity.changed() => {
                 // Another session's actions started or ended: what is left for this one.
-                let now = slots.capacity_for(index);
-                if now != told {
-                    told = now;
-                    send(&tx, worker_message::Message::Capacity(Capacity { max_inflight: now as u32 }));
-                }
+                tell_capacity(&slots, &tx, &mut told, index);
             }
             _ = stop.changed(), if !going_away => {
                 if *stop.borrow() {
@@ -240,16 +281,16 @@ async fn session(
                 }
             }
         }
-        if going_away && running.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        if going_away && running.count(index) == 0 {
             break Ok(());
         }
     };
     if let Some((_, ahead)) = prefetching.take() {
         ahead.abort();
     }
-    // Whatever still runs cannot be reported on this session: the scheduler re-queues it.
-    for (_, kill) in running.lock().unwrap_or_else(|e| e.into_inner()).drain() {
-        let _ = kill.send(());
-    }
+    // Whatever still runs cannot be reported on this session: the scheduler re-queues it,
+    // unless its farm takes operations over (then it runs on a while, for whoever does).
+    running.session_ended(index, orphan_grace.filter(|_| !going_away));
+    reports.leave(joined);
     result
 }

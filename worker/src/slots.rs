@@ -1,8 +1,9 @@
 //! A worker's action slots (`worker.max_inflight`), shared by its sessions when it serves
 //! several schedulers: each scheduler is told it may have as many actions running here as
 //! the others leave free ([`Slots::capacity_for`], sent as a `Capacity` message when it
-//! changes), and no more than `max_inflight` processes ever run at once: an action two
-//! schedulers sent for the last free slot at the same moment waits here for a slot. A slot
+//! changes), and no more than `max_inflight` processes run at once: an action two
+//! schedulers sent for the last free slot at the same moment waits here for a slot (with one
+//! scheduler, its count is trusted, as before). A slot
 //! is given back when the action's process exits (its outputs upload meanwhile), as the
 //! scheduler counts it.
 
@@ -17,7 +18,9 @@ pub struct Slots {
     busy: Mutex<HashMap<usize, usize>>,
     /// Bumped whenever `busy` changes.
     changed: watch::Sender<u64>,
-    permits: Arc<Semaphore>,
+    /// With several sessions: no more processes than slots (with one, its scheduler's count
+    /// is the truth, as it always was: a killed action's slot is free for the next at once).
+    permits: Option<Arc<Semaphore>>,
 }
 
 /// An action's slot, given back by [`Slot::release`] or when dropped.
@@ -29,14 +32,14 @@ pub struct Slot {
 }
 
 impl Slots {
-    /// `total` slots (at least one).
-    pub fn new(total: usize) -> Arc<Slots> {
+    /// `total` slots (at least one), shared by `sessions` sessions.
+    pub fn new(total: usize, sessions: usize) -> Arc<Slots> {
         let total = total.max(1);
         Arc::new(Slots {
             total,
             busy: Mutex::new(HashMap::new()),
             changed: watch::channel(0).0,
-            permits: Arc::new(Semaphore::new(total)),
+            permits: (sessions > 1).then(|| Arc::new(Semaphore::new(total))),
         })
     }
 
@@ -83,13 +86,25 @@ impl Slots {
             permit: None,
             held: true,
         };
-        // The semaphore is never closed.
-        slot.permit = self.permits.clone().acquire_owned().await.ok();
+        if let Some(permits) = &self.permits {
+            // The semaphore is never closed.
+            slot.permit = permits.clone().acquire_owned().await.ok();
+        }
         slot
     }
 }
 
 impl Slot {
+    /// Counts the slot as session `session`'s from now on (another session adopted the
+    /// action).
+    pub fn move_to(&mut self, session: usize) {
+        if self.held && self.session != session {
+            self.slots.add(session, true);
+            self.slots.add(self.session, false);
+        }
+        self.session = session;
+    }
+
     /// Gives the slot back (the action's process exited); later calls do nothing.
     pub fn release(&mut self) {
         if std::mem::take(&mut self.held) {
@@ -110,8 +125,17 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn one_session_is_never_held_up() {
+        let slots = Slots::new(1, 1);
+        let _a = slots.take(0).await;
+        // Its scheduler freed the slot of an action still being killed: the next goes at once.
+        let _b = slots.take(0).await;
+        assert_eq!(slots.capacity_for(0), 1);
+    }
+
+    #[tokio::test]
     async fn sessions_share_the_slots_and_never_run_more_than_there_are() {
-        let slots = Slots::new(2);
+        let slots = Slots::new(2, 2);
         assert_eq!((slots.capacity_for(0), slots.capacity_for(1)), (2, 2));
         let mut changes = slots.changes();
         let mut a = slots.take(0).await;

@@ -13,12 +13,14 @@
 //! it finds its lease gone.
 
 use super::shared_ops::{Shared, SharedOps};
-use super::{prepare, ExecutionCore, OpView};
+use super::{lock, prepare, ExecutionCore, OpView};
 use crate::error::ControlError;
+use crate::scheduler::{OpId, WorkerId};
 use futures::StreamExt;
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::execution_stage::Value as StageValue;
 use kiln_proto::reapi::{ExecuteRequest, ExecuteResponse};
+use kiln_proto::worker::{server_message, AdoptOperation, KillOperation};
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use kiln_reapi::status::Classify;
 use kiln_redis::When;
@@ -36,13 +38,24 @@ pub struct Farm {
 }
 
 impl Farm {
-    /// Starts holding this server's lease and watching the others' (in a task of its own,
+    /// Starts holding this server's lease and watching the others' (in tasks of their own,
     /// for as long as `core` lives).
     pub fn start(core: &Arc<ExecutionCore>, ops: Arc<SharedOps>, lease: Duration) {
-        let farm = Farm { ops, lease };
-        let core = Arc::downgrade(core);
+        // Workers keep what a session that ended ran for three leases: a dead server is taken
+        // over within a lease and a fifth, and its operations then adopted.
+        let _ = core.orphan_grace.set(lease * 3);
+        ops.list_owned();
+        let farm = Arc::new(Farm { ops, lease });
         let span = tracing::info_span!("farm", server = %farm.ops.server());
-        tokio::spawn(async move { farm.run(core).await }.instrument(span));
+        // The lease has a task of its own: nothing else this server does in Redis (a long
+        // take-over, a write retried) may hold up its renewal.
+        let weak = Arc::downgrade(core);
+        tokio::spawn({
+            let farm = farm.clone();
+            async move { farm.hold(weak).await }.instrument(span.clone())
+        });
+        let weak = Arc::downgrade(core);
+        tokio::spawn(async move { farm.watch(weak).await }.instrument(span));
     }
 
     fn key(&self, what: &str, server: &str) -> String {
@@ -53,23 +66,36 @@ impl Farm {
         self.ops.redis().key("servers")
     }
 
-    async fn run(self, core: Weak<ExecutionCore>) {
-        let every = (self.lease / 5).max(Duration::from_millis(100));
-        let mut ticks = tokio::time::interval(every);
+    fn every(&self) -> tokio::time::Interval {
+        let mut ticks = tokio::time::interval((self.lease / 5).max(Duration::from_millis(100)));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    }
+
+    /// Renews this server's lease every fifth of it, lists the server among the farm's, and
+    /// keeps its list of operations from expiring (it expires ten leases after the server
+    /// stops: long after another took it over).
+    async fn hold(&self, core: Weak<ExecutionCore>) {
+        let mut ticks = self.every();
         let mut held = false;
-        let mut listed = false;
+        let mut said = false;
         loop {
             ticks.tick().await;
             if core.strong_count() == 0 {
                 return;
             }
             held = self.renew(held).await;
-            if held && !listed {
-                listed = self.join().await;
+            if !held {
+                continue;
             }
-            if held {
-                self.look_for_the_dead(&core).await;
+            // Every time: a server that took this one for dead removed it from the list.
+            let redis = self.ops.redis();
+            let joined = redis.set_add(&self.servers_key(), self.ops.server()).await;
+            let owned = self.ops.owned_key(self.ops.server());
+            let _ = redis.expire(&owned, self.lease * 10).await;
+            if let (Ok(()), false) = (joined, said) {
+                said = true;
+                tracing::info!("this server takes over the operations of servers sharing its Redis that die, and they take over its own");
             }
         }
     }
@@ -106,62 +132,66 @@ impl Farm {
         }
     }
 
-    /// Lists this server among the farm's; whether it is.
-    async fn join(&self) -> bool {
-        match self
-            .ops
-            .redis()
-            .set_add(&self.servers_key(), self.ops.server())
-            .await
-        {
-            Ok(()) => {
-                tracing::info!("this server takes over the operations of servers sharing its Redis that die, and they take over its own");
-                true
+    /// Every fifth of a lease, looks for servers whose lease lapsed, and takes over each that
+    /// this server claims first (in a task of its own, so that the others are looked at too).
+    async fn watch(self: Arc<Self>, core: Weak<ExecutionCore>) {
+        let mut ticks = self.every();
+        loop {
+            ticks.tick().await;
+            if core.strong_count() == 0 {
+                return;
             }
-            Err(e) => {
-                e.log(&"servers", "cannot list this server in Redis");
-                false
+            for dead in self.dead().await {
+                // Long enough for this server to take them all; if it dies meanwhile, another
+                // claims the dead one again after this.
+                let claim = self
+                    .ops
+                    .redis()
+                    .set(
+                        &self.key("takeover", &dead),
+                        self.ops.server().as_bytes(),
+                        self.lease * 6,
+                        When::Missing,
+                    )
+                    .await;
+                if let (Ok(true), Some(core)) = (claim, core.upgrade()) {
+                    let this = self.clone();
+                    tokio::spawn(
+                        async move { this.take_over(&core, &dead).await }.in_current_span(),
+                    );
+                }
             }
         }
     }
 
-    /// Takes over the operations of every listed server whose lease has lapsed, if this
-    /// server claims it first.
-    async fn look_for_the_dead(&self, core: &Weak<ExecutionCore>) {
+    /// The listed servers, other than this one, whose lease has lapsed.
+    async fn dead(&self) -> Vec<String> {
         let redis = self.ops.redis();
         let Ok(servers) = redis.set_members(&self.servers_key()).await else {
-            return;
+            return Vec::new();
         };
         let others: Vec<String> = servers
             .into_iter()
             .filter(|s| s != self.ops.server())
             .collect();
         if others.is_empty() {
-            return;
+            return Vec::new();
         }
         let leases: Vec<String> = others.iter().map(|s| self.key("server", s)).collect();
         let Ok(alive) = redis.exists_many(&leases).await else {
-            return;
+            return Vec::new();
         };
-        for (dead, _) in others.iter().zip(alive).filter(|(_, alive)| !alive) {
-            // Long enough for this server to take them all; if it dies meanwhile, another
-            // claims the dead one again after this.
-            let claim = redis
-                .set(
-                    &self.key("takeover", dead),
-                    self.ops.server().as_bytes(),
-                    self.lease * 6,
-                    When::Missing,
-                )
-                .await;
-            if let Ok(true) = claim {
-                let Some(core) = core.upgrade() else { return };
-                self.take_over(&core, dead).await;
-            }
-        }
+        others
+            .into_iter()
+            .zip(alive)
+            .filter(|(_, alive)| !alive)
+            .map(|(s, _)| s)
+            .collect()
     }
 
-    /// Schedules the unfinished operations of `dead` here, then forgets `dead`.
+    /// Schedules the unfinished operations of `dead` here, each claimed by taking it off the
+    /// dead server's list (so no two servers take the same one), then forgets `dead`. An
+    /// operation whose record could not be read stays on the list for the next claim.
     async fn take_over(&self, core: &Arc<ExecutionCore>, dead: &str) {
         let redis = self.ops.redis();
         let owned = self.ops.owned_key(dead);
@@ -173,26 +203,41 @@ impl Farm {
             operations = names.len(),
             "a server sharing this Redis stopped renewing its lease: taking over its operations"
         );
-        let taken = futures::stream::iter(names)
-            .map(|name| async move {
-                match self.ops.read(&name).await {
-                    Ok(Some(Shared {
-                        view,
-                        request: Some(request),
-                        ..
-                    })) if !view.done() => {
-                        core.adopt(&self.ops, name, request).await;
-                        1
+        let (taken, left) = futures::stream::iter(names)
+            .map(|name| {
+                let owned = &owned;
+                async move {
+                    let shared = match self.ops.read(&name).await {
+                        Ok(shared) => shared,
+                        Err(()) => return (0, 1), // Redis failed: left for the next claim
+                    };
+                    match redis.set_remove(owned, &name).await {
+                        Ok(true) => {}
+                        Ok(false) => return (0, 0), // another server took it
+                        Err(_) => return (0, 1),
                     }
-                    _ => 0,
+                    match shared {
+                        Some(Shared {
+                            view,
+                            owner,
+                            request: Some(request),
+                        }) if !view.done() && owner == dead => {
+                            core.adopt(&self.ops, name, request).await;
+                            (1, 0)
+                        }
+                        _ => (0, 0),
+                    }
                 }
             })
             .buffer_unordered(AT_ONCE)
-            .fold(0usize, |n, one| async move { n + one })
+            .fold((0usize, 0usize), |(t, l), (t1, l1)| async move {
+                (t + t1, l + l1)
+            })
             .await;
-        let _ = redis.delete(&owned).await;
-        let _ = redis.set_remove(&self.servers_key(), dead).await;
-        tracing::info!(dead, taken, "took over a dead server's operations");
+        if left == 0 {
+            let _ = redis.set_remove(&self.servers_key(), dead).await;
+        }
+        tracing::info!(dead, taken, left, "took over a dead server's operations");
     }
 }
 
@@ -243,8 +288,16 @@ impl ExecutionCore {
             .await
             .map_err(|e| e.rpc_status())?;
         let request = Arc::new(request.clone());
-        match self.submit(job, request, Some(name.to_string())) {
-            Ok(_) => Ok(None),
+        // A worker may still run it (its session with the dead server ended, and it kept the
+        // action running for whoever takes it over): it runs on there.
+        let holder = self.orphan_holder(name);
+        match self.submit(job, request, Some(name.to_string()), holder) {
+            Ok((op, _)) => {
+                if let Some(worker) = holder {
+                    self.adopted(worker, op, name);
+                }
+                Ok(None)
+            }
             Err(e) => {
                 let status = e.status();
                 Err(RpcStatus {
@@ -273,5 +326,41 @@ fn ended(name: &str, request: &ExecuteRequest, response: ExecuteResponse) -> OpV
         action_digest: request.action_digest.clone().unwrap_or_default(),
         digest_function: request.digest_function,
         response: Some(Arc::new(response)),
+    }
+}
+
+impl ExecutionCore {
+    /// A connected worker that still runs operation `name` for a session that ended.
+    fn orphan_holder(&self, name: &str) -> Option<WorkerId> {
+        lock(&self.sessions)
+            .iter()
+            .find(|(_, s)| s.orphans.contains(name))
+            .map(|(id, _)| *id)
+    }
+
+    /// Operation `name` (here `op`) was submitted as running on `worker`, which held it as
+    /// an orphan: the worker reports it here from now on. If the scheduler queued it instead
+    /// (the worker left meanwhile, or an identical action runs here), the orphan is killed.
+    fn adopted(&self, worker: WorkerId, op: OpId, name: &str) {
+        let adopted = lock(&self.scheduler).is_running_on(op, worker);
+        if let Some(session) = lock(&self.sessions).get_mut(&worker) {
+            session.orphans.remove(name);
+        }
+        let operation = name.to_string();
+        let message = if adopted {
+            tracing::info!(operation = %name, worker, "taken over while its worker still runs it: it runs on there");
+            server_message::Message::Adopt(AdoptOperation { operation })
+        } else {
+            server_message::Message::Kill(KillOperation { operation })
+        };
+        if !self.send(worker, message) && adopted {
+            self.drop_broken(vec![worker]);
+        }
+    }
+
+    /// How long workers keep running what a session that ended ran, when this server's farm
+    /// takes operations over.
+    pub fn orphan_grace(&self) -> Option<Duration> {
+        self.orphan_grace.get().copied()
     }
 }

@@ -64,6 +64,9 @@ struct Session {
     transfers: Option<kiln_proto::worker::TransferReport>,
     /// Where it serves its CAS to peers.
     endpoint: Option<PeerEndpoint>,
+    /// Operations it still runs for a session (with another server, or an earlier one) that
+    /// ended: this server may take them over.
+    orphans: std::collections::HashSet<String>,
 }
 
 /// Where a worker serves its CAS to its peers.
@@ -131,6 +134,9 @@ pub struct ExecutionCore {
     woken: Arc<tokio::sync::Notify>,
     /// Where operations are shared with the farm's other servers (`[redis] operations`).
     shared: Option<Arc<shared_ops::SharedOps>>,
+    /// How long workers keep running what a session that ended ran (set when this server's
+    /// farm takes operations over; else they kill it at once).
+    orphan_grace: std::sync::OnceLock<Duration>,
 }
 
 /// How often the scheduler's clock advances when nothing asks for sooner.
@@ -185,6 +191,7 @@ impl ExecutionCore {
             finished: tokio::sync::Notify::new(),
             woken: Arc::new(tokio::sync::Notify::new()),
             shared,
+            orphan_grace: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&core);
         tokio::spawn(async move {
@@ -292,12 +299,14 @@ impl ExecutionCore {
     }
 
     /// Queues a prepared job of `request` as a new operation (named `name`, when given: one
-    /// taken over); merged jobs release their own pins at once.
+    /// taken over, then `running_on` the worker that still runs it, if any); merged jobs
+    /// release their own pins at once.
     fn submit(
         &self,
         job: Job<Arc<Payload>>,
         request: Arc<kiln_proto::reapi::ExecuteRequest>,
         name: Option<String>,
+        running_on: Option<WorkerId>,
     ) -> Result<(OpId, tokio::sync::watch::Receiver<OpView>), SubmitError> {
         let payload = job.payload.clone();
         let adopted = name.is_some();
@@ -322,7 +331,11 @@ impl ExecutionCore {
                     "no connected worker offers this platform; the action waits for one (execution.unserved_timeout_secs)"
                 );
             }
-            let result = s.submit(Instant::now(), job).map(|sub| {
+            let submitted = match running_on {
+                Some(worker) => s.submit_running(Instant::now(), job, worker),
+                None => s.submit(Instant::now(), job),
+            };
+            let result = submitted.map(|sub| {
                 let mut registry = lock(&self.registry);
                 if !sub.merged {
                     registry.insert(sub.op, payload.clone(), view);

@@ -74,7 +74,7 @@ impl ExecutionService {
             }
         }
         let job = prepare::prepare(&self.core, &key, &request).await?;
-        match self.core.submit(job, Arc::new(request), None) {
+        match self.core.submit(job, Arc::new(request), None, None) {
             Ok((_, rx)) => Ok(stream(rx)),
             Err(e) => Err(e.status()),
         }

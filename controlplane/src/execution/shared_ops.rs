@@ -42,6 +42,8 @@ pub struct SharedOps {
     redis: Arc<Redis>,
     /// This server's name in Redis (new at every start).
     server: String,
+    /// Unfinished operations are listed in `owned:{server}` (`[redis] take_over`).
+    listing: std::sync::atomic::AtomicBool,
 }
 
 /// An operation as Redis has it.
@@ -58,7 +60,17 @@ pub struct Shared {
 impl SharedOps {
     /// Operations shared through `redis`, by the server named `server` there.
     pub fn new(redis: Arc<Redis>, server: String) -> Arc<SharedOps> {
-        Arc::new(SharedOps { redis, server })
+        Arc::new(SharedOps {
+            redis,
+            server,
+            listing: Default::default(),
+        })
+    }
+
+    /// Lists this server's unfinished operations from now on, for the farm to take over.
+    pub fn list_owned(&self) {
+        self.listing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Redis, for the farm's leases.
@@ -102,16 +114,18 @@ impl SharedOps {
     ) {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut listed = false;
+            let listing = this.listing.load(std::sync::atomic::Ordering::Relaxed);
             loop {
                 let mut view = rx.borrow_and_update().clone();
                 view.name.clone_from(&name);
-                if !listed && !view.done() {
-                    listed = this.list(&name).await;
+                // Listed at every write while it runs: a server that took this one for dead
+                // (its lease lapsed while it lived) emptied its list.
+                if listing && !view.done() {
+                    this.list(&name).await;
                 }
                 this.write(&view, Some(&request)).await;
                 if view.done() {
-                    if listed {
+                    if listing {
                         this.unlist(&name).await;
                     }
                     return;
@@ -130,21 +144,14 @@ impl SharedOps {
         self.write(view, None).await;
     }
 
-    /// Lists `name` among this server's unfinished operations; whether it is.
-    async fn list(&self, name: &str) -> bool {
-        match self
-            .redis
-            .set_add(&self.owned_key(&self.server), name)
-            .await
-        {
-            Ok(()) => true,
-            Err(e) => {
-                e.log(
-                    &name,
-                    "cannot list an operation in Redis; it cannot be taken over",
-                );
-                false
-            }
+    /// Lists `name` among this server's unfinished operations.
+    async fn list(&self, name: &str) {
+        let key = self.owned_key(&self.server);
+        if let Err(e) = self.redis.set_add(&key, name).await {
+            e.log(
+                &name,
+                "cannot list an operation in Redis; it cannot be taken over until its next write",
+            );
         }
     }
 

@@ -3,21 +3,29 @@
 //! action's process ending and its result arriving.
 
 use super::{lock, ExecutionCore, PeerEndpoint, Session, WorkerView};
+use crate::scheduler::OpId;
 use crate::scheduler::WorkerId;
-use kiln_proto::worker::{ExecutionResult, ServerMessage};
+use kiln_proto::worker::{
+    server_message, AdoptOperation, ExecutionResult, KillOperation, ServerMessage,
+};
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
+/// Orphans of one worker taken in.
+const MAX_ORPHANS: usize = 4096;
+
 impl ExecutionCore {
-    /// Registers a worker session; returns its id.
+    /// Registers a worker session, still running `orphans` for sessions that ended; returns
+    /// its id.
     pub(super) fn worker_joined(
         &self,
         name: String,
         properties: Vec<(String, String)>,
         capacity: usize,
         endpoint: Option<PeerEndpoint>,
+        orphans: Vec<String>,
         tx: mpsc::Sender<ServerMessage>,
     ) -> WorkerId {
         let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
@@ -30,11 +38,47 @@ impl ExecutionCore {
                 dircache: None,
                 transfers: None,
                 endpoint,
+                orphans: Default::default(),
             },
         );
         tracing::info!(worker = %name, id, capacity, "worker connected");
         self.apply(|s, now| s.worker_joined(now, id, properties, capacity, serves));
+        self.worker_orphans(id, orphans);
         id
+    }
+
+    /// What a worker still runs for sessions that ended. Those of this server's operations
+    /// (its session with this server broke and came back, or this server took them over
+    /// before the worker came back) were queued again: one still queued runs on where it
+    /// runs (adopted), one placed elsewhere or finished meanwhile is killed. The others may
+    /// be taken over later.
+    pub(super) fn worker_orphans(&self, worker: WorkerId, orphans: Vec<String>) {
+        // A worker runs at most a few hundred actions: a longer list is not believed.
+        type Named = Vec<(String, Option<OpId>)>;
+        let (ours, others): (Named, Named) = {
+            let registry = lock(&self.registry);
+            orphans
+                .into_iter()
+                .take(MAX_ORPHANS)
+                .map(|name| {
+                    let op = registry.op(&name);
+                    (name, op)
+                })
+                .partition(|(name, op)| op.is_some() || registry.watch(name).is_some())
+        };
+        if let Some(session) = lock(&self.sessions).get_mut(&worker) {
+            session.orphans = others.into_iter().map(|(name, _)| name).collect();
+        }
+        for (operation, op) in ours {
+            let adopted = op.is_some_and(|op| self.apply(|s, now| s.take_to(now, op, worker)));
+            let message = if adopted {
+                tracing::info!(%operation, worker, "queued again, but its worker still runs it: it runs on there");
+                server_message::Message::Adopt(AdoptOperation { operation })
+            } else {
+                server_message::Message::Kill(KillOperation { operation })
+            };
+            let _ = self.send(worker, message);
+        }
     }
 
     /// A worker reports on itself: its directory cache and the directories it holds, the

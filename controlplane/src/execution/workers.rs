@@ -122,6 +122,10 @@ impl WorkerApi for WorkerApiService {
         let welcome = ServerMessage {
             message: Some(server_message::Message::Welcome(Welcome {
                 keep_alive_interval: Some(kiln_reapi::convert::proto_duration(keepalive)),
+                orphan_grace: self
+                    .core
+                    .orphan_grace()
+                    .map(kiln_reapi::convert::proto_duration),
             })),
         };
         tx.try_send(welcome)
@@ -142,8 +146,9 @@ impl WorkerApi for WorkerApiService {
         let id = self.core.worker_joined(
             name,
             properties,
-            hello.max_inflight.max(1) as usize,
+            hello.max_inflight as usize,
             endpoint,
+            hello.running,
             tx.clone(),
         );
         // Only the session registry holds the sender for good: when the core closes the session
@@ -184,6 +189,7 @@ impl WorkerApi for WorkerApiService {
                                 Some(worker_message::Message::GoingAway(_)) => core.worker_draining(id),
                                 Some(worker_message::Message::Report(r)) => core.worker_report(id, r),
                                 Some(worker_message::Message::Capacity(c)) => core.worker_capacity(id, c.max_inflight as usize),
+                                Some(worker_message::Message::Orphans(o)) => core.worker_orphans(id, o.operations),
                                 _ => {}
                             }
                         }

@@ -335,3 +335,47 @@ fn a_worker_shared_with_other_schedulers_takes_what_its_capacity_says() {
     s.worker_capacity(t, 1, 3);
     assert_eq!(dispatched(&mut s).len(), 2);
 }
+
+#[test]
+fn a_job_taken_over_runs_on_where_it_still_runs() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 1, false);
+    let op = s.submit_running(t, job("orphan", 0, &[]), 1).unwrap().op;
+    let commands = s.commands();
+    assert!(
+        commands
+            .iter()
+            .all(|c| !matches!(c, Command::Dispatch { .. })),
+        "nothing sent: {commands:?}"
+    );
+    assert!(s.is_running_on(op, 1));
+    // Its slot is taken: the next waits, and gets it once the process exits.
+    s.submit(t, job("next", 0, &[])).unwrap();
+    assert!(dispatched(&mut s).is_empty());
+    s.executed(t, 1, op);
+    assert_eq!(dispatched(&mut s).len(), 1);
+    // A worker not connected: queued as usual.
+    let queued = s.submit_running(t, job("elsewhere", 0, &[]), 7).unwrap().op;
+    assert!(!s.is_running_on(queued, 7));
+    assert_eq!(s.queued(), 1);
+}
+
+#[test]
+fn a_queued_job_found_running_on_a_worker_runs_on_there() {
+    let t = Instant::now();
+    let mut s = S::new(config());
+    s.worker_joined(t, 1, vec![], 1, false);
+    let busy = s.submit(t, job("busy", 0, &[])).unwrap().op;
+    let orphan = s.submit(t, job("orphan", 0, &[])).unwrap().op;
+    assert_eq!(dispatched(&mut s).len(), 1);
+    assert!(!s.take_to(t, busy, 1), "not queued");
+    assert!(!s.take_to(t, orphan, 9), "no such worker");
+    // Worker 2 joins, its one slot taken by the action it still runs.
+    s.worker_joined(t, 2, vec![], 0, false);
+    assert!(dispatched(&mut s).is_empty());
+    assert!(s.take_to(t, orphan, 2));
+    assert!(s.is_running_on(orphan, 2));
+    assert_eq!(s.queued(), 0);
+    assert!(dispatched(&mut s).is_empty(), "nothing sent");
+}

@@ -6,6 +6,7 @@
 
 mod download;
 mod read;
+pub mod switch;
 #[cfg(test)]
 mod tests;
 mod upload;
