@@ -609,10 +609,10 @@ async fn kill(mut kiln: Kiln) {
     .unwrap();
 }
 
-// Server a is killed (SIGKILL) with one action running on worker wa (which serves a and b)
-// and two queued: server b takes them over under the same names. The running one goes on
-// where it runs (wa kept it as an orphan, and b adopted it: it is not started again); the
-// queued ones run on b's worker wb. Every action starts and completes exactly once, and
+// Server a is killed (SIGKILL) with two actions running on worker wa (which serves a and b)
+// and one queued: server b takes them over under the same names. The running ones go on
+// where they run (wa kept them as orphans, and b adopted them: neither is started again);
+// the queued one runs on b's worker wb. Every action starts and completes exactly once, and
 // watchers on b, started before the kill, see every result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
@@ -626,7 +626,7 @@ async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
         &a,
         &dir.path().join("wa"),
         "wa",
-        &["--scheduler", &also_b, "--max-inflight", "1"],
+        &["--scheduler", &also_b, "--max-inflight", "2"],
     )
     .await;
     let wb = common::exec::start_worker(
@@ -645,8 +645,8 @@ async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
         names.push(name);
         on_a.push(stream);
     }
-    common::eventually("wa to start the first action", || async {
-        (lines(dir.path(), "starts") == ["one"]).then_some(())
+    common::eventually("wa to start the first two actions", || async {
+        (lines(dir.path(), "starts") == ["one", "two"]).then_some(())
     })
     .await;
     // Watchers on b, before the kill.
@@ -666,14 +666,16 @@ async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
     }
     kill(a).await;
     drop(on_a);
-    // b takes over once a's lease lapses: wb starts the queued two.
-    common::eventually("wb to start the two queued actions", || async {
+    // b takes over once a's lease lapses: wb starts the queued one, wa's two are adopted.
+    common::eventually("wb to start the queued action", || async {
         (lines(dir.path(), "starts") == ["one", "three", "two"]).then_some(())
     })
     .await;
-    common::eventually("b to adopt the action running on wa", || async {
-        b.log_text()
-            .contains("taken over while its worker still runs it")
+    common::eventually("b to adopt both actions running on wa", || async {
+        (b.log_text()
+            .matches("taken over while its worker still runs it")
+            .count()
+            == 2)
             .then_some(())
     })
     .await;
@@ -686,7 +688,7 @@ async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
         assert_eq!(common::exec::code(&response), 0, "{response:?}");
         ran_on.push(common::exec::worker_of(&response));
     }
-    assert_eq!(ran_on, [wa.name.clone(), wb.name.clone(), wb.name.clone()]);
+    assert_eq!(ran_on, [wa.name.clone(), wa.name.clone(), wb.name.clone()]);
     assert_eq!(
         lines(dir.path(), "starts"),
         ["one", "three", "two"],
@@ -855,4 +857,113 @@ async fn a_worker_serves_two_servers_sharing_its_slot() {
     assert_eq!(lines(dir.path(), "log"), ["x"]);
     a.stop().await;
     b.stop().await;
+}
+
+/// ListOperations through `ch`: the names of a page, and its token.
+async fn listed(ch: &Channel, filter: &str, size: i32, token: &str) -> (Vec<String>, String) {
+    let page = kiln_proto::longrunning::operations_client::OperationsClient::new(ch.clone())
+        .list_operations(kiln_proto::longrunning::ListOperationsRequest {
+            name: "operations/".into(),
+            filter: filter.into(),
+            page_size: size,
+            page_token: token.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.unreachable.is_empty(), "{:?}", page.unreachable);
+    let names = page.operations.into_iter().map(|o| o.name).collect();
+    (names, page.next_page_token)
+}
+
+// ListOperations on any server of a farm lists the farm's operations, a's and b's, in name
+// order, in pages whose token resumes after the last, filtered by stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_are_listed_across_the_farm() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = farm_server(dir.path(), "a", &redis.url()).await;
+    let b = farm_server(dir.path(), "b", &redis.url()).await;
+    let mut workers = Vec::new();
+    for (server, name) in [(&a, "wa"), (&b, "wb")] {
+        let wdir = dir.path().join(name);
+        workers.push(common::exec::start_worker(Runtime::Glommio, server, &wdir, name, &[]).await);
+    }
+    let (cha, chb) = (a.channel().await, b.channel().await);
+    let (x, _x) = accepted(&cha, held(dir.path(), "x").upload(&cha, F).await).await;
+    let (y, _y) = accepted(&chb, held(dir.path(), "y").upload(&chb, F).await).await;
+    let mut both = vec![x.clone(), y.clone()];
+    both.sort();
+    common::eventually("both actions to start", || async {
+        (lines(dir.path(), "starts") == ["x", "y"]).then_some(())
+    })
+    .await;
+    for ch in [&cha, &chb] {
+        common::eventually("each server to list both executing", || async {
+            (listed(ch, "stage=EXECUTING", 0, "").await.0 == both).then_some(())
+        })
+        .await;
+        let (first, token) = listed(ch, "stage=EXECUTING", 1, "").await;
+        assert_eq!(first, both[..1]);
+        assert!(!token.is_empty());
+        let (second, _) = listed(ch, "stage=EXECUTING", 1, &token).await;
+        assert_eq!(second, both[1..]);
+        let (queued, _) = listed(ch, "stage=QUEUED", 0, "").await;
+        assert!(queued.is_empty(), "{queued:?}");
+    }
+    let (on_a, on_b) = (watching(&cha, &x).await, watching(&chb, &y).await);
+    for tag in ["x", "y"] {
+        std::fs::write(dir.path().join(format!("flag-{tag}")), b"").unwrap();
+    }
+    on_a.await.unwrap();
+    on_b.await.unwrap();
+    for ch in [&cha, &chb] {
+        common::eventually("each server to list both completed", || async {
+            (listed(ch, "stage=COMPLETED", 0, "").await.0 == both).then_some(())
+        })
+        .await;
+    }
+    drop(workers);
+    a.stop().await;
+    b.stop().await;
+}
+
+// A worker whose session with a live server breaks (frozen with SIGSTOP past the server's
+// patience: the server drops it and queues its action again) keeps the action running, and
+// when it comes back the server lets the still-queued operation run on there: it starts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_back_from_a_broken_session_keeps_its_action() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = farm_server(dir.path(), "a", &redis.url()).await;
+    let w = common::exec::start_worker(Runtime::Glommio, &a, &dir.path().join("w"), "w", &[]).await;
+    let cha = a.channel().await;
+    let (name, _stream) = accepted(&cha, held(dir.path(), "one").upload(&cha, F).await).await;
+    common::eventually("the action to start", || async {
+        (lines(dir.path(), "starts") == ["one"]).then_some(())
+    })
+    .await;
+    w.signal(libc::SIGSTOP);
+    common::eventually(
+        "the server to give the worker up and queue its action again",
+        || async {
+            let queued = common::metric(&a.admin, "kiln_scheduler_queued").await;
+            (queued == 1.0).then_some(())
+        },
+    )
+    .await;
+    w.signal(libc::SIGCONT);
+    common::eventually("the server to let it run on where it runs", || async {
+        a.log_text()
+            .contains("queued again, but its worker still runs it")
+            .then_some(())
+    })
+    .await;
+    let follow = watching(&cha, &name).await;
+    std::fs::write(dir.path().join("flag-one"), b"").unwrap();
+    let response = follow.await.unwrap();
+    assert_eq!(common::exec::code(&response), 0, "{response:?}");
+    assert_eq!(lines(dir.path(), "starts"), ["one"], "started once");
+    a.stop().await;
 }

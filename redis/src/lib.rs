@@ -495,6 +495,65 @@ impl Redis {
         .await
     }
 
+    /// Adds `member` to the sorted set at `key` with `score` (or moves it there).
+    pub async fn sorted_add(&self, key: &str, member: &str, score: u64) -> Result<(), RedisError> {
+        self.run(|mut c| async move {
+            redis::cmd("ZADD")
+                .arg(key)
+                .arg(score)
+                .arg(member)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Removes `member` from the sorted set at `key`.
+    pub async fn sorted_remove(&self, key: &str, member: &str) -> Result<(), RedisError> {
+        self.run(|mut c| async move {
+            redis::cmd("ZREM")
+                .arg(key)
+                .arg(member)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Removes the members of the sorted set at `key` scored below `score`.
+    pub async fn sorted_remove_below(&self, key: &str, score: u64) -> Result<(), RedisError> {
+        self.run(|mut c| async move {
+            redis::cmd("ZREMRANGEBYSCORE")
+                .arg(key)
+                .arg("-inf")
+                .arg(format!("({score}"))
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// At most `limit` members of the sorted set at `key` scored `score` or more.
+    pub async fn sorted_from(
+        &self,
+        key: &str,
+        score: u64,
+        limit: usize,
+    ) -> Result<Vec<String>, RedisError> {
+        self.run(|mut c| async move {
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(key)
+                .arg(score)
+                .arg("+inf")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
     /// Makes `key` expire after `ttl` (from now).
     pub async fn expire(&self, key: &str, ttl: Duration) -> Result<(), RedisError> {
         self.run(|mut c| async move {

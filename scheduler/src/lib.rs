@@ -200,9 +200,11 @@ impl<P: Clone, R> Scheduler<P, R> {
         job: Job<P>,
         worker: WorkerId,
     ) -> Result<Submitted, SubmitError> {
-        if !self.workers.contains_key(&worker)
-            || (job.mergeable && self.in_flight.contains_key(&job.key))
-        {
+        let fits = self
+            .workers
+            .get(&worker)
+            .is_some_and(|w| could_fit(&self.config.kinds, &job.requirements, &w.offer));
+        if !fits || (job.mergeable && self.in_flight.contains_key(&job.key)) {
             return self.submit(now, job);
         }
         let op = self.next_op;
@@ -244,12 +246,25 @@ impl<P: Clone, R> Scheduler<P, R> {
     /// on there, nothing dispatched. False (nothing changes) unless `op` is queued and
     /// `worker` connected.
     pub fn take_to(&mut self, now: Instant, op: OpId, worker: WorkerId) -> bool {
-        if !self.workers.contains_key(&worker) {
-            return false;
+        let taken = self.run_on(now, op, worker);
+        if taken {
+            self.schedule(now);
         }
+        taken
+    }
+
+    /// [`Scheduler::take_to`] without placing anything else.
+    fn run_on(&mut self, now: Instant, op: OpId, worker: WorkerId) -> bool {
+        let Some(w) = self.workers.get(&worker) else {
+            return false;
+        };
         let Some(state) = self.ops.get_mut(&op) else {
             return false;
         };
+        // Only where it could have been placed.
+        if !could_fit(&self.config.kinds, &state.job.requirements, &w.offer) {
+            return false;
+        }
         let OpStage::Queued { seq } = state.stage else {
             return false;
         };
@@ -278,7 +293,6 @@ impl<P: Clone, R> Scheduler<P, R> {
             op,
             stage: Stage::Executing,
         });
-        self.schedule(now);
         true
     }
 
@@ -292,6 +306,21 @@ impl<P: Clone, R> Scheduler<P, R> {
         capacity: usize,
         serves: bool,
     ) {
+        self.worker_joined_running(now, worker, properties, capacity, serves, &[]);
+    }
+
+    /// [`Scheduler::worker_joined`], the worker still running `running` (queued again since
+    /// its session with this scheduler broke): those still queued run on there
+    /// ([`Scheduler::take_to`]) before anything is placed. Returns those taken.
+    pub fn worker_joined_running(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        properties: Vec<(String, String)>,
+        capacity: usize,
+        serves: bool,
+        running: &[OpId],
+    ) -> Vec<OpId> {
         self.workers.insert(
             worker,
             WorkerState {
@@ -307,6 +336,32 @@ impl<P: Clone, R> Scheduler<P, R> {
                 prefetching: None,
             },
         );
+        let taken = running
+            .iter()
+            .copied()
+            .filter(|&op| self.run_on(now, op, worker))
+            .collect();
+        self.schedule(now);
+        taken
+    }
+
+    /// The worker says it does not run `op`, which this scheduler thinks it runs (it was
+    /// to be adopted there, but had ended): queued again, as when a worker is lost.
+    pub fn not_running(&mut self, now: Instant, worker: WorkerId, op: OpId) {
+        if !self.is_running_on(op, worker) {
+            return;
+        }
+        let executed = matches!(
+            self.ops.get(&op).map(|s| &s.stage),
+            Some(OpStage::Running { executed: true, .. })
+        );
+        if let (Some(w), Some(state)) = (self.workers.get_mut(&worker), self.ops.get(&op)) {
+            w.running.remove(&op);
+            if !executed {
+                w.free_slot(&self.config.kinds, &state.job.requirements);
+            }
+        }
+        self.requeue_lost(now, op);
         self.schedule(now);
     }
 
@@ -401,34 +456,37 @@ impl<P: Clone, R> Scheduler<P, R> {
         let mut lost: Vec<OpId> = w.running.into_iter().collect();
         lost.sort_unstable();
         for op in lost {
-            let Some(state) = self.ops.get_mut(&op) else {
-                continue;
-            };
-            if state.attempts > self.config.max_retries {
-                let attempts = state.attempts;
-                self.finish(
-                    op,
-                    Outcome::Failed {
-                        kind: ErrorKind::Unavailable,
-                        message: format!(
-                            "the worker running this action was lost {attempts} times"
-                        ),
-                    },
-                );
-                continue;
-            }
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            state.stage = OpStage::Queued { seq };
-            state.queued_since = now;
-            state.held_since = None;
-            self.queue.insert((state.job.priority, seq), op);
-            self.out.push(Command::Stage {
-                op,
-                stage: Stage::Queued,
-            });
+            self.requeue_lost(now, op);
         }
         self.schedule(now);
+    }
+
+    /// `op`'s worker lost it: queued again, or failed once retried enough.
+    fn requeue_lost(&mut self, now: Instant, op: OpId) {
+        let Some(state) = self.ops.get_mut(&op) else {
+            return;
+        };
+        if state.attempts > self.config.max_retries {
+            let attempts = state.attempts;
+            self.finish(
+                op,
+                Outcome::Failed {
+                    kind: ErrorKind::Unavailable,
+                    message: format!("the worker running this action was lost {attempts} times"),
+                },
+            );
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        state.stage = OpStage::Queued { seq };
+        state.queued_since = now;
+        state.held_since = None;
+        self.queue.insert((state.job.priority, seq), op);
+        self.out.push(Command::Stage {
+            op,
+            stage: Stage::Queued,
+        });
     }
 
     /// The worker reports the operation's outcome.

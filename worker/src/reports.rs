@@ -139,7 +139,8 @@ fn report_messages(
 /// it to all when a session opens (taking changes resets them for everyone), else the
 /// changes since the last report, whenever [`ReportHub::due`] is called. Each session gets
 /// its reports through a forwarder of its own, so a session slow to take them holds up no
-/// other; one that falls [`BEHIND`] reports gets the whole again next time.
+/// other; one that falls [`BEHIND`] reports gets nothing more until it can take the whole
+/// again (one whole report for all, not one per report missed).
 pub struct ReportHub {
     /// Open sessions: a token of their joining, and their forwarder.
     sessions: Mutex<Vec<Joined>>,
@@ -148,8 +149,15 @@ pub struct ReportHub {
     full: AtomicBool,
 }
 
-/// A session that joined: the token of its joining, and its forwarder.
-type Joined = (u64, mpsc::Sender<Arc<[WorkerMessage]>>);
+/// A session that joined.
+struct Joined {
+    /// The token of its joining.
+    token: u64,
+    /// Its forwarder.
+    forward: mpsc::Sender<Arc<[WorkerMessage]>>,
+    /// It missed a report (its forwarder was full): it gets the whole next, once it can.
+    missed: bool,
+}
 
 /// Reports waiting for a session before it is sent the whole again instead.
 pub const BEHIND: usize = 4;
@@ -168,18 +176,28 @@ impl ReportHub {
         tokio::spawn(async move {
             loop {
                 this.due.notified().await;
-                let full = this.full.swap(false, Ordering::SeqCst);
+                // The whole when a session joined, or one that missed reports can take it.
+                let full = this.full.swap(false, Ordering::SeqCst)
+                    || this
+                        .sessions()
+                        .iter()
+                        .any(|s| s.missed && s.forward.capacity() > 0);
                 let report: Arc<[WorkerMessage]> = reports(&ctx, full).await.into();
-                let mut sessions = this.sessions();
-                sessions.retain(|(_, forward)| match forward.try_send(report.clone()) {
-                    Ok(()) => true,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        // It missed these changes: everyone gets the whole next time.
-                        this.full.store(true, Ordering::SeqCst);
-                        this.due.notify_one();
-                        true
+                this.sessions().retain_mut(|s| {
+                    if s.missed && !full {
+                        return true; // it waits for a whole report
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                    match s.forward.try_send(report.clone()) {
+                        Ok(()) => {
+                            s.missed = false;
+                            true
+                        }
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            s.missed = true;
+                            true
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => false,
+                    }
                 });
             }
         });
@@ -204,7 +222,11 @@ impl ReportHub {
                 }
             }
         });
-        self.sessions().push((token, forward));
+        self.sessions().push(Joined {
+            token,
+            forward,
+            missed: false,
+        });
         self.full.store(true, Ordering::SeqCst);
         self.due.notify_one();
         token
@@ -212,7 +234,7 @@ impl ReportHub {
 
     /// The session that joined with `token` ended.
     pub fn leave(&self, token: u64) {
-        self.sessions().retain(|(t, _)| *t != token);
+        self.sessions().retain(|s| s.token != token);
     }
 
     /// Something changed (an action's result sent, a fetch ahead done, a keep-alive): report.

@@ -10,7 +10,7 @@ use crate::slots::Slot;
 use kiln_proto::worker::{worker_message, ExecuteComplete, WorkerMessage};
 use kiln_reapi::cas::Cas;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -34,7 +34,12 @@ pub struct Route {
     slot: Mutex<Option<Slot>>,
     /// The server's CAS as the action uses it (none for the worker inside `kiln serve`).
     cas: Option<Arc<SwitchedCas>>,
+    /// Bumped each time it becomes an orphan (a grace timer only ends the orphaning it began).
+    orphaned: AtomicU64,
 }
+
+/// The slots of orphans are counted under this session index: no server's.
+const ORPHANS: usize = usize::MAX;
 
 impl Route {
     /// An action sent by session `index`, whose messages go to `tx`, using the server's CAS
@@ -49,6 +54,7 @@ impl Route {
             executed: AtomicBool::new(false),
             slot: Mutex::new(None),
             cas,
+            orphaned: AtomicU64::new(0),
         })
     }
 
@@ -56,8 +62,9 @@ impl Route {
         self.slot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The action holds `slot` from now on.
-    pub fn hold(&self, slot: Slot) {
+    /// The action holds `slot` from now on (counted as the session's it reports to now).
+    pub fn hold(&self, mut slot: Slot) {
+        slot.move_to(self.session().unwrap_or(ORPHANS));
         *self.slot() = Some(slot);
     }
 
@@ -75,6 +82,18 @@ impl Route {
                 Way::Orphan => cas.hold(),
                 Way::To(..) => {}
             }
+        }
+        let session = match &way {
+            Way::To(index, _) => *index,
+            _ => ORPHANS,
+        };
+        if matches!(way, Way::Orphan) {
+            self.orphaned.fetch_add(1, Ordering::SeqCst);
+        }
+        // Its slot (while held) counts against no server while it is an orphan: a server it
+        // reconnects to is not told it has that slot.
+        if let Some(slot) = self.slot().as_mut() {
+            slot.move_to(session);
         }
         self.way.send_replace(way);
     }
@@ -168,8 +187,13 @@ impl Running {
             kill: Some(kill),
             route,
         };
-        if let Some(old) = self.map().insert(name, entry) {
+        let old = self.map().insert(name, entry);
+        if let Some(old) = old {
+            let orphan = old.route.session().is_none();
             old.end();
+            if orphan {
+                self.bump();
+            }
         }
     }
 
@@ -215,28 +239,43 @@ impl Running {
     /// Session `index` ended: what it ran is killed, or with `grace`, kept as orphans for
     /// that long (then killed unless adopted).
     pub fn session_ended(self: &Arc<Self>, index: usize, grace: Option<Duration>) {
-        let mine: Vec<String> = self
+        let mine: Vec<(String, Arc<Route>)> = self
             .map()
             .iter()
             .filter(|(_, e)| e.route.session() == Some(index))
-            .map(|(n, _)| n.clone())
+            .map(|(n, e)| (n.clone(), e.route.clone()))
             .collect();
         if mine.is_empty() {
             return;
         }
         let Some(grace) = grace else {
-            for name in mine {
-                if let Some(entry) = self.map().remove(&name) {
+            for (name, route) in mine {
+                let entry = {
+                    let mut map = self.map();
+                    let same = map
+                        .get(&name)
+                        .is_some_and(|e| Arc::ptr_eq(&e.route, &route));
+                    if !same {
+                        continue;
+                    }
+                    map.remove(&name)
+                };
+                if let Some(entry) = entry {
                     entry.end();
                 }
             }
             return;
         };
         let mut kept = Vec::new();
-        for name in mine {
-            if let Some(entry) = self.map().get(&name) {
-                entry.route.set(Way::Orphan);
-                kept.push((name, entry.route.clone()));
+        for (name, route) in mine {
+            let map = self.map();
+            if map
+                .get(&name)
+                .is_some_and(|e| Arc::ptr_eq(&e.route, &route))
+            {
+                route.set(Way::Orphan);
+                let generation = route.orphaned.load(Ordering::SeqCst);
+                kept.push((name, route.clone(), generation));
             }
         }
         tracing::info!(
@@ -249,11 +288,14 @@ impl Running {
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             let mut expired = 0;
-            for (name, route) in kept {
+            for (name, route, generation) in kept {
                 let entry = {
                     let mut map = this.map();
+                    // Still this orphaning: not adopted meanwhile (and orphaned again).
                     let still = map.get(&name).is_some_and(|e| {
-                        Arc::ptr_eq(&e.route, &route) && e.route.session().is_none()
+                        Arc::ptr_eq(&e.route, &route)
+                            && matches!(*e.route.way.borrow(), Way::Orphan)
+                            && e.route.orphaned.load(Ordering::SeqCst) == generation
                     });
                     if !still {
                         continue;
@@ -303,11 +345,11 @@ impl Running {
             let Some(entry) = map.get(name) else {
                 return false;
             };
+            if entry.route.session() == Some(index) {
+                return true; // adopted by this session already
+            }
             if !matches!(*entry.route.way.borrow(), Way::Orphan) {
                 return false;
-            }
-            if let Some(slot) = entry.route.slot().as_mut() {
-                slot.move_to(index);
             }
             if entry.route.executed.load(Ordering::SeqCst) {
                 let _ = tx.try_send(complete(name));
@@ -370,7 +412,14 @@ mod tests {
         assert!(!delivered.is_finished());
         let (b, mut b_rx) = mpsc::channel(4);
         assert!(running.adopt("op", 1, b.clone(), None));
-        assert!(!running.adopt("op", 1, b, None), "adopted once");
+        assert!(
+            running.adopt("op", 1, b.clone(), None),
+            "again by the same: nothing more"
+        );
+        assert!(
+            !running.adopt("op", 2, b, None),
+            "by another: no longer an orphan"
+        );
         delivered.await.unwrap();
         assert_eq!(op_of(b_rx.recv().await.unwrap()), "complete op");
         assert_eq!(op_of(b_rx.recv().await.unwrap()), "op");

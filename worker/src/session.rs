@@ -11,8 +11,8 @@ use crate::running::{Route, Running};
 use crate::slots::Slots;
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use kiln_proto::worker::{
-    server_message, worker_message, Capacity, ExecutionResult, ExecutionStarted, GoingAway, Hello,
-    KeepAlive, Orphans, Property, ServerMessage, WorkerMessage,
+    server_message, worker_message, Capacity, ExecutionStarted, GoingAway, Hello, KeepAlive,
+    NotRunning, Orphans, Property, ServerMessage, WorkerMessage,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -241,16 +241,8 @@ async fn session(
                         if running.adopt(&a.operation, index, tx.clone(), ctx.remote.clone()) {
                             tracing::info!(operation = %a.operation, "a server took over an action still running here");
                         } else {
-                            // Ended meanwhile (killed, or given up): it must run elsewhere.
-                            send(&tx, worker_message::Message::Result(ExecutionResult {
-                                operation: a.operation,
-                                status: Some(kiln_proto::google::rpc::Status {
-                                    code: tonic::Code::Unavailable as i32,
-                                    message: "the worker no longer runs this action (it ended when its server went away); execute it again".into(),
-                                    details: Vec::new(),
-                                }),
-                                ..Default::default()
-                            }));
+                            // Ended meanwhile (killed, or given up): it must run again.
+                            send(&tx, worker_message::Message::NotRunning(NotRunning { operation: a.operation }));
                         }
                     }
                     server_message::Message::KeepAlive(_) => {}

@@ -342,7 +342,9 @@ impl ExecutionCore {
     /// an orphan: the worker reports it here from now on. If the scheduler queued it instead
     /// (the worker left meanwhile, or an identical action runs here), the orphan is killed.
     fn adopted(&self, worker: WorkerId, op: OpId, name: &str) {
-        let adopted = lock(&self.scheduler).is_running_on(op, worker);
+        // Merged into an identical operation here (under another name): not this one.
+        let own = lock(&self.registry).name(op) == Some(name);
+        let adopted = own && lock(&self.scheduler).is_running_on(op, worker);
         if let Some(session) = lock(&self.sessions).get_mut(&worker) {
             session.orphans.remove(name);
         }

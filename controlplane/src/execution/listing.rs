@@ -3,6 +3,7 @@
 //! grammar, since `google.longrunning` leaves filters to the server), and pages in name order,
 //! each token naming the last operation of the page before.
 
+use super::ops::OpView;
 use kiln_proto::longrunning::ListOperationsRequest;
 use kiln_proto::reapi::execution_stage::Value as StageValue;
 
@@ -98,6 +99,29 @@ impl OpQuery {
     pub fn token_after(last: &str) -> String {
         format!("{TOKEN}{last}")
     }
+}
+
+/// The page `query` asks for of `candidates` (names in order, each with its view if it is
+/// still there), keeping those at a wanted stage of instances `allowed` accepts; and the name
+/// to resume after, when the page is full and more candidates remain.
+pub fn page<'a>(
+    query: &OpQuery,
+    candidates: impl IntoIterator<Item = (&'a String, Option<OpView>)>,
+    mut allowed: impl FnMut(&str) -> bool,
+) -> (Vec<OpView>, Option<String>) {
+    let mut page: Vec<OpView> = Vec::new();
+    for (_, view) in candidates {
+        if page.len() == query.page_size {
+            let last = page.last().map(|v| v.name.clone());
+            return (page, last);
+        }
+        if let Some(view) = view {
+            if query.wants_stage(view.stage) && allowed(&view.instance) {
+                page.push(view);
+            }
+        }
+    }
+    (page, None)
 }
 
 #[cfg(test)]

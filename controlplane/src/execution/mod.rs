@@ -193,6 +193,9 @@ impl ExecutionCore {
             shared,
             orphan_grace: std::sync::OnceLock::new(),
         });
+        if let Some(shared) = &core.shared {
+            shared.sweep();
+        }
         let weak = Arc::downgrade(&core);
         tokio::spawn(async move {
             let mut next = Instant::now() + TICK;
@@ -408,6 +411,64 @@ impl ExecutionCore {
         allowed: impl FnMut(&str) -> bool,
     ) -> (Vec<OpView>, Option<String>) {
         lock(&self.registry).list(query, allowed)
+    }
+
+    /// A page of operations in name order, this server's and, with `[redis] operations`, the
+    /// farm's other servers' (see [`listing::OpQuery`]); and what could not be reached
+    /// (Redis failed: this server's own are listed).
+    pub async fn list_anywhere(
+        &self,
+        query: &listing::OpQuery,
+        mut allowed: impl FnMut(&str) -> bool,
+    ) -> (Vec<OpView>, Option<String>, Vec<String>) {
+        let Some(shared) = &self.shared else {
+            let (page, last) = self.list(query, allowed);
+            return (page, last, Vec::new());
+        };
+        let mut names = lock(&self.registry).names(query, &mut allowed);
+        let unreachable = match shared.names().await {
+            Ok(farm) => {
+                names.extend(farm.into_iter().filter(|n| query.wants_name(n)));
+                names.sort_unstable();
+                names.dedup();
+                Vec::new()
+            }
+            Err(e) => vec![format!(
+                "the operations of the farm's other servers (Redis failed: {e})"
+            )],
+        };
+        // Views a page's worth at a time, until a page and one more are found: this server's
+        // from its registry, the others' from Redis, in one pipeline.
+        let mut candidates: Vec<(&String, Option<OpView>)> = Vec::new();
+        let mut wanted = 0;
+        for chunk in names.chunks(query.page_size.max(1)) {
+            let local: Vec<Option<OpView>> = {
+                let registry = lock(&self.registry);
+                chunk.iter().map(|n| registry.view(n)).collect()
+            };
+            let elsewhere: Vec<&String> = chunk
+                .iter()
+                .zip(&local)
+                .filter(|(_, v)| v.is_none())
+                .map(|(n, _)| n)
+                .collect();
+            let mut read = shared.read_many(&elsewhere).await.into_iter();
+            for (name, view) in chunk.iter().zip(local) {
+                let view = view.or_else(|| read.next().flatten());
+                if view
+                    .as_ref()
+                    .is_some_and(|v| query.wants_stage(v.stage) && allowed(&v.instance))
+                {
+                    wanted += 1;
+                }
+                candidates.push((name, view));
+            }
+            if wanted > query.page_size {
+                break;
+            }
+        }
+        let (page, last) = listing::page(query, candidates, allowed);
+        (page, last, unreachable)
     }
 
     /// Forgets a finished operation (here and in Redis); `Err(true)` while it runs,

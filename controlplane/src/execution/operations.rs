@@ -10,6 +10,7 @@ use kiln_proto::longrunning::{
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// The Operations service.
 pub struct OperationsService {
@@ -57,20 +58,24 @@ impl Operations for OperationsService {
         let query = super::listing::OpQuery::parse(request.get_ref())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let span = tracing::debug_span!("ListOperations", prefix = %query.prefix);
-        let _entered = span.enter();
         // Only operations of instances where the caller may see operations.
         let mut seen: std::collections::HashMap<String, bool> = Default::default();
-        let (page, last) = self.core.list(&query, |instance| {
+        let allowed = |instance: &str| {
             *seen.entry(instance.to_string()).or_insert_with(|| {
                 crate::auth::check(&request, crate::auth::paths::OPERATIONS, Some(instance)).is_ok()
             })
-        });
+        };
+        let (page, last, unreachable) = self
+            .core
+            .list_anywhere(&query, allowed)
+            .instrument(span)
+            .await;
         Ok(Response::new(ListOperationsResponse {
             operations: page.iter().map(|v| v.to_operation()).collect(),
             next_page_token: last
                 .map(|l| super::listing::OpQuery::token_after(&l))
                 .unwrap_or_default(),
-            unreachable: Vec::new(),
+            unreachable,
         }))
     }
 

@@ -223,39 +223,43 @@ impl Registry {
         query: &super::listing::OpQuery,
         mut allowed: impl FnMut(&str) -> bool,
     ) -> (Vec<OpView>, Option<String>) {
-        // Finished operations only when completed ones are wanted, and only of instances the
-        // caller may see (checked before their responses are decoded).
+        let names = self.names(query, &mut allowed);
+        let views = names.iter().map(|n| self.view(n));
+        super::listing::page(query, names.iter().zip(views), allowed)
+    }
+
+    /// The names of the operations `query` may want, in name order: finished ones only
+    /// when completed ones are wanted, and only of instances the caller may see (checked
+    /// before their responses are decoded).
+    pub fn names(
+        &self,
+        query: &super::listing::OpQuery,
+        mut allowed: impl FnMut(&str) -> bool,
+    ) -> Vec<String> {
         let finished = query.wants_stage(StageValue::Completed).then(|| {
             self.finished
                 .iter()
                 .filter(|(_, f)| allowed(&f.instance))
                 .map(|(n, _)| &**n)
         });
-        let mut names: Vec<&str> = self
+        let mut names: Vec<String> = self
             .by_name
             .keys()
             .map(String::as_str)
             .chain(finished.into_iter().flatten())
             .filter(|n| query.wants_name(n))
+            .map(str::to_string)
             .collect();
         names.sort_unstable();
-        let mut page = Vec::new();
-        for name in names {
-            if page.len() == query.page_size {
-                let last = page.last().map(|v: &OpView| v.name.clone());
-                return (page, last);
-            }
-            let view = match self.by_name.get(name) {
-                Some(op) => self.live.get(op).map(|l| l.view.borrow().clone()),
-                None => self.finished.get(name).and_then(|f| f.view(name)),
-            };
-            if let Some(view) = view {
-                if query.wants_stage(view.stage) && allowed(&view.instance) {
-                    page.push(view);
-                }
-            }
+        names
+    }
+
+    /// The view of operation `name`, live or finished.
+    pub fn view(&self, name: &str) -> Option<OpView> {
+        match self.by_name.get(name) {
+            Some(op) => self.live.get(op).map(|l| l.view.borrow().clone()),
+            None => self.finished.get(name).and_then(|f| f.view(name)),
         }
-        (page, None)
     }
 
     /// Forgets a finished operation; `Err(true)` if it is still running, `Err(false)` if

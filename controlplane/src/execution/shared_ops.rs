@@ -36,6 +36,20 @@ const FOLLOW: Duration = Duration::from_millis(200);
 const MAX_FAILED_READS: u32 = 25;
 /// The largest operation read (its response inlines outputs up to the server's limits).
 const MAX_BYTES: u64 = 64 << 20;
+/// Operations read in one pipeline for a listing are each at most this (a larger one is read
+/// on its own).
+const LISTED_BYTES: u64 = 256 << 10;
+/// The most operations of the farm a listing looks at.
+pub const MAX_LISTED: usize = 100_000;
+/// How often expired operations leave the index.
+const SWEEP: Duration = Duration::from_secs(60);
+
+/// Milliseconds since the epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Operations in Redis.
 pub struct SharedOps {
@@ -100,6 +114,56 @@ impl SharedOps {
         if let Err(e) = self.redis.delete(&self.key(name)).await {
             tracing::debug!(operation = %name, error = %e, "cannot remove an operation from Redis");
         }
+        let _ = self.redis.sorted_remove(&self.index_key(), name).await;
+    }
+
+    /// The index of operations in Redis: each name scored with when its key expires.
+    fn index_key(&self) -> String {
+        self.redis.key("ops")
+    }
+
+    /// Drops expired operations from the index every minute, while `self` lives (a task).
+    pub fn sweep(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP);
+            loop {
+                every.tick().await;
+                let Some(ops) = this.upgrade() else { return };
+                let _ = ops
+                    .redis
+                    .sorted_remove_below(&ops.index_key(), now_ms())
+                    .await;
+            }
+        });
+    }
+
+    /// The operations Redis holds (at most [`MAX_LISTED`]), in no order; `Err` with why
+    /// when Redis failed.
+    pub async fn names(&self) -> Result<Vec<String>, String> {
+        self.redis
+            .sorted_from(&self.index_key(), now_ms(), MAX_LISTED)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Operations `names` as Redis has them, in order (`None`: not there).
+    pub async fn read_many(&self, names: &[&String]) -> Vec<Option<OpView>> {
+        let keys: Vec<(String, u64)> = names.iter().map(|n| (self.key(n), LISTED_BYTES)).collect();
+        let Ok(values) = self.redis.get_many(&keys).await else {
+            return vec![None; names.len()];
+        };
+        let mut out = Vec::with_capacity(names.len());
+        for (name, value) in names.iter().zip(values) {
+            let view = match value {
+                Value::Found(data) => decode(name, &data).map(|s| s.view),
+                // Its response inlines large outputs: read on its own.
+                Value::TooLarge(_) => self.read(name).await.ok().flatten().map(|s| s.view),
+                Value::Missing => None,
+            };
+            out.push(view);
+        }
+        out
     }
 
     /// Writes the operation `rx` watches to Redis as `name` (with `request`, for whoever
@@ -176,6 +240,12 @@ impl SharedOps {
                 .put(&self.key(&view.name), &data, Some(ttl))
                 .await
             else {
+                // Listed (for ListOperations anywhere) until its key expires.
+                let until = now_ms().saturating_add(ttl.as_millis() as u64);
+                let index = self.index_key();
+                if let Err(e) = self.redis.sorted_add(&index, &view.name, until).await {
+                    tracing::debug!(operation = %view.name, error = %e, "cannot index an operation in Redis");
+                }
                 return;
             };
             if !view.done() || tokio::time::Instant::now() + wait > give_up {

@@ -16,6 +16,9 @@ use tokio::sync::mpsc;
 /// Orphans of one worker taken in.
 const MAX_ORPHANS: usize = 4096;
 
+/// Operation names, with their ids here while they are live.
+type Named = Vec<(String, Option<OpId>)>;
+
 impl ExecutionCore {
     /// Registers a worker session, still running `orphans` for sessions that ended; returns
     /// its id.
@@ -42,9 +45,52 @@ impl ExecutionCore {
             },
         );
         tracing::info!(worker = %name, id, capacity, "worker connected");
-        self.apply(|s, now| s.worker_joined(now, id, properties, capacity, serves));
-        self.worker_orphans(id, orphans);
+        // What it still runs of this server's own operations (queued again when its session
+        // broke) runs on there, before anything else is placed on it.
+        let (ours, others) = self.orphans_of(orphans);
+        let ids: Vec<OpId> = ours.iter().filter_map(|(_, op)| *op).collect();
+        let taken = self
+            .apply(|s, now| s.worker_joined_running(now, id, properties, capacity, serves, &ids));
+        self.note_orphans(id, others);
+        for (operation, op) in ours {
+            let adopted = op.is_some_and(|op| taken.contains(&op));
+            self.tell_orphan(id, operation, adopted);
+        }
         id
+    }
+
+    /// `orphans` (names a worker gave), this server's own (with their id while they are
+    /// live) apart from the others; at most [`MAX_ORPHANS`] (a worker runs a few hundred
+    /// actions at most: a longer list is not believed).
+    fn orphans_of(&self, orphans: Vec<String>) -> (Named, Named) {
+        let registry = lock(&self.registry);
+        orphans
+            .into_iter()
+            .take(MAX_ORPHANS)
+            .map(|name| {
+                let op = registry.op(&name);
+                (name, op)
+            })
+            .partition(|(name, op)| op.is_some() || registry.watch(name).is_some())
+    }
+
+    /// Keeps `others`, the worker's orphans of other servers, for a take-over.
+    fn note_orphans(&self, worker: WorkerId, others: Named) {
+        if let Some(session) = lock(&self.sessions).get_mut(&worker) {
+            session.orphans = others.into_iter().map(|(name, _)| name).collect();
+        }
+    }
+
+    /// Tells `worker` its orphan `operation` of this server runs on there (`adopted`), or
+    /// to kill it (placed elsewhere meanwhile, or finished).
+    fn tell_orphan(&self, worker: WorkerId, operation: String, adopted: bool) {
+        let message = if adopted {
+            tracing::info!(%operation, worker, "queued again, but its worker still runs it: it runs on there");
+            server_message::Message::Adopt(AdoptOperation { operation })
+        } else {
+            server_message::Message::Kill(KillOperation { operation })
+        };
+        let _ = self.send(worker, message);
     }
 
     /// What a worker still runs for sessions that ended. Those of this server's operations
@@ -53,32 +99,26 @@ impl ExecutionCore {
     /// runs (adopted), one placed elsewhere or finished meanwhile is killed. The others may
     /// be taken over later.
     pub(super) fn worker_orphans(&self, worker: WorkerId, orphans: Vec<String>) {
-        // A worker runs at most a few hundred actions: a longer list is not believed.
-        type Named = Vec<(String, Option<OpId>)>;
-        let (ours, others): (Named, Named) = {
-            let registry = lock(&self.registry);
-            orphans
-                .into_iter()
-                .take(MAX_ORPHANS)
-                .map(|name| {
-                    let op = registry.op(&name);
-                    (name, op)
-                })
-                .partition(|(name, op)| op.is_some() || registry.watch(name).is_some())
-        };
-        if let Some(session) = lock(&self.sessions).get_mut(&worker) {
-            session.orphans = others.into_iter().map(|(name, _)| name).collect();
-        }
+        let (ours, others) = self.orphans_of(orphans);
+        self.note_orphans(worker, others);
         for (operation, op) in ours {
+            // Adopted here already (its Adopt crossed this list on the way).
+            if op.is_some_and(|op| lock(&self.scheduler).is_running_on(op, worker)) {
+                continue;
+            }
             let adopted = op.is_some_and(|op| self.apply(|s, now| s.take_to(now, op, worker)));
-            let message = if adopted {
-                tracing::info!(%operation, worker, "queued again, but its worker still runs it: it runs on there");
-                server_message::Message::Adopt(AdoptOperation { operation })
-            } else {
-                server_message::Message::Kill(KillOperation { operation })
-            };
-            let _ = self.send(worker, message);
+            self.tell_orphan(worker, operation, adopted);
         }
+    }
+
+    /// The worker does not run `operation` after all (it was to be adopted there): queued
+    /// again.
+    pub(super) fn not_running(&self, worker: WorkerId, operation: &str) {
+        let Some(op) = lock(&self.registry).op(operation) else {
+            return;
+        };
+        tracing::info!(%operation, worker, "the worker no longer ran an action to be adopted there: queued again");
+        self.apply(|s, now| s.not_running(now, worker, op));
     }
 
     /// A worker reports on itself: its directory cache and the directories it holds, the

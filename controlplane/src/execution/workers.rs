@@ -190,6 +190,7 @@ impl WorkerApi for WorkerApiService {
                                 Some(worker_message::Message::Report(r)) => core.worker_report(id, r),
                                 Some(worker_message::Message::Capacity(c)) => core.worker_capacity(id, c.max_inflight as usize),
                                 Some(worker_message::Message::Orphans(o)) => core.worker_orphans(id, o.operations),
+                                Some(worker_message::Message::NotRunning(n)) => core.not_running(id, &n.operation),
                                 _ => {}
                             }
                         }
