@@ -967,3 +967,43 @@ async fn a_worker_back_from_a_broken_session_keeps_its_action() {
     assert_eq!(lines(dir.path(), "starts"), ["one"], "started once");
     a.stop().await;
 }
+
+// Identical actions are merged across the farm: an action running for server a's client is
+// executed through server b too; b's client follows a's operation (the same name) instead of
+// b running it again, and both see its one result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_actions_are_merged_across_servers() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = farm_server(dir.path(), "a", &redis.url()).await;
+    let b = farm_server(dir.path(), "b", &redis.url()).await;
+    let mut workers = Vec::new();
+    for (server, name) in [(&a, "wa"), (&b, "wb")] {
+        let wdir = dir.path().join(name);
+        workers.push(common::exec::start_worker(Runtime::Glommio, server, &wdir, name, &[]).await);
+    }
+    let (cha, chb) = (a.channel().await, b.channel().await);
+    let action = held(dir.path(), "m").upload(&cha, F).await;
+    let (on_a, _a) = accepted(&cha, action.clone()).await;
+    common::eventually("the action to start on a's worker", || async {
+        (lines(dir.path(), "starts") == ["m"]).then_some(())
+    })
+    .await;
+    // Shared as executing (a writes it named as the one running the action first).
+    common::eventually("b to list a's operation as executing", || async {
+        (listed(&chb, "stage=EXECUTING", 0, "").await.0 == [on_a.clone()]).then_some(())
+    })
+    .await;
+    let (on_b, _b) = accepted(&chb, action).await;
+    assert_eq!(on_b, on_a, "b's client follows a's operation");
+    let (first, second) = (watching(&cha, &on_a).await, watching(&chb, &on_b).await);
+    std::fs::write(dir.path().join("flag-m"), b"").unwrap();
+    for response in [first.await.unwrap(), second.await.unwrap()] {
+        assert_eq!(common::exec::code(&response), 0, "{response:?}");
+        assert_eq!(common::exec::worker_of(&response), "wa");
+    }
+    assert_eq!(lines(dir.path(), "starts"), ["m"], "run once");
+    drop(workers);
+    a.stop().await;
+    b.stop().await;
+}

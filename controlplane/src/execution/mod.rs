@@ -313,6 +313,7 @@ impl ExecutionCore {
     ) -> Result<(OpId, tokio::sync::watch::Receiver<OpView>), SubmitError> {
         let payload = job.payload.clone();
         let adopted = name.is_some();
+        let merge = job.mergeable.then(|| job.key.clone());
         let view = OpView {
             name: name.unwrap_or_else(|| format!("operations/{}", uuid::Uuid::new_v4())),
             instance: job.key.instance.as_str().to_string(),
@@ -360,7 +361,7 @@ impl ExecutionCore {
         // A merged job's operation is shared already; one taken over is shared under its
         // own name too (its watchers follow that name), whatever it ran as here.
         if let (Some(shared), true) = (&self.shared, !sub.merged || adopted) {
-            shared.mirror(op_name, rx.clone(), request);
+            shared.mirror(op_name, rx.clone(), request, merge);
         }
         Ok((sub.op, rx))
     }
@@ -393,6 +394,19 @@ impl ExecutionCore {
     /// Watches an operation by name.
     pub fn watch(&self, name: &str) -> Option<tokio::sync::watch::Receiver<OpView>> {
         lock(&self.registry).watch(name)
+    }
+
+    /// An identical action (`key`) another server of the farm runs, to follow instead of
+    /// running it again here: its operation, while it is not done.
+    pub async fn running_elsewhere(
+        &self,
+        key: &BlobKey,
+    ) -> Option<tokio::sync::watch::Receiver<OpView>> {
+        let shared = self.shared.as_ref()?;
+        let name = shared.running(key).await?;
+        let rx = self.watch_anywhere(&name).await?;
+        let live = !rx.borrow().done();
+        live.then_some(rx)
     }
 
     /// Watches an operation by name: this server's, or one another server accepted and

@@ -73,6 +73,10 @@ impl ExecutionService {
                 Err(e) => tracing::warn!(error = %e, "action cache lookup failed; executing"),
             }
         }
+        // An identical action running on another server of the farm: follow it.
+        if let Some(rx) = self.core.running_elsewhere(&key).await {
+            return Ok(stream(rx));
+        }
         let job = prepare::prepare(&self.core, &key, &request).await?;
         match self.core.submit(job, Arc::new(request), None, None) {
             Ok((_, rx)) => Ok(stream(rx)),

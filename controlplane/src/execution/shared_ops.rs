@@ -16,6 +16,7 @@ use kiln_proto::farm::SharedOperation;
 use kiln_proto::longrunning::operation;
 use kiln_proto::reapi::execution_stage::Value as StageValue;
 use kiln_proto::reapi::{ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse};
+use kiln_reapi::digest::BlobKey;
 use kiln_redis::{Redis, Value};
 use prost::Message;
 use std::sync::Arc;
@@ -168,15 +169,19 @@ impl SharedOps {
 
     /// Writes the operation `rx` watches to Redis as `name` (with `request`, for whoever
     /// takes it over) now, at every change and every [`HEARTBEAT`], until it is done (in a
-    /// task of its own); lists it among this server's until then. A failure is logged: the
-    /// operation runs on regardless.
+    /// task of its own); lists it among this server's until then. With `merge` (the action's
+    /// key, when identical actions may share it), it is named the one running that action,
+    /// unless another is, so that an identical Execute on any server follows it. A failure is
+    /// logged: the operation runs on regardless.
     pub fn mirror(
         self: &Arc<Self>,
         name: String,
         mut rx: watch::Receiver<OpView>,
         request: Arc<ExecuteRequest>,
+        merge: Option<BlobKey>,
     ) {
         let this = self.clone();
+        let running = merge.map(|key| self.redis.digest_key("run", &key));
         tokio::spawn(async move {
             let listing = this.listing.load(std::sync::atomic::Ordering::Relaxed);
             loop {
@@ -188,9 +193,18 @@ impl SharedOps {
                     this.list(&name).await;
                 }
                 this.write(&view, Some(&request)).await;
+                if let (Some(key), false) = (&running, view.done()) {
+                    let _ = this
+                        .redis
+                        .set(key, name.as_bytes(), RUNNING, kiln_redis::When::Missing)
+                        .await;
+                }
                 if view.done() {
                     if listing {
                         this.unlist(&name).await;
+                    }
+                    if let Some(key) = &running {
+                        let _ = this.redis.delete(key).await;
                     }
                     return;
                 }
@@ -200,6 +214,19 @@ impl SharedOps {
                 }
             }
         });
+    }
+
+    /// The operation another server runs for the action `key` (identical actions share it),
+    /// if any.
+    pub async fn running(&self, key: &BlobKey) -> Option<String> {
+        match self
+            .redis
+            .get(&self.redis.digest_key("run", key), 1024)
+            .await
+        {
+            Ok(Value::Found(name)) => String::from_utf8(name.to_vec()).ok(),
+            _ => None,
+        }
     }
 
     /// Ends operation `name` in Redis as `view` (finished) says, for an operation this server
