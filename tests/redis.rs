@@ -486,20 +486,6 @@ async fn an_operation_accepted_by_one_server_is_watched_through_another() {
         stage,
         kiln_proto::reapi::execution_stage::Value::Executing as i32
     );
-    // Only the server that accepted it may cancel or delete it.
-    let cancel = OperationsClient::new(chb.clone())
-        .cancel_operation(kiln_proto::longrunning::CancelOperationRequest { name: name.clone() })
-        .await;
-    assert_eq!(
-        cancel.map_err(|s| s.code()).map(|_| ()),
-        Err(Code::FailedPrecondition)
-    );
-    let on_b = watching(&chb, &name).await;
-    std::fs::write(&flag, b"").unwrap();
-    let response = on_b.await.unwrap();
-    assert_eq!(common::exec::code(&response), 0, "{response:?}");
-    assert!(get_on_b().await.unwrap().done);
-    // Deleted where it was accepted: gone from b too.
     let delete = |ch: Channel| {
         let name = name.clone();
         async move {
@@ -510,11 +496,53 @@ async fn an_operation_accepted_by_one_server_is_watched_through_another() {
                 .map_err(|s| s.code())
         }
     };
+    // Running: not deleted, through either server.
     assert_eq!(delete(chb.clone()).await, Err(Code::FailedPrecondition));
-    assert_eq!(delete(cha.clone()).await, Ok(()));
+    let on_b = watching(&chb, &name).await;
+    std::fs::write(&flag, b"").unwrap();
+    let response = on_b.await.unwrap();
+    assert_eq!(common::exec::code(&response), 0, "{response:?}");
+    assert!(get_on_b().await.unwrap().done);
+    // Deleted through b once finished: gone from b at once, and from a once a has done as
+    // b asked.
+    assert_eq!(delete(chb.clone()).await, Ok(()));
     assert_eq!(
         get_on_b().await.map(|_| ()).map_err(|s| s.code()),
         Err(Code::NotFound)
+    );
+    common::eventually("a to forget it as b asked", || async {
+        let on_a = OperationsClient::new(cha.clone())
+            .get_operation(GetOperationRequest { name: name.clone() })
+            .await;
+        (on_a.map_err(|s| s.code()).err() == Some(Code::NotFound)).then_some(())
+    })
+    .await;
+    // Cancelled through b while it runs on a.
+    let never = common::exec::Spec::script("while true; do sleep 0.02; done")
+        .upload(&cha, F)
+        .await;
+    let (second, _second) = accepted(&cha, never).await;
+    let cancelled = watching(&cha, &second).await;
+    common::eventually("b to see a's second operation", || async {
+        OperationsClient::new(chb.clone())
+            .get_operation(GetOperationRequest {
+                name: second.clone(),
+            })
+            .await
+            .ok()
+    })
+    .await;
+    OperationsClient::new(chb.clone())
+        .cancel_operation(kiln_proto::longrunning::CancelOperationRequest {
+            name: second.clone(),
+        })
+        .await
+        .unwrap();
+    let response = cancelled.await.unwrap();
+    assert_eq!(
+        common::exec::code(&response),
+        Code::Cancelled as i32,
+        "{response:?}"
     );
     drop(on_a);
     runs.stop().await;

@@ -138,9 +138,9 @@ impl Farm {
         let mut ticks = self.every();
         loop {
             ticks.tick().await;
-            if core.strong_count() == 0 {
-                return;
-            }
+            let Some(live) = core.upgrade() else { return };
+            self.answer(&live).await;
+            drop(live);
             for dead in self.dead().await {
                 // Long enough for this server to take them all; if it dies meanwhile, another
                 // claims the dead one again after this.
@@ -364,5 +364,100 @@ impl ExecutionCore {
     /// takes operations over.
     pub fn orphan_grace(&self) -> Option<Duration> {
         self.orphan_grace.get().copied()
+    }
+}
+
+/// What a server may ask of the server of the farm that schedules an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// Cancel it.
+    Cancel,
+    /// Forget it (it is finished).
+    Delete,
+}
+
+impl Ask {
+    fn word(self) -> &'static str {
+        match self {
+            Ask::Cancel => "cancel",
+            Ask::Delete => "delete",
+        }
+    }
+}
+
+impl ExecutionCore {
+    /// Asks the server of the farm that schedules operation `name` (not this one) to cancel
+    /// or delete it: it does at its next look at the farm (within a fifth of a lease). A
+    /// finished operation is deleted from Redis at once; a running one cannot be deleted,
+    /// nor a finished one cancelled (the codes are those of this server's own).
+    pub async fn ask_owner(&self, name: &str, ask: Ask) -> Result<(), tonic::Status> {
+        let word = ask.word();
+        let (Some(ops), Some(_)) = (&self.shared, self.orphan_grace()) else {
+            return Err(tonic::Status::failed_precondition(format!(
+                "operation {name:?} was accepted by another server of the farm; {word} it there"
+            )));
+        };
+        let shared = match ops.read(name).await {
+            Ok(Some(shared)) => shared,
+            Ok(None) => {
+                return Err(tonic::Status::not_found(format!(
+                    "no operation named {name:?}"
+                )))
+            }
+            Err(()) => {
+                return Err(tonic::Status::unavailable(format!(
+                    "cannot read operation {name:?} from Redis at {}; try again",
+                    ops.redis().at()
+                )))
+            }
+        };
+        match (ask, shared.view.done()) {
+            (Ask::Delete, false) => {
+                return Err(tonic::Status::failed_precondition(format!(
+                    "operation {name:?} is still running; cancel it (CancelOperation), then delete it once it has finished"
+                )))
+            }
+            (Ask::Cancel, true) => {
+                return Err(tonic::Status::not_found(format!(
+                    "no running or queued operation named {name:?}"
+                )))
+            }
+            (Ask::Delete, true) => ops.forget(name).await,
+            (Ask::Cancel, false) => {}
+        }
+        let key = ops.redis().key(&format!("asks:{}", shared.owner));
+        let asked = ops.redis().set_add(&key, &format!("{word}:{name}")).await;
+        let _ = ops.redis().expire(&key, Duration::from_secs(600)).await;
+        asked.map_err(|e| {
+            tonic::Status::unavailable(format!(
+                "cannot ask the operation's server through Redis: {e}"
+            ))
+        })
+    }
+}
+
+impl Farm {
+    /// Does what other servers asked of this one's operations (cancel, delete).
+    async fn answer(&self, core: &Arc<ExecutionCore>) {
+        let redis = self.ops.redis();
+        let key = self.key("asks", self.ops.server());
+        let Ok(asks) = redis.set_members(&key).await else {
+            return;
+        };
+        for ask in asks {
+            if !matches!(redis.set_remove(&key, &ask).await, Ok(true)) {
+                continue;
+            }
+            match ask.split_once(':') {
+                Some(("cancel", name)) => {
+                    tracing::info!(operation = %name, "cancelled as another server of the farm asked");
+                    core.cancel(name);
+                }
+                Some(("delete", name)) => {
+                    let _ = core.delete(name).await;
+                }
+                _ => {}
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! `google.longrunning.Operations` for execution operations: get, wait, cancel, list (by name
 //! prefix and stage, in pages) and delete (of a finished one).
 
+use super::farm::Ask;
 use super::ExecutionCore;
 use kiln_proto::longrunning::operations_server::Operations;
 use kiln_proto::longrunning::{
@@ -39,13 +40,6 @@ impl OperationsService {
         crate::auth::check(request, crate::auth::paths::OPERATIONS, Some(&instance))?;
         Ok(rx)
     }
-}
-
-/// An operation another server accepted (seen through Redis): only that server may `what` it.
-fn elsewhere(name: &str, what: &str) -> Status {
-    Status::failed_precondition(format!(
-        "operation {name:?} was accepted by another server of the farm; {what} it there"
-    ))
 }
 
 #[tonic::async_trait]
@@ -98,7 +92,8 @@ impl Operations for OperationsService {
         // The caller needs the role in the operation's instance: found first.
         self.rx(&request, &name).await?;
         if !self.core.is_local(&name) {
-            return Err(elsewhere(&name, "delete"));
+            self.core.ask_owner(&name, Ask::Delete).await?;
+            return Ok(Response::new(()));
         }
         match self.core.delete(&name).await {
             Ok(()) => Ok(Response::new(())),
@@ -117,7 +112,8 @@ impl Operations for OperationsService {
         let name = request.get_ref().name.clone();
         self.rx(&request, &name).await?;
         if !self.core.is_local(&name) {
-            return Err(elsewhere(&name, "cancel"));
+            self.core.ask_owner(&name, Ask::Cancel).await?;
+            return Ok(Response::new(()));
         }
         if self.core.cancel(&name) {
             Ok(Response::new(()))
