@@ -1035,3 +1035,69 @@ async fn identical_actions_are_merged_across_servers() {
     a.stop().await;
     b.stop().await;
 }
+
+// Only the worker an operation was sent to may say it still runs it: while worker w is frozen
+// (its action queued again), an intruder's session naming that operation as its own is told
+// to kill it, not given it; w, back, has it run on where it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_worker_an_operation_was_sent_to_may_claim_it() {
+    use kiln_proto::worker::worker_api_client::WorkerApiClient;
+    use kiln_proto::worker::{server_message, worker_message, Hello, WorkerMessage};
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = farm_server(dir.path(), "a", &redis.url()).await;
+    let w = common::exec::start_worker(Runtime::Glommio, &a, &dir.path().join("w"), "w", &[]).await;
+    let cha = a.channel().await;
+    let (name, _stream) = accepted(&cha, held(dir.path(), "one").upload(&cha, F).await).await;
+    common::eventually("the action to start", || async {
+        (lines(dir.path(), "starts") == ["one"]).then_some(())
+    })
+    .await;
+    w.signal(libc::SIGSTOP);
+    common::eventually("the server to queue the action again", || async {
+        (common::metric(&a.admin, "kiln_scheduler_queued").await == 1.0).then_some(())
+    })
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WorkerMessage {
+        message: Some(worker_message::Message::Hello(Hello {
+            worker_id: "intruder".into(),
+            max_inflight: 0,
+            running: vec![name.clone()],
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut told = WorkerApiClient::new(cha.clone())
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let kill = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match told.message().await.unwrap().unwrap().message {
+                Some(server_message::Message::Kill(k)) => return k.operation,
+                Some(server_message::Message::Adopt(a)) => panic!("adopted by an intruder: {a:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the intruder is told to kill what it claims");
+    assert_eq!(kill, name);
+    drop((tx, told));
+    w.signal(libc::SIGCONT);
+    let follow = watching(&cha, &name).await;
+    common::eventually("w to have it run on where it runs", || async {
+        a.log_text()
+            .contains("queued again, but its worker still runs it")
+            .then_some(())
+    })
+    .await;
+    std::fs::write(dir.path().join("flag-one"), b"").unwrap();
+    let response = follow.await.unwrap();
+    assert_eq!(common::exec::worker_of(&response), "w");
+    assert_eq!(lines(dir.path(), "starts"), ["one"], "started once");
+    a.stop().await;
+}

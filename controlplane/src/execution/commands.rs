@@ -48,6 +48,12 @@ impl ExecutionCore {
                     fit(&mut start, self.max_message / 2);
                     if !self.send(worker, server_message::Message::StartExecute(start)) {
                         broken.push(worker);
+                    } else {
+                        // Which worker may later say it still runs it.
+                        let name = lock(&self.sessions).get(&worker).map(|s| s.name.clone());
+                        if let Some(name) = name {
+                            lock(&self.registry).set_worker(op, &name);
+                        }
                     }
                 }
                 Command::Prefetch {

@@ -222,7 +222,7 @@ impl Farm {
                             owner,
                             request: Some(request),
                         }) if !view.done() && owner == dead => {
-                            core.adopt(&self.ops, name, request).await;
+                            core.adopt(&self.ops, name, request, &view.worker).await;
                             (1, 0)
                         }
                         _ => (0, 0),
@@ -245,13 +245,19 @@ impl ExecutionCore {
     /// Schedules operation `name` (another server's, which died) here, as `request` asks:
     /// ended at once when the action cache has its result or it cannot be prepared (missing
     /// inputs included: the client uploads them and asks again, as after any Execute).
-    pub(super) async fn adopt(&self, ops: &SharedOps, name: String, request: ExecuteRequest) {
+    pub(super) async fn adopt(
+        &self,
+        ops: &SharedOps,
+        name: String,
+        request: ExecuteRequest,
+        worker: &str,
+    ) {
         if self.watch(&name).is_some() {
             return;
         }
         let span = tracing::info_span!("take over", operation = %name);
         async {
-            let response = match self.schedule(&name, &request).await {
+            let response = match self.schedule(&name, &request, worker).await {
                 Ok(None) => return,
                 Ok(Some(cached)) => cached,
                 Err(status) => ExecuteResponse {
@@ -272,6 +278,7 @@ impl ExecutionCore {
         &self,
         name: &str,
         request: &ExecuteRequest,
+        worker: &str,
     ) -> Result<Option<ExecuteResponse>, RpcStatus> {
         let key = key_of(request).map_err(|e| e.rpc_status())?;
         if !request.skip_cache_lookup {
@@ -290,7 +297,7 @@ impl ExecutionCore {
         let request = Arc::new(request.clone());
         // A worker may still run it (its session with the dead server ended, and it kept the
         // action running for whoever takes it over): it runs on there.
-        let holder = self.orphan_holder(name);
+        let holder = self.orphan_holder(name, worker);
         match self.submit(job, request, Some(name.to_string()), holder) {
             Ok((op, _)) => {
                 if let Some(worker) = holder {
@@ -320,6 +327,7 @@ fn key_of(request: &ExecuteRequest) -> Result<BlobKey, ControlError> {
 /// Operation `name` of `request`, finished with `response`.
 fn ended(name: &str, request: &ExecuteRequest, response: ExecuteResponse) -> OpView {
     OpView {
+        worker: String::new(),
         name: name.to_string(),
         instance: request.instance_name.clone(),
         stage: StageValue::Completed,
@@ -330,11 +338,12 @@ fn ended(name: &str, request: &ExecuteRequest, response: ExecuteResponse) -> OpV
 }
 
 impl ExecutionCore {
-    /// A connected worker that still runs operation `name` for a session that ended.
-    fn orphan_holder(&self, name: &str) -> Option<WorkerId> {
+    /// A connected worker that still runs operation `name` for a session that ended: the
+    /// worker named `worker`, the one it was sent to (another's claim is not believed).
+    fn orphan_holder(&self, name: &str, worker: &str) -> Option<WorkerId> {
         lock(&self.sessions)
             .iter()
-            .find(|(_, s)| s.orphans.contains(name))
+            .find(|(_, s)| !worker.is_empty() && s.name == worker && s.orphans.contains(name))
             .map(|(id, _)| *id)
     }
 
@@ -351,6 +360,11 @@ impl ExecutionCore {
         let operation = name.to_string();
         let message = if adopted {
             tracing::info!(operation = %name, worker, "taken over while its worker still runs it: it runs on there");
+            // The worker it is sent to now, which alone may name it again.
+            let session = lock(&self.sessions).get(&worker).map(|s| s.name.clone());
+            if let Some(session) = session {
+                lock(&self.registry).set_worker(op, &session);
+            }
             server_message::Message::Adopt(AdoptOperation { operation })
         } else {
             server_message::Message::Kill(KillOperation { operation })

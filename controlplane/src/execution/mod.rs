@@ -315,6 +315,7 @@ impl ExecutionCore {
         let adopted = name.is_some();
         let merge = job.mergeable.then(|| job.key.clone());
         let view = OpView {
+            worker: String::new(),
             name: name.unwrap_or_else(|| format!("operations/{}", uuid::Uuid::new_v4())),
             instance: job.key.instance.as_str().to_string(),
             stage: StageValue::Queued,

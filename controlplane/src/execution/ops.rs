@@ -31,6 +31,9 @@ pub struct OpView {
     pub digest_function: i32,
     /// The response, once done.
     pub response: Option<Arc<ExecuteResponse>>,
+    /// The worker it was last sent to (by name; empty: none yet), which alone may say it
+    /// still runs it after its session ended.
+    pub worker: String,
 }
 
 impl OpView {
@@ -83,6 +86,7 @@ impl Finished {
     fn view(&self, name: &str) -> Option<OpView> {
         let response = ExecuteResponse::decode(self.response.clone()).ok()?;
         Some(OpView {
+            worker: String::new(),
             name: name.to_string(),
             instance: self.instance.clone(),
             stage: StageValue::Completed,
@@ -164,6 +168,13 @@ impl Registry {
     /// Watches a live operation by id.
     pub fn watch_op(&self, op: OpId) -> Option<watch::Receiver<OpView>> {
         self.live.get(&op).map(|l| l.view.subscribe())
+    }
+
+    /// Operation `op` was sent to the worker named `worker`.
+    pub fn set_worker(&self, op: OpId, worker: &str) {
+        if let Some(live) = self.live.get(&op) {
+            live.view.send_modify(|v| v.worker = worker.to_string());
+        }
     }
 
     /// Moves a live operation to a new stage.
@@ -301,6 +312,7 @@ mod tests {
 
     fn run(r: &mut Registry, op: OpId, at: Instant) -> String {
         let view = OpView {
+            worker: String::new(),
             name: format!("op-{op}"),
             instance: String::new(),
             stage: StageValue::Queued,
@@ -325,6 +337,7 @@ mod tests {
     fn a_finished_operation_reads_back_as_it_finished() {
         let mut r = Registry::new(10);
         let view = OpView {
+            worker: String::new(),
             name: "op-7".into(),
             instance: "main".into(),
             stage: StageValue::Executing,
@@ -385,6 +398,7 @@ mod tests {
         let mut r = Registry::new(0);
         let finished: Vec<String> = (0..5).map(|i| run(&mut r, i, t0)).collect();
         let live = OpView {
+            worker: String::new(),
             name: "op-9".into(),
             instance: "other".into(),
             stage: StageValue::Executing,

@@ -88,6 +88,7 @@ impl ExecutionService {
 /// A finished operation for a cache hit.
 fn cached(key: &BlobKey, result: kiln_proto::reapi::ActionResult) -> OpStream {
     let view = OpView {
+        worker: String::new(),
         name: format!("operations/{}", uuid::Uuid::new_v4()),
         instance: key.instance.as_str().to_string(),
         stage: StageValue::Completed,

@@ -350,6 +350,7 @@ fn encode(view: &OpView, owner: &str, request: Option<&ExecuteRequest>) -> Vec<u
         operation: Some(view.to_operation()),
         owner: owner.to_string(),
         request: request.cloned(),
+        worker: view.worker.clone(),
     }
     .encode_to_vec()
 }
@@ -368,6 +369,7 @@ fn decode(name: &str, data: &[u8]) -> Option<Shared> {
     };
     Some(Shared {
         view: OpView {
+            worker: shared.worker,
             name: name.to_string(),
             instance: shared.instance_name,
             stage: StageValue::try_from(metadata.stage).ok()?,
@@ -403,6 +405,7 @@ mod tests {
     #[test]
     fn an_operation_reads_back_as_written_and_garbage_is_none() {
         let view = OpView {
+            worker: String::new(),
             name: "operations/x".into(),
             instance: "main".into(),
             stage: StageValue::Completed,

@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 /// Orphans of one worker taken in.
 const MAX_ORPHANS: usize = 4096;
 
-/// Operation names, with their ids here while they are live.
-type Named = Vec<(String, Option<OpId>)>;
+/// Operation names, with their ids here while they are live, and whether they were last sent
+/// to the worker that names them.
+type Named = Vec<(String, Option<(OpId, bool)>)>;
 
 impl ExecutionCore {
     /// Registers a worker session, still running `orphans` for sessions that ended; returns
@@ -47,13 +48,16 @@ impl ExecutionCore {
         tracing::info!(worker = %name, id, capacity, "worker connected");
         // What it still runs of this server's own operations (queued again when its session
         // broke) runs on there, before anything else is placed on it.
-        let (ours, others) = self.orphans_of(orphans);
-        let ids: Vec<OpId> = ours.iter().filter_map(|(_, op)| *op).collect();
+        let (ours, others) = self.orphans_of(orphans, &name);
+        let ids: Vec<OpId> = ours
+            .iter()
+            .filter_map(|(_, op)| op.filter(|(_, sent_there)| *sent_there).map(|(op, _)| op))
+            .collect();
         let taken = self
             .apply(|s, now| s.worker_joined_running(now, id, properties, capacity, serves, &ids));
         self.note_orphans(id, others);
         for (operation, op) in ours {
-            let adopted = op.is_some_and(|op| taken.contains(&op));
+            let adopted = op.is_some_and(|(op, _)| taken.contains(&op));
             self.tell_orphan(id, operation, adopted);
         }
         id
@@ -62,14 +66,17 @@ impl ExecutionCore {
     /// `orphans` (names a worker gave), this server's own (with their id while they are
     /// live) apart from the others; at most [`MAX_ORPHANS`] (a worker runs a few hundred
     /// actions at most: a longer list is not believed).
-    fn orphans_of(&self, orphans: Vec<String>) -> (Named, Named) {
+    /// Only the worker an operation was last sent to (`worker`, by name) may have it run on
+    /// there: another's claim is not believed (it is told to kill what it names).
+    fn orphans_of(&self, orphans: Vec<String>, worker: &str) -> (Named, Named) {
         let registry = lock(&self.registry);
         orphans
             .into_iter()
             .take(MAX_ORPHANS)
             .map(|name| {
                 let op = registry.op(&name);
-                (name, op)
+                let sent_there = registry.view(&name).is_some_and(|v| v.worker == worker);
+                (name, op.map(|op| (op, sent_there)))
             })
             .partition(|(name, op)| op.is_some() || registry.watch(name).is_some())
     }
@@ -86,6 +93,12 @@ impl ExecutionCore {
     fn tell_orphan(&self, worker: WorkerId, operation: String, adopted: bool) {
         let message = if adopted {
             tracing::info!(%operation, worker, "queued again, but its worker still runs it: it runs on there");
+            // Still the worker it is sent to (it names it again after another break).
+            let name = lock(&self.sessions).get(&worker).map(|s| s.name.clone());
+            let op = lock(&self.registry).op(&operation);
+            if let (Some(name), Some(op)) = (name, op) {
+                lock(&self.registry).set_worker(op, &name);
+            }
             server_message::Message::Adopt(AdoptOperation { operation })
         } else {
             server_message::Message::Kill(KillOperation { operation })
@@ -99,14 +112,19 @@ impl ExecutionCore {
     /// runs (adopted), one placed elsewhere or finished meanwhile is killed. The others may
     /// be taken over later.
     pub(super) fn worker_orphans(&self, worker: WorkerId, orphans: Vec<String>) {
-        let (ours, others) = self.orphans_of(orphans);
+        let Some(name) = lock(&self.sessions).get(&worker).map(|s| s.name.clone()) else {
+            return;
+        };
+        let (ours, others) = self.orphans_of(orphans, &name);
         self.note_orphans(worker, others);
         for (operation, op) in ours {
             // Adopted here already (its Adopt crossed this list on the way).
-            if op.is_some_and(|op| lock(&self.scheduler).is_running_on(op, worker)) {
+            if op.is_some_and(|(op, _)| lock(&self.scheduler).is_running_on(op, worker)) {
                 continue;
             }
-            let adopted = op.is_some_and(|op| self.apply(|s, now| s.take_to(now, op, worker)));
+            let adopted = op.is_some_and(|(op, sent_there)| {
+                sent_there && self.apply(|s, now| s.take_to(now, op, worker))
+            });
             self.tell_orphan(worker, operation, adopted);
         }
     }
