@@ -960,87 +960,10 @@ async fn operations_are_listed_across_the_farm() {
 // A worker whose session with a live server breaks (frozen with SIGSTOP past the server's
 // patience: the server drops it and queues its action again) keeps the action running, and
 // when it comes back the server lets the still-queued operation run on there: it starts once.
+// Only the worker an operation was sent to may say so: meanwhile, an intruder's session
+// naming that operation as its own is told to kill it, not given it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_back_from_a_broken_session_keeps_its_action() {
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let a = farm_server(dir.path(), "a", &redis.url()).await;
-    let w = common::exec::start_worker(Runtime::Glommio, &a, &dir.path().join("w"), "w", &[]).await;
-    let cha = a.channel().await;
-    let (name, _stream) = accepted(&cha, held(dir.path(), "one").upload(&cha, F).await).await;
-    common::eventually("the action to start", || async {
-        (lines(dir.path(), "starts") == ["one"]).then_some(())
-    })
-    .await;
-    w.signal(libc::SIGSTOP);
-    common::eventually(
-        "the server to give the worker up and queue its action again",
-        || async {
-            let queued = common::metric(&a.admin, "kiln_scheduler_queued").await;
-            (queued == 1.0).then_some(())
-        },
-    )
-    .await;
-    w.signal(libc::SIGCONT);
-    common::eventually("the server to let it run on where it runs", || async {
-        a.log_text()
-            .contains("queued again, but its worker still runs it")
-            .then_some(())
-    })
-    .await;
-    let follow = watching(&cha, &name).await;
-    std::fs::write(dir.path().join("flag-one"), b"").unwrap();
-    let response = follow.await.unwrap();
-    assert_eq!(common::exec::code(&response), 0, "{response:?}");
-    assert_eq!(lines(dir.path(), "starts"), ["one"], "started once");
-    a.stop().await;
-}
-
-// Identical actions are merged across the farm: an action running for server a's client is
-// executed through server b too; b's client follows a's operation (the same name) instead of
-// b running it again, and both see its one result.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn identical_actions_are_merged_across_servers() {
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let a = farm_server(dir.path(), "a", &redis.url()).await;
-    let b = farm_server(dir.path(), "b", &redis.url()).await;
-    let mut workers = Vec::new();
-    for (server, name) in [(&a, "wa"), (&b, "wb")] {
-        let wdir = dir.path().join(name);
-        workers.push(common::exec::start_worker(Runtime::Glommio, server, &wdir, name, &[]).await);
-    }
-    let (cha, chb) = (a.channel().await, b.channel().await);
-    let action = held(dir.path(), "m").upload(&cha, F).await;
-    let (on_a, _a) = accepted(&cha, action.clone()).await;
-    common::eventually("the action to start on a's worker", || async {
-        (lines(dir.path(), "starts") == ["m"]).then_some(())
-    })
-    .await;
-    // Shared as executing (a writes it named as the one running the action first).
-    common::eventually("b to list a's operation as executing", || async {
-        (listed(&chb, "stage=EXECUTING", 0, "").await.0 == [on_a.clone()]).then_some(())
-    })
-    .await;
-    let (on_b, _b) = accepted(&chb, action).await;
-    assert_eq!(on_b, on_a, "b's client follows a's operation");
-    let (first, second) = (watching(&cha, &on_a).await, watching(&chb, &on_b).await);
-    std::fs::write(dir.path().join("flag-m"), b"").unwrap();
-    for response in [first.await.unwrap(), second.await.unwrap()] {
-        assert_eq!(common::exec::code(&response), 0, "{response:?}");
-        assert_eq!(common::exec::worker_of(&response), "wa");
-    }
-    assert_eq!(lines(dir.path(), "starts"), ["m"], "run once");
-    drop(workers);
-    a.stop().await;
-    b.stop().await;
-}
-
-// Only the worker an operation was sent to may say it still runs it: while worker w is frozen
-// (its action queued again), an intruder's session naming that operation as its own is told
-// to kill it, not given it; w, back, has it run on where it runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_the_worker_an_operation_was_sent_to_may_claim_it() {
+async fn a_worker_back_from_a_broken_session_keeps_its_action_and_only_it() {
     use kiln_proto::worker::worker_api_client::WorkerApiClient;
     use kiln_proto::worker::{server_message, worker_message, Hello, WorkerMessage};
     let redis = RedisServer::start();
