@@ -957,6 +957,78 @@ async fn operations_are_listed_across_the_farm() {
     b.stop().await;
 }
 
+// Identical actions are merged across the farm: an action running for server a's client is
+// executed through server b too; b's client follows a's operation (the same name) instead of
+// b running it again, and both see its one result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_actions_are_merged_across_servers() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = farm_server(dir.path(), "a", &redis.url()).await;
+    let b = farm_server(dir.path(), "b", &redis.url()).await;
+    let mut workers = Vec::new();
+    for (server, name) in [(&a, "wa"), (&b, "wb")] {
+        let wdir = dir.path().join(name);
+        workers.push(common::exec::start_worker(Runtime::Glommio, server, &wdir, name, &[]).await);
+    }
+    let (cha, chb) = (a.channel().await, b.channel().await);
+    let action = held(dir.path(), "m").upload(&cha, F).await;
+    let (on_a, _a) = accepted(&cha, action.clone()).await;
+    common::eventually("the action to start on a's worker", || async {
+        (lines(dir.path(), "starts") == ["m"]).then_some(())
+    })
+    .await;
+    // Shared as executing (a writes it named as the one running the action first).
+    common::eventually("b to list a's operation as executing", || async {
+        (listed(&chb, "stage=EXECUTING", 0, "").await.0 == [on_a.clone()]).then_some(())
+    })
+    .await;
+    let (on_b, _b) = accepted(&chb, action).await;
+    assert_eq!(on_b, on_a, "b's client follows a's operation");
+    let (first, second) = (watching(&cha, &on_a).await, watching(&chb, &on_b).await);
+    std::fs::write(dir.path().join("flag-m"), b"").unwrap();
+    for response in [first.await.unwrap(), second.await.unwrap()] {
+        assert_eq!(common::exec::code(&response), 0, "{response:?}");
+        assert_eq!(common::exec::worker_of(&response), "wa");
+    }
+    assert_eq!(lines(dir.path(), "starts"), ["m"], "run once");
+    // An output only a's CAS holds (larger than the blobs the servers share through Redis):
+    // b's client follows a's operation, then finds the result incomplete on b, and b runs the
+    // action itself.
+    let mut big = held(dir.path(), "big");
+    big.script = format!("head -c 100000 /dev/zero > out; {}", big.script);
+    big.outputs = vec!["out".into()];
+    let big = big.upload(&cha, F).await;
+    let (on_a, _a) = accepted(&cha, big.clone()).await;
+    common::eventually("b to list a's second operation as executing", || async {
+        (listed(&chb, "stage=EXECUTING", 0, "").await.0 == [on_a.clone()]).then_some(())
+    })
+    .await;
+    let (on_b, mut b_stream) = accepted(&chb, big).await;
+    assert_eq!(on_b, on_a, "b's client follows a's operation first");
+    std::fs::write(dir.path().join("flag-big"), b"").unwrap();
+    let mut last = None;
+    while let Some(op) = b_stream.message().await.unwrap() {
+        last = Some(op);
+    }
+    let last = last.expect("b's stream ended with the operation");
+    assert!(
+        last.done && last.name != on_a,
+        "run on b under a name of b's: {last:?}"
+    );
+    let Some(kiln_proto::longrunning::operation::Result::Response(any)) = last.result else {
+        panic!("{last:?}");
+    };
+    let response =
+        <kiln_proto::reapi::ExecuteResponse as prost::Message>::decode(any.value.as_slice())
+            .unwrap();
+    assert_eq!(common::exec::worker_of(&response), "wb");
+    assert_eq!(lines(dir.path(), "starts"), ["big", "big", "m"]);
+    drop(workers);
+    a.stop().await;
+    b.stop().await;
+}
+
 // A worker whose session with a live server breaks (frozen with SIGSTOP past the server's
 // patience: the server drops it and queues its action again) keeps the action running, and
 // when it comes back the server lets the still-queued operation run on there: it starts once.

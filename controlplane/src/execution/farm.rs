@@ -298,7 +298,12 @@ impl ExecutionCore {
         // A worker may still run it (its session with the dead server ended, and it kept the
         // action running for whoever takes it over): it runs on there.
         let holder = self.orphan_holder(name, worker);
-        match self.submit(job, request, Some(name.to_string()), holder) {
+        let taken = super::Taken {
+            name: name.to_string(),
+            running_on: holder,
+            sent_to: worker.to_string(),
+        };
+        match self.submit(job, request, Some(taken)) {
             Ok((op, _)) => {
                 if let Some(worker) = holder {
                     self.adopted(worker, op, name);

@@ -39,6 +39,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// An operation taken over from a server that died, as it is queued again here.
+pub(crate) struct Taken {
+    /// Its name.
+    pub name: String,
+    /// The worker that still runs it, when connected here.
+    pub running_on: Option<WorkerId>,
+    /// The worker it was last sent to (by name), which alone may claim it later.
+    pub sent_to: String,
+}
+
 /// What a queued action carries to its worker.
 #[derive(Debug)]
 pub struct Payload {
@@ -301,21 +311,23 @@ impl ExecutionCore {
             .then_some(result)
     }
 
-    /// Queues a prepared job of `request` as a new operation (named `name`, when given: one
-    /// taken over, then `running_on` the worker that still runs it, if any); merged jobs
-    /// release their own pins at once.
+    /// Queues a prepared job of `request` as a new operation; merged jobs release their own
+    /// pins at once.
     fn submit(
         &self,
         job: Job<Arc<Payload>>,
         request: Arc<kiln_proto::reapi::ExecuteRequest>,
-        name: Option<String>,
-        running_on: Option<WorkerId>,
+        taken: Option<Taken>,
     ) -> Result<(OpId, tokio::sync::watch::Receiver<OpView>), SubmitError> {
         let payload = job.payload.clone();
-        let adopted = name.is_some();
+        let adopted = taken.is_some();
+        let (name, running_on, sent_to) = match taken {
+            Some(t) => (Some(t.name), t.running_on, t.sent_to),
+            None => (None, None, String::new()),
+        };
         let merge = job.mergeable.then(|| job.key.clone());
         let view = OpView {
-            worker: String::new(),
+            worker: sent_to,
             name: name.unwrap_or_else(|| format!("operations/{}", uuid::Uuid::new_v4())),
             instance: job.key.instance.as_str().to_string(),
             stage: StageValue::Queued,
@@ -403,6 +415,9 @@ impl ExecutionCore {
         &self,
         key: &BlobKey,
     ) -> Option<tokio::sync::watch::Receiver<OpView>> {
+        // Only where a dead server's operations are taken over: else following one could
+        // wait on a server that is gone.
+        self.orphan_grace()?;
         let shared = self.shared.as_ref()?;
         let name = shared.running(key).await?;
         let rx = self.watch_anywhere(&name).await?;

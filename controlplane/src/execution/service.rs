@@ -75,14 +75,68 @@ impl ExecutionService {
         }
         // An identical action running on another server of the farm: follow it.
         if let Some(rx) = self.core.running_elsewhere(&key).await {
-            return Ok(stream(rx));
+            return Ok(follow_elsewhere(self.core.clone(), key, request, rx));
         }
         let job = prepare::prepare(&self.core, &key, &request).await?;
-        match self.core.submit(job, Arc::new(request), None, None) {
+        match self.core.submit(job, Arc::new(request), None) {
             Ok((_, rx)) => Ok(stream(rx)),
             Err(e) => Err(e.status()),
         }
     }
+}
+
+/// Streams an identical action's operation another server runs (`rx`) to its end, and serves
+/// its result if that result is complete in this server's CAS (the action cache checks it);
+/// if it is not (the farm's servers share no CAS), or the operation is lost, runs the action
+/// here after all and streams that operation instead.
+fn follow_elsewhere(
+    core: Arc<ExecutionCore>,
+    key: BlobKey,
+    request: ExecuteRequest,
+    mut rx: watch::Receiver<OpView>,
+) -> OpStream {
+    let (tx, out) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let view = rx.borrow_and_update().clone();
+            if let Some(response) = &view.response {
+                let succeeded = response.status.as_ref().is_none_or(|s| s.code == 0)
+                    && response.result.is_some();
+                if !succeeded || core.cache.get(&key).await.is_ok() {
+                    let _ = tx.send(Ok(view.to_operation())).await;
+                    return;
+                }
+                break;
+            }
+            if tx.send(Ok(view.to_operation())).await.is_err() {
+                return; // the client went away
+            }
+            if let Ok(Err(_)) = tokio::time::timeout(REFRESH, rx.changed()).await {
+                break; // lost before it ended
+            }
+        }
+        tracing::info!(action = %key.digest, "an identical action another server ran left no complete result here: running it here");
+        let here = match prepare::prepare(&core, &key, &request).await {
+            Ok(job) => core
+                .submit(job, Arc::new(request), None)
+                .map_err(|e| e.status()),
+            Err(e) => Err(e.into()),
+        };
+        match here {
+            Ok((_, rx)) => {
+                let mut views = stream(rx);
+                while let Some(item) = futures::StreamExt::next(&mut views).await {
+                    if tx.send(item).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(out))
 }
 
 /// A finished operation for a cache hit.
