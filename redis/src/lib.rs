@@ -495,6 +495,44 @@ impl Redis {
         .await
     }
 
+    /// Sets `key` to `value` (expiring after `ttl`) if it is not there, or renews its expiry
+    /// if it holds `value` already: whether it holds `value` now.
+    pub async fn hold(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, RedisError> {
+        const HOLD: &str = "local v = redis.call('GET', KEYS[1]) \
+             if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end \
+             if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end \
+             return 0";
+        self.run(|mut c| async move {
+            let held: i64 = redis::cmd("EVAL")
+                .arg(HOLD)
+                .arg(1)
+                .arg(key)
+                .arg(value)
+                .arg(ttl.as_millis().max(1) as u64)
+                .query_async(&mut c)
+                .await?;
+            Ok(held == 1)
+        })
+        .await
+    }
+
+    /// Removes `key` if it holds `value` (and not what another wrote since).
+    pub async fn release(&self, key: &str, value: &str) -> Result<(), RedisError> {
+        const RELEASE: &str =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end \
+             return 0";
+        self.run(|mut c| async move {
+            redis::cmd("EVAL")
+                .arg(RELEASE)
+                .arg(1)
+                .arg(key)
+                .arg(value)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
     /// Adds `member` to the sorted set at `key` with `score` (or moves it there).
     pub async fn sorted_add(&self, key: &str, member: &str, score: u64) -> Result<(), RedisError> {
         self.run(|mut c| async move {

@@ -50,7 +50,9 @@ impl ExecutionCore {
                         broken.push(worker);
                     } else {
                         // Which worker may later say it still runs it.
-                        let name = lock(&self.sessions).get(&worker).map(|s| s.name.clone());
+                        let name = lock(&self.sessions)
+                            .get(&worker)
+                            .map(|s| s.claimant.clone());
                         if let Some(name) = name {
                             lock(&self.registry).set_worker(op, &name);
                         }

@@ -348,7 +348,7 @@ impl ExecutionCore {
     fn orphan_holder(&self, name: &str, worker: &str) -> Option<WorkerId> {
         lock(&self.sessions)
             .iter()
-            .find(|(_, s)| !worker.is_empty() && s.name == worker && s.orphans.contains(name))
+            .find(|(_, s)| !worker.is_empty() && s.claimant == worker && s.orphans.contains(name))
             .map(|(id, _)| *id)
     }
 
@@ -366,7 +366,9 @@ impl ExecutionCore {
         let message = if adopted {
             tracing::info!(operation = %name, worker, "taken over while its worker still runs it: it runs on there");
             // The worker it is sent to now, which alone may name it again.
-            let session = lock(&self.sessions).get(&worker).map(|s| s.name.clone());
+            let session = lock(&self.sessions)
+                .get(&worker)
+                .map(|s| s.claimant.clone());
             if let Some(session) = session {
                 lock(&self.registry).set_worker(op, &session);
             }
@@ -384,6 +386,11 @@ impl ExecutionCore {
     pub fn orphan_grace(&self) -> Option<Duration> {
         self.orphan_grace.get().copied()
     }
+}
+
+/// The key of `server`'s lease.
+fn self_lease_key(ops: &SharedOps, server: &str) -> String {
+    ops.redis().key(&format!("server:{server}"))
 }
 
 /// What a server may ask of the server of the farm that schedules an operation.
@@ -430,6 +437,15 @@ impl ExecutionCore {
                 )))
             }
         };
+        // Its server gone, nobody reads what it is asked: the operation is being taken over.
+        let lease = self_lease_key(ops, &shared.owner);
+        if let Ok(alive) = ops.redis().exists_many(&[lease]).await {
+            if alive.first() == Some(&false) && !shared.view.done() {
+                return Err(tonic::Status::unavailable(format!(
+                    "the server of operation {name:?} is gone, and another takes it over within redis.lease_secs: {word} it then"
+                )));
+            }
+        }
         match (ask, shared.view.done()) {
             (Ask::Delete, false) => {
                 return Err(tonic::Status::failed_precondition(format!(

@@ -77,6 +77,8 @@ struct Session {
     /// Operations it still runs for a session (with another server, or an earlier one) that
     /// ended: this server may take them over.
     orphans: std::collections::HashSet<String>,
+    /// Who it is when it claims an operation (see [`worker_events::Joining`]).
+    claimant: String,
 }
 
 /// Where a worker serves its CAS to its peers.
@@ -148,6 +150,10 @@ pub struct ExecutionCore {
     /// farm takes operations over; else they kill it at once).
     orphan_grace: std::sync::OnceLock<Duration>,
 }
+
+/// Operations a `ListOperations` call looks at, at most (a page may end short of its size
+/// there, with a token to go on).
+const MAX_EXAMINED: usize = 10_000;
 
 /// How often the scheduler's clock advances when nothing asks for sooner.
 const TICK: Duration = Duration::from_secs(1);
@@ -456,7 +462,7 @@ impl ExecutionCore {
             return (page, last, Vec::new());
         };
         let mut names = lock(&self.registry).names(query, &mut allowed);
-        let unreachable = match shared.names().await {
+        let mut unreachable = match shared.names().await {
             Ok(farm) => {
                 names.extend(farm.into_iter().filter(|n| query.wants_name(n)));
                 names.sort_unstable();
@@ -467,11 +473,17 @@ impl ExecutionCore {
                 "the operations of the farm's other servers (Redis failed: {e})"
             )],
         };
-        // Views a page's worth at a time, until a page and one more are found: this server's
-        // from its registry, the others' from Redis, in one pipeline.
+        // Views a page's worth at a time, until a page and one more are found (or
+        // MAX_EXAMINED names were looked at: the page then ends there): this server's from its
+        // registry, the others' from Redis, in one pipeline. Only wanted views are kept.
         let mut candidates: Vec<(&String, Option<OpView>)> = Vec::new();
         let mut wanted = 0;
+        let mut cut = None;
         for chunk in names.chunks(query.page_size.max(1)) {
+            if candidates.len() >= MAX_EXAMINED {
+                cut = candidates.last().map(|(n, _)| n.to_string());
+                break;
+            }
             let local: Vec<Option<OpView>> = {
                 let registry = lock(&self.registry);
                 chunk.iter().map(|n| registry.view(n)).collect()
@@ -482,15 +494,21 @@ impl ExecutionCore {
                 .filter(|(_, v)| v.is_none())
                 .map(|(n, _)| n)
                 .collect();
-            let mut read = shared.read_many(&elsewhere).await.into_iter();
-            for (name, view) in chunk.iter().zip(local) {
-                let view = view.or_else(|| read.next().flatten());
-                if view
-                    .as_ref()
-                    .is_some_and(|v| query.wants_stage(v.stage) && allowed(&v.instance))
-                {
-                    wanted += 1;
+            let read = match shared.read_many(&elsewhere).await {
+                Ok(read) => read,
+                Err(e) => {
+                    unreachable.push(format!(
+                        "some operations of the farm's other servers (Redis failed: {e})"
+                    ));
+                    vec![None; elsewhere.len()]
                 }
+            };
+            let mut read = read.into_iter();
+            for (name, view) in chunk.iter().zip(local) {
+                let view = view
+                    .or_else(|| read.next().flatten())
+                    .filter(|v| query.wants_stage(v.stage) && allowed(&v.instance));
+                wanted += usize::from(view.is_some());
                 candidates.push((name, view));
             }
             if wanted > query.page_size {
@@ -498,7 +516,7 @@ impl ExecutionCore {
             }
         }
         let (page, last) = listing::page(query, candidates, allowed);
-        (page, last, unreachable)
+        (page, last.or(cut), unreachable)
     }
 
     /// Forgets a finished operation (here and in Redis); `Err(true)` while it runs,

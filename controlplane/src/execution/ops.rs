@@ -31,8 +31,8 @@ pub struct OpView {
     pub digest_function: i32,
     /// The response, once done.
     pub response: Option<Arc<ExecuteResponse>>,
-    /// The worker it was last sent to (by name; empty: none yet), which alone may say it
-    /// still runs it after its session ended.
+    /// The worker it was last sent to (as it is known: its credential's name, else its own;
+    /// empty: none yet), which alone may say it still runs it after its session ended.
     pub worker: String,
 }
 

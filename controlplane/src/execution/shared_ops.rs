@@ -148,12 +148,15 @@ impl SharedOps {
             .map_err(|e| e.to_string())
     }
 
-    /// Operations `names` as Redis has them, in order (`None`: not there).
-    pub async fn read_many(&self, names: &[&String]) -> Vec<Option<OpView>> {
+    /// Operations `names` as Redis has them, in order (`None`: not there); `Err` with why
+    /// when Redis failed.
+    pub async fn read_many(&self, names: &[&String]) -> Result<Vec<Option<OpView>>, String> {
         let keys: Vec<(String, u64)> = names.iter().map(|n| (self.key(n), LISTED_BYTES)).collect();
-        let Ok(values) = self.redis.get_many(&keys).await else {
-            return vec![None; names.len()];
-        };
+        let values = self
+            .redis
+            .get_many(&keys)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(names.len());
         for (name, value) in names.iter().zip(values) {
             let view = match value {
@@ -164,7 +167,7 @@ impl SharedOps {
             };
             out.push(view);
         }
-        out
+        Ok(out)
     }
 
     /// Writes the operation `rx` watches to Redis as `name` (with `request`, for whoever
@@ -194,17 +197,16 @@ impl SharedOps {
                 }
                 this.write(&view, Some(&request)).await;
                 if let (Some(key), false) = (&running, view.done()) {
-                    let _ = this
-                        .redis
-                        .set(key, name.as_bytes(), RUNNING, kiln_redis::When::Missing)
-                        .await;
+                    // Named the one running the action (or kept so, its expiry renewed),
+                    // unless another is.
+                    let _ = this.redis.hold(key, &name, RUNNING).await;
                 }
                 if view.done() {
                     if listing {
                         this.unlist(&name).await;
                     }
                     if let Some(key) = &running {
-                        let _ = this.redis.delete(key).await;
+                        let _ = this.redis.release(key, &name).await;
                     }
                     return;
                 }

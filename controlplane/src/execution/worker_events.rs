@@ -13,6 +13,23 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
+/// A worker's Hello, as its session registers it.
+pub(super) struct Joining {
+    /// Its name, in logs and results.
+    pub name: String,
+    /// Who it is when it claims an operation still runs there: its credential's name when
+    /// it presented one, else its name; empty: it may claim none.
+    pub claimant: String,
+    /// Platform properties offered.
+    pub properties: Vec<(String, String)>,
+    /// Actions it may run for this server at once.
+    pub capacity: usize,
+    /// Where it serves its CAS to peers.
+    pub endpoint: Option<PeerEndpoint>,
+    /// What it still runs for sessions that ended.
+    pub orphans: Vec<String>,
+}
+
 /// Orphans of one worker taken in.
 const MAX_ORPHANS: usize = 4096;
 
@@ -25,13 +42,17 @@ impl ExecutionCore {
     /// its id.
     pub(super) fn worker_joined(
         &self,
-        name: String,
-        properties: Vec<(String, String)>,
-        capacity: usize,
-        endpoint: Option<PeerEndpoint>,
-        orphans: Vec<String>,
+        joining: Joining,
         tx: mpsc::Sender<ServerMessage>,
     ) -> WorkerId {
+        let Joining {
+            name,
+            claimant,
+            properties,
+            capacity,
+            endpoint,
+            orphans,
+        } = joining;
         let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
         let serves = endpoint.is_some();
         lock(&self.sessions).insert(
@@ -39,6 +60,7 @@ impl ExecutionCore {
             Session {
                 tx,
                 name: name.clone(),
+                claimant: claimant.clone(),
                 dircache: None,
                 transfers: None,
                 endpoint,
@@ -48,7 +70,7 @@ impl ExecutionCore {
         tracing::info!(worker = %name, id, capacity, "worker connected");
         // What it still runs of this server's own operations (queued again when its session
         // broke) runs on there, before anything else is placed on it.
-        let (ours, others) = self.orphans_of(orphans, &name);
+        let (ours, others) = self.orphans_of(orphans, &claimant);
         let ids: Vec<OpId> = ours
             .iter()
             .filter_map(|(_, op)| op.filter(|(_, sent_there)| *sent_there).map(|(op, _)| op))
@@ -75,7 +97,8 @@ impl ExecutionCore {
             .take(MAX_ORPHANS)
             .map(|name| {
                 let op = registry.op(&name);
-                let sent_there = registry.view(&name).is_some_and(|v| v.worker == worker);
+                let sent_there =
+                    !worker.is_empty() && registry.view(&name).is_some_and(|v| v.worker == worker);
                 (name, op.map(|op| (op, sent_there)))
             })
             .partition(|(name, op)| op.is_some() || registry.watch(name).is_some())
@@ -94,7 +117,9 @@ impl ExecutionCore {
         let message = if adopted {
             tracing::info!(%operation, worker, "queued again, but its worker still runs it: it runs on there");
             // Still the worker it is sent to (it names it again after another break).
-            let name = lock(&self.sessions).get(&worker).map(|s| s.name.clone());
+            let name = lock(&self.sessions)
+                .get(&worker)
+                .map(|s| s.claimant.clone());
             let op = lock(&self.registry).op(&operation);
             if let (Some(name), Some(op)) = (name, op) {
                 lock(&self.registry).set_worker(op, &name);
@@ -112,7 +137,10 @@ impl ExecutionCore {
     /// runs (adopted), one placed elsewhere or finished meanwhile is killed. The others may
     /// be taken over later.
     pub(super) fn worker_orphans(&self, worker: WorkerId, orphans: Vec<String>) {
-        let Some(name) = lock(&self.sessions).get(&worker).map(|s| s.name.clone()) else {
+        let Some(name) = lock(&self.sessions)
+            .get(&worker)
+            .map(|s| s.claimant.clone())
+        else {
             return;
         };
         let (ours, others) = self.orphans_of(orphans, &name);

@@ -143,14 +143,21 @@ impl WorkerApi for WorkerApiService {
         if endpoint.is_none() && !hello.cas_endpoint.is_empty() {
             tracing::warn!(worker = %name, endpoint = %hello.cas_endpoint, tls_name = %hello.cas_tls_name, "ignoring a peer endpoint that is not grpc://HOST:PORT or grpcs://HOST:PORT with a certificate name");
         }
-        let id = self.core.worker_joined(
+        // Claims that an operation still runs there are believed of the worker it was sent
+        // to: known by its credential when it presented one (a name in Hello is its word).
+        let claimant = match &credential {
+            Some((principal, policy)) if policy.enabled() => principal.name.clone(),
+            _ => hello.worker_id.clone(),
+        };
+        let joining = super::worker_events::Joining {
             name,
+            claimant,
             properties,
-            hello.max_inflight as usize,
+            capacity: hello.max_inflight as usize,
             endpoint,
-            hello.running,
-            tx.clone(),
-        );
+            orphans: hello.running,
+        };
+        let id = self.core.worker_joined(joining, tx.clone());
         // Only the session registry holds the sender for good: when the core closes the session
         // (shutdown), the response stream ends even though this task still pings.
         let tx = tx.downgrade();

@@ -7,17 +7,17 @@
 use kiln_reapi::cas::{Cas, CasError, CasFuture};
 use kiln_reapi::digest::{Digest, InstanceName};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// A CAS forwarding to the one last switched to; while there is none (the action's session
 /// ended and nobody adopted it yet), calls wait for one; once given up, they fail.
 pub struct SwitchedCas {
-    to: watch::Sender<Target>,
-    /// Bumped at every switch: a call that failed against a CAS switched away from
-    /// meanwhile (its server went away while it ran) is made again against the new one.
-    switches: AtomicU64,
+    /// The target, and how many switches it follows: a call that failed against a CAS
+    /// switched away from meanwhile (its server went away while it ran) is made again
+    /// against the new one.
+    to: watch::Sender<(Target, u64)>,
 }
 
 #[derive(Clone)]
@@ -27,45 +27,47 @@ enum Target {
     Gone,
 }
 
+/// How long a call that failed as if its server had gone away waits to learn whether it did
+/// (the worker's session with that server ends about as soon).
+const VERDICT: Duration = Duration::from_secs(3);
+
 impl SwitchedCas {
     /// Forwarding to `to` until switched.
     pub fn new(to: Arc<dyn Cas>) -> Arc<SwitchedCas> {
         Arc::new(SwitchedCas {
-            to: watch::channel(Target::To(to)).0,
-            switches: AtomicU64::new(0),
+            to: watch::channel((Target::To(to), 0)).0,
         })
+    }
+
+    fn set(&self, target: Target) {
+        self.to.send_modify(|(t, n)| {
+            *t = target;
+            *n += 1;
+        });
     }
 
     /// Forwards to `to` from now on.
     pub fn switch(&self, to: Arc<dyn Cas>) {
-        self.switches.fetch_add(1, Ordering::SeqCst);
-        self.to.send_replace(Target::To(to));
+        self.set(Target::To(to));
     }
 
     /// Calls wait for a CAS to forward to.
     pub fn hold(&self) {
-        self.switches.fetch_add(1, Ordering::SeqCst);
-        self.to.send_replace(Target::Waiting);
+        self.set(Target::Waiting);
     }
 
     /// Calls fail from now on (waiting ones too).
     pub fn give_up(&self) {
-        self.switches.fetch_add(1, Ordering::SeqCst);
-        self.to.send_replace(Target::Gone);
-    }
-
-    /// Whether the CAS was switched since `at` (a count of switches).
-    fn switched_since(&self, at: u64) -> bool {
-        self.switches.load(Ordering::SeqCst) != at
+        self.set(Target::Gone);
     }
 
     /// The CAS to call now, and the count of switches it goes with.
     async fn current(&self) -> Result<(Arc<dyn Cas>, u64), CasError> {
         let mut to = self.to.subscribe();
         loop {
-            let now = to.borrow_and_update().clone();
-            match now {
-                Target::To(cas) => return Ok((cas, self.switches.load(Ordering::SeqCst))),
+            let (target, at) = to.borrow_and_update().clone();
+            match target {
+                Target::To(cas) => return Ok((cas, at)),
                 Target::Gone => break,
                 Target::Waiting => {}
             }
@@ -76,6 +78,21 @@ impl SwitchedCas {
         Err(CasError::Remote(tonic::Status::unavailable(
             "the action's server went away and no other took it over",
         )))
+    }
+
+    /// Whether a call made at switch `at` that failed with `error` is to be made again: the
+    /// CAS was switched since, or is within [`VERDICT`] (the failure looked like its server
+    /// going away).
+    async fn again(&self, at: u64, error: &CasError) -> bool {
+        let mut to = self.to.subscribe();
+        if to.borrow_and_update().1 != at {
+            return true;
+        }
+        let gone = matches!(error, CasError::Remote(s) if s.code() == tonic::Code::Unavailable);
+        gone && matches!(
+            tokio::time::timeout(VERDICT, to.changed()).await,
+            Ok(Ok(()))
+        )
     }
 }
 
@@ -89,7 +106,7 @@ impl Cas for SwitchedCas {
             loop {
                 let (to, at) = self.current().await?;
                 match to.find_missing(instance, digests).await {
-                    Err(_) if self.switched_since(at) => continue,
+                    Err(e) if self.again(at, &e).await => continue,
                     done => return done,
                 }
             }
@@ -105,7 +122,7 @@ impl Cas for SwitchedCas {
             loop {
                 let (to, at) = self.current().await?;
                 match to.read_blobs(instance, digests).await {
-                    Err(_) if self.switched_since(at) => continue,
+                    Err(e) if self.again(at, &e).await => continue,
                     done => return done,
                 }
             }
@@ -122,7 +139,7 @@ impl Cas for SwitchedCas {
             loop {
                 let (to, at) = self.current().await?;
                 match to.read_to_file(instance, digest, path).await {
-                    Err(_) if self.switched_since(at) => continue,
+                    Err(e) if self.again(at, &e).await => continue,
                     done => return done,
                 }
             }
@@ -138,7 +155,7 @@ impl Cas for SwitchedCas {
             loop {
                 let (to, at) = self.current().await?;
                 match to.write_blobs(instance, blobs.clone()).await {
-                    Err(_) if self.switched_since(at) => continue,
+                    Err(e) if self.again(at, &e).await => continue,
                     done => return done,
                 }
             }
@@ -155,7 +172,7 @@ impl Cas for SwitchedCas {
             loop {
                 let (to, at) = self.current().await?;
                 match to.write_file(instance, digest, path).await {
-                    Err(_) if self.switched_since(at) => continue,
+                    Err(e) if self.again(at, &e).await => continue,
                     done => return done,
                 }
             }
@@ -244,7 +261,7 @@ mod tests {
         })
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_call_cut_short_by_a_switch_is_made_again_and_waits_while_held() {
         let instance = InstanceName::default_instance();
         let (dead, adopting) = (fake(0), fake(2));
