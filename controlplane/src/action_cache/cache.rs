@@ -86,6 +86,20 @@ impl ActionCache {
         }
     }
 
+    /// Whether `result` (of action `key`, found elsewhere: another server ran it) is complete
+    /// in this server's CAS, so that its outputs can be served from here.
+    pub async fn complete_here(&self, key: &BlobKey, result: &ActionResult) -> bool {
+        let checked = completeness::check(
+            &*self.blobs,
+            &key.instance,
+            key.digest.function,
+            result,
+            self.limits,
+        )
+        .await;
+        matches!(checked, Ok(None))
+    }
+
     /// The result for an action, if stored and complete (a hit marks its blobs used). A
     /// result found complete is not checked again while no blob has left the CAS since that
     /// check ([`kiln_dataplane::store::accounting::Accounting::removals`]: every blob it

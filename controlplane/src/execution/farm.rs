@@ -238,6 +238,8 @@ impl Farm {
             let _ = redis.set_remove(&self.servers_key(), dead).await;
         }
         tracing::info!(dead, taken, left, "took over a dead server's operations");
+        // What it was asked after it died (its lease had not lapsed yet): done here.
+        self.answer_for(core, dead).await;
     }
 }
 
@@ -437,6 +439,13 @@ impl ExecutionCore {
                 )))
             }
         };
+        // This server's own, yet not known here: taken over and merged into an identical
+        // operation, whose name the client does not know.
+        if shared.owner == ops.server() {
+            return Err(tonic::Status::failed_precondition(format!(
+                "operation {name:?} was merged into an identical one on this server when it was taken over; {word} that one (ListOperations shows it)"
+            )));
+        }
         // Its server gone, nobody reads what it is asked: the operation is being taken over.
         let lease = self_lease_key(ops, &shared.owner);
         if let Ok(alive) = ops.redis().exists_many(&[lease]).await {
@@ -474,8 +483,14 @@ impl ExecutionCore {
 impl Farm {
     /// Does what other servers asked of this one's operations (cancel, delete).
     async fn answer(&self, core: &Arc<ExecutionCore>) {
+        self.answer_for(core, self.ops.server()).await;
+    }
+
+    /// Does what other servers asked of `server`'s operations (this one's, or those of a
+    /// dead one it took over).
+    async fn answer_for(&self, core: &Arc<ExecutionCore>, server: &str) {
         let redis = self.ops.redis();
-        let key = self.key("asks", self.ops.server());
+        let key = self.key("asks", server);
         let Ok(asks) = redis.set_members(&key).await else {
             return;
         };

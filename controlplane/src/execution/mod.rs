@@ -426,6 +426,10 @@ impl ExecutionCore {
         self.orphan_grace()?;
         let shared = self.shared.as_ref()?;
         let name = shared.running(key).await?;
+        // This server's own: the scheduler merges it.
+        if self.watch(&name).is_some() {
+            return None;
+        }
         let rx = self.watch_anywhere(&name).await?;
         let live = !rx.borrow().done();
         live.then_some(rx)
@@ -479,7 +483,8 @@ impl ExecutionCore {
         let mut candidates: Vec<(&String, Option<OpView>)> = Vec::new();
         let mut wanted = 0;
         let mut cut = None;
-        for chunk in names.chunks(query.page_size.max(1)) {
+        // At least 256 a round trip: small pages must not cost a round trip a name.
+        for chunk in names.chunks(query.page_size.max(256)) {
             if candidates.len() >= MAX_EXAMINED {
                 cut = candidates.last().map(|(n, _)| n.to_string());
                 break;
@@ -497,10 +502,13 @@ impl ExecutionCore {
             let read = match shared.read_many(&elsewhere).await {
                 Ok(read) => read,
                 Err(e) => {
+                    // The page ends before what could not be read; the token resumes there.
                     unreachable.push(format!(
-                        "some operations of the farm's other servers (Redis failed: {e})"
+                        "the farm's operations from {:?} on (Redis failed: {e})",
+                        chunk.first()
                     ));
-                    vec![None; elsewhere.len()]
+                    cut = candidates.last().map(|(n, _)| n.to_string());
+                    break;
                 }
             };
             let mut read = read.into_iter();

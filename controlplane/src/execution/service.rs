@@ -100,9 +100,13 @@ fn follow_elsewhere(
         loop {
             let view = rx.borrow_and_update().clone();
             if let Some(response) = &view.response {
-                let succeeded = response.status.as_ref().is_none_or(|s| s.code == 0)
-                    && response.result.is_some();
-                if !succeeded || core.cache.get(&key).await.is_ok() {
+                // Served as it is when it carries no result (it failed), or one whose outputs
+                // are all here.
+                let here = match &response.result {
+                    None => true,
+                    Some(result) => core.cache.complete_here(&key, result).await,
+                };
+                if here {
                     let _ = tx.send(Ok(view.to_operation())).await;
                     return;
                 }
@@ -114,6 +118,9 @@ fn follow_elsewhere(
             if let Ok(Err(_)) = tokio::time::timeout(REFRESH, rx.changed()).await {
                 break; // lost before it ended
             }
+        }
+        if tx.is_closed() {
+            return; // nobody to run it for
         }
         tracing::info!(action = %key.digest, "an identical action another server ran left no complete result here: running it here");
         let here = match prepare::prepare(&core, &key, &request).await {
