@@ -89,6 +89,11 @@ impl ActionCache {
     /// Whether `result` (of action `key`, found elsewhere: another server ran it) is complete
     /// in this server's CAS, so that its outputs can be served from here.
     pub async fn complete_here(&self, key: &BlobKey, result: &ActionResult) -> bool {
+        // A result naming more outputs than any walk may check is not believed complete.
+        let outputs = result.output_files.len() + result.output_directories.len();
+        if outputs > self.limits.max_digests {
+            return false;
+        }
         let checked = completeness::check(
             &*self.blobs,
             &key.instance,

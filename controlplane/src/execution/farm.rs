@@ -238,8 +238,11 @@ impl Farm {
             let _ = redis.set_remove(&self.servers_key(), dead).await;
         }
         tracing::info!(dead, taken, left, "took over a dead server's operations");
-        // What it was asked after it died (its lease had not lapsed yet): done here.
-        self.answer_for(core, dead).await;
+        // What it was asked after it died (its lease had not lapsed yet): done here, once
+        // all its operations are (an ask of one left for the next claim would be lost).
+        if left == 0 {
+            self.answer_for(core, dead).await;
+        }
     }
 }
 
@@ -439,9 +442,9 @@ impl ExecutionCore {
                 )))
             }
         };
-        // This server's own, yet not known here: taken over and merged into an identical
-        // operation, whose name the client does not know.
-        if shared.owner == ops.server() {
+        // This server's own, running, yet not known here: taken over and merged into an
+        // identical operation, whose name the client does not know.
+        if shared.owner == ops.server() && ask == Ask::Cancel && !shared.view.done() {
             return Err(tonic::Status::failed_precondition(format!(
                 "operation {name:?} was merged into an identical one on this server when it was taken over; {word} that one (ListOperations shows it)"
             )));

@@ -499,16 +499,15 @@ impl ExecutionCore {
                 .filter(|(_, v)| v.is_none())
                 .map(|(n, _)| n)
                 .collect();
-            let read = match shared.read_many(&elsewhere).await {
-                Ok(read) => read,
+            let (read, failed) = match shared.read_many(&elsewhere).await {
+                Ok(read) => (read, false),
                 Err(e) => {
-                    // The page ends before what could not be read; the token resumes there.
+                    // This server's own of the chunk are listed; the page ends with it.
                     unreachable.push(format!(
-                        "the farm's operations from {:?} on (Redis failed: {e})",
+                        "the farm's other servers' operations from {:?} on (Redis failed: {e})",
                         chunk.first()
                     ));
-                    cut = candidates.last().map(|(n, _)| n.to_string());
-                    break;
+                    (vec![None; elsewhere.len()], true)
                 }
             };
             let mut read = read.into_iter();
@@ -518,6 +517,10 @@ impl ExecutionCore {
                     .filter(|v| query.wants_stage(v.stage) && allowed(&v.instance));
                 wanted += usize::from(view.is_some());
                 candidates.push((name, view));
+            }
+            if failed {
+                cut = chunk.last().map(|n| n.to_string());
+                break;
             }
             if wanted > query.page_size {
                 break;
