@@ -215,7 +215,11 @@ async fn bazel_build_survives_its_server_killed_and_restarted() {
         listen,
         ..common::Options::on(common::Runtime::Glommio)
     };
-    let mut kiln = Kiln::start_async(&data_dir, options(None)).await;
+    // A free port below the kernel's range of ephemeral ports: while the server is down,
+    // Bazel's reconnections to a port inside that range can be given it as their own source
+    // port (a connection to itself), and the restarted server could not bind it.
+    let listen = common::free_port_below_ephemeral();
+    let mut kiln = Kiln::start_async(&data_dir, options(Some(listen))).await;
     let endpoint = format!("grpc://{}", kiln.addr);
     let gate = dir.path().join("gate");
     let build = tokio::spawn(run_bazel_with(

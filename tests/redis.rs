@@ -759,8 +759,15 @@ async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
 async fn a_restarted_server_adopts_what_its_worker_still_runs() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let a = farm_server(dir.path(), "a", &redis.url()).await;
-    let addr = a.addr;
+    let listen = common::free_port_below_ephemeral();
+    let a = Kiln::start_async(
+        &dir.path().join("a"),
+        Options {
+            listen: Some(listen.clone()),
+            ..farm_options(&redis.url())
+        },
+    )
+    .await;
     // Reconnecting at least every second.
     let config = dir.path().join("worker.toml");
     std::fs::write(&config, "[worker]\nmax_reconnect_delay_secs = 1\n").unwrap();
@@ -783,7 +790,7 @@ async fn a_restarted_server_adopts_what_its_worker_still_runs() {
     let restarted = Kiln::start_async(
         &dir.path().join("a"),
         Options {
-            listen: Some(addr.to_string()),
+            listen: Some(listen),
             ..farm_options(&redis.url())
         },
     )

@@ -528,3 +528,27 @@ impl Drop for Kiln {
         }
     }
 }
+
+/// `127.0.0.1:PORT` for a port free now, picked at random below the kernel's ephemeral range:
+/// for a server a test restarts on the same address while clients keep reconnecting to it (a
+/// connection to a port inside that range with nothing listening can be given that very port
+/// as its source, connecting to itself, and the restarted server could not bind it).
+pub fn free_port_below_ephemeral() -> String {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(32768);
+    let span = low.saturating_sub(10_000).max(1);
+    for _ in 0..1000 {
+        let port = 10_000
+            + u16::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..2].try_into().unwrap()) % span;
+        let addr = format!("127.0.0.1:{port}");
+        if std::net::TcpListener::bind(&addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free port below {low}");
+}
