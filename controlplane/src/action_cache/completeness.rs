@@ -68,6 +68,18 @@ pub async fn check(
     if let Err(e) = collected {
         return Ok(Some(Incomplete::Malformed(e)));
     }
+    // Each tree and root is read once, however often the result names it.
+    trees.sort_unstable();
+    trees.dedup();
+    roots.sort_unstable();
+    roots.dedup();
+    if trees.len() + roots.len() > limits.max_digests {
+        return Ok(Some(Incomplete::Malformed(format!(
+            "{} output directories: more than {} to check",
+            trees.len() + roots.len(),
+            limits.max_digests
+        ))));
+    }
     let mut all = direct;
     all.extend(trees.iter().copied());
     all.extend(roots.iter().copied());
@@ -192,4 +204,105 @@ async fn walk(
     }
     files.extend(walked.files);
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_reapi::cas::{CasError, CasFuture};
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A CAS in memory that counts the blobs read whole (no store here counts its reads).
+    #[derive(Default)]
+    struct Counting {
+        blobs: HashMap<Digest, bytes::Bytes>,
+        reads: AtomicUsize,
+    }
+
+    impl Cas for Counting {
+        fn find_missing<'a>(
+            &'a self,
+            _: &'a InstanceName,
+            digests: &'a [Digest],
+        ) -> CasFuture<'a, Vec<Digest>> {
+            let missing = digests
+                .iter()
+                .filter(|d| !self.blobs.contains_key(d))
+                .copied();
+            let missing = missing.collect();
+            Box::pin(async move { Ok(missing) })
+        }
+        fn read_blobs<'a>(
+            &'a self,
+            _: &'a InstanceName,
+            digests: &'a [Digest],
+        ) -> CasFuture<'a, Vec<Option<bytes::Bytes>>> {
+            self.reads.fetch_add(digests.len(), Ordering::SeqCst);
+            let found = digests.iter().map(|d| self.blobs.get(d).cloned()).collect();
+            Box::pin(async move { Ok(found) })
+        }
+        fn read_to_file<'a>(
+            &'a self,
+            _: &'a InstanceName,
+            _: Digest,
+            _: &'a Path,
+        ) -> CasFuture<'a, bool> {
+            Box::pin(async move { Err(CasError::Remote(tonic::Status::unimplemented("not here"))) })
+        }
+        fn write_blobs<'a>(
+            &'a self,
+            _: &'a InstanceName,
+            _: Vec<(Digest, bytes::Bytes)>,
+        ) -> CasFuture<'a, ()> {
+            Box::pin(async move { Err(CasError::Remote(tonic::Status::unimplemented("not here"))) })
+        }
+        fn write_file<'a>(
+            &'a self,
+            _: &'a InstanceName,
+            _: Digest,
+            _: &'a Path,
+        ) -> CasFuture<'a, ()> {
+            Box::pin(async move { Err(CasError::Remote(tonic::Status::unimplemented("not here"))) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tree_named_many_times_is_read_once_and_too_many_are_refused() {
+        let tree = Tree::default().encode_to_vec();
+        let digest = Digest::of(DigestFunction::Sha256, &tree);
+        let mut cas = Counting::default();
+        cas.blobs.insert(digest, tree.into());
+        let dir = reapi::OutputDirectory {
+            tree_digest: Some(digest.to_proto()),
+            ..Default::default()
+        };
+        let result = ActionResult {
+            output_directories: vec![dir; 1000],
+            ..Default::default()
+        };
+        let limits = CheckLimits {
+            max_tree_bytes: 1 << 20,
+            max_digests: 10,
+            recheck_after: std::time::Duration::from_secs(60),
+        };
+        let instance = InstanceName::default_instance();
+        let checked = check(&cas, &instance, DigestFunction::Sha256, &result, limits).await;
+        assert_eq!(checked.unwrap(), None, "complete");
+        assert_eq!(cas.reads.load(Ordering::SeqCst), 1, "read once");
+        // More distinct trees than a check may read: not believed complete.
+        let many: Vec<reapi::OutputDirectory> = (0..11u32)
+            .map(|i| reapi::OutputDirectory {
+                tree_digest: Some(Digest::of(DigestFunction::Sha256, &i.to_le_bytes()).to_proto()),
+                ..Default::default()
+            })
+            .collect();
+        let result = ActionResult {
+            output_directories: many,
+            ..Default::default()
+        };
+        let checked = check(&cas, &instance, DigestFunction::Sha256, &result, limits).await;
+        assert!(matches!(checked.unwrap(), Some(Incomplete::Malformed(_))));
+    }
 }
