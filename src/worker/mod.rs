@@ -1,6 +1,19 @@
 //! `kiln worker`: a worker machine. It keeps its own CAS (served on its data plane, where peers
-//! will fetch from), connects to the scheduler, and runs actions until SIGTERM/SIGINT; then it
+//! will fetch from), connects to its schedulers, and runs actions until SIGTERM/SIGINT; then it
 //! finishes what it runs and exits.
+
+mod dircache;
+mod identity;
+mod peers;
+mod server_link;
+mod sessions;
+
+pub(crate) use dircache::{dircache_overlay, open_dircache};
+use identity::enrolment_name;
+pub use identity::{default_name, host_name, max_inflight, run_as_user};
+use peers::{peer_tls, refuser, revoked_peers, serves_peers};
+use server_link::server_link;
+pub use sessions::RunningWorker;
 
 use crate::cli::WorkerArgs;
 use crate::signals::StopSignals;
@@ -10,260 +23,14 @@ use kiln_dataplane::metrics::Metrics;
 use kiln_dataplane::runtime::backend_for;
 use kiln_dataplane::server::{shard_count, DataPlane, OpenedStore};
 use kiln_dataplane::store::layout::Layout;
-use kiln_worker::link::Link;
-use kiln_worker::remote::{CasLinks, RemoteCas};
 use kiln_worker::{prepare_work_dir, Identity, LocalCas, WorkerContext};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 use tracing::info;
-
-/// A worker running on a tokio runtime.
-pub struct RunningWorker {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RunningWorker {
-    /// Starts a session loop on `runtime` for each scheduler (its link, and the context its
-    /// actions run in), sharing the worker's slots and reports.
-    pub fn start(
-        runtime: &tokio::runtime::Runtime,
-        sessions: Vec<(Link, Arc<WorkerContext>)>,
-        identity: Identity,
-        max_delay: Duration,
-    ) -> anyhow::Result<RunningWorker> {
-        let (stop, stopped) = watch::channel(false);
-        let Some((_, first)) = sessions.first() else {
-            bail!("a worker needs a scheduler");
-        };
-        let _guard = runtime.enter();
-        let slots = kiln_worker::slots::Slots::new(identity.max_inflight, sessions.len());
-        let reports = kiln_worker::reports::ReportHub::start(first.clone());
-        let running = kiln_worker::running::Running::new();
-        let loops: Vec<_> = sessions
-            .into_iter()
-            .enumerate()
-            .map(|(index, (link, ctx))| {
-                let shared = kiln_worker::session::Shared {
-                    index,
-                    slots: slots.clone(),
-                    reports: reports.clone(),
-                    running: running.clone(),
-                };
-                kiln_worker::session::run(
-                    link,
-                    identity.clone(),
-                    ctx,
-                    shared,
-                    max_delay,
-                    stopped.clone(),
-                )
-            })
-            .collect();
-        let mut all = tokio::task::JoinSet::new();
-        for session in loops {
-            all.spawn(session);
-        }
-        let task = runtime.spawn(async move { while all.join_next().await.is_some() {} });
-        Ok(RunningWorker { stop, task })
-    }
-
-    /// Says GoingAway, lets running actions finish (at most `grace`), and stops.
-    pub fn stop(self, runtime: &tokio::runtime::Runtime, grace: Duration) {
-        let _ = self.stop.send(true);
-        let task = self.task;
-        runtime.block_on(async move {
-            if tokio::time::timeout(grace, task).await.is_err() {
-                tracing::warn!("worker did not finish its actions within the grace period");
-            }
-        });
-    }
-}
 
 /// Unreported changes to the local CAS kept for the scheduler, of each kind (added,
 /// removed); past it the next report lists the whole CAS instead.
 const HOLDINGS_KEPT: usize = 200_000;
-
-/// The worker's CAS over mutual TLS, for its peers, when the worker is enrolled (its
-/// certificate from `kiln worker --join`, signed by the farm CA, names it as a server under
-/// `.peer.kiln.invalid`): that certificate as the server's, and client certificates
-/// required, signed by the farm CA. Returns the acceptor and the name peers check. `None`:
-/// not enrolled (a worker with certificates of another PKI serves its peers in plain gRPC,
-/// since its CA may sign certificates for others than the farm), or its certificate is one
-/// from before peers had TLS (client only), or peers are off.
-fn peer_tls(
-    config: &Config,
-    enrolled: bool,
-) -> anyhow::Result<Option<(kiln_dataplane::tls::TlsAccept, String)>> {
-    let w = &config.worker;
-    let (Some(cert), Some(key), Some(ca), true, true) =
-        (&w.tls_cert, &w.tls_key, &w.tls_ca, w.peers, enrolled)
-    else {
-        return Ok(None);
-    };
-    let leaf = kiln_tls::pem::certificates(cert)
-        .with_context(|| format!("cannot read {}", cert.display()))?;
-    let Some(name) = leaf.first().and_then(kiln_tls::pem::common_name) else {
-        return Ok(None);
-    };
-    let files = kiln_tls::server::ServerFiles {
-        cert: cert.clone(),
-        key: key.clone(),
-        client_ca: Some(ca.clone()),
-        client_auth: kiln_tls::server::ClientAuth::Required,
-    };
-    let tls = kiln_tls::server::ServerTls::load(files)
-        .context("cannot serve the local CAS over TLS with the worker's certificate")?;
-    Ok(Some((
-        kiln_dataplane::tls::TlsAccept {
-            tls,
-            handshake_timeout: Duration::from_secs(config.tls.handshake_timeout_secs),
-        },
-        kiln_tls::farm::peer_name(&name),
-    )))
-}
-
-/// Where a worker keeps the fingerprints of revoked workers' certificates it was told of.
-fn revoked_peers_file(data_dir: &std::path::Path) -> std::path::PathBuf {
-    data_dir.join("identity").join("revoked-peers")
-}
-
-/// The fingerprints kept in [`revoked_peers_file`] (none if it is absent or unreadable).
-fn revoked_peers(data_dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(revoked_peers_file(data_dir))
-        .map(|text| {
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// How the session tells the local CAS which certificates to refuse: added to `policy`, and
-/// the whole list kept on disk for the next start.
-fn refuser(
-    policy: Arc<kiln_auth::Policy>,
-    data_dir: &std::path::Path,
-) -> kiln_worker::peers::Refuse {
-    let file = revoked_peers_file(data_dir);
-    Arc::new(move |fingerprints: &[String]| {
-        policy.refuse_fingerprints(fingerprints);
-        let text: String = policy
-            .revoked_fingerprints()
-            .iter()
-            .map(|f| format!("{f}\n"))
-            .collect();
-        let written = file
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| {
-                kiln_tls::farm::write_private(&file, &text).map_err(std::io::Error::other)
-            });
-        if let Err(e) = written {
-            tracing::warn!(file = %file.display(), error = %e, "cannot keep the revoked workers' certificates for the next start");
-        }
-    })
-}
-
-/// Whether this worker serves its CAS to peers (and reports what it holds): with
-/// `worker.peer_endpoint`, or when `server.listen` is one address peers can reach (a loopback
-/// address only when the scheduler, and so the whole farm, is on this host). Peers reach it
-/// at `worker.peer_endpoint`, else at the address it is bound to.
-fn serves_peers(config: &Config, scheduler: &str) -> bool {
-    if !config.worker.peers {
-        return false;
-    }
-    if config.worker.peer_endpoint.is_some() {
-        return true;
-    }
-    let listen = config.server.listen;
-    if listen.ip().is_unspecified() {
-        tracing::warn!(%listen, "the local CAS listens on every address, so peers cannot be told which to use: set worker.peer_endpoint to serve it to them");
-        return false;
-    }
-    if listen.ip().is_loopback() && !on_loopback(scheduler) {
-        tracing::info!(%listen, "the local CAS is on loopback, out of other hosts' reach: not served to peers (set server.listen and worker.peer_endpoint)");
-        return false;
-    }
-    true
-}
-
-/// Whether the `grpc://HOST:PORT` URL names this host's loopback.
-fn on_loopback(url: &str) -> bool {
-    let rest = url
-        .strip_prefix("grpc://")
-        .or_else(|| url.strip_prefix("grpcs://"))
-        .unwrap_or(url);
-    let host = rest
-        .parse::<http::uri::Authority>()
-        .map(|a| {
-            a.host()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string()
-        })
-        .unwrap_or_default();
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// This machine's host name ("" if it has none).
-pub fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
-        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        String::new()
-    }
-}
-
-/// The name a worker enrols under by default: its host name, in the characters names allow.
-fn enrolment_name() -> String {
-    let name: String = host_name()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        .take(64)
-        .collect();
-    if name.is_empty() {
-        "worker".into()
-    } else {
-        name
-    }
-}
-
-/// The worker's name: host name and process id (several workers may share a host).
-pub fn default_name() -> String {
-    let host = match host_name() {
-        h if h.is_empty() => "worker".to_string(),
-        h => h,
-    };
-    format!("{host}-{}", std::process::id())
-}
-
-/// The user actions run as, from `worker.run_as_user`.
-pub fn run_as_user(config: &Config) -> anyhow::Result<Option<kiln_worker::run_as::RunAs>> {
-    config
-        .worker
-        .run_as_user
-        .as_deref()
-        .map(|u| kiln_worker::run_as::RunAs::lookup(u).map_err(anyhow::Error::msg))
-        .transpose()
-}
-
-/// Actions at once: the configured number, or one per core.
-pub fn max_inflight(config: &Config) -> usize {
-    match config.worker.max_inflight {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    }
-}
 
 /// Runs `kiln worker`.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -545,114 +312,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     runtime.shutdown_timeout(Duration::from_secs(2));
     info!("stopped");
     Ok(())
-}
-
-/// Whether cached input roots are mounted as overlays: when `worker.dircache_layout` asks
-/// for it, there is a cache, and a trial mount in `work_dir` works (else they are linked,
-/// and the log says why).
-pub(crate) fn dircache_overlay(
-    config: &Config,
-    work_dir: &std::path::Path,
-    cache: Option<&kiln_worker::dircache::DirCache>,
-) -> bool {
-    if config.worker.dircache_layout != kiln_config::DirCacheLayout::Overlay {
-        return false;
-    }
-    let Some(cache) = cache else {
-        return false;
-    };
-    let probe =
-        kiln_worker::overlay::probe(&cache.dirs().build_path(), &work_dir.join(".overlay-probe"));
-    match probe {
-        Ok(()) => {
-            info!("cached input roots are mounted as overlays");
-            true
-        }
-        Err(why) => {
-            tracing::warn!(%why, "worker.dircache_layout = \"overlay\", but overlays cannot be mounted here: cached input roots are linked");
-            false
-        }
-    }
-}
-
-/// Opens the worker's directory cache (`worker.dircache_bytes`, 0: none).
-pub(crate) fn open_dircache(
-    config: &Config,
-) -> anyhow::Result<Option<Arc<kiln_worker::dircache::DirCache>>> {
-    let cap = config.worker.dircache_bytes.as_u64();
-    if cap == 0 {
-        return Ok(None);
-    }
-    let dir = config
-        .worker
-        .dircache_dir
-        .clone()
-        .unwrap_or_else(|| config.storage.data_dir.join("dircache"));
-    let work_dir = config
-        .worker
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| config.storage.data_dir.join("work"));
-    kiln_worker::dircache::check_place(&dir, &config.storage.data_dir, &work_dir)
-        .map_err(|why| anyhow::anyhow!("worker.dircache_dir: {why}"))?;
-    let cache = kiln_worker::dircache::DirCache::open(&dir, cap)
-        .with_context(|| format!("cannot open the directory cache in {}", dir.display()))?;
-    Ok(Some(cache))
-}
-
-/// The link to the scheduler at `url` (with the farm's `token`, when set), and its CAS as
-/// this worker reads from and uploads to it: over TCP, or over QUIC too when
-/// `worker.server_transport` asks for it and the link has TLS. Called within the runtime.
-fn server_link(
-    config: &Config,
-    url: &str,
-    peer_client: &Option<Arc<rustls::ClientConfig>>,
-    token: Option<&str>,
-    quic_client: &Option<kiln_worker::quic::ClientEndpoint>,
-) -> anyhow::Result<(Link, Arc<dyn kiln_reapi::cas::Cas>)> {
-    let mut link = Link::new(url, peer_client.clone())?;
-    if let Some(token) = token {
-        link = link.with_token(token)?;
-    }
-    // Reads from the server over QUIC too, when asked for and the link has TLS.
-    let server_quic = match (config.worker.server_transport, quic_client) {
-        (kiln_config::PeerTransport::Tcp, _) | (_, None) => None,
-        (transport, Some(endpoint)) => {
-            let only = transport == kiln_config::PeerTransport::Quic;
-            match link.quic_target() {
-                None if only => bail!("cannot resolve {url} to reach the server over QUIC"),
-                None => {
-                    tracing::warn!(scheduler = %url, "cannot resolve the server's address for QUIC; reading over TCP");
-                    None
-                }
-                Some((addr, name)) => {
-                    let server = kiln_worker::quic::connect::QuicPeer::new(
-                        endpoint.clone(),
-                        addr,
-                        &name,
-                        Duration::from_millis(config.worker.peer_quic_connect_timeout_ms),
-                        Duration::from_secs(config.worker.peer_cooldown_secs),
-                    );
-                    Some((server, only))
-                }
-            }
-        }
-    };
-    let cas_link = || match &server_quic {
-        Some((server, only)) => link.connect_lazy_preferring(server.clone(), *only),
-        None => link.connect_lazy(),
-    };
-    let main = cas_link();
-    // Each range of a large download on a connection of its own (the first shares main).
-    let ranges: Vec<_> = std::iter::once(main.clone())
-        .chain((1..config.worker.fetch_ranges).map(|_| cas_link()))
-        .collect();
-    let links = CasLinks {
-        main,
-        ranges: ranges.into(),
-        ranged_min: config.worker.ranged_fetch_min_bytes.as_u64(),
-    };
-    Ok((link, Arc::new(RemoteCas::new(links))))
 }
 
 fn load_config(args: &WorkerArgs) -> anyhow::Result<Config> {
