@@ -9,6 +9,7 @@ pub mod exec;
 pub mod farm;
 pub mod peers;
 pub mod redis;
+pub mod redis_farm;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
