@@ -195,12 +195,13 @@ impl SharedOps {
                 if listing && !view.done() {
                     this.list(&name).await;
                 }
-                this.write(&view, Some(&request)).await;
                 if let (Some(key), false) = (&running, view.done()) {
                     // Named the one running the action (or kept so, its expiry renewed),
-                    // unless another is.
+                    // unless another is; before the operation is written, so that whoever
+                    // sees it running can merge into it.
                     let _ = this.redis.hold(key, &name, RUNNING).await;
                 }
+                this.write(&view, Some(&request)).await;
                 if view.done() {
                     if listing {
                         this.unlist(&name).await;
