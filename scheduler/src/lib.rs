@@ -156,12 +156,47 @@ impl<P: Clone, R> Scheduler<P, R> {
 
     /// Queues a job, or joins an identical one in flight.
     pub fn submit(&mut self, now: Instant, job: Job<P>) -> Result<Submitted, SubmitError> {
+        let submitted = self.enqueue(now, job, true)?;
+        self.schedule(now);
+        Ok(submitted)
+    }
+
+    /// Takes in a job whose action still runs on `worker` (its server died, and this
+    /// scheduler took its operations over): running there from now on, nothing dispatched
+    /// (and past the queue's bound: it is not waiting); queued as [`Scheduler::submit`] does
+    /// when `worker` is not connected or cannot run it.
+    pub fn submit_running(
+        &mut self,
+        now: Instant,
+        job: Job<P>,
+        worker: WorkerId,
+    ) -> Result<Submitted, SubmitError> {
+        let fits = self
+            .workers
+            .get(&worker)
+            .is_some_and(|w| could_fit(&self.config.kinds, &job.requirements, &w.offer));
+        let submitted = self.enqueue(now, job, !fits)?;
+        if fits && !submitted.merged {
+            self.run_on(now, submitted.op, worker);
+        }
+        self.schedule(now);
+        Ok(submitted)
+    }
+
+    /// Queues a job (refused past `execution.max_queued` when `bounded`), or joins an
+    /// identical one in flight; nothing is placed yet.
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        job: Job<P>,
+        bounded: bool,
+    ) -> Result<Submitted, SubmitError> {
         if job.mergeable {
             if let Some(&op) = self.in_flight.get(&job.key) {
                 return Ok(Submitted { op, merged: true });
             }
         }
-        if self.queue.len() >= self.config.max_queued {
+        if bounded && self.queue.len() >= self.config.max_queued {
             return Err(SubmitError::QueueFull(self.queue.len()));
         }
         let op = self.next_op;
@@ -187,57 +222,6 @@ impl<P: Clone, R> Scheduler<P, R> {
             op,
             stage: Stage::Queued,
         });
-        self.schedule(now);
-        Ok(Submitted { op, merged: false })
-    }
-
-    /// Takes in a job whose action still runs on `worker` (its server died, and this
-    /// scheduler took its operations over): running there from now on, nothing dispatched;
-    /// queued as [`Scheduler::submit`] does when `worker` is not connected.
-    pub fn submit_running(
-        &mut self,
-        now: Instant,
-        job: Job<P>,
-        worker: WorkerId,
-    ) -> Result<Submitted, SubmitError> {
-        let fits = self
-            .workers
-            .get(&worker)
-            .is_some_and(|w| could_fit(&self.config.kinds, &job.requirements, &w.offer));
-        if !fits || (job.mergeable && self.in_flight.contains_key(&job.key)) {
-            return self.submit(now, job);
-        }
-        let op = self.next_op;
-        self.next_op += 1;
-        if job.mergeable {
-            self.in_flight.insert(job.key.clone(), op);
-        }
-        let deadline = now + job.timeout + self.config.timeout_grace;
-        let kinds = &self.config.kinds;
-        let w = self.workers.get_mut(&worker).expect("checked above");
-        w.running.insert(op);
-        w.busy += 1;
-        consume(kinds, &job.requirements, &mut w.consumed, true);
-        self.ops.insert(
-            op,
-            OpState {
-                job,
-                stage: OpStage::Running {
-                    worker,
-                    deadline,
-                    executed: false,
-                },
-                attempts: 1,
-                queued_since: now,
-                held_since: None,
-                prefetch: None,
-            },
-        );
-        self.out.push(Command::Stage {
-            op,
-            stage: Stage::Executing,
-        });
-        self.schedule(now);
         Ok(Submitted { op, merged: false })
     }
 
