@@ -78,6 +78,17 @@ fn one() -> u32 {
     1
 }
 
+/// Calls `f` on every tier of `tiers`, size partitions' sides included.
+pub fn visit(tiers: &[TierSpec], f: &mut impl FnMut(&TierSpec)) {
+    for t in tiers {
+        f(t);
+        if let TierSpec::SizePartition { small, large, .. } = t {
+            visit(small, f);
+            visit(large, f);
+        }
+    }
+}
+
 /// One tier of a resolved chain.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TierSpec {

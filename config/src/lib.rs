@@ -76,20 +76,10 @@ impl Config {
         }
         if r.url.is_empty() {
             let mut shared = false;
-            fn visit(tiers: &[chain::TierSpec], shared: &mut bool) {
-                for t in tiers {
-                    match t {
-                        chain::TierSpec::Redis { .. } => *shared = true,
-                        chain::TierSpec::SizePartition { small, large, .. } => {
-                            visit(small, shared);
-                            visit(large, shared);
-                        }
-                        _ => {}
-                    }
-                }
-            }
             if let Ok(tiers) = self.storage.resolve_chain() {
-                visit(&tiers, &mut shared);
+                chain::visit(&tiers, &mut |t| {
+                    shared |= matches!(t, chain::TierSpec::Redis { .. });
+                });
             }
             if shared {
                 return invalid(

@@ -189,12 +189,20 @@ async fn session(
                         let (kill_tx, kill_rx) = oneshot::channel();
                         let operation = start.operation.clone();
                         // The server's CAS as this action uses it: another server's, should
-                        // this one go away and the other adopt it.
-                        let cas = ctx.remote.clone().map(SwitchedCas::new);
-                        let ctx = Arc::new(WorkerContext {
-                            remote: cas.clone().map(|c| c as Arc<dyn kiln_reapi::cas::Cas>),
-                            ..(*ctx).clone()
-                        });
+                        // this one go away and the other adopt it (only where its farm takes
+                        // operations over: else it never switches).
+                        let cas = ctx
+                            .remote
+                            .clone()
+                            .filter(|_| orphan_grace.is_some())
+                            .map(SwitchedCas::new);
+                        let ctx = match &cas {
+                            Some(cas) => Arc::new(WorkerContext {
+                                remote: Some(cas.clone() as Arc<dyn kiln_reapi::cas::Cas>),
+                                ..(*ctx).clone()
+                            }),
+                            None => ctx.clone(),
+                        };
                         let route = Route::new(index, tx.clone(), cas);
                         running.start(operation.clone(), kill_tx, route.clone());
                         send(&tx, worker_message::Message::Started(ExecutionStarted { operation: operation.clone() }));

@@ -49,13 +49,7 @@ impl ExecutionCore {
                     if !self.send(worker, server_message::Message::StartExecute(start)) {
                         broken.push(worker);
                     } else {
-                        // Which worker may later say it still runs it.
-                        let name = lock(&self.sessions)
-                            .get(&worker)
-                            .map(|s| s.claimant.clone());
-                        if let Some(name) = name {
-                            lock(&self.registry).set_worker(op, &name);
-                        }
+                        self.mark_sent(op, worker);
                     }
                 }
                 Command::Prefetch {

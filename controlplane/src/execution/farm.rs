@@ -20,7 +20,6 @@ use futures::StreamExt;
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::reapi::execution_stage::Value as StageValue;
 use kiln_proto::reapi::{ExecuteRequest, ExecuteResponse};
-use kiln_proto::worker::{server_message, AdoptOperation, KillOperation};
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use kiln_reapi::status::Classify;
 use kiln_redis::When;
@@ -103,7 +102,7 @@ impl Farm {
     /// Renews this server's lease (makes it, the first time); whether it holds one now.
     async fn renew(&self, held: bool) -> bool {
         let redis = self.ops.redis();
-        let key = self.key("server", self.ops.server());
+        let key = lease_key(&self.ops, self.ops.server());
         let renewed = match held {
             true => redis.set(&key, b"1", self.lease, When::Present).await,
             false => Ok(false),
@@ -177,7 +176,7 @@ impl Farm {
         if others.is_empty() {
             return Vec::new();
         }
-        let leases: Vec<String> = others.iter().map(|s| self.key("server", s)).collect();
+        let leases: Vec<String> = others.iter().map(|s| lease_key(&self.ops, s)).collect();
         let Ok(alive) = redis.exists_many(&leases).await else {
             return Vec::new();
         };
@@ -367,21 +366,10 @@ impl ExecutionCore {
         if let Some(session) = lock(&self.sessions).get_mut(&worker) {
             session.orphans.remove(name);
         }
-        let operation = name.to_string();
-        let message = if adopted {
+        if adopted {
             tracing::info!(operation = %name, worker, "taken over while its worker still runs it: it runs on there");
-            // The worker it is sent to now, which alone may name it again.
-            let session = lock(&self.sessions)
-                .get(&worker)
-                .map(|s| s.claimant.clone());
-            if let Some(session) = session {
-                lock(&self.registry).set_worker(op, &session);
-            }
-            server_message::Message::Adopt(AdoptOperation { operation })
-        } else {
-            server_message::Message::Kill(KillOperation { operation })
-        };
-        if !self.send(worker, message) && adopted {
+        }
+        if !self.tell_orphan(worker, name.to_string(), Some(op), adopted) && adopted {
             self.drop_broken(vec![worker]);
         }
     }
@@ -394,7 +382,7 @@ impl ExecutionCore {
 }
 
 /// The key of `server`'s lease.
-fn self_lease_key(ops: &SharedOps, server: &str) -> String {
+fn lease_key(ops: &SharedOps, server: &str) -> String {
     ops.redis().key(&format!("server:{server}"))
 }
 
@@ -450,7 +438,7 @@ impl ExecutionCore {
             )));
         }
         // Its server gone, nobody reads what it is asked: the operation is being taken over.
-        let lease = self_lease_key(ops, &shared.owner);
+        let lease = lease_key(ops, &shared.owner);
         if let Ok(alive) = ops.redis().exists_many(&[lease]).await {
             if alive.first() == Some(&false) && !shared.view.done() {
                 return Err(tonic::Status::unavailable(format!(

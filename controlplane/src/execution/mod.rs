@@ -331,7 +331,8 @@ impl ExecutionCore {
             Some(t) => (Some(t.name), t.running_on, t.sent_to),
             None => (None, None, String::new()),
         };
-        let merge = job.mergeable.then(|| job.key.clone());
+        // Named the one running its action only where other servers merge into it.
+        let merge = (job.mergeable && self.orphan_grace().is_some()).then(|| job.key.clone());
         let view = OpView {
             worker: sent_to,
             name: name.unwrap_or_else(|| format!("operations/{}", uuid::Uuid::new_v4())),

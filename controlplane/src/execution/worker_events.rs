@@ -80,7 +80,7 @@ impl ExecutionCore {
         self.note_orphans(id, others);
         for (operation, op) in ours {
             let adopted = op.is_some_and(|(op, _)| taken.contains(&op));
-            self.tell_orphan(id, operation, adopted);
+            self.orphan_told(id, operation, op, adopted);
         }
         id
     }
@@ -111,24 +111,50 @@ impl ExecutionCore {
         }
     }
 
-    /// Tells `worker` its orphan `operation` of this server runs on there (`adopted`), or
-    /// to kill it (placed elsewhere meanwhile, or finished).
-    fn tell_orphan(&self, worker: WorkerId, operation: String, adopted: bool) {
-        let message = if adopted {
-            tracing::info!(%operation, worker, "queued again, but its worker still runs it: it runs on there");
-            // Still the worker it is sent to (it names it again after another break).
-            let name = lock(&self.sessions)
-                .get(&worker)
-                .map(|s| s.claimant.clone());
-            let op = lock(&self.registry).op(&operation);
-            if let (Some(name), Some(op)) = (name, op) {
-                lock(&self.registry).set_worker(op, &name);
+    /// Tells `worker` its orphan `operation` (here `op`) runs on there (`adopted`: the
+    /// worker it is sent to from now on, which alone may name it again), or to kill it
+    /// (placed elsewhere meanwhile, or finished). Whether the worker's session took it.
+    pub(super) fn tell_orphan(
+        &self,
+        worker: WorkerId,
+        operation: String,
+        op: Option<OpId>,
+        adopted: bool,
+    ) -> bool {
+        let message = match (adopted, op) {
+            (true, Some(op)) => {
+                self.mark_sent(op, worker);
+                server_message::Message::Adopt(AdoptOperation { operation })
             }
-            server_message::Message::Adopt(AdoptOperation { operation })
-        } else {
-            server_message::Message::Kill(KillOperation { operation })
+            _ => server_message::Message::Kill(KillOperation { operation }),
         };
-        let _ = self.send(worker, message);
+        self.send(worker, message)
+    }
+
+    /// [`Self::tell_orphan`] of this server's own operation, queued again when the worker's
+    /// session broke.
+    fn orphan_told(
+        &self,
+        worker: WorkerId,
+        operation: String,
+        op: Option<(OpId, bool)>,
+        adopted: bool,
+    ) {
+        if adopted {
+            tracing::info!(%operation, worker, "queued again, but its worker still runs it: it runs on there");
+        }
+        self.tell_orphan(worker, operation, op.map(|(op, _)| op), adopted);
+    }
+
+    /// Operation `op` is sent to (or runs on) `worker`: only that worker may later say it
+    /// still runs it.
+    pub(super) fn mark_sent(&self, op: OpId, worker: WorkerId) {
+        let claimant = lock(&self.sessions)
+            .get(&worker)
+            .map(|s| s.claimant.clone());
+        if let Some(claimant) = claimant {
+            lock(&self.registry).set_worker(op, &claimant);
+        }
     }
 
     /// What a worker still runs for sessions that ended. Those of this server's operations
@@ -153,7 +179,7 @@ impl ExecutionCore {
             let adopted = op.is_some_and(|(op, sent_there)| {
                 sent_there && self.apply(|s, now| s.take_to(now, op, worker))
             });
-            self.tell_orphan(worker, operation, adopted);
+            self.orphan_told(worker, operation, op, adopted);
         }
     }
 

@@ -11,7 +11,7 @@ use super::size_partition::SizePartition;
 use super::{BlobEvents, BlobStore};
 use crate::metrics::Metrics;
 use crate::store::CasClient;
-use kiln_config::chain::TierSpec;
+use kiln_config::chain::{visit, TierSpec};
 use kiln_config::{ConfigError, StorageConfig};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -240,17 +240,6 @@ impl ChainPlan {
             }
         });
         largest
-    }
-}
-
-/// Calls `f` on every tier of `tiers`, size partitions' sides included.
-fn visit(tiers: &[TierSpec], f: &mut impl FnMut(&TierSpec)) {
-    for t in tiers {
-        f(t);
-        if let TierSpec::SizePartition { small, large, .. } = t {
-            visit(small, f);
-            visit(large, f);
-        }
     }
 }
 
