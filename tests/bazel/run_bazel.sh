@@ -53,7 +53,7 @@ LOGS=$SCRATCH/logs
 # Fresh copy of the workspace (chmod first: a previous run may have left
 # read-only files behind).
 [ -e "$WS" ] && chmod -R u+w "$WS" && rm -rf "$WS"
-mkdir -p "$LOGS"
+mkdir -p "$LOGS" "$ROOT/tmp"
 cp -a "$HERE/workspace" "$WS"
 
 # Startup options.  --ignore_all_rc_files = no system (/etc/bazel/bazelrc),
@@ -67,6 +67,11 @@ STARTUP=(
     --trust_install_base
     --output_user_root="$ROOT"
     --max_idle_secs=300
+    # Bazel's JVM writes temp files (the raw execution log, exec*.log) to
+    # java.io.tmpdir and does not remove them: keep them under ROOT, which goes;
+    # and no /tmp/hsperfdata_* directory.
+    --host_jvm_args=-Djava.io.tmpdir="$ROOT/tmp"
+    --host_jvm_args=-XX:-UsePerfData
 )
 
 case "$ENDPOINT" in
