@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Restart time of a large store: fills DATA_DIR with BLOBS small blobs written straight into
 # the CAS's layout (when it has none yet), then starts `kiln serve` RUNS times, timing each
-# start until /readyz answers, and stops it cleanly (which writes the index snapshot the next
-# start uses). The first start of a fresh store has no snapshot and scans every file.
+# start until /readyz answers and until the background rebuild has indexed every directory,
+# and stops it cleanly (which writes the index snapshot the next start uses). The first start
+# of a fresh store has no snapshot and scans every file.
 #
 #   bench/scripts/restart.sh DATA_DIR [BLOBS=1000000] [RUNS=4] [cold|warm] [crash]
 #
@@ -57,6 +58,7 @@ for run in $(seq "$runs"); do
   ms=$(( (done_at - start) / 1000000 ))
   printf '        index complete after %d.%03d s (%s blobs)\n' $((ms / 1000)) $((ms % 1000)) \
     "$(curl -fsS http://127.0.0.1:$admin/metrics | awk '$1 == "kiln_cas_blobs" {print $2}')"
+  grep -o 'index rebuilt in the background.*' "$log" | sed 's/^/        /' || true
   kill $pid; wait $pid || true
   grep -o 'index snapshot written.*' "$log" | sed 's/^/        /' || true
   rm -f "$log"

@@ -111,13 +111,13 @@ impl OpenedStore {
             accounting.clone(),
         );
         let threads = shards.clamp(1, 16);
-        let snapshot = snapshot::load(&layout.index_file());
+        // Every blob directory is left to the background rebuild, which loads the snapshot.
         let (entries, report, pending) = scan(
             &layout,
             TreeKind::Blobs,
             shards,
             threads,
-            snapshot.as_ref(),
+            None,
             true,
             |key| cas.owner_of(&key.digest),
         )?;
@@ -338,7 +338,13 @@ impl DataPlane {
             }
         }
         if rebuild {
-            if let Err(e) = rebuild::start(pending, plane.cas.clone(), shards.clamp(1, 4)) {
+            let snapshot_file = plane.layout.index_file();
+            if let Err(e) = rebuild::start(
+                pending,
+                snapshot_file,
+                plane.cas.clone(),
+                shards.clamp(1, 4),
+            ) {
                 plane.abort();
                 return Err(e);
             }

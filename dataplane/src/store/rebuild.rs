@@ -1,15 +1,16 @@
-//! The background rebuild of the index. At start-up, directories unchanged since the index
-//! snapshot come from it at once (see [`super::scan`]); the others — all of them after a crash
-//! without a snapshot, the ones written since the last clean stop otherwise — are scanned
-//! here, on threads of their own, while the server already serves. Until an owner has the
+//! The background rebuild of the index. The server starts serving before it reads any blob
+//! directory ([`super::scan`] with `defer`); every directory is listed here, on threads of its
+//! own: from the index snapshot of the last clean stop when the directory is unchanged since
+//! (its stamp matches), from its files otherwise (all of them after a crash without a
+//! snapshot, the ones written since the last clean stop otherwise). Until an owner has the
 //! listings, it answers for each blob of those directories by looking at its file (see
 //! `owner/rebuild.rs`), so answers are correct meanwhile. The listings are delivered at once,
 //! when all are taken, so that each owner can place the blobs among the others by access time
 //! in one pass (eviction order stays what it was before the restart).
 
 use super::commands::Command;
-use super::scan::{scan_dirs, DirWork, ScanReport, ShardEntries, TreeKind};
-use super::snapshot::DirKey;
+use super::scan::{oldest_first, scan_dirs, DirWork, ScanReport, ShardEntries, TreeKind};
+use super::snapshot::{self, DirKey, Snapshot};
 use super::CasClient;
 use kiln_reapi::digest::BlobKey;
 use std::path::PathBuf;
@@ -34,9 +35,15 @@ pub struct Listings {
     counts: ScanReport,
 }
 
-/// Scans `dirs` on `threads` threads. Files cut short by a crash are not deleted here but by
-/// their owners, on their file lanes, unless a commit has replaced them meanwhile.
-pub fn list(dirs: &[PendingDir], cas: &CasClient, threads: usize) -> Listings {
+/// Lists `dirs` on `threads` threads (each from `snapshot` when unchanged since, else from its
+/// files). Files cut short by a crash are not deleted here but by their owners, on their file
+/// lanes, unless a commit has replaced them meanwhile.
+pub fn list(
+    dirs: &[PendingDir],
+    snapshot: Option<&Snapshot>,
+    cas: &CasClient,
+    threads: usize,
+) -> Listings {
     let work: Vec<DirWork> = dirs
         .iter()
         .map(|d| (d.key.instance.clone(), d.key.function, d.path.clone()))
@@ -44,14 +51,13 @@ pub fn list(dirs: &[PendingDir], cas: &CasClient, threads: usize) -> Listings {
     let (mut shards, counts, found_damaged) = scan_dirs(
         TreeKind::Blobs,
         &work,
+        snapshot,
         cas.shard_count(),
         threads,
         &|k: &BlobKey| cas.owner_of(&k.digest),
         false,
     );
-    for entries in &mut shards {
-        entries.sort_unstable_by_key(|(_, e)| e.atime);
-    }
+    oldest_first(&mut shards);
     let mut damaged: Vec<Vec<BlobKey>> = vec![Vec::new(); shards.len()];
     for key in found_damaged {
         damaged[cas.owner_of(&key.digest)].push(key);
@@ -86,8 +92,14 @@ pub fn deliver(listings: Listings, cas: &CasClient) -> bool {
     true
 }
 
-/// Lists and delivers `dirs` on a thread of its own (`kiln-rebuild`, scanning with `threads`).
-pub fn start(dirs: Vec<PendingDir>, cas: CasClient, threads: usize) -> std::io::Result<()> {
+/// Lists and delivers `dirs` on a thread of its own (`kiln-rebuild`, listing with `threads`),
+/// with the index snapshot at `snapshot_file` when there is a usable one.
+pub fn start(
+    dirs: Vec<PendingDir>,
+    snapshot_file: PathBuf,
+    cas: CasClient,
+    threads: usize,
+) -> std::io::Result<()> {
     if dirs.is_empty() {
         return Ok(());
     }
@@ -95,8 +107,15 @@ pub fn start(dirs: Vec<PendingDir>, cas: CasClient, threads: usize) -> std::io::
         .name("kiln-rebuild".into())
         .spawn(move || {
             let started = Instant::now();
-            let listings = list(&dirs, &cas, threads);
-            let blobs = listings.counts.blobs;
+            let snapshot = snapshot::load(&snapshot_file);
+            let listings = list(&dirs, snapshot.as_ref(), &cas, threads);
+            drop(snapshot);
+            let ScanReport {
+                blobs,
+                dirs_from_snapshot,
+                dirs_scanned,
+                ..
+            } = listings.counts;
             let damaged: usize = listings.damaged.iter().map(Vec::len).sum();
             if !deliver(listings, &cas) {
                 return;
@@ -109,6 +128,8 @@ pub fn start(dirs: Vec<PendingDir>, cas: CasClient, threads: usize) -> std::io::
             }
             info!(
                 directories = dirs.len(),
+                from_snapshot = dirs_from_snapshot,
+                scanned = dirs_scanned,
                 blobs,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "index rebuilt in the background"
@@ -193,7 +214,7 @@ mod tests {
         assert_eq!(cas.accounting().used(), good_bytes);
 
         // The listings are taken; then a blob goes and another comes.
-        let listings = list(&held, &cas, 2);
+        let listings = list(&held, None, &cas, 2);
         assert_eq!(
             listings.damaged.concat(),
             vec![short.clone()],

@@ -3,13 +3,15 @@
 //! scanned on several threads (a large CAS is mostly `stat` calls). Files whose size does not
 //! match their name (cut short by a crash) are deleted; the temp directory is emptied. With
 //! an index snapshot from the last clean stop, a directory unchanged since then is taken from
-//! the snapshot and only the others are scanned (see [`super::snapshot`]).
+//! the snapshot and only the others are scanned (see [`super::snapshot`]). The server's CAS
+//! defers all of this to the background rebuild ([`super::rebuild`]), which lists the
+//! directories the same way, so that a start never waits for the index.
 
 use super::atime;
 use super::index::Entry;
 use super::layout::{parse_blob_file_name, Layout, INSTANCE_FILE};
 use super::rebuild::PendingDir;
-use super::snapshot::{DirKey, DirStamp, Snapshot};
+use super::snapshot::{DirKey, DirSnapshot, DirStamp, Snapshot};
 use kiln_reapi::digest::{BlobKey, DigestFunction, InstanceName};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -55,8 +57,8 @@ pub enum TreeKind {
 
 /// Creates the directories, empties `tmp/`, and indexes `cas/` for `shards` shards, owner
 /// chosen by `owner_of`; directories whose stamp matches `snapshot` come from it. With
-/// `defer`, the other blob directories are not scanned but returned, for the background
-/// rebuild.
+/// `defer`, no blob directory is read (nor its stamp): all are returned, for the background
+/// rebuild to list (from the snapshot it loads itself, or from their files).
 pub fn scan(
     layout: &Layout,
     kind: TreeKind,
@@ -80,7 +82,6 @@ pub fn scan(
 
     let mut work: Vec<DirWork> = Vec::new();
     let mut pending: Vec<PendingDir> = Vec::new();
-    let mut restored: ShardEntries = (0..shards).map(|_| Vec::new()).collect();
     for entry in std::fs::read_dir(layout.tree_dir())? {
         let dir = entry?.path();
         if !dir.is_dir() {
@@ -96,81 +97,95 @@ pub fn scan(
                 continue;
             };
             for sub in fanout.flatten() {
-                let p = sub.path();
-                let Ok(meta) = std::fs::metadata(&p) else {
-                    continue;
-                };
-                if !meta.is_dir() {
+                if !is_dir(&sub) {
                     continue;
                 }
-                let dir_key = fanout_byte(&p).map(|fanout| DirKey {
-                    instance: instance.clone(),
-                    function,
-                    fanout,
-                });
-                let known = dir_key.as_ref().and_then(|key| {
-                    snapshot?
-                        .get(key)
-                        .filter(|d| d.stamp == DirStamp::of(&meta))
-                });
-                match known {
-                    Some(dir) => {
-                        report.dirs_from_snapshot += 1;
-                        for &(digest, atime, size) in &dir.blobs {
-                            let key = BlobKey::new(instance.clone(), digest);
-                            // A blob is counted as its digest's size whatever the file says.
-                            let size = if kind == TreeKind::Blobs {
-                                digest.size
-                            } else {
-                                size
-                            };
-                            report.blobs += 1;
-                            report.bytes += size;
-                            restored[owner_of(&key)].push((key, Entry::scanned(size, atime)));
-                        }
+                let path = sub.path();
+                match fanout_byte(&path).filter(|_| defer) {
+                    Some(fanout) => {
+                        let key = DirKey {
+                            instance: instance.clone(),
+                            function,
+                            fanout,
+                        };
+                        pending.push(PendingDir { key, path });
                     }
-                    None => match dir_key.filter(|_| defer) {
-                        Some(key) => {
-                            report.dirs_pending += 1;
-                            pending.push(PendingDir { key, path: p });
-                        }
-                        None => {
-                            report.dirs_scanned += 1;
-                            work.push((instance.clone(), function, p));
-                        }
-                    },
+                    None => work.push((instance.clone(), function, path)),
                 }
             }
         }
     }
 
-    let (mut entries, counts, _) = scan_dirs(kind, &work, shards, threads, &owner_of, true);
-    // Oldest first, each shard on its own thread (a million entries take a while to sort).
-    std::thread::scope(|scope| {
-        for (shard, from_snapshot) in entries.iter_mut().zip(restored) {
-            scope.spawn(move || {
-                shard.extend(from_snapshot);
-                shard.sort_unstable_by_key(|(_, e)| e.atime);
-            });
-        }
-    });
-    report.blobs += counts.blobs;
-    report.bytes += counts.bytes;
-    report.removed = counts.removed;
-    report.ignored = counts.ignored;
+    let (mut entries, counts, _) =
+        scan_dirs(kind, &work, snapshot, shards, threads, &owner_of, true);
+    oldest_first(&mut entries);
+    report.add(&counts);
+    report.dirs_pending = pending.len() as u64;
     report.elapsed = start.elapsed();
     Ok((entries, report, pending))
+}
+
+impl ScanReport {
+    /// Adds the counts of another part of the scan.
+    fn add(&mut self, other: &ScanReport) {
+        self.blobs += other.blobs;
+        self.bytes += other.bytes;
+        self.removed += other.removed;
+        self.ignored += other.ignored;
+        self.dirs_from_snapshot += other.dirs_from_snapshot;
+        self.dirs_scanned += other.dirs_scanned;
+    }
+}
+
+/// Sorts each shard's entries oldest access first, each shard on a thread of its own (a
+/// million entries take a while to sort).
+pub(crate) fn oldest_first(entries: &mut ShardEntries) {
+    std::thread::scope(|scope| {
+        for shard in entries.iter_mut() {
+            scope.spawn(move || shard.sort_unstable_by_key(|(_, e)| e.atime));
+        }
+    });
+}
+
+/// Whether a directory entry is a directory (following a symlink, as the paths through it
+/// do), without a `stat` when the listing already says.
+fn is_dir(entry: &std::fs::DirEntry) -> bool {
+    match entry.file_type() {
+        Ok(t) if t.is_symlink() => std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()),
+        Ok(t) => t.is_dir(),
+        Err(_) => false,
+    }
+}
+
+/// The listing of the blob directory `dir` in `snapshot`, when it has one and the directory
+/// is unchanged since it was written (its stamp matches).
+fn from_snapshot<'s>(
+    snapshot: Option<&'s Snapshot>,
+    instance: &InstanceName,
+    function: DigestFunction,
+    dir: &Path,
+) -> Option<&'s DirSnapshot> {
+    let key = DirKey {
+        instance: instance.clone(),
+        function,
+        fanout: fanout_byte(dir)?,
+    };
+    let known = snapshot?.get(&key)?;
+    let meta = std::fs::metadata(dir).ok()?;
+    (DirStamp::of(&meta) == known.stamp).then_some(known)
 }
 
 /// A blob directory to scan: its instance, digest function and path.
 pub(crate) type DirWork = (InstanceName, DigestFunction, PathBuf);
 
-/// Scans `work` on `threads` threads; the blobs found, by owner shard (in no order), the
+/// Lists `work` on `threads` threads, each directory from `snapshot` when it is unchanged
+/// since, from its files otherwise; the blobs found, by owner shard (in no order), the
 /// counts, and (unless `delete_damaged`, which deletes them) the blob files whose size does
 /// not match their name.
 pub(crate) fn scan_dirs(
     kind: TreeKind,
     work: &[DirWork],
+    snapshot: Option<&Snapshot>,
     shards: usize,
     threads: usize,
     owner_of: &(impl Fn(&BlobKey) -> usize + Sync),
@@ -193,6 +208,23 @@ pub(crate) fn scan_dirs(
                     let Some((instance, function, dir)) = work.get(i) else {
                         break;
                     };
+                    if let Some(known) = from_snapshot(snapshot, instance, *function, dir) {
+                        counts.dirs_from_snapshot += 1;
+                        for &(digest, atime, size) in &known.blobs {
+                            let key = BlobKey::new(instance.clone(), digest);
+                            // A blob is counted as its digest's size whatever the file says.
+                            let size = if kind == TreeKind::Blobs {
+                                digest.size
+                            } else {
+                                size
+                            };
+                            counts.blobs += 1;
+                            counts.bytes += size;
+                            local[owner_of(&key)].push((key, Entry::scanned(size, atime)));
+                        }
+                        continue;
+                    }
+                    counts.dirs_scanned += 1;
                     scan_dir(
                         kind,
                         instance,
@@ -208,10 +240,7 @@ pub(crate) fn scan_dirs(
                 for (shard, entries) in local.into_iter().enumerate() {
                     all.0[shard].extend(entries);
                 }
-                all.1.blobs += counts.blobs;
-                all.1.bytes += counts.bytes;
-                all.1.removed += counts.removed;
-                all.1.ignored += counts.ignored;
+                all.1.add(&counts);
                 all.2.extend(damaged.unwrap_or_default());
             });
         }
