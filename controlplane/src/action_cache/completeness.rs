@@ -19,7 +19,10 @@ const WALK_BATCH_BYTES: u64 = 16 << 20;
 pub struct CheckLimits {
     /// Largest `Tree` or `Directory` blob fetched.
     pub max_tree_bytes: u64,
-    /// Most distinct digests (directories and files) walked for one directory-format output.
+    /// Most digests one check collects: output directories named, files listed by their
+    /// trees and directories and files walked, all together. What is past it is checked as
+    /// far as the limit allows (the blobs named directly always), so one check holds at most
+    /// this many digests and one tree or batch of directories.
     pub max_digests: usize,
     /// A result found complete is checked again after this long even when no blob has left
     /// the CAS, so that a hit keeps marking its blobs used.
@@ -89,6 +92,10 @@ pub async fn check(
     }
     let mut files = Vec::new();
     for tree in trees {
+        if files.len() >= limits.max_digests {
+            tracing::warn!(limit = limits.max_digests, "output directories list more files than a check collects; checked the remaining trees' blobs only");
+            break;
+        }
         if tree.size > limits.max_tree_bytes {
             tracing::warn!(tree = ?tree, limit = limits.max_tree_bytes, "output tree too large to check its files; checked the tree blob only");
             continue;
@@ -103,13 +110,18 @@ pub async fn check(
             ))));
         };
         for dir in tree_msg.root.iter().chain(tree_msg.children.iter()) {
-            if let Err(e) = dir_files(dir, &parse, &mut files) {
+            if let Err(e) = dir_files(dir, &parse, &mut files, limits.max_digests) {
                 return Ok(Some(Incomplete::Malformed(e)));
             }
         }
     }
     for root in roots {
-        match walk(cas, instance, root, limits, &mut files).await? {
+        let left = limits.max_digests.saturating_sub(files.len());
+        if left == 0 {
+            tracing::warn!(limit = limits.max_digests, "output directories list more files than a check collects; checked the remaining roots' blobs only");
+            break;
+        }
+        match walk(cas, instance, root, limits, left, &mut files).await? {
             None => {}
             Some(incomplete) => return Ok(Some(incomplete)),
         }
@@ -140,12 +152,14 @@ async fn fetch(
     Ok(cas::read_blob(cas, instance, digest).await?)
 }
 
+/// Adds the digests of `dir`'s files to `out`, while it holds fewer than `cap`.
 fn dir_files(
     dir: &Directory,
     parse: &impl Fn(&reapi::Digest) -> Result<Digest, kiln_reapi::digest::DigestError>,
     out: &mut Vec<Digest>,
+    cap: usize,
 ) -> Result<(), String> {
-    for f in &dir.files {
+    for f in dir.files.iter().take(cap.saturating_sub(out.len())) {
         let d = f
             .digest
             .as_ref()
@@ -155,19 +169,21 @@ fn dir_files(
     Ok(())
 }
 
-/// Walks a directory-format output with `kiln_reapi::walk`, collecting file digests. An
-/// output too large to walk within the limits is checked as far as the limits allow.
+/// Walks a directory-format output with `kiln_reapi::walk`, collecting file digests (at most
+/// `max_digests` directories and files). An output too large to walk within the limits is
+/// checked as far as the limits allow.
 async fn walk(
     cas: &dyn Cas,
     instance: &InstanceName,
     root: Digest,
     limits: CheckLimits,
+    max_digests: usize,
     files: &mut Vec<Digest>,
 ) -> Result<Option<Incomplete>, ControlError> {
     let mut walk = Walk::new(
         root,
         WalkLimits {
-            max_digests: limits.max_digests,
+            max_digests,
             max_directory_bytes: limits.max_tree_bytes,
             batch_bytes: WALK_BATCH_BYTES,
         },
@@ -304,5 +320,74 @@ mod tests {
         };
         let checked = check(&cas, &instance, DigestFunction::Sha256, &result, limits).await;
         assert!(matches!(checked.unwrap(), Some(Incomplete::Malformed(_))));
+    }
+
+    /// The files listed by all output trees together count against one limit: past it, the
+    /// rest are not collected (one check holds a bounded number of digests however many
+    /// trees a result names), so a file missing there goes unseen, and is seen within it.
+    #[tokio::test]
+    async fn the_files_of_all_trees_share_one_limit() {
+        let mut cas = Counting::default();
+        let mut dirs = Vec::new();
+        let mut last_files = Vec::new();
+        for t in 0..2u8 {
+            let files: Vec<reapi::FileNode> = (0..12u8)
+                .map(|f| {
+                    let data = [t, f];
+                    let digest = Digest::of(DigestFunction::Sha256, &data);
+                    if f < 11 {
+                        cas.blobs
+                            .insert(digest, bytes::Bytes::copy_from_slice(&data));
+                    } else {
+                        last_files.push(digest);
+                    }
+                    reapi::FileNode {
+                        name: format!("f{f}"),
+                        digest: Some(digest.to_proto()),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            let tree = Tree {
+                root: Some(Directory {
+                    files,
+                    ..Default::default()
+                }),
+                children: Vec::new(),
+            }
+            .encode_to_vec();
+            let digest = Digest::of(DigestFunction::Sha256, &tree);
+            cas.blobs.insert(digest, tree.into());
+            dirs.push(reapi::OutputDirectory {
+                tree_digest: Some(digest.to_proto()),
+                ..Default::default()
+            });
+        }
+        let result = ActionResult {
+            output_directories: dirs,
+            ..Default::default()
+        };
+        let instance = InstanceName::default_instance();
+        let limits = |max_digests| CheckLimits {
+            max_tree_bytes: 1 << 20,
+            max_digests,
+            recheck_after: std::time::Duration::from_secs(60),
+        };
+        let within = check(
+            &cas,
+            &instance,
+            DigestFunction::Sha256,
+            &result,
+            limits(100),
+        )
+        .await;
+        let Some(Incomplete::Missing(mut missing)) = within.unwrap() else {
+            panic!("the last file of each tree is missing");
+        };
+        missing.sort_unstable();
+        last_files.sort_unstable();
+        assert_eq!(missing, last_files);
+        let past = check(&cas, &instance, DigestFunction::Sha256, &result, limits(10)).await;
+        assert_eq!(past.unwrap(), None, "checked as far as ten digests allow");
     }
 }
