@@ -47,16 +47,7 @@ async fn a_killed_servers_operations_are_taken_over_and_complete_once() {
     // Watchers on b, before the kill.
     let mut watchers = Vec::new();
     for name in &names {
-        common::eventually("b to see a's operation", || {
-            let (chb, name) = (chb.clone(), name.clone());
-            async move {
-                kiln_proto::longrunning::operations_client::OperationsClient::new(chb)
-                    .get_operation(kiln_proto::longrunning::GetOperationRequest { name })
-                    .await
-                    .ok()
-            }
-        })
-        .await;
+        known(&chb, name).await;
         watchers.push(watching(&chb, name).await);
     }
     kill(a).await;
@@ -156,19 +147,7 @@ async fn a_restarted_server_adopts_what_its_worker_still_runs() {
     .await;
     let ch = restarted.channel().await;
     let follow = watching(&ch, &name).await;
-    common::eventually("the restarted server to adopt the action", || async {
-        restarted
-            .log_text()
-            .contains("taken over while its worker still runs it")
-            .then_some(())
-    })
-    .await;
-    std::fs::write(dir.path().join("flag-one"), b"").unwrap();
-    let response = follow.await.unwrap();
-    assert_eq!(common::exec::code(&response), 0, "{response:?}");
-    assert_eq!(common::exec::worker_of(&response), w.name);
-    assert_eq!(lines(dir.path(), "starts"), ["one"], "started once");
-    assert_eq!(lines(dir.path(), "log"), ["one"]);
+    adopted_and_run_once(&restarted, dir.path(), follow, &w.name).await;
     restarted.stop().await;
 }
 
@@ -238,4 +217,29 @@ async fn a_worker_back_from_a_broken_session_keeps_its_action_and_only_it() {
     assert_eq!(common::exec::worker_of(&response), "w");
     assert_eq!(lines(dir.path(), "starts"), ["one"], "started once");
     a.stop().await;
+}
+
+// A server whose host vanishes (frozen with SIGSTOP: its connections stay open, and it says
+// nothing more) while its action runs on a worker that serves it and b. Once a's lease has
+// lapsed, b takes the operation over; the worker's session with a has not broken (HTTP/2
+// would notice only tens of seconds later), but a has been silent past the session's
+// patience, so the worker lets b adopt the action where it runs: it starts once, and a
+// client following it through b sees it end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_of_a_vanished_server_is_adopted_where_it_runs() {
+    let (_redis, dir, a, b) = two_servers().await;
+    let also_b = format!("grpc://{}", b.addr);
+    let w = worker(&a, dir.path(), "w", &["--scheduler", &also_b]).await;
+    let (cha, chb) = (a.channel().await, b.channel().await);
+    let (name, _stream) = accepted(&cha, held(dir.path(), "one").upload(&cha, F).await).await;
+    common::eventually("the action to start", || async {
+        (lines(dir.path(), "starts") == ["one"]).then_some(())
+    })
+    .await;
+    known(&chb, &name).await;
+    let follow = watching(&chb, &name).await;
+    a.signal(libc::SIGSTOP);
+    adopted_and_run_once(&b, dir.path(), follow, &w.name).await;
+    kill(a).await;
+    b.stop().await;
 }

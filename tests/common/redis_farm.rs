@@ -49,6 +49,45 @@ pub async fn farm_server(dir: &std::path::Path, name: &str, url: &str) -> Kiln {
     Kiln::start_async(&dir.join(name), farm_options(url)).await
 }
 
+/// Waits until the server behind `ch` knows operation `name` (accepted by another server of
+/// its farm: it sees it through Redis).
+pub async fn known(ch: &Channel, name: &str) {
+    super::eventually("the operation to be seen through another server", || {
+        let (ch, name) = (ch.clone(), name.to_string());
+        async move {
+            kiln_proto::longrunning::operations_client::OperationsClient::new(ch)
+                .get_operation(kiln_proto::longrunning::GetOperationRequest { name })
+                .await
+                .ok()
+        }
+    })
+    .await;
+}
+
+/// Waits for `server` to adopt the held action "one" (under `dir`) where it runs, lets it
+/// finish, and checks that `follow` (a client following it) sees it succeed on `worker`, and
+/// that it started and completed once.
+pub async fn adopted_and_run_once(
+    server: &Kiln,
+    dir: &std::path::Path,
+    follow: tokio::task::JoinHandle<reapi::ExecuteResponse>,
+    worker: &str,
+) {
+    super::eventually("the server to adopt the action", || async {
+        server
+            .log_text()
+            .contains("taken over while its worker still runs it")
+            .then_some(())
+    })
+    .await;
+    std::fs::write(dir.join("flag-one"), b"").unwrap();
+    let response = follow.await.unwrap();
+    assert_eq!(super::exec::code(&response), 0, "{response:?}");
+    assert_eq!(super::exec::worker_of(&response), worker);
+    assert_eq!(lines(dir, "starts"), ["one"], "started once");
+    assert_eq!(lines(dir, "log"), ["one"], "completed once");
+}
+
 /// Opens WaitExecution on `name` through `ch`, and follows it (in a task) to its end, within
 /// a minute.
 pub async fn watching(

@@ -60,6 +60,17 @@ fn tell_capacity(slots: &Slots, tx: &mpsc::Sender<WorkerMessage>, told: &mut usi
     }
 }
 
+/// How long a server that sends keep-alives `every` so often may be silent before a session
+/// with it ends, where its farm takes operations over: one and a half intervals (and at
+/// least a second more than one), so that a server whose host vanished (its connection open
+/// until HTTP/2 gives up, tens of seconds later) has its actions turned orphans for the
+/// server that takes its operations over before its lease lapses (at the defaults, 7.5 s
+/// against the 8 s the lease lasts at least; the configuration checks it), while a live
+/// server, which says something every interval, is not left.
+fn patience(every: Duration) -> Duration {
+    (every * 3 / 2).max(every + Duration::from_secs(1))
+}
+
 /// Connects to the scheduler of `link` and serves sessions until `stop` turns true; then says
 /// GoingAway and lets running actions finish.
 pub async fn run(
@@ -163,7 +174,11 @@ async fn session(
     // The fetch ahead running, if any: its operation, and how to stop it (a session that
     // ends stops it too).
     let mut prefetching: Option<(String, tokio::task::AbortHandle)> = None;
-    let mut keepalive = tokio::time::interval(Duration::from_secs(5));
+    let mut every = Duration::from_secs(5);
+    let mut keepalive = tokio::time::interval(every);
+    // When the server counts as gone if it has said nothing more (only where its farm takes
+    // operations over; see `patience`).
+    let mut silent_at = tokio::time::Instant::now() + patience(every);
     let mut going_away = false;
     let result = loop {
         tokio::select! {
@@ -171,9 +186,10 @@ async fn session(
                 Ok(Some(ServerMessage { message: Some(m) })) => match m {
                     server_message::Message::Welcome(w) => {
                         if let Some(d) = w.keep_alive_interval {
-                            let every = Duration::from_secs(d.seconds.max(1) as u64);
+                            every = Duration::from_secs(d.seconds.max(1) as u64);
                             keepalive = tokio::time::interval(every);
                         }
+                        silent_at = tokio::time::Instant::now() + patience(every);
                         orphan_grace = w.orphan_grace.and_then(|d| {
                             let d = std::time::Duration::try_from(d).ok()?;
                             (!d.is_zero()).then_some(d)
@@ -253,12 +269,18 @@ async fn session(
                             send(&tx, worker_message::Message::NotRunning(NotRunning { operation: a.operation }));
                         }
                     }
-                    server_message::Message::KeepAlive(_) => {}
+                    server_message::Message::KeepAlive(_) => {
+                        silent_at = tokio::time::Instant::now() + patience(every);
+                    }
                 },
                 Ok(Some(_)) => {}
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             },
+            _ = tokio::time::sleep_until(silent_at), if orphan_grace.is_some() => {
+                tracing::warn!(silent_for = ?patience(every), "the scheduler has gone silent (its host gone?): leaving the session, its actions run on for whoever takes them over");
+                break Err(tonic::Status::unavailable("the scheduler went silent"));
+            }
             _ = keepalive.tick() => {
                 send(&tx, worker_message::Message::KeepAlive(KeepAlive {}));
                 // A change whose message did not fit the queue is said now.
