@@ -13,16 +13,17 @@ use std::collections::HashSet;
 
 /// Bytes of Directory blobs held at once while walking an output directory.
 const WALK_BATCH_BYTES: u64 = 16 << 20;
+/// File digests gathered before they are looked up: a check holds at most one output tree's
+/// (or one walk's) files and this many more, however many output directories it covers.
+const CHECK_CHUNK: usize = 1 << 16;
 
 /// Limits on how much a check may read.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckLimits {
     /// Largest `Tree` or `Directory` blob fetched.
     pub max_tree_bytes: u64,
-    /// Most digests one check collects: output directories named, files listed by their
-    /// trees and directories and files walked, all together. What is past it is checked as
-    /// far as the limit allows (the blobs named directly always), so one check holds at most
-    /// this many digests and one tree or batch of directories.
+    /// Most distinct output directories one result may name, and most distinct digests
+    /// (directories and files) walked for one directory-format output.
     pub max_digests: usize,
     /// A result found complete is checked again after this long even when no blob has left
     /// the CAS, so that a hit keeps marking its blobs used.
@@ -92,10 +93,6 @@ pub async fn check(
     }
     let mut files = Vec::new();
     for tree in trees {
-        if files.len() >= limits.max_digests {
-            tracing::warn!(limit = limits.max_digests, "output directories list more files than a check collects; checked the remaining trees' blobs only");
-            break;
-        }
         if tree.size > limits.max_tree_bytes {
             tracing::warn!(tree = ?tree, limit = limits.max_tree_bytes, "output tree too large to check its files; checked the tree blob only");
             continue;
@@ -110,23 +107,39 @@ pub async fn check(
             ))));
         };
         for dir in tree_msg.root.iter().chain(tree_msg.children.iter()) {
-            if let Err(e) = dir_files(dir, &parse, &mut files, limits.max_digests) {
+            if let Err(e) = dir_files(dir, &parse, &mut files) {
                 return Ok(Some(Incomplete::Malformed(e)));
             }
         }
+        if let Some(missing) = look_up(cas, instance, &mut files, CHECK_CHUNK).await? {
+            return Ok(Some(missing));
+        }
     }
     for root in roots {
-        let left = limits.max_digests.saturating_sub(files.len());
-        if left == 0 {
-            tracing::warn!(limit = limits.max_digests, "output directories list more files than a check collects; checked the remaining roots' blobs only");
-            break;
-        }
-        match walk(cas, instance, root, limits, left, &mut files).await? {
+        match walk(cas, instance, root, limits, &mut files).await? {
             None => {}
             Some(incomplete) => return Ok(Some(incomplete)),
         }
+        if let Some(missing) = look_up(cas, instance, &mut files, CHECK_CHUNK).await? {
+            return Ok(Some(missing));
+        }
     }
-    let missing = missing_of(cas, instance, &files).await?;
+    look_up(cas, instance, &mut files, 0).await
+}
+
+/// Looks the gathered `files` up (and forgets them) once there are at least `at_least` of
+/// them; what is missing, if anything.
+async fn look_up(
+    cas: &dyn Cas,
+    instance: &InstanceName,
+    files: &mut Vec<Digest>,
+    at_least: usize,
+) -> Result<Option<Incomplete>, ControlError> {
+    if files.is_empty() || files.len() < at_least {
+        return Ok(None);
+    }
+    let missing = missing_of(cas, instance, files).await?;
+    files.clear();
     Ok((!missing.is_empty()).then_some(Incomplete::Missing(missing)))
 }
 
@@ -152,14 +165,12 @@ async fn fetch(
     Ok(cas::read_blob(cas, instance, digest).await?)
 }
 
-/// Adds the digests of `dir`'s files to `out`, while it holds fewer than `cap`.
 fn dir_files(
     dir: &Directory,
     parse: &impl Fn(&reapi::Digest) -> Result<Digest, kiln_reapi::digest::DigestError>,
     out: &mut Vec<Digest>,
-    cap: usize,
 ) -> Result<(), String> {
-    for f in dir.files.iter().take(cap.saturating_sub(out.len())) {
+    for f in &dir.files {
         let d = f
             .digest
             .as_ref()
@@ -169,21 +180,19 @@ fn dir_files(
     Ok(())
 }
 
-/// Walks a directory-format output with `kiln_reapi::walk`, collecting file digests (at most
-/// `max_digests` directories and files). An output too large to walk within the limits is
-/// checked as far as the limits allow.
+/// Walks a directory-format output with `kiln_reapi::walk`, collecting file digests. An
+/// output too large to walk within the limits is checked as far as the limits allow.
 async fn walk(
     cas: &dyn Cas,
     instance: &InstanceName,
     root: Digest,
     limits: CheckLimits,
-    max_digests: usize,
     files: &mut Vec<Digest>,
 ) -> Result<Option<Incomplete>, ControlError> {
     let mut walk = Walk::new(
         root,
         WalkLimits {
-            max_digests,
+            max_digests: limits.max_digests,
             max_directory_bytes: limits.max_tree_bytes,
             batch_bytes: WALK_BATCH_BYTES,
         },
@@ -235,6 +244,8 @@ mod tests {
     struct Counting {
         blobs: HashMap<Digest, bytes::Bytes>,
         reads: AtomicUsize,
+        /// The most digests one `find_missing` was asked about.
+        largest_lookup: AtomicUsize,
     }
 
     impl Cas for Counting {
@@ -243,6 +254,8 @@ mod tests {
             _: &'a InstanceName,
             digests: &'a [Digest],
         ) -> CasFuture<'a, Vec<Digest>> {
+            self.largest_lookup
+                .fetch_max(digests.len(), Ordering::SeqCst);
             let missing = digests
                 .iter()
                 .filter(|d| !self.blobs.contains_key(d))
@@ -322,72 +335,69 @@ mod tests {
         assert!(matches!(checked.unwrap(), Some(Incomplete::Malformed(_))));
     }
 
-    /// The files listed by all output trees together count against one limit: past it, the
-    /// rest are not collected (one check holds a bounded number of digests however many
-    /// trees a result names), so a file missing there goes unseen, and is seen within it.
+    /// However many output trees a result names, their files are all checked, a chunk at a
+    /// time (a look-up never holds more than a chunk and one tree's files): a missing file
+    /// is found whichever tree lists it.
     #[tokio::test]
-    async fn the_files_of_all_trees_share_one_limit() {
-        let mut cas = Counting::default();
-        let mut dirs = Vec::new();
-        let mut last_files = Vec::new();
-        for t in 0..2u8 {
-            let files: Vec<reapi::FileNode> = (0..12u8)
-                .map(|f| {
-                    let data = [t, f];
-                    let digest = Digest::of(DigestFunction::Sha256, &data);
-                    if f < 11 {
-                        cas.blobs
-                            .insert(digest, bytes::Bytes::copy_from_slice(&data));
-                    } else {
-                        last_files.push(digest);
-                    }
-                    reapi::FileNode {
-                        name: format!("f{f}"),
-                        digest: Some(digest.to_proto()),
+    async fn every_tree_file_is_checked_a_chunk_at_a_time() {
+        const FILES: u32 = 40_000;
+        for absent_in in 0..3u32 {
+            let mut cas = Counting::default();
+            let mut dirs = Vec::new();
+            let mut absent = None;
+            for t in 0..3u32 {
+                let files: Vec<reapi::FileNode> = (0..FILES)
+                    .map(|f| {
+                        let data = [t.to_le_bytes(), f.to_le_bytes()].concat();
+                        let digest = Digest::of(DigestFunction::Sha256, &data);
+                        if t == absent_in && f == FILES / 2 {
+                            absent = Some(digest);
+                        } else {
+                            cas.blobs.insert(digest, data.into());
+                        }
+                        reapi::FileNode {
+                            name: format!("f{f}"),
+                            digest: Some(digest.to_proto()),
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                let tree = Tree {
+                    root: Some(Directory {
+                        files,
                         ..Default::default()
-                    }
-                })
-                .collect();
-            let tree = Tree {
-                root: Some(Directory {
-                    files,
+                    }),
+                    children: Vec::new(),
+                }
+                .encode_to_vec();
+                let digest = Digest::of(DigestFunction::Sha256, &tree);
+                cas.blobs.insert(digest, tree.into());
+                dirs.push(reapi::OutputDirectory {
+                    tree_digest: Some(digest.to_proto()),
                     ..Default::default()
-                }),
-                children: Vec::new(),
+                });
             }
-            .encode_to_vec();
-            let digest = Digest::of(DigestFunction::Sha256, &tree);
-            cas.blobs.insert(digest, tree.into());
-            dirs.push(reapi::OutputDirectory {
-                tree_digest: Some(digest.to_proto()),
+            let result = ActionResult {
+                output_directories: dirs,
                 ..Default::default()
-            });
+            };
+            let limits = CheckLimits {
+                max_tree_bytes: 64 << 20,
+                max_digests: 10,
+                recheck_after: std::time::Duration::from_secs(60),
+            };
+            let instance = InstanceName::default_instance();
+            let checked = check(&cas, &instance, DigestFunction::Sha256, &result, limits).await;
+            assert_eq!(
+                checked.unwrap(),
+                Some(Incomplete::Missing(vec![absent.unwrap()])),
+                "missing in tree {absent_in}"
+            );
+            let largest = cas.largest_lookup.load(Ordering::SeqCst);
+            assert!(
+                largest <= CHECK_CHUNK + FILES as usize,
+                "one look-up of {largest} digests"
+            );
         }
-        let result = ActionResult {
-            output_directories: dirs,
-            ..Default::default()
-        };
-        let instance = InstanceName::default_instance();
-        let limits = |max_digests| CheckLimits {
-            max_tree_bytes: 1 << 20,
-            max_digests,
-            recheck_after: std::time::Duration::from_secs(60),
-        };
-        let within = check(
-            &cas,
-            &instance,
-            DigestFunction::Sha256,
-            &result,
-            limits(100),
-        )
-        .await;
-        let Some(Incomplete::Missing(mut missing)) = within.unwrap() else {
-            panic!("the last file of each tree is missing");
-        };
-        missing.sort_unstable();
-        last_files.sort_unstable();
-        assert_eq!(missing, last_files);
-        let past = check(&cas, &instance, DigestFunction::Sha256, &result, limits(10)).await;
-        assert_eq!(past.unwrap(), None, "checked as far as ten digests allow");
     }
 }
