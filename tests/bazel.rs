@@ -207,15 +207,13 @@ async fn bazel_build_survives_its_server_killed_and_restarted() {
     let redis = common::redis::RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("server");
-    let options = |listen: Option<String>| {
-        common::Options {
+    let options = |listen: Option<String>| common::Options {
         config: Some(format!(
-            "[redis]\nurl = \"{}\"\ntimeout_ms = 500\nlease_secs = 3\n[execution]\nkeepalive_secs = 1\n",
+            "[redis]\nurl = \"{}\"\ntimeout_ms = 500\nlease_secs = 3\n",
             redis.url()
         )),
         listen,
         ..common::Options::on(common::Runtime::Glommio)
-    }
     };
     // A free port below the kernel's range of ephemeral ports: while the server is down,
     // Bazel's reconnections to a port inside that range can be given it as their own source

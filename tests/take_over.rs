@@ -220,16 +220,24 @@ async fn a_worker_back_from_a_broken_session_keeps_its_action_and_only_it() {
 }
 
 // A server whose host vanishes (frozen with SIGSTOP: its connections stay open, and it says
-// nothing more) while its action runs on a worker that serves it and b. Once a's lease has
-// lapsed, b takes the operation over; the worker's session with a has not broken (HTTP/2
-// would notice only tens of seconds later), but a has been silent past the session's
-// patience, so the worker lets b adopt the action where it runs: it starts once, and a
-// client following it through b sees it end.
+// nothing more) while its action runs on a worker that serves it and b. The worker's
+// session with a does not break (HTTP/2 would notice only tens of seconds later), but a has
+// been silent for three of its keep-alive intervals (which a farm sends at least every
+// fifth of its lease) before its lease lapses: the worker leaves the session and keeps the
+// action for whoever takes it over, and b, taking a's operations over, adopts it where it
+// runs. It starts once, and a client following it through b sees it end. (One slot: b
+// cannot start it again meanwhile.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_action_of_a_vanished_server_is_adopted_where_it_runs() {
     let (_redis, dir, a, b) = two_servers().await;
     let also_b = format!("grpc://{}", b.addr);
-    let w = worker(&a, dir.path(), "w", &["--scheduler", &also_b]).await;
+    let w = worker(
+        &a,
+        dir.path(),
+        "w",
+        &["--scheduler", &also_b, "--max-inflight", "1"],
+    )
+    .await;
     let (cha, chb) = (a.channel().await, b.channel().await);
     let (name, _stream) = accepted(&cha, held(dir.path(), "one").upload(&cha, F).await).await;
     common::eventually("the action to start", || async {

@@ -13,8 +13,6 @@
 # Env: KILN, KILN_BENCH (the binaries, default target/release/…). Needs redis-server, curl.
 set -euo pipefail
 root=$1; ops=${2:-100}; lease=${3:-10}; timeout=${4:-2000}
-# Keep-alives often enough for the lease (the config requires 1.5 of them under 4/5 of it).
-keepalive=$(( lease * 8 / 15 )); [ "$keepalive" -ge 1 ] || keepalive=1
 kiln=${KILN:-target/release/kiln}; bench=${KILN_BENCH:-target/release/kiln-bench}
 run="$root/takeover.$$"; mkdir -p "$run"
 pids=()
@@ -25,7 +23,7 @@ redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$r
 pids+=($!)
 for _ in $(seq 200); do redis-cli -p "$port" ping > /dev/null 2>&1 && break; sleep 0.05; done
 . "$(dirname "$0")/farm-lib.sh"
-printf '[redis]\nurl = "redis://127.0.0.1:%s"\nlease_secs = %s\ntimeout_ms = %s\n[storage]\nchain = ["memory", "shared", "filesystem"]\n[storage.tiers.shared]\nkind = "redis"\nmax_blob_bytes = "64 KiB"\n[worker]\nembedded = false\n[execution]\nmax_queued = 100000\nkeepalive_secs = %s\n' "$port" "$lease" "$timeout" "$keepalive" > "$run/server.toml"
+printf '[redis]\nurl = "redis://127.0.0.1:%s"\nlease_secs = %s\ntimeout_ms = %s\n[storage]\nchain = ["memory", "shared", "filesystem"]\n[storage.tiers.shared]\nkind = "redis"\nmax_blob_bytes = "64 KiB"\n[worker]\nembedded = false\n[execution]\nmax_queued = 100000\n' "$port" "$lease" "$timeout" > "$run/server.toml"
 declare -A addrs admins spids
 for s in a b; do
   "$kiln" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --data-dir "$run/$s" \

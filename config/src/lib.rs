@@ -107,18 +107,6 @@ impl Config {
                 "must be at most 600 seconds, and four fifths of it at least twice redis.timeout_ms plus one second (2.5 s with timeout_ms = 500; 6.25 s with the default 2,000)",
             );
         }
-        // A worker leaves a session whose server has said nothing for one and a half
-        // keep-alive intervals (and at least a second more): that must come before the lease
-        // lapses, so that a server whose host vanished has its running actions handed to the
-        // server that takes its operations over, not run again.
-        let keepalive_ms = self.execution.keepalive_secs.saturating_mul(1000);
-        let patience_ms = (keepalive_ms * 3 / 2).max(keepalive_ms.saturating_add(1000));
-        if take_over && patience_ms >= lease_ms * 4 / 5 {
-            return invalid(
-                "execution.keepalive_secs",
-                "with redis.take_over, one and a half keep-alive intervals (and at least one second more than one) must be under four fifths of redis.lease_secs (the defaults: 5 and 10; lease_secs = 3 needs keepalive_secs = 1)",
-            );
-        }
         if r.action_cache_ttl_secs > 10 * 365 * 86_400 {
             return invalid("redis.action_cache_ttl_secs", "must be at most ten years");
         }

@@ -429,16 +429,8 @@ fn a_redis_lease_outlasts_a_timed_out_renewal() {
             .to_string();
         assert!(err.contains("redis.lease_secs"), "{bad}: {err}");
     }
-    let short = format!("{url}lease_secs = 3\ntimeout_ms = 500\n");
-    let err = Config::from_toml(&short, "t").unwrap_err().to_string();
-    assert!(err.contains("execution.keepalive_secs"), "{err}");
-    let ok = Config::from_toml(&format!("{short}[execution]\nkeepalive_secs = 1\n"), "t").unwrap();
+    let ok = Config::from_toml(&format!("{url}lease_secs = 3\ntimeout_ms = 500\n"), "t").unwrap();
     assert_eq!((ok.redis.lease_secs, ok.redis.take_over), (3, true));
-    // The defaults hold together; a keep-alive as long as the lease does not.
-    Config::from_toml(url, "t").unwrap();
-    let long = format!("{url}[execution]\nkeepalive_secs = 7\n");
-    let err = Config::from_toml(&long, "t").unwrap_err().to_string();
-    assert!(err.contains("execution.keepalive_secs"), "{err}");
     // Checked only where there is a lease.
     Config::from_toml(&format!("{url}lease_secs = 1\ntake_over = false\n"), "t").unwrap();
     Config::from_toml("[redis]\ntimeout_ms = 9000\n", "t").unwrap();

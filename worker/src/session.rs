@@ -61,14 +61,13 @@ fn tell_capacity(slots: &Slots, tx: &mpsc::Sender<WorkerMessage>, told: &mut usi
 }
 
 /// How long a server that sends keep-alives `every` so often may be silent before a session
-/// with it ends, where its farm takes operations over: one and a half intervals (and at
-/// least a second more than one), so that a server whose host vanished (its connection open
-/// until HTTP/2 gives up, tens of seconds later) has its actions turned orphans for the
-/// server that takes its operations over before its lease lapses (at the defaults, 7.5 s
-/// against the 8 s the lease lasts at least; the configuration checks it), while a live
-/// server, which says something every interval, is not left.
+/// with it ends, where its farm takes operations over: three intervals. Such a server says
+/// it is alive at least every fifth of its lease (its Welcome gives the interval), so a
+/// server whose host vanished (its connection open until HTTP/2 gives up, tens of seconds
+/// later) has its actions turned orphans three fifths of a lease after its last word, before
+/// another server can take its operations over, while a live server is not left.
 fn patience(every: Duration) -> Duration {
-    (every * 3 / 2).max(every + Duration::from_secs(1))
+    every * 3
 }
 
 /// Connects to the scheduler of `link` and serves sessions until `stop` turns true; then says
@@ -182,100 +181,106 @@ async fn session(
     let mut going_away = false;
     let result = loop {
         tokio::select! {
-            message = inbound.message() => match message {
-                Ok(Some(ServerMessage { message: Some(m) })) => match m {
-                    server_message::Message::Welcome(w) => {
-                        if let Some(d) = w.keep_alive_interval {
-                            every = Duration::from_secs(d.seconds.max(1) as u64);
-                            keepalive = tokio::time::interval(every);
+            // The server's messages first: one waiting while this task was held up proves the
+            // server alive before its silence is judged.
+            biased;
+            message = inbound.message() => {
+                if let Ok(Some(_)) = &message {
+                    silent_at = tokio::time::Instant::now() + patience(every);
+                }
+                match message {
+                    Ok(Some(ServerMessage { message: Some(m) })) => match m {
+                        server_message::Message::Welcome(w) => {
+                            if let Some(d) = w.keep_alive_interval.and_then(|d| Duration::try_from(d).ok()) {
+                                every = d.max(Duration::from_millis(100));
+                                keepalive = tokio::time::interval(every);
+                            }
+                            silent_at = tokio::time::Instant::now() + patience(every);
+                            orphan_grace = w.orphan_grace.and_then(|d| {
+                                let d = std::time::Duration::try_from(d).ok()?;
+                                (!d.is_zero()).then_some(d)
+                            });
                         }
-                        silent_at = tokio::time::Instant::now() + patience(every);
-                        orphan_grace = w.orphan_grace.and_then(|d| {
-                            let d = std::time::Duration::try_from(d).ok()?;
-                            (!d.is_zero()).then_some(d)
-                        });
-                    }
-                    server_message::Message::StartExecute(start) => {
-                        // Its own fetch takes over from a fetch ahead of the same action.
-                        if prefetching.as_ref().is_some_and(|(op, _)| *op == start.operation) {
-                            if let Some((_, ahead)) = prefetching.take() {
-                                ahead.abort();
+                        server_message::Message::StartExecute(start) => {
+                            // Its own fetch takes over from a fetch ahead of the same action.
+                            if prefetching.as_ref().is_some_and(|(op, _)| *op == start.operation) {
+                                if let Some((_, ahead)) = prefetching.take() {
+                                    ahead.abort();
+                                }
+                            }
+                            let (kill_tx, kill_rx) = oneshot::channel();
+                            let operation = start.operation.clone();
+                            // The server's CAS as this action uses it: another server's, should
+                            // this one go away and the other adopt it (only where its farm takes
+                            // operations over: else it never switches).
+                            let cas = ctx
+                                .remote
+                                .clone()
+                                .filter(|_| orphan_grace.is_some())
+                                .map(SwitchedCas::new);
+                            let ctx = match &cas {
+                                Some(cas) => Arc::new(WorkerContext {
+                                    remote: Some(cas.clone() as Arc<dyn kiln_reapi::cas::Cas>),
+                                    ..(*ctx).clone()
+                                }),
+                                None => ctx.clone(),
+                            };
+                            let route = Route::new(index, tx.clone(), cas);
+                            running.start(operation.clone(), kill_tx, route.clone());
+                            send(&tx, worker_message::Message::Started(ExecutionStarted { operation: operation.clone() }));
+                            let running = running.clone();
+                            let (slots, reports) = (slots.clone(), reports.clone());
+                            tokio::spawn(async move {
+                                // Counted at once; waits only when another scheduler took the
+                                // last slot at the same moment.
+                                route.hold(slots.take(index).await);
+                                let progress = |p: Progress| match p {
+                                    Progress::Executed => route.executed(&operation),
+                                };
+                                let result = execute(ctx.clone(), start, kill_rx, progress).await;
+                                // To this session, or to the one that adopted it (an orphan).
+                                route.deliver(WorkerMessage { message: Some(worker_message::Message::Result(result)) }).await;
+                                running.finished(&operation, &route);
+                                reports.due();
+                            });
+                        }
+                        server_message::Message::Prefetch(p) => {
+                            // One at a time: the newest replaces the one before, whose action the
+                            // scheduler has placed elsewhere by now.
+                            let operation = p.operation.clone();
+                            let (ctx, reports) = (ctx.clone(), reports.clone());
+                            let task = tokio::spawn(async move {
+                                crate::action::prefetch(ctx, p).await;
+                                // What it fetched, for the scheduler's placement.
+                                reports.due();
+                            });
+                            if let Some((_, old)) = prefetching.replace((operation, task.abort_handle())) {
+                                old.abort();
                             }
                         }
-                        let (kill_tx, kill_rx) = oneshot::channel();
-                        let operation = start.operation.clone();
-                        // The server's CAS as this action uses it: another server's, should
-                        // this one go away and the other adopt it (only where its farm takes
-                        // operations over: else it never switches).
-                        let cas = ctx
-                            .remote
-                            .clone()
-                            .filter(|_| orphan_grace.is_some())
-                            .map(SwitchedCas::new);
-                        let ctx = match &cas {
-                            Some(cas) => Arc::new(WorkerContext {
-                                remote: Some(cas.clone() as Arc<dyn kiln_reapi::cas::Cas>),
-                                ..(*ctx).clone()
-                            }),
-                            None => ctx.clone(),
-                        };
-                        let route = Route::new(index, tx.clone(), cas);
-                        running.start(operation.clone(), kill_tx, route.clone());
-                        send(&tx, worker_message::Message::Started(ExecutionStarted { operation: operation.clone() }));
-                        let running = running.clone();
-                        let (slots, reports) = (slots.clone(), reports.clone());
-                        tokio::spawn(async move {
-                            // Counted at once; waits only when another scheduler took the
-                            // last slot at the same moment.
-                            route.hold(slots.take(index).await);
-                            let progress = |p: Progress| match p {
-                                Progress::Executed => route.executed(&operation),
-                            };
-                            let result = execute(ctx.clone(), start, kill_rx, progress).await;
-                            // To this session, or to the one that adopted it (an orphan).
-                            route.deliver(WorkerMessage { message: Some(worker_message::Message::Result(result)) }).await;
-                            running.finished(&operation, &route);
-                            reports.due();
-                        });
-                    }
-                    server_message::Message::Prefetch(p) => {
-                        // One at a time: the newest replaces the one before, whose action the
-                        // scheduler has placed elsewhere by now.
-                        let operation = p.operation.clone();
-                        let (ctx, reports) = (ctx.clone(), reports.clone());
-                        let task = tokio::spawn(async move {
-                            crate::action::prefetch(ctx, p).await;
-                            // What it fetched, for the scheduler's placement.
-                            reports.due();
-                        });
-                        if let Some((_, old)) = prefetching.replace((operation, task.abort_handle())) {
-                            old.abort();
+                        server_message::Message::Revocations(r) => {
+                            if let Some(refuse) = &ctx.refuse {
+                                tracing::info!(revoked = r.fingerprints.len(), "revoked workers' certificates refused by the local CAS");
+                                refuse(&r.fingerprints);
+                            }
                         }
-                    }
-                    server_message::Message::Revocations(r) => {
-                        if let Some(refuse) = &ctx.refuse {
-                            tracing::info!(revoked = r.fingerprints.len(), "revoked workers' certificates refused by the local CAS");
-                            refuse(&r.fingerprints);
+                        server_message::Message::Kill(k) => {
+                            running.kill(&k.operation, index);
                         }
-                    }
-                    server_message::Message::Kill(k) => {
-                        running.kill(&k.operation, index);
-                    }
-                    server_message::Message::Adopt(a) => {
-                        if running.adopt(&a.operation, index, tx.clone(), ctx.remote.clone()) {
-                            tracing::info!(operation = %a.operation, "a server took over an action still running here");
-                        } else {
-                            // Ended meanwhile (killed, or given up): it must run again.
-                            send(&tx, worker_message::Message::NotRunning(NotRunning { operation: a.operation }));
+                        server_message::Message::Adopt(a) => {
+                            if running.adopt(&a.operation, index, tx.clone(), ctx.remote.clone()) {
+                                tracing::info!(operation = %a.operation, "a server took over an action still running here");
+                            } else {
+                                // Ended meanwhile (killed, or given up): it must run again.
+                                send(&tx, worker_message::Message::NotRunning(NotRunning { operation: a.operation }));
+                            }
                         }
-                    }
-                    server_message::Message::KeepAlive(_) => {
-                        silent_at = tokio::time::Instant::now() + patience(every);
-                    }
-                },
-                Ok(Some(_)) => {}
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
+                        server_message::Message::KeepAlive(_) => {}
+                    },
+                    Ok(Some(_)) => {}
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
             },
             _ = tokio::time::sleep_until(silent_at), if orphan_grace.is_some() => {
                 tracing::warn!(silent_for = ?patience(every), "the scheduler has gone silent (its host gone?): leaving the session, its actions run on for whoever takes them over");

@@ -117,7 +117,10 @@ impl WorkerApi for WorkerApiService {
             .iter()
             .map(|p| (p.name.clone(), p.value.clone()))
             .collect();
-        let keepalive = Duration::from_secs(self.core.config.keepalive_secs);
+        let keepalive = keepalive_every(
+            Duration::from_secs(self.core.config.keepalive_secs),
+            self.core.orphan_grace(),
+        );
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let welcome = ServerMessage {
             message: Some(server_message::Message::Welcome(Welcome {
@@ -162,8 +165,26 @@ impl WorkerApi for WorkerApiService {
         // (shutdown), the response stream ends even though this task still pings.
         let tx = tx.downgrade();
         let core = self.core.clone();
+        // Pinged from a task of its own, so that a slow call below (a result written to
+        // Redis) never holds a keep-alive back; it ends when the session's queue is full or
+        // gone, and so does the session.
+        let mut ping = tokio::spawn({
+            let tx = tx.clone();
+            async move {
+                let mut every = tokio::time::interval(keepalive);
+                loop {
+                    every.tick().await;
+                    let keep = ServerMessage {
+                        message: Some(server_message::Message::KeepAlive(KeepAlive {})),
+                    };
+                    match tx.upgrade() {
+                        Some(tx) if tx.try_send(keep).is_ok() => {}
+                        _ => return,
+                    }
+                }
+            }
+        });
         tokio::spawn(async move {
-            let mut ping = tokio::time::interval(keepalive);
             let mut revocation = tokio::time::interval(Duration::from_secs(1));
             // The revoked workers' certificates this worker was last told of.
             let mut told: Vec<String> = Vec::new();
@@ -203,15 +224,10 @@ impl WorkerApi for WorkerApiService {
                         }
                         Ok(None) | Err(_) => break,
                     },
-                    _ = ping.tick() => {
-                        let keep = ServerMessage { message: Some(server_message::Message::KeepAlive(KeepAlive {})) };
-                        match tx.upgrade() {
-                            Some(tx) if tx.try_send(keep).is_ok() => {}
-                            _ => break,
-                        }
-                    }
+                    _ = &mut ping => break,
                 }
             }
+            ping.abort();
             core.worker_left(id);
         });
         let out = ReceiverStream::new(rx);
@@ -219,9 +235,41 @@ impl WorkerApi for WorkerApiService {
     }
 }
 
+/// How often a server and its workers say they are alive: `execution.keepalive_secs`, or,
+/// where the farm takes operations over (workers keep a session's actions for `grace`, three
+/// leases), at least every fifth of a lease. A worker leaves a session whose server has said
+/// nothing for three of these, which is then before a dead server's lease has lapsed (at
+/// least four fifths of a lease after its last renewal): its actions are orphans by the time
+/// another server takes its operations over.
+fn keepalive_every(keepalive: Duration, grace: Option<Duration>) -> Duration {
+    match grace {
+        Some(grace) => keepalive.min(grace / 15).max(Duration::from_millis(100)),
+        None => keepalive,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::peer_endpoint;
+    use super::{keepalive_every, peer_endpoint};
+    use std::time::Duration;
+
+    /// Where the farm takes operations over, three keep-alive intervals (a worker's patience
+    /// with a silent server) end before a dead server's lease can lapse (four fifths of a
+    /// lease after its last renewal, at the soonest); elsewhere the configured interval.
+    #[test]
+    fn three_keepalives_fit_in_four_fifths_of_a_lease() {
+        let secs = Duration::from_secs;
+        assert_eq!(keepalive_every(secs(5), None), secs(5));
+        assert_eq!(keepalive_every(secs(5), Some(secs(30))), secs(2));
+        for (keepalive, lease) in [(5, 10), (1, 3), (5, 3), (30, 10), (1, 600), (60, 2)] {
+            let every = keepalive_every(secs(keepalive), Some(secs(lease) * 3));
+            assert!(every <= secs(keepalive));
+            assert!(
+                every * 3 < secs(lease) * 4 / 5,
+                "{keepalive} s, lease {lease} s: {every:?}"
+            );
+        }
+    }
 
     #[test]
     fn only_grpc_endpoints_with_an_authority_are_passed_on() {
