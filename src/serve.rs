@@ -110,19 +110,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     control.set_ready(true);
     let (ac_entries, _) = control.action_cache_usage();
     info!(
-        "kiln listening on {} ({}, {} shards, {}); admin on {}; data in {} (CAS {} blobs, {} bytes, indexed in {:.2?}: {} directories from the index snapshot, {} scanned, {} being indexed in the background; action cache {} entries)",
+        "kiln listening on {} ({}, {} shards, {}); admin on {}; data in {} (CAS: {} blob directories being indexed in the background, {} other directories scanned in {:.2?}; action cache {} entries)",
         data.local_addr(),
         if tls.is_some() { "TLS" } else { "plain HTTP/2" },
         data.shards(),
         data.backend(),
         admin,
         data_dir.display(),
-        scan.blobs,
-        scan.bytes,
-        scan.elapsed,
-        scan.dirs_from_snapshot,
-        scan.dirs_scanned,
         scan.dirs_pending,
+        scan.dirs_scanned,
+        scan.elapsed,
         ac_entries,
     );
     if scan.removed > 0 {

@@ -279,7 +279,7 @@ async fn a_store_of_100k_blobs_restarts_from_its_snapshot() {
     let kiln = Kiln::start_async(&data_dir, Options::on(common::Runtime::Glommio)).await;
     assert!(
         kiln.log_text()
-            .contains("0 scanned, 256 being indexed in the background"),
+            .contains("CAS: 256 blob directories being indexed in the background"),
         "{}",
         kiln.log_text()
     );
@@ -299,7 +299,7 @@ async fn a_store_of_100k_blobs_restarts_from_its_snapshot() {
     let kiln = Kiln::start_async(&data_dir, Options::on(common::Runtime::Glommio)).await;
     let log = kiln.log_text();
     assert!(
-        log.contains("0 scanned, 256 being indexed in the background"),
+        log.contains("CAS: 256 blob directories being indexed in the background"),
         "{log}"
     );
     let line = rebuilt(&kiln).await;

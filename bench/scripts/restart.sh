@@ -50,7 +50,7 @@ for run in $(seq "$runs"); do
   ready=$(date +%s%N)
   ms=$(( (ready - start) / 1000000 ))
   printf 'run %s: ready after %d.%03d s; %s\n' "$run" $((ms / 1000)) $((ms % 1000)) \
-    "$(grep -o 'CAS [0-9]* blobs.*background' "$log" || true)"
+    "$(grep -o 'CAS: .*background' "$log" || true)"
   until [ "$(curl -fsS http://127.0.0.1:$admin/metrics | awk '$1 == "kiln_cas_pending_directories" {print $2}')" = 0 ]; do
     sleep 0.01
   done

@@ -416,12 +416,18 @@ impl DataPlane {
             warn!(error = %e, "cannot sync the CAS's filesystem; no index snapshot (the next start scans)");
             return;
         }
-        let snapshot = snapshot::stamp(&self.layout, owners);
+        let mut snapshot = snapshot::stamp(&self.layout, owners);
+        // Directories the background rebuild had not delivered yet (a stop soon after the
+        // start) keep the listing the start found for them, where they are unchanged.
+        let carried = snapshot::load(&self.layout.index_file()).map_or(0, |previous| {
+            snapshot::carry_over(&self.layout, &mut snapshot, previous)
+        });
         let blobs: usize = snapshot.values().map(|d| d.blobs.len()).sum();
         match snapshot::write(&self.layout.index_file(), &snapshot) {
             Ok(()) => info!(
                 blobs,
                 directories = snapshot.len(),
+                carried_over = carried,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "index snapshot written"
             ),

@@ -160,6 +160,49 @@ mod tests {
         )
     }
 
+    /// A start from a snapshot stopped before the rebuild delivered anything (held here):
+    /// the snapshot it writes still lists every directory, carried over from the one it
+    /// started from, so the next start does not scan.
+    #[test]
+    fn a_stop_before_the_rebuild_delivers_keeps_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::cas(dir.path());
+        std::fs::create_dir_all(layout.tree_dir()).unwrap();
+        layout.reset_temp_dirs().unwrap();
+        for n in 0..300 {
+            let data = blob(n);
+            let k = key(&data);
+            layout.ensure_blob_dir(&k).unwrap();
+            std::fs::write(layout.blob_path(&k), data).unwrap();
+        }
+        let (entries, _, _) = crate::store::scan::scan(
+            &layout,
+            crate::store::scan::TreeKind::Blobs,
+            1,
+            1,
+            None,
+            false,
+            |_| 0,
+        )
+        .unwrap();
+        let grouped = snapshot::group(entries[0].iter().map(|(k, e)| (k.clone(), *e)));
+        let written = snapshot::stamp(&layout, vec![grouped]);
+        snapshot::write(&layout.index_file(), &written).unwrap();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n[storage]\ndata_dir = {:?}\nfsync = false\n",
+            dir.path().display().to_string()
+        );
+        let config = Config::from_toml(&text, "test").unwrap();
+        let mut store = OpenedStore::open(&config, 2, Metrics::new()).unwrap();
+        let held = store.hold_rebuild();
+        assert_eq!(held.len(), written.len(), "every directory pending");
+        let mut plane = crate::store::tier::behaviour::serve(&config, store);
+        drop(plane.begin_shutdown());
+        plane.finish_shutdown();
+        let after = snapshot::load(&layout.index_file()).expect("a snapshot");
+        assert_eq!(after, written);
+    }
+
     /// A store left by a run that stopped without a snapshot (a crash): the next start serves
     /// at once, with every directory pending. Held here, the rebuild runs when the test says:
     /// before it, stored blobs are found (and read, checked) by their files, a file cut short

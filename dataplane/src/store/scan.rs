@@ -439,6 +439,58 @@ mod tests {
         assert!(snapshot::load(&layout.index_file()).is_none());
     }
 
+    /// A stop before the rebuild delivered anything (no blob indexed) keeps the listings the
+    /// start found in the last snapshot, for every directory unchanged since: not one that
+    /// gained a file.
+    #[test]
+    fn a_stop_before_the_rebuild_carries_unchanged_directories_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = empty_store(dir.path());
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let stored: Vec<BlobKey> = (0..200).map(|n| put(&layout, n)).collect();
+        let owner_of = |_: &BlobKey| 0;
+        let (entries, _, _) = scan(&layout, TreeKind::Blobs, 1, 1, None, false, owner_of).unwrap();
+        let grouped = vec![snapshot::group(
+            entries[0].iter().map(|(k, e)| (k.clone(), *e)),
+        )];
+        let previous = snapshot::stamp(&layout, grouped);
+        let dirs = previous.len();
+        // A file added to one directory after that snapshot.
+        wait_for_tick_after(&scratch, &layout.blob_dir(&stored[0]));
+        let fanout = |n: u32| {
+            let data = n.to_le_bytes().repeat(1 + n as usize % 5);
+            kiln_reapi::digest::Digest::of(DigestFunction::Sha256, &data).hash[0]
+        };
+        let n = (1000..)
+            .find(|&n| fanout(n) == stored[0].digest.hash[0])
+            .unwrap();
+        let added = put(&layout, n);
+        let mut stopped = snapshot::stamp(&layout, vec![snapshot::Grouped::new()]);
+        assert!(stopped.is_empty(), "nothing indexed: nothing listed");
+        let carried = snapshot::carry_over(&layout, &mut stopped, previous.clone());
+        assert_eq!(carried, dirs - 1, "all but the changed directory");
+        let changed = snapshot::DirKey {
+            instance: added.instance.clone(),
+            function: added.digest.function,
+            fanout: added.digest.hash[0],
+        };
+        assert!(!stopped.contains_key(&changed));
+        for (key, listed) in &stopped {
+            assert_eq!(Some(listed), previous.get(key));
+        }
+        // A directory the stop listed itself is kept as it listed it.
+        let first = previous.keys().next().unwrap().clone();
+        let mine = snapshot::DirSnapshot {
+            stamp: previous[&first].stamp,
+            blobs: Vec::new(),
+        };
+        let mut own = snapshot::Snapshot::from([(first.clone(), mine.clone())]);
+        snapshot::carry_over(&layout, &mut own, previous.clone());
+        assert_eq!(own[&first], mine);
+        assert_eq!(own.len(), dirs - usize::from(first != changed));
+    }
+
     #[test]
     fn a_directory_whose_files_differ_from_the_index_is_left_out_of_the_snapshot() {
         let dir = tempfile::tempdir().unwrap();

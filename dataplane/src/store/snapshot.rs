@@ -246,20 +246,49 @@ pub fn stamp(layout: &super::layout::Layout, owners: Vec<Grouped>) -> Snapshot {
     }
     let mut out = Snapshot::new();
     for (dir, blobs) in merged {
-        let probe = BlobKey::new(
-            dir.instance.clone(),
-            Digest {
-                function: dir.function,
-                hash: [dir.fanout; 32],
-                size: 0,
-            },
-        );
-        let path = layout.blob_dir(&probe);
+        let path = dir_path(layout, &dir);
         if let Some(stamp) = matching_stamp(&path, &blobs) {
             out.insert(dir, DirSnapshot { stamp, blobs });
         }
     }
     out
+}
+
+/// Adds to `snapshot` each directory of `previous` (the snapshot this run started from) that
+/// it lacks and that is unchanged since `previous` was written (its stamp matches): so a stop
+/// before the background rebuild delivered a directory keeps that directory's listing for the
+/// next start instead of leaving it to a scan. Returns how many it added.
+pub fn carry_over(
+    layout: &super::layout::Layout,
+    snapshot: &mut Snapshot,
+    previous: Snapshot,
+) -> usize {
+    let mut added = 0;
+    for (dir, listed) in previous {
+        if snapshot.contains_key(&dir) {
+            continue;
+        }
+        let unchanged = std::fs::metadata(dir_path(layout, &dir))
+            .is_ok_and(|m| DirStamp::of(&m) == listed.stamp);
+        if unchanged {
+            snapshot.insert(dir, listed);
+            added += 1;
+        }
+    }
+    added
+}
+
+/// Where the blob directory `dir` is.
+fn dir_path(layout: &super::layout::Layout, dir: &DirKey) -> std::path::PathBuf {
+    let probe = BlobKey::new(
+        dir.instance.clone(),
+        Digest {
+            function: dir.function,
+            hash: [dir.fanout; 32],
+            size: 0,
+        },
+    );
+    layout.blob_dir(&probe)
 }
 
 /// The directory's stamp, if its entries are exactly `blobs`' files and it stayed unchanged
