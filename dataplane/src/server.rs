@@ -183,7 +183,7 @@ pub struct DataPlane {
     chain: Arc<ChainPlan>,
     layout: Layout,
     /// Each owner's blobs when it stopped, for the index snapshot.
-    stopped_owners: Arc<Mutex<Vec<snapshot::Grouped>>>,
+    stopped_owners: Arc<Mutex<Vec<crate::store::owner::Stopped>>>,
     /// Group commit's limit, when it is on.
     group_commit_max: Option<u64>,
 }
@@ -416,12 +416,24 @@ impl DataPlane {
             warn!(error = %e, "cannot sync the CAS's filesystem; no index snapshot (the next start scans)");
             return;
         }
-        let mut snapshot = snapshot::stamp(&self.layout, owners);
+        let mut pending = std::collections::HashSet::new();
+        let groups = owners
+            .into_iter()
+            .map(|stopped| {
+                pending.extend(stopped.pending);
+                stopped.blobs
+            })
+            .collect();
+        let mut snapshot = snapshot::stamp(&self.layout, groups);
         // Directories the background rebuild had not delivered yet (a stop soon after the
         // start) keep the listing the start found for them, where they are unchanged.
-        let carried = snapshot::load(&self.layout.index_file()).map_or(0, |previous| {
-            snapshot::carry_over(&self.layout, &mut snapshot, previous)
-        });
+        let carried = if pending.is_empty() {
+            0
+        } else {
+            snapshot::load(&self.layout.index_file()).map_or(0, |previous| {
+                snapshot::carry_over(&self.layout, &mut snapshot, previous, &pending)
+            })
+        };
         let blobs: usize = snapshot.values().map(|d| d.blobs.len()).sum();
         match snapshot::write(&self.layout.index_file(), &snapshot) {
             Ok(()) => info!(
@@ -474,7 +486,7 @@ struct ShardSpec {
     stop_owners: ShutdownWatch,
     drained: Option<crate::shutdown::DrainGuard>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
-    stopped_owners: Arc<Mutex<Vec<snapshot::Grouped>>>,
+    stopped_owners: Arc<Mutex<Vec<crate::store::owner::Stopped>>>,
 }
 
 impl ShardSpec {

@@ -71,22 +71,36 @@ impl Farm {
         ticks
     }
 
-    /// Renews this server's lease every fifth of it, lists the server among the farm's, and
-    /// keeps its list of operations from expiring (it expires ten leases after the server
-    /// stops: long after another took it over).
-    async fn hold(&self, core: Weak<ExecutionCore>) {
+    /// Renews this server's lease every fifth of it; beside that (in a task of its own, so
+    /// that a slow Redis never spaces the renewals out), lists the server among the farm's.
+    async fn hold(self: Arc<Self>, core: Weak<ExecutionCore>) {
+        use tracing::Instrument;
+        // Counts renewals; the listing task follows it, and ends when this does.
+        let (renewed, renewals) = tokio::sync::watch::channel(0u64);
+        tokio::spawn({
+            let this = self.clone();
+            async move { this.list(renewals).await }.in_current_span()
+        });
         let mut ticks = self.every();
         let mut held = false;
-        let mut said = false;
         loop {
             ticks.tick().await;
             if core.strong_count() == 0 {
                 return;
             }
             held = self.renew(held).await;
-            if !held {
-                continue;
+            if held {
+                renewed.send_modify(|n| *n = n.wrapping_add(1));
             }
+        }
+    }
+
+    /// After each renewal (those made while it works are answered once): lists this server
+    /// among the farm's, and keeps its list of operations from expiring (it expires ten
+    /// leases after the server stops: long after another took it over).
+    async fn list(&self, mut renewals: tokio::sync::watch::Receiver<u64>) {
+        let mut said = false;
+        while renewals.changed().await.is_ok() {
             // Every time: a server that took this one for dead removed it from the list.
             let redis = self.ops.redis();
             let joined = redis.set_add(&self.servers_key(), self.ops.server()).await;

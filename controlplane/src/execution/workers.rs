@@ -167,8 +167,9 @@ impl WorkerApi for WorkerApiService {
         let core = self.core.clone();
         // Pinged from a task of its own, so that a slow call below (a result written to
         // Redis) never holds a keep-alive back; it ends when the session's queue is full or
-        // gone, and so does the session.
-        let mut ping = tokio::spawn({
+        // gone, and so does the session; and with the session, however that ends (a panic
+        // included: the worker must not be told a dead session lives).
+        let mut ping = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
             let tx = tx.clone();
             async move {
                 let mut every = tokio::time::interval(keepalive);
@@ -183,7 +184,7 @@ impl WorkerApi for WorkerApiService {
                     }
                 }
             }
-        });
+        }));
         tokio::spawn(async move {
             let mut revocation = tokio::time::interval(Duration::from_secs(1));
             // The revoked workers' certificates this worker was last told of.
@@ -227,7 +228,7 @@ impl WorkerApi for WorkerApiService {
                     _ = &mut ping => break,
                 }
             }
-            ping.abort();
+            drop(ping);
             core.worker_left(id);
         });
         let out = ReceiverStream::new(rx);
@@ -238,9 +239,9 @@ impl WorkerApi for WorkerApiService {
 /// How often a server and its workers say they are alive: `execution.keepalive_secs`, or,
 /// where the farm takes operations over (workers keep a session's actions for `grace`, three
 /// leases), at least every fifth of a lease. A worker leaves a session whose server has said
-/// nothing for three of these, which is then before a dead server's lease has lapsed (at
-/// least four fifths of a lease after its last renewal): its actions are orphans by the time
-/// another server takes its operations over.
+/// nothing for three of these: a dead server's actions are orphans three fifths of a lease
+/// after its last word, normally before its lease lapses (a lease after its last renewal),
+/// so the server that takes its operations over finds them reported.
 fn keepalive_every(keepalive: Duration, grace: Option<Duration>) -> Duration {
     match grace {
         Some(grace) => keepalive.min(grace / 15).max(Duration::from_millis(100)),

@@ -439,9 +439,9 @@ mod tests {
         assert!(snapshot::load(&layout.index_file()).is_none());
     }
 
-    /// A stop before the rebuild delivered anything (no blob indexed) keeps the listings the
-    /// start found in the last snapshot, for every directory unchanged since: not one that
-    /// gained a file.
+    /// A stop before the rebuild delivered anything (no blob indexed, every directory
+    /// pending) keeps the listings the start found in the last snapshot, for every directory
+    /// unchanged since: not one that gained a file, nor one that was delivered.
     #[test]
     fn a_stop_before_the_rebuild_carries_unchanged_directories_over() {
         let dir = tempfile::tempdir().unwrap();
@@ -468,7 +468,8 @@ mod tests {
         let added = put(&layout, n);
         let mut stopped = snapshot::stamp(&layout, vec![snapshot::Grouped::new()]);
         assert!(stopped.is_empty(), "nothing indexed: nothing listed");
-        let carried = snapshot::carry_over(&layout, &mut stopped, previous.clone());
+        let all: std::collections::HashSet<snapshot::DirKey> = previous.keys().cloned().collect();
+        let carried = snapshot::carry_over(&layout, &mut stopped, previous.clone(), &all);
         assert_eq!(carried, dirs - 1, "all but the changed directory");
         let changed = snapshot::DirKey {
             instance: added.instance.clone(),
@@ -486,9 +487,19 @@ mod tests {
             blobs: Vec::new(),
         };
         let mut own = snapshot::Snapshot::from([(first.clone(), mine.clone())]);
-        snapshot::carry_over(&layout, &mut own, previous.clone());
+        snapshot::carry_over(&layout, &mut own, previous.clone(), &all);
         assert_eq!(own[&first], mine);
         assert_eq!(own.len(), dirs - usize::from(first != changed));
+        // Only pending directories: one the rebuild delivered and the stop left out (its
+        // index disagreed with its files) is left to the next start's scan.
+        let unchanged = previous.keys().find(|k| **k != changed).unwrap().clone();
+        let mut only = snapshot::Snapshot::new();
+        let one = std::collections::HashSet::from([unchanged.clone()]);
+        assert_eq!(
+            snapshot::carry_over(&layout, &mut only, previous.clone(), &one),
+            1
+        );
+        assert_eq!(only.keys().collect::<Vec<_>>(), [&unchanged]);
     }
 
     #[test]

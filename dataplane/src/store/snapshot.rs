@@ -254,18 +254,21 @@ pub fn stamp(layout: &super::layout::Layout, owners: Vec<Grouped>) -> Snapshot {
     out
 }
 
-/// Adds to `snapshot` each directory of `previous` (the snapshot this run started from) that
-/// it lacks and that is unchanged since `previous` was written (its stamp matches): so a stop
-/// before the background rebuild delivered a directory keeps that directory's listing for the
-/// next start instead of leaving it to a scan. Returns how many it added.
+/// Adds to `snapshot` each directory of `pending` (the background rebuild had not delivered
+/// it when the server stopped) that `previous` (the snapshot this run started from) lists and
+/// that is unchanged since (its stamp matches): so a stop soon after a start keeps those
+/// listings for the next start instead of leaving them to a scan. A directory that was
+/// delivered is never carried over: when this run's index disagreed with its files, the next
+/// start scans it. Returns how many it added.
 pub fn carry_over(
     layout: &super::layout::Layout,
     snapshot: &mut Snapshot,
     previous: Snapshot,
+    pending: &std::collections::HashSet<DirKey>,
 ) -> usize {
     let mut added = 0;
     for (dir, listed) in previous {
-        if snapshot.contains_key(&dir) {
+        if snapshot.contains_key(&dir) || !pending.contains(&dir) {
             continue;
         }
         let unchanged = std::fs::metadata(dir_path(layout, &dir))

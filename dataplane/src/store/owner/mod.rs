@@ -98,6 +98,14 @@ pub struct Owner {
     leases: RefCell<leases::Leases>,
 }
 
+/// What an owner leaves when it stops, for the index snapshot.
+pub struct Stopped {
+    /// Its blobs, by directory.
+    pub blobs: snapshot::Grouped,
+    /// The directories whose listings the background rebuild had not delivered to it.
+    pub pending: HashSet<DirKey>,
+}
+
 impl Owner {
     /// Builds shard `shard` from the blobs the start-up scan found for it (oldest first), and
     /// starts its file lane (the one thing that can fail).
@@ -141,12 +149,13 @@ impl Owner {
     }
 
     /// Serves commands until `stop` fires, then drops parked uploads and flushes access times;
-    /// returns its blobs grouped by directory, for the index snapshot.
+    /// returns its blobs grouped by directory, and the directories still pending, for the
+    /// index snapshot.
     pub(crate) async fn run(
         self: Rc<Self>,
         queue: async_channel::Receiver<Command>,
         stop: ShutdownWatch,
-    ) -> snapshot::Grouped {
+    ) -> Stopped {
         let maintenance = {
             let owner = self.clone();
             let stop = stop.clone();
@@ -167,7 +176,10 @@ impl Owner {
         self.flush_atimes(usize::MAX);
         self.lane.drained().await;
         debug!(shard = self.shard, "owner stopped");
-        snapshot::group(self.index.borrow().iter())
+        Stopped {
+            blobs: snapshot::group(self.index.borrow().iter()),
+            pending: self.pending.take(),
+        }
     }
 
     fn dispatch(self: &Rc<Self>, command: Command) {
