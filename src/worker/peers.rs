@@ -63,20 +63,20 @@ pub(super) fn revoked_peers(data_dir: &std::path::Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// How the session tells the local CAS which certificates to refuse: added to `policy`, and
-/// the whole list kept on disk for the next start.
+/// How the session tells the local CAS which certificates to refuse: the whole list kept on
+/// disk for the next start, then added to `policy` (so whoever finds a certificate refused
+/// finds it kept too).
 pub(super) fn refuser(
     policy: Arc<kiln_auth::Policy>,
     data_dir: &std::path::Path,
 ) -> kiln_worker::peers::Refuse {
     let file = revoked_peers_file(data_dir);
     Arc::new(move |fingerprints: &[String]| {
-        policy.refuse_fingerprints(fingerprints);
-        let text: String = policy
-            .revoked_fingerprints()
-            .iter()
-            .map(|f| format!("{f}\n"))
-            .collect();
+        let mut all = policy.revoked_fingerprints();
+        all.extend(fingerprints.iter().cloned());
+        all.sort_unstable();
+        all.dedup();
+        let text: String = all.iter().map(|f| format!("{f}\n")).collect();
         let written = file
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
@@ -86,6 +86,7 @@ pub(super) fn refuser(
         if let Err(e) = written {
             tracing::warn!(file = %file.display(), error = %e, "cannot keep the revoked workers' certificates for the next start");
         }
+        policy.refuse_fingerprints(fingerprints);
     })
 }
 

@@ -64,8 +64,9 @@ fn tell_capacity(slots: &Slots, tx: &mpsc::Sender<WorkerMessage>, told: &mut usi
 /// with it ends, where its farm takes operations over: three intervals. Such a server says
 /// it is alive at least every fifth of its lease (its Welcome gives the interval), so a
 /// server whose host vanished (its connection open until HTTP/2 gives up, tens of seconds
-/// later) has its actions turned orphans three fifths of a lease after its last word, before
-/// another server can take its operations over, while a live server is not left.
+/// later) has its actions turned orphans three fifths of a lease after its last word,
+/// normally before another server takes its operations over (a lease after its last
+/// renewal), while a live server is not left.
 fn patience(every: Duration) -> Duration {
     every * 3
 }
