@@ -22,8 +22,10 @@ const CHECK_CHUNK: usize = 1 << 16;
 pub struct CheckLimits {
     /// Largest `Tree` or `Directory` blob fetched.
     pub max_tree_bytes: u64,
-    /// Most distinct output directories one result may name, and most distinct digests
-    /// (directories and files) walked for one directory-format output.
+    /// Most digests one check goes through: the output directories a result names, the
+    /// files their trees list and the directories and files its walks meet, all together.
+    /// A result that needs more (many large trees, or many roots sharing one large subtree)
+    /// is not served, so no result costs more than this at each check.
     pub max_digests: usize,
     /// A result found complete is checked again after this long even when no blob has left
     /// the CAS, so that a hit keeps marking its blobs used.
@@ -91,6 +93,14 @@ pub async fn check(
     if !missing.is_empty() {
         return Ok(Some(Incomplete::Missing(missing)));
     }
+    let too_much = || {
+        Ok(Some(Incomplete::Malformed(format!(
+            "more than {} digests to check in its output directories",
+            limits.max_digests
+        ))))
+    };
+    // What is left of the check's digests once the output directories are counted.
+    let mut budget = limits.max_digests - (trees.len() + roots.len());
     let mut files = Vec::new();
     for tree in trees {
         if tree.size > limits.max_tree_bytes {
@@ -106,19 +116,25 @@ pub async fn check(
                 "{tree:?} is not a Tree"
             ))));
         };
+        let before = files.len();
         for dir in tree_msg.root.iter().chain(tree_msg.children.iter()) {
             if let Err(e) = dir_files(dir, &parse, &mut files) {
                 return Ok(Some(Incomplete::Malformed(e)));
             }
         }
+        let Some(left) = budget.checked_sub(files.len() - before) else {
+            return too_much();
+        };
+        budget = left;
         if let Some(missing) = look_up(cas, instance, &mut files, CHECK_CHUNK).await? {
             return Ok(Some(missing));
         }
     }
     for root in roots {
-        match walk(cas, instance, root, limits, &mut files).await? {
-            None => {}
-            Some(incomplete) => return Ok(Some(incomplete)),
+        match walk(cas, instance, root, limits, &mut budget, &mut files).await? {
+            Walked::Done => {}
+            Walked::TooMuch => return too_much(),
+            Walked::Incomplete(incomplete) => return Ok(Some(incomplete)),
         }
         if let Some(missing) = look_up(cas, instance, &mut files, CHECK_CHUNK).await? {
             return Ok(Some(missing));
@@ -180,24 +196,36 @@ fn dir_files(
     Ok(())
 }
 
-/// Walks a directory-format output with `kiln_reapi::walk`, collecting file digests. An
-/// output too large to walk within the limits is checked as far as the limits allow.
+/// How a walk of one output directory ended.
+enum Walked {
+    /// Its files are gathered.
+    Done,
+    /// It meets more digests than the check has left.
+    TooMuch,
+    /// Parts are missing, or malformed.
+    Incomplete(Incomplete),
+}
+
+/// Walks a directory-format output with `kiln_reapi::walk`, collecting file digests and
+/// taking the digests it meets from `budget`. A directory too large to read stops the walk
+/// there (the rest is checked as far as it got).
 async fn walk(
     cas: &dyn Cas,
     instance: &InstanceName,
     root: Digest,
     limits: CheckLimits,
+    budget: &mut usize,
     files: &mut Vec<Digest>,
-) -> Result<Option<Incomplete>, ControlError> {
+) -> Result<Walked, ControlError> {
     let mut walk = Walk::new(
         root,
         WalkLimits {
-            max_digests: limits.max_digests,
+            max_digests: *budget,
             max_directory_bytes: limits.max_tree_bytes,
             batch_bytes: WALK_BATCH_BYTES,
         },
     );
-    'walk: loop {
+    loop {
         let batch = match walk.next_batch() {
             Ok(batch) if batch.is_empty() => break,
             Ok(batch) => batch,
@@ -215,20 +243,19 @@ async fn walk(
             };
             match walk.found(digest, depth, &bytes) {
                 Ok(_) => {}
-                Err(e @ WalkError::TooMany(_)) => {
-                    tracing::warn!(root = ?root, error = %e, "output directory too large to check completely; checked part of it");
-                    break 'walk;
-                }
-                Err(e) => return Ok(Some(Incomplete::Malformed(e.to_string()))),
+                Err(WalkError::TooMany(_)) => return Ok(Walked::TooMuch),
+                Err(e) => return Ok(Walked::Incomplete(Incomplete::Malformed(e.to_string()))),
             }
         }
     }
     let walked = walk.finish();
     if !walked.missing.is_empty() {
-        return Ok(Some(Incomplete::Missing(walked.missing)));
+        return Ok(Walked::Incomplete(Incomplete::Missing(walked.missing)));
     }
+    let met = walked.directories.len() + walked.files.len();
+    *budget = budget.saturating_sub(met);
     files.extend(walked.files);
-    Ok(None)
+    Ok(Walked::Done)
 }
 
 #[cfg(test)]
@@ -383,7 +410,7 @@ mod tests {
             };
             let limits = CheckLimits {
                 max_tree_bytes: 64 << 20,
-                max_digests: 10,
+                max_digests: 1_000_000,
                 recheck_after: std::time::Duration::from_secs(60),
             };
             let instance = InstanceName::default_instance();
@@ -399,5 +426,80 @@ mod tests {
                 "one look-up of {largest} digests"
             );
         }
+    }
+
+    /// Output directories that share one subtree are walked each (the walks are separate),
+    /// so what they meet is counted together against the check's limit: past it the result
+    /// is not served, and within it every file is checked.
+    #[tokio::test]
+    async fn roots_sharing_a_subtree_count_together() {
+        let mut cas = Counting::default();
+        let mut put = |bytes: Vec<u8>| {
+            let digest = Digest::of(DigestFunction::Sha256, &bytes);
+            cas.blobs.insert(digest, bytes.into());
+            digest
+        };
+        let node = |name: String, digest: Digest| reapi::FileNode {
+            name,
+            digest: Some(digest.to_proto()),
+            ..Default::default()
+        };
+        let files: Vec<reapi::FileNode> = (0..50u32)
+            .map(|f| node(format!("f{f}"), put(f.to_le_bytes().to_vec())))
+            .collect();
+        let shared = put(Directory {
+            files,
+            ..Default::default()
+        }
+        .encode_to_vec());
+        let mut dirs = Vec::new();
+        for r in 0..2u32 {
+            let marker = put(format!("root {r}").into_bytes());
+            let root = put(Directory {
+                files: vec![node("marker".into(), marker)],
+                directories: vec![reapi::DirectoryNode {
+                    name: "sub".into(),
+                    digest: Some(shared.to_proto()),
+                }],
+                ..Default::default()
+            }
+            .encode_to_vec());
+            dirs.push(reapi::OutputDirectory {
+                root_directory_digest: Some(root.to_proto()),
+                ..Default::default()
+            });
+        }
+        let result = ActionResult {
+            output_directories: dirs,
+            ..Default::default()
+        };
+        let instance = InstanceName::default_instance();
+        let limits = |max_digests| CheckLimits {
+            max_tree_bytes: 1 << 20,
+            max_digests,
+            recheck_after: std::time::Duration::from_secs(60),
+        };
+        // Each walk meets its root, the shared directory, the marker and 50 files: 53.
+        let within = check(
+            &cas,
+            &instance,
+            DigestFunction::Sha256,
+            &result,
+            limits(200),
+        )
+        .await;
+        assert_eq!(within.unwrap(), None);
+        let past = check(
+            &cas,
+            &instance,
+            DigestFunction::Sha256,
+            &result,
+            limits(100),
+        )
+        .await;
+        assert!(
+            matches!(past.unwrap(), Some(Incomplete::Malformed(ref why)) if why.contains("more than 100")),
+            "two walks of 53 are over 100"
+        );
     }
 }
