@@ -479,27 +479,20 @@ mod tests {
             max_digests,
             recheck_after: std::time::Duration::from_secs(60),
         };
-        // Each walk meets its root, the shared directory, the marker and 50 files: 53.
-        let within = check(
-            &cas,
-            &instance,
-            DigestFunction::Sha256,
-            &result,
-            limits(200),
-        )
-        .await;
+        // The two roots named, then each walk meets its root, the shared directory, the
+        // marker and 50 files: 2 + 53 + 53 = 108.
+        let sha = DigestFunction::Sha256;
+        let within = check(&cas, &instance, sha, &result, limits(108)).await;
         assert_eq!(within.unwrap(), None);
-        let past = check(
-            &cas,
-            &instance,
-            DigestFunction::Sha256,
-            &result,
-            limits(100),
-        )
-        .await;
+        let past = check(&cas, &instance, sha, &result, limits(107)).await;
         assert!(
-            matches!(past.unwrap(), Some(Incomplete::Malformed(ref why)) if why.contains("more than 100")),
-            "two walks of 53 are over 100"
+            matches!(past.unwrap(), Some(Incomplete::Malformed(ref why)) if why.contains("more than 107")),
+            "108 digests are over 107"
         );
+        // Within the limit, every file is looked up: one gone from the CAS is found.
+        let gone = Digest::of(sha, &49u32.to_le_bytes());
+        cas.blobs.remove(&gone);
+        let missing = check(&cas, &instance, sha, &result, limits(108)).await;
+        assert_eq!(missing.unwrap(), Some(Incomplete::Missing(vec![gone])));
     }
 }
