@@ -71,7 +71,11 @@ pub(super) fn refuser(
     data_dir: &std::path::Path,
 ) -> kiln_worker::peers::Refuse {
     let file = revoked_peers_file(data_dir);
+    // One session at a time (each scheduler's says it): two writing at once would race on
+    // the file's temp path, and a list written last could lack the other's fingerprints.
+    let one = std::sync::Mutex::new(());
     Arc::new(move |fingerprints: &[String]| {
+        let _one = one.lock().unwrap_or_else(|e| e.into_inner());
         let mut all = policy.revoked_fingerprints();
         all.extend(fingerprints.iter().cloned());
         all.sort_unstable();
