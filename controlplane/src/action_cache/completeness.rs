@@ -132,9 +132,9 @@ pub async fn check(
     }
     for root in roots {
         match walk(cas, instance, root, limits, &mut budget, &mut files).await? {
-            Walked::Done => {}
-            Walked::TooMuch => return too_much(),
-            Walked::Incomplete(incomplete) => return Ok(Some(incomplete)),
+            WalkEnd::Done => {}
+            WalkEnd::TooMuch => return too_much(),
+            WalkEnd::Incomplete(incomplete) => return Ok(Some(incomplete)),
         }
         if let Some(missing) = look_up(cas, instance, &mut files, CHECK_CHUNK).await? {
             return Ok(Some(missing));
@@ -197,7 +197,7 @@ fn dir_files(
 }
 
 /// How a walk of one output directory ended.
-enum Walked {
+enum WalkEnd {
     /// Its files are gathered.
     Done,
     /// It meets more digests than the check has left.
@@ -216,7 +216,7 @@ async fn walk(
     limits: CheckLimits,
     budget: &mut usize,
     files: &mut Vec<Digest>,
-) -> Result<Walked, ControlError> {
+) -> Result<WalkEnd, ControlError> {
     let mut walk = Walk::new(
         root,
         WalkLimits {
@@ -243,19 +243,19 @@ async fn walk(
             };
             match walk.found(digest, depth, &bytes) {
                 Ok(_) => {}
-                Err(WalkError::TooMany(_)) => return Ok(Walked::TooMuch),
-                Err(e) => return Ok(Walked::Incomplete(Incomplete::Malformed(e.to_string()))),
+                Err(WalkError::TooMany(_)) => return Ok(WalkEnd::TooMuch),
+                Err(e) => return Ok(WalkEnd::Incomplete(Incomplete::Malformed(e.to_string()))),
             }
         }
     }
     let walked = walk.finish();
     if !walked.missing.is_empty() {
-        return Ok(Walked::Incomplete(Incomplete::Missing(walked.missing)));
+        return Ok(WalkEnd::Incomplete(Incomplete::Missing(walked.missing)));
     }
     let met = walked.directories.len() + walked.files.len();
     *budget = budget.saturating_sub(met);
     files.extend(walked.files);
-    Ok(Walked::Done)
+    Ok(WalkEnd::Done)
 }
 
 #[cfg(test)]

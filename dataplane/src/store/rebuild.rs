@@ -160,21 +160,37 @@ mod tests {
         )
     }
 
+    /// A CAS under `dir` holding 300 test blobs written straight into its layout (as a run
+    /// left them); with the blobs and their keys.
+    fn stored(dir: &std::path::Path) -> (Layout, Vec<Vec<u8>>, Vec<BlobKey>) {
+        let layout = Layout::cas(dir);
+        std::fs::create_dir_all(layout.tree_dir()).unwrap();
+        layout.reset_temp_dirs().unwrap();
+        let data: Vec<Vec<u8>> = (0..300).map(blob).collect();
+        let keys: Vec<BlobKey> = data.iter().map(|d| key(d)).collect();
+        for (k, d) in keys.iter().zip(&data) {
+            layout.ensure_blob_dir(k).unwrap();
+            std::fs::write(layout.blob_path(k), d).unwrap();
+        }
+        (layout, data, keys)
+    }
+
+    /// A two-shard server's configuration for the data directory `dir`, fsync off.
+    fn config_for(dir: &std::path::Path) -> Config {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n[storage]\ndata_dir = {:?}\nfsync = false\naccess_time_resolution_secs = 0\n",
+            dir.display().to_string()
+        );
+        Config::from_toml(&text, "test").unwrap()
+    }
+
     /// A start from a snapshot stopped before the rebuild delivered anything (held here):
     /// the snapshot it writes still lists every directory, carried over from the one it
     /// started from, so the next start does not scan.
     #[test]
     fn a_stop_before_the_rebuild_delivers_keeps_the_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::cas(dir.path());
-        std::fs::create_dir_all(layout.tree_dir()).unwrap();
-        layout.reset_temp_dirs().unwrap();
-        for n in 0..300 {
-            let data = blob(n);
-            let k = key(&data);
-            layout.ensure_blob_dir(&k).unwrap();
-            std::fs::write(layout.blob_path(&k), data).unwrap();
-        }
+        let (layout, _, _) = stored(dir.path());
         let (entries, _, _) = crate::store::scan::scan(
             &layout,
             crate::store::scan::TreeKind::Blobs,
@@ -188,11 +204,7 @@ mod tests {
         let grouped = snapshot::group(entries[0].iter().map(|(k, e)| (k.clone(), *e)));
         let written = snapshot::stamp(&layout, vec![grouped]);
         snapshot::write(&layout.index_file(), &written).unwrap();
-        let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n[storage]\ndata_dir = {:?}\nfsync = false\n",
-            dir.path().display().to_string()
-        );
-        let config = Config::from_toml(&text, "test").unwrap();
+        let config = config_for(dir.path());
         let mut store = OpenedStore::open(&config, 2, Metrics::new()).unwrap();
         let held = store.hold_rebuild();
         assert_eq!(held.len(), written.len(), "every directory pending");
@@ -211,26 +223,14 @@ mod tests {
     #[test]
     fn answers_are_right_before_the_rebuild_delivers_and_after() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::cas(dir.path());
-        std::fs::create_dir_all(layout.tree_dir()).unwrap();
-        layout.reset_temp_dirs().unwrap();
-        let data: Vec<Vec<u8>> = (0..300).map(blob).collect();
-        let keys: Vec<BlobKey> = data.iter().map(|d| key(d)).collect();
-        for (k, d) in keys.iter().zip(&data) {
-            layout.ensure_blob_dir(k).unwrap();
-            std::fs::write(layout.blob_path(k), d).unwrap();
-        }
+        let (layout, data, keys) = stored(dir.path());
         // Cut short by the crash.
         let short = keys[299].clone();
         std::fs::write(layout.blob_path(&short), &data[299][..1]).unwrap();
         let good = &keys[..299];
         let good_bytes: u64 = data[..299].iter().map(|d| d.len() as u64).sum();
 
-        let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n[storage]\ndata_dir = {:?}\nfsync = false\naccess_time_resolution_secs = 0\n",
-            dir.path().display().to_string()
-        );
-        let config = Config::from_toml(&text, "test").unwrap();
+        let config = config_for(dir.path());
         let mut store = OpenedStore::open(&config, 2, Metrics::new()).unwrap();
         assert_eq!(store.report().blobs, 0, "nothing scanned before serving");
         assert!(store.report().dirs_pending > 100, "{:?}", store.report());
