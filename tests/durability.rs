@@ -24,7 +24,33 @@ use tonic::Code;
 // the counter shows (a power cut cannot be caused here).
 on_every_runtime! {
     async fn concurrent_writes_acknowledged_before_kill_9_survive(rt: Runtime) {
-        writes_acknowledged_before_kill_9_survive(Options::on(rt), true).await;
+        writes_acknowledged_before_kill_9_survive(Options::on(rt), Durable::Group).await;
+    }
+}
+
+/// How the server under test makes writes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durable {
+    /// Group commit: one filesystem sync per group of commits.
+    Group,
+    /// Each blob syncs its own file and directory.
+    PerBlob,
+    /// Small blobs appended to a log, one data sync per batch.
+    Log,
+}
+
+/// A chain sending blobs up to 64 KiB to a small-blob log.
+const LOG_CHAIN: &str = "[storage]\nchain = [\"split\"]\n[storage.tiers.split]\nkind = \"size_partition\"\nthreshold_bytes = \"64 KiB\"\nsmall = [\"memory\", \"log\"]\nlarge = [\"filesystem\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"1 GiB\"\n";
+
+// The same with the small-blob log: the 64 KiB ByteStream uploads and the 1 KiB batches all go
+// to it, each acknowledged after its batch's data sync.
+on_every_runtime! {
+    async fn logged_writes_acknowledged_before_kill_9_survive(rt: Runtime) {
+        let options = Options {
+            config: Some(LOG_CHAIN.into()),
+            ..Options::on(rt)
+        };
+        writes_acknowledged_before_kill_9_survive(options, Durable::Log).await;
     }
 }
 
@@ -35,7 +61,7 @@ on_every_runtime! {
             config: Some("[storage]\ngroup_commit = false\n".into()),
             ..Options::on(rt)
         };
-        writes_acknowledged_before_kill_9_survive(options, false).await;
+        writes_acknowledged_before_kill_9_survive(options, Durable::PerBlob).await;
     }
 }
 
@@ -47,11 +73,11 @@ on_every_runtime! {
             config: Some("[storage]\ndirect_io_min_bytes = 1\n".into()),
             ..Options::on(rt)
         };
-        writes_acknowledged_before_kill_9_survive(options, true).await;
+        writes_acknowledged_before_kill_9_survive(options, Durable::Group).await;
     }
 }
 
-async fn writes_acknowledged_before_kill_9_survive(options: Options, group: bool) {
+async fn writes_acknowledged_before_kill_9_survive(options: Options, durable: Durable) {
     use kiln_proto::reapi::{batch_update_blobs_request, BatchUpdateBlobsRequest};
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
@@ -115,13 +141,20 @@ async fn writes_acknowledged_before_kill_9_survive(options: Options, group: bool
         }
         let so_far = acked.lock().unwrap().len();
         let synced = common::metric(&kiln.admin, "kiln_cas_group_synced_commits_total").await;
-        if group {
-            assert!(
+        let logged = common::metric(&kiln.admin, "kiln_log_appended_records_total").await;
+        match durable {
+            Durable::Group => assert!(
                 synced >= so_far as f64,
                 "{so_far} blobs acknowledged but only {synced} commits synced"
-            );
-        } else {
-            assert_eq!(synced, 0.0, "group commit is off");
+            ),
+            Durable::PerBlob => assert_eq!(synced, 0.0, "group commit is off"),
+            Durable::Log => {
+                assert!(
+                    logged >= so_far as f64,
+                    "{so_far} blobs acknowledged but only {logged} appended to the log"
+                );
+                assert_eq!(synced, 0.0, "no blob went to the filesystem");
+            }
         }
         drop(kiln); // SIGKILL, writers still writing
         for w in writers {
@@ -156,6 +189,11 @@ struct FrozenSyncs {
 
 impl FrozenSyncs {
     fn freeze(pid: u32) -> FrozenSyncs {
+        FrozenSyncs::freeze_threads(pid, "kiln-sync")
+    }
+
+    /// Freezes the threads of `pid` called `name`.
+    fn freeze_threads(pid: u32, name: &str) -> FrozenSyncs {
         let root = Path::new("/sys/fs/cgroup/freezer");
         assert!(
             root.is_dir(),
@@ -166,12 +204,11 @@ impl FrozenSyncs {
             .unwrap()
             .flatten()
             .filter(|t| {
-                std::fs::read_to_string(t.path().join("comm"))
-                    .is_ok_and(|c| c.trim() == "kiln-sync")
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
             })
             .map(|t| t.file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(!tids.is_empty(), "no kiln-sync thread in {pid}");
+        assert!(!tids.is_empty(), "no {name} thread in {pid}");
         let dir = root.join(format!("kiln-test-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir(&dir).unwrap();
         let frozen = FrozenSyncs { dir, tids };
@@ -241,6 +278,63 @@ on_every_runtime! {
         drop(frozen);
         assert_eq!(blobs::find_missing(&ch, "", f, vec![d.clone()]).await, Vec::<reapi::Digest>::new());
         assert_eq!(blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(), data);
+        kiln.stop().await;
+    }
+}
+
+// The small-blob log: a blob whose batch is not yet written and synced is neither acknowledged
+// nor visible, through ByteStream or a batch; a second upload of it waits the same way.
+on_every_runtime! {
+    async fn a_logged_blob_is_visible_only_once_its_batch_is_synced(rt: Runtime) {
+        use kiln_proto::reapi::{batch_update_blobs_request, BatchUpdateBlobsRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let f = Function::Sha256;
+        let data = pseudo_random(78, 10_000);
+        let d = digest(f, &data);
+        let options = Options {
+            config: Some(LOG_CHAIN.into()),
+            ..Options::on(rt)
+        };
+        let kiln = Kiln::start_async(dir.path(), options).await;
+        let ch = kiln.channel().await;
+        let frozen = FrozenSyncs::freeze_threads(kiln.pid(), "kiln-log");
+        let first = tokio::spawn({
+            let (ch, name, data) = (ch.clone(), write_name("", f, &d), data.clone());
+            async move { blobs::write(&ch, &name, &data, 4096).await }
+        });
+        let second = tokio::spawn({
+            let (ch, data, d) = (ch.clone(), data.clone(), d.clone());
+            async move {
+                blobs::cas(&ch)
+                    .batch_update_blobs(BatchUpdateBlobsRequest {
+                        requests: vec![batch_update_blobs_request::Request {
+                            digest: Some(d),
+                            data: data.into(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    })
+                    .await
+            }
+        });
+        common::eventually("both uploads waiting for the log", || async {
+            (common::metric(&kiln.admin, "kiln_cas_commits_awaiting_sync").await >= 2.0).then_some(())
+        })
+        .await;
+        assert_eq!(blobs::find_missing(&ch, "", f, vec![d.clone()]).await, vec![d.clone()]);
+        assert_eq!(
+            blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap_err().code(),
+            Code::NotFound
+        );
+        assert!(!first.is_finished() && !second.is_finished(), "acknowledged before its sync");
+        frozen.thaw();
+        assert_eq!(first.await.unwrap().unwrap().committed_size, data.len() as i64);
+        let batch = second.await.unwrap().unwrap().into_inner();
+        assert!(batch.responses[0].status.as_ref().is_none_or(|s| s.code == 0), "{batch:?}");
+        drop(frozen);
+        assert_eq!(blobs::find_missing(&ch, "", f, vec![d.clone()]).await, Vec::<reapi::Digest>::new());
+        assert_eq!(blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(), data);
+        assert_eq!(common::metric(&kiln.admin, "kiln_log_blobs").await, 1.0);
         kiln.stop().await;
     }
 }

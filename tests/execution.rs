@@ -61,6 +61,70 @@ on_every_runtime! {
     }
 }
 
+/// Small blobs in a small-blob log (no file each): a worker copies such inputs into the
+/// action instead of linking them, and stores small outputs in the log. Run by the server's
+/// own worker, then by a `kiln worker` whose local CAS is a log chain too.
+const LOG_CHAIN: &str = "[storage]\nchain = [\"split\"]\n[storage.tiers.split]\nkind = \"size_partition\"\nthreshold_bytes = \"64 KiB\"\nsmall = [\"memory\", \"log\"]\nlarge = [\"filesystem\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"64 MiB\"\nsegment_bytes = \"1 MiB\"\n";
+
+on_every_runtime! {
+    async fn actions_run_with_their_small_blobs_in_a_log(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let large = vec![b'x'; 100_000];
+        for embedded in [true, false] {
+            let data = dir.path().join(format!("server-{embedded}"));
+            let config = if embedded {
+                LOG_CHAIN.to_string()
+            } else {
+                format!("{LOG_CHAIN}{NO_EMBEDDED}")
+            };
+            let options = Options { config: Some(config), ..Options::on(rt) };
+            let kiln = Kiln::start_async(&data, options).await;
+            let _worker = if embedded {
+                None
+            } else {
+                let worker_dir = dir.path().join("worker");
+                std::fs::create_dir_all(&worker_dir).unwrap();
+                let config = worker_dir.join("worker.toml");
+                std::fs::write(&config, LOG_CHAIN).unwrap();
+                let config = config.to_string_lossy().into_owned();
+                Some(start_worker(rt, &kiln, &worker_dir, "logged", &["--config", &config]).await)
+            };
+            let ch = kiln.channel().await;
+            let spec = Spec {
+                tree: Tree::default()
+                    .file("src/small.txt", b"a small input", false)
+                    .file("src/large.bin", &large, false)
+                    .file("tools/run.sh", b"#!/bin/sh\ncat src/small.txt\n", true),
+                outputs: vec!["out/small".into(), "out/large".into()],
+                ..Spec::script(
+                    "set -e; test -x tools/run.sh; test ! -x src/small.txt; \
+                     ./tools/run.sh > out/small; cp src/large.bin out/large",
+                )
+            };
+            let action = spec.upload(&ch, F).await;
+            let (_, response) = execute(&ch, F, &action, false).await.unwrap();
+            assert_eq!(code(&response), 0, "{response:?}");
+            let result = response.result.unwrap();
+            if result.exit_code != 0 {
+                let stderr = read(&ch, result.stderr_digest.as_ref().unwrap()).await;
+                panic!("embedded: {embedded}: {}", String::from_utf8_lossy(&stderr));
+            }
+            let output = |path: &str| {
+                result.output_files.iter().find(|f| f.path == path).unwrap().digest.clone().unwrap()
+            };
+            assert_eq!(read(&ch, &output("out/small")).await, b"a small input");
+            assert_eq!(read(&ch, &output("out/large")).await, large);
+            let logged = common::metric(&kiln.admin, "kiln_log_blobs").await;
+            assert!(logged >= 3.0, "inputs and outputs in the log: {logged}");
+            // The small blobs have no file in the server's CAS directory; the large one has.
+            let files = common::blob_files(&data);
+            assert!(files.iter().all(|(_, size)| *size > 64 << 10), "{files:?}");
+            assert!(files.iter().any(|(_, size)| *size == 100_000), "{files:?}");
+            kiln.stop().await;
+        }
+    }
+}
+
 on_every_runtime! {
     async fn inputs_outputs_symlinks_and_executables(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();

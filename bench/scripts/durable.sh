@@ -4,7 +4,10 @@
 # ByteStream writes, 1 KiB blobs in batches of 64, and UpdateActionResult (which shares the
 # CAS's group commit).
 #
-#   sudo bench/scripts/durable.sh [SECONDS=10]
+#   sudo bench/scripts/durable.sh [SECONDS=10] [LABEL...]
+#
+# LABELs (default all): per-blob, group, log (blobs up to 64 KiB in a small-blob log, one data
+# sync per batch), fsync-off.
 #
 # Needs root (losetup, mkfs.ext4, mount) and about 20 GB free under TMPDIR. Prints kiln-bench's
 # tables (writes/s, latency percentiles, server CPU per operation) and the group-commit
@@ -26,7 +29,11 @@ declare -A configs=(
   [per-blob]=$'[storage]\ngroup_commit = false'
   [group]=$'[storage]\ngroup_commit = true'
   [fsync-off]=$'[storage]\nfsync = false'
+  [log]=$'[storage]\nchain = ["split"]\n[storage.tiers.split]\nkind = "size_partition"\nthreshold_bytes = "64 KiB"\nsmall = ["memory", "log"]\nlarge = ["filesystem"]\n[storage.tiers.log]\nkind = "log"\nbytes = "8 GiB"'
 )
+shift || true
+labels=("$@")
+[ ${#labels[@]} -eq 0 ] && labels=(per-blob group log fsync-off)
 run() {
   local label=$1; shift
   mkdir -p "$mnt"
@@ -43,11 +50,11 @@ run() {
   admin=$(grep -o "admin on http://[0-9.:]*" "$work/server.log" | sed 's|admin on ||')
   "$bench" "$@" --endpoint "grpc://$addr" --server-pid "$server" --label "$label" \
     --duration "$secs" --connections 4 --concurrency 16 --quiet
-  curl -s "$admin/metrics" | grep -E "^kiln_cas_group_sync" || true
+  curl -s "$admin/metrics" | grep -E "^kiln_cas_group_sync|^kiln_log_(batches|appended)" || true
   kill "$server"; wait "$server" || true; server=
   umount "$mnt"; rm -f "$work/img"
 }
-for label in per-blob group fsync-off; do
+for label in "${labels[@]}"; do
   run "$label" write --size 64KiB
   run "$label" batch --size 1KiB --batch 64
   run "$label" action-cache --update-fraction 1

@@ -52,6 +52,16 @@ pub enum TierConfig {
         /// The endpoints.
         shards: Vec<ShardConfig>,
     },
+    /// A log of small blobs: appended to segment files, one data sync per batch of writes,
+    /// the oldest segment dropped when over `bytes` (what is still used is copied forward).
+    /// Only the store of a size partition's small side.
+    Log {
+        /// Its cap (it holds up to one segment more while it evicts).
+        bytes: ByteSize,
+        /// The size of one segment file.
+        #[serde(default = "default_segment")]
+        segment_bytes: ByteSize,
+    },
     /// Blobs up to `threshold_bytes` through the chain `small`, larger ones through `large`.
     SizePartition {
         /// The largest blob of the small side.
@@ -77,6 +87,14 @@ pub struct ShardConfig {
 fn one() -> u32 {
     1
 }
+
+fn default_segment() -> ByteSize {
+    ByteSize::mib(64)
+}
+
+/// The largest size-partition threshold in front of a log tier: a log holds each blob in
+/// memory while it writes it.
+pub const MAX_LOG_BLOB: u64 = 1 << 20;
 
 /// Calls `f` on every tier of `tiers`, size partitions' sides included.
 pub fn visit(tiers: &[TierSpec], f: &mut impl FnMut(&TierSpec)) {
@@ -114,6 +132,17 @@ pub enum TierSpec {
     Remote {
         /// The endpoints and their weights.
         shards: Vec<(String, u32)>,
+    },
+    /// A log of small blobs (the store of a size partition's small side).
+    Log {
+        /// Its name in the configuration (each name is one log).
+        name: String,
+        /// Its cap.
+        bytes: u64,
+        /// The size of one segment.
+        segment: u64,
+        /// The largest blob it holds (its partition's threshold).
+        max_blob: u64,
     },
     /// A size partition.
     SizePartition {
@@ -155,14 +184,16 @@ impl StorageConfig {
                 ));
             }
         }
-        self.resolve("storage.chain", &self.chain, 0)
+        self.resolve("storage.chain", &self.chain, 0, None)
     }
 
+    /// `small`: the threshold when `chain` is a size partition's small side.
     fn resolve(
         &self,
         at: &str,
         chain: &[String],
         depth: usize,
+        small: Option<u64>,
     ) -> Result<Vec<TierSpec>, ConfigError> {
         if depth > MAX_DEPTH {
             return Err(invalid(
@@ -178,7 +209,7 @@ impl StorageConfig {
         };
         let mut out = Vec::with_capacity(chain.len());
         for (i, name) in chain.iter().enumerate() {
-            let tier = self.tier(at, name, depth)?;
+            let tier = self.tier(at, name, depth, small)?;
             match (i == last, tier.is_store()) {
                 (true, false) => {
                     return Err(invalid(
@@ -198,7 +229,13 @@ impl StorageConfig {
         Ok(out)
     }
 
-    fn tier(&self, at: &str, name: &str, depth: usize) -> Result<TierSpec, ConfigError> {
+    fn tier(
+        &self,
+        at: &str,
+        name: &str,
+        depth: usize,
+        small: Option<u64>,
+    ) -> Result<TierSpec, ConfigError> {
         match name {
             MEMORY => Ok(TierSpec::Memory {
                 name: MEMORY.to_string(),
@@ -249,15 +286,24 @@ impl StorageConfig {
                         .map(|s| (s.endpoint.clone(), s.weight))
                         .collect(),
                 ),
+                Some(TierConfig::Log {
+                    bytes,
+                    segment_bytes,
+                }) => log(name, bytes.as_u64(), segment_bytes.as_u64(), small),
                 Some(TierConfig::SizePartition {
                     threshold_bytes,
                     small,
                     large,
-                }) => Ok(TierSpec::SizePartition {
-                    threshold: threshold_bytes.as_u64(),
-                    small: self.resolve(&format!("storage.tiers.{name}.small"), small, depth + 1)?,
-                    large: self.resolve(&format!("storage.tiers.{name}.large"), large, depth + 1)?,
-                }),
+                }) => {
+                    let threshold = threshold_bytes.as_u64();
+                    let small_at = format!("storage.tiers.{name}.small");
+                    let large_at = format!("storage.tiers.{name}.large");
+                    Ok(TierSpec::SizePartition {
+                        threshold,
+                        small: self.resolve(&small_at, small, depth + 1, Some(threshold))?,
+                        large: self.resolve(&large_at, large, depth + 1, None)?,
+                    })
+                }
             },
         }
     }
@@ -287,6 +333,42 @@ fn remote(at: &str, shards: Vec<(String, u32)>) -> Result<TierSpec, ConfigError>
         }
     }
     Ok(TierSpec::Remote { shards })
+}
+
+/// A log tier `name`, checked: the store of a size partition's small side (`small`: its
+/// threshold) of at most [`MAX_LOG_BLOB`], with segments of 1 MiB to 1 GiB and room for two.
+fn log(name: &str, bytes: u64, segment: u64, small: Option<u64>) -> Result<TierSpec, ConfigError> {
+    let at = format!("storage.tiers.{name}");
+    let Some(max_blob) = small else {
+        return Err(invalid(
+            &at,
+            "is a log of small blobs: it can only end a size partition's small chain",
+        ));
+    };
+    if max_blob > MAX_LOG_BLOB {
+        return Err(invalid(
+            &at,
+            "stands behind a size partition whose threshold_bytes is over 1 MiB; a log holds small blobs (it keeps each in memory while writing it)",
+        ));
+    }
+    if !((1 << 20)..=(1 << 30)).contains(&segment) {
+        return Err(invalid(
+            &format!("{at}.segment_bytes"),
+            "must be from 1 MiB to 1 GiB",
+        ));
+    }
+    if bytes < segment.saturating_mul(2) {
+        return Err(invalid(
+            &format!("{at}.bytes"),
+            "must hold at least two segments (segment_bytes)",
+        ));
+    }
+    Ok(TierSpec::Log {
+        name: name.to_string(),
+        bytes,
+        segment,
+        max_blob,
+    })
 }
 
 fn invalid(key: &str, why: &str) -> ConfigError {

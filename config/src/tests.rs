@@ -195,6 +195,31 @@ fn chains_resolve_and_bad_chains_name_their_fault() {
             "storage.tiers.m.max_blob_bytes",
             "must not exceed",
         ),
+        (
+            "chain = [\"log\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"1 GiB\"",
+            "storage.tiers.log",
+            "can only end a size partition's small chain",
+        ),
+        (
+            "chain = [\"s\"]\n[storage.tiers.s]\nkind = \"size_partition\"\nthreshold_bytes = \"1 KiB\"\nsmall = [\"filesystem\"]\nlarge = [\"log\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"1 GiB\"",
+            "storage.tiers.log",
+            "can only end a size partition's small chain",
+        ),
+        (
+            "chain = [\"s\"]\n[storage.tiers.s]\nkind = \"size_partition\"\nthreshold_bytes = \"2 MiB\"\nsmall = [\"log\"]\nlarge = [\"filesystem\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"1 GiB\"",
+            "storage.tiers.log",
+            "threshold_bytes is over 1 MiB",
+        ),
+        (
+            "chain = [\"s\"]\n[storage.tiers.s]\nkind = \"size_partition\"\nthreshold_bytes = \"64 KiB\"\nsmall = [\"log\"]\nlarge = [\"filesystem\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"1 GiB\"\nsegment_bytes = \"2 GiB\"",
+            "storage.tiers.log.segment_bytes",
+            "from 1 MiB to 1 GiB",
+        ),
+        (
+            "chain = [\"s\"]\n[storage.tiers.s]\nkind = \"size_partition\"\nthreshold_bytes = \"64 KiB\"\nsmall = [\"log\"]\nlarge = [\"filesystem\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"100 MiB\"",
+            "storage.tiers.log.bytes",
+            "two segments",
+        ),
     ] {
         let text = if toml.starts_with('[') {
             toml.to_string()
@@ -208,6 +233,23 @@ fn chains_resolve_and_bad_chains_name_their_fault() {
             }
             other => panic!("{toml}: {other:?}"),
         }
+    }
+    let logged = Config::from_toml(
+        "[storage]\nchain = [\"s\"]\n[storage.tiers.s]\nkind = \"size_partition\"\nthreshold_bytes = \"64 KiB\"\nsmall = [\"memory\", \"log\"]\nlarge = [\"filesystem\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"1 GiB\"\n",
+        "test",
+    )
+    .unwrap();
+    match &logged.storage.resolve_chain().unwrap()[0] {
+        TierSpec::SizePartition { small, .. } => assert_eq!(
+            small[1],
+            TierSpec::Log {
+                name: "log".into(),
+                bytes: 1 << 30,
+                segment: 64 << 20,
+                max_blob: 64 << 10,
+            }
+        ),
+        other => panic!("{other:?}"),
     }
     let unknown = Config::from_toml(
         "[storage.tiers.x]\nkind = \"memory\"\nbytes = 1\nmax_blob_bytes = 1\ncolour = 1",

@@ -91,6 +91,20 @@ pub struct Metrics {
     pub awaiting_sync: Gauge,
     /// Stored blobs found corrupt and removed.
     pub corrupt: Counter,
+    /// Batches the small-blob logs wrote (each one write and, when durable, one data sync).
+    pub log_syncs: Counter,
+    /// Records the small-blob logs appended (blobs stored, and copied forward).
+    pub log_appended: Counter,
+    /// Blobs the small-blob logs dropped with their segments.
+    pub log_evicted: Counter,
+    /// Records copied forward out of dropped segments (pinned, or used since written).
+    pub log_copied: Counter,
+    /// Bytes of the small-blob logs' segment files.
+    pub log_bytes: Gauge,
+    /// Bytes of the records they index (the rest is dead, freed with its segment).
+    pub log_live_bytes: Gauge,
+    /// Blobs they hold.
+    pub log_blobs: Gauge,
     /// Calls of the `redis` tier that Redis failed (or did not answer in time).
     pub redis_failures: Counter,
     /// Bytes of blobs written through to Redis by the `redis` tier.
@@ -138,6 +152,13 @@ impl Metrics {
             commits: Counter::default(),
             group_syncs: Counter::default(),
             group_synced_commits: Counter::default(),
+            log_syncs: Counter::default(),
+            log_appended: Counter::default(),
+            log_evicted: Counter::default(),
+            log_copied: Counter::default(),
+            log_bytes: Gauge::default(),
+            log_live_bytes: Gauge::default(),
+            log_blobs: Gauge::default(),
             awaiting_sync: Gauge::default(),
             corrupt: Counter::default(),
             redis_failures: Counter::default(),
@@ -239,6 +260,41 @@ impl Metrics {
             "kiln_cas_commits_awaiting_sync",
             "Commits waiting for durability (their group's sync, or another copy's of the same blob): not yet acknowledged or visible",
             self.awaiting_sync.clone(),
+        );
+        registry.register(
+            "kiln_log_batches",
+            "Batches the small-blob logs wrote: one write and, when durable, one data sync each",
+            self.log_syncs.clone(),
+        );
+        registry.register(
+            "kiln_log_appended_records",
+            "Records the small-blob logs appended (divided by kiln_log_batches: the mean batch)",
+            self.log_appended.clone(),
+        );
+        registry.register(
+            "kiln_log_evicted_blobs",
+            "Blobs the small-blob logs dropped with their oldest segments",
+            self.log_evicted.clone(),
+        );
+        registry.register(
+            "kiln_log_copied_records",
+            "Records copied forward out of dropped segments (pinned, or used since written)",
+            self.log_copied.clone(),
+        );
+        registry.register(
+            "kiln_log_bytes",
+            "Bytes of the small-blob logs' segment files",
+            self.log_bytes.clone(),
+        );
+        registry.register(
+            "kiln_log_live_bytes",
+            "Bytes of the records the small-blob logs index (the rest goes with its segment)",
+            self.log_live_bytes.clone(),
+        );
+        registry.register(
+            "kiln_log_blobs",
+            "Blobs the small-blob logs hold",
+            self.log_blobs.clone(),
         );
         registry.register(
             "kiln_cas_corrupt_blobs",

@@ -147,6 +147,30 @@ pub fn assert_code<T: std::fmt::Debug>(
     );
 }
 
+/// The blob files (`{hash}-{size}`) under `data_dir/cas/`, with their sizes.
+pub fn blob_files(data_dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![data_dir.join("cas")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let (path, name) = (entry.path(), entry.file_name());
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                dirs.push(path);
+            } else if name
+                .to_str()
+                .and_then(|n| n.split_once('-'))
+                .is_some_and(|(hash, _)| {
+                    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())
+                })
+            {
+                out.push((path, meta.len()));
+            }
+        }
+    }
+    out
+}
+
 /// Upload temp files left under `data_dir/tmp/` (which holds them in subdirectories); none
 /// when the directory does not exist.
 pub fn temp_files(data_dir: &Path) -> Vec<PathBuf> {

@@ -71,6 +71,22 @@ impl LocalCas {
         BlobKey::new(instance.clone(), d)
     }
 
+    /// Whether the CAS keeps the blob as a file (to hardlink) rather than in a small-blob log
+    /// (to copy: [`LocalCas::bytes_of`]).
+    pub fn keeps_file(&self, instance: &InstanceName, d: Digest) -> bool {
+        self.store().keeps_files(&Self::key(instance, d))
+    }
+
+    /// The bytes of a blob the CAS keeps no file of, checked; `None` when it is not held.
+    pub async fn bytes_of(
+        &self,
+        instance: &InstanceName,
+        d: Digest,
+    ) -> Result<Option<bytes::Bytes>, ActionError> {
+        let key = Self::key(instance, d);
+        Ok(kiln_dataplane::store::tier::read_whole(&**self.store(), &key).await?)
+    }
+
     /// The file of a committed blob.
     pub fn path(&self, instance: &InstanceName, d: Digest) -> PathBuf {
         self.chain.layout().blob_path(&Self::key(instance, d))
@@ -116,8 +132,14 @@ impl LocalCas {
         let files = Filesystem::new(self.chain.client().clone());
         let files = &files;
         let layout = self.chain.layout();
+        let store = self.store();
         let checked: Vec<(BlobKey, bool)> = futures::stream::iter(unchecked)
             .map(|key| async move {
+                if !store.keeps_files(&key) {
+                    // No file of it (the small-blob log): reading it checks it.
+                    let good = matches!(store.open(&key).await, Ok(Some(_)));
+                    return (key, good);
+                }
                 let path = layout.blob_path(&key);
                 let good = match files.open(&key).await {
                     Ok(Some(blob)) => {

@@ -8,6 +8,7 @@ use crate::dircache::{disk, DirCache, Lease};
 use crate::error::{io, ActionError};
 use crate::fetch::InputTree;
 use crate::tamper::{Origin, SharedFiles};
+use bytes::Bytes;
 use kiln_dataplane::store::clone::clone_or_copy;
 use kiln_proto::reapi::{Directory, NodeProperties};
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
@@ -19,10 +20,16 @@ const READ_ONLY: u32 = 0o444;
 const EXECUTABLE: u32 = 0o555;
 const DIRECTORY: u32 = 0o755;
 
+/// Reads a blob kept outside files (see [`Materialiser::blob_bytes`]).
+pub type BlobBytes<'a> = dyn Fn(Digest) -> Result<Option<Bytes>, ActionError> + Sync + 'a;
+
 /// Where materialisation gets its files.
 pub struct Materialiser<'a> {
     /// The path of a blob in the local CAS.
     pub blob_path: &'a (dyn Fn(Digest) -> PathBuf + Sync),
+    /// The bytes of a blob the local CAS keeps no file of (a small-blob log), which is
+    /// copied rather than linked: `Ok(None)` for a blob it keeps as a file.
+    pub blob_bytes: Option<&'a BlobBytes<'a>>,
     /// Read-only executable copies, shared by actions (on the work directory's filesystem).
     pub exec_cache: &'a Path,
     /// The digest function of the tree.
@@ -162,6 +169,8 @@ impl Materialiser<'_> {
             std::fs::write(dst, b"").map_err(io("create", dst))?;
             std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
                 .map_err(io("chmod", dst))?;
+        } else if let Some(data) = self.bytes_of(d)? {
+            write_new(dst, &data)?;
         } else if has_props {
             clone_or_copy(&(self.blob_path)(d), dst).map_err(io("copy", dst))?;
         } else {
@@ -194,6 +203,14 @@ impl Materialiser<'_> {
         }
     }
 
+    /// The bytes of `d` when the CAS keeps no file of it.
+    fn bytes_of(&self, d: Digest) -> Result<Option<Bytes>, ActionError> {
+        match self.blob_bytes {
+            Some(read) => read(d),
+            None => Ok(None),
+        }
+    }
+
     /// The shared read-only executable copy of a blob, created on first use.
     fn exec_copy(&self, d: Digest) -> Result<PathBuf, ActionError> {
         let path = self.exec_cache.join(format!("{}-{}", d.hex(), d.size));
@@ -209,6 +226,17 @@ impl Materialiser<'_> {
         std::fs::rename(&temp, &path).map_err(io("rename", &path))?;
         Ok(path)
     }
+}
+
+/// Creates `dst` (which must not exist) holding `data`.
+fn write_new(dst: &Path, data: &[u8]) -> Result<(), ActionError> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(io("create", dst))
 }
 
 /// How [`link_or_copy`] placed a file.
@@ -287,6 +315,15 @@ mod tests {
     use std::collections::HashMap;
     use std::os::unix::fs::MetadataExt;
 
+    /// A tree of the one directory `top`.
+    fn one_directory(top: Directory) -> InputTree {
+        let d = Digest::of(DigestFunction::Sha256, &top.encode_to_vec());
+        InputTree {
+            root: d,
+            directories: HashMap::from([(d, top)]),
+        }
+    }
+
     fn node(name: &str, d: Digest, exec: bool, props: Option<NodeProperties>) -> FileNode {
         FileNode {
             name: name.into(),
@@ -356,6 +393,7 @@ mod tests {
         let blob_path = |d: Digest| cas.join(d.hex());
         let shared = Materialiser {
             blob_path: &blob_path,
+            blob_bytes: None,
             exec_cache: &exec_cache,
             function: 1,
             cache: None,
@@ -434,16 +472,13 @@ mod tests {
             files: vec![node("in", gone, false, None)],
             ..Default::default()
         };
-        let d = Digest::of(f, &top.encode_to_vec());
-        let tree = InputTree {
-            root: d,
-            directories: HashMap::from([(d, top)]),
-        };
+        let tree = one_directory(top);
         let root = dir.path().join("root");
         std::fs::create_dir(&root).unwrap();
         let blob_path = |d: Digest| dir.path().join(d.hex());
         let r = Materialiser {
             blob_path: &blob_path,
+            blob_bytes: None,
             exec_cache: dir.path(),
             function: 1,
             cache: None,
@@ -455,10 +490,71 @@ mod tests {
         );
     }
 
+    /// Blobs a small-blob log holds have no file to link: their bytes are copied, with the
+    /// modes and properties a linked file gets, and counted as files made for the action.
+    #[test]
+    fn blobs_kept_outside_files_are_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = DigestFunction::Sha256;
+        let (text, tool) = (b"small text".to_vec(), b"#!/bin/sh\necho".to_vec());
+        let (text_d, tool_d) = (Digest::of(f, &text), Digest::of(f, &tool));
+        let stamped = NodeProperties {
+            properties: vec![],
+            mtime: None,
+            unix_mode: Some(0o640),
+        };
+        let top = Directory {
+            files: vec![
+                node("text", text_d, false, None),
+                node("tool", tool_d, true, None),
+                node("stamped", text_d, false, Some(stamped)),
+            ],
+            ..Default::default()
+        };
+        let tree = one_directory(top);
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        // No file of either exists where the CAS would keep one.
+        let blob_path = |d: Digest| dir.path().join(d.hex());
+        let bytes = |d: Digest| -> Result<Option<Bytes>, ActionError> {
+            match d {
+                d if d == text_d => Ok(Some(Bytes::from(text.clone()))),
+                d if d == tool_d => Ok(Some(Bytes::from(tool.clone()))),
+                d => Err(ActionError::MissingInputs(vec![d])),
+            }
+        };
+        let (shared, _) = Materialiser {
+            blob_path: &blob_path,
+            blob_bytes: Some(&bytes),
+            exec_cache: dir.path(),
+            function: 1,
+            cache: None,
+        }
+        .materialise(&tree, &root)
+        .unwrap();
+        let mode = |name: &str| std::fs::metadata(root.join(name)).unwrap().mode() & 0o7777;
+        assert_eq!(std::fs::read(root.join("text")).unwrap(), text);
+        assert_eq!(std::fs::read(root.join("tool")).unwrap(), tool);
+        // Write bits are taken off a given mode, as for every input file.
+        assert_eq!(
+            (mode("text"), mode("tool"), mode("stamped")),
+            (0o444, 0o555, 0o440)
+        );
+        let inodes = shared.inodes();
+        for made in ["text", "tool", "stamped"] {
+            let m = std::fs::metadata(root.join(made)).unwrap();
+            assert!(inodes.contains(&(m.dev(), m.ino())), "{made}");
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "nothing cached"
+        );
+    }
+
     #[test]
     fn hostile_names_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let f = DigestFunction::Sha256;
         let link = |name: &str, target: &str| SymlinkNode {
             name: name.into(),
             target: target.into(),
@@ -486,14 +582,11 @@ mod tests {
         });
         for top in bad_trees {
             let bad = format!("{top:?}");
-            let d = Digest::of(f, &top.encode_to_vec());
-            let tree = InputTree {
-                root: d,
-                directories: HashMap::from([(d, top)]),
-            };
+            let tree = one_directory(top);
             let blob_path = |d: Digest| dir.path().join(d.hex());
             let r = Materialiser {
                 blob_path: &blob_path,
+                blob_bytes: None,
                 exec_cache: dir.path(),
                 function: 1,
                 cache: None,

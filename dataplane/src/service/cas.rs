@@ -134,13 +134,19 @@ async fn update_one(
         keep_frame(key);
         return Ok(());
     }
-    let temp = svc.layout.temp_path();
     let epoch = svc.cas.sync_epoch();
-    let sync_data = svc.limits.sync_own_data(digest.size);
-    if let Err(e) = blob_io::write_new(&*svc.runtime, &temp, &data, sync_data).await {
-        let _ = svc.runtime.remove_file(&temp).await;
-        return Err(BlobError::io("write", &temp, e));
-    }
+    // A store that keeps no file per blob (the small-blob log) takes the bytes as they are.
+    let temp = if svc.store.keeps_files(&key) {
+        let temp = svc.layout.temp_path();
+        let sync_data = svc.limits.sync_own_data(digest.size);
+        if let Err(e) = blob_io::write_new(&*svc.runtime, &temp, &data, sync_data).await {
+            let _ = svc.runtime.remove_file(&temp).await;
+            return Err(BlobError::io("write", &temp, e));
+        }
+        Some(temp)
+    } else {
+        None
+    };
     let upload = VerifiedUpload {
         temp,
         data: Some(data),

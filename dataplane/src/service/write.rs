@@ -147,6 +147,9 @@ async fn write(
         .claim_upload(upload_key.clone(), &resource.key, progress.clone())
         .await
         .map_err(BlobError::from)?;
+    // A store that keeps no file per blob (the small-blob log) takes the bytes from memory:
+    // no temp file, and an interrupted upload starts over rather than resumes.
+    let in_memory = !svc.store.keeps_files(&resource.key);
     let (state, mut writer, staged, epoch) = match claim {
         UploadClaim::Present if compressed => return Ok(-1),
         UploadClaim::Present => return Ok(digest.size as i64),
@@ -159,8 +162,11 @@ async fn write(
             }
             .into())
         }
+        UploadClaim::Fresh(staged) if in_memory => {
+            (UploadState::new(digest), None, staged, svc.cas.sync_epoch())
+        }
         UploadClaim::Fresh(staged) => match new_temp(svc, digest.size).await {
-            Ok((w, epoch)) => (UploadState::new(digest), w, staged, epoch),
+            Ok((w, epoch)) => (UploadState::new(digest), Some(w), staged, epoch),
             Err(e) => {
                 svc.cas
                     .release_upload(upload_key, &resource.key, None)
@@ -173,7 +179,7 @@ async fn write(
             match TempWriter::reopen(&*svc.runtime, parked.temp.clone(), parked.committed).await {
                 Ok(w) => (
                     UploadState::resume(digest, parked.committed, parked.hasher),
-                    w,
+                    Some(w),
                     parked.staged,
                     parked.epoch,
                 ),
@@ -183,7 +189,7 @@ async fn write(
                     match new_temp(svc, digest.size).await {
                         Ok((w, epoch)) => {
                             progress.store(0, Ordering::Relaxed);
-                            (UploadState::new(digest), w, parked.staged, epoch)
+                            (UploadState::new(digest), Some(w), parked.staged, epoch)
                         }
                         Err(e) => {
                             svc.cas
@@ -210,7 +216,9 @@ async fn write(
             Ok(c) => Some(c),
             Err(e) => {
                 // Nothing written: the temp file and the claim go back.
-                writer.discard(&*svc.runtime).await;
+                if let Some(w) = writer {
+                    w.discard(&*svc.runtime).await;
+                }
                 svc.cas
                     .release_upload(upload_key, &resource.key, None)
                     .await;
@@ -219,7 +227,9 @@ async fn write(
         },
     };
     // A small blob sent whole on this stream also seeds the memory tiers.
-    let keep = (state.committed() == 0 && digest.size <= svc.limits.inline_read)
+    // (Bytes kept in memory in place of a file are held whatever their size: a store
+    // keeping no files takes only small blobs.)
+    let keep = (state.committed() == 0 && (in_memory || digest.size <= svc.limits.inline_read))
         .then(|| Kept::new(digest.size as usize));
     // The client's frames of a blob sent whole on this stream are kept for compressed reads.
     let frame = match (&inflate, svc.limits.zstd.as_ref()) {
@@ -227,19 +237,24 @@ async fn write(
         _ => None,
     };
     // Readers of the blob may follow this upload (with an in-flight tier).
-    let arriving = svc
-        .uploads
-        .as_ref()
-        .and_then(|u| u.begin(&resource.key, writer.path(), writer.on_disk()));
-    if let Some(a) = &arriving {
-        writer.on_progress(a.follower());
-    }
+    // Readers follow an upload through its temp file: one kept in memory is not followed.
+    let arriving = match (svc.uploads.as_ref(), writer.as_mut()) {
+        (Some(u), Some(w)) => {
+            let arriving = u.begin(&resource.key, w.path(), w.on_disk());
+            if let Some(a) = &arriving {
+                w.on_progress(a.follower());
+            }
+            arriving
+        }
+        _ => None,
+    };
     let mut upload = Upload {
         svc,
         resource: &resource,
         name: first.resource_name.clone(),
         state,
-        writer: Some(writer),
+        writer,
+        in_memory,
         staged: Some(staged),
         epoch,
         progress,
@@ -273,6 +288,8 @@ struct Upload<'a> {
     name: String,
     state: UploadState,
     writer: Option<TempWriter>,
+    /// The upload is kept in memory (`keep`) rather than in a temp file.
+    in_memory: bool,
     /// The space the temp file holds against the cap, until committed or dropped.
     staged: Option<Staged>,
     /// Failed filesystem syncs before the temp file was first written (see
@@ -399,22 +416,29 @@ impl Upload<'_> {
     }
 
     async fn commit(&mut self) -> Result<i64, WriteEnd> {
-        let Some(writer) = self.writer.take() else {
-            return Err(BlobError::WriteResource("upload already committed").into());
+        let (temp, data) = if self.in_memory {
+            let Some(kept) = self.keep.take() else {
+                return Err(BlobError::WriteResource("upload already committed").into());
+            };
+            (None, Some(kept.into_bytes()))
+        } else {
+            let Some(writer) = self.writer.take() else {
+                return Err(BlobError::WriteResource("upload already committed").into());
+            };
+            let path = writer.path().to_path_buf();
+            if let Err(e) = writer
+                .finish(self.svc.limits.sync_own_data(self.state.digest().size))
+                .await
+            {
+                let _ = self.svc.runtime.remove_file(&path).await;
+                return Err(BlobError::io("write", &path, e).into());
+            }
+            (Some(path), self.keep.take().map(Kept::into_bytes))
         };
-        let path = writer.path().to_path_buf();
-        if let Err(e) = writer
-            .finish(self.svc.limits.sync_own_data(self.state.digest().size))
-            .await
-        {
-            let _ = self.svc.runtime.remove_file(&path).await;
-            return Err(BlobError::io("write", &path, e).into());
-        }
-        let data = self.keep.take().map(Kept::into_bytes);
         // The committed blob is counted by its owner from here on.
         self.staged = None;
         let upload = VerifiedUpload {
-            temp: path,
+            temp,
             data,
             epoch: self.epoch,
         };

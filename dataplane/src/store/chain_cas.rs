@@ -10,7 +10,7 @@ use super::{CasClient, StoreError};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use kiln_reapi::cas::{Cas, CasError, CasFuture};
-use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
+use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -87,8 +87,16 @@ impl ChainCas {
     }
 
     async fn write_and_commit(&self, key: &BlobKey, data: Bytes) -> Result<(), StoreError> {
-        let temp = self.layout.temp_path();
         let epoch = self.cas.sync_epoch();
+        if !self.store.keeps_files(key) {
+            let upload = VerifiedUpload {
+                temp: None,
+                data: Some(data),
+                epoch,
+            };
+            return self.put(key, upload).await;
+        }
+        let temp = self.layout.temp_path();
         let durable = self.sync_own_data(key.digest.size);
         let written = {
             let (temp, data) = (temp.clone(), data.clone());
@@ -110,7 +118,7 @@ impl ChainCas {
         self.put(
             key,
             VerifiedUpload {
-                temp,
+                temp: Some(temp),
                 data: Some(data),
                 epoch,
             },
@@ -129,6 +137,9 @@ impl ChainCas {
     }
 
     async fn link_and_commit(&self, key: &BlobKey, file: &Path) -> Result<(), StoreError> {
+        if !self.store.keeps_files(key) {
+            return self.read_and_commit(key, file).await;
+        }
         let temp = self.layout.temp_path();
         let epoch = self.cas.sync_epoch();
         let durable = self.sync_own_data(key.digest.size);
@@ -150,12 +161,40 @@ impl ChainCas {
         self.put(
             key,
             VerifiedUpload {
-                temp,
+                temp: Some(temp),
                 data: None,
                 epoch,
             },
         )
         .await
+    }
+
+    /// Stores a file's bytes in a store that keeps no files: read, and hashed again once in
+    /// memory (the file could have changed since it was hashed; these bytes cannot).
+    async fn read_and_commit(&self, key: &BlobKey, file: &Path) -> Result<(), StoreError> {
+        let epoch = self.cas.sync_epoch();
+        let (path, size) = (file.to_path_buf(), key.digest.size);
+        let data = blocking(move || {
+            use std::io::Read;
+            let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            std::fs::File::open(&path)?
+                .take(size.saturating_add(1))
+                .read_to_end(&mut data)?;
+            Ok(data)
+        })
+        .await
+        .map_err(|e| StoreError::io("read", file, e))?;
+        if data.len() as u64 != size || Hasher::hash(key.digest.function, &data) != key.digest.hash
+        {
+            let changed = std::io::Error::other("the file changed after it was hashed");
+            return Err(StoreError::io("store", file, changed));
+        }
+        let upload = VerifiedUpload {
+            temp: None,
+            data: Some(Bytes::from(data)),
+            epoch,
+        };
+        self.put(key, upload).await
     }
 
     /// Commits a temp file already checked against the key's digest through the chain (its
@@ -171,7 +210,11 @@ impl ChainCas {
         epoch: u64,
     ) -> Result<(), StoreError> {
         let (this, key) = (self.clone(), key.clone());
-        let upload = VerifiedUpload { temp, data, epoch };
+        let upload = VerifiedUpload {
+            temp: Some(temp),
+            data,
+            epoch,
+        };
         to_the_end(async move { this.put(&key, upload).await }).await
     }
 

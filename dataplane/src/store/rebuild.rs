@@ -271,7 +271,7 @@ mod tests {
         let temp = layout.temp_path();
         std::fs::write(&temp, &new).unwrap();
         let upload = VerifiedUpload {
-            temp,
+            temp: Some(temp),
             data: None,
             epoch: cas.sync_epoch(),
         };

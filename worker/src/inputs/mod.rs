@@ -18,6 +18,7 @@ use crate::fetch::{fetch, InputTree, Source};
 use crate::materialise::{link_from_cache, Materialiser};
 use crate::overlay::Mounted;
 use crate::tamper::SharedFiles;
+use crate::LocalCas;
 use kiln_dataplane::store::tier::PinHolder;
 use kiln_reapi::digest::{BlobKey, Digest, InstanceName};
 use std::path::{Path, PathBuf};
@@ -107,11 +108,14 @@ pub async fn place(
             inst.clone(),
             tree.clone(),
         );
+        let runtime = tokio::runtime::Handle::current();
         blocking(root.clone(), move || {
             std::fs::create_dir_all(&root).map_err(io("create", &root))?;
             let blob_path = |d: Digest| local.path(&inst, d);
+            let blob_bytes = |d: Digest| bytes_outside_files(&local, &runtime, &inst, d);
             let m = Materialiser {
                 blob_path: &blob_path,
+                blob_bytes: Some(&blob_bytes),
                 exec_cache: &exec_cache,
                 function,
                 cache: cache.as_ref().map(|c| (c, &inst)),
@@ -122,10 +126,13 @@ pub async fn place(
     };
     let (mut inputs, job) = laid;
     if let (Some(job), Some(cache)) = (job, cache) {
+        let runtime = tokio::runtime::Handle::current();
         inputs.building = Some(tokio::task::spawn_blocking(move || {
             let blob_path = |d: Digest| local.path(&inst, d);
+            let blob_bytes = |d: Digest| bytes_outside_files(&local, &runtime, &inst, d);
             let m = Materialiser {
                 blob_path: &blob_path,
+                blob_bytes: Some(&blob_bytes),
                 exec_cache: &exec_cache,
                 function,
                 cache: Some((&cache, &inst)),
@@ -168,6 +175,23 @@ fn lay_out(
 }
 
 /// Runs `work` on tokio's blocking pool.
+/// The bytes of an input the local CAS keeps no file of (a small-blob log), read from a
+/// blocking thread through `runtime`; `Ok(None)` for one kept as a file (linked instead).
+fn bytes_outside_files(
+    local: &LocalCas,
+    runtime: &tokio::runtime::Handle,
+    instance: &InstanceName,
+    d: Digest,
+) -> Result<Option<bytes::Bytes>, ActionError> {
+    if local.keeps_file(instance, d) {
+        return Ok(None);
+    }
+    match runtime.block_on(local.bytes_of(instance, d))? {
+        Some(data) => Ok(Some(data)),
+        None => Err(ActionError::MissingInputs(vec![d])),
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     at: PathBuf,
     work: impl FnOnce() -> Result<T, ActionError> + Send + 'static,

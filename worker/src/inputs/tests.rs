@@ -139,6 +139,7 @@ impl Fixture {
         let exec = self.path("exec");
         let m = Materialiser {
             blob_path: &blob_path,
+            blob_bytes: None,
             exec_cache: &exec,
             function: F.proto() as i32,
             cache: Some((cache, &instance)),

@@ -58,7 +58,7 @@ impl Plane {
         let temp = self.layout.temp_path();
         std::fs::write(&temp, data).expect("temp file");
         VerifiedUpload {
-            temp,
+            temp: Some(temp),
             data: keep.then(|| Bytes::copy_from_slice(data)),
             epoch: self.cas.sync_epoch(),
         }
@@ -206,6 +206,7 @@ fn the_configured_chains() {
         "chain = [\"filesystem\"]",
         "chain = [\"in_flight\", \"memory\", \"filesystem\"]",
         "chain = [\"hot\", \"split\"]\n[storage.tiers.hot]\nkind = \"memory\"\nbytes = \"1 MiB\"\nmax_blob_bytes = \"4 KiB\"\n[storage.tiers.split]\nkind = \"size_partition\"\nthreshold_bytes = \"64 KiB\"\nsmall = [\"memory\", \"filesystem\"]\nlarge = [\"filesystem\"]",
+        "chain = [\"split\"]\n[storage.tiers.split]\nkind = \"size_partition\"\nthreshold_bytes = \"64 KiB\"\nsmall = [\"memory\", \"log\"]\nlarge = [\"filesystem\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"4 MiB\"\nsegment_bytes = \"1 MiB\"",
     ] {
         let plane = Plane::start(storage);
         let store = plane.plan.build(&plane.cas);

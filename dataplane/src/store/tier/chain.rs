@@ -4,6 +4,7 @@
 
 use super::filesystem::Filesystem;
 use super::in_flight::{InFlight, Uploads};
+use super::log::{LogOptions, SmallBlobLog};
 use super::memory::{Memory, MemoryCache};
 use super::redis::{RedisTier, SharedBlobs};
 use super::remote::{RemoteMaker, RemoteTier, Remotes};
@@ -29,6 +30,8 @@ pub struct ChainPlan {
     remotes: BTreeMap<Vec<(String, u32)>, Arc<Remotes>>,
     /// Where blobs fetched from redis and remote tiers are written first.
     layout: Option<crate::store::layout::Layout>,
+    /// The small-blob logs, by name (opened by [`ChainPlan::open_logs`]).
+    logs: BTreeMap<String, Arc<SmallBlobLog>>,
     metrics: Arc<Metrics>,
 }
 
@@ -67,7 +70,45 @@ impl ChainPlan {
             plan.shared = Some(blobs);
         }
         plan.layout = Some(crate::store::layout::Layout::cas(&storage.data_dir));
+        plan.open_logs(&storage.data_dir, storage.fsync)?;
         Ok(plan)
+    }
+
+    /// Opens the chain's small-blob logs, each in `data_dir/log/NAME` (indexing what they
+    /// hold); `durable`: each batch is synced before it is acknowledged.
+    pub fn open_logs(
+        &mut self,
+        data_dir: &std::path::Path,
+        durable: bool,
+    ) -> Result<(), ConfigError> {
+        let mut logs: BTreeMap<String, LogOptions> = BTreeMap::new();
+        visit(&self.tiers, &mut |t| {
+            if let TierSpec::Log {
+                name,
+                bytes,
+                segment,
+                max_blob,
+            } = t
+            {
+                let options = logs.entry(name.clone()).or_insert(LogOptions {
+                    cap: *bytes,
+                    segment: *segment,
+                    max_blob: *max_blob,
+                    durable,
+                });
+                options.max_blob = options.max_blob.max(*max_blob);
+            }
+        });
+        for (name, options) in logs {
+            let dir = data_dir.join("log").join(&name);
+            let log = SmallBlobLog::open(&dir, options, self.forgetters(), self.metrics.clone())
+                .map_err(|e| ConfigError::Invalid {
+                    key: format!("storage.tiers.{name}"),
+                    why: format!("cannot open its log in {}: {e}", dir.display()),
+                })?;
+            self.logs.insert(name, Arc::new(log));
+        }
+        Ok(())
     }
 
     /// Makes the clients of the chain's grpc and shard tiers' endpoints (`maker`: how this
@@ -112,6 +153,7 @@ impl ChainPlan {
             shared: None,
             remotes: BTreeMap::new(),
             layout: None,
+            logs: BTreeMap::new(),
             metrics,
         }
     }
@@ -133,6 +175,10 @@ impl ChainPlan {
         for tier in tiers.iter().rev() {
             below = Some(match (tier, below.take()) {
                 (TierSpec::Filesystem, _) => filesystem.clone(),
+                (TierSpec::Log { name, .. }, _) => match self.logs.get(name) {
+                    Some(log) => log.clone(),
+                    None => filesystem.clone(),
+                },
                 (
                     TierSpec::SizePartition {
                         threshold,

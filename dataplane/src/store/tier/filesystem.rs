@@ -4,7 +4,7 @@
 //! ends here: it is the store that survives a restart.
 
 use super::{Blob, BlobStore, BlobWatcher, PinHolder, StoreFuture, Verdict, VerifiedUpload};
-use crate::store::{CasClient, Committed};
+use crate::store::{CasClient, Committed, StoreError};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use kiln_reapi::digest::BlobKey;
@@ -58,7 +58,14 @@ impl BlobStore for Filesystem {
     }
 
     fn put<'a>(&'a self, key: &'a BlobKey, upload: VerifiedUpload) -> StoreFuture<'a, Committed> {
-        Box::pin(self.cas.commit(key, upload.temp, upload.epoch))
+        Box::pin(async move {
+            // Writers ask `keeps_files` first: an upload for this tier comes as a file.
+            let Some(temp) = upload.temp else {
+                let why = std::io::Error::other("an upload for the filesystem tier has no file");
+                return Err(StoreError::io("store", std::path::PathBuf::new(), why));
+            };
+            self.cas.commit(key, temp, upload.epoch).await
+        })
     }
 
     fn pin<'a>(

@@ -273,6 +273,10 @@ impl BlobStore for InFlight {
     fn touched(&self, keys: &[BlobKey]) {
         self.inner.touched(keys);
     }
+
+    fn keeps_files(&self, key: &BlobKey) -> bool {
+        self.inner.keeps_files(key)
+    }
 }
 
 /// What a reader of an upload does once it cannot follow the temp file (it was renamed into
@@ -459,11 +463,15 @@ mod tests {
         let upload = plane.upload(&[], false);
         let mut file = std::fs::OpenOptions::new()
             .append(true)
-            .open(&upload.temp)
+            .open(upload.temp.as_deref().expect("a temp file"))
             .unwrap();
-        let arriving = uploads.begin(&k, &upload.temp, 0).expect("registered");
+        let arriving = uploads
+            .begin(&k, upload.temp.as_deref().expect("a temp file"), 0)
+            .expect("registered");
         assert!(
-            uploads.begin(&k, &upload.temp, 0).is_none(),
+            uploads
+                .begin(&k, upload.temp.as_deref().expect("a temp file"), 0)
+                .is_none(),
             "one upload per blob is followed"
         );
         // What the upload's writer is given to report its progress.
@@ -517,7 +525,9 @@ mod tests {
         let blob = data(5_000);
         let k = key(&blob);
         let upload = plane.upload(&blob[..3_000], false);
-        let arriving = uploads.begin(&k, &upload.temp, 3_000).expect("registered");
+        let arriving = uploads
+            .begin(&k, upload.temp.as_deref().expect("a temp file"), 3_000)
+            .expect("registered");
         let (pieces, done, shard) = readers(store.clone(), k.clone(), 2);
         for rx in &pieces {
             assert_eq!(take(rx, 3_000), &blob[..3_000]);
@@ -553,7 +563,7 @@ mod tests {
         let k = key(&blob);
         let followed = plane.upload(&blob[..3_000], false);
         let arriving = uploads
-            .begin(&k, &followed.temp, 3_000)
+            .begin(&k, followed.temp.as_deref().expect("a temp file"), 3_000)
             .expect("registered");
         let (pieces, done, shard) = readers(store.clone(), k.clone(), 2);
         for rx in &pieces {
@@ -583,7 +593,9 @@ mod tests {
         let blob = data(3_000);
         let k = key(&blob);
         let upload = plane.upload(&blob, false);
-        let arriving = uploads.begin(&k, &upload.temp, 3_000).expect("registered");
+        let arriving = uploads
+            .begin(&k, upload.temp.as_deref().expect("a temp file"), 3_000)
+            .expect("registered");
         let growing = uploads.get(&k).expect("followed");
         block_on(filesystem.put(&k, upload)).unwrap();
         arriving.stored();

@@ -257,6 +257,10 @@ impl BlobStore for Memory {
     fn touched(&self, keys: &[BlobKey]) {
         self.inner.touched(keys);
     }
+
+    fn keeps_files(&self, key: &BlobKey) -> bool {
+        self.inner.keeps_files(key)
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub mod chain;
 mod check;
 pub mod filesystem;
 pub mod in_flight;
+pub mod log;
 pub mod memory;
 pub mod redis;
 pub mod remote;
@@ -41,11 +42,12 @@ use std::sync::Arc;
 pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 
 /// An upload whose bytes were checked against its digest: a temp file in the CAS's temp
-/// directory (the tier that keeps it takes it over, and removes it if it does not).
+/// directory (the tier that keeps it takes it over, and removes it if it does not), or only
+/// bytes in memory, for a store that does not keep files ([`BlobStore::keeps_files`]).
 #[derive(Debug)]
 pub struct VerifiedUpload {
-    /// The temp file holding exactly the blob's bytes.
-    pub temp: PathBuf,
+    /// The temp file holding exactly the blob's bytes (`None`: only `data`).
+    pub temp: Option<PathBuf>,
     /// The same bytes in memory, when the writer has them (small blobs), for memory tiers.
     pub data: Option<Bytes>,
     /// [`super::CasClient::sync_epoch`] read before the temp file's first byte was written.
@@ -115,6 +117,14 @@ pub trait BlobStore: Send + Sync {
 
     /// Blobs a tier above served itself: they count as used now (best effort).
     fn touched(&self, keys: &[BlobKey]);
+
+    /// Whether the store keeps `key` as a file of its own (the filesystem tier), so that an
+    /// upload of it is written to a temp file first and a worker can hardlink it. A store
+    /// that does not (the small-blob log) takes the upload's bytes from memory, and workers
+    /// copy the blob's bytes. Decorators answer for the store below them.
+    fn keeps_files(&self, _key: &BlobKey) -> bool {
+        true
+    }
 }
 
 /// Told when a blob enters the filesystem tier and when it no longer holds it (evicted,

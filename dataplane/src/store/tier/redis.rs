@@ -164,6 +164,16 @@ impl RedisInner {
     /// tier's runtime (never on a data-plane core).
     async fn store_below(&self, key: &BlobKey, data: Bytes) -> Result<(), StoreError> {
         let epoch = self.cas.sync_epoch();
+        if !self.below.keeps_files(key) {
+            let upload = VerifiedUpload {
+                temp: None,
+                data: Some(data),
+                epoch,
+            };
+            self.below.put(key, upload).await?;
+            self.metrics.redis_fetched_bytes.inc_by(key.digest.size);
+            return Ok(());
+        }
         let temp = self.layout.temp_path();
         let (path, bytes) = (temp.clone(), data.clone());
         let written = self
@@ -180,7 +190,7 @@ impl RedisInner {
             .put(
                 key,
                 VerifiedUpload {
-                    temp,
+                    temp: Some(temp),
                     data: Some(data),
                     epoch,
                 },
@@ -321,5 +331,9 @@ impl BlobStore for RedisTier {
 
     fn touched(&self, keys: &[BlobKey]) {
         self.inner.below.touched(keys)
+    }
+
+    fn keeps_files(&self, key: &BlobKey) -> bool {
+        self.inner.below.keeps_files(key)
     }
 }

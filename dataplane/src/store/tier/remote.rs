@@ -205,7 +205,7 @@ impl Inner {
             }
         }
         let upload = VerifiedUpload {
-            temp,
+            temp: Some(temp),
             data: None,
             epoch,
         };
@@ -222,8 +222,8 @@ impl Inner {
     ) -> Result<Committed, StoreError> {
         let shard = self.remotes.owner(&key);
         let (instance, digest) = (key.instance.clone(), key.digest);
-        let written = match upload.data.clone() {
-            Some(data) => {
+        let written = match (upload.data.clone(), upload.temp.clone()) {
+            (Some(data), _) => {
                 self.remotes
                     .call(shard, digest.size, move |cas| {
                         Box::pin(
@@ -232,18 +232,20 @@ impl Inner {
                     })
                     .await
             }
-            None => {
-                let path = upload.temp.clone();
+            (None, Some(path)) => {
                 self.remotes
                     .call(shard, digest.size, move |cas| {
                         Box::pin(async move { cas.write_file(&instance, digest, &path).await })
                     })
                     .await
             }
+            (None, None) => Err(StoreError::Unavailable),
         };
         if let Err(e) = written {
             // Nothing kept here: the client's retry finds the blob missing and sends it again.
-            let _ = std::fs::remove_file(&upload.temp);
+            if let Some(temp) = &upload.temp {
+                let _ = std::fs::remove_file(temp);
+            }
             self.metrics.remote_failures.inc();
             return Err(e);
         }
@@ -395,5 +397,9 @@ impl BlobStore for RemoteTier {
 
     fn touched(&self, keys: &[BlobKey]) {
         self.inner.below.touched(keys)
+    }
+
+    fn keeps_files(&self, key: &BlobKey) -> bool {
+        self.inner.below.keeps_files(key)
     }
 }

@@ -156,4 +156,8 @@ impl BlobStore for SizePartition {
         self.small.touched(&small);
         self.large.touched(&large);
     }
+
+    fn keeps_files(&self, key: &BlobKey) -> bool {
+        self.side(key).keeps_files(key)
+    }
 }

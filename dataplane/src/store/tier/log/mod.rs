@@ -1,0 +1,324 @@
+//! The small-blob log: a store tier that keeps small blobs as records appended to segment
+//! files instead of one file each. A file per blob costs a create, a rename and an inode
+//! (most of a small write's server CPU, see `docs/architecture.md`); a log appends a batch of
+//! blobs with one write and makes it durable with one data sync. Only the store of a size
+//! partition's small side (`kind = "log"`): its blobs are held in memory while written.
+//!
+//! - [`record`]: the record format, with a header checksum to find a torn tail.
+//! - [`segments`]: segment files; the start-up scan.
+//! - [`state`]: the index and the eviction choices, without I/O.
+//! - [`writer`]: the thread that appends, syncs and evicts.
+//!
+//! Blobs written by this process are known good; records found at start-up are hashed on
+//! their first read (a damaged one leaves the index). Reads run on the tier's own blocking
+//! pool, never on the caller's core.
+
+mod record;
+mod segments;
+mod state;
+mod writer;
+
+use super::side_runtime::SideRuntime;
+use super::{Blob, BlobEvents, BlobStore, PinHolder, StoreFuture, VerifiedUpload};
+use crate::metrics::Metrics;
+use crate::store::{Committed, StoreError};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use kiln_reapi::digest::{BlobKey, Hasher};
+use state::State;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tracing::{info, warn};
+use writer::{Append, Writer};
+
+/// How a log is sized and whether its writes are synced.
+#[derive(Debug, Clone, Copy)]
+pub struct LogOptions {
+    /// The cap on its segment files' bytes (exceeded by at most the segment being appended).
+    pub cap: u64,
+    /// The size a segment is sealed at.
+    pub segment: u64,
+    /// The largest blob it takes.
+    pub max_blob: u64,
+    /// Whether each batch's data is synced before it is acknowledged.
+    pub durable: bool,
+}
+
+/// What the log's callers and its writer share.
+pub(crate) struct Shared {
+    dir: PathBuf,
+    options: LogOptions,
+    state: Mutex<State>,
+    events: Vec<Arc<dyn BlobEvents>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock left the index as it was between two calls.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Updates the gauges from `state`.
+    fn publish(&self, state: &State) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.log_bytes.set(gauge(state.total()));
+        self.metrics.log_live_bytes.set(gauge(state.live()));
+        self.metrics.log_blobs.set(gauge(state.blobs() as u64));
+    }
+
+    /// Tells the tiers above that `key` is gone.
+    fn forget(&self, key: &BlobKey) {
+        for e in &self.events {
+            e.forget(key);
+        }
+    }
+
+    /// `key`'s record did not hash to its digest: it leaves the index.
+    fn damaged(&self, key: &BlobKey) {
+        warn!(key = ?key, "log: a record does not match its digest; dropped");
+        self.metrics.corrupt.inc();
+        self.lose(key);
+    }
+
+    /// `key` leaves the index.
+    fn lose(&self, key: &BlobKey) {
+        let mut state = self.lock();
+        if state.remove(key) {
+            self.publish(&state);
+            drop(state);
+            self.forget(key);
+        }
+    }
+}
+
+/// The small-blob log tier.
+pub struct SmallBlobLog {
+    shared: Arc<Shared>,
+    appends: async_channel::Sender<Append>,
+    /// Reads and temp-file reads run on its blocking pool.
+    side: SideRuntime,
+}
+
+impl SmallBlobLog {
+    /// Opens the log in `dir` (created if missing): every segment is read through once to
+    /// index its records (a torn tail is cut off), and a new segment is begun. `events` hear
+    /// of the blobs it evicts or finds damaged.
+    pub fn open(
+        dir: &Path,
+        options: LogOptions,
+        events: Vec<Arc<dyn BlobEvents>>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<SmallBlobLog> {
+        let started = std::time::Instant::now();
+        let found = segments::recover(dir, options.durable)?;
+        let mut state = State::default();
+        let (mut records, mut torn) = (0usize, 0u64);
+        for seg in found {
+            state.add_segment(seg.id, Arc::new(seg.file), seg.len);
+            torn += seg.torn;
+            if seg.torn > 0 {
+                warn!(
+                    segment = seg.id,
+                    bytes = seg.torn,
+                    "log: a torn tail was cut off"
+                );
+            }
+            for r in seg.records {
+                records += 1;
+                // A later copy of a blob (copied forward before a crash) replaces the older.
+                if state.holds(&r.key) {
+                    state.remove(&r.key);
+                }
+                state.insert(r.key, seg.id, r.offset, r.record_len, false, None);
+            }
+        }
+        let id = state.next_id();
+        let file = segments::create(dir, id, options.durable)?;
+        state.add_segment(id, Arc::new(file), 0);
+        info!(
+            dir = %dir.display(),
+            blobs = state.blobs(),
+            records,
+            torn_bytes = torn,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "log indexed"
+        );
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            options,
+            state: Mutex::new(state),
+            events,
+            metrics,
+        });
+        shared.publish(&shared.lock());
+        let (tx, rx) = async_channel::unbounded();
+        let writer = Writer {
+            shared: shared.clone(),
+            rx,
+        };
+        std::thread::Builder::new()
+            .name("kiln-log".into())
+            .spawn(move || writer.run())?;
+        Ok(SmallBlobLog {
+            shared,
+            appends: tx,
+            side: SideRuntime::new("kiln-log-read")?,
+        })
+    }
+
+    /// Runs blocking `work` on the tier's pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.side
+            .blocking(work)
+            .await
+            .map_err(|_| StoreError::Unavailable)
+    }
+
+    /// The upload's bytes (read from its temp file when it has no copy in memory); the temp
+    /// file is removed.
+    async fn bytes_of(&self, upload: VerifiedUpload) -> Result<Bytes, StoreError> {
+        let temp = upload.temp;
+        let data = upload.data;
+        self.blocking(move || {
+            let read = match (data, &temp) {
+                (Some(d), _) => Ok(d),
+                (None, Some(t)) => std::fs::read(t)
+                    .map(Bytes::from)
+                    .map_err(|e| StoreError::io("read", t, e)),
+                (None, None) => Err(StoreError::Unavailable),
+            };
+            if let Some(t) = &temp {
+                let _ = std::fs::remove_file(t);
+            }
+            read
+        })
+        .await?
+    }
+}
+
+impl BlobStore for SmallBlobLog {
+    fn contains<'a>(&'a self, keys: &'a [BlobKey]) -> StoreFuture<'a, Vec<bool>> {
+        Box::pin(async move {
+            let mut state = self.shared.lock();
+            Ok(keys
+                .iter()
+                .map(|k| k.digest.is_empty_blob() || state.touch(k))
+                .collect())
+        })
+    }
+
+    fn open<'a>(&'a self, key: &'a BlobKey) -> StoreFuture<'a, Option<Blob>> {
+        Box::pin(async move {
+            if key.digest.is_empty_blob() {
+                return Ok(Some(Blob::bytes(key.clone(), Bytes::new())));
+            }
+            let Some((file, offset, checked)) = self.shared.lock().find(key) else {
+                return Ok(None);
+            };
+            let size = key.digest.size;
+            let read = self
+                .blocking(move || segments::read(&file, offset, size))
+                .await?;
+            let data = match read {
+                Ok(data) => data,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    self.shared.damaged(key);
+                    return Ok(None);
+                }
+                Err(e) => return Err(StoreError::io("read", &self.shared.dir, e)),
+            };
+            if !checked {
+                if Hasher::hash(key.digest.function, &data) != key.digest.hash {
+                    self.shared.damaged(key);
+                    return Ok(None);
+                }
+                self.shared.lock().checked(key, offset);
+            }
+            Ok(Some(Blob::bytes(key.clone(), Bytes::from(data))))
+        })
+    }
+
+    fn put<'a>(&'a self, key: &'a BlobKey, upload: VerifiedUpload) -> StoreFuture<'a, Committed> {
+        Box::pin(async move {
+            let size = key.digest.size;
+            if size > self.shared.options.max_blob {
+                if let Some(t) = upload.temp {
+                    let _ = self.blocking(move || std::fs::remove_file(t)).await;
+                }
+                return Err(StoreError::TooLarge {
+                    size,
+                    cap: self.shared.options.max_blob,
+                });
+            }
+            let data = self.bytes_of(upload).await?;
+            if data.len() as u64 != size {
+                return Err(StoreError::Corrupt(key.clone()));
+            }
+            if key.digest.is_empty_blob() || self.shared.lock().touch(key) {
+                return Ok(Committed::AlreadyPresent);
+            }
+            let (reply, answer) = futures::channel::oneshot::channel();
+            let append = Append {
+                key: key.clone(),
+                data,
+                reply,
+            };
+            // Counted with the commits waiting for durability until answered.
+            let awaiting = &self.shared.metrics.awaiting_sync;
+            awaiting.inc();
+            let answered = match self.appends.send(append).await {
+                Ok(()) => answer.await.map_err(|_| StoreError::Unavailable),
+                Err(_) => Err(StoreError::Unavailable),
+            };
+            awaiting.dec();
+            answered?
+        })
+    }
+
+    fn pin<'a>(
+        &'a self,
+        holder: PinHolder,
+        keys: &'a [BlobKey],
+    ) -> StoreFuture<'a, Vec<Option<bool>>> {
+        Box::pin(async move {
+            let mut state = self.shared.lock();
+            Ok(keys
+                .iter()
+                .map(|k| {
+                    if k.digest.is_empty_blob() {
+                        Some(true)
+                    } else {
+                        state.pin(holder, k)
+                    }
+                })
+                .collect())
+        })
+    }
+
+    fn unpin<'a>(&'a self, holder: PinHolder, keys: &'a [BlobKey]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let mut state = self.shared.lock();
+            for k in keys {
+                state.unpin(holder, k);
+            }
+        })
+    }
+
+    fn touched(&self, keys: &[BlobKey]) {
+        let mut state = self.shared.lock();
+        for k in keys {
+            state.touch(k);
+        }
+    }
+
+    fn keeps_files(&self, _key: &BlobKey) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests;

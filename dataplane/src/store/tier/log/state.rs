@@ -1,0 +1,393 @@
+//! What a log holds, without I/O: its index (where each blob's record is, whether this process
+//! has checked it, when it was last used, who pins it) and its segments, and the choices of
+//! eviction. Eviction drops whole segments, oldest first, and copies forward the records that
+//! are pinned or were used since their segment stopped being appended to: a second chance
+//! per segment, which keeps what builds use and lets the rest go in the order it came.
+
+use super::super::{lease_clock, PinHolder};
+use kiln_reapi::digest::BlobKey;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::sync::Arc;
+
+/// Where a blob's record is, and what is known of it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The segment holding it.
+    pub segment: u64,
+    /// Where its bytes start in the segment.
+    pub offset: u64,
+    /// The record's length, header included.
+    pub record_len: u64,
+    /// Whether this process has hashed its bytes (blobs written by it, or read once).
+    pub checked: bool,
+    /// The segment being appended when it was last used.
+    pub used: u64,
+    /// Who pins it, until when.
+    pub pins: Vec<PinHolder>,
+}
+
+impl Entry {
+    fn pinned(&self, now: u64) -> bool {
+        self.pins.iter().any(|p| p.until > now)
+    }
+}
+
+/// One segment file.
+#[derive(Debug)]
+pub struct Segment {
+    /// The open file (readers keep it while they read, even once the segment is dropped).
+    pub file: Arc<File>,
+    /// Its length.
+    pub len: u64,
+    /// The keys whose records it got (some may since live elsewhere, or nowhere).
+    pub keys: Vec<BlobKey>,
+}
+
+/// A record to copy forward out of a segment being dropped.
+#[derive(Debug, Clone)]
+pub struct Keep {
+    /// The blob.
+    pub key: BlobKey,
+    /// Where its bytes are now.
+    pub offset: u64,
+    /// Whether they were checked.
+    pub checked: bool,
+}
+
+/// A log's index and segments.
+#[derive(Debug, Default)]
+pub struct State {
+    entries: HashMap<BlobKey, Entry>,
+    segments: BTreeMap<u64, Segment>,
+    /// The segment being appended.
+    active: u64,
+    /// The segments' lengths, summed.
+    total: u64,
+    /// Bytes of the records the index points at.
+    live: u64,
+}
+
+impl State {
+    /// Adds a segment (found at start-up, or new); the newest added is the one appended.
+    pub fn add_segment(&mut self, id: u64, file: Arc<File>, len: u64) {
+        self.segments.insert(
+            id,
+            Segment {
+                file,
+                len,
+                keys: Vec::new(),
+            },
+        );
+        self.total = self.total.saturating_add(len);
+        self.active = self.active.max(id);
+    }
+
+    /// The segment being appended: its id, file and length.
+    pub fn active(&self) -> Option<(u64, Arc<File>, u64)> {
+        let s = self.segments.get(&self.active)?;
+        Some((self.active, s.file.clone(), s.len))
+    }
+
+    /// The id a new segment takes.
+    pub fn next_id(&self) -> u64 {
+        self.active.saturating_add(1)
+    }
+
+    /// `len` bytes were appended to the active segment.
+    pub fn grew(&mut self, len: u64) {
+        if let Some(s) = self.segments.get_mut(&self.active) {
+            s.len = s.len.saturating_add(len);
+            self.total = self.total.saturating_add(len);
+        }
+    }
+
+    /// Records that `key`'s record is in `segment` at `offset` (its bytes) and `record_len`
+    /// long. A record of a blob the index already has elsewhere replaces it only when it is
+    /// a copy forward (`replacing`: where the index had it); otherwise the first stays.
+    pub fn insert(
+        &mut self,
+        key: BlobKey,
+        segment: u64,
+        offset: u64,
+        record_len: u64,
+        checked: bool,
+        replacing: Option<(u64, u64)>,
+    ) -> bool {
+        if let Some(e) = self.entries.get_mut(&key) {
+            if replacing != Some((e.segment, e.offset)) {
+                return false;
+            }
+            self.live = self.live.saturating_sub(e.record_len) + record_len;
+            e.segment = segment;
+            e.offset = offset;
+            e.record_len = record_len;
+            e.checked |= checked;
+        } else {
+            if replacing.is_some() {
+                return false;
+            }
+            self.live = self.live.saturating_add(record_len);
+            self.entries.insert(
+                key.clone(),
+                Entry {
+                    segment,
+                    offset,
+                    record_len,
+                    checked,
+                    // Not used since its segment was sealed (it is a new record, or found
+                    // at start-up).
+                    used: segment,
+                    pins: Vec::new(),
+                },
+            );
+        }
+        if let Some(s) = self.segments.get_mut(&segment) {
+            s.keys.push(key);
+        }
+        true
+    }
+
+    /// Whether `key` is held; a held key counts as used now.
+    pub fn touch(&mut self, key: &BlobKey) -> bool {
+        let active = self.active;
+        match self.entries.get_mut(key) {
+            Some(e) => {
+                e.used = active;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Where `key`'s bytes are (its segment's file, the offset, whether checked), counting it
+    /// as used.
+    pub fn find(&mut self, key: &BlobKey) -> Option<(Arc<File>, u64, bool)> {
+        let active = self.active;
+        let e = self.entries.get_mut(key)?;
+        e.used = active;
+        let file = self.segments.get(&e.segment)?.file.clone();
+        Some((file, e.offset, e.checked))
+    }
+
+    /// Whether `key` is held (without counting it as used).
+    pub fn holds(&self, key: &BlobKey) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// `key`'s bytes, found at `offset`, hashed to its digest.
+    pub fn checked(&mut self, key: &BlobKey, offset: u64) {
+        if let Some(e) = self.entries.get_mut(key).filter(|e| e.offset == offset) {
+            e.checked = true;
+        }
+    }
+
+    /// Drops `key` from the index (its record damaged, or evicted); whether it was held.
+    pub fn remove(&mut self, key: &BlobKey) -> bool {
+        match self.entries.remove(key) {
+            Some(e) => {
+                self.live = self.live.saturating_sub(e.record_len);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Pins `key` for `holder`: `Some(checked)` when held.
+    pub fn pin(&mut self, holder: PinHolder, key: &BlobKey) -> Option<bool> {
+        let active = self.active;
+        let e = self.entries.get_mut(key)?;
+        e.used = active;
+        let now = lease_clock();
+        e.pins.retain(|p| p.until > now && p.id != holder.id);
+        e.pins.push(holder);
+        Some(e.checked)
+    }
+
+    /// Releases `holder`'s pin of `key`.
+    pub fn unpin(&mut self, holder: PinHolder, key: &BlobKey) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.pins.retain(|p| p.id != holder.id);
+        }
+    }
+
+    /// The sealed segments to drop, oldest first, so that the log is within `cap` again (at
+    /// most every segment but the one being appended).
+    pub fn over(&self, cap: u64) -> Vec<u64> {
+        let mut total = self.total;
+        let mut out = Vec::new();
+        for (&id, s) in &self.segments {
+            if total <= cap || id >= self.active {
+                break;
+            }
+            out.push(id);
+            total = total.saturating_sub(s.len);
+        }
+        out
+    }
+
+    /// Splits segment `id`'s records into those to copy forward (pinned, or used since it
+    /// was sealed) and those to drop, which leave the index now. `None`: no such segment.
+    pub fn sort_out(&mut self, id: u64) -> Option<(Vec<Keep>, Vec<BlobKey>)> {
+        let keys = std::mem::take(&mut self.segments.get_mut(&id)?.keys);
+        let now = lease_clock();
+        let (mut keep, mut drop) = (Vec::new(), Vec::new());
+        for key in keys {
+            let Some(e) = self.entries.get(&key).filter(|e| e.segment == id) else {
+                continue;
+            };
+            if e.pinned(now) || e.used > id {
+                keep.push(Keep {
+                    offset: e.offset,
+                    checked: e.checked,
+                    key,
+                });
+            } else {
+                self.remove(&key);
+                drop.push(key);
+            }
+        }
+        Some((keep, drop))
+    }
+
+    /// Segment `id`'s file.
+    pub fn segment_file(&self, id: u64) -> Option<Arc<File>> {
+        self.segments.get(&id).map(|s| s.file.clone())
+    }
+
+    /// Gives segment `id` back the keys [`State::sort_out`] took for copying forward (the copy
+    /// failed; the segment stays).
+    pub fn restore(&mut self, id: u64, keys: impl IntoIterator<Item = BlobKey>) {
+        if let Some(s) = self.segments.get_mut(&id) {
+            s.keys.extend(keys);
+        }
+    }
+
+    /// Removes segment `id` (its records copied forward or dropped); its file, to delete.
+    pub fn drop_segment(&mut self, id: u64) -> Option<Arc<File>> {
+        let s = self.segments.remove(&id)?;
+        self.total = self.total.saturating_sub(s.len);
+        Some(s.file)
+    }
+
+    /// Blobs held.
+    pub fn blobs(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Bytes of segment files.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Bytes of the records the index points at.
+    pub fn live(&self) -> u64 {
+        self.live
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
+
+    fn key(n: u32) -> BlobKey {
+        BlobKey::new(
+            InstanceName::default_instance(),
+            Digest::of(DigestFunction::Sha256, &n.to_le_bytes()),
+        )
+    }
+
+    fn file() -> Arc<File> {
+        Arc::new(tempfile::tempfile().unwrap())
+    }
+
+    /// Segments 1..=3 of 100 bytes, each with one record; 4 is being appended.
+    fn three_sealed() -> State {
+        let mut s = State::default();
+        for id in 1..=4 {
+            s.add_segment(id, file(), if id < 4 { 100 } else { 0 });
+        }
+        for id in 1..=3 {
+            assert!(s.insert(key(id as u32), id, 50, 100, true, None));
+        }
+        s
+    }
+
+    #[test]
+    fn the_oldest_sealed_segments_go_until_the_cap_holds() {
+        let s = three_sealed();
+        assert_eq!(s.total(), 300);
+        assert_eq!(s.over(300), Vec::<u64>::new());
+        assert_eq!(s.over(250), vec![1]);
+        assert_eq!(s.over(0), vec![1, 2, 3], "never the one being appended");
+    }
+
+    #[test]
+    fn used_and_pinned_records_are_copied_forward_the_rest_dropped() {
+        let mut s = three_sealed();
+        // Blob 2 is used while segment 4 is appended; blob 3 is pinned; blob 1 is neither.
+        assert!(s.touch(&key(2)));
+        let holder = PinHolder::unbounded();
+        assert_eq!(s.pin(holder, &key(3)), Some(true));
+        // pin counts as use: undo that to test the pin alone.
+        s.entries.get_mut(&key(3)).unwrap().used = 3;
+        for id in 1..=3 {
+            let (keep, drop) = s.sort_out(id).unwrap();
+            match id {
+                1 => {
+                    assert!(keep.is_empty());
+                    assert_eq!(drop, vec![key(1)]);
+                }
+                _ => {
+                    assert_eq!(keep.len(), 1, "segment {id}");
+                    assert_eq!(keep[0].key, key(id as u32));
+                    assert!(drop.is_empty());
+                }
+            }
+        }
+        assert!(!s.holds(&key(1)));
+        // A copy forward moves the entry; a stale copy (the entry moved meanwhile) does not.
+        assert!(s.insert(key(2), 4, 10, 100, true, Some((2, 50))));
+        assert!(!s.insert(key(2), 4, 500, 100, true, Some((2, 50))));
+        assert!(
+            !s.insert(key(1), 4, 600, 100, true, Some((1, 50))),
+            "dropped meanwhile"
+        );
+        assert_eq!(s.find(&key(2)).map(|(_, at, _)| at), Some(10));
+        // Once copied, a record is not kept again unless used again.
+        s.unpin(holder, &key(3));
+        assert!(s.insert(key(3), 4, 200, 100, true, Some((3, 50))));
+        s.drop_segment(2);
+        s.drop_segment(3);
+        s.add_segment(5, file(), 0);
+        assert!(s.touch(&key(2)), "used while segment 5 is appended");
+        let (keep, drop) = s.sort_out(4).unwrap();
+        assert!(keep.len() == 1 && keep[0].key == key(2), "{keep:?}");
+        assert_eq!(drop, vec![key(3)]);
+    }
+
+    #[test]
+    fn a_second_record_of_a_held_blob_does_not_replace_it() {
+        let mut s = three_sealed();
+        assert!(!s.insert(key(1), 4, 0, 100, true, None));
+        assert_eq!(s.find(&key(1)).map(|(_, at, _)| at), Some(50));
+        assert_eq!(s.live(), 300);
+        assert!(s.remove(&key(1)));
+        assert_eq!(s.live(), 200);
+    }
+
+    #[test]
+    fn an_expired_pin_keeps_nothing() {
+        let mut s = three_sealed();
+        let holder = PinHolder {
+            id: 7,
+            until: lease_clock(),
+        };
+        s.pin(holder, &key(1));
+        s.entries.get_mut(&key(1)).unwrap().used = 1;
+        let (keep, drop) = s.sort_out(1).unwrap();
+        assert!(keep.is_empty());
+        assert_eq!(drop, vec![key(1)]);
+    }
+}

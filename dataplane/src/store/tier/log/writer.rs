@@ -1,0 +1,223 @@
+//! The log's writer: one thread per log that takes every append queued, writes them as one
+//! batch at the end of the segment being appended, syncs its data once (when durable),
+//! indexes them and answers them all; then drops the oldest segments while the log is over
+//! its cap, copying forward what is still used. Callers on any executor only queue and wait:
+//! no file call runs on a data-plane core.
+
+use super::record;
+use super::segments;
+use super::state::Keep;
+use super::Shared;
+use crate::store::{Committed, StoreError};
+use bytes::Bytes;
+use futures::channel::oneshot;
+use kiln_reapi::digest::{BlobKey, Hasher};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tracing::warn;
+
+/// Bytes of blobs written by one batch at most (more wait for the next).
+const BATCH_BYTES: usize = 8 << 20;
+
+/// A blob to append, and who waits for it.
+pub struct Append {
+    pub key: BlobKey,
+    pub data: Bytes,
+    pub reply: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+/// Where a record went.
+struct Placed {
+    segment: u64,
+    offset: u64,
+    record_len: u64,
+}
+
+/// The writer thread's state.
+pub struct Writer {
+    pub shared: Arc<Shared>,
+    pub rx: async_channel::Receiver<Append>,
+}
+
+impl Writer {
+    /// Serves appends until every sender is gone.
+    pub fn run(self) {
+        while let Ok(first) = self.rx.recv_blocking() {
+            let mut bytes = first.data.len();
+            let mut batch = vec![first];
+            while bytes < BATCH_BYTES {
+                let Ok(next) = self.rx.try_recv() else { break };
+                bytes += next.data.len();
+                batch.push(next);
+            }
+            self.write(batch);
+            self.evict();
+        }
+    }
+
+    /// Appends a batch and answers it.
+    fn write(&self, batch: Vec<Append>) {
+        // Blobs already held, and second copies within the batch, are not written again.
+        let mut fresh: Vec<Append> = Vec::with_capacity(batch.len());
+        let mut copies: HashMap<BlobKey, Vec<Append>> = HashMap::new();
+        {
+            let state = self.shared.lock();
+            for a in batch {
+                if state.holds(&a.key) {
+                    let _ = a.reply.send(Ok(Committed::AlreadyPresent));
+                } else if fresh.iter().any(|f| f.key == a.key) {
+                    copies.entry(a.key.clone()).or_default().push(a);
+                } else {
+                    fresh.push(a);
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let records: Vec<(&BlobKey, &[u8])> =
+            fresh.iter().map(|a| (&a.key, a.data.as_ref())).collect();
+        match self.append(&records) {
+            Ok(placed) => {
+                let mut state = self.shared.lock();
+                for (a, p) in fresh.into_iter().zip(placed) {
+                    let key = a.key.clone();
+                    let new = state.insert(key, p.segment, p.offset, p.record_len, true, None);
+                    let outcome = if new {
+                        Committed::Stored
+                    } else {
+                        Committed::AlreadyPresent
+                    };
+                    let _ = a.reply.send(Ok(outcome));
+                    for c in copies.remove(&a.key).unwrap_or_default() {
+                        let _ = c.reply.send(Ok(Committed::AlreadyPresent));
+                    }
+                }
+                self.shared.publish(&state);
+            }
+            Err(e) => {
+                warn!(error = %e, "log: a batch could not be written");
+                for a in fresh {
+                    let _ = a.reply.send(Err(e.retell()));
+                    for c in copies.remove(&a.key).unwrap_or_default() {
+                        let _ = c.reply.send(Err(e.retell()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes `records` at the end of the segment being appended (a new one when it is full),
+    /// synced when durable; the index is not told.
+    fn append(&self, records: &[(&BlobKey, &[u8])]) -> Result<Vec<Placed>, StoreError> {
+        let shared = &self.shared;
+        let mut buf = Vec::new();
+        let mut placed = Vec::with_capacity(records.len());
+        let (mut segment, mut file, mut start) = self.active()?;
+        let size: usize = records
+            .iter()
+            .map(|(k, d)| d.len() + record::header(k).len())
+            .sum();
+        if start > 0 && start.saturating_add(size as u64) > shared.options.segment {
+            let id = segment + 1;
+            let created = segments::create(&shared.dir, id, shared.options.durable)
+                .map_err(|e| StoreError::io("create", segments::path(&shared.dir, id), e))?;
+            let created = Arc::new(created);
+            shared.lock().add_segment(id, created.clone(), 0);
+            (segment, file, start) = (id, created, 0);
+        }
+        for (key, data) in records {
+            let header = record::header(key);
+            let at = start + buf.len() as u64;
+            buf.extend_from_slice(&header);
+            buf.extend_from_slice(data);
+            placed.push(Placed {
+                segment,
+                offset: at + header.len() as u64,
+                record_len: (header.len() + data.len()) as u64,
+            });
+        }
+        segments::append(&file, start, &buf, shared.options.durable)
+            .map_err(|e| StoreError::io("append to", segments::path(&shared.dir, segment), e))?;
+        shared.metrics.log_syncs.inc();
+        shared.metrics.log_appended.inc_by(records.len() as u64);
+        shared.lock().grew(buf.len() as u64);
+        Ok(placed)
+    }
+
+    fn active(&self) -> Result<(u64, Arc<std::fs::File>, u64), StoreError> {
+        self.shared.lock().active().ok_or(StoreError::Unavailable)
+    }
+
+    /// Drops the oldest segments while the log is over its cap.
+    fn evict(&self) {
+        let victims = self.shared.lock().over(self.shared.options.cap);
+        for id in victims {
+            if let Err(e) = self.drop_segment(id) {
+                warn!(segment = id, error = %e, "log: cannot drop a segment; kept for now");
+                return;
+            }
+        }
+    }
+
+    /// Copies forward segment `id`'s records still used, drops the rest, and deletes it.
+    fn drop_segment(&self, id: u64) -> Result<(), StoreError> {
+        let shared = &self.shared;
+        let (file, keep, dropped) = {
+            let mut state = shared.lock();
+            let Some(file) = state.segment_file(id) else {
+                return Ok(());
+            };
+            let Some((keep, dropped)) = state.sort_out(id) else {
+                return Ok(());
+            };
+            shared.publish(&state);
+            (file, keep, dropped)
+        };
+        shared.metrics.log_evicted.inc_by(dropped.len() as u64);
+        for key in &dropped {
+            shared.forget(key);
+        }
+        let mut copies: Vec<(Keep, Vec<u8>)> = Vec::with_capacity(keep.len());
+        for k in keep {
+            match segments::read(&file, k.offset, k.key.digest.size) {
+                Ok(data)
+                    if k.checked
+                        || Hasher::hash(k.key.digest.function, &data) == k.key.digest.hash =>
+                {
+                    copies.push((k, data))
+                }
+                Ok(_) => shared.damaged(&k.key),
+                Err(e) => {
+                    warn!(error = %e, "log: a record to copy forward could not be read; dropped");
+                    shared.lose(&k.key);
+                }
+            }
+        }
+        if !copies.is_empty() {
+            let records: Vec<(&BlobKey, &[u8])> =
+                copies.iter().map(|(k, d)| (&k.key, d.as_slice())).collect();
+            let placed = match self.append(&records) {
+                Ok(placed) => placed,
+                Err(e) => {
+                    shared
+                        .lock()
+                        .restore(id, copies.into_iter().map(|(k, _)| k.key));
+                    return Err(e);
+                }
+            };
+            let mut state = shared.lock();
+            for ((k, _), p) in copies.iter().zip(placed) {
+                let from = Some((id, k.offset));
+                state.insert(k.key.clone(), p.segment, p.offset, p.record_len, true, from);
+            }
+            shared.metrics.log_copied.inc_by(copies.len() as u64);
+        }
+        let mut state = shared.lock();
+        state.drop_segment(id);
+        shared.publish(&state);
+        drop(state);
+        let path = segments::path(&shared.dir, id);
+        std::fs::remove_file(&path).map_err(|e| StoreError::io("remove", path, e))
+    }
+}
