@@ -13,6 +13,7 @@
 //! their first read (a damaged one leaves the index). Reads run on the tier's own blocking
 //! pool, never on the caller's core.
 
+mod index_file;
 mod record;
 mod segments;
 mod state;
@@ -113,10 +114,11 @@ impl SmallBlobLog {
         let started = std::time::Instant::now();
         let found = segments::recover(dir, options.durable)?;
         let mut state = State::default();
-        let (mut records, mut torn) = (0usize, 0u64);
+        let (mut records, mut torn, mut indexed) = (0usize, 0u64, 0usize);
         for seg in found {
             state.add_segment(seg.id, Arc::new(seg.file), seg.len);
             torn += seg.torn;
+            indexed += usize::from(seg.from_index);
             if seg.torn > 0 {
                 warn!(
                     segment = seg.id,
@@ -140,6 +142,7 @@ impl SmallBlobLog {
             dir = %dir.display(),
             blobs = state.blobs(),
             records,
+            segments_from_index_files = indexed,
             torn_bytes = torn,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "log indexed"
@@ -156,6 +159,7 @@ impl SmallBlobLog {
         let writer = Writer {
             shared: shared.clone(),
             rx,
+            entries: Default::default(),
         };
         std::thread::Builder::new()
             .name("kiln-log".into())

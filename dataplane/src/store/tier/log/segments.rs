@@ -1,7 +1,9 @@
 //! A log's segment files: `{id:016x}.seg` in its directory, appended only. At start-up each is
-//! read through once to index its records; a torn tail (a crash while a batch was written,
-//! before it was synced and acknowledged) is cut off.
+//! listed from its index file when that checks ([`index_file`]), else read through once to
+//! index its records (and its index file written); a torn tail (a crash while a batch was
+//! written, before it was synced and acknowledged) is cut off.
 
+use super::index_file::{self, Entries};
 use super::record::{self, Parsed};
 use kiln_reapi::digest::BlobKey;
 use std::fs::File;
@@ -60,6 +62,8 @@ pub struct Recovered {
     pub records: Vec<Found>,
     /// Bytes of torn tail cut off.
     pub torn: u64,
+    /// Whether its records came from its index file (not a scan).
+    pub from_index: bool,
 }
 
 /// Reads every segment in `dir` (created if missing), oldest first. A torn tail is cut off
@@ -67,13 +71,32 @@ pub struct Recovered {
 pub fn recover(dir: &Path, durable: bool) -> io::Result<Vec<Recovered>> {
     std::fs::create_dir_all(dir)?;
     let mut ids = Vec::new();
+    let mut indexes = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if let Some(id) = entry.file_name().to_str().and_then(id_of) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(id) = id_of(name) {
             ids.push(id);
+        } else if index_file::is_index(name) {
+            indexes.push(entry.path());
         }
     }
     ids.sort_unstable();
+    // Index files of segments gone (dropped before a crash), and unfinished ones.
+    for index in indexes {
+        let stem = index
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let id = stem
+            .split('.')
+            .next()
+            .and_then(|h| u64::from_str_radix(h, 16).ok());
+        if !stem.ends_with(".idx") || id.is_none_or(|id| ids.binary_search(&id).is_err()) {
+            let _ = std::fs::remove_file(&index);
+        }
+    }
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         let file = std::fs::OpenOptions::new()
@@ -81,6 +104,17 @@ pub fn recover(dir: &Path, durable: bool) -> io::Result<Vec<Recovered>> {
             .write(true)
             .open(path(dir, id))?;
         let on_disk = file.metadata()?.len();
+        if let Some(records) = index_file::read(dir, id, on_disk) {
+            out.push(Recovered {
+                id,
+                file,
+                len: on_disk,
+                records,
+                torn: 0,
+                from_index: true,
+            });
+            continue;
+        }
         let (records, len) = scan(&file, on_disk)?;
         let torn = on_disk - len;
         if torn > 0 {
@@ -89,12 +123,17 @@ pub fn recover(dir: &Path, durable: bool) -> io::Result<Vec<Recovered>> {
                 file.sync_all()?;
             }
         }
+        // Never appended again (a start begins a new segment): indexed for the next start.
+        if let Err(e) = Entries::of(&records).write(dir, id, len, durable) {
+            tracing::warn!(segment = id, error = %e, "log: cannot write a segment's index file");
+        }
         out.push(Recovered {
             id,
             file,
             len,
             records,
             torn,
+            from_index: false,
         });
     }
     Ok(out)

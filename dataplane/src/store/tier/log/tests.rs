@@ -48,9 +48,15 @@ impl Fixture {
     }
 
     fn segment_files(&self) -> Vec<PathBuf> {
+        self.files("seg")
+    }
+
+    /// The files of the log's directory ending in `.{ext}`, in name order.
+    fn files(&self, ext: &str) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == ext))
             .collect();
         files.sort();
         files
@@ -208,6 +214,56 @@ fn the_oldest_segments_go_keeping_what_is_pinned_or_used() {
     drop(log);
     let log = fx.open(options(3 * MIB));
     assert_eq!(block_on(log.contains(&keys)).unwrap(), present);
+}
+
+/// Sealed segments are listed from their index files at the next start; a damaged index file
+/// is not believed (the segment is read through instead, and its index file written again).
+#[test]
+fn a_start_lists_sealed_segments_from_their_index_files() {
+    let fx = Fixture::new();
+    let blobs: Vec<Vec<u8>> = (0..250).map(|n| blob(n, 10 << 10)).collect();
+    let keys: Vec<BlobKey> = blobs.iter().map(|b| key(b)).collect();
+    {
+        let log = fx.open(options(64 * MIB));
+        for b in &blobs {
+            put(&log, b);
+        }
+    }
+    let (segments, indexes) = (fx.segment_files(), fx.files("idx"));
+    assert_eq!(segments.len(), 3, "{segments:?}");
+    assert_eq!(indexes.len(), 2, "the sealed ones: {indexes:?}");
+    let from_index = || -> Vec<bool> {
+        let found = segments::recover(fx.dir.path(), true).unwrap();
+        found.iter().map(|s| s.from_index).collect()
+    };
+    // The last one is read through once, and indexed for the next start.
+    assert_eq!(from_index(), vec![true, true, false]);
+    assert_eq!(from_index(), vec![true, true, true]);
+    // Damaged: flip a byte of the first index file.
+    let first = fx.files("idx")[0].clone();
+    let mut bytes = std::fs::read(&first).unwrap();
+    bytes[10] ^= 0xff;
+    std::fs::write(&first, &bytes).unwrap();
+    // An index file left of a segment dropped before a crash goes.
+    let stray = index_file::path(fx.dir.path(), 0xdead);
+    std::fs::write(&stray, b"stale").unwrap();
+    let log = fx.open(options(64 * MIB));
+    assert_eq!(block_on(log.contains(&keys)).unwrap(), vec![true; 250]);
+    for n in [0, 120, 249] {
+        assert_eq!(read(&log, &keys[n]).as_deref(), Some(&blobs[n][..]));
+    }
+    drop(log);
+    assert!(!stray.exists());
+    assert_ne!(
+        std::fs::read(&first).unwrap(),
+        bytes,
+        "written again from a scan"
+    );
+    assert_eq!(
+        from_index(),
+        vec![true, true, true, false],
+        "the three; the one begun by that start, still empty, is read through"
+    );
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! its cap, copying forward what is still used. Callers on any executor only queue and wait:
 //! no file call runs on a data-plane core.
 
+use super::index_file::{self, Entries};
 use super::record;
 use super::segments;
 use super::state::Keep;
@@ -12,6 +13,7 @@ use crate::store::{Committed, StoreError};
 use bytes::Bytes;
 use futures::channel::oneshot;
 use kiln_reapi::digest::{BlobKey, Hasher};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::warn;
@@ -37,6 +39,8 @@ struct Placed {
 pub struct Writer {
     pub shared: Arc<Shared>,
     pub rx: async_channel::Receiver<Append>,
+    /// The index of the segment being appended, written when it is sealed.
+    pub entries: RefCell<Entries>,
 }
 
 impl Writer {
@@ -119,6 +123,13 @@ impl Writer {
             .map(|(k, d)| d.len() + record::header(k).len())
             .sum();
         if start > 0 && start.saturating_add(size as u64) > shared.options.segment {
+            // Sealed: its index lets the next start list it without reading it.
+            let mut entries = self.entries.borrow_mut();
+            if let Err(e) = entries.write(&shared.dir, segment, start, shared.options.durable) {
+                warn!(segment, error = %e, "log: cannot write a segment's index file");
+            }
+            entries.clear();
+            drop(entries);
             let id = segment + 1;
             let created = segments::create(&shared.dir, id, shared.options.durable)
                 .map_err(|e| StoreError::io("create", segments::path(&shared.dir, id), e))?;
@@ -126,6 +137,7 @@ impl Writer {
             shared.lock().add_segment(id, created.clone(), 0);
             (segment, file, start) = (id, created, 0);
         }
+        let mut headers = Vec::with_capacity(records.len());
         for (key, data) in records {
             let header = record::header(key);
             let at = start + buf.len() as u64;
@@ -136,9 +148,15 @@ impl Writer {
                 offset: at + header.len() as u64,
                 record_len: (header.len() + data.len()) as u64,
             });
+            headers.push(header);
         }
         segments::append(&file, start, &buf, shared.options.durable)
             .map_err(|e| StoreError::io("append to", segments::path(&shared.dir, segment), e))?;
+        let mut entries = self.entries.borrow_mut();
+        for (header, p) in headers.iter().zip(&placed) {
+            entries.push(header, p.offset);
+        }
+        drop(entries);
         shared.metrics.log_syncs.inc();
         shared.metrics.log_appended.inc_by(records.len() as u64);
         shared.lock().grew(buf.len() as u64);
@@ -218,6 +236,8 @@ impl Writer {
         shared.publish(&state);
         drop(state);
         let path = segments::path(&shared.dir, id);
-        std::fs::remove_file(&path).map_err(|e| StoreError::io("remove", path, e))
+        std::fs::remove_file(&path).map_err(|e| StoreError::io("remove", path, e))?;
+        index_file::remove(&shared.dir, id);
+        Ok(())
     }
 }
