@@ -339,6 +339,43 @@ on_every_runtime! {
     }
 }
 
+// A log added to a server that already holds small blobs as files: those files are not what
+// the chain serves any more, so they neither answer for the log (FindMissingBlobs, a write's
+// "already present", QueryWriteStatus) nor keep a write from storing the blob in the log.
+on_every_runtime! {
+    async fn a_file_left_from_before_a_log_does_not_stand_for_it(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Function::Sha256;
+        let data = pseudo_random(79, 3_000);
+        let d = digest(f, &data);
+        {
+            let kiln = Kiln::start_async(dir.path(), Options::on(rt)).await;
+            let ch = kiln.channel().await;
+            blobs::write(&ch, &write_name("", f, &d), &data, 4096).await.unwrap();
+            kiln.stop().await;
+        }
+        assert_eq!(common::blob_files(dir.path()).len(), 1, "stored as a file");
+        let options = Options {
+            config: Some(LOG_CHAIN.into()),
+            ..Options::on(rt)
+        };
+        let kiln = Kiln::start_async(dir.path(), options).await;
+        let ch = kiln.channel().await;
+        assert_eq!(blobs::find_missing(&ch, "", f, vec![d.clone()]).await, vec![d.clone()]);
+        let name = write_name("", f, &d);
+        assert!(blobs::query(&ch, &name).await.is_err(), "no such upload, and not complete");
+        assert_eq!(
+            blobs::write(&ch, &name, &data, 1024).await.unwrap().committed_size,
+            data.len() as i64
+        );
+        assert_eq!(common::metric(&kiln.admin, "kiln_log_blobs").await, 1.0, "stored in the log");
+        assert_eq!(blobs::query(&ch, &name).await.unwrap(), (data.len() as i64, true));
+        assert_eq!(blobs::find_missing(&ch, "", f, vec![d.clone()]).await, Vec::<reapi::Digest>::new());
+        assert_eq!(blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(), data);
+        kiln.stop().await;
+    }
+}
+
 // kill -9 mid-upload: after a restart there is no trace of the partial blob.
 on_every_runtime! {
     async fn crash_mid_upload_leaves_nothing(rt: Runtime) {

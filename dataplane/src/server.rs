@@ -102,8 +102,16 @@ impl OpenedStore {
                 ))
             }
         }
-        let chain = Arc::new(chain);
         let accounting = Arc::new(Accounting::new(config.storage.disk_bytes.as_u64(), shards));
+        // A blob a log lets go counts as a removal from the store (see Accounting::removals).
+        chain
+            .open_logs(
+                &config.storage.data_dir,
+                config.storage.fsync,
+                vec![accounting.clone()],
+            )
+            .map_err(io::Error::other)?;
+        let chain = Arc::new(chain);
         let (cas, queues) = CasClient::new(
             shards,
             config.server.shard_queue_depth,
@@ -257,6 +265,7 @@ impl DataPlane {
                     store.cas.metrics().clone(),
                 )),
             }),
+            held_uploads: crate::slots::Slots::new(crate::service::HELD_UPLOAD_BYTES),
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let mut threads = Vec::with_capacity(shards);

@@ -1,5 +1,6 @@
 //! A count of things in use across every shard, bounded (sans-IO): connections open, zstd
-//! decoders running. Taking a place gives a [`Slot`], which gives it back when dropped.
+//! decoders running, bytes of uploads held in memory. Taking places gives a [`Slot`], which
+//! gives them back when dropped.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,9 +12,12 @@ pub struct Slots {
     max: usize,
 }
 
-/// One thing's place; given back when dropped.
+/// One thing's places; given back when dropped.
 #[derive(Debug)]
-pub struct Slot(Arc<Slots>);
+pub struct Slot {
+    slots: Arc<Slots>,
+    n: usize,
+}
 
 impl Slots {
     /// Room for `max`.
@@ -26,12 +30,20 @@ impl Slots {
 
     /// A place for one more, or `None` when `max` are taken.
     pub fn take(self: &Arc<Self>) -> Option<Slot> {
+        self.take_n(1)
+    }
+
+    /// `n` places at once (bytes, say), or `None` when fewer than `n` are free.
+    pub fn take_n(self: &Arc<Self>, n: usize) -> Option<Slot> {
         self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < self.max).then_some(n + 1)
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |open| {
+                open.checked_add(n).filter(|total| *total <= self.max)
             })
             .ok()
-            .map(|_| Slot(self.clone()))
+            .map(|_| Slot {
+                slots: self.clone(),
+                n,
+            })
     }
 
     /// Places taken now.
@@ -47,7 +59,7 @@ impl Slots {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.slots.open.fetch_sub(self.n, Ordering::AcqRel);
     }
 }
 
@@ -66,5 +78,18 @@ mod tests {
         let _c = slots.take().expect("room again");
         drop(b);
         assert_eq!(slots.open(), 1);
+    }
+
+    #[test]
+    fn many_places_are_taken_and_given_back_at_once() {
+        let bytes = Slots::new(100);
+        let a = bytes.take_n(60).expect("fits");
+        assert!(bytes.take_n(41).is_none(), "over");
+        assert!(bytes.take_n(usize::MAX).is_none(), "no overflow");
+        let b = bytes.take_n(40).expect("exactly full");
+        drop(a);
+        assert_eq!(bytes.open(), 40);
+        drop(b);
+        assert_eq!(bytes.open(), 0);
     }
 }

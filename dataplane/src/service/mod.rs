@@ -75,7 +75,13 @@ pub struct BlobLimits {
     pub stalled_upload: Option<std::time::Duration>,
     /// zstd as this server speaks it (`None`: turned off, compressed requests refused).
     pub zstd: Option<ZstdSettings>,
+    /// Bytes of ByteStream uploads held in memory for a store that keeps no files (a
+    /// small-blob log), across the process; past it an upload goes through a temp file.
+    pub held_uploads: Arc<Slots>,
 }
+
+/// The bytes [`BlobLimits::held_uploads`] allows.
+pub const HELD_UPLOAD_BYTES: usize = 256 << 20;
 
 /// How the blob methods speak zstd.
 #[derive(Debug, Clone)]

@@ -142,14 +142,38 @@ async fn write(
     }
     let upload_key = resource.upload_key();
     let progress = Arc::new(AtomicU64::new(0));
+    // A blob the chain keeps outside files (a small-blob log): the chain says whether it is
+    // held, not the owner's index of files (which may hold a file of it left from before).
+    let elsewhere = !svc.store.keeps_files(&resource.key);
+    if elsewhere
+        && svc
+            .store
+            .contains(std::slice::from_ref(&resource.key))
+            .await
+            .map_err(BlobError::from)?[0]
+    {
+        return Ok(if compressed { -1 } else { digest.size as i64 });
+    }
     let claim = svc
         .cas
-        .claim_upload(upload_key.clone(), &resource.key, progress.clone())
+        .claim_upload(
+            upload_key.clone(),
+            &resource.key,
+            progress.clone(),
+            !elsewhere,
+        )
         .await
         .map_err(BlobError::from)?;
-    // A store that keeps no file per blob (the small-blob log) takes the bytes from memory:
-    // no temp file, and an interrupted upload starts over rather than resumes.
-    let in_memory = !svc.store.keeps_files(&resource.key);
+    // Such a blob is taken from memory, without a temp file, within the process's budget of
+    // bytes held so (past it, through a temp file as for the files); one held in memory
+    // starts over when interrupted rather than resumes.
+    let held = match &claim {
+        UploadClaim::Fresh(_) if elsewhere => usize::try_from(digest.size)
+            .ok()
+            .and_then(|n| svc.limits.held_uploads.take_n(n)),
+        _ => None,
+    };
+    let in_memory = held.is_some();
     let (state, mut writer, staged, epoch) = match claim {
         UploadClaim::Present if compressed => return Ok(-1),
         UploadClaim::Present => return Ok(digest.size as i64),
@@ -255,6 +279,7 @@ async fn write(
         state,
         writer,
         in_memory,
+        _held: held,
         staged: Some(staged),
         epoch,
         progress,
@@ -290,6 +315,8 @@ struct Upload<'a> {
     writer: Option<TempWriter>,
     /// The upload is kept in memory (`keep`) rather than in a temp file.
     in_memory: bool,
+    /// Its place in [`crate::service::BlobLimits::held_uploads`] while it is.
+    _held: Option<crate::slots::Slot>,
     /// The space the temp file holds against the cap, until committed or dropped.
     staged: Option<Staged>,
     /// Failed filesystem syncs before the temp file was first written (see
@@ -519,9 +546,22 @@ pub(super) async fn serve_query(svc: &BlobServices, call: Call) {
                     complete: true,
                 });
             }
+            // As for a write: the chain answers for blobs it keeps outside files.
+            let elsewhere = !svc.store.keeps_files(&resource.key);
+            if elsewhere
+                && svc
+                    .store
+                    .contains(std::slice::from_ref(&resource.key))
+                    .await?[0]
+            {
+                return Ok(QueryWriteStatusResponse {
+                    committed_size: size,
+                    complete: true,
+                });
+            }
             match svc
                 .cas
-                .query_upload(resource.upload_key(), &resource.key)
+                .query_upload(resource.upload_key(), &resource.key, !elsewhere)
                 .await?
             {
                 UploadStatus::Complete => Ok(QueryWriteStatusResponse {

@@ -148,6 +148,12 @@ impl Accounting {
         self.per_shard[shard].fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// Records a blob that left a store other than the files (a small-blob log): counted in
+    /// [`Accounting::removals`] only.
+    pub fn note_removal(&self) {
+        self.removals.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Records a blob of `bytes` removed by `shard` (counted in [`Accounting::removals`]).
     pub fn remove(&self, shard: usize, bytes: u64) {
         self.removals.fetch_add(1, Ordering::SeqCst);
@@ -203,6 +209,13 @@ impl Accounting {
             .min_by_key(|(i, a)| (a.load(Ordering::Relaxed), *i))
             .map(|(i, _)| i)
             .unwrap_or(0)
+    }
+}
+
+/// A store other than the files tells of each blob it lets go (a small-blob log): a removal.
+impl crate::store::tier::BlobEvents for Accounting {
+    fn forget(&self, _key: &kiln_reapi::digest::BlobKey) {
+        self.note_removal();
     }
 }
 

@@ -274,6 +274,7 @@ impl CasClient {
         upload_key: String,
         key: &BlobKey,
         progress: Arc<AtomicU64>,
+        check_index: bool,
     ) -> Result<UploadClaim, StoreError> {
         let shard = self.owner_of(&key.digest);
         let key = key.clone();
@@ -281,6 +282,7 @@ impl CasClient {
             upload_key,
             key,
             progress,
+            check_index,
             reply,
         })
         .await
@@ -308,12 +310,14 @@ impl CasClient {
         &self,
         upload_key: String,
         key: &BlobKey,
+        check_index: bool,
     ) -> Result<UploadStatus, StoreError> {
         let shard = self.owner_of(&key.digest);
         let key = key.clone();
         self.call(shard, |reply| Command::QueryUpload {
             upload_key,
             key,
+            check_index,
             reply,
         })
         .await

@@ -114,6 +114,10 @@ pub(crate) enum Command {
         upload_key: String,
         key: BlobKey,
         progress: Arc<AtomicU64>,
+        /// Whether a blob the index holds is answered as present (not for blobs the chain
+        /// keeps in another store, such as a small-blob log: a file of one left from before
+        /// is not what the chain serves).
+        check_index: bool,
         reply: Reply<UploadClaim>,
     },
     ReleaseUpload {
@@ -123,6 +127,8 @@ pub(crate) enum Command {
     QueryUpload {
         upload_key: String,
         key: BlobKey,
+        /// As for [`Command::ClaimUpload`].
+        check_index: bool,
         reply: Reply<UploadStatus>,
     },
     Evict {

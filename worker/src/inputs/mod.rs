@@ -174,7 +174,6 @@ fn lay_out(
     Ok((inputs, job))
 }
 
-/// Runs `work` on tokio's blocking pool.
 /// The bytes of an input the local CAS keeps no file of (a small-blob log), read from a
 /// blocking thread through `runtime`; `Ok(None)` for one kept as a file (linked instead).
 fn bytes_outside_files(
@@ -192,6 +191,7 @@ fn bytes_outside_files(
     }
 }
 
+/// Runs `work` on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(
     at: PathBuf,
     work: impl FnOnce() -> Result<T, ActionError> + Send + 'static,

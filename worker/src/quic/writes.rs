@@ -236,8 +236,20 @@ impl ServedCas {
         let client = self.cas.client().clone();
         let upload_key = resource.upload_key();
         let progress = Arc::new(AtomicU64::new(0));
+        // A blob the chain keeps outside files (a small-blob log): the chain says whether it
+        // is held, not the owner's index of files.
+        let store = self.cas.store();
+        let elsewhere = !store.keeps_files(&key);
+        if elsewhere
+            && store
+                .contains(std::slice::from_ref(&key))
+                .await
+                .map_err(|e| status(&e))?[0]
+        {
+            return Ok(key.digest.size);
+        }
         let claim = client
-            .claim_upload(upload_key.clone(), &key, progress.clone())
+            .claim_upload(upload_key.clone(), &key, progress.clone(), !elsewhere)
             .await
             .map_err(|e| status(&e))?;
         let staged = match claim {

@@ -216,9 +216,10 @@ impl Owner {
                 upload_key,
                 key,
                 progress,
+                check_index,
                 reply,
             } => {
-                let claim = if self.touch(&key, atime::now()).is_some() {
+                let claim = if check_index && self.touch(&key, atime::now()).is_some() {
                     UploadClaim::Present
                 } else {
                     let claimed = self.uploads.borrow_mut().claim(&upload_key, progress);
@@ -251,9 +252,10 @@ impl Owner {
             Command::QueryUpload {
                 upload_key,
                 key,
+                check_index,
                 reply,
             } => {
-                let status = if self.index.borrow().peek(&key).is_some() {
+                let status = if check_index && self.index.borrow().peek(&key).is_some() {
                     UploadStatus::Complete
                 } else {
                     match self.uploads.borrow().committed(&upload_key) {

@@ -70,16 +70,17 @@ impl ChainPlan {
             plan.shared = Some(blobs);
         }
         plan.layout = Some(crate::store::layout::Layout::cas(&storage.data_dir));
-        plan.open_logs(&storage.data_dir, storage.fsync)?;
         Ok(plan)
     }
 
     /// Opens the chain's small-blob logs, each in `data_dir/log/NAME` (indexing what they
-    /// hold); `durable`: each batch is synced before it is acknowledged.
+    /// hold); `durable`: each batch is synced before it is acknowledged. `events` hear of
+    /// every blob a log lets go, besides the memory tiers.
     pub fn open_logs(
         &mut self,
         data_dir: &std::path::Path,
         durable: bool,
+        events: Vec<Arc<dyn BlobEvents>>,
     ) -> Result<(), ConfigError> {
         let mut logs: BTreeMap<String, LogOptions> = BTreeMap::new();
         visit(&self.tiers, &mut |t| {
@@ -101,10 +102,14 @@ impl ChainPlan {
         });
         for (name, options) in logs {
             let dir = data_dir.join("log").join(&name);
-            let log = SmallBlobLog::open(&dir, options, self.forgetters(), self.metrics.clone())
-                .map_err(|e| ConfigError::Invalid {
-                    key: format!("storage.tiers.{name}"),
-                    why: format!("cannot open its log in {}: {e}", dir.display()),
+            let mut told = self.forgetters();
+            told.extend(events.iter().cloned());
+            let log =
+                SmallBlobLog::open(&dir, options, told, self.metrics.clone()).map_err(|e| {
+                    ConfigError::Invalid {
+                        key: format!("storage.tiers.{name}"),
+                        why: format!("cannot open its log in {}: {e}", dir.display()),
+                    }
                 })?;
             self.logs.insert(name, Arc::new(log));
         }

@@ -36,7 +36,7 @@ impl Entries {
     pub fn of(found: &[Found]) -> Entries {
         let mut entries = Entries::default();
         for f in found {
-            entries.push(&record::header(&f.key), f.offset);
+            entries.push(&record::with_crc(&f.key, f.data_crc), f.offset);
         }
         entries
     }
@@ -70,8 +70,9 @@ impl Entries {
 }
 
 /// The records segment `id` holds by its index file, when the file checks and describes a
-/// segment of `len` bytes whose every record lies within it; `None` otherwise.
-pub fn read(dir: &Path, id: u64, len: u64) -> Option<Vec<Found>> {
+/// segment of `len` bytes whose every record lies within it and is at most `max_blob`;
+/// `None` otherwise.
+pub fn read(dir: &Path, id: u64, len: u64, max_blob: u64) -> Option<Vec<Found>> {
     let bytes = std::fs::read(path(dir, id)).ok()?;
     let body_len = bytes.len().checked_sub(TRAILER)?;
     let (body, trailer) = bytes.split_at(body_len);
@@ -89,9 +90,17 @@ pub fn read(dir: &Path, id: u64, len: u64) -> Option<Vec<Found>> {
     let mut found = Vec::new();
     let mut rest = body;
     while !rest.is_empty() {
-        let Parsed::Record { key, header_len } = record::parse(rest) else {
+        let Parsed::Record {
+            key,
+            header_len,
+            data_crc,
+        } = record::parse(rest)
+        else {
             return None;
         };
+        if key.digest.size > max_blob {
+            return None;
+        }
         let at = rest.get(header_len..header_len + 8)?;
         let mut offset = [0u8; 8];
         offset.copy_from_slice(at);
@@ -105,6 +114,7 @@ pub fn read(dir: &Path, id: u64, len: u64) -> Option<Vec<Found>> {
             key,
             offset,
             record_len,
+            data_crc,
         });
         rest = &rest[header_len + 8..];
     }
@@ -126,16 +136,19 @@ mod tests {
     use super::*;
     use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
 
+    const MAX: u64 = 1 << 20;
+
     fn found(n: u8, offset: u64) -> Found {
         let key = BlobKey::new(
             InstanceName::new("ci").unwrap(),
             Digest::of(DigestFunction::Sha256, &[n; 10]),
         );
-        let header_len = record::header(&key).len() as u64;
+        let header_len = record::header(&key, &[n; 10]).len() as u64;
         Found {
             key,
             offset,
             record_len: header_len + 10,
+            data_crc: crc32fast::hash(&[n; 10]),
         }
     }
 
@@ -149,23 +162,27 @@ mod tests {
         Entries::of(&records)
             .write(dir.path(), 3, len, true)
             .unwrap();
-        assert_eq!(read(dir.path(), 3, len).as_ref(), Some(&records));
-        assert_eq!(read(dir.path(), 3, len + 1), None, "the segment grew since");
-        assert_eq!(read(dir.path(), 4, len), None, "no index");
+        assert_eq!(read(dir.path(), 3, len, MAX).as_ref(), Some(&records));
+        assert_eq!(
+            read(dir.path(), 3, len + 1, MAX),
+            None,
+            "the segment grew since"
+        );
+        assert_eq!(read(dir.path(), 4, len, MAX), None, "no index");
         let bytes = std::fs::read(path(dir.path(), 3)).unwrap();
         for at in [0, 20, bytes.len() - 1] {
             let mut damaged = bytes.clone();
             damaged[at] ^= 1;
             std::fs::write(path(dir.path(), 3), &damaged).unwrap();
-            assert_eq!(read(dir.path(), 3, len), None, "byte {at} flipped");
+            assert_eq!(read(dir.path(), 3, len, MAX), None, "byte {at} flipped");
         }
         std::fs::write(path(dir.path(), 3), &bytes[..bytes.len() - 3]).unwrap();
-        assert_eq!(read(dir.path(), 3, len), None, "cut short");
+        assert_eq!(read(dir.path(), 3, len, MAX), None, "cut short");
         // An index whose records lie past the segment's end is not believed.
         Entries::of(&records)
             .write(dir.path(), 5, len - 1, false)
             .unwrap();
-        assert_eq!(read(dir.path(), 5, len - 1), None);
+        assert_eq!(read(dir.path(), 5, len - 1, MAX), None);
         assert!(is_index("0000000000000003.idx") && is_index("x.idx.tmp"));
         remove(dir.path(), 3);
         assert!(!path(dir.path(), 3).exists());

@@ -28,9 +28,13 @@ use futures::future::BoxFuture;
 use kiln_reapi::digest::{BlobKey, Hasher};
 use state::State;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::{info, warn};
 use writer::{Append, Writer};
+
+/// Appends queued for a log's writer at most (each holds its blob's bytes).
+const QUEUED_APPENDS: usize = 4096;
 
 /// How a log is sized and whether its writes are synced.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +56,9 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     events: Vec<Arc<dyn BlobEvents>>,
     metrics: Arc<Metrics>,
+    /// What this log last added to the gauges (bytes, live bytes, blobs): every log of the
+    /// process adds its own share.
+    published: [AtomicI64; 3],
 }
 
 impl Shared {
@@ -60,12 +67,19 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Updates the gauges from `state`.
+    /// Updates this log's share of the gauges from `state`.
     fn publish(&self, state: &State) {
-        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        self.metrics.log_bytes.set(gauge(state.total()));
-        self.metrics.log_live_bytes.set(gauge(state.live()));
-        self.metrics.log_blobs.set(gauge(state.blobs() as u64));
+        let now = [state.total(), state.live(), state.blobs() as u64];
+        let gauges = [
+            &self.metrics.log_bytes,
+            &self.metrics.log_live_bytes,
+            &self.metrics.log_blobs,
+        ];
+        for ((gauge, last), n) in gauges.into_iter().zip(&self.published).zip(now) {
+            let n = i64::try_from(n).unwrap_or(i64::MAX);
+            let before = last.swap(n, Ordering::Relaxed);
+            gauge.inc_by(n.saturating_sub(before));
+        }
     }
 
     /// Tells the tiers above that `key` is gone.
@@ -93,6 +107,22 @@ impl Shared {
     }
 }
 
+/// A commit counted in `awaiting_sync` while it lives.
+struct Awaiting<'a>(&'a Metrics);
+
+impl<'a> Awaiting<'a> {
+    fn new(metrics: &'a Metrics) -> Awaiting<'a> {
+        metrics.awaiting_sync.inc();
+        Awaiting(metrics)
+    }
+}
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        self.0.awaiting_sync.dec();
+    }
+}
+
 /// The small-blob log tier.
 pub struct SmallBlobLog {
     shared: Arc<Shared>,
@@ -112,7 +142,7 @@ impl SmallBlobLog {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<SmallBlobLog> {
         let started = std::time::Instant::now();
-        let found = segments::recover(dir, options.durable)?;
+        let found = segments::recover(dir, options.durable, options.max_blob)?;
         let mut state = State::default();
         let (mut records, mut torn, mut indexed) = (0usize, 0u64, 0usize);
         for seg in found {
@@ -153,9 +183,11 @@ impl SmallBlobLog {
             state: Mutex::new(state),
             events,
             metrics,
+            published: Default::default(),
         });
         shared.publish(&shared.lock());
-        let (tx, rx) = async_channel::unbounded();
+        // Bounded: with the disk slow, writers wait here rather than queue without end.
+        let (tx, rx) = async_channel::bounded(QUEUED_APPENDS);
         let writer = Writer {
             shared: shared.clone(),
             rx,
@@ -182,17 +214,22 @@ impl SmallBlobLog {
             .map_err(|_| StoreError::Unavailable)
     }
 
-    /// The upload's bytes (read from its temp file when it has no copy in memory); the temp
-    /// file is removed.
-    async fn bytes_of(&self, upload: VerifiedUpload) -> Result<Bytes, StoreError> {
+    /// The upload's bytes (read from its temp file when it has no copy in memory, and hashed
+    /// again: the file's bytes are only as good as the file); the temp file is removed.
+    async fn bytes_of(&self, key: &BlobKey, upload: VerifiedUpload) -> Result<Bytes, StoreError> {
         let temp = upload.temp;
         let data = upload.data;
+        let key = key.clone();
         self.blocking(move || {
             let read = match (data, &temp) {
                 (Some(d), _) => Ok(d),
-                (None, Some(t)) => std::fs::read(t)
-                    .map(Bytes::from)
-                    .map_err(|e| StoreError::io("read", t, e)),
+                (None, Some(t)) => match std::fs::read(t) {
+                    Ok(d) if Hasher::hash(key.digest.function, &d) == key.digest.hash => {
+                        Ok(Bytes::from(d))
+                    }
+                    Ok(_) => Err(StoreError::Corrupt(key)),
+                    Err(e) => Err(StoreError::io("read", t, e)),
+                },
                 (None, None) => Err(StoreError::Unavailable),
             };
             if let Some(t) = &temp {
@@ -223,12 +260,21 @@ impl BlobStore for SmallBlobLog {
             let Some((file, offset, checked)) = self.shared.lock().find(key) else {
                 return Ok(None);
             };
-            let size = key.digest.size;
+            // Read, and hashed when not yet checked, off the caller's core.
+            let digest = key.digest;
             let read = self
-                .blocking(move || segments::read(&file, offset, size))
+                .blocking(move || {
+                    let data = segments::read(&file, offset, digest.size)?;
+                    let good = checked || Hasher::hash(digest.function, &data) == digest.hash;
+                    Ok::<_, std::io::Error>((data, good))
+                })
                 .await?;
             let data = match read {
-                Ok(data) => data,
+                Ok((data, true)) => data,
+                Ok((_, false)) => {
+                    self.shared.damaged(key);
+                    return Ok(None);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     self.shared.damaged(key);
                     return Ok(None);
@@ -236,10 +282,6 @@ impl BlobStore for SmallBlobLog {
                 Err(e) => return Err(StoreError::io("read", &self.shared.dir, e)),
             };
             if !checked {
-                if Hasher::hash(key.digest.function, &data) != key.digest.hash {
-                    self.shared.damaged(key);
-                    return Ok(None);
-                }
                 self.shared.lock().checked(key, offset);
             }
             Ok(Some(Blob::bytes(key.clone(), Bytes::from(data))))
@@ -258,7 +300,7 @@ impl BlobStore for SmallBlobLog {
                     cap: self.shared.options.max_blob,
                 });
             }
-            let data = self.bytes_of(upload).await?;
+            let data = self.bytes_of(key, upload).await?;
             if data.len() as u64 != size {
                 return Err(StoreError::Corrupt(key.clone()));
             }
@@ -271,15 +313,13 @@ impl BlobStore for SmallBlobLog {
                 data,
                 reply,
             };
-            // Counted with the commits waiting for durability until answered.
-            let awaiting = &self.shared.metrics.awaiting_sync;
-            awaiting.inc();
-            let answered = match self.appends.send(append).await {
-                Ok(()) => answer.await.map_err(|_| StoreError::Unavailable),
-                Err(_) => Err(StoreError::Unavailable),
-            };
-            awaiting.dec();
-            answered?
+            // Counted with the commits waiting for durability until answered (or given up).
+            let _awaiting = Awaiting::new(&self.shared.metrics);
+            self.appends
+                .send(append)
+                .await
+                .map_err(|_| StoreError::Unavailable)?;
+            answer.await.map_err(|_| StoreError::Unavailable)?
         })
     }
 

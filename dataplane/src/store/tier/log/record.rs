@@ -1,20 +1,27 @@
 //! One record of a log segment: a header naming the blob, then the blob's bytes. The header
-//! carries its own checksum, so a start-up scan tells a record from a torn tail; the bytes are
-//! checked against the digest when first read (as every blob found on disk is).
+//! carries its own checksum and one of the bytes, so a start-up scan tells a whole record from
+//! a torn tail or a batch a crash left unwritten; the bytes are also checked against the
+//! digest when first read (as every blob found on disk is).
 //!
 //! ```text
-//! magic "KLB1" | function u8 | instance length u16 | size u64 | hash [32] | instance | crc32 u32
+//! magic "KLB2" | function u8 | instance length u16 | size u64 | bytes' crc32 u32 | hash [32]
+//!   | instance | crc32 u32
 //! ```
-//! (integers little-endian; the CRC covers everything before it).
+//! (integers little-endian; the last CRC covers everything before it).
 
 use kiln_reapi::digest::{BlobKey, Digest, DigestFunction, InstanceName};
 
-const MAGIC: &[u8; 4] = b"KLB1";
+const MAGIC: &[u8; 4] = b"KLB2";
 /// Header bytes before the instance name.
-const FIXED: usize = 4 + 1 + 2 + 8 + 32;
+const FIXED: usize = 4 + 1 + 2 + 8 + 4 + 32;
 
-/// The header of `key`'s record.
-pub fn header(key: &BlobKey) -> Vec<u8> {
+/// The header of `key`'s record, whose bytes are `data`.
+pub fn header(key: &BlobKey, data: &[u8]) -> Vec<u8> {
+    with_crc(key, crc32fast::hash(data))
+}
+
+/// The header of `key`'s record, whose bytes' CRC is `data_crc`.
+pub fn with_crc(key: &BlobKey, data_crc: u32) -> Vec<u8> {
     let instance = key.instance.as_str().as_bytes();
     let mut out = Vec::with_capacity(FIXED + instance.len() + 4);
     out.extend_from_slice(MAGIC);
@@ -26,6 +33,7 @@ pub fn header(key: &BlobKey) -> Vec<u8> {
     let len = u16::try_from(instance.len()).unwrap_or(u16::MAX);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&key.digest.size.to_le_bytes());
+    out.extend_from_slice(&data_crc.to_le_bytes());
     out.extend_from_slice(&key.digest.hash);
     out.extend_from_slice(&instance[..usize::from(len)]);
     let crc = crc32fast::hash(&out);
@@ -36,8 +44,12 @@ pub fn header(key: &BlobKey) -> Vec<u8> {
 /// What the bytes at a record's start say.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
-    /// A whole header: the blob's key, and the header's length (its bytes follow).
-    Record { key: BlobKey, header_len: usize },
+    /// A whole header: the blob's key, the header's length (its bytes follow) and their CRC.
+    Record {
+        key: BlobKey,
+        header_len: usize,
+        data_crc: u32,
+    },
     /// Too few bytes to tell: read more (or, at the end of the file, a torn tail).
     Short { need: usize },
     /// Not a record: a torn or damaged header.
@@ -70,8 +82,10 @@ pub fn parse(bytes: &[u8]) -> Parsed {
     }
     let mut size = [0u8; 8];
     size.copy_from_slice(&bytes[7..15]);
+    let mut data_crc = [0u8; 4];
+    data_crc.copy_from_slice(&bytes[15..19]);
     let mut hash = [0u8; 32];
-    hash.copy_from_slice(&bytes[15..FIXED]);
+    hash.copy_from_slice(&bytes[19..FIXED]);
     let Ok(name) = std::str::from_utf8(&bytes[FIXED..FIXED + instance_len]) else {
         return Parsed::Bad;
     };
@@ -86,6 +100,7 @@ pub fn parse(bytes: &[u8]) -> Parsed {
     Parsed::Record {
         key: BlobKey::new(instance, digest),
         header_len,
+        data_crc: u32::from_le_bytes(data_crc),
     }
 }
 
@@ -106,14 +121,16 @@ mod tests {
             key("", b"hello", DigestFunction::Sha256),
             key("main/linux", b"other", DigestFunction::Blake3),
         ] {
-            let h = header(&k);
+            let data = b"the blob's bytes follow";
+            let h = header(&k, data);
             let mut bytes = h.clone();
-            bytes.extend_from_slice(b"the blob's bytes follow");
+            bytes.extend_from_slice(data);
             assert_eq!(
                 parse(&bytes),
                 Parsed::Record {
                     key: k.clone(),
-                    header_len: h.len()
+                    header_len: h.len(),
+                    data_crc: crc32fast::hash(data),
                 }
             );
         }
@@ -121,7 +138,7 @@ mod tests {
 
     #[test]
     fn a_torn_or_damaged_header_is_told_apart() {
-        let h = header(&key("ci", b"data", DigestFunction::Sha256));
+        let h = header(&key("ci", b"data", DigestFunction::Sha256), b"data");
         for cut in 0..h.len() {
             assert!(
                 matches!(parse(&h[..cut]), Parsed::Short { need } if need > cut),

@@ -33,7 +33,11 @@ pub fn create(dir: &Path, id: u64, durable: bool) -> io::Result<File> {
         .create_new(true)
         .open(path(dir, id))?;
     if durable {
-        File::open(dir)?.sync_all()?;
+        // Not left behind when its entry cannot be made durable: the next try makes it anew.
+        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+            let _ = std::fs::remove_file(path(dir, id));
+            return Err(e);
+        }
     }
     Ok(file)
 }
@@ -47,6 +51,8 @@ pub struct Found {
     pub offset: u64,
     /// The whole record's length.
     pub record_len: u64,
+    /// The CRC of its bytes, from its header.
+    pub data_crc: u32,
 }
 
 /// A segment read at start-up.
@@ -66,9 +72,11 @@ pub struct Recovered {
     pub from_index: bool,
 }
 
-/// Reads every segment in `dir` (created if missing), oldest first. A torn tail is cut off
-/// (and the cut synced with `durable`).
-pub fn recover(dir: &Path, durable: bool) -> io::Result<Vec<Recovered>> {
+/// Reads every segment in `dir` (created if missing), oldest first; records of blobs over
+/// `max_blob` bytes are taken for damage. The newest segment's torn tail is cut off (and the
+/// cut synced with `durable`); in an older one, damage ends what is indexed of it but nothing
+/// is cut (what follows is unreachable, and goes with the segment).
+pub fn recover(dir: &Path, durable: bool, max_blob: u64) -> io::Result<Vec<Recovered>> {
     std::fs::create_dir_all(dir)?;
     let mut ids = Vec::new();
     let mut indexes = Vec::new();
@@ -98,13 +106,14 @@ pub fn recover(dir: &Path, durable: bool) -> io::Result<Vec<Recovered>> {
         }
     }
     let mut out = Vec::with_capacity(ids.len());
+    let newest = ids.last().copied();
     for id in ids {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path(dir, id))?;
         let on_disk = file.metadata()?.len();
-        if let Some(records) = index_file::read(dir, id, on_disk) {
+        if let Some(records) = index_file::read(dir, id, on_disk, max_blob) {
             out.push(Recovered {
                 id,
                 file,
@@ -115,13 +124,19 @@ pub fn recover(dir: &Path, durable: bool) -> io::Result<Vec<Recovered>> {
             });
             continue;
         }
-        let (records, len) = scan(&file, on_disk)?;
+        let (records, len) = scan(&file, on_disk, max_blob)?;
         let torn = on_disk - len;
-        if torn > 0 {
+        if torn > 0 && Some(id) == newest {
             file.set_len(len)?;
             if durable {
                 file.sync_all()?;
             }
+        } else if torn > 0 {
+            tracing::warn!(
+                segment = id,
+                bytes = torn,
+                "log: damage in a sealed segment; its records from there on are lost"
+            );
         }
         // Never appended again (a start begins a new segment): indexed for the next start.
         if let Err(e) = Entries::of(&records).write(dir, id, len, durable) {
@@ -139,19 +154,25 @@ pub fn recover(dir: &Path, durable: bool) -> io::Result<Vec<Recovered>> {
     Ok(out)
 }
 
-/// The records of a segment `len` bytes long, and where the last whole one ends.
-fn scan(file: &File, len: u64) -> io::Result<(Vec<Found>, u64)> {
+/// The records of a segment `len` bytes long, and where the last whole one ends: a record
+/// whose header or bytes fail their CRC, or that is over `max_blob`, ends it.
+fn scan(file: &File, len: u64, max_blob: u64) -> io::Result<(Vec<Found>, u64)> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
     reader.rewind()?;
     let mut records = Vec::new();
     let mut pos = 0u64;
     let mut header = Vec::new();
+    let mut data = Vec::new();
     loop {
         header.clear();
         let mut need = 0usize;
-        let (key, header_len) = loop {
+        let (key, header_len, data_crc) = loop {
             match record::parse(&header) {
-                Parsed::Record { key, header_len } => break (key, header_len),
+                Parsed::Record {
+                    key,
+                    header_len,
+                    data_crc,
+                } => break (key, header_len, data_crc),
                 Parsed::Bad => return Ok((records, pos)),
                 Parsed::Short { need: more } if more > need => {
                     need = more;
@@ -169,15 +190,19 @@ fn scan(file: &File, len: u64) -> io::Result<(Vec<Found>, u64)> {
         let end = pos
             .checked_add(header_len as u64)
             .and_then(|p| p.checked_add(size));
-        let Some(end) = end.filter(|e| *e <= len) else {
+        let Some(end) = end.filter(|e| *e <= len && size <= max_blob) else {
             return Ok((records, pos));
         };
-        let skip = i64::try_from(size).map_err(|_| io::Error::other("record too large"))?;
-        reader.seek_relative(skip)?;
+        // Bounded by max_blob above.
+        data.resize(size as usize, 0);
+        if !read_fully(&mut reader, &mut data)? || crc32fast::hash(&data) != data_crc {
+            return Ok((records, pos));
+        }
         records.push(Found {
             key,
             offset: pos + header_len as u64,
             record_len: end - pos,
+            data_crc,
         });
         pos = end;
     }
@@ -214,12 +239,14 @@ mod tests {
     use super::*;
     use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
 
+    const MAX: u64 = 64 << 10;
+
     fn record(data: &[u8]) -> (BlobKey, Vec<u8>) {
         let key = BlobKey::new(
             InstanceName::default_instance(),
             Digest::of(DigestFunction::Sha256, data),
         );
-        let mut bytes = record::header(&key);
+        let mut bytes = record::header(&key, data);
         bytes.extend_from_slice(data);
         (key, bytes)
     }
@@ -236,14 +263,15 @@ mod tests {
             std::fs::create_dir(&dir).unwrap();
             let file = create(&dir, 1, true).unwrap();
             append(&file, 0, &whole[..r1.len() + cut], true).unwrap();
-            let found = recover(&dir, true).unwrap();
+            let found = recover(&dir, true, MAX).unwrap();
             assert_eq!(found.len(), 1);
             assert_eq!(
                 found[0].records,
                 vec![Found {
                     key: k1.clone(),
                     offset: (r1.len() - 10) as u64,
-                    record_len: r1.len() as u64
+                    record_len: r1.len() as u64,
+                    data_crc: crc32fast::hash(b"first blob"),
                 }],
                 "cut {cut}"
             );
@@ -258,7 +286,7 @@ mod tests {
         let file = create(&dir, 9, false).unwrap();
         append(&file, 0, &whole, false).unwrap();
         std::fs::write(dir.join("not-a-segment"), b"ignored").unwrap();
-        let found = recover(&dir, false).unwrap();
+        let found = recover(&dir, false, MAX).unwrap();
         assert_eq!((found.len(), found[0].id, found[0].torn), (1, 9, 0));
         let keys: Vec<&BlobKey> = found[0].records.iter().map(|r| &r.key).collect();
         assert_eq!(keys, vec![&k1, &k2]);
@@ -266,18 +294,45 @@ mod tests {
         assert_eq!(read(&file, second.offset, 5000).unwrap(), vec![7u8; 5000]);
     }
 
+    /// A damaged header, bytes that do not match their CRC (a batch a crash left unwritten:
+    /// zeros) and a record over the largest blob each end what is indexed of a segment; only
+    /// the newest segment is cut there.
     #[test]
-    fn a_damaged_header_ends_the_segment_there() {
-        let dir = tempfile::tempdir().unwrap();
+    fn damage_ends_a_segment_and_only_the_newest_is_cut() {
         let (k1, r1) = record(b"kept");
-        let (_, mut r2) = record(b"damaged");
         let (_, r3) = record(b"after the damage");
-        r2[6] ^= 1;
-        let file = create(dir.path(), 2, false).unwrap();
-        append(&file, 0, &[r1.clone(), r2, r3].concat(), false).unwrap();
-        let found = recover(dir.path(), false).unwrap();
-        assert_eq!(found[0].records.len(), 1);
-        assert_eq!(found[0].records[0].key, k1);
-        assert_eq!(found[0].len, r1.len() as u64);
+        let (_, header_damaged) = {
+            let (k, mut r) = record(b"damaged");
+            r[6] ^= 1;
+            (k, r)
+        };
+        let (_, bytes_unwritten) = {
+            let (k, mut r) = record(b"never written");
+            let n = r.len();
+            r[n - 13..].fill(0);
+            (k, r)
+        };
+        let (_, too_large) = record(&vec![1u8; (MAX + 1) as usize]);
+        for damage in [header_damaged, bytes_unwritten, too_large] {
+            let dir = tempfile::tempdir().unwrap();
+            let whole = [r1.clone(), damage, r3.clone()].concat();
+            for id in [2, 3] {
+                append(&create(dir.path(), id, false).unwrap(), 0, &whole, false).unwrap();
+            }
+            let found = recover(dir.path(), false, MAX).unwrap();
+            for seg in &found {
+                assert_eq!(seg.records.len(), 1);
+                assert_eq!(seg.records[0].key, k1);
+                assert_eq!(seg.len, r1.len() as u64);
+                assert_eq!(seg.torn, (whole.len() - r1.len()) as u64);
+            }
+            let on_disk = |id| std::fs::metadata(path(dir.path(), id)).unwrap().len();
+            assert_eq!(
+                on_disk(2),
+                whole.len() as u64,
+                "an older segment is not cut"
+            );
+            assert_eq!(on_disk(3), r1.len() as u64, "the newest is");
+        }
     }
 }

@@ -226,17 +226,26 @@ impl State {
         out
     }
 
-    /// Splits segment `id`'s records into those to copy forward (pinned, or used since it
-    /// was sealed) and those to drop, which leave the index now. `None`: no such segment.
-    pub fn sort_out(&mut self, id: u64) -> Option<(Vec<Keep>, Vec<BlobKey>)> {
-        let keys = std::mem::take(&mut self.segments.get_mut(&id)?.keys);
+    /// Splits segment `id`'s records into those to copy forward and those to drop, which
+    /// leave the index now. Pinned records are kept; records used since the segment was sealed
+    /// are kept while `budget` (bytes, shared by one pass of eviction) lasts, so that a log
+    /// whose every blob is in use still frees space. `None`: no such segment.
+    pub fn sort_out(&mut self, id: u64, budget: &mut u64) -> Option<(Vec<Keep>, Vec<BlobKey>)> {
+        let mut keys = std::mem::take(&mut self.segments.get_mut(&id)?.keys);
+        // A blob dropped and stored again into the same segment is listed twice.
+        let mut seen = std::collections::HashSet::with_capacity(keys.len());
+        keys.retain(|k| seen.insert(k.clone()));
         let now = lease_clock();
         let (mut keep, mut drop) = (Vec::new(), Vec::new());
         for key in keys {
             let Some(e) = self.entries.get(&key).filter(|e| e.segment == id) else {
                 continue;
             };
-            if e.pinned(now) || e.used > id {
+            let second_chance = e.used > id && e.record_len <= *budget;
+            if second_chance {
+                *budget -= e.record_len;
+            }
+            if e.pinned(now) || second_chance {
                 keep.push(Keep {
                     offset: e.offset,
                     checked: e.checked,
@@ -253,14 +262,6 @@ impl State {
     /// Segment `id`'s file.
     pub fn segment_file(&self, id: u64) -> Option<Arc<File>> {
         self.segments.get(&id).map(|s| s.file.clone())
-    }
-
-    /// Gives segment `id` back the keys [`State::sort_out`] took for copying forward (the copy
-    /// failed; the segment stays).
-    pub fn restore(&mut self, id: u64, keys: impl IntoIterator<Item = BlobKey>) {
-        if let Some(s) = self.segments.get_mut(&id) {
-            s.keys.extend(keys);
-        }
     }
 
     /// Removes segment `id` (its records copied forward or dropped); its file, to delete.
@@ -298,6 +299,11 @@ mod tests {
         )
     }
 
+    /// A budget that never runs out.
+    fn unlimited() -> u64 {
+        u64::MAX
+    }
+
     fn file() -> Arc<File> {
         Arc::new(tempfile::tempfile().unwrap())
     }
@@ -333,7 +339,7 @@ mod tests {
         // pin counts as use: undo that to test the pin alone.
         s.entries.get_mut(&key(3)).unwrap().used = 3;
         for id in 1..=3 {
-            let (keep, drop) = s.sort_out(id).unwrap();
+            let (keep, drop) = s.sort_out(id, &mut unlimited()).unwrap();
             match id {
                 1 => {
                     assert!(keep.is_empty());
@@ -362,9 +368,28 @@ mod tests {
         s.drop_segment(3);
         s.add_segment(5, file(), 0);
         assert!(s.touch(&key(2)), "used while segment 5 is appended");
-        let (keep, drop) = s.sort_out(4).unwrap();
+        let (keep, drop) = s.sort_out(4, &mut unlimited()).unwrap();
         assert!(keep.len() == 1 && keep[0].key == key(2), "{keep:?}");
         assert_eq!(drop, vec![key(3)]);
+    }
+
+    #[test]
+    fn used_records_get_a_second_chance_only_within_the_budget() {
+        let mut s = State::default();
+        for id in 1..=2 {
+            s.add_segment(id, file(), 0);
+        }
+        for n in 0..4 {
+            assert!(s.insert(key(n), 1, 50 + u64::from(n) * 100, 100, true, None));
+            assert!(s.touch(&key(n)), "used while segment 2 is appended");
+        }
+        // A record listed twice (dropped and stored again into the same segment) counts once.
+        s.segments.get_mut(&1).unwrap().keys.push(key(0));
+        let mut budget = 250;
+        let (keep, drop) = s.sort_out(1, &mut budget).unwrap();
+        assert_eq!(keep.len(), 2, "{keep:?}");
+        assert_eq!(drop.len(), 2, "{drop:?}");
+        assert_eq!(budget, 50);
     }
 
     #[test]
@@ -386,7 +411,7 @@ mod tests {
         };
         s.pin(holder, &key(1));
         s.entries.get_mut(&key(1)).unwrap().used = 1;
-        let (keep, drop) = s.sort_out(1).unwrap();
+        let (keep, drop) = s.sort_out(1, &mut unlimited()).unwrap();
         assert!(keep.is_empty());
         assert_eq!(drop, vec![key(1)]);
     }

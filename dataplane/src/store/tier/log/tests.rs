@@ -47,6 +47,14 @@ impl Fixture {
         SmallBlobLog::open(self.dir.path(), options, events, self.metrics.clone()).unwrap()
     }
 
+    /// Bytes of segment files.
+    fn on_disk(&self) -> u64 {
+        self.segment_files()
+            .iter()
+            .map(|f| std::fs::metadata(f).unwrap().len())
+            .sum()
+    }
+
     fn segment_files(&self) -> Vec<PathBuf> {
         self.files("seg")
     }
@@ -103,7 +111,7 @@ fn blobs_are_found_again_after_a_restart_and_a_torn_tail_is_cut() {
     }
     // A crash while a batch was being written: half a record at the end of the last segment.
     let last = fx.segment_files().pop().unwrap();
-    let mut torn = record::header(&key(b"never acknowledged"));
+    let mut torn = record::header(&key(b"never acknowledged"), b"never acknowledged");
     torn.extend_from_slice(b"never");
     let mut f = std::fs::OpenOptions::new()
         .append(true)
@@ -125,7 +133,7 @@ fn blobs_are_found_again_after_a_restart_and_a_torn_tail_is_cut() {
         std::fs::metadata(&last).unwrap().len() as usize,
         blobs
             .iter()
-            .map(|b| b.len() + record::header(&key(b)).len())
+            .map(|b| b.len() + record::header(&key(b), b).len())
             .sum::<usize>(),
         "the torn record was cut off"
     );
@@ -140,6 +148,9 @@ fn a_damaged_record_is_found_on_its_first_read_and_dropped() {
         put(&log, &good);
         put(&log, &bad);
     }
+    // Opened once more, so that the segment is listed from its index file from now on (a
+    // scan would find the damage by the record's CRC, before any read).
+    drop(fx.open(options(64 * MIB)));
     // Flip a byte inside the second record's data.
     let file = fx.segment_files().remove(0);
     let mut bytes = std::fs::read(&file).unwrap();
@@ -194,11 +205,7 @@ fn the_oldest_segments_go_keeping_what_is_pinned_or_used() {
     assert!((200..450).contains(&held), "{held} held");
     assert_eq!(read(&log, &keys[0]).as_deref(), Some(&blobs[0][..]));
     assert_eq!(read(&log, &keys[1]).as_deref(), Some(&blobs[1][..]));
-    let on_disk: u64 = fx
-        .segment_files()
-        .iter()
-        .map(|f| std::fs::metadata(f).unwrap().len())
-        .sum();
+    let on_disk = fx.on_disk();
     assert!(
         on_disk <= 4 * MIB,
         "{on_disk} bytes: the cap and one segment"
@@ -233,7 +240,7 @@ fn a_start_lists_sealed_segments_from_their_index_files() {
     assert_eq!(segments.len(), 3, "{segments:?}");
     assert_eq!(indexes.len(), 2, "the sealed ones: {indexes:?}");
     let from_index = || -> Vec<bool> {
-        let found = segments::recover(fx.dir.path(), true).unwrap();
+        let found = segments::recover(fx.dir.path(), true, 64 << 10).unwrap();
         found.iter().map(|s| s.from_index).collect()
     };
     // The last one is read through once, and indexed for the next start.
@@ -263,6 +270,32 @@ fn a_start_lists_sealed_segments_from_their_index_files() {
         from_index(),
         vec![true, true, true, false],
         "the three; the one begun by that start, still empty, is read through"
+    );
+}
+
+/// A log whose every blob is in use (asked for after each write, as FindMissingBlobs and the
+/// action cache's checks do) still stays within its cap: second chances are bounded.
+#[test]
+fn a_log_whose_every_blob_is_used_stays_within_its_cap() {
+    let fx = Fixture::new();
+    let log = fx.open(options(3 * MIB));
+    let blobs: Vec<Vec<u8>> = (0..700).map(|n| blob(n, 10 << 10)).collect();
+    let keys: Vec<BlobKey> = blobs.iter().map(|b| key(b)).collect();
+    let mut most = 0u64;
+    for (n, b) in blobs.iter().enumerate() {
+        put(&log, b);
+        block_on(log.contains(&keys[..=n])).unwrap();
+        let on_disk = fx.on_disk();
+        most = most.max(on_disk);
+    }
+    assert!(
+        most <= 3 * MIB + 3 * MIB / 2 + (11 << 10),
+        "{most} bytes: the cap, the segment being appended and half a segment of copies"
+    );
+    assert!(fx.metrics.log_evicted.get() > 0);
+    assert!(
+        fx.metrics.log_copied.get() > 0,
+        "some got their second chance"
     );
 }
 
@@ -347,4 +380,16 @@ fn a_configured_chain_keeps_small_blobs_in_its_log() {
         .join("log")
         .join("log");
     assert!(log_dir.is_dir(), "{}", log_dir.display());
+    // Blobs the log lets go count as removals from the store: the action cache trusts a
+    // checked result only while that count stands still.
+    let removals = plane.cas.accounting().removals();
+    for n in 0..500 {
+        let b = blob(100 + n, 10 << 10);
+        block_on(store.put(&key(&b), in_memory(&b))).unwrap();
+    }
+    assert!(plane.metrics.log_evicted.get() > 0);
+    assert_eq!(
+        plane.cas.accounting().removals() - removals,
+        plane.metrics.log_evicted.get()
+    );
 }

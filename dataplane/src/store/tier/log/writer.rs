@@ -115,13 +115,15 @@ impl Writer {
     /// synced when durable; the index is not told.
     fn append(&self, records: &[(&BlobKey, &[u8])]) -> Result<Vec<Placed>, StoreError> {
         let shared = &self.shared;
-        let mut buf = Vec::new();
-        let mut placed = Vec::with_capacity(records.len());
-        let (mut segment, mut file, mut start) = self.active()?;
+        let headers: Vec<Vec<u8>> = records.iter().map(|(k, d)| record::header(k, d)).collect();
         let size: usize = records
             .iter()
-            .map(|(k, d)| d.len() + record::header(k).len())
+            .zip(&headers)
+            .map(|((_, d), h)| d.len() + h.len())
             .sum();
+        let mut buf = Vec::with_capacity(size);
+        let mut placed = Vec::with_capacity(records.len());
+        let (mut segment, mut file, mut start) = self.active()?;
         if start > 0 && start.saturating_add(size as u64) > shared.options.segment {
             // Sealed: its index lets the next start list it without reading it.
             let mut entries = self.entries.borrow_mut();
@@ -137,18 +139,15 @@ impl Writer {
             shared.lock().add_segment(id, created.clone(), 0);
             (segment, file, start) = (id, created, 0);
         }
-        let mut headers = Vec::with_capacity(records.len());
-        for (key, data) in records {
-            let header = record::header(key);
+        for ((_, data), header) in records.iter().zip(&headers) {
             let at = start + buf.len() as u64;
-            buf.extend_from_slice(&header);
+            buf.extend_from_slice(header);
             buf.extend_from_slice(data);
             placed.push(Placed {
                 segment,
                 offset: at + header.len() as u64,
                 record_len: (header.len() + data.len()) as u64,
             });
-            headers.push(header);
         }
         segments::append(&file, start, &buf, shared.options.durable)
             .map_err(|e| StoreError::io("append to", segments::path(&shared.dir, segment), e))?;
@@ -170,24 +169,27 @@ impl Writer {
     /// Drops the oldest segments while the log is over its cap.
     fn evict(&self) {
         let victims = self.shared.lock().over(self.shared.options.cap);
+        // Records used since their segment was sealed are copied forward within half a
+        // segment per pass, so that each pass frees at least half of what it drops.
+        let mut budget = self.shared.options.segment / 2;
         for id in victims {
-            if let Err(e) = self.drop_segment(id) {
-                warn!(segment = id, error = %e, "log: cannot drop a segment; kept for now");
-                return;
-            }
+            self.drop_segment(id, &mut budget);
         }
     }
 
-    /// Copies forward segment `id`'s records still used, drops the rest, and deletes it.
-    fn drop_segment(&self, id: u64) -> Result<(), StoreError> {
+    /// Copies forward segment `id`'s records that are pinned or still used (see
+    /// [`super::state::State::sort_out`]), drops the rest, and deletes it. A copy that fails
+    /// (the disk full, say) drops those records too: the segment goes whatever happens, or a
+    /// full disk could never be freed.
+    fn drop_segment(&self, id: u64, budget: &mut u64) {
         let shared = &self.shared;
         let (file, keep, dropped) = {
             let mut state = shared.lock();
             let Some(file) = state.segment_file(id) else {
-                return Ok(());
+                return;
             };
-            let Some((keep, dropped)) = state.sort_out(id) else {
-                return Ok(());
+            let Some((keep, dropped)) = state.sort_out(id, budget) else {
+                return;
             };
             shared.publish(&state);
             (file, keep, dropped)
@@ -196,48 +198,66 @@ impl Writer {
         for key in &dropped {
             shared.forget(key);
         }
-        let mut copies: Vec<(Keep, Vec<u8>)> = Vec::with_capacity(keep.len());
-        for k in keep {
-            match segments::read(&file, k.offset, k.key.digest.size) {
-                Ok(data)
-                    if k.checked
-                        || Hasher::hash(k.key.digest.function, &data) == k.key.digest.hash =>
-                {
-                    copies.push((k, data))
-                }
-                Ok(_) => shared.damaged(&k.key),
-                Err(e) => {
-                    warn!(error = %e, "log: a record to copy forward could not be read; dropped");
-                    shared.lose(&k.key);
+        // In batches of at most BATCH_BYTES: never the whole segment in memory at once.
+        let mut keep = keep.into_iter().peekable();
+        while keep.peek().is_some() {
+            let mut copies: Vec<(Keep, Vec<u8>)> = Vec::new();
+            let mut bytes = 0usize;
+            while bytes < BATCH_BYTES {
+                let Some(k) = keep.next() else { break };
+                match segments::read(&file, k.offset, k.key.digest.size) {
+                    Ok(data)
+                        if k.checked
+                            || Hasher::hash(k.key.digest.function, &data) == k.key.digest.hash =>
+                    {
+                        bytes += data.len();
+                        copies.push((k, data));
+                    }
+                    Ok(_) => shared.damaged(&k.key),
+                    Err(e) => {
+                        warn!(error = %e, "log: a record to copy forward could not be read; dropped");
+                        shared.lose(&k.key);
+                    }
                 }
             }
-        }
-        if !copies.is_empty() {
-            let records: Vec<(&BlobKey, &[u8])> =
-                copies.iter().map(|(k, d)| (&k.key, d.as_slice())).collect();
-            let placed = match self.append(&records) {
-                Ok(placed) => placed,
-                Err(e) => {
-                    shared
-                        .lock()
-                        .restore(id, copies.into_iter().map(|(k, _)| k.key));
-                    return Err(e);
-                }
-            };
-            let mut state = shared.lock();
-            for ((k, _), p) in copies.iter().zip(placed) {
-                let from = Some((id, k.offset));
-                state.insert(k.key.clone(), p.segment, p.offset, p.record_len, true, from);
-            }
-            shared.metrics.log_copied.inc_by(copies.len() as u64);
+            self.copy_forward(id, &copies);
         }
         let mut state = shared.lock();
         state.drop_segment(id);
         shared.publish(&state);
         drop(state);
         let path = segments::path(&shared.dir, id);
-        std::fs::remove_file(&path).map_err(|e| StoreError::io("remove", path, e))?;
+        if let Err(e) = std::fs::remove_file(&path) {
+            warn!(segment = id, error = %e, "log: cannot delete a dropped segment's file");
+        }
         index_file::remove(&shared.dir, id);
-        Ok(())
+    }
+
+    /// Appends `copies` of records of segment `id` and points the index at them; when the
+    /// append fails, they leave the index.
+    fn copy_forward(&self, id: u64, copies: &[(Keep, Vec<u8>)]) {
+        if copies.is_empty() {
+            return;
+        }
+        let shared = &self.shared;
+        let records: Vec<(&BlobKey, &[u8])> =
+            copies.iter().map(|(k, d)| (&k.key, d.as_slice())).collect();
+        match self.append(&records) {
+            Ok(placed) => {
+                let mut state = shared.lock();
+                for ((k, _), p) in copies.iter().zip(placed) {
+                    let from = Some((id, k.offset));
+                    state.insert(k.key.clone(), p.segment, p.offset, p.record_len, true, from);
+                }
+                shared.metrics.log_copied.inc_by(copies.len() as u64);
+            }
+            Err(e) => {
+                warn!(segment = id, records = copies.len(), error = %e, "log: cannot copy records forward; dropped with their segment");
+                shared.metrics.log_evicted.inc_by(copies.len() as u64);
+                for (k, _) in copies {
+                    shared.lose(&k.key);
+                }
+            }
+        }
     }
 }
