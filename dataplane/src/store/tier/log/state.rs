@@ -55,6 +55,14 @@ pub struct Keep {
     pub checked: bool,
 }
 
+/// `keys` with each key once, in their first order (a blob dropped and stored again into the
+/// same segment is listed twice).
+pub fn each_once(mut keys: Vec<BlobKey>) -> Vec<BlobKey> {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    keys.retain(|k| seen.insert(k.clone()));
+    keys
+}
+
 /// A log's index and segments.
 #[derive(Debug, Default)]
 pub struct State {
@@ -226,19 +234,26 @@ impl State {
         out
     }
 
-    /// Splits segment `id`'s records into those to copy forward and those to drop, which
-    /// leave the index now. Pinned records are kept; records used since the segment was sealed
-    /// are kept while `budget` (bytes, shared by one pass of eviction) lasts, so that a log
-    /// whose every blob is in use still frees space. `None`: no such segment.
-    pub fn sort_out(&mut self, id: u64, budget: &mut u64) -> Option<(Vec<Keep>, Vec<BlobKey>)> {
-        let mut keys = std::mem::take(&mut self.segments.get_mut(&id)?.keys);
-        // A blob dropped and stored again into the same segment is listed twice.
-        let mut seen = std::collections::HashSet::with_capacity(keys.len());
-        keys.retain(|k| seen.insert(k.clone()));
+    /// The keys segment `id` got, taken from it for [`State::sort_out`] (each once).
+    pub fn take_keys(&mut self, id: u64) -> Option<Vec<BlobKey>> {
+        Some(std::mem::take(&mut self.segments.get_mut(&id)?.keys))
+    }
+
+    /// Splits the records of `keys` that are in segment `id` into those to copy forward and
+    /// those to drop, which leave the index now. Pinned records are kept; records used since
+    /// the segment was sealed are kept while `budget` (bytes, shared by one pass of eviction)
+    /// lasts, so that a log whose every blob is in use still frees space. Called on a
+    /// segment's keys a chunk at a time, so that the index is not held for a whole segment.
+    pub fn sort_out(
+        &mut self,
+        id: u64,
+        keys: &[BlobKey],
+        budget: &mut u64,
+    ) -> (Vec<Keep>, Vec<BlobKey>) {
         let now = lease_clock();
         let (mut keep, mut drop) = (Vec::new(), Vec::new());
         for key in keys {
-            let Some(e) = self.entries.get(&key).filter(|e| e.segment == id) else {
+            let Some(e) = self.entries.get(key).filter(|e| e.segment == id) else {
                 continue;
             };
             let second_chance = e.used > id && e.record_len <= *budget;
@@ -249,14 +264,14 @@ impl State {
                 keep.push(Keep {
                     offset: e.offset,
                     checked: e.checked,
-                    key,
+                    key: key.clone(),
                 });
             } else {
-                self.remove(&key);
-                drop.push(key);
+                self.remove(key);
+                drop.push(key.clone());
             }
         }
-        Some((keep, drop))
+        (keep, drop)
     }
 
     /// Segment `id`'s file.
@@ -299,6 +314,12 @@ mod tests {
         )
     }
 
+    /// Sorts out the whole of segment `id`.
+    fn sort(s: &mut State, id: u64, budget: &mut u64) -> (Vec<Keep>, Vec<BlobKey>) {
+        let keys = each_once(s.take_keys(id).unwrap());
+        s.sort_out(id, &keys, budget)
+    }
+
     /// A budget that never runs out.
     fn unlimited() -> u64 {
         u64::MAX
@@ -339,7 +360,7 @@ mod tests {
         // pin counts as use: undo that to test the pin alone.
         s.entries.get_mut(&key(3)).unwrap().used = 3;
         for id in 1..=3 {
-            let (keep, drop) = s.sort_out(id, &mut unlimited()).unwrap();
+            let (keep, drop) = sort(&mut s, id, &mut unlimited());
             match id {
                 1 => {
                     assert!(keep.is_empty());
@@ -368,7 +389,7 @@ mod tests {
         s.drop_segment(3);
         s.add_segment(5, file(), 0);
         assert!(s.touch(&key(2)), "used while segment 5 is appended");
-        let (keep, drop) = s.sort_out(4, &mut unlimited()).unwrap();
+        let (keep, drop) = sort(&mut s, 4, &mut unlimited());
         assert!(keep.len() == 1 && keep[0].key == key(2), "{keep:?}");
         assert_eq!(drop, vec![key(3)]);
     }
@@ -386,7 +407,7 @@ mod tests {
         // A record listed twice (dropped and stored again into the same segment) counts once.
         s.segments.get_mut(&1).unwrap().keys.push(key(0));
         let mut budget = 250;
-        let (keep, drop) = s.sort_out(1, &mut budget).unwrap();
+        let (keep, drop) = sort(&mut s, 1, &mut budget);
         assert_eq!(keep.len(), 2, "{keep:?}");
         assert_eq!(drop.len(), 2, "{drop:?}");
         assert_eq!(budget, 50);
@@ -411,7 +432,7 @@ mod tests {
         };
         s.pin(holder, &key(1));
         s.entries.get_mut(&key(1)).unwrap().used = 1;
-        let (keep, drop) = s.sort_out(1, &mut unlimited()).unwrap();
+        let (keep, drop) = sort(&mut s, 1, &mut unlimited());
         assert!(keep.is_empty());
         assert_eq!(drop, vec![key(1)]);
     }

@@ -7,7 +7,7 @@
 use super::index_file::{self, Entries};
 use super::record;
 use super::segments;
-use super::state::Keep;
+use super::state::{each_once, Keep};
 use super::Shared;
 use crate::store::{Committed, StoreError};
 use bytes::Bytes;
@@ -20,6 +20,9 @@ use tracing::warn;
 
 /// Bytes of blobs written by one batch at most (more wait for the next).
 const BATCH_BYTES: usize = 8 << 20;
+
+/// Records of a dropped segment sorted out per hold of the index.
+const SORT_CHUNK: usize = 4096;
 
 /// A blob to append, and who waits for it.
 pub struct Append {
@@ -183,20 +186,28 @@ impl Writer {
     /// full disk could never be freed.
     fn drop_segment(&self, id: u64, budget: &mut u64) {
         let shared = &self.shared;
-        let (file, keep, dropped) = {
+        let (file, keys) = {
             let mut state = shared.lock();
-            let Some(file) = state.segment_file(id) else {
-                return;
-            };
-            let Some((keep, dropped)) = state.sort_out(id, budget) else {
-                return;
-            };
-            shared.publish(&state);
-            (file, keep, dropped)
+            match (state.segment_file(id), state.take_keys(id)) {
+                (Some(file), Some(keys)) => (file, keys),
+                _ => return,
+            }
         };
-        shared.metrics.log_evicted.inc_by(dropped.len() as u64);
-        for key in &dropped {
-            shared.forget(key);
+        let keys = each_once(keys);
+        // A chunk at a time: the cores wait on the index for one chunk, not a segment.
+        let mut keep = Vec::new();
+        for chunk in keys.chunks(SORT_CHUNK) {
+            let dropped = {
+                let mut state = shared.lock();
+                let (kept, dropped) = state.sort_out(id, chunk, budget);
+                shared.publish(&state);
+                keep.extend(kept);
+                dropped
+            };
+            shared.metrics.log_evicted.inc_by(dropped.len() as u64);
+            for key in &dropped {
+                shared.forget(key);
+            }
         }
         // In batches of at most BATCH_BYTES: never the whole segment in memory at once.
         let mut keep = keep.into_iter().peekable();
