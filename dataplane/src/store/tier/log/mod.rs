@@ -145,6 +145,7 @@ impl SmallBlobLog {
         let found = segments::recover(dir, options.durable, options.max_blob)?;
         let mut state = State::default();
         let (mut records, mut torn, mut indexed) = (0usize, 0u64, 0usize);
+        state.reserve(found.iter().map(|s| s.records.len()).sum());
         for seg in found {
             state.add_segment(seg.id, Arc::new(seg.file), seg.len);
             torn += seg.torn;
@@ -156,13 +157,9 @@ impl SmallBlobLog {
                     "log: a torn tail was cut off"
                 );
             }
+            records += seg.records.len();
             for r in seg.records {
-                records += 1;
-                // A later copy of a blob (copied forward before a crash) replaces the older.
-                if state.holds(&r.key) {
-                    state.remove(&r.key);
-                }
-                state.insert(r.key, seg.id, r.offset, r.record_len, false, None);
+                state.found(r.key, seg.id, r.offset, r.record_len);
             }
         }
         let id = state.next_id();

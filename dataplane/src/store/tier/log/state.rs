@@ -6,7 +6,12 @@
 
 use super::super::{lease_clock, PinHolder};
 use kiln_reapi::digest::BlobKey;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+/// The files' index's hasher ([`crate::store::index::VerifiedKeys`]), for the same reason:
+/// a log indexes only blobs whose bytes hashed to their digest (SipHash was most of
+/// indexing a million records at start).
+type HashMap<K, V> = std::collections::HashMap<K, V, crate::store::index::VerifiedKeys>;
 use std::fs::File;
 use std::sync::Arc;
 
@@ -154,6 +159,31 @@ impl State {
             s.keys.push(key);
         }
         true
+    }
+
+    /// Room for `n` more blobs (before a start's records are indexed).
+    pub fn reserve(&mut self, n: usize) {
+        self.entries.reserve(n);
+    }
+
+    /// Indexes a record found at start-up: a later record of a blob (a copy forward made
+    /// before a crash, in a newer segment) replaces the earlier one.
+    pub fn found(&mut self, key: BlobKey, segment: u64, offset: u64, record_len: u64) {
+        let entry = Entry {
+            segment,
+            offset,
+            record_len,
+            checked: false,
+            used: segment,
+            pins: Vec::new(),
+        };
+        if let Some(s) = self.segments.get_mut(&segment) {
+            s.keys.push(key.clone());
+        }
+        self.live = self.live.saturating_add(record_len);
+        if let Some(old) = self.entries.insert(key, entry) {
+            self.live = self.live.saturating_sub(old.record_len);
+        }
     }
 
     /// Whether `key` is held; a held key counts as used now.
