@@ -335,6 +335,10 @@ on_every_runtime! {
         assert_eq!(blobs::find_missing(&ch, "", f, vec![d.clone()]).await, Vec::<reapi::Digest>::new());
         assert_eq!(blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(), data);
         assert_eq!(common::metric(&kiln.admin, "kiln_log_blobs").await, 1.0);
+        // Both were queued while the writer was held: one batch, one record (the second is
+        // the same blob, answered with the first).
+        assert_eq!(common::metric(&kiln.admin, "kiln_log_batches_total").await, 1.0);
+        assert_eq!(common::metric(&kiln.admin, "kiln_log_appended_records_total").await, 1.0);
         kiln.stop().await;
     }
 }

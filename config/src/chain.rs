@@ -56,8 +56,8 @@ pub enum TierConfig {
     /// the oldest segment dropped when over `bytes` (what is still used is copied forward).
     /// Only the store of a size partition's small side.
     Log {
-        /// Its cap (exceeded by the segment being appended and the records one pass of
-        /// eviction copies forward: at most one and a half segments).
+        /// Its cap (exceeded by the segment being appended, the records one pass of eviction
+        /// copies forward, and pinned records: see docs/configuration.md).
         bytes: ByteSize,
         /// The size of one segment file.
         #[serde(default = "default_segment")]

@@ -437,8 +437,12 @@ impl Upload<'_> {
         if let Some(keep) = self.keep.as_mut() {
             keep.push(data);
         }
-        self.progress
-            .store(self.state.committed(), Ordering::Relaxed);
+        // An upload held in memory cannot be resumed: QueryWriteStatus keeps saying 0, so
+        // that a client that retries starts over.
+        if !self.in_memory {
+            self.progress
+                .store(self.state.committed(), Ordering::Relaxed);
+        }
         Ok(())
     }
 

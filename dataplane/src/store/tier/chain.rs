@@ -243,6 +243,12 @@ impl ChainPlan {
         below.unwrap_or_else(|| filesystem.clone())
     }
 
+    /// The small-blob log called `name`, once opened.
+    #[cfg(test)]
+    pub(crate) fn log(&self, name: &str) -> Option<Arc<SmallBlobLog>> {
+        self.logs.get(name).cloned()
+    }
+
     /// What the filesystem tier tells when a blob leaves it: every memory tier's cache.
     pub fn forgetters(&self) -> Vec<Arc<dyn BlobEvents>> {
         self.caches

@@ -31,10 +31,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::{info, warn};
-use writer::{Append, Writer};
+use writer::{Append, Job, Writer};
 
-/// Appends queued for a log's writer at most (each holds its blob's bytes).
-const QUEUED_APPENDS: usize = 4096;
+/// Bytes of blobs queued for a log's writer at most (as a count of its largest blobs).
+const QUEUED_BYTES: u64 = 256 << 20;
 
 /// How a log is sized and whether its writes are synced.
 #[derive(Debug, Clone, Copy)]
@@ -126,7 +126,7 @@ impl Drop for Awaiting<'_> {
 /// The small-blob log tier.
 pub struct SmallBlobLog {
     shared: Arc<Shared>,
-    appends: async_channel::Sender<Append>,
+    appends: async_channel::Sender<Job>,
     /// Reads and temp-file reads run on its blocking pool.
     side: SideRuntime,
 }
@@ -183,8 +183,12 @@ impl SmallBlobLog {
             published: Default::default(),
         });
         shared.publish(&shared.lock());
-        // Bounded: with the disk slow, writers wait here rather than queue without end.
-        let (tx, rx) = async_channel::bounded(QUEUED_APPENDS);
+        // Bounded by bytes (each append holds a blob of up to max_blob): with the disk slow,
+        // writers wait here rather than queue without end.
+        let queued = usize::try_from(QUEUED_BYTES / options.max_blob.max(1))
+            .unwrap_or(1)
+            .max(16);
+        let (tx, rx) = async_channel::bounded(queued);
         let writer = Writer {
             shared: shared.clone(),
             rx,
@@ -198,6 +202,16 @@ impl SmallBlobLog {
             appends: tx,
             side: SideRuntime::new("kiln-log-read")?,
         })
+    }
+
+    /// Waits until everything queued before has been written and the eviction after it
+    /// done (for tests that read the log's counters).
+    #[cfg(test)]
+    pub(crate) async fn settled(&self) {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        if self.appends.send(Job::Settle(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Runs blocking `work` on the tier's pool.
@@ -313,7 +327,7 @@ impl BlobStore for SmallBlobLog {
             // Counted with the commits waiting for durability until answered (or given up).
             let _awaiting = Awaiting::new(&self.shared.metrics);
             self.appends
-                .send(append)
+                .send(Job::Append(append))
                 .await
                 .map_err(|_| StoreError::Unavailable)?;
             answer.await.map_err(|_| StoreError::Unavailable)?

@@ -19,7 +19,8 @@ pub fn path(dir: &Path, id: u64) -> PathBuf {
 /// A segment's id, from its file name.
 fn id_of(name: &str) -> Option<u64> {
     let hex = name.strip_suffix(".seg")?;
-    (hex.len() == 16)
+    let lower = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+    (hex.len() == 16 && hex.as_bytes().iter().all(lower))
         .then(|| u64::from_str_radix(hex, 16).ok())
         .flatten()
 }
@@ -138,6 +139,9 @@ pub fn recover(dir: &Path, durable: bool, max_blob: u64) -> io::Result<Vec<Recov
                 "log: damage in a sealed segment; its records from there on are lost"
             );
         }
+        // An older segment keeps its length (nothing is cut): its index names that length,
+        // so that the next start believes it.
+        let len = if Some(id) == newest { len } else { on_disk };
         // Never appended again (a start begins a new segment): indexed for the next start.
         if let Err(e) = Entries::of(&records).write(dir, id, len, durable) {
             tracing::warn!(segment = id, error = %e, "log: cannot write a segment's index file");
@@ -154,8 +158,9 @@ pub fn recover(dir: &Path, durable: bool, max_blob: u64) -> io::Result<Vec<Recov
     Ok(out)
 }
 
-/// The records of a segment `len` bytes long, and where the last whole one ends: a record
-/// whose header or bytes fail their CRC, or that is over `max_blob`, ends it.
+/// The records of a segment `len` bytes long, and where the last whole one ends: a header
+/// that fails its CRC, or a record over `max_blob`, ends it; a record whose bytes fail
+/// theirs is left out.
 fn scan(file: &File, len: u64, max_blob: u64) -> io::Result<(Vec<Found>, u64)> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
     reader.rewind()?;
@@ -195,8 +200,14 @@ fn scan(file: &File, len: u64, max_blob: u64) -> io::Result<(Vec<Found>, u64)> {
         };
         // Bounded by max_blob above.
         data.resize(size as usize, 0);
-        if !read_fully(&mut reader, &mut data)? || crc32fast::hash(&data) != data_crc {
+        if !read_fully(&mut reader, &mut data)? {
             return Ok((records, pos));
+        }
+        // Bytes that do not match their header's CRC (never written before a crash, or
+        // damaged since): that record is not indexed; those after it still are.
+        if crc32fast::hash(&data) != data_crc {
+            pos = end;
+            continue;
         }
         records.push(Found {
             key,
@@ -313,7 +324,7 @@ mod tests {
             (k, r)
         };
         let (_, too_large) = record(&vec![1u8; (MAX + 1) as usize]);
-        for damage in [header_damaged, bytes_unwritten, too_large] {
+        for damage in [header_damaged, too_large] {
             let dir = tempfile::tempdir().unwrap();
             let whole = [r1.clone(), damage, r3.clone()].concat();
             for id in [2, 3] {
@@ -323,9 +334,10 @@ mod tests {
             for seg in &found {
                 assert_eq!(seg.records.len(), 1);
                 assert_eq!(seg.records[0].key, k1);
-                assert_eq!(seg.len, r1.len() as u64);
                 assert_eq!(seg.torn, (whole.len() - r1.len()) as u64);
             }
+            assert_eq!(found[0].len, whole.len() as u64);
+            assert_eq!(found[1].len, r1.len() as u64);
             let on_disk = |id| std::fs::metadata(path(dir.path(), id)).unwrap().len();
             assert_eq!(
                 on_disk(2),
@@ -333,6 +345,18 @@ mod tests {
                 "an older segment is not cut"
             );
             assert_eq!(on_disk(3), r1.len() as u64, "the newest is");
+            // Both indexed as they are now: the next start lists them from their index files.
+            let again = recover(dir.path(), false, MAX).unwrap();
+            assert!(again.iter().all(|s| s.from_index && s.records.len() == 1));
         }
+        // Bytes that fail their CRC leave that record out, not those after it.
+        let dir = tempfile::tempdir().unwrap();
+        let whole = [r1.clone(), bytes_unwritten, r3.clone()].concat();
+        append(&create(dir.path(), 4, false).unwrap(), 0, &whole, false).unwrap();
+        let found = recover(dir.path(), false, MAX).unwrap();
+        let keys: Vec<&BlobKey> = found[0].records.iter().map(|r| &r.key).collect();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0], &k1);
+        assert_eq!((found[0].torn, found[0].len), (0, whole.len() as u64));
     }
 }

@@ -286,11 +286,12 @@ impl State {
             let Some(e) = self.entries.get(key).filter(|e| e.segment == id) else {
                 continue;
             };
-            let second_chance = e.used > id && e.record_len <= *budget;
+            let pinned = e.pinned(now);
+            let second_chance = !pinned && e.used > id && e.record_len <= *budget;
             if second_chance {
                 *budget -= e.record_len;
             }
-            if e.pinned(now) || second_chance {
+            if pinned || second_chance {
                 keep.push(Keep {
                     offset: e.offset,
                     checked: e.checked,

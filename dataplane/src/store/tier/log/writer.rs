@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures::channel::oneshot;
 use kiln_reapi::digest::{BlobKey, Hasher};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tracing::warn;
 
@@ -31,6 +31,16 @@ pub struct Append {
     pub reply: oneshot::Sender<Result<Committed, StoreError>>,
 }
 
+/// What the writer is asked to do.
+pub enum Job {
+    /// Append a blob.
+    Append(Append),
+    /// Answer once everything queued before has been written, and the eviction after it
+    /// done (tests wait on this to read the log's counters).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Settle(oneshot::Sender<()>),
+}
+
 /// Where a record went.
 struct Placed {
     segment: u64,
@@ -41,7 +51,7 @@ struct Placed {
 /// The writer thread's state.
 pub struct Writer {
     pub shared: Arc<Shared>,
-    pub rx: async_channel::Receiver<Append>,
+    pub rx: async_channel::Receiver<Job>,
     /// The index of the segment being appended, written when it is sealed.
     pub entries: RefCell<Entries>,
 }
@@ -50,15 +60,27 @@ impl Writer {
     /// Serves appends until every sender is gone.
     pub fn run(self) {
         while let Ok(first) = self.rx.recv_blocking() {
-            let mut bytes = first.data.len();
-            let mut batch = vec![first];
-            while bytes < BATCH_BYTES {
-                let Ok(next) = self.rx.try_recv() else { break };
-                bytes += next.data.len();
-                batch.push(next);
+            let (mut batch, mut settled, mut bytes) = (Vec::new(), Vec::new(), 0usize);
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Append(a) => {
+                        bytes += a.data.len();
+                        batch.push(a);
+                    }
+                    Job::Settle(tx) => settled.push(tx),
+                }
+                if bytes < BATCH_BYTES && settled.is_empty() {
+                    next = self.rx.try_recv().ok();
+                }
             }
-            self.write(batch);
+            if !batch.is_empty() {
+                self.write(batch);
+            }
             self.evict();
+            for tx in settled {
+                let _ = tx.send(());
+            }
         }
     }
 
@@ -66,13 +88,14 @@ impl Writer {
     fn write(&self, batch: Vec<Append>) {
         // Blobs already held, and second copies within the batch, are not written again.
         let mut fresh: Vec<Append> = Vec::with_capacity(batch.len());
+        let mut fresh_keys: HashSet<BlobKey> = HashSet::with_capacity(batch.len());
         let mut copies: HashMap<BlobKey, Vec<Append>> = HashMap::new();
         {
             let state = self.shared.lock();
             for a in batch {
                 if state.holds(&a.key) {
                     let _ = a.reply.send(Ok(Committed::AlreadyPresent));
-                } else if fresh.iter().any(|f| f.key == a.key) {
+                } else if !fresh_keys.insert(a.key.clone()) {
                     copies.entry(a.key.clone()).or_default().push(a);
                 } else {
                     fresh.push(a);
@@ -128,6 +151,11 @@ impl Writer {
         let mut placed = Vec::with_capacity(records.len());
         let (mut segment, mut file, mut start) = self.active()?;
         if start > 0 && start.saturating_add(size as u64) > shared.options.segment {
+            // The next segment first: while it cannot be made, this one stays the one
+            // appended, and its index (of every record in it) is not written yet.
+            let id = segment + 1;
+            let created = segments::create(&shared.dir, id, shared.options.durable)
+                .map_err(|e| StoreError::io("create", segments::path(&shared.dir, id), e))?;
             // Sealed: its index lets the next start list it without reading it.
             let mut entries = self.entries.borrow_mut();
             if let Err(e) = entries.write(&shared.dir, segment, start, shared.options.durable) {
@@ -135,9 +163,6 @@ impl Writer {
             }
             entries.clear();
             drop(entries);
-            let id = segment + 1;
-            let created = segments::create(&shared.dir, id, shared.options.durable)
-                .map_err(|e| StoreError::io("create", segments::path(&shared.dir, id), e))?;
             let created = Arc::new(created);
             shared.lock().add_segment(id, created.clone(), 0);
             (segment, file, start) = (id, created, 0);
@@ -152,8 +177,16 @@ impl Writer {
                 record_len: (header.len() + data.len()) as u64,
             });
         }
-        segments::append(&file, start, &buf, shared.options.durable)
-            .map_err(|e| StoreError::io("append to", segments::path(&shared.dir, segment), e))?;
+        if let Err(e) = segments::append(&file, start, &buf, shared.options.durable) {
+            // What was written of the batch goes: the next batch takes its place, and the
+            // segment's length stays the one its index will name.
+            let _ = file.set_len(start);
+            return Err(StoreError::io(
+                "append to",
+                segments::path(&shared.dir, segment),
+                e,
+            ));
+        }
         let mut entries = self.entries.borrow_mut();
         for (header, p) in headers.iter().zip(&placed) {
             entries.push(header, p.offset);
