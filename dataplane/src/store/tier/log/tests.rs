@@ -301,6 +301,42 @@ fn a_log_whose_every_blob_is_used_stays_within_its_cap() {
     );
 }
 
+/// A segment that cannot be made (its name taken, here by a directory: the disk full or the
+/// process out of file descriptors do the same) fails the writes that need it, and loses
+/// nothing acknowledged: the segment being appended stays as it is, index included, and
+/// writing goes on once the next one can be made.
+#[test]
+fn a_segment_that_cannot_be_made_loses_nothing() {
+    let fx = Fixture::new();
+    let blobs: Vec<Vec<u8>> = (0..300).map(|n| blob(n, 10 << 10)).collect();
+    let mut acked = Vec::new();
+    {
+        let log = fx.open(options(64 * MIB));
+        let blocked = segments::path(fx.dir.path(), 2);
+        std::fs::create_dir(&blocked).unwrap();
+        let mut failed = 0;
+        for b in &blobs[..200] {
+            match block_on(log.put(&key(b), in_memory(b))) {
+                Ok(_) => acked.push(b.clone()),
+                Err(_) => failed += 1,
+            }
+        }
+        assert!(failed > 0 && acked.len() > 50, "{failed} failed, {} stored", acked.len());
+        std::fs::remove_dir(&blocked).unwrap();
+        for b in &blobs[200..] {
+            put(&log, b);
+            acked.push(b.clone());
+        }
+    }
+    assert!(!fx.files("idx").is_empty(), "the first segment was sealed");
+    let log = fx.open(options(64 * MIB));
+    let keys: Vec<BlobKey> = acked.iter().map(|b| key(b)).collect();
+    assert_eq!(block_on(log.contains(&keys)).unwrap(), vec![true; keys.len()]);
+    for (b, k) in acked.iter().zip(&keys).step_by(25) {
+        assert_eq!(read(&log, k).as_deref(), Some(&b[..]));
+    }
+}
+
 #[test]
 fn concurrent_writers_share_batches_and_one_copy_is_stored() {
     let fx = Fixture::new();
