@@ -380,6 +380,40 @@ on_every_runtime! {
     }
 }
 
+// An upload bound for the log and held in memory takes no room against the files' cap: with
+// that cap all but taken by a large upload in progress, a small one still goes to the log
+// (it used to be refused with RESOURCE_EXHAUSTED, and could make the files evict).
+on_every_runtime! {
+    async fn a_log_upload_needs_no_room_in_the_files(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Function::Sha256;
+        let config = "[storage]\ndisk_bytes = \"100 KiB\"\nchain = [\"split\"]\n[storage.tiers.split]\nkind = \"size_partition\"\nthreshold_bytes = \"16 KiB\"\nsmall = [\"log\"]\nlarge = [\"filesystem\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"8 MiB\"\nsegment_bytes = \"1 MiB\"\n";
+        let options = Options {
+            config: Some(config.into()),
+            ..Options::on(rt)
+        };
+        let kiln = Kiln::start_async(dir.path(), options).await;
+        let ch = kiln.channel().await;
+        let large = pseudo_random(80, 90 << 10);
+        let large_name = write_name("", f, &digest(f, &large));
+        let upload = blobs::open_upload(&ch);
+        for r in blobs::write_requests(&large_name, &large, 10 << 10, 0).into_iter().take(2) {
+            upload.tx.send(r).await.unwrap();
+        }
+        blobs::wait_committed(&ch, &large_name, 20 << 10).await;
+        let small = pseudo_random(81, 15 << 10);
+        let d = digest(f, &small);
+        assert_eq!(
+            blobs::write(&ch, &write_name("", f, &d), &small, 4096).await.unwrap().committed_size,
+            small.len() as i64
+        );
+        assert_eq!(blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap(), small);
+        drop(upload.tx);
+        let _ = upload.call.await;
+        kiln.stop().await;
+    }
+}
+
 // kill -9 mid-upload: after a restart there is no trace of the partial blob.
 on_every_runtime! {
     async fn crash_mid_upload_leaves_nothing(rt: Runtime) {

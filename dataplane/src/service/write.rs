@@ -154,6 +154,16 @@ async fn write(
     {
         return Ok(if compressed { -1 } else { digest.size as i64 });
     }
+    // Such a blob is taken from memory, without a temp file (and so without room against the
+    // files' cap), within the process's budget of bytes held so (past it, through a temp file
+    // as for the files); one held in memory starts over when interrupted rather than resumes.
+    let held = if elsewhere {
+        usize::try_from(digest.size)
+            .ok()
+            .and_then(|n| svc.limits.held_uploads.take_n(n))
+    } else {
+        None
+    };
     let claim = svc
         .cas
         .claim_upload(
@@ -161,18 +171,12 @@ async fn write(
             &resource.key,
             progress.clone(),
             !elsewhere,
+            held.is_none(),
         )
         .await
         .map_err(BlobError::from)?;
-    // Such a blob is taken from memory, without a temp file, within the process's budget of
-    // bytes held so (past it, through a temp file as for the files); one held in memory
-    // starts over when interrupted rather than resumes.
-    let held = match &claim {
-        UploadClaim::Fresh(_) if elsewhere => usize::try_from(digest.size)
-            .ok()
-            .and_then(|n| svc.limits.held_uploads.take_n(n)),
-        _ => None,
-    };
+    // Held in memory only when starting afresh (a parked upload resumes from its file).
+    let held = held.filter(|_| matches!(claim, UploadClaim::Fresh(_)));
     let in_memory = held.is_some();
     let (state, mut writer, staged, epoch) = match claim {
         UploadClaim::Present if compressed => return Ok(-1),
@@ -186,6 +190,7 @@ async fn write(
             }
             .into())
         }
+        // Claimed without room against the cap: held in memory.
         UploadClaim::Fresh(staged) if in_memory => {
             (UploadState::new(digest), None, staged, svc.cas.sync_epoch())
         }

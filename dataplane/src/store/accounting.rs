@@ -107,6 +107,14 @@ impl Accounting {
         }
     }
 
+    /// A claim on no room (an upload held in memory, not in a temp file).
+    pub fn unstaged(self: &Arc<Self>) -> Staged {
+        Staged {
+            accounting: self.clone(),
+            bytes: 0,
+        }
+    }
+
     /// The cap in bytes.
     pub fn cap(&self) -> u64 {
         self.cap

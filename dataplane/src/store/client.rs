@@ -275,6 +275,7 @@ impl CasClient {
         key: &BlobKey,
         progress: Arc<AtomicU64>,
         check_index: bool,
+        stage: bool,
     ) -> Result<UploadClaim, StoreError> {
         let shard = self.owner_of(&key.digest);
         let key = key.clone();
@@ -283,6 +284,7 @@ impl CasClient {
             key,
             progress,
             check_index,
+            stage,
             reply,
         })
         .await

@@ -118,6 +118,9 @@ pub(crate) enum Command {
         /// keeps in another store, such as a small-blob log: a file of one left from before
         /// is not what the chain serves).
         check_index: bool,
+        /// Whether the upload takes room against the files' cap (a temp file); one held in
+        /// memory for a small-blob log does not.
+        stage: bool,
         reply: Reply<UploadClaim>,
     },
     ReleaseUpload {

@@ -249,7 +249,7 @@ impl ServedCas {
             return Ok(key.digest.size);
         }
         let claim = client
-            .claim_upload(upload_key.clone(), &key, progress.clone(), !elsewhere)
+            .claim_upload(upload_key.clone(), &key, progress.clone(), !elsewhere, true)
             .await
             .map_err(|e| status(&e))?;
         let staged = match claim {

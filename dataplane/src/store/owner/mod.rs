@@ -217,6 +217,7 @@ impl Owner {
                 key,
                 progress,
                 check_index,
+                stage,
                 reply,
             } => {
                 let claim = if check_index && self.touch(&key, atime::now()).is_some() {
@@ -224,6 +225,7 @@ impl Owner {
                 } else {
                     let claimed = self.uploads.borrow_mut().claim(&upload_key, progress);
                     match claimed {
+                        Claim::Fresh if !stage => UploadClaim::Fresh(self.accounting.unstaged()),
                         Claim::Fresh => match self.accounting.stage(key.digest.size) {
                             Some(staged) => UploadClaim::Fresh(staged),
                             None => {
@@ -238,7 +240,7 @@ impl Owner {
                         Claim::Busy => UploadClaim::Busy,
                     }
                 };
-                let staged = matches!(claim, UploadClaim::Fresh(_));
+                let staged = stage && matches!(claim, UploadClaim::Fresh(_));
                 let _ = reply.send(claim);
                 if staged {
                     // Old blobs make room for the new temp file.

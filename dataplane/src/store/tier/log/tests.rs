@@ -321,7 +321,11 @@ fn a_segment_that_cannot_be_made_loses_nothing() {
                 Err(_) => failed += 1,
             }
         }
-        assert!(failed > 0 && acked.len() > 50, "{failed} failed, {} stored", acked.len());
+        assert!(
+            failed > 0 && acked.len() > 50,
+            "{failed} failed, {} stored",
+            acked.len()
+        );
         std::fs::remove_dir(&blocked).unwrap();
         for b in &blobs[200..] {
             put(&log, b);
@@ -331,7 +335,10 @@ fn a_segment_that_cannot_be_made_loses_nothing() {
     assert!(!fx.files("idx").is_empty(), "the first segment was sealed");
     let log = fx.open(options(64 * MIB));
     let keys: Vec<BlobKey> = acked.iter().map(|b| key(b)).collect();
-    assert_eq!(block_on(log.contains(&keys)).unwrap(), vec![true; keys.len()]);
+    assert_eq!(
+        block_on(log.contains(&keys)).unwrap(),
+        vec![true; keys.len()]
+    );
     for (b, k) in acked.iter().zip(&keys).step_by(25) {
         assert_eq!(read(&log, k).as_deref(), Some(&b[..]));
     }
