@@ -22,7 +22,7 @@ use crate::store::blob_io::TempWriter;
 use crate::store::compressed_upload::CompressedUpload;
 use crate::store::parked::ParkedUpload;
 use crate::store::tier::in_flight::Arriving;
-use crate::store::tier::VerifiedUpload;
+use crate::store::tier::{held_outside_files, VerifiedUpload};
 use crate::store::upload::{UploadError, UploadState};
 use crate::store::{UploadClaim, UploadStatus};
 use bytes::{Bytes, BytesMut};
@@ -143,17 +143,14 @@ async fn write(
     let upload_key = resource.upload_key();
     let progress = Arc::new(AtomicU64::new(0));
     // A blob the chain keeps outside files (a small-blob log): the chain says whether it is
-    // held, not the owner's index of files (which may hold a file of it left from before).
-    let elsewhere = !svc.store.keeps_files(&resource.key);
-    if elsewhere
-        && svc
-            .store
-            .contains(std::slice::from_ref(&resource.key))
-            .await
-            .map_err(BlobError::from)?[0]
-    {
+    // held, not the owner's index of files.
+    let outside = held_outside_files(&*svc.store, &resource.key)
+        .await
+        .map_err(BlobError::from)?;
+    if outside == Some(true) {
         return Ok(if compressed { -1 } else { digest.size as i64 });
     }
+    let elsewhere = outside.is_some();
     // Such a blob is taken from memory, without a temp file (and so without room against the
     // files' cap), within the process's budget of bytes held so (past it, through a temp file
     // as for the files); one held in memory starts over when interrupted rather than resumes.
@@ -283,8 +280,7 @@ async fn write(
         name: first.resource_name.clone(),
         state,
         writer,
-        in_memory,
-        _held: held,
+        held,
         staged: Some(staged),
         epoch,
         progress,
@@ -318,10 +314,9 @@ struct Upload<'a> {
     name: String,
     state: UploadState,
     writer: Option<TempWriter>,
-    /// The upload is kept in memory (`keep`) rather than in a temp file.
-    in_memory: bool,
-    /// Its place in [`crate::service::BlobLimits::held_uploads`] while it is.
-    _held: Option<crate::slots::Slot>,
+    /// Its place in [`crate::service::BlobLimits::held_uploads`] when it is kept in memory
+    /// (`keep`) rather than in a temp file.
+    held: Option<Slot>,
     /// The space the temp file holds against the cap, until committed or dropped.
     staged: Option<Staged>,
     /// Failed filesystem syncs before the temp file was first written (see
@@ -444,7 +439,7 @@ impl Upload<'_> {
         }
         // An upload held in memory cannot be resumed: QueryWriteStatus keeps saying 0, so
         // that a client that retries starts over.
-        if !self.in_memory {
+        if self.held.is_none() {
             self.progress
                 .store(self.state.committed(), Ordering::Relaxed);
         }
@@ -452,7 +447,7 @@ impl Upload<'_> {
     }
 
     async fn commit(&mut self) -> Result<i64, WriteEnd> {
-        let (temp, data) = if self.in_memory {
+        let (temp, data) = if self.held.is_some() {
             let Some(kept) = self.keep.take() else {
                 return Err(BlobError::WriteResource("upload already committed").into());
             };
@@ -556,13 +551,8 @@ pub(super) async fn serve_query(svc: &BlobServices, call: Call) {
                 });
             }
             // As for a write: the chain answers for blobs it keeps outside files.
-            let elsewhere = !svc.store.keeps_files(&resource.key);
-            if elsewhere
-                && svc
-                    .store
-                    .contains(std::slice::from_ref(&resource.key))
-                    .await?[0]
-            {
+            let outside = held_outside_files(&*svc.store, &resource.key).await?;
+            if outside == Some(true) {
                 return Ok(QueryWriteStatusResponse {
                     committed_size: size,
                     complete: true,
@@ -570,7 +560,7 @@ pub(super) async fn serve_query(svc: &BlobServices, call: Call) {
             }
             match svc
                 .cas
-                .query_upload(resource.upload_key(), &resource.key, !elsewhere)
+                .query_upload(resource.upload_key(), &resource.key, outside.is_none())
                 .await?
             {
                 UploadStatus::Complete => Ok(QueryWriteStatusResponse {

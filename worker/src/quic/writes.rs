@@ -14,6 +14,7 @@
 use super::service::{bad, instance, read_only, status, ServedCas};
 use futures::StreamExt;
 use kiln_dataplane::service::BlobError;
+use kiln_dataplane::store::tier::held_outside_files;
 use kiln_dataplane::store::upload::UploadState;
 use kiln_dataplane::store::UploadClaim;
 use kiln_proto::bytestream::{
@@ -238,18 +239,20 @@ impl ServedCas {
         let progress = Arc::new(AtomicU64::new(0));
         // A blob the chain keeps outside files (a small-blob log): the chain says whether it
         // is held, not the owner's index of files.
-        let store = self.cas.store();
-        let elsewhere = !store.keeps_files(&key);
-        if elsewhere
-            && store
-                .contains(std::slice::from_ref(&key))
-                .await
-                .map_err(|e| status(&e))?[0]
-        {
+        let outside = held_outside_files(&**self.cas.store(), &key)
+            .await
+            .map_err(|e| status(&e))?;
+        if outside == Some(true) {
             return Ok(key.digest.size);
         }
         let claim = client
-            .claim_upload(upload_key.clone(), &key, progress.clone(), !elsewhere, true)
+            .claim_upload(
+                upload_key.clone(),
+                &key,
+                progress.clone(),
+                outside.is_none(),
+                true,
+            )
             .await
             .map_err(|e| status(&e))?;
         let staged = match claim {

@@ -166,6 +166,20 @@ pub async fn pin_to_the_end(
     rx.await.map_err(|_| StoreError::Unavailable)?
 }
 
+/// For a blob `store` keeps outside files (a small-blob log), whether it holds it; `None` for
+/// a blob kept as a file, which the owner shards' index answers for. Upload claims and
+/// `QueryWriteStatus` ask this first: a file of such a blob left from before is not what the
+/// chain serves.
+pub async fn held_outside_files(
+    store: &dyn BlobStore,
+    key: &BlobKey,
+) -> Result<Option<bool>, StoreError> {
+    if store.keeps_files(key) {
+        return Ok(None);
+    }
+    Ok(Some(store.contains(std::slice::from_ref(key)).await?[0]))
+}
+
 /// The keys `store` does not hold, in order.
 pub async fn find_missing(
     store: &dyn BlobStore,

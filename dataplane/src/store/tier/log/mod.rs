@@ -4,8 +4,9 @@
 //! blobs with one write and makes it durable with one data sync. Only the store of a size
 //! partition's small side (`kind = "log"`): its blobs are held in memory while written.
 //!
-//! - [`record`]: the record format, with a header checksum to find a torn tail.
+//! - [`record`]: the record format, with checksums of the header and the bytes.
 //! - [`segments`]: segment files; the start-up scan.
+//! - [`index_file`]: a sealed segment's list of records, so a start need not read it.
 //! - [`state`]: the index and the eviction choices, without I/O.
 //! - [`writer`]: the thread that appends, syncs and evicts.
 //!
@@ -39,7 +40,8 @@ const QUEUED_BYTES: u64 = 256 << 20;
 /// How a log is sized and whether its writes are synced.
 #[derive(Debug, Clone, Copy)]
 pub struct LogOptions {
-    /// The cap on its segment files' bytes (exceeded by at most the segment being appended).
+    /// The cap on its segment files' bytes (exceeded by the segment being appended, one pass's
+    /// copies forward and pinned records).
     pub cap: u64,
     /// The size a segment is sealed at.
     pub segment: u64,
@@ -132,9 +134,9 @@ pub struct SmallBlobLog {
 }
 
 impl SmallBlobLog {
-    /// Opens the log in `dir` (created if missing): every segment is read through once to
-    /// index its records (a torn tail is cut off), and a new segment is begun. `events` hear
-    /// of the blobs it evicts or finds damaged.
+    /// Opens the log in `dir` (created if missing): sealed segments are listed from their
+    /// index files, the others read through once (the newest's torn tail cut off), and a new
+    /// segment is begun. `events` hear of the blobs it evicts or finds damaged.
     pub fn open(
         dir: &Path,
         options: LogOptions,
@@ -226,10 +228,17 @@ impl SmallBlobLog {
     }
 
     /// The upload's bytes (read from its temp file when it has no copy in memory, and hashed
-    /// again: the file's bytes are only as good as the file); the temp file is removed.
+    /// again: the file's bytes are only as good as the file); the temp file is removed. Bytes
+    /// in memory without a file are taken as they are, without a trip to the pool.
     async fn bytes_of(&self, key: &BlobKey, upload: VerifiedUpload) -> Result<Bytes, StoreError> {
-        let temp = upload.temp;
-        let data = upload.data;
+        let (temp, data) = match upload {
+            VerifiedUpload {
+                temp: None,
+                data: Some(data),
+                ..
+            } => return Ok(data),
+            VerifiedUpload { temp, data, .. } => (temp, data),
+        };
         let key = key.clone();
         self.blocking(move || {
             let read = match (data, &temp) {
@@ -282,6 +291,7 @@ impl BlobStore for SmallBlobLog {
                 .await?;
             let data = match read {
                 Ok((data, true)) => data,
+                // Not its digest's bytes, or cut short.
                 Ok((_, false)) => {
                     self.shared.damaged(key);
                     return Ok(None);

@@ -16,9 +16,9 @@ pub fn path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
 }
 
-/// A segment's id, from its file name.
-fn id_of(name: &str) -> Option<u64> {
-    let hex = name.strip_suffix(".seg")?;
+/// The id in a file name `{id:016x}{suffix}` (a segment's, `.seg`, or its index file's).
+fn id_of(name: &str, suffix: &str) -> Option<u64> {
+    let hex = name.strip_suffix(suffix)?;
     let lower = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
     (hex.len() == 16 && hex.as_bytes().iter().all(lower))
         .then(|| u64::from_str_radix(hex, 16).ok())
@@ -85,24 +85,16 @@ pub fn recover(dir: &Path, durable: bool, max_blob: u64) -> io::Result<Vec<Recov
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(id) = id_of(name) {
+        if let Some(id) = id_of(name, ".seg") {
             ids.push(id);
         } else if index_file::is_index(name) {
-            indexes.push(entry.path());
+            indexes.push((entry.path(), id_of(name, ".idx")));
         }
     }
     ids.sort_unstable();
     // Index files of segments gone (dropped before a crash), and unfinished ones.
-    for index in indexes {
-        let stem = index
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        let id = stem
-            .split('.')
-            .next()
-            .and_then(|h| u64::from_str_radix(h, 16).ok());
-        if !stem.ends_with(".idx") || id.is_none_or(|id| ids.binary_search(&id).is_err()) {
+    for (index, id) in indexes {
+        if id.is_none_or(|id| ids.binary_search(&id).is_err()) {
             let _ = std::fs::remove_file(&index);
         }
     }

@@ -7,32 +7,45 @@
 use super::super::{lease_clock, PinHolder};
 use kiln_reapi::digest::BlobKey;
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::sync::Arc;
 
 /// The files' index's hasher ([`crate::store::index::VerifiedKeys`]), for the same reason:
 /// a log indexes only blobs whose bytes hashed to their digest (SipHash was most of
 /// indexing a million records at start).
 type HashMap<K, V> = std::collections::HashMap<K, V, crate::store::index::VerifiedKeys>;
-use std::fs::File;
-use std::sync::Arc;
 
 /// Where a blob's record is, and what is known of it.
 #[derive(Debug, Clone)]
-pub struct Entry {
+struct Entry {
     /// The segment holding it.
-    pub segment: u64,
+    segment: u64,
     /// Where its bytes start in the segment.
-    pub offset: u64,
+    offset: u64,
     /// The record's length, header included.
-    pub record_len: u64,
+    record_len: u64,
     /// Whether this process has hashed its bytes (blobs written by it, or read once).
-    pub checked: bool,
+    checked: bool,
     /// The segment being appended when it was last used.
-    pub used: u64,
+    used: u64,
     /// Who pins it, until when.
-    pub pins: Vec<PinHolder>,
+    pins: Vec<PinHolder>,
 }
 
 impl Entry {
+    /// A new record's entry: not pinned, and not used since its segment was sealed (it is a
+    /// new record, or found at start-up).
+    fn new(segment: u64, offset: u64, record_len: u64, checked: bool) -> Entry {
+        Entry {
+            segment,
+            offset,
+            record_len,
+            checked,
+            used: segment,
+            pins: Vec::new(),
+        }
+    }
+
     fn pinned(&self, now: u64) -> bool {
         self.pins.iter().any(|p| p.until > now)
     }
@@ -40,13 +53,13 @@ impl Entry {
 
 /// One segment file.
 #[derive(Debug)]
-pub struct Segment {
+struct Segment {
     /// The open file (readers keep it while they read, even once the segment is dropped).
-    pub file: Arc<File>,
+    file: Arc<File>,
     /// Its length.
-    pub len: u64,
+    len: u64,
     /// The keys whose records it got (some may since live elsewhere, or nowhere).
-    pub keys: Vec<BlobKey>,
+    keys: Vec<BlobKey>,
 }
 
 /// A record to copy forward out of a segment being dropped.
@@ -141,19 +154,8 @@ impl State {
                 return false;
             }
             self.live = self.live.saturating_add(record_len);
-            self.entries.insert(
-                key.clone(),
-                Entry {
-                    segment,
-                    offset,
-                    record_len,
-                    checked,
-                    // Not used since its segment was sealed (it is a new record, or found
-                    // at start-up).
-                    used: segment,
-                    pins: Vec::new(),
-                },
-            );
+            let entry = Entry::new(segment, offset, record_len, checked);
+            self.entries.insert(key.clone(), entry);
         }
         if let Some(s) = self.segments.get_mut(&segment) {
             s.keys.push(key);
@@ -169,14 +171,7 @@ impl State {
     /// Indexes a record found at start-up: a later record of a blob (a copy forward made
     /// before a crash, in a newer segment) replaces the earlier one.
     pub fn found(&mut self, key: BlobKey, segment: u64, offset: u64, record_len: u64) {
-        let entry = Entry {
-            segment,
-            offset,
-            record_len,
-            checked: false,
-            used: segment,
-            pins: Vec::new(),
-        };
+        let entry = Entry::new(segment, offset, record_len, false);
         if let Some(s) = self.segments.get_mut(&segment) {
             s.keys.push(key.clone());
         }
@@ -310,11 +305,11 @@ impl State {
         self.segments.get(&id).map(|s| s.file.clone())
     }
 
-    /// Removes segment `id` (its records copied forward or dropped); its file, to delete.
-    pub fn drop_segment(&mut self, id: u64) -> Option<Arc<File>> {
-        let s = self.segments.remove(&id)?;
-        self.total = self.total.saturating_sub(s.len);
-        Some(s.file)
+    /// Removes segment `id` (its records copied forward or dropped).
+    pub fn drop_segment(&mut self, id: u64) {
+        if let Some(s) = self.segments.remove(&id) {
+            self.total = self.total.saturating_sub(s.len);
+        }
     }
 
     /// Blobs held.
