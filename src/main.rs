@@ -5,6 +5,7 @@ mod allocator;
 mod auth;
 mod cli;
 mod enrol;
+mod limits;
 mod serve;
 mod signals;
 mod tls;
@@ -19,13 +20,19 @@ fn main() -> ExitCode {
     abort_on_panic();
     kiln_tls::install_provider();
     let result = match cli.command {
-        cli::Command::Serve(args) => serve::run(args),
+        cli::Command::Serve(args) => {
+            limits::raise_open_files();
+            serve::run(args)
+        }
         cli::Command::Worker(w) => match *w {
             cli::WorkerCli {
                 command: Some(cli::WorkerCommand::Revoke { server, name }),
                 ..
             } => enrol::revoke(&server, &name),
-            w => worker::run(w.args),
+            w => {
+                limits::raise_open_files();
+                worker::run(w.args)
+            }
         },
         cli::Command::JoinToken(command) => enrol::join_token(command),
         cli::Command::Ca(cli::CaCommand::Export(args)) => serve::export_ca(args),

@@ -429,3 +429,47 @@ async fn signals_at_start_up_are_handled() {
     .await;
     kiln.stop().await;
 }
+
+/// The soft open-file limit of `pid`, and its hard limit, from `/proc/PID/limits`.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open-files line");
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+// A server started under a low soft open-file limit (1,024 is Linux's default, 256 a macOS
+// launchd job's) raises it to the hard limit, and says so: a log's segments and many
+// connections would otherwise run out of descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_file_limit_is_raised_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, hard) = open_file_limits(std::process::id());
+    assert!(
+        hard > 256,
+        "the test needs a hard limit above 256, not {hard}"
+    );
+    let kiln = Kiln::start_async(
+        &dir.path().join("data"),
+        Options {
+            soft_open_files: Some(256),
+            ..Options::on(common::Runtime::Glommio)
+        },
+    )
+    .await;
+    assert_eq!(open_file_limits(kiln.pid()), (hard, hard));
+    // Logged before the server listens, so it is in the log by now.
+    let log = kiln.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("open-file limit raised"))
+        .unwrap_or_else(|| panic!("no line about the limit in:\n{log}"));
+    assert!(line.contains("from=256"), "{line}");
+    kiln.stop().await;
+}

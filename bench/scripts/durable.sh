@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Durable small writes: per-blob syncs against group commit against fsync off, each run on a
 # fresh journaled ext4 (a loop device, so earlier runs' deleted inodes cannot skew it): 64 KiB
-# ByteStream writes, 1 KiB blobs in batches of 64, and UpdateActionResult (which shares the
-# CAS's group commit).
+# ByteStream writes, 1 KiB blobs in batches of 64, and UpdateActionResult (each result syncs its
+# own file and directory: sharing group commit measured no gain, docs/architecture.md).
 #
 #   sudo bench/scripts/durable.sh [SECONDS=10] [LABEL...]
 #

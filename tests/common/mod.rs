@@ -270,6 +270,8 @@ pub struct Options {
     /// The network namespace to run it in (`ip netns exec`), with its admin listener on
     /// `listen`'s address instead of 127.0.0.1 and `--insecure`.
     pub netns: Option<String>,
+    /// A soft open-file limit to start the server under (the hard limit stays).
+    pub soft_open_files: Option<u64>,
 }
 
 /// A command running the kiln binary, inside the network namespace `netns` when given.
@@ -285,6 +287,29 @@ pub fn kiln_command(netns: Option<&str>) -> Command {
     }
 }
 
+/// Starts `cmd` with a soft open-file limit of `soft`, its hard limit unchanged.
+fn lower_open_files(cmd: &mut Command, soft: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls getrlimit and setrlimit, which
+    // are async-signal-safe, on a struct on its own stack.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            limit.rlim_cur = soft.min(limit.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 impl Options {
     /// Default options on `runtime`.
     pub fn on(runtime: Runtime) -> Options {
@@ -295,6 +320,7 @@ impl Options {
             listen: None,
             env: Vec::new(),
             netns: None,
+            soft_open_files: None,
         }
     }
 }
@@ -353,6 +379,9 @@ impl Kiln {
             cmd.arg("--config").arg(&path);
         }
         cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
+        if let Some(soft) = options.soft_open_files {
+            lower_open_files(&mut cmd, soft);
+        }
         cmd.env("RUST_LOG", "info,kiln_dataplane=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

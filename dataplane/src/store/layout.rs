@@ -103,8 +103,13 @@ impl Layout {
         }
         let name_file = self.instance_dir(&key.instance).join(INSTANCE_FILE);
         if !name_file.exists() {
+            // Its bytes synced before the rename (once per instance): the start-up scan needs
+            // the name to read the directory, and the commit's syncs cover only the rename.
             let tmp = self.temp_path();
-            std::fs::write(&tmp, key.instance.as_str().as_bytes())?;
+            let mut file = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, key.instance.as_str().as_bytes())?;
+            file.sync_data()?;
+            drop(file);
             std::fs::rename(&tmp, &name_file)?;
         }
         Ok(created)

@@ -29,6 +29,7 @@ pub mod rebuild;
 pub mod scan;
 pub mod snapshot;
 pub mod tier;
+pub mod tree_commit;
 pub mod upload;
 
 pub use chain_cas::ChainCas;

@@ -22,8 +22,10 @@ use kiln_dataplane::store::index::{BlobIndex, ClientKeys, Entry};
 use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::scan::{scan, ScanReport, TreeKind};
 use kiln_dataplane::store::snapshot;
+use kiln_dataplane::store::tree_commit;
 use kiln_reapi::digest::BlobKey;
-use std::path::Path;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -80,6 +82,8 @@ struct Inner {
     /// In-memory copies, changed only under the index lock so that they never outlive their
     /// index entry.
     memory: Option<moka::sync::Cache<BlobKey, Stored>>,
+    /// Entry directories (and every one above them) a sync by this process made durable.
+    durable_dirs: Mutex<HashSet<PathBuf>>,
 }
 
 impl AcStore {
@@ -126,6 +130,7 @@ impl AcStore {
                 index: Mutex::new(index),
                 puts: AtomicU64::new(0),
                 memory,
+                durable_dirs: Mutex::new(HashSet::new()),
             }),
         };
         let mut index = store.inner.lock();
@@ -241,16 +246,8 @@ impl Inner {
 
     /// Marks `key` used; `persist` is the access time to write to its file, when one is due.
     fn touch(&self, index: &mut BlobIndex<ClientKeys>, key: &BlobKey) -> Option<Option<u64>> {
-        let now = atime::now();
-        let mut entry = index.touch(key, now)?;
-        let due = atime::due(
-            entry.atime,
-            entry.persisted_atime,
-            self.settings.atime_resolution,
-        );
-        if due {
-            entry.persisted_atime = entry.atime;
-        }
+        let (entry, due) =
+            index.touch_persisting(key, atime::now(), self.settings.atime_resolution)?;
         Some(due.then_some(entry.atime))
     }
 
@@ -345,6 +342,7 @@ impl Inner {
             let _ = std::fs::remove_file(&temp);
             ControlError::io("write", &temp, e)
         })?;
+        let dir = self.layout.blob_dir(&key);
         let path = self.layout.blob_path(&key);
         let file = std::fs::metadata(&temp)
             .map(|m| identity(&m))
@@ -353,16 +351,9 @@ impl Inner {
                 ControlError::io("write", &temp, e)
             })?;
         // Rename and index update happen under the index lock, so an eviction can never delete
-        // a file that was just replaced.
+        // a file that was just replaced. The CAS's commits put their files in the same way.
         let mut index = self.lock();
-        let created = self.layout.ensure_blob_dir(&key).map_err(|e| {
-            let _ = std::fs::remove_file(&temp);
-            ControlError::io("create directory for", &path, e)
-        })?;
-        if let Err(e) = std::fs::rename(&temp, &path) {
-            let _ = std::fs::remove_file(&temp);
-            return Err(ControlError::io("rename into", &path, e));
-        }
+        tree_commit::rename_in(&self.layout, &key, true, &temp, &path)?;
         self.puts.fetch_add(1, Ordering::Relaxed);
         if let Some(memory) = &self.memory {
             let stored = Stored {
@@ -378,14 +369,26 @@ impl Inner {
         self.evict_over_cap(&mut index);
         drop(index);
         if self.settings.fsync {
-            let dir = path.parent().unwrap_or(self.layout.tree_dir());
-            sync_dir(dir).map_err(|e| ControlError::io("sync", dir, e))?;
-            for d in created {
-                if let Some(parent) = d.parent() {
-                    sync_dir(parent).map_err(|e| ControlError::io("sync", parent, e))?;
-                }
-            }
+            self.make_durable(&dir)?;
         }
+        Ok(())
+    }
+
+    /// Syncs what a rename into `dir` needs to survive a crash, by the CAS's rule
+    /// ([`tree_commit::dirs_to_sync`]): `dir`, and every directory above it until this process
+    /// has once made `dir` durable (another put may have created it and not synced it yet).
+    fn make_durable(&self, dir: &Path) -> Result<(), ControlError> {
+        let todo = {
+            let durable = self.durable_dirs.lock().unwrap_or_else(|e| e.into_inner());
+            tree_commit::dirs_to_sync(dir, self.layout.tree_dir(), &durable)
+        };
+        for d in &todo {
+            sync_dir(d).map_err(|e| ControlError::io("sync", d, e))?;
+        }
+        self.durable_dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(dir.to_path_buf());
         Ok(())
     }
 

@@ -15,6 +15,7 @@ mod tests;
 
 pub use entry::{Entry, EntryMut};
 
+use crate::store::atime;
 use instances::Instances;
 use kiln_reapi::digest::{BlobKey, Digest, DigestFunction};
 use node::{Node, Odd, FUNCTION_SHIFT, ODD, PINNED, SIZE_MASK, VACANT};
@@ -225,6 +226,23 @@ impl<S: BuildHasher> BlobIndex<S> {
         self.push_newest(i);
         self.node_mut(i).advance_atime(now);
         Some(self.entry_mut(i))
+    }
+
+    /// Marks a blob used at `now` and returns it, with whether its access time is due for
+    /// writing to its file ([`atime::due`] at `resolution`); when due, the entry records that
+    /// time as written, so the caller must write it.
+    pub fn touch_persisting(
+        &mut self,
+        key: &BlobKey,
+        now: u64,
+        resolution: std::time::Duration,
+    ) -> Option<(Entry, bool)> {
+        let mut entry = self.touch(key, now)?;
+        let due = atime::due(entry.atime, entry.persisted_atime, resolution);
+        if due {
+            entry.persisted_atime = entry.atime;
+        }
+        Some((*entry, due))
     }
 
     /// Mutable access without changing recency.

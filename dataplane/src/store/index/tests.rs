@@ -272,3 +272,29 @@ fn behaves_like_a_plain_lru_under_random_operations() {
         }
     }
 }
+
+/// `touch_persisting` says an access time is due once per resolution, and records it as
+/// written when it says so; an absent key is `None` and adds nothing.
+#[test]
+fn touch_persisting_claims_each_due_access_time_once() {
+    let resolution = std::time::Duration::from_secs(60);
+    let base = 1_700_000_000 * NANOS;
+    let mut idx: BlobIndex = BlobIndex::new();
+    idx.insert(key(1), Entry::scanned(1, base));
+    let (e, due) = idx
+        .touch_persisting(&key(1), base + 30 * NANOS, resolution)
+        .unwrap();
+    assert!(!due, "within the resolution of the file's time");
+    assert_eq!(e.atime, base + 30 * NANOS);
+    let (e, due) = idx
+        .touch_persisting(&key(1), base + 61 * NANOS, resolution)
+        .unwrap();
+    assert!(due);
+    assert_eq!(e.persisted_atime, e.atime, "recorded as written");
+    let (_, due) = idx
+        .touch_persisting(&key(1), base + 62 * NANOS, resolution)
+        .unwrap();
+    assert!(!due, "claimed once");
+    assert!(idx.touch_persisting(&key(2), base, resolution).is_none());
+    assert_eq!(idx.len(), 1);
+}

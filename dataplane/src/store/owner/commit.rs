@@ -8,10 +8,9 @@ use crate::store::commands::Committed;
 #[cfg(doc)]
 use crate::store::group_commit::GroupCommit;
 use crate::store::index::Entry;
-use crate::store::layout::Layout;
+use crate::store::tree_commit::{dirs_to_sync, rename_in};
 use crate::store::StoreError;
 use kiln_reapi::digest::BlobKey;
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -51,9 +50,8 @@ impl Owner {
         let renamed = {
             let layout = self.layout.clone();
             let key = key.clone();
-            let dir = dir.clone();
             self.lane
-                .run(move || rename_in(&layout, &key, make_dir, &dir, &temp, &path))
+                .run(move || rename_in(&layout, &key, make_dir, &temp, &path))
         };
         let owner = self.clone();
         self.runtime.spawn(Box::pin(async move {
@@ -158,77 +156,5 @@ impl Owner {
         }
         self.durable_dirs.borrow_mut().insert(dir.to_path_buf());
         Ok(())
-    }
-}
-
-/// On the lane: creates the blob's directory when this shard has not seen it, makes the file
-/// read-only (workers hardlink it into action directories) and renames it into place. (The
-/// syncs that make it durable follow on the core; see [`dirs_to_sync`].)
-fn rename_in(
-    layout: &Layout,
-    key: &BlobKey,
-    make_dir: bool,
-    dir: &Path,
-    temp: &Path,
-    path: &Path,
-) -> Result<(), StoreError> {
-    if make_dir {
-        if let Err(e) = layout.ensure_blob_dir(key) {
-            let _ = std::fs::remove_file(temp);
-            return Err(StoreError::io("create directory for", dir, e));
-        }
-    }
-    let _ = std::fs::set_permissions(temp, std::os::unix::fs::PermissionsExt::from_mode(0o444));
-    if let Err(e) = std::fs::rename(temp, path) {
-        let _ = std::fs::remove_file(temp);
-        return Err(StoreError::io("rename into", path, e));
-    }
-    Ok(())
-}
-
-/// The directories a commit into `dir` syncs before it is acknowledged: `dir` itself (that
-/// makes the rename durable) and, until this process has once made `dir` durable, every
-/// directory above it up to the CAS root: `dir` may have just been created (by this commit,
-/// or by another whose syncs have not finished), or be left on disk by a run that stopped
-/// before syncing it. A second commit into a fresh directory must not be acknowledged before
-/// the directory itself is durable in its parent.
-fn dirs_to_sync(dir: &Path, cas_root: &Path, durable: &HashSet<PathBuf>) -> Vec<PathBuf> {
-    let mut out = vec![dir.to_path_buf()];
-    if !durable.contains(dir) {
-        out.extend(
-            dir.ancestors()
-                .skip(1)
-                .take_while(|d| d.starts_with(cas_root))
-                .map(Path::to_path_buf),
-        );
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_directory_is_synced_up_to_the_root_until_it_is_durable() {
-        let root = Path::new("/data/cas");
-        let dir = root.join("i_main/sha256/ab");
-        let mut durable = HashSet::new();
-        let first = dirs_to_sync(&dir, root, &durable);
-        assert_eq!(
-            first,
-            vec![
-                dir.clone(),
-                root.join("i_main/sha256"),
-                root.join("i_main"),
-                root.to_path_buf()
-            ]
-        );
-        // A second commit before the first's syncs finished does the same.
-        assert_eq!(dirs_to_sync(&dir, root, &durable), first);
-        durable.insert(dir.clone());
-        assert_eq!(dirs_to_sync(&dir, root, &durable), vec![dir.clone()]);
-        // Nothing outside the CAS root.
-        assert!(first.iter().all(|d| d.starts_with(root)));
     }
 }

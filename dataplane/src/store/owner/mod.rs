@@ -370,19 +370,10 @@ impl Owner {
 
     /// Marks a blob used; schedules its access time for disk when it is stale there.
     fn touch(&self, key: &BlobKey, now: u64) -> Option<Entry> {
-        let mut index = self.index.borrow_mut();
-        let mut entry = index.touch(key, now)?;
-        let due = atime::due(
-            entry.atime,
-            entry.persisted_atime,
-            self.settings.atime_resolution,
-        );
-        if due {
-            entry.persisted_atime = entry.atime;
-        }
-        let copy = *entry;
-        drop(entry);
-        drop(index);
+        let (copy, due) =
+            self.index
+                .borrow_mut()
+                .touch_persisting(key, now, self.settings.atime_resolution)?;
         if due {
             self.schedule_atime(key);
         }
