@@ -303,13 +303,13 @@ on_every_runtime! {
             ..Default::default()
         };
         update(&ch, "", f, &action, result.clone()).await.unwrap();
-        // Checked by the control plane, then served again without a check, by the data plane
-        // from memory.
+        // Found complete when it was stored: served without a check, by the data plane from
+        // memory, from the first hit on.
         let on_data_plane = "kiln_action_cache_data_plane_hits_total";
         assert_eq!(get(&ch, "", f, &action).await.unwrap(), result);
-        assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 0.0);
-        assert_eq!(get(&ch, "", f, &action).await.unwrap(), result);
         assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 1.0);
+        assert_eq!(get(&ch, "", f, &action).await.unwrap(), result);
+        assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 2.0);
         // Fill the 1 MiB CAS with newer blobs until the output is evicted. Watched on disk,
         // not through the API: any lookup would mark the output used and keep it.
         let file = common::blobs::blob_file(&dir.path().join("data"), &out);
@@ -329,6 +329,82 @@ on_every_runtime! {
         let err = get(&ch, "", f, &action).await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound, "{err:?}");
         assert!(err.message().contains("no longer in the CAS"), "{}", err.message());
+        kiln.stop().await;
+    }
+}
+
+/// A `Tree` of one directory holding `files`, uploaded with its files; its digest.
+async fn upload_tree(ch: &Channel, f: Function, files: &[Vec<u8>]) -> reapi::Digest {
+    let mut nodes = Vec::new();
+    for (i, data) in files.iter().enumerate() {
+        nodes.push(FileNode {
+            name: format!("f{i}"),
+            digest: Some(upload(ch, "", f, data).await),
+            is_executable: false,
+            node_properties: None,
+        });
+    }
+    let tree = Tree {
+        root: Some(Directory {
+            files: nodes,
+            ..Default::default()
+        }),
+        children: vec![],
+    };
+    upload(ch, "", f, &tree.encode_to_vec()).await
+}
+
+fn with_tree(tree: reapi::Digest) -> ActionResult {
+    ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "out".into(),
+            tree_digest: Some(tree),
+            is_topologically_sorted: false,
+            root_directory_digest: None,
+        }],
+        ..Default::default()
+    }
+}
+
+// A result that no completeness check could find complete (more digests to check than
+// `action_cache.max_check_digests`, or an output tree that is not a Tree) is refused when it
+// is stored, instead of being stored, dropped at each read and run again each build; one
+// within the budget is stored and served.
+on_every_runtime! {
+    async fn a_result_over_the_check_budget_is_refused_when_stored(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[action_cache]\nmax_check_digests = 10\n".into()),
+            ..Options::on(rt)
+        };
+        let kiln = Kiln::start_async(&dir.path().join("data"), options).await;
+        let ch = kiln.channel().await;
+        let f = Function::Sha256;
+        let files = |n: usize, tag: &str| -> Vec<Vec<u8>> {
+            (0..n).map(|i| format!("{tag} {i}").into_bytes()).collect()
+        };
+        // 1 tree and 12 files: over 10.
+        let big = upload_tree(&ch, f, &files(12, "big")).await;
+        let action = digest(f, b"too many outputs");
+        let err = update(&ch, "", f, &action, with_tree(big)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("more than 10 digests"), "{}", err.message());
+        let miss = get(&ch, "", f, &action).await.unwrap_err();
+        assert_eq!(miss.code(), Code::NotFound);
+        assert!(miss.message().contains("no action result"), "not stored: {}", miss.message());
+
+        // An output tree that is not a Tree.
+        let not_a_tree = upload(&ch, "", f, b"\xff\xff\xff not a tree").await;
+        let action = digest(f, b"malformed tree");
+        let err = update(&ch, "", f, &action, with_tree(not_a_tree)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(get(&ch, "", f, &action).await.unwrap_err().code(), Code::NotFound);
+
+        // 1 tree and 9 files: within.
+        let small = upload_tree(&ch, f, &files(9, "small")).await;
+        let action = digest(f, b"within the budget");
+        update(&ch, "", f, &action, with_tree(small.clone())).await.unwrap();
+        assert_eq!(get(&ch, "", f, &action).await.unwrap(), with_tree(small));
         kiln.stop().await;
     }
 }

@@ -432,12 +432,13 @@ on_every_runtime! {
             }
         };
         let on_data_plane = "kiln_action_cache_data_plane_hits_total";
-        assert_eq!(get(&rw).await.unwrap(), result, "checked by the control plane");
+        // Found complete when it was stored: served by the data plane from the first hit.
         assert_eq!(get(&rw).await.unwrap(), result, "served by the data plane");
-        assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 1.0);
+        assert_eq!(get(&rw).await.unwrap(), result, "served by the data plane");
+        assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 2.0);
         assert_eq!(get(&acw).await.unwrap_err().code(), Code::PermissionDenied, "no cache-read");
         assert_eq!(get(&other).await.unwrap_err().code(), Code::PermissionDenied, "another instance");
-        assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 1.0, "refusals are not hits");
+        assert_eq!(common::metric(&kiln.admin, on_data_plane).await, 2.0, "refusals are not hits");
         kiln.stop().await;
     }
 }

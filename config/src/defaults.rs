@@ -91,6 +91,9 @@ pub(crate) fn action_cache_bytes() -> ByteSize {
 pub(crate) fn action_cache_memory_bytes() -> ByteSize {
     ByteSize::mib(64)
 }
+pub(crate) fn max_check_digests() -> u64 {
+    1_000_000
+}
 pub(crate) fn max_action_result_bytes() -> ByteSize {
     ByteSize::mib(4)
 }

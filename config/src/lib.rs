@@ -159,6 +159,13 @@ impl Config {
         if k.list_cache_bytes.as_u64() > 1 << 40 {
             return invalid("chunking.list_cache_bytes", "must be at most 1 TiB");
         }
+        let checked = self.action_cache.max_check_digests;
+        if checked == 0 || checked > 1 << 30 {
+            return invalid(
+                "action_cache.max_check_digests",
+                "must be between 1 and 1,073,741,824",
+            );
+        }
         let a = &self.remote_asset;
         if a.max_fetch_secs == 0 || a.max_fetch_secs > 7 * 24 * 3600 {
             return invalid(

@@ -329,6 +329,21 @@ fn chunking_bounds_are_checked() {
 }
 
 #[test]
+fn a_completeness_budget_out_of_range_is_refused() {
+    for n in ["0", "1073741825"] {
+        match Config::from_toml(&format!("[action_cache]\nmax_check_digests = {n}"), "test") {
+            Err(ConfigError::Invalid { key, .. }) => {
+                assert_eq!(key, "action_cache.max_check_digests")
+            }
+            other => panic!("{n}: {other:?}"),
+        }
+    }
+    let ok = Config::from_toml("[action_cache]\nmax_check_digests = 10", "test").unwrap();
+    assert_eq!(ok.action_cache.max_check_digests, 10);
+    assert_eq!(Config::default().action_cache.max_check_digests, 1_000_000);
+}
+
+#[test]
 fn remote_asset_bounds_are_checked() {
     let defaults = Config::from_toml("", "test").unwrap().remote_asset;
     assert!(defaults.enabled && defaults.fetch_from_origin);

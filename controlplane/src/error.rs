@@ -30,6 +30,10 @@ pub enum ControlError {
     /// The entry is there but references blobs the CAS no longer holds: served as a miss.
     #[error("{0}")]
     Incomplete(String),
+    /// A result no completeness check could ever find complete (it needs more digests
+    /// checked than the budget, or names a malformed tree): storing it would only make misses.
+    #[error("action result not stored: no check could find it complete: {0}")]
+    Uncheckable(String),
     /// A value over a configured limit.
     #[error("{what} of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -74,6 +78,7 @@ impl Classify for ControlError {
             | ControlError::Instance(_)
             | ControlError::MissingField(_)
             | ControlError::FieldDigest { .. }
+            | ControlError::Uncheckable(_)
             | ControlError::TooLarge { .. } => ErrorKind::Invalid,
             ControlError::NotFound(_) | ControlError::Incomplete(_) => ErrorKind::Missing,
             ControlError::Store(e) => e.kind(),

@@ -104,7 +104,8 @@ impl ControlPlane {
             config.action_cache.completeness_check,
             CheckLimits {
                 max_tree_bytes: config.server.max_message_bytes.as_u64().max(64 << 20),
-                max_digests: 1_000_000,
+                max_digests: usize::try_from(config.action_cache.max_check_digests)
+                    .unwrap_or(usize::MAX),
                 recheck_after: Duration::from_secs(config.storage.access_time_resolution_secs),
             },
         );

@@ -77,6 +77,10 @@ pub struct ActionCacheConfig {
     pub completeness_check: bool,
     /// Copies of recently used results kept in memory (0: every hit reads its file).
     pub memory_bytes: ByteSize,
+    /// Most digests one completeness check goes through (output directories, the files
+    /// their trees list, what directory-format outputs' walks meet); a result that needs more
+    /// is refused when stored and never served.
+    pub max_check_digests: u64,
 }
 
 impl Default for ActionCacheConfig {
@@ -86,6 +90,7 @@ impl Default for ActionCacheConfig {
             max_entry_bytes: d::max_action_result_bytes(),
             completeness_check: d::yes(),
             memory_bytes: d::action_cache_memory_bytes(),
+            max_check_digests: d::max_check_digests(),
         }
     }
 }

@@ -74,7 +74,7 @@ impl ActionCache {
             return Ok(None);
         }
         match self.store.put(key.clone(), data.clone()).await {
-            Ok(()) => match self.store.get(key).await? {
+            Ok(_) => match self.store.get(key).await? {
                 Some(stored) => Ok(Some(stored)),
                 None => Ok(Some(Stored::detached(data))),
             },
@@ -195,8 +195,15 @@ impl ActionCache {
             self.limits,
         )
         .await?;
-        if check.is_some() {
-            return Ok(None);
+        match check {
+            None => {}
+            Some(Incomplete::Missing(_)) => return Ok(None),
+            Some(Incomplete::Malformed(why)) => {
+                // No check will ever pass it: it leaves Redis as an own one leaves this store.
+                tracing::warn!(action = ?key.digest, why, "shared action result can never be found complete; dropping it from Redis");
+                shared.remove(key).await;
+                return Ok(None);
+            }
         }
         if let Err(e) = self.store.put(key.clone(), data).await {
             tracing::warn!(action = ?key.digest, error = %e, "cannot keep an action result read from Redis");
@@ -224,12 +231,55 @@ impl ActionCache {
 
     /// Stores the result for an action: in the server's own store, then in the shared tier
     /// (a failure there fails the put, though the server's own store keeps the result).
+    /// With completeness checking it is checked first: one no check could ever find
+    /// complete is refused ([`ControlError::Uncheckable`]); one found complete is stored as
+    /// checked, so its first hit needs no check of its own.
     pub async fn put(&self, key: BlobKey, result: &ActionResult) -> Result<(), ControlError> {
+        let checked = self.check_before_storing(&key, result).await?;
         let data: bytes::Bytes = result.encode_to_vec().into();
-        self.store.put(key.clone(), data.clone()).await?;
+        let mark = self.store.put(key.clone(), data.clone()).await?;
+        if let Some((at, removals)) = checked {
+            mark.removals.store(removals, Ordering::Release);
+            mark.at.store(at, Ordering::Release);
+        }
         if let Some(shared) = &self.shared {
             shared.put(&key, &data).await?;
         }
         Ok(())
+    }
+
+    /// With completeness checking, checks a result about to be stored: refuses one that no
+    /// check could find complete (over the check's budget, or naming a malformed tree: every
+    /// read would drop it and the action would run again each build); `Some((when, removals))`
+    /// for one found complete. One that names blobs not (yet) in the CAS is stored unchecked,
+    /// as is any result when the CAS cannot be asked.
+    async fn check_before_storing(
+        &self,
+        key: &BlobKey,
+        result: &ActionResult,
+    ) -> Result<Option<(u64, u64)>, ControlError> {
+        if !self.completeness {
+            return Ok(None);
+        }
+        // Read before the check, as `get` does.
+        let removals = self.cas.accounting().removals();
+        let now = atime::now();
+        let checked = completeness::check(
+            &*self.blobs,
+            &key.instance,
+            key.digest.function,
+            result,
+            self.limits,
+        )
+        .await;
+        match checked {
+            Ok(None) => Ok(Some((now, removals))),
+            Ok(Some(Incomplete::Malformed(why))) => Err(ControlError::Uncheckable(why)),
+            Ok(Some(Incomplete::Missing(_))) => Ok(None),
+            Err(e) => {
+                debug!(action = ?key.digest, error = %e, "cannot check an action result before storing it; stored unchecked");
+                Ok(None)
+            }
+        }
     }
 }

@@ -214,8 +214,9 @@ impl AcStore {
         Some(stored)
     }
 
-    /// Stores (or replaces) the result for an action.
-    pub async fn put(&self, key: BlobKey, data: Bytes) -> Result<(), ControlError> {
+    /// Stores (or replaces) the result for an action; returns the check mark of the version
+    /// stored (shared with its in-memory copy, if one is kept).
+    pub async fn put(&self, key: BlobKey, data: Bytes) -> Result<Arc<CheckMark>, ControlError> {
         let limit = self.inner.settings.max_entry_bytes;
         if data.len() as u64 > limit {
             return Err(ControlError::TooLarge {
@@ -336,7 +337,7 @@ impl Inner {
         }
     }
 
-    fn put(&self, key: BlobKey, data: Bytes) -> Result<(), ControlError> {
+    fn put(&self, key: BlobKey, data: Bytes) -> Result<Arc<CheckMark>, ControlError> {
         let temp = self.layout.temp_path();
         write_file(&temp, &entry::encode(&data), self.settings.fsync).map_err(|e| {
             let _ = std::fs::remove_file(&temp);
@@ -355,10 +356,11 @@ impl Inner {
         let mut index = self.lock();
         tree_commit::rename_in(&self.layout, &key, true, &temp, &path)?;
         self.puts.fetch_add(1, Ordering::Relaxed);
+        let checked = CheckMark::new();
         if let Some(memory) = &self.memory {
             let stored = Stored {
                 data: data.clone(),
-                checked: CheckMark::new(),
+                checked: checked.clone(),
                 file,
             };
             memory.insert(key.clone(), stored);
@@ -371,7 +373,7 @@ impl Inner {
         if self.settings.fsync {
             self.make_durable(&dir)?;
         }
-        Ok(())
+        Ok(checked)
     }
 
     /// Syncs what a rename into `dir` needs to survive a crash, by the CAS's rule
