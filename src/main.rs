@@ -5,7 +5,6 @@ mod allocator;
 mod auth;
 mod cli;
 mod enrol;
-mod limits;
 mod serve;
 mod signals;
 mod tls;
@@ -21,7 +20,7 @@ fn main() -> ExitCode {
     kiln_tls::install_provider();
     let result = match cli.command {
         cli::Command::Serve(args) => {
-            limits::raise_open_files();
+            kiln_worker::limits::raise_open_files();
             serve::run(args)
         }
         cli::Command::Worker(w) => match *w {
@@ -30,7 +29,7 @@ fn main() -> ExitCode {
                 ..
             } => enrol::revoke(&server, &name),
             w => {
-                limits::raise_open_files();
+                kiln_worker::limits::raise_open_files();
                 worker::run(w.args)
             }
         },

@@ -366,10 +366,11 @@ fn with_tree(tree: reapi::Digest) -> ActionResult {
     }
 }
 
-// A result that no completeness check could find complete (more digests to check than
-// `action_cache.max_check_digests`, or an output tree that is not a Tree) is refused when it
-// is stored, instead of being stored, dropped at each read and run again each build; one
-// within the budget is stored and served.
+// A result that no completeness check could find complete is refused when it is stored,
+// instead of being stored, dropped at each read and run again each build: one with more
+// digests to check than `action_cache.max_check_digests` (FAILED_PRECONDITION), one whose
+// output tree is not a Tree (INVALID_ARGUMENT). Ones at and under the budget are stored and
+// served.
 on_every_runtime! {
     async fn a_result_over_the_check_budget_is_refused_when_stored(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
@@ -387,8 +388,9 @@ on_every_runtime! {
         let big = upload_tree(&ch, f, &files(12, "big")).await;
         let action = digest(f, b"too many outputs");
         let err = update(&ch, "", f, &action, with_tree(big)).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
         assert!(err.message().contains("more than 10 digests"), "{}", err.message());
+        assert!(err.message().contains("max_check_digests"), "{}", err.message());
         let miss = get(&ch, "", f, &action).await.unwrap_err();
         assert_eq!(miss.code(), Code::NotFound);
         assert!(miss.message().contains("no action result"), "not stored: {}", miss.message());
@@ -400,11 +402,13 @@ on_every_runtime! {
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert_eq!(get(&ch, "", f, &action).await.unwrap_err().code(), Code::NotFound);
 
-        // 1 tree and 9 files: within.
-        let small = upload_tree(&ch, f, &files(9, "small")).await;
-        let action = digest(f, b"within the budget");
-        update(&ch, "", f, &action, with_tree(small.clone())).await.unwrap();
-        assert_eq!(get(&ch, "", f, &action).await.unwrap(), with_tree(small));
+        // 1 tree and 9 files: at the budget; 1 tree and 5 files: under it.
+        for (n, tag) in [(9, "at"), (5, "under")] {
+            let tree = upload_tree(&ch, f, &files(n, tag)).await;
+            let action = digest(f, tag.as_bytes());
+            update(&ch, "", f, &action, with_tree(tree.clone())).await.unwrap();
+            assert_eq!(get(&ch, "", f, &action).await.unwrap(), with_tree(tree));
+        }
         kiln.stop().await;
     }
 }

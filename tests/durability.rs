@@ -39,15 +39,12 @@ enum Durable {
     Log,
 }
 
-/// A chain sending blobs up to 64 KiB to a small-blob log.
-const LOG_CHAIN: &str = "[storage]\nchain = [\"split\"]\n[storage.tiers.split]\nkind = \"size_partition\"\nthreshold_bytes = \"64 KiB\"\nsmall = [\"memory\", \"log\"]\nlarge = [\"filesystem\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"1 GiB\"\n";
-
 // The same with the small-blob log: the 64 KiB ByteStream uploads and the 1 KiB batches all go
 // to it, each acknowledged after its batch's data sync.
 on_every_runtime! {
     async fn logged_writes_acknowledged_before_kill_9_survive(rt: Runtime) {
         let options = Options {
-            config: Some(LOG_CHAIN.into()),
+            config: Some(common::log_chain("1 GiB", "64 MiB")),
             ..Options::on(rt)
         };
         writes_acknowledged_before_kill_9_survive(options, Durable::Log).await;
@@ -292,7 +289,7 @@ on_every_runtime! {
         let data = pseudo_random(78, 10_000);
         let d = digest(f, &data);
         let options = Options {
-            config: Some(LOG_CHAIN.into()),
+            config: Some(common::log_chain("1 GiB", "64 MiB")),
             ..Options::on(rt)
         };
         let kiln = Kiln::start_async(dir.path(), options).await;
@@ -360,7 +357,7 @@ on_every_runtime! {
         }
         assert_eq!(common::blob_files(dir.path()).len(), 1, "stored as a file");
         let options = Options {
-            config: Some(LOG_CHAIN.into()),
+            config: Some(common::log_chain("1 GiB", "64 MiB")),
             ..Options::on(rt)
         };
         let kiln = Kiln::start_async(dir.path(), options).await;

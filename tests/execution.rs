@@ -61,21 +61,20 @@ on_every_runtime! {
     }
 }
 
-/// Small blobs in a small-blob log (no file each): a worker copies such inputs into the
-/// action instead of linking them, and stores small outputs in the log. Run by the server's
-/// own worker, then by a `kiln worker` whose local CAS is a log chain too.
-const LOG_CHAIN: &str = "[storage]\nchain = [\"split\"]\n[storage.tiers.split]\nkind = \"size_partition\"\nthreshold_bytes = \"64 KiB\"\nsmall = [\"memory\", \"log\"]\nlarge = [\"filesystem\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"64 MiB\"\nsegment_bytes = \"1 MiB\"\n";
-
+// Small blobs in a small-blob log (no file each): a worker copies such inputs into the
+// action instead of linking them, and stores small outputs in the log. Run by the server's
+// own worker, then by a `kiln worker` whose local CAS is a log chain too.
 on_every_runtime! {
     async fn actions_run_with_their_small_blobs_in_a_log(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
         let large = vec![b'x'; 100_000];
         for embedded in [true, false] {
             let data = dir.path().join(format!("server-{embedded}"));
+            let log_chain = common::log_chain("64 MiB", "1 MiB");
             let config = if embedded {
-                LOG_CHAIN.to_string()
+                log_chain.clone()
             } else {
-                format!("{LOG_CHAIN}{NO_EMBEDDED}")
+                format!("{log_chain}{NO_EMBEDDED}")
             };
             let options = Options { config: Some(config), ..Options::on(rt) };
             let kiln = Kiln::start_async(&data, options).await;
@@ -85,7 +84,7 @@ on_every_runtime! {
                 let worker_dir = dir.path().join("worker");
                 std::fs::create_dir_all(&worker_dir).unwrap();
                 let config = worker_dir.join("worker.toml");
-                std::fs::write(&config, LOG_CHAIN).unwrap();
+                std::fs::write(&config, &log_chain).unwrap();
                 let config = config.to_string_lossy().into_owned();
                 Some(start_worker(rt, &kiln, &worker_dir, "logged", &["--config", &config]).await)
             };

@@ -446,7 +446,8 @@ fn open_file_limits(pid: u32) -> (u64, u64) {
 
 // A server started under a low soft open-file limit (1,024 is Linux's default, 256 a macOS
 // launchd job's) raises it to the hard limit, and says so: a log's segments and many
-// connections would otherwise run out of descriptors.
+// connections would otherwise run out of descriptors. Its embedded worker's actions run
+// with the limit the server was started with, not the raised one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_open_file_limit_is_raised_at_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -471,5 +472,19 @@ async fn a_low_open_file_limit_is_raised_at_start() {
         .find(|l| l.contains("open-file limit raised"))
         .unwrap_or_else(|| panic!("no line about the limit in:\n{log}"));
     assert!(line.contains("from=256"), "{line}");
+    let ch = kiln.channel().await;
+    let f = reapi::digest_function::Value::Sha256;
+    let spec = common::exec::Spec::script("ulimit -S -n")
+        .upload(&ch, f)
+        .await;
+    let (_, r) = common::exec::execute(&ch, f, &spec, false).await.unwrap();
+    assert_eq!(common::exec::code(&r), 0, "{r:?}");
+    let result = r.result.unwrap();
+    let stdout = common::exec::read_output(&ch, f, result.stdout_digest.as_ref().unwrap()).await;
+    assert_eq!(
+        String::from_utf8_lossy(&stdout),
+        "256\n",
+        "the action's soft limit"
+    );
     kiln.stop().await;
 }

@@ -561,3 +561,108 @@ async fn uploads_over_quic_are_checked_and_a_peer_takes_none() {
     );
     kiln.stop().await;
 }
+
+// Uploads over QUIC into a server whose small blobs go to a small-blob log: a streamed one and
+// a batch land in the log (no blob file each), are read back over TCP, and QueryWriteStatus
+// over QUIC says the streamed one is complete; one whose bytes do not match is refused and
+// appends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_over_quic_go_into_a_small_blob_log() {
+    use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+    use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+    use kiln_proto::reapi::{batch_update_blobs_request, BatchUpdateBlobsRequest};
+    use tonic::Code;
+    let rt = common::Runtime::Glommio;
+    let dir = tempfile::tempdir().unwrap();
+    let server_config = format!("quic = true\n{}", common::log_chain("64 MiB", "1 MiB"));
+    let (kiln, _workers) = enrolled_farm(rt, dir.path(), &server_config, [("w1", "a", "")]).await;
+    let ca = dir.path().join("server/tls/ca.pem");
+    let identity = dir.path().join("w1/cas/identity");
+    let me = (identity.join("cert.pem"), identity.join("key.pem"));
+    let (server, _link) = quic_link(
+        &kiln.addr.to_string(),
+        "127.0.0.1",
+        &ca,
+        (me.0.as_path(), me.1.as_path()),
+    );
+    let ch = kiln.tls_channel(&ca, None).await.unwrap();
+    let appended = || kiln.metric_over_tls(&ca, &["kiln_log_appended_records_total"]);
+    assert_eq!(appended().await, 0.0);
+
+    let streamed = common::blobs::pseudo_random(21, 20_000);
+    let d = common::blobs::digest(F, &streamed);
+    let name = common::blobs::write_name("", F, &d);
+    let write = |bytes: &[u8]| {
+        let requests = common::blobs::write_requests(&name, bytes, 8 << 10, 0);
+        let server = server.clone();
+        async move {
+            ByteStreamClient::new(server)
+                .write(futures::stream::iter(requests))
+                .await
+                .map(|r| r.into_inner().committed_size)
+        }
+    };
+    let mut forged = streamed.clone();
+    forged[100] ^= 1;
+    assert_eq!(
+        write(&forged).await.map_err(|s| s.code()),
+        Err(Code::InvalidArgument)
+    );
+    assert_eq!(appended().await, 0.0, "a refused upload appends nothing");
+    assert_eq!(write(&streamed).await.unwrap(), 20_000);
+    let status = ByteStreamClient::new(server.clone())
+        .query_write_status(kiln_proto::bytestream::QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((status.committed_size, status.complete), (20_000, true));
+
+    let small: Vec<Vec<u8>> = (0..3)
+        .map(|i| format!("small {i} over quic").into_bytes())
+        .collect();
+    let answer = ContentAddressableStorageClient::new(server.clone())
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            instance_name: String::new(),
+            requests: small
+                .iter()
+                .map(|b| batch_update_blobs_request::Request {
+                    digest: Some(common::blobs::digest(F, b)),
+                    data: b.clone().into(),
+                    compressor: 0,
+                })
+                .collect(),
+            digest_function: F as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        answer
+            .responses
+            .iter()
+            .all(|r| r.status.as_ref().unwrap().code == 0),
+        "{answer:?}"
+    );
+    assert_eq!(
+        appended().await,
+        4.0,
+        "the streamed blob and the batch's three"
+    );
+    let server_data = dir.path().join("server");
+    for bytes in small.iter().chain([&streamed]) {
+        let d = common::blobs::digest(F, bytes);
+        let read = common::blobs::read(&ch, &common::blobs::read_name("", F, &d), 0, 0)
+            .await
+            .unwrap();
+        assert_eq!(&read, bytes, "read back over TCP");
+        let file = common::blobs::blob_file(&server_data, &d);
+        assert!(
+            !file.exists(),
+            "in the log, not in a file of its own: {}",
+            file.display()
+        );
+    }
+    kiln.stop().await;
+}

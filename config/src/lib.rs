@@ -160,10 +160,10 @@ impl Config {
             return invalid("chunking.list_cache_bytes", "must be at most 1 TiB");
         }
         let checked = self.action_cache.max_check_digests;
-        if checked == 0 || checked > 1 << 30 {
+        if checked == 0 || checked > 100_000_000 {
             return invalid(
                 "action_cache.max_check_digests",
-                "must be between 1 and 1,073,741,824",
+                "must be between 1 and 100,000,000",
             );
         }
         let a = &self.remote_asset;

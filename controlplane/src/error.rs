@@ -30,10 +30,14 @@ pub enum ControlError {
     /// The entry is there but references blobs the CAS no longer holds: served as a miss.
     #[error("{0}")]
     Incomplete(String),
-    /// A result no completeness check could ever find complete (it needs more digests
-    /// checked than the budget, or names a malformed tree): storing it would only make misses.
+    /// A result no completeness check could ever find complete, since it names a malformed
+    /// tree: storing it would only make misses.
     #[error("action result not stored: no check could find it complete: {0}")]
     Uncheckable(String),
+    /// A result whose completeness check needs more digests than this server's budget
+    /// (`action_cache.max_check_digests`): storing it would only make misses.
+    #[error("action result not stored: too large to check (action_cache.max_check_digests): {0}")]
+    OverCheckBudget(String),
     /// A value over a configured limit.
     #[error("{what} of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -81,6 +85,7 @@ impl Classify for ControlError {
             | ControlError::Uncheckable(_)
             | ControlError::TooLarge { .. } => ErrorKind::Invalid,
             ControlError::NotFound(_) | ControlError::Incomplete(_) => ErrorKind::Missing,
+            ControlError::OverCheckBudget(_) => ErrorKind::Precondition,
             ControlError::Store(e) => e.kind(),
             ControlError::Cas(e) => e.kind(),
             ControlError::Redis(e) => e.kind(),

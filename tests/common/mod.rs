@@ -274,6 +274,14 @@ pub struct Options {
     pub soft_open_files: Option<u64>,
 }
 
+/// A `[storage]` chain sending blobs up to 64 KiB to a small-blob log of `bytes`, in segments
+/// of `segment_bytes`, and larger ones to files.
+pub fn log_chain(bytes: &str, segment_bytes: &str) -> String {
+    format!(
+        "[storage]\nchain = [\"split\"]\n[storage.tiers.split]\nkind = \"size_partition\"\nthreshold_bytes = \"64 KiB\"\nsmall = [\"memory\", \"log\"]\nlarge = [\"filesystem\"]\n[storage.tiers.log]\nkind = \"log\"\nbytes = \"{bytes}\"\nsegment_bytes = \"{segment_bytes}\"\n"
+    )
+}
+
 /// A command running the kiln binary, inside the network namespace `netns` when given.
 pub fn kiln_command(netns: Option<&str>) -> Command {
     match netns {
@@ -290,23 +298,10 @@ pub fn kiln_command(netns: Option<&str>) -> Command {
 /// Starts `cmd` with a soft open-file limit of `soft`, its hard limit unchanged.
 fn lower_open_files(cmd: &mut Command, soft: u64) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: between fork and exec the closure only calls getrlimit and setrlimit, which
-    // are async-signal-safe, on a struct on its own stack.
+    // SAFETY: between fork and exec the closure only makes the getrlimit and setrlimit
+    // system calls, on a struct on its own stack: no allocation, no lock.
     unsafe {
-        cmd.pre_exec(move || {
-            let mut limit = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            limit.rlim_cur = soft.min(limit.rlim_max);
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || kiln_worker::limits::set_soft_open_files(soft));
     }
 }
 

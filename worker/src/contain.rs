@@ -116,9 +116,10 @@ impl Containment {
 }
 
 /// What `/bin/sh` runs to start an action inside its cgroup: `$0` is the cgroup's
-/// `cgroup.procs` ("0" moves the writing process, in cgroup v1 and v2 alike), `$@` the
-/// action's argv. 125 if the cgroup cannot be entered (the program is then not run).
-const ENTER: &str = r#"echo 0 > "$0" || { echo "kiln: cannot enter the action's cgroup" >&2; exit 125; }; exec "$@""#;
+/// `cgroup.procs` ("0" moves the writing process, in cgroup v1 and v2 alike), `$1` the soft
+/// open-file limit the action gets (empty: the process's own, see [`crate::limits`]), the
+/// rest the action's argv. 125 if either cannot be set (the program is then not run).
+const ENTER: &str = r#"echo 0 > "$0" || { echo "kiln: cannot enter the action's cgroup" >&2; exit 125; }; [ -z "$1" ] || ulimit -S -n "$1" || { echo "kiln: cannot set the action's open-file limit" >&2; exit 125; }; shift; exec "$@""#;
 
 /// Where `program` is: a path with a `/` relative to `cwd` (or absolute), else the first
 /// executable file of that name on `path` (the action's PATH). The action's own error if it is
@@ -184,6 +185,7 @@ impl Jail {
         run_as: Option<&crate::run_as::RunAs>,
     ) -> io::Result<tokio::process::Command> {
         let found = find_program(program, cwd, path)?;
+        let open_files = crate::limits::for_actions();
         match &self.dir {
             Some(dir) => {
                 let mut command = tokio::process::Command::new("/bin/sh");
@@ -191,6 +193,7 @@ impl Jail {
                     .arg("-c")
                     .arg(ENTER)
                     .arg(dir.join("cgroup.procs"))
+                    .arg(open_files.map(|n| n.to_string()).unwrap_or_default())
                     // Dropped to the action user after the cgroup is entered (only root may
                     // move a process into it).
                     .args(run_as.and_then(|r| r.setpriv_argv()).unwrap_or_default())
@@ -205,12 +208,15 @@ impl Jail {
                 if let Some(r) = run_as {
                     command.uid(r.uid).gid(r.gid);
                 }
-                // SAFETY: the closure runs between fork and exec and calls only setsid, which
-                // is async-signal-safe.
+                // SAFETY: the closure runs between fork and exec and makes only the setsid,
+                // getrlimit and setrlimit system calls: no allocation, no lock.
                 unsafe {
-                    command.pre_exec(|| {
+                    command.pre_exec(move || {
                         if libc::setsid() < 0 {
                             return Err(io::Error::last_os_error());
+                        }
+                        if let Some(soft) = open_files {
+                            crate::limits::set_soft_open_files(soft)?;
                         }
                         Ok(())
                     });
@@ -558,5 +564,46 @@ mod tests {
         assert!(members(&dir).unwrap().is_empty());
         let _ = forker.wait();
         std::fs::remove_dir(&dir).unwrap();
+    }
+
+    /// Once the process raised its open-file limit, actions still get the one it started
+    /// with: in a cgroup (set by the entering shell) and in a session (set before `exec`).
+    /// Lowers this test process's soft limit first (raised again to the hard limit after).
+    #[tokio::test]
+    async fn actions_get_the_open_file_limit_the_process_started_with() {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit on a struct on this stack frame.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        let low = (limit.rlim_max / 2).min(4096);
+        crate::limits::set_soft_open_files(low).unwrap();
+        crate::limits::raise_open_files();
+        assert_eq!(crate::limits::for_actions(), Some(low));
+        for containment in [Containment::detect(), Containment::session_only("a test")] {
+            let id = format!("limits-{}", uuid::Uuid::new_v4().simple());
+            let mut jail = containment.jail(&id).unwrap();
+            let args = ["-c".to_string(), "ulimit -S -n".to_string()];
+            let mut command = jail
+                .command("sh", &args, Path::new("/"), Some("/usr/bin:/bin"), None)
+                .unwrap();
+            command.stdout(std::process::Stdio::piped());
+            let child = command.spawn().unwrap();
+            jail.started(child.id());
+            let out = child.wait_with_output().await.unwrap();
+            jail.kill_all().unwrap();
+            drop(jail);
+            assert!(out.status.success(), "{}: {out:?}", containment.describe());
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("{low}\n"),
+                "{}",
+                containment.describe()
+            );
+        }
     }
 }

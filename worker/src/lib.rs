@@ -18,6 +18,7 @@ pub mod error;
 pub mod fetch;
 pub mod holdings;
 pub mod inputs;
+pub mod limits;
 pub mod link;
 pub mod local;
 pub mod materialise;

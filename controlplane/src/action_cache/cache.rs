@@ -160,8 +160,11 @@ impl ActionCache {
                     blobs[0]
                 )))
             }
-            Some(Incomplete::Malformed(why)) => {
-                tracing::warn!(action = ?digest, why, "action result references malformed data; dropping it");
+            Some(Incomplete::Malformed(why) | Incomplete::OverBudget(why)) => {
+                // No check here will ever pass it. Servers sharing Redis are meant to share
+                // one budget (docs/operations.md), so it leaves Redis too: otherwise each read
+                // here would fetch it again and spend the whole budget on it once more.
+                tracing::warn!(action = ?digest, why, "action result can never be found complete; dropping it");
                 self.store.remove(key, &stored);
                 if let Some(shared) = &self.shared {
                     shared.remove(key).await;
@@ -198,7 +201,7 @@ impl ActionCache {
         match check {
             None => {}
             Some(Incomplete::Missing(_)) => return Ok(None),
-            Some(Incomplete::Malformed(why)) => {
+            Some(Incomplete::Malformed(why) | Incomplete::OverBudget(why)) => {
                 // No check will ever pass it: it leaves Redis as an own one leaves this store.
                 tracing::warn!(action = ?key.digest, why, "shared action result can never be found complete; dropping it from Redis");
                 shared.remove(key).await;
@@ -235,8 +238,10 @@ impl ActionCache {
     /// complete is refused ([`ControlError::Uncheckable`]); one found complete is stored as
     /// checked, so its first hit needs no check of its own.
     pub async fn put(&self, key: BlobKey, result: &ActionResult) -> Result<(), ControlError> {
-        let checked = self.check_before_storing(&key, result).await?;
         let data: bytes::Bytes = result.encode_to_vec().into();
+        // A result too large to keep is refused before it costs a check.
+        self.store.fits(data.len())?;
+        let checked = self.check_before_storing(&key, result).await?;
         let mark = self.store.put(key.clone(), data.clone()).await?;
         if let Some((at, removals)) = checked {
             mark.removals.store(removals, Ordering::Release);
@@ -249,8 +254,9 @@ impl ActionCache {
     }
 
     /// With completeness checking, checks a result about to be stored: refuses one that no
-    /// check could find complete (over the check's budget, or naming a malformed tree: every
-    /// read would drop it and the action would run again each build); `Some((when, removals))`
+    /// check could find complete (naming a malformed tree, [`ControlError::Uncheckable`]; over
+    /// the check's budget, [`ControlError::OverCheckBudget`]: every read would drop it and the
+    /// action would run again each build); `Some((when, removals))`
     /// for one found complete. One that names blobs not (yet) in the CAS is stored unchecked,
     /// as is any result when the CAS cannot be asked.
     async fn check_before_storing(
@@ -275,6 +281,7 @@ impl ActionCache {
         match checked {
             Ok(None) => Ok(Some((now, removals))),
             Ok(Some(Incomplete::Malformed(why))) => Err(ControlError::Uncheckable(why)),
+            Ok(Some(Incomplete::OverBudget(why))) => Err(ControlError::OverCheckBudget(why)),
             Ok(Some(Incomplete::Missing(_))) => Ok(None),
             Err(e) => {
                 debug!(action = ?key.digest, error = %e, "cannot check an action result before storing it; stored unchecked");

@@ -39,6 +39,9 @@ pub enum Incomplete {
     Missing(Vec<Digest>),
     /// A referenced digest, tree or directory is malformed.
     Malformed(String),
+    /// Checking it needs more digests than [`CheckLimits::max_digests`] (this server's
+    /// budget: another server may allow more).
+    OverBudget(String),
 }
 
 /// Checks `result`; `Ok(None)` means complete.
@@ -80,7 +83,7 @@ pub async fn check(
     roots.sort_unstable();
     roots.dedup();
     if trees.len() + roots.len() > limits.max_digests {
-        return Ok(Some(Incomplete::Malformed(format!(
+        return Ok(Some(Incomplete::OverBudget(format!(
             "{} output directories: more than {} to check",
             trees.len() + roots.len(),
             limits.max_digests
@@ -94,7 +97,7 @@ pub async fn check(
         return Ok(Some(Incomplete::Missing(missing)));
     }
     let too_much = || {
-        Ok(Some(Incomplete::Malformed(format!(
+        Ok(Some(Incomplete::OverBudget(format!(
             "more than {} digests to check in its output directories",
             limits.max_digests
         ))))
@@ -359,7 +362,7 @@ mod tests {
             ..Default::default()
         };
         let checked = check(&cas, &instance, DigestFunction::Sha256, &result, limits).await;
-        assert!(matches!(checked.unwrap(), Some(Incomplete::Malformed(_))));
+        assert!(matches!(checked.unwrap(), Some(Incomplete::OverBudget(_))));
     }
 
     /// However many output trees a result names, their files are all checked, a chunk at a
@@ -486,7 +489,7 @@ mod tests {
         assert_eq!(within.unwrap(), None);
         let past = check(&cas, &instance, sha, &result, limits(107)).await;
         assert!(
-            matches!(past.unwrap(), Some(Incomplete::Malformed(ref why)) if why.contains("more than 107")),
+            matches!(past.unwrap(), Some(Incomplete::OverBudget(ref why)) if why.contains("more than 107")),
             "108 digests are over 107"
         );
         // Within the limit, every file is looked up: one gone from the CAS is found.

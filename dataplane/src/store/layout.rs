@@ -106,11 +106,14 @@ impl Layout {
             // Its bytes synced before the rename (once per instance): the start-up scan needs
             // the name to read the directory, and the commit's syncs cover only the rename.
             let tmp = self.temp_path();
-            let mut file = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut file, key.instance.as_str().as_bytes())?;
-            file.sync_data()?;
-            drop(file);
-            std::fs::rename(&tmp, &name_file)?;
+            let written = std::fs::File::create(&tmp).and_then(|mut file| {
+                std::io::Write::write_all(&mut file, key.instance.as_str().as_bytes())?;
+                file.sync_data()
+            });
+            if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &name_file)) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
         }
         Ok(created)
     }

@@ -10,12 +10,13 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 /// Creates `key`'s directory when `make_dir` (the caller has not seen it yet), makes `temp`
-/// read-only (workers hardlink blob files into action directories) and renames it to `path`,
-/// replacing what was there. `temp` is removed when any step fails.
+/// read-only when `read_only` (blob files: workers hardlink them into action directories)
+/// and renames it to `path`, replacing what was there. `temp` is removed when any step fails.
 pub fn rename_in(
     layout: &Layout,
     key: &BlobKey,
     make_dir: bool,
+    read_only: bool,
     temp: &Path,
     path: &Path,
 ) -> Result<(), StoreError> {
@@ -29,7 +30,10 @@ pub fn rename_in(
             ));
         }
     }
-    let _ = std::fs::set_permissions(temp, std::os::unix::fs::PermissionsExt::from_mode(0o444));
+    if read_only {
+        let mode = std::os::unix::fs::PermissionsExt::from_mode(0o444);
+        let _ = std::fs::set_permissions(temp, mode);
+    }
     if let Err(e) = std::fs::rename(temp, path) {
         let _ = std::fs::remove_file(temp);
         return Err(StoreError::io("rename into", path, e));

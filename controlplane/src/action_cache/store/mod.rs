@@ -23,6 +23,7 @@ use kiln_dataplane::store::layout::Layout;
 use kiln_dataplane::store::scan::{scan, ScanReport, TreeKind};
 use kiln_dataplane::store::snapshot;
 use kiln_dataplane::store::tree_commit;
+use kiln_dataplane::store::StoreError;
 use kiln_reapi::digest::BlobKey;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -214,17 +215,23 @@ impl AcStore {
         Some(stored)
     }
 
-    /// Stores (or replaces) the result for an action; returns the check mark of the version
-    /// stored (shared with its in-memory copy, if one is kept).
-    pub async fn put(&self, key: BlobKey, data: Bytes) -> Result<Arc<CheckMark>, ControlError> {
+    /// Whether a result of `len` bytes may be stored (`action_cache.max_entry_bytes`).
+    pub fn fits(&self, len: usize) -> Result<(), ControlError> {
         let limit = self.inner.settings.max_entry_bytes;
-        if data.len() as u64 > limit {
+        if len as u64 > limit {
             return Err(ControlError::TooLarge {
                 what: "ActionResult",
-                size: data.len() as u64,
+                size: len as u64,
                 limit,
             });
         }
+        Ok(())
+    }
+
+    /// Stores (or replaces) the result for an action; returns the check mark of the version
+    /// stored (shared with its in-memory copy, if one is kept).
+    pub async fn put(&self, key: BlobKey, data: Bytes) -> Result<Arc<CheckMark>, ControlError> {
+        self.fits(data.len())?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || inner.put(key, data))
             .await
@@ -354,7 +361,13 @@ impl Inner {
         // Rename and index update happen under the index lock, so an eviction can never delete
         // a file that was just replaced. The CAS's commits put their files in the same way.
         let mut index = self.lock();
-        tree_commit::rename_in(&self.layout, &key, true, &temp, &path)?;
+        // Entries stay writable by their owner: nothing links them, unlike blob files.
+        tree_commit::rename_in(&self.layout, &key, true, false, &temp, &path).map_err(
+            |e| match e {
+                StoreError::Io { op, path, source } => ControlError::Io { op, path, source },
+                other => ControlError::Store(other),
+            },
+        )?;
         self.puts.fetch_add(1, Ordering::Relaxed);
         let checked = CheckMark::new();
         if let Some(memory) = &self.memory {

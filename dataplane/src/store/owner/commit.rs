@@ -51,7 +51,7 @@ impl Owner {
             let layout = self.layout.clone();
             let key = key.clone();
             self.lane
-                .run(move || rename_in(&layout, &key, make_dir, &temp, &path))
+                .run(move || rename_in(&layout, &key, make_dir, true, &temp, &path))
         };
         let owner = self.clone();
         self.runtime.spawn(Box::pin(async move {
