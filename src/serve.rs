@@ -59,12 +59,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // SIGHUP reloads certificates; watched from here on (with or without TLS) so that it
     // never terminates the server.
     let hup = StopSignals::hangup(control.runtime());
-    if let Some(t) = &tls {
-        let check = Duration::from_secs(config.tls.reload_check_secs);
-        control
-            .runtime()
-            .spawn(crate::tls::reload_loop(t.tls.clone(), check, hup));
-    }
     if policy.enabled() {
         control
             .runtime()
@@ -103,6 +97,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // Certificates reload from here on (a SIGHUP since `hup` was made waits in it).
+    if let Some(t) = &tls {
+        let check = Duration::from_secs(config.tls.reload_check_secs);
+        let quic = quic.as_ref().map(|q| q.certificates());
+        control
+            .runtime()
+            .spawn(crate::tls::reload_loop(t.tls.clone(), check, hup, quic));
+    }
     let admin = start_admin(&config, &control, &data, tls.as_ref(), &policy);
     let worker =
         start_embedded_worker(&config, &control, &data, cas, blobs, tls.as_ref(), &policy)?;

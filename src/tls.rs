@@ -77,12 +77,14 @@ pub fn server(config: &Config) -> anyhow::Result<Option<TlsAccept>> {
 }
 
 /// Reloads the server's certificate on SIGHUP (`hup`, watched since before the server
-/// announced itself) and, every `tls.reload_check_secs`, when its files changed. Runs on the
-/// control plane's runtime until the process ends.
+/// announced itself) and, every `tls.reload_check_secs`, when its files changed, for the TCP
+/// listeners and for `quic` (the CAS over QUIC). Runs on the control plane's runtime until the
+/// process ends.
 pub async fn reload_loop(
     tls: Arc<ServerTls>,
     check_every: Duration,
     mut hup: Option<tokio::signal::unix::Signal>,
+    quic: Option<kiln_worker::quic::serve::QuicCertificates>,
 ) {
     let mut tick = (!check_every.is_zero()).then(|| tokio::time::interval(check_every));
     loop {
@@ -95,6 +97,11 @@ pub async fn reload_loop(
         } else {
             tls.reload_if_changed()
         };
+        if let (Ok(true), Some(q)) = (&result, &quic) {
+            if let Err(e) = q.use_tls(&tls.config()) {
+                error!(error = %e, "cannot use the reloaded TLS certificate for QUIC; QUIC keeps the previous one");
+            }
+        }
         match result {
             Ok(true) => info!("TLS certificate reloaded; new connections use it"),
             Ok(false) => {}

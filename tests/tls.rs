@@ -1,7 +1,8 @@
 //! TLS on the main port against a real `kiln serve`: the farm CA of auto mode (files, `kiln ca
 //! export`, blobs and control-plane calls over TLS, the embedded worker's own TLS link, a
 //! plain client and a client trusting another CA refused), mutual TLS required, and a
-//! certificate rotation on SIGHUP that new connections see while a stream in flight finishes.
+//! certificate rotation on SIGHUP that new connections (TCP and QUIC) see while a stream in
+//! flight finishes.
 
 #[macro_use]
 mod common;
@@ -17,6 +18,25 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 const F: Function = Function::Sha256;
+
+/// A `FindMissingBlobs` over QUIC to `kiln`, trusting `ca`, as `identity`.
+async fn works_over_quic(
+    kiln: &Kiln,
+    ca: &Path,
+    identity: (&Path, &Path),
+) -> Result<(), tonic::Status> {
+    use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+    use kiln_proto::reapi::FindMissingBlobsRequest;
+    let ch = common::farm::quic_channel(&kiln.addr.to_string(), "127.0.0.1", ca, identity);
+    ContentAddressableStorageClient::new(ch)
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: vec![digest(F, b"over quic")],
+            digest_function: F as i32,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
 
 async fn start(dir: &Path, options: Options) -> Kiln {
     Kiln::start_async(dir, options).await
@@ -128,12 +148,14 @@ on_every_runtime! {
         let (client, client_key) = client_cert(&first, &pki, "ci");
         let options = Options {
             config: Some(format!(
-                "[tls]\nmode = \"files\"\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {:?}\nclient_auth = \"required\"\nreload_check_secs = 0\n[worker]\ntls_cert = {client:?}\ntls_key = {client_key:?}\n",
+                "[server]\nquic = true\n[tls]\nmode = \"files\"\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {:?}\nclient_auth = \"required\"\nreload_check_secs = 0\n[worker]\ntls_cert = {client:?}\ntls_key = {client_key:?}\n",
                 first.ca_cert()
             )),
             ..Options::on(rt)
         };
         let mut kiln = start(&dir.path().join("data"), options).await;
+        let me = (client.as_path(), client_key.as_path());
+        works_over_quic(&kiln, &first.ca_cert(), me).await.unwrap();
         // Without a client certificate the handshake (or the first call) fails.
         let anonymous = async {
             let ch = kiln.tls_channel(&first.ca_cert(), None).await.map_err(|e| e.to_string())?;
@@ -172,6 +194,9 @@ on_every_runtime! {
             .await
             .unwrap();
         works(&fresh).await.unwrap();
+        // ...over QUIC too.
+        assert!(works_over_quic(&kiln, &first.ca_cert(), me).await.is_err());
+        works_over_quic(&kiln, &second.ca_cert(), me).await.unwrap();
         // The embedded worker (with its client certificate) still runs actions.
         let (_, r) = execute(&fresh, F, &Spec::script("true").upload(&fresh, F).await, false)
             .await

@@ -79,6 +79,15 @@ pub fn server_endpoint(
     tls: &rustls::ServerConfig,
     uploads: bool,
 ) -> Result<quinn::Endpoint, QuicError> {
+    let config = server_config(tls, uploads)?;
+    quinn::Endpoint::server(config, addr).map_err(|source| QuicError::Bind { addr, source })
+}
+
+/// The QUIC server config made of `tls`, agreeing to uploads (ALPN) when `uploads`.
+fn server_config(
+    tls: &rustls::ServerConfig,
+    uploads: bool,
+) -> Result<quinn::ServerConfig, QuicError> {
     let mut tls = tls.clone();
     tls.alpn_protocols = if uploads {
         vec![ALPN_UPLOADS.to_vec(), ALPN.to_vec()]
@@ -91,7 +100,7 @@ pub fn server_endpoint(
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
     config.max_incoming(MAX_INCOMING);
-    quinn::Endpoint::server(config, addr).map_err(|source| QuicError::Bind { addr, source })
+    Ok(config)
 }
 
 /// Serves `cas` over QUIC on UDP at `addr` with `tls` (the TCP listener's TLS), to callers
@@ -118,7 +127,9 @@ pub fn serve_cas(
         None => cas,
     };
     let max_message = usize::try_from(server.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
-    Ok(serve::serve(endpoint, cas, policy, max_message))
+    let mut serving = serve::serve(endpoint, cas, policy, max_message);
+    serving.uploads = uploads.is_some();
+    Ok(serving)
 }
 
 /// The endpoint a worker dials peers and servers from.

@@ -24,12 +24,48 @@ pub struct QuicServing {
     endpoint: quinn::Endpoint,
     reads: Arc<tokio::sync::Semaphore>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Whether it agrees to uploads (the server's CAS).
+    pub(super) uploads: bool,
+    /// Set once it takes no new connection: a certificate reload must not accept again.
+    stopped: Arc<std::sync::Mutex<bool>>,
+}
+
+/// Swaps the certificate new QUIC connections get (a reload of the TCP listener's); those
+/// open keep theirs.
+#[derive(Clone)]
+pub struct QuicCertificates {
+    endpoint: quinn::Endpoint,
+    uploads: bool,
+    stopped: Arc<std::sync::Mutex<bool>>,
+}
+
+impl QuicCertificates {
+    /// New connections are made with `tls` from now on (unless serving stopped).
+    pub fn use_tls(&self, tls: &rustls::ServerConfig) -> Result<(), super::QuicError> {
+        let config = super::server_config(tls, self.uploads)?;
+        let stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        if !*stopped {
+            self.endpoint.set_server_config(Some(config));
+        }
+        Ok(())
+    }
 }
 
 impl QuicServing {
     /// Takes no new connection (shutting down); those open go on.
     pub fn stop_accepting(&self) {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        *stopped = true;
         self.endpoint.set_server_config(None);
+    }
+
+    /// What swaps its certificate when the TCP listener's is reloaded.
+    pub fn certificates(&self) -> QuicCertificates {
+        QuicCertificates {
+            endpoint: self.endpoint.clone(),
+            uploads: self.uploads,
+            stopped: self.stopped.clone(),
+        }
     }
 
     /// Resolves once no read is being served (new ones wait meanwhile).
@@ -104,6 +140,8 @@ pub fn serve(
         endpoint,
         reads,
         tasks: vec![server, acceptor],
+        uploads: false,
+        stopped: Arc::new(std::sync::Mutex::new(false)),
     }
 }
 
