@@ -407,3 +407,73 @@ async fn redis_killed_and_restarted_under_load() {
     }
     a.stop().await;
 }
+
+// A server that drops a result it cannot use (here: over a check budget lowered since it
+// stored it) takes it out of Redis only if Redis still holds that result: another server's
+// newer one stays there, and is served at once by the server that dropped its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_result_leaves_another_servers_newer_one_in_redis() {
+    use kiln_proto::reapi::{Directory, FileNode, OutputDirectory, Tree};
+    use prost::Message;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = server(dir.path(), "a", &redis).await;
+    let b = server(dir.path(), "b", &redis).await;
+    let (cha, chb) = (a.channel().await, b.channel().await);
+    let mut blobs = Vec::new();
+    let mut files = Vec::new();
+    for i in 0..12 {
+        let data = format!("output file {i}").into_bytes();
+        let d = common::blobs::digest(F, &data);
+        files.push(FileNode {
+            name: format!("f{i}"),
+            digest: Some(d.clone()),
+            ..Default::default()
+        });
+        blobs.push((d, data));
+    }
+    let tree = Tree {
+        root: Some(Directory {
+            files,
+            ..Default::default()
+        }),
+        children: vec![],
+    }
+    .encode_to_vec();
+    let tree_digest = common::blobs::digest(F, &tree);
+    blobs.push((tree_digest.clone(), tree));
+    common::exec::upload(&cha, F, blobs).await;
+    let big = ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "out".into(),
+            tree_digest: Some(tree_digest),
+            ..Default::default()
+        }],
+        ..result(0)
+    };
+    update(&cha, &action("replaced"), &big).await.unwrap();
+    assert_eq!(get(&cha, &action("replaced")).await.unwrap(), big);
+    // b stores another result for the action: Redis holds b's; a still holds its own.
+    update(&chb, &action("replaced"), &result(5)).await.unwrap();
+    a.stop().await;
+    let a = Kiln::start_async(
+        &dir.path().join("a"),
+        Options {
+            config: Some(format!(
+                "[redis]\nurl = \"{}\"\ntimeout_ms = 500\n[worker]\nembedded = false\n[action_cache]\nmax_check_digests = 10\n",
+                redis.url()
+            )),
+            ..Options::on(Runtime::Glommio)
+        },
+    )
+    .await;
+    let cha = a.channel().await;
+    assert_eq!(
+        get(&cha, &action("replaced")).await.unwrap(),
+        result(5),
+        "a's own result dropped, b's served from Redis"
+    );
+    assert_eq!(get(&chb, &action("replaced")).await.unwrap(), result(5));
+    a.stop().await;
+    b.stop().await;
+}

@@ -83,7 +83,7 @@ impl Redis {
     }
 
     /// Removes `key` if it holds `value` (and not what another wrote since).
-    pub async fn release(&self, key: &str, value: &str) -> Result<(), RedisError> {
+    pub async fn release(&self, key: &str, value: &[u8]) -> Result<(), RedisError> {
         const RELEASE: &str =
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end \
              return 0";

@@ -70,7 +70,7 @@ impl ActionCache {
         };
         if ActionResult::decode(data.clone()).is_err() {
             tracing::warn!(action = ?key.digest, "action result in Redis does not decode; dropping it");
-            shared.remove(key).await;
+            shared.remove(key, &data).await;
             return Ok(None);
         }
         match self.store.put(key.clone(), data.clone()).await {
@@ -167,7 +167,11 @@ impl ActionCache {
                 tracing::warn!(action = ?digest, why, "action result can never be found complete; dropping it");
                 self.store.remove(key, &stored);
                 if let Some(shared) = &self.shared {
-                    shared.remove(key).await;
+                    shared.remove(key, &stored.data).await;
+                }
+                // Another server may have stored a different result since, usable here.
+                if let Some(newer) = self.newer_from_shared(key, &stored.data).await? {
+                    return Ok(newer);
                 }
                 Err(miss())
             }
@@ -204,7 +208,7 @@ impl ActionCache {
             Some(Incomplete::Malformed(why) | Incomplete::OverBudget(why)) => {
                 // No check will ever pass it: it leaves Redis as an own one leaves this store.
                 tracing::warn!(action = ?key.digest, why, "shared action result can never be found complete; dropping it from Redis");
-                shared.remove(key).await;
+                shared.remove(key, &data).await;
                 return Ok(None);
             }
         }

@@ -20,7 +20,8 @@ const CHECK_CHUNK: usize = 1 << 16;
 /// Limits on how much a check may read.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckLimits {
-    /// Largest `Tree` or `Directory` blob fetched.
+    /// Largest `Tree` or `Directory` blob fetched: a result naming a larger one cannot be
+    /// checked whole, so it is not served (as one over `max_digests`).
     pub max_tree_bytes: u64,
     /// Most digests one check goes through: the output directories a result names, the
     /// files their trees list and the directories and files its walks meet, all together.
@@ -107,8 +108,11 @@ pub async fn check(
     let mut files = Vec::new();
     for tree in trees {
         if tree.size > limits.max_tree_bytes {
-            tracing::warn!(tree = ?tree, limit = limits.max_tree_bytes, "output tree too large to check its files; checked the tree blob only");
-            continue;
+            // Its files cannot be checked, so it is not believed complete.
+            return Ok(Some(Incomplete::OverBudget(format!(
+                "output tree {tree:?} is over the {} bytes a check reads",
+                limits.max_tree_bytes
+            ))));
         }
         let data = match fetch(cas, instance, tree).await? {
             Some(d) => d,
@@ -232,10 +236,8 @@ async fn walk(
         let batch = match walk.next_batch() {
             Ok(batch) if batch.is_empty() => break,
             Ok(batch) => batch,
-            Err(e) => {
-                tracing::warn!(root = ?root, error = %e, "output directory too large to check completely; checked part of it");
-                break;
-            }
+            // A Directory too large to read: the rest of the tree cannot be checked.
+            Err(e) => return Ok(WalkEnd::Incomplete(Incomplete::OverBudget(e.to_string()))),
         };
         let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
         let fetched = cas.read_blobs(instance, &digests).await?;
@@ -324,6 +326,64 @@ mod tests {
             _: &'a Path,
         ) -> CasFuture<'a, ()> {
             Box::pin(async move { Err(CasError::Remote(tonic::Status::unimplemented("not here"))) })
+        }
+    }
+
+    /// An output tree, or a directory output's `Directory`, larger than a check reads cannot
+    /// be checked whole: the result is over the check's budget, not complete.
+    #[tokio::test]
+    async fn trees_too_large_to_read_are_over_the_budget() {
+        let sha = DigestFunction::Sha256;
+        let file = Digest::of(sha, b"a file");
+        let big_dir = Directory {
+            files: (0..100)
+                .map(|i| reapi::FileNode {
+                    name: format!("file-{i}"),
+                    digest: Some(file.to_proto()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let tree = Tree {
+            root: Some(big_dir.clone()),
+            children: Vec::new(),
+        }
+        .encode_to_vec();
+        let dir = big_dir.encode_to_vec();
+        let (tree_digest, dir_digest) = (Digest::of(sha, &tree), Digest::of(sha, &dir));
+        let mut cas = Counting::default();
+        cas.blobs.insert(tree_digest, tree.into());
+        cas.blobs.insert(dir_digest, dir.into());
+        cas.blobs.insert(file, bytes::Bytes::from_static(b"a file"));
+        let instance = InstanceName::default_instance();
+        let as_tree = ActionResult {
+            output_directories: vec![reapi::OutputDirectory {
+                tree_digest: Some(tree_digest.to_proto()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let as_root = ActionResult {
+            output_directories: vec![reapi::OutputDirectory {
+                root_directory_digest: Some(dir_digest.to_proto()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let limits = |max_tree_bytes| CheckLimits {
+            max_tree_bytes,
+            max_digests: 1_000,
+            recheck_after: std::time::Duration::from_secs(60),
+        };
+        for result in [&as_tree, &as_root] {
+            let whole = check(&cas, &instance, sha, result, limits(1 << 20)).await;
+            assert_eq!(whole.unwrap(), None, "read whole: complete");
+            let over = check(&cas, &instance, sha, result, limits(1 << 10)).await;
+            assert!(
+                matches!(over.unwrap(), Some(Incomplete::OverBudget(_))),
+                "too large to read: not complete"
+            );
         }
     }
 

@@ -2,8 +2,8 @@
 //! own store that every server naming the same Redis reads, so a result one server stored is a
 //! hit on all of them. Written through on every put; read when the server's own store misses,
 //! and then kept in that store. A value larger than the server's own limit is not even
-//! transferred; one that does not decode, or references malformed data, is removed from Redis
-//! and served as a miss.
+//! transferred; one that does not decode, references malformed data or is too large to check
+//! is removed from Redis (unless another result replaced it meanwhile) and served as a miss.
 
 use crate::error::ControlError;
 use bytes::Bytes;
@@ -59,9 +59,10 @@ impl SharedResults {
         Ok(self.redis.put(&self.key(key), data, self.ttl).await?)
     }
 
-    /// Removes `key`'s result (it did not decode).
-    pub async fn remove(&self, key: &BlobKey) {
-        if let Err(e) = self.redis.delete(&self.key(key)).await {
+    /// Removes `key`'s result if it is still `data` (one that was found unusable), not a
+    /// different result another server stored since.
+    pub async fn remove(&self, key: &BlobKey, data: &[u8]) {
+        if let Err(e) = self.redis.release(&self.key(key), data).await {
             tracing::warn!(action = ?key.digest, error = %e, "cannot remove a bad action result from Redis");
         }
     }

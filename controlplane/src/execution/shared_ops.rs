@@ -207,7 +207,7 @@ impl SharedOps {
                         this.unlist(&name).await;
                     }
                     if let Some(key) = &running {
-                        let _ = this.redis.release(key, &name).await;
+                        let _ = this.redis.release(key, name.as_bytes()).await;
                     }
                     return;
                 }
