@@ -410,7 +410,8 @@ async fn redis_killed_and_restarted_under_load() {
 
 // A server that drops a result it cannot use (here: over a check budget lowered since it
 // stored it) takes it out of Redis only if Redis still holds that result: another server's
-// newer one stays there, and is served at once by the server that dropped its own.
+// newer one stays there, and is served at once by the server that dropped its own; the same
+// result is taken out, so the other server no longer finds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_result_leaves_another_servers_newer_one_in_redis() {
     use kiln_proto::reapi::{Directory, FileNode, OutputDirectory, Tree};
@@ -442,7 +443,8 @@ async fn a_dropped_result_leaves_another_servers_newer_one_in_redis() {
     .encode_to_vec();
     let tree_digest = common::blobs::digest(F, &tree);
     blobs.push((tree_digest.clone(), tree));
-    common::exec::upload(&cha, F, blobs).await;
+    common::exec::upload(&cha, F, blobs.clone()).await;
+    common::exec::upload(&chb, F, blobs).await;
     let big = ActionResult {
         output_directories: vec![OutputDirectory {
             path: "out".into(),
@@ -455,6 +457,10 @@ async fn a_dropped_result_leaves_another_servers_newer_one_in_redis() {
     assert_eq!(get(&cha, &action("replaced")).await.unwrap(), big);
     // b stores another result for the action: Redis holds b's; a still holds its own.
     update(&chb, &action("replaced"), &result(5)).await.unwrap();
+    // Two more actions with a's result, in Redis and in a; b has never read them.
+    for tag in ["dropped", "control"] {
+        update(&cha, &action(tag), &big).await.unwrap();
+    }
     a.stop().await;
     let a = Kiln::start_async(
         &dir.path().join("a"),
@@ -474,6 +480,13 @@ async fn a_dropped_result_leaves_another_servers_newer_one_in_redis() {
         "a's own result dropped, b's served from Redis"
     );
     assert_eq!(get(&chb, &action("replaced")).await.unwrap(), result(5));
+    // a drops its "dropped", which is what Redis holds: gone from Redis too, so b, which would
+    // serve it from there (as it does "control"), misses.
+    let miss = get(&cha, &action("dropped")).await;
+    assert_eq!(miss.map_err(|s| s.code()), Err(Code::NotFound));
+    assert_eq!(get(&chb, &action("control")).await.unwrap(), big);
+    let miss = get(&chb, &action("dropped")).await;
+    assert_eq!(miss.map_err(|s| s.code()), Err(Code::NotFound));
     a.stop().await;
     b.stop().await;
 }

@@ -34,9 +34,10 @@ pub enum ControlError {
     /// tree: storing it would only make misses.
     #[error("action result not stored: no check could find it complete: {0}")]
     Uncheckable(String),
-    /// A result whose completeness check needs more digests than this server's budget
-    /// (`action_cache.max_check_digests`): storing it would only make misses.
-    #[error("action result not stored: too large to check (action_cache.max_check_digests): {0}")]
+    /// A result whose completeness check needs more than this server allows (more digests
+    /// than `action_cache.max_check_digests`, or a tree blob larger than a check reads; the
+    /// message names which): storing it would only make misses.
+    #[error("action result not stored: too large to check: {0}")]
     OverCheckBudget(String),
     /// A value over a configured limit.
     #[error("{what} of {size} bytes exceeds the limit of {limit} bytes")]

@@ -32,8 +32,7 @@ pub fn raise_open_files() {
     let mut refused = None;
     for want in [limit.rlim_max, limit.rlim_max.min(MACOS_OPEN_MAX)] {
         if want <= was {
-            // Already as high as this system allows.
-            refused = None;
+            // As high as this candidate allows (a refusal of a higher one stays reported).
             break;
         }
         let raised = libc::rlimit {

@@ -40,8 +40,9 @@ pub enum Incomplete {
     Missing(Vec<Digest>),
     /// A referenced digest, tree or directory is malformed.
     Malformed(String),
-    /// Checking it needs more digests than [`CheckLimits::max_digests`] (this server's
-    /// budget: another server may allow more).
+    /// Checking it needs more than this server allows (another server may allow more): more
+    /// digests than [`CheckLimits::max_digests`], or a tree or directory blob larger than
+    /// [`CheckLimits::max_tree_bytes`].
     OverBudget(String),
 }
 
@@ -85,7 +86,7 @@ pub async fn check(
     roots.dedup();
     if trees.len() + roots.len() > limits.max_digests {
         return Ok(Some(Incomplete::OverBudget(format!(
-            "{} output directories: more than {} to check",
+            "{} output directories: more than {} to check (action_cache.max_check_digests)",
             trees.len() + roots.len(),
             limits.max_digests
         ))));
@@ -99,7 +100,7 @@ pub async fn check(
     }
     let too_much = || {
         Ok(Some(Incomplete::OverBudget(format!(
-            "more than {} digests to check in its output directories",
+            "more than {} digests to check in its output directories (action_cache.max_check_digests)",
             limits.max_digests
         ))))
     };
@@ -110,7 +111,7 @@ pub async fn check(
         if tree.size > limits.max_tree_bytes {
             // Its files cannot be checked, so it is not believed complete.
             return Ok(Some(Incomplete::OverBudget(format!(
-                "output tree {tree:?} is over the {} bytes a check reads",
+                "output tree {tree:?} is over the {} bytes a check reads (server.max_message_bytes, at least 64 MiB)",
                 limits.max_tree_bytes
             ))));
         }
@@ -214,8 +215,8 @@ enum WalkEnd {
 }
 
 /// Walks a directory-format output with `kiln_reapi::walk`, collecting file digests and
-/// taking the digests it meets from `budget`. A directory too large to read stops the walk
-/// there (the rest is checked as far as it got).
+/// taking the digests it meets from `budget`. A directory too large to read ends it: the
+/// output cannot be checked whole, so the result is over the budget.
 async fn walk(
     cas: &dyn Cas,
     instance: &InstanceName,
@@ -237,7 +238,10 @@ async fn walk(
             Ok(batch) if batch.is_empty() => break,
             Ok(batch) => batch,
             // A Directory too large to read: the rest of the tree cannot be checked.
-            Err(e) => return Ok(WalkEnd::Incomplete(Incomplete::OverBudget(e.to_string()))),
+            Err(e) => {
+                let why = format!("{e} (server.max_message_bytes, at least 64 MiB)");
+                return Ok(WalkEnd::Incomplete(Incomplete::OverBudget(why)));
+            }
         };
         let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
         let fetched = cas.read_blobs(instance, &digests).await?;
