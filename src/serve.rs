@@ -47,6 +47,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cas = store.cas();
     let policy = crate::auth::policy(&config)?;
     let blobs = store.chain();
+    // Uploads over QUIC seed the memory tiers up to the size they keep, as TCP uploads do.
+    let seed_memory = store.chain_plan().largest_cached_blob();
     let control = ControlPlane::start(
         &config,
         store.cas(),
@@ -91,7 +93,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 chain,
                 policy.clone(),
                 &config.server,
-                Some(config.storage.disk_bytes.as_u64()),
+                Some(kiln_worker::quic::UploadLimits {
+                    max_blob: config.storage.disk_bytes.as_u64(),
+                    seed_memory,
+                }),
             );
             Some(served.context("cannot serve the CAS over QUIC")?)
         }

@@ -563,9 +563,9 @@ async fn uploads_over_quic_are_checked_and_a_peer_takes_none() {
 }
 
 // Uploads over QUIC into a server whose small blobs go to a small-blob log: a streamed one and
-// a batch land in the log (no blob file each), are read back over TCP, and QueryWriteStatus
-// over QUIC says the streamed one is complete; one whose bytes do not match is refused and
-// appends nothing.
+// a batch land in the log (no blob file each), are read back over TCP (from the memory tier,
+// which the uploads seeded, as TCP uploads do), and QueryWriteStatus over QUIC says the
+// streamed one is complete; one whose bytes do not match is refused and appends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_over_quic_go_into_a_small_blob_log() {
     use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
@@ -651,6 +651,8 @@ async fn uploads_over_quic_go_into_a_small_blob_log() {
         "the streamed blob and the batch's three"
     );
     let server_data = dir.path().join("server");
+    let memory_hits = ["kiln_cas_lookups_total{result=\"memory\"}"];
+    let before = kiln.metric_over_tls(&ca, &memory_hits).await;
     for bytes in small.iter().chain([&streamed]) {
         let d = common::blobs::digest(F, bytes);
         let read = common::blobs::read(&ch, &common::blobs::read_name("", F, &d), 0, 0)
@@ -664,5 +666,7 @@ async fn uploads_over_quic_go_into_a_small_blob_log() {
             file.display()
         );
     }
+    let from_memory = kiln.metric_over_tls(&ca, &memory_hits).await - before;
+    assert_eq!(from_memory, 4.0, "all four read from the memory tier");
     kiln.stop().await;
 }

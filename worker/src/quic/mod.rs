@@ -103,26 +103,35 @@ fn server_config(
     Ok(config)
 }
 
+/// What the server's CAS over QUIC takes in uploads.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimits {
+    /// The largest blob taken (the CAS's cap).
+    pub max_blob: u64,
+    /// Blobs up to this size are also handed to the memory tiers (the largest any of them
+    /// keeps; 0: none), as uploads over TCP are.
+    pub seed_memory: u64,
+}
+
 /// Serves `cas` over QUIC on UDP at `addr` with `tls` (the TCP listener's TLS), to callers
 /// `policy` lets in, within `server`'s message and batch limits: read-only, or also taking
-/// uploads of blobs up to `uploads` bytes (the server's CAS). Must be called inside the tokio
-/// runtime.
+/// `uploads` (the server's CAS). Must be called inside the tokio runtime.
 pub fn serve_cas(
     addr: SocketAddr,
     tls: &rustls::ServerConfig,
     cas: kiln_dataplane::store::ChainCas,
     policy: Arc<kiln_auth::Policy>,
     server: &kiln_config::ServerConfig,
-    uploads: Option<u64>,
+    uploads: Option<UploadLimits>,
 ) -> Result<serve::QuicServing, QuicError> {
     let endpoint = server_endpoint(addr, tls, uploads.is_some())?;
     let metrics = cas.client().metrics().clone();
     let cas = service::ServedCas::new(cas, server.max_batch_total_size_bytes.as_u64(), metrics);
     let cas = match uploads {
-        Some(max_blob) => {
+        Some(limits) => {
             let stall = (server.stalled_upload_secs > 0)
                 .then(|| Duration::from_secs(server.stalled_upload_secs));
-            cas.with_uploads(max_blob, stall)
+            cas.with_uploads(limits.max_blob, stall, limits.seed_memory)
         }
         None => cas,
     };

@@ -110,11 +110,17 @@ impl ServedCas {
 
     /// The same, also taking uploads of blobs up to `max_blob` bytes, ending one with no new
     /// bytes for `stall` (the server's CAS).
-    pub fn with_uploads(mut self, max_blob: u64, stall: Option<std::time::Duration>) -> ServedCas {
+    pub fn with_uploads(
+        mut self,
+        max_blob: u64,
+        stall: Option<std::time::Duration>,
+        seed_memory: u64,
+    ) -> ServedCas {
         self.uploads = Some(super::writes::Uploads {
             max_blob,
             stall,
             places: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS)),
+            seed_memory,
         });
         self
     }

@@ -50,6 +50,9 @@ pub(super) struct Uploads {
     pub stall: Option<std::time::Duration>,
     /// Uploads received at once (apart from reads).
     pub places: Arc<tokio::sync::Semaphore>,
+    /// Blobs up to this size are also handed to the memory tiers (the largest any keeps; 0:
+    /// none), as uploads over TCP are.
+    pub seed_memory: u64,
 }
 
 /// A temp file removed when dropped, unless handed to the store.
@@ -291,7 +294,13 @@ impl ServedCas {
     ) -> Result<u64, Status> {
         let key = &resource.key;
         let size = key.digest.size;
-        let stall = self.uploads()?.stall;
+        let (stall, seed_memory) = {
+            let uploads = self.uploads()?;
+            (uploads.stall, uploads.seed_memory)
+        };
+        // The bytes hashed, kept for the memory tiers: the very buffers checked, not the file.
+        let mut kept = (size <= seed_memory)
+            .then(|| bytes::BytesMut::with_capacity(usize::try_from(size).unwrap_or(0)));
         let mut upload = UploadState::new(key.digest);
         let epoch = self.cas.client().sync_epoch();
         let path = self.cas.layout().temp_path();
@@ -320,6 +329,9 @@ impl ServedCas {
             let data;
             (upload, data) = checked;
             file.write_all(&data).await.map_err(io)?;
+            if let Some(kept) = kept.as_mut() {
+                kept.extend_from_slice(&data);
+            }
             progress.store(upload.committed(), Ordering::Relaxed);
             if !data.is_empty() {
                 progressed = tokio::time::Instant::now();
@@ -346,7 +358,7 @@ impl ServedCas {
         drop(staged);
         let temp = temp.0.take().unwrap_or(path);
         self.cas
-            .commit(key, temp, None, epoch)
+            .commit(key, temp, kept.map(bytes::BytesMut::freeze), epoch)
             .await
             .map_err(|e| status(&e))?;
         self.metrics.quic_received(WRITE, size);
