@@ -239,8 +239,8 @@ impl ActionCache {
     /// Stores the result for an action: in the server's own store, then in the shared tier
     /// (a failure there fails the put, though the server's own store keeps the result).
     /// With completeness checking it is checked first: one no check could ever find
-    /// complete is refused ([`ControlError::Uncheckable`]); one found complete is stored as
-    /// checked, so its first hit needs no check of its own.
+    /// complete is refused ([`ControlError::Uncheckable`], [`ControlError::OverCheckBudget`]);
+    /// one found complete is stored as checked, so its first hit needs no check of its own.
     pub async fn put(&self, key: BlobKey, result: &ActionResult) -> Result<(), ControlError> {
         let data: bytes::Bytes = result.encode_to_vec().into();
         // A result too large to keep is refused before it costs a check.
