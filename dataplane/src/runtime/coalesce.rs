@@ -57,6 +57,10 @@ struct Gathered {
     sent: usize,
     /// A send that failed: reported to every later write and flush.
     failed: Option<(io::ErrorKind, String)>,
+    /// A write was turned away (the buffer was full and the socket would not take it): once
+    /// the driver's drain empties the buffer, the writer's task must run again, since the
+    /// socket may become writable within that same poll and then wake no one.
+    refused: bool,
 }
 
 impl Gathered {
@@ -95,8 +99,12 @@ impl Gathered {
     ) -> Poll<io::Result<usize>> {
         self.check()?;
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if !self.buf.is_empty() && self.buf.len() + total > LIMIT {
-            ready!(self.poll_drain(cx))?;
+        if !self.buf.is_empty()
+            && self.buf.len() + total > LIMIT
+            && self.poll_drain(cx)?.is_pending()
+        {
+            self.refused = true;
+            return Poll::Pending;
         }
         if self.buf.is_empty() && total >= LIMIT {
             return self.io.as_mut().poll_write_vectored(cx, bufs);
@@ -124,6 +132,7 @@ pub fn gather(io: BoxConnection) -> (BoxConnection, Flusher) {
         buf: Vec::new(),
         sent: 0,
         failed: None,
+        refused: false,
     }));
     (Box::pin(GatheredIo(shared.clone())), Flusher(shared))
 }
@@ -178,10 +187,15 @@ impl AsyncWrite for GatheredIo {
 pub struct Flusher(Rc<RefCell<Gathered>>);
 
 impl Flusher {
-    /// Sends what is gathered (pending while the socket is full).
+    /// Sends what is gathered (pending while the socket is full). A writer turned away
+    /// since the last drain is woken once the buffer is empty: the socket's readiness, which
+    /// it waited for, may have come and gone within this poll.
     pub fn poll_drain(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut g = self.0.borrow_mut();
         ready!(g.poll_drain(cx))?;
+        if std::mem::take(&mut g.refused) {
+            cx.waker().wake_by_ref();
+        }
         g.io.as_mut().poll_flush(cx)
     }
 
@@ -224,10 +238,12 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     /// A socket that records each send and takes at most `room` bytes per call (none: every
-    /// send fails).
+    /// send fails); with `refuse_once`, its first send is refused as a full socket's is (and
+    /// its readiness then dropped, as glommio's is when a later send succeeds).
     struct Recorder {
         sends: Arc<Mutex<Vec<usize>>>,
         room: Option<usize>,
+        refuse_once: bool,
     }
 
     impl AsyncRead for Recorder {
@@ -242,10 +258,13 @@ mod tests {
 
     impl AsyncWrite for Recorder {
         fn poll_write(
-            self: Pin<&mut Self>,
+            mut self: Pin<&mut Self>,
             _: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
+            if std::mem::take(&mut self.refuse_once) {
+                return Poll::Pending;
+            }
             let Some(room) = self.room else {
                 return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
             };
@@ -259,6 +278,48 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// Counts its wakes.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// A writer turned away by a full buffer is woken once the driver's drain has emptied
+    /// it, even though the socket that refused it then wakes no one: without that it slept,
+    /// with its frames unsent, until the client's next packet (a 30 s stall on glommio).
+    #[test]
+    fn a_writer_turned_away_is_woken_when_the_drain_empties_the_buffer() {
+        use tokio::io::AsyncWriteExt;
+        let sends = Arc::new(Mutex::new(Vec::new()));
+        let (mut io, flusher) = gather(Box::pin(Recorder {
+            sends: sends.clone(),
+            room: Some(usize::MAX),
+            refuse_once: true,
+        }));
+        let sent = || sends.lock().unwrap().iter().sum::<usize>();
+        let wakes = Arc::new(Wakes(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let writer = Box::pin(async move {
+            io.write_all(&vec![1u8; LIMIT - 10]).await.unwrap();
+            io.write_all(&[2u8; 100]).await.unwrap();
+        });
+        let mut round = flusher.flushing(writer);
+        // The second write finds the buffer full and the socket refusing: the writer waits.
+        assert!(Pin::new(&mut round).poll(&mut cx).is_pending());
+        // The drain after it sent the buffer, so the writer must be run again.
+        assert_eq!(sent(), LIMIT - 10);
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(Pin::new(&mut round).poll(&mut cx).is_ready());
+        assert_eq!(sent(), LIMIT + 90);
     }
 
     /// A send that failed at the end of a round is the error of the connection's next write
@@ -288,6 +349,7 @@ mod tests {
         let (io, flusher) = gather(Box::pin(Recorder {
             sends: sends.clone(),
             room,
+            refuse_once: false,
         }));
         (io, flusher, sends)
     }
