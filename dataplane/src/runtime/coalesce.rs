@@ -178,7 +178,11 @@ impl AsyncWrite for GatheredIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut g = self.0.borrow_mut();
-        ready!(g.poll_drain(cx))?;
+        if g.poll_drain(cx)?.is_pending() {
+            // As for a write turned away: the driver's drain may empty the buffer first.
+            g.refused = true;
+            return Poll::Pending;
+        }
         g.io.as_mut().poll_shutdown(cx)
     }
 }
@@ -192,10 +196,13 @@ impl Flusher {
     /// it waited for, may have come and gone within this poll.
     pub fn poll_drain(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut g = self.0.borrow_mut();
-        ready!(g.poll_drain(cx))?;
+        let drained = ready!(g.poll_drain(cx));
+        // Sent or failed: either way the writer must run again (to write on, or to see the
+        // error).
         if std::mem::take(&mut g.refused) {
             cx.waker().wake_by_ref();
         }
+        drained?;
         g.io.as_mut().poll_flush(cx)
     }
 
@@ -320,6 +327,29 @@ mod tests {
         assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(Pin::new(&mut round).poll(&mut cx).is_ready());
         assert_eq!(sent(), LIMIT + 90);
+        assert_eq!(
+            wakes.0.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "woken once"
+        );
+
+        // A drain that fails after turning a writer away wakes it too, to see the error.
+        let (mut io, flusher) = gather(Box::pin(Recorder {
+            sends: Arc::new(Mutex::new(Vec::new())),
+            room: None,
+            refuse_once: true,
+        }));
+        let writer = Box::pin(async move {
+            let _ = io.write_all(&vec![1u8; LIMIT - 10]).await;
+            io.write_all(&[2u8; 100]).await
+        });
+        let mut round = flusher.flushing(writer);
+        assert!(Pin::new(&mut round).poll(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+        match Pin::new(&mut round).poll(&mut cx) {
+            Poll::Ready(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
+            other => panic!("the writer sees the failed send: {other:?}"),
+        }
     }
 
     /// A send that failed at the end of a round is the error of the connection's next write
