@@ -27,17 +27,8 @@ large = ["filesystem"]
 kind = "log"
 bytes = "64 GiB"
 TOML
-start() {
-  local t0; t0=$(date +%s.%N)
-  "$kiln" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --data-dir "$d/data" \
-    --config "$d/c.toml" > "$d/log" 2>&1 &
-  pid=$!
-  for _ in $(seq 30000); do grep -q "kiln listening" "$d/log" && break; sleep 0.01; done
-  echo "$1: ready after $(echo "$(date +%s.%N) - $t0" | bc) s; $(grep -o 'blobs=[0-9]* records=[0-9]* segments_from_index_files=[0-9]*.*elapsed_ms=[0-9]*' "$d/log")"
-  addr=$(grep -o "listening on 127.0.0.1:[0-9]*" "$d/log" | grep -o "127.0.0.1:[0-9]*")
-}
-stop() { kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; }
-cold() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "(not root: page cache kept)"; }
+detail='blobs=[0-9]* records=[0-9]* segments_from_index_files=[0-9]*.*elapsed_ms=[0-9]*'
+. "$(dirname "$0")/restart-lib.sh"
 start empty
 "$bench" batch --endpoint "grpc://$addr" --size 1KiB --batch 64 --ops $((n / 64)) \
   --connections 4 --concurrency 16 > /dev/null

@@ -50,6 +50,22 @@ impl ActionCache {
         }
     }
 
+    /// Checks `result`, stored (or to be stored) for `key`, against the CAS.
+    async fn check(
+        &self,
+        key: &BlobKey,
+        result: &ActionResult,
+    ) -> Result<Option<Incomplete>, ControlError> {
+        completeness::check(
+            &*self.blobs,
+            &key.instance,
+            key.digest.function,
+            result,
+            self.limits,
+        )
+        .await
+    }
+
     /// The same, with `shared` (Redis) behind its own store.
     pub fn with_shared(mut self, shared: SharedResults) -> ActionCache {
         self.shared = Some(shared);
@@ -94,14 +110,7 @@ impl ActionCache {
         if outputs > self.limits.max_digests {
             return false;
         }
-        let checked = completeness::check(
-            &*self.blobs,
-            &key.instance,
-            key.digest.function,
-            result,
-            self.limits,
-        )
-        .await;
+        let checked = self.check(key, result).await;
         matches!(checked, Ok(None))
     }
 
@@ -134,15 +143,7 @@ impl ActionCache {
         if mark.holds(now, removals, self.limits.recheck_after) {
             return Ok(result);
         }
-        match completeness::check(
-            &*self.blobs,
-            &key.instance,
-            digest.function,
-            &result,
-            self.limits,
-        )
-        .await?
-        {
+        match self.check(key, &result).await? {
             None => {
                 mark.at.store(now, Ordering::Release);
                 mark.removals.store(removals, Ordering::Release);
@@ -194,14 +195,7 @@ impl ActionCache {
         let Ok(result) = ActionResult::decode(data.clone()) else {
             return Ok(None);
         };
-        let check = completeness::check(
-            &*self.blobs,
-            &key.instance,
-            key.digest.function,
-            &result,
-            self.limits,
-        )
-        .await?;
+        let check = self.check(key, &result).await?;
         match check {
             None => {}
             Some(Incomplete::Missing(_)) => return Ok(None),
@@ -274,14 +268,7 @@ impl ActionCache {
         // Read before the check, as `get` does.
         let removals = self.cas.accounting().removals();
         let now = atime::now();
-        let checked = completeness::check(
-            &*self.blobs,
-            &key.instance,
-            key.digest.function,
-            result,
-            self.limits,
-        )
-        .await;
+        let checked = self.check(key, result).await;
         match checked {
             Ok(None) => Ok(Some((now, removals))),
             Ok(Some(Incomplete::Malformed(why))) => Err(ControlError::Uncheckable(why)),
