@@ -8,7 +8,7 @@ use kiln_reapi::digest::InstanceName;
 /// they are looked up with SipHash; the last name looked up is remembered, since one request's
 /// keys share one parsed name.
 #[derive(Default)]
-pub(super) struct Instances {
+pub(crate) struct Instances {
     names: Vec<Option<(InstanceName, u32)>>,
     numbers: std::collections::HashMap<InstanceName, u32>,
     free: Vec<u32>,
@@ -17,7 +17,7 @@ pub(super) struct Instances {
 
 impl Instances {
     /// The number of `name`, if any blob is under it.
-    pub(super) fn number(&self, name: &InstanceName) -> Option<u32> {
+    pub(crate) fn number(&self, name: &InstanceName) -> Option<u32> {
         if let Some((last, n)) = &*self.last.borrow() {
             if last.same(name) {
                 return Some(*n);
@@ -29,7 +29,7 @@ impl Instances {
     }
 
     /// The number of `name`, counting one more blob under it.
-    pub(super) fn acquire(&mut self, name: &InstanceName) -> u32 {
+    pub(crate) fn acquire(&mut self, name: &InstanceName) -> u32 {
         if let Some(&n) = self.numbers.get(name) {
             if let Some((_, count)) = &mut self.names[n as usize] {
                 *count += 1;
@@ -49,7 +49,7 @@ impl Instances {
     }
 
     /// One blob fewer under number `n`.
-    pub(super) fn release(&mut self, n: u32) {
+    pub(crate) fn release(&mut self, n: u32) {
         let Some((name, count)) = &mut self.names[n as usize] else {
             return;
         };
@@ -68,12 +68,12 @@ impl Instances {
 
     /// Names in use.
     #[cfg(test)]
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.numbers.len()
     }
 
     /// The name numbered `n`, which is in use.
-    pub(super) fn name(&self, n: u32) -> &InstanceName {
+    pub(crate) fn name(&self, n: u32) -> &InstanceName {
         &self.names[n as usize]
             .as_ref()
             .expect("a live node's instance is numbered")

@@ -7,7 +7,7 @@
 //! ([`recency`]).
 
 mod entry;
-mod instances;
+pub(crate) mod instances;
 mod node;
 mod recency;
 #[cfg(test)]

@@ -7,13 +7,15 @@
 //! - [`record`]: the record format, with checksums of the header and the bytes.
 //! - [`segments`]: segment files; the start-up scan.
 //! - [`index_file`]: a sealed segment's list of records, so a start need not read it.
-//! - [`state`]: the index and the eviction choices, without I/O.
+//! - [`entries`]: the index, packed into 64 bytes a blob.
+//! - [`state`]: the index with the segments, and the eviction choices, without I/O.
 //! - [`writer`]: the thread that appends, syncs and evicts.
 //!
 //! Blobs written by this process are known good; records found at start-up are hashed on
 //! their first read (a damaged one leaves the index). Reads run on the tier's own blocking
 //! pool, never on the caller's core.
 
+mod entries;
 mod index_file;
 mod record;
 mod segments;

@@ -5,51 +5,11 @@
 //! per segment, which keeps what builds use and lets the rest go in the order it came.
 
 use super::super::{lease_clock, PinHolder};
+use super::entries::{Entries, Place, SlotId};
 use kiln_reapi::digest::BlobKey;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
-
-/// The files' index's hasher ([`crate::store::index::VerifiedKeys`]), for the same reason:
-/// a log indexes only blobs whose bytes hashed to their digest (SipHash was most of
-/// indexing a million records at start).
-type HashMap<K, V> = std::collections::HashMap<K, V, crate::store::index::VerifiedKeys>;
-
-/// Where a blob's record is, and what is known of it.
-#[derive(Debug, Clone)]
-struct Entry {
-    /// The segment holding it.
-    segment: u64,
-    /// Where its bytes start in the segment.
-    offset: u64,
-    /// The record's length, header included.
-    record_len: u64,
-    /// Whether this process has hashed its bytes (blobs written by it, or read once).
-    checked: bool,
-    /// The segment being appended when it was last used.
-    used: u64,
-    /// Who pins it, until when.
-    pins: Vec<PinHolder>,
-}
-
-impl Entry {
-    /// A new record's entry: not pinned, and not used since its segment was sealed (it is a
-    /// new record, or found at start-up).
-    fn new(segment: u64, offset: u64, record_len: u64, checked: bool) -> Entry {
-        Entry {
-            segment,
-            offset,
-            record_len,
-            checked,
-            used: segment,
-            pins: Vec::new(),
-        }
-    }
-
-    fn pinned(&self, now: u64) -> bool {
-        self.pins.iter().any(|p| p.until > now)
-    }
-}
 
 /// One segment file.
 #[derive(Debug)]
@@ -58,8 +18,8 @@ struct Segment {
     file: Arc<File>,
     /// Its length.
     len: u64,
-    /// The keys whose records it got (some may since live elsewhere, or nowhere).
-    keys: Vec<BlobKey>,
+    /// The slots of the records it got (some may since point elsewhere, or be free).
+    slots: Vec<SlotId>,
 }
 
 /// A record to copy forward out of a segment being dropped.
@@ -73,18 +33,18 @@ pub struct Keep {
     pub checked: bool,
 }
 
-/// `keys` with each key once, in their first order (a blob dropped and stored again into the
+/// `items` with each once, in their first order (a blob dropped and stored again into the
 /// same segment is listed twice).
-pub fn each_once(mut keys: Vec<BlobKey>) -> Vec<BlobKey> {
-    let mut seen = std::collections::HashSet::with_capacity(keys.len());
-    keys.retain(|k| seen.insert(k.clone()));
-    keys
+pub fn each_once<T: std::hash::Hash + Eq + Copy>(mut items: Vec<T>) -> Vec<T> {
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    items.retain(|k| seen.insert(*k));
+    items
 }
 
 /// A log's index and segments.
 #[derive(Debug, Default)]
 pub struct State {
-    entries: HashMap<BlobKey, Entry>,
+    entries: Entries,
     segments: BTreeMap<u64, Segment>,
     /// The segment being appended.
     active: u64,
@@ -102,7 +62,7 @@ impl State {
             Segment {
                 file,
                 len,
-                keys: Vec::new(),
+                slots: Vec::new(),
             },
         );
         self.total = self.total.saturating_add(len);
@@ -140,25 +100,38 @@ impl State {
         checked: bool,
         replacing: Option<(u64, u64)>,
     ) -> bool {
-        if let Some(e) = self.entries.get_mut(&key) {
-            if replacing != Some((e.segment, e.offset)) {
-                return false;
+        let place = Place {
+            segment,
+            offset,
+            record_len,
+            checked,
+            used: false,
+        };
+        let i = match self.entries.find(&key) {
+            Some(i) => {
+                let was = self.entries.place(i);
+                if replacing != Some((was.segment, was.offset)) {
+                    return false;
+                }
+                self.live = self.live.saturating_sub(was.record_len) + record_len;
+                let checked = checked || was.checked;
+                self.entries.move_to(i, Place { checked, ..place });
+                i
             }
-            self.live = self.live.saturating_sub(e.record_len) + record_len;
-            e.segment = segment;
-            e.offset = offset;
-            e.record_len = record_len;
-            e.checked |= checked;
-        } else {
-            if replacing.is_some() {
-                return false;
+            None => {
+                if replacing.is_some() {
+                    return false;
+                }
+                // Only a digest over 4 GiB fails, and a log takes blobs of at most 1 MiB.
+                let Some(i) = self.entries.add(&key, place) else {
+                    return false;
+                };
+                self.live = self.live.saturating_add(record_len);
+                i
             }
-            self.live = self.live.saturating_add(record_len);
-            let entry = Entry::new(segment, offset, record_len, checked);
-            self.entries.insert(key.clone(), entry);
-        }
+        };
         if let Some(s) = self.segments.get_mut(&segment) {
-            s.keys.push(key);
+            s.slots.push(i);
         }
         true
     }
@@ -171,76 +144,95 @@ impl State {
     /// Indexes a record found at start-up: a later record of a blob (a copy forward made
     /// before a crash, in a newer segment) replaces the earlier one.
     pub fn found(&mut self, key: BlobKey, segment: u64, offset: u64, record_len: u64) {
-        let entry = Entry::new(segment, offset, record_len, false);
-        if let Some(s) = self.segments.get_mut(&segment) {
-            s.keys.push(key.clone());
-        }
+        let place = Place {
+            segment,
+            offset,
+            record_len,
+            checked: false,
+            used: false,
+        };
+        let i = match self.entries.find(&key) {
+            Some(i) => {
+                let was = self.entries.place(i);
+                self.live = self.live.saturating_sub(was.record_len);
+                self.entries.move_to(i, place);
+                i
+            }
+            None => match self.entries.add(&key, place) {
+                Some(i) => i,
+                None => return,
+            },
+        };
         self.live = self.live.saturating_add(record_len);
-        if let Some(old) = self.entries.insert(key, entry) {
-            self.live = self.live.saturating_sub(old.record_len);
+        if let Some(s) = self.segments.get_mut(&segment) {
+            s.slots.push(i);
         }
+    }
+
+    /// `key`'s slot, counted as used now.
+    fn use_slot(&mut self, key: &BlobKey) -> Option<SlotId> {
+        let i = self.entries.find(key)?;
+        self.entries.set_used(i, self.active);
+        Some(i)
     }
 
     /// Whether `key` is held; a held key counts as used now.
     pub fn touch(&mut self, key: &BlobKey) -> bool {
-        let active = self.active;
-        match self.entries.get_mut(key) {
-            Some(e) => {
-                e.used = active;
-                true
-            }
-            None => false,
-        }
+        self.use_slot(key).is_some()
     }
 
     /// Where `key`'s bytes are (its segment's file, the offset, whether checked), counting it
     /// as used.
     pub fn find(&mut self, key: &BlobKey) -> Option<(Arc<File>, u64, bool)> {
-        let active = self.active;
-        let e = self.entries.get_mut(key)?;
-        e.used = active;
-        let file = self.segments.get(&e.segment)?.file.clone();
-        Some((file, e.offset, e.checked))
+        let i = self.use_slot(key)?;
+        let p = self.entries.place(i);
+        let file = self.segments.get(&p.segment)?.file.clone();
+        Some((file, p.offset, p.checked))
     }
 
     /// Whether `key` is held (without counting it as used).
     pub fn holds(&self, key: &BlobKey) -> bool {
-        self.entries.contains_key(key)
+        self.entries.find(key).is_some()
     }
 
     /// `key`'s bytes, found at `offset`, hashed to its digest.
     pub fn checked(&mut self, key: &BlobKey, offset: u64) {
-        if let Some(e) = self.entries.get_mut(key).filter(|e| e.offset == offset) {
-            e.checked = true;
+        if let Some(i) = self.entries.find(key) {
+            if self.entries.place(i).offset == offset {
+                self.entries.set_checked(i);
+            }
         }
     }
 
     /// Drops `key` from the index (its record damaged, or evicted); whether it was held.
     pub fn remove(&mut self, key: &BlobKey) -> bool {
-        match self.entries.remove(key) {
-            Some(e) => {
-                self.live = self.live.saturating_sub(e.record_len);
+        match self.entries.find(key) {
+            Some(i) => {
+                self.free(i);
                 true
             }
             None => false,
         }
     }
 
+    /// Frees slot `i` (held), taking its record out of the live bytes.
+    fn free(&mut self, i: SlotId) {
+        let was = self.entries.place(i);
+        self.live = self.live.saturating_sub(was.record_len);
+        self.entries.remove(i);
+    }
+
     /// Pins `key` for `holder`: `Some(checked)` when held.
     pub fn pin(&mut self, holder: PinHolder, key: &BlobKey) -> Option<bool> {
-        let active = self.active;
-        let e = self.entries.get_mut(key)?;
-        e.used = active;
-        let now = lease_clock();
-        e.pins.retain(|p| p.until > now && p.id != holder.id);
-        e.pins.push(holder);
-        Some(e.checked)
+        let i = self.use_slot(key)?;
+        self.entries.pin(i, holder, lease_clock());
+        Some(self.entries.place(i).checked)
     }
 
     /// Releases `holder`'s pin of `key`.
     pub fn unpin(&mut self, holder: PinHolder, key: &BlobKey) {
-        if let Some(e) = self.entries.get_mut(key) {
-            e.pins.retain(|p| p.id != holder.id);
+        if let Some(i) = self.entries.find(key) {
+            self.entries.unpin(i, holder);
         }
     }
 
@@ -259,42 +251,44 @@ impl State {
         out
     }
 
-    /// The keys segment `id` got, taken from it for [`State::sort_out`] (each once).
-    pub fn take_keys(&mut self, id: u64) -> Option<Vec<BlobKey>> {
-        Some(std::mem::take(&mut self.segments.get_mut(&id)?.keys))
+    /// The slots segment `id` got, taken from it for [`State::sort_out`] (pass them through
+    /// [`each_once`]).
+    pub fn take_slots(&mut self, id: u64) -> Option<Vec<SlotId>> {
+        Some(std::mem::take(&mut self.segments.get_mut(&id)?.slots))
     }
 
-    /// Splits the records of `keys` that are in segment `id` into those to copy forward and
+    /// Splits the records of `slots` that are in segment `id` into those to copy forward and
     /// those to drop, which leave the index now. Pinned records are kept; records used since
     /// the segment was sealed are kept while `budget` (bytes, shared by one pass of eviction)
     /// lasts, so that a log whose every blob is in use still frees space. Called on a
-    /// segment's keys a chunk at a time, so that the index is not held for a whole segment.
+    /// segment's slots a chunk at a time, so that the index is not held for a whole segment.
     pub fn sort_out(
         &mut self,
         id: u64,
-        keys: &[BlobKey],
+        slots: &[SlotId],
         budget: &mut u64,
     ) -> (Vec<Keep>, Vec<BlobKey>) {
         let now = lease_clock();
         let (mut keep, mut drop) = (Vec::new(), Vec::new());
-        for key in keys {
-            let Some(e) = self.entries.get(key).filter(|e| e.segment == id) else {
+        for &i in slots {
+            let Some(p) = self.entries.place_in(i, id) else {
                 continue;
             };
-            let pinned = e.pinned(now);
-            let second_chance = !pinned && e.used > id && e.record_len <= *budget;
+            let pinned = self.entries.pinned(i, now);
+            let second_chance = !pinned && p.used && p.record_len <= *budget;
             if second_chance {
-                *budget -= e.record_len;
+                *budget -= p.record_len;
             }
+            let key = self.entries.key(i);
             if pinned || second_chance {
                 keep.push(Keep {
-                    offset: e.offset,
-                    checked: e.checked,
-                    key: key.clone(),
+                    offset: p.offset,
+                    checked: p.checked,
+                    key,
                 });
             } else {
-                self.remove(key);
-                drop.push(key.clone());
+                self.free(i);
+                drop.push(key);
             }
         }
         (keep, drop)
@@ -342,8 +336,8 @@ mod tests {
 
     /// Sorts out the whole of segment `id`.
     fn sort(s: &mut State, id: u64, budget: &mut u64) -> (Vec<Keep>, Vec<BlobKey>) {
-        let keys = each_once(s.take_keys(id).unwrap());
-        s.sort_out(id, &keys, budget)
+        let slots = each_once(s.take_slots(id).unwrap());
+        s.sort_out(id, &slots, budget)
     }
 
     /// A budget that never runs out.
@@ -384,7 +378,8 @@ mod tests {
         let holder = PinHolder::unbounded();
         assert_eq!(s.pin(holder, &key(3)), Some(true));
         // pin counts as use: undo that to test the pin alone.
-        s.entries.get_mut(&key(3)).unwrap().used = 3;
+        let three = s.entries.find(&key(3)).unwrap();
+        s.entries.clear_used(three);
         for id in 1..=3 {
             let (keep, drop) = sort(&mut s, id, &mut unlimited());
             match id {
@@ -431,7 +426,8 @@ mod tests {
             assert!(s.touch(&key(n)), "used while segment 2 is appended");
         }
         // A record listed twice (dropped and stored again into the same segment) counts once.
-        s.segments.get_mut(&1).unwrap().keys.push(key(0));
+        let zero = s.entries.find(&key(0)).unwrap();
+        s.segments.get_mut(&1).unwrap().slots.push(zero);
         let mut budget = 250;
         let (keep, drop) = sort(&mut s, 1, &mut budget);
         assert_eq!(keep.len(), 2, "{keep:?}");
@@ -449,6 +445,19 @@ mod tests {
         assert_eq!(s.live(), 200);
     }
 
+    /// A segment lists slot numbers; a slot freed and reused by a blob in another segment is
+    /// not that segment's to drop.
+    #[test]
+    fn a_reused_slot_is_not_dropped_with_its_old_segment() {
+        let mut s = three_sealed();
+        assert!(s.remove(&key(1)), "damaged, say");
+        assert!(s.insert(key(9), 4, 0, 100, true, None));
+        let (keep, drop) = sort(&mut s, 1, &mut unlimited());
+        assert!(keep.is_empty() && drop.is_empty(), "{keep:?} {drop:?}");
+        assert!(s.holds(&key(9)));
+        assert_eq!(s.live(), 300);
+    }
+
     #[test]
     fn an_expired_pin_keeps_nothing() {
         let mut s = three_sealed();
@@ -457,7 +466,8 @@ mod tests {
             until: lease_clock(),
         };
         s.pin(holder, &key(1));
-        s.entries.get_mut(&key(1)).unwrap().used = 1;
+        let one = s.entries.find(&key(1)).unwrap();
+        s.entries.clear_used(one);
         let (keep, drop) = sort(&mut s, 1, &mut unlimited());
         assert!(keep.is_empty());
         assert_eq!(drop, vec![key(1)]);

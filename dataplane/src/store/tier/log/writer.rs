@@ -219,17 +219,17 @@ impl Writer {
     /// full disk could never be freed.
     fn drop_segment(&self, id: u64, budget: &mut u64) {
         let shared = &self.shared;
-        let (file, keys) = {
+        let (file, slots) = {
             let mut state = shared.lock();
-            match (state.segment_file(id), state.take_keys(id)) {
-                (Some(file), Some(keys)) => (file, keys),
+            match (state.segment_file(id), state.take_slots(id)) {
+                (Some(file), Some(slots)) => (file, slots),
                 _ => return,
             }
         };
-        let keys = each_once(keys);
+        let slots = each_once(slots);
         // A chunk at a time: the cores wait on the index for one chunk, not a segment.
         let mut keep = Vec::new();
-        for chunk in keys.chunks(SORT_CHUNK) {
+        for chunk in slots.chunks(SORT_CHUNK) {
             let dropped = {
                 let mut state = shared.lock();
                 let (kept, dropped) = state.sort_out(id, chunk, budget);
