@@ -127,6 +127,11 @@ impl Entries {
     pub fn add(&mut self, key: &BlobKey, place: Place) -> Option<SlotId> {
         debug_assert!(self.find(key).is_none());
         let size = u32::try_from(key.digest.size).ok()?;
+        // Four billion records is far past any log's cap.
+        let next = u32::try_from(self.slots.len()).ok();
+        if self.free.is_empty() && next.is_none() {
+            return None;
+        }
         let instance = self.instances.acquire(&key.instance);
         let slot = Slot {
             hash: key.digest.hash,
@@ -138,17 +143,16 @@ impl Entries {
             function: function_number(key.digest.function),
             flags: 0,
         };
-        let i = match self.free.pop() {
-            Some(i) => {
+        let i = match (self.free.pop(), next) {
+            (Some(i), _) => {
                 self.slots[i as usize] = slot;
                 i
             }
-            None => {
-                // Four billion records is far past any log's cap.
-                let i = u32::try_from(self.slots.len()).ok()?;
+            (None, Some(i)) => {
                 self.slots.push(slot);
                 i
             }
+            (None, None) => return None,
         };
         self.move_to(i, place);
         let s = &self.slots[i as usize];
