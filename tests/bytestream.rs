@@ -359,10 +359,7 @@ on_every_runtime! {
         let big = pseudo_random(10, 600 << 10);
         let big_d = digest(f, &big);
         let big_name = write_name("", f, &big_d);
-        let upload = blobs::open_upload(&ch);
-        let requests = blobs::write_requests(&big_name, &big, 64 << 10, 0);
-        upload.tx.send(requests[0].clone()).await.unwrap();
-        blobs::wait_committed(&ch, &big_name, 64 << 10).await;
+        let upload = blobs::HeldUpload::begin(&ch, &big_name, &big, 64 << 10).await;
         // (Which two depends on how the blobs fall on the shards: eviction is an
         // approximate LRU across shards.)
         eventually("two old blobs evicted for the upload", || async {
@@ -380,10 +377,7 @@ on_every_runtime! {
         assert!(refused.message().contains("uploads in progress hold"), "{refused:?}");
         assert!(matches!(blobs::query(&ch, &other_name).await, Err(s) if s.code() == Code::NotFound));
 
-        for r in &requests[1..] {
-            upload.tx.send(r.clone()).await.unwrap();
-        }
-        let done = upload.call.await.unwrap().unwrap().into_inner();
+        let done = upload.finish().await;
         assert_eq!(done.committed_size, big.len() as i64);
         blobs::write(&ch, &other_name, &other, 64 << 10).await.unwrap();
         assert_eq!(blobs::read(&ch, &read_name("", f, &other_d), 0, 0).await.unwrap(), other);

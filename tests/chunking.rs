@@ -203,6 +203,50 @@ on_every_runtime! {
     }
 }
 
+// A splice's temp file counts against the disk cap like an upload's: with a 600 KiB upload
+// open under a 1 MiB cap, a splice of one 16 KiB chunk listed 40 times (640 KiB) is
+// RESOURCE_EXHAUSTED before it writes anything, and goes through once the upload is done. A
+// blob still arriving (read-while-write) is not split: NOT_FOUND at once, not a wait for the
+// upload. The empty blob spliced from empty chunks keeps no list: its split is empty.
+on_every_runtime! {
+    async fn splices_count_against_the_disk_cap_and_arriving_blobs_are_not_split(rt: Runtime) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            config: Some("[storage]\ndisk_bytes = \"1 MiB\"\nmemory_bytes = 0\nchain = [\"in_flight\", \"filesystem\"]\n".into()),
+            ..Options::on(rt)
+        };
+        let data_dir = dir.path().join("data");
+        let kiln = Kiln::start_async(&data_dir, options).await;
+        let ch = kiln.channel().await;
+        let f = Function::Sha256;
+        let chunk = pseudo_random(1, 16 << 10);
+        let chunks = upload_pieces(&ch, f, &[&chunk]).await;
+        let whole = chunk.repeat(40);
+        let d = digest(f, &whole);
+        let listed = vec![chunks[0].clone(); 40];
+
+        let big = pseudo_random(10, 600 << 10);
+        let big_d = digest(f, &big);
+        let big_name = write_name("", f, &big_d);
+        let upload = blobs::HeldUpload::begin(&ch, &big_name, &big, 64 << 10).await;
+
+        assert_code(splice(&ch, f, &d, &listed).await, Code::ResourceExhausted, "no room in the CAS");
+        assert_eq!(blobs::find_missing(&ch, "", f, vec![d.clone()]).await, vec![d.clone()]);
+        // The blob being uploaded is not in the CAS yet.
+        assert_code(split(&ch, f, &big_d).await, Code::NotFound, "not in the CAS");
+
+        upload.finish().await;
+        splice(&ch, f, &d, &listed).await.unwrap();
+        assert!(blobs::read(&ch, &read_name("", f, &d), 0, 0).await.unwrap() == whole);
+
+        let empty = digest(f, b"");
+        splice(&ch, f, &empty, &[empty.clone(), empty.clone()]).await.unwrap();
+        assert!(split(&ch, f, &empty).await.unwrap().chunk_digests.is_empty());
+        assert!(common::temp_files(&data_dir).is_empty());
+        kiln.stop().await;
+    }
+}
+
 /// `[chunking] enabled = false`: nothing advertised, both methods `UNIMPLEMENTED`. (One
 /// backend: configuration.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

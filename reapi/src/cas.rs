@@ -60,6 +60,40 @@ pub trait Cas: Send + Sync {
         digest: Digest,
         path: &'a Path,
     ) -> CasFuture<'a, ()>;
+
+    /// Holds room for `bytes` of temp files the caller is about to write beside the store
+    /// (a splice's concatenation, a copy to split): a store with a cap counts them against it
+    /// until the hold is dropped, evicting old blobs to make room, and refuses
+    /// (`RESOURCE_EXHAUSTED`) when no eviction could. A store that keeps no cap holds nothing.
+    fn hold_room(&self, bytes: u64) -> CasFuture<'_, RoomHold> {
+        let _ = bytes;
+        Box::pin(async { Ok(RoomHold::none()) })
+    }
+}
+
+/// Room a store holds for a caller's temp files ([`Cas::hold_room`]), until dropped.
+pub struct RoomHold(Option<Box<dyn Send + Sync>>);
+
+impl RoomHold {
+    /// Holds nothing.
+    pub fn none() -> RoomHold {
+        RoomHold(None)
+    }
+
+    /// Holds what `hold` holds, until dropped.
+    pub fn new(hold: impl Send + Sync + 'static) -> RoomHold {
+        RoomHold(Some(Box::new(hold)))
+    }
+}
+
+impl std::fmt::Debug for RoomHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "RoomHold"
+        } else {
+            "RoomHold(none)"
+        })
+    }
 }
 
 /// One blob read whole into memory, checked; `None` when the store does not hold it.

@@ -191,6 +191,33 @@ pub fn open_upload(channel: &Channel) -> OpenUpload {
     OpenUpload { tx, call }
 }
 
+/// An upload of `data` (in messages of `chunk` bytes) begun and left open: its first
+/// message is sent and has arrived (the server holds room for the whole blob).
+pub struct HeldUpload {
+    upload: OpenUpload,
+    rest: Vec<WriteRequest>,
+}
+
+impl HeldUpload {
+    /// Begins the upload of `data` as `name`.
+    pub async fn begin(channel: &Channel, name: &str, data: &[u8], chunk: usize) -> HeldUpload {
+        let upload = open_upload(channel);
+        let mut rest = write_requests(name, data, chunk, 0);
+        let first = rest.remove(0);
+        upload.tx.send(first).await.unwrap();
+        wait_committed(channel, name, chunk.min(data.len())).await;
+        HeldUpload { upload, rest }
+    }
+
+    /// Sends the rest and returns the upload's answer.
+    pub async fn finish(self) -> WriteResponse {
+        for r in self.rest {
+            self.upload.tx.send(r).await.unwrap();
+        }
+        self.upload.call.await.unwrap().unwrap().into_inner()
+    }
+}
+
 /// `QueryWriteStatus`: (committed size, complete), or the error.
 pub async fn query(channel: &Channel, name: &str) -> Result<(i64, bool), tonic::Status> {
     let r = bytestream(channel)

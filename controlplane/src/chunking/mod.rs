@@ -236,6 +236,11 @@ impl ChunkService {
                 return Ok(list);
             }
         }
+        // Only a stored blob is split: one still arriving (read-while-write) is not yet in the
+        // CAS, and waiting for its upload would hold a job for as long as the upload lasts.
+        if !self.cas.find_missing(&instance, &[blob]).await?.is_empty() {
+            return Err(ChunkError::BlobMissing(blob));
+        }
         let _job = self.jobs.acquire().await.map_err(|_| ChunkError::Off)?;
         let digests = split::split(self, &instance, blob).await?;
         // Stored as they were cut; still there now (a small CAS may have evicted early chunks

@@ -6,6 +6,7 @@
 use super::{ChunkError, ChunkService};
 use crate::temp_file::TempFile;
 use bytes::Bytes;
+use kiln_reapi::cas::RoomHold;
 use kiln_reapi::digest::{Digest, Hasher, InstanceName};
 use std::io::{Read, Write};
 
@@ -18,7 +19,9 @@ const BATCH_BYTES: u64 = 8 << 20;
 /// One piece of the blob, in order.
 enum Piece {
     Bytes(Bytes),
-    File(TempFile),
+    /// A large chunk copied out of the CAS, with the room its copy holds (released once the
+    /// writer has read it).
+    File(TempFile, RoomHold),
 }
 
 /// What a splice did.
@@ -49,12 +52,16 @@ pub(super) async fn splice(
         }
     };
     if blob.size == 0 {
-        return check(Hasher::new(blob.function).finalize()).map(|()| Spliced::Checked);
+        // Always stored; its only list is the empty one (a list of empty chunks is not kept).
+        return check(Hasher::new(blob.function).finalize()).map(|()| Spliced::Present);
     }
     // Already stored: nothing to do (the spec allows a no-op).
     if svc.cas.find_missing(instance, &[blob]).await?.is_empty() {
         return Ok(Spliced::Present);
     }
+    // The concatenation's temp file counts against the CAS's cap while it is written, like
+    // an upload's: a splice of a small chunk listed many times cannot fill the disk.
+    let room = svc.cas.hold_room(blob.size).await?;
     let temp = TempFile(svc.temp_path());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(4);
     let (path, function) = (temp.0.clone(), blob.function);
@@ -71,7 +78,7 @@ pub(super) async fn splice(
                     hasher.update(&data);
                     out.write_all(&data)?;
                 }
-                Piece::File(file) => {
+                Piece::File(file, _room) => {
                     let mut src = std::fs::File::open(&file.0)?;
                     loop {
                         let n = src.read(&mut buf)?;
@@ -103,6 +110,9 @@ pub(super) async fn splice(
         Ok(()) => {}
     }
     check(written?)?;
+    // Stored, the blob counts as itself: counted twice while it is committed, it could be
+    // the oldest blob an eviction for that excess finds.
+    drop(room);
     svc.cas.write_file(instance, blob, &temp.0).await?;
     Ok(Spliced::Checked)
 }
@@ -122,11 +132,14 @@ async fn feed(
     let mut at = 0;
     while at < chunks.len() {
         if chunks[at].size > IN_MEMORY {
+            let room = svc.cas.hold_room(chunks[at].size).await?;
             let file = TempFile(svc.temp_path());
             if !svc.cas.read_to_file(instance, chunks[at], &file.0).await? {
                 return Err(gone(chunks[at]));
             }
-            tx.send(Piece::File(file)).await.map_err(|_| stopped())?;
+            tx.send(Piece::File(file, room))
+                .await
+                .map_err(|_| stopped())?;
             at += 1;
             continue;
         }

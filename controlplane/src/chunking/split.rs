@@ -23,6 +23,9 @@ pub(super) async fn split(
         // The empty blob is the concatenation of no chunks.
         return Ok(Vec::new());
     }
+    // The copy counts against the CAS's cap while it lives (a clone may cost nothing, but
+    // that is the filesystem's to decide).
+    let _room = svc.cas.hold_room(blob.size).await?;
     let temp = TempFile(svc.temp_path());
     if !svc.cas.read_to_file(instance, blob, &temp.0).await? {
         return Err(ChunkError::BlobMissing(blob));

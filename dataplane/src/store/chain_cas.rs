@@ -9,7 +9,7 @@ use super::tier::{self, BlobStore, VerifiedUpload};
 use super::{CasClient, StoreError};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use kiln_reapi::cas::{Cas, CasError, CasFuture};
+use kiln_reapi::cas::{Cas, CasError, CasFuture, RoomHold};
 use kiln_reapi::digest::{BlobKey, Digest, Hasher, InstanceName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -345,6 +345,13 @@ impl Cas for ChainCas {
             self.put_file(&BlobKey::new(instance.clone(), digest), path)
                 .await
                 .map_err(local)
+        })
+    }
+
+    fn hold_room(&self, bytes: u64) -> CasFuture<'_, RoomHold> {
+        Box::pin(async move {
+            let staged = self.client().stage(bytes).await.map_err(local)?;
+            Ok(RoomHold::new(staged))
         })
     }
 }

@@ -1,7 +1,7 @@
 //! The handle every core and the control plane use to reach the CAS: it routes each blob to
 //! the shard that owns its part of the digest space, over that shard's bounded queue.
 
-use super::accounting::Accounting;
+use super::accounting::{Accounting, Staged};
 use super::commands::{
     Command, Committed, Dropped, Located, Reply, ShardStats, UploadClaim, UploadStatus,
 };
@@ -368,6 +368,29 @@ impl CasClient {
     pub(crate) fn send_blocking(&self, shard: usize, command: Command) -> Result<(), ()> {
         self.count(shard);
         self.shards[shard].send_blocking(command).map_err(|_| ())
+    }
+
+    /// Holds `bytes` of the cap for a temp file written outside an upload (a splice's
+    /// concatenation, a copy to split), and asks the shard with the oldest blob to evict to
+    /// make room, as an upload's first message does; [`StoreError::NoRoom`] when what is
+    /// held already leaves no room that eviction could make.
+    pub async fn stage(&self, bytes: u64) -> Result<Staged, StoreError> {
+        let staged = self
+            .accounting
+            .stage(bytes)
+            .ok_or_else(|| StoreError::NoRoom {
+                size: bytes,
+                staging: self.accounting.staging(),
+                cap: self.accounting.cap(),
+            })?;
+        while let Some((shard, claimed)) = self.accounting.claim_eviction() {
+            if let Err(queue) = self.request_eviction(shard, claimed) {
+                if queue.send(Command::Evict { bytes: claimed }).await.is_err() {
+                    self.accounting.eviction_done(claimed);
+                }
+            }
+        }
+        Ok(staged)
     }
 
     /// Asks `shard` to evict `bytes` (sent by a shard that found the store over its cap).

@@ -21,6 +21,10 @@ pub enum StoreError {
     /// The blob is larger than the whole CAS may hold.
     #[error("blob of {size} bytes is larger than the CAS capacity of {cap} bytes")]
     TooLarge { size: u64, cap: u64 },
+    /// Room for a temp file was refused: with what uploads and other temp files already
+    /// hold, no eviction could make room (pinned blobs stay).
+    #[error("no room in the CAS for {size} bytes now: {staging} bytes are held by uploads and temp files in progress, of a capacity of {cap} bytes; retry later")]
+    NoRoom { size: u64, staging: u64, cap: u64 },
     /// A stored blob failed verification and was removed.
     #[error("stored copy of {0:?} was corrupt and has been removed; upload it again")]
     Corrupt(BlobKey),
@@ -58,6 +62,11 @@ impl StoreError {
                 size: *size,
                 cap: *cap,
             },
+            StoreError::NoRoom { size, staging, cap } => StoreError::NoRoom {
+                size: *size,
+                staging: *staging,
+                cap: *cap,
+            },
             StoreError::Corrupt(key) => StoreError::Corrupt(key.clone()),
             StoreError::Vanished(key) => StoreError::Vanished(key.clone()),
             StoreError::Shared(why) => StoreError::Shared(why.clone()),
@@ -70,6 +79,7 @@ impl Classify for StoreError {
         match self {
             StoreError::Unavailable | StoreError::Shared(_) => ErrorKind::Unavailable,
             StoreError::TooLarge { .. } => ErrorKind::Invalid,
+            StoreError::NoRoom { .. } => ErrorKind::Exhausted,
             // Removed on detection: for the caller the blob is not there (upload it again).
             StoreError::Corrupt(_) | StoreError::Vanished(_) => ErrorKind::Missing,
             StoreError::Io { source, .. } => ErrorKind::of_io(source),

@@ -263,9 +263,9 @@ impl Blob {
         let path = match &self.body {
             Body::Bytes(data) => return write(data),
             Body::File { path, .. } => path.clone(),
-            Body::Arriving { .. } => {
-                let data = self.read_all_blocking()?;
-                return write(&data);
+            // Copied from its file once stored, never read whole into memory (it may be large).
+            Body::Arriving { growing, then } => {
+                return in_flight::stored_blob_blocking(growing, &**then)?.copy_to_blocking(dest);
             }
         };
         // The blob's own file first: that it is gone is the blob's verdict.

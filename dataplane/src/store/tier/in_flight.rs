@@ -305,11 +305,19 @@ pub(super) fn read_all_blocking(
     growing: &Growing,
     then: &dyn BlobStore,
 ) -> Result<bytes::Bytes, StoreError> {
+    stored_blob_blocking(growing, then)?.read_all_blocking()
+}
+
+/// The upload's blob as the tier below holds it once the upload has ended, for threads that
+/// may block.
+pub(super) fn stored_blob_blocking(
+    growing: &Growing,
+    then: &dyn BlobStore,
+) -> Result<Blob, StoreError> {
     // Stored, or failed while another upload (not followed) may have stored it.
     growing.wait_end_blocking();
-    let blob = futures::executor::block_on(then.open(&growing.key))?
-        .ok_or_else(|| StoreError::Vanished(growing.key.clone()))?;
-    blob.read_all_blocking()
+    futures::executor::block_on(then.open(&growing.key))?
+        .ok_or_else(|| StoreError::Vanished(growing.key.clone()))
 }
 
 /// Streams `start..end` of the upload's blob as it arrives (see the module's rules).
@@ -584,7 +592,7 @@ mod tests {
     }
 
     /// A reader that finds the upload but opens its temp file only after the upload was
-    /// renamed into place reads the stored blob.
+    /// renamed into place reads the stored blob (and copies it).
     #[test]
     fn a_reader_that_comes_late_reads_the_stored_blob() {
         let plane = Plane::start("chain = [\"in_flight\", \"filesystem\"]");
@@ -601,6 +609,12 @@ mod tests {
         arriving.stored();
         let late = Blob::arriving(k.clone(), growing, filesystem.clone());
         assert_eq!(late.clone().read_all_blocking().unwrap(), blob);
+        // A copy into a file (what SplitBlob and the Remote Asset's checks take) is the stored
+        // blob's, copied from its file.
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("copy");
+        late.clone().copy_to_blocking(&copy).unwrap();
+        assert_eq!(std::fs::read(&copy).unwrap(), blob);
         let (tx, rx) = mpsc::channel();
         let streamed = on_glommio("late-reader", move |runtime| {
             Box::pin(async move {
