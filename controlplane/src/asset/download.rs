@@ -15,7 +15,7 @@ use kiln_reapi::digest::{Digest, DigestFunction, Hasher};
 use kiln_reapi::status::{Classify, ErrorKind};
 use sha2::Digest as _;
 use std::io::{Read, Write};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
@@ -279,20 +279,52 @@ struct Guarded {
     private: bool,
 }
 
+/// Cloud metadata services outside link-local space: Alibaba Cloud's (in the shared address
+/// space) and AWS's IPv6 one (a unique-local address).
+const METADATA: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+];
+
+/// The IPv4 address an IPv6 one stands for: IPv4-mapped (`::ffff:a.b.c.d`), or reached
+/// through a NAT64 gateway (`64:ff9b::a.b.c.d`, RFC 6052) or a 6to4 relay (`2002:AABB:CCDD::`),
+/// which would take a request on to that address.
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let s = v6.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(v4(s[6], s[7]));
+    }
+    (s[0] == 0x2002).then(|| v4(s[1], s[2]))
+}
+
 impl Guarded {
     fn allowed(&self, ip: IpAddr) -> bool {
         let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            IpAddr::V6(v6) => embedded_v4(v6).map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
+        if METADATA.contains(&ip) {
+            return false;
+        }
         match ip {
             IpAddr::V4(v4) => {
+                let [a, b, ..] = v4.octets();
                 let never = v4.is_link_local()
                     || v4.is_unspecified()
                     || v4.is_broadcast()
                     || v4.is_multicast()
-                    || v4.octets()[0] == 0;
-                !never && (self.loopback || !v4.is_loopback()) && (self.private || !v4.is_private())
+                    || a == 0
+                    // Reserved (240.0.0.0/4) and benchmarking (198.18.0.0/15).
+                    || a >= 240
+                    || (a == 198 && b & 0xfe == 18);
+                // The shared address space (100.64.0.0/10: carrier NAT, Tailscale) is as
+                // private as RFC 1918's.
+                let private = v4.is_private() || (a == 100 && b & 0xc0 == 64);
+                !never && (self.loopback || !v4.is_loopback()) && (self.private || !private)
             }
             IpAddr::V6(v6) => {
                 let segment = v6.segments()[0];
@@ -409,12 +441,20 @@ mod tests {
             "::",
             "224.0.0.1",
             "::ffff:169.254.169.254",
+            "100.100.100.200",
+            "fd00:ec2::254",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "240.0.0.1",
+            "255.255.255.255",
         ] {
             for g in [&default, &strict, &open] {
                 assert!(!g.allowed(ip(never)), "{never}");
             }
         }
-        for loopback in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+        for loopback in ["127.0.0.1", "::1", "::ffff:127.0.0.1", "64:ff9b::7f00:1"] {
             assert!(
                 !default.allowed(ip(loopback)) && open.allowed(ip(loopback)),
                 "{loopback}"
@@ -426,13 +466,22 @@ mod tests {
             "172.16.0.9",
             "fd00::1",
             "::ffff:10.0.0.1",
+            "100.64.0.1",
+            "100.127.255.254",
+            "2002:c0a8:101::",
         ] {
             assert!(
                 default.allowed(ip(private)) && !strict.allowed(ip(private)),
                 "{private}"
             );
         }
-        for public in ["93.184.216.34", "2606:2800:220:1::1"] {
+        for public in [
+            "93.184.216.34",
+            "2606:2800:220:1::1",
+            "100.128.0.1",
+            "198.20.0.1",
+            "64:ff9b::5db8:d822",
+        ] {
             assert!(strict.allowed(ip(public)), "{public}");
         }
     }
