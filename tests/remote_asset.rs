@@ -246,13 +246,19 @@ on_every_runtime! {
             .unwrap();
         assert_eq!(same.blob_digest, Some(digest(Function::Sha256, &secret)));
         assert_eq!(requests("/private"), private + 2);
-        // A public download answers a fetch that sends credentials too.
+        // A public download answers a fetch that sends credentials only when it matches a
+        // checksum the fetch asks for (the public answer may have been a login page): without
+        // one, the origin is asked with the credentials.
         let blob_requests = requests("/blob");
-        let with_headers = fetch(&ch, &[url("/blob")], vec![q("http_header:Authorization", "Bearer sesame")], None)
+        let bearer = || q("http_header:Authorization", "Bearer sesame");
+        let checked = fetch(&ch, &[url("/blob")], vec![bearer(), q("checksum.sri", &sri(&data))], None)
             .await
             .unwrap();
-        assert_eq!(with_headers.blob_digest, Some(d.clone()));
+        assert_eq!(checked.blob_digest, Some(d.clone()));
         assert_eq!(requests("/blob"), blob_requests);
+        let unchecked = fetch(&ch, &[url("/blob")], vec![bearer()], None).await.unwrap();
+        assert_eq!(unchecked.blob_digest, Some(d.clone()));
+        assert_eq!(requests("/blob"), blob_requests + 1);
 
         // The origin's failures, each in the response's status, each promptly.
         let refused = {
@@ -352,6 +358,150 @@ on_every_runtime! {
         assert!(common::temp_files(dir.path()).is_empty());
         kiln.stop().await;
     }
+}
+
+/// A tar.gz in two gzip members (as `cat a.gz b.gz` or BGZF makes): the whole tar.
+fn two_member_tar_gz() -> Vec<u8> {
+    let whole = repo_tar_gz();
+    let tar = {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&whole[..]), &mut out)
+            .unwrap();
+        out
+    };
+    let (a, b) = tar.split_at(tar.len() / 2);
+    let mut out = Vec::new();
+    for part in [a, b] {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, part).unwrap();
+        out.extend(gz.finish().unwrap());
+    }
+    out
+}
+
+/// The files of the tree under `root`, by name, through GetTree.
+async fn tree_files(ch: &Channel, root: &reapi::Digest) -> Vec<(String, reapi::Digest)> {
+    let mut s = blobs::cas(ch)
+        .get_tree(reapi::GetTreeRequest {
+            root_digest: Some(root.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(page) = s.message().await.unwrap() {
+        for d in page.directories {
+            out.extend(d.files.into_iter().map(|f| (f.name, f.digest.unwrap())));
+        }
+    }
+    out
+}
+
+/// A remembered directory answers only while its whole tree is stored: a file of it gone
+/// from the CAS, the archive is fetched again. A tar.gz in two gzip members unpacks whole.
+/// Waiting for a place among `concurrent_fetches` counts against the fetch's timeout. (One
+/// backend: the control plane.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remembered_trees_are_whole_and_fetches_wait_within_their_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let options = Options {
+        config: Some("[storage]\nmemory_bytes = 0\n[remote_asset]\nfetch_loopback = true\nconcurrent_fetches = 1\n".into()),
+        ..Options::on(common::Runtime::Glommio)
+    };
+    let kiln = Kiln::start_async(&data_dir, options).await;
+    let ch = kiln.channel().await;
+    let blob = pseudo_random(95, 2000);
+    let (base, seen) = http_server(HashMap::from([
+        ("/repo.tar.gz", two_member_tar_gz()),
+        ("/blob", blob.clone()),
+    ]))
+    .await;
+    let url = |p: &str| format!("{base}{p}");
+    let requests = |p: &str| seen.lock().unwrap().get(p).map_or(0, Vec::len);
+    let fetch_dir = || async {
+        FetchClient::new(ch.clone())
+            .fetch_directory(asset::FetchDirectoryRequest {
+                uris: vec![url("/repo.tar.gz")],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+
+    let got = fetch_dir().await;
+    assert_eq!(
+        got.status.as_ref().map(|s| s.code),
+        Some(0),
+        "{:?}",
+        got.status
+    );
+    let root = got.root_directory_digest.unwrap();
+    let files = tree_files(&ch, &root).await;
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["README", "main.rs", "run.sh", "mod.rs"],
+        "every file, from both members"
+    );
+    assert_eq!(fetch_dir().await.root_directory_digest, Some(root.clone()));
+    assert_eq!(requests("/repo.tar.gz"), 1, "remembered");
+
+    // A file of the tree leaves the CAS (its file removed behind the server's back, which a
+    // read then notices).
+    let main = files
+        .iter()
+        .find(|(n, _)| n == "main.rs")
+        .unwrap()
+        .1
+        .clone();
+    std::fs::remove_file(blobs::blob_file(&data_dir, &main)).unwrap();
+    assert_code(
+        blobs::read(&ch, &read_name("", Function::Sha256, &main), 0, 0).await,
+        Code::NotFound,
+        "",
+    );
+    assert_eq!(
+        blobs::find_missing(&ch, "", Function::Sha256, vec![main.clone()]).await,
+        vec![main.clone()]
+    );
+    let again = fetch_dir().await;
+    assert_eq!(again.root_directory_digest, Some(root.clone()));
+    assert_eq!(
+        requests("/repo.tar.gz"),
+        2,
+        "fetched again, the tree being incomplete"
+    );
+    assert!(
+        blobs::find_missing(&ch, "", Function::Sha256, vec![main.clone()])
+            .await
+            .is_empty()
+    );
+
+    // One place: a fetch that waits behind a hanging one ends at its own timeout.
+    let hanging = {
+        let ch = ch.clone();
+        let uri = url("/hang");
+        tokio::spawn(async move { fetch(&ch, &[uri], vec![], Some(20)).await })
+    };
+    common::eventually("the hanging fetch to reach the origin", || async {
+        (requests("/hang") == 1).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let waited = fetch(&ch, &[url("/blob")], vec![], Some(1)).await.unwrap();
+    assert_eq!(
+        code(&waited),
+        Code::DeadlineExceeded,
+        "{}",
+        message(&waited)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(requests("/blob"), 0);
+    hanging.abort();
+    kiln.stop().await;
 }
 
 /// Push, and fetches of what only a push can supply (vcs qualifiers, a directory that is not

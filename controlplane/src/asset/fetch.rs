@@ -2,6 +2,7 @@
 //! a directory unpacked from its archive, the result remembered.
 
 use super::download::{self, Download, FetchFailure};
+use super::remember::Trust;
 use super::unpack;
 use super::{
     check_sizes, credentials, AssetError, AssetService, Association, FetchArgs, Key, Kind, Outcome,
@@ -48,15 +49,17 @@ impl AssetService {
         };
         let sent = |index: usize, uri: &str| credentials(&qualifiers.headers_for(index, uri));
         for (index, uri) in args.uris.iter().enumerate() {
-            // Made without credentials (downloaded in public, or pushed): anyone's. Made with
-            // them: only for the same ones.
-            let mut tries = vec![None];
-            if let Some(c) = sent(index, uri) {
-                tries.push(Some(c));
-            }
-            for credentials in tries {
+            // Made with credentials: only for the same ones, first. Made without (downloaded
+            // in public, or pushed): anyone's, but a fetch that sends credentials takes a
+            // public download only when it matches a checksum the fetch asks for.
+            let tries = match sent(index, uri) {
+                Some(c) => vec![(Some(c), Trust::Any), (None, Trust::Public)],
+                None => vec![(None, Trust::Any)],
+            };
+            for (credentials, trust) in tries {
+                let key = key(uri, credentials);
                 if let Some(digest) = self
-                    .remembered(&key(uri, credentials), function, oldest, &qualifiers.sri)
+                    .remembered(&key, function, oldest, &qualifiers.sri, trust)
                     .await?
                 {
                     return Ok(Ok((uri.clone(), digest)));
@@ -80,17 +83,17 @@ impl AssetService {
             return not_found("nothing was pushed for these URIs and qualifiers, and a download cannot satisfy their vcs (or, for a blob, directory) qualifiers");
         }
         let mut last = None;
+        let timed_out = |uri: &String| {
+            let failure = FetchFailure::Timeout {
+                url: uri.clone(),
+                secs: timeout.as_secs(),
+            };
+            Some((uri.clone(), failure.rpc_status()))
+        };
         for (index, uri) in args.uris.iter().enumerate() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                last = Some((
-                    uri.clone(),
-                    FetchFailure::Timeout {
-                        url: uri.clone(),
-                        secs: timeout.as_secs(),
-                    }
-                    .rpc_status(),
-                ));
+                last = timed_out(uri);
                 break;
             }
             if !(uri.starts_with("http://") || uri.starts_with("https://")) {
@@ -131,13 +134,17 @@ impl AssetService {
                 },
             };
             // The permit and the temp file go with the download: a call cancelled while it
-            // runs neither frees its place early nor leaves its file behind.
-            let permit = self
-                .fetches
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| AssetError::Off)?;
+            // runs neither frees its place early nor leaves its file behind. Waiting for a
+            // place counts against the fetch's timeout.
+            let place =
+                tokio::time::timeout_at(deadline.into(), self.fetches.clone().acquire_owned());
+            let permit = match place.await {
+                Ok(permit) => permit.map_err(|_| AssetError::Off)?,
+                Err(_) => {
+                    last = timed_out(uri);
+                    break;
+                }
+            };
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let temp = TempFile(self.settings.layout.temp_path());
             let download = Download {
@@ -205,6 +212,7 @@ impl AssetService {
                         at: started,
                         expires: None,
                         sri: got.sri_ok,
+                        pushed: false,
                     };
                     self.known
                         .insert(key(uri, sent(index, uri)), association)

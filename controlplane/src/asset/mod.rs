@@ -112,6 +112,8 @@ struct Association {
     expires: Option<SystemTime>,
     /// Checksums it is known to match (verified when fetched, trusted when pushed).
     sri: Vec<Sri>,
+    /// Recorded by a `Push` (whose caller vouches for it), not by a download.
+    pushed: bool,
 }
 
 /// The fields a `FetchBlobRequest` and a `FetchDirectoryRequest` share.
@@ -148,9 +150,11 @@ impl AssetService {
             cas,
             known: moka::future::Cache::builder()
                 .max_capacity(settings.memory_bytes)
-                .weigher(|k: &Key, _: &Association| {
+                .weigher(|k: &Key, a: &Association| {
                     let selectors: usize = k.selectors.iter().map(|(n, v)| n.len() + v.len()).sum();
-                    u32::try_from(k.uri.len() + selectors + 256).unwrap_or(u32::MAX)
+                    let sri: usize = a.sri.iter().map(|s| s.hash.len() + 32).sum();
+                    let bytes = k.uri.len() + selectors + sri + k.instance.as_str().len() + 256;
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
                 })
                 .build(),
             fetches: Arc::new(Semaphore::new(settings.concurrent_fetches.max(1))),

@@ -41,6 +41,7 @@ impl AssetService {
                 at: SystemTime::now(),
                 expires,
                 sri: qualifiers.sri.clone(),
+                pushed: true,
             };
             let key = Key {
                 instance: instance.clone(),

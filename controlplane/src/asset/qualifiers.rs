@@ -84,6 +84,19 @@ const PUSH_ONLY: [&str; 3] = ["directory", "vcs.branch", "vcs.commit"];
 /// Selectors that a fetch from origin satisfies.
 const FETCHABLE: [&str; 2] = ["resource_type", "bazel.canonical_id"];
 
+/// `resource_type`s of repositories, which only a push can satisfy.
+const REPOSITORY_TYPES: [&str; 1] = ["application/x-git"];
+
+/// Whether Kiln understands a qualifier named `name`.
+fn supported(name: &str) -> bool {
+    name == "checksum.sri"
+        || name == "bazel.auth_headers"
+        || name.starts_with("http_header:")
+        || name.starts_with("http_header_url:")
+        || FETCHABLE.contains(&name)
+        || PUSH_ONLY.contains(&name)
+}
+
 /// A request's qualifiers, parsed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Qualifiers {
@@ -102,9 +115,17 @@ pub struct Qualifiers {
 impl Qualifiers {
     /// Parses `qualifiers` of a request naming `uris` URLs.
     pub fn parse(qualifiers: &[Qualifier], uris: usize) -> Result<Qualifiers, QualifierError> {
+        // Every unsupported name, before any other complaint, as the spec asks.
+        let unsupported: Vec<String> = qualifiers
+            .iter()
+            .filter(|q| !supported(&q.name))
+            .map(|q| q.name.clone())
+            .collect();
+        if !unsupported.is_empty() {
+            return Err(QualifierError::Unsupported(unsupported));
+        }
         let mut out = Qualifiers::default();
         let mut seen = std::collections::HashSet::new();
-        let mut unsupported = Vec::new();
         for q in qualifiers {
             let name = q.name.as_str();
             if !seen.insert(name) {
@@ -138,14 +159,10 @@ impl Qualifiers {
                 ));
             } else if name == "bazel.auth_headers" {
                 out.auth_headers = parse_auth_headers(&q.value).map_err(|w| bad(&w))?;
-            } else if FETCHABLE.contains(&name) || PUSH_ONLY.contains(&name) {
-                out.selectors.insert(name.to_string(), q.value.clone());
             } else {
-                unsupported.push(name.to_string());
+                // A selector (every other supported name is one).
+                out.selectors.insert(name.to_string(), q.value.clone());
             }
-        }
-        if !unsupported.is_empty() {
-            return Err(QualifierError::Unsupported(unsupported));
         }
         Ok(out)
     }
@@ -153,9 +170,16 @@ impl Qualifiers {
     /// Whether content with these selectors can come from a download of the URL (for a
     /// `directory`, an archive unpacked, whose `directory` qualifier picks a subdirectory).
     pub fn fetchable(&self, directory: bool) -> bool {
-        self.selectors
-            .keys()
-            .all(|k| FETCHABLE.contains(&k.as_str()) || (directory && k == "directory"))
+        // A repository is not a file a download gives (its URL answers with a web page).
+        let repository = self
+            .selectors
+            .get("resource_type")
+            .is_some_and(|t| REPOSITORY_TYPES.contains(&t.as_str()));
+        !repository
+            && self
+                .selectors
+                .keys()
+                .all(|k| FETCHABLE.contains(&k.as_str()) || (directory && k == "directory"))
     }
 
     /// The headers for `url`, the request's URL at `index`: one value per name, the most
@@ -174,6 +198,10 @@ impl Qualifiers {
         out.into_iter().collect()
     }
 }
+
+/// Most different checksums one `checksum.sri` may name (each is remembered with what it
+/// matched).
+const MAX_SRI: usize = 8;
 
 /// Parses a `checksum.sri` value: whitespace-separated `ALG-BASE64` tokens, options after `?`
 /// ignored, unknown algorithms ignored (as SRI says); at least one must be usable.
@@ -196,7 +224,13 @@ fn parse_sri(value: &str) -> Result<Vec<Sri>, String> {
         if hash.len() != len {
             return Err(format!("{token:?} is not a {alg} hash"));
         }
-        out.push(Sri { algorithm, hash });
+        let sri = Sri { algorithm, hash };
+        if !out.contains(&sri) {
+            out.push(sri);
+        }
+        if out.len() > MAX_SRI {
+            return Err(format!("more than {MAX_SRI} different checksums"));
+        }
     }
     if out.is_empty() {
         return Err("no sha256, sha384 or sha512 checksum in it".into());
@@ -324,6 +358,41 @@ mod tests {
             .unwrap_err(),
             QualifierError::Unsupported(vec!["frobnicate".into(), "zap".into()])
         );
+        // Even after a duplicate or a bad value.
+        assert_eq!(
+            Qualifiers::parse(
+                &[
+                    q("resource_type", "a"),
+                    q("resource_type", "b"),
+                    q("checksum.sri", "sha256-!!!"),
+                    q("zap", "2")
+                ],
+                1
+            )
+            .unwrap_err(),
+            QualifierError::Unsupported(vec!["zap".into()])
+        );
+        // A checksum given twice is kept once; more than eight different ones are refused.
+        let sri = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+        let twice = Qualifiers::parse(&[q("checksum.sri", &format!("{sri} {sri}"))], 1).unwrap();
+        assert_eq!(twice.sri.len(), 1);
+        let many: Vec<String> = (0..9u8)
+            .map(|i| {
+                let hash = [i; 32];
+                format!(
+                    "sha256-{}",
+                    base64::engine::general_purpose::STANDARD.encode(hash)
+                )
+            })
+            .collect();
+        let err = Qualifiers::parse(&[q("checksum.sri", &many.join(" "))], 1).unwrap_err();
+        assert!(err.to_string().contains("more than 8"), "{err}");
+        assert!(Qualifiers::parse(&[q("checksum.sri", &many[..8].join(" "))], 1).is_ok());
+        // A repository is not a blob a download gives.
+        let git = Qualifiers::parse(&[q("resource_type", "application/x-git")], 1).unwrap();
+        assert!(!git.fetchable(false) && !git.fetchable(true));
+        let tar = Qualifiers::parse(&[q("resource_type", "application/x-tar")], 1).unwrap();
+        assert!(tar.fetchable(false) && tar.fetchable(true));
         // One value per header name, the per-URL one winning for its URL.
         let both = Qualifiers::parse(
             &[

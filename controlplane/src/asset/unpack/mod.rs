@@ -129,7 +129,7 @@ pub fn unpack(
     let file = std::fs::File::open(archive).map_err(UnpackError::Local)?;
     let reader: Box<dyn Read> = match kind {
         ArchiveKind::Tar => Box::new(file),
-        ArchiveKind::TarGz => Box::new(flate2::read::GzDecoder::new(file)),
+        ArchiveKind::TarGz => Box::new(flate2::read::MultiGzDecoder::new(file)),
     };
     let meter = Rc::new(Cell::new(Meter::default()));
     let reader = Metered {
