@@ -66,15 +66,18 @@ on_every_runtime! {
 // With the directory cache, an input file is the same inode in the CAS and in every cache
 // entry holding it. An action that writes to one (linked from the cache) must leave no entry
 // serving the new bytes: every entry with that content is evicted, not only the one it came
-// from. An action that only changes an input's mode or time has them put back.
+// from; when it writes to two such inputs, both leave the CAS (the first one's eviction must
+// not lose the second one's digest). An action that only changes an input's mode or time has
+// them put back.
 on_every_runtime! {
     async fn an_action_writing_to_a_cached_input_leaves_no_entry_serving_it(rt: Runtime) {
         let dir = tempfile::tempdir().unwrap();
         let kiln = Kiln::start_on(rt, dir.path()).await;
         let ch = kiln.channel().await;
         let original = b"pristine shared input".to_vec();
-        let a = Tree::default().file("in", &original, false).file("a", b"only in a", false);
-        let b = Tree::default().file("in", &original, false).file("b", b"only in b", false);
+        let second = b"another pristine input".to_vec();
+        let a = Tree::default().file("in", &original, false).file("in2", &second, false).file("a", b"only in a", false);
+        let b = Tree::default().file("in", &original, false).file("in2", &second, false).file("b", b"only in b", false);
         let run = |tree: &Tree, script: &str| Spec { tree: tree.clone(), ..Spec::script(script) };
         let stdout = |r: kiln_proto::reapi::ExecuteResponse| r.result.unwrap().stdout_digest.unwrap();
         // Both roots built into entries (sharing the CAS's inode of `in`), then `a` again:
@@ -93,13 +96,13 @@ on_every_runtime! {
         want.extend_from_slice(&original);
         assert_eq!(read(&ch, &stdout(r)).await, want, "mode put back");
         // Written through the link from `a`'s entry.
-        let tamper = run(&a, "chmod u+w in && printf 'tampered shared input' > in; cat in");
+        let tamper = run(&a, "chmod u+w in in2 && printf 'tampered shared input' > in && printf 'tampered too' > in2; cat in");
         let (_, r) = execute(&ch, F, &tamper.upload(&ch, F).await, false).await.unwrap();
         assert_eq!(read(&ch, &stdout(r)).await, b"tampered shared input");
-        let d = blobs::digest(F, &original);
-        common::eventually("the written input to leave the CAS", || {
-            let (ch, d) = (ch.clone(), d.clone());
-            async move { (blobs::find_missing(&ch, "", F, vec![d]).await.len() == 1).then_some(()) }
+        let written = vec![blobs::digest(F, &original), blobs::digest(F, &second)];
+        common::eventually("both written inputs to leave the CAS", || {
+            let (ch, written) = (ch.clone(), written.clone());
+            async move { (blobs::find_missing(&ch, "", F, written).await.len() == 2).then_some(()) }
         })
         .await;
         // `b`'s entry shared that inode too: uploaded again, `b` gets the original bytes.

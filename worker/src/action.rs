@@ -326,15 +326,18 @@ async fn attempt(
         run_as: ctx.run_as.clone(),
     };
     metadata.execution_start_timestamp = Some(now());
-    let end = run(&spec, &ctx.contain, kill).await?;
+    let ran = run(&spec, &ctx.contain, kill).await;
     metadata.execution_completed_timestamp = Some(now());
-    progress(Progress::Executed);
     let owners = OutputOwners {
         action_uid: ctx.run_as.as_ref().map(|u| u.uid),
         inputs: shared.inodes(),
         input_device,
     };
+    // Whatever became of the run (it may have failed after the action's processes ran),
+    // what they did to shared inputs is put right first.
     crate::repair::repair(ctx, &instance, shared).await;
+    let end = ran?;
+    progress(Progress::Executed);
     if end == RunEnd::Killed {
         return Err(ActionError::Killed);
     }

@@ -110,9 +110,69 @@ pub fn each_directory(
     root: &Path,
     visit: &mut dyn FnMut(&OwnedFd) -> io::Result<()>,
 ) -> io::Result<()> {
+    directories(root, false, visit)
+}
+
+/// [`each_directory`], giving a directory the worker may not open (an action's `chmod 000`,
+/// which a worker not running as root cannot read past) back its owner's permissions first:
+/// for taking a tree apart.
+pub fn each_directory_forcing(
+    root: &Path,
+    visit: &mut dyn FnMut(&OwnedFd) -> io::Result<()>,
+) -> io::Result<()> {
+    directories(root, true, visit)
+}
+
+/// Opens the directory `name` below `dir`; with `force`, one that refuses the worker
+/// (`EACCES`) is first made `0700` through a handle that cannot be a symlink.
+fn open_dir_as(dir: impl AsFd, name: &OsStr, force: bool) -> io::Result<OwnedFd> {
+    match open_dir(&dir, name) {
+        Err(e) if force && e.raw_os_error() == Some(libc::EACCES) => {
+            unlock(&dir, name)?;
+            open_dir(dir, name)
+        }
+        other => other,
+    }
+}
+
+/// Gives the directory `name` below `dir` mode `0700`, never through a symlink: on Linux
+/// through an `O_PATH` handle (which needs no permission on the directory itself) and its
+/// `/proc/self/fd` link, which names the directory, not a path to it.
+#[cfg(target_os = "linux")]
+fn unlock(dir: impl AsFd, name: &OsStr) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let handle = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let link = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    rustix::fs::chmod(link.as_str(), Mode::from_raw_mode(0o700))?;
+    Ok(())
+}
+
+/// Gives the directory `name` below `dir` mode `0700`, never through a symlink.
+#[cfg(not(target_os = "linux"))]
+fn unlock(dir: impl AsFd, name: &OsStr) -> io::Result<()> {
+    rustix::fs::chmodat(
+        dir,
+        name,
+        Mode::from_raw_mode(0o700),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    Ok(())
+}
+
+fn directories(
+    root: &Path,
+    force: bool,
+    visit: &mut dyn FnMut(&OwnedFd) -> io::Result<()>,
+) -> io::Result<()> {
     fn below(
         dir: OwnedFd,
         depth: usize,
+        force: bool,
         visit: &mut dyn FnMut(&OwnedFd) -> io::Result<()>,
     ) -> io::Result<()> {
         if depth > kiln_reapi::tree::MAX_DEPTH {
@@ -126,15 +186,16 @@ pub fn each_directory(
             if kind != Kind::Dir {
                 continue;
             }
-            match open_dir(&dir, &name) {
-                Ok(child) => below(child, depth + 1, visit)?,
+            match open_dir_as(&dir, &name, force) {
+                Ok(child) => below(child, depth + 1, force, visit)?,
                 Err(e) if is_not_a_directory(&e) || is_gone(&e) => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(())
     }
-    below(open_root(root)?, 0, visit)
+    let top = open_dir_as(rustix::fs::CWD, root.as_os_str(), force)?;
+    below(top, 0, force, visit)
 }
 
 /// Whether an open failed because the name is not (or no longer) a directory or regular

@@ -298,9 +298,10 @@ pub fn remove_tree(path: &Path) -> std::io::Result<()> {
 }
 
 /// Makes the directories of a tree writable, by handle (never through a symlink a process of
-/// the action may have put in a directory's place: it would make the worker chmod its target).
+/// the action may have put in a directory's place: it would make the worker chmod its target),
+/// and readable again where an action took that away (`chmod 000`).
 fn make_writable(path: &Path) {
-    let _ = beneath::each_directory(path, &mut |dir| {
+    let _ = beneath::each_directory_forcing(path, &mut |dir| {
         let _ = rustix::fs::fchmod(dir, rustix::fs::Mode::from_raw_mode(0o755));
         Ok(())
     });
@@ -314,6 +315,43 @@ mod tests {
     use prost::Message;
     use std::collections::HashMap;
     use std::os::unix::fs::MetadataExt;
+
+    /// Takes from this thread the capabilities that let root read and change what it does
+    /// not own or may not read (capabilities are per thread), so that it acts as a worker not
+    /// run as root; a no-op for a process that has none.
+    fn act_as_an_unprivileged_worker() {
+        use rustix::thread::{capabilities, set_capabilities, CapabilitySet};
+        let mut caps = capabilities(None).unwrap();
+        caps.effective.remove(
+            CapabilitySet::DAC_OVERRIDE | CapabilitySet::DAC_READ_SEARCH | CapabilitySet::FOWNER,
+        );
+        set_capabilities(None, caps).unwrap();
+    }
+
+    /// An action that locked a directory with contents (`chmod 000`, as tests of permission
+    /// errors do) leaves a tree a worker not run as root can still take apart (it used to
+    /// fail, leaking the tree and stopping the worker's next start).
+    #[test]
+    fn a_locked_directory_is_removed_by_a_worker_not_run_as_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("action");
+        std::fs::create_dir_all(root.join("d/e")).unwrap();
+        std::fs::write(root.join("d/e/f"), b"x").unwrap();
+        std::fs::set_permissions(root.join("d/e"), std::fs::Permissions::from_mode(0o500)).unwrap();
+        std::fs::set_permissions(root.join("d"), std::fs::Permissions::from_mode(0o000)).unwrap();
+        let at = root.clone();
+        std::thread::spawn(move || {
+            act_as_an_unprivileged_worker();
+            assert!(
+                std::fs::read_dir(at.join("d")).is_err(),
+                "locked for this thread"
+            );
+            remove_tree(&at).unwrap();
+            assert!(!at.exists());
+        })
+        .join()
+        .unwrap();
+    }
 
     /// A tree of the one directory `top`.
     fn one_directory(top: Directory) -> InputTree {

@@ -10,7 +10,7 @@ use crate::action::WorkerContext;
 use crate::dircache::disk;
 use crate::local::hash_file;
 use crate::tamper::{FileState, Origin, Shared, SharedFiles};
-use kiln_reapi::digest::InstanceName;
+use kiln_reapi::digest::{Digest, InstanceName};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -22,13 +22,21 @@ pub async fn repair(ctx: &WorkerContext, instance: &InstanceName, shared: Shared
     let changed = tokio::task::spawn_blocking(move || shared.changed())
         .await
         .unwrap_or_default();
+    // Every changed file's digest first: a repair evicts directory-cache entries, and with
+    // them the manifests that name the digests of the other changed files.
+    let mut known = Vec::with_capacity(changed.len());
     for s in changed {
-        repair_one(ctx, instance, s).await;
+        let digest = digest_of(ctx, &s).await;
+        known.push((s, digest));
+    }
+    for (s, digest) in known {
+        repair_one(ctx, instance, s, digest).await;
     }
 }
 
-async fn repair_one(ctx: &WorkerContext, instance: &InstanceName, s: Shared) {
-    let digest = match (&s.origin, &ctx.dircache) {
+/// The digest of the content a shared file held before the action ran.
+async fn digest_of(ctx: &WorkerContext, s: &Shared) -> Option<Digest> {
+    match (&s.origin, &ctx.dircache) {
         // A directory-cache file's digest is in its entry's manifest.
         (Origin::DirCache(entry), Some(cache)) => {
             let (dirs, entry, path) = (cache.dirs().clone(), entry.clone(), s.path.clone());
@@ -41,7 +49,15 @@ async fn repair_one(ctx: &WorkerContext, instance: &InstanceName, s: Shared) {
             .flatten()
         }
         _ => s.digest,
-    };
+    }
+}
+
+async fn repair_one(
+    ctx: &WorkerContext,
+    instance: &InstanceName,
+    s: Shared,
+    digest: Option<Digest>,
+) {
     if let Some(d) = digest {
         if hash_file(d.function, &s.path)
             .await

@@ -142,6 +142,7 @@ pub struct AssetService {
 const MAX_URIS: usize = 64;
 const MAX_URI_BYTES: usize = 8 << 10;
 const MAX_QUALIFIER_BYTES: usize = 8 << 10;
+const MAX_HEADER_BYTES: usize = 64 << 10;
 
 impl AssetService {
     /// A service over `cas`.
@@ -203,13 +204,25 @@ fn check_sizes(uris: &[String], qualifiers: &[Qualifier]) -> Result<(), AssetErr
             u.len()
         )));
     }
-    let bytes: usize = qualifiers
-        .iter()
-        .map(|q| q.name.len() + q.value.len())
-        .sum();
-    if bytes > MAX_QUALIFIER_BYTES {
+    // Headers are sent, not remembered (only a hash of them is): they have their own,
+    // larger bound, so that tokens for several mirrors fit.
+    let (mut headers, mut kept) = (0usize, 0usize);
+    for q in qualifiers {
+        let n = q.name.len() + q.value.len();
+        if qualifiers::is_header(&q.name) {
+            headers += n;
+        } else {
+            kept += n;
+        }
+    }
+    if kept > MAX_QUALIFIER_BYTES {
         return Err(AssetError::TooLong(format!(
-            "{bytes} bytes of qualifiers; at most {MAX_QUALIFIER_BYTES}"
+            "{kept} bytes of qualifiers other than headers; at most {MAX_QUALIFIER_BYTES}"
+        )));
+    }
+    if headers > MAX_HEADER_BYTES {
+        return Err(AssetError::TooLong(format!(
+            "{headers} bytes of header qualifiers; at most {MAX_HEADER_BYTES}"
         )));
     }
     Ok(())
@@ -235,6 +248,25 @@ mod tests {
             assert!(err.contains("remote_asset.proxy"), "{err}");
             assert!(!err.contains("secret"), "{err}");
         }
+    }
+
+    /// Headers have a bound of their own: tokens for several mirrors fit, where the
+    /// qualifiers that are remembered stay within 8 KiB.
+    #[test]
+    fn headers_and_remembered_qualifiers_are_bounded_apart() {
+        let q = |name: &str, len: usize| Qualifier {
+            name: name.into(),
+            value: "v".repeat(len),
+        };
+        let uris = ["https://a/x".to_string()];
+        let tokens: Vec<Qualifier> = (0..5)
+            .map(|i| q(&format!("http_header_url:{i}:Authorization"), 3000))
+            .collect();
+        assert!(check_sizes(&uris, &tokens).is_ok(), "15 KB of tokens");
+        let err = check_sizes(&uris, &[q("resource_type", 9000)]).unwrap_err();
+        assert!(err.to_string().contains("other than headers"), "{err}");
+        let err = check_sizes(&uris, &[q("bazel.auth_headers", 70_000)]).unwrap_err();
+        assert!(err.to_string().contains("header qualifiers"), "{err}");
     }
 
     #[test]

@@ -87,12 +87,17 @@ const FETCHABLE: [&str; 2] = ["resource_type", "bazel.canonical_id"];
 /// `resource_type`s of repositories, which only a push can satisfy.
 const REPOSITORY_TYPES: [&str; 1] = ["application/x-git"];
 
+/// Whether a qualifier named `name` carries headers to send (not remembered).
+pub(super) fn is_header(name: &str) -> bool {
+    name == "bazel.auth_headers"
+        || name.starts_with("http_header:")
+        || name.starts_with("http_header_url:")
+}
+
 /// Whether Kiln understands a qualifier named `name`.
 fn supported(name: &str) -> bool {
     name == "checksum.sri"
-        || name == "bazel.auth_headers"
-        || name.starts_with("http_header:")
-        || name.starts_with("http_header_url:")
+        || is_header(name)
         || FETCHABLE.contains(&name)
         || PUSH_ONLY.contains(&name)
 }
