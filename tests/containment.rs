@@ -166,6 +166,14 @@ on_every_runtime! {
             "levels below the input root",
         )
         .await;
+        // A tree of 31 distinct directories, each naming the next twice: laid out, 2^31
+        // entries. Refused before anything is made.
+        let bomb = Spec { tree: Tree::default().file("f", b"x", false).doubled(30), ..Spec::script("true") };
+        let started = std::time::Instant::now();
+        let (_, r) = execute(&ch, F, &bomb.upload(&ch, F).await, false).await.unwrap();
+        assert_eq!(code(&r), Code::InvalidArgument as i32, "{r:?}");
+        assert!(r.status.as_ref().unwrap().message.contains("lays out"), "{r:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
         let too_deep = Spec {
             outputs: vec!["deep".into()],
             ..Spec::script("mkdir -p deep/$(printf 'd/%.0s' $(seq 300))")

@@ -27,6 +27,8 @@ use tonic::transport::Channel;
 pub struct Tree {
     files: BTreeMap<String, (Vec<u8>, bool)>,
     symlinks: BTreeMap<String, String>,
+    /// Levels of directories above the tree, each naming the one below twice.
+    doubled: u32,
 }
 
 impl Tree {
@@ -43,10 +45,30 @@ impl Tree {
         self
     }
 
+    /// The tree under `levels` directories, each naming the one below twice (as `a` and
+    /// `b`): laid out, it is made 2^levels times.
+    pub fn doubled(mut self, levels: u32) -> Tree {
+        self.doubled = levels;
+        self
+    }
+
     /// Every blob (files and Directory messages) and the root digest.
     pub fn blobs(&self, f: Function) -> (reapi::Digest, Vec<(reapi::Digest, Vec<u8>)>) {
         let mut blobs = Vec::new();
-        let root = self.dir("", f, &mut blobs);
+        let mut root = self.dir("", f, &mut blobs);
+        for _ in 0..self.doubled {
+            let node = |name: &str| kiln_proto::reapi::DirectoryNode {
+                name: name.into(),
+                digest: Some(root.clone()),
+            };
+            let above = Directory {
+                directories: vec![node("a"), node("b")],
+                ..Default::default()
+            };
+            let bytes = above.encode_to_vec();
+            root = digest(f, &bytes);
+            blobs.push((root.clone(), bytes));
+        }
         (root, blobs)
     }
 

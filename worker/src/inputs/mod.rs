@@ -8,6 +8,7 @@
 //! ([`crate::overlay`]), and linked where the mount is refused.
 
 mod entry_build;
+mod expanse;
 
 pub use entry_build::EntryBuild;
 
@@ -95,6 +96,10 @@ pub async fn place(
     )
     .await?;
     *pins = taken;
+    // Before anything is made: a tree whose layout would not fit (directories named over and
+    // over) is refused.
+    let capacity = ctx.local.cas().client().accounting().cap();
+    expanse::check(&tree, function, capacity)?;
     let local = ctx.local.clone();
     let exec_cache = ctx.exec_cache.clone();
     let cache = ctx.dircache.clone();
