@@ -93,17 +93,19 @@ impl Shared {
         }
     }
 
-    /// `key`'s record did not hash to its digest: it leaves the index.
-    fn damaged(&self, key: &BlobKey) {
+    /// `key`'s record in `segment` at `offset` did not hash to its digest: it leaves the
+    /// index (if the index still points at it: the blob may have been stored again since).
+    fn damaged(&self, key: &BlobKey, segment: u64, offset: u64) {
         warn!(key = ?key, "log: a record does not match its digest; dropped");
         self.metrics.corrupt.inc();
-        self.lose(key);
+        self.lose(key, segment, offset);
     }
 
-    /// `key` leaves the index.
-    fn lose(&self, key: &BlobKey) {
+    /// `key`'s record in `segment` at `offset` leaves the index, if the index still points
+    /// at that record.
+    fn lose(&self, key: &BlobKey, segment: u64, offset: u64) {
         let mut state = self.lock();
-        if state.remove(key) {
+        if state.remove_at(key, segment, offset) {
             self.publish(&state);
             drop(state);
             self.forget(key);
@@ -279,7 +281,13 @@ impl BlobStore for SmallBlobLog {
             if key.digest.is_empty_blob() {
                 return Ok(Some(Blob::bytes(key.clone(), Bytes::new())));
             }
-            let Some((file, offset, checked)) = self.shared.lock().find(key) else {
+            let Some(state::Located {
+                file,
+                segment,
+                offset,
+                checked,
+            }) = self.shared.lock().find(key)
+            else {
                 return Ok(None);
             };
             // Read, and hashed when not yet checked, off the caller's core.
@@ -295,17 +303,17 @@ impl BlobStore for SmallBlobLog {
                 Ok((data, true)) => data,
                 // Not its digest's bytes, or cut short.
                 Ok((_, false)) => {
-                    self.shared.damaged(key);
+                    self.shared.damaged(key, segment, offset);
                     return Ok(None);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    self.shared.damaged(key);
+                    self.shared.damaged(key, segment, offset);
                     return Ok(None);
                 }
                 Err(e) => return Err(StoreError::io("read", &self.shared.dir, e)),
             };
             if !checked {
-                self.shared.lock().checked(key, offset);
+                self.shared.lock().checked(key, segment, offset);
             }
             Ok(Some(Blob::bytes(key.clone(), Bytes::from(data))))
         })

@@ -22,6 +22,19 @@ struct Segment {
     slots: Vec<SlotId>,
 }
 
+/// Where a blob's record is, as [`State::find`] found it.
+#[derive(Debug)]
+pub struct Located {
+    /// Its segment's file.
+    pub file: Arc<File>,
+    /// The segment.
+    pub segment: u64,
+    /// Where its bytes start.
+    pub offset: u64,
+    /// Whether this process has hashed them.
+    pub checked: bool,
+}
+
 /// A record to copy forward out of a segment being dropped.
 #[derive(Debug, Clone)]
 pub struct Keep {
@@ -181,13 +194,24 @@ impl State {
         self.use_slot(key).is_some()
     }
 
-    /// Where `key`'s bytes are (its segment's file, the offset, whether checked), counting it
-    /// as used.
-    pub fn find(&mut self, key: &BlobKey) -> Option<(Arc<File>, u64, bool)> {
+    /// Where `key`'s bytes are, counting it as used.
+    pub fn find(&mut self, key: &BlobKey) -> Option<Located> {
         let i = self.use_slot(key)?;
         let p = self.entries.place(i);
         let file = self.segments.get(&p.segment)?.file.clone();
-        Some((file, p.offset, p.checked))
+        Some(Located {
+            file,
+            segment: p.segment,
+            offset: p.offset,
+            checked: p.checked,
+        })
+    }
+
+    /// `key`'s slot, if the index points at its record in `segment` at `offset`.
+    fn slot_at(&self, key: &BlobKey, segment: u64, offset: u64) -> Option<SlotId> {
+        let i = self.entries.find(key)?;
+        let p = self.entries.place(i);
+        (p.segment == segment && p.offset == offset).then_some(i)
     }
 
     /// Whether `key` is held (without counting it as used).
@@ -195,18 +219,18 @@ impl State {
         self.entries.find(key).is_some()
     }
 
-    /// `key`'s bytes, found at `offset`, hashed to its digest.
-    pub fn checked(&mut self, key: &BlobKey, offset: u64) {
-        if let Some(i) = self.entries.find(key) {
-            if self.entries.place(i).offset == offset {
-                self.entries.set_checked(i);
-            }
+    /// `key`'s bytes, found in `segment` at `offset`, hashed to its digest.
+    pub fn checked(&mut self, key: &BlobKey, segment: u64, offset: u64) {
+        if let Some(i) = self.slot_at(key, segment, offset) {
+            self.entries.set_checked(i);
         }
     }
 
-    /// Drops `key` from the index (its record damaged, or evicted); whether it was held.
-    pub fn remove(&mut self, key: &BlobKey) -> bool {
-        match self.entries.find(key) {
+    /// Drops `key`'s record in `segment` at `offset` from the index (damaged, or lost with
+    /// its segment), if the index still points at it: a reader that found a record damaged
+    /// must not drop the good one the blob was stored as again meanwhile. Whether it did.
+    pub fn remove_at(&mut self, key: &BlobKey, segment: u64, offset: u64) -> bool {
+        match self.slot_at(key, segment, offset) {
             Some(i) => {
                 self.free(i);
                 true
@@ -402,7 +426,7 @@ mod tests {
             !s.insert(key(1), 4, 600, 100, true, Some((1, 50))),
             "dropped meanwhile"
         );
-        assert_eq!(s.find(&key(2)).map(|(_, at, _)| at), Some(10));
+        assert_eq!(s.find(&key(2)).map(|l| l.offset), Some(10));
         // Once copied, a record is not kept again unless used again.
         s.unpin(holder, &key(3));
         assert!(s.insert(key(3), 4, 200, 100, true, Some((3, 50))));
@@ -439,9 +463,11 @@ mod tests {
     fn a_second_record_of_a_held_blob_does_not_replace_it() {
         let mut s = three_sealed();
         assert!(!s.insert(key(1), 4, 0, 100, true, None));
-        assert_eq!(s.find(&key(1)).map(|(_, at, _)| at), Some(50));
+        assert_eq!(s.find(&key(1)).map(|l| l.offset), Some(50));
         assert_eq!(s.live(), 300);
-        assert!(s.remove(&key(1)));
+        assert!(!s.remove_at(&key(1), 1, 51), "not where the index has it");
+        assert!(!s.remove_at(&key(1), 2, 50), "not where the index has it");
+        assert!(s.remove_at(&key(1), 1, 50));
         assert_eq!(s.live(), 200);
     }
 
@@ -450,7 +476,7 @@ mod tests {
     #[test]
     fn a_reused_slot_is_not_dropped_with_its_old_segment() {
         let mut s = three_sealed();
-        assert!(s.remove(&key(1)), "damaged, say");
+        assert!(s.remove_at(&key(1), 1, 50), "damaged, say");
         assert!(s.insert(key(9), 4, 0, 100, true, None));
         let (keep, drop) = sort(&mut s, 1, &mut unlimited());
         assert!(keep.is_empty() && drop.is_empty(), "{keep:?} {drop:?}");

@@ -257,10 +257,10 @@ impl Writer {
                         bytes += data.len();
                         copies.push((k, data));
                     }
-                    Ok(_) => shared.damaged(&k.key),
+                    Ok(_) => shared.damaged(&k.key, id, k.offset),
                     Err(e) => {
                         warn!(error = %e, "log: a record to copy forward could not be read; dropped");
-                        shared.lose(&k.key);
+                        shared.lose(&k.key, id, k.offset);
                     }
                 }
             }
@@ -299,7 +299,7 @@ impl Writer {
                 warn!(segment = id, records = copies.len(), error = %e, "log: cannot copy records forward; dropped with their segment");
                 shared.metrics.log_evicted.inc_by(copies.len() as u64);
                 for (k, _) in copies {
-                    shared.lose(&k.key);
+                    shared.lose(&k.key, id, k.offset);
                 }
             }
         }
