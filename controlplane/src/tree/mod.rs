@@ -11,6 +11,7 @@ pub mod subtrees;
 pub mod token;
 
 use crate::metrics::ControlMetrics;
+use futures::FutureExt as _;
 use kiln_proto::reapi::GetTreeRequest;
 use kiln_reapi::cas::{Cas, CasError};
 use kiln_reapi::digest::{Digest, DigestError, InstanceName, InstanceNameError};
@@ -217,19 +218,30 @@ impl TreeService {
         };
         let key = (instance.clone(), root);
         let mut led = false;
-        let walked = cache
-            .try_get_with(key, async {
-                led = true;
-                match self.walk(instance, root).await {
-                    Ok(l) if l.complete => Ok(Arc::new(l)),
-                    Ok(l) => Err(Uncached::Incomplete(Arc::new(l))),
-                    Err(e) => {
-                        log(&e);
-                        Err(Uncached::Failed(e))
-                    }
+        let shared = cache.try_get_with(key, async {
+            led = true;
+            match self.walk(instance, root).await {
+                Ok(l) if l.complete => Ok(Arc::new(l)),
+                Ok(l) => Err(Uncached::Incomplete(Arc::new(l))),
+                Err(e) => {
+                    log(&e);
+                    Err(Uncached::Failed(e))
                 }
-            })
-            .await;
+            }
+        });
+        // moka gives up on a key whose leading calls were cancelled 200 times in a row (a
+        // client resetting whichever of its streams leads) with a panic in the waiter: that
+        // call walks for itself instead.
+        let walked = match std::panic::AssertUnwindSafe(shared).catch_unwind().await {
+            Ok(walked) => walked,
+            Err(_) => {
+                tracing::warn!(
+                    ?root,
+                    "GetTree: the shared walk of this tree kept being cancelled; walking alone"
+                );
+                return own_walk().await;
+            }
+        };
         match walked {
             Ok(listing) => Ok(listing),
             Err(e) => match &*e {
