@@ -278,6 +278,19 @@ async fn limits_and_bad_roots() {
     let err = get_tree(&ch, &big, 0, "").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("max_tree_bytes"), "{err:?}");
+    // Many small directories: their messages fit in 20 KiB, but what a walk holds of each
+    // (176 bytes beyond its message) does not.
+    let (wide, wide_blobs) = tree(1, 120);
+    let distinct: std::collections::HashMap<_, _> = wide_blobs.iter().cloned().collect();
+    let messages: usize = distinct.values().map(Vec::len).sum();
+    assert!(
+        messages < 20 << 10 && messages + 176 * distinct.len() > 20 << 10,
+        "{messages} bytes in {} directories",
+        distinct.len()
+    );
+    upload(&ch, &wide_blobs).await;
+    let err = get_tree(&ch, &wide, 0, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let not_a_directory = b"\xff\xff\xff not a Directory".to_vec();
     let d = digest(F, &not_a_directory);
     upload(&ch, &[(d.clone(), not_a_directory)]).await;

@@ -107,6 +107,8 @@ pub struct Walk {
     seen_files: HashSet<Digest>,
     queue: VecDeque<(Digest, usize)>,
     walked: Walked,
+    /// Whether files are recorded (every caller but a listing of directories wants them).
+    keep_files: bool,
 }
 
 impl Walk {
@@ -121,7 +123,16 @@ impl Walk {
                 directories: vec![root],
                 ..Walked::default()
             },
+            keep_files: true,
         }
+    }
+
+    /// The same walk, checking file digests but keeping none of them ([`Walked::files`] stays
+    /// empty, and only directories count toward [`WalkLimits::max_digests`]): for a caller
+    /// that needs the directories alone.
+    pub fn without_files(mut self) -> Walk {
+        self.keep_files = false;
+        self
     }
 
     /// The next directories to fetch, each with its depth below the root (0 for the root):
@@ -169,7 +180,7 @@ impl Walk {
         };
         for f in &dir.files {
             let d = parse("FileNode.digest", &f.name, f.digest.as_ref())?;
-            if self.seen_files.insert(d) {
+            if self.keep_files && self.seen_files.insert(d) {
                 self.walked.files.push(d);
             }
         }
@@ -316,6 +327,36 @@ mod tests {
         assert_eq!(walked.directories, vec![root, leaf, absent]);
         assert_eq!(walked.files, vec![da, db]);
         assert_eq!(walked.missing, vec![absent]);
+
+        // Without files: the same directories, no files kept, and only directories counted
+        // (three distinct: within a limit of three, where with files five are too many).
+        let limits = WalkLimits {
+            max_digests: 3,
+            ..WalkLimits::default()
+        };
+        assert_eq!(
+            run(cas.walk(root, limits)).unwrap_err(),
+            WalkError::TooMany(3)
+        );
+        let mut walk = Walk::new(root, limits).without_files();
+        loop {
+            let batch = walk.next_batch().unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for (d, depth) in batch {
+                match cas.blobs.get(&d).cloned() {
+                    Some(bytes) => {
+                        walk.found(d, depth, &bytes).unwrap();
+                    }
+                    None => walk.missing(d),
+                }
+            }
+        }
+        let dirs_only = walk.finish();
+        assert_eq!(dirs_only.directories, vec![root, leaf, absent]);
+        assert!(dirs_only.files.is_empty());
+        assert_eq!(dirs_only.missing, vec![absent]);
     }
 
     #[test]

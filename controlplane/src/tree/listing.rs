@@ -17,6 +17,10 @@ const BATCH_BYTES: u64 = 4 << 20;
 /// The fewest bytes a distinct digest takes in a `Directory` (a node's 64-digit hash): so a
 /// tree of `max_bytes` has at most `max_bytes / 64` of them, which bounds the walk's own sets.
 const MIN_NODE_BYTES: u64 = 64;
+/// What a directory costs beyond its message's bytes while a walk or a listing holds it: its
+/// `Bytes` handle, its digest in the listing, and its digest in the walk's set and list. A
+/// tree of many small directories held three to five times the bytes it was charged.
+pub const PER_DIRECTORY: u64 = 176;
 
 /// A tree's directories in the walk's order.
 #[derive(Debug)]
@@ -25,8 +29,8 @@ pub struct Listing {
     pub directories: Vec<Bytes>,
     /// Their digests, in the same order (page tokens check them).
     pub digests: Vec<Digest>,
-    /// The bytes of their messages.
-    pub bytes: u64,
+    /// The memory it holds: its messages' bytes and [`PER_DIRECTORY`] for each.
+    pub memory: u64,
     /// Whether every directory of the tree was there.
     pub complete: bool,
     /// How many of them came from the kept directories rather than the CAS.
@@ -49,6 +53,7 @@ pub async fn list(
         .max_directory_bytes
         .min(max_bytes)
         .min(max_message);
+    // Files are checked but not kept: a listing sends directories only.
     let mut walk = Walk::new(
         root,
         WalkLimits {
@@ -56,11 +61,12 @@ pub async fn list(
             max_directory_bytes,
             batch_bytes: BATCH_BYTES,
         },
-    );
+    )
+    .without_files();
     let mut listing = Listing {
         directories: Vec::new(),
         digests: Vec::new(),
-        bytes: 0,
+        memory: 0,
         complete: true,
         kept: 0,
         _budget: None,
@@ -111,8 +117,11 @@ pub async fn list(
                 listing.complete = false;
                 continue;
             };
-            listing.bytes = listing.bytes.saturating_add(bytes.len() as u64);
-            if listing.bytes > max_bytes {
+            listing.memory = listing
+                .memory
+                .saturating_add(bytes.len() as u64)
+                .saturating_add(PER_DIRECTORY);
+            if listing.memory > max_bytes {
                 return Err(too_large());
             }
             match walk.found(digest, depth, &bytes) {

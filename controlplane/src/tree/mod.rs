@@ -152,7 +152,7 @@ impl TreeService {
             moka::future::Cache::builder()
                 .max_capacity(settings.cache_bytes.div_ceil(1024))
                 // In KiB, so that a listing of any size weighs what it holds.
-                .weigher(|_: &Key, l: &Arc<Listing>| kib(l.bytes))
+                .weigher(|_: &Key, l: &Arc<Listing>| kib(l.memory))
                 .time_to_live(settings.cache_ttl)
                 .build()
         });
@@ -200,7 +200,7 @@ impl TreeService {
         // Keep what the listing holds; the rest goes back now.
         listing._budget = held
             .as_mut()
-            .and_then(|h| h.split(kib(listing.bytes) as usize));
+            .and_then(|h| h.split(kib(listing.memory) as usize));
         Ok(listing)
     }
 
@@ -374,11 +374,11 @@ mod tests {
             .iter()
             .map(|d| Digest::of(DigestFunction::Sha256, d))
             .collect();
-        let bytes = directories.iter().map(|d| d.len() as u64).sum();
+        let memory = directories.iter().map(|d| d.len() as u64).sum();
         Listing {
             directories,
             digests,
-            bytes,
+            memory,
             complete: true,
             kept: 0,
             _budget: None,

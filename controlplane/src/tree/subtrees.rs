@@ -8,6 +8,11 @@ use bytes::Bytes;
 use kiln_reapi::digest::{Digest, InstanceName};
 use std::time::Duration;
 
+/// What an entry costs beyond its message's bytes: its key (an instance name and a digest),
+/// its `Bytes` handle and the cache's own bookkeeping (moka's entry, its place in the access
+/// order and the hash table).
+const PER_ENTRY: u64 = 256;
+
 /// The kept directories.
 pub struct Subtrees {
     cache: Option<moka::sync::Cache<(InstanceName, Digest), Bytes>>,
@@ -20,7 +25,7 @@ impl Subtrees {
             moka::sync::Cache::builder()
                 .max_capacity(bytes)
                 .weigher(|_: &(InstanceName, Digest), d: &Bytes| {
-                    u32::try_from(d.len() + 96).unwrap_or(u32::MAX)
+                    u32::try_from(d.len() as u64 + PER_ENTRY).unwrap_or(u32::MAX)
                 })
                 .time_to_live(ttl)
                 .build()
