@@ -141,6 +141,7 @@ on_every_runtime! {
             }
         };
         refused(Spec { outputs: vec!["../escape".into()], ..Spec::script("true") }, "leaves the input root").await;
+        refused(Spec { outputs: vec!["out/a".into(), "out/b/../a".into()], ..Spec::script("true") }, "declared more than once").await;
         refused(Spec { outputs: vec!["/etc/passwd".into()], ..Spec::script("true") }, "is absolute").await;
         refused(Spec { outputs: vec!["a//b".into()], ..Spec::script("true") }, "empty component").await;
         refused(

@@ -345,7 +345,10 @@ async fn attempt(
     metadata.output_upload_start_timestamp = Some(now());
     // Every output file (stdout and stderr too) is hashed and stored from a private copy made
     // now, so no process that could still hold one open changes bytes after they were hashed.
-    let staging = Staging::new(dir.join("staged"))?;
+    let staging = Staging::new(
+        dir.join("staged"),
+        ctx.local.cas().client().accounting().cap(),
+    )?;
     let mut outputs = collect(command, &root, digest_function, &staging, &owners).await?;
     let (stdout, stdout_blob) = staging.fix(digest_function, &spec.stdout).await?;
     let (stderr, stderr_blob) = staging.fix(digest_function, &spec.stderr).await?;

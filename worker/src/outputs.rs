@@ -48,22 +48,68 @@ pub struct Outputs {
 pub struct Staging {
     dir: PathBuf,
     next: std::sync::atomic::AtomicU64,
+    /// Bytes of outputs still to be held in memory (then they are staged as files): so
+    /// thousands of outputs of up to [`IN_MEMORY`] each cannot hold gigabytes until uploaded.
+    memory_left: std::sync::atomic::AtomicI64,
+    /// What the outputs fixed so far add up to, and its bound.
+    total: std::sync::atomic::AtomicU64,
+    max_bytes: u64,
+    /// Files fixed, by inode (device, number): a file linked at many paths is fixed once.
+    fixed: std::sync::Mutex<HashMap<(u64, u64), Fixed>>,
 }
+
+/// A fixed output file: its digest, its bytes, its permission bits.
+type Fixed = (Digest, Blob, u32);
+
+/// Bytes of one action's outputs held in memory at most (see [`Staging`]).
+pub const MEMORY_BUDGET: u64 = 64 << 20;
 
 impl Staging {
     /// Stages into `dir` (created now, and refused if anything is already there: a symlink
     /// the action left in its place must not take the copies elsewhere; removed with the
-    /// action's directory).
-    pub fn new(dir: PathBuf) -> Result<Staging, ActionError> {
+    /// action's directory) outputs adding up to at most `max_bytes` (the CAS they go to
+    /// holds no more).
+    pub fn new(dir: PathBuf, max_bytes: u64) -> Result<Staging, ActionError> {
         std::fs::create_dir(&dir).map_err(io("create", &dir))?;
         Ok(Staging {
             dir,
             next: std::sync::atomic::AtomicU64::new(0),
+            memory_left: std::sync::atomic::AtomicI64::new(MEMORY_BUDGET as i64),
+            total: std::sync::atomic::AtomicU64::new(0),
+            max_bytes,
+            fixed: Default::default(),
         })
     }
 
+    /// Counts `len` more bytes of outputs: refused past `max_bytes` (a sparse file of a
+    /// terabyte would otherwise be copied, and could never be stored).
+    fn count(&self, len: u64, shown: &Path) -> Result<(), ActionError> {
+        use std::sync::atomic::Ordering;
+        let before = self.total.fetch_add(len, Ordering::Relaxed);
+        match before.checked_add(len) {
+            Some(total) if total <= self.max_bytes => Ok(()),
+            _ => Err(ActionError::BadInput(format!(
+                "output {}: the outputs add up to more than this worker's CAS holds ({} bytes)",
+                shown.display(),
+                self.max_bytes
+            ))),
+        }
+    }
+
+    /// Whether `len` more bytes may be held in memory (taken from the budget if so).
+    fn take_memory(&self, len: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let len = i64::try_from(len).unwrap_or(i64::MAX);
+        self.memory_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                (left >= len).then_some(left - len)
+            })
+            .is_ok()
+    }
+
     /// Fixes the bytes of `file` and hashes them: a file up to [`IN_MEMORY`] is read into
-    /// memory (one read; those bytes are what is hashed and stored), a larger one is copied
+    /// memory while the action's [`MEMORY_BUDGET`] lasts (one read; those bytes are what is
+    /// hashed and stored), a larger one (or one past the budget) is copied
     /// (cloned where the filesystem can) into the staging directory and the copy is hashed.
     pub async fn fix(
         &self,
@@ -106,13 +152,25 @@ impl Staging {
         }
         let mode = meta.mode() & 0o7777;
         let len = meta.len();
+        let inode = (meta.dev(), meta.ino());
+        let known = self
+            .fixed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&inode)
+            .cloned();
+        if let Some(fixed) = known {
+            return Ok(fixed);
+        }
+        self.count(len, shown)?;
+        let in_memory = len <= IN_MEMORY && self.take_memory(len);
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let copy = self.dir.join(n.to_string());
         let (digest, blob) =
             tokio::task::spawn_blocking(move || -> std::io::Result<(Digest, Blob)> {
                 use std::io::Read;
                 let mut f = f;
-                if len <= IN_MEMORY {
+                if in_memory {
                     // Bounded even if the file grew since (a process that outlived the action).
                     let mut bytes = Vec::with_capacity(len as usize);
                     f.by_ref().take(IN_MEMORY).read_to_end(&mut bytes)?;
@@ -129,7 +187,12 @@ impl Staging {
             .await
             .map_err(|e| ActionError::io("copy", shown, std::io::Error::other(e)))?
             .map_err(|e| fix_error(shown, e))?;
-        Ok((digest, blob, mode))
+        let fixed = (digest, blob, mode);
+        self.fixed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(inode, fixed.clone());
+        Ok(fixed)
     }
 }
 
@@ -513,6 +576,26 @@ async fn directory(
 mod tests {
     use super::*;
 
+    /// The outputs at `paths` (`output_paths`) below `cwd`, staged in `staging`.
+    async fn collected(
+        cwd: &Path,
+        paths: &[&str],
+        staging: &Staging,
+    ) -> Result<Outputs, ActionError> {
+        let command = Command {
+            output_paths: paths.iter().map(|p| p.to_string()).collect(),
+            ..Default::default()
+        };
+        collect(
+            &command,
+            cwd,
+            DigestFunction::Sha256,
+            staging,
+            &OutputOwners::default(),
+        )
+        .await
+    }
+
     /// With `run_as_user`, an output file must be the action user's or an input the worker
     /// linked in: a hard link to a root-only file is refused, in a directory output too.
     #[tokio::test]
@@ -548,8 +631,11 @@ mod tests {
                 output_paths: paths.iter().map(|p| p.to_string()).collect(),
                 ..Default::default()
             };
-            let staging =
-                Staging::new(staged.path().join(uuid::Uuid::new_v4().to_string())).unwrap();
+            let staging = Staging::new(
+                staged.path().join(uuid::Uuid::new_v4().to_string()),
+                u64::MAX,
+            )
+            .unwrap();
             let result = collect(&command, cwd, DigestFunction::Sha256, &staging, &owners).await;
             match result {
                 Err(ActionError::BadInput(m)) if refused => assert!(m.contains("uid 0"), "{m}"),
@@ -557,6 +643,67 @@ mod tests {
                 other => panic!("{paths:?}: {other:?}"),
             }
         }
+    }
+
+    /// Outputs are held in memory only within the action's budget (the rest staged as
+    /// files), a file linked at many paths is fixed (copied) once, and outputs adding up to
+    /// more than the CAS holds (a sparse file of any size) are refused before being copied.
+    #[tokio::test]
+    async fn outputs_are_bounded_in_memory_and_bytes_and_links_are_fixed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = dir.path();
+        std::fs::create_dir(cwd.join("out")).unwrap();
+        let per_file = IN_MEMORY;
+        let files = (MEMORY_BUDGET / per_file) as usize + 3;
+        for i in 0..files {
+            std::fs::write(
+                cwd.join(format!("out/{i}")),
+                vec![i as u8; per_file as usize],
+            )
+            .unwrap();
+        }
+        std::fs::write(cwd.join("big"), vec![7u8; 2 << 20]).unwrap();
+        for i in 0..50 {
+            std::fs::hard_link(cwd.join("big"), cwd.join(format!("out/big-{i}"))).unwrap();
+        }
+        let staged = tempfile::tempdir().unwrap();
+        let staging = Staging::new(staged.path().join("staged"), u64::MAX).unwrap();
+        let outputs = collected(cwd, &["out", "big"], &staging).await.unwrap();
+        let in_memory: u64 = outputs
+            .blobs
+            .values()
+            .map(|b| match b {
+                Blob::Bytes(b) => b.len() as u64,
+                Blob::File(_) => 0,
+            })
+            .sum();
+        // The Tree message is bytes too, outside the budget.
+        assert!(in_memory <= MEMORY_BUDGET + (64 << 10), "{in_memory}");
+        let copies = std::fs::read_dir(staged.path().join("staged"))
+            .unwrap()
+            .count();
+        assert_eq!(
+            copies,
+            3 + 1,
+            "three past the budget, and one copy of the linked file"
+        );
+        assert_eq!(outputs.result.output_files.len(), 1);
+
+        let staging = Staging::new(staged.path().join("bounded"), 10 << 20).unwrap();
+        let sparse = std::fs::File::create(cwd.join("sparse")).unwrap();
+        sparse.set_len(1 << 40).unwrap();
+        let err = collected(cwd, &["sparse"], &staging).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("more than this worker's CAS holds"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_dir(staged.path().join("bounded"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[tokio::test]
@@ -575,26 +722,10 @@ mod tests {
         std::os::unix::fs::symlink("a.txt", cwd.join("out/link")).unwrap();
         std::fs::write(cwd.join("file.bin"), "bin").unwrap();
         std::os::unix::fs::symlink("/etc/hostname", cwd.join("abs-link")).unwrap();
-        let command = Command {
-            output_paths: vec![
-                "out".into(),
-                "file.bin".into(),
-                "abs-link".into(),
-                "never-made".into(),
-            ],
-            ..Default::default()
-        };
         let staged = tempfile::tempdir().unwrap();
-        let staging = Staging::new(staged.path().join("staged")).unwrap();
-        let outputs = collect(
-            &command,
-            cwd,
-            DigestFunction::Sha256,
-            &staging,
-            &OutputOwners::default(),
-        )
-        .await
-        .unwrap();
+        let staging = Staging::new(staged.path().join("staged"), u64::MAX).unwrap();
+        let paths = ["out", "file.bin", "abs-link", "never-made"];
+        let outputs = collected(cwd, &paths, &staging).await.unwrap();
         let r = &outputs.result;
         assert_eq!(r.output_files.len(), 1);
         assert_eq!(r.output_files[0].path, "file.bin");
@@ -643,7 +774,7 @@ mod tests {
             ..Default::default()
         };
         let staged = tempfile::tempdir().unwrap();
-        let staging = Staging::new(staged.path().join("staged")).unwrap();
+        let staging = Staging::new(staged.path().join("staged"), u64::MAX).unwrap();
         let outputs = collect(
             &command,
             cwd,

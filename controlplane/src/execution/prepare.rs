@@ -160,6 +160,31 @@ fn check_paths(command: &Command) -> Result<(), PrepareError> {
     for rel in kiln_reapi::paths::declared_outputs(command) {
         kiln_reapi::paths::output(&wd, rel)?;
     }
+    // REAPI: output paths "MUST be deduplicated" (and an output file or directory "cannot be
+    // duplicated"): the same place twice would be collected twice. Among the outputs the
+    // worker collects: `output_paths` when given, else the older fields (a client may send
+    // both, the same paths in each, for older servers).
+    #[allow(deprecated)]
+    let collected: Vec<&String> = if command.output_paths.is_empty() {
+        command
+            .output_files
+            .iter()
+            .chain(&command.output_directories)
+            .collect()
+    } else {
+        command.output_paths.iter().collect()
+    };
+    let mut seen = std::collections::HashSet::new();
+    for rel in collected {
+        if !seen.insert(kiln_reapi::paths::output(&wd, rel)?) {
+            return Err(kiln_reapi::paths::PathError {
+                what: "output path".into(),
+                path: rel.clone(),
+                why: "is declared more than once (the same place, however written)",
+            }
+            .into());
+        }
+    }
     Ok(())
 }
 
@@ -292,4 +317,43 @@ fn release(core: &ExecutionCore, holder: PinHolder, pins: Vec<BlobKey>) {
 /// in tests/execution.rs.
 fn precondition(missing: Vec<Digest>) -> PrepareError {
     PrepareError::Missing(status::missing_blobs("the action", missing))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same output place twice is refused among the outputs collected; a client that
+    /// sends the same paths in `output_paths` and the older fields (for older servers) is not.
+    #[test]
+    #[allow(deprecated)]
+    fn duplicate_outputs_are_refused_among_those_collected() {
+        let paths = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let both = Command {
+            output_paths: paths(&["a", "b"]),
+            output_files: paths(&["a"]),
+            output_directories: paths(&["b"]),
+            ..Default::default()
+        };
+        assert!(check_paths(&both).is_ok());
+        for command in [
+            Command {
+                output_paths: paths(&["out/a", "out/b/../a"]),
+                ..Default::default()
+            },
+            Command {
+                output_files: paths(&["x"]),
+                output_directories: paths(&["x"]),
+                ..Default::default()
+            },
+            Command {
+                working_directory: "w".into(),
+                output_paths: paths(&["../w/f", "f"]),
+                ..Default::default()
+            },
+        ] {
+            let err = check_paths(&command).unwrap_err();
+            assert!(err.to_string().contains("more than once"), "{err}");
+        }
+    }
 }
