@@ -265,6 +265,79 @@ on_every_runtime! {
     }
 }
 
+// worker.run_as_user as a list: each running action takes a user of its own, so two at once
+// run as two users (they meet in a directory of the test's to prove they overlapped), and
+// neither can list the work directory to find the other's tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_actions_take_users_of_their_own() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run_as_user needs the worker to run as root: run the suite as root (CI does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let meet = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(
+        meet.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let kiln = Kiln::start_async(
+        &dir.path().join("server"),
+        Options {
+            config: Some(
+                "[worker]\nmax_inflight = 2\nrun_as_user = [\"nobody\", \"daemon\"]\n".into(),
+            ),
+            ..Options::on(common::Runtime::Glommio)
+        },
+    )
+    .await;
+    let ch = kiln.channel().await;
+    let script = format!(
+        "id -u > out/uid; ls ../.. > out/others 2>/dev/null; touch {m}/$(id -u); i=0; while [ $(ls {m} | wc -l) -lt 2 ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; ls {m} | wc -l > out/met",
+        m = meet.path().display()
+    );
+    let spec = || Spec {
+        outputs: vec!["out/uid".into(), "out/others".into(), "out/met".into()],
+        ..Spec::script(&script)
+    };
+    let (a, b) = (spec(), spec());
+    let (a, b) = (a.upload(&ch, F).await, b.upload(&ch, F).await);
+    let (ra, rb) = tokio::join!(execute(&ch, F, &a, false), execute(&ch, F, &b, false));
+    let mut uids = Vec::new();
+    for (_, r) in [ra.unwrap(), rb.unwrap()] {
+        assert_eq!(code(&r), 0, "{r:?}");
+        let r = r.result.unwrap();
+        let file = |name: &str| {
+            r.output_files
+                .iter()
+                .find(|f| f.path == name)
+                .unwrap()
+                .digest
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(
+            read(&ch, &file("out/met")).await,
+            b"2\n",
+            "both ran at once"
+        );
+        assert!(
+            read(&ch, &file("out/others")).await.is_empty(),
+            "the work directory cannot be listed"
+        );
+        uids.push(read(&ch, &file("out/uid")).await);
+    }
+    assert_ne!(uids[0], uids[1], "two users");
+    kiln.stop().await;
+}
+
 // worker.run_as_user: the action runs as that user and cannot make its (worker-owned,
 // read-only) inputs writable, so the CAS copy stays intact without relying on the tamper
 // check; it still creates its outputs in its own tree.

@@ -12,7 +12,8 @@ pub use error::ConfigError;
 pub use types::{
     ActionCacheConfig, AdminConfig, ClientAuthMode, CompressionConfig, Config, ControlPlaneConfig,
     DirCacheLayout, ExecutionConfig, GetTreeConfig, PeerTransport, PlacementWeights, PropertyKind,
-    RedisConfig, RuntimeKind, ServerConfig, StorageConfig, TlsConfig, TlsMode, WorkerConfig,
+    RedisConfig, RunAsUser, RuntimeKind, ServerConfig, StorageConfig, TlsConfig, TlsMode,
+    WorkerConfig,
 };
 
 use std::path::Path;

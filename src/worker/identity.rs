@@ -38,14 +38,45 @@ pub fn default_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// The user actions run as, from `worker.run_as_user`.
-pub fn run_as_user(config: &Config) -> anyhow::Result<Option<kiln_worker::run_as::RunAs>> {
-    config
-        .worker
-        .run_as_user
-        .as_deref()
-        .map(|u| kiln_worker::run_as::RunAs::lookup(u).map_err(anyhow::Error::msg))
-        .transpose()
+/// The users actions run as, from `worker.run_as_user`: one shared, or one per running
+/// action (distinct users; fewer than `max_inflight` bound the actions run at once).
+pub fn run_as_user(
+    config: &Config,
+) -> anyhow::Result<Option<std::sync::Arc<kiln_worker::run_as::ActionUsers>>> {
+    use kiln_config::RunAsUser;
+    use kiln_worker::run_as::{ActionUsers, RunAs};
+    let lookup = |u: &str| RunAs::lookup(u).map_err(anyhow::Error::msg);
+    let users = match &config.worker.run_as_user {
+        None => return Ok(None),
+        Some(RunAsUser::Shared(user)) => ActionUsers::shared(lookup(user)?),
+        Some(RunAsUser::Each(names)) => {
+            if names.is_empty() {
+                anyhow::bail!("worker.run_as_user: an empty list (leave it out to run actions as the worker's user)");
+            }
+            let users = names
+                .iter()
+                .map(|u| lookup(u))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut uids = std::collections::HashSet::new();
+            if let Some(twice) = users.iter().find(|u| !uids.insert(u.uid)) {
+                anyhow::bail!(
+                    "worker.run_as_user: uid {} is listed more than once ({}); each action needs a user of its own",
+                    twice.uid,
+                    twice.name
+                );
+            }
+            let slots = max_inflight(config);
+            if users.len() < slots {
+                tracing::warn!(
+                    users = users.len(),
+                    slots,
+                    "worker.run_as_user lists fewer users than worker.max_inflight: at most one action per user runs at once"
+                );
+            }
+            ActionUsers::each(users)
+        }
+    };
+    Ok(Some(std::sync::Arc::new(users)))
 }
 
 /// Actions at once: the configured number, or one per core.

@@ -49,7 +49,7 @@ pub struct WorkerContext {
     /// How actions' processes are kept together and killed.
     pub contain: crate::contain::Containment,
     /// The user actions run as (`worker.run_as_user`), if not the worker's own.
-    pub run_as: Option<crate::run_as::RunAs>,
+    pub run_as: Option<Arc<crate::run_as::ActionUsers>>,
     /// Input trees kept laid out (`worker.dircache_bytes`), if on.
     pub dircache: Option<Arc<DirCache>>,
     /// Cached input roots are mounted as overlays (`worker.dircache_layout = "overlay"`,
@@ -302,7 +302,14 @@ async fn attempt(
         .map_err(|e| ActionError::BadInput(e.to_string()))?;
     let cwd = wd.iter().fold(root.clone(), |p, c| p.join(c));
     create_output_parents(command, &root, &wd)?;
-    if let Some(user) = ctx.run_as.clone() {
+    // The action's user, held until its outputs are collected: with users of their own, no
+    // other action runs as it meanwhile.
+    let lease = match &ctx.run_as {
+        Some(users) => Some(users.take().await),
+        None => None,
+    };
+    let run_as = lease.as_ref().map(|l| l.user().clone());
+    if let Some(user) = run_as.clone() {
         let tree = root.clone();
         tokio::task::spawn_blocking(move || user.give_directories(&tree))
             .await
@@ -323,13 +330,13 @@ async fn attempt(
         id: dir
             .file_name()
             .map_or_else(|| "action".into(), |n| n.to_string_lossy().into_owned()),
-        run_as: ctx.run_as.clone(),
+        run_as: run_as.clone(),
     };
     metadata.execution_start_timestamp = Some(now());
     let ran = run(&spec, &ctx.contain, kill).await;
     metadata.execution_completed_timestamp = Some(now());
     let owners = OutputOwners {
-        action_uid: ctx.run_as.as_ref().map(|u| u.uid),
+        action_uid: run_as.as_ref().map(|u| u.uid),
         inputs: shared.inodes(),
         input_device,
     };

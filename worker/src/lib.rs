@@ -53,7 +53,11 @@ pub fn parse_properties(list: &[String]) -> Vec<(String, String)> {
 /// Prepares the work directory: creates it, empties what an earlier run left, and makes the
 /// executable cache. Returns the cache's path.
 pub fn prepare_work_dir(work_dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(work_dir)?;
+    // Actions (of other users, with `run_as_user`) may pass through to their own directory
+    // but not list the others' (named at random).
+    std::fs::set_permissions(work_dir, std::fs::Permissions::from_mode(0o711))?;
     for entry in std::fs::read_dir(work_dir)? {
         let path = entry?.path();
         if path.is_dir() {

@@ -9,6 +9,99 @@ use crate::beneath;
 use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The users actions run as: one shared by every action (`run_as_user = "name"`), or one per
+/// running action (`run_as_user = ["a", "b", …]`), each taken by an action while it runs, so
+/// that no action can reach another's tree, outputs or processes (they are other users').
+#[derive(Debug)]
+pub struct ActionUsers {
+    users: Vec<RunAs>,
+    /// Indexes in `users` no running action holds (for users of their own).
+    free: Mutex<Vec<usize>>,
+    /// One permit per user of its own; `None` when one user is shared.
+    permits: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl ActionUsers {
+    /// Every action runs as `user`.
+    pub fn shared(user: RunAs) -> ActionUsers {
+        ActionUsers {
+            users: vec![user],
+            free: Mutex::new(Vec::new()),
+            permits: None,
+        }
+    }
+
+    /// Each running action takes one of `users` (distinct users, at least one) for itself;
+    /// with all taken, the next waits.
+    pub fn each(users: Vec<RunAs>) -> ActionUsers {
+        let n = users.len();
+        ActionUsers {
+            free: Mutex::new((0..n).rev().collect()),
+            permits: Some(Arc::new(tokio::sync::Semaphore::new(n))),
+            users,
+        }
+    }
+
+    /// How many actions may run at once as users of their own (`None`: any, sharing one).
+    pub fn exclusive(&self) -> Option<usize> {
+        self.permits.as_ref().map(|_| self.users.len())
+    }
+
+    /// A user for one action, held until the lease is dropped.
+    pub async fn take(self: &Arc<Self>) -> UserLease {
+        let Some(permits) = &self.permits else {
+            return UserLease {
+                user: self.users[0].clone(),
+                held: None,
+            };
+        };
+        // The semaphore is never closed.
+        let permit = permits.clone().acquire_owned().await.ok();
+        let index = self
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or(0);
+        UserLease {
+            user: self.users[index].clone(),
+            held: Some((self.clone(), index, permit)),
+        }
+    }
+}
+
+/// A user taken for one action ([`ActionUsers::take`]); given back when dropped.
+#[derive(Debug)]
+pub struct UserLease {
+    user: RunAs,
+    held: Option<(
+        Arc<ActionUsers>,
+        usize,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    )>,
+}
+
+impl UserLease {
+    /// The user.
+    pub fn user(&self) -> &RunAs {
+        &self.user
+    }
+}
+
+impl Drop for UserLease {
+    fn drop(&mut self) {
+        if let Some((users, index, permit)) = self.held.take() {
+            users
+                .free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(index);
+            drop(permit);
+        }
+    }
+}
 
 /// The user actions run as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +200,41 @@ fn passwd(user: &str) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn user(uid: u32) -> RunAs {
+        RunAs {
+            name: format!("u{uid}"),
+            uid,
+            gid: uid,
+            setpriv: None,
+        }
+    }
+
+    /// Users of their own: two running actions hold two users; a third waits until one is
+    /// given back, and gets that one. One shared user is everyone's at once.
+    #[tokio::test]
+    async fn each_running_action_holds_a_user_of_its_own() {
+        let users = Arc::new(ActionUsers::each(vec![user(1), user(2)]));
+        assert_eq!(users.exclusive(), Some(2));
+        let a = users.take().await;
+        let b = users.take().await;
+        assert_ne!(a.user().uid, b.user().uid);
+        let waiting = tokio::spawn({
+            let users = users.clone();
+            async move { users.take().await.user().uid }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "no user free");
+        let freed = b.user().uid;
+        drop(b);
+        assert_eq!(waiting.await.unwrap(), freed);
+        drop(a);
+
+        let shared = Arc::new(ActionUsers::shared(user(3)));
+        assert_eq!(shared.exclusive(), None);
+        let (x, y) = (shared.take().await, shared.take().await);
+        assert_eq!((x.user().uid, y.user().uid), (3, 3));
+    }
 
     #[test]
     fn users_are_looked_up_and_root_is_refused() {

@@ -5,6 +5,17 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// `worker.run_as_user`: one user every action runs as, or users each running action takes
+/// one of for itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum RunAsUser {
+    /// Every action runs as this user.
+    Shared(String),
+    /// Each running action runs as one of these, no two at once as the same.
+    Each(Vec<String>),
+}
+
 /// A worker.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -39,8 +50,9 @@ pub struct WorkerConfig {
     pub tls_key: Option<PathBuf>,
     /// A file holding a bearer token the worker presents (first line).
     pub token_file: Option<PathBuf>,
-    /// Run actions as this user (name or uid); the worker must run as root.
-    pub run_as_user: Option<String>,
+    /// Run actions as this user (name or uid), or as one of these users each (a list: every
+    /// running action takes one for itself); the worker must run as root.
+    pub run_as_user: Option<RunAsUser>,
     /// Bytes of input trees kept laid out in the directory cache (0: no cache).
     pub dircache_bytes: ByteSize,
     /// Where the directory cache is (default: `dircache/` under the data directory); on the
