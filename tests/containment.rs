@@ -314,15 +314,7 @@ async fn running_actions_take_users_of_their_own() {
     for (_, r) in [ra.unwrap(), rb.unwrap()] {
         assert_eq!(code(&r), 0, "{r:?}");
         let r = r.result.unwrap();
-        let file = |name: &str| {
-            r.output_files
-                .iter()
-                .find(|f| f.path == name)
-                .unwrap()
-                .digest
-                .clone()
-                .unwrap()
-        };
+        let file = |name: &str| common::exec::output_file(&r, name);
         assert_eq!(
             read(&ch, &file("out/met")).await,
             b"2\n",
@@ -371,7 +363,7 @@ on_every_runtime! {
         let (_, r) = execute(&ch, F, &spec.upload(&ch, F).await, false).await.unwrap();
         assert_eq!(code(&r), 0, "{r:?}");
         let r = r.result.unwrap();
-        let file = |name: &str| r.output_files.iter().find(|f| f.path == name).unwrap().digest.clone().unwrap();
+        let file = |name: &str| common::exec::output_file(&r, name);
         let nobody = std::process::Command::new("id").args(["-u", "nobody"]).output().unwrap().stdout;
         assert_eq!(read(&ch, &file("out/uid")).await, nobody);
         assert_eq!(read(&ch, &file("out/seen")).await, original, "the input could not be changed");

@@ -301,15 +301,7 @@ async fn with_the_overlay_layout_an_action_run_as_another_user_writes_its_output
             .unwrap();
         assert_eq!(code(&r), 0, "{r:?}");
         let r = r.result.unwrap();
-        let file = |name: &str| {
-            r.output_files
-                .iter()
-                .find(|f| f.path == name)
-                .unwrap()
-                .digest
-                .clone()
-                .unwrap()
-        };
+        let file = |name: &str| common::exec::output_file(&r, name);
         assert_eq!(read(&ch, &file("out/uid")).await, nobody);
         assert_eq!(read(&ch, &file("src/a.txt")).await, b"alpha");
         if let Some(fs) = fs {

@@ -252,6 +252,16 @@ impl Spec {
     }
 }
 
+/// The digest of the output file at `path` in `result` (which must have it).
+pub fn output_file(result: &kiln_proto::reapi::ActionResult, path: &str) -> reapi::Digest {
+    result
+        .output_files
+        .iter()
+        .find(|f| f.path == path)
+        .and_then(|f| f.digest.clone())
+        .unwrap_or_else(|| panic!("no output file {path}: {result:?}"))
+}
+
 /// Runs Execute to completion: the operations seen and the final response.
 pub async fn execute(
     ch: &Channel,
