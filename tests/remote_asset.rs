@@ -89,6 +89,14 @@ async fn http_server_with(
                         }
                         return;
                     }
+                    p if p.starts_with("/slow/") => {
+                        // A second before the answer: long enough for others to ask too.
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        match routes.get(p) {
+                            Some(body) => reply("200 OK", "", body),
+                            None => reply("404 Not Found", "", b""),
+                        }
+                    }
                     "/private" if !head.contains("authorization: bearer sesame") => {
                         reply("401 Unauthorized", "", b"")
                     }
@@ -501,6 +509,64 @@ async fn remembered_trees_are_whole_and_fetches_wait_within_their_timeout() {
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     assert_eq!(requests("/blob"), 0);
     hanging.abort();
+    kiln.stop().await;
+}
+
+/// Identical fetches at once make one download, and a fetch whose call is cancelled goes on
+/// and is remembered (the spec: keep the fetch going after the RPC completes). (One backend:
+/// the control plane.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_fetches_share_one_download_which_outlives_its_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        config: Some("[remote_asset]\nfetch_loopback = true\n".into()),
+        ..Options::on(common::Runtime::Glommio)
+    };
+    let kiln = Kiln::start_async(dir.path(), options).await;
+    let ch = kiln.channel().await;
+    let (a, b) = (pseudo_random(96, 5000), pseudo_random(97, 5000));
+    let (base, seen) = http_server(HashMap::from([
+        ("/slow/a", a.clone()),
+        ("/slow/b", b.clone()),
+    ]))
+    .await;
+    let url = |p: &str| format!("{base}{p}");
+    let requests = |p: &str| seen.lock().unwrap().get(p).map_or(0, Vec::len);
+    let spawn_fetch = |p: &str| {
+        let (ch, uri) = (ch.clone(), url(p));
+        tokio::spawn(async move { fetch(&ch, &[uri], vec![], None).await })
+    };
+
+    let calls: Vec<_> = (0..4).map(|_| spawn_fetch("/slow/a")).collect();
+    for call in calls {
+        let got = call.await.unwrap().unwrap();
+        assert_eq!(
+            got.blob_digest,
+            Some(digest(Function::Sha256, &a)),
+            "{}",
+            message(&got)
+        );
+    }
+    assert_eq!(requests("/slow/a"), 1, "one download for four fetches");
+
+    let cancelled = spawn_fetch("/slow/b");
+    common::eventually("the download to reach the origin", || async {
+        (requests("/slow/b") == 1).then_some(())
+    })
+    .await;
+    cancelled.abort();
+    let again = fetch(&ch, &[url("/slow/b")], vec![], None).await.unwrap();
+    assert_eq!(
+        again.blob_digest,
+        Some(digest(Function::Sha256, &b)),
+        "{}",
+        message(&again)
+    );
+    assert_eq!(
+        requests("/slow/b"),
+        1,
+        "the cancelled call's download served the next"
+    );
     kiln.stop().await;
 }
 

@@ -46,8 +46,7 @@ impl tonic::server::ServerStreamingService<GetTreeRequest> for GetTreeCall {
     type Future = BoxFuture<'static, Result<Response<PageStream>, Status>>;
 
     fn call(&mut self, request: Request<GetTreeRequest>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.get_tree(request).await })
+        Box::pin(TreeService::answer(&self.0, request))
     }
 }
 

@@ -352,15 +352,20 @@ async fn attempt(
     metadata.output_upload_start_timestamp = Some(now());
     // Every output file (stdout and stderr too) is hashed and stored from a private copy made
     // now, so no process that could still hold one open changes bytes after they were hashed.
-    let staging = Staging::new(
-        dir.join("staged"),
-        ctx.local.cas().client().accounting().cap(),
-    )?;
+    // Outputs are bounded by the room free where they are staged (a remote worker's own CAS
+    // may be far smaller than the server's, which they go to).
+    let room = rustix::fs::statvfs(dir)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .unwrap_or(u64::MAX);
+    let staging = Staging::new(dir.join("staged"), room)?;
     let mut outputs = collect(command, &root, digest_function, &staging, &owners).await?;
     let (stdout, stdout_blob) = staging.fix(digest_function, &spec.stdout).await?;
     let (stderr, stderr_blob) = staging.fix(digest_function, &spec.stderr).await?;
     outputs.blobs.insert(stdout, stdout_blob);
     outputs.blobs.insert(stderr, stderr_blob);
+    // Collected: the user may run the next action while these upload (the tree it leaves is
+    // in a directory no action can list).
+    drop(lease);
     store(ctx, &instance, ctx.remote.as_deref(), &outputs.blobs).await?;
     metadata.output_upload_completed_timestamp = Some(now());
     let mut result = outputs.result;

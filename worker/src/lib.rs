@@ -56,8 +56,11 @@ pub fn prepare_work_dir(work_dir: &std::path::Path) -> std::io::Result<std::path
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(work_dir)?;
     // Actions (of other users, with `run_as_user`) may pass through to their own directory
-    // but not list the others' (named at random).
-    std::fs::set_permissions(work_dir, std::fs::Permissions::from_mode(0o711))?;
+    // but not list the others' (named at random). A work directory this process may not
+    // change (another user's mount) is left as it is.
+    if let Err(e) = std::fs::set_permissions(work_dir, std::fs::Permissions::from_mode(0o711)) {
+        tracing::warn!(dir = %work_dir.display(), error = %e, "cannot make the work directory 0711: actions may list one another's directories");
+    }
     for entry in std::fs::read_dir(work_dir)? {
         let path = entry?.path();
         if path.is_dir() {

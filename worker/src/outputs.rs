@@ -67,8 +67,7 @@ pub const MEMORY_BUDGET: u64 = 64 << 20;
 impl Staging {
     /// Stages into `dir` (created now, and refused if anything is already there: a symlink
     /// the action left in its place must not take the copies elsewhere; removed with the
-    /// action's directory) outputs adding up to at most `max_bytes` (the CAS they go to
-    /// holds no more).
+    /// action's directory) outputs adding up to at most `max_bytes` (the room free there).
     pub fn new(dir: PathBuf, max_bytes: u64) -> Result<Staging, ActionError> {
         std::fs::create_dir(&dir).map_err(io("create", &dir))?;
         Ok(Staging {
@@ -81,18 +80,25 @@ impl Staging {
         })
     }
 
-    /// Counts `len` more bytes of outputs: refused past `max_bytes` (a sparse file of a
-    /// terabyte would otherwise be copied, and could never be stored).
+    /// Counts `len` more bytes of outputs: refused (`RESOURCE_EXHAUSTED`) past `max_bytes`,
+    /// the room where they are staged (a sparse file of a terabyte would otherwise be copied
+    /// until the disk is full).
     fn count(&self, len: u64, shown: &Path) -> Result<(), ActionError> {
         use std::sync::atomic::Ordering;
         let before = self.total.fetch_add(len, Ordering::Relaxed);
         match before.checked_add(len) {
             Some(total) if total <= self.max_bytes => Ok(()),
-            _ => Err(ActionError::BadInput(format!(
-                "output {}: the outputs add up to more than this worker's CAS holds ({} bytes)",
-                shown.display(),
-                self.max_bytes
-            ))),
+            _ => Err(ActionError::io(
+                "stage",
+                shown,
+                std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!(
+                        "the outputs add up to more than the {} bytes free where they are staged",
+                        self.max_bytes
+                    ),
+                ),
+            )),
         }
     }
 
@@ -647,7 +653,8 @@ mod tests {
 
     /// Outputs are held in memory only within the action's budget (the rest staged as
     /// files), a file linked at many paths is fixed (copied) once, and outputs adding up to
-    /// more than the CAS holds (a sparse file of any size) are refused before being copied.
+    /// more than the room where they are staged (a sparse file of any size) are refused
+    /// before being copied.
     #[tokio::test]
     async fn outputs_are_bounded_in_memory_and_bytes_and_links_are_fixed_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -695,7 +702,7 @@ mod tests {
         let err = collected(cwd, &["sparse"], &staging).await.unwrap_err();
         assert!(
             err.to_string()
-                .contains("more than this worker's CAS holds"),
+                .contains("more than the 10485760 bytes free"),
             "{err}"
         );
         assert_eq!(

@@ -38,6 +38,9 @@ pub enum AssetError {
     /// The CAS failed.
     #[error(transparent)]
     Cas(#[from] CasError),
+    /// A failure of a download another call started and this one shared.
+    #[error("{0}")]
+    Shared(std::sync::Arc<AssetError>),
     /// Local I/O.
     #[error("{op}: {source}")]
     Io {
@@ -59,6 +62,7 @@ impl Classify for AssetError {
             | AssetError::NotInCas(_) => ErrorKind::Invalid,
             AssetError::Off => ErrorKind::Unsupported,
             AssetError::Cas(e) => e.kind(),
+            AssetError::Shared(e) => e.kind(),
             AssetError::Io { source, .. } => ErrorKind::of_io(source),
         }
     }
@@ -66,6 +70,7 @@ impl Classify for AssetError {
     fn client_message(&self) -> String {
         match self {
             AssetError::Cas(e) => e.client_message(),
+            AssetError::Shared(e) => e.client_message(),
             AssetError::Io { op, source } => format!("the server could not {op}: {source}"),
             other => other.to_string(),
         }

@@ -1,18 +1,22 @@
 //! `Fetch` from origin: each URL tried in turn within one timeout, a blob stored as downloaded,
 //! a directory unpacked from its archive, the result remembered.
 
-use super::download::{self, Download, FetchFailure};
+use super::attempt::{AttemptArgs, AttemptKey, Attempted};
+use super::download::FetchFailure;
 use super::remember::Trust;
 use super::unpack;
 use super::{
-    check_sizes, credentials, AssetError, AssetService, Association, FetchArgs, Key, Kind, Outcome,
-    Qualifiers,
+    check_sizes, credentials, AssetError, AssetService, FetchArgs, Key, Kind, Outcome, Qualifiers,
 };
 use crate::temp_file::TempFile;
 use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_reapi::digest::{Digest, DigestFunction, InstanceName};
 use kiln_reapi::status::Classify;
 use std::time::{Duration, SystemTime};
+
+/// Attempts of one URI a fetch joins at most (each one another call started that ran out of
+/// that call's time).
+const MAX_JOINS: usize = 8;
 
 impl AssetService {
     pub(super) async fn fetch(&self, kind: Kind, args: FetchArgs) -> Result<Outcome, AssetError> {
@@ -59,7 +63,7 @@ impl AssetService {
             for (credentials, trust) in tries {
                 let key = key(uri, credentials);
                 if let Some(digest) = self
-                    .remembered(&key, function, oldest, &qualifiers.sri, trust)
+                    .remembered(&key, function, oldest, &qualifiers.sri, trust, deadline)
                     .await?
                 {
                     return Ok(Ok((uri.clone(), digest)));
@@ -133,97 +137,40 @@ impl AssetService {
                     }
                 },
             };
-            // The permit and the temp file go with the download: a call cancelled while it
-            // runs neither frees its place early nor leaves its file behind. Waiting for a
-            // place counts against the fetch's timeout.
-            let place =
-                tokio::time::timeout_at(deadline.into(), self.fetches.clone().acquire_owned());
-            let permit = match place.await {
-                Ok(permit) => permit.map_err(|_| AssetError::Off)?,
-                Err(_) => {
+            let args = || AttemptArgs {
+                id: AttemptKey {
+                    key: key(uri, sent(index, uri)),
+                    function,
+                    sri: qualifiers.sri.clone(),
+                },
+                headers: qualifiers.headers_for(index, uri),
+                archive,
+                subdir: qualifiers.selectors.get("directory").cloned(),
+                deadline,
+            };
+            // The download runs as a task of its own, shared with identical fetches; this call
+            // waits for it within its own timeout (the download goes on, and is remembered,
+            // however this call ends). One that another call started and that ran out of that
+            // call's shorter time is tried again within this one's.
+            let mut attempted = None;
+            for _ in 0..MAX_JOINS {
+                match tokio::time::timeout_at(deadline.into(), self.attempt(args())).await {
+                    Err(_) => break,
+                    Ok(a) if a.timed_out() && std::time::Instant::now() < deadline => {}
+                    Ok(a) => {
+                        attempted = Some(a);
+                        break;
+                    }
+                }
+            }
+            match attempted {
+                None | Some(Attempted::NoPlace) => {
                     last = timed_out(uri);
                     break;
                 }
-            };
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let temp = TempFile(self.settings.layout.temp_path());
-            let download = Download {
-                url: uri.clone(),
-                headers: qualifiers.headers_for(index, uri),
-                timeout: left.max(Duration::from_millis(1)),
-                max_bytes: self.settings.max_bytes,
-                max_redirects: self.settings.max_redirects,
-                function,
-                sri: qualifiers.sri.clone(),
-                dest: temp.0.clone(),
-                fetch_loopback: self.settings.fetch_loopback,
-                fetch_private_networks: self.settings.fetch_private_networks,
-                proxy: self.settings.proxy.clone(),
-            };
-            let started = SystemTime::now();
-            // An archive to unpack keeps the place through its unpacking.
-            let (temp, result, permit) = tokio::task::spawn_blocking(move || {
-                let result = download::download(&download);
-                (temp, result, permit)
-            })
-            .await
-            .map_err(|e| AssetError::Io {
-                op: "download",
-                source: std::io::Error::other(e),
-            })?;
-            match result {
-                // A failure here, not at the origin: the call's error.
-                Err(FetchFailure::Local { source, .. }) => {
-                    return Err(AssetError::Io {
-                        op: "store the download",
-                        source,
-                    })
-                }
-                Ok(got) => {
-                    let digest = match archive {
-                        None => {
-                            self.cas.write_file(&instance, got.digest, &temp.0).await?;
-                            got.digest
-                        }
-                        Some(archive) => {
-                            let subdir = qualifiers.selectors.get("directory").cloned();
-                            match self
-                                .unpack(
-                                    &instance,
-                                    (temp, permit),
-                                    archive,
-                                    function,
-                                    subdir,
-                                    deadline,
-                                )
-                                .await?
-                            {
-                                Ok(root) => root,
-                                Err(failure) => {
-                                    last = Some((uri.clone(), failure.rpc_status()));
-                                    continue;
-                                }
-                            }
-                        }
-                    };
-                    // Its age counts from when the retrieval started, as the spec measures.
-                    let association = Association {
-                        digest,
-                        at: started,
-                        expires: None,
-                        sri: got.sri_ok,
-                        pushed: false,
-                    };
-                    self.known
-                        .insert(key(uri, sent(index, uri)), association)
-                        .await;
-                    tracing::debug!(%uri, ?digest, "fetched from origin");
-                    return Ok(Ok((uri.clone(), digest)));
-                }
-                Err(failure) => {
-                    tracing::debug!(%uri, error = %failure, "fetch from origin failed");
-                    last = Some((uri.clone(), failure.rpc_status()));
-                }
+                Some(Attempted::Stored(digest)) => return Ok(Ok((uri.clone(), digest))),
+                Some(Attempted::Failed(status)) => last = Some((uri.clone(), status)),
+                Some(Attempted::Local(e)) => return Err(AssetError::Shared(e)),
             }
         }
         Ok(Err(last.unwrap_or_else(|| {
@@ -241,7 +188,7 @@ impl AssetService {
     /// Unpacks the downloaded `archive` into the CAS: its files, then its directories (a tree
     /// is stored bottom up: a `Directory` is visible only once what it names is). The root's
     /// digest, or why the archive was refused.
-    async fn unpack(
+    pub(super) async fn unpack(
         &self,
         instance: &InstanceName,
         (archive, permit): (TempFile, tokio::sync::OwnedSemaphorePermit),

@@ -6,6 +6,7 @@
 //! content already in the CAS (zips and repositories must be pushed: Kiln unpacks neither).
 //! Associations live in memory (bounded); after a restart a fetch goes to origin again.
 
+mod attempt;
 mod download;
 mod error;
 mod fetch;
@@ -129,12 +130,19 @@ struct FetchArgs {
 /// What a fetch found: the URI and digest, or the URI and why not.
 type Outcome = Result<(String, Digest), (String, RpcStatus)>;
 
-/// The service.
+/// The service (a handle: clones share everything).
+#[derive(Clone)]
 pub struct AssetService {
     cas: Arc<dyn Cas>,
     settings: AssetSettings,
     known: moka::future::Cache<Key, Association>,
     fetches: Arc<Semaphore>,
+    /// Turns for checking that a remembered directory's tree is still stored.
+    tree_checks: Arc<Semaphore>,
+    /// Downloads in progress, shared by identical fetches ([`attempt`]).
+    attempts: Arc<
+        std::sync::Mutex<std::collections::HashMap<attempt::AttemptKey, attempt::SharedAttempt>>,
+    >,
 }
 
 /// Most URIs in one request, and the longest URI and qualifiers: an association is kept per
@@ -143,6 +151,8 @@ const MAX_URIS: usize = 64;
 const MAX_URI_BYTES: usize = 8 << 10;
 const MAX_QUALIFIER_BYTES: usize = 8 << 10;
 const MAX_HEADER_BYTES: usize = 64 << 10;
+/// Remembered directories' trees checked at once (a walk holds the tree's digests).
+const TREE_CHECKS: usize = 2;
 
 impl AssetService {
     /// A service over `cas`.
@@ -159,6 +169,8 @@ impl AssetService {
                 })
                 .build(),
             fetches: Arc::new(Semaphore::new(settings.concurrent_fetches.max(1))),
+            attempts: Default::default(),
+            tree_checks: Arc::new(Semaphore::new(TREE_CHECKS)),
             settings,
         }
     }

@@ -3,7 +3,6 @@
 
 use super::download::SriHashers;
 use super::qualifiers::SriAlgorithm;
-use super::unpack::{MAX_DIRECTORY_BYTES, MAX_ENTRIES};
 use super::{AssetError, AssetService, Key, Kind, Sri};
 use crate::temp_file::TempFile;
 use kiln_reapi::cas::CasError;
@@ -37,7 +36,7 @@ impl From<WalkError> for TreeCheck {
 impl AssetService {
     /// The digest remembered under `key`, if it is still good: the same function, not
     /// expired, not older than `oldest`, still in the CAS (a directory's whole tree), and
-    /// matching `sri` when given (or, as `trust` says, required).
+    /// matching `sri` when given (or, as `trust` says, required); checked by `deadline`.
     pub(super) async fn remembered(
         &self,
         key: &Key,
@@ -45,6 +44,7 @@ impl AssetService {
         oldest: Option<SystemTime>,
         sri: &[Sri],
         trust: Trust,
+        deadline: std::time::Instant,
     ) -> Result<Option<Digest>, AssetError> {
         let Some(a) = self.known.get(key).await else {
             return Ok(None);
@@ -63,7 +63,18 @@ impl AssetService {
                 .find_missing(&key.instance, &[a.digest])
                 .await?
                 .is_empty(),
-            Kind::Directory => self.tree_stored(&key.instance, a.digest).await?,
+            Kind::Directory => {
+                // A few trees checked at once (each walk holds its tree's digests), within
+                // the fetch's time; without a turn, the fetch goes on to the origin.
+                let turn = tokio::time::timeout_at(
+                    deadline.into(),
+                    self.tree_checks.clone().acquire_owned(),
+                );
+                let Ok(Ok(_turn)) = turn.await else {
+                    return Ok(None);
+                };
+                self.tree_stored(&key.instance, a.digest).await?
+            }
         };
         if !stored {
             self.known.invalidate(key).await;
@@ -76,7 +87,8 @@ impl AssetService {
         }
         // Checksums it was never checked against: check the stored bytes (blobs only), once.
         if key.kind == Kind::Blob {
-            if let Some(matched) = self.matches_sri(&key.instance, a.digest, sri).await? {
+            let matches = self.matches_sri(&key.instance, a.digest, sri, deadline);
+            if let Some(matched) = matches.await? {
                 // Added only to the association read, if it is still the one remembered (a
                 // push may have replaced it meanwhile).
                 let (digest, at) = (a.digest, a.at);
@@ -103,12 +115,12 @@ impl AssetService {
 
     /// Whether every directory and file of the tree under `root` is stored (each found one
     /// counts as used, as the spec asks of a served association). A tree that does not walk
-    /// within the bounds an unpacked archive has is taken for not stored.
+    /// within the bounds of an action's input tree (which is what it is for) is taken for not
+    /// stored.
     async fn tree_stored(&self, instance: &InstanceName, root: Digest) -> Result<bool, AssetError> {
         let limits = WalkLimits {
-            max_digests: MAX_ENTRIES.saturating_mul(2).saturating_add(1),
-            max_directory_bytes: MAX_DIRECTORY_BYTES as u64,
             batch_bytes: 16 << 20,
+            ..WalkLimits::DEFAULT
         };
         let cas = &self.cas;
         let walked = walk(
@@ -139,12 +151,15 @@ impl AssetService {
 
     /// The one of `sri` that the stored blob `digest` matches, if any. A SHA-256 checksum of
     /// a SHA-256 blob is its digest; others need the bytes hashed again, one fetch's place
-    /// taken for it (a stream of made-up checksums costs no more than as many fetches).
+    /// taken for it (a stream of made-up checksums costs no more than as many fetches), if
+    /// one comes by `deadline` (else no match: the fetch goes on to the origin, within the
+    /// same time).
     async fn matches_sri(
         &self,
         instance: &InstanceName,
         digest: Digest,
         sri: &[Sri],
+        deadline: std::time::Instant,
     ) -> Result<Option<Sri>, AssetError> {
         if digest.function == DigestFunction::Sha256 {
             let own = sri
@@ -157,12 +172,11 @@ impl AssetService {
                 return Ok(None);
             }
         }
-        let _place = self
-            .fetches
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| AssetError::Off)?;
+        let place = tokio::time::timeout_at(deadline.into(), self.fetches.clone().acquire_owned());
+        let _place = match place.await {
+            Ok(permit) => permit.map_err(|_| AssetError::Off)?,
+            Err(_) => return Ok(None),
+        };
         let temp = TempFile(self.settings.layout.temp_path());
         if !self.cas.read_to_file(instance, digest, &temp.0).await? {
             return Ok(None);

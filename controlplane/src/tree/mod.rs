@@ -11,7 +11,6 @@ pub mod subtrees;
 pub mod token;
 
 use crate::metrics::ControlMetrics;
-use futures::FutureExt as _;
 use kiln_proto::reapi::GetTreeRequest;
 use kiln_reapi::cas::{Cas, CasError};
 use kiln_reapi::digest::{Digest, DigestError, InstanceName, InstanceNameError};
@@ -218,30 +217,21 @@ impl TreeService {
         };
         let key = (instance.clone(), root);
         let mut led = false;
-        let shared = cache.try_get_with(key, async {
-            led = true;
-            match self.walk(instance, root).await {
-                Ok(l) if l.complete => Ok(Arc::new(l)),
-                Ok(l) => Err(Uncached::Incomplete(Arc::new(l))),
-                Err(e) => {
-                    log(&e);
-                    Err(Uncached::Failed(e))
+        // Callers run as tasks of their own (`cas_server.rs`), so a leading call is never
+        // cancelled by its client.
+        let walked = cache
+            .try_get_with(key, async {
+                led = true;
+                match self.walk(instance, root).await {
+                    Ok(l) if l.complete => Ok(Arc::new(l)),
+                    Ok(l) => Err(Uncached::Incomplete(Arc::new(l))),
+                    Err(e) => {
+                        log(&e);
+                        Err(Uncached::Failed(e))
+                    }
                 }
-            }
-        });
-        // moka gives up on a key whose leading calls were cancelled 200 times in a row (a
-        // client resetting whichever of its streams leads) with a panic in the waiter: that
-        // call walks for itself instead.
-        let walked = match std::panic::AssertUnwindSafe(shared).catch_unwind().await {
-            Ok(walked) => walked,
-            Err(_) => {
-                tracing::warn!(
-                    ?root,
-                    "GetTree: the shared walk of this tree kept being cancelled; walking alone"
-                );
-                return own_walk().await;
-            }
-        };
+            })
+            .await;
         match walked {
             Ok(listing) => Ok(listing),
             Err(e) => match &*e {
@@ -251,6 +241,24 @@ impl TreeService {
                 Uncached::Failed(e) if !led && passing(e) => own_walk().await,
                 Uncached::Failed(e) => Err(e.status()),
             },
+        }
+    }
+
+    /// Answers a `GetTree` call from a task of its own: a client that resets its stream does
+    /// not cancel the walk it leads, which other calls for the same tree wait on (moka aborts
+    /// the process once a key's leading calls have been cancelled 200 times in a row, and a
+    /// cancelled walk is work thrown away).
+    pub fn answer(
+        service: &Arc<TreeService>,
+        request: Request<GetTreeRequest>,
+    ) -> impl std::future::Future<Output = Result<Response<PageStream>, Status>> + Send + 'static
+    {
+        let service = service.clone();
+        let answer = tokio::spawn(async move { service.get_tree(request).await });
+        async move {
+            answer
+                .await
+                .unwrap_or_else(|e| Err(Status::internal(format!("GetTree failed: {e}"))))
         }
     }
 
@@ -553,6 +561,36 @@ mod tests {
             assert_eq!(o.await.unwrap().unwrap(), 1);
         }
         assert_eq!(metrics.get_tree_walks.get(), 1);
+        assert_eq!(cas.reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// A call whose client goes away while it leads a walk does not take the walk with it:
+    /// the walk finishes and is cached, so the next call walks nothing (and moka never sees
+    /// a leader cancelled).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_leader_whose_client_goes_away_still_finishes_its_walk() {
+        let (cas, root) = FailsFirst::new(false);
+        let (service, metrics) = service(cas.clone());
+        let request = || {
+            let mut r = Request::new(GetTreeRequest {
+                root_digest: Some(root.to_proto()),
+                ..Default::default()
+            });
+            r.extensions_mut()
+                .insert(Arc::new(kiln_auth::Principal::unrestricted()));
+            r
+        };
+        let gone = TreeService::answer(&service, request());
+        cas.entered.notified().await;
+        drop(gone);
+        cas.release.notify_one();
+        let answered = TreeService::answer(&service, request()).await;
+        assert!(answered.is_ok(), "{:?}", answered.err());
+        assert_eq!(
+            metrics.get_tree_walks.get(),
+            1,
+            "one walk, the abandoned call's"
+        );
         assert_eq!(cas.reads.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 

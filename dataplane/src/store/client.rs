@@ -385,14 +385,35 @@ impl CasClient {
             })?;
         while let Some((shard, claimed)) = self.accounting.claim_eviction() {
             if let Err(queue) = self.request_eviction(shard, claimed) {
-                if queue.send(Command::Evict { bytes: claimed }).await.is_err() {
-                    self.accounting.eviction_done(claimed);
+                // The claim goes back unless the shard got the request (then it gives it
+                // back once it has evicted): also when this call is cancelled while it waits.
+                let claim = Claim {
+                    accounting: &self.accounting,
+                    bytes: claimed,
+                };
+                if queue.send(Command::Evict { bytes: claimed }).await.is_ok() {
+                    std::mem::forget(claim);
                 }
             }
         }
         Ok(staged)
     }
+}
 
+/// An eviction claimed ([`Accounting::claim_eviction`]) and not yet handed to a shard:
+/// released when dropped.
+struct Claim<'a> {
+    accounting: &'a Accounting,
+    bytes: u64,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.accounting.eviction_done(self.bytes);
+    }
+}
+
+impl CasClient {
     /// Asks `shard` to evict `bytes` (sent by a shard that found the store over its cap).
     pub(crate) fn request_eviction(
         &self,

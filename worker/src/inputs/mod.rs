@@ -96,10 +96,9 @@ pub async fn place(
     )
     .await?;
     *pins = taken;
-    // Before anything is made: a tree whose layout would not fit (directories named over and
+    // Before anything is made: a tree whose layout would not end (directories named over and
     // over) is refused.
-    let capacity = ctx.local.cas().client().accounting().cap();
-    expanse::check(&tree, function, capacity)?;
+    expanse::check(&tree, function)?;
     let local = ctx.local.clone();
     let exec_cache = ctx.exec_cache.clone();
     let cache = ctx.dircache.clone();
