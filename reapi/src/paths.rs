@@ -16,6 +16,11 @@ pub struct PathError {
     pub why: &'static str,
 }
 
+/// The longest file name the filesystems Kiln runs on take (`NAME_MAX`).
+pub const MAX_NAME_BYTES: usize = 255;
+/// The longest path they take, with its terminating NUL (`PATH_MAX`).
+pub const MAX_PATH_BYTES: usize = 4095;
+
 /// Resolves `rel`, relative to the directory `base` (components below the input root), to
 /// components below the input root; `what` names the field for the error.
 pub fn resolve(what: &str, base: &[String], rel: &str) -> Result<Vec<String>, PathError> {
@@ -30,6 +35,9 @@ pub fn resolve(what: &str, base: &[String], rel: &str) -> Result<Vec<String>, Pa
     if rel.contains('\0') {
         return Err(fail("contains a NUL byte"));
     }
+    if rel.len() > MAX_PATH_BYTES {
+        return Err(fail("is longer than 4,095 bytes"));
+    }
     let mut out = base.to_vec();
     if rel.is_empty() {
         return Ok(out);
@@ -37,6 +45,9 @@ pub fn resolve(what: &str, base: &[String], rel: &str) -> Result<Vec<String>, Pa
     for component in rel.split('/') {
         match component {
             "" => return Err(fail("has an empty component (a doubled or trailing '/')")),
+            long if long.len() > MAX_NAME_BYTES => {
+                return Err(fail("has a component longer than 255 bytes"))
+            }
             "." => return Err(fail("has a '.' component")),
             ".." => {
                 if out.pop().is_none() {
@@ -127,6 +138,17 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "output path \"../../../up\" leaves the input root"
+        );
+        // What no filesystem takes: a component over NAME_MAX, a path over PATH_MAX.
+        let name = "n".repeat(MAX_NAME_BYTES);
+        assert!(output(&wd, &name).is_ok());
+        let long = output(&wd, &format!("{name}n")).unwrap_err();
+        assert!(long.to_string().contains("longer than 255 bytes"), "{long}");
+        let path = vec!["p"; MAX_PATH_BYTES / 2 + 2].join("/");
+        let long = output(&wd, &path).unwrap_err();
+        assert!(
+            long.to_string().contains("longer than 4,095 bytes"),
+            "{long}"
         );
     }
 

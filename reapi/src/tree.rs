@@ -12,7 +12,7 @@ use std::collections::HashSet;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TreeError {
     /// A name that is not one path component.
-    #[error("invalid name {name:?} in directory {dir:?}: a name is one path component, not empty, '.' or '..'")]
+    #[error("invalid name {name:?} in directory {dir:?}: a name is one path component of at most 255 bytes, not empty, '.' or '..'")]
     Name {
         /// The directory's path below the input root.
         dir: String,
@@ -51,7 +51,12 @@ pub const MAX_DEPTH: usize = 256;
 
 /// Whether `name` is one path component.
 pub fn valid_name(name: &str) -> bool {
-    !(name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0'))
+    !(name.is_empty()
+        || name.len() > crate::paths::MAX_NAME_BYTES
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.contains('\0'))
 }
 
 /// The bytes of the files directly in `dir` (digests of `function` that do not parse count
@@ -81,7 +86,7 @@ pub fn check_directory(dir: &Directory, depth: usize, place: &str) -> Result<(),
         if !valid_name(name) {
             return Err(TreeError::Name {
                 dir: here(),
-                name: name.to_string(),
+                name: name.chars().take(300).collect(),
             });
         }
         if !names.insert(name) {
@@ -133,7 +138,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(check_directory(&ok, 0, ""), Ok(()));
-        for bad in ["", ".", "..", "x/y", "nul\0"] {
+        let too_long = "n".repeat(256);
+        assert!(valid_name(&too_long[1..]), "255 bytes is a name");
+        for bad in ["", ".", "..", "x/y", "nul\0", &too_long] {
             let d = Directory {
                 files: vec![file(bad)],
                 ..Default::default()

@@ -12,6 +12,11 @@ pub enum ActionError {
     /// The Action, Command or input tree is malformed.
     #[error("{0}")]
     BadInput(String),
+    /// A declared output is not what the Command's older fields declared it to be (a file
+    /// in `output_files` that is a directory, or the other way round): `FAILED_PRECONDITION`,
+    /// as the spec says.
+    #[error("{0}")]
+    WrongOutputType(String),
     /// The input tree is malformed or over the walk's limits.
     #[error("input tree: {0}")]
     Tree(#[from] kiln_reapi::walk::WalkError),
@@ -66,7 +71,9 @@ impl ActionError {
 impl Classify for ActionError {
     fn kind(&self) -> ErrorKind {
         match self {
-            ActionError::MissingInputs(_) => ErrorKind::Precondition,
+            ActionError::MissingInputs(_) | ActionError::WrongOutputType(_) => {
+                ErrorKind::Precondition
+            }
             ActionError::BadInput(_) | ActionError::Spawn { .. } => ErrorKind::Invalid,
             ActionError::Tree(e) => e.kind(),
             ActionError::Io { source, .. } => ErrorKind::of_io(source),

@@ -334,7 +334,13 @@ pub async fn collect(
         let Some((parent, name)) = locate(&root_dir, &components, rel)? else {
             continue;
         };
-        let path = components.iter().fold(root.to_path_buf(), |p, c| p.join(c));
+        // Below the input root, as messages to the client name it (the worker's own paths
+        // are not the client's business); every access goes by handle.
+        let path: PathBuf = if components.is_empty() {
+            PathBuf::from(".")
+        } else {
+            components.iter().collect()
+        };
         let Some(found) = beneath::kind(&parent, &name).map_err(io("stat", &path))? else {
             continue;
         };
@@ -354,7 +360,7 @@ pub async fn collect(
             out.result.output_symlinks.push(symlink);
         } else if found == beneath::Kind::Dir {
             if kind == Kind::File {
-                return Err(ActionError::BadInput(format!(
+                return Err(ActionError::WrongOutputType(format!(
                     "output file {rel:?} is a directory"
                 )));
             }
@@ -381,7 +387,7 @@ pub async fn collect(
             });
         } else {
             if kind == Kind::Directory {
-                return Err(ActionError::BadInput(format!(
+                return Err(ActionError::WrongOutputType(format!(
                     "output directory {rel:?} is a file"
                 )));
             }
@@ -581,6 +587,7 @@ async fn directory(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_reapi::status::{Classify, ErrorKind};
 
     /// The outputs at `paths` (`output_paths`) below `cwd`, staged in `staging`.
     async fn collected(
@@ -801,5 +808,30 @@ mod tests {
             outputs.blobs.contains_key(&root),
             "the root Directory blob is stored"
         );
+        // A declared file that is a directory, and the other way round: FAILED_PRECONDITION,
+        // as the spec says.
+        std::fs::write(cwd.join("plain"), "p").unwrap();
+        #[allow(deprecated)]
+        for command in [
+            Command {
+                output_files: vec!["d".into()],
+                ..Default::default()
+            },
+            Command {
+                output_directories: vec!["plain".into()],
+                ..Default::default()
+            },
+        ] {
+            let err = collect(
+                &command,
+                cwd,
+                DigestFunction::Sha256,
+                &staging,
+                &OutputOwners::default(),
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Precondition, "{err}");
+        }
     }
 }
