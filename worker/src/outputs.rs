@@ -54,12 +54,19 @@ pub struct Staging {
     /// What the outputs fixed so far add up to, and its bound.
     total: std::sync::atomic::AtomicU64,
     max_bytes: u64,
+    /// Entries of output directories listed so far, and their bound.
+    entries: std::sync::atomic::AtomicU64,
+    max_entries: u64,
     /// Files fixed, by inode (device, number): a file linked at many paths is fixed once.
     fixed: std::sync::Mutex<HashMap<(u64, u64), Fixed>>,
 }
 
 /// A fixed output file: its digest, its bytes, its permission bits.
 type Fixed = (Digest, Blob, u32);
+
+/// Entries (files, directories, symlinks) of one action's output directories at most: each
+/// is held in the `Tree` message, about a hundred bytes, until the result is stored.
+pub const MAX_OUTPUT_ENTRIES: u64 = 1_000_000;
 
 /// Bytes of one action's outputs held in memory at most (see [`Staging`]).
 pub const MEMORY_BUDGET: u64 = 64 << 20;
@@ -76,6 +83,8 @@ impl Staging {
             memory_left: std::sync::atomic::AtomicI64::new(MEMORY_BUDGET as i64),
             total: std::sync::atomic::AtomicU64::new(0),
             max_bytes,
+            entries: std::sync::atomic::AtomicU64::new(0),
+            max_entries: MAX_OUTPUT_ENTRIES,
             fixed: Default::default(),
         })
     }
@@ -100,6 +109,32 @@ impl Staging {
                 ),
             )),
         }
+    }
+
+    /// Counts `n` more entries of output directories: refused past [`MAX_OUTPUT_ENTRIES`]
+    /// (each is held in the `Tree` message until the action's result is stored).
+    fn count_entries(&self, n: usize, shown: &Path) -> Result<(), ActionError> {
+        use std::sync::atomic::Ordering;
+        let n = n as u64;
+        let total = self
+            .entries
+            .fetch_add(n, Ordering::Relaxed)
+            .saturating_add(n);
+        if total > self.max_entries {
+            return Err(ActionError::BadInput(format!(
+                "output directory {}: the outputs hold more than {} files, directories and symlinks",
+                shown.display(),
+                self.max_entries
+            )));
+        }
+        Ok(())
+    }
+
+    /// The same staging with another bound on entries (tests of the bound).
+    #[cfg(test)]
+    fn with_max_entries(mut self, n: u64) -> Staging {
+        self.max_entries = n;
+        self
     }
 
     /// Whether `len` more bytes may be held in memory (taken from the budget if so).
@@ -502,6 +537,7 @@ async fn directory(
             Some(e) => e,
             None => {
                 let e = beneath::list(&*dir).map_err(io("read directory", &p.path))?;
+                staging.count_entries(e.len(), shown)?;
                 let subdirs: Vec<&OsString> = e
                     .iter()
                     .filter(|(_, k)| *k == beneath::Kind::Dir)
@@ -704,6 +740,12 @@ mod tests {
         assert_eq!(outputs.result.output_files.len(), 1);
 
         let staging = Staging::new(staged.path().join("bounded"), 10 << 20).unwrap();
+        // Entries of output directories are bounded too: `out` holds more than 10.
+        let few = Staging::new(staged.path().join("few"), u64::MAX)
+            .unwrap()
+            .with_max_entries(10);
+        let err = collected(cwd, &["out"], &few).await.unwrap_err();
+        assert!(err.to_string().contains("more than 10 files"), "{err}");
         let sparse = std::fs::File::create(cwd.join("sparse")).unwrap();
         sparse.set_len(1 << 40).unwrap();
         let err = collected(cwd, &["sparse"], &staging).await.unwrap_err();
