@@ -291,6 +291,38 @@ async fn limits_and_bad_roots() {
     upload(&ch, &wide_blobs).await;
     let err = get_tree(&ch, &wide, 0, "").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A subdirectory that is not stored is left out whatever size its digest claims (over
+    // max_tree_bytes here); a root that is not stored is NOT_FOUND, whatever its size.
+    let claimed = reapi::Digest {
+        hash: "ab".repeat(32),
+        size_bytes: 1 << 40,
+    };
+    let (leaf, leaf_blobs) = tree(0, 0);
+    let holder = Directory {
+        directories: vec![
+            DirectoryNode {
+                name: "absent".into(),
+                digest: Some(claimed.clone()),
+            },
+            DirectoryNode {
+                name: "here".into(),
+                digest: Some(leaf.clone()),
+            },
+        ],
+        ..Default::default()
+    };
+    let holder_bytes = holder.encode_to_vec();
+    let holder_d = digest(F, &holder_bytes);
+    upload(&ch, &leaf_blobs).await;
+    upload(&ch, &[(holder_d.clone(), holder_bytes)]).await;
+    let (listed, _) = get_tree(&ch, &holder_d, 0, "").await.unwrap();
+    assert_eq!(
+        listed,
+        vec![holder_d.clone(), leaf.clone()],
+        "the absent one left out"
+    );
+    let err = get_tree(&ch, &claimed, 0, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
     let not_a_directory = b"\xff\xff\xff not a Directory".to_vec();
     let d = digest(F, &not_a_directory);
     upload(&ch, &[(d.clone(), not_a_directory)]).await;

@@ -202,6 +202,15 @@ impl Walk {
         self.walked.missing.push(digest);
     }
 
+    /// Takes the directory [`Walk::next_batch`] refused as too large off the queue, as
+    /// missing: for a caller that found the CAS does not have it (a digest's claimed size is
+    /// no reason to refuse a tree that only lacks that directory).
+    pub fn skip_missing(&mut self) -> Option<Digest> {
+        let (digest, _) = self.queue.pop_front()?;
+        self.walked.missing.push(digest);
+        Some(digest)
+    }
+
     /// What the walk found (call once [`Walk::next_batch`] is empty).
     pub fn finish(self) -> Walked {
         self.walked

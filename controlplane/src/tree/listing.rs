@@ -76,6 +76,18 @@ pub async fn list(
         let batch = match walk.next_batch() {
             Ok(batch) => batch,
             Err(kiln_reapi::walk::WalkError::DirectoryTooLarge { digest, .. })
+                if !cas.find_missing(instance, &[digest]).await?.is_empty() =>
+            {
+                // Not stored: its claimed size does not matter. A missing root is NOT_FOUND,
+                // a missing subdirectory is left out, as for any other.
+                if digest == root {
+                    return Err(TreeError::RootMissing(root));
+                }
+                walk.skip_missing();
+                listing.complete = false;
+                continue;
+            }
+            Err(kiln_reapi::walk::WalkError::DirectoryTooLarge { digest, .. })
                 if digest.size > max_bytes =>
             {
                 return Err(too_large())
