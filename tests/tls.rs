@@ -100,6 +100,18 @@ on_every_runtime! {
         // Blobs (data plane) and Capabilities (handed to the control plane) over TLS.
         let ch = kiln.tls_channel(&tls_dir.join("ca.pem"), None).await.unwrap();
         works(&ch).await.unwrap();
+        // Enrolment is open to anyone (a worker enrols before it has a certificate): nothing
+        // larger than a real request (a 64 KiB certificate request) is read.
+        let big = kiln_proto::worker::EnrolRequest {
+            name: "w".into(),
+            token: "t".into(),
+            csr_pem: "x".repeat(200 << 10),
+        };
+        let err = kiln_proto::worker::enrolment_client::EnrolmentClient::new(ch.clone())
+            .enrol(big)
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("too large"), "{err:?}");
         // The embedded worker reaches its server over TLS too.
         let (_, r) = execute(&ch, F, &Spec::script("echo over tls").upload(&ch, F).await, false)
             .await

@@ -36,6 +36,10 @@ pub fn valid_worker_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// The largest enrolment request read: a 64 KiB certificate request, a name and a token,
+/// with room to spare.
+pub const MAX_REQUEST_BYTES: usize = 96 << 10;
+
 #[tonic::async_trait]
 impl Enrolment for EnrolmentService {
     async fn enrol(

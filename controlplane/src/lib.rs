@@ -233,10 +233,15 @@ impl ControlPlane {
                 );
         }
         if let Some(e) = enroller {
-            routes =
-                routes.add_service(kiln_proto::worker::enrolment_server::EnrolmentServer::new(
+            // Anyone may call it (a worker enrols before it has a certificate): a request is
+            // at most a name, a token and a 64 KiB certificate request, and nothing larger is
+            // read (tonic's 4 MiB default let a stranger hold megabytes per stream).
+            routes = routes.add_service(
+                kiln_proto::worker::enrolment_server::EnrolmentServer::new(
                     enrolment::EnrolmentService::new(e),
-                ));
+                )
+                .max_decoding_message_size(enrolment::MAX_REQUEST_BYTES),
+            );
         }
         let (handoff, queue) =
             async_channel::bounded(config.control_plane.handoff_queue_depth.max(1));
