@@ -303,14 +303,18 @@ impl Policy {
             tracing::info!("token file reloaded");
         }
         if now.1 != last.1 {
-            let enrolment = Enrolment::load(&self.settings.enrolment_file).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "cannot read the enrolment file; no enrolled certificate is recognised until it can be read");
-                // Unreadable: enrolled certificates are not recognised, so they get only
-                // what the [[auth.certificates]] rules give their names.
-                Enrolment::default()
-            });
-            *self.enrolment.write().unwrap_or_else(|e| e.into_inner()) = enrolment;
-            tracing::info!("enrolment file reloaded");
+            match Enrolment::load(&self.settings.enrolment_file) {
+                Ok(enrolment) => {
+                    *self.enrolment.write().unwrap_or_else(|e| e.into_inner()) = enrolment;
+                    tracing::info!("enrolment file reloaded");
+                }
+                // Unreadable (a typo in a hand edit): the last one read stays in force. An
+                // empty one would forget the revoked certificates, which would then get what
+                // the [[auth.certificates]] rules give the names their workers chose.
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the enrolment file; the one read before stays in force until it can be read")
+                }
+            }
         }
         *last = now;
         true
@@ -619,5 +623,25 @@ mod tests {
         assert!(p
             .identify(None, Some(format!("Bearer {other}").as_bytes()))
             .is_err());
+
+        // An enrolment file that cannot be read leaves the one read before in force: a
+        // revoked worker (named like a [[auth.certificates]] rule) stays revoked.
+        let file = dir.path().join("enrolment.toml");
+        let mut enrolment = crate::join::Enrolment::default();
+        enrolment.worker.push(crate::join::Enrolled {
+            name: "worker-mac3".into(),
+            fingerprint: "fp-mac3".into(),
+            roles: vec![Role::Worker],
+            revoked: true,
+        });
+        std::fs::write(&file, toml::to_string(&enrolment).unwrap()).unwrap();
+        assert!(p.reload_if_changed());
+        let revoked = || p.identify(Some(("worker-mac3", "fp-mac3")), None);
+        assert!(revoked().is_err(), "revoked");
+        assert_eq!(p.revoked_fingerprints(), vec!["fp-mac3".to_string()]);
+        std::fs::write(&file, "worker = [ not toml").unwrap();
+        assert!(p.reload_if_changed());
+        assert!(revoked().is_err(), "still revoked");
+        assert_eq!(p.revoked_fingerprints(), vec!["fp-mac3".to_string()]);
     }
 }
