@@ -326,8 +326,11 @@ fn enroller(
     config: &Config,
     policy: &Arc<kiln_auth::Policy>,
 ) -> Option<Arc<dyn kiln_controlplane::enrolment::Enroller>> {
-    (config.tls.mode == kiln_config::TlsMode::Auto)
-        .then(|| Arc::new(crate::enrol::FarmEnroller::new(config, policy.clone())) as Arc<_>)
+    let auto = config.tls.mode == kiln_config::TlsMode::Auto;
+    if auto && !config.auth.enabled {
+        tracing::warn!("[auth] is off: workers may still enrol, but every farm certificate may do everything, whatever its join token's roles, and `kiln worker revoke` does not cut a worker off; turn [auth] on to have either");
+    }
+    auto.then(|| Arc::new(crate::enrol::FarmEnroller::new(config, policy.clone())) as Arc<_>)
 }
 
 /// `kiln ca export`.
