@@ -218,6 +218,24 @@ impl HeldUpload {
     }
 }
 
+/// Every `Directory` of the tree under `root` (default instance), through GetTree, in the
+/// order it lists them.
+pub async fn tree_directories(channel: &Channel, root: &reapi::Digest) -> Vec<reapi::Directory> {
+    let mut pages = cas(channel)
+        .get_tree(reapi::GetTreeRequest {
+            root_digest: Some(root.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(page) = pages.message().await.unwrap() {
+        all.extend(page.directories);
+    }
+    all
+}
+
 /// `QueryWriteStatus`: (committed size, complete), or the error.
 pub async fn query(channel: &Channel, name: &str) -> Result<(i64, bool), tonic::Status> {
     let r = bytestream(channel)

@@ -7,6 +7,7 @@
 pub mod blobs;
 pub mod exec;
 pub mod farm;
+pub mod origin;
 pub mod peers;
 pub mod redis;
 pub mod redis_farm;
