@@ -59,15 +59,6 @@ pub fn valid_name(name: &str) -> bool {
         || name.contains('\0'))
 }
 
-/// The bytes of the files directly in `dir` (digests of `function` that do not parse count
-/// for nothing), saturating.
-pub fn file_bytes(dir: &Directory, function: i32) -> u64 {
-    dir.files
-        .iter()
-        .filter_map(|f| crate::digest::Digest::from_proto_field(f.digest.as_ref(), function).ok())
-        .fold(0u64, |sum, d| sum.saturating_add(d.size))
-}
-
 /// Checks one directory found `depth` levels below the input root; `place` names it in
 /// errors (its path, or its digest).
 pub fn check_directory(dir: &Directory, depth: usize, place: &str) -> Result<(), TreeError> {

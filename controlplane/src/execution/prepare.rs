@@ -283,7 +283,11 @@ async fn walk(
 fn walked_dir(digest: Digest, dir: &Directory) -> WalkedDir {
     let function = digest.function.proto() as i32;
     let parse = |d| Digest::from_proto_field(d, function).ok();
-    let file_bytes = kiln_reapi::tree::file_bytes(dir, function);
+    let file_bytes = dir
+        .files
+        .iter()
+        .filter_map(|f| parse(f.digest.as_ref()))
+        .fold(0u64, |sum, d| sum.saturating_add(d.size));
     let nodes = dir
         .directories
         .iter()
