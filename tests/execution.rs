@@ -108,9 +108,7 @@ on_every_runtime! {
                 let stderr = read(&ch, result.stderr_digest.as_ref().unwrap()).await;
                 panic!("embedded: {embedded}: {}", String::from_utf8_lossy(&stderr));
             }
-            let output = |path: &str| {
-                result.output_files.iter().find(|f| f.path == path).unwrap().digest.clone().unwrap()
-            };
+            let output = |path: &str| common::exec::output_file(&result, path);
             assert_eq!(read(&ch, &output("out/small")).await, b"a small input");
             assert_eq!(read(&ch, &output("out/large")).await, large);
             let logged = common::metric(&kiln.admin, "kiln_log_blobs").await;

@@ -36,9 +36,12 @@ pub fn valid_worker_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-/// The largest enrolment request read: a 64 KiB certificate request, a name and a token,
-/// with room to spare.
-pub const MAX_REQUEST_BYTES: usize = 96 << 10;
+/// The largest certificate request taken.
+const MAX_CSR_BYTES: usize = 64 << 10;
+
+/// The largest enrolment request read: a certificate request of [`MAX_CSR_BYTES`], a name
+/// and a token, with room to spare.
+pub const MAX_REQUEST_BYTES: usize = MAX_CSR_BYTES + (32 << 10);
 
 #[tonic::async_trait]
 impl Enrolment for EnrolmentService {
@@ -53,7 +56,7 @@ impl Enrolment for EnrolmentService {
                 r.name
             )));
         }
-        if r.csr_pem.len() > 64 << 10 {
+        if r.csr_pem.len() > MAX_CSR_BYTES {
             return Err(Status::invalid_argument(
                 "the certificate request is over 64 KiB",
             ));

@@ -44,11 +44,6 @@ impl ActionUsers {
         }
     }
 
-    /// How many actions may run at once as users of their own (`None`: any, sharing one).
-    pub fn exclusive(&self) -> Option<usize> {
-        self.permits.as_ref().map(|_| self.users.len())
-    }
-
     /// A user for one action, held until the lease is dropped.
     pub async fn take(self: &Arc<Self>) -> UserLease {
         let Some(permits) = &self.permits else {
@@ -215,7 +210,6 @@ mod tests {
     #[tokio::test]
     async fn each_running_action_holds_a_user_of_its_own() {
         let users = Arc::new(ActionUsers::each(vec![user(1), user(2)]));
-        assert_eq!(users.exclusive(), Some(2));
         let a = users.take().await;
         let b = users.take().await;
         assert_ne!(a.user().uid, b.user().uid);
@@ -231,7 +225,6 @@ mod tests {
         drop(a);
 
         let shared = Arc::new(ActionUsers::shared(user(3)));
-        assert_eq!(shared.exclusive(), None);
         let (x, y) = (shared.take().await, shared.take().await);
         assert_eq!((x.user().uid, y.user().uid), (3, 3));
     }

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 /// Most entries (files, symlinks, directories) one input tree may lay out: as many as a tree
 /// may hold distinct digests by default (`execution.max_input_digests`).
-pub const MAX_ENTRIES: u64 = 16_000_000;
+pub const MAX_ENTRIES: u64 = kiln_reapi::walk::WalkLimits::DEFAULT.max_digests as u64;
 
 /// The entries laying out `tree` makes, each counted every time it is named (saturating). A
 /// directory the tree lacks counts as empty (the layout fails on it).

@@ -96,9 +96,6 @@ pub async fn place(
     )
     .await?;
     *pins = taken;
-    // Before anything is made: a tree whose layout would not end (directories named over and
-    // over) is refused.
-    expanse::check(&tree, function)?;
     let local = ctx.local.clone();
     let exec_cache = ctx.exec_cache.clone();
     let cache = ctx.dircache.clone();
@@ -114,6 +111,9 @@ pub async fn place(
         );
         let runtime = tokio::runtime::Handle::current();
         blocking(root.clone(), move || {
+            // Before anything is made (off the executor: a tree may hold millions of
+            // directories): a tree whose layout would not end is refused.
+            expanse::check(&tree, function)?;
             std::fs::create_dir_all(&root).map_err(io("create", &root))?;
             let blob_path = |d: Digest| local.path(&inst, d);
             let blob_bytes = |d: Digest| bytes_outside_files(&local, &runtime, &inst, d);

@@ -23,7 +23,7 @@ use std::sync::Arc;
 mod staging;
 
 use staging::fix_error;
-pub use staging::{OutputOwners, Staging, IN_MEMORY, MAX_OUTPUT_ENTRIES, MEMORY_BUDGET};
+pub use staging::{OutputOwners, Staging, IN_MEMORY, MEMORY_BUDGET};
 
 /// A blob an output consists of.
 #[derive(Debug, Clone)]
