@@ -365,10 +365,15 @@ async fn identical_fetches_share_one_download_which_outlives_its_call() {
     };
     let kiln = Kiln::start_async(dir.path(), options).await;
     let ch = kiln.channel().await;
-    let (a, b) = (pseudo_random(96, 5000), pseudo_random(97, 5000));
+    let (a, b, c) = (
+        pseudo_random(96, 5000),
+        pseudo_random(97, 5000),
+        pseudo_random(98, 5000),
+    );
     let (base, seen) = http_server(HashMap::from([
         ("/slow/a", a.clone()),
         ("/slow/b", b.clone()),
+        ("/slower/c", c.clone()),
     ]))
     .await;
     let url = |p: &str| format!("{base}{p}");
@@ -408,6 +413,29 @@ async fn identical_fetches_share_one_download_which_outlives_its_call() {
         1,
         "the cancelled call's download served the next"
     );
+
+    // A fetch with more time that joined the download of one with less (a second, against an
+    // origin that takes three) tries again within its own time when that one gives up.
+    let hasty = {
+        let (ch, uri) = (ch.clone(), url("/slower/c"));
+        tokio::spawn(async move { fetch(&ch, &[uri], vec![], Some(1)).await })
+    };
+    common::eventually("the hasty download to reach the origin", || async {
+        (requests("/slower/c") == 1).then_some(())
+    })
+    .await;
+    let patient = fetch(&ch, &[url("/slower/c")], vec![], Some(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        patient.blob_digest,
+        Some(digest(Function::Sha256, &c)),
+        "{}",
+        message(&patient)
+    );
+    let hasty = hasty.await.unwrap().unwrap();
+    assert_eq!(code(&hasty), Code::DeadlineExceeded, "{}", message(&hasty));
+    assert_eq!(requests("/slower/c"), 2, "the patient fetch's own download");
     kiln.stop().await;
 }
 

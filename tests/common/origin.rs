@@ -75,9 +75,11 @@ pub async fn http_server_with(
                         }
                         return;
                     }
-                    p if p.starts_with("/slow/") => {
-                        // A second before the answer: long enough for others to ask too.
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    p if p.starts_with("/slow/") || p.starts_with("/slower/") => {
+                        // A second (three for /slower/) before the answer: long enough for
+                        // others to ask too, or for a fetch of a second's timeout to give up.
+                        let secs = if p.starts_with("/slow/") { 1 } else { 3 };
+                        tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
                         match routes.get(p) {
                             Some(body) => reply("200 OK", "", body),
                             None => reply("404 Not Found", "", b""),
